@@ -17,7 +17,6 @@ type refIndex struct {
 
 // New returns an empty index.
 
-
 // Len returns the number of mapped chunks.
 func (x *refIndex) Len() uint64 { return x.n }
 
