@@ -126,16 +126,19 @@ func (x *Index) Clone() *Index {
 
 // upper returns how many elements of the sorted a are <= c.
 func upper(a []Chunk, c Chunk) int {
-	lo, hi := 0, len(a)
-	for lo < hi {
-		m := int(uint(lo+hi) >> 1)
-		if a[m] <= c {
-			lo = m + 1
-		} else {
-			hi = m
-		}
+	if len(a) == 0 || a[0] > c {
+		return 0
 	}
-	return lo
+	// Branch-free halving (see block.find).
+	base, n := 0, len(a)
+	for n > 1 {
+		half := n >> 1
+		if a[base+half] <= c {
+			base += half
+		}
+		n -= half
+	}
+	return base + 1
 }
 
 // locate returns the last block whose first origin is <= c, or s == -1 when
@@ -269,7 +272,7 @@ func (x *Index) InsertRun(r Run) error {
 func (x *Index) setLen(s, b, i int, l uint64) {
 	k := x.blk(s, b)
 	if fits(l-1, k.wl) {
-		setbits(k.words, uint(i)*k.width()+uint(k.wo)+uint(k.wc), uint(k.wl), l-1)
+		setbits(k.words, k.lpos(i), uint(k.wl), l-1)
 		return
 	}
 	runs := k.decode(x.scratch[:0])
