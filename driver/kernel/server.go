@@ -331,8 +331,8 @@ func (s *server) handleInit(h inHeader, body, out []byte) int {
 	le.PutUint16(p[16:], 64) // max_background
 	le.PutUint16(p[18:], 48) // congestion_threshold
 	le.PutUint32(p[20:], maxWrite)
-	le.PutUint32(p[24:], 1)              // time_gran, ns
-	le.PutUint16(p[28:], maxWrite/4096)  // max_pages
+	le.PutUint32(p[24:], 1)             // time_gran, ns
+	le.PutUint16(p[28:], maxWrite/4096) // max_pages
 	le.PutUint32(p[32:], uint32(reply>>32))
 	s.mu.Lock()
 	s.params = connParams{KernelMajor: major, KernelMinor: minor, KernelFlags: flags,
