@@ -48,6 +48,8 @@ type server struct {
 
 	// Counters, for tests and benchmarks.
 	nRead, nWrite, nFsync, nDiscard, nOther atomic.Uint64
+	// nResent counts requests the kernel sent again after NOTIFY_RESEND.
+	nResent atomic.Uint64
 }
 
 func newServer(fd int, b Backend, readOnly bool, resumed *connParams) (*server, error) {
@@ -180,6 +182,9 @@ func (s *server) handle(in, out []byte) int {
 	body := in[inHeaderSize:]
 	if int(h.Len) != len(in) {
 		return s.errReply(out, h, unix.EINVAL)
+	}
+	if h.Unique&fuseUniqueResend != 0 {
+		s.nResent.Add(1)
 	}
 	switch h.Opcode {
 	case opInit:
