@@ -231,7 +231,7 @@ func (s *server) handle(in, out []byte) int {
 		if s.readOnly {
 			return s.errReply(out, h, unix.EROFS)
 		}
-		if off+int64(size) > s.b.Size() {
+		if off > s.b.Size()-int64(size) { // written so that it cannot overflow
 			return s.errReply(out, h, unix.EFBIG)
 		}
 		if _, err := s.b.WriteAt(data, off); err != nil {
