@@ -52,9 +52,9 @@ func (m *memBackend) ReadAt(p []byte, off int64) (int, error) {
 	return n, nil
 }
 func (m *memBackend) WriteAt(p []byte, off int64) (int, error) { return copy(m.b[off:], p), nil }
-func (m *memBackend) Flush() error                              { return nil }
-func (m *memBackend) Discard(off, n int64) error                { clear(m.b[off : off+n]); return nil }
-func (m *memBackend) Size() int64                               { return int64(len(m.b)) }
+func (m *memBackend) Flush() error                             { return nil }
+func (m *memBackend) Discard(off, n int64) error               { clear(m.b[off : off+n]); return nil }
+func (m *memBackend) Size() int64                              { return int64(len(m.b)) }
 
 func request(op uint32, unique uint64, body []byte) []byte {
 	b := make([]byte, inHeaderSize+len(body))
