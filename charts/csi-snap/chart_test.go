@@ -736,7 +736,7 @@ func TestBadValuesFailWithClearMessage(t *testing.T) {
 		{"bad poll interval", []string{"--set", "sidecars.provisioner.capacityPollInterval=often"}, []string{schemaErr, "/sidecars/provisioner/capacityPollInterval"}},
 		{"string for a bool", []string{"--set-string", "storageClass.create=yes"}, []string{schemaErr, "/storageClass/create"}},
 		// Checks the schema cannot express, done by the templates.
-		{"fstype via parameters", []string{"--set", `storageClass.parameters.csi\.storage\.k8s\.io/fstype=xfs`}, []string{"set storageClass.fsType instead"}},
+		{"parameters the driver would refuse", []string{"--set", "storageClass.parameters.tier=fast"}, []string{schemaErr, "additional properties 'parameters' not allowed"}},
 		{"Immediate without per-node immediate binding", []string{"--set", "storageClass.volumeBindingMode=Immediate"}, []string{"needs sidecars.provisioner.immediateBinding=true"}},
 	}
 	for _, c := range cases {
