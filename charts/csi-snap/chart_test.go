@@ -727,6 +727,7 @@ func TestBadValuesFailWithClearMessage(t *testing.T) {
 		{"update strategy", []string{"--set", "node.updateStrategy.type=Recreate"}, []string{schemaErr, "/node/updateStrategy/type"}},
 		{"fsGroupPolicy", []string{"--set", "csiDriver.fsGroupPolicy=Always"}, []string{schemaErr, "/csiDriver/fsGroupPolicy"}},
 		{"lifecycle mode", []string{"--set", "csiDriver.volumeLifecycleModes={Inline}"}, []string{schemaErr, "/csiDriver/volumeLifecycleModes/0"}},
+		{"ephemeral not implemented", []string{"--set", "csiDriver.volumeLifecycleModes={Persistent,Ephemeral}"}, []string{schemaErr, "/csiDriver/volumeLifecycleModes/1"}},
 		{"empty sidecar tag", []string{"--set", "sidecars.resizer.image.tag="}, []string{schemaErr, "/sidecars/resizer/image/tag"}},
 		{"extra arg not a flag", []string{"--set", "node.extraArgs={oops}"}, []string{schemaErr, "/node/extraArgs/0"}},
 		{"bad quantity", []string{"--set", "node.resources.requests.memory=lots"}, []string{schemaErr, "/node/resources/requests/memory"}},
