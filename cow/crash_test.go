@@ -54,6 +54,9 @@ func TestCrashChild(t *testing.T) {
 
 func TestCrash(t *testing.T) {
 	rounds := 40
+	if raceEnabled { // CI runs this test again without -race
+		rounds = 10
+	}
 	if testing.Short() {
 		rounds = 8
 	}

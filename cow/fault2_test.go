@@ -15,7 +15,11 @@ import (
 // have happened).
 func TestFaultInjection(t *testing.T) {
 	for _, kind := range []string{"write", "sync"} {
-		for k := 0; k < 150; k += 7 {
+		step := 7
+		if raceEnabled {
+			step = 21
+		}
+		for k := 0; k < 150; k += step {
 			t.Run(fmt.Sprintf("%s%d", kind, k), func(t *testing.T) {
 				dir := t.TempDir()
 				fs := newFaultFS(dir)
@@ -119,7 +123,11 @@ func TestTornTail(t *testing.T) {
 		t.Fatal(err)
 	}
 	start := pts[len(pts)-6].end
-	for cut := start; cut <= int64(len(full)); cut += 7 {
+	step := int64(7)
+	if raceEnabled {
+		step = 41
+	}
+	for cut := start; cut <= int64(len(full)); cut += step {
 		i := len(pts) - 1
 		for pts[i].end > cut {
 			i--

@@ -12,7 +12,8 @@
 #      checked against a generated schema; a deliberately broken manifest
 #      must be rejected, or the check itself is broken;
 #   4. runs the chart's Go tests with helm required (no skipping);
-#   5. builds cmd/csi-snap the way the Dockerfile does.
+#   5. builds cmd/csi-snap the way the Dockerfile does and checks that it
+#      accepts every flag the chart passes it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -143,6 +144,22 @@ if ls cmd/csi-snap/*.go >/dev/null 2>&1; then
 	CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o "$work/csi-snap" ./cmd/csi-snap
 	go version -m "$work/csi-snap" | grep -q 'CGO_ENABLED=0' || { echo "binary is not static"; exit 1; }
 	echo "built static $(du -h "$work/csi-snap" | cut -f1) binary"
+	# The binary must know every flag the chart gives it. Go's flag package
+	# parses them in order before acting on the trailing -h, so an unknown
+	# one is reported without starting the plugin.
+	helm template csi-snap "$chart" "${api[@]}" --set node.metrics.enabled=true >"$work/metrics.yaml"
+	mapfile -t args < <(awk '/^        - name: csi-snap$/ { c = 1 }
+		c && /^          args:/ { a = 1; next }
+		a && /^            - / { sub(/^            - /, ""); gsub(/"/, ""); print; next }
+		a { exit }' "$work/metrics.yaml")
+	[ "${#args[@]}" -ge 5 ] || { echo "could not extract the csi-snap args from the chart"; exit 1; }
+	"$work/csi-snap" --undefined-flag-canary -h >"$work/canary.out" 2>&1 || true
+	grep -q "provided but not defined" "$work/canary.out" || { cat "$work/canary.out"; echo "flag check cannot detect unknown flags"; exit 1; }
+	"$work/csi-snap" "${args[@]}" -h >"$work/flags.out" 2>&1 || true
+	if grep -q "provided but not defined" "$work/flags.out" || ! grep -q "^Usage of csi-snap" "$work/flags.out"; then
+		head -5 "$work/flags.out"; echo "csi-snap rejects the chart's arguments: ${args[*]}"; exit 1
+	fi
+	echo "csi-snap accepts the chart's arguments: ${args[*]}"
 else
 	echo "!!!!! SKIPPED: cmd/csi-snap has no Go files yet, so the Dockerfile's build stage is not checked !!!!!"
 fi

@@ -195,6 +195,7 @@ func forbidArgPrefix(t *testing.T, c obj, prefix string) {
 }
 
 func TestNodePluginDefaults(t *testing.T) {
+	t.Parallel()
 	docs := render(t, snapshotAPI)
 	ds := daemonSet(t, docs)
 
@@ -227,7 +228,7 @@ func TestNodePluginDefaults(t *testing.T) {
 
 	plugin := container(ds, "csi-snap")
 	requireArgs(t, plugin, "--endpoint=unix:///csi/csi.sock", "--node-id=$(NODE_NAME)",
-		"--driver-name="+driver, "--data-dir=/var/lib/csi-snap", "--v=2")
+		"--driver-name="+driver, "--data-dir=/var/lib/csi-snap", "--run-dir=/run/csi-snap", "--v=2")
 	forbidArgPrefix(t, plugin, "--metrics-address")
 	if get(plugin, "securityContext", "privileged") != true {
 		t.Error("csi-snap must be privileged (loop devices, mounts, /dev/fuse)")
@@ -315,6 +316,7 @@ func TestNodePluginDefaults(t *testing.T) {
 }
 
 func TestStorageObjectsDefaults(t *testing.T) {
+	t.Parallel()
 	docs := render(t, snapshotAPI)
 
 	d := find(docs, "CSIDriver", driver)
@@ -490,6 +492,7 @@ func diff(got, want []string) string {
 }
 
 func TestNodeRBACIsExactlyWhatSidecarsNeed(t *testing.T) {
+	t.Parallel()
 	sa := release + "-csi-snap-node"
 	cases := []struct {
 		name string
@@ -503,6 +506,7 @@ func TestNodeRBACIsExactlyWhatSidecarsNeed(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
 			docs := render(t, append([]string{snapshotAPI}, c.args...)...)
 			if d := diff(grants(t, docs, namespace, sa), c.want); d != "" {
 				t.Errorf("node ServiceAccount grants differ:%s", d)
@@ -517,6 +521,7 @@ func TestNodeRBACIsExactlyWhatSidecarsNeed(t *testing.T) {
 }
 
 func TestSnapshotControllerSwitch(t *testing.T) {
+	t.Parallel()
 	sa := release + "-csi-snap-snapshot-controller"
 	docs := render(t, snapshotAPI, "--set", "snapshotController.enabled=true")
 	dep := find(docs, "Deployment", sa)
@@ -561,6 +566,7 @@ func TestSnapshotControllerSwitch(t *testing.T) {
 // TestSwitches flips each switch alone and checks that exactly its objects
 // or fields change.
 func TestSwitches(t *testing.T) {
+	t.Parallel()
 	cases := []struct {
 		name  string
 		args  []string
@@ -669,6 +675,7 @@ func TestSwitches(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
 			c.check(t, render(t, append([]string{snapshotAPI}, c.args...)...))
 		})
 	}
@@ -677,6 +684,7 @@ func TestSwitches(t *testing.T) {
 // TestScenarioFiles renders the value files hack/verify-chart.sh feeds to
 // kubeconform and checks they flip what they claim.
 func TestScenarioFiles(t *testing.T) {
+	t.Parallel()
 	on := render(t, snapshotAPI, "-f", "testdata/all-on.yaml")
 	if find(on, "Deployment", release+"-csi-snap-snapshot-controller") == nil {
 		t.Error("all-on: no snapshot-controller")
@@ -703,6 +711,7 @@ func TestScenarioFiles(t *testing.T) {
 }
 
 func TestBadValuesFailWithClearMessage(t *testing.T) {
+	t.Parallel()
 	const schemaErr = "values don't meet the specifications of the schema"
 	cases := []struct {
 		name string
@@ -718,6 +727,7 @@ func TestBadValuesFailWithClearMessage(t *testing.T) {
 		{"update strategy", []string{"--set", "node.updateStrategy.type=Recreate"}, []string{schemaErr, "/node/updateStrategy/type"}},
 		{"fsGroupPolicy", []string{"--set", "csiDriver.fsGroupPolicy=Always"}, []string{schemaErr, "/csiDriver/fsGroupPolicy"}},
 		{"lifecycle mode", []string{"--set", "csiDriver.volumeLifecycleModes={Inline}"}, []string{schemaErr, "/csiDriver/volumeLifecycleModes/0"}},
+		{"ephemeral not implemented", []string{"--set", "csiDriver.volumeLifecycleModes={Persistent,Ephemeral}"}, []string{schemaErr, "/csiDriver/volumeLifecycleModes/1"}},
 		{"empty sidecar tag", []string{"--set", "sidecars.resizer.image.tag="}, []string{schemaErr, "/sidecars/resizer/image/tag"}},
 		{"extra arg not a flag", []string{"--set", "node.extraArgs={oops}"}, []string{schemaErr, "/node/extraArgs/0"}},
 		{"bad quantity", []string{"--set", "node.resources.requests.memory=lots"}, []string{schemaErr, "/node/resources/requests/memory"}},
@@ -727,11 +737,12 @@ func TestBadValuesFailWithClearMessage(t *testing.T) {
 		{"bad poll interval", []string{"--set", "sidecars.provisioner.capacityPollInterval=often"}, []string{schemaErr, "/sidecars/provisioner/capacityPollInterval"}},
 		{"string for a bool", []string{"--set-string", "storageClass.create=yes"}, []string{schemaErr, "/storageClass/create"}},
 		// Checks the schema cannot express, done by the templates.
-		{"fstype via parameters", []string{"--set", `storageClass.parameters.csi\.storage\.k8s\.io/fstype=xfs`}, []string{"set storageClass.fsType instead"}},
+		{"parameters the driver would refuse", []string{"--set", "storageClass.parameters.tier=fast"}, []string{schemaErr, "additional properties 'parameters' not allowed"}},
 		{"Immediate without per-node immediate binding", []string{"--set", "storageClass.volumeBindingMode=Immediate"}, []string{"needs sidecars.provisioner.immediateBinding=true"}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
 			_, stderr, err := helm(t, append([]string{"template", release, ".", "--namespace", namespace, snapshotAPI}, c.args...)...)
 			if err == nil {
 				t.Fatalf("helm template %v succeeded, want a failure", c.args)
@@ -746,6 +757,7 @@ func TestBadValuesFailWithClearMessage(t *testing.T) {
 }
 
 func TestMissingSnapshotAPIIsNamed(t *testing.T) {
+	t.Parallel()
 	// No --api-versions: as on a cluster without the VolumeSnapshot CRDs.
 	_, stderr, err := helm(t, "template", release, ".", "--namespace", namespace)
 	if err == nil || !strings.Contains(stderr, "snapshot.storage.k8s.io/v1 API (VolumeSnapshot CRDs) is not installed") {
@@ -760,6 +772,7 @@ func TestMissingSnapshotAPIIsNamed(t *testing.T) {
 }
 
 func TestLint(t *testing.T) {
+	t.Parallel()
 	for _, f := range []string{"", "testdata/all-on.yaml", "testdata/all-off.yaml"} {
 		args := []string{"lint", "--strict", "."}
 		if f != "" {
@@ -773,6 +786,7 @@ func TestLint(t *testing.T) {
 }
 
 func TestNotesWalkthrough(t *testing.T) {
+	t.Parallel()
 	// install --dry-run=client renders NOTES.txt without a cluster; it cannot
 	// be told about the snapshot API, so the class check is switched off.
 	out, stderr, err := helm(t, "install", release, ".", "--namespace", namespace, "--dry-run=client",
@@ -815,6 +829,7 @@ func TestNotesWalkthrough(t *testing.T) {
 // documented as a whole, as is "securityContext" (their fields are
 // Kubernetes' own).
 func TestEveryValueDocumented(t *testing.T) {
+	t.Parallel()
 	raw, err := os.ReadFile("values.yaml")
 	if err != nil {
 		t.Fatal(err)

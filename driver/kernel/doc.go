@@ -36,7 +36,10 @@
 // costs the read(2), one pread into the reply buffer right behind the
 // header, and one write(2) of header+payload (so no writev is needed); a
 // WRITE costs the read(2), one pwrite straight from the request buffer and a
-// 16+8-byte write(2). The kernel copies the payload once each way. Splice
+// 16+8-byte write(2). The kernel copies the payload once each way. An idle
+// reader waits in its own epoll set with /dev/fuse added EPOLLEXCLUSIVE, so
+// a request wakes one reader, not all (plain poll woke all and cost 31 µs
+// of CPU per 4 KiB request with 4 readers instead of 18). Splice
 // was not used: at 1 MiB it saves one memcpy per request but costs extra
 // pipe syscalls (go-fuse's splice path measured slower); batching does not
 // exist in the protocol for READ/WRITE, and request coalescing is already
@@ -59,7 +62,10 @@
 // # Caveats
 //
 //   - While no server runs, I/O on the device waits (uninterruptibly) rather
-//     than fails; a server that never comes back hangs its users.
+//     than fails; a server that never comes back hangs its users, and so
+//     does anything that stats the mount point (umount(8) does: Detach
+//     calls umount(2) directly). The way out is Detach from a new server,
+//     or writing 1 to /sys/fs/fuse/connections/N/abort.
 //   - If the holder itself dies while the server is also gone, the
 //     connection is lost: Attach then cleans up the dead mount and attaches a
 //     new device, and whoever had the old one mounted sees I/O errors.

@@ -86,7 +86,12 @@ func RunHolder(socketPath string) error {
 			}
 			return fmt.Errorf("holder accept: %w", err)
 		}
-		exit := serveHolderConn(c, held)
+		// Emptied by a drop: stop listening (which unlinks the socket)
+		// before answering, so that a client that got the answer and
+		// connects again finds no socket and starts a new holder, instead
+		// of racing with our exit and our unlink of its new socket.
+		onEmpty := func() { ln.Close() }
+		exit := serveHolderConn(c, held, onEmpty)
 		c.Close()
 		if len(held) > 0 {
 			everHeld = true
@@ -100,7 +105,7 @@ func RunHolder(socketPath string) error {
 
 // serveHolderConn answers one request; it reports true when the request was
 // a drop (the holder may exit if that emptied it).
-func serveHolderConn(c *net.UnixConn, held map[string]heldConn) bool {
+func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func()) bool {
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	buf := make([]byte, holderMsgMax)
 	oob := make([]byte, unix.CmsgSpace(4))
@@ -142,6 +147,9 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn) bool {
 		if h, ok := held[req.ID]; ok {
 			unix.Close(h.fd)
 			delete(held, req.ID)
+		}
+		if len(held) == 0 {
+			onEmpty()
 		}
 		writeHolder(c, resp, -1)
 		return true

@@ -89,6 +89,15 @@ func (s *server) stop() {
 
 func (s *server) markDead() { s.deadOnce.Do(func() { close(s.dead) }) }
 
+func (s *server) isDead() bool {
+	select {
+	case <-s.dead:
+		return true
+	default:
+		return false
+	}
+}
+
 func (s *server) currentParams() connParams {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -118,6 +127,12 @@ func (s *server) notifyInvalAttr() error {
 
 func (s *server) readLoop() {
 	defer s.wg.Done()
+	defer func() {
+		if !s.stopping.Load() {
+			// Without readers, requests wait forever: say why we stopped.
+			klog.InfoS("FUSE reader stopped", "connectionGone", s.isDead())
+		}
+	}()
 	// Each reader waits in its own epoll set, with /dev/fuse added
 	// EPOLLEXCLUSIVE: a new request wakes one idle reader, not all of them
 	// (plain poll(2) woke every reader per request, and 3 of 4 then read
