@@ -96,20 +96,17 @@ func (k *block) find(c Chunk) int {
 	}
 	off := uint64(c - k.obase)
 	wo := uint(k.wo)
-	// Branch-free halving: the compiler emits a conditional move, so the
-	// CPU can run ahead to the next probe instead of mispredicting.
-	base, n := 0, int(k.n)
-	for n > 1 {
-		half := n >> 1
-		if getbits(k.words, uint(base+half)*wo, wo) <= off {
-			base += half
+	// Records below lo have origin <= c; records at hi and above have origin > c.
+	lo, hi := 0, int(k.n)
+	for lo < hi {
+		m := int(uint(lo+hi) >> 1)
+		if getbits(k.words, uint(m)*wo, wo) <= off {
+			lo = m + 1
+		} else {
+			hi = m
 		}
-		n -= half
 	}
-	if getbits(k.words, uint(base)*wo, wo) > off {
-		return -1
-	}
-	return base
+	return lo - 1
 }
 
 // put writes r as record i; the caller guarantees it fits the widths.

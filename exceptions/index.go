@@ -126,19 +126,16 @@ func (x *Index) Clone() *Index {
 
 // upper returns how many elements of the sorted a are <= c.
 func upper(a []Chunk, c Chunk) int {
-	if len(a) == 0 || a[0] > c {
-		return 0
-	}
-	// Branch-free halving (see block.find).
-	base, n := 0, len(a)
-	for n > 1 {
-		half := n >> 1
-		if a[base+half] <= c {
-			base += half
+	lo, hi := 0, len(a)
+	for lo < hi {
+		m := int(uint(lo+hi) >> 1)
+		if a[m] <= c {
+			lo = m + 1
+		} else {
+			hi = m
 		}
-		n -= half
 	}
-	return base + 1
+	return lo
 }
 
 // locate returns the last block whose first origin is <= c, or s == -1 when
