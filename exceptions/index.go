@@ -272,8 +272,13 @@ func (x *Index) setLen(s, b, i int, l uint64) {
 		setbits(k.words, k.lpos(i), uint(k.wl), l-1)
 		return
 	}
-	runs := k.decode(x.scratch[:0])
-	runs[i].Len = l
+	x.reencode(s, b, func(runs []Run) []Run { runs[i].Len = l; return runs })
+}
+
+// reencode decodes block (s, b), applies edit to its runs and writes the
+// result back through rewrite: the slow path of every in-place edit.
+func (x *Index) reencode(s, b int, edit func([]Run) []Run) {
+	runs := edit(x.blk(s, b).decode(x.scratch[:0]))
 	x.scratch = runs
 	x.rewrite(s, b, runs, -1)
 }
@@ -289,10 +294,7 @@ func (x *Index) replace(s, b, i int, r Run) {
 		k.obase, k.cbase = r.Origin, r.COW
 		k.put(0, r)
 	default:
-		runs := k.decode(x.scratch[:0])
-		runs[i] = r
-		x.scratch = runs
-		x.rewrite(s, b, runs, -1)
+		x.reencode(s, b, func(runs []Run) []Run { runs[i] = r; return runs })
 		return
 	}
 	if i == 0 {
@@ -302,10 +304,7 @@ func (x *Index) replace(s, b, i int, r Run) {
 
 // deleteRecord removes record (s, b, i).
 func (x *Index) deleteRecord(s, b, i int) {
-	runs := x.blk(s, b).decode(x.scratch[:0])
-	runs = slices.Delete(runs, i, i+1)
-	x.scratch = runs
-	x.rewrite(s, b, runs, -1)
+	x.reencode(s, b, func(runs []Run) []Run { return slices.Delete(runs, i, i+1) })
 }
 
 // insertAt inserts r as record i of block (s, b), in place when it fits.
