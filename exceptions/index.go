@@ -67,6 +67,12 @@ type Index struct {
 	runs     int
 	scratch  []Run // decode buffer reused by mutations
 
+	// hot is the run the last insert extended, valid while hotOK: a
+	// forward sequential writer extends the same run again and skips the
+	// searches. Anything that moves records clears hotOK.
+	hot   struct{ s, b, i int }
+	hotOK bool
+
 	maxRuns, maxBlocks int
 }
 
@@ -214,6 +220,9 @@ func (x *Index) InsertRun(r Run) error {
 		return ErrOverflow
 	}
 	end, cend := r.Origin+Chunk(r.Len), r.COW+Chunk(r.Len)
+	if x.hotOK && x.extendHot(r, end) {
+		return nil
+	}
 	if len(x.segs) == 0 {
 		x.segs = []*segment{{firsts: []Chunk{r.Origin}, blocks: make([]block, 1)}}
 		x.segFirst = []Chunk{r.Origin}
@@ -255,6 +264,7 @@ func (x *Index) InsertRun(r Run) error {
 		x.deleteRecord(ss, sb, si)
 	case left:
 		x.setLen(ps, pb, pi, pr.Len+r.Len)
+		x.hot.s, x.hot.b, x.hot.i, x.hotOK = ps, pb, pi, true
 	case right:
 		x.replace(ss, sb, si, Run{Origin: r.Origin, COW: r.COW, Len: r.Len + sr.Len})
 	case hasPred:
@@ -263,6 +273,24 @@ func (x *Index) InsertRun(r Run) error {
 		x.insertAt(0, 0, 0, r)
 	}
 	return nil
+}
+
+// extendHot appends r to the hot run when r continues it in both origin
+// and COW and the next run starts after r's end; otherwise it reports false
+// and the caller takes the general path (which also finds ErrMapped).
+func (x *Index) extendHot(r Run, end Chunk) bool {
+	s, b, i := x.hot.s, x.hot.b, x.hot.i
+	pr := x.blk(s, b).run(i)
+	if pr.Origin+Chunk(pr.Len) != r.Origin || pr.COW+Chunk(pr.Len) != r.COW {
+		return false
+	}
+	if ns, nb, ni, ok := x.next(s, b, i); ok && x.blk(ns, nb).origin(ni) <= end {
+		return false
+	}
+	x.n += r.Len
+	x.setLen(s, b, i, pr.Len+r.Len)
+	x.hotOK = true // setLen may re-encode the block, which keeps positions
+	return true
 }
 
 // setLen sets the length of record (s, b, i), in place when it fits.
@@ -309,6 +337,7 @@ func (x *Index) deleteRecord(s, b, i int) {
 
 // insertAt inserts r as record i of block (s, b), in place when it fits.
 func (x *Index) insertAt(s, b, i int, r Run) {
+	x.hotOK = false
 	k := x.blk(s, b)
 	if int(k.n) < x.maxRuns && k.insert(i, r) {
 		x.runs++
@@ -336,6 +365,7 @@ func (x *Index) setFirst(s, b int, c Chunk) {
 // prepending before the first, starts a new block instead of halving, so
 // forward and backward fills leave full blocks.
 func (x *Index) rewrite(s, b int, runs []Run, at int) {
+	x.hotOK = false
 	sg := x.segs[s]
 	k := &sg.blocks[b]
 	x.runs += len(runs) - int(k.n)
@@ -365,6 +395,7 @@ func (x *Index) rewrite(s, b int, runs []Run, at int) {
 // insertBlock inserts blk, whose first origin is first, at position b >= 1 of
 // segment s, splitting the segment when it is over capacity.
 func (x *Index) insertBlock(s, b int, blk block, first Chunk) {
+	x.hotOK = false
 	sg := x.segs[s]
 	sg.blocks = slices.Insert(sg.blocks, b, blk)
 	sg.firsts = slices.Insert(sg.firsts, b, first)
@@ -391,6 +422,7 @@ func (x *Index) insertBlock(s, b int, blk block, first Chunk) {
 // It gives memory back as segments shrink: a segment's slices are reallocated
 // when mostly empty, and a small segment is merged into a neighbour.
 func (x *Index) deleteBlock(s, b int) {
+	x.hotOK = false
 	sg := x.segs[s]
 	sg.blocks = slices.Delete(sg.blocks, b, b+1)
 	sg.firsts = slices.Delete(sg.firsts, b, b+1)
@@ -444,6 +476,7 @@ func (x *Index) compact(s, b int) {
 // Remove unmaps origin chunks [origin, origin+n) (clamped at the last chunk),
 // splitting runs, and returns how many chunks were mapped there.
 func (x *Index) Remove(origin Chunk, n uint64) uint64 {
+	x.hotOK = false
 	hi := origin + Chunk(n)
 	if n > uint64(math.MaxUint64-origin) {
 		hi = math.MaxUint64
