@@ -54,7 +54,9 @@ const (
 //   - no two neighbours are mergeable, also across block and segment
 //     boundaries: if a.Origin+a.Len == b.Origin then a.COW+a.Len != b.COW
 //     (fully merged, so the run count is minimal for the mapping);
-//   - n is the sum of Len and runs the number of runs.
+//   - n is the sum of Len and runs the number of runs;
+//   - when hotOK, hotRun is the run at position hot and hotLimit the origin
+//     of the run after it (MaxUint64 if none).
 //
 // Concurrency: Lookup, Ascend, Len, Runs, Bytes and Clone only read and may
 // run concurrently with each other; Insert, InsertRun and Remove need
@@ -67,11 +69,14 @@ type Index struct {
 	runs     int
 	scratch  []Run // decode buffer reused by mutations
 
-	// hot is the run the last insert extended, valid while hotOK: a
-	// forward sequential writer extends the same run again and skips the
-	// searches. Anything that moves records clears hotOK.
-	hot   struct{ s, b, i int }
-	hotOK bool
+	// hot caches the run the last insert extended (its position, ends,
+	// length, and where the next run starts), valid while hotOK: a forward
+	// sequential writer extends the same run again without any search.
+	// Every other mutation clears hotOK.
+	hot      struct{ s, b, i int }
+	hotOK    bool
+	hotRun   Run
+	hotLimit Chunk // origin of the next run, or MaxUint64
 
 	maxRuns, maxBlocks int
 }
@@ -220,9 +225,15 @@ func (x *Index) InsertRun(r Run) error {
 		return ErrOverflow
 	}
 	end, cend := r.Origin+Chunk(r.Len), r.COW+Chunk(r.Len)
-	if x.hotOK && x.extendHot(r, end) {
+	if x.hotOK && r.Origin == x.hotRun.Origin+Chunk(x.hotRun.Len) &&
+		r.COW == x.hotRun.COW+Chunk(x.hotRun.Len) && end < x.hotLimit {
+		x.n += r.Len
+		x.hotRun.Len += r.Len
+		x.setLen(x.hot.s, x.hot.b, x.hot.i, x.hotRun.Len)
+		x.hotOK = true // setLen may re-encode the block, which keeps positions
 		return nil
 	}
+	x.hotOK = false
 	if len(x.segs) == 0 {
 		x.segs = []*segment{{firsts: []Chunk{r.Origin}, blocks: make([]block, 1)}}
 		x.segFirst = []Chunk{r.Origin}
@@ -265,6 +276,11 @@ func (x *Index) InsertRun(r Run) error {
 	case left:
 		x.setLen(ps, pb, pi, pr.Len+r.Len)
 		x.hot.s, x.hot.b, x.hot.i, x.hotOK = ps, pb, pi, true
+		x.hotRun = Run{Origin: pr.Origin, COW: pr.COW, Len: pr.Len + r.Len}
+		x.hotLimit = math.MaxUint64
+		if hasSucc {
+			x.hotLimit = sr.Origin
+		}
 	case right:
 		x.replace(ss, sb, si, Run{Origin: r.Origin, COW: r.COW, Len: r.Len + sr.Len})
 	case hasPred:
@@ -273,24 +289,6 @@ func (x *Index) InsertRun(r Run) error {
 		x.insertAt(0, 0, 0, r)
 	}
 	return nil
-}
-
-// extendHot appends r to the hot run when r continues it in both origin
-// and COW and the next run starts after r's end; otherwise it reports false
-// and the caller takes the general path (which also finds ErrMapped).
-func (x *Index) extendHot(r Run, end Chunk) bool {
-	s, b, i := x.hot.s, x.hot.b, x.hot.i
-	pr := x.blk(s, b).run(i)
-	if pr.Origin+Chunk(pr.Len) != r.Origin || pr.COW+Chunk(pr.Len) != r.COW {
-		return false
-	}
-	if ns, nb, ni, ok := x.next(s, b, i); ok && x.blk(ns, nb).origin(ni) <= end {
-		return false
-	}
-	x.n += r.Len
-	x.setLen(s, b, i, pr.Len+r.Len)
-	x.hotOK = true // setLen may re-encode the block, which keeps positions
-	return true
 }
 
 // setLen sets the length of record (s, b, i), in place when it fits.
@@ -594,6 +592,19 @@ func (x *Index) check() error {
 				runs++
 				chunks += r.Len
 			}
+		}
+	}
+	if x.hotOK {
+		s, b, i := x.hot.s, x.hot.b, x.hot.i
+		if s >= len(x.segs) || b >= len(x.segs[s].blocks) || i >= int(x.blk(s, b).n) || x.blk(s, b).run(i) != x.hotRun {
+			return fmt.Errorf("hot run %+v at %d/%d/%d is stale", x.hotRun, s, b, i)
+		}
+		limit := Chunk(math.MaxUint64)
+		if ns, nb, ni, ok := x.next(s, b, i); ok {
+			limit = x.blk(ns, nb).origin(ni)
+		}
+		if limit != x.hotLimit {
+			return fmt.Errorf("hot run's next run starts at %d, cached %d", limit, x.hotLimit)
 		}
 	}
 	if runs != x.runs || chunks != x.n {
