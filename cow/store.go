@@ -689,12 +689,9 @@ func (s *Store) CreateSnapshot(volID, snapID string, o SnapshotOptions) (*Snapsh
 	}
 	v.gate.Lock()
 	defer v.gate.Unlock()
-	if err := v.flushLocked(); err != nil {
-		return nil, err
-	}
 	r := &record{Type: recSnapshot, Obj: s.nextObj, Parent: v.obj, Size: v.Size(), Created: nowNanos(),
 		Limit: o.Limit, ID: snapID, Labels: o.Labels}
-	if err := s.commitApply(r); err != nil {
+	if err := v.flushWith(r); err != nil {
 		return nil, err
 	}
 	return s.byID[snapID].(*Snapshot), nil
