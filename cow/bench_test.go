@@ -49,6 +49,9 @@ func benchFile(b *testing.B, size int64) fileImage {
 		b.Fatal(err)
 	}
 	prefill(b, fileImage{f}, size)
+	if err := f.Sync(); err != nil { // start clean, as the volumes do
+		b.Fatal(err)
+	}
 	return fileImage{f}
 }
 
@@ -160,6 +163,9 @@ func benchVolumeWrites(b *testing.B, bs int64, chunk int, random bool, snaps int
 			if _, err := v.WriteAt(buf, off); err != nil {
 				b.Fatal(err)
 			}
+		}
+		if err := v.Flush(); err != nil {
+			b.Fatal(err)
 		}
 	}
 	benchWrites(b, v, bs, int64(chunk), random, renew)
