@@ -59,7 +59,7 @@ func volumeSize(r *csi.CapacityRange, floor int64) (int64, error) {
 	if lim > 0 && req > lim {
 		return 0, statusf(codes.InvalidArgument, "required_bytes %d exceeds limit_bytes %d", req, lim)
 	}
-	if req > (1<<62) {
+	if req > (1 << 62) {
 		return 0, statusf(codes.OutOfRange, "required_bytes %d is too large", req)
 	}
 	size := roundUp(req, blockSize)

@@ -224,7 +224,10 @@ func TestBadInput(t *testing.T) {
 		}, codes.NotFound},
 		// ListVolumes / ListSnapshots / ControllerListVolumeHealth
 		{"ListVolumes with negative max_entries", func() error { _, err := e.d.ListVolumes(ctx, &csi.ListVolumesRequest{MaxEntries: -1}); return err }, codes.InvalidArgument},
-		{"ListVolumes with a garbage token", func() error { _, err := e.d.ListVolumes(ctx, &csi.ListVolumesRequest{StartingToken: "zzz"}); return err }, codes.Aborted},
+		{"ListVolumes with a garbage token", func() error {
+			_, err := e.d.ListVolumes(ctx, &csi.ListVolumesRequest{StartingToken: "zzz"})
+			return err
+		}, codes.Aborted},
 		{"ListSnapshots with negative max_entries", func() error {
 			_, err := e.d.ListSnapshots(ctx, &csi.ListSnapshotsRequest{MaxEntries: -1})
 			return err

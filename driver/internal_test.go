@@ -127,4 +127,3 @@ func TestSanitize(t *testing.T) {
 		t.Fatalf("secret printed: %s", s)
 	}
 }
-

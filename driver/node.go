@@ -357,7 +357,7 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 			return nil, statusf(codes.Internal, "device size: %v", err)
 		}
 		return &csi.NodeGetVolumeStatsResponse{
-			Usage:           []*csi.VolumeUsage{{Unit: csi.VolumeUsage_BYTES, Total: size}},
+			Usage: []*csi.VolumeUsage{{Unit: csi.VolumeUsage_BYTES, Total: size}},
 		}, nil
 	}
 	var st unix.Statfs_t
