@@ -17,10 +17,10 @@ type Metrics struct {
 	volumes, snapshots, snapCow, snapLimit, snapInvalid, volAlloc, volSize *prometheus.Desc
 }
 
-// NewMetrics registers the collectors in reg. store may be nil until set by
-// SetStore (the metrics endpoint can come up before the store opens).
-func NewMetrics(reg prometheus.Registerer) *Metrics {
+// NewMetrics registers the collectors in reg; the store gauges read store.
+func NewMetrics(reg prometheus.Registerer, store Store) *Metrics {
 	m := &Metrics{
+		store: store,
 		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "csi_snap_request_duration_seconds",
 			Help:    "Latency of CSI calls in seconds, by method and gRPC code.",
@@ -38,9 +38,6 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	return m
 }
 
-// SetStore names the store the gauges are read from. Call it before serving.
-func (m *Metrics) SetStore(s Store) { m.store = s }
-
 func (m *Metrics) observe(fullMethod string, code codes.Code, d time.Duration) {
 	m.latency.WithLabelValues(path.Base(fullMethod), code.String()).Observe(d.Seconds())
 }
@@ -54,9 +51,6 @@ func (m *Metrics) Describe(ch chan<- *prometheus.Desc) {
 
 // Collect implements prometheus.Collector.
 func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
-	if m.store == nil {
-		return
-	}
 	vols, snaps := m.store.Volumes(), m.store.Snapshots()
 	ch <- prometheus.MustNewConstMetric(m.volumes, prometheus.GaugeValue, float64(len(vols)))
 	ch <- prometheus.MustNewConstMetric(m.snapshots, prometheus.GaugeValue, float64(len(snaps)))
