@@ -9,6 +9,7 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
+	mount "k8s.io/mount-utils"
 )
 
 // lowSpacePercent: below this share of free bytes in the data directory's
@@ -119,20 +120,31 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 			add(csi.VolumeHealthErrorType_INACCESSIBLE, "NotStaged", "volume is not attached on this node")
 			break
 		}
-		found := false
 		for _, mp := range mps {
-			if mp.Path == p && mp.Device == dev {
-				found = true
-				if slices.Contains(mp.Opts, "ro") && p == req.GetStagingTargetPath() {
-					add(csi.VolumeHealthErrorType_DEGRADED, "FilesystemReadOnly", "the staged filesystem is mounted read-only")
-				}
+			if mp.Path == p && mp.Device == dev && slices.Contains(mp.Opts, "ro") && p == req.GetStagingTargetPath() {
+				add(csi.VolumeHealthErrorType_DEGRADED, "FilesystemReadOnly", "the staged filesystem is mounted read-only")
 			}
 		}
-		if !found {
+		// Block staging paths hold nothing; only mounts can be checked.
+		if fi, err := os.Stat(p); err == nil && fi.IsDir() && p == req.GetStagingTargetPath() && !hasMount(mps, p) {
+			continue
+		}
+		if held, err := d.holdsDevice(p, dev); err != nil {
+			return nil, toStatus(err)
+		} else if !held {
 			add(csi.VolumeHealthErrorType_INACCESSIBLE, "NotMounted", fmt.Sprintf("%s does not hold the volume", p))
 		}
 	}
 	return &csi.NodeGetVolumeHealthResponse{VolumeHealth: h}, nil
+}
+
+func hasMount(mps []mount.MountPoint, p string) bool {
+	for _, mp := range mps {
+		if mp.Path == p {
+			return true
+		}
+	}
+	return false
 }
 
 // NodeGetStorageHealth reports the data directory nearly full as degraded.

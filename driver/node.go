@@ -90,6 +90,28 @@ func (d *Driver) mountedDevice(path string) (string, error) {
 	return dev, nil
 }
 
+// holdsDevice reports whether path holds device dev: a mount of dev (mount
+// access, staging or bind) or, for block access, a bind mount of the device
+// node, which the mount table lists under the /dev filesystem rather than
+// under dev, so it is recognised by its device number.
+func (d *Driver) holdsDevice(path, dev string) (bool, error) {
+	cur, err := d.mountedDevice(path)
+	if err != nil || cur == "" {
+		return false, err
+	}
+	if cur == dev {
+		return true, nil
+	}
+	var pst, dst unix.Stat_t
+	if err := unix.Stat(path, &pst); err != nil {
+		return false, nil
+	}
+	if err := unix.Stat(dev, &dst); err != nil {
+		return false, nil
+	}
+	return pst.Mode&unix.S_IFMT == unix.S_IFBLK && pst.Rdev == dst.Rdev, nil
+}
+
 func (d *Driver) checkNodeVolume(id string) error {
 	if !isVolumeID(id) {
 		return statusf(codes.NotFound, "volume %q does not exist", id)
@@ -264,12 +286,16 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		}
 		source = staging
 	}
-	cur, err := d.mountedDevice(target)
+	held, err := d.holdsDevice(target, dev)
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	if cur == dev {
+	if held {
 		return &csi.NodePublishVolumeResponse{}, nil
+	}
+	cur, err := d.mountedDevice(target)
+	if err != nil {
+		return nil, toStatus(err)
 	}
 	if cur != "" {
 		return nil, statusf(codes.AlreadyExists, "target path %s already holds %s, not volume %s", target, cur, id)
@@ -340,11 +366,11 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	if !ok {
 		return nil, statusf(codes.NotFound, "volume %s is not staged on this node", id)
 	}
-	cur, err := d.mountedDevice(path)
+	held, err := d.holdsDevice(path, dev)
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	if cur != dev {
+	if !held {
 		return nil, statusf(codes.NotFound, "volume %s is not mounted at %s", id, path)
 	}
 	fi, err := os.Stat(path)

@@ -61,8 +61,9 @@ func TestSanity(t *testing.T) {
 			counts := ""
 			sc := bufio.NewScanner(strings.NewReader(string(out)))
 			for sc.Scan() {
-				if strings.HasPrefix(sc.Text(), "SANITY-COUNTS ") || strings.HasPrefix(sc.Text(), "SANITY-SKIPPED ") {
-					counts += sc.Text() + "\n"
+				line := sc.Text()
+				if i := strings.Index(line, "SANITY-"); i >= 0 {
+					counts += line[i:] + "\n"
 				}
 			}
 			t.Logf("%s access:\n%s", access, counts)
@@ -171,7 +172,7 @@ func TestSanitySuite(t *testing.T) {
 				failed++
 			}
 		}
-		fmt.Printf("SANITY-COUNTS access=%s passed=%d skipped=%d failed=%d\n", access, passed, skipped, failed)
+		fmt.Printf("\nSANITY-COUNTS access=%s passed=%d skipped=%d failed=%d\n", access, passed, skipped, failed)
 		for _, s := range skips {
 			fmt.Printf("SANITY-SKIPPED %s\n", s)
 		}
@@ -181,5 +182,6 @@ func TestSanitySuite(t *testing.T) {
 	suite, reporter := ginkgo.GinkgoConfiguration()
 	suite.Timeout = 30 * time.Minute
 	reporter.Succinct = true
+	reporter.NoColor = true
 	ginkgo.RunSpecs(t, "csi-sanity "+access, suite, reporter)
 }
