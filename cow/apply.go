@@ -32,7 +32,7 @@ func (s *Store) apply(r *record) error {
 		}
 		v.mu.Lock()
 		defer v.mu.Unlock()
-		if r.Size < v.size || r.Size > 1<<60 || v.deleted {
+		if r.Size < v.size || r.Size > maxBytes || v.deleted {
 			return corruptf("resize of volume %d to %d", r.Obj, r.Size)
 		}
 		v.size = r.Size
@@ -83,7 +83,7 @@ func (s *Store) apply(r *record) error {
 		if len(v.chain) == 0 || v.chain[len(v.chain)-1] != sn {
 			return corruptf("exception for snapshot %d, which is not the newest", r.Obj)
 		}
-		if r.Origin >= uint64(chunks(sn.size, v.shift)) || r.COW > 1<<62>>v.shift {
+		if r.Origin >= uint64(chunks(sn.size, v.shift)) || r.COW >= maxBytes>>v.shift {
 			return corruptf("exception %d->%d out of range", r.Origin, r.COW)
 		}
 		run := exceptions.Run{Origin: exceptions.Chunk(r.Origin), COW: exceptions.Chunk(r.COW), Len: 1}
@@ -113,13 +113,11 @@ func (s *Store) apply(r *record) error {
 			return corruptf("present %d+%d for volume %d", r.Origin, r.N, r.Obj)
 		}
 		v.mu.Lock()
-		// Present records may repeat (a chunk marked twice across flushes
-		// of a failed store); only the new chunks count.
-		for c := r.Origin; c < r.Origin+r.N; c++ {
-			if _, ok := v.present.Lookup(exceptions.Chunk(c)); !ok {
-				v.present.Insert(exceptions.Chunk(c), exceptions.Chunk(c))
-			}
-		}
+		// Present records may repeat (a chunk marked again after a failed
+		// commit); only the chunks not yet present are inserted.
+		gaps(v.present, exceptions.Chunk(r.Origin), r.N, func(c exceptions.Chunk, n uint64) {
+			v.present.InsertRun(exceptions.Run{Origin: c, COW: c, Len: n})
+		})
 		v.mu.Unlock()
 	case recRuns:
 		sn, err := s.snap(r.Obj)
@@ -130,7 +128,7 @@ func (s *Store) apply(r *record) error {
 			return corruptf("runs for invalid snapshot %d", r.Obj)
 		}
 		for _, run := range r.Runs {
-			if uint64(run.Origin)+run.Len > uint64(chunks(sn.size, sn.vol.shift)) || uint64(run.COW)+run.Len > 1<<62>>sn.vol.shift {
+			if uint64(run.Origin)+run.Len > uint64(chunks(sn.size, sn.vol.shift)) || uint64(run.COW)+run.Len > maxBytes>>sn.vol.shift {
 				return corruptf("run %+v out of range", run)
 			}
 			if run.COW == 0 && run.Len != 1 {
@@ -214,7 +212,7 @@ func (s *Store) applyVolume(r *record) error {
 		return err
 	}
 	shift, err := chunkShift(int(r.ChunkSize))
-	if err != nil || r.Size <= 0 || r.Size > 1<<60 || r.Flags&^flagDeleted != 0 {
+	if err != nil || r.Size <= 0 || r.Size > maxBytes || r.Flags&^flagDeleted != 0 {
 		return corruptf("volume %d: size %d, chunk size %d, flags %x", r.Obj, r.Size, r.ChunkSize, r.Flags)
 	}
 	v := &Volume{s: s, obj: r.Obj, id: r.ID, chunkSize: 1 << shift, shift: shift, labels: r.Labels, size: r.Size,
@@ -328,12 +326,12 @@ func (s *Store) reapVolume(v *Volume) error {
 // release gives freed COW chunks back to the allocator and the file system.
 // At run time the record that freed them is durable, so no replay can make
 // them referenced again; during replay the free list is rebuilt at the end.
-func (s *Store) release(v *Volume, freed []exceptions.Chunk) error {
+func (s *Store) release(v *Volume, freed []span) error {
 	if s.replay || len(freed) == 0 || v.gone {
 		return nil
 	}
-	for _, c := range freed {
-		if err := v.punchCOW(c, 1); err != nil {
+	for _, f := range freed {
+		if err := v.punchCOW(f.C, f.N); err != nil {
 			return err
 		}
 	}
@@ -343,10 +341,34 @@ func (s *Store) release(v *Volume, freed []exceptions.Chunk) error {
 	return nil
 }
 
+// gaps calls fn for each maximal range of [c, c+n) that x does not map,
+// in ascending order. fn may insert into x what it is given.
+func gaps(x *exceptions.Index, c exceptions.Chunk, n uint64, fn func(exceptions.Chunk, uint64)) {
+	end := c + exceptions.Chunk(n)
+	var covered []span
+	x.Ascend(c, func(r exceptions.Run) bool {
+		if r.Origin >= end {
+			return false
+		}
+		covered = append(covered, span{max(r.Origin, c), uint64(min(r.Origin+exceptions.Chunk(r.Len), end) - max(r.Origin, c))})
+		return true
+	})
+	for _, cv := range covered {
+		if cv.C > c {
+			fn(c, uint64(cv.C-c))
+		}
+		c = cv.C + exceptions.Chunk(cv.N)
+	}
+	if c < end {
+		fn(c, uint64(end-c))
+	}
+}
+
 // unchain takes sn out of the chain (it is gone or invalid): the chunks the
 // next older snapshot lacks move to it, since that snapshot's reads used to
-// find them in sn; the others are returned as freed.
-func (v *Volume) unchain(sn *Snapshot) ([]exceptions.Chunk, error) {
+// find them in sn; the others are returned as freed. Cost: O(runs of sn
+// and of the overlapping part of the older snapshot).
+func (v *Volume) unchain(sn *Snapshot) ([]span, error) {
 	i := slices.Index(v.chain, sn)
 	if i < 0 {
 		return nil, nil
@@ -363,32 +385,47 @@ func (v *Volume) unchain(sn *Snapshot) ([]exceptions.Chunk, error) {
 	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	var freed []exceptions.Chunk
+	var freed, moved []span
+	var runs []exceptions.Run
+	sn.idx.Ascend(0, func(r exceptions.Run) bool { runs = append(runs, r); return true })
 	var err error
-	sn.idx.Ascend(0, func(r exceptions.Run) bool {
-		for j := uint64(0); j < r.Len; j++ {
-			c, k := r.Origin+exceptions.Chunk(j), r.COW
-			if k != 0 {
-				k += exceptions.Chunk(j)
-			}
-			if prev != nil && uint64(c) < uint64(chunks(prev.size, v.shift)) {
-				if _, ok := prev.idx.Lookup(c); !ok {
-					if err = prev.idx.Insert(c, k); err != nil {
-						return false
-					}
-					if k != 0 {
-						prev.held++
-						prev.reserved.Add(1)
-					}
-					continue
-				}
-			}
-			if k != 0 {
-				freed = append(freed, k)
+	for _, r := range runs {
+		// Split r into what prev lacks (moves, if prev can read that far)
+		// and what prev has (freed).
+		limit := exceptions.Chunk(0)
+		if prev != nil {
+			limit = exceptions.Chunk(chunks(prev.size, v.shift))
+		}
+		end := r.Origin + exceptions.Chunk(r.Len)
+		moved = moved[:0]
+		if r.Origin < limit {
+			gaps(prev.idx, r.Origin, uint64(min(end, limit)-r.Origin), func(c exceptions.Chunk, n uint64) {
+				moved = append(moved, span{c, n})
+			})
+		}
+		at := r.Origin
+		free := func(c exceptions.Chunk, n uint64) {
+			if r.COW != 0 && n > 0 {
+				freed = append(freed, span{r.COW + (c - r.Origin), n})
 			}
 		}
-		return true
-	})
+		for _, m := range moved {
+			free(at, uint64(m.C-at))
+			k := exceptions.Chunk(0)
+			if r.COW != 0 {
+				k = r.COW + (m.C - r.Origin)
+			}
+			if e := prev.idx.InsertRun(exceptions.Run{Origin: m.C, COW: k, Len: m.N}); e != nil && err == nil {
+				err = e
+			}
+			if k != 0 {
+				prev.held += int64(m.N)
+				prev.reserved.Add(int64(m.N))
+			}
+			at = m.C + exceptions.Chunk(m.N)
+		}
+		free(at, uint64(end-at))
+	}
 	if err != nil {
 		return nil, corruptf("merging snapshot %d: %v", sn.obj, err)
 	}

@@ -57,38 +57,29 @@ func (v *Volume) check() error {
 			return fmt.Errorf("snapshot %s holds %d chunks, counted %d, reserved %d", sn.id, held, sn.held, sn.reserved.Load())
 		}
 	}
-	sort.Slice(used, func(i, j int) bool { return used[i].COW < used[j].COW })
-	free := map[exceptions.Chunk]bool{}
-	for _, c := range v.free {
-		if c < firstCOW || c >= v.hwm || free[c] {
-			return fmt.Errorf("bad free chunk %d (hwm %d)", c, v.hwm)
-		}
-		free[c] = true
+	// Mapped and free ranges must tile [firstCOW, hwm) exactly.
+	type tile struct {
+		c    exceptions.Chunk
+		n    uint64
+		free bool
 	}
-	next := exceptions.Chunk(firstCOW)
+	var ts []tile
 	for _, r := range used {
-		if r.COW < next {
-			return fmt.Errorf("COW chunk %d mapped twice", r.COW)
-		}
-		for c := next; c < r.COW; c++ {
-			if !free[c] {
-				return fmt.Errorf("COW chunk %d neither mapped nor free", c)
-			}
-		}
-		for c := r.COW; c < r.COW+exceptions.Chunk(r.Len); c++ {
-			if free[c] {
-				return fmt.Errorf("COW chunk %d mapped and free", c)
-			}
-		}
-		next = r.COW + exceptions.Chunk(r.Len)
+		ts = append(ts, tile{r.COW, r.Len, false})
 	}
-	if next > v.hwm {
-		return fmt.Errorf("mapped chunk %d past hwm %d", next, v.hwm)
+	for _, f := range v.free {
+		ts = append(ts, tile{f.C, f.N, true})
 	}
-	for c := next; c < v.hwm; c++ {
-		if !free[c] {
-			return fmt.Errorf("COW chunk %d past the last mapped neither free", c)
+	sort.Slice(ts, func(i, j int) bool { return ts[i].c < ts[j].c })
+	next := exceptions.Chunk(firstCOW)
+	for _, t := range ts {
+		if t.c != next {
+			return fmt.Errorf("COW chunks: expected range at %d, found %+v (overlap or hole)", next, t)
 		}
+		next += exceptions.Chunk(t.n)
+	}
+	if next != v.hwm {
+		return fmt.Errorf("COW chunks end at %d, hwm %d", next, v.hwm)
 	}
 	return nil
 }

@@ -203,7 +203,7 @@ func (v *mVol) flush() {
 }
 
 // run performs o on the store; reopen replaces *s.
-func run(s **Store, dir string, o op) error {
+func run(s **Store, open func() (*Store, error), o op) error {
 	st := *s
 	vol := func() (*Volume, error) { return st.Volume(o.id) }
 	switch o.kind {
@@ -252,7 +252,7 @@ func run(s **Store, dir string, o op) error {
 		if err := st.Close(); err != nil {
 			return err
 		}
-		ns, err := Open(dir)
+		ns, err := open()
 		if err != nil {
 			return err
 		}
@@ -345,7 +345,10 @@ func firstDiff(a, b []byte) int {
 
 func TestModel(t *testing.T) {
 	steps := 1500
-	seeds := 6
+	seeds := 4
+	if raceEnabled { // the race run is for concurrency, and ~10x slower
+		steps, seeds = 400, 2
+	}
 	if testing.Short() {
 		steps, seeds = 300, 2
 	}
@@ -355,7 +358,12 @@ func TestModel(t *testing.T) {
 	for seed := int64(1); seed <= int64(seeds); seed++ {
 		t.Run(fmt.Sprint("seed", seed), func(t *testing.T) {
 			dir := t.TempDir()
-			s, err := Open(dir)
+			open := func() (*Store, error) {
+				fs := newFaultFS(dir)
+				fs.noSync = true
+				return openFS(dir, fs)
+			}
+			s, err := open()
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -364,7 +372,7 @@ func TestModel(t *testing.T) {
 			rng := rand.New(rand.NewSource(seed))
 			for i := 0; i < steps; i++ {
 				o := m.gen(rng, true)
-				if err := run(&s, dir, o); err != nil {
+				if err := run(&s, open, o); err != nil {
 					t.Fatalf("step %d %v: %v", i, o, err)
 				}
 				m.apply(o)
@@ -377,7 +385,7 @@ func TestModel(t *testing.T) {
 			if err := s.Close(); err != nil {
 				t.Fatal(err)
 			}
-			if s, err = Open(dir); err != nil {
+			if s, err = Open(dir); err != nil { // the real file system, once
 				t.Fatal(err)
 			}
 			if err := verify(s, m, true); err != nil {

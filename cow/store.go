@@ -265,7 +265,7 @@ func (s *Store) excDataDurable(r *record) (bool, error) {
 		return false, corruptf("exception for unknown snapshot %d", r.Obj)
 	}
 	v := sn.vol
-	if r.COW > 1<<62/uint64(v.chunkSize) {
+	if r.COW >= maxBytes>>v.shift {
 		return false, corruptf("exception COW chunk %d out of range", r.COW)
 	}
 	f, err := v.cowFile()
@@ -327,10 +327,8 @@ func (v *Volume) rebuildFree() error {
 		if r.COW < next {
 			return corruptf("volume %s: COW chunk %d mapped twice or reserved", v.id, r.COW)
 		}
-		for c := next; c < r.COW; c++ {
-			v.free = append(v.free, c)
-		}
 		if next < r.COW {
+			v.free = append(v.free, span{next, uint64(r.COW - next)})
 			if err := v.punchCOW(next, uint64(r.COW-next)); err != nil {
 				return err
 			}
@@ -417,8 +415,8 @@ func checkLabels(m map[string]string) error {
 }
 
 func checkSize(size int64) error {
-	if size <= 0 || size > 1<<60 {
-		return fmt.Errorf("%w: size %d bytes out of (0, 2^60]", ErrBadArgument, size)
+	if size <= 0 || size > maxBytes {
+		return fmt.Errorf("%w: size %d bytes out of (0, 16 TiB]", ErrBadArgument, size)
 	}
 	return nil
 }

@@ -100,7 +100,7 @@ type Volume struct {
 	chain          []*Snapshot
 	present        *exceptions.Index // clones: chunks the volume holds itself
 	pendingPresent []uint64
-	free           []exceptions.Chunk
+	free           []span // free COW chunk ranges below hwm
 	hwm            exceptions.Chunk
 }
 
@@ -163,3 +163,13 @@ func (sn *Snapshot) Flush() error { return nil }
 // "the old chunk was all zeros, nothing copied"; chunk 1 stays unused so
 // such a mapping can never merge with a real copy into one run.
 const firstCOW = 2
+
+// maxBytes bounds volume sizes and COW file offsets, in bytes: 16 TiB, the
+// largest file ext4 holds with 4 KiB blocks.
+const maxBytes = 1 << 44
+
+// span is the chunk range [C, C+N).
+type span struct {
+	C exceptions.Chunk
+	N uint64
+}

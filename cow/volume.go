@@ -534,8 +534,12 @@ func (v *Volume) alloc(n int) []exceptions.Chunk {
 	defer v.mu.Unlock()
 	out := make([]exceptions.Chunk, 0, n)
 	for len(out) < n && len(v.free) > 0 {
-		out = append(out, v.free[len(v.free)-1])
-		v.free = v.free[:len(v.free)-1]
+		f := &v.free[len(v.free)-1]
+		out = append(out, f.C)
+		f.C++
+		if f.N--; f.N == 0 {
+			v.free = v.free[:len(v.free)-1]
+		}
 	}
 	for len(out) < n {
 		out = append(out, v.hwm)

@@ -168,7 +168,11 @@ func (k *block) insert(i int, r Run) bool {
 	n := int(k.n)
 	need := wordsFor(n+1, w)
 	if need > cap(k.words) {
-		k.words = slices.Grow(k.words, need-len(k.words))
+		// Grow to the next allocator size class only: append's doubling
+		// would leave up to half of every block's words unused.
+		nw := slices.Grow([]uint64(nil), need)
+		copy(nw[:len(k.words)], k.words)
+		k.words = nw
 	}
 	k.words = k.words[:need]
 	moveUp(k.words, uint(i)*w, uint(n)*w, w)

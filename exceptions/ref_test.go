@@ -15,8 +15,6 @@ type refIndex struct {
 	n    uint64
 }
 
-// New returns an empty index.
-
 // Len returns the number of mapped chunks.
 func (x *refIndex) Len() uint64 { return x.n }
 
