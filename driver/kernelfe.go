@@ -1,5 +1,3 @@
-//go:build engines
-
 package driver
 
 import (

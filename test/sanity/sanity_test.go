@@ -1,5 +1,3 @@
-//go:build engines
-
 // Package sanity runs csi-sanity (github.com/kubernetes-csi/csi-test/v5) against
 // the real csi-snap binary, as a separate process on a unix socket, with real
 // FUSE, loop devices, mkfs and mounts: once with mount access (ext4) and once
@@ -14,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -49,7 +48,7 @@ func requireCapabilities(t *testing.T) {
 func TestSanity(t *testing.T) {
 	requireCapabilities(t)
 	bin := filepath.Join(t.TempDir(), "csi-snap")
-	build := exec.Command("go", "build", "-tags", "engines", "-o", bin, "github.com/csi-snap/csi-snap/cmd/csi-snap")
+	build := exec.Command("go", "build", "-o", bin, "github.com/csi-snap/csi-snap/cmd/csi-snap")
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
@@ -105,6 +104,8 @@ func TestSanitySuite(t *testing.T) {
 	cmd := exec.Command(bin, "--endpoint", "unix://"+sock, "--data-dir", filepath.Join(dir, "data"),
 		"--node-id", "sanity-node", "-v", "4")
 	cmd.Stdout, cmd.Stderr = logf, logf
+	// If this test process dies (timeout), take the plugin with it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
