@@ -15,7 +15,8 @@ import (
 type committer struct {
 	mu    sync.Mutex
 	f     file
-	end   int64  // log size in bytes: where the next batch goes
+	end   int64  // where the next batch goes, in bytes
+	alloc int64  // bytes of the file written so far (zeros past end)
 	seq   uint64 // sequence number of the last batch written
 	buf   []byte // encoded records of the open batch
 	files []file // files the open batch needs synced
@@ -30,8 +31,14 @@ type batch struct {
 }
 
 func newCommitter(f file, end int64, seq uint64) *committer {
-	return &committer{f: f, end: end, seq: seq, cur: &batch{done: make(chan struct{})}}
+	return &committer{f: f, end: end, alloc: end, seq: seq, cur: &batch{done: make(chan struct{})}}
 }
+
+// logPrealloc is how far ahead of the last batch the log is filled with
+// zeros, in bytes. Appending inside the file's size lets fdatasync skip the
+// inode update an append needs; zeros after the last batch read as a torn
+// record, which ends the log on Open.
+const logPrealloc = 4 << 20
 
 // commit appends the encoded records recs (possibly empty, to just sync
 // files) and returns once they and the files are durable. An error is
@@ -89,14 +96,21 @@ func containsFile(fs []file, f file) bool {
 func (c *committer) leadOne() {
 	b, buf, files := c.cur, c.buf, c.files
 	c.cur, c.buf, c.files = &batch{done: make(chan struct{})}, nil, nil
-	seq, end := c.seq+1, c.end
+	seq, end, alloc := c.seq+1, c.end, c.alloc
 	err := c.err
 	c.mu.Unlock()
 	var n int64
+	if err == nil && end+int64(len(buf))+64 > alloc {
+		grow := max(logPrealloc, int64(len(buf))+64)
+		if err = writeFull(c.f, make([]byte, grow), alloc); err == nil {
+			alloc += grow
+		}
+	}
 	if err == nil {
 		n, err = writeBatch(c.f, seq, end, buf, files)
 	}
 	c.mu.Lock()
+	c.alloc = alloc
 	if err != nil && c.err == nil {
 		c.err = fmt.Errorf("%w: log commit failed: %w", ErrClosed, err)
 	}

@@ -78,7 +78,7 @@ func (s *Store) load() error {
 	}
 	s.replay = true
 	s.dirty = map[*Snapshot]struct{}{}
-	end, seq, tail, err := s.replayLog(b)
+	end, seq, tail, rewrite, err := s.replayLog(b)
 	s.replay = false
 	if err == nil {
 		err = s.flushAllPending()
@@ -88,14 +88,15 @@ func (s *Store) load() error {
 		lf.Close()
 		return err
 	}
-	if end != int64(len(b)) || tail != nil {
-		// Rewrite the last batch without its torn or failed part, so a later
+	if end != int64(len(b)) || rewrite {
+		// Rewrite the last batch without its torn or failed part (possibly
+		// as an empty batch, which keeps the sequence unbroken), so a later
 		// Open does not take the dropped records for durable ones.
 		if err := lf.Truncate(end); err != nil {
 			lf.Close()
 			return err
 		}
-		if tail != nil {
+		if rewrite {
 			n, err := writeBatch(lf, seq, end, tail, nil)
 			if err != nil {
 				lf.Close()
@@ -172,44 +173,49 @@ func (s *Store) create() error {
 
 // replayLog applies the log in b. It returns where the valid log ends, the
 // last batch's sequence number and, if the last batch lost records (a torn
-// append or copied data that failed its CRC), the surviving records of that
-// batch re-encoded (end is then the batch's start).
-func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, err error) {
+// append or copied data that failed its CRC), rewrite with the surviving
+// records of that batch re-encoded in tail (end is then the batch's start).
+func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite bool, err error) {
 	h, err := decodeHeader(b)
 	if err != nil {
-		return 0, 0, nil, err
+		return 0, 0, nil, false, err
 	}
 	s.hdr = h
 	off := headerSize
 	var batchRecs []*record // records of the batch being read, applied at its end
 	inBatch := false
+	seenRecords, seenNext := false, false
 	batchStart := off
 	for off < len(b) {
 		r, n, err := decodeRecord(b[off:])
 		if errors.Is(err, errTorn) {
 			if laterBatch(b[off+1:], seq) {
-				return 0, 0, nil, corruptf("bad record at offset %d followed by valid batches", off)
+				return 0, 0, nil, false, corruptf("bad record at offset %d followed by valid batches", off)
 			}
 			break
 		}
 		if err != nil {
-			return 0, 0, nil, fmt.Errorf("offset %d: %w", off, err)
+			return 0, 0, nil, false, fmt.Errorf("offset %d: %w", off, err)
 		}
 		if r.Type == recBatch {
 			if r.Seq != seq+1 {
-				return 0, 0, nil, corruptf("offset %d: batch %d after %d", off, r.Seq, seq)
+				return 0, 0, nil, false, corruptf("offset %d: batch %d after %d", off, r.Seq, seq)
 			}
 			for _, br := range batchRecs {
 				if err := s.apply(br); err != nil {
-					return 0, 0, nil, fmt.Errorf("batch %d: %w", seq, err)
+					return 0, 0, nil, false, fmt.Errorf("batch %d: %w", seq, err)
 				}
 			}
 			batchRecs = batchRecs[:0]
 			seq, inBatch, batchStart = r.Seq, true, off
 		} else if inBatch {
 			batchRecs = append(batchRecs, r)
-		} else if err := s.apply(r); err != nil {
-			return 0, 0, nil, fmt.Errorf("checkpoint record at %d: %w", off, err)
+		} else {
+			seenRecords = true
+			seenNext = seenNext || r.Type == recNextObj
+			if err := s.apply(r); err != nil {
+				return 0, 0, nil, false, fmt.Errorf("checkpoint record at %d: %w", off, err)
+			}
 		}
 		off += n
 	}
@@ -222,7 +228,7 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, err err
 		if r.Type == recExc && r.COW != 0 {
 			ok, err := s.excDataDurable(r)
 			if err != nil {
-				return 0, 0, nil, err
+				return 0, 0, nil, false, err
 			}
 			if !ok {
 				dropped = true
@@ -230,17 +236,22 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, err err
 			}
 		}
 		if err := s.apply(r); err != nil {
-			return 0, 0, nil, fmt.Errorf("batch %d: %w", seq, err)
+			return 0, 0, nil, false, fmt.Errorf("batch %d: %w", seq, err)
 		}
 		kept = appendRecord(kept, r)
 	}
 	if !inBatch {
-		return int64(off), 0, nil, nil
+		if torn && seenRecords && !seenNext {
+			// Every checkpoint ends with a next-object record, and the
+			// checkpoint is renamed into place whole: this is damage.
+			return 0, 0, nil, false, corruptf("checkpoint cut short at offset %d", off)
+		}
+		return int64(off), 0, nil, false, nil
 	}
 	if dropped || torn {
-		return int64(batchStart), seq, kept, nil
+		return int64(batchStart), seq, kept, true, nil
 	}
-	return int64(off), seq, nil, nil
+	return int64(off), seq, nil, false, nil
 }
 
 // laterBatch reports whether b holds, at any offset, a valid batch record
@@ -689,12 +700,9 @@ func (s *Store) CreateSnapshot(volID, snapID string, o SnapshotOptions) (*Snapsh
 	}
 	v.gate.Lock()
 	defer v.gate.Unlock()
-	if err := v.flushLocked(); err != nil {
-		return nil, err
-	}
 	r := &record{Type: recSnapshot, Obj: s.nextObj, Parent: v.obj, Size: v.Size(), Created: nowNanos(),
 		Limit: o.Limit, ID: snapID, Labels: o.Labels}
-	if err := s.commitApply(r); err != nil {
+	if err := v.flushWith(r); err != nil {
 		return nil, err
 	}
 	return s.byID[snapID].(*Snapshot), nil

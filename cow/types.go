@@ -86,7 +86,8 @@ type Volume struct {
 
 	gate     sync.RWMutex
 	stripes  [nStripes]sync.RWMutex
-	flushMu  sync.Mutex // serialises Flush, so one Flush cannot return before another's present records land
+	flushMu  sync.Mutex  // serialises Flush, so one Flush cannot return before another's present records land
+	dirty    atomic.Bool // data written since the last data sync
 	data     file
 	cowf     file // nil until the first non-zero copy-out
 	dataName string
