@@ -394,8 +394,8 @@ func TestMetadataClone(t *testing.T) {
 	if _, err := s.CreateSnapshot("clone", "c1", SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	write(c, 30*cs, 100) // clone chunk 15 (bytes 30..32 cs)
-	write(c, 70*cs, cs)  // past the source's end
+	write(c, 30*cs, 100)                       // clone chunk 15 (bytes 30..32 cs)
+	write(c, 70*cs, cs)                        // past the source's end
 	if err := c.Discard(0, 2*cs); err != nil { // clone chunk 0: zeros now
 		t.Fatal(err)
 	}
