@@ -6,19 +6,20 @@ import (
 )
 
 // block holds up to Index.maxRuns runs, sorted by origin, in a fixed-width
-// bit-packed form. Record i occupies bits [i*w, (i+1)*w) of words, where
-// w = wo+wc+wl, and is three fields, low bits first:
+// bit-packed form: three arrays of n fields each, one after the other in
+// words, low bits first:
 //
-//	origin offset (wo bits): Origin - obase
-//	COW offset    (wc bits): COW - cbase
-//	length        (wl bits): Len - 1
+//	origin offsets (wo bits each) at bit 0:         Origin - obase
+//	COW offsets    (wc bits each) at bit n*wo:      COW - cbase
+//	lengths        (wl bits each) at bit n*(wo+wc): Len - 1
 //
-// Fixed widths let Lookup binary-search the origin field directly instead of
-// decoding a variable-length stream; per-block bases keep the widths small
-// (a block of random runs needs ~12 origin bits, not 64).
+// Fixed widths let Lookup binary-search the origin array directly instead of
+// decoding a variable-length stream, and keeping origins apart from the
+// other fields makes that search touch few cache lines; per-block bases keep
+// the widths small (a block of random runs needs ~11 origin bits, not 64).
 //
 // words always has at least nbits/64+2 elements so getbits may read the word
-// after a field without a bounds branch; bits past the last record are
+// after a field without a bounds branch; bits past the last field are
 // don't-care.
 type block struct {
 	obase, cbase Chunk // obase <= origin of record 0; cbase <= every COW
@@ -69,34 +70,37 @@ func moveUp(w []uint64, from, to, by uint) {
 // fits reports whether v needs at most n bits.
 func fits(v uint64, n uint8) bool { return bits.Len64(v) <= int(n) }
 
+// cpos and lpos are the bit positions of record i's COW and length fields.
+func (k *block) cpos(i int) uint { return uint(k.n)*uint(k.wo) + uint(i)*uint(k.wc) }
+func (k *block) lpos(i int) uint {
+	return uint(k.n)*(uint(k.wo)+uint(k.wc)) + uint(i)*uint(k.wl)
+}
+
 // origin returns the origin chunk of record i.
 func (k *block) origin(i int) Chunk {
-	return k.obase + Chunk(getbits(k.words, uint(i)*k.width(), uint(k.wo)))
+	return k.obase + Chunk(getbits(k.words, uint(i)*uint(k.wo), uint(k.wo)))
 }
 
 // run decodes record i.
 func (k *block) run(i int) Run {
-	p := uint(i) * k.width()
-	o := getbits(k.words, p, uint(k.wo))
-	p += uint(k.wo)
-	c := getbits(k.words, p, uint(k.wc))
-	p += uint(k.wc)
-	l := getbits(k.words, p, uint(k.wl))
+	o := getbits(k.words, uint(i)*uint(k.wo), uint(k.wo))
+	c := getbits(k.words, k.cpos(i), uint(k.wc))
+	l := getbits(k.words, k.lpos(i), uint(k.wl))
 	return Run{Origin: k.obase + Chunk(o), COW: k.cbase + Chunk(c), Len: l + 1}
 }
 
 // find returns the index of the last record whose origin is <= c, or -1.
 func (k *block) find(c Chunk) int {
-	if c < k.obase {
+	if c < k.obase || k.n == 0 {
 		return -1
 	}
 	off := uint64(c - k.obase)
-	w, wo := k.width(), uint(k.wo)
+	wo := uint(k.wo)
 	// Records below lo have origin <= c; records at hi and above have origin > c.
 	lo, hi := 0, int(k.n)
 	for lo < hi {
 		m := int(uint(lo+hi) >> 1)
-		if getbits(k.words, uint(m)*w, wo) <= off {
+		if getbits(k.words, uint(m)*wo, wo) <= off {
 			lo = m + 1
 		} else {
 			hi = m
@@ -107,12 +111,9 @@ func (k *block) find(c Chunk) int {
 
 // put writes r as record i; the caller guarantees it fits the widths.
 func (k *block) put(i int, r Run) {
-	p := uint(i) * k.width()
-	setbits(k.words, p, uint(k.wo), uint64(r.Origin-k.obase))
-	p += uint(k.wo)
-	setbits(k.words, p, uint(k.wc), uint64(r.COW-k.cbase))
-	p += uint(k.wc)
-	setbits(k.words, p, uint(k.wl), r.Len-1)
+	setbits(k.words, uint(i)*uint(k.wo), uint(k.wo), uint64(r.Origin-k.obase))
+	setbits(k.words, k.cpos(i), uint(k.wc), uint64(r.COW-k.cbase))
+	setbits(k.words, k.lpos(i), uint(k.wl), r.Len-1)
 }
 
 // fitsRun reports whether r can be stored with the current bases and widths.
@@ -175,7 +176,16 @@ func (k *block) insert(i int, r Run) bool {
 		k.words = nw
 	}
 	k.words = k.words[:need]
-	moveUp(k.words, uint(i)*w, uint(n)*w, w)
+	// Open a gap at i in each array, top array first: every region moves
+	// up, and a higher region moves at least as far as the ones below it.
+	wo, wc, wl := uint(k.wo), uint(k.wc), uint(k.wl)
+	un, ui := uint(n), uint(i)
+	l0 := un * (wo + wc)
+	moveUp(k.words, l0+ui*wl, l0+un*wl, w)
+	moveUp(k.words, l0, l0+ui*wl, wo+wc)
+	moveUp(k.words, un*wo+ui*wc, l0, wo+wc)
+	moveUp(k.words, un*wo, un*wo+ui*wc, wo)
+	moveUp(k.words, ui*wo, un*wo, wo)
 	k.n++
 	k.put(i, r)
 	return true

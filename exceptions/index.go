@@ -28,9 +28,10 @@ var ErrMapped = errors.New("exceptions: origin chunk already mapped")
 var ErrOverflow = errors.New("exceptions: run reaches past the last chunk")
 
 // Default shape. 64 runs a block keeps a block's header (48 bytes plus 8 in
-// firsts) under 1 byte a run while a block's decode+re-encode on a split
-// stays cheap; 512 blocks a segment bounds the memmove when a block is
-// inserted. BENCHMARKS.md has the measurements behind both.
+// firsts) under about 1 byte a run while the decode+re-encode of a block on
+// a split stays cheap (BenchmarkShape compares 32, 64 and 128). 512 blocks a
+// segment bounds the memmove when a block is inserted to 24 KiB; it was
+// chosen by that arithmetic, not measured.
 const (
 	defaultBlockRuns   = 64
 	defaultSegmentSize = 512
@@ -54,7 +55,9 @@ const (
 //   - no two neighbours are mergeable, also across block and segment
 //     boundaries: if a.Origin+a.Len == b.Origin then a.COW+a.Len != b.COW
 //     (fully merged, so the run count is minimal for the mapping);
-//   - n is the sum of Len and runs the number of runs.
+//   - n is the sum of Len and runs the number of runs;
+//   - when hotOK, hotRun is the run at position hot and hotLimit the origin
+//     of the run after it (MaxUint64 if none).
 //
 // Concurrency: Lookup, Ascend, Len, Runs, Bytes and Clone only read and may
 // run concurrently with each other; Insert, InsertRun and Remove need
@@ -66,6 +69,15 @@ type Index struct {
 	n        uint64 // mapped chunks
 	runs     int
 	scratch  []Run // decode buffer reused by mutations
+
+	// hot caches the run the last insert extended (its position, ends,
+	// length, and where the next run starts), valid while hotOK: a forward
+	// sequential writer extends the same run again without any search.
+	// Every other mutation clears hotOK.
+	hot      struct{ s, b, i int }
+	hotOK    bool
+	hotRun   Run
+	hotLimit Chunk // origin of the next run, or MaxUint64
 
 	maxRuns, maxBlocks int
 }
@@ -214,6 +226,15 @@ func (x *Index) InsertRun(r Run) error {
 		return ErrOverflow
 	}
 	end, cend := r.Origin+Chunk(r.Len), r.COW+Chunk(r.Len)
+	if x.hotOK && r.Origin == x.hotRun.Origin+Chunk(x.hotRun.Len) &&
+		r.COW == x.hotRun.COW+Chunk(x.hotRun.Len) && end < x.hotLimit {
+		x.n += r.Len
+		x.hotRun.Len += r.Len
+		x.setLen(x.hot.s, x.hot.b, x.hot.i, x.hotRun.Len)
+		x.hotOK = true // setLen may re-encode the block, which keeps positions
+		return nil
+	}
+	x.hotOK = false
 	if len(x.segs) == 0 {
 		x.segs = []*segment{{firsts: []Chunk{r.Origin}, blocks: make([]block, 1)}}
 		x.segFirst = []Chunk{r.Origin}
@@ -255,6 +276,12 @@ func (x *Index) InsertRun(r Run) error {
 		x.deleteRecord(ss, sb, si)
 	case left:
 		x.setLen(ps, pb, pi, pr.Len+r.Len)
+		x.hot.s, x.hot.b, x.hot.i, x.hotOK = ps, pb, pi, true
+		x.hotRun = Run{Origin: pr.Origin, COW: pr.COW, Len: pr.Len + r.Len}
+		x.hotLimit = math.MaxUint64
+		if hasSucc {
+			x.hotLimit = sr.Origin
+		}
 	case right:
 		x.replace(ss, sb, si, Run{Origin: r.Origin, COW: r.COW, Len: r.Len + sr.Len})
 	case hasPred:
@@ -269,11 +296,16 @@ func (x *Index) InsertRun(r Run) error {
 func (x *Index) setLen(s, b, i int, l uint64) {
 	k := x.blk(s, b)
 	if fits(l-1, k.wl) {
-		setbits(k.words, uint(i)*k.width()+uint(k.wo)+uint(k.wc), uint(k.wl), l-1)
+		setbits(k.words, k.lpos(i), uint(k.wl), l-1)
 		return
 	}
-	runs := k.decode(x.scratch[:0])
-	runs[i].Len = l
+	x.reencode(s, b, func(runs []Run) []Run { runs[i].Len = l; return runs })
+}
+
+// reencode decodes block (s, b), applies edit to its runs and writes the
+// result back through rewrite: the slow path of every in-place edit.
+func (x *Index) reencode(s, b int, edit func([]Run) []Run) {
+	runs := edit(x.blk(s, b).decode(x.scratch[:0]))
 	x.scratch = runs
 	x.rewrite(s, b, runs, -1)
 }
@@ -289,10 +321,7 @@ func (x *Index) replace(s, b, i int, r Run) {
 		k.obase, k.cbase = r.Origin, r.COW
 		k.put(0, r)
 	default:
-		runs := k.decode(x.scratch[:0])
-		runs[i] = r
-		x.scratch = runs
-		x.rewrite(s, b, runs, -1)
+		x.reencode(s, b, func(runs []Run) []Run { runs[i] = r; return runs })
 		return
 	}
 	if i == 0 {
@@ -302,14 +331,12 @@ func (x *Index) replace(s, b, i int, r Run) {
 
 // deleteRecord removes record (s, b, i).
 func (x *Index) deleteRecord(s, b, i int) {
-	runs := x.blk(s, b).decode(x.scratch[:0])
-	runs = slices.Delete(runs, i, i+1)
-	x.scratch = runs
-	x.rewrite(s, b, runs, -1)
+	x.reencode(s, b, func(runs []Run) []Run { return slices.Delete(runs, i, i+1) })
 }
 
 // insertAt inserts r as record i of block (s, b), in place when it fits.
 func (x *Index) insertAt(s, b, i int, r Run) {
+	x.hotOK = false
 	k := x.blk(s, b)
 	if int(k.n) < x.maxRuns && k.insert(i, r) {
 		x.runs++
@@ -337,6 +364,7 @@ func (x *Index) setFirst(s, b int, c Chunk) {
 // prepending before the first, starts a new block instead of halving, so
 // forward and backward fills leave full blocks.
 func (x *Index) rewrite(s, b int, runs []Run, at int) {
+	x.hotOK = false
 	sg := x.segs[s]
 	k := &sg.blocks[b]
 	x.runs += len(runs) - int(k.n)
@@ -366,6 +394,7 @@ func (x *Index) rewrite(s, b int, runs []Run, at int) {
 // insertBlock inserts blk, whose first origin is first, at position b >= 1 of
 // segment s, splitting the segment when it is over capacity.
 func (x *Index) insertBlock(s, b int, blk block, first Chunk) {
+	x.hotOK = false
 	sg := x.segs[s]
 	sg.blocks = slices.Insert(sg.blocks, b, blk)
 	sg.firsts = slices.Insert(sg.firsts, b, first)
@@ -392,6 +421,7 @@ func (x *Index) insertBlock(s, b int, blk block, first Chunk) {
 // It gives memory back as segments shrink: a segment's slices are reallocated
 // when mostly empty, and a small segment is merged into a neighbour.
 func (x *Index) deleteBlock(s, b int) {
+	x.hotOK = false
 	sg := x.segs[s]
 	sg.blocks = slices.Delete(sg.blocks, b, b+1)
 	sg.firsts = slices.Delete(sg.firsts, b, b+1)
@@ -445,6 +475,7 @@ func (x *Index) compact(s, b int) {
 // Remove unmaps origin chunks [origin, origin+n) (clamped at the last chunk),
 // splitting runs, and returns how many chunks were mapped there.
 func (x *Index) Remove(origin Chunk, n uint64) uint64 {
+	x.hotOK = false
 	hi := origin + Chunk(n)
 	if n > uint64(math.MaxUint64-origin) {
 		hi = math.MaxUint64
@@ -562,6 +593,19 @@ func (x *Index) check() error {
 				runs++
 				chunks += r.Len
 			}
+		}
+	}
+	if x.hotOK {
+		s, b, i := x.hot.s, x.hot.b, x.hot.i
+		if s >= len(x.segs) || b >= len(x.segs[s].blocks) || i >= int(x.blk(s, b).n) || x.blk(s, b).run(i) != x.hotRun {
+			return fmt.Errorf("hot run %+v at %d/%d/%d is stale", x.hotRun, s, b, i)
+		}
+		limit := Chunk(math.MaxUint64)
+		if ns, nb, ni, ok := x.next(s, b, i); ok {
+			limit = x.blk(ns, nb).origin(ni)
+		}
+		if limit != x.hotLimit {
+			return fmt.Errorf("hot run's next run starts at %d, cached %d", limit, x.hotLimit)
 		}
 	}
 	if runs != x.runs || chunks != x.n {

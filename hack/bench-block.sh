@@ -31,7 +31,7 @@ work=$(mktemp -d /var/tmp/bench-block.XXXXXX)
 devA= devB= spid= dpid=
 cleanup() {
 	[ -n "$spid" ] && kill -TERM "$spid" 2>/dev/null && wait "$spid" 2>/dev/null || true
-	if [ -n "$dpid" ]; then exec {DSRV[1]}>&- || true; wait "$dpid" 2>/dev/null || true; fi
+	if [ -n "$dpid" ]; then eval "exec ${DSRV[1]}>&-" || true; wait "$dpid" 2>/dev/null || true; fi
 	[ -n "$devA" ] && losetup -d "$devA" 2>/dev/null || true
 	[ -n "$devB" ] && losetup -d "$devB" 2>/dev/null || true
 	rm -rf "$work"

@@ -34,7 +34,7 @@ fi
 work=$(mktemp -d /var/tmp/bench-cow-block.XXXXXX)
 spid=
 cleanup() {
-	if [ -n "$spid" ]; then exec {SRV[1]}>&- || true; wait "$spid" 2>/dev/null || true; fi
+	if [ -n "$spid" ]; then eval "exec ${SRV[1]}>&-" || true; wait "$spid" 2>/dev/null || true; fi
 	rm -rf "$work"
 }
 trap cleanup EXIT
@@ -42,15 +42,17 @@ go build -o "$work/benchserve" ./hack/benchserve
 coproc SRV { exec "$work/benchserve" -rundir "$work/run" -store "$work/store" 2>"$work/serve.err"; }
 spid=$SRV_PID
 
-# cmd sends one command to benchserve and prints its answer; ERR is fatal.
+# cmd sends one command to benchserve and leaves its answer in $answer (a
+# device path for DEVICE answers); ERR is fatal. Not usable in $(...): bash
+# does not pass coprocess fds to subshells.
+answer=
 cmd() {
 	local line
 	echo "$*" >&"${SRV[1]}"
 	read -r line <&"${SRV[0]}"
 	case $line in ERR*) echo "benchserve: $* -> $line" >&2; cat "$work/serve.err" >&2; exit 1 ;; esac
-	echo "$line"
+	answer=${line#DEVICE }
 }
-devof() { cmd "$@" | awk '/^DEVICE /{print $2}'; }
 
 fio_common=(--ioengine=libaio --direct=1 --iodepth=16 --numjobs=1 --size=$SIZE_BYTES
 	--randrepeat=1 --randseed=42 --group_reporting --output-format=json --name=bench)
@@ -82,31 +84,34 @@ RANDR=(--rw=randread --bs=4k --time_based --runtime="$RUNTIME")
 for r in $(seq "$ROUNDS"); do
 	for n in 0 1 16; do
 		v="v$r-n$n"
-		dev=$(devof vol "$v" $SIZE_BYTES)
+		cmd vol "$v" $SIZE_BYTES
+		dev=$answer
 		fio "${fio_common[@]}" --filename="$dev" "${SEQW[@]}" >/dev/null # fill
-		for k in $(seq 1 $n); do cmd snap "$v" "$v-s$k" >/dev/null; done
+		for k in $(seq 1 $n); do cmd snap "$v" "$v-s$k" ; done
 		measure "$r" "$n" seqwrite-first "$dev" "${SEQW[@]}"
 		measure "$r" "$n" seqwrite-rewrite "$dev" "${SEQW[@]}"
-		for k in $(seq 1 $n); do cmd delsnap "$v-s$k" >/dev/null; cmd snap "$v" "$v-t$k" >/dev/null; done
+		for k in $(seq 1 $n); do cmd delsnap "$v-s$k" ; cmd snap "$v" "$v-t$k" ; done
 		measure "$r" "$n" randwrite-first "$dev" "${RANDW[@]}"
 		measure "$r" "$n" randwrite-rewrite "$dev" "${RANDW[@]}"
 		measure "$r" "$n" read-seq-origin "$dev" "${SEQR[@]}"
 		measure "$r" "$n" read-rand-origin "$dev" "${RANDR[@]}"
 		snap="$v-t$n"
-		[ "$n" = 0 ] && { snap="$v-r"; cmd snap "$v" "$snap" >/dev/null; }
-		sdev=$(devof attachsnap "$snap")
+		[ "$n" = 0 ] && { snap="$v-r"; cmd snap "$v" "$snap"; }
+		cmd attachsnap "$snap"
+		sdev=$answer
 		measure "$r" "$n" read-seq-snapshot "$sdev" "${SEQR[@]}"
 		measure "$r" "$n" read-rand-snapshot "$sdev" "${RANDR[@]}"
-		cdev=$(devof clone "$snap" "$v-c")
+		cmd clone "$snap" "$v-c"
+		cdev=$answer
 		measure "$r" "$n" read-seq-clone "$cdev" "${SEQR[@]}"
 		measure "$r" "$n" read-rand-clone "$cdev" "${RANDR[@]}"
-		cmd detach "$v-c" >/dev/null
-		cmd delvol "$v-c" >/dev/null
-		cmd detach "$snap" >/dev/null
-		cmd detach "$v" >/dev/null
-		for k in $(seq 1 $n); do cmd delsnap "$v-t$k" >/dev/null; done
-		[ "$n" = 0 ] && cmd delsnap "$snap" >/dev/null
-		cmd delvol "$v" >/dev/null
+		cmd detach "$v-c"
+		cmd delvol "$v-c"
+		cmd detach "$snap"
+		cmd detach "$v"
+		for k in $(seq 1 $n); do cmd delsnap "$v-t$k" ; done
+		[ "$n" = 0 ] && cmd delsnap "$snap"
+		cmd delvol "$v"
 	done
 done
 

@@ -107,7 +107,7 @@ func TestCowVolumeSnapshotClone(t *testing.T) {
 	}
 	os.Remove(filepath.Join(mnt["vol"], "f005"))
 	delete(w.sums, "f005")
-	unix.Sync()
+	syncFS(t, mnt["vol"])
 
 	sdev, err := fe.Attach(ctx, "snap-1", sn, true)
 	if err != nil {
@@ -135,7 +135,7 @@ func TestCowVolumeSnapshotClone(t *testing.T) {
 	}
 	os.Remove(filepath.Join(mnt["clone"], "f000"))
 	delete(cw.sums, "f000")
-	unix.Sync()
+	syncFS(t, mnt["clone"])
 
 	// Everything again from the devices, not the page cache.
 	for _, m := range []string{"vol", "snap", "clone"} {

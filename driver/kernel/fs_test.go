@@ -96,7 +96,7 @@ func testFilesystem(t *testing.T, name, mkfs, fsck string) {
 		os.Remove(name)
 		delete(w.sums, filepath.Base(name))
 	}
-	unix.Sync()
+	syncFS(t, mnt)
 	run(t, "fstrim", mnt)
 	if b.discards.Load() <= discardsAfterMkfs {
 		t.Fatalf("fstrim sent no Discard (%d before, %d after)", discardsAfterMkfs, b.discards.Load())

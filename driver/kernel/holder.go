@@ -7,6 +7,8 @@ import (
 	"net"
 	"os"
 	"sort"
+	"strconv"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -57,6 +59,7 @@ const holderMsgMax = 64 << 10
 // drop, or after holderIdleExit without ever being given an fd. It returns
 // ErrBusy when another holder already answers on socketPath.
 func RunHolder(socketPath string) error {
+	closeInheritedPipes()
 	if c, err := net.Dial("unixpacket", socketPath); err == nil {
 		c.Close()
 		return fmt.Errorf("%w: a holder already listens on %s", ErrBusy, socketPath)
@@ -99,6 +102,28 @@ func RunHolder(socketPath string) error {
 		if exit && len(held) == 0 {
 			klog.InfoS("fuse holder: holds nothing, exiting", "socket", socketPath)
 			return nil
+		}
+	}
+}
+
+// closeInheritedPipes closes pipes the holder inherited without CLOEXEC
+// (from a shell or a test runner above the server): the holder outlives its
+// starter, and a pipe it keeps open makes whoever reads the other end wait
+// for EOF as long as the holder lives. Only pipes: the Go runtime keeps
+// other descriptors of its own (epoll, eventfd, cgroup files) and we create
+// no pipes before this runs.
+func closeInheritedPipes() {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil || fd < 3 {
+			continue
+		}
+		if target, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && strings.HasPrefix(target, "pipe:") {
+			unix.Close(fd)
 		}
 	}
 }

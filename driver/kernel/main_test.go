@@ -195,4 +195,17 @@ func fillRandom(rng *rand.Rand, b []byte) {
 	}
 }
 
-var _ = unix.O_DIRECT
+// syncFS flushes the one filesystem mounted at dir (syncfs(2)); never
+// sync(2), which waits on every filesystem of the machine, including other
+// tests' devices whose server is stopped on purpose.
+func syncFS(t testing.TB, dir string) {
+	t.Helper()
+	f, err := os.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := unix.Syncfs(int(f.Fd())); err != nil {
+		t.Fatalf("syncfs %s: %v", dir, err)
+	}
+}

@@ -273,3 +273,70 @@ func testRestart(t *testing.T, sig syscall.Signal) {
 	fe.Close()
 	assertNothingLeft(t, fe.cfg.RunDir)
 }
+
+// TestLostConnection kills the serving process and the holder: the FUSE
+// connection is gone for good. A new Attach must clean up the dead mount
+// and its loop device and serve the volume again, with its data.
+func TestLostConnection(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	runDir := t.TempDir()
+	backing := filepath.Join(t.TempDir(), "vol.img")
+	const size = 16 << 20
+	const id = "vol-lost"
+	c := startChild(t, runDir, backing, id, size)
+	t.Cleanup(func() { c.cmd.Process.Kill() })
+	dev := c.expect(t, "DEVICE ")
+	f, err := os.OpenFile(dev, os.O_RDWR|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := alignedBuf(1 << 20)
+	fillRandom(rand.New(rand.NewSource(3)), want)
+	if _, err := f.WriteAt(want, 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	holders := holderPIDs(runDir)
+	if len(holders) != 1 {
+		t.Fatalf("holder processes: %v", holders)
+	}
+	c.cmd.Process.Kill()
+	<-c.done
+	syscall.Kill(holders[0], syscall.SIGKILL)
+	for len(holderPIDs(runDir)) > 0 {
+		time.Sleep(10 * time.Millisecond)
+	}
+
+	fb, err := OpenFileBackend(backing, size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fb.Close()
+	fe, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fe.Close()
+	if ids := fe.Attached(); len(ids) != 1 || ids[0] != id {
+		t.Fatalf("Attached with a dead connection = %v, want [%s] (its loop device remains)", ids, id)
+	}
+	dev2, err := fe.Attach(ctx, id, fb, false)
+	if err != nil {
+		t.Fatalf("Attach over a dead connection: %v", err)
+	}
+	f, err = os.OpenFile(dev2, os.O_RDONLY|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := alignedBuf(1 << 20)
+	_, err = f.ReadAt(got, 4<<20)
+	f.Close()
+	if err != nil || string(got) != string(want) {
+		t.Fatalf("data after recovery differs (err %v)", err)
+	}
+	if err := fe.Detach(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	assertNothingLeft(t, fe.cfg.RunDir)
+}

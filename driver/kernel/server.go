@@ -128,9 +128,13 @@ func (s *server) notifyInvalAttr() error {
 func (s *server) readLoop() {
 	defer s.wg.Done()
 	defer func() {
-		if !s.stopping.Load() {
-			// Without readers, requests wait forever: say why we stopped.
-			klog.InfoS("FUSE reader stopped", "connectionGone", s.isDead())
+		switch {
+		case s.stopping.Load():
+		case s.isDead():
+			klog.V(2).InfoS("FUSE reader stopped: connection gone")
+		default:
+			// Without readers requests wait forever: say so loudly.
+			klog.ErrorS(nil, "FUSE reader stopped while the connection lives")
 		}
 	}()
 	// Each reader waits in its own epoll set, with /dev/fuse added
