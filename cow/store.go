@@ -1,13 +1,13 @@
 package cow
 
 import (
+	"cmp"
 	"crypto/rand"
 	"errors"
 	"fmt"
 	"math/bits"
 	"os"
 	"slices"
-	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -322,29 +322,33 @@ func (s *Store) finishOpen() error {
 // back to the file system every COW chunk nothing maps (copies whose record
 // was dropped, frees a crash interrupted).
 func (v *Volume) rebuildFree() error {
-	var used []exceptions.Run
+	n := 0
+	for _, sn := range v.chain {
+		n += sn.idx.Runs()
+	}
+	used := make([]span, 0, n)
 	for _, sn := range v.chain {
 		sn.idx.Ascend(0, func(r exceptions.Run) bool {
 			if r.COW != 0 {
-				used = append(used, r)
+				used = append(used, span{r.COW, r.Len})
 			}
 			return true
 		})
 	}
-	sort.Slice(used, func(i, j int) bool { return used[i].COW < used[j].COW })
+	sortSpans(used)
 	next := exceptions.Chunk(firstCOW)
 	v.free = v.free[:0]
 	for _, r := range used {
-		if r.COW < next {
-			return corruptf("volume %s: COW chunk %d mapped twice or reserved", v.id, r.COW)
+		if r.C < next {
+			return corruptf("volume %s: COW chunk %d mapped twice or reserved", v.id, r.C)
 		}
-		if next < r.COW {
-			v.free = append(v.free, span{next, uint64(r.COW - next)})
-			if err := v.punchCOW(next, uint64(r.COW-next)); err != nil {
+		if next < r.C {
+			v.free = append(v.free, span{next, uint64(r.C - next)})
+			if err := v.punchCOW(next, uint64(r.C-next)); err != nil {
 				return err
 			}
 		}
-		next = r.COW + exceptions.Chunk(r.Len)
+		next = r.C + exceptions.Chunk(r.N)
 	}
 	v.hwm = next
 	f, err := v.cowFile()
@@ -353,6 +357,52 @@ func (v *Volume) rebuildFree() error {
 	}
 	return f.Truncate(int64(next) << v.shift)
 }
+
+// sortSpans sorts by C: a radix sort, since Open sorts every run of every
+// index by COW chunk (10 million for a snapshot after random writes) and a
+// comparison sort of that many takes seconds.
+func sortSpans(a []span) {
+	if len(a) < 256 {
+		slices.SortFunc(a, func(x, y span) int { return cmp.Compare(x.C, y.C) })
+		return
+	}
+	var hi exceptions.Chunk
+	sorted := true
+	for i, x := range a {
+		hi = max(hi, x.C)
+		if i > 0 && x.C < a[i-1].C {
+			sorted = false
+		}
+	}
+	if sorted {
+		return
+	}
+	tmp := make([]span, len(a))
+	var count [1 << 16]int
+	for shift := uint(0); shift < 64 && hi>>shift != 0; shift += 16 {
+		clear(count[:])
+		for _, x := range a {
+			count[(x.C>>shift)&0xffff]++
+		}
+		sum := 0
+		for i, c := range count {
+			count[i] = sum
+			sum += c
+		}
+		for _, x := range a {
+			d := (x.C >> shift) & 0xffff
+			tmp[count[d]] = x
+			count[d]++
+		}
+		a, tmp = tmp, a
+	}
+	// An odd number of passes left the result in the scratch slice.
+	if passes := (bitsLen(uint64(hi)) + 15) / 16; passes%2 == 1 {
+		copy(tmp, a)
+	}
+}
+
+func bitsLen(x uint64) int { return bits.Len64(x) }
 
 // reapOrphans removes deleted objects nothing depends on. Only a crash
 // between the records of one CloneVolume (hidden snapshot, then clone) leaves
