@@ -31,7 +31,7 @@ type metaEnv struct {
 	conn  *grpc.ClientConn
 }
 
-func serve(t *testing.T, st driver.Store) *grpc.ClientConn {
+func serve(t testing.TB, st driver.Store) *grpc.ClientConn {
 	t.Helper()
 	d, err := driver.New(driver.Options{
 		Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: drivertest.NewFrontend(),
@@ -63,7 +63,7 @@ func serve(t *testing.T, st driver.Store) *grpc.ClientConn {
 	return conn
 }
 
-func newMetaEnv(t *testing.T) metaEnv {
+func newMetaEnv(t testing.TB) metaEnv {
 	t.Helper()
 	st, err := driver.OpenCowStore(t.TempDir())
 	if err != nil {
