@@ -2,7 +2,6 @@ package driver
 
 import (
 	"errors"
-	"fmt"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/csi-snap/csi-snap/cow"
@@ -190,7 +189,7 @@ func (c *CowStore) ChangedRanges(baseSnapID, targetSnapID string, fn func(off, l
 // same volume, created after the base").
 func fromCowMetadata(err error) error {
 	if errors.Is(err, cow.ErrUnrelated) {
-		return &engineError{sentinel: ErrBadArgument, err: fmt.Errorf("%w", err)}
+		return &engineError{sentinel: ErrBadArgument, err: err}
 	}
 	return fromCow(err)
 }
