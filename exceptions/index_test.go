@@ -467,3 +467,30 @@ func TestBitHelpers(t *testing.T) {
 		}
 	}
 }
+
+// TestSequentialFillIsTiny checks the memory goal's structural part: a
+// sequential fill, forward or backward, stays one run whose encoding is a
+// few hundred bytes (Bytes counts every slice's capacity). The benchmark
+// measures the same with runtime.ReadMemStats at 2^26 chunks.
+func TestSequentialFillIsTiny(t *testing.T) {
+	const n = 1 << 20
+	for _, backward := range []bool{false, true} {
+		x := New()
+		for i := Chunk(0); i < n; i++ {
+			c := i
+			if backward {
+				c = n - 1 - i
+			}
+			if err := x.Insert(c, c+100); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := x.check(); err != nil {
+			t.Fatal(err)
+		}
+		if x.Runs() != 1 || x.Bytes() > 4096 {
+			t.Fatalf("backward=%v: %d runs, %d bytes; want 1 run in at most 4 KiB", backward, x.Runs(), x.Bytes())
+		}
+		t.Logf("backward=%v: %d bytes", backward, x.Bytes())
+	}
+}

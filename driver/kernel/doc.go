@@ -69,6 +69,11 @@
 //   - If the holder itself dies while the server is also gone, the
 //     connection is lost: Attach then cleans up the dead mount and attaches a
 //     new device, and whoever had the old one mounted sees I/O errors.
+//   - The serving process must never open the served file with os.Open or
+//     os.OpenFile: os registers the fd with the Go netpoller, whose
+//     epoll_ctl sends FUSE_POLL to this very process from inside the
+//     runtime while holding a P; with the other Ps busy no reader runs and
+//     the process deadlocks. This package opens it with unix.Open only.
 //   - PR_SET_IO_FLUSHER is not set (needs CAP_SYS_RESOURCE): under heavy
 //     memory pressure reclaim could wait on our own server.
 //   - The mount lives in the server's mount namespace; RunDir must be the

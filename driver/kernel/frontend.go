@@ -257,11 +257,12 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 }
 
 func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, readOnly bool) (dev string, err error) {
-	mf, err := os.OpenFile(mp, os.O_CREATE|os.O_RDONLY|unix.O_CLOEXEC, 0o600)
+	// unix.Open: see attachLoop on os.OpenFile and FUSE files.
+	mfd, err := unix.Open(mp, unix.O_CREAT|unix.O_RDONLY|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		return "", fmt.Errorf("mount point: %w", err)
 	}
-	mf.Close()
+	unix.Close(mfd)
 	fd, err := mountFuse(mp, readOnly)
 	if err != nil {
 		return "", err

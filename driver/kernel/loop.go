@@ -34,11 +34,16 @@ func attachLoop(ctx context.Context, backing string, readOnly bool) (string, err
 	if readOnly {
 		mode = os.O_RDONLY
 	}
-	bf, err := os.OpenFile(backing, mode|unix.O_CLOEXEC, 0)
+	// unix.Open, never os.OpenFile: os registers new fds with the Go
+	// netpoller, whose epoll_ctl on a FUSE file sends FUSE_POLL to our own
+	// server from inside the runtime while holding a P. With the other P
+	// busy (GC), no reader can run to answer it: the process deadlocks
+	// (seen under load in the benchmarks).
+	bfd, err := unix.Open(backing, mode|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return "", fmt.Errorf("open backing file %s: %w", backing, err)
 	}
-	defer bf.Close()
+	defer unix.Close(bfd)
 	ctl, err := os.OpenFile("/dev/loop-control", os.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return "", fmt.Errorf("%w: /dev/loop-control: %v", ErrUnsupported, err)
@@ -46,7 +51,7 @@ func attachLoop(ctx context.Context, backing string, readOnly bool) (string, err
 	defer ctl.Close()
 
 	var cfg unix.LoopConfig
-	cfg.Fd = uint32(bf.Fd())
+	cfg.Fd = uint32(bfd)
 	cfg.Size = loopBlockSize
 	cfg.Info.Flags = unix.LO_FLAGS_DIRECT_IO
 	if readOnly {

@@ -7,12 +7,10 @@ package sanity
 import (
 	"bufio"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -47,11 +45,7 @@ func requireCapabilities(t *testing.T) {
 // each in a child process, and reports the spec counts.
 func TestSanity(t *testing.T) {
 	requireCapabilities(t)
-	bin := filepath.Join(t.TempDir(), "csi-snap")
-	build := exec.Command("go", "build", "-o", bin, "github.com/csi-snap/csi-snap/cmd/csi-snap")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := buildPlugin(t)
 	for _, access := range []string{"mount", "block"} {
 		t.Run(access, func(t *testing.T) {
 			cmd := exec.Command(os.Args[0], "-test.run", "^TestSanitySuite$", "-test.v")
@@ -95,54 +89,16 @@ func TestSanitySuite(t *testing.T) {
 	requireCapabilities(t)
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "csi.sock")
-	logPath := filepath.Join(dir, "csi-snap.log")
-	logf, err := os.Create(logPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logf.Close()
-	cmd := exec.Command(bin, "--endpoint", "unix://"+sock, "--data-dir", filepath.Join(dir, "data"),
-		"--node-id", "sanity-node", "-v", "4")
-	cmd.Stdout, cmd.Stderr = logf, logf
-	// If this test process dies (timeout), take the plugin with it.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	defer func() {
-		// A graceful stop must end the process on its own.
-		cmd.Process.Signal(os.Interrupt)
-		select {
-		case err := <-exited:
-			if err != nil {
-				t.Errorf("csi-snap exited with %v after SIGINT", err)
-			}
-		case <-time.After(60 * time.Second):
-			cmd.Process.Kill()
-			t.Errorf("csi-snap did not stop within 60 s of SIGINT")
+	// Sanity deletes what it creates: anything left after the plugin stops
+	// is a leak of ours.
+	t.Cleanup(func() {
+		if forceCleanup(t, dir) {
+			t.Errorf("mounts, loop devices or holders were left under %s", dir)
 		}
-		if t.Failed() {
-			b, _ := os.ReadFile(logPath)
-			t.Logf("csi-snap log (tail):\n%s", tail(string(b), 150))
-		}
-	}()
-	for i := 0; ; i++ {
-		if c, err := net.Dial("unix", sock); err == nil {
-			c.Close()
-			break
-		}
-		select {
-		case err := <-exited:
-			b, _ := os.ReadFile(logPath)
-			t.Fatalf("csi-snap exited before serving: %v\n%s", err, b)
-		case <-time.After(50 * time.Millisecond):
-		}
-		if i > 1200 {
-			t.Fatal("csi-snap did not listen within a minute")
-		}
-	}
+	})
+	p := startPlugin(t, bin, sock, filepath.Join(dir, "data"))
+	// A graceful stop must end the process on its own.
+	t.Cleanup(func() { p.stop(t, os.Interrupt) })
 
 	cfg := sanity.NewTestConfig()
 	cfg.Address = "unix://" + sock
