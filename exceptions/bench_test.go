@@ -191,17 +191,17 @@ func benchBuild(b *testing.B, w workload, mk func() indexer) indexer {
 	return x
 }
 
-// BenchmarkShape compares block capacities on the random workload: memory,
-// insert cost, then lookups in the index just built.
+// BenchmarkShape compares block and segment capacities on the random
+// workload: memory, insert cost, then lookups in the index just built.
 func BenchmarkShape(b *testing.B) {
 	w := workloads[2]
-	for _, runs := range []int{32, 64, 128} {
-		b.Run(fmt.Sprintf("runs%d/build", runs), func(b *testing.B) {
-			x := benchBuild(b, w, func() indexer { return newShape(runs, defaultSegmentSize) })
-			keepBuilt(fmt.Sprint("shape", runs), x)
+	for _, sh := range []struct{ runs, blocks int }{{32, 512}, {64, 512}, {128, 512}, {64, 64}} {
+		name := fmt.Sprintf("runs%d-blocks%d", sh.runs, sh.blocks)
+		b.Run(name+"/build", func(b *testing.B) {
+			x := benchBuild(b, w, func() indexer { return newShape(sh.runs, sh.blocks) })
+			keepBuilt(name, x)
 		})
-		b.Run(fmt.Sprintf("runs%d/lookup", runs), func(b *testing.B) {
-			name := fmt.Sprint("shape", runs)
+		b.Run(name+"/lookup", func(b *testing.B) {
 			benchLookup(b, randomBuilt(name))
 			keepBuilt(name, nil)
 		})

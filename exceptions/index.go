@@ -243,9 +243,9 @@ func (x *Index) InsertRun(r Run) error {
 		return nil
 	}
 	var (
-		pr, sr                  Run
-		ps, pb, pi, ss, sb, si  int
-		hasPred, hasSucc, okNxt bool
+		pr, sr                 Run
+		ps, pb, pi, ss, sb, si int
+		hasPred, hasSucc       bool
 	)
 	if ps, pb = x.locate(r.Origin); ps >= 0 {
 		k := x.blk(ps, pb)
@@ -255,8 +255,7 @@ func (x *Index) InsertRun(r Run) error {
 			return ErrMapped
 		}
 		hasPred = true
-		ss, sb, si, okNxt = x.next(ps, pb, pi)
-		hasSucc = okNxt
+		ss, sb, si, hasSucc = x.next(ps, pb, pi)
 	} else {
 		ss, sb, si, hasSucc = 0, 0, 0, true
 	}
