@@ -45,7 +45,13 @@ func (s *Store) apply(r *record) error {
 			x.mu.Lock()
 			x.deleted = true
 			x.mu.Unlock()
-			return s.reapVolume(x)
+			if err := s.reapVolume(x); err != nil {
+				return err
+			}
+			if !s.replay && !x.gone {
+				return x.punchUnreadable()
+			}
+			return nil
 		case *Snapshot:
 			if x.deleted {
 				return corruptf("snapshot %d deleted twice", r.Obj)
@@ -492,6 +498,40 @@ func (s *Store) flushAllPending() error {
 		if err := s.flushPending(sn); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// punchUnreadable gives back the parts of a deleted volume's data file that
+// no reader can reach any more: chunks the newest snapshot of the chain
+// holds (every snapshot's read of them stops at a copy by then), and
+// everything past the newest snapshot's size. Merges keep this true: a
+// chunk leaving the newest snapshot moves to an older one or is freed only
+// when that one holds it. Idempotent; Open redoes it for deleted volumes.
+func (v *Volume) punchUnreadable() error {
+	v.mu.RLock()
+	var newest *Snapshot
+	if n := len(v.chain); n > 0 {
+		newest = v.chain[n-1]
+	}
+	size := v.size
+	var spans []span
+	from := int64(0)
+	if newest != nil {
+		newest.idx.Ascend(0, func(r exceptions.Run) bool {
+			spans = append(spans, span{r.Origin, r.Len})
+			return true
+		})
+		from = chunks(newest.size, v.shift) << v.shift
+	}
+	v.mu.RUnlock()
+	for _, sp := range spans {
+		if err := v.data.Punch(int64(sp.C)<<v.shift, int64(sp.N)<<v.shift); err != nil {
+			return err
+		}
+	}
+	if from < size {
+		return v.data.Punch(from, size-from)
 	}
 	return nil
 }

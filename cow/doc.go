@@ -55,8 +55,8 @@
 //   - Lifetimes: a deleted volume that still backs snapshots, or a deleted
 //     snapshot that still backs clones, is hidden but keeps its ID reserved
 //     (ErrExists) until the last dependent is deleted; then its space is
-//     freed. The data file of a deleted volume is kept whole while its
-//     snapshots live (the chunks they copied are not punched from it).
+//     freed. While a deleted volume's snapshots live, its data file keeps
+//     only the chunks no snapshot has copied (the rest is punched).
 //   - Limit: a snapshot that would go over SnapshotOptions.Limit is
 //     invalidated (its records merge into the next older snapshot, its
 //     readers get ErrInvalidated); the write goes on. A snapshot with clones

@@ -351,16 +351,32 @@ func TestSpaceFreed(t *testing.T) {
 		t.Fatalf("after deleting the snapshot %d bytes used, want about %d", after, base)
 	}
 	s.CreateSnapshot("v", "s", SnapshotOptions{})
+	v.WriteAt(data[:64*cs], 0) // s holds 64 chunks
+	v.Flush()
+	beforeDelete := used()
 	c, _ := s.CloneSnapshot("s", "c", 256*cs, VolumeOptions{})
 	c.WriteAt(data[:64*cs], 0)
+	c.Flush()
+	cloneBytes := int64(64 * cs)
 	if err := s.DeleteVolume("v"); err != nil {
 		t.Fatal(err)
+	}
+	// v's data file no longer needs the 64 chunks s copied out.
+	if got, want := used(), beforeDelete+cloneBytes-64*cs; got > want+cs {
+		t.Fatalf("after deleting v (backing s): %d bytes used, want about %d", got, want)
 	}
 	if err := s.DeleteSnapshot("s"); err != nil {
 		t.Fatal(err)
 	}
 	if got := used(); got < base { // v's data still backs c through s
 		t.Fatalf("source freed while a clone reads it: %d < %d", got, base)
+	}
+	// And every image still reads right: c through the deleted s and v.
+	if got := mustRead(t, c, 100*cs, cs); !bytes.Equal(got, data[100*cs:101*cs]) {
+		t.Fatalf("clone chunk 100 differs after its source volume was punched")
+	}
+	if got := mustRead(t, c, 64*cs, cs); !bytes.Equal(got, data[64*cs:65*cs]) {
+		t.Fatalf("clone chunk 64 differs")
 	}
 	if err := s.DeleteVolume("c"); err != nil {
 		t.Fatal(err)

@@ -303,6 +303,11 @@ func (s *Store) finishOpen() error {
 		if err := v.rebuildFree(); err != nil {
 			return err
 		}
+		if v.deleted {
+			if err := v.punchUnreadable(); err != nil {
+				return err
+			}
+		}
 	}
 	names, err := s.fs.List()
 	if err != nil {

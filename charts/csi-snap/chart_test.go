@@ -689,8 +689,8 @@ func TestScenarioFiles(t *testing.T) {
 	if find(on, "Deployment", release+"-csi-snap-snapshot-controller") == nil {
 		t.Error("all-on: no snapshot-controller")
 	}
-	if got := len(containerNames(daemonSet(t, on))); got != 6 {
-		t.Errorf("all-on: %d containers, want 6", got)
+	if got := len(containerNames(daemonSet(t, on))); got != 7 { // with csi-snapshot-metadata
+		t.Errorf("all-on: %d containers, want 7", got)
 	}
 	if str(find(on, "StorageClass", "csi-snap"), "volumeBindingMode") != "Immediate" {
 		t.Error("all-on: StorageClass not Immediate")

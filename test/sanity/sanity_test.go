@@ -1,7 +1,7 @@
 // Package sanity runs csi-sanity (github.com/kubernetes-csi/csi-test/v5) against
 // the real csi-snap binary, as a separate process on a unix socket, with real
-// FUSE, loop devices, mkfs and mounts: once with mount access (ext4) and once
-// with block access. Needs root; skips loudly without it.
+// FUSE, loop devices, mkfs and mounts: with mount access on ext4, with mount
+// access on xfs, and with block access. Needs root; skips loudly without it.
 package sanity
 
 import (
@@ -46,8 +46,13 @@ func requireCapabilities(t *testing.T) {
 func TestSanity(t *testing.T) {
 	requireCapabilities(t)
 	bin := buildPlugin(t)
-	for _, access := range []string{"mount", "block"} {
+	for _, access := range []string{"mount", "xfs", "block"} {
 		t.Run(access, func(t *testing.T) {
+			if access == "xfs" {
+				if _, err := exec.LookPath("mkfs.xfs"); err != nil {
+					t.Skip("SKIPPED LOUDLY: mkfs.xfs is not installed (apt-get install xfsprogs): xfs volumes untested")
+				}
+			}
 			cmd := exec.Command(os.Args[0], "-test.run", "^TestSanitySuite$", "-test.v")
 			cmd.Env = append(os.Environ(), accessEnv+"="+access, "CSI_SNAP_BIN="+bin)
 			out, err := cmd.CombinedOutput()
@@ -107,9 +112,15 @@ func TestSanitySuite(t *testing.T) {
 	cfg.TestVolumeSize = 1 << 30
 	cfg.TestVolumeExpandSize = 2 << 30
 	cfg.IdempotentCount = 2
-	cfg.TestVolumeAccessType = access
-	if access == "mount" {
+	switch access {
+	case "mount":
+		cfg.TestVolumeAccessType = "mount"
 		cfg.TestVolumeParameters = map[string]string{"csi.storage.k8s.io/fstype": "ext4"}
+	case "xfs":
+		cfg.TestVolumeAccessType = "mount"
+		cfg.TestVolumeParameters = map[string]string{"csi.storage.k8s.io/fstype": "xfs"}
+	default:
+		cfg.TestVolumeAccessType = access
 	}
 
 	var passed, skipped, failed int

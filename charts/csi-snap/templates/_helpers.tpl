@@ -52,3 +52,8 @@ reported by name instead of as an unmapped kind. Offline rendering passes
 {{- fail "the snapshot.storage.k8s.io/v1 API (VolumeSnapshot CRDs) is not installed: install the CRDs of github.com/kubernetes-csi/external-snapshotter (client/config/crd) first, or set volumeSnapshotClass.create=false and snapshotController.enabled=false; offline (helm template) add --api-versions snapshot.storage.k8s.io/v1" -}}
 {{- end -}}
 {{- end -}}
+
+{{/* Name of the TLS Secret of the csi-snapshot-metadata sidecar. */}}
+{{- define "csi-snap.snapshotMetadataTLSSecret" -}}
+{{- default (printf "%s-snapshot-metadata-tls" (include "csi-snap.fullname" .)) .Values.sidecars.snapshotMetadata.tlsSecretName -}}
+{{- end -}}
