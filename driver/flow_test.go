@@ -299,3 +299,40 @@ func TestRecover(t *testing.T) {
 		t.Fatal("a held volume the store does not know stayed attached")
 	}
 }
+
+// TestConcurrentCreateSameName: identical CreateVolume calls racing each
+// other make one volume; the losers either get that volume or Aborted.
+func TestConcurrentCreateSameName(t *testing.T) {
+	e := newEnv(t)
+	const n = 16
+	ids := make(chan string, n)
+	errs := make(chan error, n)
+	start := make(chan struct{})
+	for i := 0; i < n; i++ {
+		go func() {
+			<-start
+			r, err := e.d.CreateVolume(context.Background(), &csi.CreateVolumeRequest{Name: "race",
+				CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20}, VolumeCapabilities: []*csi.VolumeCapability{mountCap()}})
+			if err != nil {
+				errs <- err
+				return
+			}
+			ids <- r.Volume.VolumeId
+		}()
+	}
+	close(start)
+	seen := map[string]bool{}
+	for i := 0; i < n; i++ {
+		select {
+		case id := <-ids:
+			seen[id] = true
+		case err := <-errs:
+			if status.Code(err) != codes.Aborted {
+				t.Fatalf("racing create: %v, want success or Aborted", err)
+			}
+		}
+	}
+	if len(seen) != 1 || len(e.store.Volumes()) != 1 {
+		t.Fatalf("racing creates made %d distinct answers and %d store volumes, want 1 and 1", len(seen), len(e.store.Volumes()))
+	}
+}

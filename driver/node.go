@@ -45,9 +45,11 @@ func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.Nod
 	}, nil
 }
 
-// MaxLoopDevices returns the loop driver's max_loop parameter, the number of
-// loop devices the kernel will create (0 when it creates them on demand with
-// no configured bound). Each staged volume holds one loop device.
+// MaxLoopDevices returns the loop driver's max_loop parameter: the number of
+// loop devices the kernel made up front (CONFIG_BLK_DEV_LOOP_MIN_COUNT, 8 on
+// Debian, unless set at module load). Each staged volume holds one loop
+// device; LOOP_CTL_GET_FREE can add devices past this count, so as an attach
+// limit it is conservative, never too high.
 func MaxLoopDevices() (int64, error) {
 	b, err := os.ReadFile("/sys/module/loop/parameters/max_loop")
 	if err != nil {
