@@ -432,6 +432,14 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 			return nil, err
 		}
 	}
+	var want int64 // 0: no capacity range, grow the device to the volume's size
+	if r := req.GetCapacityRange(); r != nil && r.GetRequiredBytes() != 0 {
+		size, err := volumeSize(r, 0)
+		if err != nil {
+			return nil, err
+		}
+		want = size
+	}
 	if !isVolumeID(id) {
 		return nil, statusf(codes.NotFound, "volume %q does not exist", id)
 	}
@@ -443,12 +451,17 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	if err != nil {
 		return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
 	}
-	if r := req.GetCapacityRange(); r != nil && r.GetRequiredBytes() > v.Size {
-		return nil, statusf(codes.OutOfRange, "required %d bytes but the volume has %d; expand it on the controller first", r.GetRequiredBytes(), v.Size)
-	}
 	dev, ok := d.opt.Frontend.Device(id)
 	if !ok {
 		return nil, statusf(codes.FailedPrecondition, "volume %s is not staged on this node", id)
+	}
+	if want > v.Size {
+		// The controller call ran on another node (see
+		// ControllerExpandVolume): grow the volume here, where it lives.
+		if err := d.opt.Store.ResizeVolume(id, want); err != nil {
+			return nil, toStatus(fmt.Errorf("resize volume %s: %w", id, err))
+		}
+		v.Size = want
 	}
 	if err := d.opt.Frontend.Resize(ctx, id, v.Size); err != nil {
 		return nil, toStatus(fmt.Errorf("resize device of %s: %w", id, err))
