@@ -108,6 +108,14 @@ func (s *Store) load() error {
 			return err
 		}
 	}
+	// The tail batch's chunks were checked by reading them back, which may
+	// have read the page cache of a process that died before its fsyncs
+	// returned. Make everything durable now, before a later batch makes
+	// those records durable for good and lets origin writes skip the copy.
+	if err := s.syncAllFiles(lf); err != nil {
+		lf.Close()
+		return err
+	}
 	s.log = newCommitter(lf, end, seq)
 	reaped, err := s.reapOrphans()
 	if err != nil {
@@ -861,15 +869,40 @@ func (s *Store) allVolumes() []*Volume {
 	return vs
 }
 
+// syncAllFiles makes the log, every volume's data and COW file, and the
+// store directory durable. Open calls it once after replay.
+func (s *Store) syncAllFiles(log file) error {
+	for _, v := range s.allVolumes() {
+		if err := v.data.Sync(); err != nil {
+			return err
+		}
+		if v.cowf != nil {
+			if err := v.cowf.Sync(); err != nil {
+				return err
+			}
+		}
+	}
+	if err := log.Sync(); err != nil {
+		return err
+	}
+	return s.fs.SyncDir()
+}
+
 // checkpointLocked writes the state as a new log: temp file, fsync, rename,
 // fsync the directory. Called with s.mu.
 func (s *Store) checkpointLocked() error {
 	vs := s.allVolumes()
 	defer lockGates(vs)()
 	for _, v := range vs {
-		// Present records in the checkpoint must not run ahead of their data.
+		// Present records in the checkpoint must not run ahead of their
+		// data, nor exception records ahead of their copied chunks.
 		if err := v.data.Sync(); err != nil {
 			return err
+		}
+		if v.cowf != nil {
+			if err := v.cowf.Sync(); err != nil {
+				return err
+			}
 		}
 		v.mu.Lock()
 		v.pendingPresent = nil

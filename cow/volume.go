@@ -569,6 +569,17 @@ func (v *Volume) flushLocked() error { return v.flushWith(nil) }
 // dies before that returns, r may survive with writes that were never
 // flushed missing from both the volume and the snapshot: the snapshot is
 // then of the volume as it recovered, and the call never returned.
+// restorePending puts present records taken by a failed Flush back, so a
+// later Flush still writes them (they were never committed).
+func (v *Volume) restorePending(pend []uint64) {
+	if len(pend) == 0 {
+		return
+	}
+	v.mu.Lock()
+	v.pendingPresent = append(pend, v.pendingPresent...)
+	v.mu.Unlock()
+}
+
 func (v *Volume) flushWith(r *record) error {
 	if v.s.isClosed.Load() {
 		return ErrClosed
@@ -592,9 +603,14 @@ func (v *Volume) flushWith(r *record) error {
 		i = j
 	}
 	dirty := v.dirty.Swap(false)
-	if dirty && (len(recs) > 0 || r == nil) {
+	// A present record must never become durable before its chunk's data.
+	// Sync whenever present records go out, even if dirty reads false: a
+	// writer publishes its pendingPresent entry before it sets dirty, so a
+	// Flush running between the two sees the entry but not the flag.
+	if len(recs) > 0 || (dirty && r == nil) {
 		if err := v.data.Sync(); err != nil {
 			v.dirty.Store(true)
+			v.restorePending(pend)
 			return err
 		}
 		dirty = false
@@ -613,6 +629,7 @@ func (v *Volume) flushWith(r *record) error {
 	}
 	if err != nil {
 		v.dirty.Store(true)
+		v.restorePending(pend)
 	}
 	if err != nil || r == nil {
 		return err

@@ -9,6 +9,7 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 	"k8s.io/klog/v2"
 )
@@ -238,7 +239,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	if err != nil {
 		return nil, err
 	}
-	id, err := newID(volumePrefix)
+	id, err := newID(volumePrefix, d.tag)
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -420,6 +421,14 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 	}
 	defer d.locks.unlock(id)
 	v, err := d.lookupVolume(id)
+	if status.Code(err) == codes.NotFound && idNodeTag(id) != d.tag {
+		// csi-resizer has no per-node mode: one elected resizer calls this
+		// on its own node for the volumes of every node. A volume made by
+		// another node grows there, in NodeExpandVolume, which kubelet calls
+		// on the volume's node when node expansion is required.
+		klog.V(2).InfoS("Volume lives on another node; deferring its growth to NodeExpandVolume there", "volumeID", id, "size", size)
+		return &csi.ControllerExpandVolumeResponse{CapacityBytes: size, NodeExpansionRequired: true}, nil
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -471,7 +480,7 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 	if _, err := d.lookupVolume(src); err != nil {
 		return nil, err
 	}
-	id, err := newID(snapshotPrefix)
+	id, err := newID(snapshotPrefix, d.tag)
 	if err != nil {
 		return nil, toStatus(err)
 	}

@@ -55,6 +55,7 @@ type Driver struct {
 
 	opt   Options
 	locks *keyLocks
+	tag   string // node tag of the IDs this node makes (see ids.go)
 }
 
 var driverNameRE = regexp.MustCompile(`^[a-zA-Z0-9]([a-zA-Z0-9.-]{0,61}[a-zA-Z0-9])?$`)
@@ -73,7 +74,7 @@ func New(opt Options) (*Driver, error) {
 	if opt.Version == "" {
 		opt.Version = "dev"
 	}
-	return &Driver{opt: opt, locks: newKeyLocks()}, nil
+	return &Driver{opt: opt, locks: newKeyLocks(), tag: nodeTag(opt.NodeID)}, nil
 }
 
 // Register adds the CSI services to s: Identity, Controller, Node and

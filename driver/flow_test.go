@@ -3,6 +3,7 @@ package driver_test
 import (
 	"context"
 	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -297,5 +298,89 @@ func TestRecover(t *testing.T) {
 	}
 	if _, ok := e.fe.Device(gone.VolumeId); ok {
 		t.Fatal("a held volume the store does not know stayed attached")
+	}
+}
+
+// TestConcurrentCreateSameName: identical CreateVolume calls racing each
+// other make one volume; the losers either get that volume or Aborted.
+func TestConcurrentCreateSameName(t *testing.T) {
+	e := newEnv(t)
+	const n = 16
+	ids := make(chan string, n)
+	errs := make(chan error, n)
+	start := make(chan struct{})
+	for i := 0; i < n; i++ {
+		go func() {
+			<-start
+			r, err := e.d.CreateVolume(context.Background(), &csi.CreateVolumeRequest{Name: "race",
+				CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20}, VolumeCapabilities: []*csi.VolumeCapability{mountCap()}})
+			if err != nil {
+				errs <- err
+				return
+			}
+			ids <- r.Volume.VolumeId
+		}()
+	}
+	close(start)
+	seen := map[string]bool{}
+	for i := 0; i < n; i++ {
+		select {
+		case id := <-ids:
+			seen[id] = true
+		case err := <-errs:
+			if status.Code(err) != codes.Aborted {
+				t.Fatalf("racing create: %v, want success or Aborted", err)
+			}
+		}
+	}
+	if len(seen) != 1 || len(e.store.Volumes()) != 1 {
+		t.Fatalf("racing creates made %d distinct answers and %d store volumes, want 1 and 1", len(seen), len(e.store.Volumes()))
+	}
+}
+
+// TestExpandAcrossNodes: csi-resizer runs one elected instance for the whole
+// cluster, so ControllerExpandVolume may reach a node that does not hold the
+// volume. That node defers (OK, node expansion required); the volume's own
+// node grows it in NodeExpandVolume. An unknown ID made on this node is still
+// NotFound.
+func TestExpandAcrossNodes(t *testing.T) {
+	ctx := context.Background()
+	a := newEnv(t) // node-a holds the volume
+	b, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: "node-b", DataDir: t.TempDir(),
+		Store: drivertest.NewStore(), Frontend: drivertest.NewFrontend(),
+		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := a.createVolume(t, "grow-me", 1<<20)
+	r, err := b.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: v.VolumeId,
+		VolumeCapability: blockCap(), CapacityRange: &csi.CapacityRange{RequiredBytes: 4 << 20}})
+	if err != nil || r.CapacityBytes != 4<<20 || !r.NodeExpansionRequired {
+		t.Fatalf("expand on the other node: %+v, %v; want OK, 4 MiB, node expansion required", r, err)
+	}
+	if info, _ := a.store.Volume(v.VolumeId); info.Size != 1<<20 {
+		t.Fatalf("the other node changed the volume: size %d", info.Size)
+	}
+	// The same request on the volume's own node for an ID it never made.
+	other := v.VolumeId[:len(v.VolumeId)-1] + string("0123456789abcdef"[(strings.IndexByte("0123456789abcdef", v.VolumeId[len(v.VolumeId)-1])+1)%16])
+	if _, err := a.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: other,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 4 << 20}}); status.Code(err) != codes.NotFound {
+		t.Fatalf("expand of an unknown volume of this node: %v, want NotFound", err)
+	}
+	// kubelet on node-a: NodeExpandVolume grows store and device.
+	bk, _ := a.store.VolumeBackend(v.VolumeId)
+	if _, err := a.fe.Attach(ctx, v.VolumeId, bk, false); err != nil {
+		t.Fatal(err)
+	}
+	nr, err := a.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: v.VolumeId, VolumePath: t.TempDir(),
+		VolumeCapability: blockCap(), CapacityRange: &csi.CapacityRange{RequiredBytes: 4 << 20}})
+	if err != nil || nr.CapacityBytes != 4<<20 {
+		t.Fatalf("node expand: %+v, %v", nr, err)
+	}
+	if info, _ := a.store.Volume(v.VolumeId); info.Size != 4<<20 {
+		t.Fatalf("store size %d after node expand, want %d", info.Size, 4<<20)
+	}
+	if n, _ := a.fe.Size(v.VolumeId); n != 4<<20 {
+		t.Fatalf("device size %d after node expand, want %d", n, 4<<20)
 	}
 }

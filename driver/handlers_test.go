@@ -2,6 +2,8 @@ package driver_test
 
 import (
 	"context"
+	"crypto/sha256"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -33,6 +35,13 @@ func newEnv(t *testing.T) env {
 		t.Fatal(err)
 	}
 	return env{d, st, fe}
+}
+
+// localVolID returns a well-formed volume ID carrying this test node's tag
+// (the first 4 bytes of SHA-256 of the node ID) that names no volume.
+func localVolID() string {
+	sum := sha256.Sum256([]byte(node))
+	return fmt.Sprintf("v-%x0123456789abcdef01234567", sum[:4])
 }
 
 func mountCap() *csi.VolumeCapability {
@@ -258,8 +267,8 @@ func TestBadInput(t *testing.T) {
 			_, err := e.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: vol.VolumeId})
 			return err
 		}, codes.InvalidArgument},
-		{"ControllerExpandVolume of an unknown volume", func() error {
-			_, err := e.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: wellFormedVolID, CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30}})
+		{"ControllerExpandVolume of an unknown volume made on this node", func() error {
+			_, err := e.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: localVolID(), CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30}})
 			return err
 		}, codes.NotFound},
 		{"ControllerExpandVolume of a foreign id", func() error {
@@ -434,10 +443,14 @@ func TestBadInput(t *testing.T) {
 			_, err := e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol.VolumeId, VolumePath: "/tmp"})
 			return err
 		}, codes.FailedPrecondition},
-		{"NodeExpandVolume beyond the volume's size", func() error {
-			_, err := e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol.VolumeId, VolumePath: "/tmp", CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 40}})
+		{"NodeExpandVolume with a negative required size", func() error {
+			_, err := e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol.VolumeId, VolumePath: "/tmp", CapacityRange: &csi.CapacityRange{RequiredBytes: -1}})
 			return err
-		}, codes.OutOfRange},
+		}, codes.InvalidArgument},
+		{"NodeExpandVolume with required above limit", func() error {
+			_, err := e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol.VolumeId, VolumePath: "/tmp", CapacityRange: &csi.CapacityRange{RequiredBytes: 2 << 20, LimitBytes: 1 << 20}})
+			return err
+		}, codes.InvalidArgument},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

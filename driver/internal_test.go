@@ -49,7 +49,7 @@ func TestPageBounds(t *testing.T) {
 func TestIDs(t *testing.T) {
 	seen := map[string]bool{}
 	for i := 0; i < 100; i++ {
-		v, err := newID(volumePrefix)
+		v, err := newID(volumePrefix, nodeTag("node-a"))
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -45,9 +45,11 @@ func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.Nod
 	}, nil
 }
 
-// MaxLoopDevices returns the loop driver's max_loop parameter, the number of
-// loop devices the kernel will create (0 when it creates them on demand with
-// no configured bound). Each staged volume holds one loop device.
+// MaxLoopDevices returns the loop driver's max_loop parameter: the number of
+// loop devices the kernel made up front (CONFIG_BLK_DEV_LOOP_MIN_COUNT, 8 on
+// Debian, unless set at module load). Each staged volume holds one loop
+// device; LOOP_CTL_GET_FREE can add devices past this count, so as an attach
+// limit it is conservative, never too high.
 func MaxLoopDevices() (int64, error) {
 	b, err := os.ReadFile("/sys/module/loop/parameters/max_loop")
 	if err != nil {
@@ -430,6 +432,14 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 			return nil, err
 		}
 	}
+	var want int64 // 0: no capacity range, grow the device to the volume's size
+	if r := req.GetCapacityRange(); r != nil && r.GetRequiredBytes() != 0 {
+		size, err := volumeSize(r, 0)
+		if err != nil {
+			return nil, err
+		}
+		want = size
+	}
 	if !isVolumeID(id) {
 		return nil, statusf(codes.NotFound, "volume %q does not exist", id)
 	}
@@ -441,12 +451,17 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	if err != nil {
 		return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
 	}
-	if r := req.GetCapacityRange(); r != nil && r.GetRequiredBytes() > v.Size {
-		return nil, statusf(codes.OutOfRange, "required %d bytes but the volume has %d; expand it on the controller first", r.GetRequiredBytes(), v.Size)
-	}
 	dev, ok := d.opt.Frontend.Device(id)
 	if !ok {
 		return nil, statusf(codes.FailedPrecondition, "volume %s is not staged on this node", id)
+	}
+	if want > v.Size {
+		// The controller call ran on another node (see
+		// ControllerExpandVolume): grow the volume here, where it lives.
+		if err := d.opt.Store.ResizeVolume(id, want); err != nil {
+			return nil, toStatus(fmt.Errorf("resize volume %s: %w", id, err))
+		}
+		v.Size = want
 	}
 	if err := d.opt.Frontend.Resize(ctx, id, v.Size); err != nil {
 		return nil, toStatus(fmt.Errorf("resize device of %s: %w", id, err))

@@ -49,7 +49,7 @@ func parseFlags(args []string, klogFlags func(*flag.FlagSet), stderr io.Writer) 
 	fs.StringVar(&c.RunDir, "run-dir", "", "directory of FUSE mountpoints and the fd-holder socket (default <data-dir>/run)")
 	fs.StringVar(&c.DriverName, "driver-name", defaultDriverName, "CSI driver name")
 	fs.StringVar(&c.MetricsAddress, "metrics-address", "", "host:port to serve Prometheus /metrics on (off when empty)")
-	fs.Int64Var(&c.MaxVolumes, "max-volumes", -1, "volumes this node can stage at once, reported by NodeGetInfo; -1 = the loop driver's max_loop (0 = no known limit)")
+	fs.Int64Var(&c.MaxVolumes, "max-volumes", -1, "volumes this node can stage at once (one loop device each), reported by NodeGetInfo; -1 = the loop driver's max_loop parameter, a conservative bound (devices made up front; the kernel can add more on demand); 0 = no limit reported")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a stop waits for in-flight calls before cutting them")
 	if klogFlags != nil {
 		klogFlags(fs)
