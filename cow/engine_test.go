@@ -462,3 +462,47 @@ func TestConcurrentIO(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestStats: copy-outs are counted once per chunk (not per snapshot), zero
+// chunks cost no copied bytes, and the index memory follows the snapshots.
+func TestStats(t *testing.T) {
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	const cs = 4096
+	v, err := s.CreateVolume("vol", 64*cs, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte{7}, 4*cs)
+	if _, err := v.WriteAt(data, 0); err != nil { // chunks 0-3 hold data, 4.. are holes
+		t.Fatal(err)
+	}
+	if st := s.Stats(); st.CopyOuts != 0 || st.IndexRuns != 0 {
+		t.Fatalf("before any snapshot: %+v", st)
+	}
+	for _, id := range []string{"s1", "s2", "s3"} {
+		if _, err := s.CreateSnapshot("vol", id, SnapshotOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Chunks 2..5: two with data, two holes; three snapshots share the copies.
+	if _, err := v.WriteAt(make([]byte, 4*cs), 2*cs); err != nil {
+		t.Fatal(err)
+	}
+	st := s.Stats()
+	if st.CopyOuts != 4 || st.CopiedBytes != 2*cs {
+		t.Fatalf("after first writes: %+v, want 4 copy-outs and %d copied bytes", st, 2*cs)
+	}
+	if st.IndexRuns < 1 || st.IndexBytes <= 0 {
+		t.Fatalf("index stats %+v", st)
+	}
+	if _, err := v.WriteAt(data[:cs], 2*cs); err != nil { // a rewrite copies nothing
+		t.Fatal(err)
+	}
+	if st2 := s.Stats(); st2.CopyOuts != 4 {
+		t.Fatalf("rewrite counted a copy-out: %+v", st2)
+	}
+}

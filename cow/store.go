@@ -33,6 +33,9 @@ type Store struct {
 	dirty    map[*Snapshot]struct{} // replay: snapshots with pending inserts
 	cowMu    sync.Mutex             // guards opening COW files lazily
 	isClosed atomic.Bool            // for the I/O paths, which do not take mu
+
+	copyOuts    atomic.Uint64 // chunks recorded by copy-before-write since Open
+	copiedBytes atomic.Uint64 // bytes of those chunks written to COW files (zero chunks cost none)
 }
 
 // Open opens the store in dir, creating dir and an empty store if needed,

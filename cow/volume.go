@@ -508,6 +508,8 @@ func (v *Volume) copyOut(c0, c1 int64) error {
 		}
 	}
 	sn.held += nonzero
+	v.s.copyOuts.Add(uint64(len(todo)))
+	v.s.copiedBytes.Add(uint64(nonzero) << v.shift)
 	return nil
 }
 

@@ -101,6 +101,12 @@ func (c *CowStore) ResizeVolume(id string, size int64) error {
 // DeleteVolume implements Store.
 func (c *CowStore) DeleteVolume(id string) error { return fromCow(c.s.DeleteVolume(id)) }
 
+// EngineStats implements StatsStore from cow's counters.
+func (c *CowStore) EngineStats() EngineStats {
+	st := c.s.Stats()
+	return EngineStats{CopyOuts: st.CopyOuts, CopiedBytes: st.CopiedBytes, IndexBytes: st.IndexBytes, IndexRuns: st.IndexRuns}
+}
+
 // CreateSnapshot implements Store.
 func (c *CowStore) CreateSnapshot(volID, snapID string, labels map[string]string) (SnapshotInfo, error) {
 	s, err := c.s.CreateSnapshot(volID, snapID, cow.SnapshotOptions{Labels: labels})

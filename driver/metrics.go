@@ -15,6 +15,19 @@ type Metrics struct {
 	store   Store
 
 	volumes, snapshots, snapCow, snapLimit, snapInvalid, volAlloc, volSize *prometheus.Desc
+	copyOuts, copiedBytes, indexBytes, indexRuns                           *prometheus.Desc
+}
+
+// EngineStats are the engine-wide counters a Store may offer (cow.Stats).
+type EngineStats struct {
+	CopyOuts, CopiedBytes uint64 // since the store was opened
+	IndexBytes, IndexRuns int64  // heap bytes and runs of all exception indexes
+}
+
+// StatsStore is a Store that reports EngineStats; the metrics use it when
+// the store offers it.
+type StatsStore interface {
+	EngineStats() EngineStats
 }
 
 // NewMetrics registers the collectors in reg; the store gauges read store.
@@ -33,6 +46,10 @@ func NewMetrics(reg prometheus.Registerer, store Store) *Metrics {
 		snapInvalid: prometheus.NewDesc("csi_snap_snapshot_invalid", "1 when a snapshot went over its COW limit and is invalid.", []string{"snapshot_id"}, nil),
 		volAlloc:    prometheus.NewDesc("csi_snap_volume_allocated_bytes", "Bytes of a volume allocated in the store.", []string{"volume_id"}, nil),
 		volSize:     prometheus.NewDesc("csi_snap_volume_size_bytes", "Size of a volume in bytes.", []string{"volume_id"}, nil),
+		copyOuts:    prometheus.NewDesc("csi_snap_copy_outs_total", "Chunks recorded by copy-before-write since the plugin started (once per chunk, whatever the number of snapshots).", nil, nil),
+		copiedBytes: prometheus.NewDesc("csi_snap_copied_bytes_total", "Bytes copied out to COW files since the plugin started (all-zero chunks cost none).", nil, nil),
+		indexBytes:  prometheus.NewDesc("csi_snap_index_bytes", "Approximate heap bytes held by all exception indexes.", nil, nil),
+		indexRuns:   prometheus.NewDesc("csi_snap_index_runs", "Runs (entries after merging) in all exception indexes.", nil, nil),
 	}
 	reg.MustRegister(m.latency, m)
 	return m
@@ -44,7 +61,8 @@ func (m *Metrics) observe(fullMethod string, code codes.Code, d time.Duration) {
 
 // Describe implements prometheus.Collector.
 func (m *Metrics) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{m.volumes, m.snapshots, m.snapCow, m.snapLimit, m.snapInvalid, m.volAlloc, m.volSize} {
+	for _, d := range []*prometheus.Desc{m.volumes, m.snapshots, m.snapCow, m.snapLimit, m.snapInvalid, m.volAlloc, m.volSize,
+		m.copyOuts, m.copiedBytes, m.indexBytes, m.indexRuns} {
 		ch <- d
 	}
 }
@@ -66,5 +84,12 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 			inv = 1
 		}
 		ch <- prometheus.MustNewConstMetric(m.snapInvalid, prometheus.GaugeValue, inv, s.ID)
+	}
+	if ss, ok := m.store.(StatsStore); ok {
+		st := ss.EngineStats()
+		ch <- prometheus.MustNewConstMetric(m.copyOuts, prometheus.CounterValue, float64(st.CopyOuts))
+		ch <- prometheus.MustNewConstMetric(m.copiedBytes, prometheus.CounterValue, float64(st.CopiedBytes))
+		ch <- prometheus.MustNewConstMetric(m.indexBytes, prometheus.GaugeValue, float64(st.IndexBytes))
+		ch <- prometheus.MustNewConstMetric(m.indexRuns, prometheus.GaugeValue, float64(st.IndexRuns))
 	}
 }

@@ -200,6 +200,21 @@ func TestLifecycle(t *testing.T) {
 	if cow, _ := strconv.ParseFloat(string(m[1]), 64); cow < 1<<20 {
 		t.Fatalf("snapshot holds %v COW bytes after 1 MiB was overwritten", cow)
 	}
+	// Engine counters: the copy-outs and the index memory that holds them.
+	for _, name := range []string{"csi_snap_copy_outs_total", "csi_snap_copied_bytes_total", "csi_snap_index_bytes", "csi_snap_index_runs"} {
+		m := regexp.MustCompile(`(?m)^` + name + ` (\S+)$`).FindSubmatch(body)
+		if m == nil {
+			t.Fatalf("no %s metric:\n%s", name, body)
+		}
+		v, _ := strconv.ParseFloat(string(m[1]), 64)
+		min := 1.0
+		if name == "csi_snap_copied_bytes_total" {
+			min = 1 << 20
+		}
+		if v < min {
+			t.Fatalf("%s = %v after 1 MiB was overwritten under a snapshot, want >= %v", name, v, min)
+		}
+	}
 
 	// The source goes away; the snapshot stays and restores.
 	unpublishAndUnstage(t, node, vol, staging, target)
