@@ -1,180 +1,614 @@
-// Package exceptions is the run-merged exception index: it maps origin chunk
-// numbers to COW chunk numbers, one entry per maximal run.
-//
-// This first version keeps the runs in one sorted slice; it is the reference
-// the compact encoding replaces. It imports only the standard library, does
-// no I/O and never logs.
 package exceptions
 
 import (
 	"errors"
 	"fmt"
-	"sort"
+	"math"
+	"slices"
+	"unsafe"
 )
 
-// Chunk is a chunk number (origin or COW), in units of the volume's chunk size.
+// Chunk is a chunk number (origin or COW), in units of the volume's chunk
+// size. Mapped chunks are below math.MaxUint64 so that the exclusive end of
+// every run is representable.
 type Chunk uint64
 
 // Run maps origin chunks [Origin, Origin+Len) to COW chunks [COW, COW+Len).
 type Run struct {
 	Origin, COW Chunk
-	Len         uint64
+	Len         uint64 // chunks
 }
 
-// ErrMapped is returned by Insert when the origin chunk is already mapped.
+// ErrMapped is returned by Insert and InsertRun when an origin chunk is
+// already mapped.
 var ErrMapped = errors.New("exceptions: origin chunk already mapped")
 
-// Index maps origin chunks to COW chunks.
+// ErrOverflow is returned by Insert and InsertRun when the origin or COW range
+// of a run would reach past math.MaxUint64.
+var ErrOverflow = errors.New("exceptions: run reaches past the last chunk")
+
+// Default shape. 64 runs a block keeps a block's header (48 bytes plus 8 in
+// firsts) under about 1 byte a run while the decode+re-encode of a block on
+// a split stays cheap (BenchmarkShape compares 32, 64 and 128). 512 blocks a
+// segment bounds the memmove when a block is inserted to 24 KiB; 64 blocks
+// a segment measured no faster and cost 0.3 B/chunk more.
+const (
+	defaultBlockRuns   = 64
+	defaultSegmentSize = 512
+)
+
+// Index maps origin chunks to COW chunks, one entry per maximal run.
+//
+// Layout: segs is a sorted list of segments, each a sorted list of blocks,
+// each a bit-packed array of up to maxRuns runs (see block). segFirst and
+// segment.firsts repeat the first origin of every segment and block so that
+// a lookup is three binary searches over flat arrays, two of them small.
 //
 // Invariants (checked by check):
-//   - runs are sorted by Origin and do not overlap;
-//   - every run has Len >= 1 and neither range overflows;
-//   - no two neighbours are mergeable: if a.Origin+a.Len == b.Origin then
-//     a.COW+a.Len != b.COW (fully merged, so the run count is minimal).
+//   - segFirst[s] == segs[s].firsts[0]; segs[s].firsts[b] is the origin of
+//     record 0 of segs[s].blocks[b]; no segment or block is empty; a segment
+//     holds at most maxBlocks blocks and a block at most maxRuns runs;
+//   - every record decodes (its words are long enough, obase <= its origin)
+//     to a run with Len >= 1 whose origin and COW ends are <= MaxUint64;
+//   - runs, read in order across all blocks and segments, are sorted by
+//     Origin and do not overlap;
+//   - no two neighbours are mergeable, also across block and segment
+//     boundaries: if a.Origin+a.Len == b.Origin then a.COW+a.Len != b.COW
+//     (fully merged, so the run count is minimal for the mapping);
+//   - n is the sum of Len and runs the number of runs;
+//   - when hotOK, hotRun is the run at position hot and hotLimit the origin
+//     of the run after it (MaxUint64 if none).
 //
-// Concurrency: Lookup, Ascend, Len and Runs may run concurrently with each
-// other; Insert and Remove need exclusive access (callers hold a lock).
+// Concurrency: Lookup, Ascend, Len, Runs, Bytes and Clone only read and may
+// run concurrently with each other; Insert, InsertRun and Remove need
+// exclusive access (callers hold a sync.RWMutex, taking the read side for
+// lookups). The zero Index is not ready for use; call New.
 type Index struct {
-	runs []Run
-	n    uint64
+	segFirst []Chunk
+	segs     []*segment
+	n        uint64 // mapped chunks
+	runs     int
+	scratch  []Run // decode buffer reused by mutations
+
+	// hot caches the run the last insert extended (its position, ends,
+	// length, and where the next run starts), valid while hotOK: a forward
+	// sequential writer extends the same run again without any search.
+	// Every other mutation clears hotOK.
+	hot      struct{ s, b, i int }
+	hotOK    bool
+	hotRun   Run
+	hotLimit Chunk // origin of the next run, or MaxUint64
+
+	maxRuns, maxBlocks int
+}
+
+type segment struct {
+	firsts []Chunk
+	blocks []block
 }
 
 // New returns an empty index.
-func New() *Index { return &Index{} }
+func New() *Index { return newShape(defaultBlockRuns, defaultSegmentSize) }
+
+// newShape returns an empty index with the given block and segment capacity;
+// tests use tiny shapes to exercise splits, benchmarks compare sizes.
+func newShape(blockRuns, segmentSize int) *Index {
+	return &Index{maxRuns: max(2, min(blockRuns, math.MaxUint16-1)), maxBlocks: max(2, segmentSize)}
+}
 
 // Len returns the number of mapped chunks.
 func (x *Index) Len() uint64 { return x.n }
 
 // Runs returns the number of entries after merging.
-func (x *Index) Runs() int { return len(x.runs) }
+func (x *Index) Runs() int { return x.runs }
 
-// find returns the index of the first run whose end is after c.
-func (x *Index) find(c Chunk) int {
-	return sort.Search(len(x.runs), func(i int) bool {
-		r := x.runs[i]
-		return uint64(r.Origin)+r.Len > uint64(c)
-	})
+// Bytes returns the approximate heap held by the index, in bytes: the
+// allocated capacity of every slice it owns plus its structs.
+func (x *Index) Bytes() int {
+	t := int(unsafe.Sizeof(*x)) + cap(x.segFirst)*8 + cap(x.segs)*8 +
+		cap(x.scratch)*int(unsafe.Sizeof(Run{}))
+	for _, sg := range x.segs {
+		t += int(unsafe.Sizeof(*sg)) + cap(sg.firsts)*8 + cap(sg.blocks)*int(unsafe.Sizeof(block{}))
+		for i := range sg.blocks {
+			t += sg.blocks[i].bytes()
+		}
+	}
+	return t
+}
+
+// Clone returns an independent deep copy of x; it costs O(Bytes()).
+func (x *Index) Clone() *Index {
+	y := &Index{
+		segFirst:  slices.Clone(x.segFirst),
+		segs:      make([]*segment, len(x.segs)),
+		n:         x.n,
+		runs:      x.runs,
+		maxRuns:   x.maxRuns,
+		maxBlocks: x.maxBlocks,
+	}
+	for s, sg := range x.segs {
+		ns := &segment{firsts: slices.Clone(sg.firsts), blocks: slices.Clone(sg.blocks)}
+		for b := range ns.blocks {
+			ns.blocks[b].words = slices.Clone(ns.blocks[b].words)
+		}
+		y.segs[s] = ns
+	}
+	return y
+}
+
+// upper returns how many elements of the sorted a are <= c.
+func upper(a []Chunk, c Chunk) int {
+	lo, hi := 0, len(a)
+	for lo < hi {
+		m := int(uint(lo+hi) >> 1)
+		if a[m] <= c {
+			lo = m + 1
+		} else {
+			hi = m
+		}
+	}
+	return lo
+}
+
+// locate returns the last block whose first origin is <= c, or s == -1 when
+// c precedes every run.
+func (x *Index) locate(c Chunk) (s, b int) {
+	s = upper(x.segFirst, c) - 1
+	if s < 0 {
+		return -1, -1
+	}
+	return s, upper(x.segs[s].firsts, c) - 1
+}
+
+func (x *Index) blk(s, b int) *block { return &x.segs[s].blocks[b] }
+
+// next returns the position of the record after (s, b, i), or ok == false.
+func (x *Index) next(s, b, i int) (int, int, int, bool) {
+	sg := x.segs[s]
+	switch {
+	case i+1 < int(sg.blocks[b].n):
+		return s, b, i + 1, true
+	case b+1 < len(sg.blocks):
+		return s, b + 1, 0, true
+	case s+1 < len(x.segs):
+		return s + 1, 0, 0, true
+	}
+	return 0, 0, 0, false
+}
+
+// seek returns the position of the first run that ends after c, or
+// ok == false when there is none.
+func (x *Index) seek(c Chunk) (s, b, i int, ok bool) {
+	if len(x.segs) == 0 {
+		return 0, 0, 0, false
+	}
+	if s, b = x.locate(c); s < 0 {
+		return 0, 0, 0, true
+	}
+	k := x.blk(s, b)
+	i = k.find(c)
+	if r := k.run(i); r.Origin+Chunk(r.Len) > c {
+		return s, b, i, true
+	}
+	return x.next(s, b, i)
 }
 
 // Lookup returns the COW chunk that holds origin chunk c.
 func (x *Index) Lookup(c Chunk) (Chunk, bool) {
-	i := x.find(c)
-	if i < len(x.runs) && x.runs[i].Origin <= c {
-		r := x.runs[i]
-		return r.COW + (c - r.Origin), true
+	s, b := x.locate(c)
+	if s < 0 {
+		return 0, false
+	}
+	k := x.blk(s, b)
+	r := k.run(k.find(c))
+	if d := uint64(c - r.Origin); d < r.Len {
+		return r.COW + Chunk(d), true
 	}
 	return 0, false
 }
 
-// Insert maps origin chunk to cow. It returns ErrMapped if origin is mapped.
+// Insert maps origin chunk to cow. It returns ErrMapped if origin is already
+// mapped (never replacing silently) and ErrOverflow if origin or cow is
+// math.MaxUint64.
 func (x *Index) Insert(origin, cow Chunk) error {
 	return x.InsertRun(Run{Origin: origin, COW: cow, Len: 1})
 }
 
-// InsertRun maps the whole run r. It returns ErrMapped, changing nothing, if
-// any chunk of r is already mapped.
+// InsertRun maps the whole run r, merging it with the runs it touches. It
+// returns ErrMapped, changing nothing, if any chunk of r is already mapped,
+// and ErrOverflow if either range of r reaches past math.MaxUint64. A run
+// with Len 0 is a no-op.
 func (x *Index) InsertRun(r Run) error {
 	if r.Len == 0 {
 		return nil
 	}
-	if uint64(r.Origin)+r.Len < uint64(r.Origin) || uint64(r.COW)+r.Len < uint64(r.COW) {
-		return fmt.Errorf("exceptions: run %+v overflows", r)
+	if r.Len > uint64(math.MaxUint64-r.Origin) || r.Len > uint64(math.MaxUint64-r.COW) {
+		return ErrOverflow
 	}
-	i := x.find(r.Origin)
-	if i < len(x.runs) && uint64(x.runs[i].Origin) < uint64(r.Origin)+r.Len {
-		return ErrMapped
+	end, cend := r.Origin+Chunk(r.Len), r.COW+Chunk(r.Len)
+	if x.hotOK && r.Origin == x.hotRun.Origin+Chunk(x.hotRun.Len) &&
+		r.COW == x.hotRun.COW+Chunk(x.hotRun.Len) && end < x.hotLimit {
+		x.n += r.Len
+		x.hotRun.Len += r.Len
+		x.setLen(x.hot.s, x.hot.b, x.hot.i, x.hotRun.Len)
+		x.hotOK = true // setLen may re-encode the block, which keeps positions
+		return nil
 	}
+	x.hotOK = false
+	if len(x.segs) == 0 {
+		x.segs = []*segment{{firsts: []Chunk{r.Origin}, blocks: make([]block, 1)}}
+		x.segFirst = []Chunk{r.Origin}
+		x.segs[0].blocks[0].encode([]Run{r})
+		x.n, x.runs = r.Len, 1
+		return nil
+	}
+	var (
+		pr, sr                 Run
+		ps, pb, pi, ss, sb, si int
+		hasPred, hasSucc       bool
+	)
+	if ps, pb = x.locate(r.Origin); ps >= 0 {
+		k := x.blk(ps, pb)
+		pi = k.find(r.Origin)
+		pr = k.run(pi)
+		if pr.Origin+Chunk(pr.Len) > r.Origin {
+			return ErrMapped
+		}
+		hasPred = true
+		ss, sb, si, hasSucc = x.next(ps, pb, pi)
+	} else {
+		ss, sb, si, hasSucc = 0, 0, 0, true
+	}
+	if hasSucc {
+		sr = x.blk(ss, sb).run(si)
+		if sr.Origin < end {
+			return ErrMapped
+		}
+	}
+	left := hasPred && pr.Origin+Chunk(pr.Len) == r.Origin && pr.COW+Chunk(pr.Len) == r.COW
+	right := hasSucc && end == sr.Origin && cend == sr.COW
 	x.n += r.Len
-	// Join with the left neighbour, the right one, or both.
-	left := i > 0 && end(x.runs[i-1]) == r.Origin && cowEnd(x.runs[i-1]) == r.COW
-	right := i < len(x.runs) && end(r) == x.runs[i].Origin && cowEnd(r) == x.runs[i].COW
 	switch {
 	case left && right:
-		x.runs[i-1].Len += r.Len + x.runs[i].Len
-		x.runs = append(x.runs[:i], x.runs[i+1:]...)
+		// Filling the gap joins three runs into one.
+		x.setLen(ps, pb, pi, pr.Len+r.Len+sr.Len)
+		x.deleteRecord(ss, sb, si)
 	case left:
-		x.runs[i-1].Len += r.Len
+		x.setLen(ps, pb, pi, pr.Len+r.Len)
+		x.hot.s, x.hot.b, x.hot.i, x.hotOK = ps, pb, pi, true
+		x.hotRun = Run{Origin: pr.Origin, COW: pr.COW, Len: pr.Len + r.Len}
+		x.hotLimit = math.MaxUint64
+		if hasSucc {
+			x.hotLimit = sr.Origin
+		}
 	case right:
-		x.runs[i].Origin, x.runs[i].COW = r.Origin, r.COW
-		x.runs[i].Len += r.Len
+		x.replace(ss, sb, si, Run{Origin: r.Origin, COW: r.COW, Len: r.Len + sr.Len})
+	case hasPred:
+		x.insertAt(ps, pb, pi+1, r)
 	default:
-		x.runs = append(x.runs, Run{})
-		copy(x.runs[i+1:], x.runs[i:])
-		x.runs[i] = r
+		x.insertAt(0, 0, 0, r)
 	}
 	return nil
 }
 
-// Remove unmaps origin chunks [origin, origin+n), splitting runs, and returns
-// how many chunks were mapped there.
+// setLen sets the length of record (s, b, i), in place when it fits.
+func (x *Index) setLen(s, b, i int, l uint64) {
+	k := x.blk(s, b)
+	if fits(l-1, k.wl) {
+		setbits(k.words, k.lpos(i), uint(k.wl), l-1)
+		return
+	}
+	x.reencode(s, b, func(runs []Run) []Run { runs[i].Len = l; return runs })
+}
+
+// reencode decodes block (s, b), applies edit to its runs and writes the
+// result back through rewrite: the slow path of every in-place edit.
+func (x *Index) reencode(s, b int, edit func([]Run) []Run) {
+	runs := edit(x.blk(s, b).decode(x.scratch[:0]))
+	x.scratch = runs
+	x.rewrite(s, b, runs, -1)
+}
+
+// replace overwrites record (s, b, i) with r, which must keep the order.
+func (x *Index) replace(s, b, i int, r Run) {
+	k := x.blk(s, b)
+	switch {
+	case k.fitsRun(r):
+		k.put(i, r)
+	case k.n == 1 && fits(r.Len-1, k.wl):
+		// A lone run moving down (a backward fill) only moves the bases.
+		k.obase, k.cbase = r.Origin, r.COW
+		k.put(0, r)
+	default:
+		x.reencode(s, b, func(runs []Run) []Run { runs[i] = r; return runs })
+		return
+	}
+	if i == 0 {
+		x.setFirst(s, b, r.Origin)
+	}
+}
+
+// deleteRecord removes record (s, b, i).
+func (x *Index) deleteRecord(s, b, i int) {
+	x.reencode(s, b, func(runs []Run) []Run { return slices.Delete(runs, i, i+1) })
+}
+
+// insertAt inserts r as record i of block (s, b), in place when it fits.
+func (x *Index) insertAt(s, b, i int, r Run) {
+	x.hotOK = false
+	k := x.blk(s, b)
+	if int(k.n) < x.maxRuns && k.insert(i, r) {
+		x.runs++
+		if i == 0 {
+			x.setFirst(s, b, r.Origin)
+		}
+		return
+	}
+	runs := k.decode(x.scratch[:0])
+	runs = slices.Insert(runs, i, r)
+	x.scratch = runs
+	x.rewrite(s, b, runs, i)
+}
+
+func (x *Index) setFirst(s, b int, c Chunk) {
+	x.segs[s].firsts[b] = c
+	if b == 0 {
+		x.segFirst[s] = c
+	}
+}
+
+// rewrite replaces the content of block (s, b) with runs: it deletes the
+// block when runs is empty and splits it when runs is over capacity. at is
+// where a new run was inserted (or -1): appending past the last block, or
+// prepending before the first, starts a new block instead of halving, so
+// forward and backward fills leave full blocks.
+func (x *Index) rewrite(s, b int, runs []Run, at int) {
+	x.hotOK = false
+	sg := x.segs[s]
+	k := &sg.blocks[b]
+	x.runs += len(runs) - int(k.n)
+	switch {
+	case len(runs) == 0:
+		x.deleteBlock(s, b)
+		return
+	case len(runs) <= x.maxRuns:
+		k.encode(runs)
+		x.setFirst(s, b, runs[0].Origin)
+		return
+	}
+	cut := len(runs) / 2
+	switch {
+	case at == len(runs)-1 && s == len(x.segs)-1 && b == len(sg.blocks)-1:
+		cut = len(runs) - 1
+	case at == 0 && s == 0 && b == 0:
+		cut = 1
+	}
+	var nb block
+	nb.encode(runs[cut:])
+	k.encode(runs[:cut])
+	x.setFirst(s, b, runs[0].Origin)
+	x.insertBlock(s, b+1, nb, runs[cut].Origin)
+}
+
+// insertBlock inserts blk, whose first origin is first, at position b >= 1 of
+// segment s, splitting the segment when it is over capacity.
+func (x *Index) insertBlock(s, b int, blk block, first Chunk) {
+	x.hotOK = false
+	sg := x.segs[s]
+	sg.blocks = slices.Insert(sg.blocks, b, blk)
+	sg.firsts = slices.Insert(sg.firsts, b, first)
+	if len(sg.blocks) <= x.maxBlocks {
+		return
+	}
+	cut := len(sg.blocks) / 2
+	switch {
+	case b == len(sg.blocks)-1 && s == len(x.segs)-1:
+		cut = len(sg.blocks) - 1
+	case b == 1 && s == 0:
+		cut = 1
+	}
+	// Both halves get fresh, tight slices: append's growth slack on a
+	// segment of 48-byte blocks would otherwise cost bytes per run.
+	ns := &segment{firsts: slices.Clone(sg.firsts[cut:]), blocks: slices.Clone(sg.blocks[cut:])}
+	sg.firsts = slices.Clone(sg.firsts[:cut])
+	sg.blocks = slices.Clone(sg.blocks[:cut])
+	x.segs = slices.Insert(x.segs, s+1, ns)
+	x.segFirst = slices.Insert(x.segFirst, s+1, ns.firsts[0])
+}
+
+// deleteBlock removes block (s, b), and its segment when it was the last.
+// It gives memory back as segments shrink: a segment's slices are reallocated
+// when mostly empty, and a small segment is merged into a neighbour.
+func (x *Index) deleteBlock(s, b int) {
+	x.hotOK = false
+	sg := x.segs[s]
+	sg.blocks = slices.Delete(sg.blocks, b, b+1)
+	sg.firsts = slices.Delete(sg.firsts, b, b+1)
+	if len(sg.blocks) == 0 {
+		x.segs = slices.Delete(x.segs, s, s+1)
+		x.segFirst = slices.Delete(x.segFirst, s, s+1)
+		return
+	}
+	x.segFirst[s] = sg.firsts[0]
+	if cap(sg.blocks) > 2*len(sg.blocks)+8 {
+		sg.blocks = slices.Clone(sg.blocks)
+		sg.firsts = slices.Clone(sg.firsts)
+	}
+	if len(sg.blocks) >= x.maxBlocks/4 {
+		return
+	}
+	lim := x.maxBlocks * 3 / 4
+	switch {
+	case s+1 < len(x.segs) && len(sg.blocks)+len(x.segs[s+1].blocks) <= lim:
+	case s > 0 && len(x.segs[s-1].blocks)+len(sg.blocks) <= lim:
+		s--
+	default:
+		return
+	}
+	l, r := x.segs[s], x.segs[s+1]
+	l.blocks = append(l.blocks, r.blocks...)
+	l.firsts = append(l.firsts, r.firsts...)
+	x.segs = slices.Delete(x.segs, s+1, s+2)
+	x.segFirst = slices.Delete(x.segFirst, s+1, s+2)
+}
+
+// compact merges block (s, b) into a neighbour in the same segment when both
+// are small, so that removes do not leave a trail of near-empty blocks.
+func (x *Index) compact(s, b int) {
+	sg := x.segs[s]
+	lim := x.maxRuns * 3 / 4
+	if b+1 < len(sg.blocks) && int(sg.blocks[b].n)+int(sg.blocks[b+1].n) <= lim {
+		// Fall through with b as the left block.
+	} else if b > 0 && int(sg.blocks[b-1].n)+int(sg.blocks[b].n) <= lim {
+		b--
+	} else {
+		return
+	}
+	runs := sg.blocks[b].decode(x.scratch[:0])
+	runs = sg.blocks[b+1].decode(runs)
+	x.scratch = runs
+	sg.blocks[b].encode(runs)
+	x.deleteBlock(s, b+1)
+}
+
+// Remove unmaps origin chunks [origin, origin+n) (clamped at the last chunk),
+// splitting runs, and returns how many chunks were mapped there.
 func (x *Index) Remove(origin Chunk, n uint64) uint64 {
-	if n == 0 {
-		return 0
+	x.hotOK = false
+	hi := origin + Chunk(n)
+	if n > uint64(math.MaxUint64-origin) {
+		hi = math.MaxUint64
 	}
-	hi := uint64(origin) + n
-	if hi < uint64(origin) {
-		hi = ^uint64(0)
-	}
-	var out []Run
 	var removed uint64
-	i := x.find(origin)
-	j := i
-	for ; j < len(x.runs) && uint64(x.runs[j].Origin) < hi; j++ {
-		r := x.runs[j]
-		lo, e := uint64(r.Origin), uint64(end(r))
-		if lo < uint64(origin) {
-			out = append(out, Run{Origin: r.Origin, COW: r.COW, Len: uint64(origin) - lo})
-			lo = uint64(origin)
+	for origin < hi && len(x.segs) > 0 {
+		s, b, i, ok := x.seek(origin)
+		if !ok {
+			break
 		}
-		if e > hi {
-			out = append(out, Run{Origin: Chunk(hi), COW: r.COW + Chunk(hi-uint64(r.Origin)), Len: e - hi})
-			e = hi
+		k := x.blk(s, b)
+		if k.run(i).Origin >= hi {
+			break
 		}
-		removed += e - lo
+		// Cut [origin, hi) out of this block's runs from i on.
+		runs := k.decode(x.scratch[:0])
+		last := runs[len(runs)-1]
+		out := make([]Run, 0, len(runs)+1)
+		out = append(out, runs[:i]...)
+		for _, r := range runs[i:] {
+			e := r.Origin + Chunk(r.Len)
+			if r.Origin >= hi || e <= origin {
+				out = append(out, r)
+				continue
+			}
+			lo, up := max(r.Origin, origin), min(e, hi)
+			if r.Origin < lo {
+				out = append(out, Run{Origin: r.Origin, COW: r.COW, Len: uint64(lo - r.Origin)})
+			}
+			if up < e {
+				out = append(out, Run{Origin: up, COW: r.COW + (up - r.Origin), Len: uint64(e - up)})
+			}
+			removed += uint64(up - lo)
+		}
+		x.scratch = runs
+		nb := len(x.segs[s].blocks)
+		ns := len(x.segs)
+		x.rewrite(s, b, out, -1)
+		if len(out) > 0 && len(out) <= x.maxRuns && len(x.segs) == ns && len(x.segs[s].blocks) == nb {
+			x.compact(s, b)
+		}
+		origin = last.Origin + Chunk(last.Len)
 	}
-	if j == i {
-		return 0
-	}
-	rest := append(out, x.runs[j:]...)
-	x.runs = append(x.runs[:i], rest...)
 	x.n -= removed
 	return removed
 }
 
-// Ascend calls fn for each run that ends after from, in origin order, until fn
-// returns false. The first run may start before from. fn must not modify x.
+// Ascend calls fn for each run that ends after from, in origin order, until
+// fn returns false. The first run may start before from. fn must not modify
+// x.
 func (x *Index) Ascend(from Chunk, fn func(Run) bool) {
-	for i := x.find(from); i < len(x.runs); i++ {
-		if !fn(x.runs[i]) {
-			return
+	s, b, i, ok := x.seek(from)
+	if !ok {
+		return
+	}
+	for ; s < len(x.segs); s, b = s+1, 0 {
+		sg := x.segs[s]
+		for ; b < len(sg.blocks); b, i = b+1, 0 {
+			k := &sg.blocks[b]
+			for ; i < int(k.n); i++ {
+				if !fn(k.run(i)) {
+					return
+				}
+			}
 		}
 	}
 }
 
-func end(r Run) Chunk    { return r.Origin + Chunk(r.Len) }
-func cowEnd(r Run) Chunk { return r.COW + Chunk(r.Len) }
-
 // check verifies the invariants stated on Index.
 func (x *Index) check() error {
-	var n uint64
-	for i, r := range x.runs {
-		if r.Len == 0 {
-			return fmt.Errorf("run %d is empty", i)
+	if len(x.segFirst) != len(x.segs) {
+		return fmt.Errorf("%d segment firsts for %d segments", len(x.segFirst), len(x.segs))
+	}
+	var (
+		runs   int
+		chunks uint64
+		prev   Run
+	)
+	for s, sg := range x.segs {
+		if len(sg.blocks) == 0 || len(sg.blocks) > x.maxBlocks || len(sg.firsts) != len(sg.blocks) {
+			return fmt.Errorf("segment %d: %d blocks, %d firsts (max %d)", s, len(sg.blocks), len(sg.firsts), x.maxBlocks)
 		}
-		n += r.Len
-		if i == 0 {
-			continue
+		if x.segFirst[s] != sg.firsts[0] {
+			return fmt.Errorf("segment %d: first %d, its block 0 starts at %d", s, x.segFirst[s], sg.firsts[0])
 		}
-		p := x.runs[i-1]
-		if end(p) > r.Origin {
-			return fmt.Errorf("runs %d and %d overlap or are unsorted: %+v %+v", i-1, i, p, r)
-		}
-		if end(p) == r.Origin && cowEnd(p) == r.COW {
-			return fmt.Errorf("runs %d and %d should be merged: %+v %+v", i-1, i, p, r)
+		for b := range sg.blocks {
+			k := &sg.blocks[b]
+			if k.n == 0 || int(k.n) > x.maxRuns {
+				return fmt.Errorf("block %d/%d holds %d runs (max %d)", s, b, k.n, x.maxRuns)
+			}
+			if k.wo > 64 || k.wc > 64 || k.wl > 64 || len(k.words) < wordsFor(int(k.n), k.width()) {
+				return fmt.Errorf("block %d/%d: widths %d/%d/%d, %d words for %d runs", s, b, k.wo, k.wc, k.wl, len(k.words), k.n)
+			}
+			if k.origin(0) != sg.firsts[b] {
+				return fmt.Errorf("block %d/%d: first %d, record 0 at %d", s, b, sg.firsts[b], k.origin(0))
+			}
+			for i := 0; i < int(k.n); i++ {
+				r := k.run(i)
+				if r.Origin < k.obase || r.COW < k.cbase {
+					return fmt.Errorf("block %d/%d run %d: %+v wrapped below bases %d/%d", s, b, i, r, k.obase, k.cbase)
+				}
+				if r.Len > uint64(math.MaxUint64-r.Origin) || r.Len > uint64(math.MaxUint64-r.COW) {
+					return fmt.Errorf("block %d/%d run %d: %+v overflows", s, b, i, r)
+				}
+				if runs > 0 {
+					pe := prev.Origin + Chunk(prev.Len)
+					if pe > r.Origin {
+						return fmt.Errorf("runs %d and %d overlap or are unsorted: %+v %+v", runs-1, runs, prev, r)
+					}
+					if pe == r.Origin && prev.COW+Chunk(prev.Len) == r.COW {
+						return fmt.Errorf("runs %d and %d should be merged: %+v %+v", runs-1, runs, prev, r)
+					}
+				}
+				prev = r
+				runs++
+				chunks += r.Len
+			}
 		}
 	}
-	if n != x.n {
-		return fmt.Errorf("Len %d, runs hold %d", x.n, n)
+	if x.hotOK {
+		s, b, i := x.hot.s, x.hot.b, x.hot.i
+		if s >= len(x.segs) || b >= len(x.segs[s].blocks) || i >= int(x.blk(s, b).n) || x.blk(s, b).run(i) != x.hotRun {
+			return fmt.Errorf("hot run %+v at %d/%d/%d is stale", x.hotRun, s, b, i)
+		}
+		limit := Chunk(math.MaxUint64)
+		if ns, nb, ni, ok := x.next(s, b, i); ok {
+			limit = x.blk(ns, nb).origin(ni)
+		}
+		if limit != x.hotLimit {
+			return fmt.Errorf("hot run's next run starts at %d, cached %d", limit, x.hotLimit)
+		}
+	}
+	if runs != x.runs || chunks != x.n {
+		return fmt.Errorf("counters say %d runs, %d chunks; blocks hold %d runs, %d chunks", x.runs, x.n, runs, chunks)
 	}
 	return nil
 }

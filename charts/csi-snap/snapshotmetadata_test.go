@@ -1,0 +1,101 @@
+package chart_test
+
+import (
+	"slices"
+	"testing"
+)
+
+// TestSnapshotMetadataSwitch: the csi-snapshot-metadata sidecar, its Service
+// and its RBAC render only when sidecars.snapshotMetadata.enabled is on, and
+// then with the pinned image, TLS from the Secret, the plugin's socket, a
+// node-local Service in front of the node pods, and exactly its grants.
+func TestSnapshotMetadataSwitch(t *testing.T) {
+	t.Parallel()
+	const name = release + "-csi-snap-snapshot-metadata"
+	sa := release + "-csi-snap-node"
+	off := render(t, snapshotAPI)
+	if container(daemonSet(t, off), "csi-snapshot-metadata") != nil {
+		t.Error("sidecar rendered by default")
+	}
+	for _, kind := range []string{"Service", "ClusterRole", "ClusterRoleBinding"} {
+		if find(off, kind, name) != nil {
+			t.Errorf("%s %s rendered by default", kind, name)
+		}
+	}
+	for _, v := range list(daemonSet(t, off), "spec", "template", "spec", "volumes") {
+		if str(v, "name") == "snapshot-metadata-tls" {
+			t.Error("TLS volume rendered by default")
+		}
+	}
+
+	on := render(t, snapshotAPI, "--set", "sidecars.snapshotMetadata.enabled=true")
+	ds := daemonSet(t, on)
+	c := container(ds, "csi-snapshot-metadata")
+	if c == nil {
+		t.Fatal("enabled: no csi-snapshot-metadata container")
+	}
+	if got := str(c, "image"); got != "registry.k8s.io/sig-storage/csi-snapshot-metadata:v1.0.0" {
+		t.Errorf("image %q", got)
+	}
+	requireArgs(t, c, "--csi-address=/csi/csi.sock", "--port=50051", "--tls-cert=/tls/tls.crt", "--tls-key=/tls/tls.key")
+	var mounts []string
+	for _, m := range list(c, "volumeMounts") {
+		mounts = append(mounts, str(m, "name")+":"+str(m, "mountPath"))
+	}
+	for _, want := range []string{"plugin-dir:/csi", "snapshot-metadata-tls:/tls"} {
+		if !slices.Contains(mounts, want) {
+			t.Errorf("mount %s missing: %v", want, mounts)
+		}
+	}
+	secret := ""
+	for _, v := range list(ds, "spec", "template", "spec", "volumes") {
+		if str(v, "name") == "snapshot-metadata-tls" {
+			secret = str(v, "secret", "secretName")
+		}
+	}
+	if secret != release+"-csi-snap-snapshot-metadata-tls" {
+		t.Errorf("TLS secret %q", secret)
+	}
+	svc := find(on, "Service", name)
+	if svc == nil {
+		t.Fatal("enabled: no Service")
+	}
+	if got := str(svc, "spec", "internalTrafficPolicy"); got != "Local" {
+		t.Errorf("internalTrafficPolicy %q, want Local (snapshots are node-local)", got)
+	}
+	if p := get(svc, "spec", "ports", 0, "port"); p != 6443 {
+		t.Errorf("service port %v", p)
+	}
+	if tp := str(svc, "spec", "ports", 0, "targetPort"); tp != str(c, "ports", 0, "name") || get(c, "ports", 0, "containerPort") != 50051 {
+		t.Errorf("service targets %q, container port %v named %q", tp, get(c, "ports", 0, "containerPort"), str(c, "ports", 0, "name"))
+	}
+	podLabels, _ := get(ds, "spec", "template", "metadata", "labels").(obj)
+	sel, _ := get(svc, "spec", "selector").(obj)
+	if len(sel) == 0 {
+		t.Error("Service has no selector")
+	}
+	for k, v := range sel {
+		if podLabels[k] != v {
+			t.Errorf("Service selector %s=%v does not match the node pods (%v)", k, v, podLabels[k])
+		}
+	}
+	want := union(provisionerGrants(), snapshotterGrants(), resizerGrants(),
+		expand("cluster", "cbt.storage.k8s.io", "snapshotmetadataservices", "get", "list", "watch"),
+		expand("cluster", "authentication.k8s.io", "tokenreviews", "create"),
+		expand("cluster", "authorization.k8s.io", "subjectaccessreviews", "create"),
+		expand("cluster", "snapshot.storage.k8s.io", "volumesnapshots", "get", "list"),
+		expand("cluster", "snapshot.storage.k8s.io", "volumesnapshotcontents", "get", "list"))
+	if d := diff(grants(t, on, namespace, sa), want); d != "" {
+		t.Errorf("node ServiceAccount grants with the sidecar differ:%s", d)
+	}
+
+	named := render(t, snapshotAPI, "--set", "sidecars.snapshotMetadata.enabled=true,sidecars.snapshotMetadata.tlsSecretName=my-tls,sidecars.snapshotMetadata.servicePort=443")
+	for _, v := range list(daemonSet(t, named), "spec", "template", "spec", "volumes") {
+		if str(v, "name") == "snapshot-metadata-tls" && str(v, "secret", "secretName") != "my-tls" {
+			t.Errorf("tlsSecretName not used: %q", str(v, "secret", "secretName"))
+		}
+	}
+	if p := get(find(named, "Service", name), "spec", "ports", 0, "port"); p != 443 {
+		t.Errorf("servicePort not used: %v", p)
+	}
+}

@@ -1,0 +1,150 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// Config is everything run needs; parseFlags fills it from the command line.
+type Config struct {
+	Endpoint        string        // unix:///path or tcp://host:port
+	NodeID          string        // this node's ID (default: host name)
+	DataDir         string        // store at <DataDir>/store
+	RunDir          string        // frontend state (FUSE mountpoints, holder socket); default <DataDir>/run
+	DriverName      string        // CSI driver name
+	MetricsAddress  string        // host:port for Prometheus; "" = off
+	MaxVolumes      int64         // NodeGetInfo limit; -1 = derive from the loop driver
+	ShutdownTimeout time.Duration // bound on graceful stop before in-flight calls are cut
+
+	// openEngines opens the store and frontend; nil means the real cow and
+	// kernel engines. Tests put in-memory ones here.
+	openEngines func(Config) (*engines, error)
+}
+
+// Default values of the flags the issue names.
+const (
+	defaultEndpoint   = "unix:///csi/csi.sock"
+	defaultDataDir    = "/var/lib/csi-snap"
+	defaultDriverName = "csi-snap.io"
+)
+
+// parseFlags parses args (without the program name) into a Config. klog's
+// flags (-v and friends) are registered on the same set when klogFlags is set.
+func parseFlags(args []string, klogFlags func(*flag.FlagSet), stderr io.Writer) (Config, error) {
+	fs := flag.NewFlagSet("csi-snap", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	host, _ := os.Hostname()
+	var c Config
+	fs.StringVar(&c.Endpoint, "endpoint", defaultEndpoint, "CSI gRPC endpoint: unix:///path/to.sock or tcp://host:port")
+	fs.StringVar(&c.NodeID, "node-id", host, "this node's ID, also its topology segment value")
+	fs.StringVar(&c.DataDir, "data-dir", defaultDataDir, "directory of the volume store (created if missing)")
+	fs.StringVar(&c.RunDir, "run-dir", "", "directory of FUSE mountpoints and the fd-holder socket (default <data-dir>/run)")
+	fs.StringVar(&c.DriverName, "driver-name", defaultDriverName, "CSI driver name")
+	fs.StringVar(&c.MetricsAddress, "metrics-address", "", "host:port to serve Prometheus /metrics on (off when empty)")
+	fs.Int64Var(&c.MaxVolumes, "max-volumes", -1, "volumes this node can stage at once (one loop device each), reported by NodeGetInfo; -1 = the loop driver's max_loop parameter, a conservative bound (devices made up front; the kernel can add more on demand); 0 = no limit reported")
+	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a stop waits for in-flight calls before cutting them")
+	if klogFlags != nil {
+		klogFlags(fs)
+	}
+	if err := fs.Parse(args); err != nil {
+		return Config{}, err
+	}
+	if fs.NArg() > 0 {
+		return Config{}, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if c.RunDir == "" && c.DataDir != "" {
+		c.RunDir = filepath.Join(c.DataDir, "run")
+	}
+	return c, c.validate()
+}
+
+var errConfig = errors.New("invalid configuration")
+
+func (c Config) validate() error {
+	bad := func(format string, a ...any) error {
+		return fmt.Errorf("%w: %s", errConfig, fmt.Sprintf(format, a...))
+	}
+	if _, _, err := parseEndpoint(c.Endpoint); err != nil {
+		return bad("--endpoint: %v", err)
+	}
+	if c.NodeID == "" {
+		return bad("--node-id is empty and the host name is unknown")
+	}
+	if !filepath.IsAbs(c.DataDir) {
+		return bad("--data-dir %q must be an absolute path", c.DataDir)
+	}
+	if !filepath.IsAbs(c.RunDir) {
+		return bad("--run-dir %q must be an absolute path", c.RunDir)
+	}
+	if c.MetricsAddress != "" {
+		if _, _, err := net.SplitHostPort(c.MetricsAddress); err != nil {
+			return bad("--metrics-address: %v", err)
+		}
+	}
+	if c.MaxVolumes < -1 {
+		return bad("--max-volumes %d: want -1, 0 or a positive count", c.MaxVolumes)
+	}
+	if c.ShutdownTimeout <= 0 {
+		return bad("--shutdown-timeout must be positive")
+	}
+	return nil
+}
+
+// parseEndpoint splits a CSI endpoint into a network and address:
+// unix:///abs/path, unix:relative/or/abs/path, or tcp://host:port.
+func parseEndpoint(ep string) (network, addr string, err error) {
+	u, err := url.Parse(ep)
+	if err != nil {
+		return "", "", err
+	}
+	switch strings.ToLower(u.Scheme) {
+	case "unix":
+		p := u.Path
+		if u.Opaque != "" {
+			p = u.Opaque
+		}
+		if u.Host != "" {
+			return "", "", fmt.Errorf("%q: a unix endpoint is unix:///absolute/path", ep)
+		}
+		if p == "" {
+			return "", "", fmt.Errorf("%q: no socket path", ep)
+		}
+		return "unix", p, nil
+	case "tcp":
+		if _, _, err := net.SplitHostPort(u.Host); err != nil {
+			return "", "", fmt.Errorf("%q: %v", ep, err)
+		}
+		return "tcp", u.Host, nil
+	default:
+		return "", "", fmt.Errorf("%q: scheme must be unix or tcp", ep)
+	}
+}
+
+// removeStaleSocket removes a unix socket left by a process that is gone.
+// It refuses to remove anything that is not a socket, or a socket someone
+// still answers on.
+func removeStaleSocket(path string) error {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("%s exists and is not a socket", path)
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return fmt.Errorf("%s is served by a live process", path)
+	}
+	return os.Remove(path)
+}

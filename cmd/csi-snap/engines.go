@@ -1,0 +1,26 @@
+package main
+
+import (
+	"path/filepath"
+
+	"github.com/csi-snap/csi-snap/driver"
+	"github.com/csi-snap/csi-snap/driver/kernel"
+)
+
+// openRealEngines opens the cow store at <data-dir>/store and the kernel
+// frontend in the run dir; the frontend's fd holder is this binary's
+// fuse-holder subcommand.
+func openRealEngines(cfg Config) (*engines, error) {
+	st, err := driver.OpenCowStore(filepath.Join(cfg.DataDir, "store"))
+	if err != nil {
+		return nil, err
+	}
+	fe, err := driver.NewKernelFrontend(kernel.Config{RunDir: cfg.RunDir})
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	return &engines{store: st, frontend: fe, freeze: kernel.Freeze, thaw: kernel.Thaw}, nil
+}
+
+func runHolder(socket string) error { return kernel.RunHolder(socket) }

@@ -1,0 +1,75 @@
+// Command csi-snap is the csi-snap CSI plugin: Identity, Controller and Node
+// services on one gRPC endpoint, over a copy-on-write store served to the
+// kernel through FUSE and loop devices.
+//
+// Usage:
+//
+//	csi-snap --endpoint unix:///csi/csi.sock --data-dir /var/lib/csi-snap [-v 4]
+//	csi-snap fuse-holder --socket PATH   (started by csi-snap itself)
+//
+// The first SIGTERM or SIGINT stops gracefully within --shutdown-timeout; a
+// second one exits at once.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"k8s.io/klog/v2"
+)
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "fuse-holder" {
+		os.Exit(holderMain(os.Args[2:]))
+	}
+	cfg, err := parseFlags(os.Args[1:], klog.InitFlags, os.Stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "csi-snap:", err)
+		os.Exit(2)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	go func() {
+		s := <-sigs
+		klog.InfoS("Signal received, stopping gracefully; send another to exit at once", "signal", s.String())
+		cancel()
+		s = <-sigs
+		klog.InfoS("Second signal, exiting now", "signal", s.String())
+		klog.Flush()
+		os.Exit(1)
+	}()
+	err = run(ctx, cfg)
+	klog.Flush()
+	if err != nil {
+		klog.ErrorS(err, "csi-snap failed")
+		klog.Flush()
+		os.Exit(1)
+	}
+}
+
+// holderMain runs the fd-holder subprocess body: `fuse-holder --socket PATH`.
+func holderMain(args []string) int {
+	fs := flag.NewFlagSet("csi-snap fuse-holder", flag.ContinueOnError)
+	socket := fs.String("socket", "", "unix socket path the holder serves the FUSE fds on")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if *socket == "" || fs.NArg() > 0 {
+		fmt.Fprintln(os.Stderr, "csi-snap fuse-holder: --socket PATH is required and nothing else")
+		return 2
+	}
+	if err := runHolder(*socket); err != nil {
+		fmt.Fprintln(os.Stderr, "csi-snap fuse-holder:", err)
+		return 1
+	}
+	return 0
+}

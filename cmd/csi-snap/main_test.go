@@ -1,0 +1,256 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/csi-snap/csi-snap/driver"
+	"github.com/csi-snap/csi-snap/driver/drivertest"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	rpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
+)
+
+func TestParseFlags(t *testing.T) {
+	c, err := parseFlags(nil, nil, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	host, _ := os.Hostname()
+	if c.Endpoint != "unix:///csi/csi.sock" || c.DataDir != "/var/lib/csi-snap" || c.RunDir != "/var/lib/csi-snap/run" ||
+		c.NodeID != host || c.DriverName != "csi-snap.io" || c.MetricsAddress != "" || c.MaxVolumes != -1 {
+		t.Fatalf("defaults: %+v", c)
+	}
+	c, err = parseFlags([]string{"--endpoint", "tcp://127.0.0.1:1234", "--node-id", "n1", "--data-dir", "/d", "--metrics-address", ":9000", "--driver-name", "x.io"}, nil, io.Discard)
+	if err != nil || c.NodeID != "n1" || c.RunDir != "/d/run" || c.MetricsAddress != ":9000" || c.DriverName != "x.io" {
+		t.Fatalf("flags: %+v, %v", c, err)
+	}
+	bad := [][]string{
+		{"--endpoint", "http://x"},
+		{"--endpoint", "unix://host/sock"},
+		{"--endpoint", "tcp://nohostport"},
+		{"--data-dir", "relative"},
+		{"--node-id", ""},
+		{"--metrics-address", "nocolon"},
+		{"--max-volumes", "-2"},
+		{"--shutdown-timeout", "0s"},
+		{"extra-arg"},
+		{"--no-such-flag"},
+	}
+	for _, args := range bad {
+		if _, err := parseFlags(args, nil, io.Discard); err == nil {
+			t.Errorf("parseFlags(%q) accepted", args)
+		}
+	}
+}
+
+func TestParseEndpoint(t *testing.T) {
+	cases := []struct{ ep, network, addr string }{
+		{"unix:///csi/csi.sock", "unix", "/csi/csi.sock"},
+		{"unix:/tmp/x.sock", "unix", "/tmp/x.sock"},
+		{"unix:rel.sock", "unix", "rel.sock"},
+		{"tcp://127.0.0.1:10000", "tcp", "127.0.0.1:10000"},
+	}
+	for _, c := range cases {
+		n, a, err := parseEndpoint(c.ep)
+		if err != nil || n != c.network || a != c.addr {
+			t.Errorf("parseEndpoint(%q) = %q %q %v", c.ep, n, a, err)
+		}
+	}
+	for _, ep := range []string{"", "unix://", "unix:", "ftp://x", "::::"} {
+		if _, _, err := parseEndpoint(ep); err == nil {
+			t.Errorf("parseEndpoint(%q) accepted", ep)
+		}
+	}
+}
+
+func TestRemoveStaleSocket(t *testing.T) {
+	dir := t.TempDir()
+	// A socket whose listener is gone is removed.
+	stale := filepath.Join(dir, "stale.sock")
+	l, err := net.Listen("unix", stale)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close()
+	if err := removeStaleSocket(stale); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(stale); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("stale socket still there: %v", err)
+	}
+	// A live one is left alone.
+	live := filepath.Join(dir, "live.sock")
+	l, err = net.Listen("unix", live)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if err := removeStaleSocket(live); err == nil {
+		t.Fatal("removed a live socket")
+	}
+	// A regular file is not ours to remove.
+	file := filepath.Join(dir, "file")
+	os.WriteFile(file, []byte("x"), 0o600)
+	if err := removeStaleSocket(file); err == nil {
+		t.Fatal("removed a regular file")
+	}
+	if err := removeStaleSocket(filepath.Join(dir, "missing")); err != nil {
+		t.Fatalf("missing path: %v", err)
+	}
+}
+
+// blockingStore makes ListVolumes hang until released, to test that a stop
+// does not wait for it longer than the shutdown timeout.
+type blockingStore struct {
+	*drivertest.Store
+	entered chan struct{}
+	release chan struct{}
+	once    sync.Once
+}
+
+func (b *blockingStore) Volumes() []driver.VolumeInfo {
+	b.once.Do(func() { close(b.entered) })
+	<-b.release
+	return b.Store.Volumes()
+}
+
+func testConfig(t *testing.T, st driver.Store) Config {
+	dir := t.TempDir()
+	fe := drivertest.NewFrontend()
+	return Config{
+		Endpoint: "unix://" + filepath.Join(dir, "csi.sock"), NodeID: "n1", DataDir: dir, RunDir: filepath.Join(dir, "run"),
+		DriverName: "csi-snap.io", MetricsAddress: "127.0.0.1:0", MaxVolumes: 0, ShutdownTimeout: 100 * time.Millisecond,
+		openEngines: func(Config) (*engines, error) { return &engines{store: st, frontend: fe}, nil },
+	}
+}
+
+func dial(t *testing.T, ep string) *grpc.ClientConn {
+	_, addr, _ := parseEndpoint(ep)
+	for i := 0; ; i++ {
+		if c, err := net.Dial("unix", addr); err == nil {
+			c.Close()
+			break
+		}
+		if i > 500 {
+			t.Fatal("server socket never appeared")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cc, err := grpc.NewClient("unix://"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	return cc
+}
+
+func TestRunServesAndStops(t *testing.T) {
+	cfg := testConfig(t, drivertest.NewStore())
+	// Leave a stale socket where the server will listen.
+	_, sock, _ := parseEndpoint(cfg.Endpoint)
+	l, _ := net.Listen("unix", sock)
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close()
+	// Pick a free metrics port.
+	ml, _ := net.Listen("tcp", "127.0.0.1:0")
+	cfg.MetricsAddress = ml.Addr().String()
+	ml.Close()
+
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- run(ctx, cfg) }()
+	cc := dial(t, cfg.Endpoint)
+	info, err := csi.NewIdentityClient(cc).GetPluginInfo(context.Background(), &csi.GetPluginInfoRequest{})
+	if err != nil || info.Name != "csi-snap.io" {
+		t.Fatalf("GetPluginInfo %v, %v", info, err)
+	}
+	if _, err := csi.NewControllerClient(cc).CreateVolume(context.Background(), &csi.CreateVolumeRequest{Name: "m",
+		VolumeCapabilities: []*csi.VolumeCapability{{AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
+			AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER}}}}); err != nil {
+		t.Fatal(err)
+	}
+	// Reflection lists the CSI services, so grpcurl works.
+	rc, err := rpb.NewServerReflectionClient(cc).ServerReflectionInfo(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rc.Send(&rpb.ServerReflectionRequest{MessageRequest: &rpb.ServerReflectionRequest_ListServices{}}); err != nil {
+		t.Fatal(err)
+	}
+	rr, err := rc.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, s := range rr.GetListServicesResponse().GetService() {
+		names = append(names, s.Name)
+	}
+	if !strings.Contains(strings.Join(names, ","), "csi.v1.Controller") {
+		t.Fatalf("reflection services %v", names)
+	}
+	// Metrics carry the store gauges and the latency histogram.
+	resp, err := http.Get("http://" + cfg.MetricsAddress + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{"csi_snap_volumes 1", `csi_snap_request_duration_seconds_count{code="OK",method="CreateVolume"} 1`} {
+		if !strings.Contains(string(body), want) {
+			t.Fatalf("metrics lack %q:\n%s", want, body)
+		}
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("socket left behind: %v", err)
+	}
+}
+
+// TestRunStopIsBounded: a call that never finishes does not keep the
+// process from stopping.
+func TestRunStopIsBounded(t *testing.T) {
+	st := &blockingStore{Store: drivertest.NewStore(), entered: make(chan struct{}), release: make(chan struct{})}
+	defer close(st.release)
+	cfg := testConfig(t, st)
+	cfg.MetricsAddress = ""
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- run(ctx, cfg) }()
+	cc := dial(t, cfg.Endpoint)
+	callErr := make(chan error, 1)
+	go func() {
+		_, err := csi.NewControllerClient(cc).ListVolumes(context.Background(), &csi.ListVolumesRequest{})
+		callErr <- err
+	}()
+	<-st.entered
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	if err := <-callErr; err == nil {
+		t.Fatal("the hanging call succeeded although the server was cut")
+	}
+}
+
+func TestRunRejectsBadConfig(t *testing.T) {
+	cfg := testConfig(t, drivertest.NewStore())
+	cfg.DataDir = "relative"
+	if err := run(context.Background(), cfg); !errors.Is(err, errConfig) {
+		t.Fatalf("run with a bad config: %v", err)
+	}
+}

@@ -1,0 +1,140 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/csi-snap/csi-snap/driver"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/reflection"
+	"k8s.io/klog/v2"
+	mount "k8s.io/mount-utils"
+	utilexec "k8s.io/utils/exec"
+)
+
+// engines are the store and frontend the driver runs on.
+type engines struct {
+	store        driver.Store
+	frontend     driver.Frontend
+	freeze, thaw func(mountpoint string) error
+}
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+// run serves CSI on cfg.Endpoint until ctx is done, then stops gracefully
+// within cfg.ShutdownTimeout. The frontend is closed without detaching, so
+// staged volumes keep their devices across a restart.
+func run(ctx context.Context, cfg Config) (err error) {
+	if err := cfg.validate(); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
+		return err
+	}
+	open := cfg.openEngines
+	if open == nil {
+		open = openRealEngines
+	}
+	eng, err := open(cfg)
+	if err != nil {
+		return fmt.Errorf("open engines: %w", err)
+	}
+	defer func() {
+		if cerr := eng.frontend.Close(); cerr != nil {
+			klog.ErrorS(cerr, "Closing frontend")
+		}
+		if cerr := eng.store.Close(); cerr != nil && err == nil {
+			err = fmt.Errorf("close store: %w", cerr)
+		}
+	}()
+
+	maxVols := cfg.MaxVolumes
+	if maxVols < 0 {
+		if maxVols, err = driver.MaxLoopDevices(); err != nil {
+			klog.ErrorS(err, "Reading the loop driver's max_loop; reporting no volume limit")
+			maxVols = 0
+		}
+	}
+	d, err := driver.New(driver.Options{
+		Name: cfg.DriverName, Version: version, NodeID: cfg.NodeID, DataDir: cfg.DataDir, MaxVolumes: maxVols,
+		Store: eng.store, Frontend: eng.frontend,
+		Mounter: &mount.SafeFormatAndMount{Interface: mount.New(""), Exec: utilexec.New()},
+		Freeze:  eng.freeze, Thaw: eng.thaw,
+	})
+	if err != nil {
+		return err
+	}
+	if err := d.Recover(ctx); err != nil {
+		// Serve anyway: the volumes that did come back must stay usable, and
+		// the failed ones answer errors on their own calls.
+		klog.ErrorS(err, "Some attached volumes did not come back")
+	}
+
+	var metrics *driver.Metrics
+	if cfg.MetricsAddress != "" {
+		reg := prometheus.NewRegistry()
+		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		metrics = driver.NewMetrics(reg, eng.store)
+		ln, err := net.Listen("tcp", cfg.MetricsAddress)
+		if err != nil {
+			return fmt.Errorf("metrics listener: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				klog.ErrorS(err, "Metrics server")
+			}
+		}()
+		defer hs.Close()
+		klog.InfoS("Serving metrics", "address", ln.Addr().String())
+	}
+
+	network, addr, _ := parseEndpoint(cfg.Endpoint)
+	if network == "unix" {
+		if err := removeStaleSocket(addr); err != nil {
+			return err
+		}
+	}
+	ln, err := net.Listen(network, addr)
+	if err != nil {
+		return err
+	}
+	if network == "unix" {
+		defer os.Remove(addr)
+	}
+	srv := grpc.NewServer(grpc.UnaryInterceptor(driver.UnaryInterceptor(metrics)))
+	d.Register(srv)
+	reflection.Register(srv)
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	klog.InfoS("Serving CSI", "endpoint", cfg.Endpoint, "driver", cfg.DriverName, "node", cfg.NodeID, "dataDir", cfg.DataDir)
+
+	select {
+	case err := <-served:
+		return fmt.Errorf("grpc server: %w", err)
+	case <-ctx.Done():
+	}
+	klog.InfoS("Stopping", "timeout", cfg.ShutdownTimeout)
+	stopped := make(chan struct{})
+	go func() { srv.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(cfg.ShutdownTimeout):
+		// Stop closes every connection; it does not wait for handlers that
+		// ignore their context, and neither do we: the process is leaving.
+		klog.InfoS("Graceful stop timed out; cutting in-flight calls")
+		srv.Stop()
+	}
+	return nil
+}

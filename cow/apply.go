@@ -1,0 +1,537 @@
+package cow
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/csi-snap/csi-snap/exceptions"
+)
+
+// apply changes memory as record r says. Open (replaying) and every change
+// at run time (after r is durable) go through it, so a replay rebuilds
+// exactly the state the running store had. Records that contradict the state
+// return ErrCorrupt. Called with s.mu and the gates r's effects need.
+func (s *Store) apply(r *record) error {
+	switch r.Type {
+	case recNextObj:
+		if r.Obj < s.nextObj {
+			return corruptf("next object %d below %d", r.Obj, s.nextObj)
+		}
+		s.nextObj = r.Obj
+	case recVolume:
+		return s.applyVolume(r)
+	case recSnapshot:
+		return s.applySnapshot(r)
+	case recResize:
+		v, err := s.vol(r.Obj)
+		if err != nil {
+			return err
+		}
+		v.mu.Lock()
+		defer v.mu.Unlock()
+		if r.Size < v.size || r.Size > maxBytes || v.deleted {
+			return corruptf("resize of volume %d to %d", r.Obj, r.Size)
+		}
+		v.size = r.Size
+	case recDelete:
+		switch x := s.objs[r.Obj].(type) {
+		case *Volume:
+			if x.deleted {
+				return corruptf("volume %d deleted twice", r.Obj)
+			}
+			x.mu.Lock()
+			x.deleted = true
+			x.mu.Unlock()
+			if err := s.reapVolume(x); err != nil {
+				return err
+			}
+			if !s.replay && !x.gone {
+				return x.punchUnreadable()
+			}
+			return nil
+		case *Snapshot:
+			if x.deleted {
+				return corruptf("snapshot %d deleted twice", r.Obj)
+			}
+			x.vol.mu.Lock()
+			x.deleted = true
+			x.vol.mu.Unlock()
+			return s.reapSnapshot(x)
+		default:
+			return corruptf("delete of unknown object %d", r.Obj)
+		}
+	case recInvalidate:
+		sn, err := s.snap(r.Obj)
+		if err != nil {
+			return err
+		}
+		v := sn.vol
+		if sn.invalid || sn.clones > 0 {
+			return corruptf("invalidate of snapshot %d (invalid %v, %d clones)", r.Obj, sn.invalid, sn.clones)
+		}
+		freed, err := v.unchain(sn)
+		if err != nil {
+			return err
+		}
+		v.mu.Lock()
+		sn.invalid = true
+		v.mu.Unlock()
+		return s.release(v, freed)
+	case recExc:
+		sn, err := s.snap(r.Obj)
+		if err != nil {
+			return err
+		}
+		v := sn.vol
+		if len(v.chain) == 0 || v.chain[len(v.chain)-1] != sn {
+			return corruptf("exception for snapshot %d, which is not the newest", r.Obj)
+		}
+		if r.Origin >= uint64(chunks(sn.size, v.shift)) || r.COW >= maxBytes>>v.shift {
+			return corruptf("exception %d->%d out of range", r.Origin, r.COW)
+		}
+		run := exceptions.Run{Origin: exceptions.Chunk(r.Origin), COW: exceptions.Chunk(r.COW), Len: 1}
+		if s.replay {
+			sn.pending = append(sn.pending, run)
+			s.dirty[sn] = struct{}{}
+		} else {
+			v.mu.Lock()
+			err := sn.idx.InsertRun(run)
+			v.mu.Unlock()
+			if err != nil {
+				return corruptf("exception %d->%d: %v", r.Origin, r.COW, err)
+			}
+		}
+		if r.COW != 0 {
+			sn.held++
+			if s.replay {
+				sn.reserved.Add(1)
+			}
+		}
+	case recPresent:
+		v, err := s.vol(r.Obj)
+		if err != nil {
+			return err
+		}
+		if v.present == nil || r.N == 0 || r.Origin+r.N < r.Origin || r.Origin+r.N > uint64(chunks(v.size, v.shift)) {
+			return corruptf("present %d+%d for volume %d", r.Origin, r.N, r.Obj)
+		}
+		v.mu.Lock()
+		// Present records may repeat (a chunk marked again after a failed
+		// commit); only the chunks not yet present are inserted.
+		gaps(v.present, exceptions.Chunk(r.Origin), r.N, func(c exceptions.Chunk, n uint64) {
+			v.present.InsertRun(exceptions.Run{Origin: c, COW: c, Len: n})
+		})
+		v.mu.Unlock()
+	case recRuns:
+		sn, err := s.snap(r.Obj)
+		if err != nil {
+			return err
+		}
+		if sn.invalid {
+			return corruptf("runs for invalid snapshot %d", r.Obj)
+		}
+		for _, run := range r.Runs {
+			if uint64(run.Origin)+run.Len > uint64(chunks(sn.size, sn.vol.shift)) || uint64(run.COW)+run.Len > maxBytes>>sn.vol.shift {
+				return corruptf("run %+v out of range", run)
+			}
+			if run.COW == 0 && run.Len != 1 {
+				return corruptf("zero run %+v longer than one chunk", run)
+			}
+			if s.replay && len(sn.pending) > 0 {
+				sn.pending = append(sn.pending, run)
+				s.dirty[sn] = struct{}{}
+			} else if err := sn.idx.InsertRun(run); err != nil {
+				if !errors.Is(err, exceptions.ErrMapped) {
+					return corruptf("run %+v: %v", run, err)
+				}
+				sn.pending = append(sn.pending, run)
+				s.dirty[sn] = struct{}{}
+			}
+			if run.COW != 0 {
+				sn.held += int64(run.Len)
+				sn.reserved.Add(int64(run.Len))
+			}
+		}
+	case recPresentRuns:
+		v, err := s.vol(r.Obj)
+		if err != nil {
+			return err
+		}
+		if v.present == nil {
+			return corruptf("present runs for volume %d, not a clone", r.Obj)
+		}
+		for _, run := range r.Runs {
+			if err := v.present.InsertRun(run); err != nil {
+				return corruptf("present run %+v: %v", run, err)
+			}
+		}
+	case recBatch:
+		return corruptf("batch record inside a batch")
+	default:
+		return corruptf("unknown record type %d", r.Type)
+	}
+	return nil
+}
+
+func chunks(size int64, shift uint) int64 {
+	return (size + 1<<shift - 1) >> shift
+}
+
+func (s *Store) vol(obj uint32) (*Volume, error) {
+	v, ok := s.objs[obj].(*Volume)
+	if !ok {
+		return nil, corruptf("unknown volume %d", obj)
+	}
+	return v, nil
+}
+
+func (s *Store) snap(obj uint32) (*Snapshot, error) {
+	sn, ok := s.objs[obj].(*Snapshot)
+	if !ok {
+		return nil, corruptf("unknown snapshot %d", obj)
+	}
+	return sn, nil
+}
+
+func (s *Store) newObj(obj uint32, id string, internal bool) error {
+	if obj == 0 || obj < s.nextObj || s.objs[obj] != nil {
+		return corruptf("object number %d reused (next %d)", obj, s.nextObj)
+	}
+	if internal {
+		if !strings.HasPrefix(id, "~") || checkID(id[1:]) != nil {
+			return corruptf("bad internal ID %q", id)
+		}
+	} else if checkID(id) != nil {
+		return corruptf("bad ID %q", id)
+	}
+	if s.byID[id] != nil {
+		return corruptf("ID %q in use", id)
+	}
+	return nil
+}
+
+func (s *Store) applyVolume(r *record) error {
+	if err := s.newObj(r.Obj, r.ID, false); err != nil {
+		return err
+	}
+	shift, err := chunkShift(int(r.ChunkSize))
+	if err != nil || r.Size <= 0 || r.Size > maxBytes || r.Flags&^flagDeleted != 0 {
+		return corruptf("volume %d: size %d, chunk size %d, flags %x", r.Obj, r.Size, r.ChunkSize, r.Flags)
+	}
+	v := &Volume{s: s, obj: r.Obj, id: r.ID, chunkSize: 1 << shift, shift: shift, labels: r.Labels, size: r.Size,
+		deleted: r.Flags&flagDeleted != 0, hwm: firstCOW,
+		dataName: fmt.Sprintf("%08x.data", r.Obj), cowName: fmt.Sprintf("%08x.cow", r.Obj)}
+	if r.Parent != 0 {
+		src, ok := s.objs[r.Parent].(*Snapshot)
+		if !ok || src.invalid || (src.deleted && !s.replay && !src.internal) || r.Size < src.size {
+			return corruptf("volume %d: bad source snapshot %d", r.Obj, r.Parent)
+		}
+		v.src = src
+		v.present = exceptions.New()
+		src.vol.mu.Lock()
+		src.clones++
+		src.vol.mu.Unlock()
+	}
+	f, err := s.fs.Open(v.dataName, true)
+	if err != nil {
+		return err
+	}
+	v.data = f
+	s.objs[r.Obj], s.byID[r.ID] = v, v
+	s.nextObj = r.Obj + 1
+	return nil
+}
+
+func (s *Store) applySnapshot(r *record) error {
+	internal := r.Flags&flagInternal != 0
+	if err := s.newObj(r.Obj, r.ID, internal); err != nil {
+		return err
+	}
+	v, err := s.vol(r.Parent)
+	if err != nil {
+		return err
+	}
+	if r.Flags&^(flagDeleted|flagInvalid|flagInternal) != 0 || r.Size <= 0 || r.Size > v.size || (v.deleted && !s.replay) {
+		return corruptf("snapshot %d: size %d, flags %x", r.Obj, r.Size, r.Flags)
+	}
+	sn := &Snapshot{s: s, obj: r.Obj, id: r.ID, vol: v, size: r.Size, created: time.Unix(0, r.Created),
+		limit: r.Limit, labels: r.Labels, internal: internal, idx: exceptions.New(),
+		deleted: r.Flags&flagDeleted != 0, invalid: r.Flags&flagInvalid != 0}
+	v.mu.Lock()
+	if n := len(v.chain); n > 0 && v.chain[n-1].size > sn.size {
+		v.mu.Unlock()
+		return corruptf("snapshot %d smaller than the one before", r.Obj)
+	}
+	v.snaps = append(v.snaps, sn)
+	if !sn.invalid {
+		v.chain = append(v.chain, sn)
+	}
+	v.mu.Unlock()
+	s.objs[r.Obj], s.byID[r.ID] = sn, sn
+	s.nextObj = r.Obj + 1
+	return nil
+}
+
+// reapSnapshot removes sn if it is deleted and nothing depends on it, then
+// what that frees in turn (its volume, if deleted and without snapshots).
+func (s *Store) reapSnapshot(sn *Snapshot) error {
+	v := sn.vol
+	v.mu.RLock()
+	keep := !sn.deleted || sn.clones > 0 || sn.gone
+	v.mu.RUnlock()
+	if keep {
+		return nil
+	}
+	freed, err := v.unchain(sn)
+	if err != nil {
+		return err
+	}
+	v.mu.Lock()
+	sn.gone = true
+	v.snaps = slices.DeleteFunc(v.snaps, func(x *Snapshot) bool { return x == sn })
+	v.mu.Unlock()
+	delete(s.objs, sn.obj)
+	delete(s.byID, sn.id)
+	if err := s.release(v, freed); err != nil {
+		return err
+	}
+	return s.reapVolume(v)
+}
+
+func (s *Store) reapVolume(v *Volume) error {
+	v.mu.Lock()
+	keep := !v.deleted || len(v.snaps) > 0 || v.gone
+	if !keep {
+		v.gone = true
+	}
+	v.mu.Unlock()
+	if keep {
+		return nil
+	}
+	delete(s.objs, v.obj)
+	delete(s.byID, v.id)
+	if !s.replay {
+		v.closeFiles()
+		if err := errors.Join(s.fs.Remove(v.dataName), s.fs.Remove(v.cowName)); err != nil {
+			return err
+		}
+	}
+	if v.src == nil {
+		return nil
+	}
+	src := v.src
+	src.vol.mu.Lock()
+	src.clones--
+	src.vol.mu.Unlock()
+	return s.reapSnapshot(src)
+}
+
+// release gives freed COW chunks back to the allocator and the file system.
+// At run time the record that freed them is durable, so no replay can make
+// them referenced again; during replay the free list is rebuilt at the end.
+func (s *Store) release(v *Volume, freed []span) error {
+	if s.replay || len(freed) == 0 || v.gone {
+		return nil
+	}
+	for _, f := range freed {
+		if err := v.punchCOW(f.C, f.N); err != nil {
+			return err
+		}
+	}
+	v.mu.Lock()
+	v.free = append(v.free, freed...)
+	v.mu.Unlock()
+	return nil
+}
+
+// gaps calls fn for each maximal range of [c, c+n) that x does not map,
+// in ascending order. fn may insert into x what it is given.
+func gaps(x *exceptions.Index, c exceptions.Chunk, n uint64, fn func(exceptions.Chunk, uint64)) {
+	end := c + exceptions.Chunk(n)
+	var covered []span
+	x.Ascend(c, func(r exceptions.Run) bool {
+		if r.Origin >= end {
+			return false
+		}
+		covered = append(covered, span{max(r.Origin, c), uint64(min(r.Origin+exceptions.Chunk(r.Len), end) - max(r.Origin, c))})
+		return true
+	})
+	for _, cv := range covered {
+		if cv.C > c {
+			fn(c, uint64(cv.C-c))
+		}
+		c = cv.C + exceptions.Chunk(cv.N)
+	}
+	if c < end {
+		fn(c, uint64(end-c))
+	}
+}
+
+// unchain takes sn out of the chain (it is gone or invalid): the chunks the
+// next older snapshot lacks move to it, since that snapshot's reads used to
+// find them in sn; the others are returned as freed. Cost: O(runs of sn
+// and of the overlapping part of the older snapshot).
+func (v *Volume) unchain(sn *Snapshot) ([]span, error) {
+	i := slices.Index(v.chain, sn)
+	if i < 0 {
+		return nil, nil
+	}
+	if err := v.s.flushPending(sn); err != nil {
+		return nil, err
+	}
+	var prev *Snapshot
+	if i > 0 {
+		prev = v.chain[i-1]
+		if err := v.s.flushPending(prev); err != nil {
+			return nil, err
+		}
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	var freed, moved []span
+	var runs []exceptions.Run
+	sn.idx.Ascend(0, func(r exceptions.Run) bool { runs = append(runs, r); return true })
+	var err error
+	for _, r := range runs {
+		// Split r into what prev lacks (moves, if prev can read that far)
+		// and what prev has (freed).
+		limit := exceptions.Chunk(0)
+		if prev != nil {
+			limit = exceptions.Chunk(chunks(prev.size, v.shift))
+		}
+		end := r.Origin + exceptions.Chunk(r.Len)
+		moved = moved[:0]
+		if r.Origin < limit {
+			gaps(prev.idx, r.Origin, uint64(min(end, limit)-r.Origin), func(c exceptions.Chunk, n uint64) {
+				moved = append(moved, span{c, n})
+			})
+		}
+		at := r.Origin
+		free := func(c exceptions.Chunk, n uint64) {
+			if r.COW != 0 && n > 0 {
+				freed = append(freed, span{r.COW + (c - r.Origin), n})
+			}
+		}
+		for _, m := range moved {
+			free(at, uint64(m.C-at))
+			k := exceptions.Chunk(0)
+			if r.COW != 0 {
+				k = r.COW + (m.C - r.Origin)
+			}
+			if e := prev.idx.InsertRun(exceptions.Run{Origin: m.C, COW: k, Len: m.N}); e != nil && err == nil {
+				err = e
+			}
+			if k != 0 {
+				prev.held += int64(m.N)
+				prev.reserved.Add(int64(m.N))
+			}
+			at = m.C + exceptions.Chunk(m.N)
+		}
+		free(at, uint64(end-at))
+	}
+	if err != nil {
+		return nil, corruptf("merging snapshot %d: %v", sn.obj, err)
+	}
+	sn.idx = exceptions.New()
+	sn.held = 0
+	sn.reserved.Store(0)
+	v.chain = slices.Delete(v.chain, i, i+1)
+	return freed, nil
+}
+
+// flushPending merges the exception records replay buffered for sn into its
+// index. Buffering lets replay sort millions of random inserts and build the
+// index in one ascending pass instead of inserting in the middle each time.
+func (s *Store) flushPending(sn *Snapshot) error {
+	if len(sn.pending) == 0 {
+		return nil
+	}
+	delete(s.dirty, sn)
+	p := sn.pending
+	sn.pending = nil
+	slices.SortFunc(p, func(a, b exceptions.Run) int {
+		switch {
+		case a.Origin < b.Origin:
+			return -1
+		case a.Origin > b.Origin:
+			return 1
+		}
+		return 0
+	})
+	old := sn.idx
+	x := exceptions.New()
+	i := 0
+	var err error
+	put := func(r exceptions.Run) bool {
+		if e := x.InsertRun(r); e != nil {
+			err = corruptf("snapshot %d: run %+v: %v", sn.obj, r, e)
+			return false
+		}
+		return true
+	}
+	old.Ascend(0, func(r exceptions.Run) bool {
+		for i < len(p) && p[i].Origin < r.Origin {
+			if !put(p[i]) {
+				return false
+			}
+			i++
+		}
+		return put(r)
+	})
+	for ; err == nil && i < len(p); i++ {
+		put(p[i])
+	}
+	if err != nil {
+		return err
+	}
+	sn.vol.mu.Lock()
+	sn.idx = x
+	sn.vol.mu.Unlock()
+	return nil
+}
+
+func (s *Store) flushAllPending() error {
+	for sn := range s.dirty {
+		if err := s.flushPending(sn); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// punchUnreadable gives back the parts of a deleted volume's data file that
+// no reader can reach any more: chunks the newest snapshot of the chain
+// holds (every snapshot's read of them stops at a copy by then), and
+// everything past the newest snapshot's size. Merges keep this true: a
+// chunk leaving the newest snapshot moves to an older one or is freed only
+// when that one holds it. Idempotent; Open redoes it for deleted volumes.
+func (v *Volume) punchUnreadable() error {
+	v.mu.RLock()
+	var newest *Snapshot
+	if n := len(v.chain); n > 0 {
+		newest = v.chain[n-1]
+	}
+	size := v.size
+	var spans []span
+	from := int64(0)
+	if newest != nil {
+		newest.idx.Ascend(0, func(r exceptions.Run) bool {
+			spans = append(spans, span{r.Origin, r.Len})
+			return true
+		})
+		from = chunks(newest.size, v.shift) << v.shift
+	}
+	v.mu.RUnlock()
+	for _, sp := range spans {
+		if err := v.data.Punch(int64(sp.C)<<v.shift, int64(sp.N)<<v.shift); err != nil {
+			return err
+		}
+	}
+	if from < size {
+		return v.data.Punch(from, size-from)
+	}
+	return nil
+}

@@ -1,0 +1,488 @@
+package cow
+
+import (
+	"fmt"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"runtime"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/csi-snap/csi-snap/exceptions"
+)
+
+// Benchmarks: see BENCHMARKS.md "## cow" for the commands and figures.
+// Every image is prefilled with random bytes, so copy-outs copy real data
+// (a chunk of zeros is recorded without a copy, which would flatter us).
+
+const benchRegion = 64 << 20 // bytes written per round
+
+type writer interface {
+	WriteAt(p []byte, off int64) (int, error)
+}
+
+type fileImage struct{ f *os.File }
+
+func (f fileImage) WriteAt(p []byte, off int64) (int, error) { return f.f.WriteAt(p, off) }
+func (f fileImage) ReadAt(p []byte, off int64) (int, error)  { return f.f.ReadAt(p, off) }
+
+func prefill(b *testing.B, w writer, size int64) {
+	b.Helper()
+	buf := make([]byte, 1<<20)
+	rng := rand.New(rand.NewSource(1))
+	for off := int64(0); off < size; off += int64(len(buf)) {
+		rng.Read(buf)
+		if _, err := w.WriteAt(buf[:min(int64(len(buf)), size-off)], off); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func benchFile(b *testing.B, size int64) fileImage {
+	f, err := os.Create(filepath.Join(b.TempDir(), "plain"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { f.Close() })
+	if err := f.Truncate(size); err != nil {
+		b.Fatal(err)
+	}
+	prefill(b, fileImage{f}, size)
+	if err := f.Sync(); err != nil { // start clean, as the volumes do
+		b.Fatal(err)
+	}
+	return fileImage{f}
+}
+
+func benchStore(b *testing.B, size int64, chunk int) (*Store, *Volume) {
+	s, err := Open(b.TempDir())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { s.Close() })
+	v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: chunk})
+	if err != nil {
+		b.Fatal(err)
+	}
+	prefill(b, v, size)
+	if err := v.Flush(); err != nil {
+		b.Fatal(err)
+	}
+	return s, v
+}
+
+// offsets returns the write offsets of one round over the region: in order
+// for sequential writes, one per chunk in random order for random ones.
+func offsets(rng *rand.Rand, bs, chunk int64, random bool) []int64 {
+	var out []int64
+	if !random {
+		for off := int64(0); off < benchRegion; off += bs {
+			out = append(out, off)
+		}
+		return out
+	}
+	step := max(bs, chunk) // a first write per chunk
+	for _, i := range rng.Perm(int(benchRegion / step)) {
+		out = append(out, int64(i)*step)
+	}
+	return out
+}
+
+// BenchmarkWrite: sequential 1 MiB and random 4 KiB writes to a plain file
+// and to volumes with 0, 1, 4, 16 snapshots; "first" writes each hit a
+// chunk for the first time since the newest snapshot (a copy-out each),
+// "rewrite" ones hit chunks already copied.
+func BenchmarkWrite(b *testing.B) {
+	for _, pat := range []struct {
+		name   string
+		bs     int64
+		random bool
+	}{{"seq1M", 1 << 20, false}, {"rand4K", 4 << 10, true}} {
+		b.Run(pat.name+"/file", func(b *testing.B) {
+			f := benchFile(b, benchRegion)
+			benchWrites(b, f, pat.bs, DefaultChunkSize, pat.random, nil)
+		})
+		for _, snaps := range []int{0, 1, 4, 16} {
+			for _, first := range []bool{true, false} {
+				if snaps == 0 && !first {
+					continue
+				}
+				name := fmt.Sprintf("%s/snaps=%d/%s", pat.name, snaps, map[bool]string{true: "first", false: "rewrite"}[first])
+				b.Run(name, func(b *testing.B) {
+					benchVolumeWrites(b, pat.bs, DefaultChunkSize, pat.random, snaps, first)
+				})
+			}
+		}
+	}
+}
+
+// BenchmarkChunkSize: the writes that depend on the chunk size most, for
+// choosing DefaultChunkSize.
+func BenchmarkChunkSize(b *testing.B) {
+	for _, cs := range []int{4 << 10, 16 << 10, 64 << 10} {
+		for _, pat := range []struct {
+			name   string
+			bs     int64
+			random bool
+		}{{"seq1M", 1 << 20, false}, {"rand4K", 4 << 10, true}} {
+			b.Run(fmt.Sprintf("chunk=%dK/%s/snaps=1/first", cs>>10, pat.name), func(b *testing.B) {
+				benchVolumeWrites(b, pat.bs, cs, pat.random, 1, true)
+			})
+		}
+	}
+}
+
+func benchVolumeWrites(b *testing.B, bs int64, chunk int, random bool, snaps int, first bool) {
+	s, v := benchStore(b, benchRegion, chunk)
+	n := 0
+	newSnap := func() {
+		if snaps == 0 {
+			return
+		}
+		if n >= snaps {
+			if err := s.DeleteSnapshot(fmt.Sprint("s", n-snaps)); err != nil {
+				b.Fatal(err)
+			}
+		}
+		if _, err := s.CreateSnapshot("v", fmt.Sprint("s", n), SnapshotOptions{}); err != nil {
+			b.Fatal(err)
+		}
+		n++
+	}
+	for n < snaps {
+		newSnap()
+	}
+	var renew func()
+	if first {
+		renew = newSnap
+	} else {
+		// Copy everything out once, untimed: the timed writes are rewrites.
+		buf := make([]byte, 1<<20)
+		for off := int64(0); off < benchRegion; off += int64(len(buf)) {
+			if _, err := v.WriteAt(buf, off); err != nil {
+				b.Fatal(err)
+			}
+		}
+		if err := v.Flush(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	benchWrites(b, v, bs, int64(chunk), random, renew)
+}
+
+// benchWrites times b.N writes of bs bytes; renew (if set) runs untimed
+// after each round over the region.
+func benchWrites(b *testing.B, w writer, bs, chunk int64, random bool, renew func()) {
+	rng := rand.New(rand.NewSource(2))
+	buf := make([]byte, bs)
+	rng.Read(buf)
+	offs := offsets(rng, bs, chunk, random)
+	b.SetBytes(bs)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i, j := 0, 0; i < b.N; i, j = i+1, j+1 {
+		if j == len(offs) {
+			j = 0
+			if renew != nil {
+				b.StopTimer()
+				renew()
+				b.StartTimer()
+			}
+		}
+		buf[0] = byte(i) // never the same bytes twice
+		if _, err := w.WriteAt(buf, offs[j]); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkWriteParallel: random 4 KiB first writes from 16 goroutines, as
+// the FUSE frontend issues them at queue depth 16: copy-outs share fsyncs
+// (group commit). Run with -benchtime=1000x (at most 1024 first writes).
+func BenchmarkWriteParallel(b *testing.B) {
+	for _, snaps := range []int{-1, 0, 1, 16} {
+		name := fmt.Sprintf("rand4K/snaps=%d/first", snaps)
+		if snaps < 0 {
+			name = "rand4K/file"
+		}
+		b.Run(name, func(b *testing.B) {
+			var w writer
+			var s *Store
+			if snaps < 0 {
+				w = benchFile(b, benchRegion)
+			} else {
+				s, w = benchStore(b, benchRegion, DefaultChunkSize)
+				for i := 0; i < snaps; i++ {
+					s.CreateSnapshot("v", fmt.Sprint("s", i), SnapshotOptions{})
+				}
+			}
+			rng := rand.New(rand.NewSource(3))
+			offs := offsets(rng, 4096, DefaultChunkSize, true)
+			if b.N > len(offs) {
+				b.Fatalf("b.N %d > %d chunks: run with -benchtime=%dx or less, so every write is a first write", b.N, len(offs), len(offs))
+			}
+			var next int64
+			var mu = make(chan struct{}, 1)
+			b.SetBytes(4096)
+			b.SetParallelism(8) // 16 goroutines on 2 cores
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				buf := make([]byte, 4096)
+				for pb.Next() {
+					mu <- struct{}{}
+					i := next
+					next++
+					<-mu
+					if _, err := w.WriteAt(buf, offs[i%int64(len(offs))]); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+		})
+	}
+}
+
+type reader interface {
+	ReadAt(p []byte, off int64) (int, error)
+}
+
+// BenchmarkRead: reads of a plain file, a volume, the oldest of 4 snapshots
+// (half its chunks copied out), and a clone (half its chunks written).
+func BenchmarkRead(b *testing.B) {
+	for _, pat := range []struct {
+		name   string
+		bs     int64
+		random bool
+	}{{"seq1M", 1 << 20, false}, {"rand4K", 4 << 10, true}} {
+		b.Run(pat.name+"/file", func(b *testing.B) {
+			benchReads(b, benchFile(b, benchRegion), pat.bs, pat.random)
+		})
+		b.Run(pat.name+"/volume", func(b *testing.B) {
+			_, v := benchStore(b, benchRegion, DefaultChunkSize)
+			benchReads(b, v, pat.bs, pat.random)
+		})
+		b.Run(pat.name+"/snapshot", func(b *testing.B) {
+			s, v := benchStore(b, benchRegion, DefaultChunkSize)
+			buf := make([]byte, 1<<20)
+			for i := 0; i < 4; i++ {
+				s.CreateSnapshot("v", fmt.Sprint("s", i), SnapshotOptions{})
+				for off := int64(i) << 20; off < benchRegion/2; off += 4 << 20 {
+					v.WriteAt(buf, off)
+				}
+			}
+			sn, _ := s.Snapshot("s0")
+			benchReads(b, sn, pat.bs, pat.random)
+		})
+		b.Run(pat.name+"/clone", func(b *testing.B) {
+			s, _ := benchStore(b, benchRegion, DefaultChunkSize)
+			s.CreateSnapshot("v", "s", SnapshotOptions{})
+			c, _ := s.CloneSnapshot("s", "c", benchRegion, VolumeOptions{})
+			buf := make([]byte, 1<<20)
+			for off := int64(0); off < benchRegion; off += 2 << 20 {
+				c.WriteAt(buf, off)
+			}
+			benchReads(b, c, pat.bs, pat.random)
+		})
+	}
+}
+
+func benchReads(b *testing.B, r reader, bs int64, random bool) {
+	rng := rand.New(rand.NewSource(4))
+	offs := offsets(rng, bs, bs, random)
+	buf := make([]byte, bs)
+	b.SetBytes(bs)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if _, err := r.ReadAt(buf, offs[i%len(offs)]); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkCreateSnapshot: the latency of CreateSnapshot at 1 GiB and 1 TiB
+// volume size, with 4 KiB written (unflushed) before each one.
+func BenchmarkCreateSnapshot(b *testing.B) {
+	for _, size := range []int64{1 << 30, 1 << 40, -1 << 30} {
+		idle := size < 0 // no write between snapshots: nothing to flush
+		size = max(size, -size)
+		name := fmt.Sprintf("size=%dGiB", size>>30)
+		if idle {
+			name += "/idle"
+		}
+		b.Run(name, func(b *testing.B) {
+			s, err := Open(b.TempDir())
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			v, err := s.CreateVolume("v", size, VolumeOptions{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			buf := make([]byte, 4096)
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				b.StopTimer()
+				if i > 0 {
+					s.DeleteSnapshot(fmt.Sprint("s", i-1))
+				}
+				buf[0] = byte(i)
+				if !idle {
+					v.WriteAt(buf, int64(i)*(size/int64(b.N+1))&^4095)
+				}
+				b.StartTimer()
+				if _, err := s.CreateSnapshot("v", fmt.Sprint("s", i), SnapshotOptions{}); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkReopen: Open of a store whose snapshot holds n exceptions that
+// do not merge (random first writes at 4 KiB chunks), from a checkpoint
+// (after Close) and from a log of single records (after a crash).
+func BenchmarkReopen(b *testing.B) {
+	ns := []int{1_000_000}
+	if longTests() {
+		ns = append(ns, 10_000_000)
+	}
+	for _, n := range ns {
+		for _, from := range []string{"checkpoint", "log"} {
+			if from == "log" && n > 1_000_000 && !longTests() {
+				continue
+			}
+			b.Run(fmt.Sprintf("exceptions=%dM/%s", n/1_000_000, from), func(b *testing.B) {
+				dir := b.TempDir()
+				buildExceptions(b, dir, n, from == "checkpoint")
+				runtime.GC()
+				var cpu time.Duration
+				b.ResetTimer()
+				for i := 0; i < b.N; i++ {
+					c0 := cpuTime()
+					s, err := Open(dir)
+					if err != nil {
+						b.Fatal(err)
+					}
+					cpu += cpuTime() - c0
+					b.StopTimer()
+					sn, _ := s.Snapshot("s")
+					if got := sn.idx.Len(); got != uint64(n) {
+						b.Fatalf("%d exceptions after reopen, want %d", got, n)
+					}
+					s.closeFiles() // not Close: that would checkpoint
+					b.StartTimer()
+				}
+				b.ReportMetric(float64(n), "exceptions")
+				// The machine is shared: CPU time (all threads, GC included)
+				// is the figure the load does not inflate.
+				b.ReportMetric(cpu.Seconds()/float64(b.N), "cpu-s/op")
+			})
+		}
+	}
+}
+
+// buildExceptions makes a store with one snapshot mapping n random origin
+// chunks to n COW chunks (allocated in write order), through the log.
+func buildExceptions(b *testing.B, dir string, n int, checkpoint bool) {
+	s, err := Open(dir)
+	if err != nil {
+		b.Fatal(err)
+	}
+	const cs = 4096
+	if _, err := s.CreateVolume("v", int64(2*n)*cs, VolumeOptions{ChunkSize: cs}); err != nil {
+		b.Fatal(err)
+	}
+	sn, err := s.CreateSnapshot("v", "s", SnapshotOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	zero := crc(make([]byte, cs))
+	rng := rand.New(rand.NewSource(5))
+	perm := rng.Perm(2 * n)[:n]
+	var recs []byte
+	for i, c := range perm {
+		recs = appendRecord(recs, &record{Type: recExc, Obj: sn.obj, Origin: uint64(c), COW: uint64(firstCOW + i), DataCRC: zero})
+		if len(recs) > 1<<20 || i == n-1 {
+			if err := s.log.commit(recs); err != nil {
+				b.Fatal(err)
+			}
+			recs = recs[:0]
+		}
+	}
+	s.closeFiles()
+	if checkpoint {
+		s, err := Open(dir)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := s.Close(); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkSnapshotMemory reports the heap each snapshot without
+// exceptions takes, and each exception run on top.
+func BenchmarkSnapshotMemory(b *testing.B) {
+	s, err := Open(b.TempDir())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := s.CreateVolume("v", 1<<30, VolumeOptions{ChunkSize: 4096}); err != nil {
+		b.Fatal(err)
+	}
+	const n = 1000
+	heap := func() uint64 {
+		runtime.GC()
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		return m.HeapAlloc
+	}
+	b.ResetTimer()
+	var perSnap, perRun float64
+	for i := 0; i < b.N; i++ {
+		before := heap()
+		for j := 0; j < n; j++ {
+			if _, err := s.CreateSnapshot("v", fmt.Sprintf("m%d-%d", i, j), SnapshotOptions{}); err != nil {
+				b.Fatal(err)
+			}
+		}
+		mid := heap()
+		sn, _ := s.Snapshot(fmt.Sprintf("m%d-%d", i, n-1))
+		s.mu.Lock()
+		sn.vol.mu.Lock()
+		for c := 0; c < 100_000; c++ {
+			sn.idx.Insert(exceptions.Chunk(2*c), exceptions.Chunk(firstCOW+3*c))
+		}
+		sn.vol.mu.Unlock()
+		s.mu.Unlock()
+		after := heap()
+		perSnap = float64(mid-before) / n
+		perRun = float64(after-mid) / 100_000
+		b.StopTimer()
+		for j := 0; j < n; j++ {
+			s.mu.Lock()
+			sn, _ := s.byID[fmt.Sprintf("m%d-%d", i, j)].(*Snapshot)
+			s.mu.Unlock()
+			sn.vol.mu.Lock()
+			sn.idx = exceptions.New()
+			sn.vol.mu.Unlock()
+			s.DeleteSnapshot(sn.id)
+		}
+		b.StartTimer()
+	}
+	b.ReportMetric(perSnap, "B/snapshot")
+	b.ReportMetric(perRun, "B/run")
+}
+
+// cpuTime returns the CPU time the process used so far (user + system).
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}

@@ -1,0 +1,86 @@
+// Package cow is csi-snap's userspace copy-on-write engine: volumes kept in
+// sparse files, O(1) snapshots and clones, and a crash-safe store. It works
+// on plain files only (no root, no kernel devices) and imports only the
+// exceptions index and the standard library (plus x/sys for fallocate and
+// fdatasync).
+//
+// # Model
+//
+// A Store is a directory. A Volume is a writable image of Size bytes in
+// chunks of ChunkSize bytes (a power of two, 4 KiB..1 MiB). A Snapshot is a
+// read-only image of a volume at one instant. A clone (CloneSnapshot,
+// CloneVolume) is a writable volume whose unwritten chunks read through to a
+// snapshot. Volume and snapshot IDs share one namespace.
+//
+// # Snapshot chain (copy once, shared)
+//
+// The snapshots of a volume form a chain S1..Sn, oldest first, each with its
+// own exception index (origin chunk -> chunk in the volume's COW file). The
+// first write to chunk c after Sn copies the old chunk once, into the COW
+// file, and records it in Sn only. A read of Si at c takes the first of Si,
+// S(i+1), ..., Sn that maps c, else the volume's current data: the first
+// write to c after Si happened while some Sj (j >= i) was newest and was
+// recorded there, and no Sk with i <= k < j can map c (that would need an
+// earlier write to c after Si). So a first write costs one lookup, one copy
+// and one record whatever the number of snapshots. A chunk that was all
+// zeros is recorded without a copy (COW chunk 0 means zeros).
+//
+// Deleting Si moves the records S(i-1) lacks into S(i-1) and frees the rest
+// (punching holes in the COW file); this merge is a pure function of the
+// state, so one durable "delete" record suffices and replay redoes it.
+//
+// # Durability
+//
+// Every change is a record in one log (store.log, see FORMAT.md). A first
+// write after a snapshot: copy the old chunk to the COW file, append the
+// record (with the chunk's CRC32C) to the log, sync both (group commit: one
+// leader writes and syncs the batch of all concurrent copy-outs), and only
+// then write the origin. Flush syncs the volume's data file (and then
+// commits a clone's "present" records). CreateSnapshot syncs the data file
+// and commits its record. Reopen replays the log; Close writes a checkpoint
+// (the state as sorted runs) so the next Open is fast.
+//
+// # Concurrency
+//
+// All methods are safe for concurrent use. Writers to different chunks run
+// in parallel (per-chunk lock stripes); snapshot readers run concurrently
+// with writers; CreateSnapshot, deletes and resizes wait for the writes in
+// flight on that volume. Lock order is documented on Volume.
+//
+// # Caveats
+//
+//   - Copy-out is synchronous and durable: a first write after a snapshot
+//     waits for an fsync (shared by all concurrent first writes). At queue
+//     depth 1 that is the fsync latency per first write (BENCHMARKS.md).
+//   - Lifetimes: a deleted volume that still backs snapshots, or a deleted
+//     snapshot that still backs clones, is hidden but keeps its ID reserved
+//     (ErrExists) until the last dependent is deleted; then its space is
+//     freed. While a deleted volume's snapshots live, its data file keeps
+//     only the chunks no snapshot has copied (the rest is punched).
+//   - Limit: a snapshot that would go over SnapshotOptions.Limit is
+//     invalidated (its records merge into the next older snapshot, its
+//     readers get ErrInvalidated); the write goes on. A snapshot with clones
+//     is never invalidated, since its clones would lose their data: its limit
+//     is not enforced while clones exist. Limits count only chunks copied
+//     while that snapshot was newest; records merged into it from a deleted
+//     newer snapshot count too, and can put it over its limit without
+//     invalidating it until its next copy.
+//   - A log write or sync error makes the store refuse changes (ErrClosed)
+//     until reopened: after a failed fsync the state on disk is unknown, and
+//     Open re-derives it.
+//   - Sizes are at most 16 TiB (ext4's largest file with 4 KiB blocks).
+//   - CreateSnapshot syncs the data file and the log concurrently (unless a
+//     clone has "present" records, which must follow their data): if the
+//     machine dies before it returns, the snapshot may exist and lack writes
+//     that were never flushed, exactly as the volume itself does.
+//   - Only the last batch of the log is checked against chunk CRCs on Open,
+//     because batch N+1 is written after batch N's syncs returned. Damage
+//     elsewhere in the COW files is not detected (no scrubbing).
+//   - The log grows with every first write until Close, Checkpoint, or an
+//     Open that finds more than 64 MiB past the checkpoint. A long-running
+//     process should call Checkpoint now and then.
+//   - The crash test kills the process (SIGKILL): the page cache survives,
+//     so it proves the in-process ordering (record before origin write, torn
+//     tails, replay) but not the fsync ordering against power loss, which
+//     rests on the argument in FORMAT.md and the fault-injection tests.
+package cow

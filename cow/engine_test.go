@@ -1,0 +1,508 @@
+package cow
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+)
+
+func openT(t *testing.T) (*Store, string) {
+	t.Helper()
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s, dir
+}
+
+func fill(n int, b byte) []byte { return bytes.Repeat([]byte{b}, n) }
+
+func mustRead(t *testing.T, r interface {
+	ReadAt([]byte, int64) (int, error)
+}, off int64, n int) []byte {
+	t.Helper()
+	b := make([]byte, n)
+	if _, err := r.ReadAt(b, off); err != nil {
+		t.Fatalf("read %d at %d: %v", n, off, err)
+	}
+	return b
+}
+
+func TestErrors(t *testing.T) {
+	s, _ := openT(t)
+	v, err := s.CreateVolume("v", 1<<20, VolumeOptions{ChunkSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sn, err := s.CreateSnapshot("v", "s", SnapshotOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		err  error
+		want error
+	}{
+		{"id with capital", func() error { _, err := s.CreateVolume("Bad", 4096, VolumeOptions{}); return err }(), ErrInvalidID},
+		{"id too long", func() error { _, err := s.CreateVolume(strings.Repeat("a", 64), 4096, VolumeOptions{}); return err }(), ErrInvalidID},
+		{"id leading dash", func() error { _, err := s.CreateVolume("-a", 4096, VolumeOptions{}); return err }(), ErrInvalidID},
+		{"volume id taken by snapshot", func() error { _, err := s.CreateVolume("s", 4096, VolumeOptions{}); return err }(), ErrExists},
+		{"snapshot id taken by volume", func() error { _, err := s.CreateSnapshot("v", "v", SnapshotOptions{}); return err }(), ErrExists},
+		{"chunk size not a power of two", func() error { _, err := s.CreateVolume("a", 4096, VolumeOptions{ChunkSize: 5000}); return err }(), ErrBadArgument},
+		{"chunk size too small", func() error { _, err := s.CreateVolume("a", 4096, VolumeOptions{ChunkSize: 2048}); return err }(), ErrBadArgument},
+		{"zero size", func() error { _, err := s.CreateVolume("a", 0, VolumeOptions{}); return err }(), ErrBadArgument},
+		{"labels too big", func() error {
+			_, err := s.CreateVolume("a", 4096, VolumeOptions{Labels: map[string]string{"k": strings.Repeat("x", 9000)}})
+			return err
+		}(), ErrBadArgument},
+		{"unknown volume", func() error { _, err := s.Volume("nope"); return err }(), ErrNotFound},
+		{"unknown snapshot", func() error { return s.DeleteSnapshot("nope") }(), ErrNotFound},
+		{"clone smaller than snapshot", func() error { _, err := s.CloneSnapshot("s", "c", 4096, VolumeOptions{}); return err }(), ErrBadArgument},
+		{"shrink", v.Resize(4096), ErrShrink},
+		{"write past end", func() error { _, err := v.WriteAt(make([]byte, 2), 1<<20-1); return err }(), ErrOutOfRange},
+		{"negative offset", func() error { _, err := v.ReadAt(make([]byte, 2), -1); return err }(), ErrOutOfRange},
+		{"read at end", func() error { _, err := v.ReadAt(make([]byte, 2), 1<<20); return err }(), ErrOutOfRange},
+		{"discard past end", v.Discard(1<<20-4096, 8192), ErrOutOfRange},
+		{"snapshot write", func() error { _, err := sn.WriteAt([]byte{1}, 0); return err }(), ErrReadOnly},
+		{"snapshot discard", sn.Discard(0, 1), ErrReadOnly},
+		{"negative limit", func() error { _, err := s.CreateSnapshot("v", "t", SnapshotOptions{Limit: -1}); return err }(), ErrBadArgument},
+	} {
+		if !errors.Is(tc.err, tc.want) {
+			t.Errorf("%s: %v, want %v", tc.name, tc.err, tc.want)
+		}
+	}
+	// A read running past the end is short, like os.File.
+	if n, err := v.ReadAt(make([]byte, 10), 1<<20-4); n != 4 || err == nil || !errors.Is(err, ioEOF) {
+		t.Errorf("read across the end: %d, %v", n, err)
+	}
+	s.Close()
+	if _, err := s.CreateVolume("z", 4096, VolumeOptions{}); !errors.Is(err, ErrClosed) {
+		t.Errorf("create after Close: %v", err)
+	}
+	if _, err := v.WriteAt([]byte{1}, 0); !errors.Is(err, ErrClosed) {
+		t.Errorf("write after Close: %v", err)
+	}
+}
+
+// TestCopyOnceShared: with many snapshots, a first write copies the chunk
+// once, and every snapshot still reads its own point in time.
+func TestCopyOnceShared(t *testing.T) {
+	s, _ := openT(t)
+	const cs = 4096
+	v, _ := s.CreateVolume("v", 64*cs, VolumeOptions{ChunkSize: cs})
+	for i := 0; i < 16; i++ {
+		if _, err := v.WriteAt(fill(cs, byte(i+1)), 5*cs); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.CreateSnapshot("v", fmt.Sprint("s", i), SnapshotOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Write chunk 7 (never written: zeros) and chunk 5 after 16 snapshots.
+	if _, err := v.WriteAt(fill(cs, 0xee), 5*cs); err != nil {
+		t.Fatal(err)
+	}
+	var total int64
+	for _, si := range s.Snapshots() {
+		total += si.CowBytes
+	}
+	// Each of s0..s14 copied chunk 5 once (when the next value was written);
+	// s15 copies it now: 16 copies for 16 generations, not 16 per write.
+	if total != 16*cs {
+		t.Fatalf("COW bytes %d, want %d", total, 16*cs)
+	}
+	before := total
+	if _, err := v.WriteAt(fill(cs, 0xdd), 9*cs); err != nil { // zeros before: no data copied
+		t.Fatal(err)
+	}
+	total = 0
+	for _, si := range s.Snapshots() {
+		total += si.CowBytes
+	}
+	if total != before {
+		t.Fatalf("a first write over zeros took %d COW bytes", total-before)
+	}
+	for i := 0; i < 16; i++ {
+		sn, _ := s.Snapshot(fmt.Sprint("s", i))
+		if got := mustRead(t, sn, 5*cs, cs); !bytes.Equal(got, fill(cs, byte(i+1))) {
+			t.Fatalf("s%d chunk 5 = %x", i, got[0])
+		}
+		if got := mustRead(t, sn, 9*cs, cs); !bytes.Equal(got, make([]byte, cs)) {
+			t.Fatalf("s%d chunk 9 = %x", i, got[0])
+		}
+	}
+	// Idempotent: the same write again copies nothing.
+	if _, err := v.WriteAt(fill(cs, 0xee), 5*cs); err != nil {
+		t.Fatal(err)
+	}
+	total = 0
+	for _, si := range s.Snapshots() {
+		total += si.CowBytes
+	}
+	if total != before {
+		t.Fatalf("a resent write copied again: %d COW bytes, want %d", total, before)
+	}
+}
+
+// TestLimit: a snapshot over its limit becomes invalid, persistently; its
+// readers get ErrInvalidated; older snapshots and the volume are intact.
+func TestLimit(t *testing.T) {
+	s, dir := openT(t)
+	const cs = 4096
+	v, _ := s.CreateVolume("v", 64*cs, VolumeOptions{ChunkSize: cs})
+	for c := 0; c < 64; c++ {
+		v.WriteAt(fill(cs, byte(c+1)), int64(c)*cs)
+	}
+	old, _ := s.CreateSnapshot("v", "old", SnapshotOptions{})
+	v.WriteAt(fill(cs, 0xa0), 0) // old holds chunk 0
+	lim, err := s.CreateSnapshot("v", "lim", SnapshotOptions{Limit: 3 * cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for c := 1; c <= 3; c++ {
+		if _, err := v.WriteAt(fill(cs, 0xb0), int64(c)*cs); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if in := lim.Info(); in.Invalid || in.CowBytes != 3*cs {
+		t.Fatalf("at the limit: %+v", in)
+	}
+	if _, err := v.WriteAt(fill(cs, 0xb0), 4*cs); err != nil { // one chunk too many
+		t.Fatalf("the write that overflows a snapshot must succeed: %v", err)
+	}
+	if _, err := lim.ReadAt(make([]byte, cs), 0); !errors.Is(err, ErrInvalidated) {
+		t.Fatalf("read of an invalid snapshot: %v", err)
+	}
+	check := func(s *Store) {
+		t.Helper()
+		old, _ := s.Snapshot("old")
+		for c := 0; c < 64; c++ {
+			if got := mustRead(t, old, int64(c)*cs, cs); got[0] != byte(c+1) {
+				t.Fatalf("old chunk %d = %x", c, got[0])
+			}
+		}
+		v, _ := s.Volume("v")
+		for c, want := range map[int]byte{0: 0xa0, 1: 0xb0, 4: 0xb0, 5: 6} {
+			if got := mustRead(t, v, int64(c)*cs, cs); got[0] != want {
+				t.Fatalf("volume chunk %d = %x, want %x", c, got[0], want)
+			}
+		}
+		lim, err := s.Snapshot("lim")
+		if err != nil || !lim.Info().Invalid {
+			t.Fatalf("lim after reopen: %v", err)
+		}
+		if err := s.check(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	check(s)
+	_ = old
+	s.Close()
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	check(s2)
+	if err := s2.DeleteSnapshot("lim"); err != nil {
+		t.Fatal(err)
+	}
+	check2 := func() {
+		if _, err := s2.Snapshot("lim"); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("deleted invalid snapshot: %v", err)
+		}
+	}
+	check2()
+}
+
+// TestLifetimes: deleting a volume keeps its snapshots and their clones
+// readable; deleting the last dependent frees the files; IDs stay reserved
+// while hidden objects back others.
+func TestLifetimes(t *testing.T) {
+	s, dir := openT(t)
+	const cs = 4096
+	v, _ := s.CreateVolume("v", 32*cs, VolumeOptions{ChunkSize: cs})
+	v.WriteAt(fill(32*cs, 1), 0)
+	s.CreateSnapshot("v", "s1", SnapshotOptions{})
+	v.WriteAt(fill(8*cs, 2), 0)
+	s.CreateSnapshot("v", "s2", SnapshotOptions{})
+	v.WriteAt(fill(4*cs, 3), 0)
+	c1, err := s.CloneSnapshot("s1", "c1", 40*cs, VolumeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c2, err := s.CloneVolume("v", "c2", 32*cs, VolumeOptions{ChunkSize: 8192})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if in := c2.Info(); in.SourceVolumeID != "v" || in.SourceSnapshotID != "" {
+		t.Fatalf("clone of volume: %+v", in)
+	}
+	c1.WriteAt(fill(cs, 9), 10*cs)
+	if err := s.DeleteVolume("v"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateVolume("v", cs, VolumeOptions{}); !errors.Is(err, ErrExists) {
+		t.Fatalf("ID of a deleted volume that backs snapshots: %v", err)
+	}
+	if err := s.DeleteSnapshot("s1"); err != nil {
+		t.Fatal(err)
+	}
+	for pass := 0; pass < 2; pass++ {
+		c1, _ := s.Volume("c1")
+		if got := mustRead(t, c1, 0, cs); got[0] != 1 {
+			t.Fatalf("c1 chunk 0 = %x, want 1 (from deleted s1 of deleted v)", got[0])
+		}
+		if got := mustRead(t, c1, 10*cs, cs); got[0] != 9 {
+			t.Fatalf("c1 chunk 10 = %x", got[0])
+		}
+		if got := mustRead(t, c1, 35*cs, cs); got[0] != 0 {
+			t.Fatalf("c1 past the source = %x", got[0])
+		}
+		s2, _ := s.Snapshot("s2")
+		if got := mustRead(t, s2, 0, cs); got[0] != 2 {
+			t.Fatalf("s2 chunk 0 = %x", got[0])
+		}
+		c2, _ := s.Volume("c2")
+		if got := mustRead(t, c2, 0, cs); got[0] != 3 {
+			t.Fatalf("c2 chunk 0 = %x", got[0])
+		}
+		if err := s.check(); err != nil {
+			t.Fatal(err)
+		}
+		s.Close()
+		if s, err = Open(dir); err != nil {
+			t.Fatal(err)
+		}
+	}
+	defer s.Close()
+	files := func() int {
+		es, _ := os.ReadDir(dir)
+		n := 0
+		for _, e := range es {
+			if strings.HasSuffix(e.Name(), ".data") {
+				n++
+			}
+		}
+		return n
+	}
+	if n := files(); n != 3 {
+		t.Fatalf("%d data files, want 3 (v backs s2 and c2; c1; c2)", n)
+	}
+	for _, id := range []string{"c1", "c2"} {
+		if err := s.DeleteVolume(id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := files(); n != 1 {
+		t.Fatalf("%d data files, want 1 (v backs s2)", n)
+	}
+	if err := s.DeleteSnapshot("s2"); err != nil {
+		t.Fatal(err)
+	}
+	if n := files(); n != 0 {
+		t.Fatalf("%d data files after deleting everything", n)
+	}
+	if _, err := s.CreateVolume("v", cs, VolumeOptions{}); err != nil {
+		t.Fatalf("ID free again: %v", err)
+	}
+}
+
+// TestSpaceFreed: deleting snapshots and volumes gives the disk blocks back.
+func TestSpaceFreed(t *testing.T) {
+	s, dir := openT(t)
+	const cs = 64 << 10
+	used := func() int64 {
+		var n int64
+		filepath.Walk(dir, func(p string, fi os.FileInfo, err error) error {
+			if err == nil && !fi.IsDir() && !strings.HasPrefix(fi.Name(), "store.log") {
+				n += blocks(fi)
+			}
+			return nil
+		})
+		return n
+	}
+	v, _ := s.CreateVolume("v", 256*cs, VolumeOptions{ChunkSize: cs})
+	rng := rand.New(rand.NewSource(1))
+	data := make([]byte, 256*cs)
+	rng.Read(data)
+	v.WriteAt(data, 0)
+	v.Flush()
+	base := used()
+	s.CreateSnapshot("v", "s", SnapshotOptions{})
+	rng.Read(data[:128*cs])
+	v.WriteAt(data[:128*cs], 0)
+	withSnap := used()
+	if withSnap-base < 128*cs {
+		t.Fatalf("snapshot COW took %d bytes, want >= %d", withSnap-base, 128*cs)
+	}
+	if err := s.DeleteSnapshot("s"); err != nil {
+		t.Fatal(err)
+	}
+	if after := used(); after > base+cs {
+		t.Fatalf("after deleting the snapshot %d bytes used, want about %d", after, base)
+	}
+	s.CreateSnapshot("v", "s", SnapshotOptions{})
+	v.WriteAt(data[:64*cs], 0) // s holds 64 chunks
+	v.Flush()
+	beforeDelete := used()
+	c, _ := s.CloneSnapshot("s", "c", 256*cs, VolumeOptions{})
+	c.WriteAt(data[:64*cs], 0)
+	c.Flush()
+	cloneBytes := int64(64 * cs)
+	if err := s.DeleteVolume("v"); err != nil {
+		t.Fatal(err)
+	}
+	// v's data file no longer needs the 64 chunks s copied out.
+	if got, want := used(), beforeDelete+cloneBytes-64*cs; got > want+cs {
+		t.Fatalf("after deleting v (backing s): %d bytes used, want about %d", got, want)
+	}
+	if err := s.DeleteSnapshot("s"); err != nil {
+		t.Fatal(err)
+	}
+	if got := used(); got < base { // v's data still backs c through s
+		t.Fatalf("source freed while a clone reads it: %d < %d", got, base)
+	}
+	// And every image still reads right: c through the deleted s and v.
+	if got := mustRead(t, c, 100*cs, cs); !bytes.Equal(got, data[100*cs:101*cs]) {
+		t.Fatalf("clone chunk 100 differs after its source volume was punched")
+	}
+	if got := mustRead(t, c, 64*cs, cs); !bytes.Equal(got, data[64*cs:65*cs]) {
+		t.Fatalf("clone chunk 64 differs")
+	}
+	if err := s.DeleteVolume("c"); err != nil {
+		t.Fatal(err)
+	}
+	if got := used(); got != 0 {
+		t.Fatalf("%d bytes left after deleting everything", got)
+	}
+}
+
+// TestConcurrentIO: writers to different chunks and readers of snapshots
+// run in parallel (under -race in CI); every image ends right.
+func TestConcurrentIO(t *testing.T) {
+	s, _ := openT(t)
+	const cs = 4096
+	const chunks = 256
+	v, _ := s.CreateVolume("v", chunks*cs, VolumeOptions{ChunkSize: cs})
+	for c := 0; c < chunks; c++ {
+		v.WriteAt(fill(cs, 1), int64(c)*cs)
+	}
+	sn, _ := s.CreateSnapshot("v", "s", SnapshotOptions{})
+	var wg sync.WaitGroup
+	errs := make(chan error, 16)
+	for w := 0; w < 4; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for c := w; c < chunks; c += 4 { // disjoint chunks per writer
+				if _, err := v.WriteAt(fill(cs, byte(2+w)), int64(c)*cs); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	for r := 0; r < 3; r++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			b := make([]byte, cs)
+			for i := 0; i < 2*chunks; i++ {
+				c := (i*7 + r) % chunks
+				if _, err := sn.ReadAt(b, int64(c)*cs); err != nil {
+					errs <- err
+					return
+				}
+				if !bytes.Equal(b, fill(cs, 1)) {
+					errs <- fmt.Errorf("snapshot chunk %d changed under a writer: %x", c, b[0])
+					return
+				}
+			}
+		}()
+	}
+	wg.Add(1)
+	go func() { // snapshots taken while writes run
+		defer wg.Done()
+		for i := 0; i < 3; i++ {
+			if _, err := s.CreateSnapshot("v", fmt.Sprint("t", i), SnapshotOptions{}); err != nil {
+				errs <- err
+				return
+			}
+		}
+	}()
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	for c := 0; c < chunks; c++ {
+		if got := mustRead(t, v, int64(c)*cs, cs); !bytes.Equal(got, fill(cs, byte(2+c%4))) {
+			t.Fatalf("chunk %d = %x", c, got[0])
+		}
+	}
+	// Each chunk was written once, so copied once, to whichever snapshot
+	// was newest then.
+	var total int64
+	for _, si := range s.Snapshots() {
+		total += si.CowBytes
+	}
+	if total != chunks*cs {
+		t.Fatalf("snapshots hold %d bytes, want %d", total, chunks*cs)
+	}
+	if err := s.check(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestStats: copy-outs are counted once per chunk (not per snapshot), zero
+// chunks cost no copied bytes, and the index memory follows the snapshots.
+func TestStats(t *testing.T) {
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	const cs = 4096
+	v, err := s.CreateVolume("vol", 64*cs, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte{7}, 4*cs)
+	if _, err := v.WriteAt(data, 0); err != nil { // chunks 0-3 hold data, 4.. are holes
+		t.Fatal(err)
+	}
+	if st := s.Stats(); st.CopyOuts != 0 || st.IndexRuns != 0 {
+		t.Fatalf("before any snapshot: %+v", st)
+	}
+	for _, id := range []string{"s1", "s2", "s3"} {
+		if _, err := s.CreateSnapshot("vol", id, SnapshotOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Chunks 2..5: two with data, two holes; three snapshots share the copies.
+	if _, err := v.WriteAt(make([]byte, 4*cs), 2*cs); err != nil {
+		t.Fatal(err)
+	}
+	st := s.Stats()
+	if st.CopyOuts != 4 || st.CopiedBytes != 2*cs {
+		t.Fatalf("after first writes: %+v, want 4 copy-outs and %d copied bytes", st, 2*cs)
+	}
+	if st.IndexRuns < 1 || st.IndexBytes <= 0 {
+		t.Fatalf("index stats %+v", st)
+	}
+	if _, err := v.WriteAt(data[:cs], 2*cs); err != nil { // a rewrite copies nothing
+		t.Fatal(err)
+	}
+	if st2 := s.Stats(); st2.CopyOuts != 4 {
+		t.Fatalf("rewrite counted a copy-out: %+v", st2)
+	}
+}

@@ -1,0 +1,50 @@
+package cow
+
+import (
+	"errors"
+	"fmt"
+	"regexp"
+)
+
+// Sentinel errors. Every error the package returns wraps one of them (or an
+// I/O error from the file system); callers test with errors.Is.
+var (
+	// ErrNotFound: no volume or snapshot has that ID (or it was deleted).
+	ErrNotFound = errors.New("cow: not found")
+	// ErrExists: the ID is taken, by a volume or a snapshot (one namespace),
+	// including a deleted object that still backs others (see doc.go).
+	ErrExists = errors.New("cow: already exists")
+	// ErrCorrupt: on-disk bytes failed a magic, version, length or CRC32C check,
+	// or describe an impossible state.
+	ErrCorrupt = errors.New("cow: corrupt store")
+	// ErrInvalidID: the ID does not match ^[a-z0-9][a-z0-9-]{0,62}$.
+	ErrInvalidID = errors.New("cow: invalid ID")
+	// ErrInvalidated: the snapshot ran over its COW space limit; its data is gone.
+	ErrInvalidated = errors.New("cow: snapshot invalidated")
+	// ErrReadOnly: a write or discard to a snapshot.
+	ErrReadOnly = errors.New("cow: read-only")
+	// ErrShrink: Resize to a smaller size.
+	ErrShrink = errors.New("cow: cannot shrink")
+	// ErrOutOfRange: I/O that starts at or past the end, or a negative offset.
+	ErrOutOfRange = errors.New("cow: out of range")
+	// ErrClosed: the store was closed, or failed (a log write or fsync error
+	// makes the store refuse further changes until it is reopened).
+	ErrClosed = errors.New("cow: store closed")
+	// ErrNoSpace: the file system under the store is full.
+	ErrNoSpace = errors.New("cow: no space")
+	// ErrBadArgument: a size, chunk size, label set or option is out of bounds.
+	ErrBadArgument = errors.New("cow: bad argument")
+)
+
+var idRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
+
+func checkID(id string) error {
+	if !idRE.MatchString(id) {
+		return fmt.Errorf("%w: %q", ErrInvalidID, id)
+	}
+	return nil
+}
+
+func corruptf(format string, a ...any) error {
+	return fmt.Errorf("%w: "+format, append([]any{ErrCorrupt}, a...)...)
+}

@@ -1,0 +1,164 @@
+package cow
+
+import (
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// file is the little the engine needs from an open file. It exists so tests
+// can inject faults (short writes, failing syncs) between the engine and the
+// disk; osFile is the real one.
+type file interface {
+	ReadAt(p []byte, off int64) (int, error)
+	WriteAt(p []byte, off int64) (int, error)
+	// Sync makes written data durable (fdatasync).
+	Sync() error
+	// Punch deallocates bytes [off, off+n) so they read as zeros.
+	Punch(off, n int64) error
+	Truncate(size int64) error
+	Size() (int64, error)
+	// Allocated returns the disk space the file takes, in bytes.
+	Allocated() (int64, error)
+	Close() error
+}
+
+// fsys opens and names files inside the store directory.
+type fsys interface {
+	Open(name string, create bool) (file, error)
+	Remove(name string) error
+	// Rename replaces newName by oldName atomically.
+	Rename(oldName, newName string) error
+	// SyncDir makes creations, renames and removals in the directory durable.
+	SyncDir() error
+	List() ([]string, error)
+}
+
+type osFS struct{ dir string }
+
+func (f osFS) Open(name string, create bool) (file, error) {
+	flag := os.O_RDWR
+	if create {
+		flag |= os.O_CREATE
+	}
+	fd, err := os.OpenFile(filepath.Join(f.dir, name), flag, 0o600)
+	if err != nil {
+		return nil, ioErr(err)
+	}
+	return osFile{fd}, nil
+}
+
+func (f osFS) Remove(name string) error {
+	err := os.Remove(filepath.Join(f.dir, name))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	return err
+}
+
+func (f osFS) Rename(o, n string) error {
+	return os.Rename(filepath.Join(f.dir, o), filepath.Join(f.dir, n))
+}
+
+func (f osFS) SyncDir() error {
+	d, err := os.Open(f.dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return ioErr(d.Sync())
+}
+
+func (f osFS) List() ([]string, error) {
+	es, err := os.ReadDir(f.dir)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, e := range es {
+		out = append(out, e.Name())
+	}
+	return out, nil
+}
+
+type osFile struct{ f *os.File }
+
+func (o osFile) ReadAt(p []byte, off int64) (int, error) { return o.f.ReadAt(p, off) }
+func (o osFile) WriteAt(p []byte, off int64) (int, error) {
+	n, err := o.f.WriteAt(p, off)
+	return n, ioErr(err)
+}
+func (o osFile) Sync() error { return ioErr(unix.Fdatasync(int(o.f.Fd()))) }
+func (o osFile) Punch(off, n int64) error {
+	if n <= 0 {
+		return nil
+	}
+	return ioErr(unix.Fallocate(int(o.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n))
+}
+func (o osFile) Truncate(size int64) error { return ioErr(o.f.Truncate(size)) }
+func (o osFile) Size() (int64, error) {
+	st, err := o.f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	return st.Size(), nil
+}
+func (o osFile) Allocated() (int64, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(o.f.Fd()), &st); err != nil {
+		return 0, err
+	}
+	return st.Blocks * 512, nil
+}
+func (o osFile) Close() error { return o.f.Close() }
+
+// ioErr maps ENOSPC (and EDQUOT) to ErrNoSpace, keeping the original error.
+func ioErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		return errors.Join(ErrNoSpace, err)
+	}
+	return err
+}
+
+// readFull reads len(p) bytes at off; bytes past the end of the file read as
+// zeros (the files are sparse and never truncated below what was written).
+func readFull(f file, p []byte, off int64) error {
+	for len(p) > 0 {
+		n, err := f.ReadAt(p, off)
+		p, off = p[n:], off+int64(n)
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				clear(p)
+				return nil
+			}
+			return err
+		}
+		if n == 0 {
+			clear(p)
+			return nil
+		}
+	}
+	return nil
+}
+
+// writeFull writes all of p at off or returns an error (a short write with a
+// nil error, which os.File never does but a fault injector may, is an error).
+func writeFull(f file, p []byte, off int64) error {
+	n, err := f.WriteAt(p, off)
+	if err != nil {
+		return err
+	}
+	if n != len(p) {
+		return errShortWrite
+	}
+	return nil
+}
+
+var errShortWrite = errors.New("cow: short write")

@@ -1,0 +1,38 @@
+package cow
+
+// Stats are engine-wide counters and sizes for monitoring.
+type Stats struct {
+	// CopyOuts counts chunks recorded by copy-before-write since Open,
+	// including all-zero chunks recorded without a copy.
+	CopyOuts uint64
+	// CopiedBytes counts bytes written to COW files by those copy-outs.
+	CopiedBytes uint64
+	// IndexBytes is the approximate heap held by every snapshot's exception
+	// index (exceptions.Index.Bytes), in bytes.
+	IndexBytes int64
+	// IndexRuns is the number of runs in those indexes.
+	IndexRuns int64
+}
+
+// Stats returns the engine's counters and the memory its exception indexes
+// hold. It takes each volume's lock briefly and is safe for concurrent use.
+func (s *Store) Stats() Stats {
+	st := Stats{CopyOuts: s.copyOuts.Load(), CopiedBytes: s.copiedBytes.Load()}
+	s.mu.Lock()
+	var snaps []*Snapshot
+	for _, o := range s.objs {
+		if sn, ok := o.(*Snapshot); ok {
+			snaps = append(snaps, sn)
+		}
+	}
+	s.mu.Unlock()
+	for _, sn := range snaps {
+		sn.vol.mu.RLock()
+		if sn.idx != nil {
+			st.IndexBytes += int64(sn.idx.Bytes())
+			st.IndexRuns += int64(sn.idx.Runs())
+		}
+		sn.vol.mu.RUnlock()
+	}
+	return st
+}

@@ -1,0 +1,1031 @@
+package cow
+
+import (
+	"cmp"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"math/bits"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/csi-snap/csi-snap/exceptions"
+)
+
+// Store is a directory of volumes and snapshots with one metadata log.
+// All methods are safe for concurrent use.
+type Store struct {
+	dir string
+	fs  fsys
+
+	mu       sync.Mutex // serialises metadata changes; guards the fields below
+	closed   bool
+	byID     map[string]any // *Volume or *Snapshot that is not gone (deleted ones keep their ID reserved)
+	objs     map[uint32]any // same, by object number
+	nextObj  uint32         // next object number; never reused, so file names never are
+	hdr      header
+	log      *committer
+	replay   bool                   // Open is replaying: no I/O side effects in apply
+	dirty    map[*Snapshot]struct{} // replay: snapshots with pending inserts
+	cowMu    sync.Mutex             // guards opening COW files lazily
+	isClosed atomic.Bool            // for the I/O paths, which do not take mu
+
+	copyOuts    atomic.Uint64 // chunks recorded by copy-before-write since Open
+	copiedBytes atomic.Uint64 // bytes of those chunks written to COW files (zero chunks cost none)
+}
+
+// Open opens the store in dir, creating dir and an empty store if needed,
+// and rebuilds every volume, snapshot and index from the log. A torn tail
+// (what a crash during an append leaves) is dropped; any other bad byte is
+// an error wrapping ErrCorrupt.
+func Open(dir string) (*Store, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	return openFS(dir, osFS{dir})
+}
+
+func openFS(dir string, fs fsys) (*Store, error) {
+	s := &Store{dir: dir, fs: fs, byID: map[string]any{}, objs: map[uint32]any{}, nextObj: 1}
+	if err := s.load(); err != nil {
+		s.closeFiles()
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *Store) load() error {
+	if err := s.fs.Remove(logTmpName); err != nil {
+		return err
+	}
+	lf, err := s.fs.Open(logName, false)
+	if errors.Is(err, os.ErrNotExist) {
+		return s.create()
+	}
+	if err != nil {
+		return err
+	}
+	size, err := lf.Size()
+	if err != nil {
+		lf.Close()
+		return err
+	}
+	b := make([]byte, size)
+	if err := readFull(lf, b, 0); err != nil {
+		lf.Close()
+		return err
+	}
+	s.replay = true
+	s.dirty = map[*Snapshot]struct{}{}
+	end, seq, tail, rewrite, err := s.replayLog(b)
+	s.replay = false
+	if err == nil {
+		err = s.flushAllPending()
+	}
+	s.dirty = nil
+	if err != nil {
+		lf.Close()
+		return err
+	}
+	if end != int64(len(b)) || rewrite {
+		// Rewrite the last batch without its torn or failed part (possibly
+		// as an empty batch, which keeps the sequence unbroken), so a later
+		// Open does not take the dropped records for durable ones.
+		if err := lf.Truncate(end); err != nil {
+			lf.Close()
+			return err
+		}
+		if rewrite {
+			n, err := writeBatch(lf, seq, end, tail, nil)
+			if err != nil {
+				lf.Close()
+				return err
+			}
+			end += n
+		} else if err := lf.Sync(); err != nil {
+			lf.Close()
+			return err
+		}
+	}
+	// The tail batch's chunks were checked by reading them back, which may
+	// have read the page cache of a process that died before its fsyncs
+	// returned. Make everything durable now, before a later batch makes
+	// those records durable for good and lets origin writes skip the copy.
+	if err := s.syncAllFiles(lf); err != nil {
+		lf.Close()
+		return err
+	}
+	s.log = newCommitter(lf, end, seq)
+	reaped, err := s.reapOrphans()
+	if err != nil {
+		return err
+	}
+	if err := s.finishOpen(); err != nil {
+		return err
+	}
+	if reaped {
+		// The reaping is not in the log; a checkpoint makes it so, before
+		// any new record assumes it.
+		return s.checkpoint()
+	}
+	// A long log tail is slow to replay (random inserts); fold it into a
+	// checkpoint now so the next Open reads sorted runs.
+	if end-s.checkpointEnd(b) > 64<<20 {
+		return s.checkpoint()
+	}
+	return nil
+}
+
+// checkpointEnd returns the offset of the first batch record in b (the end
+// of the checkpoint part of the log), or len(b).
+func (s *Store) checkpointEnd(b []byte) int64 {
+	off := headerSize
+	for off < len(b) {
+		r, n, err := decodeRecord(b[off:])
+		if err != nil || r.Type == recBatch {
+			break
+		}
+		off += n
+	}
+	return int64(min(off, len(b)))
+}
+
+func (s *Store) create() error {
+	if _, err := rand.Read(s.hdr.UUID[:]); err != nil {
+		return err
+	}
+	f, err := s.fs.Open(logTmpName, true)
+	if err != nil {
+		return err
+	}
+	if err := writeFull(f, s.hdr.encode(), 0); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := s.fs.Rename(logTmpName, logName); err != nil {
+		f.Close()
+		return err
+	}
+	if err := s.fs.SyncDir(); err != nil {
+		f.Close()
+		return err
+	}
+	s.log = newCommitter(f, headerSize, 0)
+	return nil
+}
+
+// replayLog applies the log in b. It returns where the valid log ends, the
+// last batch's sequence number and, if the last batch lost records (a torn
+// append or copied data that failed its CRC), rewrite with the surviving
+// records of that batch re-encoded in tail (end is then the batch's start).
+func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite bool, err error) {
+	h, err := decodeHeader(b)
+	if err != nil {
+		return 0, 0, nil, false, err
+	}
+	s.hdr = h
+	off := headerSize
+	var batchRecs []*record // records of the batch being read, applied at its end
+	inBatch := false
+	seenRecords, seenNext := false, false
+	batchStart := off
+	for off < len(b) {
+		r, n, err := decodeRecord(b[off:])
+		if errors.Is(err, errTorn) {
+			if laterBatch(b[off+1:], seq) {
+				return 0, 0, nil, false, corruptf("bad record at offset %d followed by valid batches", off)
+			}
+			break
+		}
+		if err != nil {
+			return 0, 0, nil, false, fmt.Errorf("offset %d: %w", off, err)
+		}
+		if r.Type == recBatch {
+			if r.Seq != seq+1 {
+				return 0, 0, nil, false, corruptf("offset %d: batch %d after %d", off, r.Seq, seq)
+			}
+			for _, br := range batchRecs {
+				if err := s.apply(br); err != nil {
+					return 0, 0, nil, false, fmt.Errorf("batch %d: %w", seq, err)
+				}
+			}
+			batchRecs = batchRecs[:0]
+			seq, inBatch, batchStart = r.Seq, true, off
+		} else if inBatch {
+			batchRecs = append(batchRecs, r)
+		} else {
+			seenRecords = true
+			seenNext = seenNext || r.Type == recNextObj
+			if err := s.apply(r); err != nil {
+				return 0, 0, nil, false, fmt.Errorf("checkpoint record at %d: %w", off, err)
+			}
+		}
+		off += n
+	}
+	torn := off < len(b)
+	// The last batch: a copy-out whose chunk data did not reach the disk
+	// guarded an origin write that never happened, so it is dropped.
+	var kept []byte
+	dropped := false
+	for _, r := range batchRecs {
+		if r.Type == recExc && r.COW != 0 {
+			ok, err := s.excDataDurable(r)
+			if err != nil {
+				return 0, 0, nil, false, err
+			}
+			if !ok {
+				dropped = true
+				continue
+			}
+		}
+		if err := s.apply(r); err != nil {
+			return 0, 0, nil, false, fmt.Errorf("batch %d: %w", seq, err)
+		}
+		kept = appendRecord(kept, r)
+	}
+	if !inBatch {
+		if torn && seenRecords && !seenNext {
+			// Every checkpoint ends with a next-object record, and the
+			// checkpoint is renamed into place whole: this is damage.
+			return 0, 0, nil, false, corruptf("checkpoint cut short at offset %d", off)
+		}
+		return int64(off), 0, nil, false, nil
+	}
+	if dropped || torn {
+		return int64(batchStart), seq, kept, true, nil
+	}
+	return int64(off), seq, nil, false, nil
+}
+
+// laterBatch reports whether b holds, at any offset, a valid batch record
+// with a sequence number after seq: then a bad record before it is damage
+// in the middle of the log, not a torn tail.
+func laterBatch(b []byte, seq uint64) bool {
+	for i := 0; i+recOverhead+8 <= len(b); i++ {
+		if b[i+4] != recBatch || b[i] != 8 || b[i+1] != 0 || b[i+2] != 0 || b[i+3] != 0 {
+			continue
+		}
+		if r, _, err := decodeRecord(b[i:]); err == nil && r.Seq > seq {
+			return true
+		}
+	}
+	return false
+}
+
+// excDataDurable checks the copied chunk of an exception record against its CRC.
+func (s *Store) excDataDurable(r *record) (bool, error) {
+	sn, ok := s.objs[r.Obj].(*Snapshot)
+	if !ok {
+		return false, corruptf("exception for unknown snapshot %d", r.Obj)
+	}
+	v := sn.vol
+	if r.COW >= maxBytes>>v.shift {
+		return false, corruptf("exception COW chunk %d out of range", r.COW)
+	}
+	f, err := v.cowFile()
+	if err != nil {
+		return false, err
+	}
+	buf := make([]byte, v.chunkSize)
+	if err := readFull(f, buf, int64(r.COW)<<v.shift); err != nil {
+		return false, err
+	}
+	return crc(buf) == r.DataCRC, nil
+}
+
+// finishOpen builds free lists and removes files nothing refers to (left by
+// a crash between a delete record and the file removal).
+func (s *Store) finishOpen() error {
+	keep := map[string]bool{logName: true}
+	for _, o := range s.objs {
+		v, ok := o.(*Volume)
+		if !ok {
+			continue
+		}
+		keep[v.dataName], keep[v.cowName] = true, true
+		if err := v.rebuildFree(); err != nil {
+			return err
+		}
+		if v.deleted {
+			if err := v.punchUnreadable(); err != nil {
+				return err
+			}
+		}
+	}
+	names, err := s.fs.List()
+	if err != nil {
+		return err
+	}
+	for _, n := range names {
+		if !keep[n] && (strings.HasSuffix(n, ".data") || strings.HasSuffix(n, ".cow")) {
+			if err := s.fs.Remove(n); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// rebuildFree recomputes hwm and the free list from the indexes, and gives
+// back to the file system every COW chunk nothing maps (copies whose record
+// was dropped, frees a crash interrupted).
+func (v *Volume) rebuildFree() error {
+	n := 0
+	for _, sn := range v.chain {
+		n += sn.idx.Runs()
+	}
+	used := make([]span, 0, n)
+	for _, sn := range v.chain {
+		sn.idx.Ascend(0, func(r exceptions.Run) bool {
+			if r.COW != 0 {
+				used = append(used, span{r.COW, r.Len})
+			}
+			return true
+		})
+	}
+	sortSpans(used)
+	next := exceptions.Chunk(firstCOW)
+	v.free = v.free[:0]
+	for _, r := range used {
+		if r.C < next {
+			return corruptf("volume %s: COW chunk %d mapped twice or reserved", v.id, r.C)
+		}
+		if next < r.C {
+			v.free = append(v.free, span{next, uint64(r.C - next)})
+			if err := v.punchCOW(next, uint64(r.C-next)); err != nil {
+				return err
+			}
+		}
+		next = r.C + exceptions.Chunk(r.N)
+	}
+	v.hwm = next
+	f, err := v.cowFile()
+	if err != nil {
+		return err
+	}
+	return f.Truncate(int64(next) << v.shift)
+}
+
+// sortSpans sorts by C: a radix sort, since Open sorts every run of every
+// index by COW chunk (10 million for a snapshot after random writes) and a
+// comparison sort of that many takes seconds.
+func sortSpans(a []span) {
+	if len(a) < 256 {
+		slices.SortFunc(a, func(x, y span) int { return cmp.Compare(x.C, y.C) })
+		return
+	}
+	var hi exceptions.Chunk
+	sorted := true
+	for i, x := range a {
+		hi = max(hi, x.C)
+		if i > 0 && x.C < a[i-1].C {
+			sorted = false
+		}
+	}
+	if sorted {
+		return
+	}
+	tmp := make([]span, len(a))
+	var count [1 << 16]int
+	for shift := uint(0); shift < 64 && hi>>shift != 0; shift += 16 {
+		clear(count[:])
+		for _, x := range a {
+			count[(x.C>>shift)&0xffff]++
+		}
+		sum := 0
+		for i, c := range count {
+			count[i] = sum
+			sum += c
+		}
+		for _, x := range a {
+			d := (x.C >> shift) & 0xffff
+			tmp[count[d]] = x
+			count[d]++
+		}
+		a, tmp = tmp, a
+	}
+	// An odd number of passes left the result in the scratch slice.
+	if passes := (bitsLen(uint64(hi)) + 15) / 16; passes%2 == 1 {
+		copy(tmp, a)
+	}
+}
+
+func bitsLen(x uint64) int { return bits.Len64(x) }
+
+// reapOrphans removes deleted objects nothing depends on. Only a crash
+// between the records of one CloneVolume (hidden snapshot, then clone) leaves
+// one: the hidden snapshot without its clone.
+func (s *Store) reapOrphans() (bool, error) {
+	var orphans []*Snapshot
+	for _, o := range s.objs {
+		if sn, ok := o.(*Snapshot); ok && sn.deleted && sn.clones == 0 {
+			orphans = append(orphans, sn)
+		}
+	}
+	for _, sn := range orphans {
+		if err := s.reapSnapshot(sn); err != nil {
+			return false, err
+		}
+	}
+	return len(orphans) > 0, nil
+}
+
+func (v *Volume) punchCOW(c exceptions.Chunk, n uint64) error {
+	f, err := v.cowFile()
+	if err != nil {
+		return err
+	}
+	return f.Punch(int64(c)<<v.shift, int64(n)<<v.shift)
+}
+
+// cowFile opens (creating) the volume's COW file on first use.
+func (v *Volume) cowFile() (file, error) {
+	v.s.cowMu.Lock()
+	defer v.s.cowMu.Unlock()
+	if v.cowf == nil {
+		f, err := v.s.fs.Open(v.cowName, true)
+		if err != nil {
+			return nil, err
+		}
+		v.cowf = f
+	}
+	return v.cowf, nil
+}
+
+// lookup returns the live object with that ID.
+func (s *Store) lookup(id string) any {
+	return s.byID[id]
+}
+
+func (s *Store) usable() error {
+	if s.closed {
+		return ErrClosed
+	}
+	return s.log.failed()
+}
+
+func chunkShift(cs int) (uint, error) {
+	if cs < minChunkSize || cs > maxChunkSize || cs&(cs-1) != 0 {
+		return 0, fmt.Errorf("%w: chunk size %d is not a power of two in [%d, %d]", ErrBadArgument, cs, minChunkSize, maxChunkSize)
+	}
+	return uint(bits.TrailingZeros(uint(cs))), nil
+}
+
+func checkLabels(m map[string]string) error {
+	if labelsSize(m) > maxLabels {
+		return fmt.Errorf("%w: labels take %d bytes encoded, limit %d", ErrBadArgument, labelsSize(m), maxLabels)
+	}
+	for k, v := range m {
+		if len(k) > 0xffff || len(v) > 0xffff {
+			return fmt.Errorf("%w: label too long", ErrBadArgument)
+		}
+	}
+	return nil
+}
+
+func checkSize(size int64) error {
+	if size <= 0 || size > maxBytes {
+		return fmt.Errorf("%w: size %d bytes out of (0, 16 TiB]", ErrBadArgument, size)
+	}
+	return nil
+}
+
+// commitApply makes recs durable, then applies them to memory. Called with
+// s.mu and the gates the records' effects need.
+func (s *Store) commitApply(recs ...*record) error {
+	var b []byte
+	for _, r := range recs {
+		b = appendRecord(b, r)
+	}
+	if err := s.log.commit(b); err != nil {
+		return err
+	}
+	for _, r := range recs {
+		if err := s.apply(r); err != nil {
+			// Memory and log disagree: a bug. Refuse further changes.
+			s.closed = true
+			return fmt.Errorf("%w: applying committed record: %w", ErrClosed, err)
+		}
+	}
+	return nil
+}
+
+// CreateVolume creates an empty (all zeros) volume of size bytes.
+func (s *Store) CreateVolume(id string, size int64, o VolumeOptions) (*Volume, error) {
+	if err := checkID(id); err != nil {
+		return nil, err
+	}
+	if err := checkSize(size); err != nil {
+		return nil, err
+	}
+	cs := o.ChunkSize
+	if cs == 0 {
+		cs = DefaultChunkSize
+	}
+	if _, err := chunkShift(cs); err != nil {
+		return nil, err
+	}
+	if err := checkLabels(o.Labels); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.usable(); err != nil {
+		return nil, err
+	}
+	if s.byID[id] != nil {
+		return nil, fmt.Errorf("%w: %q", ErrExists, id)
+	}
+	r := &record{Type: recVolume, Obj: s.nextObj, Size: size, ChunkSize: uint32(cs), ID: id, Labels: o.Labels}
+	if err := s.commitApply(r); err != nil {
+		return nil, err
+	}
+	return s.byID[id].(*Volume), nil
+}
+
+// CloneSnapshot creates a writable volume of size bytes (at least the
+// snapshot's size; the rest reads zeros) whose content is the snapshot's. It
+// is O(1): chunks read through to the snapshot until written.
+func (s *Store) CloneSnapshot(snapID, newID string, size int64, o VolumeOptions) (*Volume, error) {
+	if err := checkID(snapID); err != nil {
+		return nil, err
+	}
+	return s.clone(snapID, "", newID, size, o)
+}
+
+// CloneVolume creates a writable point-in-time copy of volume srcID, in
+// O(1), through a hidden snapshot that lives as long as the clone.
+func (s *Store) CloneVolume(srcID, newID string, size int64, o VolumeOptions) (*Volume, error) {
+	if err := checkID(srcID); err != nil {
+		return nil, err
+	}
+	return s.clone("", srcID, newID, size, o)
+}
+
+func (s *Store) clone(snapID, volID, newID string, size int64, o VolumeOptions) (*Volume, error) {
+	if err := checkID(newID); err != nil {
+		return nil, err
+	}
+	if err := checkSize(size); err != nil {
+		return nil, err
+	}
+	if err := checkLabels(o.Labels); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.usable(); err != nil {
+		return nil, err
+	}
+	if s.byID[newID] != nil {
+		return nil, fmt.Errorf("%w: %q", ErrExists, newID)
+	}
+	var recs []*record
+	var srcSize int64
+	var srcCS int64
+	var parent uint32
+	if snapID != "" {
+		sn, ok := s.byID[snapID].(*Snapshot)
+		if !ok || sn.isDeleted() {
+			return nil, fmt.Errorf("%w: snapshot %q", ErrNotFound, snapID)
+		}
+		if sn.isInvalid() {
+			return nil, fmt.Errorf("%w: snapshot %q", ErrInvalidated, snapID)
+		}
+		srcSize, srcCS, parent = sn.size, sn.vol.chunkSize, sn.obj
+	} else {
+		v, ok := s.byID[volID].(*Volume)
+		if !ok || v.isDeleted() {
+			return nil, fmt.Errorf("%w: volume %q", ErrNotFound, volID)
+		}
+		v.gate.Lock()
+		defer v.gate.Unlock()
+		if err := v.flushLocked(); err != nil {
+			return nil, err
+		}
+		srcSize, srcCS, parent = v.Size(), v.chunkSize, s.nextObj
+		recs = append(recs, &record{Type: recSnapshot, Obj: s.nextObj, Parent: v.obj, Size: srcSize,
+			Created: nowNanos(), Flags: flagDeleted | flagInternal, ID: "~" + newID})
+	}
+	if size < srcSize {
+		return nil, fmt.Errorf("%w: clone size %d below source size %d", ErrBadArgument, size, srcSize)
+	}
+	cs := int64(o.ChunkSize)
+	if cs == 0 {
+		cs = srcCS
+	}
+	if _, err := chunkShift(int(cs)); err != nil {
+		return nil, err
+	}
+	recs = append(recs, &record{Type: recVolume, Obj: s.nextObj + uint32(len(recs)), Parent: parent, Size: size,
+		ChunkSize: uint32(cs), ID: newID, Labels: o.Labels})
+	if err := s.commitApply(recs...); err != nil {
+		return nil, err
+	}
+	return s.byID[newID].(*Volume), nil
+}
+
+// Volume returns the open volume with that ID; the same *Volume for the
+// same ID while the store is open.
+func (s *Store) Volume(id string) (*Volume, error) {
+	if err := checkID(id); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, ErrClosed
+	}
+	v, ok := s.byID[id].(*Volume)
+	if !ok || v.isDeleted() {
+		return nil, fmt.Errorf("%w: volume %q", ErrNotFound, id)
+	}
+	return v, nil
+}
+
+// Snapshot returns the snapshot with that ID (also when it is invalid).
+func (s *Store) Snapshot(id string) (*Snapshot, error) {
+	if err := checkID(id); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, ErrClosed
+	}
+	sn, ok := s.byID[id].(*Snapshot)
+	if !ok || sn.isDeleted() {
+		return nil, fmt.Errorf("%w: snapshot %q", ErrNotFound, id)
+	}
+	return sn, nil
+}
+
+// lineage returns v and the volumes it reads through to, in gate order
+// (descending object number).
+func lineage(v *Volume) []*Volume {
+	var out []*Volume
+	for ; v != nil; v = srcVol(v) {
+		out = append(out, v)
+	}
+	return out
+}
+
+func srcVol(v *Volume) *Volume {
+	if v.src == nil {
+		return nil
+	}
+	return v.src.vol
+}
+
+func lockGates(vs []*Volume) func() {
+	for _, v := range vs {
+		v.gate.Lock()
+	}
+	return func() {
+		for _, v := range vs {
+			v.gate.Unlock()
+		}
+	}
+}
+
+// DeleteVolume deletes the volume: it is no longer listed and its I/O
+// fails with ErrNotFound. Its snapshots (and their clones) keep working;
+// space is freed when nothing depends on it any more. The ID stays reserved
+// until then.
+func (s *Store) DeleteVolume(id string) error {
+	if err := checkID(id); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.usable(); err != nil {
+		return err
+	}
+	v, ok := s.byID[id].(*Volume)
+	if !ok || v.isDeleted() {
+		return fmt.Errorf("%w: volume %q", ErrNotFound, id)
+	}
+	defer lockGates(lineage(v))()
+	return s.commitApply(&record{Type: recDelete, Obj: v.obj})
+}
+
+// DeleteSnapshot deletes the snapshot; its clones keep working. Its COW
+// chunks that an older snapshot needs move to it; the rest are freed.
+func (s *Store) DeleteSnapshot(id string) error {
+	if err := checkID(id); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.usable(); err != nil {
+		return err
+	}
+	sn, ok := s.byID[id].(*Snapshot)
+	if !ok || sn.isDeleted() {
+		return fmt.Errorf("%w: snapshot %q", ErrNotFound, id)
+	}
+	defer lockGates(lineage(sn.vol))()
+	return s.commitApply(&record{Type: recDelete, Obj: sn.obj})
+}
+
+// CreateSnapshot takes a snapshot of the volume: O(1) in its size and data.
+// Every write that completed before the call is in it, flushed or not; it
+// is durable when CreateSnapshot returns.
+func (s *Store) CreateSnapshot(volID, snapID string, o SnapshotOptions) (*Snapshot, error) {
+	if err := checkID(volID); err != nil {
+		return nil, err
+	}
+	if err := checkID(snapID); err != nil {
+		return nil, err
+	}
+	if o.Limit < 0 {
+		return nil, fmt.Errorf("%w: negative limit", ErrBadArgument)
+	}
+	if err := checkLabels(o.Labels); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.usable(); err != nil {
+		return nil, err
+	}
+	v, ok := s.byID[volID].(*Volume)
+	if !ok || v.isDeleted() {
+		return nil, fmt.Errorf("%w: volume %q", ErrNotFound, volID)
+	}
+	if s.byID[snapID] != nil {
+		return nil, fmt.Errorf("%w: %q", ErrExists, snapID)
+	}
+	v.gate.Lock()
+	defer v.gate.Unlock()
+	r := &record{Type: recSnapshot, Obj: s.nextObj, Parent: v.obj, Size: v.Size(), Created: nowNanos(),
+		Limit: o.Limit, ID: snapID, Labels: o.Labels}
+	if err := v.flushWith(r); err != nil {
+		return nil, err
+	}
+	return s.byID[snapID].(*Snapshot), nil
+}
+
+// Volumes lists the volumes that are not deleted, sorted by ID.
+func (s *Store) Volumes() []VolumeInfo {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []VolumeInfo
+	for _, o := range s.byID {
+		if v, ok := o.(*Volume); ok && !v.isDeleted() {
+			out = append(out, v.Info())
+		}
+	}
+	slices.SortFunc(out, func(a, b VolumeInfo) int { return strings.Compare(a.ID, b.ID) })
+	return out
+}
+
+// Snapshots lists the snapshots that are not deleted (invalid ones too),
+// sorted by ID.
+func (s *Store) Snapshots() []SnapshotInfo {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []SnapshotInfo
+	for _, o := range s.byID {
+		if sn, ok := o.(*Snapshot); ok && !sn.isDeleted() && !sn.internal {
+			out = append(out, sn.Info())
+		}
+	}
+	slices.SortFunc(out, func(a, b SnapshotInfo) int { return strings.Compare(a.ID, b.ID) })
+	return out
+}
+
+// Close flushes every volume, writes a checkpoint (so the next Open reads
+// sorted runs instead of the log) and closes the files. I/O in flight is
+// waited for; later calls return ErrClosed.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return ErrClosed
+	}
+	var err error
+	if s.log.failed() == nil {
+		err = s.checkpointLocked()
+	}
+	s.closed = true
+	s.isClosed.Store(true)
+	s.closeFiles()
+	return err
+}
+
+// Checkpoint rewrites the log as the current state (sorted runs, one record
+// per live object), which bounds the next Open's replay time. It waits for
+// all I/O in flight.
+func (s *Store) Checkpoint() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.usable(); err != nil {
+		return err
+	}
+	return s.checkpointLocked()
+}
+
+func (s *Store) checkpoint() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.checkpointLocked()
+}
+
+func (s *Store) closeFiles() {
+	for _, o := range s.objs {
+		if v, ok := o.(*Volume); ok {
+			v.closeFiles()
+		}
+	}
+	if s.log != nil {
+		s.log.f.Close()
+	}
+}
+
+func (v *Volume) closeFiles() {
+	if v.data != nil {
+		v.data.Close()
+	}
+	if v.cowf != nil {
+		v.cowf.Close()
+	}
+}
+
+// allVolumes returns the volumes in gate order (descending object number).
+func (s *Store) allVolumes() []*Volume {
+	var vs []*Volume
+	for _, o := range s.objs {
+		if v, ok := o.(*Volume); ok {
+			vs = append(vs, v)
+		}
+	}
+	slices.SortFunc(vs, func(a, b *Volume) int { return int(b.obj) - int(a.obj) })
+	return vs
+}
+
+// syncAllFiles makes the log, every volume's data and COW file, and the
+// store directory durable. Open calls it once after replay.
+func (s *Store) syncAllFiles(log file) error {
+	for _, v := range s.allVolumes() {
+		if err := v.data.Sync(); err != nil {
+			return err
+		}
+		if v.cowf != nil {
+			if err := v.cowf.Sync(); err != nil {
+				return err
+			}
+		}
+	}
+	if err := log.Sync(); err != nil {
+		return err
+	}
+	return s.fs.SyncDir()
+}
+
+// checkpointLocked writes the state as a new log: temp file, fsync, rename,
+// fsync the directory. Called with s.mu.
+func (s *Store) checkpointLocked() error {
+	vs := s.allVolumes()
+	defer lockGates(vs)()
+	for _, v := range vs {
+		// Present records in the checkpoint must not run ahead of their
+		// data, nor exception records ahead of their copied chunks.
+		if err := v.data.Sync(); err != nil {
+			return err
+		}
+		if v.cowf != nil {
+			if err := v.cowf.Sync(); err != nil {
+				return err
+			}
+		}
+		v.mu.Lock()
+		v.pendingPresent = nil
+		v.mu.Unlock()
+	}
+	f, err := s.fs.Open(logTmpName, true)
+	if err != nil {
+		return err
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			f.Close()
+			s.fs.Remove(logTmpName)
+		}
+	}()
+	if err := f.Truncate(0); err != nil {
+		return err
+	}
+	h := s.hdr
+	h.Generation++
+	w := &bufWriter{f: f, b: h.encode()}
+	var objs []uint32
+	for o := range s.objs {
+		objs = append(objs, o)
+	}
+	slices.Sort(objs)
+	for _, o := range objs {
+		switch x := s.objs[o].(type) {
+		case *Volume:
+			r := &record{Type: recVolume, Obj: x.obj, Size: x.size, ChunkSize: uint32(x.chunkSize), ID: x.id, Labels: x.labels}
+			if x.src != nil {
+				r.Parent = x.src.obj
+			}
+			if x.deleted {
+				r.Flags |= flagDeleted
+			}
+			w.rec(r)
+		case *Snapshot:
+			r := &record{Type: recSnapshot, Obj: x.obj, Parent: x.vol.obj, Size: x.size, Created: x.created.UnixNano(),
+				Limit: x.limit, ID: x.id, Labels: x.labels}
+			if x.deleted {
+				r.Flags |= flagDeleted
+			}
+			if x.invalid {
+				r.Flags |= flagInvalid
+			}
+			if x.internal {
+				r.Flags |= flagInternal
+			}
+			w.rec(r)
+		}
+	}
+	w.rec(&record{Type: recNextObj, Obj: s.nextObj})
+	for _, o := range objs {
+		switch x := s.objs[o].(type) {
+		case *Snapshot:
+			w.runs(recRuns, x.obj, x.idx)
+		case *Volume:
+			if x.present != nil {
+				w.runs(recPresentRuns, x.obj, x.present)
+			}
+		}
+	}
+	if err := w.flush(); err != nil {
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		return err
+	}
+	if err := s.fs.Rename(logTmpName, logName); err != nil {
+		return err
+	}
+	if err := s.fs.SyncDir(); err != nil {
+		return err
+	}
+	ok = true
+	s.log.f.Close()
+	s.hdr = h
+	s.log = newCommitter(f, w.off, 0)
+	return nil
+}
+
+type bufWriter struct {
+	f   file
+	b   []byte
+	off int64
+	err error
+}
+
+func (w *bufWriter) rec(r *record) {
+	w.b = appendRecord(w.b, r)
+	if len(w.b) > 4<<20 {
+		w.flush()
+	}
+}
+
+func (w *bufWriter) flush() error {
+	if w.err == nil && len(w.b) > 0 {
+		w.err = writeFull(w.f, w.b, w.off)
+		w.off += int64(len(w.b))
+		w.b = w.b[:0]
+	}
+	return w.err
+}
+
+func (w *bufWriter) runs(t uint8, obj uint32, x *exceptions.Index) {
+	const per = 1 << 16 // runs per record: bounded record size
+	var rs []exceptions.Run
+	x.Ascend(0, func(r exceptions.Run) bool {
+		rs = append(rs, r)
+		if len(rs) == per {
+			w.rec(&record{Type: t, Obj: obj, Runs: rs})
+			rs = rs[:0]
+		}
+		return true
+	})
+	if len(rs) > 0 {
+		w.rec(&record{Type: t, Obj: obj, Runs: rs})
+	}
+}
+
+var _ = time.Now

@@ -1,0 +1,176 @@
+package cow
+
+import (
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/csi-snap/csi-snap/exceptions"
+)
+
+const (
+	// DefaultChunkSize is the chunk size, in bytes, of volumes created with
+	// ChunkSize 0 (see BENCHMARKS.md "## cow" for the measurement behind it).
+	DefaultChunkSize = 64 << 10
+	minChunkSize     = 4 << 10
+	maxChunkSize     = 1 << 20
+	nStripes         = 512
+)
+
+// VolumeOptions are the creation options of a volume.
+type VolumeOptions struct {
+	// ChunkSize is the copy-on-write unit in bytes: a power of two in
+	// [4 KiB, 1 MiB]; 0 means DefaultChunkSize. Clones use their own.
+	ChunkSize int
+	// Labels are opaque, persisted, at most 8 KiB encoded.
+	Labels map[string]string
+}
+
+// SnapshotOptions are the creation options of a snapshot.
+type SnapshotOptions struct {
+	// Limit is the most COW space, in bytes, the snapshot may hold; 0 means
+	// unlimited. Past it the snapshot is invalidated (see doc.go).
+	Limit  int64
+	Labels map[string]string
+}
+
+// VolumeInfo describes a volume.
+type VolumeInfo struct {
+	ID               string
+	Size             int64 // bytes
+	ChunkSize        int   // bytes
+	Labels           map[string]string
+	SourceSnapshotID string // set for CloneSnapshot
+	SourceVolumeID   string // set for CloneVolume
+	// AllocatedBytes is the disk space of the volume's own data file (the
+	// COW space of its snapshots is in SnapshotInfo.CowBytes).
+	AllocatedBytes int64
+}
+
+// SnapshotInfo describes a snapshot.
+type SnapshotInfo struct {
+	ID, VolumeID string
+	Size         int64 // bytes
+	Created      time.Time
+	Labels       map[string]string
+	// CowBytes is the COW space the snapshot's own exception table holds, in
+	// bytes (chunks that were all zeros take none).
+	CowBytes, Limit int64
+	Invalid         bool
+}
+
+// Volume is a writable image: a volume, or a clone of a snapshot.
+//
+// Invariants (see check in check.go):
+//   - chain holds the volume's snapshots that are neither gone nor invalid,
+//     oldest first; a chunk mapped by chain[i] was first overwritten while
+//     chain[i] was the newest of the chain, so for a read of chain[i] at chunk
+//     c the first of chain[i], chain[i+1], ... that maps c holds its data;
+//   - every COW chunk in [1, hwm) is mapped by exactly one index of the
+//     chain or is in free; COW chunk 0 is never allocated (it means "zeros").
+//
+// Locks, in the order they are taken: Store.mu, then gates (clones before
+// their sources: descending object number), then stripes (ascending), then a
+// source's stripes (shared), then mu of one volume at a time, then the
+// committer. Writers hold gate shared for a whole request; anything that
+// changes the chain or size holds it exclusively, so no copy-out is in flight
+// across those changes.
+type Volume struct {
+	s         *Store
+	obj       uint32
+	id        string
+	chunkSize int64
+	shift     uint
+	labels    map[string]string
+	src       *Snapshot // clone source, nil for a plain volume
+
+	gate     sync.RWMutex
+	stripes  [nStripes]sync.RWMutex
+	flushMu  sync.Mutex  // serialises Flush, so one Flush cannot return before another's present records land
+	dirty    atomic.Bool // data written since the last data sync
+	data     file
+	cowf     file // nil until the first non-zero copy-out
+	dataName string
+	cowName  string
+
+	mu             sync.RWMutex // guards everything below
+	size           int64
+	deleted        bool // by its user: hidden, ID reserved
+	gone           bool // deleted and nothing depends on it: files removed
+	snaps          []*Snapshot
+	chain          []*Snapshot
+	present        *exceptions.Index // clones: chunks the volume holds itself
+	pendingPresent []uint64
+	free           []span // free COW chunk ranges below hwm
+	hwm            exceptions.Chunk
+}
+
+// Snapshot is a read-only point-in-time image of a volume.
+type Snapshot struct {
+	s        *Store
+	obj      uint32
+	id       string
+	vol      *Volume
+	size     int64
+	created  time.Time
+	limit    int64
+	labels   map[string]string
+	internal bool
+
+	// Guarded by vol.mu:
+	idx     *exceptions.Index
+	held    int64 // non-zero COW chunks in idx
+	invalid bool
+	deleted bool
+	gone    bool
+	clones  int              // volumes cloned from it that are not gone
+	pending []exceptions.Run // replay only: inserts not yet merged into idx
+
+	reserved atomic.Int64 // chunks charged, including copy-outs in flight
+}
+
+// ID returns the volume's ID.
+func (v *Volume) ID() string { return v.id }
+
+// ChunkSize returns the copy-on-write unit in bytes.
+func (v *Volume) ChunkSize() int { return int(v.chunkSize) }
+
+// Size returns the size in bytes.
+func (v *Volume) Size() int64 {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	return v.size
+}
+
+// ID returns the snapshot's ID.
+func (sn *Snapshot) ID() string { return sn.id }
+
+// VolumeID returns the ID of the volume it was taken of.
+func (sn *Snapshot) VolumeID() string { return sn.vol.id }
+
+// Size returns the size in bytes (the volume's size when it was taken).
+func (sn *Snapshot) Size() int64 { return sn.size }
+
+// WriteAt returns ErrReadOnly.
+func (sn *Snapshot) WriteAt(p []byte, off int64) (int, error) { return 0, ErrReadOnly }
+
+// Discard returns ErrReadOnly.
+func (sn *Snapshot) Discard(off, n int64) error { return ErrReadOnly }
+
+// Flush does nothing: a snapshot is durable when CreateSnapshot returns.
+func (sn *Snapshot) Flush() error { return nil }
+
+// firstCOW is the first COW chunk handed out. COW chunk 0 in an index means
+// "the old chunk was all zeros, nothing copied"; chunk 1 stays unused so
+// such a mapping can never merge with a real copy into one run.
+const firstCOW = 2
+
+// maxBytes bounds volume sizes and COW file offsets, in bytes: 16 TiB, the
+// largest file ext4 holds with 4 KiB blocks.
+const maxBytes = 1 << 44
+
+// span is the chunk range [C, C+N).
+type span struct {
+	C exceptions.Chunk
+	N uint64
+}

@@ -1,0 +1,691 @@
+package cow
+
+import (
+	"fmt"
+	"io"
+	"sync"
+
+	"github.com/csi-snap/csi-snap/exceptions"
+)
+
+func (v *Volume) isDeleted() bool {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	return v.deleted
+}
+
+func (sn *Snapshot) isDeleted() bool {
+	sn.vol.mu.RLock()
+	defer sn.vol.mu.RUnlock()
+	return sn.deleted
+}
+
+func (sn *Snapshot) isInvalid() bool {
+	sn.vol.mu.RLock()
+	defer sn.vol.mu.RUnlock()
+	return sn.invalid
+}
+
+// Info describes the volume.
+func (v *Volume) Info() VolumeInfo {
+	v.mu.RLock()
+	in := VolumeInfo{ID: v.id, Size: v.size, ChunkSize: int(v.chunkSize), Labels: v.labels}
+	data := v.data
+	gone := v.gone
+	v.mu.RUnlock()
+	if v.src != nil {
+		if v.src.internal {
+			in.SourceVolumeID = v.src.vol.id
+		} else {
+			in.SourceSnapshotID = v.src.id
+		}
+	}
+	if !gone {
+		in.AllocatedBytes, _ = data.Allocated()
+	}
+	return in
+}
+
+// Info describes the snapshot.
+func (sn *Snapshot) Info() SnapshotInfo {
+	sn.vol.mu.RLock()
+	defer sn.vol.mu.RUnlock()
+	return SnapshotInfo{ID: sn.id, VolumeID: sn.vol.id, Size: sn.size, Created: sn.created, Labels: sn.labels,
+		CowBytes: sn.held << sn.vol.shift, Limit: sn.limit, Invalid: sn.invalid}
+}
+
+var bufPool sync.Pool
+
+// chunkBuf returns a scratch buffer of n bytes.
+func chunkBuf(n int64) []byte {
+	if b, ok := bufPool.Get().(*[]byte); ok && int64(cap(*b)) >= n {
+		return (*b)[:n]
+	}
+	return make([]byte, n)
+}
+
+func putBuf(b []byte) { bufPool.Put(&b) }
+
+// stripesOf returns the stripe numbers covering chunks [c0, c1), ascending.
+func stripesOf(c0, c1 int64) []int {
+	if c1-c0 >= nStripes {
+		out := make([]int, nStripes)
+		for i := range out {
+			out[i] = i
+		}
+		return out
+	}
+	var out []int
+	for c := c0; c < c1; c++ {
+		out = append(out, int(c%nStripes))
+	}
+	if len(out) > 1 && out[0] > out[len(out)-1] { // wrapped: rotate into order
+		k := 0
+		for out[k] != 0 {
+			k++
+		}
+		out = append(out[k:], out[:k]...)
+	}
+	return out
+}
+
+func (v *Volume) lockStripes(c0, c1 int64, exclusive bool) func() {
+	ss := stripesOf(c0, c1)
+	for _, i := range ss {
+		if exclusive {
+			v.stripes[i].Lock()
+		} else {
+			v.stripes[i].RLock()
+		}
+	}
+	return func() {
+		for _, i := range ss {
+			if exclusive {
+				v.stripes[i].Unlock()
+			} else {
+				v.stripes[i].RUnlock()
+			}
+		}
+	}
+}
+
+// checkRange validates I/O of n bytes at off against size and returns how
+// many bytes fit and whether the request was cut short.
+func checkRange(off, n, size int64) (int64, error) {
+	if off < 0 || off >= size || n < 0 {
+		if n == 0 && off >= 0 && off <= size {
+			return 0, nil
+		}
+		return 0, fmt.Errorf("%w: offset %d of %d bytes", ErrOutOfRange, off, size)
+	}
+	return min(n, size-off), nil
+}
+
+// ReadAt reads len(p) bytes at byte offset off. A read that runs past the
+// end is short and returns io.EOF; one that starts at or past it returns
+// ErrOutOfRange.
+func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
+	if v.s.isClosed.Load() {
+		return 0, ErrClosed
+	}
+	v.mu.RLock()
+	size, deleted := v.size, v.deleted
+	v.mu.RUnlock()
+	if deleted {
+		return 0, fmt.Errorf("%w: volume %q was deleted", ErrNotFound, v.id)
+	}
+	n, err := checkRange(off, int64(len(p)), size)
+	if err != nil {
+		return 0, err
+	}
+	if err := v.readRange(p[:n], off, true); err != nil {
+		return 0, err
+	}
+	if n < int64(len(p)) {
+		return int(n), io.EOF
+	}
+	return int(n), nil
+}
+
+// readRange reads the volume's current data, chunk by chunk. lock says
+// whether to take the stripes (a writer holding them passes false).
+func (v *Volume) readRange(p []byte, off int64, lock bool) error {
+	c0, c1 := off>>v.shift, (off+int64(len(p))+v.chunkSize-1)>>v.shift
+	if lock {
+		defer v.lockStripes(c0, c1, false)()
+	}
+	if v.src == nil {
+		return readFull(v.data, p, off)
+	}
+	for len(p) > 0 {
+		c := off >> v.shift
+		o := off - c<<v.shift
+		n := min(int64(len(p)), v.chunkSize-o)
+		if err := v.readCur(c, o, p[:n]); err != nil {
+			return err
+		}
+		p, off = p[n:], off+n
+	}
+	return nil
+}
+
+// readCur reads bytes [o, o+len(p)) of chunk c of the volume's current
+// data. The caller holds c's stripe.
+func (v *Volume) readCur(c, o int64, p []byte) error {
+	if v.isPresent(c) {
+		return readFull(v.data, p, c<<v.shift+o)
+	}
+	return v.src.readChunk(c<<v.shift+o, p)
+}
+
+// isPresent reports whether the volume holds chunk c itself (always, for a
+// plain volume; for a clone, if written since cloning or past the source).
+func (v *Volume) isPresent(c int64) bool {
+	if v.src == nil || c<<v.shift >= v.src.size {
+		return true
+	}
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	_, ok := v.present.Lookup(exceptions.Chunk(c))
+	return ok
+}
+
+// readChunk reads len(p) bytes of the snapshot at byte offset off, all
+// within one chunk of the snapshot's volume (clones may use another chunk
+// size than their source, so this splits by the source's chunks). Bytes
+// past the snapshot's size read as zeros.
+func (sn *Snapshot) readChunk(off int64, p []byte) error {
+	if off >= sn.size {
+		clear(p)
+		return nil
+	}
+	if tail := off + int64(len(p)) - sn.size; tail > 0 {
+		clear(p[int64(len(p))-tail:])
+		p = p[:int64(len(p))-tail]
+	}
+	v := sn.vol
+	for len(p) > 0 {
+		c := off >> v.shift
+		o := off - c<<v.shift
+		n := min(int64(len(p)), v.chunkSize-o)
+		if err := sn.readOne(c, o, p[:n]); err != nil {
+			return err
+		}
+		p, off = p[n:], off+n
+	}
+	return nil
+}
+
+func (sn *Snapshot) readOne(c, o int64, p []byte) error {
+	v := sn.vol
+	st := &v.stripes[c%nStripes]
+	st.RLock()
+	defer st.RUnlock()
+	v.mu.RLock()
+	if sn.invalid {
+		v.mu.RUnlock()
+		return fmt.Errorf("%w: snapshot %q", ErrInvalidated, sn.id)
+	}
+	if sn.gone {
+		v.mu.RUnlock()
+		return fmt.Errorf("%w: snapshot %q", ErrNotFound, sn.id)
+	}
+	i := 0
+	for i < len(v.chain) && v.chain[i] != sn {
+		i++
+	}
+	for ; i < len(v.chain); i++ {
+		if k, ok := v.chain[i].idx.Lookup(exceptions.Chunk(c)); ok {
+			// Hold mu across the read: a merge could otherwise free and
+			// reuse k under us.
+			defer v.mu.RUnlock()
+			if k == 0 {
+				clear(p)
+				return nil
+			}
+			f, err := v.cowFile()
+			if err != nil {
+				return err
+			}
+			return readFull(f, p, int64(k)<<v.shift+o)
+		}
+	}
+	v.mu.RUnlock()
+	// No copy: the chunk is unchanged since sn, and we hold its stripe, so
+	// no writer can change it before we read it.
+	return v.readCur(c, o, p)
+}
+
+// ReadAt reads len(p) bytes of the snapshot at byte offset off (short with
+// io.EOF past the end). It returns ErrInvalidated once the snapshot ran
+// over its limit.
+func (sn *Snapshot) ReadAt(p []byte, off int64) (int, error) {
+	if sn.s.isClosed.Load() {
+		return 0, ErrClosed
+	}
+	if sn.isDeleted() {
+		return 0, fmt.Errorf("%w: snapshot %q was deleted", ErrNotFound, sn.id)
+	}
+	n, err := checkRange(off, int64(len(p)), sn.size)
+	if err != nil {
+		return 0, err
+	}
+	if err := sn.readChunk(off, p[:n]); err != nil {
+		return 0, err
+	}
+	if n < int64(len(p)) {
+		return int(n), io.EOF
+	}
+	return int(n), nil
+}
+
+// WriteAt writes p at byte offset off. A write that does not fit returns
+// ErrOutOfRange and writes nothing. The data is durable after the next Flush
+// (or CreateSnapshot); snapshots see none of it.
+func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
+	if err := v.modify(off, int64(len(p)), p); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// Discard makes bytes [off, off+n) read as zeros, giving the space back
+// where whole chunks are covered.
+func (v *Volume) Discard(off, n int64) error {
+	return v.modify(off, n, nil)
+}
+
+// modify writes p (or zeros, when p is nil) to [off, off+n).
+func (v *Volume) modify(off, n int64, p []byte) error {
+	if n == 0 {
+		return nil
+	}
+	for {
+		v.gate.RLock()
+		err := v.modifyGated(off, n, p)
+		v.gate.RUnlock()
+		inv, ok := err.(needInvalidate)
+		if !ok {
+			return err
+		}
+		if err := v.s.invalidate(inv.sn); err != nil {
+			return err
+		}
+	}
+}
+
+// needInvalidate asks modify to invalidate a snapshot (which takes the gate
+// exclusively) and retry.
+type needInvalidate struct{ sn *Snapshot }
+
+func (needInvalidate) Error() string { return "cow: snapshot over its limit" }
+
+func (v *Volume) modifyGated(off, n int64, p []byte) error {
+	if v.s.isClosed.Load() {
+		return ErrClosed
+	}
+	if err := v.s.log.failed(); err != nil {
+		return err
+	}
+	v.mu.RLock()
+	size, deleted, closed := v.size, v.deleted, v.gone
+	v.mu.RUnlock()
+	if deleted || closed {
+		return fmt.Errorf("%w: volume %q was deleted", ErrNotFound, v.id)
+	}
+	if off < 0 || n < 0 || off+n > size || off+n < off {
+		return fmt.Errorf("%w: %d bytes at offset %d of %d", ErrOutOfRange, n, off, size)
+	}
+	c0, c1 := off>>v.shift, (off+n+v.chunkSize-1)>>v.shift
+	defer v.lockStripes(c0, c1, true)()
+	if err := v.copyOut(c0, c1); err != nil {
+		return err
+	}
+	// Set even if the write fails: part of it may have landed.
+	defer v.dirty.Store(true)
+	if v.src == nil {
+		if p != nil {
+			return writeFull(v.data, p, off)
+		}
+		return v.data.Punch(off, n)
+	}
+	return v.writeClone(off, n, p)
+}
+
+// writeClone writes to a clone: chunks it does not hold yet are completed
+// from the source first, since from now on they are read from the clone.
+func (v *Volume) writeClone(off, n int64, p []byte) error {
+	var marked []uint64
+	defer func() {
+		if len(marked) > 0 {
+			v.mu.Lock()
+			for _, c := range marked {
+				v.present.Insert(exceptions.Chunk(c), exceptions.Chunk(c))
+			}
+			v.pendingPresent = append(v.pendingPresent, marked...)
+			v.mu.Unlock()
+		}
+	}()
+	for end := off + n; off < end; {
+		c := off >> v.shift
+		o := off - c<<v.shift
+		m := min(end-off, v.chunkSize-o)
+		var part []byte
+		if p != nil {
+			part, p = p[:m], p[m:]
+		}
+		if v.isPresent(c) {
+			if part != nil {
+				if err := writeFull(v.data, part, off); err != nil {
+					return err
+				}
+			} else if err := v.data.Punch(off, m); err != nil {
+				return err
+			}
+		} else {
+			if m == v.chunkSize && part == nil {
+				if err := v.data.Punch(off, m); err != nil {
+					return err
+				}
+			} else {
+				buf := chunkBuf(v.chunkSize)
+				if m < v.chunkSize {
+					if err := v.src.readChunk(c<<v.shift, buf); err != nil {
+						putBuf(buf)
+						return err
+					}
+				}
+				if part != nil {
+					copy(buf[o:], part)
+				} else {
+					clear(buf[o : o+m])
+				}
+				err := writeFull(v.data, buf, c<<v.shift)
+				putBuf(buf)
+				if err != nil {
+					return err
+				}
+			}
+			marked = append(marked, uint64(c))
+		}
+		off += m
+	}
+	return nil
+}
+
+// copyOut copies chunks [c0, c1) that the newest snapshot does not hold yet
+// to the COW file and makes the copies and their records durable, before
+// the caller lets the origin write go. It is idempotent: a chunk already
+// held is skipped, so a resent write copies nothing. The caller holds the
+// gate (shared) and the stripes of [c0, c1) exclusively.
+func (v *Volume) copyOut(c0, c1 int64) error {
+	v.mu.RLock()
+	var sn *Snapshot
+	if n := len(v.chain); n > 0 {
+		sn = v.chain[n-1]
+	}
+	var todo []int64
+	if sn != nil {
+		last := chunks(sn.size, v.shift)
+		for c := c0; c < min(c1, last); c++ {
+			if _, ok := sn.idx.Lookup(exceptions.Chunk(c)); !ok {
+				todo = append(todo, c)
+			}
+		}
+	}
+	v.mu.RUnlock()
+	if len(todo) == 0 {
+		return nil
+	}
+	buf := chunkBuf(int64(len(todo)) << v.shift)
+	defer putBuf(buf)
+	nonzero := int64(0)
+	zero := make([]bool, len(todo))
+	for i, c := range todo {
+		b := buf[int64(i)<<v.shift : int64(i+1)<<v.shift]
+		if err := v.readCur(c, 0, b); err != nil {
+			return err
+		}
+		zero[i] = allZero(b)
+		if !zero[i] {
+			nonzero++
+		}
+	}
+	if nonzero > 0 && sn.limit > 0 {
+		v.mu.RLock()
+		exempt := sn.clones > 0
+		v.mu.RUnlock()
+		if !exempt {
+			if sn.reserved.Add(nonzero)<<v.shift > sn.limit {
+				sn.reserved.Add(-nonzero)
+				return needInvalidate{sn}
+			}
+		} else {
+			sn.reserved.Add(nonzero)
+		}
+	} else {
+		sn.reserved.Add(nonzero)
+	}
+	var f file
+	if nonzero > 0 {
+		var err error
+		if f, err = v.cowFile(); err != nil {
+			sn.reserved.Add(-nonzero)
+			return err
+		}
+	}
+	ks := v.alloc(int(nonzero))
+	recs := make([]byte, 0, len(todo)*(recOverhead+excPayloadBytes))
+	j := 0
+	for i, c := range todo {
+		b := buf[int64(i)<<v.shift : int64(i+1)<<v.shift]
+		r := record{Type: recExc, Obj: sn.obj, Origin: uint64(c), DataCRC: crc(b)}
+		if !zero[i] {
+			r.COW = uint64(ks[j])
+			j++
+			if err := writeFull(f, b, int64(r.COW)<<v.shift); err != nil {
+				sn.reserved.Add(-nonzero)
+				return err
+			}
+		}
+		recs = appendRecord(recs, &r)
+	}
+	if err := v.s.log.commit(recs, f); err != nil {
+		sn.reserved.Add(-nonzero)
+		return err
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	j = 0
+	for i, c := range todo {
+		k := exceptions.Chunk(0)
+		if !zero[i] {
+			k = ks[j]
+			j++
+		}
+		if err := sn.idx.Insert(exceptions.Chunk(c), k); err != nil {
+			return fmt.Errorf("%w: copy-out of chunk %d: %v", ErrCorrupt, c, err)
+		}
+	}
+	sn.held += nonzero
+	v.s.copyOuts.Add(uint64(len(todo)))
+	v.s.copiedBytes.Add(uint64(nonzero) << v.shift)
+	return nil
+}
+
+func allZero(b []byte) bool {
+	for len(b) >= 8 {
+		if b[0]|b[1]|b[2]|b[3]|b[4]|b[5]|b[6]|b[7] != 0 {
+			return false
+		}
+		b = b[8:]
+	}
+	for _, x := range b {
+		if x != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// alloc hands out n COW chunks: freed ones first, then new ones at the end
+// (ascending, so sequential copies stay contiguous and their runs merge).
+func (v *Volume) alloc(n int) []exceptions.Chunk {
+	if n == 0 {
+		return nil
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	out := make([]exceptions.Chunk, 0, n)
+	for len(out) < n && len(v.free) > 0 {
+		f := &v.free[len(v.free)-1]
+		out = append(out, f.C)
+		f.C++
+		if f.N--; f.N == 0 {
+			v.free = v.free[:len(v.free)-1]
+		}
+	}
+	for len(out) < n {
+		out = append(out, v.hwm)
+		v.hwm++
+	}
+	return out
+}
+
+// Flush is the durability barrier: every write that completed before it is
+// on disk when it returns.
+func (v *Volume) Flush() error {
+	if v.isDeleted() {
+		return fmt.Errorf("%w: volume %q was deleted", ErrNotFound, v.id)
+	}
+	return v.flushLocked()
+}
+
+// flushLocked syncs the data file, then records which chunks a clone now
+// holds (after their data, so a crash never points at missing data).
+func (v *Volume) flushLocked() error { return v.flushWith(nil) }
+
+// flushWith is flushLocked that also commits r (a snapshot record) and
+// applies it. Without clone records to order, the data file and the log are
+// synced concurrently (one fsync latency instead of two): if the machine
+// dies before that returns, r may survive with writes that were never
+// flushed missing from both the volume and the snapshot: the snapshot is
+// then of the volume as it recovered, and the call never returned.
+// restorePending puts present records taken by a failed Flush back, so a
+// later Flush still writes them (they were never committed).
+func (v *Volume) restorePending(pend []uint64) {
+	if len(pend) == 0 {
+		return
+	}
+	v.mu.Lock()
+	v.pendingPresent = append(pend, v.pendingPresent...)
+	v.mu.Unlock()
+}
+
+func (v *Volume) flushWith(r *record) error {
+	if v.s.isClosed.Load() {
+		return ErrClosed
+	}
+	v.flushMu.Lock()
+	defer v.flushMu.Unlock()
+	if err := v.s.log.failed(); err != nil {
+		return err
+	}
+	v.mu.Lock()
+	pend := v.pendingPresent
+	v.pendingPresent = nil
+	v.mu.Unlock()
+	var recs []byte
+	for i := 0; i < len(pend); {
+		j := i + 1
+		for j < len(pend) && pend[j] == pend[j-1]+1 {
+			j++
+		}
+		recs = appendRecord(recs, &record{Type: recPresent, Obj: v.obj, Origin: pend[i], N: uint64(j - i)})
+		i = j
+	}
+	dirty := v.dirty.Swap(false)
+	// A present record must never become durable before its chunk's data.
+	// Sync whenever present records go out, even if dirty reads false: a
+	// writer publishes its pendingPresent entry before it sets dirty, so a
+	// Flush running between the two sees the entry but not the flag.
+	if len(recs) > 0 || (dirty && r == nil) {
+		if err := v.data.Sync(); err != nil {
+			v.dirty.Store(true)
+			v.restorePending(pend)
+			return err
+		}
+		dirty = false
+	}
+	if r != nil {
+		recs = appendRecord(recs, r)
+	}
+	if len(recs) == 0 {
+		return nil
+	}
+	var err error
+	if dirty {
+		err = v.s.log.commit(recs, v.data)
+	} else {
+		err = v.s.log.commit(recs)
+	}
+	if err != nil {
+		v.dirty.Store(true)
+		v.restorePending(pend)
+	}
+	if err != nil || r == nil {
+		return err
+	}
+	if err := v.s.apply(r); err != nil {
+		v.s.closed = true
+		return fmt.Errorf("%w: applying committed record: %w", ErrClosed, err)
+	}
+	return nil
+}
+
+// Resize grows the volume to newSize bytes; the new part reads zeros.
+// Shrinking returns ErrShrink.
+func (v *Volume) Resize(newSize int64) error {
+	s := v.s
+	if err := checkSize(newSize); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.usable(); err != nil {
+		return err
+	}
+	if v.isDeleted() {
+		return fmt.Errorf("%w: volume %q was deleted", ErrNotFound, v.id)
+	}
+	v.gate.Lock()
+	defer v.gate.Unlock()
+	size := v.Size()
+	if newSize < size {
+		return fmt.Errorf("%w: %d to %d bytes", ErrShrink, size, newSize)
+	}
+	if newSize == size {
+		return nil
+	}
+	return s.commitApply(&record{Type: recResize, Obj: v.obj, Size: newSize})
+}
+
+// invalidate marks sn invalid (it went over its limit) unless that already
+// happened or it gained clones meanwhile.
+func (s *Store) invalidate(sn *Snapshot) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.usable(); err != nil {
+		return err
+	}
+	v := sn.vol
+	v.gate.Lock()
+	defer v.gate.Unlock()
+	v.mu.RLock()
+	skip := sn.invalid || sn.gone || sn.clones > 0
+	v.mu.RUnlock()
+	if skip {
+		return nil
+	}
+	return s.commitApply(&record{Type: recInvalidate, Obj: sn.obj})
+}

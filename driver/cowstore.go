@@ -1,0 +1,164 @@
+package driver
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/csi-snap/csi-snap/cow"
+)
+
+// engineError keeps an engine's error (message and chain) and adds the
+// driver's sentinel to the chain, so toStatus sees one vocabulary.
+type engineError struct {
+	sentinel, err error
+}
+
+func (e *engineError) Error() string   { return e.err.Error() }
+func (e *engineError) Unwrap() []error { return []error{e.sentinel, e.err} }
+
+// cowErrors maps cow's sentinels to the driver's.
+var cowErrors = []struct{ from, to error }{
+	{cow.ErrNotFound, ErrNotFound},
+	{cow.ErrExists, ErrExists},
+	{cow.ErrCorrupt, ErrCorrupt},
+	{cow.ErrInvalidID, ErrInvalidID},
+	{cow.ErrInvalidated, ErrInvalidated},
+	{cow.ErrReadOnly, ErrReadOnly},
+	{cow.ErrShrink, ErrShrink},
+	{cow.ErrOutOfRange, ErrOutOfRange},
+	{cow.ErrClosed, ErrClosed},
+	{cow.ErrNoSpace, ErrNoSpace},
+	{cow.ErrBadArgument, ErrBadArgument},
+}
+
+func fromCow(err error) error {
+	if err == nil {
+		return nil
+	}
+	for _, m := range cowErrors {
+		if errors.Is(err, m.from) {
+			return &engineError{sentinel: m.to, err: err}
+		}
+	}
+	return err
+}
+
+// CowStore adapts a *cow.Store to Store.
+type CowStore struct {
+	s *cow.Store
+}
+
+// OpenCowStore opens (or creates) the cow store in dir.
+func OpenCowStore(dir string) (*CowStore, error) {
+	s, err := cow.Open(dir)
+	if err != nil {
+		return nil, fromCow(fmt.Errorf("open store %s: %w", dir, err))
+	}
+	return &CowStore{s: s}, nil
+}
+
+func volInfo(i cow.VolumeInfo) VolumeInfo {
+	return VolumeInfo{ID: i.ID, Size: i.Size, Labels: i.Labels, SourceSnapshotID: i.SourceSnapshotID,
+		SourceVolumeID: i.SourceVolumeID, AllocatedBytes: i.AllocatedBytes}
+}
+
+func snapInfo(i cow.SnapshotInfo) SnapshotInfo {
+	return SnapshotInfo{ID: i.ID, VolumeID: i.VolumeID, Size: i.Size, Created: i.Created, Labels: i.Labels,
+		CowBytes: i.CowBytes, Limit: i.Limit, Invalid: i.Invalid}
+}
+
+func volResult(v *cow.Volume, err error) (VolumeInfo, error) {
+	if err != nil {
+		return VolumeInfo{}, fromCow(err)
+	}
+	return volInfo(v.Info()), nil
+}
+
+// CreateVolume implements Store.
+func (c *CowStore) CreateVolume(id string, size int64, labels map[string]string) (VolumeInfo, error) {
+	return volResult(c.s.CreateVolume(id, size, cow.VolumeOptions{Labels: labels}))
+}
+
+// CloneSnapshot implements Store.
+func (c *CowStore) CloneSnapshot(snapID, newID string, size int64, labels map[string]string) (VolumeInfo, error) {
+	return volResult(c.s.CloneSnapshot(snapID, newID, size, cow.VolumeOptions{Labels: labels}))
+}
+
+// CloneVolume implements Store.
+func (c *CowStore) CloneVolume(srcID, newID string, size int64, labels map[string]string) (VolumeInfo, error) {
+	return volResult(c.s.CloneVolume(srcID, newID, size, cow.VolumeOptions{Labels: labels}))
+}
+
+// ResizeVolume implements Store.
+func (c *CowStore) ResizeVolume(id string, size int64) error {
+	v, err := c.s.Volume(id)
+	if err != nil {
+		return fromCow(err)
+	}
+	return fromCow(v.Resize(size))
+}
+
+// DeleteVolume implements Store.
+func (c *CowStore) DeleteVolume(id string) error { return fromCow(c.s.DeleteVolume(id)) }
+
+// EngineStats implements StatsStore from cow's counters.
+func (c *CowStore) EngineStats() EngineStats {
+	st := c.s.Stats()
+	return EngineStats{CopyOuts: st.CopyOuts, CopiedBytes: st.CopiedBytes, IndexBytes: st.IndexBytes, IndexRuns: st.IndexRuns}
+}
+
+// CreateSnapshot implements Store.
+func (c *CowStore) CreateSnapshot(volID, snapID string, labels map[string]string) (SnapshotInfo, error) {
+	s, err := c.s.CreateSnapshot(volID, snapID, cow.SnapshotOptions{Labels: labels})
+	if err != nil {
+		return SnapshotInfo{}, fromCow(err)
+	}
+	return snapInfo(s.Info()), nil
+}
+
+// DeleteSnapshot implements Store.
+func (c *CowStore) DeleteSnapshot(id string) error { return fromCow(c.s.DeleteSnapshot(id)) }
+
+// Volume implements Store.
+func (c *CowStore) Volume(id string) (VolumeInfo, error) { return volResult(c.s.Volume(id)) }
+
+// Snapshot implements Store.
+func (c *CowStore) Snapshot(id string) (SnapshotInfo, error) {
+	s, err := c.s.Snapshot(id)
+	if err != nil {
+		return SnapshotInfo{}, fromCow(err)
+	}
+	return snapInfo(s.Info()), nil
+}
+
+// Volumes implements Store.
+func (c *CowStore) Volumes() []VolumeInfo {
+	vs := c.s.Volumes()
+	out := make([]VolumeInfo, len(vs))
+	for i, v := range vs {
+		out[i] = volInfo(v)
+	}
+	return out
+}
+
+// Snapshots implements Store.
+func (c *CowStore) Snapshots() []SnapshotInfo {
+	ss := c.s.Snapshots()
+	out := make([]SnapshotInfo, len(ss))
+	for i, s := range ss {
+		out[i] = snapInfo(s)
+	}
+	return out
+}
+
+// VolumeBackend implements Store: the *cow.Volume itself.
+func (c *CowStore) VolumeBackend(id string) (Backend, error) {
+	v, err := c.s.Volume(id)
+	if err != nil {
+		return nil, fromCow(err)
+	}
+	return v, nil
+}
+
+// Close implements Store.
+func (c *CowStore) Close() error { return fromCow(c.s.Close()) }

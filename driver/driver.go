@@ -1,0 +1,115 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"regexp"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"k8s.io/klog/v2"
+	mount "k8s.io/mount-utils"
+)
+
+// TopologyKey is the topology segment key naming the node a volume lives on.
+const TopologyKey = "topology.csi-snap.io/node"
+
+// Label keys under which the driver keeps CSI metadata in store objects.
+const (
+	labelName   = "csi-snap.io/name"
+	labelFSType = "csi-snap.io/fstype"
+)
+
+// maxStringBytes is the CSI spec's size limit for names and other strings.
+const maxStringBytes = 128
+
+// Options configure a Driver. Store, Frontend and Mounter are required.
+type Options struct {
+	// Name is the CSI driver name (domain style, e.g. "csi-snap.io").
+	Name string
+	// Version is reported by GetPluginInfo.
+	Version string
+	// NodeID is this node's ID, also the value of the TopologyKey segment.
+	NodeID string
+	// DataDir is where the store lives; GetCapacity reports its filesystem's
+	// free bytes.
+	DataDir string
+	// MaxVolumes is NodeGetInfo's max_volumes_per_node (0 = no limit known).
+	MaxVolumes int64
+
+	Store    Store
+	Frontend Frontend
+	Mounter  *mount.SafeFormatAndMount
+	// Freeze and Thaw quiesce a mounted filesystem around a snapshot
+	// (FIFREEZE/FITHAW); nil disables freezing.
+	Freeze, Thaw func(mountpoint string) error
+}
+
+// Driver serves the CSI Identity, Controller and Node services.
+type Driver struct {
+	csi.UnimplementedIdentityServer
+	csi.UnimplementedControllerServer
+	csi.UnimplementedNodeServer
+	csi.UnimplementedSnapshotMetadataServer
+
+	opt   Options
+	locks *keyLocks
+	tag   string // node tag of the IDs this node makes (see ids.go)
+}
+
+var driverNameRE = regexp.MustCompile(`^[a-zA-Z0-9]([a-zA-Z0-9.-]{0,61}[a-zA-Z0-9])?$`)
+
+// New checks the options and returns a Driver.
+func New(opt Options) (*Driver, error) {
+	if !driverNameRE.MatchString(opt.Name) {
+		return nil, fmt.Errorf("driver name %q: %w: must be a domain-style name of at most 63 characters", opt.Name, ErrBadArgument)
+	}
+	if opt.NodeID == "" || len(opt.NodeID) > maxStringBytes {
+		return nil, fmt.Errorf("node id %q: %w: must be 1..%d bytes", opt.NodeID, ErrBadArgument, maxStringBytes)
+	}
+	if opt.Store == nil || opt.Frontend == nil || opt.Mounter == nil {
+		return nil, fmt.Errorf("%w: Store, Frontend and Mounter are required", ErrBadArgument)
+	}
+	if opt.Version == "" {
+		opt.Version = "dev"
+	}
+	return &Driver{opt: opt, locks: newKeyLocks(), tag: nodeTag(opt.NodeID)}, nil
+}
+
+// Register adds the CSI services to s: Identity, Controller, Node and
+// SnapshotMetadata (see metadata.go).
+func (d *Driver) Register(s *grpc.Server) {
+	csi.RegisterIdentityServer(s, d)
+	csi.RegisterControllerServer(s, d)
+	csi.RegisterNodeServer(s, d)
+	csi.RegisterSnapshotMetadataServer(s, d)
+}
+
+// Recover re-attaches every volume the frontend still holds after a restart
+// of the process, so that staged and published volumes keep working. Held
+// ids whose volume is gone from the store are detached. It returns the first
+// error but tries every id.
+func (d *Driver) Recover(ctx context.Context) error {
+	var first error
+	for _, id := range d.opt.Frontend.Attached() {
+		b, err := d.opt.Store.VolumeBackend(id)
+		if errors.Is(err, ErrNotFound) {
+			klog.InfoS("Detaching held device of a volume the store does not know", "volumeID", id)
+			err = d.opt.Frontend.Detach(ctx, id)
+		} else if err == nil {
+			var dev string
+			dev, err = d.opt.Frontend.Attach(ctx, id, b, false)
+			if err == nil {
+				klog.InfoS("Resumed volume", "volumeID", id, "device", dev)
+			}
+		}
+		if err != nil {
+			klog.ErrorS(err, "Recovering attached volume", "volumeID", id)
+			if first == nil {
+				first = fmt.Errorf("recover %s: %w", id, err)
+			}
+		}
+	}
+	return first
+}

@@ -1,0 +1,383 @@
+// Package drivertest provides in-memory stand-ins for the driver's engines
+// (driver.Store and driver.Frontend), for tests of the CSI surface that need
+// no root, FUSE or loop devices. They model the agreed semantics of cow and
+// the kernel frontend (sentinel errors, sorted listings, O(1) clones as
+// content copies), not their performance.
+package drivertest
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/csi-snap/csi-snap/driver"
+)
+
+// Store is an in-memory driver.Store. Volume bodies are byte slices.
+type Store struct {
+	mu     sync.Mutex
+	vols   map[string]*vol
+	snaps  map[string]*snap
+	closed bool
+	// Now returns creation times; tests may fix it.
+	Now func() time.Time
+}
+
+type vol struct {
+	info driver.VolumeInfo
+	data []byte
+}
+
+type snap struct {
+	info driver.SnapshotInfo
+	data []byte
+}
+
+// NewStore returns an empty store.
+func NewStore() *Store {
+	return &Store{vols: map[string]*vol{}, snaps: map[string]*snap{}, Now: time.Now}
+}
+
+func (s *Store) exists(id string) bool {
+	_, v := s.vols[id]
+	_, sn := s.snaps[id]
+	return v || sn
+}
+
+func (s *Store) check(id string, size int64) error {
+	if s.closed {
+		return driver.ErrClosed
+	}
+	if id == "" || len(id) > 63 {
+		return fmt.Errorf("%q: %w", id, driver.ErrInvalidID)
+	}
+	if size <= 0 {
+		return fmt.Errorf("size %d: %w", size, driver.ErrBadArgument)
+	}
+	if s.exists(id) {
+		return fmt.Errorf("%s: %w", id, driver.ErrExists)
+	}
+	return nil
+}
+
+// CreateVolume implements driver.Store.
+func (s *Store) CreateVolume(id string, size int64, labels map[string]string) (driver.VolumeInfo, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.check(id, size); err != nil {
+		return driver.VolumeInfo{}, err
+	}
+	v := &vol{info: driver.VolumeInfo{ID: id, Size: size, Labels: maps.Clone(labels)}, data: make([]byte, 0)}
+	s.vols[id] = v
+	return v.info, nil
+}
+
+func grow(b []byte, size int64) []byte {
+	out := make([]byte, len(b), size)
+	copy(out, b)
+	return out
+}
+
+// CloneSnapshot implements driver.Store.
+func (s *Store) CloneSnapshot(snapID, newID string, size int64, labels map[string]string) (driver.VolumeInfo, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sn, ok := s.snaps[snapID]
+	if !ok {
+		return driver.VolumeInfo{}, fmt.Errorf("snapshot %s: %w", snapID, driver.ErrNotFound)
+	}
+	if size < sn.info.Size {
+		return driver.VolumeInfo{}, fmt.Errorf("size %d < %d: %w", size, sn.info.Size, driver.ErrShrink)
+	}
+	if err := s.check(newID, size); err != nil {
+		return driver.VolumeInfo{}, err
+	}
+	v := &vol{info: driver.VolumeInfo{ID: newID, Size: size, Labels: maps.Clone(labels), SourceSnapshotID: snapID}, data: grow(sn.data, size)}
+	s.vols[newID] = v
+	return v.info, nil
+}
+
+// CloneVolume implements driver.Store.
+func (s *Store) CloneVolume(srcID, newID string, size int64, labels map[string]string) (driver.VolumeInfo, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	src, ok := s.vols[srcID]
+	if !ok {
+		return driver.VolumeInfo{}, fmt.Errorf("volume %s: %w", srcID, driver.ErrNotFound)
+	}
+	if size < src.info.Size {
+		return driver.VolumeInfo{}, fmt.Errorf("size %d < %d: %w", size, src.info.Size, driver.ErrShrink)
+	}
+	if err := s.check(newID, size); err != nil {
+		return driver.VolumeInfo{}, err
+	}
+	v := &vol{info: driver.VolumeInfo{ID: newID, Size: size, Labels: maps.Clone(labels), SourceVolumeID: srcID}, data: grow(src.data, size)}
+	s.vols[newID] = v
+	return v.info, nil
+}
+
+// ResizeVolume implements driver.Store.
+func (s *Store) ResizeVolume(id string, size int64) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	v, ok := s.vols[id]
+	if !ok {
+		return fmt.Errorf("volume %s: %w", id, driver.ErrNotFound)
+	}
+	if size < v.info.Size {
+		return fmt.Errorf("%d < %d: %w", size, v.info.Size, driver.ErrShrink)
+	}
+	v.info.Size = size
+	return nil
+}
+
+// DeleteVolume implements driver.Store.
+func (s *Store) DeleteVolume(id string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.vols[id]; !ok {
+		return fmt.Errorf("volume %s: %w", id, driver.ErrNotFound)
+	}
+	delete(s.vols, id)
+	return nil
+}
+
+// CreateSnapshot implements driver.Store.
+func (s *Store) CreateSnapshot(volID, snapID string, labels map[string]string) (driver.SnapshotInfo, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	v, ok := s.vols[volID]
+	if !ok {
+		return driver.SnapshotInfo{}, fmt.Errorf("volume %s: %w", volID, driver.ErrNotFound)
+	}
+	if err := s.check(snapID, v.info.Size); err != nil {
+		return driver.SnapshotInfo{}, err
+	}
+	sn := &snap{info: driver.SnapshotInfo{ID: snapID, VolumeID: volID, Size: v.info.Size, Created: s.Now(), Labels: maps.Clone(labels)},
+		data: append([]byte(nil), v.data...)}
+	s.snaps[snapID] = sn
+	return sn.info, nil
+}
+
+// DeleteSnapshot implements driver.Store.
+func (s *Store) DeleteSnapshot(id string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.snaps[id]; !ok {
+		return fmt.Errorf("snapshot %s: %w", id, driver.ErrNotFound)
+	}
+	delete(s.snaps, id)
+	return nil
+}
+
+// Volume implements driver.Store.
+func (s *Store) Volume(id string) (driver.VolumeInfo, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	v, ok := s.vols[id]
+	if !ok {
+		return driver.VolumeInfo{}, fmt.Errorf("volume %s: %w", id, driver.ErrNotFound)
+	}
+	return v.info, nil
+}
+
+// Snapshot implements driver.Store.
+func (s *Store) Snapshot(id string) (driver.SnapshotInfo, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sn, ok := s.snaps[id]
+	if !ok {
+		return driver.SnapshotInfo{}, fmt.Errorf("snapshot %s: %w", id, driver.ErrNotFound)
+	}
+	return sn.info, nil
+}
+
+// Volumes implements driver.Store.
+func (s *Store) Volumes() []driver.VolumeInfo {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []driver.VolumeInfo
+	for _, v := range s.vols {
+		out = append(out, v.info)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// Snapshots implements driver.Store.
+func (s *Store) Snapshots() []driver.SnapshotInfo {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []driver.SnapshotInfo
+	for _, v := range s.snaps {
+		out = append(out, v.info)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// VolumeBackend implements driver.Store.
+func (s *Store) VolumeBackend(id string) (driver.Backend, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.vols[id]; !ok {
+		return nil, fmt.Errorf("volume %s: %w", id, driver.ErrNotFound)
+	}
+	return &backend{s: s, id: id}, nil
+}
+
+// Close implements driver.Store.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closed = true
+	return nil
+}
+
+// backend serves a volume's bytes (zeros past what was written).
+type backend struct {
+	s  *Store
+	id string
+}
+
+func (b *backend) vol() (*vol, error) {
+	v, ok := b.s.vols[b.id]
+	if !ok {
+		return nil, driver.ErrClosed
+	}
+	return v, nil
+}
+
+func (b *backend) ReadAt(p []byte, off int64) (int, error) {
+	b.s.mu.Lock()
+	defer b.s.mu.Unlock()
+	v, err := b.vol()
+	if err != nil {
+		return 0, err
+	}
+	if off < 0 || off+int64(len(p)) > v.info.Size {
+		return 0, driver.ErrOutOfRange
+	}
+	clear(p)
+	if off < int64(len(v.data)) {
+		copy(p, v.data[off:])
+	}
+	return len(p), nil
+}
+
+func (b *backend) WriteAt(p []byte, off int64) (int, error) {
+	b.s.mu.Lock()
+	defer b.s.mu.Unlock()
+	v, err := b.vol()
+	if err != nil {
+		return 0, err
+	}
+	end := off + int64(len(p))
+	if off < 0 || end > v.info.Size {
+		return 0, driver.ErrOutOfRange
+	}
+	if end > int64(len(v.data)) {
+		v.data = append(v.data, make([]byte, end-int64(len(v.data)))...)
+	}
+	copy(v.data[off:], p)
+	return len(p), nil
+}
+
+func (b *backend) Flush() error { return nil }
+
+func (b *backend) Discard(off, n int64) error {
+	_, err := b.WriteAt(make([]byte, n), off)
+	return err
+}
+
+func (b *backend) Size() int64 {
+	b.s.mu.Lock()
+	defer b.s.mu.Unlock()
+	if v, err := b.vol(); err == nil {
+		return v.info.Size
+	}
+	return 0
+}
+
+// Frontend is an in-memory driver.Frontend: it hands out fake device names
+// and records sizes, without touching the kernel.
+type Frontend struct {
+	mu    sync.Mutex
+	devs  map[string]string
+	sizes map[string]int64
+	next  int
+}
+
+// NewFrontend returns a Frontend with nothing attached.
+func NewFrontend() *Frontend {
+	return &Frontend{devs: map[string]string{}, sizes: map[string]int64{}}
+}
+
+// Attach implements driver.Frontend.
+func (f *Frontend) Attach(ctx context.Context, id string, b driver.Backend, readOnly bool) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if d, ok := f.devs[id]; ok {
+		return d, nil
+	}
+	d := fmt.Sprintf("/dev/fakeloop%d", f.next)
+	f.next++
+	f.devs[id] = d
+	f.sizes[id] = b.Size()
+	return d, nil
+}
+
+// Detach implements driver.Frontend.
+func (f *Frontend) Detach(ctx context.Context, id string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.devs, id)
+	delete(f.sizes, id)
+	return nil
+}
+
+// Resize implements driver.Frontend.
+func (f *Frontend) Resize(ctx context.Context, id string, newSize int64) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.devs[id]; !ok {
+		return fmt.Errorf("%s: %w", id, driver.ErrNotFound)
+	}
+	f.sizes[id] = newSize
+	return nil
+}
+
+// Size returns the device size recorded for id (bytes) and whether it is
+// attached.
+func (f *Frontend) Size(id string) (int64, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n, ok := f.sizes[id]
+	return n, ok
+}
+
+// Device implements driver.Frontend.
+func (f *Frontend) Device(id string) (string, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	d, ok := f.devs[id]
+	return d, ok
+}
+
+// Attached implements driver.Frontend.
+func (f *Frontend) Attached() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []string
+	for id := range f.devs {
+		out = append(out, id)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// Close implements driver.Frontend.
+func (f *Frontend) Close() error { return nil }

@@ -1,0 +1,80 @@
+package driver
+
+import (
+	"context"
+	"time"
+)
+
+// Store is the part of the copy-on-write engine (cow.Store) the driver uses.
+// IDs are chosen by the driver (see ids.go). Sizes are in bytes. Errors wrap
+// the sentinels of errors.go. Implementations are safe for concurrent use.
+type Store interface {
+	CreateVolume(id string, size int64, labels map[string]string) (VolumeInfo, error)
+	// CloneSnapshot makes a new volume of size bytes (>= the snapshot's size)
+	// whose content is the snapshot's; O(1).
+	CloneSnapshot(snapID, newID string, size int64, labels map[string]string) (VolumeInfo, error)
+	// CloneVolume makes a point-in-time copy of srcID; O(1).
+	CloneVolume(srcID, newID string, size int64, labels map[string]string) (VolumeInfo, error)
+	// ResizeVolume grows a volume to size bytes (ErrShrink if smaller).
+	ResizeVolume(id string, size int64) error
+	DeleteVolume(id string) error
+	CreateSnapshot(volID, snapID string, labels map[string]string) (SnapshotInfo, error)
+	DeleteSnapshot(id string) error
+	Volume(id string) (VolumeInfo, error)
+	Snapshot(id string) (SnapshotInfo, error)
+	// Volumes and Snapshots list live objects sorted by ID.
+	Volumes() []VolumeInfo
+	Snapshots() []SnapshotInfo
+	// VolumeBackend returns the byte-addressed body of a volume, for the
+	// frontend to serve.
+	VolumeBackend(id string) (Backend, error)
+	Close() error
+}
+
+// VolumeInfo describes a store volume. Size and AllocatedBytes are bytes.
+type VolumeInfo struct {
+	ID               string
+	Size             int64
+	Labels           map[string]string
+	SourceSnapshotID string
+	SourceVolumeID   string
+	AllocatedBytes   int64
+}
+
+// SnapshotInfo describes a store snapshot. Size, CowBytes and Limit are bytes
+// (Limit 0 = unlimited); Invalid is true once the snapshot went over its limit.
+type SnapshotInfo struct {
+	ID       string
+	VolumeID string
+	Size     int64
+	Created  time.Time
+	Labels   map[string]string
+	CowBytes int64
+	Limit    int64
+	Invalid  bool
+}
+
+// Backend is a byte-addressed volume body (identical in shape to
+// kernel.Backend). Offsets and lengths are bytes.
+type Backend interface {
+	ReadAt(p []byte, off int64) (int, error)
+	WriteAt(p []byte, off int64) (int, error)
+	Flush() error
+	Discard(off, length int64) error
+	Size() int64
+}
+
+// Frontend turns a Backend into a block device node (kernel.Frontend).
+type Frontend interface {
+	// Attach is idempotent per id and returns the device path (/dev/loopN).
+	Attach(ctx context.Context, id string, b Backend, readOnly bool) (string, error)
+	// Detach is idempotent.
+	Detach(ctx context.Context, id string) error
+	// Resize makes the device follow a backend that grew to newSize bytes.
+	Resize(ctx context.Context, id string, newSize int64) error
+	Device(id string) (string, bool)
+	// Attached lists ids attached or held across a restart.
+	Attached() []string
+	// Close stops serving without detaching (for a graceful restart).
+	Close() error
+}

@@ -1,0 +1,11 @@
+package driver
+
+// HoldLock takes the per-ID locks as an in-flight operation would, so
+// external tests can check that contention answers Aborted. It panics if the
+// keys are already held (a test bug).
+func (d *Driver) HoldLock(keys ...string) (release func()) {
+	if !d.locks.tryLock(keys...) {
+		panic("HoldLock: keys already held")
+	}
+	return func() { d.locks.unlock(keys...) }
+}

@@ -1,0 +1,386 @@
+package driver_test
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/csi-snap/csi-snap/driver"
+	"github.com/csi-snap/csi-snap/driver/drivertest"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	mount "k8s.io/mount-utils"
+	testexec "k8s.io/utils/exec/testing"
+)
+
+func TestCreateVolumeIdempotentByName(t *testing.T) {
+	e := newEnv(t)
+	a := e.createVolume(t, "pvc-1", 5000)
+	if a.CapacityBytes != 8192 {
+		t.Fatalf("capacity %d, want 5000 rounded up to 8192", a.CapacityBytes)
+	}
+	b := e.createVolume(t, "pvc-1", 5000)
+	if a.VolumeId != b.VolumeId {
+		t.Fatalf("same name gave two volumes: %s %s", a.VolumeId, b.VolumeId)
+	}
+	if n := len(e.store.Volumes()); n != 1 {
+		t.Fatalf("%d volumes in the store, want 1", n)
+	}
+	if got := a.AccessibleTopology[0].Segments[driver.TopologyKey]; got != node {
+		t.Fatalf("topology %q, want %q", got, node)
+	}
+	if e.store.Volumes()[0].Labels["csi-snap.io/name"] != "pvc-1" {
+		t.Fatalf("name not kept in labels: %v", e.store.Volumes()[0].Labels)
+	}
+}
+
+func TestCreateVolumeTopology(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	req := &csi.TopologyRequirement{
+		Requisite: []*csi.Topology{{Segments: map[string]string{driver.TopologyKey: "node-b"}}, {Segments: map[string]string{driver.TopologyKey: node}}},
+	}
+	if _, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "t", VolumeCapabilities: []*csi.VolumeCapability{mountCap()}, AccessibilityRequirements: req}); err != nil {
+		t.Fatalf("requisite including this node: %v", err)
+	}
+	foreign := &csi.TopologyRequirement{Requisite: []*csi.Topology{{Segments: map[string]string{"zone": "a"}}}}
+	_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "u", VolumeCapabilities: []*csi.VolumeCapability{mountCap()}, AccessibilityRequirements: foreign})
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("requisite without our key: %v, want ResourceExhausted", err)
+	}
+}
+
+// TestSnapshotOutlivesVolume: delete the volume, restore from its snapshot,
+// and the restored volume holds the snapshot's bytes.
+func TestSnapshotOutlivesVolume(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	v := e.createVolume(t, "src", 1<<20)
+	b, err := e.store.VolumeBackend(v.VolumeId)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.WriteAt([]byte("hello"), 4096); err != nil {
+		t.Fatal(err)
+	}
+	s := e.createSnapshot(t, "snap", v.VolumeId)
+	if !s.ReadyToUse || s.SourceVolumeId != v.VolumeId || s.SizeBytes != 1<<20 {
+		t.Fatalf("snapshot %+v", s)
+	}
+	if again := e.createSnapshot(t, "snap", v.VolumeId); again.SnapshotId != s.SnapshotId {
+		t.Fatalf("same snapshot name gave %s and %s", s.SnapshotId, again.SnapshotId)
+	}
+	if _, err := b.WriteAt([]byte("later"), 4096); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.VolumeId}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.VolumeId}); err != nil {
+		t.Fatalf("second delete must succeed: %v", err)
+	}
+	r, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "restored", VolumeCapabilities: []*csi.VolumeCapability{blockCap()},
+		VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: s.SnapshotId}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Volume.CapacityBytes != 1<<20 || r.Volume.GetContentSource().GetSnapshot().GetSnapshotId() != s.SnapshotId {
+		t.Fatalf("restored volume %+v", r.Volume)
+	}
+	rb, _ := e.store.VolumeBackend(r.Volume.VolumeId)
+	got := make([]byte, 5)
+	if _, err := rb.ReadAt(got, 4096); err != nil || string(got) != "hello" {
+		t.Fatalf("restored bytes %q, %v", got, err)
+	}
+	// Clone of a volume, larger than its source.
+	c, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "clone", VolumeCapabilities: []*csi.VolumeCapability{mountCap()},
+		CapacityRange:       &csi.CapacityRange{RequiredBytes: 2 << 20},
+		VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: r.Volume.VolumeId}}}})
+	if err != nil || c.Volume.CapacityBytes != 2<<20 {
+		t.Fatalf("clone %+v, %v", c, err)
+	}
+}
+
+// TestPagination walks ListVolumes and ListSnapshots page by page while
+// entries are deleted and added between pages.
+func TestPagination(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	var ids []string
+	for i := 0; i < 7; i++ {
+		ids = append(ids, e.createVolume(t, fmt.Sprint("p", i), 4096).VolumeId)
+	}
+	seen := map[string]int{}
+	token := ""
+	for pages := 0; ; pages++ {
+		r, err := e.d.ListVolumes(ctx, &csi.ListVolumesRequest{MaxEntries: 3, StartingToken: token})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(r.Entries) > 3 {
+			t.Fatalf("page of %d entries, max 3", len(r.Entries))
+		}
+		for _, en := range r.Entries {
+			seen[en.Volume.VolumeId]++
+		}
+		if pages == 0 {
+			// The next page's first entry goes away: listing must go on.
+			if _, err := e.d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: r.NextToken}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		token = r.NextToken
+		if token == "" {
+			break
+		}
+	}
+	if len(seen) != 6 {
+		t.Fatalf("saw %d volumes, want the 6 left: %v", len(seen), seen)
+	}
+	for id, n := range seen {
+		if n != 1 {
+			t.Fatalf("%s listed %d times", id, n)
+		}
+	}
+	// IDs are random: take the snapshot sources among the survivors.
+	var live []string
+	for _, id := range ids {
+		if seen[id] == 1 {
+			live = append(live, id)
+		}
+	}
+	ids = live
+	for i := 0; i < 4; i++ {
+		e.createSnapshot(t, fmt.Sprint("s", i), ids[0])
+	}
+	e.createSnapshot(t, "other", ids[1])
+	r, err := e.d.ListSnapshots(ctx, &csi.ListSnapshotsRequest{SourceVolumeId: ids[0], MaxEntries: 3})
+	if err != nil || len(r.Entries) != 3 || r.NextToken == "" {
+		t.Fatalf("first snapshot page: %v entries, token %q, %v", len(r.GetEntries()), r.GetNextToken(), err)
+	}
+	r2, err := e.d.ListSnapshots(ctx, &csi.ListSnapshotsRequest{SourceVolumeId: ids[0], MaxEntries: 3, StartingToken: r.NextToken})
+	if err != nil || len(r2.Entries) != 1 || r2.NextToken != "" {
+		t.Fatalf("second snapshot page: %v entries, token %q, %v", len(r2.GetEntries()), r2.GetNextToken(), err)
+	}
+	one, err := e.d.ListSnapshots(ctx, &csi.ListSnapshotsRequest{SnapshotId: r2.Entries[0].Snapshot.SnapshotId})
+	if err != nil || len(one.Entries) != 1 {
+		t.Fatalf("by id: %v, %v", one, err)
+	}
+	none, err := e.d.ListSnapshots(ctx, &csi.ListSnapshotsRequest{SnapshotId: "not-ours"})
+	if err != nil || len(none.Entries) != 0 {
+		t.Fatalf("unknown id: %v, %v", none, err)
+	}
+}
+
+func TestExpand(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	v := e.createVolume(t, "x", 1<<20)
+	r, err := e.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: v.VolumeId, CapacityRange: &csi.CapacityRange{RequiredBytes: 3 << 20}})
+	if err != nil || r.CapacityBytes != 3<<20 || !r.NodeExpansionRequired {
+		t.Fatalf("expand: %+v, %v", r, err)
+	}
+	if info, _ := e.store.Volume(v.VolumeId); info.Size != 3<<20 {
+		t.Fatalf("store size %d", info.Size)
+	}
+	// Shrinking requests answer the current size, not an error.
+	r, err = e.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: v.VolumeId, CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20}})
+	if err != nil || r.CapacityBytes != 3<<20 {
+		t.Fatalf("smaller request: %+v, %v", r, err)
+	}
+	// Attached: the device follows.
+	b, _ := e.store.VolumeBackend(v.VolumeId)
+	if _, err := e.fe.Attach(ctx, v.VolumeId, b, false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: v.VolumeId, VolumeCapability: blockCap(), CapacityRange: &csi.CapacityRange{RequiredBytes: 4 << 20}}); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := e.fe.Size(v.VolumeId); n != 4<<20 {
+		t.Fatalf("device size %d after expand, want %d", n, 4<<20)
+	}
+	if _, err := e.d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.VolumeId}); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("delete of an attached volume: %v, want FailedPrecondition", err)
+	}
+}
+
+// TestFreezeAroundSnapshot: a volume mounted on this node is frozen during
+// the snapshot and thawed after, also when the snapshot fails.
+func TestFreezeAroundSnapshot(t *testing.T) {
+	st, fe := drivertest.NewStore(), drivertest.NewFrontend()
+	fm := mount.NewFakeMounter(nil)
+	var log []string
+	d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
+		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{}},
+		Freeze:  func(mp string) error { log = append(log, "freeze "+mp); return nil },
+		Thaw:    func(mp string) error { log = append(log, "thaw "+mp); return nil },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	v, err := d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "f", VolumeCapabilities: []*csi.VolumeCapability{mountCap()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := v.Volume.VolumeId
+	if _, err := d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "unmounted", SourceVolumeId: id}); err != nil {
+		t.Fatal(err)
+	}
+	if len(log) != 0 {
+		t.Fatalf("froze a volume that is not attached: %v", log)
+	}
+	b, _ := st.VolumeBackend(id)
+	dev, _ := fe.Attach(ctx, id, b, false)
+	fm.MountPoints = append(fm.MountPoints, mount.MountPoint{Device: dev, Path: "/staging/f", Type: "ext4"})
+	if _, err := d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "mounted", SourceVolumeId: id}); err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(log) != "[freeze /staging/f thaw /staging/f]" {
+		t.Fatalf("freeze log %v", log)
+	}
+	log = nil
+	// A closed store makes the snapshot fail: thaw anyway.
+	st.Close()
+	_, err = d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "fails", SourceVolumeId: id})
+	if err == nil || fmt.Sprint(log) != "[freeze /staging/f thaw /staging/f]" {
+		t.Fatalf("failed snapshot: err %v, log %v", err, log)
+	}
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("closed store answered %v, want Unavailable", status.Code(err))
+	}
+}
+
+func TestGetCapacityAndInfo(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	r, err := e.d.GetCapacity(ctx, &csi.GetCapacityRequest{})
+	if err != nil || r.AvailableCapacity <= 0 {
+		t.Fatalf("capacity %v, %v", r, err)
+	}
+	r, err = e.d.GetCapacity(ctx, &csi.GetCapacityRequest{AccessibleTopology: &csi.Topology{Segments: map[string]string{driver.TopologyKey: "node-b"}}})
+	if err != nil || r.AvailableCapacity != 0 {
+		t.Fatalf("capacity on another node %v, %v", r, err)
+	}
+	info, err := e.d.NodeGetInfo(ctx, &csi.NodeGetInfoRequest{})
+	if err != nil || info.NodeId != node || info.AccessibleTopology.Segments[driver.TopologyKey] != node {
+		t.Fatalf("node info %v, %v", info, err)
+	}
+}
+
+// TestRecover: after a restart, volumes the frontend still holds are
+// attached again (same device), and held ids the store no longer knows are
+// detached.
+func TestRecover(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	v := e.createVolume(t, "kept", 1<<20)
+	b, _ := e.store.VolumeBackend(v.VolumeId)
+	dev, err := e.fe.Attach(ctx, v.VolumeId, b, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gone := e.createVolume(t, "gone", 1<<20)
+	gb, _ := e.store.VolumeBackend(gone.VolumeId)
+	if _, err := e.fe.Attach(ctx, gone.VolumeId, gb, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.store.DeleteVolume(gone.VolumeId); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.d.Recover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got, ok := e.fe.Device(v.VolumeId); !ok || got != dev {
+		t.Fatalf("kept volume: device %q %v, want %q", got, ok, dev)
+	}
+	if _, ok := e.fe.Device(gone.VolumeId); ok {
+		t.Fatal("a held volume the store does not know stayed attached")
+	}
+}
+
+// TestConcurrentCreateSameName: identical CreateVolume calls racing each
+// other make one volume; the losers either get that volume or Aborted.
+func TestConcurrentCreateSameName(t *testing.T) {
+	e := newEnv(t)
+	const n = 16
+	ids := make(chan string, n)
+	errs := make(chan error, n)
+	start := make(chan struct{})
+	for i := 0; i < n; i++ {
+		go func() {
+			<-start
+			r, err := e.d.CreateVolume(context.Background(), &csi.CreateVolumeRequest{Name: "race",
+				CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20}, VolumeCapabilities: []*csi.VolumeCapability{mountCap()}})
+			if err != nil {
+				errs <- err
+				return
+			}
+			ids <- r.Volume.VolumeId
+		}()
+	}
+	close(start)
+	seen := map[string]bool{}
+	for i := 0; i < n; i++ {
+		select {
+		case id := <-ids:
+			seen[id] = true
+		case err := <-errs:
+			if status.Code(err) != codes.Aborted {
+				t.Fatalf("racing create: %v, want success or Aborted", err)
+			}
+		}
+	}
+	if len(seen) != 1 || len(e.store.Volumes()) != 1 {
+		t.Fatalf("racing creates made %d distinct answers and %d store volumes, want 1 and 1", len(seen), len(e.store.Volumes()))
+	}
+}
+
+// TestExpandAcrossNodes: csi-resizer runs one elected instance for the whole
+// cluster, so ControllerExpandVolume may reach a node that does not hold the
+// volume. That node defers (OK, node expansion required); the volume's own
+// node grows it in NodeExpandVolume. An unknown ID made on this node is still
+// NotFound.
+func TestExpandAcrossNodes(t *testing.T) {
+	ctx := context.Background()
+	a := newEnv(t) // node-a holds the volume
+	b, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: "node-b", DataDir: t.TempDir(),
+		Store: drivertest.NewStore(), Frontend: drivertest.NewFrontend(),
+		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := a.createVolume(t, "grow-me", 1<<20)
+	r, err := b.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: v.VolumeId,
+		VolumeCapability: blockCap(), CapacityRange: &csi.CapacityRange{RequiredBytes: 4 << 20}})
+	if err != nil || r.CapacityBytes != 4<<20 || !r.NodeExpansionRequired {
+		t.Fatalf("expand on the other node: %+v, %v; want OK, 4 MiB, node expansion required", r, err)
+	}
+	if info, _ := a.store.Volume(v.VolumeId); info.Size != 1<<20 {
+		t.Fatalf("the other node changed the volume: size %d", info.Size)
+	}
+	// The same request on the volume's own node for an ID it never made.
+	other := v.VolumeId[:len(v.VolumeId)-1] + string("0123456789abcdef"[(strings.IndexByte("0123456789abcdef", v.VolumeId[len(v.VolumeId)-1])+1)%16])
+	if _, err := a.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: other,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 4 << 20}}); status.Code(err) != codes.NotFound {
+		t.Fatalf("expand of an unknown volume of this node: %v, want NotFound", err)
+	}
+	// kubelet on node-a: NodeExpandVolume grows store and device.
+	bk, _ := a.store.VolumeBackend(v.VolumeId)
+	if _, err := a.fe.Attach(ctx, v.VolumeId, bk, false); err != nil {
+		t.Fatal(err)
+	}
+	nr, err := a.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: v.VolumeId, VolumePath: t.TempDir(),
+		VolumeCapability: blockCap(), CapacityRange: &csi.CapacityRange{RequiredBytes: 4 << 20}})
+	if err != nil || nr.CapacityBytes != 4<<20 {
+		t.Fatalf("node expand: %+v, %v", nr, err)
+	}
+	if info, _ := a.store.Volume(v.VolumeId); info.Size != 4<<20 {
+		t.Fatalf("store size %d after node expand, want %d", info.Size, 4<<20)
+	}
+	if n, _ := a.fe.Size(v.VolumeId); n != 4<<20 {
+		t.Fatalf("device size %d after node expand, want %d", n, 4<<20)
+	}
+}

@@ -1,0 +1,463 @@
+package driver_test
+
+import (
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"strings"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/csi-snap/csi-snap/driver"
+	"github.com/csi-snap/csi-snap/driver/drivertest"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	mount "k8s.io/mount-utils"
+	testexec "k8s.io/utils/exec/testing"
+)
+
+const node = "node-a"
+
+type env struct {
+	d     *driver.Driver
+	store *drivertest.Store
+	fe    *drivertest.Frontend
+}
+
+func newEnv(t *testing.T) env {
+	t.Helper()
+	st, fe := drivertest.NewStore(), drivertest.NewFrontend()
+	d, err := driver.New(driver.Options{
+		Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
+		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return env{d, st, fe}
+}
+
+// localVolID returns a well-formed volume ID carrying this test node's tag
+// (the first 4 bytes of SHA-256 of the node ID) that names no volume.
+func localVolID() string {
+	sum := sha256.Sum256([]byte(node))
+	return fmt.Sprintf("v-%x0123456789abcdef01234567", sum[:4])
+}
+
+func mountCap() *csi.VolumeCapability {
+	return &csi.VolumeCapability{
+		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+	}
+}
+
+func blockCap() *csi.VolumeCapability {
+	return &csi.VolumeCapability{
+		AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+	}
+}
+
+func (e env) createVolume(t *testing.T, name string, size int64) *csi.Volume {
+	t.Helper()
+	r, err := e.d.CreateVolume(context.Background(), &csi.CreateVolumeRequest{Name: name,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: size}, VolumeCapabilities: []*csi.VolumeCapability{mountCap()}})
+	if err != nil {
+		t.Fatalf("CreateVolume %s: %v", name, err)
+	}
+	return r.GetVolume()
+}
+
+func (e env) createSnapshot(t *testing.T, name, vol string) *csi.Snapshot {
+	t.Helper()
+	r, err := e.d.CreateSnapshot(context.Background(), &csi.CreateSnapshotRequest{Name: name, SourceVolumeId: vol})
+	if err != nil {
+		t.Fatalf("CreateSnapshot %s: %v", name, err)
+	}
+	return r.GetSnapshot()
+}
+
+const (
+	wellFormedVolID  = "v-0123456789abcdef0123456789abcdef"
+	wellFormedSnapID = "s-0123456789abcdef0123456789abcdef"
+)
+
+// TestBadInput calls every handler with bad arguments and checks the gRPC
+// code the spec asks for.
+func TestBadInput(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	vol := e.createVolume(t, "existing", 1<<20)
+	snap := e.createSnapshot(t, "existing-snap", vol.VolumeId)
+	noType := &csi.VolumeCapability{AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER}}
+	multiNode := mountCap()
+	multiNode.AccessMode.Mode = csi.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER
+	badFS := mountCap()
+	badFS.GetMount().FsType = "ntfs"
+	caps := []*csi.VolumeCapability{mountCap()}
+	otherNode := &csi.TopologyRequirement{Requisite: []*csi.Topology{{Segments: map[string]string{driver.TopologyKey: "node-b"}}}}
+
+	cases := []struct {
+		name string
+		call func() error
+		code codes.Code
+	}{
+		// CreateVolume
+		{"CreateVolume without name", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{VolumeCapabilities: caps})
+			return err
+		}, codes.InvalidArgument},
+		{"CreateVolume with a 129-byte name", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: strings.Repeat("n", 129), VolumeCapabilities: caps})
+			return err
+		}, codes.InvalidArgument},
+		{"CreateVolume with a 1 MiB name", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: strings.Repeat("n", 1<<20), VolumeCapabilities: caps})
+			return err
+		}, codes.InvalidArgument},
+		{"CreateVolume without capabilities", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "a"})
+			return err
+		}, codes.InvalidArgument},
+		{"CreateVolume with a capability lacking an access type", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "a", VolumeCapabilities: []*csi.VolumeCapability{noType}})
+			return err
+		}, codes.InvalidArgument},
+		{"CreateVolume with a multi-node access mode", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "a", VolumeCapabilities: []*csi.VolumeCapability{multiNode}})
+			return err
+		}, codes.InvalidArgument},
+		{"CreateVolume with an unsupported fs_type", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "a", VolumeCapabilities: []*csi.VolumeCapability{badFS}})
+			return err
+		}, codes.InvalidArgument},
+		{"CreateVolume with an unsupported fstype parameter", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "a", VolumeCapabilities: caps,
+				Parameters: map[string]string{"csi.storage.k8s.io/fstype": "btrfs"}})
+			return err
+		}, codes.InvalidArgument},
+		{"CreateVolume with an unknown parameter", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "a", VolumeCapabilities: caps,
+				Parameters: map[string]string{"replicas": "3"}})
+			return err
+		}, codes.InvalidArgument},
+		{"CreateVolume with negative required bytes", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "a", VolumeCapabilities: caps,
+				CapacityRange: &csi.CapacityRange{RequiredBytes: -1}})
+			return err
+		}, codes.InvalidArgument},
+		{"CreateVolume with required above limit", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "a", VolumeCapabilities: caps,
+				CapacityRange: &csi.CapacityRange{RequiredBytes: 10000, LimitBytes: 5000}})
+			return err
+		}, codes.InvalidArgument},
+		{"CreateVolume whose limit holds no whole block", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "a", VolumeCapabilities: caps,
+				CapacityRange: &csi.CapacityRange{RequiredBytes: 5000, LimitBytes: 6000}})
+			return err
+		}, codes.OutOfRange},
+		{"CreateVolume with a requisite topology of another node", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "a", VolumeCapabilities: caps, AccessibilityRequirements: otherNode})
+			return err
+		}, codes.ResourceExhausted},
+		{"CreateVolume from a snapshot ID not in our format", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "a", VolumeCapabilities: caps,
+				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: "../x"}}}})
+			return err
+		}, codes.NotFound},
+		{"CreateVolume from a well-formed unknown snapshot", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "a", VolumeCapabilities: caps,
+				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: wellFormedSnapID}}}})
+			return err
+		}, codes.NotFound},
+		{"CreateVolume from an unknown volume", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "a", VolumeCapabilities: caps,
+				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: wellFormedVolID}}}})
+			return err
+		}, codes.NotFound},
+		{"CreateVolume from a content source without type", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "a", VolumeCapabilities: caps, VolumeContentSource: &csi.VolumeContentSource{}})
+			return err
+		}, codes.InvalidArgument},
+		{"CreateVolume with mutable parameters", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "a", VolumeCapabilities: caps, MutableParameters: map[string]string{"iops": "1"}})
+			return err
+		}, codes.InvalidArgument},
+		{"CreateVolume with an existing name and a larger size", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "existing", VolumeCapabilities: caps, CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30}})
+			return err
+		}, codes.AlreadyExists},
+		{"CreateVolume with an existing name from a snapshot", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "existing", VolumeCapabilities: caps, CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20},
+				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap.SnapshotId}}}})
+			return err
+		}, codes.AlreadyExists},
+		{"CreateVolume while the name is locked", func() error {
+			defer e.d.HoldLock("name/volume/busy")()
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "busy", VolumeCapabilities: caps})
+			return err
+		}, codes.Aborted},
+		// DeleteVolume
+		{"DeleteVolume without id", func() error { _, err := e.d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{}); return err }, codes.InvalidArgument},
+		{"DeleteVolume while locked", func() error {
+			defer e.d.HoldLock(vol.VolumeId)()
+			_, err := e.d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: vol.VolumeId})
+			return err
+		}, codes.Aborted},
+		// ControllerGetVolume
+		{"ControllerGetVolume without id", func() error { _, err := e.d.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{}); return err }, codes.InvalidArgument},
+		{"ControllerGetVolume of a foreign id", func() error {
+			_, err := e.d.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{VolumeId: "pvc-123"})
+			return err
+		}, codes.NotFound},
+		{"ControllerGetVolume of an unknown id", func() error {
+			_, err := e.d.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{VolumeId: wellFormedVolID})
+			return err
+		}, codes.NotFound},
+		// ValidateVolumeCapabilities
+		{"ValidateVolumeCapabilities without id", func() error {
+			_, err := e.d.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeCapabilities: caps})
+			return err
+		}, codes.InvalidArgument},
+		{"ValidateVolumeCapabilities without capabilities", func() error {
+			_, err := e.d.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: vol.VolumeId})
+			return err
+		}, codes.InvalidArgument},
+		{"ValidateVolumeCapabilities with a capability lacking an access type", func() error {
+			_, err := e.d.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: vol.VolumeId, VolumeCapabilities: []*csi.VolumeCapability{noType}})
+			return err
+		}, codes.InvalidArgument},
+		{"ValidateVolumeCapabilities of an unknown volume", func() error {
+			_, err := e.d.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: wellFormedVolID, VolumeCapabilities: caps})
+			return err
+		}, codes.NotFound},
+		// ListVolumes / ListSnapshots / ControllerListVolumeHealth
+		{"ListVolumes with negative max_entries", func() error { _, err := e.d.ListVolumes(ctx, &csi.ListVolumesRequest{MaxEntries: -1}); return err }, codes.InvalidArgument},
+		{"ListVolumes with a garbage token", func() error {
+			_, err := e.d.ListVolumes(ctx, &csi.ListVolumesRequest{StartingToken: "zzz"})
+			return err
+		}, codes.Aborted},
+		{"ListSnapshots with negative max_entries", func() error {
+			_, err := e.d.ListSnapshots(ctx, &csi.ListSnapshotsRequest{MaxEntries: -1})
+			return err
+		}, codes.InvalidArgument},
+		{"ListSnapshots with a garbage token", func() error {
+			_, err := e.d.ListSnapshots(ctx, &csi.ListSnapshotsRequest{StartingToken: "\x00\xff"})
+			return err
+		}, codes.Aborted},
+		{"ListSnapshots with a volume token", func() error {
+			_, err := e.d.ListSnapshots(ctx, &csi.ListSnapshotsRequest{StartingToken: vol.VolumeId})
+			return err
+		}, codes.Aborted},
+		{"ControllerListVolumeHealth with negative max_entries", func() error {
+			_, err := e.d.ControllerListVolumeHealth(ctx, &csi.ControllerListVolumeHealthRequest{MaxEntries: -5})
+			return err
+		}, codes.InvalidArgument},
+		// GetCapacity
+		{"GetCapacity with an unknown parameter", func() error {
+			_, err := e.d.GetCapacity(ctx, &csi.GetCapacityRequest{Parameters: map[string]string{"x": "y"}})
+			return err
+		}, codes.InvalidArgument},
+		// ControllerExpandVolume
+		{"ControllerExpandVolume without id", func() error {
+			_, err := e.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{CapacityRange: &csi.CapacityRange{RequiredBytes: 1}})
+			return err
+		}, codes.InvalidArgument},
+		{"ControllerExpandVolume without capacity", func() error {
+			_, err := e.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: vol.VolumeId})
+			return err
+		}, codes.InvalidArgument},
+		{"ControllerExpandVolume of an unknown volume made on this node", func() error {
+			_, err := e.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: localVolID(), CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30}})
+			return err
+		}, codes.NotFound},
+		{"ControllerExpandVolume of a foreign id", func() error {
+			_, err := e.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: "foreign", CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30}})
+			return err
+		}, codes.NotFound},
+		{"ControllerExpandVolume while locked", func() error {
+			defer e.d.HoldLock(vol.VolumeId)()
+			_, err := e.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: vol.VolumeId, CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30}})
+			return err
+		}, codes.Aborted},
+		// CreateSnapshot
+		{"CreateSnapshot without name", func() error {
+			_, err := e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{SourceVolumeId: vol.VolumeId})
+			return err
+		}, codes.InvalidArgument},
+		{"CreateSnapshot with a 129-byte name", func() error {
+			_, err := e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: strings.Repeat("s", 129), SourceVolumeId: vol.VolumeId})
+			return err
+		}, codes.InvalidArgument},
+		{"CreateSnapshot without source", func() error { _, err := e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s"}); return err }, codes.InvalidArgument},
+		{"CreateSnapshot of a foreign volume id", func() error {
+			_, err := e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s", SourceVolumeId: "/etc"})
+			return err
+		}, codes.NotFound},
+		{"CreateSnapshot with an unknown parameter", func() error {
+			_, err := e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s", SourceVolumeId: vol.VolumeId, Parameters: map[string]string{"x": "1"}})
+			return err
+		}, codes.InvalidArgument},
+		{"CreateSnapshot with an existing name of another volume", func() error {
+			other := e.createVolume(t, "other", 1<<20)
+			_, err := e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "existing-snap", SourceVolumeId: other.VolumeId})
+			return err
+		}, codes.AlreadyExists},
+		{"CreateSnapshot with a requisite topology of another node", func() error {
+			_, err := e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s-topo", SourceVolumeId: vol.VolumeId, AccessibilityRequirements: otherNode})
+			return err
+		}, codes.ResourceExhausted},
+		// DeleteSnapshot / GetSnapshot
+		{"DeleteSnapshot without id", func() error { _, err := e.d.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{}); return err }, codes.InvalidArgument},
+		{"GetSnapshot without id", func() error { _, err := e.d.GetSnapshot(ctx, &csi.GetSnapshotRequest{}); return err }, codes.InvalidArgument},
+		{"GetSnapshot of an unknown id", func() error {
+			_, err := e.d.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: wellFormedSnapID})
+			return err
+		}, codes.NotFound},
+		{"GetSnapshot of a volume id", func() error {
+			_, err := e.d.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: vol.VolumeId})
+			return err
+		}, codes.NotFound},
+		// Health
+		{"ControllerGetVolumeHealth without id", func() error {
+			_, err := e.d.ControllerGetVolumeHealth(ctx, &csi.ControllerGetVolumeHealthRequest{})
+			return err
+		}, codes.InvalidArgument},
+		{"ControllerGetVolumeHealth of an unknown volume", func() error {
+			_, err := e.d.ControllerGetVolumeHealth(ctx, &csi.ControllerGetVolumeHealthRequest{VolumeId: wellFormedVolID})
+			return err
+		}, codes.NotFound},
+		{"NodeGetVolumeHealth without id", func() error { _, err := e.d.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{}); return err }, codes.InvalidArgument},
+		{"NodeGetVolumeHealth of an unknown volume", func() error {
+			_, err := e.d.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: wellFormedVolID})
+			return err
+		}, codes.NotFound},
+		// NodeStageVolume
+		{"NodeStageVolume without id", func() error {
+			_, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{StagingTargetPath: "/tmp/x", VolumeCapability: mountCap()})
+			return err
+		}, codes.InvalidArgument},
+		{"NodeStageVolume without staging path", func() error {
+			_, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol.VolumeId, VolumeCapability: mountCap()})
+			return err
+		}, codes.InvalidArgument},
+		{"NodeStageVolume without capability", func() error {
+			_, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol.VolumeId, StagingTargetPath: "/tmp/x"})
+			return err
+		}, codes.InvalidArgument},
+		{"NodeStageVolume with a capability lacking an access type", func() error {
+			_, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol.VolumeId, StagingTargetPath: "/tmp/x", VolumeCapability: noType})
+			return err
+		}, codes.InvalidArgument},
+		{"NodeStageVolume of an unknown volume", func() error {
+			_, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: wellFormedVolID, StagingTargetPath: "/tmp/x", VolumeCapability: mountCap()})
+			return err
+		}, codes.NotFound},
+		{"NodeStageVolume of a foreign id", func() error {
+			_, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: "../../x", StagingTargetPath: "/tmp/x", VolumeCapability: mountCap()})
+			return err
+		}, codes.NotFound},
+		{"NodeStageVolume while locked", func() error {
+			defer e.d.HoldLock(vol.VolumeId)()
+			_, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol.VolumeId, StagingTargetPath: "/tmp/x", VolumeCapability: mountCap()})
+			return err
+		}, codes.Aborted},
+		// NodeUnstageVolume
+		{"NodeUnstageVolume without id", func() error {
+			_, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{StagingTargetPath: "/tmp/x"})
+			return err
+		}, codes.InvalidArgument},
+		{"NodeUnstageVolume without staging path", func() error {
+			_, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: vol.VolumeId})
+			return err
+		}, codes.InvalidArgument},
+		{"NodeUnstageVolume of a foreign id", func() error {
+			_, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: "x", StagingTargetPath: "/tmp/x"})
+			return err
+		}, codes.NotFound},
+		// NodePublishVolume
+		{"NodePublishVolume without id", func() error {
+			_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{TargetPath: "/tmp/t", StagingTargetPath: "/tmp/s", VolumeCapability: mountCap()})
+			return err
+		}, codes.InvalidArgument},
+		{"NodePublishVolume without target", func() error {
+			_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol.VolumeId, StagingTargetPath: "/tmp/s", VolumeCapability: mountCap()})
+			return err
+		}, codes.InvalidArgument},
+		{"NodePublishVolume without capability", func() error {
+			_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol.VolumeId, TargetPath: "/tmp/t", StagingTargetPath: "/tmp/s"})
+			return err
+		}, codes.InvalidArgument},
+		{"NodePublishVolume without staging path", func() error {
+			_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol.VolumeId, TargetPath: "/tmp/t", VolumeCapability: mountCap()})
+			return err
+		}, codes.InvalidArgument},
+		{"NodePublishVolume of an unknown volume", func() error {
+			_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: wellFormedVolID, TargetPath: "/tmp/t", StagingTargetPath: "/tmp/s", VolumeCapability: mountCap()})
+			return err
+		}, codes.NotFound},
+		{"NodePublishVolume of a volume not staged", func() error {
+			_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol.VolumeId, TargetPath: "/tmp/t", StagingTargetPath: "/tmp/s", VolumeCapability: mountCap()})
+			return err
+		}, codes.FailedPrecondition},
+		// NodeUnpublishVolume
+		{"NodeUnpublishVolume without id", func() error {
+			_, err := e.d.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{TargetPath: "/tmp/t"})
+			return err
+		}, codes.InvalidArgument},
+		{"NodeUnpublishVolume without target", func() error {
+			_, err := e.d.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: vol.VolumeId})
+			return err
+		}, codes.InvalidArgument},
+		// NodeGetVolumeStats
+		{"NodeGetVolumeStats without id", func() error {
+			_, err := e.d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumePath: "/tmp"})
+			return err
+		}, codes.InvalidArgument},
+		{"NodeGetVolumeStats without path", func() error {
+			_, err := e.d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: vol.VolumeId})
+			return err
+		}, codes.InvalidArgument},
+		{"NodeGetVolumeStats of an unknown volume", func() error {
+			_, err := e.d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: wellFormedVolID, VolumePath: "/tmp"})
+			return err
+		}, codes.NotFound},
+		{"NodeGetVolumeStats of a volume not staged", func() error {
+			_, err := e.d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: vol.VolumeId, VolumePath: "/tmp"})
+			return err
+		}, codes.NotFound},
+		// NodeExpandVolume
+		{"NodeExpandVolume without id", func() error {
+			_, err := e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumePath: "/tmp"})
+			return err
+		}, codes.InvalidArgument},
+		{"NodeExpandVolume without path", func() error {
+			_, err := e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol.VolumeId})
+			return err
+		}, codes.InvalidArgument},
+		{"NodeExpandVolume of an unknown volume", func() error {
+			_, err := e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: wellFormedVolID, VolumePath: "/tmp"})
+			return err
+		}, codes.NotFound},
+		{"NodeExpandVolume of a volume not staged", func() error {
+			_, err := e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol.VolumeId, VolumePath: "/tmp"})
+			return err
+		}, codes.FailedPrecondition},
+		{"NodeExpandVolume with a negative required size", func() error {
+			_, err := e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol.VolumeId, VolumePath: "/tmp", CapacityRange: &csi.CapacityRange{RequiredBytes: -1}})
+			return err
+		}, codes.InvalidArgument},
+		{"NodeExpandVolume with required above limit", func() error {
+			_, err := e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol.VolumeId, VolumePath: "/tmp", CapacityRange: &csi.CapacityRange{RequiredBytes: 2 << 20, LimitBytes: 1 << 20}})
+			return err
+		}, codes.InvalidArgument},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			err := c.call()
+			if got := status.Code(err); got != c.code {
+				t.Fatalf("code %v, want %v (err %v)", got, c.code, err)
+			}
+		})
+	}
+}

@@ -1,0 +1,163 @@
+package driver
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"slices"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	mount "k8s.io/mount-utils"
+)
+
+// lowSpacePercent: below this share of free bytes in the data directory's
+// filesystem, thin volumes risk ENOSPC on their next copy-out, so volumes and
+// the storage backend are reported DEGRADED.
+const lowSpacePercent = 5
+
+// dataDirLow reports whether the data directory's filesystem is nearly full,
+// with a message saying how full.
+func (d *Driver) dataDirLow() (bool, string, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(d.opt.DataDir, &st); err != nil {
+		return false, "", fmt.Errorf("statfs %s: %w", d.opt.DataDir, err)
+	}
+	if st.Blocks == 0 {
+		return false, "", nil
+	}
+	free := st.Bavail * 100 / st.Blocks
+	return free < lowSpacePercent, fmt.Sprintf("%d%% of the data directory's filesystem is free", free), nil
+}
+
+// volumeHealth lists the adverse conditions known for a volume from the
+// controller side (an empty list means healthy).
+func (d *Driver) volumeHealth(id string) (*csi.VolumeHealth, error) {
+	h := &csi.VolumeHealth{VolumeId: id}
+	low, msg, err := d.dataDirLow()
+	if err != nil {
+		return nil, err
+	}
+	if low {
+		h.HealthStatuses = append(h.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{
+			Status: csi.VolumeHealthErrorType_DEGRADED, Reason: "DataDirNearlyFull", Message: msg})
+	}
+	return h, nil
+}
+
+// ControllerGetVolumeHealth reports one volume's adverse conditions.
+func (d *Driver) ControllerGetVolumeHealth(ctx context.Context, req *csi.ControllerGetVolumeHealthRequest) (*csi.ControllerGetVolumeHealthResponse, error) {
+	if req.GetVolumeId() == "" {
+		return nil, statusf(codes.InvalidArgument, "volume_id is required")
+	}
+	if _, err := d.lookupVolume(req.GetVolumeId()); err != nil {
+		return nil, err
+	}
+	h, err := d.volumeHealth(req.GetVolumeId())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &csi.ControllerGetVolumeHealthResponse{VolumeHealth: h}, nil
+}
+
+// ControllerListVolumeHealth pages through the health of all volumes.
+func (d *Driver) ControllerListVolumeHealth(ctx context.Context, req *csi.ControllerListVolumeHealthRequest) (*csi.ControllerListVolumeHealthResponse, error) {
+	vols := d.opt.Store.Volumes()
+	ids := make([]string, len(vols))
+	for i, v := range vols {
+		ids[i] = v.ID
+	}
+	start, end, next, err := pageBounds(ids, req.GetStartingToken(), req.GetMaxEntries(), isVolumeID)
+	if err != nil {
+		return nil, err
+	}
+	resp := &csi.ControllerListVolumeHealthResponse{NextToken: next}
+	for _, id := range ids[start:end] {
+		h, err := d.volumeHealth(id)
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		resp.Entries = append(resp.Entries, h)
+	}
+	return resp, nil
+}
+
+// NodeGetVolumeHealth reports a volume's adverse conditions on this node:
+// its device gone, a given path not holding it, or its filesystem turned
+// read-only (what ext4 does after an I/O error), plus the controller-side
+// conditions.
+func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolumeHealthRequest) (*csi.NodeGetVolumeHealthResponse, error) {
+	id := req.GetVolumeId()
+	if id == "" {
+		return nil, statusf(codes.InvalidArgument, "volume_id is required")
+	}
+	if err := d.checkNodeVolume(id); err != nil {
+		return nil, err
+	}
+	h, err := d.volumeHealth(id)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	add := func(t csi.VolumeHealthErrorType, reason, msg string) {
+		h.HealthStatuses = append(h.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{Status: t, Reason: reason, Message: msg})
+	}
+	dev, attached := d.opt.Frontend.Device(id)
+	if attached {
+		if _, err := os.Stat(dev); err != nil {
+			add(csi.VolumeHealthErrorType_INACCESSIBLE, "DeviceMissing", err.Error())
+		}
+	}
+	mps, err := d.opt.Mounter.List()
+	if err != nil {
+		return nil, toStatus(fmt.Errorf("list mounts: %w", err))
+	}
+	for _, p := range []string{req.GetStagingTargetPath(), req.GetVolumePublishPath()} {
+		if p == "" {
+			continue
+		}
+		if !attached {
+			add(csi.VolumeHealthErrorType_INACCESSIBLE, "NotStaged", "volume is not attached on this node")
+			break
+		}
+		for _, mp := range mps {
+			if mp.Path == p && mp.Device == dev && slices.Contains(mp.Opts, "ro") && p == req.GetStagingTargetPath() {
+				add(csi.VolumeHealthErrorType_DEGRADED, "FilesystemReadOnly", "the staged filesystem is mounted read-only")
+			}
+		}
+		// Block staging paths hold nothing; only mounts can be checked.
+		if fi, err := os.Stat(p); err == nil && fi.IsDir() && p == req.GetStagingTargetPath() && !hasMount(mps, p) {
+			continue
+		}
+		if held, err := d.holdsDevice(p, dev); err != nil {
+			return nil, toStatus(err)
+		} else if !held {
+			add(csi.VolumeHealthErrorType_INACCESSIBLE, "NotMounted", fmt.Sprintf("%s does not hold the volume", p))
+		}
+	}
+	return &csi.NodeGetVolumeHealthResponse{VolumeHealth: h}, nil
+}
+
+func hasMount(mps []mount.MountPoint, p string) bool {
+	for _, mp := range mps {
+		if mp.Path == p {
+			return true
+		}
+	}
+	return false
+}
+
+// NodeGetStorageHealth reports the data directory nearly full as degraded.
+func (d *Driver) NodeGetStorageHealth(ctx context.Context, req *csi.NodeGetStorageHealthRequest) (*csi.NodeGetStorageHealthResponse, error) {
+	low, msg, err := d.dataDirLow()
+	if err != nil {
+		return &csi.NodeGetStorageHealthResponse{BackendHealth: []*csi.NodeGetStorageHealthResponse_StorageBackendHealth{{
+			Status: csi.StorageHealthErrorType_STORAGE_UNREACHABLE, Reason: "DataDirUnreadable", Message: err.Error()}}}, nil
+	}
+	resp := &csi.NodeGetStorageHealthResponse{}
+	if low {
+		resp.BackendHealth = append(resp.BackendHealth, &csi.NodeGetStorageHealthResponse_StorageBackendHealth{
+			Status: csi.StorageHealthErrorType_STORAGE_DEGRADED, Reason: "DataDirNearlyFull", Message: msg})
+	}
+	return resp, nil
+}

@@ -1,0 +1,98 @@
+package driver
+
+import (
+	"context"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"k8s.io/klog/v2"
+)
+
+// Sanitize returns a copy of a CSI message in which every field marked with
+// the csi_secret option (at any depth, in maps and lists too) is replaced by
+// "***stripped***", so requests can be logged without leaking secrets.
+// Non-protobuf values are returned as they are.
+func Sanitize(m any) any {
+	pm, ok := m.(proto.Message)
+	if !ok || pm == nil {
+		return m
+	}
+	c := proto.Clone(pm)
+	stripSecrets(c.ProtoReflect())
+	return c
+}
+
+const stripped = "***stripped***"
+
+func stripSecrets(m protoreflect.Message) {
+	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		if isSecret(fd) {
+			switch {
+			case fd.IsMap():
+				mp := m.Mutable(fd).Map()
+				mp.Range(func(k protoreflect.MapKey, _ protoreflect.Value) bool {
+					if fd.MapValue().Kind() == protoreflect.StringKind {
+						mp.Set(k, protoreflect.ValueOfString(stripped))
+					} else {
+						mp.Clear(k)
+					}
+					return true
+				})
+			case fd.Kind() == protoreflect.StringKind && !fd.IsList():
+				m.Set(fd, protoreflect.ValueOfString(stripped))
+			default:
+				m.Clear(fd)
+			}
+			return true
+		}
+		switch {
+		case fd.IsMap() && fd.MapValue().Message() != nil:
+			v.Map().Range(func(_ protoreflect.MapKey, mv protoreflect.Value) bool {
+				stripSecrets(mv.Message())
+				return true
+			})
+		case fd.IsList() && fd.Message() != nil:
+			l := v.List()
+			for i := 0; i < l.Len(); i++ {
+				stripSecrets(l.Get(i).Message())
+			}
+		case !fd.IsList() && !fd.IsMap() && fd.Message() != nil:
+			stripSecrets(v.Message())
+		}
+		return true
+	})
+}
+
+func isSecret(fd protoreflect.FieldDescriptor) bool {
+	opts := fd.Options()
+	if opts == nil {
+		return false
+	}
+	v, ok := proto.GetExtension(opts, csi.E_CsiSecret).(bool)
+	return ok && v
+}
+
+// UnaryInterceptor logs each call (request sanitized, V(4); failures at
+// V(2)) and records its latency in the metrics, when m is not nil.
+func UnaryInterceptor(m *Metrics) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		start := time.Now()
+		logger := klog.FromContext(ctx).WithValues("method", info.FullMethod)
+		logger.V(4).Info("Call", "request", Sanitize(req))
+		resp, err := handler(ctx, req)
+		code := status.Code(err)
+		if m != nil {
+			m.observe(info.FullMethod, code, time.Since(start))
+		}
+		if err != nil {
+			logger.V(2).Info("Call failed", "code", code.String(), "err", err)
+		} else {
+			logger.V(5).Info("Call done", "response", Sanitize(resp))
+		}
+		return resp, err
+	}
+}

@@ -1,0 +1,509 @@
+package kernel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
+)
+
+// Backend is what a device serves: a fixed-size byte array. cow.Volume and
+// cow.Snapshot satisfy it. Offsets and lengths are bytes. Calls come
+// concurrently from several goroutines, and after a server restart the
+// kernel may send a request again that was already applied, so WriteAt and
+// Discard must be idempotent. A Backend that wants a specific errno passed
+// to the kernel wraps a syscall.Errno; anything else is EIO.
+type Backend interface {
+	// ReadAt reads len(p) bytes at off, as io.ReaderAt.
+	ReadAt(p []byte, off int64) (int, error)
+	// WriteAt writes p at off, as io.WriterAt. Never called beyond Size.
+	WriteAt(p []byte, off int64) (int, error)
+	// Flush makes every write that completed before it durable (FSYNC).
+	Flush() error
+	// Discard makes [off, off+length) read as zeros and may free its space
+	// (FALLOCATE punch-hole or zero-range).
+	Discard(off, length int64) error
+	// Size is the current size in bytes, a multiple of 4096.
+	Size() int64
+}
+
+// Named errors; callers test them with errors.Is.
+var (
+	ErrInvalid     = errors.New("invalid argument")
+	ErrNotFound    = errors.New("not attached")
+	ErrBusy        = errors.New("busy")
+	ErrConflict    = errors.New("attached with different parameters")
+	ErrUnsupported = errors.New("kernel facility missing")
+	ErrClosed      = errors.New("frontend closed")
+)
+
+// Config configures a Frontend.
+type Config struct {
+	// RunDir holds the FUSE mount points (RunDir/vol/<id>), the holder's
+	// socket (RunDir/holder.sock) and its log. It must survive process
+	// restarts (a host path in a pod) and not be shared by two Frontends.
+	RunDir string
+	// HolderCommand is the argv that runs RunHolder; "--socket PATH" is
+	// appended. Default: this executable with "fuse-holder".
+	HolderCommand []string
+	// Readers is the number of goroutines reading each /dev/fuse
+	// connection (each with its own 1 MiB buffers). Default 4: on 2 cores
+	// more readers cost more context switches per 4 KiB request, fewer leave
+	// writes waiting behind one that blocks in the backend.
+	Readers int
+}
+
+// Frontend turns Backends into loop devices over FUSE files. Methods are
+// safe for concurrent use; operations on one id are serialized.
+type Frontend struct {
+	cfg     Config
+	sock    string
+	volDir  string
+	mu      sync.Mutex // guards vols, locks, closed
+	vols    map[string]*volume
+	locks   map[string]*sync.Mutex
+	closed  bool
+	holderM sync.Mutex // serializes holder starts
+}
+
+type volume struct {
+	id       string
+	mp       string
+	dev      string
+	fd       int
+	srv      *server
+	readOnly bool
+}
+
+var idRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
+
+// validateID accepts the cow ID charset: ids become file names under
+// RunDir, so nothing that could walk out of it.
+func validateID(id string) error {
+	if !idRE.MatchString(id) {
+		return fmt.Errorf("%w: id %q must match %s", ErrInvalid, id, idRE)
+	}
+	return nil
+}
+
+// New returns a Frontend working in cfg.RunDir (created if missing). It
+// starts nothing: volumes held across a restart are resumed by Attach.
+func New(cfg Config) (*Frontend, error) {
+	if cfg.RunDir == "" {
+		return nil, fmt.Errorf("%w: RunDir is empty", ErrInvalid)
+	}
+	if err := os.MkdirAll(filepath.Join(cfg.RunDir, "vol"), 0o700); err != nil {
+		return nil, fmt.Errorf("run dir: %w", err)
+	}
+	// The kernel reports loop backing files by their resolved path.
+	dir, err := filepath.EvalSymlinks(cfg.RunDir)
+	if err == nil {
+		dir, err = filepath.Abs(dir)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("run dir: %w", err)
+	}
+	cfg.RunDir = dir
+	if len(cfg.HolderCommand) == 0 {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, fmt.Errorf("holder command: %w", err)
+		}
+		cfg.HolderCommand = []string{exe, "fuse-holder"}
+	}
+	if cfg.Readers <= 0 {
+		cfg.Readers = 4
+	}
+	return &Frontend{cfg: cfg, sock: filepath.Join(dir, "holder.sock"), volDir: filepath.Join(dir, "vol"),
+		vols: map[string]*volume{}, locks: map[string]*sync.Mutex{}}, nil
+}
+
+func (f *Frontend) mountpoint(id string) string { return filepath.Join(f.volDir, id) }
+
+// lock takes the per-id lock.
+func (f *Frontend) lock(id string) (func(), error) {
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return nil, ErrClosed
+	}
+	l, ok := f.locks[id]
+	if !ok {
+		l = &sync.Mutex{}
+		f.locks[id] = l
+	}
+	f.mu.Unlock()
+	l.Lock()
+	return l.Unlock, nil
+}
+
+func (f *Frontend) get(id string) *volume {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.vols[id]
+}
+
+func (f *Frontend) set(id string, v *volume) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if v == nil {
+		delete(f.vols, id)
+	} else {
+		f.vols[id] = v
+	}
+}
+
+// Attach serves b as a file through FUSE and attaches a loop device to it
+// (direct I/O on, 4096-byte logical blocks, read-only if readOnly), and
+// returns the device path. Idempotent per id: a second Attach of an
+// attached id returns the same device (ErrConflict if readOnly differs).
+// After a process restart, Attach of an id whose FUSE connection the holder
+// keeps resumes it: same mount, same loop device, requests in flight are
+// resent. b.Size() must be a positive multiple of 4096 (ErrInvalid).
+func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bool) (string, error) {
+	if err := validateID(id); err != nil {
+		return "", err
+	}
+	if b == nil {
+		return "", fmt.Errorf("%w: nil backend", ErrInvalid)
+	}
+	if sz := b.Size(); sz <= 0 || sz%loopBlockSize != 0 {
+		return "", fmt.Errorf("%w: size %d is not a positive multiple of %d", ErrInvalid, sz, loopBlockSize)
+	}
+	unlock, err := f.lock(id)
+	if err != nil {
+		return "", err
+	}
+	defer unlock()
+	if v := f.get(id); v != nil {
+		if v.readOnly != readOnly {
+			return "", fmt.Errorf("%w: %s is attached readOnly=%v", ErrConflict, id, v.readOnly)
+		}
+		return v.dev, nil
+	}
+	mp := f.mountpoint(id)
+	resp, fd, err := holderCall(f.sock, holderReq{Op: "get", ID: id}, -1)
+	if err == nil && resp.Found && fd >= 0 {
+		return f.resume(ctx, id, mp, fd, resp.Params, b, readOnly)
+	}
+	if fd >= 0 {
+		unix.Close(fd)
+	}
+	if err != nil && !errors.Is(err, errNoHolder) {
+		return "", err
+	}
+	if isMounted(mp) {
+		// A mount whose connection nobody holds is dead (every request
+		// fails); its loop device can only be detached.
+		klog.InfoS("cleaning up a dead FUSE mount", "volumeID", id, "mountpoint", mp)
+		if dev, ok := findLoop(mp); ok {
+			if err := detachLoop(ctx, dev); err != nil {
+				return "", fmt.Errorf("stale loop device of %s: %w", id, err)
+			}
+		}
+		if err := unmountFuse(mp); err != nil {
+			return "", err
+		}
+	}
+	return f.attachFresh(ctx, id, mp, b, readOnly)
+}
+
+func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *connParams, b Backend, readOnly bool) (string, error) {
+	srv, err := newServer(fd, b, readOnly, params)
+	if err != nil {
+		unix.Close(fd)
+		return "", err
+	}
+	srv.start(f.cfg.Readers)
+	v := &volume{id: id, mp: mp, fd: fd, srv: srv, readOnly: readOnly}
+	if err := srv.notifyResend(); err != nil {
+		klog.ErrorS(err, "FUSE_NOTIFY_RESEND failed; requests in flight at the restart may fail", "volumeID", id)
+	}
+	dev, ok := findLoop(mp)
+	if ok {
+		ro, err := loopReadOnly(dev)
+		if err == nil && ro != readOnly {
+			// Keep serving with the mode the device has, and say so.
+			srv.readOnly = ro
+			v.readOnly = ro
+			v.dev = dev
+			f.set(id, v)
+			return "", fmt.Errorf("%w: %s resumed on %s with readOnly=%v", ErrConflict, id, dev, ro)
+		}
+	} else {
+		// Died between mount and loop attach.
+		if dev, err = attachLoop(ctx, mp, readOnly); err != nil {
+			srv.stop()
+			unix.Close(fd)
+			return "", err
+		}
+	}
+	v.dev = dev
+	f.set(id, v)
+	klog.InfoS("resumed FUSE connection", "volumeID", id, "device", dev)
+	return dev, nil
+}
+
+func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, readOnly bool) (dev string, err error) {
+	// unix.Open: see attachLoop on os.OpenFile and FUSE files.
+	mfd, err := unix.Open(mp, unix.O_CREAT|unix.O_RDONLY|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return "", fmt.Errorf("mount point: %w", err)
+	}
+	unix.Close(mfd)
+	fd, err := mountFuse(mp, readOnly)
+	if err != nil {
+		return "", err
+	}
+	srv, err := newServer(fd, b, readOnly, nil)
+	if err != nil {
+		unmountFuse(mp)
+		unix.Close(fd)
+		return "", err
+	}
+	srv.start(f.cfg.Readers)
+	held := false
+	defer func() {
+		if err != nil {
+			if held {
+				holderCall(f.sock, holderReq{Op: "drop", ID: id}, -1)
+			}
+			unmountFuse(mp)
+			srv.stop()
+			unix.Close(fd)
+			os.Remove(mp)
+		}
+	}()
+	select {
+	case <-srv.inited:
+	case <-srv.dead:
+		return "", fmt.Errorf("FUSE connection of %s died before INIT", id)
+	case <-ctx.Done():
+		return "", ctx.Err()
+	case <-time.After(10 * time.Second):
+		return "", fmt.Errorf("no FUSE INIT for %s within 10s", id)
+	}
+	p := srv.currentParams()
+	if err = f.holderPut(id, &p, fd); err != nil {
+		return "", err
+	}
+	held = true
+	if dev, err = attachLoop(ctx, mp, readOnly); err != nil {
+		return "", err
+	}
+	f.set(id, &volume{id: id, mp: mp, dev: dev, fd: fd, srv: srv, readOnly: readOnly})
+	klog.V(4).InfoS("attached", "volumeID", id, "device", dev, "readOnly", readOnly)
+	return dev, nil
+}
+
+// holderPut hands fd to the holder, starting one when none answers.
+func (f *Frontend) holderPut(id string, p *connParams, fd int) error {
+	var err error
+	for attempt := 0; attempt < 3; attempt++ {
+		if _, _, err = holderCall(f.sock, holderReq{Op: "put", ID: id, Params: p}, fd); err == nil {
+			return nil
+		}
+		if !errors.Is(err, errNoHolder) {
+			return err
+		}
+		if err = f.startHolder(); err != nil {
+			return err
+		}
+	}
+	return err
+}
+
+func (f *Frontend) startHolder() error {
+	f.holderM.Lock()
+	defer f.holderM.Unlock()
+	if c, _, err := holderCall(f.sock, holderReq{Op: "list"}, -1); err == nil {
+		_ = c
+		return nil // someone else started it
+	}
+	argv := append(append([]string{}, f.cfg.HolderCommand...), "--socket", f.sock)
+	logPath := filepath.Join(f.cfg.RunDir, "holder.log")
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("holder log: %w", err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// Its own session: the holder must outlive a SIGKILL of us and of our
+	// process group.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start holder %v: %w", argv, err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }() // reap it when it exits
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, _, err := holderCall(f.sock, holderReq{Op: "list"}, -1); err == nil {
+			return nil
+		}
+		select {
+		case err := <-exited:
+			return fmt.Errorf("holder %v exited at start: %v (see %s)", argv, err, logPath)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	return fmt.Errorf("holder %v did not answer on %s", argv, f.sock)
+}
+
+// Detach detaches the loop device of id, unmounts its FUSE file and makes
+// the holder drop the connection. Idempotent: an id not attached is not an
+// error. ErrBusy when the device is still in use (mounted).
+func (f *Frontend) Detach(ctx context.Context, id string) error {
+	if err := validateID(id); err != nil {
+		return err
+	}
+	unlock, err := f.lock(id)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	v := f.get(id)
+	mp := f.mountpoint(id)
+	dev := ""
+	if v != nil {
+		dev = v.dev
+	} else if d, ok := findLoop(mp); ok {
+		dev = d
+	}
+	if dev != "" {
+		if err := detachLoop(ctx, dev); err != nil {
+			return err
+		}
+	}
+	if err := unmountFuse(mp); err != nil {
+		return err
+	}
+	if v != nil {
+		v.srv.stop()
+		unix.Close(v.fd)
+		f.set(id, nil)
+	}
+	if _, _, err := holderCall(f.sock, holderReq{Op: "drop", ID: id}, -1); err != nil && !errors.Is(err, errNoHolder) {
+		return err
+	}
+	if err := os.Remove(mp); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove mount point: %w", err)
+	}
+	return nil
+}
+
+// Resize makes the device of id follow its backend after the backend grew
+// to newSize bytes (LOOP_SET_CAPACITY while in use). ErrNotFound if id is
+// not attached by this Frontend; ErrInvalid if the backend's Size is not
+// newSize.
+func (f *Frontend) Resize(ctx context.Context, id string, newSize int64) error {
+	if err := validateID(id); err != nil {
+		return err
+	}
+	unlock, err := f.lock(id)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	v := f.get(id)
+	if v == nil {
+		return fmt.Errorf("%w: %s", ErrNotFound, id)
+	}
+	if got := v.srv.b.Size(); got != newSize || newSize%loopBlockSize != 0 {
+		return fmt.Errorf("%w: backend size is %d, asked %d (multiple of %d)", ErrInvalid, got, newSize, loopBlockSize)
+	}
+	// The loop driver reads the FUSE inode's cached i_size: drop the cached
+	// attributes and stat, so the kernel asks us for the new size first.
+	if err := v.srv.notifyInvalAttr(); err != nil {
+		return fmt.Errorf("invalidate attributes: %w", err)
+	}
+	st, err := os.Stat(v.mp)
+	if err != nil {
+		return fmt.Errorf("stat %s: %w", v.mp, err)
+	}
+	if st.Size() != newSize {
+		return fmt.Errorf("kernel sees size %d after invalidation, want %d", st.Size(), newSize)
+	}
+	if err := setLoopCapacity(v.dev); err != nil {
+		return err
+	}
+	if got, err := loopSize(v.dev); err != nil || got != newSize {
+		return fmt.Errorf("%s has %d bytes after LOOP_SET_CAPACITY, want %d (%v)", v.dev, got, newSize, err)
+	}
+	return nil
+}
+
+// Device returns the loop device of id, if attached (by this Frontend, or
+// found in sysfs after a restart).
+func (f *Frontend) Device(id string) (string, bool) {
+	if validateID(id) != nil {
+		return "", false
+	}
+	if v := f.get(id); v != nil {
+		return v.dev, true
+	}
+	return findLoop(f.mountpoint(id))
+}
+
+// Attached returns the sorted ids that are attached here, held by the
+// holder, or have a loop device on one of our mount points: what a
+// restarted driver should Attach (resume) or Detach.
+func (f *Frontend) Attached() []string {
+	set := map[string]bool{}
+	f.mu.Lock()
+	for id := range f.vols {
+		set[id] = true
+	}
+	f.mu.Unlock()
+	if resp, _, err := holderCall(f.sock, holderReq{Op: "list"}, -1); err == nil {
+		for _, id := range resp.IDs {
+			set[id] = true
+		}
+	}
+	for _, bf := range loopBackingFiles() {
+		if dir, id := filepath.Split(bf); strings.TrimSuffix(dir, "/") == f.volDir && validateID(id) == nil {
+			set[id] = true
+		}
+	}
+	ids := make([]string, 0, len(set))
+	for id := range set {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	return ids
+}
+
+// Close stops serving without detaching anything (graceful restart): the
+// holder keeps every connection, devices stay, their I/O waits until a new
+// Frontend resumes them with Attach. Later calls return ErrClosed.
+func (f *Frontend) Close() error {
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return nil
+	}
+	f.closed = true
+	vols := f.vols
+	f.vols = map[string]*volume{}
+	f.mu.Unlock()
+	for _, v := range vols {
+		v.srv.stop()
+		unix.Close(v.fd)
+	}
+	return nil
+}
+
+func isEOF(err error) bool { return errors.Is(err, io.EOF) }

@@ -1,0 +1,157 @@
+package kernel
+
+import (
+	"context"
+	"errors"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// TestFilesystems makes ext4 and xfs on a device, writes files, freezes
+// (a write started while frozen must not complete before the thaw),
+// thaws, keeps writing, and checks every checksum after a remount and a
+// read-only fsck. A read-only attach of the same backend then mounts
+// read-only and shows the same files.
+func TestFilesystems(t *testing.T) {
+	requireRoot(t)
+	for _, fs := range []struct{ name, mkfs, fsck string }{
+		{"ext4", "mkfs.ext4", "e2fsck"},
+		{"xfs", "mkfs.xfs", "xfs_repair"},
+	} {
+		t.Run(fs.name, func(t *testing.T) {
+			requireTool(t, fs.mkfs)
+			testFilesystem(t, fs.name, fs.mkfs, fs.fsck)
+		})
+	}
+}
+
+func testFilesystem(t *testing.T, name, mkfs, fsck string) {
+	ctx := context.Background()
+	fe, _ := newFrontend(t)
+	const size = 320 << 20 // xfs wants at least 300 MiB
+	b := newFileBackend(t, t.TempDir(), size)
+	id := "fs-" + name
+	dev, err := fe.Attach(ctx, id, b, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mnt := filepath.Join(t.TempDir(), "mnt")
+	os.Mkdir(mnt, 0o755)
+	if name == "ext4" {
+		run(t, mkfs, "-q", "-F", dev)
+	} else {
+		run(t, mkfs, "-q", "-f", dev)
+	}
+	discardsAfterMkfs := b.discards.Load()
+	run(t, "mount", dev, mnt)
+	mounted := true
+	defer func() {
+		if mounted {
+			unix.Unmount(mnt, 0)
+		}
+	}()
+	w := &fileWriter{dir: mnt, rng: rand.New(rand.NewSource(7)), sums: map[string]string{}}
+	for i := 0; i < 20; i++ {
+		if err := w.write(i); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	if err := Freeze(mnt); err != nil {
+		t.Fatal(err)
+	}
+	if err := Freeze(mnt); !errors.Is(err, unix.EBUSY) {
+		t.Fatalf("second Freeze: %v, want EBUSY", err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- w.write(20) }()
+	time.Sleep(200 * time.Millisecond) // give the write a chance to (wrongly) finish
+	select {
+	case err := <-done:
+		t.Fatalf("a write finished on a frozen filesystem (err %v)", err)
+	default:
+	}
+	if err := Thaw(mnt); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("write across the thaw: %v", err)
+	}
+	if err := Thaw(mnt); err == nil {
+		t.Fatal("Thaw of a thawed filesystem succeeded")
+	}
+	for i := 21; i < 30; i++ {
+		if err := w.write(i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Delete some and trim: discards must reach the backend as Discard.
+	for i := 0; i < 5; i++ {
+		name := filepath.Join(mnt, "f00"+string(rune('0'+i)))
+		os.Remove(name)
+		delete(w.sums, filepath.Base(name))
+	}
+	syncFS(t, mnt)
+	run(t, "fstrim", mnt)
+	if b.discards.Load() <= discardsAfterMkfs {
+		t.Fatalf("fstrim sent no Discard (%d before, %d after)", discardsAfterMkfs, b.discards.Load())
+	}
+	w.verify(t)
+	run(t, "umount", mnt)
+	mounted = false
+	if name == "ext4" {
+		run(t, fsck, "-fn", dev)
+	} else {
+		run(t, fsck, "-n", dev)
+	}
+	run(t, "mount", dev, mnt)
+	mounted = true
+	w.verify(t)
+	run(t, "umount", mnt)
+	mounted = false
+	if err := fe.Detach(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+
+	// The same bytes served read-only: mounts read-only, same files.
+	rodev, err := fe.Attach(ctx, id+"-ro", b, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ro, err := loopReadOnly(rodev); err != nil || !ro {
+		t.Fatalf("read-only loop flag = %v, %v", ro, err)
+	}
+	if f, err := os.OpenFile(rodev, os.O_WRONLY|unix.O_DIRECT, 0); err == nil {
+		_, werr := f.WriteAt(alignedBuf(4096), 0)
+		f.Close()
+		if werr == nil {
+			t.Fatal("write to the read-only device succeeded")
+		}
+	}
+	opts := "ro"
+	if name == "ext4" {
+		opts = "ro,noload"
+	} else {
+		opts = "ro,norecovery"
+	}
+	run(t, "mount", "-o", opts, rodev, mnt)
+	mounted = true
+	w.verify(t)
+	if err := os.WriteFile(filepath.Join(mnt, "x"), []byte("x"), 0o644); err == nil {
+		t.Fatal("write on the read-only mount succeeded")
+	}
+	// Detach refuses while mounted, instead of leaving an autoclear behind.
+	if err := fe.Detach(ctx, id+"-ro"); !errors.Is(err, ErrBusy) {
+		t.Fatalf("Detach of a mounted device: %v, want ErrBusy", err)
+	}
+	run(t, "umount", mnt)
+	mounted = false
+	if err := fe.Detach(ctx, id+"-ro"); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,270 @@
+package kernel
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
+)
+
+// The holder keeps each volume's /dev/fuse fd open while the serving process
+// restarts: as long as one fd of a FUSE connection is open the kernel keeps
+// the connection (and the loop device above it) alive, and requests simply
+// wait. The server hands the fd over right after mounting (SCM_RIGHTS on a
+// SOCK_SEQPACKET unix socket), together with the INIT parameters, and asks
+// for it back after a restart.
+//
+// Protocol: one request message per connection, one reply message.
+// Requests are JSON holderReq; "put" carries the fd in its control data,
+// the reply to "get" carries it back. The holder answers requests one at a
+// time, so a "drop" that empties it and its exit are ordered with respect to
+// any concurrent "put" (which then finds the socket gone and starts a new
+// holder).
+
+type holderReq struct {
+	Op     string      `json:"op"` // put, get, drop, list
+	ID     string      `json:"id,omitempty"`
+	Params *connParams `json:"params,omitempty"`
+}
+
+type holderResp struct {
+	Err    string      `json:"err,omitempty"`
+	Found  bool        `json:"found,omitempty"`
+	Params *connParams `json:"params,omitempty"`
+	IDs    []string    `json:"ids,omitempty"`
+}
+
+type heldConn struct {
+	fd     int
+	params *connParams
+}
+
+// holderIdleExit is how long a holder that never received anything waits
+// before exiting (its starter died before handing an fd over).
+const holderIdleExit = 30 * time.Second
+
+const holderMsgMax = 64 << 10
+
+// RunHolder is the body of the holder process (`csi-snap fuse-holder
+// --socket PATH`). It listens on socketPath and keeps the fds it is given
+// until told to drop them; it returns nil once it holds nothing after a
+// drop, or after holderIdleExit without ever being given an fd. It returns
+// ErrBusy when another holder already answers on socketPath.
+func RunHolder(socketPath string) error {
+	closeInheritedPipes()
+	if c, err := net.Dial("unixpacket", socketPath); err == nil {
+		c.Close()
+		return fmt.Errorf("%w: a holder already listens on %s", ErrBusy, socketPath)
+	}
+	os.Remove(socketPath) // stale socket of a dead holder
+	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: socketPath, Net: "unixpacket"})
+	if err != nil {
+		return fmt.Errorf("holder listen %s: %w", socketPath, err)
+	}
+	ln.SetUnlinkOnClose(true)
+	defer ln.Close()
+	held := map[string]heldConn{}
+	everHeld := false
+	start := time.Now()
+	for {
+		if !everHeld {
+			ln.SetDeadline(start.Add(holderIdleExit))
+		} else {
+			ln.SetDeadline(time.Time{})
+		}
+		c, err := ln.AcceptUnix()
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				klog.InfoS("fuse holder: nothing handed over, exiting", "socket", socketPath)
+				return nil
+			}
+			return fmt.Errorf("holder accept: %w", err)
+		}
+		// Emptied by a drop: stop listening (which unlinks the socket)
+		// before answering, so that a client that got the answer and
+		// connects again finds no socket and starts a new holder, instead
+		// of racing with our exit and our unlink of its new socket.
+		onEmpty := func() { ln.Close() }
+		exit := serveHolderConn(c, held, onEmpty)
+		c.Close()
+		if len(held) > 0 {
+			everHeld = true
+		}
+		if exit && len(held) == 0 {
+			klog.InfoS("fuse holder: holds nothing, exiting", "socket", socketPath)
+			return nil
+		}
+	}
+}
+
+// closeInheritedPipes closes pipes the holder inherited without CLOEXEC
+// (from a shell or a test runner above the server): the holder outlives its
+// starter, and a pipe it keeps open makes whoever reads the other end wait
+// for EOF as long as the holder lives. Only pipes: the Go runtime keeps
+// other descriptors of its own (epoll, eventfd, cgroup files) and we create
+// no pipes before this runs.
+func closeInheritedPipes() {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil || fd < 3 {
+			continue
+		}
+		if target, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && strings.HasPrefix(target, "pipe:") {
+			unix.Close(fd)
+		}
+	}
+}
+
+// serveHolderConn answers one request; it reports true when the request was
+// a drop (the holder may exit if that emptied it).
+func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func()) bool {
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, holderMsgMax)
+	oob := make([]byte, unix.CmsgSpace(4))
+	n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+	if err != nil {
+		return false
+	}
+	fds := parseRights(oob[:oobn])
+	var req holderReq
+	var resp holderResp
+	if err := json.Unmarshal(buf[:n], &req); err != nil {
+		closeAll(fds)
+		writeHolder(c, holderResp{Err: "bad request: " + err.Error()}, -1)
+		return false
+	}
+	switch req.Op {
+	case "put":
+		if len(fds) != 1 || req.Params == nil || validateID(req.ID) != nil {
+			closeAll(fds)
+			writeHolder(c, holderResp{Err: "put needs a valid id, params and one fd"}, -1)
+			return false
+		}
+		if old, ok := held[req.ID]; ok {
+			unix.Close(old.fd)
+		}
+		held[req.ID] = heldConn{fd: fds[0], params: req.Params}
+		writeHolder(c, resp, -1)
+	case "get":
+		closeAll(fds)
+		h, ok := held[req.ID]
+		if !ok {
+			writeHolder(c, resp, -1)
+			return false
+		}
+		resp.Found, resp.Params = true, h.params
+		writeHolder(c, resp, h.fd)
+	case "drop":
+		closeAll(fds)
+		if h, ok := held[req.ID]; ok {
+			unix.Close(h.fd)
+			delete(held, req.ID)
+		}
+		if len(held) == 0 {
+			onEmpty()
+		}
+		writeHolder(c, resp, -1)
+		return true
+	case "list":
+		closeAll(fds)
+		for id := range held {
+			resp.IDs = append(resp.IDs, id)
+		}
+		sort.Strings(resp.IDs)
+		writeHolder(c, resp, -1)
+	default:
+		closeAll(fds)
+		writeHolder(c, holderResp{Err: "unknown op " + req.Op}, -1)
+	}
+	return false
+}
+
+func parseRights(oob []byte) []int {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return nil
+	}
+	var fds []int
+	for _, m := range msgs {
+		r, err := unix.ParseUnixRights(&m)
+		if err == nil {
+			fds = append(fds, r...)
+		}
+	}
+	for _, fd := range fds {
+		unix.CloseOnExec(fd)
+	}
+	return fds
+}
+
+func closeAll(fds []int) {
+	for _, fd := range fds {
+		unix.Close(fd)
+	}
+}
+
+func writeHolder(c *net.UnixConn, v any, fd int) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	var oob []byte
+	if fd >= 0 {
+		oob = unix.UnixRights(fd)
+	}
+	_, _, err = c.WriteMsgUnix(b, oob, nil)
+	return err
+}
+
+// holderCall sends one request (with fd if >= 0) and reads the reply, and
+// the fd in it if any (-1 otherwise).
+func holderCall(socketPath string, req holderReq, fd int) (holderResp, int, error) {
+	var resp holderResp
+	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: socketPath, Net: "unixpacket"})
+	if err != nil {
+		return resp, -1, fmt.Errorf("%w: %v", errNoHolder, err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if err := writeHolder(c, req, fd); err != nil {
+		return resp, -1, fmt.Errorf("holder %s: %w", req.Op, err)
+	}
+	buf := make([]byte, holderMsgMax)
+	oob := make([]byte, unix.CmsgSpace(4))
+	n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+	if err != nil || n == 0 {
+		// The holder exited between accept and answer (it had just been
+		// emptied): the caller may start a new one.
+		return resp, -1, fmt.Errorf("%w: no answer to %s: %v", errNoHolder, req.Op, err)
+	}
+	fds := parseRights(oob[:oobn])
+	if err := json.Unmarshal(buf[:n], &resp); err != nil {
+		closeAll(fds)
+		return resp, -1, fmt.Errorf("holder reply: %w", err)
+	}
+	if resp.Err != "" {
+		closeAll(fds)
+		return resp, -1, fmt.Errorf("holder %s: %s", req.Op, resp.Err)
+	}
+	got := -1
+	if len(fds) > 0 {
+		got = fds[0]
+		closeAll(fds[1:])
+	}
+	return resp, got, nil
+}
+
+var errNoHolder = errors.New("no fuse holder")

@@ -1,0 +1,244 @@
+package kernel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	losetup "github.com/freddierice/go-losetup"
+	"golang.org/x/sys/unix"
+)
+
+// Loop devices. go-losetup attaches with LOOP_SET_FD + LOOP_SET_STATUS64,
+// cannot turn direct I/O on or set the block size, and races with other
+// processes for the free device; so attaching uses LOOP_CTL_GET_FREE and
+// LOOP_CONFIGURE from x/sys/unix (one ioctl sets fd, direct I/O, 4096-byte
+// blocks and read-only atomically) and retries on EBUSY. go-losetup serves
+// for reading a device's status back and for LOOP_CLR_FD.
+
+// loopBlockSize is the logical block size of our loop devices, in bytes.
+const loopBlockSize = 4096
+
+const loopAttachAttempts = 32
+
+// attachLoop attaches a loop device to the file at backing and returns its
+// path (/dev/loopN). The file is opened here (FUSE OPEN) and the loop driver
+// keeps that open file.
+func attachLoop(ctx context.Context, backing string, readOnly bool) (string, error) {
+	mode := os.O_RDWR
+	if readOnly {
+		mode = os.O_RDONLY
+	}
+	// unix.Open, never os.OpenFile: os registers new fds with the Go
+	// netpoller, whose epoll_ctl on a FUSE file sends FUSE_POLL to our own
+	// server from inside the runtime while holding a P. With the other P
+	// busy (GC), no reader can run to answer it: the process deadlocks
+	// (seen under load in the benchmarks).
+	bfd, err := unix.Open(backing, mode|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return "", fmt.Errorf("open backing file %s: %w", backing, err)
+	}
+	defer unix.Close(bfd)
+	ctl, err := os.OpenFile("/dev/loop-control", os.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return "", fmt.Errorf("%w: /dev/loop-control: %v", ErrUnsupported, err)
+	}
+	defer ctl.Close()
+
+	var cfg unix.LoopConfig
+	cfg.Fd = uint32(bfd)
+	cfg.Size = loopBlockSize
+	cfg.Info.Flags = unix.LO_FLAGS_DIRECT_IO
+	if readOnly {
+		cfg.Info.Flags |= unix.LO_FLAGS_READ_ONLY
+	}
+	copy(cfg.Info.File_name[:len(cfg.Info.File_name)-1], backing)
+
+	var lastErr error
+	for attempt := 0; attempt < loopAttachAttempts; attempt++ {
+		if err := ctx.Err(); err != nil {
+			return "", err
+		}
+		n, err := unix.IoctlRetInt(int(ctl.Fd()), unix.LOOP_CTL_GET_FREE)
+		if err != nil {
+			return "", fmt.Errorf("LOOP_CTL_GET_FREE: %w", err)
+		}
+		dev := "/dev/loop" + strconv.Itoa(n)
+		lf, err := openLoopNode(dev, mode)
+		if err != nil {
+			return "", err
+		}
+		err = unix.IoctlLoopConfigure(int(lf.Fd()), &cfg)
+		if err == nil {
+			// The loop driver quietly falls back to buffered I/O when the
+			// backing file refuses direct I/O; that path serializes requests
+			// (qd16 behaves like qd1), so treat it as a failure.
+			dio, derr := readSysfs(n, "loop/dio")
+			if derr != nil || dio != "1" {
+				unix.IoctlSetInt(int(lf.Fd()), unix.LOOP_CLR_FD, 0)
+				lf.Close()
+				return "", fmt.Errorf("%w: loop direct I/O did not take on %s (dio=%q)", ErrUnsupported, dev, dio)
+			}
+			lf.Close()
+			return dev, nil
+		}
+		lf.Close()
+		if errors.Is(err, unix.EBUSY) {
+			// Someone configured this device between GET_FREE and our ioctl.
+			lastErr = err
+			continue
+		}
+		return "", fmt.Errorf("LOOP_CONFIGURE %s: %w", dev, err)
+	}
+	return "", fmt.Errorf("no free loop device after %d attempts: %w", loopAttachAttempts, lastErr)
+}
+
+// openLoopNode opens /dev/loopN, waiting briefly for devtmpfs when
+// LOOP_CTL_GET_FREE just created the device.
+func openLoopNode(dev string, mode int) (*os.File, error) {
+	var err error
+	for i := 0; i < 50; i++ {
+		var f *os.File
+		f, err = os.OpenFile(dev, mode|unix.O_CLOEXEC, 0)
+		if err == nil {
+			return f, nil
+		}
+		if !errors.Is(err, os.ErrNotExist) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return nil, fmt.Errorf("open %s: %w", dev, err)
+}
+
+func loopNumber(dev string) (int, error) {
+	n, err := strconv.Atoi(strings.TrimPrefix(dev, "/dev/loop"))
+	if err != nil || !strings.HasPrefix(dev, "/dev/loop") || n < 0 {
+		return 0, fmt.Errorf("%w: not a loop device: %q", ErrInvalid, dev)
+	}
+	return n, nil
+}
+
+func readSysfs(n int, name string) (string, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/sys/block/loop%d/%s", n, name))
+	return strings.TrimSpace(string(b)), err
+}
+
+// loopBackingFiles maps each attached loop device to its backing file path,
+// as the kernel reports it in /sys/block/loopN/loop/backing_file.
+func loopBackingFiles() map[string]string {
+	m := map[string]string{}
+	dirs, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	for _, p := range dirs {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue // detached meanwhile
+		}
+		name := filepath.Base(filepath.Dir(filepath.Dir(p)))
+		m["/dev/"+name] = strings.TrimSpace(string(b))
+	}
+	return m
+}
+
+// findLoop returns the loop device whose backing file is path.
+func findLoop(path string) (string, bool) {
+	for dev, bf := range loopBackingFiles() {
+		if bf == path {
+			return dev, true
+		}
+	}
+	return "", false
+}
+
+// detachLoop clears dev. A device still claimed exclusively (a mounted
+// filesystem) is refused with ErrBusy instead of being left to the kernel's
+// deferred autoclear, which would detach it later under someone's feet.
+func detachLoop(ctx context.Context, dev string) error {
+	n, err := loopNumber(dev)
+	if err != nil {
+		return err
+	}
+	f, err := os.OpenFile(dev, os.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
+	if err != nil {
+		if errors.Is(err, unix.EBUSY) {
+			return fmt.Errorf("%w: %s is in use (mounted?)", ErrBusy, dev)
+		}
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return fmt.Errorf("open %s: %w", dev, err)
+	}
+	f.Close()
+	if err := losetup.New(uint64(n), os.O_RDONLY).Detach(); err != nil {
+		if _, serr := readSysfs(n, "loop/backing_file"); serr != nil {
+			return nil // already detached
+		}
+		return fmt.Errorf("LOOP_CLR_FD %s: %v", dev, err)
+	}
+	// With other openers (udev, blkid) the kernel defers the clear to the
+	// last close. Wait for it; if it does not come, take the autoclear flag
+	// back off so nothing happens behind our back later.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if _, err := readSysfs(n, "loop/backing_file"); err != nil {
+			return nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if lf, err := os.OpenFile(dev, os.O_RDONLY|unix.O_CLOEXEC, 0); err == nil {
+		if info, err := unix.IoctlLoopGetStatus64(int(lf.Fd())); err == nil && info.Flags&unix.LO_FLAGS_AUTOCLEAR != 0 {
+			info.Flags &^= unix.LO_FLAGS_AUTOCLEAR
+			unix.IoctlLoopSetStatus64(int(lf.Fd()), info)
+		}
+		lf.Close()
+	}
+	return fmt.Errorf("%w: %s still open by another process", ErrBusy, dev)
+}
+
+// setLoopCapacity makes dev re-read its backing file's size.
+func setLoopCapacity(dev string) error {
+	f, err := os.OpenFile(dev, os.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", dev, err)
+	}
+	defer f.Close()
+	if err := unix.IoctlSetInt(int(f.Fd()), unix.LOOP_SET_CAPACITY, 0); err != nil {
+		return fmt.Errorf("LOOP_SET_CAPACITY %s: %w", dev, err)
+	}
+	return nil
+}
+
+// loopSize returns dev's size in bytes from sysfs (512-byte sectors there).
+func loopSize(dev string) (int64, error) {
+	n, err := loopNumber(dev)
+	if err != nil {
+		return 0, err
+	}
+	s, err := readSysfs(n, "size")
+	if err != nil {
+		return 0, err
+	}
+	sectors, err := strconv.ParseInt(s, 10, 64)
+	return sectors * 512, err
+}
+
+// loopInfo reads the device's flags back through go-losetup.
+func loopReadOnly(dev string) (bool, error) {
+	n, err := loopNumber(dev)
+	if err != nil {
+		return false, err
+	}
+	info, err := losetup.New(uint64(n), os.O_RDONLY).GetInfo()
+	if err != nil {
+		return false, err
+	}
+	return info.Flags&unix.LO_FLAGS_READ_ONLY != 0, nil
+}

@@ -1,0 +1,211 @@
+package kernel
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"math/rand"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// TestMain lets the test binary play the holder process ("fuse-holder
+// --socket PATH", exactly as cmd/csi-snap runs it) and the serving process
+// of the restart tests ("fe-serve ..."), so those run as real separate
+// processes.
+func TestMain(m *testing.M) {
+	if len(os.Args) > 1 {
+		switch os.Args[1] {
+		case "fuse-holder":
+			if err := RunHolder(argValue(os.Args, "--socket")); err != nil {
+				fmt.Fprintln(os.Stderr, "holder:", err)
+				os.Exit(1)
+			}
+			os.Exit(0)
+		case "fe-serve":
+			os.Exit(serveChild(os.Args[2:]))
+		}
+	}
+	os.Exit(m.Run())
+}
+
+func argValue(args []string, name string) string {
+	for i, a := range args {
+		if a == name && i+1 < len(args) {
+			return args[i+1]
+		}
+	}
+	return ""
+}
+
+// requireRoot skips, loudly, when the kernel facilities are missing; CI
+// runs as root with all of them, so there the tests run.
+func requireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("SKIPPED: needs root (loop devices, FUSE mounts); CI runs as root")
+	}
+	for _, p := range []string{"/dev/fuse", "/dev/loop-control"} {
+		if _, err := os.Stat(p); err != nil {
+			t.Skipf("SKIPPED: %s missing: %v", p, err)
+		}
+	}
+}
+
+func requireTool(t testing.TB, name string) {
+	t.Helper()
+	if _, err := exec.LookPath(name); err != nil {
+		t.Skipf("SKIPPED: %s not installed (apt-get install -y %s)", name, map[string]string{
+			"mkfs.xfs": "xfsprogs", "mkfs.ext4": "e2fsprogs", "fio": "fio", "blkdiscard": "util-linux"}[name])
+	}
+}
+
+// countingBackend counts the calls that prove requests reach the backend.
+type countingBackend struct {
+	*FileBackend
+	flushes, discards atomic.Int64
+	discarded         atomic.Int64 // bytes
+}
+
+func (c *countingBackend) Flush() error { c.flushes.Add(1); return c.FileBackend.Flush() }
+func (c *countingBackend) Discard(off, n int64) error {
+	c.discards.Add(1)
+	c.discarded.Add(n)
+	return c.FileBackend.Discard(off, n)
+}
+
+func newFileBackend(t testing.TB, dir string, size int64) *countingBackend {
+	t.Helper()
+	b, err := OpenFileBackend(filepath.Join(dir, "backing.img"), size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	return &countingBackend{FileBackend: b}
+}
+
+func testHolderCommand() []string { return []string{os.Args[0], "fuse-holder"} }
+
+// newFrontend returns a Frontend in a fresh run dir whose holder is this
+// test binary, and checks at the end that nothing it made is left behind.
+func newFrontend(t testing.TB) (*Frontend, string) {
+	t.Helper()
+	run := t.TempDir()
+	fe, err := New(Config{RunDir: run, HolderCommand: testHolderCommand(), Readers: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx := context.Background()
+		for _, id := range fe.Attached() {
+			if err := fe.Detach(ctx, id); err != nil {
+				t.Errorf("cleanup detach %s: %v", id, err)
+			}
+		}
+		fe.Close()
+		assertNothingLeft(t, fe.cfg.RunDir)
+	})
+	return fe, fe.cfg.RunDir
+}
+
+// assertNothingLeft fails if a loop device, FUSE mount or holder process of
+// runDir survives.
+func assertNothingLeft(t testing.TB, runDir string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var left []string
+		for dev, bf := range loopBackingFiles() {
+			if strings.HasPrefix(bf, runDir+"/") {
+				left = append(left, "loop "+dev+" on "+bf)
+			}
+		}
+		mounts, _ := os.ReadFile("/proc/mounts")
+		for _, line := range strings.Split(string(mounts), "\n") {
+			if f := strings.Fields(line); len(f) > 1 && strings.HasPrefix(f[1], runDir+"/") {
+				left = append(left, "mount "+line)
+			}
+		}
+		for _, pid := range holderPIDs(runDir) {
+			left = append(left, fmt.Sprintf("holder process %d", pid))
+		}
+		if len(left) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("left behind: %v", left)
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// holderPIDs lists live processes whose command line names runDir's socket.
+func holderPIDs(runDir string) []int {
+	var pids []int
+	ents, _ := os.ReadDir("/proc")
+	sock := filepath.Join(runDir, "holder.sock")
+	for _, e := range ents {
+		var pid int
+		if _, err := fmt.Sscanf(e.Name(), "%d", &pid); err != nil {
+			continue
+		}
+		cmd, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		if err != nil || !bytes.Contains(cmd, []byte(sock)) {
+			continue
+		}
+		if st, err := os.ReadFile("/proc/" + e.Name() + "/stat"); err == nil && strings.Contains(string(st), ") Z ") {
+			continue // zombie, exited
+		}
+		pids = append(pids, pid)
+	}
+	return pids
+}
+
+// alignedBuf returns n bytes aligned for O_DIRECT.
+func alignedBuf(n int) []byte {
+	b := make([]byte, n+4096)
+	off := int(4096 - uintptr(unsafe.Pointer(&b[0]))%4096)
+	return b[off : off+n]
+}
+
+func sha(b []byte) string { s := sha256.Sum256(b); return fmt.Sprintf("%x", s[:8]) }
+
+func run(t testing.TB, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %v: %v\n%s", name, args, err, out)
+	}
+	return string(out)
+}
+
+func fillRandom(rng *rand.Rand, b []byte) {
+	for i := range b {
+		b[i] = byte(rng.Intn(256))
+	}
+}
+
+// syncFS flushes the one filesystem mounted at dir (syncfs(2)); never
+// sync(2), which waits on every filesystem of the machine, including other
+// tests' devices whose server is stopped on purpose.
+func syncFS(t testing.TB, dir string) {
+	t.Helper()
+	f, err := os.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := unix.Syncfs(int(f.Fd())); err != nil {
+		t.Fatalf("syncfs %s: %v", dir, err)
+	}
+}

@@ -1,0 +1,262 @@
+package kernel
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"path/filepath"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+func TestValidateID(t *testing.T) {
+	for _, tc := range []struct {
+		id string
+		ok bool
+	}{
+		{"pvc-0a1b", true},
+		{"a", true},
+		{"0", true},
+		{string(bytes.Repeat([]byte("a"), 63)), true},
+		{string(bytes.Repeat([]byte("a"), 64)), false},
+		{"", false},
+		{"-lead", false},
+		{"Upper", false},
+		{"../etc", false},
+		{"a/b", false},
+		{"a.b", false},
+		{"a b", false},
+	} {
+		err := validateID(tc.id)
+		if (err == nil) != tc.ok {
+			t.Errorf("validateID(%q) = %v, want ok=%v", tc.id, err, tc.ok)
+		}
+		if err != nil && !errors.Is(err, ErrInvalid) {
+			t.Errorf("validateID(%q) error %v is not ErrInvalid", tc.id, err)
+		}
+	}
+}
+
+// memBackend is an in-memory Backend for protocol tests without a kernel.
+type memBackend struct{ b []byte }
+
+func (m *memBackend) ReadAt(p []byte, off int64) (int, error) {
+	if off >= int64(len(m.b)) {
+		return 0, io.EOF
+	}
+	n := copy(p, m.b[off:])
+	if n < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+func (m *memBackend) WriteAt(p []byte, off int64) (int, error) { return copy(m.b[off:], p), nil }
+func (m *memBackend) Flush() error                             { return nil }
+func (m *memBackend) Discard(off, n int64) error               { clear(m.b[off : off+n]); return nil }
+func (m *memBackend) Size() int64                              { return int64(len(m.b)) }
+
+func request(op uint32, unique uint64, body []byte) []byte {
+	b := make([]byte, inHeaderSize+len(body))
+	le.PutUint32(b[0:], uint32(len(b)))
+	le.PutUint32(b[4:], op)
+	le.PutUint64(b[8:], unique)
+	le.PutUint64(b[16:], fuseRootID)
+	copy(b[inHeaderSize:], body)
+	return b
+}
+
+func replyErrno(out []byte) int32 { return int32(le.Uint32(out[4:])) }
+
+// TestHandle drives the request handler directly: a write then a read
+// round-trips, out-of-range and malformed requests get named errnos, a
+// resent unique is echoed unchanged, INIT negotiates what we need.
+func TestHandle(t *testing.T) {
+	mb := &memBackend{b: make([]byte, 1<<20)}
+	s := &server{b: mb, inited: make(chan struct{}), dead: make(chan struct{})}
+	out := make([]byte, outHeaderSize+maxWrite)
+
+	init := make([]byte, initInSize)
+	le.PutUint32(init[0:], 7)
+	le.PutUint32(init[4:], 45)
+	le.PutUint32(init[8:], 128<<10)
+	le.PutUint32(init[12:], uint32(initAsyncDIO|initMaxPages|initInitExt|initBigWrites|initAsyncRead))
+	le.PutUint32(init[16:], uint32(initHasResend>>32))
+	n := s.handle(request(opInit, 2, init), out)
+	if n != outHeaderSize+initOutSize || replyErrno(out) != 0 {
+		t.Fatalf("INIT reply %d bytes errno %d", n, replyErrno(out))
+	}
+	flags := le.Uint32(out[outHeaderSize+12:])
+	if flags&uint32(initAsyncDIO) == 0 || le.Uint32(out[outHeaderSize+20:]) != maxWrite || le.Uint16(out[outHeaderSize+28:]) != 256 {
+		t.Fatalf("INIT reply flags %#x max_write %d max_pages %d", flags, le.Uint32(out[outHeaderSize+20:]), le.Uint16(out[outHeaderSize+28:]))
+	}
+	if p := s.currentParams(); !p.Initialized || p.KernelFlags&initHasResend == 0 {
+		t.Fatalf("params not recorded: %+v", p)
+	}
+	old := make([]byte, initInSize)
+	le.PutUint32(old[0:], 7)
+	le.PutUint32(old[4:], 20)
+	s.handle(request(opInit, 4, old), out)
+	if replyErrno(out) != -int32(unix.EPROTO) {
+		t.Fatalf("INIT 7.20: errno %d, want EPROTO", replyErrno(out))
+	}
+
+	data := bytes.Repeat([]byte{0xab}, 8192)
+	w := make([]byte, writeInSize+len(data))
+	le.PutUint64(w[8:], 4096)
+	le.PutUint32(w[16:], uint32(len(data)))
+	copy(w[writeInSize:], data)
+	const resent = fuseUniqueResend | 6
+	s.handle(request(opWrite, resent, w), out)
+	if replyErrno(out) != 0 || le.Uint64(out[8:]) != resent || le.Uint32(out[outHeaderSize:]) != 8192 {
+		t.Fatalf("WRITE reply errno %d unique %#x size %d", replyErrno(out), le.Uint64(out[8:]), le.Uint32(out[outHeaderSize:]))
+	}
+	r := make([]byte, readInSize)
+	le.PutUint64(r[8:], 4096)
+	le.PutUint32(r[16:], 8192)
+	n = s.handle(request(opRead, 8, r), out)
+	if n != outHeaderSize+8192 || !bytes.Equal(out[outHeaderSize:n], data) {
+		t.Fatal("READ did not return what WRITE wrote")
+	}
+	// Read past the end: empty, not an error.
+	le.PutUint64(r[8:], 1<<20)
+	if n = s.handle(request(opRead, 10, r), out); n != outHeaderSize || replyErrno(out) != 0 {
+		t.Fatalf("READ at EOF: %d bytes errno %d", n, replyErrno(out))
+	}
+	// Write beyond the end.
+	le.PutUint64(w[8:], 1<<20-4096)
+	s.handle(request(opWrite, 12, w), out)
+	if replyErrno(out) != -int32(unix.EFBIG) {
+		t.Fatalf("WRITE past the end: errno %d, want EFBIG", replyErrno(out))
+	}
+	// An offset that would overflow off+size.
+	le.PutUint64(w[8:], 1<<63-4096)
+	s.handle(request(opWrite, 13, w), out)
+	if replyErrno(out) != -int32(unix.EFBIG) {
+		t.Fatalf("WRITE at 2^63-4096: errno %d, want EFBIG", replyErrno(out))
+	}
+	// A write whose declared size disagrees with its payload.
+	le.PutUint64(w[8:], 0)
+	s.handle(request(opWrite, 14, w[:writeInSize+100]), out)
+	if replyErrno(out) != -int32(unix.EINVAL) {
+		t.Fatalf("WRITE with a short payload: errno %d, want EINVAL", replyErrno(out))
+	}
+	// Punch hole.
+	fa := make([]byte, fallocateInSz)
+	le.PutUint64(fa[8:], 4096)
+	le.PutUint64(fa[16:], 4096)
+	le.PutUint32(fa[24:], fallocPunchHole|fallocKeepSize)
+	s.handle(request(opFallocate, 16, fa), out)
+	if replyErrno(out) != 0 || mb.b[4096] != 0 || mb.b[8192] != 0xab {
+		t.Fatalf("punch hole: errno %d, bytes %#x %#x", replyErrno(out), mb.b[4096], mb.b[8192])
+	}
+	le.PutUint32(fa[24:], 0x08) // FALLOC_FL_COLLAPSE_RANGE
+	s.handle(request(opFallocate, 18, fa), out)
+	if replyErrno(out) != -int32(unix.EOPNOTSUPP) {
+		t.Fatalf("collapse range: errno %d, want EOPNOTSUPP", replyErrno(out))
+	}
+	// Unknown opcode.
+	s.handle(request(9999, 20, nil), out)
+	if replyErrno(out) != -int32(unix.ENOSYS) {
+		t.Fatalf("unknown opcode: errno %d, want ENOSYS", replyErrno(out))
+	}
+	// FORGET has no reply.
+	if n := s.handle(request(opForget, 22, make([]byte, 8)), out); n != 0 {
+		t.Fatalf("FORGET got a %d-byte reply", n)
+	}
+	// Read-only: writes refused.
+	s.readOnly = true
+	le.PutUint64(w[8:], 0)
+	s.handle(request(opWrite, 24, w), out)
+	if replyErrno(out) != -int32(unix.EROFS) {
+		t.Fatalf("WRITE read-only: errno %d, want EROFS", replyErrno(out))
+	}
+}
+
+// FuzzHandle feeds arbitrary bytes to the handler: it must never panic and
+// any reply must be a well-formed header echoing the request's unique.
+func FuzzHandle(f *testing.F) {
+	f.Add(request(opRead, 2, make([]byte, readInSize)))
+	f.Add(request(opWrite, 4, make([]byte, writeInSize+10)))
+	f.Add(request(opInit, 6, make([]byte, initInSize)))
+	f.Add(request(opFallocate, 8, make([]byte, fallocateInSz)))
+	f.Add(request(opSetattr, 10, make([]byte, setattrInSize)))
+	f.Add([]byte{1, 2, 3})
+	f.Fuzz(func(t *testing.T, in []byte) {
+		s := &server{b: &memBackend{b: make([]byte, 64<<10)}, inited: make(chan struct{}), dead: make(chan struct{})}
+		out := make([]byte, outHeaderSize+maxWrite)
+		n := s.handle(in, out)
+		if n == 0 {
+			return
+		}
+		if n < outHeaderSize || int(le.Uint32(out[0:])) != n {
+			t.Fatalf("reply length %d, header says %d", n, le.Uint32(out[0:]))
+		}
+		if le.Uint64(out[8:]) != le.Uint64(in[8:]) {
+			t.Fatal("reply unique differs from the request's")
+		}
+	})
+}
+
+// TestHolderProtocol runs the holder in-process: put an fd, list, get it
+// back (a working dup of the same pipe), drop, and the holder returns.
+func TestHolderProtocol(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "h.sock")
+	done := make(chan error, 1)
+	go func() { done <- RunHolder(sock) }()
+	var resp holderResp
+	var err error
+	for i := 0; i < 500; i++ {
+		if resp, _, err = holderCall(sock, holderReq{Op: "list"}, -1); err == nil {
+			break
+		}
+		unix.Nanosleep(&unix.Timespec{Nsec: 10e6}, nil)
+	}
+	if err != nil || len(resp.IDs) != 0 {
+		t.Fatalf("list on an empty holder: %v %v", resp.IDs, err)
+	}
+	if err := RunHolder(sock); !errors.Is(err, ErrBusy) {
+		t.Fatalf("second holder on the same socket: %v, want ErrBusy", err)
+	}
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[0])
+	params := &connParams{KernelMinor: 45, MaxWrite: maxWrite, Initialized: true}
+	if _, _, err := holderCall(sock, holderReq{Op: "put", ID: "v1", Params: params}, p[1]); err != nil {
+		t.Fatal(err)
+	}
+	unix.Close(p[1]) // the holder has its own copy now
+	if _, _, err := holderCall(sock, holderReq{Op: "put", ID: "../bad", Params: params}, p[0]); err == nil {
+		t.Fatal("put with a bad id accepted")
+	}
+	if resp, _, _ = holderCall(sock, holderReq{Op: "list"}, -1); len(resp.IDs) != 1 || resp.IDs[0] != "v1" {
+		t.Fatalf("list = %v", resp.IDs)
+	}
+	resp, fd, err := holderCall(sock, holderReq{Op: "get", ID: "v1"}, -1)
+	if err != nil || !resp.Found || fd < 0 || resp.Params == nil || resp.Params.KernelMinor != 45 {
+		t.Fatalf("get: %+v fd %d %v", resp, fd, err)
+	}
+	if _, err := unix.Write(fd, []byte("hi")); err != nil {
+		t.Fatal(err)
+	}
+	unix.Close(fd)
+	buf := make([]byte, 2)
+	if n, _ := unix.Read(p[0], buf); n != 2 || string(buf) != "hi" {
+		t.Fatalf("the returned fd is not the pipe: %q", buf[:n])
+	}
+	if resp, fd, _ = holderCall(sock, holderReq{Op: "get", ID: "nope"}, -1); resp.Found || fd >= 0 {
+		t.Fatal("get of an unknown id found something")
+	}
+	if _, _, err := holderCall(sock, holderReq{Op: "drop", ID: "v1"}, -1); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("holder: %v", err)
+	}
+	// Every copy of the write end is closed now: the read end sees EOF.
+	if n, err := unix.Read(p[0], buf); n != 0 || err != nil {
+		t.Fatalf("pipe still has a writer after drop: n=%d err=%v", n, err)
+	}
+}

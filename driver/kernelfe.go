@@ -1,0 +1,67 @@
+package driver
+
+import (
+	"context"
+	"errors"
+
+	"github.com/csi-snap/csi-snap/driver/kernel"
+)
+
+var kernelErrors = []struct{ from, to error }{
+	{kernel.ErrInvalid, ErrBadArgument},
+	{kernel.ErrNotFound, ErrNotFound},
+	{kernel.ErrBusy, ErrBusy},
+	{kernel.ErrConflict, ErrBusy},
+	{kernel.ErrClosed, ErrClosed},
+}
+
+func fromKernel(err error) error {
+	if err == nil {
+		return nil
+	}
+	for _, m := range kernelErrors {
+		if errors.Is(err, m.from) {
+			return &engineError{sentinel: m.to, err: err}
+		}
+	}
+	return err
+}
+
+// KernelFrontend adapts a *kernel.Frontend to Frontend.
+type KernelFrontend struct {
+	f *kernel.Frontend
+}
+
+// NewKernelFrontend starts a kernel frontend (FUSE + loop) in cfg.RunDir.
+func NewKernelFrontend(cfg kernel.Config) (*KernelFrontend, error) {
+	f, err := kernel.New(cfg)
+	if err != nil {
+		return nil, fromKernel(err)
+	}
+	return &KernelFrontend{f: f}, nil
+}
+
+// Attach implements Frontend.
+func (k *KernelFrontend) Attach(ctx context.Context, id string, b Backend, readOnly bool) (string, error) {
+	dev, err := k.f.Attach(ctx, id, b, readOnly)
+	return dev, fromKernel(err)
+}
+
+// Detach implements Frontend.
+func (k *KernelFrontend) Detach(ctx context.Context, id string) error {
+	return fromKernel(k.f.Detach(ctx, id))
+}
+
+// Resize implements Frontend.
+func (k *KernelFrontend) Resize(ctx context.Context, id string, newSize int64) error {
+	return fromKernel(k.f.Resize(ctx, id, newSize))
+}
+
+// Device implements Frontend.
+func (k *KernelFrontend) Device(id string) (string, bool) { return k.f.Device(id) }
+
+// Attached implements Frontend.
+func (k *KernelFrontend) Attached() []string { return k.f.Attached() }
+
+// Close implements Frontend.
+func (k *KernelFrontend) Close() error { return fromKernel(k.f.Close()) }

@@ -1,0 +1,95 @@
+package driver
+
+import (
+	"path"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc/codes"
+)
+
+// Metrics holds the driver's Prometheus collectors. Store gauges are read at
+// scrape time from the store's listings, so they cannot drift from it.
+type Metrics struct {
+	latency *prometheus.HistogramVec
+	store   Store
+
+	volumes, snapshots, snapCow, snapLimit, snapInvalid, volAlloc, volSize *prometheus.Desc
+	copyOuts, copiedBytes, indexBytes, indexRuns                           *prometheus.Desc
+}
+
+// EngineStats are the engine-wide counters a Store may offer (cow.Stats).
+type EngineStats struct {
+	CopyOuts, CopiedBytes uint64 // since the store was opened
+	IndexBytes, IndexRuns int64  // heap bytes and runs of all exception indexes
+}
+
+// StatsStore is a Store that reports EngineStats; the metrics use it when
+// the store offers it.
+type StatsStore interface {
+	EngineStats() EngineStats
+}
+
+// NewMetrics registers the collectors in reg; the store gauges read store.
+func NewMetrics(reg prometheus.Registerer, store Store) *Metrics {
+	m := &Metrics{
+		store: store,
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "csi_snap_request_duration_seconds",
+			Help:    "Latency of CSI calls in seconds, by method and gRPC code.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 4, 10), // 0.5 ms .. ~131 s
+		}, []string{"method", "code"}),
+		volumes:     prometheus.NewDesc("csi_snap_volumes", "Volumes in the store.", nil, nil),
+		snapshots:   prometheus.NewDesc("csi_snap_snapshots", "Snapshots in the store.", nil, nil),
+		snapCow:     prometheus.NewDesc("csi_snap_snapshot_cow_bytes", "Bytes copied out to keep a snapshot's content.", []string{"snapshot_id", "volume_id"}, nil),
+		snapLimit:   prometheus.NewDesc("csi_snap_snapshot_cow_limit_bytes", "COW byte limit of a snapshot (0 = unlimited).", []string{"snapshot_id"}, nil),
+		snapInvalid: prometheus.NewDesc("csi_snap_snapshot_invalid", "1 when a snapshot went over its COW limit and is invalid.", []string{"snapshot_id"}, nil),
+		volAlloc:    prometheus.NewDesc("csi_snap_volume_allocated_bytes", "Bytes of a volume allocated in the store.", []string{"volume_id"}, nil),
+		volSize:     prometheus.NewDesc("csi_snap_volume_size_bytes", "Size of a volume in bytes.", []string{"volume_id"}, nil),
+		copyOuts:    prometheus.NewDesc("csi_snap_copy_outs_total", "Chunks recorded by copy-before-write since the plugin started (once per chunk, whatever the number of snapshots).", nil, nil),
+		copiedBytes: prometheus.NewDesc("csi_snap_copied_bytes_total", "Bytes copied out to COW files since the plugin started (all-zero chunks cost none).", nil, nil),
+		indexBytes:  prometheus.NewDesc("csi_snap_index_bytes", "Approximate heap bytes held by all exception indexes.", nil, nil),
+		indexRuns:   prometheus.NewDesc("csi_snap_index_runs", "Runs (entries after merging) in all exception indexes.", nil, nil),
+	}
+	reg.MustRegister(m.latency, m)
+	return m
+}
+
+func (m *Metrics) observe(fullMethod string, code codes.Code, d time.Duration) {
+	m.latency.WithLabelValues(path.Base(fullMethod), code.String()).Observe(d.Seconds())
+}
+
+// Describe implements prometheus.Collector.
+func (m *Metrics) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{m.volumes, m.snapshots, m.snapCow, m.snapLimit, m.snapInvalid, m.volAlloc, m.volSize,
+		m.copyOuts, m.copiedBytes, m.indexBytes, m.indexRuns} {
+		ch <- d
+	}
+}
+
+// Collect implements prometheus.Collector.
+func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
+	vols, snaps := m.store.Volumes(), m.store.Snapshots()
+	ch <- prometheus.MustNewConstMetric(m.volumes, prometheus.GaugeValue, float64(len(vols)))
+	ch <- prometheus.MustNewConstMetric(m.snapshots, prometheus.GaugeValue, float64(len(snaps)))
+	for _, v := range vols {
+		ch <- prometheus.MustNewConstMetric(m.volAlloc, prometheus.GaugeValue, float64(v.AllocatedBytes), v.ID)
+		ch <- prometheus.MustNewConstMetric(m.volSize, prometheus.GaugeValue, float64(v.Size), v.ID)
+	}
+	for _, s := range snaps {
+		ch <- prometheus.MustNewConstMetric(m.snapCow, prometheus.GaugeValue, float64(s.CowBytes), s.ID, s.VolumeID)
+		ch <- prometheus.MustNewConstMetric(m.snapLimit, prometheus.GaugeValue, float64(s.Limit), s.ID)
+		inv := 0.0
+		if s.Invalid {
+			inv = 1
+		}
+		ch <- prometheus.MustNewConstMetric(m.snapInvalid, prometheus.GaugeValue, inv, s.ID)
+	}
+	if ss, ok := m.store.(StatsStore); ok {
+		st := ss.EngineStats()
+		ch <- prometheus.MustNewConstMetric(m.copyOuts, prometheus.CounterValue, float64(st.CopyOuts))
+		ch <- prometheus.MustNewConstMetric(m.copiedBytes, prometheus.CounterValue, float64(st.CopiedBytes))
+		ch <- prometheus.MustNewConstMetric(m.indexBytes, prometheus.GaugeValue, float64(st.IndexBytes))
+		ch <- prometheus.MustNewConstMetric(m.indexRuns, prometheus.GaugeValue, float64(st.IndexRuns))
+	}
+}

@@ -1,0 +1,480 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"k8s.io/klog/v2"
+	mount "k8s.io/mount-utils"
+	utilexec "k8s.io/utils/exec"
+)
+
+var nodeCaps = []csi.NodeServiceCapability_RPC_Type{
+	csi.NodeServiceCapability_RPC_STAGE_UNSTAGE_VOLUME,
+	csi.NodeServiceCapability_RPC_EXPAND_VOLUME,
+	csi.NodeServiceCapability_RPC_GET_VOLUME_STATS,
+	csi.NodeServiceCapability_RPC_GET_VOLUME_HEALTH,
+	csi.NodeServiceCapability_RPC_GET_STORAGE_HEALTH,
+}
+
+// NodeGetCapabilities lists what the node service implements.
+func (d *Driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
+	var cs []*csi.NodeServiceCapability
+	for _, t := range nodeCaps {
+		cs = append(cs, &csi.NodeServiceCapability{Type: &csi.NodeServiceCapability_Rpc{
+			Rpc: &csi.NodeServiceCapability_RPC{Type: t}}})
+	}
+	return &csi.NodeGetCapabilitiesResponse{Capabilities: cs}, nil
+}
+
+// NodeGetInfo names this node, its topology segment and the attach limit.
+func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
+	return &csi.NodeGetInfoResponse{
+		NodeId:             d.opt.NodeID,
+		MaxVolumesPerNode:  d.opt.MaxVolumes,
+		AccessibleTopology: d.topology()[0],
+	}, nil
+}
+
+// MaxLoopDevices returns the loop driver's max_loop parameter: the number of
+// loop devices the kernel made up front (CONFIG_BLK_DEV_LOOP_MIN_COUNT, 8 on
+// Debian, unless set at module load). Each staged volume holds one loop
+// device; LOOP_CTL_GET_FREE can add devices past this count, so as an attach
+// limit it is conservative, never too high.
+func MaxLoopDevices() (int64, error) {
+	b, err := os.ReadFile("/sys/module/loop/parameters/max_loop")
+	if err != nil {
+		return 0, err
+	}
+	return strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+}
+
+// mountpointOf returns a mount point of device dev ("" when not mounted).
+func (d *Driver) mountpointOf(dev string) (string, error) {
+	mps, err := d.opt.Mounter.List()
+	if err != nil {
+		return "", fmt.Errorf("list mounts: %w", err)
+	}
+	for _, mp := range mps {
+		if mp.Device == dev {
+			return mp.Path, nil
+		}
+	}
+	return "", nil
+}
+
+// mountedDevice returns the source device of the mount at path ("" when path
+// is not a mount point).
+func (d *Driver) mountedDevice(path string) (string, error) {
+	mps, err := d.opt.Mounter.List()
+	if err != nil {
+		return "", fmt.Errorf("list mounts: %w", err)
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return "", err
+	}
+	dev := ""
+	for _, mp := range mps {
+		if mp.Path == abs {
+			dev = mp.Device // the last one listed is on top
+		}
+	}
+	return dev, nil
+}
+
+// holdsDevice reports whether path holds device dev: a mount of dev (mount
+// access, staging or bind) or, for block access, a bind mount of the device
+// node, which the mount table lists under the /dev filesystem rather than
+// under dev, so it is recognised by its device number.
+func (d *Driver) holdsDevice(path, dev string) (bool, error) {
+	cur, err := d.mountedDevice(path)
+	if err != nil || cur == "" {
+		return false, err
+	}
+	if cur == dev {
+		return true, nil
+	}
+	var pst, dst unix.Stat_t
+	if err := unix.Stat(path, &pst); err != nil {
+		return false, nil
+	}
+	if err := unix.Stat(dev, &dst); err != nil {
+		return false, nil
+	}
+	return pst.Mode&unix.S_IFMT == unix.S_IFBLK && pst.Rdev == dst.Rdev, nil
+}
+
+func (d *Driver) checkNodeVolume(id string) error {
+	if !isVolumeID(id) {
+		return statusf(codes.NotFound, "volume %q does not exist", id)
+	}
+	if _, err := d.opt.Store.Volume(id); err != nil {
+		return toStatus(fmt.Errorf("volume %s: %w", id, err))
+	}
+	return nil
+}
+
+// NodeStageVolume attaches the volume as a loop device and, for mount access,
+// makes a filesystem when the device is blank and mounts it at the staging
+// path. Block access stages only the device.
+func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
+	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
+	if id == "" {
+		return nil, statusf(codes.InvalidArgument, "volume_id is required")
+	}
+	if staging == "" {
+		return nil, statusf(codes.InvalidArgument, "staging_target_path is required")
+	}
+	if err := checkCapability(req.GetVolumeCapability()); err != nil {
+		return nil, err
+	}
+	if !d.locks.tryLock(id) {
+		return nil, statusf(codes.Aborted, "an operation on volume %s is in progress", id)
+	}
+	defer d.locks.unlock(id)
+	if !isVolumeID(id) {
+		return nil, statusf(codes.NotFound, "volume %q does not exist", id)
+	}
+	v, err := d.opt.Store.Volume(id)
+	if err != nil {
+		return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
+	}
+	b, err := d.opt.Store.VolumeBackend(id)
+	if err != nil {
+		return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
+	}
+	dev, err := d.opt.Frontend.Attach(ctx, id, b, false)
+	if err != nil {
+		return nil, toStatus(fmt.Errorf("attach %s: %w", id, err))
+	}
+	m := req.GetVolumeCapability().GetMount()
+	if m == nil {
+		klog.V(2).InfoS("Staged block volume", "volumeID", id, "device", dev)
+		return &csi.NodeStageVolumeResponse{}, nil
+	}
+	cur, err := d.mountedDevice(staging)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if cur == dev {
+		return &csi.NodeStageVolumeResponse{}, nil
+	}
+	if cur != "" {
+		return nil, statusf(codes.AlreadyExists, "staging path %s already holds %s, not volume %s", staging, cur, id)
+	}
+	fstype := m.GetFsType()
+	if fstype == "" {
+		fstype = v.Labels[labelFSType]
+	}
+	if fstype == "" {
+		fstype = supportedFSTypes[0]
+	}
+	if err := os.MkdirAll(staging, 0o750); err != nil {
+		return nil, toStatus(fmt.Errorf("staging path: %w", err))
+	}
+	// A fresh cow volume reads as zeros, so discarding it at mkfs time only
+	// costs a pass of FALLOCATE requests through FUSE.
+	var formatOpts []string
+	switch fstype {
+	case "ext4":
+		formatOpts = []string{"-E", "nodiscard"}
+	case "xfs":
+		formatOpts = []string{"-K"}
+	}
+	if err := d.opt.Mounter.FormatAndMountSensitiveWithFormatOptions(dev, staging, fstype, m.GetMountFlags(), nil, formatOpts); err != nil {
+		return nil, statusf(codes.Internal, "format and mount %s (%s) at %s: %v", dev, fstype, staging, err)
+	}
+	klog.V(2).InfoS("Staged volume", "volumeID", id, "device", dev, "stagingPath", staging, "fstype", fstype)
+	return &csi.NodeStageVolumeResponse{}, nil
+}
+
+// NodeUnstageVolume unmounts the staging path and detaches the device; both
+// steps are idempotent.
+func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
+	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
+	if id == "" {
+		return nil, statusf(codes.InvalidArgument, "volume_id is required")
+	}
+	if staging == "" {
+		return nil, statusf(codes.InvalidArgument, "staging_target_path is required")
+	}
+	if !isVolumeID(id) {
+		return nil, statusf(codes.NotFound, "volume %q does not exist", id)
+	}
+	if !d.locks.tryLock(id) {
+		return nil, statusf(codes.Aborted, "an operation on volume %s is in progress", id)
+	}
+	defer d.locks.unlock(id)
+	if err := d.unmount(staging, false); err != nil {
+		return nil, err
+	}
+	if err := d.opt.Frontend.Detach(ctx, id); err != nil {
+		return nil, toStatus(fmt.Errorf("detach %s: %w", id, err))
+	}
+	klog.V(2).InfoS("Unstaged volume", "volumeID", id, "stagingPath", staging)
+	return &csi.NodeUnstageVolumeResponse{}, nil
+}
+
+// unmount unmounts every mount stacked at path and, if remove, removes path.
+// A path that does not exist is fine.
+func (d *Driver) unmount(path string, remove bool) error {
+	for i := 0; i < 8; i++ {
+		dev, err := d.mountedDevice(path)
+		if err != nil {
+			return toStatus(err)
+		}
+		if dev == "" {
+			break
+		}
+		if err := d.opt.Mounter.Unmount(path); err != nil {
+			return statusf(codes.Internal, "unmount %s: %v", path, err)
+		}
+	}
+	if remove {
+		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return statusf(codes.Internal, "remove %s: %v", path, err)
+		}
+	}
+	return nil
+}
+
+// NodePublishVolume bind-mounts the staged filesystem (mount access) or the
+// device node (block access, onto a file) at the target path, read-only when
+// asked.
+func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
+	id, target, staging := req.GetVolumeId(), req.GetTargetPath(), req.GetStagingTargetPath()
+	if id == "" {
+		return nil, statusf(codes.InvalidArgument, "volume_id is required")
+	}
+	if target == "" {
+		return nil, statusf(codes.InvalidArgument, "target_path is required")
+	}
+	if err := checkCapability(req.GetVolumeCapability()); err != nil {
+		return nil, err
+	}
+	if staging == "" {
+		return nil, statusf(codes.InvalidArgument, "staging_target_path is required: the plugin stages volumes")
+	}
+	if !d.locks.tryLock(id) {
+		return nil, statusf(codes.Aborted, "an operation on volume %s is in progress", id)
+	}
+	defer d.locks.unlock(id)
+	if err := d.checkNodeVolume(id); err != nil {
+		return nil, err
+	}
+	dev, ok := d.opt.Frontend.Device(id)
+	if !ok {
+		return nil, statusf(codes.FailedPrecondition, "volume %s is not staged on this node", id)
+	}
+	block := req.GetVolumeCapability().GetBlock() != nil
+	source := dev
+	if !block {
+		sdev, err := d.mountedDevice(staging)
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		if sdev != dev {
+			return nil, statusf(codes.FailedPrecondition, "volume %s is not mounted at staging path %s", id, staging)
+		}
+		source = staging
+	}
+	held, err := d.holdsDevice(target, dev)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if held {
+		return &csi.NodePublishVolumeResponse{}, nil
+	}
+	cur, err := d.mountedDevice(target)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if cur != "" {
+		return nil, statusf(codes.AlreadyExists, "target path %s already holds %s, not volume %s", target, cur, id)
+	}
+	if block {
+		if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil {
+			return nil, statusf(codes.Internal, "target parent: %v", err)
+		}
+		f, err := os.OpenFile(target, os.O_CREATE|os.O_RDONLY, 0o640)
+		if err != nil {
+			return nil, statusf(codes.Internal, "target file: %v", err)
+		}
+		f.Close()
+	} else if err := os.MkdirAll(target, 0o750); err != nil {
+		return nil, statusf(codes.Internal, "target dir: %v", err)
+	}
+	opts := []string{"bind"}
+	if req.GetReadonly() {
+		opts = append(opts, "ro")
+	}
+	if m := req.GetVolumeCapability().GetMount(); m != nil {
+		opts = append(opts, m.GetMountFlags()...)
+	}
+	if err := d.opt.Mounter.Mount(source, target, "", opts); err != nil {
+		return nil, statusf(codes.Internal, "bind %s at %s: %v", source, target, err)
+	}
+	klog.V(2).InfoS("Published volume", "volumeID", id, "targetPath", target, "readonly", req.GetReadonly(), "block", block)
+	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+// NodeUnpublishVolume unmounts and removes the target path; idempotent.
+func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
+	id, target := req.GetVolumeId(), req.GetTargetPath()
+	if id == "" {
+		return nil, statusf(codes.InvalidArgument, "volume_id is required")
+	}
+	if target == "" {
+		return nil, statusf(codes.InvalidArgument, "target_path is required")
+	}
+	if !isVolumeID(id) {
+		return nil, statusf(codes.NotFound, "volume %q does not exist", id)
+	}
+	if !d.locks.tryLock(id) {
+		return nil, statusf(codes.Aborted, "an operation on volume %s is in progress", id)
+	}
+	defer d.locks.unlock(id)
+	if err := d.unmount(target, true); err != nil {
+		return nil, err
+	}
+	klog.V(2).InfoS("Unpublished volume", "volumeID", id, "targetPath", target)
+	return &csi.NodeUnpublishVolumeResponse{}, nil
+}
+
+// NodeGetVolumeStats reports bytes and inodes of the filesystem mounted at
+// volume_path, or the device size for block access. A path that does not hold this volume answers NotFound.
+func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {
+	id, path := req.GetVolumeId(), req.GetVolumePath()
+	if id == "" {
+		return nil, statusf(codes.InvalidArgument, "volume_id is required")
+	}
+	if path == "" {
+		return nil, statusf(codes.InvalidArgument, "volume_path is required")
+	}
+	if err := d.checkNodeVolume(id); err != nil {
+		return nil, err
+	}
+	dev, ok := d.opt.Frontend.Device(id)
+	if !ok {
+		return nil, statusf(codes.NotFound, "volume %s is not staged on this node", id)
+	}
+	held, err := d.holdsDevice(path, dev)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if !held {
+		return nil, statusf(codes.NotFound, "volume %s is not mounted at %s", id, path)
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, statusf(codes.NotFound, "volume path %s: %v", path, err)
+	}
+	if !fi.IsDir() {
+		size, err := deviceSize(path)
+		if err != nil {
+			return nil, statusf(codes.Internal, "device size: %v", err)
+		}
+		return &csi.NodeGetVolumeStatsResponse{
+			Usage: []*csi.VolumeUsage{{Unit: csi.VolumeUsage_BYTES, Total: size}},
+		}, nil
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return nil, statusf(codes.Internal, "statfs %s: %v", path, err)
+	}
+	bs := int64(st.Bsize)
+	return &csi.NodeGetVolumeStatsResponse{
+		Usage: []*csi.VolumeUsage{
+			{Unit: csi.VolumeUsage_BYTES, Total: int64(st.Blocks) * bs, Available: int64(st.Bavail) * bs,
+				Used: int64(st.Blocks-st.Bfree) * bs},
+			{Unit: csi.VolumeUsage_INODES, Total: int64(st.Files), Available: int64(st.Ffree),
+				Used: int64(st.Files - st.Ffree)},
+		},
+	}, nil
+}
+
+// deviceSize returns the size in bytes of the block device at path.
+func deviceSize(path string) (int64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	n, err := f.Seek(0, 2)
+	if err != nil {
+		return 0, fmt.Errorf("size of %s: %w", path, err)
+	}
+	return n, nil
+}
+
+// NodeExpandVolume makes the device follow the grown volume and grows the
+// filesystem online (resize2fs / xfs_growfs) for mount access.
+func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRequest) (*csi.NodeExpandVolumeResponse, error) {
+	id, path := req.GetVolumeId(), req.GetVolumePath()
+	if id == "" {
+		return nil, statusf(codes.InvalidArgument, "volume_id is required")
+	}
+	if path == "" {
+		return nil, statusf(codes.InvalidArgument, "volume_path is required")
+	}
+	if c := req.GetVolumeCapability(); c != nil {
+		if err := checkCapability(c); err != nil {
+			return nil, err
+		}
+	}
+	var want int64 // 0: no capacity range, grow the device to the volume's size
+	if r := req.GetCapacityRange(); r != nil && r.GetRequiredBytes() != 0 {
+		size, err := volumeSize(r, 0)
+		if err != nil {
+			return nil, err
+		}
+		want = size
+	}
+	if !isVolumeID(id) {
+		return nil, statusf(codes.NotFound, "volume %q does not exist", id)
+	}
+	if !d.locks.tryLock(id) {
+		return nil, statusf(codes.Aborted, "an operation on volume %s is in progress", id)
+	}
+	defer d.locks.unlock(id)
+	v, err := d.opt.Store.Volume(id)
+	if err != nil {
+		return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
+	}
+	dev, ok := d.opt.Frontend.Device(id)
+	if !ok {
+		return nil, statusf(codes.FailedPrecondition, "volume %s is not staged on this node", id)
+	}
+	if want > v.Size {
+		// The controller call ran on another node (see
+		// ControllerExpandVolume): grow the volume here, where it lives.
+		if err := d.opt.Store.ResizeVolume(id, want); err != nil {
+			return nil, toStatus(fmt.Errorf("resize volume %s: %w", id, err))
+		}
+		v.Size = want
+	}
+	if err := d.opt.Frontend.Resize(ctx, id, v.Size); err != nil {
+		return nil, toStatus(fmt.Errorf("resize device of %s: %w", id, err))
+	}
+	if req.GetVolumeCapability().GetBlock() == nil {
+		if fi, err := os.Stat(path); err == nil && fi.IsDir() {
+			if _, err := mount.NewResizeFs(utilexec.New()).Resize(dev, path); err != nil {
+				return nil, statusf(codes.Internal, "grow filesystem on %s at %s: %v", dev, path, err)
+			}
+		} else if err != nil {
+			return nil, statusf(codes.NotFound, "volume path %s: %v", path, err)
+		}
+	}
+	klog.V(2).InfoS("Expanded volume on node", "volumeID", id, "size", v.Size)
+	return &csi.NodeExpandVolumeResponse{CapacityBytes: v.Size}, nil
+}

@@ -1,0 +1,139 @@
+package driver
+
+import (
+	"strings"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+)
+
+// Supported filesystems for mount access; the first is the default.
+var supportedFSTypes = []string{"ext4", "xfs"}
+
+const (
+	paramFSType  = "csi.storage.k8s.io/fstype"
+	paramCSIPref = "csi.storage.k8s.io/" // metadata the sidecars add; accepted and ignored
+)
+
+// checkName validates a CSI object name: required, at most 128 bytes. Names
+// are only ever compared and stored as labels, never used as paths.
+func checkName(name string) error {
+	if name == "" {
+		return statusf(codes.InvalidArgument, "name is required")
+	}
+	if len(name) > maxStringBytes {
+		return statusf(codes.InvalidArgument, "name is %d bytes, the limit is %d", len(name), maxStringBytes)
+	}
+	return nil
+}
+
+func supportedFS(fs string) bool {
+	for _, f := range supportedFSTypes {
+		if f == fs {
+			return true
+		}
+	}
+	return false
+}
+
+// checkCapability validates one volume capability: an access type (mount or
+// block) is required, the filesystem must be one we make, and the access mode
+// must be a single-node one (volumes are local to their node).
+func checkCapability(c *csi.VolumeCapability) error {
+	if c == nil {
+		return statusf(codes.InvalidArgument, "volume capability is required")
+	}
+	switch at := c.GetAccessType().(type) {
+	case *csi.VolumeCapability_Mount:
+		if fs := at.Mount.GetFsType(); fs != "" && !supportedFS(fs) {
+			return statusf(codes.InvalidArgument, "fs_type %q is not supported (want one of %v)", fs, supportedFSTypes)
+		}
+		for _, f := range at.Mount.GetMountFlags() {
+			if strings.ContainsAny(f, "\x00\n") {
+				return statusf(codes.InvalidArgument, "mount flag %q holds a control character", f)
+			}
+		}
+	case *csi.VolumeCapability_Block:
+	default:
+		return statusf(codes.InvalidArgument, "volume capability needs an access type (mount or block)")
+	}
+	if c.GetAccessMode() == nil {
+		return statusf(codes.InvalidArgument, "volume capability needs an access mode")
+	}
+	switch m := c.GetAccessMode().GetMode(); m {
+	case csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER,
+		csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY,
+		csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER,
+		csi.VolumeCapability_AccessMode_SINGLE_NODE_MULTI_WRITER:
+	default:
+		return statusf(codes.InvalidArgument, "access mode %v is not supported: volumes are local to one node", m)
+	}
+	return nil
+}
+
+func checkCapabilities(cs []*csi.VolumeCapability) error {
+	if len(cs) == 0 {
+		return statusf(codes.InvalidArgument, "volume capabilities are required")
+	}
+	for _, c := range cs {
+		if err := checkCapability(c); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// checkVolumeParams accepts only the parameters we understand and returns the
+// requested filesystem ("" when none was given).
+func checkVolumeParams(p map[string]string) (string, error) {
+	fs := ""
+	for k, v := range p {
+		switch {
+		case k == paramFSType:
+			if v != "" && !supportedFS(v) {
+				return "", statusf(codes.InvalidArgument, "parameter %s=%q: want one of %v", k, v, supportedFSTypes)
+			}
+			fs = v
+		case strings.HasPrefix(k, paramCSIPref):
+		default:
+			return "", statusf(codes.InvalidArgument, "unknown parameter %q", k)
+		}
+	}
+	return fs, nil
+}
+
+// checkSnapshotParams accepts only the sidecars' metadata parameters.
+func checkSnapshotParams(p map[string]string) error {
+	for k := range p {
+		if !strings.HasPrefix(k, paramCSIPref) {
+			return statusf(codes.InvalidArgument, "unknown parameter %q", k)
+		}
+	}
+	return nil
+}
+
+// checkTopology answers ResourceExhausted when the requisite topologies
+// exclude this node: we can only create volumes where the call is served.
+func (d *Driver) checkTopology(r *csi.TopologyRequirement) error {
+	if r == nil || len(r.GetRequisite()) == 0 {
+		return nil
+	}
+	for _, t := range r.GetRequisite() {
+		if d.topologyMatches(t) {
+			return nil
+		}
+	}
+	return statusf(codes.ResourceExhausted, "requisite topology excludes node %q: volumes are created only on the node serving the call", d.opt.NodeID)
+}
+
+// topologyMatches reports whether t names this node. We publish a single
+// segment key, so a topology without it was not built from what we reported
+// and cannot be satisfied.
+func (d *Driver) topologyMatches(t *csi.Topology) bool {
+	v, ok := t.GetSegments()[TopologyKey]
+	return ok && v == d.opt.NodeID
+}
+
+func (d *Driver) topology() []*csi.Topology {
+	return []*csi.Topology{{Segments: map[string]string{TopologyKey: d.opt.NodeID}}}
+}

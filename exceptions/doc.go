@@ -1,0 +1,45 @@
+// Package exceptions is the run-merged exception index of csi-snap: for one
+// snapshot it maps origin chunk numbers to the COW chunk numbers their old
+// contents were copied to, one entry per maximal run.
+//
+// A run maps origin chunks [Origin, Origin+Len) to COW chunks
+// [COW, COW+Len). The index is always fully merged: whatever the order of
+// inserts and removes (forward, backward, random, gap-filling), two
+// neighbouring runs whose origin and COW ranges are both contiguous are one
+// run, and run length is not capped. A sequential fill of 2^26 chunks, in
+// either direction, is a single run of a few hundred bytes.
+//
+// # Encoding
+//
+// Runs live in blocks of up to 64, each run stored as three fixed-width
+// bit fields (origin offset, COW offset, Len-1) relative to per-block bases,
+// at the narrowest widths the block needs. Blocks are grouped into segments
+// of up to 512; the first origin of every segment and block is kept in flat
+// arrays, so a lookup is three binary searches and never decodes a stream.
+// Randomly placed single chunks cost about 7.6 bytes each at 10 million
+// chunks over 2^28 (the kernel's dm-snapshot table: 32 bytes plus buckets;
+// a Go map: about 30). BENCHMARKS.md has the measurements.
+//
+// The package imports only the standard library, does no I/O and never
+// logs.
+//
+// # Caveats
+//
+//   - Not safe for concurrent mutation: reads (Lookup, Ascend, Len, Runs,
+//     Bytes, Clone) may run concurrently with each other, but Insert,
+//     InsertRun and Remove need exclusive access. cow holds a sync.RWMutex.
+//   - Chunk math.MaxUint64 cannot be mapped: the exclusive end of every run
+//     must be representable. Insert and InsertRun return ErrOverflow.
+//   - An insert into a random place costs a decode/re-encode of one block
+//     (up to 64 runs) when the new run does not fit the block's widths or
+//     the block is full; most inserts shift bits in place instead.
+//   - Memory is returned as runs are removed (small blocks and segments are
+//     merged, slices shrink), but not eagerly: a block keeps its words
+//     until it is re-encoded.
+//   - Memory, not lookup speed, is what the encoding buys: a lookup is
+//     three binary searches and a few cache misses, about 2.7 times the CPU
+//     of a Go map lookup at 10 million random runs (BENCHMARKS.md), though
+//     8 times less than the kernel's hash chains at that size.
+//   - Ascend's callback must not modify the index.
+//   - Clone is a deep copy, O(Bytes()).
+package exceptions

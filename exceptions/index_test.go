@@ -1,0 +1,496 @@
+package exceptions
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"slices"
+	"testing"
+)
+
+// shapes are the block/segment capacities tests run with: tiny ones force
+// splits, segment splits and cross-block merges on every few operations.
+var shapes = []struct{ runs, blocks int }{{2, 2}, {3, 4}, {8, 3}, {defaultBlockRuns, defaultSegmentSize}}
+
+// harness drives an Index and a naive map model side by side and fails the
+// test at the first difference. Every mutation is followed by verify.
+type harness struct {
+	t testing.TB
+	x *Index
+	m map[Chunk]Chunk
+}
+
+func newHarness(t testing.TB, runs, blocks int) *harness {
+	return &harness{t: t, x: newShape(runs, blocks), m: map[Chunk]Chunk{}}
+}
+
+// modelRuns returns the minimal run list for m: maximal runs, origin order.
+func modelRuns(m map[Chunk]Chunk) []Run {
+	keys := make([]Chunk, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	var out []Run
+	for _, k := range keys {
+		if n := len(out); n > 0 {
+			p := &out[n-1]
+			if p.Origin+Chunk(p.Len) == k && p.COW+Chunk(p.Len) == m[k] {
+				p.Len++
+				continue
+			}
+		}
+		out = append(out, Run{Origin: k, COW: m[k], Len: 1})
+	}
+	return out
+}
+
+func (h *harness) insertRun(r Run) {
+	h.t.Helper()
+	var want error
+	switch {
+	case r.Len > math.MaxUint64-uint64(r.Origin) || r.Len > math.MaxUint64-uint64(r.COW):
+		want = ErrOverflow
+	default:
+		for i := uint64(0); i < r.Len; i++ {
+			if _, ok := h.m[r.Origin+Chunk(i)]; ok {
+				want = ErrMapped
+				break
+			}
+		}
+	}
+	var err error
+	if r.Len == 1 && r.Origin%2 == 0 {
+		err = h.x.Insert(r.Origin, r.COW) // both entry points get exercised
+	} else {
+		err = h.x.InsertRun(r)
+	}
+	if !errors.Is(err, want) || (want == nil && err != nil) {
+		h.t.Fatalf("InsertRun(%+v) = %v, want %v", r, err, want)
+	}
+	if want == nil {
+		for i := uint64(0); i < r.Len; i++ {
+			h.m[r.Origin+Chunk(i)] = r.COW + Chunk(i)
+		}
+	}
+	h.verify(fmt.Sprintf("after InsertRun(%+v)", r))
+}
+
+func (h *harness) remove(origin Chunk, n uint64) {
+	h.t.Helper()
+	var want uint64
+	for k := range h.m {
+		if k >= origin && uint64(k-origin) < n {
+			delete(h.m, k)
+			want++
+		}
+	}
+	if got := h.x.Remove(origin, n); got != want {
+		h.t.Fatalf("Remove(%d, %d) = %d, want %d", origin, n, got, want)
+	}
+	h.verify(fmt.Sprintf("after Remove(%d, %d)", origin, n))
+}
+
+func (h *harness) lookup(c Chunk) {
+	h.t.Helper()
+	want, wok := h.m[c]
+	if got, ok := h.x.Lookup(c); got != want || ok != wok {
+		h.t.Fatalf("Lookup(%d) = %d, %v; want %d, %v", c, got, ok, want, wok)
+	}
+}
+
+// ascend compares Ascend(from) stopped after limit runs with the model.
+func (h *harness) ascend(from Chunk, limit int) {
+	h.t.Helper()
+	var want []Run
+	for _, r := range modelRuns(h.m) {
+		if r.Origin+Chunk(r.Len) > from && len(want) < limit {
+			want = append(want, r)
+		}
+	}
+	var got []Run
+	h.x.Ascend(from, func(r Run) bool {
+		got = append(got, r)
+		return len(got) < limit
+	})
+	if !slices.Equal(got, want) {
+		h.t.Fatalf("Ascend(%d) limit %d = %v, want %v", from, limit, got, want)
+	}
+}
+
+// verify checks the invariants, the counters, and that the index holds
+// exactly the model's minimal runs.
+func (h *harness) verify(when string) {
+	h.t.Helper()
+	if err := h.x.check(); err != nil {
+		h.t.Fatalf("%s: %v", when, err)
+	}
+	want := modelRuns(h.m)
+	var got []Run
+	h.x.Ascend(0, func(r Run) bool { got = append(got, r); return true })
+	if !slices.Equal(got, want) {
+		h.t.Fatalf("%s: runs %v, want %v", when, got, want)
+	}
+	if h.x.Len() != uint64(len(h.m)) || h.x.Runs() != len(want) {
+		h.t.Fatalf("%s: Len %d Runs %d, want %d %d", when, h.x.Len(), h.x.Runs(), len(h.m), len(want))
+	}
+}
+
+// TestModel runs random programs of inserts (single chunks and runs, COW
+// numbers either in write order or aligned with the origin so neighbours
+// merge), removes of ranges, lookups and Ascends against the map model.
+func TestModel(t *testing.T) {
+	bases := []Chunk{0, 1 << 40, math.MaxUint64 - 600}
+	for _, sh := range shapes {
+		for _, base := range bases {
+			t.Run(fmt.Sprintf("runs%d/blocks%d/base%d", sh.runs, sh.blocks, base), func(t *testing.T) {
+				rng := rand.New(rand.NewPCG(uint64(sh.runs), uint64(base)))
+				h := newHarness(t, sh.runs, sh.blocks)
+				next := Chunk(1000)
+				for op := 0; op < 4000; op++ {
+					o := base + Chunk(rng.IntN(600))
+					switch rng.IntN(10) {
+					case 0, 1, 2, 3, 4:
+						l := uint64(1)
+						if rng.IntN(4) == 0 {
+							l = uint64(1 + rng.IntN(10))
+						}
+						cow := next
+						if rng.IntN(2) == 0 {
+							cow = o - base + 7 // aligned: runs merge in any order
+						}
+						next += Chunk(l)
+						h.insertRun(Run{Origin: o, COW: cow, Len: l})
+					case 5:
+						h.remove(o, uint64(rng.IntN(40)))
+					case 6, 7:
+						h.lookup(o)
+					default:
+						h.ascend(o, 1+rng.IntN(5))
+					}
+				}
+			})
+		}
+	}
+}
+
+// TestPatterns fills a range in the orders the cow engine produces and
+// checks the run count the issue promises for each.
+func TestPatterns(t *testing.T) {
+	const n = 3000
+	perm := rand.New(rand.NewPCG(2, 2)).Perm(n)
+	cases := []struct {
+		name  string
+		order func(i int) Chunk // origin of the i-th write
+		runs  int               // expected runs when every chunk maps to origin+5
+	}{
+		{"forward", func(i int) Chunk { return Chunk(i) }, 1},
+		{"backward", func(i int) Chunk { return Chunk(n - 1 - i) }, 1},
+		{"random", func(i int) Chunk { return Chunk(perm[i]) }, 1},
+		{"gap-filling evens then odds", func(i int) Chunk {
+			if i < n/2 {
+				return Chunk(2 * i)
+			}
+			return Chunk(2*(i-n/2) + 1)
+		}, 1},
+	}
+	for _, sh := range shapes {
+		for _, c := range cases {
+			t.Run(fmt.Sprintf("%s/runs%d", c.name, sh.runs), func(t *testing.T) {
+				x := newShape(sh.runs, sh.blocks)
+				for i := 0; i < n; i++ {
+					o := c.order(i)
+					if err := x.Insert(o, o+5); err != nil {
+						t.Fatalf("Insert(%d): %v", o, err)
+					}
+					if i%97 == 0 || i == n-1 {
+						if err := x.check(); err != nil {
+							t.Fatalf("after %d inserts: %v", i+1, err)
+						}
+					}
+					if err := x.Insert(o, 1); !errors.Is(err, ErrMapped) {
+						t.Fatalf("duplicate Insert(%d) = %v, want ErrMapped", o, err)
+					}
+				}
+				if x.Runs() != c.runs || x.Len() != n {
+					t.Fatalf("Runs %d Len %d, want %d %d", x.Runs(), x.Len(), c.runs, n)
+				}
+				for i := 0; i < n; i++ {
+					if got, ok := x.Lookup(Chunk(i)); !ok || got != Chunk(i)+5 {
+						t.Fatalf("Lookup(%d) = %d, %v", i, got, ok)
+					}
+				}
+				// COW numbers in write order: only forward writes merge.
+				y := newShape(sh.runs, sh.blocks)
+				for i := 0; i < n; i++ {
+					if err := y.Insert(c.order(i), Chunk(i)); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if err := y.check(); err != nil {
+					t.Fatal(err)
+				}
+				if c.name == "forward" && y.Runs() != 1 {
+					t.Fatalf("forward in write order: %d runs, want 1", y.Runs())
+				}
+			})
+		}
+	}
+}
+
+// TestLongRuns uses runs of 2^32 chunks and more, against the sorted-slice
+// reference (a map cannot hold them).
+func TestLongRuns(t *testing.T) {
+	for _, sh := range shapes {
+		t.Run(fmt.Sprintf("runs%d", sh.runs), func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(3, uint64(sh.runs)))
+			x, ref := newShape(sh.runs, sh.blocks), &refIndex{}
+			const unit = 1 << 32
+			for op := 0; op < 3000; op++ {
+				o := Chunk(rng.Uint64N(64)) * unit / 2
+				switch rng.IntN(4) {
+				case 0, 1:
+					r := Run{Origin: o, COW: o + 3, Len: (1 + rng.Uint64N(3)) * unit / 2}
+					if rng.IntN(3) == 0 {
+						r.COW = Chunk(rng.Uint64N(1 << 50))
+					}
+					e1, e2 := x.InsertRun(r), ref.InsertRun(r)
+					if !errors.Is(e1, e2) || (e2 == nil && e1 != nil) {
+						t.Fatalf("InsertRun(%+v) = %v, reference %v", r, e1, e2)
+					}
+				case 2:
+					c, n := o+Chunk(rng.Uint64N(unit)), rng.Uint64N(2*unit)
+					if a, b := x.Remove(c, n), ref.Remove(c, n); a != b {
+						t.Fatalf("Remove(%d, %d) = %d, reference %d", c, n, a, b)
+					}
+				default:
+					c := o + Chunk(rng.Uint64N(unit))
+					a, aok := x.Lookup(c)
+					b, bok := ref.Lookup(c)
+					if a != b || aok != bok {
+						t.Fatalf("Lookup(%d) = %d %v, reference %d %v", c, a, aok, b, bok)
+					}
+				}
+				if err := x.check(); err != nil {
+					t.Fatalf("op %d: %v", op, err)
+				}
+				var got []Run
+				x.Ascend(0, func(r Run) bool { got = append(got, r); return true })
+				if !slices.Equal(got, ref.runs) || x.Len() != ref.Len() || x.Runs() != ref.Runs() {
+					t.Fatalf("op %d: runs %v, reference %v", op, got, ref.runs)
+				}
+			}
+		})
+	}
+}
+
+// TestBoundaries maps chunks up to the last one representable and checks
+// ErrOverflow for runs that would reach past it.
+func TestBoundaries(t *testing.T) {
+	const top = Chunk(math.MaxUint64)
+	x := New()
+	if err := x.Insert(top, 1); !errors.Is(err, ErrOverflow) {
+		t.Fatalf("Insert(MaxUint64) = %v, want ErrOverflow", err)
+	}
+	if err := x.Insert(1, top); !errors.Is(err, ErrOverflow) {
+		t.Fatalf("Insert(1, MaxUint64) = %v, want ErrOverflow", err)
+	}
+	if err := x.InsertRun(Run{Origin: top - 10, COW: 0, Len: 11}); !errors.Is(err, ErrOverflow) {
+		t.Fatalf("run past the end = %v, want ErrOverflow", err)
+	}
+	// The last ten chunks, written backward, then the whole space below.
+	for i := Chunk(1); i <= 10; i++ {
+		if err := x.Insert(top-i, top-i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := x.InsertRun(Run{Origin: 0, COW: 0, Len: uint64(top - 10)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := x.check(); err != nil {
+		t.Fatal(err)
+	}
+	if x.Runs() != 1 || x.Len() != math.MaxUint64 {
+		t.Fatalf("Runs %d Len %d, want 1 and MaxUint64", x.Runs(), x.Len())
+	}
+	if c, ok := x.Lookup(top - 1); !ok || c != top-1 {
+		t.Fatalf("Lookup(MaxUint64-1) = %d %v", c, ok)
+	}
+	if _, ok := x.Lookup(top); ok {
+		t.Fatal("Lookup(MaxUint64) found a mapping")
+	}
+	// A remove whose end overflows is clamped at the last chunk.
+	if got := x.Remove(top-5, math.MaxUint64); got != 5 {
+		t.Fatalf("Remove near the top = %d, want 5", got)
+	}
+	if got := x.Remove(1, 1); got != 1 {
+		t.Fatalf("Remove(1, 1) = %d, want 1", got)
+	}
+	if err := x.check(); err != nil {
+		t.Fatal(err)
+	}
+	if x.Runs() != 2 || x.Len() != math.MaxUint64-6 {
+		t.Fatalf("Runs %d Len %d", x.Runs(), x.Len())
+	}
+	if got := x.Remove(0, math.MaxUint64); got != math.MaxUint64-6 {
+		t.Fatalf("Remove(all) = %d", got)
+	}
+	if err := x.check(); err != nil || x.Runs() != 0 || x.Len() != 0 {
+		t.Fatalf("after removing all: %v, %d runs", err, x.Runs())
+	}
+}
+
+// TestInsertRunMappedChangesNothing checks that a run overlapping a mapped
+// chunk anywhere (start, middle, end) is refused whole.
+func TestInsertRunMappedChangesNothing(t *testing.T) {
+	x := New()
+	if err := x.InsertRun(Run{Origin: 100, COW: 0, Len: 10}); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []Run{{90, 50, 11}, {95, 50, 100}, {105, 50, 2}, {109, 50, 1}, {0, 50, 101}} {
+		if err := x.InsertRun(r); !errors.Is(err, ErrMapped) {
+			t.Fatalf("InsertRun(%+v) = %v, want ErrMapped", r, err)
+		}
+	}
+	if err := x.check(); err != nil || x.Len() != 10 || x.Runs() != 1 {
+		t.Fatalf("index changed: %v, Len %d", err, x.Len())
+	}
+	if err := x.InsertRun(Run{Origin: 5, COW: 5, Len: 0}); err != nil || x.Len() != 10 {
+		t.Fatalf("empty run: %v, Len %d", err, x.Len())
+	}
+}
+
+// TestClone checks that a clone is equal and independent.
+func TestClone(t *testing.T) {
+	x := newShape(4, 3)
+	rng := rand.New(rand.NewPCG(5, 5))
+	for i := 0; i < 500; i++ {
+		_ = x.Insert(Chunk(rng.IntN(2000)), Chunk(i))
+	}
+	y := x.Clone()
+	if err := y.check(); err != nil {
+		t.Fatal(err)
+	}
+	var a, b []Run
+	x.Ascend(0, func(r Run) bool { a = append(a, r); return true })
+	y.Ascend(0, func(r Run) bool { b = append(b, r); return true })
+	if !slices.Equal(a, b) {
+		t.Fatal("clone differs")
+	}
+	y.Remove(0, 1000)
+	for i := 0; i < 200; i++ {
+		_ = y.Insert(Chunk(3000+i), Chunk(i))
+	}
+	var c []Run
+	x.Ascend(0, func(r Run) bool { c = append(c, r); return true })
+	if !slices.Equal(a, c) || x.check() != nil {
+		t.Fatal("mutating the clone changed the original")
+	}
+	if x.Bytes() <= 0 || y.Bytes() <= 0 {
+		t.Fatal("Bytes not positive")
+	}
+}
+
+// TestRemoveCompacts checks that removing most runs does not leave one
+// near-empty block per surviving run.
+func TestRemoveCompacts(t *testing.T) {
+	x := New()
+	for i := 0; i < 100000; i++ {
+		if err := x.Insert(Chunk(2*i), Chunk(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	full := x.Bytes()
+	for i := 0; i < 100000; i += 100 {
+		x.Remove(Chunk(2*i), 198) // keep one run in every hundred
+	}
+	if err := x.check(); err != nil {
+		t.Fatal(err)
+	}
+	if x.Runs() != 1000 {
+		t.Fatalf("Runs %d, want 1000", x.Runs())
+	}
+	blocks := 0
+	for _, sg := range x.segs {
+		blocks += len(sg.blocks)
+	}
+	if blocks > 1000/(defaultBlockRuns/4) {
+		t.Fatalf("%d blocks hold %d runs", blocks, x.Runs())
+	}
+	if x.Bytes() > full/10 {
+		t.Fatalf("Bytes %d after removing 99%%, %d before", x.Bytes(), full)
+	}
+}
+
+// TestBitHelpers checks getbits/setbits/moveUp at every alignment and width
+// against a bool-slice model.
+func TestBitHelpers(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 7))
+	const nbits = 5 * 64
+	w := make([]uint64, nbits/64+2)
+	model := make([]bool, len(w)*64)
+	for i := range w {
+		w[i] = rng.Uint64()
+		for j := 0; j < 64; j++ {
+			model[i*64+j] = w[i]>>j&1 == 1
+		}
+	}
+	get := func(pos, n uint) uint64 {
+		var v uint64
+		for j := uint(0); j < n; j++ {
+			if model[pos+j] {
+				v |= 1 << j
+			}
+		}
+		return v
+	}
+	for op := 0; op < 20000; op++ {
+		n := uint(rng.IntN(65))
+		pos := uint(rng.IntN(nbits - 64))
+		if g, m := getbits(w, pos, n), get(pos, n); g != m {
+			t.Fatalf("getbits(%d, %d) = %x, want %x", pos, n, g, m)
+		}
+		switch rng.IntN(3) {
+		case 0:
+			v := rng.Uint64()
+			setbits(w, pos, n, v)
+			for j := uint(0); j < n; j++ {
+				model[pos+j] = v>>j&1 == 1
+			}
+		case 1:
+			from := uint(rng.IntN(nbits / 2))
+			to := from + uint(rng.IntN(nbits/2-64))
+			by := uint(rng.IntN(nbits - int(to)))
+			moveUp(w, from, to, by)
+			copy(model[from+by:to+by], slices.Clone(model[from:to]))
+		}
+	}
+}
+
+// TestSequentialFillIsTiny checks the memory goal's structural part: a
+// sequential fill, forward or backward, stays one run whose encoding is a
+// few hundred bytes (Bytes counts every slice's capacity). The benchmark
+// measures the same with runtime.ReadMemStats at 2^26 chunks.
+func TestSequentialFillIsTiny(t *testing.T) {
+	const n = 1 << 20
+	for _, backward := range []bool{false, true} {
+		x := New()
+		for i := Chunk(0); i < n; i++ {
+			c := i
+			if backward {
+				c = n - 1 - i
+			}
+			if err := x.Insert(c, c+100); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := x.check(); err != nil {
+			t.Fatal(err)
+		}
+		if x.Runs() != 1 || x.Bytes() > 4096 {
+			t.Fatalf("backward=%v: %d runs, %d bytes; want 1 run in at most 4 KiB", backward, x.Runs(), x.Bytes())
+		}
+		t.Logf("backward=%v: %d bytes", backward, x.Bytes())
+	}
+}

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Block-device benchmark of the kernel frontend (issue 4), run as root:
+#   hack/bench-block.sh                # ROUNDS=3 RUNTIME=10 (seconds per fio run)
+# fio (libaio, O_DIRECT, 1 GiB region, queue depth 16): sequential 1 MiB
+# write/read and random 4 KiB write/read against, interleaved A B C A B C ...
+#   A  loop device, direct I/O on, over a plain sparse file
+#   B  loop device, direct I/O off (page-cached; what host-path block volumes are)
+#   C  our FUSE file + loop device (driver/kernel) over a plain-file backend
+#   D  the same over a cow volume (64 KiB chunks) with no snapshot
+# Each device is filled once before measuring (reads of holes would be free).
+# Prints per-round figures, then medians with C/A, C/B, D/A, D/B, and the
+# serving processes' CPU (utime+stime from /proc/PID/stat) per GiB moved and per 1000
+# 4 KiB requests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PATH:/usr/local/go/bin"
+ROUNDS=${ROUNDS:-3}
+RUNTIME=${RUNTIME:-10}
+SIZE_BYTES=$((1 << 30))
+
+[ "$(id -u)" = 0 ] || { echo "bench-block: needs root (loop devices, FUSE)"; exit 1; }
+need=()
+command -v fio >/dev/null || need+=(fio)
+command -v jq >/dev/null || need+=(jq)
+command -v losetup >/dev/null || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+work=$(mktemp -d /var/tmp/bench-block.XXXXXX)
+devA= devB= spid= dpid=
+cleanup() {
+	[ -n "$spid" ] && kill -TERM "$spid" 2>/dev/null && wait "$spid" 2>/dev/null || true
+	if [ -n "$dpid" ]; then eval "exec ${DSRV[1]}>&-" || true; wait "$dpid" 2>/dev/null || true; fi
+	[ -n "$devA" ] && losetup -d "$devA" 2>/dev/null || true
+	[ -n "$devB" ] && losetup -d "$devB" 2>/dev/null || true
+	rm -rf "$work"
+}
+trap cleanup EXIT
+
+go build -o "$work/benchserve" ./hack/benchserve
+truncate -s $SIZE_BYTES "$work/a.img" "$work/b.img"
+devA=$(losetup --direct-io=on --sector-size 4096 -f --show "$work/a.img")
+devB=$(losetup --direct-io=off --sector-size 4096 -f --show "$work/b.img")
+"$work/benchserve" -rundir "$work/run" -backing "$work/c.img" -size $SIZE_BYTES >"$work/serve.out" 2>"$work/serve.err" &
+spid=$!
+for _ in $(seq 100); do grep -q '^DEVICE ' "$work/serve.out" && break; sleep 0.1; done
+devC=$(awk '/^DEVICE /{print $2}' "$work/serve.out")
+[ -n "$devC" ] || { echo "benchserve did not start:"; cat "$work/serve.err"; exit 1; }
+coproc DSRV { exec "$work/benchserve" -rundir "$work/rund" -store "$work/store" 2>"$work/served.err"; }
+dpid=$DSRV_PID
+echo "vol bench-d $SIZE_BYTES" >&"${DSRV[1]}"
+read -r line <&"${DSRV[0]}"
+devD=$(echo "$line" | awk '/^DEVICE /{print $2}')
+[ -n "$devD" ] || { echo "benchserve -store: $line"; cat "$work/served.err"; exit 1; }
+[ "$(cat /sys/block/${devA#/dev/}/loop/dio)" = 1 ] || { echo "A: direct I/O did not take"; exit 1; }
+[ "$(cat /sys/block/${devB#/dev/}/loop/dio)" = 0 ] || { echo "B: direct I/O is on"; exit 1; }
+
+declare -A DEV=([A]=$devA [B]=$devB [C]=$devC [D]=$devD)
+declare -A JOB=(
+	[seqwrite]="--rw=write --bs=1M"
+	[seqread]="--rw=read --bs=1M"
+	[randwrite]="--rw=randwrite --bs=4k"
+	[randread]="--rw=randread --bs=4k"
+)
+JOBS="seqwrite seqread randwrite randread"
+fio_common=(--ioengine=libaio --direct=1 --iodepth=16 --numjobs=1 --size=$SIZE_BYTES
+	--randrepeat=1 --randseed=42 --group_reporting --output-format=json --name=bench)
+
+cputicks() { # server CPU ticks for config $1 (0 for the kernel-only A, B)
+	case $1 in C) awk '{print $14 + $15}' "/proc/$spid/stat" ;; D) awk '{print $14 + $15}' "/proc/$dpid/stat" ;; *) echo 0 ;; esac
+}
+hz=$(getconf CLK_TCK)
+
+echo "== filling A B C D once ($((SIZE_BYTES >> 20)) MiB each)"
+for c in A B C D; do
+	fio "${fio_common[@]}" --filename="${DEV[$c]}" --rw=write --bs=1M >/dev/null
+done
+
+echo "== $ROUNDS rounds x {$JOBS} x {A B C D}, ${RUNTIME}s each; A=$devA B=$devB C=$devC D=$devD"
+res="$work/results"
+: >"$res"
+for r in $(seq "$ROUNDS"); do
+	for j in $JOBS; do
+		for c in A B C D; do
+			t0=$(cputicks $c)
+			# shellcheck disable=SC2086
+			fio "${fio_common[@]}" --filename="${DEV[$c]}" ${JOB[$j]} \
+				--time_based --runtime="$RUNTIME" >"$work/out.json"
+			t1=$(cputicks $c)
+			dir=write; [[ $j == *read ]] && dir=read
+			read -r bw iops bytes ios < <(jq -r ".jobs[0].$dir | \"\(.bw_bytes) \(.iops) \(.io_bytes) \(.total_ios)\"" "$work/out.json")
+			if [[ $j == seq* ]]; then val=$(awk -v b="$bw" 'BEGIN{printf "%.0f", b/1e6}'); unit=MB/s
+			else val=$(awk -v i="$iops" 'BEGIN{printf "%.0f", i}'); unit=IOPS; fi
+			cpu=$(awk -v d=$((t1 - t0)) -v hz="$hz" 'BEGIN{printf "%.3f", d/hz}')
+			echo "$r $j $c $val $bytes $ios $cpu" >>"$res"
+			printf 'round %d %-9s %s %8s %s   (server cpu %ss)\n' "$r" "$j" "$c" "$val" "$unit" "$([[ $c == [CD] ]] && echo "$cpu" || echo -)"
+		done
+	done
+done
+
+declare -A m
+median() { sort -n | awk '{v[NR]=$1} END{if (NR%2) print v[(NR+1)/2]; else printf "%.0f\n", (v[NR/2]+v[NR/2+1])/2}'; }
+echo
+echo "medians of $ROUNDS rounds (seq: MB/s, rand: IOPS); goal C and D >= 0.9 A and >= 0.7 B"
+echo
+echo "| job | A loop dio | B loop page-cached | C FUSE+loop, file | C/A | C/B | D FUSE+loop, cow | D/A | D/B | CPU C | CPU D |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
+cpu_of() { # config job -> median server CPU per GiB (seq) or per 1000 requests (rand)
+	if [[ $2 == seq* ]]; then
+		awk -v j=$2 -v c=$1 '$2==j && $3==c && $5>0 {printf "%.1f\n", $7*1000/($5/2^30)}' "$res" | sort -n | awk '{v[NR]=$1} END{print v[int((NR+1)/2)] " ms/GiB"}'
+	else
+		awk -v j=$2 -v c=$1 '$2==j && $3==c && $6>0 {printf "%.1f\n", $7*1000/($6/1000)}' "$res" | sort -n | awk '{v[NR]=$1} END{print v[int((NR+1)/2)] " ms/1000 req"}'
+	fi
+}
+ratio() { awk -v x="$1" -v y="$2" 'BEGIN{printf "%.2f", x/y}'; }
+for j in $JOBS; do
+	for c in A B C D; do
+		m[$c]=$(awk -v j=$j -v c=$c '$2==j && $3==c {print $4}' "$res" | median)
+	done
+	printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$j" "${m[A]}" "${m[B]}" \
+		"${m[C]}" "$(ratio "${m[C]}" "${m[A]}")" "$(ratio "${m[C]}" "${m[B]}")" \
+		"${m[D]}" "$(ratio "${m[D]}" "${m[A]}")" "$(ratio "${m[D]}" "${m[B]}")" \
+		"$(cpu_of C $j)" "$(cpu_of D $j)"
+done

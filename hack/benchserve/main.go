@@ -1,0 +1,172 @@
+// Command benchserve serves volumes through driver/kernel for the block
+// benchmarks (hack/bench-block.sh, hack/bench-cow-block.sh). It doubles as
+// its own fuse holder ("benchserve fuse-holder --socket PATH"), as
+// cmd/csi-snap does.
+//
+// With -backing it attaches one plain-file backend, prints
+// "DEVICE /dev/loopN", serves until SIGTERM or SIGINT, then detaches.
+//
+// With -store it reads commands on stdin, one per line, and answers each
+// with one line ("DEVICE /dev/loopN", "OK" or "ERR message"):
+//
+//	vol ID SIZE         create a cow volume of SIZE bytes and attach it
+//	snap VOLID SNAPID   take a snapshot
+//	delsnap SNAPID      delete a snapshot
+//	attachsnap SNAPID   attach a snapshot read-only
+//	clone SNAPID ID     clone a snapshot and attach the clone
+//	detach ID           detach (volume, clone or snapshot)
+//	delvol ID           delete a (detached) volume or clone
+//
+// EOF on stdin detaches everything and exits.
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/csi-snap/csi-snap/cow"
+	"github.com/csi-snap/csi-snap/driver/kernel"
+)
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "fuse-holder" {
+		fs := flag.NewFlagSet("fuse-holder", flag.ExitOnError)
+		sock := fs.String("socket", "", "holder socket path")
+		fs.Parse(os.Args[2:])
+		if err := kernel.RunHolder(*sock); err != nil {
+			fmt.Fprintln(os.Stderr, "fuse-holder:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "benchserve:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	runDir := flag.String("rundir", "", "Frontend run directory")
+	backing := flag.String("backing", "", "plain file to serve (created sparse if missing)")
+	store := flag.String("store", "", "cow store directory (command mode)")
+	size := flag.Int64("size", 1<<30, "volume size in bytes (-backing)")
+	id := flag.String("id", "bench", "volume id (-backing)")
+	readers := flag.Int("readers", 0, "FUSE reader goroutines (0: default)")
+	flag.Parse()
+	if *runDir == "" || (*backing == "") == (*store == "") {
+		return errors.New("-rundir and one of -backing, -store are required")
+	}
+	fe, err := kernel.New(kernel.Config{RunDir: *runDir, Readers: *readers})
+	if err != nil {
+		return err
+	}
+	if *store != "" {
+		return commands(fe, *store)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	b, err := kernel.OpenFileBackend(*backing, *size)
+	if err != nil {
+		return err
+	}
+	defer b.Close()
+	dev, err := fe.Attach(context.Background(), *id, b, false)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("DEVICE %s\n", dev)
+	<-ctx.Done()
+	if err := fe.Detach(context.Background(), *id); err != nil {
+		return err
+	}
+	return fe.Close()
+}
+
+func commands(fe *kernel.Frontend, dir string) error {
+	st, err := cow.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	ctx := context.Background()
+	attached := map[string]bool{}
+	defer func() {
+		for id := range attached {
+			if err := fe.Detach(ctx, id); err != nil {
+				fmt.Fprintln(os.Stderr, "detach", id, err)
+			}
+		}
+		fe.Close()
+	}()
+	sc := bufio.NewScanner(os.Stdin)
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) == 0 {
+			continue
+		}
+		arg := func(i int) string {
+			if i < len(f) {
+				return f[i]
+			}
+			return ""
+		}
+		var dev, newID string
+		var err error
+		switch f[0] {
+		case "vol":
+			var size int64
+			if size, err = strconv.ParseInt(arg(2), 10, 64); err != nil {
+				break
+			}
+			var v *cow.Volume
+			if v, err = st.CreateVolume(arg(1), size, cow.VolumeOptions{}); err == nil {
+				dev, err = fe.Attach(ctx, arg(1), v, false)
+				newID = arg(1)
+			}
+		case "snap":
+			_, err = st.CreateSnapshot(arg(1), arg(2), cow.SnapshotOptions{})
+		case "delsnap":
+			err = st.DeleteSnapshot(arg(1))
+		case "attachsnap":
+			var sn *cow.Snapshot
+			if sn, err = st.Snapshot(arg(1)); err == nil {
+				dev, err = fe.Attach(ctx, arg(1), sn, true)
+				newID = arg(1)
+			}
+		case "clone":
+			var sn *cow.Snapshot
+			var v *cow.Volume
+			if sn, err = st.Snapshot(arg(1)); err == nil {
+				if v, err = st.CloneSnapshot(arg(1), arg(2), sn.Size(), cow.VolumeOptions{}); err == nil {
+					dev, err = fe.Attach(ctx, arg(2), v, false)
+					newID = arg(2)
+				}
+			}
+		case "detach":
+			err = fe.Detach(ctx, arg(1))
+			delete(attached, arg(1))
+		case "delvol":
+			err = st.DeleteVolume(arg(1))
+		default:
+			err = fmt.Errorf("unknown command %q", f[0])
+		}
+		switch {
+		case err != nil:
+			fmt.Printf("ERR %v\n", err)
+		case dev != "":
+			attached[newID] = true
+			fmt.Printf("DEVICE %s\n", dev)
+		default:
+			fmt.Println("OK")
+		}
+	}
+	return sc.Err()
+}

@@ -1,0 +1,244 @@
+package sanity
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+)
+
+func connect(t *testing.T, sock string) *grpc.ClientConn {
+	t.Helper()
+	cc, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	return cc
+}
+
+func ext4Cap() *csi.VolumeCapability {
+	return &csi.VolumeCapability{
+		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: "ext4"}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+	}
+}
+
+// writeFile writes and fsyncs a file: the fsync reaches the plugin as FSYNC.
+func writeFile(t *testing.T, path string, data []byte) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Write(data); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func overwriteFile(t *testing.T, path string, data []byte) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(data, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func mustRead(t *testing.T, path string, want []byte) {
+	t.Helper()
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("%s holds %d bytes %q..., want %d bytes %q...", path, len(got), head(got), len(want), head(want))
+	}
+}
+
+func head(b []byte) []byte {
+	if len(b) > 16 {
+		return b[:16]
+	}
+	return b
+}
+
+// stageAndPublish stages a volume with ext4 and publishes it at target.
+func stageAndPublish(t *testing.T, node csi.NodeClient, id, staging, target string) {
+	t.Helper()
+	ctx := context.Background()
+	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: ext4Cap()}); err != nil {
+		t.Fatalf("stage %s: %v", id, err)
+	}
+	if _, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: ext4Cap()}); err != nil {
+		t.Fatalf("publish %s: %v", id, err)
+	}
+}
+
+func unpublishAndUnstage(t *testing.T, node csi.NodeClient, id, staging, target string) {
+	t.Helper()
+	ctx := context.Background()
+	if _, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+		t.Fatalf("unpublish %s: %v", id, err)
+	}
+	if _, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		t.Fatalf("unstage %s: %v", id, err)
+	}
+}
+
+// TestLifecycle drives the real binary through what a pod's life asks of
+// it: a published ext4 volume keeps working across a graceful restart of
+// the plugin, a snapshot taken while it is mounted (frozen) holds the
+// pre-snapshot bytes, the snapshot outlives its source volume, and restores
+// of it carry its content. The metrics endpoint reports the COW bytes the
+// overwrite cost.
+func TestLifecycle(t *testing.T) {
+	requireCapabilities(t)
+	bin := buildPlugin(t)
+	dir := t.TempDir()
+	sock, data := filepath.Join(dir, "csi.sock"), filepath.Join(dir, "data")
+	staging, target := filepath.Join(dir, "staging"), filepath.Join(dir, "target")
+	ctx := context.Background()
+
+	// Cleanups run last-registered first: undo through the API while the
+	// plugin runs, then stop it, then make sure nothing is left.
+	t.Cleanup(func() {
+		if forceCleanup(t, dir) {
+			t.Errorf("mounts, loop devices or holders were left under %s", dir)
+		}
+	})
+	p := startPlugin(t, bin, sock, data)
+	t.Cleanup(func() { p.stop(t, os.Interrupt) })
+	ctrl, node := csi.NewControllerClient(connect(t, sock)), csi.NewNodeClient(connect(t, sock))
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		// Best effort after a failure: unpublish and unstage what may be
+		// staged, so the plugin can detach it.
+		vols, _ := ctrl.ListVolumes(ctx, &csi.ListVolumesRequest{})
+		for _, e := range vols.GetEntries() {
+			node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: e.Volume.VolumeId, TargetPath: target})
+			node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: e.Volume.VolumeId, StagingTargetPath: staging})
+		}
+	})
+	cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "lifecycle", CapacityRange: &csi.CapacityRange{RequiredBytes: 256 << 20},
+		VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	vol := cv.Volume.VolumeId
+	stageAndPublish(t, node, vol, staging, target)
+	before := bytes.Repeat([]byte("before-snapshot "), 64<<10) // 1 MiB
+	writeFile(t, filepath.Join(target, "a"), before)
+
+	// Graceful restart: the published filesystem stays usable.
+	p.stop(t, os.Interrupt)
+	ml, _ := net.Listen("tcp", "127.0.0.1:0")
+	metricsAddr := ml.Addr().String()
+	ml.Close()
+	p = startPlugin(t, bin, sock, data, "--metrics-address", metricsAddr)
+	ctrl, node = csi.NewControllerClient(connect(t, sock)), csi.NewNodeClient(connect(t, sock))
+	mustRead(t, filepath.Join(target, "a"), before)
+	writeFile(t, filepath.Join(target, "b"), []byte("after restart"))
+	if _, err := node.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: target}); err != nil {
+		t.Fatalf("stats after restart: %v", err)
+	}
+	lv, err := ctrl.ListVolumes(ctx, &csi.ListVolumesRequest{})
+	if err != nil || len(lv.Entries) != 1 || lv.Entries[0].Volume.VolumeId != vol {
+		t.Fatalf("volumes after restart: %v, %v", lv, err)
+	}
+
+	// Snapshot while mounted (the plugin freezes the filesystem), then
+	// overwrite the file.
+	cs, err := ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "lifecycle-snap", SourceVolumeId: vol})
+	if err != nil {
+		t.Fatal(err)
+	}
+	snap := cs.Snapshot.SnapshotId
+	// Overwrite in place (no truncate), so ext4 rewrites the same blocks
+	// and every one of them must be copied out for the snapshot.
+	after := bytes.Repeat([]byte("after-snapshot! "), 64<<10)
+	overwriteFile(t, filepath.Join(target, "a"), after)
+	mustRead(t, filepath.Join(target, "a"), after)
+
+	resp, err := http.Get("http://" + metricsAddr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	m := regexp.MustCompile(`csi_snap_snapshot_cow_bytes\{snapshot_id="` + snap + `",volume_id="` + vol + `"\} (\S+)`).FindSubmatch(body)
+	if m == nil {
+		t.Fatalf("no COW bytes metric for %s:\n%s", snap, body)
+	}
+	if cow, _ := strconv.ParseFloat(string(m[1]), 64); cow < 1<<20 {
+		t.Fatalf("snapshot holds %v COW bytes after 1 MiB was overwritten", cow)
+	}
+	// Engine counters: the copy-outs and the index memory that holds them.
+	for _, name := range []string{"csi_snap_copy_outs_total", "csi_snap_copied_bytes_total", "csi_snap_index_bytes", "csi_snap_index_runs"} {
+		m := regexp.MustCompile(`(?m)^` + name + ` (\S+)$`).FindSubmatch(body)
+		if m == nil {
+			t.Fatalf("no %s metric:\n%s", name, body)
+		}
+		v, _ := strconv.ParseFloat(string(m[1]), 64)
+		min := 1.0
+		if name == "csi_snap_copied_bytes_total" {
+			min = 1 << 20
+		}
+		if v < min {
+			t.Fatalf("%s = %v after 1 MiB was overwritten under a snapshot, want >= %v", name, v, min)
+		}
+	}
+
+	// The source goes away; the snapshot stays and restores.
+	unpublishAndUnstage(t, node, vol, staging, target)
+	if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: vol}); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	rv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "restored", VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()},
+		VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("restore of a 256 MiB snapshot took %v", time.Since(start))
+	restored := rv.Volume.VolumeId
+	stageAndPublish(t, node, restored, staging, target)
+	mustRead(t, filepath.Join(target, "a"), before)
+	mustRead(t, filepath.Join(target, "b"), []byte("after restart"))
+	unpublishAndUnstage(t, node, restored, staging, target)
+	for _, id := range []string{restored} {
+		if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := ctrl.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: snap}); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,182 @@
+package sanity
+
+import (
+	"bytes"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+var (
+	buildOnce sync.Once
+	builtBin  string
+	buildErr  error
+	buildOut  []byte
+)
+
+// buildPlugin builds the csi-snap binary once per test process, into a
+// directory removed by TestMain.
+func buildPlugin(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		builtBin = filepath.Join(binDir, "csi-snap")
+		buildOut, buildErr = exec.Command("go", "build", "-o", builtBin, "github.com/csi-snap/csi-snap/cmd/csi-snap").CombinedOutput()
+	})
+	if buildErr != nil {
+		t.Fatalf("go build: %v\n%s", buildErr, buildOut)
+	}
+	return builtBin
+}
+
+var binDir string
+
+func TestMain(m *testing.M) {
+	d, err := os.MkdirTemp("", "csi-snap-bin")
+	if err != nil {
+		panic(err)
+	}
+	binDir = d
+	code := m.Run()
+	os.RemoveAll(d)
+	os.Exit(code)
+}
+
+// plugin is a running csi-snap process.
+type plugin struct {
+	cmd    *exec.Cmd
+	exited chan error
+	log    string
+	sock   string
+}
+
+// startPlugin runs bin on sock with dataDir and waits until it listens.
+func startPlugin(t *testing.T, bin, sock, dataDir string, extra ...string) *plugin {
+	t.Helper()
+	logPath := filepath.Join(filepath.Dir(sock), "csi-snap-"+time.Now().Format("150405.000000")+".log")
+	logf, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := append([]string{"--endpoint", "unix://" + sock, "--data-dir", dataDir, "--node-id", "sanity-node", "-v", "4"}, extra...)
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// If this test process dies (timeout), take the plugin with it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	logf.Close()
+	p := &plugin{cmd: cmd, exited: make(chan error, 1), log: logPath, sock: sock}
+	go func() { p.exited <- cmd.Wait() }()
+	for i := 0; ; i++ {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
+			return p
+		}
+		select {
+		case err := <-p.exited:
+			b, _ := os.ReadFile(logPath)
+			t.Fatalf("csi-snap exited before serving: %v\n%s", err, b)
+		case <-time.After(50 * time.Millisecond):
+		}
+		if i > 1200 {
+			t.Fatal("csi-snap did not listen within a minute")
+		}
+	}
+}
+
+// stop sends sig and waits for a clean exit.
+func (p *plugin) stop(t *testing.T, sig os.Signal) {
+	t.Helper()
+	p.cmd.Process.Signal(sig)
+	select {
+	case err := <-p.exited:
+		if err != nil {
+			t.Errorf("csi-snap exited with %v after %v", err, sig)
+		}
+	case <-time.After(60 * time.Second):
+		p.cmd.Process.Kill()
+		t.Errorf("csi-snap did not stop within 60 s of %v", sig)
+	}
+	if t.Failed() {
+		b, _ := os.ReadFile(p.log)
+		t.Logf("csi-snap log (tail):\n%s", tail(string(b), 150))
+	}
+}
+
+// forceCleanup removes what a failed test left under dir, so one failure
+// does not leak mounts, loop devices and holder processes into the next
+// tests: mounts on top first, then loop devices, then the FUSE mounts
+// (their connections aborted, since no server answers any more), then the
+// fd-holder processes serving sockets under dir. It reports whether it had
+// anything to do.
+func forceCleanup(t *testing.T, dir string) bool {
+	t.Helper()
+	did := false
+	mounts := func() (fuse, other []string, conns []string) {
+		b, _ := os.ReadFile("/proc/self/mountinfo")
+		for _, line := range strings.Split(string(b), "\n") {
+			f := strings.Fields(line)
+			if len(f) < 10 || !strings.HasPrefix(f[4], dir) {
+				continue
+			}
+			sep := slices.Index(f, "-")
+			if sep > 0 && sep+1 < len(f) && strings.HasPrefix(f[sep+1], "fuse") {
+				fuse = append(fuse, f[4])
+				if _, minor, ok := strings.Cut(f[2], ":"); ok {
+					conns = append(conns, minor)
+				}
+			} else {
+				other = append(other, f[4])
+			}
+		}
+		return
+	}
+	_, other, _ := mounts()
+	for i := len(other) - 1; i >= 0; i-- {
+		did = true
+		if err := syscall.Unmount(other[i], syscall.MNT_DETACH); err != nil {
+			t.Logf("cleanup: unmount %s: %v", other[i], err)
+		}
+	}
+	loops, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	for _, bf := range loops {
+		b, err := os.ReadFile(bf)
+		if err != nil || !strings.HasPrefix(strings.TrimSpace(string(b)), dir) {
+			continue
+		}
+		did = true
+		dev := "/dev/" + filepath.Base(filepath.Dir(filepath.Dir(bf)))
+		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
+			t.Logf("cleanup: losetup -d %s: %v %s", dev, err, out)
+		}
+	}
+	fuse, _, conns := mounts()
+	for i, m := range fuse {
+		did = true
+		os.WriteFile("/sys/fs/fuse/connections/"+conns[i]+"/abort", []byte("1"), 0)
+		if err := syscall.Unmount(m, syscall.MNT_DETACH); err != nil {
+			t.Logf("cleanup: unmount %s: %v", m, err)
+		}
+	}
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, c := range procs {
+		b, err := os.ReadFile(c)
+		if err != nil || !bytes.Contains(b, []byte("fuse-holder")) || !bytes.Contains(b, []byte(dir)) {
+			continue
+		}
+		did = true
+		if pid, err := strconv.Atoi(filepath.Base(filepath.Dir(c))); err == nil {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+	return did
+}

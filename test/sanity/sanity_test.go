@@ -1,0 +1,155 @@
+// Package sanity runs csi-sanity (github.com/kubernetes-csi/csi-test/v5) against
+// the real csi-snap binary, as a separate process on a unix socket, with real
+// FUSE, loop devices, mkfs and mounts: with mount access on ext4, with mount
+// access on xfs, and with block access. Needs root; skips loudly without it.
+package sanity
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
+	"github.com/onsi/ginkgo/v2"
+	"github.com/onsi/ginkgo/v2/types"
+	"github.com/onsi/gomega"
+)
+
+// accessEnv selects the access type in the child test process: ginkgo runs
+// one suite per process, so each access type gets its own.
+const accessEnv = "CSI_SNAP_SANITY_ACCESS"
+
+func requireCapabilities(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("SKIPPED LOUDLY: csi-sanity needs root (loop devices, FUSE, mkfs, mounts); run as root, as CI does")
+	}
+	for _, p := range []string{"/dev/fuse", "/dev/loop-control"} {
+		if _, err := os.Stat(p); err != nil {
+			t.Skipf("SKIPPED LOUDLY: %s is missing (%v): this kernel cannot serve csi-snap volumes", p, err)
+		}
+	}
+	for _, tool := range []string{"mkfs.ext4", "blkid", "resize2fs"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("SKIPPED LOUDLY: %s is not installed (apt-get install e2fsprogs util-linux)", tool)
+		}
+	}
+}
+
+// TestSanity builds csi-snap and runs the sanity suite once per access type,
+// each in a child process, and reports the spec counts.
+func TestSanity(t *testing.T) {
+	requireCapabilities(t)
+	bin := buildPlugin(t)
+	for _, access := range []string{"mount", "xfs", "block"} {
+		t.Run(access, func(t *testing.T) {
+			if access == "xfs" {
+				if _, err := exec.LookPath("mkfs.xfs"); err != nil {
+					t.Skip("SKIPPED LOUDLY: mkfs.xfs is not installed (apt-get install xfsprogs): xfs volumes untested")
+				}
+			}
+			cmd := exec.Command(os.Args[0], "-test.run", "^TestSanitySuite$", "-test.v")
+			cmd.Env = append(os.Environ(), accessEnv+"="+access, "CSI_SNAP_BIN="+bin)
+			out, err := cmd.CombinedOutput()
+			counts := ""
+			sc := bufio.NewScanner(strings.NewReader(string(out)))
+			for sc.Scan() {
+				line := sc.Text()
+				if i := strings.Index(line, "SANITY-"); i >= 0 {
+					counts += line[i:] + "\n"
+				}
+			}
+			t.Logf("%s access:\n%s", access, counts)
+			if err != nil {
+				t.Fatalf("sanity (%s access) failed: %v\n%s", access, err, tail(string(out), 200))
+			}
+			if !strings.Contains(counts, "SANITY-COUNTS ") {
+				t.Fatalf("sanity (%s access) printed no counts:\n%s", access, tail(string(out), 100))
+			}
+		})
+	}
+}
+
+func tail(s string, lines int) string {
+	l := strings.Split(s, "\n")
+	if len(l) > lines {
+		l = l[len(l)-lines:]
+	}
+	return strings.Join(l, "\n")
+}
+
+// TestSanitySuite is the child: it starts the binary and runs the suite for
+// the access type in $CSI_SNAP_SANITY_ACCESS.
+func TestSanitySuite(t *testing.T) {
+	access := os.Getenv(accessEnv)
+	bin := os.Getenv("CSI_SNAP_BIN")
+	if access == "" || bin == "" {
+		t.Skip("child of TestSanity only")
+	}
+	requireCapabilities(t)
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "csi.sock")
+	// Sanity deletes what it creates: anything left after the plugin stops
+	// is a leak of ours.
+	t.Cleanup(func() {
+		if forceCleanup(t, dir) {
+			t.Errorf("mounts, loop devices or holders were left under %s", dir)
+		}
+	})
+	p := startPlugin(t, bin, sock, filepath.Join(dir, "data"))
+	// A graceful stop must end the process on its own.
+	t.Cleanup(func() { p.stop(t, os.Interrupt) })
+
+	cfg := sanity.NewTestConfig()
+	cfg.Address = "unix://" + sock
+	cfg.TargetPath = filepath.Join(dir, "target")
+	cfg.StagingPath = filepath.Join(dir, "staging")
+	cfg.TestVolumeSize = 1 << 30
+	cfg.TestVolumeExpandSize = 2 << 30
+	cfg.IdempotentCount = 2
+	switch access {
+	case "mount":
+		cfg.TestVolumeAccessType = "mount"
+		cfg.TestVolumeParameters = map[string]string{"csi.storage.k8s.io/fstype": "ext4"}
+	case "xfs":
+		cfg.TestVolumeAccessType = "mount"
+		cfg.TestVolumeParameters = map[string]string{"csi.storage.k8s.io/fstype": "xfs"}
+	default:
+		cfg.TestVolumeAccessType = access
+	}
+
+	var passed, skipped, failed int
+	ginkgo.ReportAfterSuite("counts", func(r ginkgo.Report) {
+		var skips []string
+		for _, s := range r.SpecReports {
+			if s.LeafNodeType != types.NodeTypeIt {
+				continue
+			}
+			switch {
+			case s.State == types.SpecStatePassed:
+				passed++
+			case s.State == types.SpecStateSkipped || s.State == types.SpecStatePending:
+				skipped++
+				skips = append(skips, fmt.Sprintf("%s [%s] %s", s.FullText(), s.State, strings.TrimSpace(s.Failure.Message)))
+			case s.State.Is(types.SpecStateFailureStates):
+				failed++
+			}
+		}
+		fmt.Printf("\nSANITY-COUNTS access=%s passed=%d skipped=%d failed=%d\n", access, passed, skipped, failed)
+		for _, s := range skips {
+			fmt.Printf("SANITY-SKIPPED %s\n", s)
+		}
+	})
+	sanity.GinkgoTest(&cfg)
+	gomega.RegisterFailHandler(ginkgo.Fail)
+	suite, reporter := ginkgo.GinkgoConfiguration()
+	suite.Timeout = 30 * time.Minute
+	reporter.Succinct = true
+	reporter.NoColor = true
+	ginkgo.RunSpecs(t, "csi-sanity "+access, suite, reporter)
+}
