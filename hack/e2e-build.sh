@@ -5,7 +5,8 @@
 #
 #   CSI_SNAP_E2E_CACHE  cache root (default /var/cache/csi-snap-e2e)
 #
-# Prints the bin directory on the last line of stdout.
+# Prints the bin directory on the last line of stdout. With --cached-only it
+# builds nothing and exits 1 when anything is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -80,6 +81,16 @@ build_snapshotter() {
 	cp "$client"/config/crd/*.yaml "$bin/crd.tmp/"; rm -f "$bin/crd.tmp/kustomization.yaml"
 	mv "$bin/crd.tmp" "$bin/crd"
 }
+
+if [ "${1:-}" = --cached-only ]; then
+	# Answer whether everything is built, and build nothing (CI's switch).
+	for b in etcd kube-apiserver kube-controller-manager kubectl csi-provisioner csi-snapshotter snapshot-controller; do
+		[ -x "$bin/$b" ] || { log "not cached: $bin/$b"; exit 1; }
+	done
+	[ -d "$bin/crd" ] || { log "not cached: $bin/crd"; exit 1; }
+	echo "$bin"
+	exit 0
+fi
 
 build_etcd
 build_provisioner

@@ -37,7 +37,7 @@ for c in openssl mkfs.ext4 sha256sum; do command -v $c >/dev/null || die "missin
 
 bin=$(hack/e2e-build.sh | tail -n 1)
 mark "binaries ready ($bin)"
-GRPCURL_VERSION=v1.9.3
+GRPCURL_VERSION=v1.9.4
 command -v grpcurl >/dev/null || go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
 command -v helm >/dev/null || die "helm missing: run hack/verify-chart.sh once (it installs helm)"
 
