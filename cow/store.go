@@ -11,7 +11,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/csi-snap/csi-snap/exceptions"
 )
@@ -1027,5 +1026,3 @@ func (w *bufWriter) runs(t uint8, obj uint32, x *exceptions.Index) {
 		w.rec(&record{Type: t, Obj: obj, Runs: rs})
 	}
 }
-
-var _ = time.Now
