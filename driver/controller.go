@@ -354,19 +354,29 @@ func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csi.Valida
 	}}, nil
 }
 
-// ListVolumes pages through volumes in ID order (see paginate.go).
-func (d *Driver) ListVolumes(ctx context.Context, req *csi.ListVolumesRequest) (*csi.ListVolumesResponse, error) {
+// pageVolumes returns the store volumes, in ID order, of the page a List
+// call asks for, and the token of the next page (see paginate.go).
+func (d *Driver) pageVolumes(token string, maxEntries int32) ([]VolumeInfo, string, error) {
 	vols := d.opt.Store.Volumes()
 	ids := make([]string, len(vols))
 	for i, v := range vols {
 		ids[i] = v.ID
 	}
-	start, end, next, err := pageBounds(ids, req.GetStartingToken(), req.GetMaxEntries(), isVolumeID)
+	start, end, next, err := pageBounds(ids, token, maxEntries, isVolumeID)
+	if err != nil {
+		return nil, "", err
+	}
+	return vols[start:end], next, nil
+}
+
+// ListVolumes pages through volumes in ID order (see paginate.go).
+func (d *Driver) ListVolumes(ctx context.Context, req *csi.ListVolumesRequest) (*csi.ListVolumesResponse, error) {
+	page, next, err := d.pageVolumes(req.GetStartingToken(), req.GetMaxEntries())
 	if err != nil {
 		return nil, err
 	}
 	resp := &csi.ListVolumesResponse{NextToken: next}
-	for _, v := range vols[start:end] {
+	for _, v := range page {
 		resp.Entries = append(resp.Entries, &csi.ListVolumesResponse_Entry{Volume: d.csiVolume(v)})
 	}
 	return resp, nil

@@ -63,17 +63,13 @@ func (d *Driver) ControllerGetVolumeHealth(ctx context.Context, req *csi.Control
 
 // ControllerListVolumeHealth pages through the health of all volumes.
 func (d *Driver) ControllerListVolumeHealth(ctx context.Context, req *csi.ControllerListVolumeHealthRequest) (*csi.ControllerListVolumeHealthResponse, error) {
-	vols := d.opt.Store.Volumes()
-	ids := make([]string, len(vols))
-	for i, v := range vols {
-		ids[i] = v.ID
-	}
-	start, end, next, err := pageBounds(ids, req.GetStartingToken(), req.GetMaxEntries(), isVolumeID)
+	page, next, err := d.pageVolumes(req.GetStartingToken(), req.GetMaxEntries())
 	if err != nil {
 		return nil, err
 	}
 	resp := &csi.ControllerListVolumeHealthResponse{NextToken: next}
-	for _, id := range ids[start:end] {
+	for _, v := range page {
+		id := v.ID
 		h, err := d.volumeHealth(id)
 		if err != nil {
 			return nil, toStatus(err)
