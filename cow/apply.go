@@ -168,6 +168,8 @@ func (s *Store) apply(r *record) error {
 				return corruptf("present run %+v: %v", run, err)
 			}
 		}
+	case recRollback, recRollbackDone:
+		return s.applyRollback(r)
 	case recBatch:
 		return corruptf("batch record inside a batch")
 	default:

@@ -29,6 +29,24 @@
 // (punching holes in the COW file); this merge is a pure function of the
 // state, so one durable "delete" record suffices and replay redoes it.
 //
+// # Rollback
+//
+// Store.Rollback(V, S) returns volume V to its own snapshot S in place, in
+// time proportional to the chunks written since S, not to V's size. The
+// chunks where V may differ from S are exactly those mapped by S or a newer
+// snapshot of V's chain: the first write to c after S was recorded in the
+// snapshot that was newest then (S or newer), and a delete or invalidation
+// moves records into the next older snapshot, which is S or newer again.
+// Add V's allocated extents past S's size (V grew since S). Each of those
+// chunks is rewritten with S's image through the normal write path, so the
+// newer snapshots get their copy-before-write and stay correct; chunks that
+// are zeros in S are punched. Clones of S or of any other snapshot are
+// unaffected, since no snapshot changes. V keeps its current size: bytes
+// past S's size read zeros, as a restore of S into a volume of V's size
+// would give (volumes never shrink, and a PVC cannot). A begin record
+// before and a done record after make it crash-safe: Open resumes an
+// unfinished rollback (FORMAT.md gives the order and the argument).
+//
 // # Durability
 //
 // Every change is a record in one log (store.log, see FORMAT.md). A first
@@ -68,6 +86,11 @@
 //   - A log write or sync error makes the store refuse changes (ErrClosed)
 //     until reopened: after a failed fsync the state on disk is unknown, and
 //     Open re-derives it.
+//   - A rollback in progress (or interrupted and not yet resumed) makes the
+//     volume refuse writes, discards, snapshots, resizes, clones and
+//     deletes with ErrRollbackPending; reads return whatever mix of old and
+//     rolled-back chunks is there at that moment. Callers must stop using
+//     the volume first (the driver refuses while it is staged).
 //   - Sizes are at most 16 TiB (ext4's largest file with 4 KiB blocks).
 //   - CreateSnapshot syncs the data file and the log concurrently (unless a
 //     clone has "present" records, which must follow their data): if the

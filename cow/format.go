@@ -20,7 +20,7 @@ const (
 	logName     = "store.log"
 	logTmpName  = "store.log.tmp"
 	headerSize  = 64
-	logVersion  = 1
+	logVersion  = 2       // the newest version this code reads
 	maxPayload  = 1 << 24 // bytes; a record longer than this is corrupt
 	recOverhead = 9       // u32 length + u8 type + u32 CRC
 	maxLabels   = 8 << 10 // bytes of encoded labels
@@ -30,6 +30,7 @@ var logMagic = [8]byte{'c', 's', 'n', 'a', 'p', 'l', 'o', 'g'}
 
 // header is the first 64 bytes of store.log.
 type header struct {
+	Version    uint32 // 0 is written as 1; a store becomes 2 at its first Rollback
 	UUID       [16]byte
 	Generation uint64 // checkpoints written so far
 }
@@ -37,7 +38,7 @@ type header struct {
 func (h header) encode() []byte {
 	b := make([]byte, headerSize)
 	copy(b[0:8], logMagic[:])
-	binary.LittleEndian.PutUint32(b[8:], logVersion)
+	binary.LittleEndian.PutUint32(b[8:], max(h.Version, 1))
 	copy(b[16:32], h.UUID[:])
 	binary.LittleEndian.PutUint64(b[32:], h.Generation)
 	binary.LittleEndian.PutUint32(b[60:], crc(b[:60]))
@@ -55,8 +56,9 @@ func decodeHeader(b []byte) (header, error) {
 	if got, want := binary.LittleEndian.Uint32(b[60:]), crc(b[:60]); got != want {
 		return h, corruptf("log header: CRC %08x, want %08x", got, want)
 	}
-	if v := binary.LittleEndian.Uint32(b[8:]); v != logVersion {
-		return h, corruptf("log header: version %d, want %d", v, logVersion)
+	h.Version = binary.LittleEndian.Uint32(b[8:])
+	if h.Version < 1 || h.Version > logVersion {
+		return h, corruptf("log header: version %d, want 1..%d", h.Version, logVersion)
 	}
 	copy(h.UUID[:], b[16:32])
 	h.Generation = binary.LittleEndian.Uint64(b[32:])
@@ -76,7 +78,10 @@ const (
 	recRuns         = 9  // checkpoint: a snapshot's exception runs
 	recPresentRuns  = 10 // checkpoint: a clone's present runs
 	recNextObj      = 11 // checkpoint: the next object number to hand out
-	maxRecordType   = 11
+	recRollback     = 12 // version 2: a rollback of a volume to a snapshot began
+	recRollbackDone = 13 // version 2: that rollback is complete and durable
+	maxRecordType   = 13
+	rollbackVersion = 2 // the log version that may hold rollback records
 	flagDeleted     = 1
 	flagInvalid     = 2
 	flagInternal    = 4 // snapshot made by CloneVolume, never listed
@@ -89,7 +94,7 @@ type record struct {
 	Type      uint8
 	Seq       uint64 // recBatch
 	Obj       uint32 // the object the record is about
-	Parent    uint32 // recVolume: source snapshot (0 none); recSnapshot: volume
+	Parent    uint32 // recVolume: source snapshot (0 none); recSnapshot: volume; recRollback*: snapshot
 	Size      int64  // bytes
 	ChunkSize uint32 // recVolume
 	Flags     uint8
@@ -163,6 +168,9 @@ func appendRecord(b []byte, r *record) []byte {
 	case recResize:
 		e.u32(r.Obj)
 		e.u64(uint64(r.Size))
+	case recRollback, recRollbackDone:
+		e.u32(r.Obj)
+		e.u32(r.Parent)
 	case recDelete, recInvalidate, recNextObj:
 		e.u32(r.Obj)
 	case recExc:
@@ -284,6 +292,8 @@ func decodeRecord(b []byte) (*record, int, error) {
 	case recResize:
 		r.Obj = d.u32()
 		r.Size = int64(d.u64())
+	case recRollback, recRollbackDone:
+		r.Obj, r.Parent = d.u32(), d.u32()
 	case recDelete, recInvalidate, recNextObj:
 		r.Obj = d.u32()
 	case recExc:

@@ -54,6 +54,7 @@ func openFS(dir string, fs fsys) (*Store, error) {
 		s.closeFiles()
 		return nil, err
 	}
+	s.resumeRollbacks()
 	return s, nil
 }
 
@@ -605,6 +606,9 @@ func (s *Store) clone(snapID, volID, newID string, size int64, o VolumeOptions) 
 		if !ok || v.isDeleted() {
 			return nil, fmt.Errorf("%w: volume %q", ErrNotFound, volID)
 		}
+		if err := v.rollbackBusy(); err != nil {
+			return nil, err
+		}
 		v.gate.Lock()
 		defer v.gate.Unlock()
 		if err := v.flushLocked(); err != nil {
@@ -712,6 +716,9 @@ func (s *Store) DeleteVolume(id string) error {
 	if !ok || v.isDeleted() {
 		return fmt.Errorf("%w: volume %q", ErrNotFound, id)
 	}
+	if err := v.rollbackBusy(); err != nil {
+		return err
+	}
 	defer lockGates(lineage(v))()
 	return s.commitApply(&record{Type: recDelete, Obj: v.obj})
 }
@@ -730,6 +737,9 @@ func (s *Store) DeleteSnapshot(id string) error {
 	sn, ok := s.byID[id].(*Snapshot)
 	if !ok || sn.isDeleted() {
 		return fmt.Errorf("%w: snapshot %q", ErrNotFound, id)
+	}
+	if err := sn.vol.rollbackBusy(); err != nil {
+		return err
 	}
 	defer lockGates(lineage(sn.vol))()
 	return s.commitApply(&record{Type: recDelete, Obj: sn.obj})
@@ -762,6 +772,9 @@ func (s *Store) CreateSnapshot(volID, snapID string, o SnapshotOptions) (*Snapsh
 	}
 	if s.byID[snapID] != nil {
 		return nil, fmt.Errorf("%w: %q", ErrExists, snapID)
+	}
+	if err := v.rollbackBusy(); err != nil {
+		return nil, err
 	}
 	v.gate.Lock()
 	defer v.gate.Unlock()
@@ -969,6 +982,7 @@ func (s *Store) checkpointLocked() error {
 			}
 		}
 	}
+	s.checkpointRollbacks(w, objs)
 	if err := w.flush(); err != nil {
 		return err
 	}

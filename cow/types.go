@@ -103,6 +103,7 @@ type Volume struct {
 	pendingPresent []uint64
 	free           []span // free COW chunk ranges below hwm
 	hwm            exceptions.Chunk
+	rb             *Snapshot // unfinished rollback to this snapshot (rollback.go)
 }
 
 // Snapshot is a read-only point-in-time image of a volume.

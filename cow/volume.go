@@ -283,7 +283,7 @@ func (sn *Snapshot) ReadAt(p []byte, off int64) (int, error) {
 // ErrOutOfRange and writes nothing. The data is durable after the next Flush
 // (or CreateSnapshot); snapshots see none of it.
 func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
-	if err := v.modify(off, int64(len(p)), p); err != nil {
+	if err := v.modify(off, int64(len(p)), p, false); err != nil {
 		return 0, err
 	}
 	return len(p), nil
@@ -292,17 +292,21 @@ func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
 // Discard makes bytes [off, off+n) read as zeros, giving the space back
 // where whole chunks are covered.
 func (v *Volume) Discard(off, n int64) error {
-	return v.modify(off, n, nil)
+	return v.modify(off, n, nil, false)
 }
 
-// modify writes p (or zeros, when p is nil) to [off, off+n).
-func (v *Volume) modify(off, n int64, p []byte) error {
+// modify writes p (or zeros, when p is nil) to [off, off+n). internal
+// marks a rollback's own writes, which pass the guard that refuses others.
+func (v *Volume) modify(off, n int64, p []byte, internal bool) error {
 	if n == 0 {
 		return nil
 	}
 	for {
 		v.gate.RLock()
-		err := v.modifyGated(off, n, p)
+		err := v.writeGuard(internal)
+		if err == nil {
+			err = v.modifyGated(off, n, p)
+		}
 		v.gate.RUnlock()
 		inv, ok := err.(needInvalidate)
 		if !ok {
@@ -657,6 +661,9 @@ func (v *Volume) Resize(newSize int64) error {
 	}
 	if v.isDeleted() {
 		return fmt.Errorf("%w: volume %q was deleted", ErrNotFound, v.id)
+	}
+	if err := v.rollbackBusy(); err != nil {
+		return err
 	}
 	v.gate.Lock()
 	defer v.gate.Unlock()

@@ -1,0 +1,382 @@
+package cow
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/csi-snap/csi-snap/exceptions"
+)
+
+// Rollback in place: return a volume to one of its own snapshots by
+// rewriting only the chunks that changed since, through the normal write
+// path. See doc.go ("Rollback") for the argument and FORMAT.md for the
+// records and their order.
+
+var (
+	// ErrRollbackPending: the volume is being rolled back (or a rollback was
+	// interrupted by a crash and has not been completed yet). Writes,
+	// discards, snapshots, resizes, clones and deletes of the volume and its
+	// snapshots are refused until Rollback of the same snapshot returns nil.
+	ErrRollbackPending = errors.New("cow: rollback in progress")
+	// ErrForeignSnapshot: Rollback was given a snapshot that was not taken
+	// of that volume.
+	ErrForeignSnapshot = errors.New("cow: snapshot of another volume")
+)
+
+// RollbackResult says what a Rollback did.
+type RollbackResult struct {
+	// Chunks is how many chunks were rewritten with the snapshot's data.
+	Chunks int64
+	// Zeroed is how many chunks read zeros in the snapshot and were
+	// discarded (punched) in the volume instead of written.
+	Zeroed int64
+	// TailBytes is how many bytes past the snapshot's size (the volume grew
+	// since) held data and were discarded.
+	TailBytes int64
+	// ChunkSize is the volume's chunk size in bytes.
+	ChunkSize int
+	// Resumed is true when the call completed a rollback that an earlier
+	// call (or a crash) left unfinished.
+	Resumed bool
+	// Duration is the wall time of the call.
+	Duration time.Duration
+}
+
+// rollbackPiece bounds one write of a rollback, in bytes: the write path
+// buffers the copy-outs of a whole request. A variable so the crash test can
+// make a rollback many small steps.
+var rollbackPiece int64 = 4 << 20
+
+// Rollback makes volume volID read exactly as its snapshot snapID: bytes
+// [0, snapshot size) as the snapshot, bytes past it (the volume grew since)
+// as zeros. The volume keeps its current size (volumes never shrink: see
+// doc.go). Cost: the chunks written since the snapshot, not the volume's
+// size. Every other snapshot of the volume (older, newer, hidden sources of
+// clones) reads as before; newer ones get their copy-before-write as for any
+// write.
+//
+// The caller must make sure nothing else uses the volume meanwhile (the
+// driver refuses while it is staged); writes arriving during the rollback
+// fail with ErrRollbackPending. A crash in the middle leaves the volume
+// refusing writes until Open (which resumes it) or a repeated call with the
+// same snapshot completes it.
+//
+// Errors: ErrInvalidID; ErrNotFound (unknown or deleted volume or
+// snapshot); ErrForeignSnapshot (the snapshot is of another volume);
+// ErrInvalidated (the snapshot ran over its limit); ErrRollbackPending (an
+// unfinished rollback of the volume to another snapshot); ErrClosed; I/O
+// errors (ErrNoSpace).
+func (s *Store) Rollback(volID, snapID string) (RollbackResult, error) {
+	start := time.Now()
+	if err := checkID(volID); err != nil {
+		return RollbackResult{}, err
+	}
+	if err := checkID(snapID); err != nil {
+		return RollbackResult{}, err
+	}
+	v, sn, resumed, err := s.rollbackBegin(volID, snapID)
+	if err != nil {
+		return RollbackResult{}, err
+	}
+	res, err := s.rollbackFinish(v, sn)
+	res.Resumed = resumed
+	res.Duration = time.Since(start)
+	return res, err
+}
+
+// PendingRollback returns the ID of the snapshot the volume is being rolled
+// back to, if a rollback is unfinished.
+func (v *Volume) PendingRollback() (snapID string, pending bool) {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	if v.rb == nil {
+		return "", false
+	}
+	return v.rb.id, true
+}
+
+// rollbackBusy returns ErrRollbackPending while v has an unfinished rollback.
+func (v *Volume) rollbackBusy() error {
+	if id, ok := v.PendingRollback(); ok {
+		return fmt.Errorf("%w: volume %q is being rolled back to snapshot %q", ErrRollbackPending, v.id, id)
+	}
+	return nil
+}
+
+// writeGuard is checked by every write under the gate (shared): the begin
+// record is applied with the gate held exclusively, so once it is, no
+// outside write runs. The rollback's own writes pass internal.
+func (v *Volume) writeGuard(internal bool) error {
+	if internal {
+		return nil
+	}
+	return v.rollbackBusy()
+}
+
+// rollbackBegin validates the request and commits the begin record (unless
+// the same rollback is already pending: then it is resumed).
+func (s *Store) rollbackBegin(volID, snapID string) (*Volume, *Snapshot, bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.usable(); err != nil {
+		return nil, nil, false, err
+	}
+	v, ok := s.byID[volID].(*Volume)
+	if !ok || v.isDeleted() {
+		return nil, nil, false, fmt.Errorf("%w: volume %q", ErrNotFound, volID)
+	}
+	sn, ok := s.byID[snapID].(*Snapshot)
+	if !ok || sn.isDeleted() {
+		return nil, nil, false, fmt.Errorf("%w: snapshot %q", ErrNotFound, snapID)
+	}
+	if sn.vol != v {
+		return nil, nil, false, fmt.Errorf("%w: snapshot %q is of volume %q, not %q", ErrForeignSnapshot, snapID, sn.vol.id, volID)
+	}
+	if sn.isInvalid() {
+		return nil, nil, false, fmt.Errorf("%w: snapshot %q", ErrInvalidated, snapID)
+	}
+	v.mu.RLock()
+	cur := v.rb
+	v.mu.RUnlock()
+	if cur == sn {
+		return v, sn, true, nil
+	}
+	if cur != nil {
+		return nil, nil, false, v.rollbackBusy()
+	}
+	if s.hdr.Version < rollbackVersion {
+		// Rollback records are new in version 2. Upgrade through a
+		// checkpoint (temp file, fsync, rename: atomic) so that a binary
+		// that only knows version 1 refuses the store with a version error
+		// instead of failing on a record type it does not know.
+		old := s.hdr
+		s.hdr.Version = rollbackVersion
+		if err := s.checkpointLocked(); err != nil {
+			s.hdr = old
+			return nil, nil, false, err
+		}
+	}
+	// The gate waits out the writes in flight; once the record is applied,
+	// writeGuard refuses new ones.
+	v.gate.Lock()
+	defer v.gate.Unlock()
+	if err := s.commitApply(&record{Type: recRollback, Obj: v.obj, Parent: sn.obj}); err != nil {
+		return nil, nil, false, err
+	}
+	return v, sn, false, nil
+}
+
+// rollbackFinish rewrites the changed chunks, flushes, and commits the done
+// record. Idempotent: it reads only the snapshot, which it never changes.
+func (s *Store) rollbackFinish(v *Volume, sn *Snapshot) (RollbackResult, error) {
+	res, err := v.rollbackWrite(sn)
+	if err != nil {
+		return res, err
+	}
+	if err := v.flushLocked(); err != nil {
+		return res, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.usable(); err != nil {
+		return res, err
+	}
+	v.gate.Lock()
+	defer v.gate.Unlock()
+	v.mu.RLock()
+	cur := v.rb
+	v.mu.RUnlock()
+	if cur != sn {
+		return res, nil // a concurrent call of the same rollback finished it
+	}
+	return res, s.commitApply(&record{Type: recRollbackDone, Obj: v.obj, Parent: sn.obj})
+}
+
+// rollbackSpans returns the chunks that may differ between v and sn: the
+// union of the indexes of sn and every newer snapshot in v's chain, sorted
+// and merged. A chunk first written after sn was recorded in the snapshot
+// that was newest then (sn or a newer one); deletes and invalidations move
+// records into the next older snapshot, which is sn or newer, since sn
+// itself is neither deleted nor invalid.
+func (v *Volume) rollbackSpans(sn *Snapshot) ([]span, error) {
+	v.mu.RLock()
+	i := slices.Index(v.chain, sn)
+	if i < 0 {
+		v.mu.RUnlock()
+		return nil, fmt.Errorf("%w: snapshot %q is not in the chain of volume %q", ErrInvalidated, sn.id, v.id)
+	}
+	var sp []span
+	for _, x := range v.chain[i:] {
+		x.idx.Ascend(0, func(r exceptions.Run) bool {
+			sp = append(sp, span{r.Origin, r.Len})
+			return true
+		})
+	}
+	v.mu.RUnlock()
+	slices.SortFunc(sp, func(a, b span) int {
+		switch {
+		case a.C < b.C:
+			return -1
+		case a.C > b.C:
+			return 1
+		}
+		return 0
+	})
+	out := sp[:0]
+	for _, x := range sp {
+		if n := len(out); n > 0 && x.C <= out[n-1].C+exceptions.Chunk(out[n-1].N) {
+			out[n-1].N = max(out[n-1].N, uint64(x.C-out[n-1].C)+x.N)
+			continue
+		}
+		out = append(out, x)
+	}
+	return out, nil
+}
+
+// rollbackWrite writes sn's image of every chunk that may differ into v and
+// discards what v holds past sn's size.
+//
+// Why a resumed rollback reads the right data: every chunk c it rewrites is
+// mapped by sn or a newer snapshot, so sn's read of c stops at a COW copy
+// (or a zero mapping) and never reaches v's data, which this function is
+// overwriting. A write may add a copy of c to the newest snapshot, never
+// change the one sn reads (the first in chain order). TestRollbackReadsCopies
+// checks this.
+func (v *Volume) rollbackWrite(sn *Snapshot) (RollbackResult, error) {
+	res := RollbackResult{ChunkSize: int(v.chunkSize)}
+	spans, err := v.rollbackSpans(sn)
+	if err != nil {
+		return res, err
+	}
+	size := v.Size()
+	limit := exceptions.Chunk(chunks(sn.size, v.shift))
+	per := uint64(max(1, rollbackPiece>>v.shift))
+	buf := make([]byte, per<<v.shift)
+	for _, sp := range spans {
+		end := min(sp.C+exceptions.Chunk(sp.N), limit)
+		for c := sp.C; c < end; {
+			n := min(uint64(end-c), per)
+			off := int64(c) << v.shift
+			b := buf[:min(int64(n)<<v.shift, size-off)]
+			if err := sn.readChunk(off, b); err != nil {
+				return res, err
+			}
+			if err := v.rollbackPut(off, b, &res); err != nil {
+				return res, err
+			}
+			c += exceptions.Chunk(n)
+		}
+	}
+	if size > sn.size {
+		// The volume grew since sn: what it holds past sn's size must read
+		// zeros again. Only its allocated extents need a discard (holes
+		// read zeros already), so this costs the data written there, not
+		// the growth.
+		tail, err := v.currentAllocated(sn.size, size)
+		if err != nil {
+			return res, err
+		}
+		for _, e := range tail {
+			for off := e.off; off < e.end; {
+				n := min(e.end-off, rollbackPiece)
+				if err := v.modify(off, n, nil, true); err != nil {
+					return res, err
+				}
+				res.TailBytes += n
+				off += n
+			}
+		}
+	}
+	return res, nil
+}
+
+// rollbackPut writes b (whole chunks of sn's image, the last one possibly
+// cut at v's size) at off: runs of chunks that are all zeros are discarded,
+// the others written.
+func (v *Volume) rollbackPut(off int64, b []byte, res *RollbackResult) error {
+	cs := int(v.chunkSize)
+	for i := 0; i < len(b); {
+		zero := allZero(b[i:min(i+cs, len(b))])
+		j := i
+		for j < len(b) && allZero(b[j:min(j+cs, len(b))]) == zero {
+			j += cs
+		}
+		j = min(j, len(b))
+		n := int64((j - i + cs - 1) / cs)
+		if zero {
+			if err := v.modify(off+int64(i), int64(j-i), nil, true); err != nil {
+				return err
+			}
+			res.Zeroed += n
+		} else {
+			if err := v.modify(off+int64(i), int64(j-i), b[i:j], true); err != nil {
+				return err
+			}
+			res.Chunks += n
+		}
+		i = j
+	}
+	return nil
+}
+
+// resumeRollbacks completes the rollbacks a crash interrupted. Open calls
+// it after replay. A failure leaves that volume refusing writes with
+// ErrRollbackPending (a later Rollback of the same snapshot retries); the
+// store and its other volumes stay usable.
+func (s *Store) resumeRollbacks() {
+	s.mu.Lock()
+	var todo []*Volume
+	for _, v := range s.allVolumes() {
+		if _, ok := v.PendingRollback(); ok {
+			todo = append(todo, v)
+		}
+	}
+	s.mu.Unlock()
+	for _, v := range todo {
+		v.mu.RLock()
+		sn := v.rb
+		v.mu.RUnlock()
+		s.rollbackFinish(v, sn)
+	}
+}
+
+// applyRollback applies a rollback begin or done record.
+func (s *Store) applyRollback(r *record) error {
+	if s.hdr.Version < rollbackVersion {
+		return corruptf("rollback record in a version %d log", s.hdr.Version)
+	}
+	v, err := s.vol(r.Obj)
+	if err != nil {
+		return err
+	}
+	sn, err := s.snap(r.Parent)
+	if err != nil {
+		return err
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if r.Type == recRollback {
+		if sn.vol != v || v.rb != nil || v.deleted || sn.deleted || sn.invalid {
+			return corruptf("rollback of volume %d to snapshot %d", r.Obj, r.Parent)
+		}
+		v.rb = sn
+		return nil
+	}
+	if v.rb != sn {
+		return corruptf("rollback of volume %d to snapshot %d done, but not begun", r.Obj, r.Parent)
+	}
+	v.rb = nil
+	return nil
+}
+
+// checkpointRollbacks restates the unfinished rollbacks at the end of a
+// checkpoint, after every object and index they refer to.
+func (s *Store) checkpointRollbacks(w *bufWriter, objs []uint32) {
+	for _, o := range objs {
+		if v, ok := s.objs[o].(*Volume); ok && v.rb != nil {
+			w.rec(&record{Type: recRollback, Obj: v.obj, Parent: v.rb.obj})
+		}
+	}
+}

@@ -1,0 +1,757 @@
+package cow
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/csi-snap/csi-snap/exceptions"
+)
+
+// rbModel is the reference for rollback tests: every image as plain bytes.
+type rbModel struct {
+	vols    map[string][]byte
+	snaps   map[string][]byte
+	snapVol map[string]string
+	n       int
+}
+
+func newRBModel() *rbModel {
+	return &rbModel{vols: map[string][]byte{}, snaps: map[string][]byte{}, snapVol: map[string]string{}}
+}
+
+func (m *rbModel) clone() *rbModel {
+	c := &rbModel{vols: map[string][]byte{}, snaps: map[string][]byte{}, snapVol: map[string]string{}, n: m.n}
+	for k, v := range m.vols {
+		c.vols[k] = slices.Clone(v)
+	}
+	for k, v := range m.snaps {
+		c.snaps[k] = v // never changed in place
+		c.snapVol[k] = m.snapVol[k]
+	}
+	return c
+}
+
+type rbKind int
+
+const (
+	rbCreate rbKind = iota
+	rbWrite
+	rbDiscard
+	rbSnapshot
+	rbDeleteSnap
+	rbResize
+	rbRollback
+	rbForeign // rollback to a snapshot of another volume: must fail and change nothing
+	rbClone
+	rbReopen
+)
+
+var rbNames = []string{"create", "write", "discard", "snapshot", "delete-snap", "resize", "rollback", "foreign", "clone", "reopen"}
+
+type rbOp struct {
+	kind    rbKind
+	id, id2 string
+	off, n  int64
+	data    []byte
+	size    int64
+}
+
+func (o rbOp) String() string {
+	return fmt.Sprintf("%s(%s %s off=%d n=%d size=%d)", rbNames[o.kind], o.id, o.id2, o.off, o.n, o.size)
+}
+
+const rbChunk = 4096
+
+// gen draws the next operation from the model's state (deterministic for a
+// given rng state, so the crash test's parent can replay the child's stream).
+func (m *rbModel) gen(rng *rand.Rand, reopen bool) rbOp {
+	vols := sortedKeys(m.vols)
+	if len(vols) == 0 {
+		m.n++
+		return rbOp{kind: rbCreate, id: fmt.Sprintf("v%d", m.n), size: int64(16+rng.Intn(64))*rbChunk + int64(rng.Intn(3))*1000}
+	}
+	v := vols[rng.Intn(len(vols))]
+	size := int64(len(m.vols[v]))
+	var mine, other []string
+	for _, s := range sortedKeys(m.snaps) {
+		if m.snapVol[s] == v {
+			mine = append(mine, s)
+		} else {
+			other = append(other, s)
+		}
+	}
+	for {
+		switch p := rng.Intn(100); {
+		case p < 35:
+			off := rng.Int63n(size)
+			n := min(size-off, 1+rng.Int63n(6*rbChunk))
+			data := make([]byte, n)
+			if rng.Intn(5) > 0 { // else zeros: snapshots then map chunks to "zero"
+				b := byte(1 + rng.Intn(255))
+				for i := range data {
+					data[i] = b + byte(i/512)
+				}
+			}
+			return rbOp{kind: rbWrite, id: v, off: off, n: n, data: data}
+		case p < 42:
+			off := rng.Int63n(size)
+			return rbOp{kind: rbDiscard, id: v, off: off, n: min(size-off, 1+rng.Int63n(4*rbChunk))}
+		case p < 55 && len(mine) < 6:
+			m.n++
+			return rbOp{kind: rbSnapshot, id: v, id2: fmt.Sprintf("s%d", m.n)}
+		case p < 60 && len(mine) > 0:
+			return rbOp{kind: rbDeleteSnap, id2: mine[rng.Intn(len(mine))]}
+		case p < 65:
+			return rbOp{kind: rbResize, id: v, size: size + int64(rng.Intn(8))*rbChunk + int64(rng.Intn(2))*700}
+		case p < 85 && len(mine) > 0:
+			return rbOp{kind: rbRollback, id: v, id2: mine[rng.Intn(len(mine))]}
+		case p < 88 && len(other) > 0:
+			return rbOp{kind: rbForeign, id: v, id2: other[rng.Intn(len(other))]}
+		case p < 93 && len(m.vols) < 4 && len(mine) > 0:
+			src := mine[rng.Intn(len(mine))]
+			m.n++
+			return rbOp{kind: rbClone, id: fmt.Sprintf("v%d", m.n), id2: src, size: int64(len(m.snaps[src])) + int64(rng.Intn(3))*rbChunk}
+		case p >= 97 && reopen:
+			return rbOp{kind: rbReopen}
+		}
+	}
+}
+
+func (m *rbModel) apply(o rbOp) {
+	switch o.kind {
+	case rbCreate:
+		m.vols[o.id] = make([]byte, o.size)
+	case rbWrite:
+		copy(m.vols[o.id][o.off:], o.data)
+	case rbDiscard:
+		clear(m.vols[o.id][o.off : o.off+o.n])
+	case rbSnapshot:
+		m.snaps[o.id2] = slices.Clone(m.vols[o.id])
+		m.snapVol[o.id2] = o.id
+	case rbDeleteSnap:
+		delete(m.snaps, o.id2)
+		delete(m.snapVol, o.id2)
+	case rbResize:
+		m.vols[o.id] = append(m.vols[o.id], make([]byte, o.size-int64(len(m.vols[o.id])))...)
+	case rbRollback:
+		cur := m.vols[o.id]
+		clear(cur)
+		copy(cur, m.snaps[o.id2])
+	case rbClone:
+		img := make([]byte, o.size)
+		copy(img, m.snaps[o.id2])
+		m.vols[o.id] = img
+	}
+}
+
+// rbRun performs o on the store. Writes are flushed, so an acknowledged
+// write is durable.
+func rbRun(s **Store, dir string, o rbOp) error {
+	st := *s
+	vol := func() (*Volume, error) { return st.Volume(o.id) }
+	switch o.kind {
+	case rbCreate:
+		_, err := st.CreateVolume(o.id, o.size, VolumeOptions{ChunkSize: rbChunk})
+		return err
+	case rbWrite, rbDiscard:
+		v, err := vol()
+		if err != nil {
+			return err
+		}
+		if o.kind == rbWrite {
+			_, err = v.WriteAt(o.data, o.off)
+		} else {
+			err = v.Discard(o.off, o.n)
+		}
+		if err != nil {
+			return err
+		}
+		return v.Flush()
+	case rbSnapshot:
+		_, err := st.CreateSnapshot(o.id, o.id2, SnapshotOptions{})
+		return err
+	case rbDeleteSnap:
+		return st.DeleteSnapshot(o.id2)
+	case rbResize:
+		v, err := vol()
+		if err != nil {
+			return err
+		}
+		return v.Resize(o.size)
+	case rbRollback:
+		_, err := st.Rollback(o.id, o.id2)
+		return err
+	case rbForeign:
+		if _, err := st.Rollback(o.id, o.id2); !errors.Is(err, ErrForeignSnapshot) {
+			return fmt.Errorf("rollback to a foreign snapshot: %v, want ErrForeignSnapshot", err)
+		}
+		return nil
+	case rbClone:
+		_, err := st.CloneSnapshot(o.id2, o.id, o.size, VolumeOptions{ChunkSize: rbChunk})
+		return err
+	case rbReopen:
+		if err := st.Close(); err != nil {
+			return err
+		}
+		ns, err := Open(dir)
+		if err != nil {
+			return err
+		}
+		*s = ns
+	}
+	return nil
+}
+
+// rbVerify compares every volume and snapshot with m. If loose is a write
+// or discard, bytes in its range may hold the old or the new value.
+func rbVerify(s *Store, m *rbModel, loose *rbOp) error {
+	var ids []string
+	for _, vi := range s.Volumes() {
+		ids = append(ids, vi.ID)
+	}
+	if want := sortedKeys(m.vols); !slices.Equal(ids, want) {
+		return fmt.Errorf("volumes %v, model %v", ids, want)
+	}
+	ids = ids[:0]
+	for _, si := range s.Snapshots() {
+		ids = append(ids, si.ID)
+	}
+	if want := sortedKeys(m.snaps); !slices.Equal(ids, want) {
+		return fmt.Errorf("snapshots %v, model %v", ids, want)
+	}
+	for _, id := range sortedKeys(m.vols) {
+		want := m.vols[id]
+		v, err := s.Volume(id)
+		if err != nil {
+			return err
+		}
+		if p, ok := v.PendingRollback(); ok {
+			return fmt.Errorf("volume %s: rollback to %s still pending", id, p)
+		}
+		if v.Size() != int64(len(want)) {
+			return fmt.Errorf("volume %s: size %d, model %d", id, v.Size(), len(want))
+		}
+		got := make([]byte, len(want))
+		if _, err := v.ReadAt(got, 0); err != nil {
+			return fmt.Errorf("volume %s: %w", id, err)
+		}
+		for i := firstDiff(got, want); i >= 0 && i < len(got); i++ {
+			if got[i] == want[i] {
+				continue
+			}
+			if loose != nil && loose.id == id && int64(i) >= loose.off && int64(i) < loose.off+loose.n {
+				nb := byte(0)
+				if loose.data != nil {
+					nb = loose.data[int64(i)-loose.off]
+				}
+				if got[i] == nb {
+					continue
+				}
+			}
+			return fmt.Errorf("volume %s differs at byte %d (chunk %d): %d, model %d", id, i, i/rbChunk, got[i], want[i])
+		}
+	}
+	for _, id := range sortedKeys(m.snaps) {
+		want := m.snaps[id]
+		sn, err := s.Snapshot(id)
+		if err != nil {
+			return err
+		}
+		got := make([]byte, len(want))
+		if n, err := sn.ReadAt(got, 0); err != nil || n != len(want) {
+			return fmt.Errorf("snapshot %s: read %d, %v", id, n, err)
+		}
+		if i := firstDiff(got, want); i >= 0 {
+			return fmt.Errorf("snapshot %s differs at byte %d: %d, model %d", id, i, got[i], want[i])
+		}
+	}
+	return s.check()
+}
+
+// TestRollbackModel runs random writes, snapshots, deletes, growth, clones,
+// reopens and rollbacks against the in-memory images: after every step every
+// volume and every snapshot must equal the model byte for byte (after a
+// rollback: the volume equals its snapshot, zeros past the snapshot's size,
+// and every other snapshot is unchanged).
+func TestRollbackModel(t *testing.T) {
+	seeds, steps := 6, 300
+	if testing.Short() || raceEnabled {
+		seeds, steps = 4, 200
+	}
+	if longTests() {
+		seeds, steps = 100, 1500
+	}
+	for seed := int64(1); seed <= int64(seeds); seed++ {
+		dir := t.TempDir()
+		s, err := Open(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := newRBModel()
+		rng := rand.New(rand.NewSource(seed))
+		rollbacks := 0
+		for i := 0; i < steps; i++ {
+			o := m.gen(rng, true)
+			if err := rbRun(&s, dir, o); err != nil {
+				t.Fatalf("seed %d step %d %v: %v", seed, i, o, err)
+			}
+			m.apply(o)
+			if o.kind == rbRollback {
+				rollbacks++
+			}
+			if err := rbVerify(s, m, nil); err != nil {
+				t.Fatalf("seed %d step %d after %v: %v", seed, i, o, err)
+			}
+		}
+		if rollbacks == 0 {
+			t.Fatalf("seed %d: no rollback in %d steps", seed, steps)
+		}
+		if err := s.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestRollbackReadsCopies checks the argument that makes a resumed rollback
+// safe: every chunk Rollback rewrites reads, in the snapshot, from a COW copy
+// (or a zero mapping), never from the volume's data. It overwrites the
+// volume's data file directly at exactly those chunks with garbage: the
+// snapshot must not change, and the rollback must still produce its image.
+func TestRollbackReadsCopies(t *testing.T) {
+	s, _ := openT(t)
+	const size = 64 * rbChunk
+	v, err := s.CreateVolume("vol", size, VolumeOptions{ChunkSize: rbChunk})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewSource(7))
+	write := func() {
+		for i := 0; i < 12; i++ {
+			off := rng.Int63n(size - 3*rbChunk)
+			if _, err := v.WriteAt(fill(1+rng.Intn(3*rbChunk), byte(1+rng.Intn(250))), off); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	write()
+	for _, id := range []string{"s1", "s2", "s3"} {
+		if _, err := s.CreateSnapshot("vol", id, SnapshotOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		write()
+	}
+	if err := s.DeleteSnapshot("s3"); err != nil { // its records merge into s2
+		t.Fatal(err)
+	}
+	sn, _ := s.Snapshot("s1")
+	want := mustRead(t, sn, 0, size)
+	spans, err := v.rollbackSpans(sn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.mu.RLock()
+	i := slices.Index(v.chain, sn)
+	chain := slices.Clone(v.chain[i:])
+	v.mu.RUnlock()
+	rewritten := 0
+	for _, sp := range spans {
+		for c := sp.C; c < sp.C+exceptions.Chunk(sp.N); c++ {
+			mapped := false
+			for _, x := range chain {
+				if _, ok := x.idx.Lookup(c); ok {
+					mapped = true
+					break
+				}
+			}
+			if !mapped {
+				t.Fatalf("chunk %d would be rewritten but no snapshot from s1 on maps it", c)
+			}
+			if _, err := v.data.WriteAt(fill(rbChunk, 0xEE), int64(c)*rbChunk); err != nil {
+				t.Fatal(err)
+			}
+			rewritten++
+		}
+	}
+	if rewritten == 0 {
+		t.Fatal("no chunk changed since s1: the test proves nothing")
+	}
+	if got := mustRead(t, sn, 0, size); !bytes.Equal(got, want) {
+		t.Fatalf("s1 changed when the volume's data under the rewritten chunks did: byte %d", firstDiff(got, want))
+	}
+	res, err := s.Rollback("vol", "s1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, v, 0, size); !bytes.Equal(got, want) {
+		t.Fatalf("volume after rollback differs from s1 at byte %d", firstDiff(got, want))
+	}
+	if got := res.Chunks + res.Zeroed; got != int64(rewritten) {
+		t.Fatalf("rollback rewrote %d chunks, want the %d that changed", got, rewritten)
+	}
+}
+
+// TestRollbackCost checks that a rollback touches the changed chunks only:
+// on a 1 GiB volume with 3 chunks written since the snapshot it rewrites 3.
+func TestRollbackCost(t *testing.T) {
+	s, _ := openT(t)
+	v, err := s.CreateVolume("big", 1<<30, VolumeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, off := range []int64{0, 500 << 20, 1<<30 - 6} {
+		if _, err := v.WriteAt([]byte("before"), off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := s.CreateSnapshot("big", "snap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, off := range []int64{1 << 20, 500 << 20, 900 << 20} {
+		if _, err := v.WriteAt([]byte("after!"), off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := v.Resize(2 << 30); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt([]byte("grown"), 1536<<20); err != nil {
+		t.Fatal(err)
+	}
+	res, err := s.Rollback("big", "snap")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Chunks+res.Zeroed != 3 || res.TailBytes == 0 || res.TailBytes > 1<<20 {
+		t.Fatalf("result %+v: want 3 chunks rewritten and one small tail extent discarded", res)
+	}
+	if got := mustRead(t, v, 1536<<20, 5); !bytes.Equal(got, make([]byte, 5)) {
+		t.Fatalf("grown part reads %q after rollback, want zeros", got)
+	}
+	if got := mustRead(t, v, 500<<20, 6); string(got) != "before" {
+		t.Fatalf("volume reads %q at 500 MiB, want the snapshot's %q", got, "before")
+	}
+}
+
+// TestRollbackErrors checks the named errors and that a pending rollback
+// holds off everything that would change the volume or its chain.
+func TestRollbackErrors(t *testing.T) {
+	s, dir := openT(t)
+	a, err := s.CreateVolume("a", 16*rbChunk, VolumeOptions{ChunkSize: rbChunk})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateVolume("b", 16*rbChunk, VolumeOptions{ChunkSize: rbChunk}); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"a1", "a2"} {
+		if _, err := s.CreateSnapshot("a", id, SnapshotOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := s.CreateSnapshot("b", "b1", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("a", "gone", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteSnapshot("gone"); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name, vol, snap string
+		want            error
+	}{
+		{"bad volume ID", "A!", "a1", ErrInvalidID},
+		{"bad snapshot ID", "a", "", ErrInvalidID},
+		{"unknown volume", "zz", "a1", ErrNotFound},
+		{"unknown snapshot", "a", "zz", ErrNotFound},
+		{"deleted snapshot", "a", "gone", ErrNotFound},
+		{"snapshot given as volume", "a1", "a1", ErrNotFound},
+		{"volume given as snapshot", "a", "b", ErrNotFound},
+		{"snapshot of another volume", "a", "b1", ErrForeignSnapshot},
+	} {
+		if _, err := s.Rollback(c.vol, c.snap); !errors.Is(err, c.want) {
+			t.Errorf("%s: %v, want %v", c.name, err, c.want)
+		}
+	}
+
+	// Begin a rollback and stop as a crash would, after the begin record.
+	if _, _, _, err := s.rollbackBegin("a", "a1"); err != nil {
+		t.Fatal(err)
+	}
+	for name, f := range map[string]func() error{
+		"write":             func() error { _, err := a.WriteAt([]byte{1}, 0); return err },
+		"discard":           func() error { return a.Discard(0, 1) },
+		"resize":            func() error { return a.Resize(32 * rbChunk) },
+		"snapshot":          func() error { _, err := s.CreateSnapshot("a", "a3", SnapshotOptions{}); return err },
+		"clone volume":      func() error { _, err := s.CloneVolume("a", "c", 16*rbChunk, VolumeOptions{}); return err },
+		"delete volume":     func() error { return s.DeleteVolume("a") },
+		"delete snapshot":   func() error { return s.DeleteSnapshot("a2") },
+		"rollback to other": func() error { _, err := s.Rollback("a", "a2"); return err },
+	} {
+		if err := f(); !errors.Is(err, ErrRollbackPending) {
+			t.Errorf("%s during a pending rollback: %v, want ErrRollbackPending", name, err)
+		}
+	}
+	if _, err := s.CreateSnapshot("b", "b2", SnapshotOptions{}); err != nil {
+		t.Errorf("another volume is held off too: %v", err)
+	}
+	// A checkpoint keeps the pending rollback; Open resumes it.
+	if err := s.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	s2, err := Open(dir) // as after a crash: s is abandoned, not closed
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	a2, _ := s2.Volume("a")
+	if p, ok := a2.PendingRollback(); ok {
+		t.Fatalf("Open did not resume the rollback to %s", p)
+	}
+	if _, err := a2.WriteAt([]byte{1}, 0); err != nil {
+		t.Fatalf("write after the resumed rollback: %v", err)
+	}
+}
+
+// TestRollbackVersion checks the log version handling: a new store is
+// version 1 (readable by older binaries) until its first rollback, which
+// upgrades it to 2; a rollback record in a version 1 log, or a version this
+// code does not know, is ErrCorrupt.
+func TestRollbackVersion(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	version := func() uint32 {
+		b := make([]byte, headerSize)
+		f, err := os.Open(filepath.Join(dir, logName))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if _, err := io.ReadFull(f, b); err != nil {
+			t.Fatal(err)
+		}
+		return binary.LittleEndian.Uint32(b[8:])
+	}
+	if _, err := s.CreateVolume("v", 8*rbChunk, VolumeOptions{ChunkSize: rbChunk}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	if got := version(); got != 1 {
+		t.Fatalf("store without rollbacks is version %d, want 1", got)
+	}
+	if _, _, _, err := s.rollbackBegin("v", "s"); err != nil {
+		t.Fatal(err)
+	}
+	if got := version(); got != 2 {
+		t.Fatalf("store after a rollback began is version %d, want 2", got)
+	}
+	// Pretend the header still said 1: the rollback record is then corrupt.
+	b, err := os.ReadFile(filepath.Join(dir, logName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	patched := slices.Clone(b)
+	h, err := decodeHeader(patched)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.Version = 1
+	copy(patched, h.encode())
+	dir1 := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir1, logName), patched, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(dir1); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("rollback record in a version 1 log: %v, want ErrCorrupt", err)
+	}
+	h.Version = 3
+	copy(patched, h.encode())
+	if _, err := decodeHeader(patched); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("version 3 header: %v, want ErrCorrupt", err)
+	}
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2.Close()
+	if got := version(); got != 2 {
+		t.Fatalf("store after Close is version %d, want it to stay 2", got)
+	}
+}
+
+const rbCrashEnv = "CSI_SNAP_RB_CRASH_CHILD"
+
+// TestRollbackCrashChild is the crash test's child; it does nothing unless
+// re-executed by TestRollbackCrash. It writes '.' on fd 3 after each
+// operation and 'r' before each rollback.
+func TestRollbackCrashChild(t *testing.T) {
+	arg := os.Getenv(rbCrashEnv)
+	if arg == "" {
+		t.Skip("helper for TestRollbackCrash; runs only as its child process")
+	}
+	parts := strings.Split(arg, ",")
+	dir := parts[0]
+	seed, _ := strconv.ParseInt(parts[1], 10, 64)
+	rollbackPiece = rbChunk // one chunk per write: many points to die at
+	acks := os.NewFile(3, "acks")
+	s, err := Open(dir)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "child open:", err)
+		os.Exit(2)
+	}
+	m := newRBModel()
+	rng := rand.New(rand.NewSource(seed))
+	for i := 0; ; i++ {
+		o := m.gen(rng, false)
+		if o.kind == rbRollback {
+			acks.Write([]byte{'r'})
+		}
+		if err := rbRun(&s, dir, o); err != nil {
+			fmt.Fprintf(os.Stderr, "child step %d %v: %v\n", i, o, err)
+			os.Exit(2)
+		}
+		m.apply(o)
+		if _, err := acks.Write([]byte{'.'}); err != nil {
+			os.Exit(3)
+		}
+	}
+}
+
+// TestRollbackCrash SIGKILLs a child running random operations (a fifth of
+// them rollbacks) at random points, half the rounds while a rollback is in
+// flight, then reopens the store (which resumes an interrupted rollback) and
+// checks every byte of every volume and snapshot against the model: the
+// operation in flight happened entirely or not at all (a write: each byte
+// old or new), and no rollback is left pending.
+func TestRollbackCrash(t *testing.T) {
+	rounds := 30
+	if raceEnabled || testing.Short() {
+		rounds = 8
+	}
+	if longTests() {
+		rounds = 200
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewSource(99))
+	interrupted := 0
+	for round := 0; round < rounds; round++ {
+		seed := int64(5000 + round)
+		target := 5 + rng.Intn(120)
+		inRollback := round%2 == 0
+		delay := time.Duration(rng.Intn(4000)) * time.Microsecond
+		dir := t.TempDir()
+		acked, mid, stderr := rbCrashChild(t, exe, dir, seed, target, inRollback, delay)
+		if mid {
+			interrupted++
+		}
+		if err := rbCrashCheck(dir, seed, acked); err != nil {
+			t.Fatalf("round %d (seed %d, killed after %d acks + %v, mid-rollback %v): %v\nchild stderr: %s",
+				round, seed, acked, delay, mid, err, stderr)
+		}
+	}
+	if interrupted == 0 {
+		t.Fatalf("no kill landed inside a rollback in %d rounds: the test proves nothing about resuming", rounds)
+	}
+	t.Logf("%d of %d kills landed inside a rollback", interrupted, rounds)
+}
+
+// rbCrashChild runs the child until target acks (then, if inRollback, until
+// the next rollback starts), waits delay, kills it, and returns the acks and
+// whether a rollback was in flight when it died.
+func rbCrashChild(t *testing.T, exe, dir string, seed int64, target int, inRollback bool, delay time.Duration) (int, bool, string) {
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(exe, "-test.run=^TestRollbackCrashChild$", "-test.count=1")
+	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%s,%d", rbCrashEnv, dir, seed))
+	cmd.ExtraFiles = []*os.File{pw}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pw.Close()
+	r := bufio.NewReader(pr)
+	n := 0
+	var last byte
+	for n < target || (inRollback && last != 'r') {
+		b, err := r.ReadByte()
+		if err != nil {
+			break
+		}
+		last = b
+		if b == '.' {
+			n++
+		}
+	}
+	time.Sleep(delay)
+	cmd.Process.Signal(syscall.SIGKILL)
+	rest, _ := io.ReadAll(r)
+	for _, b := range rest {
+		last = b
+		if b == '.' {
+			n++
+		}
+	}
+	cmd.Wait()
+	pr.Close()
+	if strings.Contains(stderr.String(), "child") {
+		t.Fatalf("child failed: %s", stderr.String())
+	}
+	return n, last == 'r', stderr.String()
+}
+
+func rbCrashCheck(dir string, seed int64, acked int) error {
+	m := newRBModel()
+	rng := rand.New(rand.NewSource(seed))
+	for i := 0; i < acked; i++ {
+		m.apply(m.gen(rng, false))
+	}
+	before := m.clone()
+	next := m.gen(rng, false)
+	s, err := Open(dir)
+	if err != nil {
+		return fmt.Errorf("reopen: %w", err)
+	}
+	defer s.Close()
+	if next.kind == rbWrite || next.kind == rbDiscard {
+		return rbVerify(s, before, &next)
+	}
+	errA := rbVerify(s, before, nil)
+	if errA == nil {
+		return nil
+	}
+	after := before.clone()
+	after.apply(next)
+	if errB := rbVerify(s, after, nil); errB != nil {
+		return fmt.Errorf("in-flight %v: neither before (%v) nor after (%v)", next, errA, errB)
+	}
+	return nil
+}
