@@ -29,6 +29,8 @@ var cowErrors = []struct{ from, to error }{
 	{cow.ErrClosed, ErrClosed},
 	{cow.ErrNoSpace, ErrNoSpace},
 	{cow.ErrBadArgument, ErrBadArgument},
+	{cow.ErrRollbackPending, ErrBusy},
+	{cow.ErrForeignSnapshot, ErrBadArgument},
 }
 
 func fromCow(err error) error {
@@ -162,3 +164,10 @@ func (c *CowStore) VolumeBackend(id string) (Backend, error) {
 
 // Close implements Store.
 func (c *CowStore) Close() error { return fromCow(c.s.Close()) }
+
+// Rollback implements RollbackStore.
+func (c *CowStore) Rollback(volID, snapID string) (RollbackResult, error) {
+	r, err := c.s.Rollback(volID, snapID)
+	return RollbackResult{ChunksRewritten: r.Chunks, ChunksZeroed: r.Zeroed, TailBytes: r.TailBytes,
+		ChunkSize: r.ChunkSize, Resumed: r.Resumed, Duration: r.Duration}, fromCow(err)
+}

@@ -83,3 +83,52 @@ func TestCowStore(t *testing.T) {
 		t.Fatalf("deleted volume after reopen: %v", err)
 	}
 }
+
+// TestCowStoreRollback runs a rollback through the real cow engine and
+// checks how its errors map: a snapshot of another volume is
+// InvalidArgument, unknown IDs NotFound.
+func TestCowStoreRollback(t *testing.T) {
+	s, err := OpenCowStore(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for _, id := range []string{"v-1", "v-2"} {
+		if _, err := s.CreateVolume(id, 1<<20, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, _ := s.VolumeBackend("v-1")
+	if _, err := b.WriteAt([]byte("old"), 70000); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v-1", "s-1", nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v-2", "s-2", nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.WriteAt([]byte("new"), 70000); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name, vol, snap string
+		code            codes.Code
+	}{
+		{"snapshot of another volume", "v-1", "s-2", codes.InvalidArgument},
+		{"unknown volume", "v-9", "s-1", codes.NotFound},
+		{"unknown snapshot", "v-1", "s-9", codes.NotFound},
+	} {
+		if _, err := s.Rollback(c.vol, c.snap); status.Code(toStatus(err)) != c.code {
+			t.Errorf("%s: %v, want %v", c.name, err, c.code)
+		}
+	}
+	res, err := s.Rollback("v-1", "s-1")
+	if err != nil || res.ChunksRewritten != 1 || res.ChunkSize == 0 {
+		t.Fatalf("rollback: %+v, %v (want 1 chunk rewritten)", res, err)
+	}
+	got := make([]byte, 3)
+	if _, err := b.ReadAt(got, 70000); err != nil || string(got) != "old" {
+		t.Fatalf("after rollback: %q, %v", got, err)
+	}
+}

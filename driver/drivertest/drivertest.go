@@ -173,6 +173,30 @@ func (s *Store) DeleteSnapshot(id string) error {
 	return nil
 }
 
+// Rollback implements driver.RollbackStore: the volume's bytes become the
+// snapshot's (zeros past its size); the volume keeps its size.
+func (s *Store) Rollback(volID, snapID string) (driver.RollbackResult, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return driver.RollbackResult{}, driver.ErrClosed
+	}
+	v, ok := s.vols[volID]
+	if !ok {
+		return driver.RollbackResult{}, fmt.Errorf("volume %s: %w", volID, driver.ErrNotFound)
+	}
+	sn, ok := s.snaps[snapID]
+	if !ok {
+		return driver.RollbackResult{}, fmt.Errorf("snapshot %s: %w", snapID, driver.ErrNotFound)
+	}
+	if sn.info.VolumeID != volID {
+		return driver.RollbackResult{}, fmt.Errorf("snapshot %s is of volume %s: %w", snapID, sn.info.VolumeID, driver.ErrBadArgument)
+	}
+	clear(v.data)
+	copy(v.data, sn.data)
+	return driver.RollbackResult{ChunksRewritten: int64(len(sn.data)+4095) / 4096, ChunkSize: 4096}, nil
+}
+
 // Volume implements driver.Store.
 func (s *Store) Volume(id string) (driver.VolumeInfo, error) {
 	s.mu.Lock()

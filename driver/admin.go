@@ -1,0 +1,190 @@
+package driver
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
+)
+
+// The admin endpoint: operations CSI has no call for, served by the node
+// plugin on a local unix socket (cmd/csi-snap puts it in the run dir) and
+// used by `csi-snap rollback`. It speaks JSON over HTTP/1.1 (net/http, no
+// new dependency, no generated code, and `curl --unix-socket` can debug it);
+// access control is the socket's file mode (0600, root) and who may
+// `kubectl exec` into the plugin pod.
+
+// RollbackStore is what a Store offers when it can roll a volume back to
+// one of its snapshots in place (cow.Store.Rollback). Errors wrap
+// ErrNotFound, ErrBadArgument (the snapshot is of another volume),
+// ErrInvalidated, ErrBusy (a rollback of the volume to another snapshot is
+// unfinished).
+type RollbackStore interface {
+	Rollback(volID, snapID string) (RollbackResult, error)
+}
+
+// RollbackResult says what a rollback did.
+type RollbackResult struct {
+	// ChunksRewritten chunks got the snapshot's data; ChunksZeroed were
+	// zeros in the snapshot and were discarded instead.
+	ChunksRewritten, ChunksZeroed int64
+	// TailBytes past the snapshot's size held data and were discarded.
+	TailBytes int64
+	// ChunkSize is the volume's chunk size in bytes.
+	ChunkSize int
+	// Resumed: the call completed an earlier, interrupted rollback.
+	Resumed  bool
+	Duration time.Duration
+}
+
+// RollbackRequest is the body of POST /v1/rollback.
+type RollbackRequest struct {
+	Volume   string `json:"volume"`
+	Snapshot string `json:"snapshot"`
+}
+
+// RollbackResponse is the answer of POST /v1/rollback.
+type RollbackResponse struct {
+	Volume             string  `json:"volume"`
+	Snapshot           string  `json:"snapshot"`
+	ChunksRewritten    int64   `json:"chunksRewritten"`
+	ChunksZeroed       int64   `json:"chunksZeroed"`
+	BytesRewritten     int64   `json:"bytesRewritten"`
+	TailBytesDiscarded int64   `json:"tailBytesDiscarded"`
+	ChunkSize          int     `json:"chunkSize"`
+	Resumed            bool    `json:"resumed"`
+	Seconds            float64 `json:"seconds"`
+}
+
+// AdminError is the body of every answer that is not 200.
+type AdminError struct {
+	Code    string `json:"code"` // the gRPC code name the driver would use (NotFound, ...)
+	Message string `json:"message"`
+}
+
+// RollbackPath is where the admin endpoint serves rollbacks (POST).
+const RollbackPath = "/v1/rollback"
+
+// Rollback returns volume volID to its snapshot snapID in place. It refuses
+// (FailedPrecondition) while the volume is staged or published on this node:
+// the filesystem or application on it would see its blocks change under it.
+// IDs are checked as the CSI handlers check them, except that a string that
+// is not an ID at all is InvalidArgument (an operator typo), not NotFound.
+// Errors carry gRPC codes: InvalidArgument, NotFound, FailedPrecondition,
+// Aborted (another operation on the volume or snapshot is in flight),
+// Unimplemented (the store cannot roll back), Unavailable, Internal.
+func (d *Driver) Rollback(ctx context.Context, volID, snapID string) (RollbackResult, error) {
+	if volID == "" || snapID == "" {
+		return RollbackResult{}, statusf(codes.InvalidArgument, "volume and snapshot are required")
+	}
+	if !isVolumeID(volID) {
+		return RollbackResult{}, statusf(codes.InvalidArgument, "%q is not a csi-snap volume ID (v- and 32 hex digits: the PV's spec.csi.volumeHandle)", volID)
+	}
+	if !isSnapshotID(snapID) {
+		return RollbackResult{}, statusf(codes.InvalidArgument, "%q is not a csi-snap snapshot ID (s- and 32 hex digits: the VolumeSnapshotContent's status.snapshotHandle)", snapID)
+	}
+	rs, ok := d.opt.Store.(RollbackStore)
+	if !ok {
+		return RollbackResult{}, statusf(codes.Unimplemented, "the store cannot roll volumes back")
+	}
+	for _, id := range []string{volID, snapID} {
+		if idNodeTag(id) != d.tag {
+			return RollbackResult{}, statusf(codes.NotFound, "%s was made on another node (this is node %s): run the command in the plugin pod on the volume's node", id, d.opt.NodeID)
+		}
+	}
+	if !d.locks.tryLock(volID, snapID) {
+		return RollbackResult{}, statusf(codes.Aborted, "an operation on volume %s or snapshot %s is in progress", volID, snapID)
+	}
+	defer d.locks.unlock(volID, snapID)
+	if _, err := d.opt.Store.Volume(volID); err != nil {
+		return RollbackResult{}, toStatus(fmt.Errorf("volume %s: %w", volID, err))
+	}
+	sn, err := d.opt.Store.Snapshot(snapID)
+	if err != nil {
+		return RollbackResult{}, toStatus(fmt.Errorf("snapshot %s: %w", snapID, err))
+	}
+	if sn.VolumeID != volID {
+		return RollbackResult{}, statusf(codes.InvalidArgument, "snapshot %s is of volume %s, not %s", snapID, sn.VolumeID, volID)
+	}
+	if dev, staged := d.opt.Frontend.Device(volID); staged {
+		return RollbackResult{}, statusf(codes.FailedPrecondition,
+			"volume %s is staged on this node (%s): scale its workload to zero so it is unpublished and unstaged, then retry", volID, dev)
+	}
+	if err := ctx.Err(); err != nil {
+		return RollbackResult{}, toStatus(err)
+	}
+	res, err := rs.Rollback(volID, snapID)
+	if err != nil {
+		klog.ErrorS(err, "Rollback failed", "volumeID", volID, "snapshotID", snapID)
+		return res, toStatus(fmt.Errorf("rollback of %s to %s: %w", volID, snapID, err))
+	}
+	klog.InfoS("Rolled back volume", "volumeID", volID, "snapshotID", snapID, "chunksRewritten", res.ChunksRewritten,
+		"chunksZeroed", res.ChunksZeroed, "tailBytes", res.TailBytes, "resumed", res.Resumed, "duration", res.Duration)
+	return res, nil
+}
+
+// AdminHandler serves the admin endpoint: POST RollbackPath with a
+// RollbackRequest. 200 carries a RollbackResponse; errors carry an
+// AdminError with the status mapped from the gRPC code (InvalidArgument 400,
+// NotFound 404, FailedPrecondition and Aborted 409, Unimplemented 501,
+// Unavailable 503, other 500).
+func (d *Driver) AdminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc(RollbackPath, func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPost {
+			w.Header().Set("Allow", http.MethodPost)
+			writeAdminError(w, http.StatusMethodNotAllowed, AdminError{Code: "MethodNotAllowed", Message: "use POST"})
+			return
+		}
+		var req RollbackRequest
+		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&req); err != nil {
+			writeAdminError(w, http.StatusBadRequest, AdminError{Code: codes.InvalidArgument.String(), Message: "bad request body: " + err.Error()})
+			return
+		}
+		res, err := d.Rollback(r.Context(), req.Volume, req.Snapshot)
+		if err != nil {
+			st, _ := status.FromError(err)
+			writeAdminError(w, httpStatus(st.Code()), AdminError{Code: st.Code().String(), Message: st.Message()})
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(RollbackResponse{Volume: req.Volume, Snapshot: req.Snapshot,
+			ChunksRewritten: res.ChunksRewritten, ChunksZeroed: res.ChunksZeroed,
+			BytesRewritten: res.ChunksRewritten * int64(res.ChunkSize), TailBytesDiscarded: res.TailBytes,
+			ChunkSize: res.ChunkSize, Resumed: res.Resumed, Seconds: res.Duration.Seconds()})
+	})
+	return mux
+}
+
+func writeAdminError(w http.ResponseWriter, code int, e AdminError) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(e)
+}
+
+func httpStatus(c codes.Code) int {
+	switch c {
+	case codes.InvalidArgument, codes.OutOfRange:
+		return http.StatusBadRequest
+	case codes.NotFound:
+		return http.StatusNotFound
+	case codes.FailedPrecondition, codes.Aborted, codes.AlreadyExists:
+		return http.StatusConflict
+	case codes.Unimplemented:
+		return http.StatusNotImplemented
+	case codes.Unavailable:
+		return http.StatusServiceUnavailable
+	case codes.ResourceExhausted:
+		return http.StatusInsufficientStorage
+	case codes.Canceled, codes.DeadlineExceeded:
+		return http.StatusRequestTimeout
+	}
+	return http.StatusInternalServerError
+}

@@ -1,0 +1,120 @@
+package driver_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/csi-snap/csi-snap/driver"
+)
+
+// postRollback sends body to the admin handler and returns the HTTP status
+// and the decoded answer (a RollbackResponse on 200, else an AdminError).
+func postRollback(t *testing.T, e env, method, body string) (int, driver.RollbackResponse, driver.AdminError) {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	e.d.AdminHandler().ServeHTTP(rec, httptest.NewRequest(method, driver.RollbackPath, strings.NewReader(body)))
+	var ok driver.RollbackResponse
+	var bad driver.AdminError
+	if rec.Code == http.StatusOK {
+		if err := json.Unmarshal(rec.Body.Bytes(), &ok); err != nil {
+			t.Fatalf("200 with body %q: %v", rec.Body, err)
+		}
+	} else if err := json.Unmarshal(rec.Body.Bytes(), &bad); err != nil || bad.Code == "" || bad.Message == "" {
+		t.Fatalf("%d with body %q: want an AdminError (%v)", rec.Code, rec.Body, err)
+	}
+	return rec.Code, ok, bad
+}
+
+func rbBody(vol, snap string) string {
+	b, _ := json.Marshal(driver.RollbackRequest{Volume: vol, Snapshot: snap})
+	return string(b)
+}
+
+// TestAdminRollback checks the admin endpoint's answers: refused while the
+// volume is staged, not found for unknown IDs, invalid for malformed ones,
+// and a rollback that restores the snapshot's bytes once the volume is
+// unstaged.
+func TestAdminRollback(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	vol := e.createVolume(t, "rb-vol", 1<<20)
+	other := e.createVolume(t, "rb-other", 1<<20)
+	b, err := e.store.VolumeBackend(vol.VolumeId)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.WriteAt(bytes.Repeat([]byte{'a'}, 8192), 0); err != nil {
+		t.Fatal(err)
+	}
+	snap := e.createSnapshot(t, "rb-snap", vol.VolumeId)
+	otherSnap := e.createSnapshot(t, "rb-other-snap", other.VolumeId)
+	if _, err := b.WriteAt(bytes.Repeat([]byte{'b'}, 4096), 4096); err != nil {
+		t.Fatal(err)
+	}
+	staging := filepath.Join(t.TempDir(), "staging")
+	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol.VolumeId, StagingTargetPath: staging,
+		VolumeCapability: blockCap()}); err != nil {
+		t.Fatalf("NodeStageVolume: %v", err)
+	}
+
+	for _, c := range []struct {
+		name, method, body string
+		status             int
+		code               string
+	}{
+		{"staged volume is refused", http.MethodPost, rbBody(vol.VolumeId, snap.SnapshotId), http.StatusConflict, "FailedPrecondition"},
+		{"unknown volume", http.MethodPost, rbBody(localVolID(), snap.SnapshotId), http.StatusNotFound, "NotFound"},
+		{"unknown snapshot", http.MethodPost, rbBody(vol.VolumeId, "s-"+localVolID()[2:]), http.StatusNotFound, "NotFound"},
+		{"volume of another node", http.MethodPost, rbBody(wellFormedVolID, snap.SnapshotId), http.StatusNotFound, "NotFound"},
+		{"malformed volume ID", http.MethodPost, rbBody("pvc-1234", snap.SnapshotId), http.StatusBadRequest, "InvalidArgument"},
+		{"malformed snapshot ID", http.MethodPost, rbBody(vol.VolumeId, "snap!"), http.StatusBadRequest, "InvalidArgument"},
+		{"snapshot ID as volume", http.MethodPost, rbBody(snap.SnapshotId, snap.SnapshotId), http.StatusBadRequest, "InvalidArgument"},
+		{"missing snapshot", http.MethodPost, `{"volume":"` + vol.VolumeId + `"}`, http.StatusBadRequest, "InvalidArgument"},
+		{"unknown field", http.MethodPost, `{"volume":"x","snapshot":"y","force":true}`, http.StatusBadRequest, "InvalidArgument"},
+		{"not JSON", http.MethodPost, `volume=x`, http.StatusBadRequest, "InvalidArgument"},
+		{"GET", http.MethodGet, "", http.StatusMethodNotAllowed, "MethodNotAllowed"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			status, _, bad := postRollback(t, e, c.method, c.body)
+			if status != c.status || bad.Code != c.code {
+				t.Fatalf("%d %s (%s), want %d %s", status, bad.Code, bad.Message, c.status, c.code)
+			}
+		})
+	}
+	// Staged: the volume must be untouched by the refused call.
+	got := make([]byte, 4096)
+	if _, err := b.ReadAt(got, 4096); err != nil || got[0] != 'b' {
+		t.Fatalf("refused rollback changed the volume: %q, %v", got[:1], err)
+	}
+
+	if _, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: vol.VolumeId, StagingTargetPath: staging}); err != nil {
+		t.Fatalf("NodeUnstageVolume: %v", err)
+	}
+	status, _, bad := postRollback(t, e, http.MethodPost, rbBody(vol.VolumeId, otherSnap.SnapshotId))
+	if status != http.StatusBadRequest || bad.Code != "InvalidArgument" {
+		t.Fatalf("snapshot of another volume: %d %s (%s), want 400 InvalidArgument", status, bad.Code, bad.Message)
+	}
+	release := e.d.HoldLock(vol.VolumeId)
+	status, _, bad = postRollback(t, e, http.MethodPost, rbBody(vol.VolumeId, snap.SnapshotId))
+	release()
+	if status != http.StatusConflict || bad.Code != "Aborted" {
+		t.Fatalf("volume busy: %d %s, want 409 Aborted", status, bad.Code)
+	}
+	status, ok, bad := postRollback(t, e, http.MethodPost, rbBody(vol.VolumeId, snap.SnapshotId))
+	if status != http.StatusOK {
+		t.Fatalf("rollback of an unstaged volume: %d %s %s", status, bad.Code, bad.Message)
+	}
+	if ok.Volume != vol.VolumeId || ok.Snapshot != snap.SnapshotId || ok.ChunksRewritten == 0 {
+		t.Fatalf("response %+v does not say what was done", ok)
+	}
+	if _, err := b.ReadAt(got, 4096); err != nil || !bytes.Equal(got, bytes.Repeat([]byte{'a'}, 4096)) {
+		t.Fatalf("volume after rollback reads %q..., want the snapshot's 'a's (%v)", got[:8], err)
+	}
+}
