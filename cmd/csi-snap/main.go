@@ -6,6 +6,10 @@
 //
 //	csi-snap --endpoint unix:///csi/csi.sock --data-dir /var/lib/csi-snap [-v 4]
 //	csi-snap fuse-holder --socket PATH   (started by csi-snap itself)
+//	csi-snap rollback --volume v-... --snapshot s-... [--run-dir DIR]
+//	                                     (asks the plugin on this node, through
+//	                                     <run-dir>/admin.sock, to roll a volume
+//	                                     back to a snapshot in place)
 //
 // The first SIGTERM or SIGINT stops gracefully within --shutdown-timeout; a
 // second one exits at once.
@@ -26,6 +30,9 @@ import (
 func main() {
 	if len(os.Args) > 1 && os.Args[1] == "fuse-holder" {
 		os.Exit(holderMain(os.Args[2:]))
+	}
+	if len(os.Args) > 1 && os.Args[1] == "rollback" {
+		os.Exit(rollbackMain(os.Args[2:], os.Stdout, os.Stderr))
 	}
 	cfg, err := parseFlags(os.Args[1:], klog.InitFlags, os.Stderr)
 	if errors.Is(err, flag.ErrHelp) {

@@ -78,6 +78,11 @@ func run(ctx context.Context, cfg Config) (err error) {
 		// the failed ones answer errors on their own calls.
 		klog.ErrorS(err, "Some attached volumes did not come back")
 	}
+	stopAdmin, err := serveAdmin(d, cfg.RunDir)
+	if err != nil {
+		return err
+	}
+	defer stopAdmin()
 
 	var metrics *driver.Metrics
 	if cfg.MetricsAddress != "" {

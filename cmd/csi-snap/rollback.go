@@ -1,0 +1,136 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/csi-snap/csi-snap/driver"
+	"k8s.io/klog/v2"
+)
+
+// adminSocketName is the admin endpoint's socket inside the run dir.
+const adminSocketName = "admin.sock"
+
+// serveAdmin serves the driver's admin endpoint (rollback) on
+// <runDir>/admin.sock, mode 0600: only root in the plugin's container (or
+// on the node) can reach it. The returned function stops it.
+func serveAdmin(d *driver.Driver, runDir string) (func(), error) {
+	if err := os.MkdirAll(runDir, 0o750); err != nil {
+		return nil, err
+	}
+	sock := filepath.Join(runDir, adminSocketName)
+	if err := removeStaleSocket(sock); err != nil {
+		return nil, fmt.Errorf("admin socket: %w", err)
+	}
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		return nil, fmt.Errorf("admin socket: %w", err)
+	}
+	if err := os.Chmod(sock, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("admin socket: %w", err)
+	}
+	hs := &http.Server{Handler: d.AdminHandler(), ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			klog.ErrorS(err, "Admin endpoint")
+		}
+	}()
+	klog.InfoS("Serving admin endpoint", "socket", sock)
+	return func() {
+		// A rollback in flight is cut here; the store resumes it on its
+		// next Open (or a repeated command completes it).
+		hs.Close()
+		os.Remove(sock)
+	}, nil
+}
+
+// rollbackMain is `csi-snap rollback`: it asks the node plugin running on
+// this node to roll a volume back to a snapshot, and prints what it did.
+// Exit status: 0 done, 1 refused or failed, 2 bad usage.
+func rollbackMain(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("csi-snap rollback", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	vol := fs.String("volume", "", "volume ID to roll back (the PV's spec.csi.volumeHandle, v-...)")
+	snap := fs.String("snapshot", "", "snapshot ID to return to (the VolumeSnapshotContent's status.snapshotHandle, s-...)")
+	dataDir := fs.String("data-dir", defaultDataDir, "the plugin's --data-dir (locates the run dir when --run-dir is not given)")
+	runDir := fs.String("run-dir", "", "the plugin's --run-dir, where admin.sock is (default <data-dir>/run)")
+	timeout := fs.Duration("timeout", time.Hour, "give up waiting after this long (the rollback itself goes on in the plugin)")
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "usage: csi-snap rollback --volume v-... --snapshot s-... [--run-dir DIR] [--timeout D]")
+		fmt.Fprintln(stderr, "Returns the volume to the snapshot in place. The volume must not be in use on the node (scale its workload to 0).")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if fs.NArg() > 0 || *vol == "" || *snap == "" || *timeout <= 0 {
+		fs.Usage()
+		return 2
+	}
+	if *runDir == "" {
+		*runDir = filepath.Join(*dataDir, "run")
+	}
+	sock := filepath.Join(*runDir, adminSocketName)
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	defer cancel()
+	res, err := requestRollback(ctx, sock, *vol, *snap)
+	if err != nil {
+		fmt.Fprintln(stderr, "csi-snap rollback:", err)
+		return 1
+	}
+	verb := "rolled back"
+	if res.Resumed {
+		verb = "completed the interrupted rollback of"
+	}
+	fmt.Fprintf(stdout, "%s volume %s to snapshot %s in %.3fs: %d chunks rewritten (%d bytes), %d chunks zeroed, %d bytes past the snapshot's size discarded (chunk size %d bytes)\n",
+		verb, res.Volume, res.Snapshot, res.Seconds, res.ChunksRewritten, res.BytesRewritten, res.ChunksZeroed,
+		res.TailBytesDiscarded, res.ChunkSize)
+	return 0
+}
+
+// requestRollback posts the request to the admin socket.
+func requestRollback(ctx context.Context, sock, vol, snap string) (driver.RollbackResponse, error) {
+	var out driver.RollbackResponse
+	client := &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", sock)
+		},
+	}}
+	body, _ := json.Marshal(driver.RollbackRequest{Volume: vol, Snapshot: snap})
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://csi-snap"+driver.RollbackPath, bytes.NewReader(body))
+	if err != nil {
+		return out, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := client.Do(req)
+	if err != nil {
+		return out, fmt.Errorf("no node plugin answering on %s (is this the plugin's container, and --run-dir right?): %w", sock, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var e driver.AdminError
+		if err := json.NewDecoder(resp.Body).Decode(&e); err != nil {
+			return out, fmt.Errorf("plugin answered %s", resp.Status)
+		}
+		return out, fmt.Errorf("%s: %s", e.Code, e.Message)
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
+		return out, fmt.Errorf("reading the plugin's answer: %w", err)
+	}
+	return out, nil
+}
