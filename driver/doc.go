@@ -19,6 +19,11 @@
 // arguments first, then take a per-ID lock (contention answers Aborted), then
 // act.
 //
+// Rollback in place (admin.go) is not a CSI call: the node plugin serves it
+// on a local admin endpoint (Driver.AdminHandler, JSON over HTTP on a unix
+// socket that cmd/csi-snap places in the run dir) for `csi-snap rollback`. It
+// is refused while the frontend holds the volume (staged or published).
+//
 // # Caveats
 //
 //   - Names are stored as labels and looked up by scanning the store's listing
@@ -30,4 +35,7 @@
 //   - Index memory and copy-out counters are exported only as far as the cow
 //     Info structures expose them (allocated bytes per volume, COW bytes per
 //     snapshot).
+//   - The staged check of a rollback sees this node's frontend only; the
+//     per-ID lock keeps a concurrent NodeStageVolume out while it runs
+//     (it answers Aborted and kubelet retries).
 package driver
