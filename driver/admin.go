@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"slices"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -111,7 +112,11 @@ func (d *Driver) Rollback(ctx context.Context, volID, snapID string) (RollbackRe
 	if sn.VolumeID != volID {
 		return RollbackResult{}, statusf(codes.InvalidArgument, "snapshot %s is of volume %s, not %s", snapID, sn.VolumeID, volID)
 	}
-	if dev, staged := d.opt.Frontend.Device(volID); staged {
+	dev, staged := d.opt.Frontend.Device(volID)
+	if !staged && slices.Contains(d.opt.Frontend.Attached(), volID) {
+		dev, staged = "held across a restart", true
+	}
+	if staged {
 		return RollbackResult{}, statusf(codes.FailedPrecondition,
 			"volume %s is staged on this node (%s): scale its workload to zero so it is unpublished and unstaged, then retry", volID, dev)
 	}
