@@ -471,6 +471,23 @@ func TestRollbackErrors(t *testing.T) {
 	if err := s.DeleteSnapshot("gone"); err != nil {
 		t.Fatal(err)
 	}
+	// A snapshot that ran over its limit (one chunk) is invalid.
+	c, err := s.CreateVolume("c", 16*rbChunk, VolumeOptions{ChunkSize: rbChunk})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.WriteAt(fill(2*rbChunk, 5), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("c", "c1", SnapshotOptions{Limit: rbChunk}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.WriteAt(fill(2*rbChunk, 6), 0); err != nil {
+		t.Fatal(err)
+	}
+	if info := s.Snapshots(); !slices.ContainsFunc(info, func(i SnapshotInfo) bool { return i.ID == "c1" && i.Invalid }) {
+		t.Fatalf("c1 is not invalid: %+v", info)
+	}
 	for _, c := range []struct {
 		name, vol, snap string
 		want            error
@@ -483,6 +500,7 @@ func TestRollbackErrors(t *testing.T) {
 		{"snapshot given as volume", "a1", "a1", ErrNotFound},
 		{"volume given as snapshot", "a", "b", ErrNotFound},
 		{"snapshot of another volume", "a", "b1", ErrForeignSnapshot},
+		{"invalid snapshot", "c", "c1", ErrInvalidated},
 	} {
 		if _, err := s.Rollback(c.vol, c.snap); !errors.Is(err, c.want) {
 			t.Errorf("%s: %v, want %v", c.name, err, c.want)
@@ -498,7 +516,7 @@ func TestRollbackErrors(t *testing.T) {
 		"discard":           func() error { return a.Discard(0, 1) },
 		"resize":            func() error { return a.Resize(32 * rbChunk) },
 		"snapshot":          func() error { _, err := s.CreateSnapshot("a", "a3", SnapshotOptions{}); return err },
-		"clone volume":      func() error { _, err := s.CloneVolume("a", "c", 16*rbChunk, VolumeOptions{}); return err },
+		"clone volume":      func() error { _, err := s.CloneVolume("a", "ac", 16*rbChunk, VolumeOptions{}); return err },
 		"delete volume":     func() error { return s.DeleteVolume("a") },
 		"delete snapshot":   func() error { return s.DeleteSnapshot("a2") },
 		"rollback to other": func() error { _, err := s.Rollback("a", "a2"); return err },
