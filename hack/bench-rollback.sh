@@ -5,8 +5,9 @@
 # driver without rollback does. Each round runs, in this order:
 #   16 GiB volume: inplace, blockcopy   (the baseline reads 2 x 16 GiB)
 #   1 TiB volume:  inplace              (blockcopy would read 2 TiB: ~1 h here)
-# ROUNDS rounds (default 3) interleave A B A B. About 2.5 min per round on a
-# 2-core VM (most of it the baseline and the untimed 1 GiB rewrites).
+# ROUNDS rounds (default 3) interleave A B A B. About 7 min per round on a
+# 2-core VM at load 8 (3 of them the 16 GiB baseline; the rest the untimed
+# 1 GiB rewrites between iterations); 21.5 min for the 3 rounds below.
 # Output goes to stdout unedited; the load average is printed per round.
 set -euo pipefail
 cd "$(dirname "$0")/.."
