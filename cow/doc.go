@@ -29,6 +29,17 @@
 // (punching holes in the COW file); this merge is a pure function of the
 // state, so one durable "delete" record suffices and replay redoes it.
 //
+// # Snapshot groups
+//
+// CreateSnapshotGroup snapshots several volumes at one instant: it holds
+// every member's gate (no write runs on any member), flushes each, and
+// commits all member snapshot records plus a group record in one log batch;
+// replay keeps member records only with their group record, so after a crash
+// the whole group exists or none of it. DeleteSnapshotGroup deletes all
+// members with one record; DeleteSnapshot of a member returns
+// ErrGroupMember. Cost: one flush per member and one batch, O(1) in the
+// volumes' sizes (group.go, FORMAT.md "Snapshot groups").
+//
 // # Durability
 //
 // Every change is a record in one log (store.log, see FORMAT.md). A first
@@ -68,6 +79,10 @@
 //   - A log write or sync error makes the store refuse changes (ErrClosed)
 //     until reopened: after a failed fsync the state on disk is unknown, and
 //     Open re-derives it.
+//   - A store that ever had a snapshot group writes log version 2, which
+//     binaries from before groups refuse (ErrCorrupt, "version 2").
+//   - Group members are frozen together only as far as cow sees them: the
+//     filesystems on them are frozen by the caller (the driver), not here.
 //   - Sizes are at most 16 TiB (ext4's largest file with 4 KiB blocks).
 //   - CreateSnapshot syncs the data file and the log concurrently (unless a
 //     clone has "present" records, which must follow their data): if the

@@ -17,13 +17,19 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 func crc(p []byte) uint32 { return crc32.Checksum(p, castagnoli) }
 
 const (
-	logName     = "store.log"
-	logTmpName  = "store.log.tmp"
-	headerSize  = 64
-	logVersion  = 1
-	maxPayload  = 1 << 24 // bytes; a record longer than this is corrupt
-	recOverhead = 9       // u32 length + u8 type + u32 CRC
-	maxLabels   = 8 << 10 // bytes of encoded labels
+	logName    = "store.log"
+	logTmpName = "store.log.tmp"
+	headerSize = 64
+	// logVersionGroups is the version of a log that may hold group records
+	// (types 16, 17) and snapshot records with flagGroup. A store without
+	// groups keeps writing logVersion, so older binaries still open it; one
+	// with groups is refused by them as a version they do not know instead
+	// of failing on an unknown record type.
+	logVersionGroups = 2
+	logVersion       = 1       // a log without group records (see logVersionGroups)
+	maxPayload       = 1 << 24 // bytes; a record longer than this is corrupt
+	recOverhead      = 9       // u32 length + u8 type + u32 CRC
+	maxLabels        = 8 << 10 // bytes of encoded labels
 )
 
 var logMagic = [8]byte{'c', 's', 'n', 'a', 'p', 'l', 'o', 'g'}
@@ -32,12 +38,19 @@ var logMagic = [8]byte{'c', 's', 'n', 'a', 'p', 'l', 'o', 'g'}
 type header struct {
 	UUID       [16]byte
 	Generation uint64 // checkpoints written so far
+	// Version is logVersion, or logVersionGroups once the log may hold
+	// group records (0 encodes as logVersion).
+	Version uint32
 }
 
 func (h header) encode() []byte {
 	b := make([]byte, headerSize)
 	copy(b[0:8], logMagic[:])
-	binary.LittleEndian.PutUint32(b[8:], logVersion)
+	v := h.Version
+	if v == 0 {
+		v = logVersion
+	}
+	binary.LittleEndian.PutUint32(b[8:], v)
 	copy(b[16:32], h.UUID[:])
 	binary.LittleEndian.PutUint64(b[32:], h.Generation)
 	binary.LittleEndian.PutUint32(b[60:], crc(b[:60]))
@@ -55,9 +68,11 @@ func decodeHeader(b []byte) (header, error) {
 	if got, want := binary.LittleEndian.Uint32(b[60:]), crc(b[:60]); got != want {
 		return h, corruptf("log header: CRC %08x, want %08x", got, want)
 	}
-	if v := binary.LittleEndian.Uint32(b[8:]); v != logVersion {
-		return h, corruptf("log header: version %d, want %d", v, logVersion)
+	v := binary.LittleEndian.Uint32(b[8:])
+	if v != logVersion && v != logVersionGroups {
+		return h, corruptf("log header: version %d, want %d or %d", v, logVersion, logVersionGroups)
 	}
+	h.Version = v
 	copy(h.UUID[:], b[16:32])
 	h.Generation = binary.LittleEndian.Uint64(b[32:])
 	return h, nil
@@ -76,10 +91,13 @@ const (
 	recRuns         = 9  // checkpoint: a snapshot's exception runs
 	recPresentRuns  = 10 // checkpoint: a clone's present runs
 	recNextObj      = 11 // checkpoint: the next object number to hand out
-	maxRecordType   = 11
+	recGroup        = 16 // a snapshot group exists (group.go; log version 2)
+	recGroupDelete  = 17 // a snapshot group and all its members were deleted
+	maxRecordType   = 17
 	flagDeleted     = 1
 	flagInvalid     = 2
 	flagInternal    = 4 // snapshot made by CloneVolume, never listed
+	flagGroup       = 8 // snapshot made by CreateSnapshotGroup: exists only with its group record
 	excPayloadBytes = 24
 )
 
@@ -102,6 +120,7 @@ type record struct {
 	N         uint64 // recPresent: chunk count
 	DataCRC   uint32 // recExc: CRC32C of the copied chunk
 	Runs      []exceptions.Run
+	Members   []uint32 // recGroup: member snapshot objects, in the group's order
 }
 
 type enc struct{ b []byte }
@@ -191,6 +210,15 @@ func appendRecord(b []byte, r *record) []byte {
 			e.uv(run.Len)
 			prevEnd = uint64(run.Origin) + run.Len
 		}
+	case recGroup:
+		e.str(r.ID)
+		e.u64(uint64(r.Created))
+		e.u32(uint32(len(r.Members)))
+		for _, m := range r.Members {
+			e.u32(m)
+		}
+	case recGroupDelete:
+		e.str(r.ID)
 	default:
 		panic("cow: encoding unknown record type") // programming error, never input
 	}
@@ -317,6 +345,19 @@ func decodeRecord(b []byte) (*record, int, error) {
 			r.Runs = append(r.Runs, exceptions.Run{Origin: exceptions.Chunk(o), COW: exceptions.Chunk(c), Len: ln})
 			prevEnd, prevCOW = o+ln, c+ln
 		}
+	case recGroup:
+		r.ID = d.str()
+		r.Created = int64(d.u64())
+		n := d.u32()
+		if uint64(n)*4 != uint64(len(d.b)) {
+			return nil, 0, corruptf("group record: %d members in %d bytes", n, len(d.b))
+		}
+		r.Members = make([]uint32, n)
+		for i := range r.Members {
+			r.Members[i] = d.u32()
+		}
+	case recGroupDelete:
+		r.ID = d.str()
 	default:
 		return nil, 0, corruptf("unknown record type %d", r.Type)
 	}
