@@ -2,13 +2,14 @@
 # Group snapshots (cow.CreateSnapshotGroup) against the same snapshots taken
 # one by one, as quoted in BENCHMARKS.md "## group snapshots". Each pass runs
 # every case once, group and sequential alternating (A B A B), PASSES times;
-# then benchstat medians. About 1.5 minutes with the defaults on 2 cores.
-#   PASSES=5 BENCHTIME=100x hack/bench-group.sh
+# then benchstat medians (group vs sequential as a ratio). About 2.5 minutes
+# with the defaults on 2 busy cores.
+#   PASSES=6 BENCHTIME=30x hack/bench-group.sh
 set -euo pipefail
 cd "$(dirname "$0")/../cow"
 export PATH="$PATH:/usr/local/go/bin:$(go env GOPATH)/bin"
-PASSES=${PASSES:-5}
-BENCHTIME=${BENCHTIME:-100x}
+PASSES=${PASSES:-6}
+BENCHTIME=${BENCHTIME:-30x}
 out=${OUT:-$(mktemp -d)}
 go test -c -o "$out/cow.test" .
 echo "commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . || echo '+dirty'); load: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -18,7 +19,7 @@ for i in $(seq "$PASSES"); do
 	echo "pass $i done; load: $(cut -d' ' -f1-3 /proc/loadavg)"
 done
 if command -v benchstat >/dev/null; then
-	benchstat -col /mode "$out/group.txt" || benchstat "$out/group.txt"
+	benchstat -col /mode "$out/group.txt"
 else
 	echo "benchstat not found: go install golang.org/x/perf/cmd/benchstat@latest"
 fi
