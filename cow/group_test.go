@@ -408,12 +408,15 @@ func (o gOp) String() string {
 type gModel struct {
 	*model
 	groups map[string][]string // group ID -> member snapshot IDs
+	// heavy makes about half of the stream group creates and deletes, so
+	// that most kills of the crash test land in one.
+	heavy bool
 }
 
 func newGModel() *gModel { return &gModel{model: newModel(), groups: map[string][]string{}} }
 
 func (m *gModel) clone() *gModel {
-	c := &gModel{model: m.model.clone(), groups: map[string][]string{}}
+	c := &gModel{model: m.model.clone(), groups: map[string][]string{}, heavy: m.heavy}
 	for k, v := range m.groups {
 		c.groups[k] = v
 	}
@@ -432,8 +435,12 @@ func (m *gModel) member(snap string) bool {
 func (m *gModel) gen(rng *rand.Rand, reopen bool) gOp {
 	p := rng.Intn(100)
 	vols := sortedKeys(m.vols)
+	create, del := 12, 18
+	if m.heavy {
+		create, del = 40, 55
+	}
 	switch {
-	case p < 12 && len(vols) > 0 && len(m.groups) < 3:
+	case p < create && len(vols) > 0 && len(m.groups) < 3:
 		n := 1 + rng.Intn(len(vols))
 		m.n++
 		o := gOp{op: op{kind: opGroupCreate}, group: fmt.Sprintf("g%d", m.n)}
@@ -442,7 +449,7 @@ func (m *gModel) gen(rng *rand.Rand, reopen bool) gOp {
 			o.members = append(o.members, GroupMember{vols[i], fmt.Sprintf("x%d", m.n)})
 		}
 		return o
-	case p < 18 && len(m.groups) > 0:
+	case p < del && len(m.groups) > 0:
 		gs := sortedKeys(m.groups)
 		return gOp{op: op{kind: opGroupDelete}, group: gs[rng.Intn(len(gs))]}
 	}
@@ -589,6 +596,7 @@ func TestGroupCrashChild(t *testing.T) {
 		os.Exit(2)
 	}
 	m := newGModel()
+	m.heavy = len(parts) > 2 && parts[2] == "heavy"
 	rng := rand.New(rand.NewSource(seed))
 	open := func() (*Store, error) { return Open(dir) }
 	for i := 0; ; i++ {
@@ -605,7 +613,7 @@ func TestGroupCrashChild(t *testing.T) {
 }
 
 func TestGroupCrash(t *testing.T) {
-	rounds := 40
+	rounds := 30
 	if raceEnabled {
 		rounds = 10
 	}
@@ -623,28 +631,35 @@ func TestGroupCrash(t *testing.T) {
 	inFlightGroup := 0
 	for round := 0; round < rounds; round++ {
 		seed := int64(5000 + round)
+		heavy := round%2 == 1 // every other round: a group-heavy stream
 		target := 5 + rng.Intn(250)
 		delay := time.Duration(rng.Intn(3000)) * time.Microsecond
 		dir := t.TempDir()
-		acked, stderr := groupCrashChild(t, exe, dir, seed, target, delay)
-		next, err := groupCrashCheck(dir, seed, acked)
+		acked, stderr := groupCrashChild(t, exe, dir, seed, heavy, target, delay)
+		next, err := groupCrashCheck(dir, seed, heavy, acked)
 		if err != nil {
-			t.Fatalf("round %d (seed %d, killed after %d acks + %v): %v\nchild stderr: %s", round, seed, acked, delay, err, stderr)
+			t.Fatalf("round %d (seed %d, heavy %v, killed after %d acks + %v): %v\nchild stderr: %s", round, seed, heavy, acked, delay, err, stderr)
 		}
 		if next == opGroupCreate || next == opGroupDelete {
 			inFlightGroup++
 		}
 	}
-	t.Logf("%d of %d kills hit a group operation in flight", inFlightGroup, rounds)
+	// "Next" is the operation after the last acknowledged one: the kill
+	// came while it ran or just before it started.
+	t.Logf("in %d of %d rounds the next operation at the kill was a group create or delete", inFlightGroup, rounds)
 }
 
-func groupCrashChild(t *testing.T, exe, dir string, seed int64, target int, delay time.Duration) (int, string) {
+func groupCrashChild(t *testing.T, exe, dir string, seed int64, heavy bool, target int, delay time.Duration) (int, string) {
 	pr, pw, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(exe, "-test.run=^TestGroupCrashChild$", "-test.count=1")
-	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%s,%d", groupCrashEnv, dir, seed))
+	mode := "normal"
+	if heavy {
+		mode = "heavy"
+	}
+	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%s,%d,%s", groupCrashEnv, dir, seed, mode))
 	cmd.ExtraFiles = []*os.File{pw}
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
@@ -676,8 +691,9 @@ func groupCrashChild(t *testing.T, exe, dir string, seed int64, target int, dela
 // acknowledged stream; the operation in flight may or may not have
 // happened, but a group operation only as a whole (gVerify compares the
 // exact snapshot and group lists, and every member byte for byte).
-func groupCrashCheck(dir string, seed int64, acked int) (opKind, error) {
+func groupCrashCheck(dir string, seed int64, heavy bool, acked int) (opKind, error) {
 	m := newGModel()
+	m.heavy = heavy
 	rng := rand.New(rand.NewSource(seed))
 	for i := 0; i < acked; i++ {
 		m.apply(m.gen(rng, true))
