@@ -24,7 +24,12 @@ func (s *Store) apply(r *record) error {
 	case recVolume:
 		return s.applyVolume(r)
 	case recSnapshot:
-		return s.applySnapshot(r)
+		if err := s.applySnapshot(r); err != nil {
+			return err
+		}
+		return s.noteSnapshotRecord(r) // group.go
+	case recGroup, recGroupDelete:
+		return s.applyGroup(r) // group.go
 	case recResize:
 		v, err := s.vol(r.Obj)
 		if err != nil {
@@ -256,7 +261,7 @@ func (s *Store) applySnapshot(r *record) error {
 	if err != nil {
 		return err
 	}
-	if r.Flags&^(flagDeleted|flagInvalid|flagInternal) != 0 || r.Size <= 0 || r.Size > v.size || (v.deleted && !s.replay) {
+	if r.Flags&^(flagDeleted|flagInvalid|flagInternal|flagGroup) != 0 || r.Size <= 0 || r.Size > v.size || (v.deleted && !s.replay) {
 		return corruptf("snapshot %d: size %d, flags %x", r.Obj, r.Size, r.Flags)
 	}
 	sn := &Snapshot{s: s, obj: r.Obj, id: r.ID, vol: v, size: r.Size, created: time.Unix(0, r.Created),

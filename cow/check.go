@@ -16,6 +16,9 @@ func longTests() bool { return os.Getenv("CSI_SNAP_LONG") == "1" }
 func (s *Store) check() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if err := s.checkGroups(); err != nil {
+		return err
+	}
 	for _, o := range s.objs {
 		v, ok := o.(*Volume)
 		if !ok {

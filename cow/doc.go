@@ -46,6 +46,16 @@
 // would give (volumes never shrink, and a PVC cannot). A begin record
 // before and a done record after make it crash-safe: Open resumes an
 // unfinished rollback (FORMAT.md gives the order and the argument).
+// # Snapshot groups
+//
+// CreateSnapshotGroup snapshots several volumes at one instant: it holds
+// every member's gate (no write runs on any member), flushes each, and
+// commits all member snapshot records plus a group record in one log batch;
+// replay keeps member records only with their group record, so after a crash
+// the whole group exists or none of it. DeleteSnapshotGroup deletes all
+// members with one record; DeleteSnapshot of a member returns
+// ErrGroupMember. Cost: one flush per member and one batch, O(1) in the
+// volumes' sizes (group.go, FORMAT.md "Snapshot groups").
 //
 // # Durability
 //
@@ -91,6 +101,10 @@
 //     deletes with ErrRollbackPending; reads return whatever mix of old and
 //     rolled-back chunks is there at that moment. Callers must stop using
 //     the volume first (the driver refuses while it is staged).
+//   - A store that ever had a snapshot group writes log version 2, which
+//     binaries from before groups refuse (ErrCorrupt, "version 2").
+//   - Group members are frozen together only as far as cow sees them: the
+//     filesystems on them are frozen by the caller (the driver), not here.
 //   - Sizes are at most 16 TiB (ext4's largest file with 4 KiB blocks).
 //   - CreateSnapshot syncs the data file and the log concurrently (unless a
 //     clone has "present" records, which must follow their data): if the

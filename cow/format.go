@@ -17,10 +17,18 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 func crc(p []byte) uint32 { return crc32.Checksum(p, castagnoli) }
 
 const (
-	logName     = "store.log"
-	logTmpName  = "store.log.tmp"
-	headerSize  = 64
-	logVersion  = 2       // the newest version this code reads
+	logName    = "store.log"
+	logTmpName = "store.log.tmp"
+	headerSize = 64
+	// logVersion is the version of a log without the records of version 2;
+	// a store keeps writing it, so older binaries still open it, until its
+	// first rollback or snapshot group upgrades it (FORMAT.md, "Versions").
+	logVersion = 1
+	// logVersion2 may also hold rollback records (types 12, 13), group
+	// records (16, 17) and snapshot records with flagGroup. Binaries that
+	// know only version 1 refuse it by its header instead of failing on an
+	// unknown record type.
+	logVersion2 = 2
 	maxPayload  = 1 << 24 // bytes; a record longer than this is corrupt
 	recOverhead = 9       // u32 length + u8 type + u32 CRC
 	maxLabels   = 8 << 10 // bytes of encoded labels
@@ -30,7 +38,9 @@ var logMagic = [8]byte{'c', 's', 'n', 'a', 'p', 'l', 'o', 'g'}
 
 // header is the first 64 bytes of store.log.
 type header struct {
-	Version    uint32 // 0 is written as 1; a store becomes 2 at its first Rollback
+	// Version is logVersion, or logVersion2 once the store has had a
+	// rollback or a snapshot group (0 is written as logVersion).
+	Version    uint32
 	UUID       [16]byte
 	Generation uint64 // checkpoints written so far
 }
@@ -38,7 +48,7 @@ type header struct {
 func (h header) encode() []byte {
 	b := make([]byte, headerSize)
 	copy(b[0:8], logMagic[:])
-	binary.LittleEndian.PutUint32(b[8:], max(h.Version, 1))
+	binary.LittleEndian.PutUint32(b[8:], max(h.Version, logVersion))
 	copy(b[16:32], h.UUID[:])
 	binary.LittleEndian.PutUint64(b[32:], h.Generation)
 	binary.LittleEndian.PutUint32(b[60:], crc(b[:60]))
@@ -57,8 +67,8 @@ func decodeHeader(b []byte) (header, error) {
 		return h, corruptf("log header: CRC %08x, want %08x", got, want)
 	}
 	h.Version = binary.LittleEndian.Uint32(b[8:])
-	if h.Version < 1 || h.Version > logVersion {
-		return h, corruptf("log header: version %d, want 1..%d", h.Version, logVersion)
+	if h.Version != logVersion && h.Version != logVersion2 {
+		return h, corruptf("log header: version %d, want %d or %d", h.Version, logVersion, logVersion2)
 	}
 	copy(h.UUID[:], b[16:32])
 	h.Generation = binary.LittleEndian.Uint64(b[32:])
@@ -80,11 +90,12 @@ const (
 	recNextObj      = 11 // checkpoint: the next object number to hand out
 	recRollback     = 12 // version 2: a rollback of a volume to a snapshot began
 	recRollbackDone = 13 // version 2: that rollback is complete and durable
-	maxRecordType   = 13
-	rollbackVersion = 2 // the log version that may hold rollback records
+	recGroup        = 16 // version 2: a snapshot group exists (group.go)
+	recGroupDelete  = 17 // version 2: a snapshot group and all its members were deleted
 	flagDeleted     = 1
 	flagInvalid     = 2
 	flagInternal    = 4 // snapshot made by CloneVolume, never listed
+	flagGroup       = 8 // snapshot made by CreateSnapshotGroup: exists only with its group record
 	excPayloadBytes = 24
 )
 
@@ -107,6 +118,7 @@ type record struct {
 	N         uint64 // recPresent: chunk count
 	DataCRC   uint32 // recExc: CRC32C of the copied chunk
 	Runs      []exceptions.Run
+	Members   []uint32 // recGroup: member snapshot objects, in the group's order
 }
 
 type enc struct{ b []byte }
@@ -199,6 +211,15 @@ func appendRecord(b []byte, r *record) []byte {
 			e.uv(run.Len)
 			prevEnd = uint64(run.Origin) + run.Len
 		}
+	case recGroup:
+		e.str(r.ID)
+		e.u64(uint64(r.Created))
+		e.u32(uint32(len(r.Members)))
+		for _, m := range r.Members {
+			e.u32(m)
+		}
+	case recGroupDelete:
+		e.str(r.ID)
 	default:
 		panic("cow: encoding unknown record type") // programming error, never input
 	}
@@ -327,6 +348,19 @@ func decodeRecord(b []byte) (*record, int, error) {
 			r.Runs = append(r.Runs, exceptions.Run{Origin: exceptions.Chunk(o), COW: exceptions.Chunk(c), Len: ln})
 			prevEnd, prevCOW = o+ln, c+ln
 		}
+	case recGroup:
+		r.ID = d.str()
+		r.Created = int64(d.u64())
+		n := d.u32()
+		if uint64(n)*4 != uint64(len(d.b)) {
+			return nil, 0, corruptf("group record: %d members in %d bytes", n, len(d.b))
+		}
+		r.Members = make([]uint32, n)
+		for i := range r.Members {
+			r.Members[i] = d.u32()
+		}
+	case recGroupDelete:
+		r.ID = d.str()
 	default:
 		return nil, 0, corruptf("unknown record type %d", r.Type)
 	}

@@ -146,13 +146,13 @@ func (s *Store) rollbackBegin(volID, snapID string) (*Volume, *Snapshot, bool, e
 	if cur != nil {
 		return nil, nil, false, v.rollbackBusy()
 	}
-	if s.hdr.Version < rollbackVersion {
+	if s.hdr.Version < logVersion2 {
 		// Rollback records are new in version 2. Upgrade through a
 		// checkpoint (temp file, fsync, rename: atomic) so that a binary
 		// that only knows version 1 refuses the store with a version error
 		// instead of failing on a record type it does not know.
 		old := s.hdr
-		s.hdr.Version = rollbackVersion
+		s.hdr.Version = logVersion2
 		if err := s.checkpointLocked(); err != nil {
 			s.hdr = old
 			return nil, nil, false, err
@@ -344,7 +344,7 @@ func (s *Store) resumeRollbacks() {
 
 // applyRollback applies a rollback begin or done record.
 func (s *Store) applyRollback(r *record) error {
-	if s.hdr.Version < rollbackVersion {
+	if s.hdr.Version < logVersion2 {
 		return corruptf("rollback record in a version %d log", s.hdr.Version)
 	}
 	v, err := s.vol(r.Obj)

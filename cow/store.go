@@ -32,6 +32,7 @@ type Store struct {
 	dirty    map[*Snapshot]struct{} // replay: snapshots with pending inserts
 	cowMu    sync.Mutex             // guards opening COW files lazily
 	isClosed atomic.Bool            // for the I/O paths, which do not take mu
+	grp      groupState             // snapshot groups (group.go); guarded by mu
 
 	copyOuts    atomic.Uint64 // chunks recorded by copy-before-write since Open
 	copiedBytes atomic.Uint64 // bytes of those chunks written to COW files (zero chunks cost none)
@@ -83,6 +84,9 @@ func (s *Store) load() error {
 	s.dirty = map[*Snapshot]struct{}{}
 	end, seq, tail, rewrite, err := s.replayLog(b)
 	s.replay = false
+	if err == nil {
+		err = s.groupsReplayed()
+	}
 	if err == nil {
 		err = s.flushAllPending()
 	}
@@ -212,6 +216,9 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite
 			if r.Seq != seq+1 {
 				return 0, 0, nil, false, corruptf("offset %d: batch %d after %d", off, r.Seq, seq)
 			}
+			if batchRecs, _, err = groupBatch(batchRecs, false); err != nil {
+				return 0, 0, nil, false, fmt.Errorf("batch %d: %w", seq, err)
+			}
 			for _, br := range batchRecs {
 				if err := s.apply(br); err != nil {
 					return 0, 0, nil, false, fmt.Errorf("batch %d: %w", seq, err)
@@ -234,7 +241,11 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite
 	// The last batch: a copy-out whose chunk data did not reach the disk
 	// guarded an origin write that never happened, so it is dropped.
 	var kept []byte
-	dropped := false
+	// A group whose group record was torn off loses its member records.
+	batchRecs, dropped, err := groupBatch(batchRecs, torn)
+	if err != nil {
+		return 0, 0, nil, false, fmt.Errorf("batch %d: %w", seq, err)
+	}
 	for _, r := range batchRecs {
 		if r.Type == recExc && r.COW != 0 {
 			ok, err := s.excDataDurable(r)
@@ -741,6 +752,9 @@ func (s *Store) DeleteSnapshot(id string) error {
 	if err := sn.vol.rollbackBusy(); err != nil {
 		return err
 	}
+	if err := s.checkNotGroupMember(sn); err != nil {
+		return err
+	}
 	defer lockGates(lineage(sn.vol))()
 	return s.commitApply(&record{Type: recDelete, Obj: sn.obj})
 }
@@ -939,6 +953,7 @@ func (s *Store) checkpointLocked() error {
 	}
 	h := s.hdr
 	h.Generation++
+	h.Version = s.logVersionNeeded()
 	w := &bufWriter{f: f, b: h.encode()}
 	var objs []uint32
 	for o := range s.objs {
@@ -968,8 +983,14 @@ func (s *Store) checkpointLocked() error {
 			if x.internal {
 				r.Flags |= flagInternal
 			}
+			if s.isGroupMember(x) {
+				r.Flags |= flagGroup
+			}
 			w.rec(r)
 		}
+	}
+	for _, r := range s.groupRecords() {
+		w.rec(r)
 	}
 	w.rec(&record{Type: recNextObj, Obj: s.nextObj})
 	for _, o := range objs {

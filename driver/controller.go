@@ -135,6 +135,9 @@ func (d *Driver) csiSnapshot(s SnapshotInfo) *csi.Snapshot {
 		SizeBytes:      s.Size,
 		CreationTime:   timestamppb.New(s.Created),
 		ReadyToUse:     !s.Invalid,
+		// Set for members of a group snapshot: the CO must not delete
+		// them alone (DeleteSnapshot refuses with InvalidArgument).
+		GroupSnapshotId: s.GroupID,
 	}
 }
 

@@ -31,6 +31,7 @@ var cowErrors = []struct{ from, to error }{
 	{cow.ErrBadArgument, ErrBadArgument},
 	{cow.ErrRollbackPending, ErrBusy},
 	{cow.ErrForeignSnapshot, ErrBadArgument},
+	{cow.ErrGroupMember, ErrGroupMember},
 }
 
 func fromCow(err error) error {
@@ -130,7 +131,9 @@ func (c *CowStore) Snapshot(id string) (SnapshotInfo, error) {
 	if err != nil {
 		return SnapshotInfo{}, fromCow(err)
 	}
-	return snapInfo(s.Info()), nil
+	i := snapInfo(s.Info())
+	i.GroupID = c.s.GroupOf(id)
+	return i, nil
 }
 
 // Volumes implements Store.
@@ -149,6 +152,53 @@ func (c *CowStore) Snapshots() []SnapshotInfo {
 	out := make([]SnapshotInfo, len(ss))
 	for i, s := range ss {
 		out[i] = snapInfo(s)
+		out[i].GroupID = c.s.GroupOf(s.ID)
+	}
+	return out
+}
+
+// CreateSnapshotGroup implements GroupStore.
+func (c *CowStore) CreateSnapshotGroup(groupID string, members []GroupMember, labels map[string]string) (GroupInfo, error) {
+	ms := make([]cow.GroupMember, len(members))
+	for i, m := range members {
+		ms[i] = cow.GroupMember{VolumeID: m.VolumeID, SnapshotID: m.SnapshotID}
+	}
+	g, err := c.s.CreateSnapshotGroup(groupID, ms, cow.SnapshotOptions{Labels: labels})
+	if err != nil {
+		return GroupInfo{}, fromCow(err)
+	}
+	return groupInfo(g), nil
+}
+
+// DeleteSnapshotGroup implements GroupStore.
+func (c *CowStore) DeleteSnapshotGroup(groupID string) error {
+	return fromCow(c.s.DeleteSnapshotGroup(groupID))
+}
+
+// SnapshotGroup implements GroupStore.
+func (c *CowStore) SnapshotGroup(groupID string) (GroupInfo, error) {
+	g, err := c.s.SnapshotGroup(groupID)
+	if err != nil {
+		return GroupInfo{}, fromCow(err)
+	}
+	return groupInfo(g), nil
+}
+
+// SnapshotGroups implements GroupStore.
+func (c *CowStore) SnapshotGroups() []GroupInfo {
+	gs := c.s.SnapshotGroups()
+	out := make([]GroupInfo, len(gs))
+	for i, g := range gs {
+		out[i] = groupInfo(g)
+	}
+	return out
+}
+
+func groupInfo(g cow.GroupInfo) GroupInfo {
+	out := GroupInfo{ID: g.ID, Created: g.Created, Snapshots: make([]SnapshotInfo, len(g.Snapshots))}
+	for i, s := range g.Snapshots {
+		out.Snapshots[i] = snapInfo(s)
+		out.Snapshots[i].GroupID = g.ID
 	}
 	return out
 }

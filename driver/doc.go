@@ -23,6 +23,38 @@
 // on a local admin endpoint (Driver.AdminHandler, JSON over HTTP on a unix
 // socket that cmd/csi-snap places in the run dir) for `csi-snap rollback`. It
 // is refused while the frontend holds the volume (staged or published).
+// # Group snapshots (GroupController service, group.go)
+//
+// A VolumeGroupSnapshot is a cow snapshot group. Decisions:
+//
+//   - IDs: "g-" + node tag + 24 random hex digits, like volume and snapshot
+//     IDs; anything else is NotFound for Get and OK for Delete, before any
+//     lookup. Member snapshots get ordinary "s-" IDs.
+//   - Members must live on this node: a well-formed volume ID with another
+//     node's tag answers FailedPrecondition, the spec's code for "cannot
+//     snapshot multiple volumes together" (the brief asked for
+//     InvalidArgument; the spec's table names this case). A volume of this
+//     node that does not exist is NotFound, as in CreateSnapshot.
+//   - Consistency: every member that is attached and mounted here has its
+//     filesystem frozen (in request order), then cow holds the writes of all
+//     members, flushes each and commits all member snapshots and the group
+//     in one log batch; then everything is thawed in reverse order, also when
+//     a freeze or the commit fails. Cost: one flush per member and one log
+//     batch, O(1) in volume size.
+//   - Idempotency by name: the group name is kept as a label on every member
+//     snapshot (csi-snap.io/group-name; cow groups carry no labels). Same
+//     name and the same set of volumes (any order) returns the existing
+//     group; same name, other volumes: AlreadyExists.
+//   - Delete removes the group and all members in one cow record. A member
+//     cannot be deleted alone: DeleteSnapshot answers InvalidArgument, the
+//     CSI spec's code for "snapshot is part of a group" (the brief said
+//     FailedPrecondition; the spec's table wins). Members carry
+//     group_snapshot_id so the CO does not try.
+//   - snapshot_ids in Get/Delete: checked against the members when given
+//     (InvalidArgument on mismatch), accepted when empty (csi-sanity sends
+//     none, and the store knows the members).
+//   - ready_to_use is true (a cow snapshot is usable as soon as it exists)
+//     unless a member was invalidated.
 //
 // # Caveats
 //
@@ -32,6 +64,11 @@
 //   - Capacity is thin: volumes are sparse, GetCapacity reports the free bytes
 //     of the data directory's filesystem, and CreateVolume does not reserve
 //     space, so a node can be over-committed.
+//   - A group snapshot spans one node: volumes of different nodes cannot be
+//     grouped (each node has its own store and log).
+//   - Freezing is sequential: the first member's filesystem stays frozen
+//     while the others are frozen and the group is committed (a few
+//     fsyncs).
 //   - Index memory and copy-out counters are exported only as far as the cow
 //     Info structures expose them (allocated bytes per volume, COW bytes per
 //     snapshot).

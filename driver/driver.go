@@ -52,6 +52,7 @@ type Driver struct {
 	csi.UnimplementedControllerServer
 	csi.UnimplementedNodeServer
 	csi.UnimplementedSnapshotMetadataServer
+	csi.UnimplementedGroupControllerServer
 
 	opt   Options
 	locks *keyLocks
@@ -77,13 +78,14 @@ func New(opt Options) (*Driver, error) {
 	return &Driver{opt: opt, locks: newKeyLocks(), tag: nodeTag(opt.NodeID)}, nil
 }
 
-// Register adds the CSI services to s: Identity, Controller, Node and
-// SnapshotMetadata (see metadata.go).
+// Register adds the CSI services to s: Identity, Controller, Node,
+// SnapshotMetadata (see metadata.go) and GroupController (group.go).
 func (d *Driver) Register(s *grpc.Server) {
 	csi.RegisterIdentityServer(s, d)
 	csi.RegisterControllerServer(s, d)
 	csi.RegisterNodeServer(s, d)
 	csi.RegisterSnapshotMetadataServer(s, d)
+	csi.RegisterGroupControllerServer(s, d)
 }
 
 // Recover re-attaches every volume the frontend still holds after a restart

@@ -52,6 +52,9 @@ type SnapshotInfo struct {
 	CowBytes int64
 	Limit    int64
 	Invalid  bool
+	// GroupID is the group snapshot the snapshot belongs to ("" if none);
+	// such a snapshot is deleted only with its group (group.go).
+	GroupID string
 }
 
 // Backend is a byte-addressed volume body (identical in shape to

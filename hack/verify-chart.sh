@@ -128,8 +128,9 @@ step "helm lint --strict"
 helm lint --strict "$chart"
 for f in "$chart"/testdata/*.yaml; do helm lint --strict "$chart" -f "$f"; done
 
-# The cluster a user installs into has the VolumeSnapshot CRDs; tell helm.
-api=(--api-versions snapshot.storage.k8s.io/v1)
+# The cluster a user installs into has the VolumeSnapshot CRDs (and, for
+# volumeGroupSnapshots.enabled in all-on.yaml, the group ones); tell helm.
+api=(--api-versions snapshot.storage.k8s.io/v1 --api-versions groupsnapshot.storage.k8s.io/v1)
 step "helm template + kubeconform: default values"
 helm template csi-snap "$chart" -n kube-system "${api[@]}" >"$work/default.yaml"
 validate "$work/default.yaml"

@@ -30,6 +30,8 @@ const (
 	// snapshotAPI tells helm the VolumeSnapshot CRDs exist, as a cluster
 	// with them installed would.
 	snapshotAPI = "--api-versions=snapshot.storage.k8s.io/v1"
+	// groupSnapshotAPI does the same for the VolumeGroupSnapshot CRDs.
+	groupSnapshotAPI = "--api-versions=groupsnapshot.storage.k8s.io/v1"
 )
 
 type obj = map[string]any
@@ -563,6 +565,79 @@ func TestSnapshotControllerSwitch(t *testing.T) {
 	}
 }
 
+// groupSnapshotterGrants are what csi-snapshotter v8.6.0 needs on top of
+// snapshotterGrants with CSIVolumeGroupSnapshot on
+// (deploy/kubernetes/csi-snapshotter/rbac-csi-snapshotter.yaml).
+func groupSnapshotterGrants() []string {
+	var g []string
+	g = append(g, expand("cluster", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses", rw...)...)
+	g = append(g, expand("cluster", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents", "get", "list", "watch", "update", "patch")...)
+	g = append(g, expand("cluster", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents/status", "update", "patch")...)
+	return g
+}
+
+// TestVolumeGroupSnapshotsSwitch: off by default; on, the feature gate on
+// csi-snapshotter (and the chart's snapshot-controller), exactly the
+// upstream group RBAC, and a VolumeGroupSnapshotClass; a named failure
+// without the group CRDs.
+func TestVolumeGroupSnapshotsSwitch(t *testing.T) {
+	t.Parallel()
+	const gate = "--feature-gates=CSIVolumeGroupSnapshot=true"
+	sa := release + "-csi-snap-node"
+	scSA := release + "-csi-snap-snapshot-controller"
+	off := render(t, snapshotAPI, "--set", "snapshotController.enabled=true")
+	if slices.Contains(strs(container(daemonSet(t, off), "csi-snapshotter"), "args"), gate) ||
+		slices.Contains(strs(container(find(off, "Deployment", scSA), "snapshot-controller"), "args"), gate) {
+		t.Error("group snapshot feature gate on by default")
+	}
+	if len(kinds(off, "VolumeGroupSnapshotClass")) != 0 {
+		t.Error("VolumeGroupSnapshotClass rendered by default")
+	}
+	for _, g := range append(grants(t, off, namespace, sa), grants(t, off, namespace, scSA)...) {
+		if strings.Contains(g, "groupsnapshot") {
+			t.Errorf("group grant by default: %s", g)
+		}
+	}
+
+	on := render(t, snapshotAPI, groupSnapshotAPI, "--set", "volumeGroupSnapshots.enabled=true,snapshotController.enabled=true")
+	requireArgs(t, container(daemonSet(t, on), "csi-snapshotter"), "--node-deployment", gate)
+	requireArgs(t, container(find(on, "Deployment", scSA), "snapshot-controller"), gate)
+	want := union(provisionerGrants(), snapshotterGrants(), groupSnapshotterGrants(), resizerGrants())
+	if d := diff(grants(t, on, namespace, sa), want); d != "" {
+		t.Errorf("node grants with group snapshots differ:%s", d)
+	}
+	scGot := grants(t, on, namespace, scSA)
+	for _, g := range [][]string{
+		expand("cluster", "groupsnapshot.storage.k8s.io", "volumegroupsnapshots", "get", "list", "watch", "update", "patch"),
+		expand("cluster", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents", "create", "delete"),
+		expand("cluster", "snapshot.storage.k8s.io", "volumesnapshots", "create"),
+	} {
+		for _, w := range g {
+			if !slices.Contains(scGot, w) {
+				t.Errorf("snapshot-controller lacks %s with group snapshots on", w)
+			}
+		}
+	}
+	c := find(on, "VolumeGroupSnapshotClass", "csi-snap")
+	if c == nil {
+		t.Fatal("no VolumeGroupSnapshotClass")
+	}
+	if str(c, "apiVersion") != "groupsnapshot.storage.k8s.io/v1" || str(c, "driver") != driver || str(c, "deletionPolicy") != "Delete" {
+		t.Errorf("class %v", c)
+	}
+	if get(c, "metadata", "annotations") != nil {
+		t.Errorf("class annotations %v, want none by default", get(c, "metadata", "annotations"))
+	}
+	noClass := render(t, snapshotAPI, "--set", "volumeGroupSnapshots.enabled=true,volumeGroupSnapshots.class.create=false")
+	if len(kinds(noClass, "VolumeGroupSnapshotClass")) != 0 {
+		t.Error("class.create=false still renders a class")
+	}
+	_, stderr, err := helm(t, "template", release, ".", "--namespace", namespace, snapshotAPI, "--set", "volumeGroupSnapshots.enabled=true")
+	if err == nil || !strings.Contains(stderr, "groupsnapshot.storage.k8s.io/v1 API") {
+		t.Fatalf("group snapshots without the group CRDs: want the named message, got err=%v:\n%s", err, stderr)
+	}
+}
+
 // TestSwitches flips each switch alone and checks that exactly its objects
 // or fields change.
 func TestSwitches(t *testing.T) {
@@ -685,7 +760,10 @@ func TestSwitches(t *testing.T) {
 // kubeconform and checks they flip what they claim.
 func TestScenarioFiles(t *testing.T) {
 	t.Parallel()
-	on := render(t, snapshotAPI, "-f", "testdata/all-on.yaml")
+	on := render(t, snapshotAPI, groupSnapshotAPI, "-f", "testdata/all-on.yaml")
+	if find(on, "VolumeGroupSnapshotClass", "csi-snap") == nil {
+		t.Error("all-on: no VolumeGroupSnapshotClass")
+	}
 	if find(on, "Deployment", release+"-csi-snap-snapshot-controller") == nil {
 		t.Error("all-on: no snapshot-controller")
 	}

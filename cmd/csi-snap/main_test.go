@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -197,8 +198,10 @@ func TestRunServesAndStops(t *testing.T) {
 	for _, s := range rr.GetListServicesResponse().GetService() {
 		names = append(names, s.Name)
 	}
-	if !strings.Contains(strings.Join(names, ","), "csi.v1.Controller") {
-		t.Fatalf("reflection services %v", names)
+	for _, want := range []string{"csi.v1.Controller", "csi.v1.GroupController"} {
+		if !slices.Contains(names, want) {
+			t.Fatalf("reflection services %v lack %s", names, want)
+		}
 	}
 	// Metrics carry the store gauges and the latency histogram.
 	resp, err := http.Get("http://" + cfg.MetricsAddress + "/metrics")

@@ -71,6 +71,18 @@ func TestSanity(t *testing.T) {
 			if !strings.Contains(counts, "SANITY-COUNTS ") {
 				t.Fatalf("sanity (%s access) printed no counts:\n%s", access, tail(string(out), 100))
 			}
+			// The GroupController specs must run, not skip: csi-sanity
+			// skips them unless GROUP_CONTROLLER_SERVICE is advertised.
+			// csi-test v5.6.0 has 6 of them.
+			var gp, gs, gf int
+			if i := strings.Index(counts, "SANITY-GROUP "); i < 0 {
+				t.Fatalf("sanity (%s access) printed no group counts", access)
+			} else if _, err := fmt.Sscanf(counts[i:], "SANITY-GROUP access="+access+" passed=%d skipped=%d failed=%d", &gp, &gs, &gf); err != nil {
+				t.Fatalf("group counts: %v", err)
+			}
+			if gp < 6 || gs != 0 || gf != 0 {
+				t.Fatalf("GroupController specs: %d passed, %d skipped, %d failed; want all 6 to pass", gp, gs, gf)
+			}
 		})
 	}
 }
@@ -124,23 +136,35 @@ func TestSanitySuite(t *testing.T) {
 	}
 
 	var passed, skipped, failed int
+	var gPassed, gSkipped, gFailed int // the GroupController specs
 	ginkgo.ReportAfterSuite("counts", func(r ginkgo.Report) {
 		var skips []string
 		for _, s := range r.SpecReports {
 			if s.LeafNodeType != types.NodeTypeIt {
 				continue
 			}
+			group := strings.Contains(s.FullText(), "GroupController Service")
 			switch {
 			case s.State == types.SpecStatePassed:
 				passed++
+				if group {
+					gPassed++
+				}
 			case s.State == types.SpecStateSkipped || s.State == types.SpecStatePending:
 				skipped++
+				if group {
+					gSkipped++
+				}
 				skips = append(skips, fmt.Sprintf("%s [%s] %s", s.FullText(), s.State, strings.TrimSpace(s.Failure.Message)))
 			case s.State.Is(types.SpecStateFailureStates):
 				failed++
+				if group {
+					gFailed++
+				}
 			}
 		}
 		fmt.Printf("\nSANITY-COUNTS access=%s passed=%d skipped=%d failed=%d\n", access, passed, skipped, failed)
+		fmt.Printf("SANITY-GROUP access=%s passed=%d skipped=%d failed=%d\n", access, gPassed, gSkipped, gFailed)
 		for _, s := range skips {
 			fmt.Printf("SANITY-SKIPPED %s\n", s)
 		}

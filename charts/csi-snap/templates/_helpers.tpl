@@ -53,6 +53,12 @@ reported by name instead of as an unmapped kind. Offline rendering passes
 {{- end -}}
 {{- end -}}
 
+{{- define "csi-snap.requireGroupSnapshotAPI" -}}
+{{- if not (.Capabilities.APIVersions.Has "groupsnapshot.storage.k8s.io/v1") -}}
+{{- fail "volumeGroupSnapshots.enabled needs the groupsnapshot.storage.k8s.io/v1 API (VolumeGroupSnapshot CRDs of github.com/kubernetes-csi/external-snapshotter, client/config/crd): install them first; offline (helm template) add --api-versions groupsnapshot.storage.k8s.io/v1" -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Name of the TLS Secret of the csi-snapshot-metadata sidecar. */}}
 {{- define "csi-snap.snapshotMetadataTLSSecret" -}}
 {{- default (printf "%s-snapshot-metadata-tls" (include "csi-snap.fullname" .)) .Values.sidecars.snapshotMetadata.tlsSecretName -}}
