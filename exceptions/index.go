@@ -40,18 +40,27 @@ const (
 // Index maps origin chunks to COW chunks, one entry per maximal run.
 //
 // Layout: segs is a sorted list of segments, each a sorted list of blocks,
-// each a bit-packed array of up to maxRuns runs (see block). segFirst and
-// segment.firsts repeat the first origin of every segment and block so that
-// a lookup is three binary searches over flat arrays, two of them small.
+// each a bit-packed array of up to maxRuns runs (see block), followed by
+// tail, up to maxRuns unpacked runs appended in order (see appendRun).
+// segFirst and segment.firsts repeat the first origin of every segment and
+// block; top and segment.dir are radix directories over them (see radix),
+// so a lookup loads a directory entry, the candidate block's header and its
+// neighbour's, then the block's words, instead of two binary searches.
 //
 // Invariants (checked by check):
 //   - segFirst[s] == segs[s].firsts[0]; segs[s].firsts[b] is the origin of
-//     record 0 of segs[s].blocks[b]; no segment or block is empty; a segment
-//     holds at most maxBlocks blocks and a block at most maxRuns runs;
+//     record 0 of segs[s].blocks[b] and equals its obase; no segment or
+//     block is empty; a segment holds at most maxBlocks blocks and a block
+//     at most maxRuns runs;
+//   - top has the size radix.build gives for len(segFirst) entries, and
+//     each segment's dir for its len(firsts); their entries are in range
+//     and non-decreasing (they may be stale: radix.find corrects);
+//   - the tail holds at most maxRuns runs; when it is not empty, the last
+//     block is full (or there is none) and hotOK is false;
 //   - every record decodes (its words are long enough, obase <= its origin)
 //     to a run with Len >= 1 whose origin and COW ends are <= MaxUint64;
-//   - runs, read in order across all blocks and segments, are sorted by
-//     Origin and do not overlap;
+//   - runs, read in order across all blocks and segments and then the
+//     tail, are sorted by Origin and do not overlap;
 //   - no two neighbours are mergeable, also across block and segment
 //     boundaries: if a.Origin+a.Len == b.Origin then a.COW+a.Len != b.COW
 //     (fully merged, so the run count is minimal for the mapping);
@@ -174,6 +183,16 @@ func (x *Index) locate(c Chunk) (s, b int) {
 		return -1, -1
 	}
 	sg := x.segs[s]
+	// Fast path: the directory's candidate g is right when c falls between
+	// the first origins of blocks g and g+1, read from the block headers
+	// (obase is the origin of record 0), which the caller loads next anyway;
+	// this saves the load from firsts, a cache miss at 10 M runs.
+	if d, bl := &sg.dir, sg.blocks; c >= d.base {
+		k := min(uint64(c-d.base)>>d.shift, uint64(len(d.dir)-1))
+		if g := int(d.dir[k]); g < len(bl) && bl[g].obase <= c && (g+1 == len(bl) || c < bl[g+1].obase) {
+			return s, g
+		}
+	}
 	return s, sg.dir.find(sg.firsts, c)
 }
 
@@ -224,6 +243,7 @@ func (x *Index) Lookup(c Chunk) (Chunk, bool) {
 		return 0, false
 	}
 	k := x.blk(s, b)
+	k.touch()
 	r := k.run(k.find(c))
 	if d := uint64(c - r.Origin); d < r.Len {
 		return r.COW + Chunk(d), true
@@ -279,6 +299,7 @@ func (x *Index) InsertRun(r Run) error {
 	)
 	if ps, pb = x.locate(r.Origin); ps >= 0 {
 		k := x.blk(ps, pb)
+		k.touch()
 		pi = k.find(r.Origin)
 		pr = k.run(pi)
 		if pr.Origin+Chunk(pr.Len) > r.Origin {
@@ -740,8 +761,8 @@ func (x *Index) check() error {
 			if k.wo > 64 || k.wc > 64 || k.wl > 64 || len(k.words) < wordsFor(int(k.n), k.width()) {
 				return fmt.Errorf("block %d/%d: widths %d/%d/%d, %d words for %d runs", s, b, k.wo, k.wc, k.wl, len(k.words), k.n)
 			}
-			if k.origin(0) != sg.firsts[b] {
-				return fmt.Errorf("block %d/%d: first %d, record 0 at %d", s, b, sg.firsts[b], k.origin(0))
+			if k.origin(0) != sg.firsts[b] || k.obase != sg.firsts[b] {
+				return fmt.Errorf("block %d/%d: first %d, record 0 at %d, base %d", s, b, sg.firsts[b], k.origin(0), k.obase)
 			}
 			for i := 0; i < int(k.n); i++ {
 				r := k.run(i)
