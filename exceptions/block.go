@@ -3,6 +3,7 @@ package exceptions
 import (
 	"math/bits"
 	"slices"
+	"sync/atomic"
 )
 
 // block holds up to Index.maxRuns runs, sorted by origin, in a fixed-width
@@ -102,8 +103,9 @@ func (k *block) run(i int) Run {
 	return Run{Origin: k.obase + Chunk(o), COW: k.cbase + Chunk(c), Len: l + 1}
 }
 
-// touchSink keeps touch's loads from being optimised away.
-var touchSink uint64
+// touchSink keeps touch's loads from being optimised away; atomic because
+// concurrent Lookups call touch.
+var touchSink atomic.Uint64
 
 // touch loads one word of every cache line of the block's fields so that
 // the CPU fetches them in parallel (memory-level parallelism) before find's
@@ -116,7 +118,7 @@ func (k *block) touch() {
 		t += w[i]
 	}
 	if t == 1 {
-		touchSink = t // practically never; the loads above must happen
+		touchSink.Store(t) // practically never; the loads above must happen
 	}
 }
 
