@@ -129,6 +129,16 @@ func TestRadix(t *testing.T) {
 		if !d.check(f) {
 			t.Fatalf("%s: check fails after build", name)
 		}
+		// Every entry is, by definition, the last first <= its bucket's start.
+		for k, v := range d.dir {
+			off := uint64(k) << d.shift
+			if off>>d.shift != uint64(k) || off > uint64(f[len(f)-1]-f[0]) {
+				off = uint64(f[len(f)-1] - f[0])
+			}
+			if want := upper(f, d.base+Chunk(off)) - 1; int(v) != want {
+				t.Fatalf("%s: dir[%d] = %d, want %d", name, k, v, want)
+			}
+		}
 		probe := func(when string) {
 			for _, c := range f {
 				for _, q := range []Chunk{c - 1, c, c + 1} {

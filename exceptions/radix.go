@@ -44,17 +44,21 @@ func (d *radix[T]) build(firsts []Chunk) {
 	// The smallest shift with span>>shift < size: every first falls in a
 	// bucket, and buckets are as narrow as the size allows.
 	d.shift = uint8(max(0, bits.Len64(span)-bits.Len(uint(size-1))))
-	j := 0
-	for k := range d.dir {
-		off := uint64(k) << d.shift
-		if off>>d.shift != uint64(k) || off > span {
-			off = span // past the last first: only its index is right
+	// Buckets [k_j, k_(j+1)) get j, where k_j, the first bucket starting at or
+	// after firsts[j], is ceil((firsts[j]-base) / 2^shift).
+	k := 0
+	for j := 1; j < n; j++ {
+		off := uint64(firsts[j] - d.base)
+		kj := off >> d.shift
+		if kj<<d.shift != off {
+			kj++
 		}
-		start := d.base + Chunk(off)
-		for j+1 < n && firsts[j+1] <= start {
-			j++
+		for kj = min(kj, uint64(size)); k < int(kj); k++ {
+			d.dir[k] = T(j - 1)
 		}
-		d.dir[k] = T(j)
+	}
+	for ; k < size; k++ {
+		d.dir[k] = T(n - 1)
 	}
 }
 
