@@ -278,11 +278,18 @@ func (x *Index) InsertRun(r Run) error {
 		x.hotOK = true // setLen may re-encode the block, which keeps positions
 		return nil
 	}
-	if x.appendRun(r) {
-		return nil
+	// The call to appendRun is skipped, without a decode, when r starts
+	// before the last block (most random inserts, every backward one).
+	if segs := x.segs; len(x.tail) > 0 || len(segs) == 0 ||
+		r.Origin >= segs[len(segs)-1].blocks[len(segs[len(segs)-1].blocks)-1].obase {
+		if x.appendRun(r) {
+			return nil
+		}
 	}
 	x.hotOK = false
-	x.flush()
+	if len(x.tail) > 0 {
+		x.flush()
+	}
 	if len(x.segs) == 0 {
 		x.segs = []*segment{{firsts: []Chunk{r.Origin}, blocks: make([]block, 1)}}
 		x.segFirst = []Chunk{r.Origin}
@@ -391,6 +398,9 @@ func (x *Index) appendRun(r Run) bool {
 	s := len(x.segs) - 1
 	b := len(x.segs[s].blocks) - 1
 	k := x.blk(s, b)
+	if r.Origin < k.obase {
+		return false // before the last block: no decode (backward fills)
+	}
 	i := int(k.n) - 1
 	last := k.run(i)
 	end := last.Origin + Chunk(last.Len)
