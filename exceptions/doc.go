@@ -19,13 +19,14 @@
 // bits of the chunk number, one entry per block), so a lookup loads a
 // directory entry and two block headers, then fetches the found block's few
 // cache lines at once and binary-searches them; it never decodes a stream.
+// Randomly placed single chunks cost about 7.7 bytes each at 10 million
+// chunks over 2^28 (the kernel's dm-snapshot table: 32 bytes plus buckets;
+// a Go map: about 30). BENCHMARKS.md has the measurements.
 //
 // Runs inserted in ascending order past the last run (a rebuild from a
 // checkpoint) take a fast path: no search, collected unpacked in a tail of
-// up to 64 runs that is encoded once as a full block.
-// Randomly placed single chunks cost about 7.6 bytes each at 10 million
-// chunks over 2^28 (the kernel's dm-snapshot table: 32 bytes plus buckets;
-// a Go map: about 30). BENCHMARKS.md has the measurements.
+// up to 64 runs that is encoded once as a full block, so a sorted load
+// leaves full blocks (about 6.5 bytes a run for the same spread).
 //
 // The package imports only the standard library, does no I/O and never
 // logs.
