@@ -75,7 +75,20 @@ var workloads = []workload{
 		return randChunks
 	}},
 	{"mixed-10M-of-2^28", randChunks, mixed},
+	// What cow does on reopen: replay a checkpoint's runs in origin order.
+	// 10 M runs spread like the random workload's (gaps of 15..40 chunks,
+	// so none merge), COW numbers scattered.
+	{"bulk-sorted-10M", randChunks, func(x indexer) int {
+		for i := uint64(0); i < randChunks; i++ {
+			_ = x.Insert(bulkOrigin(i), spread(i+1<<27))
+		}
+		return randChunks
+	}},
 }
+
+// bulkOrigin is the origin of the i-th run of the bulk-load workload:
+// ascending, 27 apart on average, never adjacent.
+func bulkOrigin(i uint64) Chunk { return Chunk(i)*27 + spread(i)%13 }
 
 // mixed writes until 10M inserts were tried: 70% of them in 64-chunk
 // sequential bursts at random places, 30% single random chunks; COW numbers

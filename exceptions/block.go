@@ -3,6 +3,7 @@ package exceptions
 import (
 	"math/bits"
 	"slices"
+	"sync/atomic"
 )
 
 // block holds up to Index.maxRuns runs, sorted by origin, in a fixed-width
@@ -22,7 +23,7 @@ import (
 // after a field without a bounds branch; bits past the last field are
 // don't-care.
 type block struct {
-	obase, cbase Chunk // obase <= origin of record 0; cbase <= every COW
+	obase, cbase Chunk // obase == origin of record 0; cbase <= every COW
 	words        []uint64
 	n            uint16 // records held
 	wo, wc, wl   uint8  // field widths in bits, each 0..64
@@ -58,12 +59,25 @@ func setbits(w []uint64, pos, n uint, v uint64) {
 }
 
 // moveUp copies bits [from, to) to [from+by, to+by). It walks down from the
-// top so the overlapping destination never clobbers bits not yet read.
+// top so the overlapping destination never clobbers bits not yet read, and
+// stores whole destination words without masking (only the partial words
+// at both ends go through setbits), which halves the cost of block.insert.
 func moveUp(w []uint64, from, to, by uint) {
-	for to > from {
-		k := min(64, to-from)
-		to -= k
-		setbits(w, to+by, k, getbits(w, to, k))
+	if to <= from || by == 0 {
+		return
+	}
+	lo, hi := from+by, to+by // destination
+	if r := hi & 63; r != 0 {
+		k := min(r, hi-lo)
+		hi -= k
+		setbits(w, hi, k, getbits(w, hi-by, k))
+	}
+	for hi-lo >= 64 { // hi is word-aligned here, or hi == lo
+		hi -= 64
+		w[hi>>6] = getbits(w, hi-by, 64)
+	}
+	if hi > lo {
+		setbits(w, lo, hi-lo, getbits(w, lo-by, hi-lo))
 	}
 }
 
@@ -87,6 +101,25 @@ func (k *block) run(i int) Run {
 	c := getbits(k.words, k.cpos(i), uint(k.wc))
 	l := getbits(k.words, k.lpos(i), uint(k.wl))
 	return Run{Origin: k.obase + Chunk(o), COW: k.cbase + Chunk(c), Len: l + 1}
+}
+
+// touchSink keeps touch's loads from being optimised away; atomic because
+// concurrent Lookups call touch.
+var touchSink atomic.Uint64
+
+// touch loads one word of every cache line of the block's fields so that
+// the CPU fetches them in parallel (memory-level parallelism) before find's
+// binary search and run's field reads, whose addresses depend on each other
+// and would otherwise miss one after another.
+func (k *block) touch() {
+	w := k.words
+	var t uint64
+	for i := 0; i < len(w); i += 8 {
+		t += w[i]
+	}
+	if t == 1 {
+		touchSink.Store(t) // practically never; the loads above must happen
+	}
 }
 
 // find returns the index of the last record whose origin is <= c, or -1.

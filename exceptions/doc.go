@@ -15,10 +15,18 @@
 // bit fields (origin offset, COW offset, Len-1) relative to per-block bases,
 // at the narrowest widths the block needs. Blocks are grouped into segments
 // of up to 512; the first origin of every segment and block is kept in flat
-// arrays, so a lookup is three binary searches and never decodes a stream.
-// Randomly placed single chunks cost about 7.6 bytes each at 10 million
+// arrays with a radix directory over each (an array indexed by the high
+// bits of the chunk number, one entry per block), so a lookup loads a
+// directory entry and two block headers, then fetches the found block's few
+// cache lines at once and binary-searches them; it never decodes a stream.
+// Randomly placed single chunks cost about 7.7 bytes each at 10 million
 // chunks over 2^28 (the kernel's dm-snapshot table: 32 bytes plus buckets;
 // a Go map: about 30). BENCHMARKS.md has the measurements.
+//
+// Runs inserted in ascending order past the last run (a rebuild from a
+// checkpoint) take a fast path: no search, collected unpacked in a tail of
+// up to 64 runs that is encoded once as a full block, so a sorted load
+// leaves full blocks (about 6.5 bytes a run for the same spread).
 //
 // The package imports only the standard library, does no I/O and never
 // logs.
@@ -32,14 +40,15 @@
 //     must be representable. Insert and InsertRun return ErrOverflow.
 //   - An insert into a random place costs a decode/re-encode of one block
 //     (up to 64 runs) when the new run does not fit the block's widths or
-//     the block is full; most inserts shift bits in place instead.
+//     the block is full; most inserts shift bits in place instead. When a
+//     block splits, its segment's directory is rebuilt (O(512)).
 //   - Memory is returned as runs are removed (small blocks and segments are
 //     merged, slices shrink), but not eagerly: a block keeps its words
 //     until it is re-encoded.
 //   - Memory, not lookup speed, is what the encoding buys: a lookup is
-//     three binary searches and a few cache misses, about 2.7 times the CPU
-//     of a Go map lookup at 10 million random runs (BENCHMARKS.md), though
-//     8 times less than the kernel's hash chains at that size.
+//     three dependent cache misses at 10 million random runs (directory,
+//     block header, block words), a Go map's one or two; BENCHMARKS.md has
+//     the measured ratio.
 //   - Ascend's callback must not modify the index.
 //   - Clone is a deep copy, O(Bytes()).
 package exceptions

@@ -40,18 +40,27 @@ const (
 // Index maps origin chunks to COW chunks, one entry per maximal run.
 //
 // Layout: segs is a sorted list of segments, each a sorted list of blocks,
-// each a bit-packed array of up to maxRuns runs (see block). segFirst and
-// segment.firsts repeat the first origin of every segment and block so that
-// a lookup is three binary searches over flat arrays, two of them small.
+// each a bit-packed array of up to maxRuns runs (see block), followed by
+// tail, up to maxRuns unpacked runs appended in order (see appendRun).
+// segFirst and segment.firsts repeat the first origin of every segment and
+// block; top and segment.dir are radix directories over them (see radix),
+// so a lookup loads a directory entry, the candidate block's header and its
+// neighbour's, then the block's words, instead of two binary searches.
 //
 // Invariants (checked by check):
 //   - segFirst[s] == segs[s].firsts[0]; segs[s].firsts[b] is the origin of
-//     record 0 of segs[s].blocks[b]; no segment or block is empty; a segment
-//     holds at most maxBlocks blocks and a block at most maxRuns runs;
+//     record 0 of segs[s].blocks[b] and equals its obase; no segment or
+//     block is empty; a segment holds at most maxBlocks blocks and a block
+//     at most maxRuns runs;
+//   - top has the size radix.build gives for len(segFirst) entries, and
+//     each segment's dir for its len(firsts); their entries are in range
+//     and non-decreasing (they may be stale: radix.find corrects);
+//   - the tail holds at most maxRuns runs; when it is not empty, the last
+//     block is full (or there is none) and hotOK is false;
 //   - every record decodes (its words are long enough, obase <= its origin)
 //     to a run with Len >= 1 whose origin and COW ends are <= MaxUint64;
-//   - runs, read in order across all blocks and segments, are sorted by
-//     Origin and do not overlap;
+//   - runs, read in order across all blocks and segments and then the
+//     tail, are sorted by Origin and do not overlap;
 //   - no two neighbours are mergeable, also across block and segment
 //     boundaries: if a.Origin+a.Len == b.Origin then a.COW+a.Len != b.COW
 //     (fully merged, so the run count is minimal for the mapping);
@@ -79,12 +88,23 @@ type Index struct {
 	hotRun   Run
 	hotLimit Chunk // origin of the next run, or MaxUint64
 
+	// top is the directory over segFirst (see radix).
+	top radix[uint32]
+
+	// tail holds runs appended past the last block, unpacked, while the
+	// last block is full: an ascending load (cow's checkpoint replay)
+	// appends here in O(1) and encodes a whole block once per maxRuns runs
+	// (see appendRun). Any other mutation first moves the tail into blocks
+	// (flush); readers look at it after the blocks.
+	tail []Run
+
 	maxRuns, maxBlocks int
 }
 
 type segment struct {
 	firsts []Chunk
 	blocks []block
+	dir    radix[uint16] // over firsts
 }
 
 // New returns an empty index.
@@ -93,7 +113,9 @@ func New() *Index { return newShape(defaultBlockRuns, defaultSegmentSize) }
 // newShape returns an empty index with the given block and segment capacity;
 // tests use tiny shapes to exercise splits, benchmarks compare sizes.
 func newShape(blockRuns, segmentSize int) *Index {
-	return &Index{maxRuns: max(2, min(blockRuns, math.MaxUint16-1)), maxBlocks: max(2, segmentSize)}
+	// A segment's directory holds block numbers in uint16, and a segment
+	// briefly holds maxBlocks+1 blocks before it splits.
+	return &Index{maxRuns: max(2, min(blockRuns, math.MaxUint16-1)), maxBlocks: max(2, min(segmentSize, math.MaxUint16-1))}
 }
 
 // Len returns the number of mapped chunks.
@@ -106,9 +128,9 @@ func (x *Index) Runs() int { return x.runs }
 // allocated capacity of every slice it owns plus its structs.
 func (x *Index) Bytes() int {
 	t := int(unsafe.Sizeof(*x)) + cap(x.segFirst)*8 + cap(x.segs)*8 +
-		cap(x.scratch)*int(unsafe.Sizeof(Run{}))
+		(cap(x.scratch)+cap(x.tail))*int(unsafe.Sizeof(Run{})) + x.top.bytes()
 	for _, sg := range x.segs {
-		t += int(unsafe.Sizeof(*sg)) + cap(sg.firsts)*8 + cap(sg.blocks)*int(unsafe.Sizeof(block{}))
+		t += int(unsafe.Sizeof(*sg)) + cap(sg.firsts)*8 + cap(sg.blocks)*int(unsafe.Sizeof(block{})) + sg.dir.bytes()
 		for i := range sg.blocks {
 			t += sg.blocks[i].bytes()
 		}
@@ -125,9 +147,12 @@ func (x *Index) Clone() *Index {
 		runs:      x.runs,
 		maxRuns:   x.maxRuns,
 		maxBlocks: x.maxBlocks,
+		top:       radix[uint32]{base: x.top.base, shift: x.top.shift, dir: slices.Clone(x.top.dir)},
+		tail:      slices.Clone(x.tail),
 	}
 	for s, sg := range x.segs {
-		ns := &segment{firsts: slices.Clone(sg.firsts), blocks: slices.Clone(sg.blocks)}
+		ns := &segment{firsts: slices.Clone(sg.firsts), blocks: slices.Clone(sg.blocks),
+			dir: radix[uint16]{base: sg.dir.base, shift: sg.dir.shift, dir: slices.Clone(sg.dir.dir)}}
 		for b := range ns.blocks {
 			ns.blocks[b].words = slices.Clone(ns.blocks[b].words)
 		}
@@ -153,11 +178,22 @@ func upper(a []Chunk, c Chunk) int {
 // locate returns the last block whose first origin is <= c, or s == -1 when
 // c precedes every run.
 func (x *Index) locate(c Chunk) (s, b int) {
-	s = upper(x.segFirst, c) - 1
+	s = x.top.find(x.segFirst, c)
 	if s < 0 {
 		return -1, -1
 	}
-	return s, upper(x.segs[s].firsts, c) - 1
+	sg := x.segs[s]
+	// Fast path: the directory's candidate g is right when c falls between
+	// the first origins of blocks g and g+1, read from the block headers
+	// (obase is the origin of record 0), which the caller loads next anyway;
+	// this saves the load from firsts, a cache miss at 10 M runs.
+	if d, bl := &sg.dir, sg.blocks; c >= d.base {
+		k := min(uint64(c-d.base)>>d.shift, uint64(len(d.dir)-1))
+		if g := int(d.dir[k]); g < len(bl) && bl[g].obase <= c && (g+1 == len(bl) || c < bl[g+1].obase) {
+			return s, g
+		}
+	}
+	return s, sg.dir.find(sg.firsts, c)
 }
 
 func (x *Index) blk(s, b int) *block { return &x.segs[s].blocks[b] }
@@ -195,11 +231,19 @@ func (x *Index) seek(c Chunk) (s, b, i int, ok bool) {
 
 // Lookup returns the COW chunk that holds origin chunk c.
 func (x *Index) Lookup(c Chunk) (Chunk, bool) {
+	if t := x.tail; len(t) > 0 && c >= t[0].Origin {
+		r := t[upperRun(t, c)-1]
+		if d := uint64(c - r.Origin); d < r.Len {
+			return r.COW + Chunk(d), true
+		}
+		return 0, false
+	}
 	s, b := x.locate(c)
 	if s < 0 {
 		return 0, false
 	}
 	k := x.blk(s, b)
+	k.touch()
 	r := k.run(k.find(c))
 	if d := uint64(c - r.Origin); d < r.Len {
 		return r.COW + Chunk(d), true
@@ -234,11 +278,24 @@ func (x *Index) InsertRun(r Run) error {
 		x.hotOK = true // setLen may re-encode the block, which keeps positions
 		return nil
 	}
+	// The call to appendRun is skipped, without a decode, when r starts
+	// before the last block (most random inserts, every backward one).
+	if segs := x.segs; len(x.tail) > 0 || len(segs) == 0 ||
+		r.Origin >= segs[len(segs)-1].blocks[len(segs[len(segs)-1].blocks)-1].obase {
+		if x.appendRun(r) {
+			return nil
+		}
+	}
 	x.hotOK = false
+	if len(x.tail) > 0 {
+		x.flush()
+	}
 	if len(x.segs) == 0 {
 		x.segs = []*segment{{firsts: []Chunk{r.Origin}, blocks: make([]block, 1)}}
 		x.segFirst = []Chunk{r.Origin}
 		x.segs[0].blocks[0].encode([]Run{r})
+		x.segs[0].dir.build(x.segs[0].firsts)
+		x.top.build(x.segFirst)
 		x.n, x.runs = r.Len, 1
 		return nil
 	}
@@ -249,6 +306,7 @@ func (x *Index) InsertRun(r Run) error {
 	)
 	if ps, pb = x.locate(r.Origin); ps >= 0 {
 		k := x.blk(ps, pb)
+		k.touch()
 		pi = k.find(r.Origin)
 		pr = k.run(pi)
 		if pr.Origin+Chunk(pr.Len) > r.Origin {
@@ -289,6 +347,110 @@ func (x *Index) InsertRun(r Run) error {
 		x.insertAt(0, 0, 0, r)
 	}
 	return nil
+}
+
+// upperRun returns how many runs of the sorted t start at or before c.
+func upperRun(t []Run, c Chunk) int {
+	lo, hi := 0, len(t)
+	for lo < hi {
+		m := int(uint(lo+hi) >> 1)
+		if t[m].Origin <= c {
+			lo = m + 1
+		} else {
+			hi = m
+		}
+	}
+	return lo
+}
+
+// appendRun is InsertRun's fast path for a run r (valid, Len >= 1) that
+// starts at or after the end of the last run: no search, O(1) amortized.
+// It extends the last run when r continues it, inserts into the last block
+// while that has room, and otherwise collects r in the tail, which becomes
+// a block of its own when it holds maxRuns runs. It reports false, changing
+// nothing, when r does not start after the last run.
+func (x *Index) appendRun(r Run) bool {
+	if n := len(x.tail); n > 0 {
+		last := &x.tail[n-1]
+		end := last.Origin + Chunk(last.Len)
+		switch {
+		case r.Origin < end:
+			return false
+		case r.Origin == end && r.COW == last.COW+Chunk(last.Len):
+			last.Len += r.Len
+		case n == x.maxRuns:
+			x.flushTail()
+			x.tail = append(x.tail[:0], r)
+			x.runs++
+		default:
+			x.tail = append(x.tail, r)
+			x.runs++
+		}
+		x.n += r.Len
+		return true
+	}
+	if len(x.segs) == 0 {
+		x.hotOK = false
+		x.tail = append(x.tail, r)
+		x.n, x.runs = r.Len, 1
+		return true
+	}
+	s := len(x.segs) - 1
+	b := len(x.segs[s].blocks) - 1
+	k := x.blk(s, b)
+	if r.Origin < k.obase {
+		return false // before the last block: no decode (backward fills)
+	}
+	i := int(k.n) - 1
+	last := k.run(i)
+	end := last.Origin + Chunk(last.Len)
+	switch {
+	case r.Origin < end:
+		return false
+	case r.Origin == end && r.COW == last.COW+Chunk(last.Len):
+		x.n += r.Len
+		last.Len += r.Len
+		x.setLen(s, b, i, last.Len)
+		x.hot.s, x.hot.b, x.hot.i, x.hotOK = s, b, i, true
+		x.hotRun, x.hotLimit = last, math.MaxUint64
+	case int(k.n) < x.maxRuns:
+		x.n += r.Len
+		x.insertAt(s, b, i+1, r)
+	default:
+		x.hotOK = false
+		x.n += r.Len
+		x.runs++
+		x.tail = append(x.tail, r)
+	}
+	return true
+}
+
+// flush moves the tail into blocks and lets go of its memory; every
+// mutation other than appendRun starts with it.
+func (x *Index) flush() {
+	if len(x.tail) > 0 {
+		x.flushTail()
+		x.tail = nil
+	}
+}
+
+// flushTail encodes the tail (1..maxRuns runs) as a new last block and
+// empties it, keeping its memory.
+func (x *Index) flushTail() {
+	x.hotOK = false
+	var nb block
+	nb.encode(x.tail)
+	first := x.tail[0].Origin
+	x.tail = x.tail[:0]
+	if len(x.segs) == 0 {
+		x.segs = []*segment{{firsts: []Chunk{first}, blocks: []block{nb}}}
+		x.segFirst = []Chunk{first}
+		x.segs[0].dir.build(x.segs[0].firsts)
+		x.top.build(x.segFirst)
+		return
+	}
+	s := len(x.segs) - 1
+	x.insertBlock(s, len(x.segs[s].blocks), nb, first)
 }
 
 // setLen sets the length of record (s, b, i), in place when it fits.
@@ -398,6 +560,7 @@ func (x *Index) insertBlock(s, b int, blk block, first Chunk) {
 	sg.blocks = slices.Insert(sg.blocks, b, blk)
 	sg.firsts = slices.Insert(sg.firsts, b, first)
 	if len(sg.blocks) <= x.maxBlocks {
+		sg.dir.build(sg.firsts)
 		return
 	}
 	cut := len(sg.blocks) / 2
@@ -414,6 +577,9 @@ func (x *Index) insertBlock(s, b int, blk block, first Chunk) {
 	sg.blocks = slices.Clone(sg.blocks[:cut])
 	x.segs = slices.Insert(x.segs, s+1, ns)
 	x.segFirst = slices.Insert(x.segFirst, s+1, ns.firsts[0])
+	sg.dir.build(sg.firsts)
+	ns.dir.build(ns.firsts)
+	x.top.build(x.segFirst)
 }
 
 // deleteBlock removes block (s, b), and its segment when it was the last.
@@ -427,6 +593,7 @@ func (x *Index) deleteBlock(s, b int) {
 	if len(sg.blocks) == 0 {
 		x.segs = slices.Delete(x.segs, s, s+1)
 		x.segFirst = slices.Delete(x.segFirst, s, s+1)
+		x.top.build(x.segFirst)
 		return
 	}
 	x.segFirst[s] = sg.firsts[0]
@@ -434,6 +601,7 @@ func (x *Index) deleteBlock(s, b int) {
 		sg.blocks = slices.Clone(sg.blocks)
 		sg.firsts = slices.Clone(sg.firsts)
 	}
+	sg.dir.build(sg.firsts)
 	if len(sg.blocks) >= x.maxBlocks/4 {
 		return
 	}
@@ -450,6 +618,8 @@ func (x *Index) deleteBlock(s, b int) {
 	l.firsts = append(l.firsts, r.firsts...)
 	x.segs = slices.Delete(x.segs, s+1, s+2)
 	x.segFirst = slices.Delete(x.segFirst, s+1, s+2)
+	l.dir.build(l.firsts)
+	x.top.build(x.segFirst)
 }
 
 // compact merges block (s, b) into a neighbour in the same segment when both
@@ -475,6 +645,7 @@ func (x *Index) compact(s, b int) {
 // splitting runs, and returns how many chunks were mapped there.
 func (x *Index) Remove(origin Chunk, n uint64) uint64 {
 	x.hotOK = false
+	x.flush()
 	hi := origin + Chunk(n)
 	if n > uint64(math.MaxUint64-origin) {
 		hi = math.MaxUint64
@@ -526,19 +697,29 @@ func (x *Index) Remove(origin Chunk, n uint64) uint64 {
 // fn returns false. The first run may start before from. fn must not modify
 // x.
 func (x *Index) Ascend(from Chunk, fn func(Run) bool) {
-	s, b, i, ok := x.seek(from)
-	if !ok {
-		return
-	}
-	for ; s < len(x.segs); s, b = s+1, 0 {
-		sg := x.segs[s]
-		for ; b < len(sg.blocks); b, i = b+1, 0 {
-			k := &sg.blocks[b]
-			for ; i < int(k.n); i++ {
-				if !fn(k.run(i)) {
-					return
+	t := x.tail
+	if s, b, i, ok := x.seek(from); ok {
+		for ; s < len(x.segs); s, b = s+1, 0 {
+			sg := x.segs[s]
+			for ; b < len(sg.blocks); b, i = b+1, 0 {
+				k := &sg.blocks[b]
+				for ; i < int(k.n); i++ {
+					if !fn(k.run(i)) {
+						return
+					}
 				}
 			}
+		}
+	} else if j := upperRun(t, from) - 1; j >= 0 {
+		// Every block run ends at or before from; so may the tail's first runs.
+		if t[j].Origin+Chunk(t[j].Len) <= from {
+			j++
+		}
+		t = t[j:]
+	}
+	for _, r := range t {
+		if !fn(r) {
+			return
 		}
 	}
 }
@@ -548,14 +729,36 @@ func (x *Index) check() error {
 	if len(x.segFirst) != len(x.segs) {
 		return fmt.Errorf("%d segment firsts for %d segments", len(x.segFirst), len(x.segs))
 	}
+	if !x.top.check(x.segFirst) {
+		return fmt.Errorf("segment directory of %d entries is wrong for %d segments", len(x.top.dir), len(x.segs))
+	}
 	var (
 		runs   int
 		chunks uint64
 		prev   Run
 	)
+	// follow checks run r against the one before it and counts it.
+	follow := func(r Run) error {
+		if runs > 0 {
+			pe := prev.Origin + Chunk(prev.Len)
+			if pe > r.Origin {
+				return fmt.Errorf("runs %d and %d overlap or are unsorted: %+v %+v", runs-1, runs, prev, r)
+			}
+			if pe == r.Origin && prev.COW+Chunk(prev.Len) == r.COW {
+				return fmt.Errorf("runs %d and %d should be merged: %+v %+v", runs-1, runs, prev, r)
+			}
+		}
+		prev = r
+		runs++
+		chunks += r.Len
+		return nil
+	}
 	for s, sg := range x.segs {
 		if len(sg.blocks) == 0 || len(sg.blocks) > x.maxBlocks || len(sg.firsts) != len(sg.blocks) {
 			return fmt.Errorf("segment %d: %d blocks, %d firsts (max %d)", s, len(sg.blocks), len(sg.firsts), x.maxBlocks)
+		}
+		if !sg.dir.check(sg.firsts) {
+			return fmt.Errorf("segment %d: block directory of %d entries is wrong for %d blocks", s, len(sg.dir.dir), len(sg.blocks))
 		}
 		if x.segFirst[s] != sg.firsts[0] {
 			return fmt.Errorf("segment %d: first %d, its block 0 starts at %d", s, x.segFirst[s], sg.firsts[0])
@@ -568,8 +771,8 @@ func (x *Index) check() error {
 			if k.wo > 64 || k.wc > 64 || k.wl > 64 || len(k.words) < wordsFor(int(k.n), k.width()) {
 				return fmt.Errorf("block %d/%d: widths %d/%d/%d, %d words for %d runs", s, b, k.wo, k.wc, k.wl, len(k.words), k.n)
 			}
-			if k.origin(0) != sg.firsts[b] {
-				return fmt.Errorf("block %d/%d: first %d, record 0 at %d", s, b, sg.firsts[b], k.origin(0))
+			if k.origin(0) != sg.firsts[b] || k.obase != sg.firsts[b] {
+				return fmt.Errorf("block %d/%d: first %d, record 0 at %d, base %d", s, b, sg.firsts[b], k.origin(0), k.obase)
 			}
 			for i := 0; i < int(k.n); i++ {
 				r := k.run(i)
@@ -579,19 +782,30 @@ func (x *Index) check() error {
 				if r.Len > uint64(math.MaxUint64-r.Origin) || r.Len > uint64(math.MaxUint64-r.COW) {
 					return fmt.Errorf("block %d/%d run %d: %+v overflows", s, b, i, r)
 				}
-				if runs > 0 {
-					pe := prev.Origin + Chunk(prev.Len)
-					if pe > r.Origin {
-						return fmt.Errorf("runs %d and %d overlap or are unsorted: %+v %+v", runs-1, runs, prev, r)
-					}
-					if pe == r.Origin && prev.COW+Chunk(prev.Len) == r.COW {
-						return fmt.Errorf("runs %d and %d should be merged: %+v %+v", runs-1, runs, prev, r)
-					}
+				if err := follow(r); err != nil {
+					return err
 				}
-				prev = r
-				runs++
-				chunks += r.Len
 			}
+		}
+	}
+	if len(x.tail) > 0 {
+		switch {
+		case len(x.tail) > x.maxRuns:
+			return fmt.Errorf("tail holds %d runs (max %d)", len(x.tail), x.maxRuns)
+		case x.hotOK:
+			return fmt.Errorf("hot run cached with %d runs in the tail", len(x.tail))
+		case len(x.segs) > 0:
+			if sg := x.segs[len(x.segs)-1]; int(sg.blocks[len(sg.blocks)-1].n) != x.maxRuns {
+				return fmt.Errorf("tail of %d runs after a last block that is not full", len(x.tail))
+			}
+		}
+	}
+	for _, r := range x.tail {
+		if r.Len == 0 || r.Len > uint64(math.MaxUint64-r.Origin) || r.Len > uint64(math.MaxUint64-r.COW) {
+			return fmt.Errorf("tail run %+v is empty or overflows", r)
+		}
+		if err := follow(r); err != nil {
+			return err
 		}
 	}
 	if x.hotOK {
