@@ -713,6 +713,9 @@ func (s *Store) DeleteVolume(id string) error {
 		return fmt.Errorf("%w: volume %q", ErrNotFound, id)
 	}
 	defer lockGates(lineage(v))()
+	if err := v.drain(); err != nil {
+		return err
+	}
 	return s.commitApply(&record{Type: recDelete, Obj: v.obj})
 }
 
@@ -732,6 +735,9 @@ func (s *Store) DeleteSnapshot(id string) error {
 		return fmt.Errorf("%w: snapshot %q", ErrNotFound, id)
 	}
 	defer lockGates(lineage(sn.vol))()
+	if err := sn.vol.drain(); err != nil {
+		return err
+	}
 	return s.commitApply(&record{Type: recDelete, Obj: sn.obj})
 }
 
@@ -895,6 +901,16 @@ func (s *Store) syncAllFiles(log file) error {
 func (s *Store) checkpointLocked() error {
 	vs := s.allVolumes()
 	defer lockGates(vs)()
+	// Every overlay entry reaches its data file and the committer goes
+	// idle before the state is captured and the log replaced.
+	for _, v := range vs {
+		if err := v.drain(); err != nil {
+			return err
+		}
+	}
+	if err := s.log.quiesce(); err != nil {
+		return err
+	}
 	for _, v := range vs {
 		// Present records in the checkpoint must not run ahead of their
 		// data, nor exception records ahead of their copied chunks.

@@ -93,6 +93,13 @@ type Volume struct {
 	dataName string
 	cowName  string
 
+	// Overlay (overlay.go): images of chunks whose copy-out is not durable
+	// yet. ov is guarded by ovMu, each entry's bytes by its chunk's stripe.
+	ovMu   sync.Mutex
+	ov     map[int64]*ovEntry
+	ovN    atomic.Int64  // len(ov), read without ovMu on the fast paths
+	ovLast atomic.Uint64 // batch id of the newest entry put in ov
+
 	mu             sync.RWMutex // guards everything below
 	size           int64
 	deleted        bool // by its user: hidden, ID reserved
