@@ -4,6 +4,7 @@ import (
 	"errors"
 	"sync"
 	"syscall"
+	"time"
 )
 
 // faultFS wraps the real file system to skip syncs (for fast model runs)
@@ -17,6 +18,9 @@ type faultFS struct {
 	// brings one to 0 fails (a short write, or EIO). Negative: never.
 	failWrite, failSync int
 	failed              int // faults injected
+	// syncDelay makes every Sync take at least this long (a slow disk),
+	// so overlay entries stay pending long enough to be observed.
+	syncDelay time.Duration
 }
 
 func newFaultFS(dir string) *faultFS { return &faultFS{osFS: osFS{dir}, failWrite: -1, failSync: -1} }
@@ -63,7 +67,9 @@ func (f *faultFile) Sync() error {
 		f.fs.failed++
 	}
 	noSync := f.fs.noSync
+	delay := f.fs.syncDelay
 	f.fs.mu.Unlock()
+	time.Sleep(delay)
 	if fail {
 		return errInjected
 	}
