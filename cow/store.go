@@ -85,6 +85,11 @@ func (s *Store) load() error {
 	if err == nil {
 		err = s.flushAllPending()
 	}
+	for _, v := range s.allVolumes() {
+		if err == nil {
+			err = v.openMissing()
+		}
+	}
 	s.dirty = nil
 	if err != nil {
 		lf.Close()
@@ -290,6 +295,9 @@ func (s *Store) excDataDurable(r *record) (bool, error) {
 		return false, corruptf("exception COW chunk %d out of range", r.COW)
 	}
 	f, err := v.cowFile()
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil // no copy at all: the record is not durable data
+	}
 	if err != nil {
 		return false, err
 	}
@@ -331,6 +339,36 @@ func (s *Store) finishOpen() error {
 		}
 	}
 	return nil
+}
+
+// openMissing judges the files replay found missing for a volume that
+// exists: a data file is created before its volume record is durable, so
+// its absence is damage. So is a missing COW file that some snapshot maps
+// chunks in; one nothing maps was never needed (stores written before the
+// files were created with the volume made it lazily): it is created.
+func (v *Volume) openMissing() error {
+	if v.data == nil {
+		return corruptf("volume %s: data file %s missing", v.id, v.dataName)
+	}
+	if v.cowf != nil {
+		return nil
+	}
+	for _, sn := range v.chain {
+		mapped := false
+		sn.idx.Ascend(0, func(r exceptions.Run) bool {
+			mapped = r.COW != 0
+			return !mapped
+		})
+		if mapped {
+			return corruptf("volume %s: COW file %s missing, snapshot %s maps chunks in it", v.id, v.cowName, sn.id)
+		}
+	}
+	f, err := v.s.fs.Open(v.cowName, true)
+	if err != nil {
+		return err
+	}
+	v.cowf = f
+	return v.s.fs.SyncDir()
 }
 
 // rebuildFree recomputes hwm and the free list from the indexes, and gives
@@ -445,18 +483,41 @@ func (v *Volume) punchCOW(c exceptions.Chunk, n uint64) error {
 	return f.Punch(int64(c)<<v.shift, int64(n)<<v.shift)
 }
 
-// cowFile opens (creating) the volume's COW file on first use.
+// cowFile returns the volume's COW file, which exists from the volume's
+// creation on (createFiles) and is open once the volume is. During replay
+// it may be missing (finishOpen decides whether that is damage): that is
+// os.ErrNotExist.
 func (v *Volume) cowFile() (file, error) {
 	v.s.cowMu.Lock()
 	defer v.s.cowMu.Unlock()
 	if v.cowf == nil {
-		f, err := v.s.fs.Open(v.cowName, true)
-		if err != nil {
-			return nil, err
-		}
-		v.cowf = f
+		return nil, fmt.Errorf("volume %s: COW file %s: %w", v.id, v.cowName, os.ErrNotExist)
 	}
 	return v.cowf, nil
+}
+
+// createFiles creates the data and COW files of object obj and makes their
+// directory entries durable, before any record names them: after a crash a
+// record never names a file that is not there, so Open can call a missing
+// file damage (ErrCorrupt) instead of silently recreating it empty. A file
+// left by a crash before the record is removed by Open (finishOpen).
+func (s *Store) createFiles(obj uint32) error {
+	for _, name := range []string{fmt.Sprintf("%08x.data", obj), fmt.Sprintf("%08x.cow", obj)} {
+		f, err := s.fs.Open(name, true)
+		if err != nil {
+			return err
+		}
+		// Object numbers are never reused once a record names them, so
+		// anything here is a leftover of a create that never committed.
+		err = f.Truncate(0)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return s.fs.SyncDir()
 }
 
 // lookup returns the live object with that ID.
@@ -544,6 +605,9 @@ func (s *Store) CreateVolume(id string, size int64, o VolumeOptions) (*Volume, e
 		return nil, fmt.Errorf("%w: %q", ErrExists, id)
 	}
 	r := &record{Type: recVolume, Obj: s.nextObj, Size: size, ChunkSize: uint32(cs), ID: id, Labels: o.Labels}
+	if err := s.createFiles(r.Obj); err != nil {
+		return nil, err
+	}
 	if err := s.commitApply(r); err != nil {
 		return nil, err
 	}
@@ -626,6 +690,9 @@ func (s *Store) clone(snapID, volID, newID string, size int64, o VolumeOptions) 
 	}
 	recs = append(recs, &record{Type: recVolume, Obj: s.nextObj + uint32(len(recs)), Parent: parent, Size: size,
 		ChunkSize: uint32(cs), ID: newID, Labels: o.Labels})
+	if err := s.createFiles(recs[len(recs)-1].Obj); err != nil {
+		return nil, err
+	}
 	if err := s.commitApply(recs...); err != nil {
 		return nil, err
 	}
@@ -922,9 +989,6 @@ func (s *Store) checkpointLocked() error {
 				return err
 			}
 		}
-		v.mu.Lock()
-		v.pendingPresent = nil
-		v.mu.Unlock()
 	}
 	f, err := s.fs.Open(logTmpName, true)
 	if err != nil {
@@ -998,6 +1062,14 @@ func (s *Store) checkpointLocked() error {
 		return err
 	}
 	ok = true
+	// The checkpoint carries every present chunk now that it is durable;
+	// not before, or a failed checkpoint would lose the pending records a
+	// later Flush must still write.
+	for _, v := range vs {
+		v.mu.Lock()
+		v.pendingPresent = nil
+		v.mu.Unlock()
+	}
 	s.log.f.Close()
 	s.hdr = h
 	s.log = newCommitter(f, w.off, 0)

@@ -89,7 +89,7 @@ type Volume struct {
 	flushMu  sync.Mutex  // serialises Flush, so one Flush cannot return before another's present records land
 	dirty    atomic.Bool // data written since the last data sync
 	data     file
-	cowf     file // nil until the first non-zero copy-out
+	cowf     file // nil only while replay has not judged a missing file
 	dataName string
 	cowName  string
 
