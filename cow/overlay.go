@@ -32,6 +32,19 @@ type ovEntry struct {
 	v    *Volume
 	c    int64
 	data []byte
+	// [lo, hi) is the part of data changed since the entry was made from
+	// the old chunk (bytes within the chunk): the rest equals what the data
+	// file holds, so a plain volume's apply writes only this part.
+	lo, hi int64
+}
+
+// touch records that bytes [o, o+m) of the image changed.
+func (e *ovEntry) touch(o, m int64) {
+	if e.lo >= e.hi {
+		e.lo, e.hi = o, o+m
+		return
+	}
+	e.lo, e.hi = min(e.lo, o), max(e.hi, o+m)
 }
 
 // ovGet returns the overlay entry of chunk c, or nil. The caller holds c's
@@ -78,11 +91,19 @@ func (e *ovEntry) apply() error {
 	st.Lock()
 	defer st.Unlock()
 	off := e.c << v.shift
+	lo, hi := e.lo, e.hi
+	present := v.src == nil || v.isPresent(e.c)
+	if !present {
+		// A clone's data file lacks this chunk: all of it goes there.
+		lo, hi = 0, v.chunkSize
+	}
 	var err error
-	if allZero(e.data) {
-		err = v.data.Punch(off, v.chunkSize)
-	} else {
-		err = writeFull(v.data, e.data, off)
+	switch {
+	case lo >= hi: // nothing changed (a write of the bytes already there)
+	case allZero(e.data[lo:hi]) && (lo == 0 && hi == v.chunkSize || present):
+		err = v.data.Punch(off+lo, hi-lo)
+	default:
+		err = writeFull(v.data, e.data[lo:hi], off+lo)
 	}
 	v.dirty.Store(true)
 	if err != nil {
@@ -90,7 +111,7 @@ func (e *ovEntry) apply() error {
 		// committer's sticky error makes Flush and writes fail.
 		return err
 	}
-	if v.src != nil && !v.isPresent(e.c) {
+	if !present {
 		// The clone holds the whole chunk now; its present record goes out
 		// with the next Flush, after the data sync.
 		v.mu.Lock()
@@ -159,6 +180,7 @@ func (v *Volume) writeOverlaid(off, n int64, p []byte) error {
 			} else {
 				clear(e.data[o : o+m])
 			}
+			e.touch(o, m)
 			run = at + m
 		}
 		at += m
