@@ -29,6 +29,7 @@ type Store struct {
 	hdr      header
 	log      *committer
 	replay   bool                   // Open is replaying: no I/O side effects in apply
+	cpEnd    int64                  // Open: where the log's checkpoint part ends (its first batch)
 	dirty    map[*Snapshot]struct{} // replay: snapshots with pending inserts
 	cowMu    sync.Mutex             // guards opening COW files lazily
 	isClosed atomic.Bool            // for the I/O paths, which do not take mu
@@ -138,24 +139,10 @@ func (s *Store) load() error {
 	}
 	// A long log tail is slow to replay (random inserts); fold it into a
 	// checkpoint now so the next Open reads sorted runs.
-	if end-s.checkpointEnd(b) > 64<<20 {
+	if end-s.cpEnd > 64<<20 {
 		return s.checkpoint()
 	}
 	return nil
-}
-
-// checkpointEnd returns the offset of the first batch record in b (the end
-// of the checkpoint part of the log), or len(b).
-func (s *Store) checkpointEnd(b []byte) int64 {
-	off := headerSize
-	for off < len(b) {
-		r, n, err := decodeRecord(b[off:])
-		if err != nil || r.Type == recBatch {
-			break
-		}
-		off += n
-	}
-	return int64(min(off, len(b)))
 }
 
 func (s *Store) create() error {
@@ -213,6 +200,9 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite
 			return 0, 0, nil, false, fmt.Errorf("offset %d: %w", off, err)
 		}
 		if r.Type == recBatch {
+			if !inBatch {
+				s.cpEnd = int64(off)
+			}
 			if r.Seq != seq+1 {
 				return 0, 0, nil, false, corruptf("offset %d: batch %d after %d", off, r.Seq, seq)
 			}
@@ -235,6 +225,9 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite
 		off += n
 	}
 	torn := off < len(b)
+	if !inBatch {
+		s.cpEnd = int64(off)
+	}
 	// The last batch: a copy-out whose chunk data did not reach the disk
 	// guarded an origin write that never happened, so it is dropped.
 	var kept []byte
