@@ -188,8 +188,16 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite
 	inBatch := false
 	seenRecords, seenNext := false, false
 	batchStart := off
+	var scratch []exceptions.Run // runs of checkpoint records, applied at once
 	for off < len(b) {
-		r, n, err := decodeRecord(b[off:])
+		var sc []exceptions.Run
+		if !inBatch {
+			if scratch == nil {
+				scratch = make([]exceptions.Run, 0, 1<<16) // the most runs a checkpoint record holds
+			}
+			sc = scratch
+		}
+		r, n, err := decodeRecordRuns(b[off:], sc)
 		if errors.Is(err, errTorn) {
 			if laterBatch(b[off+1:], seq) {
 				return 0, 0, nil, false, corruptf("bad record at offset %d followed by valid batches", off)
