@@ -267,3 +267,52 @@ func TestOverlayCommitFails(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestOverlayAcrossCheckpoint: a checkpoint replaces the committer; volumes
+// that had overlay entries before it must still drain (Flush,
+// CreateSnapshot) after it, and new first writes still go through.
+func TestOverlayAcrossCheckpoint(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := openSlow(t, dir, 0)
+	defer s.Close()
+	const cs = 4096
+	v, _ := s.CreateVolume("v", 8*cs, VolumeOptions{ChunkSize: cs})
+	v.WriteAt(fill(8*cs, 1), 0)
+	s.CreateSnapshot("v", "s", SnapshotOptions{})
+	for i := 0; i < 4; i++ {
+		v.WriteAt(fill(cs, 2), int64(i)*cs) // first writes: overlay entries
+	}
+	if v.ovLast.Load() == 0 {
+		t.Fatal("no overlay entry was made")
+	}
+	if err := s.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		if err := v.Flush(); err != nil {
+			done <- err
+			return
+		}
+		_, err := s.CreateSnapshot("v", "s2", SnapshotOptions{})
+		if err == nil {
+			_, err = v.WriteAt(fill(cs, 3), 5*cs)
+		}
+		if err == nil {
+			err = v.Flush()
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Flush after a checkpoint hangs waiting for the old log's batches")
+	}
+	sn2, _ := s.Snapshot("s2")
+	if got := mustRead(t, sn2, 5*cs, cs); got[0] != 1 {
+		t.Fatalf("s2 chunk 5 reads %d, want 1", got[0])
+	}
+}

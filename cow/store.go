@@ -1073,7 +1073,12 @@ func (s *Store) checkpointLocked() error {
 	}
 	s.log.f.Close()
 	s.hdr = h
+	old := s.log
 	s.log = newCommitter(f, w.off, 0)
+	// Batch ids go on where the old log's ended: volumes remember the id of
+	// their newest overlay entry's batch (all applied by now) and drain by
+	// waiting for it.
+	s.log.cur.id, s.log.applied = old.cur.id, old.applied
 	return nil
 }
 
