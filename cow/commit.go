@@ -110,6 +110,29 @@ func (c *committer) lead() {
 	c.mu.Unlock()
 }
 
+// submit adds recs to the open batch, and files to those it syncs, without
+// waiting: the returned batch's done channel closes once they are durable
+// (or the commit failed: batch.err). A leader is started if none runs.
+func (c *committer) submit(recs []byte, files ...file) (*batch, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err != nil {
+		return nil, c.err
+	}
+	c.buf = append(c.buf, recs...)
+	for _, f := range files {
+		if f != nil && !containsFile(c.files, f) {
+			c.files = append(c.files, f)
+		}
+	}
+	b := c.cur
+	if !c.busy {
+		c.busy = true
+		go c.lead()
+	}
+	return b, nil
+}
+
 // enqueue adds recs and the overlay entries ov to the open batch without
 // waiting for it: a leader (started here if none runs) writes and syncs it
 // in the background, then applies ov to the data files (see overlay.go).

@@ -26,6 +26,8 @@ type faultFS struct {
 	// events, when not nil, records creations, directory syncs and log
 	// writes in order, for tests of their ordering.
 	events *[]string
+	// syncHook, if set, runs at the start of every Sync with the file's name.
+	syncHook func(name string)
 	// syncDelay makes every Sync take at least this long (a slow disk),
 	// so overlay entries stay pending long enough to be observed.
 	syncDelay time.Duration
@@ -92,6 +94,12 @@ func (f *faultFile) WriteAt(p []byte, off int64) (int, error) {
 }
 
 func (f *faultFile) Sync() error {
+	f.fs.mu.Lock()
+	hook := f.fs.syncHook
+	f.fs.mu.Unlock()
+	if hook != nil {
+		hook(f.name)
+	}
 	f.fs.mu.Lock()
 	fail := f.fs.failSync == 0
 	if f.fs.failSync >= 0 {

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"sync"
 	"testing"
+	"time"
 )
 
 // Tests for the review items I2, I3, I4 and I6 (each failed before its fix).
@@ -241,5 +242,63 @@ func TestCopyOutWriteFailsFreesChunks(t *testing.T) {
 	copy(want[4*cs:], fill(4*cs, 3))
 	if got := mustRead(t, v, 0, 16*cs); !bytes.Equal(got, want) {
 		t.Fatalf("volume differs at %d", firstDiff(got, want))
+	}
+}
+
+// TestCreateSnapshotReleasesStoreLock: while CreateSnapshot waits for its
+// record's fsync, other volumes' metadata calls do not wait for the store
+// lock (before, the store lock was held across the group commit), and the
+// snapshot is right once it returns.
+func TestCreateSnapshotReleasesStoreLock(t *testing.T) {
+	dir := t.TempDir()
+	fs := newFaultFS(dir)
+	s, err := openFS(dir, fs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	const cs = 4096
+	v, _ := s.CreateVolume("v", 8*cs, VolumeOptions{ChunkSize: cs})
+	v.WriteAt(fill(8*cs, 1), 0)
+	entered := make(chan struct{})
+	release := make(chan struct{})
+	var once sync.Once
+	fs.mu.Lock()
+	fs.syncHook = func(name string) {
+		if name == logName || name == logTmpName {
+			once.Do(func() { close(entered); <-release })
+		}
+	}
+	fs.mu.Unlock()
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.CreateSnapshot("v", "s", SnapshotOptions{})
+		done <- err
+	}()
+	<-entered // CreateSnapshot's batch is in its log fsync, held there
+	listed := make(chan int, 1)
+	go func() { listed <- len(s.Volumes()) }()
+	select {
+	case n := <-listed:
+		if n != 1 {
+			t.Fatalf("Volumes lists %d, want 1", n)
+		}
+	case <-time.After(5 * time.Second):
+		close(release)
+		t.Fatal("Volumes waited for another volume's CreateSnapshot fsync (store lock held across it)")
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("CreateSnapshot returned (%v) before its record's fsync did", err)
+	default:
+	}
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	v.WriteAt(fill(cs, 2), 0)
+	sn, _ := s.Snapshot("s")
+	if got := mustRead(t, sn, 0, cs); got[0] != 1 {
+		t.Fatalf("snapshot reads %d, want 1", got[0])
 	}
 }

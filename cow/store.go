@@ -826,7 +826,14 @@ func (s *Store) CreateSnapshot(volID, snapID string, o SnapshotOptions) (*Snapsh
 		return nil, err
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	locked := true
+	unlock := func() {
+		if locked {
+			locked = false
+			s.mu.Unlock()
+		}
+	}
+	defer unlock()
 	if err := s.usable(); err != nil {
 		return nil, err
 	}
@@ -841,10 +848,13 @@ func (s *Store) CreateSnapshot(volID, snapID string, o SnapshotOptions) (*Snapsh
 	defer v.gate.Unlock()
 	r := &record{Type: recSnapshot, Obj: s.nextObj, Parent: v.obj, Size: v.Size(), Created: nowNanos(),
 		Limit: o.Limit, ID: snapID, Labels: o.Labels}
-	if err := v.flushWith(r); err != nil {
+	// The store lock is dropped once the record is applied and queued (see
+	// flushWith); the volume's gate is held until it is durable.
+	var sn *Snapshot
+	if err := v.flushWith(r, func() { sn = s.byID[snapID].(*Snapshot); unlock() }); err != nil {
 		return nil, err
 	}
-	return s.byID[snapID].(*Snapshot), nil
+	return sn, nil
 }
 
 // Volumes lists the volumes that are not deleted, sorted by ID.

@@ -629,14 +629,8 @@ func (v *Volume) Flush() error {
 
 // flushLocked syncs the data file, then records which chunks a clone now
 // holds (after their data, so a crash never points at missing data).
-func (v *Volume) flushLocked() error { return v.flushWith(nil) }
+func (v *Volume) flushLocked() error { return v.flushWith(nil, nil) }
 
-// flushWith is flushLocked that also commits r (a snapshot record) and
-// applies it. Without clone records to order, the data file and the log are
-// synced concurrently (one fsync latency instead of two): if the machine
-// dies before that returns, r may survive with writes that were never
-// flushed missing from both the volume and the snapshot: the snapshot is
-// then of the volume as it recovered, and the call never returned.
 // restorePending puts present records taken by a failed Flush back, so a
 // later Flush still writes them (they were never committed).
 func (v *Volume) restorePending(pend []uint64) {
@@ -648,7 +642,20 @@ func (v *Volume) restorePending(pend []uint64) {
 	v.mu.Unlock()
 }
 
-func (v *Volume) flushWith(r *record) error {
+// flushWith is flushLocked that also commits r (a snapshot record) and
+// applies it. Without clone records to order, the data file and the log are
+// synced concurrently (one fsync latency instead of two): if the machine
+// dies before that returns, r may survive with writes that were never
+// flushed missing from both the volume and the snapshot: the snapshot is
+// then of the volume as it recovered, and the call never returned.
+//
+// With r, release (if not nil) is called once r is applied to memory and
+// queued in the open batch, before waiting for the batch to be durable:
+// CreateSnapshot passes one that drops the store lock, so other volumes'
+// changes do not wait for this fsync (and concurrent snapshots share it).
+// Memory is then ahead of the disk until the batch is durable; if it
+// fails, the error is sticky (ErrClosed) and Open re-derives the state.
+func (v *Volume) flushWith(r *record, release func()) error {
 	if v.s.isClosed.Load() {
 		return ErrClosed
 	}
@@ -695,12 +702,26 @@ func (v *Volume) flushWith(r *record) error {
 	if len(recs) == 0 {
 		return nil
 	}
-	var err error
+	var files []file
 	if dirty {
-		err = v.s.log.commit(recs, v.data)
-	} else {
-		err = v.s.log.commit(recs)
+		files = append(files, v.data)
 	}
+	if r != nil && release != nil {
+		b, err := v.s.log.submit(recs, files...)
+		if err != nil {
+			v.dirty.Store(true)
+			v.restorePending(pend)
+			return err
+		}
+		if err := v.s.apply(r); err != nil {
+			v.s.closed = true
+			return fmt.Errorf("%w: applying queued record: %w", ErrClosed, err)
+		}
+		release()
+		<-b.done
+		return b.err
+	}
+	err := v.s.log.commit(recs, files...)
 	if err != nil {
 		v.dirty.Store(true)
 		v.restorePending(pend)
