@@ -71,10 +71,13 @@ type SnapshotInfo struct {
 //
 // Locks, in the order they are taken: Store.mu, then gates (clones before
 // their sources: descending object number), then stripes (ascending), then a
-// source's stripes (shared), then mu of one volume at a time, then the
-// committer. Writers hold gate shared for a whole request; anything that
-// changes the chain or size holds it exclusively, so no copy-out is in flight
-// across those changes.
+// source's stripes (shared), then mu of one volume at a time, then ovMu,
+// then the committer. Writers hold gate shared for a whole request (and
+// take overlay space before their stripes); Flush holds it shared too;
+// anything that changes the chain or size holds it exclusively and drains
+// the overlay, so no copy-out is in flight and no entry is pending across
+// those changes. The committer applies overlay entries holding no other
+// lock, one stripe at a time.
 type Volume struct {
 	s         *Store
 	obj       uint32
