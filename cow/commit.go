@@ -111,8 +111,8 @@ func (c *committer) lead() {
 }
 
 // submit adds recs to the open batch, and files to those it syncs, without
-// waiting: the returned batch's done channel closes once they are durable
-// (or the commit failed: batch.err). A leader is started if none runs.
+// waiting; await then waits for that batch (leading it itself if no leader
+// runs, as commit does, which saves a goroutine handoff).
 func (c *committer) submit(recs []byte, files ...file) (*batch, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -125,12 +125,25 @@ func (c *committer) submit(recs []byte, files ...file) (*batch, error) {
 			c.files = append(c.files, f)
 		}
 	}
-	b := c.cur
-	if !c.busy {
+	return c.cur, nil
+}
+
+// await waits until batch b (from submit) is durable and returns its error.
+func (c *committer) await(b *batch) error {
+	c.mu.Lock()
+	if !c.busy && c.cur == b {
 		c.busy = true
-		go c.lead()
+		c.leadOne() // unlocks and relocks c.mu
+		if c.pending() {
+			go c.lead()
+		} else {
+			c.busy = false
+			c.cond.Broadcast()
+		}
 	}
-	return b, nil
+	c.mu.Unlock()
+	<-b.done
+	return b.err
 }
 
 // enqueue adds recs and the overlay entries ov to the open batch without

@@ -718,8 +718,7 @@ func (v *Volume) flushWith(r *record, release func()) error {
 			return fmt.Errorf("%w: applying queued record: %w", ErrClosed, err)
 		}
 		release()
-		<-b.done
-		return b.err
+		return v.s.log.await(b)
 	}
 	err := v.s.log.commit(recs, files...)
 	if err != nil {
