@@ -3,6 +3,7 @@ package cow
 import (
 	"errors"
 	"fmt"
+	"os"
 	"slices"
 	"strings"
 	"time"
@@ -242,11 +243,27 @@ func (s *Store) applyVolume(r *record) error {
 		src.clones++
 		src.vol.mu.Unlock()
 	}
-	f, err := s.fs.Open(v.dataName, true)
-	if err != nil {
+	// The files exist before the record does (createFiles, with the
+	// directory synced), so they are opened, never created, here. During
+	// replay a missing file is judged at the end (finishOpen): the volume
+	// may turn out deleted and its files rightly removed.
+	f, err := s.fs.Open(v.dataName, false)
+	if err == nil {
+		v.data = f
+		f, err = s.fs.Open(v.cowName, false)
+		if err == nil {
+			v.cowf = f
+		}
+	}
+	if err != nil && !(s.replay && errors.Is(err, os.ErrNotExist)) {
+		if v.data != nil {
+			v.data.Close()
+		}
+		if errors.Is(err, os.ErrNotExist) {
+			return corruptf("volume %d: %v", r.Obj, err)
+		}
 		return err
 	}
-	v.data = f
 	s.objs[r.Obj], s.byID[r.ID] = v, v
 	s.nextObj = r.Obj + 1
 	return nil

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -198,50 +199,86 @@ func benchWrites(b *testing.B, w writer, bs, chunk int64, random bool, renew fun
 	}
 }
 
-// BenchmarkWriteParallel: random 4 KiB first writes from 16 goroutines, as
-// the FUSE frontend issues them at queue depth 16: copy-outs share fsyncs
-// (group commit). Run with -benchtime=1000x (at most 1024 first writes).
+// BenchmarkWriteParallel: writes from 16 goroutines, as the FUSE frontend
+// issues them at queue depth 16: random 4 KiB in a 64 MiB region and
+// sequential 1 MiB in a 256 MiB one, to a plain file and to volumes with
+// 0, 1, 4, 16 snapshots; "first" writes each hit a chunk not copied yet
+// (so b.N is bounded: run rand4K with -benchtime=1000x and seq1M with
+// -benchtime=200x), "rewrite" ones hit chunks already copied.
 func BenchmarkWriteParallel(b *testing.B) {
-	for _, snaps := range []int{-1, 0, 1, 16} {
-		name := fmt.Sprintf("rand4K/snaps=%d/first", snaps)
-		if snaps < 0 {
-			name = "rand4K/file"
+	for _, pat := range []struct {
+		name   string
+		bs     int64
+		region int64
+	}{{"rand4K", 4 << 10, benchRegion}, {"seq1M", 1 << 20, 4 * benchRegion}} {
+		for _, snaps := range []int{-1, 0, 1, 4, 16} {
+			for _, first := range []bool{true, false} {
+				if snaps <= 0 && !first {
+					continue
+				}
+				name := fmt.Sprintf("%s/snaps=%d/%s", pat.name, snaps, map[bool]string{true: "first", false: "rewrite"}[first])
+				if snaps < 0 {
+					name = pat.name + "/file"
+				}
+				b.Run(name, func(b *testing.B) {
+					benchParallel(b, pat.bs, pat.region, snaps, first)
+				})
+			}
 		}
-		b.Run(name, func(b *testing.B) {
-			var w writer
-			var s *Store
-			if snaps < 0 {
-				w = benchFile(b, benchRegion)
-			} else {
-				s, w = benchStore(b, benchRegion, DefaultChunkSize)
-				for i := 0; i < snaps; i++ {
-					s.CreateSnapshot("v", fmt.Sprint("s", i), SnapshotOptions{})
-				}
-			}
-			rng := rand.New(rand.NewSource(3))
-			offs := offsets(rng, 4096, DefaultChunkSize, true)
-			if b.N > len(offs) {
-				b.Fatalf("b.N %d > %d chunks: run with -benchtime=%dx or less, so every write is a first write", b.N, len(offs), len(offs))
-			}
-			var next int64
-			var mu = make(chan struct{}, 1)
-			b.SetBytes(4096)
-			b.SetParallelism(8) // 16 goroutines on 2 cores
-			b.ResetTimer()
-			b.RunParallel(func(pb *testing.PB) {
-				buf := make([]byte, 4096)
-				for pb.Next() {
-					mu <- struct{}{}
-					i := next
-					next++
-					<-mu
-					if _, err := w.WriteAt(buf, offs[i%int64(len(offs))]); err != nil {
-						b.Fatal(err)
-					}
-				}
-			})
-		})
 	}
+}
+
+func benchParallel(b *testing.B, bs, region int64, snaps int, first bool) {
+	var w writer
+	if snaps < 0 {
+		w = benchFile(b, region)
+	} else {
+		s, v := benchStore(b, region, DefaultChunkSize)
+		w = v
+		for i := 0; i < snaps; i++ {
+			if _, err := s.CreateSnapshot("v", fmt.Sprint("s", i), SnapshotOptions{}); err != nil {
+				b.Fatal(err)
+			}
+		}
+		if !first {
+			buf := make([]byte, 1<<20)
+			for off := int64(0); off < region; off += int64(len(buf)) {
+				if _, err := v.WriteAt(buf, off); err != nil {
+					b.Fatal(err)
+				}
+			}
+			if err := v.Flush(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+	var offs []int64
+	if bs < DefaultChunkSize {
+		offs = offsets(rand.New(rand.NewSource(3)), bs, DefaultChunkSize, true)
+	} else {
+		for off := int64(0); off < region; off += bs {
+			offs = append(offs, off)
+		}
+	}
+	if first && b.N > len(offs) {
+		b.Fatalf("b.N %d > %d first writes: run with -benchtime=%dx or less", b.N, len(offs), len(offs))
+	}
+	var next atomic.Int64
+	b.SetBytes(bs)
+	b.ReportAllocs()
+	b.SetParallelism(8) // 16 goroutines on 2 cores
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		buf := make([]byte, bs)
+		for pb.Next() {
+			i := next.Add(1) - 1
+			buf[0] = byte(i)
+			if _, err := w.WriteAt(buf, offs[i%int64(len(offs))]); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
 }
 
 type reader interface {

@@ -60,6 +60,25 @@ func (v *Volume) check() error {
 			return fmt.Errorf("snapshot %s holds %d chunks, counted %d, reserved %d", sn.id, held, sn.held, sn.reserved.Load())
 		}
 	}
+	// Overlay entries only exist for chunks the newest snapshot maps (their
+	// copy-out is pending), and ovN counts them.
+	v.ovMu.Lock()
+	for c := range v.ov {
+		n := len(v.chain)
+		if n == 0 {
+			v.ovMu.Unlock()
+			return fmt.Errorf("overlay entry for chunk %d without a snapshot", c)
+		}
+		if _, ok := v.chain[n-1].idx.Lookup(exceptions.Chunk(c)); !ok {
+			v.ovMu.Unlock()
+			return fmt.Errorf("overlay entry for chunk %d, which the newest snapshot does not map", c)
+		}
+	}
+	if int64(len(v.ov)) != v.ovN.Load() {
+		v.ovMu.Unlock()
+		return fmt.Errorf("overlay holds %d entries, counted %d", len(v.ov), v.ovN.Load())
+	}
+	v.ovMu.Unlock()
 	// Mapped and free ranges must tile [firstCOW, hwm) exactly.
 	type tile struct {
 		c    exceptions.Chunk

@@ -36,20 +36,102 @@ func TestCrashChild(t *testing.T) {
 		fmt.Fprintln(os.Stderr, "child open:", err)
 		os.Exit(2)
 	}
-	m := newModel()
-	rng := rand.New(rand.NewSource(seed))
+	st := newStream(seed)
 	open := func() (*Store, error) { return Open(dir) }
 	for i := 0; ; i++ {
-		o := m.gen(rng, true)
-		if err := run(&s, open, o); err != nil {
-			fmt.Fprintf(os.Stderr, "child step %d %v: %v\n", i, o, err)
+		g := st.group()
+		if err := runGroup(&s, open, g); err != nil {
+			fmt.Fprintf(os.Stderr, "child group %d %v: %v\n", i, g, err)
 			os.Exit(2)
 		}
-		m.apply(o)
-		if _, err := acks.Write([]byte{'.'}); err != nil {
+		for _, o := range g {
+			st.m.apply(o)
+		}
+		// One write of len(g) bytes: a pipe write that small is atomic, so
+		// the parent always counts whole groups. The bytes say whether
+		// overlay entries were pending at the ack (1) or not (0).
+		ack := make([]byte, len(g))
+		s.log.mu.Lock()
+		if s.log.ovUsed > 0 {
+			ack[len(ack)-1] = 1
+		}
+		s.log.mu.Unlock()
+		if _, err := acks.Write(ack); err != nil {
 			os.Exit(3)
 		}
 	}
+}
+
+// stream generates the crash test's operations in groups: a run of up to
+// maxGroup writes and discards with disjoint byte ranges (same volume or
+// not) runs concurrently, so kills land while several copy-outs and
+// overlay entries are pending; any other operation is a group of one.
+// Disjoint ranges make the outcome independent of the order the writes
+// take (each one is atomic per chunk under its stripes), so the model
+// applies them in stream order. A pure function of the seed, so the
+// parent regenerates the child's groups exactly.
+type stream struct {
+	m    *model
+	rng  *rand.Rand
+	next *op // generated but not yet grouped
+}
+
+const maxGroup = 6
+
+func newStream(seed int64) *stream {
+	return &stream{m: newModel(), rng: rand.New(rand.NewSource(seed))}
+}
+
+func (st *stream) op() op {
+	if o := st.next; o != nil {
+		st.next = nil
+		return *o
+	}
+	return st.m.gen(st.rng, true)
+}
+
+func isWrite(o op) bool { return o.kind == opWrite || o.kind == opDiscard }
+
+// group returns the next group. Generating ahead of applying is sound:
+// writes change no state gen reads (IDs, sizes, chunk sizes).
+func (st *stream) group() []op {
+	g := []op{st.op()}
+	if !isWrite(g[0]) {
+		return g
+	}
+	for len(g) < maxGroup {
+		o := st.op()
+		disjoint := isWrite(o)
+		for _, x := range g {
+			if disjoint && x.id == o.id && x.off < o.off+o.n && o.off < x.off+x.n {
+				disjoint = false
+			}
+		}
+		if !disjoint {
+			st.next = &o
+			break
+		}
+		g = append(g, o)
+	}
+	return g
+}
+
+// runGroup runs g's operations, concurrently when there are several.
+func runGroup(s **Store, open func() (*Store, error), g []op) error {
+	if len(g) == 1 {
+		return run(s, open, g[0])
+	}
+	errs := make(chan error, len(g))
+	for _, o := range g {
+		go func() { errs <- run(s, open, o) }()
+	}
+	var first error
+	for range g {
+		if err := <-errs; err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
 }
 
 func TestCrash(t *testing.T) {
@@ -68,21 +150,31 @@ func TestCrash(t *testing.T) {
 		t.Fatal(err)
 	}
 	rng := rand.New(rand.NewSource(42))
+	pendingKills := 0
 	for round := 0; round < rounds; round++ {
 		seed := int64(1000 + round)
 		target := 5 + rng.Intn(250)
 		delay := time.Duration(rng.Intn(3000)) * time.Microsecond
 		dir := t.TempDir()
-		acked, stderr := crashChild(t, exe, dir, seed, target, delay)
+		acked, pending, stderr := crashChild(t, exe, dir, seed, target, delay)
+		if pending {
+			pendingKills++
+		}
 		if err := crashCheck(dir, seed, acked); err != nil {
 			t.Fatalf("round %d (seed %d, killed after %d acks + %v): %v\nchild stderr: %s", round, seed, acked, delay, err, stderr)
 		}
+	}
+	// The point of the concurrent groups: kills that land while acknowledged
+	// writes wait in the overlay for their batch.
+	t.Logf("%d of %d rounds killed with overlay entries pending at the last ack", pendingKills, rounds)
+	if pendingKills == 0 {
+		t.Errorf("no round was killed with overlay entries pending: the test does not exercise the overlay")
 	}
 }
 
 // crashChild runs the child until it acknowledged target operations, waits
 // delay more, kills it, and returns how many operations it acknowledged.
-func crashChild(t *testing.T, exe, dir string, seed int64, target int, delay time.Duration) (int, string) {
+func crashChild(t *testing.T, exe, dir string, seed int64, target int, delay time.Duration) (int, bool, string) {
 	pr, pw, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
@@ -98,51 +190,67 @@ func crashChild(t *testing.T, exe, dir string, seed int64, target int, delay tim
 	pw.Close()
 	r := bufio.NewReader(pr)
 	n := 0
+	var last byte
 	for n < target {
-		if _, err := r.ReadByte(); err != nil {
+		b, err := r.ReadByte()
+		if err != nil {
 			break // the child died by itself: its stderr says why
 		}
+		last = b
 		n++
 	}
 	time.Sleep(delay)
 	cmd.Process.Signal(syscall.SIGKILL)
 	rest, _ := io.ReadAll(r)
 	n += len(rest)
+	if len(rest) > 0 {
+		last = rest[len(rest)-1]
+	}
 	cmd.Wait()
 	pr.Close()
 	if strings.Contains(stderr.String(), "child") {
 		t.Fatalf("child failed: %s", stderr.String())
 	}
-	return n, stderr.String()
+	return n, last == 1, stderr.String()
 }
 
 // crashCheck reopens the store and checks it against the stream's model:
 // acked operations happened; the next one may or may not have.
 func crashCheck(dir string, seed int64, acked int) error {
-	m := newModel()
-	rng := rand.New(rand.NewSource(seed))
-	for i := 0; i < acked; i++ {
-		m.apply(m.gen(rng, true))
+	st := newStream(seed)
+	m := st.m
+	for n := 0; n < acked; {
+		g := st.group()
+		for _, o := range g {
+			m.apply(o)
+		}
+		n += len(g)
+		if n > acked {
+			return fmt.Errorf("%d acks end inside a group of %d", acked, len(g))
+		}
 	}
-	next := m.gen(rng, true)
+	g := st.group()
 	s, err := Open(dir)
 	if err != nil {
 		return fmt.Errorf("reopen: %w", err)
 	}
 	defer s.Close()
-	// Without the in-flight operation (a write in flight may have landed in
-	// part: the model counts it as written since the last flush).
+	// Without the in-flight group (writes in flight may have landed in
+	// part: the model counts them as written since the last flush).
 	a := m.clone()
-	if next.kind == opWrite || next.kind == opDiscard {
-		a.apply(next)
+	if isWrite(g[0]) {
+		for _, o := range g {
+			a.apply(o)
+		}
 	}
 	errA := verify(s, a, false)
 	if errA == nil {
 		return nil
 	}
-	if next.kind == opWrite || next.kind == opDiscard {
+	if isWrite(g[0]) {
 		return errA
 	}
+	next := g[0]
 	b := m.clone()
 	b.apply(next)
 	if errB := verify(s, b, false); errB != nil {

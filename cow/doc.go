@@ -60,13 +60,25 @@
 // # Durability
 //
 // Every change is a record in one log (store.log, see FORMAT.md). A first
-// write after a snapshot: copy the old chunk to the COW file, append the
-// record (with the chunk's CRC32C) to the log, sync both (group commit: one
-// leader writes and syncs the batch of all concurrent copy-outs), and only
-// then write the origin. Flush syncs the volume's data file (and then
-// commits a clone's "present" records). CreateSnapshot syncs the data file
-// and commits its record. Reopen replays the log; Close writes a checkpoint
-// (the state as sorted runs) so the next Open is fast.
+// write after a snapshot (copy-before-write, see FORMAT.md for the proof):
+// copy the old chunk to the COW file (page cache), map it in the
+// snapshot's index, queue its record (with the chunk's CRC32C) in the open
+// batch of the group commit, and put the chunk's new image (old chunk + the
+// write) in the overlay; then acknowledge. The new data does not touch the
+// data file yet. A background leader writes and syncs the batch (the log
+// and the COW files, concurrently); once it is durable it writes the
+// batch's overlay images to the data files, each under its chunk's stripe,
+// and drops them. Reads of the volume (and of snapshots and clones that
+// read through to it) look in the overlay first; a later write or discard
+// of a chunk still in the overlay changes its image there. The overlay is
+// capped (overlayCap, 64 MiB per store); writers wait when it is full.
+// Flush waits until the overlay entries present when it started are
+// applied, then syncs the volume's data file (and then commits a clone's
+// "present" records). CreateSnapshot, Resize, deletes, clones of a volume
+// and checkpoints hold the volume's gate and drain its overlay first.
+// CreateSnapshot syncs the data file and commits its record. Reopen
+// replays the log; Close writes a checkpoint (the state as sorted runs) so
+// the next Open is fast.
 //
 // # Concurrency
 //
@@ -77,9 +89,13 @@
 //
 // # Caveats
 //
-//   - Copy-out is synchronous and durable: a first write after a snapshot
-//     waits for an fsync (shared by all concurrent first writes). At queue
-//     depth 1 that is the fsync latency per first write (BENCHMARKS.md).
+//   - A first write after a snapshot returns before its copy is durable;
+//     its new data waits in the overlay (RAM) for one group commit. Under
+//     a sustained stream of first writes the fsyncs still set the pace:
+//     once 64 MiB of images wait, writers wait for the committer. A commit
+//     or apply error is sticky (ErrClosed): the overlay's data never
+//     reaches the disk, reads of this process still see it, and Flush and
+//     writes fail, so nothing unflushed is ever reported durable.
 //   - Lifetimes: a deleted volume that still backs snapshots, or a deleted
 //     snapshot that still backs clones, is hidden but keeps its ID reserved
 //     (ErrExists) until the last dependent is deleted; then its space is

@@ -2,8 +2,10 @@ package cow
 
 import (
 	"errors"
+	"strings"
 	"sync"
 	"syscall"
+	"time"
 )
 
 // faultFS wraps the real file system to skip syncs (for fast model runs)
@@ -16,30 +18,68 @@ type faultFS struct {
 	// failWrite / failSync count down on every WriteAt / Sync; the call that
 	// brings one to 0 fails (a short write, or EIO). Negative: never.
 	failWrite, failSync int
-	failed              int // faults injected
+	// failSuffix, if set, limits failWrite to files whose name ends so.
+	failSuffix string
+	failed     int // faults injected
+	// failRename makes Rename fail (a checkpoint that cannot be installed).
+	failRename bool
+	// events, when not nil, records creations, directory syncs and log
+	// writes in order, for tests of their ordering.
+	events *[]string
+	// syncHook, if set, runs at the start of every Sync with the file's name.
+	syncHook func(name string)
+	// syncDelay makes every Sync take at least this long (a slow disk),
+	// so overlay entries stay pending long enough to be observed.
+	syncDelay time.Duration
 }
 
 func newFaultFS(dir string) *faultFS { return &faultFS{osFS: osFS{dir}, failWrite: -1, failSync: -1} }
 
 func (f *faultFS) Open(name string, create bool) (file, error) {
+	if create {
+		f.event("create " + name)
+	}
 	x, err := f.osFS.Open(name, create)
 	if err != nil {
 		return nil, err
 	}
-	return &faultFile{file: x, fs: f}, nil
+	return &faultFile{file: x, fs: f, name: name}, nil
+}
+
+func (f *faultFS) event(e string) {
+	f.mu.Lock()
+	if f.events != nil {
+		*f.events = append(*f.events, e)
+	}
+	f.mu.Unlock()
+}
+
+func (f *faultFS) Rename(o, n string) error {
+	f.mu.Lock()
+	fail := f.failRename
+	f.mu.Unlock()
+	if fail {
+		return errInjected
+	}
+	return f.osFS.Rename(o, n)
 }
 
 type faultFile struct {
 	file
-	fs *faultFS
+	fs   *faultFS
+	name string
 }
 
 var errInjected = errors.Join(errors.New("injected fault"), syscall.EIO)
 
 func (f *faultFile) WriteAt(p []byte, off int64) (int, error) {
+	if f.name == logName || f.name == logTmpName { // a new log keeps its temp name open
+		f.fs.event("write " + logName)
+	}
 	f.fs.mu.Lock()
-	fail := f.fs.failWrite == 0
-	if f.fs.failWrite >= 0 {
+	counts := f.fs.failSuffix == "" || strings.HasSuffix(f.name, f.fs.failSuffix)
+	fail := counts && f.fs.failWrite == 0
+	if counts && f.fs.failWrite >= 0 {
 		f.fs.failWrite--
 	}
 	if fail {
@@ -55,6 +95,12 @@ func (f *faultFile) WriteAt(p []byte, off int64) (int, error) {
 
 func (f *faultFile) Sync() error {
 	f.fs.mu.Lock()
+	hook := f.fs.syncHook
+	f.fs.mu.Unlock()
+	if hook != nil {
+		hook(f.name)
+	}
+	f.fs.mu.Lock()
 	fail := f.fs.failSync == 0
 	if f.fs.failSync >= 0 {
 		f.fs.failSync--
@@ -63,7 +109,9 @@ func (f *faultFile) Sync() error {
 		f.fs.failed++
 	}
 	noSync := f.fs.noSync
+	delay := f.fs.syncDelay
 	f.fs.mu.Unlock()
+	time.Sleep(delay)
 	if fail {
 		return errInjected
 	}
@@ -74,6 +122,7 @@ func (f *faultFile) Sync() error {
 }
 
 func (f *faultFS) SyncDir() error {
+	f.event("syncdir")
 	if f.noSync {
 		return nil
 	}

@@ -275,7 +275,14 @@ func (d *dec) labels() map[string]string {
 // decodeRecord decodes the record at the start of b and returns it with its
 // encoded length. errTorn means b ends inside the record or its CRC does not
 // match (what a torn append leaves); other errors wrap ErrCorrupt.
-func decodeRecord(b []byte) (*record, int, error) {
+func decodeRecord(b []byte) (*record, int, error) { return decodeRecordRuns(b, nil) }
+
+// decodeRecordRuns is decodeRecord that decodes runs into scratch (reused
+// from its start) when it is large enough: the record's Runs then alias
+// scratch and are valid only until scratch is used again. Replay applies
+// checkpoint records at once, so it decodes millions of runs without
+// allocating a slice per record.
+func decodeRecordRuns(b []byte, scratch []exceptions.Run) (*record, int, error) {
 	if len(b) < recOverhead {
 		return nil, 0, errTorn
 	}
@@ -330,7 +337,11 @@ func decodeRecord(b []byte) (*record, int, error) {
 		if uint64(n) > uint64(len(d.b)) { // every run takes at least one byte
 			return nil, 0, corruptf("record type %d: %d runs in %d bytes", r.Type, n, len(d.b))
 		}
-		r.Runs = make([]exceptions.Run, 0, n)
+		if uint32(cap(scratch)) >= n {
+			r.Runs = scratch[:0]
+		} else {
+			r.Runs = make([]exceptions.Run, 0, n)
+		}
 		var prevEnd, prevCOW uint64
 		for i := uint32(0); i < n && !d.bad; i++ {
 			o := prevEnd + d.uv()

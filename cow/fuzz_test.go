@@ -3,6 +3,7 @@ package cow
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -59,6 +60,7 @@ func FuzzOpen(f *testing.F) {
 		if err := os.WriteFile(filepath.Join(dir, logName), b, 0o600); err != nil {
 			t.Fatal(err)
 		}
+		placeFiles(t, dir, 8)
 		s, err := Open(dir)
 		if err != nil {
 			if !errors.Is(err, ErrCorrupt) {
@@ -113,6 +115,7 @@ func TestSampleLogOpens(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, logName), sampleLog(t), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	placeFiles(t, dir, 8)
 	s, err := Open(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -134,5 +137,17 @@ func TestSampleLogOpens(t *testing.T) {
 	}
 	if err := s.check(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// placeFiles creates empty data and COW files for objects 1..n, as the
+// store creates them before their records (Open removes the unused ones).
+func placeFiles(tb testing.TB, dir string, n int) {
+	for obj := 1; obj <= n; obj++ {
+		for _, ext := range []string{"data", "cow"} {
+			if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("%08x.%s", obj, ext)), nil, 0o600); err != nil {
+				tb.Fatal(err)
+			}
+		}
 	}
 }

@@ -29,6 +29,7 @@ type Store struct {
 	hdr      header
 	log      *committer
 	replay   bool                   // Open is replaying: no I/O side effects in apply
+	cpEnd    int64                  // Open: where the log's checkpoint part ends (its first batch)
 	dirty    map[*Snapshot]struct{} // replay: snapshots with pending inserts
 	cowMu    sync.Mutex             // guards opening COW files lazily
 	isClosed atomic.Bool            // for the I/O paths, which do not take mu
@@ -90,6 +91,11 @@ func (s *Store) load() error {
 	if err == nil {
 		err = s.flushAllPending()
 	}
+	for _, v := range s.allVolumes() {
+		if err == nil {
+			err = v.openMissing()
+		}
+	}
 	s.dirty = nil
 	if err != nil {
 		lf.Close()
@@ -138,24 +144,10 @@ func (s *Store) load() error {
 	}
 	// A long log tail is slow to replay (random inserts); fold it into a
 	// checkpoint now so the next Open reads sorted runs.
-	if end-s.checkpointEnd(b) > 64<<20 {
+	if end-s.cpEnd > 64<<20 {
 		return s.checkpoint()
 	}
 	return nil
-}
-
-// checkpointEnd returns the offset of the first batch record in b (the end
-// of the checkpoint part of the log), or len(b).
-func (s *Store) checkpointEnd(b []byte) int64 {
-	off := headerSize
-	for off < len(b) {
-		r, n, err := decodeRecord(b[off:])
-		if err != nil || r.Type == recBatch {
-			break
-		}
-		off += n
-	}
-	return int64(min(off, len(b)))
 }
 
 func (s *Store) create() error {
@@ -201,8 +193,16 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite
 	inBatch := false
 	seenRecords, seenNext := false, false
 	batchStart := off
+	var scratch []exceptions.Run // runs of checkpoint records, applied at once
 	for off < len(b) {
-		r, n, err := decodeRecord(b[off:])
+		var sc []exceptions.Run
+		if !inBatch {
+			if scratch == nil {
+				scratch = make([]exceptions.Run, 0, 1<<16) // the most runs a checkpoint record holds
+			}
+			sc = scratch
+		}
+		r, n, err := decodeRecordRuns(b[off:], sc)
 		if errors.Is(err, errTorn) {
 			if laterBatch(b[off+1:], seq) {
 				return 0, 0, nil, false, corruptf("bad record at offset %d followed by valid batches", off)
@@ -213,6 +213,9 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite
 			return 0, 0, nil, false, fmt.Errorf("offset %d: %w", off, err)
 		}
 		if r.Type == recBatch {
+			if !inBatch {
+				s.cpEnd = int64(off)
+			}
 			if r.Seq != seq+1 {
 				return 0, 0, nil, false, corruptf("offset %d: batch %d after %d", off, r.Seq, seq)
 			}
@@ -238,6 +241,9 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite
 		off += n
 	}
 	torn := off < len(b)
+	if !inBatch {
+		s.cpEnd = int64(off)
+	}
 	// The last batch: a copy-out whose chunk data did not reach the disk
 	// guarded an origin write that never happened, so it is dropped.
 	var kept []byte
@@ -302,6 +308,9 @@ func (s *Store) excDataDurable(r *record) (bool, error) {
 		return false, corruptf("exception COW chunk %d out of range", r.COW)
 	}
 	f, err := v.cowFile()
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil // no copy at all: the record is not durable data
+	}
 	if err != nil {
 		return false, err
 	}
@@ -343,6 +352,36 @@ func (s *Store) finishOpen() error {
 		}
 	}
 	return nil
+}
+
+// openMissing judges the files replay found missing for a volume that
+// exists: a data file is created before its volume record is durable, so
+// its absence is damage. So is a missing COW file that some snapshot maps
+// chunks in; one nothing maps was never needed (stores written before the
+// files were created with the volume made it lazily): it is created.
+func (v *Volume) openMissing() error {
+	if v.data == nil {
+		return corruptf("volume %s: data file %s missing", v.id, v.dataName)
+	}
+	if v.cowf != nil {
+		return nil
+	}
+	for _, sn := range v.chain {
+		mapped := false
+		sn.idx.Ascend(0, func(r exceptions.Run) bool {
+			mapped = r.COW != 0
+			return !mapped
+		})
+		if mapped {
+			return corruptf("volume %s: COW file %s missing, snapshot %s maps chunks in it", v.id, v.cowName, sn.id)
+		}
+	}
+	f, err := v.s.fs.Open(v.cowName, true)
+	if err != nil {
+		return err
+	}
+	v.cowf = f
+	return v.s.fs.SyncDir()
 }
 
 // rebuildFree recomputes hwm and the free list from the indexes, and gives
@@ -457,18 +496,41 @@ func (v *Volume) punchCOW(c exceptions.Chunk, n uint64) error {
 	return f.Punch(int64(c)<<v.shift, int64(n)<<v.shift)
 }
 
-// cowFile opens (creating) the volume's COW file on first use.
+// cowFile returns the volume's COW file, which exists from the volume's
+// creation on (createFiles) and is open once the volume is. During replay
+// it may be missing (finishOpen decides whether that is damage): that is
+// os.ErrNotExist.
 func (v *Volume) cowFile() (file, error) {
 	v.s.cowMu.Lock()
 	defer v.s.cowMu.Unlock()
 	if v.cowf == nil {
-		f, err := v.s.fs.Open(v.cowName, true)
-		if err != nil {
-			return nil, err
-		}
-		v.cowf = f
+		return nil, fmt.Errorf("volume %s: COW file %s: %w", v.id, v.cowName, os.ErrNotExist)
 	}
 	return v.cowf, nil
+}
+
+// createFiles creates the data and COW files of object obj and makes their
+// directory entries durable, before any record names them: after a crash a
+// record never names a file that is not there, so Open can call a missing
+// file damage (ErrCorrupt) instead of silently recreating it empty. A file
+// left by a crash before the record is removed by Open (finishOpen).
+func (s *Store) createFiles(obj uint32) error {
+	for _, name := range []string{fmt.Sprintf("%08x.data", obj), fmt.Sprintf("%08x.cow", obj)} {
+		f, err := s.fs.Open(name, true)
+		if err != nil {
+			return err
+		}
+		// Object numbers are never reused once a record names them, so
+		// anything here is a leftover of a create that never committed.
+		err = f.Truncate(0)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return s.fs.SyncDir()
 }
 
 // lookup returns the live object with that ID.
@@ -556,6 +618,9 @@ func (s *Store) CreateVolume(id string, size int64, o VolumeOptions) (*Volume, e
 		return nil, fmt.Errorf("%w: %q", ErrExists, id)
 	}
 	r := &record{Type: recVolume, Obj: s.nextObj, Size: size, ChunkSize: uint32(cs), ID: id, Labels: o.Labels}
+	if err := s.createFiles(r.Obj); err != nil {
+		return nil, err
+	}
 	if err := s.commitApply(r); err != nil {
 		return nil, err
 	}
@@ -641,6 +706,9 @@ func (s *Store) clone(snapID, volID, newID string, size int64, o VolumeOptions) 
 	}
 	recs = append(recs, &record{Type: recVolume, Obj: s.nextObj + uint32(len(recs)), Parent: parent, Size: size,
 		ChunkSize: uint32(cs), ID: newID, Labels: o.Labels})
+	if err := s.createFiles(recs[len(recs)-1].Obj); err != nil {
+		return nil, err
+	}
 	if err := s.commitApply(recs...); err != nil {
 		return nil, err
 	}
@@ -731,6 +799,9 @@ func (s *Store) DeleteVolume(id string) error {
 		return err
 	}
 	defer lockGates(lineage(v))()
+	if err := v.drain(); err != nil {
+		return err
+	}
 	return s.commitApply(&record{Type: recDelete, Obj: v.obj})
 }
 
@@ -756,6 +827,9 @@ func (s *Store) DeleteSnapshot(id string) error {
 		return err
 	}
 	defer lockGates(lineage(sn.vol))()
+	if err := sn.vol.drain(); err != nil {
+		return err
+	}
 	return s.commitApply(&record{Type: recDelete, Obj: sn.obj})
 }
 
@@ -776,7 +850,14 @@ func (s *Store) CreateSnapshot(volID, snapID string, o SnapshotOptions) (*Snapsh
 		return nil, err
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	locked := true
+	unlock := func() {
+		if locked {
+			locked = false
+			s.mu.Unlock()
+		}
+	}
+	defer unlock()
 	if err := s.usable(); err != nil {
 		return nil, err
 	}
@@ -794,10 +875,13 @@ func (s *Store) CreateSnapshot(volID, snapID string, o SnapshotOptions) (*Snapsh
 	defer v.gate.Unlock()
 	r := &record{Type: recSnapshot, Obj: s.nextObj, Parent: v.obj, Size: v.Size(), Created: nowNanos(),
 		Limit: o.Limit, ID: snapID, Labels: o.Labels}
-	if err := v.flushWith(r); err != nil {
+	// The store lock is dropped once the record is applied and queued (see
+	// flushWith); the volume's gate is held until it is durable.
+	var sn *Snapshot
+	if err := v.flushWith(r, func() { sn = s.byID[snapID].(*Snapshot); unlock() }); err != nil {
 		return nil, err
 	}
-	return s.byID[snapID].(*Snapshot), nil
+	return sn, nil
 }
 
 // Volumes lists the volumes that are not deleted, sorted by ID.
@@ -922,6 +1006,16 @@ func (s *Store) syncAllFiles(log file) error {
 func (s *Store) checkpointLocked() error {
 	vs := s.allVolumes()
 	defer lockGates(vs)()
+	// Every overlay entry reaches its data file and the committer goes
+	// idle before the state is captured and the log replaced.
+	for _, v := range vs {
+		if err := v.drain(); err != nil {
+			return err
+		}
+	}
+	if err := s.log.quiesce(); err != nil {
+		return err
+	}
 	for _, v := range vs {
 		// Present records in the checkpoint must not run ahead of their
 		// data, nor exception records ahead of their copied chunks.
@@ -933,9 +1027,6 @@ func (s *Store) checkpointLocked() error {
 				return err
 			}
 		}
-		v.mu.Lock()
-		v.pendingPresent = nil
-		v.mu.Unlock()
 	}
 	f, err := s.fs.Open(logTmpName, true)
 	if err != nil {
@@ -1017,9 +1108,22 @@ func (s *Store) checkpointLocked() error {
 		return err
 	}
 	ok = true
+	// The checkpoint carries every present chunk now that it is durable;
+	// not before, or a failed checkpoint would lose the pending records a
+	// later Flush must still write.
+	for _, v := range vs {
+		v.mu.Lock()
+		v.pendingPresent = nil
+		v.mu.Unlock()
+	}
 	s.log.f.Close()
 	s.hdr = h
+	old := s.log
 	s.log = newCommitter(f, w.off, 0)
+	// Batch ids go on where the old log's ended: volumes remember the id of
+	// their newest overlay entry's batch (all applied by now) and drain by
+	// waiting for it.
+	s.log.cur.id, s.log.applied = old.cur.id, old.applied
 	return nil
 }
 

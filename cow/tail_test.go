@@ -32,6 +32,11 @@ func TestTailCopyNotDurable(t *testing.T) {
 	if _, err := v.WriteAt(bytes.Repeat([]byte{0xbb}, cs), 3*cs); err != nil {
 		t.Fatal(err)
 	}
+	// The copy-out's batch is written in the background; wait for it (and
+	// the overlay's move to the data file) before the simulated crash.
+	if err := v.drain(); err != nil {
+		t.Fatal(err)
+	}
 	sn, _ := s.Snapshot("s")
 	if got := sn.Info().CowBytes; got != cs {
 		t.Fatalf("CowBytes %d before the crash, want %d", got, cs)
@@ -108,6 +113,9 @@ func TestCrashAfterRecovery(t *testing.T) {
 	v.WriteAt(fill(64*cs, 1), 0)
 	s.CreateSnapshot("v", "s", SnapshotOptions{})
 	v.WriteAt(fill(cs, 2), 0) // copy-out: the last batch
+	if err := v.drain(); err != nil {
+		t.Fatal(err)
+	}
 	s.log.mu.Lock()
 	end := s.log.end
 	s.log.mu.Unlock()
@@ -130,6 +138,9 @@ func TestCrashAfterRecovery(t *testing.T) {
 			t.Fatalf("round %d: snapshot chunk %d = %x", round, 1+round, got[0])
 		}
 		if err := s.check(); err != nil {
+			t.Fatal(err)
+		}
+		if err := v.drain(); err != nil { // the batch is in the log
 			t.Fatal(err)
 		}
 		s.closeFiles() // crash again: no checkpoint

@@ -71,10 +71,13 @@ type SnapshotInfo struct {
 //
 // Locks, in the order they are taken: Store.mu, then gates (clones before
 // their sources: descending object number), then stripes (ascending), then a
-// source's stripes (shared), then mu of one volume at a time, then the
-// committer. Writers hold gate shared for a whole request; anything that
-// changes the chain or size holds it exclusively, so no copy-out is in flight
-// across those changes.
+// source's stripes (shared), then mu of one volume at a time, then ovMu,
+// then the committer. Writers hold gate shared for a whole request (and
+// take overlay space before their stripes); Flush holds it shared too;
+// anything that changes the chain or size holds it exclusively and drains
+// the overlay, so no copy-out is in flight and no entry is pending across
+// those changes. The committer applies overlay entries holding no other
+// lock, one stripe at a time.
 type Volume struct {
 	s         *Store
 	obj       uint32
@@ -89,9 +92,16 @@ type Volume struct {
 	flushMu  sync.Mutex  // serialises Flush, so one Flush cannot return before another's present records land
 	dirty    atomic.Bool // data written since the last data sync
 	data     file
-	cowf     file // nil until the first non-zero copy-out
+	cowf     file // nil only while replay has not judged a missing file
 	dataName string
 	cowName  string
+
+	// Overlay (overlay.go): images of chunks whose copy-out is not durable
+	// yet. ov is guarded by ovMu, each entry's bytes by its chunk's stripe.
+	ovMu   sync.Mutex
+	ov     map[int64]*ovEntry
+	ovN    atomic.Int64  // len(ov), read without ovMu on the fast paths
+	ovLast atomic.Uint64 // batch id of the newest entry put in ov
 
 	mu             sync.RWMutex // guards everything below
 	size           int64

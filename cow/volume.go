@@ -154,7 +154,9 @@ func (v *Volume) readRange(p []byte, off int64, lock bool) error {
 	if lock {
 		defer v.lockStripes(c0, c1, false)()
 	}
-	if v.src == nil {
+	// Under the stripes no entry of [c0, c1) can appear, so no entries at
+	// all means none here.
+	if v.src == nil && v.ovN.Load() == 0 {
 		return readFull(v.data, p, off)
 	}
 	for len(p) > 0 {
@@ -172,6 +174,10 @@ func (v *Volume) readRange(p []byte, off int64, lock bool) error {
 // readCur reads bytes [o, o+len(p)) of chunk c of the volume's current
 // data. The caller holds c's stripe.
 func (v *Volume) readCur(c, o int64, p []byte) error {
+	if e := v.ovGet(c); e != nil {
+		copy(p, e.data[o:])
+		return nil
+	}
 	if v.isPresent(c) {
 		return readFull(v.data, p, c<<v.shift+o)
 	}
@@ -341,19 +347,22 @@ func (v *Volume) modifyGated(off, n int64, p []byte) error {
 		return fmt.Errorf("%w: %d bytes at offset %d of %d", ErrOutOfRange, n, off, size)
 	}
 	c0, c1 := off>>v.shift, (off+n+v.chunkSize-1)>>v.shift
+	// Overlay space is taken before the stripes: applying entries, which
+	// frees it, takes stripes.
+	need := v.copyNeed(c0, c1) << v.shift
+	if need > 0 {
+		if err := v.s.log.reserve(need); err != nil {
+			return err
+		}
+	}
 	defer v.lockStripes(c0, c1, true)()
-	if err := v.copyOut(c0, c1); err != nil {
+	if err := v.copyOut(c0, c1, need); err != nil {
 		return err
 	}
-	// Set even if the write fails: part of it may have landed.
-	defer v.dirty.Store(true)
-	if v.src == nil {
-		if p != nil {
-			return writeFull(v.data, p, off)
-		}
-		return v.data.Punch(off, n)
+	if v.ovN.Load() > 0 {
+		return v.writeOverlaid(off, n, p)
 	}
-	return v.writeClone(off, n, p)
+	return v.writeDirect(off, n, p)
 }
 
 // writeClone writes to a clone: chunks it does not hold yet are completed
@@ -417,12 +426,18 @@ func (v *Volume) writeClone(off, n int64, p []byte) error {
 	return nil
 }
 
-// copyOut copies chunks [c0, c1) that the newest snapshot does not hold yet
-// to the COW file and makes the copies and their records durable, before
-// the caller lets the origin write go. It is idempotent: a chunk already
-// held is skipped, so a resent write copies nothing. The caller holds the
-// gate (shared) and the stripes of [c0, c1) exclusively.
-func (v *Volume) copyOut(c0, c1 int64) error {
+// copyOut copies chunks [c0, c1) that the newest snapshot does not hold
+// yet to the COW file, maps them in the snapshot's index, queues their
+// records in the open batch and puts each old chunk in the overlay, where
+// the caller's write then lands; the committer moves it to the data file
+// once the records are durable (overlay.go). It does not wait for the
+// disk. It is idempotent: a chunk already held is skipped, so a resent
+// write copies nothing. reserved is the overlay space, in bytes, the caller
+// took for it (from copyNeed); what is not used is given back. The caller
+// holds the gate (shared) and the stripes of [c0, c1) exclusively.
+func (v *Volume) copyOut(c0, c1, reserved int64) error {
+	used := int64(0)
+	defer func() { v.s.log.unreserve(reserved - used) }()
 	v.mu.RLock()
 	var sn *Snapshot
 	if n := len(v.chain); n > 0 {
@@ -441,12 +456,27 @@ func (v *Volume) copyOut(c0, c1 int64) error {
 	if len(todo) == 0 {
 		return nil
 	}
-	buf := chunkBuf(int64(len(todo)) << v.shift)
-	defer putBuf(buf)
+	if int64(len(todo))<<v.shift > reserved {
+		// copyNeed is an upper bound; this would be a bug in it.
+		return fmt.Errorf("%w: copy-out of %d chunks with %d bytes of overlay reserved", ErrCorrupt, len(todo), reserved)
+	}
+	// The old chunks, read into buffers that become the overlay images.
+	imgs := make([][]byte, len(todo))
+	keep := false
+	defer func() {
+		if !keep {
+			for _, b := range imgs {
+				if b != nil {
+					putBuf(b)
+				}
+			}
+		}
+	}()
 	nonzero := int64(0)
 	zero := make([]bool, len(todo))
 	for i, c := range todo {
-		b := buf[int64(i)<<v.shift : int64(i+1)<<v.shift]
+		b := chunkBuf(v.chunkSize)
+		imgs[i] = b
 		if err := v.readCur(c, 0, b); err != nil {
 			return err
 		}
@@ -482,21 +512,41 @@ func (v *Volume) copyOut(c0, c1 int64) error {
 	recs := make([]byte, 0, len(todo)*(recOverhead+excPayloadBytes))
 	j := 0
 	for i, c := range todo {
-		b := buf[int64(i)<<v.shift : int64(i+1)<<v.shift]
+		b := imgs[i]
 		r := record{Type: recExc, Obj: sn.obj, Origin: uint64(c), DataCRC: crc(b)}
 		if !zero[i] {
 			r.COW = uint64(ks[j])
 			j++
 			if err := writeFull(f, b, int64(r.COW)<<v.shift); err != nil {
+				// Nothing refers to the chunks: hand them back.
+				v.unalloc(ks)
 				sn.reserved.Add(-nonzero)
 				return err
 			}
 		}
 		recs = appendRecord(recs, &r)
 	}
-	if err := v.s.log.commit(recs, f); err != nil {
+	es := make([]*ovEntry, len(todo))
+	for i, c := range todo {
+		es[i] = &ovEntry{v: v, c: c, data: imgs[i]}
+	}
+	id, err := v.s.log.enqueue(recs, f, es)
+	if err != nil {
+		// The committer failed (sticky): the store refuses changes now.
+		v.unalloc(ks)
 		sn.reserved.Add(-nonzero)
 		return err
+	}
+	keep = true
+	used = int64(len(todo)) << v.shift
+	for _, e := range es {
+		v.ovPut(e)
+	}
+	for {
+		last := v.ovLast.Load()
+		if last >= id || v.ovLast.CompareAndSwap(last, id) {
+			break
+		}
 	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
@@ -515,6 +565,17 @@ func (v *Volume) copyOut(c0, c1 int64) error {
 	v.s.copyOuts.Add(uint64(len(todo)))
 	v.s.copiedBytes.Add(uint64(nonzero) << v.shift)
 	return nil
+}
+
+// unalloc gives COW chunks that alloc handed out, and that nothing maps,
+// back to the free list (their bytes are garbage, and never read before
+// being written again).
+func (v *Volume) unalloc(ks []exceptions.Chunk) {
+	v.mu.Lock()
+	for _, k := range ks {
+		v.free = append(v.free, span{k, 1})
+	}
+	v.mu.Unlock()
 }
 
 func allZero(b []byte) bool {
@@ -562,19 +623,18 @@ func (v *Volume) Flush() error {
 	if v.isDeleted() {
 		return fmt.Errorf("%w: volume %q was deleted", ErrNotFound, v.id)
 	}
+	// The gate (shared, as writers take it) keeps a checkpoint, which
+	// replaces the log, from running between our reading s.log and our
+	// records landing in it.
+	v.gate.RLock()
+	defer v.gate.RUnlock()
 	return v.flushLocked()
 }
 
 // flushLocked syncs the data file, then records which chunks a clone now
 // holds (after their data, so a crash never points at missing data).
-func (v *Volume) flushLocked() error { return v.flushWith(nil) }
+func (v *Volume) flushLocked() error { return v.flushWith(nil, nil) }
 
-// flushWith is flushLocked that also commits r (a snapshot record) and
-// applies it. Without clone records to order, the data file and the log are
-// synced concurrently (one fsync latency instead of two): if the machine
-// dies before that returns, r may survive with writes that were never
-// flushed missing from both the volume and the snapshot: the snapshot is
-// then of the volume as it recovered, and the call never returned.
 // restorePending puts present records taken by a failed Flush back, so a
 // later Flush still writes them (they were never committed).
 func (v *Volume) restorePending(pend []uint64) {
@@ -586,13 +646,32 @@ func (v *Volume) restorePending(pend []uint64) {
 	v.mu.Unlock()
 }
 
-func (v *Volume) flushWith(r *record) error {
+// flushWith is flushLocked that also commits r (a snapshot record) and
+// applies it. Without clone records to order, the data file and the log are
+// synced concurrently (one fsync latency instead of two): if the machine
+// dies before that returns, r may survive with writes that were never
+// flushed missing from both the volume and the snapshot: the snapshot is
+// then of the volume as it recovered, and the call never returned.
+//
+// With r, release (if not nil) is called once r is applied to memory and
+// queued in the open batch, before waiting for the batch to be durable:
+// CreateSnapshot passes one that drops the store lock, so other volumes'
+// changes do not wait for this fsync (and concurrent snapshots share it).
+// Memory is then ahead of the disk until the batch is durable; if it
+// fails, the error is sticky (ErrClosed) and Open re-derives the state.
+func (v *Volume) flushWith(r *record, release func()) error {
 	if v.s.isClosed.Load() {
 		return ErrClosed
 	}
 	v.flushMu.Lock()
 	defer v.flushMu.Unlock()
 	if err := v.s.log.failed(); err != nil {
+		return err
+	}
+	// The overlay entries of writes acknowledged so far reach the data
+	// file first (once their copy-outs are durable); then the data sync
+	// below covers them.
+	if err := v.drain(); err != nil {
 		return err
 	}
 	v.mu.Lock()
@@ -627,12 +706,25 @@ func (v *Volume) flushWith(r *record) error {
 	if len(recs) == 0 {
 		return nil
 	}
-	var err error
+	var files []file
 	if dirty {
-		err = v.s.log.commit(recs, v.data)
-	} else {
-		err = v.s.log.commit(recs)
+		files = append(files, v.data)
 	}
+	if r != nil && release != nil {
+		b, err := v.s.log.submit(recs, files...)
+		if err != nil {
+			v.dirty.Store(true)
+			v.restorePending(pend)
+			return err
+		}
+		if err := v.s.apply(r); err != nil {
+			v.s.closed = true
+			return fmt.Errorf("%w: applying queued record: %w", ErrClosed, err)
+		}
+		release()
+		return v.s.log.await(b)
+	}
+	err := v.s.log.commit(recs, files...)
 	if err != nil {
 		v.dirty.Store(true)
 		v.restorePending(pend)
@@ -667,6 +759,9 @@ func (v *Volume) Resize(newSize int64) error {
 	}
 	v.gate.Lock()
 	defer v.gate.Unlock()
+	if err := v.drain(); err != nil {
+		return err
+	}
 	size := v.Size()
 	if newSize < size {
 		return fmt.Errorf("%w: %d to %d bytes", ErrShrink, size, newSize)
@@ -693,6 +788,9 @@ func (s *Store) invalidate(sn *Snapshot) error {
 	v.mu.RUnlock()
 	if skip {
 		return nil
+	}
+	if err := v.drain(); err != nil {
+		return err
 	}
 	return s.commitApply(&record{Type: recInvalidate, Obj: sn.obj})
 }

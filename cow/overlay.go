@@ -1,0 +1,208 @@
+package cow
+
+import (
+	"github.com/csi-snap/csi-snap/exceptions"
+)
+
+// The overlay holds the new content of chunks whose copy-out is not
+// durable yet (see doc.go, "First writes"). A first write after a snapshot
+// copies the old chunk to the COW file, queues its record in the open
+// batch, maps it in the snapshot's index, and puts the chunk's new image
+// (old chunk + the write) here instead of in the data file; the write is
+// acknowledged at once. When the batch is durable its committer writes the
+// images to the data file, under each chunk's stripe, and drops them. So
+// no origin chunk reaches the disk before its copy and record do.
+//
+// Invariants (checked by Volume.check): an entry exists only for a chunk
+// the newest snapshot of the chain maps, and only while the batch holding
+// that mapping's record has not been applied; while a volume has entries
+// its chain and size do not change (everything that changes them holds
+// the gate exclusively and drains the overlay first).
+
+// overlayCap is the most overlay memory, in bytes, a store holds (images of
+// chunks waiting for their batch). It bounds RAM and how much acknowledged
+// data one fsync must catch up with; 64 MiB is one second of writes at
+// 64 MiB/s and about the dirty data a group commit covers at queue depth 16
+// on the disks measured (BENCHMARKS.md). Writers wait when it is full.
+const overlayCap = 64 << 20
+
+// ovEntry is the pending image of chunk c of volume v. data (ChunkSize
+// bytes) is guarded by the chunk's stripe.
+type ovEntry struct {
+	v    *Volume
+	c    int64
+	data []byte
+	// [lo, hi) is the part of data changed since the entry was made from
+	// the old chunk (bytes within the chunk): the rest equals what the data
+	// file holds, so a plain volume's apply writes only this part.
+	lo, hi int64
+}
+
+// touch records that bytes [o, o+m) of the image changed.
+func (e *ovEntry) touch(o, m int64) {
+	if e.lo >= e.hi {
+		e.lo, e.hi = o, o+m
+		return
+	}
+	e.lo, e.hi = min(e.lo, o), max(e.hi, o+m)
+}
+
+// ovGet returns the overlay entry of chunk c, or nil. The caller holds c's
+// stripe (shared at least), so the entry cannot appear or go meanwhile.
+func (v *Volume) ovGet(c int64) *ovEntry {
+	if v.ovN.Load() == 0 {
+		return nil
+	}
+	v.ovMu.Lock()
+	e := v.ov[c]
+	v.ovMu.Unlock()
+	return e
+}
+
+func (v *Volume) ovPut(e *ovEntry) {
+	v.ovMu.Lock()
+	if v.ov == nil {
+		v.ov = map[int64]*ovEntry{}
+	}
+	v.ov[e.c] = e
+	v.ovN.Add(1)
+	v.ovMu.Unlock()
+}
+
+// applyOverlay writes durable batches' entries to their data files and
+// drops them; it returns the overlay bytes freed. Called by the committer
+// after the batch holding the entries' records is durable, holding no lock.
+func applyOverlay(es []*ovEntry) (int64, error) {
+	var freed int64
+	for _, e := range es {
+		if err := e.apply(); err != nil {
+			return freed, err
+		}
+		freed += int64(len(e.data))
+		putBuf(e.data)
+		e.data = nil
+	}
+	return freed, nil
+}
+
+func (e *ovEntry) apply() error {
+	v := e.v
+	st := &v.stripes[e.c%nStripes]
+	st.Lock()
+	defer st.Unlock()
+	off := e.c << v.shift
+	lo, hi := e.lo, e.hi
+	present := v.src == nil || v.isPresent(e.c)
+	if !present {
+		// A clone's data file lacks this chunk: all of it goes there.
+		lo, hi = 0, v.chunkSize
+	}
+	var err error
+	switch {
+	case lo >= hi: // nothing changed (a write of the bytes already there)
+	case allZero(e.data[lo:hi]) && (lo == 0 && hi == v.chunkSize || present):
+		err = v.data.Punch(off+lo, hi-lo)
+	default:
+		err = writeFull(v.data, e.data[lo:hi], off+lo)
+	}
+	v.dirty.Store(true)
+	if err != nil {
+		// The entry stays: reads still see the acknowledged data, and the
+		// committer's sticky error makes Flush and writes fail.
+		return err
+	}
+	if !present {
+		// The clone holds the whole chunk now; its present record goes out
+		// with the next Flush, after the data sync.
+		v.mu.Lock()
+		v.present.Insert(exceptions.Chunk(e.c), exceptions.Chunk(e.c))
+		v.pendingPresent = append(v.pendingPresent, uint64(e.c))
+		v.mu.Unlock()
+	}
+	v.ovMu.Lock()
+	delete(v.ov, e.c)
+	v.ovN.Add(-1)
+	v.ovMu.Unlock()
+	return nil
+}
+
+// drain waits until every overlay entry of v present now is applied (or
+// the store failed). Callers that hold the gate exclusively get an empty
+// overlay.
+func (v *Volume) drain() error {
+	return v.s.log.waitApplied(v.ovLast.Load())
+}
+
+// copyNeed returns how many chunks of [c0, c1) the newest snapshot lacks:
+// an upper bound of what a copy-out of them will put in the overlay, since
+// under the shared gate mappings are only ever added.
+func (v *Volume) copyNeed(c0, c1 int64) int64 {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	n := len(v.chain)
+	if n == 0 {
+		return 0
+	}
+	sn := v.chain[n-1]
+	var need int64
+	for c := c0; c < min(c1, chunks(sn.size, v.shift)); c++ {
+		if _, ok := sn.idx.Lookup(exceptions.Chunk(c)); !ok {
+			need++
+		}
+	}
+	return need
+}
+
+// writeOverlaid writes p (zeros if nil) to [off, off+n) of a volume that
+// has overlay entries: chunks with an entry are changed there, runs of the
+// others go to the data file as usual. The caller holds the stripes.
+func (v *Volume) writeOverlaid(off, n int64, p []byte) error {
+	part := func(from, to int64) []byte {
+		if p == nil {
+			return nil
+		}
+		return p[from-off : to-off]
+	}
+	end := off + n
+	run := off // start of the run of chunks without an entry
+	for at := off; at < end; {
+		c := at >> v.shift
+		o := at - c<<v.shift
+		m := min(end-at, v.chunkSize-o)
+		if e := v.ovGet(c); e != nil {
+			if run < at {
+				if err := v.writeDirect(run, at-run, part(run, at)); err != nil {
+					return err
+				}
+			}
+			if p != nil {
+				copy(e.data[o:o+m], part(at, at+m))
+			} else {
+				clear(e.data[o : o+m])
+			}
+			e.touch(o, m)
+			run = at + m
+		}
+		at += m
+	}
+	if run < end {
+		return v.writeDirect(run, end-run, part(run, end))
+	}
+	return nil
+}
+
+// writeDirect writes p (zeros if nil) to [off, off+n) of the data file (a
+// clone completes chunks it does not hold from its source first).
+func (v *Volume) writeDirect(off, n int64, p []byte) error {
+	// Set after the write, even if it fails (part of it may have landed):
+	// a Flush that clears the flag before the write lands must not be the
+	// last to see it.
+	defer v.dirty.Store(true)
+	if v.src != nil {
+		return v.writeClone(off, n, p)
+	}
+	if p != nil {
+		return writeFull(v.data, p, off)
+	}
+	return v.data.Punch(off, n)
+}

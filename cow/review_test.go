@@ -1,0 +1,304 @@
+package cow
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+)
+
+// Tests for the review items I2, I3, I4 and I6 (each failed before its fix).
+
+// TestCheckpointRacesFlush (I2): Flush of a clone (which commits present
+// records) concurrently with checkpoints, which replace the log. Flush must
+// never write into a log that is being replaced (an error, or under -race a
+// data race on the store's log), and every flushed write survives a crash.
+func TestCheckpointRacesFlush(t *testing.T) {
+	dir := t.TempDir()
+	fs := newFaultFS(dir)
+	fs.noSync = true
+	s, err := openFS(dir, fs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const cs = 4096
+	const n = 64
+	v, _ := s.CreateVolume("v", n*cs, VolumeOptions{ChunkSize: cs})
+	v.WriteAt(fill(n*cs, 1), 0)
+	s.CreateSnapshot("v", "s", SnapshotOptions{})
+	c, err := s.CloneSnapshot("s", "c", n*cs, VolumeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 2)
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		for i := 0; i < n; i++ {
+			if _, err := c.WriteAt(fill(cs, byte(2+i)), int64(i)*cs); err != nil {
+				errs <- fmt.Errorf("write %d: %w", i, err)
+				return
+			}
+			if err := c.Flush(); err != nil {
+				errs <- fmt.Errorf("flush %d: %w", i, err)
+				return
+			}
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		for i := 0; i < n; i++ {
+			if err := s.Checkpoint(); err != nil {
+				errs <- fmt.Errorf("checkpoint %d: %w", i, err)
+				return
+			}
+		}
+	}()
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	s.closeFiles() // crash: every write was flushed
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	c2, _ := s2.Volume("c")
+	got := mustRead(t, c2, 0, n*cs)
+	for i := 0; i < n; i++ {
+		if got[i*cs] != byte(2+i) {
+			t.Fatalf("clone chunk %d reads %d after the crash, flushed %d", i, got[i*cs], 2+i)
+		}
+	}
+}
+
+// TestFailedCheckpointKeepsPresent (I3): a checkpoint that fails must not
+// drop a clone's pending present records: the next Flush still writes
+// them, so the flushed chunk survives a crash.
+func TestFailedCheckpointKeepsPresent(t *testing.T) {
+	dir := t.TempDir()
+	fs := newFaultFS(dir)
+	s, err := openFS(dir, fs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const cs = 4096
+	v, _ := s.CreateVolume("v", 8*cs, VolumeOptions{ChunkSize: cs})
+	v.WriteAt(fill(8*cs, 1), 0)
+	s.CreateSnapshot("v", "s", SnapshotOptions{})
+	c, _ := s.CloneSnapshot("s", "c", 8*cs, VolumeOptions{})
+	if _, err := c.WriteAt(fill(cs, 2), 3*cs); err != nil {
+		t.Fatal(err)
+	}
+	fs.mu.Lock()
+	fs.failRename = true
+	fs.mu.Unlock()
+	if err := s.Checkpoint(); err == nil {
+		t.Fatal("checkpoint with a failing rename succeeded")
+	}
+	fs.mu.Lock()
+	fs.failRename = false
+	fs.mu.Unlock()
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	s.closeFiles() // crash after the Flush
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	c2, _ := s2.Volume("c")
+	if got := mustRead(t, c2, 3*cs, cs); got[0] != 2 {
+		t.Fatalf("flushed clone chunk reads %d after the crash, want 2", got[0])
+	}
+}
+
+// TestFilesDurableBeforeRecords (I4): a new volume's data and COW files are
+// created and their directory entry synced before the log record that
+// names them is written.
+func TestFilesDurableBeforeRecords(t *testing.T) {
+	dir := t.TempDir()
+	fs := newFaultFS(dir)
+	s, err := openFS(dir, fs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	v, _ := s.CreateVolume("v", 1<<20, VolumeOptions{ChunkSize: 4096})
+	s.CreateSnapshot("v", "s", SnapshotOptions{})
+	for _, tc := range []struct {
+		name   string
+		create func() (*Volume, error)
+	}{
+		{"create", func() (*Volume, error) { return s.CreateVolume("w", 1<<20, VolumeOptions{}) }},
+		{"clone-snapshot", func() (*Volume, error) { return s.CloneSnapshot("s", "cs", 1<<20, VolumeOptions{}) }},
+		{"clone-volume", func() (*Volume, error) { return s.CloneVolume("v", "cv", 1<<20, VolumeOptions{}) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var ev []string
+			fs.mu.Lock()
+			fs.events = &ev
+			fs.mu.Unlock()
+			x, err := tc.create()
+			fs.mu.Lock()
+			fs.events = nil
+			fs.mu.Unlock()
+			if err != nil {
+				t.Fatal(err)
+			}
+			iData := slices.Index(ev, "create "+x.dataName)
+			iCow := slices.Index(ev, "create "+x.cowName)
+			iSync := slices.Index(ev, "syncdir")
+			iLog := slices.Index(ev, "write "+logName)
+			if iData < 0 || iCow < 0 || iSync < max(iData, iCow) || iLog < iSync {
+				t.Fatalf("events %v: want both files created, then the directory synced, then the log written", ev)
+			}
+		})
+	}
+	_ = v
+}
+
+// TestMissingFileIsCorrupt (I4): Open of a store whose volume lost its data
+// file, or its COW file while a snapshot maps chunks in it, fails with
+// ErrCorrupt instead of recreating the file empty.
+func TestMissingFileIsCorrupt(t *testing.T) {
+	for _, ext := range []string{"data", "cow"} {
+		t.Run(ext, func(t *testing.T) {
+			dir := t.TempDir()
+			s, err := Open(dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			v, _ := s.CreateVolume("v", 1<<20, VolumeOptions{ChunkSize: 4096})
+			v.WriteAt(fill(1<<20, 1), 0)
+			s.CreateSnapshot("v", "s", SnapshotOptions{})
+			v.WriteAt(fill(4096, 2), 0) // a copy-out into the COW file
+			name := v.dataName
+			if ext == "cow" {
+				name = v.cowName
+			}
+			if err := s.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Remove(filepath.Join(dir, name)); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := Open(dir); !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("Open without %s: %v, want ErrCorrupt", name, err)
+			}
+			if _, err := os.Stat(filepath.Join(dir, name)); !errors.Is(err, os.ErrNotExist) {
+				t.Fatalf("Open recreated %s (%v)", name, err)
+			}
+		})
+	}
+}
+
+// TestCopyOutWriteFailsFreesChunks (I6): a copy-out whose write to the COW
+// file fails gives its allocated COW chunks back (the invariants tile
+// [firstCOW, hwm) with mapped and free chunks), and a retry succeeds.
+func TestCopyOutWriteFailsFreesChunks(t *testing.T) {
+	dir := t.TempDir()
+	fs := newFaultFS(dir)
+	fs.noSync = true
+	s, err := openFS(dir, fs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	const cs = 4096
+	v, _ := s.CreateVolume("v", 16*cs, VolumeOptions{ChunkSize: cs})
+	old := fill(16*cs, 1)
+	v.WriteAt(old, 0)
+	s.CreateSnapshot("v", "s", SnapshotOptions{})
+	fs.mu.Lock()
+	fs.failSuffix, fs.failWrite = ".cow", 1 // the second chunk's copy
+	fs.mu.Unlock()
+	if _, err := v.WriteAt(fill(4*cs, 2), 4*cs); err == nil {
+		t.Fatal("write with a failing COW write succeeded")
+	}
+	if err := s.check(); err != nil {
+		t.Fatalf("after the failed copy-out: %v", err)
+	}
+	if _, err := v.WriteAt(fill(4*cs, 3), 4*cs); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.check(); err != nil {
+		t.Fatal(err)
+	}
+	sn, _ := s.Snapshot("s")
+	if got := mustRead(t, sn, 0, 16*cs); !bytes.Equal(got, old) {
+		t.Fatalf("snapshot differs at %d", firstDiff(got, old))
+	}
+	want := bytes.Clone(old)
+	copy(want[4*cs:], fill(4*cs, 3))
+	if got := mustRead(t, v, 0, 16*cs); !bytes.Equal(got, want) {
+		t.Fatalf("volume differs at %d", firstDiff(got, want))
+	}
+}
+
+// TestCreateSnapshotReleasesStoreLock: while CreateSnapshot waits for its
+// record's fsync, other volumes' metadata calls do not wait for the store
+// lock (before, the store lock was held across the group commit), and the
+// snapshot is right once it returns.
+func TestCreateSnapshotReleasesStoreLock(t *testing.T) {
+	dir := t.TempDir()
+	fs := newFaultFS(dir)
+	s, err := openFS(dir, fs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	const cs = 4096
+	v, _ := s.CreateVolume("v", 8*cs, VolumeOptions{ChunkSize: cs})
+	v.WriteAt(fill(8*cs, 1), 0)
+	entered := make(chan struct{})
+	release := make(chan struct{})
+	var once sync.Once
+	fs.mu.Lock()
+	fs.syncHook = func(name string) {
+		if name == logName || name == logTmpName {
+			once.Do(func() { close(entered); <-release })
+		}
+	}
+	fs.mu.Unlock()
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.CreateSnapshot("v", "s", SnapshotOptions{})
+		done <- err
+	}()
+	<-entered // CreateSnapshot's batch is in its log fsync, held there
+	listed := make(chan int, 1)
+	go func() { listed <- len(s.Volumes()) }()
+	select {
+	case n := <-listed:
+		if n != 1 {
+			t.Fatalf("Volumes lists %d, want 1", n)
+		}
+	case <-time.After(5 * time.Second):
+		close(release)
+		t.Fatal("Volumes waited for another volume's CreateSnapshot fsync (store lock held across it)")
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("CreateSnapshot returned (%v) before its record's fsync did", err)
+	default:
+	}
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	v.WriteAt(fill(cs, 2), 0)
+	sn, _ := s.Snapshot("s")
+	if got := mustRead(t, sn, 0, cs); got[0] != 1 {
+		t.Fatalf("snapshot reads %d, want 1", got[0])
+	}
+}
