@@ -60,6 +60,7 @@ func run() error {
 	size := flag.Int64("size", 1<<30, "volume size in bytes (-backing)")
 	id := flag.String("id", "bench", "volume id (-backing)")
 	readers := flag.Int("readers", 0, "FUSE reader goroutines (0: default)")
+	buffered := flag.Bool("buffered", false, "-backing: all I/O through the page cache (kernel.OpenBufferedFileBackend)")
 	flag.Parse()
 	if *runDir == "" || (*backing == "") == (*store == "") {
 		return errors.New("-rundir and one of -backing, -store are required")
@@ -73,7 +74,11 @@ func run() error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	b, err := kernel.OpenFileBackend(*backing, *size)
+	open := kernel.OpenFileBackend
+	if *buffered {
+		open = kernel.OpenBufferedFileBackend
+	}
+	b, err := open(*backing, *size)
 	if err != nil {
 		return err
 	}
