@@ -15,7 +15,7 @@ import (
 // benchmarks compare cow against, and a stand-in for tests. Its size is
 // fixed at open; Grow extends it.
 //
-// As opened by OpenFileBackend, large writes (directMin and up, 4096-aligned
+// As opened by OpenFileBackendDirectLarge, large writes (directMin and up, 4096-aligned
 // in offset, length and memory, which is what the loop device sends through
 // our server) go to the file with O_DIRECT, the rest through the page
 // cache, and the page cache is told the access is random (no readahead).
@@ -26,7 +26,9 @@ import (
 // perf). Measured with the server over a file whose cache held 1 MiB
 // folios: 27-66 µs of server CPU per 4 KiB write, 14-20 µs without them.
 // The price is sequential writes at disk speed instead of page-cache speed
-// (BENCHMARKS.md, block frontend, compares both). The kernel keeps the two
+// (BENCHMARKS.md, block frontend, compares both, and that is why it is not
+// the default: OpenFileBackend does all I/O through the page cache with
+// normal readahead). The kernel keeps the two
 // paths coherent: a direct write first writes back and drops the cached
 // range it covers.
 type FileBackend struct {
@@ -43,10 +45,11 @@ const (
 	directAlign = 4096
 )
 
-// OpenFileBackend opens (creating if needed) the file at path and sets its
-// size to size bytes (a positive multiple of 4096), keeping its contents.
-func OpenFileBackend(path string, size int64) (*FileBackend, error) {
-	b, err := OpenBufferedFileBackend(path, size)
+// OpenFileBackendDirectLarge is OpenFileBackend with large aligned writes
+// sent O_DIRECT and no readahead (see FileBackend). If the file system
+// refuses O_DIRECT, all I/O is buffered.
+func OpenFileBackendDirectLarge(path string, size int64) (*FileBackend, error) {
+	b, err := OpenFileBackend(path, size)
 	if err != nil {
 		return nil, err
 	}
@@ -69,10 +72,10 @@ func OpenFileBackend(path string, size int64) (*FileBackend, error) {
 	return b, nil
 }
 
-// OpenBufferedFileBackend is OpenFileBackend with every read and write
-// through the page cache with default readahead (what FileBackend did
-// before; kept for the benchmark that compares the two).
-func OpenBufferedFileBackend(path string, size int64) (*FileBackend, error) {
+// OpenFileBackend opens (creating if needed) the file at path and sets its
+// size to size bytes (a positive multiple of 4096), keeping its contents.
+// Every read and write goes through the page cache.
+func OpenFileBackend(path string, size int64) (*FileBackend, error) {
 	if size <= 0 || size%loopBlockSize != 0 {
 		return nil, fmt.Errorf("%w: size %d", ErrInvalid, size)
 	}

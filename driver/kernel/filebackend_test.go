@@ -12,7 +12,7 @@ import (
 // stale page-cache contents, and small writes after it must land on top.
 func TestFileBackendDirectAndBuffered(t *testing.T) {
 	const size = 4 << 20
-	b, err := OpenFileBackend(filepath.Join(t.TempDir(), "f.img"), size)
+	b, err := OpenFileBackendDirectLarge(filepath.Join(t.TempDir(), "f.img"), size)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -63,6 +63,11 @@ type Config struct {
 	// more readers cost more context switches per 4 KiB request, fewer leave
 	// writes waiting behind one that blocks in the backend.
 	Readers int
+	// EpollReaders makes readers wait in epoll on a non-blocking /dev/fuse
+	// (the design before blocking readers; kept as a fallback). By default
+	// each reader blocks in read(2), locked to its OS thread, and stopping
+	// wakes them with STATFS requests on the mount point.
+	EpollReaders bool
 }
 
 // Frontend turns Backends into loop devices over FUSE files. Methods are
@@ -220,8 +225,16 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 	return f.attachFresh(ctx, id, mp, b, readOnly)
 }
 
+// pokePath is the mount point when readers block (see server.poke).
+func (f *Frontend) pokePath(mp string) string {
+	if f.cfg.EpollReaders {
+		return ""
+	}
+	return mp
+}
+
 func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *connParams, b Backend, readOnly bool) (string, error) {
-	srv, err := newServer(fd, b, readOnly, params)
+	srv, err := newServerMode(fd, b, readOnly, params, f.pokePath(mp))
 	if err != nil {
 		unix.Close(fd)
 		return "", err
@@ -267,7 +280,7 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 	if err != nil {
 		return "", err
 	}
-	srv, err := newServer(fd, b, readOnly, nil)
+	srv, err := newServerMode(fd, b, readOnly, nil, f.pokePath(mp))
 	if err != nil {
 		unmountFuse(mp)
 		unix.Close(fd)

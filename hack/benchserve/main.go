@@ -60,12 +60,13 @@ func run() error {
 	size := flag.Int64("size", 1<<30, "volume size in bytes (-backing)")
 	id := flag.String("id", "bench", "volume id (-backing)")
 	readers := flag.Int("readers", 0, "FUSE reader goroutines (0: default)")
-	buffered := flag.Bool("buffered", false, "-backing: all I/O through the page cache (kernel.OpenBufferedFileBackend)")
+	directLarge := flag.Bool("direct-large", false, "-backing: large writes O_DIRECT, no readahead (kernel.OpenFileBackendDirectLarge)")
+	epoll := flag.Bool("epoll-readers", false, "readers wait in epoll (kernel.Config.EpollReaders)")
 	flag.Parse()
 	if *runDir == "" || (*backing == "") == (*store == "") {
 		return errors.New("-rundir and one of -backing, -store are required")
 	}
-	fe, err := kernel.New(kernel.Config{RunDir: *runDir, Readers: *readers})
+	fe, err := kernel.New(kernel.Config{RunDir: *runDir, Readers: *readers, EpollReaders: *epoll})
 	if err != nil {
 		return err
 	}
@@ -75,8 +76,8 @@ func run() error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	open := kernel.OpenFileBackend
-	if *buffered {
-		open = kernel.OpenBufferedFileBackend
+	if *directLarge {
+		open = kernel.OpenFileBackendDirectLarge
 	}
 	b, err := open(*backing, *size)
 	if err != nil {
