@@ -31,9 +31,12 @@ type connParams struct {
 // Concurrency: nReaders goroutines each read /dev/fuse with their own
 // buffers and answer the request they read inline, so a request costs one
 // read(2), the backend call and one write(2) of header+payload from one
-// contiguous buffer (no writev, no extra copy). The fd is non-blocking so
-// that stop() can wake readers through a pipe without aborting the
-// connection (a blocked read(2) on /dev/fuse cannot be cancelled otherwise).
+// contiguous buffer (no writev, no extra copy). By default readers block
+// in read(2) (readLoopBlocking) and stop() wakes them with STATFS requests
+// (poke); with Config.EpollReaders the fd is non-blocking and readers wait
+// in epoll, woken by stop() through a pipe (readLoop). Either way the
+// connection is never aborted (a blocked read(2) on /dev/fuse cannot be
+// cancelled otherwise).
 type server struct {
 	fd       int // /dev/fuse, ours (the holder has its own copy)
 	b        Backend
