@@ -8,8 +8,8 @@
 #   C  our FUSE file + loop device (driver/kernel) over a plain-file backend
 #   E  C with the backend's large writes O_DIRECT and no readahead
 #      (benchserve -direct-large, kernel.OpenFileBackendDirectLarge)
-#   F  C with the readers waiting in epoll (benchserve -epoll-readers,
-#      kernel.Config.EpollReaders: the design before blocking readers)
+#   F  C with blocking readers (benchserve -blocking-readers,
+#      kernel.Config.BlockingReaders)
 #   D  the same over a cow volume (64 KiB chunks) with no snapshot
 # Each device is filled once before measuring (reads of holes would be free).
 # CONFIGS="A B C" etc. runs a subset (default all, about 9 minutes with
@@ -57,13 +57,13 @@ devC=$(awk '/^DEVICE /{print $2}' "$work/serve.out")
 [ -n "$devC" ] || { echo "benchserve did not start:"; cat "$work/serve.err"; exit 1; }
 "$work/benchserve" -direct-large -rundir "$work/rune" -backing "$work/e.img" -size $SIZE_BYTES >"$work/servee.out" 2>"$work/servee.err" &
 epid=$!
-"$work/benchserve" -epoll-readers -rundir "$work/runf" -backing "$work/f.img" -size $SIZE_BYTES >"$work/servef.out" 2>"$work/servef.err" &
+"$work/benchserve" -blocking-readers -rundir "$work/runf" -backing "$work/f.img" -size $SIZE_BYTES >"$work/servef.out" 2>"$work/servef.err" &
 fpid=$!
 for _ in $(seq 100); do grep -q '^DEVICE ' "$work/servee.out" && grep -q '^DEVICE ' "$work/servef.out" && break; sleep 0.1; done
 devE=$(awk '/^DEVICE /{print $2}' "$work/servee.out")
 [ -n "$devE" ] || { echo "benchserve -direct-large did not start:"; cat "$work/servee.err"; exit 1; }
 devF=$(awk '/^DEVICE /{print $2}' "$work/servef.out")
-[ -n "$devF" ] || { echo "benchserve -epoll-readers did not start:"; cat "$work/servef.err"; exit 1; }
+[ -n "$devF" ] || { echo "benchserve -blocking-readers did not start:"; cat "$work/servef.err"; exit 1; }
 coproc DSRV { exec "$work/benchserve" -rundir "$work/rund" -store "$work/store" 2>"$work/served.err"; }
 dpid=$DSRV_PID
 echo "vol bench-d $SIZE_BYTES" >&"${DSRV[1]}"

@@ -31,21 +31,24 @@
 // kernel's include/uapi/linux/fuse.h). Unknown opcodes get ENOSYS, which
 // also makes the kernel stop sending optional ones (INTERRUPT, GETXATTR).
 //
-// Costs per request: N reader goroutines (Config.Readers), each locked to
-// its OS thread, block in read(2) on /dev/fuse with their own 1 MiB+4 KiB
-// buffers and answer inline: a READ costs the read(2), one pread into the
+// Costs per request: N reader goroutines (Config.Readers) each read
+// /dev/fuse with their own 1 MiB+4 KiB buffers and answer inline: a READ costs the read(2), one pread into the
 // reply buffer right behind the header, and one write(2) of header+payload
 // (so no writev is needed); a WRITE costs the read(2), one pwrite straight
 // from the request buffer and a 16+8-byte write(2). The kernel copies the
-// payload once each way. An idle reader sleeps in the kernel's exclusive
-// wait on the connection's input queue, so a request wakes one reader and
-// there is no epoll_wait and no EAGAIN read per request (the epoll design
-// before it, kept as Config.EpollReaders, measured 16-24% fewer 4 KiB IOPS
-// at the same CPU per request). A blocked read(2) cannot be cancelled
-// without aborting the connection, so stop() wakes readers with STATFS
-// requests on the mount point; each reader leaves after answering the
-// request it holds. Buffers are placed so READ and WRITE payloads are
-// 4096-aligned (a Backend may use them for O_DIRECT).
+// payload once each way. An idle reader waits in its own epoll set with
+// /dev/fuse added EPOLLEXCLUSIVE, so a request wakes one reader, not all
+// (plain poll woke all and cost 31 µs of CPU per 4 KiB request with 4
+// readers instead of 18); strace counts about 1.2 read(2) (0.1-0.2 of them
+// EAGAIN) and 0.15-0.25 epoll_wait per request. Config.BlockingReaders
+// instead blocks each reader in read(2), locked to its OS thread (the
+// kernel wakes one exclusive waiter per request; no epoll_wait, no EAGAIN);
+// a blocked read(2) cannot be cancelled without aborting the connection,
+// so stop() then wakes readers with STATFS requests on the mount point and
+// each reader leaves after answering the request it holds. Its gain was
+// within this machine's noise (BENCHMARKS.md), so it is not the default.
+// Buffers are placed so READ and WRITE payloads are 4096-aligned (a
+// Backend may use them for O_DIRECT).
 //
 // Splice was not used: at 1 MiB it saves one memcpy per request but costs
 // extra pipe syscalls (go-fuse's splice path measured slower); batching
@@ -59,8 +62,8 @@
 //     is SIGKILLed) the kernel ends every request in that queue with
 //     ECONNABORTED (fuse_dev_release) — an I/O error on the device, the
 //     thing the holder exists to prevent. They would be restart-safe only
-//     if the holder also held every clone fd; the blocking readers above
-//     get the one-wakeup-per-request benefit without clones.
+//     if the holder also held every clone fd; blocking readers
+//     (Config.BlockingReaders) get one wakeup per request without clones.
 //   - FUSE over io_uring (kernel 6.14+, off unless the fuse module's
 //     enable_uring parameter is set): not restart-safe in the kernels we
 //     run. A request handed to a ring entry sits in that ring queue's own

@@ -42,7 +42,7 @@ func serveChild(args []string) int {
 	id := fs.String("id", "", "")
 	size := fs.Int64("size", 0, "bytes")
 	ro := fs.Bool("ro", false, "")
-	epoll := fs.Bool("epoll", false, "Config.EpollReaders")
+	blocking := fs.Bool("blocking", false, "Config.BlockingReaders")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -57,7 +57,7 @@ func serveChild(args []string) int {
 	}
 	b := &stallingBackend{FileBackend: fb}
 	go func() { <-usr1; b.armed.Store(true) }()
-	fe, err := New(Config{RunDir: *runDir, HolderCommand: []string{os.Args[0], "fuse-holder"}, Readers: 4, EpollReaders: *epoll})
+	fe, err := New(Config{RunDir: *runDir, HolderCommand: []string{os.Args[0], "fuse-holder"}, Readers: 4, BlockingReaders: *blocking})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "new:", err)
 		return 1
@@ -71,8 +71,8 @@ func serveChild(args []string) int {
 	<-term
 	srv := fe.get(*id).srv
 	fmt.Printf("RESENT %d\n", srv.nResent.Load())
-	if srv.blocking == *epoll {
-		fmt.Fprintln(os.Stderr, "reader mode: blocking =", srv.blocking, "with -epoll =", *epoll)
+	if srv.blocking != *blocking {
+		fmt.Fprintln(os.Stderr, "reader mode: blocking =", srv.blocking, "with -blocking =", *blocking)
 		return 1
 	}
 	if err := fe.Close(); err != nil {

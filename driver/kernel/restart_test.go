@@ -130,9 +130,8 @@ func mountOptions(t *testing.T, mnt string) string {
 // SIGKILL: the dead server holds a write request it never answers, so the
 // test also proves FUSE_NOTIFY_RESEND brought it to the new server.
 // SIGTERM: graceful Close, then restart.
-// Each with blocking readers (the default), with epoll readers
-// (Config.EpollReaders), and from an epoll server to a blocking one (an
-// upgrade across the change).
+// Each with epoll readers (the default), with blocking readers
+// (Config.BlockingReaders), and from an epoll server to a blocking one.
 func TestRestart(t *testing.T) {
 	requireRoot(t)
 	requireTool(t, "mkfs.ext4")
@@ -140,9 +139,9 @@ func TestRestart(t *testing.T) {
 		name         string
 		first, again []string
 	}{
-		{"blocking", nil, nil},
-		{"epoll", []string{"-epoll"}, []string{"-epoll"}},
-		{"epoll-to-blocking", []string{"-epoll"}, nil},
+		{"epoll", nil, nil},
+		{"blocking", []string{"-blocking"}, []string{"-blocking"}},
+		{"epoll-to-blocking", nil, []string{"-blocking"}},
 	}
 	for _, sig := range []syscall.Signal{syscall.SIGKILL, syscall.SIGTERM} {
 		for _, m := range modes {

@@ -31,10 +31,10 @@ type connParams struct {
 // Concurrency: nReaders goroutines each read /dev/fuse with their own
 // buffers and answer the request they read inline, so a request costs one
 // read(2), the backend call and one write(2) of header+payload from one
-// contiguous buffer (no writev, no extra copy). By default readers block
-// in read(2) (readLoopBlocking) and stop() wakes them with STATFS requests
-// (poke); with Config.EpollReaders the fd is non-blocking and readers wait
-// in epoll, woken by stop() through a pipe (readLoop). Either way the
+// contiguous buffer (no writev, no extra copy). By default the fd is
+// non-blocking and readers wait in epoll, woken by stop() through a pipe
+// (readLoop); with Config.BlockingReaders they block in read(2)
+// (readLoopBlocking) and stop() wakes them with STATFS requests (poke). Either way the
 // connection is never aborted (a blocked read(2) on /dev/fuse cannot be
 // cancelled otherwise).
 type server struct {

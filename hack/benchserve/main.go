@@ -61,12 +61,12 @@ func run() error {
 	id := flag.String("id", "bench", "volume id (-backing)")
 	readers := flag.Int("readers", 0, "FUSE reader goroutines (0: default)")
 	directLarge := flag.Bool("direct-large", false, "-backing: large writes O_DIRECT, no readahead (kernel.OpenFileBackendDirectLarge)")
-	epoll := flag.Bool("epoll-readers", false, "readers wait in epoll (kernel.Config.EpollReaders)")
+	blocking := flag.Bool("blocking-readers", false, "readers block in read(2) (kernel.Config.BlockingReaders)")
 	flag.Parse()
 	if *runDir == "" || (*backing == "") == (*store == "") {
 		return errors.New("-rundir and one of -backing, -store are required")
 	}
-	fe, err := kernel.New(kernel.Config{RunDir: *runDir, Readers: *readers, EpollReaders: *epoll})
+	fe, err := kernel.New(kernel.Config{RunDir: *runDir, Readers: *readers, BlockingReaders: *blocking})
 	if err != nil {
 		return err
 	}
