@@ -6,9 +6,15 @@
 #   A  loop device, direct I/O on, over a plain sparse file
 #   B  loop device, direct I/O off (page-cached; what host-path block volumes are)
 #   C  our FUSE file + loop device (driver/kernel) over a plain-file backend
+#   E  C with the backend's large writes O_DIRECT and no readahead
+#      (benchserve -direct-large, kernel.OpenFileBackendDirectLarge)
+#   F  C with blocking readers (benchserve -blocking-readers,
+#      kernel.Config.BlockingReaders)
 #   D  the same over a cow volume (64 KiB chunks) with no snapshot
 # Each device is filled once before measuring (reads of holes would be free).
-# Prints per-round figures, then medians with C/A, C/B, D/A, D/B, and the
+# CONFIGS="A B C" etc. runs a subset (default all, about 9 minutes with
+# ROUNDS=3 RUNTIME=5).
+# Prints per-round figures, then medians with X/A, X/B for X in C E F D, and the
 # serving processes' CPU (utime+stime from /proc/PID/stat) per GiB moved and per 1000
 # 4 KiB requests.
 set -euo pipefail
@@ -28,9 +34,11 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 work=$(mktemp -d /var/tmp/bench-block.XXXXXX)
-devA= devB= spid= dpid=
+devA= devB= spid= epid= fpid= dpid=
 cleanup() {
 	[ -n "$spid" ] && kill -TERM "$spid" 2>/dev/null && wait "$spid" 2>/dev/null || true
+	[ -n "$epid" ] && kill -TERM "$epid" 2>/dev/null && wait "$epid" 2>/dev/null || true
+	[ -n "$fpid" ] && kill -TERM "$fpid" 2>/dev/null && wait "$fpid" 2>/dev/null || true
 	if [ -n "$dpid" ]; then eval "exec ${DSRV[1]}>&-" || true; wait "$dpid" 2>/dev/null || true; fi
 	[ -n "$devA" ] && losetup -d "$devA" 2>/dev/null || true
 	[ -n "$devB" ] && losetup -d "$devB" 2>/dev/null || true
@@ -47,6 +55,15 @@ spid=$!
 for _ in $(seq 100); do grep -q '^DEVICE ' "$work/serve.out" && break; sleep 0.1; done
 devC=$(awk '/^DEVICE /{print $2}' "$work/serve.out")
 [ -n "$devC" ] || { echo "benchserve did not start:"; cat "$work/serve.err"; exit 1; }
+"$work/benchserve" -direct-large -rundir "$work/rune" -backing "$work/e.img" -size $SIZE_BYTES >"$work/servee.out" 2>"$work/servee.err" &
+epid=$!
+"$work/benchserve" -blocking-readers -rundir "$work/runf" -backing "$work/f.img" -size $SIZE_BYTES >"$work/servef.out" 2>"$work/servef.err" &
+fpid=$!
+for _ in $(seq 100); do grep -q '^DEVICE ' "$work/servee.out" && grep -q '^DEVICE ' "$work/servef.out" && break; sleep 0.1; done
+devE=$(awk '/^DEVICE /{print $2}' "$work/servee.out")
+[ -n "$devE" ] || { echo "benchserve -direct-large did not start:"; cat "$work/servee.err"; exit 1; }
+devF=$(awk '/^DEVICE /{print $2}' "$work/servef.out")
+[ -n "$devF" ] || { echo "benchserve -blocking-readers did not start:"; cat "$work/servef.err"; exit 1; }
 coproc DSRV { exec "$work/benchserve" -rundir "$work/rund" -store "$work/store" 2>"$work/served.err"; }
 dpid=$DSRV_PID
 echo "vol bench-d $SIZE_BYTES" >&"${DSRV[1]}"
@@ -56,7 +73,7 @@ devD=$(echo "$line" | awk '/^DEVICE /{print $2}')
 [ "$(cat /sys/block/${devA#/dev/}/loop/dio)" = 1 ] || { echo "A: direct I/O did not take"; exit 1; }
 [ "$(cat /sys/block/${devB#/dev/}/loop/dio)" = 0 ] || { echo "B: direct I/O is on"; exit 1; }
 
-declare -A DEV=([A]=$devA [B]=$devB [C]=$devC [D]=$devD)
+declare -A DEV=([A]=$devA [B]=$devB [C]=$devC [D]=$devD [E]=$devE [F]=$devF)
 declare -A JOB=(
 	[seqwrite]="--rw=write --bs=1M"
 	[seqread]="--rw=read --bs=1M"
@@ -68,21 +85,22 @@ fio_common=(--ioengine=libaio --direct=1 --iodepth=16 --numjobs=1 --size=$SIZE_B
 	--randrepeat=1 --randseed=42 --group_reporting --output-format=json --name=bench)
 
 cputicks() { # server CPU ticks for config $1 (0 for the kernel-only A, B)
-	case $1 in C) awk '{print $14 + $15}' "/proc/$spid/stat" ;; D) awk '{print $14 + $15}' "/proc/$dpid/stat" ;; *) echo 0 ;; esac
+	case $1 in C) awk '{print $14 + $15}' "/proc/$spid/stat" ;; E) awk '{print $14 + $15}' "/proc/$epid/stat" ;; F) awk '{print $14 + $15}' "/proc/$fpid/stat" ;; D) awk '{print $14 + $15}' "/proc/$dpid/stat" ;; *) echo 0 ;; esac
 }
 hz=$(getconf CLK_TCK)
 
-echo "== filling A B C D once ($((SIZE_BYTES >> 20)) MiB each)"
-for c in A B C D; do
+CONFIGS=${CONFIGS:-"A B C E F D"}
+echo "== filling $CONFIGS once ($((SIZE_BYTES >> 20)) MiB each); load average $(cut -d' ' -f1-3 /proc/loadavg)"
+for c in $CONFIGS; do
 	fio "${fio_common[@]}" --filename="${DEV[$c]}" --rw=write --bs=1M >/dev/null
 done
 
-echo "== $ROUNDS rounds x {$JOBS} x {A B C D}, ${RUNTIME}s each; A=$devA B=$devB C=$devC D=$devD"
+echo "== $ROUNDS rounds x {$JOBS} x {$CONFIGS}, ${RUNTIME}s each; A=$devA B=$devB C=$devC E=$devE F=$devF D=$devD"
 res="$work/results"
 : >"$res"
 for r in $(seq "$ROUNDS"); do
 	for j in $JOBS; do
-		for c in A B C D; do
+		for c in $CONFIGS; do
 			t0=$(cputicks $c)
 			# shellcheck disable=SC2086
 			fio "${fio_common[@]}" --filename="${DEV[$c]}" ${JOB[$j]} \
@@ -94,18 +112,25 @@ for r in $(seq "$ROUNDS"); do
 			else val=$(awk -v i="$iops" 'BEGIN{printf "%.0f", i}'); unit=IOPS; fi
 			cpu=$(awk -v d=$((t1 - t0)) -v hz="$hz" 'BEGIN{printf "%.3f", d/hz}')
 			echo "$r $j $c $val $bytes $ios $cpu" >>"$res"
-			printf 'round %d %-9s %s %8s %s   (server cpu %ss)\n' "$r" "$j" "$c" "$val" "$unit" "$([[ $c == [CD] ]] && echo "$cpu" || echo -)"
+			printf 'round %d %-9s %s %8s %s   (server cpu %ss)\n' "$r" "$j" "$c" "$val" "$unit" "$([[ $c == [CDEF] ]] && echo "$cpu" || echo -)"
 		done
 	done
+	echo "== after round $r: load average $(cut -d' ' -f1-3 /proc/loadavg)"
 done
 
 declare -A m
 median() { sort -n | awk '{v[NR]=$1} END{if (NR%2) print v[(NR+1)/2]; else printf "%.0f\n", (v[NR/2]+v[NR/2+1])/2}'; }
 echo
-echo "medians of $ROUNDS rounds (seq: MB/s, rand: IOPS); goal C and D >= 0.9 A and >= 0.7 B"
+echo "medians of $ROUNDS rounds (seq: MB/s, rand: IOPS); goal C and D >= 0.9 A and >= 0.7 B; load average now $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
-echo "| job | A loop dio | B loop page-cached | C FUSE+loop, file | C/A | C/B | D FUSE+loop, cow | D/A | D/B | CPU C | CPU D |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|"
+hdr="| job |"; sep="|---|"
+for c in $CONFIGS; do
+	hdr+=" $c |"; sep+="---|"
+	if [[ $c != [AB] ]]; then hdr+=" $c/A | $c/B |"; sep+="---|---|"; fi
+done
+for c in $CONFIGS; do [[ $c == [AB] ]] || { hdr+=" CPU $c |"; sep+="---|"; }; done
+echo "$hdr"
+echo "$sep"
 cpu_of() { # config job -> median server CPU per GiB (seq) or per 1000 requests (rand)
 	if [[ $2 == seq* ]]; then
 		awk -v j=$2 -v c=$1 '$2==j && $3==c && $5>0 {printf "%.1f\n", $7*1000/($5/2^30)}' "$res" | sort -n | awk '{v[NR]=$1} END{print v[int((NR+1)/2)] " ms/GiB"}'
@@ -115,11 +140,17 @@ cpu_of() { # config job -> median server CPU per GiB (seq) or per 1000 requests 
 }
 ratio() { awk -v x="$1" -v y="$2" 'BEGIN{printf "%.2f", x/y}'; }
 for j in $JOBS; do
-	for c in A B C D; do
+	for c in $CONFIGS; do
 		m[$c]=$(awk -v j=$j -v c=$c '$2==j && $3==c {print $4}' "$res" | median)
 	done
-	printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$j" "${m[A]}" "${m[B]}" \
-		"${m[C]}" "$(ratio "${m[C]}" "${m[A]}")" "$(ratio "${m[C]}" "${m[B]}")" \
-		"${m[D]}" "$(ratio "${m[D]}" "${m[A]}")" "$(ratio "${m[D]}" "${m[B]}")" \
-		"$(cpu_of C $j)" "$(cpu_of D $j)"
+	row="| $j |"
+	for c in $CONFIGS; do
+		row+=" ${m[$c]} |"
+		if [[ $c != [AB] ]]; then
+			row+=" $( [[ " $CONFIGS " == *" A "* ]] && ratio "${m[$c]}" "${m[A]}" || echo -) |"
+			row+=" $( [[ " $CONFIGS " == *" B "* ]] && ratio "${m[$c]}" "${m[B]}" || echo -) |"
+		fi
+	done
+	for c in $CONFIGS; do [[ $c == [AB] ]] || row+=" $(cpu_of $c $j) |"; done
+	echo "$row"
 done

@@ -31,19 +31,57 @@
 // kernel's include/uapi/linux/fuse.h). Unknown opcodes get ENOSYS, which
 // also makes the kernel stop sending optional ones (INTERRUPT, GETXATTR).
 //
-// Costs per request: N reader goroutines (Config.Readers) each call read(2)
-// on /dev/fuse into their own 1 MiB+4 KiB buffer and answer inline: a READ
-// costs the read(2), one pread into the reply buffer right behind the
-// header, and one write(2) of header+payload (so no writev is needed); a
-// WRITE costs the read(2), one pwrite straight from the request buffer and a
-// 16+8-byte write(2). The kernel copies the payload once each way. An idle
-// reader waits in its own epoll set with /dev/fuse added EPOLLEXCLUSIVE, so
-// a request wakes one reader, not all (plain poll woke all and cost 31 µs
-// of CPU per 4 KiB request with 4 readers instead of 18). Splice
-// was not used: at 1 MiB it saves one memcpy per request but costs extra
-// pipe syscalls (go-fuse's splice path measured slower); batching does not
-// exist in the protocol for READ/WRITE, and request coalescing is already
-// done by the block layer above the loop device (1 MiB requests).
+// Costs per request: N reader goroutines (Config.Readers) each read
+// /dev/fuse with their own 1 MiB+4 KiB buffers and answer inline: a READ costs the read(2), one pread into the
+// reply buffer right behind the header, and one write(2) of header+payload
+// (so no writev is needed); a WRITE costs the read(2), one pwrite straight
+// from the request buffer and a 16+8-byte write(2). The kernel copies the
+// payload once each way. An idle reader waits in its own epoll set with
+// /dev/fuse added EPOLLEXCLUSIVE, so a request wakes one reader, not all
+// (plain poll woke all and cost 31 µs of CPU per 4 KiB request with 4
+// readers instead of 18); strace counts about 1.2 read(2) (0.1-0.2 of them
+// EAGAIN) and 0.15-0.25 epoll_wait per request. Config.BlockingReaders
+// instead blocks each reader in read(2), locked to its OS thread (the
+// kernel wakes one exclusive waiter per request; no epoll_wait, no EAGAIN);
+// a blocked read(2) cannot be cancelled without aborting the connection,
+// so stop() then wakes readers with STATFS requests on the mount point and
+// each reader leaves after answering the request it holds. Its gain was
+// within this machine's noise (BENCHMARKS.md), so it is not the default.
+// Buffers are placed so READ and WRITE payloads are 4096-aligned (a
+// Backend may use them for O_DIRECT).
+//
+// Splice was not used: at 1 MiB it saves one memcpy per request but costs
+// extra pipe syscalls (go-fuse's splice path measured slower); batching
+// does not exist in the protocol for READ/WRITE, and request coalescing is
+// already done by the block layer above the loop device (1 MiB requests).
+//
+// Not used, with the reason:
+//
+//   - Per-reader clone fds (FUSE_DEV_IOC_CLONE): each clone has its own
+//     processing queue, and when its last reference is closed (the server
+//     is SIGKILLed) the kernel ends every request in that queue with
+//     ECONNABORTED (fuse_dev_release) — an I/O error on the device, the
+//     thing the holder exists to prevent. They would be restart-safe only
+//     if the holder also held every clone fd; blocking readers
+//     (Config.BlockingReaders) get one wakeup per request without clones.
+//   - FUSE over io_uring (kernel 6.14+, off unless the fuse module's
+//     enable_uring parameter is set): not restart-safe in the kernels we
+//     run. A request handed to a ring entry sits in that ring queue's own
+//     processing list, which FUSE_NOTIFY_RESEND does not walk (it walks the
+//     /dev/fuse devices' lists only); when the server dies, io_uring's
+//     cancel only retires idle entries, so a request in flight in the dead
+//     server stays attached to its entry, whose buffers were in the dead
+//     process, until the connection is aborted (an I/O error). Requests not
+//     yet handed out would reach a new server's entries, but the in-flight
+//     ones are exactly what a SIGKILL restart must save.
+//
+// The page cache of the backing file matters as much as the protocol:
+// ext4 keeps up-to-1 MiB folios after a 1 MiB buffered write or a
+// readahead, and a 4 KiB buffered write into such a folio cost the server
+// 27-66 µs of CPU instead of 14-20 (ext4_block_write_begin walks every
+// buffer head of the folio). OpenFileBackendDirectLarge avoids it (large
+// writes O_DIRECT, no readahead) at the price of disk-bound sequential I/O;
+// BENCHMARKS.md has both.
 //
 // # Restart safety
 //

@@ -63,6 +63,13 @@ type Config struct {
 	// more readers cost more context switches per 4 KiB request, fewer leave
 	// writes waiting behind one that blocks in the backend.
 	Readers int
+	// BlockingReaders makes each reader block in read(2) on /dev/fuse,
+	// locked to its OS thread, instead of waiting in epoll on a non-blocking
+	// fd; stopping then wakes them with STATFS requests on the mount point.
+	// It saves the epoll_wait and EAGAIN read of some requests (about 0.2
+	// syscalls per 4 KiB request), but no gain was measurable on the shared
+	// machine (BENCHMARKS.md, block frontend), so it is off by default.
+	BlockingReaders bool
 }
 
 // Frontend turns Backends into loop devices over FUSE files. Methods are
@@ -220,8 +227,16 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 	return f.attachFresh(ctx, id, mp, b, readOnly)
 }
 
+// pokePath is the mount point when readers block (see server.poke).
+func (f *Frontend) pokePath(mp string) string {
+	if f.cfg.BlockingReaders {
+		return mp
+	}
+	return ""
+}
+
 func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *connParams, b Backend, readOnly bool) (string, error) {
-	srv, err := newServer(fd, b, readOnly, params)
+	srv, err := newServerMode(fd, b, readOnly, params, f.pokePath(mp))
 	if err != nil {
 		unix.Close(fd)
 		return "", err
@@ -267,7 +282,7 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 	if err != nil {
 		return "", err
 	}
-	srv, err := newServer(fd, b, readOnly, nil)
+	srv, err := newServerMode(fd, b, readOnly, nil, f.pokePath(mp))
 	if err != nil {
 		unmountFuse(mp)
 		unix.Close(fd)

@@ -42,6 +42,7 @@ func serveChild(args []string) int {
 	id := fs.String("id", "", "")
 	size := fs.Int64("size", 0, "bytes")
 	ro := fs.Bool("ro", false, "")
+	blocking := fs.Bool("blocking", false, "Config.BlockingReaders")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -56,7 +57,7 @@ func serveChild(args []string) int {
 	}
 	b := &stallingBackend{FileBackend: fb}
 	go func() { <-usr1; b.armed.Store(true) }()
-	fe, err := New(Config{RunDir: *runDir, HolderCommand: []string{os.Args[0], "fuse-holder"}, Readers: 4})
+	fe, err := New(Config{RunDir: *runDir, HolderCommand: []string{os.Args[0], "fuse-holder"}, Readers: 4, BlockingReaders: *blocking})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "new:", err)
 		return 1
@@ -68,7 +69,12 @@ func serveChild(args []string) int {
 	}
 	fmt.Printf("DEVICE %s\n", dev)
 	<-term
-	fmt.Printf("RESENT %d\n", fe.get(*id).srv.nResent.Load())
+	srv := fe.get(*id).srv
+	fmt.Printf("RESENT %d\n", srv.nResent.Load())
+	if srv.blocking != *blocking {
+		fmt.Fprintln(os.Stderr, "reader mode: blocking =", srv.blocking, "with -blocking =", *blocking)
+		return 1
+	}
 	if err := fe.Close(); err != nil {
 		fmt.Fprintln(os.Stderr, "close:", err)
 		return 1

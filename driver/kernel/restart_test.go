@@ -25,10 +25,11 @@ type child struct {
 	done  chan error
 }
 
-func startChild(t *testing.T, runDir, backing, id string, size int64) *child {
+func startChild(t *testing.T, runDir, backing, id string, size int64, extra ...string) *child {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "fe-serve", "-rundir", runDir, "-backing", backing,
-		"-id", id, "-size", strconv.FormatInt(size, 10))
+	args := append([]string{"fe-serve", "-rundir", runDir, "-backing", backing,
+		"-id", id, "-size", strconv.FormatInt(size, 10)}, extra...)
+	cmd := exec.Command(os.Args[0], args...)
 	cmd.Stderr = os.Stderr
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -129,15 +130,27 @@ func mountOptions(t *testing.T, mnt string) string {
 // SIGKILL: the dead server holds a write request it never answers, so the
 // test also proves FUSE_NOTIFY_RESEND brought it to the new server.
 // SIGTERM: graceful Close, then restart.
+// Each with epoll readers (the default), with blocking readers
+// (Config.BlockingReaders), and from an epoll server to a blocking one.
 func TestRestart(t *testing.T) {
 	requireRoot(t)
 	requireTool(t, "mkfs.ext4")
+	modes := []struct {
+		name         string
+		first, again []string
+	}{
+		{"epoll", nil, nil},
+		{"blocking", []string{"-blocking"}, []string{"-blocking"}},
+		{"epoll-to-blocking", nil, []string{"-blocking"}},
+	}
 	for _, sig := range []syscall.Signal{syscall.SIGKILL, syscall.SIGTERM} {
-		t.Run(sig.String(), func(t *testing.T) { testRestart(t, sig) })
+		for _, m := range modes {
+			t.Run(sig.String()+"/"+m.name, func(t *testing.T) { testRestart(t, sig, m.first, m.again) })
+		}
 	}
 }
 
-func testRestart(t *testing.T, sig syscall.Signal) {
+func testRestart(t *testing.T, sig syscall.Signal, first, again []string) {
 	ctx := context.Background()
 	runDir := t.TempDir()
 	data := t.TempDir()
@@ -147,7 +160,7 @@ func testRestart(t *testing.T, sig syscall.Signal) {
 	mnt := filepath.Join(data, "mnt")
 	os.Mkdir(mnt, 0o755)
 
-	c1 := startChild(t, runDir, backing, id, size)
+	c1 := startChild(t, runDir, backing, id, size, first...)
 	dev := c1.expect(t, "DEVICE ")
 	mounted := false
 	t.Cleanup(func() {
@@ -199,7 +212,7 @@ func testRestart(t *testing.T, sig syscall.Signal) {
 	default:
 	}
 
-	c2 := startChild(t, runDir, backing, id, size)
+	c2 := startChild(t, runDir, backing, id, size, again...)
 	t.Cleanup(func() { c2.cmd.Process.Kill() })
 	if dev2 := c2.expect(t, "DEVICE "); dev2 != dev {
 		t.Fatalf("resumed on %s, want the same device %s", dev2, dev)

@@ -3,9 +3,12 @@ package kernel
 import (
 	"errors"
 	"fmt"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
@@ -28,9 +31,12 @@ type connParams struct {
 // Concurrency: nReaders goroutines each read /dev/fuse with their own
 // buffers and answer the request they read inline, so a request costs one
 // read(2), the backend call and one write(2) of header+payload from one
-// contiguous buffer (no writev, no extra copy). The fd is non-blocking so
-// that stop() can wake readers through a pipe without aborting the
-// connection (a blocked read(2) on /dev/fuse cannot be cancelled otherwise).
+// contiguous buffer (no writev, no extra copy). By default the fd is
+// non-blocking and readers wait in epoll, woken by stop() through a pipe
+// (readLoop); with Config.BlockingReaders they block in read(2)
+// (readLoopBlocking) and stop() wakes them with STATFS requests (poke). Either way the
+// connection is never aborted (a blocked read(2) on /dev/fuse cannot be
+// cancelled otherwise).
 type server struct {
 	fd       int // /dev/fuse, ours (the holder has its own copy)
 	b        Backend
@@ -41,10 +47,18 @@ type server struct {
 	inited chan struct{} // closed once INIT was answered (or on resume)
 
 	wakeR, wakeW int // pipe; a byte written wakes every poller
-	stopping     atomic.Bool
-	wg           sync.WaitGroup
-	dead         chan struct{} // closed when the connection is gone (ENODEV)
-	deadOnce     sync.Once
+
+	// blocking: readers block in read(2) instead of epoll (see
+	// readLoopBlocking); stop() then wakes them with STATFS requests on
+	// pokePath, the mount point.
+	blocking bool
+	pokePath string
+	alive    atomic.Int32
+	exited   chan struct{} // a reader exited (capacity 1, never blocks)
+	stopping atomic.Bool
+	wg       sync.WaitGroup
+	dead     chan struct{} // closed when the connection is gone (ENODEV)
+	deadOnce sync.Once
 
 	// Counters, for tests and benchmarks.
 	nRead, nWrite, nFsync, nDiscard, nOther atomic.Uint64
@@ -53,7 +67,13 @@ type server struct {
 }
 
 func newServer(fd int, b Backend, readOnly bool, resumed *connParams) (*server, error) {
-	if err := unix.SetNonblock(fd, true); err != nil {
+	return newServerMode(fd, b, readOnly, resumed, "")
+}
+
+// newServerMode is newServer with blocking readers when pokePath (the mount
+// point) is set.
+func newServerMode(fd int, b Backend, readOnly bool, resumed *connParams, pokePath string) (*server, error) {
+	if err := unix.SetNonblock(fd, pokePath == ""); err != nil {
 		return nil, fmt.Errorf("set /dev/fuse non-blocking: %w", err)
 	}
 	var p [2]int
@@ -61,7 +81,8 @@ func newServer(fd int, b Backend, readOnly bool, resumed *connParams) (*server, 
 		return nil, fmt.Errorf("wake pipe: %w", err)
 	}
 	s := &server{fd: fd, b: b, readOnly: readOnly, wakeR: p[0], wakeW: p[1],
-		inited: make(chan struct{}), dead: make(chan struct{})}
+		inited: make(chan struct{}), dead: make(chan struct{}),
+		blocking: pokePath != "", pokePath: pokePath, exited: make(chan struct{}, 1)}
 	if resumed != nil && resumed.Initialized {
 		s.params = *resumed
 		close(s.inited)
@@ -73,7 +94,12 @@ func newServer(fd int, b Backend, readOnly bool, resumed *connParams) (*server, 
 func (s *server) start(n int) {
 	for i := 0; i < n; i++ {
 		s.wg.Add(1)
-		go s.readLoop()
+		s.alive.Add(1)
+		if s.blocking {
+			go s.readLoopBlocking()
+		} else {
+			go s.readLoop()
+		}
 	}
 }
 
@@ -82,6 +108,9 @@ func (s *server) start(n int) {
 func (s *server) stop() {
 	s.stopping.Store(true)
 	unix.Write(s.wakeW, []byte{1})
+	if s.blocking {
+		s.poke()
+	}
 	s.wg.Wait()
 	unix.Close(s.wakeR)
 	unix.Close(s.wakeW)
@@ -125,8 +154,88 @@ func (s *server) notifyInvalAttr() error {
 	return err
 }
 
+// poke makes blocked readers return: each reader answers the request it
+// reads next and then exits (stopping is set), so stop() sends STATFS
+// requests on the mount point, one at a time, until no reader is left. A
+// reader may leave on a real request while a poke is queued; that last
+// poke then waits in the kernel's queue for the next server (or fails when
+// the mount goes), which is harmless: it runs on its own goroutine.
+func (s *server) poke() {
+	var done chan struct{}
+	for s.alive.Load() > 0 {
+		if done == nil {
+			done = make(chan struct{})
+			go func(done chan struct{}) {
+				var st unix.Statfs_t
+				unix.Statfs(s.pokePath, &st)
+				close(done)
+			}(done)
+		}
+		select {
+		case <-done:
+			done = nil
+		case <-s.exited:
+		case <-s.dead:
+			return // readers see ENODEV
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func (s *server) readerExit() {
+	s.alive.Add(-1)
+	select {
+	case s.exited <- struct{}{}:
+	default:
+	}
+	s.wg.Done()
+}
+
+// readLoopBlocking is readLoop with a blocking read(2) on /dev/fuse: an
+// idle reader sleeps in the kernel's exclusive wait on the input queue, so
+// a request wakes exactly one reader and costs read + handle + write, with
+// no epoll_wait and no EAGAIN read. The reader runs locked to its OS
+// thread: it blocks in the kernel, so it holds a thread anyway, and
+// locking it spares the runtime handing the goroutine between threads.
+func (s *server) readLoopBlocking() {
+	defer s.readerExit()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	in, out := requestBuffers()
+	for {
+		n, err := unix.Read(s.fd, in)
+		switch {
+		case err == nil:
+		case errors.Is(err, unix.EINTR), errors.Is(err, unix.ENOENT), errors.Is(err, unix.EAGAIN):
+			continue
+		case errors.Is(err, unix.ENODEV):
+			s.markDead()
+			return
+		default:
+			klog.ErrorS(err, "read /dev/fuse")
+			s.markDead()
+			return
+		}
+		if reply := s.handle(in[:n], out); reply > 0 {
+			if _, err := unix.Write(s.fd, out[:reply]); err != nil {
+				if errors.Is(err, unix.ENODEV) {
+					s.markDead()
+					return
+				}
+				if !errors.Is(err, unix.ENOENT) {
+					klog.ErrorS(err, "write /dev/fuse reply")
+				}
+			}
+		}
+		if s.stopping.Load() {
+			return
+		}
+	}
+}
+
 func (s *server) readLoop() {
 	defer s.wg.Done()
+	defer s.alive.Add(-1)
 	defer func() {
 		switch {
 		case s.stopping.Load():
@@ -157,8 +266,7 @@ func (s *server) readLoop() {
 		return
 	}
 	events := make([]unix.EpollEvent, 2)
-	in := make([]byte, readBufSize)
-	out := make([]byte, outHeaderSize+maxWrite)
+	in, out := requestBuffers()
 	for !s.stopping.Load() {
 		n, err := unix.Read(s.fd, in)
 		switch {
@@ -195,6 +303,28 @@ func (s *server) readLoop() {
 			}
 		}
 	}
+}
+
+// requestBuffers returns a reader's request and reply buffers, placed so
+// that the payload of a WRITE request (behind fuse_in_header and
+// fuse_write_in) and of a READ reply (behind fuse_out_header) start on a
+// 4096-byte boundary: a Backend can then do O_DIRECT I/O on them (as
+// FileBackend does for large requests) without a bounce copy. Go's large
+// allocations happen to be page-aligned; this does not rely on it.
+func requestBuffers() (in, out []byte) {
+	in = alignedAt(readBufSize, inHeaderSize+writeInSize)
+	out = alignedAt(outHeaderSize+maxWrite, outHeaderSize)
+	return in, out
+}
+
+// alignedAt returns a slice of n bytes whose byte at index at (< 4096) is
+// 4096-aligned in memory.
+func alignedAt(n, at int) []byte {
+	const align = 4096
+	raw := make([]byte, n+align)
+	addr := uintptr(unsafe.Pointer(&raw[0]))
+	start := (align - int((addr+uintptr(at))%align)) % align
+	return raw[start : start+n : start+n]
 }
 
 // errnoOf maps a backend error to the errno the kernel passes on to the

@@ -60,11 +60,13 @@ func run() error {
 	size := flag.Int64("size", 1<<30, "volume size in bytes (-backing)")
 	id := flag.String("id", "bench", "volume id (-backing)")
 	readers := flag.Int("readers", 0, "FUSE reader goroutines (0: default)")
+	directLarge := flag.Bool("direct-large", false, "-backing: large writes O_DIRECT, no readahead (kernel.OpenFileBackendDirectLarge)")
+	blocking := flag.Bool("blocking-readers", false, "readers block in read(2) (kernel.Config.BlockingReaders)")
 	flag.Parse()
 	if *runDir == "" || (*backing == "") == (*store == "") {
 		return errors.New("-rundir and one of -backing, -store are required")
 	}
-	fe, err := kernel.New(kernel.Config{RunDir: *runDir, Readers: *readers})
+	fe, err := kernel.New(kernel.Config{RunDir: *runDir, Readers: *readers, BlockingReaders: *blocking})
 	if err != nil {
 		return err
 	}
@@ -73,7 +75,11 @@ func run() error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	b, err := kernel.OpenFileBackend(*backing, *size)
+	open := kernel.OpenFileBackend
+	if *directLarge {
+		open = kernel.OpenFileBackendDirectLarge
+	}
+	b, err := open(*backing, *size)
 	if err != nil {
 		return err
 	}

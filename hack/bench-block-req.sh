@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Per-request cost of the kernel frontend (issue 4), run as root: serves a
+# 1 GiB plain file through hack/benchserve, fills 256 MiB with 1 MiB writes,
+# reads it once (1 MiB), then runs one fio job (libaio, O_DIRECT, qd16) and
+# prints IOPS, MB/s, the server's CPU (utime+stime from /proc/PID/stat) per
+# request and its voluntary context switches (all threads) per request.
+#   hack/bench-block-req.sh JOB SECONDS [benchserve flags...]
+#   JOB: randwrite | randread (4 KiB) | seqwrite | seqread (1 MiB)
+#   e.g. for v in "" -blocking-readers "" -blocking-readers; do hack/bench-block-req.sh randwrite 4 $v; done
+# STRACE=1 adds strace -c -f on the server for the run (slows it down a lot:
+# read the syscall counts per request, not the times). DROP=1 drops the
+# backing file's page cache between the read pass and the job.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PATH:/usr/local/go/bin"
+job=${1:?job} rt=${2:?seconds}
+shift 2
+case $job in
+seqwrite) jobargs=(--rw=write --bs=1M) ;;
+seqread) jobargs=(--rw=read --bs=1M) ;;
+randwrite | randread) jobargs=(--rw=$job --bs=4k) ;;
+*) echo "unknown job $job"; exit 2 ;;
+esac
+w=$(mktemp -d /var/tmp/bench-block-req.XXXXXX)
+sp=
+cleanup() {
+	[ -n "$sp" ] && kill -TERM "$sp" 2>/dev/null && wait "$sp" 2>/dev/null || true
+	rm -rf "$w"
+}
+trap cleanup EXIT
+go build -o "$w/benchserve" ./hack/benchserve
+"$w/benchserve" -rundir "$w/run" -backing "$w/c.img" -size $((1 << 30)) "$@" >"$w/out" 2>"$w/err" &
+sp=$!
+for _ in $(seq 100); do grep -q '^DEVICE ' "$w/out" && break; sleep 0.1; done
+dev=$(awk '/^DEVICE /{print $2}' "$w/out")
+[ -n "$dev" ] || { echo "benchserve did not start:"; cat "$w/err"; exit 1; }
+common=(--ioengine=libaio --direct=1 --iodepth=16 --size=256M --filename="$dev" --output-format=json)
+fio "${common[@]}" --rw=write --bs=1M --name=fill >/dev/null
+fio "${common[@]}" --rw=read --bs=1M --name=readpass >/dev/null
+[ -n "${DROP:-}" ] && { sync; dd if="$w/c.img" iflag=nocache count=0 status=none; }
+ticks() { awk '{print $14 + $15}' "/proc/$sp/stat"; }
+vcsw() { cat /proc/"$sp"/task/*/status | awk '/^voluntary_ctxt/{s+=$2} END{print s}'; }
+t0=$(ticks) c0=$(vcsw)
+stp=
+if [ -n "${STRACE:-}" ]; then strace -c -f -p "$sp" -o "$w/strace" & stp=$!; sleep 0.5; fi
+fio "${common[@]}" "${jobargs[@]}" --randrepeat=1 --randseed=42 --time_based --runtime="$rt" --name=b >"$w/fio.json"
+if [ -n "$stp" ]; then kill -INT "$stp"; wait "$stp" || true; fi
+t1=$(ticks) c1=$(vcsw)
+dir=write; [[ $job == *read ]] && dir=read
+read -r iops ios bw < <(jq -r ".jobs[0].$dir | \"\(.iops) \(.total_ios) \(.bw_bytes)\"" "$w/fio.json")
+hz=$(getconf CLK_TCK)
+echo "$job flags=[$*] iops=$(printf %.0f "$iops") MBps=$(awk -v b="$bw" 'BEGIN{printf "%.0f", b/1e6}') ios=$ios" \
+	"cpu_us_per_req=$(awk -v d=$((t1 - t0)) -v n="$ios" -v hz="$hz" 'BEGIN{printf "%.1f", d*1e6/hz/n}')" \
+	"vcsw_per_req=$(awk -v d=$((c1 - c0)) -v n="$ios" 'BEGIN{printf "%.2f", d/n}') load=$(cut -d' ' -f1 /proc/loadavg)"
+if [ -n "$stp" ]; then head -20 "$w/strace"; fi
