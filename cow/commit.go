@@ -61,36 +61,11 @@ const logPrealloc = 4 << 20
 // sticky: the store then refuses changes (ErrClosed) until reopened, since a
 // failed fsync leaves unknown state on disk.
 func (c *committer) commit(recs []byte, files ...file) error {
-	c.mu.Lock()
-	if c.err != nil {
-		err := c.err
-		c.mu.Unlock()
+	b, err := c.submit(recs, files...)
+	if err != nil {
 		return err
 	}
-	c.buf = append(c.buf, recs...)
-	for _, f := range files {
-		if f != nil && !containsFile(c.files, f) {
-			c.files = append(c.files, f)
-		}
-	}
-	b := c.cur
-	if c.busy {
-		c.mu.Unlock()
-		<-b.done
-		return b.err
-	}
-	c.busy = true
-	c.leadOne() // unlocks and relocks c.mu
-	if c.pending() {
-		// Others queued while we wrote; their batch needs a leader and we
-		// need not wait for it.
-		go c.lead()
-	} else {
-		c.busy = false
-		c.cond.Broadcast()
-	}
-	c.mu.Unlock()
-	return b.err
+	return c.await(b)
 }
 
 // pending reports whether the open batch holds anything. Called with c.mu.
@@ -119,13 +94,19 @@ func (c *committer) submit(recs []byte, files ...file) (*batch, error) {
 	if c.err != nil {
 		return nil, c.err
 	}
+	c.add(recs, files...)
+	return c.cur, nil
+}
+
+// add puts recs in the open batch and files among those it syncs. Called
+// with c.mu.
+func (c *committer) add(recs []byte, files ...file) {
 	c.buf = append(c.buf, recs...)
 	for _, f := range files {
 		if f != nil && !containsFile(c.files, f) {
 			c.files = append(c.files, f)
 		}
 	}
-	return c.cur, nil
 }
 
 // await waits until batch b (from submit) is durable and returns its error.
@@ -135,6 +116,8 @@ func (c *committer) await(b *batch) error {
 		c.busy = true
 		c.leadOne() // unlocks and relocks c.mu
 		if c.pending() {
+			// Others queued while we wrote; their batch needs a leader
+			// and we need not wait for it.
 			go c.lead()
 		} else {
 			c.busy = false
@@ -158,10 +141,7 @@ func (c *committer) enqueue(recs []byte, f file, ov []*ovEntry) (uint64, error) 
 	if c.err != nil {
 		return 0, c.err
 	}
-	c.buf = append(c.buf, recs...)
-	if f != nil && !containsFile(c.files, f) {
-		c.files = append(c.files, f)
-	}
+	c.add(recs, f)
 	c.cur.ov = append(c.cur.ov, ov...)
 	if !c.busy {
 		c.busy = true
