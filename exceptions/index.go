@@ -287,18 +287,9 @@ func (x *Index) InsertRun(r Run) error {
 		}
 	}
 	x.hotOK = false
-	if len(x.tail) > 0 {
-		x.flush()
-	}
-	if len(x.segs) == 0 {
-		x.segs = []*segment{{firsts: []Chunk{r.Origin}, blocks: make([]block, 1)}}
-		x.segFirst = []Chunk{r.Origin}
-		x.segs[0].blocks[0].encode([]Run{r})
-		x.segs[0].dir.build(x.segs[0].firsts)
-		x.top.build(x.segFirst)
-		x.n, x.runs = r.Len, 1
-		return nil
-	}
+	// appendRun takes every run of an empty index, so here the index has
+	// runs: in blocks, or in the tail, which flush packs into a block.
+	x.flush()
 	var (
 		pr, sr                 Run
 		ps, pb, pi, ss, sb, si int
