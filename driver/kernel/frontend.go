@@ -236,7 +236,7 @@ func (f *Frontend) pokePath(mp string) string {
 }
 
 func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *connParams, b Backend, readOnly bool) (string, error) {
-	srv, err := newServerMode(fd, b, readOnly, params, f.pokePath(mp))
+	srv, err := newServer(fd, b, readOnly, params, f.pokePath(mp))
 	if err != nil {
 		unix.Close(fd)
 		return "", err
@@ -282,7 +282,7 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 	if err != nil {
 		return "", err
 	}
-	srv, err := newServerMode(fd, b, readOnly, nil, f.pokePath(mp))
+	srv, err := newServer(fd, b, readOnly, nil, f.pokePath(mp))
 	if err != nil {
 		unmountFuse(mp)
 		unix.Close(fd)

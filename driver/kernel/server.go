@@ -66,13 +66,9 @@ type server struct {
 	nResent atomic.Uint64
 }
 
-func newServer(fd int, b Backend, readOnly bool, resumed *connParams) (*server, error) {
-	return newServerMode(fd, b, readOnly, resumed, "")
-}
-
-// newServerMode is newServer with blocking readers when pokePath (the mount
-// point) is set.
-func newServerMode(fd int, b Backend, readOnly bool, resumed *connParams, pokePath string) (*server, error) {
+// newServer makes a server of fd; with pokePath (the mount point) set, its
+// readers block in read(2) instead of waiting in epoll (Config.BlockingReaders).
+func newServer(fd int, b Backend, readOnly bool, resumed *connParams, pokePath string) (*server, error) {
 	if err := unix.SetNonblock(fd, pokePath == ""); err != nil {
 		return nil, fmt.Errorf("set /dev/fuse non-blocking: %w", err)
 	}
@@ -161,18 +157,25 @@ func (s *server) notifyInvalAttr() error {
 // poke then waits in the kernel's queue for the next server (or fails when
 // the mount goes), which is harmless: it runs on its own goroutine.
 func (s *server) poke() {
-	var done chan struct{}
+	var done chan bool // true: the statfs reached our FUSE mount
 	for s.alive.Load() > 0 {
 		if done == nil {
-			done = make(chan struct{})
-			go func(done chan struct{}) {
+			done = make(chan bool, 1)
+			go func(done chan bool) {
 				var st unix.Statfs_t
-				unix.Statfs(s.pokePath, &st)
-				close(done)
+				err := unix.Statfs(s.pokePath, &st)
+				done <- err == nil && st.Type == unix.FUSE_SUPER_MAGIC
 			}(done)
 		}
 		select {
-		case <-done:
+		case reached := <-done:
+			if !reached {
+				// The mount is gone from the path (a lazy unmount): no
+				// STATFS can reach the readers any more, and poking again
+				// would spin. They return when the connection ends.
+				<-s.dead
+				return
+			}
 			done = nil
 		case <-s.exited:
 		case <-s.dead:
