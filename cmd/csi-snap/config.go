@@ -61,7 +61,7 @@ func parseFlags(args []string, klogFlags func(*flag.FlagSet), stderr io.Writer) 
 		return Config{}, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	if c.RunDir == "" && c.DataDir != "" {
-		c.RunDir = filepath.Join(c.DataDir, "run")
+		c.RunDir = defaultRunDir(c.DataDir)
 	}
 	return c, c.validate()
 }
@@ -148,3 +148,7 @@ func removeStaleSocket(path string) error {
 	}
 	return os.Remove(path)
 }
+
+// defaultRunDir is the run dir when --run-dir is not given; the plugin and
+// the rollback subcommand must agree on it.
+func defaultRunDir(dataDir string) string { return filepath.Join(dataDir, "run") }

@@ -8,7 +8,7 @@
 //	csi-snap fuse-holder --socket PATH   (started by csi-snap itself)
 //	csi-snap rollback --volume v-... --snapshot s-... [--run-dir DIR]
 //	                                     (asks the plugin on this node, through
-//	                                     <run-dir>/admin.sock, to roll a volume
+//	                                     <run-dir>/admin/admin.sock, to roll a volume
 //	                                     back to a snapshot in place)
 //
 // The first SIGTERM or SIGINT stops gracefully within --shutdown-timeout; a

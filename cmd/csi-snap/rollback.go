@@ -19,10 +19,10 @@ import (
 )
 
 // adminSocketName is the admin endpoint's socket inside the run dir.
-const adminSocketName = "admin.sock"
+const adminSocketName = "admin/admin.sock" // in a 0700 directory of the run dir
 
 // serveAdmin serves the driver's admin endpoint (rollback) on
-// <runDir>/admin.sock, mode 0600: only root in the plugin's container (or
+// <runDir>/admin/admin.sock (directory 0700, socket 0600): only root in the plugin's container (or
 // on the node) can reach it. The returned function stops it.
 func serveAdmin(d *driver.Driver, runDir string) (func(), error) {
 	if err := os.MkdirAll(runDir, 0o750); err != nil {
@@ -30,6 +30,17 @@ func serveAdmin(d *driver.Driver, runDir string) (func(), error) {
 	}
 	sock := filepath.Join(runDir, adminSocketName)
 	if err := removeStaleSocket(sock); err != nil {
+		return nil, fmt.Errorf("admin socket: %w", err)
+	}
+	// The socket can rewrite volumes and has no other access control, so
+	// it lives in a directory only root may enter: between Listen and the
+	// Chmod below, the socket itself has the umask's mode. (Not a umask
+	// around Listen: the umask is process-wide, and other goroutines create
+	// files and directories meanwhile.)
+	if err := os.MkdirAll(filepath.Dir(sock), 0o700); err != nil {
+		return nil, fmt.Errorf("admin socket: %w", err)
+	}
+	if err := os.Chmod(filepath.Dir(sock), 0o700); err != nil {
 		return nil, fmt.Errorf("admin socket: %w", err)
 	}
 	ln, err := net.Listen("unix", sock)
@@ -64,7 +75,7 @@ func rollbackMain(args []string, stdout, stderr io.Writer) int {
 	vol := fs.String("volume", "", "volume ID to roll back (the PV's spec.csi.volumeHandle, v-...)")
 	snap := fs.String("snapshot", "", "snapshot ID to return to (the VolumeSnapshotContent's status.snapshotHandle, s-...)")
 	dataDir := fs.String("data-dir", defaultDataDir, "the plugin's --data-dir (locates the run dir when --run-dir is not given)")
-	runDir := fs.String("run-dir", "", "the plugin's --run-dir, where admin.sock is (default <data-dir>/run)")
+	runDir := fs.String("run-dir", "", "the plugin's --run-dir, where admin/admin.sock is (default <data-dir>/run)")
 	timeout := fs.Duration("timeout", time.Hour, "give up waiting after this long (the rollback itself goes on in the plugin)")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: csi-snap rollback --volume v-... --snapshot s-... [--run-dir DIR] [--timeout D]")
@@ -82,7 +93,7 @@ func rollbackMain(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	if *runDir == "" {
-		*runDir = filepath.Join(*dataDir, "run")
+		*runDir = defaultRunDir(*dataDir)
 	}
 	sock := filepath.Join(*runDir, adminSocketName)
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
