@@ -102,12 +102,12 @@ func (d *Driver) Rollback(ctx context.Context, volID, snapID string) (RollbackRe
 		return RollbackResult{}, statusf(codes.Aborted, "an operation on volume %s or snapshot %s is in progress", volID, snapID)
 	}
 	defer d.locks.unlock(volID, snapID)
-	if _, err := d.opt.Store.Volume(volID); err != nil {
-		return RollbackResult{}, toStatus(fmt.Errorf("volume %s: %w", volID, err))
+	if _, err := d.lookupVolume(volID); err != nil {
+		return RollbackResult{}, err
 	}
-	sn, err := d.opt.Store.Snapshot(snapID)
+	sn, err := d.lookupSnapshot(snapID)
 	if err != nil {
-		return RollbackResult{}, toStatus(fmt.Errorf("snapshot %s: %w", snapID, err))
+		return RollbackResult{}, err
 	}
 	if sn.VolumeID != volID {
 		return RollbackResult{}, statusf(codes.InvalidArgument, "snapshot %s is of volume %s, not %s", snapID, sn.VolumeID, volID)

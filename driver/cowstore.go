@@ -31,7 +31,7 @@ var cowErrors = []struct{ from, to error }{
 	{cow.ErrBadArgument, ErrBadArgument},
 	{cow.ErrRollbackPending, ErrBusy},
 	{cow.ErrForeignSnapshot, ErrBadArgument},
-	{cow.ErrGroupMember, ErrGroupMember},
+	{cow.ErrGroupMember, ErrBadArgument}, // the CSI spec's code for "snapshot is part of a group"
 }
 
 func fromCow(err error) error {

@@ -26,9 +26,6 @@ var (
 	ErrNoSpace     = errors.New("no space left")
 	ErrBadArgument = errors.New("bad argument")
 	ErrBusy        = errors.New("in use")
-	// ErrGroupMember: a snapshot of a group snapshot cannot be deleted
-	// alone; the CSI spec's code for that is InvalidArgument.
-	ErrGroupMember = errors.New("snapshot belongs to a group snapshot")
 )
 
 // toStatus maps an error from a lower layer to a gRPC status error. Errors
@@ -55,7 +52,7 @@ func toStatus(err error) error {
 		c = codes.OutOfRange
 	case errors.Is(err, ErrNoSpace):
 		c = codes.ResourceExhausted
-	case errors.Is(err, ErrBadArgument), errors.Is(err, ErrGroupMember):
+	case errors.Is(err, ErrBadArgument):
 		c = codes.InvalidArgument
 	case errors.Is(err, ErrInvalidated), errors.Is(err, ErrReadOnly), errors.Is(err, ErrBusy):
 		c = codes.FailedPrecondition

@@ -249,7 +249,7 @@ func sameSet(a, b []string) bool {
 	a, b = slices.Clone(a), slices.Clone(b)
 	slices.Sort(a)
 	slices.Sort(b)
-	return slices.Equal(slices.Compact(a), slices.Compact(b)) && len(a) == len(b)
+	return slices.Equal(a, b)
 }
 
 func findGroupByName(gs GroupStore, name string) (GroupInfo, bool) {
