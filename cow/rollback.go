@@ -175,7 +175,9 @@ func (s *Store) rollbackFinish(v *Volume, sn *Snapshot) (RollbackResult, error) 
 	if err != nil {
 		return res, err
 	}
-	if err := v.flushLocked(); err != nil {
+	// Flush, not flushLocked: its shared gate keeps a checkpoint from
+	// replacing the log while its records go in.
+	if err := v.Flush(); err != nil {
 		return res, err
 	}
 	s.mu.Lock()
@@ -215,15 +217,7 @@ func (v *Volume) rollbackSpans(sn *Snapshot) ([]span, error) {
 		})
 	}
 	v.mu.RUnlock()
-	slices.SortFunc(sp, func(a, b span) int {
-		switch {
-		case a.C < b.C:
-			return -1
-		case a.C > b.C:
-			return 1
-		}
-		return 0
-	})
+	sortSpans(sp)
 	out := sp[:0]
 	for _, x := range sp {
 		if n := len(out); n > 0 && x.C <= out[n-1].C+exceptions.Chunk(out[n-1].N) {
