@@ -356,8 +356,13 @@ func (v *Volume) modifyGated(off, n int64, p []byte) error {
 		}
 	}
 	defer v.lockStripes(c0, c1, true)()
-	if err := v.copyOut(c0, c1, need); err != nil {
-		return err
+	// need == 0: every chunk was mapped, and under the shared gate
+	// mappings are only added, so there is nothing to copy (a rewrite
+	// pays the index lookups once, not twice).
+	if need > 0 {
+		if err := v.copyOut(c0, c1, need); err != nil {
+			return err
+		}
 	}
 	if v.ovN.Load() > 0 {
 		return v.writeOverlaid(off, n, p)
