@@ -351,11 +351,15 @@ func (s *Store) applyGroup(r *record) error {
 
 // groupBatch filters the records of one replayed batch before they are
 // applied. A snapshot record with flagGroup is valid only with the group
-// record that names it, later in the same batch. In the last batch of a log
-// that was cut short (torn), such records without their group record are
-// the start of a group that never committed: they are dropped (dropped
-// reports it). Anywhere else that is damage: ErrCorrupt.
-func groupBatch(recs []*record, torn bool) (kept []*record, dropped bool, err error) {
+// record that names it, later in the same batch. In the last batch of the
+// log (lastBatch), such records without their group record are the start of
+// a group that never committed: they are dropped (dropped reports it).
+// Anywhere else that is damage: ErrCorrupt. A batch without group snapshot
+// records (nearly all of them) is returned as it is, at no cost.
+func groupBatch(recs []*record, lastBatch bool) (kept []*record, dropped bool, err error) {
+	if !slices.ContainsFunc(recs, func(r *record) bool { return r.Type == recSnapshot && r.Flags&flagGroup != 0 }) {
+		return recs, false, nil
+	}
 	named := map[uint32]bool{}
 	for _, r := range recs {
 		if r.Type == recGroup {
@@ -367,7 +371,7 @@ func groupBatch(recs []*record, torn bool) (kept []*record, dropped bool, err er
 	kept = recs[:0:0]
 	for _, r := range recs {
 		if r.Type == recSnapshot && r.Flags&flagGroup != 0 && !named[r.Obj] {
-			if !torn {
+			if !lastBatch {
 				return nil, false, corruptf("group snapshot %d without its group record", r.Obj)
 			}
 			dropped = true

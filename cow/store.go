@@ -247,8 +247,11 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite
 	// The last batch: a copy-out whose chunk data did not reach the disk
 	// guarded an origin write that never happened, so it is dropped.
 	var kept []byte
-	// A group whose group record was torn off loses its member records.
-	batchRecs, dropped, err := groupBatch(batchRecs, torn)
+	// A group whose group record did not reach the disk loses its member
+	// records. The batch header carries no length, so the last batch may
+	// have lost its end at a record boundary whatever follows it: it is
+	// always judged as possibly cut short (as its chunk data is, below).
+	batchRecs, dropped, err := groupBatch(batchRecs, true)
 	if err != nil {
 		return 0, 0, nil, false, fmt.Errorf("batch %d: %w", seq, err)
 	}
