@@ -231,7 +231,7 @@ func (s *Store) applyVolume(r *record) error {
 	}
 	v := &Volume{s: s, obj: r.Obj, id: r.ID, chunkSize: 1 << shift, shift: shift, labels: r.Labels, size: r.Size,
 		deleted: r.Flags&flagDeleted != 0, hwm: firstCOW,
-		dataName: fmt.Sprintf("%08x.data", r.Obj), cowName: fmt.Sprintf("%08x.cow", r.Obj)}
+		dataName: dataFileName(r.Obj), cowName: cowFileName(r.Obj)}
 	if r.Parent != 0 {
 		src, ok := s.objs[r.Parent].(*Snapshot)
 		if !ok || src.invalid || (src.deleted && !s.replay && !src.internal) || r.Size < src.size {
@@ -559,3 +559,8 @@ func (v *Volume) punchUnreadable() error {
 	}
 	return nil
 }
+
+// dataFileName and cowFileName name a volume's files after its object
+// number (never after a caller's ID): Open and createFiles must agree.
+func dataFileName(obj uint32) string { return fmt.Sprintf("%08x.data", obj) }
+func cowFileName(obj uint32) string  { return fmt.Sprintf("%08x.cow", obj) }

@@ -23,7 +23,7 @@ type Store struct {
 
 	mu       sync.Mutex // serialises metadata changes; guards the fields below
 	closed   bool
-	byID     map[string]any // *Volume or *Snapshot that is not gone (deleted ones keep their ID reserved)
+	byID     map[string]any // *Volume, *Snapshot or *group (group.go) that is not gone (deleted ones keep their ID reserved)
 	objs     map[uint32]any // same, by object number
 	nextObj  uint32         // next object number; never reused, so file names never are
 	hdr      header
@@ -518,7 +518,7 @@ func (v *Volume) cowFile() (file, error) {
 // file damage (ErrCorrupt) instead of silently recreating it empty. A file
 // left by a crash before the record is removed by Open (finishOpen).
 func (s *Store) createFiles(obj uint32) error {
-	for _, name := range []string{fmt.Sprintf("%08x.data", obj), fmt.Sprintf("%08x.cow", obj)} {
+	for _, name := range []string{dataFileName(obj), cowFileName(obj)} {
 		f, err := s.fs.Open(name, true)
 		if err != nil {
 			return err
