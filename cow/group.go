@@ -245,21 +245,6 @@ func (s *Store) SnapshotGroups() []GroupInfo {
 	return out
 }
 
-// GroupOf returns the ID of the group snapshot snapID belongs to, or "" if
-// it belongs to none (or does not exist).
-func (s *Store) GroupOf(snapID string) string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	sn, ok := s.byID[snapID].(*Snapshot)
-	if !ok {
-		return ""
-	}
-	if g := s.grp.of[sn]; g != nil {
-		return g.id
-	}
-	return ""
-}
-
 func (g *group) info() GroupInfo {
 	gi := GroupInfo{ID: g.id, Created: g.created, Snapshots: make([]SnapshotInfo, len(g.members))}
 	for i, sn := range g.members {
@@ -327,6 +312,9 @@ func (s *Store) applyGroup(r *record) error {
 		}
 		for _, sn := range g.members {
 			s.grp.of[sn] = g
+			sn.vol.mu.Lock()
+			sn.group = g.id
+			sn.vol.mu.Unlock()
 		}
 		s.grp.byID[g.id] = g
 		s.byID[g.id] = g
@@ -339,6 +327,9 @@ func (s *Store) applyGroup(r *record) error {
 		delete(s.byID, g.id)
 		for _, sn := range g.members {
 			delete(s.grp.of, sn)
+			sn.vol.mu.Lock()
+			sn.group = ""
+			sn.vol.mu.Unlock()
 		}
 		for _, sn := range g.members {
 			if err := s.apply(&record{Type: recDelete, Obj: sn.obj}); err != nil {

@@ -95,8 +95,8 @@ func TestGroupCreateDelete(t *testing.T) {
 	if !bytes.Equal(readSnap(t, s, "sa"), wantA) || !bytes.Equal(readSnap(t, s, "sb"), wantB) {
 		t.Fatal("member snapshots do not hold the volumes as of the group")
 	}
-	if g := s.GroupOf("sa"); g != "g1" {
-		t.Fatalf("GroupOf(sa) = %q", g)
+	if g := snapInfoOf(t, s, "sa").GroupID; g != "g1" {
+		t.Fatalf("GroupID of sa = %q", g)
 	}
 	// Refusals, each with its named error.
 	for _, tc := range []struct {
@@ -721,4 +721,13 @@ func groupCrashCheck(dir string, seed int64, heavy bool, acked int) (opKind, err
 		return next.kind, fmt.Errorf("in-flight %v: neither before (%v) nor after (%v)", next, errA, errB)
 	}
 	return next.kind, nil
+}
+
+func snapInfoOf(t *testing.T, s *Store, id string) SnapshotInfo {
+	t.Helper()
+	sn, err := s.Snapshot(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sn.Info()
 }

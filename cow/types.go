@@ -57,6 +57,8 @@ type SnapshotInfo struct {
 	// bytes (chunks that were all zeros take none).
 	CowBytes, Limit int64
 	Invalid         bool
+	// GroupID is the snapshot group it belongs to ("" if none).
+	GroupID string
 }
 
 // Volume is a writable image: a volume, or a clone of a snapshot.
@@ -135,6 +137,7 @@ type Snapshot struct {
 	deleted bool
 	gone    bool
 	clones  int              // volumes cloned from it that are not gone
+	group   string           // ID of the live group it belongs to ("" if none)
 	pending []exceptions.Run // replay only: inserts not yet merged into idx
 
 	reserved atomic.Int64 // chunks charged, including copy-outs in flight

@@ -51,7 +51,7 @@ func (sn *Snapshot) Info() SnapshotInfo {
 	sn.vol.mu.RLock()
 	defer sn.vol.mu.RUnlock()
 	return SnapshotInfo{ID: sn.id, VolumeID: sn.vol.id, Size: sn.size, Created: sn.created, Labels: sn.labels,
-		CowBytes: sn.held << sn.vol.shift, Limit: sn.limit, Invalid: sn.invalid}
+		CowBytes: sn.held << sn.vol.shift, Limit: sn.limit, Invalid: sn.invalid, GroupID: sn.group}
 }
 
 var bufPool sync.Pool

@@ -67,7 +67,7 @@ func volInfo(i cow.VolumeInfo) VolumeInfo {
 
 func snapInfo(i cow.SnapshotInfo) SnapshotInfo {
 	return SnapshotInfo{ID: i.ID, VolumeID: i.VolumeID, Size: i.Size, Created: i.Created, Labels: i.Labels,
-		CowBytes: i.CowBytes, Limit: i.Limit, Invalid: i.Invalid}
+		CowBytes: i.CowBytes, Limit: i.Limit, Invalid: i.Invalid, GroupID: i.GroupID}
 }
 
 func volResult(v *cow.Volume, err error) (VolumeInfo, error) {
@@ -131,9 +131,7 @@ func (c *CowStore) Snapshot(id string) (SnapshotInfo, error) {
 	if err != nil {
 		return SnapshotInfo{}, fromCow(err)
 	}
-	i := snapInfo(s.Info())
-	i.GroupID = c.s.GroupOf(id)
-	return i, nil
+	return snapInfo(s.Info()), nil
 }
 
 // Volumes implements Store.
@@ -152,7 +150,6 @@ func (c *CowStore) Snapshots() []SnapshotInfo {
 	out := make([]SnapshotInfo, len(ss))
 	for i, s := range ss {
 		out[i] = snapInfo(s)
-		out[i].GroupID = c.s.GroupOf(s.ID)
 	}
 	return out
 }
@@ -198,7 +195,6 @@ func groupInfo(g cow.GroupInfo) GroupInfo {
 	out := GroupInfo{ID: g.ID, Created: g.Created, Snapshots: make([]SnapshotInfo, len(g.Snapshots))}
 	for i, s := range g.Snapshots {
 		out.Snapshots[i] = snapInfo(s)
-		out.Snapshots[i].GroupID = g.ID
 	}
 	return out
 }

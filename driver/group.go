@@ -264,7 +264,6 @@ func findGroupByName(gs GroupStore, name string) (GroupInfo, bool) {
 func (d *Driver) csiGroup(g GroupInfo) *csi.VolumeGroupSnapshot {
 	out := &csi.VolumeGroupSnapshot{GroupSnapshotId: g.ID, CreationTime: timestamppb.New(g.Created), ReadyToUse: true}
 	for _, s := range g.Snapshots {
-		s.GroupID = g.ID
 		cs := d.csiSnapshot(s)
 		out.Snapshots = append(out.Snapshots, cs)
 		out.ReadyToUse = out.ReadyToUse && cs.ReadyToUse
