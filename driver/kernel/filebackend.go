@@ -3,6 +3,7 @@ package kernel
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"sync/atomic"
 	"unsafe"
@@ -108,6 +109,10 @@ func (b *FileBackend) WriteAt(p []byte, off int64) (int, error) {
 		}
 		if err != nil {
 			return n, &os.PathError{Op: "pwrite", Path: b.f.Name(), Err: err}
+		}
+		if m == 0 {
+			// No progress and no error: looping would spin forever.
+			return n, &os.PathError{Op: "pwrite", Path: b.f.Name(), Err: io.ErrShortWrite}
 		}
 		n += m
 	}
