@@ -53,7 +53,8 @@ cleanup() {
 	for c in "${!PID[@]}"; do
 		kill -TERM "${PID[$c]}" 2>/dev/null && wait "${PID[$c]}" 2>/dev/null || true
 	done
-	if [ -n "$dpid" ]; then eval "exec ${DSRV[1]}>&-" || true; wait "$dpid" 2>/dev/null || true; fi
+	# (the coproc's array is gone once it has exited)
+	if [ -n "$dpid" ]; then [[ -v DSRV[1] ]] && eval "exec ${DSRV[1]}>&-"; wait "$dpid" 2>/dev/null || true; fi
 	[ -n "$devA" ] && losetup -d "$devA" 2>/dev/null || true
 	[ -n "$devB" ] && losetup -d "$devB" 2>/dev/null || true
 	rm -rf "$work"
@@ -84,7 +85,6 @@ if [[ " $CONFIGS " == *" D "* ]]; then
 	read -r line <&"${DSRV[0]}"
 	DEV[D]=$(echo "$line" | awk '/^DEVICE /{print $2}')
 	[ -n "${DEV[D]}" ] || { echo "benchserve -store: $line"; cat "$work/served.err"; exit 1; }
-	PID[D]=$dpid
 fi
 [ "$(cat /sys/block/${devA#/dev/}/loop/dio)" = 1 ] || { echo "A: direct I/O did not take"; exit 1; }
 [ "$(cat /sys/block/${devB#/dev/}/loop/dio)" = 0 ] || { echo "B: direct I/O is on"; exit 1; }
@@ -100,7 +100,9 @@ fio_common=(--ioengine=libaio --direct=1 --iodepth=16 --numjobs=1 --size=$SIZE_B
 	--randrepeat=1 --randseed=42 --group_reporting --output-format=json --name=bench)
 
 cputicks() { # server CPU ticks for config $1 (0 for the kernel-only A, B)
-	if [[ -v PID[$1] ]]; then awk '{print $14 + $15}' "/proc/${PID[$1]}/stat"; else echo 0; fi
+	if [[ -v PID[$1] ]]; then awk '{print $14 + $15}' "/proc/${PID[$1]}/stat"
+	elif [[ $1 == D ]]; then awk '{print $14 + $15}' "/proc/$dpid/stat"
+	else echo 0; fi
 }
 hz=$(getconf CLK_TCK)
 
