@@ -21,6 +21,8 @@
 //	        beyond each read; the fill figure is then the cold read rate)
 //	split<N> 1 MiB buffers each written as 1 MiB/N KiB pwrites of N KiB
 //	        (what FileBackend does)
+//	vec<N>  1 MiB buffers each written as one pwritev of N KiB segments
+//	        (checks that segments do not make smaller folios)
 package main
 
 import (
@@ -101,6 +103,20 @@ func run(dir string, size int64, writes int, mode string) error {
 		t0 = time.Now()
 		for off := int64(0); off < size; off += int64(len(buf)) {
 			if _, err := unix.Pread(fd, buf, off); err != nil {
+				return err
+			}
+		}
+	case strings.HasPrefix(mode, "vec"):
+		n, err := strconv.Atoi(strings.TrimPrefix(mode, "vec"))
+		if err != nil || n <= 0 {
+			return fmt.Errorf("mode %q: bad segment size", mode)
+		}
+		var iov [][]byte
+		for p := 0; p < len(buf); p += n << 10 {
+			iov = append(iov, buf[p:p+n<<10])
+		}
+		for off := int64(0); off < size; off += int64(len(buf)) {
+			if _, err := unix.Pwritev(fd, iov, off); err != nil {
 				return err
 			}
 		}
