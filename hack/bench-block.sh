@@ -6,15 +6,19 @@
 #   A  loop device, direct I/O on, over a plain sparse file
 #   B  loop device, direct I/O off (page-cached; what host-path block volumes are)
 #   C  our FUSE file + loop device (driver/kernel) over a plain-file backend
+#      (defaults: buffered writes cut into kernel.DefaultWritePiece pwrites)
+#   U  C with unsplit buffered writes (benchserve -write-piece=0: one pwrite
+#      per request, the default before branch fe3)
+#   G  C with a write piece of G_PIECE bytes (default 131072)
 #   E  C with the backend's large writes O_DIRECT and no readahead
 #      (benchserve -direct-large, kernel.OpenFileBackendDirectLarge)
 #   F  C with blocking readers (benchserve -blocking-readers,
 #      kernel.Config.BlockingReaders)
 #   D  the same over a cow volume (64 KiB chunks) with no snapshot
 # Each device is filled once before measuring (reads of holes would be free).
-# CONFIGS="A B C" etc. runs a subset (default all, about 9 minutes with
-# ROUNDS=3 RUNTIME=5).
-# Prints per-round figures, then medians with X/A, X/B for X in C E F D, and the
+# CONFIGS="A B C" etc. runs a subset (default all but G, about 8-14 minutes
+# with ROUNDS=3 RUNTIME=5; 6 configs took 7 minutes on branch fe3).
+# Prints per-round figures, then medians with X/A, X/B for X in C U G E F D, and the
 # serving processes' CPU (utime+stime from /proc/PID/stat) per GiB moved and per 1000
 # 4 KiB requests.
 set -euo pipefail
@@ -34,12 +38,23 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 work=$(mktemp -d /var/tmp/bench-block.XXXXXX)
-devA= devB= spid= epid= fpid= dpid=
+CONFIGS=${CONFIGS:-"A B C U E F D"}
+# benchserve flags of the plain-file configs (one server each)
+declare -A SRVARGS=(
+	[C]=""
+	[E]="-direct-large"
+	[F]="-blocking-readers"
+	[U]="-write-piece=0"
+	[G]="-write-piece=${G_PIECE:-131072}"
+)
+declare -A PID=() DEV=()
+devA= devB= dpid=
 cleanup() {
-	[ -n "$spid" ] && kill -TERM "$spid" 2>/dev/null && wait "$spid" 2>/dev/null || true
-	[ -n "$epid" ] && kill -TERM "$epid" 2>/dev/null && wait "$epid" 2>/dev/null || true
-	[ -n "$fpid" ] && kill -TERM "$fpid" 2>/dev/null && wait "$fpid" 2>/dev/null || true
-	if [ -n "$dpid" ]; then eval "exec ${DSRV[1]}>&-" || true; wait "$dpid" 2>/dev/null || true; fi
+	for c in "${!PID[@]}"; do
+		kill -TERM "${PID[$c]}" 2>/dev/null && wait "${PID[$c]}" 2>/dev/null || true
+	done
+	# (the coproc's array is gone once it has exited)
+	if [ -n "$dpid" ]; then [[ -v DSRV[1] ]] && eval "exec ${DSRV[1]}>&-"; wait "$dpid" 2>/dev/null || true; fi
 	[ -n "$devA" ] && losetup -d "$devA" 2>/dev/null || true
 	[ -n "$devB" ] && losetup -d "$devB" 2>/dev/null || true
 	rm -rf "$work"
@@ -50,30 +65,30 @@ go build -o "$work/benchserve" ./hack/benchserve
 truncate -s $SIZE_BYTES "$work/a.img" "$work/b.img"
 devA=$(losetup --direct-io=on --sector-size 4096 -f --show "$work/a.img")
 devB=$(losetup --direct-io=off --sector-size 4096 -f --show "$work/b.img")
-"$work/benchserve" -rundir "$work/run" -backing "$work/c.img" -size $SIZE_BYTES >"$work/serve.out" 2>"$work/serve.err" &
-spid=$!
-for _ in $(seq 100); do grep -q '^DEVICE ' "$work/serve.out" && break; sleep 0.1; done
-devC=$(awk '/^DEVICE /{print $2}' "$work/serve.out")
-[ -n "$devC" ] || { echo "benchserve did not start:"; cat "$work/serve.err"; exit 1; }
-"$work/benchserve" -direct-large -rundir "$work/rune" -backing "$work/e.img" -size $SIZE_BYTES >"$work/servee.out" 2>"$work/servee.err" &
-epid=$!
-"$work/benchserve" -blocking-readers -rundir "$work/runf" -backing "$work/f.img" -size $SIZE_BYTES >"$work/servef.out" 2>"$work/servef.err" &
-fpid=$!
-for _ in $(seq 100); do grep -q '^DEVICE ' "$work/servee.out" && grep -q '^DEVICE ' "$work/servef.out" && break; sleep 0.1; done
-devE=$(awk '/^DEVICE /{print $2}' "$work/servee.out")
-[ -n "$devE" ] || { echo "benchserve -direct-large did not start:"; cat "$work/servee.err"; exit 1; }
-devF=$(awk '/^DEVICE /{print $2}' "$work/servef.out")
-[ -n "$devF" ] || { echo "benchserve -blocking-readers did not start:"; cat "$work/servef.err"; exit 1; }
-coproc DSRV { exec "$work/benchserve" -rundir "$work/rund" -store "$work/store" 2>"$work/served.err"; }
-dpid=$DSRV_PID
-echo "vol bench-d $SIZE_BYTES" >&"${DSRV[1]}"
-read -r line <&"${DSRV[0]}"
-devD=$(echo "$line" | awk '/^DEVICE /{print $2}')
-[ -n "$devD" ] || { echo "benchserve -store: $line"; cat "$work/served.err"; exit 1; }
+DEV[A]=$devA DEV[B]=$devB
+for c in $CONFIGS; do
+	[[ -v SRVARGS[$c] ]] || continue
+	# shellcheck disable=SC2086
+	"$work/benchserve" ${SRVARGS[$c]} -rundir "$work/run$c" -backing "$work/$c.img" -size $SIZE_BYTES \
+		>"$work/serve$c.out" 2>"$work/serve$c.err" &
+	PID[$c]=$!
+done
+for c in "${!PID[@]}"; do
+	for _ in $(seq 100); do grep -q '^DEVICE ' "$work/serve$c.out" && break; sleep 0.1; done
+	DEV[$c]=$(awk '/^DEVICE /{print $2}' "$work/serve$c.out")
+	[ -n "${DEV[$c]}" ] || { echo "benchserve ${SRVARGS[$c]} ($c) did not start:"; cat "$work/serve$c.err"; exit 1; }
+done
+if [[ " $CONFIGS " == *" D "* ]]; then
+	coproc DSRV { exec "$work/benchserve" -rundir "$work/rund" -store "$work/store" 2>"$work/served.err"; }
+	dpid=$DSRV_PID
+	echo "vol bench-d $SIZE_BYTES" >&"${DSRV[1]}"
+	read -r line <&"${DSRV[0]}"
+	DEV[D]=$(echo "$line" | awk '/^DEVICE /{print $2}')
+	[ -n "${DEV[D]}" ] || { echo "benchserve -store: $line"; cat "$work/served.err"; exit 1; }
+fi
 [ "$(cat /sys/block/${devA#/dev/}/loop/dio)" = 1 ] || { echo "A: direct I/O did not take"; exit 1; }
 [ "$(cat /sys/block/${devB#/dev/}/loop/dio)" = 0 ] || { echo "B: direct I/O is on"; exit 1; }
 
-declare -A DEV=([A]=$devA [B]=$devB [C]=$devC [D]=$devD [E]=$devE [F]=$devF)
 declare -A JOB=(
 	[seqwrite]="--rw=write --bs=1M"
 	[seqread]="--rw=read --bs=1M"
@@ -85,17 +100,19 @@ fio_common=(--ioengine=libaio --direct=1 --iodepth=16 --numjobs=1 --size=$SIZE_B
 	--randrepeat=1 --randseed=42 --group_reporting --output-format=json --name=bench)
 
 cputicks() { # server CPU ticks for config $1 (0 for the kernel-only A, B)
-	case $1 in C) awk '{print $14 + $15}' "/proc/$spid/stat" ;; E) awk '{print $14 + $15}' "/proc/$epid/stat" ;; F) awk '{print $14 + $15}' "/proc/$fpid/stat" ;; D) awk '{print $14 + $15}' "/proc/$dpid/stat" ;; *) echo 0 ;; esac
+	if [[ -v PID[$1] ]]; then awk '{print $14 + $15}' "/proc/${PID[$1]}/stat"
+	elif [[ $1 == D ]]; then awk '{print $14 + $15}' "/proc/$dpid/stat"
+	else echo 0; fi
 }
 hz=$(getconf CLK_TCK)
 
-CONFIGS=${CONFIGS:-"A B C E F D"}
 echo "== filling $CONFIGS once ($((SIZE_BYTES >> 20)) MiB each); load average $(cut -d' ' -f1-3 /proc/loadavg)"
 for c in $CONFIGS; do
 	fio "${fio_common[@]}" --filename="${DEV[$c]}" --rw=write --bs=1M >/dev/null
 done
 
-echo "== $ROUNDS rounds x {$JOBS} x {$CONFIGS}, ${RUNTIME}s each; A=$devA B=$devB C=$devC E=$devE F=$devF D=$devD"
+devs=""; for c in $CONFIGS; do devs+=" $c=${DEV[$c]}"; done
+echo "== $ROUNDS rounds x {$JOBS} x {$CONFIGS}, ${RUNTIME}s each;$devs"
 res="$work/results"
 : >"$res"
 for r in $(seq "$ROUNDS"); do
@@ -112,7 +129,7 @@ for r in $(seq "$ROUNDS"); do
 			else val=$(awk -v i="$iops" 'BEGIN{printf "%.0f", i}'); unit=IOPS; fi
 			cpu=$(awk -v d=$((t1 - t0)) -v hz="$hz" 'BEGIN{printf "%.3f", d/hz}')
 			echo "$r $j $c $val $bytes $ios $cpu" >>"$res"
-			printf 'round %d %-9s %s %8s %s   (server cpu %ss)\n' "$r" "$j" "$c" "$val" "$unit" "$([[ $c == [CDEF] ]] && echo "$cpu" || echo -)"
+			printf 'round %d %-9s %s %8s %s   (server cpu %ss)\n' "$r" "$j" "$c" "$val" "$unit" "$([[ $c != [AB] ]] && echo "$cpu" || echo -)"
 		done
 	done
 	echo "== after round $r: load average $(cut -d' ' -f1-3 /proc/loadavg)"

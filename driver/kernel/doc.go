@@ -76,12 +76,18 @@
 //     ones are exactly what a SIGKILL restart must save.
 //
 // The page cache of the backing file matters as much as the protocol:
-// ext4 keeps up-to-1 MiB folios after a 1 MiB buffered write or a
-// readahead, and a 4 KiB buffered write into such a folio cost the server
-// 27-66 µs of CPU instead of 14-20 (ext4_block_write_begin walks every
-// buffer head of the folio). OpenFileBackendDirectLarge avoids it (large
-// writes O_DIRECT, no readahead) at the price of disk-bound sequential I/O;
-// BENCHMARKS.md has both.
+// ext4 makes page-cache folios as large as the buffered write that creates
+// them (up to 1 MiB here), and a later 4 KiB buffered write into a folio
+// walks every buffer head of it (ext4_block_write_begin, then
+// block_commit_write), about 0.13 µs per 4 KiB block: 38-43 µs of CPU per
+// 4 KiB write into 1 MiB folios, 7 µs into 64 KiB ones (hack/foliocost).
+// So FileBackend cuts buffered writes into aligned pwrites of at most
+// DefaultWritePiece (64 KiB) bytes (WriteAtPieces; one pwritev would not
+// do, the kernel sizes the folio from the whole remaining length). Smaller
+// folios cost sequential I/O some CPU per folio, which is why the piece is
+// not smaller. OpenFileBackendDirectLarge instead sends large writes
+// O_DIRECT with no readahead, at the price of disk-bound sequential I/O;
+// BENCHMARKS.md has all three.
 //
 // # Restart safety
 //
@@ -117,4 +123,12 @@
 //   - The mount lives in the server's mount namespace; RunDir must be the
 //     same path (a hostPath) across restarts.
 //   - Little-endian hosts only (the protocol is native-endian).
+//   - Readahead of the backing file (a read of data not in the page cache,
+//     e.g. after a node restart) makes folios as large as the readahead
+//     window, and the write piece does not shrink folios that exist: a
+//     4 KiB write into a region first read cold costs 78-84 µs of CPU
+//     (hack/foliocost, mode ra) until the page cache drops those folios.
+//     POSIX_FADV_RANDOM would prevent it (4.5 µs, mode rar) but leaves
+//     4 KiB folios, which double the CPU of 1 MiB rewrites and reads; the
+//     default keeps readahead.
 package kernel

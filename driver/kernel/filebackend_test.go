@@ -2,6 +2,10 @@ package kernel
 
 import (
 	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
 	"path/filepath"
 	"testing"
 )
@@ -69,4 +73,158 @@ func firstDiff(a, b []byte) int {
 		}
 	}
 	return -1
+}
+
+// pieceRecorder is an io.WriterAt that records each call and can fail or
+// write short at a given call.
+type pieceRecorder struct {
+	calls     [][2]int64 // offset, length
+	failAt    int        // call index that returns errPiece, or -1
+	shortAt   int        // call index that writes one byte less, or -1
+	wrote     []byte
+	wroteBase int64
+}
+
+var errPiece = errors.New("piece write failed")
+
+func (r *pieceRecorder) WriteAt(p []byte, off int64) (int, error) {
+	i := len(r.calls)
+	r.calls = append(r.calls, [2]int64{off, int64(len(p))})
+	if i == r.failAt {
+		return 0, errPiece
+	}
+	n := len(p)
+	if i == r.shortAt {
+		n--
+	}
+	copy(r.wrote[off-r.wroteBase:], p[:n])
+	return n, nil
+}
+
+// TestWriteAtPieces checks how writes are cut: every piece but the last
+// ends on a multiple of the piece size, none is longer than a piece, the
+// pieces cover the write in order without gaps, and errors and short
+// writes stop the loop with the count of bytes written.
+func TestWriteAtPieces(t *testing.T) {
+	const piece = 64 << 10
+	cases := []struct {
+		name string
+		off  int64
+		len  int
+		want [][2]int64
+	}{
+		{"smaller than a piece is one call", 4096, 4096, [][2]int64{{4096, 4096}}},
+		{"exactly a piece is one call", 3 * piece, piece, [][2]int64{{3 * piece, piece}}},
+		{"aligned 1 MiB is 16 pieces", 1 << 20, 1 << 20, nil},
+		{"unaligned start is cut at the next boundary", piece - 4096, 2 * piece,
+			[][2]int64{{piece - 4096, 4096}, {piece, piece}, {2 * piece, piece - 4096}}},
+		{"odd offsets and lengths", 1000, piece + 10, [][2]int64{{1000, piece - 1000}, {piece, 1010}}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.want == nil {
+				for o := tc.off; o < tc.off+int64(tc.len); o += piece {
+					tc.want = append(tc.want, [2]int64{o, piece})
+				}
+			}
+			p := make([]byte, tc.len)
+			for i := range p {
+				p[i] = byte(i*13 + 5)
+			}
+			r := &pieceRecorder{failAt: -1, shortAt: -1, wrote: make([]byte, tc.len), wroteBase: tc.off}
+			n, err := WriteAtPieces(r, p, tc.off, piece)
+			if err != nil || n != tc.len {
+				t.Fatalf("WriteAtPieces = %d, %v; want %d, nil", n, err, tc.len)
+			}
+			if fmt.Sprint(r.calls) != fmt.Sprint(tc.want) {
+				t.Fatalf("calls %v, want %v", r.calls, tc.want)
+			}
+			if !bytes.Equal(r.wrote, p) {
+				t.Fatalf("bytes written differ from the input at %d", firstDiff(r.wrote, p))
+			}
+		})
+	}
+	t.Run("error in the third piece", func(t *testing.T) {
+		r := &pieceRecorder{failAt: 2, shortAt: -1, wrote: make([]byte, 1<<20)}
+		n, err := WriteAtPieces(r, make([]byte, 1<<20), 0, piece)
+		if !errors.Is(err, errPiece) || n != 2*piece || len(r.calls) != 3 {
+			t.Fatalf("= %d, %v after %d calls; want %d, errPiece after 3", n, err, len(r.calls), 2*piece)
+		}
+	})
+	t.Run("short second piece", func(t *testing.T) {
+		r := &pieceRecorder{failAt: -1, shortAt: 1, wrote: make([]byte, 1<<20)}
+		n, err := WriteAtPieces(r, make([]byte, 1<<20), 0, piece)
+		if !errors.Is(err, io.ErrShortWrite) || n != 2*piece-1 || len(r.calls) != 2 {
+			t.Fatalf("= %d, %v after %d calls; want %d, io.ErrShortWrite after 2", n, err, len(r.calls), 2*piece-1)
+		}
+	})
+	t.Run("piece 0 is one call", func(t *testing.T) {
+		r := &pieceRecorder{failAt: -1, shortAt: -1, wrote: make([]byte, 1<<20)}
+		if n, err := WriteAtPieces(r, make([]byte, 1<<20), 0, 0); err != nil || n != 1<<20 || len(r.calls) != 1 {
+			t.Fatalf("= %d, %v after %d calls; want %d, nil after 1", n, err, len(r.calls), 1<<20)
+		}
+	})
+}
+
+// TestFileBackendWritePieces writes through FileBackends with each write
+// piece (and unsplit), over ranges that overlap piece boundaries and each
+// other, and checks every byte read back against a model.
+func TestFileBackendWritePieces(t *testing.T) {
+	const size = 4 << 20
+	for _, piece := range []int{0, 4096, 16 << 10, DefaultWritePiece, 1 << 20} {
+		t.Run(fmt.Sprint(piece), func(t *testing.T) {
+			b, err := OpenFileBackend(filepath.Join(t.TempDir(), "f.img"), size)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer b.Close()
+			if err := b.SetWritePiece(piece); err != nil {
+				t.Fatal(err)
+			}
+			want := make([]byte, size)
+			rng := rand.New(rand.NewPCG(4, uint64(piece)))
+			for i := 0; i < 60; i++ {
+				n := 1 + rng.IntN(3<<19)
+				if rng.IntN(2) == 0 {
+					n = (n + 4095) &^ 4095
+				}
+				off := rng.Int64N(size - int64(n) + 1)
+				p := make([]byte, n)
+				seed := rng.Uint32()
+				for j := range p {
+					p[j] = byte(uint32(j)*2654435761>>13 + seed)
+				}
+				if m, err := b.WriteAt(p, off); err != nil || m != n {
+					t.Fatalf("WriteAt(%d bytes, %d) = %d, %v", n, off, m, err)
+				}
+				copy(want[off:], p)
+			}
+			got := make([]byte, size)
+			if n, err := b.ReadAt(got, 0); err != nil || n != size {
+				t.Fatalf("ReadAt = %d, %v", n, err)
+			}
+			if i := firstDiff(got, want); i >= 0 {
+				t.Fatalf("byte %d is %#x, want %#x", i, got[i], want[i])
+			}
+		})
+	}
+}
+
+// TestFileBackendSetWritePieceInvalid checks that a write piece that is
+// negative or not a multiple of 4096 is refused with ErrInvalid and leaves
+// the piece unchanged.
+func TestFileBackendSetWritePieceInvalid(t *testing.T) {
+	b, err := OpenFileBackend(filepath.Join(t.TempDir(), "f.img"), 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	for _, piece := range []int{-1, 1, 4095, 65537} {
+		if err := b.SetWritePiece(piece); !errors.Is(err, ErrInvalid) {
+			t.Errorf("SetWritePiece(%d) = %v, want ErrInvalid", piece, err)
+		}
+	}
+	if b.piece != DefaultWritePiece {
+		t.Errorf("piece after refused calls = %d, want %d", b.piece, DefaultWritePiece)
+	}
 }

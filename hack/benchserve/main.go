@@ -61,6 +61,7 @@ func run() error {
 	id := flag.String("id", "bench", "volume id (-backing)")
 	readers := flag.Int("readers", 0, "FUSE reader goroutines (0: default)")
 	directLarge := flag.Bool("direct-large", false, "-backing: large writes O_DIRECT, no readahead (kernel.OpenFileBackendDirectLarge)")
+	piece := flag.Int("write-piece", -1, "-backing: largest buffered pwrite in bytes, 0 for unsplit writes (kernel.FileBackend.SetWritePiece; -1: the default)")
 	blocking := flag.Bool("blocking-readers", false, "readers block in read(2) (kernel.Config.BlockingReaders)")
 	flag.Parse()
 	if *runDir == "" || (*backing == "") == (*store == "") {
@@ -84,6 +85,11 @@ func run() error {
 		return err
 	}
 	defer b.Close()
+	if *piece >= 0 {
+		if err := b.SetWritePiece(*piece); err != nil {
+			return err
+		}
+	}
 	dev, err := fe.Attach(context.Background(), *id, b, false)
 	if err != nil {
 		return err
