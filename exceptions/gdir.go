@@ -3,8 +3,13 @@ package exceptions
 import (
 	"math"
 	"math/bits"
+	"sync/atomic"
 	"unsafe"
 )
+
+// touchSink keeps lookupBlock's prefetching loads from being optimised
+// away; atomic because concurrent Lookups store to it.
+var touchSink atomic.Uint64
 
 // gdir is Lookup's directory straight to the blocks: the chunk range from
 // gbase is cut into len(gdir) buckets of 2^gshift chunks, and entry k is
@@ -218,6 +223,16 @@ func lookupBlock(p *uint64, c Chunk) (cow Chunk, found, sure bool) {
 	m := *(*uint64)(unsafe.Add(w, 16))
 	n, wo, wc, wl := uint(m&0xffff), uint(m>>16)&0xff, uint(m>>24)&0xff, uint(m>>32)&0xff
 	off := uint64(c - Chunk(*p))
+	// Load one word of every further cache line of the fields so that they
+	// are fetched in parallel, not one after another as the search and
+	// the field reads below reach them.
+	var t uint64
+	for q, end := uint(8), (hdrBits+n*(wo+wc+wl))>>6; q <= end; q += 8 {
+		t += *(*uint64)(unsafe.Add(w, q*8))
+	}
+	if t == 1 {
+		touchSink.Store(t) // practically never; the loads above must happen
+	}
 	// Branch-free binary search: i ends at the last record whose origin
 	// offset is <= off (record 0's is 0). The step is added under a mask
 	// made from the borrow of off - v, not a branch the CPU would mispredict
