@@ -153,24 +153,15 @@ func (k *block) run(i int) Run {
 }
 
 // find returns the index of the last record whose origin is <= c, or -1.
+// It fetches all the block's lines at once (touchLines) and searches
+// without branches (search).
 func (k *block) find(c Chunk) int {
 	if k.p == nil || c < k.obase() {
 		return -1
 	}
-	w, m := k.words(), k.meta()
-	off := uint64(c - Chunk(w[0]))
-	wo := uint(m>>16) & 0xff
-	// Records below lo have origin <= c; records at hi and above have origin > c.
-	lo, hi := 0, int(m&0xffff)
-	for lo < hi {
-		m := int(uint(lo+hi) >> 1)
-		if getbits(w, hdrBits+uint(m)*wo, wo) <= off {
-			lo = m + 1
-		} else {
-			hi = m
-		}
-	}
-	return lo - 1
+	w, m := unsafe.Pointer(k.p), k.meta()
+	touchLines(w, m)
+	return int(search(w, uint(m&0xffff), uint(m>>16)&0xff, uint64(c-k.obase())))
 }
 
 // put writes r as record i; the caller guarantees it fits the widths.

@@ -215,6 +215,38 @@ func rawbits(p unsafe.Pointer, pos, n uint) uint64 {
 	return (a>>r | (b<<1)<<(63-r)) & lowMask[n&127]
 }
 
+// touchLines loads one word of every cache line of a block's fields after
+// the first (the header's), so that they are fetched in parallel, not one
+// after another as a search and the field reads after it reach them. m is
+// the block's meta word.
+func touchLines(w unsafe.Pointer, m uint64) {
+	n, width := uint(m&0xffff), uint(m>>16)&0xff+uint(m>>24)&0xff+uint(m>>32)&0xff
+	var t uint64
+	for q, end := uint(8), (hdrBits+n*width)>>6; q <= end; q += 8 {
+		t += *(*uint64)(unsafe.Add(w, q*8))
+	}
+	if t == 1 {
+		touchSink.Store(t) // practically never; the loads above must happen
+	}
+}
+
+// search returns the index of the last of the n >= 1 records of the block
+// at w whose origin offset (wo bits) is <= off; record 0's is 0.
+//
+// It is branch-free: the step is added under a mask made from the borrow
+// of off - v, not a branch the CPU would mispredict half the time, each
+// misprediction serializing the loads after it.
+func search(w unsafe.Pointer, n, wo uint, off uint64) uint {
+	i := uint(0)
+	for l := n; l > 1; {
+		h := l >> 1
+		_, borrow := bits.Sub64(off, rawbits(w, hdrBits+(i+h)*wo, wo), 0)
+		i += h & uint(borrow-1) // borrow == 0: origin <= off
+		l -= h
+	}
+	return i
+}
+
 // lookupBlock looks c up in the block whose word 0 is p, when c is at or
 // after the block's first origin. sure is false when c is past the end of
 // the block's last run (a later block may hold it).
@@ -223,30 +255,24 @@ func lookupBlock(p *uint64, c Chunk) (cow Chunk, found, sure bool) {
 	m := *(*uint64)(unsafe.Add(w, 16))
 	n, wo, wc, wl := uint(m&0xffff), uint(m>>16)&0xff, uint(m>>24)&0xff, uint(m>>32)&0xff
 	off := uint64(c - Chunk(*p))
-	// Load one word of every further cache line of the fields so that they
-	// are fetched in parallel, not one after another as the search and
-	// the field reads below reach them.
-	var t uint64
-	for q, end := uint(8), (hdrBits+n*(wo+wc+wl))>>6; q <= end; q += 8 {
-		t += *(*uint64)(unsafe.Add(w, q*8))
-	}
-	if t == 1 {
-		touchSink.Store(t) // practically never; the loads above must happen
-	}
-	// Branch-free binary search: i ends at the last record whose origin
-	// offset is <= off (record 0's is 0). The step is added under a mask
-	// made from the borrow of off - v, not a branch the CPU would mispredict
-	// half the time, each misprediction serializing the lookups after it.
-	i := uint(0)
-	for l := n; l > 1; {
-		h := l >> 1
-		_, borrow := bits.Sub64(off, rawbits(w, hdrBits+(i+h)*wo, wo), 0)
-		i += h & uint(borrow-1) // borrow == 0: origin <= off
-		l -= h
-	}
+	touchLines(w, m)
+	i := search(w, n, wo, off)
 	d := off - rawbits(w, hdrBits+i*wo, wo)
 	if d <= rawbits(w, hdrBits+n*(wo+wc)+i*wl, wl) {
 		return Chunk(*(*uint64)(unsafe.Add(w, 8))) + Chunk(rawbits(w, hdrBits+n*wo+i*wc, wc)) + Chunk(d), true, true
 	}
 	return 0, false, i+1 < n
+}
+
+// gblock returns word 0 of the block gdir names for c (see Lookup), or
+// nil when gdir does not cover c.
+func (x *Index) gblock(c Chunk) *uint64 {
+	if k := uint64(c-x.gbase) >> x.gshift; c >= x.gbase && k < uint64(x.gsize()) && c < math.MaxUint64 {
+		f0, f1 := *x.gdir[k], *x.gdir[k+1]
+		_, b := bits.Sub64(uint64(c), f1, 0)
+		if f := f0 ^ (f0^f1)&(b-1); Chunk(f) <= c {
+			return x.gdir[k+1-b]
+		}
+	}
+	return nil
 }
