@@ -44,9 +44,11 @@ const (
 // each a bit-packed array of up to maxRuns runs (see block), followed by
 // tail, up to maxRuns unpacked runs appended in order (see appendRun).
 // segFirst and segment.firsts repeat the first origin of every segment and
-// block; top and segment.dir are radix directories over them (see radix),
-// so a lookup loads a directory entry, the candidate block's header and its
-// neighbour's, then the block's words, instead of two binary searches.
+// block; top and segment.dir are radix directories over them (see radix):
+// the segment path, which mutations take to find a block's position. Lookup
+// takes gdir instead (see gdir.go), a directory of buckets over the chunk
+// range whose entries point straight at the blocks' words: one load, then
+// the block's header and fields in one allocation.
 //
 // Invariants (checked by check):
 //   - segFirst[s] == segs[s].firsts[0]; segs[s].firsts[b] is the origin of
@@ -58,8 +60,10 @@ const (
 //     and non-decreasing (they may be stale: radix.find corrects);
 //   - the tail holds at most maxRuns runs; when it is not empty, the last
 //     block is full (or there is none) and hotOK is false;
-//   - every record decodes (its words are long enough, obase <= its origin)
-//     to a run with Len >= 1 whose origin and COW ends are <= MaxUint64;
+//   - every block has an allocation whose meta word gives its length, at
+//     least wordsFor its records; every record decodes (obase <= its
+//     origin, cbase <= its COW) to a run with Len >= 1 whose origin and COW
+//     ends are <= MaxUint64;
 //   - runs, read in order across all blocks and segments and then the
 //     tail, are sorted by Origin and do not overlap;
 //   - no two neighbours are mergeable, also across block and segment
@@ -67,7 +71,12 @@ const (
 //     (fully merged, so the run count is minimal for the mapping);
 //   - n is the sum of Len and runs the number of runs;
 //   - when hotOK, hotRun is the run at position hot and hotLimit the origin
-//     of the run after it (MaxUint64 if none).
+//     of the run after it (MaxUint64 if none);
+//   - nblocks is the number of blocks; gdir is empty when there are none,
+//     else it has gsize() >= nblocks buckets plus a last entry &gnone[0],
+//     and every bucket's entry is exactly what the rule in gdir.go gives
+//     (the owner's word 0 within gnear buckets of the owner's first, else
+//     &gnone[0]), so Lookup never reads a stale or freed allocation.
 //
 // Concurrency: Lookup, Ascend, Len, Runs, Bytes and Clone only read and may
 // run concurrently with each other; Insert, InsertRun and Remove need
