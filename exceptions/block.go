@@ -166,23 +166,26 @@ func (k *block) find(c Chunk) int {
 
 // put writes r as record i; the caller guarantees it fits the widths.
 func (k *block) put(i int, r Run) {
-	w := k.words()
-	setbits(w, hdrBits+uint(i)*k.wo(), k.wo(), uint64(r.Origin-k.obase()))
-	setbits(w, k.cpos(i), k.wc(), uint64(r.COW-k.cbase()))
-	setbits(w, k.lpos(i), k.wl(), r.Len-1)
+	m := k.meta()
+	w := unsafe.Slice(k.p, m>>40)
+	n, wo, wc, wl, ui := uint(m&0xffff), uint(m>>16)&0xff, uint(m>>24)&0xff, uint(m>>32)&0xff, uint(i)
+	setbits(w, hdrBits+ui*wo, wo, uint64(r.Origin-Chunk(w[0])))
+	setbits(w, hdrBits+n*wo+ui*wc, wc, uint64(r.COW-Chunk(w[1])))
+	setbits(w, hdrBits+n*(wo+wc)+ui*wl, wl, r.Len-1)
 }
 
 // setBases moves the bases; the caller rewrites every record after.
 func (k *block) setBases(obase, cbase Chunk) {
-	w := k.words()
-	w[0], w[1] = uint64(obase), uint64(cbase)
+	*k.p = uint64(obase)
+	*(*uint64)(unsafe.Add(unsafe.Pointer(k.p), 8)) = uint64(cbase)
 }
 
 // fitsRun reports whether r can be stored with the current bases and widths.
 func (k *block) fitsRun(r Run) bool {
-	return r.Origin >= k.obase() && r.COW >= k.cbase() &&
-		fits(uint64(r.Origin-k.obase()), k.wo()) && fits(uint64(r.COW-k.cbase()), k.wc()) &&
-		fits(r.Len-1, k.wl())
+	m, ob, cb := k.meta(), k.obase(), k.cbase()
+	return r.Origin >= ob && r.COW >= cb &&
+		fits(uint64(r.Origin-ob), uint(m>>16)&0xff) && fits(uint64(r.COW-cb), uint(m>>24)&0xff) &&
+		fits(r.Len-1, uint(m>>32)&0xff)
 }
 
 // decode appends all records to dst.

@@ -122,6 +122,21 @@ func (x *Index) grefresh(a, b Chunk) {
 	}
 }
 
+// grepoint repoints gdir from old to new, the allocation of a block whose
+// first origin f did not change bucket: only the gnear entries from
+// gceil(f) can name it. Cheaper than grefresh, which finds owners through
+// locate.
+func (x *Index) grepoint(f Chunk, old, new *uint64) {
+	if old == new {
+		return
+	}
+	for k, end := x.gceil(f), min(x.gceil(f)+gnear, x.gsize()); k < end; k++ {
+		if x.gdir[k] == old {
+			x.gdir[k] = new
+		}
+	}
+}
+
 // gadded accounts for a block with first origin f just inserted.
 func (x *Index) gadded(f Chunk) {
 	x.nblocks++

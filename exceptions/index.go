@@ -325,6 +325,27 @@ func (x *Index) InsertRun(r Run) error {
 	// appendRun takes every run of an empty index, so here the index has
 	// runs: in blocks, or in the tail, which flush packs into a block.
 	x.flush()
+	if end <= x.segFirst[0] {
+		// Before every run (a backward fill): no search, the mirror of
+		// appendRun. Merge into the first run or insert before it.
+		x.n += r.Len
+		k := x.blk(0, 0)
+		if sr := k.run(0); end == sr.Origin && cend == sr.COW {
+			m, l := k.meta(), r.Len+sr.Len
+			if m&0xffff == 1 && fits(l-1, uint(m>>32)&0xff) && x.gceil(r.Origin) == x.gceil(end) {
+				// A lone run moving down keeps its allocation and, in
+				// gdir, its bucket: only the bases and firsts move.
+				k.setBases(r.Origin, r.COW)
+				k.put(0, Run{Origin: r.Origin, COW: r.COW, Len: l})
+				x.segs[0].firsts[0], x.segFirst[0] = r.Origin, r.Origin
+				return nil
+			}
+			x.replace(0, 0, 0, Run{Origin: r.Origin, COW: r.COW, Len: l})
+		} else {
+			x.insertAt(0, 0, 0, r)
+		}
+		return nil
+	}
 	var (
 		pr, sr                 Run
 		ps, pb, pi, ss, sb, si int
@@ -513,7 +534,7 @@ func (x *Index) replace(s, b, i int, r Run) {
 		return
 	}
 	if i == 0 {
-		x.setFirst(s, b, r.Origin)
+		x.setFirst(s, b, r.Origin, k.p)
 	}
 }
 
@@ -530,10 +551,9 @@ func (x *Index) insertAt(s, b, i int, r Run) {
 	if k.n() < x.maxRuns && k.insert(i, r) {
 		x.runs++
 		if i == 0 {
-			x.setFirst(s, b, r.Origin)
-		} else if k.p != p {
-			f := x.segs[s].firsts[b]
-			x.grefresh(f, f)
+			x.setFirst(s, b, r.Origin, p)
+		} else {
+			x.grepoint(x.segs[s].firsts[b], p, k.p)
 		}
 		return
 	}
@@ -544,14 +564,21 @@ func (x *Index) insertAt(s, b, i int, r Run) {
 }
 
 // setFirst records c as the first origin of block (s, b), whose record 0
-// (and perhaps allocation) just changed, and repoints gdir.
-func (x *Index) setFirst(s, b int, c Chunk) {
+// (and perhaps allocation, which was oldp) just changed, and repoints gdir.
+// gdir's entries depend on a first only through its bucket (gceil), so a
+// first that stays in its bucket (a backward fill moving down one chunk)
+// costs at most a repoint.
+func (x *Index) setFirst(s, b int, c Chunk, oldp *uint64) {
 	old := x.segs[s].firsts[b]
 	x.segs[s].firsts[b] = c
 	if b == 0 {
 		x.segFirst[s] = c
 	}
-	x.grefresh(old, c)
+	if x.gceil(old) != x.gceil(c) {
+		x.grefresh(old, c)
+	} else {
+		x.grepoint(c, oldp, x.segs[s].blocks[b].p)
+	}
 }
 
 // rewrite replaces the content of block (s, b) with runs: it deletes the
@@ -569,8 +596,9 @@ func (x *Index) rewrite(s, b int, runs []Run, at int) {
 		x.deleteBlock(s, b)
 		return
 	case len(runs) <= x.maxRuns:
+		op := k.p
 		k.encode(runs)
-		x.setFirst(s, b, runs[0].Origin)
+		x.setFirst(s, b, runs[0].Origin, op)
 		return
 	}
 	cut := len(runs) / 2
@@ -582,8 +610,9 @@ func (x *Index) rewrite(s, b int, runs []Run, at int) {
 	}
 	var nb block
 	nb.encode(runs[cut:])
+	op := k.p
 	k.encode(runs[:cut])
-	x.setFirst(s, b, runs[0].Origin)
+	x.setFirst(s, b, runs[0].Origin, op)
 	x.insertBlock(s, b+1, nb, runs[cut].Origin)
 }
 
@@ -674,8 +703,9 @@ func (x *Index) compact(s, b int) {
 	runs := sg.blocks[b].decode(x.scratch[:0])
 	runs = sg.blocks[b+1].decode(runs)
 	x.scratch = runs
-	sg.blocks[b].encode(runs)
-	x.grefresh(sg.firsts[b], sg.firsts[b])
+	op := sg.blocks[b].p
+	sg.blocks[b].encode(runs) // its first stays
+	x.grepoint(sg.firsts[b], op, sg.blocks[b].p)
 	x.deleteBlock(s, b+1)
 }
 
