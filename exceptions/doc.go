@@ -51,9 +51,10 @@
 //     until it is re-encoded.
 //   - A lookup is two dependent cache misses at 10 million random runs
 //     (directory entry, block), each a DRAM access with a TLB miss on this
-//     heap of 4 KiB pages, plus about 200 instructions (mostly the search),
-//     too many for the CPU to overlap one lookup's misses with the next's;
-//     a Go map's is one or two misses too. BENCHMARKS.md has the ratio.
+//     heap of 4 KiB pages, plus roughly 250-300 instructions (mostly the
+//     search), apparently too many for the CPU to overlap one lookup's
+//     misses with the next's; a Go map's is one or two misses too.
+//     BENCHMARKS.md has the ratio.
 //   - Lookup's directory is rebuilt when the block count doubles or after
 //     an ascending load adds a quarter of the blocks past its range; until
 //     then chunks past its range, and chunks in buckets more than 8 past a
