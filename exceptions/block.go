@@ -3,37 +3,83 @@ package exceptions
 import (
 	"math/bits"
 	"slices"
-	"sync/atomic"
+	"unsafe"
 )
 
-// block holds up to Index.maxRuns runs, sorted by origin, in a fixed-width
-// bit-packed form: three arrays of n fields each, one after the other in
-// words, low bits first:
+// block holds up to Index.maxRuns runs, sorted by origin, in one
+// allocation of words: a three-word header, then three arrays of n
+// fixed-width bit fields each, one after the other, low bits first:
 //
-//	origin offsets (wo bits each) at bit 0:         Origin - obase
-//	COW offsets    (wc bits each) at bit n*wo:      COW - cbase
-//	lengths        (wl bits each) at bit n*(wo+wc): Len - 1
+//	word 0: obase (origin of record 0)
+//	word 1: cbase (<= every COW of the block)
+//	word 2: n (bits 0-15), wo (16-23), wc (24-31), wl (32-39), and the
+//	        number of words allocated (40-63)
+//	origin offsets (wo bits each) at bit hdrBits:              Origin - obase
+//	COW offsets    (wc bits each) at bit hdrBits+n*wo:         COW - cbase
+//	lengths        (wl bits each) at bit hdrBits+n*(wo+wc):    Len - 1
+//
+// The header sits in the same cache line as the first origins, so a lookup
+// that reaches the block (through Index.gdir, a pointer straight to word 0)
+// has one miss before its data, not a header that points elsewhere. The
+// block itself is only that pointer (8 bytes in a segment's array); the
+// allocation's length is in the header.
 //
 // Fixed widths let Lookup binary-search the origin array directly instead of
 // decoding a variable-length stream, and keeping origins apart from the
 // other fields makes that search touch few cache lines; per-block bases keep
 // the widths small (a block of random runs needs ~11 origin bits, not 64).
 //
-// words always has at least nbits/64+2 elements so getbits may read the word
-// after a field without a bounds branch; bits past the last field are
-// don't-care.
+// The allocation always has at least wordsFor(n, width) words, so getbits
+// may read the word after a field without a bounds branch; bits past the
+// last field are don't-care.
 type block struct {
-	obase, cbase Chunk // obase == origin of record 0; cbase <= every COW
-	words        []uint64
-	n            uint16 // records held
-	wo, wc, wl   uint8  // field widths in bits, each 0..64
+	p *uint64 // word 0 of the allocation; nil for an empty zero block
+}
+
+// hdrWords is the header's length in words; fields start at hdrBits.
+const (
+	hdrWords = 3
+	hdrBits  = hdrWords * 64
+)
+
+// words returns the block's whole allocation.
+func (k *block) words() []uint64 {
+	if k.p == nil {
+		return nil
+	}
+	return unsafe.Slice(k.p, k.meta()>>40)
+}
+
+func (k *block) obase() Chunk { return Chunk(*k.p) }
+func (k *block) cbase() Chunk { return Chunk(*(*uint64)(unsafe.Add(unsafe.Pointer(k.p), 8))) }
+func (k *block) meta() uint64 { return *(*uint64)(unsafe.Add(unsafe.Pointer(k.p), 16)) }
+
+// n is the number of records; wo, wc and wl the field widths in bits.
+func (k *block) n() int   { return int(k.meta() & 0xffff) }
+func (k *block) wo() uint { return uint(k.meta()>>16) & 0xff }
+func (k *block) wc() uint { return uint(k.meta()>>24) & 0xff }
+func (k *block) wl() uint { return uint(k.meta()>>32) & 0xff }
+
+// setHeader writes the bases and the meta word of an allocation of len(w)
+// words.
+func setHeader(w []uint64, obase, cbase Chunk, n int, wo, wc, wl uint) {
+	w[0], w[1] = uint64(obase), uint64(cbase)
+	w[2] = uint64(n) | uint64(wo)<<16 | uint64(wc)<<24 | uint64(wl)<<32 | uint64(len(w))<<40
 }
 
 // width is the record width in bits.
-func (k *block) width() uint { return uint(k.wo) + uint(k.wc) + uint(k.wl) }
+func (k *block) width() uint { return k.wo() + k.wc() + k.wl() }
 
-// wordsFor is the length words needs for n records of width w.
-func wordsFor(n int, w uint) int { return int(uint(n)*w>>6) + 2 }
+// wordsFor is the number of words a block of n records of width w needs.
+func wordsFor(n int, w uint) int { return hdrWords + int(uint(n)*w>>6) + 2 }
+
+// allocWords returns a zeroed allocation of at least need words, rounded
+// up to the allocator's size class (the block keeps the slack as room to
+// insert into).
+func allocWords(need int) []uint64 {
+	w := slices.Grow([]uint64(nil), need)
+	return w[:cap(w)]
+}
 
 // getbits returns the n-bit field (0 <= n <= 64) at bit pos. Shifts by 64 are
 // 0 in Go, so r == 0 and n == 64 need no special case.
@@ -82,110 +128,101 @@ func moveUp(w []uint64, from, to, by uint) {
 }
 
 // fits reports whether v needs at most n bits.
-func fits(v uint64, n uint8) bool { return bits.Len64(v) <= int(n) }
+func fits(v uint64, n uint) bool { return uint(bits.Len64(v)) <= n }
 
 // cpos and lpos are the bit positions of record i's COW and length fields.
-func (k *block) cpos(i int) uint { return uint(k.n)*uint(k.wo) + uint(i)*uint(k.wc) }
+func (k *block) cpos(i int) uint { return hdrBits + uint(k.n())*k.wo() + uint(i)*k.wc() }
 func (k *block) lpos(i int) uint {
-	return uint(k.n)*(uint(k.wo)+uint(k.wc)) + uint(i)*uint(k.wl)
+	return hdrBits + uint(k.n())*(k.wo()+k.wc()) + uint(i)*k.wl()
 }
 
 // origin returns the origin chunk of record i.
 func (k *block) origin(i int) Chunk {
-	return k.obase + Chunk(getbits(k.words, uint(i)*uint(k.wo), uint(k.wo)))
+	wo := k.wo()
+	return k.obase() + Chunk(getbits(k.words(), hdrBits+uint(i)*wo, wo))
 }
 
 // run decodes record i.
 func (k *block) run(i int) Run {
-	o := getbits(k.words, uint(i)*uint(k.wo), uint(k.wo))
-	c := getbits(k.words, k.cpos(i), uint(k.wc))
-	l := getbits(k.words, k.lpos(i), uint(k.wl))
-	return Run{Origin: k.obase + Chunk(o), COW: k.cbase + Chunk(c), Len: l + 1}
-}
-
-// touchSink keeps touch's loads from being optimised away; atomic because
-// concurrent Lookups call touch.
-var touchSink atomic.Uint64
-
-// touch loads one word of every cache line of the block's fields so that
-// the CPU fetches them in parallel (memory-level parallelism) before find's
-// binary search and run's field reads, whose addresses depend on each other
-// and would otherwise miss one after another.
-func (k *block) touch() {
-	w := k.words
-	var t uint64
-	for i := 0; i < len(w); i += 8 {
-		t += w[i]
-	}
-	if t == 1 {
-		touchSink.Store(t) // practically never; the loads above must happen
-	}
+	w, m := k.words(), k.meta()
+	n, wo, wc, wl := uint(m&0xffff), uint(m>>16)&0xff, uint(m>>24)&0xff, uint(m>>32)&0xff
+	o := getbits(w, hdrBits+uint(i)*wo, wo)
+	c := getbits(w, hdrBits+n*wo+uint(i)*wc, wc)
+	l := getbits(w, hdrBits+n*(wo+wc)+uint(i)*wl, wl)
+	return Run{Origin: Chunk(w[0]) + Chunk(o), COW: Chunk(w[1]) + Chunk(c), Len: l + 1}
 }
 
 // find returns the index of the last record whose origin is <= c, or -1.
+// It fetches all the block's lines at once (touchLines) and searches
+// without branches (search).
 func (k *block) find(c Chunk) int {
-	if c < k.obase || k.n == 0 {
+	if k.p == nil || c < k.obase() {
 		return -1
 	}
-	off := uint64(c - k.obase)
-	wo := uint(k.wo)
-	// Records below lo have origin <= c; records at hi and above have origin > c.
-	lo, hi := 0, int(k.n)
-	for lo < hi {
-		m := int(uint(lo+hi) >> 1)
-		if getbits(k.words, uint(m)*wo, wo) <= off {
-			lo = m + 1
-		} else {
-			hi = m
-		}
-	}
-	return lo - 1
+	w, m := unsafe.Pointer(k.p), k.meta()
+	touchLines(w, m)
+	return int(search(w, uint(m&0xffff), uint(m>>16)&0xff, uint64(c-k.obase())))
 }
 
 // put writes r as record i; the caller guarantees it fits the widths.
 func (k *block) put(i int, r Run) {
-	setbits(k.words, uint(i)*uint(k.wo), uint(k.wo), uint64(r.Origin-k.obase))
-	setbits(k.words, k.cpos(i), uint(k.wc), uint64(r.COW-k.cbase))
-	setbits(k.words, k.lpos(i), uint(k.wl), r.Len-1)
+	m := k.meta()
+	w := unsafe.Slice(k.p, m>>40)
+	n, wo, wc, wl, ui := uint(m&0xffff), uint(m>>16)&0xff, uint(m>>24)&0xff, uint(m>>32)&0xff, uint(i)
+	setbits(w, hdrBits+ui*wo, wo, uint64(r.Origin-Chunk(w[0])))
+	setbits(w, hdrBits+n*wo+ui*wc, wc, uint64(r.COW-Chunk(w[1])))
+	setbits(w, hdrBits+n*(wo+wc)+ui*wl, wl, r.Len-1)
+}
+
+// setBases moves the bases; the caller rewrites every record after.
+func (k *block) setBases(obase, cbase Chunk) {
+	*k.p = uint64(obase)
+	*(*uint64)(unsafe.Add(unsafe.Pointer(k.p), 8)) = uint64(cbase)
 }
 
 // fitsRun reports whether r can be stored with the current bases and widths.
 func (k *block) fitsRun(r Run) bool {
-	return r.Origin >= k.obase && r.COW >= k.cbase &&
-		fits(uint64(r.Origin-k.obase), k.wo) && fits(uint64(r.COW-k.cbase), k.wc) &&
-		fits(r.Len-1, k.wl)
+	m, ob, cb := k.meta(), k.obase(), k.cbase()
+	return r.Origin >= ob && r.COW >= cb &&
+		fits(uint64(r.Origin-ob), uint(m>>16)&0xff) && fits(uint64(r.COW-cb), uint(m>>24)&0xff) &&
+		fits(r.Len-1, uint(m>>32)&0xff)
 }
 
 // decode appends all records to dst.
 func (k *block) decode(dst []Run) []Run {
-	for i := 0; i < int(k.n); i++ {
+	if k.p == nil {
+		return dst
+	}
+	for i := 0; i < k.n(); i++ {
 		dst = append(dst, k.run(i))
 	}
 	return dst
 }
 
 // encode replaces the block's content with runs (1 <= len(runs) <= 65535,
-// sorted by origin), choosing the narrowest widths. It reuses words when
-// they are large enough and not wastefully so.
+// sorted by origin), choosing the narrowest widths. It reuses the
+// allocation when it is large enough and not wastefully so; otherwise k.p
+// changes (the caller repoints Index.gdir).
 func (k *block) encode(runs []Run) {
-	k.obase = runs[0].Origin
+	obase := runs[0].Origin
 	lo, hi := runs[0].COW, runs[0].COW
 	var maxl uint64
 	for _, r := range runs {
 		lo, hi = min(lo, r.COW), max(hi, r.COW)
 		maxl = max(maxl, r.Len-1)
 	}
-	k.cbase = lo
-	k.wo = uint8(bits.Len64(uint64(runs[len(runs)-1].Origin - k.obase)))
-	k.wc = uint8(bits.Len64(uint64(hi - lo)))
-	k.wl = uint8(bits.Len64(maxl))
-	k.n = uint16(len(runs))
-	need := wordsFor(len(runs), k.width())
-	if cap(k.words) < need || cap(k.words) > 2*need+8 {
-		k.words = slices.Grow([]uint64(nil), need)
+	wo := uint(bits.Len64(uint64(runs[len(runs)-1].Origin - obase)))
+	wc := uint(bits.Len64(uint64(hi - lo)))
+	wl := uint(bits.Len64(maxl))
+	need := wordsFor(len(runs), wo+wc+wl)
+	w := k.words()
+	if len(w) < need || len(w) > 2*need+8 {
+		w = allocWords(need)
+		k.p = &w[0]
+	} else {
+		clear(w)
 	}
-	k.words = k.words[:need]
-	clear(k.words)
+	setHeader(w, obase, lo, len(runs), wo, wc, wl)
 	for i, r := range runs {
 		k.put(i, r)
 	}
@@ -193,36 +230,43 @@ func (k *block) encode(runs []Run) {
 
 // insert stores r as record i, shifting records i.. up, without re-encoding.
 // It reports false, changing nothing, when r does not fit the block's bases
-// and widths.
+// and widths. k.p changes when the block grows (the caller repoints
+// Index.gdir).
 func (k *block) insert(i int, r Run) bool {
 	if !k.fitsRun(r) {
 		return false
 	}
-	w := k.width()
-	n := int(k.n)
-	need := wordsFor(n+1, w)
-	if need > cap(k.words) {
+	wo, wc, wl := k.wo(), k.wc(), k.wl()
+	w := wo + wc + wl
+	n := k.n()
+	words := k.words()
+	if need := wordsFor(n+1, w); need > len(words) {
 		// Grow to the next allocator size class only: append's doubling
 		// would leave up to half of every block's words unused.
-		nw := slices.Grow([]uint64(nil), need)
-		copy(nw[:len(k.words)], k.words)
-		k.words = nw
+		nw := allocWords(need)
+		copy(nw, words)
+		words = nw
+		k.p = &words[0]
 	}
-	k.words = k.words[:need]
 	// Open a gap at i in each array, top array first: every region moves
 	// up, and a higher region moves at least as far as the ones below it.
-	wo, wc, wl := uint(k.wo), uint(k.wc), uint(k.wl)
 	un, ui := uint(n), uint(i)
-	l0 := un * (wo + wc)
-	moveUp(k.words, l0+ui*wl, l0+un*wl, w)
-	moveUp(k.words, l0, l0+ui*wl, wo+wc)
-	moveUp(k.words, un*wo+ui*wc, l0, wo+wc)
-	moveUp(k.words, un*wo, un*wo+ui*wc, wo)
-	moveUp(k.words, ui*wo, un*wo, wo)
-	k.n++
+	const h = hdrBits
+	l0 := h + un*(wo+wc)
+	moveUp(words, l0+ui*wl, l0+un*wl, w)
+	moveUp(words, l0, l0+ui*wl, wo+wc)
+	moveUp(words, h+un*wo+ui*wc, l0, wo+wc)
+	moveUp(words, h+un*wo, h+un*wo+ui*wc, wo)
+	moveUp(words, h+ui*wo, h+un*wo, wo)
+	setHeader(words, Chunk(words[0]), Chunk(words[1]), n+1, wo, wc, wl)
 	k.put(i, r)
 	return true
 }
 
 // bytes is the heap held by the block's words, in bytes.
-func (k *block) bytes() int { return cap(k.words) * 8 }
+func (k *block) bytes() int {
+	if k.p == nil {
+		return 0
+	}
+	return int(k.meta()>>40) * 8
+}

@@ -13,15 +13,19 @@
 //
 // Runs live in blocks of up to 64, each run stored as three fixed-width
 // bit fields (origin offset, COW offset, Len-1) relative to per-block bases,
-// at the narrowest widths the block needs. Blocks are grouped into segments
-// of up to 512; the first origin of every segment and block is kept in flat
-// arrays with a radix directory over each (an array indexed by the high
-// bits of the chunk number, one entry per block), so a lookup loads a
-// directory entry and two block headers, then fetches the found block's few
-// cache lines at once and binary-searches them; it never decodes a stream.
-// Randomly placed single chunks cost about 7.7 bytes each at 10 million
-// chunks over 2^28 (the kernel's dm-snapshot table: 32 bytes plus buckets;
-// a Go map: about 30). BENCHMARKS.md has the measurements.
+// at the narrowest widths the block needs. A block is one allocation: a
+// three-word header (bases, counts and widths) followed by the fields, held
+// by an 8-byte pointer. Blocks are grouped into segments of up to 512; the
+// first origin of every segment and block is kept in flat arrays with a
+// radix directory over each: the path mutations take to a block's position.
+// Lookup takes a shorter one: a directory of about two buckets per block
+// over the whole chunk range whose entries point straight at the owning
+// block's words, so a lookup loads two neighbouring entries, the headers of
+// the (at most two) blocks they name, then all of the chosen block's few
+// cache lines at once, and binary-searches them without branches; it never
+// decodes a stream. Randomly placed single chunks cost about 7.3 bytes each
+// at 10 million chunks over 2^28 (the kernel's dm-snapshot table: 32 bytes
+// plus buckets; a Go map: about 30). BENCHMARKS.md has the measurements.
 //
 // Runs inserted in ascending order past the last run (a rebuild from a
 // checkpoint) take a fast path: no search, collected unpacked in a tail of
@@ -45,10 +49,21 @@
 //   - Memory is returned as runs are removed (small blocks and segments are
 //     merged, slices shrink), but not eagerly: a block keeps its words
 //     until it is re-encoded.
-//   - Memory, not lookup speed, is what the encoding buys: a lookup is
-//     three dependent cache misses at 10 million random runs (directory,
-//     block header, block words), a Go map's one or two; BENCHMARKS.md has
-//     the measured ratio.
+//   - A lookup is two dependent cache misses at 10 million random runs
+//     (directory entry, block), each a DRAM access with a TLB miss on this
+//     heap of 4 KiB pages, plus roughly 250-300 instructions (mostly the
+//     search), apparently too many for the CPU to overlap one lookup's
+//     misses with the next's; a Go map's is one or two misses too.
+//     BENCHMARKS.md has the ratio.
+//   - Lookup's directory is rebuilt when the block count doubles or after
+//     an ascending load adds a quarter of the blocks past its range; until
+//     then chunks past its range, and chunks in buckets more than 8 past a
+//     block's first (sparse regions), take the segment path (a few more
+//     misses), as do the rare chunks past a block's last run when another
+//     block starts in the same bucket.
+//   - The package uses unsafe for the blocks' words (a pointer plus the
+//     length kept in the header) and for unchecked loads in Lookup's search;
+//     check verifies the lengths those loads rely on.
 //   - Ascend's callback must not modify the index.
 //   - Clone is a deep copy, O(Bytes()).
 package exceptions

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"math/bits"
 	"slices"
 	"unsafe"
 )
@@ -43,9 +44,11 @@ const (
 // each a bit-packed array of up to maxRuns runs (see block), followed by
 // tail, up to maxRuns unpacked runs appended in order (see appendRun).
 // segFirst and segment.firsts repeat the first origin of every segment and
-// block; top and segment.dir are radix directories over them (see radix),
-// so a lookup loads a directory entry, the candidate block's header and its
-// neighbour's, then the block's words, instead of two binary searches.
+// block; top and segment.dir are radix directories over them (see radix):
+// the segment path, which mutations take to find a block's position. Lookup
+// takes gdir instead (see gdir.go), a directory of buckets over the chunk
+// range whose entries point straight at the blocks' words: one load, then
+// the block's header and fields in one allocation.
 //
 // Invariants (checked by check):
 //   - segFirst[s] == segs[s].firsts[0]; segs[s].firsts[b] is the origin of
@@ -57,8 +60,10 @@ const (
 //     and non-decreasing (they may be stale: radix.find corrects);
 //   - the tail holds at most maxRuns runs; when it is not empty, the last
 //     block is full (or there is none) and hotOK is false;
-//   - every record decodes (its words are long enough, obase <= its origin)
-//     to a run with Len >= 1 whose origin and COW ends are <= MaxUint64;
+//   - every block has an allocation whose meta word gives its length, at
+//     least wordsFor its records; every record decodes (obase <= its
+//     origin, cbase <= its COW) to a run with Len >= 1 whose origin and COW
+//     ends are <= MaxUint64;
 //   - runs, read in order across all blocks and segments and then the
 //     tail, are sorted by Origin and do not overlap;
 //   - no two neighbours are mergeable, also across block and segment
@@ -66,7 +71,12 @@ const (
 //     (fully merged, so the run count is minimal for the mapping);
 //   - n is the sum of Len and runs the number of runs;
 //   - when hotOK, hotRun is the run at position hot and hotLimit the origin
-//     of the run after it (MaxUint64 if none).
+//     of the run after it (MaxUint64 if none);
+//   - nblocks is the number of blocks; gdir is empty when there are none,
+//     else it has gsize() >= nblocks buckets plus a last entry &gnone[0],
+//     and every bucket's entry is exactly what the rule in gdir.go gives
+//     (the owner's word 0 within gnear buckets of the owner's first, else
+//     &gnone[0]), so Lookup never reads a stale or freed allocation.
 //
 // Concurrency: Lookup, Ascend, Len, Runs, Bytes and Clone only read and may
 // run concurrently with each other; Insert, InsertRun and Remove need
@@ -99,6 +109,14 @@ type Index struct {
 	tail []Run
 
 	maxRuns, maxBlocks int
+
+	// gdir is Lookup's directory straight to blocks (see gdir.go): entry k
+	// is word 0 of the block that owns bucket k, or nil.
+	gdir    []*uint64
+	gbase   Chunk
+	gshift  uint8
+	nblocks int // blocks in all segments
+	gout    int // blocks added outside gdir's range since gbuild
 }
 
 type segment struct {
@@ -128,7 +146,7 @@ func (x *Index) Runs() int { return x.runs }
 // allocated capacity of every slice it owns plus its structs.
 func (x *Index) Bytes() int {
 	t := int(unsafe.Sizeof(*x)) + cap(x.segFirst)*8 + cap(x.segs)*8 +
-		(cap(x.scratch)+cap(x.tail))*int(unsafe.Sizeof(Run{})) + x.top.bytes()
+		(cap(x.scratch)+cap(x.tail))*int(unsafe.Sizeof(Run{})) + x.top.bytes() + cap(x.gdir)*8
 	for _, sg := range x.segs {
 		t += int(unsafe.Sizeof(*sg)) + cap(sg.firsts)*8 + cap(sg.blocks)*int(unsafe.Sizeof(block{})) + sg.dir.bytes()
 		for i := range sg.blocks {
@@ -154,10 +172,13 @@ func (x *Index) Clone() *Index {
 		ns := &segment{firsts: slices.Clone(sg.firsts), blocks: slices.Clone(sg.blocks),
 			dir: radix[uint16]{base: sg.dir.base, shift: sg.dir.shift, dir: slices.Clone(sg.dir.dir)}}
 		for b := range ns.blocks {
-			ns.blocks[b].words = slices.Clone(ns.blocks[b].words)
+			w := slices.Clone(ns.blocks[b].words())
+			ns.blocks[b].p = &w[0]
 		}
 		y.segs[s] = ns
+		y.nblocks += len(ns.blocks)
 	}
+	y.gbuild()
 	return y
 }
 
@@ -184,12 +205,11 @@ func (x *Index) locate(c Chunk) (s, b int) {
 	}
 	sg := x.segs[s]
 	// Fast path: the directory's candidate g is right when c falls between
-	// the first origins of blocks g and g+1, read from the block headers
-	// (obase is the origin of record 0), which the caller loads next anyway;
-	// this saves the load from firsts, a cache miss at 10 M runs.
-	if d, bl := &sg.dir, sg.blocks; c >= d.base {
+	// the first origins of blocks g and g+1 (one cache line of firsts,
+	// usually).
+	if d, f := &sg.dir, sg.firsts; c >= d.base {
 		k := min(uint64(c-d.base)>>d.shift, uint64(len(d.dir)-1))
-		if g := int(d.dir[k]); g < len(bl) && bl[g].obase <= c && (g+1 == len(bl) || c < bl[g+1].obase) {
+		if g := int(d.dir[k]); g < len(f) && f[g] <= c && (g+1 == len(f) || c < f[g+1]) {
 			return s, g
 		}
 	}
@@ -202,7 +222,7 @@ func (x *Index) blk(s, b int) *block { return &x.segs[s].blocks[b] }
 func (x *Index) next(s, b, i int) (int, int, int, bool) {
 	sg := x.segs[s]
 	switch {
-	case i+1 < int(sg.blocks[b].n):
+	case i+1 < sg.blocks[b].n():
 		return s, b, i + 1, true
 	case b+1 < len(sg.blocks):
 		return s, b + 1, 0, true
@@ -238,12 +258,27 @@ func (x *Index) Lookup(c Chunk) (Chunk, bool) {
 		}
 		return 0, false
 	}
+	// c == MaxUint64 is never mapped, and would match gnone's first.
+	if k := uint64(c-x.gbase) >> x.gshift; c >= x.gbase && k < uint64(x.gsize()) && c < math.MaxUint64 {
+		// See gdir: the owner of bucket k+1 when it starts at or before c,
+		// else the owner of bucket k. Both first origins are loaded before either is compared, so the
+		// two headers miss in parallel, and the choice is an index made
+		// from a borrow, not a branch on a missed load (mispredicted one
+		// time in five, serializing the lookups after it).
+		f0, f1 := *x.gdir[k], *x.gdir[k+1]
+		_, b := bits.Sub64(uint64(c), f1, 0) // 1: c is before bucket k+1's owner
+		if f := f0 ^ (f0^f1)&(b-1); Chunk(f) <= c {
+			p := x.gdir[k+1-b]
+			if cow, ok, sure := lookupBlock(p, c); sure {
+				return cow, ok
+			}
+		}
+	}
 	s, b := x.locate(c)
 	if s < 0 {
 		return 0, false
 	}
 	k := x.blk(s, b)
-	k.touch()
 	r := k.run(k.find(c))
 	if d := uint64(c - r.Origin); d < r.Len {
 		return r.COW + Chunk(d), true
@@ -281,7 +316,7 @@ func (x *Index) InsertRun(r Run) error {
 	// The call to appendRun is skipped, without a decode, when r starts
 	// before the last block (most random inserts, every backward one).
 	if segs := x.segs; len(x.tail) > 0 || len(segs) == 0 ||
-		r.Origin >= segs[len(segs)-1].blocks[len(segs[len(segs)-1].blocks)-1].obase {
+		r.Origin >= segs[len(segs)-1].firsts[len(segs[len(segs)-1].firsts)-1] {
 		if x.appendRun(r) {
 			return nil
 		}
@@ -290,6 +325,27 @@ func (x *Index) InsertRun(r Run) error {
 	// appendRun takes every run of an empty index, so here the index has
 	// runs: in blocks, or in the tail, which flush packs into a block.
 	x.flush()
+	if end <= x.segFirst[0] {
+		// Before every run (a backward fill): no search, the mirror of
+		// appendRun. Merge into the first run or insert before it.
+		x.n += r.Len
+		k := x.blk(0, 0)
+		if sr := k.run(0); end == sr.Origin && cend == sr.COW {
+			m, l := k.meta(), r.Len+sr.Len
+			if m&0xffff == 1 && fits(l-1, uint(m>>32)&0xff) && x.gceil(r.Origin) == x.gceil(end) {
+				// A lone run moving down keeps its allocation and, in
+				// gdir, its bucket: only the bases and firsts move.
+				k.setBases(r.Origin, r.COW)
+				k.put(0, Run{Origin: r.Origin, COW: r.COW, Len: l})
+				x.segs[0].firsts[0], x.segFirst[0] = r.Origin, r.Origin
+				return nil
+			}
+			x.replace(0, 0, 0, Run{Origin: r.Origin, COW: r.COW, Len: l})
+		} else {
+			x.insertAt(0, 0, 0, r)
+		}
+		return nil
+	}
 	var (
 		pr, sr                 Run
 		ps, pb, pi, ss, sb, si int
@@ -297,7 +353,6 @@ func (x *Index) InsertRun(r Run) error {
 	)
 	if ps, pb = x.locate(r.Origin); ps >= 0 {
 		k := x.blk(ps, pb)
-		k.touch()
 		pi = k.find(r.Origin)
 		pr = k.run(pi)
 		if pr.Origin+Chunk(pr.Len) > r.Origin {
@@ -389,10 +444,10 @@ func (x *Index) appendRun(r Run) bool {
 	s := len(x.segs) - 1
 	b := len(x.segs[s].blocks) - 1
 	k := x.blk(s, b)
-	if r.Origin < k.obase {
+	if r.Origin < x.segs[s].firsts[b] {
 		return false // before the last block: no decode (backward fills)
 	}
-	i := int(k.n) - 1
+	i := k.n() - 1
 	last := k.run(i)
 	end := last.Origin + Chunk(last.Len)
 	switch {
@@ -404,7 +459,7 @@ func (x *Index) appendRun(r Run) bool {
 		x.setLen(s, b, i, last.Len)
 		x.hot.s, x.hot.b, x.hot.i, x.hotOK = s, b, i, true
 		x.hotRun, x.hotLimit = last, math.MaxUint64
-	case int(k.n) < x.maxRuns:
+	case k.n() < x.maxRuns:
 		x.n += r.Len
 		x.insertAt(s, b, i+1, r)
 	default:
@@ -438,6 +493,8 @@ func (x *Index) flushTail() {
 		x.segFirst = []Chunk{first}
 		x.segs[0].dir.build(x.segs[0].firsts)
 		x.top.build(x.segFirst)
+		x.nblocks = 1
+		x.gbuild()
 		return
 	}
 	s := len(x.segs) - 1
@@ -447,8 +504,8 @@ func (x *Index) flushTail() {
 // setLen sets the length of record (s, b, i), in place when it fits.
 func (x *Index) setLen(s, b, i int, l uint64) {
 	k := x.blk(s, b)
-	if fits(l-1, k.wl) {
-		setbits(k.words, k.lpos(i), uint(k.wl), l-1)
+	if fits(l-1, k.wl()) {
+		setbits(k.words(), k.lpos(i), k.wl(), l-1)
 		return
 	}
 	x.reencode(s, b, func(runs []Run) []Run { runs[i].Len = l; return runs })
@@ -468,16 +525,16 @@ func (x *Index) replace(s, b, i int, r Run) {
 	switch {
 	case k.fitsRun(r):
 		k.put(i, r)
-	case k.n == 1 && fits(r.Len-1, k.wl):
+	case k.n() == 1 && fits(r.Len-1, k.wl()):
 		// A lone run moving down (a backward fill) only moves the bases.
-		k.obase, k.cbase = r.Origin, r.COW
+		k.setBases(r.Origin, r.COW)
 		k.put(0, r)
 	default:
 		x.reencode(s, b, func(runs []Run) []Run { runs[i] = r; return runs })
 		return
 	}
 	if i == 0 {
-		x.setFirst(s, b, r.Origin)
+		x.setFirst(s, b, r.Origin, k.p)
 	}
 }
 
@@ -490,10 +547,13 @@ func (x *Index) deleteRecord(s, b, i int) {
 func (x *Index) insertAt(s, b, i int, r Run) {
 	x.hotOK = false
 	k := x.blk(s, b)
-	if int(k.n) < x.maxRuns && k.insert(i, r) {
+	p := k.p
+	if k.n() < x.maxRuns && k.insert(i, r) {
 		x.runs++
 		if i == 0 {
-			x.setFirst(s, b, r.Origin)
+			x.setFirst(s, b, r.Origin, p)
+		} else {
+			x.grepoint(x.segs[s].firsts[b], p, k.p)
 		}
 		return
 	}
@@ -503,10 +563,21 @@ func (x *Index) insertAt(s, b, i int, r Run) {
 	x.rewrite(s, b, runs, i)
 }
 
-func (x *Index) setFirst(s, b int, c Chunk) {
+// setFirst records c as the first origin of block (s, b), whose record 0
+// (and perhaps allocation, which was oldp) just changed, and repoints gdir.
+// gdir's entries depend on a first only through its bucket (gceil), so a
+// first that stays in its bucket (a backward fill moving down one chunk)
+// costs at most a repoint.
+func (x *Index) setFirst(s, b int, c Chunk, oldp *uint64) {
+	old := x.segs[s].firsts[b]
 	x.segs[s].firsts[b] = c
 	if b == 0 {
 		x.segFirst[s] = c
+	}
+	if x.gceil(old) != x.gceil(c) {
+		x.grefresh(old, c)
+	} else {
+		x.grepoint(c, oldp, x.segs[s].blocks[b].p)
 	}
 }
 
@@ -519,14 +590,15 @@ func (x *Index) rewrite(s, b int, runs []Run, at int) {
 	x.hotOK = false
 	sg := x.segs[s]
 	k := &sg.blocks[b]
-	x.runs += len(runs) - int(k.n)
+	x.runs += len(runs) - k.n()
 	switch {
 	case len(runs) == 0:
 		x.deleteBlock(s, b)
 		return
 	case len(runs) <= x.maxRuns:
+		op := k.p
 		k.encode(runs)
-		x.setFirst(s, b, runs[0].Origin)
+		x.setFirst(s, b, runs[0].Origin, op)
 		return
 	}
 	cut := len(runs) / 2
@@ -538,8 +610,9 @@ func (x *Index) rewrite(s, b int, runs []Run, at int) {
 	}
 	var nb block
 	nb.encode(runs[cut:])
+	op := k.p
 	k.encode(runs[:cut])
-	x.setFirst(s, b, runs[0].Origin)
+	x.setFirst(s, b, runs[0].Origin, op)
 	x.insertBlock(s, b+1, nb, runs[cut].Origin)
 }
 
@@ -547,6 +620,7 @@ func (x *Index) rewrite(s, b int, runs []Run, at int) {
 // segment s, splitting the segment when it is over capacity.
 func (x *Index) insertBlock(s, b int, blk block, first Chunk) {
 	x.hotOK = false
+	defer x.gadded(first)
 	sg := x.segs[s]
 	sg.blocks = slices.Insert(sg.blocks, b, blk)
 	sg.firsts = slices.Insert(sg.firsts, b, first)
@@ -579,6 +653,7 @@ func (x *Index) insertBlock(s, b int, blk block, first Chunk) {
 func (x *Index) deleteBlock(s, b int) {
 	x.hotOK = false
 	sg := x.segs[s]
+	defer x.gremoved(sg.firsts[b])
 	sg.blocks = slices.Delete(sg.blocks, b, b+1)
 	sg.firsts = slices.Delete(sg.firsts, b, b+1)
 	if len(sg.blocks) == 0 {
@@ -618,9 +693,9 @@ func (x *Index) deleteBlock(s, b int) {
 func (x *Index) compact(s, b int) {
 	sg := x.segs[s]
 	lim := x.maxRuns * 3 / 4
-	if b+1 < len(sg.blocks) && int(sg.blocks[b].n)+int(sg.blocks[b+1].n) <= lim {
+	if b+1 < len(sg.blocks) && sg.blocks[b].n()+sg.blocks[b+1].n() <= lim {
 		// Fall through with b as the left block.
-	} else if b > 0 && int(sg.blocks[b-1].n)+int(sg.blocks[b].n) <= lim {
+	} else if b > 0 && sg.blocks[b-1].n()+sg.blocks[b].n() <= lim {
 		b--
 	} else {
 		return
@@ -628,7 +703,9 @@ func (x *Index) compact(s, b int) {
 	runs := sg.blocks[b].decode(x.scratch[:0])
 	runs = sg.blocks[b+1].decode(runs)
 	x.scratch = runs
-	sg.blocks[b].encode(runs)
+	op := sg.blocks[b].p
+	sg.blocks[b].encode(runs) // its first stays
+	x.grepoint(sg.firsts[b], op, sg.blocks[b].p)
 	x.deleteBlock(s, b+1)
 }
 
@@ -694,7 +771,7 @@ func (x *Index) Ascend(from Chunk, fn func(Run) bool) {
 			sg := x.segs[s]
 			for ; b < len(sg.blocks); b, i = b+1, 0 {
 				k := &sg.blocks[b]
-				for ; i < int(k.n); i++ {
+				for ; i < k.n(); i++ {
 					if !fn(k.run(i)) {
 						return
 					}
@@ -756,19 +833,19 @@ func (x *Index) check() error {
 		}
 		for b := range sg.blocks {
 			k := &sg.blocks[b]
-			if k.n == 0 || int(k.n) > x.maxRuns {
-				return fmt.Errorf("block %d/%d holds %d runs (max %d)", s, b, k.n, x.maxRuns)
+			if k.p == nil || k.n() == 0 || k.n() > x.maxRuns {
+				return fmt.Errorf("block %d/%d holds no words or %d runs (max %d)", s, b, k.n(), x.maxRuns)
 			}
-			if k.wo > 64 || k.wc > 64 || k.wl > 64 || len(k.words) < wordsFor(int(k.n), k.width()) {
-				return fmt.Errorf("block %d/%d: widths %d/%d/%d, %d words for %d runs", s, b, k.wo, k.wc, k.wl, len(k.words), k.n)
+			if k.wo() > 64 || k.wc() > 64 || k.wl() > 64 || len(k.words()) < wordsFor(k.n(), k.width()) {
+				return fmt.Errorf("block %d/%d: widths %d/%d/%d, %d words for %d runs", s, b, k.wo(), k.wc(), k.wl(), len(k.words()), k.n())
 			}
-			if k.origin(0) != sg.firsts[b] || k.obase != sg.firsts[b] {
-				return fmt.Errorf("block %d/%d: first %d, record 0 at %d, base %d", s, b, sg.firsts[b], k.origin(0), k.obase)
+			if k.origin(0) != sg.firsts[b] || k.obase() != sg.firsts[b] {
+				return fmt.Errorf("block %d/%d: first %d, record 0 at %d, base %d", s, b, sg.firsts[b], k.origin(0), k.obase())
 			}
-			for i := 0; i < int(k.n); i++ {
+			for i := 0; i < k.n(); i++ {
 				r := k.run(i)
-				if r.Origin < k.obase || r.COW < k.cbase {
-					return fmt.Errorf("block %d/%d run %d: %+v wrapped below bases %d/%d", s, b, i, r, k.obase, k.cbase)
+				if r.Origin < k.obase() || r.COW < k.cbase() {
+					return fmt.Errorf("block %d/%d run %d: %+v wrapped below bases %d/%d", s, b, i, r, k.obase(), k.cbase())
 				}
 				if r.Len > uint64(math.MaxUint64-r.Origin) || r.Len > uint64(math.MaxUint64-r.COW) {
 					return fmt.Errorf("block %d/%d run %d: %+v overflows", s, b, i, r)
@@ -786,7 +863,7 @@ func (x *Index) check() error {
 		case x.hotOK:
 			return fmt.Errorf("hot run cached with %d runs in the tail", len(x.tail))
 		case len(x.segs) > 0:
-			if sg := x.segs[len(x.segs)-1]; int(sg.blocks[len(sg.blocks)-1].n) != x.maxRuns {
+			if sg := x.segs[len(x.segs)-1]; sg.blocks[len(sg.blocks)-1].n() != x.maxRuns {
 				return fmt.Errorf("tail of %d runs after a last block that is not full", len(x.tail))
 			}
 		}
@@ -801,7 +878,7 @@ func (x *Index) check() error {
 	}
 	if x.hotOK {
 		s, b, i := x.hot.s, x.hot.b, x.hot.i
-		if s >= len(x.segs) || b >= len(x.segs[s].blocks) || i >= int(x.blk(s, b).n) || x.blk(s, b).run(i) != x.hotRun {
+		if s >= len(x.segs) || b >= len(x.segs[s].blocks) || i >= x.blk(s, b).n() || x.blk(s, b).run(i) != x.hotRun {
 			return fmt.Errorf("hot run %+v at %d/%d/%d is stale", x.hotRun, s, b, i)
 		}
 		limit := Chunk(math.MaxUint64)
@@ -811,6 +888,9 @@ func (x *Index) check() error {
 		if limit != x.hotLimit {
 			return fmt.Errorf("hot run's next run starts at %d, cached %d", limit, x.hotLimit)
 		}
+	}
+	if !x.checkGdir() {
+		return fmt.Errorf("block directory of %d entries (base %d, shift %d) is wrong for %d blocks", len(x.gdir), x.gbase, x.gshift, x.nblocks)
 	}
 	if runs != x.runs || chunks != x.n {
 		return fmt.Errorf("counters say %d runs, %d chunks; blocks hold %d runs, %d chunks", x.runs, x.n, runs, chunks)
