@@ -26,12 +26,26 @@ import (
 // on the disks measured (BENCHMARKS.md). Writers wait when it is full.
 const overlayCap = 64 << 20
 
+// ovPerChunk is how many chunk-sized buffers a copy-out may hold in the
+// overlay per chunk: the new image and the pending copy of the old chunk.
+const ovPerChunk = 2
+
 // ovEntry is the pending image of chunk c of volume v. data (ChunkSize
 // bytes) is guarded by the chunk's stripe.
 type ovEntry struct {
 	v    *Volume
 	c    int64
 	data []byte
+	// old is the pending copy: chunk c as it was before its first write
+	// after the newest snapshot, which maps c to COW chunk cowAt>>shift of
+	// cf. The committer writes it there before it writes the batch holding
+	// the mapping's record; until the entry is dropped (after the batch is
+	// durable) snapshot reads of c take it from here, since the COW chunk
+	// may not hold it yet. nil when the old chunk was all zeros (mapped to
+	// COW chunk 0: nothing to copy). Immutable; freed with the entry.
+	old   []byte
+	cf    file
+	cowAt int64
 	// [lo, hi) is the part of data changed since the entry was made from
 	// the old chunk (bytes within the chunk): the rest equals what the data
 	// file holds, so a plain volume's apply writes only this part.
@@ -78,11 +92,41 @@ func applyOverlay(es []*ovEntry) (int64, error) {
 		if err := e.apply(); err != nil {
 			return freed, err
 		}
-		freed += int64(len(e.data))
+		freed += int64(len(e.data)) + int64(len(e.old))
 		putBuf(e.data)
 		e.data = nil
+		if e.old != nil {
+			// No reader holds it: they read it under the stripe, which
+			// apply took after them, and the entry is gone now.
+			putBuf(e.old)
+			e.old = nil
+		}
 	}
 	return freed, nil
+}
+
+// writeCopies writes the pending copies of es to their COW chunks (page
+// cache). The committer calls it before writing the batch that holds their
+// records, so the sync of the batch covers them (FORMAT.md, step 4).
+func writeCopies(es []*ovEntry) error {
+	for _, e := range es {
+		if e.old == nil {
+			continue
+		}
+		if err := writeFull(e.cf, e.old, e.cowAt); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// pendingCopy returns the pending copy of chunk c (see ovEntry.old), or nil.
+// The caller holds c's stripe, shared at least.
+func (v *Volume) pendingCopy(c int64) []byte {
+	if e := v.ovGet(c); e != nil {
+		return e.old
+	}
+	return nil
 }
 
 func (e *ovEntry) apply() error {
@@ -135,7 +179,8 @@ func (v *Volume) drain() error {
 
 // copyNeed returns how many chunks of [c0, c1) the newest snapshot lacks:
 // an upper bound of what a copy-out of them will put in the overlay, since
-// under the shared gate mappings are only ever added.
+// under the shared gate mappings are only ever added. Each such chunk may
+// take two buffers there (ovPerChunk): its image and its pending copy.
 func (v *Volume) copyNeed(c0, c1 int64) int64 {
 	v.mu.RLock()
 	defer v.mu.RUnlock()
