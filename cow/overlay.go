@@ -5,22 +5,25 @@ import (
 )
 
 // The overlay holds the new content of chunks whose copy-out is not
-// durable yet (see doc.go, "First writes"). A first write after a snapshot
-// copies the old chunk to the COW file, queues its record in the open
-// batch, maps it in the snapshot's index, and puts the chunk's new image
-// (old chunk + the write) here instead of in the data file; the write is
-// acknowledged at once. When the batch is durable its committer writes the
-// images to the data file, under each chunk's stripe, and drops them. So
-// no origin chunk reaches the disk before its copy and record do.
+// durable yet (see doc.go, "Durability"). A first write after a snapshot
+// reads the old chunk into memory (the pending copy), queues its record in
+// the open batch, maps it in the snapshot's index, and puts the pending
+// copy and the chunk's new image (old chunk + the write) here instead of
+// in any file; the write is acknowledged at once. The batch's committer
+// writes the pending copies to the COW file, then writes and syncs the
+// batch; once it is durable it writes the images to the data file, under
+// each chunk's stripe, and drops the entries. So no origin chunk reaches
+// the disk before its copy and record do.
 //
 // Invariants (checked by Volume.check): an entry exists only for a chunk
 // the newest snapshot of the chain maps, and only while the batch holding
-// that mapping's record has not been applied; while a volume has entries
+// that mapping's record has not been applied; it holds a pending copy iff
+// that mapping is to a real COW chunk (not 0); while a volume has entries
 // its chain and size do not change (everything that changes them holds
 // the gate exclusively and drains the overlay first).
 
-// overlayCap is the most overlay memory, in bytes, a store holds (images of
-// chunks waiting for their batch). It bounds RAM and how much acknowledged
+// overlayCap is the most overlay memory, in bytes, a store holds (images
+// and pending copies of chunks waiting for their batch). It bounds RAM and how much acknowledged
 // data one fsync must catch up with; 64 MiB is one second of writes at
 // 64 MiB/s and about the dirty data a group commit covers at queue depth 16
 // on the disks measured (BENCHMARKS.md). Writers wait when it is full.
