@@ -77,9 +77,9 @@ func (v *Volume) check() error {
 		}
 		// A pending copy exactly when there is something to copy, and
 		// aimed at the chunk the snapshot maps.
-		if e := v.ov[c]; (e.old != nil) != (k != 0) || (k != 0 && e.cowAt != int64(k)<<v.shift) {
+		if e := v.ov[c]; e.pending() != (k != 0) || (e.old != nil && e.fromData) || (k != 0 && e.cowAt != int64(k)<<v.shift) {
 			v.ovMu.Unlock()
-			return fmt.Errorf("overlay entry for chunk %d: pending copy %v at byte %d, mapped to COW chunk %d", c, e.old != nil, e.cowAt, k)
+			return fmt.Errorf("overlay entry for chunk %d: pending copy %v (in memory %v) at byte %d, mapped to COW chunk %d", c, e.pending(), e.old != nil, e.cowAt, k)
 		}
 	}
 	if int64(len(v.ov)) != v.ovN.Load() {

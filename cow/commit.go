@@ -149,7 +149,7 @@ func (c *committer) enqueue(recs []byte, f file, ov []*ovEntry) (uint64, error) 
 	c.add(recs, f)
 	c.cur.ov = append(c.cur.ov, ov...)
 	for _, e := range ov {
-		if e.old != nil {
+		if e.pending() {
 			c.cur.copies++
 			c.unwritten++
 		}

@@ -46,9 +46,16 @@ type ovEntry struct {
 	// durable) snapshot reads of c take it from here, since the COW chunk
 	// may not hold it yet. nil when the old chunk was all zeros (mapped to
 	// COW chunk 0: nothing to copy). Immutable; freed with the entry.
-	old   []byte
-	cf    file
-	cowAt int64
+	old []byte
+	// fromData: the pending copy is not kept in memory, since the data
+	// file still holds the old chunk at c (nothing writes it there before
+	// the apply): the committer copies it from there in the kernel
+	// (copy_file_range), and snapshot reads read it there. Set instead of
+	// old for a plain volume or a chunk a clone holds; a clone's chunk that
+	// reads through to its source keeps old.
+	fromData bool
+	cf       file
+	cowAt    int64
 	// [lo, hi) is the part of data changed since the entry was made from
 	// the old chunk (bytes within the chunk): the rest equals what the data
 	// file holds, so a plain volume's apply writes only this part.
@@ -113,23 +120,41 @@ func applyOverlay(es []*ovEntry) (int64, error) {
 // records, so the sync of the batch covers them (FORMAT.md, step 4).
 func writeCopies(es []*ovEntry) error {
 	for _, e := range es {
-		if e.old == nil {
-			continue
+		var err error
+		switch {
+		case e.old != nil:
+			err = writeFull(e.cf, e.old, e.cowAt)
+		case e.fromData:
+			// No stripe needed: the data file's chunk c changes only in
+			// the apply, which comes after this.
+			err = copyRange(e.v.data, e.cf, e.c<<e.v.shift, e.cowAt, e.v.chunkSize)
 		}
-		if err := writeFull(e.cf, e.old, e.cowAt); err != nil {
+		if err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// pendingCopy returns the pending copy of chunk c (see ovEntry.old), or nil.
-// The caller holds c's stripe, shared at least.
-func (v *Volume) pendingCopy(c int64) []byte {
-	if e := v.ovGet(c); e != nil {
-		return e.old
+// pending reports whether e holds a copy the committer must write.
+func (e *ovEntry) pending() bool { return e.old != nil || e.fromData }
+
+// readPending reads bytes [o, o+len(p)) of the pending copy of chunk c
+// (see ovEntry.old and fromData) and reports whether there was one. The
+// caller holds c's stripe, shared at least, so the entry cannot be
+// applied (and the data file's chunk c cannot change) meanwhile.
+func (v *Volume) readPending(c, o int64, p []byte) (bool, error) {
+	e := v.ovGet(c)
+	switch {
+	case e == nil:
+		return false, nil
+	case e.old != nil:
+		copy(p, e.old[o:])
+		return true, nil
+	case e.fromData:
+		return true, readFull(v.data, p, c<<v.shift+o)
 	}
-	return nil
+	return false, nil
 }
 
 func (e *ovEntry) apply() error {

@@ -253,9 +253,8 @@ func (sn *Snapshot) readOne(c, o int64, p []byte) error {
 				// The newest snapshot's copy of c may still be pending:
 				// chunk k is written by the committer, later. We hold c's
 				// stripe, so the entry cannot go meanwhile (FORMAT.md).
-				if old := v.pendingCopy(c); old != nil {
-					copy(p, old[o:])
-					return nil
+				if ok, err := v.readPending(c, o, p); ok || err != nil {
+					return err
 				}
 			}
 			f, err := v.cowFile()
@@ -529,19 +528,26 @@ func (v *Volume) copyOut(c0, c1, reserved int64) error {
 	ks := v.alloc(int(nonzero))
 	recs := make([]byte, 0, len(todo)*(recOverhead+excPayloadBytes))
 	es := make([]*ovEntry, len(todo))
+	extra := int64(0) // pending copies kept in memory
 	j := 0
 	for i, c := range todo {
 		b := olds[i]
 		r := record{Type: recExc, Obj: sn.obj, Origin: uint64(c), DataCRC: crc(b)}
-		e := &ovEntry{v: v, c: c}
-		if zero[i] {
-			e.data = b // all zeros: the image starts as the old chunk
-		} else {
+		e := &ovEntry{v: v, c: c, data: b} // the image starts as the old chunk
+		if !zero[i] {
 			r.COW = uint64(ks[j])
 			j++
-			e.old, e.cf, e.cowAt = b, f, int64(r.COW)<<v.shift
-			e.data = chunkBuf(v.chunkSize)
-			copy(e.data, b)
+			e.cf, e.cowAt = f, int64(r.COW)<<v.shift
+			if v.isPresent(c) {
+				// The data file holds the old chunk until the apply: the
+				// committer copies it from there.
+				e.fromData = true
+			} else {
+				// A clone's chunk read from its source: keep the copy.
+				e.old = chunkBuf(v.chunkSize)
+				copy(e.old, b)
+				extra++
+			}
 		}
 		es[i] = e
 		recs = appendRecord(recs, &r)
@@ -551,7 +557,7 @@ func (v *Volume) copyOut(c0, c1, reserved int64) error {
 		// The committer failed (sticky): the store refuses changes now.
 		for _, e := range es {
 			if e.old != nil {
-				putBuf(e.data)
+				putBuf(e.old)
 			}
 		}
 		v.unalloc(ks)
@@ -559,7 +565,7 @@ func (v *Volume) copyOut(c0, c1, reserved int64) error {
 		return err
 	}
 	keep = true
-	used = (int64(len(todo)) + nonzero) << v.shift
+	used = (int64(len(todo)) + extra) << v.shift
 	for _, e := range es {
 		v.ovPut(e)
 	}
