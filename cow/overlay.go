@@ -6,11 +6,12 @@ import (
 
 // The overlay holds the new content of chunks whose copy-out is not
 // durable yet (see doc.go, "Durability"). A first write after a snapshot
-// reads the old chunk into memory (the pending copy), queues its record in
-// the open batch, maps it in the snapshot's index, and puts the pending
-// copy and the chunk's new image (old chunk + the write) here instead of
-// in any file; the write is acknowledged at once. The batch's committer
-// writes the pending copies to the COW file, then writes and syncs the
+// reads the old chunk, queues its record in the open batch, maps it in the
+// snapshot's index, and puts the chunk's new image (old chunk + the write)
+// here instead of in any file; the old chunk (the pending copy) stays in
+// the data file, or in the entry for a clone's chunk read from its source;
+// the write is acknowledged at once. The batch's committer copies the
+// pending copies to the COW file, then writes and syncs the
 // batch; once it is durable it writes the images to the data file, under
 // each chunk's stripe, and drops the entries. So no origin chunk reaches
 // the disk before its copy and record do.
@@ -30,7 +31,9 @@ import (
 const overlayCap = 64 << 20
 
 // ovPerChunk is how many chunk-sized buffers a copy-out may hold in the
-// overlay per chunk: the new image and the pending copy of the old chunk.
+// overlay per chunk: the new image, and for a clone's chunk read from its
+// source the pending copy of the old chunk (reserved up front, the unused
+// part given back at once).
 const ovPerChunk = 2
 
 // ovEntry is the pending image of chunk c of volume v. data (ChunkSize
