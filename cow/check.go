@@ -61,7 +61,8 @@ func (v *Volume) check() error {
 		}
 	}
 	// Overlay entries only exist for chunks the newest snapshot maps (their
-	// copy-out is pending), and ovN counts them.
+	// copy-out is pending), hold a pending copy iff it maps a real COW
+	// chunk, and ovN counts them.
 	v.ovMu.Lock()
 	for c := range v.ov {
 		n := len(v.chain)
@@ -69,9 +70,16 @@ func (v *Volume) check() error {
 			v.ovMu.Unlock()
 			return fmt.Errorf("overlay entry for chunk %d without a snapshot", c)
 		}
-		if _, ok := v.chain[n-1].idx.Lookup(exceptions.Chunk(c)); !ok {
+		k, ok := v.chain[n-1].idx.Lookup(exceptions.Chunk(c))
+		if !ok {
 			v.ovMu.Unlock()
 			return fmt.Errorf("overlay entry for chunk %d, which the newest snapshot does not map", c)
+		}
+		// A pending copy exactly when there is something to copy, and
+		// aimed at the chunk the snapshot maps.
+		if e := v.ov[c]; e.pending() != (k != 0) || (e.old != nil && e.fromData) || (k != 0 && e.cowAt != int64(k)<<v.shift) {
+			v.ovMu.Unlock()
+			return fmt.Errorf("overlay entry for chunk %d: pending copy %v (in memory %v) at byte %d, mapped to COW chunk %d", c, e.pending(), e.old != nil, e.cowAt, k)
 		}
 	}
 	if int64(len(v.ov)) != v.ovN.Load() {

@@ -31,8 +31,11 @@ type committer struct {
 	applied uint64
 	ovUsed  int64
 	ovCap   int64
-	ovWaits int64 // writers that had to wait for overlay space (tests)
-	ovPeak  int64 // most overlay bytes ever reserved at once (tests)
+	// unwritten counts the pending copies queued and not yet written to
+	// their COW files (tests: the crash test reports kills that land then).
+	unwritten int64
+	ovWaits   int64 // writers that had to wait for overlay space (tests)
+	ovPeak    int64 // most overlay bytes ever reserved at once (tests)
 }
 
 // batch is one group commit. Ids count batches handed out by this
@@ -42,6 +45,8 @@ type batch struct {
 	done chan struct{}
 	err  error
 	ov   []*ovEntry // overlay entries to apply once the batch is durable
+	// copies counts the entries of ov with a pending copy.
+	copies int64
 }
 
 func newCommitter(f file, end int64, seq uint64) *committer {
@@ -143,6 +148,12 @@ func (c *committer) enqueue(recs []byte, f file, ov []*ovEntry) (uint64, error) 
 	}
 	c.add(recs, f)
 	c.cur.ov = append(c.cur.ov, ov...)
+	for _, e := range ov {
+		if e.pending() {
+			c.cur.copies++
+			c.unwritten++
+		}
+	}
 	if !c.busy {
 		c.busy = true
 		go c.lead()
@@ -227,6 +238,16 @@ func (c *committer) leadOne() {
 	err := c.err
 	c.mu.Unlock()
 	var n int64
+	if err == nil {
+		// The batch's pending copies go to the COW files before the batch
+		// that points at them, and writeBatch syncs both (FORMAT.md).
+		err = writeCopies(b.ov)
+		if err == nil && b.copies > 0 {
+			c.mu.Lock()
+			c.unwritten -= b.copies
+			c.mu.Unlock()
+		}
+	}
 	if err == nil && end+int64(len(buf))+64 > alloc {
 		grow := max(logPrealloc, int64(len(buf))+64)
 		if err = writeFull(c.f, make([]byte, grow), alloc); err == nil {

@@ -61,14 +61,18 @@
 //
 // Every change is a record in one log (store.log, see FORMAT.md). A first
 // write after a snapshot (copy-before-write, see FORMAT.md for the proof):
-// copy the old chunk to the COW file (page cache), map it in the
-// snapshot's index, queue its record (with the chunk's CRC32C) in the open
-// batch of the group commit, and put the chunk's new image (old chunk + the
-// write) in the overlay; then acknowledge. The new data does not touch the
-// data file yet. A background leader writes and syncs the batch (the log
-// and the COW files, concurrently); once it is durable it writes the
-// batch's overlay images to the data files, each under its chunk's stripe,
-// and drops them. Reads of the volume (and of snapshots and clones that
+// read the old chunk, map it in the snapshot's index, queue its record
+// (with the chunk's CRC32C) in the open batch of the group commit, and put
+// the chunk's new image (old chunk + the write) in the overlay; then
+// acknowledge. Neither the COW file nor the data file is written in the
+// write's path: the old chunk (the pending copy) stays in the data file,
+// which is not written at that chunk before the copy is durable (a clone's
+// chunk read from its source is kept in memory instead). A background
+// leader copies the batch's pending copies to the COW files
+// (copy_file_range), then writes and syncs the batch (the log and the COW
+// files, concurrently); once it is durable it writes the batch's overlay
+// images to the data files, each under its chunk's stripe, and drops them.
+// Snapshot reads of a chunk whose copy is pending read the pending copy. Reads of the volume (and of snapshots and clones that
 // read through to it) look in the overlay first; a later write or discard
 // of a chunk still in the overlay changes its image there. The overlay is
 // capped (overlayCap, 64 MiB per store); writers wait when it is full.
@@ -91,8 +95,12 @@
 //
 //   - A first write after a snapshot returns before its copy is durable;
 //     its new data waits in the overlay (RAM) for one group commit. Under
-//     a sustained stream of first writes the fsyncs still set the pace:
-//     once 64 MiB of images wait, writers wait for the committer. A commit
+//     a sustained stream of first writes the committer (copy writes and
+//     fsyncs) still sets the pace: once 64 MiB of images (and clones'
+//     in-memory pending copies) wait, writers wait for it. A failed write of a pending copy
+//     is found by the committer, after the write was acknowledged: it is
+//     sticky like a failed fsync (the write's Flush fails), where before it
+//     failed the write itself. A commit
 //     or apply error is sticky (ErrClosed): the overlay's data never
 //     reaches the disk, reads of this process still see it, and Flush and
 //     writes fail, so nothing unflushed is ever reported durable.

@@ -340,6 +340,7 @@ func TestSpaceFreed(t *testing.T) {
 	s.CreateSnapshot("v", "s", SnapshotOptions{})
 	rng.Read(data[:128*cs])
 	v.WriteAt(data[:128*cs], 0)
+	v.Flush() // the copies are written by the committer, before Flush returns
 	withSnap := used()
 	if withSnap-base < 128*cs {
 		t.Fatalf("snapshot COW took %d bytes, want >= %d", withSnap-base, 128*cs)

@@ -2,6 +2,7 @@ package cow
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"syscall"
@@ -28,6 +29,14 @@ type faultFS struct {
 	events *[]string
 	// syncHook, if set, runs at the start of every Sync with the file's name.
 	syncHook func(name string)
+	// writeHook, if set, runs at the start of every WriteAt with the
+	// file's name (to hold the committer inside a write).
+	writeHook func(name string)
+	// ios, when not nil, records the start and the end of every WriteAt
+	// ("wstart"/"wdone NAME OFF LEN") and of every Sync ("sstart"/"sdone
+	// NAME"; sdone only when it succeeded) in order, for tests of the
+	// order in which data reaches files.
+	ios *[]string
 	// syncDelay makes every Sync take at least this long (a slow disk),
 	// so overlay entries stay pending long enough to be observed.
 	syncDelay time.Duration
@@ -72,7 +81,23 @@ type faultFile struct {
 
 var errInjected = errors.Join(errors.New("injected fault"), syscall.EIO)
 
+func (f *faultFS) io(e string) {
+	f.mu.Lock()
+	if f.ios != nil {
+		*f.ios = append(*f.ios, e)
+	}
+	f.mu.Unlock()
+}
+
 func (f *faultFile) WriteAt(p []byte, off int64) (int, error) {
+	f.fs.mu.Lock()
+	hook := f.fs.writeHook
+	f.fs.mu.Unlock()
+	if hook != nil {
+		hook(f.name)
+	}
+	f.fs.io(fmt.Sprintf("wstart %s %d %d", f.name, off, len(p)))
+	defer f.fs.io(fmt.Sprintf("wdone %s %d %d", f.name, off, len(p)))
 	if f.name == logName || f.name == logTmpName { // a new log keeps its temp name open
 		f.fs.event("write " + logName)
 	}
@@ -115,10 +140,25 @@ func (f *faultFile) Sync() error {
 	if fail {
 		return errInjected
 	}
+	f.io("sstart " + f.name)
 	if noSync {
+		f.io("sdone " + f.name)
 		return nil
 	}
-	return f.file.Sync()
+	err := f.file.Sync()
+	if err == nil {
+		f.io("sdone " + f.name)
+	}
+	return err
+}
+
+func (f *faultFile) io(e string) { f.fs.io(e) }
+
+// Punch is recorded as a write (it changes the file's content).
+func (f *faultFile) Punch(off, n int64) error {
+	f.fs.io(fmt.Sprintf("wstart %s %d %d", f.name, off, n))
+	defer f.fs.io(fmt.Sprintf("wdone %s %d %d", f.name, off, n))
+	return f.file.Punch(off, n)
 }
 
 func (f *faultFS) SyncDir() error {

@@ -162,3 +162,44 @@ func writeFull(f file, p []byte, off int64) error {
 }
 
 var errShortWrite = errors.New("cow: short write")
+
+// copyRange copies n bytes at srcOff of src to dstOff of dst. Between two
+// real files it is one copy_file_range loop (an in-kernel copy: no bytes
+// pass through user memory); otherwise (a wrapped file, as tests use, or
+// a kernel that refuses it) it reads and writes through a buffer.
+func copyRange(src, dst file, srcOff, dstOff, n int64) error {
+	s, ok1 := src.(osFile)
+	d, ok2 := dst.(osFile)
+	if ok1 && ok2 {
+		so, do := srcOff, dstOff
+		left := n
+		for left > 0 {
+			m, err := unix.CopyFileRange(int(s.f.Fd()), &so, int(d.f.Fd()), &do, int(left), 0)
+			if err == nil && m == 0 {
+				// Past the source's end: those bytes read as zeros
+				// (readFull), so they are copied as zeros.
+				z := chunkBuf(left)
+				clear(z)
+				err := writeFull(dst, z, do)
+				putBuf(z)
+				return err
+			}
+			if err != nil {
+				if left == n && (err == unix.EXDEV || err == unix.ENOSYS || err == unix.EOPNOTSUPP || err == unix.EINVAL) {
+					break // not supported here: fall back
+				}
+				return ioErr(err)
+			}
+			left -= int64(m)
+		}
+		if left == 0 {
+			return nil
+		}
+	}
+	buf := chunkBuf(n)
+	defer putBuf(buf)
+	if err := readFull(src, buf, srcOff); err != nil {
+		return err
+	}
+	return writeFull(dst, buf, dstOff)
+}

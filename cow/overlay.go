@@ -5,26 +5,36 @@ import (
 )
 
 // The overlay holds the new content of chunks whose copy-out is not
-// durable yet (see doc.go, "First writes"). A first write after a snapshot
-// copies the old chunk to the COW file, queues its record in the open
-// batch, maps it in the snapshot's index, and puts the chunk's new image
-// (old chunk + the write) here instead of in the data file; the write is
-// acknowledged at once. When the batch is durable its committer writes the
-// images to the data file, under each chunk's stripe, and drops them. So
-// no origin chunk reaches the disk before its copy and record do.
+// durable yet (see doc.go, "Durability"). A first write after a snapshot
+// reads the old chunk, queues its record in the open batch, maps it in the
+// snapshot's index, and puts the chunk's new image (old chunk + the write)
+// here instead of in any file; the old chunk (the pending copy) stays in
+// the data file, or in the entry for a clone's chunk read from its source;
+// the write is acknowledged at once. The batch's committer copies the
+// pending copies to the COW file, then writes and syncs the
+// batch; once it is durable it writes the images to the data file, under
+// each chunk's stripe, and drops the entries. So no origin chunk reaches
+// the disk before its copy and record do.
 //
 // Invariants (checked by Volume.check): an entry exists only for a chunk
 // the newest snapshot of the chain maps, and only while the batch holding
-// that mapping's record has not been applied; while a volume has entries
+// that mapping's record has not been applied; it holds a pending copy iff
+// that mapping is to a real COW chunk (not 0); while a volume has entries
 // its chain and size do not change (everything that changes them holds
 // the gate exclusively and drains the overlay first).
 
-// overlayCap is the most overlay memory, in bytes, a store holds (images of
-// chunks waiting for their batch). It bounds RAM and how much acknowledged
+// overlayCap is the most overlay memory, in bytes, a store holds (images
+// and pending copies of chunks waiting for their batch). It bounds RAM and how much acknowledged
 // data one fsync must catch up with; 64 MiB is one second of writes at
 // 64 MiB/s and about the dirty data a group commit covers at queue depth 16
 // on the disks measured (BENCHMARKS.md). Writers wait when it is full.
 const overlayCap = 64 << 20
+
+// ovPerChunk is how many chunk-sized buffers a copy-out may hold in the
+// overlay per chunk: the new image, and for a clone's chunk read from its
+// source the pending copy of the old chunk (reserved up front, the unused
+// part given back at once).
+const ovPerChunk = 2
 
 // ovEntry is the pending image of chunk c of volume v. data (ChunkSize
 // bytes) is guarded by the chunk's stripe.
@@ -32,6 +42,23 @@ type ovEntry struct {
 	v    *Volume
 	c    int64
 	data []byte
+	// old is the pending copy: chunk c as it was before its first write
+	// after the newest snapshot, which maps c to COW chunk cowAt>>shift of
+	// cf. The committer writes it there before it writes the batch holding
+	// the mapping's record; until the entry is dropped (after the batch is
+	// durable) snapshot reads of c take it from here, since the COW chunk
+	// may not hold it yet. nil when the old chunk was all zeros (mapped to
+	// COW chunk 0: nothing to copy). Immutable; freed with the entry.
+	old []byte
+	// fromData: the pending copy is not kept in memory, since the data
+	// file still holds the old chunk at c (nothing writes it there before
+	// the apply): the committer copies it from there in the kernel
+	// (copy_file_range), and snapshot reads read it there. Set instead of
+	// old for a plain volume or a chunk a clone holds; a clone's chunk that
+	// reads through to its source keeps old.
+	fromData bool
+	cf       file
+	cowAt    int64
 	// [lo, hi) is the part of data changed since the entry was made from
 	// the old chunk (bytes within the chunk): the rest equals what the data
 	// file holds, so a plain volume's apply writes only this part.
@@ -78,11 +105,59 @@ func applyOverlay(es []*ovEntry) (int64, error) {
 		if err := e.apply(); err != nil {
 			return freed, err
 		}
-		freed += int64(len(e.data))
+		freed += int64(len(e.data)) + int64(len(e.old))
 		putBuf(e.data)
 		e.data = nil
+		if e.old != nil {
+			// No reader holds it: they read it under the stripe, which
+			// apply took after them, and the entry is gone now.
+			putBuf(e.old)
+			e.old = nil
+		}
 	}
 	return freed, nil
+}
+
+// writeCopies writes the pending copies of es to their COW chunks (page
+// cache). The committer calls it before writing the batch that holds their
+// records, so the sync of the batch covers them (FORMAT.md, step 4).
+func writeCopies(es []*ovEntry) error {
+	for _, e := range es {
+		var err error
+		switch {
+		case e.old != nil:
+			err = writeFull(e.cf, e.old, e.cowAt)
+		case e.fromData:
+			// No stripe needed: the data file's chunk c changes only in
+			// the apply, which comes after this.
+			err = copyRange(e.v.data, e.cf, e.c<<e.v.shift, e.cowAt, e.v.chunkSize)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// pending reports whether e holds a copy the committer must write.
+func (e *ovEntry) pending() bool { return e.old != nil || e.fromData }
+
+// readPending reads bytes [o, o+len(p)) of the pending copy of chunk c
+// (see ovEntry.old and fromData) and reports whether there was one. The
+// caller holds c's stripe, shared at least, so the entry cannot be
+// applied (and the data file's chunk c cannot change) meanwhile.
+func (v *Volume) readPending(c, o int64, p []byte) (bool, error) {
+	e := v.ovGet(c)
+	switch {
+	case e == nil:
+		return false, nil
+	case e.old != nil:
+		copy(p, e.old[o:])
+		return true, nil
+	case e.fromData:
+		return true, readFull(v.data, p, c<<v.shift+o)
+	}
+	return false, nil
 }
 
 func (e *ovEntry) apply() error {
@@ -135,7 +210,8 @@ func (v *Volume) drain() error {
 
 // copyNeed returns how many chunks of [c0, c1) the newest snapshot lacks:
 // an upper bound of what a copy-out of them will put in the overlay, since
-// under the shared gate mappings are only ever added.
+// under the shared gate mappings are only ever added. Each such chunk may
+// take two buffers there (ovPerChunk): its image and its pending copy.
 func (v *Volume) copyNeed(c0, c1 int64) int64 {
 	v.mu.RLock()
 	defer v.mu.RUnlock()

@@ -50,7 +50,7 @@ func TestOverlayReadsAndRewrites(t *testing.T) {
 	// Chunk 2: first write of its middle; then a rewrite and a discard.
 	v.WriteAt(fill(100, 2), 2*cs+1000)
 	if got := ovUsed(s); got != cs {
-		t.Fatalf("overlay holds %d bytes after a first write, want %d (pending)", got, cs)
+		t.Fatalf("overlay holds %d bytes after a first write, want %d (the image; the pending copy stays in the data file)", got, cs)
 	}
 	v.WriteAt(fill(10, 3), 2*cs+1050)
 	if err := v.Discard(2*cs+2000, 96); err != nil {
@@ -99,6 +99,9 @@ func TestOverlayReadsAndRewrites(t *testing.T) {
 	c.WriteAt(fill(cs, 9), 5*cs)
 	if c.ovN.Load() != 1 {
 		t.Fatalf("clone overlay has %d entries after a first write, want 1", c.ovN.Load())
+	}
+	if e := c.ovGet(5); e == nil || e.old == nil || e.fromData {
+		t.Fatalf("clone's chunk read from its source: pending copy not kept in memory (%+v)", e)
 	}
 	cwant := bytes.Clone(want)
 	copy(cwant[5*cs:], fill(cs, 9))

@@ -202,9 +202,13 @@ func TestMissingFileIsCorrupt(t *testing.T) {
 	}
 }
 
-// TestCopyOutWriteFailsFreesChunks (I6): a copy-out whose write to the COW
-// file fails gives its allocated COW chunks back (the invariants tile
-// [firstCOW, hwm) with mapped and free chunks), and a retry succeeds.
+// TestCopyOutWriteFailsFreesChunks (I6, revised for deferred copies): the
+// committer writes the pending copies; when one of those writes fails, the
+// write that made it was already acknowledged, so the failure is sticky:
+// Flush fails, nothing reaches the data file, and after a reopen the
+// snapshot and the volume hold their old data, the invariants hold (the
+// allocated COW chunks are free again: [firstCOW, hwm) is tiled) and a new
+// first write to the same chunks succeeds.
 func TestCopyOutWriteFailsFreesChunks(t *testing.T) {
 	dir := t.TempDir()
 	fs := newFaultFS(dir)
@@ -213,7 +217,6 @@ func TestCopyOutWriteFailsFreesChunks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s.Close()
 	const cs = 4096
 	v, _ := s.CreateVolume("v", 16*cs, VolumeOptions{ChunkSize: cs})
 	old := fill(16*cs, 1)
@@ -222,21 +225,49 @@ func TestCopyOutWriteFailsFreesChunks(t *testing.T) {
 	fs.mu.Lock()
 	fs.failSuffix, fs.failWrite = ".cow", 1 // the second chunk's copy
 	fs.mu.Unlock()
-	if _, err := v.WriteAt(fill(4*cs, 2), 4*cs); err == nil {
-		t.Fatal("write with a failing COW write succeeded")
+	if _, err := v.WriteAt(fill(4*cs, 2), 4*cs); err != nil {
+		t.Fatalf("the write failed in its own path (%v): its copy should be deferred", err)
 	}
+	if err := v.Flush(); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Flush after a failed copy: %v, want ErrClosed", err)
+	}
+	fs.mu.Lock()
+	injected := fs.failed
+	fs.mu.Unlock()
+	if injected != 1 {
+		t.Fatalf("%d faults injected, want 1", injected)
+	}
+	if _, err := v.WriteAt(fill(cs, 4), 8*cs); !errors.Is(err, ErrClosed) {
+		t.Fatalf("write after the failure: %v, want ErrClosed", err)
+	}
+	s.closeFiles()
+	s, err = Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
 	if err := s.check(); err != nil {
-		t.Fatalf("after the failed copy-out: %v", err)
+		t.Fatalf("after reopen: %v", err)
+	}
+	v, _ = s.Volume("v")
+	sn, _ := s.Snapshot("s")
+	if got := mustRead(t, sn, 0, 16*cs); !bytes.Equal(got, old) {
+		t.Fatalf("snapshot differs at %d", firstDiff(got, old))
+	}
+	if got := mustRead(t, v, 0, 16*cs); !bytes.Equal(got, old) {
+		t.Fatalf("volume differs at %d: the failed batch's image reached the data file", firstDiff(got, old))
 	}
 	if _, err := v.WriteAt(fill(4*cs, 3), 4*cs); err != nil {
 		t.Fatal(err)
 	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
 	if err := s.check(); err != nil {
 		t.Fatal(err)
 	}
-	sn, _ := s.Snapshot("s")
 	if got := mustRead(t, sn, 0, 16*cs); !bytes.Equal(got, old) {
-		t.Fatalf("snapshot differs at %d", firstDiff(got, old))
+		t.Fatalf("snapshot differs at %d after the retry", firstDiff(got, old))
 	}
 	want := bytes.Clone(old)
 	copy(want[4*cs:], fill(4*cs, 3))

@@ -249,6 +249,14 @@ func (sn *Snapshot) readOne(c, o int64, p []byte) error {
 				clear(p)
 				return nil
 			}
+			if i == len(v.chain)-1 {
+				// The newest snapshot's copy of c may still be pending:
+				// chunk k is written by the committer, later. We hold c's
+				// stripe, so the entry cannot go meanwhile (FORMAT.md).
+				if ok, err := v.readPending(c, o, p); ok || err != nil {
+					return err
+				}
+			}
 			f, err := v.cowFile()
 			if err != nil {
 				return err
@@ -349,7 +357,7 @@ func (v *Volume) modifyGated(off, n int64, p []byte) error {
 	c0, c1 := off>>v.shift, (off+n+v.chunkSize-1)>>v.shift
 	// Overlay space is taken before the stripes: applying entries, which
 	// frees it, takes stripes.
-	need := v.copyNeed(c0, c1) << v.shift
+	need := ovPerChunk * v.copyNeed(c0, c1) << v.shift
 	if need > 0 {
 		if err := v.s.log.reserve(need); err != nil {
 			return err
@@ -431,12 +439,13 @@ func (v *Volume) writeClone(off, n int64, p []byte) error {
 	return nil
 }
 
-// copyOut copies chunks [c0, c1) that the newest snapshot does not hold
-// yet to the COW file, maps them in the snapshot's index, queues their
-// records in the open batch and puts each old chunk in the overlay, where
-// the caller's write then lands; the committer moves it to the data file
-// once the records are durable (overlay.go). It does not wait for the
-// disk. It is idempotent: a chunk already held is skipped, so a resent
+// copyOut reads chunks [c0, c1) that the newest snapshot does not hold
+// yet, maps them in the snapshot's index, queues their records in the open
+// batch and puts each old chunk in the overlay twice: as its pending copy,
+// which the committer writes to the COW file before the batch, and as its
+// image, where the caller's write then lands and which the committer moves
+// to the data file once the records are durable (overlay.go). It writes no
+// file and does not wait for the disk. It is idempotent: a chunk already held is skipped, so a resent
 // write copies nothing. reserved is the overlay space, in bytes, the caller
 // took for it (from copyNeed); what is not used is given back. The caller
 // holds the gate (shared) and the stripes of [c0, c1) exclusively.
@@ -461,16 +470,16 @@ func (v *Volume) copyOut(c0, c1, reserved int64) error {
 	if len(todo) == 0 {
 		return nil
 	}
-	if int64(len(todo))<<v.shift > reserved {
+	if ovPerChunk*int64(len(todo))<<v.shift > reserved {
 		// copyNeed is an upper bound; this would be a bug in it.
 		return fmt.Errorf("%w: copy-out of %d chunks with %d bytes of overlay reserved", ErrCorrupt, len(todo), reserved)
 	}
-	// The old chunks, read into buffers that become the overlay images.
-	imgs := make([][]byte, len(todo))
+	// The old chunks, read into buffers that become the pending copies.
+	olds := make([][]byte, len(todo))
 	keep := false
 	defer func() {
 		if !keep {
-			for _, b := range imgs {
+			for _, b := range olds {
 				if b != nil {
 					putBuf(b)
 				}
@@ -481,7 +490,7 @@ func (v *Volume) copyOut(c0, c1, reserved int64) error {
 	zero := make([]bool, len(todo))
 	for i, c := range todo {
 		b := chunkBuf(v.chunkSize)
-		imgs[i] = b
+		olds[i] = b
 		if err := v.readCur(c, 0, b); err != nil {
 			return err
 		}
@@ -513,37 +522,50 @@ func (v *Volume) copyOut(c0, c1, reserved int64) error {
 			return err
 		}
 	}
+	// The copies themselves are written by the committer, before the batch
+	// (writeCopies): the write's path neither writes the COW file nor the
+	// data file.
 	ks := v.alloc(int(nonzero))
 	recs := make([]byte, 0, len(todo)*(recOverhead+excPayloadBytes))
+	es := make([]*ovEntry, len(todo))
+	extra := int64(0) // pending copies kept in memory
 	j := 0
 	for i, c := range todo {
-		b := imgs[i]
+		b := olds[i]
 		r := record{Type: recExc, Obj: sn.obj, Origin: uint64(c), DataCRC: crc(b)}
+		e := &ovEntry{v: v, c: c, data: b} // the image starts as the old chunk
 		if !zero[i] {
 			r.COW = uint64(ks[j])
 			j++
-			if err := writeFull(f, b, int64(r.COW)<<v.shift); err != nil {
-				// Nothing refers to the chunks: hand them back.
-				v.unalloc(ks)
-				sn.reserved.Add(-nonzero)
-				return err
+			e.cf, e.cowAt = f, int64(r.COW)<<v.shift
+			if v.isPresent(c) {
+				// The data file holds the old chunk until the apply: the
+				// committer copies it from there.
+				e.fromData = true
+			} else {
+				// A clone's chunk read from its source: keep the copy.
+				e.old = chunkBuf(v.chunkSize)
+				copy(e.old, b)
+				extra++
 			}
 		}
+		es[i] = e
 		recs = appendRecord(recs, &r)
-	}
-	es := make([]*ovEntry, len(todo))
-	for i, c := range todo {
-		es[i] = &ovEntry{v: v, c: c, data: imgs[i]}
 	}
 	id, err := v.s.log.enqueue(recs, f, es)
 	if err != nil {
 		// The committer failed (sticky): the store refuses changes now.
+		for _, e := range es {
+			if e.old != nil {
+				putBuf(e.old)
+			}
+		}
 		v.unalloc(ks)
 		sn.reserved.Add(-nonzero)
 		return err
 	}
 	keep = true
-	used = int64(len(todo)) << v.shift
+	used = (int64(len(todo)) + extra) << v.shift
 	for _, e := range es {
 		v.ovPut(e)
 	}

@@ -1,0 +1,379 @@
+package cow
+
+import (
+	"bytes"
+	"fmt"
+	"math/rand"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/csi-snap/csi-snap/exceptions"
+)
+
+// Tests of the deferred copy (FORMAT.md, "First write to chunk c after
+// snapshot Sn"): the committer writes a first write's copy of the old
+// chunk, and only after the copy and its record are durable does the new
+// data reach the data file.
+
+// ioEvent is one parsed entry of faultFS.ios.
+type ioEvent struct {
+	kind     string // wstart, wdone, sstart, sdone
+	name     string
+	off, len int64
+}
+
+func parseIOs(t *testing.T, ios []string) []ioEvent {
+	t.Helper()
+	out := make([]ioEvent, len(ios))
+	for i, s := range ios {
+		f := strings.Fields(s)
+		if f[1] == logTmpName { // a log made by a checkpoint keeps its temp name open
+			f[1] = logName
+		}
+		out[i] = ioEvent{kind: f[0], name: f[1]}
+		if len(f) == 4 {
+			fmt.Sscan(f[2], &out[i].off)
+			fmt.Sscan(f[3], &out[i].len)
+		}
+	}
+	return out
+}
+
+// TestApplyAfterDurableCopy records every write and sync the store makes
+// while concurrent first writes (partial and whole chunks, one spanning
+// several) run after a snapshot, and checks for each written chunk c, with
+// k the COW chunk the snapshot maps it to, that before the first write to
+// c's bytes in the data file starts: the copy was written to COW chunk k;
+// after that a log write (the batch) started; then a sync of the log and
+// a sync of the COW file both started after those writes were done and
+// completed. It fails if the apply can reach the data file before the
+// record and the copy are durable.
+func TestApplyAfterDurableCopy(t *testing.T) {
+	dir := t.TempDir()
+	fs := newFaultFS(dir)
+	s, err := openFS(dir, fs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	const cs, n = 4096, 64
+	v, err := s.CreateVolume("v", n*cs, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewSource(7))
+	old := make([]byte, n*cs)
+	rng.Read(old)
+	v.WriteAt(old, 0)
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	var ios []string
+	fs.mu.Lock()
+	fs.ios = &ios
+	fs.mu.Unlock()
+	var wg sync.WaitGroup
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for c := g; c < 48; c += 4 {
+				off, m := int64(c)*cs+int64(100*g), 1000
+				if c%3 == 0 {
+					off, m = int64(c)*cs, cs // whole chunk
+				}
+				if _, err := v.WriteAt(fill(m, byte(c)), off); err != nil {
+					t.Error(err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if _, err := v.WriteAt(fill(5*cs, 0xEE), 50*cs+10); err != nil { // chunks 50..55
+		t.Error(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	fs.mu.Lock()
+	fs.ios = nil
+	fs.mu.Unlock()
+	ev := parseIOs(t, ios)
+	sn, _ := s.Snapshot("s")
+	dataName, cowName := v.dataName, v.cowName
+	written := []int64{}
+	for c := int64(0); c < 48; c++ {
+		written = append(written, c)
+	}
+	for c := int64(50); c <= 55; c++ {
+		written = append(written, c)
+	}
+	applies := 0
+	for _, c := range written {
+		v.mu.RLock()
+		k, ok := sn.idx.Lookup(exceptions.Chunk(c))
+		v.mu.RUnlock()
+		if !ok || k == 0 {
+			t.Fatalf("chunk %d: mapped %v to COW chunk %d, want a real copy", c, ok, k)
+		}
+		// The first data-file write touching chunk c.
+		i := -1
+		for j, e := range ev {
+			if e.kind == "wstart" && e.name == dataName && e.off < (c+1)*cs && c*cs < e.off+e.len {
+				i = j
+				break
+			}
+		}
+		if i < 0 {
+			t.Fatalf("chunk %d never reached the data file", c)
+		}
+		applies++
+		// The copy, done before i.
+		a := -1
+		for j := 0; j < i; j++ {
+			if e := ev[j]; e.kind == "wdone" && e.name == cowName && e.off == int64(k)*cs && e.len == cs {
+				a = j
+				break
+			}
+		}
+		if a < 0 {
+			t.Fatalf("chunk %d: data file written (event %d: %v) before its copy to COW chunk %d was written", c, i, ios[i], k)
+		}
+		// A log write after the copy, done before i.
+		b := -1
+		for j := a + 1; j < i; j++ {
+			if e := ev[j]; e.kind == "wstart" && e.name == logName {
+				b = j
+				break
+			}
+		}
+		if b < 0 {
+			t.Fatalf("chunk %d: data file written (event %d) with no log write between its copy (event %d) and it", c, i, a)
+		}
+		// Both files synced: a sync started after the writes were done and
+		// completed before i.
+		for _, name := range []string{logName, cowName} {
+			durable := false
+			for j := b + 1; j < i && !durable; j++ {
+				if ev[j].kind != "sstart" || ev[j].name != name {
+					continue
+				}
+				if name == logName && !doneBefore(ev, b, j) {
+					continue // the batch write was still running
+				}
+				for k := j + 1; k < i; k++ {
+					if ev[k].kind == "sdone" && ev[k].name == name {
+						durable = true
+						break
+					}
+				}
+			}
+			if !durable {
+				t.Fatalf("chunk %d: data file written (event %d) before %s was synced after the copy (event %d) and batch (event %d)", c, i, name, a, b)
+			}
+		}
+	}
+	if applies != len(written) {
+		t.Fatalf("checked %d applies, want %d", applies, len(written))
+	}
+	t.Logf("%d first writes checked against %d recorded I/O events", applies, len(ev))
+	// And the images are right.
+	want := bytes.Clone(old)
+	for c := 0; c < 48; c++ {
+		off, m := c*cs+100*(c%4), 1000
+		if c%3 == 0 {
+			off, m = c*cs, cs
+		}
+		copy(want[off:off+m], fill(m, byte(c)))
+	}
+	copy(want[50*cs+10:], fill(5*cs, 0xEE))
+	if got := mustRead(t, v, 0, n*cs); !bytes.Equal(got, want) {
+		t.Fatalf("volume differs at %d", firstDiff(got, want))
+	}
+	if got := mustRead(t, sn, 0, n*cs); !bytes.Equal(got, old) {
+		t.Fatalf("snapshot differs at %d", firstDiff(got, old))
+	}
+}
+
+// doneBefore reports whether the write started at event w completed before
+// event j.
+func doneBefore(ev []ioEvent, w, j int) bool {
+	for k := w + 1; k < j; k++ {
+		if ev[k].kind == "wdone" && ev[k].name == ev[w].name && ev[k].off == ev[w].off && ev[k].len == ev[w].len {
+			return true
+		}
+	}
+	return false
+}
+
+// TestSnapshotReadsPendingCopy holds the committer inside its write of a
+// pending copy: the snapshot (and a clone of it) must read the old chunk
+// from the pending copy, since the COW chunk does not hold it yet (checked),
+// while the volume reads the new data; once released, everything is
+// durable and right.
+func TestSnapshotReadsPendingCopy(t *testing.T) {
+	dir := t.TempDir()
+	fs := newFaultFS(dir)
+	fs.noSync = true
+	s, err := openFS(dir, fs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	const cs = 4096
+	v, _ := s.CreateVolume("v", 8*cs, VolumeOptions{ChunkSize: cs})
+	old := fill(8*cs, 1)
+	v.WriteAt(old, 0)
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	sn, _ := s.Snapshot("s")
+	c, err := s.CloneSnapshot("s", "c", 8*cs, VolumeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	held := make(chan struct{})
+	release := make(chan struct{})
+	var once sync.Once
+	fs.mu.Lock()
+	fs.writeHook = func(name string) {
+		if strings.HasSuffix(name, ".cow") {
+			once.Do(func() { close(held); <-release })
+		}
+	}
+	fs.mu.Unlock()
+	released := false
+	defer func() {
+		if !released {
+			close(release)
+		}
+	}()
+	if _, err := v.WriteAt(fill(100, 2), 3*cs+50); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-held:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the committer never wrote the pending copy")
+	}
+	// The COW chunk does not hold the copy yet: a read of it would be wrong.
+	v.mu.RLock()
+	k, _ := sn.idx.Lookup(3)
+	v.mu.RUnlock()
+	f, _ := v.cowFile()
+	disk := make([]byte, cs)
+	readFull(f, disk, int64(k)*cs)
+	if bytes.Equal(disk, old[3*cs:4*cs]) {
+		t.Fatal("the COW chunk already holds the copy: the test would not tell the pending copy from it")
+	}
+	want := bytes.Clone(old)
+	copy(want[3*cs+50:], fill(100, 2))
+	for i := 0; i < 2; i++ {
+		if got := mustRead(t, sn, 0, 8*cs); !bytes.Equal(got, old) {
+			t.Fatalf("snapshot differs at %d while its copy is pending", firstDiff(got, old))
+		}
+		if got := mustRead(t, c, 0, 8*cs); !bytes.Equal(got, old) {
+			t.Fatalf("clone of the snapshot differs at %d while the copy is pending", firstDiff(got, old))
+		}
+		if got := mustRead(t, v, 0, 8*cs); !bytes.Equal(got, want) {
+			t.Fatalf("volume differs at %d while the copy is pending", firstDiff(got, want))
+		}
+		if err := s.check(); err != nil {
+			t.Fatal(err)
+		}
+		if i == 0 {
+			released = true
+			close(release)
+			if err := v.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			readFull(f, disk, int64(k)*cs)
+			if !bytes.Equal(disk, old[3*cs:4*cs]) {
+				t.Fatalf("COW chunk %d differs from the old chunk at %d after Flush", k, firstDiff(disk, old[3*cs:4*cs]))
+			}
+		}
+	}
+}
+
+// TestSnapshotReadRacesApply: readers of a snapshot (and of the volume)
+// run while first writes' copies are pending and while the committer
+// applies them (taking the pending copy away): every read sees the old
+// data, or the new, whole. Run with -race: the pending copy is shared
+// between readers and the committer.
+func TestSnapshotReadRacesApply(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := openSlow(t, dir, 2*time.Millisecond)
+	defer s.Close()
+	const cs, n = 4096, 32
+	v, _ := s.CreateVolume("v", n*cs, VolumeOptions{ChunkSize: cs})
+	cur := make([]byte, n*cs)
+	rand.New(rand.NewSource(9)).Read(cur)
+	v.WriteAt(cur, 0)
+	var duringPending, afterApply atomic.Int64
+	for round := 0; round < 6; round++ {
+		id := fmt.Sprint("s", round)
+		sn, err := s.CreateSnapshot("v", id, SnapshotOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		old := bytes.Clone(cur)
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		for r := 0; r < 3; r++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				buf := make([]byte, cs)
+				for i := 0; ; i++ {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					c := int64((i*7 + r*5) % n)
+					pending := v.ovN.Load() > 0
+					if _, err := sn.ReadAt(buf, c*cs); err != nil {
+						t.Error(err)
+						return
+					}
+					if !bytes.Equal(buf, old[c*cs:(c+1)*cs]) {
+						t.Errorf("round %d: snapshot chunk %d differs at %d", round, c, firstDiff(buf, old[c*cs:(c+1)*cs]))
+						return
+					}
+					if pending && v.ovN.Load() > 0 {
+						duringPending.Add(1)
+					} else if v.ovN.Load() == 0 {
+						afterApply.Add(1)
+					}
+				}
+			}()
+		}
+		for c := int64(0); c < n; c++ {
+			p := fill(cs/2, byte(round*n+int(c)))
+			if _, err := v.WriteAt(p, c*cs+int64(round*100)); err != nil {
+				t.Fatal(err)
+			}
+			copy(cur[c*cs+int64(round*100):], p)
+			time.Sleep(100 * time.Microsecond) // spread the batches out
+		}
+		if err := v.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(2 * time.Millisecond)
+		close(stop)
+		wg.Wait()
+		if got := mustRead(t, v, 0, n*cs); !bytes.Equal(got, cur) {
+			t.Fatalf("round %d: volume differs at %d", round, firstDiff(got, cur))
+		}
+		if err := s.check(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Logf("snapshot reads: %d while copies were pending, %d after they were applied", duringPending.Load(), afterApply.Load())
+	if duringPending.Load() == 0 || afterApply.Load() == 0 {
+		t.Fatalf("reads while pending %d, after apply %d: the race was not exercised", duringPending.Load(), afterApply.Load())
+	}
+}
