@@ -207,28 +207,14 @@ func (s *server) readLoopBlocking() {
 	in, out := requestBuffers()
 	for {
 		n, err := unix.Read(s.fd, in)
-		switch {
-		case err == nil:
-		case errors.Is(err, unix.EINTR), errors.Is(err, unix.ENOENT), errors.Is(err, unix.EAGAIN):
-			continue
-		case errors.Is(err, unix.ENODEV):
-			s.markDead()
-			return
-		default:
-			klog.ErrorS(err, "read /dev/fuse")
-			s.markDead()
-			return
-		}
-		if reply := s.handle(in[:n], out); reply > 0 {
-			if _, err := unix.Write(s.fd, out[:reply]); err != nil {
-				if errors.Is(err, unix.ENODEV) {
-					s.markDead()
-					return
-				}
-				if !errors.Is(err, unix.ENOENT) {
-					klog.ErrorS(err, "write /dev/fuse reply")
-				}
+		if err != nil {
+			if s.readFailed(err) {
+				return
 			}
+			continue
+		}
+		if !s.serve(in[:n], out) {
+			return
 		}
 		if s.stopping.Load() {
 			return
@@ -272,40 +258,58 @@ func (s *server) readLoop() {
 	in, out := requestBuffers()
 	for !s.stopping.Load() {
 		n, err := unix.Read(s.fd, in)
-		switch {
-		case err == nil:
-		case errors.Is(err, unix.EAGAIN):
+		if errors.Is(err, unix.EAGAIN) {
 			if _, err := unix.EpollWait(ep, events, -1); err != nil && !errors.Is(err, unix.EINTR) {
 				klog.ErrorS(err, "epoll_wait /dev/fuse")
 				return
 			}
 			continue
-		case errors.Is(err, unix.EINTR), errors.Is(err, unix.ENOENT):
-			// ENOENT: the request was interrupted before we got it.
-			continue
-		case errors.Is(err, unix.ENODEV):
-			// Unmounted or aborted: nothing more will come.
-			s.markDead()
-			return
-		default:
-			klog.ErrorS(err, "read /dev/fuse")
-			s.markDead()
-			return
 		}
-		if reply := s.handle(in[:n], out); reply > 0 {
-			if _, err := unix.Write(s.fd, out[:reply]); err != nil {
-				// ENOENT: the kernel gave up on the request (interrupted or
-				// aborted); nothing to do.
-				if errors.Is(err, unix.ENODEV) {
-					s.markDead()
-					return
-				}
-				if !errors.Is(err, unix.ENOENT) {
-					klog.ErrorS(err, "write /dev/fuse reply")
-				}
+		if err != nil {
+			if s.readFailed(err) {
+				return
 			}
+			continue
+		}
+		if !s.serve(in[:n], out) {
+			return
 		}
 	}
+}
+
+// readFailed sorts an error of a read of /dev/fuse: it returns false for
+// one to retry (EINTR, EAGAIN; ENOENT: the request was interrupted before
+// we got it) and true, with the connection marked dead, when nothing more
+// will come (ENODEV: unmounted or aborted; anything else is logged).
+func (s *server) readFailed(err error) bool {
+	switch {
+	case errors.Is(err, unix.EINTR), errors.Is(err, unix.ENOENT), errors.Is(err, unix.EAGAIN):
+		return false
+	case !errors.Is(err, unix.ENODEV):
+		klog.ErrorS(err, "read /dev/fuse")
+	}
+	s.markDead()
+	return true
+}
+
+// serve handles one request and writes its reply, if it has one; it
+// returns false when the connection is gone (ENODEV). ENOENT on the reply
+// means the kernel gave up on the request (interrupted or aborted).
+func (s *server) serve(req, out []byte) bool {
+	reply := s.handle(req, out)
+	if reply <= 0 {
+		return true
+	}
+	if _, err := unix.Write(s.fd, out[:reply]); err != nil {
+		if errors.Is(err, unix.ENODEV) {
+			s.markDead()
+			return false
+		}
+		if !errors.Is(err, unix.ENOENT) {
+			klog.ErrorS(err, "write /dev/fuse reply")
+		}
+	}
+	return true
 }
 
 // requestBuffers returns a reader's request and reply buffers, placed so
