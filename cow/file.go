@@ -103,7 +103,8 @@ const writePiece = 64 << 10
 
 // writeAtPieces writes p at off as pwrites that never cross a multiple of
 // piece, stopping at the first error or short write. (The same helper as
-// kernel.WriteAtPieces; cow cannot import driver/kernel.)
+// kernel.WriteAtPieces, kept twice on purpose: cow cannot import
+// driver/kernel, and driver/kernel must not import cow, TestNoCowImport.)
 func writeAtPieces(w io.WriterAt, p []byte, off int64, piece int) (int, error) {
 	if len(p) <= piece {
 		return w.WriteAt(p, off)
