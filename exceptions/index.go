@@ -117,6 +117,9 @@ type Index struct {
 	gshift  uint8
 	nblocks int // blocks in all segments
 	gout    int // blocks added outside gdir's range since gbuild
+
+	// mem holds every block's words (see arena).
+	mem arena
 }
 
 type segment struct {
@@ -146,7 +149,8 @@ func (x *Index) Runs() int { return x.runs }
 // allocated capacity of every slice it owns plus its structs.
 func (x *Index) Bytes() int {
 	t := int(unsafe.Sizeof(*x)) + cap(x.segFirst)*8 + cap(x.segs)*8 +
-		(cap(x.scratch)+cap(x.tail))*int(unsafe.Sizeof(Run{})) + x.top.bytes() + cap(x.gdir)*8
+		(cap(x.scratch)+cap(x.tail))*int(unsafe.Sizeof(Run{})) + x.top.bytes() + cap(x.gdir)*8 +
+		x.mem.bytes() - int(unsafe.Sizeof(x.mem)) // the struct is in Sizeof(*x)
 	for _, sg := range x.segs {
 		t += int(unsafe.Sizeof(*sg)) + cap(sg.firsts)*8 + cap(sg.blocks)*int(unsafe.Sizeof(block{})) + sg.dir.bytes()
 		for i := range sg.blocks {
@@ -172,8 +176,7 @@ func (x *Index) Clone() *Index {
 		ns := &segment{firsts: slices.Clone(sg.firsts), blocks: slices.Clone(sg.blocks),
 			dir: radix[uint16]{base: sg.dir.base, shift: sg.dir.shift, dir: slices.Clone(sg.dir.dir)}}
 		for b := range ns.blocks {
-			w := slices.Clone(ns.blocks[b].words())
-			ns.blocks[b].p = &w[0]
+			ns.blocks[b].moveTo(&y.mem)
 		}
 		y.segs[s] = ns
 		y.nblocks += len(ns.blocks)
@@ -485,7 +488,7 @@ func (x *Index) flush() {
 func (x *Index) flushTail() {
 	x.hotOK = false
 	var nb block
-	nb.encode(x.tail)
+	nb.encode(&x.mem, x.tail)
 	first := x.tail[0].Origin
 	x.tail = x.tail[:0]
 	if len(x.segs) == 0 {
@@ -548,7 +551,7 @@ func (x *Index) insertAt(s, b, i int, r Run) {
 	x.hotOK = false
 	k := x.blk(s, b)
 	p := k.p
-	if k.n() < x.maxRuns && k.insert(i, r) {
+	if k.n() < x.maxRuns && k.insert(&x.mem, i, r) {
 		x.runs++
 		if i == 0 {
 			x.setFirst(s, b, r.Origin, p)
@@ -597,7 +600,7 @@ func (x *Index) rewrite(s, b int, runs []Run, at int) {
 		return
 	case len(runs) <= x.maxRuns:
 		op := k.p
-		k.encode(runs)
+		k.encode(&x.mem, runs)
 		x.setFirst(s, b, runs[0].Origin, op)
 		return
 	}
@@ -609,9 +612,9 @@ func (x *Index) rewrite(s, b int, runs []Run, at int) {
 		cut = 1
 	}
 	var nb block
-	nb.encode(runs[cut:])
+	nb.encode(&x.mem, runs[cut:])
 	op := k.p
-	k.encode(runs[:cut])
+	k.encode(&x.mem, runs[:cut])
 	x.setFirst(s, b, runs[0].Origin, op)
 	x.insertBlock(s, b+1, nb, runs[cut].Origin)
 }
@@ -654,6 +657,7 @@ func (x *Index) deleteBlock(s, b int) {
 	x.hotOK = false
 	sg := x.segs[s]
 	defer x.gremoved(sg.firsts[b])
+	x.mem.release(sg.blocks[b].words())
 	sg.blocks = slices.Delete(sg.blocks, b, b+1)
 	sg.firsts = slices.Delete(sg.firsts, b, b+1)
 	if len(sg.blocks) == 0 {
@@ -704,7 +708,7 @@ func (x *Index) compact(s, b int) {
 	runs = sg.blocks[b+1].decode(runs)
 	x.scratch = runs
 	op := sg.blocks[b].p
-	sg.blocks[b].encode(runs) // its first stays
+	sg.blocks[b].encode(&x.mem, runs) // its first stays
 	x.grepoint(sg.firsts[b], op, sg.blocks[b].p)
 	x.deleteBlock(s, b+1)
 }
@@ -758,7 +762,32 @@ func (x *Index) Remove(origin Chunk, n uint64) uint64 {
 		origin = last.Origin + Chunk(last.Len)
 	}
 	x.n -= removed
+	x.repackSparse()
 	return removed
+}
+
+// repackSparse moves every block into a fresh arena when more than half of
+// the arena's slab words are not in use (after removes), so that memory is
+// returned: O(Bytes()), at most once per halving.
+func (x *Index) repackSparse() {
+	a := &x.mem
+	idle := a.idleWords()
+	if a.slabWords <= 4*slabMinWords || 2*idle <= a.slabWords {
+		return
+	}
+	var na arena
+	if live := a.slabWords - idle; live > 0 {
+		na.grow(live)
+	}
+	for _, sg := range x.segs {
+		for b := range sg.blocks {
+			if k := &sg.blocks[b]; len(k.words()) <= maxSlabWords {
+				k.moveTo(&na)
+			}
+		}
+	}
+	x.mem = na
+	x.gbuild()
 }
 
 // Ascend calls fn for each run that ends after from, in origin order, until
@@ -888,6 +917,15 @@ func (x *Index) check() error {
 		if limit != x.hotLimit {
 			return fmt.Errorf("hot run's next run starts at %d, cached %d", limit, x.hotLimit)
 		}
+	}
+	var allocs [][]uint64
+	for _, sg := range x.segs {
+		for b := range sg.blocks {
+			allocs = append(allocs, sg.blocks[b].words())
+		}
+	}
+	if err := x.mem.check(allocs); err != nil {
+		return err
 	}
 	if !x.checkGdir() {
 		return fmt.Errorf("block directory of %d entries (base %d, shift %d) is wrong for %d blocks", len(x.gdir), x.gbase, x.gshift, x.nblocks)

@@ -17,12 +17,9 @@ import (
 // TLB and cache behaviour is the lookup's.
 const floorBytes = 72 << 20
 
-// madvHugepage and madvNoHugepage are MADV_HUGEPAGE and MADV_NOHUGEPAGE
-// (asm-generic/mman-common.h); package syscall does not name them.
-const (
-	madvHugepage   = 14
-	madvNoHugepage = 15
-)
+// madvNoHugepage is MADV_NOHUGEPAGE (asm-generic/mman-common.h); package
+// syscall does not name it. madvHugepage is in huge_linux.go.
+const madvNoHugepage = 15
 
 // floorRegion maps floorBytes of anonymous memory, 2 MiB-aligned, madvised
 // for huge pages or against them, and returns it as words plus the fraction
@@ -155,4 +152,23 @@ func benchFloor(b *testing.B, huge, dependent bool) {
 	b.ReportMetric(float64((threadCPU()-c0).Nanoseconds())/n, "cpu-ns/load")
 	b.ReportMetric(frac, "thp-frac")
 	touchSink.Store(sink + p) // keeps both loops' loads
+}
+
+// processHuge returns the AnonHugePages bytes of the whole process
+// (/proc/self/smaps_rollup), or -1 when it cannot be read.
+func processHuge() int {
+	data, err := os.ReadFile("/proc/self/smaps_rollup")
+	if err != nil {
+		return -1
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "AnonHugePages:"); ok {
+			kb, err := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
+			if err != nil {
+				return -1
+			}
+			return kb << 10
+		}
+	}
+	return -1
 }
