@@ -628,7 +628,7 @@ func (x *Index) insertBlock(s, b int, blk block, first Chunk) {
 	sg.blocks = slices.Insert(sg.blocks, b, blk)
 	sg.firsts = slices.Insert(sg.firsts, b, first)
 	if len(sg.blocks) <= x.maxBlocks {
-		sg.dir.build(sg.firsts)
+		sg.dir.inserted(sg.firsts, b)
 		return
 	}
 	cut := len(sg.blocks) / 2
