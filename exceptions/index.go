@@ -76,7 +76,10 @@ const (
 //     else it has gsize() >= nblocks buckets plus a last entry &gnone[0],
 //     and every bucket's entry is exactly what the rule in gdir.go gives
 //     (the owner's word 0 within gnear buckets of the owner's first, else
-//     &gnone[0]), so Lookup never reads a stale or freed allocation.
+//     &gnone[0]), so Lookup never reads a stale or freed allocation;
+//   - mem, the arena every block's words come from, is exactly tiled by the
+//     blocks' allocations and its free chunks (see arena), so no two blocks
+//     share words and no free chunk is still a block's.
 //
 // Concurrency: Lookup, Ascend, Len, Runs, Bytes and Clone only read and may
 // run concurrently with each other; Insert, InsertRun and Remove need
@@ -146,7 +149,8 @@ func (x *Index) Len() uint64 { return x.n }
 func (x *Index) Runs() int { return x.runs }
 
 // Bytes returns the approximate heap held by the index, in bytes: the
-// allocated capacity of every slice it owns plus its structs.
+// allocated capacity of every slice it owns plus its structs, the arena's
+// slabs counted whole (used or not).
 func (x *Index) Bytes() int {
 	t := int(unsafe.Sizeof(*x)) + cap(x.segFirst)*8 + cap(x.segs)*8 +
 		(cap(x.scratch)+cap(x.tail))*int(unsafe.Sizeof(Run{})) + x.top.bytes() + cap(x.gdir)*8 +
