@@ -16,8 +16,7 @@
 // the narrowest widths the block needs. A block is one allocation: a
 // three-word header (bases, counts and widths) followed by the fields, held by an
 // 8-byte pointer, carved from the index's own slabs (an arena with a free
-// list per length; the 4 MiB slabs of a large index are madvised for huge
-// pages, so a miss on a block needs no 4 KiB page walk). Blocks are grouped
+// list per length, so blocks carry little slack). Blocks are grouped
 // into segments of up to 512; the first origin of every segment and block is
 // kept in flat arrays with a radix directory over each: the path mutations
 // take to a block's position. Lookup takes a shorter one: a directory of
@@ -36,8 +35,7 @@
 // leaves full blocks (about 6.5 bytes a run for the same spread).
 //
 // The package imports only the standard library, does no I/O and never
-// logs. On Linux it calls madvise on its own slabs (advice only: an error
-// leaves ordinary pages).
+// logs.
 //
 // # Caveats
 //
@@ -60,12 +58,12 @@
 //     fifth of the slab words can be unused at any size (0.17 B/chunk at
 //     10 million random chunks; BenchmarkBuild reports it as idle-B/chunk).
 //   - A lookup is two dependent cache misses at 10 million random runs
-//     (directory entry, block), each a DRAM access (the directory's with a
-//     4 KiB-page TLB miss, the block's mostly in huge pages), plus roughly
-//     250-300 instructions (mostly the search), apparently too many for the
-//     CPU to overlap one lookup's misses with the next's; a Go map's is one
-//     or two misses too. BenchmarkMemFloor measures a dependent miss in the
-//     same process; BENCHMARKS.md has the ratio.
+//     (directory entry, block), each a DRAM access with a TLB miss on this
+//     heap of 4 KiB pages (huge pages for the blocks measured no faster),
+//     plus roughly 250-300 instructions (mostly the search), apparently too
+//     many for the CPU to overlap one lookup's misses with the next's; a Go
+//     map's is one or two misses too. BenchmarkMemFloor measures a
+//     dependent miss in the same process; BENCHMARKS.md has the ratio.
 //   - Lookup's directory is rebuilt when the block count doubles or after
 //     an ascending load adds a quarter of the blocks past its range; until
 //     then chunks past its range, and chunks in buckets more than 8 past a

@@ -17,9 +17,12 @@ import (
 // TLB and cache behaviour is the lookup's.
 const floorBytes = 72 << 20
 
-// madvNoHugepage is MADV_NOHUGEPAGE (asm-generic/mman-common.h); package
-// syscall does not name it. madvHugepage is in huge_linux.go.
-const madvNoHugepage = 15
+// MADV_HUGEPAGE and MADV_NOHUGEPAGE (asm-generic/mman-common.h); package
+// syscall does not name them.
+const (
+	madvHugepage   = 14
+	madvNoHugepage = 15
+)
 
 // floorRegion maps floorBytes of anonymous memory, 2 MiB-aligned, madvised
 // for huge pages or against them, and returns it as words plus the fraction
