@@ -115,7 +115,7 @@ type Index struct {
 
 	// gdir is Lookup's directory straight to blocks (see gdir.go): entry k
 	// is word 0 of the block that owns bucket k, or nil.
-	gdir    []*uint64
+	gdir    []unsafe.Pointer
 	gbase   Chunk
 	gshift  uint8
 	nblocks int // blocks in all segments
@@ -272,10 +272,15 @@ func (x *Index) Lookup(c Chunk) (Chunk, bool) {
 		// two headers miss in parallel, and the choice is an index made
 		// from a borrow, not a branch on a missed load (mispredicted one
 		// time in five, serializing the lookups after it).
-		f0, f1 := *x.gdir[k], *x.gdir[k+1]
+		e0, e1 := x.gdir[k], x.gdir[k+1]
+		p0, p1 := gptr(e0), gptr(e1)
+		f0, f1 := *p0, *p1
+		if touchAhead(p0, e0)+touchAhead(p1, e1) == 1 {
+			touchSink.Store(1) // practically never; the loads must happen
+		}
 		_, b := bits.Sub64(uint64(c), f1, 0) // 1: c is before bucket k+1's owner
 		if f := f0 ^ (f0^f1)&(b-1); Chunk(f) <= c {
-			p := x.gdir[k+1-b]
+			p := gptr(x.gdir[k+1-b])
 			if cow, ok, sure := lookupBlock(p, c); sure {
 				return cow, ok
 			}
