@@ -22,9 +22,9 @@
 // take to a block's position. Lookup takes a shorter one: a directory of
 // about two buckets per block over the whole chunk range whose entries point
 // straight at the owning block's words, so a lookup loads two neighbouring
-// entries, the headers of the (at most two) blocks they name, then all of
-// the chosen block's few cache lines at once, and binary-searches them
-// without branches; it never decodes a stream. Randomly placed single chunks
+// entries, then the (at most two) blocks they name, header and (up to 8)
+// cache lines at once (each entry's low bits say how many lines), and
+// binary-searches the chosen one without branches; it never decodes a stream. Randomly placed single chunks
 // cost about 6.7 bytes each at 10 million chunks over 2^28, slab slack and
 // free lists included (the kernel's dm-snapshot table: 32 bytes plus
 // buckets; a Go map: about 30). BENCHMARKS.md has the measurements.
