@@ -14,9 +14,9 @@
 // Runs live in blocks of up to 64, each run stored as three fixed-width bit
 // fields (origin offset, COW offset, Len-1) relative to per-block bases, at
 // the narrowest widths the block needs. A block is one allocation: a
-// three-word header (bases, counts and widths) followed by the fields, held by an
-// 8-byte pointer, carved from the index's own slabs (an arena with a free
-// list per length, so blocks carry little slack). Blocks are grouped
+// three-word header (bases, counts and widths) followed by the fields, held
+// by an 8-byte pointer, carved from the index's own slabs (an arena with a
+// free list per length, so blocks carry little slack). Blocks are grouped
 // into segments of up to 512; the first origin of every segment and block is
 // kept in flat arrays with a radix directory over each: the path mutations
 // take to a block's position. Lookup takes a shorter one: a directory of
@@ -24,10 +24,11 @@
 // straight at the owning block's words, so a lookup loads two neighbouring
 // entries, then the (at most two) blocks they name, header and (up to 8)
 // cache lines at once (each entry's low bits say how many lines), and
-// binary-searches the chosen one without branches; it never decodes a stream. Randomly placed single chunks
-// cost about 6.7 bytes each at 10 million chunks over 2^28, slab slack and
-// free lists included (the kernel's dm-snapshot table: 32 bytes plus
-// buckets; a Go map: about 30). BENCHMARKS.md has the measurements.
+// binary-searches the chosen one without branches; it never decodes a
+// stream. Randomly placed single chunks cost about 6.7 bytes each at 10
+// million chunks over 2^28, slab slack and free lists included (the kernel's
+// dm-snapshot table: 32 bytes plus buckets; a Go map: about 30).
+// BENCHMARKS.md has the measurements.
 //
 // Runs inserted in ascending order past the last run (a rebuild from a
 // checkpoint) take a fast path: no search, collected unpacked in a tail of
