@@ -48,7 +48,10 @@ type arena struct {
 	top       int // words of the last slab handed out
 	slabWords int // sum of the slabs' lengths
 	freeWords int
-	free      [maxSlabWords/classStep + 1][]*uint64 // by length/classStep
+	// free[c] holds the free chunks of c*classStep words; it grows only
+	// as far as the longest chunk released, so that a small index (a
+	// sequential fill: one block) does not carry 257 list headers.
+	free [][]*uint64
 }
 
 const (
@@ -75,7 +78,7 @@ func (a *arena) alloc(need int) []uint64 {
 	}
 	// A free chunk of the length, or up to fitSlack words longer (taken
 	// whole: the block keeps the room to insert into).
-	for c := n / classStep; c <= min(n+fitSlack, maxSlabWords)/classStep; c++ {
+	for c := n / classStep; c <= min(n+fitSlack, maxSlabWords)/classStep && c < len(a.free); c++ {
 		if l := a.free[c]; len(l) > 0 {
 			p := l[len(l)-1]
 			a.free[c] = l[:len(l)-1]
@@ -132,13 +135,17 @@ func (a *arena) release(w []uint64) {
 	if n == 0 || n > maxSlabWords {
 		return // a plain Go allocation: the GC takes it
 	}
-	a.free[n/classStep] = append(a.free[n/classStep], &w[0])
+	c := n / classStep
+	if c >= len(a.free) {
+		a.free = append(a.free, make([][]*uint64, c+1-len(a.free))...)
+	}
+	a.free[c] = append(a.free[c], &w[0])
 	a.freeWords += n
 }
 
 // bytes is the heap the arena holds: its slabs, whole, and its lists.
 func (a *arena) bytes() int {
-	t := a.slabWords*8 + cap(a.slabs)*int(unsafe.Sizeof([]uint64(nil)))
+	t := a.slabWords*8 + (cap(a.slabs)+cap(a.free))*int(unsafe.Sizeof([]uint64(nil)))
 	for _, l := range a.free {
 		t += cap(l) * 8
 	}

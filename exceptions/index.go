@@ -154,7 +154,7 @@ func (x *Index) Runs() int { return x.runs }
 func (x *Index) Bytes() int {
 	t := int(unsafe.Sizeof(*x)) + cap(x.segFirst)*8 + cap(x.segs)*8 +
 		(cap(x.scratch)+cap(x.tail))*int(unsafe.Sizeof(Run{})) + x.top.bytes() + cap(x.gdir)*8 +
-		x.mem.bytes() - int(unsafe.Sizeof(x.mem)) // the struct is in Sizeof(*x)
+		x.mem.bytes()
 	for _, sg := range x.segs {
 		t += int(unsafe.Sizeof(*sg)) + cap(sg.firsts)*8 + cap(sg.blocks)*int(unsafe.Sizeof(block{})) + sg.dir.bytes()
 		for i := range sg.blocks {
