@@ -114,7 +114,8 @@ type Index struct {
 	maxRuns, maxBlocks int
 
 	// gdir is Lookup's directory straight to blocks (see gdir.go): entry k
-	// is word 0 of the block that owns bucket k, or nil.
+	// is word 0 of the block that owns bucket k, or of gnone, tagged with
+	// a line count in its low bits (see gmake).
 	gdir    []unsafe.Pointer
 	gbase   Chunk
 	gshift  uint8

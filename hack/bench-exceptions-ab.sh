@@ -12,8 +12,9 @@
 #   hack/bench-exceptions-ab.sh            # BASE=main COUNT=3
 #   BASE=2b1097e COUNT=5 hack/bench-exceptions-ab.sh
 #
-# A round takes about 1.5 min on an idle 2-core machine (4-8 min at load
-# 8-12); medians over rounds, as ratios of figures from the same round.
+# A round takes about 1 min at load 3-6 on 2 cores (COUNT=3: about 3 min;
+# 4-8 min a round at load 8-12); medians over rounds, as ratios of
+# figures from the same round.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/go/bin"
