@@ -200,6 +200,12 @@ func benchBuild(b *testing.B, w workload, mk func() indexer) indexer {
 	b.ReportMetric(float64(chunks), "chunks")
 	if ix, ok := x.(*Index); ok {
 		b.ReportMetric(float64(ix.Bytes())/float64(chunks), "est-B/chunk")
+		// Arena words no block holds (free lists, the last slab's
+		// unused end): fragmentation, already inside heap-B.
+		b.ReportMetric(float64(ix.mem.idleWords()*8)/float64(chunks), "idle-B/chunk")
+		// Huge pages backing the whole process (its other big user
+		// being a map built earlier in the same run).
+		b.ReportMetric(float64(processHuge()), "thp-B")
 	}
 	return x
 }

@@ -2,7 +2,6 @@ package exceptions
 
 import (
 	"math/bits"
-	"slices"
 	"unsafe"
 )
 
@@ -72,14 +71,6 @@ func (k *block) width() uint { return k.wo() + k.wc() + k.wl() }
 
 // wordsFor is the number of words a block of n records of width w needs.
 func wordsFor(n int, w uint) int { return hdrWords + int(uint(n)*w>>6) + 2 }
-
-// allocWords returns a zeroed allocation of at least need words, rounded
-// up to the allocator's size class (the block keeps the slack as room to
-// insert into).
-func allocWords(need int) []uint64 {
-	w := slices.Grow([]uint64(nil), need)
-	return w[:cap(w)]
-}
 
 // getbits returns the n-bit field (0 <= n <= 64) at bit pos. Shifts by 64 are
 // 0 in Go, so r == 0 and n == 64 need no special case.
@@ -201,9 +192,11 @@ func (k *block) decode(dst []Run) []Run {
 
 // encode replaces the block's content with runs (1 <= len(runs) <= 65535,
 // sorted by origin), choosing the narrowest widths. It reuses the
-// allocation when it is large enough and not wastefully so; otherwise k.p
-// changes (the caller repoints Index.gdir).
-func (k *block) encode(runs []Run) {
+// allocation when it is large enough and has at most growSlack words to
+// spare (a split halves a block: its left half moves to a tight
+// allocation, and the old one serves a block that grows); otherwise it
+// releases it to a and k.p changes (the caller repoints Index.gdir).
+func (k *block) encode(a *arena, runs []Run) {
 	obase := runs[0].Origin
 	lo, hi := runs[0].COW, runs[0].COW
 	var maxl uint64
@@ -216,8 +209,9 @@ func (k *block) encode(runs []Run) {
 	wl := uint(bits.Len64(maxl))
 	need := wordsFor(len(runs), wo+wc+wl)
 	w := k.words()
-	if len(w) < need || len(w) > 2*need+8 {
-		w = allocWords(need)
+	if len(w) < need || len(w) > roundWords(need)+growSlack {
+		a.release(w)
+		w = a.alloc(need)
 		k.p = &w[0]
 	} else {
 		clear(w)
@@ -230,9 +224,9 @@ func (k *block) encode(runs []Run) {
 
 // insert stores r as record i, shifting records i.. up, without re-encoding.
 // It reports false, changing nothing, when r does not fit the block's bases
-// and widths. k.p changes when the block grows (the caller repoints
-// Index.gdir).
-func (k *block) insert(i int, r Run) bool {
+// and widths. k.p changes when the block grows into a new allocation from
+// a (the caller repoints Index.gdir).
+func (k *block) insert(a *arena, i int, r Run) bool {
 	if !k.fitsRun(r) {
 		return false
 	}
@@ -241,10 +235,11 @@ func (k *block) insert(i int, r Run) bool {
 	n := k.n()
 	words := k.words()
 	if need := wordsFor(n+1, w); need > len(words) {
-		// Grow to the next allocator size class only: append's doubling
-		// would leave up to half of every block's words unused.
-		nw := allocWords(need)
+		// Grow by growSlack words past the need only: doubling would
+		// leave up to half of every block's words unused.
+		nw := a.alloc(need + growSlack)
 		copy(nw, words)
+		a.release(words)
 		words = nw
 		k.p = &words[0]
 	}
@@ -263,9 +258,25 @@ func (k *block) insert(i int, r Run) bool {
 	return true
 }
 
-// bytes is the heap held by the block's words, in bytes.
+// moveTo copies the block into a new allocation from a (which may be a
+// few words longer than the old one, see arena.alloc); the old one is left
+// to its owner.
+func (k *block) moveTo(a *arena) {
+	old := k.words()
+	w := a.alloc(len(old))
+	copy(w, old)
+	w[2] = w[2]&(1<<40-1) | uint64(len(w))<<40
+	k.p = &w[0]
+}
+
+// growSlack is the room, in words, a block that grows on insert takes
+// beyond what the new record needs, so that it moves less often.
+const growSlack = 2
+
+// bytes is the heap held by the block's words when they are a plain Go
+// allocation, not arena memory (which arena.bytes counts), in bytes.
 func (k *block) bytes() int {
-	if k.p == nil {
+	if k.p == nil || k.meta()>>40 <= maxSlabWords {
 		return 0
 	}
 	return int(k.meta()>>40) * 8

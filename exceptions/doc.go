@@ -11,21 +11,24 @@
 //
 // # Encoding
 //
-// Runs live in blocks of up to 64, each run stored as three fixed-width
-// bit fields (origin offset, COW offset, Len-1) relative to per-block bases,
-// at the narrowest widths the block needs. A block is one allocation: a
+// Runs live in blocks of up to 64, each run stored as three fixed-width bit
+// fields (origin offset, COW offset, Len-1) relative to per-block bases, at
+// the narrowest widths the block needs. A block is one allocation: a
 // three-word header (bases, counts and widths) followed by the fields, held
-// by an 8-byte pointer. Blocks are grouped into segments of up to 512; the
-// first origin of every segment and block is kept in flat arrays with a
-// radix directory over each: the path mutations take to a block's position.
-// Lookup takes a shorter one: a directory of about two buckets per block
-// over the whole chunk range whose entries point straight at the owning
-// block's words, so a lookup loads two neighbouring entries, the headers of
-// the (at most two) blocks they name, then all of the chosen block's few
-// cache lines at once, and binary-searches them without branches; it never
-// decodes a stream. Randomly placed single chunks cost about 7.3 bytes each
-// at 10 million chunks over 2^28 (the kernel's dm-snapshot table: 32 bytes
-// plus buckets; a Go map: about 30). BENCHMARKS.md has the measurements.
+// by an 8-byte pointer, carved from the index's own slabs (an arena with a
+// free list per length, so blocks carry little slack). Blocks are grouped
+// into segments of up to 512; the first origin of every segment and block is
+// kept in flat arrays with a radix directory over each: the path mutations
+// take to a block's position. Lookup takes a shorter one: a directory of
+// about two buckets per block over the whole chunk range whose entries point
+// straight at the owning block's words, so a lookup loads two neighbouring
+// entries, then the (at most two) blocks they name, header and (up to 8)
+// cache lines at once (each entry's low bits say how many lines), and
+// binary-searches the chosen one without branches; it never decodes a
+// stream. Randomly placed single chunks cost about 6.7 bytes each at 10
+// million chunks over 2^28, slab slack and free lists included (the kernel's
+// dm-snapshot table: 32 bytes plus buckets; a Go map: about 30).
+// BENCHMARKS.md has the measurements.
 //
 // Runs inserted in ascending order past the last run (a rebuild from a
 // checkpoint) take a fast path: no search, collected unpacked in a tail of
@@ -48,13 +51,20 @@
 //     block splits, its segment's directory is rebuilt (O(512)).
 //   - Memory is returned as runs are removed (small blocks and segments are
 //     merged, slices shrink), but not eagerly: a block keeps its words
-//     until it is re-encoded.
+//     until it is re-encoded, freed words go to the arena's free lists,
+//     and the slabs are given back only when a Remove leaves more than half
+//     of them idle: then every block is copied into fresh slabs (O(Bytes())
+//     under the caller's write lock).
+//   - A slab grows in steps of a quarter of the slabs before it, so up to a
+//     fifth of the slab words can be unused at any size (0.17 B/chunk at
+//     10 million random chunks; BenchmarkBuild reports it as idle-B/chunk).
 //   - A lookup is two dependent cache misses at 10 million random runs
 //     (directory entry, block), each a DRAM access with a TLB miss on this
-//     heap of 4 KiB pages, plus roughly 250-300 instructions (mostly the
-//     search), apparently too many for the CPU to overlap one lookup's
-//     misses with the next's; a Go map's is one or two misses too.
-//     BENCHMARKS.md has the ratio.
+//     heap of 4 KiB pages (huge pages for the blocks measured no faster),
+//     plus roughly 250-300 instructions (mostly the search), apparently too
+//     many for the CPU to overlap one lookup's misses with the next's; a Go
+//     map's is one or two misses too. BenchmarkMemFloor measures a
+//     dependent miss in the same process; BENCHMARKS.md has the ratio.
 //   - Lookup's directory is rebuilt when the block count doubles or after
 //     an ascending load adds a quarter of the blocks past its range; until
 //     then chunks past its range, and chunks in buckets more than 8 past a

@@ -104,7 +104,7 @@ func (x *Index) gfill(klo, khi int) {
 		if have && k-x.gceil(x.segs[s].firsts[b]) < gnear {
 			p = x.segs[s].blocks[b].p
 		}
-		x.gdir[k] = p
+		x.gdir[k] = gmake(p)
 	}
 }
 
@@ -131,8 +131,8 @@ func (x *Index) grepoint(f Chunk, old, new *uint64) {
 		return
 	}
 	for k, end := x.gceil(f), min(x.gceil(f)+gnear, x.gsize()); k < end; k++ {
-		if x.gdir[k] == old {
-			x.gdir[k] = new
+		if gptr(x.gdir[k]) == old {
+			x.gdir[k] = gmake(new)
 		}
 	}
 }
@@ -175,8 +175,8 @@ func (x *Index) gbuild() {
 	span := uint64(last[len(last)-1] - x.gbase)
 	x.gshift = uint8(max(0, bits.Len64(span)-bits.Len(uint(size-1))))
 	if len(x.gdir) != size+1 {
-		x.gdir = make([]*uint64, size+1)
-		x.gdir[size] = &gnone[0]
+		x.gdir = make([]unsafe.Pointer, size+1)
+		x.gdir[size] = gmake(&gnone[0])
 	}
 	x.gfill(0, size)
 }
@@ -195,7 +195,7 @@ func (x *Index) checkGdir() bool {
 			ptrs = append(ptrs, sg.blocks[b].p)
 		}
 	}
-	if len(firsts) != x.nblocks || x.gsize() < x.nblocks || x.gdir[x.gsize()] != &gnone[0] {
+	if len(firsts) != x.nblocks || x.gsize() < x.nblocks || x.gdir[x.gsize()] != gmake(&gnone[0]) {
 		return false
 	}
 	for k, p := range x.gdir[:x.gsize()] {
@@ -204,11 +204,39 @@ func (x *Index) checkGdir() bool {
 		if j >= 0 && k-x.gceil(firsts[j]) < gnear {
 			want = ptrs[j]
 		}
-		if p != want {
+		if p != gmake(want) {
 			return false
 		}
 	}
 	return true
+}
+
+// A gdir entry is word 0 of a block (8-byte aligned) plus, in its low 3
+// bits, how many of the block's 64-byte lines after the first Lookup loads
+// as soon as it has the entry (touchAhead): then those lines miss in
+// parallel with the header's instead of after it, when the header's meta
+// word gives the block's length (the lookup's third dependent miss). The
+// count comes from the allocation's length, which changes only with the
+// allocation, when the entry is repointed anyway. The tagged pointer stays
+// inside the block, so it is an ordinary interior pointer to the GC.
+func gmake(p *uint64) unsafe.Pointer {
+	words := *(*uint64)(unsafe.Add(unsafe.Pointer(p), 16)) >> 40
+	return unsafe.Add(unsafe.Pointer(p), min(7, (words*8-1)/64))
+}
+
+// gptr returns the block's word 0 from a gdir entry.
+func gptr(e unsafe.Pointer) *uint64 {
+	return (*uint64)(unsafe.Pointer(uintptr(e) &^ 7))
+}
+
+// touchAhead loads the lines the entry e (of block p) names, see gmake, and
+// returns their sum for the caller to keep.
+func touchAhead(p *uint64, e unsafe.Pointer) uint64 {
+	var t uint64
+	for j, n := uintptr(1), uintptr(e)&7; j <= n; j++ {
+		t += *(*uint64)(unsafe.Add(unsafe.Pointer(p), j*64))
+	}
+	return t
 }
 
 // lowMask[n] has the low n bits set (0 <= n <= 64); 128 entries so that
@@ -283,10 +311,10 @@ func lookupBlock(p *uint64, c Chunk) (cow Chunk, found, sure bool) {
 // nil when gdir does not cover c.
 func (x *Index) gblock(c Chunk) *uint64 {
 	if k := uint64(c-x.gbase) >> x.gshift; c >= x.gbase && k < uint64(x.gsize()) && c < math.MaxUint64 {
-		f0, f1 := *x.gdir[k], *x.gdir[k+1]
+		f0, f1 := *gptr(x.gdir[k]), *gptr(x.gdir[k+1])
 		_, b := bits.Sub64(uint64(c), f1, 0)
 		if f := f0 ^ (f0^f1)&(b-1); Chunk(f) <= c {
-			return x.gdir[k+1-b]
+			return gptr(x.gdir[k+1-b])
 		}
 	}
 	return nil

@@ -76,7 +76,10 @@ const (
 //     else it has gsize() >= nblocks buckets plus a last entry &gnone[0],
 //     and every bucket's entry is exactly what the rule in gdir.go gives
 //     (the owner's word 0 within gnear buckets of the owner's first, else
-//     &gnone[0]), so Lookup never reads a stale or freed allocation.
+//     &gnone[0]), so Lookup never reads a stale or freed allocation;
+//   - mem, the arena every block's words come from, is exactly tiled by the
+//     blocks' allocations and its free chunks (see arena), so no two blocks
+//     share words and no free chunk is still a block's.
 //
 // Concurrency: Lookup, Ascend, Len, Runs, Bytes and Clone only read and may
 // run concurrently with each other; Insert, InsertRun and Remove need
@@ -111,12 +114,16 @@ type Index struct {
 	maxRuns, maxBlocks int
 
 	// gdir is Lookup's directory straight to blocks (see gdir.go): entry k
-	// is word 0 of the block that owns bucket k, or nil.
-	gdir    []*uint64
+	// is word 0 of the block that owns bucket k, or of gnone, tagged with
+	// a line count in its low bits (see gmake).
+	gdir    []unsafe.Pointer
 	gbase   Chunk
 	gshift  uint8
 	nblocks int // blocks in all segments
 	gout    int // blocks added outside gdir's range since gbuild
+
+	// mem holds every block's words (see arena).
+	mem arena
 }
 
 type segment struct {
@@ -143,10 +150,12 @@ func (x *Index) Len() uint64 { return x.n }
 func (x *Index) Runs() int { return x.runs }
 
 // Bytes returns the approximate heap held by the index, in bytes: the
-// allocated capacity of every slice it owns plus its structs.
+// allocated capacity of every slice it owns plus its structs, the arena's
+// slabs counted whole (used or not).
 func (x *Index) Bytes() int {
 	t := int(unsafe.Sizeof(*x)) + cap(x.segFirst)*8 + cap(x.segs)*8 +
-		(cap(x.scratch)+cap(x.tail))*int(unsafe.Sizeof(Run{})) + x.top.bytes() + cap(x.gdir)*8
+		(cap(x.scratch)+cap(x.tail))*int(unsafe.Sizeof(Run{})) + x.top.bytes() + cap(x.gdir)*8 +
+		x.mem.bytes()
 	for _, sg := range x.segs {
 		t += int(unsafe.Sizeof(*sg)) + cap(sg.firsts)*8 + cap(sg.blocks)*int(unsafe.Sizeof(block{})) + sg.dir.bytes()
 		for i := range sg.blocks {
@@ -172,8 +181,7 @@ func (x *Index) Clone() *Index {
 		ns := &segment{firsts: slices.Clone(sg.firsts), blocks: slices.Clone(sg.blocks),
 			dir: radix[uint16]{base: sg.dir.base, shift: sg.dir.shift, dir: slices.Clone(sg.dir.dir)}}
 		for b := range ns.blocks {
-			w := slices.Clone(ns.blocks[b].words())
-			ns.blocks[b].p = &w[0]
+			ns.blocks[b].moveTo(&y.mem)
 		}
 		y.segs[s] = ns
 		y.nblocks += len(ns.blocks)
@@ -265,10 +273,15 @@ func (x *Index) Lookup(c Chunk) (Chunk, bool) {
 		// two headers miss in parallel, and the choice is an index made
 		// from a borrow, not a branch on a missed load (mispredicted one
 		// time in five, serializing the lookups after it).
-		f0, f1 := *x.gdir[k], *x.gdir[k+1]
+		e0, e1 := x.gdir[k], x.gdir[k+1]
+		p0, p1 := gptr(e0), gptr(e1)
+		f0, f1 := *p0, *p1
+		if touchAhead(p0, e0)+touchAhead(p1, e1) == 1 {
+			touchSink.Store(1) // practically never; the loads must happen
+		}
 		_, b := bits.Sub64(uint64(c), f1, 0) // 1: c is before bucket k+1's owner
 		if f := f0 ^ (f0^f1)&(b-1); Chunk(f) <= c {
-			p := x.gdir[k+1-b]
+			p := gptr(x.gdir[k+1-b])
 			if cow, ok, sure := lookupBlock(p, c); sure {
 				return cow, ok
 			}
@@ -485,7 +498,7 @@ func (x *Index) flush() {
 func (x *Index) flushTail() {
 	x.hotOK = false
 	var nb block
-	nb.encode(x.tail)
+	nb.encode(&x.mem, x.tail)
 	first := x.tail[0].Origin
 	x.tail = x.tail[:0]
 	if len(x.segs) == 0 {
@@ -548,7 +561,7 @@ func (x *Index) insertAt(s, b, i int, r Run) {
 	x.hotOK = false
 	k := x.blk(s, b)
 	p := k.p
-	if k.n() < x.maxRuns && k.insert(i, r) {
+	if k.n() < x.maxRuns && k.insert(&x.mem, i, r) {
 		x.runs++
 		if i == 0 {
 			x.setFirst(s, b, r.Origin, p)
@@ -597,7 +610,7 @@ func (x *Index) rewrite(s, b int, runs []Run, at int) {
 		return
 	case len(runs) <= x.maxRuns:
 		op := k.p
-		k.encode(runs)
+		k.encode(&x.mem, runs)
 		x.setFirst(s, b, runs[0].Origin, op)
 		return
 	}
@@ -609,9 +622,9 @@ func (x *Index) rewrite(s, b int, runs []Run, at int) {
 		cut = 1
 	}
 	var nb block
-	nb.encode(runs[cut:])
+	nb.encode(&x.mem, runs[cut:])
 	op := k.p
-	k.encode(runs[:cut])
+	k.encode(&x.mem, runs[:cut])
 	x.setFirst(s, b, runs[0].Origin, op)
 	x.insertBlock(s, b+1, nb, runs[cut].Origin)
 }
@@ -625,7 +638,7 @@ func (x *Index) insertBlock(s, b int, blk block, first Chunk) {
 	sg.blocks = slices.Insert(sg.blocks, b, blk)
 	sg.firsts = slices.Insert(sg.firsts, b, first)
 	if len(sg.blocks) <= x.maxBlocks {
-		sg.dir.build(sg.firsts)
+		sg.dir.inserted(sg.firsts, b)
 		return
 	}
 	cut := len(sg.blocks) / 2
@@ -654,6 +667,7 @@ func (x *Index) deleteBlock(s, b int) {
 	x.hotOK = false
 	sg := x.segs[s]
 	defer x.gremoved(sg.firsts[b])
+	x.mem.release(sg.blocks[b].words())
 	sg.blocks = slices.Delete(sg.blocks, b, b+1)
 	sg.firsts = slices.Delete(sg.firsts, b, b+1)
 	if len(sg.blocks) == 0 {
@@ -704,7 +718,7 @@ func (x *Index) compact(s, b int) {
 	runs = sg.blocks[b+1].decode(runs)
 	x.scratch = runs
 	op := sg.blocks[b].p
-	sg.blocks[b].encode(runs) // its first stays
+	sg.blocks[b].encode(&x.mem, runs) // its first stays
 	x.grepoint(sg.firsts[b], op, sg.blocks[b].p)
 	x.deleteBlock(s, b+1)
 }
@@ -758,7 +772,32 @@ func (x *Index) Remove(origin Chunk, n uint64) uint64 {
 		origin = last.Origin + Chunk(last.Len)
 	}
 	x.n -= removed
+	x.repackSparse()
 	return removed
+}
+
+// repackSparse moves every block into a fresh arena when more than half of
+// the arena's slab words are not in use (after removes), so that memory is
+// returned: O(Bytes()), at most once per halving.
+func (x *Index) repackSparse() {
+	a := &x.mem
+	idle := a.idleWords()
+	if a.slabWords <= 4*slabMinWords || 2*idle <= a.slabWords {
+		return
+	}
+	var na arena
+	if live := a.slabWords - idle; live > 0 {
+		na.grow(live)
+	}
+	for _, sg := range x.segs {
+		for b := range sg.blocks {
+			if k := &sg.blocks[b]; len(k.words()) <= maxSlabWords {
+				k.moveTo(&na)
+			}
+		}
+	}
+	x.mem = na
+	x.gbuild()
 }
 
 // Ascend calls fn for each run that ends after from, in origin order, until
@@ -888,6 +927,15 @@ func (x *Index) check() error {
 		if limit != x.hotLimit {
 			return fmt.Errorf("hot run's next run starts at %d, cached %d", limit, x.hotLimit)
 		}
+	}
+	var allocs [][]uint64
+	for _, sg := range x.segs {
+		for b := range sg.blocks {
+			allocs = append(allocs, sg.blocks[b].words())
+		}
+	}
+	if err := x.mem.check(allocs); err != nil {
+		return err
 	}
 	if !x.checkGdir() {
 		return fmt.Errorf("block directory of %d entries (base %d, shift %d) is wrong for %d blocks", len(x.gdir), x.gbase, x.gshift, x.nblocks)

@@ -1,6 +1,7 @@
 package exceptions
 
 import (
+	"math"
 	"math/bits"
 	"unsafe"
 )
@@ -60,6 +61,53 @@ func (d *radix[T]) build(firsts []Chunk) {
 	for ; k < size; k++ {
 		d.dir[k] = T(n - 1)
 	}
+}
+
+// inserted updates the directory after firsts gained an element at index
+// b (0 < b < len(firsts)) without a rebuild, unless the size must change:
+// buckets that started at or after firsts[b] named an element at or after
+// old index b, which moved up one, and those from firsts[b] to
+// firsts[b+1] now belong to b. O(len(dir)) simple steps, where build
+// divides its way through every first.
+func (d *radix[T]) inserted(firsts []Chunk, b int) {
+	n := len(firsts)
+	if b <= 0 || b >= n || len(d.dir) != 1<<bits.Len(uint(n-1)) || firsts[b] < d.base {
+		d.build(firsts)
+		return
+	}
+	off := uint64(firsts[b] - d.base)
+	kb := off >> d.shift
+	if kb<<d.shift != off {
+		kb++
+	}
+	if kb >= uint64(len(d.dir)) {
+		return // past the directory's range: find gallops from the last bucket
+	}
+	// Entries are non-decreasing, so those >= b form a suffix; from kb on
+	// they become at least b (an entry below b there was stale: a first
+	// moved up since the last build, which find corrects).
+	for k := kb; k < uint64(len(d.dir)); k++ {
+		v := d.dir[k]
+		if int(v) >= b {
+			v++
+		}
+		if b+1 < n && d.gstart(k) >= firsts[b+1] {
+			d.dir[k] = max(v, T(b))
+		} else {
+			d.dir[k] = T(b)
+		}
+	}
+	for k := kb; k > 0 && d.dir[k-1] > d.dir[k]; k-- {
+		d.dir[k-1] = d.dir[k] // a stale entry above b before kb
+	}
+}
+
+// gstart returns the first chunk of bucket k (saturating).
+func (d *radix[T]) gstart(k uint64) Chunk {
+	if k > uint64(math.MaxUint64-d.base)>>d.shift {
+		return math.MaxUint64
+	}
+	return d.base + Chunk(k<<d.shift)
 }
 
 // find returns the index of the last element of firsts that is <= c, or -1
