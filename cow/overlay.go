@@ -36,11 +36,18 @@ import (
 // on the disks measured (BENCHMARKS.md). Writers wait when it is full.
 const overlayCap = 64 << 20
 
-// ovPerChunk is how many chunk-sized buffers a copy-out may hold in the
-// overlay per chunk: the new image, and for a clone's chunk read from its
-// source the pending copy of the old chunk (reserved up front, the unused
-// part given back at once).
-const ovPerChunk = 2
+// ovPerChunk returns how many chunk-sized buffers a copy-out may hold in
+// the overlay per chunk: the new bytes, and for a clone's chunk read from
+// its source the pending copy of the old chunk (reserved up front, the
+// unused part given back at once). A plain volume's chunks are all in its
+// data file, so one is enough: reserving two would make writers wait for
+// space they never use.
+func (v *Volume) ovPerChunk() int64 {
+	if v.src == nil {
+		return 1
+	}
+	return 2
+}
 
 // ovEntry is the pending image of chunk c of volume v. data (ChunkSize
 // bytes), lo and hi are guarded by the chunk's stripe.
@@ -285,7 +292,7 @@ func (v *Volume) drain() error {
 // copyNeed returns how many chunks of [c0, c1) the newest snapshot lacks:
 // an upper bound of what a copy-out of them will put in the overlay, since
 // under the shared gate mappings are only ever added. Each such chunk may
-// take two buffers there (ovPerChunk): its image and its pending copy.
+// take up to two buffers there (ovPerChunk): its image and its pending copy.
 func (v *Volume) copyNeed(c0, c1 int64) int64 {
 	v.mu.RLock()
 	defer v.mu.RUnlock()

@@ -356,7 +356,7 @@ func (v *Volume) modifyGated(off, n int64, p []byte) error {
 	c0, c1 := off>>v.shift, (off+n+v.chunkSize-1)>>v.shift
 	// Overlay space is taken before the stripes: applying entries, which
 	// frees it, takes stripes.
-	need := ovPerChunk * v.copyNeed(c0, c1) << v.shift
+	need := v.ovPerChunk() * v.copyNeed(c0, c1) << v.shift
 	if need > 0 {
 		if err := v.s.log.reserve(need); err != nil {
 			return err
@@ -473,7 +473,7 @@ func (v *Volume) copyOut(c0, c1, reserved int64) error {
 	if len(todo) == 0 {
 		return nil
 	}
-	if ovPerChunk*int64(len(todo))<<v.shift > reserved {
+	if v.ovPerChunk()*int64(len(todo))<<v.shift > reserved {
 		// copyNeed is an upper bound; this would be a bug in it.
 		return fmt.Errorf("%w: copy-out of %d chunks with %d bytes of overlay reserved", ErrCorrupt, len(todo), reserved)
 	}
