@@ -22,8 +22,10 @@
 // write to c after Si happened while some Sj (j >= i) was newest and was
 // recorded there, and no Sk with i <= k < j can map c (that would need an
 // earlier write to c after Si). So a first write costs one lookup, one copy
-// and one record whatever the number of snapshots. A chunk that was all
-// zeros is recorded without a copy (COW chunk 0 means zeros).
+// and one record whatever the number of snapshots. A chunk that was a hole
+// in the data file (or, for a clone's chunk read from its source, all
+// zeros) is recorded without a copy (COW chunk 0 means zeros); a chunk of
+// written zeros gets a copy of zeros.
 //
 // Deleting Si moves the records S(i-1) lacks into S(i-1) and frees the rest
 // (punching holes in the COW file); this merge is a pure function of the
