@@ -77,7 +77,7 @@ func (v *Volume) check() error {
 		}
 		// A pending copy exactly when there is something to copy, and
 		// aimed at the chunk the snapshot maps.
-		if e := v.ov[c]; e.pending() != (k != 0) || (e.old != nil && e.fromData) || (k != 0 && e.cowAt != int64(k)<<v.shift) {
+		if e := v.ov[c]; e.pending() != (k != 0) || (e.old != nil && e.fromData) || (e.sparse && e.old != nil) || (e.fromData != (e.recAt >= 0)) || (k != 0 && e.cowAt != int64(k)<<v.shift) {
 			v.ovMu.Unlock()
 			return fmt.Errorf("overlay entry for chunk %d: pending copy %v (in memory %v) at byte %d, mapped to COW chunk %d", c, e.pending(), e.old != nil, e.cowAt, k)
 		}

@@ -146,7 +146,13 @@ func (c *committer) enqueue(recs []byte, f file, ov []*ovEntry) (uint64, error) 
 	if c.err != nil {
 		return 0, c.err
 	}
+	base := len(c.buf)
 	c.add(recs, f)
+	for _, e := range ov {
+		if e.recAt >= 0 {
+			e.recAt += base // now an offset in the batch's buffer
+		}
+	}
 	c.cur.ov = append(c.cur.ov, ov...)
 	for _, e := range ov {
 		if e.pending() {
@@ -241,7 +247,7 @@ func (c *committer) leadOne() {
 	if err == nil {
 		// The batch's pending copies go to the COW files before the batch
 		// that points at them, and writeBatch syncs both (FORMAT.md).
-		err = writeCopies(b.ov)
+		err = writeCopies(b.ov, buf)
 		if err == nil && b.copies > 0 {
 			c.mu.Lock()
 			c.unwritten -= b.copies

@@ -22,8 +22,10 @@
 // write to c after Si happened while some Sj (j >= i) was newest and was
 // recorded there, and no Sk with i <= k < j can map c (that would need an
 // earlier write to c after Si). So a first write costs one lookup, one copy
-// and one record whatever the number of snapshots. A chunk that was all
-// zeros is recorded without a copy (COW chunk 0 means zeros).
+// and one record whatever the number of snapshots. A chunk that was a hole
+// in the data file (or, for a clone's chunk read from its source, all
+// zeros) is recorded without a copy (COW chunk 0 means zeros); a chunk of
+// written zeros gets a copy of zeros.
 //
 // Deleting Si moves the records S(i-1) lacks into S(i-1) and frees the rest
 // (punching holes in the COW file); this merge is a pure function of the
@@ -60,19 +62,26 @@
 // # Durability
 //
 // Every change is a record in one log (store.log, see FORMAT.md). A first
-// write after a snapshot (copy-before-write, see FORMAT.md for the proof):
-// read the old chunk, map it in the snapshot's index, queue its record
-// (with the chunk's CRC32C) in the open batch of the group commit, and put
-// the chunk's new image (old chunk + the write) in the overlay; then
-// acknowledge. Neither the COW file nor the data file is written in the
-// write's path: the old chunk (the pending copy) stays in the data file,
-// which is not written at that chunk before the copy is durable (a clone's
-// chunk read from its source is kept in memory instead). A background
-// leader copies the batch's pending copies to the COW files
-// (copy_file_range), then writes and syncs the batch (the log and the COW
-// files, concurrently); once it is durable it writes the batch's overlay
-// images to the data files, each under its chunk's stripe, and drops them.
-// Snapshot reads of a chunk whose copy is pending read the pending copy. Reads of the volume (and of snapshots and clones that
+// write after a snapshot (copy-before-write, see FORMAT.md for the proof)
+// does not read the old chunk: it asks the file system whether the chunk
+// is a hole (SEEK_DATA; a hole needs no copy and maps to COW chunk 0),
+// allocates a COW chunk otherwise, maps it in the snapshot's index, queues
+// its record in the open batch of the group commit (its CRC still to be
+// filled in), and puts only the new bytes in the overlay entry, with the
+// range [lo, hi) of the chunk they cover; then it acknowledges. Neither the
+// COW file nor the data file is written in the write's path: the old chunk
+// (the pending copy) stays in the data file, which is not written at that
+// chunk before the copy is durable (a clone's chunk read from its source is
+// read whole and kept in memory instead). A background leader reads each
+// pending copy from the data file, computes the CRC its record needs,
+// writes the copy to the COW file and the CRC into the queued record, then
+// writes and syncs the batch (the log and the COW files, concurrently);
+// once it is durable it writes the entries' new bytes to the data files,
+// each under its chunk's stripe, and drops them. Reads of the volume merge
+// an entry's [lo, hi) over the data file's chunk; a later write to the
+// chunk that is not adjacent to [lo, hi) first fills the gap from the data
+// file, so an entry's valid bytes stay one range.
+// // Snapshot reads of a chunk whose copy is pending read the pending copy. Reads of the volume (and of snapshots and clones that
 // read through to it) look in the overlay first; a later write or discard
 // of a chunk still in the overlay changes its image there. The overlay is
 // capped (overlayCap, 64 MiB per store); writers wait when it is full.

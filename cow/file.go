@@ -24,6 +24,10 @@ type file interface {
 	Size() (int64, error)
 	// Allocated returns the disk space the file takes, in bytes.
 	Allocated() (int64, error)
+	// Hole reports whether bytes [off, off+n) hold no data at all (a hole
+	// or past the end: they read as zeros without a read). false when
+	// unsure: a file system without SEEK_DATA reports data everywhere.
+	Hole(off, n int64) (bool, error)
 	Close() error
 }
 
@@ -145,6 +149,16 @@ func (o osFile) Allocated() (int64, error) {
 		return 0, err
 	}
 	return st.Blocks * 512, nil
+}
+func (o osFile) Hole(off, n int64) (bool, error) {
+	at, err := unix.Seek(int(o.f.Fd()), off, unix.SEEK_DATA)
+	if err == unix.ENXIO { // no data at or after off
+		return true, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	return at >= off+n, nil
 }
 func (o osFile) Close() error { return o.f.Close() }
 

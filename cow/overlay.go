@@ -1,20 +1,26 @@
 package cow
 
 import (
+	"fmt"
+	"sync/atomic"
+
 	"github.com/csi-snap/csi-snap/exceptions"
 )
 
 // The overlay holds the new content of chunks whose copy-out is not
 // durable yet (see doc.go, "Durability"). A first write after a snapshot
 // reads the old chunk, queues its record in the open batch, maps it in the
-// snapshot's index, and puts the chunk's new image (old chunk + the write)
-// here instead of in any file; the old chunk (the pending copy) stays in
-// the data file, or in the entry for a clone's chunk read from its source;
-// the write is acknowledged at once. The batch's committer copies the
-// pending copies to the COW file, then writes and syncs the
-// batch; once it is durable it writes the images to the data file, under
-// each chunk's stripe, and drops the entries. So no origin chunk reaches
-// the disk before its copy and record do.
+// snapshot's index, and puts the write's bytes here instead of in any file
+// (a sparse entry: bytes [lo, hi) of the chunk; the rest of the chunk's
+// current content is the data file's, untouched since the snapshot); the
+// old chunk (the pending copy) stays in the data file, or, for a clone's
+// chunk read from its source, is read whole and kept in the entry, whose
+// image is then the whole chunk. The write is acknowledged at once. The
+// batch's committer reads the pending copies, fills in their records' CRCs,
+// writes them to the COW file, then writes and syncs the batch; once it is
+// durable it writes the entries' bytes to the data file, under each chunk's
+// stripe, and drops the entries. So no origin chunk reaches the disk before
+// its copy and record do.
 //
 // Invariants (checked by Volume.check): an entry exists only for a chunk
 // the newest snapshot of the chain maps, and only while the batch holding
@@ -30,18 +36,37 @@ import (
 // on the disks measured (BENCHMARKS.md). Writers wait when it is full.
 const overlayCap = 64 << 20
 
-// ovPerChunk is how many chunk-sized buffers a copy-out may hold in the
-// overlay per chunk: the new image, and for a clone's chunk read from its
-// source the pending copy of the old chunk (reserved up front, the unused
-// part given back at once).
-const ovPerChunk = 2
+// ovPerChunk returns how many chunk-sized buffers a copy-out may hold in
+// the overlay per chunk: the new bytes, and for a clone's chunk read from
+// its source the pending copy of the old chunk (reserved up front, the
+// unused part given back at once). A plain volume's chunks are all in its
+// data file, so one is enough: reserving two would make writers wait for
+// space they never use.
+func (v *Volume) ovPerChunk() int64 {
+	if v.src == nil {
+		return 1
+	}
+	return 2
+}
 
 // ovEntry is the pending image of chunk c of volume v. data (ChunkSize
-// bytes) is guarded by the chunk's stripe.
+// bytes), lo and hi are guarded by the chunk's stripe.
 type ovEntry struct {
 	v    *Volume
 	c    int64
 	data []byte
+	// sparse: only data[lo:hi] is valid; the rest of chunk c's current
+	// content is the data file's (which holds the old chunk until the
+	// apply). Set for every chunk the data file holds (a plain volume's, a
+	// clone's present one): the first write then reads nothing. Otherwise
+	// (a clone's chunk read through to its source) data is the whole image.
+	sparse bool
+	// recAt is where the pending copy's exception record sits in its
+	// batch's buffer (set by enqueue; -1 if the record's CRC was known when
+	// it was queued): the committer re-encodes it there with the CRC of
+	// the copy it writes (writeCopies).
+	recAt  int
+	recObj uint32
 	// old is the pending copy: chunk c as it was before its first write
 	// after the newest snapshot, which maps c to COW chunk cowAt>>shift of
 	// cf. The committer writes it there before it writes the batch holding
@@ -59,9 +84,10 @@ type ovEntry struct {
 	fromData bool
 	cf       file
 	cowAt    int64
-	// [lo, hi) is the part of data changed since the entry was made from
-	// the old chunk (bytes within the chunk): the rest equals what the data
-	// file holds, so a plain volume's apply writes only this part.
+	// [lo, hi) is the part of data changed since the entry was made
+	// (bytes within the chunk): the rest equals what the data file holds,
+	// so a present chunk's apply writes only this part. For a sparse entry
+	// it is also all of data that is valid.
 	lo, hi int64
 }
 
@@ -119,9 +145,17 @@ func applyOverlay(es []*ovEntry) (int64, error) {
 }
 
 // writeCopies writes the pending copies of es to their COW chunks (page
-// cache). The committer calls it before writing the batch that holds their
-// records, so the sync of the batch covers them (FORMAT.md, step 4).
-func writeCopies(es []*ovEntry) error {
+// cache) and fills in the CRC of each record whose copy is read here, in
+// place in buf, the batch's encoded records. The committer calls it before
+// writing the batch that holds the records, so the sync of the batch
+// covers the copies (FORMAT.md, step 4).
+func writeCopies(es []*ovEntry, buf []byte) error {
+	var scratch []byte
+	defer func() {
+		if scratch != nil {
+			putBuf(scratch)
+		}
+	}()
 	for _, e := range es {
 		var err error
 		switch {
@@ -129,14 +163,61 @@ func writeCopies(es []*ovEntry) error {
 			err = writeFull(e.cf, e.old, e.cowAt)
 		case e.fromData:
 			// No stripe needed: the data file's chunk c changes only in
-			// the apply, which comes after this.
-			err = copyRange(e.v.data, e.cf, e.c<<e.v.shift, e.cowAt, e.v.chunkSize)
+			// the apply, which comes after this. One read gives both the
+			// copy and its CRC.
+			v := e.v
+			if scratch == nil || int64(len(scratch)) < v.chunkSize {
+				if scratch != nil {
+					putBuf(scratch)
+				}
+				scratch = chunkBuf(v.chunkSize)
+			}
+			old := scratch[:v.chunkSize]
+			if err = readFull(v.data, old, e.c<<v.shift); err != nil {
+				return err
+			}
+			if err = writeFull(e.cf, old, e.cowAt); err != nil {
+				return err
+			}
+			err = e.fillCRC(buf, crc(old))
 		}
 		if err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// fillCRC re-encodes e's exception record at buf[e.recAt:] with the CRC
+// of its copy. The encoding has a fixed length, so it overwrites exactly
+// the placeholder enqueue put there.
+func (e *ovEntry) fillCRC(buf []byte, sum uint32) error {
+	r := record{Type: recExc, Obj: e.recObj, Origin: uint64(e.c), COW: uint64(e.cowAt >> e.v.shift), DataCRC: sum}
+	if e.recAt < 0 || e.recAt+excRecordLen > len(buf) {
+		return fmt.Errorf("%w: exception record of chunk %d at %d of a %d-byte batch", ErrCorrupt, e.c, e.recAt, len(buf))
+	}
+	out := appendRecord(buf[e.recAt:e.recAt], &r)
+	if len(out) != excRecordLen {
+		return fmt.Errorf("%w: exception record encoded as %d bytes, not %d", ErrCorrupt, len(out), excRecordLen)
+	}
+	return nil
+}
+
+// excRecordLen is the encoded length of every exception record.
+var excRecordLen = len(appendRecord(nil, &record{Type: recExc}))
+
+// zeroCRCs caches the CRC32C of a chunk of zeros per chunk shift: the CRC
+// an exception record to COW chunk 0 carries.
+var zeroCRCs [64]atomic.Uint64
+
+func zeroCRC(shift uint) uint32 {
+	if x := zeroCRCs[shift].Load(); x != 0 {
+		return uint32(x)
+	}
+	b := make([]byte, 1<<shift)
+	sum := crc(b)
+	zeroCRCs[shift].Store(uint64(sum) | 1<<32)
+	return sum
 }
 
 // pending reports whether e holds a copy the committer must write.
@@ -211,7 +292,7 @@ func (v *Volume) drain() error {
 // copyNeed returns how many chunks of [c0, c1) the newest snapshot lacks:
 // an upper bound of what a copy-out of them will put in the overlay, since
 // under the shared gate mappings are only ever added. Each such chunk may
-// take two buffers there (ovPerChunk): its image and its pending copy.
+// take up to two buffers there (ovPerChunk): its image and its pending copy.
 func (v *Volume) copyNeed(c0, c1 int64) int64 {
 	v.mu.RLock()
 	defer v.mu.RUnlock()
@@ -227,6 +308,52 @@ func (v *Volume) copyNeed(c0, c1 int64) int64 {
 		}
 	}
 	return need
+}
+
+// read reads bytes [o, o+len(p)) of chunk c's current content: e's bytes
+// merged over the data file's for a sparse entry. The caller holds the
+// stripe.
+func (e *ovEntry) read(o int64, p []byte) error {
+	end := o + int64(len(p))
+	if !e.sparse || e.lo <= o && end <= e.hi {
+		copy(p, e.data[o:end])
+		return nil
+	}
+	v := e.v
+	if err := readFull(v.data, p, e.c<<v.shift+o); err != nil {
+		return err
+	}
+	if lo, hi := max(o, e.lo), min(end, e.hi); lo < hi {
+		copy(p[lo-o:hi-o], e.data[lo:hi])
+	}
+	return nil
+}
+
+// write puts src (zeros if nil) at bytes [o, o+m) of the entry. A sparse
+// entry's valid bytes stay one range: a write not adjacent to [lo, hi)
+// first copies the gap between them from the data file, which still holds
+// those bytes' current content. The caller holds the stripe exclusively.
+func (e *ovEntry) write(o, m int64, src []byte) error {
+	if e.sparse && e.lo < e.hi {
+		base := e.c << e.v.shift
+		if o > e.hi {
+			if err := readFull(e.v.data, e.data[e.hi:o], base+e.hi); err != nil {
+				return err
+			}
+		}
+		if o+m < e.lo {
+			if err := readFull(e.v.data, e.data[o+m:e.lo], base+o+m); err != nil {
+				return err
+			}
+		}
+	}
+	if src != nil {
+		copy(e.data[o:o+m], src)
+	} else {
+		clear(e.data[o : o+m])
+	}
+	e.touch(o, m)
+	return nil
 }
 
 // writeOverlaid writes p (zeros if nil) to [off, off+n) of a volume that
@@ -251,12 +378,9 @@ func (v *Volume) writeOverlaid(off, n int64, p []byte) error {
 					return err
 				}
 			}
-			if p != nil {
-				copy(e.data[o:o+m], part(at, at+m))
-			} else {
-				clear(e.data[o : o+m])
+			if err := e.write(o, m, part(at, at+m)); err != nil {
+				return err
 			}
-			e.touch(o, m)
 			run = at + m
 		}
 		at += m

@@ -175,8 +175,7 @@ func (v *Volume) readRange(p []byte, off int64, lock bool) error {
 // data. The caller holds c's stripe.
 func (v *Volume) readCur(c, o int64, p []byte) error {
 	if e := v.ovGet(c); e != nil {
-		copy(p, e.data[o:])
-		return nil
+		return e.read(o, p)
 	}
 	if v.isPresent(c) {
 		return readFull(v.data, p, c<<v.shift+o)
@@ -357,7 +356,7 @@ func (v *Volume) modifyGated(off, n int64, p []byte) error {
 	c0, c1 := off>>v.shift, (off+n+v.chunkSize-1)>>v.shift
 	// Overlay space is taken before the stripes: applying entries, which
 	// frees it, takes stripes.
-	need := ovPerChunk * v.copyNeed(c0, c1) << v.shift
+	need := v.ovPerChunk() * v.copyNeed(c0, c1) << v.shift
 	if need > 0 {
 		if err := v.s.log.reserve(need); err != nil {
 			return err
@@ -439,16 +438,20 @@ func (v *Volume) writeClone(off, n int64, p []byte) error {
 	return nil
 }
 
-// copyOut reads chunks [c0, c1) that the newest snapshot does not hold
-// yet, maps them in the snapshot's index, queues their records in the open
-// batch and puts each old chunk in the overlay twice: as its pending copy,
-// which the committer writes to the COW file before the batch, and as its
-// image, where the caller's write then lands and which the committer moves
-// to the data file once the records are durable (overlay.go). It writes no
-// file and does not wait for the disk. It is idempotent: a chunk already held is skipped, so a resent
-// write copies nothing. reserved is the overlay space, in bytes, the caller
-// took for it (from copyNeed); what is not used is given back. The caller
-// holds the gate (shared) and the stripes of [c0, c1) exclusively.
+// copyOut maps chunks [c0, c1) that the newest snapshot does not hold yet
+// in the snapshot's index, queues their records in the open batch and
+// puts an overlay entry for each, where the caller's write then lands and
+// which the committer moves to the data file once the records are durable
+// (overlay.go). For a chunk the data file holds it reads nothing: the
+// pending copy stays there (the committer reads it, for the copy and the
+// record's CRC), and a hole is mapped to COW chunk 0 (nothing to copy). A
+// clone's chunk that reads through to its source is read whole, kept as
+// the pending copy and as the entry's image. It writes no file and does
+// not wait for the disk. It is idempotent: a chunk already held is skipped,
+// so a resent write copies nothing. reserved is the overlay space, in
+// bytes, the caller took for it (from copyNeed); what is not used is given
+// back. The caller holds the gate (shared) and the stripes of [c0, c1)
+// exclusively.
 func (v *Volume) copyOut(c0, c1, reserved int64) error {
 	used := int64(0)
 	defer func() { v.s.log.unreserve(reserved - used) }()
@@ -470,18 +473,19 @@ func (v *Volume) copyOut(c0, c1, reserved int64) error {
 	if len(todo) == 0 {
 		return nil
 	}
-	if ovPerChunk*int64(len(todo))<<v.shift > reserved {
+	if v.ovPerChunk()*int64(len(todo))<<v.shift > reserved {
 		// copyNeed is an upper bound; this would be a bug in it.
 		return fmt.Errorf("%w: copy-out of %d chunks with %d bytes of overlay reserved", ErrCorrupt, len(todo), reserved)
 	}
-	// The old chunks, read into buffers that become the pending copies.
-	olds := make([][]byte, len(todo))
+	// The entries: a buffer each for the new bytes (or, for a clone's chunk
+	// read from its source, the old chunk that becomes the image).
+	es := make([]*ovEntry, len(todo))
 	keep := false
 	defer func() {
 		if !keep {
-			for _, b := range olds {
-				if b != nil {
-					putBuf(b)
+			for _, e := range es {
+				if e != nil {
+					putBuf(e.data)
 				}
 			}
 		}
@@ -489,12 +493,21 @@ func (v *Volume) copyOut(c0, c1, reserved int64) error {
 	nonzero := int64(0)
 	zero := make([]bool, len(todo))
 	for i, c := range todo {
-		b := chunkBuf(v.chunkSize)
-		olds[i] = b
-		if err := v.readCur(c, 0, b); err != nil {
-			return err
+		e := &ovEntry{v: v, c: c, data: chunkBuf(v.chunkSize), recAt: -1, recObj: sn.obj}
+		es[i] = e
+		if v.isPresent(c) {
+			e.sparse = true
+			hole, err := v.data.Hole(c<<v.shift, v.chunkSize)
+			if err != nil {
+				return err
+			}
+			zero[i] = hole
+		} else {
+			if err := v.readCur(c, 0, e.data); err != nil {
+				return err
+			}
+			zero[i] = allZero(e.data)
 		}
-		zero[i] = allZero(b)
 		if !zero[i] {
 			nonzero++
 		}
@@ -526,30 +539,29 @@ func (v *Volume) copyOut(c0, c1, reserved int64) error {
 	// (writeCopies): the write's path neither writes the COW file nor the
 	// data file.
 	ks := v.alloc(int(nonzero))
-	recs := make([]byte, 0, len(todo)*(recOverhead+excPayloadBytes))
-	es := make([]*ovEntry, len(todo))
+	recs := make([]byte, 0, len(todo)*excRecordLen)
 	extra := int64(0) // pending copies kept in memory
 	j := 0
-	for i, c := range todo {
-		b := olds[i]
-		r := record{Type: recExc, Obj: sn.obj, Origin: uint64(c), DataCRC: crc(b)}
-		e := &ovEntry{v: v, c: c, data: b} // the image starts as the old chunk
+	for i, e := range es {
+		r := record{Type: recExc, Obj: sn.obj, Origin: uint64(e.c), DataCRC: zeroCRC(v.shift)}
 		if !zero[i] {
 			r.COW = uint64(ks[j])
 			j++
 			e.cf, e.cowAt = f, int64(r.COW)<<v.shift
-			if v.isPresent(c) {
+			if e.sparse {
 				// The data file holds the old chunk until the apply: the
-				// committer copies it from there.
+				// committer reads it there and fills in the CRC.
 				e.fromData = true
+				e.recAt = len(recs)
+				r.DataCRC = 0
 			} else {
 				// A clone's chunk read from its source: keep the copy.
 				e.old = chunkBuf(v.chunkSize)
-				copy(e.old, b)
+				copy(e.old, e.data)
+				r.DataCRC = crc(e.old)
 				extra++
 			}
 		}
-		es[i] = e
 		recs = appendRecord(recs, &r)
 	}
 	id, err := v.s.log.enqueue(recs, f, es)

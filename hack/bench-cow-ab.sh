@@ -2,6 +2,7 @@
 # A/B of the cow write benchmarks between two commits, interleaved
 # (A B A B ...), as quoted in BENCHMARKS.md "Deferred copy (branch cow3)".
 #   hack/bench-cow-ab.sh A_REV B_REV
+# BENCH (the qd1 pattern) and PSUB (see below) narrow the rows.
 # Builds each commit's cow test binary from `git archive` (no checkout),
 # then runs PASSES rounds (default 3) of: BenchmarkWrite$ (qd1, 1 s per
 # row) and BenchmarkWriteParallel (qd16; rand4K 1000x, seq1M 200x), A
@@ -14,6 +15,9 @@ A=${1:?A revision}
 B=${2:?B revision}
 PASSES=${PASSES:-3}
 BENCH=${BENCH:-'BenchmarkWrite$'}
+# PSUB filters the qd16 rows below the pattern (e.g. '(file|snaps=1)$');
+# empty runs them all.
+PSUB=${PSUB:-}
 out=${OUT:-$(mktemp -d)}
 for side in A B; do
 	rev=${!side}
@@ -28,8 +32,8 @@ for i in $(seq "$PASSES"); do
 		echo "# round $i $side $(uptime)" | tee -a "$out/load.txt"
 		(cd "$out/src-$side/cow" &&
 			"$out/$side.test" -test.run '^$' -test.bench "$BENCH" -test.benchtime 1s -test.benchmem &&
-			"$out/$side.test" -test.run '^$' -test.bench 'BenchmarkWriteParallel/rand4K' -test.benchtime 1000x -test.benchmem &&
-			"$out/$side.test" -test.run '^$' -test.bench 'BenchmarkWriteParallel/seq1M' -test.benchtime 200x -test.benchmem) |
+			"$out/$side.test" -test.run '^$' -test.bench "BenchmarkWriteParallel/rand4K/$PSUB" -test.benchtime 1000x -test.benchmem &&
+			"$out/$side.test" -test.run '^$' -test.bench "BenchmarkWriteParallel/seq1M/$PSUB" -test.benchtime 200x -test.benchmem) |
 			tee -a "$out/$side.txt"
 	done
 done
