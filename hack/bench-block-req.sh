@@ -59,6 +59,10 @@ fi
 common=(--ioengine=libaio --direct=1 --iodepth=16 --size=256M --filename="$dev" --output-format=json)
 fio "${common[@]}" --rw=write --bs=1M --name=fill >/dev/null
 fio "${common[@]}" --rw=read --bs=1M --name=readpass >/dev/null
+# PRE_SEQWRITE=SECONDS rewrites the region with 1 MiB writes for that long
+# before the job (a random-write job then shows what sequential rewrites
+# did to the page cache's folios).
+[ -n "${PRE_SEQWRITE:-}" ] && fio "${common[@]}" --rw=write --bs=1M --time_based --runtime="$PRE_SEQWRITE" --name=pre >/dev/null
 [ -n "${DROP:-}" ] && { sync; dd if="$w/c.img" iflag=nocache count=0 status=none; }
 ticks() { if [ -n "$sp" ]; then awk '{print $14 + $15}' "/proc/$sp/stat"; else echo 0; fi; }
 vcsw() { if [ -n "$sp" ]; then cat /proc/"$sp"/task/*/status | awk '/^voluntary_ctxt/{s+=$2} END{print s}'; else echo 0; fi; }
