@@ -136,7 +136,9 @@ func (b *FileBackend) SetWritePiece(piece int) error {
 // into them (write_begin creates a folio only where none is cached), so
 // such a write cannot make a large folio, and cutting it would only cost
 // syscalls and i_rwsem round trips. A write into a range with any page
-// missing is still cut. Call it before serving.
+// missing is still cut. Off by default: BENCHMARKS.md ("Branch fe4") has
+// why (no sequential gain shown; random writes after sequential rewrites
+// measured slower). Call it before serving.
 func (b *FileBackend) SetWholeIfCached(on bool) { b.wholeIfCached.Store(on) }
 
 // rangeCached says whether the page cache holds every page of the
