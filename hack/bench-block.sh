@@ -10,15 +10,22 @@
 #   U  C with unsplit buffered writes (benchserve -write-piece=0: one pwrite
 #      per request, the default before branch fe3)
 #   G  C with a write piece of G_PIECE bytes (default 131072)
+#   W  C with writes into fully cached ranges unsplit (benchserve
+#      -whole-if-cached, kernel.FileBackend.SetWholeIfCached)
 #   E  C with the backend's large writes O_DIRECT and no readahead
 #      (benchserve -direct-large, kernel.OpenFileBackendDirectLarge)
+#   N  our FUSE+loop device over a backend that drops writes and reads
+#      zeros (benchserve -mem=null): the floor of the FUSE path itself
+#   M  the same over a backend that copies into/out of anonymous memory
+#      (benchserve -mem=copy): the FUSE path plus one copy, no page cache
+#   R  C with R_READERS FUSE reader goroutines (default 2; C has 4)
 #   F  C with blocking readers (benchserve -blocking-readers,
 #      kernel.Config.BlockingReaders)
 #   D  the same over a cow volume (64 KiB chunks) with no snapshot
 # Each device is filled once before measuring (reads of holes would be free).
 # CONFIGS="A B C" etc. runs a subset (default all but G, about 8-14 minutes
 # with ROUNDS=3 RUNTIME=5; 6 configs took 7 minutes on branch fe3).
-# Prints per-round figures, then medians with X/A, X/B for X in C U G E F D, and the
+# Prints per-round figures, then medians with X/A, X/B for X in C U G W R E F D, and the
 # serving processes' CPU (utime+stime from /proc/PID/stat) per GiB moved and per 1000
 # 4 KiB requests.
 set -euo pipefail
@@ -46,6 +53,10 @@ declare -A SRVARGS=(
 	[F]="-blocking-readers"
 	[U]="-write-piece=0"
 	[G]="-write-piece=${G_PIECE:-131072}"
+	[W]="-whole-if-cached"
+	[N]="-mem=null"
+	[M]="-mem=copy"
+	[R]="-readers=${R_READERS:-2}"
 )
 declare -A PID=() DEV=()
 devA= devB= dpid=
@@ -69,7 +80,9 @@ DEV[A]=$devA DEV[B]=$devB
 for c in $CONFIGS; do
 	[[ -v SRVARGS[$c] ]] || continue
 	# shellcheck disable=SC2086
-	"$work/benchserve" ${SRVARGS[$c]} -rundir "$work/run$c" -backing "$work/$c.img" -size $SIZE_BYTES \
+	backing=(-backing "$work/$c.img")
+	[[ ${SRVARGS[$c]} == *-mem=* ]] && backing=()
+	"$work/benchserve" ${SRVARGS[$c]} -rundir "$work/run$c" "${backing[@]}" -size $SIZE_BYTES \
 		>"$work/serve$c.out" 2>"$work/serve$c.err" &
 	PID[$c]=$!
 done

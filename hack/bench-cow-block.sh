@@ -2,6 +2,8 @@
 # Block-device benchmark of cow volumes through the kernel frontend (issue 4
 # goals for snapshots), run as root:
 #   hack/bench-cow-block.sh            # ROUNDS=3 RUNTIME=5 (seconds per read run)
+# SNAPSHOTS="0 1" runs a subset of the snapshot counts (the tables then
+# miss columns); BENCHSERVE_FLAGS="-readers=16" etc. is passed to the server.
 # For each round, and within it for N = 0, 1, 16 snapshots (interleaved):
 # a fresh 1 GiB cow volume (64 KiB chunks) is filled, N snapshots are taken,
 # then fio (libaio, O_DIRECT, qd16) measures
@@ -39,7 +41,8 @@ cleanup() {
 }
 trap cleanup EXIT
 go build -o "$work/benchserve" ./hack/benchserve
-coproc SRV { exec "$work/benchserve" -rundir "$work/run" -store "$work/store" 2>"$work/serve.err"; }
+# shellcheck disable=SC2086
+coproc SRV { exec "$work/benchserve" ${BENCHSERVE_FLAGS:-} -rundir "$work/run" -store "$work/store" 2>"$work/serve.err"; }
 spid=$SRV_PID
 
 # cmd sends one command to benchserve and leaves its answer in $answer (a
@@ -82,7 +85,7 @@ SEQR=(--rw=read --bs=1M --time_based --runtime="$RUNTIME")
 RANDR=(--rw=randread --bs=4k --time_based --runtime="$RUNTIME")
 
 for r in $(seq "$ROUNDS"); do
-	for n in 0 1 16; do
+	for n in ${SNAPSHOTS:-0 1 16}; do
 		v="v$r-n$n"
 		cmd vol "$v" $SIZE_BYTES
 		dev=$answer

@@ -87,7 +87,23 @@
 // folios cost sequential I/O some CPU per folio, which is why the piece is
 // not smaller. OpenFileBackendDirectLarge instead sends large writes
 // O_DIRECT with no readahead, at the price of disk-bound sequential I/O;
-// BENCHMARKS.md has all three.
+// BENCHMARKS.md has all three. FileBackend.SetWholeIfCached (opt-in) sends
+// a write whose whole range is already cached as one pwrite (existing
+// folios keep their size, so this cannot make large folios); on the shared
+// machine its gain on sequential rewrites was not shown, and random writes
+// right after sequential rewrites ran slower than the default's in 6 of 6
+// rounds for reasons not found, so it stays off.
+//
+// Sequential 1 MiB writes against a page-cached loop device (BENCHMARKS.md,
+// "Branch fe4"): the FUSE path itself is not the limit (a server that drops
+// the data writes as fast as the page-cached loop); the backend's buffered
+// write into the backing file is. Each 1 MiB costs two copies here (the
+// kernel's copy of the request into our buffer, page by page, and ours into
+// the page cache through ext4) against one in the page-cached loop, whose
+// single worker thread does the page-cache write while the other core is
+// free; on 2 cores that puts our ceiling near 0.6x of it. Splice does not
+// help: /dev/fuse copies a direct-I/O request's pages into the pipe anyway
+// (fuse_copy_folio, args->user_pages), and the splice into ext4 copies again.
 //
 // # Restart safety
 //

@@ -62,10 +62,12 @@ func run() error {
 	readers := flag.Int("readers", 0, "FUSE reader goroutines (0: default)")
 	directLarge := flag.Bool("direct-large", false, "-backing: large writes O_DIRECT, no readahead (kernel.OpenFileBackendDirectLarge)")
 	piece := flag.Int("write-piece", -1, "-backing: largest buffered pwrite in bytes, 0 for unsplit writes (kernel.FileBackend.SetWritePiece; -1: the default)")
+	mem := flag.String("mem", "", "serve from memory instead of -backing: \"null\" drops writes and reads zeros, \"copy\" keeps the data in an anonymous buffer (floor measurements)")
+	wholeCached := flag.Bool("whole-if-cached", false, "-backing: a write whose whole range is in the page cache goes as one pwrite (kernel.FileBackend.SetWholeIfCached)")
 	blocking := flag.Bool("blocking-readers", false, "readers block in read(2) (kernel.Config.BlockingReaders)")
 	flag.Parse()
-	if *runDir == "" || (*backing == "") == (*store == "") {
-		return errors.New("-rundir and one of -backing, -store are required")
+	if *runDir == "" || btoi(*backing != "")+btoi(*store != "")+btoi(*mem != "") != 1 {
+		return errors.New("-rundir and one of -backing, -store, -mem are required")
 	}
 	fe, err := kernel.New(kernel.Config{RunDir: *runDir, Readers: *readers, BlockingReaders: *blocking})
 	if err != nil {
@@ -76,6 +78,16 @@ func run() error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	if *mem != "" {
+		if *mem != "null" && *mem != "copy" {
+			return fmt.Errorf("-mem %q: want null or copy", *mem)
+		}
+		b, err := newMemBackend(*size, *mem == "copy")
+		if err != nil {
+			return err
+		}
+		return serve(ctx, fe, *id, b)
+	}
 	open := kernel.OpenFileBackend
 	if *directLarge {
 		open = kernel.OpenFileBackendDirectLarge
@@ -90,16 +102,29 @@ func run() error {
 			return err
 		}
 	}
-	dev, err := fe.Attach(context.Background(), *id, b, false)
+	b.SetWholeIfCached(*wholeCached)
+	return serve(ctx, fe, *id, b)
+}
+
+// serve attaches b as id, prints its device, and detaches when ctx ends.
+func serve(ctx context.Context, fe *kernel.Frontend, id string, b kernel.Backend) error {
+	dev, err := fe.Attach(context.Background(), id, b, false)
 	if err != nil {
 		return err
 	}
 	fmt.Printf("DEVICE %s\n", dev)
 	<-ctx.Done()
-	if err := fe.Detach(context.Background(), *id); err != nil {
+	if err := fe.Detach(context.Background(), id); err != nil {
 		return err
 	}
 	return fe.Close()
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 func commands(fe *kernel.Frontend, dir string) error {
