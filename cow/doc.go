@@ -80,10 +80,11 @@
 // each under its chunk's stripe, and drops them. Reads of the volume merge
 // an entry's [lo, hi) over the data file's chunk; a later write to the
 // chunk that is not adjacent to [lo, hi) first fills the gap from the data
-// file, so an entry's valid bytes stay one range.
-// // Snapshot reads of a chunk whose copy is pending read the pending copy. Reads of the volume (and of snapshots and clones that
-// read through to it) look in the overlay first; a later write or discard
-// of a chunk still in the overlay changes its image there. The overlay is
+// file, so an entry's valid bytes stay one range. Snapshot reads of a
+// chunk whose copy is pending read the pending copy. Reads of the volume
+// (and of snapshots and clones that read through to it) look in the
+// overlay first; a later write or discard of a chunk still in the overlay
+// changes its entry there. The overlay is
 // capped (overlayCap, 64 MiB per store); writers wait when it is full.
 // Flush waits until the overlay entries present when it started are
 // applied, then syncs the volume's data file (and then commits a clone's
