@@ -155,6 +155,10 @@ func (o osFile) Hole(off, n int64) (bool, error) {
 	if err == unix.ENXIO { // no data at or after off
 		return true, nil
 	}
+	if err == unix.EINVAL || err == unix.EOPNOTSUPP {
+		// No SEEK_DATA here: say "data", and the chunk is copied.
+		return false, nil
+	}
 	if err != nil {
 		return false, err
 	}
