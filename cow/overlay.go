@@ -77,8 +77,8 @@ type ovEntry struct {
 	old []byte
 	// fromData: the pending copy is not kept in memory, since the data
 	// file still holds the old chunk at c (nothing writes it there before
-	// the apply): the committer copies it from there in the kernel
-	// (copy_file_range), and snapshot reads read it there. Set instead of
+	// the apply): the committer reads it from there (one read for the
+	// copy and its record's CRC), and snapshot reads read it there. Set instead of
 	// old for a plain volume or a chunk a clone holds; a clone's chunk that
 	// reads through to its source keeps old.
 	fromData bool

@@ -306,16 +306,3 @@ func lookupBlock(p *uint64, c Chunk) (cow Chunk, found, sure bool) {
 	}
 	return 0, false, i+1 < n
 }
-
-// gblock returns word 0 of the block gdir names for c (see Lookup), or
-// nil when gdir does not cover c.
-func (x *Index) gblock(c Chunk) *uint64 {
-	if k := uint64(c-x.gbase) >> x.gshift; c >= x.gbase && k < uint64(x.gsize()) && c < math.MaxUint64 {
-		f0, f1 := *gptr(x.gdir[k]), *gptr(x.gdir[k+1])
-		_, b := bits.Sub64(uint64(c), f1, 0)
-		if f := f0 ^ (f0^f1)&(b-1); Chunk(f) <= c {
-			return gptr(x.gdir[k+1-b])
-		}
-	}
-	return nil
-}
