@@ -10,8 +10,6 @@
 #   U  C with unsplit buffered writes (benchserve -write-piece=0: one pwrite
 #      per request, the default before branch fe3)
 #   G  C with a write piece of G_PIECE bytes (default 131072)
-#   W  C with writes into fully cached ranges unsplit (benchserve
-#      -whole-if-cached, kernel.FileBackend.SetWholeIfCached)
 #   E  C with the backend's large writes O_DIRECT and no readahead
 #      (benchserve -direct-large, kernel.OpenFileBackendDirectLarge)
 #   N  our FUSE+loop device over a backend that drops writes and reads
@@ -25,7 +23,7 @@
 # Each device is filled once before measuring (reads of holes would be free).
 # CONFIGS="A B C" etc. runs a subset (default all but G, about 8-14 minutes
 # with ROUNDS=3 RUNTIME=5; 6 configs took 7 minutes on branch fe3).
-# Prints per-round figures, then medians with X/A, X/B for X in C U G W R E F D, and the
+# Prints per-round figures, then medians with X/A, X/B for X in C U G R E F D, and the
 # serving processes' CPU (utime+stime from /proc/PID/stat) per GiB moved and per 1000
 # 4 KiB requests.
 set -euo pipefail
@@ -53,7 +51,6 @@ declare -A SRVARGS=(
 	[F]="-blocking-readers"
 	[U]="-write-piece=0"
 	[G]="-write-piece=${G_PIECE:-131072}"
-	[W]="-whole-if-cached"
 	[N]="-mem=null"
 	[M]="-mem=copy"
 	[R]="-readers=${R_READERS:-2}"

@@ -87,12 +87,10 @@
 // folios cost sequential I/O some CPU per folio, which is why the piece is
 // not smaller. OpenFileBackendDirectLarge instead sends large writes
 // O_DIRECT with no readahead, at the price of disk-bound sequential I/O;
-// BENCHMARKS.md has all three. FileBackend.SetWholeIfCached (opt-in) sends
-// a write whose whole range is already cached as one pwrite (existing
-// folios keep their size, so this cannot make large folios); on the shared
-// machine its gain on sequential rewrites was not shown, and random writes
-// right after sequential rewrites ran slower than the default's in 6 of 6
-// rounds for reasons not found, so it stays off.
+// BENCHMARKS.md has all three. Sending a write whose whole range is already
+// cached as one pwrite (existing folios keep their size) was tried on branch
+// fe4 and removed: no sequential gain shown, and random writes right after
+// sequential rewrites ran slower in 6 of 6 rounds (BENCHMARKS.md, config W).
 //
 // Sequential 1 MiB writes against a page-cached loop device (BENCHMARKS.md,
 // "Branch fe4"): the FUSE path itself is not the limit (a server that drops

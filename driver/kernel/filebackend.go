@@ -49,10 +49,6 @@ type FileBackend struct {
 	// piece is the largest buffered pwrite in bytes (a positive multiple
 	// of 4096), or 0 for one pwrite per WriteAt. Set before serving.
 	piece int
-	// wholeIfCached: a buffered write larger than piece whose whole range
-	// the page cache already holds goes as one pwrite (SetWholeIfCached).
-	// Cleared if cachestat(2) is missing.
-	wholeIfCached atomic.Bool
 }
 
 // DefaultWritePiece is the largest single buffered pwrite FileBackend
@@ -130,37 +126,6 @@ func (b *FileBackend) SetWritePiece(piece int) error {
 	return nil
 }
 
-// SetWholeIfCached makes a buffered write larger than the write piece go as
-// one pwrite when cachestat(2) says the page cache holds every page of its
-// range: folios that exist keep their size whatever the length of a write
-// into them (write_begin creates a folio only where none is cached), so
-// such a write cannot make a large folio, and cutting it would only cost
-// syscalls and i_rwsem round trips. A write into a range with any page
-// missing is still cut. Off by default: BENCHMARKS.md ("Branch fe4") has
-// why (no sequential gain shown; random writes after sequential rewrites
-// measured slower). Call it before serving.
-func (b *FileBackend) SetWholeIfCached(on bool) { b.wholeIfCached.Store(on) }
-
-// rangeCached says whether the page cache holds every page of the
-// page-aligned range [off, off+n) of the file (one cachestat(2) call). A
-// range that is not page-aligned, or an error, counts as not cached;
-// ENOSYS also turns SetWholeIfCached off.
-func (b *FileBackend) rangeCached(off int64, n int) bool {
-	const page = 4096
-	if off%page != 0 || n%page != 0 {
-		return false
-	}
-	var st unix.Cachestat_t
-	err := unix.Cachestat(uint(b.f.Fd()), &unix.CachestatRange{Off: uint64(off), Len: uint64(n)}, &st, 0)
-	if err != nil {
-		if errors.Is(err, unix.ENOSYS) {
-			b.wholeIfCached.Store(false)
-		}
-		return false
-	}
-	return st.Cache == uint64(n/page)
-}
-
 // WriteAtPieces writes p at byte offset off through w as consecutive
 // WriteAt calls of at most piece bytes (piece > 0), each ending at a file
 // offset that is a multiple of piece unless it is the last: so a buffered
@@ -202,9 +167,6 @@ func (b *FileBackend) ReadAt(p []byte, off int64) (int, error) { return b.f.Read
 // most the write piece (WriteAtPieces).
 func (b *FileBackend) WriteAt(p []byte, off int64) (int, error) {
 	if !b.writeDirect(p, off) {
-		if b.piece > 0 && len(p) > b.piece && b.wholeIfCached.Load() && b.rangeCached(off, len(p)) {
-			return b.f.WriteAt(p, off)
-		}
 		return WriteAtPieces(b.f, p, off, b.piece)
 	}
 	n := 0

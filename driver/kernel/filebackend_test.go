@@ -8,8 +8,6 @@ import (
 	"math/rand/v2"
 	"path/filepath"
 	"testing"
-
-	"golang.org/x/sys/unix"
 )
 
 // TestFileBackendDirectAndBuffered mixes the two write paths of a
@@ -173,13 +171,8 @@ func TestWriteAtPieces(t *testing.T) {
 // other, and checks every byte read back against a model.
 func TestFileBackendWritePieces(t *testing.T) {
 	const size = 4 << 20
-	for _, tc := range []struct {
-		piece int
-		whole bool
-	}{{0, false}, {4096, false}, {16 << 10, false}, {DefaultWritePiece, false}, {1 << 20, false},
-		{16 << 10, true}, {DefaultWritePiece, true}} {
-		piece := tc.piece
-		t.Run(fmt.Sprintf("%d/wholeIfCached=%v", piece, tc.whole), func(t *testing.T) {
+	for _, piece := range []int{0, 4096, 16 << 10, DefaultWritePiece, 1 << 20} {
+		t.Run(fmt.Sprint(piece), func(t *testing.T) {
 			b, err := OpenFileBackend(filepath.Join(t.TempDir(), "f.img"), size)
 			if err != nil {
 				t.Fatal(err)
@@ -188,7 +181,6 @@ func TestFileBackendWritePieces(t *testing.T) {
 			if err := b.SetWritePiece(piece); err != nil {
 				t.Fatal(err)
 			}
-			b.SetWholeIfCached(tc.whole)
 			want := make([]byte, size)
 			rng := rand.New(rand.NewPCG(4, uint64(piece)))
 			for i := 0; i < 60; i++ {
@@ -234,72 +226,5 @@ func TestFileBackendSetWritePieceInvalid(t *testing.T) {
 	}
 	if b.piece != DefaultWritePiece {
 		t.Errorf("piece after refused calls = %d, want %d", b.piece, DefaultWritePiece)
-	}
-}
-
-// TestFileBackendWholeIfCached checks the cache test behind
-// SetWholeIfCached (a range counts as cached only when every page of it
-// is, and unaligned ranges never do) and that writes taking either path
-// land byte for byte.
-func TestFileBackendWholeIfCached(t *testing.T) {
-	const size = 4 << 20
-	b, err := OpenFileBackend(filepath.Join(t.TempDir(), "f.img"), size)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
-	b.SetWholeIfCached(true)
-	var st unix.Cachestat_t
-	if err := unix.Cachestat(uint(b.f.Fd()), &unix.CachestatRange{Len: 4096}, &st, 0); errors.Is(err, unix.ENOSYS) {
-		t.Skip("cachestat(2) not supported by this kernel")
-	}
-	if b.rangeCached(0, 1<<20) {
-		t.Fatal("fresh sparse file: range [0, 1 MiB) reported cached")
-	}
-	want := make([]byte, size)
-	write := func(off int64, n int, seed byte) {
-		t.Helper()
-		p := make([]byte, n)
-		for i := range p {
-			p[i] = byte(i*31) + seed
-		}
-		if m, err := b.WriteAt(p, off); err != nil || m != n {
-			t.Fatalf("WriteAt(%d bytes, %d) = %d, %v", n, off, m, err)
-		}
-		copy(want[off:], p)
-	}
-	write(0, 1<<20, 1) // not cached: cut into pieces
-	if !b.rangeCached(0, 1<<20) {
-		t.Fatal("range just written is not reported cached")
-	}
-	if b.rangeCached(512<<10, 1<<20) {
-		t.Fatal("range half outside the written part reported cached")
-	}
-	if b.rangeCached(4096+1, 8192) || b.rangeCached(4096, 8191) {
-		t.Fatal("unaligned range reported cached")
-	}
-	write(0, 1<<20, 2)           // cached: one pwrite
-	write(512<<10, 1<<20, 3)     // half cached: pieces
-	write(4096+7, 300<<10, 4)    // unaligned: pieces
-	write(3<<20, (1<<20)-100, 5) // tail, unaligned length
-	if !b.rangeCached(0, 1536<<10) {
-		t.Fatal("[0, 1.5 MiB) written twice is not reported cached")
-	}
-	got := make([]byte, size)
-	if n, err := b.ReadAt(got, 0); err != nil || n != size {
-		t.Fatalf("ReadAt = %d, %v", n, err)
-	}
-	if i := firstDiff(got, want); i >= 0 {
-		t.Fatalf("byte %d is %#x, want %#x", i, got[i], want[i])
-	}
-	// After writeback and POSIX_FADV_DONTNEED the pages are gone.
-	if err := b.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Fadvise(int(b.f.Fd()), 0, size, unix.FADV_DONTNEED); err != nil {
-		t.Fatal(err)
-	}
-	if b.rangeCached(0, 1<<20) {
-		t.Fatal("range dropped from the page cache still reported cached")
 	}
 }

@@ -63,7 +63,6 @@ func run() error {
 	directLarge := flag.Bool("direct-large", false, "-backing: large writes O_DIRECT, no readahead (kernel.OpenFileBackendDirectLarge)")
 	piece := flag.Int("write-piece", -1, "-backing: largest buffered pwrite in bytes, 0 for unsplit writes (kernel.FileBackend.SetWritePiece; -1: the default)")
 	mem := flag.String("mem", "", "serve from memory instead of -backing: \"null\" drops writes and reads zeros, \"copy\" keeps the data in an anonymous buffer (floor measurements)")
-	wholeCached := flag.Bool("whole-if-cached", false, "-backing: a write whose whole range is in the page cache goes as one pwrite (kernel.FileBackend.SetWholeIfCached)")
 	blocking := flag.Bool("blocking-readers", false, "readers block in read(2) (kernel.Config.BlockingReaders)")
 	flag.Parse()
 	if *runDir == "" || btoi(*backing != "")+btoi(*store != "")+btoi(*mem != "") != 1 {
@@ -102,7 +101,6 @@ func run() error {
 			return err
 		}
 	}
-	b.SetWholeIfCached(*wholeCached)
 	return serve(ctx, fe, *id, b)
 }
 
