@@ -76,6 +76,10 @@
 // pending copy from the data file, computes the CRC its record needs,
 // writes the copy to the COW file and the CRC into the queued record, then
 // writes and syncs the batch (the log and the COW files, concurrently);
+// on a file system that shares blocks between files (XFS with reflink,
+// btrfs) the copy is a clone of the data file's range (FICLONERANGE), a
+// metadata update instead of a chunk of data written (Stats.ClonedBytes;
+// BENCHMARKS.md "Copy-outs as block clones");
 // once it is durable it writes the entries' new bytes to the data files,
 // each under its chunk's stripe, and drops them. Reads of the volume merge
 // an entry's [lo, hi) over the data file's chunk; a later write to the

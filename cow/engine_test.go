@@ -324,7 +324,7 @@ func TestSpaceFreed(t *testing.T) {
 		var n int64
 		filepath.Walk(dir, func(p string, fi os.FileInfo, err error) error {
 			if err == nil && !fi.IsDir() && !strings.HasPrefix(fi.Name(), "store.log") {
-				n += blocks(fi)
+				n += blocks(t, p, fi)
 			}
 			return nil
 		})

@@ -168,3 +168,34 @@ func (f *faultFS) SyncDir() error {
 	}
 	return f.osFS.SyncDir()
 }
+
+// CloneFrom is a write of the destination range (it changes the file's
+// content): it calls writeHook, is recorded as one and counts as one for
+// failWrite (an injected failure clones nothing and returns EIO).
+func (f *faultFile) CloneFrom(src file, srcOff, off, n int64) error {
+	if s, ok := src.(*faultFile); ok {
+		src = s.file
+	}
+	f.fs.mu.Lock()
+	hook := f.fs.writeHook
+	f.fs.mu.Unlock()
+	if hook != nil {
+		hook(f.name)
+	}
+	f.fs.io(fmt.Sprintf("wstart %s %d %d", f.name, off, n))
+	defer f.fs.io(fmt.Sprintf("wdone %s %d %d", f.name, off, n))
+	f.fs.mu.Lock()
+	counts := f.fs.failSuffix == "" || strings.HasSuffix(f.name, f.fs.failSuffix)
+	fail := counts && f.fs.failWrite == 0
+	if counts && f.fs.failWrite >= 0 {
+		f.fs.failWrite--
+	}
+	if fail {
+		f.fs.failed++
+	}
+	f.fs.mu.Unlock()
+	if fail {
+		return errInjected
+	}
+	return f.file.CloneFrom(src, srcOff, off, n)
+}

@@ -2,6 +2,7 @@ package cow
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -28,8 +29,19 @@ type file interface {
 	// or past the end: they read as zeros without a read). false when
 	// unsure: a file system without SEEK_DATA reports data everywhere.
 	Hole(off, n int64) (bool, error)
+	// CloneFrom makes bytes [off, off+n) of this file share src's bytes
+	// [srcOff, srcOff+n) (FICLONERANGE): a copy that writes no data, on a
+	// file system with reflinks (XFS made with reflink=1, btrfs). It
+	// returns an error wrapping errNoClone, having changed nothing, where
+	// the file system or these ranges do not allow it; the caller then
+	// copies. Durable after the next Sync of this file, like a write.
+	CloneFrom(src file, srcOff, off, n int64) error
 	Close() error
 }
+
+// errNoClone: this file system (or this range of it) cannot share blocks
+// between files; write a copy instead.
+var errNoClone = errors.New("no block sharing here")
 
 // fsys opens and names files inside the store directory.
 type fsys interface {
@@ -164,6 +176,35 @@ func (o osFile) Hole(off, n int64) (bool, error) {
 	}
 	return at >= off+n, nil
 }
+
+// CloneFrom uses FICLONERANGE from golang.org/x/sys/unix (go-losetup has
+// nothing for regular files). The errors that mean "not here" (see
+// ioctl_ficlonerange(2)): EOPNOTSUPP (ext4, XFS without reflink, tmpfs),
+// EXDEV (another file system), ENOTTY/ENOSYS (no such ioctl), EINVAL (a
+// range not aligned to the file system's block, or past src's end: the
+// data file is sparse and may end inside the chunk), EPERM/ETXTBSY
+// (immutable, swap or active executable). Everything else (EIO, ENOSPC)
+// is a real failure.
+func (o osFile) CloneFrom(src file, srcOff, off, n int64) error {
+	s, ok := src.(osFile)
+	if !ok || n <= 0 || srcOff < 0 || off < 0 {
+		return errNoClone
+	}
+	err := unix.IoctlFileCloneRange(int(o.f.Fd()), &unix.FileCloneRange{
+		Src_fd:      int64(s.f.Fd()),
+		Src_offset:  uint64(srcOff),
+		Src_length:  uint64(n), // never 0, which would mean "to src's end"
+		Dest_offset: uint64(off),
+	})
+	switch err {
+	case nil:
+		return nil
+	case unix.EOPNOTSUPP, unix.EXDEV, unix.ENOTTY, unix.ENOSYS, unix.EINVAL, unix.EPERM, unix.ETXTBSY:
+		return fmt.Errorf("%w: FICLONERANGE: %w", errNoClone, err)
+	}
+	return ioErr(err)
+}
+
 func (o osFile) Close() error { return o.f.Close() }
 
 // ioErr maps ENOSPC (and EDQUOT) to ErrNoSpace, keeping the original error.

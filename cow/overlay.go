@@ -1,10 +1,12 @@
 package cow
 
 import (
+	"errors"
 	"fmt"
 	"sync/atomic"
 
 	"github.com/csi-snap/csi-snap/exceptions"
+	"golang.org/x/sys/unix"
 )
 
 // The overlay holds the new content of chunks whose copy-out is not
@@ -176,7 +178,7 @@ func writeCopies(es []*ovEntry, buf []byte) error {
 			if err = readFull(v.data, old, e.c<<v.shift); err != nil {
 				return err
 			}
-			if err = writeFull(e.cf, old, e.cowAt); err != nil {
+			if err = copyChunk(v, e.cf, old, e.c<<v.shift, e.cowAt); err != nil {
 				return err
 			}
 			err = e.fillCRC(buf, crc(old))
@@ -186,6 +188,36 @@ func writeCopies(es []*ovEntry, buf []byte) error {
 		}
 	}
 	return nil
+}
+
+// copyChunk puts old, which the caller read from v's data file at off, in
+// COW file cf at cowAt. Where the file system shares blocks between files
+// (XFS with reflink, btrfs), it clones the data file's range instead of
+// writing it: the copy costs a metadata update instead of a chunk of data
+// on disk, and the later overwrite of the data file's chunk is the file
+// system's own copy-on-write of the blocks it writes. The write order is
+// unchanged (FORMAT.md): the clone, like the write it replaces, is durable
+// with the COW file's sync before the batch that points at it is applied,
+// and the data file's range does not change between the read (the CRC)
+// and the clone, since nothing writes it before the apply. A file system
+// that refuses marks the volume noClone (writes from then on); a range it
+// refuses (EINVAL: the sparse data file ends inside the chunk) is written
+// this once.
+func copyChunk(v *Volume, cf file, old []byte, off, cowAt int64) error {
+	if !v.noClone.Load() {
+		err := cf.CloneFrom(v.data, off, cowAt, int64(len(old)))
+		if err == nil {
+			v.s.clonedBytes.Add(uint64(len(old)))
+			return nil
+		}
+		if !errors.Is(err, errNoClone) {
+			return err
+		}
+		if !errors.Is(err, unix.EINVAL) {
+			v.noClone.Store(true)
+		}
+	}
+	return writeFull(cf, old, cowAt)
 }
 
 // fillCRC re-encodes e's exception record at buf[e.recAt:] with the CRC

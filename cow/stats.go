@@ -7,6 +7,9 @@ type Stats struct {
 	CopyOuts uint64
 	// CopiedBytes counts bytes written to COW files by those copy-outs.
 	CopiedBytes uint64
+	// ClonedBytes counts the part of CopiedBytes that was not written but
+	// shared with the data file's blocks (FICLONERANGE; see writeCopies).
+	ClonedBytes uint64
 	// IndexBytes is the approximate heap held by every snapshot's exception
 	// index (exceptions.Index.Bytes), in bytes.
 	IndexBytes int64
@@ -17,7 +20,7 @@ type Stats struct {
 // Stats returns the engine's counters and the memory its exception indexes
 // hold. It takes each volume's lock briefly and is safe for concurrent use.
 func (s *Store) Stats() Stats {
-	st := Stats{CopyOuts: s.copyOuts.Load(), CopiedBytes: s.copiedBytes.Load()}
+	st := Stats{CopyOuts: s.copyOuts.Load(), CopiedBytes: s.copiedBytes.Load(), ClonedBytes: s.clonedBytes.Load()}
 	s.mu.Lock()
 	var snaps []*Snapshot
 	for _, o := range s.objs {

@@ -37,6 +37,7 @@ type Store struct {
 
 	copyOuts    atomic.Uint64 // chunks recorded by copy-before-write since Open
 	copiedBytes atomic.Uint64 // bytes of those chunks written to COW files (zero chunks cost none)
+	clonedBytes atomic.Uint64 // bytes of those copies made by sharing blocks (FICLONERANGE) instead
 }
 
 // Open opens the store in dir, creating dir and an empty store if needed,

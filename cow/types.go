@@ -93,6 +93,7 @@ type Volume struct {
 	stripes  [nStripes]sync.RWMutex
 	flushMu  sync.Mutex  // serialises Flush, so one Flush cannot return before another's present records land
 	dirty    atomic.Bool // data written since the last data sync
+	noClone  atomic.Bool // copy-outs write copies: cowf cannot share data's blocks (writeCopies)
 	data     file
 	cowf     file // nil only while replay has not judged a missing file
 	dataName string

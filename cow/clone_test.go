@@ -1,0 +1,301 @@
+package cow
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"testing"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Tests of copy-outs made by sharing blocks (copyChunk): on a file system
+// with reflinks the committer clones the data file's chunk into the COW
+// file instead of writing it. hack/test.sh runs the whole cow suite a
+// second time with TMPDIR on an XFS mount made with reflink=1, so the
+// model, crash and fault tests cover this path too; these tests check
+// that it is really taken there and costs no data blocks.
+
+// canClone reports whether dir's file system shares blocks between files
+// (FICLONERANGE), with the error that says why not.
+func canClone(t *testing.T, dir string) error {
+	t.Helper()
+	a, err := os.Create(filepath.Join(dir, "probe-a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(a.Name())
+	defer a.Close()
+	b, err := os.Create(filepath.Join(dir, "probe-b"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(b.Name())
+	defer b.Close()
+	if _, err := a.Write(make([]byte, 64<<10)); err != nil {
+		t.Fatal(err)
+	}
+	return osFile{b}.CloneFrom(osFile{a}, 0, 0, 64<<10)
+}
+
+// freeBytes is the space left on dir's file system.
+func freeBytes(t *testing.T, dir string) int64 {
+	t.Helper()
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	return int64(st.Bfree) * st.Bsize
+}
+
+// extentBytes sums the extents of the file at path (FS_IOC_FIEMAP; x/sys/unix
+// has no wrapper for it): all of them, and those the file system flags as
+// shared with another file (FIEMAP_EXTENT_SHARED). Unlike st_blocks, the
+// sum leaves out what XFS reserves ahead for its own copy-on-write of
+// shared blocks and past the end of a file it appends to (given back when
+// the inode is evicted or later). ok is false where
+// the file system has no FIEMAP (tmpfs).
+func extentBytes(t *testing.T, path string) (mapped, shared int64, ok bool) {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	size := uint64(fi.Size())
+	const (
+		fsIocFiemap   = 0xC020660B // _IOWR('f', 11, struct fiemap)
+		fiemapSync    = 0x1        // FIEMAP_FLAG_SYNC
+		extentLast    = 0x1        // FIEMAP_EXTENT_LAST
+		extentShared  = 0x2000     // FIEMAP_EXTENT_SHARED
+		headerLen     = 32         // struct fiemap without its extents
+		extentLen     = 56         // struct fiemap_extent
+		extentsPerOne = 256
+	)
+	start := uint64(0)
+	for {
+		buf := make([]byte, headerLen+extentsPerOne*extentLen)
+		le := binary.LittleEndian
+		le.PutUint64(buf[0:], start)
+		le.PutUint64(buf[8:], ^uint64(0)-start)
+		le.PutUint32(buf[16:], fiemapSync)
+		le.PutUint32(buf[24:], extentsPerOne)
+		if _, _, e := unix.Syscall(unix.SYS_IOCTL, f.Fd(), fsIocFiemap, uintptr(unsafe.Pointer(&buf[0]))); e != 0 {
+			if e == unix.EOPNOTSUPP || e == unix.ENOTTY {
+				return 0, 0, false
+			}
+			t.Fatalf("FIEMAP %s: %v", path, e)
+		}
+		n := le.Uint32(buf[20:])
+		if n == 0 {
+			return mapped, shared, true
+		}
+		for i := range n {
+			x := buf[headerLen+i*extentLen:]
+			logical, length, flags := le.Uint64(x[0:]), le.Uint64(x[16:]), le.Uint32(x[40:])
+			if logical >= size {
+				return mapped, shared, true
+			}
+			in := int64(min(length, size-logical)) // XFS allocates ahead past the end
+			mapped += in
+			if flags&extentShared != 0 {
+				shared += in
+			}
+			if flags&extentLast != 0 {
+				return mapped, shared, true
+			}
+			start = logical + length
+		}
+	}
+}
+
+// TestCloneCopyOut writes 64 chunks of random data, makes them durable,
+// takes a snapshot and writes 4 KiB into each chunk. Where the file system
+// can share blocks, every copy-out must be a clone (Stats.ClonedBytes),
+// the file system must lose far less space than the 4 MiB of copies, and
+// the snapshot must read the old bytes, before and after a reopen, while
+// the volume reads the new ones. Elsewhere (ext4, tmpfs) it checks that
+// the first refusal turns cloning off for the volume and the copies are
+// written.
+func TestCloneCopyOut(t *testing.T) {
+	dir := t.TempDir()
+	cloneErr := canClone(t, dir)
+	if cloneErr != nil && !errors.Is(cloneErr, errNoClone) {
+		t.Fatal(cloneErr)
+	}
+	const cs, n = 64 << 10, 64
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := s.CreateVolume("v", n*cs, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewSource(1))
+	old := make([]byte, n*cs)
+	rng.Read(old)
+	if _, err := v.WriteAt(old, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	unix.Sync() // settle the free-space count
+	free0, st0 := freeBytes(t, dir), s.Stats()
+	cur := bytes.Clone(old)
+	for c := range int64(n) {
+		off := c*cs + int64(c%16)*4096
+		p := make([]byte, 4096)
+		rng.Read(p)
+		copy(cur[off:], p)
+		if _, err := v.WriteAt(p, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	unix.Sync()
+	free1, st1 := freeBytes(t, dir), s.Stats()
+	copied, cloned := st1.CopiedBytes-st0.CopiedBytes, st1.ClonedBytes-st0.ClonedBytes
+	if copied != n*cs {
+		t.Fatalf("copied %d bytes, want %d", copied, n*cs)
+	}
+	t.Logf("clone probe: %v; copied %d B, cloned %d B; the file system lost %d B", cloneErr, copied, cloned, free0-free1)
+	if cloneErr == nil {
+		if cloned != copied {
+			t.Fatalf("%d of %d copied bytes were cloned, want all: this file system shares blocks", cloned, copied)
+		}
+		// Each copied chunk's blocks are the data file's, except the 4 KiB
+		// the volume then wrote (which the data file no longer shares).
+		// (The free-space loss is no measure here: XFS reserves its own
+		// copy-on-write extents ahead, until the inode is evicted.)
+		_, shared, _ := extentBytes(t, filepath.Join(dir, v.cowName))
+		if want := int64(n * (cs - 4096)); shared < want {
+			t.Fatalf("the COW file shares %d bytes with other files, want at least %d", shared, want)
+		}
+		t.Logf("the COW file shares %d bytes", shared)
+	} else {
+		if cloned != 0 || !v.noClone.Load() {
+			t.Fatalf("cloned %d bytes, noClone %v on a file system that refused a clone (%v)", cloned, v.noClone.Load(), cloneErr)
+		}
+	}
+	check := func(s *Store) {
+		t.Helper()
+		sn, err := s.Snapshot("s")
+		if err != nil {
+			t.Fatal(err)
+		}
+		v, err := s.Volume("v")
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, n*cs)
+		if _, err := sn.ReadAt(got, 0); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, old) {
+			t.Fatal("the snapshot does not read the chunks as they were")
+		}
+		if _, err := v.ReadAt(got, 0); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, cur) {
+			t.Fatal("the volume does not read its new bytes")
+		}
+	}
+	check(s)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s, err = Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	check(s)
+	// Deleting the snapshot frees its COW chunks; the volume keeps its data.
+	if err := s.DeleteSnapshot("s"); err != nil {
+		t.Fatal(err)
+	}
+	v, err = s.Volume("v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, n*cs)
+	if _, err := v.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, cur) {
+		t.Fatal("the volume lost bytes when the snapshot sharing its blocks was deleted")
+	}
+}
+
+// TestCloneUnalignedFallsBack: a range the file system refuses with EINVAL
+// (here: past the end of the sparse data file) is written instead, and
+// cloning stays on for the volume. Needs a file system that clones.
+func TestCloneUnalignedFallsBack(t *testing.T) {
+	dir := t.TempDir()
+	if err := canClone(t, dir); err != nil {
+		t.Skipf("%s cannot share blocks (%v); hack/test.sh runs the cow tests again on an XFS mount with reflink=1", dir, err)
+	}
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	const cs = 64 << 10
+	v, err := s.CreateVolume("v", 4*cs, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The data file ends 4 KiB into chunk 1: its clone reaches past src's end.
+	p := bytes.Repeat([]byte{7}, cs+4096)
+	if _, err := v.WriteAt(p, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	st0 := s.Stats()
+	if _, err := v.WriteAt(make([]byte, 2*cs), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	st1 := s.Stats()
+	if c, k := st1.CopiedBytes-st0.CopiedBytes, st1.ClonedBytes-st0.ClonedBytes; c != 2*cs || k != cs {
+		t.Fatalf("copied %d, cloned %d bytes; want %d copied, %d of them cloned (chunk 0 only)", c, k, 2*cs, cs)
+	}
+	if v.noClone.Load() {
+		t.Fatal("an EINVAL range turned cloning off for the volume")
+	}
+	sn, err := s.Snapshot("s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 2*cs)
+	if _, err := sn.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	want := append(bytes.Clone(p), make([]byte, cs-4096)...)
+	if !bytes.Equal(got, want) {
+		t.Fatal("the snapshot does not read chunks 0 and 1 as they were")
+	}
+}
