@@ -10,7 +10,7 @@ import (
 )
 
 // BenchmarkRollback: a sparse volume (RB_VOLUME bytes, default 1 TiB) with
-// RB_CHANGED bytes (default 1 GiB) written, as 64 KiB chunks at random
+// RB_CHANGED bytes (default 1 GiB) written, as DefaultChunkSize chunks at random
 // places, since its snapshot. Each iteration rewrites those chunks (not
 // timed), then returns the volume to the snapshot:
 //

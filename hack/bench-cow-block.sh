@@ -5,7 +5,7 @@
 # SNAPSHOTS="0 1" runs a subset of the snapshot counts (the tables then
 # miss columns); BENCHSERVE_FLAGS="-readers=16" etc. is passed to the server.
 # For each round, and within it for N = 0, 1, 16 snapshots (interleaved):
-# a fresh 1 GiB cow volume (64 KiB chunks) is filled, N snapshots are taken,
+# a fresh 1 GiB cow volume (cow.DefaultChunkSize chunks) is filled, N snapshots are taken,
 # then fio (libaio, O_DIRECT, qd16) measures
 #   seqwrite-first    1 MiB sequential writes over the whole volume, once
 #                     (every chunk is copied out once if N > 0)
@@ -33,7 +33,9 @@ if [ ${#need[@]} -gt 0 ]; then
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-work=$(mktemp -d /var/tmp/bench-cow-block.XXXXXX)
+# BENCH_DIR (default /var/tmp) holds the store: put it on XFS made with
+# reflink=1 to measure copy-outs as block clones (BENCHMARKS.md).
+work=$(mktemp -d "${BENCH_DIR:-/var/tmp}/bench-cow-block.XXXXXX")
 spid=
 cleanup() {
 	if [ -n "$spid" ]; then eval "exec ${SRV[1]}>&-" || true; wait "$spid" 2>/dev/null || true; fi
