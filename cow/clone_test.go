@@ -7,13 +7,14 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
 
-// Tests of copy-outs made by sharing blocks (copyChunk): on a file system
+// Tests of copy-outs made by sharing blocks (copyRun): on a file system
 // with reflinks the committer clones the data file's chunk into the COW
 // file instead of writing it. hack/test.sh runs the whole cow suite a
 // second time with TMPDIR on an XFS mount made with reflink=1, so the
@@ -273,8 +274,12 @@ func TestCloneUnalignedFallsBack(t *testing.T) {
 		t.Fatal(err)
 	}
 	st0 := s.Stats()
-	if _, err := v.WriteAt(make([]byte, 2*cs), 0); err != nil {
-		t.Fatal(err)
+	// Chunk 1 first, then chunk 0: not one run (writeCopies), so each
+	// copy is cloned or written on its own.
+	for _, c := range []int64{1, 0} {
+		if _, err := v.WriteAt(make([]byte, cs), c*cs); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if err := v.Flush(); err != nil {
 		t.Fatal(err)
@@ -297,5 +302,67 @@ func TestCloneUnalignedFallsBack(t *testing.T) {
 	want := append(bytes.Clone(p), make([]byte, cs-4096)...)
 	if !bytes.Equal(got, want) {
 		t.Fatal("the snapshot does not read chunks 0 and 1 as they were")
+	}
+}
+
+// TestCopyRuns: the copies of a sequential first write move as runs of
+// consecutive chunks (writeCopies): a 1 MiB write after a snapshot, at
+// 16 KiB chunks, reaches the COW file as a few writes or clones of
+// consecutive chunks, not 64, and the snapshot still reads the old bytes.
+func TestCopyRuns(t *testing.T) {
+	dir := t.TempDir()
+	fs := newFaultFS(dir)
+	s, err := openFS(dir, fs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	const cs, size = 16 << 10, 4 << 20
+	v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := make([]byte, size)
+	rand.New(rand.NewSource(3)).Read(old)
+	if _, err := v.WriteAt(old, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	var ios []string
+	fs.mu.Lock()
+	fs.ios = &ios
+	fs.mu.Unlock()
+	if _, err := v.WriteAt(bytes.Repeat([]byte{9}, 1<<20), 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	fs.mu.Lock()
+	fs.ios = nil
+	fs.mu.Unlock()
+	var calls, bytesOut int64
+	for _, e := range parseIOs(t, ios) {
+		if e.kind == "wstart" && strings.HasSuffix(e.name, ".cow") {
+			calls++
+			bytesOut += e.len
+		}
+	}
+	t.Logf("%d bytes of copies in %d calls to the COW file", bytesOut, calls)
+	if bytesOut < 1<<20 || calls > 8 {
+		t.Fatalf("%d bytes of copies in %d calls to the COW file; want 1 MiB in runs (at most 8 calls)", bytesOut, calls)
+	}
+	sn, err := s.Snapshot("s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, size)
+	if _, err := sn.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, old) {
+		t.Fatal("the snapshot does not read the chunks as they were")
 	}
 }

@@ -3,6 +3,7 @@ package cow
 import (
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 
 	"github.com/csi-snap/csi-snap/exceptions"
@@ -150,48 +151,71 @@ func applyOverlay(es []*ovEntry) (int64, error) {
 // cache) and fills in the CRC of each record whose copy is read here, in
 // place in buf, the batch's encoded records. The committer calls it before
 // writing the batch that holds the records, so the sync of the batch
-// covers the copies (FORMAT.md, step 4).
+// covers the copies (FORMAT.md, step 4). Copies read from the data file
+// whose origin chunks and COW chunks are both consecutive (what a
+// sequential write leaves: enqueue appends a write's chunks in order, and
+// alloc hands out consecutive COW chunks while it can) move as one run of
+// up to maxCopyRun bytes: one read, one clone or write.
 func writeCopies(es []*ovEntry, buf []byte) error {
-	var scratch []byte
+	var scratch *[]byte
 	defer func() {
 		if scratch != nil {
-			putBuf(scratch)
+			runPool.Put(scratch)
 		}
 	}()
-	for _, e := range es {
-		var err error
+	for i := 0; i < len(es); {
+		e := es[i]
 		switch {
 		case e.old != nil:
-			err = writeFull(e.cf, e.old, e.cowAt)
+			if err := writeFull(e.cf, e.old, e.cowAt); err != nil {
+				return err
+			}
+			i++
 		case e.fromData:
-			// No stripe needed: the data file's chunk c changes only in
-			// the apply, which comes after this. One read gives both the
-			// copy and its CRC.
+			// No stripe needed: the data file's chunks change only in the
+			// apply, which comes after this. One read gives both the
+			// copies and their CRCs.
 			v := e.v
-			if scratch == nil || int64(len(scratch)) < v.chunkSize {
-				if scratch != nil {
-					putBuf(scratch)
+			j := i + 1
+			for j < len(es) && int64(j+1-i)*v.chunkSize <= maxCopyRun {
+				f, p := es[j], es[j-1]
+				if !f.fromData || f.old != nil || f.v != v || f.cf != e.cf || f.c != p.c+1 || f.cowAt != p.cowAt+v.chunkSize {
+					break
 				}
-				scratch = chunkBuf(v.chunkSize)
+				j++
 			}
-			old := scratch[:v.chunkSize]
-			if err = readFull(v.data, old, e.c<<v.shift); err != nil {
+			if scratch == nil {
+				scratch = runPool.Get().(*[]byte)
+			}
+			old := (*scratch)[:int64(j-i)*v.chunkSize]
+			if err := readFull(v.data, old, e.c<<v.shift); err != nil {
 				return err
 			}
-			if err = copyChunk(v, e.cf, old, e.c<<v.shift, e.cowAt); err != nil {
+			if err := copyRun(v, e.cf, old, e.c<<v.shift, e.cowAt); err != nil {
 				return err
 			}
-			err = e.fillCRC(buf, crc(old))
-		}
-		if err != nil {
-			return err
+			for k, f := range es[i:j] {
+				if err := f.fillCRC(buf, crc(old[int64(k)*v.chunkSize:int64(k+1)*v.chunkSize])); err != nil {
+					return err
+				}
+			}
+			i = j
+		default:
+			i++
 		}
 	}
 	return nil
 }
 
-// copyChunk puts old, which the caller read from v's data file at off, in
-// COW file cf at cowAt. Where the file system shares blocks between files
+// maxCopyRun is the most bytes writeCopies reads and copies at once (a
+// whole chunk at the largest chunk size). runPool holds its buffers, apart
+// from bufPool's chunk buffers so overlay entries never get one.
+const maxCopyRun = maxChunkSize
+
+var runPool = sync.Pool{New: func() any { b := make([]byte, maxCopyRun); return &b }}
+
+// copyRun puts old, which the caller read from v's data file at off (one
+// chunk or a run of them), in COW file cf at cowAt. Where the file system shares blocks between files
 // (XFS with reflink, btrfs), it clones the data file's range instead of
 // writing it: the copy costs a metadata update instead of a chunk of data
 // on disk, and the later overwrite of the data file's chunk is the file
@@ -201,9 +225,9 @@ func writeCopies(es []*ovEntry, buf []byte) error {
 // and the data file's range does not change between the read (the CRC)
 // and the clone, since nothing writes it before the apply. A file system
 // that refuses marks the volume noClone (writes from then on); a range it
-// refuses (EINVAL: the sparse data file ends inside the chunk) is written
+// refuses (EINVAL: the sparse data file ends inside the range) is written
 // this once.
-func copyChunk(v *Volume, cf file, old []byte, off, cowAt int64) error {
+func copyRun(v *Volume, cf file, old []byte, off, cowAt int64) error {
 	if !v.noClone.Load() {
 		err := cf.CloneFrom(v.data, off, cowAt, int64(len(old)))
 		if err == nil {

@@ -223,7 +223,7 @@ func TestCopyOutWriteFailsFreesChunks(t *testing.T) {
 	v.WriteAt(old, 0)
 	s.CreateSnapshot("v", "s", SnapshotOptions{})
 	fs.mu.Lock()
-	fs.failSuffix, fs.failWrite = ".cow", 1 // the second chunk's copy
+	fs.failSuffix, fs.failWrite = ".cow", 0 // the copy's first write (or clone) to the COW file; the 4 chunks' copies are one run
 	fs.mu.Unlock()
 	if _, err := v.WriteAt(fill(4*cs, 2), 4*cs); err != nil {
 		t.Fatalf("the write failed in its own path (%v): its copy should be deferred", err)
