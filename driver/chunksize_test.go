@@ -56,7 +56,8 @@ func TestChunkSizeParameter(t *testing.T) {
 		{"1024Ki", 1 << 20},
 		{"1Mi", 1 << 20},
 		{"1048576", 1 << 20},
-		{"0016Ki", 16 << 10}, // leading zeros are still decimal
+		{"0016Ki", 16 << 10},              // leading zeros are still decimal
+		{"", drivertest.DefaultChunkSize}, // empty is absent: the store's choice
 	}
 	for _, c := range good {
 		t.Run("accepts "+c.value, func(t *testing.T) {

@@ -44,8 +44,8 @@ type VolumeOptions struct {
 	Labels map[string]string
 }
 
-// Chunk sizes a store accepts, in bytes (cow's bounds; a test in
-// cowstore_test.go checks that cow agrees).
+// Chunk sizes a store accepts, in bytes (cow's bounds;
+// TestChunkSizeBoundsAgreeWithCow checks that cow agrees).
 const (
 	MinChunkSize = 4 << 10
 	MaxChunkSize = 1 << 20

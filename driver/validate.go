@@ -130,10 +130,10 @@ var binarySuffixes = []struct {
 
 // parseChunkSize reads a chunk size in bytes: "" (not given: 0), a decimal
 // integer ("65536"), or a decimal integer with a binary suffix Ki, Mi or Gi
-// ("64Ki", "1Mi"). No sign, spaces, fraction, exponent or decimal suffix (k, M: no
-// multiple of 1000 is a power of two). The value must be a power of two in
-// [MinChunkSize, MaxChunkSize]. The error says what is wrong, without the
-// parameter's name (the caller adds it).
+// ("64Ki", "1Mi"). No sign, spaces, fraction, exponent or decimal suffix
+// (k, M: no multiple of 1000 is a power of two). The value must be a power
+// of two in [MinChunkSize, MaxChunkSize]. The error says what is wrong,
+// without the parameter's name (the caller adds it).
 func parseChunkSize(v string) (int, error) {
 	if v == "" {
 		return 0, nil
