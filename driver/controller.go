@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"syscall"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -111,6 +112,13 @@ func (d *Driver) csiVolume(v VolumeInfo) *csi.Volume {
 	if fs := v.Labels[labelFSType]; fs != "" {
 		out.VolumeContext = map[string]string{paramFSType: fs}
 	}
+	if v.ChunkSize > 0 {
+		// Shown to users as the PV's volumeAttributes.
+		if out.VolumeContext == nil {
+			out.VolumeContext = map[string]string{}
+		}
+		out.VolumeContext[ParamChunkSize] = strconv.Itoa(v.ChunkSize)
+	}
 	switch {
 	case v.SourceSnapshotID != "":
 		out.ContentSource = &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
@@ -182,10 +190,11 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
 		return nil, err
 	}
-	fs, err := checkVolumeParams(req.GetParameters())
+	params, err := checkVolumeParams(req.GetParameters())
 	if err != nil {
 		return nil, err
 	}
+	fs := params.fsType
 	if len(req.GetMutableParameters()) > 0 {
 		return nil, statusf(codes.InvalidArgument, "mutable parameters are not supported")
 	}
@@ -216,6 +225,11 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		if !sizeFits(v.Size, req.GetCapacityRange()) || v.SourceSnapshotID != snapID ||
 			v.SourceVolumeID != srcVolID || v.Labels[labelFSType] != fs {
 			return nil, statusf(codes.AlreadyExists, "volume %q exists as %s with a different size, source or fstype", name, v.ID)
+		}
+		// Without the parameter any chunk size is compatible: the engine
+		// chose it.
+		if params.chunkSize != 0 && v.ChunkSize != params.chunkSize {
+			return nil, statusf(codes.AlreadyExists, "volume %q exists as %s with %s %d bytes, not %d", name, v.ID, ParamChunkSize, v.ChunkSize, params.chunkSize)
 		}
 		return &csi.CreateVolumeResponse{Volume: d.csiVolume(v)}, nil
 	}
@@ -250,19 +264,20 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	if fs != "" {
 		labels[labelFSType] = fs
 	}
+	opts := VolumeOptions{ChunkSize: params.chunkSize, Labels: labels}
 	var v VolumeInfo
 	switch {
 	case snapID != "":
-		v, err = d.opt.Store.CloneSnapshot(snapID, id, size, labels)
+		v, err = d.opt.Store.CloneSnapshot(snapID, id, size, opts)
 	case srcVolID != "":
-		v, err = d.opt.Store.CloneVolume(srcVolID, id, size, labels)
+		v, err = d.opt.Store.CloneVolume(srcVolID, id, size, opts)
 	default:
-		v, err = d.opt.Store.CreateVolume(id, size, labels)
+		v, err = d.opt.Store.CreateVolume(id, size, opts)
 	}
 	if err != nil {
 		return nil, toStatus(fmt.Errorf("create volume %s: %w", id, err))
 	}
-	klog.V(2).InfoS("Created volume", "volumeID", id, "size", size, "sourceSnapshotID", snapID, "sourceVolumeID", srcVolID)
+	klog.V(2).InfoS("Created volume", "volumeID", id, "size", size, "chunkSize", v.ChunkSize, "sourceSnapshotID", snapID, "sourceVolumeID", srcVolID)
 	return &csi.CreateVolumeResponse{Volume: d.csiVolume(v)}, nil
 }
 

@@ -61,7 +61,7 @@ func OpenCowStore(dir string) (*CowStore, error) {
 }
 
 func volInfo(i cow.VolumeInfo) VolumeInfo {
-	return VolumeInfo{ID: i.ID, Size: i.Size, Labels: i.Labels, SourceSnapshotID: i.SourceSnapshotID,
+	return VolumeInfo{ID: i.ID, Size: i.Size, ChunkSize: i.ChunkSize, Labels: i.Labels, SourceSnapshotID: i.SourceSnapshotID,
 		SourceVolumeID: i.SourceVolumeID, AllocatedBytes: i.AllocatedBytes}
 }
 
@@ -77,19 +77,23 @@ func volResult(v *cow.Volume, err error) (VolumeInfo, error) {
 	return volInfo(v.Info()), nil
 }
 
+func cowOptions(o VolumeOptions) cow.VolumeOptions {
+	return cow.VolumeOptions{ChunkSize: o.ChunkSize, Labels: o.Labels}
+}
+
 // CreateVolume implements Store.
-func (c *CowStore) CreateVolume(id string, size int64, labels map[string]string) (VolumeInfo, error) {
-	return volResult(c.s.CreateVolume(id, size, cow.VolumeOptions{Labels: labels}))
+func (c *CowStore) CreateVolume(id string, size int64, o VolumeOptions) (VolumeInfo, error) {
+	return volResult(c.s.CreateVolume(id, size, cowOptions(o)))
 }
 
 // CloneSnapshot implements Store.
-func (c *CowStore) CloneSnapshot(snapID, newID string, size int64, labels map[string]string) (VolumeInfo, error) {
-	return volResult(c.s.CloneSnapshot(snapID, newID, size, cow.VolumeOptions{Labels: labels}))
+func (c *CowStore) CloneSnapshot(snapID, newID string, size int64, o VolumeOptions) (VolumeInfo, error) {
+	return volResult(c.s.CloneSnapshot(snapID, newID, size, cowOptions(o)))
 }
 
 // CloneVolume implements Store.
-func (c *CowStore) CloneVolume(srcID, newID string, size int64, labels map[string]string) (VolumeInfo, error) {
-	return volResult(c.s.CloneVolume(srcID, newID, size, cow.VolumeOptions{Labels: labels}))
+func (c *CowStore) CloneVolume(srcID, newID string, size int64, o VolumeOptions) (VolumeInfo, error) {
+	return volResult(c.s.CloneVolume(srcID, newID, size, cowOptions(o)))
 }
 
 // ResizeVolume implements Store.

@@ -17,7 +17,7 @@ func TestCowStore(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { s.Close() }()
-	v, err := s.CreateVolume("v-1", 1<<20, map[string]string{labelName: "a"})
+	v, err := s.CreateVolume("v-1", 1<<20, VolumeOptions{Labels: map[string]string{labelName: "a"}})
 	if err != nil || v.Size != 1<<20 || v.Labels[labelName] != "a" {
 		t.Fatalf("create: %+v, %v", v, err)
 	}
@@ -26,11 +26,11 @@ func TestCowStore(t *testing.T) {
 		err  error
 		code codes.Code
 	}{
-		{"duplicate id", func() error { _, err := s.CreateVolume("v-1", 1<<20, nil); return err }(), codes.AlreadyExists},
+		{"duplicate id", func() error { _, err := s.CreateVolume("v-1", 1<<20, VolumeOptions{}); return err }(), codes.AlreadyExists},
 		{"unknown volume", func() error { _, err := s.Volume("v-2"); return err }(), codes.NotFound},
 		{"unknown snapshot", func() error { _, err := s.Snapshot("s-2"); return err }(), codes.NotFound},
 		{"shrink", s.ResizeVolume("v-1", 4096), codes.OutOfRange},
-		{"bad id", func() error { _, err := s.CreateVolume("../x", 4096, nil); return err }(), codes.NotFound},
+		{"bad id", func() error { _, err := s.CreateVolume("../x", 4096, VolumeOptions{}); return err }(), codes.NotFound},
 	}
 	for _, c := range checks {
 		if got := status.Code(toStatus(c.err)); got != c.code {
@@ -51,7 +51,7 @@ func TestCowStore(t *testing.T) {
 	if err := s.DeleteVolume("v-1"); err != nil {
 		t.Fatal(err)
 	}
-	c, err := s.CloneSnapshot("s-1", "v-3", 2<<20, nil)
+	c, err := s.CloneSnapshot("s-1", "v-3", 2<<20, VolumeOptions{})
 	if err != nil || c.SourceSnapshotID != "s-1" || c.Size != 2<<20 {
 		t.Fatalf("restore after delete: %+v, %v", c, err)
 	}
@@ -62,7 +62,7 @@ func TestCowStore(t *testing.T) {
 	}
 	// Labels over cow's 8 KiB bound are a bad argument, not a crash.
 	big := map[string]string{"k": string(make([]byte, 9000))}
-	_, err = s.CreateVolume("v-4", 4096, big)
+	_, err = s.CreateVolume("v-4", 4096, VolumeOptions{Labels: big})
 	if got := status.Code(toStatus(err)); got != codes.InvalidArgument {
 		t.Fatalf("oversized labels: %v → %v", err, got)
 	}
@@ -94,7 +94,7 @@ func TestCowStoreRollback(t *testing.T) {
 	}
 	defer s.Close()
 	for _, id := range []string{"v-1", "v-2"} {
-		if _, err := s.CreateVolume(id, 1<<20, nil); err != nil {
+		if _, err := s.CreateVolume(id, 1<<20, VolumeOptions{}); err != nil {
 			t.Fatal(err)
 		}
 	}

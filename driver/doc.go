@@ -14,6 +14,16 @@
 // (what is staged where) is rediscovered from the frontend (attached devices)
 // and the mount table, so it survives a restart of the process too.
 //
+// CreateVolume parameters (validate.go): csi.storage.k8s.io/fstype and
+// chunkSize, the cow chunk size in bytes (plain or with a Ki/Mi/Gi suffix; a
+// power of two in [MinChunkSize, MaxChunkSize]), passed to the store in
+// VolumeOptions for new, restored and cloned volumes alike. Absent, the store
+// chooses (cow: DefaultChunkSize for a new volume, the source's for a clone).
+// The chunk size is not kept in a label: cow persists it with the volume and
+// VolumeInfo reports it, so the idempotency check (same name, other explicit
+// chunk size → AlreadyExists) and volume_context["chunkSize"] read the value
+// the engine really uses.
+//
 // Errors: lower layers return sentinel errors (see errors.go); handlers turn
 // them into gRPC codes in exactly one place, toStatus. Handlers validate their
 // arguments first, then take a per-ID lock (contention answers Aborted), then

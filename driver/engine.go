@@ -9,12 +9,13 @@ import (
 // IDs are chosen by the driver (see ids.go). Sizes are in bytes. Errors wrap
 // the sentinels of errors.go. Implementations are safe for concurrent use.
 type Store interface {
-	CreateVolume(id string, size int64, labels map[string]string) (VolumeInfo, error)
+	// CreateVolume makes an empty volume of size bytes.
+	CreateVolume(id string, size int64, o VolumeOptions) (VolumeInfo, error)
 	// CloneSnapshot makes a new volume of size bytes (>= the snapshot's size)
 	// whose content is the snapshot's; O(1).
-	CloneSnapshot(snapID, newID string, size int64, labels map[string]string) (VolumeInfo, error)
+	CloneSnapshot(snapID, newID string, size int64, o VolumeOptions) (VolumeInfo, error)
 	// CloneVolume makes a point-in-time copy of srcID; O(1).
-	CloneVolume(srcID, newID string, size int64, labels map[string]string) (VolumeInfo, error)
+	CloneVolume(srcID, newID string, size int64, o VolumeOptions) (VolumeInfo, error)
 	// ResizeVolume grows a volume to size bytes (ErrShrink if smaller).
 	ResizeVolume(id string, size int64) error
 	DeleteVolume(id string) error
@@ -31,10 +32,31 @@ type Store interface {
 	Close() error
 }
 
-// VolumeInfo describes a store volume. Size and AllocatedBytes are bytes.
+// VolumeOptions are the creation options of a store volume (new, restored
+// from a snapshot, or cloned from a volume).
+type VolumeOptions struct {
+	// ChunkSize is the copy-on-write unit in bytes: a power of two in
+	// [MinChunkSize, MaxChunkSize], or 0 to let the engine choose (cow: its
+	// DefaultChunkSize for a new volume, the source's chunk size for a
+	// clone). Anything else is ErrBadArgument.
+	ChunkSize int
+	// Labels are opaque and persisted with the volume.
+	Labels map[string]string
+}
+
+// Chunk sizes a store accepts, in bytes (cow's bounds;
+// TestChunkSizeBoundsAgreeWithCow checks that cow agrees).
+const (
+	MinChunkSize = 4 << 10
+	MaxChunkSize = 1 << 20
+)
+
+// VolumeInfo describes a store volume. Size, ChunkSize and AllocatedBytes are
+// bytes.
 type VolumeInfo struct {
 	ID               string
 	Size             int64
+	ChunkSize        int // the volume's copy-on-write unit, as persisted
 	Labels           map[string]string
 	SourceSnapshotID string
 	SourceVolumeID   string

@@ -1,6 +1,8 @@
 package driver
 
 import (
+	"errors"
+	"strconv"
 	"strings"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -13,6 +15,10 @@ var supportedFSTypes = []string{"ext4", "xfs"}
 const (
 	paramFSType  = "csi.storage.k8s.io/fstype"
 	paramCSIPref = "csi.storage.k8s.io/" // metadata the sidecars add; accepted and ignored
+	// ParamChunkSize is the StorageClass parameter that sets a volume's
+	// copy-on-write chunk size (see parseChunkSize for its forms). It is also
+	// the volume_context key under which a volume reports its chunk size.
+	ParamChunkSize = "chunkSize"
 )
 
 // checkName validates a CSI object name: required, at most 128 bytes. Names
@@ -83,23 +89,80 @@ func checkCapabilities(cs []*csi.VolumeCapability) error {
 	return nil
 }
 
-// checkVolumeParams accepts only the parameters we understand and returns the
-// requested filesystem ("" when none was given).
-func checkVolumeParams(p map[string]string) (string, error) {
-	fs := ""
+// volumeParams are the CreateVolume parameters we understand.
+type volumeParams struct {
+	fsType    string // "" when not given
+	chunkSize int    // bytes; 0 when not given (the engine chooses)
+}
+
+// checkVolumeParams accepts only the parameters we understand and returns
+// what they ask for. Any bad value is InvalidArgument naming the parameter.
+func checkVolumeParams(p map[string]string) (volumeParams, error) {
+	var out volumeParams
 	for k, v := range p {
 		switch {
 		case k == paramFSType:
 			if v != "" && !supportedFS(v) {
-				return "", statusf(codes.InvalidArgument, "parameter %s=%q: want one of %v", k, v, supportedFSTypes)
+				return volumeParams{}, statusf(codes.InvalidArgument, "parameter %s=%q: want one of %v", k, v, supportedFSTypes)
 			}
-			fs = v
+			out.fsType = v
+		case k == ParamChunkSize:
+			cs, err := parseChunkSize(v)
+			if err != nil {
+				return volumeParams{}, statusf(codes.InvalidArgument, "parameter %s=%q: %v; want a power of two from 4Ki (%d) to 1Mi (%d) bytes, "+
+					"as a plain byte count or with a binary suffix Ki or Mi (e.g. 16Ki, 64Ki, 1Mi)", k, v, err, MinChunkSize, MaxChunkSize)
+			}
+			out.chunkSize = cs
 		case strings.HasPrefix(k, paramCSIPref):
 		default:
-			return "", statusf(codes.InvalidArgument, "unknown parameter %q", k)
+			return volumeParams{}, statusf(codes.InvalidArgument, "unknown parameter %q", k)
 		}
 	}
-	return fs, nil
+	return out, nil
+}
+
+// binarySuffixes are the suffixes parseChunkSize accepts, as in a Kubernetes
+// quantity (Gi only so that "1Gi" is answered "above the maximum").
+var binarySuffixes = []struct {
+	suffix string
+	mult   int64
+}{{"Ki", 1 << 10}, {"Mi", 1 << 20}, {"Gi", 1 << 30}}
+
+// parseChunkSize reads a chunk size in bytes: "" (not given: 0), a decimal
+// integer ("65536"), or a decimal integer with a binary suffix Ki, Mi or Gi
+// ("64Ki", "1Mi"). No sign, spaces, fraction, exponent or decimal suffix
+// (k, M: no multiple of 1000 is a power of two). The value must be a power
+// of two in [MinChunkSize, MaxChunkSize]. The error says what is wrong,
+// without the parameter's name (the caller adds it).
+func parseChunkSize(v string) (int, error) {
+	if v == "" {
+		return 0, nil
+	}
+	num, mult := v, int64(1)
+	for _, s := range binarySuffixes {
+		if strings.HasSuffix(v, s.suffix) {
+			num, mult = strings.TrimSuffix(v, s.suffix), s.mult
+			break
+		}
+	}
+	if num == "" || strings.Trim(num, "0123456789") != "" {
+		return 0, errors.New("not a byte count")
+	}
+	n, err := strconv.ParseInt(num, 10, 64)
+	if err != nil || n > MaxChunkSize/mult {
+		// Only a number too large for int64 fails to parse here.
+		return 0, errors.New("above the maximum")
+	}
+	n *= mult
+	switch {
+	case n < MinChunkSize:
+		return 0, errors.New("below the minimum")
+	case n > MaxChunkSize:
+		return 0, errors.New("above the maximum")
+	case n&(n-1) != 0:
+		return 0, errors.New("not a power of two")
+	}
+	return int(n), nil
 }
 
 // checkSnapshotParams accepts only the sidecars' metadata parameters.

@@ -724,6 +724,12 @@ func TestSwitches(t *testing.T) {
 				t.Errorf("VolumeSnapshotClass default annotation %q", got)
 			}
 		}},
+		{"chunk size", []string{"--set", "storageClass.chunkSize=16Ki"}, func(t *testing.T, docs []obj) {
+			want := obj{"csi.storage.k8s.io/fstype": "ext4", "chunkSize": "16Ki"}
+			if got := get(find(docs, "StorageClass", "csi-snap"), "parameters"); !reflect.DeepEqual(got, want) {
+				t.Errorf("StorageClass parameters %v, want %v", got, want)
+			}
+		}},
 		{"xfs", []string{"--set", "storageClass.fsType=xfs"}, func(t *testing.T, docs []obj) {
 			if got := str(find(docs, "StorageClass", "csi-snap"), "parameters", "csi.storage.k8s.io/fstype"); got != "xfs" {
 				t.Errorf("fstype %q", got)
@@ -773,6 +779,9 @@ func TestScenarioFiles(t *testing.T) {
 	if str(find(on, "StorageClass", "csi-snap"), "volumeBindingMode") != "Immediate" {
 		t.Error("all-on: StorageClass not Immediate")
 	}
+	if got := str(find(on, "StorageClass", "csi-snap"), "parameters", "chunkSize"); got != "256Ki" {
+		t.Errorf("all-on: StorageClass chunkSize %q, want 256Ki", got)
+	}
 
 	// all-off needs no snapshot API at all.
 	off := render(t, "-f", "testdata/all-off.yaml")
@@ -813,6 +822,9 @@ func TestBadValuesFailWithClearMessage(t *testing.T) {
 		{"zero replicas", []string{"--set", "snapshotController.replicas=0"}, []string{schemaErr, "/snapshotController/replicas"}},
 		{"port out of range", []string{"--set", "node.metrics.port=70000"}, []string{schemaErr, "/node/metrics/port"}},
 		{"bad poll interval", []string{"--set", "sidecars.provisioner.capacityPollInterval=often"}, []string{schemaErr, "/sidecars/provisioner/capacityPollInterval"}},
+		{"chunk size not a power of two", []string{"--set", "storageClass.chunkSize=48Ki"}, []string{schemaErr, "/storageClass/chunkSize", "'64Ki'"}},
+		{"chunk size above 1Mi", []string{"--set", "storageClass.chunkSize=2Mi"}, []string{schemaErr, "/storageClass/chunkSize"}},
+		{"chunk size as a number", []string{"--set", "storageClass.chunkSize=65536"}, []string{schemaErr, "/storageClass/chunkSize"}},
 		{"string for a bool", []string{"--set-string", "storageClass.create=yes"}, []string{schemaErr, "/storageClass/create"}},
 		// Checks the schema cannot express, done by the templates.
 		{"parameters the driver would refuse", []string{"--set", "storageClass.parameters.tier=fast"}, []string{schemaErr, "additional properties 'parameters' not allowed"}},

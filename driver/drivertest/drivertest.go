@@ -32,8 +32,26 @@ type vol struct {
 }
 
 type snap struct {
-	info driver.SnapshotInfo
-	data []byte
+	info      driver.SnapshotInfo
+	data      []byte
+	chunkSize int // the source volume's, which a clone of the snapshot inherits
+}
+
+// DefaultChunkSize is the chunk size, in bytes, this stand-in gives a new
+// volume created with ChunkSize 0. It is the stand-in's own choice (cow's
+// default may differ); clones with ChunkSize 0 take their source's, as in cow.
+const DefaultChunkSize = 64 << 10
+
+// chunkSize applies the ChunkSize rule of driver.VolumeOptions: 0 → def, else a
+// power of two in [driver.MinChunkSize, driver.MaxChunkSize].
+func chunkSize(cs, def int) (int, error) {
+	if cs == 0 {
+		return def, nil
+	}
+	if cs < driver.MinChunkSize || cs > driver.MaxChunkSize || cs&(cs-1) != 0 {
+		return 0, fmt.Errorf("chunk size %d is not a power of two in [%d, %d]: %w", cs, driver.MinChunkSize, driver.MaxChunkSize, driver.ErrBadArgument)
+	}
+	return cs, nil
 }
 
 // NewStore returns an empty store.
@@ -64,13 +82,17 @@ func (s *Store) check(id string, size int64) error {
 }
 
 // CreateVolume implements driver.Store.
-func (s *Store) CreateVolume(id string, size int64, labels map[string]string) (driver.VolumeInfo, error) {
+func (s *Store) CreateVolume(id string, size int64, o driver.VolumeOptions) (driver.VolumeInfo, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.check(id, size); err != nil {
 		return driver.VolumeInfo{}, err
 	}
-	v := &vol{info: driver.VolumeInfo{ID: id, Size: size, Labels: maps.Clone(labels)}, data: make([]byte, 0)}
+	cs, err := chunkSize(o.ChunkSize, DefaultChunkSize)
+	if err != nil {
+		return driver.VolumeInfo{}, err
+	}
+	v := &vol{info: driver.VolumeInfo{ID: id, Size: size, ChunkSize: cs, Labels: maps.Clone(o.Labels)}, data: make([]byte, 0)}
 	s.vols[id] = v
 	return v.info, nil
 }
@@ -82,7 +104,7 @@ func grow(b []byte, size int64) []byte {
 }
 
 // CloneSnapshot implements driver.Store.
-func (s *Store) CloneSnapshot(snapID, newID string, size int64, labels map[string]string) (driver.VolumeInfo, error) {
+func (s *Store) CloneSnapshot(snapID, newID string, size int64, o driver.VolumeOptions) (driver.VolumeInfo, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	sn, ok := s.snaps[snapID]
@@ -95,13 +117,18 @@ func (s *Store) CloneSnapshot(snapID, newID string, size int64, labels map[strin
 	if err := s.check(newID, size); err != nil {
 		return driver.VolumeInfo{}, err
 	}
-	v := &vol{info: driver.VolumeInfo{ID: newID, Size: size, Labels: maps.Clone(labels), SourceSnapshotID: snapID}, data: grow(sn.data, size)}
+	cs, err := chunkSize(o.ChunkSize, sn.chunkSize)
+	if err != nil {
+		return driver.VolumeInfo{}, err
+	}
+	v := &vol{info: driver.VolumeInfo{ID: newID, Size: size, ChunkSize: cs, Labels: maps.Clone(o.Labels), SourceSnapshotID: snapID},
+		data: grow(sn.data, size)}
 	s.vols[newID] = v
 	return v.info, nil
 }
 
 // CloneVolume implements driver.Store.
-func (s *Store) CloneVolume(srcID, newID string, size int64, labels map[string]string) (driver.VolumeInfo, error) {
+func (s *Store) CloneVolume(srcID, newID string, size int64, o driver.VolumeOptions) (driver.VolumeInfo, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	src, ok := s.vols[srcID]
@@ -114,7 +141,12 @@ func (s *Store) CloneVolume(srcID, newID string, size int64, labels map[string]s
 	if err := s.check(newID, size); err != nil {
 		return driver.VolumeInfo{}, err
 	}
-	v := &vol{info: driver.VolumeInfo{ID: newID, Size: size, Labels: maps.Clone(labels), SourceVolumeID: srcID}, data: grow(src.data, size)}
+	cs, err := chunkSize(o.ChunkSize, src.info.ChunkSize)
+	if err != nil {
+		return driver.VolumeInfo{}, err
+	}
+	v := &vol{info: driver.VolumeInfo{ID: newID, Size: size, ChunkSize: cs, Labels: maps.Clone(o.Labels), SourceVolumeID: srcID},
+		data: grow(src.data, size)}
 	s.vols[newID] = v
 	return v.info, nil
 }
@@ -157,7 +189,7 @@ func (s *Store) CreateSnapshot(volID, snapID string, labels map[string]string) (
 		return driver.SnapshotInfo{}, err
 	}
 	sn := &snap{info: driver.SnapshotInfo{ID: snapID, VolumeID: volID, Size: v.info.Size, Created: s.Now(), Labels: maps.Clone(labels)},
-		data: append([]byte(nil), v.data...)}
+		data: append([]byte(nil), v.data...), chunkSize: v.info.ChunkSize}
 	s.snaps[snapID] = sn
 	return sn.info, nil
 }

@@ -147,8 +147,10 @@ func TestLifecycle(t *testing.T) {
 			node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: e.Volume.VolumeId, StagingTargetPath: staging})
 		}
 	})
+	// The source takes 16 KiB chunks and its restore 1 MiB ones: a restore
+	// may change the chunk size and must still read the snapshot's files.
 	cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "lifecycle", CapacityRange: &csi.CapacityRange{RequiredBytes: 256 << 20},
-		VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}})
+		VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}, Parameters: map[string]string{"chunkSize": "16Ki"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -172,6 +174,9 @@ func TestLifecycle(t *testing.T) {
 	lv, err := ctrl.ListVolumes(ctx, &csi.ListVolumesRequest{})
 	if err != nil || len(lv.Entries) != 1 || lv.Entries[0].Volume.VolumeId != vol {
 		t.Fatalf("volumes after restart: %v, %v", lv, err)
+	}
+	if got := lv.Entries[0].Volume.VolumeContext["chunkSize"]; got != "16384" {
+		t.Fatalf("chunk size after restart %q, want 16384", got)
 	}
 
 	// Snapshot while mounted (the plugin freezes the filesystem), then
@@ -223,9 +228,13 @@ func TestLifecycle(t *testing.T) {
 	}
 	start := time.Now()
 	rv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "restored", VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()},
-		VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap}}}})
+		VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap}}},
+		Parameters:          map[string]string{"chunkSize": "1Mi"}})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if got := rv.Volume.VolumeContext["chunkSize"]; got != "1048576" {
+		t.Fatalf("restored with chunkSize 1Mi: volume_context chunkSize %q", got)
 	}
 	t.Logf("restore of a 256 MiB snapshot took %v", time.Since(start))
 	restored := rv.Volume.VolumeId

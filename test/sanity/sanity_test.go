@@ -129,10 +129,14 @@ func TestSanitySuite(t *testing.T) {
 		cfg.TestVolumeAccessType = "mount"
 		cfg.TestVolumeParameters = map[string]string{"csi.storage.k8s.io/fstype": "ext4"}
 	case "xfs":
+		// The largest chunk size here and the smallest with block access,
+		// so the suite's creates, snapshots, restores and clones run with
+		// the StorageClass parameter at both ends of its range.
 		cfg.TestVolumeAccessType = "mount"
-		cfg.TestVolumeParameters = map[string]string{"csi.storage.k8s.io/fstype": "xfs"}
+		cfg.TestVolumeParameters = map[string]string{"csi.storage.k8s.io/fstype": "xfs", "chunkSize": "1Mi"}
 	default:
 		cfg.TestVolumeAccessType = access
+		cfg.TestVolumeParameters = map[string]string{"chunkSize": "4Ki"}
 	}
 
 	var passed, skipped, failed int
