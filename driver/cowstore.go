@@ -111,7 +111,7 @@ func (c *CowStore) DeleteVolume(id string) error { return fromCow(c.s.DeleteVolu
 // EngineStats implements StatsStore from cow's counters.
 func (c *CowStore) EngineStats() EngineStats {
 	st := c.s.Stats()
-	return EngineStats{CopyOuts: st.CopyOuts, CopiedBytes: st.CopiedBytes, IndexBytes: st.IndexBytes, IndexRuns: st.IndexRuns}
+	return EngineStats{CopyOuts: st.CopyOuts, CopiedBytes: st.CopiedBytes, ClonedBytes: st.ClonedBytes, IndexBytes: st.IndexBytes, IndexRuns: st.IndexRuns}
 }
 
 // CreateSnapshot implements Store.

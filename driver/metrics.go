@@ -15,12 +15,13 @@ type Metrics struct {
 	store   Store
 
 	volumes, snapshots, snapCow, snapLimit, snapInvalid, volAlloc, volSize *prometheus.Desc
-	copyOuts, copiedBytes, indexBytes, indexRuns                           *prometheus.Desc
+	copyOuts, copiedBytes, clonedBytes, indexBytes, indexRuns              *prometheus.Desc
 }
 
 // EngineStats are the engine-wide counters a Store may offer (cow.Stats).
 type EngineStats struct {
 	CopyOuts, CopiedBytes uint64 // since the store was opened
+	ClonedBytes           uint64 // the part of CopiedBytes shared with the data file's blocks (FICLONERANGE), not written
 	IndexBytes, IndexRuns int64  // heap bytes and runs of all exception indexes
 }
 
@@ -48,6 +49,7 @@ func NewMetrics(reg prometheus.Registerer, store Store) *Metrics {
 		volSize:     prometheus.NewDesc("csi_snap_volume_size_bytes", "Size of a volume in bytes.", []string{"volume_id"}, nil),
 		copyOuts:    prometheus.NewDesc("csi_snap_copy_outs_total", "Chunks recorded by copy-before-write since the plugin started (once per chunk, whatever the number of snapshots).", nil, nil),
 		copiedBytes: prometheus.NewDesc("csi_snap_copied_bytes_total", "Bytes copied out to COW files since the plugin started (all-zero chunks cost none).", nil, nil),
+		clonedBytes: prometheus.NewDesc("csi_snap_cloned_bytes_total", "The part of csi_snap_copied_bytes_total made by sharing the volume's blocks (FICLONERANGE on XFS with reflink or btrfs) instead of writing them.", nil, nil),
 		indexBytes:  prometheus.NewDesc("csi_snap_index_bytes", "Approximate heap bytes held by all exception indexes.", nil, nil),
 		indexRuns:   prometheus.NewDesc("csi_snap_index_runs", "Runs (entries after merging) in all exception indexes.", nil, nil),
 	}
@@ -62,7 +64,7 @@ func (m *Metrics) observe(fullMethod string, code codes.Code, d time.Duration) {
 // Describe implements prometheus.Collector.
 func (m *Metrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{m.volumes, m.snapshots, m.snapCow, m.snapLimit, m.snapInvalid, m.volAlloc, m.volSize,
-		m.copyOuts, m.copiedBytes, m.indexBytes, m.indexRuns} {
+		m.copyOuts, m.copiedBytes, m.clonedBytes, m.indexBytes, m.indexRuns} {
 		ch <- d
 	}
 }
@@ -89,6 +91,7 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 		st := ss.EngineStats()
 		ch <- prometheus.MustNewConstMetric(m.copyOuts, prometheus.CounterValue, float64(st.CopyOuts))
 		ch <- prometheus.MustNewConstMetric(m.copiedBytes, prometheus.CounterValue, float64(st.CopiedBytes))
+		ch <- prometheus.MustNewConstMetric(m.clonedBytes, prometheus.CounterValue, float64(st.ClonedBytes))
 		ch <- prometheus.MustNewConstMetric(m.indexBytes, prometheus.GaugeValue, float64(st.IndexBytes))
 		ch <- prometheus.MustNewConstMetric(m.indexRuns, prometheus.GaugeValue, float64(st.IndexRuns))
 	}

@@ -220,6 +220,22 @@ func TestLifecycle(t *testing.T) {
 			t.Fatalf("%s = %v after 1 MiB was overwritten under a snapshot, want >= %v", name, v, min)
 		}
 	}
+	// Cloned bytes are a part of the copied ones (all of them where the
+	// data dir is on XFS with reflink, none on ext4).
+	metric := func(name string) float64 {
+		m := regexp.MustCompile(`(?m)^` + name + ` (\S+)$`).FindSubmatch(body)
+		if m == nil {
+			t.Fatalf("no %s metric:\n%s", name, body)
+		}
+		v, err := strconv.ParseFloat(string(m[1]), 64)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		return v
+	}
+	if c, p := metric("csi_snap_cloned_bytes_total"), metric("csi_snap_copied_bytes_total"); c < 0 || c > p {
+		t.Fatalf("csi_snap_cloned_bytes_total = %v, not within [0, csi_snap_copied_bytes_total = %v]", c, p)
+	}
 
 	// The source goes away; the snapshot stays and restores.
 	unpublishAndUnstage(t, node, vol, staging, target)
