@@ -215,9 +215,9 @@ const maxCopyRun = maxChunkSize
 var runPool = sync.Pool{New: func() any { b := make([]byte, maxCopyRun); return &b }}
 
 // copyRun puts old, which the caller read from v's data file at off (one
-// chunk or a run of them), in COW file cf at cowAt. Where the file system shares blocks between files
-// (XFS with reflink, btrfs), it clones the data file's range instead of
-// writing it: the copy costs a metadata update instead of a chunk of data
+// chunk or a run of them), in COW file cf at cowAt. Where the file system
+// shares blocks between files (XFS with reflink, btrfs), it clones the data
+// file's range instead of writing it: the copy costs a metadata update instead of a chunk of data
 // on disk, and the later overwrite of the data file's chunk is the file
 // system's own copy-on-write of the blocks it writes. The write order is
 // unchanged (FORMAT.md): the clone, like the write it replaces, is durable
