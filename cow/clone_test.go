@@ -203,17 +203,10 @@ func TestCloneCopyOut(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		got := make([]byte, n*cs)
-		if _, err := sn.ReadAt(got, 0); err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(got, old) {
+		if !bytes.Equal(mustRead(t, sn, 0, n*cs), old) {
 			t.Fatal("the snapshot does not read the chunks as they were")
 		}
-		if _, err := v.ReadAt(got, 0); err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(got, cur) {
+		if !bytes.Equal(mustRead(t, v, 0, n*cs), cur) {
 			t.Fatal("the volume does not read its new bytes")
 		}
 	}
@@ -235,11 +228,7 @@ func TestCloneCopyOut(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := make([]byte, n*cs)
-	if _, err := v.ReadAt(got, 0); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(got, cur) {
+	if !bytes.Equal(mustRead(t, v, 0, n*cs), cur) {
 		t.Fatal("the volume lost bytes when the snapshot sharing its blocks was deleted")
 	}
 }
@@ -295,12 +284,8 @@ func TestCloneUnalignedFallsBack(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := make([]byte, 2*cs)
-	if _, err := sn.ReadAt(got, 0); err != nil {
-		t.Fatal(err)
-	}
 	want := append(bytes.Clone(p), make([]byte, cs-4096)...)
-	if !bytes.Equal(got, want) {
+	if !bytes.Equal(mustRead(t, sn, 0, 2*cs), want) {
 		t.Fatal("the snapshot does not read chunks 0 and 1 as they were")
 	}
 }
@@ -311,11 +296,7 @@ func TestCloneUnalignedFallsBack(t *testing.T) {
 // consecutive chunks, not 64, and the snapshot still reads the old bytes.
 func TestCopyRuns(t *testing.T) {
 	dir := t.TempDir()
-	fs := newFaultFS(dir)
-	s, err := openFS(dir, fs)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, fs := openFault(t, dir, nil)
 	defer s.Close()
 	const cs, size = 16 << 10, 4 << 20
 	v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
@@ -358,11 +339,7 @@ func TestCopyRuns(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := make([]byte, size)
-	if _, err := sn.ReadAt(got, 0); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(got, old) {
+	if !bytes.Equal(mustRead(t, sn, 0, size), old) {
 		t.Fatal("the snapshot does not read the chunks as they were")
 	}
 }

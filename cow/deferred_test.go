@@ -53,11 +53,7 @@ func parseIOs(t *testing.T, ios []string) []ioEvent {
 // record and the copy are durable.
 func TestApplyAfterDurableCopy(t *testing.T) {
 	dir := t.TempDir()
-	fs := newFaultFS(dir)
-	s, err := openFS(dir, fs)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, fs := openFault(t, dir, nil)
 	defer s.Close()
 	const cs, n = 4096, 64
 	v, err := s.CreateVolume("v", n*cs, VolumeOptions{ChunkSize: cs})
@@ -217,12 +213,7 @@ func doneBefore(ev []ioEvent, w, j int) bool {
 // durable and right.
 func TestSnapshotReadsPendingCopy(t *testing.T) {
 	dir := t.TempDir()
-	fs := newFaultFS(dir)
-	fs.noSync = true
-	s, err := openFS(dir, fs)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, fs := openFault(t, dir, func(f *faultFS) { f.noSync = true })
 	defer s.Close()
 	const cs = 4096
 	v, _ := s.CreateVolume("v", 8*cs, VolumeOptions{ChunkSize: cs})

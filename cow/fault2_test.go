@@ -22,12 +22,7 @@ func TestFaultInjection(t *testing.T) {
 		for k := 0; k < 150; k += step {
 			t.Run(fmt.Sprintf("%s%d", kind, k), func(t *testing.T) {
 				dir := t.TempDir()
-				fs := newFaultFS(dir)
-				fs.noSync = true
-				s, err := openFS(dir, fs)
-				if err != nil {
-					t.Fatal(err)
-				}
+				s, fs := openFault(t, dir, func(f *faultFS) { f.noSync = true })
 				fs.mu.Lock()
 				if kind == "write" {
 					fs.failWrite = k
@@ -83,12 +78,7 @@ func TestFaultInjection(t *testing.T) {
 // match the model of the operations whose records are whole.
 func TestTornTail(t *testing.T) {
 	dir := t.TempDir()
-	fs := newFaultFS(dir)
-	fs.noSync = true
-	s, err := openFS(dir, fs)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, fs := openFault(t, dir, func(f *faultFS) { f.noSync = true })
 	m := newModel()
 	rng := rand.New(rand.NewSource(7))
 	open := func() (*Store, error) { return openFS(dir, fs) }

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"testing"
 	"time"
 )
 
@@ -43,6 +44,21 @@ type faultFS struct {
 }
 
 func newFaultFS(dir string) *faultFS { return &faultFS{osFS: osFS{dir}, failWrite: -1, failSync: -1} }
+
+// openFault opens the store in dir through a new faultFS, which set (if not
+// nil) configures first.
+func openFault(t *testing.T, dir string, set func(*faultFS)) (*Store, *faultFS) {
+	t.Helper()
+	fs := newFaultFS(dir)
+	if set != nil {
+		set(fs)
+	}
+	s, err := openFS(dir, fs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, fs
+}
 
 func (f *faultFS) Open(name string, create bool) (file, error) {
 	if create {
@@ -89,21 +105,20 @@ func (f *faultFS) io(e string) {
 	f.mu.Unlock()
 }
 
-func (f *faultFile) WriteAt(p []byte, off int64) (int, error) {
+// startWrite calls writeHook, records the start of a write of n bytes at
+// off (the caller defers the returned func, which records its end) and
+// counts it for failWrite: fail says to inject a failure.
+func (f *faultFile) startWrite(off, n int64) (fail bool, done func()) {
 	f.fs.mu.Lock()
 	hook := f.fs.writeHook
 	f.fs.mu.Unlock()
 	if hook != nil {
 		hook(f.name)
 	}
-	f.fs.io(fmt.Sprintf("wstart %s %d %d", f.name, off, len(p)))
-	defer f.fs.io(fmt.Sprintf("wdone %s %d %d", f.name, off, len(p)))
-	if f.name == logName || f.name == logTmpName { // a new log keeps its temp name open
-		f.fs.event("write " + logName)
-	}
+	f.fs.io(fmt.Sprintf("wstart %s %d %d", f.name, off, n))
 	f.fs.mu.Lock()
 	counts := f.fs.failSuffix == "" || strings.HasSuffix(f.name, f.fs.failSuffix)
-	fail := counts && f.fs.failWrite == 0
+	fail = counts && f.fs.failWrite == 0
 	if counts && f.fs.failWrite >= 0 {
 		f.fs.failWrite--
 	}
@@ -111,6 +126,15 @@ func (f *faultFile) WriteAt(p []byte, off int64) (int, error) {
 		f.fs.failed++
 	}
 	f.fs.mu.Unlock()
+	return fail, func() { f.fs.io(fmt.Sprintf("wdone %s %d %d", f.name, off, n)) }
+}
+
+func (f *faultFile) WriteAt(p []byte, off int64) (int, error) {
+	fail, done := f.startWrite(off, int64(len(p)))
+	defer done()
+	if f.name == logName || f.name == logTmpName { // a new log keeps its temp name open
+		f.fs.event("write " + logName)
+	}
 	if fail {
 		n, _ := f.file.WriteAt(p[:len(p)/2], off)
 		return n, errInjected
@@ -176,24 +200,8 @@ func (f *faultFile) CloneFrom(src file, srcOff, off, n int64) error {
 	if s, ok := src.(*faultFile); ok {
 		src = s.file
 	}
-	f.fs.mu.Lock()
-	hook := f.fs.writeHook
-	f.fs.mu.Unlock()
-	if hook != nil {
-		hook(f.name)
-	}
-	f.fs.io(fmt.Sprintf("wstart %s %d %d", f.name, off, n))
-	defer f.fs.io(fmt.Sprintf("wdone %s %d %d", f.name, off, n))
-	f.fs.mu.Lock()
-	counts := f.fs.failSuffix == "" || strings.HasSuffix(f.name, f.fs.failSuffix)
-	fail := counts && f.fs.failWrite == 0
-	if counts && f.fs.failWrite >= 0 {
-		f.fs.failWrite--
-	}
-	if fail {
-		f.fs.failed++
-	}
-	f.fs.mu.Unlock()
+	fail, done := f.startWrite(off, n)
+	defer done()
 	if fail {
 		return errInjected
 	}

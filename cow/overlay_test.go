@@ -13,13 +13,7 @@ import (
 // first writes wait in the overlay for their batch.
 func openSlow(t *testing.T, dir string, delay time.Duration) (*Store, *faultFS) {
 	t.Helper()
-	fs := newFaultFS(dir)
-	fs.syncDelay = delay
-	s, err := openFS(dir, fs)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s, fs
+	return openFault(t, dir, func(f *faultFS) { f.syncDelay = delay })
 }
 
 func ovUsed(s *Store) int64 {

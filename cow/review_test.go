@@ -20,12 +20,7 @@ import (
 // data race on the store's log), and every flushed write survives a crash.
 func TestCheckpointRacesFlush(t *testing.T) {
 	dir := t.TempDir()
-	fs := newFaultFS(dir)
-	fs.noSync = true
-	s, err := openFS(dir, fs)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, _ := openFault(t, dir, func(f *faultFS) { f.noSync = true })
 	const cs = 4096
 	const n = 64
 	v, _ := s.CreateVolume("v", n*cs, VolumeOptions{ChunkSize: cs})
@@ -85,11 +80,7 @@ func TestCheckpointRacesFlush(t *testing.T) {
 // them, so the flushed chunk survives a crash.
 func TestFailedCheckpointKeepsPresent(t *testing.T) {
 	dir := t.TempDir()
-	fs := newFaultFS(dir)
-	s, err := openFS(dir, fs)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, fs := openFault(t, dir, nil)
 	const cs = 4096
 	v, _ := s.CreateVolume("v", 8*cs, VolumeOptions{ChunkSize: cs})
 	v.WriteAt(fill(8*cs, 1), 0)
@@ -127,11 +118,7 @@ func TestFailedCheckpointKeepsPresent(t *testing.T) {
 // names them is written.
 func TestFilesDurableBeforeRecords(t *testing.T) {
 	dir := t.TempDir()
-	fs := newFaultFS(dir)
-	s, err := openFS(dir, fs)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, fs := openFault(t, dir, nil)
 	defer s.Close()
 	v, _ := s.CreateVolume("v", 1<<20, VolumeOptions{ChunkSize: 4096})
 	s.CreateSnapshot("v", "s", SnapshotOptions{})
@@ -211,12 +198,7 @@ func TestMissingFileIsCorrupt(t *testing.T) {
 // first write to the same chunks succeeds.
 func TestCopyOutWriteFailsFreesChunks(t *testing.T) {
 	dir := t.TempDir()
-	fs := newFaultFS(dir)
-	fs.noSync = true
-	s, err := openFS(dir, fs)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, fs := openFault(t, dir, func(f *faultFS) { f.noSync = true })
 	const cs = 4096
 	v, _ := s.CreateVolume("v", 16*cs, VolumeOptions{ChunkSize: cs})
 	old := fill(16*cs, 1)
@@ -241,7 +223,7 @@ func TestCopyOutWriteFailsFreesChunks(t *testing.T) {
 		t.Fatalf("write after the failure: %v, want ErrClosed", err)
 	}
 	s.closeFiles()
-	s, err = Open(dir)
+	s, err := Open(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -282,11 +264,7 @@ func TestCopyOutWriteFailsFreesChunks(t *testing.T) {
 // snapshot is right once it returns.
 func TestCreateSnapshotReleasesStoreLock(t *testing.T) {
 	dir := t.TempDir()
-	fs := newFaultFS(dir)
-	s, err := openFS(dir, fs)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, fs := openFault(t, dir, nil)
 	defer s.Close()
 	const cs = 4096
 	v, _ := s.CreateVolume("v", 8*cs, VolumeOptions{ChunkSize: cs})

@@ -111,11 +111,7 @@ func crashImage(t *testing.T, dir string) string {
 // unflushed writes absent; after Flush and reopen the volume holds them.
 func TestSparseEntryMerge(t *testing.T) {
 	dir := t.TempDir()
-	fs := newFaultFS(dir)
-	s, err := openFS(dir, fs)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, fs := openFault(t, dir, nil)
 	const cs, n = 16 << 10, 8
 	v, err := s.CreateVolume("v", n*cs, VolumeOptions{ChunkSize: cs})
 	if err != nil {
