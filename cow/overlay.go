@@ -210,7 +210,7 @@ func writeCopies(es []*ovEntry, buf []byte) error {
 // maxCopyRun is the most bytes writeCopies reads and copies at once (a
 // whole chunk at the largest chunk size). runPool holds its buffers, apart
 // from bufPool's chunk buffers so overlay entries never get one.
-const maxCopyRun = maxChunkSize
+const maxCopyRun = MaxChunkSize
 
 var runPool = sync.Pool{New: func() any { b := make([]byte, maxCopyRun); return &b }}
 

@@ -550,8 +550,8 @@ func (s *Store) usable() error {
 }
 
 func chunkShift(cs int) (uint, error) {
-	if cs < minChunkSize || cs > maxChunkSize || cs&(cs-1) != 0 {
-		return 0, fmt.Errorf("%w: chunk size %d is not a power of two in [%d, %d]", ErrBadArgument, cs, minChunkSize, maxChunkSize)
+	if cs < MinChunkSize || cs > MaxChunkSize || cs&(cs-1) != 0 {
+		return 0, fmt.Errorf("%w: chunk size %d is not a power of two in [%d, %d]", ErrBadArgument, cs, MinChunkSize, MaxChunkSize)
 	}
 	return uint(bits.TrailingZeros(uint(cs))), nil
 }

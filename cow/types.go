@@ -15,9 +15,11 @@ const (
 	// of the copy), a sequential 1 MiB one 1.2-1.3x more (BENCHMARKS.md
 	// "Default chunk size: 16 KiB"). Existing volumes keep theirs.
 	DefaultChunkSize = 16 << 10
-	minChunkSize     = 4 << 10
-	maxChunkSize     = 1 << 20
-	nStripes         = 512
+	// MinChunkSize and MaxChunkSize bound VolumeOptions.ChunkSize (which
+	// must also be a power of two).
+	MinChunkSize = 4 << 10
+	MaxChunkSize = 1 << 20
+	nStripes     = 512
 )
 
 // VolumeOptions are the creation options of a volume.

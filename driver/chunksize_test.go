@@ -318,9 +318,9 @@ func (e cowEnv) createSnapshotCow(t *testing.T, name, vol string) string {
 	return r.Snapshot.SnapshotId
 }
 
-// TestChunkSizeBoundsAgreeWithCow: the driver's bounds are cow's. The store
-// takes both ends and refuses one step past each as a bad argument.
-func TestChunkSizeBoundsAgreeWithCow(t *testing.T) {
+// TestChunkSizeBounds: the cow store takes both ends of the driver's bounds
+// and refuses one step past each, and a non-power of two, as a bad argument.
+func TestChunkSizeBounds(t *testing.T) {
 	st, err := driver.OpenCowStore(t.TempDir())
 	if err != nil {
 		t.Fatal(err)

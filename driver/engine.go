@@ -3,6 +3,8 @@ package driver
 import (
 	"context"
 	"time"
+
+	"github.com/csi-snap/csi-snap/cow"
 )
 
 // Store is the part of the copy-on-write engine (cow.Store) the driver uses.
@@ -44,11 +46,11 @@ type VolumeOptions struct {
 	Labels map[string]string
 }
 
-// Chunk sizes a store accepts, in bytes (cow's bounds;
-// TestChunkSizeBoundsAgreeWithCow checks that cow agrees).
+// Chunk sizes a store accepts, in bytes: cow's bounds (the driver checks a
+// StorageClass's chunkSize against them before any store sees it).
 const (
-	MinChunkSize = 4 << 10
-	MaxChunkSize = 1 << 20
+	MinChunkSize = cow.MinChunkSize
+	MaxChunkSize = cow.MaxChunkSize
 )
 
 // VolumeInfo describes a store volume. Size, ChunkSize and AllocatedBytes are
