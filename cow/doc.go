@@ -42,7 +42,11 @@
 // Add V's allocated extents past S's size (V grew since S). Each of those
 // chunks is rewritten with S's image through the normal write path, so the
 // newer snapshots get their copy-before-write and stay correct; chunks that
-// are zeros in S are punched. Clones of S or of any other snapshot are
+// are zeros in S are punched. On a file system that shares blocks (XFS with
+// reflink, btrfs) a plain volume gets the chunks back as block clones of
+// the COW file (FICLONERANGE) instead, once the newest snapshot's copies of
+// them are durable: no data is written (RollbackResult.ClonedBytes;
+// BENCHMARKS.md "rollback"). Clones of S or of any other snapshot are
 // unaffected, since no snapshot changes. V keeps its current size: bytes
 // past S's size read zeros, as a restore of S into a volume of V's size
 // would give (volumes never shrink, and a PVC cannot). A begin record

@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -206,6 +207,32 @@ func (o osFile) CloneFrom(src file, srcOff, off, n int64) error {
 }
 
 func (o osFile) Close() error { return o.f.Close() }
+
+// cloneOrWrite makes bytes [off, off+n) of dst equal src's bytes [srcOff,
+// srcOff+n): a block clone (CloneFrom) unless *noClone is set, else a write
+// of the bytes read(n) returns (src's bytes, which the caller reads or has
+// read). A file system that refuses sharing sets *noClone (writes from then
+// on); a range it refuses (EINVAL: unaligned, or past src's end) is written
+// this once. cloned says which happened.
+func cloneOrWrite(noClone *atomic.Bool, dst, src file, srcOff, off, n int64, read func(n int64) ([]byte, error)) (cloned bool, err error) {
+	if !noClone.Load() {
+		err := dst.CloneFrom(src, srcOff, off, n)
+		if err == nil {
+			return true, nil
+		}
+		if !errors.Is(err, errNoClone) {
+			return false, err
+		}
+		if !errors.Is(err, unix.EINVAL) {
+			noClone.Store(true)
+		}
+	}
+	p, err := read(n)
+	if err != nil {
+		return false, err
+	}
+	return false, writeFull(dst, p, off)
+}
 
 // ioErr maps ENOSPC (and EDQUOT) to ErrNoSpace, keeping the original error.
 func ioErr(err error) error {

@@ -72,7 +72,11 @@ func (g *groupState) init() {
 // after the commit, so the snapshots are one write-order-consistent cut: any
 // write completed before the call is in its volume's snapshot, and no write
 // that started after the call returned is. Cost: one data sync per member
-// (concurrent) and one log batch, whatever the volumes' sizes.
+// (concurrent) and one log batch, whatever the volumes' sizes. Neither
+// fsync runs under the store lock: the members are flushed before it is
+// taken (and again, for what was written meanwhile, under the gates), and
+// the lock is dropped once the batch is queued and applied, so calls on
+// other volumes go on meanwhile (TestGroupSyncDoesNotBlockOthers).
 //
 // Errors: ErrInvalidID (any ID), ErrBadArgument (no members, a volume named
 // twice, a snapshot ID given twice, bad options), ErrExists (groupID or a
@@ -107,8 +111,21 @@ func (s *Store) CreateSnapshotGroup(groupID string, members []GroupMember, o Sna
 	if err := checkLabels(o.Labels); err != nil {
 		return GroupInfo{}, err
 	}
+	// The members' data syncs, the slow part, run first, with no lock held,
+	// so they do not hold up calls on other volumes (all of which take
+	// s.mu). The flush under the gates below still makes durable whatever
+	// was written meanwhile, so the cut is where the gates are taken, as
+	// before.
+	s.preflush(members)
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	locked := true
+	unlock := func() {
+		if locked {
+			locked = false
+			s.mu.Unlock()
+		}
+	}
+	defer unlock()
 	if err := s.usable(); err != nil {
 		return GroupInfo{}, err
 	}
@@ -167,10 +184,52 @@ func (s *Store) CreateSnapshotGroup(groupID string, members []GroupMember, o Sna
 		gr.Members = append(gr.Members, obj)
 	}
 	recs = append(recs, gr)
-	if err := s.commitApply(recs...); err != nil {
+	// As CreateSnapshot (flushWith): the records go into the open batch
+	// and into memory, then the store lock is dropped while the batch is
+	// written and synced; the members' gates are held until it is
+	// durable, so no member is written before its snapshot is. Until then
+	// memory is ahead of the disk; a failed commit is sticky (ErrClosed)
+	// and Open re-derives the state, where the group exists whole or not
+	// at all (one batch).
+	var buf []byte
+	for _, r := range recs {
+		buf = appendRecord(buf, r)
+	}
+	bt, err := s.log.submit(buf)
+	if err != nil {
 		return GroupInfo{}, err
 	}
-	return s.grp.byID[groupID].info(), nil
+	for _, r := range recs {
+		if err := s.apply(r); err != nil {
+			s.closed = true
+			return GroupInfo{}, fmt.Errorf("%w: applying queued record: %w", ErrClosed, err)
+		}
+	}
+	info := s.grp.byID[groupID].info()
+	unlock()
+	if err := s.log.await(bt); err != nil {
+		return GroupInfo{}, err
+	}
+	return info, nil
+}
+
+// preflush flushes the named volumes that exist, concurrently, holding no
+// lock. Errors are left to the flush CreateSnapshotGroup repeats under
+// the gates, which reports them.
+func (s *Store) preflush(members []GroupMember) {
+	var wg sync.WaitGroup
+	for _, m := range members {
+		v, err := s.Volume(m.VolumeID)
+		if err != nil {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			v.Flush()
+		}()
+	}
+	wg.Wait()
 }
 
 // DeleteSnapshotGroup deletes the group and every member snapshot in one

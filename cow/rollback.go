@@ -30,11 +30,18 @@ type RollbackResult struct {
 	// Chunks is how many chunks were rewritten with the snapshot's data.
 	Chunks int64
 	// Zeroed is how many chunks read zeros in the snapshot and were
-	// discarded (punched) in the volume instead of written.
+	// discarded (punched) in the volume instead of written. Where the
+	// chunks are cloned, only those the snapshot maps to zeros without a
+	// copy (a hole when it was taken) count here; a copy of written zeros
+	// is cloned and counts in Chunks.
 	Zeroed int64
 	// TailBytes is how many bytes past the snapshot's size (the volume grew
 	// since) held data and were discarded.
 	TailBytes int64
+	// ClonedBytes is how many bytes of the Chunks were put back as block
+	// clones of the snapshot's copies (FICLONERANGE: no data written) on a
+	// file system that shares blocks; the rest were written.
+	ClonedBytes int64
 	// ChunkSize is the volume's chunk size in bytes.
 	ChunkSize int
 	// Resumed is true when the call completed a rollback that an earlier
@@ -238,6 +245,18 @@ func (v *Volume) rollbackSpans(sn *Snapshot) ([]span, error) {
 // overwriting. A write may add a copy of c to the newest snapshot, never
 // change the one sn reads (the first in chain order). TestRollbackReadsCopies
 // checks this.
+//
+// A plain volume on a file system that shares blocks (XFS with reflink,
+// btrfs) gets sn's copies back as block clones of the COW file
+// (rollbackShare), in two passes: first the newest snapshot's
+// copy-before-write of every chunk to be rewritten (copyOutOnly), made
+// durable (drain: the group commit that holds the copies and their records
+// has been synced), then the clones into the data file, which no longer
+// needs the overlay since nothing it overwrites is still to be copied. The
+// chunk that sn's size ends inside (its image reads zeros past the end,
+// which its COW copy need not hold), a clone's chunks (its data file may
+// lack them: "present" records) and any piece whose chunks turn out not to
+// be mapped or copied go through the write path as before.
 func (v *Volume) rollbackWrite(sn *Snapshot) (RollbackResult, error) {
 	res := RollbackResult{ChunkSize: int(v.chunkSize)}
 	spans, err := v.rollbackSpans(sn)
@@ -246,12 +265,40 @@ func (v *Volume) rollbackWrite(sn *Snapshot) (RollbackResult, error) {
 	}
 	size := v.Size()
 	limit := exceptions.Chunk(chunks(sn.size, v.shift))
+	whole := exceptions.Chunk(sn.size >> v.shift) // chunks [0, whole) lie inside sn's size
 	per := uint64(max(1, rollbackPiece>>v.shift))
 	buf := make([]byte, per<<v.shift)
+	share := v.src == nil && !v.noClone.Load()
+	if share {
+		for _, sp := range spans {
+			end := min(sp.C+exceptions.Chunk(sp.N), whole)
+			for c := sp.C; c < end; {
+				n := min(uint64(end-c), per)
+				if err := v.copyOutOnly(int64(c)<<v.shift, int64(n)<<v.shift); err != nil {
+					return res, err
+				}
+				c += exceptions.Chunk(n)
+			}
+		}
+		if err := v.drain(); err != nil {
+			return res, err
+		}
+	}
 	for _, sp := range spans {
 		end := min(sp.C+exceptions.Chunk(sp.N), limit)
 		for c := sp.C; c < end; {
 			n := min(uint64(end-c), per)
+			if share && c < whole {
+				n = min(n, uint64(whole-c))
+				done, err := v.rollbackShare(sn, c, n, buf, &res)
+				if err != nil {
+					return res, err
+				}
+				if done {
+					c += exceptions.Chunk(n)
+					continue
+				}
+			}
 			off := int64(c) << v.shift
 			b := buf[:min(int64(n)<<v.shift, size-off)]
 			if err := sn.readChunk(off, b); err != nil {
@@ -284,6 +331,112 @@ func (v *Volume) rollbackWrite(sn *Snapshot) (RollbackResult, error) {
 		}
 	}
 	return res, nil
+}
+
+// rollbackShare puts sn's image of chunks [c0, c0+n), all inside sn's size,
+// into v's data file straight from the COW file: runs of chunks whose
+// copies are consecutive there too as one clone (cloneOrWrite: a write of
+// the copy where the file system cannot share blocks), runs of chunks sn
+// maps to zeros as one discard. It does so only if the newest snapshot
+// already maps every chunk of the piece and none has an overlay entry (the
+// copy-outs of rollbackWrite's first pass are durable): then nothing
+// overwritten here is still needed by a snapshot, as for a write after the
+// copy-out is applied. Otherwise it returns false, having changed nothing,
+// and the caller writes the piece through the write path. buf holds at
+// least n chunks.
+func (v *Volume) rollbackShare(sn *Snapshot, c0 exceptions.Chunk, n uint64, buf []byte, res *RollbackResult) (bool, error) {
+	// The gate (shared) keeps deletes, invalidations and merges, which
+	// free COW chunks, away until the clones are done.
+	v.gate.RLock()
+	defer v.gate.RUnlock()
+	if v.s.isClosed.Load() {
+		return false, ErrClosed
+	}
+	if err := v.s.log.failed(); err != nil {
+		return false, err
+	}
+	a, b := int64(c0), int64(c0)+int64(n)
+	defer v.lockStripes(a, b, true)()
+	if v.copyNeed(a, b) > 0 {
+		return false, nil
+	}
+	if v.ovN.Load() > 0 {
+		for c := a; c < b; c++ {
+			if v.ovGet(c) != nil {
+				return false, nil
+			}
+		}
+	}
+	ks := make([]exceptions.Chunk, n)
+	v.mu.RLock()
+	if v.deleted || v.gone {
+		v.mu.RUnlock()
+		return false, fmt.Errorf("%w: volume %q was deleted", ErrNotFound, v.id)
+	}
+	if sn.invalid {
+		v.mu.RUnlock()
+		return false, fmt.Errorf("%w: snapshot %q", ErrInvalidated, sn.id)
+	}
+	i := slices.Index(v.chain, sn)
+	if i < 0 || sn.gone {
+		v.mu.RUnlock()
+		return false, fmt.Errorf("%w: snapshot %q", ErrNotFound, sn.id)
+	}
+	for j := range ks {
+		found := false
+		for _, x := range v.chain[i:] {
+			if k, ok := x.idx.Lookup(c0 + exceptions.Chunk(j)); ok {
+				ks[j], found = k, true
+				break
+			}
+		}
+		if !found {
+			// Unchanged since sn: not something rollbackSpans returns;
+			// the write path copes with it all the same.
+			v.mu.RUnlock()
+			return false, nil
+		}
+	}
+	v.mu.RUnlock()
+	var cf file
+	if slices.ContainsFunc(ks, func(k exceptions.Chunk) bool { return k != 0 }) {
+		var err error
+		if cf, err = v.cowFile(); err != nil {
+			return false, err
+		}
+	}
+	// Set after the changes, even failed ones (part may have landed), as
+	// writeDirect does: rollbackFinish's Flush syncs the data file.
+	defer v.dirty.Store(true)
+	for j := 0; j < len(ks); {
+		zero := ks[j] == 0
+		l := j + 1
+		for l < len(ks) && (ks[l] == 0) == zero && (zero || ks[l] == ks[l-1]+1) {
+			l++
+		}
+		off := int64(c0+exceptions.Chunk(j)) << v.shift
+		m := int64(l-j) << v.shift
+		if zero {
+			if err := v.data.Punch(off, m); err != nil {
+				return false, err
+			}
+			res.Zeroed += int64(l - j)
+		} else {
+			from := int64(ks[j]) << v.shift
+			cloned, err := cloneOrWrite(&v.noClone, v.data, cf, from, off, m, func(m int64) ([]byte, error) {
+				return buf[:m], readFull(cf, buf[:m], from)
+			})
+			if err != nil {
+				return false, err
+			}
+			if cloned {
+				res.ClonedBytes += m
+			}
+			res.Chunks += int64(l - j)
+		}
+		j = l
+	}
+	return true, nil
 }
 
 // rollbackPut writes b (whole chunks of sn's image, the last one possibly

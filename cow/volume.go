@@ -311,6 +311,20 @@ func (v *Volume) Discard(off, n int64) error {
 // modify writes p (or zeros, when p is nil) to [off, off+n). internal
 // marks a rollback's own writes, which pass the guard that refuses others.
 func (v *Volume) modify(off, n int64, p []byte, internal bool) error {
+	return v.modifyAs(off, n, p, internal, true)
+}
+
+// copyOutOnly does the copy-before-write a rollback's write of [off,
+// off+n) would do (the newest snapshot maps every chunk of it afterwards),
+// and writes nothing: the copies reach the COW file with the next group
+// commit, and the data file stays as it is. Rollback's first pass (see
+// rollbackWrite).
+func (v *Volume) copyOutOnly(off, n int64) error {
+	return v.modifyAs(off, n, nil, true, false)
+}
+
+// modifyAs is modify, or copyOutOnly when write is false.
+func (v *Volume) modifyAs(off, n int64, p []byte, internal, write bool) error {
 	if n == 0 {
 		return nil
 	}
@@ -318,7 +332,7 @@ func (v *Volume) modify(off, n int64, p []byte, internal bool) error {
 		v.gate.RLock()
 		err := v.writeGuard(internal)
 		if err == nil {
-			err = v.modifyGated(off, n, p)
+			err = v.modifyGated(off, n, p, write)
 		}
 		v.gate.RUnlock()
 		inv, ok := err.(needInvalidate)
@@ -337,7 +351,7 @@ type needInvalidate struct{ sn *Snapshot }
 
 func (needInvalidate) Error() string { return "cow: snapshot over its limit" }
 
-func (v *Volume) modifyGated(off, n int64, p []byte) error {
+func (v *Volume) modifyGated(off, n int64, p []byte, write bool) error {
 	if v.s.isClosed.Load() {
 		return ErrClosed
 	}
@@ -370,6 +384,9 @@ func (v *Volume) modifyGated(off, n int64, p []byte) error {
 		if err := v.copyOut(c0, c1, need); err != nil {
 			return err
 		}
+	}
+	if !write {
+		return nil
 	}
 	if v.ovN.Load() > 0 {
 		return v.writeOverlaid(off, n, p)

@@ -24,7 +24,8 @@ echo "== go test ./cow/ again on XFS made with reflink=1 (copy-outs become block
 # system shares blocks, and writes it elsewhere; the run above took the
 # writing path (ext4 or tmpfs under TMPDIR). This run puts TMPDIR on a
 # small XFS image, so the model, crash and fault tests cover cloning too,
-# and TestCloneCopyOut checks that it happened (FIEMAP's shared extents).
+# and TestCloneCopyOut and TestRollbackClones (rollback puts chunks back as
+# clones) check that it happened (FIEMAP's shared extents).
 modprobe xfs 2>/dev/null || true
 if [ "$(id -u)" = 0 ] && command -v mkfs.xfs >/dev/null && grep -qw xfs /proc/filesystems; then
 	xfs=$(mktemp -d /tmp/csi-snap-xfs.XXXXXX)

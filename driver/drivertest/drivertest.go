@@ -226,7 +226,8 @@ func (s *Store) Rollback(volID, snapID string) (driver.RollbackResult, error) {
 	}
 	clear(v.data)
 	copy(v.data, sn.data)
-	return driver.RollbackResult{ChunksRewritten: int64(len(sn.data)+4095) / 4096, ChunkSize: 4096}, nil
+	cs := int64(v.info.ChunkSize)
+	return driver.RollbackResult{ChunksRewritten: (int64(len(sn.data)) + cs - 1) / cs, ChunkSize: v.info.ChunkSize}, nil
 }
 
 // Volume implements driver.Store.
