@@ -160,10 +160,12 @@ func applyOverlay(es []*ovEntry) (int64, error) {
 // place in buf, the batch's encoded records. The committer calls it before
 // writing the batch that holds the records, so the sync of the batch
 // covers the copies (FORMAT.md, step 4). Copies read from the data file
-// whose origin chunks and COW chunks are both consecutive (what a
-// sequential write leaves: enqueue appends a write's chunks in order, and
-// alloc hands out consecutive COW chunks while it can) move as one run of
-// up to maxCopyRun bytes: one read, one clone or write.
+// that go to consecutive COW chunks (alloc hands them out in order while it
+// can, and enqueue appends a write's chunks in order) are read into one
+// buffer of up to maxCopyRun bytes, one read per run of consecutive
+// origins, and written with one write; where the volume clones, only
+// copies whose origins are consecutive too (what a sequential write
+// leaves) are grouped, and cloned as one range.
 func writeCopies(es []*ovEntry, buf []byte) error {
 	var scratch *[]byte
 	defer func() {
@@ -181,13 +183,20 @@ func writeCopies(es []*ovEntry, buf []byte) error {
 			i++
 		case e.fromData:
 			// No stripe needed: the data file's chunks change only in the
-			// apply, which comes after this. One read gives both the
-			// copies and their CRCs.
+			// apply, which comes after this (FORMAT.md, "Pipeline"). One
+			// read gives both the copies and their CRCs.
 			v := e.v
+			cs := v.chunkSize
+			// A group: copies to consecutive COW chunks, written with one
+			// write from one buffer whatever their origins (random first
+			// writes get consecutive COW chunks too); while the volume
+			// clones, their origins must be consecutive as well, since a
+			// clone is of one range of the data file.
+			clone := !v.noClone.Load()
 			j := i + 1
-			for j < len(es) && int64(j+1-i)*v.chunkSize <= maxCopyRun {
+			for j < len(es) && int64(j+1-i)*cs <= maxCopyRun {
 				f, p := es[j], es[j-1]
-				if !f.fromData || f.old != nil || f.v != v || f.cf != e.cf || f.c != p.c+1 || f.cowAt != p.cowAt+v.chunkSize {
+				if !f.fromData || f.old != nil || f.v != v || f.cf != e.cf || f.cowAt != p.cowAt+cs || clone && f.c != p.c+1 {
 					break
 				}
 				j++
@@ -195,15 +204,29 @@ func writeCopies(es []*ovEntry, buf []byte) error {
 			if scratch == nil {
 				scratch = runPool.Get().(*[]byte)
 			}
-			old := (*scratch)[:int64(j-i)*v.chunkSize]
-			if err := readFull(v.data, old, e.c<<v.shift); err != nil {
-				return err
+			old := (*scratch)[:int64(j-i)*cs]
+			for k := i; k < j; {
+				// One read per run of consecutive origins.
+				l := k + 1
+				for l < j && es[l].c == es[l-1].c+1 {
+					l++
+				}
+				if err := readFull(v.data, old[int64(k-i)*cs:int64(l-i)*cs], es[k].c<<v.shift); err != nil {
+					return err
+				}
+				k = l
 			}
-			if err := copyRun(v, e.cf, old, e.c<<v.shift, e.cowAt); err != nil {
+			var err error
+			if clone {
+				err = copyRun(v, e.cf, old, e.c<<v.shift, e.cowAt)
+			} else {
+				err = writeFull(e.cf, old, e.cowAt)
+			}
+			if err != nil {
 				return err
 			}
 			for k, f := range es[i:j] {
-				if err := f.fillCRC(buf, crc(old[int64(k)*v.chunkSize:int64(k+1)*v.chunkSize])); err != nil {
+				if err := f.fillCRC(buf, crc(old[int64(k)*cs:int64(k+1)*cs])); err != nil {
 					return err
 				}
 			}
