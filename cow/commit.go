@@ -272,8 +272,8 @@ func (c *committer) applyStage(toApply <-chan *batch) {
 }
 
 // submit adds recs to the open batch, and files to those it syncs, without
-// waiting; await then waits for that batch (leading it itself if no leader
-// runs, as commit does, which saves a goroutine handoff).
+// waiting; await then waits for that batch (starting the pipeline if none
+// runs, as commit does). The batch is written even if it holds nothing.
 func (c *committer) submit(recs []byte, files ...file) (*batch, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
