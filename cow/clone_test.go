@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -341,5 +342,108 @@ func TestCopyRuns(t *testing.T) {
 	}
 	if !bytes.Equal(mustRead(t, sn, 0, size), old) {
 		t.Fatal("the snapshot does not read the chunks as they were")
+	}
+}
+
+// TestCopyGather: the copies of random first writes, whose origins are
+// scattered but whose COW chunks are consecutive, reach the COW file as one
+// write (writeCopies) where the volume does not clone, not one write per
+// chunk; the snapshot reads the old bytes, before and after a reopen (which
+// checks the last batch's records' CRCs against those copies).
+func TestCopyGather(t *testing.T) {
+	dir := t.TempDir()
+	s, fs := openFault(t, dir, nil)
+	const cs, size = 16 << 10, 8 << 20
+	v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.noClone.Store(true) // the writing path, also on a file system that clones
+	old := make([]byte, size)
+	rng := rand.New(rand.NewSource(5))
+	rng.Read(old)
+	if _, err := v.WriteAt(old, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// Hold batch N's log sync, let the copy stage take batch N+1 (it then
+	// waits for the sync stage), so the scattered writes below all land in
+	// batch N+2.
+	h := newHold(t, func(name string) bool { return name == logName || name == logTmpName })
+	fs.mu.Lock()
+	fs.syncHook = h.hook
+	fs.mu.Unlock()
+	if _, err := v.WriteAt(fill(cs, 1), 0); err != nil {
+		t.Fatal(err)
+	}
+	h.wait(t)
+	if _, err := v.WriteAt(fill(cs, 2), (size/cs-1)*cs); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		s.log.mu.Lock()
+		u := s.log.unwritten
+		s.log.mu.Unlock()
+		if u == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("batch N+1's copy never written")
+		}
+	}
+	var ios []string
+	fs.mu.Lock()
+	fs.ios = &ios
+	fs.mu.Unlock()
+	const n = 16
+	want := bytes.Clone(old)
+	copy(want[0:], fill(cs, 1))
+	copy(want[size-cs:], fill(cs, 2))
+	for i, c := range rng.Perm(size/cs - 2)[:n] {
+		off := int64(c+1)*cs + 512
+		p := fill(4096, byte(10+i))
+		if _, err := v.WriteAt(p, off); err != nil {
+			t.Fatal(err)
+		}
+		copy(want[off:], p)
+	}
+	h.let()
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	fs.mu.Lock()
+	fs.ios = nil
+	fs.mu.Unlock()
+	var calls, bytesOut int64
+	for _, e := range parseIOs(t, ios) {
+		if e.kind == "wstart" && e.name == v.cowName {
+			calls++
+			bytesOut += e.len
+		}
+	}
+	t.Logf("%d bytes of copies of %d scattered chunks in %d writes to the COW file", bytesOut, n, calls)
+	if bytesOut != n*cs || calls > 2 {
+		t.Fatalf("%d bytes of copies in %d writes to the COW file; want %d bytes in at most 2", bytesOut, calls, n*cs)
+	}
+	sn, _ := s.Snapshot("s")
+	if !bytes.Equal(mustRead(t, sn, 0, size), old) {
+		t.Fatal("the snapshot does not read the chunks as they were")
+	}
+	if got := mustRead(t, v, 0, size); !bytes.Equal(got, want) {
+		t.Fatalf("volume differs at %d", firstDiff(got, want))
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	sn2, _ := s2.Snapshot("s")
+	if !bytes.Equal(mustRead(t, sn2, 0, size), old) {
+		t.Fatal("the snapshot does not read the chunks as they were after reopen")
 	}
 }

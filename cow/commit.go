@@ -6,23 +6,41 @@ import (
 )
 
 // committer appends records to the log with group commit: every caller's
-// records go into the open batch; one caller (the leader) writes the batch
-// with a single WriteAt, then syncs the log and every data file the batch's
-// records point into, concurrently, and wakes the batch's waiters. Batch N+1
-// is written only after batch N's syncs returned, so after a crash only the
-// last batch in the log can name chunk data that is not durable; Open checks
-// exactly that batch (see FORMAT.md).
+// records go into the open batch; a pipeline of three stages, each a
+// goroutine, writes the batches in id order (see lead):
+//
+//   - copy: take the open batch, write its pending copies to the COW files
+//     and fill in their records' CRCs (writeCopies);
+//   - sync: write the batch to the log with a single WriteAt, then sync the
+//     log and every file the batch's records point into, concurrently;
+//   - apply: write the batch's overlay entries to the data files, drop
+//     them, and wake the batch's waiters.
+//
+// Each stage works on one batch at a time and hands it to the next over an
+// unbuffered channel, so batch N+1's copies are written while batch N is
+// synced, and batch N's entries are applied while batch N+1 is synced and
+// N+2's copies written: the disk is kept busy with fsyncs while the CPU
+// copies and applies. Batch N+1 is still written to the log only after
+// batch N's syncs returned, so after a crash only the last batch in the log
+// can name chunk data that is not durable; Open checks exactly that batch
+// (see FORMAT.md). Why the overlap keeps every crash rule is argued on lead.
 type committer struct {
 	mu    sync.Mutex
 	f     file
-	end   int64  // where the next batch goes, in bytes
+	end   int64  // where the next batch goes, in bytes (sync stage)
 	alloc int64  // bytes of the file written so far (zeros past end)
 	seq   uint64 // sequence number of the last batch written
 	buf   []byte // encoded records of the open batch
 	files []file // files the open batch needs synced
 	cur   *batch
-	busy  bool  // a leader is writing
-	err   error // sticky: once a write or sync failed, nothing more commits
+	// busy: a pipeline runs (lead); inflight counts the batches it has
+	// taken and not finished. work is signalled (on mu) when the open
+	// batch gets something while busy, for the copy stage that waits.
+	busy     bool
+	want     bool // someone awaits the open batch, even if it holds nothing
+	inflight int
+	work     sync.Cond
+	err      error // sticky: once a write or sync failed, nothing more commits
 	// Overlay bookkeeping (see overlay.go), guarded by mu and signalled
 	// on cond: applied is the id of the last batch whose overlay entries
 	// reached the data files; ovUsed the bytes of overlay reserved or held,
@@ -47,11 +65,17 @@ type batch struct {
 	ov   []*ovEntry // overlay entries to apply once the batch is durable
 	// copies counts the entries of ov with a pending copy.
 	copies int64
+	// Set when the pipeline takes the batch: its records and the files
+	// it syncs. failed is the first error of its own stages.
+	buf    []byte
+	files  []file
+	failed error
 }
 
 func newCommitter(f file, end int64, seq uint64) *committer {
 	c := &committer{f: f, end: end, alloc: end, seq: seq, cur: &batch{id: 1, done: make(chan struct{})}, ovCap: overlayCap}
 	c.cond.L = &c.mu
+	c.work.L = &c.mu
 	return c
 }
 
@@ -75,24 +99,181 @@ func (c *committer) commit(recs []byte, files ...file) error {
 
 // pending reports whether the open batch holds anything. Called with c.mu.
 func (c *committer) pending() bool {
-	return len(c.buf) > 0 || len(c.files) > 0 || len(c.cur.ov) > 0
+	return c.want || len(c.buf) > 0 || len(c.files) > 0 || len(c.cur.ov) > 0
 }
 
-// lead writes batches until none is open. Called without c.mu, with busy
-// set by the caller.
+// lead runs the pipeline until no batch is open or in flight. Called
+// without c.mu, with busy set by the caller; it clears busy, under c.mu,
+// at the moment it finds nothing open and nothing in flight, so a caller
+// that adds to the open batch either sees busy (and signals work) or
+// starts a new pipeline.
+//
+// Why the overlap keeps the crash rules of FORMAT.md and doc.go
+// "Durability":
+//
+//   - No origin chunk reaches the data file before its copy and record are
+//     durable: the apply stage gets batch N only after the sync stage's
+//     log and COW-file syncs for N returned without error, as before.
+//   - Batches reach the log in order, each after the previous one's syncs:
+//     one sync stage takes them one at a time, in the order the copy stage
+//     took them, which is id order. Batch N+1's copies are written to the
+//     COW files while N is synced, but N+1's records are not in the log
+//     yet, so a crash then leaves those COW chunks unreferenced (and the
+//     free list is rebuilt from the log on Open); N+1's own syncs, after
+//     its log write, cover its copies. So after a crash only the last
+//     batch may name non-durable data, which is what Open checks.
+//   - The copy stage reads batch N+1's pending copies from the data files
+//     (no stripe) while the apply stage may be writing batch N's (or
+//     N-1's) entries to the same files. They never touch the same chunk: a
+//     chunk has at most one overlay entry at a time, since a pending copy
+//     of chunk c is made only if the newest snapshot does not map c, and
+//     from the copy-out that made N's entry for c until N is applied the
+//     newest snapshot maps c: everything that could change which snapshot
+//     is newest (CreateSnapshot, deletes, invalidate, rollback, clones of
+//     the volume) first drains the volume's overlay (waitApplied, which
+//     counts a batch only once it is applied). So when the copy stage reads
+//     chunk c for N+1, no earlier batch holds an entry for c, and no later
+//     apply writes c before N+1's own apply. Writes to c meanwhile go to
+//     N+1's entry (it is in the overlay before the writer drops the stripe).
+//   - Flush and drains wait for applied, which moves only after a batch's
+//     apply, in id order, so "applied" still means every earlier entry
+//     reached the data file; a Flush's data-file sync is committed after
+//     that wait, so it covers those writes.
 func (c *committer) lead() {
+	toSync := make(chan *batch)
+	toApply := make(chan *batch)
+	go c.syncStage(toSync, toApply)
+	go c.applyStage(toApply)
 	c.mu.Lock()
-	for c.pending() {
-		c.leadOne()
+	for {
+		for !c.pending() && c.inflight > 0 {
+			c.work.Wait()
+		}
+		if !c.pending() {
+			break
+		}
+		b := c.take()
+		c.mu.Unlock()
+		c.copyStage(b)
+		toSync <- b
+		c.mu.Lock()
 	}
 	c.busy = false
 	c.cond.Broadcast()
 	c.mu.Unlock()
+	close(toSync)
+}
+
+// take makes the open batch the pipeline's and opens the next one. Called
+// with c.mu.
+func (c *committer) take() *batch {
+	b := c.cur
+	b.buf, b.files = c.buf, c.files
+	c.cur, c.buf, c.files, c.want = &batch{id: b.id + 1, done: make(chan struct{})}, nil, nil, false
+	c.inflight++
+	if c.err != nil {
+		b.failed = c.err
+	}
+	return b
+}
+
+// fail makes err the committer's sticky error (if it has none yet) and
+// wakes everyone waiting on it.
+func (c *committer) fail(err error) {
+	c.mu.Lock()
+	if c.err == nil {
+		c.err = fmt.Errorf("%w: log commit failed: %w", ErrClosed, err)
+	}
+	c.cond.Broadcast()
+	c.mu.Unlock()
+}
+
+// copyStage writes b's pending copies to the COW files before the batch
+// that points at them (writeBatch then syncs both, FORMAT.md).
+func (c *committer) copyStage(b *batch) {
+	if b.failed != nil {
+		return
+	}
+	if err := writeCopies(b.ov, b.buf); err != nil {
+		b.failed = err
+		c.fail(err)
+		return
+	}
+	if b.copies > 0 {
+		c.mu.Lock()
+		c.unwritten -= b.copies
+		c.mu.Unlock()
+	}
+}
+
+// syncStage writes each batch from toSync to the log and syncs it, in
+// order, and passes it on to the apply stage.
+func (c *committer) syncStage(toSync <-chan *batch, toApply chan<- *batch) {
+	defer close(toApply)
+	for b := range toSync {
+		c.mu.Lock()
+		if b.failed == nil && c.err != nil {
+			b.failed = c.err // a batch after a failed one is not written
+		}
+		seq, end, alloc := c.seq+1, c.end, c.alloc
+		c.mu.Unlock()
+		err := b.failed
+		if err == nil && end+int64(len(b.buf))+64 > alloc {
+			grow := max(logPrealloc, int64(len(b.buf))+64)
+			if err = writeFull(c.f, make([]byte, grow), alloc); err == nil {
+				alloc += grow
+			}
+		}
+		var n int64
+		if err == nil {
+			n, err = writeBatch(c.f, seq, end, b.buf, b.files)
+		}
+		c.mu.Lock()
+		c.alloc = alloc
+		if err == nil {
+			c.seq, c.end = seq, end+n
+		}
+		c.mu.Unlock()
+		if err != nil && b.failed == nil {
+			b.failed = err
+			c.fail(err)
+		}
+		toApply <- b
+	}
+}
+
+// applyStage applies each durable batch's overlay entries to the data
+// files, in order, and finishes the batch.
+func (c *committer) applyStage(toApply <-chan *batch) {
+	for b := range toApply {
+		var freed int64
+		err := b.failed
+		if err == nil {
+			// The batch is durable: its copies and records are on disk, so
+			// the origin chunks they guard may now be overwritten.
+			if freed, err = applyOverlay(b.ov); err != nil {
+				c.fail(err)
+			}
+		}
+		c.mu.Lock()
+		if err == nil {
+			c.applied = b.id
+		} else {
+			b.err = c.err
+		}
+		c.ovUsed -= freed
+		c.inflight--
+		b.buf, b.files, b.ov = nil, nil, nil
+		close(b.done)
+		c.cond.Broadcast()
+		c.work.Signal()
+		c.mu.Unlock()
+	}
 }
 
 // submit adds recs to the open batch, and files to those it syncs, without
-// waiting; await then waits for that batch (leading it itself if no leader
-// runs, as commit does, which saves a goroutine handoff).
+// waiting; await then waits for that batch (starting the pipeline if none
+// runs, as commit does). The batch is written even if it holds nothing.
 func (c *committer) submit(recs []byte, files ...file) (*batch, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -100,12 +281,16 @@ func (c *committer) submit(recs []byte, files ...file) (*batch, error) {
 		return nil, c.err
 	}
 	c.add(recs, files...)
+	c.want = true
 	return c.cur, nil
 }
 
 // add puts recs in the open batch and files among those it syncs. Called
 // with c.mu.
 func (c *committer) add(recs []byte, files ...file) {
+	if c.busy {
+		c.work.Signal()
+	}
 	c.buf = append(c.buf, recs...)
 	for _, f := range files {
 		if f != nil && !containsFile(c.files, f) {
@@ -114,20 +299,14 @@ func (c *committer) add(recs []byte, files ...file) {
 	}
 }
 
-// await waits until batch b (from submit) is durable and returns its error.
+// await waits until batch b (from submit) is durable (and its overlay
+// entries applied) and returns its error, starting the pipeline if none
+// runs.
 func (c *committer) await(b *batch) error {
 	c.mu.Lock()
 	if !c.busy && c.cur == b {
 		c.busy = true
-		c.leadOne() // unlocks and relocks c.mu
-		if c.pending() {
-			// Others queued while we wrote; their batch needs a leader
-			// and we need not wait for it.
-			go c.lead()
-		} else {
-			c.busy = false
-			c.cond.Broadcast()
-		}
+		go c.lead()
 	}
 	c.mu.Unlock()
 	<-b.done
@@ -234,54 +413,6 @@ func containsFile(fs []file, f file) bool {
 		}
 	}
 	return false
-}
-
-// leadOne writes the open batch. Called with c.mu held; returns with it held.
-func (c *committer) leadOne() {
-	b, buf, files := c.cur, c.buf, c.files
-	c.cur, c.buf, c.files = &batch{id: b.id + 1, done: make(chan struct{})}, nil, nil
-	seq, end, alloc := c.seq+1, c.end, c.alloc
-	err := c.err
-	c.mu.Unlock()
-	var n int64
-	if err == nil {
-		// The batch's pending copies go to the COW files before the batch
-		// that points at them, and writeBatch syncs both (FORMAT.md).
-		err = writeCopies(b.ov, buf)
-		if err == nil && b.copies > 0 {
-			c.mu.Lock()
-			c.unwritten -= b.copies
-			c.mu.Unlock()
-		}
-	}
-	if err == nil && end+int64(len(buf))+64 > alloc {
-		grow := max(logPrealloc, int64(len(buf))+64)
-		if err = writeFull(c.f, make([]byte, grow), alloc); err == nil {
-			alloc += grow
-		}
-	}
-	if err == nil {
-		n, err = writeBatch(c.f, seq, end, buf, files)
-	}
-	var freed int64
-	if err == nil {
-		// The batch is durable: its copies and records are on disk, so the
-		// origin chunks they guard may now be overwritten.
-		freed, err = applyOverlay(b.ov)
-	}
-	c.mu.Lock()
-	c.alloc = alloc
-	if err != nil && c.err == nil {
-		c.err = fmt.Errorf("%w: log commit failed: %w", ErrClosed, err)
-	}
-	if err == nil {
-		c.seq, c.end = seq, end+n
-		c.applied = b.id
-	}
-	c.ovUsed -= freed
-	b.err = c.err
-	close(b.done)
-	c.cond.Broadcast()
 }
 
 func writeBatch(log file, seq uint64, end int64, buf []byte, files []file) (int64, error) {

@@ -2,6 +2,7 @@ package cow
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"math/rand"
 	"strings"
@@ -367,5 +368,118 @@ func TestSnapshotReadRacesApply(t *testing.T) {
 	t.Logf("snapshot reads: %d while copies were pending, %d after they were applied", duringPending.Load(), afterApply.Load())
 	if duringPending.Load() == 0 || afterApply.Load() == 0 {
 		t.Fatalf("reads while pending %d, after apply %d: the race was not exercised", duringPending.Load(), afterApply.Load())
+	}
+}
+
+// TestPipelineOverlapKeepsOrder holds the log sync of a first write's batch
+// N and makes a second first write (batch N+1): the committer's pipeline
+// must write N+1's copy to the COW file meanwhile (the overlap), but must
+// neither write N+1 to the log nor apply either write to the data file
+// before N's sync returns. Then N's log sync fails: neither chunk may ever
+// reach the data file, every later Flush fails, and after a reopen the
+// snapshot and the volume read the old chunks.
+func TestPipelineOverlapKeepsOrder(t *testing.T) {
+	dir := t.TempDir()
+	s, fs := openFault(t, dir, nil)
+	const cs, n = 4096, 16
+	v, err := s.CreateVolume("v", n*cs, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := make([]byte, n*cs)
+	rand.New(rand.NewSource(11)).Read(old)
+	if _, err := v.WriteAt(old, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	isLog := func(name string) bool { return name == logName || name == logTmpName } // a checkpointed log keeps its temp name
+	h := newHold(t, isLog)
+	var failLog atomic.Bool
+	var ios []string
+	fs.mu.Lock()
+	fs.syncHook = h.hook
+	fs.syncErr = func(name string) error {
+		if isLog(name) && failLog.Load() {
+			return errInjected
+		}
+		return nil
+	}
+	fs.mu.Unlock()
+	if _, err := v.WriteAt(fill(cs, 1), 1*cs); err != nil { // batch N
+		t.Fatal(err)
+	}
+	h.wait(t) // N is in the log; its log sync has not returned
+	fs.mu.Lock()
+	fs.ios = &ios
+	fs.mu.Unlock()
+	if _, err := v.WriteAt(fill(cs, 5), 5*cs); err != nil { // batch N+1
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		s.log.mu.Lock()
+		unwritten := s.log.unwritten
+		s.log.mu.Unlock()
+		if unwritten == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("batch N+1's copy was not written while batch N's log sync ran: no overlap")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	fs.mu.Lock()
+	seen := parseIOs(t, ios)
+	fs.mu.Unlock()
+	copied := false
+	for _, e := range seen {
+		if e.kind == "wstart" && e.name == logName {
+			t.Fatalf("batch N+1 written to the log (%v) before batch N's sync returned", e)
+		}
+		if e.kind == "wstart" && e.name == v.dataName {
+			t.Fatalf("data file written (%v) before batch N's sync returned", e)
+		}
+		copied = copied || e.kind == "wdone" && e.name == v.cowName
+	}
+	if !copied {
+		t.Fatal("no COW-file write recorded for batch N+1's copy")
+	}
+	checkData := func(when string) {
+		t.Helper()
+		for _, c := range []int64{1, 5} {
+			got := make([]byte, cs)
+			if err := readFull(v.data, got, c*cs); err != nil {
+				t.Fatal(err)
+			}
+			if want := old[c*cs : (c+1)*cs]; !bytes.Equal(got, want) {
+				t.Fatalf("%s: data file chunk %d differs from the old chunk at %d", when, c, firstDiff(got, want))
+			}
+		}
+	}
+	checkData("while batch N's log sync runs")
+	failLog.Store(true)
+	h.let()
+	if err := v.Flush(); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Flush after batch N's log sync failed: %v, want ErrClosed", err)
+	}
+	checkData("after batch N's log sync failed")
+	s.Close()
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	sn, _ := s2.Snapshot("s")
+	if got := mustRead(t, sn, 0, n*cs); !bytes.Equal(got, old) {
+		t.Fatalf("snapshot differs at %d after reopen", firstDiff(got, old))
+	}
+	v2, _ := s2.Volume("v")
+	if got := mustRead(t, v2, 0, n*cs); !bytes.Equal(got, old) {
+		t.Fatalf("volume differs at %d after reopen (no write was durable)", firstDiff(got, old))
+	}
+	if err := s2.check(); err != nil {
+		t.Fatal(err)
 	}
 }

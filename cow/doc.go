@@ -85,7 +85,10 @@
 // metadata update instead of a chunk of data written (Stats.ClonedBytes;
 // BENCHMARKS.md "Copy-outs as block clones");
 // once it is durable it writes the entries' new bytes to the data files,
-// each under its chunk's stripe, and drops them. Reads of the volume merge
+// each under its chunk's stripe, and drops them. The leader is a pipeline
+// of three stages (copy, log write and sync, apply), so one batch's copies
+// are written and another's entries applied while a third batch's fsyncs
+// run (FORMAT.md, "Pipeline"). Reads of the volume merge
 // an entry's [lo, hi) over the data file's chunk; a later write to the
 // chunk that is not adjacent to [lo, hi) first fills the gap from the data
 // file, so an entry's valid bytes stay one range. Snapshot reads of a

@@ -30,6 +30,9 @@ type faultFS struct {
 	events *[]string
 	// syncHook, if set, runs at the start of every Sync with the file's name.
 	syncHook func(name string)
+	// syncErr, if set, runs after syncHook; a Sync for which it returns an
+	// error fails with it (a fault aimed at one file's sync).
+	syncErr func(name string) error
 	// writeHook, if set, runs at the start of every WriteAt with the
 	// file's name (to hold the committer inside a write).
 	writeHook func(name string)
@@ -148,6 +151,14 @@ func (f *faultFile) Sync() error {
 	f.fs.mu.Unlock()
 	if hook != nil {
 		hook(f.name)
+	}
+	f.fs.mu.Lock()
+	aimed := f.fs.syncErr
+	f.fs.mu.Unlock()
+	if aimed != nil {
+		if err := aimed(f.name); err != nil {
+			return err
+		}
 	}
 	f.fs.mu.Lock()
 	fail := f.fs.failSync == 0
