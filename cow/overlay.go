@@ -1,13 +1,11 @@
 package cow
 
 import (
-	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
 
 	"github.com/csi-snap/csi-snap/exceptions"
-	"golang.org/x/sys/unix"
 )
 
 // The overlay holds the new content of chunks whose copy-out is not
@@ -259,20 +257,11 @@ var runPool = sync.Pool{New: func() any { b := make([]byte, maxCopyRun); return 
 // refuses (EINVAL: the sparse data file ends inside the range) is written
 // this once.
 func copyRun(v *Volume, cf file, old []byte, off, cowAt int64) error {
-	if !v.noClone.Load() {
-		err := cf.CloneFrom(v.data, off, cowAt, int64(len(old)))
-		if err == nil {
-			v.s.clonedBytes.Add(uint64(len(old)))
-			return nil
-		}
-		if !errors.Is(err, errNoClone) {
-			return err
-		}
-		if !errors.Is(err, unix.EINVAL) {
-			v.noClone.Store(true)
-		}
+	cloned, err := cloneOrWrite(&v.noClone, cf, v.data, off, cowAt, int64(len(old)), func(int64) ([]byte, error) { return old, nil })
+	if cloned {
+		v.s.clonedBytes.Add(uint64(len(old)))
 	}
-	return writeFull(cf, old, cowAt)
+	return err
 }
 
 // fillCRC re-encodes e's exception record at buf[e.recAt:] with the CRC
