@@ -191,23 +191,8 @@ func (s *Store) CreateSnapshotGroup(groupID string, members []GroupMember, o Sna
 	// memory is ahead of the disk; a failed commit is sticky (ErrClosed)
 	// and Open re-derives the state, where the group exists whole or not
 	// at all (one batch).
-	var buf []byte
-	for _, r := range recs {
-		buf = appendRecord(buf, r)
-	}
-	bt, err := s.log.submit(buf)
-	if err != nil {
-		return GroupInfo{}, err
-	}
-	for _, r := range recs {
-		if err := s.apply(r); err != nil {
-			s.closed = true
-			return GroupInfo{}, fmt.Errorf("%w: applying queued record: %w", ErrClosed, err)
-		}
-	}
-	info := s.grp.byID[groupID].info()
-	unlock()
-	if err := s.log.await(bt); err != nil {
+	var info GroupInfo
+	if err := s.queueApply(func() { info = s.grp.byID[groupID].info(); unlock() }, recs...); err != nil {
 		return GroupInfo{}, err
 	}
 	return info, nil

@@ -595,6 +595,31 @@ func (s *Store) commitApply(recs ...*record) error {
 	return nil
 }
 
+// queueApply is commitApply with memory ahead of the disk: recs go into the
+// open batch and are applied to memory at once, then release (which drops
+// the store lock) runs, and only then does it wait for the batch to be
+// durable, so other volumes' changes do not wait for this fsync. A failed
+// commit is sticky (ErrClosed) and Open re-derives the state. Called with
+// s.mu held.
+func (s *Store) queueApply(release func(), recs ...*record) error {
+	var b []byte
+	for _, r := range recs {
+		b = appendRecord(b, r)
+	}
+	bt, err := s.log.submit(b)
+	if err != nil {
+		return err
+	}
+	for _, r := range recs {
+		if err := s.apply(r); err != nil {
+			s.closed = true
+			return fmt.Errorf("%w: applying queued record: %w", ErrClosed, err)
+		}
+	}
+	release()
+	return s.log.await(bt)
+}
+
 // CreateVolume creates an empty (all zeros) volume of size bytes.
 func (s *Store) CreateVolume(id string, size int64, o VolumeOptions) (*Volume, error) {
 	if err := checkID(id); err != nil {
