@@ -12,25 +12,6 @@
 # tell the file system's share from the clone's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ "$(id -u)" = 0 ] || { echo "needs root (mkfs, losetup, mount)"; exit 1; }
-command -v mkfs.xfs >/dev/null || apt-get install -y -qq xfsprogs >/dev/null
-work=$(mktemp -d /var/tmp/csi-snap-bench-fs.XXXXXX)
-dev=
-cleanup() {
-	umount "$work/mnt" 2>/dev/null || true
-	[ -n "$dev" ] && losetup -d "$dev" 2>/dev/null || true
-	rm -rf "$work"
-}
-trap cleanup EXIT
-truncate -s 16G "$work/img"
-dev=$(losetup --find --show --direct-io=on "$work/img")
-if [ "${XFS:-1}" = 1 ]; then
-	mkfs.xfs -q -m reflink=1 "$dev"
-else
-	mkfs.ext4 -q "$dev"
-fi
-mkdir "$work/mnt"
-mount "$dev" "$work/mnt"
-echo "# bench file system: $(findmnt -n -o FSTYPE,OPTIONS "$work/mnt") on $dev (direct I/O $(cat /sys/block/"${dev#/dev/}"/loop/dio))"
-mkdir "$work/mnt/tmp"
+. hack/lib-scratchfs.sh
+scratch_fs fs
 OUT=${OUT:-$(mktemp -d)} TMPDIR="$work/mnt/tmp" hack/bench-cow-ab.sh "$@"

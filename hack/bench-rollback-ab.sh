@@ -15,20 +15,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/go/bin"
-[ "$(id -u)" = 0 ] || { echo "needs root (mkfs, losetup, mount)"; exit 1; }
 A=${1:?A revision}
 B=${2:?B revision}
 ROUNDS=${ROUNDS:-3}
 export RB_VOLUME=${RB_VOLUME:-$((16 << 30))} RB_CHANGED=${RB_CHANGED:-$((1 << 30))}
-command -v mkfs.xfs >/dev/null || apt-get install -y -qq xfsprogs >/dev/null
-work=$(mktemp -d /var/tmp/csi-snap-bench-rb.XXXXXX)
-dev=
-cleanup() {
-	umount "$work/mnt" 2>/dev/null || true
-	[ -n "$dev" ] && losetup -d "$dev" 2>/dev/null || true
-	rm -rf "$work"
-}
-trap cleanup EXIT
+. hack/lib-scratchfs.sh
+scratch_fs rb
 for side in A B; do
 	rev=${!side}
 	mkdir -p "$work/src-$side"
@@ -36,17 +28,7 @@ for side in A B; do
 	(cd "$work/src-$side/cow" && go test -c -o "$work/$side.test" .)
 	echo "# $side = $rev ($(git rev-parse --short "$rev"))"
 done
-truncate -s 16G "$work/img"
-dev=$(losetup --find --show --direct-io=on "$work/img")
-if [ "${XFS:-1}" = 1 ]; then
-	mkfs.xfs -q -m reflink=1 "$dev"
-else
-	mkfs.ext4 -q "$dev"
-fi
-mkdir "$work/mnt"
-mount "$dev" "$work/mnt"
-mkdir "$work/mnt/tmp"
-echo "# bench file system: $(findmnt -n -o FSTYPE,OPTIONS "$work/mnt") on $dev (direct I/O $(cat /sys/block/"${dev#/dev/}"/loop/dio)); RB_VOLUME=$RB_VOLUME RB_CHANGED=$RB_CHANGED"
+echo "# RB_VOLUME=$RB_VOLUME RB_CHANGED=$RB_CHANGED"
 for r in $(seq "$ROUNDS"); do
 	for side in A B; do
 		echo "# round $r $side: $(cat /proc/loadavg)"
