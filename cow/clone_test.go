@@ -312,19 +312,14 @@ func TestCopyRuns(t *testing.T) {
 	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	var ios []string
-	fs.mu.Lock()
-	fs.ios = &ios
-	fs.mu.Unlock()
+	stopIOs := fs.recordIOs()
 	if _, err := v.WriteAt(bytes.Repeat([]byte{9}, 1<<20), 1<<20); err != nil {
 		t.Fatal(err)
 	}
 	if err := v.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	fs.mu.Lock()
-	fs.ios = nil
-	fs.mu.Unlock()
+	ios := stopIOs()
 	var calls, bytesOut int64
 	for _, e := range parseIOs(t, ios) {
 		if e.kind == "wstart" && strings.HasSuffix(e.name, ".cow") {
@@ -393,10 +388,7 @@ func TestCopyGather(t *testing.T) {
 			t.Fatal("batch N+1's copy never written")
 		}
 	}
-	var ios []string
-	fs.mu.Lock()
-	fs.ios = &ios
-	fs.mu.Unlock()
+	stopIOs := fs.recordIOs()
 	const n = 16
 	want := bytes.Clone(old)
 	copy(want[0:], fill(cs, 1))
@@ -413,9 +405,7 @@ func TestCopyGather(t *testing.T) {
 	if err := v.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	fs.mu.Lock()
-	fs.ios = nil
-	fs.mu.Unlock()
+	ios := stopIOs()
 	var calls, bytesOut int64
 	for _, e := range parseIOs(t, ios) {
 		if e.kind == "wstart" && e.name == v.cowName {

@@ -68,10 +68,7 @@ func TestApplyAfterDurableCopy(t *testing.T) {
 	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	var ios []string
-	fs.mu.Lock()
-	fs.ios = &ios
-	fs.mu.Unlock()
+	stopIOs := fs.recordIOs()
 	var wg sync.WaitGroup
 	for g := 0; g < 4; g++ {
 		wg.Add(1)
@@ -95,9 +92,7 @@ func TestApplyAfterDurableCopy(t *testing.T) {
 	if err := v.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	fs.mu.Lock()
-	fs.ios = nil
-	fs.mu.Unlock()
+	ios := stopIOs()
 	ev := parseIOs(t, ios)
 	sn, _ := s.Snapshot("s")
 	dataName, cowName := v.dataName, v.cowName

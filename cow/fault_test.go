@@ -100,6 +100,21 @@ type faultFile struct {
 
 var errInjected = errors.Join(errors.New("injected fault"), syscall.EIO)
 
+// recordIOs starts recording the file operations (see io); the returned
+// func stops recording and returns what was recorded.
+func (f *faultFS) recordIOs() (stop func() []string) {
+	var ios []string
+	f.mu.Lock()
+	f.ios = &ios
+	f.mu.Unlock()
+	return func() []string {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		f.ios = nil
+		return ios
+	}
+}
+
 func (f *faultFS) io(e string) {
 	f.mu.Lock()
 	if f.ios != nil {
