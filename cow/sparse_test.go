@@ -330,7 +330,8 @@ func TestAppliedZerosWrittenDiscardsPunched(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Chunk 1: written with zeros; chunk 3: discarded whole; chunk 5:
-	// discarded, then written with zeros in part.
+	// discarded, then written with zeros in part; chunk 7: written, then
+	// discarded whole (a hole whether or not the write was applied first).
 	if _, err := v.WriteAt(make([]byte, cs), 1*cs); err != nil {
 		t.Fatal(err)
 	}
@@ -343,13 +344,19 @@ func TestAppliedZerosWrittenDiscardsPunched(t *testing.T) {
 	if _, err := v.WriteAt(make([]byte, 100), 5*cs+10); err != nil {
 		t.Fatal(err)
 	}
+	if _, err := v.WriteAt(fill(cs, 9), 7*cs); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Discard(7*cs, cs); err != nil {
+		t.Fatal(err)
+	}
 	if err := v.Flush(); err != nil {
 		t.Fatal(err)
 	}
 	for _, tc := range []struct {
 		c    int64
 		hole bool
-	}{{1, false}, {3, true}, {5, false}, {0, false}} {
+	}{{1, false}, {3, true}, {5, false}, {7, true}, {0, false}} {
 		hole, err := v.data.Hole(tc.c*cs, cs)
 		if err != nil {
 			t.Fatal(err)
@@ -362,6 +369,7 @@ func TestAppliedZerosWrittenDiscardsPunched(t *testing.T) {
 	clear(want[1*cs : 2*cs])
 	clear(want[3*cs : 4*cs])
 	clear(want[5*cs : 6*cs])
+	clear(want[7*cs : 8*cs])
 	if got := mustRead(t, v, 0, 8*cs); !bytes.Equal(got, want) {
 		t.Fatalf("volume differs at %d", firstDiff(got, want))
 	}
