@@ -61,10 +61,17 @@
 //   - A lookup is two dependent cache misses at 10 million random runs
 //     (directory entry, block), each a DRAM access with a TLB miss on this
 //     heap of 4 KiB pages (huge pages for the blocks measured no faster),
-//     plus roughly 250-300 instructions (mostly the search), apparently too
-//     many for the CPU to overlap one lookup's misses with the next's; a Go
-//     map's is one or two misses too. BenchmarkMemFloor measures a
-//     dependent miss in the same process; BENCHMARKS.md has the ratio.
+//     plus roughly 180 instructions after the first miss (the choice of
+//     block, the header, the search and the field reads), all of which wait
+//     for the misses. BenchmarkMemWindow measures what that costs: the CPU
+//     runs ahead into the next lookup, overlapping its misses with this
+//     one's, only while the instructions waiting on misses fit its
+//     scheduler; on this machine two dependent misses per lookup cost 32 ns
+//     with no work after them, 122 ns with 48 instructions, one full miss
+//     (176 ns) with 64, and both misses in full (~350 ns) from about 96 on.
+//     A Go map's lookup is one miss and a few dozen instructions.
+//     BenchmarkMemFloor measures a dependent miss in the same process;
+//     BENCHMARKS.md has the ratios.
 //   - Lookup's directory is rebuilt when the block count doubles or after
 //     an ascending load adds a quarter of the blocks past its range; until
 //     then chunks past its range, and chunks in buckets more than 8 past a

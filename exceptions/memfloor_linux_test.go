@@ -175,3 +175,70 @@ func processHuge() int {
 	}
 	return -1
 }
+
+// BenchmarkMemWindow measures how much a lookup's misses can overlap with
+// the next lookup's, as a function of the work that waits on them. Each
+// "lookup" takes an independent random key, loads an entry of a 4 MiB
+// directory (a random line number) and then that line of the floorBytes
+// region (two dependent misses, like Lookup's gdir entry and block), and
+// then runs dep/4 steps of arithmetic on the loaded word, each step four
+// instructions (imul, add, shr, xor, plus a register move) that can only
+// issue once the second load is back. The CPU keeps working on later lookups while those wait only
+// as far as its scheduler holds the waiting instructions: with a few of
+// them, many lookups' misses are in flight at once; past the scheduler's
+// size, none overlap and a lookup costs both misses in full. Lookup's own
+// search and decode after its misses are about 180 instructions (go tool
+// objdump of Lookup, lookupBlock and search), which is why it costs two
+// misses here (BENCHMARKS.md, "Why a lookup costs two full misses").
+func BenchmarkMemWindow(b *testing.B) {
+	for _, dep := range []int{0, 4, 8, 12, 16, 24, 32, 48} {
+		b.Run("dep-"+strconv.Itoa(4*dep), func(b *testing.B) { benchWindow(b, dep) })
+	}
+}
+
+func benchWindow(b *testing.B, dep int) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	w, _, unmap := floorRegion(b, false)
+	defer unmap()
+	const lineWords = 8
+	lines := uint64(len(w) / lineWords)
+	dir := make([]uint64, 4<<20/8)
+	rng := rand.New(rand.NewPCG(23, 23))
+	for i := range dir {
+		dir[i] = rng.Uint64N(lines) * lineWords
+	}
+	for i := range w {
+		w[i] = rng.Uint64()
+	}
+	runtime.GC()
+	var sink uint64
+	x := uint64(88172645463325252)
+	c0 := threadCPU()
+	for b.Loop() {
+		for range lookupsPerOp {
+			x ^= x << 13
+			x ^= x >> 7
+			x ^= x << 17
+			sink += windowWork(w, dir, x, dep)
+		}
+	}
+	n := float64(b.N) * lookupsPerOp
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/n, "ns/lookup")
+	b.ReportMetric(float64((threadCPU()-c0).Nanoseconds())/n, "cpu-ns/lookup")
+	touchSink.Store(sink)
+}
+
+// windowWork is one lookup of BenchmarkMemWindow: two dependent loads (dir
+// holds word indexes of w; its length is a power of two), then dep steps of
+// arithmetic on the second one's word.
+//
+//go:noinline
+func windowWork(w, dir []uint64, key uint64, dep int) uint64 {
+	v := w[dir[key&uint64(len(dir)-1)]]
+	for i := 0; i < dep; i++ {
+		v = v*0x9E3779B97F4A7C15 + uint64(i)
+		v ^= v >> 29
+	}
+	return v
+}

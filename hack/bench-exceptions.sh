@@ -3,7 +3,8 @@
 # go test -count repeats each sub-benchmark in a row, so to interleave the
 # implementations (ours, map, ours, map, ...) on a noisy machine the script
 # runs the whole group COUNT times with -count 1.
-# Takes tens of minutes on a busy 2-core machine; output goes to stdout.
+# Takes about 25 minutes on a quiet 2-core machine, more on a busy one;
+# output goes to stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/go/bin"
@@ -19,4 +20,8 @@ go test -run '^$' -bench 'Shape' -benchtime 1x -count 1 -timeout 0 ./exceptions/
 echo "== parallel lookups, bare vs sync.RWMutex"
 for _ in $(seq "$COUNT"); do
 	go test -run '^$' -bench 'LookupParallel' -benchtime 2000x -count 1 -timeout 0 ./exceptions/
+done
+echo "== memory floor (one dependent miss) and window (overlap of lookups against the work waiting on their misses)"
+for _ in $(seq "$COUNT"); do
+	go test -run '^$' -bench 'MemFloor/dependent-4k|MemWindow' -benchtime 1x -count 1 -timeout 0 ./exceptions/
 done
