@@ -306,3 +306,32 @@ func lookupBlock(p *uint64, c Chunk) (cow Chunk, found, sure bool) {
 	}
 	return 0, false, i+1 < n
 }
+
+// prefetch starts loading the cache lines of the block Lookup would search
+// for c (see Lookup): the gdir entries and both candidate blocks' lines,
+// without waiting for them. InsertRun calls it before it walks the segment
+// path to the same block, so the block's lines arrive while that walk's own
+// misses are outstanding instead of after them. Its loads have no branch
+// that depends on them (touchFixed), so nothing after it waits for them.
+// It returns a sum of the loaded words for the caller to keep.
+func (x *Index) prefetch(c Chunk) uint64 {
+	k := uint64(c-x.gbase) >> x.gshift
+	if c < x.gbase || k >= uint64(x.gsize()) {
+		return 0
+	}
+	e0, e1 := x.gdir[k], x.gdir[k+1]
+	return touchFixed(gptr(e0), e0) + touchFixed(gptr(e1), e1)
+}
+
+// touchFixed loads word 0 of the first 1 + count lines of block p (count
+// from the entry e, see gmake) with a trip count that does not depend on
+// e: lines past the count load the last one again. No branch waits for
+// the entry's miss.
+func touchFixed(p *uint64, e unsafe.Pointer) uint64 {
+	n := uintptr(e) & 7
+	t := *p
+	for j := uintptr(1); j <= 7; j++ {
+		t += *(*uint64)(unsafe.Add(unsafe.Pointer(p), min(j, n)*64))
+	}
+	return t
+}

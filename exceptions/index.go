@@ -338,6 +338,9 @@ func (x *Index) InsertRun(r Run) error {
 	// appendRun takes every run of an empty index, so here the index has
 	// runs: in blocks, or in the tail, which flush packs into a block.
 	x.flush()
+	if x.prefetch(r.Origin) == 1 {
+		touchSink.Store(1) // practically never; the loads must happen
+	}
 	if end <= x.segFirst[0] {
 		// Before every run (a backward fill): no search, the mirror of
 		// appendRun. Merge into the first run or insert before it.
