@@ -246,6 +246,14 @@ func (c *committer) syncStage(toSync <-chan *batch, toApply chan<- *batch) {
 // files, in order, and finishes the batch.
 func (c *committer) applyStage(toApply <-chan *batch) {
 	for b := range toApply {
+		c.mu.Lock()
+		if b.failed == nil && c.err != nil {
+			// An earlier batch's apply failed after this one was synced:
+			// it is not applied either, so applied never passes a failed
+			// batch and waitApplied cannot report it done.
+			b.failed = c.err
+		}
+		c.mu.Unlock()
 		var freed int64
 		err := b.failed
 		if err == nil {

@@ -478,3 +478,129 @@ func TestPipelineOverlapKeepsOrder(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestApplyFailureStopsLaterBatches: when writing batch N's images to a data
+// file fails, batch N+1, already synced by then (the pipeline), must not be
+// applied, and a Flush of N's write must fail. The apply stage used to go on
+// with N+1 and move the applied mark past N, so the Flush returned nil for a
+// write that never reached the data file.
+func TestApplyFailureStopsLaterBatches(t *testing.T) {
+	dir := t.TempDir()
+	s, fs := openFault(t, dir, nil)
+	const cs, n = 4096, 16
+	old := map[string][]byte{}
+	vols := map[string]*Volume{}
+	for i, name := range []string{"v", "w"} {
+		v, err := s.CreateVolume(name, n*cs, VolumeOptions{ChunkSize: cs})
+		if err != nil {
+			t.Fatal(err)
+		}
+		b := make([]byte, n*cs)
+		rand.New(rand.NewSource(int64(21 + i))).Read(b)
+		if _, err := v.WriteAt(b, 0); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.CreateSnapshot(name, name+"-snap", SnapshotOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		old[name], vols[name] = b, v
+	}
+	v, w := vols["v"], vols["w"]
+	isLog := func(name string) bool { return name == logName || name == logTmpName }
+	var (
+		logSyncs    atomic.Int32
+		firstHeld   = make(chan struct{})
+		releaseN    = make(chan struct{})
+		secondSync  = make(chan struct{})
+		releaseOnce sync.Once
+	)
+	t.Cleanup(func() { releaseOnce.Do(func() { close(releaseN) }) })
+	fs.mu.Lock()
+	fs.syncHook = func(name string) {
+		if !isLog(name) {
+			return
+		}
+		switch logSyncs.Add(1) {
+		case 1: // batch N's log sync: hold it
+			close(firstHeld)
+			<-releaseN
+		case 2: // batch N+1's
+			close(secondSync)
+		}
+	}
+	fs.mu.Unlock()
+	if _, err := v.WriteAt(fill(cs, 1), 1*cs); err != nil { // batch N
+		t.Fatal(err)
+	}
+	select {
+	case <-firstHeld:
+	case <-time.After(10 * time.Second):
+		t.Fatal("batch N's log sync was never reached")
+	}
+	if _, err := w.WriteAt(fill(cs, 5), 5*cs); err != nil { // batch N+1
+		t.Fatal(err)
+	}
+	// N's apply writes v's data file: hold it until N+1's log sync has
+	// started (so N+1 is synced and on its way to the apply stage), then
+	// fail it.
+	fs.mu.Lock()
+	fs.failSuffix, fs.failWrite = v.dataName, 0
+	fs.writeHook = func(name string) {
+		if name != v.dataName {
+			return
+		}
+		select {
+		case <-secondSync:
+		case <-time.After(10 * time.Second):
+		}
+	}
+	fs.mu.Unlock()
+	releaseOnce.Do(func() { close(releaseN) })
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		s.log.mu.Lock()
+		idle := s.log.inflight == 0 && !s.log.busy
+		s.log.mu.Unlock()
+		if idle {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the committer did not finish batches N and N+1")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if logSyncs.Load() < 2 {
+		t.Fatalf("batch N+1 was not synced (%d log syncs): the test did not set up the overlap", logSyncs.Load())
+	}
+	fs.mu.Lock()
+	injected := fs.failed
+	fs.mu.Unlock()
+	if injected != 1 {
+		t.Fatalf("%d faults injected, want 1 (batch N's apply)", injected)
+	}
+	if err := v.Flush(); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Flush of a write whose apply failed: %v, want ErrClosed", err)
+	}
+	got := make([]byte, cs)
+	if err := readFull(w.data, got, 5*cs); err != nil {
+		t.Fatal(err)
+	}
+	if want := old["w"][5*cs : 6*cs]; !bytes.Equal(got, want) {
+		t.Fatalf("batch N+1 was applied after batch N's apply failed: w's data file chunk 5 differs from the old chunk at %d", firstDiff(got, want))
+	}
+	s.Close()
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	for _, name := range []string{"v", "w"} {
+		sn, err := s2.Snapshot(name + "-snap")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := mustRead(t, sn, 0, n*cs); !bytes.Equal(got, old[name]) {
+			t.Fatalf("snapshot of %s differs at %d after reopen", name, firstDiff(got, old[name]))
+		}
+	}
+}
