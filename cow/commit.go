@@ -368,6 +368,19 @@ func (c *committer) waitApplied(id uint64) error {
 	return c.err
 }
 
+// stopped waits until the pipeline has stopped, failed or not: no batch is
+// in flight and no stage runs, so none can touch a file after it. Close
+// calls it before closing the files (quiesce returns at once on a sticky
+// error, with the stages perhaps still in a raw syscall on a descriptor
+// that closing would let the kernel reuse).
+func (c *committer) stopped() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for c.busy {
+		c.cond.Wait()
+	}
+}
+
 // quiesce waits until no batch is open or being written (for a
 // checkpoint, which replaces the committer; the caller holds every gate,
 // so nothing new arrives).

@@ -957,6 +957,7 @@ func (s *Store) Close() error {
 	}
 	s.closed = true
 	s.isClosed.Store(true)
+	s.log.stopped()
 	s.closeFiles()
 	return err
 }
