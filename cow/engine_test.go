@@ -10,6 +10,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/csi-snap/csi-snap/exceptions"
 )
 
 func openT(t *testing.T) (*Store, string) {
@@ -505,5 +507,75 @@ func TestStats(t *testing.T) {
 	}
 	if st2 := s.Stats(); st2.CopyOuts != 4 {
 		t.Fatalf("rewrite counted a copy-out: %+v", st2)
+	}
+}
+
+// TestCopyPastCOWLimitRefused: a first write whose copy would put a COW
+// chunk past maxBytes in the COW file is refused with ErrNoSpace and changes
+// nothing; the store keeps working. Open rejects a record pointing there as
+// corrupt, so writing one would have made the whole store unopenable.
+func TestCopyPastCOWLimitRefused(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const cs, n = 4096, 4
+	v, err := s.CreateVolume("v", n*cs, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := make([]byte, n*cs)
+	rand.New(rand.NewSource(41)).Read(old)
+	if _, err := v.WriteAt(old, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	v.mu.Lock()
+	hwm := v.hwm
+	v.hwm = exceptions.Chunk(maxBytes>>v.shift - 1) // one chunk left
+	v.mu.Unlock()
+	if _, err := v.WriteAt(fill(2*cs, 3), 0); !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("first write of 2 chunks with 1 left in the COW file: %v, want ErrNoSpace", err)
+	}
+	sn, err := s.Snapshot("s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []*struct {
+		name string
+		r    interface {
+			ReadAt([]byte, int64) (int, error)
+		}
+	}{{"volume", v}, {"snapshot", sn}} {
+		if got := mustRead(t, r.r, 0, n*cs); !bytes.Equal(got, old) {
+			t.Fatalf("%s changed by a refused write, at %d", r.name, firstDiff(got, old))
+		}
+	}
+	v.mu.Lock()
+	v.hwm = hwm
+	v.mu.Unlock()
+	if _, err := v.WriteAt(fill(2*cs, 4), 0); err != nil {
+		t.Fatalf("write after the refusal: %v", err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatalf("Flush after the refusal: %v", err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatalf("reopen: %v", err)
+	}
+	defer s2.Close()
+	sn2, err := s2.Snapshot("s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, sn2, 0, n*cs); !bytes.Equal(got, old) {
+		t.Fatalf("snapshot differs at %d after reopen", firstDiff(got, old))
 	}
 }

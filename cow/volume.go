@@ -555,7 +555,11 @@ func (v *Volume) copyOut(c0, c1, reserved int64) error {
 	// The copies themselves are written by the committer, before the batch
 	// (writeCopies): the write's path neither writes the COW file nor the
 	// data file.
-	ks := v.alloc(int(nonzero))
+	ks, err := v.alloc(int(nonzero))
+	if err != nil {
+		sn.reserved.Add(-nonzero)
+		return err
+	}
 	recs := make([]byte, 0, len(todo)*excRecordLen)
 	extra := int64(0) // pending copies kept in memory
 	j := 0
@@ -651,12 +655,24 @@ func allZero(b []byte) bool {
 
 // alloc hands out n COW chunks: freed ones first, then new ones at the end
 // (ascending, so sequential copies stay contiguous and their runs merge).
-func (v *Volume) alloc(n int) []exceptions.Chunk {
+// It refuses with ErrNoSpace, handing out nothing, when a new chunk would
+// reach past maxBytes in the COW file: Open rejects such a record as
+// corrupt (FORMAT.md), so one must never be written.
+func (v *Volume) alloc(n int) ([]exceptions.Chunk, error) {
 	if n == 0 {
-		return nil
+		return nil, nil
 	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
+	free := 0
+	for _, f := range v.free {
+		if free += int(f.N); free >= n {
+			break
+		}
+	}
+	if n > free && uint64(v.hwm)+uint64(n-free) > maxBytes>>v.shift {
+		return nil, fmt.Errorf("%w: volume %q: its snapshots' copies would take the COW file past %d bytes", ErrNoSpace, v.id, int64(maxBytes))
+	}
 	out := make([]exceptions.Chunk, 0, n)
 	for len(out) < n && len(v.free) > 0 {
 		f := &v.free[len(v.free)-1]
@@ -670,7 +686,7 @@ func (v *Volume) alloc(n int) []exceptions.Chunk {
 		out = append(out, v.hwm)
 		v.hwm++
 	}
-	return out
+	return out, nil
 }
 
 // Flush is the durability barrier: every write that completed before it is
