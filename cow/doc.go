@@ -134,7 +134,9 @@
 //     invalidated (its records merge into the next older snapshot, its
 //     readers get ErrInvalidated); the write goes on. A snapshot with clones
 //     is never invalidated, since its clones would lose their data: its limit
-//     is not enforced while clones exist. Limits count only chunks copied
+//     is not enforced while clones exist, nor for the snapshot an unfinished
+//     Rollback restores (its discard of the volume's tail past the
+//     snapshot's size may copy one chunk into it). Limits count only chunks copied
 //     while that snapshot was newest; records merged into it from a deleted
 //     newer snapshot count too, and can put it over its limit without
 //     invalidating it until its next copy.

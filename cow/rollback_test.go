@@ -773,3 +773,87 @@ func rbCrashCheck(dir string, seed int64, acked int) error {
 	}
 	return nil
 }
+
+// TestRollbackKeepsLimitedTarget: the snapshot a rollback restores is at its
+// COW limit, its size ends inside a chunk, and the volume grew and was
+// written past that size. The rollback's discard of that tail copies the
+// partly covered chunk into the snapshot (it is the newest); that must not
+// invalidate the snapshot being restored, which it did: the snapshot was
+// lost, and after a crash or a checkpoint before the done record the
+// rollback could never finish (Open refused the store).
+func TestRollbackKeepsLimitedTarget(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const cs = rbChunk
+	size := int64(2*cs + cs/2)
+	v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := make([]byte, size)
+	rand.New(rand.NewSource(31)).Read(old)
+	if _, err := v.WriteAt(old, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{Limit: cs}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(cs, 7), 0); err != nil { // one chunk copied: s is at its limit
+		t.Fatal(err)
+	}
+	if err := v.Resize(5 * cs); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(cs/4, 9), 3*cs+cs/2); err != nil { // past s's size: no copy
+		t.Fatal(err)
+	}
+	invalid := func(s *Store) bool {
+		return slices.ContainsFunc(s.Snapshots(), func(i SnapshotInfo) bool { return i.ID == "s" && i.Invalid })
+	}
+	if invalid(s) {
+		t.Fatal("s is invalid before the rollback: the test did not set up what it meant to")
+	}
+	if _, err := s.Rollback("v", "s"); err != nil {
+		t.Fatalf("Rollback: %v", err)
+	}
+	check := func(s *Store, when string) {
+		t.Helper()
+		if invalid(s) {
+			t.Fatalf("%s: the rollback's target was invalidated", when)
+		}
+		sn, err := s.Snapshot("s")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := mustRead(t, sn, 0, int(size)); !bytes.Equal(got, old) {
+			t.Fatalf("%s: snapshot differs at %d", when, firstDiff(got, old))
+		}
+		v, err := s.Volume("v")
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := append(slices.Clone(old), make([]byte, 5*cs-size)...)
+		if got := mustRead(t, v, 0, 5*cs); !bytes.Equal(got, want) {
+			t.Fatalf("%s: volume differs from the snapshot (then zeros) at %d", when, firstDiff(got, want))
+		}
+		if _, pending := v.PendingRollback(); pending {
+			t.Fatalf("%s: rollback still pending", when)
+		}
+	}
+	check(s, "after the rollback")
+	if err := s.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatalf("reopen: %v", err)
+	}
+	defer s2.Close()
+	check(s2, "after a checkpoint and reopen")
+}

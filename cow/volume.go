@@ -530,8 +530,14 @@ func (v *Volume) copyOut(c0, c1, reserved int64) error {
 		}
 	}
 	if nonzero > 0 && sn.limit > 0 {
+		// A snapshot with clones is exempt from its limit (doc.go), and so
+		// is the snapshot an unfinished rollback restores: the rollback's
+		// discard of what the volume holds past the snapshot's size copies
+		// the chunk that size ends inside into it, and invalidating the
+		// snapshot being restored would leave a rollback that can never
+		// finish.
 		v.mu.RLock()
-		exempt := sn.clones > 0
+		exempt := sn.clones > 0 || v.rb == sn
 		v.mu.RUnlock()
 		if !exempt {
 			if sn.reserved.Add(nonzero)<<v.shift > sn.limit {
