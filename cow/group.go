@@ -72,11 +72,14 @@ func (g *groupState) init() {
 // after the commit, so the snapshots are one write-order-consistent cut: any
 // write completed before the call is in its volume's snapshot, and no write
 // that started after the call returned is. Cost: one data sync per member
-// (concurrent) and one log batch, whatever the volumes' sizes. Neither
-// fsync runs under the store lock: the members are flushed before it is
-// taken (and again, for what was written meanwhile, under the gates), and
-// the lock is dropped once the batch is queued and applied, so calls on
-// other volumes go on meanwhile (TestGroupSyncDoesNotBlockOthers).
+// (concurrent) and one log batch, whatever the volumes' sizes. The members
+// are flushed before the store lock is taken, so their data syncs do not
+// run under it, and the lock is dropped once the batch is queued and
+// applied, before its log fsync, so calls on other volumes go on meanwhile
+// (TestGroupSyncDoesNotBlockOthers). Under the lock and the gates they are
+// flushed again, for what was written between the two; that flush syncs a
+// member (under the store lock) only if something was, and waits for its
+// overlay's batches, if any were queued meanwhile.
 //
 // Errors: ErrInvalidID (any ID), ErrBadArgument (no members, a volume named
 // twice, a snapshot ID given twice, bad options), ErrExists (groupID or a
