@@ -296,6 +296,9 @@ func verify(s *Store, m *model, exact bool) error {
 			if i := firstDiff(got, mv.cur); i >= 0 {
 				return fmt.Errorf("volume %s differs at byte %d (chunk %d of %d): %d, model %d", id, i, i/int(v.chunkSize), v.chunkSize, got[i], mv.cur[i])
 			}
+			if err := verifyRanges(v, mv.cur); err != nil {
+				return fmt.Errorf("volume %s: %w", id, err)
+			}
 			continue
 		}
 		for i := range got {
@@ -327,8 +330,35 @@ func verify(s *Store, m *model, exact bool) error {
 		if i := firstDiff(got, want); i >= 0 {
 			return fmt.Errorf("snapshot %s differs at byte %d: %d, model %d", id, i, got[i], want[i])
 		}
+		if err := verifyRanges(sn, want); err != nil {
+			return fmt.Errorf("snapshot %s: %w", id, err)
+		}
 	}
 	return s.check()
+}
+
+// verifyRanges reads a few ranges of r that start and end inside chunks
+// (reads of parts of chunks, and reads spanning several, take other paths
+// than the whole-image read) and compares them with want.
+func verifyRanges(r interface {
+	ReadAt([]byte, int64) (int, error)
+}, want []byte) error {
+	size := int64(len(want))
+	for k := int64(0); k < 4; k++ {
+		off := size*k/5 + 7*k + 1
+		if off >= size {
+			continue
+		}
+		n := min(size-off, size/3+13*k+1)
+		got := make([]byte, n)
+		if _, err := r.ReadAt(got, off); err != nil {
+			return fmt.Errorf("read %d at %d: %w", n, off, err)
+		}
+		if i := firstDiff(got, want[off:off+n]); i >= 0 {
+			return fmt.Errorf("read %d at %d differs at byte %d: %d, model %d", n, off, off+int64(i), got[i], want[off+int64(i)])
+		}
+	}
+	return nil
 }
 
 func firstDiff(a, b []byte) int {
