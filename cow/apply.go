@@ -62,6 +62,18 @@ func (s *Store) apply(r *record) error {
 			if x.deleted {
 				return corruptf("snapshot %d deleted twice", r.Obj)
 			}
+			// Neither is ever written: DeleteSnapshot refuses a group's
+			// member (the group's delete record reaps it) and any
+			// snapshot of a volume with an unfinished rollback.
+			if s.isGroupMember(x) {
+				return corruptf("delete of snapshot %d, a member of a live group", r.Obj)
+			}
+			x.vol.mu.RLock()
+			target := x.vol.rb == x
+			x.vol.mu.RUnlock()
+			if target {
+				return corruptf("delete of snapshot %d, which an unfinished rollback restores", r.Obj)
+			}
 			x.vol.mu.Lock()
 			x.deleted = true
 			x.vol.mu.Unlock()
@@ -75,8 +87,11 @@ func (s *Store) apply(r *record) error {
 			return err
 		}
 		v := sn.vol
-		if sn.invalid || sn.clones > 0 {
-			return corruptf("invalidate of snapshot %d (invalid %v, %d clones)", r.Obj, sn.invalid, sn.clones)
+		v.mu.RLock()
+		target := v.rb == sn // exempt from its limit while the rollback runs
+		v.mu.RUnlock()
+		if sn.invalid || sn.clones > 0 || target {
+			return corruptf("invalidate of snapshot %d (invalid %v, %d clones, rollback target %v)", r.Obj, sn.invalid, sn.clones, target)
 		}
 		freed, err := v.unchain(sn)
 		if err != nil {

@@ -731,3 +731,69 @@ func snapInfoOf(t *testing.T, s *Store, id string) SnapshotInfo {
 	}
 	return sn.Info()
 }
+
+// TestReplayRejectsImpossibleDeletes: records the store never writes, with
+// valid checksums, are damage (ErrCorrupt) at Open: a delete of a live
+// group's member (DeleteSnapshot refuses it; the group's delete record reaps
+// its members), and a delete or an invalidate of the snapshot an unfinished
+// rollback restores (DeleteSnapshot refuses any snapshot of that volume; the
+// target is exempt from its limit). They used to be accepted, and the store
+// failed later instead (a checkpoint naming a gone member, a rollback that
+// could never finish).
+func TestReplayRejectsImpossibleDeletes(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		rec  func(t *testing.T, s *Store) *record
+	}{
+		{"delete of a group member", func(t *testing.T, s *Store) *record {
+			if _, err := s.CreateSnapshotGroup("g", []GroupMember{{"v", "m"}}, SnapshotOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			sn, _ := s.Snapshot("m")
+			return &record{Type: recDelete, Obj: sn.obj}
+		}},
+		{"delete of a rollback target", func(t *testing.T, s *Store) *record {
+			sn := mustRollbackTarget(t, s)
+			return &record{Type: recDelete, Obj: sn.obj}
+		}},
+		{"invalidate of a rollback target", func(t *testing.T, s *Store) *record {
+			sn := mustRollbackTarget(t, s)
+			return &record{Type: recInvalidate, Obj: sn.obj}
+		}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			s, err := Open(dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			v := mustVol(t, s, "v", 64<<10, 4096)
+			fillRandom(t, v, 3)
+			if err := s.log.commit(appendRecord(nil, c.rec(t, s))); err != nil {
+				t.Fatal(err)
+			}
+			s.closeFiles()
+			s2, err := Open(dir)
+			if err == nil {
+				s2.Close()
+			}
+			if !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("Open, the log holding a record of %s: %v, want ErrCorrupt", c.name, err)
+			}
+		})
+	}
+}
+
+// mustRollbackTarget takes snapshot "s" of volume "v" and begins a rollback
+// to it, stopping after the begin record as a crash would.
+func mustRollbackTarget(t *testing.T, s *Store) *Snapshot {
+	t.Helper()
+	sn, err := s.CreateSnapshot("v", "s", SnapshotOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, _, err := s.rollbackBegin("v", "s"); err != nil {
+		t.Fatal(err)
+	}
+	return sn
+}
