@@ -3,6 +3,8 @@ package driver_test
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -382,5 +384,47 @@ func TestExpandAcrossNodes(t *testing.T) {
 	}
 	if n, _ := a.fe.Size(v.VolumeId); n != 4<<20 {
 		t.Fatalf("device size %d after node expand, want %d", n, 4<<20)
+	}
+}
+
+// TestFailedStageDetaches: a NodeStageVolume that fails after attaching the
+// volume (here: the staging path cannot be created; in life, a mount option
+// the filesystem rejects) detaches it again, since kubelet does not call
+// NodeUnstageVolume after such a failure and DeleteVolume refuses an
+// attached volume. A failed stage of a volume attached before it (staged
+// elsewhere) leaves that attachment alone.
+func TestFailedStageDetaches(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	vol := e.createVolume(t, "stage-fails", 1<<20)
+	id := vol.VolumeId
+	file := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(file, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	bad := filepath.Join(file, "staging") // its parent is a file: MkdirAll fails
+	_, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: bad, VolumeCapability: mountCap()})
+	if err == nil {
+		t.Fatal("NodeStageVolume under a regular file succeeded")
+	}
+	if dev, ok := e.fe.Device(id); ok {
+		t.Fatalf("failed stage left the volume attached as %s", dev)
+	}
+	if _, err := e.d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+		t.Fatalf("DeleteVolume after a failed stage: %v", err)
+	}
+
+	// Attached by a stage that succeeded: a later failing stage keeps it.
+	vol = e.createVolume(t, "stage-twice", 1<<20)
+	id = vol.VolumeId
+	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(t.TempDir(), "s"),
+		VolumeCapability: blockCap()}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: bad, VolumeCapability: mountCap()}); err == nil {
+		t.Fatal("NodeStageVolume under a regular file succeeded")
+	}
+	if _, ok := e.fe.Device(id); !ok {
+		t.Fatal("a failed stage detached a volume staged before it")
 	}
 }

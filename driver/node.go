@@ -153,12 +153,27 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err != nil {
 		return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
 	}
+	_, wasAttached := d.opt.Frontend.Device(id)
 	dev, err := d.opt.Frontend.Attach(ctx, id, b, false)
 	if err != nil {
 		return nil, toStatus(fmt.Errorf("attach %s: %w", id, err))
 	}
+	// kubelet calls NodeUnstageVolume only for a stage that succeeded (or
+	// failed with a code it treats as still in progress): a stage that
+	// fails after attaching must detach what it attached, or nothing ever
+	// would, and DeleteVolume refuses an attached volume.
+	staged := false
+	defer func() {
+		if staged || wasAttached {
+			return
+		}
+		if err := d.opt.Frontend.Detach(context.WithoutCancel(ctx), id); err != nil {
+			klog.ErrorS(err, "Detach after a failed stage", "volumeID", id)
+		}
+	}()
 	m := req.GetVolumeCapability().GetMount()
 	if m == nil {
+		staged = true
 		klog.V(2).InfoS("Staged block volume", "volumeID", id, "device", dev)
 		return &csi.NodeStageVolumeResponse{}, nil
 	}
@@ -167,6 +182,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		return nil, toStatus(err)
 	}
 	if cur == dev {
+		staged = true
 		return &csi.NodeStageVolumeResponse{}, nil
 	}
 	if cur != "" {
@@ -194,6 +210,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err := d.opt.Mounter.FormatAndMountSensitiveWithFormatOptions(dev, staging, fstype, m.GetMountFlags(), nil, formatOpts); err != nil {
 		return nil, statusf(codes.Internal, "format and mount %s (%s) at %s: %v", dev, fstype, staging, err)
 	}
+	staged = true
 	klog.V(2).InfoS("Staged volume", "volumeID", id, "device", dev, "stagingPath", staging, "fstype", fstype)
 	return &csi.NodeStageVolumeResponse{}, nil
 }
