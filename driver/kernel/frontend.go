@@ -202,29 +202,77 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 	}
 	mp := f.mountpoint(id)
 	resp, fd, err := holderCall(f.sock, holderReq{Op: "get", ID: id}, -1)
+	if err == nil && resp.Found && fd < 0 {
+		// Not "nothing held": the cleanup below would unmount a connection
+		// the holder keeps alive.
+		return "", fmt.Errorf("holder has the connection of %s but passed no descriptor", id)
+	}
+	lost := false
 	if err == nil && resp.Found && fd >= 0 {
-		return f.resume(ctx, id, mp, fd, resp.Params, b, readOnly)
+		why := heldConnLost(mp, fd)
+		if why == "" {
+			return f.resume(ctx, id, mp, fd, resp.Params, b, readOnly)
+		}
+		// The holder kept a connection that can serve nothing: it was
+		// aborted (/sys/fs/fuse/connections/N/abort), or its mount is gone
+		// (a Detach that died between the unmount and the drop). Resuming
+		// it would report a device on which every request fails, or attach
+		// a loop device to the empty mount point.
+		klog.InfoS("held FUSE connection is dead; starting a new one", "volumeID", id, "why", why)
+		lost = true
+		fd = closeFD(fd)
+		_, dfd, derr := holderCall(f.sock, holderReq{Op: "drop", ID: id}, -1)
+		closeFD(dfd)
+		if derr != nil && !errors.Is(derr, errNoHolder) {
+			return "", fmt.Errorf("drop the dead connection of %s: %w", id, derr)
+		}
 	}
-	if fd >= 0 {
-		unix.Close(fd)
-	}
+	closeFD(fd)
 	if err != nil && !errors.Is(err, errNoHolder) {
 		return "", err
 	}
-	if isMounted(mp) {
-		// A mount whose connection nobody holds is dead (every request
-		// fails); its loop device can only be detached.
+	if lost || isMounted(mp) {
+		// A mount whose connection nobody holds, or whose held connection
+		// is dead, fails every request; its loop device can only be
+		// detached.
 		klog.InfoS("cleaning up a dead FUSE mount", "volumeID", id, "mountpoint", mp)
 		if dev, ok := findLoop(mp); ok {
 			if err := detachLoop(ctx, dev); err != nil {
 				return "", fmt.Errorf("stale loop device of %s: %w", id, err)
 			}
 		}
-		if err := unmountFuse(mp); err != nil {
-			return "", err
+		if isMounted(mp) {
+			if err := unmountFuse(mp); err != nil {
+				return "", err
+			}
 		}
 	}
 	return f.attachFresh(ctx, id, mp, b, readOnly)
+}
+
+// closeFD closes fd if it is one (>= 0) and returns -1.
+func closeFD(fd int) int {
+	if fd >= 0 {
+		unix.Close(fd)
+	}
+	return -1
+}
+
+// heldConnLost says why the held /dev/fuse connection fd cannot be resumed
+// for the mount point mp, or "" if it can: mp is no longer a FUSE mount, or
+// the connection was aborted. An aborted connection polls as POLLERR
+// (fuse_dev_poll answers EPOLLERR once the input queue is disconnected;
+// a live one answers POLLOUT, and POLLIN with requests waiting); the poll
+// does not consume a request, as a probing read would.
+func heldConnLost(mp string, fd int) string {
+	if !isMounted(mp) {
+		return "mount point is not mounted"
+	}
+	pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+	if n, err := unix.Poll(pfd, 0); err == nil && n > 0 && pfd[0].Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 {
+		return fmt.Sprintf("connection aborted (poll revents %#x)", pfd[0].Revents)
+	}
+	return ""
 }
 
 // pokePath is the mount point when readers block (see server.poke).

@@ -245,6 +245,11 @@ func holderCall(socketPath string, req holderReq, fd int) (holderResp, int, erro
 	buf := make([]byte, holderMsgMax)
 	oob := make([]byte, unix.CmsgSpace(4))
 	n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		// A slow holder is not a missing one: taking it for one would
+		// unmount the connections it holds (Attach's dead-mount cleanup).
+		return resp, -1, fmt.Errorf("holder %s: no answer in time: %w", req.Op, err)
+	}
 	if err != nil || n == 0 {
 		// The holder exited between accept and answer (it had just been
 		// emptied): the caller may start a new one.

@@ -353,3 +353,121 @@ func TestLostConnection(t *testing.T) {
 	}
 	assertNothingLeft(t, fe.cfg.RunDir)
 }
+
+// TestDeadHeldConnection: the serving process died and the holder still
+// keeps the volume's /dev/fuse connection, but that connection can serve
+// nothing: it was aborted through sysfs (the documented way out of a hung
+// server), or its mount is gone. Attach must not resume it (it used to:
+// it returned the old loop device, on which every request failed, or
+// attached a loop device to the empty mount point) but start over, and the
+// data written before must read back.
+func TestDeadHeldConnection(t *testing.T) {
+	for _, how := range []string{"aborted", "unmounted"} {
+		t.Run(how, func(t *testing.T) { testDeadHeldConnection(t, how) })
+	}
+}
+
+func testDeadHeldConnection(t *testing.T, how string) {
+	requireRoot(t)
+	ctx := context.Background()
+	runDir := t.TempDir()
+	backing := filepath.Join(t.TempDir(), "vol.img")
+	const size = 16 << 20
+	const id = "vol-dead"
+	c := startChild(t, runDir, backing, id, size)
+	t.Cleanup(func() { c.cmd.Process.Kill() })
+	dev := c.expect(t, "DEVICE ")
+	f, err := os.OpenFile(dev, os.O_RDWR|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := alignedBuf(1 << 20)
+	fillRandom(rand.New(rand.NewSource(5)), want)
+	if _, err := f.WriteAt(want, 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	c.cmd.Process.Kill()
+	<-c.done
+	if len(holderPIDs(runDir)) != 1 {
+		t.Fatalf("holder processes: %v", holderPIDs(runDir))
+	}
+	mp := filepath.Join(runDir, "vol", id)
+	switch how {
+	case "aborted":
+		// Not stat(mp): nobody serves the connection, a stat would hang.
+		abort := filepath.Join(fuseConnDir(t, mp), "abort")
+		if err := os.WriteFile(abort, []byte("1"), 0); err != nil {
+			t.Fatalf("abort the connection: %v", err)
+		}
+	case "unmounted":
+		// What a Detach that died after its unmount, before the holder's
+		// drop, leaves: no loop device, no mount, a held connection.
+		run(t, "losetup", "-d", dev)
+		if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil {
+			t.Fatalf("unmount %s: %v", mp, err)
+		}
+	}
+
+	fb, err := OpenFileBackend(backing, size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fb.Close()
+	fe, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fe.Close()
+	dev2, err := fe.Attach(ctx, id, fb, false)
+	if err != nil {
+		t.Fatalf("Attach over a dead held connection: %v", err)
+	}
+	f, err = os.OpenFile(dev2, os.O_RDONLY|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := alignedBuf(1 << 20)
+	_, err = f.ReadAt(got, 4<<20)
+	f.Close()
+	if err != nil || string(got) != string(want) {
+		t.Fatalf("data through %s after the dead connection (was %s) differs (err %v)", dev2, dev, err)
+	}
+	if err := fe.Detach(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	assertNothingLeft(t, fe.cfg.RunDir)
+}
+
+// fuseConnDir returns the fusectl directory of the FUSE connection mounted
+// at mp (/sys/fs/fuse/connections/N, N the minor of the mount's device, from
+// /proc/self/mountinfo: a stat of mp would wait for a server), mounting
+// fusectl there first if it is not (Debian's VMs do not).
+func fuseConnDir(t *testing.T, mp string) string {
+	t.Helper()
+	const ctl = "/sys/fs/fuse/connections"
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	minor := ""
+	for _, line := range strings.Split(string(data), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && unescapeMount(f[4]) == mp {
+			_, minor, _ = strings.Cut(f[2], ":")
+		}
+	}
+	if minor == "" {
+		t.Fatalf("%s is not in /proc/self/mountinfo", mp)
+	}
+	dir := filepath.Join(ctl, minor)
+	if _, err := os.Stat(dir); err != nil {
+		if err := unix.Mount("fusectl", ctl, "fusectl", 0, ""); err != nil {
+			t.Fatalf("mount fusectl on %s: %v", ctl, err)
+		}
+		t.Cleanup(func() { unix.Unmount(ctl, unix.MNT_DETACH) })
+	}
+	if _, err := os.Stat(dir); err != nil {
+		t.Fatalf("connection directory: %v", err)
+	}
+	return dir
+}
