@@ -512,7 +512,10 @@ func (s *server) handleInit(h inHeader, body, out []byte) int {
 	le.PutUint16(p[18:], 48) // congestion_threshold
 	le.PutUint32(p[20:], maxWrite)
 	le.PutUint32(p[24:], 1)             // time_gran, ns
-	le.PutUint16(p[28:], maxWrite/4096) // max_pages
+	// max_pages is in the kernel's pages: with max_read unset it bounds a
+	// direct READ at max_pages × PAGE_SIZE, which must not pass maxWrite
+	// (READ answers EINVAL past it) on kernels with pages over 4 KiB.
+	le.PutUint16(p[28:], uint16(max(1, maxWrite/unix.Getpagesize()))) // max_pages
 	le.PutUint32(p[32:], uint32(reply>>32))
 	s.mu.Lock()
 	s.params = connParams{KernelMajor: major, KernelMinor: minor, KernelFlags: flags,
