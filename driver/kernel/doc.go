@@ -123,7 +123,10 @@
 //     than fails; a server that never comes back hangs its users, and so
 //     does anything that stats the mount point (umount(8) does: Detach
 //     calls umount(2) directly). The way out is Detach from a new server,
-//     or writing 1 to /sys/fs/fuse/connections/N/abort.
+//     or writing 1 to /sys/fs/fuse/connections/N/abort (fusectl; mount it
+//     there first if it is not): the next Attach finds the held connection
+//     aborted (it polls as POLLERR), drops it and attaches afresh, as it
+//     does for a held connection whose mount is gone.
 //   - If the holder itself dies while the server is also gone, the
 //     connection is lost: Attach then cleans up the dead mount and attaches a
 //     new device, and whoever had the old one mounted sees I/O errors.
