@@ -511,7 +511,7 @@ func (s *server) handleInit(h inHeader, body, out []byte) int {
 	le.PutUint16(p[16:], 64) // max_background
 	le.PutUint16(p[18:], 48) // congestion_threshold
 	le.PutUint32(p[20:], maxWrite)
-	le.PutUint32(p[24:], 1)             // time_gran, ns
+	le.PutUint32(p[24:], 1) // time_gran, ns
 	// max_pages is in the kernel's pages: with max_read unset it bounds a
 	// direct READ at max_pages × PAGE_SIZE, which must not pass maxWrite
 	// (READ answers EINVAL past it) on kernels with pages over 4 KiB.
