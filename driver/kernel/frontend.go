@@ -92,6 +92,18 @@ type volume struct {
 	fd       int
 	srv      *server
 	readOnly bool
+	shut     sync.Once
+}
+
+// shutdown stops v's server and closes its /dev/fuse fd, once: Close at
+// shutdown can race a Detach already past its lock, and a second close of
+// an fd number, or a write to the closed wake pipe, would hit whatever file
+// took that number meanwhile.
+func (v *volume) shutdown() {
+	v.shut.Do(func() {
+		v.srv.stop()
+		unix.Close(v.fd)
+	})
 }
 
 var idRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
@@ -455,8 +467,7 @@ func (f *Frontend) Detach(ctx context.Context, id string) error {
 		return err
 	}
 	if v != nil {
-		v.srv.stop()
-		unix.Close(v.fd)
+		v.shutdown()
 		f.set(id, nil)
 	}
 	if _, _, err := holderCall(f.sock, holderReq{Op: "drop", ID: id}, -1); err != nil && !errors.Is(err, errNoHolder) {
@@ -563,8 +574,7 @@ func (f *Frontend) Close() error {
 	f.vols = map[string]*volume{}
 	f.mu.Unlock()
 	for _, v := range vols {
-		v.srv.stop()
-		unix.Close(v.fd)
+		v.shutdown()
 	}
 	return nil
 }
