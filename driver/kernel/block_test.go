@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -204,4 +205,50 @@ func TestConcurrentAttach(t *testing.T) {
 		}
 	}
 	assertNothingLeft(t, fe.cfg.RunDir)
+}
+
+// TestLoopTakenOver: a volume's loop device is detached from outside the
+// Frontend (losetup -d) and another volume takes the same number. Device,
+// Resize and Detach of the first volume must not act on the second's
+// device (they trusted the cached name).
+func TestLoopTakenOver(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	fe, _ := newFrontend(t)
+	const size = 16 << 20
+	a := newFileBackend(t, t.TempDir(), size)
+	devA, err := fe.Attach(ctx, "vol-a", a, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	run(t, "losetup", "-d", devA)
+	for i := 0; ownsLoop(devA, fe.mountpoint("vol-a")); i++ {
+		if i > 500 {
+			t.Fatalf("%s still attached after losetup -d", devA)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	b := newFileBackend(t, t.TempDir(), size)
+	devB, err := fe.Attach(ctx, "vol-b", b, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if devB != devA {
+		t.Skipf("vol-b got %s, not the freed %s: nothing to test on this machine", devB, devA)
+	}
+	if dev, ok := fe.Device("vol-a"); ok {
+		t.Fatalf("Device(vol-a) = %s, which is vol-b's now", dev)
+	}
+	if err := fe.Resize(ctx, "vol-a", size); err == nil {
+		t.Fatal("Resize of vol-a acted on vol-b's device")
+	}
+	if err := fe.Detach(ctx, "vol-a"); err != nil {
+		t.Fatalf("Detach(vol-a): %v", err)
+	}
+	if !ownsLoop(devB, fe.mountpoint("vol-b")) {
+		t.Fatalf("Detach(vol-a) detached vol-b's %s", devB)
+	}
+	if dev, ok := fe.Device("vol-b"); !ok || dev != devB {
+		t.Fatalf("Device(vol-b) = %s, %v; want %s", dev, ok, devB)
+	}
 }

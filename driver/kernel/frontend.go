@@ -453,7 +453,7 @@ func (f *Frontend) Detach(ctx context.Context, id string) error {
 	v := f.get(id)
 	mp := f.mountpoint(id)
 	dev := ""
-	if v != nil {
+	if v != nil && ownsLoop(v.dev, mp) {
 		dev = v.dev
 	} else if d, ok := findLoop(mp); ok {
 		dev = d
@@ -511,6 +511,9 @@ func (f *Frontend) Resize(ctx context.Context, id string, newSize int64) error {
 	if st.Size() != newSize {
 		return fmt.Errorf("kernel sees size %d after invalidation, want %d", st.Size(), newSize)
 	}
+	if !ownsLoop(v.dev, v.mp) {
+		return fmt.Errorf("%w: %s is no longer attached to %s (detached from outside)", ErrNotFound, v.dev, id)
+	}
 	if err := setLoopCapacity(v.dev); err != nil {
 		return err
 	}
@@ -526,10 +529,24 @@ func (f *Frontend) Device(id string) (string, bool) {
 	if validateID(id) != nil {
 		return "", false
 	}
-	if v := f.get(id); v != nil {
+	mp := f.mountpoint(id)
+	if v := f.get(id); v != nil && ownsLoop(v.dev, mp) {
 		return v.dev, true
 	}
-	return findLoop(f.mountpoint(id))
+	return findLoop(mp)
+}
+
+// ownsLoop reports whether loop device dev is still attached to the mount
+// point mp. A device detached from outside (losetup -d) can be taken by
+// another volume under the same number: Detach, Resize and Device must not
+// act on or hand out that one.
+func ownsLoop(dev, mp string) bool {
+	n, err := loopNumber(dev)
+	if err != nil {
+		return false
+	}
+	bf, err := readSysfs(n, "loop/backing_file")
+	return err == nil && bf == mp
 }
 
 // Attached returns the sorted ids that are attached here, held by the
