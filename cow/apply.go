@@ -68,10 +68,7 @@ func (s *Store) apply(r *record) error {
 			if s.isGroupMember(x) {
 				return corruptf("delete of snapshot %d, a member of a live group", r.Obj)
 			}
-			x.vol.mu.RLock()
-			target := x.vol.rb == x
-			x.vol.mu.RUnlock()
-			if target {
+			if x.restoring() {
 				return corruptf("delete of snapshot %d, which an unfinished rollback restores", r.Obj)
 			}
 			x.vol.mu.Lock()
@@ -87,9 +84,7 @@ func (s *Store) apply(r *record) error {
 			return err
 		}
 		v := sn.vol
-		v.mu.RLock()
-		target := v.rb == sn // exempt from its limit while the rollback runs
-		v.mu.RUnlock()
+		target := sn.restoring() // exempt from its limit while the rollback runs
 		if sn.invalid || sn.clones > 0 || target {
 			return corruptf("invalidate of snapshot %d (invalid %v, %d clones, rollback target %v)", r.Obj, sn.invalid, sn.clones, target)
 		}

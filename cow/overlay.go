@@ -92,11 +92,12 @@ type ovEntry struct {
 	lo, hi int64
 	// wrote: a write with data (not a discard) changed the entry and no
 	// later discard covered all it changed. Only an entry changed by
-	// discards alone is punched in the data file when applied; written zeros are written, as writeDirect does for a chunk
-	// without an entry. A punch costs ext4 a journal transaction and waits
-	// for writeback of the range (measured: about 300 µs per 16 KiB chunk
-	// while the committer's fsyncs run, against 7 µs for the write), and
-	// it fragments the data file a volume's writes keep filling.
+	// discards alone is punched in the data file when applied; written
+	// zeros are written, as writeDirect does for a chunk without an entry.
+	// A punch costs ext4 a journal transaction and waits for writeback of
+	// the range (measured: about 300 µs per 16 KiB chunk while the
+	// committer's fsyncs run, against 7 µs for the write), and it fragments
+	// the data file a volume's writes keep filling.
 	wrote bool
 }
 

@@ -104,6 +104,14 @@ func (v *Volume) PendingRollback() (snapID string, pending bool) {
 	return v.rb.id, true
 }
 
+// restoring reports whether an unfinished rollback of sn's volume restores
+// sn.
+func (sn *Snapshot) restoring() bool {
+	sn.vol.mu.RLock()
+	defer sn.vol.mu.RUnlock()
+	return sn.vol.rb == sn
+}
+
 // rollbackBusy returns ErrRollbackPending while v has an unfinished rollback.
 func (v *Volume) rollbackBusy() error {
 	if id, ok := v.PendingRollback(); ok {
