@@ -326,7 +326,9 @@ func (x *Index) prefetch(c Chunk) uint64 {
 // touchFixed loads word 0 of the first 1 + count lines of block p (count
 // from the entry e, see gmake) with a trip count that does not depend on
 // e: lines past the count load the last one again. No branch waits for
-// the entry's miss.
+// the entry's miss. Lookup keeps touchAhead: with touchFixed it measured no
+// faster (6 interleaved rounds, medians 366 ns against 391), its search
+// waits for the lines anyway.
 func touchFixed(p *uint64, e unsafe.Pointer) uint64 {
 	n := uintptr(e) & 7
 	t := *p
