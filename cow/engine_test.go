@@ -27,6 +27,21 @@ func openT(t *testing.T) (*Store, string) {
 
 func fill(n int, b byte) []byte { return bytes.Repeat([]byte{b}, n) }
 
+// reopen closes s, failing the test if Close fails, and opens the store in
+// dir again; the new store is closed when the test ends.
+func reopen(t *testing.T, s *Store, dir string) *Store {
+	t.Helper()
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatalf("reopen: %v", err)
+	}
+	t.Cleanup(func() { s2.Close() })
+	return s2
+}
+
 func mustRead(t *testing.T, r interface {
 	ReadAt([]byte, int64) (int, error)
 }, off int64, n int) []byte {
@@ -521,15 +536,8 @@ func TestCopyPastCOWLimitRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	const cs, n = 4096, 4
-	v, err := s.CreateVolume("v", n*cs, VolumeOptions{ChunkSize: cs})
-	if err != nil {
-		t.Fatal(err)
-	}
-	old := make([]byte, n*cs)
-	rand.New(rand.NewSource(41)).Read(old)
-	if _, err := v.WriteAt(old, 0); err != nil {
-		t.Fatal(err)
-	}
+	v := mustVol(t, s, "v", n*cs, cs)
+	old := fillRandom(t, v, 41)
 	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -563,19 +571,7 @@ func TestCopyPastCOWLimitRefused(t *testing.T) {
 	if err := v.Flush(); err != nil {
 		t.Fatalf("Flush after the refusal: %v", err)
 	}
-	if err := s.Close(); err != nil {
-		t.Fatal(err)
-	}
-	s2, err := Open(dir)
-	if err != nil {
-		t.Fatalf("reopen: %v", err)
-	}
-	defer s2.Close()
-	sn2, err := s2.Snapshot("s")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := mustRead(t, sn2, 0, n*cs); !bytes.Equal(got, old) {
+	if got := readSnap(t, reopen(t, s, dir), "s"); !bytes.Equal(got, old) {
 		t.Fatalf("snapshot differs at %d after reopen", firstDiff(got, old))
 	}
 }

@@ -789,15 +789,8 @@ func TestRollbackKeepsLimitedTarget(t *testing.T) {
 	}
 	const cs = rbChunk
 	size := int64(2*cs + cs/2)
-	v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
-	if err != nil {
-		t.Fatal(err)
-	}
-	old := make([]byte, size)
-	rand.New(rand.NewSource(31)).Read(old)
-	if _, err := v.WriteAt(old, 0); err != nil {
-		t.Fatal(err)
-	}
+	v := mustVol(t, s, "v", size, cs)
+	old := fillRandom(t, v, 31)
 	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{Limit: cs}); err != nil {
 		t.Fatal(err)
 	}
@@ -810,10 +803,7 @@ func TestRollbackKeepsLimitedTarget(t *testing.T) {
 	if _, err := v.WriteAt(fill(cs/4, 9), 3*cs+cs/2); err != nil { // past s's size: no copy
 		t.Fatal(err)
 	}
-	invalid := func(s *Store) bool {
-		return slices.ContainsFunc(s.Snapshots(), func(i SnapshotInfo) bool { return i.ID == "s" && i.Invalid })
-	}
-	if invalid(s) {
+	if snapInfoOf(t, s, "s").Invalid {
 		t.Fatal("s is invalid before the rollback: the test did not set up what it meant to")
 	}
 	if _, err := s.Rollback("v", "s"); err != nil {
@@ -821,14 +811,10 @@ func TestRollbackKeepsLimitedTarget(t *testing.T) {
 	}
 	check := func(s *Store, when string) {
 		t.Helper()
-		if invalid(s) {
+		if snapInfoOf(t, s, "s").Invalid {
 			t.Fatalf("%s: the rollback's target was invalidated", when)
 		}
-		sn, err := s.Snapshot("s")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got := mustRead(t, sn, 0, int(size)); !bytes.Equal(got, old) {
+		if got := readSnap(t, s, "s"); !bytes.Equal(got, old) {
 			t.Fatalf("%s: snapshot differs at %d", when, firstDiff(got, old))
 		}
 		v, err := s.Volume("v")
@@ -847,13 +833,5 @@ func TestRollbackKeepsLimitedTarget(t *testing.T) {
 	if err := s.Checkpoint(); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Close(); err != nil {
-		t.Fatal(err)
-	}
-	s2, err := Open(dir)
-	if err != nil {
-		t.Fatalf("reopen: %v", err)
-	}
-	defer s2.Close()
-	check(s2, "after a checkpoint and reopen")
+	check(reopen(t, s, dir), "after a checkpoint and reopen")
 }
