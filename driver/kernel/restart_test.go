@@ -292,11 +292,31 @@ func testRestart(t *testing.T, sig syscall.Signal, first, again []string) {
 // and its loop device and serve the volume again, with its data.
 func TestLostConnection(t *testing.T) {
 	requireRoot(t)
-	ctx := context.Background()
 	runDir := t.TempDir()
 	backing := filepath.Join(t.TempDir(), "vol.img")
 	const size = 16 << 20
 	const id = "vol-lost"
+	_, want := serveWriteKill(t, runDir, backing, id, size, 3)
+	holders := holderPIDs(runDir)
+	if len(holders) != 1 {
+		t.Fatalf("holder processes: %v", holders)
+	}
+	syscall.Kill(holders[0], syscall.SIGKILL)
+	for len(holderPIDs(runDir)) > 0 {
+		time.Sleep(10 * time.Millisecond)
+	}
+	reattachCheck(t, runDir, backing, id, size, want, func(fe *Frontend) {
+		if ids := fe.Attached(); len(ids) != 1 || ids[0] != id {
+			t.Fatalf("Attached with a dead connection = %v, want [%s] (its loop device remains)", ids, id)
+		}
+	})
+}
+
+// serveWriteKill starts a child serving id from backing, writes 1 MiB of
+// random bytes (from seed) at 4 MiB through its device, and kills it with
+// SIGKILL, which leaves its holder. It returns the device and the bytes.
+func serveWriteKill(t *testing.T, runDir, backing, id string, size, seed int64) (string, []byte) {
+	t.Helper()
 	c := startChild(t, runDir, backing, id, size)
 	t.Cleanup(func() { c.cmd.Process.Kill() })
 	dev := c.expect(t, "DEVICE ")
@@ -305,22 +325,22 @@ func TestLostConnection(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := alignedBuf(1 << 20)
-	fillRandom(rand.New(rand.NewSource(3)), want)
+	fillRandom(rand.New(rand.NewSource(seed)), want)
 	if _, err := f.WriteAt(want, 4<<20); err != nil {
 		t.Fatal(err)
 	}
 	f.Close()
-	holders := holderPIDs(runDir)
-	if len(holders) != 1 {
-		t.Fatalf("holder processes: %v", holders)
-	}
 	c.cmd.Process.Kill()
 	<-c.done
-	syscall.Kill(holders[0], syscall.SIGKILL)
-	for len(holderPIDs(runDir)) > 0 {
-		time.Sleep(10 * time.Millisecond)
-	}
+	return dev, want
+}
 
+// reattachCheck attaches id from backing in a new Frontend on runDir (after
+// before, if not nil), checks that want reads back at 4 MiB through the
+// device, detaches, and checks that nothing is left.
+func reattachCheck(t *testing.T, runDir, backing, id string, size int64, want []byte, before func(*Frontend)) {
+	t.Helper()
+	ctx := context.Background()
 	fb, err := OpenFileBackend(backing, size)
 	if err != nil {
 		t.Fatal(err)
@@ -331,14 +351,14 @@ func TestLostConnection(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer fe.Close()
-	if ids := fe.Attached(); len(ids) != 1 || ids[0] != id {
-		t.Fatalf("Attached with a dead connection = %v, want [%s] (its loop device remains)", ids, id)
+	if before != nil {
+		before(fe)
 	}
-	dev2, err := fe.Attach(ctx, id, fb, false)
+	dev, err := fe.Attach(ctx, id, fb, false)
 	if err != nil {
 		t.Fatalf("Attach over a dead connection: %v", err)
 	}
-	f, err = os.OpenFile(dev2, os.O_RDONLY|unix.O_DIRECT, 0)
+	f, err := os.OpenFile(dev, os.O_RDONLY|unix.O_DIRECT, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -346,7 +366,7 @@ func TestLostConnection(t *testing.T) {
 	_, err = f.ReadAt(got, 4<<20)
 	f.Close()
 	if err != nil || string(got) != string(want) {
-		t.Fatalf("data after recovery differs (err %v)", err)
+		t.Fatalf("data through %s after recovery differs (err %v)", dev, err)
 	}
 	if err := fe.Detach(ctx, id); err != nil {
 		t.Fatal(err)
@@ -369,26 +389,11 @@ func TestDeadHeldConnection(t *testing.T) {
 
 func testDeadHeldConnection(t *testing.T, how string) {
 	requireRoot(t)
-	ctx := context.Background()
 	runDir := t.TempDir()
 	backing := filepath.Join(t.TempDir(), "vol.img")
 	const size = 16 << 20
 	const id = "vol-dead"
-	c := startChild(t, runDir, backing, id, size)
-	t.Cleanup(func() { c.cmd.Process.Kill() })
-	dev := c.expect(t, "DEVICE ")
-	f, err := os.OpenFile(dev, os.O_RDWR|unix.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := alignedBuf(1 << 20)
-	fillRandom(rand.New(rand.NewSource(5)), want)
-	if _, err := f.WriteAt(want, 4<<20); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-	c.cmd.Process.Kill()
-	<-c.done
+	dev, want := serveWriteKill(t, runDir, backing, id, size, 5)
 	if len(holderPIDs(runDir)) != 1 {
 		t.Fatalf("holder processes: %v", holderPIDs(runDir))
 	}
@@ -408,35 +413,7 @@ func testDeadHeldConnection(t *testing.T, how string) {
 			t.Fatalf("unmount %s: %v", mp, err)
 		}
 	}
-
-	fb, err := OpenFileBackend(backing, size)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fb.Close()
-	fe, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fe.Close()
-	dev2, err := fe.Attach(ctx, id, fb, false)
-	if err != nil {
-		t.Fatalf("Attach over a dead held connection: %v", err)
-	}
-	f, err = os.OpenFile(dev2, os.O_RDONLY|unix.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := alignedBuf(1 << 20)
-	_, err = f.ReadAt(got, 4<<20)
-	f.Close()
-	if err != nil || string(got) != string(want) {
-		t.Fatalf("data through %s after the dead connection (was %s) differs (err %v)", dev2, dev, err)
-	}
-	if err := fe.Detach(ctx, id); err != nil {
-		t.Fatal(err)
-	}
-	assertNothingLeft(t, fe.cfg.RunDir)
+	reattachCheck(t, runDir, backing, id, size, want, nil)
 }
 
 // fuseConnDir returns the fusectl directory of the FUSE connection mounted
