@@ -100,6 +100,10 @@ type Frontend interface {
 	// Resize makes the device follow a backend that grew to newSize bytes.
 	Resize(ctx context.Context, id string, newSize int64) error
 	Device(id string) (string, bool)
+	// ReadOnlyDevice returns a read-only device node of the attached id
+	// (attaching one if needed) for read-only raw block publishes: a
+	// read-only bind of a writable device node still lets writes through.
+	ReadOnlyDevice(ctx context.Context, id string) (string, error)
 	// Attached lists ids attached or held across a restart.
 	Attached() []string
 	// Close stops serving without detaching (for a graceful restart).

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -426,5 +427,60 @@ func TestFailedStageDetaches(t *testing.T) {
 	}
 	if _, ok := e.fe.Device(id); !ok {
 		t.Fatal("a failed stage detached a volume staged before it")
+	}
+}
+
+// TestReadOnlyBlockPublish: a read-only raw block publish binds the
+// volume's read-only device, not its writable one (a read-only bind of a
+// device node still takes writes); a writable publish binds the writable
+// one; publishing a target again in the other mode is AlreadyExists.
+func TestReadOnlyBlockPublish(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	id := e.createVolume(t, "ro-block", 1<<20).VolumeId
+	dir := t.TempDir()
+	staging := filepath.Join(dir, "staging")
+	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+		VolumeCapability: blockCap()}); err != nil {
+		t.Fatal(err)
+	}
+	dev, _ := e.fe.Device(id)
+	rodev, err := e.fe.ReadOnlyDevice(ctx, id)
+	if err != nil || rodev == dev {
+		t.Fatalf("fake ReadOnlyDevice = %q, %v", rodev, err)
+	}
+	publish := func(target string, ro bool) error {
+		_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			TargetPath: target, VolumeCapability: blockCap(), Readonly: ro})
+		return err
+	}
+	source := func(target string) (string, []string) {
+		for _, mp := range e.fm.MountPoints {
+			if mp.Path == target {
+				return mp.Device, mp.Opts
+			}
+		}
+		return "", nil
+	}
+	roTarget, rwTarget := filepath.Join(dir, "ro"), filepath.Join(dir, "rw")
+	for i := 0; i < 2; i++ { // the second round checks idempotency
+		if err := publish(roTarget, true); err != nil {
+			t.Fatalf("read-only publish (round %d): %v", i, err)
+		}
+		if err := publish(rwTarget, false); err != nil {
+			t.Fatalf("writable publish (round %d): %v", i, err)
+		}
+	}
+	if src, opts := source(roTarget); src != rodev || !slices.Contains(opts, "ro") {
+		t.Fatalf("read-only publish bound %q %v, want %q with ro", src, opts, rodev)
+	}
+	if src, _ := source(rwTarget); src != dev {
+		t.Fatalf("writable publish bound %q, want %q", src, dev)
+	}
+	if err := publish(roTarget, false); status.Code(err) != codes.AlreadyExists {
+		t.Fatalf("writable publish at the read-only target: %v, want AlreadyExists", err)
+	}
+	if err := publish(rwTarget, true); status.Code(err) != codes.AlreadyExists {
+		t.Fatalf("read-only publish at the writable target: %v, want AlreadyExists", err)
 	}
 }

@@ -22,19 +22,20 @@ type env struct {
 	d     *driver.Driver
 	store *drivertest.Store
 	fe    *drivertest.Frontend
+	fm    *mount.FakeMounter
 }
 
 func newEnv(t *testing.T) env {
 	t.Helper()
-	st, fe := drivertest.NewStore(), drivertest.NewFrontend()
+	st, fe, fm := drivertest.NewStore(), drivertest.NewFrontend(), mount.NewFakeMounter(nil)
 	d, err := driver.New(driver.Options{
 		Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
-		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{}},
+		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{}},
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return env{d, st, fe}
+	return env{d, st, fe, fm}
 }
 
 // localVolID returns a well-formed volume ID carrying this test node's tag

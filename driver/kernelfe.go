@@ -60,6 +60,12 @@ func (k *KernelFrontend) Resize(ctx context.Context, id string, newSize int64) e
 // Device implements Frontend.
 func (k *KernelFrontend) Device(id string) (string, bool) { return k.f.Device(id) }
 
+// ReadOnlyDevice implements Frontend.
+func (k *KernelFrontend) ReadOnlyDevice(ctx context.Context, id string) (string, error) {
+	dev, err := k.f.ReadOnlyDevice(ctx, id)
+	return dev, fromKernel(err)
+}
+
 // Attached implements Frontend.
 func (k *KernelFrontend) Attached() []string { return k.f.Attached() }
 

@@ -295,6 +295,16 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	}
 	block := req.GetVolumeCapability().GetBlock() != nil
 	source := dev
+	if block && req.GetReadonly() {
+		// A read-only bind of dev's node would still take writes (the
+		// kernel ignores a mount's read-only flag for device nodes): bind a
+		// read-only device of the volume instead.
+		rodev, err := d.opt.Frontend.ReadOnlyDevice(ctx, id)
+		if err != nil {
+			return nil, toStatus(fmt.Errorf("read-only device of %s: %w", id, err))
+		}
+		dev, source = rodev, rodev
+	}
 	if !block {
 		sdev, err := d.mountedDevice(staging)
 		if err != nil {

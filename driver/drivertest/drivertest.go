@@ -424,6 +424,18 @@ func (f *Frontend) Device(id string) (string, bool) {
 	return d, ok
 }
 
+// ReadOnlyDevice implements driver.Frontend: the attached device's name
+// with "-ro" appended (a fake, like the others).
+func (f *Frontend) ReadOnlyDevice(ctx context.Context, id string) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	d, ok := f.devs[id]
+	if !ok {
+		return "", fmt.Errorf("%s: %w", id, driver.ErrNotFound)
+	}
+	return d + "-ro", nil
+}
+
 // Attached implements driver.Frontend.
 func (f *Frontend) Attached() []string {
 	f.mu.Lock()

@@ -22,6 +22,12 @@
 // direct I/O requests are background requests (the default 12 would cap a
 // qd16 workload).
 //
+// A writable volume published read-only as a raw block device gets a second
+// loop device on the same file, read-only (ReadOnlyDevice): the kernel
+// honours a bind mount's read-only flag for files, not for device nodes, so
+// a read-only bind of the writable device would still take writes. The main
+// device of a volume is its writable one (findLoop); Detach detaches both.
+//
 // # Why our own FUSE server
 //
 // go-fuse v2.12 cannot resume a connection: it always waits for INIT and

@@ -248,10 +248,8 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 		// is dead, fails every request; its loop device can only be
 		// detached.
 		klog.InfoS("cleaning up a dead FUSE mount", "volumeID", id, "mountpoint", mp)
-		if dev, ok := findLoop(mp); ok {
-			if err := detachLoop(ctx, dev); err != nil {
-				return "", fmt.Errorf("stale loop device of %s: %w", id, err)
-			}
+		if err := detachLoops(ctx, mp); err != nil {
+			return "", fmt.Errorf("stale loop device of %s: %w", id, err)
 		}
 		if isMounted(mp) {
 			if err := unmountFuse(mp); err != nil {
@@ -452,16 +450,8 @@ func (f *Frontend) Detach(ctx context.Context, id string) error {
 	defer unlock()
 	v := f.get(id)
 	mp := f.mountpoint(id)
-	dev := ""
-	if v != nil && ownsLoop(v.dev, mp) {
-		dev = v.dev
-	} else if d, ok := findLoop(mp); ok {
-		dev = d
-	}
-	if dev != "" {
-		if err := detachLoop(ctx, dev); err != nil {
-			return err
-		}
+	if err := detachLoops(ctx, mp); err != nil {
+		return err
 	}
 	if err := unmountFuse(mp); err != nil {
 		return err
@@ -477,6 +467,65 @@ func (f *Frontend) Detach(ctx context.Context, id string) error {
 		return fmt.Errorf("remove mount point: %w", err)
 	}
 	return nil
+}
+
+// detachLoops detaches every loop device on the mount point mp: a
+// read-only one that ReadOnlyDevice added first, so that while it is still
+// bound somewhere (ErrBusy) the main device stays attached.
+func detachLoops(ctx context.Context, mp string) error {
+	devs := loopsOf(mp)
+	sort.SliceStable(devs, func(i, j int) bool { return devs[i].ro && !devs[j].ro })
+	for _, d := range devs {
+		if err := detachLoop(ctx, d.dev); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ReadOnlyDevice returns a read-only loop device on the file of the
+// attached id, attaching one the first time: the device node that a
+// read-only raw block publish binds. A read-only bind mount of the main
+// (writable) device's node would not do: the kernel honours a mount's
+// read-only flag for regular files, directories and links, not for device
+// nodes, so writes through such a bind reach the volume. For an id
+// attached read-only it returns the main device. ErrNotFound if id is not
+// attached here.
+//
+// The two devices share the FUSE file, and both do direct I/O on it, so
+// every read of either reaches the backend; what each device's own page
+// cache holds for buffered readers of its node is not invalidated by writes
+// through the other (as with any two paths to one disk).
+//
+// Detach detaches it with the main device; after a restart it is found
+// again in sysfs (backing file and /sys/block/loopN/ro).
+func (f *Frontend) ReadOnlyDevice(ctx context.Context, id string) (string, error) {
+	if err := validateID(id); err != nil {
+		return "", err
+	}
+	unlock, err := f.lock(id)
+	if err != nil {
+		return "", err
+	}
+	defer unlock()
+	v := f.get(id)
+	if v == nil || !ownsLoop(v.dev, v.mp) {
+		return "", fmt.Errorf("%w: %s is not attached", ErrNotFound, id)
+	}
+	if v.readOnly {
+		return v.dev, nil
+	}
+	if dev, ok := findROLoop(v.mp, v.dev); ok {
+		return dev, nil
+	}
+	// It takes the size the kernel has for the file, as the main device
+	// did; a Resize after a grow sets both.
+	dev, err := attachLoop(ctx, v.mp, true)
+	if err != nil {
+		return "", err
+	}
+	klog.V(4).InfoS("attached read-only device", "volumeID", id, "device", dev)
+	return dev, nil
 }
 
 // Resize makes the device of id follow its backend after the backend grew
@@ -514,11 +563,17 @@ func (f *Frontend) Resize(ctx context.Context, id string, newSize int64) error {
 	if !ownsLoop(v.dev, v.mp) {
 		return fmt.Errorf("%w: %s is no longer attached to %s (detached from outside)", ErrNotFound, v.dev, id)
 	}
-	if err := setLoopCapacity(v.dev); err != nil {
-		return err
+	devs := []string{v.dev}
+	if ro, ok := findROLoop(v.mp, v.dev); ok {
+		devs = append(devs, ro)
 	}
-	if got, err := loopSize(v.dev); err != nil || got != newSize {
-		return fmt.Errorf("%s has %d bytes after LOOP_SET_CAPACITY, want %d (%v)", v.dev, got, newSize, err)
+	for _, dev := range devs {
+		if err := setLoopCapacity(dev); err != nil {
+			return err
+		}
+		if got, err := loopSize(dev); err != nil || got != newSize {
+			return fmt.Errorf("%s has %d bytes after LOOP_SET_CAPACITY, want %d (%v)", dev, got, newSize, err)
+		}
 	}
 	return nil
 }

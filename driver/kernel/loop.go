@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -145,14 +146,62 @@ func loopBackingFiles() map[string]string {
 	return m
 }
 
-// findLoop returns the loop device whose backing file is path.
+// findLoop returns the main loop device whose backing file is path: the
+// one a volume is staged on. A writable volume published read-only as a raw
+// block device also has a read-only device on the same file (see
+// Frontend.ReadOnlyDevice); the main one is then the writable one.
 func findLoop(path string) (string, bool) {
-	for dev, bf := range loopBackingFiles() {
-		if bf == path {
-			return dev, true
+	devs := loopsOf(path)
+	for _, d := range devs {
+		if !d.ro {
+			return d.dev, true
+		}
+	}
+	if len(devs) > 0 {
+		return devs[0].dev, true
+	}
+	return "", false
+}
+
+// findROLoop returns a read-only loop device on path other than main.
+func findROLoop(path, main string) (string, bool) {
+	for _, d := range loopsOf(path) {
+		if d.ro && d.dev != main {
+			return d.dev, true
 		}
 	}
 	return "", false
+}
+
+type loopDev struct {
+	dev string
+	ro  bool
+}
+
+// loopsOf returns the loop devices whose backing file is path, in device
+// order, with their read-only flag (/sys/block/loopN/ro).
+func loopsOf(path string) []loopDev {
+	var out []loopDev
+	for dev, bf := range loopBackingFiles() {
+		if bf != path {
+			continue
+		}
+		n, err := loopNumber(dev)
+		if err != nil {
+			continue
+		}
+		ro, err := readSysfs(n, "ro")
+		if err != nil {
+			continue // detached meanwhile
+		}
+		out = append(out, loopDev{dev: dev, ro: ro == "1"})
+	}
+	sort.Slice(out, func(i, j int) bool {
+		a, _ := loopNumber(out[i].dev)
+		b, _ := loopNumber(out[j].dev)
+		return a < b
+	})
+	return out
 }
 
 // detachLoop clears dev. A device still claimed exclusively (a mounted

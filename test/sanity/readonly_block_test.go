@@ -1,0 +1,109 @@
+package sanity
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+	"unsafe"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+)
+
+func blockCap() *csi.VolumeCapability {
+	return &csi.VolumeCapability{
+		AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+	}
+}
+
+// alignedBlock returns n zero bytes aligned for O_DIRECT.
+func alignedBlock(n int) []byte {
+	b := make([]byte, n+4096)
+	off := int(-uintptr(unsafe.Pointer(&b[0])) & 4095)
+	return b[off : off+n]
+}
+
+// TestReadOnlyBlockPublish drives the real binary: a raw block volume
+// published twice on one node, writable and read-only. The read-only
+// target refuses writes (a read-only bind of the writable device node would
+// take them), reads what the writable target wrote, and unpublish and
+// unstage leave no device behind.
+func TestReadOnlyBlockPublish(t *testing.T) {
+	requireCapabilities(t)
+	bin := buildPlugin(t)
+	dir := t.TempDir()
+	sock, data := filepath.Join(dir, "csi.sock"), filepath.Join(dir, "data")
+	staging, rw, ro := filepath.Join(dir, "staging"), filepath.Join(dir, "rw"), filepath.Join(dir, "ro")
+	ctx := context.Background()
+	t.Cleanup(func() {
+		if forceCleanup(t, dir) {
+			t.Errorf("mounts, loop devices or holders were left under %s", dir)
+		}
+	})
+	p := startPlugin(t, bin, sock, data)
+	t.Cleanup(func() { p.stop(t, os.Interrupt) })
+	ctrl, node := csi.NewControllerClient(connect(t, sock)), csi.NewNodeClient(connect(t, sock))
+	cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "ro-block", CapacityRange: &csi.CapacityRange{RequiredBytes: 16 << 20},
+		VolumeCapabilities: []*csi.VolumeCapability{blockCap()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := cv.Volume.VolumeId
+	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: blockCap()}); err != nil {
+		t.Fatal(err)
+	}
+	for _, pub := range []struct {
+		target string
+		ro     bool
+	}{{rw, false}, {ro, true}} {
+		if _, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			TargetPath: pub.target, VolumeCapability: blockCap(), Readonly: pub.ro}); err != nil {
+			t.Fatalf("publish at %s (readonly %v): %v", pub.target, pub.ro, err)
+		}
+	}
+
+	want := alignedBlock(64 << 10)
+	copy(want, bytes.Repeat([]byte("written through the writable target "), 2000))
+	f, err := os.OpenFile(rw, os.O_RDWR|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(want, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if f, err := os.OpenFile(ro, os.O_RDWR|unix.O_DIRECT, 0); err == nil {
+		_, werr := f.WriteAt(alignedBlock(4096), 1<<20)
+		f.Close()
+		if werr == nil {
+			t.Fatal("a write through the read-only target succeeded")
+		}
+	} else {
+		t.Logf("read-only target refuses to open for writing: %v", err)
+	}
+	f, err = os.OpenFile(ro, os.O_RDONLY|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := alignedBlock(len(want))
+	_, err = f.ReadAt(got, 1<<20)
+	f.Close()
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("the read-only target reads %q... (%v), want what the writable one wrote", head(got), err)
+	}
+
+	for _, target := range []string{ro, rw} {
+		if _, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+			t.Fatalf("unpublish %s: %v", target, err)
+		}
+	}
+	if _, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		t.Fatalf("unstage: %v", err)
+	}
+	if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+		t.Fatalf("delete: %v", err)
+	}
+}
