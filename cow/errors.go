@@ -34,6 +34,9 @@ var (
 	ErrNoSpace = errors.New("cow: no space")
 	// ErrBadArgument: a size, chunk size, label set or option is out of bounds.
 	ErrBadArgument = errors.New("cow: bad argument")
+	// ErrInUse: another open Store (in this or another process) holds the
+	// directory's lock; see Open.
+	ErrInUse = errors.New("cow: store directory in use")
 )
 
 var idRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)

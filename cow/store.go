@@ -7,12 +7,14 @@ import (
 	"fmt"
 	"math/bits"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 
 	"github.com/csi-snap/csi-snap/exceptions"
+	"golang.org/x/sys/unix"
 )
 
 // Store is a directory of volumes and snapshots with one metadata log.
@@ -33,6 +35,7 @@ type Store struct {
 	dirty    map[*Snapshot]struct{} // replay: snapshots with pending inserts
 	cowMu    sync.Mutex             // guards opening COW files lazily
 	isClosed atomic.Bool            // for the I/O paths, which do not take mu
+	lock     *os.File               // holds the flock on dir/lock (Open); nil under a test fsys
 	grp      groupState             // snapshot groups (group.go); guarded by mu
 
 	copyOuts    atomic.Uint64 // chunks recorded by copy-before-write since Open
@@ -44,11 +47,50 @@ type Store struct {
 // and rebuilds every volume, snapshot and index from the log. A torn tail
 // (what a crash during an append leaves) is dropped; any other bad byte is
 // an error wrapping ErrCorrupt.
+//
+// One Store at a time may have dir open: Open takes an exclusive flock on
+// dir/lock, held until Close, and fails with ErrInUse while another Store
+// (in any process) holds it. Without it, a second process opening a live
+// store (a second csi-snap started by mistake on the same data dir) would
+// drop the first one's log.tmp, truncate a batch it is appending as a torn
+// tail, delete data files it has just created, and on Close rename a
+// checkpoint over the log the first one keeps appending to: everything the
+// first recorded after that would be lost at its next restart. The kernel
+// drops the lock with the process, so a crash never leaves it behind.
 func Open(dir string) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	return openFS(dir, osFS{dir})
+	lock, err := lockDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	s, err := openFS(dir, osFS{dir})
+	if err != nil {
+		lock.Close()
+		return nil, err
+	}
+	s.lock = lock
+	return s, nil
+}
+
+// lockName is the file Open flocks; it holds no data.
+const lockName = "lock"
+
+// lockDir takes the exclusive, non-blocking flock on dir/lock.
+func lockDir(dir string) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(dir, lockName), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("%w: %s is open in another Store (is another csi-snap running on it?)", ErrInUse, dir)
+		}
+		return nil, fmt.Errorf("lock %s: %w", dir, err)
+	}
+	return f, nil
 }
 
 func openFS(dir string, fs fsys) (*Store, error) {
@@ -988,6 +1030,10 @@ func (s *Store) closeFiles() {
 	}
 	if s.log != nil {
 		s.log.f.Close()
+	}
+	if s.lock != nil {
+		s.lock.Close() // releases the flock, after every other file
+		s.lock = nil
 	}
 }
 

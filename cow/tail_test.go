@@ -43,6 +43,7 @@ func TestTailCopyNotDurable(t *testing.T) {
 	}
 	// Simulate the crash: no Close (no checkpoint); the copy never reached
 	// the COW file, and neither did the origin write it guarded.
+	s.closeFiles()
 	cow := filepath.Join(dir, v.cowName)
 	cf, err := os.OpenFile(cow, os.O_RDWR, 0)
 	if err != nil {

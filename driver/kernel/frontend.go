@@ -83,6 +83,7 @@ type Frontend struct {
 	locks   map[string]*sync.Mutex
 	closed  bool
 	holderM sync.Mutex // serializes holder starts
+	runLock *os.File   // holds the flock on RunDir/frontend.lock until Close
 }
 
 type volume struct {
@@ -145,8 +146,24 @@ func New(cfg Config) (*Frontend, error) {
 	if cfg.Readers <= 0 {
 		cfg.Readers = 4
 	}
+	// One Frontend per run dir: a second one (a second csi-snap on the same
+	// run dir) would take the holder's connections of volumes it does not
+	// serve, read requests off them and leave those unanswered, and a
+	// Detach or restart cleanup of its own could act on the first one's
+	// mounts. The flock goes with the process, or with Close.
+	lock, err := os.OpenFile(filepath.Join(dir, "frontend.lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("run dir lock: %w", err)
+	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lock.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("%w: run dir %s is in use by another Frontend (is another csi-snap running on it?)", ErrBusy, dir)
+		}
+		return nil, fmt.Errorf("run dir lock: %w", err)
+	}
 	return &Frontend{cfg: cfg, sock: filepath.Join(dir, "holder.sock"), volDir: filepath.Join(dir, "vol"),
-		vols: map[string]*volume{}, locks: map[string]*sync.Mutex{}}, nil
+		vols: map[string]*volume{}, locks: map[string]*sync.Mutex{}, runLock: lock}, nil
 }
 
 func (f *Frontend) mountpoint(id string) string { return filepath.Join(f.volDir, id) }
@@ -528,6 +545,16 @@ func (f *Frontend) ReadOnlyDevice(ctx context.Context, id string) (string, error
 	return dev, nil
 }
 
+// FindReadOnlyDevice returns the read-only device ReadOnlyDevice attached
+// for id, if there is one, without attaching any.
+func (f *Frontend) FindReadOnlyDevice(id string) (string, bool) {
+	main, ok := f.Device(id)
+	if !ok {
+		return "", false
+	}
+	return findROLoop(f.mountpoint(id), main)
+}
+
 // Resize makes the device of id follow its backend after the backend grew
 // to newSize bytes (LOOP_SET_CAPACITY while in use). ErrNotFound if id is
 // not attached by this Frontend; ErrInvalid if the backend's Size is not
@@ -648,6 +675,7 @@ func (f *Frontend) Close() error {
 	for _, v := range vols {
 		v.shutdown()
 	}
+	f.runLock.Close()
 	return nil
 }
 

@@ -260,3 +260,26 @@ func TestHolderProtocol(t *testing.T) {
 		t.Fatalf("pipe still has a writer after drop: n=%d err=%v", n, err)
 	}
 }
+
+// TestRunDirLock: a second Frontend on a run dir in use is refused with
+// ErrBusy (it would take the first one's held connections); after Close
+// the run dir can be used again.
+func TestRunDirLock(t *testing.T) {
+	dir := t.TempDir()
+	a, err := New(Config{RunDir: dir, HolderCommand: testHolderCommand()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, err := New(Config{RunDir: dir, HolderCommand: testHolderCommand()}); !errors.Is(err, ErrBusy) {
+		if err == nil {
+			b.Close()
+		}
+		t.Fatalf("second New on a run dir in use: %v, want ErrBusy", err)
+	}
+	a.Close()
+	b, err := New(Config{RunDir: dir, HolderCommand: testHolderCommand()})
+	if err != nil {
+		t.Fatalf("New after Close: %v", err)
+	}
+	b.Close()
+}
