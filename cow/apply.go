@@ -88,13 +88,10 @@ func (s *Store) apply(r *record) error {
 		if sn.invalid || sn.clones > 0 || target {
 			return corruptf("invalidate of snapshot %d (invalid %v, %d clones, rollback target %v)", r.Obj, sn.invalid, sn.clones, target)
 		}
-		freed, err := v.unchain(sn)
+		freed, err := v.unchain(sn, func() { sn.invalid = true })
 		if err != nil {
 			return err
 		}
-		v.mu.Lock()
-		sn.invalid = true
-		v.mu.Unlock()
 		return s.release(v, freed)
 	case recExc:
 		sn, err := s.snap(r.Obj)
@@ -319,14 +316,13 @@ func (s *Store) reapSnapshot(sn *Snapshot) error {
 	if keep {
 		return nil
 	}
-	freed, err := v.unchain(sn)
+	freed, err := v.unchain(sn, func() {
+		sn.gone = true
+		v.snaps = slices.DeleteFunc(v.snaps, func(x *Snapshot) bool { return x == sn })
+	})
 	if err != nil {
 		return err
 	}
-	v.mu.Lock()
-	sn.gone = true
-	v.snaps = slices.DeleteFunc(v.snaps, func(x *Snapshot) bool { return x == sn })
-	v.mu.Unlock()
 	delete(s.objs, sn.obj)
 	delete(s.byID, sn.id)
 	if err := s.release(v, freed); err != nil {
@@ -408,9 +404,17 @@ func gaps(x *exceptions.Index, c exceptions.Chunk, n uint64, fn func(exceptions.
 // next older snapshot lacks move to it, since that snapshot's reads used to
 // find them in sn; the others are returned as freed. Cost: O(runs of sn
 // and of the overlapping part of the older snapshot).
-func (v *Volume) unchain(sn *Snapshot) ([]span, error) {
+//
+// mark runs under v.mu in the same critical section that takes sn out of
+// the chain (it sets sn.invalid or sn.gone): a reader of sn that found it
+// in neither the chain nor those flags would take every chunk for one
+// unchanged since sn and return the volume's current bytes with no error.
+func (v *Volume) unchain(sn *Snapshot, mark func()) ([]span, error) {
 	i := slices.Index(v.chain, sn)
 	if i < 0 {
+		v.mu.Lock()
+		mark()
+		v.mu.Unlock()
 		return nil, nil
 	}
 	if err := v.s.flushPending(sn); err != nil {
@@ -473,6 +477,7 @@ func (v *Volume) unchain(sn *Snapshot) ([]span, error) {
 	sn.held = 0
 	sn.reserved.Store(0)
 	v.chain = slices.Delete(v.chain, i, i+1)
+	mark()
 	return freed, nil
 }
 

@@ -580,6 +580,11 @@ func TestApplyFailureStopsLaterBatches(t *testing.T) {
 	if want := old["w"][5*cs : 6*cs]; !bytes.Equal(got, want) {
 		t.Fatalf("batch N+1 was applied after batch N's apply failed: w's data file chunk 5 differs from the old chunk at %d", firstDiff(got, want))
 	}
+	// Reads are still served: v's snapshot must read its image, not the
+	// data file's chunk 1 that the failed apply half overwrote.
+	if got := readSnap(t, s, "v-snap"); !bytes.Equal(got, old["v"]) {
+		t.Fatalf("after the failed apply, the snapshot of v differs at %d", firstDiff(got, old["v"]))
+	}
 	s.Close() // fails: the store's error is sticky
 	s2, err := Open(dir)
 	if err != nil {

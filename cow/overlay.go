@@ -83,6 +83,12 @@ type ovEntry struct {
 	// old for a plain volume or a chunk a clone holds; a clone's chunk that
 	// reads through to its source keeps old.
 	fromData bool
+	// applying: the apply has begun to write the data file's chunk, so a
+	// fromData copy is no longer there if that write failed part-way; the
+	// COW chunk holds it (durable since the batch's sync, which precedes
+	// the apply), and snapshot reads go there. Set under the exclusive
+	// stripe.
+	applying bool
 	cf       file
 	cowAt    int64
 	// [lo, hi) is the part of data changed since the entry was made
@@ -312,7 +318,7 @@ func (v *Volume) readPending(c, o int64, p []byte) (bool, error) {
 	case e.old != nil:
 		copy(p, e.old[o:])
 		return true, nil
-	case e.fromData:
+	case e.fromData && !e.applying:
 		return true, readFull(v.data, p, c<<v.shift+o)
 	}
 	return false, nil
@@ -330,6 +336,7 @@ func (e *ovEntry) apply() error {
 		// A clone's data file lacks this chunk: all of it goes there.
 		lo, hi = 0, v.chunkSize
 	}
+	e.applying = true
 	var err error
 	switch {
 	case lo >= hi: // nothing changed (a write of the bytes already there)

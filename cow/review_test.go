@@ -311,3 +311,129 @@ func TestCreateSnapshotReleasesStoreLock(t *testing.T) {
 		t.Fatalf("snapshot reads %d, want 1", got[0])
 	}
 }
+
+// TestLateInvalidateSkips: a write that found the newest snapshot over its
+// limit drops the gate before it invalidates it. If meanwhile a rollback to
+// that snapshot began, or a newer snapshot was taken, the invalidate must
+// not happen: committing it for a rollback's target made the store
+// unopenable (replay rejects the record as corrupt), and the older
+// snapshot no longer needs the space the write wanted.
+func TestLateInvalidateSkips(t *testing.T) {
+	const cs = rbChunk
+	for _, meanwhile := range []string{"rollback began", "newer snapshot"} {
+		t.Run(meanwhile, func(t *testing.T) {
+			dir := t.TempDir()
+			s, err := Open(dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			v := mustVol(t, s, "v", 4*cs, cs)
+			old := fillRandom(t, v, 5)
+			if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{Limit: cs}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := v.WriteAt(fill(cs, 7), 0); err != nil { // s is at its limit
+				t.Fatal(err)
+			}
+			sn, err := s.Snapshot("s")
+			if err != nil {
+				t.Fatal(err)
+			}
+			switch meanwhile {
+			case "rollback began":
+				if _, _, _, err := s.rollbackBegin("v", "s"); err != nil {
+					t.Fatal(err)
+				}
+			case "newer snapshot":
+				if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := s.invalidate(sn); err != nil { // the write's late call
+				t.Fatalf("invalidate: %v", err)
+			}
+			if snapInfoOf(t, s, "s").Invalid {
+				t.Fatal("s was invalidated")
+			}
+			if err := s.Checkpoint(); err != nil {
+				t.Fatal(err)
+			}
+			s.closeFiles() // a crash: replay the log as written
+			s, err = Open(dir)
+			if err != nil {
+				t.Fatalf("Open: %v", err)
+			}
+			defer s.Close()
+			if got := readSnap(t, s, "s"); !bytes.Equal(got, old) {
+				t.Fatalf("s differs from its image at %d", firstDiff(got, old))
+			}
+		})
+	}
+}
+
+// TestReadRacingInvalidate: a snapshot read that waits for the volume lock
+// while the snapshot is being invalidated must see either the snapshot's
+// bytes (it read first) or ErrInvalidated, never the volume's current bytes
+// with no error. The snapshot used to leave the chain (its copies dropped)
+// in one critical section and be marked invalid in the next, and a reader
+// waiting on the lock got in between: a chunk the snapshot had copied out
+// then read as the volume's new data.
+func TestReadRacingInvalidate(t *testing.T) {
+	const cs = rbChunk
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	v := mustVol(t, s, "v", 4*cs, cs)
+	old := fillRandom(t, v, 9)
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{Limit: cs}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(cs, 7), 0); err != nil { // chunk 0 copied out to s
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	sn, err := s.Snapshot("s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Stage the interleaving: the reader past its deleted check, held at
+	// chunk 0's stripe; the invalidation held at the volume lock; then the
+	// reader released to queue behind it on that lock.
+	v.mu.RLock()
+	unstripe := v.lockStripes(0, 1, true)
+	type result struct {
+		b   []byte
+		err error
+	}
+	read := make(chan result, 1)
+	go func() {
+		b := make([]byte, cs)
+		_, err := sn.ReadAt(b, 0)
+		read <- result{b, err}
+	}()
+	time.Sleep(100 * time.Millisecond) // the reader waits for the stripe
+	invalidated := make(chan error, 1)
+	go func() { invalidated <- s.invalidate(sn) }() // as a write over the limit does
+	time.Sleep(100 * time.Millisecond)              // it waits for v.mu to unchain s
+	unstripe()
+	time.Sleep(100 * time.Millisecond) // the reader waits for v.mu behind it
+	v.mu.RUnlock()
+	if err := <-invalidated; err != nil {
+		t.Fatal(err)
+	}
+	r := <-read
+	switch {
+	case errors.Is(r.err, ErrInvalidated):
+	case r.err != nil:
+		t.Fatalf("read: %v", r.err)
+	case !bytes.Equal(r.b, old[:cs]):
+		t.Fatalf("a read of the snapshot returned other bytes than its image, with no error (first byte %#x; the volume's is %#x)", r.b[0], fill(1, 7)[0])
+	}
+	if !snapInfoOf(t, s, "s").Invalid {
+		t.Fatal("s was not invalidated: the test did not set up what it meant to")
+	}
+}

@@ -991,8 +991,13 @@ func (v *Volume) Resize(newSize int64) error {
 	return s.commitApply(&record{Type: recResize, Obj: v.obj, Size: newSize})
 }
 
-// invalidate marks sn invalid (it went over its limit) unless that already
-// happened or it gained clones meanwhile.
+// invalidate marks sn invalid (it went over its limit) unless, since the
+// write that asked dropped the gate, that already happened, sn gained
+// clones, became a rollback's target (exempt from its limit; replay
+// rejects such a record as corrupt, so committing it would make the store
+// unopenable), or stopped being the newest snapshot (a copy-out now goes to
+// the new one, so sn no longer needs the space and must not be lost for
+// nothing). The write retries and asks again if it still has to.
 func (s *Store) invalidate(sn *Snapshot) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -1003,7 +1008,8 @@ func (s *Store) invalidate(sn *Snapshot) error {
 	v.gate.Lock()
 	defer v.gate.Unlock()
 	v.mu.RLock()
-	skip := sn.invalid || sn.gone || sn.clones > 0
+	skip := sn.invalid || sn.gone || sn.clones > 0 || v.rb == sn ||
+		len(v.chain) == 0 || v.chain[len(v.chain)-1] != sn
 	v.mu.RUnlock()
 	if skip {
 		return nil
