@@ -104,6 +104,9 @@ type Frontend interface {
 	// (attaching one if needed) for read-only raw block publishes: a
 	// read-only bind of a writable device node still lets writes through.
 	ReadOnlyDevice(ctx context.Context, id string) (string, error)
+	// FindReadOnlyDevice returns that device if ReadOnlyDevice made one,
+	// attaching nothing.
+	FindReadOnlyDevice(id string) (string, bool)
 	// Attached lists ids attached or held across a restart.
 	Attached() []string
 	// Close stops serving without detaching (for a graceful restart).

@@ -477,10 +477,62 @@ func TestReadOnlyBlockPublish(t *testing.T) {
 	if src, _ := source(rwTarget); src != dev {
 		t.Fatalf("writable publish bound %q, want %q", src, dev)
 	}
+	// Stats and health recognise the read-only publish as the volume's.
+	if _, err := e.d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: roTarget}); err != nil {
+		t.Fatalf("NodeGetVolumeStats of the read-only target: %v", err)
+	}
+	h, err := e.d.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: id, VolumePublishPath: roTarget})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, st := range h.GetVolumeHealth().GetHealthStatuses() {
+		if st.GetReason() == "NotMounted" {
+			t.Fatalf("health of the read-only target: %v", st)
+		}
+	}
 	if err := publish(roTarget, false); status.Code(err) != codes.AlreadyExists {
 		t.Fatalf("writable publish at the read-only target: %v, want AlreadyExists", err)
 	}
 	if err := publish(rwTarget, true); status.Code(err) != codes.AlreadyExists {
 		t.Fatalf("read-only publish at the writable target: %v, want AlreadyExists", err)
+	}
+}
+
+// TestMountPublishModeChange: publishing a mount volume again at the same
+// target with the other readonly value is AlreadyExists (the target would
+// otherwise stay in its first mode while the caller was told OK).
+func TestMountPublishModeChange(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	id := e.createVolume(t, "mode-change", 1<<20).VolumeId
+	dir := t.TempDir()
+	staging := filepath.Join(dir, "staging")
+	b, err := e.store.VolumeBackend(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev, err := e.fe.Attach(ctx, id, b, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.fm.MountPoints = append(e.fm.MountPoints, mount.MountPoint{Device: dev, Path: staging, Type: "ext4"})
+	for _, c := range []struct {
+		target string
+		first  bool
+	}{{filepath.Join(dir, "rw"), false}, {filepath.Join(dir, "ro"), true}} {
+		publish := func(ro bool) error {
+			_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+				TargetPath: c.target, VolumeCapability: mountCap(), Readonly: ro})
+			return err
+		}
+		if err := publish(c.first); err != nil {
+			t.Fatal(err)
+		}
+		if err := publish(c.first); err != nil {
+			t.Fatalf("the same publish again: %v", err)
+		}
+		if err := publish(!c.first); status.Code(err) != codes.AlreadyExists {
+			t.Fatalf("publish at a target published with readonly=%v, now %v: %v, want AlreadyExists", c.first, !c.first, err)
+		}
 	}
 }

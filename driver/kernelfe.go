@@ -66,6 +66,11 @@ func (k *KernelFrontend) ReadOnlyDevice(ctx context.Context, id string) (string,
 	return dev, fromKernel(err)
 }
 
+// FindReadOnlyDevice implements Frontend.
+func (k *KernelFrontend) FindReadOnlyDevice(id string) (string, bool) {
+	return k.f.FindReadOnlyDevice(id)
+}
+
 // Attached implements Frontend.
 func (k *KernelFrontend) Attached() []string { return k.f.Attached() }
 

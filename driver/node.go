@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -75,21 +76,27 @@ func (d *Driver) mountpointOf(dev string) (string, error) {
 // mountedDevice returns the source device of the mount at path ("" when path
 // is not a mount point).
 func (d *Driver) mountedDevice(path string) (string, error) {
+	mp, err := d.topMount(path)
+	return mp.Device, err
+}
+
+// topMount returns the mount on top at path (zero if none).
+func (d *Driver) topMount(path string) (mount.MountPoint, error) {
 	mps, err := d.opt.Mounter.List()
 	if err != nil {
-		return "", fmt.Errorf("list mounts: %w", err)
+		return mount.MountPoint{}, fmt.Errorf("list mounts: %w", err)
 	}
 	abs, err := filepath.Abs(path)
 	if err != nil {
-		return "", err
+		return mount.MountPoint{}, err
 	}
-	dev := ""
+	var top mount.MountPoint
 	for _, mp := range mps {
 		if mp.Path == abs {
-			dev = mp.Device // the last one listed is on top
+			top = mp // the last one listed is on top
 		}
 	}
-	return dev, nil
+	return top, nil
 }
 
 // holdsDevice reports whether path holds device dev: a mount of dev (mount
@@ -112,6 +119,20 @@ func (d *Driver) holdsDevice(path, dev string) (bool, error) {
 		return false, nil
 	}
 	return pst.Mode&unix.S_IFMT == unix.S_IFBLK && pst.Rdev == dst.Rdev, nil
+}
+
+// holdsVolume is holdsDevice for the volume id whose main device is dev:
+// a read-only raw block publish holds the volume's read-only device
+// instead (NodePublishVolume).
+func (d *Driver) holdsVolume(path, id, dev string) (bool, error) {
+	held, err := d.holdsDevice(path, dev)
+	if held || err != nil {
+		return held, err
+	}
+	if ro, ok := d.opt.Frontend.FindReadOnlyDevice(id); ok {
+		return d.holdsDevice(path, ro)
+	}
+	return false, nil
 }
 
 func (d *Driver) checkNodeVolume(id string) error {
@@ -320,6 +341,16 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		return nil, toStatus(err)
 	}
 	if held {
+		// Published already: the same call again is OK, the other mode at
+		// the same target is not (the spec's "incompatible" case). A block
+		// publish's mode is its device (held above); a mount's, its flag.
+		top, err := d.topMount(target)
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		if !block && slices.Contains(top.Opts, "ro") != req.GetReadonly() {
+			return nil, statusf(codes.AlreadyExists, "volume %s is published at %s with readonly=%v", id, target, !req.GetReadonly())
+		}
 		return &csi.NodePublishVolumeResponse{}, nil
 	}
 	cur, err := d.mountedDevice(target)
@@ -395,7 +426,7 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	if !ok {
 		return nil, statusf(codes.NotFound, "volume %s is not staged on this node", id)
 	}
-	held, err := d.holdsDevice(path, dev)
+	held, err := d.holdsVolume(path, id, dev)
 	if err != nil {
 		return nil, toStatus(err)
 	}

@@ -365,6 +365,7 @@ type Frontend struct {
 	mu    sync.Mutex
 	devs  map[string]string
 	sizes map[string]int64
+	ro    map[string]bool // ids with a read-only device
 	next  int
 }
 
@@ -393,6 +394,7 @@ func (f *Frontend) Detach(ctx context.Context, id string) error {
 	defer f.mu.Unlock()
 	delete(f.devs, id)
 	delete(f.sizes, id)
+	delete(f.ro, id)
 	return nil
 }
 
@@ -433,7 +435,21 @@ func (f *Frontend) ReadOnlyDevice(ctx context.Context, id string) (string, error
 	if !ok {
 		return "", fmt.Errorf("%s: %w", id, driver.ErrNotFound)
 	}
+	if f.ro == nil {
+		f.ro = map[string]bool{}
+	}
+	f.ro[id] = true
 	return d + "-ro", nil
+}
+
+// FindReadOnlyDevice implements driver.Frontend.
+func (f *Frontend) FindReadOnlyDevice(id string) (string, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if d, ok := f.devs[id]; ok && f.ro[id] {
+		return d + "-ro", true
+	}
+	return "", false
 }
 
 // Attached implements driver.Frontend.

@@ -35,9 +35,15 @@ func TestReadOnlyDevice(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if got, ok := fe.FindReadOnlyDevice(id); ok {
+		t.Fatalf("FindReadOnlyDevice before ReadOnlyDevice = %q", got)
+	}
 	ro, err := fe.ReadOnlyDevice(ctx, id)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if got, ok := fe.FindReadOnlyDevice(id); !ok || got != ro {
+		t.Fatalf("FindReadOnlyDevice = %q, %v; want %q", got, ok, ro)
 	}
 	if ro == dev {
 		t.Fatalf("ReadOnlyDevice = the writable device %s", dev)
@@ -111,6 +117,9 @@ func TestReadOnlyDevice(t *testing.T) {
 	defer fe2.Close()
 	if got, err := fe2.Attach(ctx, id, b, false); err != nil || got != dev {
 		t.Fatalf("Attach after restart = %q, %v; want %q", got, err, dev)
+	}
+	if got, ok := fe2.FindReadOnlyDevice(id); !ok || got != ro {
+		t.Fatalf("FindReadOnlyDevice after restart = %q, %v; want %q", got, ok, ro)
 	}
 	if got, err := fe2.ReadOnlyDevice(ctx, id); err != nil || got != ro {
 		t.Fatalf("ReadOnlyDevice after restart = %q, %v; want %q", got, err, ro)
