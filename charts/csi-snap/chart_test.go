@@ -307,6 +307,15 @@ func TestNodePluginDefaults(t *testing.T) {
 	if got := str(plugin, "livenessProbe", "httpGet", "port"); got != "healthz" {
 		t.Errorf("liveness probe port %q", got)
 	}
+	// A starting plugin (log replay, an interrupted rollback finishing,
+	// re-attaching volumes) is not killed by the liveness probe: a
+	// startupProbe on the same endpoint gives it an hour.
+	if got := str(plugin, "startupProbe", "httpGet", "port"); got != "healthz" {
+		t.Errorf("startup probe port %q", got)
+	}
+	if p, f := get(plugin, "startupProbe", "periodSeconds"), get(plugin, "startupProbe", "failureThreshold"); p != 10 || f != 360 {
+		t.Errorf("startup probe period %v × failures %v, want 10 × 360 (startupSeconds 3600)", p, f)
+	}
 	if got := get(plugin, "ports", 0); str(got, "name") != "healthz" || get(got, "containerPort") != 9808 {
 		t.Errorf("csi-snap ports %v", list(plugin, "ports"))
 	}
@@ -675,7 +684,7 @@ func TestSwitches(t *testing.T) {
 		{"liveness off", []string{"--set", "node.livenessProbe.enabled=false"}, func(t *testing.T, docs []obj) {
 			ds := daemonSet(t, docs)
 			p := container(ds, "csi-snap")
-			if container(ds, "liveness-probe") != nil || get(p, "livenessProbe") != nil || get(p, "ports") != nil {
+			if container(ds, "liveness-probe") != nil || get(p, "livenessProbe") != nil || get(p, "startupProbe") != nil || get(p, "ports") != nil {
 				t.Error("liveness sidecar, probe or port still rendered")
 			}
 		}},
