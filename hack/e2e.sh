@@ -328,7 +328,7 @@ k delete volumesnapshot --all -n $ns --wait=true >/dev/null
 k delete pvc --all -n $ns --wait=true >/dev/null
 wait_for "all PVs deleted" 90 bash -c "[ -z \"\$($bin/kubectl get pv -o name)\" ]"
 wait_for "all VolumeSnapshotContents deleted" 60 bash -c "[ -z \"\$($bin/kubectl get volumesnapshotcontent -o name)\" ]"
-left=$(csi Controller/ListVolumes '{}' | grep -c volume_id || true)
+left=$(csi Controller/ListVolumes '{}' | grep -c '"volumeId"' || true)
 [ "$left" = 0 ] || die "ListVolumes still shows $left volumes"
 # What may stay: the store's own log (its header and an empty object table)
 # and the frontend's run dir. No volume data (.data) or COW (.cow) file may.

@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"reflect"
+	"regexp"
 	"slices"
 	"sort"
 	"strings"
@@ -215,6 +216,22 @@ func TestNodePluginDefaults(t *testing.T) {
 	for name, img := range images {
 		if got := str(container(ds, name), "image"); got != img {
 			t.Errorf("%s image %q, want %q", name, got, img)
+		}
+	}
+	// hack/e2e.sh runs the chart's args against sidecars built by
+	// hack/e2e-build.sh: they must be the versions the chart ships, or the
+	// e2e passes on flags and behaviour users do not get.
+	build, err := os.ReadFile("../../hack/e2e-build.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, pin := range map[string]string{"csi-provisioner": "PROVISIONER_VERSION", "csi-snapshotter": "SNAPSHOTTER_VERSION"} {
+		m := regexp.MustCompile(`(?m)^` + pin + `=(\S+)$`).FindSubmatch(build)
+		if m == nil {
+			t.Fatalf("hack/e2e-build.sh sets no %s", pin)
+		}
+		if want := ":" + string(m[1]); !strings.HasSuffix(images[name], want) {
+			t.Errorf("the chart ships %s, hack/e2e-build.sh builds %s (%s)", images[name], m[1], pin)
 		}
 	}
 
