@@ -48,15 +48,17 @@ func argValue(args []string, name string) string {
 }
 
 // requireRoot skips, loudly, when the kernel facilities are missing; CI
-// runs as root with all of them, so there the tests run.
+// runs as root with all of them, so there the tests run, and it sets
+// CSI_SNAP_REQUIRE_KERNEL=1, which turns such a skip into a failure (go test
+// without -v prints no skip message: a skipped package still says ok).
 func requireRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("SKIPPED: needs root (loop devices, FUSE mounts); CI runs as root")
+		skipOrFail(t, "SKIPPED: needs root (loop devices, FUSE mounts); CI runs as root")
 	}
 	for _, p := range []string{"/dev/fuse", "/dev/loop-control"} {
 		if _, err := os.Stat(p); err != nil {
-			t.Skipf("SKIPPED: %s missing: %v", p, err)
+			skipOrFail(t, "SKIPPED: %s missing: %v", p, err)
 		}
 	}
 }
@@ -64,9 +66,18 @@ func requireRoot(t testing.TB) {
 func requireTool(t testing.TB, name string) {
 	t.Helper()
 	if _, err := exec.LookPath(name); err != nil {
-		t.Skipf("SKIPPED: %s not installed (apt-get install -y %s)", name, map[string]string{
+		skipOrFail(t, "SKIPPED: %s not installed (apt-get install -y %s)", name, map[string]string{
 			"mkfs.xfs": "xfsprogs", "mkfs.ext4": "e2fsprogs", "fio": "fio", "blkdiscard": "util-linux"}[name])
 	}
+}
+
+// skipOrFail skips, or fails under CSI_SNAP_REQUIRE_KERNEL=1 (.ci/run).
+func skipOrFail(t testing.TB, format string, args ...any) {
+	t.Helper()
+	if os.Getenv("CSI_SNAP_REQUIRE_KERNEL") == "1" {
+		t.Fatalf(format+" (fatal: CSI_SNAP_REQUIRE_KERNEL=1)", args...)
+	}
+	t.Skipf(format, args...)
 }
 
 // countingBackend counts the calls that prove requests reach the backend.

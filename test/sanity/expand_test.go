@@ -25,7 +25,7 @@ func TestOnlineExpand(t *testing.T) {
 			switch {
 			case fs == "xfs":
 				if _, err := exec.LookPath("mkfs.xfs"); err != nil {
-					t.Skip("SKIPPED LOUDLY: mkfs.xfs is not installed (apt-get install xfsprogs): xfs growth untested")
+					skipOrFail(t, "SKIPPED LOUDLY: mkfs.xfs is not installed (apt-get install xfsprogs): xfs growth untested")
 				}
 			case !hasCap(unix.CAP_SYS_RESOURCE):
 				t.Skip("SKIPPED LOUDLY: this root lacks CAP_SYS_RESOURCE, which ext4's online resize needs (a privileged pod has it): ext4 growth untested here; xfs growth is")
