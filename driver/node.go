@@ -48,9 +48,10 @@ func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.Nod
 
 // MaxLoopDevices returns the loop driver's max_loop parameter: the number of
 // loop devices the kernel made up front (CONFIG_BLK_DEV_LOOP_MIN_COUNT, 8 on
-// Debian, unless set at module load). Each staged volume holds one loop
-// device; LOOP_CTL_GET_FREE can add devices past this count, so as an attach
-// limit it is conservative, never too high.
+// Debian, unless set at module load). It does not bound what csi-snap can
+// attach: LOOP_CTL_GET_FREE adds devices past it (12 attached on this
+// machine with max_loop 8), so it is only an operator's opt-in limit
+// (--max-volumes -1); the default reports none.
 func MaxLoopDevices() (int64, error) {
 	b, err := os.ReadFile("/sys/module/loop/parameters/max_loop")
 	if err != nil {

@@ -21,7 +21,7 @@ type Config struct {
 	RunDir          string        // frontend state (FUSE mountpoints, holder socket); default <DataDir>/run
 	DriverName      string        // CSI driver name
 	MetricsAddress  string        // host:port for Prometheus; "" = off
-	MaxVolumes      int64         // NodeGetInfo limit; -1 = derive from the loop driver
+	MaxVolumes      int64         // NodeGetInfo limit; 0 = none, -1 = the loop driver's max_loop
 	ShutdownTimeout time.Duration // bound on graceful stop before in-flight calls are cut
 
 	// openEngines opens the store and frontend; nil means the real cow and
@@ -49,7 +49,7 @@ func parseFlags(args []string, klogFlags func(*flag.FlagSet), stderr io.Writer) 
 	fs.StringVar(&c.RunDir, "run-dir", "", "directory of FUSE mountpoints and the fd-holder socket (default <data-dir>/run)")
 	fs.StringVar(&c.DriverName, "driver-name", defaultDriverName, "CSI driver name")
 	fs.StringVar(&c.MetricsAddress, "metrics-address", "", "host:port to serve Prometheus /metrics on (off when empty)")
-	fs.Int64Var(&c.MaxVolumes, "max-volumes", -1, "volumes this node can stage at once (one loop device each), reported by NodeGetInfo; -1 = the loop driver's max_loop parameter, a conservative bound (devices made up front; the kernel can add more on demand); 0 = no limit reported")
+	fs.Int64Var(&c.MaxVolumes, "max-volumes", 0, "volumes this node may stage at once, reported by NodeGetInfo (the scheduler enforces it); 0 = no limit: loop devices are made on demand (LOOP_CTL_GET_FREE is not bounded by max_loop); -1 = the loop driver's max_loop parameter (8 by default, the devices made at boot: too low a bound)")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a stop waits for in-flight calls before cutting them")
 	if klogFlags != nil {
 		klogFlags(fs)

@@ -29,7 +29,7 @@ func TestParseFlags(t *testing.T) {
 	}
 	host, _ := os.Hostname()
 	if c.Endpoint != "unix:///csi/csi.sock" || c.DataDir != "/var/lib/csi-snap" || c.RunDir != "/var/lib/csi-snap/run" ||
-		c.NodeID != host || c.DriverName != "csi-snap.io" || c.MetricsAddress != "" || c.MaxVolumes != -1 {
+		c.NodeID != host || c.DriverName != "csi-snap.io" || c.MetricsAddress != "" || c.MaxVolumes != 0 {
 		t.Fatalf("defaults: %+v", c)
 	}
 	c, err = parseFlags([]string{"--endpoint", "tcp://127.0.0.1:1234", "--node-id", "n1", "--data-dir", "/d", "--metrics-address", ":9000", "--driver-name", "x.io"}, nil, io.Discard)
