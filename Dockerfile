@@ -1,5 +1,6 @@
-# csi-snap node plugin image. Build from the repository root:
-#   docker build -t csi-snap:dev .
+# csi-snap node plugin image. Build from the repository root, with the
+# version GetPluginInfo reports (the chart's appVersion for a release):
+#   docker build --build-arg VERSION=0.1.0 -t csi-snap:0.1.0 .
 # hack/verify-chart.sh builds the binary exactly as the first stage does.
 
 FROM golang:1.26 AS build
@@ -9,7 +10,8 @@ COPY go.mod go.sum ./
 RUN go mod download
 COPY . .
 # Static (no cgo): the runtime stage has no Go toolchain or libc pinning.
-RUN CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o /out/csi-snap ./cmd/csi-snap
+ARG VERSION=dev
+RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o /out/csi-snap ./cmd/csi-snap
 
 FROM debian:12-slim
 # mkfs/fsck/resize of ext4 (e2fsprogs) and xfs (xfsprogs); blkid, mount and

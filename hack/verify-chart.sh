@@ -145,8 +145,14 @@ CSI_SNAP_REQUIRE_HELM=1 go test -count=1 ./charts/... ./hack/kubeschema/...
 
 step "build stage of the Dockerfile"
 if ls cmd/csi-snap/*.go >/dev/null 2>&1; then
-	CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o "$work/csi-snap" ./cmd/csi-snap
+	VERSION=$(sed -n 's/^appVersion: "\(.*\)"$/\1/p' "$chart/Chart.yaml")
+	CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o "$work/csi-snap" ./cmd/csi-snap
 	go version -m "$work/csi-snap" | grep -q 'CGO_ENABLED=0' || { echo "binary is not static"; exit 1; }
+	# GetPluginInfo's version comes from -X main.version, which the linker
+	# ignores silently if the variable is gone.
+	got=$("$work/csi-snap" version)
+	[ "$got" = "$VERSION" ] || { echo "the binary says version '$got', built with main.version=$VERSION"; exit 1; }
+	echo "version $got"
 	echo "built static $(du -h "$work/csi-snap" | cut -f1) binary"
 	# The binary must know every flag the chart gives it. Go's flag package
 	# parses them in order before acting on the trailing -h, so an unknown

@@ -10,6 +10,7 @@
 //	                                     (asks the plugin on this node, through
 //	                                     <run-dir>/admin/admin.sock, to roll a volume
 //	                                     back to a snapshot in place)
+//	csi-snap version                     (prints the version GetPluginInfo reports)
 //
 // The first SIGTERM or SIGINT stops gracefully within --shutdown-timeout; a
 // second one exits at once.
@@ -30,6 +31,10 @@ import (
 func main() {
 	if len(os.Args) > 1 && os.Args[1] == "fuse-holder" {
 		os.Exit(holderMain(os.Args[2:]))
+	}
+	if len(os.Args) == 2 && os.Args[1] == "version" {
+		fmt.Println(version)
+		os.Exit(0)
 	}
 	if len(os.Args) > 1 && os.Args[1] == "rollback" {
 		os.Exit(rollbackMain(os.Args[2:], os.Stdout, os.Stderr))
