@@ -189,6 +189,9 @@ const firstCOW = 2
 // largest file ext4 holds with 4 KiB blocks.
 const maxBytes = 1 << 44
 
+// MaxVolumeSize is the largest volume size, in bytes (16 TiB, maxBytes).
+const MaxVolumeSize = maxBytes
+
 // span is the chunk range [C, C+N).
 type span struct {
 	C exceptions.Chunk

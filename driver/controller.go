@@ -8,6 +8,7 @@ import (
 	"syscall"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/csi-snap/csi-snap/cow"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -61,8 +62,8 @@ func volumeSize(r *csi.CapacityRange, floor int64) (int64, error) {
 	if lim > 0 && req > lim {
 		return 0, statusf(codes.InvalidArgument, "required_bytes %d exceeds limit_bytes %d", req, lim)
 	}
-	if req > (1 << 62) {
-		return 0, statusf(codes.OutOfRange, "required_bytes %d is too large", req)
+	if req > cow.MaxVolumeSize || floor > cow.MaxVolumeSize {
+		return 0, statusf(codes.OutOfRange, "required_bytes %d is over the largest volume, %d bytes (16 TiB)", max(req, floor), int64(cow.MaxVolumeSize))
 	}
 	size := roundUp(req, blockSize)
 	if req == 0 && floor == 0 {
@@ -207,6 +208,14 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	snapID, srcVolID, err := contentSource(req.GetVolumeContentSource())
 	if err != nil {
 		return nil, err
+	}
+	if src := snapID + srcVolID; src != "" && idNodeTag(src) != d.tag {
+		// The source lives on another node (its ID carries that node's
+		// tag) and a restore or clone is O(1) only there. ResourceExhausted,
+		// not NotFound: external-provisioner treats it as "try another
+		// node" and reschedules a WaitForFirstConsumer claim, where
+		// NotFound would be final and retried here forever.
+		return nil, statusf(codes.ResourceExhausted, "content source %s lives on another node; a restore or clone of it is provisioned on that node only", src)
 	}
 
 	keys := []string{"name/volume/" + name}
@@ -432,6 +441,11 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 	if req.GetCapacityRange() == nil {
 		return nil, statusf(codes.InvalidArgument, "capacity_range is required")
 	}
+	if req.GetCapacityRange().GetRequiredBytes() == 0 {
+		// Create's 1 GiB default has no meaning for a growth: {} or a
+		// limit alone would grow a small volume to it.
+		return nil, statusf(codes.InvalidArgument, "capacity_range.required_bytes is required to expand a volume")
+	}
 	if c := req.GetVolumeCapability(); c != nil {
 		if err := checkCapability(c); err != nil {
 			return nil, err
@@ -462,6 +476,18 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 	}
 	nodeExpand := req.GetVolumeCapability().GetBlock() == nil
 	if size <= v.Size {
+		if lim := req.GetCapacityRange().GetLimitBytes(); lim > 0 && v.Size > lim {
+			return nil, statusf(codes.OutOfRange, "volume %s is %d bytes, over limit_bytes %d (volumes do not shrink)", id, v.Size, lim)
+		}
+		// Grown before (a retry): the store may have grown and the device
+		// not (a failed Frontend.Resize, a restart between the two), and a
+		// block volume gets no NodeExpandVolume to catch up. Resize is
+		// idempotent.
+		if _, ok := d.opt.Frontend.Device(id); ok {
+			if err := d.opt.Frontend.Resize(ctx, id, v.Size); err != nil {
+				return nil, toStatus(fmt.Errorf("resize device of %s: %w", id, err))
+			}
+		}
 		return &csi.ControllerExpandVolumeResponse{CapacityBytes: v.Size, NodeExpansionRequired: nodeExpand}, nil
 	}
 	if err := d.opt.Store.ResizeVolume(id, size); err != nil {

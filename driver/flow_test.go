@@ -536,3 +536,34 @@ func TestMountPublishModeChange(t *testing.T) {
 		}
 	}
 }
+
+// TestExpandRetryResizesDevice: the store grew but the device did not (a
+// failed Frontend.Resize, or a restart between the two). The resizer's
+// retry finds the volume already at the size; for a block volume no
+// NodeExpandVolume follows, so that retry must make the device follow.
+func TestExpandRetryResizesDevice(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	id := e.createVolume(t, "grow-retry", 1<<20).VolumeId
+	b, err := e.store.VolumeBackend(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.fe.Attach(ctx, id, b, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.store.ResizeVolume(id, 4<<20); err != nil { // the first call's store step
+		t.Fatal(err)
+	}
+	r, err := e.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: id, VolumeCapability: blockCap(),
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 4 << 20}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.CapacityBytes != 4<<20 {
+		t.Fatalf("capacity %d", r.CapacityBytes)
+	}
+	if got, _ := e.fe.Size(id); got != 4<<20 {
+		t.Fatalf("device is %d bytes after the retry, want %d", got, 4<<20)
+	}
+}

@@ -166,16 +166,33 @@ func TestBadInput(t *testing.T) {
 				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: "../x"}}}})
 			return err
 		}, codes.NotFound},
-		{"CreateVolume from a well-formed unknown snapshot", func() error {
+		{"CreateVolume from a well-formed unknown snapshot of this node", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "a", VolumeCapabilities: caps,
+				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: "s-" + localVolID()[2:]}}}})
+			return err
+		}, codes.NotFound},
+		{"CreateVolume from an unknown volume of this node", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "a", VolumeCapabilities: caps,
+				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: localVolID()}}}})
+			return err
+		}, codes.NotFound},
+		// A source made on another node (its tag in the ID) can be restored
+		// or cloned only there: ResourceExhausted makes the provisioner
+		// reschedule, where NotFound would be final.
+		{"CreateVolume from a snapshot of another node", func() error {
 			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "a", VolumeCapabilities: caps,
 				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: wellFormedSnapID}}}})
 			return err
-		}, codes.NotFound},
-		{"CreateVolume from an unknown volume", func() error {
+		}, codes.ResourceExhausted},
+		{"CreateVolume from a volume of another node", func() error {
 			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "a", VolumeCapabilities: caps,
 				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: wellFormedVolID}}}})
 			return err
-		}, codes.NotFound},
+		}, codes.ResourceExhausted},
+		{"CreateVolume over 16 TiB", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "huge", VolumeCapabilities: caps, CapacityRange: &csi.CapacityRange{RequiredBytes: 1<<44 + 4096}})
+			return err
+		}, codes.OutOfRange},
 		{"CreateVolume from a content source without type", func() error {
 			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "a", VolumeCapabilities: caps, VolumeContentSource: &csi.VolumeContentSource{}})
 			return err
@@ -268,6 +285,26 @@ func TestBadInput(t *testing.T) {
 			_, err := e.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: vol.VolumeId})
 			return err
 		}, codes.InvalidArgument},
+		{"ControllerExpandVolume with an empty capacity range", func() error {
+			_, err := e.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: vol.VolumeId, CapacityRange: &csi.CapacityRange{}})
+			return err
+		}, codes.InvalidArgument},
+		{"ControllerExpandVolume with a limit alone", func() error {
+			_, err := e.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: vol.VolumeId, CapacityRange: &csi.CapacityRange{LimitBytes: 1 << 30}})
+			return err
+		}, codes.InvalidArgument},
+		{"ControllerExpandVolume with a limit under the current size", func() error {
+			_, err := e.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: vol.VolumeId, CapacityRange: &csi.CapacityRange{RequiredBytes: 4096, LimitBytes: 4096}})
+			return err
+		}, codes.OutOfRange},
+		{"ControllerExpandVolume over 16 TiB", func() error {
+			_, err := e.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: vol.VolumeId, CapacityRange: &csi.CapacityRange{RequiredBytes: 1<<44 + 4096}})
+			return err
+		}, codes.OutOfRange},
+		{"ControllerExpandVolume of another node's volume over 16 TiB", func() error {
+			_, err := e.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: wellFormedVolID, CapacityRange: &csi.CapacityRange{RequiredBytes: 1<<44 + 4096}})
+			return err
+		}, codes.OutOfRange},
 		{"ControllerExpandVolume of an unknown volume made on this node", func() error {
 			_, err := e.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: localVolID(), CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30}})
 			return err
