@@ -567,3 +567,41 @@ func TestExpandRetryResizesDevice(t *testing.T) {
 		t.Fatalf("device is %d bytes after the retry, want %d", got, 4<<20)
 	}
 }
+
+// TestUnstageWhilePublished: NodeUnstageVolume of a block volume still
+// published (a CO that unstages first) is FailedPrecondition and keeps it
+// attached: a bind of the device node claims nothing, so the detach would
+// succeed and the next volume could get the same loop device under the
+// target.
+func TestUnstageWhilePublished(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	id := e.createVolume(t, "unstage-published", 1<<20).VolumeId
+	dir := t.TempDir()
+	staging, target := filepath.Join(dir, "staging"), filepath.Join(dir, "target")
+	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: blockCap()}); err != nil {
+		t.Fatal(err)
+	}
+	for _, ro := range []bool{false, true} {
+		if _, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			TargetPath: target, VolumeCapability: blockCap(), Readonly: ro}); err != nil {
+			t.Fatal(err)
+		}
+		_, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging})
+		if status.Code(err) != codes.FailedPrecondition {
+			t.Fatalf("unstage while published (readonly %v): %v, want FailedPrecondition", ro, err)
+		}
+		if _, ok := e.fe.Device(id); !ok {
+			t.Fatal("the refused unstage detached the volume")
+		}
+		if _, err := e.d.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		t.Fatalf("unstage after unpublish: %v", err)
+	}
+	if _, ok := e.fe.Device(id); ok {
+		t.Fatal("still attached after unstage")
+	}
+}

@@ -136,6 +136,43 @@ func (d *Driver) holdsVolume(path, id, dev string) (bool, error) {
 	return false, nil
 }
 
+// publishedAt returns a path other than staging that holds volume id: a
+// bind of its device node (main or read-only) or of its staged filesystem,
+// or "". Only mounts of the device file system, or naming one of the
+// volume's devices, are looked at, so no stat goes to an unrelated (perhaps
+// hung network) mount.
+func (d *Driver) publishedAt(id, staging string) (string, error) {
+	devs := []string{}
+	if dev, ok := d.opt.Frontend.Device(id); ok {
+		devs = append(devs, dev)
+	}
+	if ro, ok := d.opt.Frontend.FindReadOnlyDevice(id); ok {
+		devs = append(devs, ro)
+	}
+	if len(devs) == 0 {
+		return "", nil
+	}
+	mps, err := d.opt.Mounter.List()
+	if err != nil {
+		return "", fmt.Errorf("list mounts: %w", err)
+	}
+	abs, err := filepath.Abs(staging)
+	if err != nil {
+		return "", err
+	}
+	for _, mp := range mps {
+		if mp.Path == abs || mp.Type != "devtmpfs" && !slices.Contains(devs, mp.Device) {
+			continue
+		}
+		for _, dev := range devs {
+			if held, err := d.holdsDevice(mp.Path, dev); err == nil && held {
+				return mp.Path, nil
+			}
+		}
+	}
+	return "", nil
+}
+
 func (d *Driver) checkNodeVolume(id string) error {
 	if !isVolumeID(id) {
 		return statusf(codes.NotFound, "volume %q does not exist", id)
@@ -254,6 +291,14 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 		return nil, statusf(codes.Aborted, "an operation on volume %s is in progress", id)
 	}
 	defer d.locks.unlock(id)
+	if target, err := d.publishedAt(id, staging); err != nil {
+		return nil, toStatus(err)
+	} else if target != "" {
+		// A bind of the device node claims nothing, so Detach would
+		// succeed, and the next volume attached could get the same loop
+		// device number: the target would then reach that volume's data.
+		return nil, statusf(codes.FailedPrecondition, "volume %s is still published at %s; unpublish it first", id, target)
+	}
 	if err := d.unmount(staging, false); err != nil {
 		return nil, err
 	}

@@ -10,6 +10,8 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 func blockCap() *csi.VolumeCapability {
@@ -95,9 +97,19 @@ func TestReadOnlyBlockPublish(t *testing.T) {
 		t.Fatalf("the read-only target reads %q... (%v), want what the writable one wrote", head(got), err)
 	}
 
-	for _, target := range []string{ro, rw} {
+	// Unstaging a published block volume is refused: its loop devices
+	// would be freed under the targets' binds.
+	if _, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("unstage while published: %v, want FailedPrecondition", err)
+	}
+	for i, target := range []string{ro, rw} {
 		if _, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
 			t.Fatalf("unpublish %s: %v", target, err)
+		}
+		if i == 0 { // the writable target is still there
+			if _, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); status.Code(err) != codes.FailedPrecondition {
+				t.Fatalf("unstage while published writable: %v, want FailedPrecondition", err)
+			}
 		}
 	}
 	if _, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
