@@ -122,6 +122,12 @@ func (d *Driver) holdsDevice(path, dev string) (bool, error) {
 	return pst.Mode&unix.S_IFMT == unix.S_IFBLK && pst.Rdev == dst.Rdev, nil
 }
 
+// readerOnly reports whether c's access mode allows only read-only
+// publishes.
+func readerOnly(c *csi.VolumeCapability) bool {
+	return c.GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY
+}
+
 // holdsVolume is holdsDevice for the volume id whose main device is dev:
 // a read-only raw block publish holds the volume's read-only device
 // instead (NodePublishVolume).
@@ -266,7 +272,18 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	case "xfs":
 		formatOpts = []string{"-K"}
 	}
-	if err := d.opt.Mounter.FormatAndMountSensitiveWithFormatOptions(dev, staging, fstype, m.GetMountFlags(), nil, formatOpts); err != nil {
+	flags := m.GetMountFlags()
+	if readerOnly(req.GetVolumeCapability()) {
+		// Published read-only only (the spec's SINGLE_NODE_READER_ONLY):
+		// staged read-only, and never formatted.
+		if format, err := d.opt.Mounter.GetDiskFormat(dev); err != nil {
+			return nil, statusf(codes.Internal, "probe %s: %v", dev, err)
+		} else if format == "" {
+			return nil, statusf(codes.FailedPrecondition, "volume %s holds no filesystem, and a reader-only volume is not formatted", id)
+		}
+		flags = append(slices.Clone(flags), "ro")
+	}
+	if err := d.opt.Mounter.FormatAndMountSensitiveWithFormatOptions(dev, staging, fstype, flags, nil, formatOpts); err != nil {
 		return nil, statusf(codes.Internal, "format and mount %s (%s) at %s: %v", dev, fstype, staging, err)
 	}
 	staged = true
@@ -362,7 +379,9 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	}
 	block := req.GetVolumeCapability().GetBlock() != nil
 	source := dev
-	if block && req.GetReadonly() {
+	// A reader-only access mode is read-only whatever the readonly flag.
+	ro := req.GetReadonly() || readerOnly(req.GetVolumeCapability())
+	if block && ro {
 		// A read-only bind of dev's node would still take writes (the
 		// kernel ignores a mount's read-only flag for device nodes): bind a
 		// read-only device of the volume instead.
@@ -394,8 +413,8 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		if err != nil {
 			return nil, toStatus(err)
 		}
-		if !block && slices.Contains(top.Opts, "ro") != req.GetReadonly() {
-			return nil, statusf(codes.AlreadyExists, "volume %s is published at %s with readonly=%v", id, target, !req.GetReadonly())
+		if !block && slices.Contains(top.Opts, "ro") != ro {
+			return nil, statusf(codes.AlreadyExists, "volume %s is published at %s with readonly=%v", id, target, !ro)
 		}
 		return &csi.NodePublishVolumeResponse{}, nil
 	}
@@ -419,7 +438,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		return nil, statusf(codes.Internal, "target dir: %v", err)
 	}
 	opts := []string{"bind"}
-	if req.GetReadonly() {
+	if ro {
 		opts = append(opts, "ro")
 	}
 	if m := req.GetVolumeCapability().GetMount(); m != nil {
@@ -428,7 +447,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if err := d.opt.Mounter.Mount(source, target, "", opts); err != nil {
 		return nil, statusf(codes.Internal, "bind %s at %s: %v", source, target, err)
 	}
-	klog.V(2).InfoS("Published volume", "volumeID", id, "targetPath", target, "readonly", req.GetReadonly(), "block", block)
+	klog.V(2).InfoS("Published volume", "volumeID", id, "targetPath", target, "readonly", ro, "block", block)
 	return &csi.NodePublishVolumeResponse{}, nil
 }
 

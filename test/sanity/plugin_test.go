@@ -140,7 +140,19 @@ func forceCleanup(t *testing.T, dir string) bool {
 		}
 		return
 	}
-	_, other, _ := mounts()
+	// Abort the FUSE connections first: the plugin is stopped, so any I/O
+	// the unmounts below cause (a filesystem's last flush through its loop
+	// device) would otherwise wait for a server that never answers, and
+	// this process could not even exit.
+	if _, err := os.Stat("/sys/fs/fuse/connections/abort"); err != nil {
+		// fusectl is not mounted on Debian VMs by default; the abort files
+		// live there. (A no-op when mounted: the root has no abort file.)
+		syscall.Mount("fusectl", "/sys/fs/fuse/connections", "fusectl", 0, "")
+	}
+	_, other, conns := mounts()
+	for _, c := range conns {
+		os.WriteFile("/sys/fs/fuse/connections/"+c+"/abort", []byte("1"), 0)
+	}
 	for i := len(other) - 1; i >= 0; i-- {
 		did = true
 		if err := syscall.Unmount(other[i], syscall.MNT_DETACH); err != nil {

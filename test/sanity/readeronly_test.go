@@ -1,0 +1,77 @@
+package sanity
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// TestReaderOnlyAccessMode drives the real binary with the
+// SINGLE_NODE_READER_ONLY access mode, which the plugin accepts: such a
+// volume is staged read-only, never formatted (a blank one is
+// FailedPrecondition), and published read-only even when the publish does
+// not set readonly.
+func TestReaderOnlyAccessMode(t *testing.T) {
+	requireCapabilities(t)
+	bin := buildPlugin(t)
+	dir := t.TempDir()
+	sock, data := filepath.Join(dir, "csi.sock"), filepath.Join(dir, "data")
+	staging, target := filepath.Join(dir, "staging"), filepath.Join(dir, "target")
+	ctx := context.Background()
+	t.Cleanup(func() {
+		if forceCleanup(t, dir) {
+			t.Errorf("mounts, loop devices or holders were left under %s", dir)
+		}
+	})
+	p := startPlugin(t, bin, sock, data)
+	t.Cleanup(func() { p.stop(t, os.Interrupt) })
+	ctrl, node := csi.NewControllerClient(connect(t, sock)), csi.NewNodeClient(connect(t, sock))
+	reader := ext4Cap()
+	reader.AccessMode.Mode = csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY
+	create := func(name string) string {
+		t.Helper()
+		cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20},
+			VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cv.Volume.VolumeId
+	}
+
+	blank := create("reader-blank")
+	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: blank, StagingTargetPath: staging, VolumeCapability: reader}); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("reader-only stage of a blank volume: %v, want FailedPrecondition (not formatted)", err)
+	}
+
+	id := create("reader")
+	stageAndPublish(t, node, id, staging, target) // writer: formats it
+	writeFile(t, filepath.Join(target, "f"), []byte("written by the writer"))
+	unpublishAndUnstage(t, node, id, staging, target)
+	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: reader}); err != nil {
+		t.Fatalf("reader-only stage: %v", err)
+	}
+	if _, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target,
+		VolumeCapability: reader}); err != nil { // readonly not set
+		t.Fatalf("reader-only publish: %v", err)
+	}
+	mustRead(t, filepath.Join(target, "f"), []byte("written by the writer"))
+	for _, path := range []string{target, staging} {
+		err := os.WriteFile(filepath.Join(path, "g"), []byte("x"), 0o644)
+		if !errors.Is(err, syscall.EROFS) {
+			t.Fatalf("write under %s: %v, want EROFS", path, err)
+		}
+	}
+	unpublishAndUnstage(t, node, id, staging, target)
+	for _, v := range []string{blank, id} {
+		if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v}); err != nil {
+			t.Fatalf("delete %s: %v", v, err)
+		}
+	}
+}
