@@ -365,14 +365,30 @@ func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csi.Valida
 			return nil, statusf(codes.InvalidArgument, "volume capability needs an access type (mount or block)")
 		}
 	}
-	if _, err := d.lookupVolume(req.GetVolumeId()); err != nil {
+	v, err := d.lookupVolume(req.GetVolumeId())
+	if err != nil {
 		return nil, err
 	}
 	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
 		return &csi.ValidateVolumeCapabilitiesResponse{Message: err.Error()}, nil
 	}
-	if _, err := checkVolumeParams(req.GetParameters()); err != nil {
+	params, err := checkVolumeParams(req.GetParameters())
+	if err != nil {
 		return &csi.ValidateVolumeCapabilitiesResponse{Message: err.Error()}, nil
+	}
+	// Confirm only what the volume is: the filesystem it was made for and
+	// its chunk size (as CreateVolume's same-name check does).
+	fs := v.Labels[labelFSType]
+	if params.fsType != "" && fs != "" && params.fsType != fs {
+		return &csi.ValidateVolumeCapabilitiesResponse{Message: fmt.Sprintf("volume %s was made for %s, not %s", v.ID, fs, params.fsType)}, nil
+	}
+	if params.chunkSize != 0 && params.chunkSize != v.ChunkSize {
+		return &csi.ValidateVolumeCapabilitiesResponse{Message: fmt.Sprintf("volume %s has %s %d bytes, not %d", v.ID, ParamChunkSize, v.ChunkSize, params.chunkSize)}, nil
+	}
+	for _, c := range req.GetVolumeCapabilities() {
+		if want := c.GetMount().GetFsType(); want != "" && fs != "" && want != fs {
+			return &csi.ValidateVolumeCapabilitiesResponse{Message: fmt.Sprintf("volume %s was made for %s, not fs_type %s", v.ID, fs, want)}, nil
+		}
 	}
 	return &csi.ValidateVolumeCapabilitiesResponse{Confirmed: &csi.ValidateVolumeCapabilitiesResponse_Confirmed{
 		VolumeContext:      req.GetVolumeContext(),

@@ -605,3 +605,40 @@ func TestUnstageWhilePublished(t *testing.T) {
 		t.Fatal("still attached after unstage")
 	}
 }
+
+// TestValidateCapabilitiesChecksTheVolume: ValidateVolumeCapabilities
+// confirms only what the volume is: its filesystem (parameter or a mount
+// capability's fs_type) and its chunk size.
+func TestValidateCapabilitiesChecksTheVolume(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	r, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "vvc", VolumeCapabilities: []*csi.VolumeCapability{mountCap()},
+		Parameters: map[string]string{driver.ParamChunkSize: "64Ki", "csi.storage.k8s.io/fstype": "xfs"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := r.Volume.VolumeId
+	ext4 := mountCap()
+	ext4.GetMount().FsType = "ext4"
+	for _, c := range []struct {
+		name    string
+		params  map[string]string
+		cap     *csi.VolumeCapability
+		confirm bool
+	}{
+		{"as made", map[string]string{driver.ParamChunkSize: "64Ki", "csi.storage.k8s.io/fstype": "xfs"}, mountCap(), true},
+		{"no parameters", nil, mountCap(), true},
+		{"other chunk size", map[string]string{driver.ParamChunkSize: "4Ki"}, mountCap(), false},
+		{"other fstype parameter", map[string]string{"csi.storage.k8s.io/fstype": "ext4"}, mountCap(), false},
+		{"other fs_type capability", nil, ext4, false},
+	} {
+		v, err := e.d.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: id,
+			VolumeCapabilities: []*csi.VolumeCapability{c.cap}, Parameters: c.params})
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if got := v.GetConfirmed() != nil; got != c.confirm {
+			t.Errorf("%s: confirmed %v (message %q), want %v", c.name, got, v.GetMessage(), c.confirm)
+		}
+	}
+}
