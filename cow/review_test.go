@@ -437,3 +437,52 @@ func TestReadRacingInvalidate(t *testing.T) {
 		t.Fatal("s was not invalidated: the test did not set up what it meant to")
 	}
 }
+
+// TestCloseRacingWriters: writers and discards running while the store
+// closes get either success or ErrClosed, never an error from a
+// descriptor closed under them (Close used to release the volume gates
+// before it marked the store closed and closed its files).
+func TestCloseRacingWriters(t *testing.T) {
+	const cs = rbChunk
+	for round := 0; round < 20; round++ {
+		s, err := Open(t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		v := mustVol(t, s, "v", 64*cs, cs)
+		if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		var wg sync.WaitGroup
+		errs := make(chan error, 64)
+		for w := 0; w < 4; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := 0; ; i++ {
+					c := int64((w*16 + i) % 64)
+					var err error
+					if i%2 == 0 {
+						err = v.Discard(c*cs, cs)
+					} else {
+						_, err = v.WriteAt(fill(cs, byte(i)), c*cs)
+					}
+					if err == nil {
+						continue
+					}
+					if !errors.Is(err, ErrClosed) {
+						errs <- fmt.Errorf("writer %d op %d: %w", w, i, err)
+					}
+					return
+				}
+			}()
+		}
+		time.Sleep(time.Duration(round%5) * time.Millisecond)
+		s.Close()
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Errorf("round %d: %v", round, err)
+		}
+	}
+}

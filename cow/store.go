@@ -993,9 +993,15 @@ func (s *Store) Close() error {
 	if s.closed {
 		return ErrClosed
 	}
+	// The gates stay held until the files are closed: a writer waiting on
+	// one (modifyGated checks isClosed under it) must find the store
+	// closed, not run a raw syscall (hole, punch, sync) on a descriptor
+	// number closed under it and perhaps reused by another file.
+	vs := s.allVolumes()
+	defer lockGates(vs)()
 	var err error
 	if s.log.failed() == nil {
-		err = s.checkpointLocked()
+		err = s.checkpointGated(vs)
 	}
 	s.closed = true
 	s.isClosed.Store(true)
@@ -1082,6 +1088,12 @@ func (s *Store) syncAllFiles(log file) error {
 func (s *Store) checkpointLocked() error {
 	vs := s.allVolumes()
 	defer lockGates(vs)()
+	return s.checkpointGated(vs)
+}
+
+// checkpointGated is checkpointLocked with the gates of vs (every volume)
+// held by the caller.
+func (s *Store) checkpointGated(vs []*Volume) error {
 	// Every overlay entry reaches its data file and the committer goes
 	// idle before the state is captured and the log replaced.
 	for _, v := range vs {
