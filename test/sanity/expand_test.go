@@ -3,7 +3,6 @@ package sanity
 import (
 	"bytes"
 	"context"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"testing"
@@ -45,19 +44,10 @@ func hasCap(c int) bool {
 }
 
 func testOnlineExpand(t *testing.T, fs string) {
-	bin := buildPlugin(t)
-	dir := t.TempDir()
-	sock, data := filepath.Join(dir, "csi.sock"), filepath.Join(dir, "data")
+	dir, cc := runPlugin(t)
 	staging, target := filepath.Join(dir, "staging"), filepath.Join(dir, "target")
 	ctx := context.Background()
-	t.Cleanup(func() {
-		if forceCleanup(t, dir) {
-			t.Errorf("mounts, loop devices or holders were left under %s", dir)
-		}
-	})
-	p := startPlugin(t, bin, sock, data)
-	t.Cleanup(func() { p.stop(t, os.Interrupt) })
-	ctrl, node := csi.NewControllerClient(connect(t, sock)), csi.NewNodeClient(connect(t, sock))
+	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
 	vc := ext4Cap()
 	vc.GetMount().FsType = fs
 	const small, big = 320 << 20, 960 << 20 // mkfs.xfs wants at least 300 MiB

@@ -23,19 +23,8 @@ import (
 // restored and mounted, and their numbers checked; then the group is
 // deleted as a whole.
 func TestGroupSnapshotLifecycle(t *testing.T) {
-	requireCapabilities(t)
-	bin := buildPlugin(t)
-	dir := t.TempDir()
-	sock, data := filepath.Join(dir, "csi.sock"), filepath.Join(dir, "data")
+	dir, cc := runPlugin(t)
 	ctx := context.Background()
-	t.Cleanup(func() {
-		if forceCleanup(t, dir) {
-			t.Errorf("mounts, loop devices or holders were left under %s", dir)
-		}
-	})
-	p := startPlugin(t, bin, sock, data)
-	t.Cleanup(func() { p.stop(t, os.Interrupt) })
-	cc := connect(t, sock)
 	ctrl, node, grp := csi.NewControllerClient(cc), csi.NewNodeClient(cc), csi.NewGroupControllerClient(cc)
 	type mounted struct{ id, staging, target string }
 	var live []mounted

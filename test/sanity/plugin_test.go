@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"google.golang.org/grpc"
 )
 
 var (
@@ -55,6 +57,26 @@ type plugin struct {
 	exited chan error
 	log    string
 	sock   string
+}
+
+// runPlugin starts the binary for one test in a fresh directory (its
+// socket, data dir and run dir inside), with cleanups that stop it and then
+// remove, and report as an error, anything it left there. It returns the
+// directory and a connection to the plugin.
+func runPlugin(t *testing.T) (string, *grpc.ClientConn) {
+	t.Helper()
+	requireCapabilities(t)
+	bin := buildPlugin(t)
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "csi.sock")
+	t.Cleanup(func() {
+		if forceCleanup(t, dir) {
+			t.Errorf("mounts, loop devices or holders were left under %s", dir)
+		}
+	})
+	p := startPlugin(t, bin, sock, filepath.Join(dir, "data"))
+	t.Cleanup(func() { p.stop(t, os.Interrupt) })
+	return dir, connect(t, sock)
 }
 
 // startPlugin runs bin on sock with dataDir and waits until it listens.

@@ -19,20 +19,10 @@ import (
 // FailedPrecondition), and published read-only even when the publish does
 // not set readonly.
 func TestReaderOnlyAccessMode(t *testing.T) {
-	requireCapabilities(t)
-	bin := buildPlugin(t)
-	dir := t.TempDir()
-	sock, data := filepath.Join(dir, "csi.sock"), filepath.Join(dir, "data")
+	dir, cc := runPlugin(t)
 	staging, target := filepath.Join(dir, "staging"), filepath.Join(dir, "target")
 	ctx := context.Background()
-	t.Cleanup(func() {
-		if forceCleanup(t, dir) {
-			t.Errorf("mounts, loop devices or holders were left under %s", dir)
-		}
-	})
-	p := startPlugin(t, bin, sock, data)
-	t.Cleanup(func() { p.stop(t, os.Interrupt) })
-	ctrl, node := csi.NewControllerClient(connect(t, sock)), csi.NewNodeClient(connect(t, sock))
+	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
 	reader := ext4Cap()
 	reader.AccessMode.Mode = csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY
 	create := func(name string) string {

@@ -34,20 +34,10 @@ func alignedBlock(n int) []byte {
 // take them), reads what the writable target wrote, and unpublish and
 // unstage leave no device behind.
 func TestReadOnlyBlockPublish(t *testing.T) {
-	requireCapabilities(t)
-	bin := buildPlugin(t)
-	dir := t.TempDir()
-	sock, data := filepath.Join(dir, "csi.sock"), filepath.Join(dir, "data")
+	dir, cc := runPlugin(t)
 	staging, rw, ro := filepath.Join(dir, "staging"), filepath.Join(dir, "rw"), filepath.Join(dir, "ro")
 	ctx := context.Background()
-	t.Cleanup(func() {
-		if forceCleanup(t, dir) {
-			t.Errorf("mounts, loop devices or holders were left under %s", dir)
-		}
-	})
-	p := startPlugin(t, bin, sock, data)
-	t.Cleanup(func() { p.stop(t, os.Interrupt) })
-	ctrl, node := csi.NewControllerClient(connect(t, sock)), csi.NewNodeClient(connect(t, sock))
+	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
 	cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "ro-block", CapacityRange: &csi.CapacityRange{RequiredBytes: 16 << 20},
 		VolumeCapabilities: []*csi.VolumeCapability{blockCap()}})
 	if err != nil {
