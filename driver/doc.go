@@ -29,6 +29,23 @@
 // arguments first, then take a per-ID lock (contention answers Aborted), then
 // act.
 //
+// Node decisions (node.go):
+//
+//   - A read-only publish of a raw block volume binds a read-only loop
+//     device of the volume (Frontend.ReadOnlyDevice), not the writable one:
+//     the kernel ignores a bind mount's read-only flag for device nodes.
+//     Publishing a target again in the other mode is AlreadyExists, for
+//     mount volumes too.
+//   - SINGLE_NODE_READER_ONLY: the volume is staged read-only and never
+//     formatted (a blank one is FailedPrecondition), and every publish is
+//     read-only whatever its readonly flag.
+//   - NodeUnstageVolume while another path still holds the volume (a
+//     publish the CO did not undo) is FailedPrecondition: a block target's
+//     bind claims nothing, so the loop device would be freed under it and
+//     could be handed to the next volume.
+//   - A restore or clone whose source ID carries another node's tag is
+//     ResourceExhausted, so external-provisioner reschedules the claim.
+//
 // Rollback in place (admin.go) is not a CSI call: the node plugin serves it
 // on a local admin endpoint (Driver.AdminHandler, JSON over HTTP on a unix
 // socket that cmd/csi-snap places in the run dir) for `csi-snap rollback`. It
