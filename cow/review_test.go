@@ -486,3 +486,49 @@ func TestCloseRacingWriters(t *testing.T) {
 		}
 	}
 }
+
+// TestReadRacingDeleteVolume: a volume read that passed its deleted check
+// and then waited on a stripe while the volume was deleted (which punches
+// the data no snapshot needs) must fail with ErrNotFound, not return the
+// punched zeros as data.
+func TestReadRacingDeleteVolume(t *testing.T) {
+	const cs = rbChunk
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	v := mustVol(t, s, "v", 4*cs, cs)
+	fillRandom(t, v, 3)
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	unstripe := v.lockStripes(1, 2, true) // the reader waits here, past its check
+	type result struct {
+		b   []byte
+		err error
+	}
+	read := make(chan result, 1)
+	go func() {
+		b := make([]byte, cs)
+		_, err := v.ReadAt(b, cs)
+		read <- result{b, err}
+	}()
+	time.Sleep(100 * time.Millisecond)
+	deleted := make(chan error, 1)
+	go func() { deleted <- s.DeleteVolume("v") }()
+	select {
+	case err := <-deleted:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		unstripe()
+		t.Fatal("DeleteVolume waited for the stripe: the test cannot stage the race")
+	}
+	unstripe()
+	r := <-read
+	if !errors.Is(r.err, ErrNotFound) {
+		t.Fatalf("read racing DeleteVolume: err %v (first byte %#x), want ErrNotFound", r.err, r.b[0])
+	}
+}

@@ -139,7 +139,20 @@ func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	if err := v.readRange(p[:n], off, true); err != nil {
+	err = v.readRange(p[:n], off, true)
+	// A DeleteVolume or Close that raced this read may have punched the
+	// chunks it read (zeros) or closed the file under it: the deleted flag
+	// is set before any punch, and isClosed before any close, so checking
+	// them after the read tells such a read from a good one.
+	v.mu.RLock()
+	deleted = v.deleted
+	v.mu.RUnlock()
+	switch {
+	case deleted:
+		return 0, fmt.Errorf("%w: volume %q was deleted", ErrNotFound, v.id)
+	case err != nil && v.s.isClosed.Load():
+		return 0, ErrClosed
+	case err != nil:
 		return 0, err
 	}
 	if n < int64(len(p)) {
