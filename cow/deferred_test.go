@@ -498,6 +498,10 @@ func TestApplyFailureStopsLaterBatches(t *testing.T) {
 		}
 	}
 	v, w := vols["v"], vols["w"]
+	vsnap, err := s.Snapshot("v-snap") // a reader's handle, kept across the failure
+	if err != nil {
+		t.Fatal(err)
+	}
 	isLog := func(name string) bool { return name == logName || name == logTmpName }
 	var (
 		logSyncs    atomic.Int32
@@ -580,10 +584,18 @@ func TestApplyFailureStopsLaterBatches(t *testing.T) {
 	if want := old["w"][5*cs : 6*cs]; !bytes.Equal(got, want) {
 		t.Fatalf("batch N+1 was applied after batch N's apply failed: w's data file chunk 5 differs from the old chunk at %d", firstDiff(got, want))
 	}
-	// Reads are still served: v's snapshot must read its image, not the
-	// data file's chunk 1 that the failed apply half overwrote.
-	if got := readSnap(t, s, "v-snap"); !bytes.Equal(got, old["v"]) {
+	// Reads through open handles are still served: v's snapshot must read
+	// its image, not the data file's chunk 1 that the failed apply half
+	// overwrote. (Lookups by ID fail now: Store.Err.)
+	got = make([]byte, vsnap.Size())
+	if _, err := vsnap.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, old["v"]) {
 		t.Fatalf("after the failed apply, the snapshot of v differs at %d", firstDiff(got, old["v"]))
+	}
+	if _, err := s.Snapshot("v-snap"); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Snapshot lookup on a failed store: %v, want ErrClosed", err)
 	}
 	s.Close() // fails: the store's error is sticky
 	s2, err := Open(dir)

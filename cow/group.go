@@ -270,8 +270,8 @@ func (s *Store) SnapshotGroup(groupID string) (GroupInfo, error) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed {
-		return GroupInfo{}, ErrClosed
+	if err := s.usable(); err != nil {
+		return GroupInfo{}, err
 	}
 	g, ok := s.grp.byID[groupID]
 	if !ok {

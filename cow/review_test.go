@@ -532,3 +532,46 @@ func TestReadRacingDeleteVolume(t *testing.T) {
 		t.Fatalf("read racing DeleteVolume: err %v (first byte %#x), want ErrNotFound", r.err, r.b[0])
 	}
 }
+
+// TestFailedStoreHidesUndurableObjects: a group snapshot whose log batch
+// failed (a log write that fails) is in memory but not on disk. Looking it
+// or its members up must not find them (the driver's idempotent create by
+// name would answer a retry "ready"), and Err says why; after the reopen
+// the store needs, neither exists.
+func TestFailedStoreHidesUndurableObjects(t *testing.T) {
+	dir := t.TempDir()
+	s, fs := openFault(t, dir, nil)
+	mustVol(t, s, "a", 64<<10, 4096)
+	mustVol(t, s, "b", 64<<10, 4096)
+	// The second write to the log from here (a new store's log keeps the
+	// name it was made under) fails: the group's batch, whose records are
+	// applied in memory before it is written (queueApply).
+	fs.mu.Lock()
+	fs.failSuffix, fs.failWrite = logTmpName, 1
+	fs.mu.Unlock()
+	_, err := s.CreateSnapshotGroup("g", []GroupMember{{VolumeID: "a", SnapshotID: "a-s"}, {VolumeID: "b", SnapshotID: "b-s"}}, SnapshotOptions{})
+	if err == nil {
+		t.Fatal("CreateSnapshotGroup succeeded with its log write failing")
+	}
+	if err := s.Err(); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Err after a failed commit: %v, want ErrClosed", err)
+	}
+	if _, err := s.SnapshotGroup("g"); err == nil {
+		t.Fatal("the failed group is found by SnapshotGroup")
+	}
+	if _, err := s.Snapshot("a-s"); err == nil {
+		t.Fatal("a member of the failed group is found by Snapshot")
+	}
+	s.Close()
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if err := s2.Err(); err != nil {
+		t.Fatalf("Err after reopen: %v", err)
+	}
+	if _, err := s2.SnapshotGroup("g"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("group after reopen: %v, want ErrNotFound (it never reached the log)", err)
+	}
+}

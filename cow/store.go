@@ -591,6 +591,19 @@ func (s *Store) usable() error {
 	return s.log.failed()
 }
 
+// Err returns nil while the store works, and ErrClosed (wrapping the
+// cause) once it was closed or its log failed. After a failure the objects
+// in memory may be ahead of the log: a snapshot created in the batch that
+// failed is listed but gone after the reopen the store then needs. Callers
+// that answer "does X exist" from Volumes, Snapshots or SnapshotGroups
+// (idempotent create by name) must check Err first; Volume, Snapshot and
+// SnapshotGroup return it themselves.
+func (s *Store) Err() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.usable()
+}
+
 func chunkShift(cs int) (uint, error) {
 	if cs < MinChunkSize || cs > MaxChunkSize || cs&(cs-1) != 0 {
 		return 0, fmt.Errorf("%w: chunk size %d is not a power of two in [%d, %d]", ErrBadArgument, cs, MinChunkSize, MaxChunkSize)
@@ -794,8 +807,8 @@ func (s *Store) Volume(id string) (*Volume, error) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed {
-		return nil, ErrClosed
+	if err := s.usable(); err != nil {
+		return nil, err
 	}
 	v, ok := s.byID[id].(*Volume)
 	if !ok || v.isDeleted() {
@@ -811,8 +824,8 @@ func (s *Store) Snapshot(id string) (*Snapshot, error) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed {
-		return nil, ErrClosed
+	if err := s.usable(); err != nil {
+		return nil, err
 	}
 	sn, ok := s.byID[id].(*Snapshot)
 	if !ok || sn.isDeleted() {
