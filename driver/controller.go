@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strconv"
 	"syscall"
 
@@ -83,6 +85,17 @@ func volumeSize(r *csi.CapacityRange, floor int64) (int64, error) {
 
 func sizeFits(size int64, r *csi.CapacityRange) bool {
 	return size >= r.GetRequiredBytes() && (r.GetLimitBytes() == 0 || size <= r.GetLimitBytes())
+}
+
+// storeErr answers Unavailable while the store has failed (or closed): its
+// memory may then hold objects that never reached the disk, so no "it
+// exists" answer (an idempotent create found by name, a listing) may come
+// from it. A restart reopens the store from its log.
+func (d *Driver) storeErr() error {
+	if err := d.opt.Store.Err(); err != nil {
+		return toStatus(fmt.Errorf("the volume store failed; restart the plugin to reopen it: %w", err))
+	}
+	return nil
 }
 
 // findVolumeByName scans the store for a live volume carrying the CSI name.
@@ -230,6 +243,9 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	}
 	defer d.locks.unlock(keys...)
 
+	if err := d.storeErr(); err != nil {
+		return nil, err
+	}
 	if v, ok := d.findVolumeByName(name); ok {
 		if !sizeFits(v.Size, req.GetCapacityRange()) || v.SourceSnapshotID != snapID ||
 			v.SourceVolumeID != srcVolID || v.Labels[labelFSType] != fs {
@@ -400,6 +416,9 @@ func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csi.Valida
 // pageVolumes returns the store volumes, in ID order, of the page a List
 // call asks for, and the token of the next page (see paginate.go).
 func (d *Driver) pageVolumes(token string, maxEntries int32) ([]VolumeInfo, string, error) {
+	if err := d.storeErr(); err != nil {
+		return nil, "", err
+	}
 	vols := d.opt.Store.Volumes()
 	ids := make([]string, len(vols))
 	for i, v := range vols {
@@ -541,6 +560,9 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 		return nil, statusf(codes.Aborted, "an operation on snapshot %q or volume %s is in progress", name, src)
 	}
 	defer d.locks.unlock(keys...)
+	if err := d.storeErr(); err != nil {
+		return nil, err
+	}
 	if s, ok := d.findSnapshotByName(name); ok {
 		if s.VolumeID != src {
 			return nil, statusf(codes.AlreadyExists, "snapshot %q exists as %s of volume %s", name, s.ID, s.VolumeID)
@@ -581,18 +603,73 @@ func (d *Driver) frozen(id string, fn func() error) error {
 	if mp == "" {
 		return fn()
 	}
+	// The marker outlives a crash between the freeze and the thaw, which
+	// would leave the filesystem frozen (every write of the pod blocked,
+	// and later snapshots taking EBUSY for someone else's freeze): Recover
+	// thaws what the markers name.
+	marker := d.freezeMarker(id)
+	if err := os.MkdirAll(filepath.Dir(marker), 0o700); err != nil {
+		return fmt.Errorf("freeze marker: %w", err)
+	}
+	if err := os.WriteFile(marker, []byte(mp), 0o600); err != nil {
+		return fmt.Errorf("freeze marker: %w", err)
+	}
 	if err := d.opt.Freeze(mp); err != nil && !errors.Is(err, syscall.EBUSY) {
-		// EBUSY: already frozen by someone else; the snapshot is consistent
-		// either way, and it is not ours to thaw.
+		os.Remove(marker)
 		return fmt.Errorf("freeze %s: %w", mp, err)
 	} else if err == nil {
 		defer func() {
 			if err := d.opt.Thaw(mp); err != nil {
 				klog.ErrorS(err, "Thaw after snapshot", "volumeID", id, "mountpoint", mp)
+				return // the marker stays: Recover tries again
 			}
+			os.Remove(marker)
 		}()
+	} else {
+		// EBUSY: already frozen by someone else; the snapshot is consistent
+		// either way, and it is not ours to thaw.
+		os.Remove(marker)
 	}
 	return fn()
+}
+
+// freezeMarker is the file that records, while volume id's filesystem is
+// frozen by us, its mount point.
+func (d *Driver) freezeMarker(id string) string {
+	return filepath.Join(d.opt.DataDir, "frozen", id)
+}
+
+// thawLeftovers thaws the filesystems a previous run froze and did not
+// thaw (it died in between), as the markers in DataDir/frozen name them.
+func (d *Driver) thawLeftovers() error {
+	dir := filepath.Join(d.opt.DataDir, "frozen")
+	ents, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) || d.opt.Thaw == nil {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var first error
+	for _, e := range ents {
+		path := filepath.Join(dir, e.Name())
+		mp, err := os.ReadFile(path)
+		if err == nil && len(mp) > 0 {
+			// EINVAL: not frozen (the thaw happened, the removal did not).
+			if err = d.opt.Thaw(string(mp)); errors.Is(err, syscall.EINVAL) {
+				err = nil
+			} else if err == nil {
+				klog.InfoS("Thawed a filesystem a previous run left frozen", "volumeID", e.Name(), "mountpoint", string(mp))
+			}
+		}
+		if err == nil {
+			err = os.Remove(path)
+		}
+		if err != nil && first == nil {
+			first = fmt.Errorf("thaw left over from %s: %w", path, err)
+		}
+	}
+	return first
 }
 
 // DeleteSnapshot deletes a snapshot; volumes restored from it keep working.
@@ -619,6 +696,9 @@ func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequ
 // ListSnapshots pages through snapshots in ID order, optionally filtered by
 // snapshot ID or source volume ID (an ID not in our format matches nothing).
 func (d *Driver) ListSnapshots(ctx context.Context, req *csi.ListSnapshotsRequest) (*csi.ListSnapshotsResponse, error) {
+	if err := d.storeErr(); err != nil {
+		return nil, err
+	}
 	var snaps []SnapshotInfo
 	for _, s := range d.opt.Store.Snapshots() {
 		if (req.GetSnapshotId() == "" || s.ID == req.GetSnapshotId()) &&

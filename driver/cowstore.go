@@ -138,6 +138,9 @@ func (c *CowStore) Snapshot(id string) (SnapshotInfo, error) {
 	return snapInfo(s.Info()), nil
 }
 
+// Err implements Store.
+func (c *CowStore) Err() error { return fromCow(c.s.Err()) }
+
 // Volumes implements Store.
 func (c *CowStore) Volumes() []VolumeInfo {
 	vs := c.s.Volumes()

@@ -113,5 +113,13 @@ func (d *Driver) Recover(ctx context.Context) error {
 			}
 		}
 	}
+	// After the re-attach: a frozen filesystem's mount stayed, but its
+	// device is served again only now.
+	if err := d.thawLeftovers(); err != nil {
+		klog.ErrorS(err, "Thawing filesystems a previous run left frozen")
+		if first == nil {
+			first = err
+		}
+	}
 	return first
 }

@@ -25,9 +25,14 @@ type Store interface {
 	DeleteSnapshot(id string) error
 	Volume(id string) (VolumeInfo, error)
 	Snapshot(id string) (SnapshotInfo, error)
-	// Volumes and Snapshots list live objects sorted by ID.
+	// Volumes and Snapshots list live objects sorted by ID. After a failure
+	// (Err) they may list objects that never reached the disk.
 	Volumes() []VolumeInfo
 	Snapshots() []SnapshotInfo
+	// Err is nil while the store works; once it failed (a log write or
+	// fsync error: its memory may be ahead of the disk until it is
+	// reopened) or closed, it says why (ErrClosed).
+	Err() error
 	// VolumeBackend returns the byte-addressed body of a volume, for the
 	// frontend to serve.
 	VolumeBackend(id string) (Backend, error)

@@ -2,6 +2,7 @@ package driver_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -245,14 +246,21 @@ func TestFreezeAroundSnapshot(t *testing.T) {
 		t.Fatalf("freeze log %v", log)
 	}
 	log = nil
-	// A closed store makes the snapshot fail: thaw anyway.
-	st.Close()
+	// A snapshot that fails in the store (its commit) is thawed anyway.
+	st.FailSnapshots = fmt.Errorf("commit: %w", driver.ErrClosed)
 	_, err = d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "fails", SourceVolumeId: id})
 	if err == nil || fmt.Sprint(log) != "[freeze /staging/f thaw /staging/f]" {
 		t.Fatalf("failed snapshot: err %v, log %v", err, log)
 	}
 	if status.Code(err) != codes.Unavailable {
-		t.Fatalf("closed store answered %v, want Unavailable", status.Code(err))
+		t.Fatalf("failed store answered %v, want Unavailable", status.Code(err))
+	}
+	// A store that has failed (or closed) answers Unavailable before any
+	// freeze: it cannot snapshot, and may list what never reached the disk.
+	log = nil
+	st.Close()
+	if _, err = d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "fails", SourceVolumeId: id}); status.Code(err) != codes.Unavailable || log != nil {
+		t.Fatalf("closed store: %v, freeze log %v", err, log)
 	}
 }
 
@@ -640,5 +648,109 @@ func TestValidateCapabilitiesChecksTheVolume(t *testing.T) {
 		if got := v.GetConfirmed() != nil; got != c.confirm {
 			t.Errorf("%s: confirmed %v (message %q), want %v", c.name, got, v.GetMessage(), c.confirm)
 		}
+	}
+}
+
+// TestFailedStoreAnswersUnavailable: once the store's log failed, its memory
+// may hold objects that never reached the disk (a snapshot whose batch
+// failed). A retried CreateSnapshot or CreateVolume must not find them by
+// name and answer OK (ready), listings must not show them, and Probe says
+// not ready so that the liveness restart reopens the store.
+func TestFailedStoreAnswersUnavailable(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	vol := e.createVolume(t, "v", 1<<20)
+	e.createSnapshot(t, "snap", vol.VolumeId) // as if its batch were the one that failed
+	e.store.Failed = fmt.Errorf("%w: log commit failed", driver.ErrClosed)
+	for name, call := range map[string]func() error{
+		"CreateSnapshot retry": func() error {
+			_, err := e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap", SourceVolumeId: vol.VolumeId})
+			return err
+		},
+		"CreateVolume retry": func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "v", CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20},
+				VolumeCapabilities: []*csi.VolumeCapability{mountCap()}})
+			return err
+		},
+		"ListSnapshots": func() error { _, err := e.d.ListSnapshots(ctx, &csi.ListSnapshotsRequest{}); return err },
+		"ListVolumes":   func() error { _, err := e.d.ListVolumes(ctx, &csi.ListVolumesRequest{}); return err },
+	} {
+		if err := call(); status.Code(err) != codes.Unavailable {
+			t.Errorf("%s on a failed store: %v, want Unavailable", name, err)
+		}
+	}
+	if r, err := e.d.Probe(ctx, &csi.ProbeRequest{}); err != nil || r.GetReady().GetValue() {
+		t.Errorf("Probe on a failed store: ready %v, %v; want not ready", r.GetReady().GetValue(), err)
+	}
+}
+
+// TestThawAfterCrash: a plugin that died between the freeze and the thaw of
+// a snapshot left the filesystem frozen (the pod's writes blocked, and the
+// next snapshot taking EBUSY for someone else's freeze). The freeze left a
+// marker, and Recover at the next start thaws what it names. A snapshot
+// that completes leaves no marker; a thaw that fails keeps it.
+func TestThawAfterCrash(t *testing.T) {
+	st, fe := drivertest.NewStore(), drivertest.NewFrontend()
+	fm := mount.NewFakeMounter(nil)
+	dataDir := t.TempDir()
+	var frozen []string
+	var thawErr error
+	opts := driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: dataDir, Store: st, Frontend: fe,
+		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{}},
+		Freeze:  func(mp string) error { frozen = append(frozen, mp); return nil },
+		Thaw: func(mp string) error {
+			if thawErr != nil {
+				return thawErr
+			}
+			frozen = slices.DeleteFunc(frozen, func(s string) bool { return s == mp })
+			return nil
+		},
+	}
+	d, err := driver.New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	v, err := d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "f", VolumeCapabilities: []*csi.VolumeCapability{mountCap()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := v.Volume.VolumeId
+	b, _ := st.VolumeBackend(id)
+	dev, _ := fe.Attach(ctx, id, b, false)
+	fm.MountPoints = append(fm.MountPoints, mount.MountPoint{Device: dev, Path: "/staging/f", Type: "ext4"})
+	markers := func() []string {
+		ents, _ := os.ReadDir(filepath.Join(dataDir, "frozen"))
+		var out []string
+		for _, e := range ents {
+			out = append(out, e.Name())
+		}
+		return out
+	}
+	if _, err := d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s1", SourceVolumeId: id}); err != nil {
+		t.Fatal(err)
+	}
+	if len(frozen) != 0 || len(markers()) != 0 {
+		t.Fatalf("after a snapshot: frozen %v, markers %v", frozen, markers())
+	}
+	// A thaw that fails keeps the marker.
+	thawErr = errors.New("thaw failed")
+	if _, err := d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s2", SourceVolumeId: id}); err != nil {
+		t.Fatal(err)
+	}
+	if got := markers(); len(got) != 1 || got[0] != id || len(frozen) != 1 {
+		t.Fatalf("after a failed thaw: frozen %v, markers %v", frozen, got)
+	}
+	// The plugin "restarts": Recover thaws it and drops the marker.
+	thawErr = nil
+	d2, err := driver.New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d2.Recover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if len(frozen) != 0 || len(markers()) != 0 {
+		t.Fatalf("after Recover: frozen %v, markers %v", frozen, markers())
 	}
 }

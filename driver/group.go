@@ -115,6 +115,9 @@ func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csi.CreateV
 		return nil, statusf(codes.Aborted, "an operation on group snapshot %q or one of its volumes is in progress", name)
 	}
 	defer d.locks.unlock(keys...)
+	if err := d.storeErr(); err != nil {
+		return nil, err
+	}
 	if g, ok := findGroupByName(gs, name); ok {
 		var have []string
 		for _, s := range g.Snapshots {

@@ -40,5 +40,7 @@ func (d *Driver) GetPluginCapabilities(context.Context, *csi.GetPluginCapabiliti
 // has been opened and attached volumes recovered, so a reachable plugin is a
 // ready one.
 func (d *Driver) Probe(context.Context, *csi.ProbeRequest) (*csi.ProbeResponse, error) {
-	return &csi.ProbeResponse{Ready: wrapperspb.Bool(true)}, nil
+	// Not ready once the store failed: the livenessprobe sidecar then
+	// fails, and the restart it leads to reopens the store from its log.
+	return &csi.ProbeResponse{Ready: wrapperspb.Bool(d.opt.Store.Err() == nil)}, nil
 }

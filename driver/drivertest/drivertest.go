@@ -24,6 +24,11 @@ type Store struct {
 	closed bool
 	// Now returns creation times; tests may fix it.
 	Now func() time.Time
+	// Failed, when set, is what Err returns (a store whose log failed).
+	Failed error
+	// FailSnapshots, when set, is what CreateSnapshot returns (a commit
+	// that fails after the driver's checks).
+	FailSnapshots error
 }
 
 type vol struct {
@@ -181,6 +186,9 @@ func (s *Store) DeleteVolume(id string) error {
 func (s *Store) CreateSnapshot(volID, snapID string, labels map[string]string) (driver.SnapshotInfo, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.FailSnapshots != nil {
+		return driver.SnapshotInfo{}, s.FailSnapshots
+	}
 	v, ok := s.vols[volID]
 	if !ok {
 		return driver.SnapshotInfo{}, fmt.Errorf("volume %s: %w", volID, driver.ErrNotFound)
@@ -250,6 +258,16 @@ func (s *Store) Snapshot(id string) (driver.SnapshotInfo, error) {
 		return driver.SnapshotInfo{}, fmt.Errorf("snapshot %s: %w", id, driver.ErrNotFound)
 	}
 	return sn.info, nil
+}
+
+// Err implements driver.Store.
+func (s *Store) Err() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return driver.ErrClosed
+	}
+	return s.Failed
 }
 
 // Volumes implements driver.Store.
