@@ -96,6 +96,36 @@ type volume struct {
 	shut     sync.Once
 }
 
+// lost says why v's connection can serve nothing any more ("" if it can):
+// its server saw the connection go (ENODEV), or it was aborted.
+func (v *volume) lost() string {
+	if v.srv.isDead() {
+		return "the server saw the connection end"
+	}
+	return heldConnLost(v.mp, v.fd)
+}
+
+// teardown undoes an attached volume v of id whose connection is dead:
+// its loop devices, its mount, its server and the holder's copy.
+func (f *Frontend) teardown(ctx context.Context, id string, v *volume) error {
+	if err := detachLoops(ctx, v.mp); err != nil {
+		return err
+	}
+	if isMounted(v.mp) {
+		if err := unmountFuse(v.mp); err != nil {
+			return err
+		}
+	}
+	v.shutdown()
+	f.set(id, nil)
+	_, dfd, err := holderCall(f.sock, holderReq{Op: "drop", ID: id}, -1)
+	closeFD(dfd)
+	if err != nil && !errors.Is(err, errNoHolder) {
+		return fmt.Errorf("drop the dead connection of %s: %w", id, err)
+	}
+	return nil
+}
+
 // shutdown stops v's server and closes its /dev/fuse fd, once: Close at
 // shutdown can race a Detach already past its lock, and a second close of
 // an fd number, or a write to the closed wake pipe, would hit whatever file
@@ -224,10 +254,20 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 	}
 	defer unlock()
 	if v := f.get(id); v != nil {
-		if v.readOnly != readOnly {
-			return "", fmt.Errorf("%w: %s is attached readOnly=%v", ErrConflict, id, v.readOnly)
+		if why := v.lost(); why != "" {
+			// Served by this process but dead (aborted through fusectl, or
+			// the kernel's request timeout): every I/O on its device
+			// fails. Tear it down and start over below.
+			klog.InfoS("FUSE connection of an attached volume is dead; attaching afresh", "volumeID", id, "why", why)
+			if err := f.teardown(ctx, id, v); err != nil {
+				return "", err
+			}
+		} else {
+			if v.readOnly != readOnly {
+				return "", fmt.Errorf("%w: %s is attached readOnly=%v", ErrConflict, id, v.readOnly)
+			}
+			return v.dev, nil
 		}
-		return v.dev, nil
 	}
 	mp := f.mountpoint(id)
 	resp, fd, err := holderCall(f.sock, holderReq{Op: "get", ID: id}, -1)
@@ -316,23 +356,31 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 		unix.Close(fd)
 		return "", err
 	}
-	srv.start(f.cfg.Readers)
 	v := &volume{id: id, mp: mp, fd: fd, srv: srv, readOnly: readOnly}
+	// Resend before any reader runs: NOTIFY_RESEND requeues every request
+	// a reader has taken and not answered, with the resend bit. A reader of
+	// this process that took a request just before it would then execute it
+	// alongside its resent copy, and a later write to the same block could
+	// land between the two (the older data last).
 	if err := srv.notifyResend(); err != nil {
 		klog.ErrorS(err, "FUSE_NOTIFY_RESEND failed; requests in flight at the restart may fail", "volumeID", id)
 	}
 	dev, ok := findLoop(mp)
+	var conflict error
 	if ok {
-		ro, err := loopReadOnly(dev)
-		if err == nil && ro != readOnly {
+		if ro, err := loopReadOnly(dev); err == nil && ro != readOnly {
 			// Keep serving with the mode the device has, and say so.
-			srv.readOnly = ro
-			v.readOnly = ro
-			v.dev = dev
-			f.set(id, v)
-			return "", fmt.Errorf("%w: %s resumed on %s with readOnly=%v", ErrConflict, id, dev, ro)
+			srv.readOnly, v.readOnly = ro, ro
+			conflict = fmt.Errorf("%w: %s resumed on %s with readOnly=%v", ErrConflict, id, dev, ro)
 		}
-	} else {
+	}
+	srv.start(f.cfg.Readers)
+	if conflict != nil {
+		v.dev = dev
+		f.set(id, v)
+		return "", conflict
+	}
+	if !ok {
 		// Died between mount and loop attach.
 		if dev, err = attachLoop(ctx, mp, readOnly); err != nil {
 			srv.stop()
@@ -390,6 +438,18 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 		return "", err
 	}
 	held = true
+	// Before Linux 6.18 the loop driver sizes the device from the FUSE
+	// inode's cached i_size, which is 0 on a fresh mount until something
+	// asks for the file's attributes: stat it, and check what the kernel
+	// now has.
+	var st unix.Stat_t
+	if err = unix.Stat(mp, &st); err != nil {
+		return "", fmt.Errorf("stat %s: %w", mp, err)
+	}
+	if st.Size != b.Size() {
+		err = fmt.Errorf("kernel sees %d bytes for %s, the backend has %d", st.Size, mp, b.Size())
+		return "", err
+	}
 	if dev, err = attachLoop(ctx, mp, readOnly); err != nil {
 		return "", err
 	}
@@ -577,15 +637,27 @@ func (f *Frontend) Resize(ctx context.Context, id string, newSize int64) error {
 	}
 	// The loop driver reads the FUSE inode's cached i_size: drop the cached
 	// attributes and stat, so the kernel asks us for the new size first.
-	if err := v.srv.notifyInvalAttr(); err != nil {
-		return fmt.Errorf("invalidate attributes: %w", err)
+	// A GETATTR reply is not cached when an async direct I/O completed while
+	// it was in flight (fuse_change_attributes skips it when attr_version
+	// moved), though stat still returns it: under I/O the cache can keep the
+	// old size. So check the cached size itself (AT_STATX_DONT_SYNC) and
+	// try again.
+	cached := int64(-1)
+	for try := 0; try < 100 && cached != newSize; try++ {
+		if err := v.srv.notifyInvalAttr(); err != nil {
+			return fmt.Errorf("invalidate attributes: %w", err)
+		}
+		var st unix.Statx_t
+		if err := unix.Statx(unix.AT_FDCWD, v.mp, 0, unix.STATX_SIZE, &st); err != nil {
+			return fmt.Errorf("stat %s: %w", v.mp, err)
+		}
+		if err := unix.Statx(unix.AT_FDCWD, v.mp, unix.AT_STATX_DONT_SYNC, unix.STATX_SIZE, &st); err != nil {
+			return fmt.Errorf("stat %s: %w", v.mp, err)
+		}
+		cached = int64(st.Size)
 	}
-	st, err := os.Stat(v.mp)
-	if err != nil {
-		return fmt.Errorf("stat %s: %w", v.mp, err)
-	}
-	if st.Size() != newSize {
-		return fmt.Errorf("kernel sees size %d after invalidation, want %d", st.Size(), newSize)
+	if cached != newSize {
+		return fmt.Errorf("kernel caches size %d after invalidation, want %d", cached, newSize)
 	}
 	if !ownsLoop(v.dev, v.mp) {
 		return fmt.Errorf("%w: %s is no longer attached to %s (detached from outside)", ErrNotFound, v.dev, id)

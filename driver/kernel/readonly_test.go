@@ -149,3 +149,66 @@ func TestReadOnlyDevice(t *testing.T) {
 	}
 	assertNothingLeft(t, runDir)
 }
+
+// TestResizeUnderIO: Resize while the device takes reads. A GETATTR reply
+// that races a completed direct I/O is not cached by the kernel (though
+// stat returns it), so a Resize that trusted one stat could leave the FUSE
+// file's cached size old while the loop device had the new one: reads of
+// the grown part then failed with EIO. After every Resize the new last
+// block must read.
+func TestResizeUnderIO(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	fe, _ := newFrontend(t)
+	size := int64(16 << 20)
+	b := newFileBackend(t, t.TempDir(), size)
+	dev, err := fe.Attach(ctx, "vol-grow", b, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		f, err := os.OpenFile(dev, os.O_RDONLY|unix.O_DIRECT, 0)
+		if err != nil {
+			done <- err
+			return
+		}
+		defer f.Close()
+		buf := alignedBuf(4096)
+		for i := int64(0); ; i++ {
+			select {
+			case <-stop:
+				done <- nil
+				return
+			default:
+			}
+			if _, err := f.ReadAt(buf, (i%4096)*4096); err != nil {
+				done <- err
+				return
+			}
+		}
+	}()
+	for round := 0; round < 20; round++ {
+		size += 1 << 20
+		if err := b.Grow(size); err != nil {
+			t.Fatal(err)
+		}
+		if err := fe.Resize(ctx, "vol-grow", size); err != nil {
+			t.Fatalf("round %d: Resize: %v", round, err)
+		}
+		f, err := os.OpenFile(dev, os.O_RDONLY|unix.O_DIRECT, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = f.ReadAt(alignedBuf(4096), size-4096)
+		f.Close()
+		if err != nil {
+			t.Fatalf("round %d: the new last block: %v", round, err)
+		}
+	}
+	close(stop)
+	if err := <-done; err != nil {
+		t.Fatalf("reader: %v", err)
+	}
+}

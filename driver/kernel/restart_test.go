@@ -2,6 +2,7 @@ package kernel
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -447,4 +448,52 @@ func fuseConnDir(t *testing.T, mp string) string {
 		t.Fatalf("connection directory: %v", err)
 	}
 	return dir
+}
+
+// TestAbortedWhileServed: the connection of a volume this process serves is
+// aborted (fusectl's abort file, the documented way out of a hung server;
+// or the kernel's request timeout). Attach used to return the old device,
+// on which every I/O fails; it must start over and serve the data again.
+func TestAbortedWhileServed(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	fe, _ := newFrontend(t)
+	const size = 16 << 20
+	const id = "vol-abort"
+	b := newFileBackend(t, t.TempDir(), size)
+	dev, err := fe.Attach(ctx, id, b, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := alignedBuf(1 << 20)
+	fillRandom(rand.New(rand.NewSource(11)), want)
+	f, err := os.OpenFile(dev, os.O_RDWR|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(want, 2<<20); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	abort := filepath.Join(fuseConnDir(t, fe.mountpoint(id)), "abort")
+	if err := os.WriteFile(abort, []byte("1"), 0); err != nil {
+		t.Fatalf("abort the connection: %v", err)
+	}
+	dev2, err := fe.Attach(ctx, id, b, false)
+	if err != nil {
+		t.Fatalf("Attach after the abort: %v", err)
+	}
+	f, err = os.OpenFile(dev2, os.O_RDONLY|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := alignedBuf(1 << 20)
+	_, err = f.ReadAt(got, 2<<20)
+	f.Close()
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("read through %s after the abort: %v (same bytes: %v)", dev2, err, bytes.Equal(got, want))
+	}
+	if n := len(loopsOf(fe.mountpoint(id))); n != 1 {
+		t.Fatalf("%d loop devices on the volume's file, want 1", n)
+	}
 }

@@ -339,7 +339,10 @@ func alignedAt(n, at int) []byte {
 // that wants a specific errno wraps a syscall.Errno.
 func errnoOf(err error) int32 {
 	var e syscall.Errno
-	if errors.As(err, &e) {
+	// The kernel accepts errors in [1, 511] only (fuse_dev_do_write: a
+	// reply it rejects leaves the request waiting forever); anything else
+	// is EIO.
+	if errors.As(err, &e) && e > 0 && e < 512 {
 		return -int32(e)
 	}
 	return -int32(unix.EIO)
@@ -558,12 +561,14 @@ func (s *server) handleFallocate(h inHeader, body, out []byte) int {
 		if mode&^(fallocPunchHole|fallocZeroRange|fallocKeepSize) != 0 {
 			return s.errReply(out, h, unix.EOPNOTSUPP)
 		}
-		if off >= size {
-			return s.okReply(out, h, 0)
-		}
 		if off+length > size {
+			// Without KEEP_SIZE the kernel would take the range's end as
+			// the new size: the size is fixed (Resize grows it).
 			if mode&fallocKeepSize == 0 {
 				return s.errReply(out, h, unix.EFBIG)
+			}
+			if off >= size {
+				return s.okReply(out, h, 0)
 			}
 			length = size - off
 		}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"path/filepath"
+	"syscall"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -154,6 +155,25 @@ func TestHandle(t *testing.T) {
 	s.handle(request(opFallocate, 18, fa), out)
 	if replyErrno(out) != -int32(unix.EOPNOTSUPP) {
 		t.Fatalf("collapse range: errno %d, want EOPNOTSUPP", replyErrno(out))
+	}
+	// Zero range at or past the end without KEEP_SIZE would grow the file
+	// in the kernel's eyes: refused; with KEEP_SIZE nothing to do.
+	le.PutUint64(fa[8:], uint64(len(mb.b)))
+	le.PutUint32(fa[24:], fallocZeroRange)
+	s.handle(request(opFallocate, 19, fa), out)
+	if replyErrno(out) != -int32(unix.EFBIG) {
+		t.Fatalf("zero range past the end: errno %d, want EFBIG", replyErrno(out))
+	}
+	le.PutUint32(fa[24:], fallocZeroRange|fallocKeepSize)
+	s.handle(request(opFallocate, 19, fa), out)
+	if replyErrno(out) != 0 {
+		t.Fatalf("zero range past the end, keep size: errno %d, want 0", replyErrno(out))
+	}
+	// Errors the kernel would reject as replies become EIO.
+	for _, err := range []error{syscall.Errno(0), syscall.Errno(600), errors.New("not an errno")} {
+		if got := errnoOf(err); got != -int32(unix.EIO) {
+			t.Fatalf("errnoOf(%v) = %d, want -EIO", err, got)
+		}
 	}
 	// Unknown opcode.
 	s.handle(request(9999, 20, nil), out)
