@@ -144,8 +144,10 @@
 //     until reopened: after a failed fsync the state on disk is unknown, and
 //     Open re-derives it.
 //   - A rollback in progress (or interrupted and not yet resumed) makes the
-//     volume refuse writes, discards, snapshots, resizes, clones and
-//     deletes with ErrRollbackPending; reads return whatever mix of old and
+//     volume refuse writes, discards, snapshots, resizes, clones (of the
+//     volume; its snapshots can be cloned) and deletes with
+//     ErrRollbackPending, and Rollback calls of one volume run one at a
+//     time; reads return whatever mix of old and
 //     rolled-back chunks is there at that moment. Callers must stop using
 //     the volume first (the driver refuses while it is staged).
 //   - A store that ever had a snapshot group writes log version 2, which

@@ -575,3 +575,60 @@ func TestFailedStoreHidesUndurableObjects(t *testing.T) {
 		t.Fatalf("group after reopen: %v, want ErrNotFound (it never reached the log)", err)
 	}
 }
+
+// TestRollbacksOfOneVolumeSerialize: a second Rollback of a volume whose
+// rollback to the same snapshot is running must wait for it, not join it:
+// it used to finish the rollback alongside the first (Resumed) and, after
+// the first returned and the volume took writes again, keep writing the
+// snapshot's image over them (a rollback's writes pass the write guard).
+func TestRollbacksOfOneVolumeSerialize(t *testing.T) {
+	const cs = rbChunk
+	defer func(p int64) { rollbackPiece = p }(rollbackPiece)
+	rollbackPiece = cs // one chunk per write
+	dir := t.TempDir()
+	s, fs := openFault(t, dir, nil)
+	defer s.Close()
+	v := mustVol(t, s, "v", 16*cs, cs)
+	old := fillRandom(t, v, 13)
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(16*cs, 9), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	held, release := make(chan struct{}), make(chan struct{})
+	var first sync.Once
+	fs.mu.Lock()
+	fs.writeHook = func(name string) {
+		if name == v.dataName {
+			first.Do(func() { close(held); <-release })
+		}
+	}
+	fs.mu.Unlock()
+	type result struct {
+		r   RollbackResult
+		err error
+	}
+	results := make(chan result, 2)
+	rollback := func() { r, err := s.Rollback("v", "s"); results <- result{r, err} }
+	go rollback()
+	<-held // the first rollback is inside its first data write
+	go rollback()
+	time.Sleep(200 * time.Millisecond) // the second gets as far as it can
+	close(release)
+	for i := 0; i < 2; i++ {
+		r := <-results
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+		if r.r.Resumed {
+			t.Fatal("a Rollback joined the one running (Resumed) instead of waiting for it")
+		}
+	}
+	if got := mustRead(t, v, 0, 16*cs); !bytes.Equal(got, old) {
+		t.Fatalf("volume differs from the snapshot at %d after both rollbacks", firstDiff(got, old))
+	}
+}

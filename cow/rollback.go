@@ -17,8 +17,10 @@ import (
 var (
 	// ErrRollbackPending: the volume is being rolled back (or a rollback was
 	// interrupted by a crash and has not been completed yet). Writes,
-	// discards, snapshots, resizes, clones and deletes of the volume and its
-	// snapshots are refused until Rollback of the same snapshot returns nil.
+	// discards, snapshots, resizes and clones of the volume, and deletes of
+	// the volume and its snapshots, are refused until Rollback of the same
+	// snapshot returns nil. Clones of its snapshots are not: a rollback
+	// changes no snapshot.
 	ErrRollbackPending = errors.New("cow: rollback in progress")
 	// ErrForeignSnapshot: Rollback was given a snapshot that was not taken
 	// of that volume.
@@ -83,6 +85,17 @@ func (s *Store) Rollback(volID, snapID string) (RollbackResult, error) {
 	if err := checkID(snapID); err != nil {
 		return RollbackResult{}, err
 	}
+	// One rollback of a volume at a time, from begin to finish: a second
+	// call that found the first one's rollback pending used to finish it
+	// alongside, and went on writing the snapshot's image after the first
+	// returned and the volume took writes again (rollback writes pass the
+	// guard), over acknowledged data. Now it waits, then starts its own.
+	v, err := s.Volume(volID)
+	if err != nil {
+		return RollbackResult{}, err
+	}
+	v.rbMu.Lock()
+	defer v.rbMu.Unlock()
 	v, sn, resumed, err := s.rollbackBegin(volID, snapID)
 	if err != nil {
 		return RollbackResult{}, err

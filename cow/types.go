@@ -97,6 +97,7 @@ type Volume struct {
 	gate     sync.RWMutex
 	stripes  [nStripes]sync.RWMutex
 	flushMu  sync.Mutex  // serialises Flush, so one Flush cannot return before another's present records land
+	rbMu     sync.Mutex  // serialises Rollback calls of the volume, from begin to finish
 	dirty    atomic.Bool // data written since the last data sync
 	noClone  atomic.Bool // copy-outs write copies: cowf cannot share data's blocks (writeCopies)
 	data     file

@@ -27,6 +27,26 @@ import (
 // unfinished).
 type RollbackStore interface {
 	Rollback(volID, snapID string) (RollbackResult, error)
+	// PendingRollback names the snapshot of an unfinished rollback of the
+	// volume (it failed part-way, or a resume at startup did): the volume
+	// refuses writes and reads a mix of old and rolled-back chunks until
+	// the same rollback is run again to its end.
+	PendingRollback(volID string) (snapID string, pending bool)
+}
+
+// checkNoPendingRollback answers FailedPrecondition for a volume with an
+// unfinished rollback: staging or publishing it would format-and-mount
+// fail with EIO on its refused writes, or mount a torn filesystem
+// read-only.
+func (d *Driver) checkNoPendingRollback(id string) error {
+	rs, ok := d.opt.Store.(RollbackStore)
+	if !ok {
+		return nil
+	}
+	if snap, pending := rs.PendingRollback(id); pending {
+		return statusf(codes.FailedPrecondition, "volume %s has an unfinished rollback to snapshot %s; finish it first: csi-snap rollback --volume %s --snapshot %s", id, snap, id, snap)
+	}
+	return nil
 }
 
 // RollbackResult says what a rollback did.

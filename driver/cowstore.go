@@ -219,6 +219,16 @@ func (c *CowStore) VolumeBackend(id string) (Backend, error) {
 func (c *CowStore) Close() error { return fromCow(c.s.Close()) }
 
 // Rollback implements RollbackStore.
+// PendingRollback implements RollbackStore.
+func (c *CowStore) PendingRollback(volID string) (string, bool) {
+	v, err := c.s.Volume(volID)
+	if err != nil {
+		return "", false
+	}
+	return v.PendingRollback()
+}
+
+// Rollback implements RollbackStore.
 func (c *CowStore) Rollback(volID, snapID string) (RollbackResult, error) {
 	r, err := c.s.Rollback(volID, snapID)
 	return RollbackResult{ChunksRewritten: r.Chunks, ChunksZeroed: r.Zeroed, TailBytes: r.TailBytes,

@@ -113,6 +113,16 @@ func (d *Driver) Recover(ctx context.Context) error {
 			}
 		}
 	}
+	// A rollback the store could not finish when it opened (it resumes
+	// them there) leaves its volume refusing stage and publish: say so.
+	if rs, ok := d.opt.Store.(RollbackStore); ok {
+		for _, v := range d.opt.Store.Volumes() {
+			if snap, pending := rs.PendingRollback(v.ID); pending {
+				klog.ErrorS(nil, "Volume has an unfinished rollback; it cannot be staged until it is run again to its end", "volumeID", v.ID, "snapshotID", snap,
+					"command", "csi-snap rollback --volume "+v.ID+" --snapshot "+snap)
+			}
+		}
+	}
 	// After the re-attach: a frozen filesystem's mount stayed, but its
 	// device is served again only now.
 	if err := d.thawLeftovers(); err != nil {

@@ -754,3 +754,34 @@ func TestThawAfterCrash(t *testing.T) {
 		t.Fatalf("after Recover: frozen %v, markers %v", frozen, markers())
 	}
 }
+
+// TestPendingRollbackRefusesStage: a volume whose rollback stopped part-way
+// (refusing writes, reading a mix of old and rolled-back chunks) is not
+// staged or published: FailedPrecondition naming the command that finishes
+// it, and nothing attached.
+func TestPendingRollbackRefusesStage(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	id := e.createVolume(t, "rb-pending", 1<<20).VolumeId
+	dir := t.TempDir()
+	staging := filepath.Join(dir, "staging")
+	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: blockCap()}); err != nil {
+		t.Fatal(err)
+	}
+	e.store.Pending = map[string]string{id: "s-whatever"}
+	_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+		TargetPath: filepath.Join(dir, "target"), VolumeCapability: blockCap()})
+	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "csi-snap rollback") {
+		t.Fatalf("publish with a pending rollback: %v, want FailedPrecondition naming the command", err)
+	}
+	if _, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: blockCap()})
+	if status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("stage with a pending rollback: %v, want FailedPrecondition", err)
+	}
+	if dev, ok := e.fe.Device(id); ok {
+		t.Fatalf("the refused stage attached %s", dev)
+	}
+}

@@ -214,6 +214,9 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err != nil {
 		return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
 	}
+	if err := d.checkNoPendingRollback(id); err != nil {
+		return nil, err
+	}
 	b, err := d.opt.Store.VolumeBackend(id)
 	if err != nil {
 		return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
@@ -371,6 +374,9 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	}
 	defer d.locks.unlock(id)
 	if err := d.checkNodeVolume(id); err != nil {
+		return nil, err
+	}
+	if err := d.checkNoPendingRollback(id); err != nil {
 		return nil, err
 	}
 	dev, ok := d.opt.Frontend.Device(id)

@@ -29,6 +29,8 @@ type Store struct {
 	// FailSnapshots, when set, is what CreateSnapshot returns (a commit
 	// that fails after the driver's checks).
 	FailSnapshots error
+	// Pending maps volume IDs to the snapshot of an unfinished rollback.
+	Pending map[string]string
 }
 
 type vol struct {
@@ -211,6 +213,15 @@ func (s *Store) DeleteSnapshot(id string) error {
 	}
 	delete(s.snaps, id)
 	return nil
+}
+
+// PendingRollback implements driver.RollbackStore: the volume named in
+// Pending, if any (this fake's rollbacks never stop part-way by themselves).
+func (s *Store) PendingRollback(volID string) (string, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	snap, ok := s.Pending[volID]
+	return snap, ok
 }
 
 // Rollback implements driver.RollbackStore: the volume's bytes become the
