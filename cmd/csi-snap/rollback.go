@@ -59,8 +59,9 @@ func serveAdmin(d *driver.Driver, runDir string) (func(), error) {
 	}()
 	klog.InfoS("Serving admin endpoint", "socket", sock)
 	return func() {
-		// A rollback in flight is cut here; the store resumes it on its
-		// next Open (or a repeated command completes it).
+		// Closes the connections: a client waiting for a rollback in flight
+		// is told the plugin went away. The rollback itself goes on until
+		// the store closes; what is left of it then, the next Open resumes.
 		hs.Close()
 		os.Remove(sock)
 	}, nil
@@ -113,13 +114,24 @@ func rollbackMain(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
+// dialError marks a failure to reach the admin socket at all, as opposed to
+// losing the connection during the rollback.
+type dialError struct{ err error }
+
+func (e dialError) Error() string { return e.err.Error() }
+func (e dialError) Unwrap() error { return e.err }
+
 // requestRollback posts the request to the admin socket.
 func requestRollback(ctx context.Context, sock, vol, snap string) (driver.RollbackResponse, error) {
 	var out driver.RollbackResponse
 	client := &http.Client{Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
-			return d.DialContext(ctx, "unix", sock)
+			c, err := d.DialContext(ctx, "unix", sock)
+			if err != nil {
+				return nil, dialError{err}
+			}
+			return c, nil
 		},
 	}}
 	body, _ := json.Marshal(driver.RollbackRequest{Volume: vol, Snapshot: snap})
@@ -129,8 +141,14 @@ func requestRollback(ctx context.Context, sock, vol, snap string) (driver.Rollba
 	}
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := client.Do(req)
-	if err != nil {
-		return out, fmt.Errorf("no node plugin answering on %s (is this the plugin's container, and --run-dir right?): %w", sock, err)
+	var de dialError
+	switch {
+	case errors.As(err, &de):
+		return out, fmt.Errorf("no node plugin answering on %s (is this the plugin's container, and --run-dir right?): %w", sock, de.err)
+	case errors.Is(err, context.DeadlineExceeded):
+		return out, fmt.Errorf("gave up waiting (--timeout); the rollback goes on in the plugin: run the same command again later, it reports the result (or that it is still in progress)")
+	case err != nil:
+		return out, fmt.Errorf("the plugin went away during the rollback (%v); it finishes the rollback when it starts again: then run the same command again", err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {

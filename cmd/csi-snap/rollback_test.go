@@ -2,10 +2,12 @@ package main
 
 import (
 	"context"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/csi-snap/csi-snap/driver/drivertest"
@@ -94,5 +96,50 @@ func TestRollbackCommand(t *testing.T) {
 	}
 	if code, _, stderr := cmd("--run-dir", t.TempDir(), "--volume", vol, "--snapshot", snap, "--timeout", "2s"); code != 1 || !strings.Contains(stderr, "no node plugin answering") {
 		t.Fatalf("no plugin: exit %d, stderr %q", code, stderr)
+	}
+}
+
+// TestRollbackClientErrors: the client tells apart a plugin that is not
+// there, a rollback still running when --timeout ends (it goes on), and a
+// plugin that went away during the rollback (it finishes it on restart).
+func TestRollbackClientErrors(t *testing.T) {
+	dir := t.TempDir()
+	serve := func(name string, handle func(net.Conn)) string {
+		sock := filepath.Join(dir, name)
+		ln, err := net.Listen("unix", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				go handle(c)
+			}
+		}()
+		return sock
+	}
+	slow := serve("slow.sock", func(c net.Conn) { time.Sleep(5 * time.Second); c.Close() })
+	gone := serve("gone.sock", func(c net.Conn) {
+		c.Read(make([]byte, 4096)) // the request, then the plugin dies
+		c.Close()
+	})
+	for _, c := range []struct {
+		sock, want string
+		timeout    time.Duration
+	}{
+		{filepath.Join(dir, "none.sock"), "no node plugin answering", 5 * time.Second},
+		{slow, "gave up waiting (--timeout); the rollback goes on", 200 * time.Millisecond},
+		{gone, "the plugin went away during the rollback", 5 * time.Second},
+	} {
+		ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
+		_, err := requestRollback(ctx, c.sock, "v-x", "s-x")
+		cancel()
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want %q", filepath.Base(c.sock), err, c.want)
+		}
 	}
 }
