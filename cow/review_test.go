@@ -317,10 +317,13 @@ func TestCreateSnapshotReleasesStoreLock(t *testing.T) {
 // that snapshot began, or a newer snapshot was taken, the invalidate must
 // not happen: committing it for a rollback's target made the store
 // unopenable (replay rejects the record as corrupt), and the older
-// snapshot no longer needs the space the write wanted.
+// snapshot no longer needs the space the write wanted. Nor when the write
+// will be refused after it (a rollback to another snapshot began, the
+// volume was deleted): the snapshot would be lost for a write that never
+// happens.
 func TestLateInvalidateSkips(t *testing.T) {
 	const cs = rbChunk
-	for _, meanwhile := range []string{"rollback began", "newer snapshot"} {
+	for _, meanwhile := range []string{"rollback began", "newer snapshot", "rollback to an older snapshot began", "volume deleted"} {
 		t.Run(meanwhile, func(t *testing.T) {
 			dir := t.TempDir()
 			s, err := Open(dir)
@@ -329,6 +332,9 @@ func TestLateInvalidateSkips(t *testing.T) {
 			}
 			v := mustVol(t, s, "v", 4*cs, cs)
 			old := fillRandom(t, v, 5)
+			if _, err := s.CreateSnapshot("v", "s0", SnapshotOptions{}); err != nil {
+				t.Fatal(err)
+			}
 			if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{Limit: cs}); err != nil {
 				t.Fatal(err)
 			}
@@ -348,8 +354,16 @@ func TestLateInvalidateSkips(t *testing.T) {
 				if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
 					t.Fatal(err)
 				}
+			case "rollback to an older snapshot began": // the write is refused after it
+				if _, _, _, err := s.rollbackBegin("v", "s0"); err != nil {
+					t.Fatal(err)
+				}
+			case "volume deleted": // its snapshots live on; the write is refused
+				if err := s.DeleteVolume("v"); err != nil {
+					t.Fatal(err)
+				}
 			}
-			if err := s.invalidate(sn); err != nil { // the write's late call
+			if err := s.invalidate(sn, false); err != nil { // the write's late call
 				t.Fatalf("invalidate: %v", err)
 			}
 			if snapInfoOf(t, s, "s").Invalid {
@@ -417,8 +431,8 @@ func TestReadRacingInvalidate(t *testing.T) {
 	}()
 	time.Sleep(100 * time.Millisecond) // the reader waits for the stripe
 	invalidated := make(chan error, 1)
-	go func() { invalidated <- s.invalidate(sn) }() // as a write over the limit does
-	time.Sleep(100 * time.Millisecond)              // it waits for v.mu to unchain s
+	go func() { invalidated <- s.invalidate(sn, false) }() // as a write over the limit does
+	time.Sleep(100 * time.Millisecond)                     // it waits for v.mu to unchain s
 	unstripe()
 	time.Sleep(100 * time.Millisecond) // the reader waits for v.mu behind it
 	v.mu.RUnlock()
@@ -630,5 +644,69 @@ func TestRollbacksOfOneVolumeSerialize(t *testing.T) {
 	}
 	if got := mustRead(t, v, 0, 16*cs); !bytes.Equal(got, old) {
 		t.Fatalf("volume differs from the snapshot at %d after both rollbacks", firstDiff(got, old))
+	}
+}
+
+// TestCloseAfterFailedApply: a store closed by a failed apply (memory and
+// log disagreed) still has its files and directory lock open; Close must
+// release them, or no Open of the directory succeeds again in the process.
+func TestCloseAfterFailedApply(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustVol(t, s, "v", 64<<10, 4096)
+	s.mu.Lock()
+	s.closed = true // what commitApply does when applying a record fails
+	s.mu.Unlock()
+	if err := s.Close(); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Close: %v, want ErrClosed", err)
+	}
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatalf("Open after closing a failed store: %v", err)
+	}
+	s2.Close()
+}
+
+// TestSnapshotReadRacingClose: a snapshot read held on a stripe while the
+// store closes gets ErrClosed, not the raw error of the closed file.
+func TestSnapshotReadRacingClose(t *testing.T) {
+	const cs = rbChunk
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := mustVol(t, s, "v", 4*cs, cs)
+	fillRandom(t, v, 4)
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(cs, 7), 0); err != nil { // chunk 0 copied out
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	sn, err := s.Snapshot("s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	unstripe := v.lockStripes(0, 1, true)
+	read := make(chan error, 1)
+	go func() { _, err := sn.ReadAt(make([]byte, cs), 0); read <- err }()
+	time.Sleep(100 * time.Millisecond) // the reader waits for the stripe
+	closed := make(chan error, 1)
+	go func() { closed <- s.Close() }()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		unstripe()
+		t.Fatal("Close waited for the stripe: the test cannot stage the race")
+	}
+	unstripe()
+	if err := <-read; !errors.Is(err, ErrClosed) {
+		t.Fatalf("snapshot read racing Close: %v, want ErrClosed", err)
 	}
 }

@@ -90,16 +90,30 @@ func (s *Store) Rollback(volID, snapID string) (RollbackResult, error) {
 	// alongside, and went on writing the snapshot's image after the first
 	// returned and the volume took writes again (rollback writes pass the
 	// guard), over acknowledged data. Now it waits, then starts its own.
-	v, err := s.Volume(volID)
-	if err != nil {
-		return RollbackResult{}, err
+	var (
+		v, locked *Volume
+		sn        *Snapshot
+		resumed   bool
+	)
+	for {
+		var err error
+		if locked, err = s.Volume(volID); err != nil {
+			return RollbackResult{}, err
+		}
+		locked.rbMu.Lock()
+		v, sn, resumed, err = s.rollbackBegin(volID, snapID)
+		if err != nil {
+			locked.rbMu.Unlock()
+			return RollbackResult{}, err
+		}
+		if v == locked {
+			break
+		}
+		// The ID names another volume now (deleted and made again
+		// between the lookup and the begin): lock that one.
+		locked.rbMu.Unlock()
 	}
-	v.rbMu.Lock()
-	defer v.rbMu.Unlock()
-	v, sn, resumed, err := s.rollbackBegin(volID, snapID)
-	if err != nil {
-		return RollbackResult{}, err
-	}
+	defer locked.rbMu.Unlock()
 	res, err := s.rollbackFinish(v, sn)
 	res.Resumed = resumed
 	res.Duration = time.Since(start)

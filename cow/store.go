@@ -1004,6 +1004,16 @@ func (s *Store) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
+		if !s.isClosed.Load() {
+			// Closed by a failed apply (memory and log disagreed), not by
+			// Close: the files and the directory lock are still open.
+			vs := s.allVolumes()
+			unlock := lockGates(vs)
+			s.isClosed.Store(true)
+			s.log.stopped()
+			s.closeFiles()
+			unlock()
+		}
 		return ErrClosed
 	}
 	// The gates stay held until the files are closed: a writer waiting on

@@ -437,7 +437,15 @@ func (sn *Snapshot) ReadAt(p []byte, off int64) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	if err := sn.readChunk(off, p[:n]); err != nil {
+	err = sn.readChunk(off, p[:n])
+	// As in Volume.ReadAt: a Close or a delete that raced this read may
+	// have closed a file under it; say which instead of the raw error.
+	switch {
+	case err != nil && sn.s.isClosed.Load():
+		return 0, ErrClosed
+	case err != nil && (sn.isDeleted() || sn.vol.isGone()):
+		return 0, fmt.Errorf("%w: snapshot %q was deleted", ErrNotFound, sn.id)
+	case err != nil:
 		return 0, err
 	}
 	if n < int64(len(p)) {
@@ -477,6 +485,13 @@ func (v *Volume) copyOutOnly(off, n int64) error {
 	return v.modifyAs(off, n, nil, true, false)
 }
 
+// isGone reports whether v was reaped (its files are closed and removed).
+func (v *Volume) isGone() bool {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	return v.gone
+}
+
 // modifyAs is modify, or copyOutOnly when write is false.
 func (v *Volume) modifyAs(off, n int64, p []byte, internal, write bool) error {
 	if n == 0 {
@@ -493,7 +508,7 @@ func (v *Volume) modifyAs(off, n int64, p []byte, internal, write bool) error {
 		if !ok {
 			return err
 		}
-		if err := v.s.invalidate(inv.sn); err != nil {
+		if err := v.s.invalidate(inv.sn, internal); err != nil {
 			return err
 		}
 	}
@@ -1011,7 +1026,12 @@ func (v *Volume) Resize(newSize int64) error {
 // unopenable), or stopped being the newest snapshot (a copy-out now goes to
 // the new one, so sn no longer needs the space and must not be lost for
 // nothing). The write retries and asks again if it still has to.
-func (s *Store) invalidate(sn *Snapshot) error {
+//
+// It also skips when the write would be refused anyway after the retry:
+// its volume was deleted, or (for a write that is not a rollback's own) a
+// rollback of the volume began; invalidating for a write that never
+// happens would lose the snapshot for nothing.
+func (s *Store) invalidate(sn *Snapshot, internal bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.usable(); err != nil {
@@ -1022,7 +1042,8 @@ func (s *Store) invalidate(sn *Snapshot) error {
 	defer v.gate.Unlock()
 	v.mu.RLock()
 	skip := sn.invalid || sn.gone || sn.clones > 0 || v.rb == sn ||
-		len(v.chain) == 0 || v.chain[len(v.chain)-1] != sn
+		len(v.chain) == 0 || v.chain[len(v.chain)-1] != sn ||
+		v.deleted || v.gone || !internal && v.rb != nil
 	v.mu.RUnlock()
 	if skip {
 		return nil
