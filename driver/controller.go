@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -606,42 +607,58 @@ func (d *Driver) frozen(id string, fn func() error) error {
 	// The marker outlives a crash between the freeze and the thaw, which
 	// would leave the filesystem frozen (every write of the pod blocked,
 	// and later snapshots taking EBUSY for someone else's freeze): Recover
-	// thaws what the markers name.
+	// thaws what the markers name. A marker already there is a freeze of
+	// ours whose thaw failed: EBUSY is then ours too.
 	marker := d.freezeMarker(id)
+	_, statErr := os.Stat(marker)
+	ours := statErr == nil
 	if err := os.MkdirAll(filepath.Dir(marker), 0o700); err != nil {
 		return fmt.Errorf("freeze marker: %w", err)
 	}
-	if err := os.WriteFile(marker, []byte(mp), 0o600); err != nil {
+	if err := os.WriteFile(marker, []byte(bootID()+"\n"+mp), 0o600); err != nil {
 		return fmt.Errorf("freeze marker: %w", err)
 	}
-	if err := d.opt.Freeze(mp); err != nil && !errors.Is(err, syscall.EBUSY) {
-		os.Remove(marker)
-		return fmt.Errorf("freeze %s: %w", mp, err)
-	} else if err == nil {
+	switch err := d.opt.Freeze(mp); {
+	case err == nil || ours && errors.Is(err, syscall.EBUSY):
 		defer func() {
 			if err := d.opt.Thaw(mp); err != nil {
 				klog.ErrorS(err, "Thaw after snapshot", "volumeID", id, "mountpoint", mp)
-				return // the marker stays: Recover tries again
+				return // the marker stays: the next snapshot or Recover tries again
 			}
 			os.Remove(marker)
 		}()
-	} else {
-		// EBUSY: already frozen by someone else; the snapshot is consistent
-		// either way, and it is not ours to thaw.
+	case errors.Is(err, syscall.EBUSY):
+		// Frozen by someone else; the snapshot is consistent either way,
+		// and it is not ours to thaw.
 		os.Remove(marker)
+	default:
+		if !ours {
+			os.Remove(marker)
+		}
+		return fmt.Errorf("freeze %s: %w", mp, err)
 	}
 	return fn()
 }
 
 // freezeMarker is the file that records, while volume id's filesystem is
-// frozen by us, its mount point.
+// frozen by us, the boot it was frozen in and its mount point.
 func (d *Driver) freezeMarker(id string) string {
 	return filepath.Join(d.opt.DataDir, "frozen", id)
 }
 
-// thawLeftovers thaws the filesystems a previous run froze and did not
-// thaw (it died in between), as the markers in DataDir/frozen name them.
-func (d *Driver) thawLeftovers() error {
+// bootID identifies this boot of the machine ("" if unknown): a freeze does
+// not survive a reboot, so neither does a marker's meaning.
+func bootID() string {
+	b, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	return strings.TrimSpace(string(b))
+}
+
+// thawLeftovers thaws the filesystems a previous run of this boot froze and
+// did not thaw (it died in between), as the markers in DataDir/frozen name
+// them. Markers of another boot, or of a mount point that is gone, are
+// dropped. A volume whose re-attach failed (failed) keeps its marker: its
+// device is not served, and the thaw would wait on it.
+func (d *Driver) thawLeftovers(failed map[string]bool) error {
 	dir := filepath.Join(d.opt.DataDir, "frozen")
 	ents, err := os.ReadDir(dir)
 	if errors.Is(err, os.ErrNotExist) || d.opt.Thaw == nil {
@@ -650,16 +667,29 @@ func (d *Driver) thawLeftovers() error {
 	if err != nil {
 		return err
 	}
+	boot := bootID()
 	var first error
 	for _, e := range ents {
-		path := filepath.Join(dir, e.Name())
-		mp, err := os.ReadFile(path)
-		if err == nil && len(mp) > 0 {
+		id, path := e.Name(), filepath.Join(dir, e.Name())
+		if failed[id] {
+			klog.InfoS("Not thawing the filesystem of a volume that could not be re-attached", "volumeID", id)
+			continue
+		}
+		b, err := os.ReadFile(path)
+		markBoot, mp, _ := strings.Cut(string(b), "\n")
+		switch {
+		case err != nil:
+		case markBoot != boot || mp == "":
+			// Another boot: nothing is frozen any more.
+		case !d.isMountPoint(mp):
+			// Unmounted since: a frozen filesystem cannot be unmounted,
+			// so this one is not frozen (and the path may be another's).
+		default:
 			// EINVAL: not frozen (the thaw happened, the removal did not).
-			if err = d.opt.Thaw(string(mp)); errors.Is(err, syscall.EINVAL) {
+			if err = d.opt.Thaw(mp); errors.Is(err, syscall.EINVAL) {
 				err = nil
 			} else if err == nil {
-				klog.InfoS("Thawed a filesystem a previous run left frozen", "volumeID", e.Name(), "mountpoint", string(mp))
+				klog.InfoS("Thawed a filesystem a previous run left frozen", "volumeID", id, "mountpoint", mp)
 			}
 		}
 		if err == nil {
@@ -670,6 +700,12 @@ func (d *Driver) thawLeftovers() error {
 		}
 	}
 	return first
+}
+
+// isMountPoint reports whether the mount table lists a mount at path.
+func (d *Driver) isMountPoint(path string) bool {
+	mp, err := d.topMount(path)
+	return err == nil && mp.Path != ""
 }
 
 // DeleteSnapshot deletes a snapshot; volumes restored from it keep working.

@@ -94,6 +94,7 @@ func (d *Driver) Register(s *grpc.Server) {
 // error but tries every id.
 func (d *Driver) Recover(ctx context.Context) error {
 	var first error
+	failed := map[string]bool{}
 	for _, id := range d.opt.Frontend.Attached() {
 		b, err := d.opt.Store.VolumeBackend(id)
 		if errors.Is(err, ErrNotFound) {
@@ -107,6 +108,7 @@ func (d *Driver) Recover(ctx context.Context) error {
 			}
 		}
 		if err != nil {
+			failed[id] = true
 			klog.ErrorS(err, "Recovering attached volume", "volumeID", id)
 			if first == nil {
 				first = fmt.Errorf("recover %s: %w", id, err)
@@ -125,7 +127,7 @@ func (d *Driver) Recover(ctx context.Context) error {
 	}
 	// After the re-attach: a frozen filesystem's mount stayed, but its
 	// device is served again only now.
-	if err := d.thawLeftovers(); err != nil {
+	if err := d.thawLeftovers(failed); err != nil {
 		klog.ErrorS(err, "Thawing filesystems a previous run left frozen")
 		if first == nil {
 			first = err

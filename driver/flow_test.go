@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -543,6 +544,17 @@ func TestMountPublishModeChange(t *testing.T) {
 			t.Fatalf("publish at a target published with readonly=%v, now %v: %v, want AlreadyExists", c.first, !c.first, err)
 		}
 	}
+	// An "ro" mount flag makes the target read-only with readonly false:
+	// the same publish again is OK, not a mode change.
+	roFlag := mountCap()
+	roFlag.GetMount().MountFlags = []string{"ro"}
+	target := filepath.Join(dir, "ro-flag")
+	for i := 0; i < 2; i++ {
+		if _, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			TargetPath: target, VolumeCapability: roFlag}); err != nil {
+			t.Fatalf("publish with an ro mount flag, call %d: %v", i+1, err)
+		}
+	}
 }
 
 // TestExpandRetryResizesDevice: the store grew but the device did not (a
@@ -697,7 +709,13 @@ func TestThawAfterCrash(t *testing.T) {
 	var thawErr error
 	opts := driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: dataDir, Store: st, Frontend: fe,
 		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{}},
-		Freeze:  func(mp string) error { frozen = append(frozen, mp); return nil },
+		Freeze: func(mp string) error {
+			if slices.Contains(frozen, mp) {
+				return syscall.EBUSY
+			}
+			frozen = append(frozen, mp)
+			return nil
+		},
 		Thaw: func(mp string) error {
 			if thawErr != nil {
 				return thawErr
@@ -741,7 +759,24 @@ func TestThawAfterCrash(t *testing.T) {
 	if got := markers(); len(got) != 1 || got[0] != id || len(frozen) != 1 {
 		t.Fatalf("after a failed thaw: frozen %v, markers %v", frozen, got)
 	}
-	// The plugin "restarts": Recover thaws it and drops the marker.
+	// The next snapshot's freeze gets EBUSY from our own freeze: it thaws
+	// it after (a marker says it is ours), instead of leaving it.
+	thawErr = nil
+	if _, err := d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s3", SourceVolumeId: id}); err != nil {
+		t.Fatal(err)
+	}
+	if len(frozen) != 0 || len(markers()) != 0 {
+		t.Fatalf("after a snapshot over our own stuck freeze: frozen %v, markers %v", frozen, markers())
+	}
+	// Stuck again; a marker of another boot is dropped without a thaw.
+	thawErr = errors.New("thaw failed")
+	if _, err := d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s4", SourceVolumeId: id}); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dataDir, "frozen", "v-other"), []byte("another-boot\n/staging/f"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// The plugin "restarts": Recover thaws it and drops the markers.
 	thawErr = nil
 	d2, err := driver.New(opts)
 	if err != nil {

@@ -415,12 +415,21 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		// Published already: the same call again is OK, the other mode at
 		// the same target is not (the spec's "incompatible" case). A block
 		// publish's mode is its device (held above); a mount's, its flag.
-		top, err := d.topMount(target)
-		if err != nil {
-			return nil, toStatus(err)
-		}
-		if !block && slices.Contains(top.Opts, "ro") != ro {
-			return nil, statusf(codes.AlreadyExists, "volume %s is published at %s with readonly=%v", id, target, !ro)
+		if !block {
+			top, err := d.topMount(target)
+			if err != nil {
+				return nil, toStatus(err)
+			}
+			// The target reads "ro" also when the filesystem is: a
+			// read-only staging mount, or an "ro" mount flag.
+			st, err := d.topMount(staging)
+			if err != nil {
+				return nil, toStatus(err)
+			}
+			want := ro || slices.Contains(req.GetVolumeCapability().GetMount().GetMountFlags(), "ro") || slices.Contains(st.Opts, "ro")
+			if isRO := slices.Contains(top.Opts, "ro"); isRO != want {
+				return nil, statusf(codes.AlreadyExists, "volume %s is published at %s with readonly=%v", id, target, isRO)
+			}
 		}
 		return &csi.NodePublishVolumeResponse{}, nil
 	}

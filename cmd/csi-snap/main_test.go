@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -112,18 +113,22 @@ func TestRemoveStaleSocket(t *testing.T) {
 	}
 }
 
-// blockingStore makes ListVolumes hang until released, to test that a stop
-// does not wait for it longer than the shutdown timeout.
+// blockingStore makes ListVolumes hang until released, once armed (startup
+// lists the volumes too), to test that a stop does not wait for it longer
+// than the shutdown timeout.
 type blockingStore struct {
 	*drivertest.Store
+	armed   atomic.Bool
 	entered chan struct{}
 	release chan struct{}
 	once    sync.Once
 }
 
 func (b *blockingStore) Volumes() []driver.VolumeInfo {
-	b.once.Do(func() { close(b.entered) })
-	<-b.release
+	if b.armed.Load() {
+		b.once.Do(func() { close(b.entered) })
+		<-b.release
+	}
 	return b.Store.Volumes()
 }
 
@@ -235,6 +240,7 @@ func TestRunStopIsBounded(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- run(ctx, cfg) }()
 	cc := dial(t, cfg.Endpoint)
+	st.armed.Store(true)
 	callErr := make(chan error, 1)
 	go func() {
 		_, err := csi.NewControllerClient(cc).ListVolumes(context.Background(), &csi.ListVolumesRequest{})

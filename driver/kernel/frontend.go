@@ -553,6 +553,13 @@ func detachLoops(ctx context.Context, mp string) error {
 	devs := loopsOf(mp)
 	sort.SliceStable(devs, func(i, j int) bool { return devs[i].ro && !devs[j].ro })
 	for _, d := range devs {
+		// A bind of the node (a block publish) does not make the detach
+		// fail, but the number could then go to another volume under it.
+		if at := boundAt(d.dev); at != "" {
+			return fmt.Errorf("%w: %s is bound at %s", ErrBusy, d.dev, at)
+		}
+	}
+	for _, d := range devs {
 		if err := detachLoop(ctx, d.dev); err != nil {
 			return err
 		}
@@ -644,6 +651,11 @@ func (f *Frontend) Resize(ctx context.Context, id string, newSize int64) error {
 	// try again.
 	cached := int64(-1)
 	for try := 0; try < 100 && cached != newSize; try++ {
+		if try > 0 {
+			// Under heavy I/O every try can race a completion; backing
+			// off gives one a gap (at most about 1.8 s in all).
+			time.Sleep(time.Duration(min(try, 20)) * time.Millisecond)
+		}
 		if err := v.srv.notifyInvalAttr(); err != nil {
 			return fmt.Errorf("invalidate attributes: %w", err)
 		}

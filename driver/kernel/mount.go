@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -78,6 +80,27 @@ func isMounted(path string) bool {
 		}
 	}
 	return false
+}
+
+// boundAt returns a path where the device node dev (/dev/loopN) is bind
+// mounted (a raw block publish: a devtmpfs mount whose root is the node),
+// or "". Such a bind claims nothing on the device, so a detach would
+// succeed under it and the number could go to another volume.
+func boundAt(dev string) string {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return ""
+	}
+	node := "/" + filepath.Base(dev)
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		sep := slices.Index(f, "-")
+		if sep < 5 || sep+1 >= len(f) || f[sep+1] != "devtmpfs" || unescapeMount(f[3]) != node {
+			continue
+		}
+		return unescapeMount(f[4])
+	}
+	return ""
 }
 
 func unescapeMount(s string) string {

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand"
@@ -495,5 +496,60 @@ func TestAbortedWhileServed(t *testing.T) {
 	}
 	if n := len(loopsOf(fe.mountpoint(id))); n != 1 {
 		t.Fatalf("%d loop devices on the volume's file, want 1", n)
+	}
+}
+
+// TestBoundDeviceNotDetached: a loop device bind-mounted at a target (a raw
+// block publish) is not detached, by Detach or by Attach's teardown of a
+// dead connection: the bind claims nothing, so the detach would succeed and
+// the next volume attached could get the number, under the target.
+func TestBoundDeviceNotDetached(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	fe, _ := newFrontend(t)
+	const id = "vol-bound"
+	b := newFileBackend(t, t.TempDir(), 16<<20)
+	dev, err := fe.Attach(ctx, id, b, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := filepath.Join(t.TempDir(), "target")
+	if err := os.WriteFile(target, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount(dev, target, "", unix.MS_BIND, ""); err != nil {
+		t.Fatalf("bind %s: %v", dev, err)
+	}
+	unbind := func() { unix.Unmount(target, unix.MNT_DETACH) }
+	defer unbind()
+	if at := boundAt(dev); at != target {
+		t.Fatalf("boundAt(%s) = %q, want %q", dev, at, target)
+	}
+	if err := fe.Detach(ctx, id); !errors.Is(err, ErrBusy) {
+		t.Fatalf("Detach with the device bound: %v, want ErrBusy", err)
+	}
+	abort := filepath.Join(fuseConnDir(t, fe.mountpoint(id)), "abort")
+	if err := os.WriteFile(abort, []byte("1"), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fe.Attach(ctx, id, b, false); !errors.Is(err, ErrBusy) {
+		t.Fatalf("Attach over a dead connection with the device bound: %v, want ErrBusy", err)
+	}
+	if !ownsLoop(dev, fe.mountpoint(id)) {
+		t.Fatalf("%s was detached while bound at %s", dev, target)
+	}
+	unbind()
+	dev2, err := fe.Attach(ctx, id, b, false)
+	if err != nil {
+		t.Fatalf("Attach after the unbind: %v", err)
+	}
+	f, err := os.OpenFile(dev2, os.O_RDONLY|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = f.ReadAt(alignedBuf(4096), 0)
+	f.Close()
+	if err != nil {
+		t.Fatalf("read through %s: %v", dev2, err)
 	}
 }
