@@ -820,3 +820,32 @@ func TestPendingRollbackRefusesStage(t *testing.T) {
 		t.Fatalf("the refused stage attached %s", dev)
 	}
 }
+
+// TestUnstageSymlinkedStaging: the mount table lists resolved paths; a
+// staging path under a symlinked directory is the staging mount itself,
+// not a publish that would make NodeUnstageVolume refuse.
+func TestUnstageSymlinkedStaging(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	id := e.createVolume(t, "symlinked", 1<<20).VolumeId
+	dir := t.TempDir()
+	real := filepath.Join(dir, "real")
+	if err := os.MkdirAll(filepath.Join(real, "staging"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(real, filepath.Join(dir, "link")); err != nil {
+		t.Fatal(err)
+	}
+	b, err := e.store.VolumeBackend(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev, err := e.fe.Attach(ctx, id, b, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.fm.MountPoints = append(e.fm.MountPoints, mount.MountPoint{Device: dev, Path: filepath.Join(real, "staging"), Type: "ext4"})
+	if _, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(dir, "link", "staging")}); status.Code(err) == codes.FailedPrecondition {
+		t.Fatalf("unstage through a symlinked staging path: %v", err)
+	}
+}

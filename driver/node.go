@@ -166,8 +166,14 @@ func (d *Driver) publishedAt(id, staging string) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	// The mount table lists resolved paths: a staging path under a
+	// symlinked kubelet directory is the staging mount too.
+	real, err := filepath.EvalSymlinks(abs)
+	if err != nil {
+		real = abs
+	}
 	for _, mp := range mps {
-		if mp.Path == abs || mp.Type != "devtmpfs" && !slices.Contains(devs, mp.Device) {
+		if mp.Path == abs || mp.Path == real || mp.Type != "devtmpfs" && !slices.Contains(devs, mp.Device) {
 			continue
 		}
 		for _, dev := range devs {
