@@ -125,6 +125,10 @@
 //
 // # Caveats
 //
+//   - Restart safety needs FUSE_NOTIFY_RESEND (protocol 7.40, Linux 6.9).
+//     On an older kernel the serving path works, but after a restart of
+//     the plugin the requests the old process had read are never answered
+//     (nothing can requeue them): their I/O waits for good (INIT logs it).
 //   - While no server runs, I/O on the device waits (uninterruptibly) rather
 //     than fails; a server that never comes back hangs its users, and so
 //     does anything that stats the mount point (umount(8) does: Detach

@@ -525,7 +525,7 @@ func (s *server) handleInit(h inHeader, body, out []byte) int {
 		ReplyFlags: reply, MaxWrite: maxWrite, Initialized: true}
 	s.mu.Unlock()
 	if flags&initHasResend == 0 {
-		klog.InfoS("kernel FUSE lacks FUSE_NOTIFY_RESEND: a server restart will lose requests in flight", "minor", minor)
+		klog.InfoS("kernel FUSE lacks FUSE_NOTIFY_RESEND (Linux before 6.9): after a restart of the plugin, requests the old process had read are never answered, and their I/O waits for good", "minor", minor)
 	}
 	n := s.okReply(out, h, initOutSize)
 	// Signal after the reply is built; the kernel sees it after our write,
