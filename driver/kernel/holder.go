@@ -89,6 +89,14 @@ func RunHolder(socketPath string) error {
 			}
 			return fmt.Errorf("holder accept: %w", err)
 		}
+		// Only our own user may take or drop connections: the socket sits
+		// in the run dir (0700), and this is the check that does not
+		// depend on how that directory was made.
+		if !samePeerUser(c) {
+			klog.ErrorS(nil, "fuse holder: refused a client of another user", "socket", socketPath)
+			c.Close()
+			continue
+		}
 		// Emptied by a drop: stop listening (which unlinks the socket)
 		// before answering, so that a client that got the answer and
 		// connects again finds no socket and starts a new holder, instead
@@ -104,6 +112,23 @@ func RunHolder(socketPath string) error {
 			return nil
 		}
 	}
+}
+
+// samePeerUser reports whether the process at the other end of c runs as
+// this process's user (SO_PEERCRED).
+func samePeerUser(c *net.UnixConn) bool {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil || cerr != nil {
+		return false
+	}
+	return int(cred.Uid) == os.Geteuid()
 }
 
 // closeInheritedPipes closes pipes the holder inherited without CLOEXEC

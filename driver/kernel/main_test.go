@@ -33,6 +33,10 @@ func TestMain(m *testing.M) {
 			os.Exit(0)
 		case "fe-serve":
 			os.Exit(serveChild(os.Args[2:]))
+		case "holder-list": // a holder client (TestHolderRefusesOtherUsers)
+			resp, _, err := holderCall(argValue(os.Args, "--socket"), holderReq{Op: "list"}, -1)
+			fmt.Printf("ids %v err %v\n", resp.IDs, err)
+			os.Exit(0)
 		}
 	}
 	os.Exit(m.Run())

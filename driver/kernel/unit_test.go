@@ -4,9 +4,13 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -302,4 +306,60 @@ func TestRunDirLock(t *testing.T) {
 		t.Fatalf("New after Close: %v", err)
 	}
 	b.Close()
+}
+
+// TestHolderRefusesOtherUsers: the holder answers only clients of its own
+// user (SO_PEERCRED), whatever the socket's directory allows: a "list" from
+// nobody gets no answer, one from us does.
+func TestHolderRefusesOtherUsers(t *testing.T) {
+	if os.Geteuid() != 0 {
+		skipOrFail(t, "SKIPPED: needs root to connect as another user")
+	}
+	setpriv, err := exec.LookPath("setpriv")
+	if err != nil {
+		skipOrFail(t, "SKIPPED: setpriv not installed (apt-get install -y util-linux)")
+	}
+	// Not t.TempDir: its parent is 0700, and nobody must reach the socket
+	// for the holder's own check to be what refuses it.
+	dir, err := os.MkdirTemp("", "holder-peer-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	if err := os.Chmod(dir, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	// The client is this test binary, copied where nobody may run it.
+	self, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "client")
+	if err := os.WriteFile(bin, self, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "holder.sock")
+	go RunHolder(sock)
+	for i := 0; ; i++ {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		if i > 200 {
+			t.Fatal("holder socket never appeared")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := os.Chmod(sock, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", bin, "holder-list", "--socket", sock).CombinedOutput()
+	if err != nil {
+		t.Fatalf("client as nobody: %v: %s", err, out)
+	}
+	if !strings.Contains(string(out), "no answer") {
+		t.Fatalf("the holder answered another user: %s", out)
+	}
+	if _, _, err := holderCall(sock, holderReq{Op: "list"}, -1); err != nil {
+		t.Fatalf("our own list: %v", err)
+	}
 }
