@@ -849,3 +849,31 @@ func TestUnstageSymlinkedStaging(t *testing.T) {
 		t.Fatalf("unstage through a symlinked staging path: %v", err)
 	}
 }
+
+// TestRefusedReadOnlyPublishAttachesNothing: a read-only block publish at a
+// target that already holds the writable device is AlreadyExists and
+// leaves no read-only device attached behind it.
+func TestRefusedReadOnlyPublishAttachesNothing(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	id := e.createVolume(t, "ro-refused", 1<<20).VolumeId
+	dir := t.TempDir()
+	staging, target := filepath.Join(dir, "staging"), filepath.Join(dir, "target")
+	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: blockCap()}); err != nil {
+		t.Fatal(err)
+	}
+	publish := func(ro bool) error {
+		_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			TargetPath: target, VolumeCapability: blockCap(), Readonly: ro})
+		return err
+	}
+	if err := publish(false); err != nil {
+		t.Fatal(err)
+	}
+	if err := publish(true); status.Code(err) != codes.AlreadyExists {
+		t.Fatalf("read-only publish at the writable target: %v, want AlreadyExists", err)
+	}
+	if dev, ok := e.fe.FindReadOnlyDevice(id); ok {
+		t.Fatalf("the refused publish attached read-only device %s", dev)
+	}
+}

@@ -396,11 +396,9 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if block && ro {
 		// A read-only bind of dev's node would still take writes (the
 		// kernel ignores a mount's read-only flag for device nodes): bind a
-		// read-only device of the volume instead.
-		rodev, err := d.opt.Frontend.ReadOnlyDevice(ctx, id)
-		if err != nil {
-			return nil, toStatus(fmt.Errorf("read-only device of %s: %w", id, err))
-		}
+		// read-only device of the volume instead, attached below once the
+		// target is known to be free, if the volume has none yet.
+		rodev, _ := d.opt.Frontend.FindReadOnlyDevice(id)
 		dev, source = rodev, rodev
 	}
 	if !block {
@@ -413,9 +411,12 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		}
 		source = staging
 	}
-	held, err := d.holdsDevice(target, dev)
-	if err != nil {
-		return nil, toStatus(err)
+	held := false
+	if dev != "" {
+		var err error
+		if held, err = d.holdsDevice(target, dev); err != nil {
+			return nil, toStatus(err)
+		}
 	}
 	if held {
 		// Published already: the same call again is OK, the other mode at
@@ -445,6 +446,13 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	}
 	if cur != "" {
 		return nil, statusf(codes.AlreadyExists, "target path %s already holds %s, not volume %s", target, cur, id)
+	}
+	if block && ro && source == "" {
+		rodev, err := d.opt.Frontend.ReadOnlyDevice(ctx, id)
+		if err != nil {
+			return nil, toStatus(fmt.Errorf("read-only device of %s: %w", id, err))
+		}
+		source = rodev
 	}
 	if block {
 		if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil {
