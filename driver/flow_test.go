@@ -449,10 +449,7 @@ func TestReadOnlyBlockPublish(t *testing.T) {
 	id := e.createVolume(t, "ro-block", 1<<20).VolumeId
 	dir := t.TempDir()
 	staging := filepath.Join(dir, "staging")
-	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
-		VolumeCapability: blockCap()}); err != nil {
-		t.Fatal(err)
-	}
+	e.stageBlock(t, id, staging)
 	dev, _ := e.fe.Device(id)
 	rodev, err := e.fe.ReadOnlyDevice(ctx, id)
 	if err != nil || rodev == dev {
@@ -516,15 +513,7 @@ func TestMountPublishModeChange(t *testing.T) {
 	id := e.createVolume(t, "mode-change", 1<<20).VolumeId
 	dir := t.TempDir()
 	staging := filepath.Join(dir, "staging")
-	b, err := e.store.VolumeBackend(id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dev, err := e.fe.Attach(ctx, id, b, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.fm.MountPoints = append(e.fm.MountPoints, mount.MountPoint{Device: dev, Path: staging, Type: "ext4"})
+	e.attachMounted(t, id, staging)
 	for _, c := range []struct {
 		target string
 		first  bool
@@ -565,13 +554,7 @@ func TestExpandRetryResizesDevice(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
 	id := e.createVolume(t, "grow-retry", 1<<20).VolumeId
-	b, err := e.store.VolumeBackend(id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := e.fe.Attach(ctx, id, b, false); err != nil {
-		t.Fatal(err)
-	}
+	e.attachMounted(t, id, "")
 	if err := e.store.ResizeVolume(id, 4<<20); err != nil { // the first call's store step
 		t.Fatal(err)
 	}
@@ -599,9 +582,7 @@ func TestUnstageWhilePublished(t *testing.T) {
 	id := e.createVolume(t, "unstage-published", 1<<20).VolumeId
 	dir := t.TempDir()
 	staging, target := filepath.Join(dir, "staging"), filepath.Join(dir, "target")
-	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: blockCap()}); err != nil {
-		t.Fatal(err)
-	}
+	e.stageBlock(t, id, staging)
 	for _, ro := range []bool{false, true} {
 		if _, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
 			TargetPath: target, VolumeCapability: blockCap(), Readonly: ro}); err != nil {
@@ -800,9 +781,7 @@ func TestPendingRollbackRefusesStage(t *testing.T) {
 	id := e.createVolume(t, "rb-pending", 1<<20).VolumeId
 	dir := t.TempDir()
 	staging := filepath.Join(dir, "staging")
-	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: blockCap()}); err != nil {
-		t.Fatal(err)
-	}
+	e.stageBlock(t, id, staging)
 	e.store.Pending = map[string]string{id: "s-whatever"}
 	_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
 		TargetPath: filepath.Join(dir, "target"), VolumeCapability: blockCap()})
@@ -836,15 +815,7 @@ func TestUnstageSymlinkedStaging(t *testing.T) {
 	if err := os.Symlink(real, filepath.Join(dir, "link")); err != nil {
 		t.Fatal(err)
 	}
-	b, err := e.store.VolumeBackend(id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dev, err := e.fe.Attach(ctx, id, b, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.fm.MountPoints = append(e.fm.MountPoints, mount.MountPoint{Device: dev, Path: filepath.Join(real, "staging"), Type: "ext4"})
+	e.attachMounted(t, id, filepath.Join(real, "staging"))
 	if _, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(dir, "link", "staging")}); status.Code(err) == codes.FailedPrecondition {
 		t.Fatalf("unstage through a symlinked staging path: %v", err)
 	}
@@ -859,9 +830,7 @@ func TestRefusedReadOnlyPublishAttachesNothing(t *testing.T) {
 	id := e.createVolume(t, "ro-refused", 1<<20).VolumeId
 	dir := t.TempDir()
 	staging, target := filepath.Join(dir, "staging"), filepath.Join(dir, "target")
-	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: blockCap()}); err != nil {
-		t.Fatal(err)
-	}
+	e.stageBlock(t, id, staging)
 	publish := func(ro bool) error {
 		_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
 			TargetPath: target, VolumeCapability: blockCap(), Readonly: ro})

@@ -69,6 +69,34 @@ func (e env) createVolume(t *testing.T, name string, size int64) *csi.Volume {
 	return r.GetVolume()
 }
 
+// stageBlock stages volume id for block access at staging.
+func (e env) stageBlock(t *testing.T, id, staging string) {
+	t.Helper()
+	if _, err := e.d.NodeStageVolume(context.Background(), &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+		VolumeCapability: blockCap()}); err != nil {
+		t.Fatalf("NodeStageVolume %s: %v", id, err)
+	}
+}
+
+// attachMounted attaches volume id through the fake frontend and, unless
+// mountPath is "", lists its device as mounted there (what a mount-access
+// stage leaves); it returns the device.
+func (e env) attachMounted(t *testing.T, id, mountPath string) string {
+	t.Helper()
+	b, err := e.store.VolumeBackend(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev, err := e.fe.Attach(context.Background(), id, b, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mountPath != "" {
+		e.fm.MountPoints = append(e.fm.MountPoints, mount.MountPoint{Device: dev, Path: mountPath, Type: "ext4"})
+	}
+	return dev
+}
+
 func (e env) createSnapshot(t *testing.T, name, vol string) *csi.Snapshot {
 	t.Helper()
 	r, err := e.d.CreateSnapshot(context.Background(), &csi.CreateSnapshotRequest{Name: name, SourceVolumeId: vol})
