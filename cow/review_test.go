@@ -394,11 +394,7 @@ func TestLateInvalidateSkips(t *testing.T) {
 // then read as the volume's new data.
 func TestReadRacingInvalidate(t *testing.T) {
 	const cs = rbChunk
-	s, err := Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s, _ := openT(t)
 	v := mustVol(t, s, "v", 4*cs, cs)
 	old := fillRandom(t, v, 9)
 	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{Limit: cs}); err != nil {
@@ -459,10 +455,7 @@ func TestReadRacingInvalidate(t *testing.T) {
 func TestCloseRacingWriters(t *testing.T) {
 	const cs = rbChunk
 	for round := 0; round < 20; round++ {
-		s, err := Open(t.TempDir())
-		if err != nil {
-			t.Fatal(err)
-		}
+		s, _ := openT(t)
 		v := mustVol(t, s, "v", 64*cs, cs)
 		if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
 			t.Fatal(err)
@@ -507,11 +500,7 @@ func TestCloseRacingWriters(t *testing.T) {
 // punched zeros as data.
 func TestReadRacingDeleteVolume(t *testing.T) {
 	const cs = rbChunk
-	s, err := Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s, _ := openT(t)
 	v := mustVol(t, s, "v", 4*cs, cs)
 	fillRandom(t, v, 3)
 	if err := v.Flush(); err != nil {
@@ -651,11 +640,7 @@ func TestRollbacksOfOneVolumeSerialize(t *testing.T) {
 // log disagreed) still has its files and directory lock open; Close must
 // release them, or no Open of the directory succeeds again in the process.
 func TestCloseAfterFailedApply(t *testing.T) {
-	dir := t.TempDir()
-	s, err := Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, dir := openT(t)
 	mustVol(t, s, "v", 64<<10, 4096)
 	s.mu.Lock()
 	s.closed = true // what commitApply does when applying a record fails
@@ -674,10 +659,7 @@ func TestCloseAfterFailedApply(t *testing.T) {
 // store closes gets ErrClosed, not the raw error of the closed file.
 func TestSnapshotReadRacingClose(t *testing.T) {
 	const cs = rbChunk
-	s, err := Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, _ := openT(t)
 	v := mustVol(t, s, "v", 4*cs, cs)
 	fillRandom(t, v, 4)
 	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
