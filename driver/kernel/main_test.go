@@ -186,6 +186,20 @@ func holderPIDs(runDir string) []int {
 	return pids
 }
 
+// readDirect reads n bytes at off through dev with O_DIRECT (failing the
+// test if dev cannot be opened); the read's error is the caller's to judge.
+func readDirect(t testing.TB, dev string, off int64, n int) ([]byte, error) {
+	t.Helper()
+	f, err := os.OpenFile(dev, os.O_RDONLY|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	b := alignedBuf(n)
+	_, err = f.ReadAt(b, off)
+	return b, err
+}
+
 // alignedBuf returns n bytes aligned for O_DIRECT.
 func alignedBuf(n int) []byte {
 	b := make([]byte, n+4096)

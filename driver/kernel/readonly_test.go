@@ -77,21 +77,8 @@ func TestReadOnlyDevice(t *testing.T) {
 			t.Fatalf("a write through the read-only %s succeeded", ro)
 		}
 	}
-	readBack := func(dev string) []byte {
-		t.Helper()
-		f, err := os.OpenFile(dev, os.O_RDONLY|unix.O_DIRECT, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		got := alignedBuf(1 << 20)
-		if _, err := f.ReadAt(got, 1<<20); err != nil {
-			t.Fatal(err)
-		}
-		return got
-	}
-	if !bytes.Equal(readBack(ro), want) {
-		t.Fatalf("read-only %s does not read what %s wrote", ro, dev)
+	if got, err := readDirect(t, ro, 1<<20, 1<<20); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("read-only %s does not read what %s wrote (%v)", ro, dev, err)
 	}
 
 	// Resize sets the capacity of both devices.
@@ -197,13 +184,7 @@ func TestResizeUnderIO(t *testing.T) {
 		if err := fe.Resize(ctx, "vol-grow", size); err != nil {
 			t.Fatalf("round %d: Resize: %v", round, err)
 		}
-		f, err := os.OpenFile(dev, os.O_RDONLY|unix.O_DIRECT, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		_, err = f.ReadAt(alignedBuf(4096), size-4096)
-		f.Close()
-		if err != nil {
+		if _, err := readDirect(t, dev, size-4096, 4096); err != nil {
 			t.Fatalf("round %d: the new last block: %v", round, err)
 		}
 	}

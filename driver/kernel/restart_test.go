@@ -360,13 +360,7 @@ func reattachCheck(t *testing.T, runDir, backing, id string, size int64, want []
 	if err != nil {
 		t.Fatalf("Attach over a dead connection: %v", err)
 	}
-	f, err := os.OpenFile(dev, os.O_RDONLY|unix.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := alignedBuf(1 << 20)
-	_, err = f.ReadAt(got, 4<<20)
-	f.Close()
+	got, err := readDirect(t, dev, 4<<20, 1<<20)
 	if err != nil || string(got) != string(want) {
 		t.Fatalf("data through %s after recovery differs (err %v)", dev, err)
 	}
@@ -484,13 +478,7 @@ func TestAbortedWhileServed(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Attach after the abort: %v", err)
 	}
-	f, err = os.OpenFile(dev2, os.O_RDONLY|unix.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := alignedBuf(1 << 20)
-	_, err = f.ReadAt(got, 2<<20)
-	f.Close()
+	got, err := readDirect(t, dev2, 2<<20, 1<<20)
 	if err != nil || !bytes.Equal(got, want) {
 		t.Fatalf("read through %s after the abort: %v (same bytes: %v)", dev2, err, bytes.Equal(got, want))
 	}
@@ -543,13 +531,7 @@ func TestBoundDeviceNotDetached(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Attach after the unbind: %v", err)
 	}
-	f, err := os.OpenFile(dev2, os.O_RDONLY|unix.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = f.ReadAt(alignedBuf(4096), 0)
-	f.Close()
-	if err != nil {
+	if _, err := readDirect(t, dev2, 0, 4096); err != nil {
 		t.Fatalf("read through %s: %v", dev2, err)
 	}
 }
