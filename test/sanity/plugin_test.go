@@ -66,17 +66,25 @@ type plugin struct {
 func runPlugin(t *testing.T) (string, *grpc.ClientConn) {
 	t.Helper()
 	requireCapabilities(t)
-	bin := buildPlugin(t)
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "csi.sock")
+	dir := runPluginBin(t, buildPlugin(t))
+	return dir, connect(t, filepath.Join(dir, "csi.sock"))
+}
+
+// runPluginBin is runPlugin's start and cleanups for a binary built
+// already; the plugin listens on dir/csi.sock.
+func runPluginBin(t *testing.T, bin string) (dir string) {
+	t.Helper()
+	dir = t.TempDir()
+	// Anything left after the plugin stops is a leak of ours.
 	t.Cleanup(func() {
 		if forceCleanup(t, dir) {
 			t.Errorf("mounts, loop devices or holders were left under %s", dir)
 		}
 	})
-	p := startPlugin(t, bin, sock, filepath.Join(dir, "data"))
+	p := startPlugin(t, bin, filepath.Join(dir, "csi.sock"), filepath.Join(dir, "data"))
+	// A graceful stop must end the process on its own.
 	t.Cleanup(func() { p.stop(t, os.Interrupt) })
-	return dir, connect(t, sock)
+	return dir
 }
 
 // startPlugin runs bin on sock with dataDir and waits until it listens.
