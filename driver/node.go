@@ -144,9 +144,9 @@ func (d *Driver) holdsVolume(path, id, dev string) (bool, error) {
 
 // publishedAt returns a path other than staging that holds volume id: a
 // bind of its device node (main or read-only) or of its staged filesystem,
-// or "". Only mounts of the device file system, or naming one of the
-// volume's devices, are looked at, so no stat goes to an unrelated (perhaps
-// hung network) mount.
+// or "". One read of the mount table; only mounts of the device file
+// system are stat'ed, so no stat goes to an unrelated (perhaps hung
+// network) mount.
 func (d *Driver) publishedAt(id, staging string) (string, error) {
 	devs := []string{}
 	if dev, ok := d.opt.Frontend.Device(id); ok {
@@ -172,12 +172,23 @@ func (d *Driver) publishedAt(id, staging string) (string, error) {
 	if err != nil {
 		real = abs
 	}
-	for _, mp := range mps {
-		if mp.Path == abs || mp.Path == real || mp.Type != "devtmpfs" && !slices.Contains(devs, mp.Device) {
-			continue
+	// A bind of a device node is listed under the device file system, and
+	// recognised by its device number (as in holdsDevice).
+	rdevs := map[uint64]bool{}
+	for _, dev := range devs {
+		var st unix.Stat_t
+		if unix.Stat(dev, &st) == nil {
+			rdevs[st.Rdev] = true
 		}
-		for _, dev := range devs {
-			if held, err := d.holdsDevice(mp.Path, dev); err == nil && held {
+	}
+	for _, mp := range mps {
+		switch {
+		case mp.Path == abs || mp.Path == real:
+		case slices.Contains(devs, mp.Device):
+			return mp.Path, nil
+		case mp.Type == "devtmpfs":
+			var st unix.Stat_t
+			if unix.Stat(mp.Path, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFBLK && rdevs[st.Rdev] {
 				return mp.Path, nil
 			}
 		}
