@@ -118,10 +118,16 @@ func (f *Frontend) teardown(ctx context.Context, id string, v *volume) error {
 	}
 	v.shutdown()
 	f.set(id, nil)
+	return f.holderDrop(id)
+}
+
+// holderDrop makes the holder drop id's connection; no holder (so nothing
+// held) is fine.
+func (f *Frontend) holderDrop(id string) error {
 	_, dfd, err := holderCall(f.sock, holderReq{Op: "drop", ID: id}, -1)
 	closeFD(dfd)
 	if err != nil && !errors.Is(err, errNoHolder) {
-		return fmt.Errorf("drop the dead connection of %s: %w", id, err)
+		return fmt.Errorf("holder drop of %s: %w", id, err)
 	}
 	return nil
 }
@@ -290,10 +296,8 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 		klog.InfoS("held FUSE connection is dead; starting a new one", "volumeID", id, "why", why)
 		lost = true
 		fd = closeFD(fd)
-		_, dfd, derr := holderCall(f.sock, holderReq{Op: "drop", ID: id}, -1)
-		closeFD(dfd)
-		if derr != nil && !errors.Is(derr, errNoHolder) {
-			return "", fmt.Errorf("drop the dead connection of %s: %w", id, derr)
+		if err := f.holderDrop(id); err != nil {
+			return "", err
 		}
 	}
 	closeFD(fd)
@@ -537,7 +541,7 @@ func (f *Frontend) Detach(ctx context.Context, id string) error {
 		v.shutdown()
 		f.set(id, nil)
 	}
-	if _, _, err := holderCall(f.sock, holderReq{Op: "drop", ID: id}, -1); err != nil && !errors.Is(err, errNoHolder) {
+	if err := f.holderDrop(id); err != nil {
 		return err
 	}
 	if err := os.Remove(mp); err != nil && !errors.Is(err, os.ErrNotExist) {
