@@ -448,13 +448,20 @@ func (e *ovEntry) write(o, m int64, src []byte) error {
 
 // writeOverlaid writes p (zeros if nil) to [off, off+n) of a volume that
 // has overlay entries: chunks with an entry are changed there, runs of the
-// others go to the data file as usual. The caller holds the stripes.
-func (v *Volume) writeOverlaid(off, n int64, p []byte) error {
+// others go to the data file as usual. The caller holds the stripes; the
+// result names the newest batch an entry it changed can be in.
+func (v *Volume) writeOverlaid(off, n int64, p []byte) (unsettled, error) {
 	part := func(from, to int64) []byte {
 		if p == nil {
 			return nil
 		}
 		return p[from-off : to-off]
+	}
+	var u unsettled
+	direct := func(from, to int64) error {
+		marked, err := v.writeDirect(from, to-from, part(from, to))
+		u.present = u.present || marked
+		return err
 	}
 	end := off + n
 	run := off // start of the run of chunks without an entry
@@ -464,26 +471,30 @@ func (v *Volume) writeOverlaid(off, n int64, p []byte) error {
 		m := min(end-at, v.chunkSize-o)
 		if e := v.ovGet(c); e != nil {
 			if run < at {
-				if err := v.writeDirect(run, at-run, part(run, at)); err != nil {
-					return err
+				if err := direct(run, at); err != nil {
+					return u, err
 				}
 			}
 			if err := e.write(o, m, part(at, at+m)); err != nil {
-				return err
+				return u, err
 			}
+			// e's batch is at most the newest one an entry of v was
+			// put in, and we hold its stripe: it is not applied yet.
+			u.batch = v.ovLast.Load()
 			run = at + m
 		}
 		at += m
 	}
 	if run < end {
-		return v.writeDirect(run, end-run, part(run, end))
+		return u, direct(run, end)
 	}
-	return nil
+	return u, nil
 }
 
 // writeDirect writes p (zeros if nil) to [off, off+n) of the data file (a
-// clone completes chunks it does not hold from its source first).
-func (v *Volume) writeDirect(off, n int64, p []byte) error {
+// clone completes chunks it does not hold from its source first, and then
+// reports true: their present records wait for a Flush).
+func (v *Volume) writeDirect(off, n int64, p []byte) (bool, error) {
 	// Set after the write, even if it fails (part of it may have landed):
 	// a Flush that clears the flag before the write lands must not be the
 	// last to see it.
@@ -492,7 +503,7 @@ func (v *Volume) writeDirect(off, n int64, p []byte) error {
 		return v.writeClone(off, n, p)
 	}
 	if p != nil {
-		return writeFull(v.data, p, off)
+		return false, writeFull(v.data, p, off)
 	}
-	return v.data.Punch(off, n)
+	return false, v.data.Punch(off, n)
 }

@@ -35,6 +35,7 @@ type Store struct {
 	dirty    map[*Snapshot]struct{} // replay: snapshots with pending inserts
 	cowMu    sync.Mutex             // guards opening COW files lazily
 	isClosed atomic.Bool            // for the I/O paths, which do not take mu
+	survive  atomic.Bool            // SetSurviveKill: writes return once a process kill cannot lose them
 	lock     *os.File               // holds the flock on dir/lock (Open); nil under a test fsys
 	grp      groupState             // snapshot groups (group.go); guarded by mu
 
@@ -42,6 +43,26 @@ type Store struct {
 	copiedBytes atomic.Uint64 // bytes of those chunks written to COW files (zero chunks cost none)
 	clonedBytes atomic.Uint64 // bytes of those copies made by sharing blocks (FICLONERANGE) instead
 }
+
+// SetSurviveKill sets whether WriteAt and Discard return only once their
+// effect survives a kill of this process (SIGKILL, a crash of the process;
+// not of the machine, which only Flush covers): the data file holds the
+// new bytes and the log every record needed to read them back, in the page
+// cache at least.
+//
+// Off (the default), an acknowledged write may live in this process's
+// memory for a while: an overlay entry until its batch's group commit (a
+// first write after a snapshot), a clone's "present" record until the next
+// Flush. A caller that dies with the process loses nothing it was promised,
+// as with a disk's volatile cache. A frontend whose kernel connection
+// outlives the process (driver/kernel's FUSE holder: the filesystem on the
+// device stays mounted across a restart and never resends a write it got an
+// answer to) needs it on. The cost, only where the overlay or a clone is
+// involved: a first write after a snapshot waits for its batch to be
+// applied (one group commit, fsyncs included), and a write that completes a
+// clone's chunk from its source waits for a Flush (a data sync, then a log
+// commit); a write to a chunk that needs neither returns as before.
+func (s *Store) SetSurviveKill(on bool) { s.survive.Store(on) }
 
 // Open opens the store in dir, creating dir and an empty store if needed,
 // and rebuilds every volume, snapshot and index from the log. A torn tail

@@ -500,10 +500,14 @@ func (v *Volume) modifyAs(off, n int64, p []byte, internal, write bool) error {
 	for {
 		v.gate.RLock()
 		err := v.writeGuard(internal)
+		var u unsettled
 		if err == nil {
-			err = v.modifyGated(off, n, p, write)
+			u, err = v.modifyGated(off, n, p, write)
 		}
 		v.gate.RUnlock()
+		if err == nil && !internal {
+			return v.settle(u)
+		}
 		inv, ok := err.(needInvalidate)
 		if !ok {
 			return err
@@ -520,21 +524,44 @@ type needInvalidate struct{ sn *Snapshot }
 
 func (needInvalidate) Error() string { return "cow: snapshot over its limit" }
 
-func (v *Volume) modifyGated(off, n int64, p []byte, write bool) error {
+// unsettled is what a write left only in this process's memory (see
+// Store.SetSurviveKill): overlay entries that wait for batch (0: none) to
+// be applied, or clone chunks marked present whose records wait for a
+// Flush.
+type unsettled struct {
+	batch   uint64
+	present bool
+}
+
+// settle waits, when the store is set to survive a kill, until what u
+// names is where a kill of the process cannot lose it. A clone flushes:
+// its present records must follow a data sync (the order Flush keeps),
+// and an overlay entry's apply may mark its chunk present too.
+func (v *Volume) settle(u unsettled) error {
+	if !v.s.survive.Load() || (u.batch == 0 && !u.present) {
+		return nil
+	}
+	if v.src != nil {
+		return v.Flush()
+	}
+	return v.s.log.waitApplied(u.batch)
+}
+
+func (v *Volume) modifyGated(off, n int64, p []byte, write bool) (unsettled, error) {
 	if v.s.isClosed.Load() {
-		return ErrClosed
+		return unsettled{}, ErrClosed
 	}
 	if err := v.s.log.failed(); err != nil {
-		return err
+		return unsettled{}, err
 	}
 	v.mu.RLock()
 	size, deleted, closed := v.size, v.deleted, v.gone
 	v.mu.RUnlock()
 	if deleted || closed {
-		return fmt.Errorf("%w: volume %q was deleted", ErrNotFound, v.id)
+		return unsettled{}, fmt.Errorf("%w: volume %q was deleted", ErrNotFound, v.id)
 	}
 	if off < 0 || n < 0 || off+n > size || off+n < off {
-		return fmt.Errorf("%w: %d bytes at offset %d of %d", ErrOutOfRange, n, off, size)
+		return unsettled{}, fmt.Errorf("%w: %d bytes at offset %d of %d", ErrOutOfRange, n, off, size)
 	}
 	c0, c1 := off>>v.shift, (off+n+v.chunkSize-1)>>v.shift
 	// Overlay space is taken before the stripes: applying entries, which
@@ -542,7 +569,7 @@ func (v *Volume) modifyGated(off, n int64, p []byte, write bool) error {
 	need := v.ovPerChunk() * v.copyNeed(c0, c1) << v.shift
 	if need > 0 {
 		if err := v.s.log.reserve(need); err != nil {
-			return err
+			return unsettled{}, err
 		}
 	}
 	defer v.lockStripes(c0, c1, true)()
@@ -551,21 +578,22 @@ func (v *Volume) modifyGated(off, n int64, p []byte, write bool) error {
 	// pays the index lookups once, not twice).
 	if need > 0 {
 		if err := v.copyOut(c0, c1, need); err != nil {
-			return err
+			return unsettled{}, err
 		}
 	}
 	if !write {
-		return nil
+		return unsettled{}, nil
 	}
 	if v.ovN.Load() > 0 {
 		return v.writeOverlaid(off, n, p)
 	}
-	return v.writeDirect(off, n, p)
+	marked, err := v.writeDirect(off, n, p)
+	return unsettled{present: marked}, err
 }
 
 // writeClone writes to a clone: chunks it does not hold yet are completed
 // from the source first, since from now on they are read from the clone.
-func (v *Volume) writeClone(off, n int64, p []byte) error {
+func (v *Volume) writeClone(off, n int64, p []byte) (bool, error) {
 	var marked []uint64
 	defer func() {
 		if len(marked) > 0 {
@@ -588,22 +616,22 @@ func (v *Volume) writeClone(off, n int64, p []byte) error {
 		if v.isPresent(c) {
 			if part != nil {
 				if err := writeFull(v.data, part, off); err != nil {
-					return err
+					return len(marked) > 0, err
 				}
 			} else if err := v.data.Punch(off, m); err != nil {
-				return err
+				return len(marked) > 0, err
 			}
 		} else {
 			if m == v.chunkSize && part == nil {
 				if err := v.data.Punch(off, m); err != nil {
-					return err
+					return len(marked) > 0, err
 				}
 			} else {
 				buf := chunkBuf(v.chunkSize)
 				if m < v.chunkSize {
 					if err := v.src.readChunk(c<<v.shift, buf); err != nil {
 						putBuf(buf)
-						return err
+						return len(marked) > 0, err
 					}
 				}
 				if part != nil {
@@ -614,14 +642,14 @@ func (v *Volume) writeClone(off, n int64, p []byte) error {
 				err := writeFull(v.data, buf, c<<v.shift)
 				putBuf(buf)
 				if err != nil {
-					return err
+					return len(marked) > 0, err
 				}
 			}
 			marked = append(marked, uint64(c))
 		}
 		off += m
 	}
-	return nil
+	return len(marked) > 0, nil
 }
 
 // copyOut maps chunks [c0, c1) that the newest snapshot does not hold yet

@@ -51,12 +51,18 @@ type CowStore struct {
 	s *cow.Store
 }
 
-// OpenCowStore opens (or creates) the cow store in dir.
+// OpenCowStore opens (or creates) the cow store in dir, set so that every
+// write it acknowledges survives a kill of this process
+// (cow.Store.SetSurviveKill): the kernel frontend's fd holder keeps each
+// device's FUSE connection across a restart, so the filesystem on the
+// device never learns of the restart and never resends a write it got an
+// answer to (test/sanity TestKillKeepsAckedWrites).
 func OpenCowStore(dir string) (*CowStore, error) {
 	s, err := cow.Open(dir)
 	if err != nil {
 		return nil, fromCow(fmt.Errorf("open store %s: %w", dir, err))
 	}
+	s.SetSurviveKill(true)
 	return &CowStore{s: s}, nil
 }
 
