@@ -64,6 +64,7 @@ func run() error {
 	piece := flag.Int("write-piece", -1, "-backing: largest buffered pwrite in bytes, 0 for unsplit writes (kernel.FileBackend.SetWritePiece; -1: the default)")
 	mem := flag.String("mem", "", "serve from memory instead of -backing: \"null\" drops writes and reads zeros, \"copy\" keeps the data in an anonymous buffer (floor measurements)")
 	blocking := flag.Bool("blocking-readers", false, "readers block in read(2) (kernel.Config.BlockingReaders)")
+	surviveKill := flag.Bool("survive-kill", true, "-store: writes return once a kill of this process cannot lose them (cow.Store.SetSurviveKill, as the driver sets it)")
 	flag.Parse()
 	if *runDir == "" || btoi(*backing != "")+btoi(*store != "")+btoi(*mem != "") != 1 {
 		return errors.New("-rundir and one of -backing, -store, -mem are required")
@@ -73,7 +74,7 @@ func run() error {
 		return err
 	}
 	if *store != "" {
-		return commands(fe, *store)
+		return commands(fe, *store, *surviveKill)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
@@ -125,11 +126,12 @@ func btoi(b bool) int {
 	return 0
 }
 
-func commands(fe *kernel.Frontend, dir string) error {
+func commands(fe *kernel.Frontend, dir string, surviveKill bool) error {
 	st, err := cow.Open(dir)
 	if err != nil {
 		return err
 	}
+	st.SetSurviveKill(surviveKill)
 	defer st.Close()
 	ctx := context.Background()
 	attached := map[string]bool{}
