@@ -312,6 +312,7 @@ func (s *Store) reapSnapshot(sn *Snapshot) error {
 	v := sn.vol
 	v.mu.RLock()
 	keep := !sn.deleted || sn.clones > 0 || sn.gone
+	newest := len(v.chain) > 0 && v.chain[len(v.chain)-1] == sn
 	v.mu.RUnlock()
 	if keep {
 		return nil
@@ -328,7 +329,19 @@ func (s *Store) reapSnapshot(sn *Snapshot) error {
 	if err := s.release(v, freed); err != nil {
 		return err
 	}
-	return s.reapVolume(v)
+	if err := s.reapVolume(v); err != nil {
+		return err
+	}
+	// A deleted volume keeps only the chunks its newest snapshot lacks
+	// (punchUnreadable); with a new newest one (which took sn's records),
+	// more of its data file is unreadable now. Open redoes it on replay.
+	v.mu.RLock()
+	trim := newest && v.deleted && !v.gone && !s.replay
+	v.mu.RUnlock()
+	if trim {
+		return v.punchUnreadable()
+	}
+	return nil
 }
 
 func (s *Store) reapVolume(v *Volume) error {

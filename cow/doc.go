@@ -105,6 +105,20 @@
 // replays the log; Close writes a checkpoint (the state as sorted runs) so
 // the next Open is fast.
 //
+// A kill of the process loses at most what a power loss would: writes
+// since the last Flush. A caller whose own state outlives the process (the
+// driver's FUSE frontend: the filesystem on the device stays mounted
+// across a restart of the plugin and never resends a write it got an
+// answer to) sets Store.SetSurviveKill: then a write returns only once a
+// kill cannot lose it, that is, a first write after a snapshot once its
+// overlay entry is applied (one group commit), a write that completes a
+// clone's chunk once its present record is committed (a Flush). Writes
+// that need neither return as before. TestCrash checks both promises.
+//
+// A large Discard is done in pieces of 4 MiB (discardPiece), so the
+// overlay and the stripes a piece takes stay bounded; discarding a chunk
+// that is a hole in the data file records nothing for the snapshot.
+//
 // # Concurrency
 //
 // All methods are safe for concurrent use. Writers to different chunks run

@@ -373,11 +373,23 @@ func (v *Volume) drain() error {
 	return v.s.log.waitApplied(v.ovLast.Load())
 }
 
-// copyNeed returns how many chunks of [c0, c1) the newest snapshot lacks:
+// copyable narrows the chunks [c0, c1) of a change that starts at byte off
+// to those whose old content snapshot sn can read: below its size, and
+// none at all when the change starts past it (it changes only bytes of the
+// last partial chunk that sn never shows).
+func copyable(sn *Snapshot, off, c0, c1 int64) (int64, int64) {
+	if off >= sn.size {
+		return c0, c0
+	}
+	return c0, min(c1, chunks(sn.size, sn.vol.shift))
+}
+
+// copyNeed returns how many chunks of [c0, c1) (a change starting at byte
+// off) the newest snapshot lacks:
 // an upper bound of what a copy-out of them will put in the overlay, since
 // under the shared gate mappings are only ever added. Each such chunk may
 // take up to two buffers there (ovPerChunk): its image and its pending copy.
-func (v *Volume) copyNeed(c0, c1 int64) int64 {
+func (v *Volume) copyNeed(off, c0, c1 int64) int64 {
 	v.mu.RLock()
 	defer v.mu.RUnlock()
 	n := len(v.chain)
@@ -386,7 +398,8 @@ func (v *Volume) copyNeed(c0, c1 int64) int64 {
 	}
 	sn := v.chain[n-1]
 	var need int64
-	for c := c0; c < min(c1, chunks(sn.size, v.shift)); c++ {
+	c0, c1 = copyable(sn, off, c0, c1)
+	for c := c0; c < c1; c++ {
 		if _, ok := sn.idx.Lookup(exceptions.Chunk(c)); !ok {
 			need++
 		}

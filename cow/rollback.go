@@ -392,7 +392,7 @@ func (v *Volume) rollbackShare(sn *Snapshot, c0 exceptions.Chunk, n uint64, buf 
 	}
 	a, b := int64(c0), int64(c0)+int64(n)
 	defer v.lockStripes(a, b, true)()
-	if v.copyNeed(a, b) > 0 {
+	if v.copyNeed(a<<v.shift, a, b) > 0 {
 		return false, nil
 	}
 	if v.ovN.Load() > 0 {

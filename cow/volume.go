@@ -465,10 +465,34 @@ func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
 }
 
 // Discard makes bytes [off, off+n) read as zeros, giving the space back
-// where whole chunks are covered.
+// where whole chunks are covered. A range that does not fit returns
+// ErrOutOfRange and discards nothing.
+//
+// A large range is done in pieces of discardPiece bytes, each like a
+// write of its own: after a snapshot, a copy-out takes overlay space and
+// buffers per chunk for the whole request, so one blkdiscard of a 64 GiB
+// device (the loop driver passes up to 4 GiB a request) would hold GiBs
+// of memory and every stripe at once. Snapshots see each piece before or
+// after them, as they would several discards.
 func (v *Volume) Discard(off, n int64) error {
+	if n > discardPiece {
+		if size := v.Size(); off < 0 || off+n > size || off+n < off {
+			return fmt.Errorf("%w: %d bytes at offset %d of %d", ErrOutOfRange, n, off, size)
+		}
+	}
+	for n > discardPiece {
+		m := discardPiece - off%discardPiece // pieces end at multiples of discardPiece
+		if err := v.modify(off, m, nil, false); err != nil {
+			return err
+		}
+		off, n = off+m, n-m
+	}
 	return v.modify(off, n, nil, false)
 }
+
+// discardPiece is the most Discard changes at once (see there): a multiple
+// of every chunk size, as rollback's pieces (rollbackPiece).
+const discardPiece = 4 << 20
 
 // modify writes p (or zeros, when p is nil) to [off, off+n). internal
 // marks a rollback's own writes, which pass the guard that refuses others.
@@ -494,9 +518,6 @@ func (v *Volume) isGone() bool {
 
 // modifyAs is modify, or copyOutOnly when write is false.
 func (v *Volume) modifyAs(off, n int64, p []byte, internal, write bool) error {
-	if n == 0 {
-		return nil
-	}
 	for {
 		v.gate.RLock()
 		err := v.writeGuard(internal)
@@ -563,10 +584,13 @@ func (v *Volume) modifyGated(off, n int64, p []byte, write bool) (unsettled, err
 	if off < 0 || n < 0 || off+n > size || off+n < off {
 		return unsettled{}, fmt.Errorf("%w: %d bytes at offset %d of %d", ErrOutOfRange, n, off, size)
 	}
+	if n == 0 {
+		return unsettled{}, nil
+	}
 	c0, c1 := off>>v.shift, (off+n+v.chunkSize-1)>>v.shift
 	// Overlay space is taken before the stripes: applying entries, which
 	// frees it, takes stripes.
-	need := v.ovPerChunk() * v.copyNeed(c0, c1) << v.shift
+	need := v.ovPerChunk() * v.copyNeed(off, c0, c1) << v.shift
 	if need > 0 {
 		if err := v.s.log.reserve(need); err != nil {
 			return unsettled{}, err
@@ -577,7 +601,7 @@ func (v *Volume) modifyGated(off, n int64, p []byte, write bool) (unsettled, err
 	// mappings are only added, so there is nothing to copy (a rewrite
 	// pays the index lookups once, not twice).
 	if need > 0 {
-		if err := v.copyOut(c0, c1, need); err != nil {
+		if err := v.copyOut(off, c0, c1, need, write && p == nil); err != nil {
 			return unsettled{}, err
 		}
 	}
@@ -666,7 +690,7 @@ func (v *Volume) writeClone(off, n int64, p []byte) (bool, error) {
 // bytes, the caller took for it (from copyNeed); what is not used is given
 // back. The caller holds the gate (shared) and the stripes of [c0, c1)
 // exclusively.
-func (v *Volume) copyOut(c0, c1, reserved int64) error {
+func (v *Volume) copyOut(off, c0, c1, reserved int64, discard bool) error {
 	used := int64(0)
 	defer func() { v.s.log.unreserve(reserved - used) }()
 	v.mu.RLock()
@@ -676,14 +700,35 @@ func (v *Volume) copyOut(c0, c1, reserved int64) error {
 	}
 	var todo []int64
 	if sn != nil {
-		last := chunks(sn.size, v.shift)
-		for c := c0; c < min(c1, last); c++ {
+		lo, hi := copyable(sn, off, c0, c1)
+		for c := lo; c < hi; c++ {
 			if _, ok := sn.idx.Lookup(exceptions.Chunk(c)); !ok {
 				todo = append(todo, c)
 			}
 		}
 	}
 	v.mu.RUnlock()
+	if discard {
+		// Discarding a chunk the data file holds as a hole changes
+		// nothing the snapshot could tell apart: it stays unmapped and
+		// reads the hole's zeros through the volume. Without this, an
+		// fstrim of free space after each snapshot would map every free
+		// chunk (an index run and a log record apiece).
+		kept := todo[:0]
+		for _, c := range todo {
+			if v.isPresent(c) {
+				hole, err := v.data.Hole(c<<v.shift, v.chunkSize)
+				if err != nil {
+					return err
+				}
+				if hole {
+					continue
+				}
+			}
+			kept = append(kept, c)
+		}
+		todo = kept
+	}
 	if len(todo) == 0 {
 		return nil
 	}

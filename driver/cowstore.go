@@ -51,20 +51,27 @@ type CowStore struct {
 	s *cow.Store
 }
 
-// OpenCowStore opens (or creates) the cow store in dir, set so that every
-// write it acknowledges survives a kill of this process
-// (cow.Store.SetSurviveKill): the kernel frontend's fd holder keeps each
-// device's FUSE connection across a restart, so the filesystem on the
-// device never learns of the restart and never resends a write it got an
-// answer to (test/sanity TestKillKeepsAckedWrites).
+// OpenCowStore opens (or creates) the cow store in dir.
 func OpenCowStore(dir string) (*CowStore, error) {
 	s, err := cow.Open(dir)
 	if err != nil {
 		return nil, fromCow(fmt.Errorf("open store %s: %w", dir, err))
 	}
-	s.SetSurviveKill(true)
 	return &CowStore{s: s}, nil
 }
+
+// SetSurviveKill sets whether every write the store acknowledges survives
+// a kill of this process (cow.Store.SetSurviveKill). The kernel frontend
+// needs it wherever its fd holder can outlive the process: the holder then
+// keeps each device's FUSE connection across the restart, the filesystem
+// on the device never learns of it and never resends a write it got an
+// answer to (test/sanity TestKillKeepsAckedWrites). Where the holder dies
+// with the process (the chart: csi-snap is PID 1 of its container), the
+// connections end too, the filesystems see I/O errors and recover from
+// their journals on the next mount, as after a power loss, so unflushed
+// writes may be lost as from a disk's volatile cache, and the setting only
+// costs first-write speed (BENCHMARKS.md).
+func (c *CowStore) SetSurviveKill(on bool) { c.s.SetSurviveKill(on) }
 
 func volInfo(i cow.VolumeInfo) VolumeInfo {
 	return VolumeInfo{ID: i.ID, Size: i.Size, ChunkSize: i.ChunkSize, Labels: i.Labels, SourceSnapshotID: i.SourceSnapshotID,

@@ -247,8 +247,14 @@ func TestNodePluginDefaults(t *testing.T) {
 
 	plugin := container(ds, "csi-snap")
 	requireArgs(t, plugin, "--endpoint=unix:///csi/csi.sock", "--node-id=$(NODE_NAME)",
-		"--driver-name="+driver, "--data-dir=/var/lib/csi-snap", "--run-dir=/run/csi-snap", "--v=2")
+		"--driver-name="+driver, "--data-dir=/var/lib/csi-snap", "--run-dir=/run/csi-snap", "--v=2",
+		"--survive-kill=false")
 	forbidArgPrefix(t, plugin, "--metrics-address")
+	// --survive-kill=false is right only because the fuse-holder dies with
+	// csi-snap, PID 1 of its own PID namespace (values.yaml node.surviveKill).
+	if get(ds, "spec", "template", "spec", "hostPID") == true || get(ds, "spec", "template", "spec", "shareProcessNamespace") == true {
+		t.Error("the node pod shares a PID namespace: the fuse-holder could outlive csi-snap, which then needs --survive-kill")
+	}
 	if get(plugin, "securityContext", "privileged") != true {
 		t.Error("csi-snap must be privileged (loop devices, mounts, /dev/fuse)")
 	}

@@ -15,6 +15,7 @@ func openRealEngines(cfg Config) (*engines, error) {
 	if err != nil {
 		return nil, err
 	}
+	st.SetSurviveKill(cfg.SurviveKill)
 	fe, err := driver.NewKernelFrontend(kernel.Config{RunDir: cfg.RunDir})
 	if err != nil {
 		st.Close()

@@ -119,9 +119,14 @@
 // INIT (the kernel sends it once per connection) and writes
 // FUSE_NOTIFY_RESEND, so the kernel queues again every request the dead
 // server had read but not answered (their unique carries bit 63). Requests
-// may therefore arrive twice: Backend writes must be idempotent. Close stops
-// serving without detaching (graceful restart); Detach tells the holder to
-// drop the fd, and the holder exits when it holds nothing.
+// may therefore arrive twice: Backend writes must be idempotent. And a
+// request that was answered is never sent again, while whatever sits on the
+// device (a mounted filesystem) carries on across the restart: a Backend
+// must not answer a write before a kill of the process can no longer lose
+// it (a cow store does so with Store.SetSurviveKill, which the driver
+// sets). Close stops serving without detaching (graceful restart); Detach
+// tells the holder to drop the fd, and the holder exits when it holds
+// nothing.
 //
 // # Caveats
 //

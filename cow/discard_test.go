@@ -1,0 +1,205 @@
+package cow
+
+import (
+	"bytes"
+	"errors"
+	"path/filepath"
+	"syscall"
+	"testing"
+
+	"github.com/csi-snap/csi-snap/exceptions"
+)
+
+// TestDiscardLargeAfterSnapshot: one Discard of a whole 256 MiB volume
+// after a snapshot (what blkdiscard of a device sends, in requests of up to
+// 4 GiB) holds at most one piece's overlay space at a time, maps only the
+// chunks that held data, and leaves the snapshot its data and the volume
+// zeros.
+func TestDiscardLargeAfterSnapshot(t *testing.T) {
+	s, dir := openT(t)
+	const size, cs = 256 << 20, 16 << 10
+	v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := fill(1<<20, 9)
+	if _, err := v.WriteAt(data, 100<<20); err != nil {
+		t.Fatal(err)
+	}
+	sn, err := s.CreateSnapshot("v", "s", SnapshotOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.log.mu.Lock()
+	s.log.ovPeak = 0
+	s.log.mu.Unlock()
+	if err := v.Discard(0, size); err != nil {
+		t.Fatal(err)
+	}
+	s.log.mu.Lock()
+	peak := s.log.ovPeak
+	s.log.mu.Unlock()
+	// A piece of 4 MiB takes at most two buffers a chunk.
+	if peak > 2*discardPiece {
+		t.Fatalf("overlay peaked at %d bytes for one discard, want at most %d", peak, 2*discardPiece)
+	}
+	v.mu.RLock()
+	mapped := sn.idx.Len()
+	v.mu.RUnlock()
+	if want := uint64(len(data) / cs); mapped != want {
+		t.Fatalf("the snapshot maps %d chunks after the discard, want the %d that held data", mapped, want)
+	}
+	check := func(s *Store) {
+		t.Helper()
+		v, _ := s.Volume("v")
+		sn, _ := s.Snapshot("s")
+		got := make([]byte, len(data))
+		if _, err := sn.ReadAt(got, 100<<20); err != nil || !bytes.Equal(got, data) {
+			t.Fatalf("snapshot reads %v... (%v) after the discard", got[:4], err)
+		}
+		if _, err := v.ReadAt(got, 100<<20); err != nil || !allZero(got) {
+			t.Fatalf("volume reads %v... (%v) after the discard, want zeros", got[:4], err)
+		}
+		if _, err := sn.ReadAt(got, 0); err != nil || !allZero(got) {
+			t.Fatalf("snapshot reads %v... (%v) at an unwritten chunk", got[:4], err)
+		}
+	}
+	check(s)
+	check(reopen(t, s, dir))
+}
+
+// TestDiscardOutOfRangeChangesNothing: a large discard that does not fit is
+// refused before any piece of it is done.
+func TestDiscardOutOfRangeChangesNothing(t *testing.T) {
+	s, _ := openT(t)
+	const size = 64 << 20
+	v, err := s.CreateVolume("v", size, VolumeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := fill(1<<20, 3)
+	if _, err := v.WriteAt(data, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Discard(0, size+4096); !errors.Is(err, ErrOutOfRange) {
+		t.Fatalf("discard past the end: %v, want ErrOutOfRange", err)
+	}
+	got := make([]byte, len(data))
+	if _, err := v.ReadAt(got, 0); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("a refused discard changed the volume: %v... (%v)", got[:4], err)
+	}
+}
+
+// TestZeroLengthChecked: a zero-length write or discard is checked like any
+// other (offset, deleted volume), as ReadAt is.
+func TestZeroLengthChecked(t *testing.T) {
+	s, _ := openT(t)
+	v, err := s.CreateVolume("v", 1<<20, VolumeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(nil, 1<<20); err != nil {
+		t.Fatalf("empty write at the end: %v", err)
+	}
+	if _, err := v.WriteAt(nil, 2<<20); !errors.Is(err, ErrOutOfRange) {
+		t.Fatalf("empty write past the end: %v, want ErrOutOfRange", err)
+	}
+	if err := v.Discard(-1, 0); !errors.Is(err, ErrOutOfRange) {
+		t.Fatalf("empty discard at -1: %v, want ErrOutOfRange", err)
+	}
+	if err := s.DeleteVolume("v"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(nil, 0); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("empty write to a deleted volume: %v, want ErrNotFound", err)
+	}
+}
+
+// TestWritePastSnapshotSizeCopiesNothing: after the volume grew, a write
+// that starts past a snapshot's size inside the snapshot's last, partial
+// chunk changes nothing the snapshot shows: no copy, nothing charged to
+// its limit.
+func TestWritePastSnapshotSizeCopiesNothing(t *testing.T) {
+	s, _ := openT(t)
+	const cs = 16 << 10
+	v, err := s.CreateVolume("v", 20<<10, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := fill(20<<10, 5)
+	if _, err := v.WriteAt(old, 0); err != nil {
+		t.Fatal(err)
+	}
+	sn, err := s.CreateSnapshot("v", "s", SnapshotOptions{Limit: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Resize(64 << 10); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(4096, 6), 24<<10); err != nil {
+		t.Fatal(err)
+	}
+	v.mu.RLock()
+	_, mapped := sn.idx.Lookup(exceptions.Chunk(1))
+	v.mu.RUnlock()
+	if mapped || sn.Info().Invalid {
+		t.Fatalf("a write past the snapshot's size copied its chunk (mapped %v, invalid %v)", mapped, sn.Info().Invalid)
+	}
+	// A write the snapshot can see still copies.
+	if _, err := v.WriteAt(fill(4096, 7), 16<<10); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(old))
+	if _, err := sn.ReadAt(got, 0); err != nil || !bytes.Equal(got, old) {
+		t.Fatalf("snapshot reads %v... (%v), want its old bytes", got[16<<10:16<<10+4], err)
+	}
+}
+
+// TestDeletedVolumeTrimmedWhenNewestSnapshotGoes: a deleted volume's data
+// file keeps only what its newest snapshot lacks; when that snapshot is
+// deleted, the older one takes its records, and the data file gives back
+// what became unreadable, without waiting for a reopen.
+func TestDeletedVolumeTrimmedWhenNewestSnapshotGoes(t *testing.T) {
+	s, dir := openT(t)
+	const size = 4 << 20
+	v, err := s.CreateVolume("v", size, VolumeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := fill(size, 1)
+	if _, err := v.WriteAt(first, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s1", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(size, 2), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	dataPath := filepath.Join(dir, dataFileName(v.obj))
+	if err := s.DeleteVolume("v"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteSnapshot("s2"); err != nil {
+		t.Fatal(err)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(dataPath, &st); err != nil {
+		t.Fatal(err)
+	}
+	if held := st.Blocks * 512; held > 64<<10 {
+		t.Fatalf("the deleted volume's data file holds %d bytes after its newest snapshot went; s1 holds copies of all of it", held)
+	}
+	s1, err := s.Snapshot("s1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, size)
+	if _, err := s1.ReadAt(got, 0); err != nil || !bytes.Equal(got, first) {
+		t.Fatalf("s1 reads %v... (%v)", got[:4], err)
+	}
+}
