@@ -210,7 +210,8 @@ func TestConcurrentAttach(t *testing.T) {
 // TestLoopTakenOver: a volume's loop device is detached from outside the
 // Frontend (losetup -d) and another volume takes the same number. Device,
 // Resize and Detach of the first volume must not act on the second's
-// device (they trusted the cached name).
+// device (they trusted the cached name), and Attach of the first volume
+// again attaches a device of its own instead of handing out the second's.
 func TestLoopTakenOver(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()
@@ -241,6 +242,21 @@ func TestLoopTakenOver(t *testing.T) {
 	}
 	if err := fe.Resize(ctx, "vol-a", size); err == nil {
 		t.Fatal("Resize of vol-a acted on vol-b's device")
+	}
+	// A repeated stage of vol-a Attaches it again: it must get a device of
+	// its own, not the cached name that is vol-b's now.
+	dev, err := fe.Attach(ctx, "vol-a", a, false)
+	if err != nil {
+		t.Fatalf("Attach(vol-a) again: %v", err)
+	}
+	if dev == devB || !ownsLoop(dev, fe.mountpoint("vol-a")) {
+		t.Fatalf("Attach(vol-a) again = %s, not a device on vol-a's file (vol-b has %s)", dev, devB)
+	}
+	if got, ok := fe.Device("vol-a"); !ok || got != dev {
+		t.Fatalf("Device(vol-a) = %s, %v; want %s", got, ok, dev)
+	}
+	if err := fe.Resize(ctx, "vol-a", size); err != nil {
+		t.Fatalf("Resize(vol-a) on its new device: %v", err)
 	}
 	if err := fe.Detach(ctx, "vol-a"); err != nil {
 		t.Fatalf("Detach(vol-a): %v", err)

@@ -240,7 +240,8 @@ func (f *Frontend) set(id string, v *volume) {
 // Attach serves b as a file through FUSE and attaches a loop device to it
 // (direct I/O on, 4096-byte logical blocks, read-only if readOnly), and
 // returns the device path. Idempotent per id: a second Attach of an
-// attached id returns the same device (ErrConflict if readOnly differs).
+// attached id returns the same device (ErrConflict if readOnly differs), or
+// a new one if that device was detached from outside meanwhile.
 // After a process restart, Attach of an id whose FUSE connection the holder
 // keeps resumes it: same mount, same loop device, requests in flight are
 // resent. b.Size() must be a positive multiple of 4096 (ErrInvalid).
@@ -271,6 +272,9 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 		} else {
 			if v.readOnly != readOnly {
 				return "", fmt.Errorf("%w: %s is attached readOnly=%v", ErrConflict, id, v.readOnly)
+			}
+			if !ownsLoop(v.dev, v.mp) {
+				return f.reattachLoop(ctx, v)
 			}
 			return v.dev, nil
 		}
@@ -319,6 +323,34 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 		}
 	}
 	return f.attachFresh(ctx, id, mp, b, readOnly)
+}
+
+// reattachLoop gives the live volume v a loop device again after its device
+// was detached from outside (losetup -d, or an autoclear left set): that
+// number may be another volume's by now, and a stage handed it would format
+// or mount that volume. The connection still serves, so a device of v's
+// mode still on its file (one Detach did not get to) is taken, else a new
+// one is attached. Called with v's id lock held; v.dev is written under
+// f.mu because Device reads it without the id lock.
+func (f *Frontend) reattachLoop(ctx context.Context, v *volume) (string, error) {
+	dev := ""
+	for _, d := range loopsOf(v.mp) {
+		if d.ro == v.readOnly {
+			dev = d.dev
+			break
+		}
+	}
+	if dev == "" {
+		var err error
+		if dev, err = attachLoop(ctx, v.mp, v.readOnly); err != nil {
+			return "", fmt.Errorf("attach a loop device to %s again: %w", v.id, err)
+		}
+	}
+	klog.InfoS("loop device of an attached volume was detached from outside; attached again", "volumeID", v.id, "old", v.dev, "device", dev)
+	f.mu.Lock()
+	v.dev = dev
+	f.mu.Unlock()
+	return dev, nil
 }
 
 // closeFD closes fd if it is one (>= 0) and returns -1.
@@ -700,8 +732,14 @@ func (f *Frontend) Device(id string) (string, bool) {
 		return "", false
 	}
 	mp := f.mountpoint(id)
-	if v := f.get(id); v != nil && ownsLoop(v.dev, mp) {
-		return v.dev, true
+	f.mu.Lock()
+	dev := ""
+	if v := f.vols[id]; v != nil {
+		dev = v.dev
+	}
+	f.mu.Unlock()
+	if dev != "" && ownsLoop(dev, mp) {
+		return dev, true
 	}
 	return findLoop(mp)
 }
