@@ -521,7 +521,7 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 		// idempotent.
 		if _, ok := d.opt.Frontend.Device(id); ok {
 			if err := d.opt.Frontend.Resize(ctx, id, v.Size); err != nil {
-				return nil, toStatus(fmt.Errorf("resize device of %s: %w", id, err))
+				return nil, d.notServed(id, "resize device", err)
 			}
 		}
 		return &csi.ControllerExpandVolumeResponse{CapacityBytes: v.Size, NodeExpansionRequired: nodeExpand}, nil
@@ -531,7 +531,7 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 	}
 	if _, ok := d.opt.Frontend.Device(id); ok {
 		if err := d.opt.Frontend.Resize(ctx, id, size); err != nil {
-			return nil, toStatus(fmt.Errorf("resize device of %s: %w", id, err))
+			return nil, d.notServed(id, "resize device", err)
 		}
 	}
 	klog.V(2).InfoS("Expanded volume", "volumeID", id, "size", size)

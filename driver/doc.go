@@ -43,6 +43,10 @@
 //     publish the CO did not undo) is FailedPrecondition: a block target's
 //     bind claims nothing, so the loop device would be freed under it and
 //     could be handed to the next volume.
+//   - An expand or read-only block publish of a volume whose device the
+//     frontend reports but does not serve (Recover could not take it back
+//     after a restart) is FailedPrecondition saying to unstage and stage it
+//     again, not NotFound: the volume exists.
 //   - A restore or clone whose source ID carries another node's tag is
 //     ResourceExhausted, so external-provisioner reschedules the claim.
 //

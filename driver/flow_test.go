@@ -846,3 +846,64 @@ func TestRefusedReadOnlyPublishAttachesNothing(t *testing.T) {
 		t.Fatalf("the refused publish attached read-only device %s", dev)
 	}
 }
+
+// unservedFrontend is the fake frontend with one volume in the state a
+// restart leaves when Recover could not take it back: Device still finds its
+// device, but Resize and ReadOnlyDevice answer ErrNotFound, as the kernel
+// frontend does for an id it has no server for.
+type unservedFrontend struct {
+	*drivertest.Frontend
+	unserved string
+}
+
+func (f *unservedFrontend) Resize(ctx context.Context, id string, n int64) error {
+	if id == f.unserved {
+		return fmt.Errorf("%s: %w", id, driver.ErrNotFound)
+	}
+	return f.Frontend.Resize(ctx, id, n)
+}
+
+func (f *unservedFrontend) ReadOnlyDevice(ctx context.Context, id string) (string, error) {
+	if id == f.unserved {
+		return "", fmt.Errorf("%s: %w", id, driver.ErrNotFound)
+	}
+	return f.Frontend.ReadOnlyDevice(ctx, id)
+}
+
+// TestExpandUnservedDevice: expanding (controller and node) or publishing
+// read-only a volume that exists and whose device the frontend reports but
+// does not serve is FailedPrecondition naming the way out (unstage and
+// stage again), not NotFound, which says the volume does not exist.
+func TestExpandUnservedDevice(t *testing.T) {
+	ctx := context.Background()
+	st, fm := drivertest.NewStore(), mount.NewFakeMounter(nil)
+	fe := &unservedFrontend{Frontend: drivertest.NewFrontend()}
+	d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
+		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := env{d: d, store: st, fe: fe.Frontend, fm: fm}
+	id := e.createVolume(t, "unserved", 1<<20).VolumeId
+	dir := t.TempDir()
+	staging := filepath.Join(dir, "staging")
+	e.stageBlock(t, id, staging)
+	fe.unserved = id
+	want := func(what string, err error) {
+		t.Helper()
+		if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "unstage and stage") {
+			t.Fatalf("%s of a volume whose device is not served: %v, want FailedPrecondition saying to unstage and stage again", what, err)
+		}
+	}
+	for i, size := range []int64{4 << 20, 4 << 20} { // the second is the retry, store already grown
+		_, err := d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: id, VolumeCapability: blockCap(),
+			CapacityRange: &csi.CapacityRange{RequiredBytes: size}})
+		want(fmt.Sprintf("ControllerExpandVolume (call %d)", i+1), err)
+	}
+	_, err = d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: staging, VolumeCapability: blockCap(),
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 8 << 20}})
+	want("NodeExpandVolume", err)
+	_, err = d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+		TargetPath: filepath.Join(dir, "target"), VolumeCapability: blockCap(), Readonly: true})
+	want("read-only NodePublishVolume", err)
+}

@@ -196,6 +196,23 @@ func (d *Driver) publishedAt(id, staging string) (string, error) {
 	return "", nil
 }
 
+// notServed turns an ErrNotFound from the frontend's Resize or
+// ReadOnlyDevice for the existing volume id into FailedPrecondition: the
+// frontend can report a device it does not serve (after a restart whose
+// Recover could not take the volume back, the kernel frontend still finds
+// its loop device in sysfs but has no server for it), and NotFound would
+// tell the CO that the volume does not exist. Unstaging and staging it
+// again serves it. Other errors go through toStatus.
+func (d *Driver) notServed(id, what string, err error) error {
+	if !errors.Is(err, ErrNotFound) {
+		return toStatus(fmt.Errorf("%s of %s: %w", what, id, err))
+	}
+	if dev, ok := d.opt.Frontend.Device(id); ok {
+		return statusf(codes.FailedPrecondition, "%s of %s: its device %s on this node is not served by this plugin (not taken back after a restart); unstage and stage the volume again: %v", what, id, dev, err)
+	}
+	return statusf(codes.FailedPrecondition, "%s of %s: the volume is no longer staged on this node: %v", what, id, err)
+}
+
 func (d *Driver) checkNodeVolume(id string) error {
 	if !isVolumeID(id) {
 		return statusf(codes.NotFound, "volume %q does not exist", id)
@@ -461,7 +478,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if block && ro && source == "" {
 		rodev, err := d.opt.Frontend.ReadOnlyDevice(ctx, id)
 		if err != nil {
-			return nil, toStatus(fmt.Errorf("read-only device of %s: %w", id, err))
+			return nil, d.notServed(id, "read-only device", err)
 		}
 		source = rodev
 	}
@@ -627,7 +644,7 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 		v.Size = want
 	}
 	if err := d.opt.Frontend.Resize(ctx, id, v.Size); err != nil {
-		return nil, toStatus(fmt.Errorf("resize device of %s: %w", id, err))
+		return nil, d.notServed(id, "resize device", err)
 	}
 	if req.GetVolumeCapability().GetBlock() == nil {
 		if fi, err := os.Stat(path); err == nil && fi.IsDir() {
