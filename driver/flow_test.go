@@ -801,8 +801,10 @@ func TestPendingRollbackRefusesStage(t *testing.T) {
 }
 
 // TestUnstageSymlinkedStaging: the mount table lists resolved paths; a
-// staging path under a symlinked directory is the staging mount itself,
-// not a publish that would make NodeUnstageVolume refuse.
+// staging path under a symlinked directory is the staging mount itself:
+// a publish from it finds the volume staged, a stage again sees it mounted,
+// and NodeUnstageVolume neither takes it for a publish nor leaves it
+// mounted.
 func TestUnstageSymlinkedStaging(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
@@ -815,9 +817,50 @@ func TestUnstageSymlinkedStaging(t *testing.T) {
 	if err := os.Symlink(real, filepath.Join(dir, "link")); err != nil {
 		t.Fatal(err)
 	}
-	e.attachMounted(t, id, filepath.Join(real, "staging"))
-	if _, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(dir, "link", "staging")}); status.Code(err) == codes.FailedPrecondition {
+	realStaging, staging := filepath.Join(real, "staging"), filepath.Join(dir, "link", "staging")
+	dev := e.attachMounted(t, id, realStaging)
+	mountsAt := func(path string) int {
+		n := 0
+		for _, mp := range e.fm.MountPoints {
+			if mp.Path == path {
+				n++
+			}
+		}
+		return n
+	}
+	target := filepath.Join(dir, "target")
+	for i := 0; i < 2; i++ {
+		if _, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			TargetPath: target, VolumeCapability: mountCap()}); err != nil {
+			t.Fatalf("publish through a symlinked staging path (call %d): %v", i+1, err)
+		}
+		// The kernel lists a bind under the staged device; the fake mounter
+		// looks the bind source up without resolving the symlink.
+		for j := range e.fm.MountPoints {
+			if e.fm.MountPoints[j].Path == target {
+				e.fm.MountPoints[j].Device = dev
+			}
+		}
+	}
+	if n := mountsAt(target); n != 1 {
+		t.Fatalf("%d mounts at the target, want 1", n)
+	}
+	// Before the fix a stage again ran FormatAndMount (blkid, which the
+	// fake exec has no answer for) and stacked a second mount.
+	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: mountCap()}); err != nil {
+		t.Fatalf("stage again through the symlinked staging path: %v", err)
+	}
+	if n := mountsAt(realStaging); n != 1 {
+		t.Fatalf("%d mounts at the staging path after a repeated stage, want 1", n)
+	}
+	if _, err := e.d.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
 		t.Fatalf("unstage through a symlinked staging path: %v", err)
+	}
+	if n := mountsAt(realStaging); n != 0 {
+		t.Fatalf("unstage through a symlinked staging path left %d mounts at %s", n, realStaging)
 	}
 }
 

@@ -91,9 +91,17 @@ func (d *Driver) topMount(path string) (mount.MountPoint, error) {
 	if err != nil {
 		return mount.MountPoint{}, err
 	}
+	// The mount table lists resolved paths (as in publishedAt): a staging
+	// or target path under a symlinked kubelet directory is listed under
+	// its resolved path. Not seeing it would stack a second mount on a
+	// stage retry, refuse a publish, and leave the mount on unstage.
+	real, err := filepath.EvalSymlinks(abs)
+	if err != nil {
+		real = abs
+	}
 	var top mount.MountPoint
 	for _, mp := range mps {
-		if mp.Path == abs {
+		if mp.Path == abs || mp.Path == real {
 			top = mp // the last one listed is on top
 		}
 	}
