@@ -328,6 +328,9 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 	if err := d.opt.Store.DeleteVolume(id); err != nil && !errors.Is(err, ErrNotFound) {
 		return nil, toStatus(fmt.Errorf("delete volume %s: %w", id, err))
 	}
+	// A stage killed before its Attach completed leaves a marker of a volume
+	// that is not attached.
+	d.dropStageMarker(id)
 	klog.V(2).InfoS("Deleted volume", "volumeID", id)
 	return &csi.DeleteVolumeResponse{}, nil
 }

@@ -43,6 +43,12 @@
 //     publish the CO did not undo) is FailedPrecondition: a block target's
 //     bind claims nothing, so the loop device would be freed under it and
 //     could be handed to the next volume.
+//   - A NodeStageVolume that fails detaches what it attached (kubelet does
+//     not unstage a failed stage, and DeleteVolume refuses an attached
+//     volume), also when it is the retry of a stage the plugin was killed
+//     in: a marker in DataDir/stage-markers/<id> lives from before the
+//     Attach until the stage succeeds or the volume is detached, and tells
+//     that retry that the attachment Recover restored is that stage's.
 //   - An expand or read-only block publish of a volume whose device the
 //     frontend reports but does not serve (Recover could not take it back
 //     after a restart) is FailedPrecondition saying to unstage and stage it

@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	mount "k8s.io/mount-utils"
+	utilexec "k8s.io/utils/exec"
 	testexec "k8s.io/utils/exec/testing"
 )
 
@@ -949,4 +950,68 @@ func TestExpandUnservedDevice(t *testing.T) {
 	_, err = d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
 		TargetPath: filepath.Join(dir, "target"), VolumeCapability: blockCap(), Readonly: true})
 	want("read-only NodePublishVolume", err)
+}
+
+// TestFailedStageAfterRestartDetaches: a plugin killed during
+// NodeStageVolume (here: inside blkid, before the staging mount) leaves the
+// volume attached; after the restart Recover re-attaches it, and kubelet
+// retries the stage. If that retry fails with a final code (a blank
+// reader-only volume), kubelet forgets the stage and never unstages it, so
+// the retry must detach, or DeleteVolume is refused forever.
+func TestFailedStageAfterRestartDetaches(t *testing.T) {
+	ctx := context.Background()
+	entered, release := make(chan struct{}), make(chan struct{})
+	blank := func() ([]byte, []byte, error) { return nil, nil, testexec.FakeExitError{Status: 2} }
+	blkid := func(wait bool) testexec.FakeCommandAction {
+		return func(cmd string, args ...string) utilexec.Cmd {
+			c := &testexec.FakeCmd{CombinedOutputScript: []testexec.FakeAction{func() ([]byte, []byte, error) {
+				if wait {
+					close(entered)
+					<-release
+				}
+				return blank()
+			}}}
+			return testexec.InitFakeCmd(c, cmd, args...)
+		}
+	}
+	st, fe, fm := drivertest.NewStore(), drivertest.NewFrontend(), mount.NewFakeMounter(nil)
+	opts := driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
+		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{
+			CommandScript: []testexec.FakeCommandAction{blkid(true), blkid(false)}}}}
+	d1, err := driver.New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := env{d: d1, store: st, fe: fe, fm: fm}
+	id := e.createVolume(t, "stage-killed", 1<<20).VolumeId
+	c := mountCap()
+	c.AccessMode.Mode = csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY
+	req := &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(t.TempDir(), "staging"), VolumeCapability: c}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		d1.NodeStageVolume(ctx, req)
+	}()
+	t.Cleanup(func() { close(release); <-done })
+	<-entered // d1 is "killed" here: it never gets further while d2 runs
+
+	d2, err := driver.New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d2.Recover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := fe.Device(id); !ok {
+		t.Fatal("the volume is not attached after Recover; nothing to test")
+	}
+	if _, err := d2.NodeStageVolume(ctx, req); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("stage retry of a blank reader-only volume: %v, want FailedPrecondition", err)
+	}
+	if dev, ok := fe.Device(id); ok {
+		t.Fatalf("the failed stage retry left the volume attached as %s", dev)
+	}
+	if _, err := d2.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+		t.Fatalf("DeleteVolume after the failed stage retry: %v", err)
+	}
 }

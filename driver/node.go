@@ -263,22 +263,43 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err != nil {
 		return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
 	}
-	_, wasAttached := d.opt.Frontend.Device(id)
-	dev, err := d.opt.Frontend.Attach(ctx, id, b, false)
-	if err != nil {
-		return nil, toStatus(fmt.Errorf("attach %s: %w", id, err))
-	}
 	// kubelet calls NodeUnstageVolume only for a stage that succeeded (or
 	// failed with a code it treats as still in progress): a stage that
 	// fails after attaching must detach what it attached, or nothing ever
-	// would, and DeleteVolume refuses an attached volume.
+	// would, and DeleteVolume refuses an attached volume. A volume attached
+	// before the call stays attached (a stage that succeeded made it), unless
+	// its stage marker says that it was attached by a stage that never
+	// finished: one that died (after a restart Recover re-attached it) and
+	// that kubelet now retries; if the retry fails with a final code,
+	// kubelet forgets the stage and would never unstage it.
+	_, wasAttached := d.opt.Frontend.Device(id)
+	marker := d.stageMarker(id)
+	unfinished := !wasAttached
+	if wasAttached {
+		_, err := os.Stat(marker)
+		unfinished = err == nil
+	} else if err := writeStageMarker(marker); err != nil {
+		return nil, statusf(codes.Internal, "stage marker of %s: %v", id, err)
+	}
+	dev, err := d.opt.Frontend.Attach(ctx, id, b, false)
+	if err != nil {
+		if !wasAttached {
+			d.dropStageMarker(id) // Attach undoes its own failures
+		}
+		return nil, toStatus(fmt.Errorf("attach %s: %w", id, err))
+	}
 	staged := false
 	defer func() {
-		if staged || wasAttached {
-			return
-		}
-		if err := d.opt.Frontend.Detach(context.WithoutCancel(ctx), id); err != nil {
-			klog.ErrorS(err, "Detach after a failed stage", "volumeID", id)
+		switch {
+		case staged:
+			d.dropStageMarker(id)
+		case unfinished:
+			if err := d.opt.Frontend.Detach(context.WithoutCancel(ctx), id); err != nil {
+				// The marker stays: a later stage or unstage detaches.
+				klog.ErrorS(err, "Detach after a failed stage", "volumeID", id)
+				return
+			}
+			d.dropStageMarker(id)
 		}
 	}()
 	m := req.GetVolumeCapability().GetMount()
@@ -336,6 +357,30 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	return &csi.NodeStageVolumeResponse{}, nil
 }
 
+// stageMarker is the file that exists while a NodeStageVolume of volume id
+// that attached it has not finished: from before the Attach until the stage
+// succeeds or the volume is detached (a failed stage, NodeUnstageVolume). A
+// plugin killed in between leaves it; Recover re-attaches the volume, and
+// the marker tells the retried stage that the attachment is that unfinished
+// stage's own, to detach if the retry fails.
+func (d *Driver) stageMarker(id string) string {
+	return filepath.Join(d.opt.DataDir, "stage-markers", id)
+}
+
+func writeStageMarker(path string) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
+	}
+	return os.WriteFile(path, nil, 0o600)
+}
+
+// dropStageMarker removes id's stage marker, if any.
+func (d *Driver) dropStageMarker(id string) {
+	if err := os.Remove(d.stageMarker(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		klog.ErrorS(err, "Removing stage marker", "volumeID", id)
+	}
+}
+
 // NodeUnstageVolume unmounts the staging path and detaches the device; both
 // steps are idempotent.
 func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
@@ -367,6 +412,7 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	if err := d.opt.Frontend.Detach(ctx, id); err != nil {
 		return nil, toStatus(fmt.Errorf("detach %s: %w", id, err))
 	}
+	d.dropStageMarker(id)
 	klog.V(2).InfoS("Unstaged volume", "volumeID", id, "stagingPath", staging)
 	return &csi.NodeUnstageVolumeResponse{}, nil
 }
