@@ -330,7 +330,9 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 	}
 	// A stage killed before its Attach completed leaves a marker of a volume
 	// that is not attached.
-	d.dropStageMarker(id)
+	if err := d.dropStageMarker(id); err != nil {
+		klog.ErrorS(err, "Removing stage marker", "volumeID", id)
+	}
 	klog.V(2).InfoS("Deleted volume", "volumeID", id)
 	return &csi.DeleteVolumeResponse{}, nil
 }

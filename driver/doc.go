@@ -35,7 +35,11 @@
 //     device of the volume (Frontend.ReadOnlyDevice), not the writable one:
 //     the kernel ignores a bind mount's read-only flag for device nodes.
 //     Publishing a target again in the other mode is AlreadyExists, for
-//     mount volumes too.
+//     mount volumes too, unless the earlier publish never finished: a
+//     mount publish is a bind and then a remount with ro and the mount
+//     flags (mount-utils), and a marker in DataDir/publish-markers lives
+//     from before the bind until the remount returned, so a retry after a
+//     kill in between unmounts the writable bind and binds again.
 //   - SINGLE_NODE_READER_ONLY: the volume is staged read-only and never
 //     formatted (a blank one is FailedPrecondition), and every publish is
 //     read-only whatever its readonly flag.

@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 
@@ -16,6 +18,7 @@ import (
 	"github.com/csi-snap/csi-snap/driver/drivertest"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	mount "k8s.io/mount-utils"
 	utilexec "k8s.io/utils/exec"
 	testexec "k8s.io/utils/exec/testing"
@@ -1013,5 +1016,109 @@ func TestFailedStageAfterRestartDetaches(t *testing.T) {
 	}
 	if _, err := d2.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
 		t.Fatalf("DeleteVolume after the failed stage retry: %v", err)
+	}
+}
+
+// cutMounter is the fake mounter with one bind publish killed between
+// mount-utils' two mounts: when cut is set, the next bind lists a plain
+// (writable, no flags) bind, as the first mount(8) leaves it, and then
+// blocks as if the plugin were killed before the remount.
+type cutMounter struct {
+	*mount.FakeMounter
+	cut              atomic.Bool
+	entered, release chan struct{}
+}
+
+func (m *cutMounter) Mount(source, target, fstype string, opts []string) error {
+	if slices.Contains(opts, "bind") && m.cut.CompareAndSwap(true, false) {
+		if err := m.FakeMounter.Mount(source, target, fstype, []string{"bind"}); err != nil {
+			return err
+		}
+		m.entered <- struct{}{}
+		<-m.release
+		return errors.New("killed before the remount")
+	}
+	return m.FakeMounter.Mount(source, target, fstype, opts)
+}
+
+// TestPublishCutBeforeRemount: a mount publish killed between the bind and
+// the remount that applies ro and the mount flags leaves a writable bind
+// without the flags at the target. The retry (after a restart) must finish
+// it: before, a read-only publish answered AlreadyExists forever, and one
+// with flags answered OK without them. A publish that completed and is
+// asked again in the other mode stays AlreadyExists.
+func TestPublishCutBeforeRemount(t *testing.T) {
+	ctx := context.Background()
+	st, fe := drivertest.NewStore(), drivertest.NewFrontend()
+	fm := &cutMounter{FakeMounter: mount.NewFakeMounter(nil), entered: make(chan struct{}), release: make(chan struct{})}
+	opts := driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
+		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{}}}
+	d, err := driver.New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := env{d: d, store: st, fe: fe, fm: fm.FakeMounter}
+	id := e.createVolume(t, "publish-cut", 1<<20).VolumeId
+	dir := t.TempDir()
+	staging := filepath.Join(dir, "staging")
+	dev := e.attachMounted(t, id, staging)
+	var killed sync.WaitGroup
+	t.Cleanup(func() { close(fm.release); killed.Wait() })
+	mountsAt := func(path string) []mount.MountPoint {
+		var out []mount.MountPoint
+		for _, mp := range fm.MountPoints {
+			if mp.Path == path {
+				out = append(out, mp)
+			}
+		}
+		return out
+	}
+	for _, c := range []struct {
+		name  string
+		ro    bool
+		flags []string
+	}{{"ro", true, []string{"nosuid"}}, {"flags", false, []string{"nosuid", "noexec"}}} {
+		target := filepath.Join(dir, c.name)
+		capab := mountCap()
+		capab.GetMount().MountFlags = c.flags
+		req := &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target,
+			VolumeCapability: capab, Readonly: c.ro}
+		d1, err := driver.New(opts) // each "killed" run keeps its volume lock
+		if err != nil {
+			t.Fatal(err)
+		}
+		fm.cut.Store(true)
+		killed.Add(1)
+		go func() {
+			defer killed.Done()
+			d1.NodePublishVolume(ctx, req)
+		}()
+		<-fm.entered // d1 is "killed" between the bind and the remount
+		if got := mountsAt(target); len(got) != 1 || got[0].Device != dev || slices.Contains(got[0].Opts, "ro") {
+			t.Fatalf("%s: after the cut, target mounts %+v, want one writable bind of %s", c.name, got, dev)
+		}
+		d2, err := driver.New(opts) // the restarted plugin
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < 2; i++ {
+			if _, err := d2.NodePublishVolume(ctx, req); err != nil {
+				t.Fatalf("%s: publish retry %d after the cut: %v", c.name, i+1, err)
+			}
+			got := mountsAt(target)
+			if len(got) != 1 || got[0].Device != dev || slices.Contains(got[0].Opts, "ro") != c.ro {
+				t.Fatalf("%s: retry %d: target mounts %+v, want one bind of %s with ro=%v", c.name, i+1, got, dev, c.ro)
+			}
+			for _, f := range c.flags {
+				if !slices.Contains(got[0].Opts, f) {
+					t.Fatalf("%s: retry %d: target mount %+v lacks flag %s", c.name, i+1, got[0], f)
+				}
+			}
+		}
+		other := proto.Clone(req).(*csi.NodePublishVolumeRequest)
+		other.Readonly = !c.ro
+		if _, err := d2.NodePublishVolume(ctx, other); status.Code(err) != codes.AlreadyExists {
+			t.Fatalf("%s: publish of the finished target with readonly=%v: %v, want AlreadyExists", c.name, !c.ro, err)
+		}
 	}
 }

@@ -2,6 +2,8 @@ package driver
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -234,7 +236,7 @@ func (d *Driver) checkNodeVolume(id string) error {
 // NodeStageVolume attaches the volume as a loop device and, for mount access,
 // makes a filesystem when the device is blank and mounts it at the staging
 // path. Block access stages only the device.
-func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
+func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (resp *csi.NodeStageVolumeResponse, rerr error) {
 	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
 	if id == "" {
 		return nil, statusf(codes.InvalidArgument, "volume_id is required")
@@ -278,13 +280,16 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if wasAttached {
 		_, err := os.Stat(marker)
 		unfinished = err == nil
-	} else if err := writeStageMarker(marker); err != nil {
+	} else if err := writeMarker(marker, ""); err != nil {
 		return nil, statusf(codes.Internal, "stage marker of %s: %v", id, err)
 	}
 	dev, err := d.opt.Frontend.Attach(ctx, id, b, false)
 	if err != nil {
 		if !wasAttached {
-			d.dropStageMarker(id) // Attach undoes its own failures
+			// Attach undoes its own failures.
+			if err := d.dropStageMarker(id); err != nil {
+				klog.ErrorS(err, "Removing stage marker", "volumeID", id)
+			}
 		}
 		return nil, toStatus(fmt.Errorf("attach %s: %w", id, err))
 	}
@@ -292,14 +297,21 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	defer func() {
 		switch {
 		case staged:
-			d.dropStageMarker(id)
+			// Kept, the marker would let a later failing stage detach
+			// this staged volume: the stage has not succeeded until it is
+			// gone.
+			if err := d.dropStageMarker(id); err != nil {
+				resp, rerr = nil, statusf(codes.Internal, "stage marker of %s: %v", id, err)
+			}
 		case unfinished:
 			if err := d.opt.Frontend.Detach(context.WithoutCancel(ctx), id); err != nil {
 				// The marker stays: a later stage or unstage detaches.
 				klog.ErrorS(err, "Detach after a failed stage", "volumeID", id)
 				return
 			}
-			d.dropStageMarker(id)
+			if err := d.dropStageMarker(id); err != nil {
+				klog.ErrorS(err, "Removing stage marker", "volumeID", id)
+			}
 		}
 	}()
 	m := req.GetVolumeCapability().GetMount()
@@ -367,18 +379,42 @@ func (d *Driver) stageMarker(id string) string {
 	return filepath.Join(d.opt.DataDir, "stage-markers", id)
 }
 
-func writeStageMarker(path string) error {
+// dropStageMarker removes id's stage marker, if any.
+func (d *Driver) dropStageMarker(id string) error { return dropMarker(d.stageMarker(id)) }
+
+// publishMarker is the file that exists while a mount publish at target
+// has not finished: from before its bind until mount-utils' remount (ro,
+// the mount flags) returned, or the target is unpublished. Named by a hash
+// of the target path as given (kubelet repeats it verbatim).
+func (d *Driver) publishMarker(target string) string {
+	abs, err := filepath.Abs(target)
+	if err != nil {
+		abs = target
+	}
+	sum := sha256.Sum256([]byte(abs))
+	return filepath.Join(d.opt.DataDir, "publish-markers", hex.EncodeToString(sum[:16]))
+}
+
+// publishUnfinished reports whether a publish at target was cut off.
+func (d *Driver) publishUnfinished(target string) bool {
+	_, err := os.Stat(d.publishMarker(target))
+	return err == nil
+}
+
+// writeMarker creates the marker file path holding content.
+func writeMarker(path, content string) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return err
 	}
-	return os.WriteFile(path, nil, 0o600)
+	return os.WriteFile(path, []byte(content), 0o600)
 }
 
-// dropStageMarker removes id's stage marker, if any.
-func (d *Driver) dropStageMarker(id string) {
-	if err := os.Remove(d.stageMarker(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		klog.ErrorS(err, "Removing stage marker", "volumeID", id)
+// dropMarker removes the marker file path, if any.
+func dropMarker(path string) error {
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
 	}
+	return nil
 }
 
 // NodeUnstageVolume unmounts the staging path and detaches the device; both
@@ -412,7 +448,9 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	if err := d.opt.Frontend.Detach(ctx, id); err != nil {
 		return nil, toStatus(fmt.Errorf("detach %s: %w", id, err))
 	}
-	d.dropStageMarker(id)
+	if err := d.dropStageMarker(id); err != nil {
+		return nil, statusf(codes.Internal, "stage marker of %s: %v", id, err)
+	}
 	klog.V(2).InfoS("Unstaged volume", "volumeID", id, "stagingPath", staging)
 	return &csi.NodeUnstageVolumeResponse{}, nil
 }
@@ -500,6 +538,22 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 			return nil, toStatus(err)
 		}
 	}
+	if held && !block && d.publishUnfinished(target) {
+		// A bind publish is two mounts (mount-utils binds, then remounts
+		// with ro and the mount flags), and one of ours was cut off between
+		// them (killed, or the remount failed): the target may be a
+		// writable bind without the asked flags, and would otherwise be
+		// AlreadyExists (or OK without the flags) forever. Its pod has not
+		// started, since the publish never succeeded: undo the bind and
+		// bind again below. Without the marker, a writable publish asked
+		// again read-only stays AlreadyExists (the spec's incompatible
+		// case; remounting would take writes away from a running pod).
+		klog.InfoS("Redoing a publish cut off between bind and remount", "volumeID", id, "targetPath", target)
+		if err := d.unmount(target, false); err != nil {
+			return nil, err
+		}
+		held = false
+	}
 	if held {
 		// Published already: the same call again is OK, the other mode at
 		// the same target is not (the spec's "incompatible" case). A block
@@ -555,8 +609,21 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if m := req.GetVolumeCapability().GetMount(); m != nil {
 		opts = append(opts, m.GetMountFlags()...)
 	}
+	if !block {
+		if err := writeMarker(d.publishMarker(target), target); err != nil {
+			return nil, statusf(codes.Internal, "publish marker of %s: %v", target, err)
+		}
+	}
 	if err := d.opt.Mounter.Mount(source, target, "", opts); err != nil {
 		return nil, statusf(codes.Internal, "bind %s at %s: %v", source, target, err)
+	}
+	if !block {
+		// Kept, the marker would make a later publish of this target redo
+		// the bind under a running pod: the publish has not succeeded
+		// until it is gone.
+		if err := dropMarker(d.publishMarker(target)); err != nil {
+			return nil, statusf(codes.Internal, "publish marker of %s: %v", target, err)
+		}
 	}
 	klog.V(2).InfoS("Published volume", "volumeID", id, "targetPath", target, "readonly", ro, "block", block)
 	return &csi.NodePublishVolumeResponse{}, nil
@@ -580,6 +647,9 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	defer d.locks.unlock(id)
 	if err := d.unmount(target, true); err != nil {
 		return nil, err
+	}
+	if err := dropMarker(d.publishMarker(target)); err != nil {
+		return nil, statusf(codes.Internal, "publish marker of %s: %v", target, err)
 	}
 	klog.V(2).InfoS("Unpublished volume", "volumeID", id, "targetPath", target)
 	return &csi.NodeUnpublishVolumeResponse{}, nil
