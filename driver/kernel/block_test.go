@@ -268,3 +268,52 @@ func TestLoopTakenOver(t *testing.T) {
 		t.Fatalf("Device(vol-b) = %s, %v; want %s", dev, ok, devB)
 	}
 }
+
+// TestAttachRacingClose: Close runs while an Attach is past its lock (at
+// shutdown, gRPC's Stop does not wait for handlers). The Attach must not
+// record its volume in the map Close already emptied, where its server
+// would keep running and calling the backend after the store closed: it is
+// stopped like the others (device and holder's connection left for the
+// next Frontend) and Attach answers ErrClosed.
+func TestAttachRacingClose(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	fe, runDir := newFrontend(t)
+	b := newFileBackend(t, t.TempDir(), 16<<20)
+	got, release := make(chan *volume), make(chan struct{})
+	testHookBeforeRegister = func(v *volume) {
+		got <- v
+		<-release
+	}
+	t.Cleanup(func() { testHookBeforeRegister = nil })
+	errc := make(chan error, 1)
+	go func() {
+		_, err := fe.Attach(ctx, "vol-race", b, false)
+		errc <- err
+	}()
+	v := <-got
+	testHookBeforeRegister = nil
+	fe.Close()
+	close(release)
+	err := <-errc
+	// The next Frontend on the run dir finds the volume and detaches it.
+	t.Cleanup(func() {
+		fe2, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer fe2.Close()
+		if ids := fe2.Attached(); len(ids) != 1 || ids[0] != "vol-race" {
+			t.Errorf("next Frontend sees %v attached, want [vol-race]", ids)
+		}
+		if err := fe2.Detach(ctx, "vol-race"); err != nil {
+			t.Errorf("Detach by the next Frontend: %v", err)
+		}
+	})
+	if !errors.Is(err, ErrClosed) {
+		t.Fatalf("Attach racing Close: %v, want ErrClosed", err)
+	}
+	if n := v.srv.alive.Load(); n != 0 {
+		t.Fatalf("%d readers of the volume's server still run after Close", n)
+	}
+}

@@ -227,6 +227,30 @@ func (f *Frontend) get(id string) *volume {
 	return f.vols[id]
 }
 
+// register records v as served under id, unless Close ran meanwhile (an
+// Attach already past its lock): v is then stopped as Close stops the
+// volumes it finds (the holder keeps the connection and the device stays,
+// for the next Frontend to resume) and register returns ErrClosed. Recorded
+// in the map Close already swapped out, v's server would run on unstopped.
+func (f *Frontend) register(id string, v *volume) error {
+	if testHookBeforeRegister != nil {
+		testHookBeforeRegister(v)
+	}
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		v.shutdown()
+		return fmt.Errorf("%w: closed while attaching %s (left to the next Frontend)", ErrClosed, id)
+	}
+	f.vols[id] = v
+	f.mu.Unlock()
+	return nil
+}
+
+// testHookBeforeRegister, if set (tests only), runs in register before
+// the closed check.
+var testHookBeforeRegister func(v *volume)
+
 func (f *Frontend) set(id string, v *volume) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -413,7 +437,9 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 	srv.start(f.cfg.Readers)
 	if conflict != nil {
 		v.dev = dev
-		f.set(id, v)
+		if err := f.register(id, v); err != nil {
+			return "", err
+		}
 		return "", conflict
 	}
 	if !ok {
@@ -425,7 +451,9 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 		}
 	}
 	v.dev = dev
-	f.set(id, v)
+	if err := f.register(id, v); err != nil {
+		return "", err
+	}
 	klog.InfoS("resumed FUSE connection", "volumeID", id, "device", dev)
 	return dev, nil
 }
@@ -448,9 +476,9 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 		return "", err
 	}
 	srv.start(f.cfg.Readers)
-	held := false
+	held, closed := false, false
 	defer func() {
-		if err != nil {
+		if err != nil && !closed {
 			if held {
 				holderCall(f.sock, holderReq{Op: "drop", ID: id}, -1)
 			}
@@ -489,7 +517,10 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 	if dev, err = attachLoop(ctx, mp, readOnly); err != nil {
 		return "", err
 	}
-	f.set(id, &volume{id: id, mp: mp, dev: dev, fd: fd, srv: srv, readOnly: readOnly})
+	if err = f.register(id, &volume{id: id, mp: mp, dev: dev, fd: fd, srv: srv, readOnly: readOnly}); err != nil {
+		closed = true // stopped as Close stops the others; held and attached
+		return "", err
+	}
 	klog.V(4).InfoS("attached", "volumeID", id, "device", dev, "readOnly", readOnly)
 	return dev, nil
 }
@@ -787,7 +818,9 @@ func (f *Frontend) Attached() []string {
 
 // Close stops serving without detaching anything (graceful restart): the
 // holder keeps every connection, devices stay, their I/O waits until a new
-// Frontend resumes them with Attach. Later calls return ErrClosed.
+// Frontend resumes them with Attach. Later calls return ErrClosed, and so
+// does an Attach running meanwhile, after stopping what it attached the
+// same way (see register).
 func (f *Frontend) Close() error {
 	f.mu.Lock()
 	if f.closed {
