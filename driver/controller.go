@@ -328,6 +328,11 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 	if err := d.opt.Store.DeleteVolume(id); err != nil && !errors.Is(err, ErrNotFound) {
 		return nil, toStatus(fmt.Errorf("delete volume %s: %w", id, err))
 	}
+	// A stage killed before its Attach completed leaves a marker of a volume
+	// that is not attached.
+	if err := d.dropStageMarker(id); err != nil {
+		klog.ErrorS(err, "Removing stage marker", "volumeID", id)
+	}
 	klog.V(2).InfoS("Deleted volume", "volumeID", id)
 	return &csi.DeleteVolumeResponse{}, nil
 }
@@ -521,7 +526,7 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 		// idempotent.
 		if _, ok := d.opt.Frontend.Device(id); ok {
 			if err := d.opt.Frontend.Resize(ctx, id, v.Size); err != nil {
-				return nil, toStatus(fmt.Errorf("resize device of %s: %w", id, err))
+				return nil, d.notServed(id, "resize device", err)
 			}
 		}
 		return &csi.ControllerExpandVolumeResponse{CapacityBytes: v.Size, NodeExpansionRequired: nodeExpand}, nil
@@ -531,7 +536,7 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 	}
 	if _, ok := d.opt.Frontend.Device(id); ok {
 		if err := d.opt.Frontend.Resize(ctx, id, size); err != nil {
-			return nil, toStatus(fmt.Errorf("resize device of %s: %w", id, err))
+			return nil, d.notServed(id, "resize device", err)
 		}
 	}
 	klog.V(2).InfoS("Expanded volume", "volumeID", id, "size", size)

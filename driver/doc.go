@@ -35,7 +35,11 @@
 //     device of the volume (Frontend.ReadOnlyDevice), not the writable one:
 //     the kernel ignores a bind mount's read-only flag for device nodes.
 //     Publishing a target again in the other mode is AlreadyExists, for
-//     mount volumes too.
+//     mount volumes too, unless the earlier publish never finished: a
+//     mount publish is a bind and then a remount with ro and the mount
+//     flags (mount-utils), and a marker in DataDir/publish-markers lives
+//     from before the bind until the remount returned, so a retry after a
+//     kill in between unmounts the writable bind and binds again.
 //   - SINGLE_NODE_READER_ONLY: the volume is staged read-only and never
 //     formatted (a blank one is FailedPrecondition), and every publish is
 //     read-only whatever its readonly flag.
@@ -43,6 +47,16 @@
 //     publish the CO did not undo) is FailedPrecondition: a block target's
 //     bind claims nothing, so the loop device would be freed under it and
 //     could be handed to the next volume.
+//   - A NodeStageVolume that fails detaches what it attached (kubelet does
+//     not unstage a failed stage, and DeleteVolume refuses an attached
+//     volume), also when it is the retry of a stage the plugin was killed
+//     in: a marker in DataDir/stage-markers/<id> lives from before the
+//     Attach until the stage succeeds or the volume is detached, and tells
+//     that retry that the attachment Recover restored is that stage's.
+//   - An expand or read-only block publish of a volume whose device the
+//     frontend reports but does not serve (Recover could not take it back
+//     after a restart) is FailedPrecondition saying to unstage and stage it
+//     again, not NotFound: the volume exists.
 //   - A restore or clone whose source ID carries another node's tag is
 //     ResourceExhausted, so external-provisioner reschedules the claim.
 //

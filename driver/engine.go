@@ -103,6 +103,10 @@ type Frontend interface {
 	// Detach is idempotent.
 	Detach(ctx context.Context, id string) error
 	// Resize makes the device follow a backend that grew to newSize bytes.
+	// Resize and ReadOnlyDevice answer ErrNotFound for an id the frontend
+	// does not serve, even while Device still finds its device (after a
+	// restart whose Recover failed); the driver answers FailedPrecondition
+	// for that, since the volume exists.
 	Resize(ctx context.Context, id string, newSize int64) error
 	Device(id string) (string, bool)
 	// ReadOnlyDevice returns a read-only device node of the attached id

@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 
@@ -16,7 +18,9 @@ import (
 	"github.com/csi-snap/csi-snap/driver/drivertest"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	mount "k8s.io/mount-utils"
+	utilexec "k8s.io/utils/exec"
 	testexec "k8s.io/utils/exec/testing"
 )
 
@@ -801,8 +805,10 @@ func TestPendingRollbackRefusesStage(t *testing.T) {
 }
 
 // TestUnstageSymlinkedStaging: the mount table lists resolved paths; a
-// staging path under a symlinked directory is the staging mount itself,
-// not a publish that would make NodeUnstageVolume refuse.
+// staging path under a symlinked directory is the staging mount itself:
+// a publish from it finds the volume staged, a stage again sees it mounted,
+// and NodeUnstageVolume neither takes it for a publish nor leaves it
+// mounted.
 func TestUnstageSymlinkedStaging(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
@@ -815,9 +821,50 @@ func TestUnstageSymlinkedStaging(t *testing.T) {
 	if err := os.Symlink(real, filepath.Join(dir, "link")); err != nil {
 		t.Fatal(err)
 	}
-	e.attachMounted(t, id, filepath.Join(real, "staging"))
-	if _, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(dir, "link", "staging")}); status.Code(err) == codes.FailedPrecondition {
+	realStaging, staging := filepath.Join(real, "staging"), filepath.Join(dir, "link", "staging")
+	dev := e.attachMounted(t, id, realStaging)
+	mountsAt := func(path string) int {
+		n := 0
+		for _, mp := range e.fm.MountPoints {
+			if mp.Path == path {
+				n++
+			}
+		}
+		return n
+	}
+	target := filepath.Join(dir, "target")
+	for i := 0; i < 2; i++ {
+		if _, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			TargetPath: target, VolumeCapability: mountCap()}); err != nil {
+			t.Fatalf("publish through a symlinked staging path (call %d): %v", i+1, err)
+		}
+		// The kernel lists a bind under the staged device; the fake mounter
+		// looks the bind source up without resolving the symlink.
+		for j := range e.fm.MountPoints {
+			if e.fm.MountPoints[j].Path == target {
+				e.fm.MountPoints[j].Device = dev
+			}
+		}
+	}
+	if n := mountsAt(target); n != 1 {
+		t.Fatalf("%d mounts at the target, want 1", n)
+	}
+	// Before the fix a stage again ran FormatAndMount (blkid, which the
+	// fake exec has no answer for) and stacked a second mount.
+	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: mountCap()}); err != nil {
+		t.Fatalf("stage again through the symlinked staging path: %v", err)
+	}
+	if n := mountsAt(realStaging); n != 1 {
+		t.Fatalf("%d mounts at the staging path after a repeated stage, want 1", n)
+	}
+	if _, err := e.d.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
 		t.Fatalf("unstage through a symlinked staging path: %v", err)
+	}
+	if n := mountsAt(realStaging); n != 0 {
+		t.Fatalf("unstage through a symlinked staging path left %d mounts at %s", n, realStaging)
 	}
 }
 
@@ -844,5 +891,234 @@ func TestRefusedReadOnlyPublishAttachesNothing(t *testing.T) {
 	}
 	if dev, ok := e.fe.FindReadOnlyDevice(id); ok {
 		t.Fatalf("the refused publish attached read-only device %s", dev)
+	}
+}
+
+// unservedFrontend is the fake frontend with one volume in the state a
+// restart leaves when Recover could not take it back: Device still finds its
+// device, but Resize and ReadOnlyDevice answer ErrNotFound, as the kernel
+// frontend does for an id it has no server for.
+type unservedFrontend struct {
+	*drivertest.Frontend
+	unserved string
+}
+
+func (f *unservedFrontend) Resize(ctx context.Context, id string, n int64) error {
+	if id == f.unserved {
+		return fmt.Errorf("%s: %w", id, driver.ErrNotFound)
+	}
+	return f.Frontend.Resize(ctx, id, n)
+}
+
+func (f *unservedFrontend) ReadOnlyDevice(ctx context.Context, id string) (string, error) {
+	if id == f.unserved {
+		return "", fmt.Errorf("%s: %w", id, driver.ErrNotFound)
+	}
+	return f.Frontend.ReadOnlyDevice(ctx, id)
+}
+
+// TestExpandUnservedDevice: expanding (controller and node) or publishing
+// read-only a volume that exists and whose device the frontend reports but
+// does not serve is FailedPrecondition naming the way out (unstage and
+// stage again), not NotFound, which says the volume does not exist.
+func TestExpandUnservedDevice(t *testing.T) {
+	ctx := context.Background()
+	st, fm := drivertest.NewStore(), mount.NewFakeMounter(nil)
+	fe := &unservedFrontend{Frontend: drivertest.NewFrontend()}
+	d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
+		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := env{d: d, store: st, fe: fe.Frontend, fm: fm}
+	id := e.createVolume(t, "unserved", 1<<20).VolumeId
+	dir := t.TempDir()
+	staging := filepath.Join(dir, "staging")
+	e.stageBlock(t, id, staging)
+	fe.unserved = id
+	want := func(what string, err error) {
+		t.Helper()
+		if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "unstage and stage") {
+			t.Fatalf("%s of a volume whose device is not served: %v, want FailedPrecondition saying to unstage and stage again", what, err)
+		}
+	}
+	for i, size := range []int64{4 << 20, 4 << 20} { // the second is the retry, store already grown
+		_, err := d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: id, VolumeCapability: blockCap(),
+			CapacityRange: &csi.CapacityRange{RequiredBytes: size}})
+		want(fmt.Sprintf("ControllerExpandVolume (call %d)", i+1), err)
+	}
+	_, err = d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: staging, VolumeCapability: blockCap(),
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 8 << 20}})
+	want("NodeExpandVolume", err)
+	_, err = d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+		TargetPath: filepath.Join(dir, "target"), VolumeCapability: blockCap(), Readonly: true})
+	want("read-only NodePublishVolume", err)
+}
+
+// TestFailedStageAfterRestartDetaches: a plugin killed during
+// NodeStageVolume (here: inside blkid, before the staging mount) leaves the
+// volume attached; after the restart Recover re-attaches it, and kubelet
+// retries the stage. If that retry fails with a final code (a blank
+// reader-only volume), kubelet forgets the stage and never unstages it, so
+// the retry must detach, or DeleteVolume is refused forever.
+func TestFailedStageAfterRestartDetaches(t *testing.T) {
+	ctx := context.Background()
+	entered, release := make(chan struct{}), make(chan struct{})
+	blank := func() ([]byte, []byte, error) { return nil, nil, testexec.FakeExitError{Status: 2} }
+	blkid := func(wait bool) testexec.FakeCommandAction {
+		return func(cmd string, args ...string) utilexec.Cmd {
+			c := &testexec.FakeCmd{CombinedOutputScript: []testexec.FakeAction{func() ([]byte, []byte, error) {
+				if wait {
+					close(entered)
+					<-release
+				}
+				return blank()
+			}}}
+			return testexec.InitFakeCmd(c, cmd, args...)
+		}
+	}
+	st, fe, fm := drivertest.NewStore(), drivertest.NewFrontend(), mount.NewFakeMounter(nil)
+	opts := driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
+		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{
+			CommandScript: []testexec.FakeCommandAction{blkid(true), blkid(false)}}}}
+	d1, err := driver.New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := env{d: d1, store: st, fe: fe, fm: fm}
+	id := e.createVolume(t, "stage-killed", 1<<20).VolumeId
+	c := mountCap()
+	c.AccessMode.Mode = csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY
+	req := &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(t.TempDir(), "staging"), VolumeCapability: c}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		d1.NodeStageVolume(ctx, req)
+	}()
+	t.Cleanup(func() { close(release); <-done })
+	<-entered // d1 is "killed" here: it never gets further while d2 runs
+
+	d2, err := driver.New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d2.Recover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := fe.Device(id); !ok {
+		t.Fatal("the volume is not attached after Recover; nothing to test")
+	}
+	if _, err := d2.NodeStageVolume(ctx, req); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("stage retry of a blank reader-only volume: %v, want FailedPrecondition", err)
+	}
+	if dev, ok := fe.Device(id); ok {
+		t.Fatalf("the failed stage retry left the volume attached as %s", dev)
+	}
+	if _, err := d2.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+		t.Fatalf("DeleteVolume after the failed stage retry: %v", err)
+	}
+}
+
+// cutMounter is the fake mounter with one bind publish killed between
+// mount-utils' two mounts: when cut is set, the next bind lists a plain
+// (writable, no flags) bind, as the first mount(8) leaves it, and then
+// blocks as if the plugin were killed before the remount.
+type cutMounter struct {
+	*mount.FakeMounter
+	cut              atomic.Bool
+	entered, release chan struct{}
+}
+
+func (m *cutMounter) Mount(source, target, fstype string, opts []string) error {
+	if slices.Contains(opts, "bind") && m.cut.CompareAndSwap(true, false) {
+		if err := m.FakeMounter.Mount(source, target, fstype, []string{"bind"}); err != nil {
+			return err
+		}
+		m.entered <- struct{}{}
+		<-m.release
+		return errors.New("killed before the remount")
+	}
+	return m.FakeMounter.Mount(source, target, fstype, opts)
+}
+
+// TestPublishCutBeforeRemount: a mount publish killed between the bind and
+// the remount that applies ro and the mount flags leaves a writable bind
+// without the flags at the target. The retry (after a restart) must finish
+// it: before, a read-only publish answered AlreadyExists forever, and one
+// with flags answered OK without them. A publish that completed and is
+// asked again in the other mode stays AlreadyExists.
+func TestPublishCutBeforeRemount(t *testing.T) {
+	ctx := context.Background()
+	st, fe := drivertest.NewStore(), drivertest.NewFrontend()
+	fm := &cutMounter{FakeMounter: mount.NewFakeMounter(nil), entered: make(chan struct{}), release: make(chan struct{})}
+	opts := driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
+		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{}}}
+	d, err := driver.New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := env{d: d, store: st, fe: fe, fm: fm.FakeMounter}
+	id := e.createVolume(t, "publish-cut", 1<<20).VolumeId
+	dir := t.TempDir()
+	staging := filepath.Join(dir, "staging")
+	dev := e.attachMounted(t, id, staging)
+	var killed sync.WaitGroup
+	t.Cleanup(func() { close(fm.release); killed.Wait() })
+	mountsAt := func(path string) []mount.MountPoint {
+		var out []mount.MountPoint
+		for _, mp := range fm.MountPoints {
+			if mp.Path == path {
+				out = append(out, mp)
+			}
+		}
+		return out
+	}
+	for _, c := range []struct {
+		name  string
+		ro    bool
+		flags []string
+	}{{"ro", true, []string{"nosuid"}}, {"flags", false, []string{"nosuid", "noexec"}}} {
+		target := filepath.Join(dir, c.name)
+		capab := mountCap()
+		capab.GetMount().MountFlags = c.flags
+		req := &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target,
+			VolumeCapability: capab, Readonly: c.ro}
+		d1, err := driver.New(opts) // each "killed" run keeps its volume lock
+		if err != nil {
+			t.Fatal(err)
+		}
+		fm.cut.Store(true)
+		killed.Add(1)
+		go func() {
+			defer killed.Done()
+			d1.NodePublishVolume(ctx, req)
+		}()
+		<-fm.entered // d1 is "killed" between the bind and the remount
+		if got := mountsAt(target); len(got) != 1 || got[0].Device != dev || slices.Contains(got[0].Opts, "ro") {
+			t.Fatalf("%s: after the cut, target mounts %+v, want one writable bind of %s", c.name, got, dev)
+		}
+		d2, err := driver.New(opts) // the restarted plugin
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < 2; i++ {
+			if _, err := d2.NodePublishVolume(ctx, req); err != nil {
+				t.Fatalf("%s: publish retry %d after the cut: %v", c.name, i+1, err)
+			}
+			got := mountsAt(target)
+			if len(got) != 1 || got[0].Device != dev || slices.Contains(got[0].Opts, "ro") != c.ro {
+				t.Fatalf("%s: retry %d: target mounts %+v, want one bind of %s with ro=%v", c.name, i+1, got, dev, c.ro)
+			}
+			for _, f := range c.flags {
+				if !slices.Contains(got[0].Opts, f) {
+					t.Fatalf("%s: retry %d: target mount %+v lacks flag %s", c.name, i+1, got[0], f)
+				}
+			}
+		}
+		other := proto.Clone(req).(*csi.NodePublishVolumeRequest)
+		other.Readonly = !c.ro
+		if _, err := d2.NodePublishVolume(ctx, other); status.Code(err) != codes.AlreadyExists {
+			t.Fatalf("%s: publish of the finished target with readonly=%v: %v, want AlreadyExists", c.name, !c.ro, err)
+		}
 	}
 }

@@ -2,6 +2,8 @@ package driver
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -91,9 +93,17 @@ func (d *Driver) topMount(path string) (mount.MountPoint, error) {
 	if err != nil {
 		return mount.MountPoint{}, err
 	}
+	// The mount table lists resolved paths (as in publishedAt): a staging
+	// or target path under a symlinked kubelet directory is listed under
+	// its resolved path. Not seeing it would stack a second mount on a
+	// stage retry, refuse a publish, and leave the mount on unstage.
+	real, err := filepath.EvalSymlinks(abs)
+	if err != nil {
+		real = abs
+	}
 	var top mount.MountPoint
 	for _, mp := range mps {
-		if mp.Path == abs {
+		if mp.Path == abs || mp.Path == real {
 			top = mp // the last one listed is on top
 		}
 	}
@@ -196,6 +206,23 @@ func (d *Driver) publishedAt(id, staging string) (string, error) {
 	return "", nil
 }
 
+// notServed turns an ErrNotFound from the frontend's Resize or
+// ReadOnlyDevice for the existing volume id into FailedPrecondition: the
+// frontend can report a device it does not serve (after a restart whose
+// Recover could not take the volume back, the kernel frontend still finds
+// its loop device in sysfs but has no server for it), and NotFound would
+// tell the CO that the volume does not exist. Unstaging and staging it
+// again serves it. Other errors go through toStatus.
+func (d *Driver) notServed(id, what string, err error) error {
+	if !errors.Is(err, ErrNotFound) {
+		return toStatus(fmt.Errorf("%s of %s: %w", what, id, err))
+	}
+	if dev, ok := d.opt.Frontend.Device(id); ok {
+		return statusf(codes.FailedPrecondition, "%s of %s: its device %s on this node is not served by this plugin (not taken back after a restart); unstage and stage the volume again: %v", what, id, dev, err)
+	}
+	return statusf(codes.FailedPrecondition, "%s of %s: the volume is no longer staged on this node: %v", what, id, err)
+}
+
 func (d *Driver) checkNodeVolume(id string) error {
 	if !isVolumeID(id) {
 		return statusf(codes.NotFound, "volume %q does not exist", id)
@@ -209,7 +236,7 @@ func (d *Driver) checkNodeVolume(id string) error {
 // NodeStageVolume attaches the volume as a loop device and, for mount access,
 // makes a filesystem when the device is blank and mounts it at the staging
 // path. Block access stages only the device.
-func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
+func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (resp *csi.NodeStageVolumeResponse, rerr error) {
 	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
 	if id == "" {
 		return nil, statusf(codes.InvalidArgument, "volume_id is required")
@@ -238,22 +265,53 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err != nil {
 		return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
 	}
-	_, wasAttached := d.opt.Frontend.Device(id)
-	dev, err := d.opt.Frontend.Attach(ctx, id, b, false)
-	if err != nil {
-		return nil, toStatus(fmt.Errorf("attach %s: %w", id, err))
-	}
 	// kubelet calls NodeUnstageVolume only for a stage that succeeded (or
 	// failed with a code it treats as still in progress): a stage that
 	// fails after attaching must detach what it attached, or nothing ever
-	// would, and DeleteVolume refuses an attached volume.
+	// would, and DeleteVolume refuses an attached volume. A volume attached
+	// before the call stays attached (a stage that succeeded made it), unless
+	// its stage marker says that it was attached by a stage that never
+	// finished: one that died (after a restart Recover re-attached it) and
+	// that kubelet now retries; if the retry fails with a final code,
+	// kubelet forgets the stage and would never unstage it.
+	_, wasAttached := d.opt.Frontend.Device(id)
+	marker := d.stageMarker(id)
+	unfinished := !wasAttached
+	if wasAttached {
+		_, err := os.Stat(marker)
+		unfinished = err == nil
+	} else if err := writeMarker(marker, ""); err != nil {
+		return nil, statusf(codes.Internal, "stage marker of %s: %v", id, err)
+	}
+	dev, err := d.opt.Frontend.Attach(ctx, id, b, false)
+	if err != nil {
+		if !wasAttached {
+			// Attach undoes its own failures.
+			if err := d.dropStageMarker(id); err != nil {
+				klog.ErrorS(err, "Removing stage marker", "volumeID", id)
+			}
+		}
+		return nil, toStatus(fmt.Errorf("attach %s: %w", id, err))
+	}
 	staged := false
 	defer func() {
-		if staged || wasAttached {
-			return
-		}
-		if err := d.opt.Frontend.Detach(context.WithoutCancel(ctx), id); err != nil {
-			klog.ErrorS(err, "Detach after a failed stage", "volumeID", id)
+		switch {
+		case staged:
+			// Kept, the marker would let a later failing stage detach
+			// this staged volume: the stage has not succeeded until it is
+			// gone.
+			if err := d.dropStageMarker(id); err != nil {
+				resp, rerr = nil, statusf(codes.Internal, "stage marker of %s: %v", id, err)
+			}
+		case unfinished:
+			if err := d.opt.Frontend.Detach(context.WithoutCancel(ctx), id); err != nil {
+				// The marker stays: a later stage or unstage detaches.
+				klog.ErrorS(err, "Detach after a failed stage", "volumeID", id)
+				return
+			}
+			if err := d.dropStageMarker(id); err != nil {
+				klog.ErrorS(err, "Removing stage marker", "volumeID", id)
+			}
 		}
 	}()
 	m := req.GetVolumeCapability().GetMount()
@@ -311,6 +369,54 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	return &csi.NodeStageVolumeResponse{}, nil
 }
 
+// stageMarker is the file that exists while a NodeStageVolume of volume id
+// that attached it has not finished: from before the Attach until the stage
+// succeeds or the volume is detached (a failed stage, NodeUnstageVolume). A
+// plugin killed in between leaves it; Recover re-attaches the volume, and
+// the marker tells the retried stage that the attachment is that unfinished
+// stage's own, to detach if the retry fails.
+func (d *Driver) stageMarker(id string) string {
+	return filepath.Join(d.opt.DataDir, "stage-markers", id)
+}
+
+// dropStageMarker removes id's stage marker, if any.
+func (d *Driver) dropStageMarker(id string) error { return dropMarker(d.stageMarker(id)) }
+
+// publishMarker is the file that exists while a mount publish at target
+// has not finished: from before its bind until mount-utils' remount (ro,
+// the mount flags) returned, or the target is unpublished. Named by a hash
+// of the target path as given (kubelet repeats it verbatim).
+func (d *Driver) publishMarker(target string) string {
+	abs, err := filepath.Abs(target)
+	if err != nil {
+		abs = target
+	}
+	sum := sha256.Sum256([]byte(abs))
+	return filepath.Join(d.opt.DataDir, "publish-markers", hex.EncodeToString(sum[:16]))
+}
+
+// publishUnfinished reports whether a publish at target was cut off.
+func (d *Driver) publishUnfinished(target string) bool {
+	_, err := os.Stat(d.publishMarker(target))
+	return err == nil
+}
+
+// writeMarker creates the marker file path holding content.
+func writeMarker(path, content string) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
+	}
+	return os.WriteFile(path, []byte(content), 0o600)
+}
+
+// dropMarker removes the marker file path, if any.
+func dropMarker(path string) error {
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
 // NodeUnstageVolume unmounts the staging path and detaches the device; both
 // steps are idempotent.
 func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
@@ -341,6 +447,9 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	}
 	if err := d.opt.Frontend.Detach(ctx, id); err != nil {
 		return nil, toStatus(fmt.Errorf("detach %s: %w", id, err))
+	}
+	if err := d.dropStageMarker(id); err != nil {
+		return nil, statusf(codes.Internal, "stage marker of %s: %v", id, err)
 	}
 	klog.V(2).InfoS("Unstaged volume", "volumeID", id, "stagingPath", staging)
 	return &csi.NodeUnstageVolumeResponse{}, nil
@@ -429,6 +538,22 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 			return nil, toStatus(err)
 		}
 	}
+	if held && !block && d.publishUnfinished(target) {
+		// A bind publish is two mounts (mount-utils binds, then remounts
+		// with ro and the mount flags), and one of ours was cut off between
+		// them (killed, or the remount failed): the target may be a
+		// writable bind without the asked flags, and would otherwise be
+		// AlreadyExists (or OK without the flags) forever. Its pod has not
+		// started, since the publish never succeeded: undo the bind and
+		// bind again below. Without the marker, a writable publish asked
+		// again read-only stays AlreadyExists (the spec's incompatible
+		// case; remounting would take writes away from a running pod).
+		klog.InfoS("Redoing a publish cut off between bind and remount", "volumeID", id, "targetPath", target)
+		if err := d.unmount(target, false); err != nil {
+			return nil, err
+		}
+		held = false
+	}
 	if held {
 		// Published already: the same call again is OK, the other mode at
 		// the same target is not (the spec's "incompatible" case). A block
@@ -461,7 +586,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if block && ro && source == "" {
 		rodev, err := d.opt.Frontend.ReadOnlyDevice(ctx, id)
 		if err != nil {
-			return nil, toStatus(fmt.Errorf("read-only device of %s: %w", id, err))
+			return nil, d.notServed(id, "read-only device", err)
 		}
 		source = rodev
 	}
@@ -484,8 +609,21 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if m := req.GetVolumeCapability().GetMount(); m != nil {
 		opts = append(opts, m.GetMountFlags()...)
 	}
+	if !block {
+		if err := writeMarker(d.publishMarker(target), target); err != nil {
+			return nil, statusf(codes.Internal, "publish marker of %s: %v", target, err)
+		}
+	}
 	if err := d.opt.Mounter.Mount(source, target, "", opts); err != nil {
 		return nil, statusf(codes.Internal, "bind %s at %s: %v", source, target, err)
+	}
+	if !block {
+		// Kept, the marker would make a later publish of this target redo
+		// the bind under a running pod: the publish has not succeeded
+		// until it is gone.
+		if err := dropMarker(d.publishMarker(target)); err != nil {
+			return nil, statusf(codes.Internal, "publish marker of %s: %v", target, err)
+		}
 	}
 	klog.V(2).InfoS("Published volume", "volumeID", id, "targetPath", target, "readonly", ro, "block", block)
 	return &csi.NodePublishVolumeResponse{}, nil
@@ -509,6 +647,9 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	defer d.locks.unlock(id)
 	if err := d.unmount(target, true); err != nil {
 		return nil, err
+	}
+	if err := dropMarker(d.publishMarker(target)); err != nil {
+		return nil, statusf(codes.Internal, "publish marker of %s: %v", target, err)
 	}
 	klog.V(2).InfoS("Unpublished volume", "volumeID", id, "targetPath", target)
 	return &csi.NodeUnpublishVolumeResponse{}, nil
@@ -627,7 +768,7 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 		v.Size = want
 	}
 	if err := d.opt.Frontend.Resize(ctx, id, v.Size); err != nil {
-		return nil, toStatus(fmt.Errorf("resize device of %s: %w", id, err))
+		return nil, d.notServed(id, "resize device", err)
 	}
 	if req.GetVolumeCapability().GetBlock() == nil {
 		if fi, err := os.Stat(path); err == nil && fi.IsDir() {

@@ -210,7 +210,8 @@ func TestConcurrentAttach(t *testing.T) {
 // TestLoopTakenOver: a volume's loop device is detached from outside the
 // Frontend (losetup -d) and another volume takes the same number. Device,
 // Resize and Detach of the first volume must not act on the second's
-// device (they trusted the cached name).
+// device (they trusted the cached name), and Attach of the first volume
+// again attaches a device of its own instead of handing out the second's.
 func TestLoopTakenOver(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()
@@ -242,6 +243,21 @@ func TestLoopTakenOver(t *testing.T) {
 	if err := fe.Resize(ctx, "vol-a", size); err == nil {
 		t.Fatal("Resize of vol-a acted on vol-b's device")
 	}
+	// A repeated stage of vol-a Attaches it again: it must get a device of
+	// its own, not the cached name that is vol-b's now.
+	dev, err := fe.Attach(ctx, "vol-a", a, false)
+	if err != nil {
+		t.Fatalf("Attach(vol-a) again: %v", err)
+	}
+	if dev == devB || !ownsLoop(dev, fe.mountpoint("vol-a")) {
+		t.Fatalf("Attach(vol-a) again = %s, not a device on vol-a's file (vol-b has %s)", dev, devB)
+	}
+	if got, ok := fe.Device("vol-a"); !ok || got != dev {
+		t.Fatalf("Device(vol-a) = %s, %v; want %s", got, ok, dev)
+	}
+	if err := fe.Resize(ctx, "vol-a", size); err != nil {
+		t.Fatalf("Resize(vol-a) on its new device: %v", err)
+	}
 	if err := fe.Detach(ctx, "vol-a"); err != nil {
 		t.Fatalf("Detach(vol-a): %v", err)
 	}
@@ -250,5 +266,54 @@ func TestLoopTakenOver(t *testing.T) {
 	}
 	if dev, ok := fe.Device("vol-b"); !ok || dev != devB {
 		t.Fatalf("Device(vol-b) = %s, %v; want %s", dev, ok, devB)
+	}
+}
+
+// TestAttachRacingClose: Close runs while an Attach is past its lock (at
+// shutdown, gRPC's Stop does not wait for handlers). The Attach must not
+// record its volume in the map Close already emptied, where its server
+// would keep running and calling the backend after the store closed: it is
+// stopped like the others (device and holder's connection left for the
+// next Frontend) and Attach answers ErrClosed.
+func TestAttachRacingClose(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	fe, runDir := newFrontend(t)
+	b := newFileBackend(t, t.TempDir(), 16<<20)
+	got, release := make(chan *volume), make(chan struct{})
+	testHookBeforeRegister = func(v *volume) {
+		got <- v
+		<-release
+	}
+	t.Cleanup(func() { testHookBeforeRegister = nil })
+	errc := make(chan error, 1)
+	go func() {
+		_, err := fe.Attach(ctx, "vol-race", b, false)
+		errc <- err
+	}()
+	v := <-got
+	testHookBeforeRegister = nil
+	fe.Close()
+	close(release)
+	err := <-errc
+	// The next Frontend on the run dir finds the volume and detaches it.
+	t.Cleanup(func() {
+		fe2, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer fe2.Close()
+		if ids := fe2.Attached(); len(ids) != 1 || ids[0] != "vol-race" {
+			t.Errorf("next Frontend sees %v attached, want [vol-race]", ids)
+		}
+		if err := fe2.Detach(ctx, "vol-race"); err != nil {
+			t.Errorf("Detach by the next Frontend: %v", err)
+		}
+	})
+	if !errors.Is(err, ErrClosed) {
+		t.Fatalf("Attach racing Close: %v, want ErrClosed", err)
+	}
+	if n := v.srv.alive.Load(); n != 0 {
+		t.Fatalf("%d readers of the volume's server still run after Close", n)
 	}
 }

@@ -227,6 +227,30 @@ func (f *Frontend) get(id string) *volume {
 	return f.vols[id]
 }
 
+// register records v as served under id, unless Close ran meanwhile (an
+// Attach already past its lock): v is then stopped as Close stops the
+// volumes it finds (the holder keeps the connection and the device stays,
+// for the next Frontend to resume) and register returns ErrClosed. Recorded
+// in the map Close already swapped out, v's server would run on unstopped.
+func (f *Frontend) register(id string, v *volume) error {
+	if testHookBeforeRegister != nil {
+		testHookBeforeRegister(v)
+	}
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		v.shutdown()
+		return fmt.Errorf("%w: closed while attaching %s (left to the next Frontend)", ErrClosed, id)
+	}
+	f.vols[id] = v
+	f.mu.Unlock()
+	return nil
+}
+
+// testHookBeforeRegister, if set (tests only), runs in register before
+// the closed check.
+var testHookBeforeRegister func(v *volume)
+
 func (f *Frontend) set(id string, v *volume) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -240,7 +264,8 @@ func (f *Frontend) set(id string, v *volume) {
 // Attach serves b as a file through FUSE and attaches a loop device to it
 // (direct I/O on, 4096-byte logical blocks, read-only if readOnly), and
 // returns the device path. Idempotent per id: a second Attach of an
-// attached id returns the same device (ErrConflict if readOnly differs).
+// attached id returns the same device (ErrConflict if readOnly differs), or
+// a new one if that device was detached from outside meanwhile.
 // After a process restart, Attach of an id whose FUSE connection the holder
 // keeps resumes it: same mount, same loop device, requests in flight are
 // resent. b.Size() must be a positive multiple of 4096 (ErrInvalid).
@@ -271,6 +296,9 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 		} else {
 			if v.readOnly != readOnly {
 				return "", fmt.Errorf("%w: %s is attached readOnly=%v", ErrConflict, id, v.readOnly)
+			}
+			if !ownsLoop(v.dev, v.mp) {
+				return f.reattachLoop(ctx, v)
 			}
 			return v.dev, nil
 		}
@@ -319,6 +347,34 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 		}
 	}
 	return f.attachFresh(ctx, id, mp, b, readOnly)
+}
+
+// reattachLoop gives the live volume v a loop device again after its device
+// was detached from outside (losetup -d, or an autoclear left set): that
+// number may be another volume's by now, and a stage handed it would format
+// or mount that volume. The connection still serves, so a device of v's
+// mode still on its file (one Detach did not get to) is taken, else a new
+// one is attached. Called with v's id lock held; v.dev is written under
+// f.mu because Device reads it without the id lock.
+func (f *Frontend) reattachLoop(ctx context.Context, v *volume) (string, error) {
+	dev := ""
+	for _, d := range loopsOf(v.mp) {
+		if d.ro == v.readOnly {
+			dev = d.dev
+			break
+		}
+	}
+	if dev == "" {
+		var err error
+		if dev, err = attachLoop(ctx, v.mp, v.readOnly); err != nil {
+			return "", fmt.Errorf("attach a loop device to %s again: %w", v.id, err)
+		}
+	}
+	klog.InfoS("loop device of an attached volume was detached from outside; attached again", "volumeID", v.id, "old", v.dev, "device", dev)
+	f.mu.Lock()
+	v.dev = dev
+	f.mu.Unlock()
+	return dev, nil
 }
 
 // closeFD closes fd if it is one (>= 0) and returns -1.
@@ -381,7 +437,9 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 	srv.start(f.cfg.Readers)
 	if conflict != nil {
 		v.dev = dev
-		f.set(id, v)
+		if err := f.register(id, v); err != nil {
+			return "", err
+		}
 		return "", conflict
 	}
 	if !ok {
@@ -393,7 +451,9 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 		}
 	}
 	v.dev = dev
-	f.set(id, v)
+	if err := f.register(id, v); err != nil {
+		return "", err
+	}
 	klog.InfoS("resumed FUSE connection", "volumeID", id, "device", dev)
 	return dev, nil
 }
@@ -416,9 +476,9 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 		return "", err
 	}
 	srv.start(f.cfg.Readers)
-	held := false
+	held, closed := false, false
 	defer func() {
-		if err != nil {
+		if err != nil && !closed {
 			if held {
 				holderCall(f.sock, holderReq{Op: "drop", ID: id}, -1)
 			}
@@ -457,7 +517,10 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 	if dev, err = attachLoop(ctx, mp, readOnly); err != nil {
 		return "", err
 	}
-	f.set(id, &volume{id: id, mp: mp, dev: dev, fd: fd, srv: srv, readOnly: readOnly})
+	if err = f.register(id, &volume{id: id, mp: mp, dev: dev, fd: fd, srv: srv, readOnly: readOnly}); err != nil {
+		closed = true // stopped as Close stops the others; held and attached
+		return "", err
+	}
 	klog.V(4).InfoS("attached", "volumeID", id, "device", dev, "readOnly", readOnly)
 	return dev, nil
 }
@@ -700,8 +763,14 @@ func (f *Frontend) Device(id string) (string, bool) {
 		return "", false
 	}
 	mp := f.mountpoint(id)
-	if v := f.get(id); v != nil && ownsLoop(v.dev, mp) {
-		return v.dev, true
+	f.mu.Lock()
+	dev := ""
+	if v := f.vols[id]; v != nil {
+		dev = v.dev
+	}
+	f.mu.Unlock()
+	if dev != "" && ownsLoop(dev, mp) {
+		return dev, true
 	}
 	return findLoop(mp)
 }
@@ -749,7 +818,9 @@ func (f *Frontend) Attached() []string {
 
 // Close stops serving without detaching anything (graceful restart): the
 // holder keeps every connection, devices stay, their I/O waits until a new
-// Frontend resumes them with Attach. Later calls return ErrClosed.
+// Frontend resumes them with Attach. Later calls return ErrClosed, and so
+// does an Attach running meanwhile, after stopping what it attached the
+// same way (see register).
 func (f *Frontend) Close() error {
 	f.mu.Lock()
 	if f.closed {
