@@ -407,6 +407,10 @@ func TestBadInput(t *testing.T) {
 			_, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol.VolumeId, VolumeCapability: mountCap()})
 			return err
 		}, codes.InvalidArgument},
+		{"NodeStageVolume with a NUL in the staging path", func() error {
+			_, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol.VolumeId, StagingTargetPath: "/tmp/x\x00y", VolumeCapability: mountCap()})
+			return err
+		}, codes.InvalidArgument},
 		{"NodeStageVolume without capability", func() error {
 			_, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol.VolumeId, StagingTargetPath: "/tmp/x"})
 			return err
@@ -448,6 +452,14 @@ func TestBadInput(t *testing.T) {
 		}, codes.InvalidArgument},
 		{"NodePublishVolume without target", func() error {
 			_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol.VolumeId, StagingTargetPath: "/tmp/s", VolumeCapability: mountCap()})
+			return err
+		}, codes.InvalidArgument},
+		{"NodePublishVolume with a NUL in the target", func() error {
+			_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol.VolumeId, TargetPath: "/tmp/t\x00", StagingTargetPath: "/tmp/s", VolumeCapability: mountCap()})
+			return err
+		}, codes.InvalidArgument},
+		{"NodeUnpublishVolume with a NUL in the target", func() error {
+			_, err := e.d.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: vol.VolumeId, TargetPath: "/tmp/\x00t"})
 			return err
 		}, codes.InvalidArgument},
 		{"NodePublishVolume without capability", func() error {

@@ -223,6 +223,19 @@ func (d *Driver) notServed(id, what string, err error) error {
 	return statusf(codes.FailedPrecondition, "%s of %s: the volume is no longer staged on this node: %v", what, id, err)
 }
 
+// checkPath checks a path argument of a node call: required, and without a
+// NUL byte, which no system call takes (os would fail with EINVAL, which
+// toStatus reports as Internal).
+func checkPath(field, p string) error {
+	if p == "" {
+		return statusf(codes.InvalidArgument, "%s is required", field)
+	}
+	if strings.IndexByte(p, 0) >= 0 {
+		return statusf(codes.InvalidArgument, "%s %q holds a NUL byte", field, p)
+	}
+	return nil
+}
+
 func (d *Driver) checkNodeVolume(id string) error {
 	if !isVolumeID(id) {
 		return statusf(codes.NotFound, "volume %q does not exist", id)
@@ -241,8 +254,8 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if id == "" {
 		return nil, statusf(codes.InvalidArgument, "volume_id is required")
 	}
-	if staging == "" {
-		return nil, statusf(codes.InvalidArgument, "staging_target_path is required")
+	if err := checkPath("staging_target_path", staging); err != nil {
+		return nil, err
 	}
 	if err := checkCapability(req.GetVolumeCapability()); err != nil {
 		return nil, err
@@ -424,8 +437,8 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	if id == "" {
 		return nil, statusf(codes.InvalidArgument, "volume_id is required")
 	}
-	if staging == "" {
-		return nil, statusf(codes.InvalidArgument, "staging_target_path is required")
+	if err := checkPath("staging_target_path", staging); err != nil {
+		return nil, err
 	}
 	if !isVolumeID(id) {
 		return nil, statusf(codes.NotFound, "volume %q does not exist", id)
@@ -486,14 +499,14 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if id == "" {
 		return nil, statusf(codes.InvalidArgument, "volume_id is required")
 	}
-	if target == "" {
-		return nil, statusf(codes.InvalidArgument, "target_path is required")
+	if err := checkPath("target_path", target); err != nil {
+		return nil, err
 	}
 	if err := checkCapability(req.GetVolumeCapability()); err != nil {
 		return nil, err
 	}
-	if staging == "" {
-		return nil, statusf(codes.InvalidArgument, "staging_target_path is required: the plugin stages volumes")
+	if err := checkPath("staging_target_path", staging); err != nil {
+		return nil, err
 	}
 	if !d.locks.tryLock(id) {
 		return nil, statusf(codes.Aborted, "an operation on volume %s is in progress", id)
@@ -635,8 +648,8 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	if id == "" {
 		return nil, statusf(codes.InvalidArgument, "volume_id is required")
 	}
-	if target == "" {
-		return nil, statusf(codes.InvalidArgument, "target_path is required")
+	if err := checkPath("target_path", target); err != nil {
+		return nil, err
 	}
 	if !isVolumeID(id) {
 		return nil, statusf(codes.NotFound, "volume %q does not exist", id)
@@ -662,8 +675,8 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	if id == "" {
 		return nil, statusf(codes.InvalidArgument, "volume_id is required")
 	}
-	if path == "" {
-		return nil, statusf(codes.InvalidArgument, "volume_path is required")
+	if err := checkPath("volume_path", path); err != nil {
+		return nil, err
 	}
 	if err := d.checkNodeVolume(id); err != nil {
 		return nil, err
@@ -728,8 +741,8 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	if id == "" {
 		return nil, statusf(codes.InvalidArgument, "volume_id is required")
 	}
-	if path == "" {
-		return nil, statusf(codes.InvalidArgument, "volume_path is required")
+	if err := checkPath("volume_path", path); err != nil {
+		return nil, err
 	}
 	if c := req.GetVolumeCapability(); c != nil {
 		if err := checkCapability(c); err != nil {
