@@ -1215,17 +1215,20 @@ func (s *Store) checkpointGated(vs []*Volume) error {
 	if err := s.fs.Rename(logTmpName, logName); err != nil {
 		return err
 	}
-	if err := s.fs.SyncDir(); err != nil {
-		return err
-	}
+	// From here on store.log names the new file and the old log is
+	// unlinked: a batch committed to it would be lost. So the store
+	// switches to the new log whatever happens next.
 	ok = true
-	// The checkpoint carries every present chunk now that it is durable;
-	// not before, or a failed checkpoint would lose the pending records a
-	// later Flush must still write.
-	for _, v := range vs {
-		v.mu.Lock()
-		v.pendingPresent = nil
-		v.mu.Unlock()
+	dirErr := s.fs.SyncDir()
+	if dirErr == nil {
+		// The checkpoint carries every present chunk now that it is
+		// durable; not before, or a failed checkpoint would lose the
+		// pending records a later Flush must still write.
+		for _, v := range vs {
+			v.mu.Lock()
+			v.pendingPresent = nil
+			v.mu.Unlock()
+		}
 	}
 	s.log.f.Close()
 	s.hdr = h
@@ -1235,6 +1238,14 @@ func (s *Store) checkpointGated(vs []*Volume) error {
 	// their newest overlay entry's batch (all applied by now) and drain by
 	// waiting for it.
 	s.log.cur.id, s.log.applied = old.cur.id, old.applied
+	if dirErr != nil {
+		// The rename may not be durable: after a crash the directory may
+		// still name the old log. Either log is a complete state, but a
+		// record committed now could land in the one that is lost. The
+		// error is sticky: the store refuses changes until reopened.
+		s.log.fail(fmt.Errorf("checkpoint: directory sync after the rename: %w", dirErr))
+		return s.log.failed()
+	}
 	return nil
 }
 
