@@ -1,6 +1,8 @@
 package cow
 
 import (
+	"bytes"
+	"encoding/binary"
 	"errors"
 	"os"
 	"path/filepath"
@@ -97,6 +99,188 @@ func TestReplayReapClosesFiles(t *testing.T) {
 		target, err := os.Readlink(filepath.Join("/proc/self/fd", e.Name()))
 		if err == nil && strings.HasPrefix(target, dir+"/") && strings.Contains(target, v.dataName) {
 			t.Fatalf("fd %s still open on %s", e.Name(), target)
+		}
+	}
+}
+
+// closedStoreLog returns the store.log of a cleanly closed store (header and
+// checkpoint, no batch): volume "a" with snapshot "s", whose chunk 0 holds
+// 0x11 while "a" holds 0x22 there.
+func closedStoreLog(t *testing.T, dir string) []byte {
+	t.Helper()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := s.CreateVolume("a", 1<<20, VolumeOptions{ChunkSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(4096, 0x11), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("a", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(4096, 0x22), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, logName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := decodeHeader(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h.CheckpointEnd != uint64(len(b)) {
+		t.Fatalf("header says the checkpoint ends at %d, the closed log has %d bytes", h.CheckpointEnd, len(b))
+	}
+	return b
+}
+
+// logRecords returns the offset and type of every record of b's checkpoint
+// part (up to the first one that does not decode).
+func logRecords(b []byte) (offs []int, types []uint8) {
+	for off := headerSize; off < len(b); {
+		r, n, err := decodeRecord(b[off:])
+		if err != nil {
+			break
+		}
+		offs, types = append(offs, off), append(types, r.Type)
+		off += n
+	}
+	return offs, types
+}
+
+// asLegacy makes b's header look as a binary from before the checkpoint-end
+// field wrote it: bytes 40..59 zero, CRC redone.
+func asLegacy(b []byte) []byte {
+	b = bytes.Clone(b)
+	clear(b[40:60])
+	binary.LittleEndian.PutUint32(b[60:], crc(b[:60]))
+	return b
+}
+
+// TestCheckpointEndAfterPieces: a checkpoint written in several pieces gets
+// its header (with the checkpoint end) written again after them.
+func TestCheckpointEndAfterPieces(t *testing.T) {
+	defer func(p int) { checkpointPiece = p }(checkpointPiece)
+	checkpointPiece = 16
+	dir := t.TempDir()
+	closedStoreLog(t, dir) // checks the header
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	sn, err := s.Snapshot("s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, sn, 0, 4096); !bytes.Equal(got, fill(4096, 0x11)) {
+		t.Fatalf("snapshot reads %x...", got[:4])
+	}
+}
+
+// TestCheckpointDamageIsCorrupt (F1): damage inside the checkpoint part of a
+// cleanly closed log (no batch after it) is ErrCorrupt, and Open removes no
+// file; it was taken for a torn tail, which emptied the store.
+func TestCheckpointDamageIsCorrupt(t *testing.T) {
+	src := t.TempDir()
+	full := closedStoreLog(t, src)
+	offs, types := logRecords(full)
+	iNext, iRuns := -1, -1
+	for i, ty := range types {
+		if ty == recNextObj {
+			iNext = i
+		}
+		if ty == recRuns && iNext >= 0 && iRuns < 0 {
+			iRuns = i
+		}
+	}
+	if iNext < 1 || iRuns < 0 {
+		t.Fatalf("checkpoint record types %v: want volume/snapshot, next object, runs", types)
+	}
+	cases := []struct {
+		name string
+		mod  func(b []byte) []byte
+	}{
+		{"first record payload", func(b []byte) []byte { b[headerSize+5] ^= 0x5a; return b }},
+		{"first record length high bit", func(b []byte) []byte { b[headerSize+3] ^= 0x80; return b }},
+		{"runs record after next object", func(b []byte) []byte { b[offs[iRuns]+9] ^= 0x5a; return b }},
+		{"cut at a record boundary before next object", func(b []byte) []byte { return b[:offs[1]] }},
+		{"cut inside the runs record", func(b []byte) []byte { return b[:offs[iRuns]+7] }},
+	}
+	for _, legacy := range []bool{false, true} {
+		for _, tc := range cases {
+			name := tc.name
+			if legacy {
+				name = "legacy header/" + name
+			}
+			t.Run(name, func(t *testing.T) {
+				dir := t.TempDir()
+				copyDir(t, src, dir)
+				b := bytes.Clone(full)
+				if legacy {
+					b = asLegacy(b)
+				}
+				b = tc.mod(b)
+				if err := os.WriteFile(filepath.Join(dir, logName), b, 0o600); err != nil {
+					t.Fatal(err)
+				}
+				s, err := Open(dir)
+				if err == nil {
+					_, serr := s.Snapshot("s")
+					n := len(s.Volumes())
+					s.Close()
+					t.Fatalf("Open succeeded: %d volumes, snapshot s: %v; want ErrCorrupt", n, serr)
+				}
+				if !errors.Is(err, ErrCorrupt) {
+					t.Fatalf("Open: %v, want ErrCorrupt", err)
+				}
+				for _, f := range []string{dataFileName(1), cowFileName(1)} {
+					if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
+						t.Fatalf("after the failed Open: %v", err)
+					}
+				}
+				if got, _ := os.ReadFile(filepath.Join(dir, logName)); !bytes.Equal(got, b) {
+					t.Fatalf("the failed Open changed store.log")
+				}
+			})
+		}
+	}
+}
+
+// TestLegacyLogOpens: a log whose header has no checkpoint end (written
+// before that field existed) still opens, with a torn first batch after its
+// checkpoint (zeros, or a prefix of a batch record) dropped as before.
+func TestLegacyLogOpens(t *testing.T) {
+	src := t.TempDir()
+	full := asLegacy(closedStoreLog(t, src))
+	batch1 := appendRecord(nil, &record{Type: recBatch, Seq: 1})
+	for _, tail := range [][]byte{nil, make([]byte, 100), batch1[:3], batch1[:7], append(batch1[:5:5], make([]byte, 20)...)} {
+		dir := t.TempDir()
+		copyDir(t, src, dir)
+		if err := os.WriteFile(filepath.Join(dir, logName), append(bytes.Clone(full), tail...), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		s, err := Open(dir)
+		if err != nil {
+			t.Fatalf("tail %x: %v", tail, err)
+		}
+		sn, err := s.Snapshot("s")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := mustRead(t, sn, 0, 4096); !bytes.Equal(got, fill(4096, 0x11)) {
+			t.Fatalf("tail %x: snapshot reads %x...", tail, got[:4])
+		}
+		if err := s.Close(); err != nil {
+			t.Fatal(err)
 		}
 	}
 }

@@ -201,6 +201,7 @@ func (s *Store) create() error {
 	if err != nil {
 		return err
 	}
+	s.hdr.CheckpointEnd = headerSize // an empty checkpoint
 	if err := writeFull(f, s.hdr.encode(), 0); err != nil {
 		f.Close()
 		return err
@@ -231,15 +232,22 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite
 		return 0, 0, nil, false, err
 	}
 	s.hdr = h
+	// cpLimit is where the checkpoint part ends, from the header; 0 in a
+	// log written before the header said so (see legacyTorn).
+	if h.CheckpointEnd > uint64(len(b)) {
+		return 0, 0, nil, false, corruptf("checkpoint cut short: it ends at %d, the log at %d", h.CheckpointEnd, len(b))
+	}
+	cpLimit := int(h.CheckpointEnd)
 	off := headerSize
 	var batchRecs []*record // records of the batch being read, applied at its end
 	inBatch := false
-	seenRecords, seenNext := false, false
+	seenNext := false
 	batchStart := off
 	var scratch []exceptions.Run // runs of checkpoint records, applied at once
 	for off < len(b) {
+		inCP := !inBatch && (cpLimit == 0 || off < cpLimit)
 		var sc []exceptions.Run
-		if !inBatch {
+		if inCP {
 			if scratch == nil {
 				scratch = make([]exceptions.Run, 0, 1<<16) // the most runs a checkpoint record holds
 			}
@@ -247,6 +255,12 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite
 		}
 		r, n, err := decodeRecordRuns(b[off:], sc)
 		if errors.Is(err, errTorn) {
+			// A checkpoint is fsynced before it is renamed into place, so
+			// none of its records can be torn: a bad one is damage. Only
+			// batch 1, after it, may be.
+			if inCP && (cpLimit != 0 || !legacyTorn(b[off:])) {
+				return 0, 0, nil, false, corruptf("checkpoint record at offset %d fails its checksum", off)
+			}
 			if laterBatch(b[off+1:], seq) {
 				return 0, 0, nil, false, corruptf("bad record at offset %d followed by valid batches", off)
 			}
@@ -254,6 +268,9 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite
 		}
 		if err != nil {
 			return 0, 0, nil, false, fmt.Errorf("offset %d: %w", off, err)
+		}
+		if inCP && cpLimit != 0 && (r.Type == recBatch || off+n > cpLimit) {
+			return 0, 0, nil, false, corruptf("record at offset %d does not end inside the checkpoint (ends at %d)", off, cpLimit)
 		}
 		if r.Type == recBatch {
 			if !inBatch {
@@ -274,8 +291,9 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite
 			seq, inBatch, batchStart = r.Seq, true, off
 		} else if inBatch {
 			batchRecs = append(batchRecs, r)
+		} else if !inCP {
+			return 0, 0, nil, false, corruptf("record type %d at offset %d after the checkpoint, outside a batch", r.Type, off)
 		} else {
-			seenRecords = true
 			seenNext = seenNext || r.Type == recNextObj
 			if err := s.apply(r); err != nil {
 				return 0, 0, nil, false, fmt.Errorf("checkpoint record at %d: %w", off, err)
@@ -286,6 +304,11 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite
 	torn := off < len(b)
 	if !inBatch {
 		s.cpEnd = int64(off)
+	}
+	if (h.Generation > 0 || cpLimit > headerSize) && !seenNext {
+		// Every checkpoint ends its objects with a next-object record
+		// (only a new store's log, generation 0, has no checkpoint).
+		return 0, 0, nil, false, corruptf("checkpoint of generation %d has no next-object record", h.Generation)
 	}
 	// The last batch: a copy-out whose chunk data did not reach the disk
 	// guarded an origin write that never happened, so it is dropped.
@@ -315,17 +338,32 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite
 		kept = appendRecord(kept, r)
 	}
 	if !inBatch {
-		if torn && seenRecords && !seenNext {
-			// Every checkpoint ends with a next-object record, and the
-			// checkpoint is renamed into place whole: this is damage.
-			return 0, 0, nil, false, corruptf("checkpoint cut short at offset %d", off)
-		}
 		return int64(off), 0, nil, false, nil
 	}
 	if dropped || torn {
 		return int64(batchStart), seq, kept, true, nil
 	}
 	return int64(off), seq, nil, false, nil
+}
+
+// legacyTorn judges a record that fails its CRC in the checkpoint part of a
+// log whose header does not say where the checkpoint ends (written before
+// CheckpointEnd existed). Such a checkpoint ends where batch 1 starts, and
+// batch 1 is the only thing after it that may be torn: true if b's first
+// bytes (up to 5) could be what a torn write of a batch record leaves,
+// each byte either zero or that of the batch record's prefix (length 8,
+// type 1). One damaged byte in a checkpoint record looks so only if it
+// turns the type of a record of length 8 (rollback begin) into 0 or 1, or
+// if zeros replaced a whole record start; headers with CheckpointEnd leave
+// no such gap.
+func legacyTorn(b []byte) bool {
+	prefix := [5]byte{8, 0, 0, 0, recBatch}
+	for i := 0; i < len(prefix) && i < len(b); i++ {
+		if b[i] != 0 && b[i] != prefix[i] {
+			return false
+		}
+	}
+	return true
 }
 
 // laterBatch reports whether b holds, at any offset, a valid batch record
@@ -1206,8 +1244,22 @@ func (s *Store) checkpointGated(vs []*Volume) error {
 		}
 	}
 	s.checkpointRollbacks(w, objs)
+	// The header says where the checkpoint ends, so Open can tell damage
+	// in it from a torn batch after it (FORMAT.md, Replay). While nothing
+	// was written yet (a checkpoint under checkpointPiece) it goes out with
+	// the records, else it is written again once they are.
+	h.CheckpointEnd = uint64(w.off) + uint64(len(w.b))
+	headerWritten := w.off > 0
+	if !headerWritten {
+		copy(w.b, h.encode())
+	}
 	if err := w.flush(); err != nil {
 		return err
+	}
+	if headerWritten {
+		if err := writeFull(f, h.encode(), 0); err != nil {
+			return err
+		}
 	}
 	if err := f.Sync(); err != nil {
 		return err
@@ -1249,6 +1301,10 @@ func (s *Store) checkpointGated(vs []*Volume) error {
 	return nil
 }
 
+// checkpointPiece is how many bytes of a checkpoint are buffered before
+// they are written (a variable for tests).
+var checkpointPiece = 4 << 20
+
 type bufWriter struct {
 	f   file
 	b   []byte
@@ -1258,7 +1314,7 @@ type bufWriter struct {
 
 func (w *bufWriter) rec(r *record) {
 	w.b = appendRecord(w.b, r)
-	if len(w.b) > 4<<20 {
+	if len(w.b) > checkpointPiece {
 		w.flush()
 	}
 }
