@@ -284,3 +284,118 @@ func TestLegacyLogOpens(t *testing.T) {
 		}
 	}
 }
+
+// crashAfterSnapshot makes a store whose last batch is the record of
+// snapshot "s2" (acknowledged) and crashes it (files closed, no
+// checkpoint): the log ends in that batch and preallocated zeros.
+func crashAfterSnapshot(t *testing.T, dir string) {
+	t.Helper()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := s.CreateVolume("v", 1<<20, VolumeOptions{ChunkSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(4096, 0x33), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	s.closeFiles()
+}
+
+// TestOpenKeepsDurableLastBatch (F2): Open cut the log at the start of the
+// last batch, then wrote it again; a failed (or killed) rewrite lost the
+// acknowledged snapshot. A last batch followed only by zeros is left alone.
+func TestOpenKeepsDurableLastBatch(t *testing.T) {
+	dir := t.TempDir()
+	crashAfterSnapshot(t, dir)
+	before, err := os.ReadFile(filepath.Join(dir, logName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fs := newFaultFS(dir)
+	fs.failWrite = 0 // the first write Open makes, to any file, fails
+	if s, err := openFS(dir, fs); err == nil {
+		after, rerr := os.ReadFile(filepath.Join(dir, logName))
+		if rerr != nil {
+			t.Fatal(rerr)
+		}
+		if !bytes.Equal(after, before) {
+			t.Errorf("Open changed store.log (%d bytes, was %d) though nothing was dropped", len(after), len(before))
+		}
+		s.Close()
+	}
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := s.Snapshot("s2"); err != nil {
+		t.Fatalf("acknowledged snapshot after a failed Open: %v", err)
+	}
+}
+
+// TestOpenDropKeepsRestOfBatch (F2): when Open drops records of the last
+// batch (here an exception whose copy is not on disk), the records it keeps
+// must survive a failed or interrupted cleanup of the log.
+func TestOpenDropKeepsRestOfBatch(t *testing.T) {
+	dir := t.TempDir()
+	crashAfterSnapshot(t, dir)
+	// A last batch as a crash may leave it: snapshot s3 durable, its
+	// exception record durable, the copy it names not.
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, _ := s.Volume("v")
+	obj, vobj := s.nextObj, v.obj
+	s.log.mu.Lock()
+	end, seq := s.log.end, s.log.seq
+	s.log.mu.Unlock()
+	s.closeFiles()
+	b := appendRecord(nil, &record{Type: recBatch, Seq: seq + 1})
+	b = appendRecord(b, &record{Type: recSnapshot, Obj: obj, Parent: vobj, Size: 1 << 20, Created: 1, ID: "s3"})
+	b = appendRecord(b, &record{Type: recExc, Obj: obj, Origin: 0, COW: 40, DataCRC: crc(fill(4096, 0x33))})
+	lf, err := os.OpenFile(filepath.Join(dir, logName), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := lf.WriteAt(b, end); err != nil {
+		t.Fatal(err)
+	}
+	lf.Close()
+
+	fs := newFaultFS(dir)
+	fs.failWrite = 0 // the first write Open makes, to any file, fails
+	if s, err := openFS(dir, fs); err == nil {
+		s.Close()
+	}
+	for pass := 0; pass < 2; pass++ {
+		s, err := Open(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sn, err := s.Snapshot("s3")
+		if err != nil {
+			s.Close()
+			t.Fatalf("open %d: snapshot s3 of the last batch: %v", pass, err)
+		}
+		if got := sn.Info().CowBytes; got != 0 {
+			t.Errorf("open %d: CowBytes %d, want 0 (exception dropped)", pass, got)
+		}
+		if got := mustRead(t, sn, 0, 4096); !bytes.Equal(got, fill(4096, 0x33)) {
+			t.Errorf("open %d: s3 reads %x...", pass, got[:4])
+		}
+		if err := s.check(); err != nil {
+			t.Error(err)
+		}
+		s.closeFiles() // no checkpoint: the next pass replays the log again
+	}
+}

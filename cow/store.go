@@ -126,7 +126,7 @@ func (s *Store) load() error {
 	}
 	s.replay = true
 	s.dirty = map[*Snapshot]struct{}{}
-	end, seq, tail, rewrite, err := s.replayLog(b)
+	end, seq, dropped, err := s.replayLog(b)
 	s.replay = false
 	if err == nil {
 		err = s.groupsReplayed()
@@ -144,22 +144,18 @@ func (s *Store) load() error {
 		lf.Close()
 		return err
 	}
-	if end != int64(len(b)) || rewrite {
-		// Rewrite the last batch without its torn or failed part (possibly
-		// as an empty batch, which keeps the sequence unbroken), so a later
-		// Open does not take the dropped records for durable ones.
+	// What follows the last record replayed (end) is preallocated zeros
+	// after a clean stop or a crash between batches: then the log is left
+	// as it is. Anything else there is a torn append (of records never
+	// replayed, since the first of them failed its CRC): cut it, so that a
+	// new batch written at end cannot come to be followed by old records
+	// that look like its own. The cut never reaches a replayed record. Open
+	// never shortens the log into the records it replayed: records of the
+	// last batch it dropped (dropped) are removed by the checkpoint below,
+	// which replaces the log whole (FORMAT.md, Replay).
+	clean := allZero(b[end:])
+	if !clean && !dropped {
 		if err := lf.Truncate(end); err != nil {
-			lf.Close()
-			return err
-		}
-		if rewrite {
-			n, err := writeBatch(lf, seq, end, tail, nil)
-			if err != nil {
-				lf.Close()
-				return err
-			}
-			end += n
-		} else if err := lf.Sync(); err != nil {
 			lf.Close()
 			return err
 		}
@@ -173,6 +169,9 @@ func (s *Store) load() error {
 		return err
 	}
 	s.log = newCommitter(lf, end, seq)
+	if clean {
+		s.log.alloc = int64(len(b)) // the zeros are there already
+	}
 	reaped, err := s.reapOrphans()
 	if err != nil {
 		return err
@@ -180,9 +179,11 @@ func (s *Store) load() error {
 	if err := s.finishOpen(); err != nil {
 		return err
 	}
-	if reaped {
-		// The reaping is not in the log; a checkpoint makes it so, before
-		// any new record assumes it.
+	if reaped || dropped {
+		// The reaping is not in the log, and the dropped records still are
+		// (and would be taken for durable once a batch follows them): a
+		// checkpoint makes the log say what memory holds, before any new
+		// record is written.
 		return s.checkpoint()
 	}
 	// A long log tail is slow to replay (random inserts); fold it into a
@@ -222,27 +223,27 @@ func (s *Store) create() error {
 	return nil
 }
 
-// replayLog applies the log in b. It returns where the valid log ends, the
-// last batch's sequence number and, if the last batch lost records (a torn
-// append or copied data that failed its CRC), rewrite with the surviving
-// records of that batch re-encoded in tail (end is then the batch's start).
-func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite bool, err error) {
+// replayLog applies the log in b. It returns where the valid log ends (after
+// the last record replayed: new batches go there), the last batch's
+// sequence number, and dropped: the last batch lost records that are still
+// in the log before end (copied data that failed its CRC, group members
+// without their group record), which load removes with a checkpoint.
+func (s *Store) replayLog(b []byte) (end int64, seq uint64, dropped bool, err error) {
 	h, err := decodeHeader(b)
 	if err != nil {
-		return 0, 0, nil, false, err
+		return 0, 0, false, err
 	}
 	s.hdr = h
 	// cpLimit is where the checkpoint part ends, from the header; 0 in a
 	// log written before the header said so (see legacyTorn).
 	if h.CheckpointEnd > uint64(len(b)) {
-		return 0, 0, nil, false, corruptf("checkpoint cut short: it ends at %d, the log at %d", h.CheckpointEnd, len(b))
+		return 0, 0, false, corruptf("checkpoint cut short: it ends at %d, the log at %d", h.CheckpointEnd, len(b))
 	}
 	cpLimit := int(h.CheckpointEnd)
 	off := headerSize
 	var batchRecs []*record // records of the batch being read, applied at its end
 	inBatch := false
 	seenNext := false
-	batchStart := off
 	var scratch []exceptions.Run // runs of checkpoint records, applied at once
 	for off < len(b) {
 		inCP := !inBatch && (cpLimit == 0 || off < cpLimit)
@@ -259,73 +260,71 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite
 			// none of its records can be torn: a bad one is damage. Only
 			// batch 1, after it, may be.
 			if inCP && (cpLimit != 0 || !legacyTorn(b[off:])) {
-				return 0, 0, nil, false, corruptf("checkpoint record at offset %d fails its checksum", off)
+				return 0, 0, false, corruptf("checkpoint record at offset %d fails its checksum", off)
 			}
 			if laterBatch(b[off+1:], seq) {
-				return 0, 0, nil, false, corruptf("bad record at offset %d followed by valid batches", off)
+				return 0, 0, false, corruptf("bad record at offset %d followed by valid batches", off)
 			}
 			break
 		}
 		if err != nil {
-			return 0, 0, nil, false, fmt.Errorf("offset %d: %w", off, err)
+			return 0, 0, false, fmt.Errorf("offset %d: %w", off, err)
 		}
 		if inCP && cpLimit != 0 && (r.Type == recBatch || off+n > cpLimit) {
-			return 0, 0, nil, false, corruptf("record at offset %d does not end inside the checkpoint (ends at %d)", off, cpLimit)
+			return 0, 0, false, corruptf("record at offset %d does not end inside the checkpoint (ends at %d)", off, cpLimit)
 		}
 		if r.Type == recBatch {
 			if !inBatch {
 				s.cpEnd = int64(off)
 			}
 			if r.Seq != seq+1 {
-				return 0, 0, nil, false, corruptf("offset %d: batch %d after %d", off, r.Seq, seq)
+				return 0, 0, false, corruptf("offset %d: batch %d after %d", off, r.Seq, seq)
 			}
 			if batchRecs, _, err = groupBatch(batchRecs, false); err != nil {
-				return 0, 0, nil, false, fmt.Errorf("batch %d: %w", seq, err)
+				return 0, 0, false, fmt.Errorf("batch %d: %w", seq, err)
 			}
 			for _, br := range batchRecs {
 				if err := s.apply(br); err != nil {
-					return 0, 0, nil, false, fmt.Errorf("batch %d: %w", seq, err)
+					return 0, 0, false, fmt.Errorf("batch %d: %w", seq, err)
 				}
 			}
 			batchRecs = batchRecs[:0]
-			seq, inBatch, batchStart = r.Seq, true, off
+			seq, inBatch = r.Seq, true
 		} else if inBatch {
 			batchRecs = append(batchRecs, r)
 		} else if !inCP {
-			return 0, 0, nil, false, corruptf("record type %d at offset %d after the checkpoint, outside a batch", r.Type, off)
+			return 0, 0, false, corruptf("record type %d at offset %d after the checkpoint, outside a batch", r.Type, off)
 		} else {
 			seenNext = seenNext || r.Type == recNextObj
 			if err := s.apply(r); err != nil {
-				return 0, 0, nil, false, fmt.Errorf("checkpoint record at %d: %w", off, err)
+				return 0, 0, false, fmt.Errorf("checkpoint record at %d: %w", off, err)
 			}
 		}
 		off += n
 	}
-	torn := off < len(b)
 	if !inBatch {
 		s.cpEnd = int64(off)
 	}
 	if (h.Generation > 0 || cpLimit > headerSize) && !seenNext {
 		// Every checkpoint ends its objects with a next-object record
 		// (only a new store's log, generation 0, has no checkpoint).
-		return 0, 0, nil, false, corruptf("checkpoint of generation %d has no next-object record", h.Generation)
+		return 0, 0, false, corruptf("checkpoint of generation %d has no next-object record", h.Generation)
 	}
 	// The last batch: a copy-out whose chunk data did not reach the disk
 	// guarded an origin write that never happened, so it is dropped.
-	var kept []byte
 	// A group whose group record did not reach the disk loses its member
 	// records. The batch header carries no length, so the last batch may
 	// have lost its end at a record boundary whatever follows it: it is
 	// always judged as possibly cut short (as its chunk data is, below).
-	batchRecs, dropped, err := groupBatch(batchRecs, true)
+	batchRecs, dropped, err = groupBatch(batchRecs, true)
 	if err != nil {
-		return 0, 0, nil, false, fmt.Errorf("batch %d: %w", seq, err)
+		return 0, 0, false, fmt.Errorf("batch %d: %w", seq, err)
 	}
 	for _, r := range batchRecs {
 		if r.Type == recExc && r.COW != 0 {
 			ok, err := s.excDataDurable(r)
 			if err != nil {
-				return 0, 0, nil, false, err
+				return 0, 0, false, err
 			}
 			if !ok {
 				dropped = true
@@ -333,17 +332,10 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite
 			}
 		}
 		if err := s.apply(r); err != nil {
-			return 0, 0, nil, false, fmt.Errorf("batch %d: %w", seq, err)
+			return 0, 0, false, fmt.Errorf("batch %d: %w", seq, err)
 		}
-		kept = appendRecord(kept, r)
 	}
-	if !inBatch {
-		return int64(off), 0, nil, false, nil
-	}
-	if dropped || torn {
-		return int64(batchStart), seq, kept, true, nil
-	}
-	return int64(off), seq, nil, false, nil
+	return int64(off), seq, dropped, nil
 }
 
 // legacyTorn judges a record that fails its CRC in the checkpoint part of a
