@@ -390,6 +390,15 @@ func (s *Store) excDataDurable(r *record) (bool, error) {
 	if err != nil {
 		return false, err
 	}
+	size, err := f.Size()
+	if err != nil {
+		return false, err
+	}
+	if size < int64(r.COW+1)<<v.shift {
+		// The copy is written whole before its record; a chunk that ends
+		// past the file's end never reached it, even if it was all zeros.
+		return false, nil
+	}
 	buf := make([]byte, v.chunkSize)
 	if err := readFull(f, buf, int64(r.COW)<<v.shift); err != nil {
 		return false, err
@@ -496,6 +505,19 @@ func (v *Volume) rebuildFree() error {
 	f, err := v.cowFile()
 	if err != nil {
 		return err
+	}
+	if len(used) > 0 {
+		// Every mapped chunk was written whole before its record was
+		// durable (a last-batch copy past the end is dropped by
+		// excDataDurable), so a shorter file is damage: its chunks would
+		// read as zeros.
+		size, err := f.Size()
+		if err != nil {
+			return err
+		}
+		if size < int64(next)<<v.shift {
+			return corruptf("volume %s: COW file %s has %d bytes, chunk %d is mapped", v.id, v.cowName, size, next-1)
+		}
 	}
 	return f.Truncate(int64(next) << v.shift)
 }
