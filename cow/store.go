@@ -1087,7 +1087,9 @@ func (s *Store) Close() error {
 
 // Checkpoint rewrites the log as the current state (sorted runs, one record
 // per live object), which bounds the next Open's replay time. It waits for
-// all I/O in flight.
+// all I/O in flight. If it fails before the new log replaces the old one,
+// the store goes on with the old log; if the directory sync after the
+// replacement fails, the store refuses changes (ErrClosed) until reopened.
 func (s *Store) Checkpoint() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
