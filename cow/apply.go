@@ -356,8 +356,11 @@ func (s *Store) reapVolume(v *Volume) error {
 	}
 	delete(s.objs, v.obj)
 	delete(s.byID, v.id)
+	// Replay may have opened the files (a crash between the delete record
+	// and their removal leaves them): close them here, as nothing reaches
+	// v from now on. finishOpen removes them.
+	v.closeFiles()
 	if !s.replay {
-		v.closeFiles()
 		if err := errors.Join(s.fs.Remove(v.dataName), s.fs.Remove(v.cowName)); err != nil {
 			return err
 		}

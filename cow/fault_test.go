@@ -25,6 +25,9 @@ type faultFS struct {
 	failed     int // faults injected
 	// failRename makes Rename fail (a checkpoint that cannot be installed).
 	failRename bool
+	// failSyncDir counts down on every SyncDir; the call that brings it to
+	// 0 fails with EIO. 0: never.
+	failSyncDir int
 	// events, when not nil, records creations, directory syncs and log
 	// writes in order, for tests of their ordering.
 	events *[]string
@@ -213,6 +216,18 @@ func (f *faultFile) Punch(off, n int64) error {
 
 func (f *faultFS) SyncDir() error {
 	f.event("syncdir")
+	f.mu.Lock()
+	fail := f.failSyncDir == 1
+	if f.failSyncDir > 0 {
+		f.failSyncDir--
+	}
+	if fail {
+		f.failed++
+	}
+	f.mu.Unlock()
+	if fail {
+		return errInjected
+	}
 	if f.noSync {
 		return nil
 	}

@@ -43,6 +43,12 @@ type header struct {
 	Version    uint32
 	UUID       [16]byte
 	Generation uint64 // checkpoints written so far
+	// CheckpointEnd is where the checkpoint part ends (the offset of batch
+	// 1), in bytes: headerSize for a new store's empty log. 0 in a log
+	// written before the field existed: replay then judges where the
+	// checkpoint ends by its records (replayLog). Older binaries ignore
+	// these bytes, so the field needs no new version.
+	CheckpointEnd uint64
 }
 
 func (h header) encode() []byte {
@@ -51,6 +57,7 @@ func (h header) encode() []byte {
 	binary.LittleEndian.PutUint32(b[8:], max(h.Version, logVersion))
 	copy(b[16:32], h.UUID[:])
 	binary.LittleEndian.PutUint64(b[32:], h.Generation)
+	binary.LittleEndian.PutUint64(b[40:], h.CheckpointEnd)
 	binary.LittleEndian.PutUint32(b[60:], crc(b[:60]))
 	return b
 }
@@ -72,6 +79,10 @@ func decodeHeader(b []byte) (header, error) {
 	}
 	copy(h.UUID[:], b[16:32])
 	h.Generation = binary.LittleEndian.Uint64(b[32:])
+	h.CheckpointEnd = binary.LittleEndian.Uint64(b[40:])
+	if h.CheckpointEnd != 0 && h.CheckpointEnd < headerSize {
+		return h, corruptf("log header: checkpoint end %d inside the header", h.CheckpointEnd)
+	}
 	return h, nil
 }
 

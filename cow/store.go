@@ -147,7 +147,7 @@ func (s *Store) load() error {
 	}
 	s.replay = true
 	s.dirty = map[*Snapshot]struct{}{}
-	end, seq, tail, rewrite, err := s.replayLog(b)
+	end, seq, dropped, err := s.replayLog(b)
 	s.replay = false
 	if err == nil {
 		err = s.groupsReplayed()
@@ -165,22 +165,18 @@ func (s *Store) load() error {
 		lf.Close()
 		return err
 	}
-	if end != int64(len(b)) || rewrite {
-		// Rewrite the last batch without its torn or failed part (possibly
-		// as an empty batch, which keeps the sequence unbroken), so a later
-		// Open does not take the dropped records for durable ones.
+	// What follows the last record replayed (end) is preallocated zeros
+	// after a clean stop or a crash between batches: then the log is left
+	// as it is. Anything else there is a torn append (of records never
+	// replayed, since the first of them failed its CRC): cut it, so that a
+	// new batch written at end cannot come to be followed by old records
+	// that look like its own. The cut never reaches a replayed record. Open
+	// never shortens the log into the records it replayed: records of the
+	// last batch it dropped (dropped) are removed by the checkpoint below,
+	// which replaces the log whole (FORMAT.md, Replay).
+	clean := allZero(b[end:])
+	if !clean && !dropped {
 		if err := lf.Truncate(end); err != nil {
-			lf.Close()
-			return err
-		}
-		if rewrite {
-			n, err := writeBatch(lf, seq, end, tail, nil)
-			if err != nil {
-				lf.Close()
-				return err
-			}
-			end += n
-		} else if err := lf.Sync(); err != nil {
 			lf.Close()
 			return err
 		}
@@ -194,6 +190,9 @@ func (s *Store) load() error {
 		return err
 	}
 	s.log = newCommitter(lf, end, seq)
+	if clean {
+		s.log.alloc = int64(len(b)) // the zeros are there already
+	}
 	reaped, err := s.reapOrphans()
 	if err != nil {
 		return err
@@ -201,9 +200,11 @@ func (s *Store) load() error {
 	if err := s.finishOpen(); err != nil {
 		return err
 	}
-	if reaped {
-		// The reaping is not in the log; a checkpoint makes it so, before
-		// any new record assumes it.
+	if reaped || dropped {
+		// The reaping is not in the log, and the dropped records still are
+		// (and would be taken for durable once a batch follows them): a
+		// checkpoint makes the log say what memory holds, before any new
+		// record is written.
 		return s.checkpoint()
 	}
 	// A long log tail is slow to replay (random inserts); fold it into a
@@ -222,6 +223,7 @@ func (s *Store) create() error {
 	if err != nil {
 		return err
 	}
+	s.hdr.CheckpointEnd = headerSize // an empty checkpoint
 	if err := writeFull(f, s.hdr.encode(), 0); err != nil {
 		f.Close()
 		return err
@@ -242,25 +244,32 @@ func (s *Store) create() error {
 	return nil
 }
 
-// replayLog applies the log in b. It returns where the valid log ends, the
-// last batch's sequence number and, if the last batch lost records (a torn
-// append or copied data that failed its CRC), rewrite with the surviving
-// records of that batch re-encoded in tail (end is then the batch's start).
-func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite bool, err error) {
+// replayLog applies the log in b. It returns where the valid log ends (after
+// the last record replayed: new batches go there), the last batch's
+// sequence number, and dropped: the last batch lost records that are still
+// in the log before end (copied data that failed its CRC, group members
+// without their group record), which load removes with a checkpoint.
+func (s *Store) replayLog(b []byte) (end int64, seq uint64, dropped bool, err error) {
 	h, err := decodeHeader(b)
 	if err != nil {
-		return 0, 0, nil, false, err
+		return 0, 0, false, err
 	}
 	s.hdr = h
+	// cpLimit is where the checkpoint part ends, from the header; 0 in a
+	// log written before the header said so (see legacyTorn).
+	if h.CheckpointEnd > uint64(len(b)) {
+		return 0, 0, false, corruptf("checkpoint cut short: it ends at %d, the log at %d", h.CheckpointEnd, len(b))
+	}
+	cpLimit := int(h.CheckpointEnd)
 	off := headerSize
 	var batchRecs []*record // records of the batch being read, applied at its end
 	inBatch := false
-	seenRecords, seenNext := false, false
-	batchStart := off
+	seenNext := false
 	var scratch []exceptions.Run // runs of checkpoint records, applied at once
 	for off < len(b) {
+		inCP := !inBatch && (cpLimit == 0 || off < cpLimit)
 		var sc []exceptions.Run
-		if !inBatch {
+		if inCP {
 			if scratch == nil {
 				scratch = make([]exceptions.Run, 0, 1<<16) // the most runs a checkpoint record holds
 			}
@@ -268,62 +277,75 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite
 		}
 		r, n, err := decodeRecordRuns(b[off:], sc)
 		if errors.Is(err, errTorn) {
+			// A checkpoint is fsynced before it is renamed into place, so
+			// none of its records can be torn: a bad one is damage. Only
+			// batch 1, after it, may be.
+			if inCP && (cpLimit != 0 || !legacyTorn(b[off:])) {
+				return 0, 0, false, corruptf("checkpoint record at offset %d fails its checksum", off)
+			}
 			if laterBatch(b[off+1:], seq) {
-				return 0, 0, nil, false, corruptf("bad record at offset %d followed by valid batches", off)
+				return 0, 0, false, corruptf("bad record at offset %d followed by valid batches", off)
 			}
 			break
 		}
 		if err != nil {
-			return 0, 0, nil, false, fmt.Errorf("offset %d: %w", off, err)
+			return 0, 0, false, fmt.Errorf("offset %d: %w", off, err)
+		}
+		if inCP && cpLimit != 0 && (r.Type == recBatch || off+n > cpLimit) {
+			return 0, 0, false, corruptf("record at offset %d does not end inside the checkpoint (ends at %d)", off, cpLimit)
 		}
 		if r.Type == recBatch {
 			if !inBatch {
 				s.cpEnd = int64(off)
 			}
 			if r.Seq != seq+1 {
-				return 0, 0, nil, false, corruptf("offset %d: batch %d after %d", off, r.Seq, seq)
+				return 0, 0, false, corruptf("offset %d: batch %d after %d", off, r.Seq, seq)
 			}
 			if batchRecs, _, err = groupBatch(batchRecs, false); err != nil {
-				return 0, 0, nil, false, fmt.Errorf("batch %d: %w", seq, err)
+				return 0, 0, false, fmt.Errorf("batch %d: %w", seq, err)
 			}
 			for _, br := range batchRecs {
 				if err := s.apply(br); err != nil {
-					return 0, 0, nil, false, fmt.Errorf("batch %d: %w", seq, err)
+					return 0, 0, false, fmt.Errorf("batch %d: %w", seq, err)
 				}
 			}
 			batchRecs = batchRecs[:0]
-			seq, inBatch, batchStart = r.Seq, true, off
+			seq, inBatch = r.Seq, true
 		} else if inBatch {
 			batchRecs = append(batchRecs, r)
+		} else if !inCP {
+			return 0, 0, false, corruptf("record type %d at offset %d after the checkpoint, outside a batch", r.Type, off)
 		} else {
-			seenRecords = true
 			seenNext = seenNext || r.Type == recNextObj
 			if err := s.apply(r); err != nil {
-				return 0, 0, nil, false, fmt.Errorf("checkpoint record at %d: %w", off, err)
+				return 0, 0, false, fmt.Errorf("checkpoint record at %d: %w", off, err)
 			}
 		}
 		off += n
 	}
-	torn := off < len(b)
 	if !inBatch {
 		s.cpEnd = int64(off)
 	}
+	if (h.Generation > 0 || cpLimit > headerSize) && !seenNext {
+		// Every checkpoint ends its objects with a next-object record
+		// (only a new store's log, generation 0, has no checkpoint).
+		return 0, 0, false, corruptf("checkpoint of generation %d has no next-object record", h.Generation)
+	}
 	// The last batch: a copy-out whose chunk data did not reach the disk
 	// guarded an origin write that never happened, so it is dropped.
-	var kept []byte
 	// A group whose group record did not reach the disk loses its member
 	// records. The batch header carries no length, so the last batch may
 	// have lost its end at a record boundary whatever follows it: it is
 	// always judged as possibly cut short (as its chunk data is, below).
-	batchRecs, dropped, err := groupBatch(batchRecs, true)
+	batchRecs, dropped, err = groupBatch(batchRecs, true)
 	if err != nil {
-		return 0, 0, nil, false, fmt.Errorf("batch %d: %w", seq, err)
+		return 0, 0, false, fmt.Errorf("batch %d: %w", seq, err)
 	}
 	for _, r := range batchRecs {
 		if r.Type == recExc && r.COW != 0 {
 			ok, err := s.excDataDurable(r)
 			if err != nil {
-				return 0, 0, nil, false, err
+				return 0, 0, false, err
 			}
 			if !ok {
 				dropped = true
@@ -331,22 +353,30 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, tail []byte, rewrite
 			}
 		}
 		if err := s.apply(r); err != nil {
-			return 0, 0, nil, false, fmt.Errorf("batch %d: %w", seq, err)
+			return 0, 0, false, fmt.Errorf("batch %d: %w", seq, err)
 		}
-		kept = appendRecord(kept, r)
 	}
-	if !inBatch {
-		if torn && seenRecords && !seenNext {
-			// Every checkpoint ends with a next-object record, and the
-			// checkpoint is renamed into place whole: this is damage.
-			return 0, 0, nil, false, corruptf("checkpoint cut short at offset %d", off)
+	return int64(off), seq, dropped, nil
+}
+
+// legacyTorn judges a record that fails its CRC in the checkpoint part of a
+// log whose header does not say where the checkpoint ends (written before
+// CheckpointEnd existed). Such a checkpoint ends where batch 1 starts, and
+// batch 1 is the only thing after it that may be torn: true if b's first
+// bytes (up to 5) could be what a torn write of a batch record leaves,
+// each byte either zero or that of the batch record's prefix (length 8,
+// type 1). One damaged byte in a checkpoint record looks so only if it
+// turns the type of a record of length 8 (rollback begin) into 0 or 1, or
+// if zeros replaced a whole record start; headers with CheckpointEnd leave
+// no such gap.
+func legacyTorn(b []byte) bool {
+	prefix := [5]byte{8, 0, 0, 0, recBatch}
+	for i := 0; i < len(prefix) && i < len(b); i++ {
+		if b[i] != 0 && b[i] != prefix[i] {
+			return false
 		}
-		return int64(off), 0, nil, false, nil
 	}
-	if dropped || torn {
-		return int64(batchStart), seq, kept, true, nil
-	}
-	return int64(off), seq, nil, false, nil
+	return true
 }
 
 // laterBatch reports whether b holds, at any offset, a valid batch record
@@ -380,6 +410,15 @@ func (s *Store) excDataDurable(r *record) (bool, error) {
 	}
 	if err != nil {
 		return false, err
+	}
+	size, err := f.Size()
+	if err != nil {
+		return false, err
+	}
+	if size < int64(r.COW+1)<<v.shift {
+		// The copy is written whole before its record; a chunk that ends
+		// past the file's end never reached it, even if it was all zeros.
+		return false, nil
 	}
 	buf := make([]byte, v.chunkSize)
 	if err := readFull(f, buf, int64(r.COW)<<v.shift); err != nil {
@@ -487,6 +526,19 @@ func (v *Volume) rebuildFree() error {
 	f, err := v.cowFile()
 	if err != nil {
 		return err
+	}
+	if len(used) > 0 {
+		// Every mapped chunk was written whole before its record was
+		// durable (a last-batch copy past the end is dropped by
+		// excDataDurable), so a shorter file is damage: its chunks would
+		// read as zeros.
+		size, err := f.Size()
+		if err != nil {
+			return err
+		}
+		if size < int64(next)<<v.shift {
+			return corruptf("volume %s: COW file %s has %d bytes, chunk %d is mapped", v.id, v.cowName, size, next-1)
+		}
 	}
 	return f.Truncate(int64(next) << v.shift)
 }
@@ -1056,7 +1108,9 @@ func (s *Store) Close() error {
 
 // Checkpoint rewrites the log as the current state (sorted runs, one record
 // per live object), which bounds the next Open's replay time. It waits for
-// all I/O in flight.
+// all I/O in flight. If it fails before the new log replaces the old one,
+// the store goes on with the old log; if the directory sync after the
+// replacement fails, the store refuses changes (ErrClosed) until reopened.
 func (s *Store) Checkpoint() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -1227,8 +1281,22 @@ func (s *Store) checkpointGated(vs []*Volume) error {
 		}
 	}
 	s.checkpointRollbacks(w, objs)
+	// The header says where the checkpoint ends, so Open can tell damage
+	// in it from a torn batch after it (FORMAT.md, Replay). While nothing
+	// was written yet (a checkpoint under checkpointPiece) it goes out with
+	// the records, else it is written again once they are.
+	h.CheckpointEnd = uint64(w.off) + uint64(len(w.b))
+	headerWritten := w.off > 0
+	if !headerWritten {
+		copy(w.b, h.encode())
+	}
 	if err := w.flush(); err != nil {
 		return err
+	}
+	if headerWritten {
+		if err := writeFull(f, h.encode(), 0); err != nil {
+			return err
+		}
 	}
 	if err := f.Sync(); err != nil {
 		return err
@@ -1236,17 +1304,20 @@ func (s *Store) checkpointGated(vs []*Volume) error {
 	if err := s.fs.Rename(logTmpName, logName); err != nil {
 		return err
 	}
-	if err := s.fs.SyncDir(); err != nil {
-		return err
-	}
+	// From here on store.log names the new file and the old log is
+	// unlinked: a batch committed to it would be lost. So the store
+	// switches to the new log whatever happens next.
 	ok = true
-	// The checkpoint carries every present chunk now that it is durable;
-	// not before, or a failed checkpoint would lose the pending records a
-	// later Flush must still write.
-	for _, v := range vs {
-		v.mu.Lock()
-		v.pendingPresent = nil
-		v.mu.Unlock()
+	dirErr := s.fs.SyncDir()
+	if dirErr == nil {
+		// The checkpoint carries every present chunk now that it is
+		// durable; not before, or a failed checkpoint would lose the
+		// pending records a later Flush must still write.
+		for _, v := range vs {
+			v.mu.Lock()
+			v.pendingPresent = nil
+			v.mu.Unlock()
+		}
 	}
 	s.log.f.Close()
 	s.hdr = h
@@ -1256,8 +1327,20 @@ func (s *Store) checkpointGated(vs []*Volume) error {
 	// their newest overlay entry's batch (all applied by now) and drain by
 	// waiting for it.
 	s.log.cur.id, s.log.applied = old.cur.id, old.applied
+	if dirErr != nil {
+		// The rename may not be durable: after a crash the directory may
+		// still name the old log. Either log is a complete state, but a
+		// record committed now could land in the one that is lost. The
+		// error is sticky: the store refuses changes until reopened.
+		s.log.fail(fmt.Errorf("checkpoint: directory sync after the rename: %w", dirErr))
+		return s.log.failed()
+	}
 	return nil
 }
+
+// checkpointPiece is how many bytes of a checkpoint are buffered before
+// they are written (a variable for tests).
+var checkpointPiece = 4 << 20
 
 type bufWriter struct {
 	f   file
@@ -1268,7 +1351,7 @@ type bufWriter struct {
 
 func (w *bufWriter) rec(r *record) {
 	w.b = appendRecord(w.b, r)
-	if len(w.b) > 4<<20 {
+	if len(w.b) > checkpointPiece {
 		w.flush()
 	}
 }

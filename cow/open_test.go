@@ -1,0 +1,492 @@
+package cow
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// Tests of Open's recovery (report-open.md).
+
+// TestCheckpointSyncDirFails (F3): a checkpoint whose directory sync fails
+// after the rename must not leave the store committing into the old log,
+// which is unlinked: whatever it acknowledges must be there after a crash.
+func TestCheckpointSyncDirFails(t *testing.T) {
+	dir := t.TempDir()
+	s, fs := openFault(t, dir, nil)
+	if _, err := s.CreateVolume("a", 1<<20, VolumeOptions{ChunkSize: 4096}); err != nil {
+		t.Fatal(err)
+	}
+	fs.mu.Lock()
+	fs.failSyncDir = 1
+	fs.mu.Unlock()
+	if err := s.Checkpoint(); err == nil {
+		t.Fatal("Checkpoint with a failing directory sync succeeded")
+	}
+	_, xerr := s.CreateVolume("x", 1<<20, VolumeOptions{ChunkSize: 4096})
+	if xerr == nil {
+		t.Error("CreateVolume after the failed checkpoint succeeded; want the store failed until reopened")
+	} else if !errors.Is(xerr, ErrClosed) {
+		t.Errorf("CreateVolume after the failed checkpoint: %v, want ErrClosed", xerr)
+	}
+	s.closeFiles() // crash
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if _, err := s2.Volume("a"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s2.Volume("x"); xerr == nil && err != nil {
+		t.Fatalf("volume x, acknowledged after the failed checkpoint: %v", err)
+	}
+}
+
+// TestReplayReapClosesFiles (F5): a volume whose delete record is in the
+// log and whose files a crash left behind is reaped during replay; Open
+// removes its files and must not keep them open (their blocks stay
+// allocated until the descriptor is closed).
+func TestReplayReapClosesFiles(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := s.CreateVolume("gone", 1<<20, VolumeOptions{ChunkSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(1<<20, 0x44), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	// Keep the files: a crash between the delete record and their removal.
+	keep := t.TempDir()
+	for _, n := range []string{v.dataName, v.cowName} {
+		if err := os.Link(filepath.Join(dir, n), filepath.Join(keep, n)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.DeleteVolume("gone"); err != nil {
+		t.Fatal(err)
+	}
+	s.closeFiles()
+	for _, n := range []string{v.dataName, v.cowName} {
+		if err := os.Rename(filepath.Join(keep, n), filepath.Join(dir, n)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if _, err := os.Stat(filepath.Join(dir, v.dataName)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("data file of the deleted volume: %v, want removed", err)
+	}
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skip(err)
+	}
+	for _, e := range fds {
+		target, err := os.Readlink(filepath.Join("/proc/self/fd", e.Name()))
+		if err == nil && strings.HasPrefix(target, dir+"/") && strings.Contains(target, v.dataName) {
+			t.Fatalf("fd %s still open on %s", e.Name(), target)
+		}
+	}
+}
+
+// closedStoreLog returns the store.log of a cleanly closed store (header and
+// checkpoint, no batch): volume "a" with snapshot "s", whose chunk 0 holds
+// 0x11 while "a" holds 0x22 there.
+func closedStoreLog(t *testing.T, dir string) []byte {
+	t.Helper()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := s.CreateVolume("a", 1<<20, VolumeOptions{ChunkSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(4096, 0x11), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("a", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(4096, 0x22), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, logName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := decodeHeader(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h.CheckpointEnd != uint64(len(b)) {
+		t.Fatalf("header says the checkpoint ends at %d, the closed log has %d bytes", h.CheckpointEnd, len(b))
+	}
+	return b
+}
+
+// logRecords returns the offset and type of every record of b's checkpoint
+// part (up to the first one that does not decode).
+func logRecords(b []byte) (offs []int, types []uint8) {
+	for off := headerSize; off < len(b); {
+		r, n, err := decodeRecord(b[off:])
+		if err != nil {
+			break
+		}
+		offs, types = append(offs, off), append(types, r.Type)
+		off += n
+	}
+	return offs, types
+}
+
+// asLegacy makes b's header look as a binary from before the checkpoint-end
+// field wrote it: bytes 40..59 zero, CRC redone.
+func asLegacy(b []byte) []byte {
+	b = bytes.Clone(b)
+	clear(b[40:60])
+	binary.LittleEndian.PutUint32(b[60:], crc(b[:60]))
+	return b
+}
+
+// TestCheckpointEndAfterPieces: a checkpoint written in several pieces gets
+// its header (with the checkpoint end) written again after them.
+func TestCheckpointEndAfterPieces(t *testing.T) {
+	defer func(p int) { checkpointPiece = p }(checkpointPiece)
+	checkpointPiece = 16
+	dir := t.TempDir()
+	closedStoreLog(t, dir) // checks the header
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	sn, err := s.Snapshot("s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, sn, 0, 4096); !bytes.Equal(got, fill(4096, 0x11)) {
+		t.Fatalf("snapshot reads %x...", got[:4])
+	}
+}
+
+// TestCheckpointDamageIsCorrupt (F1): damage inside the checkpoint part of a
+// cleanly closed log (no batch after it) is ErrCorrupt, and Open removes no
+// file; it was taken for a torn tail, which emptied the store.
+func TestCheckpointDamageIsCorrupt(t *testing.T) {
+	src := t.TempDir()
+	full := closedStoreLog(t, src)
+	offs, types := logRecords(full)
+	iNext, iRuns := -1, -1
+	for i, ty := range types {
+		if ty == recNextObj {
+			iNext = i
+		}
+		if ty == recRuns && iNext >= 0 && iRuns < 0 {
+			iRuns = i
+		}
+	}
+	if iNext < 1 || iRuns < 0 {
+		t.Fatalf("checkpoint record types %v: want volume/snapshot, next object, runs", types)
+	}
+	cases := []struct {
+		name string
+		mod  func(b []byte) []byte
+	}{
+		{"first record payload", func(b []byte) []byte { b[headerSize+5] ^= 0x5a; return b }},
+		{"first record length high bit", func(b []byte) []byte { b[headerSize+3] ^= 0x80; return b }},
+		{"runs record after next object", func(b []byte) []byte { b[offs[iRuns]+9] ^= 0x5a; return b }},
+		{"cut at a record boundary before next object", func(b []byte) []byte { return b[:offs[1]] }},
+		{"cut inside the runs record", func(b []byte) []byte { return b[:offs[iRuns]+7] }},
+	}
+	for _, legacy := range []bool{false, true} {
+		for _, tc := range cases {
+			name := tc.name
+			if legacy {
+				name = "legacy header/" + name
+			}
+			t.Run(name, func(t *testing.T) {
+				dir := t.TempDir()
+				copyDir(t, src, dir)
+				b := bytes.Clone(full)
+				if legacy {
+					b = asLegacy(b)
+				}
+				b = tc.mod(b)
+				if err := os.WriteFile(filepath.Join(dir, logName), b, 0o600); err != nil {
+					t.Fatal(err)
+				}
+				s, err := Open(dir)
+				if err == nil {
+					_, serr := s.Snapshot("s")
+					n := len(s.Volumes())
+					s.Close()
+					t.Fatalf("Open succeeded: %d volumes, snapshot s: %v; want ErrCorrupt", n, serr)
+				}
+				if !errors.Is(err, ErrCorrupt) {
+					t.Fatalf("Open: %v, want ErrCorrupt", err)
+				}
+				for _, f := range []string{dataFileName(1), cowFileName(1)} {
+					if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
+						t.Fatalf("after the failed Open: %v", err)
+					}
+				}
+				if got, _ := os.ReadFile(filepath.Join(dir, logName)); !bytes.Equal(got, b) {
+					t.Fatalf("the failed Open changed store.log")
+				}
+			})
+		}
+	}
+}
+
+// TestLegacyLogOpens: a log whose header has no checkpoint end (written
+// before that field existed) still opens, with a torn first batch after its
+// checkpoint (zeros, or a prefix of a batch record) dropped as before.
+func TestLegacyLogOpens(t *testing.T) {
+	src := t.TempDir()
+	full := asLegacy(closedStoreLog(t, src))
+	batch1 := appendRecord(nil, &record{Type: recBatch, Seq: 1})
+	for _, tail := range [][]byte{nil, make([]byte, 100), batch1[:3], batch1[:7], append(batch1[:5:5], make([]byte, 20)...)} {
+		dir := t.TempDir()
+		copyDir(t, src, dir)
+		if err := os.WriteFile(filepath.Join(dir, logName), append(bytes.Clone(full), tail...), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		s, err := Open(dir)
+		if err != nil {
+			t.Fatalf("tail %x: %v", tail, err)
+		}
+		sn, err := s.Snapshot("s")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := mustRead(t, sn, 0, 4096); !bytes.Equal(got, fill(4096, 0x11)) {
+			t.Fatalf("tail %x: snapshot reads %x...", tail, got[:4])
+		}
+		if err := s.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// crashAfterSnapshot makes a store whose last batch is the record of
+// snapshot "s2" (acknowledged) and crashes it (files closed, no
+// checkpoint): the log ends in that batch and preallocated zeros.
+func crashAfterSnapshot(t *testing.T, dir string) {
+	t.Helper()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := s.CreateVolume("v", 1<<20, VolumeOptions{ChunkSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(4096, 0x33), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	s.closeFiles()
+}
+
+// TestOpenKeepsDurableLastBatch (F2): Open cut the log at the start of the
+// last batch, then wrote it again; a failed (or killed) rewrite lost the
+// acknowledged snapshot. A last batch followed only by zeros is left alone.
+func TestOpenKeepsDurableLastBatch(t *testing.T) {
+	dir := t.TempDir()
+	crashAfterSnapshot(t, dir)
+	before, err := os.ReadFile(filepath.Join(dir, logName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fs := newFaultFS(dir)
+	fs.failWrite = 0 // the first write Open makes, to any file, fails
+	if s, err := openFS(dir, fs); err == nil {
+		after, rerr := os.ReadFile(filepath.Join(dir, logName))
+		if rerr != nil {
+			t.Fatal(rerr)
+		}
+		if !bytes.Equal(after, before) {
+			t.Errorf("Open changed store.log (%d bytes, was %d) though nothing was dropped", len(after), len(before))
+		}
+		s.Close()
+	}
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := s.Snapshot("s2"); err != nil {
+		t.Fatalf("acknowledged snapshot after a failed Open: %v", err)
+	}
+}
+
+// TestOpenDropKeepsRestOfBatch (F2): when Open drops records of the last
+// batch (here an exception whose copy is not on disk), the records it keeps
+// must survive a failed or interrupted cleanup of the log.
+func TestOpenDropKeepsRestOfBatch(t *testing.T) {
+	dir := t.TempDir()
+	crashAfterSnapshot(t, dir)
+	// A last batch as a crash may leave it: snapshot s3 durable, its
+	// exception record durable, the copy it names not.
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, _ := s.Volume("v")
+	obj, vobj := s.nextObj, v.obj
+	s.log.mu.Lock()
+	end, seq := s.log.end, s.log.seq
+	s.log.mu.Unlock()
+	s.closeFiles()
+	b := appendRecord(nil, &record{Type: recBatch, Seq: seq + 1})
+	b = appendRecord(b, &record{Type: recSnapshot, Obj: obj, Parent: vobj, Size: 1 << 20, Created: 1, ID: "s3"})
+	b = appendRecord(b, &record{Type: recExc, Obj: obj, Origin: 0, COW: 40, DataCRC: crc(fill(4096, 0x33))})
+	lf, err := os.OpenFile(filepath.Join(dir, logName), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := lf.WriteAt(b, end); err != nil {
+		t.Fatal(err)
+	}
+	lf.Close()
+
+	fs := newFaultFS(dir)
+	fs.failWrite = 0 // the first write Open makes, to any file, fails
+	if s, err := openFS(dir, fs); err == nil {
+		s.Close()
+	}
+	for pass := 0; pass < 2; pass++ {
+		s, err := Open(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sn, err := s.Snapshot("s3")
+		if err != nil {
+			s.Close()
+			t.Fatalf("open %d: snapshot s3 of the last batch: %v", pass, err)
+		}
+		if got := sn.Info().CowBytes; got != 0 {
+			t.Errorf("open %d: CowBytes %d, want 0 (exception dropped)", pass, got)
+		}
+		if got := mustRead(t, sn, 0, 4096); !bytes.Equal(got, fill(4096, 0x33)) {
+			t.Errorf("open %d: s3 reads %x...", pass, got[:4])
+		}
+		if err := s.check(); err != nil {
+			t.Error(err)
+		}
+		s.closeFiles() // no checkpoint: the next pass replays the log again
+	}
+}
+
+// TestShortCOWFileIsCorrupt (F6): a COW file shorter than its highest
+// mapped chunk (damaged; every mapped chunk was written) is ErrCorrupt at
+// Open, not read as zeros.
+func TestShortCOWFileIsCorrupt(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const cs = 4096
+	v, err := s.CreateVolume("v", 16*cs, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(2*cs, 0x55), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(2*cs, 0x66), 0); err != nil {
+		t.Fatal(err)
+	}
+	cowName := v.cowName
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(filepath.Join(dir, cowName), (firstCOW+1)*cs); err != nil {
+		t.Fatal(err)
+	}
+	s2, err := Open(dir)
+	if err == nil {
+		sn, _ := s2.Snapshot("s")
+		got := mustRead(t, sn, cs, cs)
+		s2.Close()
+		t.Fatalf("Open succeeded; snapshot chunk 1 reads %x...", got[:4])
+	}
+	if !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("Open: %v, want ErrCorrupt", err)
+	}
+}
+
+// TestTailZeroCopyPastEnd (F6): a last-batch exception whose copy was all
+// zeros and never reached the COW file (the file ends before its chunk)
+// passes the CRC check by reading zeros past the end; it is dropped, not
+// kept with a COW file too short for it (which Open calls damage).
+func TestTailZeroCopyPastEnd(t *testing.T) {
+	dir := t.TempDir()
+	crashAfterSnapshot(t, dir)
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sn, _ := s.Snapshot("s2")
+	obj := sn.obj
+	s.log.mu.Lock()
+	end, seq := s.log.end, s.log.seq
+	s.log.mu.Unlock()
+	s.closeFiles()
+	b := appendRecord(nil, &record{Type: recBatch, Seq: seq + 1})
+	b = appendRecord(b, &record{Type: recExc, Obj: obj, Origin: 1, COW: 40, DataCRC: crc(make([]byte, 4096))})
+	lf, err := os.OpenFile(filepath.Join(dir, logName), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := lf.WriteAt(b, end); err != nil {
+		t.Fatal(err)
+	}
+	lf.Close()
+	for pass := 0; pass < 2; pass++ {
+		s, err := Open(dir)
+		if err != nil {
+			t.Fatalf("open %d: %v", pass, err)
+		}
+		sn, err := s.Snapshot("s2")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := sn.Info().CowBytes; got != 0 {
+			t.Errorf("open %d: CowBytes %d, want 0 (exception dropped)", pass, got)
+		}
+		if got := mustRead(t, sn, 4096, 4096); !bytes.Equal(got, make([]byte, 4096)) {
+			t.Errorf("open %d: s2 chunk 1 reads %x...", pass, got[:4])
+		}
+		if err := s.check(); err != nil {
+			t.Error(err)
+		}
+		s.closeFiles()
+	}
+}
