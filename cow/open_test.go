@@ -490,3 +490,45 @@ func TestTailZeroCopyPastEnd(t *testing.T) {
 		s.closeFiles()
 	}
 }
+
+// TestLogTail: LogTail counts the bytes of batches past the checkpoint;
+// Checkpoint and a reopen (Close checkpoints) bring it to zero.
+func TestLogTail(t *testing.T) {
+	s, dir := openT(t)
+	if tail := s.LogTail(); tail != 0 {
+		t.Fatalf("new store: tail %d", tail)
+	}
+	v, err := s.CreateVolume("v", 1<<20, VolumeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	after := s.LogTail()
+	if after <= 0 {
+		t.Fatalf("tail %d after a create", after)
+	}
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(64<<10, 1), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if tail := s.LogTail(); tail <= after {
+		t.Fatalf("tail %d after copy-outs, %d before", tail, after)
+	}
+	if err := s.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	if tail := s.LogTail(); tail != 0 {
+		t.Fatalf("tail %d after Checkpoint", tail)
+	}
+	if _, err := v.WriteAt(fill(64<<10, 2), 64<<10); err != nil {
+		t.Fatal(err)
+	}
+	s = reopen(t, s, dir)
+	if tail := s.LogTail(); tail != 0 {
+		t.Fatalf("tail %d after a reopen", tail)
+	}
+}

@@ -209,7 +209,7 @@ func (s *Store) load() error {
 	}
 	// A long log tail is slow to replay (random inserts); fold it into a
 	// checkpoint now so the next Open reads sorted runs.
-	if end-s.cpEnd > 64<<20 {
+	if end-s.cpEnd > CheckpointTail {
 		return s.checkpoint()
 	}
 	return nil
@@ -1104,6 +1104,31 @@ func (s *Store) Close() error {
 	s.log.stopped()
 	s.closeFiles()
 	return err
+}
+
+// CheckpointTail is how long a log tail (bytes of batches past the
+// checkpoint) Open folds into a checkpoint at once, and the bound a
+// long-running caller keeps with LogTail and Checkpoint: the tail replays
+// record by record (random inserts into the indexes, and a rebuild of an
+// older snapshot's index per snapshot delete), a checkpoint as sorted runs.
+const CheckpointTail = 64 << 20
+
+// LogTail returns how many bytes of batches the log holds past its
+// checkpoint: what the next Open replays record by record. Checkpoint
+// brings it back to zero.
+func (s *Store) LogTail() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return 0
+	}
+	cp := int64(s.hdr.CheckpointEnd)
+	if cp == 0 { // a log from before the header said where its checkpoint ends
+		cp = s.cpEnd
+	}
+	s.log.mu.Lock()
+	defer s.log.mu.Unlock()
+	return s.log.end - cp
 }
 
 // Checkpoint rewrites the log as the current state (sorted runs, one record

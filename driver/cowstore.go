@@ -73,6 +73,27 @@ func OpenCowStore(dir string) (*CowStore, error) {
 // costs first-write speed (BENCHMARKS.md).
 func (c *CowStore) SetSurviveKill(on bool) { c.s.SetSurviveKill(on) }
 
+// maintainTail is the log tail past which Maintain checkpoints.
+var maintainTail int64 = cow.CheckpointTail
+
+// Maintain checkpoints the store when its log holds more than
+// cow.CheckpointTail bytes past the last checkpoint, and reports whether it
+// did. cow otherwise checkpoints only at Close and at an Open that finds a
+// long tail, so a plugin that runs for weeks, then crashes, would replay
+// weeks of log on its way back up (and keep it on disk meanwhile). A
+// checkpoint holds every volume's writes while it writes the state (one
+// record per object, sorted runs per index) and syncs it: about as long as
+// an Open of that state takes (BENCHMARKS.md "Reopen").
+func (c *CowStore) Maintain() (bool, error) {
+	if c.s.LogTail() <= maintainTail {
+		return false, nil
+	}
+	if err := c.s.Checkpoint(); err != nil {
+		return false, fromCow(fmt.Errorf("checkpoint: %w", err))
+	}
+	return true, nil
+}
+
 func volInfo(i cow.VolumeInfo) VolumeInfo {
 	return VolumeInfo{ID: i.ID, Size: i.Size, ChunkSize: i.ChunkSize, Labels: i.Labels, SourceSnapshotID: i.SourceSnapshotID,
 		SourceVolumeID: i.SourceVolumeID, AllocatedBytes: i.AllocatedBytes}

@@ -2,6 +2,8 @@ package driver
 
 import (
 	"errors"
+	"fmt"
+	"strings"
 	"testing"
 
 	"google.golang.org/grpc/codes"
@@ -130,5 +132,35 @@ func TestCowStoreRollback(t *testing.T) {
 	got := make([]byte, 3)
 	if _, err := b.ReadAt(got, 70000); err != nil || string(got) != "old" {
 		t.Fatalf("after rollback: %q, %v", got, err)
+	}
+}
+
+// TestCowStoreMaintain: Maintain checkpoints once the log's tail is past
+// the bound (lowered here: 64 MiB of log is too slow to write in a test),
+// and then not again until the tail grows.
+func TestCowStoreMaintain(t *testing.T) {
+	defer func(old int64) { maintainTail = old }(maintainTail)
+	maintainTail = 4096
+	s, err := OpenCowStore(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if did, err := s.Maintain(); did || err != nil {
+		t.Fatalf("Maintain of a new store: %v, %v; want nothing to do", did, err)
+	}
+	for i := 0; s.s.LogTail() <= maintainTail; i++ {
+		if _, err := s.CreateVolume(fmt.Sprintf("v-%d", i), 1<<20, VolumeOptions{Labels: map[string]string{labelName: strings.Repeat("n", 100)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if did, err := s.Maintain(); !did || err != nil {
+		t.Fatalf("Maintain with a %d-byte tail: %v, %v; want a checkpoint", s.s.LogTail(), did, err)
+	}
+	if tail := s.s.LogTail(); tail != 0 {
+		t.Fatalf("log tail after the checkpoint: %d bytes", tail)
+	}
+	if did, err := s.Maintain(); did || err != nil {
+		t.Fatalf("Maintain right after a checkpoint: %v, %v", did, err)
 	}
 }

@@ -263,3 +263,23 @@ func TestRunRejectsBadConfig(t *testing.T) {
 		t.Fatalf("run with a bad config: %v", err)
 	}
 }
+
+type countingMaintainer struct{ calls atomic.Int64 }
+
+func (m *countingMaintainer) Maintain() (bool, error) { m.calls.Add(1); return false, nil }
+
+// TestMaintainLoop: the upkeep loop calls Maintain every period and, once
+// stopped, never again.
+func TestMaintainLoop(t *testing.T) {
+	m := &countingMaintainer{}
+	stop := maintain(m, time.Millisecond)
+	for m.calls.Load() < 3 {
+		time.Sleep(time.Millisecond)
+	}
+	stop()
+	n := m.calls.Load()
+	time.Sleep(20 * time.Millisecond)
+	if got := m.calls.Load(); got != n {
+		t.Fatalf("Maintain called %d times after stop", got-n)
+	}
+}

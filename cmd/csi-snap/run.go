@@ -83,6 +83,10 @@ func run(ctx context.Context, cfg Config) (err error) {
 		return err
 	}
 	defer stopAdmin()
+	if m, ok := eng.store.(maintainer); ok {
+		stopMaint := maintain(m, time.Minute)
+		defer stopMaint()
+	}
 
 	var metrics *driver.Metrics
 	if cfg.MetricsAddress != "" {
@@ -142,4 +146,37 @@ func run(ctx context.Context, cfg Config) (err error) {
 		srv.Stop()
 	}
 	return nil
+}
+
+// maintainer is a store with background upkeep (driver.CowStore: a
+// checkpoint once the log grew long).
+type maintainer interface {
+	Maintain() (bool, error)
+}
+
+// maintain calls m.Maintain every period until the returned stop is
+// called; stop waits for a call in progress.
+func maintain(m maintainer, period time.Duration) (stop func()) {
+	done, exited := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(exited)
+		t := time.NewTicker(period)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+			}
+			start := time.Now()
+			did, err := m.Maintain()
+			switch {
+			case err != nil:
+				klog.ErrorS(err, "Store upkeep")
+			case did:
+				klog.InfoS("Checkpointed the store's log", "took", time.Since(start))
+			}
+		}
+	}()
+	return func() { close(done); <-exited }
 }
