@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"time"
 	"os"
 	"path/filepath"
 	"strings"
@@ -530,5 +531,42 @@ func TestLogTail(t *testing.T) {
 	s = reopen(t, s, dir)
 	if tail := s.LogTail(); tail != 0 {
 		t.Fatalf("tail %d after a reopen", tail)
+	}
+}
+
+// TestErrDuringCheckpoint: Err answers while a Checkpoint holds the store
+// (it writes and syncs the whole state, which can take long): a health
+// check that waited would get the plugin restarted. The test holds the
+// store lock as Checkpoint does.
+func TestErrDuringCheckpoint(t *testing.T) {
+	s, _ := openT(t)
+	mustVol(t, s, "v", 64<<10, 4096)
+	entered, release := make(chan struct{}), make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		s.mu.Lock() // stands in for a long checkpoint
+		close(entered)
+		<-release
+		s.mu.Unlock()
+		done <- nil
+	}()
+	<-entered
+	errc := make(chan error, 1)
+	go func() { errc <- s.Err() }()
+	select {
+	case err := <-errc:
+		if err != nil {
+			t.Errorf("Err of a working store: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Error("Err waited for the store lock")
+	}
+	close(release)
+	<-done
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Err(); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Err after Close: %v", err)
 	}
 }

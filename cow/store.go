@@ -36,6 +36,10 @@ type Store struct {
 	cowMu    sync.Mutex             // guards opening COW files lazily
 	isClosed atomic.Bool            // for the I/O paths, which do not take mu
 	survive  atomic.Bool            // SetSurviveKill: writes return once a process kill cannot lose them
+	// unusable and logNow mirror closed and log for Err, which must not
+	// wait for mu (a Checkpoint holds it while it writes the whole state).
+	unusable atomic.Bool
+	logNow   atomic.Pointer[committer]
 	lock     *os.File               // holds the flock on dir/lock (Open); nil under a test fsys
 	grp      groupState             // snapshot groups (group.go); guarded by mu
 
@@ -189,7 +193,7 @@ func (s *Store) load() error {
 		lf.Close()
 		return err
 	}
-	s.log = newCommitter(lf, end, seq)
+	s.setLog(newCommitter(lf, end, seq))
 	if clean {
 		s.log.alloc = int64(len(b)) // the zeros are there already
 	}
@@ -240,7 +244,7 @@ func (s *Store) create() error {
 		f.Close()
 		return err
 	}
-	s.log = newCommitter(f, headerSize, 0)
+	s.setLog(newCommitter(f, headerSize, 0))
 	return nil
 }
 
@@ -671,10 +675,30 @@ func (s *Store) usable() error {
 // that answer "does X exist" from Volumes, Snapshots or SnapshotGroups
 // (idempotent create by name) must check Err first; Volume, Snapshot and
 // SnapshotGroup return it themselves.
+//
+// It takes no lock, so a health check answers while a Checkpoint runs.
 func (s *Store) Err() error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.usable()
+	if s.unusable.Load() {
+		return ErrClosed
+	}
+	if c := s.logNow.Load(); c != nil {
+		return c.failed()
+	}
+	return nil
+}
+
+// setLog makes c the log the store appends to. Called with mu (or before
+// Open returns).
+func (s *Store) setLog(c *committer) {
+	s.log = c
+	s.logNow.Store(c)
+}
+
+// setClosed marks the store closed, or failed so that it refuses changes.
+// Called with mu.
+func (s *Store) setClosed() {
+	s.closed = true
+	s.unusable.Store(true)
 }
 
 func chunkShift(cs int) (uint, error) {
@@ -716,7 +740,7 @@ func (s *Store) commitApply(recs ...*record) error {
 	for _, r := range recs {
 		if err := s.apply(r); err != nil {
 			// Memory and log disagree: a bug. Refuse further changes.
-			s.closed = true
+			s.setClosed()
 			return fmt.Errorf("%w: applying committed record: %w", ErrClosed, err)
 		}
 	}
@@ -740,7 +764,7 @@ func (s *Store) queueApply(release func(), recs ...*record) error {
 	}
 	for _, r := range recs {
 		if err := s.apply(r); err != nil {
-			s.closed = true
+			s.setClosed()
 			return fmt.Errorf("%w: applying queued record: %w", ErrClosed, err)
 		}
 	}
@@ -1099,7 +1123,7 @@ func (s *Store) Close() error {
 	if s.log.failed() == nil {
 		err = s.checkpointGated(vs)
 	}
-	s.closed = true
+	s.setClosed()
 	s.isClosed.Store(true)
 	s.log.stopped()
 	s.closeFiles()
@@ -1347,7 +1371,7 @@ func (s *Store) checkpointGated(vs []*Volume) error {
 	s.log.f.Close()
 	s.hdr = h
 	old := s.log
-	s.log = newCommitter(f, w.off, 0)
+	s.setLog(newCommitter(f, w.off, 0))
 	// Batch ids go on where the old log's ended: volumes remember the id of
 	// their newest overlay entry's batch (all applied by now) and drain by
 	// waiting for it.

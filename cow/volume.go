@@ -1038,7 +1038,7 @@ func (v *Volume) flushWith(r *record, release func()) error {
 			return err
 		}
 		if err := v.s.apply(r); err != nil {
-			v.s.closed = true
+			v.s.setClosed()
 			return fmt.Errorf("%w: applying queued record: %w", ErrClosed, err)
 		}
 		release()
@@ -1053,7 +1053,7 @@ func (v *Volume) flushWith(r *record, release func()) error {
 		return err
 	}
 	if err := v.s.apply(r); err != nil {
-		v.s.closed = true
+		v.s.setClosed()
 		return fmt.Errorf("%w: applying committed record: %w", ErrClosed, err)
 	}
 	return nil
