@@ -40,8 +40,8 @@ type Store struct {
 	// wait for mu (a Checkpoint holds it while it writes the whole state).
 	unusable atomic.Bool
 	logNow   atomic.Pointer[committer]
-	lock     *os.File               // holds the flock on dir/lock (Open); nil under a test fsys
-	grp      groupState             // snapshot groups (group.go); guarded by mu
+	lock     *os.File   // holds the flock on dir/lock (Open); nil under a test fsys
+	grp      groupState // snapshot groups (group.go); guarded by mu
 
 	copyOuts    atomic.Uint64 // chunks recorded by copy-before-write since Open
 	copiedBytes atomic.Uint64 // bytes of those chunks written to COW files (zero chunks cost none)
