@@ -357,6 +357,7 @@ func (e *ovEntry) apply() error {
 		v.mu.Lock()
 		v.present.Insert(exceptions.Chunk(e.c), exceptions.Chunk(e.c))
 		v.pendingPresent = append(v.pendingPresent, uint64(e.c))
+		v.presentMarks++
 		v.mu.Unlock()
 	}
 	v.ovMu.Lock()
@@ -462,7 +463,7 @@ func (e *ovEntry) write(o, m int64, src []byte) error {
 // writeOverlaid writes p (zeros if nil) to [off, off+n) of a volume that
 // has overlay entries: chunks with an entry are changed there, runs of the
 // others go to the data file as usual. The caller holds the stripes; the
-// result names the newest batch an entry it changed can be in.
+// result names the newest batch an entry it changed can be in (batch).
 func (v *Volume) writeOverlaid(off, n int64, p []byte) (unsettled, error) {
 	part := func(from, to int64) []byte {
 		if p == nil {
@@ -471,11 +472,7 @@ func (v *Volume) writeOverlaid(off, n int64, p []byte) (unsettled, error) {
 		return p[from-off : to-off]
 	}
 	var u unsettled
-	direct := func(from, to int64) error {
-		marked, err := v.writeDirect(from, to-from, part(from, to))
-		u.present = u.present || marked
-		return err
-	}
+	direct := func(from, to int64) error { return v.writeDirect(from, to-from, part(from, to)) }
 	end := off + n
 	run := off // start of the run of chunks without an entry
 	for at := off; at < end; {
@@ -505,9 +502,8 @@ func (v *Volume) writeOverlaid(off, n int64, p []byte) (unsettled, error) {
 }
 
 // writeDirect writes p (zeros if nil) to [off, off+n) of the data file (a
-// clone completes chunks it does not hold from its source first, and then
-// reports true: their present records wait for a Flush).
-func (v *Volume) writeDirect(off, n int64, p []byte) (bool, error) {
+// clone completes chunks it does not hold from its source first).
+func (v *Volume) writeDirect(off, n int64, p []byte) error {
 	// Set after the write, even if it fails (part of it may have landed):
 	// a Flush that clears the flag before the write lands must not be the
 	// last to see it.
@@ -516,7 +512,7 @@ func (v *Volume) writeDirect(off, n int64, p []byte) (bool, error) {
 		return v.writeClone(off, n, p)
 	}
 	if p != nil {
-		return false, writeFull(v.data, p, off)
+		return writeFull(v.data, p, off)
 	}
-	return false, v.data.Punch(off, n)
+	return v.data.Punch(off, n)
 }

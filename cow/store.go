@@ -1365,6 +1365,7 @@ func (s *Store) checkpointGated(vs []*Volume) error {
 		for _, v := range vs {
 			v.mu.Lock()
 			v.pendingPresent = nil
+			v.donePresent(v.presentMarks)
 			v.mu.Unlock()
 		}
 	}

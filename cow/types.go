@@ -111,6 +111,10 @@ type Volume struct {
 	ov     map[int64]*ovEntry
 	ovN    atomic.Int64  // len(ov), read without ovMu on the fast paths
 	ovLast atomic.Uint64 // batch id of the newest entry put in ov
+	// presentDone: clones: every one of the first presentDone present
+	// marks is in the log (committed by a Flush, or carried by a
+	// checkpoint). Only grows.
+	presentDone atomic.Uint64
 
 	mu             sync.RWMutex // guards everything below
 	size           int64
@@ -120,6 +124,7 @@ type Volume struct {
 	chain          []*Snapshot
 	present        *exceptions.Index // clones: chunks the volume holds itself
 	pendingPresent []uint64
+	presentMarks   uint64 // clones: chunks ever marked present (appended to pendingPresent)
 	free           []span // free COW chunk ranges below hwm
 	hwm            exceptions.Chunk
 	rb             *Snapshot // unfinished rollback to this snapshot (rollback.go)

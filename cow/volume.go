@@ -547,11 +547,14 @@ func (needInvalidate) Error() string { return "cow: snapshot over its limit" }
 
 // unsettled is what a write left only in this process's memory (see
 // Store.SetSurviveKill): overlay entries that wait for batch (0: none) to
-// be applied, or clone chunks marked present whose records wait for a
-// Flush.
+// be applied by log; and, for a clone, marks: how many present marks the
+// volume had made when the write was done, all of which must be in the log
+// before the write is safe (a write to a chunk marked present by another
+// write whose Flush has not committed the mark yet is lost with the mark).
 type unsettled struct {
-	batch   uint64
-	present bool
+	batch uint64
+	log   *committer
+	marks uint64
 }
 
 // settle waits, when the store is set to survive a kill, until what u
@@ -559,13 +562,29 @@ type unsettled struct {
 // its present records must follow a data sync (the order Flush keeps),
 // and an overlay entry's apply may mark its chunk present too.
 func (v *Volume) settle(u unsettled) error {
-	if !v.s.survive.Load() || (u.batch == 0 && !u.present) {
+	if !v.s.survive.Load() {
 		return nil
 	}
 	if v.src != nil {
+		if u.batch == 0 && v.presentDone.Load() >= u.marks {
+			return nil
+		}
 		return v.Flush()
 	}
-	return v.s.log.waitApplied(u.batch)
+	if u.batch == 0 {
+		return nil
+	}
+	return u.log.waitApplied(u.batch)
+}
+
+// donePresent records that the first n present marks are in the log.
+func (v *Volume) donePresent(n uint64) {
+	for {
+		d := v.presentDone.Load()
+		if d >= n || v.presentDone.CompareAndSwap(d, n) {
+			return
+		}
+	}
 }
 
 func (v *Volume) modifyGated(off, n int64, p []byte, write bool) (unsettled, error) {
@@ -608,16 +627,26 @@ func (v *Volume) modifyGated(off, n int64, p []byte, write bool) (unsettled, err
 	if !write {
 		return unsettled{}, nil
 	}
+	var u unsettled
+	var err error
 	if v.ovN.Load() > 0 {
-		return v.writeOverlaid(off, n, p)
+		u, err = v.writeOverlaid(off, n, p)
+	} else {
+		err = v.writeDirect(off, n, p)
 	}
-	marked, err := v.writeDirect(off, n, p)
-	return unsettled{present: marked}, err
+	// Under the gate: a checkpoint, which replaces the log, waits for it.
+	u.log = v.s.log
+	if v.src != nil {
+		v.mu.RLock()
+		u.marks = v.presentMarks
+		v.mu.RUnlock()
+	}
+	return u, err
 }
 
 // writeClone writes to a clone: chunks it does not hold yet are completed
 // from the source first, since from now on they are read from the clone.
-func (v *Volume) writeClone(off, n int64, p []byte) (bool, error) {
+func (v *Volume) writeClone(off, n int64, p []byte) error {
 	var marked []uint64
 	defer func() {
 		if len(marked) > 0 {
@@ -626,6 +655,7 @@ func (v *Volume) writeClone(off, n int64, p []byte) (bool, error) {
 				v.present.Insert(exceptions.Chunk(c), exceptions.Chunk(c))
 			}
 			v.pendingPresent = append(v.pendingPresent, marked...)
+			v.presentMarks += uint64(len(marked))
 			v.mu.Unlock()
 		}
 	}()
@@ -640,22 +670,22 @@ func (v *Volume) writeClone(off, n int64, p []byte) (bool, error) {
 		if v.isPresent(c) {
 			if part != nil {
 				if err := writeFull(v.data, part, off); err != nil {
-					return len(marked) > 0, err
+					return err
 				}
 			} else if err := v.data.Punch(off, m); err != nil {
-				return len(marked) > 0, err
+				return err
 			}
 		} else {
 			if m == v.chunkSize && part == nil {
 				if err := v.data.Punch(off, m); err != nil {
-					return len(marked) > 0, err
+					return err
 				}
 			} else {
 				buf := chunkBuf(v.chunkSize)
 				if m < v.chunkSize {
 					if err := v.src.readChunk(c<<v.shift, buf); err != nil {
 						putBuf(buf)
-						return len(marked) > 0, err
+						return err
 					}
 				}
 				if part != nil {
@@ -666,14 +696,14 @@ func (v *Volume) writeClone(off, n int64, p []byte) (bool, error) {
 				err := writeFull(v.data, buf, c<<v.shift)
 				putBuf(buf)
 				if err != nil {
-					return len(marked) > 0, err
+					return err
 				}
 			}
 			marked = append(marked, uint64(c))
 		}
 		off += m
 	}
-	return len(marked) > 0, nil
+	return nil
 }
 
 // copyOut maps chunks [c0, c1) that the newest snapshot does not hold yet
@@ -979,7 +1009,7 @@ func (v *Volume) restorePending(pend []uint64) {
 // changes do not wait for this fsync (and concurrent snapshots share it).
 // Memory is then ahead of the disk until the batch is durable; if it
 // fails, the error is sticky (ErrClosed) and Open re-derives the state.
-func (v *Volume) flushWith(r *record, release func()) error {
+func (v *Volume) flushWith(r *record, release func()) (err error) {
 	if v.s.isClosed.Load() {
 		return ErrClosed
 	}
@@ -997,7 +1027,15 @@ func (v *Volume) flushWith(r *record, release func()) error {
 	v.mu.Lock()
 	pend := v.pendingPresent
 	v.pendingPresent = nil
+	upto := v.presentMarks
 	v.mu.Unlock()
+	// Marks not in pend were committed by an earlier Flush (they run one at
+	// a time, and a failed one puts its marks back) or by a checkpoint.
+	defer func() {
+		if err == nil {
+			v.donePresent(upto)
+		}
+	}()
 	var recs []byte
 	for i := 0; i < len(pend); {
 		j := i + 1
@@ -1044,7 +1082,7 @@ func (v *Volume) flushWith(r *record, release func()) error {
 		release()
 		return v.s.log.await(b)
 	}
-	err := v.s.log.commit(recs, files...)
+	err = v.s.log.commit(recs, files...)
 	if err != nil {
 		v.dirty.Store(true)
 		v.restorePending(pend)
