@@ -1122,3 +1122,69 @@ func TestPublishCutBeforeRemount(t *testing.T) {
 		}
 	}
 }
+
+// closingFrontend is the fake frontend whose next Attach attaches the
+// volume and then fails, as the kernel frontend's does when it races the
+// frontend's Close (the device stays, for the next process to resume).
+type closingFrontend struct {
+	*drivertest.Frontend
+	fail bool
+}
+
+func (f *closingFrontend) Attach(ctx context.Context, id string, b driver.Backend, ro bool) (string, error) {
+	dev, err := f.Frontend.Attach(ctx, id, b, ro)
+	if err == nil && f.fail {
+		f.fail = false
+		return "", fmt.Errorf("frontend closed while attaching %s (%s stays attached)", id, dev)
+	}
+	return dev, err
+}
+
+// TestFailedAttachKeepsStageMarker: an Attach that fails but leaves the
+// volume attached keeps the stage marker, so that the stage the CO retries
+// after the restart, if it fails, still detaches the volume (else nothing
+// ever would, and DeleteVolume would be refused for good).
+func TestFailedAttachKeepsStageMarker(t *testing.T) {
+	ctx := context.Background()
+	blank := func(cmd string, args ...string) utilexec.Cmd {
+		c := &testexec.FakeCmd{CombinedOutputScript: []testexec.FakeAction{func() ([]byte, []byte, error) {
+			return nil, nil, testexec.FakeExitError{Status: 2}
+		}}}
+		return testexec.InitFakeCmd(c, cmd, args...)
+	}
+	st, fm := drivertest.NewStore(), mount.NewFakeMounter(nil)
+	fe := &closingFrontend{Frontend: drivertest.NewFrontend(), fail: true}
+	opts := driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
+		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{CommandScript: []testexec.FakeCommandAction{blank}}}}
+	d1, err := driver.New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := env{d: d1, store: st, fe: fe.Frontend, fm: fm}
+	id := e.createVolume(t, "attach-closed", 1<<20).VolumeId
+	c := mountCap()
+	c.AccessMode.Mode = csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY
+	req := &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(t.TempDir(), "staging"), VolumeCapability: c}
+	if _, err := d1.NodeStageVolume(ctx, req); err == nil {
+		t.Fatal("stage with a failing Attach succeeded")
+	}
+	if _, ok := fe.Device(id); !ok {
+		t.Fatal("the failed Attach left nothing attached; nothing to test")
+	}
+	d2, err := driver.New(opts) // the restart
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d2.Recover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d2.NodeStageVolume(ctx, req); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("stage retry of a blank reader-only volume: %v, want FailedPrecondition", err)
+	}
+	if dev, ok := fe.Device(id); ok {
+		t.Fatalf("the failed stage retry left the volume attached as %s", dev)
+	}
+	if _, err := d2.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+		t.Fatalf("DeleteVolume after the failed stage retry: %v", err)
+	}
+}

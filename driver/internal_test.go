@@ -3,7 +3,9 @@ package driver
 import (
 	"errors"
 	"fmt"
+	"os"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -125,5 +127,22 @@ func TestSanitize(t *testing.T) {
 	}
 	if s := fmt.Sprint(Sanitize(&csi.CreateSnapshotRequest{Name: "n", Secrets: map[string]string{"token": "abc123"}})); strings.Contains(s, "abc123") {
 		t.Fatalf("secret printed: %s", s)
+	}
+}
+
+// TestMarkerStatus: a marker that cannot be written for lack of space is
+// ResourceExhausted; other failures are Internal.
+func TestMarkerStatus(t *testing.T) {
+	for _, c := range []struct {
+		err  error
+		code codes.Code
+	}{
+		{&os.PathError{Op: "open", Path: "m", Err: syscall.ENOSPC}, codes.ResourceExhausted},
+		{&os.PathError{Op: "open", Path: "m", Err: syscall.EDQUOT}, codes.ResourceExhausted},
+		{&os.PathError{Op: "open", Path: "m", Err: syscall.EIO}, codes.Internal},
+	} {
+		if got := status.Code(markerStatus("stage marker of v", c.err)); got != c.code {
+			t.Errorf("%v: %v, want %v", c.err, got, c.code)
+		}
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
@@ -293,13 +294,15 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if wasAttached {
 		_, err := os.Stat(marker)
 		unfinished = err == nil
-	} else if err := writeMarker(marker, ""); err != nil {
-		return nil, statusf(codes.Internal, "stage marker of %s: %v", id, err)
+	} else if err := writeMarker(marker); err != nil {
+		return nil, markerStatus("stage marker of "+id, err)
 	}
 	dev, err := d.opt.Frontend.Attach(ctx, id, b, false)
 	if err != nil {
-		if !wasAttached {
-			// Attach undoes its own failures.
+		// Attach undoes most of its failures, but not all (one racing the
+		// frontend's Close keeps its device for the next process): the
+		// marker goes only with the device.
+		if _, still := d.opt.Frontend.Device(id); !wasAttached && !still {
 			if err := d.dropStageMarker(id); err != nil {
 				klog.ErrorS(err, "Removing stage marker", "volumeID", id)
 			}
@@ -414,12 +417,21 @@ func (d *Driver) publishUnfinished(target string) bool {
 	return err == nil
 }
 
-// writeMarker creates the marker file path holding content.
-func writeMarker(path, content string) error {
+// writeMarker creates the (empty) marker file path.
+func writeMarker(path string) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return err
 	}
-	return os.WriteFile(path, []byte(content), 0o600)
+	return os.WriteFile(path, nil, 0o600)
+}
+
+// markerStatus is the gRPC error of a marker that could not be written: a
+// full data dir is ResourceExhausted, as for a volume that does not fit.
+func markerStatus(what string, err error) error {
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		return statusf(codes.ResourceExhausted, "%s: %v", what, err)
+	}
+	return statusf(codes.Internal, "%s: %v", what, err)
 }
 
 // dropMarker removes the marker file path, if any.
@@ -623,8 +635,8 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		opts = append(opts, m.GetMountFlags()...)
 	}
 	if !block {
-		if err := writeMarker(d.publishMarker(target), target); err != nil {
-			return nil, statusf(codes.Internal, "publish marker of %s: %v", target, err)
+		if err := writeMarker(d.publishMarker(target)); err != nil {
+			return nil, markerStatus("publish marker of "+target, err)
 		}
 	}
 	if err := d.opt.Mounter.Mount(source, target, "", opts); err != nil {
