@@ -128,6 +128,13 @@
 //
 // # Caveats
 //
+//   - With SetSurviveKill, a first write after a snapshot waits for its
+//     group commit (two fsyncs and the apply) and a write that completes a
+//     clone's chunk for a Flush: through the block device, random 4 KiB
+//     first writes after a snapshot ran at 0.14x of the speed without it
+//     (BENCHMARKS.md, "Writes that survive a kill"). A journal of the
+//     overlay's new bytes in the page cache, redone by an Open in the same
+//     boot, would make them kill-safe without the wait; not built.
 //   - A first write after a snapshot returns before its copy is durable;
 //     its new data waits in the overlay (RAM) for one group commit. Under
 //     a sustained stream of first writes the committer (copy writes and
