@@ -144,12 +144,7 @@
 //     does for a held connection whose mount is gone.
 //   - If the holder itself dies while the server is also gone, the
 //     connection is lost: Attach then cleans up the dead mount and attaches a
-//     new device, and whoever had the old one mounted sees I/O errors. When
-//     the mount namespace the mount was made in is gone too (a plugin
-//     container that restarted), the old device's backing_file reads "/";
-//     a record of each attach in RunDir/loops (loop.go) still finds it, so
-//     it is detached (at once, or by the unstage that unmounts it) instead
-//     of leaking.
+//     new device, and whoever had the old one mounted sees I/O errors.
 //   - The serving process must never open the served file with os.Open or
 //     os.OpenFile: os registers the fd with the Go netpoller, whose
 //     epoll_ctl sends FUSE_POLL to this very process from inside the

@@ -75,18 +75,15 @@ type Config struct {
 // Frontend turns Backends into loop devices over FUSE files. Methods are
 // safe for concurrent use; operations on one id are serialized.
 type Frontend struct {
-	cfg    Config
-	sock   string
-	volDir string
-	// loopsDir holds a record of each loop device attached (loop.go,
-	// recordDirs), to find it again when its path reads "/".
-	loopsDir string
-	mu       sync.Mutex // guards vols, locks, closed
-	vols     map[string]*volume
-	locks    map[string]*sync.Mutex
-	closed   bool
-	holderM  sync.Mutex // serializes holder starts
-	runLock  *os.File   // holds the flock on RunDir/frontend.lock until Close
+	cfg     Config
+	sock    string
+	volDir  string
+	mu      sync.Mutex // guards vols, locks, closed
+	vols    map[string]*volume
+	locks   map[string]*sync.Mutex
+	closed  bool
+	holderM sync.Mutex // serializes holder starts
+	runLock *os.File   // holds the flock on RunDir/frontend.lock until Close
 }
 
 type volume struct {
@@ -201,14 +198,8 @@ func New(cfg Config) (*Frontend, error) {
 		}
 		return nil, fmt.Errorf("run dir lock: %w", err)
 	}
-	loops := filepath.Join(dir, "loops")
-	if err := os.MkdirAll(loops, 0o700); err != nil {
-		lock.Close()
-		return nil, fmt.Errorf("loop records: %w", err)
-	}
-	recordDirs.Store(loops, struct{}{})
 	return &Frontend{cfg: cfg, sock: filepath.Join(dir, "holder.sock"), volDir: filepath.Join(dir, "vol"),
-		loopsDir: loops, vols: map[string]*volume{}, locks: map[string]*sync.Mutex{}, runLock: lock}, nil
+		vols: map[string]*volume{}, locks: map[string]*sync.Mutex{}, runLock: lock}, nil
 }
 
 func (f *Frontend) mountpoint(id string) string { return filepath.Join(f.volDir, id) }
@@ -375,7 +366,7 @@ func (f *Frontend) reattachLoop(ctx context.Context, v *volume) (string, error) 
 	}
 	if dev == "" {
 		var err error
-		if dev, err = attachLoop(ctx, v.mp, v.readOnly, f.loopsDir); err != nil {
+		if dev, err = attachLoop(ctx, v.mp, v.readOnly); err != nil {
 			return "", fmt.Errorf("attach a loop device to %s again: %w", v.id, err)
 		}
 	}
@@ -453,7 +444,7 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 	}
 	if !ok {
 		// Died between mount and loop attach.
-		if dev, err = attachLoop(ctx, mp, readOnly, f.loopsDir); err != nil {
+		if dev, err = attachLoop(ctx, mp, readOnly); err != nil {
 			srv.stop()
 			unix.Close(fd)
 			return "", err
@@ -523,7 +514,7 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 		err = fmt.Errorf("kernel sees %d bytes for %s, the backend has %d", st.Size, mp, b.Size())
 		return "", err
 	}
-	if dev, err = attachLoop(ctx, mp, readOnly, f.loopsDir); err != nil {
+	if dev, err = attachLoop(ctx, mp, readOnly); err != nil {
 		return "", err
 	}
 	if err = f.register(id, &volume{id: id, mp: mp, dev: dev, fd: fd, srv: srv, readOnly: readOnly}); err != nil {
@@ -680,7 +671,7 @@ func (f *Frontend) ReadOnlyDevice(ctx context.Context, id string) (string, error
 	}
 	// It takes the size the kernel has for the file, as the main device
 	// did; a Resize after a grow sets both.
-	dev, err := attachLoop(ctx, v.mp, true, f.loopsDir)
+	dev, err := attachLoop(ctx, v.mp, true)
 	if err != nil {
 		return "", err
 	}

@@ -9,7 +9,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	losetup "github.com/freddierice/go-losetup"
@@ -31,10 +30,7 @@ const loopAttachAttempts = 32
 // attachLoop attaches a loop device to the file at backing and returns its
 // path (/dev/loopN). The file is opened here (FUSE OPEN) and the loop driver
 // keeps that open file.
-//
-// records, if not empty, is the directory of loop records (see
-// recordLoop) where the device is recorded once attached.
-func attachLoop(ctx context.Context, backing string, readOnly bool, records string) (string, error) {
+func attachLoop(ctx context.Context, backing string, readOnly bool) (string, error) {
 	mode := os.O_RDWR
 	if readOnly {
 		mode = os.O_RDONLY
@@ -49,10 +45,6 @@ func attachLoop(ctx context.Context, backing string, readOnly bool, records stri
 		return "", fmt.Errorf("open backing file %s: %w", backing, err)
 	}
 	defer unix.Close(bfd)
-	var st unix.Stat_t
-	if err := unix.Fstat(bfd, &st); err != nil {
-		return "", fmt.Errorf("stat backing file %s: %w", backing, err)
-	}
 	ctl, err := os.OpenFile("/dev/loop-control", os.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return "", fmt.Errorf("%w: /dev/loop-control: %v", ErrUnsupported, err)
@@ -94,9 +86,6 @@ func attachLoop(ctx context.Context, backing string, readOnly bool, records stri
 				return "", fmt.Errorf("%w: loop direct I/O did not take on %s (dio=%q)", ErrUnsupported, dev, dio)
 			}
 			lf.Close()
-			if records != "" {
-				recordLoop(records, dev, backing, st.Dev, st.Ino)
-			}
 			return dev, nil
 		}
 		lf.Close()
@@ -141,79 +130,8 @@ func readSysfs(n int, name string) (string, error) {
 	return strings.TrimSpace(string(b)), err
 }
 
-// Loop records. The kernel reports a loop device's backing file
-// (/sys/block/loopN/loop/backing_file) as a path in the mount namespace the
-// file was opened in. When that namespace is gone (a plugin container that
-// restarted: its fuse-holder died with it, and its FUSE mounts went with
-// its namespace) the path reads "/" and the device could no longer be
-// found, so nothing ever detached it: one leaked loop device per staged
-// volume per container restart. So every attach writes a record,
-// <RunDir>/loops/loopN, holding the path and the backing file's device and
-// inode numbers (which LOOP_GET_STATUS64 reports as lo_device and
-// lo_inode for as long as the device holds that file). A device whose
-// kernel path differs from its record's, and whose numbers match the
-// record, is taken to be at the record's path. A record whose numbers do
-// not match (the device was detached and reused) is removed.
-var recordDirs sync.Map // directory -> struct{}: every Frontend's records
-
-// recordLoop writes dir's record of dev, attached to path (a file with
-// device and inode numbers fsDev and ino). Best effort: without it only a
-// namespace that died hides the device.
-func recordLoop(dir, dev, path string, fsDev, ino uint64) {
-	b := fmt.Appendf(nil, "%s\n%d\n%d\n", path, fsDev, ino)
-	os.WriteFile(filepath.Join(dir, filepath.Base(dev)), b, 0o600)
-}
-
-// forgetLoop removes every record of dev (once detached).
-func forgetLoop(dev string) {
-	recordDirs.Range(func(d, _ any) bool {
-		os.Remove(filepath.Join(d.(string), filepath.Base(dev)))
-		return true
-	})
-}
-
-// recordedPath returns the path a record gives dev, if the device still
-// holds the file the record names.
-func recordedPath(dev string) (string, bool) {
-	var out string
-	recordDirs.Range(func(d, _ any) bool {
-		rec := filepath.Join(d.(string), filepath.Base(dev))
-		b, err := os.ReadFile(rec)
-		if err != nil {
-			return true
-		}
-		f := strings.Split(strings.TrimSuffix(string(b), "\n"), "\n")
-		if len(f) != 3 {
-			return true
-		}
-		fsDev, err1 := strconv.ParseUint(f[1], 10, 64)
-		ino, err2 := strconv.ParseUint(f[2], 10, 64)
-		if err1 != nil || err2 != nil {
-			return true
-		}
-		lf, err := os.OpenFile(dev, os.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			return true
-		}
-		info, err := unix.IoctlLoopGetStatus64(int(lf.Fd()))
-		lf.Close()
-		if err != nil {
-			return true
-		}
-		if info.Device != fsDev || info.Inode != ino {
-			os.Remove(rec) // the device holds another file now
-			return true
-		}
-		out = f[0]
-		return false
-	})
-	return out, out != ""
-}
-
 // loopBackingFiles maps each attached loop device to its backing file path,
-// as the kernel reports it in /sys/block/loopN/loop/backing_file, or as its
-// record gives it when the kernel's path is not the recorded one (see
-// recordDirs).
+// as the kernel reports it in /sys/block/loopN/loop/backing_file.
 func loopBackingFiles() map[string]string {
 	m := map[string]string{}
 	dirs, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
@@ -222,14 +140,8 @@ func loopBackingFiles() map[string]string {
 		if err != nil {
 			continue // detached meanwhile
 		}
-		dev := "/dev/" + filepath.Base(filepath.Dir(filepath.Dir(p)))
-		bf := strings.TrimSpace(string(b))
-		if !filepath.IsAbs(bf) || bf == "/" {
-			if rp, ok := recordedPath(dev); ok {
-				bf = rp
-			}
-		}
-		m[dev] = bf
+		name := filepath.Base(filepath.Dir(filepath.Dir(p)))
+		m["/dev/"+name] = strings.TrimSpace(string(b))
 	}
 	return m
 }
@@ -313,7 +225,6 @@ func detachLoop(ctx context.Context, dev string) error {
 	f.Close()
 	if err := losetup.New(uint64(n), os.O_RDONLY).Detach(); err != nil {
 		if _, serr := readSysfs(n, "loop/backing_file"); serr != nil {
-			forgetLoop(dev)
 			return nil // already detached
 		}
 		return fmt.Errorf("LOOP_CLR_FD %s: %v", dev, err)
@@ -324,7 +235,6 @@ func detachLoop(ctx context.Context, dev string) error {
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		if _, err := readSysfs(n, "loop/backing_file"); err != nil {
-			forgetLoop(dev)
 			return nil
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {

@@ -20,10 +20,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// childAttr, when set, starts the serving processes with it (a test that
-// runs them in a mount namespace of their own).
-var childAttr *syscall.SysProcAttr
-
 // child is a serving process (this test binary running serveChild).
 type child struct {
 	cmd   *exec.Cmd
@@ -37,7 +33,6 @@ func startChild(t *testing.T, runDir, backing, id string, size int64, extra ...s
 		"-id", id, "-size", strconv.FormatInt(size, 10)}, extra...)
 	cmd := exec.Command(os.Args[0], args...)
 	cmd.Stderr = os.Stderr
-	cmd.SysProcAttr = childAttr
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -317,52 +312,6 @@ func TestLostConnection(t *testing.T) {
 			t.Fatalf("Attached with a dead connection = %v, want [%s] (its loop device remains)", ids, id)
 		}
 	})
-}
-
-// TestLostConnectionDeadNamespace is TestLostConnection with the serving
-// process (and so its holder and FUSE mount) in a mount namespace of its
-// own, as a plugin container is: once both are dead the namespace is gone,
-// the loop device's backing_file no longer reads its path, and only its
-// record (loop.go, recordDirs) finds it. Without the record, Attached did
-// not list the volume and Attach left the old device attached for good.
-func TestLostConnectionDeadNamespace(t *testing.T) {
-	requireRoot(t)
-	runDir := t.TempDir()
-	backing := filepath.Join(t.TempDir(), "vol.img")
-	const size = 16 << 20
-	const id = "vol-lost-ns"
-	childAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
-	dev, want := serveWriteKill(t, runDir, backing, id, size, 4)
-	childAttr = nil
-	holders := holderPIDs(runDir)
-	if len(holders) != 1 {
-		t.Fatalf("holder processes: %v", holders)
-	}
-	syscall.Kill(holders[0], syscall.SIGKILL)
-	for len(holderPIDs(runDir)) > 0 {
-		time.Sleep(10 * time.Millisecond)
-	}
-	n, err := loopNumber(dev)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mp := filepath.Join(runDir, "vol", id)
-	bf, err := readSysfs(n, "loop/backing_file")
-	if err != nil {
-		t.Fatalf("%s was detached with its namespace: %v", dev, err)
-	}
-	if bf == mp {
-		t.Fatalf("%s still reads its backing file as %s with its namespace gone: nothing to test", dev, bf)
-	}
-	t.Logf("%s reads its backing file as %q once the namespace is gone", dev, bf)
-	reattachCheck(t, runDir, backing, id, size, want, func(fe *Frontend) {
-		if ids := fe.Attached(); len(ids) != 1 || ids[0] != id {
-			t.Fatalf("Attached with a dead connection in a dead namespace = %v, want [%s]", ids, id)
-		}
-	})
-	if got, err := readSysfs(n, "loop/backing_file"); err == nil && got == bf {
-		t.Fatalf("%s is still attached to the dead file (%q)", dev, got)
-	}
 }
 
 // serveWriteKill starts a child serving id from backing, writes 1 MiB of
