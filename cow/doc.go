@@ -131,7 +131,7 @@
 //   - With SetSurviveKill, a first write after a snapshot waits for its
 //     group commit (two fsyncs and the apply) and a write that completes a
 //     clone's chunk for a Flush: through the block device, random 4 KiB
-//     first writes after a snapshot ran at 0.14x of the speed without it
+//     first writes after a snapshot ran at 0.17x of the speed without it
 //     (BENCHMARKS.md, "Writes that survive a kill"). A journal of the
 //     overlay's new bytes in the page cache, redone by an Open in the same
 //     boot, would make them kill-safe without the wait; not built.
