@@ -3,10 +3,15 @@ package sanity
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"fmt"
+	"math/rand"
 	"os"
 	"path/filepath"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
@@ -156,4 +161,174 @@ func TestKillKeepsAckedWrites(t *testing.T) {
 	restored := publish("restored", &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
 		Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snapID}}})
 	check(restored, before, "restore of the snapshot")
+}
+
+// TestKillWhileExt4Writes is the restart requirement of the block frontend
+// on a cow volume, through the real binary: ext4 on a snapshotted volume
+// takes file writes (half of them fsynced, the others written back to the
+// device without a flush) while csi-snap is SIGKILLed and started again. No write may fail, ext4 must stay writable, and after an
+// unmount (everything then comes from the device, not the page cache)
+// every file written before and across the kill has its checksum.
+func TestKillWhileExt4Writes(t *testing.T) {
+	requireCapabilities(t)
+	bin := buildPlugin(t)
+	dir := t.TempDir()
+	sock, data := filepath.Join(dir, "csi.sock"), filepath.Join(dir, "data")
+	staging, target := filepath.Join(dir, "staging"), filepath.Join(dir, "target")
+	ctx := context.Background()
+	t.Cleanup(func() {
+		if forceCleanup(t, dir) {
+			t.Errorf("mounts, loop devices or holders were left under %s", dir)
+		}
+	})
+	p := startPlugin(t, bin, sock, data)
+	t.Cleanup(func() { p.stop(t, os.Interrupt) })
+	var cc *grpc.ClientConn
+	dial := func() {
+		var err error
+		if cc, err = grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials())); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dial()
+	t.Cleanup(func() { cc.Close() })
+	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
+
+	cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "kill-ext4", CapacityRange: &csi.CapacityRange{RequiredBytes: 256 << 20},
+		VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}, Parameters: map[string]string{"chunkSize": "16Ki"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := cv.Volume.VolumeId
+	t.Cleanup(func() {
+		if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+			t.Errorf("delete: %v", err)
+		}
+	})
+	staged := false
+	t.Cleanup(func() {
+		if staged {
+			unpublishAndUnstage(t, node, id, staging, target)
+		}
+	})
+	stageAndPublish(t, node, id, staging, target)
+	staged = true
+
+	var mu sync.Mutex
+	sums := map[string][32]byte{}
+	write := func(name string, seed int64, sync bool) error {
+		b := make([]byte, 128<<10)
+		rand.New(rand.NewSource(seed)).Read(b)
+		f, err := os.Create(filepath.Join(target, name))
+		if err != nil {
+			return err
+		}
+		if _, err := f.Write(b); err != nil {
+			f.Close()
+			return err
+		}
+		// fsync, or a writeback of the data with no flush after it
+		// (sync_file_range): the device answers those writes, and nothing
+		// but csi-snap keeps them until the next flush.
+		if sync {
+			err = f.Sync()
+		} else {
+			err = unix.SyncFileRange(int(f.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WAIT_BEFORE|unix.SYNC_FILE_RANGE_WRITE|unix.SYNC_FILE_RANGE_WAIT_AFTER)
+		}
+		if err != nil {
+			f.Close()
+			return err
+		}
+		if err := f.Close(); err != nil {
+			return err
+		}
+		mu.Lock()
+		sums[name] = sha256.Sum256(b)
+		mu.Unlock()
+		return nil
+	}
+	for i := 0; i < 8; i++ {
+		if err := write(fmt.Sprintf("before%d", i), int64(i), true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cs, err := ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "kill-ext4-snap", SourceVolumeId: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ctrl.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: cs.Snapshot.SnapshotId}) })
+
+	// The writer: files of 128 KiB, every other one fsynced, the others
+	// written back unflushed, until told to stop; their first writes after
+	// the snapshot copy chunks out.
+	// The kill comes from the writer, right after the write-back of file
+	// 21 returned: its chunks' first writes are then most likely still
+	// waiting for their group commit.
+	var written atomic.Int64
+	stop, werr, killed := make(chan struct{}), make(chan error, 1), make(chan struct{})
+	victim := p.cmd.Process
+	go func() {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				werr <- nil
+				return
+			default:
+			}
+			if err := write(fmt.Sprintf("w%04d", i), int64(1000+i), i%2 == 0); err != nil {
+				werr <- fmt.Errorf("file %d: %w", i, err)
+				return
+			}
+			written.Add(1)
+			if i == 21 {
+				victim.Kill()
+				close(killed)
+			}
+		}
+	}()
+	waitFor := func(n int64, what string) {
+		t.Helper()
+		for deadline := time.Now().Add(60 * time.Second); written.Load() < n; { // hang guard
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: the writer wrote %d files, want %d", what, written.Load(), n)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	select {
+	case <-killed:
+	case err := <-werr:
+		t.Fatalf("the writer stopped before the kill: %v", err)
+	}
+	<-p.exited
+	killedAt := written.Load()
+	time.Sleep(100 * time.Millisecond) // writes wait while no server runs
+	p = startPlugin(t, bin, sock, data)
+	cc.Close()
+	dial()
+	ctrl, node = csi.NewControllerClient(cc), csi.NewNodeClient(cc)
+	waitFor(killedAt+20, "after the restart")
+	close(stop)
+	if err := <-werr; err != nil {
+		t.Fatalf("a write failed across the kill: %v", err)
+	}
+	t.Logf("%d files written, the plugin killed after %d", written.Load(), killedAt)
+
+	// Read everything back from the device: unmount, stage again.
+	unpublishAndUnstage(t, node, id, staging, target)
+	staged = false
+	stageAndPublish(t, node, id, staging, target)
+	staged = true
+	mu.Lock()
+	defer mu.Unlock()
+	for name, want := range sums {
+		b, err := os.ReadFile(filepath.Join(target, name))
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if sha256.Sum256(b) != want {
+			t.Fatalf("%s differs after the kill and a remount", name)
+		}
+	}
+	writeFile(t, filepath.Join(target, "after"), []byte("ext4 still writable"))
 }
