@@ -19,6 +19,57 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 )
 
+// killable is a csi-snap process that a test SIGKILLs and starts again on
+// the same data and run dirs, with gRPC clients that follow the restarts
+// (cleanups and closures read k.ctrl and k.node when they run).
+type killable struct {
+	t               *testing.T
+	bin, sock, data string
+	p               *plugin
+	cc              *grpc.ClientConn
+	ctrl            csi.ControllerClient
+	node            csi.NodeClient
+}
+
+// startKillable starts csi-snap in a fresh directory, which it returns.
+// Its cleanups run after those the test registers later (unpublish,
+// delete): they stop the plugin, close the current client and fail the
+// test if mounts, loop devices or holders are left.
+func startKillable(t *testing.T) (*killable, string) {
+	t.Helper()
+	requireCapabilities(t)
+	k := &killable{t: t, bin: buildPlugin(t)}
+	dir := t.TempDir()
+	k.sock, k.data = filepath.Join(dir, "csi.sock"), filepath.Join(dir, "data")
+	t.Cleanup(func() {
+		if forceCleanup(t, dir) {
+			t.Errorf("mounts, loop devices or holders were left under %s", dir)
+		}
+	})
+	k.p = startPlugin(t, k.bin, k.sock, k.data)
+	t.Cleanup(func() { k.p.stop(t, os.Interrupt) })
+	k.dial()
+	t.Cleanup(func() { k.cc.Close() })
+	return k, dir
+}
+
+func (k *killable) dial() {
+	cc, err := grpc.NewClient("unix://"+k.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		k.t.Fatal(err)
+	}
+	k.cc, k.ctrl, k.node = cc, csi.NewControllerClient(cc), csi.NewNodeClient(cc)
+}
+
+// restart waits for the killed process to end, starts csi-snap again and
+// replaces the clients.
+func (k *killable) restart() {
+	<-k.p.exited
+	k.p = startPlugin(k.t, k.bin, k.sock, k.data)
+	k.cc.Close()
+	k.dial()
+}
+
 // TestKillKeepsAckedWrites drives the real binary: writes the kernel got an
 // answer to, and never flushed, survive a SIGKILL of csi-snap. The fd
 // holder keeps each device's FUSE connection, so whatever sits on the
@@ -29,31 +80,8 @@ import (
 // waiting for their group commit) and first writes to a clone's chunks
 // (their "present" records wait for a flush).
 func TestKillKeepsAckedWrites(t *testing.T) {
-	requireCapabilities(t)
-	bin := buildPlugin(t)
-	dir := t.TempDir()
-	sock, data := filepath.Join(dir, "csi.sock"), filepath.Join(dir, "data")
+	k, dir := startKillable(t)
 	ctx := context.Background()
-	t.Cleanup(func() {
-		if forceCleanup(t, dir) {
-			t.Errorf("mounts, loop devices or holders were left under %s", dir)
-		}
-	})
-	p := startPlugin(t, bin, sock, data)
-	t.Cleanup(func() { p.stop(t, os.Interrupt) })
-	// The clients are replaced after the restart; whichever is current
-	// must outlive the cleanups that unpublish and delete, so it is closed
-	// by a cleanup registered before them.
-	var cc *grpc.ClientConn
-	dial := func() {
-		var err error
-		if cc, err = grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials())); err != nil {
-			t.Fatal(err)
-		}
-	}
-	dial()
-	t.Cleanup(func() { cc.Close() })
-	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
 
 	const size, span = 16 << 20, 4 << 20
 	pattern := func(tag string) []byte {
@@ -66,7 +94,7 @@ func TestKillKeepsAckedWrites(t *testing.T) {
 	type vol struct{ id, staging, target string }
 	publish := func(name string, src *csi.VolumeContentSource) vol {
 		t.Helper()
-		cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: size},
+		cv, err := k.ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: size},
 			VolumeCapabilities: []*csi.VolumeCapability{blockCap()}, VolumeContentSource: src, Parameters: map[string]string{"chunkSize": "16Ki"}})
 		if err != nil {
 			t.Fatal(err)
@@ -74,22 +102,22 @@ func TestKillKeepsAckedWrites(t *testing.T) {
 		v := vol{cv.Volume.VolumeId, filepath.Join(dir, name+"-staging"), filepath.Join(dir, name)}
 		// Cleanups run last-registered first: unpublish, unstage, delete.
 		t.Cleanup(func() {
-			if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.id}); err != nil {
+			if _, err := k.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.id}); err != nil {
 				t.Errorf("delete %s: %v", name, err)
 			}
 		})
-		if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging, VolumeCapability: blockCap()}); err != nil {
+		if _, err := k.node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging, VolumeCapability: blockCap()}); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging,
+		if _, err := k.node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging,
 			TargetPath: v.target, VolumeCapability: blockCap()}); err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() {
-			if _, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v.id, TargetPath: v.target}); err != nil {
+			if _, err := k.node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v.id, TargetPath: v.target}); err != nil {
 				t.Errorf("unpublish %s: %v", name, err)
 			}
-			if _, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging}); err != nil {
+			if _, err := k.node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging}); err != nil {
 				t.Errorf("unstage %s: %v", name, err)
 			}
 		})
@@ -135,25 +163,21 @@ func TestKillKeepsAckedWrites(t *testing.T) {
 	origin := publish("origin", nil)
 	before := pattern("before")
 	write(origin, before, true)
-	cs, err := ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap", SourceVolumeId: origin.id})
+	cs, err := k.ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap", SourceVolumeId: origin.id})
 	if err != nil {
 		t.Fatal(err)
 	}
 	snapID := cs.Snapshot.SnapshotId
 	clone := publish("clone", &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
 		Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snapID}}})
-	t.Cleanup(func() { ctrl.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: snapID}) })
+	t.Cleanup(func() { k.ctrl.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: snapID}) })
 	after, cloned := pattern("after"), pattern("clone")
 	write(origin, after, false) // first writes after the snapshot
 	write(clone, cloned, false) // first writes to the clone's chunks
 
 	// SIGKILL at once, then start again on the same data and run dirs.
-	p.cmd.Process.Kill()
-	<-p.exited
-	p = startPlugin(t, bin, sock, data)
-	cc.Close()
-	dial()
-	ctrl, node = csi.NewControllerClient(cc), csi.NewNodeClient(cc)
+	k.p.cmd.Process.Kill()
+	k.restart()
 	check(origin, after, "origin after the kill")
 	check(clone, cloned, "clone after the kill")
 
@@ -170,48 +194,28 @@ func TestKillKeepsAckedWrites(t *testing.T) {
 // unmount (everything then comes from the device, not the page cache)
 // every file written before and across the kill has its checksum.
 func TestKillWhileExt4Writes(t *testing.T) {
-	requireCapabilities(t)
-	bin := buildPlugin(t)
-	dir := t.TempDir()
-	sock, data := filepath.Join(dir, "csi.sock"), filepath.Join(dir, "data")
+	k, dir := startKillable(t)
 	staging, target := filepath.Join(dir, "staging"), filepath.Join(dir, "target")
 	ctx := context.Background()
-	t.Cleanup(func() {
-		if forceCleanup(t, dir) {
-			t.Errorf("mounts, loop devices or holders were left under %s", dir)
-		}
-	})
-	p := startPlugin(t, bin, sock, data)
-	t.Cleanup(func() { p.stop(t, os.Interrupt) })
-	var cc *grpc.ClientConn
-	dial := func() {
-		var err error
-		if cc, err = grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials())); err != nil {
-			t.Fatal(err)
-		}
-	}
-	dial()
-	t.Cleanup(func() { cc.Close() })
-	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
 
-	cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "kill-ext4", CapacityRange: &csi.CapacityRange{RequiredBytes: 256 << 20},
+	cv, err := k.ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "kill-ext4", CapacityRange: &csi.CapacityRange{RequiredBytes: 256 << 20},
 		VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}, Parameters: map[string]string{"chunkSize": "16Ki"}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	id := cv.Volume.VolumeId
 	t.Cleanup(func() {
-		if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+		if _, err := k.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
 			t.Errorf("delete: %v", err)
 		}
 	})
 	staged := false
 	t.Cleanup(func() {
 		if staged {
-			unpublishAndUnstage(t, node, id, staging, target)
+			unpublishAndUnstage(t, k.node, id, staging, target)
 		}
 	})
-	stageAndPublish(t, node, id, staging, target)
+	stageAndPublish(t, k.node, id, staging, target)
 	staged = true
 
 	var mu sync.Mutex
@@ -252,11 +256,11 @@ func TestKillWhileExt4Writes(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	cs, err := ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "kill-ext4-snap", SourceVolumeId: id})
+	cs, err := k.ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "kill-ext4-snap", SourceVolumeId: id})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ctrl.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: cs.Snapshot.SnapshotId}) })
+	t.Cleanup(func() { k.ctrl.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: cs.Snapshot.SnapshotId}) })
 
 	// The writer: files of 128 KiB, every other one fsynced, the others
 	// written back unflushed, until told to stop; their first writes after
@@ -266,7 +270,7 @@ func TestKillWhileExt4Writes(t *testing.T) {
 	// waiting for their group commit.
 	var written atomic.Int64
 	stop, werr, killed := make(chan struct{}), make(chan error, 1), make(chan struct{})
-	victim := p.cmd.Process
+	victim := k.p.cmd.Process
 	go func() {
 		for i := 0; ; i++ {
 			select {
@@ -300,13 +304,9 @@ func TestKillWhileExt4Writes(t *testing.T) {
 	case err := <-werr:
 		t.Fatalf("the writer stopped before the kill: %v", err)
 	}
-	<-p.exited
 	killedAt := written.Load()
 	time.Sleep(100 * time.Millisecond) // writes wait while no server runs
-	p = startPlugin(t, bin, sock, data)
-	cc.Close()
-	dial()
-	ctrl, node = csi.NewControllerClient(cc), csi.NewNodeClient(cc)
+	k.restart()
 	waitFor(killedAt+20, "after the restart")
 	close(stop)
 	if err := <-werr; err != nil {
@@ -315,9 +315,9 @@ func TestKillWhileExt4Writes(t *testing.T) {
 	t.Logf("%d files written, the plugin killed after %d", written.Load(), killedAt)
 
 	// Read everything back from the device: unmount, stage again.
-	unpublishAndUnstage(t, node, id, staging, target)
+	unpublishAndUnstage(t, k.node, id, staging, target)
 	staged = false
-	stageAndPublish(t, node, id, staging, target)
+	stageAndPublish(t, k.node, id, staging, target)
 	staged = true
 	mu.Lock()
 	defer mu.Unlock()
