@@ -643,7 +643,7 @@ func TestCloseAfterFailedApply(t *testing.T) {
 	s, dir := openT(t)
 	mustVol(t, s, "v", 64<<10, 4096)
 	s.mu.Lock()
-	s.setClosed() // what commitApply does when applying a record fails
+	s.closed.Store(true) // what commitApply does when applying a record fails
 	s.mu.Unlock()
 	if err := s.Close(); !errors.Is(err, ErrClosed) {
 		t.Fatalf("Close: %v, want ErrClosed", err)

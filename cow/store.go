@@ -23,8 +23,8 @@ type Store struct {
 	dir string
 	fs  fsys
 
-	mu       sync.Mutex // serialises metadata changes; guards the fields below
-	closed   bool
+	mu       sync.Mutex     // serialises metadata changes; guards the fields below but closed
+	closed   atomic.Bool    // closed, or failed so that it refuses changes; set under mu, read anywhere (Err)
 	byID     map[string]any // *Volume, *Snapshot or *group (group.go) that is not gone (deleted ones keep their ID reserved)
 	objs     map[uint32]any // same, by object number
 	nextObj  uint32         // next object number; never reused, so file names never are
@@ -36,12 +36,11 @@ type Store struct {
 	cowMu    sync.Mutex             // guards opening COW files lazily
 	isClosed atomic.Bool            // for the I/O paths, which do not take mu
 	survive  atomic.Bool            // SetSurviveKill: writes return once a process kill cannot lose them
-	// unusable and logNow mirror closed and log for Err, which must not
-	// wait for mu (a Checkpoint holds it while it writes the whole state).
-	unusable atomic.Bool
-	logNow   atomic.Pointer[committer]
-	lock     *os.File   // holds the flock on dir/lock (Open); nil under a test fsys
-	grp      groupState // snapshot groups (group.go); guarded by mu
+	// logNow mirrors log for Err, which must not wait for mu (a
+	// Checkpoint holds it while it writes the whole state).
+	logNow atomic.Pointer[committer]
+	lock   *os.File   // holds the flock on dir/lock (Open); nil under a test fsys
+	grp    groupState // snapshot groups (group.go); guarded by mu
 
 	copyOuts    atomic.Uint64 // chunks recorded by copy-before-write since Open
 	copiedBytes atomic.Uint64 // bytes of those chunks written to COW files (zero chunks cost none)
@@ -662,7 +661,7 @@ func (s *Store) lookup(id string) any {
 }
 
 func (s *Store) usable() error {
-	if s.closed {
+	if s.closed.Load() {
 		return ErrClosed
 	}
 	return s.log.failed()
@@ -678,7 +677,7 @@ func (s *Store) usable() error {
 //
 // It takes no lock, so a health check answers while a Checkpoint runs.
 func (s *Store) Err() error {
-	if s.unusable.Load() {
+	if s.closed.Load() {
 		return ErrClosed
 	}
 	if c := s.logNow.Load(); c != nil {
@@ -692,13 +691,6 @@ func (s *Store) Err() error {
 func (s *Store) setLog(c *committer) {
 	s.log = c
 	s.logNow.Store(c)
-}
-
-// setClosed marks the store closed, or failed so that it refuses changes.
-// Called with mu.
-func (s *Store) setClosed() {
-	s.closed = true
-	s.unusable.Store(true)
 }
 
 func chunkShift(cs int) (uint, error) {
@@ -740,7 +732,7 @@ func (s *Store) commitApply(recs ...*record) error {
 	for _, r := range recs {
 		if err := s.apply(r); err != nil {
 			// Memory and log disagree: a bug. Refuse further changes.
-			s.setClosed()
+			s.closed.Store(true)
 			return fmt.Errorf("%w: applying committed record: %w", ErrClosed, err)
 		}
 	}
@@ -764,7 +756,7 @@ func (s *Store) queueApply(release func(), recs ...*record) error {
 	}
 	for _, r := range recs {
 		if err := s.apply(r); err != nil {
-			s.setClosed()
+			s.closed.Store(true)
 			return fmt.Errorf("%w: applying queued record: %w", ErrClosed, err)
 		}
 	}
@@ -1100,7 +1092,7 @@ func (s *Store) Snapshots() []SnapshotInfo {
 func (s *Store) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed {
+	if s.closed.Load() {
 		if !s.isClosed.Load() {
 			// Closed by a failed apply (memory and log disagreed), not by
 			// Close: the files and the directory lock are still open.
@@ -1123,7 +1115,7 @@ func (s *Store) Close() error {
 	if s.log.failed() == nil {
 		err = s.checkpointGated(vs)
 	}
-	s.setClosed()
+	s.closed.Store(true)
 	s.isClosed.Store(true)
 	s.log.stopped()
 	s.closeFiles()
@@ -1143,7 +1135,7 @@ const CheckpointTail = 64 << 20
 func (s *Store) LogTail() int64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed {
+	if s.closed.Load() {
 		return 0
 	}
 	cp := int64(s.hdr.CheckpointEnd)

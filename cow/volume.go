@@ -1076,7 +1076,7 @@ func (v *Volume) flushWith(r *record, release func()) (err error) {
 			return err
 		}
 		if err := v.s.apply(r); err != nil {
-			v.s.setClosed()
+			v.s.closed.Store(true)
 			return fmt.Errorf("%w: applying queued record: %w", ErrClosed, err)
 		}
 		release()
@@ -1091,7 +1091,7 @@ func (v *Volume) flushWith(r *record, release func()) (err error) {
 		return err
 	}
 	if err := v.s.apply(r); err != nil {
-		v.s.setClosed()
+		v.s.closed.Store(true)
 		return fmt.Errorf("%w: applying committed record: %w", ErrClosed, err)
 	}
 	return nil
