@@ -617,10 +617,7 @@ func (d *Driver) frozen(id string, fn func() error) error {
 	marker := d.freezeMarker(id)
 	_, statErr := os.Stat(marker)
 	ours := statErr == nil
-	if err := os.MkdirAll(filepath.Dir(marker), 0o700); err != nil {
-		return fmt.Errorf("freeze marker: %w", err)
-	}
-	if err := os.WriteFile(marker, []byte(bootID()+"\n"+mp), 0o600); err != nil {
+	if err := writeMarker(marker, []byte(bootID()+"\n"+mp)); err != nil {
 		return fmt.Errorf("freeze marker: %w", err)
 	}
 	switch err := d.opt.Freeze(mp); {

@@ -294,7 +294,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if wasAttached {
 		_, err := os.Stat(marker)
 		unfinished = err == nil
-	} else if err := writeMarker(marker); err != nil {
+	} else if err := writeMarker(marker, nil); err != nil {
 		return nil, markerStatus("stage marker of "+id, err)
 	}
 	dev, err := d.opt.Frontend.Attach(ctx, id, b, false)
@@ -417,12 +417,13 @@ func (d *Driver) publishUnfinished(target string) bool {
 	return err == nil
 }
 
-// writeMarker creates the (empty) marker file path.
-func writeMarker(path string) error {
+// writeMarker creates the marker file path (stage, publish and freeze
+// markers, in DataDir) holding content.
+func writeMarker(path string, content []byte) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return err
 	}
-	return os.WriteFile(path, nil, 0o600)
+	return os.WriteFile(path, content, 0o600)
 }
 
 // markerStatus is the gRPC error of a marker that could not be written: a
@@ -635,7 +636,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		opts = append(opts, m.GetMountFlags()...)
 	}
 	if !block {
-		if err := writeMarker(d.publishMarker(target)); err != nil {
+		if err := writeMarker(d.publishMarker(target), nil); err != nil {
 			return nil, markerStatus("publish marker of "+target, err)
 		}
 	}
