@@ -636,7 +636,7 @@ func (v *Volume) modifyGated(off, n int64, p []byte, write bool) (unsettled, err
 	}
 	// Under the gate: a checkpoint, which replaces the log, waits for it.
 	u.log = v.s.log
-	if v.src != nil {
+	if v.src != nil && v.s.survive.Load() { // only settle reads marks
 		v.mu.RLock()
 		u.marks = v.presentMarks
 		v.mu.RUnlock()
