@@ -19,10 +19,7 @@ import (
 func TestDiscardLargeAfterSnapshot(t *testing.T) {
 	s, dir := openT(t)
 	const size, cs = 256 << 20, 16 << 10
-	v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := mustVol(t, s, "v", size, cs)
 	data := fill(1<<20, 9)
 	if _, err := v.WriteAt(data, 100<<20); err != nil {
 		t.Fatal(err)
@@ -74,10 +71,7 @@ func TestDiscardLargeAfterSnapshot(t *testing.T) {
 func TestDiscardOutOfRangeChangesNothing(t *testing.T) {
 	s, _ := openT(t)
 	const size = 64 << 20
-	v, err := s.CreateVolume("v", size, VolumeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := mustVol(t, s, "v", size, 0)
 	data := fill(1<<20, 3)
 	if _, err := v.WriteAt(data, 0); err != nil {
 		t.Fatal(err)
@@ -95,10 +89,7 @@ func TestDiscardOutOfRangeChangesNothing(t *testing.T) {
 // other (offset, deleted volume), as ReadAt is.
 func TestZeroLengthChecked(t *testing.T) {
 	s, _ := openT(t)
-	v, err := s.CreateVolume("v", 1<<20, VolumeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := mustVol(t, s, "v", 1<<20, 0)
 	if _, err := v.WriteAt(nil, 1<<20); err != nil {
 		t.Fatalf("empty write at the end: %v", err)
 	}
@@ -123,10 +114,7 @@ func TestZeroLengthChecked(t *testing.T) {
 func TestWritePastSnapshotSizeCopiesNothing(t *testing.T) {
 	s, _ := openT(t)
 	const cs = 16 << 10
-	v, err := s.CreateVolume("v", 20<<10, VolumeOptions{ChunkSize: cs})
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := mustVol(t, s, "v", 20<<10, cs)
 	old := fill(20<<10, 5)
 	if _, err := v.WriteAt(old, 0); err != nil {
 		t.Fatal(err)
@@ -164,10 +152,7 @@ func TestWritePastSnapshotSizeCopiesNothing(t *testing.T) {
 func TestDeletedVolumeTrimmedWhenNewestSnapshotGoes(t *testing.T) {
 	s, dir := openT(t)
 	const size = 4 << 20
-	v, err := s.CreateVolume("v", size, VolumeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := mustVol(t, s, "v", size, 0)
 	first := fill(size, 1)
 	if _, err := v.WriteAt(first, 0); err != nil {
 		t.Fatal(err)

@@ -58,10 +58,7 @@ func TestReplayReapClosesFiles(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	v, err := s.CreateVolume("gone", 1<<20, VolumeOptions{ChunkSize: 4096})
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := mustVol(t, s, "gone", 1<<20, 4096)
 	if _, err := v.WriteAt(fill(1<<20, 0x44), 0); err != nil {
 		t.Fatal(err)
 	}
@@ -113,10 +110,7 @@ func closedStoreLog(t *testing.T, dir string) []byte {
 	if err != nil {
 		t.Fatal(err)
 	}
-	v, err := s.CreateVolume("a", 1<<20, VolumeOptions{ChunkSize: 4096})
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := mustVol(t, s, "a", 1<<20, 4096)
 	if _, err := v.WriteAt(fill(4096, 0x11), 0); err != nil {
 		t.Fatal(err)
 	}
@@ -295,10 +289,7 @@ func crashAfterSnapshot(t *testing.T, dir string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	v, err := s.CreateVolume("v", 1<<20, VolumeOptions{ChunkSize: 4096})
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := mustVol(t, s, "v", 1<<20, 4096)
 	if _, err := v.WriteAt(fill(4096, 0x33), 0); err != nil {
 		t.Fatal(err)
 	}
@@ -411,10 +402,7 @@ func TestShortCOWFileIsCorrupt(t *testing.T) {
 		t.Fatal(err)
 	}
 	const cs = 4096
-	v, err := s.CreateVolume("v", 16*cs, VolumeOptions{ChunkSize: cs})
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := mustVol(t, s, "v", 16*cs, cs)
 	if _, err := v.WriteAt(fill(2*cs, 0x55), 0); err != nil {
 		t.Fatal(err)
 	}
@@ -499,10 +487,7 @@ func TestLogTail(t *testing.T) {
 	if tail := s.LogTail(); tail != 0 {
 		t.Fatalf("new store: tail %d", tail)
 	}
-	v, err := s.CreateVolume("v", 1<<20, VolumeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := mustVol(t, s, "v", 1<<20, 0)
 	after := s.LogTail()
 	if after <= 0 {
 		t.Fatalf("tail %d after a create", after)
