@@ -1,7 +1,6 @@
 package kernel
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"os"
@@ -58,25 +57,34 @@ func unmountFuse(mp string) error {
 	return nil
 }
 
-// isMounted reports whether path is a mount point of ours, from
-// /proc/self/mountinfo.
-func isMounted(path string) bool {
-	f, err := os.Open("/proc/self/mountinfo")
+// mountEntry is a line of /proc/self/mountinfo: the mount's root within
+// its filesystem, its mount point (both unescaped) and the filesystem type.
+type mountEntry struct{ root, point, fsType string }
+
+// mountEntries reads /proc/self/mountinfo (nil if it cannot).
+func mountEntries() []mountEntry {
+	data, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
-		return false
+		return nil
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		// 4: mount point; after the " - " separator: fs type.
-		if len(fields) < 5 || unescapeMount(fields[4]) != path {
+	var out []mountEntry
+	for _, line := range strings.Split(string(data), "\n") {
+		// 3: root, 4: mount point; after the "-" separator: fs type.
+		f := strings.Fields(line)
+		sep := slices.Index(f, "-")
+		if sep < 5 || sep+1 >= len(f) {
 			continue
 		}
-		for i, fld := range fields {
-			if fld == "-" && i+1 < len(fields) && fields[i+1] == fuseFsType {
-				return true
-			}
+		out = append(out, mountEntry{root: unescapeMount(f[3]), point: unescapeMount(f[4]), fsType: f[sep+1]})
+	}
+	return out
+}
+
+// isMounted reports whether path is a mount point of ours (a FUSE mount).
+func isMounted(path string) bool {
+	for _, m := range mountEntries() {
+		if m.point == path && m.fsType == fuseFsType {
+			return true
 		}
 	}
 	return false
@@ -87,18 +95,11 @@ func isMounted(path string) bool {
 // or "". Such a bind claims nothing on the device, so a detach would
 // succeed under it and the number could go to another volume.
 func boundAt(dev string) string {
-	data, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return ""
-	}
 	node := "/" + filepath.Base(dev)
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
-		sep := slices.Index(f, "-")
-		if sep < 5 || sep+1 >= len(f) || f[sep+1] != "devtmpfs" || unescapeMount(f[3]) != node {
-			continue
+	for _, m := range mountEntries() {
+		if m.fsType == "devtmpfs" && m.root == node {
+			return m.point
 		}
-		return unescapeMount(f[4])
 	}
 	return ""
 }
