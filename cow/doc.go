@@ -110,10 +110,13 @@
 // driver's FUSE frontend: the filesystem on the device stays mounted
 // across a restart of the plugin and never resends a write it got an
 // answer to) sets Store.SetSurviveKill: then a write returns only once a
-// kill cannot lose it, that is, a first write after a snapshot once its
-// overlay entry is applied (one group commit), a write that completes a
-// clone's chunk once its present record is committed (a Flush). Writes
-// that need neither return as before. TestCrash checks both promises.
+// kill cannot lose it. A plain volume's write into an overlay entry (a
+// first write after a snapshot) appends its bytes to the kill journal, a
+// file in the page cache that an Open in the same boot redoes (FORMAT.md,
+// "Kill journal"); a write that completes a clone's chunk waits until its
+// present record is committed (a Flush), and a clone's first write after a
+// snapshot until its entry is applied (one group commit). Writes that need
+// none of that return as before. TestCrash checks both promises.
 //
 // A large Discard is done in pieces of 4 MiB (discardPiece), so the
 // overlay and the stripes a piece takes stay bounded; discarding a chunk
@@ -128,13 +131,13 @@
 //
 // # Caveats
 //
-//   - With SetSurviveKill, a first write after a snapshot waits for its
-//     group commit (two fsyncs and the apply) and a write that completes a
-//     clone's chunk for a Flush: through the block device, random 4 KiB
-//     first writes after a snapshot ran at 0.17x of the speed without it
-//     (BENCHMARKS.md, "Writes that survive a kill"). A journal of the
-//     overlay's new bytes in the page cache, redone by an Open in the same
-//     boot, would make them kill-safe without the wait; not built.
+//   - With SetSurviveKill, a plain volume's first write after a snapshot
+//     costs one more write to the page cache (the kill journal) and its
+//     apply another small one; a clone's still waits for its group commit
+//     (two fsyncs and the apply), and a write that completes a clone's
+//     chunk for a Flush (BENCHMARKS.md, "Writes that survive a kill"). On
+//     a machine without a boot identity (no /proc/sys/kernel/random/boot_id)
+//     there is no journal, and a plain volume's first write waits too.
 //   - A first write after a snapshot returns before its copy is durable;
 //     its new data waits in the overlay (RAM) for one group commit. Under
 //     a sustained stream of first writes the committer (copy writes and

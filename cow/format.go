@@ -16,6 +16,9 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 func crc(p []byte) uint32 { return crc32.Checksum(p, castagnoli) }
 
+// crcUpdate continues a CRC32C with the bytes of p.
+func crcUpdate(sum uint32, p []byte) uint32 { return crc32.Update(sum, castagnoli, p) }
+
 const (
 	logName    = "store.log"
 	logTmpName = "store.log.tmp"

@@ -105,6 +105,11 @@ type ovEntry struct {
 	// committer's fsyncs run, against 7 µs for the write), and it fragments
 	// the data file a volume's writes keep filling.
 	wrote bool
+	// journaled: the kill journal holds records of writes to the entry
+	// (journal.go), and the apply must settle them; jEpoch is the epoch of
+	// the first. Guarded by the stripe and the journal's mu.
+	journaled bool
+	jEpoch    uint64
 }
 
 // touch records that bytes [o, o+m) of the image changed.
@@ -351,6 +356,14 @@ func (e *ovEntry) apply() error {
 		// committer's sticky error makes Flush and writes fail.
 		return err
 	}
+	if e.journaled {
+		// The chunk is in the data file: from the entry's drop on,
+		// writes go there, and a redo of the journaled ones would undo
+		// them.
+		if err := v.s.jnl.settled(e); err != nil {
+			return err
+		}
+	}
 	if !present {
 		// The clone holds the whole chunk now; its present record goes out
 		// with the next Flush, after the data sync.
@@ -488,9 +501,17 @@ func (v *Volume) writeOverlaid(off, n int64, p []byte) (unsettled, error) {
 			if err := e.write(o, m, part(at, at+m)); err != nil {
 				return u, err
 			}
-			// e's batch is at most the newest one an entry of v was
-			// put in, and we hold its stripe: it is not applied yet.
-			u.batch = v.ovLast.Load()
+			if j := v.killJournal(); j != nil {
+				// Safe from a kill once journaled: no wait for the batch.
+				if err := j.wrote(e, o, m, part(at, at+m)); err != nil {
+					return u, err
+				}
+			} else {
+				// e's batch is at most the newest one an entry of v
+				// was put in, and we hold its stripe: it is not
+				// applied yet.
+				u.batch = v.ovLast.Load()
+			}
 			run = at + m
 		}
 		at += m
@@ -499,6 +520,16 @@ func (v *Volume) writeOverlaid(off, n int64, p []byte) (unsettled, error) {
 		return u, direct(run, end)
 	}
 	return u, nil
+}
+
+// killJournal returns the journal a write to an overlay entry of v must
+// go to before it returns (journal.go), or nil: the store is not set to
+// survive a kill, the boot has no identity, or v is a clone.
+func (v *Volume) killJournal() *journal {
+	if v.src != nil || !v.s.survive.Load() || v.s.jnl == nil {
+		return nil
+	}
+	return v.s.jnl
 }
 
 // writeDirect writes p (zeros if nil) to [off, off+n) of the data file (a

@@ -36,6 +36,7 @@ type Store struct {
 	cowMu    sync.Mutex             // guards opening COW files lazily
 	isClosed atomic.Bool            // for the I/O paths, which do not take mu
 	survive  atomic.Bool            // SetSurviveKill: writes return once a process kill cannot lose them
+	jnl      *journal               // the kill journal (journal.go); nil where the boot has no identity
 	// logNow mirrors log for Err, which must not wait for mu (a
 	// Checkpoint holds it while it writes the whole state).
 	logNow atomic.Pointer[committer]
@@ -61,10 +62,12 @@ type Store struct {
 // outlives the process (driver/kernel's FUSE holder: the filesystem on the
 // device stays mounted across a restart and never resends a write it got an
 // answer to) needs it on. The cost, only where the overlay or a clone is
-// involved: a first write after a snapshot waits for its batch to be
-// applied (one group commit, fsyncs included), and a write that completes a
-// clone's chunk from its source waits for a Flush (a data sync, then a log
-// commit); a write to a chunk that needs neither returns as before.
+// involved: a plain volume's first write after a snapshot appends its bytes
+// to the kill journal (journal.go; page cache, no sync), which Open redoes
+// after a kill; a clone's waits for its batch to be applied (one group
+// commit, fsyncs included), and a write that completes a clone's chunk from
+// its source waits for a Flush (a data sync, then a log commit); a write to
+// a chunk that needs none of that returns as before.
 func (s *Store) SetSurviveKill(on bool) { s.survive.Store(on) }
 
 // Open opens the store in dir, creating dir and an empty store if needed,
@@ -120,6 +123,11 @@ func lockDir(dir string) (*os.File, error) {
 func openFS(dir string, fs fsys) (*Store, error) {
 	s := &Store{dir: dir, fs: fs, byID: map[string]any{}, objs: map[uint32]any{}, nextObj: 1}
 	if err := s.load(); err != nil {
+		s.closeFiles()
+		return nil, err
+	}
+	if err := s.openJournal(); err != nil {
+		s.log.stopped()
 		s.closeFiles()
 		return nil, err
 	}
@@ -1175,6 +1183,9 @@ func (s *Store) closeFiles() {
 	}
 	if s.log != nil {
 		s.log.f.Close()
+	}
+	if s.jnl != nil {
+		s.jnl.close()
 	}
 	if s.lock != nil {
 		s.lock.Close() // releases the flock, after every other file

@@ -1,0 +1,375 @@
+package cow
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"sort"
+	"sync"
+)
+
+// The kill journal (FORMAT.md, "Kill journal") makes a first write after a
+// snapshot safe from a kill of the process without waiting for its group
+// commit. With SetSurviveKill, a write that changes an overlay entry of a
+// plain volume appends the bytes it wrote to the journal before it returns:
+// one write to the page cache, never synced, since the promise covers a
+// kill of the process, not of the machine. The committer's apply, having
+// written the entry to the data file, appends a "settled" record for the
+// chunk before it drops the entry, which is the moment later writes of the
+// chunk start to go straight to the data file. An Open in the same boot of
+// the machine (the page cache, and so both the journal and the data file as
+// the process left them) redoes, in order, every journaled write of a
+// chunk that no later settled record covers: exactly the writes whose bytes
+// lived only in the dead process's overlay. Writes are redone through the
+// engine, copy-before-write included, so snapshots stay right whether the
+// copy's batch reached the log or not. A journal from another boot is
+// ignored: the machine went down, and the writes were promised only up to
+// the last Flush.
+//
+// Clones keep the old way (SetSurviveKill): an apply of a clone's chunk
+// also marks it present, and that mark is only safe once a Flush commits
+// it, so a settled record could not be written at the apply.
+//
+// A failed append is sticky: a torn record may end the file, and records
+// after it would never be read. The write that failed returns the error,
+// and every later journaled write and settled record fails with it, so
+// the apply of a journaled entry fails the committer, and the store
+// refuses writes as after a failed fsync; Open redoes what was journaled.
+//
+// Two files take turns (epochs), so the journal stays bounded under a
+// stream of first writes that never leaves the overlay empty: once the
+// current file passes journalSwitch bytes, and no entry has records in the
+// other one, the other file is emptied and takes the next epoch. An entry
+// counts in live[e] by the epoch of its first record; its records are in
+// that epoch or the next, and its settled record in the current one.
+
+var (
+	journalNames  = [2]string{"kill.journal.0", "kill.journal.1"}
+	journalMagic  = [8]byte{'c', 's', 'n', 'a', 'p', 'k', 'j', 'l'}
+	journalSwitch = int64(32 << 20) // a variable so tests can switch often
+)
+
+const (
+	journalVersion   = 1
+	journalHeaderLen = 64
+	journalRecLen    = 40 // a record's fixed part; a write's bytes follow it
+
+	jWrite   = 1 // bytes [o, o+n) of chunk c were written with the data that follows
+	jDiscard = 2 // bytes [o, o+n) of chunk c were discarded (read as zeros)
+	jSettled = 3 // chunk c's overlay entry was applied: earlier records of it are in the data file
+)
+
+// readBootID returns this boot's identity (/proc/sys/kernel/random/boot_id)
+// and whether there is one. Tests replace it to play a reboot.
+var readBootID = func() ([16]byte, bool) {
+	var id [16]byte
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return id, false
+	}
+	h := bytes.ReplaceAll(bytes.TrimSpace(b), []byte("-"), nil)
+	if len(h) != 32 {
+		return id, false
+	}
+	if _, err := hex.Decode(id[:], h); err != nil {
+		return id, false
+	}
+	return id, true
+}
+
+// journal is the store's kill journal. Its fields are guarded by mu; an
+// entry's journaled and jEpoch fields are set under the entry's stripe
+// (held exclusively) and mu.
+type journal struct {
+	mu    sync.Mutex
+	f     [2]file
+	uuid  [16]byte
+	boot  [16]byte
+	epoch uint64 // the current epoch; its file is f[epoch&1]
+	off   int64  // where the next record goes in the current file
+	live  [2]int64
+	err   error // sticky: a failed append may have left a torn record
+	buf   []byte
+	// switches counts the epochs started by writes since Open (tests).
+	switches int
+}
+
+// appendLocked writes one record at the end of the current file.
+func (j *journal) appendLocked(typ uint8, obj uint32, c, o int64, n int64, p []byte) error {
+	if j.err != nil {
+		return j.err
+	}
+	size := journalRecLen
+	if typ == jWrite {
+		size += len(p)
+	}
+	if cap(j.buf) < size {
+		j.buf = make([]byte, size)
+	}
+	b := j.buf[:size]
+	clear(b[:journalRecLen])
+	b[0] = typ
+	binary.LittleEndian.PutUint32(b[4:], obj)
+	binary.LittleEndian.PutUint64(b[8:], uint64(c))
+	binary.LittleEndian.PutUint32(b[16:], uint32(o))
+	binary.LittleEndian.PutUint32(b[20:], uint32(n))
+	binary.LittleEndian.PutUint64(b[24:], j.epoch)
+	if typ == jWrite {
+		copy(b[journalRecLen:], p)
+	}
+	sum := crc(b[:32])
+	if typ == jWrite {
+		sum = crcUpdate(sum, b[journalRecLen:])
+	}
+	binary.LittleEndian.PutUint32(b[32:], sum)
+	if err := writeFull(j.f[j.epoch&1], b, j.off); err != nil {
+		j.err = fmt.Errorf("kill journal: %w", err)
+		return j.err
+	}
+	j.off += int64(size)
+	return nil
+}
+
+// wrote journals a write (p, or a discard when p is nil) of bytes [o,
+// o+n) of e's chunk. The caller holds the chunk's stripe exclusively and
+// has changed e already; the write may return once this has.
+func (j *journal) wrote(e *ovEntry, o, n int64, p []byte) error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if !e.journaled {
+		if j.off > journalSwitch && j.live[(j.epoch+1)&1] == 0 {
+			if err := j.startEpoch(j.epoch + 1); err != nil {
+				return err
+			}
+			j.switches++
+		}
+		e.journaled, e.jEpoch = true, j.epoch
+		j.live[j.epoch&1]++
+	}
+	typ := uint8(jWrite)
+	if p == nil {
+		typ = jDiscard
+	}
+	return j.appendLocked(typ, e.v.obj, e.c, o, n, p)
+}
+
+// settled journals that e's chunk is in the data file now. The caller (the
+// apply) holds the stripe and drops e after this returns.
+func (j *journal) settled(e *ovEntry) error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if err := j.appendLocked(jSettled, e.v.obj, e.c, 0, 0, nil); err != nil {
+		return err
+	}
+	j.live[e.jEpoch&1]--
+	e.journaled = false
+	return nil
+}
+
+// startEpoch empties the file of epoch ep and makes it current. Its
+// previous content (epoch ep-2) holds no record of a live entry (live).
+func (j *journal) startEpoch(ep uint64) error {
+	if j.err != nil {
+		return j.err
+	}
+	f := j.f[ep&1]
+	h := make([]byte, journalHeaderLen)
+	copy(h, journalMagic[:])
+	binary.LittleEndian.PutUint32(h[8:], journalVersion)
+	copy(h[16:32], j.uuid[:])
+	copy(h[32:48], j.boot[:])
+	binary.LittleEndian.PutUint64(h[48:], ep)
+	binary.LittleEndian.PutUint32(h[60:], crc(h[:60]))
+	// Emptied first: a kill between the two leaves an empty file, which
+	// Open ignores, never the header over stale records.
+	if err := f.Truncate(0); err != nil {
+		j.err = fmt.Errorf("kill journal: %w", err)
+		return j.err
+	}
+	if err := writeFull(f, h, 0); err != nil {
+		j.err = fmt.Errorf("kill journal: %w", err)
+		return j.err
+	}
+	j.epoch, j.off = ep, journalHeaderLen
+	return nil
+}
+
+func (j *journal) close() {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.err == nil {
+		j.err = ErrClosed
+	}
+	for i, f := range j.f {
+		if f != nil {
+			f.Close()
+			j.f[i] = nil
+		}
+	}
+}
+
+// jRec is a decoded journal record.
+type jRec struct {
+	typ  uint8
+	obj  uint32
+	c    int64
+	o, n int64
+	data []byte
+}
+
+// decodeJournal returns the epoch of journal file b and its records, up to
+// the first that does not decode (a torn append, or the end). ok is false
+// for a file that is empty, belongs to another store or another boot.
+func decodeJournal(b []byte, uuid, boot [16]byte) (ep uint64, recs []jRec, ok bool) {
+	if len(b) < journalHeaderLen || !bytes.Equal(b[:8], journalMagic[:]) ||
+		binary.LittleEndian.Uint32(b[60:]) != crc(b[:60]) ||
+		binary.LittleEndian.Uint32(b[8:]) != journalVersion ||
+		!bytes.Equal(b[16:32], uuid[:]) || !bytes.Equal(b[32:48], boot[:]) {
+		return 0, nil, false
+	}
+	ep = binary.LittleEndian.Uint64(b[48:])
+	for at := journalHeaderLen; len(b)-at >= journalRecLen; {
+		h := b[at : at+journalRecLen]
+		r := jRec{
+			typ: h[0],
+			obj: binary.LittleEndian.Uint32(h[4:]),
+			c:   int64(binary.LittleEndian.Uint64(h[8:])),
+			o:   int64(binary.LittleEndian.Uint32(h[16:])),
+			n:   int64(binary.LittleEndian.Uint32(h[20:])),
+		}
+		if r.typ < jWrite || r.typ > jSettled || binary.LittleEndian.Uint64(h[24:]) != ep || r.c < 0 {
+			break
+		}
+		size := journalRecLen
+		if r.typ == jWrite {
+			if r.n > int64(len(b)-at-journalRecLen) {
+				break
+			}
+			size += int(r.n)
+		}
+		sum := crc(h[:32])
+		if r.typ == jWrite {
+			r.data = b[at+journalRecLen : at+size]
+			sum = crcUpdate(sum, r.data)
+		}
+		if sum != binary.LittleEndian.Uint32(h[32:]) {
+			break
+		}
+		recs = append(recs, r)
+		at += size
+	}
+	return ep, recs, true
+}
+
+// openJournal opens the kill journal, redoes what a killed process left
+// in it (see the top of this file), and starts an empty one. Called by
+// Open once the store is loaded and its committer runs, before anything
+// else writes.
+func (s *Store) openJournal() error {
+	boot, ok := readBootID()
+	if !ok {
+		// No way to tell a restart from a reboot: no journal, and
+		// SetSurviveKill waits for group commits instead.
+		return nil
+	}
+	j := &journal{uuid: s.hdr.UUID, boot: boot}
+	for i, name := range journalNames {
+		f, err := s.fs.Open(name, true)
+		if err != nil {
+			j.close()
+			return err
+		}
+		j.f[i] = f
+	}
+	type part struct {
+		ep   uint64
+		recs []jRec
+	}
+	var parts []part
+	for _, f := range j.f {
+		size, err := f.Size()
+		if err != nil {
+			j.close()
+			return err
+		}
+		b := make([]byte, size)
+		if err := readFull(f, b, 0); err != nil {
+			j.close()
+			return err
+		}
+		if ep, recs, ok := decodeJournal(b, s.hdr.UUID, boot); ok {
+			parts = append(parts, part{ep, recs})
+		}
+	}
+	sort.Slice(parts, func(a, b int) bool { return parts[a].ep < parts[b].ep })
+	var all []jRec
+	next := uint64(1)
+	for _, p := range parts {
+		all = append(all, p.recs...)
+		next = max(next, p.ep+1)
+	}
+	if err := s.redoJournal(all); err != nil {
+		j.close()
+		return err
+	}
+	// Everything redone is durable (redoJournal flushed it): start empty.
+	// The other file is emptied too, so no stale record can follow.
+	if err := j.f[(next+1)&1].Truncate(0); err != nil {
+		j.close()
+		return err
+	}
+	if err := j.startEpoch(next); err != nil {
+		j.close()
+		return err
+	}
+	s.jnl = j
+	return nil
+}
+
+// redoJournal redoes the journaled writes no later settled record covers,
+// in their order, and flushes the volumes it wrote.
+func (s *Store) redoJournal(all []jRec) error {
+	type key struct {
+		obj uint32
+		c   int64
+	}
+	last := map[key]int{} // index of the chunk's last settled record
+	for i, r := range all {
+		if r.typ == jSettled {
+			last[key{r.obj, r.c}] = i
+		}
+	}
+	touched := map[*Volume]bool{}
+	for i, r := range all {
+		if r.typ == jSettled {
+			continue
+		}
+		if at, ok := last[key{r.obj, r.c}]; ok && at > i {
+			continue
+		}
+		v, ok := s.objs[r.obj].(*Volume)
+		if !ok || v.src != nil || v.deleted {
+			return corruptf("kill journal: a write of object %d, not a live plain volume", r.obj)
+		}
+		off := r.c<<v.shift + r.o
+		if r.o+r.n > v.chunkSize || r.n <= 0 || off+r.n > v.Size() || r.c > v.Size()>>v.shift {
+			return corruptf("kill journal: write of %d bytes at %d of chunk %d of volume %q (size %d)", r.n, r.o, r.c, v.id, v.Size())
+		}
+		var p []byte
+		if r.typ == jWrite {
+			p = r.data
+		}
+		if err := v.modify(off, r.n, p, true); err != nil {
+			return fmt.Errorf("kill journal: redo on volume %q: %w", v.id, err)
+		}
+		touched[v] = true
+	}
+	for v := range touched {
+		if err := v.Flush(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
