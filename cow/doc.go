@@ -113,10 +113,10 @@
 // kill cannot lose it. A plain volume's write into an overlay entry (a
 // first write after a snapshot) appends its bytes to the kill journal, a
 // file in the page cache that an Open in the same boot redoes (FORMAT.md,
-// "Kill journal"); a write that completes a clone's chunk waits until its
-// present record is committed (a Flush), and a clone's first write after a
-// snapshot until its entry is applied (one group commit). Writes that need
-// none of that return as before. TestCrash checks both promises.
+// "Kill journal"), and so does a clone's; a clone's write that completes a
+// chunk from its source journals the chunk's present mark instead of
+// waiting for a Flush to commit it. Writes that need none of that return
+// as before. TestCrash checks both promises.
 //
 // A large Discard is done in pieces of 4 MiB (discardPiece), so the
 // overlay and the stripes a piece takes stay bounded; discarding a chunk
@@ -131,13 +131,14 @@
 //
 // # Caveats
 //
-//   - With SetSurviveKill, a plain volume's first write after a snapshot
-//     costs one more write to the page cache (the kill journal) and its
-//     apply another small one; a clone's still waits for its group commit
-//     (two fsyncs and the apply), and a write that completes a clone's
-//     chunk for a Flush (BENCHMARKS.md, "Writes that survive a kill"). On
-//     a machine without a boot identity (no /proc/sys/kernel/random/boot_id)
-//     there is no journal, and a plain volume's first write waits too.
+//   - With SetSurviveKill, a first write after a snapshot costs one more
+//     write of its bytes to the page cache (the kill journal) and its
+//     apply a small one; a write that completes a clone's chunk one small
+//     write (BENCHMARKS.md, "Writes that survive a kill"). On a machine
+//     without a boot identity (no /proc/sys/kernel/random/boot_id) there
+//     is no journal: a first write after a snapshot waits for its group
+//     commit (two fsyncs and the apply), a write that completes a clone's
+//     chunk for a Flush.
 //   - A first write after a snapshot returns before its copy is durable;
 //     its new data waits in the overlay (RAM) for one group commit. Under
 //     a sustained stream of first writes the committer (copy writes and

@@ -47,6 +47,21 @@ type faultFS struct {
 	// syncDelay makes every Sync take at least this long (a slow disk),
 	// so overlay entries stay pending long enough to be observed.
 	syncDelay time.Duration
+	// truncErr, if set, runs before every Truncate; one for which it
+	// returns an error fails with it, truncating nothing.
+	truncErr func(name string, size int64) error
+}
+
+func (f *faultFile) Truncate(size int64) error {
+	f.fs.mu.Lock()
+	hook := f.fs.truncErr
+	f.fs.mu.Unlock()
+	if hook != nil {
+		if err := hook(f.name, size); err != nil {
+			return err
+		}
+	}
+	return f.file.Truncate(size)
 }
 
 func newFaultFS(dir string) *faultFS { return &faultFS{osFS: osFS{dir}, failWrite: -1, failSync: -1} }

@@ -4,33 +4,39 @@ import (
 	"bytes"
 	"encoding/binary"
 	"encoding/hex"
+	"errors"
 	"fmt"
+	"math"
 	"os"
 	"sort"
 	"sync"
+	"sync/atomic"
+
+	"github.com/csi-snap/csi-snap/exceptions"
 )
 
 // The kill journal (FORMAT.md, "Kill journal") makes a first write after a
 // snapshot safe from a kill of the process without waiting for its group
-// commit. With SetSurviveKill, a write that changes an overlay entry of a
-// plain volume appends the bytes it wrote to the journal before it returns:
-// one write to the page cache, never synced, since the promise covers a
-// kill of the process, not of the machine. The committer's apply, having
-// written the entry to the data file, appends a "settled" record for the
-// chunk before it drops the entry, which is the moment later writes of the
-// chunk start to go straight to the data file. An Open in the same boot of
-// the machine (the page cache, and so both the journal and the data file as
-// the process left them) redoes, in order, every journaled write of a
-// chunk that no later settled record covers: exactly the writes whose bytes
+// commit. With SetSurviveKill, a write that changes an overlay entry
+// appends the bytes it wrote to the journal before it returns: one write to
+// the page cache, never synced, since the promise covers a kill of the
+// process, not of the machine. The committer's apply, having written the
+// entry to the data file, appends a "settled" record for the chunk before
+// it drops the entry, which is the moment later writes of the chunk start
+// to go straight to the data file. An Open in the same boot of the machine
+// (the page cache, and so both the journal and the data file as the
+// process left them) redoes, in order, every journaled write of a chunk
+// that no later settled record covers: exactly the writes whose bytes
 // lived only in the dead process's overlay. Writes are redone through the
 // engine, copy-before-write included, so snapshots stay right whether the
 // copy's batch reached the log or not. A journal from another boot is
 // ignored: the machine went down, and the writes were promised only up to
 // the last Flush.
 //
-// Clones keep the old way (SetSurviveKill): an apply of a clone's chunk
-// also marks it present, and that mark is only safe once a Flush commits
-// it, so a settled record could not be written at the apply.
+// Clones have one more thing that lives in memory until a Flush: the
+// present mark of a chunk a write (or an apply) completed from the source
+// into the data file. It is journaled too ("present" record, redone by
+// marking the chunk again), and is live until the log holds it.
 //
 // A failed append is sticky: a torn record may end the file, and records
 // after it would never be read. The write that failed returns the error,
@@ -38,12 +44,14 @@ import (
 // the apply of a journaled entry fails the committer, and the store
 // refuses writes as after a failed fsync; Open redoes what was journaled.
 //
-// Two files take turns (epochs), so the journal stays bounded under a
-// stream of first writes that never leaves the overlay empty: once the
-// current file passes journalSwitch bytes, and no entry has records in the
+// Two files take turns (epochs), so the journal does not grow without end
+// under a stream of first writes that never leaves the overlay empty: once
+// the current file passes journalSwitch bytes, and nothing live is in the
 // other one, the other file is emptied and takes the next epoch. An entry
-// counts in live[e] by the epoch of its first record; its records are in
-// that epoch or the next, and its settled record in the current one.
+// counts in live[e] by the epoch of its first record (its records are in
+// that epoch or the next, its settled record in the current one); a
+// present mark in the epoch it was journaled in, until the log holds it.
+// A checkpoint, which leaves nothing live, empties both files (restart).
 
 var (
 	journalNames  = [2]string{"kill.journal.0", "kill.journal.1"}
@@ -53,13 +61,21 @@ var (
 
 const (
 	journalVersion   = 1
-	journalHeaderLen = 64
+	journalHeaderLen = 80
 	journalRecLen    = 40 // a record's fixed part; a write's bytes follow it
 
 	jWrite   = 1 // bytes [o, o+n) of chunk c were written with the data that follows
 	jDiscard = 2 // bytes [o, o+n) of chunk c were discarded (read as zeros)
 	jSettled = 3 // chunk c's overlay entry was applied: earlier records of it are in the data file
+	jPresent = 4 // clone chunk c was marked present: the data file holds all of it
 )
+
+// jMark is a run of a clone's present marks journaled in epoch ep, the
+// last of them mark number upto (Volume.presentMarks): live in the
+// journal until the log holds them (presentDone reaches upto).
+type jMark struct {
+	upto, n, ep uint64
+}
 
 // readBootID returns this boot's identity (/proc/sys/kernel/random/boot_id)
 // and whether there is one. Tests replace it to play a reboot.
@@ -87,6 +103,7 @@ type journal struct {
 	f     [2]file
 	uuid  [16]byte
 	boot  [16]byte
+	gen   uint64 // the log's generation (checkpoints) the records go with
 	epoch uint64 // the current epoch; its file is f[epoch&1]
 	off   int64  // where the next record goes in the current file
 	live  [2]int64
@@ -94,6 +111,12 @@ type journal struct {
 	buf   []byte
 	// switches counts the epochs started by writes since Open (tests).
 	switches int
+	// holders: clones with journaled present marks (jMarks) not yet in
+	// the log. stuck: the current file is past twice journalSwitch and
+	// cannot switch; flushing: a writer is flushing holders (unstick).
+	holders  map[*Volume]struct{}
+	stuck    atomic.Bool
+	flushing atomic.Bool
 }
 
 // appendLocked writes one record at the end of the current file.
@@ -129,7 +152,33 @@ func (j *journal) appendLocked(typ uint8, obj uint32, c, o int64, n int64, p []b
 		return j.err
 	}
 	j.off += int64(size)
+	if j.off > 2*journalSwitch && j.live[(j.epoch+1)&1] > 0 {
+		j.stuck.Store(true)
+	}
 	return nil
+}
+
+// unstick flushes the clones whose present marks keep the journal from
+// switching files: an entry is settled by its apply within a group commit,
+// but a mark waits for the clone's next Flush, which a user that never
+// flushes never sends. Called by writers after they return their gate;
+// one at a time does the work.
+func (j *journal) unstick() {
+	if j == nil || !j.stuck.Load() || !j.flushing.CompareAndSwap(false, true) {
+		return
+	}
+	defer j.flushing.Store(false)
+	j.mu.Lock()
+	var vs []*Volume
+	for v := range j.holders {
+		if len(v.jMarks) > 0 && v.jMarks[0].ep != j.epoch {
+			vs = append(vs, v)
+		}
+	}
+	j.mu.Unlock()
+	for _, v := range vs {
+		v.Flush() // best effort: a failed Flush is sticky for the store anyway
+	}
 }
 
 // wrote journals a write (p, or a discard when p is nil) of bytes [o,
@@ -139,11 +188,8 @@ func (j *journal) wrote(e *ovEntry, o, n int64, p []byte) error {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	if !e.journaled {
-		if j.off > journalSwitch && j.live[(j.epoch+1)&1] == 0 {
-			if err := j.startEpoch(j.epoch + 1); err != nil {
-				return err
-			}
-			j.switches++
+		if err := j.maybeSwitch(); err != nil {
+			return err
 		}
 		e.journaled, e.jEpoch = true, j.epoch
 		j.live[j.epoch&1]++
@@ -168,6 +214,68 @@ func (j *journal) settled(e *ovEntry) error {
 	return nil
 }
 
+// present journals that a clone's chunks cs were marked present, marks
+// upto-len(cs)+1 .. upto. The caller holds their stripes and v.mu, having
+// written the chunks whole to the data file; the write may return once
+// this has. A kill before a Flush commits their present records leaves the
+// chunks in the data file (page cache) but reading through to the source
+// again; the redo marks them present again.
+func (j *journal) present(v *Volume, cs []uint64, upto uint64) error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if err := j.maybeSwitch(); err != nil {
+		return err
+	}
+	for _, c := range cs {
+		if err := j.appendLocked(jPresent, v.obj, int64(c), 0, 0, nil); err != nil {
+			return err
+		}
+	}
+	v.jMarks = append(v.jMarks, jMark{upto: upto, n: uint64(len(cs)), ep: j.epoch})
+	if j.holders == nil {
+		j.holders = map[*Volume]struct{}{}
+	}
+	j.holders[v] = struct{}{}
+	j.live[j.epoch&1] += int64(len(cs))
+	return nil
+}
+
+// marksDone records that v's first n present marks are in the log: their
+// journal records are no longer needed.
+func (j *journal) marksDone(v *Volume, n uint64) {
+	if j == nil {
+		return
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	k := 0
+	for ; k < len(v.jMarks) && v.jMarks[k].upto <= n; k++ {
+		j.live[v.jMarks[k].ep&1] -= int64(v.jMarks[k].n)
+	}
+	v.jMarks = v.jMarks[k:]
+	if len(v.jMarks) == 0 {
+		delete(j.holders, v)
+	}
+}
+
+// forget drops the journal's hold for v's marks: v was deleted, and no
+// redo ever writes it (redoJournal skips the marks of a deleted volume).
+func (j *journal) forget(v *Volume) {
+	j.marksDone(v, math.MaxUint64)
+}
+
+// maybeSwitch starts the next epoch if the current file is long and the
+// other one holds nothing live. Called with mu.
+func (j *journal) maybeSwitch() error {
+	if j.off > journalSwitch && j.live[(j.epoch+1)&1] == 0 {
+		if err := j.startEpoch(j.epoch + 1); err != nil {
+			return err
+		}
+		j.switches++
+	}
+	return nil
+}
+
 // startEpoch empties the file of epoch ep and makes it current. Its
 // previous content (epoch ep-2) holds no record of a live entry (live).
 func (j *journal) startEpoch(ep uint64) error {
@@ -181,7 +289,8 @@ func (j *journal) startEpoch(ep uint64) error {
 	copy(h[16:32], j.uuid[:])
 	copy(h[32:48], j.boot[:])
 	binary.LittleEndian.PutUint64(h[48:], ep)
-	binary.LittleEndian.PutUint32(h[60:], crc(h[:60]))
+	binary.LittleEndian.PutUint64(h[56:], j.gen)
+	binary.LittleEndian.PutUint32(h[76:], crc(h[:76]))
 	// Emptied first: a kill between the two leaves an empty file, which
 	// Open ignores, never the header over stale records.
 	if err := f.Truncate(0); err != nil {
@@ -193,6 +302,7 @@ func (j *journal) startEpoch(ep uint64) error {
 		return j.err
 	}
 	j.epoch, j.off = ep, journalHeaderLen
+	j.stuck.Store(false)
 	return nil
 }
 
@@ -221,12 +331,14 @@ type jRec struct {
 
 // decodeJournal returns the epoch of journal file b and its records, up to
 // the first that does not decode (a torn append, or the end). ok is false
-// for a file that is empty, belongs to another store or another boot.
-func decodeJournal(b []byte, uuid, boot [16]byte) (ep uint64, recs []jRec, ok bool) {
+// for a file that is empty, or belongs to another store, another boot or
+// another generation of the log.
+func decodeJournal(b []byte, uuid, boot [16]byte, gen uint64) (ep uint64, recs []jRec, ok bool) {
 	if len(b) < journalHeaderLen || !bytes.Equal(b[:8], journalMagic[:]) ||
-		binary.LittleEndian.Uint32(b[60:]) != crc(b[:60]) ||
+		binary.LittleEndian.Uint32(b[76:]) != crc(b[:76]) ||
 		binary.LittleEndian.Uint32(b[8:]) != journalVersion ||
-		!bytes.Equal(b[16:32], uuid[:]) || !bytes.Equal(b[32:48], boot[:]) {
+		!bytes.Equal(b[16:32], uuid[:]) || !bytes.Equal(b[32:48], boot[:]) ||
+		binary.LittleEndian.Uint64(b[56:]) != gen {
 		return 0, nil, false
 	}
 	ep = binary.LittleEndian.Uint64(b[48:])
@@ -239,7 +351,7 @@ func decodeJournal(b []byte, uuid, boot [16]byte) (ep uint64, recs []jRec, ok bo
 			o:   int64(binary.LittleEndian.Uint32(h[16:])),
 			n:   int64(binary.LittleEndian.Uint32(h[20:])),
 		}
-		if r.typ < jWrite || r.typ > jSettled || binary.LittleEndian.Uint64(h[24:]) != ep || r.c < 0 {
+		if r.typ < jWrite || r.typ > jPresent || binary.LittleEndian.Uint64(h[24:]) != ep || r.c < 0 {
 			break
 		}
 		size := journalRecLen
@@ -271,10 +383,27 @@ func (s *Store) openJournal() error {
 	boot, ok := readBootID()
 	if !ok {
 		// No way to tell a restart from a reboot: no journal, and
-		// SetSurviveKill waits for group commits instead.
+		// SetSurviveKill waits for group commits instead. Files left by
+		// a journal are emptied, so a later Open that can tell never
+		// redoes records this one ignored (the writes since would be
+		// undone).
+		for _, name := range journalNames {
+			f, err := s.fs.Open(name, false)
+			if errors.Is(err, os.ErrNotExist) {
+				continue
+			}
+			if err != nil {
+				return err
+			}
+			err = f.Truncate(0)
+			f.Close()
+			if err != nil {
+				return err
+			}
+		}
 		return nil
 	}
-	j := &journal{uuid: s.hdr.UUID, boot: boot}
+	j := &journal{uuid: s.hdr.UUID, boot: boot, gen: s.hdr.Generation}
 	for i, name := range journalNames {
 		f, err := s.fs.Open(name, true)
 		if err != nil {
@@ -299,7 +428,7 @@ func (s *Store) openJournal() error {
 			j.close()
 			return err
 		}
-		if ep, recs, ok := decodeJournal(b, s.hdr.UUID, boot); ok {
+		if ep, recs, ok := decodeJournal(b, s.hdr.UUID, boot, s.openGen); ok {
 			parts = append(parts, part{ep, recs})
 		}
 	}
@@ -315,17 +444,41 @@ func (s *Store) openJournal() error {
 		return err
 	}
 	// Everything redone is durable (redoJournal flushed it): start empty.
-	// The other file is emptied too, so no stale record can follow.
-	if err := j.f[(next+1)&1].Truncate(0); err != nil {
+	// The older file first (startEpoch empties the file of epoch next-2),
+	// then the newer: a kill in between leaves the newest records only,
+	// the last writes of their chunks, whose redo changes nothing again;
+	// the other order could leave an older epoch's records without the
+	// settled records that followed them.
+	if err := j.startEpoch(next); err != nil {
 		j.close()
 		return err
 	}
-	if err := j.startEpoch(next); err != nil {
+	if err := j.f[(next+1)&1].Truncate(0); err != nil {
 		j.close()
 		return err
 	}
 	s.jnl = j
 	return nil
+}
+
+// restart empties the journal for a new generation of the log, which a
+// checkpoint just installed: the checkpoint drained every overlay entry
+// (all settled) and carries every present mark, so nothing in the journal
+// is live. A kill before the files are emptied leaves them with the old
+// generation, which Open ignores. Called with every gate held.
+func (j *journal) restart(gen uint64) {
+	if j == nil {
+		return
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	j.gen = gen
+	cur := j.epoch
+	if j.startEpoch(cur+1) == nil {
+		if err := j.f[cur&1].Truncate(0); err != nil {
+			j.err = fmt.Errorf("kill journal: %w", err)
+		}
+	}
 }
 
 // redoJournal redoes the journaled writes no later settled record covers,
@@ -346,12 +499,24 @@ func (s *Store) redoJournal(all []jRec) error {
 		if r.typ == jSettled {
 			continue
 		}
+		if r.typ == jPresent {
+			// Not covered by settled records: an apply journals the
+			// mark before it settles the entry.
+			done, err := s.redoPresent(r)
+			if err != nil {
+				return err
+			}
+			if done != nil {
+				touched[done] = true
+			}
+			continue
+		}
 		if at, ok := last[key{r.obj, r.c}]; ok && at > i {
 			continue
 		}
 		v, ok := s.objs[r.obj].(*Volume)
-		if !ok || v.src != nil || v.deleted {
-			return corruptf("kill journal: a write of object %d, not a live plain volume", r.obj)
+		if !ok || v.deleted {
+			return corruptf("kill journal: a write of object %d, not a live volume", r.obj)
 		}
 		off := r.c<<v.shift + r.o
 		if r.o+r.n > v.chunkSize || r.n <= 0 || off+r.n > v.Size() || r.c > v.Size()>>v.shift {
@@ -372,4 +537,32 @@ func (s *Store) redoJournal(all []jRec) error {
 		}
 	}
 	return nil
+}
+
+// redoPresent marks a clone's chunk present again, as the journal says it
+// was: the data file holds all of it. It returns the volume if it marked
+// the chunk (the caller's Flush commits the mark, after a data sync). A
+// mark of a volume deleted since, of a chunk past its size or already
+// present, changes nothing.
+func (s *Store) redoPresent(r jRec) (*Volume, error) {
+	o, ok := s.objs[r.obj]
+	if !ok {
+		return nil, nil // the clone was deleted and reaped
+	}
+	v, ok := o.(*Volume)
+	if !ok || v.src == nil {
+		return nil, corruptf("kill journal: a present mark of object %d, not a clone", r.obj)
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.deleted || r.c >= chunks(v.size, v.shift) || r.c<<v.shift >= v.src.size {
+		return nil, nil
+	}
+	if _, ok := v.present.Lookup(exceptions.Chunk(r.c)); ok {
+		return nil, nil
+	}
+	v.present.Insert(exceptions.Chunk(r.c), exceptions.Chunk(r.c))
+	v.pendingPresent = append(v.pendingPresent, uint64(r.c))
+	v.presentMarks++
+	return v, nil
 }

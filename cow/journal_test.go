@@ -349,3 +349,208 @@ func TestKillJournalDamaged(t *testing.T) {
 		t.Fatalf("opened %d, ErrCorrupt %d: both outcomes should occur", opened, corrupt)
 	}
 }
+
+// TestKillJournalClone: with SetSurviveKill, a clone's writes return
+// without a Flush: those that complete a chunk from the source journal its
+// present mark, those into an overlay entry (after a snapshot of the clone)
+// their bytes. A kill, with the group commit and every Flush held, loses
+// none of them, and the clone's snapshot still reads its image.
+func TestKillJournalClone(t *testing.T) {
+	const cs = 16 << 10
+	dir := t.TempDir()
+	h := &syncHold{}
+	s, _ := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
+	s.SetSurviveKill(true)
+	src := mustVol(t, s, "src", 8*cs, cs)
+	base := fill(8*cs, 1)
+	if _, err := src.WriteAt(base, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("src", "snap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := s.CloneSnapshot("snap", "clone", 8*cs, VolumeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := bytes.Clone(base)
+	write := func(p []byte, off int64) {
+		t.Helper()
+		returnsSoon(t, "clone write", func() error { _, err := c.WriteAt(p, off); return err })
+		copy(want[off:], p)
+	}
+	// Chunks 0 and 1 completed from the source and made present before the
+	// clone's snapshot; its marks committed by CreateSnapshot.
+	write(fill(100, 2), 10)
+	if _, err := s.CreateSnapshot("clone", "csnap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	image := bytes.Clone(want)
+	// Chunk 3: a first write after csnap, applied (the chunk is present
+	// now, with the whole image) while its mark waits for a Flush.
+	write(fill(300, 7), 3*cs+20)
+	if err := c.drain(); err != nil {
+		t.Fatal(err)
+	}
+	// A second clone, with no snapshot: its writes complete chunks from
+	// the source straight into its data file, and mark them present.
+	other, err := s.CloneSnapshot("snap", "clone2", 8*cs, VolumeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want2 := bytes.Clone(base)
+	h.arm()
+	for i, off := range []int64{5, cs + 5000, 6*cs - 10} {
+		p := fill(2000, byte(20+i))
+		returnsSoon(t, "write to clone2", func() error { _, err := other.WriteAt(p, off); return err })
+		copy(want2[off:], p)
+	}
+	write(fill(4096, 3), 2*cs+100) // chunk 2, read through to the source: an entry holding the whole image
+	write(fill(50, 4), 2*cs+8000)  // the same chunk again
+	write(fill(4096, 5), 0)        // chunk 0, present: an overlay entry (csnap's copy-out)
+	write(fill(3*cs, 6), 4*cs+7)   // chunks 4..7 at once
+	if n := c.ovN.Load(); n == 0 {
+		t.Fatalf("no overlay entry pending: the test does not reach the journal's write records")
+	}
+	killStore(s, h)
+
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	c2, err := s2.Volume("clone")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, c2, 0, 8*cs); !bytes.Equal(got, want) {
+		t.Fatalf("clone after the kill: %d bytes differ from the acknowledged writes", countDiff(got, want))
+	}
+	d2, err := s2.Volume("clone2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, d2, 0, 8*cs); !bytes.Equal(got, want2) {
+		t.Fatalf("clone2 after the kill: %d bytes differ from the acknowledged writes", countDiff(got, want2))
+	}
+	sn, err := s2.Snapshot("csnap")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, sn, 0, 8*cs); !bytes.Equal(got, image) {
+		t.Fatalf("the clone's snapshot after the kill: %d bytes differ", countDiff(got, image))
+	}
+}
+
+// TestKillJournalKilledOpen: an Open that redid the journal and stops
+// while it empties the files (killed, or a failed truncate) must leave
+// nothing a later Open would redo over writes made since the settled
+// records. Chunk 0's entry is pending across a switch (its records in the
+// older file, its settled record in the newer), then written again
+// straight to the data file; the second Open fails to empty the newer
+// file; the third must still read the later write.
+func TestKillJournalKilledOpen(t *testing.T) {
+	const cs = 4096
+	defer func(old int64) { journalSwitch = old }(journalSwitch)
+	journalSwitch = 2 * cs
+	dir := t.TempDir()
+	h := &syncHold{}
+	s, _ := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
+	s.SetSurviveKill(true)
+	v := mustVol(t, s, "v", 32*cs, cs)
+	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	h.arm()
+	returnsSoon(t, "write A", func() error { _, err := v.WriteAt(fill(cs, 0xA), 0); return err })
+	for i := 1; i < 6; i++ {
+		returnsSoon(t, "write", func() error { _, err := v.WriteAt(fill(cs, byte(i)), int64(i)*cs); return err })
+	}
+	s.jnl.mu.Lock()
+	switched := s.jnl.switches
+	s.jnl.mu.Unlock()
+	if switched == 0 {
+		t.Fatal("the journal did not switch while chunk 0 was pending")
+	}
+	h.free()
+	if err := v.Flush(); err != nil { // chunk 0 applied, settled in the newer file
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(cs, 0xB), 0); err != nil { // straight to the data file
+		t.Fatal(err)
+	}
+	killStore(s, h)
+
+	// The second of Open's two truncates of journal files fails: what a
+	// kill between them leaves.
+	fs := newFaultFS(dir)
+	truncs := 0
+	fs.truncErr = func(name string, _ int64) error {
+		if !strings.HasPrefix(name, "kill.journal") {
+			return nil
+		}
+		if truncs++; truncs == 2 {
+			return errInjected
+		}
+		return nil
+	}
+	if s2, err := openFS(dir, fs); err == nil {
+		s2.Close()
+		t.Fatal("the second Open succeeded though it could not empty the newer journal file")
+	}
+	s3, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s3.Close()
+	v3, _ := s3.Volume("v")
+	if got := mustRead(t, v3, 0, cs); got[0] != 0xB {
+		t.Fatalf("chunk 0's settled write was redone over the later one: reads %#x, want 0xB", got[0])
+	}
+}
+
+// TestKillJournalNoBootID: an Open that cannot tell a restart from a
+// reboot ignores the journal and empties it, so a later Open that can tell
+// never redoes records over writes made in between.
+func TestKillJournalNoBootID(t *testing.T) {
+	const cs = 4096
+	dir := t.TempDir()
+	h := &syncHold{}
+	s, _ := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
+	s.SetSurviveKill(true)
+	v := mustVol(t, s, "v", 4*cs, cs)
+	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	h.arm()
+	returnsSoon(t, "write A", func() error { _, err := v.WriteAt(fill(cs, 0xA), 0); return err })
+	killStore(s, h)
+
+	real := readBootID
+	readBootID = func() ([16]byte, bool) { return [16]byte{}, false }
+	s2, err := Open(dir)
+	if err != nil {
+		readBootID = real
+		t.Fatal(err)
+	}
+	v2, _ := s2.Volume("v")
+	if _, err := v2.WriteAt(fill(cs, 0xB), 0); err != nil {
+		readBootID = real
+		t.Fatal(err)
+	}
+	if err := v2.Flush(); err != nil {
+		readBootID = real
+		t.Fatal(err)
+	}
+	s2.closeFiles() // a kill: no checkpoint, so the log's generation stays
+	readBootID = real
+	s3, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s3.Close()
+	v3, _ := s3.Volume("v")
+	if got := mustRead(t, v3, 0, cs); got[0] != 0xB {
+		t.Fatalf("a journal an earlier Open ignored was redone over a later write: chunk 0 reads %#x", got[0])
+	}
+}

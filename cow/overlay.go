@@ -356,6 +356,14 @@ func (e *ovEntry) apply() error {
 		// committer's sticky error makes Flush and writes fail.
 		return err
 	}
+	if !present {
+		// The clone holds the whole chunk now; its present record goes out
+		// with the next Flush, after the data sync. Journaled before the
+		// settled record below, which the mark must outlive.
+		if err := v.markPresent([]uint64{uint64(e.c)}); err != nil {
+			return err
+		}
+	}
 	if e.journaled {
 		// The chunk is in the data file: from the entry's drop on,
 		// writes go there, and a redo of the journaled ones would undo
@@ -363,15 +371,6 @@ func (e *ovEntry) apply() error {
 		if err := v.s.jnl.settled(e); err != nil {
 			return err
 		}
-	}
-	if !present {
-		// The clone holds the whole chunk now; its present record goes out
-		// with the next Flush, after the data sync.
-		v.mu.Lock()
-		v.present.Insert(exceptions.Chunk(e.c), exceptions.Chunk(e.c))
-		v.pendingPresent = append(v.pendingPresent, uint64(e.c))
-		v.presentMarks++
-		v.mu.Unlock()
 	}
 	v.ovMu.Lock()
 	delete(v.ov, e.c)
@@ -522,11 +521,12 @@ func (v *Volume) writeOverlaid(off, n int64, p []byte) (unsettled, error) {
 	return u, nil
 }
 
-// killJournal returns the journal a write to an overlay entry of v must
-// go to before it returns (journal.go), or nil: the store is not set to
-// survive a kill, the boot has no identity, or v is a clone.
+// killJournal returns the journal a write to an overlay entry of v, or a
+// clone's present mark, must go to before the write returns (journal.go),
+// or nil: the store is not set to survive a kill, or the boot has no
+// identity.
 func (v *Volume) killJournal() *journal {
-	if v.src != nil || !v.s.survive.Load() || v.s.jnl == nil {
+	if !v.s.survive.Load() || v.s.jnl == nil {
 		return nil
 	}
 	return v.s.jnl

@@ -37,6 +37,7 @@ type Store struct {
 	isClosed atomic.Bool            // for the I/O paths, which do not take mu
 	survive  atomic.Bool            // SetSurviveKill: writes return once a process kill cannot lose them
 	jnl      *journal               // the kill journal (journal.go); nil where the boot has no identity
+	openGen  uint64                 // Open: the log's generation before any checkpoint of Open's (the journal's)
 	// logNow mirrors log for Err, which must not wait for mu (a
 	// Checkpoint holds it while it writes the whole state).
 	logNow atomic.Pointer[committer]
@@ -62,12 +63,13 @@ type Store struct {
 // outlives the process (driver/kernel's FUSE holder: the filesystem on the
 // device stays mounted across a restart and never resends a write it got an
 // answer to) needs it on. The cost, only where the overlay or a clone is
-// involved: a plain volume's first write after a snapshot appends its bytes
-// to the kill journal (journal.go; page cache, no sync), which Open redoes
-// after a kill; a clone's waits for its batch to be applied (one group
-// commit, fsyncs included), and a write that completes a clone's chunk from
-// its source waits for a Flush (a data sync, then a log commit); a write to
-// a chunk that needs none of that returns as before.
+// involved: a first write after a snapshot appends its bytes to the kill
+// journal (journal.go; page cache, no sync), which Open redoes after a
+// kill, and a write that completes a clone's chunk from its source appends
+// the chunk's present mark there. Without a journal (a boot without an
+// identity) they wait instead: for the batch to be applied (one group
+// commit, fsyncs included), for a Flush (a data sync, then a log commit).
+// A write to a chunk that needs none of that returns as before.
 func (s *Store) SetSurviveKill(on bool) { s.survive.Store(on) }
 
 // Open opens the store in dir, creating dir and an empty store if needed,
@@ -160,6 +162,7 @@ func (s *Store) load() error {
 	s.dirty = map[*Snapshot]struct{}{}
 	end, seq, dropped, err := s.replayLog(b)
 	s.replay = false
+	s.openGen = s.hdr.Generation
 	if err == nil {
 		err = s.groupsReplayed()
 	}
@@ -983,7 +986,11 @@ func (s *Store) DeleteVolume(id string) error {
 	if err := v.drain(); err != nil {
 		return err
 	}
-	return s.commitApply(&record{Type: recDelete, Obj: v.obj})
+	if err := s.commitApply(&record{Type: recDelete, Obj: v.obj}); err != nil {
+		return err
+	}
+	s.jnl.forget(v) // nothing writes v again, and a redo skips its marks
+	return nil
 }
 
 // DeleteSnapshot deletes the snapshot; its clones keep working. Its COW
@@ -1374,6 +1381,9 @@ func (s *Store) checkpointGated(vs []*Volume) error {
 	}
 	s.log.f.Close()
 	s.hdr = h
+	if dirErr == nil {
+		s.jnl.restart(h.Generation)
+	}
 	old := s.log
 	s.setLog(newCommitter(f, w.off, 0))
 	// Batch ids go on where the old log's ended: volumes remember the id of

@@ -115,6 +115,9 @@ type Volume struct {
 	// marks is in the log (committed by a Flush, or carried by a
 	// checkpoint). Only grows.
 	presentDone atomic.Uint64
+	// jMarks: clones: runs of present marks journaled (journal.go) and
+	// not yet in the log. Guarded by the journal's mu, not mu.
+	jMarks []jMark
 
 	mu             sync.RWMutex // guards everything below
 	size           int64

@@ -527,6 +527,7 @@ func (v *Volume) modifyAs(off, n int64, p []byte, internal, write bool) error {
 		}
 		v.gate.RUnlock()
 		if err == nil && !internal {
+			v.s.jnl.unstick()
 			return v.settle(u)
 		}
 		inv, ok := err.(needInvalidate)
@@ -562,7 +563,10 @@ type unsettled struct {
 // its present records must follow a data sync (the order Flush keeps),
 // and an overlay entry's apply may mark its chunk present too.
 func (v *Volume) settle(u unsettled) error {
-	if !v.s.survive.Load() {
+	if !v.s.survive.Load() || v.s.jnl != nil {
+		// Off, or the kill journal holds what memory alone held: the
+		// bytes of writes into overlay entries and clones' present
+		// marks (journal.go).
 		return nil
 	}
 	if v.src != nil {
@@ -582,9 +586,10 @@ func (v *Volume) donePresent(n uint64) {
 	for {
 		d := v.presentDone.Load()
 		if d >= n || v.presentDone.CompareAndSwap(d, n) {
-			return
+			break
 		}
 	}
+	v.s.jnl.marksDone(v, n)
 }
 
 func (v *Volume) modifyGated(off, n int64, p []byte, write bool) (unsettled, error) {
@@ -646,17 +651,13 @@ func (v *Volume) modifyGated(off, n int64, p []byte, write bool) (unsettled, err
 
 // writeClone writes to a clone: chunks it does not hold yet are completed
 // from the source first, since from now on they are read from the clone.
-func (v *Volume) writeClone(off, n int64, p []byte) error {
+func (v *Volume) writeClone(off, n int64, p []byte) (err error) {
 	var marked []uint64
 	defer func() {
 		if len(marked) > 0 {
-			v.mu.Lock()
-			for _, c := range marked {
-				v.present.Insert(exceptions.Chunk(c), exceptions.Chunk(c))
+			if jerr := v.markPresent(marked); err == nil {
+				err = jerr
 			}
-			v.pendingPresent = append(v.pendingPresent, marked...)
-			v.presentMarks += uint64(len(marked))
-			v.mu.Unlock()
 		}
 	}()
 	for end := off + n; off < end; {
@@ -702,6 +703,24 @@ func (v *Volume) writeClone(off, n int64, p []byte) error {
 			marked = append(marked, uint64(c))
 		}
 		off += m
+	}
+	return nil
+}
+
+// markPresent marks a clone's chunks cs present: the data file holds them
+// whole now. The marks reach the log with the next Flush (after its data
+// sync); when the store must survive a kill, they go to the kill journal
+// first (journal.go). The caller holds the chunks' stripes.
+func (v *Volume) markPresent(cs []uint64) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for _, c := range cs {
+		v.present.Insert(exceptions.Chunk(c), exceptions.Chunk(c))
+	}
+	v.pendingPresent = append(v.pendingPresent, cs...)
+	v.presentMarks += uint64(len(cs))
+	if j := v.killJournal(); j != nil {
+		return j.present(v, cs, v.presentMarks)
 	}
 	return nil
 }

@@ -17,6 +17,9 @@
 #   read-{seq,rand}   1 MiB sequential / 4 KiB random reads, time-based, of
 #                     the origin, of the newest snapshot's read-only device,
 #                     and of a clone of that snapshot
+#   randwrite-clone   then the randwrite job on that clone (each write to a
+#                     chunk the clone does not hold yet completes it from
+#                     the snapshot and marks it present)
 # and prints medians with the ratios the issue sets goals for.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -110,6 +113,7 @@ for r in $(seq "$ROUNDS"); do
 		cdev=$answer
 		measure "$r" "$n" read-seq-clone "$cdev" "${SEQR[@]}"
 		measure "$r" "$n" read-rand-clone "$cdev" "${RANDR[@]}"
+		measure "$r" "$n" randwrite-clone "$cdev" "${RANDW[@]}"
 		cmd detach "$v-c"
 		cmd delvol "$v-c"
 		cmd detach "$snap"
