@@ -3,16 +3,32 @@
 # that survive a kill"), as root: ROUNDS (default 2) interleaved rounds of
 #   A  hack/bench-cow-block.sh with benchserve -survive-kill=false (the chart)
 #   B  the same with the default, on (the binary)
-# for 0 and 1 snapshots; each line of output is prefixed with A or B.
+#   C  (only with BASE_REV=<git revision>) B's run with the benchserve of
+#      that revision, from a temporary worktree (this tree's
+#      bench-cow-block.sh, so the jobs are the same): before and after a
+#      change to the kill-safe path
+# for 0 and 1 snapshots; each line of output is prefixed with A, B or C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-2}
+variants="A B"
+base=
+if [ -n "${BASE_REV:-}" ]; then
+	base=$(mktemp -d /var/tmp/bench-base.XXXXXX)
+	trap 'git worktree remove --force "$base" >/dev/null 2>&1 || rm -rf "$base"' EXIT
+	git worktree add --detach "$base" "$BASE_REV" >/dev/null
+	cp hack/bench-cow-block.sh "$base/hack/bench-cow-block.sh"
+	echo "# C = $(git rev-parse --short "$BASE_REV")"
+	variants="A B C"
+fi
+echo "# A, B = $(git rev-parse --short HEAD)"
 for r in $(seq "$ROUNDS"); do
-	for v in A B; do
+	for v in $variants; do
 		echo "# round $r $v $(uptime)"
-		f=""
+		f="" dir=.
 		[ "$v" = A ] && f="-survive-kill=false"
-		SNAPSHOTS="0 1" ROUNDS=1 BENCHSERVE_FLAGS="$f" bash hack/bench-cow-block.sh 2>&1 | sed "s/^/$v /"
+		[ "$v" = C ] && dir=$base
+		(cd "$dir" && SNAPSHOTS="0 1" ROUNDS=1 BENCHSERVE_FLAGS="$f" bash hack/bench-cow-block.sh 2>&1) | sed "s/^/$v /"
 	done
 done
 echo "# end $(uptime)"
