@@ -43,6 +43,9 @@ import (
 // and every later journaled write and settled record fails with it, so
 // the apply of a journaled entry fails the committer, and the store
 // refuses writes as after a failed fsync; Open redoes what was journaled.
+// Until then, writes that answer without the journal's help (a clone's
+// write into a chunk a failed write marked present) wait as if there were
+// no journal (Volume.settle).
 //
 // Two files take turns (epochs), so the journal does not grow without end
 // under a stream of first writes that never leaves the overlay empty: once
@@ -107,7 +110,8 @@ type journal struct {
 	epoch uint64 // the current epoch; its file is f[epoch&1]
 	off   int64  // where the next record goes in the current file
 	live  [2]int64
-	err   error // sticky: a failed append may have left a torn record
+	err   error       // sticky: a failed append may have left a torn record
+	bad   atomic.Bool // err != nil, read without mu
 	buf   []byte
 	// switches counts the epochs started by writes since Open (tests).
 	switches int
@@ -148,8 +152,7 @@ func (j *journal) appendLocked(typ uint8, obj uint32, c, o int64, n int64, p []b
 	}
 	binary.LittleEndian.PutUint32(b[32:], sum)
 	if err := writeFull(j.f[j.epoch&1], b, j.off); err != nil {
-		j.err = fmt.Errorf("kill journal: %w", err)
-		return j.err
+		return j.fail(err)
 	}
 	j.off += int64(size)
 	if j.off > 2*journalSwitch && j.live[(j.epoch+1)&1] > 0 {
@@ -294,12 +297,10 @@ func (j *journal) startEpoch(ep uint64) error {
 	// Emptied first: a kill between the two leaves an empty file, which
 	// Open ignores, never the header over stale records.
 	if err := f.Truncate(0); err != nil {
-		j.err = fmt.Errorf("kill journal: %w", err)
-		return j.err
+		return j.fail(err)
 	}
 	if err := writeFull(f, h, 0); err != nil {
-		j.err = fmt.Errorf("kill journal: %w", err)
-		return j.err
+		return j.fail(err)
 	}
 	j.epoch, j.off = ep, journalHeaderLen
 	j.stuck.Store(false)
@@ -311,6 +312,7 @@ func (j *journal) close() {
 	defer j.mu.Unlock()
 	if j.err == nil {
 		j.err = ErrClosed
+		j.bad.Store(true)
 	}
 	for i, f := range j.f {
 		if f != nil {
@@ -332,13 +334,12 @@ type jRec struct {
 // decodeJournal returns the epoch of journal file b and its records, up to
 // the first that does not decode (a torn append, or the end). ok is false
 // for a file that is empty, or belongs to another store, another boot or
-// another generation of the log.
+// another generation of the log than gen or gen+1 (carryJournal).
 func decodeJournal(b []byte, uuid, boot [16]byte, gen uint64) (ep uint64, recs []jRec, ok bool) {
-	if len(b) < journalHeaderLen || !bytes.Equal(b[:8], journalMagic[:]) ||
-		binary.LittleEndian.Uint32(b[76:]) != crc(b[:76]) ||
-		binary.LittleEndian.Uint32(b[8:]) != journalVersion ||
-		!bytes.Equal(b[16:32], uuid[:]) || !bytes.Equal(b[32:48], boot[:]) ||
-		binary.LittleEndian.Uint64(b[56:]) != gen {
+	if !journalHeaderOK(b, uuid, boot) {
+		return 0, nil, false
+	}
+	if g := binary.LittleEndian.Uint64(b[56:]); g != gen && g != gen+1 {
 		return 0, nil, false
 	}
 	ep = binary.LittleEndian.Uint64(b[48:])
@@ -374,6 +375,64 @@ func decodeJournal(b []byte, uuid, boot [16]byte, gen uint64) (ep uint64, recs [
 	}
 	return ep, recs, true
 }
+
+// journalHeaderOK reports whether b starts with a journal header of this
+// version, store and boot.
+func journalHeaderOK(b []byte, uuid, boot [16]byte) bool {
+	return len(b) >= journalHeaderLen && bytes.Equal(b[:8], journalMagic[:]) &&
+		binary.LittleEndian.Uint32(b[76:]) == crc(b[:76]) &&
+		binary.LittleEndian.Uint32(b[8:]) == journalVersion &&
+		bytes.Equal(b[16:32], uuid[:]) && bytes.Equal(b[32:48], boot[:])
+}
+
+// carryJournal moves the journal files of the log's current generation on
+// to generation gen (the next), ahead of a checkpoint Open takes before the
+// journal's redo (load): once that checkpoint is installed, records of the
+// old generation would count as retired, and a redo the process did not
+// finish (a kill, an error) would be lost. Done before the rename, so the
+// files may be one generation ahead of the log (the rename did not
+// happen), which decodeJournal accepts; never behind it while they hold
+// records to redo.
+func (s *Store) carryJournal(gen uint64) error {
+	boot, ok := readBootID()
+	if !ok {
+		return nil
+	}
+	for _, name := range journalNames {
+		f, err := s.fs.Open(name, false)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		h := make([]byte, journalHeaderLen)
+		err = readFull(f, h, 0)
+		if err == nil && journalHeaderOK(h, s.hdr.UUID, boot) {
+			if g := binary.LittleEndian.Uint64(h[56:]); g == s.openGen || g == s.openGen+1 {
+				binary.LittleEndian.PutUint64(h[56:], gen)
+				binary.LittleEndian.PutUint32(h[76:], crc(h[:76]))
+				err = writeFull(f, h, 0)
+			}
+		}
+		f.Close()
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// fail makes err the journal's sticky error. Called with mu.
+func (j *journal) fail(err error) error {
+	j.err = fmt.Errorf("kill journal: %w", err)
+	j.bad.Store(true)
+	return j.err
+}
+
+// failed reports whether the journal failed (or was closed): it may lack
+// records of writes already answered.
+func (j *journal) failed() bool { return j.bad.Load() }
 
 // openJournal opens the kill journal, redoes what a killed process left
 // in it (see the top of this file), and starts an empty one. Called by
@@ -476,7 +535,7 @@ func (j *journal) restart(gen uint64) {
 	cur := j.epoch
 	if j.startEpoch(cur+1) == nil {
 		if err := j.f[cur&1].Truncate(0); err != nil {
-			j.err = fmt.Errorf("kill journal: %w", err)
+			j.fail(err)
 		}
 	}
 }

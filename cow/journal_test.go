@@ -554,3 +554,92 @@ func TestKillJournalNoBootID(t *testing.T) {
 		t.Fatalf("a journal an earlier Open ignored was redone over a later write: chunk 0 reads %#x", got[0])
 	}
 }
+
+// TestKillJournalOpenCheckpoint: an Open whose load takes a checkpoint
+// (a new generation of the log) and then stops before the redo is durable
+// must leave the journal for the next Open to redo: its records move on
+// to the new generation with the checkpoint.
+func TestKillJournalOpenCheckpoint(t *testing.T) {
+	const cs = 4096
+	dir := t.TempDir()
+	h := &syncHold{}
+	s, _ := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
+	s.SetSurviveKill(true)
+	v := mustVol(t, s, "v", 4*cs, cs)
+	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	h.arm()
+	returnsSoon(t, "write A", func() error { _, err := v.WriteAt(fill(cs, 0xA), 0); return err })
+	killStore(s, h)
+
+	// An Open that loads, checkpoints (as load does after reaping an
+	// orphan or for a long tail), and dies before its journal redo.
+	s2 := &Store{dir: dir, fs: osFS{dir}, byID: map[string]any{}, objs: map[uint32]any{}, nextObj: 1}
+	if err := s2.load(); err != nil {
+		t.Fatal(err)
+	}
+	gen := s2.hdr.Generation
+	if err := s2.checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	if s2.hdr.Generation == gen {
+		t.Fatal("the checkpoint did not start a new generation of the log")
+	}
+	s2.log.stopped()
+	s2.closeFiles()
+
+	s3, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s3.Close()
+	v3, _ := s3.Volume("v")
+	if got := mustRead(t, v3, 0, cs); got[0] != 0xA {
+		t.Fatalf("an acknowledged write was lost to Open's own checkpoint: chunk 0 reads %#x, want 0xA", got[0])
+	}
+}
+
+// TestKillJournalFailedAppend: once an append to the journal failed, the
+// journal may lack what later writes rely on, so they wait as without a
+// journal: a clone's write into a chunk a failed write marked present
+// returns only once the mark is in the log, and survives a kill.
+func TestKillJournalFailedAppend(t *testing.T) {
+	const cs = 4096
+	dir := t.TempDir()
+	s, fs := openFault(t, dir, nil)
+	s.SetSurviveKill(true)
+	src := mustVol(t, s, "src", 4*cs, cs)
+	if _, err := src.WriteAt(fill(4*cs, 1), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("src", "snap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := s.CloneSnapshot("snap", "clone", 4*cs, VolumeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.jnl.mu.Lock()
+	cur := journalNames[s.jnl.epoch&1]
+	s.jnl.mu.Unlock()
+	fs.mu.Lock()
+	fs.failSuffix, fs.failWrite = cur, 0 // the next append fails
+	fs.mu.Unlock()
+	if _, err := c.WriteAt(fill(100, 2), 0); err == nil {
+		t.Fatal("a write whose present mark the journal failed to take succeeded")
+	}
+	if _, err := c.WriteAt(fill(100, 3), 1000); err != nil {
+		t.Fatal(err)
+	}
+	s.closeFiles() // the kill
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	c2, _ := s2.Volume("clone")
+	if got := mustRead(t, c2, 1000, 100); !bytes.Equal(got, fill(100, 3)) {
+		t.Fatalf("a write acknowledged after the journal failed was lost to a kill: reads %v...", got[:4])
+	}
+}

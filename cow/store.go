@@ -1360,6 +1360,14 @@ func (s *Store) checkpointGated(vs []*Volume) error {
 	if err := f.Sync(); err != nil {
 		return err
 	}
+	if s.jnl == nil {
+		// Open's own checkpoint, before the journal's redo: the journal
+		// goes on to the new generation, or the redo, if stopped, would
+		// never be done again (journal.go, carryJournal).
+		if err := s.carryJournal(h.Generation); err != nil {
+			return err
+		}
+	}
 	if err := s.fs.Rename(logTmpName, logName); err != nil {
 		return err
 	}

@@ -563,10 +563,15 @@ type unsettled struct {
 // its present records must follow a data sync (the order Flush keeps),
 // and an overlay entry's apply may mark its chunk present too.
 func (v *Volume) settle(u unsettled) error {
-	if !v.s.survive.Load() || v.s.jnl != nil {
-		// Off, or the kill journal holds what memory alone held: the
-		// bytes of writes into overlay entries and clones' present
-		// marks (journal.go).
+	if !v.s.survive.Load() {
+		return nil
+	}
+	if j := v.s.jnl; j != nil && !j.failed() {
+		// The kill journal holds what memory alone held: the bytes of
+		// writes into overlay entries and clones' present marks
+		// (journal.go). A journal that failed an append holds only some
+		// of it: then wait as without one (a write into an entry fails
+		// on the journal before it gets here, and so does its apply).
 		return nil
 	}
 	if v.src != nil {
