@@ -69,11 +69,15 @@ func benchFile(b *testing.B, size int64) fileImage {
 	return fileImage{f}
 }
 
+// benchSurvive: benchStore's stores are set to survive a kill.
+var benchSurvive bool
+
 func benchStore(b *testing.B, size int64, chunk int) (*Store, *Volume) {
 	s, err := Open(b.TempDir())
 	if err != nil {
 		b.Fatal(err)
 	}
+	s.SetSurviveKill(benchSurvive)
 	b.Cleanup(func() { s.Close() })
 	v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: chunk})
 	if err != nil {
@@ -344,6 +348,13 @@ func BenchmarkWriteParallel(b *testing.B) {
 			}
 		}
 		b.Run(pat.name+"/snaps=1/first-burst", func(b *testing.B) {
+			benchParallel(b, pat.bs, pat.region, 1, true, burst)
+		})
+		// The same with SetSurviveKill (the binary's default): each
+		// write also journals its bytes (journal.go) before it returns.
+		b.Run(pat.name+"/snaps=1/first-burst-survive", func(b *testing.B) {
+			benchSurvive = true
+			defer func() { benchSurvive = false }()
 			benchParallel(b, pat.bs, pat.region, 1, true, burst)
 		})
 		for _, snaps := range []int{-1, 0, 1} {

@@ -38,14 +38,14 @@ import (
 // into the data file. It is journaled too ("present" record, redone by
 // marking the chunk again), and is live until the log holds it.
 //
-// A failed append is sticky: a torn record may end the file, and records
-// after it would never be read. The write that failed returns the error,
-// and every later journaled write and settled record fails with it, so
-// the apply of a journaled entry fails the committer, and the store
-// refuses writes as after a failed fsync; Open redoes what was journaled.
-// Until then, writes that answer without the journal's help (a clone's
-// write into a chunk a failed write marked present) wait as if there were
-// no journal (Volume.settle).
+// A failed append (or truncate) is sticky: a torn record may end the
+// file, and records after it would never be read. The write that failed
+// returns the error, and the journal fails the store's committer (onFail),
+// so the store refuses writes and Flushes as after a failed fsync, until
+// it is reopened; Open redoes what was journaled. Meanwhile writes that
+// answer without the journal's help (a clone's write into a chunk a failed
+// write marked present, racing the failure) wait as if there were no
+// journal (Volume.settle).
 //
 // Two files take turns (epochs), so the journal does not grow without end
 // under a stream of first writes that never leaves the overlay empty: once
@@ -115,6 +115,11 @@ type journal struct {
 	buf   []byte
 	// switches counts the epochs started by writes since Open (tests).
 	switches int
+	// onFail is told of the journal's first failure (outside mu): the
+	// store fails its committer, so it refuses writes as after a failed
+	// fsync. failNow holds the failure until mu is released.
+	onFail  func(error)
+	failNow error
 	// holders: clones with journaled present marks (jMarks) not yet in
 	// the log. stuck: the current file is past twice journalSwitch and
 	// cannot switch; flushing: a writer is flushing holders (unstick).
@@ -189,7 +194,7 @@ func (j *journal) unstick() {
 // has changed e already; the write may return once this has.
 func (j *journal) wrote(e *ovEntry, o, n int64, p []byte) error {
 	j.mu.Lock()
-	defer j.mu.Unlock()
+	defer j.unlock()
 	if !e.journaled {
 		if err := j.maybeSwitch(); err != nil {
 			return err
@@ -208,7 +213,7 @@ func (j *journal) wrote(e *ovEntry, o, n int64, p []byte) error {
 // apply) holds the stripe and drops e after this returns.
 func (j *journal) settled(e *ovEntry) error {
 	j.mu.Lock()
-	defer j.mu.Unlock()
+	defer j.unlock()
 	if err := j.appendLocked(jSettled, e.v.obj, e.c, 0, 0, nil); err != nil {
 		return err
 	}
@@ -225,7 +230,7 @@ func (j *journal) settled(e *ovEntry) error {
 // again; the redo marks them present again.
 func (j *journal) present(v *Volume, cs []uint64, upto uint64) error {
 	j.mu.Lock()
-	defer j.mu.Unlock()
+	defer j.unlock()
 	if err := j.maybeSwitch(); err != nil {
 		return err
 	}
@@ -423,11 +428,27 @@ func (s *Store) carryJournal(gen uint64) error {
 	return nil
 }
 
-// fail makes err the journal's sticky error. Called with mu.
+// fail makes err the journal's sticky error. Called with mu; unlock tells
+// onFail.
 func (j *journal) fail(err error) error {
 	j.err = fmt.Errorf("kill journal: %w", err)
 	j.bad.Store(true)
+	j.failNow = j.err
 	return j.err
+}
+
+// unlock releases mu and tells onFail of a failure made under it. A
+// failure of a record that nothing pending depends on (a new epoch's
+// header, a present mark) would otherwise leave the journal refusing
+// every later record with no one told: the store must stop, as the
+// writes it answered may lack their records.
+func (j *journal) unlock() {
+	err := j.failNow
+	j.failNow = nil
+	j.mu.Unlock()
+	if err != nil && j.onFail != nil {
+		j.onFail(err)
+	}
 }
 
 // failed reports whether the journal failed (or was closed): it may lack
@@ -463,6 +484,7 @@ func (s *Store) openJournal() error {
 		return nil
 	}
 	j := &journal{uuid: s.hdr.UUID, boot: boot, gen: s.hdr.Generation}
+	j.onFail = func(err error) { s.logNow.Load().fail(err) }
 	for i, name := range journalNames {
 		f, err := s.fs.Open(name, true)
 		if err != nil {
@@ -525,19 +547,22 @@ func (s *Store) openJournal() error {
 // (all settled) and carries every present mark, so nothing in the journal
 // is live. A kill before the files are emptied leaves them with the old
 // generation, which Open ignores. Called with every gate held.
-func (j *journal) restart(gen uint64) {
+func (j *journal) restart(gen uint64) error {
 	if j == nil {
-		return
+		return nil
 	}
 	j.mu.Lock()
 	defer j.mu.Unlock()
+	j.failNow = nil // the caller fails the store with the error returned
 	j.gen = gen
 	cur := j.epoch
-	if j.startEpoch(cur+1) == nil {
-		if err := j.f[cur&1].Truncate(0); err != nil {
-			j.fail(err)
-		}
+	if err := j.startEpoch(cur + 1); err != nil {
+		return err
 	}
+	if err := j.f[cur&1].Truncate(0); err != nil {
+		return j.fail(err)
+	}
+	return nil
 }
 
 // redoJournal redoes the journaled writes no later settled record covers,

@@ -600,10 +600,11 @@ func TestKillJournalOpenCheckpoint(t *testing.T) {
 	}
 }
 
-// TestKillJournalFailedAppend: once an append to the journal failed, the
-// journal may lack what later writes rely on, so they wait as without a
-// journal: a clone's write into a chunk a failed write marked present
-// returns only once the mark is in the log, and survives a kill.
+// TestKillJournalFailedAppend: a failed append to the journal (here a
+// clone's present mark, which no pending entry depends on) fails the
+// store, as a failed fsync does: later writes are refused rather than
+// answered with the journal missing what they rely on, and a reopen finds
+// every acknowledged write.
 func TestKillJournalFailedAppend(t *testing.T) {
 	const cs = 4096
 	dir := t.TempDir()
@@ -620,6 +621,9 @@ func TestKillJournalFailedAppend(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if _, err := c.WriteAt(fill(100, 5), 2*cs); err != nil { // acknowledged, journaled
+		t.Fatal(err)
+	}
 	s.jnl.mu.Lock()
 	cur := journalNames[s.jnl.epoch&1]
 	s.jnl.mu.Unlock()
@@ -629,8 +633,14 @@ func TestKillJournalFailedAppend(t *testing.T) {
 	if _, err := c.WriteAt(fill(100, 2), 0); err == nil {
 		t.Fatal("a write whose present mark the journal failed to take succeeded")
 	}
-	if _, err := c.WriteAt(fill(100, 3), 1000); err != nil {
-		t.Fatal(err)
+	if s.Err() == nil {
+		t.Fatal("the store goes on after its journal failed")
+	}
+	if _, err := c.WriteAt(fill(100, 3), 1000); err == nil {
+		t.Fatal("a write into the chunk the failed write marked present was answered")
+	}
+	if _, err := src.WriteAt(fill(100, 4), 3*cs); err == nil {
+		t.Fatal("a write was answered after the journal failed")
 	}
 	s.closeFiles() // the kill
 	s2, err := Open(dir)
@@ -639,7 +649,7 @@ func TestKillJournalFailedAppend(t *testing.T) {
 	}
 	defer s2.Close()
 	c2, _ := s2.Volume("clone")
-	if got := mustRead(t, c2, 1000, 100); !bytes.Equal(got, fill(100, 3)) {
-		t.Fatalf("a write acknowledged after the journal failed was lost to a kill: reads %v...", got[:4])
+	if got := mustRead(t, c2, 2*cs, 100); !bytes.Equal(got, fill(100, 5)) {
+		t.Fatalf("a write acknowledged before the journal failed was lost to a kill: reads %v...", got[:4])
 	}
 }

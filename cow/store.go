@@ -1389,8 +1389,9 @@ func (s *Store) checkpointGated(vs []*Volume) error {
 	}
 	s.log.f.Close()
 	s.hdr = h
+	var jerr error
 	if dirErr == nil {
-		s.jnl.restart(h.Generation)
+		jerr = s.jnl.restart(h.Generation)
 	}
 	old := s.log
 	s.setLog(newCommitter(f, w.off, 0))
@@ -1398,6 +1399,12 @@ func (s *Store) checkpointGated(vs []*Volume) error {
 	// their newest overlay entry's batch (all applied by now) and drain by
 	// waiting for it.
 	s.log.cur.id, s.log.applied = old.cur.id, old.applied
+	if jerr != nil {
+		// As any journal failure (journal.fail): the store refuses
+		// writes until it is reopened.
+		s.log.fail(jerr)
+		return s.log.failed()
+	}
 	if dirErr != nil {
 		// The rename may not be durable: after a crash the directory may
 		// still name the old log. Either log is a complete state, but a
