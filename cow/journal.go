@@ -109,10 +109,12 @@ type journal struct {
 	gen   uint64 // the log's generation (checkpoints) the records go with
 	epoch uint64 // the current epoch; its file is f[epoch&1]
 	off   int64  // where the next record goes in the current file
-	live  [2]int64
-	err   error       // sticky: a failed append may have left a torn record
-	bad   atomic.Bool // err != nil, read without mu
-	buf   []byte
+	// prevOff is the length of the other file (the previous epoch's).
+	prevOff int64
+	live    [2]int64
+	err     error       // sticky: a failed append may have left a torn record
+	bad     atomic.Bool // err != nil, read without mu
+	buf     []byte
 	// switches counts the epochs started by writes since Open (tests).
 	switches int
 	// onFail is told of the journal's first failure (outside mu): the
@@ -177,6 +179,11 @@ func (j *journal) unstick() {
 	}
 	defer j.flushing.Store(false)
 	j.mu.Lock()
+	if j.live[(j.epoch+1)&1] == 0 {
+		// Nothing holds the switch up any more (the entries that did
+		// were applied); the next new entry switches.
+		j.stuck.Store(false)
+	}
 	var vs []*Volume
 	for v := range j.holders {
 		if len(v.jMarks) > 0 && v.jMarks[0].ep != j.epoch {
@@ -307,6 +314,7 @@ func (j *journal) startEpoch(ep uint64) error {
 	if err := writeFull(f, h, 0); err != nil {
 		return j.fail(err)
 	}
+	j.prevOff = j.off // the file of epoch ep-1 (0 at Open; restart empties it)
 	j.epoch, j.off = ep, journalHeaderLen
 	j.stuck.Store(false)
 	return nil
@@ -562,6 +570,7 @@ func (j *journal) restart(gen uint64) error {
 	if err := j.f[cur&1].Truncate(0); err != nil {
 		return j.fail(err)
 	}
+	j.prevOff = 0
 	return nil
 }
 
@@ -592,6 +601,7 @@ func (s *Store) redoJournal(all []jRec) error {
 			}
 			if done != nil {
 				touched[done] = true
+				s.redone++
 			}
 			continue
 		}
@@ -614,6 +624,7 @@ func (s *Store) redoJournal(all []jRec) error {
 			return fmt.Errorf("kill journal: redo on volume %q: %w", v.id, err)
 		}
 		touched[v] = true
+		s.redone++
 	}
 	for v := range touched {
 		if err := v.Flush(); err != nil {

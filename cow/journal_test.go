@@ -102,6 +102,9 @@ func TestKillJournalRedo(t *testing.T) {
 	if s.log.failed() != nil || v.ovN.Load() == 0 {
 		t.Fatalf("the writes were not held in the overlay (entries %d, err %v)", v.ovN.Load(), s.log.failed())
 	}
+	if st := s.Stats(); st.JournalBytes < journalHeaderLen+6*journalRecLen+4096+100+2*cs {
+		t.Fatalf("Stats: the journal holds %d bytes, less than the records of the writes", st.JournalBytes)
+	}
 	killStore(s, h)
 
 	s2, err := Open(dir)
@@ -115,6 +118,11 @@ func TestKillJournalRedo(t *testing.T) {
 	}
 	if got := mustRead(t, v2, 0, 4*cs); !bytes.Equal(got, want) {
 		t.Fatalf("volume after the kill: %d bytes differ from the acknowledged writes", countDiff(got, want))
+	}
+	// Six records: the first write, the one into its entry, one per
+	// chunk of the third (three), the discard.
+	if st := s2.Stats(); st.JournalRedone != 6 || st.JournalBytes != journalHeaderLen {
+		t.Fatalf("Stats after the redo: %d records redone (want 6), journal %d bytes (want an empty one, %d)", st.JournalRedone, st.JournalBytes, journalHeaderLen)
 	}
 	sn, err := s2.Snapshot("snap")
 	if err != nil {

@@ -15,12 +15,24 @@ type Stats struct {
 	IndexBytes int64
 	// IndexRuns is the number of runs in those indexes.
 	IndexRuns int64
+	// JournalBytes is what the kill journal's two files hold, in bytes
+	// (journal.go; page cache, emptied by checkpoints).
+	JournalBytes int64
+	// JournalRedone counts the writes and present marks Open redid from
+	// the kill journal: what a killed process had answered and only its
+	// memory held.
+	JournalRedone int64
 }
 
 // Stats returns the engine's counters and the memory its exception indexes
 // hold. It takes each volume's lock briefly and is safe for concurrent use.
 func (s *Store) Stats() Stats {
-	st := Stats{CopyOuts: s.copyOuts.Load(), CopiedBytes: s.copiedBytes.Load(), ClonedBytes: s.clonedBytes.Load()}
+	st := Stats{CopyOuts: s.copyOuts.Load(), CopiedBytes: s.copiedBytes.Load(), ClonedBytes: s.clonedBytes.Load(), JournalRedone: s.redone}
+	if j := s.jnl; j != nil {
+		j.mu.Lock()
+		st.JournalBytes = j.off + j.prevOff
+		j.mu.Unlock()
+	}
 	s.mu.Lock()
 	var snaps []*Snapshot
 	for _, o := range s.objs {

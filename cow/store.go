@@ -38,6 +38,7 @@ type Store struct {
 	survive  atomic.Bool            // SetSurviveKill: writes return once a process kill cannot lose them
 	jnl      *journal               // the kill journal (journal.go); nil where the boot has no identity
 	openGen  uint64                 // Open: the log's generation before any checkpoint of Open's (the journal's)
+	redone   int64                  // writes and marks Open redid from the kill journal (Stats)
 	// logNow mirrors log for Err, which must not wait for mu (a
 	// Checkpoint holds it while it writes the whole state).
 	logNow atomic.Pointer[committer]

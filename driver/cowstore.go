@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 
+	"k8s.io/klog/v2"
+
 	"github.com/csi-snap/csi-snap/cow"
 )
 
@@ -56,6 +58,10 @@ func OpenCowStore(dir string) (*CowStore, error) {
 	s, err := cow.Open(dir)
 	if err != nil {
 		return nil, fromCow(fmt.Errorf("open store %s: %w", dir, err))
+	}
+	if n := s.Stats().JournalRedone; n > 0 {
+		// A killed plugin had answered these; only its memory held them.
+		klog.InfoS("Redid writes from the kill journal", "dir", dir, "records", n)
 	}
 	return &CowStore{s: s}, nil
 }
@@ -145,7 +151,8 @@ func (c *CowStore) DeleteVolume(id string) error { return fromCow(c.s.DeleteVolu
 // EngineStats implements StatsStore from cow's counters.
 func (c *CowStore) EngineStats() EngineStats {
 	st := c.s.Stats()
-	return EngineStats{CopyOuts: st.CopyOuts, CopiedBytes: st.CopiedBytes, ClonedBytes: st.ClonedBytes, IndexBytes: st.IndexBytes, IndexRuns: st.IndexRuns}
+	return EngineStats{CopyOuts: st.CopyOuts, CopiedBytes: st.CopiedBytes, ClonedBytes: st.ClonedBytes, IndexBytes: st.IndexBytes, IndexRuns: st.IndexRuns,
+		JournalBytes: st.JournalBytes, JournalRedone: st.JournalRedone}
 }
 
 // CreateSnapshot implements Store.

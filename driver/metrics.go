@@ -16,6 +16,7 @@ type Metrics struct {
 
 	volumes, snapshots, snapCow, snapLimit, snapInvalid, volAlloc, volSize *prometheus.Desc
 	copyOuts, copiedBytes, clonedBytes, indexBytes, indexRuns              *prometheus.Desc
+	journalBytes, journalRedone                                            *prometheus.Desc
 }
 
 // EngineStats are the engine-wide counters a Store may offer (cow.Stats).
@@ -23,6 +24,8 @@ type EngineStats struct {
 	CopyOuts, CopiedBytes uint64 // since the store was opened
 	ClonedBytes           uint64 // the part of CopiedBytes shared with the data file's blocks (FICLONERANGE), not written
 	IndexBytes, IndexRuns int64  // heap bytes and runs of all exception indexes
+	JournalBytes          int64  // bytes in the kill journal's files
+	JournalRedone         int64  // writes and marks redone from the kill journal when the store was opened
 }
 
 // StatsStore is a Store that reports EngineStats; the metrics use it when
@@ -40,18 +43,20 @@ func NewMetrics(reg prometheus.Registerer, store Store) *Metrics {
 			Help:    "Latency of CSI calls in seconds, by method and gRPC code.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 4, 10), // 0.5 ms .. ~131 s
 		}, []string{"method", "code"}),
-		volumes:     prometheus.NewDesc("csi_snap_volumes", "Volumes in the store.", nil, nil),
-		snapshots:   prometheus.NewDesc("csi_snap_snapshots", "Snapshots in the store.", nil, nil),
-		snapCow:     prometheus.NewDesc("csi_snap_snapshot_cow_bytes", "Bytes copied out to keep a snapshot's content.", []string{"snapshot_id", "volume_id"}, nil),
-		snapLimit:   prometheus.NewDesc("csi_snap_snapshot_cow_limit_bytes", "COW byte limit of a snapshot (0 = unlimited).", []string{"snapshot_id"}, nil),
-		snapInvalid: prometheus.NewDesc("csi_snap_snapshot_invalid", "1 when a snapshot went over its COW limit and is invalid.", []string{"snapshot_id"}, nil),
-		volAlloc:    prometheus.NewDesc("csi_snap_volume_allocated_bytes", "Bytes of a volume allocated in the store.", []string{"volume_id"}, nil),
-		volSize:     prometheus.NewDesc("csi_snap_volume_size_bytes", "Size of a volume in bytes.", []string{"volume_id"}, nil),
-		copyOuts:    prometheus.NewDesc("csi_snap_copy_outs_total", "Chunks recorded by copy-before-write since the plugin started (once per chunk, whatever the number of snapshots).", nil, nil),
-		copiedBytes: prometheus.NewDesc("csi_snap_copied_bytes_total", "Bytes copied out to COW files since the plugin started (all-zero chunks cost none).", nil, nil),
-		clonedBytes: prometheus.NewDesc("csi_snap_cloned_bytes_total", "The part of csi_snap_copied_bytes_total made by sharing the volume's blocks (FICLONERANGE on XFS with reflink or btrfs) instead of writing them.", nil, nil),
-		indexBytes:  prometheus.NewDesc("csi_snap_index_bytes", "Approximate heap bytes held by all exception indexes.", nil, nil),
-		indexRuns:   prometheus.NewDesc("csi_snap_index_runs", "Runs (entries after merging) in all exception indexes.", nil, nil),
+		volumes:       prometheus.NewDesc("csi_snap_volumes", "Volumes in the store.", nil, nil),
+		snapshots:     prometheus.NewDesc("csi_snap_snapshots", "Snapshots in the store.", nil, nil),
+		snapCow:       prometheus.NewDesc("csi_snap_snapshot_cow_bytes", "Bytes copied out to keep a snapshot's content.", []string{"snapshot_id", "volume_id"}, nil),
+		snapLimit:     prometheus.NewDesc("csi_snap_snapshot_cow_limit_bytes", "COW byte limit of a snapshot (0 = unlimited).", []string{"snapshot_id"}, nil),
+		snapInvalid:   prometheus.NewDesc("csi_snap_snapshot_invalid", "1 when a snapshot went over its COW limit and is invalid.", []string{"snapshot_id"}, nil),
+		volAlloc:      prometheus.NewDesc("csi_snap_volume_allocated_bytes", "Bytes of a volume allocated in the store.", []string{"volume_id"}, nil),
+		volSize:       prometheus.NewDesc("csi_snap_volume_size_bytes", "Size of a volume in bytes.", []string{"volume_id"}, nil),
+		copyOuts:      prometheus.NewDesc("csi_snap_copy_outs_total", "Chunks recorded by copy-before-write since the plugin started (once per chunk, whatever the number of snapshots).", nil, nil),
+		copiedBytes:   prometheus.NewDesc("csi_snap_copied_bytes_total", "Bytes copied out to COW files since the plugin started (all-zero chunks cost none).", nil, nil),
+		clonedBytes:   prometheus.NewDesc("csi_snap_cloned_bytes_total", "The part of csi_snap_copied_bytes_total made by sharing the volume's blocks (FICLONERANGE on XFS with reflink or btrfs) instead of writing them.", nil, nil),
+		indexBytes:    prometheus.NewDesc("csi_snap_index_bytes", "Approximate heap bytes held by all exception indexes.", nil, nil),
+		indexRuns:     prometheus.NewDesc("csi_snap_index_runs", "Runs (entries after merging) in all exception indexes.", nil, nil),
+		journalBytes:  prometheus.NewDesc("csi_snap_kill_journal_bytes", "Bytes in the kill journal's files (page cache; what --survive-kill keeps of writes only memory holds).", nil, nil),
+		journalRedone: prometheus.NewDesc("csi_snap_kill_journal_redone", "Writes and present marks redone from the kill journal when the plugin started (answered by a plugin that was killed).", nil, nil),
 	}
 	reg.MustRegister(m.latency, m)
 	return m
@@ -64,7 +69,7 @@ func (m *Metrics) observe(fullMethod string, code codes.Code, d time.Duration) {
 // Describe implements prometheus.Collector.
 func (m *Metrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{m.volumes, m.snapshots, m.snapCow, m.snapLimit, m.snapInvalid, m.volAlloc, m.volSize,
-		m.copyOuts, m.copiedBytes, m.clonedBytes, m.indexBytes, m.indexRuns} {
+		m.copyOuts, m.copiedBytes, m.clonedBytes, m.indexBytes, m.indexRuns, m.journalBytes, m.journalRedone} {
 		ch <- d
 	}
 }
@@ -94,5 +99,7 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(m.clonedBytes, prometheus.CounterValue, float64(st.ClonedBytes))
 		ch <- prometheus.MustNewConstMetric(m.indexBytes, prometheus.GaugeValue, float64(st.IndexBytes))
 		ch <- prometheus.MustNewConstMetric(m.indexRuns, prometheus.GaugeValue, float64(st.IndexRuns))
+		ch <- prometheus.MustNewConstMetric(m.journalBytes, prometheus.GaugeValue, float64(st.JournalBytes))
+		ch <- prometheus.MustNewConstMetric(m.journalRedone, prometheus.GaugeValue, float64(st.JournalRedone))
 	}
 }

@@ -236,6 +236,14 @@ func TestLifecycle(t *testing.T) {
 	if c, p := metric("csi_snap_cloned_bytes_total"), metric("csi_snap_copied_bytes_total"); c < 0 || c > p {
 		t.Fatalf("csi_snap_cloned_bytes_total = %v, not within [0, csi_snap_copied_bytes_total = %v]", c, p)
 	}
+	// The kill journal: at least its header (80 bytes); nothing redone
+	// by a plugin that started on a fresh data dir.
+	if b := metric("csi_snap_kill_journal_bytes"); b < 80 {
+		t.Fatalf("csi_snap_kill_journal_bytes = %v, want at least the journal's header", b)
+	}
+	if r := metric("csi_snap_kill_journal_redone"); r != 0 {
+		t.Fatalf("csi_snap_kill_journal_redone = %v on a fresh data dir", r)
+	}
 
 	// The source goes away; the snapshot stays and restores.
 	unpublishAndUnstage(t, node, vol, staging, target)
