@@ -33,6 +33,20 @@ func TestCrashChild(t *testing.T) {
 	seed, _ := strconv.ParseInt(parts[1], 10, 64)
 	survive := parts[2] == "survive"
 	acks := os.NewFile(3, "acks")
+	if parts[2] == "reopen" {
+		// Only an Open (the redo of the journal a killed child left,
+		// its flushes, the journal's restart), which the parent kills
+		// at a random moment: 'o' before it, 'd' once it returned.
+		acks.Write([]byte{'o'})
+		s, err := Open(dir)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "child reopen:", err)
+			os.Exit(2)
+		}
+		acks.Write([]byte{'d'})
+		_ = s
+		select {}
+	}
 	if survive {
 		// Small, so the kill journal changes files often (journal.go).
 		journalSwitch = 16 << 10
@@ -190,7 +204,8 @@ func crashRounds(t *testing.T, survive bool) {
 		t.Fatal(err)
 	}
 	rng := rand.New(rand.NewSource(42))
-	pendingKills, unwrittenKills, switchedKills := 0, 0, 0
+	pendingKills, unwrittenKills, switchedKills, openKills := 0, 0, 0, 0
+	rng2 := rand.New(rand.NewSource(43)) // the reopen kills' delays
 	for round := 0; round < rounds; round++ {
 		seed := int64(1000 + round)
 		target := 5 + rng.Intn(250)
@@ -207,11 +222,24 @@ func crashRounds(t *testing.T, survive bool) {
 		if pending == 2 {
 			unwrittenKills++
 		}
+		// A second process opens the store (redoing what the first left
+		// in the kill journal) and is killed too, often inside that Open:
+		// what it redid must change nothing the check below allows.
+		openDelay := time.Duration(rng2.Intn(60000)) * time.Microsecond
+		inOpen, stderr2 := crashReopen(t, exe, dir, openDelay)
+		if inOpen {
+			openKills++
+		}
+		stderr += stderr2
 		if err := crashCheck(dir, seed, acked, survive); err != nil {
 			t.Fatalf("round %d (seed %d, killed after %d acks + %v): %v\nchild stderr: %s", round, seed, acked, delay, err, stderr)
 		}
 	}
 	t.Logf("%d of %d rounds killed with overlay entries pending at the last ack, %d of them with copies not yet written to the COW file", pendingKills, rounds, unwrittenKills)
+	t.Logf("%d of %d reopens killed before Open returned", openKills, rounds)
+	if openKills == 0 && rounds >= 40 {
+		t.Errorf("no reopen was killed inside Open: the test does not exercise a kill during the redo")
+	}
 	if survive {
 		// A group with a clone's write ends drained (the write flushes),
 		// so kills with entries pending are rarer than without survive;
@@ -233,6 +261,39 @@ func crashRounds(t *testing.T, survive bool) {
 	if unwrittenKills == 0 && rounds >= 40 {
 		t.Errorf("no round was killed with copies not yet written: the test does not exercise the deferred copy")
 	}
+}
+
+// crashReopen runs a child that only opens the store in dir, kills it
+// delay after it starts to, and reports whether Open had not returned by
+// then.
+func crashReopen(t *testing.T, exe, dir string, delay time.Duration) (bool, string) {
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(exe, "-test.run=^TestCrashChild$", "-test.count=1")
+	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%s,0,reopen", crashEnv, dir))
+	cmd.ExtraFiles = []*os.File{pw}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pw.Close()
+	r := bufio.NewReader(pr)
+	if b, err := r.ReadByte(); err != nil || b != 'o' {
+		cmd.Wait()
+		t.Fatalf("reopen child did not start: %s", stderr.String())
+	}
+	time.Sleep(delay)
+	cmd.Process.Signal(syscall.SIGKILL)
+	rest, _ := io.ReadAll(r)
+	cmd.Wait()
+	pr.Close()
+	if strings.Contains(stderr.String(), "child") {
+		t.Fatalf("reopen child failed: %s", stderr.String())
+	}
+	return !strings.Contains(string(rest), "d"), stderr.String()
 }
 
 // crashChild runs the child until it acknowledged target operations, waits
