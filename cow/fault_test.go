@@ -50,9 +50,41 @@ type faultFS struct {
 	// truncErr, if set, runs before every Truncate; one for which it
 	// returns an error fails with it, truncating nothing.
 	truncErr func(name string, size int64) error
+	// life: file operations hold it shared; kill takes it to set dead,
+	// after which every one fails without touching the file.
+	life sync.RWMutex
+	dead bool
+}
+
+var errKilled = errors.New("the process was killed (test)")
+
+// kill plays a SIGKILL for the files of this faultFS: it waits for the
+// operations in flight (a pwrite or fsync the kill would not interrupt)
+// and from then on fails every one without touching the file, so nothing
+// the store's goroutines do afterwards reaches the disk. Unlike closing
+// the files, it never races with those goroutines' use of them.
+func (f *faultFS) kill() {
+	f.life.Lock()
+	f.dead = true
+	f.life.Unlock()
+}
+
+// alive enters a file operation; the caller calls f.life.RUnlock after it
+// when alive returned true.
+func (f *faultFS) alive() bool {
+	f.life.RLock()
+	if f.dead {
+		f.life.RUnlock()
+		return false
+	}
+	return true
 }
 
 func (f *faultFile) Truncate(size int64) error {
+	if !f.fs.alive() {
+		return errKilled
+	}
+	defer f.fs.life.RUnlock()
 	f.fs.mu.Lock()
 	hook := f.fs.truncErr
 	f.fs.mu.Unlock()
@@ -166,6 +198,10 @@ func (f *faultFile) startWrite(off, n int64) (fail bool, done func()) {
 }
 
 func (f *faultFile) WriteAt(p []byte, off int64) (int, error) {
+	if !f.fs.alive() {
+		return 0, errKilled
+	}
+	defer f.fs.life.RUnlock()
 	fail, done := f.startWrite(off, int64(len(p)))
 	defer done()
 	if f.name == logName || f.name == logTmpName { // a new log keeps its temp name open
@@ -208,6 +244,10 @@ func (f *faultFile) Sync() error {
 	if fail {
 		return errInjected
 	}
+	if !f.fs.alive() { // after the hook, which may hold it until after a kill
+		return errKilled
+	}
+	defer f.fs.life.RUnlock()
 	f.io("sstart " + f.name)
 	if noSync {
 		f.io("sdone " + f.name)
@@ -222,8 +262,22 @@ func (f *faultFile) Sync() error {
 
 func (f *faultFile) io(e string) { f.fs.io(e) }
 
+// ReadAt fails once the files are killed (what a dead process reads does
+// not matter; what it would do with it must not happen).
+func (f *faultFile) ReadAt(p []byte, off int64) (int, error) {
+	if !f.fs.alive() {
+		return 0, errKilled
+	}
+	defer f.fs.life.RUnlock()
+	return f.file.ReadAt(p, off)
+}
+
 // Punch is recorded as a write (it changes the file's content).
 func (f *faultFile) Punch(off, n int64) error {
+	if !f.fs.alive() {
+		return errKilled
+	}
+	defer f.fs.life.RUnlock()
 	f.fs.io(fmt.Sprintf("wstart %s %d %d", f.name, off, n))
 	defer f.fs.io(fmt.Sprintf("wdone %s %d %d", f.name, off, n))
 	return f.file.Punch(off, n)
@@ -256,6 +310,10 @@ func (f *faultFile) CloneFrom(src file, srcOff, off, n int64) error {
 	if s, ok := src.(*faultFile); ok {
 		src = s.file
 	}
+	if !f.fs.alive() {
+		return errKilled
+	}
+	defer f.fs.life.RUnlock()
 	fail, done := f.startWrite(off, n)
 	defer done()
 	if fail {

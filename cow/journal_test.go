@@ -45,6 +45,17 @@ func (h *syncHold) free() {
 	h.mu.Unlock()
 }
 
+// armQuiet waits until s's committer has no batch in flight, then arms
+// h: every sync from then on blocks in the hook, and none is running
+// outside it when killStore closes the files (which would race with it).
+func armQuiet(t *testing.T, s *Store, h *syncHold) {
+	t.Helper()
+	if err := s.log.quiesce(); err != nil {
+		t.Fatal(err)
+	}
+	h.arm()
+}
+
 // returnsSoon runs f and fails the test if it has not returned after a
 // generous while: with the syncs held, a write that waits for its group
 // commit never returns (a check for a wait that cannot end, not a speed).
@@ -62,10 +73,11 @@ func returnsSoon(t *testing.T, what string, f func() error) {
 	}
 }
 
-// killStore plays a SIGKILL: the files close with no Close (no drain, no
-// checkpoint), and held syncs go on, against closed files.
-func killStore(s *Store, h *syncHold) {
-	s.closeFiles()
+// killStore plays a SIGKILL of the store opened through fs: no Close (no
+// drain, no checkpoint), no file operation of its goroutines from now on
+// (faultFS.kill); held syncs are let go, and fail.
+func killStore(fs *faultFS, h *syncHold) {
+	fs.kill()
 	h.free()
 }
 
@@ -77,7 +89,7 @@ func TestKillJournalRedo(t *testing.T) {
 	const cs = 16 << 10
 	dir := t.TempDir()
 	h := &syncHold{}
-	s, _ := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
+	s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
 	s.SetSurviveKill(true)
 	v := mustVol(t, s, "v", 4*cs, cs)
 	old := fill(4*cs, 1)
@@ -93,7 +105,7 @@ func TestKillJournalRedo(t *testing.T) {
 		returnsSoon(t, "write", func() error { _, err := v.WriteAt(p, off); return err })
 		copy(want[off:], p)
 	}
-	h.arm()
+	armQuiet(t, s, h)
 	write(fill(4096, 2), 0)       // a first write: a new entry
 	write(fill(100, 3), 5000)     // into the same entry, past a gap
 	write(fill(2*cs, 4), cs+cs/2) // two chunks' first writes, one partial each
@@ -105,7 +117,7 @@ func TestKillJournalRedo(t *testing.T) {
 	if st := s.Stats(); st.JournalBytes < journalHeaderLen+6*journalRecLen+4096+100+2*cs {
 		t.Fatalf("Stats: the journal holds %d bytes, less than the records of the writes", st.JournalBytes)
 	}
-	killStore(s, h)
+	killStore(fs, h)
 
 	s2, err := Open(dir)
 	if err != nil {
@@ -157,7 +169,7 @@ func TestKillJournalSettled(t *testing.T) {
 	const cs = 16 << 10
 	dir := t.TempDir()
 	h := &syncHold{}
-	s, _ := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
+	s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
 	s.SetSurviveKill(true)
 	v := mustVol(t, s, "v", 2*cs, cs)
 	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
@@ -172,7 +184,7 @@ func TestKillJournalSettled(t *testing.T) {
 	if _, err := v.WriteAt(fill(8192, 3), 0); err != nil { // straight to the data file
 		t.Fatal(err)
 	}
-	killStore(s, h)
+	killStore(fs, h)
 	s2, err := Open(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -191,15 +203,15 @@ func TestKillJournalOtherBoot(t *testing.T) {
 	const cs = 16 << 10
 	dir := t.TempDir()
 	h := &syncHold{}
-	s, _ := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
+	s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
 	s.SetSurviveKill(true)
 	v := mustVol(t, s, "v", 2*cs, cs)
 	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	h.arm()
+	armQuiet(t, s, h)
 	returnsSoon(t, "write", func() error { _, err := v.WriteAt(fill(4096, 2), 0); return err })
-	killStore(s, h)
+	killStore(fs, h)
 
 	real := readBootID
 	defer func() { readBootID = real }()
@@ -224,7 +236,7 @@ func TestKillJournalEpochs(t *testing.T) {
 	journalSwitch = 3 * cs
 	dir := t.TempDir()
 	h := &syncHold{}
-	s, _ := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
+	s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
 	s.SetSurviveKill(true)
 	v := mustVol(t, s, "v", n*cs, cs)
 	want := make([]byte, n*cs)
@@ -243,7 +255,7 @@ func TestKillJournalEpochs(t *testing.T) {
 		}
 		copy(want[off:], p)
 	}
-	h.arm()
+	armQuiet(t, s, h)
 	// Enough pending entries to fill several files: a switch must not
 	// empty a file that still holds a pending entry's records.
 	for i := 0; i < 12; i++ {
@@ -258,7 +270,7 @@ func TestKillJournalEpochs(t *testing.T) {
 	if switches < 2 {
 		t.Fatalf("the journal changed files %d times; the test needs it to change often", switches)
 	}
-	killStore(s, h)
+	killStore(fs, h)
 	s2, err := Open(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -278,17 +290,17 @@ func TestKillJournalDamaged(t *testing.T) {
 	const cs = 4096
 	dir := t.TempDir()
 	h := &syncHold{}
-	s, _ := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
+	s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
 	s.SetSurviveKill(true)
 	v := mustVol(t, s, "v", 16*cs, cs)
 	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	h.arm()
+	armQuiet(t, s, h)
 	for i := 0; i < 8; i++ {
 		returnsSoon(t, "write", func() error { _, err := v.WriteAt(fill(1000, byte(i+1)), int64(i)*2*cs+100); return err })
 	}
-	killStore(s, h)
+	killStore(fs, h)
 	orig := map[string][]byte{}
 	names, _ := os.ReadDir(dir)
 	for _, e := range names {
@@ -367,7 +379,7 @@ func TestKillJournalClone(t *testing.T) {
 	const cs = 16 << 10
 	dir := t.TempDir()
 	h := &syncHold{}
-	s, _ := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
+	s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
 	s.SetSurviveKill(true)
 	src := mustVol(t, s, "src", 8*cs, cs)
 	base := fill(8*cs, 1)
@@ -407,7 +419,7 @@ func TestKillJournalClone(t *testing.T) {
 		t.Fatal(err)
 	}
 	want2 := bytes.Clone(base)
-	h.arm()
+	armQuiet(t, s, h)
 	for i, off := range []int64{5, cs + 5000, 6*cs - 10} {
 		p := fill(2000, byte(20+i))
 		returnsSoon(t, "write to clone2", func() error { _, err := other.WriteAt(p, off); return err })
@@ -420,7 +432,7 @@ func TestKillJournalClone(t *testing.T) {
 	if n := c.ovN.Load(); n == 0 {
 		t.Fatalf("no overlay entry pending: the test does not reach the journal's write records")
 	}
-	killStore(s, h)
+	killStore(fs, h)
 
 	s2, err := Open(dir)
 	if err != nil {
@@ -463,13 +475,13 @@ func TestKillJournalKilledOpen(t *testing.T) {
 	journalSwitch = 2 * cs
 	dir := t.TempDir()
 	h := &syncHold{}
-	s, _ := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
+	s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
 	s.SetSurviveKill(true)
 	v := mustVol(t, s, "v", 32*cs, cs)
 	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	h.arm()
+	armQuiet(t, s, h)
 	returnsSoon(t, "write A", func() error { _, err := v.WriteAt(fill(cs, 0xA), 0); return err })
 	for i := 1; i < 6; i++ {
 		returnsSoon(t, "write", func() error { _, err := v.WriteAt(fill(cs, byte(i)), int64(i)*cs); return err })
@@ -487,13 +499,13 @@ func TestKillJournalKilledOpen(t *testing.T) {
 	if _, err := v.WriteAt(fill(cs, 0xB), 0); err != nil { // straight to the data file
 		t.Fatal(err)
 	}
-	killStore(s, h)
+	killStore(fs, h)
 
 	// The second of Open's two truncates of journal files fails: what a
 	// kill between them leaves.
-	fs := newFaultFS(dir)
+	fs2 := newFaultFS(dir)
 	truncs := 0
-	fs.truncErr = func(name string, _ int64) error {
+	fs2.truncErr = func(name string, _ int64) error {
 		if !strings.HasPrefix(name, "kill.journal") {
 			return nil
 		}
@@ -502,7 +514,7 @@ func TestKillJournalKilledOpen(t *testing.T) {
 		}
 		return nil
 	}
-	if s2, err := openFS(dir, fs); err == nil {
+	if s2, err := openFS(dir, fs2); err == nil {
 		s2.Close()
 		t.Fatal("the second Open succeeded though it could not empty the newer journal file")
 	}
@@ -524,15 +536,15 @@ func TestKillJournalNoBootID(t *testing.T) {
 	const cs = 4096
 	dir := t.TempDir()
 	h := &syncHold{}
-	s, _ := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
+	s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
 	s.SetSurviveKill(true)
 	v := mustVol(t, s, "v", 4*cs, cs)
 	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	h.arm()
+	armQuiet(t, s, h)
 	returnsSoon(t, "write A", func() error { _, err := v.WriteAt(fill(cs, 0xA), 0); return err })
-	killStore(s, h)
+	killStore(fs, h)
 
 	real := readBootID
 	readBootID = func() ([16]byte, bool) { return [16]byte{}, false }
@@ -571,15 +583,15 @@ func TestKillJournalOpenCheckpoint(t *testing.T) {
 	const cs = 4096
 	dir := t.TempDir()
 	h := &syncHold{}
-	s, _ := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
+	s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
 	s.SetSurviveKill(true)
 	v := mustVol(t, s, "v", 4*cs, cs)
 	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	h.arm()
+	armQuiet(t, s, h)
 	returnsSoon(t, "write A", func() error { _, err := v.WriteAt(fill(cs, 0xA), 0); return err })
-	killStore(s, h)
+	killStore(fs, h)
 
 	// An Open that loads, checkpoints (as load does after reaping an
 	// orphan or for a long tail), and dies before its journal redo.
@@ -650,7 +662,7 @@ func TestKillJournalFailedAppend(t *testing.T) {
 	if _, err := src.WriteAt(fill(100, 4), 3*cs); err == nil {
 		t.Fatal("a write was answered after the journal failed")
 	}
-	s.closeFiles() // the kill
+	fs.kill()
 	s2, err := Open(dir)
 	if err != nil {
 		t.Fatal(err)

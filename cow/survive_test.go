@@ -28,7 +28,7 @@ func TestSurviveKillCloneMarkPending(t *testing.T) {
 		entered = make(chan struct{})
 		release = make(chan struct{})
 	)
-	s, _ := openFault(t, dir, func(fs *faultFS) {
+	s, fs := openFault(t, dir, func(fs *faultFS) {
 		fs.syncHook = func(name string) {
 			mu.Lock()
 			hold := armed && strings.HasSuffix(name, ".data")
@@ -73,7 +73,7 @@ func TestSurviveKillCloneMarkPending(t *testing.T) {
 		}
 		release = nil
 	}
-	s.closeFiles() // the kill: no Close, no checkpoint
+	fs.kill() // the kill: no Close, no checkpoint
 	if release != nil {
 		close(release)
 	}
