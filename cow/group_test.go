@@ -298,6 +298,11 @@ func TestGroupTornBatch(t *testing.T) {
 		dir := t.TempDir()
 		writeDir(t, dir, img)
 		logb := img[logName]
+		if cut < end && allZero(logb[cut:end]) {
+			// Nothing to tear: the batch's last bytes are zeros (its
+			// CRC can end in a zero byte, about one run in 256).
+			continue
+		}
 		torn := slices.Clone(logb)
 		clear(torn[cut:end])
 		if err := os.WriteFile(filepath.Join(dir, logName), torn, 0o600); err != nil {

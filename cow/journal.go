@@ -411,6 +411,23 @@ func (s *Store) carryJournal(gen uint64) error {
 	if !ok {
 		return nil
 	}
+	return s.eachJournalFile(func(f file) error {
+		h := make([]byte, journalHeaderLen)
+		if err := readFull(f, h, 0); err != nil || !journalHeaderOK(h, s.hdr.UUID, boot) {
+			return err
+		}
+		if g := binary.LittleEndian.Uint64(h[56:]); g != s.openGen && g != s.openGen+1 {
+			return nil
+		}
+		binary.LittleEndian.PutUint64(h[56:], gen)
+		binary.LittleEndian.PutUint32(h[76:], crc(h[:76]))
+		return writeFull(f, h, 0)
+	})
+}
+
+// eachJournalFile calls fn with each journal file that exists (opened,
+// not created; closed after fn).
+func (s *Store) eachJournalFile(fn func(file) error) error {
 	for _, name := range journalNames {
 		f, err := s.fs.Open(name, false)
 		if errors.Is(err, os.ErrNotExist) {
@@ -419,15 +436,7 @@ func (s *Store) carryJournal(gen uint64) error {
 		if err != nil {
 			return err
 		}
-		h := make([]byte, journalHeaderLen)
-		err = readFull(f, h, 0)
-		if err == nil && journalHeaderOK(h, s.hdr.UUID, boot) {
-			if g := binary.LittleEndian.Uint64(h[56:]); g == s.openGen || g == s.openGen+1 {
-				binary.LittleEndian.PutUint64(h[56:], gen)
-				binary.LittleEndian.PutUint32(h[76:], crc(h[:76]))
-				err = writeFull(f, h, 0)
-			}
-		}
+		err = fn(f)
 		f.Close()
 		if err != nil {
 			return err
@@ -475,21 +484,7 @@ func (s *Store) openJournal() error {
 		// a journal are emptied, so a later Open that can tell never
 		// redoes records this one ignored (the writes since would be
 		// undone).
-		for _, name := range journalNames {
-			f, err := s.fs.Open(name, false)
-			if errors.Is(err, os.ErrNotExist) {
-				continue
-			}
-			if err != nil {
-				return err
-			}
-			err = f.Truncate(0)
-			f.Close()
-			if err != nil {
-				return err
-			}
-		}
-		return nil
+		return s.eachJournalFile(func(f file) error { return f.Truncate(0) })
 	}
 	j := &journal{uuid: s.hdr.UUID, boot: boot, gen: s.hdr.Generation}
 	j.onFail = func(err error) { s.logNow.Load().fail(err) }

@@ -45,6 +45,27 @@ func (h *syncHold) free() {
 	h.mu.Unlock()
 }
 
+// heldStore opens a store in a new directory through a faultFS whose
+// syncs h can hold, set to survive a kill.
+func heldStore(t *testing.T) (string, *Store, *faultFS, *syncHold) {
+	t.Helper()
+	dir := t.TempDir()
+	h := &syncHold{}
+	s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
+	s.SetSurviveKill(true)
+	return dir, s, fs, h
+}
+
+// snapVol creates volume "v" of size bytes and its snapshot "snap".
+func snapVol(t *testing.T, s *Store, size int64, cs int) *Volume {
+	t.Helper()
+	v := mustVol(t, s, "v", size, cs)
+	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
 // armQuiet waits until s's committer has no batch in flight, then arms
 // h: every sync from then on blocks in the hook, and none is running
 // outside it when killStore closes the files (which would race with it).
@@ -87,10 +108,7 @@ func killStore(fs *faultFS, h *syncHold) {
 // reopened volume holds them all and the snapshot still reads the old data.
 func TestKillJournalRedo(t *testing.T) {
 	const cs = 16 << 10
-	dir := t.TempDir()
-	h := &syncHold{}
-	s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
-	s.SetSurviveKill(true)
+	dir, s, fs, h := heldStore(t)
 	v := mustVol(t, s, "v", 4*cs, cs)
 	old := fill(4*cs, 1)
 	if _, err := v.WriteAt(old, 0); err != nil {
@@ -167,14 +185,8 @@ func countDiff(a, b []byte) int {
 // after a kill would undo them. The apply's settled record prevents that.
 func TestKillJournalSettled(t *testing.T) {
 	const cs = 16 << 10
-	dir := t.TempDir()
-	h := &syncHold{}
-	s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
-	s.SetSurviveKill(true)
-	v := mustVol(t, s, "v", 2*cs, cs)
-	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	dir, s, fs, h := heldStore(t)
+	v := snapVol(t, s, 2*cs, cs)
 	if _, err := v.WriteAt(fill(8192, 2), 0); err != nil { // journaled
 		t.Fatal(err)
 	}
@@ -201,14 +213,8 @@ func TestKillJournalSettled(t *testing.T) {
 // promised), and the store opens.
 func TestKillJournalOtherBoot(t *testing.T) {
 	const cs = 16 << 10
-	dir := t.TempDir()
-	h := &syncHold{}
-	s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
-	s.SetSurviveKill(true)
-	v := mustVol(t, s, "v", 2*cs, cs)
-	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	dir, s, fs, h := heldStore(t)
+	v := snapVol(t, s, 2*cs, cs)
 	armQuiet(t, s, h)
 	returnsSoon(t, "write", func() error { _, err := v.WriteAt(fill(4096, 2), 0); return err })
 	killStore(fs, h)
@@ -234,10 +240,7 @@ func TestKillJournalEpochs(t *testing.T) {
 	const n = 64
 	defer func(old int64) { journalSwitch = old }(journalSwitch)
 	journalSwitch = 3 * cs
-	dir := t.TempDir()
-	h := &syncHold{}
-	s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
-	s.SetSurviveKill(true)
+	dir, s, fs, h := heldStore(t)
 	v := mustVol(t, s, "v", n*cs, cs)
 	want := make([]byte, n*cs)
 	rng := rand.New(rand.NewSource(7))
@@ -288,14 +291,8 @@ func TestKillJournalEpochs(t *testing.T) {
 // ErrCorrupt where a record that checks names no volume it could be.
 func TestKillJournalDamaged(t *testing.T) {
 	const cs = 4096
-	dir := t.TempDir()
-	h := &syncHold{}
-	s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
-	s.SetSurviveKill(true)
-	v := mustVol(t, s, "v", 16*cs, cs)
-	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	dir, s, fs, h := heldStore(t)
+	v := snapVol(t, s, 16*cs, cs)
 	armQuiet(t, s, h)
 	for i := 0; i < 8; i++ {
 		returnsSoon(t, "write", func() error { _, err := v.WriteAt(fill(1000, byte(i+1)), int64(i)*2*cs+100); return err })
@@ -377,10 +374,7 @@ func TestKillJournalDamaged(t *testing.T) {
 // none of them, and the clone's snapshot still reads its image.
 func TestKillJournalClone(t *testing.T) {
 	const cs = 16 << 10
-	dir := t.TempDir()
-	h := &syncHold{}
-	s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
-	s.SetSurviveKill(true)
+	dir, s, fs, h := heldStore(t)
 	src := mustVol(t, s, "src", 8*cs, cs)
 	base := fill(8*cs, 1)
 	if _, err := src.WriteAt(base, 0); err != nil {
@@ -473,14 +467,8 @@ func TestKillJournalKilledOpen(t *testing.T) {
 	const cs = 4096
 	defer func(old int64) { journalSwitch = old }(journalSwitch)
 	journalSwitch = 2 * cs
-	dir := t.TempDir()
-	h := &syncHold{}
-	s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
-	s.SetSurviveKill(true)
-	v := mustVol(t, s, "v", 32*cs, cs)
-	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	dir, s, fs, h := heldStore(t)
+	v := snapVol(t, s, 32*cs, cs)
 	armQuiet(t, s, h)
 	returnsSoon(t, "write A", func() error { _, err := v.WriteAt(fill(cs, 0xA), 0); return err })
 	for i := 1; i < 6; i++ {
@@ -534,14 +522,8 @@ func TestKillJournalKilledOpen(t *testing.T) {
 // never redoes records over writes made in between.
 func TestKillJournalNoBootID(t *testing.T) {
 	const cs = 4096
-	dir := t.TempDir()
-	h := &syncHold{}
-	s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
-	s.SetSurviveKill(true)
-	v := mustVol(t, s, "v", 4*cs, cs)
-	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	dir, s, fs, h := heldStore(t)
+	v := snapVol(t, s, 4*cs, cs)
 	armQuiet(t, s, h)
 	returnsSoon(t, "write A", func() error { _, err := v.WriteAt(fill(cs, 0xA), 0); return err })
 	killStore(fs, h)
@@ -581,14 +563,8 @@ func TestKillJournalNoBootID(t *testing.T) {
 // to the new generation with the checkpoint.
 func TestKillJournalOpenCheckpoint(t *testing.T) {
 	const cs = 4096
-	dir := t.TempDir()
-	h := &syncHold{}
-	s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
-	s.SetSurviveKill(true)
-	v := mustVol(t, s, "v", 4*cs, cs)
-	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	dir, s, fs, h := heldStore(t)
+	v := snapVol(t, s, 4*cs, cs)
 	armQuiet(t, s, h)
 	returnsSoon(t, "write A", func() error { _, err := v.WriteAt(fill(cs, 0xA), 0); return err })
 	killStore(fs, h)
