@@ -131,7 +131,8 @@ func TestSanitize(t *testing.T) {
 }
 
 // TestMarkerStatus: a marker that cannot be written for lack of space is
-// ResourceExhausted; other failures are Internal.
+// ResourceExhausted; other failures are Internal (writeMarker's errors
+// through toStatus, as the handlers answer them).
 func TestMarkerStatus(t *testing.T) {
 	for _, c := range []struct {
 		err  error
@@ -141,7 +142,7 @@ func TestMarkerStatus(t *testing.T) {
 		{&os.PathError{Op: "open", Path: "m", Err: syscall.EDQUOT}, codes.ResourceExhausted},
 		{&os.PathError{Op: "open", Path: "m", Err: syscall.EIO}, codes.Internal},
 	} {
-		if got := status.Code(markerStatus("stage marker of v", c.err)); got != c.code {
+		if got := status.Code(toStatus(fmt.Errorf("stage marker of v: %w", noSpace(c.err)))); got != c.code {
 			t.Errorf("%v: %v, want %v", c.err, got, c.code)
 		}
 	}

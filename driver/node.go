@@ -295,7 +295,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		_, err := os.Stat(marker)
 		unfinished = err == nil
 	} else if err := writeMarker(marker, nil); err != nil {
-		return nil, markerStatus("stage marker of "+id, err)
+		return nil, toStatus(fmt.Errorf("stage marker of %s: %w", id, err))
 	}
 	dev, err := d.opt.Frontend.Attach(ctx, id, b, false)
 	if err != nil {
@@ -418,21 +418,22 @@ func (d *Driver) publishUnfinished(target string) bool {
 }
 
 // writeMarker creates the marker file path (stage, publish and freeze
-// markers, in DataDir) holding content.
+// markers, in DataDir) holding content. A full data dir wraps ErrNoSpace,
+// so toStatus answers ResourceExhausted, as for a volume that does not fit.
 func writeMarker(path string, content []byte) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return err
+	err := os.MkdirAll(filepath.Dir(path), 0o700)
+	if err == nil {
+		err = os.WriteFile(path, content, 0o600)
 	}
-	return os.WriteFile(path, content, 0o600)
+	return noSpace(err)
 }
 
-// markerStatus is the gRPC error of a marker that could not be written: a
-// full data dir is ResourceExhausted, as for a volume that does not fit.
-func markerStatus(what string, err error) error {
+// noSpace adds ErrNoSpace to the chain of an ENOSPC or EDQUOT error.
+func noSpace(err error) error {
 	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
-		return statusf(codes.ResourceExhausted, "%s: %v", what, err)
+		return errors.Join(ErrNoSpace, err)
 	}
-	return statusf(codes.Internal, "%s: %v", what, err)
+	return err
 }
 
 // dropMarker removes the marker file path, if any.
@@ -637,7 +638,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	}
 	if !block {
 		if err := writeMarker(d.publishMarker(target), nil); err != nil {
-			return nil, markerStatus("publish marker of "+target, err)
+			return nil, toStatus(fmt.Errorf("publish marker of %s: %w", target, err))
 		}
 	}
 	if err := d.opt.Mounter.Mount(source, target, "", opts); err != nil {
