@@ -263,24 +263,31 @@ func crashRounds(t *testing.T, survive bool) {
 	}
 }
 
-// crashReopen runs a child that only opens the store in dir, kills it
-// delay after it starts to, and reports whether Open had not returned by
-// then.
-func crashReopen(t *testing.T, exe, dir string, delay time.Duration) (bool, string) {
+// startCrashChild starts TestCrashChild with arg in crashEnv and its acks
+// on a pipe: the reader, the pipe's read end (to close after Wait) and the
+// child's stderr.
+func startCrashChild(t *testing.T, exe, arg string) (*exec.Cmd, *bufio.Reader, *os.File, *strings.Builder) {
 	pr, pw, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(exe, "-test.run=^TestCrashChild$", "-test.count=1")
-	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%s,0,reopen", crashEnv, dir))
+	cmd.Env = append(os.Environ(), crashEnv+"="+arg)
 	cmd.ExtraFiles = []*os.File{pw}
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
+	stderr := &strings.Builder{}
+	cmd.Stderr = stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	pw.Close()
-	r := bufio.NewReader(pr)
+	return cmd, bufio.NewReader(pr), pr, stderr
+}
+
+// crashReopen runs a child that only opens the store in dir, kills it
+// delay after it starts to, and reports whether Open had not returned by
+// then.
+func crashReopen(t *testing.T, exe, dir string, delay time.Duration) (bool, string) {
+	cmd, r, pr, stderr := startCrashChild(t, exe, fmt.Sprintf("%s,0,reopen", dir))
 	if b, err := r.ReadByte(); err != nil || b != 'o' {
 		cmd.Wait()
 		t.Fatalf("reopen child did not start: %s", stderr.String())
@@ -299,24 +306,11 @@ func crashReopen(t *testing.T, exe, dir string, delay time.Duration) (bool, stri
 // crashChild runs the child until it acknowledged target operations, waits
 // delay more, kills it, and returns how many operations it acknowledged.
 func crashChild(t *testing.T, exe, dir string, seed int64, survive bool, target int, delay time.Duration) (int, byte, string) {
-	pr, pw, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(exe, "-test.run=^TestCrashChild$", "-test.count=1")
 	mode := "flushed"
 	if survive {
 		mode = "survive"
 	}
-	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%s,%d,%s", crashEnv, dir, seed, mode))
-	cmd.ExtraFiles = []*os.File{pw}
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	pw.Close()
-	r := bufio.NewReader(pr)
+	cmd, r, pr, stderr := startCrashChild(t, exe, fmt.Sprintf("%s,%d,%s", dir, seed, mode))
 	n := 0
 	var last byte
 	for n < target {
