@@ -66,6 +66,24 @@ func snapVol(t *testing.T, s *Store, size int64, cs int) *Volume {
 	return v
 }
 
+// srcClone creates volume "src" of size bytes filled with 1s, its
+// snapshot "snap", and "clone", a clone of that snapshot.
+func srcClone(t *testing.T, s *Store, size int64, cs int) (src, c *Volume) {
+	t.Helper()
+	src = mustVol(t, s, "src", size, cs)
+	if _, err := src.WriteAt(fill(int(size), 1), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("src", "snap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := s.CloneSnapshot("snap", "clone", size, VolumeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return src, c
+}
+
 // armQuiet waits until s's committer has no batch in flight, then arms
 // h: every sync from then on blocks in the hook, and none is running
 // outside it when killStore closes the files (which would race with it).
@@ -375,18 +393,8 @@ func TestKillJournalDamaged(t *testing.T) {
 func TestKillJournalClone(t *testing.T) {
 	const cs = 16 << 10
 	dir, s, fs, h := heldStore(t)
-	src := mustVol(t, s, "src", 8*cs, cs)
 	base := fill(8*cs, 1)
-	if _, err := src.WriteAt(base, 0); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.CreateSnapshot("src", "snap", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	c, err := s.CloneSnapshot("snap", "clone", 8*cs, VolumeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, c := srcClone(t, s, 8*cs, cs)
 	want := bytes.Clone(base)
 	write := func(p []byte, off int64) {
 		t.Helper()
@@ -606,17 +614,7 @@ func TestKillJournalFailedAppend(t *testing.T) {
 	dir := t.TempDir()
 	s, fs := openFault(t, dir, nil)
 	s.SetSurviveKill(true)
-	src := mustVol(t, s, "src", 4*cs, cs)
-	if _, err := src.WriteAt(fill(4*cs, 1), 0); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.CreateSnapshot("src", "snap", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	c, err := s.CloneSnapshot("snap", "clone", 4*cs, VolumeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	src, c := srcClone(t, s, 4*cs, cs)
 	if _, err := c.WriteAt(fill(100, 5), 2*cs); err != nil { // acknowledged, journaled
 		t.Fatal(err)
 	}

@@ -41,17 +41,7 @@ func TestSurviveKillCloneMarkPending(t *testing.T) {
 		}
 	})
 	s.SetSurviveKill(true)
-	src := mustVol(t, s, "src", 4*cs, cs)
-	if _, err := src.WriteAt(fill(4*cs, 1), 0); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.CreateSnapshot("src", "snap", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	c, err := s.CloneSnapshot("snap", "clone", 4*cs, VolumeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, c := srcClone(t, s, 4*cs, cs)
 	mu.Lock()
 	armed = true
 	mu.Unlock()
