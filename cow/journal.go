@@ -112,9 +112,10 @@ type journal struct {
 	// prevOff is the length of the other file (the previous epoch's).
 	prevOff int64
 	live    [2]int64
-	err     error       // sticky: a failed append may have left a torn record
-	bad     atomic.Bool // err != nil, read without mu
-	buf     []byte
+	// err is the sticky error (a failed append may have left a torn
+	// record): set under mu, read anywhere (failed).
+	err atomic.Pointer[error]
+	buf []byte
 	// switches counts the epochs started by writes since Open (tests).
 	switches int
 	// onFail is told of the journal's first failure (outside mu): the
@@ -132,8 +133,8 @@ type journal struct {
 
 // appendLocked writes one record at the end of the current file.
 func (j *journal) appendLocked(typ uint8, obj uint32, c, o int64, n int64, p []byte) error {
-	if j.err != nil {
-		return j.err
+	if e := j.err.Load(); e != nil {
+		return *e
 	}
 	size := journalRecLen
 	if typ == jWrite {
@@ -294,8 +295,8 @@ func (j *journal) maybeSwitch() error {
 // startEpoch empties the file of epoch ep and makes it current. Its
 // previous content (epoch ep-2) holds no record of a live entry (live).
 func (j *journal) startEpoch(ep uint64) error {
-	if j.err != nil {
-		return j.err
+	if e := j.err.Load(); e != nil {
+		return *e
 	}
 	f := j.f[ep&1]
 	h := make([]byte, journalHeaderLen)
@@ -323,9 +324,9 @@ func (j *journal) startEpoch(ep uint64) error {
 func (j *journal) close() {
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	if j.err == nil {
-		j.err = ErrClosed
-		j.bad.Store(true)
+	if j.err.Load() == nil {
+		e := error(ErrClosed)
+		j.err.Store(&e)
 	}
 	for i, f := range j.f {
 		if f != nil {
@@ -448,10 +449,10 @@ func (s *Store) eachJournalFile(fn func(file) error) error {
 // fail makes err the journal's sticky error. Called with mu; unlock tells
 // onFail.
 func (j *journal) fail(err error) error {
-	j.err = fmt.Errorf("kill journal: %w", err)
-	j.bad.Store(true)
-	j.failNow = j.err
-	return j.err
+	e := fmt.Errorf("kill journal: %w", err)
+	j.err.Store(&e)
+	j.failNow = e
+	return e
 }
 
 // unlock releases mu and tells onFail of a failure made under it. A
@@ -470,7 +471,7 @@ func (j *journal) unlock() {
 
 // failed reports whether the journal failed (or was closed): it may lack
 // records of writes already answered.
-func (j *journal) failed() bool { return j.bad.Load() }
+func (j *journal) failed() bool { return j.err.Load() != nil }
 
 // openJournal opens the kill journal, redoes what a killed process left
 // in it (see the top of this file), and starts an empty one. Called by
