@@ -26,6 +26,9 @@ var (
 	ErrNoSpace     = errors.New("no space left")
 	ErrBadArgument = errors.New("bad argument")
 	ErrBusy        = errors.New("in use")
+	// ErrUnavailable: something the call needs is not there yet (the
+	// fuse-holder); a retry may succeed.
+	ErrUnavailable = errors.New("unavailable")
 )
 
 // toStatus maps an error from a lower layer to a gRPC status error. Errors
@@ -56,7 +59,7 @@ func toStatus(err error) error {
 		c = codes.InvalidArgument
 	case errors.Is(err, ErrInvalidated), errors.Is(err, ErrReadOnly), errors.Is(err, ErrBusy):
 		c = codes.FailedPrecondition
-	case errors.Is(err, ErrClosed):
+	case errors.Is(err, ErrClosed), errors.Is(err, ErrUnavailable):
 		c = codes.Unavailable
 	case errors.Is(err, ErrCorrupt):
 		c = codes.DataLoss

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/csi-snap/csi-snap/driver/kernel"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -98,6 +99,7 @@ func TestToStatus(t *testing.T) {
 		{fmt.Errorf("x: %w", ErrInvalidated), codes.FailedPrecondition},
 		{fmt.Errorf("x: %w", ErrCorrupt), codes.DataLoss},
 		{fmt.Errorf("x: %w", ErrClosed), codes.Unavailable},
+		{fromKernel(fmt.Errorf("attach: %w", kernel.ErrNoHolder)), codes.Unavailable},
 		{fmt.Errorf("x: %w", ErrBadArgument), codes.InvalidArgument},
 		{status.Error(codes.Aborted, "kept"), codes.Aborted},
 		{errors.New("surprise"), codes.Internal},

@@ -13,6 +13,7 @@ var kernelErrors = []struct{ from, to error }{
 	{kernel.ErrBusy, ErrBusy},
 	{kernel.ErrConflict, ErrBusy},
 	{kernel.ErrClosed, ErrClosed},
+	{kernel.ErrNoHolder, ErrUnavailable},
 }
 
 func fromKernel(err error) error {

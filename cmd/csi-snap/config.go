@@ -24,6 +24,7 @@ type Config struct {
 	MaxVolumes      int64         // NodeGetInfo limit; 0 = none, -1 = the loop driver's max_loop
 	ShutdownTimeout time.Duration // bound on graceful stop before in-flight calls are cut
 	SurviveKill     bool          // writes are answered only once a kill of the process cannot lose them
+	ExternalHolder  bool          // the fuse-holder is started by someone else (--fuse-holder=external)
 
 	// openEngines opens the store and frontend; nil means the real cow and
 	// kernel engines. Tests put in-memory ones here.
@@ -52,6 +53,17 @@ func parseFlags(args []string, klogFlags func(*flag.FlagSet), stderr io.Writer) 
 	fs.StringVar(&c.MetricsAddress, "metrics-address", "", "host:port to serve Prometheus /metrics on (off when empty)")
 	fs.Int64Var(&c.MaxVolumes, "max-volumes", 0, "volumes this node may stage at once, reported by NodeGetInfo (the scheduler enforces it); 0 = no limit: loop devices are made on demand (LOOP_CTL_GET_FREE is not bounded by max_loop); -1 = the loop driver's max_loop parameter (8 by default, the devices made at boot: too low a bound)")
 	fs.BoolVar(&c.SurviveKill, "survive-kill", true, "answer a write only once a kill of this process cannot lose it: needed wherever the fuse-holder can outlive csi-snap (it keeps published devices across a restart, and their filesystems never resend a write); off only where the holder dies with csi-snap (csi-snap is PID 1 of its container), for faster first writes after a snapshot")
+	fs.Func("fuse-holder", "who starts the fuse-holder that keeps the volumes' FUSE connections across a restart of csi-snap: \"child\" (default): csi-snap, as a child in its own session; \"external\": someone else, as `csi-snap fuse-holder --socket <run-dir>/holder.sock --stay` (in a pod: a container of its own, since a child dies with csi-snap's container); csi-snap then waits for it", func(v string) error {
+		switch v {
+		case "child":
+			c.ExternalHolder = false
+		case "external":
+			c.ExternalHolder = true
+		default:
+			return fmt.Errorf("want child or external, not %q", v)
+		}
+		return nil
+	})
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a stop waits for in-flight calls before cutting them")
 	if klogFlags != nil {
 		klogFlags(fs)

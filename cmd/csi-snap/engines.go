@@ -16,7 +16,7 @@ func openRealEngines(cfg Config) (*engines, error) {
 		return nil, err
 	}
 	st.SetSurviveKill(cfg.SurviveKill)
-	fe, err := driver.NewKernelFrontend(kernel.Config{RunDir: cfg.RunDir})
+	fe, err := driver.NewKernelFrontend(kernel.Config{RunDir: cfg.RunDir, ExternalHolder: cfg.ExternalHolder})
 	if err != nil {
 		st.Close()
 		return nil, err
@@ -24,4 +24,9 @@ func openRealEngines(cfg Config) (*engines, error) {
 	return &engines{store: st, frontend: fe, freeze: kernel.Freeze, thaw: kernel.Thaw}, nil
 }
 
-func runHolder(socket string) error { return kernel.RunHolder(socket) }
+func runHolder(socket string, stay bool) error {
+	if stay {
+		return kernel.RunHolderStay(socket)
+	}
+	return kernel.RunHolder(socket)
+}

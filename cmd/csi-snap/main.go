@@ -6,6 +6,10 @@
 //
 //	csi-snap --endpoint unix:///csi/csi.sock --data-dir /var/lib/csi-snap [-v 4]
 //	csi-snap fuse-holder --socket PATH   (started by csi-snap itself)
+//	csi-snap fuse-holder --socket PATH --stay
+//	                                     (started on its own, for csi-snap
+//	                                     --fuse-holder=external: the chart's
+//	                                     fuse-holder container)
 //	csi-snap rollback --volume v-... --snapshot s-... [--run-dir DIR]
 //	                                     (asks the plugin on this node, through
 //	                                     <run-dir>/admin/admin.sock, to roll a volume
@@ -72,14 +76,15 @@ func main() {
 func holderMain(args []string) int {
 	fs := flag.NewFlagSet("csi-snap fuse-holder", flag.ContinueOnError)
 	socket := fs.String("socket", "", "unix socket path the holder serves the FUSE fds on")
+	stay := fs.Bool("stay", false, "never exit by itself (neither when emptied nor when idle): for a holder started on its own, beside csi-snap --fuse-holder=external")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
 	if *socket == "" || fs.NArg() > 0 {
-		fmt.Fprintln(os.Stderr, "csi-snap fuse-holder: --socket PATH is required and nothing else")
+		fmt.Fprintln(os.Stderr, "csi-snap fuse-holder: --socket PATH is required, --stay is optional, nothing else")
 		return 2
 	}
-	if err := runHolder(*socket); err != nil {
+	if err := runHolder(*socket, *stay); err != nil {
 		fmt.Fprintln(os.Stderr, "csi-snap fuse-holder:", err)
 		return 1
 	}

@@ -30,14 +30,22 @@ func TestParseFlags(t *testing.T) {
 	}
 	host, _ := os.Hostname()
 	if c.Endpoint != "unix:///csi/csi.sock" || c.DataDir != "/var/lib/csi-snap" || c.RunDir != "/var/lib/csi-snap/run" ||
-		c.NodeID != host || c.DriverName != "csi-snap.io" || c.MetricsAddress != "" || c.MaxVolumes != 0 {
+		c.NodeID != host || c.DriverName != "csi-snap.io" || c.MetricsAddress != "" || c.MaxVolumes != 0 ||
+		!c.SurviveKill || c.ExternalHolder {
 		t.Fatalf("defaults: %+v", c)
 	}
 	c, err = parseFlags([]string{"--endpoint", "tcp://127.0.0.1:1234", "--node-id", "n1", "--data-dir", "/d", "--metrics-address", ":9000", "--driver-name", "x.io"}, nil, io.Discard)
 	if err != nil || c.NodeID != "n1" || c.RunDir != "/d/run" || c.MetricsAddress != ":9000" || c.DriverName != "x.io" {
 		t.Fatalf("flags: %+v, %v", c, err)
 	}
+	for v, want := range map[string]bool{"external": true, "child": false} {
+		if c, err = parseFlags([]string{"--fuse-holder", v}, nil, io.Discard); err != nil || c.ExternalHolder != want {
+			t.Fatalf("--fuse-holder %s: ExternalHolder %v, %v", v, c.ExternalHolder, err)
+		}
+	}
 	bad := [][]string{
+		{"--fuse-holder", "sidecar"},
+		{"--fuse-holder", ""},
 		{"--endpoint", "http://x"},
 		{"--endpoint", "unix://host/sock"},
 		{"--endpoint", "tcp://nohostport"},

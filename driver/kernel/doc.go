@@ -128,6 +128,16 @@
 // tells the holder to drop the fd, and the holder exits when it holds
 // nothing.
 //
+// Where the serving process is the first process of a PID namespace (a
+// container), a holder it starts dies with it: the kernel kills the whole
+// namespace. There the holder runs on its own (RunHolderStay, which never
+// exits by itself: the chart's fuse-holder container) and the Frontend,
+// with Config.ExternalHolder, never starts one and waits for it instead.
+// Either way, every Config.HolderCheck the Frontend lists what the holder
+// keeps and hands over again the connections it lacks: a holder that died
+// and was started again holds nothing, while the connections live on
+// through the server's own fds (TestContainerRestart kills both in turn).
+//
 // # Caveats
 //
 //   - Restart safety needs FUSE_NOTIFY_RESEND (protocol 7.40, Linux 6.9).

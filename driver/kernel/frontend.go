@@ -47,6 +47,9 @@ var (
 	ErrConflict    = errors.New("attached with different parameters")
 	ErrUnsupported = errors.New("kernel facility missing")
 	ErrClosed      = errors.New("frontend closed")
+	// ErrNoHolder: Config.ExternalHolder is set and no holder answered
+	// within Config.HolderWait.
+	ErrNoHolder = errors.New("no fuse holder answers")
 )
 
 // Config configures a Frontend.
@@ -58,6 +61,24 @@ type Config struct {
 	// HolderCommand is the argv that runs RunHolder; "--socket PATH" is
 	// appended. Default: this executable with "fuse-holder".
 	HolderCommand []string
+	// ExternalHolder: the holder is started by someone else (RunHolderStay
+	// on RunDir/holder.sock, e.g. a container of its own beside the
+	// plugin's), never by the Frontend. Needed wherever a child of this
+	// process would die with it: in a container whose first process is
+	// the plugin, the kernel kills every process of the container's PID
+	// namespace when that one dies, the holder included, and with it the
+	// connections it was to keep. Attach then waits up to HolderWait for
+	// the holder to answer and fails with ErrNoHolder after that.
+	ExternalHolder bool
+	// HolderWait bounds that wait. Default 60 s.
+	HolderWait time.Duration
+	// HolderCheck is how often the Frontend asks the holder which
+	// connections it keeps and hands over again those of attached volumes
+	// it lacks: a holder that was restarted (a restarted fuse-holder
+	// container, or a killed child started again) holds nothing, and the
+	// next restart of this process would lose those volumes' connections.
+	// Default 2 s.
+	HolderCheck time.Duration
 	// Readers is the number of goroutines reading each /dev/fuse
 	// connection (each with its own 1 MiB buffers). Default 4: on 2 cores
 	// more readers cost more context switches per 4 KiB request, fewer leave
@@ -84,6 +105,8 @@ type Frontend struct {
 	closed  bool
 	holderM sync.Mutex // serializes holder starts
 	runLock *os.File   // holds the flock on RunDir/frontend.lock until Close
+	// stopCheck ends keepHeld, which closes checkDone when it returns.
+	stopCheck, checkDone chan struct{}
 }
 
 type volume struct {
@@ -182,6 +205,12 @@ func New(cfg Config) (*Frontend, error) {
 	if cfg.Readers <= 0 {
 		cfg.Readers = 4
 	}
+	if cfg.HolderWait <= 0 {
+		cfg.HolderWait = 60 * time.Second
+	}
+	if cfg.HolderCheck <= 0 {
+		cfg.HolderCheck = 2 * time.Second
+	}
 	// One Frontend per run dir: a second one (a second csi-snap on the same
 	// run dir) would take the holder's connections of volumes it does not
 	// serve, read requests off them and leave those unanswered, and a
@@ -198,8 +227,90 @@ func New(cfg Config) (*Frontend, error) {
 		}
 		return nil, fmt.Errorf("run dir lock: %w", err)
 	}
-	return &Frontend{cfg: cfg, sock: filepath.Join(dir, "holder.sock"), volDir: filepath.Join(dir, "vol"),
-		vols: map[string]*volume{}, locks: map[string]*sync.Mutex{}, runLock: lock}, nil
+	f := &Frontend{cfg: cfg, sock: filepath.Join(dir, "holder.sock"), volDir: filepath.Join(dir, "vol"),
+		vols: map[string]*volume{}, locks: map[string]*sync.Mutex{}, runLock: lock,
+		stopCheck: make(chan struct{}), checkDone: make(chan struct{})}
+	go f.keepHeld()
+	return f, nil
+}
+
+// keepHeld runs until Close: every HolderCheck it asks the holder which
+// connections it keeps and hands over again those of attached volumes it
+// lacks (see Config.HolderCheck).
+func (f *Frontend) keepHeld() {
+	defer close(f.checkDone)
+	t := time.NewTicker(f.cfg.HolderCheck)
+	defer t.Stop()
+	down := false // an external holder did not answer last time
+	for {
+		select {
+		case <-f.stopCheck:
+			return
+		case <-t.C:
+		}
+		f.mu.Lock()
+		var ids []string
+		for id := range f.vols {
+			ids = append(ids, id)
+		}
+		f.mu.Unlock()
+		if len(ids) == 0 {
+			continue
+		}
+		resp, _, err := holderCall(f.sock, holderReq{Op: "list"}, -1)
+		switch {
+		case err == nil:
+			down = false
+		case !errors.Is(err, errNoHolder):
+			continue // a slow holder: ask again next time
+		case f.cfg.ExternalHolder:
+			if !down {
+				klog.ErrorS(err, "no fuse holder answers: a restart of csi-snap now would fail the I/O of its attached volumes; their connections are handed over again once it is back", "socket", f.sock)
+			}
+			down = true
+			continue
+		}
+		held := map[string]bool{}
+		for _, id := range resp.IDs {
+			held[id] = true
+		}
+		for _, id := range ids {
+			if held[id] {
+				continue
+			}
+			if err := f.handOverAgain(id); err != nil {
+				klog.ErrorS(err, "could not hand a FUSE connection to the holder again; a restart of csi-snap would now fail its I/O", "volumeID", id)
+			}
+		}
+	}
+}
+
+// handOverAgain puts the connection of the attached id into the holder
+// again, under the id's lock so that a Detach (which drops it) cannot run
+// in between and leave the holder keeping a connection nobody serves.
+func (f *Frontend) handOverAgain(id string) error {
+	unlock, err := f.lock(id)
+	if err != nil {
+		return nil // closing
+	}
+	defer unlock()
+	v := f.get(id)
+	if v == nil || v.lost() != "" {
+		return nil // detached meanwhile, or dead (the next Attach cleans up)
+	}
+	p := v.srv.currentParams()
+	if f.cfg.ExternalHolder {
+		// One try: holderPut would wait for the holder, holding the id's
+		// lock (and Close, which waits for keepHeld) meanwhile.
+		_, _, err = holderCall(f.sock, holderReq{Op: "put", ID: id, Params: &p}, v.fd)
+	} else {
+		err = f.holderPut(id, &p, v.fd)
+	}
+	if err != nil {
+		return err
+	}
+	klog.InfoS("handed a FUSE connection to the holder again (the holder had been restarted)", "volumeID", id)
+	return nil
 }
 
 func (f *Frontend) mountpoint(id string) string { return filepath.Join(f.volDir, id) }
@@ -525,21 +636,30 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 	return dev, nil
 }
 
-// holderPut hands fd to the holder, starting one when none answers.
+// holderPut hands fd to the holder, starting one when none answers (or,
+// with an external holder, waiting up to HolderWait for it).
 func (f *Frontend) holderPut(id string, p *connParams, fd int) error {
-	var err error
-	for attempt := 0; attempt < 3; attempt++ {
-		if _, _, err = holderCall(f.sock, holderReq{Op: "put", ID: id, Params: p}, fd); err == nil {
-			return nil
-		}
-		if !errors.Is(err, errNoHolder) {
+	deadline := time.Now().Add(f.cfg.HolderWait)
+	for attempt := 1; ; attempt++ {
+		_, _, err := holderCall(f.sock, holderReq{Op: "put", ID: id, Params: p}, fd)
+		if err == nil || !errors.Is(err, errNoHolder) {
 			return err
 		}
-		if err = f.startHolder(); err != nil {
+		if f.cfg.ExternalHolder {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("%w on %s after %v (it is started on its own, e.g. by the node pod's fuse-holder container): %v",
+					ErrNoHolder, f.sock, f.cfg.HolderWait, err)
+			}
+			time.Sleep(100 * time.Millisecond)
+			continue
+		}
+		if attempt == 3 {
+			return err
+		}
+		if err := f.startHolder(); err != nil {
 			return err
 		}
 	}
-	return err
 }
 
 func (f *Frontend) startHolder() error {
@@ -831,6 +951,10 @@ func (f *Frontend) Close() error {
 	vols := f.vols
 	f.vols = map[string]*volume{}
 	f.mu.Unlock()
+	// keepHeld may be handing a connection's fd over right now: let it
+	// finish before the fds are closed (their numbers could be reused).
+	close(f.stopCheck)
+	<-f.checkDone
 	for _, v := range vols {
 		v.shutdown()
 	}

@@ -58,7 +58,16 @@ const holderMsgMax = 64 << 10
 // until told to drop them; it returns nil once it holds nothing after a
 // drop, or after holderIdleExit without ever being given an fd. It returns
 // ErrBusy when another holder already answers on socketPath.
-func RunHolder(socketPath string) error {
+func RunHolder(socketPath string) error { return runHolder(socketPath, false) }
+
+// RunHolderStay is RunHolder for a holder that runs on its own (`csi-snap
+// fuse-holder --socket PATH --stay`, the node pod's fuse-holder container,
+// with Config.ExternalHolder on the plugin's side): it never exits by
+// itself, neither when emptied nor when idle, since whatever supervises it
+// would only start it again; it ends with its process.
+func RunHolderStay(socketPath string) error { return runHolder(socketPath, true) }
+
+func runHolder(socketPath string, stay bool) error {
 	closeInheritedPipes()
 	if c, err := net.Dial("unixpacket", socketPath); err == nil {
 		c.Close()
@@ -75,7 +84,7 @@ func RunHolder(socketPath string) error {
 	everHeld := false
 	start := time.Now()
 	for {
-		if !everHeld {
+		if !everHeld && !stay {
 			ln.SetDeadline(start.Add(holderIdleExit))
 		} else {
 			ln.SetDeadline(time.Time{})
@@ -102,12 +111,15 @@ func RunHolder(socketPath string) error {
 		// connects again finds no socket and starts a new holder, instead
 		// of racing with our exit and our unlink of its new socket.
 		onEmpty := func() { ln.Close() }
+		if stay {
+			onEmpty = func() {}
+		}
 		exit := serveHolderConn(c, held, onEmpty)
 		c.Close()
 		if len(held) > 0 {
 			everHeld = true
 		}
-		if exit && len(held) == 0 {
+		if exit && len(held) == 0 && !stay {
 			klog.InfoS("fuse holder: holds nothing, exiting", "socket", socketPath)
 			return nil
 		}

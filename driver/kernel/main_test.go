@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -26,7 +27,11 @@ func TestMain(m *testing.M) {
 	if len(os.Args) > 1 {
 		switch os.Args[1] {
 		case "fuse-holder":
-			if err := RunHolder(argValue(os.Args, "--socket")); err != nil {
+			run := RunHolder
+			if slices.Contains(os.Args, "--stay") {
+				run = RunHolderStay
+			}
+			if err := run(argValue(os.Args, "--socket")); err != nil {
 				fmt.Fprintln(os.Stderr, "holder:", err)
 				os.Exit(1)
 			}

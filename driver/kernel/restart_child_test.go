@@ -43,6 +43,8 @@ func serveChild(args []string) int {
 	size := fs.Int64("size", 0, "bytes")
 	ro := fs.Bool("ro", false, "")
 	blocking := fs.Bool("blocking", false, "Config.BlockingReaders")
+	external := fs.Bool("external", false, "Config.ExternalHolder")
+	check := fs.Duration("check", 0, "Config.HolderCheck")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -57,7 +59,8 @@ func serveChild(args []string) int {
 	}
 	b := &stallingBackend{FileBackend: fb}
 	go func() { <-usr1; b.armed.Store(true) }()
-	fe, err := New(Config{RunDir: *runDir, HolderCommand: []string{os.Args[0], "fuse-holder"}, Readers: 4, BlockingReaders: *blocking})
+	fe, err := New(Config{RunDir: *runDir, HolderCommand: []string{os.Args[0], "fuse-holder"}, Readers: 4, BlockingReaders: *blocking,
+		ExternalHolder: *external, HolderCheck: *check})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "new:", err)
 		return 1

@@ -29,10 +29,18 @@ type child struct {
 
 func startChild(t *testing.T, runDir, backing, id string, size int64, extra ...string) *child {
 	t.Helper()
+	return startChildAttr(t, nil, runDir, backing, id, size, extra...)
+}
+
+// startChildAttr is startChild with the process attributes attr (nil for
+// the defaults).
+func startChildAttr(t *testing.T, attr *syscall.SysProcAttr, runDir, backing, id string, size int64, extra ...string) *child {
+	t.Helper()
 	args := append([]string{"fe-serve", "-rundir", runDir, "-backing", backing,
 		"-id", id, "-size", strconv.FormatInt(size, 10)}, extra...)
 	cmd := exec.Command(os.Args[0], args...)
 	cmd.Stderr = os.Stderr
+	cmd.SysProcAttr = attr
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)

@@ -285,6 +285,53 @@ func TestHolderProtocol(t *testing.T) {
 	}
 }
 
+// TestHolderStay: a holder run with RunHolderStay keeps answering after a
+// drop empties it (RunHolder returns then, see TestHolderProtocol), and
+// takes connections again.
+func TestHolderStay(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "h.sock")
+	done := make(chan error, 1)
+	go func() { done <- RunHolderStay(sock) }()
+	var err error
+	for i := 0; i < 500; i++ {
+		if _, _, err = holderCall(sock, holderReq{Op: "list"}, -1); err == nil {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	params := &connParams{KernelMinor: 45, MaxWrite: maxWrite, Initialized: true}
+	for round := 0; round < 2; round++ {
+		var p [2]int
+		if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := holderCall(sock, holderReq{Op: "put", ID: "v1", Params: params}, p[1]); err != nil {
+			t.Fatalf("round %d: put: %v", round, err)
+		}
+		unix.Close(p[1])
+		if _, _, err := holderCall(sock, holderReq{Op: "drop", ID: "v1"}, -1); err != nil {
+			t.Fatalf("round %d: drop: %v", round, err)
+		}
+		buf := make([]byte, 1)
+		if n, err := unix.Read(p[0], buf); n != 0 || err != nil {
+			t.Fatalf("round %d: the holder kept the dropped fd: n=%d err=%v", round, n, err)
+		}
+		unix.Close(p[0])
+		resp, _, err := holderCall(sock, holderReq{Op: "list"}, -1)
+		if err != nil || len(resp.IDs) != 0 {
+			t.Fatalf("round %d: list after the drop: %v %v", round, resp.IDs, err)
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("round %d: the holder returned (%v) once empty", round, err)
+		default:
+		}
+	}
+}
+
 // TestRunDirLock: a second Frontend on a run dir in use is refused with
 // ErrBusy (it would take the first one's held connections); after Close
 // the run dir can be used again.

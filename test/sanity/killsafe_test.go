@@ -7,9 +7,11 @@ import (
 	"fmt"
 	"math/rand"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -25,6 +27,7 @@ import (
 type killable struct {
 	t               *testing.T
 	bin, sock, data string
+	container       bool // see startKillable
 	p               *plugin
 	cc              *grpc.ClientConn
 	ctrl            csi.ControllerClient
@@ -35,10 +38,15 @@ type killable struct {
 // Its cleanups run after those the test registers later (unpublish,
 // delete): they stop the plugin, close the current client and fail the
 // test if mounts, loop devices or holders are left.
-func startKillable(t *testing.T) (*killable, string) {
+//
+// With container set it runs csi-snap as the Helm chart does: as the first
+// process of a PID namespace of its own (so a holder it started would die
+// with it), with --fuse-holder=external, and `csi-snap fuse-holder --stay`
+// in another PID namespace (the chart's fuse-holder container).
+func startKillable(t *testing.T, container bool) (*killable, string) {
 	t.Helper()
 	requireCapabilities(t)
-	k := &killable{t: t, bin: buildPlugin(t)}
+	k := &killable{t: t, bin: buildPlugin(t), container: container}
 	dir := t.TempDir()
 	k.sock, k.data = filepath.Join(dir, "csi.sock"), filepath.Join(dir, "data")
 	t.Cleanup(func() {
@@ -46,11 +54,33 @@ func startKillable(t *testing.T) (*killable, string) {
 			t.Errorf("mounts, loop devices or holders were left under %s", dir)
 		}
 	})
-	k.p = startPlugin(t, k.bin, k.sock, k.data)
+	if container {
+		// The plugin makes the run dir, 0700, on its first start.
+		if err := os.MkdirAll(filepath.Join(k.data, "run"), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		h := exec.Command(k.bin, "fuse-holder", "--socket", filepath.Join(k.data, "run", "holder.sock"), "--stay")
+		h.Stdout, h.Stderr = os.Stderr, os.Stderr
+		h.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Cloneflags: syscall.CLONE_NEWPID}
+		if err := h.Start(); err != nil {
+			t.Fatal(err)
+		}
+		// After the plugin's graceful stop, before the check for leftovers.
+		t.Cleanup(func() { h.Process.Kill(); h.Wait() })
+	}
+	k.p = k.start()
 	t.Cleanup(func() { k.p.stop(t, os.Interrupt) })
 	k.dial()
 	t.Cleanup(func() { k.cc.Close() })
 	return k, dir
+}
+
+// start starts csi-snap (see startKillable).
+func (k *killable) start() *plugin {
+	if k.container {
+		return startPluginAttr(k.t, syscall.CLONE_NEWPID, k.bin, k.sock, k.data, "--fuse-holder=external")
+	}
+	return startPlugin(k.t, k.bin, k.sock, k.data)
 }
 
 func (k *killable) dial() {
@@ -65,7 +95,7 @@ func (k *killable) dial() {
 // replaces the clients.
 func (k *killable) restart() {
 	<-k.p.exited
-	k.p = startPlugin(k.t, k.bin, k.sock, k.data)
+	k.p = k.start()
 	k.cc.Close()
 	k.dial()
 }
@@ -80,7 +110,7 @@ func (k *killable) restart() {
 // waiting for their group commit) and first writes to a clone's chunks
 // (their "present" records wait for a flush).
 func TestKillKeepsAckedWrites(t *testing.T) {
-	k, dir := startKillable(t)
+	k, dir := startKillable(t, false)
 	ctx := context.Background()
 
 	const size, span = 16 << 20, 4 << 20
@@ -194,7 +224,12 @@ func TestKillKeepsAckedWrites(t *testing.T) {
 // unmount (everything then comes from the device, not the page cache)
 // every file written before and across the kill has its checksum.
 func TestKillWhileExt4Writes(t *testing.T) {
-	k, dir := startKillable(t)
+	t.Run("child-holder", func(t *testing.T) { testKillWhileExt4Writes(t, false) })
+	t.Run("container", func(t *testing.T) { testKillWhileExt4Writes(t, true) })
+}
+
+func testKillWhileExt4Writes(t *testing.T, container bool) {
+	k, dir := startKillable(t, container)
 	staging, target := filepath.Join(dir, "staging"), filepath.Join(dir, "target")
 	ctx := context.Background()
 

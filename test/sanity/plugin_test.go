@@ -90,6 +90,14 @@ func runPluginBin(t *testing.T, bin string) (dir string) {
 // startPlugin runs bin on sock with dataDir and waits until it listens.
 func startPlugin(t *testing.T, bin, sock, dataDir string, extra ...string) *plugin {
 	t.Helper()
+	return startPluginAttr(t, 0, bin, sock, dataDir, extra...)
+}
+
+// startPluginAttr is startPlugin with extra clone flags for the process:
+// syscall.CLONE_NEWPID makes it the first process of a PID namespace of its
+// own, as in a container, where its death kills all its children.
+func startPluginAttr(t *testing.T, clone uintptr, bin, sock, dataDir string, extra ...string) *plugin {
+	t.Helper()
 	logPath := filepath.Join(filepath.Dir(sock), "csi-snap-"+time.Now().Format("150405.000000")+".log")
 	logf, err := os.Create(logPath)
 	if err != nil {
@@ -99,7 +107,7 @@ func startPlugin(t *testing.T, bin, sock, dataDir string, extra ...string) *plug
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// If this test process dies (timeout), take the plugin with it.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Cloneflags: clone}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

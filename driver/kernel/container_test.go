@@ -1,0 +1,185 @@
+package kernel
+
+import (
+	"context"
+	"math/rand"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// ownPIDNamespace starts a process as the first of a new PID namespace, as
+// a container's first process is: when it dies, the kernel kills every
+// other process of the namespace, a holder it started included.
+var ownPIDNamespace = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID}
+
+// startStayHolder starts `fuse-holder --socket runDir/holder.sock --stay`
+// in a PID namespace of its own: the chart's fuse-holder container.
+func startStayHolder(t *testing.T, runDir string) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "fuse-holder", "--socket", filepath.Join(runDir, "holder.sock"), "--stay")
+	cmd.Stderr = os.Stderr
+	cmd.SysProcAttr = ownPIDNamespace
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return cmd
+}
+
+// waitHeld waits until the holder on runDir lists exactly want (sorted),
+// failing the test after a minute.
+func waitHeld(t *testing.T, runDir string, want ...string) {
+	t.Helper()
+	sock := filepath.Join(runDir, "holder.sock")
+	var got []string
+	var err error
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) { // hang guard
+		var resp holderResp
+		if resp, _, err = holderCall(sock, holderReq{Op: "list"}, -1); err == nil {
+			if got = resp.IDs; slices.Equal(got, want) {
+				return
+			}
+		}
+	}
+	t.Fatalf("the holder holds %v (%v), want %v", got, err, want)
+}
+
+// TestContainerRestart is TestRestart (SIGKILL) as the chart runs csi-snap:
+// the serving process is the first process of its own PID namespace, so a
+// holder it started itself would die with it, and the holder runs on its
+// own (RunHolderStay, Config.ExternalHolder; the chart's fuse-holder
+// container). While ext4 on the device takes fsync'ed writes: the holder is
+// killed and started again (the serving process must hand its connection
+// over again), then the serving process is killed and started again; the
+// writer must see no error, ext4 must stay read-write, and every file's
+// checksum must be right, also after a remount and fsck.
+func TestContainerRestart(t *testing.T) {
+	requireRoot(t)
+	requireTool(t, "mkfs.ext4")
+	ctx := context.Background()
+	runDir, data := t.TempDir(), t.TempDir()
+	backing := filepath.Join(data, "vol.img")
+	const size = 256 << 20
+	const id = "vol-container"
+	mnt := filepath.Join(data, "mnt")
+	os.Mkdir(mnt, 0o755)
+	serve := []string{"-external", "-check", "100ms"}
+
+	h1 := startStayHolder(t, runDir)
+	c1 := startChildAttr(t, ownPIDNamespace, runDir, backing, id, size, serve...)
+	t.Cleanup(func() { c1.cmd.Process.Kill() })
+	dev := c1.expect(t, "DEVICE ")
+	mounted := false
+	t.Cleanup(func() {
+		if mounted {
+			unix.Unmount(mnt, 0)
+		}
+	})
+	run(t, "mkfs.ext4", "-q", "-F", dev)
+	run(t, "mount", dev, mnt)
+	mounted = true
+	waitHeld(t, runDir, id)
+
+	w := &fileWriter{dir: mnt, rng: rand.New(rand.NewSource(7)), sums: map[string]string{}}
+	const nFiles = 60
+	progress, werr := make(chan int, nFiles), make(chan error, 1)
+	go func() {
+		for i := 0; i < nFiles; i++ {
+			if err := w.write(i); err != nil {
+				werr <- err
+				return
+			}
+			progress <- i
+		}
+		werr <- nil
+	}()
+	waitFile := func(n int) {
+		t.Helper()
+		for i := range progress {
+			if i >= n {
+				return
+			}
+		}
+		t.Fatalf("the writer stopped before file %d: %v", n, <-werr)
+	}
+
+	// The holder container restarts: it comes back empty, and the serving
+	// process hands its connection over again.
+	waitFile(5)
+	h1.Process.Kill()
+	h1.Wait()
+	h2 := startStayHolder(t, runDir)
+	waitHeld(t, runDir, id)
+
+	// The plugin container restarts, with a write in flight.
+	waitFile(10)
+	c1.cmd.Process.Signal(syscall.SIGUSR1)
+	c1.expect(t, "STALLED")
+	c1.cmd.Process.Kill()
+	<-c1.done
+	select {
+	case err := <-werr:
+		t.Fatalf("the writer ended while no server ran: %v", err)
+	default:
+	}
+	c2 := startChildAttr(t, ownPIDNamespace, runDir, backing, id, size, serve...)
+	t.Cleanup(func() { c2.cmd.Process.Kill() })
+	if dev2 := c2.expect(t, "DEVICE "); dev2 != dev {
+		t.Fatalf("resumed on %s, want the same device %s", dev2, dev)
+	}
+	select {
+	case err := <-werr:
+		if err != nil {
+			t.Fatalf("writer: %v", err)
+		}
+	case <-time.After(3 * time.Minute): // hang guard
+		t.Fatal("writer did not finish after the restart")
+	}
+	if opts := mountOptions(t, mnt); !strings.HasPrefix(opts, "rw") {
+		t.Fatalf("ext4 is %q after the restarts", opts)
+	}
+	w.verify(t)
+	run(t, "umount", mnt)
+	mounted = false
+	run(t, "e2fsck", "-fn", dev)
+	run(t, "mount", dev, mnt)
+	mounted = true
+	w.verify(t)
+	run(t, "umount", mnt)
+	mounted = false
+	c2.cmd.Process.Signal(syscall.SIGTERM)
+	c2.expect(t, "RESENT ")
+	if err := <-c2.done; err != nil {
+		t.Fatalf("second server: %v", err)
+	}
+
+	// Detach from this process: the holder stays (--stay), holding nothing.
+	fb, err := OpenFileBackend(backing, size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fb.Close()
+	fe, err := New(Config{RunDir: runDir, ExternalHolder: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d, err := fe.Attach(ctx, id, fb, false); err != nil || d != dev {
+		t.Fatalf("in-process resume: %q %v", d, err)
+	}
+	if err := fe.Detach(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	fe.Close()
+	waitHeld(t, runDir)
+	h2.Process.Kill()
+	h2.Wait()
+	assertNothingLeft(t, fe.cfg.RunDir)
+}
