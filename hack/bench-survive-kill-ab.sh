@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What --survive-kill costs through the block device (BENCHMARKS.md, "Writes
 # that survive a kill"), as root: ROUNDS (default 2) interleaved rounds of
-#   A  hack/bench-cow-block.sh with benchserve -survive-kill=false (the chart)
-#   B  the same with the default, on (the binary)
+#   A  hack/bench-cow-block.sh with benchserve -survive-kill=false
+#   B  the same with the default, on (the binary and, since chart 0.2.0, the chart)
 #   C  (only with BASE_REV=<git revision>) B's run with the benchserve of
 #      that revision, from a temporary worktree (this tree's
 #      bench-cow-block.sh, so the jobs are the same): before and after a

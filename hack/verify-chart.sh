@@ -170,6 +170,19 @@ if ls cmd/csi-snap/*.go >/dev/null 2>&1; then
 		head -5 "$work/flags.out"; echo "csi-snap rejects the chart's arguments: ${args[*]}"; exit 1
 	fi
 	echo "csi-snap accepts the chart's arguments: ${args[*]}"
+	# And the fuse-holder container's (a subcommand with flags of its own).
+	mapfile -t hargs < <(awk '/^        - name: fuse-holder$/ { c = 1 }
+		c && /^          args:/ { a = 1; next }
+		a && /^            - / { sub(/^            - /, ""); gsub(/"/, ""); print; next }
+		a { exit }' "$work/metrics.yaml")
+	[ "${hargs[0]:-}" = fuse-holder ] && [ "${#hargs[@]}" -ge 3 ] || { echo "could not extract the fuse-holder args from the chart: ${hargs[*]}"; exit 1; }
+	"$work/csi-snap" fuse-holder --undefined-flag-canary -h >"$work/canary.out" 2>&1 || true
+	grep -q "provided but not defined" "$work/canary.out" || { cat "$work/canary.out"; echo "flag check cannot detect unknown fuse-holder flags"; exit 1; }
+	"$work/csi-snap" "${hargs[@]}" -h >"$work/hflags.out" 2>&1 || true
+	if grep -q "provided but not defined" "$work/hflags.out" || ! grep -q "^Usage of csi-snap fuse-holder" "$work/hflags.out"; then
+		head -5 "$work/hflags.out"; echo "csi-snap fuse-holder rejects the chart's arguments: ${hargs[*]}"; exit 1
+	fi
+	echo "csi-snap fuse-holder accepts the chart's arguments: ${hargs[*]}"
 else
 	echo "!!!!! SKIPPED: cmd/csi-snap has no Go files yet, so the Dockerfile's build stage is not checked !!!!!"
 fi

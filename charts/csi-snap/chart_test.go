@@ -248,12 +248,38 @@ func TestNodePluginDefaults(t *testing.T) {
 	plugin := container(ds, "csi-snap")
 	requireArgs(t, plugin, "--endpoint=unix:///csi/csi.sock", "--node-id=$(NODE_NAME)",
 		"--driver-name="+driver, "--data-dir=/var/lib/csi-snap", "--run-dir=/run/csi-snap", "--v=2",
-		"--survive-kill=false")
+		"--fuse-holder=external")
 	forbidArgPrefix(t, plugin, "--metrics-address")
-	// --survive-kill=false is right only because the fuse-holder dies with
-	// csi-snap, PID 1 of its own PID namespace (values.yaml node.surviveKill).
-	if get(ds, "spec", "template", "spec", "hostPID") == true || get(ds, "spec", "template", "spec", "shareProcessNamespace") == true {
-		t.Error("the node pod shares a PID namespace: the fuse-holder could outlive csi-snap, which then needs --survive-kill")
+	// The holder outlives csi-snap's container, so a kill of csi-snap must
+	// not lose an answered write: the binary's default --survive-kill=true.
+	forbidArgPrefix(t, plugin, "--survive-kill")
+
+	// The fuse-holder: a native sidecar on the run dir's socket, its own
+	// container (a child of csi-snap dies with csi-snap's container).
+	var holder obj
+	for _, c := range list(ds, "spec", "template", "spec", "initContainers") {
+		if str(c, "name") == "fuse-holder" {
+			holder = c.(obj)
+		}
+	}
+	if holder == nil {
+		t.Fatal("no fuse-holder init container")
+	}
+	if got := str(holder, "restartPolicy"); got != "Always" {
+		t.Errorf("fuse-holder restartPolicy %q, want Always (a native sidecar: runs beside csi-snap, restarts on its own)", got)
+	}
+	if got, want := strs(holder, "args"), []string{"fuse-holder", "--socket=/run/csi-snap/holder.sock", "--stay"}; !slices.Equal(got, want) {
+		t.Errorf("fuse-holder args %q, want %q", got, want)
+	}
+	if str(holder, "image") != str(plugin, "image") {
+		t.Errorf("fuse-holder image %q, csi-snap's %q: the holder must speak the plugin's protocol", str(holder, "image"), str(plugin, "image"))
+	}
+	if get(holder, "securityContext", "privileged") == true || get(holder, "securityContext", "runAsUser") != 0 {
+		t.Errorf("fuse-holder securityContext %v: want unprivileged, as root (it answers csi-snap's user only)", get(holder, "securityContext"))
+	}
+	if m := list(holder, "volumeMounts"); len(m) != 1 || str(m[0], "name") != "run-dir" || str(m[0], "mountPath") != "/run/csi-snap" ||
+		str(m[0], "mountPropagation") != "HostToContainer" {
+		t.Errorf("fuse-holder mounts %v, want the run dir at /run/csi-snap, HostToContainer", m)
 	}
 	if get(plugin, "securityContext", "privileged") != true {
 		t.Error("csi-snap must be privileged (loop devices, mounts, /dev/fuse)")
