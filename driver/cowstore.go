@@ -71,12 +71,14 @@ func OpenCowStore(dir string) (*CowStore, error) {
 // needs it wherever its fd holder can outlive the process: the holder then
 // keeps each device's FUSE connection across the restart, the filesystem
 // on the device never learns of it and never resends a write it got an
-// answer to (test/sanity TestKillKeepsAckedWrites). Where the holder dies
-// with the process (the chart: csi-snap is PID 1 of its container), the
-// connections end too, the filesystems see I/O errors and recover from
-// their journals on the next mount, as after a power loss, so unflushed
-// writes may be lost as from a disk's volatile cache, and the setting only
-// costs first-write speed (BENCHMARKS.md).
+// answer to (test/sanity TestKillKeepsAckedWrites); so everywhere the
+// holder does its job, the Helm chart included (its holder is a container
+// of its own). Only where the holder dies with the process (a child holder
+// in a container whose first process this is), the connections end too,
+// the filesystems see I/O errors and recover from their journals on the
+// next mount, as after a power loss, so unflushed writes may be lost as
+// from a disk's volatile cache, and the setting only costs first-write
+// speed (BENCHMARKS.md).
 func (c *CowStore) SetSurviveKill(on bool) { c.s.SetSurviveKill(on) }
 
 // maintainTail is the log tail past which Maintain checkpoints.

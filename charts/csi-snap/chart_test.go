@@ -877,6 +877,7 @@ func TestBadValuesFailWithClearMessage(t *testing.T) {
 		{"extra arg not a flag", []string{"--set", "node.extraArgs={oops}"}, []string{schemaErr, "/node/extraArgs/0"}},
 		{"bad quantity", []string{"--set", "node.resources.requests.memory=lots"}, []string{schemaErr, "/node/resources/requests/memory"}},
 		{"negative log level", []string{"--set", "logLevel=-1"}, []string{schemaErr, "/logLevel"}},
+		{"removed surviveKill", []string{"--set", "node.surviveKill=false"}, []string{"node.surviveKill was removed in chart 0.2.0"}},
 		{"zero replicas", []string{"--set", "snapshotController.replicas=0"}, []string{schemaErr, "/snapshotController/replicas"}},
 		{"port out of range", []string{"--set", "node.metrics.port=70000"}, []string{schemaErr, "/node/metrics/port"}},
 		{"bad poll interval", []string{"--set", "sidecars.provisioner.capacityPollInterval=often"}, []string{schemaErr, "/sidecars/provisioner/capacityPollInterval"}},

@@ -52,7 +52,7 @@ func parseFlags(args []string, klogFlags func(*flag.FlagSet), stderr io.Writer) 
 	fs.StringVar(&c.DriverName, "driver-name", defaultDriverName, "CSI driver name")
 	fs.StringVar(&c.MetricsAddress, "metrics-address", "", "host:port to serve Prometheus /metrics on (off when empty)")
 	fs.Int64Var(&c.MaxVolumes, "max-volumes", 0, "volumes this node may stage at once, reported by NodeGetInfo (the scheduler enforces it); 0 = no limit: loop devices are made on demand (LOOP_CTL_GET_FREE is not bounded by max_loop); -1 = the loop driver's max_loop parameter (8 by default, the devices made at boot: too low a bound)")
-	fs.BoolVar(&c.SurviveKill, "survive-kill", true, "answer a write only once a kill of this process cannot lose it: needed wherever the fuse-holder can outlive csi-snap (it keeps published devices across a restart, and their filesystems never resend a write); off only where the holder dies with csi-snap (csi-snap is PID 1 of its container), for faster first writes after a snapshot")
+	fs.BoolVar(&c.SurviveKill, "survive-kill", true, "answer a write only once a kill of this process cannot lose it: needed wherever the fuse-holder can outlive csi-snap (it keeps published devices across a restart, and their filesystems never resend a write), so always with --fuse-holder=external; off only where a child holder dies with csi-snap (csi-snap is the first process of its container and --fuse-holder=child), for faster first writes after a snapshot")
 	fs.Func("fuse-holder", "who starts the fuse-holder that keeps the volumes' FUSE connections across a restart of csi-snap: \"child\" (default): csi-snap, as a child in its own session; \"external\": someone else, as `csi-snap fuse-holder --socket <run-dir>/holder.sock --stay` (in a pod: a container of its own, since a child dies with csi-snap's container); csi-snap then waits for it", func(v string) error {
 		switch v {
 		case "child":
@@ -108,6 +108,11 @@ func (c Config) validate() error {
 	}
 	if c.ShutdownTimeout <= 0 {
 		return bad("--shutdown-timeout must be positive")
+	}
+	if c.ExternalHolder && !c.SurviveKill {
+		// The holder outlives a kill of csi-snap, so the devices do, and
+		// their filesystems never resend a write they got an answer to.
+		return bad("--fuse-holder=external needs --survive-kill: a kill of csi-snap would otherwise lose writes it answered")
 	}
 	return nil
 }

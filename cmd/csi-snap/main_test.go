@@ -45,6 +45,7 @@ func TestParseFlags(t *testing.T) {
 	}
 	bad := [][]string{
 		{"--fuse-holder", "sidecar"},
+		{"--fuse-holder", "external", "--survive-kill=false"},
 		{"--fuse-holder", ""},
 		{"--endpoint", "http://x"},
 		{"--endpoint", "unix://host/sock"},

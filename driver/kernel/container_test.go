@@ -2,6 +2,7 @@ package kernel
 
 import (
 	"context"
+	"errors"
 	"math/rand"
 	"os"
 	"os/exec"
@@ -60,7 +61,10 @@ func waitHeld(t *testing.T, runDir string, want ...string) {
 // killed and started again (the serving process must hand its connection
 // over again), then the serving process is killed and started again; the
 // writer must see no error, ext4 must stay read-write, and every file's
-// checksum must be right, also after a remount and fsck.
+// checksum must be right, also after a remount and fsck. Then the holder
+// restarts once more and the serving process stops gracefully before it
+// would notice: its Close must hand the connection over, so that this
+// process can resume it.
 func TestContainerRestart(t *testing.T) {
 	requireRoot(t)
 	requireTool(t, "mkfs.ext4")
@@ -72,6 +76,11 @@ func TestContainerRestart(t *testing.T) {
 	mnt := filepath.Join(data, "mnt")
 	os.Mkdir(mnt, 0o755)
 	serve := []string{"-external", "-check", "100ms"}
+	t.Cleanup(func() { // last: after a failure, leave no mount or loop device
+		if t.Failed() {
+			scrub(runDir, mnt)
+		}
+	})
 
 	h1 := startStayHolder(t, runDir)
 	c1 := startChildAttr(t, ownPIDNamespace, runDir, backing, id, size, serve...)
@@ -130,7 +139,8 @@ func TestContainerRestart(t *testing.T) {
 		t.Fatalf("the writer ended while no server ran: %v", err)
 	default:
 	}
-	c2 := startChildAttr(t, ownPIDNamespace, runDir, backing, id, size, serve...)
+	// This one hands connections over again only when it stops (Close).
+	c2 := startChildAttr(t, ownPIDNamespace, runDir, backing, id, size, "-external", "-check", "1h")
 	t.Cleanup(func() { c2.cmd.Process.Kill() })
 	if dev2 := c2.expect(t, "DEVICE "); dev2 != dev {
 		t.Fatalf("resumed on %s, want the same device %s", dev2, dev)
@@ -155,11 +165,19 @@ func TestContainerRestart(t *testing.T) {
 	w.verify(t)
 	run(t, "umount", mnt)
 	mounted = false
+
+	// The holder restarts, then the plugin stops gracefully before its
+	// next check: Close must hand the connection over.
+	h2.Process.Kill()
+	h2.Wait()
+	h3 := startStayHolder(t, runDir)
+	waitHeld(t, runDir)
 	c2.cmd.Process.Signal(syscall.SIGTERM)
 	c2.expect(t, "RESENT ")
 	if err := <-c2.done; err != nil {
 		t.Fatalf("second server: %v", err)
 	}
+	waitHeld(t, runDir, id)
 
 	// Detach from this process: the holder stays (--stay), holding nothing.
 	fb, err := OpenFileBackend(backing, size)
@@ -179,7 +197,68 @@ func TestContainerRestart(t *testing.T) {
 	}
 	fe.Close()
 	waitHeld(t, runDir)
-	h2.Process.Kill()
-	h2.Wait()
+	h3.Process.Kill()
+	h3.Wait()
+	assertNothingLeft(t, fe.cfg.RunDir)
+}
+
+// scrub lazily unmounts mnt, aborts the FUSE connections mounted below
+// runDir, detaches the loop devices on their files and unmounts them: what
+// a failed test leaves.
+func scrub(runDir, mnt string) {
+	unix.Unmount(mnt, unix.MNT_DETACH)
+	data, _ := os.ReadFile("/proc/self/mountinfo")
+	var mounts []string
+	for _, line := range strings.Split(string(data), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && strings.HasPrefix(unescapeMount(f[4]), runDir+"/") {
+			if _, minor, ok := strings.Cut(f[2], ":"); ok {
+				os.WriteFile("/sys/fs/fuse/connections/"+minor+"/abort", []byte("1"), 0)
+			}
+			mounts = append(mounts, unescapeMount(f[4]))
+		}
+	}
+	// Before the unmounts, which make the backing files' paths "/".
+	for dev, bf := range loopBackingFiles() {
+		if strings.HasPrefix(bf, runDir+"/") {
+			exec.Command("losetup", "-d", dev).Run()
+		}
+	}
+	for _, m := range mounts {
+		unix.Unmount(m, unix.MNT_DETACH)
+	}
+}
+
+// TestExternalHolderAbsent: with Config.ExternalHolder and no holder, Attach
+// fails with ErrNoHolder after HolderWait and leaves nothing behind; once
+// the holder runs, Attach hands it the connection.
+func TestExternalHolderAbsent(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	runDir := t.TempDir()
+	fe, err := New(Config{RunDir: runDir, ExternalHolder: true, HolderWait: 300 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fe.Close() })
+	b := newFileBackend(t, t.TempDir(), 16<<20)
+	const id = "vol-noholder"
+	for i := 0; i < 2; i++ { // the second gives up at once
+		if dev, err := fe.Attach(ctx, id, b, false); !errors.Is(err, ErrNoHolder) {
+			t.Fatalf("attach %d without a holder: %q, %v; want ErrNoHolder", i, dev, err)
+		}
+		assertNothingLeft(t, fe.cfg.RunDir)
+	}
+	h := startStayHolder(t, runDir)
+	waitHeld(t, runDir) // listening
+	if _, err := fe.Attach(ctx, id, b, false); err != nil {
+		t.Fatalf("attach with the holder: %v", err)
+	}
+	waitHeld(t, runDir, id)
+	if err := fe.Detach(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	waitHeld(t, runDir)
+	h.Process.Kill()
+	h.Wait()
 	assertNothingLeft(t, fe.cfg.RunDir)
 }

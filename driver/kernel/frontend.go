@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,6 +13,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -107,6 +109,10 @@ type Frontend struct {
 	runLock *os.File   // holds the flock on RunDir/frontend.lock until Close
 	// stopCheck ends keepHeld, which closes checkDone when it returns.
 	stopCheck, checkDone chan struct{}
+	// holderMissing is when a wait for the external holder last timed out
+	// (UnixNano; 0: it answered since).
+	holderMissing atomic.Int64
+	noResend      sync.Once // logs, once, that keeps refuses
 }
 
 type volume struct {
@@ -117,7 +123,10 @@ type volume struct {
 	srv      *server
 	readOnly bool
 	shut     sync.Once
+	down     atomic.Bool // shutdown ran (or runs): fd is closed or about to be
 }
+
+func (v *volume) isShut() bool { return v.down.Load() }
 
 // lost says why v's connection can serve nothing any more ("" if it can):
 // its server saw the connection go (ENODEV), or it was aborted.
@@ -161,6 +170,7 @@ func (f *Frontend) holderDrop(id string) error {
 // took that number meanwhile.
 func (v *volume) shutdown() {
 	v.shut.Do(func() {
+		v.down.Store(true)
 		v.srv.stop()
 		unix.Close(v.fd)
 	})
@@ -241,7 +251,7 @@ func (f *Frontend) keepHeld() {
 	defer close(f.checkDone)
 	t := time.NewTicker(f.cfg.HolderCheck)
 	defer t.Stop()
-	down := false // an external holder did not answer last time
+	var bad error // what the last check found wrong with the holder
 	for {
 		select {
 		case <-f.stopCheck:
@@ -249,68 +259,87 @@ func (f *Frontend) keepHeld() {
 		case <-t.C:
 		}
 		f.mu.Lock()
-		var ids []string
-		for id := range f.vols {
-			ids = append(ids, id)
-		}
+		vols := maps.Clone(f.vols)
 		f.mu.Unlock()
-		if len(ids) == 0 {
+		if len(vols) == 0 {
 			continue
 		}
-		resp, _, err := holderCall(f.sock, holderReq{Op: "list"}, -1)
+		err := f.handOverMissing(vols, true)
 		switch {
-		case err == nil:
-			down = false
-		case !errors.Is(err, errNoHolder):
-			continue // a slow holder: ask again next time
-		case f.cfg.ExternalHolder:
-			if !down {
-				klog.ErrorS(err, "no fuse holder answers: a restart of csi-snap now would fail the I/O of its attached volumes; their connections are handed over again once it is back", "socket", f.sock)
-			}
-			down = true
-			continue
+		case err != nil && bad == nil:
+			klog.ErrorS(err, "the fuse holder does not keep every attached volume's connection: a restart of csi-snap now would fail their I/O; checking again", "socket", f.sock)
+		case err == nil && bad != nil:
+			klog.InfoS("the fuse holder keeps every attached volume's connection again", "socket", f.sock)
 		}
-		held := map[string]bool{}
-		for _, id := range resp.IDs {
-			held[id] = true
-		}
-		for _, id := range ids {
-			if held[id] {
-				continue
-			}
-			if err := f.handOverAgain(id); err != nil {
-				klog.ErrorS(err, "could not hand a FUSE connection to the holder again; a restart of csi-snap would now fail its I/O", "volumeID", id)
-			}
-		}
+		bad = err
 	}
 }
 
-// handOverAgain puts the connection of the attached id into the holder
-// again, under the id's lock so that a Detach (which drops it) cannot run
-// in between and leave the holder keeping a connection nobody serves.
-func (f *Frontend) handOverAgain(id string) error {
-	unlock, err := f.lock(id)
-	if err != nil {
-		return nil // closing
+// handOverMissing asks the holder what it keeps and hands over, one try
+// each, the connections of vols it lacks. Each under its id's lock, taken
+// only if free (an Attach, Detach or Resize in progress is left for the
+// next check, and neither this nor Close waits for it), so that a Detach,
+// which drops the connection and closes the fd, cannot run in between.
+// current: the volume must still be the one registered under its id (not
+// so in Close, which has taken them out already).
+func (f *Frontend) handOverMissing(vols map[string]*volume, current bool) error {
+	resp, _, err := holderCall(f.sock, holderReq{Op: "list"}, -1)
+	if err != nil && !(errors.Is(err, errNoHolder) && !f.cfg.ExternalHolder) {
+		return err // no answer in time, or no external holder yet
 	}
-	defer unlock()
-	v := f.get(id)
-	if v == nil || v.lost() != "" {
-		return nil // detached meanwhile, or dead (the next Attach cleans up)
+	held := map[string]bool{}
+	for _, id := range resp.IDs {
+		held[id] = true
 	}
-	p := v.srv.currentParams()
-	if f.cfg.ExternalHolder {
-		// One try: holderPut would wait for the holder, holding the id's
-		// lock (and Close, which waits for keepHeld) meanwhile.
-		_, _, err = holderCall(f.sock, holderReq{Op: "put", ID: id, Params: &p}, v.fd)
-	} else {
-		err = f.holderPut(id, &p, v.fd)
+	var errs []error
+	for id, v := range vols {
+		if held[id] || !f.tryLock(id) {
+			continue
+		}
+		if (!current || f.get(id) == v) && !v.isShut() && v.lost() == "" {
+			p := v.srv.currentParams()
+			switch err := f.putOnce(id, &p, v.fd); {
+			case err != nil:
+				errs = append(errs, fmt.Errorf("%s: %w", id, err))
+			case f.keeps(&p):
+				klog.InfoS("handed a FUSE connection to the holder again (the holder had been restarted)", "volumeID", id)
+			}
+		}
+		f.unlock(id)
 	}
-	if err != nil {
-		return err
+	return errors.Join(errs...)
+}
+
+// keeps reports whether a connection with INIT parameters p is to be handed
+// to the holder. Not with an external holder when the kernel cannot resend
+// (FUSE_NOTIFY_RESEND, Linux 6.9): the holder would outlive a kill of this
+// process, and the requests it had read would wait for good, the
+// filesystem on the device stuck in uninterruptible I/O; unheld, a kill
+// ends the connection and the filesystem sees errors instead, as it does
+// when the process and the holder die together.
+func (f *Frontend) keeps(p *connParams) bool {
+	if !f.cfg.ExternalHolder || p.KernelFlags&initHasResend != 0 {
+		return true
 	}
-	klog.InfoS("handed a FUSE connection to the holder again (the holder had been restarted)", "volumeID", id)
-	return nil
+	f.noResend.Do(func() {
+		klog.ErrorS(nil, "the kernel's FUSE cannot resend requests (Linux before 6.9): connections are not handed to the external fuse holder, so a kill of csi-snap fails its volumes' I/O instead of hanging it")
+	})
+	return false
+}
+
+// putOnce hands fd to the holder with one try (starting a child holder
+// first if none answers); nothing if keeps says not to.
+func (f *Frontend) putOnce(id string, p *connParams, fd int) error {
+	if !f.keeps(p) {
+		return nil
+	}
+	_, _, err := holderCall(f.sock, holderReq{Op: "put", ID: id, Params: p}, fd)
+	if errors.Is(err, errNoHolder) && !f.cfg.ExternalHolder {
+		if err = f.startHolder(); err == nil {
+			_, _, err = holderCall(f.sock, holderReq{Op: "put", ID: id, Params: p}, fd)
+		}
+	}
+	return err
 }
 
 func (f *Frontend) mountpoint(id string) string { return filepath.Join(f.volDir, id) }
@@ -330,6 +359,22 @@ func (f *Frontend) lock(id string) (func(), error) {
 	f.mu.Unlock()
 	l.Lock()
 	return l.Unlock, nil
+}
+
+// tryLock takes id's lock if it exists and is free, whether or not the
+// Frontend is closed; unlock releases it.
+func (f *Frontend) tryLock(id string) bool {
+	f.mu.Lock()
+	l := f.locks[id]
+	f.mu.Unlock()
+	return l != nil && l.TryLock()
+}
+
+func (f *Frontend) unlock(id string) {
+	f.mu.Lock()
+	l := f.locks[id]
+	f.mu.Unlock()
+	l.Unlock()
 }
 
 func (f *Frontend) get(id string) *volume {
@@ -570,6 +615,13 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 }
 
 func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, readOnly bool) (dev string, err error) {
+	if f.cfg.ExternalHolder {
+		// Before the mount, not only at the hand-over after INIT: no
+		// mount and unmount per volume while the holder is away.
+		if err := f.waitHolder(ctx); err != nil {
+			return "", err
+		}
+	}
 	// unix.Open: see attachLoop on os.OpenFile and FUSE files.
 	mfd, err := unix.Open(mp, unix.O_CREAT|unix.O_RDONLY|unix.O_CLOEXEC, 0o600)
 	if err != nil {
@@ -609,7 +661,7 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 		return "", fmt.Errorf("no FUSE INIT for %s within 10s", id)
 	}
 	p := srv.currentParams()
-	if err = f.holderPut(id, &p, fd); err != nil {
+	if err = f.holderPut(ctx, id, &p, fd); err != nil {
 		return "", err
 	}
 	held = true
@@ -637,27 +689,43 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 }
 
 // holderPut hands fd to the holder, starting one when none answers (or,
-// with an external holder, waiting up to HolderWait for it).
-func (f *Frontend) holderPut(id string, p *connParams, fd int) error {
-	deadline := time.Now().Add(f.cfg.HolderWait)
-	for attempt := 1; ; attempt++ {
-		_, _, err := holderCall(f.sock, holderReq{Op: "put", ID: id, Params: p}, fd)
+// with an external holder, waiting up to HolderWait for it); nothing if
+// keeps says not to.
+func (f *Frontend) holderPut(ctx context.Context, id string, p *connParams, fd int) error {
+	if !f.keeps(p) {
+		return nil
+	}
+	if !f.cfg.ExternalHolder {
+		return f.putOnce(id, p, fd)
+	}
+	if err := f.waitHolder(ctx); err != nil {
+		return err
+	}
+	return f.putOnce(id, p, fd)
+}
+
+// waitHolder waits until the external holder answers, at most HolderWait
+// (ErrNoHolder then) or until ctx ends. After a wait that timed out, the
+// next ones within HolderWait give up at once if it still does not answer:
+// a restart recovering many volumes must not wait for each.
+func (f *Frontend) waitHolder(ctx context.Context) error {
+	start := time.Now()
+	for {
+		_, _, err := holderCall(f.sock, holderReq{Op: "list"}, -1)
 		if err == nil || !errors.Is(err, errNoHolder) {
+			f.holderMissing.Store(0)
 			return err
 		}
-		if f.cfg.ExternalHolder {
-			if time.Now().After(deadline) {
-				return fmt.Errorf("%w on %s after %v (it is started on its own, e.g. by the node pod's fuse-holder container): %v",
-					ErrNoHolder, f.sock, f.cfg.HolderWait, err)
-			}
-			time.Sleep(100 * time.Millisecond)
-			continue
+		since := f.holderMissing.Load()
+		if time.Since(start) > f.cfg.HolderWait || (since != 0 && time.Since(time.Unix(0, since)) < f.cfg.HolderWait) {
+			f.holderMissing.CompareAndSwap(0, time.Now().UnixNano())
+			return fmt.Errorf("%w on %s within %v (it is started on its own, e.g. by the node pod's fuse-holder container): %v",
+				ErrNoHolder, f.sock, f.cfg.HolderWait, err)
 		}
-		if attempt == 3 {
-			return err
-		}
-		if err := f.startHolder(); err != nil {
-			return err
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
 		}
 	}
 }
@@ -955,6 +1023,13 @@ func (f *Frontend) Close() error {
 	// finish before the fds are closed (their numbers could be reused).
 	close(f.stopCheck)
 	<-f.checkDone
+	// Once more, now: a holder restarted since the last check would
+	// otherwise keep nothing, and the connections end with this process.
+	if len(vols) > 0 {
+		if err := f.handOverMissing(vols, false); err != nil {
+			klog.ErrorS(err, "stopping while the fuse holder does not keep every connection: those volumes' I/O fails", "socket", f.sock)
+		}
+	}
 	for _, v := range vols {
 		v.shutdown()
 	}

@@ -48,8 +48,9 @@ type heldConn struct {
 }
 
 // holderIdleExit is how long a holder that never received anything waits
-// before exiting (its starter died before handing an fd over).
-const holderIdleExit = 30 * time.Second
+// before exiting (its starter died before handing an fd over). A variable
+// for tests.
+var holderIdleExit = 30 * time.Second
 
 const holderMsgMax = 64 << 10
 
@@ -69,11 +70,18 @@ func RunHolderStay(socketPath string) error { return runHolder(socketPath, true)
 
 func runHolder(socketPath string, stay bool) error {
 	closeInheritedPipes()
-	if c, err := net.Dial("unixpacket", socketPath); err == nil {
+	c, err := net.Dial("unixpacket", socketPath)
+	switch {
+	case err == nil:
 		c.Close()
 		return fmt.Errorf("%w: a holder already listens on %s", ErrBusy, socketPath)
+	case errors.Is(err, unix.ECONNREFUSED):
+		os.Remove(socketPath) // stale socket of a dead holder
+	case !errors.Is(err, os.ErrNotExist):
+		// Not known to be stale (a full backlog, say): removing it could
+		// hide a live holder and the connections it keeps.
+		return fmt.Errorf("holder socket %s: %w", socketPath, err)
 	}
-	os.Remove(socketPath) // stale socket of a dead holder
 	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: socketPath, Net: "unixpacket"})
 	if err != nil {
 		return fmt.Errorf("holder listen %s: %w", socketPath, err)

@@ -27,6 +27,9 @@ func TestMain(m *testing.M) {
 	if len(os.Args) > 1 {
 		switch os.Args[1] {
 		case "fuse-holder":
+			if d, err := time.ParseDuration(os.Getenv("CSI_SNAP_TEST_HOLDER_IDLE")); err == nil {
+				holderIdleExit = d
+			}
 			run := RunHolder
 			if slices.Contains(os.Args, "--stay") {
 				run = RunHolderStay

@@ -285,23 +285,44 @@ func TestHolderProtocol(t *testing.T) {
 	}
 }
 
-// TestHolderStay: a holder run with RunHolderStay keeps answering after a
-// drop empties it (RunHolder returns then, see TestHolderProtocol), and
-// takes connections again.
+// TestHolderStay: a holder run with --stay (RunHolderStay) neither exits
+// when idle past holderIdleExit nor when a drop empties it, and takes
+// connections again; without --stay the same holder exits when idle.
 func TestHolderStay(t *testing.T) {
-	sock := filepath.Join(t.TempDir(), "h.sock")
-	done := make(chan error, 1)
-	go func() { done <- RunHolderStay(sock) }()
-	var err error
-	for i := 0; i < 500; i++ {
-		if _, _, err = holderCall(sock, holderReq{Op: "list"}, -1); err == nil {
-			break
+	start := func(stay bool) (string, <-chan struct{}) {
+		sock := filepath.Join(t.TempDir(), "h.sock")
+		args := []string{"fuse-holder", "--socket", sock}
+		if stay {
+			args = append(args, "--stay")
 		}
-		time.Sleep(10 * time.Millisecond)
+		cmd := exec.Command(os.Args[0], args...)
+		cmd.Env = append(os.Environ(), "CSI_SNAP_TEST_HOLDER_IDLE=200ms")
+		cmd.Stderr = os.Stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		exited := make(chan struct{}) // closed when the process has exited
+		go func() { cmd.Wait(); close(exited) }()
+		t.Cleanup(func() { cmd.Process.Kill(); <-exited })
+		for i := 0; ; i++ {
+			if _, _, err := holderCall(sock, holderReq{Op: "list"}, -1); err == nil {
+				break
+			} else if i > 500 {
+				t.Fatal(err)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		return sock, exited
 	}
-	if err != nil {
-		t.Fatal(err)
+	_, exited := start(false)
+	select {
+	case <-exited:
+	case <-time.After(time.Minute): // hang guard
+		t.Fatal("a holder without --stay did not exit when idle")
 	}
+
+	sock, exited := start(true)
+	time.Sleep(time.Second) // five idle periods
 	params := &connParams{KernelMinor: 45, MaxWrite: maxWrite, Initialized: true}
 	for round := 0; round < 2; round++ {
 		var p [2]int
@@ -324,11 +345,11 @@ func TestHolderStay(t *testing.T) {
 		if err != nil || len(resp.IDs) != 0 {
 			t.Fatalf("round %d: list after the drop: %v %v", round, resp.IDs, err)
 		}
-		select {
-		case err := <-done:
-			t.Fatalf("round %d: the holder returned (%v) once empty", round, err)
-		default:
-		}
+	}
+	select {
+	case <-exited:
+		t.Fatal("the --stay holder exited")
+	default:
 	}
 }
 

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/json"
 	"fmt"
 	"math/rand"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -65,14 +67,50 @@ func startKillable(t *testing.T, container bool) (*killable, string) {
 		if err := h.Start(); err != nil {
 			t.Fatal(err)
 		}
-		// After the plugin's graceful stop, before the check for leftovers.
-		t.Cleanup(func() { h.Process.Kill(); h.Wait() })
+		// After the plugin's graceful stop, before the check for
+		// leftovers: by then every volume is unstaged, so the holder must
+		// keep nothing.
+		sock := filepath.Join(k.data, "run", "holder.sock")
+		t.Cleanup(func() {
+			if ids, err := holderList(sock); err != nil || len(ids) > 0 {
+				t.Errorf("the fuse-holder keeps %v (%v) after every volume was unstaged", ids, err)
+			}
+			h.Process.Kill()
+			h.Wait()
+		})
 	}
 	k.p = k.start()
 	t.Cleanup(func() { k.p.stop(t, os.Interrupt) })
 	k.dial()
 	t.Cleanup(func() { k.cc.Close() })
 	return k, dir
+}
+
+// holderList asks the fuse-holder on sock which connections it keeps (its
+// protocol: one JSON request, one JSON reply on a SOCK_SEQPACKET socket).
+func holderList(sock string) ([]string, error) {
+	c, err := net.Dial("unixpacket", sock)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write([]byte(`{"op":"list"}`)); err != nil {
+		return nil, err
+	}
+	buf := make([]byte, 64<<10)
+	n, err := c.Read(buf)
+	if err != nil {
+		return nil, err
+	}
+	var resp struct {
+		Err string   `json:"err"`
+		IDs []string `json:"ids"`
+	}
+	if err := json.Unmarshal(buf[:n], &resp); err != nil || resp.Err != "" {
+		return nil, fmt.Errorf("holder reply %q: %v", buf[:n], err)
+	}
+	return resp.IDs, nil
 }
 
 // start starts csi-snap (see startKillable).
