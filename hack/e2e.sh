@@ -153,8 +153,16 @@ mark "classes from helm template applied ($sc, $vsc, driver $driver)"
 
 # --- csi-snap and sidecars, as the chart runs them -------------------------------
 sock=$work/csi.sock
+# The fd holder runs on its own and csi-snap waits for it, as in the chart
+# (its fuse-holder container; csi-snap --fuse-holder=external).
+helm template e2e charts/csi-snap --namespace kube-system --api-versions snapshot.storage.k8s.io/v1 \
+	--show-only templates/node/daemonset.yaml > "$work/daemonset.yaml"
+grep -q -- '- --fuse-holder=external' "$work/daemonset.yaml" && grep -q -- '- --stay' "$work/daemonset.yaml" ||
+	die "the chart no longer runs an external fuse-holder: update this script"
+mkdir -p -m 0700 "$work/data/run"
+start fuse-holder "$work/csi-snap" fuse-holder --socket "$work/data/run/holder.sock" --stay
 start csi-snap "$work/csi-snap" --endpoint "unix://$sock" --node-id "$node" --data-dir "$work/data" \
-	--driver-name "$driver" -v 4
+	--driver-name "$driver" --fuse-holder=external -v 4
 for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
 [ -S "$sock" ] || die "csi-snap did not listen on $sock"
 got=$(grpcurl -plaintext -unix "$sock" csi.v1.Identity/GetPluginInfo | sed -n 's/.*"name": "\(.*\)".*/\1/p')
@@ -163,8 +171,6 @@ got=$(grpcurl -plaintext -unix "$sock" csi.v1.Identity/GetPluginInfo | sed -n 's
 # `helm template`), with two changes forced by having no kubelet: the socket
 # path is ours, and csi-provisioner's capacity owner is its own Pod object
 # (--capacity-ownerref-level=0) because no DaemonSet controller runs pods here.
-helm template e2e charts/csi-snap --namespace kube-system --api-versions snapshot.storage.k8s.io/v1 \
-	--show-only templates/node/daemonset.yaml > "$work/daemonset.yaml"
 chart_args() { # container name -> its args, one per line, socket and verbosity replaced
 	awk -v c="$1" '
 		$0 ~ "^        - name: " c "$" {in_c=1; next}
