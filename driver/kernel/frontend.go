@@ -70,7 +70,9 @@ type Config struct {
 	// the plugin, the kernel kills every process of the container's PID
 	// namespace when that one dies, the holder included, and with it the
 	// connections it was to keep. Attach then waits up to HolderWait for
-	// the holder to answer and fails with ErrNoHolder after that.
+	// the holder to answer and fails with ErrNoHolder after that; for
+	// HolderWait after such a failure, Attach fails at once while the
+	// holder still does not answer.
 	ExternalHolder bool
 	// HolderWait bounds that wait. Default 60 s.
 	HolderWait time.Duration
@@ -695,13 +697,21 @@ func (f *Frontend) holderPut(ctx context.Context, id string, p *connParams, fd i
 	if !f.keeps(p) {
 		return nil
 	}
-	if !f.cfg.ExternalHolder {
+	if f.cfg.ExternalHolder {
+		if err := f.waitHolder(ctx); err != nil {
+			return err
+		}
 		return f.putOnce(id, p, fd)
 	}
-	if err := f.waitHolder(ctx); err != nil {
-		return err
+	// A child holder emptied by another volume's Detach exits; a put can
+	// race that exit twice in a row, rarely, so three tries.
+	var err error
+	for range 3 {
+		if err = f.putOnce(id, p, fd); !errors.Is(err, errNoHolder) {
+			return err
+		}
 	}
-	return f.putOnce(id, p, fd)
+	return err
 }
 
 // waitHolder waits until the external holder answers, at most HolderWait
@@ -718,7 +728,9 @@ func (f *Frontend) waitHolder(ctx context.Context) error {
 		}
 		since := f.holderMissing.Load()
 		if time.Since(start) > f.cfg.HolderWait || (since != 0 && time.Since(time.Unix(0, since)) < f.cfg.HolderWait) {
-			f.holderMissing.CompareAndSwap(0, time.Now().UnixNano())
+			if since == 0 || time.Since(time.Unix(0, since)) >= f.cfg.HolderWait {
+				f.holderMissing.Store(time.Now().UnixNano()) // a new window
+			}
 			return fmt.Errorf("%w on %s within %v (it is started on its own, e.g. by the node pod's fuse-holder container): %v",
 				ErrNoHolder, f.sock, f.cfg.HolderWait, err)
 		}
