@@ -42,6 +42,10 @@ func NewKernelFrontend(cfg kernel.Config) (*KernelFrontend, error) {
 	return &KernelFrontend{f: f}, nil
 }
 
+// Unheld returns how many attached volumes the fuse-holder kept no
+// connection of at its last check (kernel.Frontend.Unheld).
+func (k *KernelFrontend) Unheld() int { return k.f.Unheld() }
+
 // Attach implements Frontend.
 func (k *KernelFrontend) Attach(ctx context.Context, id string, b Backend, readOnly bool) (string, error) {
 	dev, err := k.f.Attach(ctx, id, b, readOnly)

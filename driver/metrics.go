@@ -17,6 +17,14 @@ type Metrics struct {
 	volumes, snapshots, snapCow, snapLimit, snapInvalid, volAlloc, volSize *prometheus.Desc
 	copyOuts, copiedBytes, clonedBytes, indexBytes, indexRuns              *prometheus.Desc
 	journalBytes, journalRedone                                            *prometheus.Desc
+	unheld                                                                 *prometheus.Desc
+	holder                                                                 HolderReporter // nil: no such gauge
+}
+
+// HolderReporter is a Frontend that keeps its volumes' connections in a
+// fuse-holder and says how many it does not (KernelFrontend).
+type HolderReporter interface {
+	Unheld() int
 }
 
 // EngineStats are the engine-wide counters a Store may offer (cow.Stats).
@@ -34,10 +42,13 @@ type StatsStore interface {
 	EngineStats() EngineStats
 }
 
-// NewMetrics registers the collectors in reg; the store gauges read store.
-func NewMetrics(reg prometheus.Registerer, store Store) *Metrics {
+// NewMetrics registers the collectors in reg; the store gauges read store,
+// and the holder gauge fe, if it is a HolderReporter.
+func NewMetrics(reg prometheus.Registerer, store Store, fe Frontend) *Metrics {
+	h, _ := fe.(HolderReporter)
 	m := &Metrics{
-		store: store,
+		store:  store,
+		holder: h,
 		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "csi_snap_request_duration_seconds",
 			Help:    "Latency of CSI calls in seconds, by method and gRPC code.",
@@ -57,6 +68,7 @@ func NewMetrics(reg prometheus.Registerer, store Store) *Metrics {
 		indexRuns:     prometheus.NewDesc("csi_snap_index_runs", "Runs (entries after merging) in all exception indexes.", nil, nil),
 		journalBytes:  prometheus.NewDesc("csi_snap_kill_journal_bytes", "Bytes in the kill journal's files (page cache; what --survive-kill keeps of writes only memory holds).", nil, nil),
 		journalRedone: prometheus.NewDesc("csi_snap_kill_journal_redone", "Writes and present marks redone from the kill journal when the plugin started (answered by a plugin that was killed).", nil, nil),
+		unheld:        prometheus.NewDesc("csi_snap_fuse_unheld_volumes", "Attached volumes whose FUSE connection the fuse-holder did not keep at its last check (every 2 s): a restart of the plugin now would fail their I/O. Should be 0.", nil, nil),
 	}
 	reg.MustRegister(m.latency, m)
 	return m
@@ -69,7 +81,7 @@ func (m *Metrics) observe(fullMethod string, code codes.Code, d time.Duration) {
 // Describe implements prometheus.Collector.
 func (m *Metrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{m.volumes, m.snapshots, m.snapCow, m.snapLimit, m.snapInvalid, m.volAlloc, m.volSize,
-		m.copyOuts, m.copiedBytes, m.clonedBytes, m.indexBytes, m.indexRuns, m.journalBytes, m.journalRedone} {
+		m.copyOuts, m.copiedBytes, m.clonedBytes, m.indexBytes, m.indexRuns, m.journalBytes, m.journalRedone, m.unheld} {
 		ch <- d
 	}
 }
@@ -101,5 +113,8 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(m.indexRuns, prometheus.GaugeValue, float64(st.IndexRuns))
 		ch <- prometheus.MustNewConstMetric(m.journalBytes, prometheus.GaugeValue, float64(st.JournalBytes))
 		ch <- prometheus.MustNewConstMetric(m.journalRedone, prometheus.GaugeValue, float64(st.JournalRedone))
+	}
+	if m.holder != nil {
+		ch <- prometheus.MustNewConstMetric(m.unheld, prometheus.GaugeValue, float64(m.holder.Unheld()))
 	}
 }

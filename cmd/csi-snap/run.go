@@ -92,7 +92,7 @@ func run(ctx context.Context, cfg Config) (err error) {
 	if cfg.MetricsAddress != "" {
 		reg := prometheus.NewRegistry()
 		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-		metrics = driver.NewMetrics(reg, eng.store)
+		metrics = driver.NewMetrics(reg, eng.store, eng.frontend)
 		ln, err := net.Listen("tcp", cfg.MetricsAddress)
 		if err != nil {
 			return fmt.Errorf("metrics listener: %w", err)

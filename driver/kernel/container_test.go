@@ -235,7 +235,7 @@ func TestExternalHolderAbsent(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()
 	runDir := t.TempDir()
-	fe, err := New(Config{RunDir: runDir, ExternalHolder: true, HolderWait: 300 * time.Millisecond})
+	fe, err := New(Config{RunDir: runDir, ExternalHolder: true, HolderWait: 300 * time.Millisecond, HolderCheck: 50 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -254,6 +254,24 @@ func TestExternalHolderAbsent(t *testing.T) {
 		t.Fatalf("attach with the holder: %v", err)
 	}
 	waitHeld(t, runDir, id)
+
+	// Unheld counts the volume while the holder is away, and not once a
+	// new holder took the connection.
+	waitUnheld := func(want int) {
+		t.Helper()
+		for deadline := time.Now().Add(time.Minute); fe.Unheld() != want; time.Sleep(10 * time.Millisecond) { // hang guard
+			if time.Now().After(deadline) {
+				t.Fatalf("Unheld = %d, want %d", fe.Unheld(), want)
+			}
+		}
+	}
+	h.Process.Kill()
+	h.Wait()
+	waitUnheld(1)
+	h = startStayHolder(t, runDir)
+	waitHeld(t, runDir, id)
+	waitUnheld(0)
+
 	if err := fe.Detach(ctx, id); err != nil {
 		t.Fatal(err)
 	}

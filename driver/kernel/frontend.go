@@ -114,7 +114,8 @@ type Frontend struct {
 	// holderMissing is when a wait for the external holder last timed out
 	// (UnixNano; 0: it answered since).
 	holderMissing atomic.Int64
-	noResend      sync.Once // logs, once, that keeps refuses
+	noResend      sync.Once    // logs, once, that keeps refuses
+	unheld        atomic.Int64 // Unheld
 }
 
 type volume struct {
@@ -264,9 +265,11 @@ func (f *Frontend) keepHeld() {
 		vols := maps.Clone(f.vols)
 		f.mu.Unlock()
 		if len(vols) == 0 {
+			f.unheld.Store(0)
 			continue
 		}
-		err := f.handOverMissing(vols, true)
+		missing, err := f.handOverMissing(vols, true)
+		f.unheld.Store(int64(missing))
 		switch {
 		case err != nil && bad == nil:
 			klog.ErrorS(err, "the fuse holder does not keep every attached volume's connection: a restart of csi-snap now would fail their I/O; checking again", "socket", f.sock)
@@ -283,11 +286,13 @@ func (f *Frontend) keepHeld() {
 // next check, and neither this nor Close waits for it), so that a Detach,
 // which drops the connection and closes the fd, cannot run in between.
 // current: the volume must still be the one registered under its id (not
-// so in Close, which has taken them out already).
-func (f *Frontend) handOverMissing(vols map[string]*volume, current bool) error {
+// so in Close, which has taken them out already). missing counts the vols
+// the holder keeps no connection of afterwards, as far as it knows (a busy
+// one counts, and all do when the holder does not answer).
+func (f *Frontend) handOverMissing(vols map[string]*volume, current bool) (missing int, err error) {
 	resp, _, err := holderCall(f.sock, holderReq{Op: "list"}, -1)
 	if err != nil && !(errors.Is(err, errNoHolder) && !f.cfg.ExternalHolder) {
-		return err // no answer in time, or no external holder yet
+		return len(vols), err // no answer in time, or no external holder yet
 	}
 	held := map[string]bool{}
 	for _, id := range resp.IDs {
@@ -295,7 +300,11 @@ func (f *Frontend) handOverMissing(vols map[string]*volume, current bool) error 
 	}
 	var errs []error
 	for id, v := range vols {
-		if held[id] || !f.tryLock(id) {
+		if held[id] {
+			continue
+		}
+		if !f.tryLock(id) {
+			missing++
 			continue
 		}
 		if (!current || f.get(id) == v) && !v.isShut() && v.lost() == "" {
@@ -303,14 +312,22 @@ func (f *Frontend) handOverMissing(vols map[string]*volume, current bool) error 
 			switch err := f.putOnce(id, &p, v.fd); {
 			case err != nil:
 				errs = append(errs, fmt.Errorf("%s: %w", id, err))
+				missing++
 			case f.keeps(&p):
 				klog.InfoS("handed a FUSE connection to the holder again (the holder had been restarted)", "volumeID", id)
+			default:
+				missing++ // not to be held (keeps)
 			}
 		}
 		f.unlock(id)
 	}
-	return errors.Join(errs...)
+	return missing, errors.Join(errs...)
 }
+
+// Unheld returns how many attached volumes the holder kept no connection
+// of at the last check (every Config.HolderCheck): a restart of this
+// process now would fail their I/O. 0 until the first check.
+func (f *Frontend) Unheld() int { return int(f.unheld.Load()) }
 
 // keeps reports whether a connection with INIT parameters p is to be handed
 // to the holder. Not with an external holder when the kernel cannot resend
@@ -1038,7 +1055,7 @@ func (f *Frontend) Close() error {
 	// Once more, now: a holder restarted since the last check would
 	// otherwise keep nothing, and the connections end with this process.
 	if len(vols) > 0 {
-		if err := f.handOverMissing(vols, false); err != nil {
+		if _, err := f.handOverMissing(vols, false); err != nil {
 			klog.ErrorS(err, "stopping while the fuse holder does not keep every connection: those volumes' I/O fails", "socket", f.sock)
 		}
 	}

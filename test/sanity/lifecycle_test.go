@@ -244,6 +244,10 @@ func TestLifecycle(t *testing.T) {
 	if r := metric("csi_snap_kill_journal_redone"); r != 0 {
 		t.Fatalf("csi_snap_kill_journal_redone = %v on a fresh data dir", r)
 	}
+	// The staged volume's connection is in the fuse-holder.
+	if u := metric("csi_snap_fuse_unheld_volumes"); u != 0 {
+		t.Fatalf("csi_snap_fuse_unheld_volumes = %v with a live holder", u)
+	}
 
 	// The source goes away; the snapshot stays and restores.
 	unpublishAndUnstage(t, node, vol, staging, target)
