@@ -142,29 +142,7 @@ func TestContainerRestart(t *testing.T) {
 	// This one hands connections over again only when it stops (Close).
 	c2 := startChildAttr(t, ownPIDNamespace, runDir, backing, id, size, "-external", "-check", "1h")
 	t.Cleanup(func() { c2.cmd.Process.Kill() })
-	if dev2 := c2.expect(t, "DEVICE "); dev2 != dev {
-		t.Fatalf("resumed on %s, want the same device %s", dev2, dev)
-	}
-	select {
-	case err := <-werr:
-		if err != nil {
-			t.Fatalf("writer: %v", err)
-		}
-	case <-time.After(3 * time.Minute): // hang guard
-		t.Fatal("writer did not finish after the restart")
-	}
-	if opts := mountOptions(t, mnt); !strings.HasPrefix(opts, "rw") {
-		t.Fatalf("ext4 is %q after the restarts", opts)
-	}
-	w.verify(t)
-	run(t, "umount", mnt)
-	mounted = false
-	run(t, "e2fsck", "-fn", dev)
-	run(t, "mount", dev, mnt)
-	mounted = true
-	w.verify(t)
-	run(t, "umount", mnt)
-	mounted = false
+	checkResumed(t, c2, dev, werr, w, nFiles, mnt, &mounted)
 
 	// The holder restarts, then the plugin stops gracefully before its
 	// next check: Close must hand the connection over.

@@ -122,6 +122,42 @@ func (w *fileWriter) verify(t *testing.T) {
 	}
 }
 
+// checkResumed checks a restart: c, the new serving process, reports the
+// same device dev; the writer (werr) finishes without error; ext4 on mnt
+// stayed read-write and takes file next; every file w wrote is intact,
+// read through the page cache and again after an unmount, an fsck and a
+// mount. It leaves mnt unmounted (*mounted false).
+func checkResumed(t *testing.T, c *child, dev string, werr <-chan error, w *fileWriter, next int, mnt string, mounted *bool) {
+	t.Helper()
+	if dev2 := c.expect(t, "DEVICE "); dev2 != dev {
+		t.Fatalf("resumed on %s, want the same device %s", dev2, dev)
+	}
+	select {
+	case err := <-werr:
+		if err != nil {
+			t.Fatalf("writer: %v", err)
+		}
+	case <-time.After(3 * time.Minute): // hang guard
+		t.Fatal("writer did not finish after the restart")
+	}
+	if opts := mountOptions(t, mnt); !strings.HasPrefix(opts, "rw") {
+		t.Fatalf("ext4 is %q after the restart", opts)
+	}
+	if err := w.write(next); err != nil {
+		t.Fatalf("write after the restart: %v", err)
+	}
+	w.verify(t)
+	// Again from the device, not the page cache.
+	run(t, "umount", mnt)
+	*mounted = false
+	run(t, "e2fsck", "-fn", dev)
+	run(t, "mount", dev, mnt)
+	*mounted = true
+	w.verify(t)
+	run(t, "umount", mnt)
+	*mounted = false
+}
+
 func mountOptions(t *testing.T, mnt string) string {
 	t.Helper()
 	b, _ := os.ReadFile("/proc/mounts")
@@ -224,33 +260,7 @@ func testRestart(t *testing.T, sig syscall.Signal, first, again []string) {
 
 	c2 := startChild(t, runDir, backing, id, size, again...)
 	t.Cleanup(func() { c2.cmd.Process.Kill() })
-	if dev2 := c2.expect(t, "DEVICE "); dev2 != dev {
-		t.Fatalf("resumed on %s, want the same device %s", dev2, dev)
-	}
-	select {
-	case err := <-werr:
-		if err != nil {
-			t.Fatalf("writer: %v", err)
-		}
-	case <-time.After(3 * time.Minute): // hang guard
-		t.Fatal("writer did not finish after the restart")
-	}
-	if opts := mountOptions(t, mnt); !strings.HasPrefix(opts, "rw") {
-		t.Fatalf("ext4 is %q after the restart", opts)
-	}
-	if err := w.write(nFiles); err != nil {
-		t.Fatalf("write after the restart: %v", err)
-	}
-	w.verify(t)
-	// Again from the device, not the page cache.
-	run(t, "umount", mnt)
-	mounted = false
-	run(t, "e2fsck", "-fn", dev)
-	run(t, "mount", dev, mnt)
-	mounted = true
-	w.verify(t)
-	run(t, "umount", mnt)
-	mounted = false
+	checkResumed(t, c2, dev, werr, w, nFiles, mnt, &mounted)
 
 	c2.cmd.Process.Signal(syscall.SIGTERM)
 	resent, _ := strconv.Atoi(c2.expect(t, "RESENT "))
