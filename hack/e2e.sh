@@ -161,6 +161,9 @@ grep -q -- '- --fuse-holder=external' "$work/daemonset.yaml" && grep -q -- '- --
 	die "the chart no longer runs an external fuse-holder: update this script"
 mkdir -p -m 0700 "$work/data/run"
 start fuse-holder "$work/csi-snap" fuse-holder --socket "$work/data/run/holder.sock" --stay
+# As the chart's startupProbe does: csi-snap starts once the holder answers.
+for _ in $(seq 100); do "$work/csi-snap" fuse-holder --probe --socket "$work/data/run/holder.sock" 2>/dev/null && break; sleep 0.1; done
+"$work/csi-snap" fuse-holder --probe --socket "$work/data/run/holder.sock" || die "the fuse-holder does not answer"
 start csi-snap "$work/csi-snap" --endpoint "unix://$sock" --node-id "$node" --data-dir "$work/data" \
 	--driver-name "$driver" --fuse-holder=external -v 4
 for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done

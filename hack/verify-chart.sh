@@ -183,6 +183,17 @@ if ls cmd/csi-snap/*.go >/dev/null 2>&1; then
 		head -5 "$work/hflags.out"; echo "csi-snap fuse-holder rejects the chart's arguments: ${hargs[*]}"; exit 1
 	fi
 	echo "csi-snap fuse-holder accepts the chart's arguments: ${hargs[*]}"
+	# Its probes exec the binary at the Dockerfile's path, with flags of
+	# the same subcommand.
+	probe=$(sed -n 's/^ *command: \[\(.*fuse-holder, --probe.*\)\]$/\1/p' "$work/metrics.yaml" | head -n 1)
+	IFS=', ' read -r -a pargs <<<"$probe"
+	[ "${pargs[0]:-}" = /usr/local/bin/csi-snap ] && grep -q '^COPY --from=build /out/csi-snap /usr/local/bin/csi-snap$' Dockerfile ||
+		{ echo "the fuse-holder probe runs '${pargs[0]:-}', not the image's binary"; exit 1; }
+	"$work/csi-snap" "${pargs[@]:1}" -h >"$work/pflags.out" 2>&1 || true
+	if grep -q "provided but not defined" "$work/pflags.out" || ! grep -q "^Usage of csi-snap fuse-holder" "$work/pflags.out"; then
+		head -5 "$work/pflags.out"; echo "csi-snap rejects the fuse-holder probe's arguments: ${pargs[*]}"; exit 1
+	fi
+	echo "csi-snap accepts the fuse-holder probe's arguments: ${pargs[*]:1}"
 else
 	echo "!!!!! SKIPPED: cmd/csi-snap has no Go files yet, so the Dockerfile's build stage is not checked !!!!!"
 fi

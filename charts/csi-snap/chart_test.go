@@ -271,6 +271,12 @@ func TestNodePluginDefaults(t *testing.T) {
 	if got, want := strs(holder, "args"), []string{"fuse-holder", "--socket=/run/csi-snap/holder.sock", "--stay"}; !slices.Equal(got, want) {
 		t.Errorf("fuse-holder args %q, want %q", got, want)
 	}
+	probe := []string{"/usr/local/bin/csi-snap", "fuse-holder", "--probe", "--socket=/run/csi-snap/holder.sock"}
+	for _, p := range []string{"startupProbe", "livenessProbe"} {
+		if got := strs(holder, p, "exec", "command"); !slices.Equal(got, probe) {
+			t.Errorf("fuse-holder %s command %q, want %q", p, got, probe)
+		}
+	}
 	if str(holder, "image") != str(plugin, "image") {
 		t.Errorf("fuse-holder image %q, csi-snap's %q: the holder must speak the plugin's protocol", str(holder, "image"), str(plugin, "image"))
 	}

@@ -24,6 +24,8 @@ func openRealEngines(cfg Config) (*engines, error) {
 	return &engines{store: st, frontend: fe, freeze: kernel.Freeze, thaw: kernel.Thaw}, nil
 }
 
+func probeHolder(socket string) error { return kernel.ProbeHolder(socket) }
+
 func runHolder(socket string, stay bool) error {
 	if stay {
 		return kernel.RunHolderStay(socket)

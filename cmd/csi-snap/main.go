@@ -10,6 +10,9 @@
 //	                                     (started on its own, for csi-snap
 //	                                     --fuse-holder=external: the chart's
 //	                                     fuse-holder container)
+//	csi-snap fuse-holder --socket PATH --probe
+//	                                     (exit 0 if that holder answers: the
+//	                                     container's probes)
 //	csi-snap rollback --volume v-... --snapshot s-... [--run-dir DIR]
 //	                                     (asks the plugin on this node, through
 //	                                     <run-dir>/admin/admin.sock, to roll a volume
@@ -77,12 +80,20 @@ func holderMain(args []string) int {
 	fs := flag.NewFlagSet("csi-snap fuse-holder", flag.ContinueOnError)
 	socket := fs.String("socket", "", "unix socket path the holder serves the FUSE fds on")
 	stay := fs.Bool("stay", false, "never exit by itself (neither when emptied nor when idle): for a holder started on its own, beside csi-snap --fuse-holder=external")
+	probe := fs.Bool("probe", false, "do not hold: ask the holder on --socket whether it answers, exit 0 if it does (a container's startup and liveness probe)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	if *socket == "" || fs.NArg() > 0 {
-		fmt.Fprintln(os.Stderr, "csi-snap fuse-holder: --socket PATH is required, --stay is optional, nothing else")
+	if *socket == "" || fs.NArg() > 0 || (*probe && *stay) {
+		fmt.Fprintln(os.Stderr, "csi-snap fuse-holder: --socket PATH is required, with --stay or --probe (not both), nothing else")
 		return 2
+	}
+	if *probe {
+		if err := probeHolder(*socket); err != nil {
+			fmt.Fprintln(os.Stderr, "csi-snap fuse-holder --probe:", err)
+			return 1
+		}
+		return 0
 	}
 	if err := runHolder(*socket, *stay); err != nil {
 		fmt.Fprintln(os.Stderr, "csi-snap fuse-holder:", err)

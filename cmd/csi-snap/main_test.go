@@ -292,3 +292,25 @@ func TestMaintainLoop(t *testing.T) {
 		t.Fatalf("Maintain called %d times after stop", got-n)
 	}
 }
+
+// TestHolderProbe: `fuse-holder --probe` exits 1 while no holder answers on
+// the socket and 0 once one does; --probe with --stay, or no socket, is a
+// usage error (2).
+func TestHolderProbe(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "h.sock")
+	if rc := holderMain([]string{"--socket", sock, "--probe"}); rc != 1 {
+		t.Fatalf("probe without a holder: exit %d, want 1", rc)
+	}
+	for _, args := range [][]string{{"--socket", sock, "--probe", "--stay"}, {"--probe"}} {
+		if rc := holderMain(args); rc != 2 {
+			t.Errorf("holderMain(%q) = %d, want 2", args, rc)
+		}
+	}
+	go runHolder(sock, false) // exits on its own when idle
+	for i := 0; holderMain([]string{"--socket", sock, "--probe"}) != 0; i++ {
+		if i > 500 { // hang guard
+			t.Fatal("probe of a running holder never answered 0")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

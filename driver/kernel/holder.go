@@ -134,6 +134,14 @@ func runHolder(socketPath string, stay bool) error {
 	}
 }
 
+// ProbeHolder asks the holder on socketPath to list what it keeps: nil if
+// it answers (`csi-snap fuse-holder --probe`, the fuse-holder container's
+// probes).
+func ProbeHolder(socketPath string) error {
+	_, _, err := holderCall(socketPath, holderReq{Op: "list"}, -1)
+	return err
+}
+
 // samePeerUser reports whether the process at the other end of c runs as
 // this process's user (SO_PEERCRED).
 func samePeerUser(c *net.UnixConn) bool {
