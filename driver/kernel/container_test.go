@@ -220,7 +220,7 @@ func TestExternalHolderAbsent(t *testing.T) {
 	t.Cleanup(func() { fe.Close() })
 	b := newFileBackend(t, t.TempDir(), 16<<20)
 	const id = "vol-noholder"
-	for i := 0; i < 2; i++ { // the second gives up at once
+	for i := 0; i < 2; i++ { // the second within the no-holder window
 		if dev, err := fe.Attach(ctx, id, b, false); !errors.Is(err, ErrNoHolder) {
 			t.Fatalf("attach %d without a holder: %q, %v; want ErrNoHolder", i, dev, err)
 		}

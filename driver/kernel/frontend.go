@@ -112,8 +112,9 @@ type Frontend struct {
 	// stopCheck ends keepHeld, which closes checkDone when it returns.
 	stopCheck, checkDone chan struct{}
 	// holderMissing is when a wait for the external holder last timed out
-	// (UnixNano; 0: it answered since).
-	holderMissing atomic.Int64
+	// (nil: it answered since); a time.Now, so compared on the monotonic
+	// clock.
+	holderMissing atomic.Pointer[time.Time]
 	noResend      sync.Once    // logs, once, that keeps refuses
 	unheld        atomic.Int64 // Unheld
 }
@@ -740,13 +741,15 @@ func (f *Frontend) waitHolder(ctx context.Context) error {
 	for {
 		_, _, err := holderCall(f.sock, holderReq{Op: "list"}, -1)
 		if err == nil || !errors.Is(err, errNoHolder) {
-			f.holderMissing.Store(0)
+			f.holderMissing.Store(nil)
 			return err
 		}
 		since := f.holderMissing.Load()
-		if time.Since(start) > f.cfg.HolderWait || (since != 0 && time.Since(time.Unix(0, since)) < f.cfg.HolderWait) {
-			if since == 0 || time.Since(time.Unix(0, since)) >= f.cfg.HolderWait {
-				f.holderMissing.Store(time.Now().UnixNano()) // a new window
+		inWindow := since != nil && time.Since(*since) < f.cfg.HolderWait
+		if inWindow || time.Since(start) > f.cfg.HolderWait {
+			if !inWindow {
+				now := time.Now()
+				f.holderMissing.Store(&now) // a new window
 			}
 			return fmt.Errorf("%w on %s within %v (it is started on its own, e.g. by the node pod's fuse-holder container): %v",
 				ErrNoHolder, f.sock, f.cfg.HolderWait, err)

@@ -244,7 +244,8 @@ func TestLifecycle(t *testing.T) {
 	if r := metric("csi_snap_kill_journal_redone"); r != 0 {
 		t.Fatalf("csi_snap_kill_journal_redone = %v on a fresh data dir", r)
 	}
-	// The staged volume's connection is in the fuse-holder.
+	// The holder gauge is served (its counting: driver/kernel
+	// TestExternalHolderAbsent); 0 here, a live holder keeps the volume.
 	if u := metric("csi_snap_fuse_unheld_volumes"); u != 0 {
 		t.Fatalf("csi_snap_fuse_unheld_volumes = %v with a live holder", u)
 	}
