@@ -72,7 +72,7 @@ func OpenCowStore(dir string) (*CowStore, error) {
 // keeps each device's FUSE connection across the restart, the filesystem
 // on the device never learns of it and never resends a write it got an
 // answer to (test/sanity TestKillKeepsAckedWrites); so everywhere the
-// holder does its job, the Helm chart included (its holder is a container
+// holder does its job, the Helm chart included (its holder runs in pods
 // of its own). Only where the holder dies with the process (a child holder
 // in a container whose first process this is), the connections end too,
 // the filesystems see I/O errors and recover from their journals on the

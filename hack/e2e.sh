@@ -154,14 +154,16 @@ mark "classes from helm template applied ($sc, $vsc, driver $driver)"
 # --- csi-snap and sidecars, as the chart runs them -------------------------------
 sock=$work/csi.sock
 # The fd holder runs on its own and csi-snap waits for it, as in the chart
-# (its fuse-holder container; csi-snap --fuse-holder=external).
+# (its fuse-holder DaemonSet; csi-snap --fuse-holder=external).
 helm template e2e charts/csi-snap --namespace kube-system --api-versions snapshot.storage.k8s.io/v1 \
 	--show-only templates/node/daemonset.yaml > "$work/daemonset.yaml"
-grep -q -- '- --fuse-holder=external' "$work/daemonset.yaml" && grep -q -- '- --stay' "$work/daemonset.yaml" ||
+helm template e2e charts/csi-snap --namespace kube-system --api-versions snapshot.storage.k8s.io/v1 \
+	--show-only templates/node/fuse-holder.yaml > "$work/fuse-holder.yaml"
+grep -q -- '- --fuse-holder=external' "$work/daemonset.yaml" && grep -q -- '- --stay' "$work/fuse-holder.yaml" ||
 	die "the chart no longer runs an external fuse-holder: update this script"
 mkdir -p -m 0700 "$work/data/run"
 start fuse-holder "$work/csi-snap" fuse-holder --socket "$work/data/run/holder.sock" --stay
-# As the chart's startupProbe does: csi-snap starts once the holder answers.
+# The chart's readiness probe of the holder: csi-snap starts once it answers.
 for _ in $(seq 100); do "$work/csi-snap" fuse-holder --probe --socket "$work/data/run/holder.sock" 2>/dev/null && break; sleep 0.1; done
 "$work/csi-snap" fuse-holder --probe --socket "$work/data/run/holder.sock" || die "the fuse-holder does not answer"
 start csi-snap "$work/csi-snap" --endpoint "unix://$sock" --node-id "$node" --data-dir "$work/data" \

@@ -254,29 +254,50 @@ func TestNodePluginDefaults(t *testing.T) {
 	// not lose an answered write: the binary's default --survive-kill=true.
 	forbidArgPrefix(t, plugin, "--survive-kill")
 
-	// The fuse-holder: a native sidecar on the run dir's socket, its own
-	// container (a child of csi-snap dies with csi-snap's container).
-	var holder obj
-	for _, c := range list(ds, "spec", "template", "spec", "initContainers") {
-		if str(c, "name") == "fuse-holder" {
-			holder = c.(obj)
+	// The fuse-holder: pods of its own (a child of csi-snap dies with its
+	// container, a container beside it with its pod), on the run dir's
+	// socket, wherever the plugin runs, replaced only when deleted.
+	if get(ds, "spec", "template", "spec", "initContainers") != nil {
+		t.Errorf("the node pod has init containers: %v", get(ds, "spec", "template", "spec", "initContainers"))
+	}
+	hds := find(docs, "DaemonSet", release+"-csi-snap-fuse-holder")
+	if hds == nil {
+		t.Fatal("no DaemonSet t-csi-snap-fuse-holder rendered")
+	}
+	if got := str(hds, "spec", "updateStrategy", "type"); got != "OnDelete" {
+		t.Errorf("fuse-holder updateStrategy %q, want OnDelete (replacing a holder ends the node's volumes)", got)
+	}
+	for _, k := range []string{"tolerations", "priorityClassName", "nodeSelector", "affinity"} {
+		if !reflect.DeepEqual(get(hds, "spec", "template", "spec", k), get(ds, "spec", "template", "spec", k)) {
+			t.Errorf("fuse-holder pods' %s %v, the plugin's %v: it must run wherever the plugin does", k,
+				get(hds, "spec", "template", "spec", k), get(ds, "spec", "template", "spec", k))
 		}
 	}
-	if holder == nil {
-		t.Fatal("no fuse-holder init container")
+	if get(hds, "spec", "template", "spec", "automountServiceAccountToken") != false {
+		t.Error("fuse-holder pods get an API token they do not need")
 	}
-	if got := str(holder, "restartPolicy"); got != "Always" {
-		t.Errorf("fuse-holder restartPolicy %q, want Always (a native sidecar: runs beside csi-snap, restarts on its own)", got)
+	if got := containerNames(hds); !slices.Equal(got, []string{"fuse-holder"}) {
+		t.Fatalf("fuse-holder containers %v", got)
 	}
+	holder := container(hds, "fuse-holder")
 	if got, want := strs(holder, "args"), []string{"fuse-holder", "--socket=/run/csi-snap/holder.sock", "--stay"}; !slices.Equal(got, want) {
 		t.Errorf("fuse-holder args %q, want %q", got, want)
 	}
 	probe := []string{"/usr/local/bin/csi-snap", "fuse-holder", "--probe", "--socket=/run/csi-snap/holder.sock"}
-	if got := strs(holder, "startupProbe", "exec", "command"); !slices.Equal(got, probe) {
-		t.Errorf("fuse-holder startupProbe command %q, want %q", got, probe)
+	if got := strs(holder, "readinessProbe", "exec", "command"); !slices.Equal(got, probe) {
+		t.Errorf("fuse-holder readinessProbe command %q, want %q", got, probe)
 	}
 	if get(holder, "livenessProbe") != nil {
 		t.Error("fuse-holder has a liveness probe: restarting a slow holder while csi-snap is down fails every volume of the node")
+	}
+	var runDir obj
+	for _, v := range list(hds, "spec", "template", "spec", "volumes") {
+		if str(v, "name") == "run-dir" {
+			runDir = v.(obj)
+		}
+	}
+	if str(runDir, "hostPath", "path") != "/run/csi-snap" {
+		t.Errorf("fuse-holder run-dir volume %v, want the hostPath /run/csi-snap", runDir)
 	}
 	if str(holder, "image") != str(plugin, "image") {
 		t.Errorf("fuse-holder image %q, csi-snap's %q: the holder must speak the plugin's protocol", str(holder, "image"), str(plugin, "image"))
@@ -850,12 +871,12 @@ func TestScenarioFiles(t *testing.T) {
 
 	// all-off needs no snapshot API at all.
 	off := render(t, "-f", "testdata/all-off.yaml")
-	if len(off) != 1 || off[0]["kind"] != "DaemonSet" {
+	if len(off) != 2 || find(off, "DaemonSet", release+"-csi-snap-node") == nil || find(off, "DaemonSet", release+"-csi-snap-fuse-holder") == nil {
 		var ks []string
 		for _, d := range off {
-			ks = append(ks, fmt.Sprint(d["kind"]))
+			ks = append(ks, fmt.Sprint(d["kind"], "/", get(d, "metadata", "name")))
 		}
-		t.Errorf("all-off rendered %v, want only the DaemonSet", ks)
+		t.Errorf("all-off rendered %v, want only the node and fuse-holder DaemonSets", ks)
 	}
 	if got, want := containerNames(daemonSet(t, off)), []string{"csi-snap", "csi-provisioner", "node-driver-registrar"}; !reflect.DeepEqual(got, want) {
 		t.Errorf("all-off containers %v, want %v", got, want)

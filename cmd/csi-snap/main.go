@@ -9,10 +9,10 @@
 //	csi-snap fuse-holder --socket PATH --stay
 //	                                     (started on its own, for csi-snap
 //	                                     --fuse-holder=external: the chart's
-//	                                     fuse-holder container)
+//	                                     fuse-holder DaemonSet)
 //	csi-snap fuse-holder --socket PATH --probe
 //	                                     (exit 0 if that holder answers: the
-//	                                     container's probes)
+//	                                     holder pods' readiness probe)
 //	csi-snap rollback --volume v-... --snapshot s-... [--run-dir DIR]
 //	                                     (asks the plugin on this node, through
 //	                                     <run-dir>/admin/admin.sock, to roll a volume
@@ -80,7 +80,7 @@ func holderMain(args []string) int {
 	fs := flag.NewFlagSet("csi-snap fuse-holder", flag.ContinueOnError)
 	socket := fs.String("socket", "", "unix socket path the holder serves the FUSE fds on")
 	stay := fs.Bool("stay", false, "never exit by itself (neither when emptied nor when idle): for a holder started on its own, beside csi-snap --fuse-holder=external")
-	probe := fs.Bool("probe", false, "do not hold: ask the holder on --socket whether it answers, exit 0 if it does (a container's startup and liveness probe)")
+	probe := fs.Bool("probe", false, "do not hold: ask the holder on --socket whether it answers, exit 0 if it does (a container's probe)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}

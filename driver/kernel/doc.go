@@ -131,7 +131,7 @@
 // Where the serving process is the first process of a PID namespace (a
 // container), a holder it starts dies with it: the kernel kills the whole
 // namespace. There the holder runs on its own (RunHolderStay, which never
-// exits by itself: the chart's fuse-holder container) and the Frontend,
+// exits by itself: the chart's fuse-holder DaemonSet) and the Frontend,
 // with Config.ExternalHolder, never starts one and waits for it instead.
 // Either way, every Config.HolderCheck the Frontend lists what the holder
 // keeps and hands over again the connections it lacks: a holder that died

@@ -64,7 +64,7 @@ type Config struct {
 	// appended. Default: this executable with "fuse-holder".
 	HolderCommand []string
 	// ExternalHolder: the holder is started by someone else (RunHolderStay
-	// on RunDir/holder.sock, e.g. a container of its own beside the
+	// on RunDir/holder.sock, e.g. in a pod of its own beside the
 	// plugin's), never by the Frontend. Needed wherever a child of this
 	// process would die with it: in a container whose first process is
 	// the plugin, the kernel kills every process of the container's PID
@@ -751,7 +751,7 @@ func (f *Frontend) waitHolder(ctx context.Context) error {
 				now := time.Now()
 				f.holderMissing.Store(&now) // a new window
 			}
-			return fmt.Errorf("%w on %s within %v (it is started on its own, e.g. by the node pod's fuse-holder container): %v",
+			return fmt.Errorf("%w on %s within %v (it is started on its own, e.g. by the chart's fuse-holder DaemonSet): %v",
 				ErrNoHolder, f.sock, f.cfg.HolderWait, err)
 		}
 		select {

@@ -44,7 +44,25 @@ type holderResp struct {
 
 type heldConn struct {
 	fd     int
-	params *connParams
+	params json.RawMessage
+}
+
+// holderWire and holderWireResp are holderReq and holderResp as the holder
+// reads and writes them: it keeps the INIT parameters as the JSON it was
+// given and returns them byte for byte, so that a holder of an older
+// version (the chart replaces its pods only when deleted) loses no field a
+// newer plugin put there.
+type holderWire struct {
+	Op     string          `json:"op"`
+	ID     string          `json:"id,omitempty"`
+	Params json.RawMessage `json:"params,omitempty"`
+}
+
+type holderWireResp struct {
+	Err    string          `json:"err,omitempty"`
+	Found  bool            `json:"found,omitempty"`
+	Params json.RawMessage `json:"params,omitempty"`
+	IDs    []string        `json:"ids,omitempty"`
 }
 
 // holderIdleExit is how long a holder that never received anything waits
@@ -62,7 +80,7 @@ const holderMsgMax = 64 << 10
 func RunHolder(socketPath string) error { return runHolder(socketPath, false) }
 
 // RunHolderStay is RunHolder for a holder that runs on its own (`csi-snap
-// fuse-holder --socket PATH --stay`, the node pod's fuse-holder container,
+// fuse-holder --socket PATH --stay`, the chart's fuse-holder DaemonSet,
 // with Config.ExternalHolder on the plugin's side): it never exits by
 // itself, neither when emptied nor when idle, since whatever supervises it
 // would only start it again; it ends with its process.
@@ -135,8 +153,8 @@ func runHolder(socketPath string, stay bool) error {
 }
 
 // ProbeHolder asks the holder on socketPath to list what it keeps: nil if
-// it answers (`csi-snap fuse-holder --probe`, the fuse-holder container's
-// probes).
+// it answers (`csi-snap fuse-holder --probe`, the fuse-holder pods'
+// readiness probe).
 func ProbeHolder(socketPath string) error {
 	_, _, err := holderCall(socketPath, holderReq{Op: "list"}, -1)
 	return err
@@ -192,18 +210,19 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func()) 
 		return false
 	}
 	fds := parseRights(oob[:oobn])
-	var req holderReq
-	var resp holderResp
+	var req holderWire
+	var resp holderWireResp
 	if err := json.Unmarshal(buf[:n], &req); err != nil {
 		closeAll(fds)
-		writeHolder(c, holderResp{Err: "bad request: " + err.Error()}, -1)
+		writeHolder(c, holderWireResp{Err: "bad request: " + err.Error()}, -1)
 		return false
 	}
 	switch req.Op {
 	case "put":
-		if len(fds) != 1 || req.Params == nil || validateID(req.ID) != nil {
+		var p map[string]any // an object, not null
+		if len(fds) != 1 || json.Unmarshal(req.Params, &p) != nil || p == nil || validateID(req.ID) != nil {
 			closeAll(fds)
-			writeHolder(c, holderResp{Err: "put needs a valid id, params and one fd"}, -1)
+			writeHolder(c, holderWireResp{Err: "put needs a valid id, params and one fd"}, -1)
 			return false
 		}
 		if old, ok := held[req.ID]; ok {
@@ -240,7 +259,7 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func()) 
 		writeHolder(c, resp, -1)
 	default:
 		closeAll(fds)
-		writeHolder(c, holderResp{Err: "unknown op " + req.Op}, -1)
+		writeHolder(c, holderWireResp{Err: "unknown op " + req.Op}, -1)
 	}
 	return false
 }

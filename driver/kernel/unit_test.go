@@ -2,8 +2,10 @@ package kernel
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -350,6 +352,65 @@ func TestHolderStay(t *testing.T) {
 	case <-exited:
 		t.Fatal("the --stay holder exited")
 	default:
+	}
+}
+
+// TestHolderKeepsParamsWhole: the holder returns the INIT parameters it
+// was given byte for byte, fields it does not know included (those of a
+// newer plugin, which an older holder may serve).
+func TestHolderKeepsParamsWhole(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "h.sock")
+	done := make(chan error, 1)
+	go func() { done <- RunHolder(sock) }()
+	for i := 0; ; i++ {
+		if _, _, err := holderCall(sock, holderReq{Op: "list"}, -1); err == nil {
+			break
+		} else if i > 500 {
+			t.Fatal(err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	call := func(req any, fd int) []byte {
+		t.Helper()
+		c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: sock, Net: "unixpacket"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if err := writeHolder(c, req, fd); err != nil {
+			t.Fatal(err)
+		}
+		buf, oob := make([]byte, holderMsgMax), make([]byte, unix.CmsgSpace(4))
+		n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+		if err != nil {
+			t.Fatal(err)
+		}
+		closeAll(parseRights(oob[:oobn]))
+		return buf[:n]
+	}
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[0])
+	const params = `{"kernelMajor":7,"kernelMinor":45,"fromTheFuture":{"x":[1,2]}}`
+	if r := call(map[string]any{"op": "put", "id": "v1", "params": json.RawMessage(params)}, p[1]); string(r) != "{}" {
+		t.Fatalf("put: %s", r)
+	}
+	unix.Close(p[1])
+	var got struct {
+		Found  bool            `json:"found"`
+		Params json.RawMessage `json:"params"`
+	}
+	if err := json.Unmarshal(call(holderReq{Op: "get", ID: "v1"}, -1), &got); err != nil || !got.Found || string(got.Params) != params {
+		t.Fatalf("get: found %v params %s (%v), want %s", got.Found, got.Params, err, params)
+	}
+	if r := call(map[string]any{"op": "put", "id": "v2", "params": nil}, p[0]); !strings.Contains(string(r), "put needs") {
+		t.Fatalf("put without params: %s", r)
+	}
+	call(holderReq{Op: "drop", ID: "v1"}, -1)
+	if err := <-done; err != nil {
+		t.Fatal(err)
 	}
 }
 
