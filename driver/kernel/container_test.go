@@ -18,8 +18,28 @@ import (
 
 // ownPIDNamespace starts a process as the first of a new PID namespace, as
 // a container's first process is: when it dies, the kernel kills every
-// other process of the namespace, a holder it started included.
-var ownPIDNamespace = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID}
+// other process of the namespace, a holder it started included. And in a
+// mount namespace of its own, as a container has: what it mounts reaches
+// the test's namespace only below a shared mount (sharedDir), as a
+// container's mounts reach the host only through Bidirectional ones, and a
+// later one sees only what is there when it starts. A serving process so
+// started drops its copies of other mounts (-own-mounts).
+var ownPIDNamespace = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID | syscall.CLONE_NEWNS}
+
+// sharedDir bind-mounts dir on itself as a shared mount, as the chart
+// mounts the host's run and kubelet dirs into csi-snap's container
+// (Bidirectional): mounts below it, made in any mount namespace started
+// after this, appear in all of them, and so do their unmounts.
+func sharedDir(t *testing.T, dir string) {
+	t.Helper()
+	if err := unix.Mount(dir, dir, "", unix.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+	if err := unix.Mount("", dir, "", unix.MS_SHARED, ""); err != nil {
+		t.Fatal(err)
+	}
+}
 
 // startStayHolder starts `fuse-holder --socket runDir/holder.sock --stay`
 // in a PID namespace of its own: the chart's fuse-holder container.
@@ -27,7 +47,9 @@ func startStayHolder(t *testing.T, runDir string) *exec.Cmd {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "fuse-holder", "--socket", filepath.Join(runDir, "holder.sock"), "--stay")
 	cmd.Stderr = os.Stderr
-	cmd.SysProcAttr = ownPIDNamespace
+	// Its own PID namespace; not a mount namespace of its own, where it
+	// would keep copies of other tests' mounts for the whole test.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -54,10 +76,10 @@ func waitHeld(t *testing.T, runDir string, want ...string) {
 }
 
 // TestContainerRestart is TestRestart (SIGKILL) as the chart runs csi-snap:
-// the serving process is the first process of its own PID namespace, so a
-// holder it started itself would die with it, and the holder runs on its
-// own (RunHolderStay, Config.ExternalHolder; the chart's fuse-holder
-// container). While ext4 on the device takes fsync'ed writes: the holder is
+// each serving process is the first process of its own PID namespace, so a
+// holder it started itself would die with it, and has a mount namespace of
+// its own, as a new pod's container does; the holder runs on its own
+// (RunHolderStay, Config.ExternalHolder; the chart's fuse-holder pods). While ext4 on the device takes fsync'ed writes: the holder is
 // killed and started again (the serving process must hand its connection
 // over again), then the serving process is killed and started again; the
 // writer must see no error, ext4 must stay read-write, and every file's
@@ -75,8 +97,10 @@ func TestContainerRestart(t *testing.T) {
 	const id = "vol-container"
 	mnt := filepath.Join(data, "mnt")
 	os.Mkdir(mnt, 0o755)
-	serve := []string{"-external", "-check", "100ms"}
-	t.Cleanup(func() { // last: after a failure, leave no mount or loop device
+	serve := []string{"-external", "-check", "100ms", "-own-mounts"}
+	sharedDir(t, runDir) // the FUSE mounts
+	sharedDir(t, data)   // ext4 on the device, the pod's mount
+	t.Cleanup(func() {   // before the unmounts of sharedDir: after a failure, leave no mount or loop device
 		if t.Failed() {
 			scrub(runDir, mnt)
 		}
@@ -140,7 +164,7 @@ func TestContainerRestart(t *testing.T) {
 	default:
 	}
 	// This one hands connections over again only when it stops (Close).
-	c2 := startChildAttr(t, ownPIDNamespace, runDir, backing, id, size, "-external", "-check", "1h")
+	c2 := startChildAttr(t, ownPIDNamespace, runDir, backing, id, size, "-external", "-check", "1h", "-own-mounts")
 	t.Cleanup(func() { c2.cmd.Process.Kill() })
 	checkResumed(t, c2, dev, werr, w, nFiles, mnt, &mounted)
 
@@ -195,9 +219,17 @@ func scrub(runDir, mnt string) {
 			mounts = append(mounts, unescapeMount(f[4]))
 		}
 	}
-	// Before the unmounts, which make the backing files' paths "/".
+	// Before the unmounts, which make the backing files' paths "/"; by the
+	// loop registries too, for devices attached from another mount
+	// namespace.
 	for dev, bf := range loopBackingFiles() {
-		if strings.HasPrefix(bf, runDir+"/") {
+		match := strings.HasPrefix(bf, runDir+"/")
+		for _, m := range mounts {
+			if registeredLoops(m)[dev] && backsOntoMount(dev, m) {
+				match = true
+			}
+		}
+		if match {
 			exec.Command("losetup", "-d", dev).Run()
 		}
 	}

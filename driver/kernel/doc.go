@@ -11,7 +11,16 @@
 // itself. A directory holding one file would add LOOKUP, a dentry and a
 // second path to keep in sync for nothing; with the file as the mount point,
 // the loop device's backing_file in sysfs names the volume id directly,
-// which is how devices are found again after a restart.
+// which is how devices are found again after a restart, in the same mount
+// namespace. The kernel writes that path relative to the reader's mount
+// namespace, and from another one (a restarted container's, a new pod's:
+// their mounts are copies) it reads "/"; so each mount point also has a
+// loop registry (RunDir/vol/<id>.loops, the devices attached to it), and a
+// registered device reading "/" is confirmed ours by its LOOP_GET_STATUS64
+// backing device number, the FUSE mount's (registeredLoops). Only those
+// devices are opened to ask: opening every loop device of the machine
+// disturbs its other users (measured: concurrent tests' detaches and
+// xfs_repair found their devices busy).
 //
 // The loop device is configured with LOOP_CONFIGURE: direct I/O on (without
 // it the loop driver issues one synchronous request at a time and qd16

@@ -850,6 +850,7 @@ func detachLoops(ctx context.Context, mp string) error {
 		if err := detachLoop(ctx, d.dev); err != nil {
 			return err
 		}
+		registerLoop(mp, d.dev, false)
 	}
 	return nil
 }
@@ -1005,7 +1006,11 @@ func ownsLoop(dev, mp string) bool {
 		return false
 	}
 	bf, err := readSysfs(n, "loop/backing_file")
-	return err == nil && bf == mp
+	if err != nil {
+		return false
+	}
+	// See registeredLoops (loop.go).
+	return bf == mp || bf == "/" && registeredLoops(mp)[dev] && backsOntoMount(dev, mp)
 }
 
 // Attached returns the sorted ids that are attached here, held by the
@@ -1025,6 +1030,20 @@ func (f *Frontend) Attached() []string {
 	}
 	for _, bf := range loopBackingFiles() {
 		if dir, id := filepath.Split(bf); strings.TrimSuffix(dir, "/") == f.volDir && validateID(id) == nil {
+			set[id] = true
+		}
+	}
+	// Mounts and loop registries, too: a loop device attached from another
+	// mount namespace (an earlier container's) shows no path here (see
+	// registeredLoops).
+	for _, m := range mountEntries() {
+		if dir, id := filepath.Split(m.point); m.fsType == fuseFsType && strings.TrimSuffix(dir, "/") == f.volDir && validateID(id) == nil {
+			set[id] = true
+		}
+	}
+	regs, _ := filepath.Glob(filepath.Join(f.volDir, "*.loops"))
+	for _, r := range regs {
+		if id := strings.TrimSuffix(filepath.Base(r), ".loops"); validateID(id) == nil {
 			set[id] = true
 		}
 	}

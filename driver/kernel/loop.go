@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -13,6 +15,7 @@ import (
 
 	losetup "github.com/freddierice/go-losetup"
 	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
 )
 
 // Loop devices. go-losetup attaches with LOOP_SET_FD + LOOP_SET_STATUS64,
@@ -86,6 +89,7 @@ func attachLoop(ctx context.Context, backing string, readOnly bool) (string, err
 				return "", fmt.Errorf("%w: loop direct I/O did not take on %s (dio=%q)", ErrUnsupported, dev, dio)
 			}
 			lf.Close()
+			registerLoop(backing, dev, true)
 			return dev, nil
 		}
 		lf.Close()
@@ -179,11 +183,14 @@ type loopDev struct {
 }
 
 // loopsOf returns the loop devices whose backing file is path, in device
-// order, with their read-only flag (/sys/block/loopN/ro).
+// order, with their read-only flag (/sys/block/loopN/ro): those whose
+// backing_file reads path, and those path's loop registry names (see
+// registeredLoops) whose backing file is on the FUSE mount at path.
 func loopsOf(path string) []loopDev {
 	var out []loopDev
+	mine := registeredLoops(path)
 	for dev, bf := range loopBackingFiles() {
-		if bf != path {
+		if bf != path && !(mine[dev] && bf == "/" && backsOntoMount(dev, path)) {
 			continue
 		}
 		n, err := loopNumber(dev)
@@ -277,6 +284,90 @@ func loopSize(dev string) (int64, error) {
 	}
 	sectors, err := strconv.ParseInt(s, 10, 64)
 	return sectors * 512, err
+}
+
+// A loop device's sysfs backing_file cannot name its file from every
+// process: the kernel writes the path relative to the reader's mount
+// namespace, and from a namespace other than the one the device was
+// attached from (csi-snap's container after a restart, or in a new pod:
+// its mounts are copies) it reads "/". So each mount point path keeps a
+// loop registry, path + ".loops" (ids have no dot), naming the devices
+// attached to it, one per line; a device it names whose backing_file reads
+// "/" is ours if its backing file is on the FUSE mount at path
+// (backsOntoMount). Only those devices are opened to ask: opening every
+// loop device of the machine would disturb their users (a detach, an fsck
+// of theirs, could find the device busy).
+
+// registeredLoops returns the devices path's loop registry names.
+func registeredLoops(path string) map[string]bool {
+	b, _ := os.ReadFile(path + ".loops")
+	m := map[string]bool{}
+	for _, l := range strings.Fields(string(b)) {
+		if _, err := loopNumber(l); err == nil {
+			m[l] = true
+		}
+	}
+	return m
+}
+
+// registerLoop adds (or, with add false, removes) dev to path's loop
+// registry, replacing the file whole (write, rename): a crash leaves the
+// old list or the new one. Without the registry only a restart into
+// another mount namespace loses track of the device, so failures are
+// logged, not returned.
+func registerLoop(path, dev string, add bool) {
+	m := registeredLoops(path)
+	if m[dev] == add {
+		return
+	}
+	if add {
+		m[dev] = true
+	} else {
+		delete(m, dev)
+	}
+	if len(m) == 0 {
+		if err := os.Remove(path + ".loops"); err != nil && !errors.Is(err, os.ErrNotExist) {
+			klog.ErrorS(err, "loop registry", "path", path)
+		}
+		return
+	}
+	var b strings.Builder
+	for _, d := range slices.Sorted(maps.Keys(m)) {
+		b.WriteString(d + "\n")
+	}
+	tmp := path + ".loops.tmp"
+	if err := os.WriteFile(tmp, []byte(b.String()), 0o600); err != nil {
+		klog.ErrorS(err, "loop registry", "path", path)
+		return
+	}
+	if err := os.Rename(tmp, path+".loops"); err != nil {
+		klog.ErrorS(err, "loop registry", "path", path)
+	}
+}
+
+// backsOntoMount reports whether loop device dev's backing file is on our
+// FUSE mount at mp: its LOOP_GET_STATUS64 lo_device (through go-losetup)
+// is the mount's device number, the same in every mount namespace; a FUSE
+// mount of ours holds one file.
+func backsOntoMount(dev, mp string) bool {
+	fsDev, mounted := fuseDev(mp)
+	n, err := loopNumber(dev)
+	if !mounted || err != nil {
+		return false
+	}
+	info, err := losetup.New(uint64(n), os.O_RDONLY).GetInfo()
+	return err == nil && info.Device == fsDev
+}
+
+// fuseDev returns the device number of our FUSE mount at mp, if mounted
+// (from mountinfo: a stat of mp would wait for the mount's server).
+func fuseDev(mp string) (uint64, bool) {
+	for _, m := range mountEntries() {
+		if m.point == mp && m.fsType == fuseFsType {
+			return m.dev, true
+		}
+	}
+	return 0, false
 }
 
 // loopInfo reads the device's flags back through go-losetup.

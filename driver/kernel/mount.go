@@ -59,7 +59,10 @@ func unmountFuse(mp string) error {
 
 // mountEntry is a line of /proc/self/mountinfo: the mount's root within
 // its filesystem, its mount point (both unescaped) and the filesystem type.
-type mountEntry struct{ root, point, fsType string }
+type mountEntry struct {
+	root, point, fsType string
+	dev                 uint64 // the filesystem's device number (st_dev)
+}
 
 // mountEntries reads /proc/self/mountinfo (nil if it cannot).
 func mountEntries() []mountEntry {
@@ -75,7 +78,10 @@ func mountEntries() []mountEntry {
 		if sep < 5 || sep+1 >= len(f) {
 			continue
 		}
-		out = append(out, mountEntry{root: unescapeMount(f[3]), point: unescapeMount(f[4]), fsType: f[sep+1]})
+		var major, minor uint32
+		fmt.Sscanf(f[2], "%d:%d", &major, &minor)
+		out = append(out, mountEntry{root: unescapeMount(f[3]), point: unescapeMount(f[4]), fsType: f[sep+1],
+			dev: unix.Mkdev(major, minor)})
 	}
 	return out
 }

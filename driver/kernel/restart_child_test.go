@@ -6,8 +6,14 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strings"
 	"sync/atomic"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // stallingBackend blocks every write for good once armed (SIGUSR1), after
@@ -45,8 +51,12 @@ func serveChild(args []string) int {
 	blocking := fs.Bool("blocking", false, "Config.BlockingReaders")
 	external := fs.Bool("external", false, "Config.ExternalHolder")
 	check := fs.Duration("check", 0, "Config.HolderCheck")
+	ownMounts := fs.Bool("own-mounts", false, "started in a mount namespace of its own: drop the copies of other tests' mounts")
 	if err := fs.Parse(args); err != nil {
 		return 2
+	}
+	if *ownMounts {
+		dropForeignMounts(*runDir, filepath.Dir(*backing))
 	}
 	term := make(chan os.Signal, 1)
 	signal.Notify(term, syscall.SIGTERM)
@@ -83,4 +93,38 @@ func serveChild(args []string) int {
 		return 1
 	}
 	return 0
+}
+
+// dropForeignMounts lazily unmounts, in this process's own mount namespace,
+// the copies of the mounts below the temp dir other than keep's: it was
+// started with a copy of the test machine's mounts, and would otherwise
+// keep filesystems of tests running in parallel mounted after they
+// unmount them (an fsck of theirs would then find them in use). keep's are
+// shared with the test (sharedDir), so not touched: an unmount of them
+// would propagate.
+func dropForeignMounts(keep ...string) {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return
+	}
+	tmp := filepath.Clean(os.TempDir()) + "/"
+	var drop []string
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 5 {
+			continue
+		}
+		mp := unescapeMount(f[4])
+		related := func(k string) bool { return mp == k || strings.HasPrefix(mp, k+"/") || strings.HasPrefix(k, mp+"/") }
+		// A shared mount's unmount would propagate out of this namespace.
+		shared := slices.ContainsFunc(f[6:], func(o string) bool { return strings.HasPrefix(o, "shared:") })
+		if !strings.HasPrefix(mp, tmp) || shared || slices.ContainsFunc(keep, related) {
+			continue
+		}
+		drop = append(drop, mp)
+	}
+	sort.Sort(sort.Reverse(sort.StringSlice(drop)))
+	for _, mp := range drop {
+		unix.Unmount(mp, unix.MNT_DETACH)
+	}
 }

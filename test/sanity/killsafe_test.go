@@ -11,6 +11,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -44,7 +46,11 @@ type killable struct {
 // With container set it runs csi-snap as the Helm chart does: as the first
 // process of a PID namespace of its own (so a holder it started would die
 // with it), with --fuse-holder=external, and `csi-snap fuse-holder --stay`
-// in another PID namespace (the chart's fuse-holder container).
+// in a PID namespace of its own (the chart's fuse-holder pods). Not in
+// mount namespaces of their own, as containers are: a copy of this
+// machine's mounts would pin those of tests running in parallel (a
+// filesystem unmounted here would stay mounted there). driver/kernel
+// TestContainerRestart runs its serving processes so, clearing the copy.
 func startKillable(t *testing.T, container bool) (*killable, string) {
 	t.Helper()
 	requireCapabilities(t)
@@ -84,6 +90,23 @@ func startKillable(t *testing.T, container bool) (*killable, string) {
 	k.dial()
 	t.Cleanup(func() { k.cc.Close() })
 	return k, dir
+}
+
+// mountSource returns the device mounted at path (/proc/self/mountinfo).
+func mountSource(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if sep := slices.Index(f, "-"); sep > 4 && sep+2 < len(f) && f[4] == path {
+			return f[sep+2]
+		}
+	}
+	t.Fatalf("nothing mounted at %s", path)
+	return ""
 }
 
 // holderList asks the fuse-holder on sock which connections it keeps (its
@@ -290,6 +313,7 @@ func testKillWhileExt4Writes(t *testing.T, container bool) {
 	})
 	stageAndPublish(t, k.node, id, staging, target)
 	staged = true
+	dev := mountSource(t, staging) // the volume's loop device
 
 	var mu sync.Mutex
 	sums := map[string][32]byte{}
@@ -387,9 +411,15 @@ func testKillWhileExt4Writes(t *testing.T, container bool) {
 	}
 	t.Logf("%d files written, the plugin killed after %d", written.Load(), killedAt)
 
-	// Read everything back from the device: unmount, stage again.
+	// Read everything back from the device: unmount, stage again. The
+	// unstage detaches the device staged before the kill: the restarted
+	// plugin found it again (in a new mount namespace too, where its
+	// backing file's path does not resolve), or it would stay behind.
 	unpublishAndUnstage(t, k.node, id, staging, target)
 	staged = false
+	if bf, err := os.ReadFile("/sys/block/" + filepath.Base(dev) + "/loop/backing_file"); err == nil {
+		t.Fatalf("%s, staged before the kill, is still attached (to %q) after the unstage", dev, strings.TrimSpace(string(bf)))
+	}
 	stageAndPublish(t, k.node, id, staging, target)
 	staged = true
 	mu.Lock()
