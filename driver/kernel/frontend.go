@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -304,23 +305,23 @@ func (f *Frontend) handOverMissing(vols map[string]*volume, current bool) (missi
 		if held[id] {
 			continue
 		}
-		if !f.tryLock(id) {
+		unlock, ok := f.tryLock(id)
+		if !ok {
 			missing++
 			continue
 		}
 		if (!current || f.get(id) == v) && !v.isShut() && v.lost() == "" {
 			p := v.srv.currentParams()
-			switch err := f.putOnce(id, &p, v.fd); {
-			case err != nil:
+			if !f.keeps(&p) {
+				missing++
+			} else if err := f.putOnce(id, &p, v.fd); err != nil {
 				errs = append(errs, fmt.Errorf("%s: %w", id, err))
 				missing++
-			case f.keeps(&p):
+			} else {
 				klog.InfoS("handed a FUSE connection to the holder again (the holder had been restarted)", "volumeID", id)
-			default:
-				missing++ // not to be held (keeps)
 			}
 		}
-		f.unlock(id)
+		unlock()
 	}
 	return missing, errors.Join(errs...)
 }
@@ -348,13 +349,13 @@ func (f *Frontend) keeps(p *connParams) bool {
 }
 
 // putOnce hands fd to the holder with one try (starting a child holder
-// first if none answers); nothing if keeps says not to.
+// first if none answers; ErrNoHolder if an external one does not).
 func (f *Frontend) putOnce(id string, p *connParams, fd int) error {
-	if !f.keeps(p) {
-		return nil
-	}
 	_, _, err := holderCall(f.sock, holderReq{Op: "put", ID: id, Params: p}, fd)
-	if errors.Is(err, errNoHolder) && !f.cfg.ExternalHolder {
+	if errors.Is(err, errNoHolder) {
+		if f.cfg.ExternalHolder {
+			return fmt.Errorf("%w on %s: %v", ErrNoHolder, f.sock, err)
+		}
 		if err = f.startHolder(); err == nil {
 			_, _, err = holderCall(f.sock, holderReq{Op: "put", ID: id, Params: p}, fd)
 		}
@@ -381,20 +382,16 @@ func (f *Frontend) lock(id string) (func(), error) {
 	return l.Unlock, nil
 }
 
-// tryLock takes id's lock if it exists and is free, whether or not the
-// Frontend is closed; unlock releases it.
-func (f *Frontend) tryLock(id string) bool {
+// tryLock takes id's lock, as lock does, if it exists and is free, and
+// whether or not the Frontend is closed.
+func (f *Frontend) tryLock(id string) (func(), bool) {
 	f.mu.Lock()
 	l := f.locks[id]
 	f.mu.Unlock()
-	return l != nil && l.TryLock()
-}
-
-func (f *Frontend) unlock(id string) {
-	f.mu.Lock()
-	l := f.locks[id]
-	f.mu.Unlock()
-	l.Unlock()
+	if l == nil || !l.TryLock() {
+		return nil, false
+	}
+	return l.Unlock, true
 }
 
 func (f *Frontend) get(id string) *volume {
@@ -681,7 +678,7 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 		return "", fmt.Errorf("no FUSE INIT for %s within 10s", id)
 	}
 	p := srv.currentParams()
-	if err = f.holderPut(ctx, id, &p, fd); err != nil {
+	if err = f.holderPut(id, &p, fd); err != nil {
 		return "", err
 	}
 	held = true
@@ -708,17 +705,15 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 	return dev, nil
 }
 
-// holderPut hands fd to the holder, starting one when none answers (or,
-// with an external holder, waiting up to HolderWait for it); nothing if
+// holderPut hands fd to the holder, starting a child one when none answers
+// (an external one attachFresh waited for before it mounted); nothing if
 // keeps says not to.
-func (f *Frontend) holderPut(ctx context.Context, id string, p *connParams, fd int) error {
+func (f *Frontend) holderPut(id string, p *connParams, fd int) error {
 	if !f.keeps(p) {
 		return nil
 	}
 	if f.cfg.ExternalHolder {
-		if err := f.waitHolder(ctx); err != nil {
-			return err
-		}
+		// attachFresh waited for it before mounting.
 		return f.putOnce(id, p, fd)
 	}
 	// A child holder emptied by another volume's Detach exits; a put can
@@ -1001,16 +996,7 @@ func (f *Frontend) Device(id string) (string, bool) {
 // another volume under the same number: Detach, Resize and Device must not
 // act on or hand out that one.
 func ownsLoop(dev, mp string) bool {
-	n, err := loopNumber(dev)
-	if err != nil {
-		return false
-	}
-	bf, err := readSysfs(n, "loop/backing_file")
-	if err != nil {
-		return false
-	}
-	// See registeredLoops (loop.go).
-	return bf == mp || bf == "/" && registeredLoops(mp)[dev] && backsOntoMount(dev, mp)
+	return slices.ContainsFunc(loopsOf(mp), func(d loopDev) bool { return d.dev == dev })
 }
 
 // Attached returns the sorted ids that are attached here, held by the
