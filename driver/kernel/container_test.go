@@ -61,7 +61,12 @@ func startStayHolder(t *testing.T, runDir string) *exec.Cmd {
 // failing the test after a minute.
 func waitHeld(t *testing.T, runDir string, want ...string) {
 	t.Helper()
-	sock := filepath.Join(runDir, "holder.sock")
+	waitListed(t, filepath.Join(runDir, "holder.sock"), want...)
+}
+
+// waitListed is waitHeld for the holder on socket sock.
+func waitListed(t *testing.T, sock string, want ...string) {
+	t.Helper()
 	var got []string
 	var err error
 	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) { // hang guard

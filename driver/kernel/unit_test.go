@@ -230,17 +230,8 @@ func TestHolderProtocol(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "h.sock")
 	done := make(chan error, 1)
 	go func() { done <- RunHolder(sock) }()
+	waitListed(t, sock) // answers, holding nothing
 	var resp holderResp
-	var err error
-	for i := 0; i < 500; i++ {
-		if resp, _, err = holderCall(sock, holderReq{Op: "list"}, -1); err == nil {
-			break
-		}
-		unix.Nanosleep(&unix.Timespec{Nsec: 10e6}, nil)
-	}
-	if err != nil || len(resp.IDs) != 0 {
-		t.Fatalf("list on an empty holder: %v %v", resp.IDs, err)
-	}
 	if err := RunHolder(sock); !errors.Is(err, ErrBusy) {
 		t.Fatalf("second holder on the same socket: %v, want ErrBusy", err)
 	}
@@ -306,14 +297,7 @@ func TestHolderStay(t *testing.T) {
 		exited := make(chan struct{}) // closed when the process has exited
 		go func() { cmd.Wait(); close(exited) }()
 		t.Cleanup(func() { cmd.Process.Kill(); <-exited })
-		for i := 0; ; i++ {
-			if _, _, err := holderCall(sock, holderReq{Op: "list"}, -1); err == nil {
-				break
-			} else if i > 500 {
-				t.Fatal(err)
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
+		waitListed(t, sock)
 		return sock, exited
 	}
 	_, exited := start(false)
@@ -362,14 +346,7 @@ func TestHolderKeepsParamsWhole(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "h.sock")
 	done := make(chan error, 1)
 	go func() { done <- RunHolder(sock) }()
-	for i := 0; ; i++ {
-		if _, _, err := holderCall(sock, holderReq{Op: "list"}, -1); err == nil {
-			break
-		} else if i > 500 {
-			t.Fatal(err)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitListed(t, sock)
 	call := func(req any, fd int) []byte {
 		t.Helper()
 		c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: sock, Net: "unixpacket"})
