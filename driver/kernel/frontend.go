@@ -2,6 +2,7 @@ package kernel
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -351,13 +352,13 @@ func (f *Frontend) keeps(p *connParams) bool {
 // putOnce hands fd to the holder with one try (starting a child holder
 // first if none answers; ErrNoHolder if an external one does not).
 func (f *Frontend) putOnce(id string, p *connParams, fd int) error {
-	_, _, err := holderCall(f.sock, holderReq{Op: "put", ID: id, Params: p}, fd)
+	_, _, err := holderCall(f.sock, holderReq{Op: "put", ID: id, Params: paramsJSON(p)}, fd)
 	if errors.Is(err, errNoHolder) {
 		if f.cfg.ExternalHolder {
 			return fmt.Errorf("%w on %s: %v", ErrNoHolder, f.sock, err)
 		}
 		if err = f.startHolder(); err == nil {
-			_, _, err = holderCall(f.sock, holderReq{Op: "put", ID: id, Params: p}, fd)
+			_, _, err = holderCall(f.sock, holderReq{Op: "put", ID: id, Params: paramsJSON(p)}, fd)
 		}
 	}
 	return err
@@ -485,9 +486,14 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 	}
 	lost := false
 	if err == nil && resp.Found && fd >= 0 {
+		var params connParams
+		if err := json.Unmarshal(resp.Params, &params); err != nil {
+			closeFD(fd)
+			return "", fmt.Errorf("holder's INIT parameters of %s: %w", id, err)
+		}
 		why := heldConnLost(mp, fd)
 		if why == "" {
-			return f.resume(ctx, id, mp, fd, resp.Params, b, readOnly)
+			return f.resume(ctx, id, mp, fd, &params, b, readOnly)
 		}
 		// The holder kept a connection that can serve nothing: it was
 		// aborted (/sys/fs/fuse/connections/N/abort), or its mount is gone

@@ -29,17 +29,22 @@ import (
 // any concurrent "put" (which then finds the socket gone and starts a new
 // holder).
 
+// holderReq and holderResp: Params is the INIT parameters (connParams) as
+// JSON, which the holder keeps
+// and returns byte for byte, so that a holder of an older version (the
+// chart replaces its pods only when deleted) loses no field a newer plugin
+// put there.
 type holderReq struct {
-	Op     string      `json:"op"` // put, get, drop, list
-	ID     string      `json:"id,omitempty"`
-	Params *connParams `json:"params,omitempty"`
+	Op     string          `json:"op"` // put, get, drop, list
+	ID     string          `json:"id,omitempty"`
+	Params json.RawMessage `json:"params,omitempty"`
 }
 
 type holderResp struct {
-	Err    string      `json:"err,omitempty"`
-	Found  bool        `json:"found,omitempty"`
-	Params *connParams `json:"params,omitempty"`
-	IDs    []string    `json:"ids,omitempty"`
+	Err    string          `json:"err,omitempty"`
+	Found  bool            `json:"found,omitempty"`
+	Params json.RawMessage `json:"params,omitempty"`
+	IDs    []string        `json:"ids,omitempty"`
 }
 
 type heldConn struct {
@@ -47,22 +52,13 @@ type heldConn struct {
 	params json.RawMessage
 }
 
-// holderWire and holderWireResp are holderReq and holderResp as the holder
-// reads and writes them: it keeps the INIT parameters as the JSON it was
-// given and returns them byte for byte, so that a holder of an older
-// version (the chart replaces its pods only when deleted) loses no field a
-// newer plugin put there.
-type holderWire struct {
-	Op     string          `json:"op"`
-	ID     string          `json:"id,omitempty"`
-	Params json.RawMessage `json:"params,omitempty"`
-}
-
-type holderWireResp struct {
-	Err    string          `json:"err,omitempty"`
-	Found  bool            `json:"found,omitempty"`
-	Params json.RawMessage `json:"params,omitempty"`
-	IDs    []string        `json:"ids,omitempty"`
+// paramsJSON is p as holderReq.Params.
+func paramsJSON(p *connParams) json.RawMessage {
+	b, err := json.Marshal(p)
+	if err != nil {
+		panic(err) // a struct of numbers and bools always encodes
+	}
+	return b
 }
 
 // holderIdleExit is how long a holder that never received anything waits
@@ -210,11 +206,11 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func()) 
 		return false
 	}
 	fds := parseRights(oob[:oobn])
-	var req holderWire
-	var resp holderWireResp
+	var req holderReq
+	var resp holderResp
 	if err := json.Unmarshal(buf[:n], &req); err != nil {
 		closeAll(fds)
-		writeHolder(c, holderWireResp{Err: "bad request: " + err.Error()}, -1)
+		writeHolder(c, holderResp{Err: "bad request: " + err.Error()}, -1)
 		return false
 	}
 	switch req.Op {
@@ -222,7 +218,7 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func()) 
 		var p map[string]any // an object, not null
 		if len(fds) != 1 || json.Unmarshal(req.Params, &p) != nil || p == nil || validateID(req.ID) != nil {
 			closeAll(fds)
-			writeHolder(c, holderWireResp{Err: "put needs a valid id, params and one fd"}, -1)
+			writeHolder(c, holderResp{Err: "put needs a valid id, params and one fd"}, -1)
 			return false
 		}
 		if old, ok := held[req.ID]; ok {
@@ -259,7 +255,7 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func()) 
 		writeHolder(c, resp, -1)
 	default:
 		closeAll(fds)
-		writeHolder(c, holderWireResp{Err: "unknown op " + req.Op}, -1)
+		writeHolder(c, holderResp{Err: "unknown op " + req.Op}, -1)
 	}
 	return false
 }

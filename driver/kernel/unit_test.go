@@ -241,18 +241,19 @@ func TestHolderProtocol(t *testing.T) {
 	}
 	defer unix.Close(p[0])
 	params := &connParams{KernelMinor: 45, MaxWrite: maxWrite, Initialized: true}
-	if _, _, err := holderCall(sock, holderReq{Op: "put", ID: "v1", Params: params}, p[1]); err != nil {
+	if _, _, err := holderCall(sock, holderReq{Op: "put", ID: "v1", Params: paramsJSON(params)}, p[1]); err != nil {
 		t.Fatal(err)
 	}
 	unix.Close(p[1]) // the holder has its own copy now
-	if _, _, err := holderCall(sock, holderReq{Op: "put", ID: "../bad", Params: params}, p[0]); err == nil {
+	if _, _, err := holderCall(sock, holderReq{Op: "put", ID: "../bad", Params: paramsJSON(params)}, p[0]); err == nil {
 		t.Fatal("put with a bad id accepted")
 	}
 	if resp, _, _ = holderCall(sock, holderReq{Op: "list"}, -1); len(resp.IDs) != 1 || resp.IDs[0] != "v1" {
 		t.Fatalf("list = %v", resp.IDs)
 	}
 	resp, fd, err := holderCall(sock, holderReq{Op: "get", ID: "v1"}, -1)
-	if err != nil || !resp.Found || fd < 0 || resp.Params == nil || resp.Params.KernelMinor != 45 {
+	var got connParams
+	if err != nil || !resp.Found || fd < 0 || json.Unmarshal(resp.Params, &got) != nil || got.KernelMinor != 45 {
 		t.Fatalf("get: %+v fd %d %v", resp, fd, err)
 	}
 	if _, err := unix.Write(fd, []byte("hi")); err != nil {
@@ -315,7 +316,7 @@ func TestHolderStay(t *testing.T) {
 		if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
 			t.Fatal(err)
 		}
-		if _, _, err := holderCall(sock, holderReq{Op: "put", ID: "v1", Params: params}, p[1]); err != nil {
+		if _, _, err := holderCall(sock, holderReq{Op: "put", ID: "v1", Params: paramsJSON(params)}, p[1]); err != nil {
 			t.Fatalf("round %d: put: %v", round, err)
 		}
 		unix.Close(p[1])
