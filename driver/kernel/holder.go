@@ -30,10 +30,9 @@ import (
 // holder).
 
 // holderReq and holderResp: Params is the INIT parameters (connParams) as
-// JSON, which the holder keeps
-// and returns byte for byte, so that a holder of an older version (the
-// chart replaces its pods only when deleted) loses no field a newer plugin
-// put there.
+// JSON, which the holder keeps and returns byte for byte, so that a holder
+// of an older version (the chart replaces its pods only when deleted)
+// loses no field a newer plugin put there.
 type holderReq struct {
 	Op     string          `json:"op"` // put, get, drop, list
 	ID     string          `json:"id,omitempty"`
