@@ -70,9 +70,8 @@ func waitListed(t *testing.T, sock string, want ...string) {
 	var got []string
 	var err error
 	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) { // hang guard
-		var resp holderResp
-		if resp, _, err = holderCall(sock, holderReq{Op: "list"}, -1); err == nil {
-			if got = resp.IDs; slices.Equal(got, want) {
+		if got, err = holderList(sock); err == nil {
+			if slices.Equal(got, want) {
 				return
 			}
 		}

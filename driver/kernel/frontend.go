@@ -293,12 +293,12 @@ func (f *Frontend) keepHeld() {
 // the holder keeps no connection of afterwards, as far as it knows (a busy
 // one counts, and all do when the holder does not answer).
 func (f *Frontend) handOverMissing(vols map[string]*volume, current bool) (missing int, err error) {
-	resp, _, err := holderCall(f.sock, holderReq{Op: "list"}, -1)
+	ids, err := holderList(f.sock)
 	if err != nil && !(errors.Is(err, errNoHolder) && !f.cfg.ExternalHolder) {
 		return len(vols), err // no answer in time, or no external holder yet
 	}
 	held := map[string]bool{}
-	for _, id := range resp.IDs {
+	for _, id := range ids {
 		held[id] = true
 	}
 	var errs []error
@@ -766,8 +766,7 @@ func (f *Frontend) waitHolder(ctx context.Context) error {
 func (f *Frontend) startHolder() error {
 	f.holderM.Lock()
 	defer f.holderM.Unlock()
-	if c, _, err := holderCall(f.sock, holderReq{Op: "list"}, -1); err == nil {
-		_ = c
+	if _, _, err := holderCall(f.sock, holderReq{Op: "list"}, -1); err == nil {
 		return nil // someone else started it
 	}
 	argv := append(append([]string{}, f.cfg.HolderCommand...), "--socket", f.sock)
@@ -1015,8 +1014,8 @@ func (f *Frontend) Attached() []string {
 		set[id] = true
 	}
 	f.mu.Unlock()
-	if resp, _, err := holderCall(f.sock, holderReq{Op: "list"}, -1); err == nil {
-		for _, id := range resp.IDs {
+	if ids, err := holderList(f.sock); err == nil {
+		for _, id := range ids {
 			set[id] = true
 		}
 	}

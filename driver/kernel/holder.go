@@ -33,10 +33,20 @@ import (
 // JSON, which the holder keeps and returns byte for byte, so that a holder
 // of an older version (the chart replaces its pods only when deleted)
 // loses no field a newer plugin put there.
+//
+// A "list" reply is one page: the IDs after After, in order, as many as
+// fit in holderListPage bytes, with More set when others follow (see
+// holderList). Every reply then fits one message whatever the number of
+// volumes. A holder older than paging ignores After and answers all its
+// IDs at once (fine up to about a thousand); a plugin older than paging
+// reads only the first page of a newer holder, takes the other volumes
+// for unheld and puts their connections again every HolderCheck, which
+// replaces each with a copy of itself.
 type holderReq struct {
 	Op     string          `json:"op"` // put, get, drop, list
 	ID     string          `json:"id,omitempty"`
 	Params json.RawMessage `json:"params,omitempty"`
+	After  string          `json:"after,omitempty"` // list: IDs after this one
 }
 
 type holderResp struct {
@@ -44,6 +54,7 @@ type holderResp struct {
 	Found  bool            `json:"found,omitempty"`
 	Params json.RawMessage `json:"params,omitempty"`
 	IDs    []string        `json:"ids,omitempty"`
+	More   bool            `json:"more,omitempty"` // list: IDs after the last one follow
 }
 
 type heldConn struct {
@@ -65,7 +76,14 @@ func paramsJSON(p *connParams) json.RawMessage {
 // for tests.
 var holderIdleExit = 30 * time.Second
 
-const holderMsgMax = 64 << 10
+// holderMsgMax bounds one message either way. holderListPage bounds the
+// IDs of one list reply (each costs its length plus 3 bytes of JSON), well
+// under holderMsgMax and under a SOCK_SEQPACKET message's limit (the
+// socket's send buffer, about 208 KiB by default).
+const (
+	holderMsgMax   = 64 << 10
+	holderListPage = 32 << 10
+)
 
 // RunHolder is the body of the holder process (`csi-snap fuse-holder
 // --socket PATH`). It listens on socketPath and keeps the fds it is given
@@ -247,10 +265,21 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func()) 
 		return true
 	case "list":
 		closeAll(fds)
+		ids := make([]string, 0, len(held))
 		for id := range held {
-			resp.IDs = append(resp.IDs, id)
+			if id > req.After {
+				ids = append(ids, id)
+			}
 		}
-		sort.Strings(resp.IDs)
+		sort.Strings(ids)
+		size := 0
+		for i, id := range ids {
+			if size += len(id) + 3; size > holderListPage && i > 0 {
+				ids, resp.More = ids[:i], true
+				break
+			}
+		}
+		resp.IDs = ids
 		writeHolder(c, resp, -1)
 	default:
 		closeAll(fds)
@@ -340,3 +369,22 @@ func holderCall(socketPath string, req holderReq, fd int) (holderResp, int, erro
 }
 
 var errNoHolder = errors.New("no fuse holder")
+
+// holderList returns every ID the holder on socketPath keeps, in order,
+// page by page. A volume put or dropped meanwhile may or may not be in it,
+// as with any list taken while others change it.
+func holderList(socketPath string) ([]string, error) {
+	var ids []string
+	after := ""
+	for {
+		resp, _, err := holderCall(socketPath, holderReq{Op: "list", After: after}, -1)
+		if err != nil {
+			return nil, err
+		}
+		ids = append(ids, resp.IDs...)
+		if !resp.More || len(resp.IDs) == 0 {
+			return ids, nil
+		}
+		after = resp.IDs[len(resp.IDs)-1]
+	}
+}

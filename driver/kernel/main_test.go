@@ -42,8 +42,8 @@ func TestMain(m *testing.M) {
 		case "fe-serve":
 			os.Exit(serveChild(os.Args[2:]))
 		case "holder-list": // a holder client (TestHolderRefusesOtherUsers)
-			resp, _, err := holderCall(argValue(os.Args, "--socket"), holderReq{Op: "list"}, -1)
-			fmt.Printf("ids %v err %v\n", resp.IDs, err)
+			ids, err := holderList(argValue(os.Args, "--socket"))
+			fmt.Printf("ids %v err %v\n", ids, err)
 			os.Exit(0)
 		}
 	}

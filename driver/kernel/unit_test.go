@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -470,5 +472,47 @@ func TestHolderRefusesOtherUsers(t *testing.T) {
 	}
 	if _, _, err := holderCall(sock, holderReq{Op: "list"}, -1); err != nil {
 		t.Fatalf("our own list: %v", err)
+	}
+}
+
+// TestHolderListPages: a holder keeping more connections than one message
+// can name answers list page by page, and holderList gets every ID once,
+// in order. (One reply of 3,000 63-byte IDs, about 200 KiB, overflows the
+// client's 64 KiB buffer and nearly the socket's message limit.)
+func TestHolderListPages(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "h.sock")
+	done := make(chan error, 1)
+	go func() { done <- RunHolder(sock) }()
+	waitListed(t, sock)
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[0])
+	defer unix.Close(p[1])
+	const n = 3000
+	var want []string
+	for i := range n {
+		id := fmt.Sprintf("v-%061d", i) // the longest ID validateID accepts
+		if _, _, err := holderCall(sock, holderReq{Op: "put", ID: id, Params: json.RawMessage(`{}`)}, p[1]); err != nil {
+			t.Fatalf("put %d: %v", i, err)
+		}
+		want = append(want, id)
+	}
+	first, _, err := holderCall(sock, holderReq{Op: "list"}, -1)
+	if err != nil || !first.More || len(first.IDs) == 0 || len(first.IDs) >= n {
+		t.Fatalf("first page: %d IDs, more %v, err %v; want a partial page", len(first.IDs), first.More, err)
+	}
+	got, err := holderList(sock)
+	if err != nil || !slices.Equal(got, want) {
+		t.Fatalf("holderList: %d IDs (err %v), want %d in order", len(got), err, n)
+	}
+	for _, id := range want {
+		if _, _, err := holderCall(sock, holderReq{Op: "drop", ID: id}, -1); err != nil {
+			t.Fatalf("drop %s: %v", id, err)
+		}
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
 	}
 }

@@ -110,7 +110,8 @@ func mountSource(t *testing.T, path string) string {
 }
 
 // holderList asks the fuse-holder on sock which connections it keeps (its
-// protocol: one JSON request, one JSON reply on a SOCK_SEQPACKET socket).
+// protocol: one JSON request, one JSON reply on a SOCK_SEQPACKET socket;
+// a list reply is one page, and these tests hold far fewer than one page).
 func holderList(sock string) ([]string, error) {
 	c, err := net.Dial("unixpacket", sock)
 	if err != nil {
@@ -127,10 +128,11 @@ func holderList(sock string) ([]string, error) {
 		return nil, err
 	}
 	var resp struct {
-		Err string   `json:"err"`
-		IDs []string `json:"ids"`
+		Err  string   `json:"err"`
+		IDs  []string `json:"ids"`
+		More bool     `json:"more"`
 	}
-	if err := json.Unmarshal(buf[:n], &resp); err != nil || resp.Err != "" {
+	if err := json.Unmarshal(buf[:n], &resp); err != nil || resp.Err != "" || resp.More {
 		return nil, fmt.Errorf("holder reply %q: %v", buf[:n], err)
 	}
 	return resp.IDs, nil
