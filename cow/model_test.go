@@ -197,6 +197,28 @@ func (m *model) apply(o op) {
 	}
 }
 
+// allows reports whether got is what the volume may hold after a crash:
+// each byte what the last flush made durable or what a write since put
+// there.
+func (v *mVol) allows(got []byte) error {
+	for i := range got {
+		if got[i] == v.flushed[i] {
+			continue
+		}
+		ok := false
+		for _, w := range v.since {
+			if int64(i) >= w.off && int64(i) < w.off+int64(len(w.data)) && w.data[int64(i)-w.off] == got[i] {
+				ok = true
+				break
+			}
+		}
+		if !ok {
+			return fmt.Errorf("byte %d: %d is neither flushed %d nor written since", i, got[i], v.flushed[i])
+		}
+	}
+	return nil
+}
+
 func (v *mVol) flush() {
 	v.flushed = slices.Clone(v.cur)
 	v.since = nil
@@ -301,20 +323,8 @@ func verify(s *Store, m *model, exact bool) error {
 			}
 			continue
 		}
-		for i := range got {
-			if got[i] == mv.flushed[i] {
-				continue
-			}
-			ok := false
-			for _, w := range mv.since {
-				if int64(i) >= w.off && int64(i) < w.off+int64(len(w.data)) && w.data[int64(i)-w.off] == got[i] {
-					ok = true
-					break
-				}
-			}
-			if !ok {
-				return fmt.Errorf("volume %s byte %d: %d is neither flushed %d nor written since", id, i, got[i], mv.flushed[i])
-			}
+		if err := mv.allows(got); err != nil {
+			return fmt.Errorf("volume %s %w", id, err)
 		}
 	}
 	for _, id := range sortedKeys(m.snaps) {

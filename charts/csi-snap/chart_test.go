@@ -236,7 +236,7 @@ func TestNodePluginDefaults(t *testing.T) {
 	}
 
 	if got := str(ds, "spec", "updateStrategy", "type"); got != "OnDelete" {
-		t.Errorf("updateStrategy %q, want OnDelete (a plugin restart fails published volumes)", got)
+		t.Errorf("updateStrategy %q, want OnDelete (the user picks when a node's plugin restarts: before Linux 6.9 that fails its published volumes)", got)
 	}
 	if got := str(ds, "spec", "template", "spec", "priorityClassName"); got != "system-node-critical" {
 		t.Errorf("priorityClassName %q", got)
