@@ -2,6 +2,7 @@ package cow
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand"
@@ -45,7 +46,12 @@ func TestCrashChild(t *testing.T) {
 		}
 		acks.Write([]byte{'d'})
 		_ = s
-		select {}
+		// Wait for the kill. Not select{}: with the store idle no
+		// goroutine could ever run again, and the runtime would end the
+		// process ("all goroutines are asleep") before the kill came.
+		for {
+			time.Sleep(time.Hour)
+		}
 	}
 	if survive {
 		// Small, so the kill journal changes files often (journal.go).
@@ -295,10 +301,10 @@ func crashReopen(t *testing.T, exe, dir string, delay time.Duration) (bool, stri
 	time.Sleep(delay)
 	cmd.Process.Signal(syscall.SIGKILL)
 	rest, _ := io.ReadAll(r)
-	cmd.Wait()
+	werr := cmd.Wait()
 	pr.Close()
-	if strings.Contains(stderr.String(), "child") {
-		t.Fatalf("reopen child failed: %s", stderr.String())
+	if err := childTrouble(werr, stderr.String()); err != nil {
+		t.Fatalf("reopen %v", err)
 	}
 	return !strings.Contains(string(rest), "d"), stderr.String()
 }
@@ -328,12 +334,32 @@ func crashChild(t *testing.T, exe, dir string, seed int64, survive bool, target 
 	if len(rest) > 0 {
 		last = rest[len(rest)-1]
 	}
-	cmd.Wait()
+	werr := cmd.Wait()
 	pr.Close()
-	if strings.Contains(stderr.String(), "child") {
-		t.Fatalf("child failed: %s", stderr.String())
+	if err := childTrouble(werr, stderr.String()); err != nil {
+		t.Fatal(err)
 	}
 	return n, last, stderr.String()
+}
+
+// childTrouble reports what went wrong in a crash-test child besides the
+// kill the parent sent: a failure it reported (its messages say "child"),
+// a panic, a fatal runtime error, a data race the race detector reported
+// (the child runs on with it and the kill hides its exit code), or an end
+// other than by SIGKILL (it died by itself).
+func childTrouble(waitErr error, stderr string) error {
+	for _, bad := range []string{"child", "panic:", "fatal error", "DATA RACE"} {
+		if strings.Contains(stderr, bad) {
+			return fmt.Errorf("child failed (%q in its stderr): %s", bad, stderr)
+		}
+	}
+	var ee *exec.ExitError
+	if errors.As(waitErr, &ee) {
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL {
+			return nil
+		}
+	}
+	return fmt.Errorf("child ended by itself (%v), not by the kill: %s", waitErr, stderr)
 }
 
 // crashCheck reopens the store (open) and checks it against the stream's model:

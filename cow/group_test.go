@@ -684,10 +684,10 @@ func groupCrashChild(t *testing.T, exe, dir string, seed int64, heavy bool, targ
 	cmd.Process.Signal(syscall.SIGKILL)
 	rest, _ := io.ReadAll(r)
 	n += len(rest)
-	cmd.Wait()
+	werr := cmd.Wait()
 	pr.Close()
-	if strings.Contains(stderr.String(), "child") {
-		t.Fatalf("child failed: %s", stderr.String())
+	if err := childTrouble(werr, stderr.String()); err != nil {
+		t.Fatal(err)
 	}
 	return n, stderr.String()
 }

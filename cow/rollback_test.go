@@ -739,10 +739,10 @@ func rbCrashChild(t *testing.T, exe, dir string, seed int64, target int, inRollb
 			n++
 		}
 	}
-	cmd.Wait()
+	werr := cmd.Wait()
 	pr.Close()
-	if strings.Contains(stderr.String(), "child") {
-		t.Fatalf("child failed: %s", stderr.String())
+	if err := childTrouble(werr, stderr.String()); err != nil {
+		t.Fatal(err)
 	}
 	return n, last == 'r', stderr.String()
 }
