@@ -652,6 +652,9 @@ func TestGroupCrash(t *testing.T) {
 	// "Next" is the operation after the last acknowledged one: the kill
 	// came while it ran or just before it started.
 	t.Logf("in %d of %d rounds the next operation at the kill was a group create or delete", inFlightGroup, rounds)
+	if inFlightGroup == 0 && rounds >= 30 {
+		t.Errorf("no kill came at a group create or delete: the test does not exercise one interrupted")
+	}
 }
 
 func groupCrashChild(t *testing.T, exe, dir string, seed int64, heavy bool, target int, delay time.Duration) (int, string) {
