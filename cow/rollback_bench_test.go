@@ -21,8 +21,11 @@ import (
 //     then Flush. Skipping equal blocks makes this baseline faster than a
 //     plain dd, which would write (and allocate) the whole volume.
 //
-// Both end with the volume equal to the snapshot (checked on the changed
-// chunks after each iteration). hack/bench-rollback.sh runs them
+// Both end with the volume equal to the snapshot (checked after each
+// iteration on three of the changed chunks: the first, the middle and the
+// last; the model and rollback tests check every byte). GiB-changed and
+// GiB-volume repeat the parameters (RB_CHANGED, RB_VOLUME) in the output;
+// inplace checks that it rewrote exactly the changed chunks. hack/bench-rollback.sh runs them
 // interleaved; see BENCHMARKS.md "## rollback".
 func BenchmarkRollback(b *testing.B) {
 	size := envBytes(b, "RB_VOLUME", 1<<40)

@@ -23,8 +23,8 @@ import (
 // real cow store ("cow"), against what csi-driver-host-path does for the
 // same request, a sparse-aware full copy of the volume file for the
 // snapshot and another for the restore, each fsynced ("fullcopy", the
-// baseline). Both
-// work on the same amount of written data in the same directory.
+// baseline). Both work on a 1 GiB volume holding 256 MiB of written data,
+// in the same directory.
 func BenchmarkSnapshotRestore(b *testing.B) {
 	const size, written = 1 << 30, 256 << 20 // bytes
 	dir := b.TempDir()
@@ -81,7 +81,6 @@ func BenchmarkSnapshotRestore(b *testing.B) {
 			d.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: s.Snapshot.SnapshotId})
 			b.StartTimer()
 		}
-		b.ReportMetric(float64(written)/(1<<20), "MiB-written")
 	})
 	b.Run("fullcopy", func(b *testing.B) {
 		b.ReportAllocs()
@@ -99,7 +98,6 @@ func BenchmarkSnapshotRestore(b *testing.B) {
 			os.Remove(restored)
 			b.StartTimer()
 		}
-		b.ReportMetric(float64(written)/(1<<20), "MiB-written")
 	})
 }
 

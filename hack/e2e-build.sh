@@ -6,7 +6,8 @@
 #   CSI_SNAP_E2E_CACHE  cache root (default /var/cache/csi-snap-e2e)
 #
 # Prints the bin directory on the last line of stdout. With --cached-only it
-# builds nothing and exits 1 when anything is missing.
+# builds nothing and exits 3 when anything is missing (any other failure
+# exits otherwise).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -85,9 +86,9 @@ build_snapshotter() {
 if [ "${1:-}" = --cached-only ]; then
 	# Answer whether everything is built, and build nothing (CI's switch).
 	for b in etcd kube-apiserver kube-controller-manager kubectl csi-provisioner csi-snapshotter snapshot-controller; do
-		[ -x "$bin/$b" ] || { log "not cached: $bin/$b"; exit 1; }
+		[ -x "$bin/$b" ] || { log "not cached: $bin/$b"; exit 3; }
 	done
-	[ -d "$bin/crd" ] || { log "not cached: $bin/crd"; exit 1; }
+	[ -d "$bin/crd" ] || { log "not cached: $bin/crd"; exit 3; }
 	echo "$bin"
 	exit 0
 fi

@@ -329,7 +329,9 @@ unpublish src
 mark "src expanded 64Mi -> 128Mi ($fsnote), data intact"
 
 k delete pvc src -n $ns --wait=true >/dev/null
-wait_for "PV of src deleted" 60 bash -c "[ -z \"\$($bin/kubectl get pv -o name)\" ] || ! $bin/kubectl get pv -o jsonpath='{.items[*].spec.claimRef.name}' | grep -qw src"
+# (Each check fails when kubectl does: its empty output must not pass for
+# "nothing left".)
+wait_for "PV of src deleted" 60 bash -c "claims=\$($bin/kubectl get pv -o jsonpath='{.items[*].spec.claimRef.name}') && ! grep -qw src <<<\"\$claims\""
 pvc restore2 64Mi VolumeSnapshot snap1 snapshot.storage.k8s.io
 d=$(publish restore2); got=$(sha256sum "$d/pattern" | cut -d' ' -f1); unpublish restore2
 [ "$got" = "$sum1" ] || die "restore2 (source PVC deleted) holds $got, want $sum1"
@@ -337,13 +339,15 @@ mark "source deleted; PVC restore2 from snap1 holds pattern one"
 
 k delete volumesnapshot --all -n $ns --wait=true >/dev/null
 k delete pvc --all -n $ns --wait=true >/dev/null
-wait_for "all PVs deleted" 90 bash -c "[ -z \"\$($bin/kubectl get pv -o name)\" ]"
-wait_for "all VolumeSnapshotContents deleted" 60 bash -c "[ -z \"\$($bin/kubectl get volumesnapshotcontent -o name)\" ]"
-left=$(csi Controller/ListVolumes '{}' | grep -c '"volumeId"' || true)
+wait_for "all PVs deleted" 90 bash -c "pvs=\$($bin/kubectl get pv -o name) && [ -z \"\$pvs\" ]"
+wait_for "all VolumeSnapshotContents deleted" 60 bash -c "c=\$($bin/kubectl get volumesnapshotcontent -o name) && [ -z \"\$c\" ]"
+vols=$(csi Controller/ListVolumes '{}')
+left=$(grep -c '"volumeId"' <<<"$vols" || true)
 [ "$left" = 0 ] || die "ListVolumes still shows $left volumes"
 # What may stay: the store's own log (its header and an empty object table)
 # and the frontend's run dir. No volume data (.data) or COW (.cow) file may.
-leftfiles=$(find "$work/data" -type f \( -name '*.data' -o -name '*.cow' \) 2>/dev/null || true)
+[ -d "$work/data/store" ] || die "the data dir $work/data/store is gone"
+leftfiles=$(find "$work/data" -type f \( -name '*.data' -o -name '*.cow' \))
 [ -z "$leftfiles" ] || die "data dir still holds: $leftfiles"
 used=$(du -sk "$work/data/store" | cut -f1)
 mark "everything deleted; no volume or COW file left (store dir: ${used} KiB)"

@@ -17,10 +17,16 @@ echo "== go vet"
 go vet ./...
 echo "== dependency direction (exceptions <- cow <- driver <- cmd)"
 hack/verify-deps.sh
+# Every run goes through hack/testsummary: go test's usual lines, the whole
+# output of a failed test, then every skipped test with its message (plain
+# go test shows skips only with -v).
+summary=$(mktemp -d /tmp/csi-snap-testsummary.XXXXXX)/testsummary
+trap 'rm -rf "$(dirname "$summary")"' EXIT
+go build -o "$summary" ./hack/testsummary
 echo "== go test -race (index and engine)"
-go test -race -count=1 ./exceptions/... ./cow/...
+go test -race -count=1 -json ./exceptions/... ./cow/... | "$summary"
 echo "== go test (everything)"
-go test -count=1 -timeout 45m ./...
+go test -count=1 -timeout 45m -json ./... | "$summary"
 echo "== go test ./cow/ again on XFS made with reflink=1 (copy-outs become block clones)"
 # The engine clones a chunk into the COW file (FICLONERANGE) where the file
 # system shares blocks, and writes it elsewhere; the run above took the
@@ -31,13 +37,13 @@ echo "== go test ./cow/ again on XFS made with reflink=1 (copy-outs become block
 modprobe xfs 2>/dev/null || true
 if [ "$(id -u)" = 0 ] && command -v mkfs.xfs >/dev/null && grep -qw xfs /proc/filesystems; then
 	xfs=$(mktemp -d /tmp/csi-snap-xfs.XXXXXX)
-	trap 'umount "$xfs/mnt" 2>/dev/null || true; rm -rf "$xfs"' EXIT
+	trap 'umount "$xfs/mnt" 2>/dev/null || true; rm -rf "$xfs" "$(dirname "$summary")"' EXIT
 	truncate -s 8G "$xfs/img"
 	mkfs.xfs -q -m reflink=1 "$xfs/img"
 	mkdir "$xfs/mnt"
 	mount -o loop "$xfs/img" "$xfs/mnt"
 	# On this mount, a test that needs cloning fails instead of skipping.
-	TMPDIR="$xfs/mnt" CSI_SNAP_REQUIRE_REFLINK=1 go test -count=1 -timeout 20m ./cow/...
+	TMPDIR="$xfs/mnt" CSI_SNAP_REQUIRE_REFLINK=1 go test -count=1 -timeout 20m -json ./cow/... | "$summary"
 else
 	echo "!!! NOT RUN: needs root, mkfs.xfs (xfsprogs) and the xfs module; the cloning path is untested here"
 	if [ "${CSI_SNAP_REQUIRE_KERNEL:-}" = 1 ]; then

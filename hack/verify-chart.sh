@@ -87,6 +87,7 @@ location="$schemas/{{ .ResourceKind }}{{ .KindSuffix }}.json"
 validate() {
 	local file=$1 docs summary
 	docs=$(grep -c '^kind: ' "$file" || true)
+	[ "$docs" -gt 0 ] || { echo "kubeconform: $file renders no object"; return 1; }
 	summary=$(kubeconform -strict -summary -schema-location "$location" "$file") || { echo "$summary"; echo "kubeconform: $file is invalid"; return 1; }
 	echo "$summary"
 	case $summary in

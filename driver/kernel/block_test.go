@@ -230,12 +230,24 @@ func TestLoopTakenOver(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	b := newFileBackend(t, t.TempDir(), size)
-	devB, err := fe.Attach(ctx, "vol-b", b, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if devB != devA {
-		t.Skipf("vol-b got %s, not the freed %s: nothing to test on this machine", devB, devA)
+	// The kernel hands out the lowest free number, but tests of other
+	// packages attach loop devices at the same time and may take the
+	// freed one first: try again (detaching vol-b) while they hold it.
+	var devB string
+	for try := 0; ; try++ {
+		if devB, err = fe.Attach(ctx, "vol-b", b, false); err != nil {
+			t.Fatal(err)
+		}
+		if devB == devA {
+			break
+		}
+		if try == 100 {
+			t.Skipf("vol-b got %s, not the freed %s, in 100 tries over 10 s (other tests hold it): nothing tested", devB, devA)
+		}
+		if err := fe.Detach(ctx, "vol-b"); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 	if dev, ok := fe.Device("vol-a"); ok {
 		t.Fatalf("Device(vol-a) = %s, which is vol-b's now", dev)

@@ -11,7 +11,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -136,6 +138,26 @@ func holderList(sock string) ([]string, error) {
 		return nil, fmt.Errorf("holder reply %q: %v", buf[:n], err)
 	}
 	return resp.IDs, nil
+}
+
+// redoneRecords is what the plugin p logged at start as redone from the
+// kill journal (driver.OpenCowStore's "Redid writes" line), 0 if nothing.
+func redoneRecords(t *testing.T, p *plugin) int {
+	t.Helper()
+	m := regexp.MustCompile(`"Redid writes from the kill journal".* records=(\d+)`).FindStringSubmatch(readLog(p))
+	if m == nil {
+		return 0
+	}
+	n, err := strconv.Atoi(m[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func readLog(p *plugin) string {
+	b, _ := os.ReadFile(p.log)
+	return string(b)
 }
 
 // start starts csi-snap (see startKillable).
@@ -271,6 +293,11 @@ func TestKillKeepsAckedWrites(t *testing.T) {
 	// SIGKILL at once, then start again on the same data and run dirs.
 	k.p.cmd.Process.Kill()
 	k.restart()
+	// The kill must have caught something only the journal kept: at least
+	// the clone's present marks, which no Flush has committed.
+	if n := redoneRecords(t, k.p); n == 0 {
+		t.Fatalf("the restarted plugin redid nothing from the kill journal: the kill did not test it\n%s", readLog(k.p))
+	}
 	check(origin, after, "origin after the kill")
 	check(clone, cloned, "clone after the kill")
 
