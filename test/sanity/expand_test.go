@@ -90,6 +90,19 @@ func testOnlineExpand(t *testing.T, fs string) {
 	if after < before+(big-small)*8/10 {
 		t.Fatalf("%s did not grow online: %d -> %d bytes", fs, before, after)
 	}
+	// Mount it again, so that f is read from the device, not from the
+	// page cache its write left: the grown filesystem kept it, and stays
+	// grown.
+	unpublishAndUnstage(t, node, id, staging, target)
+	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: vc}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: vc}); err != nil {
+		t.Fatal(err)
+	}
+	if again := fsSize(); again != after {
+		t.Fatalf("%s: %d bytes after the growth, %d once mounted again", fs, after, again)
+	}
 	mustRead(t, filepath.Join(target, "f"), want)
 	writeFile(t, filepath.Join(target, "g"), want) // the grown filesystem takes writes
 	unpublishAndUnstage(t, node, id, staging, target)
