@@ -641,7 +641,7 @@ func TestGroupCrash(t *testing.T) {
 		delay := time.Duration(rng.Intn(3000)) * time.Microsecond
 		dir := t.TempDir()
 		acked, stderr := groupCrashChild(t, exe, dir, seed, heavy, target, delay)
-		next, err := groupCrashCheck(dir, seed, heavy, acked)
+		next, err := groupCrashCheck(func() (*Store, error) { return Open(dir) }, seed, heavy, acked)
 		if err != nil {
 			t.Fatalf("round %d (seed %d, heavy %v, killed after %d acks + %v): %v\nchild stderr: %s", round, seed, heavy, acked, delay, err, stderr)
 		}
@@ -699,7 +699,7 @@ func groupCrashChild(t *testing.T, exe, dir string, seed int64, heavy bool, targ
 // acknowledged stream; the operation in flight may or may not have
 // happened, but a group operation only as a whole (gVerify compares the
 // exact snapshot and group lists, and every member byte for byte).
-func groupCrashCheck(dir string, seed int64, heavy bool, acked int) (opKind, error) {
+func groupCrashCheck(open func() (*Store, error), seed int64, heavy bool, acked int) (opKind, error) {
 	m := newGModel()
 	m.heavy = heavy
 	rng := rand.New(rand.NewSource(seed))
@@ -707,7 +707,7 @@ func groupCrashCheck(dir string, seed int64, heavy bool, acked int) (opKind, err
 		m.apply(m.gen(rng, true))
 	}
 	next := m.gen(rng, true)
-	s, err := Open(dir)
+	s, err := open()
 	if err != nil {
 		return next.kind, fmt.Errorf("reopen: %w", err)
 	}

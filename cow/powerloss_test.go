@@ -402,26 +402,80 @@ func (p *plFile) CloneFrom(file, int64, int64, int64) error { return errNoClone 
 
 func (p *plFile) Close() error { return nil }
 
-// TestPowerLoss runs the power-loss rounds with and without SetSurviveKill.
+// TestPowerLoss runs the power-loss rounds on the crash test's stream, with
+// and without SetSurviveKill, and on the group crash test's stream (group
+// snapshots and their deletes among single ones, writes and reopens).
 func TestPowerLoss(t *testing.T) {
 	for _, survive := range []bool{false, true} {
 		name := "plain"
 		if survive {
 			name = "survive"
 		}
-		t.Run(name, func(t *testing.T) { powerRounds(t, survive) })
+		t.Run(name, func(t *testing.T) {
+			powerRounds(t, survive, func(seed int64) plStream {
+				st := newStream(seed)
+				return plStream{
+					step: func(s **Store, open func() (*Store, error)) (int, error) {
+						g := st.group()
+						if err := runGroup(s, open, g); err != nil {
+							return 0, err
+						}
+						for _, o := range g {
+							st.m.apply(o)
+						}
+						return len(g), nil
+					},
+					check: func(open func() (*Store, error), acked int) error {
+						return crashCheck(open, seed, acked, false)
+					},
+				}
+			})
+		})
 	}
+	t.Run("groups", func(t *testing.T) {
+		powerRounds(t, false, func(seed int64) plStream {
+			heavy := seed%2 == 1 // every other round: a group-heavy stream
+			m := newGModel()
+			m.heavy = heavy
+			rng := rand.New(rand.NewSource(seed))
+			return plStream{
+				step: func(s **Store, open func() (*Store, error)) (int, error) {
+					o := m.gen(rng, true)
+					if err := gRun(s, open, o); err != nil {
+						return 0, err
+					}
+					m.apply(o)
+					return 1, nil
+				},
+				check: func(open func() (*Store, error), acked int) error {
+					_, err := groupCrashCheck(open, seed, heavy, acked)
+					return err
+				},
+			}
+		})
+	})
+}
+
+// plStream is a crash test's stream run in process. step runs its next
+// operation (or group of operations) on *s, reopening with open when the
+// stream says so, and returns how many acknowledgements that makes; check
+// judges the store open returns against the stream's model after acked
+// acknowledgements (the next operation in flight).
+type plStream struct {
+	step  func(s **Store, open func() (*Store, error)) (int, error)
+	check func(open func() (*Store, error), acked int) error
 }
 
 // A round's stream runs until the power goes, at one of its first plMaxCut
-// changing file operations (300 operations of the stream make 1,400-2,100
-// of them); plMaxGroups only guards against a stream that never cuts.
+// changing file operations (300 operations of the crash test's stream make
+// 1,400-2,100 of them); plMaxAcks only guards against a stream that never
+// cuts.
 const (
-	plMaxGroups = 5000
-	plMaxCut    = 2000
+	plMaxAcks = 5000
+	plMaxCut  = 2000
 )
 
-func powerRounds(t *testing.T, survive bool) {
+func powerRounds(t *testing.T, survive bool, stream func(seed int64) plStream) {
 	rounds := 40
 	if raceEnabled {
 		rounds = 15
@@ -443,7 +497,7 @@ func powerRounds(t *testing.T, survive bool) {
 		journalSwitch = 16 << 10 // small, so the journal changes files often
 	}
 	rng := rand.New(rand.NewSource(77))
-	var cutInOpen, cutOps []int
+	var cutInOpen, cutOps, ackCounts []int
 	for round := range rounds {
 		seed := int64(5000 + round)
 		boot(round, 1)
@@ -457,15 +511,12 @@ func powerRounds(t *testing.T, survive bool) {
 			return s, err
 		}
 		acked := 0
-		st := newStream(seed)
+		st := stream(seed)
 		s, err := open()
-		for err == nil && acked < plMaxGroups {
-			g := st.group()
-			if err = runGroup(&s, open, g); err == nil {
-				for _, o := range g {
-					st.m.apply(o)
-				}
-				acked += len(g)
+		for err == nil && acked < plMaxAcks {
+			var n int
+			if n, err = st.step(&s, open); err == nil {
+				acked += n
 			}
 		}
 		if !fs.isDead() {
@@ -480,7 +531,7 @@ func powerRounds(t *testing.T, survive bool) {
 				t.Fatalf("round %d (seed %d): Close hangs after the power cut", round, seed)
 			}
 		}
-		cutOps = append(cutOps, fs.cutAt)
+		cutOps, ackCounts = append(cutOps, fs.cutAt), append(ackCounts, acked)
 		disk := fs.crash(rng)
 		boot(round, 2)
 		if rng.Intn(2) == 0 {
@@ -498,11 +549,12 @@ func powerRounds(t *testing.T, survive bool) {
 			boot(round, 3)
 		}
 		check := func() (*Store, error) { return openFS("store", disk) }
-		if err := crashCheck(check, seed, acked, false); err != nil {
+		if err := st.check(check, acked); err != nil {
 			t.Fatalf("round %d (seed %d, power cut at file operation %d after %d acks): %v", round, seed, fs.cutAt, acked, err)
 		}
 	}
-	t.Logf("%d rounds; power cut at changing file operations %v; %d cuts landed inside the recovering Open", rounds, summary(cutOps), len(cutInOpen))
+	t.Logf("%d rounds; power cut at changing file operations %v, after %v acknowledged operations; %d cuts landed inside the recovering Open",
+		rounds, summary(cutOps), summary(ackCounts), len(cutInOpen))
 	if rounds >= 40 && len(cutInOpen) == 0 {
 		t.Errorf("no power cut landed inside a recovering Open")
 	}

@@ -43,7 +43,8 @@ if [ "$(id -u)" = 0 ] && command -v mkfs.xfs >/dev/null && grep -qw xfs /proc/fi
 	mkdir "$xfs/mnt"
 	mount -o loop "$xfs/img" "$xfs/mnt"
 	# On this mount, a test that needs cloning fails instead of skipping.
-	TMPDIR="$xfs/mnt" CSI_SNAP_REQUIRE_REFLINK=1 go test -count=1 -timeout 20m -json ./cow/... | "$summary"
+	# (TestPowerLoss runs on a file system in memory: nothing to see here.)
+	TMPDIR="$xfs/mnt" CSI_SNAP_REQUIRE_REFLINK=1 go test -count=1 -timeout 20m -skip '^TestPowerLoss$' -json ./cow/... | "$summary"
 else
 	echo "!!! NOT RUN: needs root, mkfs.xfs (xfsprogs) and the xfs module; the cloning path is untested here"
 	if [ "${CSI_SNAP_REQUIRE_KERNEL:-}" = 1 ]; then
