@@ -193,14 +193,13 @@
 //   - The crash test kills the process (SIGKILL): the page cache survives,
 //     so it proves the in-process ordering (record before origin write, torn
 //     tails, replay). The power-loss test (powerloss_test.go) proves the
-//     fsync ordering: the same stream, and the group snapshots' stream, run
-//     on a file system in memory whose power is cut at a random operation,
-//     leaving only what Sync and SyncDir made durable plus, sector by
-//     sector, a random part of the rest; dropping any one of the group
-//     commit's log or file syncs, the flush's data sync, the checkpoint's
-//     sync, the directory sync after creating files, or a group snapshot's
-//     flushes of its members makes it fail. It models a disk that honours
+//     fsync ordering: the same stream, and those of the group snapshot and
+//     rollback crash tests, run on a file system in memory whose power is
+//     cut at a random operation, leaving only what Sync and SyncDir made
+//     durable plus, sector by sector, a random part of the rest; dropping
+//     any one of the group commit's log or file syncs, the flush's data
+//     sync, the checkpoint's sync, the directory sync after creating files,
+//     a group snapshot's flushes of its members, or a rollback's flush
+//     before its done record makes it fail. It models a disk that honours
 //     flushes; one that lies about them is out of reach of any ordering.
-//     Rollback's stream is not run there (its model counts every
-//     acknowledged write as durable, which only a kill makes true).
 package cow

@@ -454,6 +454,41 @@ func TestPowerLoss(t *testing.T) {
 			}
 		})
 	})
+	t.Run("rollback", func(t *testing.T) {
+		// TestRollbackCrash's stream: rollbacks among writes (each
+		// flushed before it is acknowledged, so its model holds after a
+		// power cut too), snapshots, resizes, clones and deletes; one
+		// chunk per rollback write, for many points to cut at.
+		defer func(p int64) { rollbackPiece = p }(rollbackPiece)
+		rollbackPiece = rbChunk
+		inRollback := 0 // rounds whose power went during a rollback
+		defer func() {
+			t.Logf("%d rounds lost the power during a rollback", inRollback)
+			if inRollback == 0 && !testing.Short() && !raceEnabled {
+				t.Errorf("the power never went during a rollback")
+			}
+		}()
+		powerRounds(t, false, func(seed int64) plStream {
+			m := newRBModel()
+			rng := rand.New(rand.NewSource(seed))
+			return plStream{
+				step: func(s **Store, open func() (*Store, error)) (int, error) {
+					o := m.gen(rng, false)
+					if err := rbRun(s, open, o); err != nil {
+						if o.kind == rbRollback {
+							inRollback++
+						}
+						return 0, err
+					}
+					m.apply(o)
+					return 1, nil
+				},
+				check: func(open func() (*Store, error), acked int) error {
+					return rbCrashCheck(open, seed, acked)
+				},
+			}
+		})
+	})
 }
 
 // plStream is a crash test's stream run in process. step runs its next

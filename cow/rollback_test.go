@@ -160,7 +160,7 @@ func (m *rbModel) apply(o rbOp) {
 
 // rbRun performs o on the store. Writes are flushed, so an acknowledged
 // write is durable.
-func rbRun(s **Store, dir string, o rbOp) error {
+func rbRun(s **Store, open func() (*Store, error), o rbOp) error {
 	st := *s
 	vol := func() (*Volume, error) { return st.Volume(o.id) }
 	switch o.kind {
@@ -207,7 +207,7 @@ func rbRun(s **Store, dir string, o rbOp) error {
 		if err := st.Close(); err != nil {
 			return err
 		}
-		ns, err := Open(dir)
+		ns, err := open()
 		if err != nil {
 			return err
 		}
@@ -306,7 +306,7 @@ func TestRollbackModel(t *testing.T) {
 		rollbacks := 0
 		for i := 0; i < steps; i++ {
 			o := m.gen(rng, true)
-			if err := rbRun(&s, dir, o); err != nil {
+			if err := rbRun(&s, func() (*Store, error) { return Open(dir) }, o); err != nil {
 				t.Fatalf("seed %d step %d %v: %v", seed, i, o, err)
 			}
 			m.apply(o)
@@ -648,7 +648,7 @@ func TestRollbackCrashChild(t *testing.T) {
 		if o.kind == rbRollback {
 			acks.Write([]byte{'r'})
 		}
-		if err := rbRun(&s, dir, o); err != nil {
+		if err := rbRun(&s, func() (*Store, error) { return Open(dir) }, o); err != nil {
 			fmt.Fprintf(os.Stderr, "child step %d %v: %v\n", i, o, err)
 			os.Exit(2)
 		}
@@ -689,7 +689,7 @@ func TestRollbackCrash(t *testing.T) {
 		if mid {
 			interrupted++
 		}
-		if err := rbCrashCheck(dir, seed, acked); err != nil {
+		if err := rbCrashCheck(func() (*Store, error) { return Open(dir) }, seed, acked); err != nil {
 			t.Fatalf("round %d (seed %d, killed after %d acks + %v, mid-rollback %v): %v\nchild stderr: %s",
 				round, seed, acked, delay, mid, err, stderr)
 		}
@@ -747,7 +747,7 @@ func rbCrashChild(t *testing.T, exe, dir string, seed int64, target int, inRollb
 	return n, last == 'r', stderr.String()
 }
 
-func rbCrashCheck(dir string, seed int64, acked int) error {
+func rbCrashCheck(open func() (*Store, error), seed int64, acked int) error {
 	m := newRBModel()
 	rng := rand.New(rand.NewSource(seed))
 	for i := 0; i < acked; i++ {
@@ -755,7 +755,7 @@ func rbCrashCheck(dir string, seed int64, acked int) error {
 	}
 	before := m.clone()
 	next := m.gen(rng, false)
-	s, err := Open(dir)
+	s, err := open()
 	if err != nil {
 		return fmt.Errorf("reopen: %w", err)
 	}
