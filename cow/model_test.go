@@ -333,6 +333,9 @@ func verify(s *Store, m *model, exact bool) error {
 		if err != nil {
 			return err
 		}
+		if sn.Size() != int64(len(want)) {
+			return fmt.Errorf("snapshot %s: size %d, model %d", id, sn.Size(), len(want))
+		}
 		got := make([]byte, len(want))
 		if n, err := sn.ReadAt(got, 0); err != nil || n != len(want) {
 			return fmt.Errorf("snapshot %s: read %d, %v", id, n, err)
