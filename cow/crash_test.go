@@ -387,7 +387,12 @@ func crashCheck(open func() (*Store, error), seed int64, acked int, survive bool
 			v.since = nil
 		}
 	}
-	g := st.group()
+	return crashCheckModel(open, m, st.group())
+}
+
+// crashCheckModel is crashCheck from m, the model after the acknowledged
+// operations, with g in flight; m is not changed.
+func crashCheckModel(open func() (*Store, error), m *model, g []op) error {
 	s, err := open()
 	if err != nil {
 		return fmt.Errorf("reopen: %w", err)

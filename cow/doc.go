@@ -196,13 +196,15 @@
 //     fsync ordering: the same stream, and those of the group snapshot and
 //     rollback crash tests, run on a file system in memory whose power is
 //     cut at a random operation (sometimes after a kill the next process
-//     recovered from, sometimes again inside the recovering Open), leaving
+//     recovered from, sometimes again inside the recovering Open, and once
+//     more after the recovered store wrote batches of its own), leaving
 //     only what Sync and SyncDir made durable plus, sector by sector, a
 //     random part of the rest; half the rounds share blocks as XFS does.
 //     Dropping any one of the group commit's log or file syncs, the flush's
 //     data sync, the checkpoint's sync, the directory sync after creating
 //     files, a group snapshot's flushes of its members, a rollback's flush
-//     before its done record, or Open's sync of what a killed process left
-//     unsynced makes it fail. It models a disk that honours flushes (see
+//     before its done record, Open's sync of what a killed process left
+//     unsynced, or Open's checkpoint after it dropped a torn batch makes
+//     it fail. It models a disk that honours flushes (see
 //     FORMAT.md); one that lies about them is out of reach of any ordering.
 package cow
