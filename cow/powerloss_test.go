@@ -39,6 +39,11 @@ import (
 // byte of a volume is what its last completed Flush made durable or what
 // a write since put there. SetSurviveKill changes nothing in that promise
 // (its journal serves kills, not power losses), and both settings run.
+// Two disks are judged per cut; for the crash test's stream a third is
+// recovered and written to until the power goes again (powerRounds).
+// Rounds vary: a kill of the process before the cut (with survive), the
+// cut deferred to a sync, block sharing on or off. The streams are those
+// of the crash, group snapshot and rollback crash tests (TestPowerLoss).
 
 // plSector is what a power loss keeps or loses as a whole; plBlock is the
 // allocation unit (a punch frees only whole blocks, as ext4's does).
