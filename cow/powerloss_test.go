@@ -707,6 +707,9 @@ func powerRounds(t *testing.T, survive bool, stream func(seed int64) plStream) {
 		if !fs.isDead() {
 			t.Fatalf("round %d (seed %d): %d acks and the power never went (cut at operation %d of %d): %v", round, seed, acked, fs.cutAt, fs.ops, err)
 		}
+		if !cutError(err) {
+			t.Fatalf("round %d (seed %d): the stream stopped with %v, not for the power cut", round, seed, err)
+		}
 		if s != nil {
 			closeDead(round, s)
 		}
@@ -774,6 +777,9 @@ func powerRounds(t *testing.T, survive bool, stream func(seed int64) plStream) {
 		if !fs.isDead() {
 			t.Fatalf("round %d (seed %d): after the recovery, %d acks and the power never went: %v", round, seed, acked2, err)
 		}
+		if !cutError(err) {
+			t.Fatalf("round %d (seed %d): after the recovery, the stream stopped with %v, not for the power cut", round, seed, err)
+		}
 		if s != nil {
 			closeDead(round, s)
 		}
@@ -795,6 +801,13 @@ func powerRounds(t *testing.T, survive bool, stream func(seed int64) plStream) {
 	if rounds >= 40 && survive && kills == 0 {
 		t.Errorf("no round was killed before its power cut")
 	}
+}
+
+// cutError reports whether err is what a store says once its files fail:
+// the I/O error itself, or ErrClosed after an earlier one. Anything else
+// (ErrCorrupt, a refused argument) is a bug the cut only revealed.
+func cutError(err error) bool {
+	return errors.Is(err, syscall.EIO) || errors.Is(err, ErrClosed)
 }
 
 // summary is "min..max (median m)" of xs.
