@@ -632,7 +632,14 @@ const (
 func powerRounds(t *testing.T, survive bool, stream func(seed int64) plStream) {
 	rounds := 40
 	if raceEnabled {
-		rounds = 15
+		// The race run is for the goroutines' sake, and a round under
+		// the race detector costs ten times as much: the rounds' worth is
+		// in the run without it (hack/test.sh runs both). Short streams.
+		rounds = 6
+	}
+	maxCut := plMaxCut
+	if raceEnabled {
+		maxCut = 300
 	}
 	if testing.Short() {
 		rounds = 10
@@ -667,7 +674,7 @@ func powerRounds(t *testing.T, survive bool, stream func(seed int64) plStream) {
 		seed := int64(5000 + round)
 		boot(round, 1)
 		fs := newPLFS()
-		fs.cutAt = 1 + rng.Intn(plMaxCut)
+		fs.cutAt = 1 + rng.Intn(maxCut)
 		fs.cutOnSync = rng.Intn(2) == 0
 		fs.clones = rng.Intn(2) == 0
 		// With survive, a kill of the process (page cache kept) before
@@ -761,7 +768,7 @@ func powerRounds(t *testing.T, survive bool, stream func(seed int64) plStream) {
 			t.Fatalf("round %d (seed %d): open after the recovery: %v", round, seed, err)
 		}
 		fs.mu.Lock()
-		fs.cutAt = fs.ops + 1 + rng.Intn(plMaxCut) // (cuts inside Open: above)
+		fs.cutAt = fs.ops + 1 + rng.Intn(maxCut) // (cuts inside Open: above)
 		fs.mu.Unlock()
 		st2, err := st.resume(s, seed+1<<20)
 		if err != nil {

@@ -24,7 +24,7 @@ summary=$(mktemp -d /tmp/csi-snap-testsummary.XXXXXX)/testsummary
 trap 'rm -rf "$(dirname "$summary")"' EXIT
 go build -o "$summary" ./hack/testsummary
 echo "== go test -race (index and engine)"
-go test -race -count=1 -json ./exceptions/... ./cow/... | "$summary"
+go test -race -count=1 -timeout 40m -json ./exceptions/... ./cow/... | "$summary"
 echo "== go test (everything)"
 go test -count=1 -timeout 45m -json ./... | "$summary"
 echo "== go test ./cow/ again on XFS made with reflink=1 (copy-outs become block clones)"
