@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand"
 	"slices"
+	"sync/atomic"
 	"testing"
 )
 
@@ -26,13 +28,19 @@ type mVol struct {
 type model struct {
 	vols  map[string]*mVol
 	snaps map[string][]byte
-	n     int // IDs handed out
+	// limited holds the snapshots taken with a COW space limit: any of
+	// them may have gone over it, and an invalid one reads nothing (its
+	// image is then not checked; one without a limit must never be).
+	limited map[string]bool
+	n       int // IDs handed out
 }
 
-func newModel() *model { return &model{vols: map[string]*mVol{}, snaps: map[string][]byte{}} }
+func newModel() *model {
+	return &model{vols: map[string]*mVol{}, snaps: map[string][]byte{}, limited: map[string]bool{}}
+}
 
 func (m *model) clone() *model {
-	c := &model{vols: map[string]*mVol{}, snaps: map[string][]byte{}, n: m.n}
+	c := &model{vols: map[string]*mVol{}, snaps: map[string][]byte{}, limited: maps.Clone(m.limited), n: m.n}
 	for id, v := range m.vols {
 		c.vols[id] = &mVol{cur: slices.Clone(v.cur), flushed: slices.Clone(v.flushed), since: slices.Clone(v.since), chunk: v.chunk}
 	}
@@ -67,10 +75,11 @@ type op struct {
 	data    []byte
 	size    int64
 	chunk   int
+	limit   int64 // opSnapshot: its COW space limit (0: none)
 }
 
 func (o op) String() string {
-	return fmt.Sprintf("%s(%s %s off=%d n=%d size=%d chunk=%d)", opNames[o.kind], o.id, o.id2, o.off, o.n, o.size, o.chunk)
+	return fmt.Sprintf("%s(%s %s off=%d n=%d size=%d chunk=%d limit=%d)", opNames[o.kind], o.id, o.id2, o.off, o.n, o.size, o.chunk, o.limit)
 }
 
 func sortedKeys[V any](m map[string]V) []string {
@@ -120,12 +129,23 @@ func (m *model) gen(rng *rand.Rand, reopen bool) op {
 			if len(snaps) >= 10 {
 				continue
 			}
-			return op{kind: opSnapshot, id: vols[rng.Intn(len(vols))], id2: newID()}
+			var limit int64
+			if rng.Intn(4) == 0 { // a few chunks' worth: some go over it
+				limit = int64(1+rng.Intn(4)) * 4096
+			}
+			return op{kind: opSnapshot, id: vols[rng.Intn(len(vols))], id2: newID(), limit: limit}
 		case p < 73:
-			if len(snaps) == 0 || len(vols) >= 6 {
+			// Clones of snapshots that cannot have gone invalid only.
+			var valid []string
+			for _, id := range snaps {
+				if !m.limited[id] {
+					valid = append(valid, id)
+				}
+			}
+			if len(valid) == 0 || len(vols) >= 6 {
 				continue
 			}
-			id := snaps[rng.Intn(len(snaps))]
+			id := valid[rng.Intn(len(valid))]
 			size := int64(len(m.snaps[id])) + int64(rng.Intn(3))*4096
 			return op{kind: opCloneSnap, id: id, id2: newID(), size: size, chunk: []int{0, 4096, 8192}[rng.Intn(3)]}
 		case p < 77:
@@ -173,6 +193,9 @@ func (m *model) apply(o op) {
 		v := m.vols[o.id]
 		v.flush()
 		m.snaps[o.id2] = slices.Clone(v.cur)
+		if o.limit > 0 {
+			m.limited[o.id2] = true
+		}
 	case opCloneSnap:
 		b := make([]byte, o.size)
 		copy(b, m.snaps[o.id])
@@ -185,6 +208,7 @@ func (m *model) apply(o op) {
 		delete(m.vols, o.id)
 	case opDeleteSnap:
 		delete(m.snaps, o.id)
+		delete(m.limited, o.id)
 	case opResize:
 		v := m.vols[o.id]
 		grow := make([]byte, o.size-int64(len(v.cur)))
@@ -252,7 +276,7 @@ func run(s **Store, open func() (*Store, error), o op) error {
 		}
 		return v.Flush()
 	case opSnapshot:
-		_, err := st.CreateSnapshot(o.id, o.id2, SnapshotOptions{})
+		_, err := st.CreateSnapshot(o.id, o.id2, SnapshotOptions{Limit: o.limit})
 		return err
 	case opCloneSnap:
 		_, err := st.CloneSnapshot(o.id, o.id2, o.size, VolumeOptions{ChunkSize: o.chunk})
@@ -333,6 +357,16 @@ func verify(s *Store, m *model, exact bool) error {
 		if err != nil {
 			return err
 		}
+		if sn.Info().Invalid {
+			invalidSeen.Add(1)
+			if !m.limited[id] {
+				return fmt.Errorf("snapshot %s is invalid, and has no limit", id)
+			}
+			if _, err := sn.ReadAt(make([]byte, 1), 0); !errors.Is(err, ErrInvalidated) {
+				return fmt.Errorf("snapshot %s is invalid, yet a read says %v", id, err)
+			}
+			continue
+		}
 		if sn.Size() != int64(len(want)) {
 			return fmt.Errorf("snapshot %s: size %d, model %d", id, sn.Size(), len(want))
 		}
@@ -398,6 +432,16 @@ func TestModel(t *testing.T) {
 	if longTests() {
 		steps, seeds = 10000, 20
 	}
+	invalid0 := invalidSeen.Load()
+	defer func() {
+		// The limits must bite: otherwise a snapshot gone invalid (and
+		// the copies a write skips for it) is never checked.
+		if n := invalidSeen.Load() - invalid0; n == 0 && !t.Failed() {
+			t.Errorf("no snapshot went over its limit in %d steps", steps*seeds)
+		} else {
+			t.Logf("invalid snapshots met %d times", n)
+		}
+	}()
 	for seed := int64(1); seed <= int64(seeds); seed++ {
 		t.Run(fmt.Sprint("seed", seed), func(t *testing.T) {
 			dir := t.TempDir()
@@ -439,3 +483,6 @@ func TestModel(t *testing.T) {
 }
 
 var _ = errors.Is
+
+// invalidSeen counts the invalid snapshots verify met.
+var invalidSeen atomic.Int64

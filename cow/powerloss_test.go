@@ -579,8 +579,11 @@ func modelOf(s *Store) (*model, error) {
 			return nil, err
 		}
 		b := make([]byte, sn.Size())
-		if _, err := sn.ReadAt(b, 0); err != nil {
-			return nil, err
+		m.limited[si.ID] = si.Limit > 0 || si.Invalid
+		if !si.Invalid { // (an invalid one must stay so: its image is not this)
+			if _, err := sn.ReadAt(b, 0); err != nil {
+				return nil, err
+			}
 		}
 		m.snaps[si.ID] = b
 	}
