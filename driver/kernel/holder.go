@@ -370,6 +370,10 @@ func holderCall(socketPath string, req holderReq, fd int) (holderResp, int, erro
 
 var errNoHolder = errors.New("no fuse holder")
 
+// HolderIDs returns the IDs of the connections the holder on socketPath
+// keeps, in order (for tests and tools outside this package).
+func HolderIDs(socketPath string) ([]string, error) { return holderList(socketPath) }
+
 // holderList returns every ID the holder on socketPath keeps, in order,
 // page by page. A volume put or dropped meanwhile may or may not be in it,
 // as with any list taken while others change it.

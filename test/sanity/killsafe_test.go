@@ -4,10 +4,8 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
-	"encoding/json"
 	"fmt"
 	"math/rand"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,6 +20,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/csi-snap/csi-snap/driver/kernel"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -80,7 +79,7 @@ func startKillable(t *testing.T, container bool) (*killable, string) {
 		// keep nothing.
 		sock := filepath.Join(k.data, "run", "holder.sock")
 		t.Cleanup(func() {
-			if ids, err := holderList(sock); err != nil || len(ids) > 0 {
+			if ids, err := kernel.HolderIDs(sock); err != nil || len(ids) > 0 {
 				t.Errorf("the fuse-holder keeps %v (%v) after every volume was unstaged", ids, err)
 			}
 			h.Process.Kill()
@@ -109,35 +108,6 @@ func mountSource(t *testing.T, path string) string {
 	}
 	t.Fatalf("nothing mounted at %s", path)
 	return ""
-}
-
-// holderList asks the fuse-holder on sock which connections it keeps (its
-// protocol: one JSON request, one JSON reply on a SOCK_SEQPACKET socket;
-// a list reply is one page, and these tests hold far fewer than one page).
-func holderList(sock string) ([]string, error) {
-	c, err := net.Dial("unixpacket", sock)
-	if err != nil {
-		return nil, err
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	if _, err := c.Write([]byte(`{"op":"list"}`)); err != nil {
-		return nil, err
-	}
-	buf := make([]byte, 64<<10)
-	n, err := c.Read(buf)
-	if err != nil {
-		return nil, err
-	}
-	var resp struct {
-		Err  string   `json:"err"`
-		IDs  []string `json:"ids"`
-		More bool     `json:"more"`
-	}
-	if err := json.Unmarshal(buf[:n], &resp); err != nil || resp.Err != "" || resp.More {
-		return nil, fmt.Errorf("holder reply %q: %v", buf[:n], err)
-	}
-	return resp.IDs, nil
 }
 
 // redoneRecords is what the plugin p logged at start as redone from the
