@@ -590,7 +590,13 @@ func (f *Frontend) pokePath(mp string) string {
 }
 
 func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *connParams, b Backend, readOnly bool) (string, error) {
-	srv, err := newServer(fd, b, readOnly, params, f.pokePath(mp))
+	// The server starts read-write whatever was asked: the device's mode
+	// is known only from the lookup below, and a read-write device whose
+	// resent writes were refused would give its file system I/O errors.
+	// Serving writes is harmless before the mode is known: the kernel
+	// sends them only for a writable open, which a read-only device never
+	// has (and a read-only volume's FUSE mount is read-only).
+	srv, err := newServer(fd, b, false, params, f.pokePath(mp))
 	if err != nil {
 		unix.Close(fd)
 		return "", err
@@ -604,16 +610,23 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 	if err := srv.notifyResend(); err != nil {
 		klog.ErrorS(err, "FUSE_NOTIFY_RESEND failed; requests in flight at the restart may fail", "volumeID", id)
 	}
+	// Readers before the device lookup: the loop device's status ioctl
+	// (loopReadOnly, and backsOntoMount from another mount namespace)
+	// stats the FUSE file, and once the kernel's cached attributes are
+	// stale (attr_valid after the attach, or invalidated) that is a
+	// GETATTR request this server must answer, or the lookup waits for
+	// good (TestResumeStaleAttributes).
+	srv.start(f.cfg.Readers)
 	dev, ok := findLoop(mp)
 	var conflict error
 	if ok {
 		if ro, err := loopReadOnly(dev); err == nil && ro != readOnly {
 			// Keep serving with the mode the device has, and say so.
-			srv.readOnly, v.readOnly = ro, ro
+			v.readOnly = ro
 			conflict = fmt.Errorf("%w: %s resumed on %s with readOnly=%v", ErrConflict, id, dev, ro)
 		}
 	}
-	srv.start(f.cfg.Readers)
+	srv.readOnly.Store(v.readOnly)
 	if conflict != nil {
 		v.dev = dev
 		if err := f.register(id, v); err != nil {

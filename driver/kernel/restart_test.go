@@ -553,3 +553,99 @@ func TestBoundDeviceNotDetached(t *testing.T) {
 		t.Fatalf("read through %s: %v", dev2, err)
 	}
 }
+
+// TestResumeStaleAttributes restarts (Close, New, Attach) after the
+// kernel's cached attributes of the FUSE file went stale, as they do an
+// hour (attr_valid) after the attach: the loop device's status ioctl then
+// asks the server for them (loop_get_status calls vfs_getattr), so a
+// resume that looks the device up before its readers run waits for good.
+// Both modes are resumed, and a read-write device resumed as read-only
+// must keep serving with the mode it has.
+func TestResumeStaleAttributes(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name            string
+		attachRO, askRO bool
+		wantErr         error
+	}{
+		{"rw", false, false, nil},
+		{"ro", true, true, nil},
+		{"rw-asked-ro", false, true, ErrConflict},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fe, runDir := newFrontend(t)
+			const size = 16 << 20
+			b := newFileBackend(t, t.TempDir(), size)
+			if _, err := b.WriteAt(bytes.Repeat([]byte{0xa5}, 4096), 8192); err != nil {
+				t.Fatal(err)
+			}
+			id := "vol-stale-" + tc.name
+			dev, err := fe.Attach(ctx, id, b, tc.attachRO)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := fe.get(id).srv.notifyInvalAttr(); err != nil {
+				t.Fatal(err)
+			}
+			fe.Close()
+
+			fe2, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand(), Readers: 4})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() {
+				if err := fe2.Detach(ctx, id); err != nil {
+					t.Errorf("detach: %v", err)
+				}
+				fe2.Close()
+			})
+			type res struct {
+				dev string
+				err error
+			}
+			done := make(chan res, 1)
+			go func() {
+				d, err := fe2.Attach(ctx, id, b, tc.askRO)
+				done <- res{d, err}
+			}()
+			select {
+			case r := <-done:
+				if tc.wantErr != nil {
+					if !errors.Is(r.err, tc.wantErr) {
+						t.Fatalf("resume asking readOnly=%v: %v, want %v", tc.askRO, r.err, tc.wantErr)
+					}
+				} else if r.err != nil || r.dev != dev {
+					t.Fatalf("resume = %q, %v; want %q", r.dev, r.err, dev)
+				}
+			case <-time.After(20 * time.Second):
+				// Abort the connection so the stuck request fails and the
+				// test binary can clean up.
+				abort := filepath.Join(fuseConnDir(t, fe2.mountpoint(id)), "abort")
+				os.WriteFile(abort, []byte("1"), 0)
+				<-done
+				t.Fatal("resume after the attributes went stale did not return in 20 s (the device lookup waits on a FUSE request nobody reads)")
+			}
+			mode := os.O_RDWR
+			if tc.attachRO {
+				mode = os.O_RDONLY
+			}
+			f, err := os.OpenFile(dev, mode|unix.O_DIRECT, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			buf := alignedBuf(4096)
+			if _, err := f.ReadAt(buf, 8192); err != nil || buf[0] != 0xa5 {
+				t.Fatalf("read after resume: %v (byte %#x)", err, buf[0])
+			}
+			if !tc.attachRO {
+				// The device is read-write whatever the caller asked:
+				// its writes must still be served.
+				if _, err := f.WriteAt(buf, 0); err != nil {
+					t.Fatalf("write after resume: %v", err)
+				}
+			}
+		})
+	}
+}

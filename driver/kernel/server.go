@@ -38,9 +38,11 @@ type connParams struct {
 // connection is never aborted (a blocked read(2) on /dev/fuse cannot be
 // cancelled otherwise).
 type server struct {
-	fd       int // /dev/fuse, ours (the holder has its own copy)
-	b        Backend
-	readOnly bool
+	fd int // /dev/fuse, ours (the holder has its own copy)
+	b  Backend
+	// readOnly refuses writes and opens for writing. Atomic: a resume
+	// learns the device's mode only once its readers run (Frontend.resume).
+	readOnly atomic.Bool
 
 	mu     sync.Mutex
 	params connParams
@@ -76,9 +78,10 @@ func newServer(fd int, b Backend, readOnly bool, resumed *connParams, pokePath s
 	if err := unix.Pipe2(p[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
 		return nil, fmt.Errorf("wake pipe: %w", err)
 	}
-	s := &server{fd: fd, b: b, readOnly: readOnly, wakeR: p[0], wakeW: p[1],
+	s := &server{fd: fd, b: b, wakeR: p[0], wakeW: p[1],
 		inited: make(chan struct{}), dead: make(chan struct{}),
 		blocking: pokePath != "", pokePath: pokePath, exited: make(chan struct{}, 1)}
+	s.readOnly.Store(readOnly)
 	if resumed != nil && resumed.Initialized {
 		s.params = *resumed
 		close(s.inited)
@@ -406,7 +409,7 @@ func (s *server) handle(in, out []byte) int {
 		if size != len(data) || off < 0 {
 			return s.errReply(out, h, unix.EINVAL)
 		}
-		if s.readOnly {
+		if s.readOnly.Load() {
 			return s.errReply(out, h, unix.EROFS)
 		}
 		if off > s.b.Size()-int64(size) { // written so that it cannot overflow
@@ -423,7 +426,7 @@ func (s *server) handle(in, out []byte) int {
 		// FLUSH comes on every close(2) of the file (the loop driver's at
 		// detach); making it a barrier too costs nothing on the hot path.
 		s.nFsync.Add(1)
-		if s.readOnly {
+		if s.readOnly.Load() {
 			return s.okReply(out, h, 0)
 		}
 		if err := s.b.Flush(); err != nil {
@@ -453,7 +456,7 @@ func (s *server) handle(in, out []byte) int {
 		p := out[outHeaderSize : outHeaderSize+attrOutSize]
 		clear(p[:16])
 		le.PutUint64(p[0:], 3600) // attr_valid, seconds: Resize invalidates explicitly
-		putAttr(p[16:], s.b.Size(), s.readOnly)
+		putAttr(p[16:], s.b.Size(), s.readOnly.Load())
 		return s.okReply(out, h, attrOutSize)
 	case opLookup:
 		// The root is the file itself: there are no names below it.
@@ -463,7 +466,7 @@ func (s *server) handle(in, out []byte) int {
 			return s.errReply(out, h, unix.EINVAL)
 		}
 		flags := le.Uint32(body[0:])
-		if s.readOnly && flags&unix.O_ACCMODE != unix.O_RDONLY {
+		if s.readOnly.Load() && flags&unix.O_ACCMODE != unix.O_RDONLY {
 			return s.errReply(out, h, unix.EROFS)
 		}
 		p := out[outHeaderSize : outHeaderSize+openOutSize]
@@ -552,7 +555,7 @@ func (s *server) handleFallocate(h inHeader, body, out []byte) int {
 	if off < 0 || length <= 0 || off+length < off {
 		return s.errReply(out, h, unix.EINVAL)
 	}
-	if s.readOnly {
+	if s.readOnly.Load() {
 		return s.errReply(out, h, unix.EROFS)
 	}
 	size := s.b.Size()

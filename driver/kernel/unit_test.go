@@ -193,7 +193,7 @@ func TestHandle(t *testing.T) {
 		t.Fatalf("FORGET got a %d-byte reply", n)
 	}
 	// Read-only: writes refused.
-	s.readOnly = true
+	s.readOnly.Store(true)
 	le.PutUint64(w[8:], 0)
 	s.handle(request(opWrite, 24, w), out)
 	if replyErrno(out) != -int32(unix.EROFS) {
