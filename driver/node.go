@@ -367,6 +367,13 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		formatOpts = []string{"-K"}
 	}
 	flags := m.GetMountFlags()
+	if fstype == "xfs" && !slices.Contains(flags, "nouuid") {
+		// A restore or clone is a block copy of its source, UUID included,
+		// and is always made on the source's node: XFS refuses to mount a
+		// UUID already mounted, so without nouuid it could not be staged
+		// while its source (or another copy) is. ext4 has no such check.
+		flags = append(slices.Clone(flags), "nouuid")
+	}
 	if readerOnly(req.GetVolumeCapability()) {
 		// Published read-only only (the spec's SINGLE_NODE_READER_ONLY):
 		// staged read-only, and never formatted.
