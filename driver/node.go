@@ -637,11 +637,14 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		return nil, statusf(codes.Internal, "target dir: %v", err)
 	}
 	opts := []string{"bind"}
-	if ro {
-		opts = append(opts, "ro")
-	}
 	if m := req.GetVolumeCapability().GetMount(); m != nil {
 		opts = append(opts, m.GetMountFlags()...)
+	}
+	if ro {
+		// Last: the remount applies options left to right, so an "rw"
+		// among the flags (a StorageClass's mountOptions) would otherwise
+		// make a readonly publish writable.
+		opts = append(opts, "ro")
 	}
 	if !block {
 		if err := writeMarker(d.publishMarker(target), nil); err != nil {

@@ -65,3 +65,40 @@ func TestReaderOnlyAccessMode(t *testing.T) {
 		}
 	}
 }
+
+// TestReadonlyPublishOverridesRwFlag: a publish with readonly=true whose
+// capability carries the mount flag "rw" (a PV's or StorageClass's
+// mountOptions) must still give a read-only target: the flags are applied
+// left to right by the remount, so "ro" must come after them. A repeat of
+// the call is then the same publish (OK), not a conflicting one.
+func TestReadonlyPublishOverridesRwFlag(t *testing.T) {
+	dir, cc := runPlugin(t)
+	staging, target, rw := filepath.Join(dir, "staging"), filepath.Join(dir, "target"), filepath.Join(dir, "rw")
+	ctx := context.Background()
+	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
+	cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "ro-over-rw", CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20},
+		VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := cv.Volume.VolumeId
+	stageAndPublish(t, node, id, staging, rw) // a writer's target beside it
+	t.Cleanup(func() { unpublishAndUnstage(t, node, id, staging, rw) })
+	withRw := ext4Cap()
+	withRw.GetMount().MountFlags = []string{"rw"}
+	req := &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: withRw, Readonly: true}
+	if _, err := node.NodePublishVolume(ctx, req); err != nil {
+		t.Fatalf("read-only publish with the flag rw: %v", err)
+	}
+	t.Cleanup(func() {
+		if _, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+			t.Errorf("unpublish: %v", err)
+		}
+	})
+	if err := os.WriteFile(filepath.Join(target, "g"), []byte("x"), 0o644); !errors.Is(err, syscall.EROFS) {
+		t.Fatalf("write under the read-only target: %v, want EROFS", err)
+	}
+	if _, err := node.NodePublishVolume(ctx, req); err != nil {
+		t.Fatalf("the same read-only publish again: %v, want OK", err)
+	}
+}
