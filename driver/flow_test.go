@@ -260,6 +260,17 @@ func TestFreezeAroundSnapshot(t *testing.T) {
 	if status.Code(err) != codes.Unavailable {
 		t.Fatalf("failed store answered %v, want Unavailable", status.Code(err))
 	}
+	// A mounted device that this plugin does not serve (a restart whose
+	// Recover did not take it back) cannot be frozen, since a freeze
+	// writes to it and would wait for good: FailedPrecondition, no freeze.
+	log = nil
+	fe.SetUnserved(id)
+	if _, err = d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "unserved", SourceVolumeId: id}); status.Code(err) != codes.FailedPrecondition || log != nil {
+		t.Fatalf("snapshot of an unserved mounted device: %v, freeze log %v; want FailedPrecondition and no freeze", err, log)
+	}
+	if _, err := fe.Attach(ctx, id, b, false); err != nil {
+		t.Fatal(err)
+	}
 	// A store that has failed (or closed) answers Unavailable before any
 	// freeze: it cannot snapshot, and may list what never reached the disk.
 	log = nil

@@ -395,7 +395,29 @@ type Frontend struct {
 	devs  map[string]string
 	sizes map[string]int64
 	ro    map[string]bool // ids with a read-only device
-	next  int
+	// unserved ids have a device that Device finds but nothing serves
+	// (SetUnserved): a restart whose Recover did not take it back.
+	unserved map[string]bool
+	next     int
+}
+
+// SetUnserved makes the attached id's device one that Device still finds
+// but Served denies, as after a restart whose Recover failed for it.
+func (f *Frontend) SetUnserved(id string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.unserved == nil {
+		f.unserved = map[string]bool{}
+	}
+	f.unserved[id] = true
+}
+
+// Served implements driver.Frontend.
+func (f *Frontend) Served(id string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	_, ok := f.devs[id]
+	return ok && !f.unserved[id]
 }
 
 // NewFrontend returns a Frontend with nothing attached.
@@ -408,6 +430,7 @@ func (f *Frontend) Attach(ctx context.Context, id string, b driver.Backend, read
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if d, ok := f.devs[id]; ok {
+		delete(f.unserved, id) // taken back
 		return d, nil
 	}
 	d := fmt.Sprintf("/dev/fakeloop%d", f.next)
@@ -424,6 +447,7 @@ func (f *Frontend) Detach(ctx context.Context, id string) error {
 	delete(f.devs, id)
 	delete(f.sizes, id)
 	delete(f.ro, id)
+	delete(f.unserved, id)
 	return nil
 }
 

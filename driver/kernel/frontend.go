@@ -1009,6 +1009,17 @@ func (f *Frontend) Device(id string) (string, bool) {
 	return findLoop(mp)
 }
 
+// Served reports whether this Frontend serves id: attached or resumed by
+// it, not detached, and its connection alive. Device may find a device
+// that nothing serves (a held connection not resumed): its I/O waits.
+func (f *Frontend) Served(id string) bool {
+	if validateID(id) != nil {
+		return false
+	}
+	v := f.get(id)
+	return v != nil && !v.isShut() && v.lost() == ""
+}
+
 // ownsLoop reports whether loop device dev is still attached to the mount
 // point mp. A device detached from outside (losetup -d) can be taken by
 // another volume under the same number: Detach, Resize and Device must not
