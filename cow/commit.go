@@ -182,7 +182,7 @@ func (c *committer) take() *batch {
 func (c *committer) fail(err error) {
 	c.mu.Lock()
 	if c.err == nil {
-		c.err = fmt.Errorf("%w: log commit failed: %w", ErrClosed, err)
+		c.err = fmt.Errorf("%w: store failed: %w", ErrClosed, err)
 	}
 	c.cond.Broadcast()
 	c.mu.Unlock()
@@ -453,6 +453,16 @@ func writeBatch(log file, seq uint64, end int64, buf []byte, files []file) (int6
 		}
 	}
 	return int64(len(out)), err
+}
+
+// failSync makes the failed fsync of the data or COW file name the sticky
+// error and returns it (ErrClosed). An fsync error is never retried:
+// after a writeback error Linux may mark the failed pages clean, so the
+// next fsync of the file returns 0 without them on disk, and only a
+// reopen (which re-derives the state from what is durable) can go on.
+func (c *committer) failSync(name string, err error) error {
+	c.fail(fmt.Errorf("sync %s: %w", name, err))
+	return c.failed()
 }
 
 // failed returns the sticky error, if any.

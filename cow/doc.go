@@ -165,9 +165,11 @@
 //     while that snapshot was newest; records merged into it from a deleted
 //     newer snapshot count too, and can put it over its limit without
 //     invalidating it until its next copy.
-//   - A log write or sync error makes the store refuse changes (ErrClosed)
-//     until reopened: after a failed fsync the state on disk is unknown, and
-//     Open re-derives it.
+//   - A log write or sync error, and a failed fsync of a data or COW file
+//     (in Flush or a checkpoint), makes the store refuse changes (ErrClosed)
+//     until reopened: after a failed fsync the state on disk is unknown (a
+//     retried fsync may return 0 with the failed pages lost), and Open
+//     re-derives it.
 //   - A rollback in progress (or interrupted and not yet resumed) makes the
 //     volume refuse writes, discards, snapshots, resizes, clones (of the
 //     volume; its snapshots can be cloned) and deletes with

@@ -223,12 +223,24 @@ func (s *Store) load() error {
 		return s.checkpoint()
 	}
 	// A long log tail is slow to replay (random inserts); fold it into a
-	// checkpoint now so the next Open reads sorted runs.
-	if end-s.cpEnd > CheckpointTail {
-		return s.checkpoint()
+	// checkpoint now so the next Open reads sorted runs. Only for speed:
+	// the log is complete and durable, so a checkpoint that fails before
+	// its rename (a full disk cannot take the temp file) leaves the store
+	// on it, open (LogTail still reports the tail, and the driver's
+	// Maintain tries again). Failing Open would make every volume
+	// unavailable, even to the deletes that would free space. An error
+	// after the rename, or of a data sync, is sticky and fails Open.
+	if end-s.cpEnd > checkpointTail {
+		if err := s.checkpoint(); err != nil && s.log.failed() != nil {
+			return err
+		}
 	}
 	return nil
 }
+
+// checkpointTail is the tail Open folds into a checkpoint: CheckpointTail,
+// a variable for tests.
+var checkpointTail int64 = CheckpointTail
 
 func (s *Store) create() error {
 	if _, err := rand.Read(s.hdr.UUID[:]); err != nil {
@@ -1266,11 +1278,11 @@ func (s *Store) checkpointGated(vs []*Volume) error {
 		// Present records in the checkpoint must not run ahead of their
 		// data, nor exception records ahead of their copied chunks.
 		if err := v.data.Sync(); err != nil {
-			return err
+			return s.log.failSync(v.dataName, err) // sticky: see Volume.flushWith
 		}
 		if v.cowf != nil {
 			if err := v.cowf.Sync(); err != nil {
-				return err
+				return s.log.failSync(v.cowName, err)
 			}
 		}
 	}

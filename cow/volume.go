@@ -1076,9 +1076,15 @@ func (v *Volume) flushWith(r *record, release func()) (err error) {
 	// Flush running between the two sees the entry but not the flag.
 	if len(recs) > 0 || (dirty && r == nil) {
 		if err := v.data.Sync(); err != nil {
+			// Sticky, as a batch's sync error is: after a writeback
+			// error Linux reports it once and may leave the failed pages
+			// clean in memory, so a retried fsync returns 0 with them not
+			// on disk. A later Flush would then report durable what is
+			// not, and commit present records over holes (a clone chunk
+			// reading zeros instead of its source's bytes).
 			v.dirty.Store(true)
 			v.restorePending(pend)
-			return err
+			return v.s.log.failSync(v.dataName, err)
 		}
 		dirty = false
 	}

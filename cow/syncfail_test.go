@@ -1,0 +1,217 @@
+package cow
+
+import (
+	"bytes"
+	"errors"
+	"math/rand"
+	"sync/atomic"
+	"testing"
+)
+
+// TestFailedSyncIsSticky: a failed fsync of a data file, in Flush or in a
+// checkpoint, fails the store (ErrClosed) until it is reopened, as a
+// failed log sync does. After a writeback error Linux reports it once and
+// may leave the failed pages clean in memory, so a retried fsync returns 0
+// with them not on disk: a Flush that retried would report durable what
+// is not, and commit a clone's present records over holes. After the
+// reopen every byte flushed before the failure is there, and a clone's
+// chunk whose Flush failed reads its source's bytes around the write.
+func TestFailedSyncIsSticky(t *testing.T) {
+	const cs = 64 << 10
+	for _, where := range []string{"flush", "clone-flush", "checkpoint"} {
+		t.Run(where, func(t *testing.T) {
+			dir := t.TempDir()
+			s, fs := openFault(t, dir, nil)
+			v, err := s.CreateVolume("v", 8*cs, VolumeOptions{ChunkSize: cs})
+			if err != nil {
+				t.Fatal(err)
+			}
+			old := make([]byte, 8*cs)
+			rand.New(rand.NewSource(3)).Read(old)
+			if _, err := v.WriteAt(old, 0); err != nil {
+				t.Fatal(err)
+			}
+			if err := v.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			target := v
+			if where == "clone-flush" {
+				if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+					t.Fatal(err)
+				}
+				if target, err = s.CloneSnapshot("s", "c", 8*cs, VolumeOptions{}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var fail atomic.Bool
+			fs.mu.Lock()
+			fs.syncErr = func(name string) error {
+				if name == target.dataName && fail.CompareAndSwap(true, false) {
+					return errInjected // once: a retried fsync "succeeds"
+				}
+				return nil
+			}
+			fs.mu.Unlock()
+			if _, err := target.WriteAt(fill(4096, 0xee), 4096); err != nil {
+				t.Fatal(err)
+			}
+			fail.Store(true)
+			if where == "checkpoint" {
+				err = s.Checkpoint()
+			} else {
+				err = target.Flush()
+			}
+			if !errors.Is(err, ErrClosed) || !errors.Is(err, errInjected) {
+				t.Fatalf("%s with a failing data sync: %v, want ErrClosed wrapping the sync error", where, err)
+			}
+			if fail.Load() {
+				t.Fatal("the injected sync error was never returned")
+			}
+			if err := target.Flush(); !errors.Is(err, ErrClosed) {
+				t.Fatalf("Flush after a failed data sync: %v, want ErrClosed (a retried fsync can return 0 with the data lost)", err)
+			}
+			if _, err := s.CreateSnapshot("v", "later", SnapshotOptions{}); !errors.Is(err, ErrClosed) {
+				t.Fatalf("CreateSnapshot after a failed data sync: %v, want ErrClosed", err)
+			}
+			s.Close()
+
+			s2, err := Open(dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s2.Close()
+			v2, err := s2.Volume("v")
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := make([]byte, 8*cs)
+			if _, err := v2.ReadAt(got, 0); err != nil {
+				t.Fatal(err)
+			}
+			if where != "clone-flush" {
+				// The volume holds the flushed bytes, and the unflushed
+				// write either way.
+				if w := fill(4096, 0xee); !bytes.Equal(got[4096:8192], w) && !bytes.Equal(got[4096:8192], old[4096:8192]) {
+					t.Fatal("block 1 is neither the flushed nor the written bytes")
+				}
+				copy(got[4096:8192], old[4096:8192])
+			}
+			if i := firstDiff(got, old); i >= 0 {
+				t.Fatalf("volume differs from its flushed bytes at %d", i)
+			}
+			if where == "clone-flush" {
+				c2, err := s2.Volume("c")
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, err := c2.ReadAt(got[:cs], 0); err != nil {
+					t.Fatal(err)
+				}
+				if !bytes.Equal(got[:4096], old[:4096]) || !bytes.Equal(got[8192:cs], old[8192:cs]) {
+					t.Fatal("clone chunk 0 lost its source's bytes around the write whose Flush failed")
+				}
+			}
+		})
+	}
+}
+
+// TestOpenLongTailCheckpointFails: Open folds a long log tail into a
+// checkpoint only for speed, so when that checkpoint cannot be written (a
+// full disk: the temp file's write fails; or its rename) Open still opens
+// the store on the old log, with every byte, and a later Checkpoint folds
+// the tail once the disk allows.
+func TestOpenLongTailCheckpointFails(t *testing.T) {
+	defer func(old int64) { checkpointTail = old }(checkpointTail)
+	checkpointTail = 4 << 10
+	const cs = 4096
+	for _, how := range []string{"write", "rename"} {
+		t.Run(how, func(t *testing.T) {
+			dir := t.TempDir()
+			s, fs := openFault(t, dir, nil)
+			v := mustVol(t, s, "v", 256*cs, cs)
+			want := make([]byte, 256*cs)
+			rand.New(rand.NewSource(5)).Read(want)
+			if _, err := v.WriteAt(want, 0); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			snap := bytes.Clone(want)
+			for c := 0; c < 256; c += 2 { // first writes: a record each
+				w := fill(cs, byte(c))
+				copy(want[c*cs:], w)
+				if _, err := v.WriteAt(w, int64(c)*cs); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := v.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			if tail := s.LogTail(); tail <= checkpointTail {
+				t.Fatalf("log tail %d, want more than %d for Open to checkpoint", tail, checkpointTail)
+			}
+			fs.kill() // no Close: its checkpoint would fold the tail
+
+			s2, fs2 := openFault(t, dir, func(f *faultFS) {
+				if how == "write" {
+					f.failWrite, f.failSuffix = 0, logTmpName
+				} else {
+					f.failRename = true
+				}
+			})
+			if fs2.failed == 0 && how == "write" {
+				t.Fatal("Open wrote no checkpoint (no fault injected)")
+			}
+			if tail := s2.LogTail(); tail <= checkpointTail {
+				t.Fatalf("log tail after the failed checkpoint %d, want the whole tail kept", tail)
+			}
+			check := func(s *Store) {
+				t.Helper()
+				for id, img := range map[string][]byte{"v": want} {
+					v, err := s.Volume(id)
+					if err != nil {
+						t.Fatal(err)
+					}
+					got := make([]byte, len(img))
+					if _, err := v.ReadAt(got, 0); err != nil {
+						t.Fatal(err)
+					}
+					if i := firstDiff(got, img); i >= 0 {
+						t.Fatalf("volume differs at %d", i)
+					}
+				}
+				sn, err := s.Snapshot("s")
+				if err != nil {
+					t.Fatal(err)
+				}
+				got := make([]byte, len(snap))
+				if _, err := sn.ReadAt(got, 0); err != nil {
+					t.Fatal(err)
+				}
+				if i := firstDiff(got, snap); i >= 0 {
+					t.Fatalf("snapshot differs at %d", i)
+				}
+			}
+			check(s2)
+			fs2.mu.Lock()
+			fs2.failWrite, fs2.failRename = -1, false
+			fs2.mu.Unlock()
+			if err := s2.Checkpoint(); err != nil {
+				t.Fatal(err)
+			}
+			if tail := s2.LogTail(); tail != 0 {
+				t.Fatalf("log tail after Checkpoint: %d", tail)
+			}
+			if err := s2.Close(); err != nil {
+				t.Fatal(err)
+			}
+			s3, err := Open(dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s3.Close()
+			check(s3)
+		})
+	}
+}
