@@ -7,6 +7,7 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 	"unsafe"
@@ -278,6 +279,27 @@ func TestLoopTakenOver(t *testing.T) {
 	}
 	if dev, ok := fe.Device("vol-b"); !ok || dev != devB {
 		t.Fatalf("Device(vol-b) = %s, %v; want %s", dev, ok, devB)
+	}
+	// The registry named vol-a's first device too (now vol-b's): once
+	// vol-a is detached nothing of it may remain, or a restart would take
+	// it for attached (Recover re-attaches what Attached lists, and a
+	// volume listed cannot be deleted or rolled back).
+	if slices.Contains(fe.Attached(), "vol-a") {
+		t.Fatalf("Attached() = %v lists the detached vol-a", fe.Attached())
+	}
+	if _, err := os.Stat(fe.mountpoint("vol-a") + ".loops"); !os.IsNotExist(err) {
+		t.Fatalf("vol-a's loop registry after Detach: %v", err)
+	}
+	// A registry a Detach never removed (a reboot with the run dir on
+	// disk) whose devices are unbound, or bound to another volume's file,
+	// names nothing attached.
+	stale := fe.mountpoint("vol-c") + ".loops"
+	if err := os.WriteFile(stale, []byte(devB+"\n/dev/loop4095\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(stale)
+	if slices.Contains(fe.Attached(), "vol-c") {
+		t.Fatalf("Attached() = %v lists vol-c, whose registry names no device on its file", fe.Attached())
 	}
 }
 

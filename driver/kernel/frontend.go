@@ -697,10 +697,14 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 		return "", fmt.Errorf("no FUSE INIT for %s within 10s", id)
 	}
 	p := srv.currentParams()
+	// Held from before the put: a put that timed out may still be in the
+	// holder's queue and land after the cleanup, keeping a dead
+	// connection under id (which Attached would then list). A drop of an
+	// id the holder lacks is harmless.
+	held = true
 	if err = f.holderPut(id, &p, fd); err != nil {
 		return "", err
 	}
-	held = true
 	// Before Linux 6.18 the loop driver sizes the device from the FUSE
 	// inode's cached i_size, which is 0 on a fresh mount until something
 	// asks for the file's attributes: stat it, and check what the kernel
@@ -832,6 +836,13 @@ func (f *Frontend) Detach(ctx context.Context, id string) error {
 	}
 	if err := unmountFuse(mp); err != nil {
 		return err
+	}
+	// With the FUSE file gone no loop device can be on it: what the
+	// registry still names (a device detached from outside, whose number
+	// may be another volume's by now) is stale, and kept it would make
+	// Attached list id after a restart.
+	if err := os.Remove(mp + ".loops"); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove loop registry: %w", err)
 	}
 	if v != nil {
 		v.shutdown()
@@ -1056,10 +1067,23 @@ func (f *Frontend) Attached() []string {
 			set[id] = true
 		}
 	}
+	// A registry counts while it names a device still bound to a file
+	// (ours from another namespace reads "/"); one whose devices were all
+	// detached from outside is left by a Detach that did not run (a
+	// reboot with the run dir on disk), and names nothing attached.
 	regs, _ := filepath.Glob(filepath.Join(f.volDir, "*.loops"))
 	for _, r := range regs {
-		if id := strings.TrimSuffix(filepath.Base(r), ".loops"); validateID(id) == nil {
-			set[id] = true
+		id := strings.TrimSuffix(filepath.Base(r), ".loops")
+		if validateID(id) != nil || set[id] {
+			continue
+		}
+		for dev := range registeredLoops(strings.TrimSuffix(r, ".loops")) {
+			if n, err := loopNumber(dev); err == nil {
+				if bf, err := readSysfs(n, "loop/backing_file"); err == nil && (bf == "/" || bf == strings.TrimSuffix(r, ".loops")) {
+					set[id] = true
+					break
+				}
+			}
 		}
 	}
 	ids := make([]string, 0, len(set))
