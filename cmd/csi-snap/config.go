@@ -64,7 +64,7 @@ func parseFlags(args []string, klogFlags func(*flag.FlagSet), stderr io.Writer) 
 		}
 		return nil
 	})
-	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a stop waits for in-flight calls before cutting them")
+	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a stop waits for in-flight calls before cutting them, and then for cut calls to return while volumes are still served")
 	if klogFlags != nil {
 		klogFlags(fs)
 	}

@@ -19,8 +19,10 @@
 //	                                     back to a snapshot in place)
 //	csi-snap version                     (prints the version GetPluginInfo reports)
 //
-// The first SIGTERM or SIGINT stops gracefully within --shutdown-timeout; a
-// second one exits at once.
+// The first SIGTERM or SIGINT stops gracefully: in-flight calls get
+// --shutdown-timeout to finish, then are cut, and get as long again to
+// return while the volumes are still served (a handler blocked on I/O to
+// one of them would otherwise never return); a second signal exits at once.
 package main
 
 import (

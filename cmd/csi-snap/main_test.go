@@ -265,6 +265,55 @@ func TestRunStopIsBounded(t *testing.T) {
 	}
 }
 
+// closeRecorder is a frontend that records whether Close was called.
+type closeRecorder struct {
+	*drivertest.Frontend
+	closed atomic.Bool
+}
+
+func (c *closeRecorder) Close() error { c.closed.Store(true); return c.Frontend.Close() }
+
+// TestRunServesCutCallsBeforeClosing: a call still running when the
+// graceful stop times out is cut (its client gets an error), but the
+// frontend keeps serving until the handler returns, for up to the
+// shutdown timeout again: a handler blocked on I/O to a device this
+// process serves (a freeze's flush, mkfs, umount) would otherwise wait
+// for good, and the process could never exit.
+func TestRunServesCutCallsBeforeClosing(t *testing.T) {
+	st := &blockingStore{Store: drivertest.NewStore(), entered: make(chan struct{}), release: make(chan struct{})}
+	cfg := testConfig(t, st)
+	cfg.MetricsAddress = ""
+	cfg.ShutdownTimeout = time.Second
+	fe := &closeRecorder{Frontend: drivertest.NewFrontend()}
+	cfg.openEngines = func(Config) (*engines, error) { return &engines{store: st, frontend: fe}, nil }
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- run(ctx, cfg) }()
+	cc := dial(t, cfg.Endpoint)
+	st.armed.Store(true)
+	callErr := make(chan error, 1)
+	go func() {
+		_, err := csi.NewControllerClient(cc).ListVolumes(context.Background(), &csi.ListVolumesRequest{})
+		callErr <- err
+	}()
+	<-st.entered
+	cancel()
+	if err := <-callErr; err == nil { // after the graceful stop's timeout
+		t.Fatal("the hanging call succeeded although the server was cut")
+	}
+	time.Sleep(200 * time.Millisecond)
+	if fe.closed.Load() {
+		t.Fatal("the frontend was closed while a cut call's handler still ran")
+	}
+	close(st.release)
+	if err := <-done; err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	if !fe.closed.Load() {
+		t.Fatal("the frontend was never closed")
+	}
+}
+
 func TestRunRejectsBadConfig(t *testing.T) {
 	cfg := testConfig(t, drivertest.NewStore())
 	cfg.DataDir = "relative"

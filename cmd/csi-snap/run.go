@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/csi-snap/csi-snap/driver"
@@ -122,7 +123,8 @@ func run(ctx context.Context, cfg Config) (err error) {
 	if network == "unix" {
 		defer os.Remove(addr)
 	}
-	srv := grpc.NewServer(grpc.UnaryInterceptor(driver.UnaryInterceptor(metrics)))
+	var calls inflight
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(calls.interceptor, driver.UnaryInterceptor(metrics)))
 	d.Register(srv)
 	reflection.Register(srv)
 	served := make(chan error, 1)
@@ -144,8 +146,64 @@ func run(ctx context.Context, cfg Config) (err error) {
 		// ignore their context, and neither do we: the process is leaving.
 		klog.InfoS("Graceful stop timed out; cutting in-flight calls")
 		srv.Stop()
+		// Stop does not end the handlers: one may be blocked in the
+		// kernel on I/O to a device this process serves (a freeze's
+		// flush, mkfs, umount, a filesystem grow), uninterruptibly. The
+		// deferred frontend.Close would stop serving that I/O, and the
+		// process could then never exit (nor a new one take the volumes
+		// back): give them as long again, still served, before going on.
+		if !calls.wait(cfg.ShutdownTimeout) {
+			klog.InfoS("Calls still in flight after the stop; closing anyway", "calls", calls.count())
+		}
 	}
 	return nil
+}
+
+// inflight counts the gRPC calls whose handlers are running.
+type inflight struct {
+	mu   sync.Mutex
+	n    int
+	idle chan struct{} // closed when n drops to 0; nil while n is 0
+}
+
+func (c *inflight) interceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	c.mu.Lock()
+	if c.n == 0 {
+		c.idle = make(chan struct{})
+	}
+	c.n++
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		if c.n--; c.n == 0 {
+			close(c.idle)
+		}
+		c.mu.Unlock()
+	}()
+	return h(ctx, req)
+}
+
+func (c *inflight) count() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.n
+}
+
+// wait reports whether every running handler returned within d.
+func (c *inflight) wait(d time.Duration) bool {
+	c.mu.Lock()
+	idle := c.idle
+	n := c.n
+	c.mu.Unlock()
+	if n == 0 {
+		return true
+	}
+	select {
+	case <-idle:
+		return true
+	case <-time.After(d):
+		return false
+	}
 }
 
 // maintainer is a store with background upkeep (driver.CowStore: a
