@@ -191,12 +191,13 @@ func (k *block) decode(dst []Run) []Run {
 }
 
 // encode replaces the block's content with runs (1 <= len(runs) <= 65535,
-// sorted by origin), choosing the narrowest widths. It reuses the
+// sorted by origin), choosing the narrowest widths, plus spare bits for
+// the COW offsets (Index.spareBits). It reuses the
 // allocation when it is large enough and has at most growSlack words to
 // spare (a split halves a block: its left half moves to a tight
 // allocation, and the old one serves a block that grows); otherwise it
 // releases it to a and k.p changes (the caller repoints Index.gdir).
-func (k *block) encode(a *arena, runs []Run) {
+func (k *block) encode(a *arena, runs []Run, spare uint) {
 	obase := runs[0].Origin
 	lo, hi := runs[0].COW, runs[0].COW
 	var maxl uint64
@@ -205,7 +206,7 @@ func (k *block) encode(a *arena, runs []Run) {
 		maxl = max(maxl, r.Len-1)
 	}
 	wo := uint(bits.Len64(uint64(runs[len(runs)-1].Origin - obase)))
-	wc := uint(bits.Len64(uint64(hi - lo)))
+	wc := min(64, spare+uint(bits.Len64(uint64(hi-lo))))
 	wl := uint(bits.Len64(maxl))
 	need := wordsFor(len(runs), wo+wc+wl)
 	w := k.words()
