@@ -162,10 +162,10 @@ helm template e2e charts/csi-snap --namespace kube-system --api-versions snapsho
 grep -q -- '- --fuse-holder=external' "$work/daemonset.yaml" && grep -q -- '- --stay' "$work/fuse-holder.yaml" ||
 	die "the chart no longer runs an external fuse-holder: update this script"
 mkdir -p -m 0700 "$work/data/run"
-start fuse-holder "$work/csi-snap" fuse-holder --socket "$work/data/run/holder.sock" --stay
+start fuse-holder "$work/csi-snap" fuse-holder --socket "$work/data/run/holder-external.sock" --stay
 # The chart's readiness probe of the holder: csi-snap starts once it answers.
-for _ in $(seq 100); do "$work/csi-snap" fuse-holder --probe --socket "$work/data/run/holder.sock" 2>/dev/null && break; sleep 0.1; done
-"$work/csi-snap" fuse-holder --probe --socket "$work/data/run/holder.sock" || die "the fuse-holder does not answer"
+for _ in $(seq 100); do "$work/csi-snap" fuse-holder --probe --socket "$work/data/run/holder-external.sock" 2>/dev/null && break; sleep 0.1; done
+"$work/csi-snap" fuse-holder --probe --socket "$work/data/run/holder-external.sock" || die "the fuse-holder does not answer"
 start csi-snap "$work/csi-snap" --endpoint "unix://$sock" --node-id "$node" --data-dir "$work/data" \
 	--driver-name "$driver" --fuse-holder=external -v 4
 for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done

@@ -206,7 +206,7 @@ func TestNodePluginDefaults(t *testing.T) {
 		t.Fatalf("containers %v, want %v", got, want)
 	}
 	images := map[string]string{
-		"csi-snap":              "ghcr.io/csi-snap/csi-snap:0.1.0",
+		"csi-snap":              "ghcr.io/csi-snap/csi-snap:0.2.0",
 		"csi-provisioner":       "registry.k8s.io/sig-storage/csi-provisioner:v6.3.0",
 		"csi-snapshotter":       "registry.k8s.io/sig-storage/csi-snapshotter:v8.6.0",
 		"csi-resizer":           "registry.k8s.io/sig-storage/csi-resizer:v2.2.1",
@@ -280,10 +280,10 @@ func TestNodePluginDefaults(t *testing.T) {
 		t.Fatalf("fuse-holder containers %v", got)
 	}
 	holder := container(hds, "fuse-holder")
-	if got, want := strs(holder, "args"), []string{"fuse-holder", "--socket=/run/csi-snap/holder.sock", "--stay"}; !slices.Equal(got, want) {
+	if got, want := strs(holder, "args"), []string{"fuse-holder", "--socket=/run/csi-snap/holder-external.sock", "--stay"}; !slices.Equal(got, want) {
 		t.Errorf("fuse-holder args %q, want %q", got, want)
 	}
-	probe := []string{"/usr/local/bin/csi-snap", "fuse-holder", "--probe", "--socket=/run/csi-snap/holder.sock"}
+	probe := []string{"/usr/local/bin/csi-snap", "fuse-holder", "--probe", "--socket=/run/csi-snap/holder-external.sock"}
 	if got := strs(holder, "readinessProbe", "exec", "command"); !slices.Equal(got, probe) {
 		t.Errorf("fuse-holder readinessProbe command %q, want %q", got, probe)
 	}

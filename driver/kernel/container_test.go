@@ -41,11 +41,11 @@ func sharedDir(t *testing.T, dir string) {
 	}
 }
 
-// startStayHolder starts `fuse-holder --socket runDir/holder.sock --stay`
+// startStayHolder starts `fuse-holder --socket runDir/holder-external.sock --stay`
 // in a PID namespace of its own: the chart's fuse-holder container.
 func startStayHolder(t *testing.T, runDir string) *exec.Cmd {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "fuse-holder", "--socket", filepath.Join(runDir, "holder.sock"), "--stay")
+	cmd := exec.Command(os.Args[0], "fuse-holder", "--socket", HolderSocket(runDir, true), "--stay")
 	cmd.Stderr = os.Stderr
 	// Its own PID namespace; not a mount namespace of its own, where it
 	// would keep copies of other tests' mounts for the whole test.
@@ -61,7 +61,7 @@ func startStayHolder(t *testing.T, runDir string) *exec.Cmd {
 // failing the test after a minute.
 func waitHeld(t *testing.T, runDir string, want ...string) {
 	t.Helper()
-	waitListed(t, filepath.Join(runDir, "holder.sock"), want...)
+	waitListed(t, HolderSocket(runDir, true), want...)
 }
 
 // waitListed is waitHeld for the holder on socket sock.
@@ -293,4 +293,31 @@ func TestExternalHolderAbsent(t *testing.T) {
 	h.Process.Kill()
 	h.Wait()
 	assertNothingLeft(t, fe.cfg.RunDir)
+}
+
+// TestHolderModesApart: a child-mode Frontend (csi-snap without
+// --fuse-holder=external, as every release before the chart's holder
+// pods) never hands its connections to an external holder listening in
+// the same run dir: it starts its own on its own socket. Were it to use
+// the external one, its connections would be resumed after a kill that
+// lost its acknowledged writes (no kill journal without SurviveKill).
+func TestHolderModesApart(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	fe, runDir := newFrontend(t)
+	startStayHolder(t, runDir)
+	waitHeld(t, runDir) // listening, empty
+	b := newFileBackend(t, t.TempDir(), 16<<20)
+	if _, err := fe.Attach(ctx, "vol-child", b, false); err != nil {
+		t.Fatal(err)
+	}
+	if ids, err := HolderIDs(HolderSocket(runDir, true)); err != nil || len(ids) != 0 {
+		t.Fatalf("the external holder keeps %v (%v): a child-mode Frontend handed it its connection", ids, err)
+	}
+	if ids, err := HolderIDs(HolderSocket(runDir, false)); err != nil || !slices.Equal(ids, []string{"vol-child"}) {
+		t.Fatalf("the child holder keeps %v (%v), want [vol-child]", ids, err)
+	}
+	if err := fe.Detach(ctx, "vol-child"); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -59,14 +59,14 @@ var (
 // Config configures a Frontend.
 type Config struct {
 	// RunDir holds the FUSE mount points (RunDir/vol/<id>), the holder's
-	// socket (RunDir/holder.sock) and its log. It must survive process
+	// socket (HolderSocket) and its log. It must survive process
 	// restarts (a host path in a pod) and not be shared by two Frontends.
 	RunDir string
 	// HolderCommand is the argv that runs RunHolder; "--socket PATH" is
 	// appended. Default: this executable with "fuse-holder".
 	HolderCommand []string
 	// ExternalHolder: the holder is started by someone else (RunHolderStay
-	// on RunDir/holder.sock, e.g. in a pod of its own beside the
+	// on HolderSocket(RunDir, true), e.g. in a pod of its own beside the
 	// plugin's), never by the Frontend. Needed wherever a child of this
 	// process would die with it: in a container whose first process is
 	// the plugin, the kernel kills every process of the container's PID
@@ -243,11 +243,28 @@ func New(cfg Config) (*Frontend, error) {
 		}
 		return nil, fmt.Errorf("run dir lock: %w", err)
 	}
-	f := &Frontend{cfg: cfg, sock: filepath.Join(dir, "holder.sock"), volDir: filepath.Join(dir, "vol"),
+	f := &Frontend{cfg: cfg, sock: HolderSocket(dir, cfg.ExternalHolder), volDir: filepath.Join(dir, "vol"),
 		vols: map[string]*volume{}, locks: map[string]*sync.Mutex{}, runLock: lock,
 		stopCheck: make(chan struct{}), checkDone: make(chan struct{})}
 	go f.keepHeld()
 	return f, nil
+}
+
+// HolderSocket is the path of the holder's socket in runDir: holder.sock
+// for the holder a Frontend starts as its child, holder-external.sock for
+// one started by someone else (Config.ExternalHolder). Two names, so that
+// a Frontend of one mode never hands its connections to a holder of the
+// other: a child-mode plugin (an older release, or one run without
+// SurviveKill) finding an external holder on its path would have its
+// connections resumed after a restart although its acknowledged writes
+// did not survive the kill (the combination csi-snap's flags refuse), and
+// an external holder starting beside a child holder would find the path
+// taken.
+func HolderSocket(runDir string, external bool) string {
+	if external {
+		return filepath.Join(runDir, "holder-external.sock")
+	}
+	return filepath.Join(runDir, "holder.sock")
 }
 
 // keepHeld runs until Close: every HolderCheck it asks the holder which

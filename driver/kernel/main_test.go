@@ -176,14 +176,14 @@ func assertNothingLeft(t testing.TB, runDir string) {
 func holderPIDs(runDir string) []int {
 	var pids []int
 	ents, _ := os.ReadDir("/proc")
-	sock := filepath.Join(runDir, "holder.sock")
+	socks := [][]byte{[]byte(HolderSocket(runDir, false)), []byte(HolderSocket(runDir, true))}
 	for _, e := range ents {
 		var pid int
 		if _, err := fmt.Sscanf(e.Name(), "%d", &pid); err != nil {
 			continue
 		}
 		cmd, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
-		if err != nil || !bytes.Contains(cmd, []byte(sock)) {
+		if err != nil || !bytes.Contains(cmd, socks[0]) && !bytes.Contains(cmd, socks[1]) {
 			continue
 		}
 		if st, err := os.ReadFile("/proc/" + e.Name() + "/stat"); err == nil && strings.Contains(string(st), ") Z ") {

@@ -68,7 +68,8 @@ func startKillable(t *testing.T, container bool) (*killable, string) {
 		if err := os.MkdirAll(filepath.Join(k.data, "run"), 0o700); err != nil {
 			t.Fatal(err)
 		}
-		h := exec.Command(k.bin, "fuse-holder", "--socket", filepath.Join(k.data, "run", "holder.sock"), "--stay")
+		sock := kernel.HolderSocket(filepath.Join(k.data, "run"), true)
+		h := exec.Command(k.bin, "fuse-holder", "--socket", sock, "--stay")
 		h.Stdout, h.Stderr = os.Stderr, os.Stderr
 		h.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Cloneflags: syscall.CLONE_NEWPID}
 		if err := h.Start(); err != nil {
@@ -77,7 +78,6 @@ func startKillable(t *testing.T, container bool) (*killable, string) {
 		// After the plugin's graceful stop, before the check for
 		// leftovers: by then every volume is unstaged, so the holder must
 		// keep nothing.
-		sock := filepath.Join(k.data, "run", "holder.sock")
 		t.Cleanup(func() {
 			if ids, err := kernel.HolderIDs(sock); err != nil || len(ids) > 0 {
 				t.Errorf("the fuse-holder keeps %v (%v) after every volume was unstaged", ids, err)
