@@ -393,6 +393,11 @@ func TestNodePluginDefaults(t *testing.T) {
 	if p, f := get(plugin, "startupProbe", "periodSeconds"), get(plugin, "startupProbe", "failureThreshold"); p != 10 || f != 360 {
 		t.Errorf("startup probe period %v × failures %v, want 10 × 360 (startupSeconds 3600)", p, f)
 	}
+	// The registrar serves /healthz only after it reached csi-snap's
+	// socket, which opens after csi-snap's recovery: the same budget.
+	if p, f := get(reg, "startupProbe", "periodSeconds"), get(reg, "startupProbe", "failureThreshold"); p != 10 || f != 360 {
+		t.Errorf("registrar startup probe period %v × failures %v, want 10 × 360 (startupSeconds 3600)", p, f)
+	}
 	if got := get(plugin, "ports", 0); str(got, "name") != "healthz" || get(got, "containerPort") != 9808 {
 		t.Errorf("csi-snap ports %v", list(plugin, "ports"))
 	}
