@@ -609,11 +609,10 @@ func (d *Driver) frozen(id string, fn func() error) error {
 	if mp == "" {
 		return fn()
 	}
-	if !d.opt.Frontend.Served(id) {
-		// Its I/O waits for a plugin to serve it, and a freeze writes to
-		// it: the call would never return, holding the volume's lock (so
-		// even the unstage that cures this would answer Aborted).
-		return fmt.Errorf("%w: the device %s of %s, mounted at %s, is not served by this plugin (not taken back after a restart), so its filesystem cannot be frozen; unstage and stage the volume again", ErrBusy, dev, id, mp)
+	// Its I/O waits for a plugin to serve it, and a freeze writes to it:
+	// unserved, the call would never return, holding the volume's lock.
+	if err := d.takeBack(context.Background(), id); err != nil {
+		return err
 	}
 	// The marker outlives a crash between the freeze and the thaw, which
 	// would leave the filesystem frozen (every write of the pod blocked,

@@ -250,6 +250,23 @@ func TestFreezeAroundSnapshot(t *testing.T) {
 	if fmt.Sprint(log) != "[freeze /staging/f thaw /staging/f]" {
 		t.Fatalf("freeze log %v", log)
 	}
+	// A mounted device that this plugin does not serve (a restart whose
+	// Recover did not take it back): a freeze writes to it and would wait
+	// for good, so the snapshot takes it back first, and answers
+	// FailedPrecondition, freezing nothing, when it cannot.
+	log = nil
+	fe.SetUnserved(id)
+	fe.AttachErr = errors.New("holder did not answer")
+	if _, err = d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "unserved", SourceVolumeId: id}); status.Code(err) != codes.FailedPrecondition || log != nil {
+		t.Fatalf("snapshot of an unserved mounted device that cannot be taken back: %v, freeze log %v; want FailedPrecondition and no freeze", err, log)
+	}
+	fe.AttachErr = nil
+	if _, err = d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "unserved", SourceVolumeId: id}); err != nil || !fe.Served(id) {
+		t.Fatalf("snapshot of an unserved mounted device: %v (served now: %v), want it taken back and snapshotted", err, fe.Served(id))
+	}
+	if fmt.Sprint(log) != "[freeze /staging/f thaw /staging/f]" {
+		t.Fatalf("freeze log after taking the device back %v", log)
+	}
 	log = nil
 	// A snapshot that fails in the store (its commit) is thawed anyway.
 	st.FailSnapshots = fmt.Errorf("commit: %w", driver.ErrClosed)
@@ -259,17 +276,6 @@ func TestFreezeAroundSnapshot(t *testing.T) {
 	}
 	if status.Code(err) != codes.Unavailable {
 		t.Fatalf("failed store answered %v, want Unavailable", status.Code(err))
-	}
-	// A mounted device that this plugin does not serve (a restart whose
-	// Recover did not take it back) cannot be frozen, since a freeze
-	// writes to it and would wait for good: FailedPrecondition, no freeze.
-	log = nil
-	fe.SetUnserved(id)
-	if _, err = d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "unserved", SourceVolumeId: id}); status.Code(err) != codes.FailedPrecondition || log != nil {
-		t.Fatalf("snapshot of an unserved mounted device: %v, freeze log %v; want FailedPrecondition and no freeze", err, log)
-	}
-	if _, err := fe.Attach(ctx, id, b, false); err != nil {
-		t.Fatal(err)
 	}
 	// A store that has failed (or closed) answers Unavailable before any
 	// freeze: it cannot snapshot, and may list what never reached the disk.
@@ -1197,5 +1203,54 @@ func TestFailedAttachKeepsStageMarker(t *testing.T) {
 	}
 	if _, err := d2.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
 		t.Fatalf("DeleteVolume after the failed stage retry: %v", err)
+	}
+}
+
+// TestUnstageTakesBackUnservedDevice: NodeUnstageVolume of a volume whose
+// device nothing serves (a restart whose Recover could not take it back)
+// first serves it again: the unmount flushes the filesystem to the device
+// and would otherwise wait for good. If it cannot, FailedPrecondition, and
+// nothing is unmounted.
+func TestUnstageTakesBackUnservedDevice(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	id := e.createVolume(t, "unserved", 1<<20).VolumeId
+	b, err := e.store.VolumeBackend(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev, err := e.fe.Attach(ctx, id, b, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	staging := filepath.Join(t.TempDir(), "staging")
+	if err := os.MkdirAll(staging, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	e.fm.MountPoints = append(e.fm.MountPoints, mount.MountPoint{Device: dev, Path: staging, Type: "ext4"})
+	e.fe.SetUnserved(id)
+	var unmounts []bool // served at each unmount
+	e.fm.UnmountFunc = func(string) error { unmounts = append(unmounts, e.fe.Served(id)); return nil }
+	h, err := e.d.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: id, StagingTargetPath: staging})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.ContainsFunc(h.GetVolumeHealth().GetHealthStatuses(), func(s *csi.VolumeHealth_VolumeHealthEntry) bool { return s.GetReason() == "NotServed" }) {
+		t.Fatalf("health of an unserved device: %v, want NotServed", h.GetVolumeHealth().GetHealthStatuses())
+	}
+	req := &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}
+	e.fe.AttachErr = errors.New("holder did not answer")
+	if _, err := e.d.NodeUnstageVolume(ctx, req); status.Code(err) != codes.FailedPrecondition || len(unmounts) != 0 {
+		t.Fatalf("unstage of an unserved device that cannot be taken back: %v, %d unmounts; want FailedPrecondition, none", err, len(unmounts))
+	}
+	e.fe.AttachErr = nil
+	if _, err := e.d.NodeUnstageVolume(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	if len(unmounts) != 1 || !unmounts[0] {
+		t.Fatalf("unmounts (served at each): %v, want one while served", unmounts)
+	}
+	if _, ok := e.fe.Device(id); ok {
+		t.Fatal("device still attached after the unstage")
 	}
 }

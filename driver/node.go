@@ -224,6 +224,30 @@ func (d *Driver) notServed(id, what string, err error) error {
 	return statusf(codes.FailedPrecondition, "%s of %s: the volume is no longer staged on this node: %v", what, id, err)
 }
 
+// takeBack serves id's device again when it has one that this plugin does
+// not serve (a restart whose Recover could not take it back, e.g. the
+// holder did not answer in time): the device's I/O waits until someone
+// serves it, so an unmount, freeze or mkfs on it would never return. It
+// does what Recover does for the volume (Frontend.Attach resumes the held
+// connection) and fails with FailedPrecondition if the device stays
+// unserved. A volume with no device, or one served, is left alone.
+func (d *Driver) takeBack(ctx context.Context, id string) error {
+	dev, ok := d.opt.Frontend.Device(id)
+	if !ok || d.opt.Frontend.Served(id) {
+		return nil
+	}
+	b, err := d.opt.Store.VolumeBackend(id)
+	if err == nil {
+		_, err = d.opt.Frontend.Attach(ctx, id, b, false)
+		if err == nil || errors.Is(err, ErrBusy) && d.opt.Frontend.Served(id) {
+			// ErrBusy: resumed with the mode the device has.
+			klog.InfoS("Took back a device no one served", "volumeID", id, "device", dev)
+			return nil
+		}
+	}
+	return statusf(codes.FailedPrecondition, "the device %s of volume %s is not served by this plugin (not taken back after a restart), and taking it back failed: %v", dev, id, err)
+}
+
 // checkPath checks a path argument of a node call: required, and without a
 // NUL byte, which no system call takes (os would fail with EINVAL, which
 // toStatus reports as Internal).
@@ -475,6 +499,10 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 		// succeed, and the next volume attached could get the same loop
 		// device number: the target would then reach that volume's data.
 		return nil, statusf(codes.FailedPrecondition, "volume %s is still published at %s; unpublish it first", id, target)
+	}
+	// Served first: the unmount flushes the filesystem to the device.
+	if err := d.takeBack(ctx, id); err != nil {
+		return nil, err
 	}
 	if err := d.unmount(staging, false); err != nil {
 		return nil, err

@@ -399,6 +399,9 @@ type Frontend struct {
 	// (SetUnserved): a restart whose Recover did not take it back.
 	unserved map[string]bool
 	next     int
+	// AttachErr, if set, fails every Attach (nothing attached or taken
+	// back).
+	AttachErr error
 }
 
 // SetUnserved makes the attached id's device one that Device still finds
@@ -429,6 +432,9 @@ func NewFrontend() *Frontend {
 func (f *Frontend) Attach(ctx context.Context, id string, b driver.Backend, readOnly bool) (string, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.AttachErr != nil {
+		return "", f.AttachErr
+	}
 	if d, ok := f.devs[id]; ok {
 		delete(f.unserved, id) // taken back
 		return d, nil
