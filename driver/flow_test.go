@@ -16,6 +16,8 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/csi-snap/csi-snap/driver"
 	"github.com/csi-snap/csi-snap/driver/drivertest"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -695,6 +697,24 @@ func TestFailedStoreAnswersUnavailable(t *testing.T) {
 	}
 	if r, err := e.d.Probe(ctx, &csi.ProbeRequest{}); err != nil || r.GetReady().GetValue() {
 		t.Errorf("Probe on a failed store: ready %v, %v; want not ready", r.GetReady().GetValue(), err)
+	}
+	// Health says so too (a cluster without the livenessprobe sidecar has
+	// nothing else telling it), and so does the csi_snap_store_failed gauge.
+	h, err := e.d.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: vol.VolumeId})
+	if err != nil || !slices.ContainsFunc(h.GetVolumeHealth().GetHealthStatuses(), func(s *csi.VolumeHealth_VolumeHealthEntry) bool {
+		return s.GetReason() == "StoreFailed" && s.GetStatus() == csi.VolumeHealthErrorType_INACCESSIBLE
+	}) {
+		t.Errorf("volume health on a failed store: %v, %v; want StoreFailed", h.GetVolumeHealth().GetHealthStatuses(), err)
+	}
+	reg := prometheus.NewRegistry()
+	driver.NewMetrics(reg, e.store, e.fe)
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := slices.IndexFunc(mfs, func(mf *dto.MetricFamily) bool { return mf.GetName() == "csi_snap_store_failed" })
+	if i < 0 || len(mfs[i].GetMetric()) != 1 || mfs[i].GetMetric()[0].GetGauge().GetValue() != 1 {
+		t.Errorf("csi_snap_store_failed on a failed store: %v, want one gauge at 1", mfs)
 	}
 }
 

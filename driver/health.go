@@ -35,6 +35,13 @@ func (d *Driver) dataDirLow() (bool, string, error) {
 // controller side (an empty list means healthy).
 func (d *Driver) volumeHealth(id string) (*csi.VolumeHealth, error) {
 	h := &csi.VolumeHealth{VolumeId: id}
+	if err := d.opt.Store.Err(); err != nil {
+		// Reads go on; writes, snapshots and every other change fail
+		// until the plugin restarts and reopens the store (Probe answers
+		// not ready, so the livenessprobe sidecar restarts it).
+		h.HealthStatuses = append(h.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{
+			Status: csi.VolumeHealthErrorType_INACCESSIBLE, Reason: "StoreFailed", Message: err.Error()})
+	}
 	low, msg, err := d.dataDirLow()
 	if err != nil {
 		return nil, err

@@ -17,7 +17,7 @@ type Metrics struct {
 	volumes, snapshots, snapCow, snapLimit, snapInvalid, volAlloc, volSize *prometheus.Desc
 	copyOuts, copiedBytes, clonedBytes, indexBytes, indexRuns              *prometheus.Desc
 	journalBytes, journalRedone                                            *prometheus.Desc
-	unheld                                                                 *prometheus.Desc
+	storeFailed, unheld                                                    *prometheus.Desc
 	holder                                                                 HolderReporter // nil: no such gauge
 }
 
@@ -68,6 +68,7 @@ func NewMetrics(reg prometheus.Registerer, store Store, fe Frontend) *Metrics {
 		indexRuns:     prometheus.NewDesc("csi_snap_index_runs", "Runs (entries after merging) in all exception indexes.", nil, nil),
 		journalBytes:  prometheus.NewDesc("csi_snap_kill_journal_bytes", "Bytes in the kill journal's files (page cache; what --survive-kill keeps of writes only memory holds).", nil, nil),
 		journalRedone: prometheus.NewDesc("csi_snap_kill_journal_redone", "Writes and present marks redone from the kill journal when the plugin started (answered by a plugin that was killed).", nil, nil),
+		storeFailed:   prometheus.NewDesc("csi_snap_store_failed", "1 once the store failed (a write or fsync error made it refuse changes until the plugin restarts and reopens it; Probe then answers not ready), else 0.", nil, nil),
 		unheld:        prometheus.NewDesc("csi_snap_fuse_unheld_volumes", "Attached volumes whose FUSE connection the fuse-holder did not keep at its last check (every 2 s): a restart of the plugin now would fail their I/O. Should be 0.", nil, nil),
 	}
 	reg.MustRegister(m.latency, m)
@@ -81,7 +82,7 @@ func (m *Metrics) observe(fullMethod string, code codes.Code, d time.Duration) {
 // Describe implements prometheus.Collector.
 func (m *Metrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{m.volumes, m.snapshots, m.snapCow, m.snapLimit, m.snapInvalid, m.volAlloc, m.volSize,
-		m.copyOuts, m.copiedBytes, m.clonedBytes, m.indexBytes, m.indexRuns, m.journalBytes, m.journalRedone, m.unheld} {
+		m.copyOuts, m.copiedBytes, m.clonedBytes, m.indexBytes, m.indexRuns, m.journalBytes, m.journalRedone, m.storeFailed, m.unheld} {
 		ch <- d
 	}
 }
@@ -114,6 +115,11 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(m.journalBytes, prometheus.GaugeValue, float64(st.JournalBytes))
 		ch <- prometheus.MustNewConstMetric(m.journalRedone, prometheus.GaugeValue, float64(st.JournalRedone))
 	}
+	failed := 0.0
+	if m.store.Err() != nil {
+		failed = 1
+	}
+	ch <- prometheus.MustNewConstMetric(m.storeFailed, prometheus.GaugeValue, failed)
 	if m.holder != nil {
 		ch <- prometheus.MustNewConstMetric(m.unheld, prometheus.GaugeValue, float64(m.holder.Unheld()))
 	}
