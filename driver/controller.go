@@ -674,39 +674,53 @@ func (d *Driver) thawLeftovers(failed map[string]bool) error {
 	if err != nil {
 		return err
 	}
-	boot := bootID()
 	var first error
 	for _, e := range ents {
-		id, path := e.Name(), filepath.Join(dir, e.Name())
+		id := e.Name()
 		if failed[id] {
+			// Its device is not served: the thaw would wait on it.
+			// takeBack thaws it once it serves the device again.
 			klog.InfoS("Not thawing the filesystem of a volume that could not be re-attached", "volumeID", id)
 			continue
 		}
-		b, err := os.ReadFile(path)
-		markBoot, mp, _ := strings.Cut(string(b), "\n")
-		switch {
-		case err != nil:
-		case markBoot != boot || mp == "":
-			// Another boot: nothing is frozen any more.
-		case !d.isMountPoint(mp):
-			// Unmounted since: a frozen filesystem cannot be unmounted,
-			// so this one is not frozen (and the path may be another's).
-		default:
-			// EINVAL: not frozen (the thaw happened, the removal did not).
-			if err = d.opt.Thaw(mp); errors.Is(err, syscall.EINVAL) {
-				err = nil
-			} else if err == nil {
-				klog.InfoS("Thawed a filesystem a previous run left frozen", "volumeID", id, "mountpoint", mp)
-			}
-		}
-		if err == nil {
-			err = os.Remove(path)
-		}
-		if err != nil && first == nil {
-			first = fmt.Errorf("thaw left over from %s: %w", path, err)
+		if err := d.thawLeftover(id); err != nil && first == nil {
+			first = err
 		}
 	}
 	return first
+}
+
+// thawLeftover thaws the filesystem a freeze marker of volume id names, if
+// it is still frozen from this boot, and removes the marker.
+func (d *Driver) thawLeftover(id string) error {
+	path := filepath.Join(d.opt.DataDir, "frozen", id)
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) || d.opt.Thaw == nil {
+		return nil
+	}
+	markBoot, mp, _ := strings.Cut(string(b), "\n")
+	switch {
+	case err != nil:
+	case markBoot != bootID() || mp == "":
+		// Another boot: nothing is frozen any more.
+	case !d.isMountPoint(mp):
+		// Unmounted since: a frozen filesystem cannot be unmounted,
+		// so this one is not frozen (and the path may be another's).
+	default:
+		// EINVAL: not frozen (the thaw happened, the removal did not).
+		if err = d.opt.Thaw(mp); errors.Is(err, syscall.EINVAL) {
+			err = nil
+		} else if err == nil {
+			klog.InfoS("Thawed a filesystem a previous run left frozen", "volumeID", id, "mountpoint", mp)
+		}
+	}
+	if err == nil {
+		err = os.Remove(path)
+	}
+	if err != nil {
+		return fmt.Errorf("thaw left over from %s: %w", path, err)
+	}
+	return nil
 }
 
 // isMountPoint reports whether the mount table lists a mount at path.

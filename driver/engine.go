@@ -109,12 +109,13 @@ type Frontend interface {
 	// for that, since the volume exists.
 	Resize(ctx context.Context, id string, newSize int64) error
 	Device(id string) (string, bool)
-	// Served reports whether this process serves id's device (attached or
-	// taken back by Attach since it started). Device can find a device no
-	// one serves (a restart whose Recover could not take it back): its I/O
-	// waits until a plugin serves it, so a freeze of a filesystem on it
-	// (which writes to it) would never return.
-	Served(id string) bool
+	// Unserved reports whether id's device waits: its FUSE connection is
+	// alive but this process does not serve it (a restart whose Recover
+	// could not take it back). Its I/O waits until a plugin serves it, so
+	// a freeze or unmount of a filesystem on it would never return;
+	// Attach takes it back. A device served here, or whose connection is
+	// dead (its I/O fails at once), is not unserved.
+	Unserved(id string) bool
 	// ReadOnlyDevice returns a read-only device node of the attached id
 	// (attaching one if needed) for read-only raw block publishes: a
 	// read-only bind of a writable device node still lets writes through.

@@ -263,8 +263,8 @@ func TestFreezeAroundSnapshot(t *testing.T) {
 		t.Fatalf("snapshot of an unserved mounted device that cannot be taken back: %v, freeze log %v; want FailedPrecondition and no freeze", err, log)
 	}
 	fe.AttachErr = nil
-	if _, err = d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "unserved", SourceVolumeId: id}); err != nil || !fe.Served(id) {
-		t.Fatalf("snapshot of an unserved mounted device: %v (served now: %v), want it taken back and snapshotted", err, fe.Served(id))
+	if _, err = d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "unserved", SourceVolumeId: id}); err != nil || fe.Unserved(id) {
+		t.Fatalf("snapshot of an unserved mounted device: %v (unserved now: %v), want it taken back and snapshotted", err, fe.Unserved(id))
 	}
 	if fmt.Sprint(log) != "[freeze /staging/f thaw /staging/f]" {
 		t.Fatalf("freeze log after taking the device back %v", log)
@@ -810,6 +810,40 @@ func TestThawAfterCrash(t *testing.T) {
 	if len(frozen) != 0 || len(markers()) != 0 {
 		t.Fatalf("after Recover: frozen %v, markers %v", frozen, markers())
 	}
+	// Stuck again, and the next Recover cannot take the device back (the
+	// holder does not answer): it must not thaw (the thaw would wait on
+	// the unserved device). The unstage that then takes the device back
+	// thaws the filesystem before it unmounts it.
+	thawErr = errors.New("thaw failed")
+	if _, err := d2.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s5", SourceVolumeId: id}); err != nil {
+		t.Fatal(err)
+	}
+	thawErr = nil
+	fe.SetUnserved(id)
+	fe.AttachErr = errors.New("holder did not answer")
+	d3, err := driver.New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d3.Recover(ctx); err == nil {
+		t.Fatal("Recover with a failing Attach reported no error")
+	}
+	if len(frozen) != 1 || len(markers()) != 1 {
+		t.Fatalf("Recover thawed a volume it could not take back: frozen %v, markers %v", frozen, markers())
+	}
+	fe.AttachErr = nil
+	var frozenAtUnmount []string
+	unmounted := false
+	fm.UnmountFunc = func(string) error { frozenAtUnmount, unmounted = slices.Clone(frozen), true; return nil }
+	if _, err := d3.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: "/staging/f"}); err != nil {
+		t.Fatal(err)
+	}
+	if !unmounted {
+		t.Fatal("the unstage never unmounted")
+	}
+	if len(frozenAtUnmount) != 0 || len(markers()) != 0 {
+		t.Fatalf("unstage after taking the device back: frozen at the unmount %v, markers after %v; want thawed first", frozenAtUnmount, markers())
+	}
 }
 
 // TestPendingRollbackRefusesStage: a volume whose rollback stopped part-way
@@ -1250,7 +1284,7 @@ func TestUnstageTakesBackUnservedDevice(t *testing.T) {
 	e.fm.MountPoints = append(e.fm.MountPoints, mount.MountPoint{Device: dev, Path: staging, Type: "ext4"})
 	e.fe.SetUnserved(id)
 	var unmounts []bool // served at each unmount
-	e.fm.UnmountFunc = func(string) error { unmounts = append(unmounts, e.fe.Served(id)); return nil }
+	e.fm.UnmountFunc = func(string) error { unmounts = append(unmounts, !e.fe.Unserved(id)); return nil }
 	h, err := e.d.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: id, StagingTargetPath: staging})
 	if err != nil {
 		t.Fatal(err)

@@ -162,10 +162,21 @@ func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csi.CreateV
 // attached and mounted here), thawing each even when fn or a later freeze
 // fails.
 func (d *Driver) frozenAll(ids []string, fn func() error) error {
+	// Every member served before the first freeze: taking one back while
+	// others are frozen would hold their writers meanwhile.
+	for _, id := range ids {
+		if err := d.takeBack(context.Background(), id); err != nil {
+			return err
+		}
+	}
+	return d.freezeEach(ids, fn)
+}
+
+func (d *Driver) freezeEach(ids []string, fn func() error) error {
 	if len(ids) == 0 {
 		return fn()
 	}
-	return d.frozen(ids[0], func() error { return d.frozenAll(ids[1:], fn) })
+	return d.frozen(ids[0], func() error { return d.freezeEach(ids[1:], fn) })
 }
 
 // GetVolumeGroupSnapshot returns a group snapshot. snapshot_ids, when given,

@@ -110,7 +110,7 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 		if _, err := os.Stat(dev); err != nil {
 			add(csi.VolumeHealthErrorType_INACCESSIBLE, "DeviceMissing", err.Error())
 		}
-		if !d.opt.Frontend.Served(id) {
+		if d.opt.Frontend.Unserved(id) {
 			// Every I/O on it waits; the next unstage or snapshot takes it
 			// back (takeBack), or a restart of the plugin.
 			add(csi.VolumeHealthErrorType_INACCESSIBLE, "NotServed", fmt.Sprintf("device %s is not served by this plugin (not taken back after a restart): its I/O waits", dev))

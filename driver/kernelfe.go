@@ -65,8 +65,8 @@ func (k *KernelFrontend) Resize(ctx context.Context, id string, newSize int64) e
 // Device implements Frontend.
 func (k *KernelFrontend) Device(id string) (string, bool) { return k.f.Device(id) }
 
-// Served implements Frontend.
-func (k *KernelFrontend) Served(id string) bool { return k.f.Served(id) }
+// Unserved implements Frontend.
+func (k *KernelFrontend) Unserved(id string) bool { return k.f.Unserved(id) }
 
 // ReadOnlyDevice implements Frontend.
 func (k *KernelFrontend) ReadOnlyDevice(ctx context.Context, id string) (string, error) {

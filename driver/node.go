@@ -233,15 +233,20 @@ func (d *Driver) notServed(id, what string, err error) error {
 // unserved. A volume with no device, or one served, is left alone.
 func (d *Driver) takeBack(ctx context.Context, id string) error {
 	dev, ok := d.opt.Frontend.Device(id)
-	if !ok || d.opt.Frontend.Served(id) {
+	if !ok || !d.opt.Frontend.Unserved(id) {
 		return nil
 	}
 	b, err := d.opt.Store.VolumeBackend(id)
 	if err == nil {
 		_, err = d.opt.Frontend.Attach(ctx, id, b, false)
-		if err == nil || errors.Is(err, ErrBusy) && d.opt.Frontend.Served(id) {
+		if err == nil || errors.Is(err, ErrBusy) && !d.opt.Frontend.Unserved(id) {
 			// ErrBusy: resumed with the mode the device has.
 			klog.InfoS("Took back a device no one served", "volumeID", id, "device", dev)
+			// A freeze a killed snapshot left, which Recover could not
+			// thaw while the device was not served.
+			if err := d.thawLeftover(id); err != nil {
+				return toStatus(err)
+			}
 			return nil
 		}
 	}

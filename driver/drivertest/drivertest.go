@@ -404,8 +404,9 @@ type Frontend struct {
 	AttachErr error
 }
 
-// SetUnserved makes the attached id's device one that Device still finds
-// but Served denies, as after a restart whose Recover failed for it.
+// SetUnserved makes the attached id's device unserved (Unserved: its
+// connection alive, nothing serving it), as after a restart whose Recover
+// failed for it.
 func (f *Frontend) SetUnserved(id string) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -415,12 +416,12 @@ func (f *Frontend) SetUnserved(id string) {
 	f.unserved[id] = true
 }
 
-// Served implements driver.Frontend.
-func (f *Frontend) Served(id string) bool {
+// Unserved implements driver.Frontend.
+func (f *Frontend) Unserved(id string) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	_, ok := f.devs[id]
-	return ok && !f.unserved[id]
+	return ok && f.unserved[id]
 }
 
 // NewFrontend returns a Frontend with nothing attached.

@@ -1037,15 +1037,23 @@ func (f *Frontend) Device(id string) (string, bool) {
 	return findLoop(mp)
 }
 
-// Served reports whether this Frontend serves id: attached or resumed by
-// it, not detached, and its connection alive. Device may find a device
-// that nothing serves (a held connection not resumed): its I/O waits.
-func (f *Frontend) Served(id string) bool {
-	if validateID(id) != nil {
+// Unserved reports whether id has a live FUSE connection (held by the
+// holder, its mount in place) that this Frontend does not serve: a
+// restart whose Attach (resume) did not happen or failed. Its device's
+// I/O waits until someone resumes it; Attach does. One served here, or
+// dead (aborted, its holder gone: its I/O fails at once), is not. A holder
+// that does not answer in time leaves it unknown, reported unserved.
+func (f *Frontend) Unserved(id string) bool {
+	if validateID(id) != nil || f.get(id) != nil {
 		return false
 	}
-	v := f.get(id)
-	return v != nil && !v.isShut() && v.lost() == ""
+	resp, fd, err := holderCall(f.sock, holderReq{Op: "get", ID: id}, -1)
+	defer closeFD(fd)
+	if err != nil {
+		// No holder: the connections it kept ended with it.
+		return !errors.Is(err, errNoHolder)
+	}
+	return resp.Found && fd >= 0 && heldConnLost(f.mountpoint(id), fd) == ""
 }
 
 // ownsLoop reports whether loop device dev is still attached to the mount

@@ -649,3 +649,55 @@ func TestResumeStaleAttributes(t *testing.T) {
 		})
 	}
 }
+
+// TestUnserved: a volume's device is unserved (its I/O waits) while its
+// connection is alive, held, and not served by this process: after a
+// graceful Close, for the next Frontend until its Attach resumes it. One
+// served here is not, and neither is one whose connection was aborted
+// (its I/O fails at once, so an unmount on it goes through).
+func TestUnserved(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	fe, runDir := newFrontend(t)
+	const id = "vol-unserved"
+	b := newFileBackend(t, t.TempDir(), 16<<20)
+	if _, err := fe.Attach(ctx, id, b, false); err != nil {
+		t.Fatal(err)
+	}
+	if fe.Unserved(id) {
+		t.Fatal("Unserved of a volume this Frontend serves")
+	}
+	fe.Close()
+	fe2, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand(), Readers: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := fe2.Detach(ctx, id); err != nil {
+			t.Errorf("detach: %v", err)
+		}
+		fe2.Close()
+	})
+	if !fe2.Unserved(id) {
+		t.Fatal("a held connection that no one resumed is not reported unserved")
+	}
+	if _, err := fe2.Attach(ctx, id, b, false); err != nil {
+		t.Fatal(err)
+	}
+	if fe2.Unserved(id) {
+		t.Fatal("Unserved after the resume")
+	}
+	fe2.Close()
+	fe3, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand(), Readers: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fe2 = fe3
+	abort := filepath.Join(fuseConnDir(t, fe3.mountpoint(id)), "abort")
+	if err := os.WriteFile(abort, []byte("1"), 0); err != nil {
+		t.Fatalf("abort the connection: %v", err)
+	}
+	if fe3.Unserved(id) {
+		t.Fatal("an aborted connection is reported unserved (its I/O fails, it does not wait)")
+	}
+}
