@@ -135,6 +135,9 @@ func (f *faultFS) event(e string) {
 func (f *faultFS) Rename(o, n string) error {
 	f.mu.Lock()
 	fail := f.failRename
+	if fail {
+		f.failed++
+	}
 	f.mu.Unlock()
 	if fail {
 		return errInjected

@@ -8,6 +8,7 @@ import (
 	"os"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -59,9 +60,21 @@ type plInode struct {
 	curA, durA []bool             // per plBlock: allocated
 	sizes      []int64            // sizes since the last Sync, the durable one first
 	dirty      map[int64]struct{} // sectors changed since the last Sync
+	// lost sectors were dirty at a Sync that failed: Linux reports a
+	// writeback error once and leaves the failed pages clean, so no later
+	// Sync writes them (a write to the sector makes it dirty again).
+	lost map[int64]struct{}
 }
 
-func newPLInode() *plInode { return &plInode{sizes: []int64{0}, dirty: map[int64]struct{}{}} }
+func newPLInode() *plInode {
+	return &plInode{sizes: []int64{0}, dirty: map[int64]struct{}{}, lost: map[int64]struct{}{}}
+}
+
+// touch marks sector s changed since the last Sync (f.mu held).
+func (n *plInode) touch(s int64) {
+	n.dirty[s] = struct{}{}
+	delete(n.lost, s)
+}
 
 type plDirOp struct {
 	kind     byte // 'c' create, 'r' rename, 'd' remove
@@ -83,6 +96,28 @@ type plFS struct {
 	// (modelled as a write of the source's bytes), else it is refused.
 	clones bool
 	dead   bool
+	// syncFailAt makes the first Sync of a data file, a COW file or the
+	// log at or after this operation fail with EIO, as a disk's write
+	// error does: its dirty sectors become lost (see plInode), the power
+	// stays on. syncFailed names the file (0, "": none).
+	syncFailAt int
+	syncFailed string
+	// syncFailData limits syncFailAt to data files (Flush's own sync,
+	// CreateSnapshot's, a checkpoint's), which the group commit's
+	// frequent log and COW syncs would otherwise nearly always precede.
+	syncFailData bool
+}
+
+var errSyncFailed = errors.Join(errors.New("injected fsync failure (test): the dirty pages were dropped clean, not written"), syscall.EIO)
+
+// nameOf returns a name ino has now, or "" (f.mu held).
+func (f *plFS) nameOf(ino *plInode) string {
+	for name, n := range f.names {
+		if n == ino {
+			return name
+		}
+	}
+	return ""
 }
 
 // Kinds of changing operations, for cutOnSync.
@@ -121,7 +156,7 @@ func (f *plFS) kill() *plFS {
 	defer f.mu.Unlock()
 	f.dead = true
 	return &plFS{names: f.names, dnames: f.dnames, dirops: f.dirops, ops: f.ops, cutAt: f.cutAt,
-		cutOnSync: f.cutOnSync, clones: f.clones}
+		cutOnSync: f.cutOnSync, clones: f.clones, syncFailAt: f.syncFailAt, syncFailed: f.syncFailed, syncFailData: f.syncFailData}
 }
 
 // cut turns the power off now (if it is still on).
@@ -129,6 +164,12 @@ func (f *plFS) cut() {
 	f.mu.Lock()
 	f.dead = true
 	f.mu.Unlock()
+}
+
+func (f *plFS) syncFailedName() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.syncFailed
 }
 
 func (f *plFS) isDead() bool {
@@ -276,7 +317,8 @@ func (n *plInode) crash(rng *rand.Rand) *plInode {
 	for i := range a {
 		a[i] = (i < len(n.durA) && n.durA[i]) || (i < len(n.curA) && n.curA[i])
 	}
-	return &plInode{cur: b, dur: slices.Clone(b), curA: a, durA: slices.Clone(a), sizes: []int64{size}, dirty: map[int64]struct{}{}}
+	return &plInode{cur: b, dur: slices.Clone(b), curA: a, durA: slices.Clone(a), sizes: []int64{size},
+		dirty: map[int64]struct{}{}, lost: map[int64]struct{}{}}
 }
 
 type plFile struct {
@@ -293,7 +335,7 @@ func (p *plFile) resize(size int64) {
 		return
 	}
 	for s := min(old, size) / plSector; s*plSector < max(old, size); s++ {
-		n.dirty[s] = struct{}{}
+		n.touch(s)
 	}
 	if size < old {
 		n.cur = n.cur[:size]
@@ -332,7 +374,7 @@ func (p *plFile) write(b []byte, off int64) error {
 	}
 	copy(n.cur[off:], b)
 	for s := off / plSector; s*plSector < off+int64(len(b)); s++ {
-		n.dirty[s] = struct{}{}
+		n.touch(s)
 	}
 	for k := off / plBlock; k*plBlock < off+int64(len(b)); k++ {
 		n.curA[k] = true
@@ -362,8 +404,30 @@ func (p *plFile) Sync() error {
 	if err := p.fs.step(plSync); err != nil {
 		return err
 	}
-	n := p.ino
-	n.dur = slices.Clone(n.cur)
+	n, f := p.ino, p.fs
+	if f.syncFailAt > 0 && f.syncFailed == "" && f.ops >= f.syncFailAt {
+		name := f.nameOf(n)
+		if strings.HasSuffix(name, ".data") || !f.syncFailData && (name == logName || strings.HasSuffix(name, ".cow")) {
+			f.syncFailed = name
+			for s := range n.dirty {
+				n.lost[s] = struct{}{}
+			}
+			clear(n.dirty)
+			return errSyncFailed
+		}
+	}
+	dur := slices.Clone(n.cur)
+	for s := range n.lost { // the disk keeps what it had there
+		lo, hi := s*plSector, min((s+1)*plSector, int64(len(dur)))
+		if lo >= hi {
+			continue
+		}
+		clear(dur[lo:hi])
+		if lo < int64(len(n.dur)) {
+			copy(dur[lo:hi], n.dur[lo:min(hi, int64(len(n.dur)))])
+		}
+	}
+	n.dur = dur
 	n.durA = slices.Clone(n.curA)
 	n.sizes = []int64{int64(len(n.cur))}
 	clear(n.dirty)
@@ -383,7 +447,7 @@ func (p *plFile) Punch(off, size int64) error {
 	}
 	clear(n.cur[off:end])
 	for s := off / plSector; s*plSector < end; s++ {
-		n.dirty[s] = struct{}{}
+		n.touch(s)
 	}
 	for k := (off + plBlock - 1) / plBlock; (k+1)*plBlock <= end; k++ {
 		n.curA[k] = false
@@ -663,7 +727,7 @@ func powerRounds(t *testing.T, survive bool, stream func(seed int64) plStream) {
 	rng := rand.New(rand.NewSource(77))
 	cloned0 := plCloned.Load()
 	var cutInOpen, cutOps, ackCounts []int
-	kills, onSync, clones, resumed := 0, 0, 0, 0
+	kills, onSync, clones, resumed, syncFails := 0, 0, 0, 0, 0
 	closeDead := func(round int, s *Store) { // a store whose files are gone
 		closed := make(chan struct{})
 		go func() { s.Close(); close(closed) }()
@@ -680,6 +744,13 @@ func powerRounds(t *testing.T, survive bool, stream func(seed int64) plStream) {
 		fs.cutAt = 1 + rng.Intn(maxCut)
 		fs.cutOnSync = rng.Intn(2) == 0
 		fs.clones = rng.Intn(2) == 0
+		if rng.Intn(4) == 0 {
+			// A quarter of the rounds: an fsync fails before the power
+			// goes (the pages it had to write are dropped); of a data
+			// file only, half of those.
+			fs.syncFailAt = 1 + rng.Intn(fs.cutAt)
+			fs.syncFailData = rng.Intn(2) == 0
+		}
 		// With survive, a kill of the process (page cache kept) before
 		// the power cut, half the time: the next process opens in the
 		// same boot, redoes the kill journal and reads batches that were
@@ -713,6 +784,25 @@ func powerRounds(t *testing.T, survive bool, stream func(seed int64) plStream) {
 			if n, err = st.step(&s, open); err == nil {
 				acked += n
 			}
+		}
+		if failed := fs.syncFailedName(); failed != "" && !fs.isDead() {
+			// A failed fsync must stop the store (ErrClosed until it is
+			// reopened): a retried one would return 0 with the pages
+			// lost, and a Flush would promise what the disk lacks.
+			if s != nil {
+				if s.Err() == nil {
+					t.Fatalf("round %d (seed %d): the fsync of %s failed (%v) and the store still works", round, seed, failed, err)
+				}
+				for _, vi := range s.Volumes() {
+					if v, verr := s.Volume(vi.ID); verr == nil {
+						if ferr := v.Flush(); !errors.Is(ferr, ErrClosed) {
+							t.Fatalf("round %d (seed %d): Flush after the failed fsync of %s: %v, want ErrClosed", round, seed, failed, ferr)
+						}
+					}
+				}
+			}
+			fs.cut()
+			syncFails++
 		}
 		if !fs.isDead() {
 			t.Fatalf("round %d (seed %d): %d acks and the power never went (cut at operation %d of %d): %v", round, seed, acked, fs.cutAt, fs.ops, err)
@@ -800,8 +890,11 @@ func powerRounds(t *testing.T, survive bool, stream func(seed int64) plStream) {
 		}
 		resumed++
 	}
-	t.Logf("%d rounds; power cut at changing file operations %v (%d deferred to a sync), after %v acknowledged operations; %d with block sharing (%d clones made); %d killed before the cut; %d cuts landed inside the recovering Open; %d resumed after the recovery and cut again",
-		rounds, summary(cutOps), onSync, summary(ackCounts), clones, plCloned.Load()-cloned0, kills, len(cutInOpen), resumed)
+	t.Logf("%d rounds; power cut at changing file operations %v (%d deferred to a sync), after %v acknowledged operations; %d with block sharing (%d clones made); %d killed before the cut; %d with a failed fsync before the cut; %d cuts landed inside the recovering Open; %d resumed after the recovery and cut again",
+		rounds, summary(cutOps), onSync, summary(ackCounts), clones, plCloned.Load()-cloned0, kills, syncFails, len(cutInOpen), resumed)
+	if rounds >= 40 && syncFails == 0 {
+		t.Errorf("no round had a failed fsync before its power cut")
+	}
 	if rounds >= 40 && plCloned.Load() == cloned0 {
 		t.Errorf("no copy-out or rollback was made by block sharing")
 	}
