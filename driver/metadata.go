@@ -32,6 +32,12 @@ type MetadataStore interface {
 // stays around 16 KiB, far below gRPC's 4 MiB default limit.
 const defaultMaxResults = 1024
 
+// maxMaxResults caps a caller's max_results (the spec lets a plugin send
+// fewer): 65,536 extents are about 1 MiB on the wire, below the 4 MiB a
+// gRPC client receives by default. Uncapped, a backup asking for a million
+// would get messages its client refuses, the same on every retry.
+const maxMaxResults = 64 << 10
+
 // metadataStore returns the store's MetadataStore side, if it has one.
 func (d *Driver) metadataStore() (MetadataStore, bool) {
 	ms, ok := d.opt.Store.(MetadataStore)
@@ -136,7 +142,7 @@ type extentSender struct {
 }
 
 func newExtentSender(alive func() error, start int64, maxResults int32, send func([]*csi.BlockMetadata) error) *extentSender {
-	m := int(maxResults)
+	m := min(int(maxResults), maxMaxResults)
 	if m == 0 {
 		m = defaultMaxResults
 	}

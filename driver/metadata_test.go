@@ -354,3 +354,72 @@ func TestSnapshotMetadataCapability(t *testing.T) {
 		t.Errorf("metadata call on a store without it: %v, want Unimplemented", err)
 	}
 }
+
+// manyExtents is a store whose every snapshot is allocated in n separate
+// 4 KiB extents (one every 8 KiB).
+type manyExtents struct {
+	*drivertest.Store
+	n int
+}
+
+func (m manyExtents) AllocatedRanges(snapID string, fn func(off, length int64) bool) error {
+	if _, err := m.Store.Snapshot(snapID); err != nil {
+		return err
+	}
+	for i := 0; i < m.n; i++ {
+		if !fn(int64(i)*8192, 4096) {
+			break
+		}
+	}
+	return nil
+}
+
+func (m manyExtents) ChangedRanges(base, target string, fn func(off, length int64) bool) error {
+	return m.AllocatedRanges(target, fn)
+}
+
+// TestMetadataMaxResultsCapped: a caller's max_results above what fits a
+// gRPC message under a client's default 4 MiB receive limit is capped, so
+// a default client drains a stream of 400,000 extents asked for a million
+// at a time (the spec lets the plugin send fewer than max_results).
+func TestMetadataMaxResultsCapped(t *testing.T) {
+	st := drivertest.NewStore()
+	ctx := context.Background()
+	d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: "n1", DataDir: t.TempDir(), Store: st, Frontend: drivertest.NewFrontend(),
+		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "v", CapacityRange: &csi.CapacityRange{RequiredBytes: 4 << 30},
+		VolumeCapabilities: []*csi.VolumeCapability{{AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
+			AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s", SourceVolumeId: v.Volume.VolumeId})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 400_000
+	md := csi.NewSnapshotMetadataClient(serve(t, manyExtents{Store: st, n: n}))
+	stream, err := md.GetMetadataAllocated(ctx, &csi.GetMetadataAllocatedRequest{SnapshotId: s.Snapshot.SnapshotId, MaxResults: 1_000_000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, msgs := 0, 0
+	for {
+		r, err := stream.Recv()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("after %d extents in %d messages: %v", got, msgs, err)
+		}
+		got += len(r.GetBlockMetadata())
+		msgs++
+	}
+	if got != n {
+		t.Fatalf("%d extents streamed, want %d", got, n)
+	}
+	t.Logf("%d extents in %d messages", got, msgs)
+}
