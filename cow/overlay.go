@@ -383,7 +383,10 @@ func (e *ovEntry) apply() error {
 // the store failed). Callers that hold the gate exclusively get an empty
 // overlay.
 func (v *Volume) drain() error {
-	return v.s.log.waitApplied(v.ovLast.Load())
+	// logNow, not log: a rollback drains holding no gate, so a checkpoint
+	// may be replacing the committer meanwhile (the new one starts with
+	// the old one's applied id, set before it is published).
+	return v.s.logNow.Load().waitApplied(v.ovLast.Load())
 }
 
 // copyable narrows the chunks [c0, c1) of a change that starts at byte off

@@ -1407,11 +1407,13 @@ func (s *Store) checkpointGated(vs []*Volume) error {
 		jerr = s.jnl.restart(h.Generation)
 	}
 	old := s.log
-	s.setLog(newCommitter(f, w.off, 0))
 	// Batch ids go on where the old log's ended: volumes remember the id of
 	// their newest overlay entry's batch (all applied by now) and drain by
-	// waiting for it.
-	s.log.cur.id, s.log.applied = old.cur.id, old.applied
+	// waiting for it. Set before the committer is published: a drain that
+	// holds no gate (a rollback's) may load it at once.
+	nc := newCommitter(f, w.off, 0)
+	nc.cur.id, nc.applied = old.cur.id, old.applied
+	s.setLog(nc)
 	if jerr != nil {
 		// As any journal failure (journal.fail): the store refuses
 		// writes until it is reopened.

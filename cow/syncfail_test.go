@@ -215,3 +215,40 @@ func TestOpenLongTailCheckpointFails(t *testing.T) {
 		})
 	}
 }
+
+// TestFlushAfterDeleteFailsAlone: a Flush that passed its first check and
+// then waited on the volume's gate behind a DeleteVolume (which closes the
+// volume's files) answers ErrNotFound; it must not sync the closed file,
+// whose error (EBADF) would fail the whole store now that a failed sync is
+// sticky. flushLocked after the delete is the Flush at that point.
+func TestFlushAfterDeleteFailsAlone(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	v := mustVol(t, s, "v", 1<<20, 4096)
+	other := mustVol(t, s, "w", 1<<20, 4096)
+	if _, err := v.WriteAt(fill(4096, 1), 0); err != nil { // dirty
+		t.Fatal(err)
+	}
+	if err := s.DeleteVolume("v"); err != nil {
+		t.Fatal(err)
+	}
+	v.gate.RLock()
+	err = v.flushLocked()
+	v.gate.RUnlock()
+	if !errors.Is(err, ErrNotFound) {
+		t.Fatalf("flush of the deleted volume: %v, want ErrNotFound", err)
+	}
+	if err := s.Err(); err != nil {
+		t.Fatalf("the store failed: %v", err)
+	}
+	if _, err := other.WriteAt(fill(4096, 2), 0); err != nil {
+		t.Fatalf("write to another volume: %v", err)
+	}
+	if err := other.Flush(); err != nil {
+		t.Fatalf("flush of another volume: %v", err)
+	}
+}

@@ -1042,6 +1042,13 @@ func (v *Volume) flushWith(r *record, release func()) (err error) {
 	if err := v.s.log.failed(); err != nil {
 		return err
 	}
+	// Again under the gate the caller holds: a Flush that passed its first
+	// check may have waited on the gate behind DeleteVolume, which closed
+	// the files; their sync would fail (EBADF), and a failed sync fails
+	// the whole store.
+	if v.isDeleted() {
+		return fmt.Errorf("%w: volume %q was deleted", ErrNotFound, v.id)
+	}
 	// The overlay entries of writes acknowledged so far reach the data
 	// file first (once their copy-outs are durable); then the data sync
 	// below covers them.
