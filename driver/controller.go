@@ -595,14 +595,21 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 	return &csi.CreateSnapshotResponse{Snapshot: d.csiSnapshot(s)}, nil
 }
 
+// freezeTarget returns where the filesystem on volume id that a snapshot
+// freezes is mounted: "" when the volume has no device here, is not
+// mounted, or freezing is off.
+func (d *Driver) freezeTarget(id string) (string, error) {
+	dev, ok := d.opt.Frontend.Device(id)
+	if !ok || d.opt.Freeze == nil || d.opt.Thaw == nil {
+		return "", nil
+	}
+	return d.mountpointOf(dev)
+}
+
 // frozen runs fn with the filesystem on volume id frozen, when the volume is
 // attached here and mounted somewhere; otherwise it just runs fn.
 func (d *Driver) frozen(id string, fn func() error) error {
-	dev, ok := d.opt.Frontend.Device(id)
-	if !ok || d.opt.Freeze == nil || d.opt.Thaw == nil {
-		return fn()
-	}
-	mp, err := d.mountpointOf(dev)
+	mp, err := d.freezeTarget(id)
 	if err != nil {
 		return err
 	}
@@ -677,9 +684,10 @@ func (d *Driver) thawLeftovers(failed map[string]bool) error {
 	var first error
 	for _, e := range ents {
 		id := e.Name()
-		if failed[id] {
+		if failed[id] && d.opt.Frontend.Unserved(id) {
 			// Its device is not served: the thaw would wait on it.
-			// takeBack thaws it once it serves the device again.
+			// takeBack thaws it once it serves the device again. (A
+			// dead connection fails the thaw's writes at once: thawed.)
 			klog.InfoS("Not thawing the filesystem of a volume that could not be re-attached", "volumeID", id)
 			continue
 		}

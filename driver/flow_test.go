@@ -844,6 +844,49 @@ func TestThawAfterCrash(t *testing.T) {
 	if len(frozenAtUnmount) != 0 || len(markers()) != 0 {
 		t.Fatalf("unstage after taking the device back: frozen at the unmount %v, markers after %v; want thawed first", frozenAtUnmount, markers())
 	}
+
+	// Staged again, stuck again. A Recover whose Attach fails on a dead
+	// connection (not unserved: its I/O fails at once) thaws it anyway.
+	b, _ = st.VolumeBackend(id)
+	dev, _ = fe.Attach(ctx, id, b, false)
+	fm.MountPoints = append(fm.MountPoints, mount.MountPoint{Device: dev, Path: "/staging/f", Type: "ext4"})
+	stuck := func(name string) {
+		t.Helper()
+		thawErr = errors.New("thaw failed")
+		if _, err := d3.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: name, SourceVolumeId: id}); err != nil {
+			t.Fatal(err)
+		}
+		thawErr = nil
+		if len(frozen) != 1 || len(markers()) != 1 {
+			t.Fatalf("%s: not left frozen: frozen %v, markers %v", name, frozen, markers())
+		}
+	}
+	stuck("s6")
+	fe.AttachErr = errors.New("connection aborted")
+	if err := d3.Recover(ctx); err == nil {
+		t.Fatal("Recover with a failing Attach reported no error")
+	}
+	fe.AttachErr = nil
+	if len(frozen) != 0 || len(markers()) != 0 {
+		t.Fatalf("Recover left a dead connection's filesystem frozen: frozen %v, markers %v", frozen, markers())
+	}
+	// A re-stage of the staged volume (kubelet's, after a restart) thaws
+	// a leftover freeze; so does an unstage of a device served all along.
+	stuck("s7")
+	if _, err := d3.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: "/staging/f", VolumeCapability: mountCap()}); err != nil {
+		t.Fatal(err)
+	}
+	if len(frozen) != 0 || len(markers()) != 0 {
+		t.Fatalf("re-stage left the filesystem frozen: frozen %v, markers %v", frozen, markers())
+	}
+	stuck("s8")
+	unmounted = false
+	if _, err := d3.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: "/staging/f"}); err != nil {
+		t.Fatal(err)
+	}
+	if !unmounted || len(frozenAtUnmount) != 0 || len(markers()) != 0 {
+		t.Fatalf("unstage of a served device: unmounted %v, frozen at the unmount %v, markers after %v; want thawed first", unmounted, frozenAtUnmount, markers())
+	}
 }
 
 // TestPendingRollbackRefusesStage: a volume whose rollback stopped part-way

@@ -162,11 +162,17 @@ func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csi.CreateV
 // attached and mounted here), thawing each even when fn or a later freeze
 // fails.
 func (d *Driver) frozenAll(ids []string, fn func() error) error {
-	// Every member served before the first freeze: taking one back while
-	// others are frozen would hold their writers meanwhile.
+	// Every member to be frozen served before the first freeze: taking
+	// one back while others are frozen would hold their writers meanwhile.
+	// (The others, not mounted here, are left as a single snapshot leaves
+	// them.)
 	for _, id := range ids {
-		if err := d.takeBack(context.Background(), id); err != nil {
+		if mp, err := d.freezeTarget(id); err != nil {
 			return err
+		} else if mp != "" {
+			if err := d.takeBack(context.Background(), id); err != nil {
+				return err
+			}
 		}
 	}
 	return d.freezeEach(ids, fn)

@@ -113,7 +113,7 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 		if d.opt.Frontend.Unserved(id) {
 			// Every I/O on it waits; the next unstage or snapshot takes it
 			// back (takeBack), or a restart of the plugin.
-			add(csi.VolumeHealthErrorType_INACCESSIBLE, "NotServed", fmt.Sprintf("device %s is not served by this plugin (not taken back after a restart): its I/O waits", dev))
+			add(csi.VolumeHealthErrorType_INACCESSIBLE, "NotServed", fmt.Sprintf("device %s is not served by this plugin (not taken back after a restart; or its fuse-holder did not answer in time): its I/O waits", dev))
 		}
 	}
 	mps, err := d.opt.Mounter.List()

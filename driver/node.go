@@ -370,6 +370,12 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		return nil, toStatus(err)
 	}
 	if cur == dev {
+		// Staged already (a retry, or kubelet's re-stage after a restart
+		// whose Recover could not take the device back and so left a
+		// killed snapshot's freeze in place): served now, so thaw it.
+		if err := d.thawLeftover(id); err != nil {
+			return nil, toStatus(err)
+		}
 		staged = true
 		return &csi.NodeStageVolumeResponse{}, nil
 	}
@@ -508,6 +514,13 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	// Served first: the unmount flushes the filesystem to the device.
 	if err := d.takeBack(ctx, id); err != nil {
 		return nil, err
+	}
+	// Never unmount a filesystem a killed snapshot left frozen: the
+	// unmount would keep it (and the loop device) until a reboot.
+	// Whether takeBack served it just now, an earlier call did, or its
+	// connection is dead (the thaw's writes then fail at once).
+	if err := d.thawLeftover(id); err != nil {
+		return nil, toStatus(err)
 	}
 	if err := d.unmount(staging, false); err != nil {
 		return nil, err
