@@ -238,6 +238,25 @@ func TestRunServesAndStops(t *testing.T) {
 	}
 }
 
+// stopDuringCall runs run(cfg), makes a ListVolumes call that blocks in
+// st, and stops run once the call's handler is inside; it returns run's
+// result and the call's error, each when it comes.
+func stopDuringCall(t *testing.T, cfg Config, st *blockingStore) (done, callErr chan error) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done, callErr = make(chan error, 1), make(chan error, 1)
+	go func() { done <- run(ctx, cfg) }()
+	cc := dial(t, cfg.Endpoint)
+	st.armed.Store(true)
+	go func() {
+		_, err := csi.NewControllerClient(cc).ListVolumes(context.Background(), &csi.ListVolumesRequest{})
+		callErr <- err
+	}()
+	<-st.entered
+	cancel()
+	return done, callErr
+}
+
 // TestRunStopIsBounded: a call that never finishes does not keep the
 // process from stopping.
 func TestRunStopIsBounded(t *testing.T) {
@@ -245,18 +264,7 @@ func TestRunStopIsBounded(t *testing.T) {
 	defer close(st.release)
 	cfg := testConfig(t, st)
 	cfg.MetricsAddress = ""
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- run(ctx, cfg) }()
-	cc := dial(t, cfg.Endpoint)
-	st.armed.Store(true)
-	callErr := make(chan error, 1)
-	go func() {
-		_, err := csi.NewControllerClient(cc).ListVolumes(context.Background(), &csi.ListVolumesRequest{})
-		callErr <- err
-	}()
-	<-st.entered
-	cancel()
+	done, callErr := stopDuringCall(t, cfg, st)
 	if err := <-done; err != nil {
 		t.Fatalf("run: %v", err)
 	}
@@ -286,18 +294,7 @@ func TestRunServesCutCallsBeforeClosing(t *testing.T) {
 	cfg.ShutdownTimeout = time.Second
 	fe := &closeRecorder{Frontend: drivertest.NewFrontend()}
 	cfg.openEngines = func(Config) (*engines, error) { return &engines{store: st, frontend: fe}, nil }
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- run(ctx, cfg) }()
-	cc := dial(t, cfg.Endpoint)
-	st.armed.Store(true)
-	callErr := make(chan error, 1)
-	go func() {
-		_, err := csi.NewControllerClient(cc).ListVolumes(context.Background(), &csi.ListVolumesRequest{})
-		callErr <- err
-	}()
-	<-st.entered
-	cancel()
+	done, callErr := stopDuringCall(t, cfg, st)
 	if err := <-callErr; err == nil { // after the graceful stop's timeout
 		t.Fatal("the hanging call succeeded although the server was cut")
 	}
