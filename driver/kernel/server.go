@@ -3,6 +3,7 @@ package kernel
 import (
 	"errors"
 	"fmt"
+	"math"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -67,6 +68,17 @@ type server struct {
 	// nResent counts requests the kernel sent again after NOTIFY_RESEND.
 	nResent atomic.Uint64
 }
+
+// attrValid is how long, in seconds, the kernel may keep the file's
+// attributes (the kernel clamps it): for good. Only Resize changes them,
+// and it invalidates them (notifyInvalAttr) while it serves. Once they
+// expire, a stat of the FUSE file is a GETATTR request, and the loop
+// driver's status ioctl stats it: a lookup of the device (resume,
+// Device, Detach from another mount namespace) of a connection no one
+// serves at that moment, across a restart, would wait on it for good.
+// With an hour (the value until 2026-12-02), every restart an hour after
+// an attach did (TestResumeStaleAttributes).
+const attrValid = math.MaxUint32
 
 // newServer makes a server of fd; with pokePath (the mount point) set, its
 // readers block in read(2) instead of waiting in epoll (Config.BlockingReaders).
@@ -455,7 +467,7 @@ func (s *server) handle(in, out []byte) int {
 		}
 		p := out[outHeaderSize : outHeaderSize+attrOutSize]
 		clear(p[:16])
-		le.PutUint64(p[0:], 3600) // attr_valid, seconds: Resize invalidates explicitly
+		le.PutUint64(p[0:], attrValid)
 		putAttr(p[16:], s.b.Size(), s.readOnly.Load())
 		return s.okReply(out, h, attrOutSize)
 	case opLookup:

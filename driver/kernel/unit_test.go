@@ -110,6 +110,14 @@ func TestHandle(t *testing.T) {
 		t.Fatalf("INIT 7.20: errno %d, want EPROTO", replyErrno(out))
 	}
 
+	// The attributes are valid for good (see attrValid): a GETATTR that
+	// the kernel sent once they expired would, across a restart, wait
+	// for a server.
+	s.handle(request(opGetattr, 5, make([]byte, 16)), out)
+	if replyErrno(out) != 0 || le.Uint64(out[outHeaderSize:]) < 100*365*24*3600 {
+		t.Fatalf("GETATTR: errno %d, attr_valid %d s; want at least a century", replyErrno(out), le.Uint64(out[outHeaderSize:]))
+	}
+
 	data := bytes.Repeat([]byte{0xab}, 8192)
 	w := make([]byte, writeInSize+len(data))
 	le.PutUint64(w[8:], 4096)
