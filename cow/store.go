@@ -995,9 +995,15 @@ func (s *Store) DeleteVolume(id string) error {
 	if err := v.rollbackBusy(); err != nil {
 		return err
 	}
-	defer lockGates(lineage(v))()
-	if err := v.drain(); err != nil {
-		return err
+	lin := lineage(v)
+	defer lockGates(lin)()
+	// Every volume of the lineage, not v alone: deleting a clone can reap
+	// its source's hidden snapshot, which changes that volume's chain, and
+	// a chain changes only with its volume's overlay empty (overlay.go).
+	for _, u := range lin {
+		if err := u.drain(); err != nil {
+			return err
+		}
 	}
 	if err := s.commitApply(&record{Type: recDelete, Obj: v.obj}); err != nil {
 		return err
