@@ -1351,3 +1351,43 @@ func TestUnstageTakesBackUnservedDevice(t *testing.T) {
 		t.Fatal("device still attached after the unstage")
 	}
 }
+
+// TestHealthStagingUnmounted: a mount volume whose staging mount is gone
+// (while its publish's bind still holds the filesystem) is NotMounted at
+// the staging path; a block volume's staging path, which holds nothing, is
+// not.
+func TestHealthStagingUnmounted(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	id := e.createVolume(t, "staging-gone", 1<<20).VolumeId
+	b, err := e.store.VolumeBackend(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev, err := e.fe.Attach(ctx, id, b, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	staging, target := t.TempDir(), t.TempDir()
+	notMounted := func(bindType string, staged bool) bool {
+		t.Helper()
+		e.fm.MountPoints = []mount.MountPoint{{Device: dev, Path: target, Type: bindType}}
+		if staged {
+			e.fm.MountPoints = append(e.fm.MountPoints, mount.MountPoint{Device: dev, Path: staging, Type: "ext4"})
+		}
+		h, err := e.d.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: id, StagingTargetPath: staging})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return slices.ContainsFunc(h.GetVolumeHealth().GetHealthStatuses(), func(s *csi.VolumeHealth_VolumeHealthEntry) bool { return s.GetReason() == "NotMounted" })
+	}
+	if notMounted("ext4", true) {
+		t.Fatal("NotMounted with the staging mount in place")
+	}
+	if !notMounted("ext4", false) {
+		t.Fatal("a mount volume whose staging mount is gone (its publish bind still there) is reported healthy")
+	}
+	if notMounted("devtmpfs", false) {
+		t.Fatal("a block volume's staging path (nothing mounted, the publish binds the device node) is reported NotMounted")
+	}
+}

@@ -133,8 +133,11 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 				add(csi.VolumeHealthErrorType_DEGRADED, "FilesystemReadOnly", "the staged filesystem is mounted read-only")
 			}
 		}
-		// Block staging paths hold nothing; only mounts can be checked.
-		if fi, err := os.Stat(p); err == nil && fi.IsDir() && p == req.GetStagingTargetPath() && !hasMount(mps, p) {
+		// Block staging paths hold nothing; only mounts can be checked. A
+		// staging path with nothing mounted is a block volume's unless a
+		// filesystem on the device is mounted somewhere (a publish's bind
+		// of it): then the staging mount itself went missing.
+		if fi, err := os.Stat(p); err == nil && fi.IsDir() && p == req.GetStagingTargetPath() && !hasMount(mps, p) && !fsMounted(mps, dev) {
 			continue
 		}
 		if held, err := d.holdsVolume(p, id, dev); err != nil {
@@ -144,6 +147,16 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 		}
 	}
 	return &csi.NodeGetVolumeHealthResponse{VolumeHealth: h}, nil
+}
+
+// fsMounted reports whether a filesystem on dev is mounted anywhere: a
+// mount (or bind of a directory in it) whose source is dev. A raw block
+// publish's bind of the device node shows the node's own filesystem
+// (devtmpfs) as its source and type instead.
+func fsMounted(mps []mount.MountPoint, dev string) bool {
+	return slices.ContainsFunc(mps, func(mp mount.MountPoint) bool {
+		return mp.Device == dev && mp.Type != "" && mp.Type != "devtmpfs"
+	})
 }
 
 func hasMount(mps []mount.MountPoint, p string) bool {
