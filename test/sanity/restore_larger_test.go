@@ -1,0 +1,108 @@
+package sanity
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+)
+
+// TestRestoreLarger restores a snapshot, and clones a volume, into
+// volumes twice their source's size, and stages them: the spec says such a
+// volume, presented to a workload, "has both the requested (larger) size
+// and contains data from the snapshot", and kubelet asks for no expansion
+// of a PVC that did not grow after it was made. So the filesystem (ext4
+// and XFS) must fill the larger device once staged, with the data there.
+func TestRestoreLarger(t *testing.T) {
+	requireCapabilities(t)
+	bin := buildPlugin(t)
+	for _, fc := range []struct {
+		fs   string
+		size int64
+	}{{"ext4", 64 << 20}, {"xfs", 320 << 20}} { // mkfs.xfs wants at least 300 MiB
+		t.Run(fc.fs, func(t *testing.T) {
+			if _, err := exec.LookPath("mkfs." + fc.fs); err != nil {
+				skipOrFail(t, "SKIPPED LOUDLY: mkfs.%s is not installed: %s restores to a larger size untested", fc.fs, fc.fs)
+			}
+			dir := t.TempDir()
+			sock, data := filepath.Join(dir, "csi.sock"), filepath.Join(dir, "data")
+			ctx := context.Background()
+			t.Cleanup(func() {
+				if forceCleanup(t, dir) {
+					t.Errorf("mounts, loop devices or holders were left under %s", dir)
+				}
+			})
+			p := startPlugin(t, bin, sock, data)
+			t.Cleanup(func() { p.stop(t, os.Interrupt) })
+			ctrl, node := csi.NewControllerClient(connect(t, sock)), csi.NewNodeClient(connect(t, sock))
+			fsCap := &csi.VolumeCapability{
+				AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: fc.fs}},
+				AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+			}
+			var staged [][2]string
+			t.Cleanup(func() {
+				for i := len(staged) - 1; i >= 0; i-- {
+					if _, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: staged[i][0], StagingTargetPath: staged[i][1]}); err != nil {
+						t.Errorf("unstage %s: %v", staged[i][0], err)
+					}
+				}
+			})
+			stage := func(id, name string) string {
+				t.Helper()
+				path := filepath.Join(dir, name)
+				if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: path, VolumeCapability: fsCap}); err != nil {
+					t.Fatalf("stage %s: %v", name, err)
+				}
+				staged = append(staged, [2]string{id, path})
+				return path
+			}
+			fsSize := func(path string) int64 {
+				t.Helper()
+				var st unix.Statfs_t
+				if err := unix.Statfs(path, &st); err != nil {
+					t.Fatal(err)
+				}
+				return int64(st.Blocks) * st.Bsize
+			}
+			create := func(name string, size int64, src *csi.VolumeContentSource) string {
+				t.Helper()
+				cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: size},
+					VolumeCapabilities: []*csi.VolumeCapability{fsCap}, VolumeContentSource: src})
+				if err != nil {
+					t.Fatalf("create %s: %v", name, err)
+				}
+				if got := cv.Volume.CapacityBytes; got != size {
+					t.Fatalf("create %s: capacity %d, want %d", name, got, size)
+				}
+				return cv.Volume.VolumeId
+			}
+			src := create("source", fc.size, nil)
+			srcPath := stage(src, "source")
+			content := []byte("in the source's filesystem")
+			writeFile(t, filepath.Join(srcPath, "f"), content)
+			small := fsSize(srcPath)
+			cs, err := ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap", SourceVolumeId: src})
+			if err != nil {
+				t.Fatal(err)
+			}
+			restored := create("restored", 2*fc.size, &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
+				Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: cs.Snapshot.SnapshotId}}})
+			clone := create("clone", 2*fc.size, &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{
+				Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: src}}})
+			for _, c := range []struct{ id, name string }{{restored, "restored"}, {clone, "clone"}} {
+				path := stage(c.id, c.name)
+				mustRead(t, filepath.Join(path, "f"), content)
+				// Grown to the device: well past the source's size (a
+				// filesystem keeps some of its device for itself).
+				if got := fsSize(path); got < small+fc.size*3/4 {
+					t.Fatalf("%s of a %d-byte %s volume into %d bytes: filesystem of %d bytes (the source's: %d); want it grown to the device",
+						c.name, fc.size, fc.fs, 2*fc.size, got, small)
+				}
+			}
+		})
+	}
+}
