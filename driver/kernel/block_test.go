@@ -38,6 +38,12 @@ func TestBlockIO(t *testing.T) {
 	if got, _ := fe.Device("vol-io"); got != dev {
 		t.Fatalf("Device = %q, want %q", got, dev)
 	}
+	// The attach opened and closed the FUSE file (attachLoop): no FLUSH
+	// may come of it, a forced request that a process killed with the
+	// file open would wait on for good (fopenNoFlush).
+	if n := fe.get("vol-io").srv.nFlush.Load(); n != 0 {
+		t.Fatalf("%d FLUSH requests after the attach, want none", n)
+	}
 	n, _ := loopNumber(dev)
 	if dio, _ := readSysfs(n, "loop/dio"); dio != "1" {
 		t.Fatalf("dio = %q", dio)

@@ -56,6 +56,7 @@ const (
 // Open reply flags (fuse_open_out.open_flags).
 const (
 	fopenDirectIO             = 1 << 0
+	fopenNoFlush              = 1 << 5
 	fopenParallelDirectWrites = 1 << 6
 )
 

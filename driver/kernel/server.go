@@ -65,6 +65,8 @@ type server struct {
 
 	// Counters, for tests and benchmarks.
 	nRead, nWrite, nFsync, nDiscard, nOther atomic.Uint64
+	// nFlush counts FLUSH requests (none are asked for: fopenNoFlush).
+	nFlush atomic.Uint64
 	// nResent counts requests the kernel sent again after NOTIFY_RESEND.
 	nResent atomic.Uint64
 }
@@ -434,9 +436,12 @@ func (s *server) handle(in, out []byte) int {
 		le.PutUint32(p[0:], uint32(size))
 		le.PutUint32(p[4:], 0)
 		return s.okReply(out, h, writeOutSize)
-	case opFsync, opFlush:
-		// FLUSH comes on every close(2) of the file (the loop driver's at
-		// detach); making it a barrier too costs nothing on the hot path.
+	case opFlush:
+		// Not asked for (fopenNoFlush); a kernel that sends one anyway
+		// gets an answer at once, not a wait on the backend (see OPEN).
+		s.nFlush.Add(1)
+		return s.okReply(out, h, 0)
+	case opFsync:
 		s.nFsync.Add(1)
 		if s.readOnly.Load() {
 			return s.okReply(out, h, 0)
@@ -483,7 +488,14 @@ func (s *server) handle(in, out []byte) int {
 		}
 		p := out[outHeaderSize : outHeaderSize+openOutSize]
 		clear(p)
-		le.PutUint32(p[8:], fopenDirectIO|fopenParallelDirectWrites)
+		// NOFLUSH: a close(2) of the file sends no FLUSH. Only our own
+		// opens are ever closed so (the loop driver drops its reference
+		// without close), and a FLUSH is a forced request: a thread
+		// closing the file waits for its answer uninterruptibly, so a
+		// process killed while it held the file open (attachLoop) could
+		// never exit, with no reader left to answer. Durability comes
+		// through FSYNC (the device's flushes).
+		le.PutUint32(p[8:], fopenDirectIO|fopenNoFlush|fopenParallelDirectWrites)
 		return s.okReply(out, h, openOutSize)
 	case opRelease, opDestroy:
 		return s.okReply(out, h, 0)
