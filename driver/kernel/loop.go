@@ -230,6 +230,10 @@ func detachLoop(ctx context.Context, dev string) error {
 		return fmt.Errorf("open %s: %w", dev, err)
 	}
 	f.Close()
+	// What the device is bound to now: once the clear happened the number
+	// may be taken at once by another attach, whose device must then be
+	// neither waited for nor changed below.
+	bound, _ := readSysfs(n, "loop/backing_file")
 	if err := losetup.New(uint64(n), os.O_RDONLY).Detach(); err != nil {
 		if _, serr := readSysfs(n, "loop/backing_file"); serr != nil {
 			return nil // already detached
@@ -241,8 +245,8 @@ func detachLoop(ctx context.Context, dev string) error {
 	// back off so nothing happens behind our back later.
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		if _, err := readSysfs(n, "loop/backing_file"); err != nil {
-			return nil
+		if bf, err := readSysfs(n, "loop/backing_file"); err != nil || bf != bound {
+			return nil // cleared (and perhaps taken since by another file)
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {
 			break
