@@ -291,7 +291,7 @@ func TestRunServesCutCallsBeforeClosing(t *testing.T) {
 	st := &blockingStore{Store: drivertest.NewStore(), entered: make(chan struct{}), release: make(chan struct{})}
 	cfg := testConfig(t, st)
 	cfg.MetricsAddress = ""
-	cfg.ShutdownTimeout = time.Second
+	cfg.ShutdownTimeout = 3 * time.Second // the check below comes 200 ms into the second 3 s
 	fe := &closeRecorder{Frontend: drivertest.NewFrontend()}
 	cfg.openEngines = func(Config) (*engines, error) { return &engines{store: st, frontend: fe}, nil }
 	done, callErr := stopDuringCall(t, cfg, st)
