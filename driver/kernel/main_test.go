@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 	"unsafe"
@@ -135,6 +136,16 @@ func newFrontend(t testing.TB) (*Frontend, string) {
 			}
 		}
 		fe.Close()
+		if t.Failed() {
+			// A test that stopped half way (after a Close, before the next
+			// Frontend took over) may leave a held connection nobody
+			// serves: its loop device would make any later scan of loop
+			// devices (mount -o loop) wait on it. Abort and remove it all.
+			scrub(run, "")
+			for _, pid := range holderPIDs(run) {
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
 		assertNothingLeft(t, fe.cfg.RunDir)
 	})
 	return fe, fe.cfg.RunDir
