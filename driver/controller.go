@@ -608,18 +608,43 @@ func (d *Driver) freezeTarget(id string) (string, error) {
 
 // frozen runs fn with the filesystem on volume id frozen, when the volume is
 // attached here and mounted somewhere; otherwise it just runs fn.
-func (d *Driver) frozen(id string, fn func() error) error {
-	mp, err := d.freezeTarget(id)
-	if err != nil {
-		return err
+func (d *Driver) frozen(id string, fn func() error) error { return d.frozenAll([]string{id}, fn) }
+
+// frozenAll runs fn with the filesystem of every volume in ids frozen (those
+// attached and mounted here), thawing each even when fn or a later freeze
+// fails. Every device to be frozen is taken back first if no one serves it
+// (a freeze writes to it: unserved, the call would never return, holding
+// the volumes' locks), all before the first freeze, so that no member
+// stays frozen while another is taken back.
+func (d *Driver) frozenAll(ids []string, fn func() error) error {
+	mps := make([]string, len(ids))
+	for i, id := range ids {
+		mp, err := d.freezeTarget(id)
+		if err != nil {
+			return err
+		}
+		if mp != "" {
+			if err := d.takeBack(context.Background(), id); err != nil {
+				return err
+			}
+		}
+		mps[i] = mp
 	}
-	if mp == "" {
+	return d.freezeEach(ids, mps, fn)
+}
+
+func (d *Driver) freezeEach(ids, mps []string, fn func() error) error {
+	if len(ids) == 0 {
 		return fn()
 	}
-	// Its I/O waits for a plugin to serve it, and a freeze writes to it:
-	// unserved, the call would never return, holding the volume's lock.
-	if err := d.takeBack(context.Background(), id); err != nil {
-		return err
+	return d.freezeAt(ids[0], mps[0], func() error { return d.freezeEach(ids[1:], mps[1:], fn) })
+}
+
+// freezeAt runs fn with the filesystem of volume id mounted at mp frozen;
+// with mp "", it just runs fn.
+func (d *Driver) freezeAt(id, mp string, fn func() error) error {
+	if mp == "" {
+		return fn()
 	}
 	// The marker outlives a crash between the freeze and the thaw, which
 	// would leave the filesystem frozen (every write of the pod blocked,

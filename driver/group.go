@@ -158,33 +158,6 @@ func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csi.CreateV
 	return &csi.CreateVolumeGroupSnapshotResponse{GroupSnapshot: d.csiGroup(g)}, nil
 }
 
-// frozenAll runs fn with the filesystem of every volume in ids frozen (those
-// attached and mounted here), thawing each even when fn or a later freeze
-// fails.
-func (d *Driver) frozenAll(ids []string, fn func() error) error {
-	// Every member to be frozen served before the first freeze: taking
-	// one back while others are frozen would hold their writers meanwhile.
-	// (The others, not mounted here, are left as a single snapshot leaves
-	// them.)
-	for _, id := range ids {
-		if mp, err := d.freezeTarget(id); err != nil {
-			return err
-		} else if mp != "" {
-			if err := d.takeBack(context.Background(), id); err != nil {
-				return err
-			}
-		}
-	}
-	return d.freezeEach(ids, fn)
-}
-
-func (d *Driver) freezeEach(ids []string, fn func() error) error {
-	if len(ids) == 0 {
-		return fn()
-	}
-	return d.frozen(ids[0], func() error { return d.freezeEach(ids[1:], fn) })
-}
-
 // GetVolumeGroupSnapshot returns a group snapshot. snapshot_ids, when given,
 // must be exactly the group's members (InvalidArgument otherwise).
 func (d *Driver) GetVolumeGroupSnapshot(ctx context.Context, req *csi.GetVolumeGroupSnapshotRequest) (*csi.GetVolumeGroupSnapshotResponse, error) {
