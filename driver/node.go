@@ -409,33 +409,28 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		// while its source (or another copy) is. ext4 has no such check.
 		flags = append(slices.Clone(flags), "nouuid")
 	}
-	if readerOnly(req.GetVolumeCapability()) {
+	existing, err := d.opt.Mounter.GetDiskFormat(dev)
+	if err != nil {
+		return nil, statusf(codes.Internal, "probe %s: %v", dev, err)
+	}
+	switch {
+	case readerOnly(req.GetVolumeCapability()):
 		// Published read-only only (the spec's SINGLE_NODE_READER_ONLY):
-		// staged read-only, and never formatted.
-		if format, err := d.opt.Mounter.GetDiskFormat(dev); err != nil {
-			return nil, statusf(codes.Internal, "probe %s: %v", dev, err)
-		} else if format == "" {
+		// staged read-only, and never formatted (nor grown).
+		if existing == "" {
 			return nil, statusf(codes.FailedPrecondition, "volume %s holds no filesystem, and a reader-only volume is not formatted", id)
 		}
 		flags = append(slices.Clone(flags), "ro")
-	}
-	// A restore or clone larger than its source holds the source's
-	// filesystem, which the spec says must show the larger size: grow it
-	// to the device here (kubelet asks NodeExpandVolume only for PVCs that
-	// grew after they were made). ext4 offline, before the mount (online
-	// growth needs CAP_SYS_RESOURCE, and an fsck first is cheap); XFS
-	// only grows mounted, after it.
-	existing := ""
-	if !readerOnly(req.GetVolumeCapability()) {
-		format, err := d.opt.Mounter.GetDiskFormat(dev)
-		if err != nil {
-			return nil, statusf(codes.Internal, "probe %s: %v", dev, err)
-		}
-		existing = format
-		if existing == "ext4" || existing == "ext3" {
-			if err := growExtOffline(d.opt.Mounter.Exec, dev); err != nil {
-				return nil, statusf(codes.Internal, "grow the filesystem on %s to the device: %v", dev, err)
-			}
+		existing = ""
+	case existing == "ext4" || existing == "ext3":
+		// A restore or clone larger than its source holds the source's
+		// filesystem, which the spec says must show the larger size: grow
+		// it to the device here (kubelet asks NodeExpandVolume only for
+		// PVCs that grew after they were made). ext4 offline, before the
+		// mount (online growth needs CAP_SYS_RESOURCE, and an fsck first
+		// is cheap); XFS only grows mounted, after it (below).
+		if err := growExtOffline(d.opt.Mounter.Exec, dev); err != nil {
+			return nil, statusf(codes.Internal, "grow the filesystem on %s to the device: %v", dev, err)
 		}
 	}
 	if err := d.opt.Mounter.FormatAndMountSensitiveWithFormatOptions(dev, staging, fstype, flags, nil, formatOpts); err != nil {
