@@ -153,53 +153,29 @@ func run(ctx context.Context, cfg Config) (err error) {
 		// process could then never exit (nor a new one take the volumes
 		// back): give them as long again, still served, before going on.
 		if !calls.wait(cfg.ShutdownTimeout) {
-			klog.InfoS("Calls still in flight after the stop; closing anyway", "calls", calls.count())
+			klog.InfoS("Calls still in flight after the stop; closing anyway")
 		}
 	}
 	return nil
 }
 
 // inflight counts the gRPC calls whose handlers are running.
-type inflight struct {
-	mu   sync.Mutex
-	n    int
-	idle chan struct{} // closed when n drops to 0; nil while n is 0
-}
+type inflight struct{ wg sync.WaitGroup }
 
 func (c *inflight) interceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-	c.mu.Lock()
-	if c.n == 0 {
-		c.idle = make(chan struct{})
-	}
-	c.n++
-	c.mu.Unlock()
-	defer func() {
-		c.mu.Lock()
-		if c.n--; c.n == 0 {
-			close(c.idle)
-		}
-		c.mu.Unlock()
-	}()
+	c.wg.Add(1)
+	defer c.wg.Done()
 	return h(ctx, req)
 }
 
-func (c *inflight) count() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.n
-}
-
-// wait reports whether every running handler returned within d.
+// wait reports whether every running handler returned within d. Called
+// after the server's Stop, when no handler starts any more. (On a timeout
+// its goroutine stays: the process is leaving.)
 func (c *inflight) wait(d time.Duration) bool {
-	c.mu.Lock()
-	idle := c.idle
-	n := c.n
-	c.mu.Unlock()
-	if n == 0 {
-		return true
-	}
+	done := make(chan struct{})
+	go func() { c.wg.Wait(); close(done) }()
 	select {
-	case <-idle:
+	case <-done:
 		return true
 	case <-time.After(d):
 		return false
