@@ -496,6 +496,10 @@ func (x *Index) flush() {
 	}
 }
 
+// encode is block.encode with the index's arena and the spare COW-offset
+// width spareBits gives a block of that many runs.
+func (x *Index) encode(k *block, runs []Run) { k.encode(&x.mem, runs, x.spareBits(len(runs))) }
+
 // spareBits is how many bits beyond the need a block of n runs takes for
 // its COW offsets: one while it has room for more runs, none when full.
 // COW chunks are handed out in write order, so a new run's COW is above
@@ -518,7 +522,7 @@ func (x *Index) spareBits(n int) uint {
 func (x *Index) flushTail() {
 	x.hotOK = false
 	var nb block
-	nb.encode(&x.mem, x.tail, x.spareBits(len(x.tail)))
+	x.encode(&nb, x.tail)
 	first := x.tail[0].Origin
 	x.tail = x.tail[:0]
 	if len(x.segs) == 0 {
@@ -630,7 +634,7 @@ func (x *Index) rewrite(s, b int, runs []Run, at int) {
 		return
 	case len(runs) <= x.maxRuns:
 		op := k.p
-		k.encode(&x.mem, runs, x.spareBits(len(runs)))
+		x.encode(k, runs)
 		x.setFirst(s, b, runs[0].Origin, op)
 		return
 	}
@@ -642,9 +646,9 @@ func (x *Index) rewrite(s, b int, runs []Run, at int) {
 		cut = 1
 	}
 	var nb block
-	nb.encode(&x.mem, runs[cut:], x.spareBits(len(runs)-cut))
+	x.encode(&nb, runs[cut:])
 	op := k.p
-	k.encode(&x.mem, runs[:cut], x.spareBits(cut))
+	x.encode(k, runs[:cut])
 	x.setFirst(s, b, runs[0].Origin, op)
 	x.insertBlock(s, b+1, nb, runs[cut].Origin)
 }
@@ -738,7 +742,7 @@ func (x *Index) compact(s, b int) {
 	runs = sg.blocks[b+1].decode(runs)
 	x.scratch = runs
 	op := sg.blocks[b].p
-	sg.blocks[b].encode(&x.mem, runs, x.spareBits(len(runs))) // its first stays
+	x.encode(&sg.blocks[b], runs) // its first stays
 	x.grepoint(sg.firsts[b], op, sg.blocks[b].p)
 	x.deleteBlock(s, b+1)
 }
