@@ -1098,13 +1098,14 @@ func (f *Frontend) Attached() []string {
 	// reboot with the run dir on disk), and names nothing attached.
 	regs, _ := filepath.Glob(filepath.Join(f.volDir, "*.loops"))
 	for _, r := range regs {
-		id := strings.TrimSuffix(filepath.Base(r), ".loops")
+		mp := strings.TrimSuffix(r, ".loops")
+		id := filepath.Base(mp)
 		if validateID(id) != nil || set[id] {
 			continue
 		}
-		for dev := range registeredLoops(strings.TrimSuffix(r, ".loops")) {
+		for dev := range registeredLoops(mp) {
 			if n, err := loopNumber(dev); err == nil {
-				if bf, err := readSysfs(n, "loop/backing_file"); err == nil && (bf == "/" || bf == strings.TrimSuffix(r, ".loops")) {
+				if bf, err := readSysfs(n, "loop/backing_file"); err == nil && (bf == "/" || bf == mp) {
 					set[id] = true
 					break
 				}
