@@ -1311,15 +1311,7 @@ func TestFailedAttachKeepsStageMarker(t *testing.T) {
 func TestUnstageTakesBackUnservedDevice(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
-	id := e.createVolume(t, "unserved", 1<<20).VolumeId
-	b, err := e.store.VolumeBackend(id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dev, err := e.fe.Attach(ctx, id, b, false)
-	if err != nil {
-		t.Fatal(err)
-	}
+	id, dev := e.attachNew(t, "unserved")
 	staging := filepath.Join(t.TempDir(), "staging")
 	if err := os.MkdirAll(staging, 0o750); err != nil {
 		t.Fatal(err)
@@ -1359,15 +1351,7 @@ func TestUnstageTakesBackUnservedDevice(t *testing.T) {
 func TestHealthStagingUnmounted(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
-	id := e.createVolume(t, "staging-gone", 1<<20).VolumeId
-	b, err := e.store.VolumeBackend(id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dev, err := e.fe.Attach(ctx, id, b, false)
-	if err != nil {
-		t.Fatal(err)
-	}
+	id, dev := e.attachNew(t, "staging-gone")
 	staging, target := t.TempDir(), t.TempDir()
 	notMounted := func(bindType string, staged bool) bool {
 		t.Helper()

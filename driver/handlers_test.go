@@ -69,6 +69,21 @@ func (e env) createVolume(t *testing.T, name string, size int64) *csi.Volume {
 	return r.GetVolume()
 }
 
+// attachNew creates a 1 MiB volume and attaches it in the fake frontend,
+// as a stage would.
+func (e env) attachNew(t *testing.T, name string) (id, dev string) {
+	t.Helper()
+	id = e.createVolume(t, name, 1<<20).VolumeId
+	b, err := e.store.VolumeBackend(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dev, err = e.fe.Attach(context.Background(), id, b, false); err != nil {
+		t.Fatal(err)
+	}
+	return id, dev
+}
+
 // stageBlock stages volume id for block access at staging.
 func (e env) stageBlock(t *testing.T, id, staging string) {
 	t.Helper()

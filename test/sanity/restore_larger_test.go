@@ -2,7 +2,6 @@ package sanity
 
 import (
 	"context"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"testing"
@@ -18,8 +17,6 @@ import (
 // of a PVC that did not grow after it was made. So the filesystem (ext4
 // and XFS) must fill the larger device once staged, with the data there.
 func TestRestoreLarger(t *testing.T) {
-	requireCapabilities(t)
-	bin := buildPlugin(t)
 	for _, fc := range []struct {
 		fs   string
 		size int64
@@ -28,17 +25,9 @@ func TestRestoreLarger(t *testing.T) {
 			if _, err := exec.LookPath("mkfs." + fc.fs); err != nil {
 				skipOrFail(t, "SKIPPED LOUDLY: mkfs.%s is not installed: %s restores to a larger size untested", fc.fs, fc.fs)
 			}
-			dir := t.TempDir()
-			sock, data := filepath.Join(dir, "csi.sock"), filepath.Join(dir, "data")
+			dir, cc := runPlugin(t)
 			ctx := context.Background()
-			t.Cleanup(func() {
-				if forceCleanup(t, dir) {
-					t.Errorf("mounts, loop devices or holders were left under %s", dir)
-				}
-			})
-			p := startPlugin(t, bin, sock, data)
-			t.Cleanup(func() { p.stop(t, os.Interrupt) })
-			ctrl, node := csi.NewControllerClient(connect(t, sock)), csi.NewNodeClient(connect(t, sock))
+			ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
 			fsCap := &csi.VolumeCapability{
 				AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: fc.fs}},
 				AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},

@@ -21,18 +21,9 @@ func TestXFSCopiesBesideSource(t *testing.T) {
 	if _, err := exec.LookPath("mkfs.xfs"); err != nil {
 		skipOrFail(t, "SKIPPED LOUDLY: mkfs.xfs is not installed (apt-get install xfsprogs): XFS copies untested")
 	}
-	bin := buildPlugin(t)
-	dir := t.TempDir()
-	sock, data := filepath.Join(dir, "csi.sock"), filepath.Join(dir, "data")
+	dir, cc := runPlugin(t)
 	ctx := context.Background()
-	t.Cleanup(func() {
-		if forceCleanup(t, dir) {
-			t.Errorf("mounts, loop devices or holders were left under %s", dir)
-		}
-	})
-	p := startPlugin(t, bin, sock, data)
-	t.Cleanup(func() { p.stop(t, os.Interrupt) })
-	ctrl, node := csi.NewControllerClient(connect(t, sock)), csi.NewNodeClient(connect(t, sock))
+	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
 	xfsCap := &csi.VolumeCapability{
 		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: "xfs"}},
 		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
