@@ -6,6 +6,8 @@ import (
 	"math/rand"
 	"slices"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestExtentOps checks union, subtract, intersect and align against bitmaps.
@@ -182,6 +184,15 @@ func collect(cs, size int64, call func(fn func(off, length int64) bool) error) (
 // what was ever written), and for every snapshot that AllocatedRanges holds
 // every non-zero chunk and only chunks written before it (exactly those,
 // when the stream has no discards).
+//
+// "Only chunks written before it" is more than AllocatedRanges promises (a
+// superset of the non-zero chunks): the data file's extents come from
+// SEEK_DATA, which is exact on ext4 and tmpfs but not on XFS. XFS places
+// unwritten extents of its own beside written ones (speculative and CoW-fork
+// preallocation; seen in CI, `xfs_io -c "bmap -vp"` flag 010000 on a chunk
+// this model never wrote), and SEEK_DATA calls an unwritten extent data
+// where the page cache holds its (zero) pages, e.g. after a read. There
+// the test checks the promise only: every written chunk is reported.
 func TestMetadataModel(t *testing.T) {
 	seeds := 8
 	if testing.Short() || raceEnabled {
@@ -200,6 +211,11 @@ func TestMetadataModel(t *testing.T) {
 func metadataModel(t *testing.T, seed int64, discards bool) {
 	rng := rand.New(rand.NewSource(seed))
 	dir := t.TempDir()
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	exact := allocExact{unwritten: !discards, seekData: st.Type != unix.XFS_SUPER_MAGIC}
 	s, err := Open(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -300,13 +316,25 @@ func metadataModel(t *testing.T, seed int64, discards bool) {
 		if err := s.check(); err != nil {
 			t.Fatalf("step %d %s: %v", step, desc, err)
 		}
-		if err := checkMetadata(s, m, !discards); err != nil {
+		if err := checkMetadata(s, m, exact); err != nil {
 			t.Fatalf("step %d (%s): %v", step, desc, err)
 		}
 	}
 }
 
-func checkMetadata(s *Store, m *cbtModel, exactAllocated bool) error {
+// allocExact says how exact checkMetadata may expect AllocatedRanges to be.
+type allocExact struct {
+	// unwritten: no chunk was ever discarded, so "written before the
+	// snapshot" implies "reported" (a discard may leave a written chunk a
+	// hole, legitimately unreported).
+	unwritten bool
+	// seekData: SEEK_DATA on this file system reports data only where
+	// something was written, so a chunk never written before the snapshot
+	// must not be reported.
+	seekData bool
+}
+
+func checkMetadata(s *Store, m *cbtModel, exact allocExact) error {
 	cs := m.cs
 	ids := sortedKeys(m.snaps)
 	for _, id := range ids {
@@ -327,11 +355,11 @@ func checkMetadata(s *Store, m *cbtModel, exactAllocated bool) error {
 			if nz && !got[c] {
 				return fmt.Errorf("allocated %s: chunk %d holds data, not reported", id, c)
 			}
-			if got[c] && !w {
+			if exact.seekData && got[c] && !w {
 				return fmt.Errorf("allocated %s: chunk %d reported, never written before", id, c)
 			}
-			if exactAllocated && w != got[c] {
-				return fmt.Errorf("allocated %s: chunk %d reported %v, written before %v", id, c, got[c], w)
+			if exact.unwritten && w && !got[c] {
+				return fmt.Errorf("allocated %s: chunk %d written before, not reported", id, c)
 			}
 		}
 	}
@@ -367,7 +395,7 @@ func checkMetadata(s *Store, m *cbtModel, exactAllocated bool) error {
 				if need && !got[c] {
 					return fmt.Errorf("delta %s..%s: chunk %d past the base's end not reported", bid, tid, c)
 				}
-				if got[c] && !before(m.touched[c], tg.t) && !before(m.quiet[c], tg.t) {
+				if exact.seekData && got[c] && !before(m.touched[c], tg.t) && !before(m.quiet[c], tg.t) {
 					return fmt.Errorf("delta %s..%s: chunk %d reported, never touched before target", bid, tid, c)
 				}
 			}
