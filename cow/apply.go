@@ -3,6 +3,7 @@ package cow
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"slices"
 	"strings"
@@ -102,7 +103,9 @@ func (s *Store) apply(r *record) error {
 		if len(v.chain) == 0 || v.chain[len(v.chain)-1] != sn {
 			return corruptf("exception for snapshot %d, which is not the newest", r.Obj)
 		}
-		if r.Origin >= uint64(chunks(sn.size, v.shift)) || r.COW >= maxBytes>>v.shift {
+		// COW chunk 1 is never handed out (firstCOW): a mapping to it next
+		// to a zero mapping would merge with it into a zero run.
+		if r.Origin >= uint64(chunks(sn.size, v.shift)) || r.COW >= maxBytes>>v.shift || r.COW != 0 && r.COW < firstCOW {
 			return corruptf("exception %d->%d out of range", r.Origin, r.COW)
 		}
 		run := exceptions.Run{Origin: exceptions.Chunk(r.Origin), COW: exceptions.Chunk(r.COW), Len: 1}
@@ -150,8 +153,8 @@ func (s *Store) apply(r *record) error {
 			if uint64(run.Origin)+run.Len > uint64(chunks(sn.size, sn.vol.shift)) || uint64(run.COW)+run.Len > maxBytes>>sn.vol.shift {
 				return corruptf("run %+v out of range", run)
 			}
-			if run.COW == 0 && run.Len != 1 {
-				return corruptf("zero run %+v longer than one chunk", run)
+			if run.COW == 0 && run.Len != 1 || run.COW != 0 && run.COW < firstCOW {
+				return corruptf("zero run %+v longer than one chunk, or a run from reserved COW chunk 1", run)
 			}
 			if s.replay && len(sn.pending) > 0 {
 				sn.pending = append(sn.pending, run)
@@ -211,8 +214,19 @@ func (s *Store) snap(obj uint32) (*Snapshot, error) {
 	return sn, nil
 }
 
+// objsLeft refuses a create that needs n new object numbers when fewer are
+// left: numbers are never reused (they name files) and MaxUint32 is never
+// one, so 4 billion creates, or a damaged checkpoint's next-object record,
+// end creation here rather than in a record no Open would accept.
+func (s *Store) objsLeft(n int) error {
+	if uint64(s.nextObj)+uint64(n) > math.MaxUint32 {
+		return fmt.Errorf("%w: object numbers used up (next %d)", ErrNoSpace, s.nextObj)
+	}
+	return nil
+}
+
 func (s *Store) newObj(obj uint32, id string, internal bool) error {
-	if obj == 0 || obj < s.nextObj || s.objs[obj] != nil {
+	if obj == 0 || obj == math.MaxUint32 || obj < s.nextObj || s.objs[obj] != nil {
 		return corruptf("object number %d reused (next %d)", obj, s.nextObj)
 	}
 	if internal {

@@ -348,7 +348,13 @@ func decodeRecordRuns(b []byte, scratch []exceptions.Run) (*record, int, error) 
 	case recRuns, recPresentRuns:
 		r.Obj = d.u32()
 		n := d.u32()
-		if uint64(n) > uint64(len(d.b)) { // every run takes at least one byte
+		// A run takes at least three varints (two for present runs), so
+		// n bounds the allocation below by the record's own length.
+		perRun := uint64(3)
+		if r.Type == recPresentRuns {
+			perRun = 2
+		}
+		if uint64(n)*perRun > uint64(len(d.b)) {
 			return nil, 0, corruptf("record type %d: %d runs in %d bytes", r.Type, n, len(d.b))
 		}
 		if uint32(cap(scratch)) >= n {

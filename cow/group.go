@@ -177,6 +177,9 @@ func (s *Store) CreateSnapshotGroup(groupID string, members []GroupMember, o Sna
 	if err := errors.Join(errs...); err != nil {
 		return GroupInfo{}, err
 	}
+	if err := s.objsLeft(len(members)); err != nil {
+		return GroupInfo{}, err
+	}
 	now := nowNanos()
 	recs := make([]*record, 0, len(members)+1)
 	gr := &record{Type: recGroup, ID: groupID, Created: now}

@@ -814,6 +814,9 @@ func (s *Store) CreateVolume(id string, size int64, o VolumeOptions) (*Volume, e
 	if s.byID[id] != nil {
 		return nil, fmt.Errorf("%w: %q", ErrExists, id)
 	}
+	if err := s.objsLeft(1); err != nil {
+		return nil, err
+	}
 	r := &record{Type: recVolume, Obj: s.nextObj, Size: size, ChunkSize: uint32(cs), ID: id, Labels: o.Labels}
 	if err := s.createFiles(r.Obj); err != nil {
 		return nil, err
@@ -899,6 +902,9 @@ func (s *Store) clone(snapID, volID, newID string, size int64, o VolumeOptions) 
 		cs = srcCS
 	}
 	if _, err := chunkShift(int(cs)); err != nil {
+		return nil, err
+	}
+	if err := s.objsLeft(len(recs) + 1); err != nil {
 		return nil, err
 	}
 	recs = append(recs, &record{Type: recVolume, Obj: s.nextObj + uint32(len(recs)), Parent: parent, Size: size,
@@ -1080,6 +1086,9 @@ func (s *Store) CreateSnapshot(volID, snapID string, o SnapshotOptions) (*Snapsh
 	}
 	v.gate.Lock()
 	defer v.gate.Unlock()
+	if err := s.objsLeft(1); err != nil {
+		return nil, err
+	}
 	r := &record{Type: recSnapshot, Obj: s.nextObj, Parent: v.obj, Size: v.Size(), Created: nowNanos(),
 		Limit: o.Limit, ID: snapID, Labels: o.Labels}
 	// The store lock is dropped once the record is applied and queued (see

@@ -1,0 +1,144 @@
+package cow
+
+import (
+	"encoding/binary"
+	"errors"
+	"math"
+	"os"
+	"path/filepath"
+	"runtime"
+	"testing"
+
+	"github.com/csi-snap/csi-snap/exceptions"
+)
+
+// openLog opens a store whose log is the checkpoint records ckpt followed
+// by the batches (data and COW files of objects 1-8 present, empty).
+func openLog(t *testing.T, ckpt []*record, batches ...[]*record) (*Store, string, error) {
+	t.Helper()
+	dir := t.TempDir()
+	body := appendRecords(nil, ckpt)
+	end := uint64(headerSize + len(body))
+	for i, b := range batches {
+		body = appendRecord(body, &record{Type: recBatch, Seq: uint64(i + 1)})
+		body = appendRecords(body, b)
+	}
+	h := header{Version: logVersion2, CheckpointEnd: end}
+	if err := os.WriteFile(filepath.Join(dir, logName), append(h.encode(), body...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	placeFiles(t, dir, 8)
+	s, err := Open(dir)
+	return s, dir, err
+}
+
+// TestReservedCOWChunkIsCorrupt: COW chunk 1 is never handed out, so a
+// record mapping to it is damage. Before, Open took it, merged it with a
+// zero mapping of the chunk before into one "zero" run of several chunks
+// (the index joins {5→0} and {6→1} as 0+1 == 1), which no check saw and
+// the next checkpoint wrote out, after which the store never opened again.
+func TestReservedCOWChunkIsCorrupt(t *testing.T) {
+	base := []*record{
+		{Type: recVolume, Obj: 1, Size: 64 << 10, ChunkSize: 4096, ID: "v"},
+		{Type: recSnapshot, Obj: 2, Parent: 1, Size: 64 << 10, Created: 1, ID: "s"},
+		{Type: recNextObj, Obj: 3},
+	}
+	zero := crc(make([]byte, 4096))
+	for name, c := range map[string]struct {
+		ckpt    []*record
+		batches [][]*record
+	}{
+		"runs record": {ckpt: append(base[:2:2],
+			&record{Type: recRuns, Obj: 2, Runs: []exceptions.Run{{Origin: 5, COW: 0, Len: 1}, {Origin: 6, COW: 1, Len: 3}}},
+			base[2])},
+		"exception records": {ckpt: base, batches: [][]*record{
+			{{Type: recExc, Obj: 2, Origin: 5, COW: 0, DataCRC: zero}, {Type: recExc, Obj: 2, Origin: 6, COW: 1, DataCRC: zero}},
+			{{Type: recResize, Obj: 1, Size: 128 << 10}}, // so the batch above is not the last
+		}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			s, _, err := openLog(t, c.ckpt, c.batches...)
+			if err == nil {
+				s.Close()
+			}
+			if !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("Open: %v, want ErrCorrupt", err)
+			}
+		})
+	}
+}
+
+// TestObjectNumbersUsedUp: a next-object record near the top of the
+// object numbers (damage, or 4 billion creates) stops creation with
+// ErrNoSpace before a record is written, and the store still opens.
+// Before, the number wrapped to 0 and the create's record made every
+// later Open fail with ErrCorrupt ("object number 0 reused").
+func TestObjectNumbersUsedUp(t *testing.T) {
+	s, dir, err := openLog(t, []*record{{Type: recNextObj, Obj: math.MaxUint32 - 2}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := s.CreateVolume("a", 64<<10, VolumeOptions{ChunkSize: 4096})
+	if err != nil {
+		t.Fatal(err) // object MaxUint32-2
+	}
+	if _, err := s.CloneVolume("a", "c", 64<<10, VolumeOptions{}); !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("clone needing objects MaxUint32-1 and MaxUint32: %v, want ErrNoSpace", err)
+	}
+	if _, err := s.CreateSnapshot("a", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err) // object MaxUint32-1, the last one
+	}
+	if _, err := s.CreateVolume("b", 64<<10, VolumeOptions{}); !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("CreateVolume past the last object number: %v, want ErrNoSpace", err)
+	}
+	if _, err := s.CreateSnapshot("a", "t", SnapshotOptions{}); !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("CreateSnapshot past the last object number: %v, want ErrNoSpace", err)
+	}
+	if _, err := s.CreateSnapshotGroup("g", []GroupMember{{VolumeID: "a", SnapshotID: "u"}}, SnapshotOptions{}); !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("group snapshot past the last object number: %v, want ErrNoSpace", err)
+	}
+	if _, err := v.WriteAt([]byte{1}, 0); err != nil {
+		t.Fatalf("the store must stay usable: %v", err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if s, err = Open(dir); err != nil {
+		t.Fatalf("reopen: %v", err)
+	}
+	defer s.Close()
+	if err := s.check(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Snapshot("s"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestRunCountBoundsAllocation: a runs record's count is bounded by the
+// bytes its runs need (three varints each), so a record claiming 16 M runs
+// in 16 MiB fails without allocating 24 bytes for each of them (384 MiB
+// before).
+func TestRunCountBoundsAllocation(t *testing.T) {
+	const n = 16<<20 - 16                               // runs claimed; the payload has one byte for each
+	payload := binary.LittleEndian.AppendUint32(nil, 2) // snapshot object
+	payload = binary.LittleEndian.AppendUint32(payload, n)
+	for len(payload) < n+8 {
+		payload = append(payload, 1)
+	}
+	b := binary.LittleEndian.AppendUint32(nil, uint32(len(payload)))
+	b = append(b, recRuns)
+	b = append(b, payload...)
+	b = binary.LittleEndian.AppendUint32(b, crc(b))
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	_, _, err := decodeRecord(b)
+	runtime.ReadMemStats(&after)
+	if !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("decode: %v, want ErrCorrupt", err)
+	}
+	if got := after.TotalAlloc - before.TotalAlloc; got > 64<<20 {
+		t.Fatalf("decoding allocated %d MiB", got>>20)
+	}
+}
