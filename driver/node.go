@@ -413,32 +413,38 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err != nil {
 		return nil, statusf(codes.Internal, "probe %s: %v", dev, err)
 	}
-	switch {
-	case readerOnly(req.GetVolumeCapability()):
+	if readerOnly(req.GetVolumeCapability()) {
 		// Published read-only only (the spec's SINGLE_NODE_READER_ONLY):
-		// staged read-only, and never formatted (nor grown).
+		// staged read-only, and never formatted (nor grown: "ro" below).
 		if existing == "" {
 			return nil, statusf(codes.FailedPrecondition, "volume %s holds no filesystem, and a reader-only volume is not formatted", id)
 		}
 		flags = append(slices.Clone(flags), "ro")
-		existing = ""
-	case existing == "ext4" || existing == "ext3":
-		// A restore or clone larger than its source holds the source's
-		// filesystem, which the spec says must show the larger size: grow
-		// it to the device here (kubelet asks NodeExpandVolume only for
-		// PVCs that grew after they were made). ext4 offline, before the
-		// mount (online growth needs CAP_SYS_RESOURCE, and an fsck first
-		// is cheap); XFS only grows mounted, after it (below).
-		if err := growExtOffline(d.opt.Mounter.Exec, dev); err != nil {
-			return nil, statusf(codes.Internal, "grow the filesystem on %s to the device: %v", dev, err)
-		}
 	}
 	if err := d.opt.Mounter.FormatAndMountSensitiveWithFormatOptions(dev, staging, fstype, flags, nil, formatOpts); err != nil {
 		return nil, statusf(codes.Internal, "format and mount %s (%s) at %s: %v", dev, fstype, staging, err)
 	}
-	if existing == "xfs" {
-		// xfs_growfs does nothing when the filesystem fills the device.
-		if _, err := mount.NewResizeFs(d.opt.Mounter.Exec).Resize(dev, staging); err != nil {
+	if grow := existing == "ext4" || existing == "ext3" || existing == "xfs"; grow && !slices.Contains(flags, "ro") {
+		// A restore or clone larger than its source holds the source's
+		// filesystem, which the spec says must show the larger size, and
+		// a PVC expanded while no pod used it was grown only in the store
+		// (ControllerExpandVolume): grow the filesystem to the device here,
+		// mounted, as NodeExpandVolume does (resize2fs online, journaled by
+		// ext4; xfs_growfs), as other block drivers' NodeStage does. Not
+		// offline before the mount: resize2fs offline is not crash-safe on
+		// the user's only copy, needs a forced fsck first, and fails on a
+		// filesystem mounted elsewhere (a publish whose staging mount went
+		// missing). ext4's online resize needs CAP_SYS_RESOURCE, which the
+		// chart's privileged container has. Not when mounted read-only.
+		r := mount.NewResizeFs(d.opt.Mounter.Exec)
+		need, err := r.NeedResize(dev, staging)
+		if err == nil && need {
+			_, err = r.Resize(dev, staging)
+			if err == nil {
+				klog.InfoS("Grew the filesystem to its device", "volumeID", id, "device", dev, "stagingPath", staging)
+			}
+		}
+		if err != nil {
 			if uerr := d.opt.Mounter.Unmount(staging); uerr != nil {
 				klog.ErrorS(uerr, "Unmount after a failed grow", "stagingPath", staging)
 			}
@@ -448,56 +454,6 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	staged = true
 	klog.V(2).InfoS("Staged volume", "volumeID", id, "device", dev, "stagingPath", staging, "fstype", fstype)
 	return &csi.NodeStageVolumeResponse{}, nil
-}
-
-// growExtOffline grows the unmounted ext3/ext4 filesystem on dev to the
-// device's size when it is at least a block smaller: a forced fsck
-// (resize2fs refuses a filesystem not checked since its last mount), then
-// resize2fs.
-func growExtOffline(ex utilexec.Interface, dev string) error {
-	out, err := ex.Command("dumpe2fs", "-h", dev).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("dumpe2fs: %v: %s", err, out)
-	}
-	var blocks, bsize int64
-	for _, line := range strings.Split(string(out), "\n") {
-		k, v, ok := strings.Cut(line, ":")
-		if !ok {
-			continue
-		}
-		switch strings.TrimSpace(k) {
-		case "Block count":
-			blocks, _ = strconv.ParseInt(strings.TrimSpace(v), 10, 64)
-		case "Block size":
-			bsize, _ = strconv.ParseInt(strings.TrimSpace(v), 10, 64)
-		}
-	}
-	if blocks <= 0 || bsize <= 0 {
-		return fmt.Errorf("dumpe2fs -h %s: no block count and size in %q", dev, out)
-	}
-	out, err = ex.Command("blockdev", "--getsize64", dev).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("blockdev --getsize64: %v: %s", err, out)
-	}
-	size, err := strconv.ParseInt(strings.TrimSpace(string(out)), 10, 64)
-	if err != nil {
-		return fmt.Errorf("blockdev --getsize64 %s: %q", dev, out)
-	}
-	if (blocks+1)*bsize > size {
-		return nil // fills the device
-	}
-	// e2fsck: exit 1 is "errors corrected", fine; 2 and up are not.
-	if out, err := ex.Command("e2fsck", "-f", "-p", dev).CombinedOutput(); err != nil {
-		var ee utilexec.ExitError
-		if !errors.As(err, &ee) || ee.ExitStatus() > 1 {
-			return fmt.Errorf("e2fsck -f -p: %v: %s", err, out)
-		}
-	}
-	if out, err := ex.Command("resize2fs", dev).CombinedOutput(); err != nil {
-		return fmt.Errorf("resize2fs: %v: %s", err, out)
-	}
-	klog.InfoS("Grew a copied filesystem to its device", "device", dev, "from", blocks*bsize, "to", size)
-	return nil
 }
 
 // stageMarker is the file that exists while a NodeStageVolume of volume id
