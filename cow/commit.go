@@ -1,6 +1,7 @@
 package cow
 
 import (
+	"errors"
 	"fmt"
 	"sync"
 )
@@ -45,10 +46,14 @@ type committer struct {
 	// on cond: applied is the id of the last batch whose overlay entries
 	// reached the data files; ovUsed the bytes of overlay reserved or held,
 	// at most ovCap unless one request alone needs more.
-	cond    sync.Cond
-	applied uint64
-	ovUsed  int64
-	ovCap   int64
+	// syncLost is told (before the error is made sticky) when an fsync of
+	// the log, a data or a COW file fails: the store drops its kill
+	// journal (Store.dropJournal).
+	syncLost func()
+	cond     sync.Cond
+	applied  uint64
+	ovUsed   int64
+	ovCap    int64
 	// unwritten counts the pending copies queued and not yet written to
 	// their COW files (tests: the crash test reports kills that land then).
 	unwritten int64
@@ -236,6 +241,19 @@ func (c *committer) syncStage(toSync <-chan *batch, toApply chan<- *batch) {
 		c.mu.Unlock()
 		if err != nil && b.failed == nil {
 			b.failed = err
+			if _, ok := errors.AsType[*syncError](err); ok {
+				c.lostSync()
+			}
+			if n > 0 {
+				// Unwrite the batch (best effort): an Open in this boot
+				// reads the log's page cache, which holds the batch
+				// whether or not it, or the chunks it points to, reached
+				// the disk, and would build on it; with zeros there it
+				// ends the log where the disk's durable part surely ends.
+				// If the disk has the batch whole, it is the disk's last
+				// one, whose copies replay checks (FORMAT.md).
+				writeFull(c.f, make([]byte, n), end)
+			}
 			c.fail(err)
 		}
 		toApply <- b
@@ -436,11 +454,14 @@ func containsFile(fs []file, f file) bool {
 	return false
 }
 
+// writeBatch writes the batch at end of the log and syncs the log and
+// files. It returns the batch's length in bytes, also with an error (a
+// failed sync is a *syncError).
 func writeBatch(log file, seq uint64, end int64, buf []byte, files []file) (int64, error) {
 	out := appendRecord(make([]byte, 0, len(buf)+32), &record{Type: recBatch, Seq: seq})
 	out = append(out, buf...)
 	if err := writeFull(log, out, end); err != nil {
-		return 0, err
+		return int64(len(out)), err
 	}
 	errs := make(chan error, len(files))
 	for _, f := range files {
@@ -452,7 +473,10 @@ func writeBatch(log file, seq uint64, end int64, buf []byte, files []file) (int6
 			err = e
 		}
 	}
-	return int64(len(out)), err
+	if err != nil {
+		return int64(len(out)), &syncError{err}
+	}
+	return int64(len(out)), nil
 }
 
 // failSync makes the failed fsync of the data or COW file name the sticky
@@ -461,9 +485,22 @@ func writeBatch(log file, seq uint64, end int64, buf []byte, files []file) (int6
 // next fsync of the file returns 0 without them on disk, and only a
 // reopen (which re-derives the state from what is durable) can go on.
 func (c *committer) failSync(name string, err error) error {
+	c.lostSync()
 	c.fail(fmt.Errorf("sync %s: %w", name, err))
 	return c.failed()
 }
+
+func (c *committer) lostSync() {
+	if c.syncLost != nil {
+		c.syncLost()
+	}
+}
+
+// syncError is a failed fsync in writeBatch (not a failed write).
+type syncError struct{ err error }
+
+func (e *syncError) Error() string { return "sync: " + e.err.Error() }
+func (e *syncError) Unwrap() error { return e.err }
 
 // failed returns the sticky error, if any.
 func (c *committer) failed() error {

@@ -543,6 +543,7 @@ func (s *Store) openJournal() error {
 		return err
 	}
 	s.jnl = j
+	s.jnlNow.Store(j)
 	return nil
 }
 
@@ -656,4 +657,41 @@ func (s *Store) redoPresent(r jRec) (*Volume, error) {
 	v.pendingPresent = append(v.pendingPresent, uint64(r.c))
 	v.presentMarks++
 	return v, nil
+}
+
+// dropJournal empties the kill journal for good after an fsync of the
+// log, a data or a COW file failed (committer.syncLost). After a
+// writeback error Linux may have dropped the failed pages and marked them
+// clean, and a later fsync, even on a new file descriptor, returns 0: the
+// page cache, which a same-boot redo trusts, no longer tells what the disk
+// holds. A redo would then make durable what the failure lost, e.g. a
+// clone's present mark over a chunk whose bytes (its source's, which the
+// user never wrote) did not reach the disk, so the clone would read zeros
+// there instead of its source. Without the journal, the next Open knows
+// only what the log holds, as after a power cut: the writes since the last
+// Flush may be lost, and the failed Flush said so.
+func (s *Store) dropJournal() {
+	if j := s.jnlNow.Load(); j != nil {
+		j.drop()
+		return
+	}
+	// Open's redo runs before the journal is published: empty the files
+	// by name (best effort; the store fails anyway).
+	s.eachJournalFile(func(f file) error { return f.Truncate(0) })
+}
+
+// drop makes the journal refuse every record from now on and empties its
+// files (dropJournal).
+func (j *journal) drop() {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.err.Load() == nil {
+		e := error(fmt.Errorf("%w: kill journal dropped after a failed fsync", ErrClosed))
+		j.err.Store(&e)
+	}
+	for _, f := range j.f {
+		if f != nil {
+			f.Truncate(0)
+		}
+	}
 }

@@ -30,15 +30,16 @@ type Store struct {
 	nextObj  uint32         // next object number; never reused, so file names never are
 	hdr      header
 	log      *committer
-	replay   bool                   // Open is replaying: no I/O side effects in apply
-	cpEnd    int64                  // Open: where the log's checkpoint part ends (its first batch)
-	dirty    map[*Snapshot]struct{} // replay: snapshots with pending inserts
-	cowMu    sync.Mutex             // guards opening COW files lazily
-	isClosed atomic.Bool            // for the I/O paths, which do not take mu
-	survive  atomic.Bool            // SetSurviveKill: writes return once a process kill cannot lose them
-	jnl      *journal               // the kill journal (journal.go); nil where the boot has no identity
-	openGen  uint64                 // Open: the log's generation before any checkpoint of Open's (the journal's)
-	redone   int64                  // writes and marks Open redid from the kill journal (Stats)
+	replay   bool                    // Open is replaying: no I/O side effects in apply
+	cpEnd    int64                   // Open: where the log's checkpoint part ends (its first batch)
+	dirty    map[*Snapshot]struct{}  // replay: snapshots with pending inserts
+	cowMu    sync.Mutex              // guards opening COW files lazily
+	isClosed atomic.Bool             // for the I/O paths, which do not take mu
+	survive  atomic.Bool             // SetSurviveKill: writes return once a process kill cannot lose them
+	jnl      *journal                // the kill journal (journal.go); nil where the boot has no identity
+	jnlNow   atomic.Pointer[journal] // jnl, for the committer's goroutines (dropJournal)
+	openGen  uint64                  // Open: the log's generation before any checkpoint of Open's (the journal's)
+	redone   int64                   // writes and marks Open redid from the kill journal (Stats)
 	// logNow mirrors log for Err, which must not wait for mu (a
 	// Checkpoint holds it while it writes the whole state).
 	logNow atomic.Pointer[committer]
@@ -713,6 +714,7 @@ func (s *Store) Err() error {
 // setLog makes c the log the store appends to. Called with mu (or before
 // Open returns).
 func (s *Store) setLog(c *committer) {
+	c.syncLost = s.dropJournal
 	s.log = c
 	s.logNow.Store(c)
 }
