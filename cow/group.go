@@ -256,9 +256,10 @@ func (s *Store) DeleteSnapshotGroup(groupID string) error {
 	slices.SortFunc(vs, func(a, b *Volume) int { return int(b.obj) - int(a.obj) })
 	defer lockGates(vs)()
 	// As DeleteSnapshot: an overlay entry belongs to its volume's newest
-	// snapshot, so the members' volumes drain before the chains change.
-	for _, sn := range g.members {
-		if err := sn.vol.drain(); err != nil {
+	// snapshot, so the volumes whose chains may change (the members' and
+	// their lineages') drain first.
+	for _, v := range vs {
+		if err := v.drain(); err != nil {
 			return err
 		}
 	}

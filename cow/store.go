@@ -1041,9 +1041,15 @@ func (s *Store) DeleteSnapshot(id string) error {
 	if err := s.checkNotGroupMember(sn); err != nil {
 		return err
 	}
-	defer lockGates(lineage(sn.vol))()
-	if err := sn.vol.drain(); err != nil {
-		return err
+	lin := lineage(sn.vol)
+	defer lockGates(lin)()
+	// The whole lineage drains, as for DeleteVolume: deleting sn can reap
+	// a deleted clone that only sn kept, and with it the clone's source's
+	// hidden snapshot, which changes that volume's chain.
+	for _, u := range lin {
+		if err := u.drain(); err != nil {
+			return err
+		}
 	}
 	return s.commitApply(&record{Type: recDelete, Obj: sn.obj})
 }
