@@ -461,7 +461,7 @@ func TestPipelineOverlapKeepsOrder(t *testing.T) {
 	}
 	checkData("after batch N's log sync failed")
 	s.Close()
-	s2, err := Open(dir)
+	s2, err := openAfterInjectedFault(t, dir, true)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -169,7 +169,10 @@
 //     (in Flush or a checkpoint), makes the store refuse changes (ErrClosed)
 //     until reopened: after a failed fsync the state on disk is unknown (a
 //     retried fsync may return 0 with the failed pages lost), and Open
-//     re-derives it.
+//     re-derives it. Since Open would read those pages from the page cache,
+//     a failed fsync (also one of Open's own) marks the store (file
+//     sync-lost), and Open refuses it with ErrSyncLost until the machine
+//     reboots (FORMAT.md, "After a failed fsync").
 //   - A rollback in progress (or interrupted and not yet resumed) makes the
 //     volume refuse writes, discards, snapshots, resizes, clones (of the
 //     volume; its snapshots can be cloned) and deletes with

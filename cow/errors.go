@@ -34,6 +34,11 @@ var (
 	ErrNoSpace = errors.New("cow: no space")
 	// ErrBadArgument: a size, chunk size, label set or option is out of bounds.
 	ErrBadArgument = errors.New("cow: bad argument")
+	// ErrSyncLost: Open refuses a store whose fsync failed earlier in this
+	// boot of the machine (FORMAT.md, "After a failed fsync"): the page
+	// cache, which Open would read, may hold data the disk lacks. A reboot
+	// clears it; removing the store's "sync-lost" file opens it anyway.
+	ErrSyncLost = errors.New("cow: an fsync of the store failed in this boot")
 	// ErrInUse: another open Store (in this or another process) holds the
 	// directory's lock; see Open.
 	ErrInUse = errors.New("cow: store directory in use")

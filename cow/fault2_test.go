@@ -53,7 +53,7 @@ func TestFaultInjection(t *testing.T) {
 					t.Fatalf("a %s fault was injected but no operation failed", kind)
 				}
 				s.Close()
-				s2, err := Open(dir)
+				s2, err := openAfterInjectedFault(t, dir, kind == "sync")
 				if err != nil {
 					t.Fatalf("reopen after fault in %v: %v", *failedOp, err)
 				}

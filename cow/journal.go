@@ -671,6 +671,7 @@ func (s *Store) redoPresent(r jRec) (*Volume, error) {
 // only what the log holds, as after a power cut: the writes since the last
 // Flush may be lost, and the failed Flush said so.
 func (s *Store) dropJournal() {
+	s.markSyncLost()
 	if j := s.jnlNow.Load(); j != nil {
 		j.drop()
 		return
@@ -694,4 +695,51 @@ func (j *journal) drop() {
 			f.Truncate(0)
 		}
 	}
+}
+
+// syncLostName is the file that marks a failed fsync for the rest of the
+// boot: its first 16 bytes are the boot's identity.
+const syncLostName = "sync-lost"
+
+// markSyncLost records that an fsync of the store failed in this boot
+// (best effort, not synced: it only matters until the next reboot). An
+// Open in the same boot then refuses with ErrSyncLost: it would read the
+// page cache, where the failed pages may still hold what the disk lacks
+// (Linux marks them clean, and a new fsync returns 0), and build on it:
+// replay a batch the disk does not have and append batches after it that
+// a power cut would cut off with it, or trust copies that never reached
+// the disk. Dropping the journal and unwriting the failed batch cover the
+// failures the running store sees; this covers those that Open meets
+// (pages a killed process left) and anything else the cache may hide.
+func (s *Store) markSyncLost() {
+	boot, ok := readBootID()
+	if !ok {
+		return // no way to tell this boot from the next: nothing to mark
+	}
+	f, err := s.fs.Open(syncLostName, true)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	writeFull(f, boot[:], 0)
+}
+
+// checkSyncLost refuses to open a store marked by markSyncLost in this
+// boot, and removes a mark of another boot.
+func (s *Store) checkSyncLost() error {
+	f, err := s.fs.Open(syncLostName, false)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var mark [16]byte
+	rerr := readFull(f, mark[:], 0)
+	f.Close()
+	if boot, ok := readBootID(); ok && rerr == nil && mark == boot {
+		return fmt.Errorf("%w: the page cache may hold data the disk lacks, so the store does not open again until the machine reboots (or %s in the store's directory is removed, accepting that risk)",
+			ErrSyncLost, syncLostName)
+	}
+	return s.fs.Remove(syncLostName)
 }

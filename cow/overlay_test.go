@@ -246,7 +246,7 @@ func TestOverlayCommitFails(t *testing.T) {
 		t.Fatalf("CreateSnapshot after a failed batch: %v, want ErrClosed", err)
 	}
 	s.Close()
-	s2, err := Open(dir)
+	s2, err := openAfterInjectedFault(t, dir, true)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -140,6 +140,9 @@ func openFS(dir string, fs fsys) (*Store, error) {
 }
 
 func (s *Store) load() error {
+	if err := s.checkSyncLost(); err != nil {
+		return err
+	}
 	if err := s.fs.Remove(logTmpName); err != nil {
 		return err
 	}
@@ -203,6 +206,7 @@ func (s *Store) load() error {
 	// those records durable for good and lets origin writes skip the copy.
 	if err := s.syncAllFiles(lf); err != nil {
 		lf.Close()
+		s.dropJournal() // and mark the boot: see markSyncLost
 		return err
 	}
 	s.setLog(newCommitter(lf, end, seq))

@@ -75,7 +75,7 @@ func TestFailedSyncIsSticky(t *testing.T) {
 			}
 			s.Close()
 
-			s2, err := Open(dir)
+			s2, err := openAfterInjectedFault(t, dir, true)
 			if err != nil {
 				t.Fatal(err)
 			}

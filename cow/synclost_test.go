@@ -1,0 +1,97 @@
+package cow
+
+import (
+	"errors"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// TestSyncLostRefusesSameBoot: a process is killed with writes in the page
+// cache only; the next Open's fsync of them fails (the disk dropped them).
+// Open fails, and every later Open in the same boot must refuse with
+// ErrSyncLost: it would read those pages from the page cache, where Linux
+// left them clean, and build on what the disk lacks (a new fsync returns
+// 0). After a reboot the store opens from what the disk holds.
+func TestSyncLostRefusesSameBoot(t *testing.T) {
+	real := readBootID
+	defer func() { readBootID = real }()
+	bootAs := func(n byte) { readBootID = func() ([16]byte, bool) { return [16]byte{0x5c, n}, true } }
+	bootAs(1)
+	fs := newPLFS()
+	s, err := openFS("store", fs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := s.CreateVolume("v", 64<<10, VolumeOptions{ChunkSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(4096, 7), 0); err != nil {
+		t.Fatal(err)
+	}
+	fs = fs.kill() // no Flush: chunk 0 of the data file is dirty
+	fs.mu.Lock()
+	fs.syncFailAt = fs.ops + 1
+	fs.mu.Unlock()
+	if s2, err := openFS("store", fs); err == nil {
+		s2.Close()
+		t.Fatal("Open whose fsync failed succeeded")
+	}
+	if fs.syncFailedName() == "" {
+		t.Fatal("no fsync failed in Open")
+	}
+	for range 2 {
+		s2, err := openFS("store", fs)
+		if err == nil {
+			s2.Close()
+		}
+		if !errors.Is(err, ErrSyncLost) {
+			t.Fatalf("Open in the same boot after the failed fsync: %v, want ErrSyncLost", err)
+		}
+	}
+	bootAs(2) // the machine rebooted
+	disk := fs.crash(rand.New(rand.NewSource(1)))
+	s, err = openFS("store", disk)
+	if err != nil {
+		t.Fatalf("Open after the reboot: %v", err)
+	}
+	defer s.Close()
+	if _, err := s.Volume("v"); err != nil {
+		t.Fatal(err) // its record was flushed by CreateVolume
+	}
+	if err := s.check(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := disk.Open(syncLostName, false); err == nil {
+		t.Fatal("the mark of the old boot is still there")
+	}
+}
+
+// openAfterInjectedFault opens dir again after a test injected a fault
+// into the store's files. An injected fsync failure marks the store
+// (sync-lost), and the same-boot Open must refuse it with ErrSyncLost;
+// the injection dropped no pages, so the test then removes the mark, as an
+// operator who knows the disk kept everything would, and opens the store.
+// wantMark says whether the fault was a failed fsync.
+func openAfterInjectedFault(t *testing.T, dir string, wantMark bool) (*Store, error) {
+	t.Helper()
+	mark := filepath.Join(dir, syncLostName)
+	_, err := os.Stat(mark)
+	if marked := err == nil; marked != wantMark {
+		t.Fatalf("after the injected fault, %s exists: %v, want %v", mark, marked, wantMark)
+	}
+	if wantMark {
+		if s, err := Open(dir); !errors.Is(err, ErrSyncLost) {
+			if err == nil {
+				s.Close()
+			}
+			t.Fatalf("Open in the same boot after a failed fsync: %v, want ErrSyncLost", err)
+		}
+		if err := os.Remove(mark); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return Open(dir)
+}
