@@ -91,10 +91,11 @@ func sizeFits(size int64, r *csi.CapacityRange) bool {
 // storeErr answers Unavailable while the store has failed (or closed): its
 // memory may then hold objects that never reached the disk, so no "it
 // exists" answer (an idempotent create found by name, a listing) may come
-// from it. A restart reopens the store from its log.
+// from it. A restart reopens the store from its log, except after a failed
+// fsync: then only a reboot of the node does (cow.ErrSyncLost).
 func (d *Driver) storeErr() error {
 	if err := d.opt.Store.Err(); err != nil {
-		return toStatus(fmt.Errorf("the volume store failed; restart the plugin to reopen it: %w", err))
+		return toStatus(fmt.Errorf("the volume store failed; restart the plugin to reopen it (after a failed fsync it reopens only once the node rebooted): %w", err))
 	}
 	return nil
 }
