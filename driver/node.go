@@ -436,6 +436,15 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		// filesystem mounted elsewhere (a publish whose staging mount went
 		// missing). ext4's online resize needs CAP_SYS_RESOURCE, which the
 		// chart's privileged container has. Not when mounted read-only.
+		//
+		// A failed grow does not fail the stage: the filesystem works at
+		// its old size, where a failed stage would keep the pod from
+		// starting at all, on every retry (an ext4 with its error flag set
+		// refuses to grow online until fsck'd; resize2fs asks the kernel
+		// even when only a partial last group is missing, which mke2fs
+		// leaves on many sizes, e.g. 20G). It is logged as an error; an
+		// expansion pending on the PVC is retried by kubelet's
+		// NodeExpandVolume, which reports its failure on the PVC.
 		r := mount.NewResizeFs(d.opt.Mounter.Exec)
 		need, err := r.NeedResize(dev, staging)
 		if err == nil && need {
@@ -445,10 +454,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 			}
 		}
 		if err != nil {
-			if uerr := d.opt.Mounter.Unmount(staging); uerr != nil {
-				klog.ErrorS(uerr, "Unmount after a failed grow", "stagingPath", staging)
-			}
-			return nil, statusf(codes.Internal, "grow the filesystem on %s at %s to the device: %v", dev, staging, err)
+			klog.ErrorS(err, "Could not grow the filesystem to its device; it keeps its size", "volumeID", id, "device", dev, "stagingPath", staging)
 		}
 	}
 	staged = true
