@@ -87,7 +87,10 @@ func (f osFS) SyncDir() error {
 		return err
 	}
 	defer d.Close()
-	return ioErr(d.Sync())
+	if err := d.Sync(); err != nil {
+		return &syncError{ioErr(err)} // an fsync failed, not the open
+	}
+	return nil
 }
 
 func (f osFS) List() ([]string, error) {

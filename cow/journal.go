@@ -737,6 +737,9 @@ func (s *Store) checkSyncLost() error {
 	var mark [16]byte
 	rerr := readFull(f, mark[:], 0)
 	f.Close()
+	// A short or zeroed mark is let through (and removed): the mark is never
+	// synced, so after a power cut, i.e. in a later boot, it is often
+	// empty; a mark whose own write failed is lost with it.
 	if boot, ok := readBootID(); ok && rerr == nil && mark == boot {
 		return fmt.Errorf("%w: the page cache may hold data the disk lacks, so the store does not open again until the machine reboots (or %s in the store's directory is removed, accepting that risk)",
 			ErrSyncLost, syncLostName)

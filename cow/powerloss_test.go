@@ -949,9 +949,10 @@ func powerRounds(t *testing.T, survive bool, stream func(seed int64) plStream) {
 
 // cutError reports whether err is what a store says once its files fail:
 // the I/O error itself, or ErrClosed after an earlier one. Anything else
-// (ErrCorrupt, a refused argument) is a bug the cut only revealed.
+// (ErrCorrupt, a refused argument) is a bug the cut only revealed. A reopen
+// after a failed fsync (a batch's, in the background) is ErrSyncLost.
 func cutError(err error) bool {
-	return errors.Is(err, syscall.EIO) || errors.Is(err, ErrClosed)
+	return errors.Is(err, syscall.EIO) || errors.Is(err, ErrClosed) || errors.Is(err, ErrSyncLost)
 }
 
 // summary is "min..max (median m)" of xs.

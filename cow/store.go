@@ -206,7 +206,9 @@ func (s *Store) load() error {
 	// those records durable for good and lets origin writes skip the copy.
 	if err := s.syncAllFiles(lf); err != nil {
 		lf.Close()
-		s.dropJournal() // and mark the boot: see markSyncLost
+		if _, ok := errors.AsType[*syncError](err); ok {
+			s.dropJournal() // and mark the boot: see markSyncLost
+		}
 		return err
 	}
 	s.setLog(newCommitter(lf, end, seq))
@@ -681,7 +683,15 @@ func (s *Store) createFiles(obj uint32) error {
 			return err
 		}
 	}
-	return s.fs.SyncDir()
+	if err := s.fs.SyncDir(); err != nil {
+		if _, ok := errors.AsType[*syncError](err); ok {
+			// The files' names may not be durable while a retried
+			// create's record could be: sticky, as any failed fsync.
+			return s.log.failSync("the store directory", err)
+		}
+		return err
+	}
+	return nil
 }
 
 // lookup returns the live object with that ID.
@@ -1266,18 +1276,18 @@ func (s *Store) allVolumes() []*Volume {
 func (s *Store) syncAllFiles(log file) error {
 	for _, v := range s.allVolumes() {
 		if err := v.data.Sync(); err != nil {
-			return err
+			return &syncError{err}
 		}
 		if v.cowf != nil {
 			if err := v.cowf.Sync(); err != nil {
-				return err
+				return &syncError{err}
 			}
 		}
 	}
 	if err := log.Sync(); err != nil {
-		return err
+		return &syncError{err}
 	}
-	return s.fs.SyncDir()
+	return s.fs.SyncDir() // a *syncError if its fsync failed
 }
 
 // checkpointLocked writes the state as a new log: temp file, fsync, rename,
@@ -1451,7 +1461,12 @@ func (s *Store) checkpointGated(vs []*Volume) error {
 		// The rename may not be durable: after a crash the directory may
 		// still name the old log. Either log is a complete state, but a
 		// record committed now could land in the one that is lost. The
-		// error is sticky: the store refuses changes until reopened.
+		// error is sticky: the store refuses changes until reopened, and
+		// after a failed fsync (not a failed open of the directory) a
+		// reopen in this boot could read a rename the disk lacks.
+		if _, ok := errors.AsType[*syncError](dirErr); ok {
+			s.log.lostSync()
+		}
 		s.log.fail(fmt.Errorf("checkpoint: directory sync after the rename: %w", dirErr))
 		return s.log.failed()
 	}
