@@ -437,14 +437,14 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		// missing). ext4's online resize needs CAP_SYS_RESOURCE, which the
 		// chart's privileged container has. Not when mounted read-only.
 		//
-		// A failed grow does not fail the stage: the filesystem works at
-		// its old size, where a failed stage would keep the pod from
-		// starting at all, on every retry (an ext4 with its error flag set
-		// refuses to grow online until fsck'd; resize2fs asks the kernel
-		// even when only a partial last group is missing, which mke2fs
-		// leaves on many sizes, e.g. 20G). It is logged as an error; an
-		// expansion pending on the PVC is retried by kubelet's
-		// NodeExpandVolume, which reports its failure on the PVC.
+		// A failed grow fails the stage only when the filesystem is well
+		// short of the volume (under 3/4 of it: a restore or clone to a
+		// larger size, an expansion), which nothing else would ever fix or
+		// report: kubelet retries the stage, and its events name the error.
+		// Short of that (resize2fs asks the kernel even when only a partial
+		// last group is missing, which mke2fs leaves on many sizes, e.g.
+		// 20G; an ext4 with its error flag set refuses to grow online) the
+		// filesystem works at its size, and the error is logged.
 		r := mount.NewResizeFs(d.opt.Mounter.Exec)
 		need, err := r.NeedResize(dev, staging)
 		if err == nil && need {
@@ -454,7 +454,15 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 			}
 		}
 		if err != nil {
-			klog.ErrorS(err, "Could not grow the filesystem to its device; it keeps its size", "volumeID", id, "device", dev, "stagingPath", staging)
+			var st unix.Statfs_t
+			if serr := unix.Statfs(staging, &st); serr == nil && int64(st.Blocks)*st.Bsize < v.Size/4*3 {
+				if uerr := d.opt.Mounter.Unmount(staging); uerr != nil {
+					klog.ErrorS(uerr, "Unmount after a failed grow", "stagingPath", staging)
+				}
+				return nil, statusf(codes.Internal, "the filesystem on %s (%d bytes) could not grow to the volume's %d bytes: %v",
+					dev, int64(st.Blocks)*st.Bsize, v.Size, err)
+			}
+			klog.ErrorS(err, "Could not grow the filesystem to its device; it keeps its size, near the device's", "volumeID", id, "device", dev, "stagingPath", staging)
 		}
 	}
 	staged = true

@@ -1,0 +1,109 @@
+package driver_test
+
+import (
+	"context"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/csi-snap/csi-snap/driver"
+	"github.com/csi-snap/csi-snap/driver/drivertest"
+	mount "k8s.io/mount-utils"
+	utilexec "k8s.io/utils/exec"
+	testexec "k8s.io/utils/exec/testing"
+)
+
+// fakeTools answers the commands mount-utils runs on a device holding an
+// ext4 filesystem of fsBlocks 4 KiB blocks on a devBytes-byte device, and
+// records them (blockdev and dumpe2fs are answered for mount-utils versions
+// that check the sizes themselves). resize2fs exits with resizeStatus (0: success).
+type fakeTools struct {
+	mu                 sync.Mutex
+	fsBlocks, devBytes int64
+	resizeStatus       int
+	ran                []string
+}
+
+func (f *fakeTools) exec() *testexec.FakeExec {
+	action := func(cmd string, args ...string) utilexec.Cmd {
+		f.mu.Lock()
+		f.ran = append(f.ran, strings.Join(append([]string{cmd}, args...), " "))
+		f.mu.Unlock()
+		run := func() ([]byte, []byte, error) {
+			switch {
+			case cmd == "blkid":
+				return []byte("DEVNAME=/dev/fake\nTYPE=ext4\n"), nil, nil
+			case cmd == "blockdev" && slices.Contains(args, "--getro"):
+				return []byte("0\n"), nil, nil
+			case cmd == "blockdev":
+				return []byte(strconvI(f.devBytes) + "\n"), nil, nil
+			case cmd == "dumpe2fs":
+				return []byte("Block count:              " + strconvI(f.fsBlocks) + "\nBlock size:               4096\n"), nil, nil
+			case cmd == "resize2fs" && f.resizeStatus != 0:
+				return []byte("resize2fs: Operation not permitted While checking for on-line resizing support"), nil, testexec.FakeExitError{Status: f.resizeStatus}
+			}
+			return nil, nil, nil
+		}
+		c := &testexec.FakeCmd{CombinedOutputScript: []testexec.FakeAction{run}, OutputScript: []testexec.FakeAction{run}}
+		return testexec.InitFakeCmd(c, cmd, args...)
+	}
+	fe := &testexec.FakeExec{}
+	for range 64 {
+		fe.CommandScript = append(fe.CommandScript, action)
+	}
+	return fe
+}
+
+func strconvI(n int64) string { return strconv.FormatInt(n, 10) }
+
+// TestStageGrowsFilesystem: NodeStageVolume grows a filesystem smaller than
+// its device (a restore or clone larger than its source, a PVC expanded
+// while unused) online, after the mount; a failed grow leaves the stage
+// done at the old size (an error in the log), and a read-only mount runs
+// no resize2fs. (Whether the filesystem fills its device is resize2fs's to
+// tell: mount-utils' NeedResize leaves that to it for ext4 and XFS.)
+func TestStageGrowsFilesystem(t *testing.T) {
+	for _, c := range []struct {
+		name         string
+		fsBlocks     int64
+		resizeStatus int
+		flags        []string
+		wantResize   bool
+	}{
+		{name: "grows", fsBlocks: 256, wantResize: true},
+		{name: "grow fails", fsBlocks: 256, resizeStatus: 1, wantResize: true},
+		{name: "mounted ro", fsBlocks: 256, flags: []string{"ro"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			tools := &fakeTools{fsBlocks: c.fsBlocks, devBytes: 4 << 20, resizeStatus: c.resizeStatus}
+			st, fe, fm := drivertest.NewStore(), drivertest.NewFrontend(), mount.NewFakeMounter(nil)
+			d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
+				Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: tools.exec()}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			e := env{d: d, store: st, fe: fe, fm: fm}
+			id := e.createVolume(t, "grow", 4<<20).VolumeId
+			vc := mountCap()
+			vc.GetMount().MountFlags = c.flags
+			staging := filepath.Join(t.TempDir(), "staging")
+			if _, err := d.NodeStageVolume(context.Background(), &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: vc}); err != nil {
+				t.Fatalf("stage: %v (ran %q)", err, tools.ran)
+			}
+			if mps, _ := fm.List(); !slices.ContainsFunc(mps, func(m mount.MountPoint) bool { return m.Path == staging }) {
+				t.Fatalf("staging path not mounted after the stage: %v", mps)
+			}
+			resized := slices.ContainsFunc(tools.ran, func(s string) bool { return strings.HasPrefix(s, "resize2fs ") })
+			if resized != c.wantResize {
+				t.Fatalf("resize2fs run: %v, want %v (ran %q)", resized, c.wantResize, tools.ran)
+			}
+			if slices.ContainsFunc(tools.ran, func(s string) bool { return strings.HasPrefix(s, "e2fsck") }) {
+				t.Fatalf("a forced e2fsck ran (offline growth): %q", tools.ran)
+			}
+		})
+	}
+}
