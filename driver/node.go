@@ -19,7 +19,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"k8s.io/klog/v2"
 	mount "k8s.io/mount-utils"
-	utilexec "k8s.io/utils/exec"
 )
 
 var nodeCaps = []csi.NodeServiceCapability_RPC_Type{
@@ -898,7 +897,7 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	}
 	if req.GetVolumeCapability().GetBlock() == nil {
 		if fi, err := os.Stat(path); err == nil && fi.IsDir() {
-			if _, err := mount.NewResizeFs(utilexec.New()).Resize(dev, path); err != nil {
+			if _, err := mount.NewResizeFs(d.opt.Mounter.Exec).Resize(dev, path); err != nil {
 				return nil, statusf(codes.Internal, "grow filesystem on %s at %s: %v", dev, path, err)
 			}
 		} else if err != nil {

@@ -2,6 +2,7 @@ package driver_test
 
 import (
 	"context"
+	"fmt"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -12,6 +13,8 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/csi-snap/csi-snap/driver"
 	"github.com/csi-snap/csi-snap/driver/drivertest"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	mount "k8s.io/mount-utils"
 	utilexec "k8s.io/utils/exec"
 	testexec "k8s.io/utils/exec/testing"
@@ -103,6 +106,41 @@ func TestStageGrowsFilesystem(t *testing.T) {
 			}
 			if slices.ContainsFunc(tools.ran, func(s string) bool { return strings.HasPrefix(s, "e2fsck") }) {
 				t.Fatalf("a forced e2fsck ran (offline growth): %q", tools.ran)
+			}
+		})
+	}
+}
+
+// TestNodeExpandGrowsFilesystem: NodeExpandVolume on a mounted filesystem
+// runs resize2fs through the driver's exec (so a fake can see it) and
+// answers Internal when it fails.
+func TestNodeExpandGrowsFilesystem(t *testing.T) {
+	for _, exit := range []int{0, 1} {
+		t.Run(fmt.Sprintf("resize2fs exits %d", exit), func(t *testing.T) {
+			tools := &fakeTools{fsBlocks: 1024, devBytes: 4 << 20}
+			st, fe, fm := drivertest.NewStore(), drivertest.NewFrontend(), mount.NewFakeMounter(nil)
+			d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
+				Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: tools.exec()}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			e := env{d: d, store: st, fe: fe, fm: fm}
+			id := e.createVolume(t, "expand", 4<<20).VolumeId
+			staging := filepath.Join(t.TempDir(), "staging")
+			ctx := context.Background()
+			if _, err := d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: mountCap()}); err != nil {
+				t.Fatal(err)
+			}
+			tools.mu.Lock()
+			tools.ran, tools.resizeStatus = nil, exit
+			tools.mu.Unlock()
+			_, err = d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: staging,
+				CapacityRange: &csi.CapacityRange{RequiredBytes: 8 << 20}, VolumeCapability: mountCap()})
+			if exit == 0 && err != nil || exit != 0 && status.Code(err) != codes.Internal {
+				t.Fatalf("NodeExpandVolume with resize2fs exiting %d: %v", exit, err)
+			}
+			if !slices.ContainsFunc(tools.ran, func(s string) bool { return strings.HasPrefix(s, "resize2fs ") }) {
+				t.Fatalf("no resize2fs ran: %q", tools.ran)
 			}
 		})
 	}
