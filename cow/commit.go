@@ -48,7 +48,7 @@ type committer struct {
 	// at most ovCap unless one request alone needs more.
 	// syncLost is told (before the error is made sticky) when an fsync of
 	// the log, a data or a COW file fails: the store drops its kill
-	// journal (Store.dropJournal).
+	// journal and marks the boot (Store.dropJournal, markSyncLost).
 	syncLost func()
 	cond     sync.Cond
 	applied  uint64
@@ -496,7 +496,9 @@ func (c *committer) lostSync() {
 	}
 }
 
-// syncError is a failed fsync in writeBatch (not a failed write).
+// syncError is a failed fsync (not a failed write, or open of the
+// directory): writeBatch, osFS.SyncDir and Open's syncAllFiles return it,
+// so that only a failed fsync marks the store (markSyncLost).
 type syncError struct{ err error }
 
 func (e *syncError) Error() string { return "sync: " + e.err.Error() }

@@ -436,14 +436,16 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		// missing). ext4's online resize needs CAP_SYS_RESOURCE, which the
 		// chart's privileged container has. Not when mounted read-only.
 		//
-		// A failed grow fails the stage only when the filesystem is well
-		// short of the volume (under 3/4 of it: a restore or clone to a
-		// larger size, an expansion), which nothing else would ever fix or
+		// A failed grow fails the stage only for a restore or clone whose
+		// filesystem is well short of the volume (under 3/4 of it: made
+		// larger than its source), which nothing else would ever fix or
 		// report: kubelet retries the stage, and its events name the error.
-		// Short of that (resize2fs asks the kernel even when only a partial
-		// last group is missing, which mke2fs leaves on many sizes, e.g.
-		// 20G; an ext4 with its error flag set refuses to grow online) the
-		// filesystem works at its size, and the error is logged.
+		// Otherwise the filesystem works at its size and the error is
+		// logged: a PVC expanded while unused gets kubelet's
+		// NodeExpandVolume next, which retries the grow and reports on the
+		// PVC; and resize2fs asks the kernel even when only a partial last
+		// group is missing (mke2fs leaves one on many sizes, e.g. 20G), or
+		// an ext4 with its error flag set refuses to grow online.
 		r := mount.NewResizeFs(d.opt.Mounter.Exec)
 		need, err := r.NeedResize(dev, staging)
 		if err == nil && need {
@@ -454,7 +456,8 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		}
 		if err != nil {
 			var st unix.Statfs_t
-			if serr := unix.Statfs(staging, &st); serr == nil && int64(st.Blocks)*st.Bsize < v.Size/4*3 {
+			copied := v.SourceSnapshotID != "" || v.SourceVolumeID != ""
+			if serr := unix.Statfs(staging, &st); copied && serr == nil && int64(st.Blocks)*st.Bsize < v.Size/4*3 {
 				if uerr := d.opt.Mounter.Unmount(staging); uerr != nil {
 					klog.ErrorS(uerr, "Unmount after a failed grow", "stagingPath", staging)
 				}

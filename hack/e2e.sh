@@ -285,7 +285,7 @@ mark "pattern one written into src through NodeStage/NodePublish"
 snapshot snap1 src
 mark "VolumeSnapshot snap1 readyToUse"
 
-d=$(publish src); sum2=$(pattern "$d" two); unpublish src
+d=$(publish src); sum2=$(pattern "$d" two); small=$(df -B1 --output=size "$d" | tail -n 1); unpublish src
 [ "$sum1" != "$sum2" ] || die "patterns do not differ"
 mark "src overwritten with pattern two"
 
@@ -310,9 +310,11 @@ d=$(publish src)
 dev=$(findmnt -n -o SOURCE --target "$work/staging-src")
 devsize=$(blockdev --getsize64 "$dev")
 [ "$devsize" = 134217728 ] || { unpublish src; die "device $dev of src is $devsize bytes after expansion, want 134217728"; }
-before=$(df -B1 --output=size "$d" | tail -n 1)
+before=$small # the filesystem's size before the expansion
 # Online ext4 growth (EXT4_IOC_RESIZE_FS) needs CAP_SYS_RESOURCE: a privileged
-# pod has it; this VM's root does not. Say so instead of pretending.
+# pod has it; this VM's root does not. Say so instead of pretending. (With it,
+# NodeStage above already grew the filesystem, mounted; NodeExpandVolume then
+# finds nothing left to do.)
 if grep -q '^CapEff:' /proc/self/status && (( 0x$(awk '/^CapEff:/ {print $2}' /proc/self/status) >> 24 & 1 )); then
 	csi Node/NodeExpandVolume "{\"volume_id\": \"$id\", \"volume_path\": \"$d\", \"capacity_range\": {\"required_bytes\": 134217728}, $cap}" >/dev/null
 	after=$(df -B1 --output=size "$d" | tail -n 1)
