@@ -712,7 +712,7 @@ const syncLostName = "sync-lost"
 // failures the running store sees; this covers those that Open meets
 // (pages a killed process left) and anything else the cache may hide.
 func (s *Store) markSyncLost() {
-	boot, ok := readBootID()
+	boot, ok := s.boot, s.bootOK // read by Open: committer goroutines call this
 	if !ok {
 		return // no way to tell this boot from the next: nothing to mark
 	}
@@ -740,7 +740,7 @@ func (s *Store) checkSyncLost() error {
 	// A short or zeroed mark is let through (and removed): the mark is never
 	// synced, so after a power cut, i.e. in a later boot, it is often
 	// empty; a mark whose own write failed is lost with it.
-	if boot, ok := readBootID(); ok && rerr == nil && mark == boot {
+	if s.bootOK && rerr == nil && mark == s.boot {
 		return fmt.Errorf("%w: the page cache may hold data the disk lacks, so the store does not open again until the machine reboots (or %s in the store's directory is removed, accepting that risk)",
 			ErrSyncLost, syncLostName)
 	}

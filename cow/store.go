@@ -38,6 +38,8 @@ type Store struct {
 	survive  atomic.Bool             // SetSurviveKill: writes return once a process kill cannot lose them
 	jnl      *journal                // the kill journal (journal.go); nil where the boot has no identity
 	jnlNow   atomic.Pointer[journal] // jnl, for the committer's goroutines (dropJournal)
+	boot     [16]byte                // this boot's identity, read once by Open (readBootID)
+	bootOK   bool                    // whether there is one
 	openGen  uint64                  // Open: the log's generation before any checkpoint of Open's (the journal's)
 	redone   int64                   // writes and marks Open redid from the kill journal (Stats)
 	// logNow mirrors log for Err, which must not wait for mu (a
@@ -126,6 +128,7 @@ func lockDir(dir string) (*os.File, error) {
 
 func openFS(dir string, fs fsys) (*Store, error) {
 	s := &Store{dir: dir, fs: fs, byID: map[string]any{}, objs: map[uint32]any{}, nextObj: 1}
+	s.boot, s.bootOK = readBootID()
 	if err := s.load(); err != nil {
 		s.closeFiles()
 		return nil, err
