@@ -38,7 +38,8 @@ func (d *Driver) volumeHealth(id string) (*csi.VolumeHealth, error) {
 	if err := d.opt.Store.Err(); err != nil {
 		// Reads go on; writes, snapshots and every other change fail
 		// until the plugin restarts and reopens the store (Probe answers
-		// not ready, so the livenessprobe sidecar restarts it).
+		// not ready, so the livenessprobe sidecar restarts it), or, after
+		// a failed fsync, until the node reboots (cow.ErrSyncLost).
 		h.HealthStatuses = append(h.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{
 			Status: csi.VolumeHealthErrorType_INACCESSIBLE, Reason: "StoreFailed", Message: err.Error()})
 	}

@@ -41,6 +41,8 @@ func (d *Driver) GetPluginCapabilities(context.Context, *csi.GetPluginCapabiliti
 // ready one.
 func (d *Driver) Probe(context.Context, *csi.ProbeRequest) (*csi.ProbeResponse, error) {
 	// Not ready once the store failed: the livenessprobe sidecar then
-	// fails, and the restart it leads to reopens the store from its log.
+	// fails, and the restart it leads to reopens the store from its log
+	// (after a failed fsync the store refuses to open until the node
+	// reboots: cow.ErrSyncLost, and the plugin's log says so).
 	return &csi.ProbeResponse{Ready: wrapperspb.Bool(d.opt.Store.Err() == nil)}, nil
 }
