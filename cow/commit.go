@@ -46,9 +46,9 @@ type committer struct {
 	// on cond: applied is the id of the last batch whose overlay entries
 	// reached the data files; ovUsed the bytes of overlay reserved or held,
 	// at most ovCap unless one request alone needs more.
-	// syncLost is told (before the error is made sticky) when an fsync of
-	// the log, a data or a COW file fails: the store drops its kill
-	// journal and marks the boot (Store.dropJournal, markSyncLost).
+	// syncLost is told by fail (before the error is made sticky) when it
+	// is a failed fsync (*syncError): the store drops its kill journal and
+	// marks the boot (Store.dropJournal, markSyncLost).
 	syncLost func()
 	cond     sync.Cond
 	applied  uint64
@@ -185,6 +185,9 @@ func (c *committer) take() *batch {
 // fail makes err the committer's sticky error (if it has none yet) and
 // wakes everyone waiting on it.
 func (c *committer) fail(err error) {
+	if _, ok := errors.AsType[*syncError](err); ok {
+		c.lostSync() // before the error is seen: see Store.dropJournal
+	}
 	c.mu.Lock()
 	if c.err == nil {
 		c.err = fmt.Errorf("%w: store failed: %w", ErrClosed, err)
@@ -241,9 +244,6 @@ func (c *committer) syncStage(toSync <-chan *batch, toApply chan<- *batch) {
 		c.mu.Unlock()
 		if err != nil && b.failed == nil {
 			b.failed = err
-			if _, ok := errors.AsType[*syncError](err); ok {
-				c.lostSync()
-			}
 			if n > 0 {
 				// Unwrite the batch (best effort): an Open in this boot
 				// reads the log's page cache, which holds the batch
@@ -485,8 +485,7 @@ func writeBatch(log file, seq uint64, end int64, buf []byte, files []file) (int6
 // next fsync of the file returns 0 without them on disk, and only a
 // reopen (which re-derives the state from what is durable) can go on.
 func (c *committer) failSync(name string, err error) error {
-	c.lostSync()
-	c.fail(fmt.Errorf("sync %s: %w", name, err))
+	c.fail(fmt.Errorf("sync %s: %w", name, &syncError{err}))
 	return c.failed()
 }
 
@@ -497,11 +496,12 @@ func (c *committer) lostSync() {
 }
 
 // syncError is a failed fsync (not a failed write, or open of the
-// directory): writeBatch, osFS.SyncDir and Open's syncAllFiles return it,
-// so that only a failed fsync marks the store (markSyncLost).
+// directory): writeBatch, osFS.SyncDir, failSync and Open's syncAllFiles
+// make it, and a store failed by one (committer.fail) is marked
+// (markSyncLost) and drops its kill journal.
 type syncError struct{ err error }
 
-func (e *syncError) Error() string { return "sync: " + e.err.Error() }
+func (e *syncError) Error() string { return e.err.Error() }
 func (e *syncError) Unwrap() error { return e.err }
 
 // failed returns the sticky error, if any.

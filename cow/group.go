@@ -258,10 +258,8 @@ func (s *Store) DeleteSnapshotGroup(groupID string) error {
 	// As DeleteSnapshot: an overlay entry belongs to its volume's newest
 	// snapshot, so the volumes whose chains may change (the members' and
 	// their lineages') drain first.
-	for _, v := range vs {
-		if err := v.drain(); err != nil {
-			return err
-		}
+	if err := drainAll(vs); err != nil {
+		return err
 	}
 	return s.commitApply(&record{Type: recGroupDelete, ID: groupID})
 }

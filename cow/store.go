@@ -690,7 +690,8 @@ func (s *Store) createFiles(obj uint32) error {
 		if _, ok := errors.AsType[*syncError](err); ok {
 			// The files' names may not be durable while a retried
 			// create's record could be: sticky, as any failed fsync.
-			return s.log.failSync("the store directory", err)
+			s.log.fail(fmt.Errorf("sync the store directory: %w", err))
+			return s.log.failed()
 		}
 		return err
 	}
@@ -1000,6 +1001,19 @@ func lockGates(vs []*Volume) func() {
 	}
 }
 
+// drainAll drains the overlays of vs (whose gates the caller holds): a
+// delete that may reap objects changes the chains of every volume of the
+// lineages involved, and a chain changes only with its volume's overlay
+// empty (overlay.go).
+func drainAll(vs []*Volume) error {
+	for _, v := range vs {
+		if err := v.drain(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // DeleteVolume deletes the volume: it is no longer listed and its I/O
 // fails with ErrNotFound. Its snapshots (and their clones) keep working;
 // space is freed when nothing depends on it any more. The ID stays reserved
@@ -1023,12 +1037,9 @@ func (s *Store) DeleteVolume(id string) error {
 	lin := lineage(v)
 	defer lockGates(lin)()
 	// Every volume of the lineage, not v alone: deleting a clone can reap
-	// its source's hidden snapshot, which changes that volume's chain, and
-	// a chain changes only with its volume's overlay empty (overlay.go).
-	for _, u := range lin {
-		if err := u.drain(); err != nil {
-			return err
-		}
+	// its source's hidden snapshot, which changes that volume's chain.
+	if err := drainAll(lin); err != nil {
+		return err
 	}
 	if err := s.commitApply(&record{Type: recDelete, Obj: v.obj}); err != nil {
 		return err
@@ -1060,13 +1071,11 @@ func (s *Store) DeleteSnapshot(id string) error {
 	}
 	lin := lineage(sn.vol)
 	defer lockGates(lin)()
-	// The whole lineage drains, as for DeleteVolume: deleting sn can reap
-	// a deleted clone that only sn kept, and with it the clone's source's
+	// The whole lineage, as for DeleteVolume: deleting sn can reap a
+	// deleted clone that only sn kept, and with it the clone's source's
 	// hidden snapshot, which changes that volume's chain.
-	for _, u := range lin {
-		if err := u.drain(); err != nil {
-			return err
-		}
+	if err := drainAll(lin); err != nil {
+		return err
 	}
 	return s.commitApply(&record{Type: recDelete, Obj: sn.obj})
 }
@@ -1466,10 +1475,8 @@ func (s *Store) checkpointGated(vs []*Volume) error {
 		// record committed now could land in the one that is lost. The
 		// error is sticky: the store refuses changes until reopened, and
 		// after a failed fsync (not a failed open of the directory) a
-		// reopen in this boot could read a rename the disk lacks.
-		if _, ok := errors.AsType[*syncError](dirErr); ok {
-			s.log.lostSync()
-		}
+		// reopen in this boot could read a rename the disk lacks (fail
+		// marks the store then: see syncError).
 		s.log.fail(fmt.Errorf("checkpoint: directory sync after the rename: %w", dirErr))
 		return s.log.failed()
 	}
