@@ -423,7 +423,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err := d.opt.Mounter.FormatAndMountSensitiveWithFormatOptions(dev, staging, fstype, flags, nil, formatOpts); err != nil {
 		return nil, statusf(codes.Internal, "format and mount %s (%s) at %s: %v", dev, fstype, staging, err)
 	}
-	if grow := existing == "ext4" || existing == "ext3" || existing == "xfs"; grow && !slices.Contains(flags, "ro") {
+	if (existing == "ext4" || existing == "ext3" || existing == "xfs") && !slices.Contains(flags, "ro") {
 		// A restore or clone larger than its source holds the source's
 		// filesystem, which the spec says must show the larger size, and
 		// a PVC expanded while no pod used it was grown only in the store

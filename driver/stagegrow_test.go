@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -21,14 +20,32 @@ import (
 )
 
 // fakeTools answers the commands mount-utils runs on a device holding an
-// ext4 filesystem of fsBlocks 4 KiB blocks on a devBytes-byte device, and
-// records them (blockdev and dumpe2fs are answered for mount-utils versions
-// that check the sizes themselves). resize2fs exits with resizeStatus (0: success).
+// ext4 filesystem, and records them. resize2fs exits with resizeStatus (0:
+// success). (mount-utils leaves it to resize2fs to tell whether the
+// filesystem fills its device: no size is asked.)
 type fakeTools struct {
-	mu                 sync.Mutex
-	fsBlocks, devBytes int64
-	resizeStatus       int
-	ran                []string
+	mu           sync.Mutex
+	resizeStatus int
+	ran          []string
+}
+
+// newEnv is a driver whose mounter runs f's commands.
+func (f *fakeTools) newEnv(t *testing.T) env {
+	t.Helper()
+	st, fe, fm := drivertest.NewStore(), drivertest.NewFrontend(), mount.NewFakeMounter(nil)
+	d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
+		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: f.exec()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return env{d: d, store: st, fe: fe, fm: fm}
+}
+
+// hasRun reports whether a command starting with prefix ran.
+func (f *fakeTools) hasRun(prefix string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.ContainsFunc(f.ran, func(s string) bool { return strings.HasPrefix(s, prefix) })
 }
 
 func (f *fakeTools) exec() *testexec.FakeExec {
@@ -42,10 +59,6 @@ func (f *fakeTools) exec() *testexec.FakeExec {
 				return []byte("DEVNAME=/dev/fake\nTYPE=ext4\n"), nil, nil
 			case cmd == "blockdev" && slices.Contains(args, "--getro"):
 				return []byte("0\n"), nil, nil
-			case cmd == "blockdev":
-				return []byte(strconvI(f.devBytes) + "\n"), nil, nil
-			case cmd == "dumpe2fs":
-				return []byte("Block count:              " + strconvI(f.fsBlocks) + "\nBlock size:               4096\n"), nil, nil
 			case cmd == "resize2fs" && f.resizeStatus != 0:
 				return []byte("resize2fs: Operation not permitted While checking for on-line resizing support"), nil, testexec.FakeExitError{Status: f.resizeStatus}
 			}
@@ -61,8 +74,6 @@ func (f *fakeTools) exec() *testexec.FakeExec {
 	return fe
 }
 
-func strconvI(n int64) string { return strconv.FormatInt(n, 10) }
-
 // TestStageGrowsFilesystem: NodeStageVolume grows a filesystem smaller than
 // its device (a restore or clone larger than its source, a PVC expanded
 // while unused) online, after the mount; a failed grow leaves the stage
@@ -72,24 +83,18 @@ func strconvI(n int64) string { return strconv.FormatInt(n, 10) }
 func TestStageGrowsFilesystem(t *testing.T) {
 	for _, c := range []struct {
 		name         string
-		fsBlocks     int64
 		resizeStatus int
 		flags        []string
 		wantResize   bool
 	}{
-		{name: "grows", fsBlocks: 256, wantResize: true},
-		{name: "grow fails", fsBlocks: 256, resizeStatus: 1, wantResize: true},
-		{name: "mounted ro", fsBlocks: 256, flags: []string{"ro"}},
+		{name: "grows", wantResize: true},
+		{name: "grow fails", resizeStatus: 1, wantResize: true},
+		{name: "mounted ro", flags: []string{"ro"}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			tools := &fakeTools{fsBlocks: c.fsBlocks, devBytes: 4 << 20, resizeStatus: c.resizeStatus}
-			st, fe, fm := drivertest.NewStore(), drivertest.NewFrontend(), mount.NewFakeMounter(nil)
-			d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
-				Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: tools.exec()}})
-			if err != nil {
-				t.Fatal(err)
-			}
-			e := env{d: d, store: st, fe: fe, fm: fm}
+			tools := &fakeTools{resizeStatus: c.resizeStatus}
+			e := tools.newEnv(t)
+			d, fm := e.d, e.fm
 			id := e.createVolume(t, "grow", 4<<20).VolumeId
 			vc := mountCap()
 			vc.GetMount().MountFlags = c.flags
@@ -100,11 +105,10 @@ func TestStageGrowsFilesystem(t *testing.T) {
 			if mps, _ := fm.List(); !slices.ContainsFunc(mps, func(m mount.MountPoint) bool { return m.Path == staging }) {
 				t.Fatalf("staging path not mounted after the stage: %v", mps)
 			}
-			resized := slices.ContainsFunc(tools.ran, func(s string) bool { return strings.HasPrefix(s, "resize2fs ") })
-			if resized != c.wantResize {
+			if resized := tools.hasRun("resize2fs "); resized != c.wantResize {
 				t.Fatalf("resize2fs run: %v, want %v (ran %q)", resized, c.wantResize, tools.ran)
 			}
-			if slices.ContainsFunc(tools.ran, func(s string) bool { return strings.HasPrefix(s, "e2fsck") }) {
+			if tools.hasRun("e2fsck") {
 				t.Fatalf("a forced e2fsck ran (offline growth): %q", tools.ran)
 			}
 		})
@@ -117,14 +121,9 @@ func TestStageGrowsFilesystem(t *testing.T) {
 func TestNodeExpandGrowsFilesystem(t *testing.T) {
 	for _, exit := range []int{0, 1} {
 		t.Run(fmt.Sprintf("resize2fs exits %d", exit), func(t *testing.T) {
-			tools := &fakeTools{fsBlocks: 1024, devBytes: 4 << 20}
-			st, fe, fm := drivertest.NewStore(), drivertest.NewFrontend(), mount.NewFakeMounter(nil)
-			d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
-				Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: tools.exec()}})
-			if err != nil {
-				t.Fatal(err)
-			}
-			e := env{d: d, store: st, fe: fe, fm: fm}
+			tools := &fakeTools{}
+			e := tools.newEnv(t)
+			d := e.d
 			id := e.createVolume(t, "expand", 4<<20).VolumeId
 			staging := filepath.Join(t.TempDir(), "staging")
 			ctx := context.Background()
@@ -134,12 +133,12 @@ func TestNodeExpandGrowsFilesystem(t *testing.T) {
 			tools.mu.Lock()
 			tools.ran, tools.resizeStatus = nil, exit
 			tools.mu.Unlock()
-			_, err = d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: staging,
+			_, err := d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: staging,
 				CapacityRange: &csi.CapacityRange{RequiredBytes: 8 << 20}, VolumeCapability: mountCap()})
 			if exit == 0 && err != nil || exit != 0 && status.Code(err) != codes.Internal {
 				t.Fatalf("NodeExpandVolume with resize2fs exiting %d: %v", exit, err)
 			}
-			if !slices.ContainsFunc(tools.ran, func(s string) bool { return strings.HasPrefix(s, "resize2fs ") }) {
+			if !tools.hasRun("resize2fs ") {
 				t.Fatalf("no resize2fs ran: %q", tools.ran)
 			}
 		})
