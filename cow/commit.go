@@ -184,13 +184,22 @@ func (c *committer) take() *batch {
 
 // fail makes err the committer's sticky error (if it has none yet) and
 // wakes everyone waiting on it.
+//
+// A failed fsync also wraps ErrSyncLost: the store is marked, so restarting
+// the process does not help (Open refuses it until the machine reboots), and
+// the driver keeps serving what it can instead of asking for a restart.
 func (c *committer) fail(err error) {
-	if _, ok := errors.AsType[*syncError](err); ok {
+	_, lost := errors.AsType[*syncError](err)
+	if lost {
 		c.lostSync() // before the error is seen: see Store.dropJournal
 	}
 	c.mu.Lock()
 	if c.err == nil {
-		c.err = fmt.Errorf("%w: store failed: %w", ErrClosed, err)
+		if lost {
+			c.err = fmt.Errorf("%w: store failed (%w): %w", ErrClosed, ErrSyncLost, err)
+		} else {
+			c.err = fmt.Errorf("%w: store failed: %w", ErrClosed, err)
+		}
 	}
 	c.cond.Broadcast()
 	c.mu.Unlock()

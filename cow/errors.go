@@ -37,7 +37,9 @@ var (
 	// ErrSyncLost: Open refuses a store whose fsync failed earlier in this
 	// boot of the machine (FORMAT.md, "After a failed fsync"): the page
 	// cache, which Open would read, may hold data the disk lacks. A reboot
-	// clears it; removing the store's "sync-lost" file opens it anyway.
+	// clears it; removing the store's "sync-lost" file opens it anyway. A
+	// running store whose fsync failed reports it too, in Err (with
+	// ErrClosed), since reopening it is refused then.
 	ErrSyncLost = errors.New("cow: an fsync of the store failed in this boot")
 	// ErrInUse: another open Store (in this or another process) holds the
 	// directory's lock; see Open.

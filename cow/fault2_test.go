@@ -34,9 +34,10 @@ func TestFaultInjection(t *testing.T) {
 				rng := rand.New(rand.NewSource(int64(k)))
 				open := func() (*Store, error) { return openFS(dir, fs) }
 				var failedOp *op
+				var opErr error
 				for i := 0; i < 400; i++ {
 					o := m.gen(rng, false)
-					if err := run(&s, open, o); err != nil {
+					if opErr = run(&s, open, o); opErr != nil {
 						failedOp = &o
 						break
 					}
@@ -51,6 +52,12 @@ func TestFaultInjection(t *testing.T) {
 				}
 				if failedOp == nil {
 					t.Fatalf("a %s fault was injected but no operation failed", kind)
+				}
+				// A failed fsync says that only a reboot reopens the store
+				// (the driver then stops asking to be restarted); a failed
+				// write does not.
+				if lost := errors.Is(opErr, ErrSyncLost); lost != (kind == "sync") {
+					t.Fatalf("%v failed with %v: ErrSyncLost %v, want %v", *failedOp, opErr, lost, kind == "sync")
 				}
 				s.Close()
 				s2, err := openAfterInjectedFault(t, dir, kind == "sync")

@@ -211,6 +211,7 @@ func (s *Store) load() error {
 		lf.Close()
 		if _, ok := errors.AsType[*syncError](err); ok {
 			s.dropJournal() // and mark the boot: see markSyncLost
+			return fmt.Errorf("%w: %w", ErrSyncLost, err)
 		}
 		return err
 	}

@@ -64,6 +64,10 @@ func TestFailedSyncIsSticky(t *testing.T) {
 			if !errors.Is(err, ErrClosed) || !errors.Is(err, errInjected) {
 				t.Fatalf("%s with a failing data sync: %v, want ErrClosed wrapping the sync error", where, err)
 			}
+			// The driver tells "restart me" from "only a reboot helps" by it.
+			if err := s.Err(); !errors.Is(err, ErrSyncLost) || !errors.Is(err, ErrClosed) {
+				t.Fatalf("Err after a failed data sync: %v, want ErrClosed and ErrSyncLost", err)
+			}
 			if fail.Load() {
 				t.Fatal("the injected sync error was never returned")
 			}

@@ -37,6 +37,8 @@ func TestSyncLostRefusesSameBoot(t *testing.T) {
 	if s2, err := openFS("store", fs); err == nil {
 		s2.Close()
 		t.Fatal("Open whose fsync failed succeeded")
+	} else if !errors.Is(err, ErrSyncLost) {
+		t.Fatalf("Open whose fsync failed: %v, want ErrSyncLost (a retry is refused too)", err)
 	}
 	if fs.syncFailedName() == "" {
 		t.Fatal("no fsync failed in Open")

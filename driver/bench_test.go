@@ -34,7 +34,7 @@ func BenchmarkSnapshotRestore(b *testing.B) {
 	}
 	defer st.Close()
 	d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: "n", DataDir: dir, Store: st, Frontend: drivertest.NewFrontend(),
-		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{}}})
+		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{DisableScripts: true}}})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -139,7 +139,7 @@ func newCowEnv(t *testing.T, dir string) cowEnv {
 		t.Fatal(err)
 	}
 	d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: drivertest.NewFrontend(),
-		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{}}})
+		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{DisableScripts: true}}})
 	if err != nil {
 		st.Close()
 		t.Fatal(err)

@@ -95,7 +95,10 @@ func sizeFits(size int64, r *csi.CapacityRange) bool {
 // fsync: then only a reboot of the node does (cow.ErrSyncLost).
 func (d *Driver) storeErr() error {
 	if err := d.opt.Store.Err(); err != nil {
-		return toStatus(fmt.Errorf("the volume store failed; restart the plugin to reopen it (after a failed fsync it reopens only once the node rebooted): %w", err))
+		if errors.Is(err, ErrSyncLost) {
+			return toStatus(fmt.Errorf("the volume store failed: drain and reboot the node: %w", err))
+		}
+		return toStatus(fmt.Errorf("the volume store failed; restart the plugin to reopen it: %w", err))
 	}
 	return nil
 }
@@ -290,6 +293,9 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	labels := map[string]string{labelName: name}
 	if fs != "" {
 		labels[labelFSType] = fs
+	}
+	if snapID != "" || srcVolID != "" {
+		labels[labelCreatedSize] = strconv.FormatInt(size, 10)
 	}
 	opts := VolumeOptions{ChunkSize: params.chunkSize, Labels: labels}
 	var v VolumeInfo

@@ -28,6 +28,7 @@ var cowErrors = []struct{ from, to error }{
 	{cow.ErrReadOnly, ErrReadOnly},
 	{cow.ErrShrink, ErrShrink},
 	{cow.ErrOutOfRange, ErrOutOfRange},
+	{cow.ErrSyncLost, ErrSyncLost}, // before ErrClosed, which a failed running store's error also wraps
 	{cow.ErrClosed, ErrClosed},
 	{cow.ErrNoSpace, ErrNoSpace},
 	{cow.ErrBadArgument, ErrBadArgument},

@@ -19,6 +19,11 @@ const TopologyKey = "topology.csi-snap.io/node"
 const (
 	labelName   = "csi-snap.io/name"
 	labelFSType = "csi-snap.io/fstype"
+	// labelCreatedSize is the size in bytes a restore or clone was created
+	// with (decimal): NodeStageVolume must grow its source's filesystem at
+	// least that far (growStaged); growth past it, after an expansion, is
+	// NodeExpandVolume's.
+	labelCreatedSize = "csi-snap.io/created-size"
 )
 
 // maxStringBytes is the CSI spec's size limit for names and other strings.
@@ -90,13 +95,15 @@ func (d *Driver) Register(s *grpc.Server) {
 
 // Recover re-attaches every volume the frontend still holds after a restart
 // of the process, so that staged and published volumes keep working. Held
-// ids whose volume is gone from the store are detached. It returns the first
-// error but tries every id.
+// ids whose volume is gone from the store are detached; those of a store
+// lost until the node reboots (ErrSyncLost, NewFailedStore) are served with
+// I/O errors, so nothing on them waits for ever. It returns the first error
+// but tries every id.
 func (d *Driver) Recover(ctx context.Context) error {
 	var first error
 	failed := map[string]bool{}
 	for _, id := range d.opt.Frontend.Attached() {
-		b, err := d.opt.Store.VolumeBackend(id)
+		b, err := d.heldBackend(id)
 		if errors.Is(err, ErrNotFound) {
 			klog.InfoS("Detaching held device of a volume the store does not know", "volumeID", id)
 			err = d.opt.Frontend.Detach(ctx, id)

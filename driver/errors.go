@@ -23,6 +23,12 @@ var (
 	ErrShrink      = errors.New("shrinking is not supported")
 	ErrOutOfRange  = errors.New("out of range")
 	ErrClosed      = errors.New("store closed")
+	// ErrSyncLost: an fsync of the store failed in this boot of the node.
+	// The store refuses changes (it is an ErrClosed) and refuses to open
+	// again until the node reboots (cow.ErrSyncLost), so restarting the
+	// plugin cannot help: Probe stays ready, and a plugin started in that
+	// state serves without a store (NewFailedStore).
+	ErrSyncLost    = fmt.Errorf("%w: an fsync of the store failed in this boot; it opens again after the node reboots", ErrClosed)
 	ErrNoSpace     = errors.New("no space left")
 	ErrBadArgument = errors.New("bad argument")
 	ErrBusy        = errors.New("in use")

@@ -224,7 +224,7 @@ func TestFreezeAroundSnapshot(t *testing.T) {
 	fm := mount.NewFakeMounter(nil)
 	var log []string
 	d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
-		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{}},
+		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{DisableScripts: true}},
 		Freeze:  func(mp string) error { log = append(log, "freeze "+mp); return nil },
 		Thaw:    func(mp string) error { log = append(log, "thaw "+mp); return nil },
 	})
@@ -383,7 +383,7 @@ func TestExpandAcrossNodes(t *testing.T) {
 	a := newEnv(t) // node-a holds the volume
 	b, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: "node-b", DataDir: t.TempDir(),
 		Store: drivertest.NewStore(), Frontend: drivertest.NewFrontend(),
-		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{}}})
+		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{DisableScripts: true}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -730,7 +730,7 @@ func TestThawAfterCrash(t *testing.T) {
 	var frozen []string
 	var thawErr error
 	opts := driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: dataDir, Store: st, Frontend: fe,
-		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{}},
+		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{DisableScripts: true}},
 		Freeze: func(mp string) error {
 			if slices.Contains(frozen, mp) {
 				return syscall.EBUSY
@@ -1040,7 +1040,7 @@ func TestExpandUnservedDevice(t *testing.T) {
 	st, fm := drivertest.NewStore(), mount.NewFakeMounter(nil)
 	fe := &unservedFrontend{Frontend: drivertest.NewFrontend()}
 	d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
-		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{}}})
+		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{DisableScripts: true}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1166,7 +1166,7 @@ func TestPublishCutBeforeRemount(t *testing.T) {
 	st, fe := drivertest.NewStore(), drivertest.NewFrontend()
 	fm := &cutMounter{FakeMounter: mount.NewFakeMounter(nil), entered: make(chan struct{}), release: make(chan struct{})}
 	opts := driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
-		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{}}}
+		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{DisableScripts: true}}}
 	d, err := driver.New(opts)
 	if err != nil {
 		t.Fatal(err)

@@ -56,7 +56,7 @@ func newGroupEnv(t *testing.T) *groupEnv {
 	e := &groupEnv{st: &recordingStore{CowStore: cs}, fe: drivertest.NewFrontend(), fm: mount.NewFakeMounter(nil),
 		frozen: map[string]bool{}, freezeErr: map[string]error{}}
 	e.d, err = driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: e.st, Frontend: e.fe,
-		Mounter: &mount.SafeFormatAndMount{Interface: e.fm, Exec: &testexec.FakeExec{}},
+		Mounter: &mount.SafeFormatAndMount{Interface: e.fm, Exec: &testexec.FakeExec{DisableScripts: true}},
 		Freeze: func(mp string) error {
 			if err := e.freezeErr[mp]; err != nil {
 				e.log = append(e.log, "freeze-fails "+mp)

@@ -30,7 +30,7 @@ func newEnv(t *testing.T) env {
 	st, fe, fm := drivertest.NewStore(), drivertest.NewFrontend(), mount.NewFakeMounter(nil)
 	d, err := driver.New(driver.Options{
 		Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
-		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{}},
+		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{DisableScripts: true}},
 	})
 	if err != nil {
 		t.Fatal(err)

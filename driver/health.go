@@ -39,7 +39,8 @@ func (d *Driver) volumeHealth(id string) (*csi.VolumeHealth, error) {
 		// Reads go on; writes, snapshots and every other change fail
 		// until the plugin restarts and reopens the store (Probe answers
 		// not ready, so the livenessprobe sidecar restarts it), or, after
-		// a failed fsync, until the node reboots (cow.ErrSyncLost).
+		// a failed fsync, until the node reboots (ErrSyncLost; Probe then
+		// stays ready, and a plugin started so serves I/O errors).
 		h.HealthStatuses = append(h.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{
 			Status: csi.VolumeHealthErrorType_INACCESSIBLE, Reason: "StoreFailed", Message: err.Error()})
 	}

@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"errors"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/protobuf/types/known/wrapperspb"
@@ -41,8 +42,13 @@ func (d *Driver) GetPluginCapabilities(context.Context, *csi.GetPluginCapabiliti
 // ready one.
 func (d *Driver) Probe(context.Context, *csi.ProbeRequest) (*csi.ProbeResponse, error) {
 	// Not ready once the store failed: the livenessprobe sidecar then
-	// fails, and the restart it leads to reopens the store from its log
-	// (after a failed fsync the store refuses to open until the node
-	// reboots: cow.ErrSyncLost, and the plugin's log says so).
-	return &csi.ProbeResponse{Ready: wrapperspb.Bool(d.opt.Store.Err() == nil)}, nil
+	// fails, and the restart it leads to reopens the store from its log.
+	// Except after a failed fsync (ErrSyncLost): the store then refuses
+	// to open until the node reboots, so a restarted plugin could serve
+	// nothing, and every volume the fd holder keeps would hang, reads
+	// included, with no way to unmount it. This process still serves
+	// reads, unpublish and unstage, so the node can be drained; health
+	// and the store-failed metric say what happened.
+	err := d.opt.Store.Err()
+	return &csi.ProbeResponse{Ready: wrapperspb.Bool(err == nil || errors.Is(err, ErrSyncLost))}, nil
 }

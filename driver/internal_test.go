@@ -1,17 +1,22 @@
 package driver
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/csi-snap/csi-snap/cow"
 	"github.com/csi-snap/csi-snap/driver/kernel"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	mount "k8s.io/mount-utils"
+	testexec "k8s.io/utils/exec/testing"
 )
 
 func TestPageBounds(t *testing.T) {
@@ -149,3 +154,88 @@ func TestMarkerStatus(t *testing.T) {
 		}
 	}
 }
+
+// TestSyncLostMapping: cow's ErrSyncLost, alone (Open) or inside a failed
+// running store's ErrClosed (Err), becomes ErrSyncLost here, which is an
+// ErrClosed (Unavailable); a store failed otherwise is not.
+func TestSyncLostMapping(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		err  error
+		lost bool
+	}{
+		{"Open refused", fmt.Errorf("open store: %w", cow.ErrSyncLost), true},
+		{"running store", fmt.Errorf("%w: store failed (%w): sync x: EIO", cow.ErrClosed, cow.ErrSyncLost), true},
+		{"failed write", fmt.Errorf("%w: store failed: write x: EIO", cow.ErrClosed), false},
+	} {
+		err := fromCow(c.err)
+		if errors.Is(err, ErrSyncLost) != c.lost || !errors.Is(err, ErrClosed) || status.Code(toStatus(err)) != codes.Unavailable {
+			t.Errorf("%s: %v: ErrSyncLost %v (want %v), ErrClosed %v, code %v; want ErrClosed and Unavailable",
+				c.name, err, errors.Is(err, ErrSyncLost), c.lost, errors.Is(err, ErrClosed), status.Code(toStatus(err)))
+		}
+	}
+}
+
+// TestFailedStoreServesHeldVolumesWithErrors: a plugin started on a store
+// lost for this boot serves a held device with a backend that fails every
+// request (sized as the device, here a plain file standing in for it), and
+// answers Unavailable where it needs the store.
+func TestFailedStoreServesHeldVolumesWithErrors(t *testing.T) {
+	dev := filepath.Join(t.TempDir(), "loop9")
+	if err := os.WriteFile(dev, make([]byte, 3<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fe := &heldFrontend{dev: dev}
+	d, err := New(Options{Name: "csi-snap.test", NodeID: "n", DataDir: t.TempDir(), Store: NewFailedStore(fromCow(cow.ErrSyncLost)), Frontend: fe,
+		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{DisableScripts: true}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Recover(context.Background()); err != nil {
+		t.Fatalf("Recover on a lost store: %v", err)
+	}
+	if fe.b == nil || fe.b.Size() != 3<<20 {
+		t.Fatalf("held volume served with %v, want a backend of the device's size", fe.b)
+	}
+	if _, err := fe.b.ReadAt(make([]byte, 4096), 0); !errors.Is(err, syscall.EIO) {
+		t.Errorf("read of a volume whose store is lost: %v, want EIO", err)
+	}
+	if _, err := fe.b.WriteAt(make([]byte, 4096), 0); !errors.Is(err, syscall.EIO) {
+		t.Errorf("write: %v, want EIO", err)
+	}
+	if err := fe.b.Flush(); !errors.Is(err, syscall.EIO) {
+		t.Errorf("flush: %v, want EIO", err)
+	}
+	ctx := context.Background()
+	if r, err := d.Probe(ctx, &csi.ProbeRequest{}); err != nil || !r.GetReady().GetValue() {
+		t.Errorf("Probe with a store lost until reboot: %v, %v; want ready (a restart cannot help)", r.GetReady(), err)
+	}
+	_, err = d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "v", CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20},
+		VolumeCapabilities: []*csi.VolumeCapability{{AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
+			AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER}}}})
+	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), "reboot") {
+		t.Errorf("CreateVolume on a lost store: %v, want Unavailable saying a reboot is needed", err)
+	}
+}
+
+// heldFrontend holds one volume ("v-held") on device dev, unserved until
+// Attach records the backend it is served with.
+type heldFrontend struct {
+	dev string
+	b   Backend
+}
+
+func (f *heldFrontend) Attach(_ context.Context, id string, b Backend, _ bool) (string, error) {
+	f.b = b
+	return f.dev, nil
+}
+func (f *heldFrontend) Detach(context.Context, string) error        { return nil }
+func (f *heldFrontend) Resize(context.Context, string, int64) error { return ErrNotFound }
+func (f *heldFrontend) Device(id string) (string, bool)             { return f.dev, id == "v-held" }
+func (f *heldFrontend) Unserved(id string) bool                     { return id == "v-held" && f.b == nil }
+func (f *heldFrontend) ReadOnlyDevice(context.Context, string) (string, error) {
+	return "", ErrNotFound
+}
+func (f *heldFrontend) FindReadOnlyDevice(string) (string, bool) { return "", false }
+func (f *heldFrontend) Attached() []string                       { return []string{"v-held"} }
+func (f *heldFrontend) Close() error                             { return nil }

@@ -35,7 +35,7 @@ func serve(t testing.TB, st driver.Store) *grpc.ClientConn {
 	t.Helper()
 	d, err := driver.New(driver.Options{
 		Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: drivertest.NewFrontend(),
-		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{}},
+		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{DisableScripts: true}},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -386,7 +386,7 @@ func TestMetadataMaxResultsCapped(t *testing.T) {
 	st := drivertest.NewStore()
 	ctx := context.Background()
 	d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: "n1", DataDir: t.TempDir(), Store: st, Frontend: drivertest.NewFrontend(),
-		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{}}})
+		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{DisableScripts: true}}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -235,7 +236,7 @@ func (d *Driver) takeBack(ctx context.Context, id string) error {
 	if !ok || !d.opt.Frontend.Unserved(id) {
 		return nil
 	}
-	b, err := d.opt.Store.VolumeBackend(id)
+	b, err := d.heldBackend(id)
 	if err == nil {
 		_, err = d.opt.Frontend.Attach(ctx, id, b, false)
 		if err == nil || errors.Is(err, ErrBusy) && !d.opt.Frontend.Unserved(id) {
@@ -375,6 +376,15 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		if err := d.thawLeftover(id); err != nil {
 			return nil, toStatus(err)
 		}
+		// And grow it: a kill between the mount and the grow left it at its
+		// source's size, and nothing else would grow it.
+		flags := m.GetMountFlags()
+		if readerOnly(req.GetVolumeCapability()) {
+			flags = append(slices.Clone(flags), "ro")
+		}
+		if err := d.growStaged(id, v, dev, staging, flags); err != nil {
+			return nil, err
+		}
 		staged = true
 		return &csi.NodeStageVolumeResponse{}, nil
 	}
@@ -423,53 +433,144 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err := d.opt.Mounter.FormatAndMountSensitiveWithFormatOptions(dev, staging, fstype, flags, nil, formatOpts); err != nil {
 		return nil, statusf(codes.Internal, "format and mount %s (%s) at %s: %v", dev, fstype, staging, err)
 	}
-	if (existing == "ext4" || existing == "ext3" || existing == "xfs") && !slices.Contains(flags, "ro") {
-		// A restore or clone larger than its source holds the source's
-		// filesystem, which the spec says must show the larger size, and
-		// a PVC expanded while no pod used it was grown only in the store
-		// (ControllerExpandVolume): grow the filesystem to the device here,
-		// mounted, as NodeExpandVolume does (resize2fs online, journaled by
-		// ext4; xfs_growfs), as other block drivers' NodeStage does. Not
-		// offline before the mount: resize2fs offline is not crash-safe on
-		// the user's only copy, needs a forced fsck first, and fails on a
-		// filesystem mounted elsewhere (a publish whose staging mount went
-		// missing). ext4's online resize needs CAP_SYS_RESOURCE, which the
-		// chart's privileged container has. Not when mounted read-only.
-		//
-		// A failed grow fails the stage only for a restore or clone whose
-		// filesystem is well short of the volume (under 3/4 of it: made
-		// larger than its source), which nothing else would ever fix or
-		// report: kubelet retries the stage, and its events name the error.
-		// Otherwise the filesystem works at its size and the error is
-		// logged: a PVC expanded while unused gets kubelet's
-		// NodeExpandVolume next, which retries the grow and reports on the
-		// PVC; and resize2fs asks the kernel even when only a partial last
-		// group is missing (mke2fs leaves one on many sizes, e.g. 20G), or
-		// an ext4 with its error flag set refuses to grow online.
-		r := mount.NewResizeFs(d.opt.Mounter.Exec)
-		need, err := r.NeedResize(dev, staging)
-		if err == nil && need {
-			_, err = r.Resize(dev, staging)
-			if err == nil {
-				klog.InfoS("Grew the filesystem to its device", "volumeID", id, "device", dev, "stagingPath", staging)
-			}
-		}
-		if err != nil {
-			var st unix.Statfs_t
-			copied := v.SourceSnapshotID != "" || v.SourceVolumeID != ""
-			if serr := unix.Statfs(staging, &st); copied && serr == nil && int64(st.Blocks)*st.Bsize < v.Size/4*3 {
-				if uerr := d.opt.Mounter.Unmount(staging); uerr != nil {
-					klog.ErrorS(uerr, "Unmount after a failed grow", "stagingPath", staging)
-				}
-				return nil, statusf(codes.Internal, "the filesystem on %s (%d bytes) could not grow to the volume's %d bytes: %v",
-					dev, int64(st.Blocks)*st.Bsize, v.Size, err)
-			}
-			klog.ErrorS(err, "Could not grow the filesystem to its device; it keeps its size, near the device's", "volumeID", id, "device", dev, "stagingPath", staging)
+	if existing != "" { // else mkfs made it the device's size just now
+		if err := d.growStaged(id, v, dev, staging, flags); err != nil {
+			return nil, err
 		}
 	}
 	staged = true
 	klog.V(2).InfoS("Staged volume", "volumeID", id, "device", dev, "stagingPath", staging, "fstype", fstype)
 	return &csi.NodeStageVolumeResponse{}, nil
+}
+
+// growStaged grows the filesystem mounted at staging (from dev) to its
+// device: a restore or clone larger than its source holds the source's
+// filesystem, which the spec says must show the larger size, and a PVC
+// expanded while no pod used it was grown only in the store
+// (ControllerExpandVolume). Online, after the mount, as NodeExpandVolume
+// does (resize2fs, journaled by ext4; xfs_growfs), as other block drivers'
+// NodeStage does; not offline before the mount: resize2fs offline is not
+// crash-safe on the user's only copy, needs a forced fsck first, and fails
+// on a filesystem mounted elsewhere (a publish whose staging mount went
+// missing). ext4's online resize needs CAP_SYS_RESOURCE, which the chart's
+// privileged container has. Never with a read-only mount flag.
+//
+// A failed grow fails the stage (Internal, after unmounting) only when the
+// filesystem is short of the size the volume was created with, by more
+// than the filesystem's own slack (ext*: one block group, the partial last
+// group mke2fs and resize2fs may leave out; XFS: 64 blocks, at least 1
+// MiB; never more than a 16th of the size): a restore or clone made larger
+// than its source, which nothing else
+// would ever grow or report (kubelet retries the stage, and its events
+// name the error). The size at creation is the volume's
+// labelCreatedSize (its current size for a volume made before that label).
+// Past that size the error is only logged and the stage succeeds: a PVC
+// expanded while unused gets kubelet's NodeExpandVolume next, which retries
+// the grow and reports on the PVC; and a volume made empty got its
+// filesystem from mkfs at its size.
+func (d *Driver) growStaged(id string, v VolumeInfo, dev, staging string, flags []string) error {
+	if hasROFlag(flags) {
+		return nil
+	}
+	fstype, err := d.opt.Mounter.GetDiskFormat(dev)
+	if err != nil {
+		return statusf(codes.Internal, "probe %s: %v", dev, err)
+	}
+	if fstype != "ext4" && fstype != "ext3" && fstype != "xfs" {
+		return nil
+	}
+	r := mount.NewResizeFs(d.opt.Mounter.Exec)
+	need, err := r.NeedResize(dev, staging)
+	if err == nil && need {
+		_, err = r.Resize(dev, staging)
+		if err == nil {
+			klog.InfoS("Grew the filesystem to its device", "volumeID", id, "device", dev, "stagingPath", staging)
+			return nil
+		}
+	}
+	if err == nil {
+		return nil
+	}
+	want := int64(0)
+	if v.SourceSnapshotID != "" || v.SourceVolumeID != "" {
+		want = v.Size
+		if n, perr := strconv.ParseInt(v.Labels[labelCreatedSize], 10, 64); perr == nil && n > 0 && n < want {
+			want = n
+		}
+	}
+	if want > 0 {
+		size, slack, serr := d.fsSize(fstype, dev, staging)
+		// A group, or what a grow can add, at most a 16th of the size: a
+		// filesystem of one partial group (64 MiB of ext4 in 128 MiB groups)
+		// doubled in size is not near its size.
+		slack = min(slack, want/16)
+		if serr != nil || size+slack < want {
+			if uerr := d.opt.Mounter.Unmount(staging); uerr != nil {
+				klog.ErrorS(uerr, "Unmount after a failed grow", "stagingPath", staging)
+			}
+			if serr != nil {
+				return statusf(codes.Internal, "the filesystem on %s could not grow to the volume's %d bytes: %v; and its size is unknown: %v", dev, want, err, serr)
+			}
+			return statusf(codes.Internal, "the filesystem on %s (%d bytes) could not grow to the volume's %d bytes: %v", dev, size, want, err)
+		}
+	}
+	klog.ErrorS(err, "Could not grow the filesystem to its device; it keeps its size (NodeExpandVolume retries for a PVC expanded since)", "volumeID", id, "device", dev, "stagingPath", staging)
+	return nil
+}
+
+// hasROFlag reports whether mount flags ask for a read-only mount ("ro",
+// alone or in a comma-separated entry such as "ro,noatime").
+func hasROFlag(flags []string) bool {
+	for _, f := range flags {
+		for o := range strings.SplitSeq(f, ",") {
+			if strings.TrimSpace(o) == "ro" {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// fsSize returns the size in bytes of the filesystem on dev (mounted at
+// mnt) as the filesystem counts it, and how far short of its device a
+// filesystem made or grown to fill it may still be (slack): ext* by
+// dumpe2fs (block count; one block group), XFS by xfs_io's statfs (data
+// blocks; 64 blocks, at least 1 MiB).
+func (d *Driver) fsSize(fstype, dev, mnt string) (size, slack int64, err error) {
+	field := func(out []byte, name, sep string) (int64, error) {
+		for line := range strings.SplitSeq(string(out), "\n") {
+			if k, v, ok := strings.Cut(line, sep); ok && strings.TrimSpace(k) == name {
+				return strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			}
+		}
+		return 0, fmt.Errorf("no %q in the output", name)
+	}
+	var names [3]string
+	var out []byte
+	sep := ":"
+	if fstype == "xfs" {
+		out, err = d.opt.Mounter.Exec.Command("xfs_io", "-c", "statfs", mnt).CombinedOutput()
+		names, sep = [3]string{"geom.datablocks", "geom.bsize", ""}, "="
+	} else {
+		out, err = d.opt.Mounter.Exec.Command("dumpe2fs", "-h", dev).CombinedOutput()
+		names = [3]string{"Block count", "Block size", "Blocks per group"}
+	}
+	if err != nil {
+		return 0, 0, fmt.Errorf("%v: %s", err, bytes.TrimSpace(out))
+	}
+	var n [3]int64
+	for i, name := range names {
+		if name == "" {
+			continue
+		}
+		if n[i], err = field(out, name, sep); err != nil {
+			return 0, 0, err
+		}
+	}
+	if fstype == "xfs" {
+		return n[0] * n[1], max(64*n[1], 1<<20), nil
+	}
+	return n[0] * n[1], n[2] * n[1], nil
 }
 
 // stageMarker is the file that exists while a NodeStageVolume of volume id
@@ -887,6 +988,24 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	if !ok {
 		return nil, statusf(codes.FailedPrecondition, "volume %s is not staged on this node", id)
 	}
+	// The filesystem to grow, for mount access, is the one at path: checked
+	// before anything changes, since xfs_growfs grows whatever filesystem is
+	// mounted there, so a path holding another volume (or nothing) would
+	// answer OK without this volume's filesystem growing.
+	fsPath := false
+	if req.GetVolumeCapability().GetBlock() == nil {
+		fi, err := os.Stat(path)
+		if err != nil {
+			return nil, statusf(codes.NotFound, "volume path %s: %v", path, err)
+		}
+		if fsPath = fi.IsDir(); fsPath {
+			if held, err := d.holdsVolume(path, id, dev); err != nil {
+				return nil, toStatus(err)
+			} else if !held {
+				return nil, statusf(codes.NotFound, "volume %s is not mounted at %s", id, path)
+			}
+		}
+	}
 	if want > v.Size {
 		// The controller call ran on another node (see
 		// ControllerExpandVolume): grow the volume here, where it lives.
@@ -898,13 +1017,9 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	if err := d.opt.Frontend.Resize(ctx, id, v.Size); err != nil {
 		return nil, d.notServed(id, "resize device", err)
 	}
-	if req.GetVolumeCapability().GetBlock() == nil {
-		if fi, err := os.Stat(path); err == nil && fi.IsDir() {
-			if _, err := mount.NewResizeFs(d.opt.Mounter.Exec).Resize(dev, path); err != nil {
-				return nil, statusf(codes.Internal, "grow filesystem on %s at %s: %v", dev, path, err)
-			}
-		} else if err != nil {
-			return nil, statusf(codes.NotFound, "volume path %s: %v", path, err)
+	if fsPath {
+		if _, err := mount.NewResizeFs(d.opt.Mounter.Exec).Resize(dev, path); err != nil {
+			return nil, statusf(codes.Internal, "grow filesystem on %s at %s: %v", dev, path, err)
 		}
 	}
 	klog.V(2).InfoS("Expanded volume on node", "volumeID", id, "size", v.Size)

@@ -19,13 +19,15 @@ import (
 	testexec "k8s.io/utils/exec/testing"
 )
 
-// fakeTools answers the commands mount-utils runs on a device holding an
-// ext4 filesystem, and records them. resize2fs exits with resizeStatus (0:
-// success). (mount-utils leaves it to resize2fs to tell whether the
-// filesystem fills its device: no size is asked.)
+// fakeTools answers the commands mount-utils and the driver run on a
+// device holding an ext4 filesystem of fsBlocks 4 KiB blocks in groups of
+// 4 MiB, and records them. resize2fs exits with resizeStatus (0: success).
+// (mount-utils leaves it to resize2fs to tell whether the filesystem fills
+// its device: no size is asked before it runs.)
 type fakeTools struct {
 	mu           sync.Mutex
 	resizeStatus int
+	fsBlocks     int64
 	ran          []string
 }
 
@@ -54,6 +56,8 @@ func (f *fakeTools) exec() *testexec.FakeExec {
 		f.ran = append(f.ran, strings.Join(append([]string{cmd}, args...), " "))
 		f.mu.Unlock()
 		run := func() ([]byte, []byte, error) {
+			f.mu.Lock()
+			defer f.mu.Unlock()
 			switch {
 			case cmd == "blkid":
 				return []byte("DEVNAME=/dev/fake\nTYPE=ext4\n"), nil, nil
@@ -61,6 +65,8 @@ func (f *fakeTools) exec() *testexec.FakeExec {
 				return []byte("0\n"), nil, nil
 			case cmd == "resize2fs" && f.resizeStatus != 0:
 				return []byte("resize2fs: Operation not permitted While checking for on-line resizing support"), nil, testexec.FakeExitError{Status: f.resizeStatus}
+			case cmd == "dumpe2fs":
+				return fmt.Appendf(nil, "Filesystem volume name:   <none>\nBlock count:              %d\nBlock size:               4096\nBlocks per group:         1024\n", f.fsBlocks), nil, nil
 			}
 			return nil, nil, nil
 		}
@@ -75,35 +81,73 @@ func (f *fakeTools) exec() *testexec.FakeExec {
 }
 
 // TestStageGrowsFilesystem: NodeStageVolume grows a filesystem smaller than
-// its device (a restore or clone larger than its source, a PVC expanded
-// while unused) online, after the mount; a failed grow leaves the stage
-// done at the old size (an error in the log), and a read-only mount runs
-// no resize2fs. (Whether the filesystem fills its device is resize2fs's to
-// tell: mount-utils' NeedResize leaves that to it for ext4 and XFS.)
+// its device online, after the mount, on a first stage and on a retried
+// one (a kill between the mount and the grow), never with a read-only
+// mount flag. A failed grow fails the stage only where the filesystem is
+// short of the size the volume was created with by more than its slack
+// (a block group, at most a 16th of the size)
+// (a restore made larger than its source, which nothing else would grow);
+// elsewhere (a new volume, a restore expanded since it was created, which
+// NodeExpandVolume grows next) the stage succeeds at the old size.
 func TestStageGrowsFilesystem(t *testing.T) {
+	const mib = 1 << 20
 	for _, c := range []struct {
 		name         string
+		restoreSize  int64 // 0: a new volume of 16 MiB; else a restore of a 16 MiB volume's snapshot
+		expandTo     int64 // ControllerExpandVolume before the stage
+		retry        bool  // the staging path already holds the device, as a killed stage leaves it
 		resizeStatus int
 		flags        []string
+		fsMiB        int64 // the filesystem's size (dumpe2fs), groups of 4 MiB
 		wantResize   bool
+		wantCode     codes.Code
 	}{
-		{name: "grows", wantResize: true},
-		{name: "grow fails", resizeStatus: 1, wantResize: true},
-		{name: "mounted ro", flags: []string{"ro"}},
+		{name: "grows", fsMiB: 16, wantResize: true},
+		{name: "new volume, grow fails", resizeStatus: 1, fsMiB: 12, wantResize: true},
+		{name: "mounted ro", flags: []string{"ro"}, fsMiB: 16},
+		{name: "mounted ro among other options", flags: []string{"noatime,ro"}, restoreSize: 32 * mib, fsMiB: 16},
+		{name: "restore larger grows", restoreSize: 32 * mib, fsMiB: 16, wantResize: true},
+		{name: "restore larger, grow fails", restoreSize: 32 * mib, resizeStatus: 1, fsMiB: 16, wantResize: true, wantCode: codes.Internal},
+		{name: "restore within its slack, grow fails", restoreSize: 17 * mib, resizeStatus: 1, fsMiB: 16, wantResize: true},
+		{name: "restore expanded since, grow fails", restoreSize: 16 * mib, expandTo: 64 * mib, resizeStatus: 1, fsMiB: 16, wantResize: true},
+		{name: "retried stage grows", restoreSize: 32 * mib, retry: true, fsMiB: 16, wantResize: true},
+		{name: "retried stage, grow fails", restoreSize: 32 * mib, retry: true, resizeStatus: 1, fsMiB: 16, wantResize: true, wantCode: codes.Internal},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			tools := &fakeTools{resizeStatus: c.resizeStatus}
+			tools := &fakeTools{resizeStatus: c.resizeStatus, fsBlocks: c.fsMiB * mib / 4096}
 			e := tools.newEnv(t)
 			d, fm := e.d, e.fm
-			id := e.createVolume(t, "grow", 4<<20).VolumeId
+			ctx := context.Background()
+			id := e.createVolume(t, "grow", 16*mib).VolumeId
+			if c.restoreSize != 0 {
+				snap := e.createSnapshot(t, "snap", id)
+				r, err := d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "restore", CapacityRange: &csi.CapacityRange{RequiredBytes: c.restoreSize},
+					VolumeCapabilities: []*csi.VolumeCapability{mountCap()}, VolumeContentSource: &csi.VolumeContentSource{
+						Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap.SnapshotId}}}})
+				if err != nil {
+					t.Fatal(err)
+				}
+				id = r.Volume.VolumeId
+			}
+			if c.expandTo != 0 {
+				if _, err := d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: id,
+					CapacityRange: &csi.CapacityRange{RequiredBytes: c.expandTo}, VolumeCapability: mountCap()}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			staging := filepath.Join(t.TempDir(), "staging")
+			if c.retry {
+				e.attachMounted(t, id, staging)
+			}
 			vc := mountCap()
 			vc.GetMount().MountFlags = c.flags
-			staging := filepath.Join(t.TempDir(), "staging")
-			if _, err := d.NodeStageVolume(context.Background(), &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: vc}); err != nil {
-				t.Fatalf("stage: %v (ran %q)", err, tools.ran)
+			_, err := d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: vc})
+			if status.Code(err) != c.wantCode {
+				t.Fatalf("stage: %v, want %v (ran %q)", err, c.wantCode, tools.ran)
 			}
-			if mps, _ := fm.List(); !slices.ContainsFunc(mps, func(m mount.MountPoint) bool { return m.Path == staging }) {
-				t.Fatalf("staging path not mounted after the stage: %v", mps)
+			mps, _ := fm.List()
+			if mounted := slices.ContainsFunc(mps, func(m mount.MountPoint) bool { return m.Path == staging }); mounted != (c.wantCode == codes.OK) {
+				t.Fatalf("staging path mounted after the stage: %v, want %v (%v)", mounted, c.wantCode == codes.OK, mps)
 			}
 			if resized := tools.hasRun("resize2fs "); resized != c.wantResize {
 				t.Fatalf("resize2fs run: %v, want %v (ran %q)", resized, c.wantResize, tools.ran)
@@ -142,5 +186,30 @@ func TestNodeExpandGrowsFilesystem(t *testing.T) {
 				t.Fatalf("no resize2fs ran: %q", tools.ran)
 			}
 		})
+	}
+}
+
+// TestNodeExpandChecksPath: NodeExpandVolume of a mounted volume at a path
+// that does not hold it answers NotFound before changing anything: no
+// store resize, no grow (xfs_growfs would grow whatever is mounted there).
+func TestNodeExpandChecksPath(t *testing.T) {
+	tools := &fakeTools{fsBlocks: 1024}
+	e := tools.newEnv(t)
+	ctx := context.Background()
+	id := e.createVolume(t, "expand", 4<<20).VolumeId
+	staging := filepath.Join(t.TempDir(), "staging")
+	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: mountCap()}); err != nil {
+		t.Fatal(err)
+	}
+	tools.mu.Lock()
+	tools.ran = nil
+	tools.mu.Unlock()
+	_, err := e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: t.TempDir(),
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 8 << 20}, VolumeCapability: mountCap()})
+	if status.Code(err) != codes.NotFound {
+		t.Fatalf("NodeExpandVolume at a path not holding the volume: %v, want NotFound", err)
+	}
+	if v, _ := e.store.Volume(id); v.Size != 4<<20 || tools.hasRun("resize2fs") || tools.hasRun("xfs_growfs") {
+		t.Fatalf("a refused NodeExpandVolume changed something: size %d, ran %q", v.Size, tools.ran)
 	}
 }

@@ -1,21 +1,32 @@
 package main
 
 import (
+	"errors"
 	"path/filepath"
 
 	"github.com/csi-snap/csi-snap/driver"
 	"github.com/csi-snap/csi-snap/driver/kernel"
+	"k8s.io/klog/v2"
 )
 
 // openRealEngines opens the cow store at <data-dir>/store and the kernel
 // frontend in the run dir; the frontend's fd holder is this binary's
 // fuse-holder subcommand.
 func openRealEngines(cfg Config) (*engines, error) {
-	st, err := driver.OpenCowStore(filepath.Join(cfg.DataDir, "store"))
-	if err != nil {
+	var st driver.Store
+	cs, err := driver.OpenCowStore(filepath.Join(cfg.DataDir, "store"))
+	switch {
+	case errors.Is(err, driver.ErrSyncLost):
+		// Exiting would leave the volumes the fd holder keeps unserved, their
+		// I/O waiting for ever (driver.NewFailedStore): serve without a store.
+		klog.ErrorS(err, "The store lost an fsync in this boot and opens again only after the node reboots; serving held volumes with I/O errors and answering Unavailable to every call that needs the store. Drain the node and reboot it")
+		st = driver.NewFailedStore(err)
+	case err != nil:
 		return nil, err
+	default:
+		cs.SetSurviveKill(cfg.SurviveKill)
+		st = cs
 	}
-	st.SetSurviveKill(cfg.SurviveKill)
 	fe, err := driver.NewKernelFrontend(kernel.Config{RunDir: cfg.RunDir, ExternalHolder: cfg.ExternalHolder})
 	if err != nil {
 		st.Close()

@@ -1,0 +1,83 @@
+package driver
+
+import (
+	"errors"
+	"fmt"
+	"syscall"
+
+	"k8s.io/klog/v2"
+)
+
+// NewFailedStore returns the Store a plugin runs on when its store cannot
+// open and restarting cannot help: after a failed fsync (ErrSyncLost) the
+// store refuses to open until the node reboots. Exiting instead would leave
+// every volume the fd holder keeps with nobody serving it: its I/O, reads
+// included, would wait for ever, and no pod using it could be stopped or
+// unmounted, so the node could not even be drained. With this store the
+// plugin starts, serves the held volumes with a backend that fails every
+// request (EIO, see Recover), and answers unpublish and unstage, so pods
+// can be stopped and the node drained and rebooted; every call that needs
+// the store answers Unavailable with err, and Probe stays ready (see
+// Probe), so the liveness probe does not restart it in a loop.
+func NewFailedStore(err error) Store { return failedStore{err: err} }
+
+type failedStore struct{ err error }
+
+func (s failedStore) CreateVolume(string, int64, VolumeOptions) (VolumeInfo, error) {
+	return VolumeInfo{}, s.err
+}
+func (s failedStore) CloneSnapshot(string, string, int64, VolumeOptions) (VolumeInfo, error) {
+	return VolumeInfo{}, s.err
+}
+func (s failedStore) CloneVolume(string, string, int64, VolumeOptions) (VolumeInfo, error) {
+	return VolumeInfo{}, s.err
+}
+func (s failedStore) ResizeVolume(string, int64) error { return s.err }
+func (s failedStore) DeleteVolume(string) error        { return s.err }
+func (s failedStore) CreateSnapshot(string, string, map[string]string) (SnapshotInfo, error) {
+	return SnapshotInfo{}, s.err
+}
+func (s failedStore) DeleteSnapshot(string) error              { return s.err }
+func (s failedStore) Volume(string) (VolumeInfo, error)        { return VolumeInfo{}, s.err }
+func (s failedStore) Snapshot(string) (SnapshotInfo, error)    { return SnapshotInfo{}, s.err }
+func (s failedStore) Volumes() []VolumeInfo                    { return nil }
+func (s failedStore) Snapshots() []SnapshotInfo                { return nil }
+func (s failedStore) Err() error                               { return s.err }
+func (s failedStore) VolumeBackend(id string) (Backend, error) { return nil, s.err }
+func (s failedStore) Close() error                             { return nil }
+
+// errSyncLostIO is what a held volume's I/O gets once the store is lost:
+// EIO, which the filesystem on the device reports (and ext4 acts on per
+// its errors= option) instead of waiting for ever.
+var errSyncLostIO = fmt.Errorf("%w (%w)", syscall.EIO, ErrSyncLost)
+
+// failingBackend serves a held device whose store is lost: every request
+// fails with EIO. Its size is the device's, so the file the loop device is
+// on keeps its size (a smaller one would turn reads past it into zeros).
+type failingBackend struct{ size int64 }
+
+func (b failingBackend) ReadAt([]byte, int64) (int, error)  { return 0, errSyncLostIO }
+func (b failingBackend) WriteAt([]byte, int64) (int, error) { return 0, errSyncLostIO }
+func (b failingBackend) Flush() error                       { return errSyncLostIO }
+func (b failingBackend) Discard(int64, int64) error         { return errSyncLostIO }
+func (b failingBackend) Size() int64                        { return b.size }
+
+// heldBackend returns the backend to serve a held volume with: the store's,
+// or, when the store is lost for this boot (ErrSyncLost), one that fails
+// every request, sized from the device (see NewFailedStore).
+func (d *Driver) heldBackend(id string) (Backend, error) {
+	b, err := d.opt.Store.VolumeBackend(id)
+	if err == nil || !errors.Is(err, ErrSyncLost) {
+		return b, err
+	}
+	dev, ok := d.opt.Frontend.Device(id)
+	if !ok {
+		return nil, err
+	}
+	size, serr := deviceSize(dev)
+	if serr != nil {
+		return nil, fmt.Errorf("%w; and the size of its device: %w", err, serr)
+	}
+	klog.ErrorS(err, "Serving a held volume with I/O errors: its store is lost until the node reboots", "volumeID", id, "device", dev)
+	return failingBackend{size: size}, nil
+}
