@@ -357,3 +357,34 @@ func TestAttachRacingClose(t *testing.T) {
 		t.Fatalf("%d readers of the volume's server still run after Close", n)
 	}
 }
+
+// TestLoopRegisteredBeforeConfigure: a device is in its file's loop registry
+// from before LOOP_CONFIGURE binds it, so a kill right after the bind leaves
+// it findable from another mount namespace (where backing_file reads "/"),
+// instead of bound to our file with nobody knowing, until a reboot. A
+// failed attach leaves no entry (TestLoopTakenOver covers EBUSY retries).
+func TestLoopRegisteredBeforeConfigure(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	fe, _ := newFrontend(t)
+	var checked []string
+	attachHook = func(backing, dev string) {
+		if !registeredLoops(backing)[dev] {
+			t.Errorf("%s bound to %s before its loop registry named it", dev, backing)
+		}
+		checked = append(checked, dev)
+	}
+	defer func() { attachHook = nil }()
+	b := newFileBackend(t, t.TempDir(), 8<<20)
+	dev, err := fe.Attach(ctx, "vol-reg", b, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(checked) != 1 || checked[0] != dev {
+		t.Fatalf("the hook saw %v, want [%s]", checked, dev)
+	}
+	if err := fe.Detach(ctx, "vol-reg"); err != nil {
+		t.Fatal(err)
+	}
+	assertNothingLeft(t, fe.cfg.RunDir)
+}

@@ -77,6 +77,14 @@ func attachLoop(ctx context.Context, backing string, readOnly bool) (string, err
 		if err != nil {
 			return "", err
 		}
+		// Registered before the configure, not after: a kill between the
+		// two would otherwise leave a device bound to our file that a
+		// restart in another mount namespace (where backing_file reads
+		// "/") cannot find, so it would attach a second one and leave this
+		// one bound until a reboot. An entry for a device that ends up not
+		// ours is harmless: loopsOf takes a registered device only if it
+		// backs onto our mount.
+		registerLoop(backing, dev, true)
 		err = unix.IoctlLoopConfigure(int(lf.Fd()), &cfg)
 		if err == nil {
 			// The loop driver quietly falls back to buffered I/O when the
@@ -86,13 +94,17 @@ func attachLoop(ctx context.Context, backing string, readOnly bool) (string, err
 			if derr != nil || dio != "1" {
 				unix.IoctlSetInt(int(lf.Fd()), unix.LOOP_CLR_FD, 0)
 				lf.Close()
+				registerLoop(backing, dev, false)
 				return "", fmt.Errorf("%w: loop direct I/O did not take on %s (dio=%q)", ErrUnsupported, dev, dio)
 			}
 			lf.Close()
-			registerLoop(backing, dev, true)
+			if attachHook != nil {
+				attachHook(backing, dev)
+			}
 			return dev, nil
 		}
 		lf.Close()
+		registerLoop(backing, dev, false)
 		if errors.Is(err, unix.EBUSY) {
 			// Someone configured this device between GET_FREE and our ioctl.
 			lastErr = err
@@ -102,6 +114,10 @@ func attachLoop(ctx context.Context, backing string, readOnly bool) (string, err
 	}
 	return "", fmt.Errorf("no free loop device after %d attempts: %w", loopAttachAttempts, lastErr)
 }
+
+// attachHook, if set (tests), is called right after a device is configured
+// on backing, before attachLoop returns.
+var attachHook func(backing, dev string)
 
 // openLoopNode opens /dev/loopN, waiting briefly for devtmpfs when
 // LOOP_CTL_GET_FREE just created the device.
