@@ -39,6 +39,9 @@ type faultFS struct {
 	// writeHook, if set, runs at the start of every WriteAt with the
 	// file's name (to hold the committer inside a write).
 	writeHook func(name string)
+	// writeErr, if set, runs after writeHook; a WriteAt for which it
+	// returns an error fails with it, writing nothing (a full disk).
+	writeErr func(name string) error
 	// ios, when not nil, records the start and the end of every WriteAt
 	// ("wstart"/"wdone NAME OFF LEN") and of every Sync ("sstart"/"sdone
 	// NAME"; sdone only when it succeeded) in order, for tests of the
@@ -207,6 +210,14 @@ func (f *faultFile) WriteAt(p []byte, off int64) (int, error) {
 	defer f.fs.life.RUnlock()
 	fail, done := f.startWrite(off, int64(len(p)))
 	defer done()
+	f.fs.mu.Lock()
+	werr := f.fs.writeErr
+	f.fs.mu.Unlock()
+	if werr != nil {
+		if err := werr(f.name); err != nil {
+			return 0, err
+		}
+	}
 	if f.name == logName || f.name == logTmpName { // a new log keeps its temp name open
 		f.fs.event("write " + logName)
 	}

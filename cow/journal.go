@@ -6,8 +6,10 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"os"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -524,8 +526,14 @@ func (s *Store) openJournal() error {
 		all = append(all, p.recs...)
 		next = max(next, p.ep+1)
 	}
+	if s.skipRedo {
+		all = nil // dropped: see openFS
+	}
 	if err := s.redoJournal(all); err != nil {
 		j.close()
+		if errors.Is(err, ErrNoSpace) {
+			s.killLost = s.journalVolumes(all)
+		}
 		return err
 	}
 	// Everything redone is durable (redoJournal flushed it): start empty.
@@ -629,6 +637,18 @@ func (s *Store) redoJournal(all []jRec) error {
 		}
 	}
 	return nil
+}
+
+// journalVolumes returns the IDs of the live volumes that records of all
+// write, discard or mark as present, sorted.
+func (s *Store) journalVolumes(all []jRec) []string {
+	seen := map[string]bool{}
+	for _, r := range all {
+		if v, ok := s.objs[r.obj].(*Volume); ok && r.typ != jSettled {
+			seen[v.id] = true
+		}
+	}
+	return slices.Sorted(maps.Keys(seen))
 }
 
 // redoPresent marks a clone's chunk present again, as the journal says it

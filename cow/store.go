@@ -42,6 +42,11 @@ type Store struct {
 	bootOK   bool                    // whether there is one
 	openGen  uint64                  // Open: the log's generation before any checkpoint of Open's (the journal's)
 	redone   int64                   // writes and marks Open redid from the kill journal (Stats)
+	// killLost: volumes whose kill-journal records Open dropped because
+	// their redo ran out of space (KillWritesLost); skipRedo: this Open
+	// drops the journal without redoing it (openFS's second try).
+	killLost []string
+	skipRedo bool
 	// logNow mirrors log for Err, which must not wait for mu (a
 	// Checkpoint holds it while it writes the whole state).
 	logNow atomic.Pointer[committer]
@@ -127,8 +132,26 @@ func lockDir(dir string) (*os.File, error) {
 }
 
 func openFS(dir string, fs fsys) (*Store, error) {
+	s, err := openOnce(dir, fs, nil)
+	if err == nil || !errors.Is(err, ErrNoSpace) || s == nil {
+		return s, err
+	}
+	// The kill journal's redo ran out of space (its copy-outs need COW
+	// chunks). Failing would fail every Open until space is freed, and the
+	// deletes that free it need an open store: open without the redo
+	// instead, dropping the journal, and name the volumes whose answered
+	// writes are lost (KillWritesLost), as a power loss would lose them.
+	return openOnce(dir, fs, s.killLost)
+}
+
+// openOnce opens the store in dir. With lost (the volumes of a kill journal
+// whose redo failed for want of space) it drops the journal unredone, and
+// the store reports lost in KillWritesLost. A failed redo for want of space
+// returns the store (closed) with killLost set beside the error.
+func openOnce(dir string, fs fsys, lost []string) (*Store, error) {
 	s := &Store{dir: dir, fs: fs, byID: map[string]any{}, objs: map[uint32]any{}, nextObj: 1}
 	s.boot, s.bootOK = readBootID()
+	s.killLost, s.skipRedo = lost, lost != nil
 	if err := s.load(); err != nil {
 		s.closeFiles()
 		return nil, err
@@ -136,11 +159,24 @@ func openFS(dir string, fs fsys) (*Store, error) {
 	if err := s.openJournal(); err != nil {
 		s.log.stopped()
 		s.closeFiles()
+		if len(s.killLost) > 0 && !s.skipRedo {
+			return s, err
+		}
 		return nil, err
 	}
 	s.resumeRollbacks()
 	return s, nil
 }
+
+// KillWritesLost lists the volumes whose writes since their last Flush,
+// answered before the process was killed, Open could not redo from the kill
+// journal for want of space (ErrNoSpace): they were dropped, as a power loss
+// would drop them, so that the store opens and its deletes can free space.
+// A filesystem on such a volume that outlived the process (its device held
+// across the restart) believes those writes done: whoever serves it must
+// fail its I/O, so that it recovers as after a power loss (the driver does).
+// Empty unless that happened in this Open.
+func (s *Store) KillWritesLost() []string { return slices.Clone(s.killLost) }
 
 func (s *Store) load() error {
 	if err := s.checkSyncLost(); err != nil {

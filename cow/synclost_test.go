@@ -1,10 +1,15 @@
 package cow
 
 import (
+	"bytes"
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // TestSyncLostRefusesSameBoot: a process is killed with writes in the page
@@ -103,4 +108,88 @@ func openAfterInjectedFault(t *testing.T, dir string, wantMark bool) (*Store, er
 		}
 	}
 	return Open(dir)
+}
+
+// TestKillRedoWithoutSpace: with writes in the kill journal whose redo
+// needs COW chunks (first writes after a snapshot), a disk too full for
+// them must not keep the store from opening for good: the deletes that
+// free space need an open store. Open drops the journal instead, as a
+// power loss would drop those unflushed writes, and names the volumes
+// (KillWritesLost) so that the driver fails the I/O of their held devices.
+func TestKillRedoWithoutSpace(t *testing.T) {
+	dir := t.TempDir()
+	noSpace := func(name string) error {
+		if strings.HasSuffix(name, ".cow") {
+			return errors.Join(ErrNoSpace, syscall.ENOSPC)
+		}
+		return nil
+	}
+	s, fs := openFault(t, dir, nil)
+	s.SetSurviveKill(true)
+	v, err := s.CreateVolume("v", 1<<20, VolumeOptions{ChunkSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(8192, 'a'), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	fs.mu.Lock()
+	fs.writeErr = noSpace
+	fs.mu.Unlock()
+	if _, err := v.WriteAt(fill(4096, 'b'), 0); err != nil {
+		t.Fatalf("a first write after the snapshot, journaled: %v", err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); s.Err() == nil; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the copy-out to a full disk did not fail the store")
+		}
+	}
+	fs.kill()
+
+	fs2 := newFaultFS(dir)
+	fs2.writeErr = noSpace
+	s2, err := openFS(dir, fs2)
+	if err != nil {
+		t.Fatalf("Open with the kill journal's redo out of space: %v, want it open without the redo", err)
+	}
+	if got := s2.KillWritesLost(); !slices.Equal(got, []string{"v"}) {
+		t.Errorf("KillWritesLost %v, want [v]", got)
+	}
+	if err := s2.Err(); err != nil {
+		t.Fatalf("store after the dropped redo: %v", err)
+	}
+	if err := s2.DeleteSnapshot("snap"); err != nil {
+		t.Fatalf("DeleteSnapshot (to free space) after the dropped redo: %v", err)
+	}
+	v2, err := s2.Volume("v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 8192)
+	if _, err := v2.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, fill(8192, 'a')) {
+		t.Errorf("volume after the dropped redo: %q..., want the flushed bytes", got[:8])
+	}
+	if err := s2.check(); err != nil {
+		t.Fatal(err)
+	}
+	s2.Close()
+	// The journal is gone for good: a later Open redoes nothing and names
+	// nothing.
+	s3, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s3.Close()
+	if got := s3.KillWritesLost(); len(got) != 0 || s3.Stats().JournalRedone != 0 {
+		t.Errorf("a later Open: lost %v, redone %d; want nothing", got, s3.Stats().JournalRedone)
+	}
 }

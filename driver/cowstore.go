@@ -60,12 +60,20 @@ func OpenCowStore(dir string) (*CowStore, error) {
 	if err != nil {
 		return nil, fromCow(fmt.Errorf("open store %s: %w", dir, err))
 	}
+	if lost := s.KillWritesLost(); len(lost) > 0 {
+		klog.ErrorS(nil, "No space to redo the kill journal: writes these volumes answered before the restart and never flushed are lost, as after a power loss; their held devices answer I/O errors until unstaged, so the filesystems on them recover from their own journals on the next mount. Free space (delete snapshots or volumes)", "volumeIDs", lost)
+	}
 	if n := s.Stats().JournalRedone; n > 0 {
 		// A killed plugin had answered these; only its memory held them.
 		klog.InfoS("Redid writes from the kill journal", "dir", dir, "records", n)
 	}
 	return &CowStore{s: s}, nil
 }
+
+// KillWritesLost lists the volumes whose answered, unflushed writes Open had
+// to drop (cow.Store.KillWritesLost): Recover serves their held devices with
+// I/O errors.
+func (c *CowStore) KillWritesLost() []string { return c.s.KillWritesLost() }
 
 // SetSurviveKill sets whether every write the store acknowledges survives
 // a kill of this process (cow.Store.SetSurviveKill). The kernel frontend

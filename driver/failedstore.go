@@ -3,6 +3,7 @@ package driver
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"syscall"
 
 	"k8s.io/klog/v2"
@@ -62,12 +63,26 @@ func (b failingBackend) Flush() error                       { return errSyncLost
 func (b failingBackend) Discard(int64, int64) error         { return errSyncLostIO }
 func (b failingBackend) Size() int64                        { return b.size }
 
+// LostWritesStore is a Store that may have dropped, when it opened, writes
+// it had answered before the process was killed (cow: the kill journal's
+// redo ran out of space).
+type LostWritesStore interface {
+	// KillWritesLost lists the volumes concerned.
+	KillWritesLost() []string
+}
+
 // heldBackend returns the backend to serve a held volume with: the store's,
-// or, when the store is lost for this boot (ErrSyncLost), one that fails
-// every request, sized from the device (see NewFailedStore).
+// or one that fails every request, sized from the device, when the store
+// is lost for this boot (ErrSyncLost, see NewFailedStore) or dropped writes
+// of the volume that the filesystem on the held device believes done
+// (LostWritesStore): failing its I/O makes it recover as after a power
+// loss (the next mount replays its journal) instead of going on over the
+// hole. A later stage of the volume serves it from the store again.
 func (d *Driver) heldBackend(id string) (Backend, error) {
 	b, err := d.opt.Store.VolumeBackend(id)
-	if err == nil || !errors.Is(err, ErrSyncLost) {
+	if ls, ok := d.opt.Store.(LostWritesStore); ok && err == nil && slices.Contains(ls.KillWritesLost(), id) {
+		err = fmt.Errorf("%w: the store dropped writes of volume %s answered before the restart (no space to redo them)", ErrUnavailable, id)
+	} else if err == nil || !errors.Is(err, ErrSyncLost) {
 		return b, err
 	}
 	dev, ok := d.opt.Frontend.Device(id)
@@ -78,6 +93,6 @@ func (d *Driver) heldBackend(id string) (Backend, error) {
 	if serr != nil {
 		return nil, fmt.Errorf("%w; and the size of its device: %w", err, serr)
 	}
-	klog.ErrorS(err, "Serving a held volume with I/O errors: its store is lost until the node reboots", "volumeID", id, "device", dev)
+	klog.ErrorS(err, "Serving a held volume with I/O errors", "volumeID", id, "device", dev)
 	return failingBackend{size: size}, nil
 }

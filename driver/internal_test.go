@@ -239,3 +239,43 @@ func (f *heldFrontend) ReadOnlyDevice(context.Context, string) (string, error) {
 func (f *heldFrontend) FindReadOnlyDevice(string) (string, bool) { return "", false }
 func (f *heldFrontend) Attached() []string                       { return []string{"v-held"} }
 func (f *heldFrontend) Close() error                             { return nil }
+
+// lostStore is a store whose Open dropped the journaled writes of the
+// volumes in lost (LostWritesStore); every volume has a backend.
+type lostStore struct {
+	failedStore
+	lost []string
+}
+
+func (s lostStore) Err() error                               { return nil }
+func (s lostStore) VolumeBackend(id string) (Backend, error) { return failingBackend{size: 1}, nil }
+func (s lostStore) KillWritesLost() []string                 { return s.lost }
+
+// TestLostWritesFailHeldDevice: a held volume whose answered writes the
+// store dropped at Open (out of space for the kill journal's redo) is served
+// with I/O errors, so that the filesystem on it recovers as after a power
+// loss instead of going on over the lost writes; another held volume is
+// served from the store.
+func TestLostWritesFailHeldDevice(t *testing.T) {
+	dev := filepath.Join(t.TempDir(), "loop9")
+	if err := os.WriteFile(dev, make([]byte, 3<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		lost []string
+		want int64 // the served backend's size: the device's when failing
+	}{{[]string{"v-held"}, 3 << 20}, {[]string{"v-other"}, 1}} {
+		fe := &heldFrontend{dev: dev}
+		d, err := New(Options{Name: "csi-snap.test", NodeID: "n", DataDir: t.TempDir(), Store: lostStore{lost: c.lost}, Frontend: fe,
+			Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{DisableScripts: true}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := d.Recover(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		if fe.b == nil || fe.b.Size() != c.want {
+			t.Errorf("lost %v: v-held served with %#v, want a backend of size %d", c.lost, fe.b, c.want)
+		}
+	}
+}
