@@ -16,8 +16,10 @@ ROUNDS=${ROUNDS:-3}
 go test -c -o /tmp/cow-rollback.test ./cow/
 for r in $(seq "$ROUNDS"); do
 	echo "# round $r: $(cat /proc/loadavg)"
+	echo "# RB_VOLUME=16 GiB RB_CHANGED=1 GiB"
 	RB_VOLUME=$((16 << 30)) RB_CHANGED=$((1 << 30)) /tmp/cow-rollback.test \
 		-test.run '^$' -test.bench 'Rollback' -test.benchtime 1x -test.count 1 -test.timeout 0 | grep Benchmark
+	echo "# RB_VOLUME=1 TiB RB_CHANGED=1 GiB"
 	RB_VOLUME=$((1 << 40)) RB_CHANGED=$((1 << 30)) /tmp/cow-rollback.test \
 		-test.run '^$' -test.bench 'Rollback/inplace' -test.benchtime 1x -test.count 1 -test.timeout 0 | grep Benchmark
 done
