@@ -6,6 +6,7 @@ import (
 	"errors"
 	"math/rand"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"testing"
@@ -215,10 +216,10 @@ func TestConcurrentAttach(t *testing.T) {
 }
 
 // TestLoopTakenOver: a volume's loop device is detached from outside the
-// Frontend (losetup -d) and another volume takes the same number. Device,
-// Resize and Detach of the first volume must not act on the second's
-// device (they trusted the cached name), and Attach of the first volume
-// again attaches a device of its own instead of handing out the second's.
+// Frontend (losetup -d) and another file takes the same number. Device,
+// Resize and Detach of the volume must not act on the other file's device
+// (they trusted the cached name), and Attach of the volume again attaches
+// a device of its own instead of handing out the other's.
 func TestLoopTakenOver(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()
@@ -236,40 +237,53 @@ func TestLoopTakenOver(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	b := newFileBackend(t, t.TempDir(), size)
-	// The kernel hands out the lowest free number, but tests of other
-	// packages attach loop devices at the same time and may take the
-	// freed one first: try again (detaching vol-b) while they hold it.
-	var devB string
+	// Another file takes the freed number: bound here by number (losetup
+	// with the device named), not left to the kernel's lowest-free choice,
+	// which tests of other packages attaching at the same time may win. If
+	// one of them took it first, it is bound elsewhere just the same.
+	other := filepath.Join(t.TempDir(), "other")
+	if err := os.WriteFile(other, make([]byte, size), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ours := false
 	for try := 0; ; try++ {
-		if devB, err = fe.Attach(ctx, "vol-b", b, false); err != nil {
-			t.Fatal(err)
+		if exec.Command("losetup", devA, other).Run() == nil {
+			ours = true
+			t.Cleanup(func() { exec.Command("losetup", "-d", devA).Run() })
+			break
 		}
-		if devB == devA {
+		n, _ := loopNumber(devA)
+		if bf, err := readSysfs(n, "loop/backing_file"); err == nil && bf != "" {
+			t.Logf("%s was taken by %s before this test bound it: tested against that", devA, bf)
 			break
 		}
 		if try == 100 {
-			t.Skipf("vol-b got %s, not the freed %s, in 100 tries over 10 s (other tests hold it): nothing tested", devB, devA)
+			t.Fatalf("%s could not be bound to another file in 100 tries", devA)
 		}
-		if err := fe.Detach(ctx, "vol-b"); err != nil {
-			t.Fatal(err)
+		time.Sleep(10 * time.Millisecond)
+	}
+	boundElsewhere := func() {
+		t.Helper()
+		n, _ := loopNumber(devA)
+		bf, err := readSysfs(n, "loop/backing_file")
+		if err != nil || ours && bf != other {
+			t.Fatalf("%s is bound to %q (%v), want the other file %s still", devA, bf, err, other)
 		}
-		time.Sleep(100 * time.Millisecond)
 	}
 	if dev, ok := fe.Device("vol-a"); ok {
-		t.Fatalf("Device(vol-a) = %s, which is vol-b's now", dev)
+		t.Fatalf("Device(vol-a) = %s, which another file has now", dev)
 	}
 	if err := fe.Resize(ctx, "vol-a", size); err == nil {
-		t.Fatal("Resize of vol-a acted on vol-b's device")
+		t.Fatal("Resize of vol-a acted on another file's device")
 	}
 	// A repeated stage of vol-a Attaches it again: it must get a device of
-	// its own, not the cached name that is vol-b's now.
+	// its own, not the cached name another file has now.
 	dev, err := fe.Attach(ctx, "vol-a", a, false)
 	if err != nil {
 		t.Fatalf("Attach(vol-a) again: %v", err)
 	}
-	if dev == devB || !ownsLoop(dev, fe.mountpoint("vol-a")) {
-		t.Fatalf("Attach(vol-a) again = %s, not a device on vol-a's file (vol-b has %s)", dev, devB)
+	if dev == devA || !ownsLoop(dev, fe.mountpoint("vol-a")) {
+		t.Fatalf("Attach(vol-a) again = %s, not a device on vol-a's file (another file has %s)", dev, devA)
 	}
 	if got, ok := fe.Device("vol-a"); !ok || got != dev {
 		t.Fatalf("Device(vol-a) = %s, %v; want %s", got, ok, dev)
@@ -280,15 +294,10 @@ func TestLoopTakenOver(t *testing.T) {
 	if err := fe.Detach(ctx, "vol-a"); err != nil {
 		t.Fatalf("Detach(vol-a): %v", err)
 	}
-	if !ownsLoop(devB, fe.mountpoint("vol-b")) {
-		t.Fatalf("Detach(vol-a) detached vol-b's %s", devB)
-	}
-	if dev, ok := fe.Device("vol-b"); !ok || dev != devB {
-		t.Fatalf("Device(vol-b) = %s, %v; want %s", dev, ok, devB)
-	}
-	// The registry named vol-a's first device too (now vol-b's): once
-	// vol-a is detached nothing of it may remain, or a restart would take
-	// it for attached (Recover re-attaches what Attached lists, and a
+	boundElsewhere() // Detach(vol-a) left the other file's device alone
+	// The registry named vol-a's first device too (another file's now):
+	// once vol-a is detached nothing of it may remain, or a restart would
+	// take it for attached (Recover re-attaches what Attached lists, and a
 	// volume listed cannot be deleted or rolled back).
 	if slices.Contains(fe.Attached(), "vol-a") {
 		t.Fatalf("Attached() = %v lists the detached vol-a", fe.Attached())
@@ -297,10 +306,10 @@ func TestLoopTakenOver(t *testing.T) {
 		t.Fatalf("vol-a's loop registry after Detach: %v", err)
 	}
 	// A registry a Detach never removed (a reboot with the run dir on
-	// disk) whose devices are unbound, or bound to another volume's file,
-	// names nothing attached.
+	// disk) whose devices are unbound, or bound to another file, names
+	// nothing attached.
 	stale := fe.mountpoint("vol-c") + ".loops"
-	if err := os.WriteFile(stale, []byte(devB+"\n/dev/loop4095\n"), 0o600); err != nil {
+	if err := os.WriteFile(stale, []byte(devA+"\n/dev/loop4095\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	defer os.Remove(stale)
