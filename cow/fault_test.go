@@ -318,8 +318,8 @@ func (f *faultFS) SyncDir() error {
 }
 
 // CloneFrom is a write of the destination range (it changes the file's
-// content): it calls writeHook, is recorded as one and counts as one for
-// failWrite (an injected failure clones nothing and returns EIO).
+// content): it calls writeHook and writeErr, is recorded as one and counts
+// as one for failWrite (an injected failure clones nothing and returns EIO).
 func (f *faultFile) CloneFrom(src file, srcOff, off, n int64) error {
 	if s, ok := src.(*faultFile); ok {
 		src = s.file
@@ -332,6 +332,14 @@ func (f *faultFile) CloneFrom(src file, srcOff, off, n int64) error {
 	defer done()
 	if fail {
 		return errInjected
+	}
+	f.fs.mu.Lock()
+	werr := f.fs.writeErr
+	f.fs.mu.Unlock()
+	if werr != nil {
+		if err := werr(f.name); err != nil {
+			return err // a full disk refuses a clone's new extents too
+		}
 	}
 	return f.file.CloneFrom(src, srcOff, off, n)
 }

@@ -11,6 +11,7 @@ import (
 	"os"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -506,6 +507,9 @@ func (s *Store) openJournal() error {
 	var parts []part
 	for _, f := range j.f {
 		size, err := f.Size()
+		if err == nil {
+			size, err = dataEnd(f, size) // see load
+		}
 		if err != nil {
 			j.close()
 			return err
@@ -529,10 +533,11 @@ func (s *Store) openJournal() error {
 	if s.skipRedo {
 		all = nil // dropped: see openFS
 	}
+	targets := s.redoVolumes(all)
 	if err := s.redoJournal(all); err != nil {
 		j.close()
 		if errors.Is(err, ErrNoSpace) {
-			s.killLost = s.journalVolumes(all)
+			s.killLost = targets
 		}
 		return err
 	}
@@ -639,14 +644,43 @@ func (s *Store) redoJournal(all []jRec) error {
 	return nil
 }
 
-// journalVolumes returns the IDs of the live volumes that records of all
-// write, discard or mark as present, sorted.
-func (s *Store) journalVolumes(all []jRec) []string {
-	seen := map[string]bool{}
-	for _, r := range all {
-		if v, ok := s.objs[r.obj].(*Volume); ok && r.typ != jSettled {
-			seen[v.id] = true
+// redoVolumes returns the IDs of the volumes whose records in all the redo
+// would change (as redoJournal and redoPresent choose them: writes and
+// discards no later settled record of their chunk covers, marks of a live
+// clone's chunks not present yet), sorted; not every volume the files
+// still name (applied, settled writes stay in them until the epoch ends).
+// Called before the redo, on the state the log left.
+func (s *Store) redoVolumes(all []jRec) []string {
+	type key struct {
+		obj uint32
+		c   int64
+	}
+	last := map[key]int{}
+	for i, r := range all {
+		if r.typ == jSettled {
+			last[key{r.obj, r.c}] = i
 		}
+	}
+	seen := map[string]bool{}
+	for i, r := range all {
+		v, ok := s.objs[r.obj].(*Volume)
+		if !ok || v.deleted || r.typ == jSettled {
+			continue
+		}
+		if r.typ == jPresent {
+			v.mu.Lock()
+			skip := v.src == nil || r.c >= chunks(v.size, v.shift) || r.c<<v.shift >= v.src.size
+			if !skip {
+				_, skip = v.present.Lookup(exceptions.Chunk(r.c))
+			}
+			v.mu.Unlock()
+			if skip {
+				continue
+			}
+		} else if at, ok := last[key{r.obj, r.c}]; ok && at > i {
+			continue
+		}
+		seen[v.id] = true
 	}
 	return slices.Sorted(maps.Keys(seen))
 }
@@ -715,6 +749,87 @@ func (j *journal) drop() {
 			f.Truncate(0)
 		}
 	}
+}
+
+// killLostName is the file that keeps KillWritesLost across restarts of
+// the process within the boot: a first line with the boot's identity (32
+// hex digits), then one volume ID a line. Written whole (write, rename),
+// never synced: it matters only while devices held across a restart exist,
+// which a reboot ends (Open then removes it).
+const killLostName = "kill-lost"
+
+// loadKillLost reads the kill-lost file into s.killLost (live volumes only;
+// merged with what this Open found). A file of another boot, or one that
+// does not parse, is removed.
+func (s *Store) loadKillLost() error {
+	f, err := s.fs.Open(killLostName, false)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	size, err := f.Size()
+	var b []byte
+	if err == nil && size <= 1<<20 {
+		b = make([]byte, size)
+		err = readFull(f, b, 0)
+	}
+	f.Close()
+	if err != nil {
+		return err
+	}
+	lines := strings.Split(string(b), "\n")
+	if !s.bootOK || lines[0] != hex.EncodeToString(s.boot[:]) {
+		return s.fs.Remove(killLostName)
+	}
+	ids := slices.Clone(s.killLost)
+	for _, id := range lines[1:] {
+		if v, ok := s.byID[id].(*Volume); ok && !v.deleted {
+			ids = append(ids, id)
+		}
+	}
+	slices.Sort(ids)
+	s.killLost = slices.Compact(ids)
+	return nil
+}
+
+// saveKillLost writes s.killLost to the kill-lost file, or removes the file
+// when it is empty. Called with s.mu, or by Open.
+func (s *Store) saveKillLost() error {
+	if len(s.killLost) == 0 || !s.bootOK {
+		return s.fs.Remove(killLostName)
+	}
+	b := []byte(hex.EncodeToString(s.boot[:]) + "\n" + strings.Join(s.killLost, "\n"))
+	f, err := s.fs.Open(killLostName+".tmp", true)
+	if err != nil {
+		return err
+	}
+	err = f.Truncate(0)
+	if err == nil {
+		err = writeFull(f, b, 0)
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	return s.fs.Rename(killLostName+".tmp", killLostName)
+}
+
+// ForgetKillLost drops id from KillWritesLost, for good: the driver calls it
+// once no device of the volume held across the restart is left (it was
+// unstaged, or staged afresh), so a later restart serves it normally.
+func (s *Store) ForgetKillLost(id string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	i := slices.Index(s.killLost, id)
+	if i < 0 {
+		return nil
+	}
+	s.killLost = slices.Delete(s.killLost, i, i+1)
+	return s.saveKillLost()
 }
 
 // syncLostName is the file that marks a failed fsync for the rest of the

@@ -555,3 +555,53 @@ func TestErrDuringCheckpoint(t *testing.T) {
 		t.Fatalf("Err after Close: %v", err)
 	}
 }
+
+// TestSparseLogTail: a log or kill journal extended by a hole (a stray
+// truncate, a corrupted size: 1 TiB here) opens like one ending in zeros,
+// reading only its data: reading it whole would need 1 TiB of memory.
+func TestSparseLogTail(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.SetSurviveKill(true)
+	v, err := s.CreateVolume("v", 1<<20, VolumeOptions{ChunkSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(4096, 'x'), 8192); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range append([]string{logName}, journalNames[:]...) {
+		if err := os.Truncate(filepath.Join(dir, name), 1<<40); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for round := 0; round < 2; round++ {
+		s, err := Open(dir)
+		if err != nil {
+			t.Fatalf("Open of a log with a 1 TiB hole at its end (round %d): %v", round, err)
+		}
+		v, err := s.Volume("v")
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, 4096)
+		if _, err := v.ReadAt(got, 8192); err != nil || !bytes.Equal(got, fill(4096, 'x')) {
+			t.Fatalf("round %d: read %q..., %v", round, got[:4], err)
+		}
+		if _, err := v.WriteAt(fill(4096, byte('a'+round)), 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.check(); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}

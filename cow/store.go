@@ -164,19 +164,36 @@ func openOnce(dir string, fs fsys, lost []string) (*Store, error) {
 		}
 		return nil, err
 	}
+	// Kept across restarts until the driver is done with the held devices
+	// (ForgetKillLost): a restart while the disk is still full must fence
+	// them again.
+	err := s.loadKillLost()
+	if err == nil && s.skipRedo {
+		err = s.saveKillLost()
+	}
+	if err != nil {
+		s.log.stopped()
+		s.closeFiles()
+		return nil, err
+	}
 	s.resumeRollbacks()
 	return s, nil
 }
 
 // KillWritesLost lists the volumes whose writes since their last Flush,
-// answered before the process was killed, Open could not redo from the kill
-// journal for want of space (ErrNoSpace): they were dropped, as a power loss
-// would drop them, so that the store opens and its deletes can free space.
-// A filesystem on such a volume that outlived the process (its device held
-// across the restart) believes those writes done: whoever serves it must
-// fail its I/O, so that it recovers as after a power loss (the driver does).
-// Empty unless that happened in this Open.
-func (s *Store) KillWritesLost() []string { return slices.Clone(s.killLost) }
+// answered before the process was killed, an Open could not redo from the
+// kill journal for want of space (ErrNoSpace): they were dropped, as a
+// power loss would drop them, so that the store opens and its deletes can
+// free space. A filesystem on such a volume that outlived the process (its
+// device held across the restart) believes those writes done: whoever
+// serves it must fail its I/O, so that it recovers as after a power loss
+// (the driver does). The list outlives restarts of the process (file
+// kill-lost) until ForgetKillLost or a reboot.
+func (s *Store) KillWritesLost() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.killLost)
+}
 
 func (s *Store) load() error {
 	if err := s.checkSyncLost(); err != nil {
@@ -197,7 +214,14 @@ func (s *Store) load() error {
 		lf.Close()
 		return err
 	}
-	b := make([]byte, size)
+	// Only up to the end of the data: a tail the file system holds as a
+	// hole reads as zeros, which end the log like the preallocated ones.
+	n, err := dataEnd(lf, size)
+	if err != nil {
+		lf.Close()
+		return err
+	}
+	b := make([]byte, n)
 	if err := readFull(lf, b, 0); err != nil {
 		lf.Close()
 		return err
@@ -283,6 +307,33 @@ func (s *Store) load() error {
 		}
 	}
 	return nil
+}
+
+// dataEnd returns where the data of f (size bytes long) ends: from there
+// on the file is a hole, which reads as zeros without being stored, to the
+// nearest 4 KiB (a binary search of SEEK_DATA probes, Hole). Open reads the
+// log and the kill journal up to it: a file extended by a stray truncate or
+// a corrupted size (a 1 TiB log) would otherwise be read whole into memory
+// and kill the process, instead of ending at its zeros like any other log.
+// Where the file system cannot tell (no SEEK_DATA) it is size.
+func dataEnd(f file, size int64) (int64, error) {
+	lo, hi := int64(0), size // [hi, size) is a hole; lo is not past the data's end
+	for hi-lo > 4096 {
+		m := lo + (hi-lo)/2&^4095
+		if m <= lo {
+			break
+		}
+		h, err := f.Hole(m, size-m)
+		if err != nil {
+			return 0, err
+		}
+		if h {
+			hi = m
+		} else {
+			lo = m
+		}
+	}
+	return hi, nil
 }
 
 // checkpointTail is the tail Open folds into a checkpoint: CheckpointTail,

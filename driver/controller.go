@@ -249,6 +249,13 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	defer d.locks.unlock(keys...)
 
 	if err := d.storeErr(); err != nil {
+		if errors.Is(d.opt.Store.Err(), ErrSyncLost) {
+			// No volume can be made here until the node reboots:
+			// ResourceExhausted makes external-provisioner try another
+			// node for a WaitForFirstConsumer claim (see above), where
+			// Unavailable would retry here until then.
+			return nil, status.Error(codes.ResourceExhausted, status.Convert(err).Message())
+		}
 		return nil, err
 	}
 	if v, ok := d.findVolumeByName(name); ok {
@@ -470,6 +477,12 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (
 		return nil, err
 	}
 	if t := req.GetAccessibleTopology(); t != nil && !d.topologyMatches(t) {
+		return &csi.GetCapacityResponse{}, nil
+	}
+	if d.opt.Store.Err() != nil {
+		// A failed store makes no volume (until a restart reopens it, or
+		// after a failed fsync a reboot): none fits here, so the scheduler
+		// sends claims elsewhere.
 		return &csi.GetCapacityResponse{}, nil
 	}
 	var st unix.Statfs_t

@@ -75,6 +75,9 @@ func OpenCowStore(dir string) (*CowStore, error) {
 // I/O errors.
 func (c *CowStore) KillWritesLost() []string { return c.s.KillWritesLost() }
 
+// ForgetKillLost implements LostWritesStore.
+func (c *CowStore) ForgetKillLost(id string) error { return fromCow(c.s.ForgetKillLost(id)) }
+
 // SetSurviveKill sets whether every write the store acknowledges survives
 // a kill of this process (cow.Store.SetSurviveKill). The kernel frontend
 // needs it wherever its fd holder can outlive the process: the holder then

@@ -67,8 +67,26 @@ func (b failingBackend) Size() int64                        { return b.size }
 // it had answered before the process was killed (cow: the kill journal's
 // redo ran out of space).
 type LostWritesStore interface {
-	// KillWritesLost lists the volumes concerned.
+	// KillWritesLost lists the volumes concerned, until ForgetKillLost.
 	KillWritesLost() []string
+	// ForgetKillLost drops a volume from the list once no device held
+	// across the restart is left (unstaged, or attached afresh).
+	ForgetKillLost(id string) error
+}
+
+// lostWrites reports whether id is a volume whose held device must fail
+// its I/O (LostWritesStore).
+func (d *Driver) lostWrites(id string) bool {
+	ls, ok := d.opt.Store.(LostWritesStore)
+	return ok && slices.Contains(ls.KillWritesLost(), id)
+}
+
+// forgetLostWrites tells the store that id has no held device left.
+func (d *Driver) forgetLostWrites(id string) error {
+	if ls, ok := d.opt.Store.(LostWritesStore); ok {
+		return ls.ForgetKillLost(id)
+	}
+	return nil
 }
 
 // heldBackend returns the backend to serve a held volume with: the store's,
@@ -80,7 +98,7 @@ type LostWritesStore interface {
 // hole. A later stage of the volume serves it from the store again.
 func (d *Driver) heldBackend(id string) (Backend, error) {
 	b, err := d.opt.Store.VolumeBackend(id)
-	if ls, ok := d.opt.Store.(LostWritesStore); ok && err == nil && slices.Contains(ls.KillWritesLost(), id) {
+	if err == nil && d.lostWrites(id) {
 		err = fmt.Errorf("%w: the store dropped writes of volume %s answered before the restart (no space to redo them)", ErrUnavailable, id)
 	} else if err == nil || !errors.Is(err, ErrSyncLost) {
 		return b, err

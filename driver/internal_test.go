@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -213,8 +214,11 @@ func TestFailedStoreServesHeldVolumesWithErrors(t *testing.T) {
 	_, err = d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "v", CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20},
 		VolumeCapabilities: []*csi.VolumeCapability{{AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
 			AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER}}}})
-	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), "reboot") {
-		t.Errorf("CreateVolume on a lost store: %v, want Unavailable saying a reboot is needed", err)
+	if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "reboot") {
+		t.Errorf("CreateVolume on a lost store: %v, want ResourceExhausted (another node) saying a reboot is needed", err)
+	}
+	if r, err := d.GetCapacity(ctx, &csi.GetCapacityRequest{}); err != nil || r.GetAvailableCapacity() != 0 {
+		t.Errorf("GetCapacity on a lost store: %v, %v; want 0", r.GetAvailableCapacity(), err)
 	}
 }
 
@@ -241,15 +245,25 @@ func (f *heldFrontend) Attached() []string                       { return []stri
 func (f *heldFrontend) Close() error                             { return nil }
 
 // lostStore is a store whose Open dropped the journaled writes of the
-// volumes in lost (LostWritesStore); every volume has a backend.
+// volumes in lost (LostWritesStore); every volume exists, 3 MiB, and has a
+// backend of size 1 (told apart from the device-sized failing one).
 type lostStore struct {
 	failedStore
-	lost []string
+	lost *[]string
 }
+
+func newLostStore(ids ...string) lostStore { return lostStore{lost: &ids} }
 
 func (s lostStore) Err() error                               { return nil }
 func (s lostStore) VolumeBackend(id string) (Backend, error) { return failingBackend{size: 1}, nil }
-func (s lostStore) KillWritesLost() []string                 { return s.lost }
+func (s lostStore) KillWritesLost() []string                 { return *s.lost }
+func (s lostStore) Volume(id string) (VolumeInfo, error) {
+	return VolumeInfo{ID: id, Size: 3 << 20}, nil
+}
+func (s lostStore) ForgetKillLost(id string) error {
+	*s.lost = slices.DeleteFunc(*s.lost, func(x string) bool { return x == id })
+	return nil
+}
 
 // TestLostWritesFailHeldDevice: a held volume whose answered writes the
 // store dropped at Open (out of space for the kill journal's redo) is served
@@ -266,7 +280,7 @@ func TestLostWritesFailHeldDevice(t *testing.T) {
 		want int64 // the served backend's size: the device's when failing
 	}{{[]string{"v-held"}, 3 << 20}, {[]string{"v-other"}, 1}} {
 		fe := &heldFrontend{dev: dev}
-		d, err := New(Options{Name: "csi-snap.test", NodeID: "n", DataDir: t.TempDir(), Store: lostStore{lost: c.lost}, Frontend: fe,
+		d, err := New(Options{Name: "csi-snap.test", NodeID: "n", DataDir: t.TempDir(), Store: newLostStore(c.lost...), Frontend: fe,
 			Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{DisableScripts: true}}})
 		if err != nil {
 			t.Fatal(err)
@@ -276,6 +290,83 @@ func TestLostWritesFailHeldDevice(t *testing.T) {
 		}
 		if fe.b == nil || fe.b.Size() != c.want {
 			t.Errorf("lost %v: v-held served with %#v, want a backend of size %d", c.lost, fe.b, c.want)
+		}
+	}
+}
+
+// stageFrontend holds one volume's device (held) across a restart, like
+// heldFrontend, and counts detaches.
+type stageFrontend struct {
+	heldFrontend
+	id       string
+	held     bool
+	detached int
+}
+
+func (f *stageFrontend) Attach(_ context.Context, id string, b Backend, _ bool) (string, error) {
+	f.b, f.held = b, true
+	return f.dev, nil
+}
+func (f *stageFrontend) Detach(context.Context, string) error {
+	if f.held {
+		f.detached++
+	}
+	f.b, f.held = nil, false
+	return nil
+}
+func (f *stageFrontend) Device(id string) (string, bool) { return f.dev, f.held && id == f.id }
+func (f *stageFrontend) Unserved(id string) bool         { return f.held && f.b == nil }
+func (f *stageFrontend) Attached() []string {
+	if f.held {
+		return []string{f.id}
+	}
+	return nil
+}
+
+// TestLostWritesStageAndUnstage: the fence on a held device whose writes
+// the store dropped lasts until no held device is left. A retried stage of
+// a stage that never finished starts over from the store (its device
+// detached and attached afresh) instead of succeeding on the failing
+// device; an unstage ends the fence too. Either way the store forgets it.
+func TestLostWritesStageAndUnstage(t *testing.T) {
+	const id = "v-0123456789abcdef0123456789abcdef"
+	dev := filepath.Join(t.TempDir(), "loop9")
+	if err := os.WriteFile(dev, make([]byte, 3<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, unfinished := range []bool{true, false} {
+		st := newLostStore(id)
+		fe := &stageFrontend{heldFrontend: heldFrontend{dev: dev}, id: id, held: true}
+		d, err := New(Options{Name: "csi-snap.test", NodeID: "n", DataDir: t.TempDir(), Store: st, Frontend: fe,
+			Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{DisableScripts: true}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if unfinished {
+			if err := writeMarker(d.stageMarker(id), nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+		ctx := context.Background()
+		if err := d.Recover(ctx); err != nil || fe.b == nil || fe.b.Size() != 3<<20 {
+			t.Fatalf("Recover: %v, served with %#v; want the failing backend", err, fe.b)
+		}
+		staging := filepath.Join(t.TempDir(), "staging")
+		if unfinished {
+			_, err = d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+				VolumeCapability: &csi.VolumeCapability{AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
+					AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER}}})
+			if err != nil || fe.detached != 1 || fe.b == nil || fe.b.Size() != 1 {
+				t.Errorf("retried unfinished stage: %v, %d detaches, served with %#v; want the held device detached and the store's backend attached", err, fe.detached, fe.b)
+			}
+		} else {
+			_, err = d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging})
+			if err != nil || fe.detached != 1 {
+				t.Errorf("unstage: %v, %d detaches", err, fe.detached)
+			}
+		}
+		if got := st.KillWritesLost(); len(got) != 0 {
+			t.Errorf("unfinished %v: the store still lists %v as lost", unfinished, got)
 		}
 	}
 }

@@ -323,8 +323,35 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if wasAttached {
 		_, err := os.Stat(marker)
 		unfinished = err == nil
-	} else if err := writeMarker(marker, nil); err != nil {
-		return nil, toStatus(fmt.Errorf("stage marker of %s: %w", id, err))
+		if unfinished && d.lostWrites(id) {
+			// A stage killed after its mount, whose volume the store
+			// dropped answered writes of (LostWritesStore): its held
+			// device fails every request. No pod uses the mount yet (the
+			// stage never succeeded), so start over from the store:
+			// unmount, detach, and attach afresh below (the filesystem
+			// then replays its journal, as after a power loss).
+			if cur, err := d.mountedDevice(staging); err != nil {
+				return nil, toStatus(err)
+			} else if cur != "" {
+				if err := d.unmount(staging, false); err != nil {
+					return nil, err
+				}
+			}
+			if err := d.opt.Frontend.Detach(ctx, id); err != nil {
+				return nil, toStatus(fmt.Errorf("detach %s, whose held device lost writes: %w", id, err))
+			}
+			wasAttached = false
+		}
+	}
+	if !wasAttached {
+		// Attached afresh from the store: no device held across a
+		// restart is left to fence.
+		if err := d.forgetLostWrites(id); err != nil {
+			return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
+		}
+		if err := writeMarker(marker, nil); err != nil {
+			return nil, toStatus(fmt.Errorf("stage marker of %s: %w", id, err))
+		}
 	}
 	dev, err := d.opt.Frontend.Attach(ctx, id, b, false)
 	if err != nil {
@@ -673,6 +700,9 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	}
 	if err := d.opt.Frontend.Detach(ctx, id); err != nil {
 		return nil, toStatus(fmt.Errorf("detach %s: %w", id, err))
+	}
+	if err := d.forgetLostWrites(id); err != nil {
+		return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
 	}
 	if err := d.dropStageMarker(id); err != nil {
 		return nil, statusf(codes.Internal, "stage marker of %s: %v", id, err)

@@ -22,8 +22,9 @@ import (
 // must still start: exiting would leave the volume the fd holder keeps
 // with nobody serving it, its I/O (reads too) waiting for ever and the
 // pod using it impossible to stop. It must serve the held volume with I/O
-// errors, answer Probe ready (a restart cannot help) and Unavailable to
-// calls that need the store, and unpublish and unstage the volume, leaving
+// errors, answer Probe ready (a restart cannot help), Unavailable to calls
+// that need the store (ResourceExhausted to CreateVolume, so that a claim
+// goes to another node), and unpublish and unstage the volume, leaving
 // no mount, loop device or held connection behind.
 func TestSyncLostServesErrors(t *testing.T) {
 	k, dir := startKillable(t, false)
@@ -57,8 +58,8 @@ func TestSyncLostServesErrors(t *testing.T) {
 		t.Errorf("Probe with the store lost until a reboot: %v, %v; want ready", r.GetReady(), err)
 	}
 	if _, err := k.ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "after", CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20},
-		VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}}); status.Code(err) != codes.Unavailable {
-		t.Errorf("CreateVolume with the store lost: %v, want Unavailable", err)
+		VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}}); status.Code(err) != codes.ResourceExhausted {
+		t.Errorf("CreateVolume with the store lost: %v, want ResourceExhausted (provision on another node)", err)
 	}
 
 	// Both a read of the device (past any page cache) and a write that the
@@ -98,6 +99,9 @@ func TestSyncLostServesErrors(t *testing.T) {
 		return f.Sync()
 	})
 	unpublishAndUnstage(t, k.node, id, staging, target)
+	if _, err := k.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); status.Code(err) != codes.Unavailable {
+		t.Errorf("DeleteVolume with the store lost: %v, want Unavailable", err)
+	}
 	// The volume cannot be deleted until the store opens again (after a
 	// reboot); startKillable's cleanup checks nothing is left on the node.
 }
