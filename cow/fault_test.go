@@ -39,6 +39,9 @@ type faultFS struct {
 	// writeHook, if set, runs at the start of every WriteAt with the
 	// file's name (to hold the committer inside a write).
 	writeHook func(name string)
+	// removeErr, if set, runs before every Remove; one for which it returns
+	// an error fails with it, removing nothing.
+	removeErr func(name string) error
 	// writeErr, if set, runs after writeHook; a WriteAt for which it
 	// returns an error fails with it, writing nothing (a full disk).
 	writeErr func(name string) error
@@ -133,6 +136,19 @@ func (f *faultFS) event(e string) {
 		*f.events = append(*f.events, e)
 	}
 	f.mu.Unlock()
+}
+
+// Remove fails with removeErr's error where it returns one.
+func (f *faultFS) Remove(name string) error {
+	f.mu.Lock()
+	hook := f.removeErr
+	f.mu.Unlock()
+	if hook != nil {
+		if err := hook(name); err != nil {
+			return err
+		}
+	}
+	return f.osFS.Remove(name)
 }
 
 func (f *faultFS) Rename(o, n string) error {

@@ -537,7 +537,7 @@ func (s *Store) openJournal() error {
 	if err := s.redoJournal(all); err != nil {
 		j.close()
 		if errors.Is(err, ErrNoSpace) {
-			s.killLost = targets
+			s.redoNoSpace = targets
 		}
 		return err
 	}
@@ -794,13 +794,13 @@ func (s *Store) loadKillLost() error {
 	return nil
 }
 
-// saveKillLost writes s.killLost to the kill-lost file, or removes the file
-// when it is empty. Called with s.mu, or by Open.
-func (s *Store) saveKillLost() error {
-	if len(s.killLost) == 0 || !s.bootOK {
+// saveKillLost writes ids to the kill-lost file, or removes the file when
+// ids is empty. Called with s.mu, or by Open.
+func (s *Store) saveKillLost(ids []string) error {
+	if len(ids) == 0 || !s.bootOK {
 		return s.fs.Remove(killLostName)
 	}
-	b := []byte(hex.EncodeToString(s.boot[:]) + "\n" + strings.Join(s.killLost, "\n"))
+	b := []byte(hex.EncodeToString(s.boot[:]) + "\n" + strings.Join(ids, "\n"))
 	f, err := s.fs.Open(killLostName+".tmp", true)
 	if err != nil {
 		return err
@@ -828,8 +828,15 @@ func (s *Store) ForgetKillLost(id string) error {
 	if i < 0 {
 		return nil
 	}
-	s.killLost = slices.Delete(s.killLost, i, i+1)
-	return s.saveKillLost()
+	// Saved before memory forgets: a failed save (a full disk) must leave
+	// the volume fenced, or a retried stage would serve it while the file
+	// still names it for the next restart.
+	ids := slices.Delete(slices.Clone(s.killLost), i, i+1)
+	if err := s.saveKillLost(ids); err != nil {
+		return err
+	}
+	s.killLost = ids
+	return nil
 }
 
 // syncLostName is the file that marks a failed fsync for the rest of the

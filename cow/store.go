@@ -47,6 +47,9 @@ type Store struct {
 	// drops the journal without redoing it (openFS's second try).
 	killLost []string
 	skipRedo bool
+	// redoNoSpace: the volumes of a redo that failed for want of space
+	// (openJournal), for openFS's second try.
+	redoNoSpace []string
 	// logNow mirrors log for Err, which must not wait for mu (a
 	// Checkpoint holds it while it writes the whole state).
 	logNow atomic.Pointer[committer]
@@ -141,13 +144,13 @@ func openFS(dir string, fs fsys) (*Store, error) {
 	// deletes that free it need an open store: open without the redo
 	// instead, dropping the journal, and name the volumes whose answered
 	// writes are lost (KillWritesLost), as a power loss would lose them.
-	return openOnce(dir, fs, s.killLost)
+	return openOnce(dir, fs, s.redoNoSpace)
 }
 
 // openOnce opens the store in dir. With lost (the volumes of a kill journal
 // whose redo failed for want of space) it drops the journal unredone, and
 // the store reports lost in KillWritesLost. A failed redo for want of space
-// returns the store (closed) with killLost set beside the error.
+// returns the store (closed) with redoNoSpace set beside the error.
 func openOnce(dir string, fs fsys, lost []string) (*Store, error) {
 	s := &Store{dir: dir, fs: fs, byID: map[string]any{}, objs: map[uint32]any{}, nextObj: 1}
 	s.boot, s.bootOK = readBootID()
@@ -156,24 +159,27 @@ func openOnce(dir string, fs fsys, lost []string) (*Store, error) {
 		s.closeFiles()
 		return nil, err
 	}
-	if err := s.openJournal(); err != nil {
-		s.log.stopped()
-		s.closeFiles()
-		if len(s.killLost) > 0 && !s.skipRedo {
-			return s, err
-		}
-		return nil, err
-	}
-	// Kept across restarts until the driver is done with the held devices
+	// The list of volumes whose journaled writes are lost is kept across
+	// restarts until the driver is done with their held devices
 	// (ForgetKillLost): a restart while the disk is still full must fence
-	// them again.
+	// them again. When this Open drops the journal, the list is saved
+	// before the journal is emptied: a kill or failure in between then
+	// leaves the journal to try again, never neither.
 	err := s.loadKillLost()
 	if err == nil && s.skipRedo {
-		err = s.saveKillLost()
+		err = s.saveKillLost(s.killLost)
 	}
 	if err != nil {
 		s.log.stopped()
 		s.closeFiles()
+		return nil, err
+	}
+	if err := s.openJournal(); err != nil {
+		s.log.stopped()
+		s.closeFiles()
+		if len(s.redoNoSpace) > 0 {
+			return s, err
+		}
 		return nil, err
 	}
 	s.resumeRollbacks()

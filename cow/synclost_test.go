@@ -168,6 +168,20 @@ func TestKillRedoWithoutSpace(t *testing.T) {
 	}
 	fs.kill()
 
+	// The list of lost volumes cannot be saved either: Open fails, and must
+	// not have emptied the journal first (the next Open would then find
+	// neither the records nor the list, and serve the volume as if whole).
+	fsFull := newFaultFS(dir)
+	fsFull.writeErr = func(name string) error {
+		if name == killLostName+".tmp" {
+			return errors.Join(ErrNoSpace, syscall.ENOSPC)
+		}
+		return noSpace(name)
+	}
+	if s, err := openFS(dir, fsFull); err == nil {
+		s.Close()
+		t.Fatal("Open that could not save the kill-lost list succeeded")
+	}
 	fs2 := newFaultFS(dir)
 	fs2.writeErr = noSpace
 	s2, err := openFS(dir, fs2)
@@ -196,6 +210,23 @@ func TestKillRedoWithoutSpace(t *testing.T) {
 	}
 	if err := s2.check(); err != nil {
 		t.Fatal(err)
+	}
+	// A ForgetKillLost whose save fails (here the removal of the file its
+	// last entry leaves empty) forgets nothing.
+	fs2.mu.Lock()
+	fs2.writeErr = nil
+	fs2.removeErr = func(name string) error {
+		if name == killLostName {
+			return syscall.EIO
+		}
+		return nil
+	}
+	fs2.mu.Unlock()
+	if err := s2.ForgetKillLost("v"); err == nil {
+		t.Error("ForgetKillLost whose save failed succeeded")
+	}
+	if got := s2.KillWritesLost(); !slices.Equal(got, []string{"v"}) {
+		t.Errorf("after a failed ForgetKillLost: %v, want [v] still", got)
 	}
 	s2.Close()
 	// The journal is gone for good: a later Open redoes nothing. It still

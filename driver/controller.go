@@ -249,11 +249,14 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	defer d.locks.unlock(keys...)
 
 	if err := d.storeErr(); err != nil {
-		if errors.Is(d.opt.Store.Err(), ErrSyncLost) {
+		if _, known := d.findVolumeByName(name); !known && errors.Is(d.opt.Store.Err(), ErrSyncLost) {
 			// No volume can be made here until the node reboots:
 			// ResourceExhausted makes external-provisioner try another
 			// node for a WaitForFirstConsumer claim (see above), where
-			// Unavailable would retry here until then.
+			// Unavailable would retry here until then. Not for a name
+			// memory knows (a create whose answer was lost): the volume
+			// may be durable, and another node's copy would leak it, so
+			// that retry waits (Unavailable) for the reboot to tell.
 			return nil, status.Error(codes.ResourceExhausted, status.Convert(err).Message())
 		}
 		return nil, err

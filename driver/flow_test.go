@@ -1375,3 +1375,29 @@ func TestHealthStagingUnmounted(t *testing.T) {
 		t.Fatal("a block volume's staging path (nothing mounted, the publish binds the device node) is reported NotMounted")
 	}
 }
+
+// TestSyncLostCreateVolume: with the store lost until a reboot, a new name
+// answers ResourceExhausted (the provisioner tries another node) and
+// capacity is 0, but a retried create of a name memory knows answers
+// Unavailable: that volume may be durable, and a copy made on another node
+// would leave it behind unreferenced.
+func TestSyncLostCreateVolume(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	e.createVolume(t, "known", 1<<20)
+	e.store.Failed = fmt.Errorf("sync x: %w", driver.ErrSyncLost)
+	create := func(name string) error {
+		_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20},
+			VolumeCapabilities: []*csi.VolumeCapability{mountCap()}})
+		return err
+	}
+	if err := create("new"); status.Code(err) != codes.ResourceExhausted {
+		t.Errorf("CreateVolume of a new name on a lost store: %v, want ResourceExhausted", err)
+	}
+	if err := create("known"); status.Code(err) != codes.Unavailable {
+		t.Errorf("CreateVolume retried for a name memory knows: %v, want Unavailable", err)
+	}
+	if r, err := e.d.GetCapacity(ctx, &csi.GetCapacityRequest{}); err != nil || r.GetAvailableCapacity() != 0 {
+		t.Errorf("GetCapacity on a lost store: %v, %v; want 0", r.GetAvailableCapacity(), err)
+	}
+}

@@ -303,8 +303,12 @@ type stageFrontend struct {
 	detached int
 }
 
+// Attach serves an unserved or new device with b; a served one keeps its
+// backend, as the kernel frontend's idempotent Attach does.
 func (f *stageFrontend) Attach(_ context.Context, id string, b Backend, _ bool) (string, error) {
-	f.b, f.held = b, true
+	if !f.held || f.b == nil {
+		f.b, f.held = b, true
+	}
 	return f.dev, nil
 }
 func (f *stageFrontend) Detach(context.Context, string) error {
@@ -368,5 +372,33 @@ func TestLostWritesStageAndUnstage(t *testing.T) {
 		if got := st.KillWritesLost(); len(got) != 0 {
 			t.Errorf("unfinished %v: the store still lists %v as lost", unfinished, got)
 		}
+	}
+}
+
+// TestLostWritesStageTakesBackFenced: a held device Recover could not take
+// back (no Recover here) is taken back by a stage with the backend Recover
+// would have used: a lost volume's fails every request. Attach alone would
+// resume it with the store's, over the dropped writes.
+func TestLostWritesStageTakesBackFenced(t *testing.T) {
+	const id = "v-0123456789abcdef0123456789abcdef"
+	dev := filepath.Join(t.TempDir(), "loop9")
+	if err := os.WriteFile(dev, make([]byte, 3<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	st := newLostStore(id)
+	fe := &stageFrontend{heldFrontend: heldFrontend{dev: dev}, id: id, held: true}
+	d, err := New(Options{Name: "csi-snap.test", NodeID: "n", DataDir: t.TempDir(), Store: st, Frontend: fe,
+		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{DisableScripts: true}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = d.NodeStageVolume(context.Background(), &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(t.TempDir(), "staging"),
+		VolumeCapability: &csi.VolumeCapability{AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
+			AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER}}})
+	if err != nil || fe.b == nil || fe.b.Size() != 3<<20 {
+		t.Fatalf("re-stage of an unserved fenced device: %v, served with %#v; want the failing backend", err, fe.b)
+	}
+	if got := st.KillWritesLost(); len(got) != 1 {
+		t.Errorf("a re-stage of the held device forgot the fence: %v", got)
 	}
 }

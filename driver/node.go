@@ -317,6 +317,13 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	// finished: one that died (after a restart Recover re-attached it) and
 	// that kubelet now retries; if the retry fails with a final code,
 	// kubelet forgets the stage and would never unstage it.
+	// A held device no one serves (Recover could not take it back) is
+	// taken back first, with the backend Recover would have used (a lost
+	// volume's fails every request): Attach below would resume it with the
+	// store's, and an unmount of it would wait for ever.
+	if err := d.takeBack(ctx, id); err != nil {
+		return nil, err
+	}
 	_, wasAttached := d.opt.Frontend.Device(id)
 	marker := d.stageMarker(id)
 	unfinished := !wasAttached
