@@ -39,6 +39,9 @@ type faultFS struct {
 	// writeHook, if set, runs at the start of every WriteAt with the
 	// file's name (to hold the committer inside a write).
 	writeHook func(name string)
+	// openErr, if set, runs before every Open; one for which it returns an
+	// error fails with it, opening (or creating) nothing.
+	openErr func(name string, create bool) error
 	// removeErr, if set, runs before every Remove; one for which it returns
 	// an error fails with it, removing nothing.
 	removeErr func(name string) error
@@ -122,6 +125,14 @@ func openFault(t *testing.T, dir string, set func(*faultFS)) (*Store, *faultFS) 
 func (f *faultFS) Open(name string, create bool) (file, error) {
 	if create {
 		f.event("create " + name)
+	}
+	f.mu.Lock()
+	hook := f.openErr
+	f.mu.Unlock()
+	if hook != nil {
+		if err := hook(name, create); err != nil {
+			return nil, err
+		}
 	}
 	x, err := f.osFS.Open(name, create)
 	if err != nil {

@@ -541,6 +541,20 @@ func (s *Store) openJournal() error {
 		}
 		return err
 	}
+	// Markers of volumes whose records were just redone, all of them, are
+	// those of an Open that saved them and stopped (a kill, an error)
+	// before it emptied the journal: nothing of those volumes is lost.
+	// (A fenced device takes no write, so a volume fenced for good has no
+	// records here until it is attached afresh, which forgets it.)
+	for _, id := range targets {
+		if i := slices.Index(s.killLost, id); i >= 0 {
+			if err := s.fs.Remove(s.killLostName(id)); err != nil {
+				j.close()
+				return err
+			}
+			s.killLost = slices.Delete(s.killLost, i, i+1)
+		}
+	}
 	// Everything redone is durable (redoJournal flushed it): start empty.
 	// The older file first (startEpoch empties the file of epoch next-2),
 	// then the newer: a kill in between leaves the newest records only,
@@ -751,76 +765,68 @@ func (j *journal) drop() {
 	}
 }
 
-// killLostName is the file that keeps KillWritesLost across restarts of
-// the process within the boot: a first line with the boot's identity (32
-// hex digits), then one volume ID a line. Written whole (write, rename),
-// never synced: it matters only while devices held across a restart exist,
-// which a reboot ends (Open then removes it).
-const killLostName = "kill-lost"
+// killLostPrefix names the marker files that keep KillWritesLost across
+// restarts of the process within the boot: one empty file per volume,
+// "kill-lost.<boot>.<id>" (<boot>: the boot's identity, 32 hex digits).
+// Empty files, so that making one takes no data block (the disk is full
+// when they are made) and forgetting one is an unlink that frees. Never
+// synced: they matter only while devices held across a restart exist,
+// which a reboot ends (Open then removes them).
+const killLostPrefix = "kill-lost."
 
-// loadKillLost reads the kill-lost file into s.killLost (live volumes only;
-// merged with what this Open found). A file of another boot, or one that
-// does not parse, is removed.
+func (s *Store) killLostName(id string) string {
+	return killLostPrefix + hex.EncodeToString(s.boot[:]) + "." + id
+}
+
+// loadKillLost adds the volumes the markers of this boot name (live ones)
+// to s.killLost, and removes markers of other boots and of volumes gone.
 func (s *Store) loadKillLost() error {
-	f, err := s.fs.Open(killLostName, false)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
+	names, err := s.fs.List()
 	if err != nil {
 		return err
-	}
-	size, err := f.Size()
-	var b []byte
-	if err == nil && size <= 1<<20 {
-		b = make([]byte, size)
-		err = readFull(f, b, 0)
-	}
-	f.Close()
-	if err != nil {
-		return err
-	}
-	lines := strings.Split(string(b), "\n")
-	if !s.bootOK || lines[0] != hex.EncodeToString(s.boot[:]) {
-		return s.fs.Remove(killLostName)
 	}
 	ids := slices.Clone(s.killLost)
-	for _, id := range lines[1:] {
-		if v, ok := s.byID[id].(*Volume); ok && !v.deleted {
-			ids = append(ids, id)
+	for _, name := range names {
+		rest, ok := strings.CutPrefix(name, killLostPrefix)
+		if !ok {
+			continue
 		}
+		boot, id, _ := strings.Cut(rest, ".")
+		v, live := s.byID[id].(*Volume)
+		if !s.bootOK || boot != hex.EncodeToString(s.boot[:]) || !live || v.deleted {
+			if err := s.fs.Remove(name); err != nil {
+				return err
+			}
+			continue
+		}
+		ids = append(ids, id)
 	}
 	slices.Sort(ids)
 	s.killLost = slices.Compact(ids)
 	return nil
 }
 
-// saveKillLost writes ids to the kill-lost file, or removes the file when
-// ids is empty. Called with s.mu, or by Open.
+// saveKillLost makes the markers of ids. Called by Open.
 func (s *Store) saveKillLost(ids []string) error {
-	if len(ids) == 0 || !s.bootOK {
-		return s.fs.Remove(killLostName)
+	if !s.bootOK {
+		return nil // nothing tells this boot from the next: memory only
 	}
-	b := []byte(hex.EncodeToString(s.boot[:]) + "\n" + strings.Join(ids, "\n"))
-	f, err := s.fs.Open(killLostName+".tmp", true)
-	if err != nil {
-		return err
+	for _, id := range ids {
+		f, err := s.fs.Open(s.killLostName(id), true)
+		if err != nil {
+			return err
+		}
+		if err := f.Close(); err != nil {
+			return err
+		}
 	}
-	err = f.Truncate(0)
-	if err == nil {
-		err = writeFull(f, b, 0)
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return err
-	}
-	return s.fs.Rename(killLostName+".tmp", killLostName)
+	return nil
 }
 
 // ForgetKillLost drops id from KillWritesLost, for good: the driver calls it
 // once no device of the volume held across the restart is left (it was
-// unstaged, or staged afresh), so a later restart serves it normally.
+// unstaged, or staged afresh), so a later restart serves it normally. The
+// marker goes first: if its unlink fails, the volume stays fenced.
 func (s *Store) ForgetKillLost(id string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -828,14 +834,12 @@ func (s *Store) ForgetKillLost(id string) error {
 	if i < 0 {
 		return nil
 	}
-	// Saved before memory forgets: a failed save (a full disk) must leave
-	// the volume fenced, or a retried stage would serve it while the file
-	// still names it for the next restart.
-	ids := slices.Delete(slices.Clone(s.killLost), i, i+1)
-	if err := s.saveKillLost(ids); err != nil {
-		return err
+	if s.bootOK {
+		if err := s.fs.Remove(s.killLostName(id)); err != nil {
+			return err
+		}
 	}
-	s.killLost = ids
+	s.killLost = slices.Delete(s.killLost, i, i+1)
 	return nil
 }
 

@@ -162,12 +162,18 @@ func openOnce(dir string, fs fsys, lost []string) (*Store, error) {
 	// The list of volumes whose journaled writes are lost is kept across
 	// restarts until the driver is done with their held devices
 	// (ForgetKillLost): a restart while the disk is still full must fence
-	// them again. When this Open drops the journal, the list is saved
-	// before the journal is emptied: a kill or failure in between then
-	// leaves the journal to try again, never neither.
+	// them again. When this Open drops the journal, the markers are made
+	// before the journal is emptied: a kill in between leaves the journal
+	// to try again (its redo then removes the markers), never neither.
+	// Markers are empty files, which a full disk still takes (no data
+	// block); one it refuses (ErrNoSpace: a directory block) is not an
+	// error, or the store could never open on a full disk: the fence then
+	// holds for this process only.
 	err := s.loadKillLost()
 	if err == nil && s.skipRedo {
-		err = s.saveKillLost(s.killLost)
+		if err = s.saveKillLost(s.killLost); errors.Is(err, ErrNoSpace) {
+			err = nil
+		}
 	}
 	if err != nil {
 		s.log.stopped()
@@ -193,8 +199,8 @@ func openOnce(dir string, fs fsys, lost []string) (*Store, error) {
 // free space. A filesystem on such a volume that outlived the process (its
 // device held across the restart) believes those writes done: whoever
 // serves it must fail its I/O, so that it recovers as after a power loss
-// (the driver does). The list outlives restarts of the process (file
-// kill-lost) until ForgetKillLost or a reboot.
+// (the driver does). The list outlives restarts of the process (marker
+// files kill-lost.*) until ForgetKillLost or a reboot.
 func (s *Store) KillWritesLost() []string {
 	s.mu.Lock()
 	defer s.mu.Unlock()

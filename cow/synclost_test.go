@@ -110,20 +110,24 @@ func openAfterInjectedFault(t *testing.T, dir string, wantMark bool) (*Store, er
 	return Open(dir)
 }
 
-// TestKillRedoWithoutSpace: with writes in the kill journal whose redo
-// needs COW chunks (first writes after a snapshot), a disk too full for
-// them must not keep the store from opening for good: the deletes that
-// free space need an open store. Open drops the journal instead, as a
-// power loss would drop those unflushed writes, and names the volumes
-// (KillWritesLost) so that the driver fails the I/O of their held devices.
-func TestKillRedoWithoutSpace(t *testing.T) {
-	dir := t.TempDir()
-	noSpace := func(name string) error {
-		if strings.HasSuffix(name, ".cow") {
-			return errors.Join(ErrNoSpace, syscall.ENOSPC)
-		}
-		return nil
+// noSpaceFor fails writes to COW files (the kill journal's redo needs COW
+// chunks) with ENOSPC, as a full disk would.
+func noSpaceFor(name string) error {
+	if strings.HasSuffix(name, ".cow") {
+		return errors.Join(ErrNoSpace, syscall.ENOSPC)
 	}
+	return nil
+}
+
+// killWithJournaledCopy leaves in dir a store killed (survive-kill on) with
+// volume v's first write after its snapshot ('b' over 'a' at 0) in the kill
+// journal and its copy-out refused for want of space, and volume a, whose
+// first write after its snapshot was applied and settled before the disk
+// filled (nothing of a is lost, though the journal still holds its
+// records).
+func killWithJournaledCopy(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
 	s, fs := openFault(t, dir, nil)
 	s.SetSurviveKill(true)
 	v, err := s.CreateVolume("v", 1<<20, VolumeOptions{ChunkSize: 4096})
@@ -139,9 +143,6 @@ func TestKillRedoWithoutSpace(t *testing.T) {
 	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	// Volume a's first write after its snapshot is journaled and applied
-	// (settled) before the disk fills: nothing of a is lost, so a must not
-	// be named although the journal still holds its records.
 	a, err := s.CreateVolume("a", 1<<20, VolumeOptions{ChunkSize: 4096})
 	if err != nil {
 		t.Fatal(err)
@@ -156,7 +157,7 @@ func TestKillRedoWithoutSpace(t *testing.T) {
 		t.Fatal(err)
 	}
 	fs.mu.Lock()
-	fs.writeErr = noSpace
+	fs.writeErr = noSpaceFor
 	fs.mu.Unlock()
 	if _, err := v.WriteAt(fill(4096, 'b'), 0); err != nil {
 		t.Fatalf("a first write after the snapshot, journaled: %v", err)
@@ -167,23 +168,35 @@ func TestKillRedoWithoutSpace(t *testing.T) {
 		}
 	}
 	fs.kill()
+	return dir
+}
 
-	// The list of lost volumes cannot be saved either: Open fails, and must
-	// not have emptied the journal first (the next Open would then find
-	// neither the records nor the list, and serve the volume as if whole).
-	fsFull := newFaultFS(dir)
-	fsFull.writeErr = func(name string) error {
-		if name == killLostName+".tmp" {
-			return errors.Join(ErrNoSpace, syscall.ENOSPC)
-		}
-		return noSpace(name)
+// readV reads volume v's first 8 KiB in s.
+func readV(t *testing.T, s *Store) []byte {
+	t.Helper()
+	v, err := s.Volume("v")
+	if err != nil {
+		t.Fatal(err)
 	}
-	if s, err := openFS(dir, fsFull); err == nil {
-		s.Close()
-		t.Fatal("Open that could not save the kill-lost list succeeded")
+	got := make([]byte, 8192)
+	if _, err := v.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
 	}
+	return got
+}
+
+// TestKillRedoWithoutSpace: with writes in the kill journal whose redo
+// needs COW chunks (first writes after a snapshot), a disk too full for
+// them must not keep the store from opening for good: the deletes that
+// free space need an open store. Open drops the journal instead, as a
+// power loss would drop those unflushed writes, and names the volumes the
+// redo would have changed (KillWritesLost; not a, whose records were all
+// settled), so that the driver fails the I/O of their held devices; the
+// list outlives restarts until ForgetKillLost.
+func TestKillRedoWithoutSpace(t *testing.T) {
+	dir := killWithJournaledCopy(t)
 	fs2 := newFaultFS(dir)
-	fs2.writeErr = noSpace
+	fs2.writeErr = noSpaceFor
 	s2, err := openFS(dir, fs2)
 	if err != nil {
 		t.Fatalf("Open with the kill journal's redo out of space: %v, want it open without the redo", err)
@@ -197,37 +210,31 @@ func TestKillRedoWithoutSpace(t *testing.T) {
 	if err := s2.DeleteSnapshot("snap"); err != nil {
 		t.Fatalf("DeleteSnapshot (to free space) after the dropped redo: %v", err)
 	}
-	v2, err := s2.Volume("v")
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := make([]byte, 8192)
-	if _, err := v2.ReadAt(got, 0); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(got, fill(8192, 'a')) {
+	if got := readV(t, s2); !bytes.Equal(got, fill(8192, 'a')) {
 		t.Errorf("volume after the dropped redo: %q..., want the flushed bytes", got[:8])
 	}
 	if err := s2.check(); err != nil {
 		t.Fatal(err)
 	}
-	// A ForgetKillLost whose save fails (here the removal of the file its
-	// last entry leaves empty) forgets nothing.
+	// A ForgetKillLost whose marker cannot be removed forgets nothing.
 	fs2.mu.Lock()
 	fs2.writeErr = nil
 	fs2.removeErr = func(name string) error {
-		if name == killLostName {
+		if strings.HasPrefix(name, killLostPrefix) {
 			return syscall.EIO
 		}
 		return nil
 	}
 	fs2.mu.Unlock()
 	if err := s2.ForgetKillLost("v"); err == nil {
-		t.Error("ForgetKillLost whose save failed succeeded")
+		t.Error("ForgetKillLost whose marker stayed succeeded")
 	}
 	if got := s2.KillWritesLost(); !slices.Equal(got, []string{"v"}) {
 		t.Errorf("after a failed ForgetKillLost: %v, want [v] still", got)
 	}
+	fs2.mu.Lock()
+	fs2.removeErr = nil
+	fs2.mu.Unlock()
 	s2.Close()
 	// The journal is gone for good: a later Open redoes nothing. It still
 	// names v (a restart while the held device is still there must fence it
@@ -236,15 +243,14 @@ func TestKillRedoWithoutSpace(t *testing.T) {
 		want   []string
 		forget bool
 	}{{[]string{"v"}, false}, {[]string{"v"}, true}, {nil, false}} {
-		forget, want := round.forget, round.want
 		s3, err := Open(dir)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := s3.KillWritesLost(); !slices.Equal(got, want) || s3.Stats().JournalRedone != 0 {
-			t.Errorf("a later Open: lost %v (want %v), redone %d (want 0)", got, want, s3.Stats().JournalRedone)
+		if got := s3.KillWritesLost(); !slices.Equal(got, round.want) || s3.Stats().JournalRedone != 0 {
+			t.Errorf("a later Open: lost %v (want %v), redone %d (want 0)", got, round.want, s3.Stats().JournalRedone)
 		}
-		if forget {
+		if round.forget {
 			if err := s3.ForgetKillLost("v"); err != nil {
 				t.Fatal(err)
 			}
@@ -253,5 +259,59 @@ func TestKillRedoWithoutSpace(t *testing.T) {
 			}
 		}
 		s3.Close()
+	}
+}
+
+// TestKillLostWithoutMarkers: a disk so full that it refuses even the empty
+// marker files must still let the store open (or nothing could free
+// space): the list then holds in memory, for this process.
+func TestKillLostWithoutMarkers(t *testing.T) {
+	dir := killWithJournaledCopy(t)
+	fs2 := newFaultFS(dir)
+	fs2.writeErr = noSpaceFor
+	fs2.openErr = func(name string, create bool) error {
+		if create && strings.HasPrefix(name, killLostPrefix) {
+			return errors.Join(ErrNoSpace, syscall.ENOSPC)
+		}
+		return nil
+	}
+	s2, err := openFS(dir, fs2)
+	if err != nil {
+		t.Fatalf("Open whose markers the disk refuses: %v, want it open", err)
+	}
+	defer s2.Close()
+	if got := s2.KillWritesLost(); !slices.Equal(got, []string{"v"}) {
+		t.Errorf("KillWritesLost %v, want [v]", got)
+	}
+}
+
+// TestKillLostMarkersAfterRedo: an Open that saved its markers and stopped
+// before emptying the journal (here its truncate fails) leaves the journal
+// whole; once space is back, the next Open redoes it, and the markers of
+// the volumes it redid go: nothing of them is lost, so nothing is fenced.
+func TestKillLostMarkersAfterRedo(t *testing.T) {
+	dir := killWithJournaledCopy(t)
+	fs2 := newFaultFS(dir)
+	fs2.writeErr = noSpaceFor
+	fs2.truncErr = func(name string, size int64) error {
+		if strings.HasPrefix(name, "kill.journal") {
+			return syscall.EIO
+		}
+		return nil
+	}
+	if s, err := openFS(dir, fs2); err == nil {
+		s.Close()
+		t.Fatal("Open whose journal truncate failed succeeded")
+	}
+	s3, err := openFS(dir, newFaultFS(dir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s3.Close()
+	if got := s3.KillWritesLost(); len(got) != 0 || s3.Stats().JournalRedone == 0 {
+		t.Errorf("Open with space back: lost %v, redone %d; want nothing lost, the journal redone", got, s3.Stats().JournalRedone)
+	}
+	if got := readV(t, s3); !bytes.Equal(got[:4096], fill(4096, 'b')) {
+		t.Errorf("volume after the redo: %q..., want the journaled write", got[:8])
 	}
 }
