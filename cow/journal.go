@@ -541,12 +541,12 @@ func (s *Store) openJournal() error {
 		}
 		return err
 	}
-	// Markers of volumes whose records were just redone, all of them, are
-	// those of an Open that saved them and stopped (a kill, an error)
-	// before it emptied the journal: nothing of those volumes is lost.
-	// (A fenced device takes no write, so a volume fenced for good has no
-	// records here until it is attached afresh, which forgets it.)
-	for _, id := range targets {
+	// Markers of volumes with records in the journal just redone, all of
+	// it, are those of an Open that saved them and stopped (a kill, an
+	// error) before it emptied the journal: nothing of those volumes is
+	// lost. (A fenced device takes no write, so a volume fenced for good
+	// has no records here until it is attached afresh, which forgets it.)
+	for _, id := range s.journalVolumes(all) {
 		if i := slices.Index(s.killLost, id); i >= 0 {
 			if err := s.fs.Remove(s.killLostName(id)); err != nil {
 				j.close()
@@ -656,6 +656,17 @@ func (s *Store) redoJournal(all []jRec) error {
 		}
 	}
 	return nil
+}
+
+// journalVolumes returns the IDs of the live volumes with any record in all.
+func (s *Store) journalVolumes(all []jRec) []string {
+	seen := map[string]bool{}
+	for _, r := range all {
+		if v, ok := s.objs[r.obj].(*Volume); ok {
+			seen[v.id] = true
+		}
+	}
+	return slices.Sorted(maps.Keys(seen))
 }
 
 // redoVolumes returns the IDs of the volumes whose records in all the redo

@@ -170,9 +170,10 @@ func openOnce(dir string, fs fsys, lost []string) (*Store, error) {
 	// error, or the store could never open on a full disk: the fence then
 	// holds for this process only.
 	err := s.loadKillLost()
+	unsaved := false
 	if err == nil && s.skipRedo {
 		if err = s.saveKillLost(s.killLost); errors.Is(err, ErrNoSpace) {
-			err = nil
+			err, unsaved = nil, true
 		}
 	}
 	if err != nil {
@@ -187,6 +188,11 @@ func openOnce(dir string, fs fsys, lost []string) (*Store, error) {
 			return s, err
 		}
 		return nil, err
+	}
+	if unsaved {
+		// Again, now that emptying the journal freed its blocks. If the
+		// disk still refuses, the fence holds for this process only.
+		_ = s.saveKillLost(s.killLost)
 	}
 	s.resumeRollbacks()
 	return s, nil

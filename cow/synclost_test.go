@@ -2,6 +2,7 @@ package cow
 
 import (
 	"bytes"
+	"encoding/hex"
 	"errors"
 	"os"
 	"path/filepath"
@@ -264,24 +265,49 @@ func TestKillRedoWithoutSpace(t *testing.T) {
 
 // TestKillLostWithoutMarkers: a disk so full that it refuses even the empty
 // marker files must still let the store open (or nothing could free
-// space): the list then holds in memory, for this process.
+// space). The markers are tried again once emptying the journal freed its
+// blocks, so that a restart fences the volume still ("freed"); a disk that
+// refuses them even then ("never") leaves the list in memory, for this
+// process only.
 func TestKillLostWithoutMarkers(t *testing.T) {
-	dir := killWithJournaledCopy(t)
-	fs2 := newFaultFS(dir)
-	fs2.writeErr = noSpaceFor
-	fs2.openErr = func(name string, create bool) error {
-		if create && strings.HasPrefix(name, killLostPrefix) {
+	for _, freed := range []bool{true, false} {
+		dir := killWithJournaledCopy(t)
+		fs2 := newFaultFS(dir)
+		fs2.writeErr = noSpaceFor
+		fs2.openErr = func(name string, create bool) error {
+			if !create || !strings.HasPrefix(name, killLostPrefix) {
+				return nil
+			}
+			if freed {
+				for _, j := range journalNames {
+					if fi, err := os.Stat(filepath.Join(dir, j)); err == nil && fi.Size() > journalHeaderLen { // records: not emptied yet
+						return errors.Join(ErrNoSpace, syscall.ENOSPC)
+					}
+				}
+				return nil
+			}
 			return errors.Join(ErrNoSpace, syscall.ENOSPC)
 		}
-		return nil
-	}
-	s2, err := openFS(dir, fs2)
-	if err != nil {
-		t.Fatalf("Open whose markers the disk refuses: %v, want it open", err)
-	}
-	defer s2.Close()
-	if got := s2.KillWritesLost(); !slices.Equal(got, []string{"v"}) {
-		t.Errorf("KillWritesLost %v, want [v]", got)
+		s2, err := openFS(dir, fs2)
+		if err != nil {
+			t.Fatalf("freed %v: Open whose markers the disk refuses: %v, want it open", freed, err)
+		}
+		if got := s2.KillWritesLost(); !slices.Equal(got, []string{"v"}) {
+			t.Errorf("freed %v: KillWritesLost %v, want [v]", freed, got)
+		}
+		s2.Close()
+		s3, err := Open(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := []string{"v"}
+		if !freed {
+			want = nil // the loss that remains: nothing on disk says so
+		}
+		if got := s3.KillWritesLost(); !slices.Equal(got, want) {
+			t.Errorf("freed %v: after a restart KillWritesLost %v, want %v", freed, got, want)
+		}
+		s3.Close()
 	}
 }
 
@@ -302,6 +328,16 @@ func TestKillLostMarkersAfterRedo(t *testing.T) {
 	if s, err := openFS(dir, fs2); err == nil {
 		s.Close()
 		t.Fatal("Open whose journal truncate failed succeeded")
+	}
+	// A marker for a, whose records the journal holds but whose redo
+	// changes nothing (they are settled): a stopped Open whose list named
+	// it (report-diff4 #2: a clone's marks already present) leaves this.
+	boot, ok := readBootID()
+	if !ok {
+		t.Skip("no boot id: no markers")
+	}
+	if err := os.WriteFile(filepath.Join(dir, killLostPrefix+hex.EncodeToString(boot[:])+".a"), nil, 0o600); err != nil {
+		t.Fatal(err)
 	}
 	s3, err := openFS(dir, newFaultFS(dir))
 	if err != nil {
