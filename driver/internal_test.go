@@ -327,27 +327,38 @@ func (f *stageFrontend) Attached() []string {
 	return nil
 }
 
+// lostID is the volume lostHeldDriver's store lost writes of.
+const lostID = "v-0123456789abcdef0123456789abcdef"
+
+// lostHeldDriver is a driver on a store that lost writes of lostID, whose
+// device (a 3 MiB file standing in for it) the frontend holds, unserved.
+func lostHeldDriver(t *testing.T) (*Driver, lostStore, *stageFrontend) {
+	t.Helper()
+	dev := filepath.Join(t.TempDir(), "loop9")
+	if err := os.WriteFile(dev, make([]byte, 3<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	st := newLostStore(lostID)
+	fe := &stageFrontend{heldFrontend: heldFrontend{dev: dev}, id: lostID, held: true}
+	d, err := New(Options{Name: "csi-snap.test", NodeID: "n", DataDir: t.TempDir(), Store: st, Frontend: fe,
+		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{DisableScripts: true}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d, st, fe
+}
+
 // TestLostWritesStageAndUnstage: the fence on a held device whose writes
 // the store dropped lasts until no held device is left. A retried stage of
 // a stage that never finished starts over from the store (its device
 // detached and attached afresh) instead of succeeding on the failing
 // device; an unstage ends the fence too. Either way the store forgets it.
 func TestLostWritesStageAndUnstage(t *testing.T) {
-	const id = "v-0123456789abcdef0123456789abcdef"
-	dev := filepath.Join(t.TempDir(), "loop9")
-	if err := os.WriteFile(dev, make([]byte, 3<<20), 0o600); err != nil {
-		t.Fatal(err)
-	}
 	for _, unfinished := range []bool{true, false} {
-		st := newLostStore(id)
-		fe := &stageFrontend{heldFrontend: heldFrontend{dev: dev}, id: id, held: true}
-		d, err := New(Options{Name: "csi-snap.test", NodeID: "n", DataDir: t.TempDir(), Store: st, Frontend: fe,
-			Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{DisableScripts: true}}})
-		if err != nil {
-			t.Fatal(err)
-		}
+		d, st, fe := lostHeldDriver(t)
+		var err error
 		if unfinished {
-			if err := writeMarker(d.stageMarker(id), nil); err != nil {
+			if err := writeMarker(d.stageMarker(lostID), nil); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -357,14 +368,14 @@ func TestLostWritesStageAndUnstage(t *testing.T) {
 		}
 		staging := filepath.Join(t.TempDir(), "staging")
 		if unfinished {
-			_, err = d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			_, err = d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: lostID, StagingTargetPath: staging,
 				VolumeCapability: &csi.VolumeCapability{AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
 					AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER}}})
 			if err != nil || fe.detached != 1 || fe.b == nil || fe.b.Size() != 1 {
 				t.Errorf("retried unfinished stage: %v, %d detaches, served with %#v; want the held device detached and the store's backend attached", err, fe.detached, fe.b)
 			}
 		} else {
-			_, err = d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging})
+			_, err = d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: lostID, StagingTargetPath: staging})
 			if err != nil || fe.detached != 1 {
 				t.Errorf("unstage: %v, %d detaches", err, fe.detached)
 			}
@@ -380,19 +391,8 @@ func TestLostWritesStageAndUnstage(t *testing.T) {
 // would have used: a lost volume's fails every request. Attach alone would
 // resume it with the store's, over the dropped writes.
 func TestLostWritesStageTakesBackFenced(t *testing.T) {
-	const id = "v-0123456789abcdef0123456789abcdef"
-	dev := filepath.Join(t.TempDir(), "loop9")
-	if err := os.WriteFile(dev, make([]byte, 3<<20), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	st := newLostStore(id)
-	fe := &stageFrontend{heldFrontend: heldFrontend{dev: dev}, id: id, held: true}
-	d, err := New(Options{Name: "csi-snap.test", NodeID: "n", DataDir: t.TempDir(), Store: st, Frontend: fe,
-		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{DisableScripts: true}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = d.NodeStageVolume(context.Background(), &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(t.TempDir(), "staging"),
+	d, st, fe := lostHeldDriver(t)
+	_, err := d.NodeStageVolume(context.Background(), &csi.NodeStageVolumeRequest{VolumeId: lostID, StagingTargetPath: filepath.Join(t.TempDir(), "staging"),
 		VolumeCapability: &csi.VolumeCapability{AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
 			AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER}}})
 	if err != nil || fe.b == nil || fe.b.Size() != 3<<20 {
