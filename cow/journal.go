@@ -601,16 +601,7 @@ func (j *journal) restart(gen uint64) error {
 // redoJournal redoes the journaled writes no later settled record covers,
 // in their order, and flushes the volumes it wrote.
 func (s *Store) redoJournal(all []jRec) error {
-	type key struct {
-		obj uint32
-		c   int64
-	}
-	last := map[key]int{} // index of the chunk's last settled record
-	for i, r := range all {
-		if r.typ == jSettled {
-			last[key{r.obj, r.c}] = i
-		}
-	}
+	settledLater := settledAfter(all)
 	touched := map[*Volume]bool{}
 	for i, r := range all {
 		if r.typ == jSettled {
@@ -629,7 +620,7 @@ func (s *Store) redoJournal(all []jRec) error {
 			}
 			continue
 		}
-		if at, ok := last[key{r.obj, r.c}]; ok && at > i {
+		if settledLater(i) {
 			continue
 		}
 		v, ok := s.objs[r.obj].(*Volume)
@@ -676,16 +667,7 @@ func (s *Store) journalVolumes(all []jRec) []string {
 // still name (applied, settled writes stay in them until the epoch ends).
 // Called before the redo, on the state the log left.
 func (s *Store) redoVolumes(all []jRec) []string {
-	type key struct {
-		obj uint32
-		c   int64
-	}
-	last := map[key]int{}
-	for i, r := range all {
-		if r.typ == jSettled {
-			last[key{r.obj, r.c}] = i
-		}
-	}
+	settledLater := settledAfter(all)
 	seen := map[string]bool{}
 	for i, r := range all {
 		v, ok := s.objs[r.obj].(*Volume)
@@ -693,21 +675,52 @@ func (s *Store) redoVolumes(all []jRec) []string {
 			continue
 		}
 		if r.typ == jPresent {
-			v.mu.Lock()
-			skip := v.src == nil || r.c >= chunks(v.size, v.shift) || r.c<<v.shift >= v.src.size
-			if !skip {
-				_, skip = v.present.Lookup(exceptions.Chunk(r.c))
-			}
-			v.mu.Unlock()
-			if skip {
+			if v.src == nil {
 				continue
 			}
-		} else if at, ok := last[key{r.obj, r.c}]; ok && at > i {
+			v.mu.Lock()
+			pending := v.markPending(r.c)
+			v.mu.Unlock()
+			if !pending {
+				continue
+			}
+		} else if settledLater(i) {
 			continue
 		}
 		seen[v.id] = true
 	}
 	return slices.Sorted(maps.Keys(seen))
+}
+
+// settledAfter returns whether the write or discard record all[i] is
+// covered by a later settled record of its chunk (applied to the data
+// file, so its redo would undo later writes): redoJournal skips those.
+func settledAfter(all []jRec) func(i int) bool {
+	type key struct {
+		obj uint32
+		c   int64
+	}
+	last := map[key]int{} // index of the chunk's last settled record
+	for i, r := range all {
+		if r.typ == jSettled {
+			last[key{r.obj, r.c}] = i
+		}
+	}
+	return func(i int) bool {
+		at, ok := last[key{all[i].obj, all[i].c}]
+		return ok && at > i
+	}
+}
+
+// markPending reports whether a present mark of chunk c would change the
+// clone v (redoPresent): v live, c inside both v and its source, and not
+// present yet. Called with v.mu held; v.src is not nil.
+func (v *Volume) markPending(c int64) bool {
+	if v.deleted || c >= chunks(v.size, v.shift) || c<<v.shift >= v.src.size {
+		return false
+	}
+	_, present := v.present.Lookup(exceptions.Chunk(c))
+	return !present
 }
 
 // redoPresent marks a clone's chunk present again, as the journal says it
@@ -726,10 +739,7 @@ func (s *Store) redoPresent(r jRec) (*Volume, error) {
 	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if v.deleted || r.c >= chunks(v.size, v.shift) || r.c<<v.shift >= v.src.size {
-		return nil, nil
-	}
-	if _, ok := v.present.Lookup(exceptions.Chunk(r.c)); ok {
+	if !v.markPending(r.c) {
 		return nil, nil
 	}
 	v.present.Insert(exceptions.Chunk(r.c), exceptions.Chunk(r.c))
