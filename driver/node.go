@@ -416,7 +416,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		if readerOnly(req.GetVolumeCapability()) {
 			flags = append(slices.Clone(flags), "ro")
 		}
-		if err := d.growStaged(id, v, dev, staging, flags); err != nil {
+		if err := d.growStaged(id, v, dev, staging, flags, ""); err != nil {
 			return nil, err
 		}
 		staged = true
@@ -468,7 +468,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		return nil, statusf(codes.Internal, "format and mount %s (%s) at %s: %v", dev, fstype, staging, err)
 	}
 	if existing != "" { // else mkfs made it the device's size just now
-		if err := d.growStaged(id, v, dev, staging, flags); err != nil {
+		if err := d.growStaged(id, v, dev, staging, flags, existing); err != nil {
 			return nil, err
 		}
 	}
@@ -502,13 +502,17 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 // expanded while unused gets kubelet's NodeExpandVolume next, which retries
 // the grow and reports on the PVC; and a volume made empty got its
 // filesystem from mkfs at its size.
-func (d *Driver) growStaged(id string, v VolumeInfo, dev, staging string, flags []string) error {
+//
+// fstype is the filesystem's type when the caller probed it, else "".
+func (d *Driver) growStaged(id string, v VolumeInfo, dev, staging string, flags []string, fstype string) error {
 	if hasROFlag(flags) {
 		return nil
 	}
-	fstype, err := d.opt.Mounter.GetDiskFormat(dev)
-	if err != nil {
-		return statusf(codes.Internal, "probe %s: %v", dev, err)
+	if fstype == "" {
+		var err error
+		if fstype, err = d.opt.Mounter.GetDiskFormat(dev); err != nil {
+			return statusf(codes.Internal, "probe %s: %v", dev, err)
+		}
 	}
 	if fstype != "ext4" && fstype != "ext3" && fstype != "xfs" {
 		return nil
