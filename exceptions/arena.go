@@ -31,8 +31,9 @@ import (
 // Bytes counts them whole.
 //
 // An allocation is a whole number of classStep words, at most maxSlabWords;
-// larger ones (blocks of more than 64 wide runs, which only tests' shapes
-// make) are plain Go allocations, told apart by their length. Freed
+// larger ones are plain Go allocations, told apart by their length. The
+// default shape never makes one (64 runs of three 64-bit fields take about
+// 200 words); shapes of a few hundred runs with wide fields do (TestWideFields). Freed
 // allocations go to a free list per length and are reused first; the
 // current slab is carved from its start (top). When a slab cannot hold a
 // request, its remainder is cut into free chunks and a new slab starts.
@@ -209,6 +210,17 @@ func (a *arena) check(allocs [][]uint64) error {
 	for i, s := range sl {
 		if covered[i] != s.used {
 			return fmt.Errorf("arena: slab at %#x: %d of its %d used words are allocated or free", s.lo, covered[i], s.used)
+		}
+	}
+	for _, w := range allocs {
+		if len(w) <= maxSlabWords {
+			continue
+		}
+		lo := uintptr(unsafe.Pointer(&w[0]))
+		for _, s := range a.slabs {
+			if slo := uintptr(unsafe.Pointer(&s[0])); lo < slo+uintptr(len(s))*8 && slo < lo+uintptr(len(w))*8 {
+				return fmt.Errorf("arena: allocation of %d words at %#x lies in a slab", len(w), lo)
+			}
 		}
 	}
 	return nil

@@ -48,7 +48,8 @@
 //   - An insert into a random place costs a decode/re-encode of one block
 //     (up to 64 runs) when the new run does not fit the block's widths or
 //     the block is full; most inserts shift bits in place instead. When a
-//     block splits, its segment's directory is rebuilt (O(512)).
+//     block splits, its segment's slices and radix directory are updated
+//     in place (O(512)).
 //   - Memory is returned as runs are removed (small blocks and segments are
 //     merged, slices shrink), but not eagerly: a block keeps its words
 //     until it is re-encoded, freed words go to the arena's free lists,

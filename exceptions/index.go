@@ -28,11 +28,13 @@ var ErrMapped = errors.New("exceptions: origin chunk already mapped")
 // of a run would reach past math.MaxUint64.
 var ErrOverflow = errors.New("exceptions: run reaches past the last chunk")
 
-// Default shape. 64 runs a block keeps a block's header (48 bytes plus 8 in
-// firsts) under about 1 byte a run while the decode+re-encode of a block on
-// a split stays cheap (BenchmarkShape compares 32, 64 and 128). 512 blocks a
-// segment bounds the memmove when a block is inserted to 24 KiB; 64 blocks
-// a segment measured no faster and cost 0.3 B/chunk more.
+// Default shape. 64 runs a block keeps a block's overhead (its header words,
+// its 8-byte pointer and 8 bytes in firsts) under about 1 byte a run while
+// the decode+re-encode of a block on a split stays cheap (BenchmarkShape
+// compares 32, 64 and 128). 512 blocks a segment bounds the memmove when a
+// block is inserted to 8 KiB (pointers and firsts); 64 blocks a segment
+// measured no faster and cost 0.3 B/chunk more (measured when a block was a
+// 48-byte struct).
 const (
 	defaultBlockRuns   = 64
 	defaultSegmentSize = 512
@@ -672,8 +674,8 @@ func (x *Index) insertBlock(s, b int, blk block, first Chunk) {
 	case b == 1 && s == 0:
 		cut = 1
 	}
-	// Both halves get fresh, tight slices: append's growth slack on a
-	// segment of 48-byte blocks would otherwise cost bytes per run.
+	// Both halves get fresh, tight slices: append's growth slack (up to
+	// 16 bytes a block, pointer and first) would otherwise stay with them.
 	ns := &segment{firsts: slices.Clone(sg.firsts[cut:]), blocks: slices.Clone(sg.blocks[cut:])}
 	sg.firsts = slices.Clone(sg.firsts[:cut])
 	sg.blocks = slices.Clone(sg.blocks[:cut])
@@ -910,8 +912,8 @@ func (x *Index) check() error {
 				if r.Origin < k.obase() || r.COW < k.cbase() {
 					return fmt.Errorf("block %d/%d run %d: %+v wrapped below bases %d/%d", s, b, i, r, k.obase(), k.cbase())
 				}
-				if r.Len > uint64(math.MaxUint64-r.Origin) || r.Len > uint64(math.MaxUint64-r.COW) {
-					return fmt.Errorf("block %d/%d run %d: %+v overflows", s, b, i, r)
+				if r.Len == 0 || r.Len > uint64(math.MaxUint64-r.Origin) || r.Len > uint64(math.MaxUint64-r.COW) {
+					return fmt.Errorf("block %d/%d run %d: %+v is empty or overflows", s, b, i, r)
 				}
 				if err := follow(r); err != nil {
 					return err

@@ -494,3 +494,97 @@ func TestSequentialFillIsTiny(t *testing.T) {
 		t.Logf("backward=%v: %d bytes", backward, x.Bytes())
 	}
 }
+
+// TestWideFields builds blocks whose origin, COW and length fields need all
+// 64 bits: origins and COW numbers are drawn from both ends of the chunk
+// space (and its middle) in one program, some runs are longer than 2^62,
+// and some reach past MaxUint64 (ErrOverflow), against the sorted-slice
+// reference. Lookups are made after the index has grown enough for its
+// lookup directory (the path Lookup takes at scale) to cover the blocks.
+// The 400-run shape makes blocks too large for the arena's slabs (plain
+// allocations).
+func TestWideFields(t *testing.T) {
+	const top = Chunk(math.MaxUint64)
+	ends := func(rng *rand.Rand) Chunk {
+		switch rng.IntN(5) {
+		case 0, 1:
+			return Chunk(rng.Uint64N(1 << 12))
+		case 2, 3:
+			return top - 1<<12 + Chunk(rng.Uint64N(1<<12))
+		default:
+			return 1<<63 + Chunk(rng.Uint64N(1<<12))
+		}
+	}
+	for _, sh := range append(shapes, struct{ runs, blocks int }{400, 4}) {
+		t.Run(fmt.Sprintf("runs%d", sh.runs), func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(5, uint64(sh.runs)))
+			x, ref := newShape(sh.runs, sh.blocks), &refIndex{}
+			wide, big := 0, 0
+			for op := 0; op < 4000; op++ {
+				o := ends(rng)
+				switch rng.IntN(10) {
+				case 0, 1, 2, 3, 4, 5:
+					r := Run{Origin: o, COW: ends(rng), Len: 1 + rng.Uint64N(4)}
+					switch rng.IntN(8) {
+					case 0:
+						r.COW = o // aligned: neighbours merge
+					case 1:
+						r.Len = 1<<62 + rng.Uint64N(1<<62) // most reach past the end
+					}
+					e1, e2 := x.InsertRun(r), ref.InsertRun(r)
+					if !errors.Is(e1, e2) || (e2 == nil && e1 != nil) {
+						t.Fatalf("op %d: InsertRun(%+v) = %v, reference %v", op, r, e1, e2)
+					}
+				case 6:
+					n := rng.Uint64N(8)
+					if rng.IntN(40) == 0 {
+						n = rng.Uint64N(math.MaxUint64)
+					}
+					if a, b := x.Remove(o, n), ref.Remove(o, n); a != b {
+						t.Fatalf("op %d: Remove(%d, %d) = %d, reference %d", op, o, n, a, b)
+					}
+				default:
+					a, aok := x.Lookup(o)
+					b, bok := ref.Lookup(o)
+					if a != b || aok != bok {
+						t.Fatalf("op %d: Lookup(%d) = %d %v, reference %d %v", op, o, a, aok, b, bok)
+					}
+				}
+				if err := x.check(); err != nil {
+					t.Fatalf("op %d: %v", op, err)
+				}
+				var got []Run
+				x.Ascend(0, func(r Run) bool { got = append(got, r); return true })
+				if !slices.Equal(got, ref.runs) || x.Len() != ref.Len() || x.Runs() != ref.Runs() {
+					t.Fatalf("op %d: runs %v, reference %v", op, got, ref.runs)
+				}
+				for _, s := range x.segs {
+					for _, k := range s.blocks {
+						if k.wo() == 64 || k.wc() == 64 || k.wl() == 64 {
+							wide++
+						}
+						if len(k.words()) > maxSlabWords {
+							big++
+						}
+					}
+				}
+			}
+			// The point of the test: blocks with 64-bit fields were built
+			// and checked many times over.
+			if wide < 1000 {
+				t.Fatalf("only %d block states had a 64-bit field", wide)
+			}
+			if sh.runs > defaultBlockRuns && big == 0 {
+				t.Fatal("no block outgrew the arena's slabs")
+			}
+			// Every mapped chunk near the run ends, through Lookup.
+			for _, r := range ref.runs {
+				for _, c := range []Chunk{r.Origin, r.Origin + Chunk(r.Len-1)} {
+					if k, ok := x.Lookup(c); !ok || k != r.COW+(c-r.Origin) {
+						t.Fatalf("Lookup(%d) = %d %v in run %+v", c, k, ok, r)
+					}
+				}
+			}
+		})
+	}
+}
