@@ -10,7 +10,8 @@
 # per round on 2 cores (~21 min for PASSES=3). Then benchstat A vs B.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$PATH:/usr/local/go/bin:$(go env GOPATH)/bin"
+export PATH="$PATH:/usr/local/go/bin"
+export PATH="$PATH:$(go env GOPATH)/bin"
 A=${1:?A revision}
 B=${2:?B revision}
 PASSES=${PASSES:-3}

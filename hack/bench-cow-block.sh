@@ -41,7 +41,12 @@ fi
 work=$(mktemp -d "${BENCH_DIR:-/var/tmp}/bench-cow-block.XXXXXX")
 spid=
 cleanup() {
-	if [ -n "$spid" ]; then eval "exec ${SRV[1]}>&-" || true; wait "$spid" 2>/dev/null || true; fi
+	# The coproc's array is gone once it has exited (a crashed benchserve):
+	# under set -u, reading it would end this trap before the rm.
+	if [ -n "$spid" ]; then
+		if [[ -v SRV[1] ]]; then eval "exec ${SRV[1]}>&-" || true; fi
+		wait "$spid" 2>/dev/null || true
+	fi
 	rm -rf "$work"
 }
 trap cleanup EXIT

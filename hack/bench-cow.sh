@@ -8,7 +8,8 @@
 # CSI_SNAP_LONG=1 adds the reopen at 10 million exceptions.
 set -euo pipefail
 cd "$(dirname "$0")/../cow"
-export PATH="$PATH:/usr/local/go/bin:$(go env GOPATH)/bin"
+export PATH="$PATH:/usr/local/go/bin"
+export PATH="$PATH:$(go env GOPATH)/bin"
 PASSES=${PASSES:-5}
 WHAT=${WHAT:-all}
 out=${OUT:-$(mktemp -d)}

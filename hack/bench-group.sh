@@ -7,7 +7,8 @@
 #   PASSES=6 BENCHTIME=30x hack/bench-group.sh
 set -euo pipefail
 cd "$(dirname "$0")/../cow"
-export PATH="$PATH:/usr/local/go/bin:$(go env GOPATH)/bin"
+export PATH="$PATH:/usr/local/go/bin"
+export PATH="$PATH:$(go env GOPATH)/bin"
 PASSES=${PASSES:-6}
 BENCHTIME=${BENCHTIME:-30x}
 out=${OUT:-$(mktemp -d)}

@@ -54,7 +54,8 @@ sidecar_src() { # module version -> writable source dir
 	[ -n "$dir" ] || { log "cannot download $mod@$ver"; exit 1; }
 	local dst="$cache/src/$(basename "$mod")-$ver"
 	if [ ! -d "$dst" ]; then
-		mkdir -p "$cache/src"; cp -r "$dir" "$dst.tmp"; chmod -R u+w "$dst.tmp"; mv "$dst.tmp" "$dst"
+		# A copy an interrupted run left would nest this one inside it.
+		rm -rf "$dst.tmp"; mkdir -p "$cache/src"; cp -r "$dir" "$dst.tmp"; chmod -R u+w "$dst.tmp"; mv "$dst.tmp" "$dst"
 	fi
 	echo "$dst"
 }

@@ -26,7 +26,8 @@ set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 root=$(pwd)
-export PATH="$PATH:/usr/local/go/bin:$(go env GOPATH)/bin"
+export PATH="$PATH:/usr/local/go/bin"
+export PATH="$PATH:$(go env GOPATH)/bin"
 t0=$(date +%s)
 declare -a timings=()
 mark() { timings+=("$(printf '%-44s %4ds' "$1" $(( $(date +%s) - t0 )))"); echo "e2e: [$(( $(date +%s) - t0 ))s] $1"; }
@@ -48,6 +49,15 @@ cleanup() {
 	set +e
 	if [ $rc -ne 0 ]; then
 		for f in "$work"/*.log; do echo "----- $(basename "$f") (last 40 lines)"; tail -n 40 "$f"; done
+	fi
+	# With the plugin dead, a FUSE connection the holder keeps has no server:
+	# a non-lazy unmount's last flush through the loop device would wait for
+	# one forever. Abort those connections first (fusectl holds the abort
+	# files; Debian does not mount it by default).
+	if ! pgrep -f "$work/csi-snap --endpoint" >/dev/null; then
+		[ -e /sys/fs/fuse/connections/abort ] || mount -t fusectl fusectl /sys/fs/fuse/connections 2>/dev/null
+		awk -v w="$work" '$5 ~ "^" w && $0 ~ / - fuse/ { split($3, d, ":"); print d[2] }' /proc/self/mountinfo |
+			while read -r minor; do echo 1 > "/sys/fs/fuse/connections/$minor/abort"; done
 	fi
 	# Unpublish/unstage whatever we published (no-ops when already done).
 	for t in "$work"/target-*; do [ -e "$t" ] && umount "$t" 2>/dev/null; done

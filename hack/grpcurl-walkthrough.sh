@@ -7,7 +7,8 @@
 # and e2fsprogs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$PATH:/usr/local/go/bin:$(go env GOPATH)/bin"
+export PATH="$PATH:/usr/local/go/bin"
+export PATH="$PATH:$(go env GOPATH)/bin"
 work=$(mktemp -d /tmp/csi-snap-walk.XXXXXX)
 sock=$work/csi.sock
 go build -o "$work/csi-snap" ./cmd/csi-snap

@@ -79,14 +79,23 @@ func TestSnapshotMetadataSwitch(t *testing.T) {
 			t.Errorf("Service selector %s=%v does not match the node pods (%v)", k, v, podLabels[k])
 		}
 	}
-	want := union(provisionerGrants(), snapshotterGrants(), resizerGrants(),
+	sidecar := union(
 		expand("cluster", "cbt.storage.k8s.io", "snapshotmetadataservices", "get", "list", "watch"),
 		expand("cluster", "authentication.k8s.io", "tokenreviews", "create"),
 		expand("cluster", "authorization.k8s.io", "subjectaccessreviews", "create"),
 		expand("cluster", "snapshot.storage.k8s.io", "volumesnapshots", "get", "list"),
-		expand("cluster", "snapshot.storage.k8s.io", "volumesnapshotcontents", "get", "list"))
+		expand("cluster", "snapshot.storage.k8s.io", "volumesnapshotcontents", "get", "list"),
+		// v1.0.0 reads the class for the snapshotter's secrets on every call.
+		expand("cluster", "snapshot.storage.k8s.io", "volumesnapshotclasses", "get", "list"))
+	want := union(provisionerGrants(), snapshotterGrants(), resizerGrants(), sidecar)
 	if d := diff(grants(t, on, namespace, sa), want); d != "" {
 		t.Errorf("node ServiceAccount grants with the sidecar differ:%s", d)
+	}
+	// Without the snapshotter sidecar (whose role also grants the class),
+	// the metadata sidecar's own role must carry all it needs.
+	alone := render(t, snapshotAPI, "--set", "sidecars.snapshotMetadata.enabled=true,sidecars.snapshotter.enabled=false")
+	if d := diff(grants(t, alone, namespace, sa), union(provisionerGrants(), resizerGrants(), sidecar)); d != "" {
+		t.Errorf("node ServiceAccount grants with the metadata sidecar and no snapshotter differ:%s", d)
 	}
 
 	named := render(t, snapshotAPI, "--set", "sidecars.snapshotMetadata.enabled=true,sidecars.snapshotMetadata.tlsSecretName=my-tls,sidecars.snapshotMetadata.servicePort=443")
