@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -603,5 +604,79 @@ func TestSparseLogTail(t *testing.T) {
 		if err := s.Close(); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestMissingLogRefused: a store directory whose log is gone but whose
+// volume files are there is damage, not a new store. Open used to create an
+// empty store over it, and the Open after that removed every volume's
+// files as leftovers.
+func TestMissingLogRefused(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := s.CreateVolume("a", 1<<20, VolumeOptions{ChunkSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := bytes.Repeat([]byte{0xa5}, 4096)
+	if _, err := v.WriteAt(want, 8192); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	log, err := os.ReadFile(filepath.Join(dir, logName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(filepath.Join(dir, logName)); err != nil {
+		t.Fatal(err)
+	}
+	files := func() []string {
+		ents, err := os.ReadDir(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var n []string
+		for _, e := range ents {
+			n = append(n, e.Name())
+		}
+		return n
+	}
+	before := files()
+	for i := 0; i < 2; i++ {
+		s, err := Open(dir)
+		if !errors.Is(err, ErrCorrupt) {
+			if err == nil {
+				s.Close()
+			}
+			t.Fatalf("Open %d without store.log beside a volume's files: %v, want ErrCorrupt", i, err)
+		}
+	}
+	if after := files(); !slices.Equal(before, after) {
+		t.Fatalf("files %v became %v", before, after)
+	}
+	// Put the log back: the volume is whole.
+	if err := os.WriteFile(filepath.Join(dir, logName), log, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s, err = Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	v, err = s.Volume("a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 4096)
+	if _, err := v.ReadAt(got, 8192); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("read after restoring the log: %v, equal %v", err, bytes.Equal(got, want))
 	}
 }

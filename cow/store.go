@@ -135,8 +135,8 @@ func lockDir(dir string) (*os.File, error) {
 }
 
 func openFS(dir string, fs fsys) (*Store, error) {
-	s, err := openOnce(dir, fs, nil)
-	if err == nil || !errors.Is(err, ErrNoSpace) || s == nil {
+	s, noSpace, err := openOnce(dir, fs, nil)
+	if err == nil || !errors.Is(err, ErrNoSpace) || len(noSpace) == 0 {
 		return s, err
 	}
 	// The kill journal's redo ran out of space (its copy-outs need COW
@@ -144,20 +144,21 @@ func openFS(dir string, fs fsys) (*Store, error) {
 	// deletes that free it need an open store: open without the redo
 	// instead, dropping the journal, and name the volumes whose answered
 	// writes are lost (KillWritesLost), as a power loss would lose them.
-	return openOnce(dir, fs, s.redoNoSpace)
+	s, _, err = openOnce(dir, fs, noSpace)
+	return s, err
 }
 
 // openOnce opens the store in dir. With lost (the volumes of a kill journal
 // whose redo failed for want of space) it drops the journal unredone, and
-// the store reports lost in KillWritesLost. A failed redo for want of space
-// returns the store (closed) with redoNoSpace set beside the error.
-func openOnce(dir string, fs fsys, lost []string) (*Store, error) {
-	s := &Store{dir: dir, fs: fs, byID: map[string]any{}, objs: map[uint32]any{}, nextObj: 1}
+// the store reports lost in KillWritesLost. A redo that failed for want of
+// space returns, beside the error, the volumes it was redoing (noSpace).
+func openOnce(dir string, fs fsys, lost []string) (s *Store, noSpace []string, err error) {
+	s = &Store{dir: dir, fs: fs, byID: map[string]any{}, objs: map[uint32]any{}, nextObj: 1}
 	s.boot, s.bootOK = readBootID()
 	s.killLost, s.skipRedo = lost, lost != nil
 	if err := s.load(); err != nil {
 		s.closeFiles()
-		return nil, err
+		return nil, nil, err
 	}
 	// The list of volumes whose journaled writes are lost is kept across
 	// restarts until the driver is done with their held devices
@@ -169,7 +170,7 @@ func openOnce(dir string, fs fsys, lost []string) (*Store, error) {
 	// block); one it refuses (ErrNoSpace: a directory block) is not an
 	// error, or the store could never open on a full disk: the fence then
 	// holds for this process only.
-	err := s.loadKillLost()
+	err = s.loadKillLost()
 	unsaved := false
 	if err == nil && s.skipRedo {
 		if err = s.saveKillLost(s.killLost); errors.Is(err, ErrNoSpace) {
@@ -179,15 +180,12 @@ func openOnce(dir string, fs fsys, lost []string) (*Store, error) {
 	if err != nil {
 		s.log.stopped()
 		s.closeFiles()
-		return nil, err
+		return nil, nil, err
 	}
 	if err := s.openJournal(); err != nil {
 		s.log.stopped()
 		s.closeFiles()
-		if len(s.redoNoSpace) > 0 {
-			return s, err
-		}
-		return nil, err
+		return nil, s.redoNoSpace, err
 	}
 	if unsaved {
 		// Again, now that emptying the journal freed its blocks. If the
@@ -195,7 +193,7 @@ func openOnce(dir string, fs fsys, lost []string) (*Store, error) {
 		_ = s.saveKillLost(s.killLost)
 	}
 	s.resumeRollbacks()
-	return s, nil
+	return s, nil, nil
 }
 
 // KillWritesLost lists the volumes whose writes since their last Flush,
@@ -222,6 +220,9 @@ func (s *Store) load() error {
 	}
 	lf, err := s.fs.Open(logName, false)
 	if errors.Is(err, os.ErrNotExist) {
+		if err := s.refuseOrphans(); err != nil {
+			return err
+		}
 		return s.create()
 	}
 	if err != nil {
@@ -357,6 +358,27 @@ func dataEnd(f file, size int64) (int64, error) {
 // checkpointTail is the tail Open folds into a checkpoint: CheckpointTail,
 // a variable for tests.
 var checkpointTail int64 = CheckpointTail
+
+// refuseOrphans is Open's check before it creates a store: the log is made
+// durable before any volume's files or a kill journal exist, and only a
+// checkpoint's rename replaces it, so a directory without store.log but
+// with such files is a store whose log was lost (deleted by hand, a partly
+// restored backup, a damaged file system). Creating an empty store over it
+// would serve no volumes, and the next Open would remove their files as
+// leftovers: ErrCorrupt instead, leaving every byte where it is.
+func (s *Store) refuseOrphans() error {
+	names, err := s.fs.List()
+	if err != nil {
+		return err
+	}
+	for _, n := range names {
+		if strings.HasSuffix(n, ".data") || strings.HasSuffix(n, ".cow") ||
+			strings.HasPrefix(n, "kill.journal.") || strings.HasPrefix(n, killLostPrefix) {
+			return corruptf("%s is missing but %s is here: a store whose log was lost (restore %s, or move the files away to start an empty store)", logName, n, logName)
+		}
+	}
+	return nil
+}
 
 func (s *Store) create() error {
 	if _, err := rand.Read(s.hdr.UUID[:]); err != nil {
