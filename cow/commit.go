@@ -239,11 +239,21 @@ func (c *committer) syncStage(toSync <-chan *batch, toApply chan<- *batch) {
 			grow := max(logPrealloc, int64(len(b.buf))+64)
 			if err = writeFull(c.f, make([]byte, grow), alloc); err == nil {
 				alloc += grow
+			} else if errors.Is(err, ErrNoSpace) {
+				// The zeros only keep fdatasync cheap; the batch may
+				// still fit (a delete that frees space is small). Write
+				// it past the zeros' end; only its own failure fails
+				// the store.
+				err = nil
 			}
 		}
 		var n int64
 		if err == nil {
 			n, err = writeBatch(c.f, seq, end, b.buf, b.files)
+		}
+		if err == nil {
+			// The next zero-fill starts past this batch, never over it.
+			alloc = max(alloc, end+n)
 		}
 		c.mu.Lock()
 		c.alloc = alloc

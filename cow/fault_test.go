@@ -48,6 +48,8 @@ type faultFS struct {
 	// writeErr, if set, runs after writeHook; a WriteAt for which it
 	// returns an error fails with it, writing nothing (a full disk).
 	writeErr func(name string) error
+	// writeErrAt is writeErr told the write's offset and length too.
+	writeErrAt func(name string, off, n int64) error
 	// ios, when not nil, records the start and the end of every WriteAt
 	// ("wstart"/"wdone NAME OFF LEN") and of every Sync ("sstart"/"sdone
 	// NAME"; sdone only when it succeeded) in order, for tests of the
@@ -238,10 +240,15 @@ func (f *faultFile) WriteAt(p []byte, off int64) (int, error) {
 	fail, done := f.startWrite(off, int64(len(p)))
 	defer done()
 	f.fs.mu.Lock()
-	werr := f.fs.writeErr
+	werr, werrAt := f.fs.writeErr, f.fs.writeErrAt
 	f.fs.mu.Unlock()
 	if werr != nil {
 		if err := werr(f.name); err != nil {
+			return 0, err
+		}
+	}
+	if werrAt != nil {
+		if err := werrAt(f.name, off, int64(len(p))); err != nil {
 			return 0, err
 		}
 	}
