@@ -180,6 +180,9 @@ func (s *Store) apply(r *record) error {
 			return corruptf("present runs for volume %d, not a clone", r.Obj)
 		}
 		for _, run := range r.Runs {
+			if uint64(run.Origin)+run.Len > uint64(chunks(v.size, v.shift)) {
+				return corruptf("present run %+v past volume %d's %d chunks", run, r.Obj, chunks(v.size, v.shift))
+			}
 			if err := v.present.InsertRun(run); err != nil {
 				return corruptf("present run %+v: %v", run, err)
 			}

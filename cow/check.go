@@ -36,6 +36,18 @@ func (v *Volume) check() error {
 	defer v.gate.Unlock()
 	v.mu.RLock()
 	defer v.mu.RUnlock()
+	if v.present != nil {
+		var bad error
+		v.present.Ascend(0, func(r exceptions.Run) bool {
+			if r.COW != r.Origin || uint64(r.Origin)+r.Len > uint64(chunks(v.size, v.shift)) {
+				bad = fmt.Errorf("present run %+v: not an identity run inside the volume's %d chunks", r, chunks(v.size, v.shift))
+			}
+			return bad == nil
+		})
+		if bad != nil {
+			return bad
+		}
+	}
 	var used []exceptions.Run
 	for i, sn := range v.chain {
 		if sn.invalid || sn.gone {

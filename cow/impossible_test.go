@@ -68,6 +68,38 @@ func TestReservedCOWChunkIsCorrupt(t *testing.T) {
 	}
 }
 
+// TestPresentRunPastSizeIsCorrupt: a clone's present runs must lie inside
+// it, as its exception runs must. Before, Open took a run past the clone's
+// size, later checkpoints kept it, and the changed-block ranges computed
+// from it overflowed and dropped chunks that are present.
+func TestPresentRunPastSizeIsCorrupt(t *testing.T) {
+	ckpt := []*record{
+		{Type: recVolume, Obj: 1, Size: 64 << 10, ChunkSize: 4096, ID: "v"},
+		{Type: recSnapshot, Obj: 2, Parent: 1, Size: 64 << 10, Created: 1, ID: "s"},
+		{Type: recVolume, Obj: 3, Parent: 2, Size: 64 << 10, ChunkSize: 4096, ID: "clone"},
+		nil,
+		{Type: recNextObj, Obj: 4},
+	}
+	for name, run := range map[string]exceptions.Run{
+		"past the end":  {Origin: 14, COW: 14, Len: 3},
+		"huge":          {Origin: 2, COW: 2, Len: 1 << 61},
+		"inside (good)": {Origin: 0, COW: 0, Len: 16},
+	} {
+		t.Run(name, func(t *testing.T) {
+			ckpt[3] = &record{Type: recPresentRuns, Obj: 3, Runs: []exceptions.Run{run}}
+			s, _, err := openLog(t, ckpt)
+			if err == nil {
+				defer s.Close()
+			}
+			if good := name == "inside (good)"; good && err != nil {
+				t.Fatalf("Open: %v", err)
+			} else if !good && !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("Open: %v, want ErrCorrupt", err)
+			}
+		})
+	}
+}
+
 // TestObjectNumbersUsedUp: a next-object record near the top of the
 // object numbers (damage, or 4 billion creates) stops creation with
 // ErrNoSpace before a record is written, and the store still opens.
