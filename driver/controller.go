@@ -442,7 +442,11 @@ func (d *Driver) pageVolumes(token string, maxEntries int32) ([]VolumeInfo, stri
 	if err := d.storeErr(); err != nil {
 		return nil, "", err
 	}
-	vols := d.opt.Store.Volumes()
+	return d.pageOf(d.opt.Store.Volumes(), token, maxEntries)
+}
+
+// pageOf is one page of vols (sorted by ID).
+func (d *Driver) pageOf(vols []VolumeInfo, token string, maxEntries int32) ([]VolumeInfo, string, error) {
 	ids := make([]string, len(vols))
 	for i, v := range vols {
 		ids[i] = v.ID

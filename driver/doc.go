@@ -53,10 +53,13 @@
 //     in: a marker in DataDir/stage-markers/<id> lives from before the
 //     Attach until the stage succeeds or the volume is detached, and tells
 //     that retry that the attachment Recover restored is that stage's.
-//   - An expand or read-only block publish of a volume whose device the
+//   - Stage, unstage, publish and snapshot first take back a device the
 //     frontend reports but does not serve (Recover could not take it back
-//     after a restart) is FailedPrecondition saying to unstage and stage it
-//     again, not NotFound: the volume exists.
+//     after a restart), and answer FailedPrecondition when they cannot (a
+//     publish would otherwise hand a pod a device whose I/O waits). An
+//     expand or read-only block publish of such a volume is
+//     FailedPrecondition saying to unstage and stage it again, not
+//     NotFound: the volume exists.
 //   - A restore or clone whose source ID carries another node's tag is
 //     ResourceExhausted, so external-provisioner reschedules the claim.
 //

@@ -700,11 +700,27 @@ func TestFailedStoreAnswersUnavailable(t *testing.T) {
 	}
 	// Health says so too (a cluster without the livenessprobe sidecar has
 	// nothing else telling it), and so does the csi_snap_store_failed gauge.
+	// (The stand-in store, like cow's, answers no Volume lookup once failed.)
+	storeFailed := func(h *csi.VolumeHealth) bool {
+		return h.GetVolumeId() == vol.VolumeId && slices.ContainsFunc(h.GetHealthStatuses(), func(s *csi.VolumeHealth_VolumeHealthEntry) bool {
+			return s.GetReason() == "StoreFailed" && s.GetStatus() == csi.VolumeHealthErrorType_INACCESSIBLE
+		})
+	}
 	h, err := e.d.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: vol.VolumeId})
-	if err != nil || !slices.ContainsFunc(h.GetVolumeHealth().GetHealthStatuses(), func(s *csi.VolumeHealth_VolumeHealthEntry) bool {
-		return s.GetReason() == "StoreFailed" && s.GetStatus() == csi.VolumeHealthErrorType_INACCESSIBLE
-	}) {
-		t.Errorf("volume health on a failed store: %v, %v; want StoreFailed", h.GetVolumeHealth().GetHealthStatuses(), err)
+	if err != nil || !storeFailed(h.GetVolumeHealth()) {
+		t.Errorf("node volume health on a failed store: %v, %v; want StoreFailed", h.GetVolumeHealth().GetHealthStatuses(), err)
+	}
+	ch, err := e.d.ControllerGetVolumeHealth(ctx, &csi.ControllerGetVolumeHealthRequest{VolumeId: vol.VolumeId})
+	if err != nil || !storeFailed(ch.GetVolumeHealth()) {
+		t.Errorf("controller volume health on a failed store: %v, %v; want StoreFailed", ch.GetVolumeHealth().GetHealthStatuses(), err)
+	}
+	lh, err := e.d.ControllerListVolumeHealth(ctx, &csi.ControllerListVolumeHealthRequest{})
+	if err != nil || len(lh.GetEntries()) != 1 || !storeFailed(lh.GetEntries()[0]) {
+		t.Errorf("listed volume health on a failed store: %v, %v; want the volume, StoreFailed", lh.GetEntries(), err)
+	}
+	other := "v-" + strings.Repeat("0", 32) // well formed, never made
+	if _, err := e.d.ControllerGetVolumeHealth(ctx, &csi.ControllerGetVolumeHealthRequest{VolumeId: other}); status.Code(err) != codes.NotFound {
+		t.Errorf("health of unknown volume %s on a failed store: %v, want NotFound", other, err)
 	}
 	reg := prometheus.NewRegistry()
 	driver.NewMetrics(reg, e.store, e.fe)
@@ -1399,5 +1415,39 @@ func TestSyncLostCreateVolume(t *testing.T) {
 	}
 	if r, err := e.d.GetCapacity(ctx, &csi.GetCapacityRequest{}); err != nil || r.GetAvailableCapacity() != 0 {
 		t.Errorf("GetCapacity on a lost store: %v, %v; want 0", r.GetAvailableCapacity(), err)
+	}
+}
+
+// TestPublishTakesBackUnservedDevice: a second publish of a staged volume
+// (another pod on the node) whose device no process serves after a restart
+// must not bind that device into the pod, where every I/O would wait: it
+// takes the device back first, and answers FailedPrecondition, publishing
+// nothing, when it cannot.
+func TestPublishTakesBackUnservedDevice(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	id := e.createVolume(t, "unserved-publish", 1<<20).VolumeId
+	dir := t.TempDir()
+	staging := filepath.Join(dir, "staging")
+	e.attachMounted(t, id, staging)
+	publish := func(target string) error {
+		_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			TargetPath: filepath.Join(dir, target), VolumeCapability: mountCap()})
+		return err
+	}
+	if err := publish("pod1"); err != nil {
+		t.Fatal(err)
+	}
+	e.fe.SetUnserved(id)
+	e.fe.AttachErr = errors.New("holder did not answer")
+	if err := publish("pod2"); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("publish of an unserved device that cannot be taken back: %v, want FailedPrecondition", err)
+	}
+	if mounted, _ := e.fm.IsMountPoint(filepath.Join(dir, "pod2")); mounted {
+		t.Fatal("the refused publish mounted its target")
+	}
+	e.fe.AttachErr = nil
+	if err := publish("pod2"); err != nil || e.fe.Unserved(id) {
+		t.Fatalf("publish of an unserved device: %v (unserved now: %v), want it taken back and published", err, e.fe.Unserved(id))
 	}
 }

@@ -55,12 +55,32 @@ func (d *Driver) volumeHealth(id string) (*csi.VolumeHealth, error) {
 	return h, nil
 }
 
+// healthVolume checks that a health call's volume exists, with lookup while
+// the store works. A failed store answers no lookups (cow refuses them), yet
+// its failure is exactly what health must report: then the ID must be well
+// formed and, if the store still lists volumes, among them; a store that
+// never opened (NewFailedStore) lists none, and any well-formed ID gets the
+// StoreFailed answer.
+func (d *Driver) healthVolume(id string, lookup func(string) (VolumeInfo, error)) error {
+	if d.opt.Store.Err() == nil {
+		_, err := lookup(id)
+		return err
+	}
+	if !isVolumeID(id) {
+		return statusf(codes.NotFound, "volume %q does not exist", id)
+	}
+	if vols := d.opt.Store.Volumes(); len(vols) > 0 && !slices.ContainsFunc(vols, func(v VolumeInfo) bool { return v.ID == id }) {
+		return statusf(codes.NotFound, "volume %q does not exist", id)
+	}
+	return nil
+}
+
 // ControllerGetVolumeHealth reports one volume's adverse conditions.
 func (d *Driver) ControllerGetVolumeHealth(ctx context.Context, req *csi.ControllerGetVolumeHealthRequest) (*csi.ControllerGetVolumeHealthResponse, error) {
 	if req.GetVolumeId() == "" {
 		return nil, statusf(codes.InvalidArgument, "volume_id is required")
 	}
-	if _, err := d.lookupVolume(req.GetVolumeId()); err != nil {
+	if err := d.healthVolume(req.GetVolumeId(), d.lookupVolume); err != nil {
 		return nil, err
 	}
 	h, err := d.volumeHealth(req.GetVolumeId())
@@ -72,7 +92,9 @@ func (d *Driver) ControllerGetVolumeHealth(ctx context.Context, req *csi.Control
 
 // ControllerListVolumeHealth pages through the health of all volumes.
 func (d *Driver) ControllerListVolumeHealth(ctx context.Context, req *csi.ControllerListVolumeHealthRequest) (*csi.ControllerListVolumeHealthResponse, error) {
-	page, next, err := d.pageVolumes(req.GetStartingToken(), req.GetMaxEntries())
+	// A failed store still lists the volumes it had (a store that never
+	// opened lists none): their health is the failure.
+	page, next, err := d.pageOf(d.opt.Store.Volumes(), req.GetStartingToken(), req.GetMaxEntries())
 	if err != nil {
 		return nil, err
 	}
@@ -97,7 +119,7 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 	if id == "" {
 		return nil, statusf(codes.InvalidArgument, "volume_id is required")
 	}
-	if err := d.checkNodeVolume(id); err != nil {
+	if err := d.healthVolume(id, func(id string) (VolumeInfo, error) { return VolumeInfo{}, d.checkNodeVolume(id) }); err != nil {
 		return nil, err
 	}
 	h, err := d.volumeHealth(id)
@@ -113,8 +135,8 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 			add(csi.VolumeHealthErrorType_INACCESSIBLE, "DeviceMissing", err.Error())
 		}
 		if d.opt.Frontend.Unserved(id) {
-			// Every I/O on it waits; the next unstage or snapshot takes it
-			// back (takeBack), or a restart of the plugin.
+			// Every I/O on it waits; the next stage, publish, unstage or
+			// snapshot takes it back (takeBack), or a restart of the plugin.
 			add(csi.VolumeHealthErrorType_INACCESSIBLE, "NotServed", fmt.Sprintf("device %s is not served by this plugin (not taken back after a restart; or its fuse-holder did not answer in time): its I/O waits", dev))
 		}
 	}

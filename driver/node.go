@@ -772,6 +772,13 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if err := d.checkNoPendingRollback(id); err != nil {
 		return nil, err
 	}
+	// A device no process serves (a restart whose Recover could not take
+	// it back) would give the new pod a filesystem whose every I/O waits,
+	// perhaps still frozen by a killed snapshot: take it back first, as
+	// stage, unstage and snapshot do, or refuse.
+	if err := d.takeBack(ctx, id); err != nil {
+		return nil, err
+	}
 	dev, ok := d.opt.Frontend.Device(id)
 	if !ok {
 		return nil, statusf(codes.FailedPrecondition, "volume %s is not staged on this node", id)

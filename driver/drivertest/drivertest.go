@@ -253,6 +253,9 @@ func (s *Store) Rollback(volID, snapID string) (driver.RollbackResult, error) {
 func (s *Store) Volume(id string) (driver.VolumeInfo, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.Failed != nil { // as cow: a failed store answers no lookups
+		return driver.VolumeInfo{}, s.Failed
+	}
 	v, ok := s.vols[id]
 	if !ok {
 		return driver.VolumeInfo{}, fmt.Errorf("volume %s: %w", id, driver.ErrNotFound)
@@ -264,6 +267,9 @@ func (s *Store) Volume(id string) (driver.VolumeInfo, error) {
 func (s *Store) Snapshot(id string) (driver.SnapshotInfo, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.Failed != nil {
+		return driver.SnapshotInfo{}, s.Failed
+	}
 	sn, ok := s.snaps[id]
 	if !ok {
 		return driver.SnapshotInfo{}, fmt.Errorf("snapshot %s: %w", id, driver.ErrNotFound)
