@@ -146,7 +146,7 @@ func requestRollback(ctx context.Context, sock, vol, snap string) (driver.Rollba
 	case errors.As(err, &de):
 		return out, fmt.Errorf("no node plugin answering on %s (is this the plugin's container, and --run-dir right?): %w", sock, de.err)
 	case errors.Is(err, context.DeadlineExceeded):
-		return out, fmt.Errorf("gave up waiting (--timeout); the rollback goes on in the plugin: run the same command again later, it reports the result (or that it is still in progress)")
+		return out, fmt.Errorf("gave up waiting (--timeout); the rollback goes on in the plugin: run the same command again later; while it runs that answers that it is in progress, and once it is done it rolls back anew, which changes nothing unless the volume was written since (so bring the workload back only after a run reports done)")
 	case err != nil:
 		return out, fmt.Errorf("the plugin went away during the rollback (%v); it finishes the rollback when it starts again: then run the same command again", err)
 	}
