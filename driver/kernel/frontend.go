@@ -130,17 +130,36 @@ type volume struct {
 	readOnly bool
 	shut     sync.Once
 	down     atomic.Bool // shutdown ran (or runs): fd is closed or about to be
+	// fdMu is held for reading while fd is used outside the server (a
+	// poll, a notify) and taken by shutdown, which sets down, before it
+	// closes fd: a Resize or Attach still running when Close shuts the
+	// volume down must not poll or write an fd number that another file
+	// may have taken.
+	fdMu sync.RWMutex
 }
 
 func (v *volume) isShut() bool { return v.down.Load() }
 
+// withFD runs fn with v.fd open, or returns ErrClosed once shutdown began.
+func (v *volume) withFD(fn func() error) error {
+	v.fdMu.RLock()
+	defer v.fdMu.RUnlock()
+	if v.down.Load() {
+		return fmt.Errorf("%w: volume %s is shut down", ErrClosed, v.id)
+	}
+	return fn()
+}
+
 // lost says why v's connection can serve nothing any more ("" if it can):
-// its server saw the connection go (ENODEV), or it was aborted.
+// its server saw the connection go (ENODEV), or it was aborted. A volume
+// already shut down (Close) is not lost: callers check isShut first.
 func (v *volume) lost() string {
 	if v.srv.isDead() {
 		return "the server saw the connection end"
 	}
-	return heldConnLost(v.mp, v.fd)
+	why := ""
+	v.withFD(func() error { why = heldConnLost(v.mp, v.fd); return nil })
+	return why
 }
 
 // teardown undoes an attached volume v of id whose connection is dead:
@@ -176,7 +195,9 @@ func (f *Frontend) holderDrop(id string) error {
 // took that number meanwhile.
 func (v *volume) shutdown() {
 	v.shut.Do(func() {
+		v.fdMu.Lock()
 		v.down.Store(true)
+		v.fdMu.Unlock()
 		v.srv.stop()
 		unix.Close(v.fd)
 	})
@@ -476,6 +497,11 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 	}
 	defer unlock()
 	if v := f.get(id); v != nil {
+		if v.isShut() {
+			// Close shut it down while this call waited: its connection
+			// stays held for the next process, not torn down.
+			return "", fmt.Errorf("%w: %s", ErrClosed, id)
+		}
 		if why := v.lost(); why != "" {
 			// Served by this process but dead (aborted through fusectl, or
 			// the kernel's request timeout): every I/O on its device
@@ -652,8 +678,12 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 		return "", conflict
 	}
 	if !ok {
-		// Died between mount and loop attach.
-		if dev, err = attachLoop(ctx, mp, readOnly); err != nil {
+		// Died between mount and loop attach, perhaps before attachFresh's
+		// stat: the kernel may still hold the root's i_size of 0.
+		if err = kernelSized(mp, b.Size()); err == nil {
+			dev, err = attachLoop(ctx, mp, readOnly)
+		}
+		if err != nil {
 			srv.stop()
 			unix.Close(fd)
 			return "", err
@@ -665,6 +695,22 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 	}
 	klog.InfoS("resumed FUSE connection", "volumeID", id, "device", dev)
 	return dev, nil
+}
+
+// kernelSized makes the kernel's size of the FUSE file mp right before a
+// loop device is attached to it. Before Linux 6.18 the loop driver sizes the
+// device from the FUSE inode's cached i_size, which is 0 on a fresh mount
+// until something asks for the file's attributes: stat it (the server must
+// be running to answer), and check what the kernel now has.
+func kernelSized(mp string, want int64) error {
+	var st unix.Stat_t
+	if err := unix.Stat(mp, &st); err != nil {
+		return fmt.Errorf("stat %s: %w", mp, err)
+	}
+	if st.Size != want {
+		return fmt.Errorf("kernel sees %d bytes for %s, the backend has %d", st.Size, mp, want)
+	}
+	return nil
 }
 
 func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, readOnly bool) (dev string, err error) {
@@ -722,16 +768,7 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 	if err = f.holderPut(id, &p, fd); err != nil {
 		return "", err
 	}
-	// Before Linux 6.18 the loop driver sizes the device from the FUSE
-	// inode's cached i_size, which is 0 on a fresh mount until something
-	// asks for the file's attributes: stat it, and check what the kernel
-	// now has.
-	var st unix.Stat_t
-	if err = unix.Stat(mp, &st); err != nil {
-		return "", fmt.Errorf("stat %s: %w", mp, err)
-	}
-	if st.Size != b.Size() {
-		err = fmt.Errorf("kernel sees %d bytes for %s, the backend has %d", st.Size, mp, b.Size())
+	if err = kernelSized(mp, b.Size()); err != nil {
 		return "", err
 	}
 	if dev, err = attachLoop(ctx, mp, readOnly); err != nil {
@@ -985,7 +1022,7 @@ func (f *Frontend) Resize(ctx context.Context, id string, newSize int64) error {
 			// off gives one a gap (at most about 1.8 s in all).
 			time.Sleep(time.Duration(min(try, 20)) * time.Millisecond)
 		}
-		if err := v.srv.notifyInvalAttr(); err != nil {
+		if err := v.withFD(v.srv.notifyInvalAttr); err != nil {
 			return fmt.Errorf("invalidate attributes: %w", err)
 		}
 		var st unix.Statx_t

@@ -430,6 +430,24 @@ func testDeadHeldConnection(t *testing.T, how string) {
 	reattachCheck(t, runDir, backing, id, size, want, nil)
 }
 
+// TestResumeWithoutLoop: the serving process died after the holder took
+// the connection and before the loop device was attached (here: the device
+// is detached, the mount and the held connection live on). The restarted
+// Attach resumes the connection and attaches a loop device to it, which
+// must have the volume's size (before Linux 6.18 the loop driver took the
+// FUSE inode's cached size, 0 on a mount whose file nobody had stat'ed, so
+// resume stats it as attachFresh does) and read the data written before.
+func TestResumeWithoutLoop(t *testing.T) {
+	requireRoot(t)
+	runDir := t.TempDir()
+	backing := filepath.Join(t.TempDir(), "vol.img")
+	const size = 16 << 20
+	const id = "vol-noloop"
+	dev, want := serveWriteKill(t, runDir, backing, id, size, 5)
+	run(t, "losetup", "-d", dev)
+	reattachCheck(t, runDir, backing, id, size, want, nil)
+}
+
 // fuseConnDir returns the fusectl directory of the FUSE connection mounted
 // at mp (/sys/fs/fuse/connections/N, N the minor of the mount's device, from
 // /proc/self/mountinfo: a stat of mp would wait for a server), mounting

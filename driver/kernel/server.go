@@ -222,14 +222,16 @@ func (s *server) readLoopBlocking() {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	in, out := requestBuffers()
+	fails := 0
 	for {
 		n, err := unix.Read(s.fd, in)
 		if err != nil {
-			if s.readFailed(err) {
+			if s.readFailed(err, &fails) {
 				return
 			}
 			continue
 		}
+		fails = 0
 		if !s.serve(in[:n], out) {
 			return
 		}
@@ -273,6 +275,7 @@ func (s *server) readLoop() {
 	}
 	events := make([]unix.EpollEvent, 2)
 	in, out := requestBuffers()
+	fails := 0
 	for !s.stopping.Load() {
 		n, err := unix.Read(s.fd, in)
 		if errors.Is(err, unix.EAGAIN) {
@@ -283,27 +286,49 @@ func (s *server) readLoop() {
 			continue
 		}
 		if err != nil {
-			if s.readFailed(err) {
+			if s.readFailed(err, &fails) {
 				return
 			}
 			continue
 		}
+		fails = 0
 		if !s.serve(in[:n], out) {
 			return
 		}
 	}
 }
 
-// readFailed sorts an error of a read of /dev/fuse: it returns false for
-// one to retry (EINTR, EAGAIN; ENOENT: the request was interrupted before
-// we got it) and true, with the connection marked dead, when nothing more
-// will come (ENODEV: unmounted or aborted; anything else is logged).
-func (s *server) readFailed(err error) bool {
+// readRetries bounds the consecutive reads of /dev/fuse that may fail with
+// an error that does not say the connection ended (readFailed).
+const readRetries = 100
+
+// readFailed sorts an error of a read of /dev/fuse. It returns false for one
+// to retry: EINTR, EAGAIN; ENOENT (the request was interrupted before we got
+// it); and an error that fails one request on a live connection, such as
+// ENOMEM or EFAULT while the kernel copies a request into the buffer (the
+// kernel fails that request; the next read works), after a short pause, up
+// to readRetries in a row (*fails counts them; the caller zeroes it after a
+// good read). It returns true, with the connection marked dead, when nothing
+// more will come: ENODEV (unmounted), ECONNABORTED (aborted), EBADF (closed),
+// EINVAL (a buffer the kernel finds too small: every read would fail), or
+// too many failures in a row. Marking a live connection dead would make the
+// next Attach tear its device down and the holder check skip it.
+func (s *server) readFailed(err error, fails *int) bool {
 	switch {
 	case errors.Is(err, unix.EINTR), errors.Is(err, unix.ENOENT), errors.Is(err, unix.EAGAIN):
 		return false
-	case !errors.Is(err, unix.ENODEV):
-		klog.ErrorS(err, "read /dev/fuse")
+	case errors.Is(err, unix.ENODEV):
+	case errors.Is(err, unix.ECONNABORTED), errors.Is(err, unix.EBADF), errors.Is(err, unix.EINVAL):
+		klog.ErrorS(err, "read /dev/fuse: the connection ends")
+	default:
+		if *fails++; *fails <= readRetries {
+			if *fails == 1 {
+				klog.ErrorS(err, "read /dev/fuse failed; retrying")
+			}
+			time.Sleep(10 * time.Millisecond)
+			return false
+		}
+		klog.ErrorS(err, "read /dev/fuse failed too often in a row: the connection is taken for ended", "tries", readRetries)
 	}
 	s.markDead()
 	return true

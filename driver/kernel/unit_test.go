@@ -524,3 +524,35 @@ func TestHolderListPages(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestReadFailed: only errors that end the connection mark it dead; one
+// that fails a single request on a live connection (ENOMEM, EFAULT while
+// the kernel copies the request) is retried, up to readRetries in a row.
+// Every read error used to mark the connection dead, after which the next
+// Attach tore down a device that was being served.
+func TestReadFailed(t *testing.T) {
+	for _, c := range []struct {
+		err  error
+		dead bool
+	}{
+		{unix.EINTR, false}, {unix.EAGAIN, false}, {unix.ENOENT, false},
+		{unix.ENOMEM, false}, {unix.EFAULT, false}, {unix.EIO, false},
+		{unix.ENODEV, true}, {unix.ECONNABORTED, true}, {unix.EBADF, true}, {unix.EINVAL, true},
+	} {
+		s := &server{dead: make(chan struct{})}
+		fails := 0
+		if got := s.readFailed(c.err, &fails); got != c.dead || s.isDead() != c.dead {
+			t.Errorf("read error %v: ends the reader %v, connection dead %v; want %v", c.err, got, s.isDead(), c.dead)
+		}
+	}
+	s := &server{dead: make(chan struct{})}
+	fails := 0
+	for i := 1; i <= readRetries; i++ {
+		if s.readFailed(unix.ENOMEM, &fails) {
+			t.Fatalf("ENOMEM %d in a row ended the reader (limit %d)", i, readRetries)
+		}
+	}
+	if !s.readFailed(unix.ENOMEM, &fails) || !s.isDead() {
+		t.Fatalf("ENOMEM %d times in a row: the connection is not taken for ended", readRetries+1)
+	}
+}
