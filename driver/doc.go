@@ -60,6 +60,10 @@
 //     expand or read-only block publish of such a volume is
 //     FailedPrecondition saying to unstage and stage it again, not
 //     NotFound: the volume exists.
+//   - A mount-access stage never formats a volume that an earlier,
+//     finished stage attached without a filesystem (a block stage of the
+//     same volume handle): FailedPrecondition instead of mkfs over the
+//     block pod's data.
 //   - A restore or clone whose source ID carries another node's tag is
 //     ResourceExhausted, so external-provisioner reschedules the claim.
 //

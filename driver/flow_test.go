@@ -1451,3 +1451,48 @@ func TestPublishTakesBackUnservedDevice(t *testing.T) {
 		t.Fatalf("publish of an unserved device: %v (unserved now: %v), want it taken back and published", err, e.fe.Unserved(id))
 	}
 }
+
+// TestMountStageOfBlockStagedVolume: a volume staged for block access (its
+// device holds whatever the pod writes, no filesystem signature yet) and
+// then staged for mount access elsewhere (two PVs sharing a volume handle
+// in different volume modes) must not be formatted: that stage used to run
+// mkfs over the block pod's data.
+func TestMountStageOfBlockStagedVolume(t *testing.T) {
+	ctx := context.Background()
+	st, fe, fm := drivertest.NewStore(), drivertest.NewFrontend(), mount.NewFakeMounter(nil)
+	var ran []string
+	exec := &testexec.FakeExec{}
+	fake := func(cmd string, args ...string) utilexec.Cmd {
+		ran = append(ran, cmd)
+		c := &testexec.FakeCmd{CombinedOutputScript: []testexec.FakeAction{func() ([]byte, []byte, error) {
+			if cmd == "blkid" {
+				return nil, nil, testexec.FakeExitError{Status: 2} // no signature
+			}
+			return nil, nil, nil
+		}}}
+		return testexec.InitFakeCmd(c, cmd, args...)
+	}
+	for i := 0; i < 8; i++ {
+		exec.CommandScript = append(exec.CommandScript, fake)
+	}
+	d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
+		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: exec}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := env{d: d, store: st, fe: fe, fm: fm}
+	id := e.createVolume(t, "block-then-mount", 1<<20).VolumeId
+	dir := t.TempDir()
+	e.stageBlock(t, id, filepath.Join(dir, "block-staging"))
+	_, err = d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(dir, "fs-staging"),
+		VolumeCapability: mountCap()})
+	if status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("mount stage of a volume staged for block access: %v, want FailedPrecondition", err)
+	}
+	if slices.ContainsFunc(ran, func(c string) bool { return strings.HasPrefix(c, "mkfs") }) {
+		t.Fatalf("it ran %v", ran)
+	}
+	if _, ok := fe.Device(id); !ok {
+		t.Fatal("the refused stage detached the block-staged volume")
+	}
+}

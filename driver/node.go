@@ -456,6 +456,13 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err != nil {
 		return nil, statusf(codes.Internal, "probe %s: %v", dev, err)
 	}
+	if existing == "" && wasAttached && !unfinished {
+		// Attached by an earlier stage that finished, with no filesystem
+		// and nothing mounted here: a block stage (two PVs of one volume
+		// in different volume modes). Formatting would destroy what its
+		// pod writes.
+		return nil, statusf(codes.FailedPrecondition, "volume %s is staged already with no filesystem (for block access?): not formatting it for mount access", id)
+	}
 	if readerOnly(req.GetVolumeCapability()) {
 		// Published read-only only (the spec's SINGLE_NODE_READER_ONLY):
 		// staged read-only, and never formatted (nor grown: "ro" below).
