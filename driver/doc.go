@@ -56,14 +56,16 @@
 //   - Stage, unstage, publish and snapshot first take back a device the
 //     frontend reports but does not serve (Recover could not take it back
 //     after a restart), and answer FailedPrecondition when they cannot (a
-//     publish would otherwise hand a pod a device whose I/O waits). An
-//     expand or read-only block publish of such a volume is
+//     publish would otherwise hand a pod a device whose I/O waits; a
+//     publish already done answers OK). An expand of such a volume is
 //     FailedPrecondition saying to unstage and stage it again, not
 //     NotFound: the volume exists.
 //   - A mount-access stage never formats a volume that an earlier,
 //     finished stage attached without a filesystem (a block stage of the
 //     same volume handle): FailedPrecondition instead of mkfs over the
-//     block pod's data.
+//     block pod's data. Likewise a block-access stage of a volume whose
+//     filesystem an earlier stage mounted is FailedPrecondition. (An
+//     incompatible capability at the same staging path is not checked.)
 //   - A restore or clone whose source ID carries another node's tag is
 //     ResourceExhausted, so external-provisioner reschedules the claim.
 //

@@ -217,13 +217,26 @@ func TestExpand(t *testing.T) {
 	}
 }
 
+// snapLogStore notes each CreateSnapshot in the log the freeze and thaw
+// fakes write to, so that a test sees the snapshot between them.
+type snapLogStore struct {
+	*drivertest.Store
+	log *[]string
+}
+
+func (s *snapLogStore) CreateSnapshot(volID, snapID string, labels map[string]string) (driver.SnapshotInfo, error) {
+	*s.log = append(*s.log, "snapshot")
+	return s.Store.CreateSnapshot(volID, snapID, labels)
+}
+
 // TestFreezeAroundSnapshot: a volume mounted on this node is frozen during
-// the snapshot and thawed after, also when the snapshot fails.
+// the snapshot (the store's CreateSnapshot runs between freeze and thaw) and
+// thawed after, also when the snapshot fails.
 func TestFreezeAroundSnapshot(t *testing.T) {
 	st, fe := drivertest.NewStore(), drivertest.NewFrontend()
 	fm := mount.NewFakeMounter(nil)
 	var log []string
-	d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
+	d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: &snapLogStore{st, &log}, Frontend: fe,
 		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{DisableScripts: true}},
 		Freeze:  func(mp string) error { log = append(log, "freeze "+mp); return nil },
 		Thaw:    func(mp string) error { log = append(log, "thaw "+mp); return nil },
@@ -240,16 +253,17 @@ func TestFreezeAroundSnapshot(t *testing.T) {
 	if _, err := d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "unmounted", SourceVolumeId: id}); err != nil {
 		t.Fatal(err)
 	}
-	if len(log) != 0 {
+	if fmt.Sprint(log) != "[snapshot]" {
 		t.Fatalf("froze a volume that is not attached: %v", log)
 	}
+	log = nil
 	b, _ := st.VolumeBackend(id)
 	dev, _ := fe.Attach(ctx, id, b, false)
 	fm.MountPoints = append(fm.MountPoints, mount.MountPoint{Device: dev, Path: "/staging/f", Type: "ext4"})
 	if _, err := d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "mounted", SourceVolumeId: id}); err != nil {
 		t.Fatal(err)
 	}
-	if fmt.Sprint(log) != "[freeze /staging/f thaw /staging/f]" {
+	if fmt.Sprint(log) != "[freeze /staging/f snapshot thaw /staging/f]" {
 		t.Fatalf("freeze log %v", log)
 	}
 	// A mounted device that this plugin does not serve (a restart whose
@@ -266,14 +280,14 @@ func TestFreezeAroundSnapshot(t *testing.T) {
 	if _, err = d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "unserved", SourceVolumeId: id}); err != nil || fe.Unserved(id) {
 		t.Fatalf("snapshot of an unserved mounted device: %v (unserved now: %v), want it taken back and snapshotted", err, fe.Unserved(id))
 	}
-	if fmt.Sprint(log) != "[freeze /staging/f thaw /staging/f]" {
+	if fmt.Sprint(log) != "[freeze /staging/f snapshot thaw /staging/f]" {
 		t.Fatalf("freeze log after taking the device back %v", log)
 	}
 	log = nil
 	// A snapshot that fails in the store (its commit) is thawed anyway.
 	st.FailSnapshots = fmt.Errorf("commit: %w", driver.ErrClosed)
 	_, err = d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "fails", SourceVolumeId: id})
-	if err == nil || fmt.Sprint(log) != "[freeze /staging/f thaw /staging/f]" {
+	if err == nil || fmt.Sprint(log) != "[freeze /staging/f snapshot thaw /staging/f]" {
 		t.Fatalf("failed snapshot: err %v, log %v", err, log)
 	}
 	if status.Code(err) != codes.Unavailable {
@@ -1440,6 +1454,11 @@ func TestPublishTakesBackUnservedDevice(t *testing.T) {
 	}
 	e.fe.SetUnserved(id)
 	e.fe.AttachErr = errors.New("holder did not answer")
+	// The same publish again is OK (the spec's idempotency): its pod
+	// waits on the device either way.
+	if err := publish("pod1"); err != nil {
+		t.Fatalf("repeated publish at the same target of an unserved device: %v, want OK", err)
+	}
 	if err := publish("pod2"); status.Code(err) != codes.FailedPrecondition {
 		t.Fatalf("publish of an unserved device that cannot be taken back: %v, want FailedPrecondition", err)
 	}
@@ -1494,5 +1513,108 @@ func TestMountStageOfBlockStagedVolume(t *testing.T) {
 	}
 	if _, ok := fe.Device(id); !ok {
 		t.Fatal("the refused stage detached the block-staged volume")
+	}
+}
+
+// TestBlockStageOfMountedVolume: the other order of
+// TestMountStageOfBlockStagedVolume: a block stage of a volume whose
+// filesystem another stage mounted would let the block pod write under the
+// mounted filesystem. It answered OK.
+func TestBlockStageOfMountedVolume(t *testing.T) {
+	e := newEnv(t)
+	id := e.createVolume(t, "mount-then-block", 1<<20).VolumeId
+	dir := t.TempDir()
+	e.attachMounted(t, id, filepath.Join(dir, "fs-staging"))
+	_, err := e.d.NodeStageVolume(context.Background(), &csi.NodeStageVolumeRequest{VolumeId: id,
+		StagingTargetPath: filepath.Join(dir, "block-staging"), VolumeCapability: blockCap()})
+	if status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("block stage of a volume with a mounted filesystem: %v, want FailedPrecondition", err)
+	}
+	// A block stage again at its own path (kubelet's re-stage), while its
+	// device is published (a bind of the device node), stays OK.
+	id2 := e.createVolume(t, "block-twice", 1<<20).VolumeId
+	e.stageBlock(t, id2, filepath.Join(dir, "b2"))
+	if _, err := e.d.NodePublishVolume(context.Background(), &csi.NodePublishVolumeRequest{VolumeId: id2,
+		StagingTargetPath: filepath.Join(dir, "b2"), TargetPath: filepath.Join(dir, "pod"), VolumeCapability: blockCap()}); err != nil {
+		t.Fatal(err)
+	}
+	e.stageBlock(t, id2, filepath.Join(dir, "b2"))
+}
+
+// TestStageKilledBeforeMkfsFormatsOnRetry: a writable mount stage killed
+// between its Attach and mkfs (here: inside blkid) leaves the volume
+// attached and blank; after the restart, Recover attaches it again and
+// kubelet's retry must format and mount it. Its stage marker tells it the
+// attachment is its own, unlike a finished block stage's, which a mount
+// stage must not format (TestMountStageOfBlockStagedVolume).
+func TestStageKilledBeforeMkfsFormatsOnRetry(t *testing.T) {
+	ctx := context.Background()
+	entered, release := make(chan struct{}), make(chan struct{})
+	var mu sync.Mutex
+	var ran []string
+	first := true
+	fake := func(cmd string, args ...string) utilexec.Cmd {
+		mu.Lock()
+		ran = append(ran, cmd)
+		wait := cmd == "blkid" && first
+		if wait {
+			first = false
+		}
+		mu.Unlock()
+		c := &testexec.FakeCmd{CombinedOutputScript: []testexec.FakeAction{func() ([]byte, []byte, error) {
+			if wait {
+				close(entered)
+				<-release
+			}
+			if cmd == "blkid" {
+				return nil, nil, testexec.FakeExitError{Status: 2} // blank
+			}
+			return nil, nil, nil
+		}}}
+		return testexec.InitFakeCmd(c, cmd, args...)
+	}
+	exec := &testexec.FakeExec{}
+	for i := 0; i < 8; i++ {
+		exec.CommandScript = append(exec.CommandScript, fake)
+	}
+	st, fe, fm := drivertest.NewStore(), drivertest.NewFrontend(), mount.NewFakeMounter(nil)
+	opts := driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
+		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: exec}}
+	d1, err := driver.New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := env{d: d1, store: st, fe: fe, fm: fm}
+	id := e.createVolume(t, "stage-killed-writer", 1<<20).VolumeId
+	staging := filepath.Join(t.TempDir(), "staging")
+	req := &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: mountCap()}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		d1.NodeStageVolume(ctx, req)
+	}()
+	t.Cleanup(func() { close(release); <-done })
+	<-entered // d1 is "killed" here
+
+	d2, err := driver.New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d2.Recover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := fe.Device(id); !ok {
+		t.Fatal("the volume is not attached after Recover; nothing to test")
+	}
+	if _, err := d2.NodeStageVolume(ctx, req); err != nil {
+		t.Fatalf("stage retry of a writable volume killed before mkfs: %v, want OK", err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if !slices.ContainsFunc(ran, func(c string) bool { return strings.HasPrefix(c, "mkfs") }) {
+		t.Fatalf("the retry did not format the blank volume: ran %v", ran)
+	}
+	if mounted, _ := fm.IsMountPoint(staging); !mounted {
+		t.Fatal("the retry did not mount the staging path")
 	}
 }

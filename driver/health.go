@@ -92,9 +92,16 @@ func (d *Driver) ControllerGetVolumeHealth(ctx context.Context, req *csi.Control
 
 // ControllerListVolumeHealth pages through the health of all volumes.
 func (d *Driver) ControllerListVolumeHealth(ctx context.Context, req *csi.ControllerListVolumeHealthRequest) (*csi.ControllerListVolumeHealthResponse, error) {
-	// A failed store still lists the volumes it had (a store that never
-	// opened lists none): their health is the failure.
-	page, next, err := d.pageOf(d.opt.Store.Volumes(), req.GetStartingToken(), req.GetMaxEntries())
+	// A failed store still lists the volumes it had: their health is the
+	// failure. One that never opened (NewFailedStore) lists none, and an
+	// empty answer would say all is well: Unavailable, as ListVolumes.
+	vols := d.opt.Store.Volumes()
+	if len(vols) == 0 {
+		if err := d.storeErr(); err != nil {
+			return nil, err
+		}
+	}
+	page, next, err := d.pageOf(vols, req.GetStartingToken(), req.GetMaxEntries())
 	if err != nil {
 		return nil, err
 	}

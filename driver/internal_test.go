@@ -80,7 +80,9 @@ func TestKeyLocks(t *testing.T) {
 	if !l.tryLock("a", "b") {
 		t.Fatal("fresh lock refused")
 	}
-	if l.tryLock("b", "c") {
+	// The held key comes last: a lock taking keys one by one without
+	// undoing them would keep c after the refusal.
+	if l.tryLock("c", "b") {
 		t.Fatal("overlapping lock granted")
 	}
 	if !l.tryLock("c") {
@@ -219,6 +221,15 @@ func TestFailedStoreServesHeldVolumesWithErrors(t *testing.T) {
 	}
 	if r, err := d.GetCapacity(ctx, &csi.GetCapacityRequest{}); err != nil || r.GetAvailableCapacity() != 0 {
 		t.Errorf("GetCapacity on a lost store: %v, %v; want 0", r.GetAvailableCapacity(), err)
+	}
+	// It lists no volumes: an empty health list would say all is well.
+	if r, err := d.ControllerListVolumeHealth(ctx, &csi.ControllerListVolumeHealthRequest{}); status.Code(err) != codes.Unavailable {
+		t.Errorf("ControllerListVolumeHealth on a lost store: %v, %v; want Unavailable", r.GetEntries(), err)
+	}
+	// A volume's own health says why.
+	h, err := d.ControllerGetVolumeHealth(ctx, &csi.ControllerGetVolumeHealthRequest{VolumeId: "v-" + strings.Repeat("a", 32)})
+	if err != nil || len(h.GetVolumeHealth().GetHealthStatuses()) == 0 || h.GetVolumeHealth().GetHealthStatuses()[0].GetReason() != "StoreFailed" {
+		t.Errorf("ControllerGetVolumeHealth on a lost store: %v, %v; want StoreFailed", h.GetVolumeHealth().GetHealthStatuses(), err)
 	}
 }
 

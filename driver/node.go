@@ -395,6 +395,18 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	}()
 	m := req.GetVolumeCapability().GetMount()
 	if m == nil {
+		if wasAttached && !unfinished {
+			// Attached by an earlier, finished stage: if that one mounted a
+			// filesystem on it (a PV of the same volume handle in the other
+			// volume mode), a block pod's writes would corrupt it.
+			mps, err := d.opt.Mounter.List()
+			if err != nil {
+				return nil, toStatus(fmt.Errorf("list mounts: %w", err))
+			}
+			if fsMounted(mps, dev) {
+				return nil, statusf(codes.FailedPrecondition, "volume %s has a filesystem mounted (staged for mount access elsewhere): not staging it for block access", id)
+			}
+		}
 		staged = true
 		klog.V(2).InfoS("Staged block volume", "volumeID", id, "device", dev)
 		return &csi.NodeStageVolumeResponse{}, nil
@@ -779,13 +791,6 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if err := d.checkNoPendingRollback(id); err != nil {
 		return nil, err
 	}
-	// A device no process serves (a restart whose Recover could not take
-	// it back) would give the new pod a filesystem whose every I/O waits,
-	// perhaps still frozen by a killed snapshot: take it back first, as
-	// stage, unstage and snapshot do, or refuse.
-	if err := d.takeBack(ctx, id); err != nil {
-		return nil, err
-	}
 	dev, ok := d.opt.Frontend.Device(id)
 	if !ok {
 		return nil, statusf(codes.FailedPrecondition, "volume %s is not staged on this node", id)
@@ -856,6 +861,15 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 			}
 		}
 		return &csi.NodePublishVolumeResponse{}, nil
+	}
+	// A new bind of a device no process serves (a restart whose Recover
+	// could not take it back) would give the new pod a filesystem whose
+	// every I/O waits, perhaps still frozen by a killed snapshot: take it
+	// back first, as stage, unstage and snapshot do, or refuse. (A publish
+	// already done answered OK above: its pod waits either way, and the
+	// spec wants OK for the same call again.)
+	if err := d.takeBack(ctx, id); err != nil {
+		return nil, err
 	}
 	cur, err := d.mountedDevice(target)
 	if err != nil {

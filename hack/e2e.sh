@@ -55,7 +55,7 @@ cleanup() {
 	# one forever. Abort those connections first (fusectl holds the abort
 	# files; Debian does not mount it by default).
 	if ! pgrep -f "$work/csi-snap --endpoint" >/dev/null; then
-		[ -e /sys/fs/fuse/connections/abort ] || mount -t fusectl fusectl /sys/fs/fuse/connections 2>/dev/null
+		mountpoint -q /sys/fs/fuse/connections || mount -t fusectl fusectl /sys/fs/fuse/connections 2>/dev/null
 		awk -v w="$work" '$5 ~ "^" w && $0 ~ / - fuse/ { split($3, d, ":"); print d[2] }' /proc/self/mountinfo |
 			while read -r minor; do echo 1 > "/sys/fs/fuse/connections/$minor/abort"; done
 	fi
