@@ -126,6 +126,12 @@ func openFault(t *testing.T, dir string, set func(*faultFS)) (*Store, *faultFS) 
 
 func (f *faultFS) Open(name string, create bool) (file, error) {
 	if create {
+		// A killed process creates nothing (an open for reading changes
+		// nothing on disk, so it is let through).
+		if !f.alive() {
+			return nil, errKilled
+		}
+		defer f.life.RUnlock()
 		f.event("create " + name)
 	}
 	f.mu.Lock()
@@ -153,6 +159,10 @@ func (f *faultFS) event(e string) {
 
 // Remove fails with removeErr's error where it returns one.
 func (f *faultFS) Remove(name string) error {
+	if !f.alive() {
+		return errKilled
+	}
+	defer f.life.RUnlock()
 	f.mu.Lock()
 	hook := f.removeErr
 	f.mu.Unlock()
@@ -165,6 +175,10 @@ func (f *faultFS) Remove(name string) error {
 }
 
 func (f *faultFS) Rename(o, n string) error {
+	if !f.alive() {
+		return errKilled
+	}
+	defer f.life.RUnlock()
 	f.mu.Lock()
 	fail := f.failRename
 	if fail {
@@ -332,6 +346,10 @@ func (f *faultFile) Punch(off, n int64) error {
 }
 
 func (f *faultFS) SyncDir() error {
+	if !f.alive() {
+		return errKilled
+	}
+	defer f.life.RUnlock()
 	f.event("syncdir")
 	f.mu.Lock()
 	fail := f.failSyncDir == 1

@@ -138,15 +138,7 @@ func TestContainerRestart(t *testing.T) {
 		}
 		werr <- nil
 	}()
-	waitFile := func(n int) {
-		t.Helper()
-		for i := range progress {
-			if i >= n {
-				return
-			}
-		}
-		t.Fatalf("the writer stopped before file %d: %v", n, <-werr)
-	}
+	waitFile := func(n int) { t.Helper(); waitWriter(t, progress, werr, n) }
 
 	// The holder container restarts: it comes back empty, and the serving
 	// process hands its connection over again.
@@ -161,7 +153,7 @@ func TestContainerRestart(t *testing.T) {
 	c1.cmd.Process.Signal(syscall.SIGUSR1)
 	c1.expect(t, "STALLED")
 	c1.cmd.Process.Kill()
-	<-c1.done
+	c1.wait(t)
 	select {
 	case err := <-werr:
 		t.Fatalf("the writer ended while no server ran: %v", err)
@@ -180,7 +172,7 @@ func TestContainerRestart(t *testing.T) {
 	waitHeld(t, runDir)
 	c2.cmd.Process.Signal(syscall.SIGTERM)
 	c2.expect(t, "RESENT ")
-	if err := <-c2.done; err != nil {
+	if err := c2.wait(t); err != nil {
 		t.Fatalf("second server: %v", err)
 	}
 	waitHeld(t, runDir, id)

@@ -498,8 +498,10 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 	defer unlock()
 	if v := f.get(id); v != nil {
 		if v.isShut() {
-			// Close shut it down while this call waited: its connection
-			// stays held for the next process, not torn down.
+			// Close shut it down between the get above and here (a call
+			// that waited for the lock finds f.vols already swapped and
+			// ends in resume's ErrClosed): its connection stays held for
+			// the next process, not torn down.
 			return "", fmt.Errorf("%w: %s", ErrClosed, id)
 		}
 		if why := v.lost(); why != "" {
@@ -697,6 +699,10 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 	return dev, nil
 }
 
+// afterHolderPut, if set (tests), runs in attachFresh right after the holder
+// took the connection, before anything asks for the file's attributes.
+var afterHolderPut func()
+
 // kernelSized makes the kernel's size of the FUSE file mp right before a
 // loop device is attached to it. Before Linux 6.18 the loop driver sizes the
 // device from the FUSE inode's cached i_size, which is 0 on a fresh mount
@@ -767,6 +773,9 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 	held = true
 	if err = f.holderPut(id, &p, fd); err != nil {
 		return "", err
+	}
+	if afterHolderPut != nil {
+		afterHolderPut()
 	}
 	if err = kernelSized(mp, b.Size()); err != nil {
 		return "", err

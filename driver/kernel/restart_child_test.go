@@ -52,8 +52,12 @@ func serveChild(args []string) int {
 	external := fs.Bool("external", false, "Config.ExternalHolder")
 	check := fs.Duration("check", 0, "Config.HolderCheck")
 	ownMounts := fs.Bool("own-mounts", false, "started in a mount namespace of its own: drop the copies of other tests' mounts")
+	dieAfterPut := fs.Bool("die-after-put", false, "exit (as if killed) right after the holder took the connection, before the loop attach")
 	if err := fs.Parse(args); err != nil {
 		return 2
+	}
+	if *dieAfterPut {
+		afterHolderPut = func() { os.Exit(9) }
 	}
 	if *ownMounts {
 		dropForeignMounts(*runDir, filepath.Dir(*backing))

@@ -27,6 +27,41 @@ type child struct {
 	done  chan error
 }
 
+// wait returns how the child ended, failing the test (after killing it)
+// if it has not within two minutes: a hang guard, so that a stop that
+// deadlocks fails with its message instead of the whole package timing out.
+func (c *child) wait(t *testing.T) error {
+	t.Helper()
+	select {
+	case err := <-c.done:
+		return err
+	case <-time.After(2 * time.Minute):
+		c.cmd.Process.Kill()
+		t.Fatalf("the serving child did not exit within 2 minutes")
+		return nil
+	}
+}
+
+// waitWriter waits until the writer goroutine reports file n on progress,
+// failing the test with the writer's error if it stops first, or after
+// three minutes without reaching n (a hang guard: writes blocked for good).
+func waitWriter(t *testing.T, progress <-chan int, werr <-chan error, n int) {
+	t.Helper()
+	deadline := time.After(3 * time.Minute)
+	for {
+		select {
+		case i := <-progress:
+			if i >= n {
+				return
+			}
+		case err := <-werr:
+			t.Fatalf("the writer stopped before file %d: %v", n, err)
+		case <-deadline:
+			t.Fatalf("the writer did not reach file %d in 3 minutes (its writes block?)", n)
+		}
+	}
+}
+
 func startChild(t *testing.T, runDir, backing, id string, size int64, extra ...string) *child {
 	t.Helper()
 	return startChildAttr(t, nil, runDir, backing, id, size, extra...)
@@ -235,17 +270,13 @@ func testRestart(t *testing.T, sig syscall.Signal, first, again []string) {
 		}
 		werr <- nil
 	}()
-	for i := range progress {
-		if i == 10 {
-			break
-		}
-	}
+	waitWriter(t, progress, werr, 10)
 	if sig == syscall.SIGKILL {
 		c1.cmd.Process.Signal(syscall.SIGUSR1)
 		c1.expect(t, "STALLED")
 	}
 	c1.cmd.Process.Signal(sig)
-	exitErr := <-c1.done
+	exitErr := c1.wait(t)
 	if sig == syscall.SIGTERM && exitErr != nil {
 		t.Fatalf("graceful stop: %v", exitErr)
 	}
@@ -264,7 +295,7 @@ func testRestart(t *testing.T, sig syscall.Signal, first, again []string) {
 
 	c2.cmd.Process.Signal(syscall.SIGTERM)
 	resent, _ := strconv.Atoi(c2.expect(t, "RESENT "))
-	if err := <-c2.done; err != nil {
+	if err := c2.wait(t); err != nil {
 		t.Fatalf("second server: %v", err)
 	}
 	t.Logf("%s: %d files intact; %d requests resent to the new server", sig, len(w.sums), resent)
@@ -351,7 +382,7 @@ func serveWriteKill(t *testing.T, runDir, backing, id string, size, seed int64) 
 	}
 	f.Close()
 	c.cmd.Process.Kill()
-	<-c.done
+	c.wait(t)
 	return dev, want
 }
 
@@ -430,21 +461,45 @@ func testDeadHeldConnection(t *testing.T, how string) {
 	reattachCheck(t, runDir, backing, id, size, want, nil)
 }
 
-// TestResumeWithoutLoop: the serving process died after the holder took
-// the connection and before the loop device was attached (here: the device
-// is detached, the mount and the held connection live on). The restarted
-// Attach resumes the connection and attaches a loop device to it, which
-// must have the volume's size (before Linux 6.18 the loop driver took the
-// FUSE inode's cached size, 0 on a mount whose file nobody had stat'ed, so
-// resume stats it as attachFresh does) and read the data written before.
+// TestResumeWithoutLoop: the serving process died right after the holder
+// took the connection, before anything asked for the file's attributes and
+// before the loop attach (a test hook exits there), so the kernel's inode
+// still has the size 0 a fresh mount starts with. The restarted Attach
+// resumes the connection and attaches a loop device, which must have the
+// volume's size (before Linux 6.18 the loop driver took the inode's cached
+// size: resume stats the file first, as attachFresh does; 6.18 asks for the
+// attributes itself) and read the data in the backing file.
 func TestResumeWithoutLoop(t *testing.T) {
 	requireRoot(t)
 	runDir := t.TempDir()
 	backing := filepath.Join(t.TempDir(), "vol.img")
 	const size = 16 << 20
 	const id = "vol-noloop"
-	dev, want := serveWriteKill(t, runDir, backing, id, size, 5)
-	run(t, "losetup", "-d", dev)
+	want := alignedBuf(1 << 20)
+	fillRandom(rand.New(rand.NewSource(6)), want)
+	f, err := os.Create(backing)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(want, 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	c := startChild(t, runDir, backing, id, size, "-die-after-put")
+	select {
+	case err := <-c.done:
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 9 {
+			t.Fatalf("the serving child ended with %v, want exit 9 from the hook", err)
+		}
+	case <-time.After(time.Minute): // hang guard
+		c.cmd.Process.Kill()
+		t.Fatal("the serving child did not exit after the hand-over")
+	}
+	waitListed(t, HolderSocket(runDir, false), id) // the child's holder outlives it
+	if loops := loopsOf(filepath.Join(runDir, "vol", id)); len(loops) != 0 {
+		t.Fatalf("loop devices %v on the file; the child was to die before attaching one", loops)
+	}
 	reattachCheck(t, runDir, backing, id, size, want, nil)
 }
 

@@ -82,18 +82,30 @@ func TestGroupSnapshotLifecycle(t *testing.T) {
 			wrote.Store(int64(i))
 		}
 	}()
-	for wrote.Load() < 20 {
-		time.Sleep(5 * time.Millisecond)
+	// Until the writer got n rounds done: it failing, or making no
+	// progress for two minutes (a member left frozen), fails the test
+	// with its error instead of spinning until the package times out.
+	waitWrote := func(n int64, what string) {
+		t.Helper()
+		for deadline := time.Now().Add(2 * time.Minute); wrote.Load() < n; time.Sleep(5 * time.Millisecond) { // hang guard
+			select {
+			case err := <-werr:
+				t.Fatalf("%s: writer: %v", what, err)
+			default:
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: the writer is stuck at round %d, want %d (a member still frozen?)", what, wrote.Load(), n)
+			}
+		}
 	}
+	waitWrote(20, "before the group snapshot")
 	req := &csi.CreateVolumeGroupSnapshotRequest{Name: "pair", SourceVolumeIds: vols}
 	gr, err := grp.CreateVolumeGroupSnapshot(ctx, req)
 	if err != nil {
 		t.Fatal(err)
 	}
 	at := wrote.Load()
-	for wrote.Load() < at+20 { // the writer goes on after the thaw
-		time.Sleep(5 * time.Millisecond)
-	}
+	waitWrote(at+20, "after the group snapshot") // the writer goes on after the thaw
 	stop.Store(true)
 	wg.Wait()
 	select {
