@@ -784,6 +784,7 @@ func (j *journal) drop() {
 			f.Truncate(0)
 		}
 	}
+	j.off, j.prevOff = 0, 0 // what Stats.JournalBytes reports: nothing is held
 }
 
 // killLostPrefix names the marker files that keep KillWritesLost across

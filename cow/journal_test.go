@@ -647,3 +647,54 @@ func TestKillJournalFailedAppend(t *testing.T) {
 		t.Fatalf("a write acknowledged before the journal failed was lost to a kill: reads %v...", got[:4])
 	}
 }
+
+// TestKillJournalDroppedStats: after a failed fsync the kill journal is
+// dropped (its files emptied: the page cache cannot be trusted, see
+// FORMAT.md "After a failed fsync"), and Stats.JournalBytes (the
+// csi_snap_kill_journal_bytes gauge) must say it holds nothing, not the
+// size it had: an operator would read it as writes a restart redoes.
+func TestKillJournalDroppedStats(t *testing.T) {
+	const cs = 4096
+	dir := t.TempDir()
+	s, fs := openFault(t, dir, nil)
+	defer s.Close()
+	s.SetSurviveKill(true)
+	v, err := s.CreateVolume("v", 16*cs, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(3*cs, 7), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	fs.mu.Lock()
+	fs.syncDelay = 200 * time.Millisecond // keep the first writes' entries pending, journaled
+	fs.mu.Unlock()
+	if _, err := v.WriteAt(fill(3*cs, 8), 0); err != nil { // first writes: journaled
+		t.Fatal(err)
+	}
+	if st := s.Stats(); st.JournalBytes <= journalHeaderLen {
+		t.Fatalf("the journal holds %d bytes after a write, want its records", st.JournalBytes)
+	}
+	fs.mu.Lock()
+	fs.syncErr = func(name string) error {
+		if strings.HasSuffix(name, ".data") {
+			return errInjected
+		}
+		return nil
+	}
+	fs.mu.Unlock()
+	if err := v.Flush(); err == nil {
+		t.Fatal("Flush with the data file's fsync failing succeeded")
+	}
+	if st := s.Stats(); st.JournalBytes != 0 {
+		t.Fatalf("Stats after the journal was dropped: %d bytes, want 0", st.JournalBytes)
+	}
+	for _, n := range journalNames {
+		if fi, err := os.Stat(filepath.Join(dir, n)); err == nil && fi.Size() != 0 {
+			t.Errorf("%s holds %d bytes after the drop", n, fi.Size())
+		}
+	}
+}

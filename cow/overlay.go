@@ -10,8 +10,9 @@ import (
 
 // The overlay holds the new content of chunks whose copy-out is not
 // durable yet (see doc.go, "Durability"). A first write after a snapshot
-// reads the old chunk, queues its record in the open batch, maps it in the
-// snapshot's index, and puts the write's bytes here instead of in any file
+// asks the file system whether the old chunk is a hole (a zero chunk needs
+// no copy; nothing of it is read here), queues its record in the open
+// batch, maps it in the snapshot's index, and puts the write's bytes here instead of in any file
 // (a sparse entry: bytes [lo, hi) of the chunk; the rest of the chunk's
 // current content is the data file's, untouched since the snapshot); the
 // old chunk (the pending copy) stays in the data file, or, for a clone's

@@ -5,7 +5,9 @@ type Stats struct {
 	// CopyOuts counts chunks recorded by copy-before-write since Open,
 	// including all-zero chunks recorded without a copy.
 	CopyOuts uint64
-	// CopiedBytes counts bytes written to COW files by those copy-outs.
+	// CopiedBytes counts the bytes of those copy-outs' copies, counted when
+	// the write queues them for the committer (a failed batch or a kill
+	// can keep some from ever reaching a COW file).
 	CopiedBytes uint64
 	// ClonedBytes counts the part of CopiedBytes that was not written but
 	// shared with the data file's blocks (FICLONERANGE; see writeCopies).

@@ -57,7 +57,7 @@ type Store struct {
 	grp    groupState // snapshot groups (group.go); guarded by mu
 
 	copyOuts    atomic.Uint64 // chunks recorded by copy-before-write since Open
-	copiedBytes atomic.Uint64 // bytes of those chunks written to COW files (zero chunks cost none)
+	copiedBytes atomic.Uint64 // bytes of those chunks' copies, counted when queued (zero chunks cost none)
 	clonedBytes atomic.Uint64 // bytes of those copies made by sharing blocks (FICLONERANGE) instead
 }
 
