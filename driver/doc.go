@@ -64,8 +64,10 @@
 //     finished stage attached without a filesystem (a block stage of the
 //     same volume handle): FailedPrecondition instead of mkfs over the
 //     block pod's data. Likewise a block-access stage of a volume whose
-//     filesystem an earlier stage mounted is FailedPrecondition. (An
-//     incompatible capability at the same staging path is not checked.)
+//     filesystem an earlier stage mounted is FailedPrecondition, and so is
+//     any stage at another path while one is unfinished (its marker names
+//     its staging path). (An incompatible capability at the same staging
+//     path is not checked.)
 //   - A restore or clone whose source ID carries another node's tag is
 //     ResourceExhausted, so external-provisioner reschedules the claim.
 //

@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/csi-snap/csi-snap/driver"
@@ -1140,7 +1141,13 @@ func TestFailedStageAfterRestartDetaches(t *testing.T) {
 		d1.NodeStageVolume(ctx, req)
 	}()
 	t.Cleanup(func() { close(release); <-done })
-	<-entered // d1 is "killed" here: it never gets further while d2 runs
+	select { // d1 is "killed" in blkid: it never gets further while d2 runs
+	case <-entered:
+	case <-done:
+		t.Fatal("the first stage ended before its blkid")
+	case <-time.After(time.Minute): // hang guard
+		t.Fatal("the first stage never reached blkid")
+	}
 
 	d2, err := driver.New(opts)
 	if err != nil {
@@ -1544,7 +1551,8 @@ func TestBlockStageOfMountedVolume(t *testing.T) {
 // TestStageKilledBeforeMkfsFormatsOnRetry: a writable mount stage killed
 // between its Attach and mkfs (here: inside blkid) leaves the volume
 // attached and blank; after the restart, Recover attaches it again and
-// kubelet's retry must format and mount it. Its stage marker tells it the
+// kubelet's retry must format and mount it, while a block stage of the
+// volume at another path meanwhile is refused. Its stage marker tells it the
 // attachment is its own, unlike a finished block stage's, which a mount
 // stage must not format (TestMountStageOfBlockStagedVolume).
 func TestStageKilledBeforeMkfsFormatsOnRetry(t *testing.T) {
@@ -1594,7 +1602,13 @@ func TestStageKilledBeforeMkfsFormatsOnRetry(t *testing.T) {
 		d1.NodeStageVolume(ctx, req)
 	}()
 	t.Cleanup(func() { close(release); <-done })
-	<-entered // d1 is "killed" here
+	select { // d1 is "killed" in blkid: it never gets further while d2 runs
+	case <-entered:
+	case <-done:
+		t.Fatal("the first stage ended before its blkid")
+	case <-time.After(time.Minute): // hang guard
+		t.Fatal("the first stage never reached blkid")
+	}
 
 	d2, err := driver.New(opts)
 	if err != nil {
@@ -1605,6 +1619,17 @@ func TestStageKilledBeforeMkfsFormatsOnRetry(t *testing.T) {
 	}
 	if _, ok := fe.Device(id); !ok {
 		t.Fatal("the volume is not attached after Recover; nothing to test")
+	}
+	// A block stage of the same volume elsewhere (another PV of the
+	// handle) must neither take the unfinished stage's attachment over
+	// (it answered OK and dropped its marker, and the retry below then
+	// formatted and mounted the block pod's device) nor detach it.
+	if _, err := d2.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging + "-block",
+		VolumeCapability: blockCap()}); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("block stage while a mount stage of the volume is unfinished: %v, want FailedPrecondition", err)
+	}
+	if _, ok := fe.Device(id); !ok {
+		t.Fatal("the refused block stage detached the volume")
 	}
 	if _, err := d2.NodeStageVolume(ctx, req); err != nil {
 		t.Fatalf("stage retry of a writable volume killed before mkfs: %v, want OK", err)

@@ -328,8 +328,17 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	marker := d.stageMarker(id)
 	unfinished := !wasAttached
 	if wasAttached {
-		_, err := os.Stat(marker)
+		mb, err := os.ReadFile(marker)
 		unfinished = err == nil
+		if unfinished && len(mb) > 0 && string(mb) != staging {
+			// The unfinished stage is another one (the marker names its
+			// staging path; markers of older versions name none): two
+			// PVs of one volume handle, one stage killed midway. This one
+			// must neither take its attachment over (and answer OK for a
+			// device under the other's filesystem) nor detach it: its own
+			// retry comes.
+			return nil, statusf(codes.FailedPrecondition, "volume %s has an unfinished stage at %s; not staging it at %s too", id, mb, staging)
+		}
 		if unfinished && d.lostWrites(id) {
 			// A stage killed after its mount, whose volume the store
 			// dropped answered writes of (LostWritesStore): its held
@@ -356,7 +365,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		if err := d.forgetLostWrites(id); err != nil {
 			return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
 		}
-		if err := writeMarker(marker, nil); err != nil {
+		if err := writeMarker(marker, []byte(staging)); err != nil {
 			return nil, toStatus(fmt.Errorf("stage marker of %s: %w", id, err))
 		}
 	}
@@ -635,7 +644,9 @@ func (d *Driver) fsSize(fstype, dev, mnt string) (size, slack int64, err error) 
 // succeeds or the volume is detached (a failed stage, NodeUnstageVolume). A
 // plugin killed in between leaves it; Recover re-attaches the volume, and
 // the marker tells the retried stage that the attachment is that unfinished
-// stage's own, to detach if the retry fails.
+// stage's own, to detach if the retry fails. It holds the staging path, so
+// that a stage elsewhere (another PV of the volume handle) is refused
+// instead of taking the attachment over.
 func (d *Driver) stageMarker(id string) string {
 	return filepath.Join(d.opt.DataDir, "stage-markers", id)
 }

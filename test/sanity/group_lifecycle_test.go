@@ -82,9 +82,9 @@ func TestGroupSnapshotLifecycle(t *testing.T) {
 			wrote.Store(int64(i))
 		}
 	}()
-	// Until the writer got n rounds done: it failing, or making no
-	// progress for two minutes (a member left frozen), fails the test
-	// with its error instead of spinning until the package times out.
+	// Until the writer got n rounds done: it failing, or not getting there
+	// within two minutes (a member left frozen), fails the test with its
+	// error instead of spinning until the package times out.
 	waitWrote := func(n int64, what string) {
 		t.Helper()
 		for deadline := time.Now().Add(2 * time.Minute); wrote.Load() < n; time.Sleep(5 * time.Millisecond) { // hang guard
