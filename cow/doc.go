@@ -134,7 +134,8 @@
 //   - With SetSurviveKill, a first write after a snapshot costs one more
 //     write of its bytes to the page cache (the kill journal) and its
 //     apply a small one; a write that completes a clone's chunk one small
-//     write (BENCHMARKS.md, "Writes that survive a kill"). On a machine
+//     write (BENCHMARKS.md, "Kill journal: writes that survive a kill
+//     without waiting"). On a machine
 //     without a boot identity (no /proc/sys/kernel/random/boot_id) there
 //     is no journal: a first write after a snapshot waits for its group
 //     commit (two fsyncs and the apply), a write that completes a clone's
@@ -184,7 +185,9 @@
 //     binaries from before groups refuse (ErrCorrupt, "version 2").
 //   - Group members are frozen together only as far as cow sees them: the
 //     filesystems on them are frozen by the caller (the driver), not here.
-//   - Sizes are at most 16 TiB (ext4's largest file with 4 KiB blocks).
+//   - Sizes are at most 16 TiB less 1 MiB (MaxVolumeSize): ext4's largest
+//     file with 4 KiB blocks is 16 TiB less one block. (Open still takes
+//     volumes of up to 16 TiB that earlier versions made.)
 //   - CreateSnapshot syncs the data file and the log concurrently (unless a
 //     clone has "present" records, which must follow their data): if the
 //     machine dies before it returns, the snapshot may exist and lack writes

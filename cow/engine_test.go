@@ -571,7 +571,7 @@ func TestStats(t *testing.T) {
 }
 
 // TestCopyPastCOWLimitRefused: a first write whose copy would put a COW
-// chunk past maxBytes in the COW file is refused with ErrNoSpace and changes
+// chunk past maxFileBytes in the COW file is refused with ErrNoSpace and changes
 // nothing; the store keeps working. Open rejects a record pointing there as
 // corrupt, so writing one would have made the whole store unopenable.
 func TestCopyPastCOWLimitRefused(t *testing.T) {
@@ -588,7 +588,7 @@ func TestCopyPastCOWLimitRefused(t *testing.T) {
 	}
 	v.mu.Lock()
 	hwm := v.hwm
-	v.hwm = exceptions.Chunk(maxBytes>>v.shift - 1) // one chunk left
+	v.hwm = exceptions.Chunk(maxFileBytes>>v.shift - 1) // one chunk left
 	v.mu.Unlock()
 	if _, err := v.WriteAt(fill(2*cs, 3), 0); !errors.Is(err, ErrNoSpace) {
 		t.Fatalf("first write of 2 chunks with 1 left in the COW file: %v, want ErrNoSpace", err)
@@ -619,4 +619,47 @@ func TestCopyPastCOWLimitRefused(t *testing.T) {
 	if got := readSnap(t, reopen(t, s, dir), "s"); !bytes.Equal(got, old) {
 		t.Fatalf("snapshot differs at %d after reopen", firstDiff(got, old))
 	}
+}
+
+// TestLargestVolumeWritable: a volume of MaxVolumeSize takes a write of its
+// last bytes on the file system under the store (ext4 refuses a write of
+// the block at 16 TiB less 4 KiB with EFBIG, so 16 TiB itself, the limit
+// before, gave volumes whose last block could not be written); 16 TiB is
+// refused, and a store an earlier version made with a 16 TiB volume still
+// opens.
+func TestLargestVolumeWritable(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := s.CreateVolume("too-big", maxBytes, VolumeOptions{ChunkSize: 4096}); !errors.Is(err, ErrBadArgument) {
+		t.Fatalf("CreateVolume of 16 TiB: %v, want ErrBadArgument", err)
+	}
+	v, err := s.CreateVolume("big", MaxVolumeSize, VolumeOptions{ChunkSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := fill(4096, 0x5a)
+	if _, err := v.WriteAt(want, MaxVolumeSize-4096); err != nil {
+		t.Fatalf("write of the last 4 KiB of a %d-byte volume: %v", int64(MaxVolumeSize), err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, v, MaxVolumeSize-4096, 4096); !bytes.Equal(got, want) {
+		t.Fatal("the last 4 KiB read back wrong")
+	}
+	if err := v.Resize(maxBytes); !errors.Is(err, ErrBadArgument) {
+		t.Fatalf("Resize to 16 TiB: %v, want ErrBadArgument", err)
+	}
+	if err := s.DeleteVolume("big"); err != nil {
+		t.Fatal(err)
+	}
+	old, _, err := openLog(t, []*record{{Type: recVolume, Obj: 1, Size: maxBytes, ChunkSize: 4096, ID: "old"}, {Type: recNextObj, Obj: 2}})
+	if err != nil {
+		t.Fatalf("a store with a 16 TiB volume an earlier version made: %v", err)
+	}
+	old.Close()
 }

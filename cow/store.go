@@ -885,8 +885,8 @@ func checkLabels(m map[string]string) error {
 }
 
 func checkSize(size int64) error {
-	if size <= 0 || size > maxBytes {
-		return fmt.Errorf("%w: size %d bytes out of (0, 16 TiB]", ErrBadArgument, size)
+	if size <= 0 || size > maxFileBytes {
+		return fmt.Errorf("%w: size %d bytes out of (0, %d] (16 TiB less 1 MiB: ext4's largest file is 16 TiB less 4 KiB)", ErrBadArgument, size, int64(maxFileBytes))
 	}
 	return nil
 }

@@ -194,12 +194,20 @@ func (sn *Snapshot) Flush() error { return nil }
 // such a mapping can never merge with a real copy into one run.
 const firstCOW = 2
 
-// maxBytes bounds volume sizes and COW file offsets, in bytes: 16 TiB, the
-// largest file ext4 holds with 4 KiB blocks.
+// maxBytes bounds the volume sizes and COW file offsets Open accepts in
+// records, in bytes: 16 TiB (what versions before maxFileBytes allowed).
 const maxBytes = 1 << 44
 
-// MaxVolumeSize is the largest volume size, in bytes (16 TiB, maxBytes).
-const MaxVolumeSize = maxBytes
+// maxFileBytes is the largest size a volume is created or grown to, and
+// where the COW file's chunks end: ext4's largest file with 4 KiB blocks is
+// 16 TiB less one block (a write of the block at 2^44 - 4096 fails with
+// EFBIG), and 16 TiB less the largest chunk is a multiple of every chunk
+// size below that.
+const maxFileBytes = maxBytes - MaxChunkSize
+
+// MaxVolumeSize is the largest volume size, in bytes (16 TiB less 1 MiB,
+// maxFileBytes).
+const MaxVolumeSize = maxFileBytes
 
 // span is the chunk range [C, C+N).
 type span struct {

@@ -958,8 +958,8 @@ func allZero(b []byte) bool {
 // alloc hands out n COW chunks: freed ones first, then new ones at the end
 // (ascending, so sequential copies stay contiguous and their runs merge).
 // It refuses with ErrNoSpace, handing out nothing, when a new chunk would
-// reach past maxBytes in the COW file: Open rejects such a record as
-// corrupt (FORMAT.md), so one must never be written.
+// reach past maxFileBytes in the COW file: ext4 refuses to write there
+// (EFBIG), and Open rejects a record past maxBytes as corrupt (FORMAT.md).
 func (v *Volume) alloc(n int) ([]exceptions.Chunk, error) {
 	if n == 0 {
 		return nil, nil
@@ -972,8 +972,8 @@ func (v *Volume) alloc(n int) ([]exceptions.Chunk, error) {
 			break
 		}
 	}
-	if n > free && uint64(v.hwm)+uint64(n-free) > maxBytes>>v.shift {
-		return nil, fmt.Errorf("%w: volume %q: its snapshots' copies would take the COW file past %d bytes", ErrNoSpace, v.id, int64(maxBytes))
+	if n > free && uint64(v.hwm)+uint64(n-free) > maxFileBytes>>v.shift {
+		return nil, fmt.Errorf("%w: volume %q: its snapshots' copies would take the COW file past %d bytes", ErrNoSpace, v.id, int64(maxFileBytes))
 	}
 	out := make([]exceptions.Chunk, 0, n)
 	for len(out) < n && len(v.free) > 0 {

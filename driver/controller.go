@@ -66,7 +66,7 @@ func volumeSize(r *csi.CapacityRange, floor int64) (int64, error) {
 		return 0, statusf(codes.InvalidArgument, "required_bytes %d exceeds limit_bytes %d", req, lim)
 	}
 	if req > cow.MaxVolumeSize || floor > cow.MaxVolumeSize {
-		return 0, statusf(codes.OutOfRange, "required_bytes %d is over the largest volume, %d bytes (16 TiB)", max(req, floor), int64(cow.MaxVolumeSize))
+		return 0, statusf(codes.OutOfRange, "required_bytes %d is over the largest volume, %d bytes (16 TiB less 1 MiB)", max(req, floor), int64(cow.MaxVolumeSize))
 	}
 	size := roundUp(req, blockSize)
 	if req == 0 && floor == 0 {
