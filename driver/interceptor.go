@@ -96,3 +96,39 @@ func UnaryInterceptor(m *Metrics) grpc.UnaryServerInterceptor {
 		return resp, err
 	}
 }
+
+// StreamInterceptor is UnaryInterceptor for streaming calls (the
+// SnapshotMetadata service's): the request is logged as it is received
+// (V(4)), the call's end with its code (failures at V(2)), and its whole
+// duration is recorded in the metrics, when m is not nil.
+func StreamInterceptor(m *Metrics) grpc.StreamServerInterceptor {
+	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+		start := time.Now()
+		logger := klog.FromContext(ss.Context()).WithValues("method", info.FullMethod)
+		err := handler(srv, &loggedStream{ServerStream: ss, logger: logger})
+		code := status.Code(err)
+		if m != nil {
+			m.observe(info.FullMethod, code, time.Since(start))
+		}
+		if err != nil {
+			logger.V(2).Info("Call failed", "code", code.String(), "err", err)
+		} else {
+			logger.V(5).Info("Call done")
+		}
+		return err
+	}
+}
+
+// loggedStream logs each message the client sends (the request).
+type loggedStream struct {
+	grpc.ServerStream
+	logger klog.Logger
+}
+
+func (s *loggedStream) RecvMsg(m any) error {
+	err := s.ServerStream.RecvMsg(m)
+	if err == nil {
+		s.logger.V(4).Info("Call", "request", Sanitize(m))
+	}
+	return err
+}

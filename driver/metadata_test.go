@@ -16,6 +16,7 @@ import (
 	"github.com/csi-snap/csi-snap/cow"
 	"github.com/csi-snap/csi-snap/driver"
 	"github.com/csi-snap/csi-snap/driver/drivertest"
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -31,7 +32,7 @@ type metaEnv struct {
 	conn  *grpc.ClientConn
 }
 
-func serve(t testing.TB, st driver.Store) *grpc.ClientConn {
+func serve(t testing.TB, st driver.Store, opts ...grpc.ServerOption) *grpc.ClientConn {
 	t.Helper()
 	d, err := driver.New(driver.Options{
 		Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: drivertest.NewFrontend(),
@@ -51,7 +52,7 @@ func serve(t testing.TB, st driver.Store) *grpc.ClientConn {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := grpc.NewServer()
+	srv := grpc.NewServer(opts...)
 	d.Register(srv)
 	go srv.Serve(ln)
 	t.Cleanup(srv.Stop)
@@ -422,4 +423,46 @@ func TestMetadataMaxResultsCapped(t *testing.T) {
 		t.Fatalf("%d extents streamed, want %d", got, n)
 	}
 	t.Logf("%d extents in %d messages", got, msgs)
+}
+
+// TestStreamCallsMetered: the SnapshotMetadata calls stream their answers,
+// and the unary interceptor never sees them: StreamInterceptor records
+// them in csi_snap_request_duration_seconds, with their gRPC code, as every
+// unary call is (and cmd/csi-snap counts them as in flight at shutdown).
+func TestStreamCallsMetered(t *testing.T) {
+	st, err := driver.OpenCowStore(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	reg := prometheus.NewRegistry()
+	m := driver.NewMetrics(reg, st, drivertest.NewFrontend())
+	conn := serve(t, st, grpc.ChainStreamInterceptor(driver.StreamInterceptor(m)))
+	md := csi.NewSnapshotMetadataClient(conn)
+	s, err := md.GetMetadataAllocated(context.Background(), &csi.GetMetadataAllocatedRequest{SnapshotId: "s-0123456789abcdef0123456789abcdef"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Recv(); status.Code(err) != codes.NotFound {
+		t.Fatalf("allocated of an unknown snapshot: %v, want NotFound", err)
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "csi_snap_request_duration_seconds" {
+			continue
+		}
+		for _, mt := range mf.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range mt.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			if labels["method"] == "GetMetadataAllocated" && labels["code"] == "NotFound" && mt.GetHistogram().GetSampleCount() == 1 {
+				return
+			}
+		}
+	}
+	t.Fatal("no latency sample for GetMetadataAllocated with code NotFound")
 }

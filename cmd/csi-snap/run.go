@@ -124,7 +124,8 @@ func run(ctx context.Context, cfg Config) (err error) {
 		defer os.Remove(addr)
 	}
 	var calls inflight
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(calls.interceptor, driver.UnaryInterceptor(metrics)))
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(calls.interceptor, driver.UnaryInterceptor(metrics)),
+		grpc.ChainStreamInterceptor(calls.streamInterceptor, driver.StreamInterceptor(metrics)))
 	d.Register(srv)
 	reflection.Register(srv)
 	served := make(chan error, 1)
@@ -159,13 +160,20 @@ func run(ctx context.Context, cfg Config) (err error) {
 	return nil
 }
 
-// inflight counts the gRPC calls whose handlers are running.
+// inflight counts the gRPC calls whose handlers are running, streaming
+// ones (SnapshotMetadata) too.
 type inflight struct{ wg sync.WaitGroup }
 
 func (c *inflight) interceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 	c.wg.Add(1)
 	defer c.wg.Done()
 	return h(ctx, req)
+}
+
+func (c *inflight) streamInterceptor(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	c.wg.Add(1)
+	defer c.wg.Done()
+	return h(srv, ss)
 }
 
 // wait reports whether every running handler returned within d. Called
