@@ -121,9 +121,6 @@
 //   - Freezing is sequential: the first member's filesystem stays frozen
 //     while the others are frozen and the group is committed (a few
 //     fsyncs).
-//   - Index memory and copy-out counters are exported only as far as the cow
-//     Info structures expose them (allocated bytes per volume, COW bytes per
-//     snapshot).
 //   - The staged check of a rollback sees this node's frontend only; the
 //     per-ID lock keeps a concurrent NodeStageVolume out while it runs
 //     (it answers Aborted and kubelet retries).
