@@ -22,6 +22,12 @@ import (
 type Store struct {
 	dir string
 	fs  fsys
+	// fileLimit is the largest file the store's file system holds (ext4:
+	// 2^32-1 blocks, so 16 TiB less 4 KiB), at most maxBytes. Volumes made
+	// at 16 TiB before maxFileBytes capped sizes reach past it on ext4: a
+	// write there fails alone (modifyGated) instead of failing the store
+	// when its apply gets EFBIG.
+	fileLimit int64
 
 	mu       sync.Mutex     // serialises metadata changes; guards the fields below but closed
 	closed   atomic.Bool    // closed, or failed so that it refuses changes; set under mu, read anywhere (Err)
@@ -155,6 +161,7 @@ func openFS(dir string, fs fsys) (*Store, error) {
 func openOnce(dir string, fs fsys, lost []string) (s *Store, noSpace []string, err error) {
 	s = &Store{dir: dir, fs: fs, byID: map[string]any{}, objs: map[uint32]any{}, nextObj: 1}
 	s.boot, s.bootOK = readBootID()
+	s.fileLimit = fsFileLimit(dir)
 	s.killLost, s.skipRedo = lost, lost != nil
 	if err := s.load(); err != nil {
 		s.closeFiles()
@@ -884,11 +891,27 @@ func checkLabels(m map[string]string) error {
 	return nil
 }
 
-func checkSize(size int64) error {
-	if size <= 0 || size > maxFileBytes {
-		return fmt.Errorf("%w: size %d bytes out of (0, %d] (16 TiB less 1 MiB: ext4's largest file is 16 TiB less 4 KiB)", ErrBadArgument, size, int64(maxFileBytes))
+func checkSize(size int64) error { return checkSizeFrom(size, 0) }
+
+// checkSizeFrom is checkSize for a volume at least floor bytes large (a
+// clone of a source of floor bytes, or a volume being grown): one that
+// earlier versions made larger than maxFileBytes may keep its size.
+func checkSizeFrom(size, floor int64) error {
+	if lim := max(maxFileBytes, min(floor, maxBytes)); size <= 0 || size > lim {
+		return fmt.Errorf("%w: size %d bytes out of (0, %d] (16 TiB less 1 MiB: ext4's largest file is 16 TiB less 4 KiB)", ErrBadArgument, size, lim)
 	}
 	return nil
+}
+
+// fsFileLimit returns the largest file the file system holding dir takes:
+// ext2/3/4 count a file's blocks in 32 bits; the others here (XFS, tmpfs)
+// take more than maxBytes.
+func fsFileLimit(dir string) int64 {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil || st.Type != unix.EXT4_SUPER_MAGIC || st.Bsize <= 0 {
+		return maxBytes
+	}
+	return min(maxBytes, (1<<32-1)*st.Bsize)
 }
 
 // commitApply makes recs durable, then applies them to memory. Called with
@@ -998,7 +1021,7 @@ func (s *Store) clone(snapID, volID, newID string, size int64, o VolumeOptions) 
 	if err := checkID(newID); err != nil {
 		return nil, err
 	}
-	if err := checkSize(size); err != nil {
+	if err := checkSizeFrom(size, maxBytes); err != nil { // against the source's size below
 		return nil, err
 	}
 	if err := checkLabels(o.Labels); err != nil {
@@ -1041,6 +1064,9 @@ func (s *Store) clone(snapID, volID, newID string, size int64, o VolumeOptions) 
 		srcSize, srcCS, parent = v.Size(), v.chunkSize, s.nextObj
 		recs = append(recs, &record{Type: recSnapshot, Obj: s.nextObj, Parent: v.obj, Size: srcSize,
 			Created: nowNanos(), Flags: flagDeleted | flagInternal, ID: "~" + newID})
+	}
+	if err := checkSizeFrom(size, srcSize); err != nil {
+		return nil, err
 	}
 	if size < srcSize {
 		return nil, fmt.Errorf("%w: clone size %d below source size %d", ErrBadArgument, size, srcSize)

@@ -613,6 +613,20 @@ func (v *Volume) modifyGated(off, n int64, p []byte, write bool) (unsettled, err
 	if off < 0 || n < 0 || off+n > size || off+n < off {
 		return unsettled{}, fmt.Errorf("%w: %d bytes at offset %d of %d", ErrOutOfRange, n, off, size)
 	}
+	if lim := v.s.fileLimit; lim > 0 && off+n > lim {
+		// A volume made larger than the file system's largest file (16
+		// TiB on ext4, before maxFileBytes): its data file cannot hold
+		// that tail (EFBIG), which therefore never held data. A write
+		// there fails alone (at apply time it would fail the store); zeros
+		// there are already what it reads.
+		if p != nil {
+			return unsettled{}, fmt.Errorf("%w: %d bytes at offset %d: past %d bytes, the largest file the store's file system holds (a volume made before sizes were capped below it)", ErrOutOfRange, n, off, lim)
+		}
+		if off >= lim {
+			return unsettled{}, nil
+		}
+		n = lim - off
+	}
 	if n == 0 {
 		return unsettled{}, nil
 	}
@@ -1138,7 +1152,7 @@ func (v *Volume) flushWith(r *record, release func()) (err error) {
 // Shrinking returns ErrShrink.
 func (v *Volume) Resize(newSize int64) error {
 	s := v.s
-	if err := checkSize(newSize); err != nil {
+	if err := checkSizeFrom(newSize, v.Size()); err != nil { // an old 16 TiB volume may be "grown" to its size
 		return err
 	}
 	s.mu.Lock()

@@ -65,8 +65,10 @@ func volumeSize(r *csi.CapacityRange, floor int64) (int64, error) {
 	if lim > 0 && req > lim {
 		return 0, statusf(codes.InvalidArgument, "required_bytes %d exceeds limit_bytes %d", req, lim)
 	}
-	if req > cow.MaxVolumeSize || floor > cow.MaxVolumeSize {
-		return 0, statusf(codes.OutOfRange, "required_bytes %d is over the largest volume, %d bytes (16 TiB less 1 MiB)", max(req, floor), int64(cow.MaxVolumeSize))
+	// floor comes from the store: a source made at 16 TiB before the
+	// limit dropped to 16 TiB less 1 MiB may still be cloned at its size.
+	if lim := max(cow.MaxVolumeSize, floor); req > lim {
+		return 0, statusf(codes.OutOfRange, "required_bytes %d is over the largest volume, %d bytes (16 TiB less 1 MiB)", req, int64(lim))
 	}
 	size := roundUp(req, blockSize)
 	if req == 0 && floor == 0 {

@@ -9,3 +9,6 @@ func (d *Driver) HoldLock(keys ...string) (release func()) {
 	}
 	return func() { d.locks.unlock(keys...) }
 }
+
+// StageMarker is the path of id's stage marker (stageMarker).
+func (d *Driver) StageMarker(id string) string { return d.stageMarker(id) }

@@ -1140,7 +1140,14 @@ func TestFailedStageAfterRestartDetaches(t *testing.T) {
 		defer close(done)
 		d1.NodeStageVolume(ctx, req)
 	}()
-	t.Cleanup(func() { close(release); <-done })
+	t.Cleanup(func() {
+		close(release)
+		select {
+		case <-done:
+		case <-time.After(time.Minute): // hang guard
+			t.Error("the first stage did not return once released")
+		}
+	})
 	select { // d1 is "killed" in blkid: it never gets further while d2 runs
 	case <-entered:
 	case <-done:
@@ -1601,7 +1608,14 @@ func TestStageKilledBeforeMkfsFormatsOnRetry(t *testing.T) {
 		defer close(done)
 		d1.NodeStageVolume(ctx, req)
 	}()
-	t.Cleanup(func() { close(release); <-done })
+	t.Cleanup(func() {
+		close(release)
+		select {
+		case <-done:
+		case <-time.After(time.Minute): // hang guard
+			t.Error("the first stage did not return once released")
+		}
+	})
 	select { // d1 is "killed" in blkid: it never gets further while d2 runs
 	case <-entered:
 	case <-done:
@@ -1641,5 +1655,40 @@ func TestStageKilledBeforeMkfsFormatsOnRetry(t *testing.T) {
 	}
 	if mounted, _ := fm.IsMountPoint(staging); !mounted {
 		t.Fatal("the retry did not mount the staging path")
+	}
+}
+
+// TestStaleStageMarkerOfAnotherPath: the unfinished stage another path's
+// marker names blocks a stage here while it is young (its retry comes
+// within minutes), and is taken for abandoned once older than half an hour
+// (kubelet changed its staging paths, say): else the volume could never be
+// staged again.
+func TestStaleStageMarkerOfAnotherPath(t *testing.T) {
+	e := newEnv(t)
+	id := e.createVolume(t, "stale-marker", 1<<20).VolumeId
+	e.attachMounted(t, id, "") // attached by the unfinished stage, nothing mounted
+	marker := e.d.StageMarker(id)
+	if err := os.MkdirAll(filepath.Dir(marker), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(marker, []byte("/var/lib/kubelet/old/staging/path"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	req := &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(t.TempDir(), "staging"), VolumeCapability: blockCap()}
+	if _, err := e.d.NodeStageVolume(context.Background(), req); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("stage while another path's stage is unfinished: %v, want FailedPrecondition", err)
+	}
+	old := time.Now().Add(-time.Hour)
+	if err := os.Chtimes(marker, old, old); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.d.NodeStageVolume(context.Background(), req); err != nil {
+		t.Fatalf("stage once the other path's marker is an hour old: %v, want OK", err)
+	}
+	if _, err := os.Stat(marker); err == nil {
+		t.Error("the marker is still there after the stage succeeded")
+	}
+	if _, ok := e.fe.Device(id); !ok {
+		t.Error("the volume is not attached")
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
@@ -336,8 +337,18 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 			// PVs of one volume handle, one stage killed midway. This one
 			// must neither take its attachment over (and answer OK for a
 			// device under the other's filesystem) nor detach it: its own
-			// retry comes.
-			return nil, statusf(codes.FailedPrecondition, "volume %s has an unfinished stage at %s; not staging it at %s too", id, mb, staging)
+			// retry comes, within minutes (kubelet's backoff is at most
+			// about two). One older than staleStageMarker is taken for
+			// abandoned (its path changed, say, by a kubelet upgrade): the
+			// attachment is then handled as a finished stage's, so the
+			// guards below (a filesystem mounted, or none for a mount
+			// stage) still apply and a failure detaches nothing.
+			fi, err := os.Stat(marker)
+			if err != nil || time.Since(fi.ModTime()) < staleStageMarker {
+				return nil, statusf(codes.FailedPrecondition, "volume %s has an unfinished stage at %s; not staging it at %s too", id, mb, staging)
+			}
+			klog.InfoS("Ignoring an abandoned unfinished stage", "volumeID", id, "itsStagingPath", string(mb), "age", time.Since(fi.ModTime()).Round(time.Second))
+			unfinished = false
 		}
 		if unfinished && d.lostWrites(id) {
 			// A stage killed after its mount, whose volume the store
@@ -647,6 +658,10 @@ func (d *Driver) fsSize(fstype, dev, mnt string) (size, slack int64, err error) 
 // stage's own, to detach if the retry fails. It holds the staging path, so
 // that a stage elsewhere (another PV of the volume handle) is refused
 // instead of taking the attachment over.
+// staleStageMarker is the age past which another path's unfinished stage
+// counts as abandoned (see NodeStageVolume).
+const staleStageMarker = 30 * time.Minute
+
 func (d *Driver) stageMarker(id string) string {
 	return filepath.Join(d.opt.DataDir, "stage-markers", id)
 }
