@@ -1108,32 +1108,77 @@ func TestExpandUnservedDevice(t *testing.T) {
 // the retry must detach, or DeleteVolume is refused forever.
 func TestFailedStageAfterRestartDetaches(t *testing.T) {
 	ctx := context.Background()
+	c := mountCap()
+	c.AccessMode.Mode = csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY
+	k := stageKilledInBlkid(t, "stage-killed", c)
+	if _, err := k.d.NodeStageVolume(ctx, k.req); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("stage retry of a blank reader-only volume: %v, want FailedPrecondition", err)
+	}
+	if dev, ok := k.fe.Device(k.id); ok {
+		t.Fatalf("the failed stage retry left the volume attached as %s", dev)
+	}
+	if _, err := k.d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: k.id}); err != nil {
+		t.Fatalf("DeleteVolume after the failed stage retry: %v", err)
+	}
+}
+
+// killedStage is the state stageKilledInBlkid leaves: the driver of the
+// restarted plugin (after Recover), the killed stage's request, and the
+// fakes; ran lists the commands run so far.
+type killedStage struct {
+	d   *driver.Driver
+	req *csi.NodeStageVolumeRequest
+	id  string
+	fe  *drivertest.Frontend
+	fm  *mount.FakeMounter
+	ran func() []string
+}
+
+// stageKilledInBlkid creates volume name and stages it with capability c in
+// a plugin "killed" inside its first blkid (the call never returns while
+// the test runs; every blkid finds no filesystem, other commands succeed),
+// then starts a second plugin on the same store and frontend and runs
+// Recover, as a restart would, and checks the volume is attached again.
+func stageKilledInBlkid(t *testing.T, name string, c *csi.VolumeCapability) killedStage {
+	t.Helper()
+	ctx := context.Background()
 	entered, release := make(chan struct{}), make(chan struct{})
-	blank := func() ([]byte, []byte, error) { return nil, nil, testexec.FakeExitError{Status: 2} }
-	blkid := func(wait bool) testexec.FakeCommandAction {
-		return func(cmd string, args ...string) utilexec.Cmd {
-			c := &testexec.FakeCmd{CombinedOutputScript: []testexec.FakeAction{func() ([]byte, []byte, error) {
-				if wait {
-					close(entered)
-					<-release
-				}
-				return blank()
-			}}}
-			return testexec.InitFakeCmd(c, cmd, args...)
+	var mu sync.Mutex
+	var ran []string
+	first := true
+	fake := func(cmd string, args ...string) utilexec.Cmd {
+		mu.Lock()
+		ran = append(ran, cmd)
+		wait := cmd == "blkid" && first
+		if wait {
+			first = false
 		}
+		mu.Unlock()
+		fc := &testexec.FakeCmd{CombinedOutputScript: []testexec.FakeAction{func() ([]byte, []byte, error) {
+			if wait {
+				close(entered)
+				<-release
+			}
+			if cmd == "blkid" {
+				return nil, nil, testexec.FakeExitError{Status: 2} // blank
+			}
+			return nil, nil, nil
+		}}}
+		return testexec.InitFakeCmd(fc, cmd, args...)
+	}
+	exec := &testexec.FakeExec{}
+	for i := 0; i < 8; i++ {
+		exec.CommandScript = append(exec.CommandScript, fake)
 	}
 	st, fe, fm := drivertest.NewStore(), drivertest.NewFrontend(), mount.NewFakeMounter(nil)
 	opts := driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
-		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{
-			CommandScript: []testexec.FakeCommandAction{blkid(true), blkid(false)}}}}
+		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: exec}}
 	d1, err := driver.New(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
 	e := env{d: d1, store: st, fe: fe, fm: fm}
-	id := e.createVolume(t, "stage-killed", 1<<20).VolumeId
-	c := mountCap()
-	c.AccessMode.Mode = csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY
+	id := e.createVolume(t, name, 1<<20).VolumeId
 	req := &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(t.TempDir(), "staging"), VolumeCapability: c}
 	done := make(chan struct{})
 	go func() {
@@ -1155,7 +1200,6 @@ func TestFailedStageAfterRestartDetaches(t *testing.T) {
 	case <-time.After(time.Minute): // hang guard
 		t.Fatal("the first stage never reached blkid")
 	}
-
 	d2, err := driver.New(opts)
 	if err != nil {
 		t.Fatal(err)
@@ -1166,15 +1210,11 @@ func TestFailedStageAfterRestartDetaches(t *testing.T) {
 	if _, ok := fe.Device(id); !ok {
 		t.Fatal("the volume is not attached after Recover; nothing to test")
 	}
-	if _, err := d2.NodeStageVolume(ctx, req); status.Code(err) != codes.FailedPrecondition {
-		t.Fatalf("stage retry of a blank reader-only volume: %v, want FailedPrecondition", err)
-	}
-	if dev, ok := fe.Device(id); ok {
-		t.Fatalf("the failed stage retry left the volume attached as %s", dev)
-	}
-	if _, err := d2.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
-		t.Fatalf("DeleteVolume after the failed stage retry: %v", err)
-	}
+	return killedStage{d: d2, req: req, id: id, fe: fe, fm: fm, ran: func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(ran)
+	}}
 }
 
 // cutMounter is the fake mounter with one bind publish killed between
@@ -1564,96 +1604,25 @@ func TestBlockStageOfMountedVolume(t *testing.T) {
 // stage must not format (TestMountStageOfBlockStagedVolume).
 func TestStageKilledBeforeMkfsFormatsOnRetry(t *testing.T) {
 	ctx := context.Background()
-	entered, release := make(chan struct{}), make(chan struct{})
-	var mu sync.Mutex
-	var ran []string
-	first := true
-	fake := func(cmd string, args ...string) utilexec.Cmd {
-		mu.Lock()
-		ran = append(ran, cmd)
-		wait := cmd == "blkid" && first
-		if wait {
-			first = false
-		}
-		mu.Unlock()
-		c := &testexec.FakeCmd{CombinedOutputScript: []testexec.FakeAction{func() ([]byte, []byte, error) {
-			if wait {
-				close(entered)
-				<-release
-			}
-			if cmd == "blkid" {
-				return nil, nil, testexec.FakeExitError{Status: 2} // blank
-			}
-			return nil, nil, nil
-		}}}
-		return testexec.InitFakeCmd(c, cmd, args...)
-	}
-	exec := &testexec.FakeExec{}
-	for i := 0; i < 8; i++ {
-		exec.CommandScript = append(exec.CommandScript, fake)
-	}
-	st, fe, fm := drivertest.NewStore(), drivertest.NewFrontend(), mount.NewFakeMounter(nil)
-	opts := driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
-		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: exec}}
-	d1, err := driver.New(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	e := env{d: d1, store: st, fe: fe, fm: fm}
-	id := e.createVolume(t, "stage-killed-writer", 1<<20).VolumeId
-	staging := filepath.Join(t.TempDir(), "staging")
-	req := &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: mountCap()}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		d1.NodeStageVolume(ctx, req)
-	}()
-	t.Cleanup(func() {
-		close(release)
-		select {
-		case <-done:
-		case <-time.After(time.Minute): // hang guard
-			t.Error("the first stage did not return once released")
-		}
-	})
-	select { // d1 is "killed" in blkid: it never gets further while d2 runs
-	case <-entered:
-	case <-done:
-		t.Fatal("the first stage ended before its blkid")
-	case <-time.After(time.Minute): // hang guard
-		t.Fatal("the first stage never reached blkid")
-	}
-
-	d2, err := driver.New(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := d2.Recover(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if _, ok := fe.Device(id); !ok {
-		t.Fatal("the volume is not attached after Recover; nothing to test")
-	}
+	k := stageKilledInBlkid(t, "stage-killed-writer", mountCap())
 	// A block stage of the same volume elsewhere (another PV of the
 	// handle) must neither take the unfinished stage's attachment over
 	// (it answered OK and dropped its marker, and the retry below then
 	// formatted and mounted the block pod's device) nor detach it.
-	if _, err := d2.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging + "-block",
+	if _, err := k.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: k.id, StagingTargetPath: k.req.StagingTargetPath + "-block",
 		VolumeCapability: blockCap()}); status.Code(err) != codes.FailedPrecondition {
 		t.Fatalf("block stage while a mount stage of the volume is unfinished: %v, want FailedPrecondition", err)
 	}
-	if _, ok := fe.Device(id); !ok {
+	if _, ok := k.fe.Device(k.id); !ok {
 		t.Fatal("the refused block stage detached the volume")
 	}
-	if _, err := d2.NodeStageVolume(ctx, req); err != nil {
+	if _, err := k.d.NodeStageVolume(ctx, k.req); err != nil {
 		t.Fatalf("stage retry of a writable volume killed before mkfs: %v, want OK", err)
 	}
-	mu.Lock()
-	defer mu.Unlock()
-	if !slices.ContainsFunc(ran, func(c string) bool { return strings.HasPrefix(c, "mkfs") }) {
-		t.Fatalf("the retry did not format the blank volume: ran %v", ran)
+	if !slices.ContainsFunc(k.ran(), func(c string) bool { return strings.HasPrefix(c, "mkfs") }) {
+		t.Fatalf("the retry did not format the blank volume: ran %v", k.ran())
 	}
-	if mounted, _ := fm.IsMountPoint(staging); !mounted {
+	if mounted, _ := k.fm.IsMountPoint(k.req.StagingTargetPath); !mounted {
 		t.Fatal("the retry did not mount the staging path")
 	}
 }
