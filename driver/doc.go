@@ -66,8 +66,9 @@
 //     block pod's data. Likewise a block-access stage of a volume whose
 //     filesystem an earlier stage mounted is FailedPrecondition, and so is
 //     any stage at another path while one is unfinished (its marker names
-//     its staging path). (An incompatible capability at the same staging
-//     path is not checked.)
+//     its staging path). At the same staging path, a stage asking for
+//     another filesystem type, or reader-only of a writable mount, is
+//     AlreadyExists.
 //   - A restore or clone whose source ID carries another node's tag is
 //     ResourceExhausted, so external-provisioner reschedules the claim.
 //

@@ -1661,3 +1661,23 @@ func TestStaleStageMarkerOfAnotherPath(t *testing.T) {
 		t.Error("the volume is not attached")
 	}
 }
+
+// TestRestageIncompatible: a stage again at the same staging path asking
+// for another filesystem type, or reader-only of a writable mount, is the
+// spec's incompatible case (AlreadyExists); it answered OK.
+func TestRestageIncompatible(t *testing.T) {
+	e := newEnv(t)
+	id := e.createVolume(t, "restage", 1<<20).VolumeId
+	staging := filepath.Join(t.TempDir(), "staging")
+	e.attachMounted(t, id, staging) // staged: ext4, writable
+	xfs := mountCap()
+	xfs.GetMount().FsType = "xfs"
+	ro := mountCap()
+	ro.AccessMode.Mode = csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY
+	for name, c := range map[string]*csi.VolumeCapability{"xfs": xfs, "reader-only": ro} {
+		_, err := e.d.NodeStageVolume(context.Background(), &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: c})
+		if status.Code(err) != codes.AlreadyExists {
+			t.Errorf("re-stage of an ext4 writable stage as %s: %v, want AlreadyExists", name, err)
+		}
+	}
+}

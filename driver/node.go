@@ -436,9 +436,24 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		return nil, toStatus(err)
 	}
 	if cur == dev {
-		// Staged already (a retry, or kubelet's re-stage after a restart
-		// whose Recover could not take the device back and so left a
-		// killed snapshot's freeze in place): served now, so thaw it.
+		// Staged already: the same call again is OK, an incompatible one
+		// (another filesystem type; reader-only asked of a writable
+		// mount) is AlreadyExists, as the spec asks. (A writable stage of
+		// a read-only mount is let through: ext4 remounts itself
+		// read-only after an I/O error, and health reports that.)
+		top, err := d.topMount(staging)
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		if want := m.GetFsType(); want != "" && top.Type != "" && top.Type != want {
+			return nil, statusf(codes.AlreadyExists, "volume %s is staged at %s with filesystem %s, not %s", id, staging, top.Type, want)
+		}
+		if readerOnly(req.GetVolumeCapability()) && !slices.Contains(top.Opts, "ro") {
+			return nil, statusf(codes.AlreadyExists, "volume %s is staged writable at %s; a reader-only stage is not", id, staging)
+		}
+		// A retry, or kubelet's re-stage after a restart whose Recover
+		// could not take the device back and so left a killed snapshot's
+		// freeze in place: served now, so thaw it.
 		if err := d.thawLeftover(id); err != nil {
 			return nil, toStatus(err)
 		}
