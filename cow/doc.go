@@ -188,9 +188,10 @@
 //   - Sizes are at most 16 TiB less 1 MiB (MaxVolumeSize): ext4's largest
 //     file with 4 KiB blocks is 16 TiB less one block. Open still takes
 //     volumes of up to 16 TiB that earlier versions made, and they may be
-//     cloned and resized at that size; on ext4 a write to their last 4 KiB
-//     fails alone with ErrOutOfRange (its apply would fail the store), and
-//     a discard there does nothing (that tail never held data).
+//     cloned and resized at that size; on ext4 their last chunk is
+//     read-only: a write there fails alone with ErrOutOfRange (its apply
+//     would fail the store on the last 4 KiB), a discard there does
+//     nothing.
 //   - CreateSnapshot syncs the data file and the log concurrently (unless a
 //     clone has "present" records, which must follow their data): if the
 //     machine dies before it returns, the snapshot may exist and lack writes

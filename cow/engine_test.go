@@ -722,8 +722,20 @@ func TestOld16TiBVolume(t *testing.T) {
 	if _, err := s.CloneSnapshot("snap", "restore", maxBytes, VolumeOptions{}); err != nil {
 		t.Fatalf("restore of a 16 TiB volume's snapshot at its size: %v", err)
 	}
-	if _, err := s.CloneVolume("old", "clone", maxBytes, VolumeOptions{}); err != nil {
+	cl, err := s.CloneVolume("old", "clone", maxBytes, VolumeOptions{})
+	if err != nil {
 		t.Fatalf("clone of a 16 TiB volume at its size: %v", err)
+	}
+	// A clone's first write to a chunk writes the whole chunk (its source's
+	// bytes around the write's), so its whole last chunk is read-only.
+	_, err = cl.WriteAt(fill(4096, 4), maxBytes-(16<<10))
+	if ext4 && !errors.Is(err, ErrOutOfRange) {
+		t.Fatalf("clone's write into its last chunk on ext4: %v, want ErrOutOfRange", err)
+	} else if !ext4 && err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.Flush(); err != nil || s.Err() != nil {
+		t.Fatalf("clone Flush: %v, store %v", err, s.Err())
 	}
 	if _, err := s.CloneVolume("other", "big", maxBytes, VolumeOptions{}); !errors.Is(err, ErrBadArgument) {
 		t.Fatalf("clone of a 1 MiB volume at 16 TiB: %v, want ErrBadArgument", err)

@@ -613,12 +613,14 @@ func (v *Volume) modifyGated(off, n int64, p []byte, write bool) (unsettled, err
 	if off < 0 || n < 0 || off+n > size || off+n < off {
 		return unsettled{}, fmt.Errorf("%w: %d bytes at offset %d of %d", ErrOutOfRange, n, off, size)
 	}
-	if lim := v.s.fileLimit; lim > 0 && off+n > lim {
+	if lim := v.s.fileLimit &^ (v.chunkSize - 1); lim > 0 && off+n > lim {
 		// A volume made larger than the file system's largest file (16
 		// TiB on ext4, before maxFileBytes): its data file cannot hold
-		// that tail (EFBIG), which therefore never held data. A write
-		// there fails alone (at apply time it would fail the store); zeros
-		// there are already what it reads.
+		// the last 4 KiB (EFBIG), and an apply may write a whole chunk (a
+		// clone's), so the last chunk is read-only. A write there fails
+		// alone (at apply time it would fail the store); a discard there
+		// does nothing (the chunk's bytes below the limit keep what
+		// they hold).
 		if p != nil {
 			return unsettled{}, fmt.Errorf("%w: %d bytes at offset %d: past %d bytes, the largest file the store's file system holds (a volume made before sizes were capped below it)", ErrOutOfRange, n, off, lim)
 		}
