@@ -673,13 +673,13 @@ func (d *Driver) fsSize(fstype, dev, mnt string) (size, slack int64, err error) 
 // stage's own, to detach if the retry fails. It holds the staging path, so
 // that a stage elsewhere (another PV of the volume handle) is refused
 // instead of taking the attachment over.
-// staleStageMarker is the age past which another path's unfinished stage
-// counts as abandoned (see NodeStageVolume).
-const staleStageMarker = 30 * time.Minute
-
 func (d *Driver) stageMarker(id string) string {
 	return filepath.Join(d.opt.DataDir, "stage-markers", id)
 }
+
+// staleStageMarker is the age past which another path's unfinished stage
+// counts as abandoned (see NodeStageVolume).
+const staleStageMarker = 30 * time.Minute
 
 // dropStageMarker removes id's stage marker, if any.
 func (d *Driver) dropStageMarker(id string) error { return dropMarker(d.stageMarker(id)) }
