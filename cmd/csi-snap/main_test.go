@@ -217,6 +217,16 @@ func TestRunServesAndStops(t *testing.T) {
 			t.Fatalf("reflection services %v lack %s", names, want)
 		}
 	}
+	// A streaming call (SnapshotMetadata) goes through the stream
+	// interceptors: metered like the unary ones.
+	ms, err := csi.NewSnapshotMetadataClient(cc).GetMetadataAllocated(context.Background(),
+		&csi.GetMetadataAllocatedRequest{SnapshotId: "s-0123456789abcdef0123456789abcdef"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ms.Recv(); err == nil {
+		t.Fatal("allocated ranges of a snapshot that does not exist")
+	}
 	// Metrics carry the store gauges and the latency histogram.
 	resp, err := http.Get("http://" + cfg.MetricsAddress + "/metrics")
 	if err != nil {
@@ -224,7 +234,8 @@ func TestRunServesAndStops(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	for _, want := range []string{"csi_snap_volumes 1", `csi_snap_request_duration_seconds_count{code="OK",method="CreateVolume"} 1`} {
+	for _, want := range []string{"csi_snap_volumes 1", `csi_snap_request_duration_seconds_count{code="OK",method="CreateVolume"} 1`,
+		`method="GetMetadataAllocated"} 1`} {
 		if !strings.Contains(string(body), want) {
 			t.Fatalf("metrics lack %q:\n%s", want, body)
 		}
