@@ -55,15 +55,15 @@ func (d *Driver) volumeHealth(id string) (*csi.VolumeHealth, error) {
 	return h, nil
 }
 
-// healthVolume checks that a health call's volume exists, with lookup while
-// the store works. A failed store answers no lookups (cow refuses them), yet
+// healthVolume checks that a health call's volume exists (lookupVolume)
+// while the store works. A failed store answers no lookups (cow refuses them), yet
 // its failure is exactly what health must report: then the ID must be well
 // formed and, if the store still lists volumes, among them; a store that
 // never opened (NewFailedStore) lists none, and any well-formed ID gets the
 // StoreFailed answer.
-func (d *Driver) healthVolume(id string, lookup func(string) (VolumeInfo, error)) error {
+func (d *Driver) healthVolume(id string) error {
 	if d.opt.Store.Err() == nil {
-		_, err := lookup(id)
+		_, err := d.lookupVolume(id)
 		return err
 	}
 	if !isVolumeID(id) {
@@ -80,7 +80,7 @@ func (d *Driver) ControllerGetVolumeHealth(ctx context.Context, req *csi.Control
 	if req.GetVolumeId() == "" {
 		return nil, statusf(codes.InvalidArgument, "volume_id is required")
 	}
-	if err := d.healthVolume(req.GetVolumeId(), d.lookupVolume); err != nil {
+	if err := d.healthVolume(req.GetVolumeId()); err != nil {
 		return nil, err
 	}
 	h, err := d.volumeHealth(req.GetVolumeId())
@@ -126,7 +126,7 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 	if id == "" {
 		return nil, statusf(codes.InvalidArgument, "volume_id is required")
 	}
-	if err := d.healthVolume(id, func(id string) (VolumeInfo, error) { return VolumeInfo{}, d.checkNodeVolume(id) }); err != nil {
+	if err := d.healthVolume(id); err != nil {
 		return nil, err
 	}
 	h, err := d.volumeHealth(id)

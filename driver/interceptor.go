@@ -82,17 +82,11 @@ func UnaryInterceptor(m *Metrics) grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 		start := time.Now()
 		logger := klog.FromContext(ctx).WithValues("method", info.FullMethod)
-		logger.V(4).Info("Call", "request", Sanitize(req))
+		if l := logger.V(4); l.Enabled() {
+			l.Info("Call", "request", Sanitize(req))
+		}
 		resp, err := handler(ctx, req)
-		code := status.Code(err)
-		if m != nil {
-			m.observe(info.FullMethod, code, time.Since(start))
-		}
-		if err != nil {
-			logger.V(2).Info("Call failed", "code", code.String(), "err", err)
-		} else {
-			logger.V(5).Info("Call done", "response", Sanitize(resp))
-		}
+		callDone(logger, m, info.FullMethod, start, err, resp)
 		return resp, err
 	}
 }
@@ -106,15 +100,7 @@ func StreamInterceptor(m *Metrics) grpc.StreamServerInterceptor {
 		start := time.Now()
 		logger := klog.FromContext(ss.Context()).WithValues("method", info.FullMethod)
 		err := handler(srv, &loggedStream{ServerStream: ss, logger: logger})
-		code := status.Code(err)
-		if m != nil {
-			m.observe(info.FullMethod, code, time.Since(start))
-		}
-		if err != nil {
-			logger.V(2).Info("Call failed", "code", code.String(), "err", err)
-		} else {
-			logger.V(5).Info("Call done")
-		}
+		callDone(logger, m, info.FullMethod, start, err, nil)
 		return err
 	}
 }
@@ -127,8 +113,27 @@ type loggedStream struct {
 
 func (s *loggedStream) RecvMsg(m any) error {
 	err := s.ServerStream.RecvMsg(m)
-	if err == nil {
-		s.logger.V(4).Info("Call", "request", Sanitize(m))
+	if l := s.logger.V(4); err == nil && l.Enabled() {
+		l.Info("Call", "request", Sanitize(m))
 	}
 	return err
+}
+
+// callDone records a call's latency by code in m (when not nil) and logs its
+// end: failures at V(2), success at V(5) with the response (sanitized, a
+// deep copy: only when V(5) is on), if the call has one.
+func callDone(logger klog.Logger, m *Metrics, method string, start time.Time, err error, resp any) {
+	code := status.Code(err)
+	if m != nil {
+		m.observe(method, code, time.Since(start))
+	}
+	if err != nil {
+		logger.V(2).Info("Call failed", "code", code.String(), "err", err)
+	} else if l := logger.V(5); l.Enabled() {
+		if resp != nil {
+			l.Info("Call done", "response", Sanitize(resp))
+		} else {
+			l.Info("Call done")
+		}
+	}
 }

@@ -268,13 +268,8 @@ func checkPath(field, p string) error {
 }
 
 func (d *Driver) checkNodeVolume(id string) error {
-	if !isVolumeID(id) {
-		return statusf(codes.NotFound, "volume %q does not exist", id)
-	}
-	if _, err := d.opt.Store.Volume(id); err != nil {
-		return toStatus(fmt.Errorf("volume %s: %w", id, err))
-	}
-	return nil
+	_, err := d.lookupVolume(id)
+	return err
 }
 
 // NodeStageVolume attaches the volume as a loop device and, for mount access,
