@@ -659,10 +659,7 @@ func TestKillJournalDroppedStats(t *testing.T) {
 	s, fs := openFault(t, dir, nil)
 	defer s.Close()
 	s.SetSurviveKill(true)
-	v, err := s.CreateVolume("v", 16*cs, VolumeOptions{ChunkSize: cs})
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := mustVol(t, s, "v", 16*cs, cs)
 	if _, err := v.WriteAt(fill(3*cs, 7), 0); err != nil {
 		t.Fatal(err)
 	}

@@ -20,11 +20,9 @@ import (
 func TestLogFillWithoutSpace(t *testing.T) {
 	dir := t.TempDir()
 	s, fs := openFault(t, dir, nil)
-	for _, id := range []string{"a", "b", "c"} {
-		if _, err := s.CreateVolume(id, 1<<20, VolumeOptions{ChunkSize: 4096}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	a := mustVol(t, s, "a", 1<<20, 4096)
+	mustVol(t, s, "b", 1<<20, 4096)
+	mustVol(t, s, "c", 1<<20, 4096)
 	if err := s.Checkpoint(); err != nil {
 		t.Fatal(err)
 	}
@@ -42,19 +40,13 @@ func TestLogFillWithoutSpace(t *testing.T) {
 	if err := s.DeleteVolume("b"); err != nil {
 		t.Fatalf("delete with no room for the log's zeros: %v", err)
 	}
-	a, err := s.Volume("a")
-	if err != nil {
-		t.Fatal(err)
-	}
 	if _, err := a.WriteAt(want, 4096); err != nil {
 		t.Fatal(err)
 	}
 	if err := a.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.CreateVolume("d", 1<<20, VolumeOptions{ChunkSize: 4096}); err != nil {
-		t.Fatal(err)
-	}
+	mustVol(t, s, "d", 1<<20, 4096)
 	if err := s.DeleteVolume("c"); err != nil {
 		t.Fatal(err)
 	}
@@ -67,12 +59,8 @@ func TestLogFillWithoutSpace(t *testing.T) {
 	}
 	fs.writeErrAt = nil // space is back: the next batch preallocates again
 	fs.mu.Unlock()
-	if _, err := s.CreateVolume("e", 1<<20, VolumeOptions{ChunkSize: 4096}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.CreateVolume("f", 1<<20, VolumeOptions{ChunkSize: 4096}); err != nil {
-		t.Fatal(err)
-	}
+	mustVol(t, s, "e", 1<<20, 4096)
+	mustVol(t, s, "f", 1<<20, 4096)
 	s.closeFiles() // a crash: no checkpoint, Open replays every batch
 
 	s2, err := Open(dir)
@@ -91,9 +79,8 @@ func TestLogFillWithoutSpace(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := make([]byte, len(want))
-	if _, err := a2.ReadAt(got, 4096); err != nil || !bytes.Equal(got, want) {
-		t.Fatalf("a's write after the refused fill: %v, equal %v", err, bytes.Equal(got, want))
+	if !bytes.Equal(mustRead(t, a2, 4096, len(want)), want) {
+		t.Fatal("a's write after the refused fill is not there")
 	}
 	if _, err := os.Stat(filepath.Join(dir, dataFileName(3))); err == nil {
 		t.Error("c's data file is still there")

@@ -628,10 +628,7 @@ func TestMissingLogRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	v, err := s.CreateVolume("a", 1<<20, VolumeOptions{ChunkSize: 4096})
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := mustVol(t, s, "a", 1<<20, 4096)
 	want := bytes.Repeat([]byte{0xa5}, 4096)
 	if _, err := v.WriteAt(want, 8192); err != nil {
 		t.Fatal(err)
@@ -686,8 +683,7 @@ func TestMissingLogRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := make([]byte, 4096)
-	if _, err := v.ReadAt(got, 8192); err != nil || !bytes.Equal(got, want) {
-		t.Fatalf("read after restoring the log: %v, equal %v", err, bytes.Equal(got, want))
+	if !bytes.Equal(mustRead(t, v, 8192, 4096), want) {
+		t.Fatal("the volume's write is not there after restoring the log")
 	}
 }

@@ -272,16 +272,23 @@ func TestLongRuns(t *testing.T) {
 						t.Fatalf("Lookup(%d) = %d %v, reference %d %v", c, a, aok, b, bok)
 					}
 				}
-				if err := x.check(); err != nil {
-					t.Fatalf("op %d: %v", op, err)
-				}
-				var got []Run
-				x.Ascend(0, func(r Run) bool { got = append(got, r); return true })
-				if !slices.Equal(got, ref.runs) || x.Len() != ref.Len() || x.Runs() != ref.Runs() {
-					t.Fatalf("op %d: runs %v, reference %v", op, got, ref.runs)
-				}
+				sameAsRef(t, op, x, ref)
 			}
 		})
+	}
+}
+
+// sameAsRef fails the test at op unless x passes check and holds exactly
+// the reference's runs, chunk count and run count.
+func sameAsRef(t *testing.T, op int, x *Index, ref *refIndex) {
+	t.Helper()
+	if err := x.check(); err != nil {
+		t.Fatalf("op %d: %v", op, err)
+	}
+	var got []Run
+	x.Ascend(0, func(r Run) bool { got = append(got, r); return true })
+	if !slices.Equal(got, ref.runs) || x.Len() != ref.Len() || x.Runs() != ref.Runs() {
+		t.Fatalf("op %d: runs %v, reference %v", op, got, ref.runs)
 	}
 }
 
@@ -550,14 +557,7 @@ func TestWideFields(t *testing.T) {
 						t.Fatalf("op %d: Lookup(%d) = %d %v, reference %d %v", op, o, a, aok, b, bok)
 					}
 				}
-				if err := x.check(); err != nil {
-					t.Fatalf("op %d: %v", op, err)
-				}
-				var got []Run
-				x.Ascend(0, func(r Run) bool { got = append(got, r); return true })
-				if !slices.Equal(got, ref.runs) || x.Len() != ref.Len() || x.Runs() != ref.Runs() {
-					t.Fatalf("op %d: runs %v, reference %v", op, got, ref.runs)
-				}
+				sameAsRef(t, op, x, ref)
 				for _, s := range x.segs {
 					for _, k := range s.blocks {
 						if k.wo() == 64 || k.wc() == 64 || k.wl() == 64 {
