@@ -6,7 +6,9 @@
 //
 // Volumes are local to the node that serves the call: every plugin runs the
 // controller and node services together and creates volumes only on itself
-// (topology segment TopologyKey = node ID).
+// (topology segment TopologyKey = node ID, or a value derived from it when
+// the ID is not a valid label value, such as a node name over 63
+// characters: see topologyValue).
 //
 // The store is the single source of truth: CSI names and creation parameters
 // are kept in the cow objects' labels, which cow persists crash-safely with

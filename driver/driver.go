@@ -29,13 +29,17 @@ const (
 // maxStringBytes is the CSI spec's size limit for names and other strings.
 const maxStringBytes = 128
 
+// maxNodeIDBytes is the CSI spec's limit for NodeGetInfo's node_id.
+const maxNodeIDBytes = 256
+
 // Options configure a Driver. Store, Frontend and Mounter are required.
 type Options struct {
 	// Name is the CSI driver name (domain style, e.g. "csi-snap.io").
 	Name string
 	// Version is reported by GetPluginInfo.
 	Version string
-	// NodeID is this node's ID, also the value of the TopologyKey segment.
+	// NodeID is this node's ID, also the value of the TopologyKey segment
+	// when it is a valid label value (see topologyValue).
 	NodeID string
 	// DataDir is where the store lives; GetCapacity reports its filesystem's
 	// free bytes.
@@ -62,6 +66,7 @@ type Driver struct {
 	opt   Options
 	locks *keyLocks
 	tag   string // node tag of the IDs this node makes (see ids.go)
+	topo  string // TopologyKey segment value (topologyValue of NodeID)
 }
 
 var driverNameRE = regexp.MustCompile(`^[a-zA-Z0-9]([a-zA-Z0-9.-]{0,61}[a-zA-Z0-9])?$`)
@@ -71,8 +76,10 @@ func New(opt Options) (*Driver, error) {
 	if !driverNameRE.MatchString(opt.Name) {
 		return nil, fmt.Errorf("driver name %q: %w: must be a domain-style name of at most 63 characters", opt.Name, ErrBadArgument)
 	}
-	if opt.NodeID == "" || len(opt.NodeID) > maxStringBytes {
-		return nil, fmt.Errorf("node id %q: %w: must be 1..%d bytes", opt.NodeID, ErrBadArgument, maxStringBytes)
+	// The spec lets node_id reach 256 bytes (128 recommended); a Kubernetes
+	// node name, its usual value, reaches 253.
+	if opt.NodeID == "" || len(opt.NodeID) > maxNodeIDBytes {
+		return nil, fmt.Errorf("node id %q: %w: must be 1..%d bytes", opt.NodeID, ErrBadArgument, maxNodeIDBytes)
 	}
 	if opt.Store == nil || opt.Frontend == nil || opt.Mounter == nil {
 		return nil, fmt.Errorf("%w: Store, Frontend and Mounter are required", ErrBadArgument)
@@ -80,7 +87,7 @@ func New(opt Options) (*Driver, error) {
 	if opt.Version == "" {
 		opt.Version = "dev"
 	}
-	return &Driver{opt: opt, locks: newKeyLocks(), tag: nodeTag(opt.NodeID)}, nil
+	return &Driver{opt: opt, locks: newKeyLocks(), tag: nodeTag(opt.NodeID), topo: topologyValue(opt.NodeID)}, nil
 }
 
 // Register adds the CSI services to s: Identity, Controller, Node,

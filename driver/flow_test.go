@@ -1681,3 +1681,39 @@ func TestRestageIncompatible(t *testing.T) {
 		}
 	}
 }
+
+// TestLongNodeName: a node name of 64 to 253 characters (an FQDN) is a
+// valid node_id but not a label value; the plugin registers with a derived
+// topology value, and every answer uses that one value.
+func TestLongNodeName(t *testing.T) {
+	ctx := context.Background()
+	name := strings.Repeat("worker-01.k8s.production.example.com.", 7)[:253]
+	d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: name, DataDir: t.TempDir(),
+		Store: drivertest.NewStore(), Frontend: drivertest.NewFrontend(),
+		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{DisableScripts: true}}})
+	if err != nil {
+		t.Fatalf("node id of 253 bytes: %v", err)
+	}
+	info, err := d.NodeGetInfo(ctx, &csi.NodeGetInfoRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	topo := info.AccessibleTopology.Segments[driver.TopologyKey]
+	if info.NodeId != name || len(topo) == 0 || len(topo) > 63 || topo == name {
+		t.Fatalf("node id %q, topology %q: want the name and a derived value of at most 63 characters", info.NodeId, topo)
+	}
+	req := &csi.CreateVolumeRequest{Name: "t", VolumeCapabilities: []*csi.VolumeCapability{mountCap()},
+		AccessibilityRequirements: &csi.TopologyRequirement{Requisite: []*csi.Topology{{Segments: info.AccessibleTopology.Segments}}}}
+	r, err := d.CreateVolume(ctx, req)
+	if err != nil {
+		t.Fatalf("create with the node's own topology: %v", err)
+	}
+	if got := r.Volume.AccessibleTopology[0].Segments[driver.TopologyKey]; got != topo {
+		t.Fatalf("volume topology %q, node's %q", got, topo)
+	}
+	if _, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: strings.Repeat("n", 257), DataDir: t.TempDir(),
+		Store: drivertest.NewStore(), Frontend: drivertest.NewFrontend(),
+		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{DisableScripts: true}}}); err == nil {
+		t.Fatal("node id of 257 bytes accepted")
+	}
+}

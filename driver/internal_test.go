@@ -413,3 +413,38 @@ func TestLostWritesStageTakesBackFenced(t *testing.T) {
 		t.Errorf("a re-stage of the held device forgot the fence: %v", got)
 	}
 }
+
+// TestTopologyValue: every value is a valid label value (kubelet puts it
+// in the Node's labels), a node name that is one is kept, and long or odd
+// IDs map to distinct stable values.
+func TestTopologyValue(t *testing.T) {
+	long := "worker-01.k8s.production.datacenter-frankfurt.example-company.com" // 66 characters
+	cases := []struct{ node, want string }{
+		{"node-a", "node-a"},
+		{strings.Repeat("a", 63), strings.Repeat("a", 63)},
+		{"N0de_1.x", "N0de_1.x"},
+	}
+	for _, c := range cases {
+		if got := topologyValue(c.node); got != c.want {
+			t.Errorf("topologyValue(%q) = %q, want %q", c.node, got, c.want)
+		}
+	}
+	seen := map[string]string{}
+	for _, n := range []string{long, long + "x", strings.Repeat("a", 64), strings.Repeat("b", 256),
+		"-node", "node-", "no de/é", "..", "_", strings.Repeat("-", 70) + "z"} {
+		v := topologyValue(n)
+		if !labelValueRE.MatchString(v) || len(v) > 63 {
+			t.Errorf("topologyValue(%q) = %q: not a label value", n, v)
+		}
+		if v != topologyValue(n) {
+			t.Errorf("topologyValue(%q) not stable", n)
+		}
+		if o, dup := seen[v]; dup {
+			t.Errorf("topologyValue(%q) = topologyValue(%q) = %q", n, o, v)
+		}
+		seen[v] = n
+	}
+	if v := topologyValue(long); !strings.HasPrefix(v, long[:45]) {
+		t.Errorf("topologyValue(%q) = %q: does not start with the name", long, v)
+	}
+}

@@ -194,9 +194,9 @@ func (d *Driver) checkTopology(r *csi.TopologyRequirement) error {
 // and cannot be satisfied.
 func (d *Driver) topologyMatches(t *csi.Topology) bool {
 	v, ok := t.GetSegments()[TopologyKey]
-	return ok && v == d.opt.NodeID
+	return ok && v == d.topo
 }
 
 func (d *Driver) topology() []*csi.Topology {
-	return []*csi.Topology{{Segments: map[string]string{TopologyKey: d.opt.NodeID}}}
+	return []*csi.Topology{{Segments: map[string]string{TopologyKey: d.topo}}}
 }
