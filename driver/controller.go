@@ -58,13 +58,10 @@ func roundUp(n, to int64) int64 { return (n + to - 1) / to * to }
 // when nothing is required, floor if set, else the default. OutOfRange when the limit cannot
 // hold it.
 func volumeSize(r *csi.CapacityRange, floor int64) (int64, error) {
+	if err := checkRange(r); err != nil {
+		return 0, err
+	}
 	req, lim := r.GetRequiredBytes(), r.GetLimitBytes()
-	if req < 0 || lim < 0 {
-		return 0, statusf(codes.InvalidArgument, "capacity range has a negative bound (required %d, limit %d)", req, lim)
-	}
-	if lim > 0 && req > lim {
-		return 0, statusf(codes.InvalidArgument, "required_bytes %d exceeds limit_bytes %d", req, lim)
-	}
 	// floor comes from the store: a source made at 16 TiB before the
 	// limit dropped to 16 TiB less 1 MiB may still be cloned at its size.
 	if lim := max(cow.MaxVolumeSize, floor); req > lim {
@@ -84,6 +81,22 @@ func volumeSize(r *csi.CapacityRange, floor int64) (int64, error) {
 		return 0, statusf(codes.OutOfRange, "no size that is a multiple of %d bytes and at least %d bytes fits the capacity range [%d, %d]", blockSize, floor, req, lim)
 	}
 	return size, nil
+}
+
+// checkRange refuses a capacity range no volume can satisfy whatever its
+// source: a negative bound, or a limit below the requirement. The bound on
+// the size (OutOfRange) waits for volumeSize, once the source's or the
+// volume's size is known: volumes made at 16 TiB before the limit dropped
+// may be cloned and grown to their own size.
+func checkRange(r *csi.CapacityRange) error {
+	req, lim := r.GetRequiredBytes(), r.GetLimitBytes()
+	if req < 0 || lim < 0 {
+		return statusf(codes.InvalidArgument, "capacity range has a negative bound (required %d, limit %d)", req, lim)
+	}
+	if lim > 0 && req > lim {
+		return statusf(codes.InvalidArgument, "required_bytes %d exceeds limit_bytes %d", req, lim)
+	}
+	return nil
 }
 
 func sizeFits(size int64, r *csi.CapacityRange) bool {
@@ -219,7 +232,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	if len(req.GetMutableParameters()) > 0 {
 		return nil, statusf(codes.InvalidArgument, "mutable parameters are not supported")
 	}
-	if _, err := volumeSize(req.GetCapacityRange(), 0); err != nil {
+	if err := checkRange(req.GetCapacityRange()); err != nil {
 		return nil, err
 	}
 	if err := d.checkTopology(req.GetAccessibilityRequirements()); err != nil {
@@ -521,8 +534,7 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 			return nil, err
 		}
 	}
-	size, err := volumeSize(req.GetCapacityRange(), 0)
-	if err != nil {
+	if err := checkRange(req.GetCapacityRange()); err != nil {
 		return nil, err
 	}
 	if !isVolumeID(id) {
@@ -534,6 +546,10 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 	defer d.locks.unlock(id)
 	v, err := d.lookupVolume(id)
 	if status.Code(err) == codes.NotFound && idNodeTag(id) != d.tag {
+		size, err := volumeSize(req.GetCapacityRange(), 0)
+		if err != nil {
+			return nil, err
+		}
 		// csi-resizer has no per-node mode: one elected resizer calls this
 		// on its own node for the volumes of every node. A volume made by
 		// another node grows there, in NodeExpandVolume, which kubelet calls
@@ -545,10 +561,16 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 		return nil, err
 	}
 	nodeExpand := req.GetVolumeCapability().GetBlock() == nil
-	if size <= v.Size {
-		if lim := req.GetCapacityRange().GetLimitBytes(); lim > 0 && v.Size > lim {
-			return nil, statusf(codes.OutOfRange, "volume %s is %d bytes, over limit_bytes %d (volumes do not shrink)", id, v.Size, lim)
-		}
+	if lim := req.GetCapacityRange().GetLimitBytes(); lim > 0 && v.Size > lim {
+		return nil, statusf(codes.OutOfRange, "volume %s is %d bytes, over limit_bytes %d (volumes do not shrink)", id, v.Size, lim)
+	}
+	// At least the volume's size: a request it already meets is a retry,
+	// and a volume made at 16 TiB by an earlier version may ask for that.
+	size, err := volumeSize(req.GetCapacityRange(), v.Size)
+	if err != nil {
+		return nil, err
+	}
+	if size == v.Size {
 		// Grown before (a retry): the store may have grown and the device
 		// not (a failed Frontend.Resize, a restart between the two), and a
 		// block volume gets no NodeExpandVolume to catch up. Resize is

@@ -1717,3 +1717,53 @@ func TestLongNodeName(t *testing.T) {
 		t.Fatal("node id of 257 bytes accepted")
 	}
 }
+
+// TestOld16TiBVolumeAtItsSize: a volume an earlier version made at 16 TiB
+// (over today's 16 TiB less 1 MiB) is restored, cloned and "grown" to its
+// own size, as Kubernetes asks (required_bytes = the source's size); past
+// it, OutOfRange.
+func TestOld16TiBVolumeAtItsSize(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t)
+	const old = int64(1) << 44
+	id := localVolID()
+	if _, err := e.store.CreateVolume(id, old, driver.VolumeOptions{Labels: map[string]string{"csi-snap.io/name": "old"}}); err != nil {
+		t.Fatal(err)
+	}
+	at := func(n int64) *csi.CapacityRange { return &csi.CapacityRange{RequiredBytes: n} }
+	snap, err := e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "old-snap", SourceVolumeId: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, src := range map[string]*csi.VolumeContentSource{
+		"restore": {Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap.Snapshot.SnapshotId}}},
+		"clone":   {Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: id}}},
+	} {
+		r, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, VolumeCapabilities: []*csi.VolumeCapability{mountCap()},
+			CapacityRange: at(old), VolumeContentSource: src})
+		if err != nil || r.Volume.CapacityBytes != old {
+			t.Fatalf("%s at the source's 16 TiB: %v, %v", name, r, err)
+		}
+		_, err = e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name + "-big", VolumeCapabilities: []*csi.VolumeCapability{mountCap()},
+			CapacityRange: at(old + 4096), VolumeContentSource: src})
+		if status.Code(err) != codes.OutOfRange {
+			t.Fatalf("%s past 16 TiB: %v, want OutOfRange", name, err)
+		}
+	}
+	r, err := e.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: id, CapacityRange: at(old)})
+	if err != nil || r.CapacityBytes != old {
+		t.Fatalf("expand to its own 16 TiB: %v, %v", r, err)
+	}
+	if _, err := e.d.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: id, CapacityRange: at(old + 4096)}); status.Code(err) != codes.OutOfRange {
+		t.Fatalf("expand past 16 TiB: %v, want OutOfRange", err)
+	}
+	// NodeExpandVolume checks the range against the volume before it
+	// needs the device: not staged, so FailedPrecondition, not OutOfRange.
+	dir := t.TempDir()
+	if _, err := e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: dir, CapacityRange: at(old)}); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("node expand to its own 16 TiB: %v, want FailedPrecondition (not staged)", err)
+	}
+	if _, err := e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: dir, CapacityRange: at(old + 4096)}); status.Code(err) != codes.OutOfRange {
+		t.Fatalf("node expand past 16 TiB: %v, want OutOfRange", err)
+	}
+}

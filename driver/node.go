@@ -1070,13 +1070,8 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 			return nil, err
 		}
 	}
-	var want int64 // 0: no capacity range, grow the device to the volume's size
-	if r := req.GetCapacityRange(); r != nil && r.GetRequiredBytes() != 0 {
-		size, err := volumeSize(r, 0)
-		if err != nil {
-			return nil, err
-		}
-		want = size
+	if err := checkRange(req.GetCapacityRange()); err != nil {
+		return nil, err
 	}
 	if !isVolumeID(id) {
 		return nil, statusf(codes.NotFound, "volume %q does not exist", id)
@@ -1088,6 +1083,13 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	v, err := d.opt.Store.Volume(id)
 	if err != nil {
 		return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
+	}
+	var want int64 // 0: no capacity range, grow the device to the volume's size
+	if r := req.GetCapacityRange(); r.GetRequiredBytes() != 0 {
+		// At least the volume's size (see ControllerExpandVolume).
+		if want, err = volumeSize(r, v.Size); err != nil {
+			return nil, err
+		}
 	}
 	dev, ok := d.opt.Frontend.Device(id)
 	if !ok {
