@@ -340,8 +340,9 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 }
 
 // DeleteVolume deletes a volume; its snapshots and clones keep working.
-// Unknown IDs succeed (idempotent); a volume still attached on this node
-// answers FailedPrecondition.
+// Unknown IDs succeed (idempotent), except those another node made (see
+// foreignDelete); a volume still attached on this node answers
+// FailedPrecondition.
 func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
 	id := req.GetVolumeId()
 	if id == "" {
@@ -357,7 +358,9 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 	if dev, ok := d.opt.Frontend.Device(id); ok {
 		return nil, statusf(codes.FailedPrecondition, "volume %s is staged on this node (%s); unstage it first", id, dev)
 	}
-	if err := d.opt.Store.DeleteVolume(id); err != nil && !errors.Is(err, ErrNotFound) {
+	if err := d.opt.Store.DeleteVolume(id); errors.Is(err, ErrNotFound) && idNodeTag(id) != d.tag {
+		return nil, foreignDelete("volume", id)
+	} else if err != nil && !errors.Is(err, ErrNotFound) {
 		return nil, toStatus(fmt.Errorf("delete volume %s: %w", id, err))
 	}
 	// A stage killed before its Attach completed leaves a marker of a volume
@@ -367,6 +370,21 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 	}
 	klog.V(2).InfoS("Deleted volume", "volumeID", id)
 	return &csi.DeleteVolumeResponse{}, nil
+}
+
+// foreignDelete answers the delete of an object this node does not hold and
+// whose ID carries another node's tag: it lives there, and OK would let the
+// CO drop its PV or VolumeSnapshotContent while the data stays on that node
+// with nothing pointing at it. external-provisioner in node-deployment mode
+// lets every node's provisioner delete a PV without node affinity (a
+// statically made one), and the first to answer OK wins; an error makes the
+// others retry until the owner's deletes it. When the owner node is gone for
+// good the CO keeps retrying and the object needs removing by hand (a
+// volume of a dead local node is lost anyway). One corner is refused too: a
+// retry of a delete that succeeded on this node after its node ID changed
+// (the ID carries the old ID's tag).
+func foreignDelete(kind, id string) error {
+	return statusf(codes.FailedPrecondition, "%s %s was made on another node (node tag %s) and is not here: only the plugin on that node can delete it", kind, id, idNodeTag(id))
 }
 
 // lookupVolume answers NotFound for IDs not in our format or not in the store.
@@ -814,7 +832,7 @@ func (d *Driver) isMountPoint(path string) bool {
 }
 
 // DeleteSnapshot deletes a snapshot; volumes restored from it keep working.
-// Unknown IDs succeed.
+// Unknown IDs succeed, except those another node made (see foreignDelete).
 func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequest) (*csi.DeleteSnapshotResponse, error) {
 	id := req.GetSnapshotId()
 	if id == "" {
@@ -827,7 +845,9 @@ func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequ
 		return nil, statusf(codes.Aborted, "an operation on snapshot %s is in progress", id)
 	}
 	defer d.locks.unlock(id)
-	if err := d.opt.Store.DeleteSnapshot(id); err != nil && !errors.Is(err, ErrNotFound) {
+	if err := d.opt.Store.DeleteSnapshot(id); errors.Is(err, ErrNotFound) && idNodeTag(id) != d.tag {
+		return nil, foreignDelete("snapshot", id)
+	} else if err != nil && !errors.Is(err, ErrNotFound) {
 		return nil, toStatus(fmt.Errorf("delete snapshot %s: %w", id, err))
 	}
 	klog.V(2).InfoS("Deleted snapshot", "snapshotID", id)

@@ -73,6 +73,9 @@
 //     AlreadyExists.
 //   - A restore or clone whose source ID carries another node's tag is
 //     ResourceExhausted, so external-provisioner reschedules the claim.
+//   - A delete of a volume, snapshot or group snapshot that is not here and
+//     whose ID carries another node's tag is FailedPrecondition, not OK:
+//     the object lives there (foreignDelete).
 //
 // Rollback in place (admin.go) is not a CSI call: the node plugin serves it
 // on a local admin endpoint (Driver.AdminHandler, JSON over HTTP on a unix
@@ -84,7 +87,8 @@
 //
 //   - IDs: "g-" + node tag + 24 random hex digits, like volume and snapshot
 //     IDs; anything else is NotFound for Get and OK for Delete, before any
-//     lookup. Member snapshots get ordinary "s-" IDs.
+//     lookup; an unknown well-formed ID of another node is FailedPrecondition
+//     for Delete (foreignDelete). Member snapshots get ordinary "s-" IDs.
 //   - Members must live on this node: a well-formed volume ID with another
 //     node's tag answers FailedPrecondition, the spec's code for "cannot
 //     snapshot multiple volumes together" (the brief asked for

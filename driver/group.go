@@ -203,6 +203,9 @@ func (d *Driver) DeleteVolumeGroupSnapshot(ctx context.Context, req *csi.DeleteV
 	defer d.locks.unlock(id)
 	g, err := gs.SnapshotGroup(id)
 	if err != nil {
+		if errors.Is(err, ErrNotFound) && idNodeTag(id) != d.tag {
+			return nil, foreignDelete("group snapshot", id)
+		}
 		if errors.Is(err, ErrNotFound) {
 			return &csi.DeleteVolumeGroupSnapshotResponse{}, nil
 		}

@@ -220,13 +220,17 @@ func TestGroupBadInput(t *testing.T) {
 			_, err := e.d.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: member})
 			return err
 		}, codes.InvalidArgument},
+		{"delete an unknown group of another node", func() error {
+			_, err := e.d.DeleteVolumeGroupSnapshot(ctx, &csi.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: "g-0123456789abcdef0123456789abcdef"})
+			return err
+		}, codes.FailedPrecondition},
 		// Accepted.
 		{"delete a malformed ID", func() error {
 			_, err := e.d.DeleteVolumeGroupSnapshot(ctx, &csi.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: "not-ours"})
 			return err
 		}, codes.OK},
-		{"delete an unknown group", func() error {
-			_, err := e.d.DeleteVolumeGroupSnapshot(ctx, &csi.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: "g-0123456789abcdef0123456789abcdef"})
+		{"delete an unknown group of this node", func() error {
+			_, err := e.d.DeleteVolumeGroupSnapshot(ctx, &csi.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: "g" + localVolID()[1:]})
 			return err
 		}, codes.OK},
 		{"get with the member list in another order", func() error {

@@ -260,6 +260,14 @@ func TestBadInput(t *testing.T) {
 		}, codes.Aborted},
 		// DeleteVolume
 		{"DeleteVolume without id", func() error { _, err := e.d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{}); return err }, codes.InvalidArgument},
+		{"DeleteVolume of another node's volume", func() error {
+			_, err := e.d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: wellFormedVolID})
+			return err
+		}, codes.FailedPrecondition},
+		{"DeleteVolume of an unknown volume made on this node", func() error {
+			_, err := e.d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: localVolID()})
+			return err
+		}, codes.OK},
 		{"DeleteVolume while locked", func() error {
 			defer e.d.HoldLock(vol.VolumeId)()
 			_, err := e.d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: vol.VolumeId})
@@ -390,6 +398,14 @@ func TestBadInput(t *testing.T) {
 		}, codes.ResourceExhausted},
 		// DeleteSnapshot / GetSnapshot
 		{"DeleteSnapshot without id", func() error { _, err := e.d.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{}); return err }, codes.InvalidArgument},
+		{"DeleteSnapshot of another node's snapshot", func() error {
+			_, err := e.d.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: wellFormedSnapID})
+			return err
+		}, codes.FailedPrecondition},
+		{"DeleteSnapshot of an unknown snapshot made on this node", func() error {
+			_, err := e.d.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: "s" + localVolID()[1:]})
+			return err
+		}, codes.OK},
 		{"GetSnapshot without id", func() error { _, err := e.d.GetSnapshot(ctx, &csi.GetSnapshotRequest{}); return err }, codes.InvalidArgument},
 		{"GetSnapshot of an unknown id", func() error {
 			_, err := e.d.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: wellFormedSnapID})
