@@ -116,6 +116,13 @@ type Frontend interface {
 	// Attach takes it back. A device served here, or whose connection is
 	// dead (its I/O fails at once), is not unserved.
 	Unserved(id string) bool
+	// Dead reports whether id's device can never be served again: its
+	// FUSE connection is gone (the plugin and the fuse-holder died
+	// together, or the kernel could not hand it over), so its I/O fails at
+	// once, and a filesystem mounted on it keeps Attach from starting over
+	// (ErrBusy). An unserved device, or one whose state is unknown (a
+	// holder that does not answer), is not dead.
+	Dead(id string) bool
 	// ReadOnlyDevice returns a read-only device node of the attached id
 	// (attaching one if needed) for read-only raw block publishes: a
 	// read-only bind of a writable device node still lets writes through.

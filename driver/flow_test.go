@@ -1416,6 +1416,17 @@ func TestUnstageTakesBackUnservedDevice(t *testing.T) {
 	if _, err := e.d.NodeUnstageVolume(ctx, req); status.Code(err) != codes.FailedPrecondition || len(unmounts) != 0 {
 		t.Fatalf("unstage of an unserved device that cannot be taken back: %v, %d unmounts; want FailedPrecondition, none", err, len(unmounts))
 	}
+	// A holder that is slow or not there yet (kernel.ErrHolderSlow and
+	// ErrNoHolder map to ErrUnavailable) is transient: not final for
+	// kubelet.
+	e.fe.AttachErr = fmt.Errorf("holder get: %w", driver.ErrUnavailable)
+	if _, err := e.d.NodeUnstageVolume(ctx, req); status.Code(err) != codes.Unavailable || len(unmounts) != 0 {
+		t.Fatalf("unstage of an unserved device whose holder is slow: %v, %d unmounts; want Unavailable, none", err, len(unmounts))
+	}
+	e.fe.AttachErr = context.DeadlineExceeded
+	if _, err := e.d.NodeUnstageVolume(ctx, req); status.Code(err) != codes.DeadlineExceeded {
+		t.Fatalf("unstage of an unserved device, its call's time up: %v, want DeadlineExceeded", err)
+	}
 	e.fe.AttachErr = nil
 	if _, err := e.d.NodeUnstageVolume(ctx, req); err != nil {
 		t.Fatal(err)
@@ -1765,5 +1776,76 @@ func TestOld16TiBVolumeAtItsSize(t *testing.T) {
 	}
 	if _, err := e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: dir, CapacityRange: at(old + 4096)}); status.Code(err) != codes.OutOfRange {
 		t.Fatalf("node expand past 16 TiB: %v, want OutOfRange", err)
+	}
+}
+
+// TestStageRetryOverDeadConnection: a stage killed after its mount, whose
+// FUSE connection died with the plugin (the fuse-holder died too, or the
+// kernel could not hand the connection over): the device fails every
+// request, and Attach cannot start over while the filesystem holds it
+// (ErrBusy, which was FailedPrecondition, final for kubelet: the stage was
+// forgotten, the mount and device leaked). The retry starts over:
+// unmount, detach, attach afresh, mount.
+func TestStageRetryOverDeadConnection(t *testing.T) {
+	ctx := context.Background()
+	k := stageKilledInBlkid(t, "dead-unfinished", mountCap())
+	old, _ := k.fe.Device(k.id)
+	if err := os.MkdirAll(k.req.StagingTargetPath, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	if err := k.fm.Mount(old, k.req.StagingTargetPath, "ext4", nil); err != nil { // the killed stage got this far
+		t.Fatal(err)
+	}
+	k.fe.SetDead(k.id)
+	if _, err := k.d.NodeStageVolume(ctx, k.req); err != nil {
+		t.Fatalf("retry of a stage killed after its mount, connection dead: %v, want OK", err)
+	}
+	dev, ok := k.fe.Device(k.id)
+	if !ok || dev == old || k.fe.Dead(k.id) {
+		t.Fatalf("device %q (was %q), attached %v, dead %v: want attached afresh", dev, old, ok, k.fe.Dead(k.id))
+	}
+	mps, err := k.fm.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var at []string
+	for _, m := range mps {
+		if m.Path == k.req.StagingTargetPath {
+			at = append(at, m.Device)
+		}
+	}
+	if len(at) != 1 || at[0] != dev {
+		t.Fatalf("staging path holds %v, want only the new device %s", at, dev)
+	}
+}
+
+// TestRestageOverDeadConnection: a finished stage whose connection died
+// (kubelet re-stages after its own restart) answers Unavailable, which
+// kubelet does not take as final, so it still unstages the volume once its
+// pods are gone; nothing is detached under a pod meanwhile.
+func TestRestageOverDeadConnection(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t)
+	id := e.createVolume(t, "dead-finished", 1<<20).VolumeId
+	req := &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(t.TempDir(), "staging"), VolumeCapability: blockCap()}
+	if _, err := e.d.NodeStageVolume(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	dev, _ := e.fe.Device(id)
+	e.fe.SetDead(id)
+	if _, err := e.d.NodeStageVolume(ctx, req); status.Code(err) != codes.Unavailable {
+		t.Fatalf("re-stage of a finished stage whose connection died: %v, want Unavailable", err)
+	}
+	if got, ok := e.fe.Device(id); !ok || got != dev {
+		t.Fatalf("the re-stage changed the device: %q %v, want %s", got, ok, dev)
+	}
+	if _, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: req.StagingTargetPath}); err != nil {
+		t.Fatalf("unstage: %v", err)
+	}
+	if _, ok := e.fe.Device(id); ok {
+		t.Fatal("still attached after the unstage")
+	}
+	if _, err := e.d.NodeStageVolume(ctx, req); err != nil {
+		t.Fatalf("stage after the unstage: %v", err)
 	}
 }

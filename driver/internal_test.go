@@ -248,6 +248,7 @@ func (f *heldFrontend) Detach(context.Context, string) error        { return nil
 func (f *heldFrontend) Resize(context.Context, string, int64) error { return ErrNotFound }
 func (f *heldFrontend) Device(id string) (string, bool)             { return f.dev, id == "v-held" }
 func (f *heldFrontend) Unserved(id string) bool                     { return id == "v-held" && f.b == nil }
+func (f *heldFrontend) Dead(string) bool                            { return false }
 func (f *heldFrontend) ReadOnlyDevice(context.Context, string) (string, error) {
 	return "", ErrNotFound
 }

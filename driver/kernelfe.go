@@ -14,6 +14,7 @@ var kernelErrors = []struct{ from, to error }{
 	{kernel.ErrConflict, ErrBusy},
 	{kernel.ErrClosed, ErrClosed},
 	{kernel.ErrNoHolder, ErrUnavailable},
+	{kernel.ErrHolderSlow, ErrUnavailable},
 }
 
 func fromKernel(err error) error {
@@ -64,6 +65,9 @@ func (k *KernelFrontend) Resize(ctx context.Context, id string, newSize int64) e
 
 // Device implements Frontend.
 func (k *KernelFrontend) Device(id string) (string, bool) { return k.f.Device(id) }
+
+// Dead implements Frontend.
+func (k *KernelFrontend) Dead(id string) bool { return k.f.Dead(id) }
 
 // Unserved implements Frontend.
 func (k *KernelFrontend) Unserved(id string) bool { return k.f.Unserved(id) }

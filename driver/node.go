@@ -19,6 +19,7 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 	mount "k8s.io/mount-utils"
 )
@@ -251,7 +252,14 @@ func (d *Driver) takeBack(ctx context.Context, id string) error {
 			return nil
 		}
 	}
-	return statusf(codes.FailedPrecondition, "the device %s of volume %s is not served by this plugin (not taken back after a restart), and taking it back failed: %v", dev, id, err)
+	msg := fmt.Sprintf("the device %s of volume %s is not served by this plugin (not taken back after a restart), and taking it back failed: %v", dev, id, err)
+	switch c := status.Code(toStatus(err)); c {
+	case codes.Canceled, codes.DeadlineExceeded, codes.Unavailable:
+		// Transient (the call's end, a holder that is slow or not there
+		// yet): not final for kubelet, which retries the stage.
+		return status.Error(c, msg)
+	}
+	return status.Error(codes.FailedPrecondition, msg)
 }
 
 // checkPath checks a path argument of a node call: required, and without a
@@ -345,10 +353,12 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 			klog.InfoS("Ignoring an abandoned unfinished stage", "volumeID", id, "itsStagingPath", string(mb), "age", time.Since(fi.ModTime()).Round(time.Second))
 			unfinished = false
 		}
-		if unfinished && d.lostWrites(id) {
-			// A stage killed after its mount, whose volume the store
-			// dropped answered writes of (LostWritesStore): its held
-			// device fails every request. No pod uses the mount yet (the
+		if unfinished && (d.lostWrites(id) || d.opt.Frontend.Dead(id)) {
+			// A stage killed after its mount, whose device fails every
+			// request: the store dropped answered writes of its volume
+			// (LostWritesStore), or its FUSE connection died with the
+			// plugin (Frontend.Dead; Attach cannot start over while the
+			// filesystem holds the device). No pod uses the mount yet (the
 			// stage never succeeded), so start over from the store:
 			// unmount, detach, and attach afresh below (the filesystem
 			// then replays its journal, as after a power loss).
@@ -364,6 +374,15 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 			}
 			wasAttached = false
 		}
+	}
+	if wasAttached && !unfinished && d.opt.Frontend.Dead(id) {
+		// A finished stage (a pod may use it) whose connection died: its
+		// filesystem fails every request and keeps the device busy, so
+		// nothing can serve it until it is unstaged. Unavailable, not a
+		// final code: kubelet keeps the stage uncertain and so calls
+		// NodeUnstageVolume once the pods using it are gone, and the next
+		// stage attaches afresh.
+		return nil, statusf(codes.Unavailable, "volume %s is staged at %s but its device's FUSE connection was lost (the plugin and its fuse-holder stopped together, or the kernel is older than 6.9): its I/O fails until it is unstaged and staged again; delete the pods that use it", id, staging)
 	}
 	if !wasAttached {
 		// Attached afresh from the store: no device held across a

@@ -403,7 +403,9 @@ type Frontend struct {
 	// unserved ids have a device that Device finds but nothing serves
 	// (SetUnserved): a restart whose Recover did not take it back.
 	unserved map[string]bool
-	next     int
+	// dead ids have a device whose connection is gone (SetDead).
+	dead map[string]bool
+	next int
 	// AttachErr, if set, fails every Attach (nothing attached or taken
 	// back).
 	AttachErr error
@@ -419,6 +421,27 @@ func (f *Frontend) SetUnserved(id string) {
 		f.unserved = map[string]bool{}
 	}
 	f.unserved[id] = true
+}
+
+// SetDead makes the attached id's device dead (Dead): its connection is
+// gone, as after the plugin and its fuse-holder died together. Attach of
+// it then fails with driver.ErrBusy, as the kernel frontend's does while a
+// filesystem is mounted on the device, until a Detach.
+func (f *Frontend) SetDead(id string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.dead == nil {
+		f.dead = map[string]bool{}
+	}
+	f.dead[id] = true
+}
+
+// Dead implements driver.Frontend.
+func (f *Frontend) Dead(id string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	_, ok := f.devs[id]
+	return ok && f.dead[id]
 }
 
 // Unserved implements driver.Frontend.
@@ -441,6 +464,9 @@ func (f *Frontend) Attach(ctx context.Context, id string, b driver.Backend, read
 	if f.AttachErr != nil {
 		return "", f.AttachErr
 	}
+	if f.dead[id] {
+		return "", fmt.Errorf("stale loop device of %s: %w", id, driver.ErrBusy)
+	}
 	if d, ok := f.devs[id]; ok {
 		delete(f.unserved, id) // taken back
 		return d, nil
@@ -460,6 +486,7 @@ func (f *Frontend) Detach(ctx context.Context, id string) error {
 	delete(f.sizes, id)
 	delete(f.ro, id)
 	delete(f.unserved, id)
+	delete(f.dead, id)
 	return nil
 }
 

@@ -54,6 +54,9 @@ var (
 	// ErrNoHolder: Config.ExternalHolder is set and no holder answered
 	// within Config.HolderWait.
 	ErrNoHolder = errors.New("no fuse holder answers")
+	// ErrHolderSlow: the fuse holder is there but did not answer a call in
+	// time (10 s); a retry may succeed.
+	ErrHolderSlow = errors.New("fuse holder did not answer in time")
 )
 
 // Config configures a Frontend.
@@ -1100,6 +1103,31 @@ func (f *Frontend) Unserved(id string) bool {
 		return !errors.Is(err, errNoHolder)
 	}
 	return resp.Found && fd >= 0 && heldConnLost(f.mountpoint(id), fd) == ""
+}
+
+// Dead reports whether id has a loop device (Device finds it) whose FUSE
+// connection can never serve again: not served here, and held by no one
+// alive (no holder answers, the holder has none for it, or the one it has
+// is aborted or lost its mount). Its I/O fails at once, and Attach can
+// only start over once nothing holds the device: a filesystem mounted on
+// it keeps the loop device busy (ErrBusy). Connections die this way when
+// the serving process and the holder die together, or on a kernel before
+// 6.9 (no FUSE_NOTIFY_RESEND, so nothing is held). Unserved devices (their
+// connection held alive) are not dead, nor are those of a holder that does
+// not answer in time (unknown).
+func (f *Frontend) Dead(id string) bool {
+	if validateID(id) != nil || f.get(id) != nil {
+		return false
+	}
+	if _, ok := f.Device(id); !ok {
+		return false
+	}
+	resp, fd, err := holderCall(f.sock, holderReq{Op: "get", ID: id}, -1)
+	defer closeFD(fd)
+	if err != nil {
+		return errors.Is(err, errNoHolder)
+	}
+	return !resp.Found || fd < 0 || heldConnLost(f.mountpoint(id), fd) != ""
 }
 
 // ownsLoop reports whether loop device dev is still attached to the mount

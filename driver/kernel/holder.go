@@ -344,7 +344,7 @@ func holderCall(socketPath string, req holderReq, fd int) (holderResp, int, erro
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		// A slow holder is not a missing one: taking it for one would
 		// unmount the connections it holds (Attach's dead-mount cleanup).
-		return resp, -1, fmt.Errorf("holder %s: no answer in time: %w", req.Op, err)
+		return resp, -1, fmt.Errorf("holder %s: %w: %v", req.Op, ErrHolderSlow, err)
 	}
 	if err != nil || n == 0 {
 		// The holder exited between accept and answer (it had just been

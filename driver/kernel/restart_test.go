@@ -360,7 +360,101 @@ func TestLostConnection(t *testing.T) {
 		if ids := fe.Attached(); len(ids) != 1 || ids[0] != id {
 			t.Fatalf("Attached with a dead connection = %v, want [%s] (its loop device remains)", ids, id)
 		}
+		if !fe.Dead(id) || fe.Unserved(id) {
+			t.Fatalf("with the connection gone: Dead %v, Unserved %v; want dead, not unserved", fe.Dead(id), fe.Unserved(id))
+		}
 	})
+}
+
+// TestDeadConnectionUnderFilesystem runs what NodeStageVolume's retry does
+// (driver/node.go) for a stage killed after its mount whose connection
+// died with the serving process and the holder: Dead reports it, Attach is
+// refused while ext4 holds the loop device (ErrBusy), and once the
+// filesystem is unmounted, Detach and a fresh Attach serve the volume with
+// the file synced before the kill.
+func TestDeadConnectionUnderFilesystem(t *testing.T) {
+	requireRoot(t)
+	requireTool(t, "mkfs.ext4")
+	ctx := context.Background()
+	runDir := t.TempDir()
+	backing := filepath.Join(t.TempDir(), "vol.img")
+	const size = 64 << 20
+	const id = "vol-dead-fs"
+	c := startChild(t, runDir, backing, id, size)
+	t.Cleanup(func() { c.cmd.Process.Kill() })
+	dev := c.expect(t, "DEVICE ")
+	mnt := filepath.Join(t.TempDir(), "mnt")
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "mkfs.ext4", "-q", "-F", dev)
+	run(t, "mount", dev, mnt)
+	mounted := true
+	defer func() {
+		if mounted {
+			unix.Unmount(mnt, unix.MNT_DETACH)
+		}
+	}()
+	want := make([]byte, 1<<20)
+	fillRandom(rand.New(rand.NewSource(5)), want)
+	if err := os.WriteFile(filepath.Join(mnt, "f"), want, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	syncFS(t, mnt)
+	c.cmd.Process.Kill()
+	c.wait(t)
+	for _, pid := range holderPIDs(runDir) {
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	for deadline := time.Now().Add(time.Minute); len(holderPIDs(runDir)) > 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) { // hang guard
+			t.Fatal("the holder did not exit after SIGKILL")
+		}
+	}
+	fb, err := OpenFileBackend(backing, size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fb.Close()
+	fe, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fe.Close()
+	if !fe.Dead(id) || fe.Unserved(id) {
+		t.Fatalf("Dead %v, Unserved %v: want dead, not unserved", fe.Dead(id), fe.Unserved(id))
+	}
+	if _, err := fe.Attach(ctx, id, fb, false); !errors.Is(err, ErrBusy) {
+		t.Fatalf("Attach while ext4 holds the dead device: %v, want ErrBusy", err)
+	}
+	if err := unix.Unmount(mnt, 0); err != nil {
+		t.Fatalf("unmount the filesystem on the dead device: %v", err)
+	}
+	mounted = false
+	if err := fe.Detach(ctx, id); err != nil {
+		t.Fatalf("Detach of the dead device: %v", err)
+	}
+	if fe.Dead(id) {
+		t.Fatal("Dead after Detach")
+	}
+	dev, err = fe.Attach(ctx, id, fb, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	run(t, "mount", dev, mnt)
+	mounted = true
+	got, err := os.ReadFile(filepath.Join(mnt, "f"))
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("the synced file after starting over: %d bytes, err %v; want the 1 MiB written", len(got), err)
+	}
+	if err := unix.Unmount(mnt, 0); err != nil {
+		t.Fatal(err)
+	}
+	mounted = false
+	if err := fe.Detach(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	assertNothingLeft(t, runDir)
 }
 
 // serveWriteKill starts a child serving id from backing, writes 1 MiB of
@@ -737,8 +831,8 @@ func TestUnserved(t *testing.T) {
 	if _, err := fe.Attach(ctx, id, b, false); err != nil {
 		t.Fatal(err)
 	}
-	if fe.Unserved(id) {
-		t.Fatal("Unserved of a volume this Frontend serves")
+	if fe.Unserved(id) || fe.Dead(id) {
+		t.Fatal("Unserved or Dead of a volume this Frontend serves")
 	}
 	fe.Close()
 	fe2, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand(), Readers: 4})
@@ -751,8 +845,8 @@ func TestUnserved(t *testing.T) {
 		}
 		fe2.Close()
 	})
-	if !fe2.Unserved(id) {
-		t.Fatal("a held connection that no one resumed is not reported unserved")
+	if !fe2.Unserved(id) || fe2.Dead(id) {
+		t.Fatalf("a held connection that no one resumed: Unserved %v, Dead %v; want unserved, not dead", fe2.Unserved(id), fe2.Dead(id))
 	}
 	if _, err := fe2.Attach(ctx, id, b, false); err != nil {
 		t.Fatal(err)
@@ -772,5 +866,8 @@ func TestUnserved(t *testing.T) {
 	}
 	if fe3.Unserved(id) {
 		t.Fatal("an aborted connection is reported unserved (its I/O fails, it does not wait)")
+	}
+	if !fe3.Dead(id) {
+		t.Fatal("an aborted connection is not reported dead")
 	}
 }
