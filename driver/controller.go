@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 	"k8s.io/klog/v2"
 )
 
@@ -433,8 +434,13 @@ func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csi.Valida
 		return nil, statusf(codes.InvalidArgument, "volume capabilities are required")
 	}
 	for _, c := range req.GetVolumeCapabilities() {
+		// Both are required fields (missing: InvalidArgument); what they
+		// ask for is then confirmed or not.
 		if c.GetAccessType() == nil {
 			return nil, statusf(codes.InvalidArgument, "volume capability needs an access type (mount or block)")
+		}
+		if c.GetAccessMode() == nil {
+			return nil, statusf(codes.InvalidArgument, "volume capability needs an access mode")
 		}
 	}
 	v, err := d.lookupVolume(req.GetVolumeId())
@@ -460,6 +466,15 @@ func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csi.Valida
 	for _, c := range req.GetVolumeCapabilities() {
 		if want := c.GetMount().GetFsType(); want != "" && fs != "" && want != fs {
 			return &csi.ValidateVolumeCapabilitiesResponse{Message: fmt.Sprintf("volume %s was made for %s, not fs_type %s", v.ID, fs, want)}, nil
+		}
+	}
+	// The context must be the volume's (the spec: it MUST match): each key
+	// given with the volume's value. A subset is accepted, as a CO may
+	// keep only some keys.
+	have := d.csiVolume(v).GetVolumeContext()
+	for k, val := range req.GetVolumeContext() {
+		if hv, ok := have[k]; !ok || hv != val {
+			return &csi.ValidateVolumeCapabilitiesResponse{Message: fmt.Sprintf("volume_context %s=%q does not match volume %s's context %v", k, val, v.ID, have)}, nil
 		}
 	}
 	return &csi.ValidateVolumeCapabilitiesResponse{Confirmed: &csi.ValidateVolumeCapabilitiesResponse_Confirmed{
@@ -529,7 +544,18 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (
 	if err := unix.Statfs(d.opt.DataDir, &st); err != nil {
 		return nil, toStatus(fmt.Errorf("statfs %s: %w", d.opt.DataDir, err))
 	}
-	return &csi.GetCapacityResponse{AvailableCapacity: int64(st.Bavail) * int64(st.Bsize)}, nil
+	free := int64(st.Bavail) * int64(st.Bsize)
+	// maximum_volume_size: the scheduler prefers it to available_capacity
+	// when set, so it is the smaller of the volume size limit and the free
+	// bytes: claims larger than the free space keep going elsewhere, as
+	// without it, and one over the limit finds no node instead of failing
+	// CreateVolume (OutOfRange) on one. minimum_volume_size: a limit_bytes
+	// below one block leaves no size.
+	return &csi.GetCapacityResponse{
+		AvailableCapacity: free,
+		MaximumVolumeSize: wrapperspb.Int64(min(free, cow.MaxVolumeSize)),
+		MinimumVolumeSize: wrapperspb.Int64(blockSize),
+	}, nil
 }
 
 // ControllerExpandVolume grows the volume in the store and, when it is

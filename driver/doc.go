@@ -121,8 +121,10 @@
 //     (O(volumes) per CreateVolume); fine for the tens to thousands of volumes
 //     one node holds.
 //   - Capacity is thin: volumes are sparse, GetCapacity reports the free bytes
-//     of the data directory's filesystem, and CreateVolume does not reserve
-//     space, so a node can be over-committed.
+//     of the data directory's filesystem (and as maximum_volume_size the
+//     smaller of those and the 16 TiB less 1 MiB limit: the scheduler
+//     compares a claim with that one when it is set), and CreateVolume does
+//     not reserve space, so a node can be over-committed.
 //   - A group snapshot spans one node: volumes of different nodes cannot be
 //     grouped (each node has its own store and log).
 //   - Freezing is sequential: the first member's filesystem stays frozen

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/csi-snap/csi-snap/cow"
 	"github.com/csi-snap/csi-snap/driver"
 	"github.com/csi-snap/csi-snap/driver/drivertest"
 	"github.com/prometheus/client_golang/prometheus"
@@ -309,6 +311,14 @@ func TestGetCapacityAndInfo(t *testing.T) {
 	r, err := e.d.GetCapacity(ctx, &csi.GetCapacityRequest{})
 	if err != nil || r.AvailableCapacity <= 0 {
 		t.Fatalf("capacity %v, %v", r, err)
+	}
+	// The scheduler prefers maximum_volume_size to available_capacity: it
+	// must not let claims over the free space through.
+	if m := r.GetMaximumVolumeSize(); m == nil || m.Value != min(r.AvailableCapacity, cow.MaxVolumeSize) {
+		t.Fatalf("maximum_volume_size %v with %d bytes free, want the smaller of those and %d", m, r.AvailableCapacity, int64(cow.MaxVolumeSize))
+	}
+	if m := r.GetMinimumVolumeSize(); m == nil || m.Value != 4096 {
+		t.Fatalf("minimum_volume_size %v, want 4096", m)
 	}
 	r, err = e.d.GetCapacity(ctx, &csi.GetCapacityRequest{AccessibleTopology: &csi.Topology{Segments: map[string]string{driver.TopologyKey: "node-b"}}})
 	if err != nil || r.AvailableCapacity != 0 {
@@ -659,26 +669,42 @@ func TestValidateCapabilitiesChecksTheVolume(t *testing.T) {
 	id := r.Volume.VolumeId
 	ext4 := mountCap()
 	ext4.GetMount().FsType = "ext4"
+	made := r.Volume.VolumeContext
+	if len(made) == 0 {
+		t.Fatal("the volume has no context to check")
+	}
+	other := maps.Clone(made)
+	other[driver.ParamChunkSize] = "4096"
 	for _, c := range []struct {
 		name    string
 		params  map[string]string
+		context map[string]string
 		cap     *csi.VolumeCapability
 		confirm bool
 	}{
-		{"as made", map[string]string{driver.ParamChunkSize: "64Ki", "csi.storage.k8s.io/fstype": "xfs"}, mountCap(), true},
-		{"no parameters", nil, mountCap(), true},
-		{"other chunk size", map[string]string{driver.ParamChunkSize: "4Ki"}, mountCap(), false},
-		{"other fstype parameter", map[string]string{"csi.storage.k8s.io/fstype": "ext4"}, mountCap(), false},
-		{"other fs_type capability", nil, ext4, false},
+		{"as made", map[string]string{driver.ParamChunkSize: "64Ki", "csi.storage.k8s.io/fstype": "xfs"}, made, mountCap(), true},
+		{"no parameters", nil, nil, mountCap(), true},
+		{"other chunk size", map[string]string{driver.ParamChunkSize: "4Ki"}, nil, mountCap(), false},
+		{"other fstype parameter", map[string]string{"csi.storage.k8s.io/fstype": "ext4"}, nil, mountCap(), false},
+		{"other fs_type capability", nil, nil, ext4, false},
+		{"another context", nil, other, mountCap(), false},
+		{"an unknown context key", nil, map[string]string{"bogus": "x"}, mountCap(), false},
+		{"part of the context", nil, map[string]string{driver.ParamChunkSize: made[driver.ParamChunkSize]}, mountCap(), true},
 	} {
 		v, err := e.d.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: id,
-			VolumeCapabilities: []*csi.VolumeCapability{c.cap}, Parameters: c.params})
+			VolumeCapabilities: []*csi.VolumeCapability{c.cap}, Parameters: c.params, VolumeContext: c.context})
 		if err != nil {
 			t.Fatalf("%s: %v", c.name, err)
 		}
 		if got := v.GetConfirmed() != nil; got != c.confirm {
 			t.Errorf("%s: confirmed %v (message %q), want %v", c.name, got, v.GetMessage(), c.confirm)
 		}
+	}
+	noMode := mountCap()
+	noMode.AccessMode = nil
+	if _, err := e.d.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: id,
+		VolumeCapabilities: []*csi.VolumeCapability{noMode}}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("capability without an access mode: %v, want InvalidArgument (a required field)", err)
 	}
 }
 
@@ -1847,5 +1873,62 @@ func TestRestageOverDeadConnection(t *testing.T) {
 	}
 	if _, err := e.d.NodeStageVolume(ctx, req); err != nil {
 		t.Fatalf("stage after the unstage: %v", err)
+	}
+}
+
+// TestVolumeHealthEntries: the spec allows one entry per (status, reason)
+// of a volume, and listing leaves out healthy volumes. Two paths that both
+// do not hold the volume (the second PV of a handle, whose stage failed,
+// while the first's filesystem is mounted elsewhere) give one NotMounted
+// entry naming both.
+func TestVolumeHealthEntries(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	a := e.createVolume(t, "healthy-a", 1<<20).VolumeId
+	b := e.createVolume(t, "healthy-b", 1<<20).VolumeId
+	e.attachMounted(t, a, filepath.Join(t.TempDir(), "s1"))
+	s2, p2 := t.TempDir(), t.TempDir()
+	h, err := e.d.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: a, StagingTargetPath: s2, VolumePublishPath: p2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]int{}
+	for _, s := range h.GetVolumeHealth().GetHealthStatuses() {
+		seen[s.GetStatus().String()+"/"+s.GetReason()]++
+		if s.GetReason() == "NotMounted" && (!strings.Contains(s.GetMessage(), s2) || !strings.Contains(s.GetMessage(), p2)) {
+			t.Errorf("NotMounted names %q, want both %s and %s", s.GetMessage(), s2, p2)
+		}
+	}
+	if seen["INACCESSIBLE/NotMounted"] != 1 {
+		t.Fatalf("entries %v, want one INACCESSIBLE/NotMounted", h.GetVolumeHealth().GetHealthStatuses())
+	}
+	for k, n := range seen {
+		if n > 1 {
+			t.Errorf("%d entries %s", n, k)
+		}
+	}
+	// Listing: exactly the volumes whose own health has a condition
+	// (none on a healthy store, both if the test's disk is nearly full).
+	var want []string
+	for _, id := range []string{a, b} {
+		ch, err := e.d.ControllerGetVolumeHealth(ctx, &csi.ControllerGetVolumeHealthRequest{VolumeId: id})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(ch.GetVolumeHealth().GetHealthStatuses()) > 0 {
+			want = append(want, id)
+		}
+	}
+	lh, err := e.d.ControllerListVolumeHealth(ctx, &csi.ControllerListVolumeHealthRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, en := range lh.GetEntries() {
+		got = append(got, en.GetVolumeId())
+	}
+	slices.Sort(want)
+	if !slices.Equal(got, want) {
+		t.Fatalf("listed %v, want the volumes with a condition: %v", got, want)
 	}
 }

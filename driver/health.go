@@ -90,7 +90,9 @@ func (d *Driver) ControllerGetVolumeHealth(ctx context.Context, req *csi.Control
 	return &csi.ControllerGetVolumeHealthResponse{VolumeHealth: h}, nil
 }
 
-// ControllerListVolumeHealth pages through the health of all volumes.
+// ControllerListVolumeHealth pages through the health of all volumes,
+// listing those with an adverse condition (a page may hold fewer entries
+// than max_entries, or none, and still have a next token).
 func (d *Driver) ControllerListVolumeHealth(ctx context.Context, req *csi.ControllerListVolumeHealthRequest) (*csi.ControllerListVolumeHealthResponse, error) {
 	// A failed store still lists the volumes it had: their health is the
 	// failure. One that never opened (NewFailedStore) lists none, and an
@@ -111,6 +113,9 @@ func (d *Driver) ControllerListVolumeHealth(ctx context.Context, req *csi.Contro
 		h, err := d.volumeHealth(id)
 		if err != nil {
 			return nil, toStatus(err)
+		}
+		if len(h.HealthStatuses) == 0 {
+			continue // healthy volumes are left out (the spec's SHOULD)
 		}
 		resp.Entries = append(resp.Entries, h)
 	}
@@ -134,6 +139,14 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 		return nil, toStatus(err)
 	}
 	add := func(t csi.VolumeHealthErrorType, reason, msg string) {
+		// One entry per (status, reason), as the spec requires: a second
+		// path with the same condition joins the first's message.
+		for _, e := range h.HealthStatuses {
+			if e.Status == t && e.Reason == reason {
+				e.Message += "; " + msg
+				return
+			}
+		}
 		h.HealthStatuses = append(h.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{Status: t, Reason: reason, Message: msg})
 	}
 	dev, attached := d.opt.Frontend.Device(id)
