@@ -598,12 +598,12 @@ func (v *Volume) punchUnreadable() error {
 	}
 	v.mu.RUnlock()
 	for _, sp := range spans {
-		if err := v.data.Punch(int64(sp.C)<<v.shift, int64(sp.N)<<v.shift); err != nil {
+		if err := v.s.reclaim(v.data, int64(sp.C)<<v.shift, int64(sp.N)<<v.shift); err != nil {
 			return err
 		}
 	}
 	if from < size {
-		return v.data.Punch(from, size-from)
+		return v.s.reclaim(v.data, from, size-from)
 	}
 	return nil
 }

@@ -50,6 +50,9 @@ type faultFS struct {
 	writeErr func(name string) error
 	// writeErrAt is writeErr told the write's offset and length too.
 	writeErrAt func(name string, off, n int64) error
+	// punchErr, if set, runs before every Punch; one for which it returns
+	// an error fails with it, punching nothing.
+	punchErr func(name string, off, n int64) error
 	// ios, when not nil, records the start and the end of every WriteAt
 	// ("wstart"/"wdone NAME OFF LEN") and of every Sync ("sstart"/"sdone
 	// NAME"; sdone only when it succeeded) in order, for tests of the
@@ -340,6 +343,14 @@ func (f *faultFile) Punch(off, n int64) error {
 		return errKilled
 	}
 	defer f.fs.life.RUnlock()
+	f.fs.mu.Lock()
+	perr := f.fs.punchErr
+	f.fs.mu.Unlock()
+	if perr != nil {
+		if err := perr(f.name, off, n); err != nil {
+			return err
+		}
+	}
 	f.fs.io(fmt.Sprintf("wstart %s %d %d", f.name, off, n))
 	defer f.fs.io(fmt.Sprintf("wdone %s %d %d", f.name, off, n))
 	return f.file.Punch(off, n)

@@ -24,12 +24,17 @@ type Stats struct {
 	// the kill journal: what a killed process had answered and only its
 	// memory held.
 	JournalRedone int64
+	// ReclaimFailed counts hole punches that only give space back (freed
+	// COW chunks, a deleted volume's unreadable data, free gaps at Open)
+	// and failed since Open, say for want of space on XFS: that space
+	// stays allocated until an Open punches it again. Nothing else fails.
+	ReclaimFailed uint64
 }
 
 // Stats returns the engine's counters and the memory its exception indexes
 // hold. It takes each volume's lock briefly and is safe for concurrent use.
 func (s *Store) Stats() Stats {
-	st := Stats{CopyOuts: s.copyOuts.Load(), CopiedBytes: s.copiedBytes.Load(), ClonedBytes: s.clonedBytes.Load(), JournalRedone: s.redone}
+	st := Stats{ReclaimFailed: s.reclaimFailed.Load(), CopyOuts: s.copyOuts.Load(), CopiedBytes: s.copiedBytes.Load(), ClonedBytes: s.clonedBytes.Load(), JournalRedone: s.redone}
 	if j := s.jnl; j != nil {
 		j.mu.Lock()
 		st.JournalBytes = j.off + j.prevOff

@@ -62,9 +62,12 @@ type Store struct {
 	lock   *os.File   // holds the flock on dir/lock (Open); nil under a test fsys
 	grp    groupState // snapshot groups (group.go); guarded by mu
 
-	copyOuts    atomic.Uint64 // chunks recorded by copy-before-write since Open
-	copiedBytes atomic.Uint64 // bytes of those chunks' copies, counted when queued (zero chunks cost none)
-	clonedBytes atomic.Uint64 // bytes of those copies made by sharing blocks (FICLONERANGE) instead
+	copyOuts atomic.Uint64 // chunks recorded by copy-before-write since Open
+	// reclaimFailed counts hole punches that only give space back and
+	// failed (see reclaim).
+	reclaimFailed atomic.Uint64
+	copiedBytes   atomic.Uint64 // bytes of those chunks' copies, counted when queued (zero chunks cost none)
+	clonedBytes   atomic.Uint64 // bytes of those copies made by sharing blocks (FICLONERANGE) instead
 }
 
 // SetSurviveKill sets whether WriteAt and Discard return only once their
@@ -784,7 +787,24 @@ func (v *Volume) punchCOW(c exceptions.Chunk, n uint64) error {
 	if err != nil {
 		return err
 	}
-	return f.Punch(int64(c)<<v.shift, int64(n)<<v.shift)
+	return v.s.reclaim(f, int64(c)<<v.shift, int64(n)<<v.shift)
+}
+
+// reclaim punches [off, off+n) of f to give its space back to the file
+// system: chunks nothing maps or reads any more, after the record that
+// made them so is durable (release, punchUnreadable) or at Open
+// (rebuildFree). No reader depends on those bytes (a reused COW chunk is
+// written whole before a record names it), so a failed punch costs only
+// space: it is counted (Stats.ReclaimFailed) and not returned. Failing
+// there would close the store after a durable delete, and every later
+// Open would fail the same way: on a full XFS, where even a punch needs a
+// transaction reservation (ENOSPC), the deletes that would free space
+// could never run. Open punches the same ranges again.
+func (s *Store) reclaim(f file, off, n int64) error {
+	if err := f.Punch(off, n); err != nil {
+		s.reclaimFailed.Add(1)
+	}
+	return nil
 }
 
 // cowFile returns the volume's COW file, which exists from the volume's
