@@ -398,6 +398,12 @@ func crashCheckModel(open func() (*Store, error), m *model, g []op) error {
 		return fmt.Errorf("reopen: %w", err)
 	}
 	defer s.Close()
+	return crashCheckStore(s, m, g)
+}
+
+// crashCheckStore is crashCheckModel's check of the recovered store s,
+// which it leaves open.
+func crashCheckStore(s *Store, m *model, g []op) error {
 	// Without the in-flight group (writes in flight may have landed in
 	// part: the model counts them as written since the last flush).
 	a := m.clone()

@@ -489,7 +489,7 @@ func gRun(s **Store, open func() (*Store, error), o gOp) error {
 	switch {
 	case o.refused:
 		if err := (*s).DeleteSnapshot(o.id); !errors.Is(err, ErrGroupMember) {
-			return fmt.Errorf("delete of group member %s: %v, want ErrGroupMember", o.id, err)
+			return fmt.Errorf("delete of group member %s: %w, want ErrGroupMember", o.id, err)
 		}
 		return nil
 	case o.kind == opGroupCreate:

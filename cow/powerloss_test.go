@@ -679,6 +679,11 @@ func mainStream(seed int64, m *model) plStream {
 			return crashCheckModel(open, st.m, inFlight)
 		},
 		resume: func(s *Store, seed int64) (plStream, error) {
+			// This disk's recovery is checked like the others' before
+			// what it recovered becomes the model of the next stream.
+			if err := crashCheckStore(s, st.m, inFlight); err != nil {
+				return plStream{}, fmt.Errorf("the recovery of the third disk: %w", err)
+			}
 			m, err := modelOf(s)
 			if err != nil {
 				return plStream{}, err

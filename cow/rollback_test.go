@@ -197,7 +197,7 @@ func rbRun(s **Store, open func() (*Store, error), o rbOp) error {
 		return err
 	case rbForeign:
 		if _, err := st.Rollback(o.id, o.id2); !errors.Is(err, ErrForeignSnapshot) {
-			return fmt.Errorf("rollback to a foreign snapshot: %v, want ErrForeignSnapshot", err)
+			return fmt.Errorf("rollback to a foreign snapshot: %w, want ErrForeignSnapshot", err)
 		}
 		return nil
 	case rbClone:
