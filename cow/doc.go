@@ -155,7 +155,11 @@
 //     snapshot that still backs clones, is hidden but keeps its ID reserved
 //     (ErrExists) until the last dependent is deleted; then its space is
 //     freed. While a deleted volume's snapshots live, its data file keeps
-//     only the chunks no snapshot has copied (the rest is punched).
+//     only what its newest snapshot may read there: the chunks that one has
+//     not copied, up to its size (the rest is punched; an older snapshot's
+//     copy of a chunk frees nothing while a newer one reads the chunk in
+//     the data file). A punch that fails (a full XFS) leaves the space
+//     allocated until a later Open (Stats.ReclaimFailed).
 //   - Limit: a snapshot that would go over SnapshotOptions.Limit is
 //     invalidated (its records merge into the next older snapshot, its
 //     readers get ErrInvalidated); the write goes on. A snapshot with clones

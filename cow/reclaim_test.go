@@ -117,3 +117,57 @@ func TestReclaimWithoutPunch(t *testing.T) {
 		t.Fatalf("deleted volume after reopen: %v, want ErrNotFound", err)
 	}
 }
+
+// TestApplyFailureStopsWrites: a record that is durable but fails to apply
+// (here the removal of a reaped volume's files, refused by the disk) stops
+// the store. Writes, discards and flushes used to go on, logging records
+// over a memory that disagrees with the log, while every control call
+// answered ErrClosed; now they fail alike, and Open re-derives the state.
+func TestApplyFailureStopsWrites(t *testing.T) {
+	dir := t.TempDir()
+	s, fs := openFault(t, dir, nil)
+	const cs = 4096
+	mustVol(t, s, "v", 16*cs, cs)
+	w := mustVol(t, s, "w", 16*cs, cs)
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteVolume("v"); err != nil { // kept: s reads it
+		t.Fatal(err)
+	}
+	fs.mu.Lock()
+	fs.removeErr = func(name string) error {
+		if strings.HasSuffix(name, ".data") {
+			return syscall.EIO
+		}
+		return nil
+	}
+	fs.mu.Unlock()
+	if err := s.DeleteSnapshot("s"); !errors.Is(err, ErrClosed) {
+		t.Fatalf("delete whose reap cannot remove the files: %v, want ErrClosed", err)
+	}
+	if _, err := w.WriteAt(fill(cs, 'a'), 0); !errors.Is(err, ErrClosed) {
+		t.Fatalf("write after the store stopped: %v, want ErrClosed", err)
+	}
+	if err := w.Discard(0, cs); !errors.Is(err, ErrClosed) {
+		t.Fatalf("discard after the store stopped: %v, want ErrClosed", err)
+	}
+	if err := w.Flush(); !errors.Is(err, ErrClosed) {
+		t.Fatalf("flush after the store stopped: %v, want ErrClosed", err)
+	}
+	s.Close()
+	fs.mu.Lock()
+	fs.removeErr = nil
+	fs.mu.Unlock()
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if _, err := s2.Snapshot("s"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("the deleted snapshot after reopen: %v", err)
+	}
+	if ids := s2.Volumes(); len(ids) != 1 || ids[0].ID != "w" {
+		t.Fatalf("volumes after reopen: %v, want w only", ids)
+	}
+}

@@ -946,12 +946,22 @@ func (s *Store) commitApply(recs ...*record) error {
 	}
 	for _, r := range recs {
 		if err := s.apply(r); err != nil {
-			// Memory and log disagree: a bug. Refuse further changes.
-			s.closed.Store(true)
-			return fmt.Errorf("%w: applying committed record: %w", ErrClosed, err)
+			return s.applyFailed("applying committed record", err)
 		}
 	}
 	return nil
+}
+
+// applyFailed stops the store after a record that is durable or queued
+// failed to apply to memory (a bug, or a file removal the disk refused):
+// memory and log disagree. Control calls see it closed (s.closed), and the
+// committer's sticky failure stops writes, discards and flushes too (they
+// check it), so nothing more is logged over the disagreement; the next
+// Open re-derives the state from the log. It returns the caller's error.
+func (s *Store) applyFailed(what string, err error) error {
+	s.closed.Store(true)
+	s.log.fail(fmt.Errorf("%s: %w", what, err))
+	return fmt.Errorf("%w: %s: %w", ErrClosed, what, err)
 }
 
 // queueApply is commitApply with memory ahead of the disk: recs go into the
@@ -971,8 +981,7 @@ func (s *Store) queueApply(release func(), recs ...*record) error {
 	}
 	for _, r := range recs {
 		if err := s.apply(r); err != nil {
-			s.closed.Store(true)
-			return fmt.Errorf("%w: applying queued record: %w", ErrClosed, err)
+			return s.applyFailed("applying queued record", err)
 		}
 	}
 	release()

@@ -1129,8 +1129,7 @@ func (v *Volume) flushWith(r *record, release func()) (err error) {
 			return err
 		}
 		if err := v.s.apply(r); err != nil {
-			v.s.closed.Store(true)
-			return fmt.Errorf("%w: applying queued record: %w", ErrClosed, err)
+			return v.s.applyFailed("applying queued record", err)
 		}
 		release()
 		return v.s.log.await(b)
@@ -1144,8 +1143,7 @@ func (v *Volume) flushWith(r *record, release func()) (err error) {
 		return err
 	}
 	if err := v.s.apply(r); err != nil {
-		v.s.closed.Store(true)
-		return fmt.Errorf("%w: applying committed record: %w", ErrClosed, err)
+		return v.s.applyFailed("applying committed record", err)
 	}
 	return nil
 }
