@@ -64,7 +64,9 @@ var rollbackPiece int64 = 4 << 20
 // doc.go). Cost: the chunks written since the snapshot, not the volume's
 // size. Every other snapshot of the volume (older, newer, hidden sources of
 // clones) reads as before; newer ones get their copy-before-write as for any
-// write.
+// write, which counts against a COW limit as any write's does: a newer
+// snapshot with a limit (SnapshotOptions.Limit; the driver sets none) can be
+// invalidated by the rollback.
 //
 // The caller must make sure nothing else uses the volume meanwhile (the
 // driver refuses while it is staged); writes arriving during the rollback
@@ -506,8 +508,11 @@ func (v *Volume) rollbackPut(off int64, b []byte, res *RollbackResult) error {
 // resumeRollbacks completes the rollbacks a crash interrupted. Open calls
 // it after replay. A failure leaves that volume refusing writes with
 // ErrRollbackPending (a later Rollback of the same snapshot retries); the
-// store and its other volumes stay usable.
-func (s *Store) resumeRollbacks() {
+// store and its other volumes stay usable: a failure that failed the store
+// (a copy-out out of space: the committer's failure is sticky) makes Open
+// open it again without resuming (openFS). It returns the failures, also
+// kept for RollbackResumeErr.
+func (s *Store) resumeRollbacks() error {
 	s.mu.Lock()
 	var todo []*Volume
 	for _, v := range s.allVolumes() {
@@ -516,12 +521,26 @@ func (s *Store) resumeRollbacks() {
 		}
 	}
 	s.mu.Unlock()
+	var errs []error
 	for _, v := range todo {
 		v.mu.RLock()
 		sn := v.rb
 		v.mu.RUnlock()
-		s.rollbackFinish(v, sn)
+		if _, err := s.rollbackFinish(v, sn); err != nil {
+			errs = append(errs, fmt.Errorf("resume the rollback of volume %q to snapshot %q: %w", v.id, sn.id, err))
+		}
 	}
+	s.resumeErr = errors.Join(errs...)
+	return s.resumeErr
+}
+
+// RollbackResumeErr returns why Open could not finish the rollbacks a crash
+// interrupted (their volumes report PendingRollback and refuse writes until
+// Rollback is called again), or nil.
+func (s *Store) RollbackResumeErr() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.resumeErr
 }
 
 // applyRollback applies a rollback begin or done record.

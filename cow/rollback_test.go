@@ -836,3 +836,92 @@ func TestRollbackKeepsLimitedTarget(t *testing.T) {
 	}
 	check(reopen(t, s, dir), "after a checkpoint and reopen")
 }
+
+// TestRollbackResumeWithoutSpace: Open resumes an interrupted rollback.
+// When its copy-outs (to a newer snapshot) find no space, the commit fails
+// the store, and it used to fail it in every Open: the plugin restarted in
+// a loop, and the deletes that would free space never ran. Open now opens
+// the store again without resuming: the volume stays pending (writes
+// refused) and says why, everything else works, and once space is back a
+// repeated Rollback completes it.
+func TestRollbackResumeWithoutSpace(t *testing.T) {
+	dir := t.TempDir()
+	s, fs := openFault(t, dir, nil)
+	const cs = 4096
+	v := mustVol(t, s, "v", 16*cs, cs)
+	mustVol(t, s, "other", 16*cs, cs)
+	if _, err := v.WriteAt(fill(16*cs, 'a'), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s1", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(8*cs, 'b'), 0); err != nil { // s1 copies 8 chunks
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	full := func(fs *faultFS) {
+		fs.mu.Lock()
+		fs.writeErr = noSpaceFor
+		fs.mu.Unlock()
+	}
+	full(fs)
+	// The rollback rewrites chunks 0-7, whose first write after s2 must
+	// copy 'b' out to s2 first: no space.
+	if _, err := s.Rollback("v", "s1"); !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("rollback on a full disk: %v, want ErrNoSpace", err)
+	}
+	s.Close() // failed: no checkpoint, as after a crash
+
+	s, _ = openFault(t, dir, full)
+	if err := s.Err(); err != nil {
+		t.Fatalf("Open with a rollback it cannot resume: the store failed: %v", err)
+	}
+	if err := s.RollbackResumeErr(); !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("RollbackResumeErr: %v, want ErrNoSpace", err)
+	}
+	v, err := s.Volume("v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if snap, ok := v.PendingRollback(); !ok || snap != "s1" {
+		t.Fatalf("PendingRollback: %q %v, want s1", snap, ok)
+	}
+	if _, err := v.WriteAt(fill(cs, 'x'), 0); !errors.Is(err, ErrRollbackPending) {
+		t.Fatalf("write to the pending volume: %v, want ErrRollbackPending", err)
+	}
+	if err := s.DeleteVolume("other"); err != nil {
+		t.Fatalf("delete to free space: %v", err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	s, _ = openFault(t, dir, nil) // space is back: Open resumes it
+	defer s.Close()
+	if err := s.RollbackResumeErr(); err != nil {
+		t.Fatalf("RollbackResumeErr with space back: %v", err)
+	}
+	v, err = s.Volume("v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := v.PendingRollback(); ok {
+		t.Fatal("still pending after an Open with space")
+	}
+	if got := mustRead(t, v, 0, 16*cs); !bytes.Equal(got, fill(16*cs, 'a')) {
+		t.Fatal("the volume does not read as s1 after the resumed rollback")
+	}
+	s2, err := s.Snapshot("s2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, s2, 0, 16*cs); !bytes.Equal(got, append(fill(8*cs, 'b'), fill(8*cs, 'a')...)) {
+		t.Fatal("s2 changed")
+	}
+}

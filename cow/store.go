@@ -52,6 +52,9 @@ type Store struct {
 	// their redo ran out of space (KillWritesLost); skipRedo: this Open
 	// drops the journal without redoing it (openFS's second try).
 	killLost []string
+	// resumeErr is why Open could not finish an interrupted rollback
+	// (RollbackResumeErr); nil when it finished them all.
+	resumeErr error
 	skipRedo bool
 	// redoNoSpace: the volumes of a redo that failed for want of space
 	// (openJournal), for openFS's second try.
@@ -144,17 +147,34 @@ func lockDir(dir string) (*os.File, error) {
 }
 
 func openFS(dir string, fs fsys) (*Store, error) {
-	s, noSpace, err := openOnce(dir, fs, nil)
-	if err == nil || !errors.Is(err, ErrNoSpace) || len(noSpace) == 0 {
-		return s, err
+	var lost []string
+	s, noSpace, err := openOnce(dir, fs, lost)
+	if err != nil && errors.Is(err, ErrNoSpace) && len(noSpace) > 0 {
+		// The kill journal's redo ran out of space (its copy-outs need
+		// COW chunks). Failing would fail every Open until space is
+		// freed, and the deletes that free it need an open store: open
+		// without the redo instead, dropping the journal, and name the
+		// volumes whose answered writes are lost (KillWritesLost), as a
+		// power loss would lose them.
+		lost = noSpace
+		s, _, err = openOnce(dir, fs, lost)
 	}
-	// The kill journal's redo ran out of space (its copy-outs need COW
-	// chunks). Failing would fail every Open until space is freed, and the
-	// deletes that free it need an open store: open without the redo
-	// instead, dropping the journal, and name the volumes whose answered
-	// writes are lost (KillWritesLost), as a power loss would lose them.
-	s, _, err = openOnce(dir, fs, noSpace)
-	return s, err
+	if err != nil {
+		return nil, err
+	}
+	if rerr := s.resumeRollbacks(); rerr != nil && s.Err() != nil && !errors.Is(s.Err(), ErrSyncLost) {
+		// A resumed rollback failed the store (its copy-outs ran out of
+		// space, and a failed commit is sticky). For the same reason as
+		// above, open again without resuming: those volumes keep refusing
+		// writes (ErrRollbackPending) until Rollback is called again, and
+		// the store serves everything else. RollbackResumeErr tells why.
+		s.Close()
+		if s, _, err = openOnce(dir, fs, lost); err != nil {
+			return nil, err
+		}
+		s.resumeErr = rerr
+	}
+	return s, nil
 }
 
 // openOnce opens the store in dir. With lost (the volumes of a kill journal
@@ -202,7 +222,6 @@ func openOnce(dir string, fs fsys, lost []string) (s *Store, noSpace []string, e
 		// disk still refuses, the fence holds for this process only.
 		_ = s.saveKillLost(s.killLost)
 	}
-	s.resumeRollbacks()
 	return s, nil, nil
 }
 

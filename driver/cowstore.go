@@ -63,6 +63,11 @@ func OpenCowStore(dir string) (*CowStore, error) {
 	if lost := s.KillWritesLost(); len(lost) > 0 {
 		klog.ErrorS(nil, "No space to redo the kill journal: writes these volumes answered before the restart and never flushed are lost, as after a power loss; their held devices answer I/O errors until unstaged, so the filesystems on them recover from their own journals on the next mount. Free space (delete snapshots or volumes)", "volumeIDs", lost)
 	}
+	if err := s.RollbackResumeErr(); err != nil {
+		// Their volumes refuse stage and writes (Recover names them and
+		// the command that finishes them).
+		klog.ErrorS(err, "Could not finish rollbacks a restart interrupted; run them again once the cause is gone (a full disk: delete snapshots or volumes)", "dir", dir)
+	}
 	if n := s.Stats().JournalRedone; n > 0 {
 		// A killed plugin had answered these; only its memory held them.
 		klog.InfoS("Redid writes from the kill journal", "dir", dir, "records", n)
