@@ -55,7 +55,7 @@ type Store struct {
 	// resumeErr is why Open could not finish an interrupted rollback
 	// (RollbackResumeErr); nil when it finished them all.
 	resumeErr error
-	skipRedo bool
+	skipRedo  bool
 	// redoNoSpace: the volumes of a redo that failed for want of space
 	// (openJournal), for openFS's second try.
 	redoNoSpace []string
