@@ -754,4 +754,29 @@ func TestOld16TiBVolume(t *testing.T) {
 	if !bytes.Equal(mustRead(t, sn, maxBytes-4096, 4096), make([]byte, 4096)) {
 		t.Fatal("the snapshot's last 4 KiB are not zeros")
 	}
+	// An earlier version (no file limit) let a write after the snapshot
+	// map the last chunk in it. A rollback to it would have to rewrite
+	// that chunk, which the write path keeps read-only on ext4: refused
+	// before anything is written (it used to stay pending for ever, or,
+	// for a chunk the snapshot reads as zeros, succeed with the chunk
+	// unchanged), not left pending.
+	if v, err = s.Volume("old"); err != nil {
+		t.Fatal(err)
+	}
+	lim := s.fileLimit
+	s.fileLimit = 0
+	_, err = v.WriteAt(fill(12<<10, 5), maxBytes-(16<<10))
+	s.fileLimit = lim
+	if err != nil {
+		t.Fatalf("an earlier version's write into the last chunk: %v", err)
+	}
+	_, err = s.Rollback("old", "snap")
+	if ext4 && !errors.Is(err, ErrOutOfRange) {
+		t.Fatalf("rollback that must rewrite the read-only last chunk: %v, want ErrOutOfRange", err)
+	} else if !ext4 && err != nil {
+		t.Fatalf("rollback of a 16 TiB volume where the file system holds it: %v", err)
+	}
+	if snap, pending := v.PendingRollback(); pending {
+		t.Fatalf("the refused rollback left the volume pending (to %s)", snap)
+	}
 }

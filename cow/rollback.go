@@ -190,6 +190,9 @@ func (s *Store) rollbackBegin(volID, snapID string) (*Volume, *Snapshot, bool, e
 	if cur != nil {
 		return nil, nil, false, v.rollbackBusy()
 	}
+	if err := v.rollbackFits(sn); err != nil {
+		return nil, nil, false, err
+	}
 	if s.hdr.Version < logVersion2 {
 		// Rollback records are new in version 2. Upgrade through a
 		// checkpoint (temp file, fsync, rename: atomic) so that a binary
@@ -210,6 +213,32 @@ func (s *Store) rollbackBegin(volID, snapID string) (*Volume, *Snapshot, bool, e
 		return nil, nil, false, err
 	}
 	return v, sn, false, nil
+}
+
+// rollbackFits refuses, before anything is written, a rollback that would
+// have to rewrite the last chunk of a volume made larger than the store's
+// file system's largest file (16 TiB on ext4, before sizes were capped below
+// it): the write path keeps that chunk read-only (modifyGated), so the
+// rollback could neither finish nor restore it.
+func (v *Volume) rollbackFits(sn *Snapshot) error {
+	v.mu.RLock()
+	size := v.size
+	v.mu.RUnlock()
+	lim := v.s.fileLimit &^ (v.chunkSize - 1)
+	if lim <= 0 || lim >= size {
+		return nil
+	}
+	spans, err := v.rollbackSpans(sn)
+	if err != nil {
+		return err
+	}
+	last := exceptions.Chunk(lim >> v.shift)
+	for _, sp := range spans {
+		if sp.C+exceptions.Chunk(sp.N) > last {
+			return fmt.Errorf("%w: the rollback of volume %q would rewrite its last chunk (at byte %d), which the store's file system cannot hold whole (a volume made before sizes were capped below its largest file)", ErrOutOfRange, v.id, lim)
+		}
+	}
+	return nil
 }
 
 // rollbackFinish rewrites the changed chunks, flushes, and commits the done
