@@ -18,6 +18,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 	"k8s.io/klog/v2"
+	mount "k8s.io/mount-utils"
 )
 
 const (
@@ -827,19 +828,23 @@ func (d *Driver) thawLeftover(id string) error {
 		return nil
 	}
 	markBoot, mp, _ := strings.Cut(string(b), "\n")
-	switch {
-	case err != nil:
-	case markBoot != bootID() || mp == "":
-		// Another boot: nothing is frozen any more.
-	case !d.isMountPoint(mp):
-		// Unmounted since: a frozen filesystem cannot be unmounted,
-		// so this one is not frozen (and the path may be another's).
-	default:
-		// EINVAL: not frozen (the thaw happened, the removal did not).
-		if err = d.opt.Thaw(mp); errors.Is(err, syscall.EINVAL) {
-			err = nil
-		} else if err == nil {
-			klog.InfoS("Thawed a filesystem a previous run left frozen", "volumeID", id, "mountpoint", mp)
+	// Another boot (the mark says so, or it names no mount point): nothing
+	// is frozen any more. A boot identity that cannot be read now tells
+	// nothing: the mount table decides.
+	now := bootID()
+	if err == nil && mp != "" && (now == "" || markBoot == now) {
+		// A mount table that cannot be read keeps the marker (err): a
+		// frozen filesystem taken for unmounted would stay frozen for
+		// ever. One unmounted since is not frozen (a frozen filesystem
+		// cannot be unmounted), and the path may be another's.
+		var top mount.MountPoint
+		if top, err = d.topMount(mp); err == nil && top.Path != "" {
+			// EINVAL: not frozen (the thaw happened, the removal did not).
+			if err = d.opt.Thaw(mp); errors.Is(err, syscall.EINVAL) {
+				err = nil
+			} else if err == nil {
+				klog.InfoS("Thawed a filesystem a previous run left frozen", "volumeID", id, "mountpoint", mp)
+			}
 		}
 	}
 	if err == nil {
@@ -849,12 +854,6 @@ func (d *Driver) thawLeftover(id string) error {
 		return fmt.Errorf("thaw left over from %s: %w", path, err)
 	}
 	return nil
-}
-
-// isMountPoint reports whether the mount table lists a mount at path.
-func (d *Driver) isMountPoint(path string) bool {
-	mp, err := d.topMount(path)
-	return err == nil && mp.Path != ""
 }
 
 // DeleteSnapshot deletes a snapshot; volumes restored from it keep working.
