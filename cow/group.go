@@ -83,7 +83,9 @@ func (g *groupState) init() {
 //
 // Errors: ErrInvalidID (any ID), ErrBadArgument (no members, a volume named
 // twice, a snapshot ID given twice, bad options), ErrExists (groupID or a
-// snapshot ID in use), ErrNotFound (a volume).
+// snapshot ID in use), ErrNotFound (a volume), ErrRollbackPending (a
+// member with an unfinished rollback), ErrNoSpace (no object numbers
+// left), ErrClosed (the store failed or was closed), I/O errors.
 func (s *Store) CreateSnapshotGroup(groupID string, members []GroupMember, o SnapshotOptions) (GroupInfo, error) {
 	if err := checkID(groupID); err != nil {
 		return GroupInfo{}, err
@@ -225,7 +227,8 @@ func (s *Store) preflush(members []GroupMember) {
 
 // DeleteSnapshotGroup deletes the group and every member snapshot in one
 // record (atomic). Clones of members keep working, as with DeleteSnapshot.
-// Errors: ErrInvalidID, ErrNotFound (no such group).
+// Errors: ErrInvalidID, ErrNotFound (no such group), ErrRollbackPending (a
+// member's volume has an unfinished rollback), ErrClosed, I/O errors.
 func (s *Store) DeleteSnapshotGroup(groupID string) error {
 	if err := checkID(groupID); err != nil {
 		return err

@@ -47,6 +47,29 @@ func (s failedStore) Err() error                               { return s.err }
 func (s failedStore) VolumeBackend(id string) (Backend, error) { return nil, s.err }
 func (s failedStore) Close() error                             { return nil }
 
+// The optional services answer Unavailable too, so that the plugin's
+// capabilities do not change with the store's health (it would advertise
+// no group or metadata service, and answer Unimplemented, "not supported",
+// where the node only needs a reboot).
+func (s failedStore) CreateSnapshotGroup(string, []GroupMember, map[string]string) (GroupInfo, error) {
+	return GroupInfo{}, s.err
+}
+func (s failedStore) DeleteSnapshotGroup(string) error                           { return s.err }
+func (s failedStore) SnapshotGroup(string) (GroupInfo, error)                    { return GroupInfo{}, s.err }
+func (s failedStore) SnapshotGroups() []GroupInfo                                { return nil }
+func (s failedStore) AllocatedRanges(string, func(off, length int64) bool) error { return s.err }
+func (s failedStore) ChangedRanges(string, string, func(off, length int64) bool) error {
+	return s.err
+}
+func (s failedStore) Rollback(string, string) (RollbackResult, error) { return RollbackResult{}, s.err }
+func (s failedStore) PendingRollback(string) (string, bool)           { return "", false }
+
+var (
+	_ GroupStore    = failedStore{}
+	_ MetadataStore = failedStore{}
+	_ RollbackStore = failedStore{}
+)
+
 // errSyncLostIO is what a held volume's I/O gets once the store is lost:
 // EIO, which the filesystem on the device reports (and ext4 acts on per
 // its errors= option) instead of waiting for ever.

@@ -231,6 +231,26 @@ func TestFailedStoreServesHeldVolumesWithErrors(t *testing.T) {
 	if err != nil || len(h.GetVolumeHealth().GetHealthStatuses()) == 0 || h.GetVolumeHealth().GetHealthStatuses()[0].GetReason() != "StoreFailed" {
 		t.Errorf("ControllerGetVolumeHealth on a lost store: %v, %v; want StoreFailed", h.GetVolumeHealth().GetHealthStatuses(), err)
 	}
+	// The optional services stay advertised and answer Unavailable, not
+	// Unimplemented ("not supported"): the node needs a reboot.
+	caps, err := d.GetPluginCapabilities(ctx, &csi.GetPluginCapabilitiesRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var svcs []csi.PluginCapability_Service_Type
+	for _, c := range caps.GetCapabilities() {
+		svcs = append(svcs, c.GetService().GetType())
+	}
+	if !slices.Contains(svcs, csi.PluginCapability_Service_GROUP_CONTROLLER_SERVICE) || !slices.Contains(svcs, csi.PluginCapability_Service_SNAPSHOT_METADATA_SERVICE) {
+		t.Errorf("services advertised on a lost store: %v, want the group and metadata services", svcs)
+	}
+	gid := "g-" + strings.Repeat("a", 32)
+	if _, err := d.DeleteVolumeGroupSnapshot(ctx, &csi.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: gid}); status.Code(err) != codes.Unavailable {
+		t.Errorf("DeleteVolumeGroupSnapshot on a lost store: %v, want Unavailable", err)
+	}
+	if _, err := d.GetVolumeGroupSnapshot(ctx, &csi.GetVolumeGroupSnapshotRequest{GroupSnapshotId: gid}); status.Code(err) != codes.Unavailable {
+		t.Errorf("GetVolumeGroupSnapshot on a lost store: %v, want Unavailable", err)
+	}
 }
 
 // heldFrontend holds one volume ("v-held") on device dev, unserved until
