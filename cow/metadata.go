@@ -14,12 +14,15 @@ import (
 var ErrUnrelated = errors.New("cow: snapshots are not base and later target of one volume")
 
 // Snapshot metadata (changed-block tracking) answers two questions in time
-// proportional to the number of runs in the exception indexes (plus the data
-// extents of the origin for AllocatedRanges), never to the volume's size:
+// proportional to the number of runs in the exception indexes, times the
+// logarithm of the number of snapshots involved (their indexes are merged
+// pairwise), plus the data extents of the origin for AllocatedRanges; never
+// to the volume's size:
 //
 //   - ChangedRanges(Si, Sj): the snapshots of a volume form a chain S1..Sn
 //     and Sk's index holds exactly the chunks first written (or discarded)
-//     while Sk was the newest snapshot. So the chunks written between Si and
+//     while Sk was the newest snapshot (a discard of a chunk that was a hole
+//     records nothing: it changed nothing). So the chunks written between Si and
 //     Sj are exactly the union of the indexes of Si..S(j-1). Deleting or
 //     invalidating Sk moves the records S(k-1) lacks into S(k-1) (unchain),
 //     which keeps that union whole for every pair around it, except for
@@ -41,9 +44,10 @@ var ErrUnrelated = errors.New("cow: snapshots are not base and later target of o
 // false stops the walk. Errors: ErrInvalidID, ErrNotFound (unknown or
 // deleted snapshot), ErrInvalidated, ErrClosed, or an I/O error.
 //
-// The ranges are computed first, with writes to the snapshot's volume (and
-// the volumes it reads through to) held off for that time, then fn is called
-// with no lock held.
+// What the ranges depend on (the indexes' runs, the data files' extents)
+// is read first, with writes to the snapshot's volume (and the volumes it
+// reads through to) held off for that time; the ranges are then computed,
+// and fn called, with no lock held.
 func (s *Store) AllocatedRanges(snapID string, fn func(off, length int64) bool) error {
 	sn, err := s.Snapshot(snapID)
 	if err != nil {
@@ -54,12 +58,12 @@ func (s *Store) AllocatedRanges(snapID string, fn func(off, length int64) bool) 
 		unlock()
 		return err
 	}
-	ex, err := sn.allocated(0, sn.size)
+	finish, err := sn.allocatedLater(0, sn.size)
 	unlock()
 	if err != nil {
 		return err
 	}
-	walk(ex.align(sn.vol.shift, sn.size), fn)
+	walk(finish().align(sn.vol.shift, sn.size), fn)
 	return nil
 }
 
@@ -73,8 +77,8 @@ func (s *Store) AllocatedRanges(snapID string, fn func(off, length int64) bool) 
 // ErrUnrelated (not one volume's, or base not older than target), ErrClosed,
 // or an I/O error.
 //
-// Like AllocatedRanges, the ranges are computed with the volume's writes held
-// off, then fn is called with no lock held.
+// Like AllocatedRanges, what the ranges depend on is read with the volume's
+// writes held off, then they are computed, and fn called, with no lock held.
 func (s *Store) ChangedRanges(baseSnapID, targetSnapID string, fn func(off, length int64) bool) error {
 	base, err := s.Snapshot(baseSnapID)
 	if err != nil {
@@ -104,8 +108,11 @@ func (s *Store) ChangedRanges(baseSnapID, targetSnapID string, fn func(off, leng
 	if err := target.usableForMetadata(); err != nil {
 		return err
 	}
+	// The indexes' runs are copied out under v.mu, and merged after: the
+	// store's apply stage may wait for v.mu (a clone's markPresent), and
+	// with it every volume's Flush.
 	v.mu.RLock()
-	var ex extents
+	var lists []extents
 	in := false
 	for _, k := range v.chain {
 		if k == base {
@@ -115,19 +122,20 @@ func (s *Store) ChangedRanges(baseSnapID, targetSnapID string, fn func(off, leng
 			break
 		}
 		if in {
-			ex = union(ex, runExtents(k.idx, v.shift, 0, target.size, false))
+			lists = append(lists, runExtents(k.idx, v.shift, 0, target.size, false))
 		}
 	}
 	v.mu.RUnlock()
+	grown := func() extents { return nil }
 	if base.size < target.size {
-		grown, err := target.allocated(base.size, target.size)
-		if err != nil {
+		if grown, err = target.allocatedLater(base.size, target.size); err != nil {
 			return err
 		}
-		ex = union(ex, grown)
 	}
+	// What the answer needs is read: the merge runs with no lock held.
 	unlock()
 	unlock = nil
+	ex := unionAll(append(lists, grown()))
 	walk(ex.align(v.shift, target.size), fn)
 	return nil
 }
@@ -150,13 +158,15 @@ func (sn *Snapshot) usableForMetadata() error {
 	return nil
 }
 
-// allocated returns the byte ranges within [lo, hi) of sn that may hold
-// non-zero data (a superset, not aligned). The caller holds the gates of
-// sn's volume's lineage exclusively.
-func (sn *Snapshot) allocated(lo, hi int64) (extents, error) {
+// allocatedLater reads what the byte ranges within [lo, hi) of sn that
+// may hold non-zero data (a superset, not aligned) depend on, and returns
+// the computation of them, which needs no lock: the caller holds the gates
+// of sn's volume's lineage exclusively while this reads, and may let go
+// before it calls the result.
+func (sn *Snapshot) allocatedLater(lo, hi int64) (func() extents, error) {
 	hi = min(hi, sn.size)
 	if lo >= hi {
-		return nil, nil
+		return func() extents { return nil }, nil
 	}
 	v := sn.vol
 	v.mu.RLock()
@@ -168,32 +178,95 @@ func (sn *Snapshot) allocated(lo, hi int64) (extents, error) {
 	for i < len(v.chain) && v.chain[i] != sn {
 		i++
 	}
-	// covered: chunks some snapshot from sn on maps (their content is in
-	// the COW file, or zeros); zeroFirst: those whose first mapping says
-	// "zeros".
-	var covered, zeroFirst extents
+	// Each index's runs, in chain order, copied out under v.mu and merged
+	// after (see ChangedRanges).
+	var parts []firstMapped
 	for ; i < len(v.chain); i++ {
 		idx := v.chain[i].idx
-		zeroFirst = union(zeroFirst, subtract(runExtents(idx, v.shift, lo, hi, true), covered))
-		covered = union(covered, runExtents(idx, v.shift, lo, hi, false))
+		parts = append(parts, firstMapped{covered: runExtents(idx, v.shift, lo, hi, false), zeroFirst: runExtents(idx, v.shift, lo, hi, true)})
 	}
 	v.mu.RUnlock()
-	cur, err := v.currentAllocated(lo, hi)
+	cur, err := v.currentAllocatedLater(lo, hi)
 	if err != nil {
 		return nil, err
 	}
-	return union(subtract(covered, zeroFirst), subtract(cur, covered)), nil
+	return func() extents {
+		f := firstAll(parts)
+		return union(subtract(f.covered, f.zeroFirst), subtract(cur(), f.covered))
+	}, nil
+}
+
+// firstMapped describes a stretch of a chain of snapshots: covered holds
+// the chunks some snapshot in it maps (their content is in the COW file,
+// or zeros), zeroFirst those whose first mapping in chain order says
+// "zeros".
+type firstMapped struct{ covered, zeroFirst extents }
+
+// firstAll merges the stretches parts, in chain order, into one. Pairwise,
+// as a balanced tree: merging is associative (an earlier stretch's mapping
+// of a chunk wins), and the tree costs O(R log m) for m snapshots holding R
+// runs, where folding them in one at a time costs O(R·m): seconds, with the
+// volume's writes waiting, for a week of hourly snapshots.
+func firstAll(parts []firstMapped) firstMapped {
+	if len(parts) == 0 {
+		return firstMapped{}
+	}
+	for len(parts) > 1 {
+		n := 0
+		for i := 0; i < len(parts); i += 2 {
+			if i+1 < len(parts) {
+				a, b := parts[i], parts[i+1]
+				parts[n] = firstMapped{covered: union(a.covered, b.covered), zeroFirst: union(a.zeroFirst, subtract(b.zeroFirst, a.covered))}
+			} else {
+				parts[n] = parts[i]
+			}
+			n++
+		}
+		parts = parts[:n]
+	}
+	return parts[0]
+}
+
+// unionAll returns the union of lists, pairwise as firstAll does: O(R log
+// m) for m lists of R extents in all.
+func unionAll(lists []extents) extents {
+	if len(lists) == 0 {
+		return nil
+	}
+	for len(lists) > 1 {
+		n := 0
+		for i := 0; i < len(lists); i += 2 {
+			if i+1 < len(lists) {
+				lists[n] = union(lists[i], lists[i+1])
+			} else {
+				lists[n] = lists[i]
+			}
+			n++
+		}
+		lists = lists[:n]
+	}
+	return lists[0]
 }
 
 // currentAllocated returns the byte ranges within [lo, hi) of the volume's
 // current data that may be non-zero (a superset).
 func (v *Volume) currentAllocated(lo, hi int64) (extents, error) {
+	finish, err := v.currentAllocatedLater(lo, hi)
+	if err != nil {
+		return nil, err
+	}
+	return finish(), nil
+}
+
+// currentAllocatedLater is currentAllocated read now and computed later
+// (see allocatedLater).
+func (v *Volume) currentAllocatedLater(lo, hi int64) (func() extents, error) {
 	data, err := dataExtents(v.data, lo, hi)
 	if err != nil {
 		return nil, err
 	}
 	if v.src == nil {
-		return data, nil
+		return func() extents { return data }, nil
 	}
 	// A clone holds the chunks in present and every chunk starting at or
 	// past its source's size; the others read through to the source.
@@ -203,11 +276,11 @@ func (v *Volume) currentAllocated(lo, hi int64) (extents, error) {
 	if past := (v.src.size + v.chunkSize - 1) >> v.shift << v.shift; past < hi {
 		present = union(present, extents{{max(lo, past), hi}})
 	}
-	src, err := v.src.allocated(lo, min(hi, v.src.size))
+	src, err := v.src.allocatedLater(lo, min(hi, v.src.size))
 	if err != nil {
 		return nil, err
 	}
-	return union(intersect(data, present), subtract(src, present)), nil
+	return func() extents { return union(intersect(data, present), subtract(src(), present)) }, nil
 }
 
 // extentLister is what a file offers to list its data extents; files that
@@ -292,7 +365,7 @@ func runExtents(idx *exceptions.Index, shift uint, lo, hi int64, zerosOnly bool)
 // combine sweeps a and b together and keeps the parts where keep(in a, in b)
 // holds; keep(false, false) must be false. O(len(a)+len(b)).
 func combine(a, b extents, keep func(inA, inB bool) bool) extents {
-	var out extents
+	out := make(extents, 0, len(a)+len(b)) // the most it can hold: no regrowth
 	i, j := 0, 0
 	cur := int64(0)
 	if len(a) > 0 || len(b) > 0 {
@@ -336,8 +409,22 @@ func combine(a, b extents, keep func(inA, inB bool) bool) extents {
 	return out
 }
 
+// union merges a and b by start, as a merge sort does (add joins what
+// touches): the hot step of metadata queries over many snapshots, several
+// times faster than combine's sweep.
 func union(a, b extents) extents {
-	return combine(a, b, func(x, y bool) bool { return x || y })
+	out := make(extents, 0, len(a)+len(b))
+	i, j := 0, 0
+	for i < len(a) || j < len(b) {
+		var e extent
+		if j == len(b) || i < len(a) && a[i].off <= b[j].off {
+			e, i = a[i], i+1
+		} else {
+			e, j = b[j], j+1
+		}
+		out = out.add(e.off, e.end)
+	}
+	return out
 }
 
 func subtract(a, b extents) extents {
