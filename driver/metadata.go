@@ -139,6 +139,7 @@ type extentSender struct {
 	buf   []*csi.BlockMetadata
 	send  func([]*csi.BlockMetadata) error
 	err   error
+	sent  bool // a message went out
 }
 
 func newExtentSender(alive func() error, start int64, maxResults int32, send func([]*csi.BlockMetadata) error) *extentSender {
@@ -165,18 +166,24 @@ func (s *extentSender) flush() {
 		s.err = s.alive()
 	}
 	if s.err == nil && len(s.buf) > 0 {
-		s.err = s.send(s.buf)
+		s.err, s.sent = s.send(s.buf), true
 	}
 	s.buf = nil
 }
 
 // finish sends what is left (unless err, the walk's own error, is set) and
-// returns the first error.
+// returns the first error. An answer with no extent (a delta of snapshots
+// with no write between them) still sends one message, empty: it carries
+// the block metadata type and the volume's capacity, which a client
+// otherwise never learns.
 func (s *extentSender) finish(err error) error {
 	if err != nil {
 		return err
 	}
 	s.flush()
+	if s.err == nil && !s.sent {
+		s.err = s.send(nil)
+	}
 	return s.err
 }
 
