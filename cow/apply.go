@@ -51,6 +51,7 @@ func (s *Store) apply(r *record) error {
 			}
 			x.mu.Lock()
 			x.deleted = true
+			x.rb = nil // an unfinished rollback is abandoned (DeleteVolume)
 			x.mu.Unlock()
 			if err := s.reapVolume(x); err != nil {
 				return err

@@ -180,9 +180,11 @@
 //     reboots (FORMAT.md, "After a failed fsync").
 //   - A rollback in progress (or interrupted and not yet resumed) makes the
 //     volume refuse writes, discards, snapshots, resizes, clones (of the
-//     volume; its snapshots can be cloned) and deletes with
-//     ErrRollbackPending, and Rollback calls of one volume run one at a
-//     time; reads return whatever mix of old and
+//     volume; its snapshots can be cloned) and deletes of its snapshots
+//     with ErrRollbackPending, and Rollback calls of one volume run one at
+//     a time. Deleting the volume abandons a rollback no call is running
+//     (one that failed, or that Open could not resume for want of space),
+//     and frees its snapshots for deletion; reads return whatever mix of old and
 //     rolled-back chunks is there at that moment. Callers must stop using
 //     the volume first (the driver refuses while it is staged).
 //   - A store that ever had a snapshot group writes log version 2, which

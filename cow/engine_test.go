@@ -780,3 +780,46 @@ func TestOld16TiBVolume(t *testing.T) {
 		t.Fatalf("the refused rollback left the volume pending (to %s)", snap)
 	}
 }
+
+// TestOld16TiBGrownRollback: a volume an earlier version grew to 16 TiB
+// after a snapshot, and wrote in the last chunk: a rollback to the
+// snapshot must discard that, which the write path cannot do in the
+// read-only last chunk (ext4), so it is refused before anything changes
+// instead of answering success with the bytes still there.
+func TestOld16TiBGrownRollback(t *testing.T) {
+	s, _, err := openLog(t, []*record{
+		{Type: recVolume, Obj: 1, Size: 1 << 20, ChunkSize: 16 << 10, ID: "grown"},
+		{Type: recSnapshot, Obj: 2, Parent: 1, Size: 1 << 20, Created: 1, ID: "small"},
+		{Type: recResize, Obj: 1, Size: maxBytes},
+		{Type: recNextObj, Obj: 3}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ext4 := s.fileLimit < maxBytes
+	v, err := s.Volume("grown")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lim := s.fileLimit
+	s.fileLimit = 0 // the earlier version
+	_, err = v.WriteAt(fill(12<<10, 7), maxBytes-(16<<10))
+	s.fileLimit = lim
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.Rollback("grown", "small")
+	if ext4 && !errors.Is(err, ErrOutOfRange) {
+		t.Fatalf("rollback that must discard the read-only last chunk: %v, want ErrOutOfRange", err)
+	} else if !ext4 {
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := mustRead(t, v, maxBytes-(16<<10), 16<<10); !bytes.Equal(got, make([]byte, 16<<10)) {
+			t.Fatal("the rollback left bytes past the snapshot's size")
+		}
+	}
+	if snap, pending := v.PendingRollback(); pending {
+		t.Fatalf("the refused rollback left the volume pending (to %s)", snap)
+	}
+}

@@ -228,6 +228,7 @@ func (v *Volume) rollbackFits(sn *Snapshot) error {
 	if lim <= 0 || lim >= size {
 		return nil
 	}
+	refuse := fmt.Errorf("%w: the rollback of volume %q would rewrite its last chunk (at byte %d), which the store's file system cannot hold whole (a volume made before sizes were capped below its largest file)", ErrOutOfRange, v.id, lim)
 	spans, err := v.rollbackSpans(sn)
 	if err != nil {
 		return err
@@ -235,7 +236,18 @@ func (v *Volume) rollbackFits(sn *Snapshot) error {
 	last := exceptions.Chunk(lim >> v.shift)
 	for _, sp := range spans {
 		if sp.C+exceptions.Chunk(sp.N) > last {
-			return fmt.Errorf("%w: the rollback of volume %q would rewrite its last chunk (at byte %d), which the store's file system cannot hold whole (a volume made before sizes were capped below its largest file)", ErrOutOfRange, v.id, lim)
+			return refuse
+		}
+	}
+	// The volume grew past sn's size: rollbackWrite discards what it holds
+	// there, which the write path skips in the last chunk.
+	if size > sn.size && lim > sn.size {
+		tail, err := v.currentAllocated(lim, size)
+		if err != nil {
+			return err
+		}
+		if len(tail) > 0 {
+			return refuse
 		}
 	}
 	return nil

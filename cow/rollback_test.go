@@ -517,7 +517,11 @@ func TestRollbackErrors(t *testing.T) {
 		"resize":            func() error { return a.Resize(32 * rbChunk) },
 		"snapshot":          func() error { _, err := s.CreateSnapshot("a", "a3", SnapshotOptions{}); return err },
 		"clone volume":      func() error { _, err := s.CloneVolume("a", "ac", 16*rbChunk, VolumeOptions{}); return err },
-		"delete volume":     func() error { return s.DeleteVolume("a") },
+		"delete volume while a Rollback call runs": func() error {
+			a.rbMu.Lock() // what a running Rollback holds
+			defer a.rbMu.Unlock()
+			return s.DeleteVolume("a")
+		},
 		"delete snapshot":   func() error { return s.DeleteSnapshot("a2") },
 		"rollback to other": func() error { _, err := s.Rollback("a", "a2"); return err },
 	} {
@@ -877,6 +881,11 @@ func TestRollbackResumeWithoutSpace(t *testing.T) {
 		t.Fatalf("rollback on a full disk: %v, want ErrNoSpace", err)
 	}
 	s.Close() // failed: no checkpoint, as after a crash
+	// The same state, to be freed by deleting the volume instead.
+	dir2 := t.TempDir()
+	if err := os.CopyFS(dir2, os.DirFS(dir)); err != nil {
+		t.Fatal(err)
+	}
 
 	s, _ = openFault(t, dir, full)
 	if err := s.Err(); err != nil {
@@ -923,5 +932,34 @@ func TestRollbackResumeWithoutSpace(t *testing.T) {
 	}
 	if got := mustRead(t, s2, 0, 16*cs); !bytes.Equal(got, append(fill(8*cs, 'b'), fill(8*cs, 'a')...)) {
 		t.Fatal("s2 changed")
+	}
+
+	// Still full, the operator deletes the volume (its PVC): that abandons
+	// the rollback, and then its snapshots can go too, on a disk whose
+	// space is mostly this volume's chain. It used to refuse both.
+	s, _ = openFault(t, dir2, full)
+	defer s.Close()
+	if err := s.DeleteSnapshot("s2"); !errors.Is(err, ErrRollbackPending) {
+		t.Fatalf("delete of a snapshot of the pending volume: %v, want ErrRollbackPending", err)
+	}
+	if err := s.DeleteVolume("v"); err != nil {
+		t.Fatalf("delete of the volume whose rollback cannot finish: %v", err)
+	}
+	for _, id := range []string{"s2", "s1"} {
+		if err := s.DeleteSnapshot(id); err != nil {
+			t.Fatalf("delete of %s once its volume is gone: %v", id, err)
+		}
+	}
+	s.closeFiles() // a crash: the replay must agree
+	s, _ = openFault(t, dir2, nil)
+	defer s.Close()
+	if err := s.RollbackResumeErr(); err != nil {
+		t.Fatalf("a deleted volume's rollback was resumed: %v", err)
+	}
+	if vs := s.Volumes(); len(vs) != 1 || vs[0].ID != "other" {
+		t.Fatalf("volumes after the deletes: %v, want other only", vs)
+	}
+	if sn := s.Snapshots(); len(sn) != 0 {
+		t.Fatalf("snapshots after the deletes: %v", sn)
 	}
 }

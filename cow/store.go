@@ -168,11 +168,15 @@ func openFS(dir string, fs fsys) (*Store, error) {
 		// above, open again without resuming: those volumes keep refusing
 		// writes (ErrRollbackPending) until Rollback is called again, and
 		// the store serves everything else. RollbackResumeErr tells why.
+		first := s
 		s.Close()
 		if s, _, err = openOnce(dir, fs, lost); err != nil {
 			return nil, err
 		}
-		s.resumeErr = rerr
+		// What the first Open did stays told: it redid the kill journal
+		// (the second finds it empty), and its punches may have failed.
+		s.redone, s.resumeErr = first.redone, rerr
+		s.reclaimFailed.Add(first.reclaimFailed.Load())
 	}
 	return s, nil
 }
@@ -1233,8 +1237,17 @@ func (s *Store) DeleteVolume(id string) error {
 	if !ok || v.isDeleted() {
 		return fmt.Errorf("%w: volume %q", ErrNotFound, id)
 	}
-	if err := v.rollbackBusy(); err != nil {
-		return err
+	if _, pending := v.PendingRollback(); pending {
+		// An unfinished rollback (one that failed, or that Open could not
+		// resume for want of space) is abandoned with its volume, whose
+		// content is being discarded anyway: else it would keep the
+		// volume, and through their refusals its snapshots, for ever,
+		// which is the space a full disk needs back. Not while a Rollback
+		// call is running.
+		if !v.rbMu.TryLock() {
+			return v.rollbackBusy()
+		}
+		defer v.rbMu.Unlock()
 	}
 	lin := lineage(v)
 	defer lockGates(lin)()
