@@ -512,11 +512,11 @@ func TestRollbackErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	for name, f := range map[string]func() error{
-		"write":             func() error { _, err := a.WriteAt([]byte{1}, 0); return err },
-		"discard":           func() error { return a.Discard(0, 1) },
-		"resize":            func() error { return a.Resize(32 * rbChunk) },
-		"snapshot":          func() error { _, err := s.CreateSnapshot("a", "a3", SnapshotOptions{}); return err },
-		"clone volume":      func() error { _, err := s.CloneVolume("a", "ac", 16*rbChunk, VolumeOptions{}); return err },
+		"write":        func() error { _, err := a.WriteAt([]byte{1}, 0); return err },
+		"discard":      func() error { return a.Discard(0, 1) },
+		"resize":       func() error { return a.Resize(32 * rbChunk) },
+		"snapshot":     func() error { _, err := s.CreateSnapshot("a", "a3", SnapshotOptions{}); return err },
+		"clone volume": func() error { _, err := s.CloneVolume("a", "ac", 16*rbChunk, VolumeOptions{}); return err },
 		"delete volume while a Rollback call runs": func() error {
 			a.rbMu.Lock() // what a running Rollback holds
 			defer a.rbMu.Unlock()
