@@ -550,11 +550,20 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (
 	// when set, so it is the smaller of the volume size limit and the free
 	// bytes: claims larger than the free space keep going elsewhere, as
 	// without it, and one over the limit finds no node instead of failing
-	// CreateVolume (OutOfRange) on one. minimum_volume_size: a limit_bytes
-	// below one block leaves no size.
+	// CreateVolume (OutOfRange) on one. The limit is at least the largest
+	// volume or snapshot here: one an earlier version made at 16 TiB may be
+	// restored or cloned at its size (volumeSize). minimum_volume_size: a
+	// limit_bytes below one block leaves no size.
+	limit := int64(cow.MaxVolumeSize)
+	for _, v := range d.opt.Store.Volumes() {
+		limit = max(limit, v.Size)
+	}
+	for _, sn := range d.opt.Store.Snapshots() {
+		limit = max(limit, sn.Size)
+	}
 	return &csi.GetCapacityResponse{
 		AvailableCapacity: free,
-		MaximumVolumeSize: wrapperspb.Int64(min(free, cow.MaxVolumeSize)),
+		MaximumVolumeSize: wrapperspb.Int64(min(free, limit)),
 		MinimumVolumeSize: wrapperspb.Int64(blockSize),
 	}, nil
 }

@@ -1859,6 +1859,12 @@ func TestRestageOverDeadConnection(t *testing.T) {
 	}
 	dev, _ := e.fe.Device(id)
 	e.fe.SetDead(id)
+	h, err := e.d.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: id})
+	if err != nil || !slices.ContainsFunc(h.GetVolumeHealth().GetHealthStatuses(), func(s *csi.VolumeHealth_VolumeHealthEntry) bool {
+		return s.GetReason() == "ConnectionLost" && s.GetStatus() == csi.VolumeHealthErrorType_INACCESSIBLE
+	}) {
+		t.Fatalf("health of a device whose connection died: %v, %v; want INACCESSIBLE/ConnectionLost", h.GetVolumeHealth().GetHealthStatuses(), err)
+	}
 	if _, err := e.d.NodeStageVolume(ctx, req); status.Code(err) != codes.Unavailable {
 		t.Fatalf("re-stage of a finished stage whose connection died: %v, want Unavailable", err)
 	}

@@ -184,7 +184,8 @@ func (d *Driver) GetVolumeGroupSnapshot(ctx context.Context, req *csi.GetVolumeG
 
 // DeleteVolumeGroupSnapshot deletes a group snapshot and all its member
 // snapshots at once; volumes restored from members keep working. Unknown IDs
-// succeed. snapshot_ids, when given, must be exactly the group's members.
+// succeed, except those another node made (foreignDelete). snapshot_ids,
+// when given, must be exactly the group's members.
 func (d *Driver) DeleteVolumeGroupSnapshot(ctx context.Context, req *csi.DeleteVolumeGroupSnapshotRequest) (*csi.DeleteVolumeGroupSnapshotResponse, error) {
 	gs, ok := d.groupStore()
 	if !ok {

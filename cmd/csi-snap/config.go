@@ -46,7 +46,7 @@ func parseFlags(args []string, klogFlags func(*flag.FlagSet), stderr io.Writer) 
 	host, _ := os.Hostname()
 	var c Config
 	fs.StringVar(&c.Endpoint, "endpoint", defaultEndpoint, "CSI gRPC endpoint: unix:///path/to.sock or tcp://host:port")
-	fs.StringVar(&c.NodeID, "node-id", host, "this node's ID, also its topology segment value")
+	fs.StringVar(&c.NodeID, "node-id", host, "this node's ID (up to 256 bytes), also its topology segment value when that is a valid label value (else a value derived from it: README)")
 	fs.StringVar(&c.DataDir, "data-dir", defaultDataDir, "directory of the volume store (created if missing)")
 	fs.StringVar(&c.RunDir, "run-dir", "", "directory of FUSE mountpoints and the fd-holder socket (default <data-dir>/run)")
 	fs.StringVar(&c.DriverName, "driver-name", defaultDriverName, "CSI driver name")

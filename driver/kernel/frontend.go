@@ -1114,7 +1114,8 @@ func (f *Frontend) Unserved(id string) bool {
 // the serving process and the holder die together, or on a kernel before
 // 6.9 (no FUSE_NOTIFY_RESEND, so nothing is held). Unserved devices (their
 // connection held alive) are not dead, nor are those of a holder that does
-// not answer in time (unknown).
+// not answer in time or cannot be reached for another reason than its
+// absence (unknown).
 func (f *Frontend) Dead(id string) bool {
 	if validateID(id) != nil || f.get(id) != nil {
 		return false
@@ -1125,7 +1126,9 @@ func (f *Frontend) Dead(id string) bool {
 	resp, fd, err := holderCall(f.sock, holderReq{Op: "get", ID: id}, -1)
 	defer closeFD(fd)
 	if err != nil {
-		return errors.Is(err, errNoHolder)
+		// Only a holder known to be absent: a wrong "dead" would have
+		// the caller unmount over a live connection, which never returns.
+		return holderAbsent(err)
 	}
 	return !resp.Found || fd < 0 || heldConnLost(f.mountpoint(id), fd) != ""
 }

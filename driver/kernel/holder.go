@@ -331,7 +331,7 @@ func holderCall(socketPath string, req holderReq, fd int) (holderResp, int, erro
 	var resp holderResp
 	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: socketPath, Net: "unixpacket"})
 	if err != nil {
-		return resp, -1, fmt.Errorf("%w: %v", errNoHolder, err)
+		return resp, -1, fmt.Errorf("%w: %w", errNoHolder, err)
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(10 * time.Second))
@@ -369,6 +369,14 @@ func holderCall(socketPath string, req holderReq, fd int) (holderResp, int, erro
 }
 
 var errNoHolder = errors.New("no fuse holder")
+
+// holderAbsent reports whether err (holderCall's) proves that no holder
+// runs: its socket is missing or refuses connections. Other dial errors (a
+// full backlog, no fds left) and a holder that closed without answering
+// prove nothing (runHolder judges a socket the same way).
+func holderAbsent(err error) bool {
+	return errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ECONNREFUSED)
+}
 
 // HolderIDs returns the IDs of the connections the holder on socketPath
 // keeps, in order (for tests and tools outside this package).

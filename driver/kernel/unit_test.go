@@ -556,3 +556,41 @@ func TestReadFailed(t *testing.T) {
 		t.Fatalf("ENOMEM %d times in a row: the connection is not taken for ended", readRetries+1)
 	}
 }
+
+// TestHolderAbsent: Dead counts a volume's connection as gone only when
+// the holder is known to be absent (its socket missing, or refusing: a
+// stale socket of a dead holder). A socket that accepts and closes without
+// answering (a holder refusing another user, one exiting) proves nothing:
+// a wrong "dead" makes a stage unmount over a live connection.
+func TestHolderAbsent(t *testing.T) {
+	dir := t.TempDir()
+	missing := filepath.Join(dir, "missing.sock")
+	_, _, err := holderCall(missing, holderReq{Op: "get", ID: "x"}, -1)
+	if err == nil || !holderAbsent(err) {
+		t.Errorf("missing socket: %v, absent %v; want absent", err, holderAbsent(err))
+	}
+	stale := filepath.Join(dir, "stale.sock")
+	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: stale, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.SetUnlinkOnClose(false)
+	ln.Close() // the file stays, nobody listens: ECONNREFUSED
+	if _, _, err = holderCall(stale, holderReq{Op: "get", ID: "x"}, -1); err == nil || !holderAbsent(err) {
+		t.Errorf("stale socket: %v, absent %v; want absent", err, holderAbsent(err))
+	}
+	mute := filepath.Join(dir, "mute.sock")
+	ln, err = net.ListenUnix("unixpacket", &net.UnixAddr{Name: mute, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			c.Close() // accepts, answers nothing
+		}
+	}()
+	if _, _, err = holderCall(mute, holderReq{Op: "get", ID: "x"}, -1); err == nil || holderAbsent(err) {
+		t.Errorf("a socket that closes without answering: %v, absent %v; want an error, not absent", err, holderAbsent(err))
+	}
+}
