@@ -18,9 +18,10 @@ var (
 	// ErrRollbackPending: the volume is being rolled back (or a rollback was
 	// interrupted by a crash and has not been completed yet). Writes,
 	// discards, snapshots, resizes and clones of the volume, and deletes of
-	// the volume and its snapshots, are refused until Rollback of the same
-	// snapshot returns nil. Clones of its snapshots are not: a rollback
-	// changes no snapshot.
+	// its snapshots, are refused until Rollback of the same snapshot returns
+	// nil, or the volume is deleted (which abandons a rollback no call is
+	// running; one a call is running refuses the delete too). Clones of
+	// its snapshots are not: a rollback changes no snapshot.
 	ErrRollbackPending = errors.New("cow: rollback in progress")
 	// ErrForeignSnapshot: Rollback was given a snapshot that was not taken
 	// of that volume.
@@ -241,7 +242,7 @@ func (v *Volume) rollbackFits(sn *Snapshot) error {
 	}
 	// The volume grew past sn's size: rollbackWrite discards what it holds
 	// there, which the write path skips in the last chunk.
-	if size > sn.size && lim > sn.size {
+	if size > sn.size && lim >= sn.size {
 		tail, err := v.currentAllocated(lim, size)
 		if err != nil {
 			return err

@@ -1223,7 +1223,8 @@ func drainAll(vs []*Volume) error {
 // DeleteVolume deletes the volume: it is no longer listed and its I/O
 // fails with ErrNotFound. Its snapshots (and their clones) keep working;
 // space is freed when nothing depends on it any more. The ID stays reserved
-// until then.
+// until then. An unfinished rollback of the volume that no Rollback call is
+// running is abandoned (ErrRollbackPending while one is).
 func (s *Store) DeleteVolume(id string) error {
 	if err := checkID(id); err != nil {
 		return err
@@ -1237,17 +1238,25 @@ func (s *Store) DeleteVolume(id string) error {
 	if !ok || v.isDeleted() {
 		return fmt.Errorf("%w: volume %q", ErrNotFound, id)
 	}
+	var recs []*record
 	if _, pending := v.PendingRollback(); pending {
 		// An unfinished rollback (one that failed, or that Open could not
 		// resume for want of space) is abandoned with its volume, whose
 		// content is being discarded anyway: else it would keep the
 		// volume, and through their refusals its snapshots, for ever,
 		// which is the space a full disk needs back. Not while a Rollback
-		// call is running.
+		// call is running. It ends with a done record in the delete's
+		// batch, which binaries from before this rule read too (a begin
+		// followed by a delete alone would leave them a pending rollback
+		// of a deleted volume, which their checkpoint writes and no Open
+		// takes).
 		if !v.rbMu.TryLock() {
 			return v.rollbackBusy()
 		}
 		defer v.rbMu.Unlock()
+		v.mu.RLock()
+		recs = append(recs, &record{Type: recRollbackDone, Obj: v.obj, Parent: v.rb.obj})
+		v.mu.RUnlock()
 	}
 	lin := lineage(v)
 	defer lockGates(lin)()
@@ -1256,7 +1265,7 @@ func (s *Store) DeleteVolume(id string) error {
 	if err := drainAll(lin); err != nil {
 		return err
 	}
-	if err := s.commitApply(&record{Type: recDelete, Obj: v.obj}); err != nil {
+	if err := s.commitApply(append(recs, &record{Type: recDelete, Obj: v.obj})...); err != nil {
 		return err
 	}
 	s.jnl.forget(v) // nothing writes v again, and a redo skips its marks
