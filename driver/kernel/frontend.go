@@ -559,6 +559,14 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 	if err != nil && !errors.Is(err, errNoHolder) {
 		return "", err
 	}
+	if err != nil && !holderAbsent(err) && isMounted(mp) {
+		// The holder could not be reached, for another reason than its
+		// absence (a full backlog, no fds left, one that closed without
+		// answering): it may keep this mount's connection alive, and the
+		// cleanup below would tear it down under a filesystem, whose I/O
+		// would then hang. Retry later (ErrNoHolder: Unavailable).
+		return "", fmt.Errorf("%w: %s is mounted and whether the holder keeps its connection is unknown: %v", ErrNoHolder, mp, err)
+	}
 	if lost || isMounted(mp) {
 		// A mount whose connection nobody holds, or whose held connection
 		// is dead, fails every request; its loop device can only be
@@ -1099,8 +1107,10 @@ func (f *Frontend) Unserved(id string) bool {
 	resp, fd, err := holderCall(f.sock, holderReq{Op: "get", ID: id}, -1)
 	defer closeFD(fd)
 	if err != nil {
-		// No holder: the connections it kept ended with it.
-		return !errors.Is(err, errNoHolder)
+		// No holder: the connections it kept ended with it. One that
+		// cannot be reached for another reason may keep it: unknown,
+		// reported unserved (as a slow one).
+		return !holderAbsent(err)
 	}
 	return resp.Found && fd >= 0 && heldConnLost(f.mountpoint(id), fd) == ""
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -455,6 +456,75 @@ func TestDeadConnectionUnderFilesystem(t *testing.T) {
 		t.Fatal(err)
 	}
 	assertNothingLeft(t, runDir)
+}
+
+// TestAttachWithUnknownHolder: after a restart, a volume's FUSE mount is
+// still there and the holder cannot be reached for another reason than its
+// absence (here a socket that accepts and closes without answering; a full
+// backlog or no fds left in practice). The holder may keep that mount's
+// connection alive, so Attach must not clean the mount up (its filesystem's
+// I/O would hang on a device nobody serves): ErrNoHolder, nothing touched,
+// and Unserved says so. Once the holder is known absent, Attach cleans up
+// and serves the volume again.
+func TestAttachWithUnknownHolder(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	fe, runDir := newFrontend(t)
+	const id = "vol-unknown-holder"
+	b := newFileBackend(t, t.TempDir(), 16<<20)
+	if _, err := fe.Attach(ctx, id, b, false); err != nil {
+		t.Fatal(err)
+	}
+	fe.Close() // a graceful stop: the holder keeps the connection
+	for _, pid := range holderPIDs(runDir) {
+		syscall.Kill(pid, syscall.SIGKILL) // the connection dies, its mount stays
+	}
+	for deadline := time.Now().Add(time.Minute); len(holderPIDs(runDir)) > 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) { // hang guard
+			t.Fatal("the holder did not exit after SIGKILL")
+		}
+	}
+	sock := HolderSocket(runDir, false)
+	os.Remove(sock)
+	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: sock, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close() // accepts, answers nothing
+		}
+	}()
+	fe2, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand(), Readers: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fe2.Close()
+	mp := fe2.mountpoint(id)
+	if _, err := fe2.Attach(ctx, id, b, false); !errors.Is(err, ErrNoHolder) {
+		t.Fatalf("Attach while the holder cannot be reached: %v, want ErrNoHolder", err)
+	}
+	if !isMounted(mp) {
+		t.Fatal("Attach cleaned up a mount whose connection a holder it could not reach may keep")
+	}
+	if !fe2.Unserved(id) {
+		t.Error("Unserved with an unreachable holder: false, want true (unknown)")
+	}
+	ln.Close() // removes the socket: the holder is known absent now
+	dev, err := fe2.Attach(ctx, id, b, false)
+	if err != nil {
+		t.Fatalf("Attach once the holder is known absent: %v", err)
+	}
+	if _, err := readDirect(t, dev, 0, 4096); err != nil {
+		t.Fatalf("read through the fresh device: %v", err)
+	}
+	if err := fe2.Detach(ctx, id); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // serveWriteKill starts a child serving id from backing, writes 1 MiB of
