@@ -496,7 +496,8 @@ func TestAttachWithUnknownHolder(t *testing.T) {
 			if err != nil {
 				return
 			}
-			c.Close() // accepts, answers nothing
+			c.Read(make([]byte, holderMsgMax)) // takes the request,
+			c.Close()                          // answers nothing
 		}
 	}()
 	fe2, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand(), Readers: 4})
