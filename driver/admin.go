@@ -44,7 +44,7 @@ func (d *Driver) checkNoPendingRollback(id string) error {
 		return nil
 	}
 	if snap, pending := rs.PendingRollback(id); pending {
-		return statusf(codes.FailedPrecondition, "volume %s has an unfinished rollback to snapshot %s; finish it first: csi-snap rollback --volume %s --snapshot %s", id, snap, id, snap)
+		return statusf(codes.FailedPrecondition, "volume %s has an unfinished rollback to snapshot %s; finish it first (in the plugin's container): %s", id, snap, d.rollbackCommand(id, snap))
 	}
 	return nil
 }
@@ -212,4 +212,15 @@ func httpStatus(c codes.Code) int {
 		return http.StatusRequestTimeout
 	}
 	return http.StatusInternalServerError
+}
+
+// rollbackCommand is the command that finishes a pending rollback, with the
+// run dir the plugin's admin socket is in (without it the command looks
+// under the default data dir, where the chart's plugin does not listen).
+func (d *Driver) rollbackCommand(volID, snapID string) string {
+	cmd := "csi-snap rollback"
+	if d.opt.RunDir != "" {
+		cmd += " --run-dir " + d.opt.RunDir
+	}
+	return cmd + " --volume " + volID + " --snapshot " + snapID
 }

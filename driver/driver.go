@@ -44,6 +44,9 @@ type Options struct {
 	// DataDir is where the store lives; GetCapacity reports its filesystem's
 	// free bytes.
 	DataDir string
+	// RunDir is the plugin's --run-dir, which the `csi-snap rollback`
+	// command that errors suggest must be given ("" leaves it out).
+	RunDir string
 	// MaxVolumes is NodeGetInfo's max_volumes_per_node (0 = no limit known).
 	MaxVolumes int64
 
@@ -71,15 +74,24 @@ type Driver struct {
 
 var driverNameRE = regexp.MustCompile(`^[a-zA-Z0-9]([a-zA-Z0-9.-]{0,61}[a-zA-Z0-9])?$`)
 
-// New checks the options and returns a Driver.
-func New(opt Options) (*Driver, error) {
-	if !driverNameRE.MatchString(opt.Name) {
-		return nil, fmt.Errorf("driver name %q: %w: must be a domain-style name of at most 63 characters", opt.Name, ErrBadArgument)
+// CheckNames checks a driver name and a node ID as New does, for a caller
+// that wants a bad configuration refused before it opens the store.
+func CheckNames(name, nodeID string) error {
+	if !driverNameRE.MatchString(name) {
+		return fmt.Errorf("driver name %q: %w: must be a domain-style name of at most 63 characters", name, ErrBadArgument)
 	}
 	// The spec lets node_id reach 256 bytes (128 recommended); a Kubernetes
 	// node name, its usual value, reaches 253.
-	if opt.NodeID == "" || len(opt.NodeID) > maxNodeIDBytes {
-		return nil, fmt.Errorf("node id %q: %w: must be 1..%d bytes", opt.NodeID, ErrBadArgument, maxNodeIDBytes)
+	if nodeID == "" || len(nodeID) > maxNodeIDBytes {
+		return fmt.Errorf("node id %q: %w: must be 1..%d bytes", nodeID, ErrBadArgument, maxNodeIDBytes)
+	}
+	return nil
+}
+
+// New checks the options and returns a Driver.
+func New(opt Options) (*Driver, error) {
+	if err := CheckNames(opt.Name, opt.NodeID); err != nil {
+		return nil, err
 	}
 	if opt.Store == nil || opt.Frontend == nil || opt.Mounter == nil {
 		return nil, fmt.Errorf("%w: Store, Frontend and Mounter are required", ErrBadArgument)
@@ -135,7 +147,7 @@ func (d *Driver) Recover(ctx context.Context) error {
 		for _, v := range d.opt.Store.Volumes() {
 			if snap, pending := rs.PendingRollback(v.ID); pending {
 				klog.ErrorS(nil, "Volume has an unfinished rollback; it cannot be staged until it is run again to its end", "volumeID", v.ID, "snapshotID", snap,
-					"command", "csi-snap rollback --volume "+v.ID+" --snapshot "+snap)
+					"command", d.rollbackCommand(v.ID, snap))
 			}
 		}
 	}

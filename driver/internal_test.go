@@ -469,3 +469,17 @@ func TestTopologyValue(t *testing.T) {
 		t.Errorf("topologyValue(%q) = %q: does not start with the name", long, v)
 	}
 }
+
+// TestRollbackCommand: the command a pending rollback's errors print names
+// the plugin's run dir (the chart's is not the default the command
+// assumes), so that it works as printed.
+func TestRollbackCommand(t *testing.T) {
+	d := &Driver{opt: Options{RunDir: "/run/csi-snap"}}
+	if got, want := d.rollbackCommand("v-1", "s-1"), "csi-snap rollback --run-dir /run/csi-snap --volume v-1 --snapshot s-1"; got != want {
+		t.Errorf("rollbackCommand = %q, want %q", got, want)
+	}
+	d.opt.RunDir = ""
+	if got, want := d.rollbackCommand("v-1", "s-1"), "csi-snap rollback --volume v-1 --snapshot s-1"; got != want {
+		t.Errorf("rollbackCommand without a run dir = %q, want %q", got, want)
+	}
+}

@@ -70,7 +70,7 @@ func NewMetrics(reg prometheus.Registerer, store Store, fe Frontend) *Metrics {
 		journalBytes:  prometheus.NewDesc("csi_snap_kill_journal_bytes", "Bytes in the kill journal's files (page cache; what --survive-kill keeps of writes only memory holds).", nil, nil),
 		reclaimFailed: prometheus.NewDesc("csi_snap_reclaim_failed_total", "Hole punches that only give space back (freed COW chunks, deleted volumes' data) and failed since the plugin started, say for want of space on XFS: that space stays allocated until the next start punches it again.", nil, nil),
 		journalRedone: prometheus.NewDesc("csi_snap_kill_journal_redone", "Writes and present marks redone from the kill journal when the plugin started (answered by a plugin that was killed).", nil, nil),
-		storeFailed:   prometheus.NewDesc("csi_snap_store_failed", "1 once the store failed (a write or fsync error made it refuse changes until the plugin restarts and reopens it; Probe then answers not ready), else 0.", nil, nil),
+		storeFailed:   prometheus.NewDesc("csi_snap_store_failed", "1 once the store failed, else 0. After a write error it refuses changes until the plugin restarts and reopens it (Probe answers not ready); after a failed fsync only a reboot of the node reopens it (Probe stays ready, the plugin serves I/O errors, and the volume and snapshot counts read 0).", nil, nil),
 		unheld:        prometheus.NewDesc("csi_snap_fuse_unheld_volumes", "Attached volumes whose FUSE connection the fuse-holder did not keep at its last check (every 2 s): a restart of the plugin now would fail their I/O. Should be 0.", nil, nil),
 	}
 	reg.MustRegister(m.latency, m)

@@ -921,6 +921,8 @@ func TestBadValuesFailWithClearMessage(t *testing.T) {
 		// Checks the schema cannot express, done by the templates.
 		{"parameters the driver would refuse", []string{"--set", "storageClass.parameters.tier=fast"}, []string{schemaErr, "additional properties 'parameters' not allowed"}},
 		{"Immediate without per-node immediate binding", []string{"--set", "storageClass.volumeBindingMode=Immediate"}, []string{"needs sidecars.provisioner.immediateBinding=true"}},
+		{"metrics on the liveness port", []string{"--set", "node.metrics.enabled=true,node.metrics.port=9808"}, []string{"node.livenessProbe.healthPort and node.metrics.port are both port 9808"}},
+		{"snapshot metadata on the registrar's port", []string{"--set", "sidecars.snapshotMetadata.enabled=true,sidecars.snapshotMetadata.port=9809"}, []string{"sidecars.nodeDriverRegistrar.healthPort and sidecars.snapshotMetadata.port are both port 9809"}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -1,8 +1,13 @@
 package chart_test
 
 import (
+	"errors"
+	"io"
 	"slices"
+	"strings"
 	"testing"
+
+	yaml "go.yaml.in/yaml/v3"
 )
 
 // TestSnapshotMetadataSwitch: the csi-snapshot-metadata sidecar, its Service
@@ -106,5 +111,38 @@ func TestSnapshotMetadataSwitch(t *testing.T) {
 	}
 	if p := get(find(named, "Service", name), "spec", "ports", 0, "port"); p != 443 {
 		t.Errorf("servicePort not used: %v", p)
+	}
+}
+
+// TestSnapshotMetadataServiceNameFits: a Service's name is a DNS label of
+// at most 63 characters; with a long release name "<fullname>-snapshot-
+// metadata" went over (65 for a 38-character release) and the API server
+// refused the Service.
+func TestSnapshotMetadataServiceNameFits(t *testing.T) {
+	t.Parallel()
+	const long = "storage-local-snapshots-production-eu1" // 38 characters
+	out, stderr, err := helm(t, "template", long, ".", "--namespace", namespace, snapshotAPI, "--set", "sidecars.snapshotMetadata.enabled=true")
+	if err != nil {
+		t.Fatalf("helm template: %v\n%s", err, stderr)
+	}
+	dec := yaml.NewDecoder(strings.NewReader(out))
+	services := 0
+	for {
+		var d obj
+		if err := dec.Decode(&d); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		if d["kind"] != "Service" {
+			continue
+		}
+		services++
+		if name := str(d, "metadata", "name"); len(name) > 63 || strings.HasSuffix(name, "-") {
+			t.Errorf("Service name %q: %d characters, want a DNS label of at most 63", name, len(name))
+		}
+	}
+	if services == 0 {
+		t.Fatal("no Service rendered")
 	}
 }

@@ -330,6 +330,34 @@ func TestRunRejectsBadConfig(t *testing.T) {
 	}
 }
 
+// TestRunRefusesBeforeOpening: a configuration that cannot work (a busy
+// metrics port, a bad driver name or node ID) is refused before the store
+// opens: an open replays the log and re-attaches every held volume, which a
+// crash loop would pay, with the node's volumes paused, at every restart.
+func TestRunRefusesBeforeOpening(t *testing.T) {
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	for name, set := range map[string]func(*Config){
+		"busy metrics port": func(c *Config) { c.MetricsAddress = busy.Addr().String() },
+		"bad driver name":   func(c *Config) { c.DriverName = "-bad-" },
+		"node id too long":  func(c *Config) { c.NodeID = strings.Repeat("n", 257) },
+	} {
+		cfg := testConfig(t, drivertest.NewStore())
+		opened := false
+		cfg.openEngines = func(Config) (*engines, error) {
+			opened = true
+			return &engines{store: drivertest.NewStore(), frontend: drivertest.NewFrontend()}, nil
+		}
+		set(&cfg)
+		if err := run(context.Background(), cfg); err == nil || opened {
+			t.Errorf("%s: run %v, store opened %v; want an error before opening", name, err, opened)
+		}
+	}
+}
+
 type countingMaintainer struct{ calls atomic.Int64 }
 
 func (m *countingMaintainer) Maintain() (bool, error) { m.calls.Add(1); return false, nil }

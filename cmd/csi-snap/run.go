@@ -38,6 +38,19 @@ func run(ctx context.Context, cfg Config) (err error) {
 	if err := cfg.validate(); err != nil {
 		return err
 	}
+	// What can fail for a bad configuration fails before the store opens
+	// (a replay of its log, the re-attach of every held volume): else a
+	// crash loop pays them, with the node's volumes paused, every time.
+	if err := driver.CheckNames(cfg.DriverName, cfg.NodeID); err != nil {
+		return err
+	}
+	var metricsLn net.Listener
+	if cfg.MetricsAddress != "" {
+		if metricsLn, err = net.Listen("tcp", cfg.MetricsAddress); err != nil {
+			return fmt.Errorf("metrics listener: %w", err)
+		}
+		defer metricsLn.Close() // served below; closed here if run fails first
+	}
 	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
 		return err
 	}
@@ -66,7 +79,7 @@ func run(ctx context.Context, cfg Config) (err error) {
 		}
 	}
 	d, err := driver.New(driver.Options{
-		Name: cfg.DriverName, Version: version, NodeID: cfg.NodeID, DataDir: cfg.DataDir, MaxVolumes: maxVols,
+		Name: cfg.DriverName, Version: version, NodeID: cfg.NodeID, DataDir: cfg.DataDir, RunDir: cfg.RunDir, MaxVolumes: maxVols,
 		Store: eng.store, Frontend: eng.frontend,
 		Mounter: &mount.SafeFormatAndMount{Interface: mount.New(""), Exec: utilexec.New()},
 		Freeze:  eng.freeze, Thaw: eng.thaw,
@@ -94,10 +107,7 @@ func run(ctx context.Context, cfg Config) (err error) {
 		reg := prometheus.NewRegistry()
 		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 		metrics = driver.NewMetrics(reg, eng.store, eng.frontend)
-		ln, err := net.Listen("tcp", cfg.MetricsAddress)
-		if err != nil {
-			return fmt.Errorf("metrics listener: %w", err)
-		}
+		ln := metricsLn
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 		hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}

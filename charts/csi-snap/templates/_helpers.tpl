@@ -1,6 +1,8 @@
 {{/*
-Release-scoped base name, at most 52 characters so that suffixes such as
-"-snapshot-controller" keep object names within 63.
+Release-scoped base name, at most 52 characters. Object names add suffixes
+(up to "-snapshot-controller", 20 more): most objects take names of up to
+253 characters, but a Service's is a DNS label of at most 63, which
+csi-snap.snapshotMetadataService cuts to.
 */}}
 {{- define "csi-snap.fullname" -}}
 {{- if contains .Chart.Name .Release.Name -}}
@@ -8,6 +10,11 @@ Release-scoped base name, at most 52 characters so that suffixes such as
 {{- else -}}
 {{- printf "%s-%s" .Release.Name .Chart.Name | trunc 52 | trimSuffix "-" -}}
 {{- end -}}
+{{- end -}}
+
+{{/* Name of the csi-snapshot-metadata sidecar's Service (at most 63). */}}
+{{- define "csi-snap.snapshotMetadataService" -}}
+{{- printf "%s-snapshot-metadata" (include "csi-snap.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
 {{/* Labels every object carries. */}}
