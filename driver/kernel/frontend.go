@@ -181,12 +181,15 @@ func (f *Frontend) teardown(ctx context.Context, id string, v *volume) error {
 	return f.holderDrop(id)
 }
 
-// holderDrop makes the holder drop id's connection; no holder (so nothing
-// held) is fine.
+// holderDrop makes the holder drop id's connection; a holder known absent
+// (so nothing held) is fine. One that cannot be reached for another reason
+// (a full backlog, no fds left) may still hold it: an error, so that the
+// caller (Detach) does not report success while the holder keeps an id
+// that a restart would attach again.
 func (f *Frontend) holderDrop(id string) error {
 	_, dfd, err := holderCall(f.sock, holderReq{Op: "drop", ID: id}, -1)
 	closeFD(dfd)
-	if err != nil && !errors.Is(err, errNoHolder) {
+	if err != nil && !holderAbsent(err) {
 		return fmt.Errorf("holder drop of %s: %w", id, err)
 	}
 	return nil
@@ -759,7 +762,11 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 	defer func() {
 		if err != nil && !closed {
 			if held {
-				holderCall(f.sock, holderReq{Op: "drop", ID: id}, -1)
+				if derr := f.holderDrop(id); derr != nil {
+					// The holder may keep the id: a restart would
+					// attach it again. Say so with the failure.
+					err = errors.Join(err, derr)
+				}
 			}
 			unmountFuse(mp)
 			srv.stop()

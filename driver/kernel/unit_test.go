@@ -586,11 +586,24 @@ func TestHolderAbsent(t *testing.T) {
 	}
 	defer ln.Close()
 	go func() {
-		if c, err := ln.Accept(); err == nil {
-			c.Close() // accepts, answers nothing
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Read(make([]byte, holderMsgMax)) // takes the request,
+			c.Close()                          // answers nothing
 		}
 	}()
 	if _, _, err = holderCall(mute, holderReq{Op: "get", ID: "x"}, -1); err == nil || holderAbsent(err) {
 		t.Errorf("a socket that closes without answering: %v, absent %v; want an error, not absent", err, holderAbsent(err))
+	}
+	// A drop is done only when the holder answered it or is known absent:
+	// Detach must not report success while a holder may keep the id.
+	if err := (&Frontend{sock: missing}).holderDrop("x"); err != nil {
+		t.Errorf("drop with no holder: %v, want nil (nothing held)", err)
+	}
+	if err := (&Frontend{sock: mute}).holderDrop("x"); err == nil {
+		t.Error("drop through a socket that answers nothing: nil, want an error")
 	}
 }
