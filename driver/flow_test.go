@@ -2016,3 +2016,57 @@ func TestThawLeftoverKeptWhenMountsUnreadable(t *testing.T) {
 		t.Fatalf("readable again: marker %v, frozen %v; want thawed and the marker gone", err, frozen)
 	}
 }
+
+// TestSecondStagingPathRefused: a volume whose filesystem is mounted at
+// one staging path (a second PV of the same volume handle asks for
+// another) is not mounted at a second one: NodeUnstageVolume would take
+// each staging mount for a publish of the other, and neither could ever
+// be unstaged. And a writable block publish of a volume staged for mount
+// access would hand a pod the raw device under the mounted filesystem.
+func TestSecondStagingPathRefused(t *testing.T) {
+	// Every blkid finds ext4 (the first stage made it), other commands
+	// succeed.
+	exec := &testexec.FakeExec{}
+	for i := 0; i < 8; i++ {
+		exec.CommandScript = append(exec.CommandScript, func(cmd string, args ...string) utilexec.Cmd {
+			fc := &testexec.FakeCmd{CombinedOutputScript: []testexec.FakeAction{func() ([]byte, []byte, error) {
+				if cmd == "blkid" {
+					return []byte("DEVNAME=/dev/x\nTYPE=ext4\n"), nil, nil
+				}
+				return nil, nil, nil
+			}}}
+			return testexec.InitFakeCmd(fc, cmd, args...)
+		})
+	}
+	st, fe, fm := drivertest.NewStore(), drivertest.NewFrontend(), mount.NewFakeMounter(nil)
+	d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
+		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: exec}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := env{d: d, store: st, fe: fe, fm: fm}
+	ctx := context.Background()
+	id := e.createVolume(t, "two-paths", 1<<20).VolumeId
+	dir := t.TempDir()
+	s1, s2 := filepath.Join(dir, "s1"), filepath.Join(dir, "s2")
+	if err := os.MkdirAll(s1, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	e.attachMounted(t, id, s1) // staged for mount access at s1
+	_, err = e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: s2, VolumeCapability: mountCap()})
+	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "another path") {
+		t.Fatalf("mount stage at a second path: %v, want FailedPrecondition (staged at another path)", err)
+	}
+	if mounted, _ := e.fm.IsMountPoint(s2); mounted {
+		t.Fatal("the refused stage mounted the second path")
+	}
+	target := filepath.Join(dir, "block-target")
+	_, err = e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: s1,
+		TargetPath: target, VolumeCapability: blockCap()})
+	if status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("writable block publish of a mount-staged volume: %v, want FailedPrecondition", err)
+	}
+	if _, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: s1}); err != nil {
+		t.Fatalf("unstage of the one staging path: %v", err)
+	}
+}

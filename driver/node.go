@@ -486,6 +486,16 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if cur != "" {
 		return nil, statusf(codes.AlreadyExists, "staging path %s already holds %s, not volume %s", staging, cur, id)
 	}
+	// The volume's filesystem mounted elsewhere: staged at another path (a
+	// second PV of the same volume handle; or an older kubelet's path).
+	// Mounting it here too would leave two staging mounts, each of which
+	// NodeUnstageVolume takes for a publish of the other: neither could
+	// ever be unstaged.
+	if mps, err := d.opt.Mounter.List(); err != nil {
+		return nil, toStatus(fmt.Errorf("list mounts: %w", err))
+	} else if fsMounted(mps, dev) {
+		return nil, statusf(codes.FailedPrecondition, "volume %s is staged (its filesystem mounted) at another path; not staging it at %s too", id, staging)
+	}
 	fstype := m.GetFsType()
 	if fstype == "" {
 		fstype = v.Labels[labelFSType]
@@ -871,6 +881,17 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 			return nil, statusf(codes.FailedPrecondition, "volume %s is not mounted at staging path %s", id, staging)
 		}
 		source = staging
+	} else if !ro {
+		// A writable raw device under a mounted filesystem (staged for
+		// mount access): a pod writing it corrupts the filesystem. The
+		// spec: another capability than the stage's is FailedPrecondition.
+		mps, err := d.opt.Mounter.List()
+		if err != nil {
+			return nil, toStatus(fmt.Errorf("list mounts: %w", err))
+		}
+		if fsMounted(mps, dev) {
+			return nil, statusf(codes.FailedPrecondition, "volume %s has a mounted filesystem (staged for mount access): not publishing its device for block access", id)
+		}
 	}
 	held := false
 	if dev != "" {
