@@ -9,6 +9,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 	"unsafe"
@@ -324,6 +326,107 @@ func TestLoopTakenOver(t *testing.T) {
 // would keep running and calling the backend after the store closed: it is
 // stopped like the others (device and holder's connection left for the
 // next Frontend) and Attach answers ErrClosed.
+// TestResumeRacingClose: a Close runs while an Attach is about to resume a
+// held connection (in practice: it waited on a slow holder past the
+// plugin's shutdown timeout). The Attach answers ErrClosed and leaves the
+// connection held and unserved for the next process, instead of starting
+// readers that would answer the filesystem's pending requests from a store
+// about to close (EIO). The next Frontend resumes it, data intact.
+func TestResumeRacingClose(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	fe, runDir := newFrontend(t)
+	const id = "vol-resume-race"
+	b := newFileBackend(t, t.TempDir(), 16<<20)
+	dev, err := fe.Attach(ctx, id, b, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mp := fe.mountpoint(id)
+	fe.Close() // graceful: the holder keeps the connection, nobody serves it
+	// A write the device's user issues meanwhile waits in the connection.
+	want := alignedBuf(4096)
+	fillRandom(rand.New(rand.NewSource(11)), want)
+	wrote := make(chan error, 1)
+	go func() {
+		f, err := os.OpenFile(dev, os.O_RDWR|unix.O_DIRECT, 0)
+		if err == nil {
+			_, err = f.WriteAt(want, 8192)
+			f.Close()
+		}
+		wrote <- err
+	}()
+	waiting := filepath.Join(fuseConnDir(t, mp), "waiting")
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(5 * time.Millisecond) {
+		if n, _ := os.ReadFile(waiting); strings.TrimSpace(string(n)) != "0" && len(n) > 0 {
+			break
+		}
+		if time.Now().After(deadline) { // hang guard
+			t.Fatal("the write never reached the unserved connection")
+		}
+	}
+	// The next Frontend's Attach races its own Close: its store is closing
+	// (a backend that fails every write stands for it).
+	fe2, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand(), Readers: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	closing := &failingWrites{Backend: b}
+	testHookBeforeResume = func() {
+		closing.fail.Store(true)
+		fe2.Close()
+	}
+	t.Cleanup(func() { testHookBeforeResume = nil })
+	if _, err := fe2.Attach(ctx, id, closing, false); !errors.Is(err, ErrClosed) {
+		t.Fatalf("resume racing Close: %v, want ErrClosed", err)
+	}
+	testHookBeforeResume = nil
+	select {
+	case err := <-wrote:
+		t.Fatalf("the pending write ended while nobody should serve it: %v", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	fe3, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand(), Readers: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fe3.Close()
+	if !fe3.Unserved(id) {
+		t.Fatal("after the refused resume the connection is not held and unserved")
+	}
+	if dev3, err := fe3.Attach(ctx, id, b, false); err != nil || dev3 != dev {
+		t.Fatalf("the next Frontend's resume: %q, %v; want %s", dev3, err, dev)
+	}
+	select {
+	case err := <-wrote:
+		if err != nil {
+			t.Fatalf("the write pending across the refused resume failed: %v", err)
+		}
+	case <-time.After(time.Minute): // hang guard
+		t.Fatal("the pending write never completed after the resume")
+	}
+	got, err := readDirect(t, dev, 8192, 4096)
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("data after the resume differs (err %v)", err)
+	}
+	if err := fe3.Detach(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// failingWrites fails every write once fail is set (a closing store).
+type failingWrites struct {
+	Backend
+	fail atomic.Bool
+}
+
+func (f *failingWrites) WriteAt(p []byte, off int64) (int, error) {
+	if f.fail.Load() {
+		return 0, errors.New("store closed")
+	}
+	return f.Backend.WriteAt(p, off)
+}
+
 func TestAttachRacingClose(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()

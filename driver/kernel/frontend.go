@@ -660,6 +660,22 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 		unix.Close(fd)
 		return "", err
 	}
+	if testHookBeforeResume != nil {
+		testHookBeforeResume()
+	}
+	// A Close that ran while this Attach waited (on the holder, say) must
+	// not find a server started after it: its readers would answer the
+	// held connection's pending requests (a filesystem's resent writes)
+	// from a store about to close, with EIO. Leave the connection held,
+	// untouched, for the next process.
+	f.mu.Lock()
+	closed := f.closed
+	f.mu.Unlock()
+	if closed {
+		srv.discard()
+		unix.Close(fd)
+		return "", ErrClosed
+	}
 	v := &volume{id: id, mp: mp, fd: fd, srv: srv, readOnly: readOnly}
 	// Resend before any reader runs: NOTIFY_RESEND requeues every request
 	// a reader has taken and not answered, with the resend bit. A reader of
@@ -712,6 +728,10 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 	klog.InfoS("resumed FUSE connection", "volumeID", id, "device", dev)
 	return dev, nil
 }
+
+// testHookBeforeResume, if set (tests), runs in resume before it checks
+// whether the Frontend was closed meanwhile.
+var testHookBeforeResume func()
 
 // afterHolderPut, if set (tests), runs in attachFresh right after the holder
 // took the connection, before anything asks for the file's attributes.

@@ -116,6 +116,13 @@ func (s *server) start(n int) {
 	}
 }
 
+// discard releases a server that was never started (its wake pipe); s.fd
+// is the caller's.
+func (s *server) discard() {
+	unix.Close(s.wakeR)
+	unix.Close(s.wakeW)
+}
+
 // stop makes readers return after answering what they hold, and waits for
 // them. It does not close s.fd and does not touch the connection.
 func (s *server) stop() {
