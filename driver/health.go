@@ -165,7 +165,7 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 			add(csi.VolumeHealthErrorType_INACCESSIBLE, "NotServed", fmt.Sprintf("device %s is not served by this plugin (not taken back after a restart; or its fuse-holder did not answer in time): its I/O waits", dev))
 		}
 	}
-	mps, err := d.opt.Mounter.List()
+	mps, err := d.listMounts()
 	if err != nil {
 		return nil, toStatus(fmt.Errorf("list mounts: %w", err))
 	}

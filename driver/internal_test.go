@@ -483,3 +483,16 @@ func TestRollbackCommand(t *testing.T) {
 		t.Errorf("rollbackCommand without a run dir = %q, want %q", got, want)
 	}
 }
+
+// TestMountTableEscapes: mount-utils lists mount points with the kernel's
+// octal escapes; a request's path with a space (or tab, newline, backslash)
+// must still find its mount.
+func TestMountTableEscapes(t *testing.T) {
+	dir := t.TempDir()
+	target := filepath.Join(dir, "kube let", "tar\\get")
+	fm := mount.NewFakeMounter([]mount.MountPoint{{Device: "/dev/loop9", Path: strings.NewReplacer(" ", `\040`, `\`, `\134`).Replace(target), Type: "ext4"}})
+	d := &Driver{opt: Options{Mounter: &mount.SafeFormatAndMount{Interface: fm}}}
+	if dev, err := d.mountedDevice(target); err != nil || dev != "/dev/loop9" {
+		t.Fatalf("mountedDevice(%q) = %q, %v; want /dev/loop9", target, dev, err)
+	}
+}

@@ -67,7 +67,7 @@ func MaxLoopDevices() (int64, error) {
 
 // mountpointOf returns a mount point of device dev ("" when not mounted).
 func (d *Driver) mountpointOf(dev string) (string, error) {
-	mps, err := d.opt.Mounter.List()
+	mps, err := d.listMounts()
 	if err != nil {
 		return "", fmt.Errorf("list mounts: %w", err)
 	}
@@ -86,9 +86,31 @@ func (d *Driver) mountedDevice(path string) (string, error) {
 	return mp.Device, err
 }
 
+// listMounts lists the mount table with its mount points as plain paths:
+// mount-utils keeps the kernel's octal escapes (a space reads \040), so a
+// path with a space, tab, newline or backslash would never match a
+// request's (a publish there stacked binds, and its unpublish failed for
+// ever).
+func (d *Driver) listMounts() ([]mount.MountPoint, error) {
+	mps, err := d.opt.Mounter.List()
+	for i := range mps {
+		mps[i].Path = unescapeMount(mps[i].Path)
+	}
+	return mps, err
+}
+
+// unescapeMount undoes the kernel's escapes in a mount table's path field
+// (proc_pid_mounts(5)).
+func unescapeMount(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	return strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`).Replace(s)
+}
+
 // topMount returns the mount on top at path (zero if none).
 func (d *Driver) topMount(path string) (mount.MountPoint, error) {
-	mps, err := d.opt.Mounter.List()
+	mps, err := d.listMounts()
 	if err != nil {
 		return mount.MountPoint{}, fmt.Errorf("list mounts: %w", err)
 	}
@@ -171,7 +193,7 @@ func (d *Driver) publishedAt(id, staging string) (string, error) {
 	if len(devs) == 0 {
 		return "", nil
 	}
-	mps, err := d.opt.Mounter.List()
+	mps, err := d.listMounts()
 	if err != nil {
 		return "", fmt.Errorf("list mounts: %w", err)
 	}
@@ -433,7 +455,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 			// Attached by an earlier, finished stage: if that one mounted a
 			// filesystem on it (a PV of the same volume handle in the other
 			// volume mode), a block pod's writes would corrupt it.
-			mps, err := d.opt.Mounter.List()
+			mps, err := d.listMounts()
 			if err != nil {
 				return nil, toStatus(fmt.Errorf("list mounts: %w", err))
 			}
@@ -491,7 +513,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	// Mounting it here too would leave two staging mounts, each of which
 	// NodeUnstageVolume takes for a publish of the other: neither could
 	// ever be unstaged.
-	if mps, err := d.opt.Mounter.List(); err != nil {
+	if mps, err := d.listMounts(); err != nil {
 		return nil, toStatus(fmt.Errorf("list mounts: %w", err))
 	} else if fsMounted(mps, dev) {
 		return nil, statusf(codes.FailedPrecondition, "volume %s is staged (its filesystem mounted) at another path; not staging it at %s too", id, staging)
@@ -885,7 +907,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		// A writable raw device under a mounted filesystem (staged for
 		// mount access): a pod writing it corrupts the filesystem. The
 		// spec: another capability than the stage's is FailedPrecondition.
-		mps, err := d.opt.Mounter.List()
+		mps, err := d.listMounts()
 		if err != nil {
 			return nil, toStatus(fmt.Errorf("list mounts: %w", err))
 		}
