@@ -562,6 +562,17 @@ func (s *Store) openJournal() error {
 	// the other order could leave an older epoch's records without the
 	// settled records that followed them.
 	if err := j.startEpoch(next); err != nil {
+		if errors.Is(err, ErrNoSpace) {
+			// No block for the new epoch's header (a full disk; the file
+			// it goes in is empty): this process runs without a journal,
+			// as without a boot identity (SetSurviveKill waits for group
+			// commits), rather than fail every Open until space is freed
+			// by hand. startEpoch emptied the older file before its
+			// write; the newer is emptied now, which needs no space.
+			err = j.f[(next+1)&1].Truncate(0)
+			j.close()
+			return err
+		}
 		j.close()
 		return err
 	}

@@ -351,3 +351,66 @@ func TestKillLostMarkersAfterRedo(t *testing.T) {
 		t.Errorf("volume after the redo: %q..., want the journaled write", got[:8])
 	}
 }
+
+// TestJournalHeaderWithoutSpace: every Open starts a new journal epoch,
+// whose 80-byte header goes into an empty file: on a disk with no free
+// block that write fails, and so did every Open (also the one that drops
+// the redo for want of space), until space was freed by hand. Now the
+// store opens without a journal for this process (writes then wait for
+// their group commit), the files emptied.
+func TestJournalHeaderWithoutSpace(t *testing.T) {
+	full := func(name string) error {
+		if strings.HasPrefix(name, "kill.journal.") {
+			return errors.Join(ErrNoSpace, syscall.ENOSPC)
+		}
+		return noSpaceFor(name)
+	}
+	check := func(t *testing.T, dir string, lost []string) {
+		fs := newFaultFS(dir)
+		fs.writeErr = full
+		s, err := openFS(dir, fs)
+		if err != nil {
+			t.Fatalf("Open on a disk with no block for the journal's header: %v", err)
+		}
+		defer s.Close()
+		if err := s.Err(); err != nil {
+			t.Fatalf("store: %v", err)
+		}
+		if got := s.KillWritesLost(); !slices.Equal(got, lost) {
+			t.Errorf("KillWritesLost %v, want %v", got, lost)
+		}
+		for _, j := range journalNames {
+			if fi, err := os.Stat(filepath.Join(dir, j)); err == nil && fi.Size() != 0 {
+				t.Errorf("%s has %d bytes, want emptied", j, fi.Size())
+			}
+		}
+		s.SetSurviveKill(true)
+		v, err := s.CreateVolume("after", 1<<20, VolumeOptions{ChunkSize: 4096})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := v.WriteAt(fill(4096, 'z'), 0); err != nil {
+			t.Fatalf("a write without the journal: %v", err)
+		}
+		if got := mustRead(t, v, 0, 4096); !bytes.Equal(got, fill(4096, 'z')) {
+			t.Fatal("the write does not read back")
+		}
+	}
+	t.Run("killed with a journal to redo", func(t *testing.T) {
+		check(t, killWithJournaledCopy(t), []string{"v"})
+	})
+	t.Run("closed cleanly", func(t *testing.T) {
+		dir := t.TempDir()
+		s, err := Open(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.CreateVolume("v", 1<<20, VolumeOptions{ChunkSize: 4096}); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Close(); err != nil {
+			t.Fatal(err)
+		}
+		check(t, dir, nil)
+	})
+}
