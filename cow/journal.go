@@ -488,7 +488,10 @@ func (s *Store) openJournal() error {
 		// a journal are emptied, so a later Open that can tell never
 		// redoes records this one ignored (the writes since would be
 		// undone).
-		return s.eachJournalFile(func(f file) error { return f.Truncate(0) })
+		if err := s.eachJournalFile(func(f file) error { return f.Truncate(0) }); err != nil {
+			return err
+		}
+		return s.removeJournalDropped()
 	}
 	j := &journal{uuid: s.hdr.UUID, boot: boot, gen: s.hdr.Generation}
 	j.onFail = func(err error) { s.logNow.Load().fail(err) }
@@ -530,8 +533,28 @@ func (s *Store) openJournal() error {
 		all = append(all, p.recs...)
 		next = max(next, p.ep+1)
 	}
-	if s.skipRedo {
+	// A fallback Open that dropped the journal (skipRedo) and stopped
+	// while emptying it may have left the newer file only: those records
+	// without the older ones are not the journal, and redone they would
+	// also remove the markers that fence the lost writes. Its marker
+	// (journalDroppedName) says so: drop them again.
+	dropped := s.skipRedo
+	if f, err := s.fs.Open(journalDroppedName, false); err == nil {
+		f.Close()
+		dropped = true
+	} else if !errors.Is(err, os.ErrNotExist) {
+		j.close()
+		return err
+	}
+	if dropped {
 		all = nil // dropped: see openFS
+		// Before the files are emptied. Not synced: only a kill of the
+		// process must find it (the journal means nothing after a
+		// reboot). One a full disk refuses (a directory block) leaves
+		// the gap this closes open for this Open only.
+		if f, err := s.fs.Open(journalDroppedName, true); err == nil {
+			f.Close()
+		}
 	}
 	targets := s.redoVolumes(all)
 	if err := s.redoJournal(all); err != nil {
@@ -571,6 +594,9 @@ func (s *Store) openJournal() error {
 			// write; the newer is emptied now, which needs no space.
 			err = j.f[(next+1)&1].Truncate(0)
 			j.close()
+			if err == nil {
+				err = s.removeJournalDropped()
+			}
 			return err
 		}
 		j.close()
@@ -580,8 +606,24 @@ func (s *Store) openJournal() error {
 		j.close()
 		return err
 	}
+	if err := s.removeJournalDropped(); err != nil {
+		j.close()
+		return err
+	}
 	s.jnl = j
 	s.jnlNow.Store(j)
+	return nil
+}
+
+// journalDroppedName marks a kill journal that an Open dropped unredone
+// (no space for the redo) while it empties the files (see openJournal).
+const journalDroppedName = "kill.journal.dropped"
+
+// removeJournalDropped removes the marker once both files are empty.
+func (s *Store) removeJournalDropped() error {
+	if err := s.fs.Remove(journalDroppedName); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
 	return nil
 }
 

@@ -414,3 +414,85 @@ func TestJournalHeaderWithoutSpace(t *testing.T) {
 		check(t, dir, nil)
 	})
 }
+
+// TestDroppedJournalHalfEmptied: the Open that drops the kill journal for
+// want of space (its redo's copy-outs) empties the two files one after the
+// other. Stopped between the two (a kill; here a failed truncate), it left
+// the newer epoch's records alone: the next Open redid them, without the
+// older epoch's, over a chunk whose first write they lack, and then
+// removed the volume's kill-lost marker, as if the journal were whole: the
+// lost write went unfenced. A marker of the drop now makes that Open drop
+// the rest too and keep the fence.
+func TestDroppedJournalHalfEmptied(t *testing.T) {
+	const cs = 4096
+	old := journalSwitch
+	t.Cleanup(func() { journalSwitch = old })
+	journalSwitch = 3 * cs
+	dir, s, fs, h := heldStore(t)
+	v := mustVol(t, s, "v", 64*cs, cs)
+	if _, err := v.WriteAt(fill(64*cs, 'o'), 0); err != nil { // data: its redo copies out
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	armQuiet(t, s, h)
+	// One chunk's unsettled entry across two epochs: W1 in the first, W2
+	// (over part of it) in the second.
+	returnsSoon(t, "w1", func() error { _, err := v.WriteAt(fill(100, 'A'), 0); return err })
+	for i := 1; i < 32; i++ {
+		s.jnl.mu.Lock()
+		switched := s.jnl.switches > 0
+		s.jnl.mu.Unlock()
+		if switched {
+			break
+		}
+		returnsSoon(t, "fill", func() error { _, err := v.WriteAt(fill(cs, 'x'), int64(i)*cs); return err })
+	}
+	s.jnl.mu.Lock()
+	switches := s.jnl.switches
+	s.jnl.mu.Unlock()
+	if switches != 1 {
+		t.Fatalf("%d journal epoch switches, want 1 (nothing to test)", switches)
+	}
+	returnsSoon(t, "w2", func() error { _, err := v.WriteAt(fill(100, 'B'), 50); return err })
+	killStore(fs, h)
+
+	// The fallback Open: no space for the redo, and the second of its two
+	// truncates fails (as a kill between them would leave it).
+	fs2 := newFaultFS(dir)
+	fs2.writeErr = noSpaceFor
+	truncs := 0
+	fs2.truncErr = func(name string, size int64) error {
+		if strings.HasPrefix(name, "kill.journal.") && size == 0 {
+			if truncs++; truncs == 2 {
+				return syscall.EIO
+			}
+		}
+		return nil
+	}
+	if s2, err := openFS(dir, fs2); err == nil {
+		s2.Close()
+		t.Fatal("the fallback Open succeeded despite its failed truncate (nothing to test)")
+	}
+	// Space is back: whatever this Open does, v's first write is either
+	// there or v is still fenced (KillWritesLost).
+	s3, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s3.Close()
+	v3, err := s3.Volume("v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := mustRead(t, v3, 0, 150)
+	want := append(fill(50, 'A'), fill(100, 'B')...)
+	t.Logf("reads %q, fenced %v", got[:8], s3.KillWritesLost())
+	if !bytes.Equal(got, want) && !slices.Contains(s3.KillWritesLost(), "v") {
+		t.Fatalf("v lost an acknowledged write and is not fenced: reads %q, want %q", got, want)
+	}
+	if !slices.Contains(s3.KillWritesLost(), "v") {
+		t.Error("v's fence was lifted by a partial journal")
+	}
+}
