@@ -11,6 +11,7 @@ import (
 	"os"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -533,26 +534,34 @@ func (s *Store) openJournal() error {
 		all = append(all, p.recs...)
 		next = max(next, p.ep+1)
 	}
-	// A fallback Open that dropped the journal (skipRedo) and stopped
-	// while emptying it may have left the newer file only: those records
-	// without the older ones are not the journal, and redone they would
-	// also remove the markers that fence the lost writes. Its marker
-	// (journalDroppedName) says so: drop them again.
+	// A fallback Open that dropped the journal (skipRedo) empties the two
+	// files oldest first; stopped in between, it left the newer epoch's
+	// records only, which are not the journal: redone they would also lift
+	// the markers that fence the lost writes. Its marker names the oldest
+	// epoch there was: gone now, the rest is dropped too. (Still there,
+	// nothing was emptied: the journal is whole, and redone as usual.)
 	dropped := s.skipRedo
-	if f, err := s.fs.Open(journalDroppedName, false); err == nil {
-		f.Close()
-		dropped = true
-	} else if !errors.Is(err, os.ErrNotExist) {
+	marks, err := s.journalDroppedMarks()
+	if err != nil {
 		j.close()
 		return err
 	}
+	for _, oldest := range marks {
+		if !slices.ContainsFunc(parts, func(p part) bool { return p.ep == oldest }) {
+			dropped = true
+		}
+	}
 	if dropped {
 		all = nil // dropped: see openFS
-		// Before the files are emptied. Not synced: only a kill of the
-		// process must find it (the journal means nothing after a
-		// reboot). One a full disk refuses (a directory block) leaves
-		// the gap this closes open for this Open only.
-		if f, err := s.fs.Open(journalDroppedName, true); err == nil {
+		// Before the files are emptied. Empty (a full disk takes it; one
+		// that refuses even its directory entry leaves the gap open for
+		// this Open) and not synced: only a kill must find it, the
+		// journal means nothing after a reboot.
+		oldest := uint64(0)
+		if len(parts) > 0 {
+			oldest = parts[0].ep
+		}
+		if f, err := s.fs.Open(fmt.Sprintf("%s%d", journalDroppedPrefix, oldest), true); err == nil {
 			f.Close()
 		}
 	}
@@ -615,14 +624,43 @@ func (s *Store) openJournal() error {
 	return nil
 }
 
-// journalDroppedName marks a kill journal that an Open dropped unredone
-// (no space for the redo) while it empties the files (see openJournal).
-const journalDroppedName = "kill.journal.dropped"
+// journalDroppedPrefix names the marker of a kill journal that an Open
+// dropped unredone (no space for the redo), while it empties the files:
+// kill.journal.dropped.<the oldest epoch the journal had> (see
+// openJournal).
+const journalDroppedPrefix = "kill.journal.dropped."
 
-// removeJournalDropped removes the marker once both files are empty.
+// journalDroppedMarks returns the oldest epochs the drop markers name.
+func (s *Store) journalDroppedMarks() ([]uint64, error) {
+	names, err := s.fs.List()
+	if err != nil {
+		return nil, err
+	}
+	var out []uint64
+	for _, n := range names {
+		if rest, ok := strings.CutPrefix(n, journalDroppedPrefix); ok {
+			ep, err := strconv.ParseUint(rest, 10, 64)
+			if err != nil {
+				return nil, corruptf("kill journal drop marker %q", n)
+			}
+			out = append(out, ep)
+		}
+	}
+	return out, nil
+}
+
+// removeJournalDropped removes the drop markers once both files are empty.
 func (s *Store) removeJournalDropped() error {
-	if err := s.fs.Remove(journalDroppedName); err != nil && !errors.Is(err, os.ErrNotExist) {
+	names, err := s.fs.List()
+	if err != nil {
 		return err
+	}
+	for _, n := range names {
+		if strings.HasPrefix(n, journalDroppedPrefix) {
+			if err := s.fs.Remove(n); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return err
+			}
+		}
 	}
 	return nil
 }
