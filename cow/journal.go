@@ -599,9 +599,15 @@ func (s *Store) openJournal() error {
 			// it goes in is empty): this process runs without a journal,
 			// as without a boot identity (SetSurviveKill waits for group
 			// commits), rather than fail every Open until space is freed
-			// by hand. startEpoch emptied the older file before its
-			// write; the newer is emptied now, which needs no space.
-			err = j.f[(next+1)&1].Truncate(0)
+			// by hand. Both files are emptied, oldest first (startEpoch
+			// may have failed at its own truncate: btrfs can refuse one
+			// for want of metadata space); if either cannot be, Open
+			// fails: records left there would be redone by a later Open
+			// over this process's writes.
+			err = j.f[next&1].Truncate(0)
+			if err == nil {
+				err = j.f[(next+1)&1].Truncate(0)
+			}
 			j.close()
 			if err == nil {
 				err = s.removeJournalDropped()

@@ -527,8 +527,8 @@ func (v *Volume) writeOverlaid(off, n int64, p []byte) (unsettled, error) {
 
 // killJournal returns the journal a write to an overlay entry of v, or a
 // clone's present mark, must go to before the write returns (journal.go),
-// or nil: the store is not set to survive a kill, or the boot has no
-// identity.
+// or nil: the store is not set to survive a kill, or it has no journal
+// (the boot has no identity, or Open found no block for its header).
 func (v *Volume) killJournal() *journal {
 	if !v.s.survive.Load() || v.s.jnl == nil {
 		return nil

@@ -91,7 +91,8 @@ type Store struct {
 // journal (journal.go; page cache, no sync), which Open redoes after a
 // kill, and a write that completes a clone's chunk from its source appends
 // the chunk's present mark there. Without a journal (a boot without an
-// identity) they wait instead: for the batch to be applied (one group
+// identity, or an Open that found no block for the journal's header) they
+// wait instead: for the batch to be applied (one group
 // commit, fsyncs included), for a Flush (a data sync, then a log commit).
 // A write to a chunk that needs none of that returns as before.
 func (s *Store) SetSurviveKill(on bool) { s.survive.Store(on) }

@@ -423,7 +423,13 @@ func TestJournalHeaderWithoutSpace(t *testing.T) {
 // removed the volume's kill-lost marker, as if the journal were whole: the
 // lost write went unfenced. A marker of the drop now makes that Open drop
 // the rest too and keep the fence.
-func TestDroppedJournalHalfEmptied(t *testing.T) {
+// killTwoEpochs leaves in a new directory a store killed (survive-kill on)
+// with v's chunk 0 entry unsettled across two journal epochs: W1 ('A' at
+// [0,100)) in the first, W2 ('B' at [50,150)) in the second, over data
+// whose redo copies out. It returns the directory and what v's first 150
+// bytes must read.
+func killTwoEpochs(t *testing.T) (string, []byte) {
+	t.Helper()
 	const cs = 4096
 	old := journalSwitch
 	t.Cleanup(func() { journalSwitch = old })
@@ -437,8 +443,6 @@ func TestDroppedJournalHalfEmptied(t *testing.T) {
 		t.Fatal(err)
 	}
 	armQuiet(t, s, h)
-	// One chunk's unsettled entry across two epochs: W1 in the first, W2
-	// (over part of it) in the second.
 	returnsSoon(t, "w1", func() error { _, err := v.WriteAt(fill(100, 'A'), 0); return err })
 	for i := 1; i < 32; i++ {
 		s.jnl.mu.Lock()
@@ -457,6 +461,11 @@ func TestDroppedJournalHalfEmptied(t *testing.T) {
 	}
 	returnsSoon(t, "w2", func() error { _, err := v.WriteAt(fill(100, 'B'), 50); return err })
 	killStore(fs, h)
+	return dir, append(fill(50, 'A'), fill(100, 'B')...)
+}
+
+func TestDroppedJournalHalfEmptied(t *testing.T) {
+	dir, want := killTwoEpochs(t)
 
 	// The fallback Open: no space for the redo, and the second of its two
 	// truncates fails (as a kill between them would leave it).
@@ -487,12 +496,49 @@ func TestDroppedJournalHalfEmptied(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := mustRead(t, v3, 0, 150)
-	want := append(fill(50, 'A'), fill(100, 'B')...)
 	t.Logf("reads %q, fenced %v", got[:8], s3.KillWritesLost())
 	if !bytes.Equal(got, want) && !slices.Contains(s3.KillWritesLost(), "v") {
 		t.Fatalf("v lost an acknowledged write and is not fenced: reads %q, want %q", got, want)
 	}
 	if !slices.Contains(s3.KillWritesLost(), "v") {
 		t.Error("v's fence was lifted by a partial journal")
+	}
+}
+
+// TestJournalTruncateWithoutSpace: the journal-less fallback (no block for
+// the header) must not leave records behind: a truncate refused for want
+// of space (btrfs, out of metadata space) made startEpoch fail before its
+// header, and the fallback emptied only the newer file; the older one's
+// records outlived the Open and a later Open redid them over this
+// process's writes. Now such an Open fails.
+func TestJournalTruncateWithoutSpace(t *testing.T) {
+	dir, _ := killTwoEpochs(t)
+	fs := newFaultFS(dir)
+	fs.writeErr = func(name string) error {
+		if strings.HasPrefix(name, "kill.journal.") {
+			return errors.Join(ErrNoSpace, syscall.ENOSPC)
+		}
+		return noSpaceFor(name)
+	}
+	refused := false
+	fs.truncErr = func(name string, size int64) error {
+		if strings.HasPrefix(name, "kill.journal.") && !refused {
+			refused = true // the first only: the older file's, in startEpoch
+			return errors.Join(ErrNoSpace, syscall.ENOSPC)
+		}
+		return nil
+	}
+	s, err := openFS(dir, fs)
+	if !refused {
+		t.Fatal("no journal truncate was refused (nothing tested)")
+	}
+	if err != nil {
+		return // refused: nothing is left to redo over later writes
+	}
+	defer s.Close()
+	for _, j := range journalNames {
+		if fi, err := os.Stat(filepath.Join(dir, j)); err == nil && fi.Size() > journalHeaderLen {
+			t.Errorf("Open succeeded and left %s with %d bytes of records", j, fi.Size())
+		}
 	}
 }
