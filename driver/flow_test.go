@@ -2017,13 +2017,13 @@ func TestThawLeftoverKeptWhenMountsUnreadable(t *testing.T) {
 	}
 }
 
-// TestSecondStagingPathRefused: a volume whose filesystem is mounted at
-// one staging path (a second PV of the same volume handle asks for
-// another) is not mounted at a second one: NodeUnstageVolume would take
-// each staging mount for a publish of the other, and neither could ever
-// be unstaged. And a writable block publish of a volume staged for mount
-// access would hand a pod the raw device under the mounted filesystem.
-func TestSecondStagingPathRefused(t *testing.T) {
+// TestBlockAndMountOfOneDevice: two PVs of one volume handle in different
+// modes. A writable block publish of a volume staged for mount access, and
+// a mount stage of a volume published writable for block access, would
+// each put a pod writing the raw device under a mounted filesystem:
+// FailedPrecondition. A re-stage at the same path whose staging mount went
+// missing while a pod's bind remains is a repair, not a second path: OK.
+func TestBlockAndMountOfOneDevice(t *testing.T) {
 	// Every blkid finds ext4 (the first stage made it), other commands
 	// succeed.
 	exec := &testexec.FakeExec{}
@@ -2046,27 +2046,44 @@ func TestSecondStagingPathRefused(t *testing.T) {
 	}
 	e := env{d: d, store: st, fe: fe, fm: fm}
 	ctx := context.Background()
-	id := e.createVolume(t, "two-paths", 1<<20).VolumeId
 	dir := t.TempDir()
-	s1, s2 := filepath.Join(dir, "s1"), filepath.Join(dir, "s2")
-	if err := os.MkdirAll(s1, 0o750); err != nil {
+
+	// Staged for mount access: no writable block publish.
+	a := e.createVolume(t, "mount-staged", 1<<20).VolumeId
+	sa := filepath.Join(dir, "sa")
+	if err := os.MkdirAll(sa, 0o750); err != nil {
 		t.Fatal(err)
 	}
-	e.attachMounted(t, id, s1) // staged for mount access at s1
-	_, err = e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: s2, VolumeCapability: mountCap()})
-	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "another path") {
-		t.Fatalf("mount stage at a second path: %v, want FailedPrecondition (staged at another path)", err)
-	}
-	if mounted, _ := e.fm.IsMountPoint(s2); mounted {
-		t.Fatal("the refused stage mounted the second path")
-	}
-	target := filepath.Join(dir, "block-target")
-	_, err = e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: s1,
-		TargetPath: target, VolumeCapability: blockCap()})
+	e.attachMounted(t, a, sa)
+	_, err = e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: a, StagingTargetPath: sa,
+		TargetPath: filepath.Join(dir, "a-block"), VolumeCapability: blockCap()})
 	if status.Code(err) != codes.FailedPrecondition {
 		t.Fatalf("writable block publish of a mount-staged volume: %v, want FailedPrecondition", err)
 	}
-	if _, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: s1}); err != nil {
-		t.Fatalf("unstage of the one staging path: %v", err)
+	// Its staging mount goes missing while a pod's bind of it remains: a
+	// re-stage at the same path mounts it again.
+	dev, _ := e.fe.Device(a)
+	e.fm.MountPoints = []mount.MountPoint{{Device: dev, Path: filepath.Join(dir, "pod-a"), Type: "ext4"}}
+	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: a, StagingTargetPath: sa, VolumeCapability: mountCap()}); err != nil {
+		t.Fatalf("re-stage at the same path, its mount gone, a pod's bind left: %v, want OK", err)
+	}
+
+	// Published writable for block access: no filesystem mounted from it.
+	b := e.createVolume(t, "block-published", 1<<20).VolumeId
+	sb := filepath.Join(dir, "sb")
+	e.stageBlock(t, b, sb)
+	target := filepath.Join(dir, "b-block")
+	if _, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: b, StagingTargetPath: sb,
+		TargetPath: target, VolumeCapability: blockCap()}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: b, StagingTargetPath: filepath.Join(dir, "sb2"), VolumeCapability: mountCap()})
+	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "block access") {
+		t.Fatalf("mount stage of a volume published for block access: %v, want FailedPrecondition", err)
+	}
+	// The block publish repeated is still OK (the spec's idempotency).
+	if _, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: b, StagingTargetPath: sb,
+		TargetPath: target, VolumeCapability: blockCap()}); err != nil {
+		t.Fatalf("repeated block publish: %v", err)
 	}
 }

@@ -231,6 +231,28 @@ func (d *Driver) publishedAt(id, staging string) (string, error) {
 	return "", nil
 }
 
+// nodeBoundAt returns a path where dev's device node is bound (a block
+// publish), or "". The mount table lists such a bind under the device file
+// system (recognised by the node's device number, as in publishedAt), or,
+// for a bind whose table keeps the source (the tests' fake mounter), as dev
+// with no filesystem type.
+func nodeBoundAt(mps []mount.MountPoint, dev string) string {
+	var want unix.Stat_t
+	haveRdev := unix.Stat(dev, &want) == nil && want.Mode&unix.S_IFMT == unix.S_IFBLK
+	for _, mp := range mps {
+		switch {
+		case mp.Device == dev && mp.Type == "":
+			return mp.Path
+		case mp.Type == "devtmpfs" && haveRdev:
+			var st unix.Stat_t
+			if unix.Stat(mp.Path, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFBLK && st.Rdev == want.Rdev {
+				return mp.Path
+			}
+		}
+	}
+	return ""
+}
+
 // notServed turns an ErrNotFound from the frontend's Resize or
 // ReadOnlyDevice for the existing volume id into FailedPrecondition: the
 // frontend can report a device it does not serve (after a restart whose
@@ -508,15 +530,13 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if cur != "" {
 		return nil, statusf(codes.AlreadyExists, "staging path %s already holds %s, not volume %s", staging, cur, id)
 	}
-	// The volume's filesystem mounted elsewhere: staged at another path (a
-	// second PV of the same volume handle; or an older kubelet's path).
-	// Mounting it here too would leave two staging mounts, each of which
-	// NodeUnstageVolume takes for a publish of the other: neither could
-	// ever be unstaged.
+	// The device published writable for block access (a second PV of the
+	// same volume handle, in block mode): a filesystem mounted under a pod
+	// that writes the raw device would be corrupted.
 	if mps, err := d.listMounts(); err != nil {
 		return nil, toStatus(fmt.Errorf("list mounts: %w", err))
-	} else if fsMounted(mps, dev) {
-		return nil, statusf(codes.FailedPrecondition, "volume %s is staged (its filesystem mounted) at another path; not staging it at %s too", id, staging)
+	} else if at := nodeBoundAt(mps, dev); at != "" {
+		return nil, statusf(codes.FailedPrecondition, "volume %s is published for block access at %s; not mounting a filesystem from it", id, at)
 	}
 	fstype := m.GetFsType()
 	if fstype == "" {
@@ -903,23 +923,25 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 			return nil, statusf(codes.FailedPrecondition, "volume %s is not mounted at staging path %s", id, staging)
 		}
 		source = staging
-	} else if !ro {
-		// A writable raw device under a mounted filesystem (staged for
-		// mount access): a pod writing it corrupts the filesystem. The
-		// spec: another capability than the stage's is FailedPrecondition.
-		mps, err := d.listMounts()
-		if err != nil {
-			return nil, toStatus(fmt.Errorf("list mounts: %w", err))
-		}
-		if fsMounted(mps, dev) {
-			return nil, statusf(codes.FailedPrecondition, "volume %s has a mounted filesystem (staged for mount access): not publishing its device for block access", id)
-		}
 	}
 	held := false
 	if dev != "" {
 		var err error
 		if held, err = d.holdsDevice(target, dev); err != nil {
 			return nil, toStatus(err)
+		}
+	}
+	if block && !ro && !held {
+		// A writable raw device under a mounted filesystem (staged for
+		// mount access): a pod writing it corrupts the filesystem. The
+		// spec: another capability than the stage's is FailedPrecondition.
+		// (A publish already made is answered as before.)
+		mps, err := d.listMounts()
+		if err != nil {
+			return nil, toStatus(fmt.Errorf("list mounts: %w", err))
+		}
+		if fsMounted(mps, dev) {
+			return nil, statusf(codes.FailedPrecondition, "volume %s has a mounted filesystem (staged for mount access): not publishing its device for block access", id)
 		}
 	}
 	if held && !block && d.publishUnfinished(target) {
