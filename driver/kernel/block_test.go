@@ -320,12 +320,6 @@ func TestLoopTakenOver(t *testing.T) {
 	}
 }
 
-// TestAttachRacingClose: Close runs while an Attach is past its lock (at
-// shutdown, gRPC's Stop does not wait for handlers). The Attach must not
-// record its volume in the map Close already emptied, where its server
-// would keep running and calling the backend after the store closed: it is
-// stopped like the others (device and holder's connection left for the
-// next Frontend) and Attach answers ErrClosed.
 // TestResumeRacingClose: a Close runs while an Attach is about to resume a
 // held connection (in practice: it waited on a slow holder past the
 // plugin's shutdown timeout). The Attach answers ErrClosed and leaves the
@@ -333,6 +327,11 @@ func TestLoopTakenOver(t *testing.T) {
 // readers that would answer the filesystem's pending requests from a store
 // about to close (EIO). The next Frontend resumes it, data intact.
 func TestResumeRacingClose(t *testing.T) {
+	t.Run("before its check", func(t *testing.T) { testResumeRacingClose(t, false) })
+	t.Run("after its check", func(t *testing.T) { testResumeRacingClose(t, true) })
+}
+
+func testResumeRacingClose(t *testing.T, afterCheck bool) {
 	requireRoot(t)
 	ctx := context.Background()
 	fe, runDir := newFrontend(t)
@@ -372,19 +371,50 @@ func TestResumeRacingClose(t *testing.T) {
 		t.Fatal(err)
 	}
 	closing := &failingWrites{Backend: b}
-	testHookBeforeResume = func() {
-		closing.fail.Store(true)
-		fe2.Close()
-	}
-	t.Cleanup(func() { testHookBeforeResume = nil })
-	if _, err := fe2.Attach(ctx, id, closing, false); !errors.Is(err, ErrClosed) {
-		t.Fatalf("resume racing Close: %v, want ErrClosed", err)
-	}
-	testHookBeforeResume = nil
-	select {
-	case err := <-wrote:
-		t.Fatalf("the pending write ended while nobody should serve it: %v", err)
-	case <-time.After(100 * time.Millisecond):
+	if afterCheck {
+		// Close lands right after resume's check of it: Close must wait
+		// for the resume to end before it returns (and the store closes
+		// after it, failing writes only then).
+		closed := make(chan struct{})
+		testHookAfterResumeCheck = func() {
+			go func() {
+				fe2.Close()
+				closing.fail.Store(true)
+				close(closed)
+			}()
+			time.Sleep(50 * time.Millisecond) // let Close run first
+		}
+		t.Cleanup(func() { testHookAfterResumeCheck = nil })
+		if _, err := fe2.Attach(ctx, id, closing, false); !errors.Is(err, ErrClosed) {
+			t.Fatalf("resume overtaken by Close after its check: %v, want ErrClosed", err)
+		}
+		testHookAfterResumeCheck = nil
+		<-closed
+		// The resume's readers ran while the store was open: the pending
+		// write was served (not with EIO), or is still pending.
+		select {
+		case err := <-wrote:
+			if err != nil {
+				t.Fatalf("the pending write failed: %v (served after the store closed)", err)
+			}
+			wrote <- nil
+		case <-time.After(100 * time.Millisecond):
+		}
+	} else {
+		testHookBeforeResume = func() {
+			closing.fail.Store(true)
+			fe2.Close()
+		}
+		t.Cleanup(func() { testHookBeforeResume = nil })
+		if _, err := fe2.Attach(ctx, id, closing, false); !errors.Is(err, ErrClosed) {
+			t.Fatalf("resume racing Close: %v, want ErrClosed", err)
+		}
+		testHookBeforeResume = nil
+		select {
+		case err := <-wrote:
+			t.Fatalf("the pending write ended while nobody should serve it: %v", err)
+		case <-time.After(100 * time.Millisecond):
+		}
 	}
 	fe3, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand(), Readers: 4})
 	if err != nil {
@@ -427,6 +457,12 @@ func (f *failingWrites) WriteAt(p []byte, off int64) (int, error) {
 	return f.Backend.WriteAt(p, off)
 }
 
+// TestAttachRacingClose: Close runs while an Attach is past its lock (at
+// shutdown, gRPC's Stop does not wait for handlers). The Attach must not
+// record its volume in the map Close already emptied, where its server
+// would keep running and calling the backend after the store closed: it is
+// stopped like the others (device and holder's connection left for the
+// next Frontend) and Attach answers ErrClosed.
 func TestAttachRacingClose(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()

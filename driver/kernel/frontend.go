@@ -105,15 +105,18 @@ type Config struct {
 // Frontend turns Backends into loop devices over FUSE files. Methods are
 // safe for concurrent use; operations on one id are serialized.
 type Frontend struct {
-	cfg     Config
-	sock    string
-	volDir  string
-	mu      sync.Mutex // guards vols, locks, closed
-	vols    map[string]*volume
-	locks   map[string]*sync.Mutex
-	closed  bool
-	holderM sync.Mutex // serializes holder starts
-	runLock *os.File   // holds the flock on RunDir/frontend.lock until Close
+	cfg    Config
+	sock   string
+	volDir string
+	mu     sync.Mutex // guards vols, locks, closed
+	// resuming counts resumes past their check of closed (resume); Close
+	// waits for them. Add under mu.
+	resuming sync.WaitGroup
+	vols     map[string]*volume
+	locks    map[string]*sync.Mutex
+	closed   bool
+	holderM  sync.Mutex // serializes holder starts
+	runLock  *os.File   // holds the flock on RunDir/frontend.lock until Close
 	// stopCheck ends keepHeld, which closes checkDone when it returns.
 	stopCheck, checkDone chan struct{}
 	// holderMissing is when a wait for the external holder last timed out
@@ -668,13 +671,23 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 	// held connection's pending requests (a filesystem's resent writes)
 	// from a store about to close, with EIO. Leave the connection held,
 	// untouched, for the next process.
+	// Past this check Close waits for this resume to end (resuming): by
+	// then register has stopped the readers if Close ran meanwhile, and
+	// the store, closed after Close returns, answered them while open.
 	f.mu.Lock()
 	closed := f.closed
+	if !closed {
+		f.resuming.Add(1)
+	}
 	f.mu.Unlock()
 	if closed {
 		srv.discard()
 		unix.Close(fd)
 		return "", ErrClosed
+	}
+	defer f.resuming.Done()
+	if testHookAfterResumeCheck != nil {
+		testHookAfterResumeCheck()
 	}
 	v := &volume{id: id, mp: mp, fd: fd, srv: srv, readOnly: readOnly}
 	// Resend before any reader runs: NOTIFY_RESEND requeues every request
@@ -732,6 +745,10 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 // testHookBeforeResume, if set (tests), runs in resume before it checks
 // whether the Frontend was closed meanwhile.
 var testHookBeforeResume func()
+
+// testHookAfterResumeCheck, if set (tests), runs in resume right after
+// that check passed.
+var testHookAfterResumeCheck func()
 
 // afterHolderPut, if set (tests), runs in attachFresh right after the holder
 // took the connection, before anything asks for the file's attributes.
@@ -1263,6 +1280,7 @@ func (f *Frontend) Close() error {
 	for _, v := range vols {
 		v.shutdown()
 	}
+	f.resuming.Wait() // their register finds closed and stops their readers
 	f.runLock.Close()
 	return nil
 }
