@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"math/rand"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -486,20 +485,7 @@ func TestAttachWithUnknownHolder(t *testing.T) {
 	}
 	sock := HolderSocket(runDir, false)
 	os.Remove(sock)
-	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: sock, Net: "unixpacket"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Read(make([]byte, holderMsgMax)) // takes the request,
-			c.Close()                          // answers nothing
-		}
-	}()
+	ln := muteHolder(t, sock)
 	fe2, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand(), Readers: 4})
 	if err != nil {
 		t.Fatal(err)

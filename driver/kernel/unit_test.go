@@ -580,21 +580,7 @@ func TestHolderAbsent(t *testing.T) {
 		t.Errorf("stale socket: %v, absent %v; want absent", err, holderAbsent(err))
 	}
 	mute := filepath.Join(dir, "mute.sock")
-	ln, err = net.ListenUnix("unixpacket", &net.UnixAddr{Name: mute, Net: "unixpacket"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Read(make([]byte, holderMsgMax)) // takes the request,
-			c.Close()                          // answers nothing
-		}
-	}()
+	defer muteHolder(t, mute).Close()
 	if _, _, err = holderCall(mute, holderReq{Op: "get", ID: "x"}, -1); err == nil || holderAbsent(err) {
 		t.Errorf("a socket that closes without answering: %v, absent %v; want an error, not absent", err, holderAbsent(err))
 	}
@@ -606,4 +592,26 @@ func TestHolderAbsent(t *testing.T) {
 	if err := (&Frontend{sock: mute}).holderDrop("x"); err == nil {
 		t.Error("drop through a socket that answers nothing: nil, want an error")
 	}
+}
+
+// muteHolder listens on path as a holder that takes every request and
+// closes without an answer (reachable, but not known to be absent); Close
+// the listener to make it absent (its socket goes).
+func muteHolder(t *testing.T, path string) *net.UnixListener {
+	t.Helper()
+	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Read(make([]byte, holderMsgMax)) // takes the request,
+			c.Close()                          // answers nothing
+		}
+	}()
+	return ln
 }
