@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/csi-snap/csi-snap/driver/kernel"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -94,18 +95,9 @@ func (d *Driver) mountedDevice(path string) (string, error) {
 func (d *Driver) listMounts() ([]mount.MountPoint, error) {
 	mps, err := d.opt.Mounter.List()
 	for i := range mps {
-		mps[i].Path = unescapeMount(mps[i].Path)
+		mps[i].Path = kernel.UnescapeMount(mps[i].Path)
 	}
 	return mps, err
-}
-
-// unescapeMount undoes the kernel's escapes in a mount table's path field
-// (proc_pid_mounts(5)).
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	return strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`).Replace(s)
 }
 
 // topMount returns the mount on top at path (zero if none).

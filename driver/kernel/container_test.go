@@ -208,11 +208,11 @@ func scrub(runDir, mnt string) {
 	data, _ := os.ReadFile("/proc/self/mountinfo")
 	var mounts []string
 	for _, line := range strings.Split(string(data), "\n") {
-		if f := strings.Fields(line); len(f) > 4 && strings.HasPrefix(unescapeMount(f[4]), runDir+"/") {
+		if f := strings.Fields(line); len(f) > 4 && strings.HasPrefix(UnescapeMount(f[4]), runDir+"/") {
 			if _, minor, ok := strings.Cut(f[2], ":"); ok {
 				os.WriteFile("/sys/fs/fuse/connections/"+minor+"/abort", []byte("1"), 0)
 			}
-			mounts = append(mounts, unescapeMount(f[4]))
+			mounts = append(mounts, UnescapeMount(f[4]))
 		}
 	}
 	// Before the unmounts, which make the backing files' paths "/"; by the

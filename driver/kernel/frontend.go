@@ -1145,18 +1145,11 @@ func (f *Frontend) Device(id string) (string, bool) {
 // dead (aborted, its holder gone: its I/O fails at once), is not. A holder
 // that does not answer in time leaves it unknown, reported unserved.
 func (f *Frontend) Unserved(id string) bool {
-	if validateID(id) != nil || f.get(id) != nil {
+	if validateID(id) != nil {
 		return false
 	}
-	resp, fd, err := holderCall(f.sock, holderReq{Op: "get", ID: id}, -1)
-	defer closeFD(fd)
-	if err != nil {
-		// No holder: the connections it kept ended with it. One that
-		// cannot be reached for another reason may keep it: unknown,
-		// reported unserved (as a slow one).
-		return !holderAbsent(err)
-	}
-	return resp.Found && fd >= 0 && heldConnLost(f.mountpoint(id), fd) == ""
+	st := f.held(id)
+	return st == heldAlive || st == heldUnknown
 }
 
 // Dead reports whether id has a loop device (Device finds it) whose FUSE
@@ -1171,20 +1164,45 @@ func (f *Frontend) Unserved(id string) bool {
 // not answer in time or cannot be reached for another reason than its
 // absence (unknown).
 func (f *Frontend) Dead(id string) bool {
-	if validateID(id) != nil || f.get(id) != nil {
+	if validateID(id) != nil {
 		return false
 	}
 	if _, ok := f.Device(id); !ok {
 		return false
 	}
+	return f.held(id) == heldGone
+}
+
+// heldState is what became of the FUSE connection of a volume (held
+// tells).
+type heldState int
+
+const (
+	heldServed  heldState = iota // this Frontend serves it
+	heldAlive                    // the holder keeps it alive, nobody here serves it
+	heldUnknown                  // the holder cannot tell now: slow, or unreachable but not known absent
+	heldGone                     // no live connection: no holder, none kept, or the kept one lost
+)
+
+// held asks the holder, unless this Frontend serves id, what became of
+// id's connection. Only a holder known absent (holderAbsent) counts as
+// one that keeps nothing: a wrong "gone" would have a caller tear down a
+// live connection under a filesystem.
+func (f *Frontend) held(id string) heldState {
+	if f.get(id) != nil {
+		return heldServed
+	}
 	resp, fd, err := holderCall(f.sock, holderReq{Op: "get", ID: id}, -1)
 	defer closeFD(fd)
-	if err != nil {
-		// Only a holder known to be absent: a wrong "dead" would have
-		// the caller unmount over a live connection, which never returns.
-		return holderAbsent(err)
+	switch {
+	case err != nil && holderAbsent(err):
+		return heldGone
+	case err != nil:
+		return heldUnknown
+	case resp.Found && fd >= 0 && heldConnLost(f.mountpoint(id), fd) == "":
+		return heldAlive
 	}
-	return !resp.Found || fd < 0 || heldConnLost(f.mountpoint(id), fd) != ""
+	return heldGone
 }
 
 // ownsLoop reports whether loop device dev is still attached to the mount

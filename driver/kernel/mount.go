@@ -80,7 +80,7 @@ func mountEntries() []mountEntry {
 		}
 		var major, minor uint32
 		fmt.Sscanf(f[2], "%d:%d", &major, &minor)
-		out = append(out, mountEntry{root: unescapeMount(f[3]), point: unescapeMount(f[4]), fsType: f[sep+1],
+		out = append(out, mountEntry{root: UnescapeMount(f[3]), point: UnescapeMount(f[4]), fsType: f[sep+1],
 			dev: unix.Mkdev(major, minor)})
 	}
 	return out
@@ -110,7 +110,11 @@ func boundAt(dev string) string {
 	return ""
 }
 
-func unescapeMount(s string) string {
+// UnescapeMount undoes the kernel's octal escapes (a space reads \040; also
+// tab, newline and backslash) in a path field of the mount table
+// (proc_pid_mounts(5)). mount-utils' List keeps them; the driver compares
+// its paths with a request's through this.
+func UnescapeMount(s string) string {
 	if !strings.Contains(s, `\`) {
 		return s
 	}

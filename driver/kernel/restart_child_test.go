@@ -118,7 +118,7 @@ func dropForeignMounts(keep ...string) {
 		if len(f) < 5 {
 			continue
 		}
-		mp := unescapeMount(f[4])
+		mp := UnescapeMount(f[4])
 		related := func(k string) bool { return mp == k || strings.HasPrefix(mp, k+"/") || strings.HasPrefix(k, mp+"/") }
 		// A shared mount's unmount would propagate out of this namespace.
 		shared := slices.ContainsFunc(f[6:], func(o string) bool { return strings.HasPrefix(o, "shared:") })

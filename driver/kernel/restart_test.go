@@ -667,7 +667,7 @@ func fuseConnDir(t *testing.T, mp string) string {
 	}
 	minor := ""
 	for _, line := range strings.Split(string(data), "\n") {
-		if f := strings.Fields(line); len(f) > 4 && unescapeMount(f[4]) == mp {
+		if f := strings.Fields(line); len(f) > 4 && UnescapeMount(f[4]) == mp {
 			_, minor, _ = strings.Cut(f[2], ":")
 		}
 	}
