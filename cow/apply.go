@@ -57,7 +57,7 @@ func (s *Store) apply(r *record) error {
 				return err
 			}
 			if !s.replay && !x.gone {
-				return x.punchUnreadable()
+				x.punchUnreadable()
 			}
 			return nil
 		case *Snapshot:
@@ -357,7 +357,7 @@ func (s *Store) reapSnapshot(sn *Snapshot) error {
 	trim := newest && v.deleted && !v.gone && !s.replay
 	v.mu.RUnlock()
 	if trim {
-		return v.punchUnreadable()
+		v.punchUnreadable()
 	}
 	return nil
 }
@@ -581,7 +581,9 @@ func (s *Store) flushAllPending() error {
 // everything past the newest snapshot's size. Merges keep this true: a
 // chunk leaving the newest snapshot moves to an older one or is freed only
 // when that one holds it. Idempotent; Open redoes it for deleted volumes.
-func (v *Volume) punchUnreadable() error {
+// Only space is at stake, so a punch that fails is counted, not returned
+// (reclaim).
+func (v *Volume) punchUnreadable() {
 	v.mu.RLock()
 	var newest *Snapshot
 	if n := len(v.chain); n > 0 {
@@ -599,14 +601,11 @@ func (v *Volume) punchUnreadable() error {
 	}
 	v.mu.RUnlock()
 	for _, sp := range spans {
-		if err := v.s.reclaim(v.data, int64(sp.C)<<v.shift, int64(sp.N)<<v.shift); err != nil {
-			return err
-		}
+		v.s.reclaim(v.data, int64(sp.C)<<v.shift, int64(sp.N)<<v.shift)
 	}
 	if from < size {
-		return v.s.reclaim(v.data, from, size-from)
+		v.s.reclaim(v.data, from, size-from)
 	}
-	return nil
 }
 
 // dataFileName and cowFileName name a volume's files after its object

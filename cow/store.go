@@ -640,9 +640,7 @@ func (s *Store) finishOpen() error {
 			return err
 		}
 		if v.deleted {
-			if err := v.punchUnreadable(); err != nil {
-				return err
-			}
+			v.punchUnreadable()
 		}
 	}
 	names, err := s.fs.List()
@@ -811,7 +809,8 @@ func (v *Volume) punchCOW(c exceptions.Chunk, n uint64) error {
 	if err != nil {
 		return err
 	}
-	return v.s.reclaim(f, int64(c)<<v.shift, int64(n)<<v.shift)
+	v.s.reclaim(f, int64(c)<<v.shift, int64(n)<<v.shift)
+	return nil
 }
 
 // reclaim punches [off, off+n) of f to give its space back to the file
@@ -824,11 +823,10 @@ func (v *Volume) punchCOW(c exceptions.Chunk, n uint64) error {
 // Open would fail the same way: on a full XFS, where even a punch needs a
 // transaction reservation (ENOSPC), the deletes that would free space
 // could never run. Open punches the same ranges again.
-func (s *Store) reclaim(f file, off, n int64) error {
+func (s *Store) reclaim(f file, off, n int64) {
 	if err := f.Punch(off, n); err != nil {
 		s.reclaimFailed.Add(1)
 	}
-	return nil
 }
 
 // cowFile returns the volume's COW file, which exists from the volume's
