@@ -202,50 +202,41 @@ func (sn *Snapshot) allocatedLater(lo, hi int64) (func() extents, error) {
 // "zeros".
 type firstMapped struct{ covered, zeroFirst extents }
 
-// firstAll merges the stretches parts, in chain order, into one. Pairwise,
-// as a balanced tree: merging is associative (an earlier stretch's mapping
-// of a chunk wins), and the tree costs O(R log m) for m snapshots holding R
-// runs, where folding them in one at a time costs O(R·m): seconds, with the
-// volume's writes waiting, for a week of hourly snapshots.
+// firstAll merges the stretches parts, in chain order, into one: an
+// earlier stretch's mapping of a chunk wins, which is associative, so
+// pairwise (see pairwise).
 func firstAll(parts []firstMapped) firstMapped {
-	if len(parts) == 0 {
-		return firstMapped{}
-	}
-	for len(parts) > 1 {
-		n := 0
-		for i := 0; i < len(parts); i += 2 {
-			if i+1 < len(parts) {
-				a, b := parts[i], parts[i+1]
-				parts[n] = firstMapped{covered: union(a.covered, b.covered), zeroFirst: union(a.zeroFirst, subtract(b.zeroFirst, a.covered))}
-			} else {
-				parts[n] = parts[i]
-			}
-			n++
-		}
-		parts = parts[:n]
-	}
-	return parts[0]
+	return pairwise(parts, func(a, b firstMapped) firstMapped {
+		return firstMapped{covered: union(a.covered, b.covered), zeroFirst: union(a.zeroFirst, subtract(b.zeroFirst, a.covered))}
+	})
 }
 
-// unionAll returns the union of lists, pairwise as firstAll does: O(R log
-// m) for m lists of R extents in all.
-func unionAll(lists []extents) extents {
-	if len(lists) == 0 {
-		return nil
+// unionAll returns the union of lists (see pairwise).
+func unionAll(lists []extents) extents { return pairwise(lists, union) }
+
+// pairwise folds xs, in order, with the associative merge as a balanced
+// tree of merges: O(R log m) for m parts of R extents in all, where
+// folding them in one at a time costs O(R·m) (seconds, with the volume's
+// writes waiting, for a week of hourly snapshots). It reuses xs; zero
+// parts give T's zero value.
+func pairwise[T any](xs []T, merge func(a, b T) T) T {
+	var zero T
+	if len(xs) == 0 {
+		return zero
 	}
-	for len(lists) > 1 {
+	for len(xs) > 1 {
 		n := 0
-		for i := 0; i < len(lists); i += 2 {
-			if i+1 < len(lists) {
-				lists[n] = union(lists[i], lists[i+1])
+		for i := 0; i < len(xs); i += 2 {
+			if i+1 < len(xs) {
+				xs[n] = merge(xs[i], xs[i+1])
 			} else {
-				lists[n] = lists[i]
+				xs[n] = xs[i]
 			}
 			n++
 		}
-		lists = lists[:n]
+		xs = xs[:n]
 	}
-	return lists[0]
+	return xs[0]
 }
 
 // currentAllocated returns the byte ranges within [lo, hi) of the volume's
