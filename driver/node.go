@@ -139,14 +139,20 @@ func (d *Driver) holdsDevice(path, dev string) (bool, error) {
 	if cur == dev {
 		return true, nil
 	}
-	var pst, dst unix.Stat_t
-	if err := unix.Stat(path, &pst); err != nil {
-		return false, nil
+	pr, ok := nodeRdev(path)
+	dr, ok2 := nodeRdev(dev)
+	return ok && ok2 && pr == dr, nil
+}
+
+// nodeRdev returns the device number of the block device node at path: a
+// bind of a device node is listed in the mount table under the device
+// file system, and is recognised by it.
+func nodeRdev(path string) (uint64, bool) {
+	var st unix.Stat_t
+	if unix.Stat(path, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFBLK {
+		return 0, false
 	}
-	if err := unix.Stat(dev, &dst); err != nil {
-		return false, nil
-	}
-	return pst.Mode&unix.S_IFMT == unix.S_IFBLK && pst.Rdev == dst.Rdev, nil
+	return st.Rdev, true
 }
 
 // readerOnly reports whether c's access mode allows only read-only
@@ -199,13 +205,11 @@ func (d *Driver) publishedAt(id, staging string) (string, error) {
 	if err != nil {
 		real = abs
 	}
-	// A bind of a device node is listed under the device file system, and
-	// recognised by its device number (as in holdsDevice).
+	// A bind of a device node: see nodeRdev.
 	rdevs := map[uint64]bool{}
 	for _, dev := range devs {
-		var st unix.Stat_t
-		if unix.Stat(dev, &st) == nil {
-			rdevs[st.Rdev] = true
+		if r, ok := nodeRdev(dev); ok {
+			rdevs[r] = true
 		}
 	}
 	for _, mp := range mps {
@@ -214,8 +218,7 @@ func (d *Driver) publishedAt(id, staging string) (string, error) {
 		case slices.Contains(devs, mp.Device):
 			return mp.Path, nil
 		case mp.Type == "devtmpfs":
-			var st unix.Stat_t
-			if unix.Stat(mp.Path, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFBLK && rdevs[st.Rdev] {
+			if r, ok := nodeRdev(mp.Path); ok && rdevs[r] {
 				return mp.Path, nil
 			}
 		}
@@ -229,15 +232,13 @@ func (d *Driver) publishedAt(id, staging string) (string, error) {
 // for a bind whose table keeps the source (the tests' fake mounter), as dev
 // with no filesystem type.
 func nodeBoundAt(mps []mount.MountPoint, dev string) string {
-	var want unix.Stat_t
-	haveRdev := unix.Stat(dev, &want) == nil && want.Mode&unix.S_IFMT == unix.S_IFBLK
+	want, haveRdev := nodeRdev(dev)
 	for _, mp := range mps {
 		switch {
 		case mp.Device == dev && mp.Type == "":
 			return mp.Path
 		case mp.Type == "devtmpfs" && haveRdev:
-			var st unix.Stat_t
-			if unix.Stat(mp.Path, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFBLK && st.Rdev == want.Rdev {
+			if r, ok := nodeRdev(mp.Path); ok && r == want {
 				return mp.Path
 			}
 		}
