@@ -352,10 +352,7 @@ func TestLostConnection(t *testing.T) {
 	if len(holders) != 1 {
 		t.Fatalf("holder processes: %v", holders)
 	}
-	syscall.Kill(holders[0], syscall.SIGKILL)
-	for len(holderPIDs(runDir)) > 0 {
-		time.Sleep(10 * time.Millisecond)
-	}
+	killHolders(t, runDir)
 	reattachCheck(t, runDir, backing, id, size, want, func(fe *Frontend) {
 		if ids := fe.Attached(); len(ids) != 1 || ids[0] != id {
 			t.Fatalf("Attached with a dead connection = %v, want [%s] (its loop device remains)", ids, id)
@@ -403,14 +400,7 @@ func TestDeadConnectionUnderFilesystem(t *testing.T) {
 	syncFS(t, mnt)
 	c.cmd.Process.Kill()
 	c.wait(t)
-	for _, pid := range holderPIDs(runDir) {
-		syscall.Kill(pid, syscall.SIGKILL)
-	}
-	for deadline := time.Now().Add(time.Minute); len(holderPIDs(runDir)) > 0; time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) { // hang guard
-			t.Fatal("the holder did not exit after SIGKILL")
-		}
-	}
+	killHolders(t, runDir)
 	fb, err := OpenFileBackend(backing, size)
 	if err != nil {
 		t.Fatal(err)
@@ -474,15 +464,8 @@ func TestAttachWithUnknownHolder(t *testing.T) {
 	if _, err := fe.Attach(ctx, id, b, false); err != nil {
 		t.Fatal(err)
 	}
-	fe.Close() // a graceful stop: the holder keeps the connection
-	for _, pid := range holderPIDs(runDir) {
-		syscall.Kill(pid, syscall.SIGKILL) // the connection dies, its mount stays
-	}
-	for deadline := time.Now().Add(time.Minute); len(holderPIDs(runDir)) > 0; time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) { // hang guard
-			t.Fatal("the holder did not exit after SIGKILL")
-		}
-	}
+	fe.Close()             // a graceful stop: the holder keeps the connection
+	killHolders(t, runDir) // the connection dies, its mount stays
 	sock := HolderSocket(runDir, false)
 	os.Remove(sock)
 	ln := muteHolder(t, sock)
@@ -511,6 +494,20 @@ func TestAttachWithUnknownHolder(t *testing.T) {
 	}
 	if err := fe2.Detach(ctx, id); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// killHolders SIGKILLs the holder processes of runDir and waits until none
+// is left.
+func killHolders(t *testing.T, runDir string) {
+	t.Helper()
+	for _, pid := range holderPIDs(runDir) {
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	for deadline := time.Now().Add(time.Minute); len(holderPIDs(runDir)) > 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) { // hang guard
+			t.Fatal("a holder did not exit after SIGKILL")
+		}
 	}
 }
 
