@@ -190,7 +190,7 @@ func (f *Frontend) teardown(ctx context.Context, id string, v *volume) error {
 // caller (Detach) does not report success while the holder keeps an id
 // that a restart would attach again.
 func (f *Frontend) holderDrop(id string) error {
-	_, dfd, err := holderCall(f.sock, holderReq{Op: "drop", ID: id}, -1)
+	_, dfd, err := holderAsk(f.sock, holderReq{Op: "drop", ID: id})
 	closeFD(dfd)
 	if err != nil && !holderAbsent(err) {
 		return fmt.Errorf("holder drop of %s: %w", id, err)
@@ -532,7 +532,7 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 		}
 	}
 	mp := f.mountpoint(id)
-	resp, fd, err := holderCall(f.sock, holderReq{Op: "get", ID: id}, -1)
+	resp, fd, err := holderAsk(f.sock, holderReq{Op: "get", ID: id})
 	if err == nil && resp.Found && fd < 0 {
 		// Not "nothing held": the cleanup below would unmount a connection
 		// the holder keeps alive.
@@ -1192,7 +1192,7 @@ func (f *Frontend) held(id string) heldState {
 	if f.get(id) != nil {
 		return heldServed
 	}
-	resp, fd, err := holderCall(f.sock, holderReq{Op: "get", ID: id}, -1)
+	resp, fd, err := holderAsk(f.sock, holderReq{Op: "get", ID: id})
 	defer closeFD(fd)
 	switch {
 	case err != nil && holderAbsent(err):

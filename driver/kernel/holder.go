@@ -370,6 +370,23 @@ func holderCall(socketPath string, req holderReq, fd int) (holderResp, int, erro
 
 var errNoHolder = errors.New("no fuse holder")
 
+// holderAsk is holderCall for the requests that may be repeated (get,
+// drop): an answer that neither came nor proves the holder absent is asked
+// again a few times. A child holder exits once it holds nothing, and a
+// connection queued while it exits is reset (ECONNRESET, "no answer"):
+// asked again, the socket is gone or refuses, and the holder is known
+// absent. Without this an Attach right after a holder's exit took a
+// mounted volume's holder for unknown and refused (ErrNoHolder).
+func holderAsk(socketPath string, req holderReq) (holderResp, int, error) {
+	for i := 0; ; i++ {
+		resp, fd, err := holderCall(socketPath, req, -1)
+		if err == nil || !errors.Is(err, errNoHolder) || holderAbsent(err) || i == 4 {
+			return resp, fd, err
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 // holderAbsent reports whether err (holderCall's) proves that no holder
 // runs: its socket is missing or refuses connections. Other dial errors (a
 // full backlog, no fds left) and a holder that closed without answering
