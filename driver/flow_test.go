@@ -782,7 +782,7 @@ func TestFailedStoreAnswersUnavailable(t *testing.T) {
 // that completes leaves no marker; a thaw that fails keeps it.
 func TestThawAfterCrash(t *testing.T) {
 	st, fe := drivertest.NewStore(), drivertest.NewFrontend()
-	fm := mount.NewFakeMounter(nil)
+	fm := &listFailMounter{FakeMounter: mount.NewFakeMounter(nil)}
 	dataDir := t.TempDir()
 	var frozen []string
 	var thawErr error
@@ -926,6 +926,24 @@ func TestThawAfterCrash(t *testing.T) {
 	fe.AttachErr = nil
 	if len(frozen) != 0 || len(markers()) != 0 {
 		t.Fatalf("Recover left a dead connection's filesystem frozen: frozen %v, markers %v", frozen, markers())
+	}
+	// A mount table that cannot be read was taken for "not mounted": the
+	// marker went without a thaw, and the filesystem stayed frozen for
+	// ever. The marker stays (Recover says so) until a read succeeds.
+	stuck("s6b")
+	fm.fail = true
+	if err := d3.Recover(ctx); err == nil {
+		t.Error("Recover with an unreadable mount table reported no error")
+	}
+	fm.fail = false
+	if len(frozen) != 1 || len(markers()) != 1 {
+		t.Fatalf("unreadable mount table: frozen %v, markers %v; want the marker kept, still frozen", frozen, markers())
+	}
+	if err := d3.Recover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if len(frozen) != 0 || len(markers()) != 0 {
+		t.Fatalf("mount table readable again: frozen %v, markers %v; want thawed, the marker gone", frozen, markers())
 	}
 	// A re-stage of the staged volume (kubelet's, after a restart) thaws
 	// a leftover freeze; so does an unstage of a device served all along.
@@ -1951,70 +1969,6 @@ func (m *listFailMounter) List() ([]mount.MountPoint, error) {
 		return nil, errors.New("read /proc/self/mountinfo: inconsistent reads")
 	}
 	return m.FakeMounter.List()
-}
-
-// TestThawLeftoverKeptWhenMountsUnreadable: a restart after a plugin died
-// between freeze and thaw thaws what the marker names. A mount table that
-// could not be read was taken for "not mounted": the marker went, the
-// filesystem stayed frozen for ever (pods' writes hang, and the next
-// snapshot took the freeze for someone else's). Now the marker stays and
-// the next Recover thaws it.
-func TestThawLeftoverKeptWhenMountsUnreadable(t *testing.T) {
-	st, fe := drivertest.NewStore(), drivertest.NewFrontend()
-	fm := &listFailMounter{FakeMounter: mount.NewFakeMounter(nil)}
-	dataDir := t.TempDir()
-	var frozen []string
-	thawErr := errors.New("killed before the thaw")
-	opts := driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: dataDir, Store: st, Frontend: fe,
-		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{DisableScripts: true}},
-		Freeze:  func(mp string) error { frozen = append(frozen, mp); return nil },
-		Thaw: func(mp string) error {
-			if thawErr != nil {
-				return thawErr
-			}
-			frozen = slices.DeleteFunc(frozen, func(s string) bool { return s == mp })
-			return nil
-		},
-	}
-	d, err := driver.New(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx := context.Background()
-	v, err := d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "f", VolumeCapabilities: []*csi.VolumeCapability{mountCap()}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := v.Volume.VolumeId
-	b, _ := st.VolumeBackend(id)
-	dev, _ := fe.Attach(ctx, id, b, false)
-	fm.MountPoints = append(fm.MountPoints, mount.MountPoint{Device: dev, Path: "/staging/f", Type: "ext4"})
-	if _, err := d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s1", SourceVolumeId: id}); err != nil {
-		t.Fatal(err)
-	}
-	marker := filepath.Join(dataDir, "frozen", id)
-	if _, err := os.Stat(marker); err != nil || len(frozen) != 1 {
-		t.Fatalf("not left frozen: marker %v, frozen %v", err, frozen)
-	}
-	thawErr = nil
-	fm.fail = true
-	d2, err := driver.New(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := d2.Recover(ctx); err == nil {
-		t.Error("Recover with an unreadable mount table reported no error")
-	}
-	if _, err := os.Stat(marker); err != nil || len(frozen) != 1 {
-		t.Fatalf("unreadable mount table: marker %v, frozen %v; want the marker kept, still frozen", err, frozen)
-	}
-	fm.fail = false
-	if err := d2.Recover(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := os.Stat(marker); !errors.Is(err, os.ErrNotExist) || len(frozen) != 0 {
-		t.Fatalf("readable again: marker %v, frozen %v; want thawed and the marker gone", err, frozen)
-	}
 }
 
 // TestBlockAndMountOfOneDevice: two PVs of one volume handle in different
