@@ -77,7 +77,10 @@ func isSecret(fd protoreflect.FieldDescriptor) bool {
 }
 
 // UnaryInterceptor logs each call (request sanitized, V(4); failures at
-// V(2)) and records its latency in the metrics, when m is not nil.
+// V(2)) and records its latency in the metrics, when m is not nil. An
+// error without a gRPC code (every handler maps its errors with toStatus;
+// one that does not is a bug) goes through toStatus too, so that no call
+// answers Unknown: context errors keep their codes, the rest is Internal.
 func UnaryInterceptor(m *Metrics) grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 		start := time.Now()
@@ -86,6 +89,7 @@ func UnaryInterceptor(m *Metrics) grpc.UnaryServerInterceptor {
 			l.Info("Call", "request", Sanitize(req))
 		}
 		resp, err := handler(ctx, req)
+		err = toStatus(err) // every error with a code: never Unknown
 		callDone(logger, m, info.FullMethod, start, err, resp)
 		return resp, err
 	}
@@ -99,7 +103,7 @@ func StreamInterceptor(m *Metrics) grpc.StreamServerInterceptor {
 	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 		start := time.Now()
 		logger := klog.FromContext(ss.Context()).WithValues("method", info.FullMethod)
-		err := handler(srv, &loggedStream{ServerStream: ss, logger: logger})
+		err := toStatus(handler(srv, &loggedStream{ServerStream: ss, logger: logger}))
 		callDone(logger, m, info.FullMethod, start, err, nil)
 		return err
 	}

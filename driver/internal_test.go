@@ -14,6 +14,7 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/csi-snap/csi-snap/cow"
 	"github.com/csi-snap/csi-snap/driver/kernel"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	mount "k8s.io/mount-utils"
@@ -496,3 +497,34 @@ func TestMountTableEscapes(t *testing.T) {
 		t.Fatalf("mountedDevice(%q) = %q, %v; want /dev/loop9", target, dev, err)
 	}
 }
+
+// TestInterceptorsGiveEveryErrorACode: an error a handler returns without
+// a gRPC code reaches the caller as Internal (or its context code), never
+// Unknown; a status passes unchanged.
+func TestInterceptorsGiveEveryErrorACode(t *testing.T) {
+	info := &grpc.UnaryServerInfo{FullMethod: "/csi.v1.Node/NodeStageVolume"}
+	sinfo := &grpc.StreamServerInfo{FullMethod: "/csi.v1.SnapshotMetadata/GetMetadataDelta"}
+	for _, c := range []struct {
+		err  error
+		want codes.Code
+	}{
+		{errors.New("a bare error"), codes.Internal},
+		{fmt.Errorf("wrapped: %w", context.Canceled), codes.Canceled},
+		{context.DeadlineExceeded, codes.DeadlineExceeded},
+		{status.Error(codes.NotFound, "no such volume"), codes.NotFound},
+		{nil, codes.OK},
+	} {
+		_, err := UnaryInterceptor(nil)(context.Background(), nil, info, func(context.Context, any) (any, error) { return nil, c.err })
+		if got := status.Code(err); got != c.want {
+			t.Errorf("unary, handler error %v: code %v, want %v", c.err, got, c.want)
+		}
+		err = StreamInterceptor(nil)(nil, fakeStream{}, sinfo, func(any, grpc.ServerStream) error { return c.err })
+		if got := status.Code(err); got != c.want {
+			t.Errorf("stream, handler error %v: code %v, want %v", c.err, got, c.want)
+		}
+	}
+}
+
+type fakeStream struct{ grpc.ServerStream }
+
+func (fakeStream) Context() context.Context { return context.Background() }
