@@ -347,7 +347,7 @@ func (e *ovEntry) apply() error {
 	switch {
 	case lo >= hi: // nothing changed (a write of the bytes already there)
 	case !e.wrote && allZero(e.data[lo:hi]) && (lo == 0 && hi == v.chunkSize || present):
-		err = v.data.Punch(off+lo, hi-lo)
+		err = v.s.zeroData(v.data, off+lo, hi-lo)
 	default:
 		err = writeFull(v.data, e.data[lo:hi], off+lo)
 	}
@@ -549,5 +549,5 @@ func (v *Volume) writeDirect(off, n int64, p []byte) error {
 	if p != nil {
 		return writeFull(v.data, p, off)
 	}
-	return v.data.Punch(off, n)
+	return v.s.zeroData(v.data, off, n)
 }

@@ -171,3 +171,139 @@ func TestApplyFailureStopsWrites(t *testing.T) {
 		t.Fatalf("volumes after reopen: %v, want w only", ids)
 	}
 }
+
+// TestDiscardWithoutPunch: a discard's hole punch in a volume's data file
+// fails on a full XFS (ENOSPC), where overwriting the blocks the file holds
+// needs no new space. The discard used to fail its request, and one
+// applied from the overlay (after a snapshot) failed the whole store; now
+// the range is written with zeros, except its parts that are holes
+// already, and every image reads right, also after a reopen. When the
+// writes fail too, the discard still fails.
+func TestDiscardWithoutPunch(t *testing.T) {
+	const cs = 4096
+	hole := int64(40 * cs) // [hole, hole+8*cs) of "v" is never written
+	refuse := func(fs *faultFS) {
+		fs.punchErr = func(name string, off, n int64) error {
+			if strings.HasSuffix(name, ".data") {
+				return errors.Join(ErrNoSpace, syscall.ENOSPC)
+			}
+			return nil
+		}
+	}
+	// The fallback must not write where the file has a hole: it would take
+	// space a full disk does not have.
+	holeFull := func(fs *faultFS, data string) {
+		fs.mu.Lock()
+		defer fs.mu.Unlock()
+		fs.writeErrAt = func(name string, off, n int64) error {
+			if name == data && off < hole+8*cs && off+n > hole {
+				return errors.Join(ErrNoSpace, syscall.ENOSPC)
+			}
+			return nil
+		}
+	}
+	dir := t.TempDir()
+	s, fs := openFault(t, dir, refuse)
+	defer func() { s.Close() }()
+	v := mustVol(t, s, "v", 64*cs, cs)
+	holeFull(fs, v.dataName)
+	old := fill(32*cs, 'o')
+	if _, err := v.WriteAt(old, 0); err != nil {
+		t.Fatal(err)
+	}
+	want := append(append([]byte{}, old...), make([]byte, 32*cs)...)
+	discard := func(x *Volume, img []byte, off, n int64) {
+		t.Helper()
+		if err := x.Discard(off, n); err != nil {
+			t.Fatalf("discard of %d bytes at %d whose punch fails: %v", n, off, err)
+		}
+		clear(img[off : off+n])
+	}
+	// No snapshot: straight to the data file, a partial chunk and whole
+	// ones, and a range that is a hole already.
+	discard(v, want, 2*cs+100, 3*cs)
+	discard(v, want, hole, 8*cs)
+	if n := s.Stats().PunchZeroed; n < 2 {
+		t.Fatalf("PunchZeroed %d after two discards whose punches failed, want at least 2", n)
+	}
+	// After a snapshot: the discard waits in the overlay and is applied by
+	// the committer.
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	snapImg := append([]byte{}, want...)
+	discard(v, want, 8*cs, 4*cs+10)
+	if err := v.Flush(); err != nil {
+		t.Fatalf("flush after a discard whose punch fails: %v", err)
+	}
+	// A clone of the snapshot: chunks it does not hold yet, whole and in
+	// part, and one it holds.
+	c, err := s.CloneSnapshot("s", "c", 64*cs, VolumeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cloneImg := append([]byte{}, snapImg...)
+	if _, err := c.WriteAt(fill(cs, 'c'), 20*cs); err != nil {
+		t.Fatal(err)
+	}
+	copy(cloneImg[20*cs:], fill(cs, 'c'))
+	discard(c, cloneImg, 16*cs, 2*cs)
+	discard(c, cloneImg, 19*cs+7, 2*cs)
+	if err := errors.Join(c.Flush(), s.Err()); err != nil {
+		t.Fatalf("the store failed: %v", err)
+	}
+	check := func(s *Store, when string) {
+		t.Helper()
+		for _, im := range []struct {
+			id  string
+			img []byte
+		}{{"v", want}, {"c", cloneImg}} {
+			x, err := s.Volume(im.id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := mustRead(t, x, 0, len(im.img)); !bytes.Equal(got, im.img) {
+				t.Fatalf("%s: volume %s reads wrong", when, im.id)
+			}
+		}
+		sn, err := s.Snapshot("s")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := mustRead(t, sn, 0, len(snapImg)); !bytes.Equal(got, snapImg) {
+			t.Fatalf("%s: the snapshot reads wrong", when)
+		}
+	}
+	check(s, "before reopen")
+	s.Close()
+	s, fs = openFault(t, dir, refuse)
+	holeFull(fs, v.dataName)
+	check(s, "after reopen")
+
+	// No room for the zeros either: the discard fails, as any write would.
+	fs.mu.Lock()
+	fs.writeErr = func(name string) error {
+		if strings.HasSuffix(name, ".data") {
+			return errors.Join(ErrNoSpace, syscall.ENOSPC)
+		}
+		return nil
+	}
+	fs.mu.Unlock()
+	v, err = s.Volume("v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Chunk 9 was copied out already, so the discard goes straight to the
+	// data file; chunk 24 was not, so it waits in the overlay and its
+	// Flush fails.
+	if err := v.Discard(9*cs, cs); !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("discard with neither punch nor write possible: %v, want ENOSPC", err)
+	}
+	err = v.Discard(24*cs, cs)
+	if err == nil {
+		err = v.Flush()
+	}
+	if !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("discard through the overlay with neither punch nor write possible: %v, want ENOSPC", err)
+	}
+}

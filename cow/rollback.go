@@ -496,7 +496,7 @@ func (v *Volume) rollbackShare(sn *Snapshot, c0 exceptions.Chunk, n uint64, buf 
 		off := int64(c0+exceptions.Chunk(j)) << v.shift
 		m := int64(l-j) << v.shift
 		if zero {
-			if err := v.data.Punch(off, m); err != nil {
+			if err := v.s.zeroData(v.data, off, m); err != nil {
 				return false, err
 			}
 			res.Zeroed += int64(l - j)

@@ -29,12 +29,16 @@ type Stats struct {
 	// and failed since Open, say for want of space on XFS: that space
 	// stays allocated until an Open punches it again. Nothing else fails.
 	ReclaimFailed uint64
+	// PunchZeroed counts discarded ranges of volumes' data files that were
+	// made to read as zeros by writing zeros, since Open: their hole punch
+	// failed (say for want of space on XFS), so they keep their space.
+	PunchZeroed uint64
 }
 
 // Stats returns the engine's counters and the memory its exception indexes
 // hold. It takes each volume's lock briefly and is safe for concurrent use.
 func (s *Store) Stats() Stats {
-	st := Stats{ReclaimFailed: s.reclaimFailed.Load(), CopyOuts: s.copyOuts.Load(), CopiedBytes: s.copiedBytes.Load(), ClonedBytes: s.clonedBytes.Load(), JournalRedone: s.redone}
+	st := Stats{ReclaimFailed: s.reclaimFailed.Load(), PunchZeroed: s.punchZeroed.Load(), CopyOuts: s.copyOuts.Load(), CopiedBytes: s.copiedBytes.Load(), ClonedBytes: s.clonedBytes.Load(), JournalRedone: s.redone}
 	if j := s.jnl; j != nil {
 		j.mu.Lock()
 		st.JournalBytes = j.off + j.prevOff

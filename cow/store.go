@@ -69,8 +69,11 @@ type Store struct {
 	// reclaimFailed counts hole punches that only give space back and
 	// failed (see reclaim).
 	reclaimFailed atomic.Uint64
-	copiedBytes   atomic.Uint64 // bytes of those chunks' copies, counted when queued (zero chunks cost none)
-	clonedBytes   atomic.Uint64 // bytes of those copies made by sharing blocks (FICLONERANGE) instead
+	// punchZeroed counts data-file ranges a discard made read as zeros by
+	// writing zeros, their punch having failed (see zeroData).
+	punchZeroed atomic.Uint64
+	copiedBytes atomic.Uint64 // bytes of those chunks' copies, counted when queued (zero chunks cost none)
+	clonedBytes atomic.Uint64 // bytes of those copies made by sharing blocks (FICLONERANGE) instead
 }
 
 // SetSurviveKill sets whether WriteAt and Discard return only once their
@@ -178,6 +181,7 @@ func openFS(dir string, fs fsys) (*Store, error) {
 		// (the second finds it empty), and its punches may have failed.
 		s.redone, s.resumeErr = first.redone, rerr
 		s.reclaimFailed.Add(first.reclaimFailed.Load())
+		s.punchZeroed.Add(first.punchZeroed.Load())
 	}
 	return s, nil
 }
@@ -828,6 +832,38 @@ func (s *Store) reclaim(f file, off, n int64) {
 		s.reclaimFailed.Add(1)
 	}
 }
+
+// zeroData makes bytes [off, off+n) of a volume's data file f read as
+// zeros, as a discard (or a rollback to a zero chunk) asks: by a hole
+// punch, or, where the punch fails, by writing zeros over the parts that
+// are not holes already. On a full XFS a punch needs a transaction
+// reservation and fails with ENOSPC, while overwriting blocks the file
+// holds alone needs no new space: without the fallback a discard, the
+// very call (a guest's fstrim) that gives room back, failed its request,
+// and applied from the overlay failed the whole store. Each fallback is
+// counted (Stats.PunchZeroed). When the writes fail too (blocks shared
+// by a reflinked copy need new space to be overwritten), the punch's
+// error is returned with the write's, as before.
+func (s *Store) zeroData(f file, off, n int64) error {
+	perr := f.Punch(off, n)
+	if perr == nil {
+		return nil
+	}
+	for n > 0 {
+		m := min(n, int64(len(zeroPiece))-off%int64(len(zeroPiece)))
+		if hole, _ := f.Hole(off, m); !hole {
+			if err := writeFull(f, zeroPiece[:m], off); err != nil {
+				return errors.Join(perr, err)
+			}
+		}
+		off, n = off+m, n-m
+	}
+	s.punchZeroed.Add(1)
+	return nil
+}
+
+// zeroPiece is what zeroData writes at once; never written to.
+var zeroPiece = make([]byte, 64<<10)
 
 // cowFile returns the volume's COW file, which exists from the volume's
 // creation on (createFiles) and is open once the volume is. During replay

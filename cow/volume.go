@@ -694,12 +694,12 @@ func (v *Volume) writeClone(off, n int64, p []byte) (err error) {
 				if err := writeFull(v.data, part, off); err != nil {
 					return err
 				}
-			} else if err := v.data.Punch(off, m); err != nil {
+			} else if err := v.s.zeroData(v.data, off, m); err != nil {
 				return err
 			}
 		} else {
 			if m == v.chunkSize && part == nil {
-				if err := v.data.Punch(off, m); err != nil {
+				if err := v.s.zeroData(v.data, off, m); err != nil {
 					return err
 				}
 			} else {

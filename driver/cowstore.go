@@ -171,7 +171,7 @@ func (c *CowStore) DeleteVolume(id string) error { return fromCow(c.s.DeleteVolu
 func (c *CowStore) EngineStats() EngineStats {
 	st := c.s.Stats()
 	return EngineStats{CopyOuts: st.CopyOuts, CopiedBytes: st.CopiedBytes, ClonedBytes: st.ClonedBytes, IndexBytes: st.IndexBytes, IndexRuns: st.IndexRuns,
-		JournalBytes: st.JournalBytes, JournalRedone: st.JournalRedone, ReclaimFailed: st.ReclaimFailed}
+		JournalBytes: st.JournalBytes, JournalRedone: st.JournalRedone, ReclaimFailed: st.ReclaimFailed, PunchZeroed: st.PunchZeroed}
 }
 
 // CreateSnapshot implements Store.

@@ -16,7 +16,7 @@ type Metrics struct {
 
 	volumes, snapshots, snapCow, snapLimit, snapInvalid, volAlloc, volSize *prometheus.Desc
 	copyOuts, copiedBytes, clonedBytes, indexBytes, indexRuns              *prometheus.Desc
-	journalBytes, journalRedone, reclaimFailed                             *prometheus.Desc
+	journalBytes, journalRedone, reclaimFailed, punchZeroed                *prometheus.Desc
 	storeFailed, unheld                                                    *prometheus.Desc
 	holder                                                                 HolderReporter // nil: no such gauge
 }
@@ -35,6 +35,7 @@ type EngineStats struct {
 	JournalBytes          int64  // bytes in the kill journal's files
 	JournalRedone         int64  // writes and marks redone from the kill journal when the store was opened
 	ReclaimFailed         uint64 // hole punches that only give space back and failed, since the store was opened
+	PunchZeroed           uint64 // discarded ranges written with zeros because their hole punch failed, since the store was opened
 }
 
 // StatsStore is a Store that reports EngineStats; the metrics use it when
@@ -69,6 +70,7 @@ func NewMetrics(reg prometheus.Registerer, store Store, fe Frontend) *Metrics {
 		indexRuns:     prometheus.NewDesc("csi_snap_index_runs", "Runs (entries after merging) in all exception indexes.", nil, nil),
 		journalBytes:  prometheus.NewDesc("csi_snap_kill_journal_bytes", "Bytes in the kill journal's files (page cache; what --survive-kill keeps of writes only memory holds).", nil, nil),
 		reclaimFailed: prometheus.NewDesc("csi_snap_reclaim_failed_total", "Hole punches that only give space back (freed COW chunks, deleted volumes' data) and failed since the plugin started, say for want of space on XFS: that space stays allocated until the next start punches it again.", nil, nil),
+		punchZeroed:   prometheus.NewDesc("csi_snap_discard_zeroed_total", "Discarded ranges of volumes that were written with zeros because their hole punch failed (say for want of space on XFS) since the plugin started: they read as zeros but keep their space.", nil, nil),
 		journalRedone: prometheus.NewDesc("csi_snap_kill_journal_redone", "Writes and present marks redone from the kill journal when the plugin started (answered by a plugin that was killed).", nil, nil),
 		storeFailed:   prometheus.NewDesc("csi_snap_store_failed", "1 once the store failed, else 0. After a write error it refuses changes until the plugin restarts and reopens it (Probe answers not ready); after a failed fsync only a reboot of the node reopens it (Probe stays ready, the plugin serves I/O errors, and the volume and snapshot counts read 0).", nil, nil),
 		unheld:        prometheus.NewDesc("csi_snap_fuse_unheld_volumes", "Attached volumes whose FUSE connection the fuse-holder did not keep at its last check (every 2 s): a restart of the plugin now would fail their I/O. Should be 0.", nil, nil),
@@ -84,7 +86,7 @@ func (m *Metrics) observe(fullMethod string, code codes.Code, d time.Duration) {
 // Describe implements prometheus.Collector.
 func (m *Metrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{m.volumes, m.snapshots, m.snapCow, m.snapLimit, m.snapInvalid, m.volAlloc, m.volSize,
-		m.copyOuts, m.copiedBytes, m.clonedBytes, m.indexBytes, m.indexRuns, m.journalBytes, m.journalRedone, m.reclaimFailed, m.storeFailed, m.unheld} {
+		m.copyOuts, m.copiedBytes, m.clonedBytes, m.indexBytes, m.indexRuns, m.journalBytes, m.journalRedone, m.reclaimFailed, m.punchZeroed, m.storeFailed, m.unheld} {
 		ch <- d
 	}
 }
@@ -117,6 +119,7 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(m.journalBytes, prometheus.GaugeValue, float64(st.JournalBytes))
 		ch <- prometheus.MustNewConstMetric(m.journalRedone, prometheus.GaugeValue, float64(st.JournalRedone))
 		ch <- prometheus.MustNewConstMetric(m.reclaimFailed, prometheus.CounterValue, float64(st.ReclaimFailed))
+		ch <- prometheus.MustNewConstMetric(m.punchZeroed, prometheus.CounterValue, float64(st.PunchZeroed))
 	}
 	failed := 0.0
 	if m.store.Err() != nil {

@@ -247,6 +247,9 @@ func TestLifecycle(t *testing.T) {
 	if r := metric("csi_snap_reclaim_failed_total"); r != 0 {
 		t.Fatalf("csi_snap_reclaim_failed_total = %v: a hole punch failed on the test's disk", r)
 	}
+	if r := metric("csi_snap_discard_zeroed_total"); r != 0 {
+		t.Fatalf("csi_snap_discard_zeroed_total = %v: a discard's hole punch failed on the test's disk", r)
+	}
 	// The holder gauge is served (its counting: driver/kernel
 	// TestExternalHolderAbsent); 0 here, a live holder keeps the volume.
 	if u := metric("csi_snap_fuse_unheld_volumes"); u != 0 {
