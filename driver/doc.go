@@ -45,6 +45,13 @@
 //   - SINGLE_NODE_READER_ONLY: the volume is staged read-only and never
 //     formatted (a blank one is FailedPrecondition), and every publish is
 //     read-only whatever its readonly flag.
+//   - SINGLE_NODE_SINGLE_WRITER: a writable publish while another target
+//     holds the volume writable (a bind of its filesystem without "ro", or
+//     of its writable device node) is FailedPrecondition, as the spec asks
+//     ("published once as read/write"); read-only publishes beside it are
+//     made. The mount table is the record, so the check holds across
+//     restarts. SINGLE_NODE_WRITER and SINGLE_NODE_MULTI_WRITER publishes
+//     are not limited.
 //   - NodeUnstageVolume while another path still holds the volume (a
 //     publish the CO did not undo) is FailedPrecondition: a block target's
 //     bind claims nothing, so the loop device would be freed under it and

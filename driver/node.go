@@ -226,6 +226,48 @@ func (d *Driver) publishedAt(id, staging string) (string, error) {
 	return "", nil
 }
 
+// writableAt returns a path other than staging and target where volume
+// device dev is published writable, or "": a bind of its staged filesystem
+// without "ro", or a bind of its device node (with any flags: the kernel
+// does not apply a mount's read-only flag to a device node, which is why a
+// read-only block publish binds the read-only device instead, and why
+// this driver never binds dev with "ro"). One read of
+// the mount table; only mounts of the device file system are stat'ed.
+func (d *Driver) writableAt(dev, staging, target string) (string, error) {
+	mps, err := d.listMounts()
+	if err != nil {
+		return "", fmt.Errorf("list mounts: %w", err)
+	}
+	// The mount table lists resolved paths (see topMount).
+	skip := map[string]bool{}
+	for _, p := range []string{staging, target} {
+		abs, err := filepath.Abs(p)
+		if err != nil {
+			return "", err
+		}
+		skip[abs] = true
+		if real, err := filepath.EvalSymlinks(abs); err == nil {
+			skip[real] = true
+		}
+	}
+	want, haveRdev := nodeRdev(dev)
+	for _, mp := range mps {
+		switch {
+		case skip[mp.Path]:
+		case mp.Device == dev && !slices.Contains(mp.Opts, "ro"):
+			// A bind of the filesystem (or, under the tests' fake
+			// mounter, which lists a node's bind under its source, of
+			// the node).
+			return mp.Path, nil
+		case mp.Type == "devtmpfs" && haveRdev:
+			if r, ok := nodeRdev(mp.Path); ok && r == want {
+				return mp.Path, nil
+			}
+		}
+	}
+	return "", nil
+}
+
 // nodeBoundAt returns a path where dev's device node is bound (a block
 // publish), or "". The mount table lists such a bind under the device file
 // system (recognised by the node's device number, as in publishedAt), or,
@@ -974,6 +1016,20 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 			}
 		}
 		return &csi.NodePublishVolumeResponse{}, nil
+	}
+	if !ro && req.GetVolumeCapability().GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER {
+		// The spec: such a volume "can only be published once as
+		// read/write on a single node"; a CO that asks for a second
+		// writable target has exceeded the capability. (Read-only
+		// publishes beside it are fine; the same target again was
+		// answered above.)
+		other, err := d.writableAt(dev, staging, target)
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		if other != "" {
+			return nil, statusf(codes.FailedPrecondition, "volume %s is published writable at %s and its access mode is SINGLE_NODE_SINGLE_WRITER", id, other)
+		}
 	}
 	// A new bind of a device no process serves (a restart whose Recover
 	// could not take it back) would give the new pod a filesystem whose
