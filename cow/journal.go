@@ -876,7 +876,11 @@ func (j *journal) drop() {
 		e := error(fmt.Errorf("%w: kill journal dropped after a failed fsync", ErrClosed))
 		j.err.Store(&e)
 	}
-	for _, f := range j.f {
+	// The previous epoch's file first: a kill between the two truncates
+	// must not leave only the older records, which a redo (were the
+	// sync-lost mark lost too, say on a full disk) would apply without
+	// the newer ones that overwrote them.
+	for _, f := range []file{j.f[(j.epoch+1)&1], j.f[j.epoch&1]} {
 		if f != nil {
 			f.Truncate(0)
 		}

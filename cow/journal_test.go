@@ -6,6 +6,7 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -693,5 +694,78 @@ func TestKillJournalDroppedStats(t *testing.T) {
 		if fi, err := os.Stat(filepath.Join(dir, n)); err == nil && fi.Size() != 0 {
 			t.Errorf("%s holds %d bytes after the drop", n, fi.Size())
 		}
+	}
+}
+
+// TestKillJournalDropOldestFirst: the drop after a failed fsync empties the
+// previous epoch's file before the current one. In index order, a kill
+// between the two truncates (with the current epoch in file 0) left only
+// the older records, which a redo would apply without the newer writes
+// that overwrote them, were the sync-lost mark lost as well.
+func TestKillJournalDropOldestFirst(t *testing.T) {
+	const cs = 4096
+	defer func(old int64) { journalSwitch = old }(journalSwitch)
+	journalSwitch = 2 * cs
+	dir := t.TempDir()
+	s, fs := openFault(t, dir, nil)
+	defer s.Close()
+	s.SetSurviveKill(true)
+	v := mustVol(t, s, "v", 64*cs, cs)
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	epoch := func() uint64 {
+		s.jnl.mu.Lock()
+		defer s.jnl.mu.Unlock()
+		return s.jnl.epoch
+	}
+	// First writes are journaled; a Flush applies them, so the journal
+	// may switch files. Until the current epoch's file is file 0 (where
+	// index order and epoch order differ).
+	start := epoch()
+	for i := 0; epoch() == start || epoch()%2 != 0; i++ {
+		if i == 64 {
+			t.Fatalf("the journal is at epoch %d after 64 chunks of first writes", epoch())
+		}
+		if _, err := v.WriteAt(fill(cs, byte(i)), int64(i)*cs); err != nil {
+			t.Fatal(err)
+		}
+		if err := v.Flush(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var orderMu sync.Mutex
+	var order []string
+	fs.mu.Lock()
+	fs.truncErr = func(name string, size int64) error {
+		orderMu.Lock()
+		defer orderMu.Unlock()
+		order = append(order, name)
+		return nil
+	}
+	fs.syncErr = func(name string) error {
+		if strings.HasSuffix(name, ".data") {
+			return errInjected
+		}
+		return nil
+	}
+	fs.mu.Unlock()
+	if _, err := v.WriteAt(fill(cs, 0xee), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err == nil {
+		t.Fatal("Flush with the data file's fsync failing succeeded")
+	}
+	ep := epoch()
+	orderMu.Lock()
+	defer orderMu.Unlock()
+	var got []string
+	for _, n := range order {
+		if slices.Contains(journalNames[:], n) {
+			got = append(got, n)
+		}
+	}
+	if want := []string{journalNames[1], journalNames[0]}; !slices.Equal(got, want) {
+		t.Fatalf("the drop at epoch %d truncated %v, want the previous epoch's file first: %v", ep, got, want)
 	}
 }
