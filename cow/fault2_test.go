@@ -14,20 +14,26 @@ import (
 // must hold every acknowledged operation (the failed one may or may not
 // have happened).
 func TestFaultInjection(t *testing.T) {
-	for _, kind := range []string{"write", "sync"} {
-		step := 7
-		if raceEnabled {
-			step = 21
+	for _, kind := range []string{"write", "sync", "syncdir"} {
+		first, step, end := 0, 7, 150
+		if kind == "syncdir" { // a directory sync per create, delete or checkpoint
+			first, step, end = 1, 1, 12 // failSyncDir counts to 1
 		}
-		for k := 0; k < 150; k += step {
+		if raceEnabled {
+			step *= 3
+		}
+		for k := first; k < end; k += step {
 			t.Run(fmt.Sprintf("%s%d", kind, k), func(t *testing.T) {
 				dir := t.TempDir()
 				s, fs := openFault(t, dir, func(f *faultFS) { f.noSync = true })
 				fs.mu.Lock()
-				if kind == "write" {
+				switch kind {
+				case "write":
 					fs.failWrite = k
-				} else {
+				case "sync":
 					fs.failSync = k
+				default:
+					fs.failSyncDir = k
 				}
 				fs.mu.Unlock()
 				m := newModel()
@@ -56,11 +62,12 @@ func TestFaultInjection(t *testing.T) {
 				// A failed fsync says that only a reboot reopens the store
 				// (the driver then stops asking to be restarted); a failed
 				// write does not.
-				if lost := errors.Is(opErr, ErrSyncLost); lost != (kind == "sync") {
-					t.Fatalf("%v failed with %v: ErrSyncLost %v, want %v", *failedOp, opErr, lost, kind == "sync")
+				synced := kind != "write"
+				if lost := errors.Is(opErr, ErrSyncLost); lost != synced {
+					t.Fatalf("%v failed with %v: ErrSyncLost %v, want %v", *failedOp, opErr, lost, synced)
 				}
 				s.Close()
-				s2, err := openAfterInjectedFault(t, dir, kind == "sync")
+				s2, err := openAfterInjectedFault(t, dir, synced)
 				if err != nil {
 					t.Fatalf("reopen after fault in %v: %v", *failedOp, err)
 				}

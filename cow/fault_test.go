@@ -26,7 +26,7 @@ type faultFS struct {
 	// failRename makes Rename fail (a checkpoint that cannot be installed).
 	failRename bool
 	// failSyncDir counts down on every SyncDir; the call that brings it to
-	// 0 fails with EIO. 0: never.
+	// 0 fails as a failed fsync (a *syncError). 0: never.
 	failSyncDir int
 	// events, when not nil, records creations, directory syncs and log
 	// writes in order, for tests of their ordering.
@@ -372,7 +372,9 @@ func (f *faultFS) SyncDir() error {
 	}
 	f.mu.Unlock()
 	if fail {
-		return errInjected
+		// A failed fsync of the directory, as osFS reports one: the
+		// store must treat it as any failed fsync (sync-lost).
+		return &syncError{errInjected}
 	}
 	if f.noSync {
 		return nil

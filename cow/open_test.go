@@ -36,7 +36,8 @@ func TestCheckpointSyncDirFails(t *testing.T) {
 		t.Errorf("CreateVolume after the failed checkpoint: %v, want ErrClosed", xerr)
 	}
 	s.closeFiles() // crash
-	s2, err := Open(dir)
+	// A failed fsync, of the directory too: only a reboot reopens it.
+	s2, err := openAfterInjectedFault(t, dir, true)
 	if err != nil {
 		t.Fatal(err)
 	}
