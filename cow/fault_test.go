@@ -408,3 +408,9 @@ func (f *faultFile) CloneFrom(src file, srcOff, off, n int64) error {
 	}
 	return f.file.CloneFrom(src, srcOff, off, n)
 }
+
+// dataExtents lists the underlying file's data extents, so that code that
+// skips holes (zeroData, metadata queries) sees them through the injector.
+func (f *faultFile) dataExtents(lo, hi int64) (extents, error) {
+	return dataExtents(f.file, lo, hi)
+}

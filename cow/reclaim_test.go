@@ -3,9 +3,14 @@ package cow
 import (
 	"bytes"
 	"errors"
+	"os"
+	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestReclaimWithoutPunch: the hole punches that only give space back
@@ -176,42 +181,57 @@ func TestApplyFailureStopsWrites(t *testing.T) {
 // fails on a full XFS (ENOSPC), where overwriting the blocks the file holds
 // needs no new space. The discard used to fail its request, and one
 // applied from the overlay (after a snapshot) failed the whole store; now
-// the range is written with zeros, except its parts that are holes
-// already, and every image reads right, also after a reopen. When the
-// writes fail too, the discard still fails.
+// zeros are written over the range's data extents only, so a full disk,
+// modelled here by failing every data-file write that would allocate (a
+// range that is a hole or past the end), takes them: direct discards over
+// data, holes and the end of the file, discards applied from the overlay,
+// a clone's discards of chunks it holds and does not hold, and a rollback
+// to chunks the snapshot reads as zeros. Every image reads right, also
+// after a reopen. When the writes fail too, the discard still fails.
 func TestDiscardWithoutPunch(t *testing.T) {
 	const cs = 4096
-	hole := int64(40 * cs) // [hole, hole+8*cs) of "v" is never written
-	refuse := func(fs *faultFS) {
-		fs.punchErr = func(name string, off, n int64) error {
-			if strings.HasSuffix(name, ".data") {
-				return errors.Join(ErrNoSpace, syscall.ENOSPC)
-			}
-			return nil
-		}
-	}
-	// The fallback must not write where the file has a hole: it would take
-	// space a full disk does not have.
-	holeFull := func(fs *faultFS, data string) {
-		fs.mu.Lock()
-		defer fs.mu.Unlock()
-		fs.writeErrAt = func(name string, off, n int64) error {
-			if name == data && off < hole+8*cs && off+n > hole {
-				return errors.Join(ErrNoSpace, syscall.ENOSPC)
-			}
-			return nil
-		}
-	}
 	dir := t.TempDir()
-	s, fs := openFault(t, dir, refuse)
+	var mu sync.Mutex
+	refuse, full := false, map[string]bool{} // full: data files that cannot grow
+	faults := func(fs *faultFS) {
+		fs.punchErr = func(name string, off, n int64) error {
+			mu.Lock()
+			defer mu.Unlock()
+			if refuse && strings.HasSuffix(name, ".data") {
+				return errors.Join(ErrNoSpace, syscall.ENOSPC)
+			}
+			return nil
+		}
+		fs.writeErrAt = func(name string, off, n int64) error {
+			mu.Lock()
+			isFull := full[name]
+			mu.Unlock()
+			if isFull && !allocated(t, filepath.Join(dir, name), off, n) {
+				return errors.Join(ErrNoSpace, syscall.ENOSPC)
+			}
+			return nil
+		}
+	}
+	setFaults := func(r bool, names ...string) {
+		mu.Lock()
+		defer mu.Unlock()
+		refuse = r
+		clear(full)
+		for _, n := range names {
+			full[n] = true
+		}
+	}
+	s, _ := openFault(t, dir, faults)
 	defer func() { s.Close() }()
 	v := mustVol(t, s, "v", 64*cs, cs)
-	holeFull(fs, v.dataName)
-	old := fill(32*cs, 'o')
-	if _, err := v.WriteAt(old, 0); err != nil {
-		t.Fatal(err)
+	want := make([]byte, 64*cs)
+	write := func(x *Volume, img []byte, off int64, p []byte) {
+		t.Helper()
+		if _, err := x.WriteAt(p, off); err != nil {
+			t.Fatal(err)
+		}
+		copy(img[off:], p)
 	}
-	want := append(append([]byte{}, old...), make([]byte, 32*cs)...)
 	discard := func(x *Volume, img []byte, off, n int64) {
 		t.Helper()
 		if err := x.Discard(off, n); err != nil {
@@ -219,15 +239,27 @@ func TestDiscardWithoutPunch(t *testing.T) {
 		}
 		clear(img[off : off+n])
 	}
-	// No snapshot: straight to the data file, a partial chunk and whole
-	// ones, and a range that is a hole already.
-	discard(v, want, 2*cs+100, 3*cs)
-	discard(v, want, hole, 8*cs)
-	if n := s.Stats().PunchZeroed; n < 2 {
-		t.Fatalf("PunchZeroed %d after two discards whose punches failed, want at least 2", n)
+	zeroed := func() uint64 { return s.Stats().PunchZeroed }
+	write(v, want, 0, fill(32*cs, 'o')) // the data file ends at 32 chunks
+	discard(v, want, 4*cs, 2*cs)        // punched: holes between data
+	discard(v, want, 13*cs, 2*cs)
+	setFaults(true, v.dataName)
+
+	// No snapshot: straight to the data file. Data, a hole, data; a range
+	// past the end (nothing to write, not counted); one across the end.
+	discard(v, want, 3*cs+100, 3*cs+200)
+	if n := zeroed(); n != 1 {
+		t.Fatalf("PunchZeroed %d after a discard over data, want 1", n)
 	}
-	// After a snapshot: the discard waits in the overlay and is applied by
-	// the committer.
+	discard(v, want, 40*cs, 8*cs)
+	if n := zeroed(); n != 1 {
+		t.Fatalf("PunchZeroed %d after a discard of a range holding no data, want it unchanged (1)", n)
+	}
+	discard(v, want, 30*cs, 4*cs)
+	discard(v, want, 12*cs, 4*cs) // data, hole
+
+	// After a snapshot: the discard waits in the overlay, and the
+	// committer applies it.
 	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -236,19 +268,40 @@ func TestDiscardWithoutPunch(t *testing.T) {
 	if err := v.Flush(); err != nil {
 		t.Fatalf("flush after a discard whose punch fails: %v", err)
 	}
-	// A clone of the snapshot: chunks it does not hold yet, whole and in
-	// part, and one it holds.
+
+	// A clone of the snapshot: a chunk it holds (written), and chunks it
+	// does not hold, whole (the data file has a hole there: nothing to
+	// write, and a full disk could not take it).
 	c, err := s.CloneSnapshot("s", "c", 64*cs, VolumeOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	cloneImg := append([]byte{}, snapImg...)
-	if _, err := c.WriteAt(fill(cs, 'c'), 20*cs); err != nil {
+	setFaults(false)
+	write(c, cloneImg, 20*cs, fill(cs, 'c'))
+	setFaults(true, v.dataName, c.dataName)
+	discard(c, cloneImg, 20*cs, cs)
+	discard(c, cloneImg, 16*cs, 2*cs)
+
+	// A rollback to chunks the snapshot reads as zeros (a hole when it was
+	// taken) discards them in the volume (by a discard, or, where copies
+	// are block clones, in rollbackShare: hack/test.sh runs this on XFS
+	// made with reflink=1 too).
+	setFaults(false)
+	r := mustVol(t, s, "r", 8*cs, cs)
+	rImg := make([]byte, 8*cs)
+	write(r, rImg, 2*cs, fill(2*cs, 'r'))
+	if _, err := s.CreateSnapshot("r", "rs", SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	copy(cloneImg[20*cs:], fill(cs, 'c'))
-	discard(c, cloneImg, 16*cs, 2*cs)
-	discard(c, cloneImg, 19*cs+7, 2*cs)
+	write(r, make([]byte, 8*cs), 0, fill(4*cs, 'x'))
+	if err := r.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	setFaults(true, v.dataName, c.dataName, r.dataName)
+	if _, err := s.Rollback("r", "rs"); err != nil {
+		t.Fatalf("rollback whose zero chunks cannot be punched: %v", err)
+	}
 	if err := errors.Join(c.Flush(), s.Err()); err != nil {
 		t.Fatalf("the store failed: %v", err)
 	}
@@ -257,7 +310,7 @@ func TestDiscardWithoutPunch(t *testing.T) {
 		for _, im := range []struct {
 			id  string
 			img []byte
-		}{{"v", want}, {"c", cloneImg}} {
+		}{{"v", want}, {"c", cloneImg}, {"r", rImg}} {
 			x, err := s.Volume(im.id)
 			if err != nil {
 				t.Fatal(err)
@@ -276,8 +329,7 @@ func TestDiscardWithoutPunch(t *testing.T) {
 	}
 	check(s, "before reopen")
 	s.Close()
-	s, fs = openFault(t, dir, refuse)
-	holeFull(fs, v.dataName)
+	s, fs := openFault(t, dir, faults)
 	check(s, "after reopen")
 
 	// No room for the zeros either: the discard fails, as any write would.
@@ -306,4 +358,17 @@ func TestDiscardWithoutPunch(t *testing.T) {
 	if !errors.Is(err, syscall.ENOSPC) {
 		t.Fatalf("discard through the overlay with neither punch nor write possible: %v, want ENOSPC", err)
 	}
+}
+
+// allocated reports whether the file at path holds data all over [off,
+// off+n) (no hole, not past its end): a write there needs no new space.
+func allocated(t *testing.T, path string, off, n int64) bool {
+	f, err := os.Open(path)
+	if err != nil {
+		t.Error(err)
+		return false
+	}
+	defer f.Close()
+	h, err := unix.Seek(int(f.Fd()), off, unix.SEEK_HOLE)
+	return err == nil && h >= off+n
 }

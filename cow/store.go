@@ -70,7 +70,7 @@ type Store struct {
 	// failed (see reclaim).
 	reclaimFailed atomic.Uint64
 	// punchZeroed counts data-file ranges a discard made read as zeros by
-	// writing zeros, their punch having failed (see zeroData).
+	// writing zeros over their data, their punch having failed (zeroData).
 	punchZeroed atomic.Uint64
 	copiedBytes atomic.Uint64 // bytes of those chunks' copies, counted when queued (zero chunks cost none)
 	clonedBytes atomic.Uint64 // bytes of those copies made by sharing blocks (FICLONERANGE) instead
@@ -835,30 +835,39 @@ func (s *Store) reclaim(f file, off, n int64) {
 
 // zeroData makes bytes [off, off+n) of a volume's data file f read as
 // zeros, as a discard (or a rollback to a zero chunk) asks: by a hole
-// punch, or, where the punch fails, by writing zeros over the parts that
-// are not holes already. On a full XFS a punch needs a transaction
-// reservation and fails with ENOSPC, while overwriting blocks the file
-// holds alone needs no new space: without the fallback a discard, the
-// very call (a guest's fstrim) that gives room back, failed its request,
-// and applied from the overlay failed the whole store. Each fallback is
-// counted (Stats.PunchZeroed). When the writes fail too (blocks shared
-// by a reflinked copy need new space to be overwritten), the punch's
-// error is returned with the write's, as before.
+// punch, or, where the punch fails, by writing zeros over the file's data
+// extents in the range (SEEK_DATA/SEEK_HOLE; holes and the part past the
+// end already read as zeros, and writing there would take space). On a
+// full XFS a punch needs a transaction reservation and fails with ENOSPC,
+// while overwriting blocks the file holds alone needs no new space:
+// without the fallback a discard, the very call (a guest's fstrim) that
+// gives room back, failed its request, and applied from the overlay failed
+// the whole store. A fallback that wrote something is counted
+// (Stats.PunchZeroed). Blocks shared with a reflinked copy (XFS with
+// reflink=1, where a snapshot's copy-out clones the chunk) need new space
+// to be overwritten: there the writes fail too, and the punch's error is
+// returned with the write's, as before (FORMAT.md).
 func (s *Store) zeroData(f file, off, n int64) error {
 	perr := f.Punch(off, n)
 	if perr == nil {
 		return nil
 	}
-	for n > 0 {
-		m := min(n, int64(len(zeroPiece))-off%int64(len(zeroPiece)))
-		if hole, _ := f.Hole(off, m); !hole {
-			if err := writeFull(f, zeroPiece[:m], off); err != nil {
+	data, err := dataExtents(f, off, off+n)
+	if err != nil {
+		return errors.Join(perr, err)
+	}
+	for _, e := range data {
+		for at := e.off; at < e.end; {
+			m := min(e.end-at, int64(len(zeroPiece)))
+			if err := writeFull(f, zeroPiece[:m], at); err != nil {
 				return errors.Join(perr, err)
 			}
+			at += m
 		}
-		off, n = off+m, n-m
 	}
-	s.punchZeroed.Add(1)
+	if len(data) > 0 {
+		s.punchZeroed.Add(1)
+	}
 	return nil
 }
 
