@@ -41,6 +41,11 @@ var controllerCaps = []csi.ControllerServiceCapability_RPC_Type{
 	csi.ControllerServiceCapability_RPC_GET_SNAPSHOT,
 	csi.ControllerServiceCapability_RPC_GET_VOLUME_HEALTH,
 	csi.ControllerServiceCapability_RPC_LIST_VOLUME_HEALTH,
+	// The two access modes that tell one writer from several on a node
+	// (SINGLE_NODE_SINGLE_WRITER, SINGLE_NODE_MULTI_WRITER): Kubernetes then
+	// asks ReadWriteOncePod volumes as single writers, which the node
+	// enforces (NodePublishVolume), and ReadWriteOnce as multi-writers.
+	csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
 }
 
 // ControllerGetCapabilities lists what the controller service implements.

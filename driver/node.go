@@ -31,6 +31,7 @@ var nodeCaps = []csi.NodeServiceCapability_RPC_Type{
 	csi.NodeServiceCapability_RPC_GET_VOLUME_STATS,
 	csi.NodeServiceCapability_RPC_GET_VOLUME_HEALTH,
 	csi.NodeServiceCapability_RPC_GET_STORAGE_HEALTH,
+	csi.NodeServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER, // see controllerCaps
 }
 
 // NodeGetCapabilities lists what the node service implements.
