@@ -430,6 +430,48 @@ func (s *Store) carryJournal(gen uint64) error {
 	})
 }
 
+// emptyJournal truncates the journal files that exist, the older epoch's
+// first (by their headers' epochs; a file whose header is not this store's
+// and boot's holds nothing a redo takes, and goes first): a kill between
+// the two truncates must never leave an older epoch's records without the
+// newer ones that overwrote them. Used where no journal is published yet
+// (Open, before its redo ends); a running journal's drop orders by its
+// own epoch.
+func (s *Store) emptyJournal() error {
+	type jfile struct {
+		f  file
+		ep uint64
+	}
+	var fs []jfile
+	defer func() {
+		for _, x := range fs {
+			x.f.Close()
+		}
+	}()
+	for _, name := range journalNames {
+		f, err := s.fs.Open(name, false)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		var h [journalHeaderLen]byte
+		ep := uint64(0)
+		if readFull(f, h[:], 0) == nil && journalHeaderOK(h[:], s.hdr.UUID, s.boot) {
+			ep = binary.LittleEndian.Uint64(h[48:])
+		}
+		fs = append(fs, jfile{f, ep})
+	}
+	sort.SliceStable(fs, func(a, b int) bool { return fs[a].ep < fs[b].ep })
+	for _, x := range fs {
+		if err := x.f.Truncate(0); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // eachJournalFile calls fn with each journal file that exists (opened,
 // not created; closed after fn).
 func (s *Store) eachJournalFile(fn func(file) error) error {
@@ -489,7 +531,7 @@ func (s *Store) openJournal() error {
 		// a journal are emptied, so a later Open that can tell never
 		// redoes records this one ignored (the writes since would be
 		// undone).
-		if err := s.eachJournalFile(func(f file) error { return f.Truncate(0) }); err != nil {
+		if err := s.emptyJournal(); err != nil {
 			return err
 		}
 		return s.removeJournalDropped()
@@ -863,8 +905,8 @@ func (s *Store) dropJournal() {
 		return
 	}
 	// Open's redo runs before the journal is published: empty the files
-	// by name (best effort; the store fails anyway).
-	s.eachJournalFile(func(f file) error { return f.Truncate(0) })
+	// by name, oldest first (best effort; the store fails anyway).
+	s.emptyJournal()
 }
 
 // drop makes the journal refuse every record from now on and empties its

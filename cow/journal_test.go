@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -767,5 +768,88 @@ func TestKillJournalDropOldestFirst(t *testing.T) {
 	}
 	if want := []string{journalNames[1], journalNames[0]}; !slices.Equal(got, want) {
 		t.Fatalf("the drop at epoch %d truncated %v, want the previous epoch's file first: %v", ep, got, want)
+	}
+}
+
+// TestKillJournalOpenDropOldestFirst: a failed fsync in Open, before the
+// journal is running (here the data sync after the replay), empties the
+// journal files by name. In index order, with the newer epoch in file 0, a
+// kill between the two truncates left only the older epoch's records, and
+// the next Open (the sync-lost mark lost too, say on a full disk) redid an
+// older write without the newer one that overwrote it. The kill is
+// modelled by failing the second truncate.
+func TestKillJournalOpenDropOldestFirst(t *testing.T) {
+	const cs = 4096
+	defer func(old int64) { journalSwitch = old }(journalSwitch)
+	journalSwitch = 2 * cs
+	dir, s, fs, h := heldStore(t)
+	v := mustVol(t, s, "v", 64*cs, cs)
+	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	armQuiet(t, s, h)
+	w := func(b byte, c int64) {
+		returnsSoon(t, "write", func() error { _, err := v.WriteAt(fill(cs, b), c*cs); return err })
+	}
+	w('X', 0) // epoch 1, file 1
+	for c := int64(1); c <= 3; c++ {
+		w('f', c)
+	}
+	w('g', 4) // a new entry past journalSwitch: epoch 2, file 0
+	s.jnl.mu.Lock()
+	ep := s.jnl.epoch
+	s.jnl.mu.Unlock()
+	if ep != 2 {
+		t.Fatalf("the journal is at epoch %d, want 2 (the test needs the newer epoch in file 0)", ep)
+	}
+	w('Y', 0) // the same pending entry: its record goes to file 0
+	killStore(fs, h)
+
+	var mu sync.Mutex
+	var order []string
+	f := newFaultFS(dir)
+	f.syncErr = func(name string) error {
+		if strings.HasSuffix(name, ".data") {
+			return errInjected
+		}
+		return nil
+	}
+	f.openErr = func(name string, create bool) error {
+		if name == syncLostName && create {
+			return errors.Join(ErrNoSpace, syscall.ENOSPC) // the mark is lost
+		}
+		return nil
+	}
+	f.truncErr = func(name string, size int64) error {
+		mu.Lock()
+		defer mu.Unlock()
+		if slices.Contains(journalNames[:], name) {
+			order = append(order, name)
+			if len(order) == 2 {
+				return errKilled // killed before the second truncate
+			}
+		}
+		return nil
+	}
+	if s2, err := openFS(dir, f); err == nil {
+		s2.Close()
+		t.Fatal("Open with the data file's fsync failing succeeded")
+	}
+	mu.Lock()
+	if want := []string{journalNames[1], journalNames[0]}; !slices.Equal(order, want) {
+		t.Errorf("Open's drop truncated %v, want the older epoch's file first: %v", order, want)
+	}
+	mu.Unlock()
+	s3, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s3.Close()
+	v3, err := s3.Volume("v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, v3, 0, cs); got[0] == 'X' {
+		t.Fatal("chunk 0 reads the older write X, redone without the newer Y that overwrote it")
 	}
 }
