@@ -26,8 +26,10 @@ type faultFS struct {
 	// failRename makes Rename fail (a checkpoint that cannot be installed).
 	failRename bool
 	// failSyncDir counts down on every SyncDir; the call that brings it to
-	// 0 fails as a failed fsync (a *syncError). 0: never.
-	failSyncDir int
+	// 0 fails as a failed fsync (a *syncError), or, with syncDirOpenFails,
+	// as a directory that did not open (a plain error). 0: never.
+	failSyncDir      int
+	syncDirOpenFails bool
 	// events, when not nil, records creations, directory syncs and log
 	// writes in order, for tests of their ordering.
 	events *[]string
@@ -370,7 +372,13 @@ func (f *faultFS) SyncDir() error {
 	if fail {
 		f.failed++
 	}
+	openFails := f.syncDirOpenFails
 	f.mu.Unlock()
+	if fail && openFails {
+		// The directory did not open (osFS's plain error): nothing was
+		// synced, nothing failed to be.
+		return errInjected
+	}
 	if fail {
 		// A failed fsync of the directory, as osFS reports one: the
 		// store must treat it as any failed fsync (sync-lost).

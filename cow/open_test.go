@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -17,36 +18,73 @@ import (
 // TestCheckpointSyncDirFails (F3): a checkpoint whose directory sync fails
 // after the rename must not leave the store committing into the old log,
 // which is unlinked: whatever it acknowledges must be there after a crash.
+// A failed fsync of the directory marks the boot (only a reboot reopens
+// the store); a directory that did not even open (nothing synced, nothing
+// lost) fails the store until a reopen in the same boot.
 func TestCheckpointSyncDirFails(t *testing.T) {
+	for _, fsyncFailed := range []bool{true, false} {
+		t.Run(fmt.Sprintf("fsync=%v", fsyncFailed), func(t *testing.T) {
+			dir := t.TempDir()
+			s, fs := openFault(t, dir, nil)
+			if _, err := s.CreateVolume("a", 1<<20, VolumeOptions{ChunkSize: 4096}); err != nil {
+				t.Fatal(err)
+			}
+			fs.mu.Lock()
+			fs.failSyncDir, fs.syncDirOpenFails = 1, !fsyncFailed
+			fs.mu.Unlock()
+			if err := s.Checkpoint(); err == nil {
+				t.Fatal("Checkpoint with a failing directory sync succeeded")
+			}
+			_, xerr := s.CreateVolume("x", 1<<20, VolumeOptions{ChunkSize: 4096})
+			if xerr == nil {
+				t.Error("CreateVolume after the failed checkpoint succeeded; want the store failed until reopened")
+			} else if !errors.Is(xerr, ErrClosed) {
+				t.Errorf("CreateVolume after the failed checkpoint: %v, want ErrClosed", xerr)
+			}
+			s.closeFiles() // crash
+			s2, err := openAfterInjectedFault(t, dir, fsyncFailed)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s2.Close()
+			if _, err := s2.Volume("a"); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := s2.Volume("x"); xerr == nil && err != nil {
+				t.Fatalf("volume x, acknowledged after the failed checkpoint: %v", err)
+			}
+		})
+	}
+}
+
+// TestCreateSyncDirOpenFails: a volume whose creation could not sync the
+// store directory because the directory did not open fails alone: nothing
+// was lost (no fsync failed), so the store goes on, and the retried
+// create succeeds. (A failed fsync of the directory is sticky: see
+// TestFaultInjection's syncdir cases.)
+func TestCreateSyncDirOpenFails(t *testing.T) {
 	dir := t.TempDir()
 	s, fs := openFault(t, dir, nil)
-	if _, err := s.CreateVolume("a", 1<<20, VolumeOptions{ChunkSize: 4096}); err != nil {
-		t.Fatal(err)
-	}
+	defer func() { s.Close() }()
 	fs.mu.Lock()
-	fs.failSyncDir = 1
+	fs.failSyncDir, fs.syncDirOpenFails = 1, true
 	fs.mu.Unlock()
-	if err := s.Checkpoint(); err == nil {
-		t.Fatal("Checkpoint with a failing directory sync succeeded")
+	if _, err := s.CreateVolume("a", 1<<20, VolumeOptions{ChunkSize: 4096}); err == nil || errors.Is(err, ErrSyncLost) || errors.Is(err, ErrClosed) {
+		t.Fatalf("CreateVolume whose directory does not open: %v, want a plain error", err)
 	}
-	_, xerr := s.CreateVolume("x", 1<<20, VolumeOptions{ChunkSize: 4096})
-	if xerr == nil {
-		t.Error("CreateVolume after the failed checkpoint succeeded; want the store failed until reopened")
-	} else if !errors.Is(xerr, ErrClosed) {
-		t.Errorf("CreateVolume after the failed checkpoint: %v, want ErrClosed", xerr)
+	if err := s.Err(); err != nil {
+		t.Fatalf("the store failed: %v", err)
 	}
-	s.closeFiles() // crash
-	// A failed fsync, of the directory too: only a reboot reopens it.
-	s2, err := openAfterInjectedFault(t, dir, true)
+	if _, err := s.CreateVolume("a", 1<<20, VolumeOptions{ChunkSize: 4096}); err != nil {
+		t.Fatalf("the retried create: %v", err)
+	}
+	s.Close()
+	s, err := openAfterInjectedFault(t, dir, false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s2.Close()
-	if _, err := s2.Volume("a"); err != nil {
+	if _, err := s.Volume("a"); err != nil {
 		t.Fatal(err)
-	}
-	if _, err := s2.Volume("x"); xerr == nil && err != nil {
-		t.Fatalf("volume x, acknowledged after the failed checkpoint: %v", err)
 	}
 }
 
@@ -687,4 +725,59 @@ func TestMissingLogRefused(t *testing.T) {
 	if !bytes.Equal(mustRead(t, v, 8192, 4096), want) {
 		t.Fatal("the volume's write is not there after restoring the log")
 	}
+}
+
+// TestOpenSyncDirFails: a failed fsync of the store directory in Open's
+// own steps (after creating a new store's log; after creating a COW file
+// a volume lacks) is a failed fsync like any other: Open answers
+// ErrSyncLost and marks the boot, so a second Open in the same boot does
+// not trust directory entries the disk may lack. It used to return the
+// bare error, and the next Open went ahead.
+func TestOpenSyncDirFails(t *testing.T) {
+	t.Run("create", func(t *testing.T) {
+		dir := t.TempDir()
+		fs := newFaultFS(dir)
+		fs.failSyncDir = 1
+		if s, err := openFS(dir, fs); !errors.Is(err, ErrSyncLost) {
+			if err == nil {
+				s.Close()
+			}
+			t.Fatalf("Open of a new store whose directory fsync fails: %v, want ErrSyncLost", err)
+		}
+		s, err := openAfterInjectedFault(t, dir, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.Close()
+	})
+	t.Run("missing COW file", func(t *testing.T) {
+		dir := t.TempDir()
+		s, err := Open(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		v := mustVol(t, s, "v", 1<<20, 4096)
+		cow := v.cowName
+		s.Close()
+		// A store from before COW files were made with their volume.
+		if err := os.Remove(filepath.Join(dir, cow)); err != nil {
+			t.Fatal(err)
+		}
+		fs := newFaultFS(dir)
+		fs.failSyncDir = 1
+		if s, err := openFS(dir, fs); !errors.Is(err, ErrSyncLost) {
+			if err == nil {
+				s.Close()
+			}
+			t.Fatalf("Open that creates a missing COW file, whose directory fsync fails: %v, want ErrSyncLost", err)
+		}
+		s, err = openAfterInjectedFault(t, dir, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		if _, err := s.Volume("v"); err != nil {
+			t.Fatal(err)
+		}
+	})
 }

@@ -259,7 +259,9 @@ func TestDiscardWithoutPunch(t *testing.T) {
 	discard(v, want, 12*cs, 4*cs) // data, hole
 
 	// After a snapshot: the discard waits in the overlay, and the
-	// committer applies it.
+	// committer applies it. (Its copy-out takes new space in the COW
+	// file, which the model leaves room for: on a disk full for it too,
+	// the copy fails the store, as any first write's does; FORMAT.md.)
 	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}

@@ -302,7 +302,7 @@ func (s *Store) load() error {
 	s.dirty = nil
 	if err != nil {
 		lf.Close()
-		return err
+		return s.openSyncLost(err)
 	}
 	// What follows the last record replayed (end) is preallocated zeros
 	// after a clean stop or a crash between batches: then the log is left
@@ -326,11 +326,7 @@ func (s *Store) load() error {
 	// those records durable for good and lets origin writes skip the copy.
 	if err := s.syncAllFiles(lf); err != nil {
 		lf.Close()
-		if _, ok := errors.AsType[*syncError](err); ok {
-			s.dropJournal() // and mark the boot: see markSyncLost
-			return fmt.Errorf("%w: %w", ErrSyncLost, err)
-		}
-		return err
+		return s.openSyncLost(err)
 	}
 	s.setLog(newCommitter(lf, end, seq))
 	if clean {
@@ -441,10 +437,23 @@ func (s *Store) create() error {
 	}
 	if err := s.fs.SyncDir(); err != nil {
 		f.Close()
-		return err
+		return s.openSyncLost(err)
 	}
 	s.setLog(newCommitter(f, headerSize, 0))
 	return nil
+}
+
+// openSyncLost is what Open returns for err, an error of its own before
+// the committer runs: a failed fsync (*syncError: the data, the
+// directory after creating the log or a missing COW file) drops the kill
+// journal and marks the boot (markSyncLost), as a failed fsync does at run
+// time, and is ErrSyncLost; anything else is returned as it is.
+func (s *Store) openSyncLost(err error) error {
+	if _, ok := errors.AsType[*syncError](err); ok {
+		s.dropJournal() // and mark the boot: see markSyncLost
+		return fmt.Errorf("%w: %w", ErrSyncLost, err)
+	}
+	return err
 }
 
 // replayLog applies the log in b. It returns where the valid log ends (after
