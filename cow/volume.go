@@ -439,11 +439,17 @@ func (sn *Snapshot) ReadAt(p []byte, off int64) (int, error) {
 	}
 	err = sn.readChunk(off, p[:n])
 	// As in Volume.ReadAt: a Close or a delete that raced this read may
-	// have closed a file under it; say which instead of the raw error.
+	// have closed a file under it, or punched what it read: the snapshot
+	// of a deleted clone reads chunks it does not map from the clone's
+	// data file without the volume lock (readOne), and its delete
+	// punches what the next newest snapshot cannot read there
+	// (punchUnreadable). The deleted flag is set before any punch, so a
+	// read that finds it set afterwards may hold zeros: say so, whatever
+	// the read returned.
 	switch {
 	case err != nil && sn.s.isClosed.Load():
 		return 0, ErrClosed
-	case err != nil && (sn.isDeleted() || sn.vol.isGone()):
+	case sn.isDeleted() || sn.vol.isGone():
 		return 0, fmt.Errorf("%w: snapshot %q was deleted", ErrNotFound, sn.id)
 	case err != nil:
 		return 0, err
