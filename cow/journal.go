@@ -431,10 +431,12 @@ func (s *Store) carryJournal(gen uint64) error {
 }
 
 // emptyJournal truncates the journal files that exist, the older epoch's
-// first (by their headers' epochs; a file whose header is not this store's
-// and boot's holds nothing a redo takes, and goes first): a kill between
-// the two truncates must never leave an older epoch's records without the
-// newer ones that overwrote them. Used where no journal is published yet
+// first (by their headers' epochs; a file whose header is not this
+// store's holds nothing a redo takes, and goes first): a kill between the
+// two truncates must never leave an older epoch's records without the
+// newer ones that overwrote them. The boot is not compared: an Open that
+// cannot read this boot's identity empties the files too, and a later one
+// that can would redo what it left. Used where no journal is published yet
 // (Open, before its redo ends); a running journal's drop orders by its
 // own epoch.
 func (s *Store) emptyJournal() error {
@@ -458,7 +460,7 @@ func (s *Store) emptyJournal() error {
 		}
 		var h [journalHeaderLen]byte
 		ep := uint64(0)
-		if readFull(f, h[:], 0) == nil && journalHeaderOK(h[:], s.hdr.UUID, s.boot) {
+		if readFull(f, h[:], 0) == nil && journalHeaderOK(h[:], s.hdr.UUID, [16]byte(h[32:48])) {
 			ep = binary.LittleEndian.Uint64(h[48:])
 		}
 		fs = append(fs, jfile{f, ep})

@@ -853,3 +853,78 @@ func TestKillJournalOpenDropOldestFirst(t *testing.T) {
 		t.Fatal("chunk 0 reads the older write X, redone without the newer Y that overwrote it")
 	}
 }
+
+// TestKillJournalNoBootDropOldestFirst: an Open that cannot read the
+// boot's identity empties the kill journal (a later Open that can must not
+// redo records this one ignored). It ordered the files by epochs read only
+// from headers of this boot, which it does not know, so it emptied them in
+// index order: killed in between, with the newer epoch in file 0, the next
+// Open (which reads the boot's identity) redid an older write without the
+// newer one. (From the s18 diff3 review.)
+func TestKillJournalNoBootDropOldestFirst(t *testing.T) {
+	const cs = 4096
+	defer func(old int64) { journalSwitch = old }(journalSwitch)
+	journalSwitch = 2 * cs
+	dir, s, fs, h := heldStore(t)
+	v := mustVol(t, s, "v", 64*cs, cs)
+	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	armQuiet(t, s, h)
+	w := func(b byte, c int64) {
+		returnsSoon(t, "write", func() error { _, err := v.WriteAt(fill(cs, b), c*cs); return err })
+	}
+	w('X', 0) // epoch 1, file 1
+	for c := int64(1); c <= 3; c++ {
+		w('f', c)
+	}
+	w('g', 4) // epoch 2, file 0
+	s.jnl.mu.Lock()
+	ep := s.jnl.epoch
+	s.jnl.mu.Unlock()
+	if ep != 2 {
+		t.Fatalf("the journal is at epoch %d, want 2 (the test needs the newer epoch in file 0)", ep)
+	}
+	w('Y', 0)
+	killStore(fs, h)
+
+	real := readBootID
+	readBootID = func() ([16]byte, bool) { return [16]byte{}, false }
+	var mu sync.Mutex
+	var order []string
+	f := newFaultFS(dir)
+	f.truncErr = func(name string, size int64) error {
+		mu.Lock()
+		defer mu.Unlock()
+		if slices.Contains(journalNames[:], name) {
+			order = append(order, name)
+			if len(order) == 2 {
+				return errKilled // killed before the second truncate
+			}
+		}
+		return nil
+	}
+	s2, err := openFS(dir, f)
+	readBootID = real
+	if err == nil {
+		s2.Close()
+		t.Fatal("the Open without a boot identity was not stopped at its second truncate")
+	}
+	mu.Lock()
+	if want := []string{journalNames[1], journalNames[0]}; !slices.Equal(order, want) {
+		t.Errorf("the Open without a boot identity truncated %v, want the older epoch's file first: %v", order, want)
+	}
+	mu.Unlock()
+	s3, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s3.Close()
+	v3, err := s3.Volume("v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, v3, 0, cs); got[0] == 'X' {
+		t.Fatal("chunk 0 reads the older write X, redone without the newer Y that overwrote it")
+	}
+}
