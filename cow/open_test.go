@@ -727,13 +727,29 @@ func TestMissingLogRefused(t *testing.T) {
 	}
 }
 
-// TestOpenSyncDirFails: a failed fsync of the store directory in Open's
-// own steps (after creating a new store's log; after creating a COW file
+// TestOpenSyncDirFails: a failed fsync in Open's own steps (of a new
+// store's log, and of the store directory after creating it or a COW file
 // a volume lacks) is a failed fsync like any other: Open answers
 // ErrSyncLost and marks the boot, so a second Open in the same boot does
 // not trust directory entries the disk may lack. It used to return the
 // bare error, and the next Open went ahead.
 func TestOpenSyncDirFails(t *testing.T) {
+	t.Run("new log", func(t *testing.T) {
+		dir := t.TempDir()
+		fs := newFaultFS(dir)
+		fs.failSync = 0 // the new store's log, before its rename
+		if s, err := openFS(dir, fs); !errors.Is(err, ErrSyncLost) {
+			if err == nil {
+				s.Close()
+			}
+			t.Fatalf("Open of a new store whose log's fsync fails: %v, want ErrSyncLost", err)
+		}
+		s, err := openAfterInjectedFault(t, dir, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.Close()
+	})
 	t.Run("create", func(t *testing.T) {
 		dir := t.TempDir()
 		fs := newFaultFS(dir)

@@ -429,7 +429,7 @@ func (s *Store) create() error {
 	}
 	if err := f.Sync(); err != nil {
 		f.Close()
-		return err
+		return s.openSyncLost(&syncError{err})
 	}
 	if err := s.fs.Rename(logTmpName, logName); err != nil {
 		f.Close()
