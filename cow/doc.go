@@ -175,9 +175,10 @@
 //     until reopened: after a failed fsync the state on disk is unknown (a
 //     retried fsync may return 0 with the failed pages lost), and Open
 //     re-derives it. Since Open would read those pages from the page cache,
-//     a failed fsync (also one of Open's own) marks the store (file
-//     sync-lost), and Open refuses it with ErrSyncLost until the machine
-//     reboots (FORMAT.md, "After a failed fsync").
+//     a failed fsync (also one of Open's own; not that of a temporary
+//     log nothing reads back) marks the store (file sync-lost), and Open
+//     refuses it with ErrSyncLost until the machine reboots (FORMAT.md,
+//     "After a failed fsync").
 //   - A rollback in progress (or interrupted and not yet resumed) makes the
 //     volume refuse writes, discards, snapshots, resizes, clones (of the
 //     volume; its snapshots can be cloned) and deletes of its snapshots

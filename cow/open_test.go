@@ -727,24 +727,28 @@ func TestMissingLogRefused(t *testing.T) {
 	}
 }
 
-// TestOpenSyncDirFails: a failed fsync in Open's own steps (of a new
-// store's log, and of the store directory after creating it or a COW file
-// a volume lacks) is a failed fsync like any other: Open answers
+// TestOpenSyncDirFails: a failed fsync of the store directory in Open's
+// own steps (after renaming a new store's log into place; after creating
+// a COW file a volume lacks) is a failed fsync like any other: Open answers
 // ErrSyncLost and marks the boot, so a second Open in the same boot does
 // not trust directory entries the disk may lack. It used to return the
 // bare error, and the next Open went ahead.
 func TestOpenSyncDirFails(t *testing.T) {
 	t.Run("new log", func(t *testing.T) {
+		// The exception: the temporary log's fsync, before the rename.
+		// Nothing reads it back (the next Open removes it unread and
+		// creates the store afresh), so a fresh node's transient error
+		// must not keep the store shut until a reboot.
 		dir := t.TempDir()
 		fs := newFaultFS(dir)
 		fs.failSync = 0 // the new store's log, before its rename
-		if s, err := openFS(dir, fs); !errors.Is(err, ErrSyncLost) {
+		if s, err := openFS(dir, fs); err == nil || errors.Is(err, ErrSyncLost) {
 			if err == nil {
 				s.Close()
 			}
-			t.Fatalf("Open of a new store whose log's fsync fails: %v, want ErrSyncLost", err)
+			t.Fatalf("Open of a new store whose temporary log's fsync fails: %v, want a plain error", err)
 		}
-		s, err := openAfterInjectedFault(t, dir, true)
+		s, err := openAfterInjectedFault(t, dir, false)
 		if err != nil {
 			t.Fatal(err)
 		}

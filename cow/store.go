@@ -428,8 +428,10 @@ func (s *Store) create() error {
 		return err
 	}
 	if err := f.Sync(); err != nil {
+		// Not marked: nothing was renamed, and the next Open removes the
+		// temporary log unread and creates the store afresh (FORMAT.md).
 		f.Close()
-		return s.openSyncLost(&syncError{err})
+		return err
 	}
 	if err := s.fs.Rename(logTmpName, logName); err != nil {
 		f.Close()
