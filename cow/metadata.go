@@ -275,7 +275,7 @@ func (v *Volume) currentAllocatedLater(lo, hi int64) (func() extents, error) {
 }
 
 // extentLister is what a file offers to list its data extents; files that
-// lack it (test fault injectors) count as allocated throughout.
+// lack it (the power-loss test's file) count as allocated throughout.
 type extentLister interface {
 	dataExtents(lo, hi int64) (extents, error)
 }

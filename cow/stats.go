@@ -29,8 +29,9 @@ type Stats struct {
 	// and failed since Open, say for want of space on XFS: that space
 	// stays allocated until an Open punches it again. Nothing else fails.
 	ReclaimFailed uint64
-	// PunchZeroed counts discarded ranges of volumes' data files that were
-	// made to read as zeros by writing zeros over their data, since Open:
+	// PunchZeroed counts discarded ranges of volumes' data files (and a
+	// rollback's runs of zero chunks) that were made to read as zeros by
+	// writing zeros over their data, since Open:
 	// their hole punch failed (say for want of space on XFS), so they keep
 	// their space. A range that held no data (nothing written) is not
 	// counted.
