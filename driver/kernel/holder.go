@@ -220,14 +220,23 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func()) 
 	oob := make([]byte, unix.CmsgSpace(4))
 	n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
 	if err != nil {
+		klog.ErrorS(err, "fuse holder: request not read")
 		return false
 	}
 	fds := parseRights(oob[:oobn])
 	var req holderReq
 	var resp holderResp
+	// The client waits for an answer; one that cannot be sent (the
+	// client gone, the deadline passed) leaves it "no answer": say so here,
+	// where the reason is known.
+	reply := func(v holderResp, fd int) {
+		if err := writeHolder(c, v, fd); err != nil {
+			klog.ErrorS(err, "fuse holder: answer not sent", "op", req.Op, "id", req.ID)
+		}
+	}
 	if err := json.Unmarshal(buf[:n], &req); err != nil {
 		closeAll(fds)
-		writeHolder(c, holderResp{Err: "bad request: " + err.Error()}, -1)
+		reply(holderResp{Err: "bad request: " + err.Error()}, -1)
 		return false
 	}
 	switch req.Op {
@@ -235,23 +244,23 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func()) 
 		var p map[string]any // an object, not null
 		if len(fds) != 1 || json.Unmarshal(req.Params, &p) != nil || p == nil || validateID(req.ID) != nil {
 			closeAll(fds)
-			writeHolder(c, holderResp{Err: "put needs a valid id, params and one fd"}, -1)
+			reply(holderResp{Err: "put needs a valid id, params and one fd"}, -1)
 			return false
 		}
 		if old, ok := held[req.ID]; ok {
 			unix.Close(old.fd)
 		}
 		held[req.ID] = heldConn{fd: fds[0], params: req.Params}
-		writeHolder(c, resp, -1)
+		reply(resp, -1)
 	case "get":
 		closeAll(fds)
 		h, ok := held[req.ID]
 		if !ok {
-			writeHolder(c, resp, -1)
+			reply(resp, -1)
 			return false
 		}
 		resp.Found, resp.Params = true, h.params
-		writeHolder(c, resp, h.fd)
+		reply(resp, h.fd)
 	case "drop":
 		closeAll(fds)
 		if h, ok := held[req.ID]; ok {
@@ -261,7 +270,7 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func()) 
 		if len(held) == 0 {
 			onEmpty()
 		}
-		writeHolder(c, resp, -1)
+		reply(resp, -1)
 		return true
 	case "list":
 		closeAll(fds)
@@ -280,10 +289,10 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func()) 
 			}
 		}
 		resp.IDs = ids
-		writeHolder(c, resp, -1)
+		reply(resp, -1)
 	default:
 		closeAll(fds)
-		writeHolder(c, holderResp{Err: "unknown op " + req.Op}, -1)
+		reply(holderResp{Err: "unknown op " + req.Op}, -1)
 	}
 	return false
 }
