@@ -150,6 +150,12 @@ func BenchmarkWrite(b *testing.B) {
 				})
 			}
 		}
+		// With a free-space reserve of 1 byte: every copy-out reads the
+		// free space (statfs) and none is refused; against snaps=1/first,
+		// what SetMinFree costs.
+		b.Run(pat.name+"/snaps=1/first-minfree", func(b *testing.B) {
+			benchVolumeWrites(b, pat.bs, DefaultChunkSize, pat.random, 1, true, settled, func(s *Store) { s.SetMinFree(1) })
+		})
 		// The old accounting, for burst latency: deferred work left when a
 		// round ends is done untimed, inside the snapshot renewal.
 		b.Run(pat.name+"/snaps=1/first-burst", func(b *testing.B) {
@@ -236,8 +242,11 @@ func BenchmarkChunkSize(b *testing.B) {
 	}
 }
 
-func benchVolumeWrites(b *testing.B, bs int64, chunk int, random bool, snaps int, first bool, acct accounting) {
+func benchVolumeWrites(b *testing.B, bs int64, chunk int, random bool, snaps int, first bool, acct accounting, setup ...func(*Store)) {
 	s, v := benchStore(b, benchRegion, chunk)
+	for _, f := range setup {
+		f(s)
+	}
 	n := 0
 	newSnap := func() {
 		if snaps == 0 {

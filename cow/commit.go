@@ -453,6 +453,13 @@ func (c *committer) reserve(n int64) error {
 	return nil
 }
 
+// overlayUsed is the overlay's bytes reserved or held (ovUsed).
+func (c *committer) overlayUsed() int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.ovUsed
+}
+
 // unreserve gives back n bytes of overlay space.
 func (c *committer) unreserve(n int64) {
 	if n == 0 {

@@ -170,6 +170,17 @@
 //     while that snapshot was newest; records merged into it from a deleted
 //     newer snapshot count too, and can put it over its limit without
 //     invalidating it until its next copy.
+//   - A full disk: the committer's write of a pending copy (or of an
+//     overlay entry into a hole) that gets ENOSPC fails the store, as
+//     above, after the write was answered. SetMinFree sets a reserve that
+//     prevents it in the common case: below it, a write that needs a
+//     copy-before-write invalidates the snapshot it would copy into (as
+//     over a Limit, with the same exemptions) and goes on, and one that
+//     cannot (an exempt snapshot, a hole, a clone's chunk) fails alone with
+//     ErrNoSpace before anything changes (Stats.SpaceInvalidated,
+//     SpaceRefused; TestMinFree, and TestMinFreeFullDisk on a real tmpfs).
+//     It is a margin checked with statfs at each such write, not a
+//     guarantee against another process filling the disk faster.
 //   - A log write or sync error, and a failed fsync of a data or COW file
 //     (in Flush or a checkpoint), makes the store refuse changes (ErrClosed)
 //     until reopened: after a failed fsync the state on disk is unknown (a

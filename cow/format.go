@@ -96,7 +96,7 @@ const (
 	recSnapshot     = 3  // a snapshot exists
 	recResize       = 4  // a volume grew
 	recDelete       = 5  // a volume or snapshot was deleted by its user
-	recInvalidate   = 6  // a snapshot went over its COW limit
+	recInvalidate   = 6  // a snapshot went over its COW limit, or below the free-space reserve
 	recExc          = 7  // one copied-out chunk
 	recPresent      = 8  // a clone holds chunks [origin, origin+n) itself
 	recRuns         = 9  // checkpoint: a snapshot's exception runs

@@ -363,8 +363,8 @@ func TestLateInvalidateSkips(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			if err := s.invalidate(sn, false); err != nil { // the write's late call
-				t.Fatalf("invalidate: %v", err)
+			if done, err := s.invalidate(sn, false); err != nil || done { // the write's late call
+				t.Fatalf("invalidate: %v (done %v)", err, done)
 			}
 			if snapInfoOf(t, s, "s").Invalid {
 				t.Fatal("s was invalidated")
@@ -427,8 +427,8 @@ func TestReadRacingInvalidate(t *testing.T) {
 	}()
 	time.Sleep(100 * time.Millisecond) // the reader waits for the stripe
 	invalidated := make(chan error, 1)
-	go func() { invalidated <- s.invalidate(sn, false) }() // as a write over the limit does
-	time.Sleep(100 * time.Millisecond)                     // it waits for v.mu to unchain s
+	go func() { _, err := s.invalidate(sn, false); invalidated <- err }() // as a write over the limit does
+	time.Sleep(100 * time.Millisecond)                                    // it waits for v.mu to unchain s
 	unstripe()
 	time.Sleep(100 * time.Millisecond) // the reader waits for v.mu behind it
 	v.mu.RUnlock()

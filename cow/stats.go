@@ -36,12 +36,20 @@ type Stats struct {
 	// their space. A range that held no data (nothing written) is not
 	// counted.
 	PunchZeroed uint64
+	// SpaceInvalidated counts snapshots invalidated since Open because a
+	// write would have copied into them below the free-space reserve
+	// (SetMinFree); SpaceRefused counts the writes that reserve refused
+	// with ErrNoSpace instead (their snapshot could not be invalidated, or
+	// they only allocate).
+	SpaceInvalidated uint64
+	SpaceRefused     uint64
 }
 
 // Stats returns the engine's counters and the memory its exception indexes
 // hold. It takes each volume's lock briefly and is safe for concurrent use.
 func (s *Store) Stats() Stats {
-	st := Stats{ReclaimFailed: s.reclaimFailed.Load(), PunchZeroed: s.punchZeroed.Load(), CopyOuts: s.copyOuts.Load(), CopiedBytes: s.copiedBytes.Load(), ClonedBytes: s.clonedBytes.Load(), JournalRedone: s.redone}
+	st := Stats{ReclaimFailed: s.reclaimFailed.Load(), PunchZeroed: s.punchZeroed.Load(), CopyOuts: s.copyOuts.Load(), CopiedBytes: s.copiedBytes.Load(), ClonedBytes: s.clonedBytes.Load(), JournalRedone: s.redone,
+		SpaceInvalidated: s.spaceInvalidated.Load(), SpaceRefused: s.spaceRefused.Load()}
 	if j := s.jnl; j != nil {
 		j.mu.Lock()
 		st.JournalBytes = j.off + j.prevOff

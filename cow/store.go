@@ -74,6 +74,14 @@ type Store struct {
 	punchZeroed atomic.Uint64
 	copiedBytes atomic.Uint64 // bytes of those chunks' copies, counted when queued (zero chunks cost none)
 	clonedBytes atomic.Uint64 // bytes of those copies made by sharing blocks (FICLONERANGE) instead
+	// minFree is SetMinFree's reserve, in bytes (0: none); freeBytes
+	// reports the space the store's file system has free for it (statfs
+	// of dir; tests replace it). spaceInvalidated and spaceRefused count
+	// what the reserve did (Stats).
+	minFree          atomic.Int64
+	freeBytes        func() (int64, error)
+	spaceInvalidated atomic.Uint64
+	spaceRefused     atomic.Uint64
 }
 
 // SetSurviveKill sets whether WriteAt and Discard return only once their
@@ -99,6 +107,62 @@ type Store struct {
 // commit, fsyncs included), for a Flush (a data sync, then a log commit).
 // A write to a chunk that needs none of that returns as before.
 func (s *Store) SetSurviveKill(on bool) { s.survive.Store(on) }
+
+// SetMinFree sets a reserve of free space, in bytes, that writes needing a
+// copy-before-write leave on the store's file system (0, the default: no
+// reserve).
+//
+// Why: a write after a snapshot is answered before its copy reaches the
+// COW file and before its new bytes reach the data file (the overlay; the
+// committer writes both once the records are durable). If the disk is full
+// by then, the committer's write fails and with it the whole store: every
+// volume of it answers I/O errors until a restart, and the next first
+// write after a snapshot fails it again. With a reserve, such a write
+// first looks at the free space (statfs, less the overlay's bytes not yet
+// applied, an upper bound of what they may still allocate). Below the
+// reserve, the snapshot the write would copy into is invalidated, as when
+// it goes over its own COW limit (persistently, readers get
+// ErrInvalidated, its copies merge into the next older snapshot, and the
+// ones nobody needs are freed), and the write goes on without a copy (or
+// copies into that older snapshot, which the same check may give up in
+// turn); where that snapshot may not be invalidated (it has clones, or an
+// unfinished rollback restores it) or the write would only allocate (a
+// hole, a clone's chunk read from its source), that write alone fails with
+// ErrNoSpace and changes nothing. Writes that need no copy-before-write
+// (rewrites, volumes without snapshots) do not look at the reserve: their
+// ENOSPC, if any, comes from the data file's own write and fails only them.
+//
+// A reserve is a margin, not a guarantee: another process filling the disk
+// faster than the reserve between a check and the committer's writes still
+// fails the store, as without it.
+func (s *Store) SetMinFree(bytes int64) { s.minFree.Store(max(bytes, 0)) }
+
+// lowSpace reports whether the store's file system has less free space
+// than the reserve (SetMinFree) once the overlay's pending bytes are
+// counted as allocated. used is those bytes (the committer's ovUsed,
+// which includes the caller's own reservation).
+func (s *Store) lowSpace(used int64) (bool, error) {
+	reserve := s.minFree.Load()
+	if reserve <= 0 {
+		return false, nil
+	}
+	free, err := s.freeBytes()
+	if err != nil {
+		return false, fmt.Errorf("cow: free space of %s: %w", s.dir, err)
+	}
+	return free-used < reserve, nil
+}
+
+// statfsFree is the space dir's file system has free for unprivileged
+// users, in bytes (the reserve of root's blocks is not counted: a store
+// run as root may use it, but it is the last margin the node has).
+func statfsFree(dir string) (int64, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return 0, err
+	}
+	return int64(st.Bavail) * st.Bsize, nil
+}
 
 // Open opens the store in dir, creating dir and an empty store if needed,
 // and rebuilds every volume, snapshot and index from the log. A torn tail
@@ -192,6 +256,7 @@ func openFS(dir string, fs fsys) (*Store, error) {
 // space returns, beside the error, the volumes it was redoing (noSpace).
 func openOnce(dir string, fs fsys, lost []string) (s *Store, noSpace []string, err error) {
 	s = &Store{dir: dir, fs: fs, byID: map[string]any{}, objs: map[uint32]any{}, nextObj: 1}
+	s.freeBytes = func() (int64, error) { return statfsFree(dir) }
 	s.boot, s.bootOK = readBootID()
 	s.fileLimit = fsFileLimit(dir)
 	s.killLost, s.skipRedo = lost, lost != nil

@@ -5,6 +5,7 @@ import (
 	"io"
 	"slices"
 	"sync"
+	"syscall"
 
 	"github.com/csi-snap/csi-snap/exceptions"
 )
@@ -540,17 +541,30 @@ func (v *Volume) modifyAs(off, n int64, p []byte, internal, write bool) error {
 		if !ok {
 			return err
 		}
-		if err := v.s.invalidate(inv.sn, internal); err != nil {
+		done, err := v.s.invalidate(inv.sn, internal)
+		if err != nil {
 			return err
+		}
+		if done && inv.space {
+			v.s.spaceInvalidated.Add(1)
 		}
 	}
 }
 
 // needInvalidate asks modify to invalidate a snapshot (which takes the gate
-// exclusively) and retry.
-type needInvalidate struct{ sn *Snapshot }
+// exclusively) and retry: it went over its limit, or (space) the store's
+// file system went below the free-space reserve (SetMinFree).
+type needInvalidate struct {
+	sn    *Snapshot
+	space bool
+}
 
-func (needInvalidate) Error() string { return "cow: snapshot over its limit" }
+func (e needInvalidate) Error() string {
+	if e.space {
+		return "cow: below the free-space reserve"
+	}
+	return "cow: snapshot over its limit"
+}
 
 // unsettled is what a write left only in this process's memory (see
 // Store.SetSurviveKill): overlay entries that wait for batch (0: none) to
@@ -847,6 +861,23 @@ func (v *Volume) copyOut(off, c0, c1, reserved int64, discard bool) error {
 			nonzero++
 		}
 	}
+	// Below the free-space reserve (SetMinFree), the overlay's later
+	// writes (this copy to the COW file, the new bytes to the data file)
+	// might find no space and fail the store: give up the snapshot, whose
+	// copies would take the space, or refuse this write alone.
+	if low, err := v.s.lowSpace(v.s.log.overlayUsed()); err != nil {
+		return err
+	} else if low {
+		v.mu.RLock()
+		exempt := sn.clones > 0 || v.rb == sn
+		v.mu.RUnlock()
+		if nonzero > 0 && !exempt {
+			return needInvalidate{sn: sn, space: true}
+		}
+		v.s.spaceRefused.Add(1)
+		// ENOSPC in the chain: the kernel frontend answers it as such.
+		return fmt.Errorf("%w (%w): %d bytes at offset %d of volume %q: the store's file system is below its free-space reserve of %d bytes, and this write needs a copy-before-write into snapshot %q, which has clones or is being restored, or allocates in the data file", ErrNoSpace, syscall.ENOSPC, v.chunkSize*int64(len(todo)), off, v.id, v.s.minFree.Load(), sn.id)
+	}
 	if nonzero > 0 && sn.limit > 0 {
 		// A snapshot with clones is exempt from its limit (doc.go), and so
 		// is the snapshot an unfinished rollback restores: the rollback's
@@ -860,7 +891,7 @@ func (v *Volume) copyOut(off, c0, c1, reserved int64, discard bool) error {
 		if !exempt {
 			if sn.reserved.Add(nonzero)<<v.shift > sn.limit {
 				sn.reserved.Add(-nonzero)
-				return needInvalidate{sn}
+				return needInvalidate{sn: sn}
 			}
 		} else {
 			sn.reserved.Add(nonzero)
@@ -1187,7 +1218,8 @@ func (v *Volume) Resize(newSize int64) error {
 	return s.commitApply(&record{Type: recResize, Obj: v.obj, Size: newSize})
 }
 
-// invalidate marks sn invalid (it went over its limit) unless, since the
+// invalidate marks sn invalid (it went over its limit, or the store went
+// below its free-space reserve: SetMinFree) unless, since the
 // write that asked dropped the gate, that already happened, sn gained
 // clones, became a rollback's target (exempt from its limit; replay
 // rejects such a record as corrupt, so committing it would make the store
@@ -1199,11 +1231,13 @@ func (v *Volume) Resize(newSize int64) error {
 // its volume was deleted, or (for a write that is not a rollback's own) a
 // rollback of the volume began; invalidating for a write that never
 // happens would lose the snapshot for nothing.
-func (s *Store) invalidate(sn *Snapshot, internal bool) error {
+//
+// It reports whether it committed the invalidation.
+func (s *Store) invalidate(sn *Snapshot, internal bool) (bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.usable(); err != nil {
-		return err
+		return false, err
 	}
 	v := sn.vol
 	v.gate.Lock()
@@ -1214,10 +1248,13 @@ func (s *Store) invalidate(sn *Snapshot, internal bool) error {
 		v.deleted || v.gone || !internal && v.rb != nil
 	v.mu.RUnlock()
 	if skip {
-		return nil
+		return false, nil
 	}
 	if err := v.drain(); err != nil {
-		return err
+		return false, err
 	}
-	return s.commitApply(&record{Type: recInvalidate, Obj: sn.obj})
+	if err := s.commitApply(&record{Type: recInvalidate, Obj: sn.obj}); err != nil {
+		return false, err
+	}
+	return true, nil
 }
