@@ -304,7 +304,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 			return nil, toStatus(fmt.Errorf("source snapshot %s: %w", snapID, err))
 		}
 		if s.Invalid {
-			return nil, statusf(codes.FailedPrecondition, "source snapshot %s is invalid (over its COW limit)", snapID)
+			return nil, statusf(codes.FailedPrecondition, "source snapshot %s is invalid (it went over its COW limit, or was given up when the node's disk ran below the free-space reserve)", snapID)
 		}
 		floor = s.Size
 	case srcVolID != "":

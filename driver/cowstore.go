@@ -98,6 +98,14 @@ func (c *CowStore) ForgetKillLost(id string) error { return fromCow(c.s.ForgetKi
 // speed (BENCHMARKS.md).
 func (c *CowStore) SetSurviveKill(on bool) { c.s.SetSurviveKill(on) }
 
+// SetMinFree sets the free space, in bytes, that writes needing a
+// copy-before-write leave on the store's file system (cow.Store.SetMinFree,
+// --min-free): below it, the snapshot such a write would copy into is
+// invalidated and the write lands, instead of a full disk failing the
+// whole store later; a write whose snapshot may not be invalidated fails
+// alone with ENOSPC.
+func (c *CowStore) SetMinFree(bytes int64) { c.s.SetMinFree(bytes) }
+
 // maintainTail is the log tail past which Maintain checkpoints.
 var maintainTail int64 = cow.CheckpointTail
 
@@ -171,7 +179,8 @@ func (c *CowStore) DeleteVolume(id string) error { return fromCow(c.s.DeleteVolu
 func (c *CowStore) EngineStats() EngineStats {
 	st := c.s.Stats()
 	return EngineStats{CopyOuts: st.CopyOuts, CopiedBytes: st.CopiedBytes, ClonedBytes: st.ClonedBytes, IndexBytes: st.IndexBytes, IndexRuns: st.IndexRuns,
-		JournalBytes: st.JournalBytes, JournalRedone: st.JournalRedone, ReclaimFailed: st.ReclaimFailed, PunchZeroed: st.PunchZeroed}
+		JournalBytes: st.JournalBytes, JournalRedone: st.JournalRedone, ReclaimFailed: st.ReclaimFailed, PunchZeroed: st.PunchZeroed,
+		SpaceInvalidated: st.SpaceInvalidated, SpaceRefused: st.SpaceRefused}
 }
 
 // CreateSnapshot implements Store.

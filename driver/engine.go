@@ -71,7 +71,8 @@ type VolumeInfo struct {
 }
 
 // SnapshotInfo describes a store snapshot. Size, CowBytes and Limit are bytes
-// (Limit 0 = unlimited); Invalid is true once the snapshot went over its limit.
+// (Limit 0 = unlimited); Invalid is true once the snapshot went over its limit
+// or was given up below the store's free-space reserve (cow.Store.SetMinFree).
 type SnapshotInfo struct {
 	ID       string
 	VolumeID string

@@ -14,11 +14,11 @@ type Metrics struct {
 	latency *prometheus.HistogramVec
 	store   Store
 
-	volumes, snapshots, snapCow, snapLimit, snapInvalid, volAlloc, volSize *prometheus.Desc
-	copyOuts, copiedBytes, clonedBytes, indexBytes, indexRuns              *prometheus.Desc
-	journalBytes, journalRedone, reclaimFailed, punchZeroed                *prometheus.Desc
-	storeFailed, unheld                                                    *prometheus.Desc
-	holder                                                                 HolderReporter // nil: no such gauge
+	volumes, snapshots, snapCow, snapLimit, snapInvalid, volAlloc, volSize                  *prometheus.Desc
+	copyOuts, copiedBytes, clonedBytes, indexBytes, indexRuns                               *prometheus.Desc
+	journalBytes, journalRedone, reclaimFailed, punchZeroed, spaceInvalidated, spaceRefused *prometheus.Desc
+	storeFailed, unheld                                                                     *prometheus.Desc
+	holder                                                                                  HolderReporter // nil: no such gauge
 }
 
 // HolderReporter is a Frontend that keeps its volumes' connections in a
@@ -36,6 +36,8 @@ type EngineStats struct {
 	JournalRedone         int64  // writes and marks redone from the kill journal when the store was opened
 	ReclaimFailed         uint64 // hole punches that only give space back and failed, since the store was opened
 	PunchZeroed           uint64 // discarded ranges written with zeros because their hole punch failed, since the store was opened
+	SpaceInvalidated      uint64 // snapshots given up below the free-space reserve (--min-free), since the store was opened
+	SpaceRefused          uint64 // writes refused with ENOSPC below the free-space reserve, since the store was opened
 }
 
 // StatsStore is a Store that reports EngineStats; the metrics use it when
@@ -56,24 +58,26 @@ func NewMetrics(reg prometheus.Registerer, store Store, fe Frontend) *Metrics {
 			Help:    "Latency of CSI calls in seconds, by method and gRPC code.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 4, 10), // 0.5 ms .. ~131 s
 		}, []string{"method", "code"}),
-		volumes:       prometheus.NewDesc("csi_snap_volumes", "Volumes in the store.", nil, nil),
-		snapshots:     prometheus.NewDesc("csi_snap_snapshots", "Snapshots in the store.", nil, nil),
-		snapCow:       prometheus.NewDesc("csi_snap_snapshot_cow_bytes", "Bytes copied out to keep a snapshot's content.", []string{"snapshot_id", "volume_id"}, nil),
-		snapLimit:     prometheus.NewDesc("csi_snap_snapshot_cow_limit_bytes", "COW byte limit of a snapshot (0 = unlimited).", []string{"snapshot_id"}, nil),
-		snapInvalid:   prometheus.NewDesc("csi_snap_snapshot_invalid", "1 when a snapshot went over its COW limit and is invalid.", []string{"snapshot_id"}, nil),
-		volAlloc:      prometheus.NewDesc("csi_snap_volume_allocated_bytes", "Bytes of a volume allocated in the store.", []string{"volume_id"}, nil),
-		volSize:       prometheus.NewDesc("csi_snap_volume_size_bytes", "Size of a volume in bytes.", []string{"volume_id"}, nil),
-		copyOuts:      prometheus.NewDesc("csi_snap_copy_outs_total", "Chunks recorded by copy-before-write since the plugin started (once per chunk, whatever the number of snapshots).", nil, nil),
-		copiedBytes:   prometheus.NewDesc("csi_snap_copied_bytes_total", "Bytes copied out to COW files since the plugin started (all-zero chunks cost none).", nil, nil),
-		clonedBytes:   prometheus.NewDesc("csi_snap_cloned_bytes_total", "The part of csi_snap_copied_bytes_total made by sharing the volume's blocks (FICLONERANGE on XFS with reflink or btrfs) instead of writing them.", nil, nil),
-		indexBytes:    prometheus.NewDesc("csi_snap_index_bytes", "Approximate heap bytes held by all exception indexes.", nil, nil),
-		indexRuns:     prometheus.NewDesc("csi_snap_index_runs", "Runs (entries after merging) in all exception indexes.", nil, nil),
-		journalBytes:  prometheus.NewDesc("csi_snap_kill_journal_bytes", "Bytes in the kill journal's files (page cache; what --survive-kill keeps of writes only memory holds).", nil, nil),
-		reclaimFailed: prometheus.NewDesc("csi_snap_reclaim_failed_total", "Hole punches that only give space back (freed COW chunks, deleted volumes' data) and failed since the plugin started, say for want of space on XFS: that space stays allocated until the next start punches it again.", nil, nil),
-		punchZeroed:   prometheus.NewDesc("csi_snap_discard_zeroed_total", "Discarded ranges of volumes that were written with zeros because their hole punch failed (say for want of space on XFS) since the plugin started: they read as zeros but keep their space.", nil, nil),
-		journalRedone: prometheus.NewDesc("csi_snap_kill_journal_redone", "Writes and present marks redone from the kill journal when the plugin started (answered by a plugin that was killed).", nil, nil),
-		storeFailed:   prometheus.NewDesc("csi_snap_store_failed", "1 once the store failed, else 0. After a write error it refuses changes until the plugin restarts and reopens it (Probe answers not ready); after a failed fsync only a reboot of the node reopens it (Probe stays ready, the plugin serves I/O errors, and the volume and snapshot counts read 0).", nil, nil),
-		unheld:        prometheus.NewDesc("csi_snap_fuse_unheld_volumes", "Attached volumes whose FUSE connection the fuse-holder did not keep at its last check (every 2 s): a restart of the plugin now would fail their I/O. Should be 0.", nil, nil),
+		volumes:          prometheus.NewDesc("csi_snap_volumes", "Volumes in the store.", nil, nil),
+		snapshots:        prometheus.NewDesc("csi_snap_snapshots", "Snapshots in the store.", nil, nil),
+		snapCow:          prometheus.NewDesc("csi_snap_snapshot_cow_bytes", "Bytes copied out to keep a snapshot's content.", []string{"snapshot_id", "volume_id"}, nil),
+		snapLimit:        prometheus.NewDesc("csi_snap_snapshot_cow_limit_bytes", "COW byte limit of a snapshot (0 = unlimited).", []string{"snapshot_id"}, nil),
+		snapInvalid:      prometheus.NewDesc("csi_snap_snapshot_invalid", "1 when a snapshot is invalid: it went over its COW limit, or a write would have copied into it while the store was below its free-space reserve (--min-free).", []string{"snapshot_id"}, nil),
+		volAlloc:         prometheus.NewDesc("csi_snap_volume_allocated_bytes", "Bytes of a volume allocated in the store.", []string{"volume_id"}, nil),
+		volSize:          prometheus.NewDesc("csi_snap_volume_size_bytes", "Size of a volume in bytes.", []string{"volume_id"}, nil),
+		copyOuts:         prometheus.NewDesc("csi_snap_copy_outs_total", "Chunks recorded by copy-before-write since the plugin started (once per chunk, whatever the number of snapshots).", nil, nil),
+		copiedBytes:      prometheus.NewDesc("csi_snap_copied_bytes_total", "Bytes copied out to COW files since the plugin started (all-zero chunks cost none).", nil, nil),
+		clonedBytes:      prometheus.NewDesc("csi_snap_cloned_bytes_total", "The part of csi_snap_copied_bytes_total made by sharing the volume's blocks (FICLONERANGE on XFS with reflink or btrfs) instead of writing them.", nil, nil),
+		indexBytes:       prometheus.NewDesc("csi_snap_index_bytes", "Approximate heap bytes held by all exception indexes.", nil, nil),
+		indexRuns:        prometheus.NewDesc("csi_snap_index_runs", "Runs (entries after merging) in all exception indexes.", nil, nil),
+		journalBytes:     prometheus.NewDesc("csi_snap_kill_journal_bytes", "Bytes in the kill journal's files (page cache; what --survive-kill keeps of writes only memory holds).", nil, nil),
+		reclaimFailed:    prometheus.NewDesc("csi_snap_reclaim_failed_total", "Hole punches that only give space back (freed COW chunks, deleted volumes' data) and failed since the plugin started, say for want of space on XFS: that space stays allocated until the next start punches it again.", nil, nil),
+		punchZeroed:      prometheus.NewDesc("csi_snap_discard_zeroed_total", "Discarded ranges of volumes that were written with zeros because their hole punch failed (say for want of space on XFS) since the plugin started: they read as zeros but keep their space.", nil, nil),
+		spaceInvalidated: prometheus.NewDesc("csi_snap_low_space_invalidated_snapshots_total", "Snapshots invalidated since the plugin started because a write would have copied into them while the store's file system was below its free-space reserve (--min-free): the volume kept working, the snapshot is lost (csi_snap_snapshot_invalid).", nil, nil),
+		spaceRefused:     prometheus.NewDesc("csi_snap_low_space_refused_writes_total", "Writes refused with ENOSPC since the plugin started because the store's file system was below its free-space reserve (--min-free) and the write needed a copy-before-write into a snapshot that may not be invalidated (it has clones, or a rollback restores it) or allocated space through the overlay (a hole after a snapshot, a clone's chunk).", nil, nil),
+		journalRedone:    prometheus.NewDesc("csi_snap_kill_journal_redone", "Writes and present marks redone from the kill journal when the plugin started (answered by a plugin that was killed).", nil, nil),
+		storeFailed:      prometheus.NewDesc("csi_snap_store_failed", "1 once the store failed, else 0. After a write error it refuses changes until the plugin restarts and reopens it (Probe answers not ready); after a failed fsync only a reboot of the node reopens it (Probe stays ready, the plugin serves I/O errors, and the volume and snapshot counts read 0).", nil, nil),
+		unheld:           prometheus.NewDesc("csi_snap_fuse_unheld_volumes", "Attached volumes whose FUSE connection the fuse-holder did not keep at its last check (every 2 s): a restart of the plugin now would fail their I/O. Should be 0.", nil, nil),
 	}
 	reg.MustRegister(m.latency, m)
 	return m
@@ -86,7 +90,7 @@ func (m *Metrics) observe(fullMethod string, code codes.Code, d time.Duration) {
 // Describe implements prometheus.Collector.
 func (m *Metrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{m.volumes, m.snapshots, m.snapCow, m.snapLimit, m.snapInvalid, m.volAlloc, m.volSize,
-		m.copyOuts, m.copiedBytes, m.clonedBytes, m.indexBytes, m.indexRuns, m.journalBytes, m.journalRedone, m.reclaimFailed, m.punchZeroed, m.storeFailed, m.unheld} {
+		m.copyOuts, m.copiedBytes, m.clonedBytes, m.indexBytes, m.indexRuns, m.journalBytes, m.journalRedone, m.reclaimFailed, m.punchZeroed, m.spaceInvalidated, m.spaceRefused, m.storeFailed, m.unheld} {
 		ch <- d
 	}
 }
@@ -120,6 +124,8 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(m.journalRedone, prometheus.GaugeValue, float64(st.JournalRedone))
 		ch <- prometheus.MustNewConstMetric(m.reclaimFailed, prometheus.CounterValue, float64(st.ReclaimFailed))
 		ch <- prometheus.MustNewConstMetric(m.punchZeroed, prometheus.CounterValue, float64(st.PunchZeroed))
+		ch <- prometheus.MustNewConstMetric(m.spaceInvalidated, prometheus.CounterValue, float64(st.SpaceInvalidated))
+		ch <- prometheus.MustNewConstMetric(m.spaceRefused, prometheus.CounterValue, float64(st.SpaceRefused))
 	}
 	failed := 0.0
 	if m.store.Err() != nil {

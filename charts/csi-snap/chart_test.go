@@ -248,7 +248,7 @@ func TestNodePluginDefaults(t *testing.T) {
 	plugin := container(ds, "csi-snap")
 	requireArgs(t, plugin, "--endpoint=unix:///csi/csi.sock", "--node-id=$(NODE_NAME)",
 		"--driver-name="+driver, "--data-dir=/var/lib/csi-snap", "--run-dir=/run/csi-snap", "--v=2",
-		"--fuse-holder=external")
+		"--fuse-holder=external", "--min-free=1Gi")
 	forbidArgPrefix(t, plugin, "--metrics-address")
 	// The holder outlives csi-snap's container, so a kill of csi-snap must
 	// not lose an answered write: the binary's default --survive-kill=true.
@@ -770,6 +770,15 @@ func TestSwitches(t *testing.T) {
 				t.Error("liveness sidecar, probe or port still rendered")
 			}
 		}},
+		{"min free off", []string{"--set", "node.minFree=0"}, func(t *testing.T, docs []obj) {
+			requireArgs(t, container(daemonSet(t, docs), "csi-snap"), "--min-free=0")
+		}},
+		{"min free in bytes", []string{"--set", "node.minFree=2147483648"}, func(t *testing.T, docs []obj) {
+			requireArgs(t, container(daemonSet(t, docs), "csi-snap"), "--min-free=2147483648")
+		}},
+		{"min free as a quantity", []string{"--set", "node.minFree=512Mi"}, func(t *testing.T, docs []obj) {
+			requireArgs(t, container(daemonSet(t, docs), "csi-snap"), "--min-free=512Mi")
+		}},
 		{"metrics on", []string{"--set", "node.metrics.enabled=true,node.metrics.port=9191"}, func(t *testing.T, docs []obj) {
 			p := container(daemonSet(t, docs), "csi-snap")
 			requireArgs(t, p, "--metrics-address=:9191")
@@ -909,6 +918,9 @@ func TestBadValuesFailWithClearMessage(t *testing.T) {
 		{"empty sidecar tag", []string{"--set", "sidecars.resizer.image.tag="}, []string{schemaErr, "/sidecars/resizer/image/tag"}},
 		{"extra arg not a flag", []string{"--set", "node.extraArgs={oops}"}, []string{schemaErr, "/node/extraArgs/0"}},
 		{"bad quantity", []string{"--set", "node.resources.requests.memory=lots"}, []string{schemaErr, "/node/resources/requests/memory"}},
+		{"min free not a quantity", []string{"--set", "node.minFree=lots"}, []string{schemaErr, "/node/minFree"}},
+		{"negative min free", []string{"--set", "node.minFree=-1"}, []string{schemaErr, "/node/minFree"}},
+		{"fractional bytes of min free", []string{"--set-string", "node.minFree=1.5"}, []string{schemaErr, "/node/minFree"}},
 		{"negative log level", []string{"--set", "logLevel=-1"}, []string{schemaErr, "/logLevel"}},
 		{"removed surviveKill", []string{"--set", "node.surviveKill=false"}, []string{"node.surviveKill was removed in chart 0.2.0"}},
 		{"zero replicas", []string{"--set", "snapshotController.replicas=0"}, []string{schemaErr, "/snapshotController/replicas"}},

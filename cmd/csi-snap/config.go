@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"k8s.io/apimachinery/pkg/api/resource"
 )
 
 // Config is everything run needs; parseFlags fills it from the command line.
@@ -25,6 +27,7 @@ type Config struct {
 	ShutdownTimeout time.Duration // bound on graceful stop before in-flight calls are cut
 	SurviveKill     bool          // writes are answered only once a kill of the process cannot lose them
 	ExternalHolder  bool          // the fuse-holder is started by someone else (--fuse-holder=external)
+	MinFree         int64         // free-space reserve of the store's file system, in bytes (--min-free; 0 = none)
 
 	// openEngines opens the store and frontend; nil means the real cow and
 	// kernel engines. Tests put in-memory ones here.
@@ -36,6 +39,11 @@ const (
 	defaultEndpoint   = "unix:///csi/csi.sock"
 	defaultDataDir    = "/var/lib/csi-snap"
 	defaultDriverName = "csi-snap.io"
+	// defaultMinFree: a full data disk must not fail every volume of the
+	// node (cow.Store.SetMinFree). 1 GiB is a few seconds of first writes
+	// at the disk's speed, small beside the nodefs.available eviction
+	// threshold (10 %) that kubelet keeps on the same disk in most setups.
+	defaultMinFree = "1Gi"
 )
 
 // parseFlags parses args (without the program name) into a Config. klog's
@@ -64,6 +72,20 @@ func parseFlags(args []string, klogFlags func(*flag.FlagSet), stderr io.Writer) 
 		}
 		return nil
 	})
+	minFree := func(v string) error {
+		q, err := resource.ParseQuantity(v)
+		if err != nil {
+			return err
+		}
+		n, ok := q.AsInt64()
+		if !ok || n < 0 {
+			return fmt.Errorf("%q: want a size in bytes, 0 or more (such as 512Mi or 1Gi)", v)
+		}
+		c.MinFree = n
+		return nil
+	}
+	minFree(defaultMinFree)
+	fs.Func("min-free", "free space to keep on the data dir's file system, as a Kubernetes quantity (default "+defaultMinFree+"; 0 = none): a write that must first copy a chunk for a snapshot, made while less is free, invalidates that snapshot (it is lost, the volume keeps working) or, if the snapshot has clones, fails alone with ENOSPC, instead of the full disk failing the store and every volume on the node", minFree)
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a stop waits for in-flight calls before cutting them, and then for cut calls to return while volumes are still served")
 	if klogFlags != nil {
 		klogFlags(fs)

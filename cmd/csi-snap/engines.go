@@ -25,6 +25,7 @@ func openRealEngines(cfg Config) (*engines, error) {
 		return nil, err
 	default:
 		cs.SetSurviveKill(cfg.SurviveKill)
+		cs.SetMinFree(cfg.MinFree)
 		st = cs
 	}
 	fe, err := driver.NewKernelFrontend(kernel.Config{RunDir: cfg.RunDir, ExternalHolder: cfg.ExternalHolder})

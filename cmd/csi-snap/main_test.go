@@ -31,8 +31,13 @@ func TestParseFlags(t *testing.T) {
 	host, _ := os.Hostname()
 	if c.Endpoint != "unix:///csi/csi.sock" || c.DataDir != "/var/lib/csi-snap" || c.RunDir != "/var/lib/csi-snap/run" ||
 		c.NodeID != host || c.DriverName != "csi-snap.io" || c.MetricsAddress != "" || c.MaxVolumes != 0 ||
-		!c.SurviveKill || c.ExternalHolder {
+		!c.SurviveKill || c.ExternalHolder || c.MinFree != 1<<30 {
 		t.Fatalf("defaults: %+v", c)
+	}
+	for v, want := range map[string]int64{"0": 0, "512Mi": 512 << 20, "2G": 2e9, "1048576": 1 << 20} {
+		if c, err = parseFlags([]string{"--min-free", v}, nil, io.Discard); err != nil || c.MinFree != want {
+			t.Fatalf("--min-free %s: %d, %v; want %d", v, c.MinFree, err, want)
+		}
 	}
 	c, err = parseFlags([]string{"--endpoint", "tcp://127.0.0.1:1234", "--node-id", "n1", "--data-dir", "/d", "--metrics-address", ":9000", "--driver-name", "x.io"}, nil, io.Discard)
 	if err != nil || c.NodeID != "n1" || c.RunDir != "/d/run" || c.MetricsAddress != ":9000" || c.DriverName != "x.io" {
@@ -55,6 +60,9 @@ func TestParseFlags(t *testing.T) {
 		{"--metrics-address", "nocolon"},
 		{"--max-volumes", "-2"},
 		{"--shutdown-timeout", "0s"},
+		{"--min-free", "-1Gi"},
+		{"--min-free", "1.5"},
+		{"--min-free", "lots"},
 		{"extra-arg"},
 		{"--no-such-flag"},
 	}
