@@ -550,7 +550,7 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (
 	if err := unix.Statfs(d.opt.DataDir, &st); err != nil {
 		return nil, toStatus(fmt.Errorf("statfs %s: %w", d.opt.DataDir, err))
 	}
-	free := int64(st.Bavail) * int64(st.Bsize)
+	free := max(int64(st.Bavail)*int64(st.Bsize)-d.opt.MinFree, 0)
 	// maximum_volume_size: the scheduler prefers it to available_capacity
 	// when set, so it is the smaller of the volume size limit and the free
 	// bytes: claims larger than the free space keep going elsewhere, as

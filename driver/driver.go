@@ -42,8 +42,12 @@ type Options struct {
 	// when it is a valid label value (see topologyValue).
 	NodeID string
 	// DataDir is where the store lives; GetCapacity reports its filesystem's
-	// free bytes.
+	// free bytes, less MinFree.
 	DataDir string
+	// MinFree is the store's free-space reserve in bytes (--min-free,
+	// cow.Store.SetMinFree): space below it is not offered for volumes,
+	// since writes after a snapshot start giving snapshots up there.
+	MinFree int64
 	// RunDir is the plugin's --run-dir, which the `csi-snap rollback`
 	// command that errors suggest must be given ("" leaves it out).
 	RunDir string

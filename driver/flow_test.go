@@ -320,6 +320,15 @@ func TestGetCapacityAndInfo(t *testing.T) {
 	if m := r.GetMinimumVolumeSize(); m == nil || m.Value != 4096 {
 		t.Fatalf("minimum_volume_size %v, want 4096", m)
 	}
+	// Space below the free-space reserve is not offered.
+	reserved, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: e.store, Frontend: e.fe,
+		Mounter: &mount.SafeFormatAndMount{Interface: e.fm, Exec: &testexec.FakeExec{DisableScripts: true}}, MinFree: r.AvailableCapacity + 1<<40})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r, err := reserved.GetCapacity(ctx, &csi.GetCapacityRequest{}); err != nil || r.AvailableCapacity != 0 || r.GetMaximumVolumeSize().GetValue() != 0 {
+		t.Fatalf("capacity with a reserve beyond the free space: %v, %v; want 0", r, err)
+	}
 	r, err = e.d.GetCapacity(ctx, &csi.GetCapacityRequest{AccessibleTopology: &csi.Topology{Segments: map[string]string{driver.TopologyKey: "node-b"}}})
 	if err != nil || r.AvailableCapacity != 0 {
 		t.Fatalf("capacity on another node %v, %v", r, err)

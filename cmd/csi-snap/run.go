@@ -79,7 +79,7 @@ func run(ctx context.Context, cfg Config) (err error) {
 		}
 	}
 	d, err := driver.New(driver.Options{
-		Name: cfg.DriverName, Version: version, NodeID: cfg.NodeID, DataDir: cfg.DataDir, RunDir: cfg.RunDir, MaxVolumes: maxVols,
+		Name: cfg.DriverName, Version: version, NodeID: cfg.NodeID, DataDir: cfg.DataDir, RunDir: cfg.RunDir, MaxVolumes: maxVols, MinFree: cfg.MinFree,
 		Store: eng.store, Frontend: eng.frontend,
 		Mounter: &mount.SafeFormatAndMount{Interface: mount.New(""), Exec: utilexec.New()},
 		Freeze:  eng.freeze, Thaw: eng.thaw,
