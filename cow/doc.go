@@ -174,13 +174,14 @@
 //     overlay entry into a hole) that gets ENOSPC fails the store, as
 //     above, after the write was answered. SetMinFree sets a reserve that
 //     prevents it in the common case: below it, a write that needs a
-//     copy-before-write invalidates the snapshot it would copy into (as
-//     over a Limit, with the same exemptions) and goes on, and one that
-//     cannot (an exempt snapshot, a hole, a clone's chunk) fails alone with
-//     ErrNoSpace before anything changes (Stats.SpaceInvalidated,
-//     SpaceRefused; TestMinFree, and TestMinFreeFullDisk on a real tmpfs).
-//     It is a margin checked with statfs at each such write, not a
-//     guarantee against another process filling the disk faster.
+//     copy-before-write gives up the snapshots that would need its copy
+//     (as over a Limit) and goes straight to the data file, and one that
+//     would have to give up a snapshot with clones (or a rollback's
+//     target), or is a rollback's own, fails alone with ErrNoSpace before
+//     anything changes (Stats.SpaceInvalidated, SpaceRefused;
+//     TestMinFree, TestMinFreeChain, TestMinFreeModel, and
+//     TestMinFreeFullDisk on a real tmpfs). It is a margin checked with
+//     statfs at each such write, not a guarantee.
 //   - A log write or sync error, and a failed fsync of a data or COW file
 //     (in Flush or a checkpoint), makes the store refuse changes (ErrClosed)
 //     until reopened: after a failed fsync the state on disk is unknown (a

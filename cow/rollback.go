@@ -67,7 +67,10 @@ var rollbackPiece int64 = 4 << 20
 // clones) reads as before; newer ones get their copy-before-write as for any
 // write, which counts against a COW limit as any write's does: a newer
 // snapshot with a limit (SnapshotOptions.Limit; the driver sets none) can be
-// invalidated by the rollback.
+// invalidated by the rollback. Below the store's free-space reserve
+// (SetMinFree) a rollback gives up no snapshot: a piece that needs a copy
+// fails with ErrNoSpace, and the rollback stays pending until it is run
+// again (or Open resumes it) with space.
 //
 // The caller must make sure nothing else uses the volume meanwhile (the
 // driver refuses while it is staged); writes arriving during the rollback

@@ -36,11 +36,11 @@ type Stats struct {
 	// their space. A range that held no data (nothing written) is not
 	// counted.
 	PunchZeroed uint64
-	// SpaceInvalidated counts snapshots invalidated since Open because a
+	// SpaceInvalidated counts snapshots given up since Open because a
 	// write would have copied into them below the free-space reserve
 	// (SetMinFree); SpaceRefused counts the writes that reserve refused
-	// with ErrNoSpace instead (their snapshot could not be invalidated, or
-	// they only allocate).
+	// with ErrNoSpace instead (a snapshot they would have had to give up
+	// has clones or is a rollback's target, or they were a rollback's).
 	SpaceInvalidated uint64
 	SpaceRefused     uint64
 }

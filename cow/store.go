@@ -112,29 +112,32 @@ func (s *Store) SetSurviveKill(on bool) { s.survive.Store(on) }
 // copy-before-write leave on the store's file system (0, the default: no
 // reserve).
 //
-// Why: a write after a snapshot is answered before its copy reaches the
-// COW file and before its new bytes reach the data file (the overlay; the
-// committer writes both once the records are durable). If the disk is full
-// by then, the committer's write fails and with it the whole store: every
-// volume of it answers I/O errors until a restart, and the next first
-// write after a snapshot fails it again. With a reserve, such a write
-// first looks at the free space (statfs, less the overlay's bytes not yet
-// applied, an upper bound of what they may still allocate). Below the
-// reserve, the snapshot the write would copy into is invalidated, as when
-// it goes over its own COW limit (persistently, readers get
-// ErrInvalidated, its copies merge into the next older snapshot, and the
-// ones nobody needs are freed), and the write goes on without a copy (or
-// copies into that older snapshot, which the same check may give up in
-// turn); where that snapshot may not be invalidated (it has clones, or an
-// unfinished rollback restores it) or the write would only allocate (a
-// hole, a clone's chunk read from its source), that write alone fails with
-// ErrNoSpace and changes nothing. Writes that need no copy-before-write
-// (rewrites, volumes without snapshots) do not look at the reserve: their
-// ENOSPC, if any, comes from the data file's own write and fails only them.
+// Why: a write after a snapshot is answered before the committer writes
+// its copy to the COW file and its new bytes to the data file (the
+// overlay). If the disk is full by then, that write fails and with it the
+// whole store: every volume of it answers I/O errors until a restart, and
+// the next first write after a snapshot fails it again.
 //
-// A reserve is a margin, not a guarantee: another process filling the disk
-// faster than the reserve between a check and the committer's writes still
-// fails the store, as without it.
+// With a reserve, such a write first reads the free space (statfs) and
+// counts the overlay's pending bytes as taken. Below the reserve it gives
+// up every snapshot that would need its copy, as a snapshot over its own
+// Limit is given up (persistently; readers get ErrInvalidated; its records
+// merge into the next older snapshot and the copies nobody needs are
+// freed): the newest snapshot, then each older one that still lacks the
+// chunk, until one holds it. The write then goes on without the overlay,
+// straight to the data file (into a hole too, whose apply would have
+// allocated), where an ENOSPC fails that write alone. If that walk would
+// reach a snapshot that may not be given up (it has clones: a restored or
+// cloned volume reads through it; or an unfinished rollback restores it),
+// or the write is a rollback's own, the write fails alone with ErrNoSpace
+// (and ENOSPC) before any snapshot is lost (spaceWalkRefuses).
+//
+// A reserve is a margin, not a guarantee: the overlay's bytes are an
+// estimate (a chunk partly allocated in a sparse file can take up to two
+// chunks; the kill journal's appends, which fail the store on ENOSPC too,
+// are not counted), and another process may fill the disk faster than the
+// reserve. Size it well above the overlay's 64 MiB; the driver's default
+// is 1 GiB.
 func (s *Store) SetMinFree(bytes int64) { s.minFree.Store(max(bytes, 0)) }
 
 // lowSpace reports whether the store's file system has less free space

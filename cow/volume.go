@@ -525,12 +525,13 @@ func (v *Volume) isGone() bool {
 
 // modifyAs is modify, or copyOutOnly when write is false.
 func (v *Volume) modifyAs(off, n int64, p []byte, internal, write bool) error {
+	var skipped *Snapshot // the snapshot invalidate last declined to give up
 	for {
 		v.gate.RLock()
 		err := v.writeGuard(internal)
 		var u unsettled
 		if err == nil {
-			u, err = v.modifyGated(off, n, p, write)
+			u, err = v.modifyGated(off, n, p, write, internal)
 		}
 		v.gate.RUnlock()
 		if err == nil && !internal {
@@ -541,14 +542,67 @@ func (v *Volume) modifyAs(off, n int64, p []byte, internal, write bool) error {
 		if !ok {
 			return err
 		}
+		if inv.sn == skipped {
+			// invalidate declined it, and nothing the retry saw changed
+			// that: the write's check and invalidate's disagree on what
+			// may be given up. Refuse the write rather than spin.
+			err := fmt.Errorf("cow: volume %q: snapshot %q cannot be given up for this write (%v)", v.id, inv.sn.id, inv)
+			if inv.space {
+				err = fmt.Errorf("%w (%w): %w", ErrNoSpace, syscall.ENOSPC, err)
+			}
+			return err
+		}
 		done, err := v.s.invalidate(inv.sn, internal)
 		if err != nil {
 			return err
+		}
+		skipped = nil
+		if !done {
+			skipped = inv.sn
 		}
 		if done && inv.space {
 			v.s.spaceInvalidated.Add(1)
 		}
 	}
+}
+
+// spaceWalkRefuses reports whether a write of chunks [c0, c1) (a change
+// starting at byte off) below the free-space reserve would, giving up
+// snapshots to avoid its copy-before-write, reach one that may not be
+// given up. modifyAs's retries give up the newest snapshot; unchain merges
+// what it held into the next older one, which is then asked the same for
+// the chunks it lacks, and so on until a snapshot needs no copy (or the
+// chain is empty). A snapshot with clones, or the one an unfinished
+// rollback restores, ends that walk in a refusal: found up front, the write
+// is refused before any snapshot is lost for it. For a discard the walk
+// counts chunks the retry would skip as holes, so it may refuse where
+// giving up would have done: the safe side.
+func (v *Volume) spaceWalkRefuses(off, c0, c1 int64) bool {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	held := make([]bool, c1-c0) // by a snapshot newer than the one asked
+	for k := len(v.chain) - 1; k >= 0; k-- {
+		sn := v.chain[k]
+		lo, hi := copyable(sn, off, c0, c1)
+		needs := false
+		for c := lo; c < hi; c++ {
+			if held[c-c0] {
+				continue
+			}
+			if _, ok := sn.idx.Lookup(exceptions.Chunk(c)); ok {
+				held[c-c0] = true
+			} else {
+				needs = true
+			}
+		}
+		if !needs {
+			return false
+		}
+		if sn.clones > 0 || v.rb == sn {
+			return true
+		}
+	}
+	return false
 }
 
 // needInvalidate asks modify to invalidate a snapshot (which takes the gate
@@ -617,7 +671,7 @@ func (v *Volume) donePresent(n uint64) {
 	v.s.jnl.marksDone(v, n)
 }
 
-func (v *Volume) modifyGated(off, n int64, p []byte, write bool) (unsettled, error) {
+func (v *Volume) modifyGated(off, n int64, p []byte, write, internal bool) (unsettled, error) {
 	if v.s.isClosed.Load() {
 		return unsettled{}, ErrClosed
 	}
@@ -666,7 +720,7 @@ func (v *Volume) modifyGated(off, n int64, p []byte, write bool) (unsettled, err
 	// mappings are only added, so there is nothing to copy (a rewrite
 	// pays the index lookups once, not twice).
 	if need > 0 {
-		if err := v.copyOut(off, c0, c1, need, write && p == nil); err != nil {
+		if err := v.copyOut(off, c0, c1, need, write && p == nil, internal); err != nil {
 			return unsettled{}, err
 		}
 	}
@@ -780,7 +834,7 @@ func (v *Volume) markPresent(cs []uint64) error {
 // bytes, the caller took for it (from copyNeed); what is not used is given
 // back. The caller holds the gate (shared) and the stripes of [c0, c1)
 // exclusively.
-func (v *Volume) copyOut(off, c0, c1, reserved int64, discard bool) error {
+func (v *Volume) copyOut(off, c0, c1, reserved int64, discard, internal bool) error {
 	used := int64(0)
 	defer func() { v.s.log.unreserve(reserved - used) }()
 	v.mu.RLock()
@@ -864,19 +918,16 @@ func (v *Volume) copyOut(off, c0, c1, reserved int64, discard bool) error {
 	// Below the free-space reserve (SetMinFree), the overlay's later
 	// writes (this copy to the COW file, the new bytes to the data file)
 	// might find no space and fail the store: give up the snapshot, whose
-	// copies would take the space, or refuse this write alone.
+	// copies and ordering need the overlay, or refuse this write alone.
 	if low, err := v.s.lowSpace(v.s.log.overlayUsed()); err != nil {
 		return err
 	} else if low {
-		v.mu.RLock()
-		exempt := sn.clones > 0 || v.rb == sn
-		v.mu.RUnlock()
-		if nonzero > 0 && !exempt {
+		if !internal && !v.spaceWalkRefuses(off, c0, c1) {
 			return needInvalidate{sn: sn, space: true}
 		}
 		v.s.spaceRefused.Add(1)
 		// ENOSPC in the chain: the kernel frontend answers it as such.
-		return fmt.Errorf("%w (%w): %d bytes at offset %d of volume %q: the store's file system is below its free-space reserve of %d bytes, and this write needs a copy-before-write into snapshot %q, which has clones or is being restored, or allocates in the data file", ErrNoSpace, syscall.ENOSPC, v.chunkSize*int64(len(todo)), off, v.id, v.s.minFree.Load(), sn.id)
+		return fmt.Errorf("%w (%w): %d bytes at offset %d of volume %q: the store's file system is below its free-space reserve of %d bytes, and this write needs a copy-before-write into a snapshot that may not be given up (it has clones, an unfinished rollback restores it, or the write is a rollback's)", ErrNoSpace, syscall.ENOSPC, int64(len(todo))<<v.shift, off, v.id, v.s.minFree.Load())
 	}
 	if nonzero > 0 && sn.limit > 0 {
 		// A snapshot with clones is exempt from its limit (doc.go), and so

@@ -100,10 +100,10 @@ func (c *CowStore) SetSurviveKill(on bool) { c.s.SetSurviveKill(on) }
 
 // SetMinFree sets the free space, in bytes, that writes needing a
 // copy-before-write leave on the store's file system (cow.Store.SetMinFree,
-// --min-free): below it, the snapshot such a write would copy into is
-// invalidated and the write lands, instead of a full disk failing the
-// whole store later; a write whose snapshot may not be invalidated fails
-// alone with ENOSPC.
+// --min-free): below it, the snapshots such a write would copy into are
+// given up and the write lands, instead of a full disk failing the whole
+// store later; a write that would have to give up a snapshot with clones
+// fails alone with ENOSPC, and so does a rollback's.
 func (c *CowStore) SetMinFree(bytes int64) { c.s.SetMinFree(bytes) }
 
 // maintainTail is the log tail past which Maintain checkpoints.

@@ -779,6 +779,9 @@ func TestSwitches(t *testing.T) {
 		{"min free as a quantity", []string{"--set", "node.minFree=512Mi"}, func(t *testing.T, docs []obj) {
 			requireArgs(t, container(daemonSet(t, docs), "csi-snap"), "--min-free=512Mi")
 		}},
+		{"min free null: the binary's default", []string{"--set", "node.minFree=null"}, func(t *testing.T, docs []obj) {
+			forbidArgPrefix(t, container(daemonSet(t, docs), "csi-snap"), "--min-free")
+		}},
 		{"metrics on", []string{"--set", "node.metrics.enabled=true,node.metrics.port=9191"}, func(t *testing.T, docs []obj) {
 			p := container(daemonSet(t, docs), "csi-snap")
 			requireArgs(t, p, "--metrics-address=:9191")
@@ -921,6 +924,9 @@ func TestBadValuesFailWithClearMessage(t *testing.T) {
 		{"min free not a quantity", []string{"--set", "node.minFree=lots"}, []string{schemaErr, "/node/minFree"}},
 		{"negative min free", []string{"--set", "node.minFree=-1"}, []string{schemaErr, "/node/minFree"}},
 		{"fractional bytes of min free", []string{"--set-string", "node.minFree=1.5"}, []string{schemaErr, "/node/minFree"}},
+		{"fractional min free", []string{"--set-string", "node.minFree=1.5Gi"}, []string{schemaErr, "/node/minFree"}},
+		{"min free past int64", []string{"--set", "node.minFree=10000000000000000000000"}, []string{schemaErr, "/node/minFree"}},
+		{"min free quantity past int64", []string{"--set", "node.minFree=99999999999Ti"}, []string{schemaErr, "/node/minFree"}},
 		{"negative log level", []string{"--set", "logLevel=-1"}, []string{schemaErr, "/logLevel"}},
 		{"removed surviveKill", []string{"--set", "node.surviveKill=false"}, []string{"node.surviveKill was removed in chart 0.2.0"}},
 		{"zero replicas", []string{"--set", "snapshotController.replicas=0"}, []string{schemaErr, "/snapshotController/replicas"}},

@@ -77,15 +77,18 @@ func parseFlags(args []string, klogFlags func(*flag.FlagSet), stderr io.Writer) 
 		if err != nil {
 			return err
 		}
-		n, ok := q.AsInt64()
-		if !ok || n < 0 {
-			return fmt.Errorf("%q: want a size in bytes, 0 or more (such as 512Mi or 1Gi)", v)
+		// Value rounds a fraction of a byte up (and AsInt64 refuses
+		// 1.5Gi, a whole number of bytes kept as a decimal): the
+		// comparison keeps whole bytes only.
+		n := q.Value()
+		if q.Sign() < 0 || q.Cmp(*resource.NewQuantity(n, resource.BinarySI)) != 0 {
+			return fmt.Errorf("%q: want a whole number of bytes, 0 or more (such as 512Mi, 1.5Gi or 1G)", v)
 		}
 		c.MinFree = n
 		return nil
 	}
 	minFree(defaultMinFree)
-	fs.Func("min-free", "free space to keep on the data dir's file system, as a Kubernetes quantity (default "+defaultMinFree+"; 0 = none): a write that must first copy a chunk for a snapshot, made while less is free, invalidates that snapshot (it is lost, the volume keeps working) or, if the snapshot has clones, fails alone with ENOSPC, instead of the full disk failing the store and every volume on the node", minFree)
+	fs.Func("min-free", "free space to keep on the data dir's file system, as a Kubernetes quantity of whole bytes (default "+defaultMinFree+"; 0 = none): a write that must first copy a chunk for snapshots, made while less is free, gives those snapshots up (they are lost, the volume keeps working) or, if one of them has clones, fails alone with ENOSPC; a rollback fails instead; without it a full disk fails the store and every volume on the node", minFree)
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a stop waits for in-flight calls before cutting them, and then for cut calls to return while volumes are still served")
 	if klogFlags != nil {
 		klogFlags(fs)

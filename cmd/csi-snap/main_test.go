@@ -34,7 +34,7 @@ func TestParseFlags(t *testing.T) {
 		!c.SurviveKill || c.ExternalHolder || c.MinFree != 1<<30 {
 		t.Fatalf("defaults: %+v", c)
 	}
-	for v, want := range map[string]int64{"0": 0, "512Mi": 512 << 20, "2G": 2e9, "1048576": 1 << 20} {
+	for v, want := range map[string]int64{"0": 0, "512Mi": 512 << 20, "2G": 2e9, "1048576": 1 << 20, "1.5Gi": 3 << 29, "0.5Ki": 512} {
 		if c, err = parseFlags([]string{"--min-free", v}, nil, io.Discard); err != nil || c.MinFree != want {
 			t.Fatalf("--min-free %s: %d, %v; want %d", v, c.MinFree, err, want)
 		}
@@ -62,6 +62,8 @@ func TestParseFlags(t *testing.T) {
 		{"--shutdown-timeout", "0s"},
 		{"--min-free", "-1Gi"},
 		{"--min-free", "1.5"},
+		{"--min-free", "0.3Ki"},
+		{"--min-free", "100m"},
 		{"--min-free", "lots"},
 		{"extra-arg"},
 		{"--no-such-flag"},

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"sort"
@@ -219,6 +220,11 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func()) 
 	buf := make([]byte, holderMsgMax)
 	oob := make([]byte, unix.CmsgSpace(4))
 	n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+	if n == 0 && (err == nil || errors.Is(err, io.EOF)) {
+		// Connected and closed without a request: a starting holder's
+		// check that this one is alive (runHolder).
+		return false
+	}
 	if err != nil {
 		klog.ErrorS(err, "fuse holder: request not read")
 		return false
