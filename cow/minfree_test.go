@@ -340,8 +340,12 @@ func TestMinFreeModel(t *testing.T) {
 				if o.kind == opReopen {
 					invalidated += int64(s.Stats().SpaceInvalidated)
 				}
+				invalidBefore := invalidSnaps(s)
 				err := run(&s, open, o)
 				if err != nil && low.Load() && (o.kind == opWrite || o.kind == opDiscard) && errors.Is(err, ErrNoSpace) {
+					if after := invalidSnaps(s); after != invalidBefore {
+						t.Fatalf("step %d %v: refused, yet snapshots were given up: %s -> %s", i, o, invalidBefore, after)
+					}
 					if !errors.Is(err, syscall.ENOSPC) {
 						t.Fatalf("step %d %v: refused without ENOSPC: %v", i, o, err)
 					}
@@ -487,7 +491,12 @@ func TestMinFreeChain(t *testing.T) {
 		if got := invalid(t, s, "s1", "s2"); got != "[]" {
 			t.Fatalf("invalid %s after a rollback below the reserve", got)
 		}
+		// Refused up front: nothing pending, the volume takes writes (of
+		// the bytes chunk 0 holds, so every image stays as it was).
 		free.Store(1 << 40)
+		if _, err := v.WriteAt(fill(cs, 10), 0); err != nil {
+			t.Fatalf("write after the refused rollback: %v", err)
+		}
 		if _, err := s.Rollback("v", "s1"); err != nil {
 			t.Fatalf("rollback again with space: %v", err)
 		}
@@ -497,6 +506,72 @@ func TestMinFreeChain(t *testing.T) {
 		sn, _ := s.Snapshot("s2")
 		if got := mustRead(t, sn, 0, cs); !bytes.Equal(got, fill(cs, 10)) {
 			t.Fatal("s2 lost its image of chunk 0")
+		}
+	})
+	t.Run("rollback to the newest copies nothing", func(t *testing.T) {
+		s, v := setup(t)
+		snap(t, s, "s1", v, 0)
+		free.Store(1)
+		if _, err := s.Rollback("v", "s1"); err != nil {
+			t.Fatalf("a rollback that only rewrites chunks s1 holds, below the reserve: %v", err)
+		}
+		if got := mustRead(t, v, 0, cs); !bytes.Equal(got, fill(cs, 1)) {
+			t.Fatal("rollback did not restore chunk 0")
+		}
+	})
+	t.Run("newer holds one chunk, older the other", func(t *testing.T) {
+		// d1 holds chunk 1 and lacks 0; d2 holds 0 and lacks 1. A write
+		// of both chunks gives d2 up; d1 then holds 0 (merged from d2)
+		// and 1: it needs no copy and stays.
+		s, v := setup(t)
+		snap(t, s, "d1", v, 1)
+		snap(t, s, "d2", v, 0)
+		free.Store(1)
+		if _, err := v.WriteAt(fill(2*cs, 99), 0); err != nil {
+			t.Fatal(err)
+		}
+		if got := invalid(t, s, "d1", "d2"); got != "[d2]" {
+			t.Fatalf("invalid %s, want [d2]", got)
+		}
+	})
+	t.Run("a holder with a clone stops the walk", func(t *testing.T) {
+		// s1 has a clone but holds chunk 0: giving s2 up is enough.
+		s, v := setup(t)
+		snap(t, s, "s1", v, 0)
+		if _, err := s.CloneSnapshot("s1", "c", 8*cs, VolumeOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		snap(t, s, "s2", v, 1)
+		free.Store(1)
+		if _, err := v.WriteAt(fill(cs, 99), 0); err != nil {
+			t.Fatalf("write: %v", err)
+		}
+		if got := invalid(t, s, "s1", "s2"); got != "[s2]" {
+			t.Fatalf("invalid %s, want [s2]", got)
+		}
+	})
+	t.Run("an older, smaller snapshot needs no copy past its size", func(t *testing.T) {
+		// s1 was taken at 8 chunks, the volume grew to 16, s2 taken: a
+		// write to chunk 12 gives s2 up, and s1 (which has a clone, so
+		// could not be given up) does not need chunk 12 at all.
+		s, v := setup(t)
+		snap(t, s, "s1", v, -1)
+		if _, err := s.CloneSnapshot("s1", "c", 8*cs, VolumeOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if err := v.Resize(16 * cs); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := v.WriteAt(fill(8*cs, 2), 8*cs); err != nil {
+			t.Fatal(err)
+		}
+		snap(t, s, "s2", v, -1)
+		free.Store(1)
+		if _, err := v.WriteAt(fill(cs, 99), 12*cs); err != nil {
+			t.Fatalf("write past s1's size: %v", err)
+		}
+		if got := invalid(t, s, "s1", "s2"); got != "[s2]" {
+			t.Fatalf("invalid %s, want [s2]", got)
 		}
 	})
 }
@@ -510,4 +585,15 @@ func skipOrFailKernel(t *testing.T, why string) {
 		t.Fatalf("%s (fatal: CSI_SNAP_REQUIRE_KERNEL=1)", why)
 	}
 	t.Skip(why)
+}
+
+// invalidSnaps lists the invalid snapshots of s.
+func invalidSnaps(s *Store) string {
+	var ids []string
+	for _, si := range s.Snapshots() {
+		if si.Invalid {
+			ids = append(ids, si.ID)
+		}
+	}
+	return fmt.Sprint(ids)
 }

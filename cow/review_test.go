@@ -363,8 +363,8 @@ func TestLateInvalidateSkips(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			if done, err := s.invalidate(sn, false); err != nil || done { // the write's late call
-				t.Fatalf("invalidate: %v (done %v)", err, done)
+			if n, err := s.invalidate(needInvalidate{sn: sn}, false); err != nil || n != 0 { // the write's late call
+				t.Fatalf("invalidate: %v (gave up %d)", err, n)
 			}
 			if snapInfoOf(t, s, "s").Invalid {
 				t.Fatal("s was invalidated")
@@ -427,8 +427,8 @@ func TestReadRacingInvalidate(t *testing.T) {
 	}()
 	time.Sleep(100 * time.Millisecond) // the reader waits for the stripe
 	invalidated := make(chan error, 1)
-	go func() { _, err := s.invalidate(sn, false); invalidated <- err }() // as a write over the limit does
-	time.Sleep(100 * time.Millisecond)                                    // it waits for v.mu to unchain s
+	go func() { _, err := s.invalidate(needInvalidate{sn: sn}, false); invalidated <- err }() // as a write over the limit does
+	time.Sleep(100 * time.Millisecond)                                                        // it waits for v.mu to unchain s
 	unstripe()
 	time.Sleep(100 * time.Millisecond) // the reader waits for v.mu behind it
 	v.mu.RUnlock()

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"syscall"
 	"time"
 
 	"github.com/csi-snap/csi-snap/exceptions"
@@ -68,9 +69,12 @@ var rollbackPiece int64 = 4 << 20
 // write, which counts against a COW limit as any write's does: a newer
 // snapshot with a limit (SnapshotOptions.Limit; the driver sets none) can be
 // invalidated by the rollback. Below the store's free-space reserve
-// (SetMinFree) a rollback gives up no snapshot: a piece that needs a copy
-// fails with ErrNoSpace, and the rollback stays pending until it is run
-// again (or Open resumes it) with space.
+// (SetMinFree) a rollback gives up no snapshot: one that would copy chunks
+// (a newer snapshot exists, or the volume grew past the snapshot's size) is
+// refused with ErrNoSpace before anything changes, and a piece refused
+// because the space ran low during the rollback leaves it pending, as any
+// failed write does, until it is run again or Open resumes it (Open does
+// not apply the reserve: the driver sets it after Open).
 //
 // The caller must make sure nothing else uses the volume meanwhile (the
 // driver refuses while it is staged); writes arriving during the rollback
@@ -197,6 +201,9 @@ func (s *Store) rollbackBegin(volID, snapID string) (*Volume, *Snapshot, bool, e
 	if err := v.rollbackFits(sn); err != nil {
 		return nil, nil, false, err
 	}
+	if err := v.rollbackSpace(sn); err != nil {
+		return nil, nil, false, err
+	}
 	if s.hdr.Version < logVersion2 {
 		// Rollback records are new in version 2. Upgrade through a
 		// checkpoint (temp file, fsync, rename: atomic) so that a binary
@@ -255,6 +262,27 @@ func (v *Volume) rollbackFits(sn *Snapshot) error {
 		}
 	}
 	return nil
+}
+
+// rollbackSpace refuses, before anything is written, a rollback that would
+// copy chunks (for a snapshot newer than sn, or of the tail past sn's size)
+// while the store is below its free-space reserve (SetMinFree): a
+// rollback's writes give up no snapshot there but are refused, so it would
+// stop midway and stay pending, the volume refusing writes and the deletes
+// of its snapshots that could free the space.
+func (v *Volume) rollbackSpace(sn *Snapshot) error {
+	v.mu.RLock()
+	copies := len(v.chain) > 0 && v.chain[len(v.chain)-1] != sn || v.size > sn.size
+	v.mu.RUnlock()
+	if !copies {
+		return nil
+	}
+	low, err := v.s.lowSpace(v.s.log.overlayUsed())
+	if err != nil || !low {
+		return err
+	}
+	v.s.spaceRefused.Add(1)
+	return fmt.Errorf("%w (%w): rollback of volume %q to snapshot %q: the store's file system is below its free-space reserve of %d bytes, and the rollback would copy chunks for newer snapshots; nothing was changed", ErrNoSpace, syscall.ENOSPC, v.id, sn.id, v.s.minFree.Load())
 }
 
 // rollbackFinish rewrites the changed chunks, flushes, and commits the done

@@ -126,11 +126,16 @@ func (s *Store) SetSurviveKill(on bool) { s.survive.Store(on) }
 // freed): the newest snapshot, then each older one that still lacks the
 // chunk, until one holds it. The write then goes on without the overlay,
 // straight to the data file (into a hole too, whose apply would have
-// allocated), where an ENOSPC fails that write alone. If that walk would
-// reach a snapshot that may not be given up (it has clones: a restored or
-// cloned volume reads through it; or an unfinished rollback restores it),
-// or the write is a rollback's own, the write fails alone with ErrNoSpace
-// (and ENOSPC) before any snapshot is lost (spaceWalkRefuses).
+// allocated), where an ENOSPC fails that write alone (a clone's write
+// still appends its present mark to the kill journal, whose ENOSPC fails
+// the store). The snapshots are given up in one commit, after the chain
+// was walked again under the volume's exclusive gate, so a clone or
+// another write arriving meanwhile cannot make it give up some and then
+// refuse. If the walk would reach a snapshot that may not be given up (it
+// has clones: a restored or cloned volume reads through it; or an
+// unfinished rollback restores it), or the write is a rollback's own, the
+// write fails alone with ErrNoSpace (and ENOSPC) before any snapshot is
+// lost (spaceWalk). A Rollback that would copy is refused before it starts.
 //
 // A reserve is a margin, not a guarantee: the overlay's bytes are an
 // estimate (a chunk partly allocated in a sparse file can take up to two

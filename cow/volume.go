@@ -526,6 +526,7 @@ func (v *Volume) isGone() bool {
 // modifyAs is modify, or copyOutOnly when write is false.
 func (v *Volume) modifyAs(off, n int64, p []byte, internal, write bool) error {
 	var skipped *Snapshot // the snapshot invalidate last declined to give up
+	asked := 0            // times in a row the write asked for it since
 	for {
 		v.gate.RLock()
 		err := v.writeGuard(internal)
@@ -543,41 +544,47 @@ func (v *Volume) modifyAs(off, n int64, p []byte, internal, write bool) error {
 			return err
 		}
 		if inv.sn == skipped {
-			// invalidate declined it, and nothing the retry saw changed
-			// that: the write's check and invalidate's disagree on what
-			// may be given up. Refuse the write rather than spin.
-			err := fmt.Errorf("cow: volume %q: snapshot %q cannot be given up for this write (%v)", v.id, inv.sn.id, inv)
-			if inv.space {
-				err = fmt.Errorf("%w (%w): %w", ErrNoSpace, syscall.ENOSPC, err)
+			if asked++; asked >= 3 {
+				// invalidate declined it three times in a row, each time
+				// for a reason the retry did not see (a clone or a
+				// snapshot made and deleted meanwhile, or a disagreement
+				// between the two checks): refuse rather than spin.
+				if inv.space {
+					v.s.spaceRefused.Add(1)
+				}
+				return fmt.Errorf("%w (%w): volume %q: snapshot %q cannot be given up for this write (%v)", ErrNoSpace, syscall.ENOSPC, v.id, inv.sn.id, inv)
 			}
-			return err
+		} else {
+			asked = 0
 		}
-		done, err := v.s.invalidate(inv.sn, internal)
+		n, err := v.s.invalidate(inv, internal)
 		if err != nil {
 			return err
 		}
 		skipped = nil
-		if !done {
+		if n == 0 {
 			skipped = inv.sn
 		}
-		if done && inv.space {
-			v.s.spaceInvalidated.Add(1)
+		if inv.space {
+			v.s.spaceInvalidated.Add(uint64(n))
 		}
 	}
 }
 
-// spaceWalkRefuses reports whether a write of chunks [c0, c1) (a change
-// starting at byte off) below the free-space reserve would, giving up
-// snapshots to avoid its copy-before-write, reach one that may not be
-// given up. modifyAs's retries give up the newest snapshot; unchain merges
-// what it held into the next older one, which is then asked the same for
-// the chunks it lacks, and so on until a snapshot needs no copy (or the
-// chain is empty). A snapshot with clones, or the one an unfinished
-// rollback restores, ends that walk in a refusal: found up front, the write
-// is refused before any snapshot is lost for it. For a discard the walk
-// counts chunks the retry would skip as holes, so it may refuse where
-// giving up would have done: the safe side.
-func (v *Volume) spaceWalkRefuses(off, c0, c1 int64) bool {
+// spaceWalk lists the snapshots a write of chunks [c0, c1) (a change
+// starting at byte off) below the free-space reserve must give up so that
+// it needs no copy-before-write, newest first, or reports refuse when that
+// walk reaches one that may not be given up. Giving up the newest snapshot
+// merges what it held into the next older one (unchain), which is then
+// asked the same for the chunks it lacks, and so on until a snapshot needs
+// no copy (or the chain is empty). A snapshot with clones, or the one an
+// unfinished rollback restores, ends the walk in a refusal: found up
+// front, the write is refused before any snapshot is lost for it. For a
+// discard the walk counts chunks copyOut would skip as holes, so it may
+// refuse where giving up would have done: the safe side. The caller holds
+// the gate, shared (copyOut) or exclusive (invalidate, which gives the
+// whole list up in one commit).
+func (v *Volume) spaceWalk(off, c0, c1 int64) (give []*Snapshot, refuse bool) {
 	v.mu.RLock()
 	defer v.mu.RUnlock()
 	held := make([]bool, c1-c0) // by a snapshot newer than the one asked
@@ -596,13 +603,14 @@ func (v *Volume) spaceWalkRefuses(off, c0, c1 int64) bool {
 			}
 		}
 		if !needs {
-			return false
+			break
 		}
 		if sn.clones > 0 || v.rb == sn {
-			return true
+			return nil, true
 		}
+		give = append(give, sn)
 	}
-	return false
+	return give, false
 }
 
 // needInvalidate asks modify to invalidate a snapshot (which takes the gate
@@ -611,6 +619,9 @@ func (v *Volume) spaceWalkRefuses(off, c0, c1 int64) bool {
 type needInvalidate struct {
 	sn    *Snapshot
 	space bool
+	// The write's change (space only): invalidate walks the chain again
+	// for it (spaceWalk) under the exclusive gate.
+	off, c0, c1 int64
 }
 
 func (e needInvalidate) Error() string {
@@ -922,8 +933,8 @@ func (v *Volume) copyOut(off, c0, c1, reserved int64, discard, internal bool) er
 	if low, err := v.s.lowSpace(v.s.log.overlayUsed()); err != nil {
 		return err
 	} else if low {
-		if !internal && !v.spaceWalkRefuses(off, c0, c1) {
-			return needInvalidate{sn: sn, space: true}
+		if give, refuse := v.spaceWalk(off, c0, c1); !internal && !refuse && len(give) > 0 {
+			return needInvalidate{sn: sn, space: true, off: off, c0: c0, c1: c1}
 		}
 		v.s.spaceRefused.Add(1)
 		// ENOSPC in the chain: the kernel frontend answers it as such.
@@ -1283,13 +1294,22 @@ func (v *Volume) Resize(newSize int64) error {
 // rollback of the volume began; invalidating for a write that never
 // happens would lose the snapshot for nothing.
 //
-// It reports whether it committed the invalidation.
-func (s *Store) invalidate(sn *Snapshot, internal bool) (bool, error) {
+// For a write below the free-space reserve (inv.space) it walks the chain
+// again for the write's change, now that no mapping can change (spaceWalk
+// under the exclusive gate, and s.mu, which a clone takes), and gives up
+// the whole list in one commit, or nothing: it skips when the walk now
+// refuses (a clone arrived), needs nothing, or starts elsewhere (another
+// writer copied the chunk meanwhile). The records replay in order, each
+// snapshot then the newest.
+//
+// It reports how many snapshots it gave up.
+func (s *Store) invalidate(inv needInvalidate, internal bool) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.usable(); err != nil {
-		return false, err
+		return 0, err
 	}
+	sn := inv.sn
 	v := sn.vol
 	v.gate.Lock()
 	defer v.gate.Unlock()
@@ -1299,13 +1319,25 @@ func (s *Store) invalidate(sn *Snapshot, internal bool) (bool, error) {
 		v.deleted || v.gone || !internal && v.rb != nil
 	v.mu.RUnlock()
 	if skip {
-		return false, nil
+		return 0, nil
+	}
+	give := []*Snapshot{sn}
+	if inv.space {
+		var refuse bool
+		give, refuse = v.spaceWalk(inv.off, inv.c0, inv.c1)
+		if refuse || len(give) == 0 || give[0] != sn {
+			return 0, nil
+		}
 	}
 	if err := v.drain(); err != nil {
-		return false, err
+		return 0, err
 	}
-	if err := s.commitApply(&record{Type: recInvalidate, Obj: sn.obj}); err != nil {
-		return false, err
+	recs := make([]*record, len(give))
+	for i, g := range give {
+		recs[i] = &record{Type: recInvalidate, Obj: g.obj}
 	}
-	return true, nil
+	if err := s.commitApply(recs...); err != nil {
+		return 0, err
+	}
+	return len(give), nil
 }
