@@ -519,6 +519,77 @@ func TestMinFreeChain(t *testing.T) {
 			t.Fatal("rollback did not restore chunk 0")
 		}
 	})
+	t.Run("a discard's holes need no copy", func(t *testing.T) {
+		// Chunk 0 a hole, s1 holds chunk 1: a discard of chunks 0 and 1
+		// gives s2 up (it lacks chunk 1) and not s1.
+		s, v := setup(t)
+		if err := v.Discard(0, cs); err != nil {
+			t.Fatal(err)
+		}
+		snap(t, s, "s1", v, 1)
+		snap(t, s, "s2", v, -1)
+		free.Store(1)
+		if err := v.Discard(0, 2*cs); err != nil {
+			t.Fatal(err)
+		}
+		if got := invalid(t, s, "s1", "s2"); got != "[s2]" {
+			t.Fatalf("invalid %s, want [s2]", got)
+		}
+	})
+	t.Run("space back before the commit", func(t *testing.T) {
+		// Low when the write looks, above the reserve when invalidate
+		// checks again: nothing is given up, and the write copies.
+		s, v := setup(t)
+		snap(t, s, "s1", v, -1)
+		var calls atomic.Int64
+		s.freeBytes = func() (int64, error) {
+			if calls.Add(1) == 1 {
+				return 1, nil
+			}
+			return 1 << 40, nil
+		}
+		if _, err := v.WriteAt(fill(cs, 99), 0); err != nil {
+			t.Fatal(err)
+		}
+		if got := invalid(t, s, "s1"); got != "[]" || calls.Load() < 2 {
+			t.Fatalf("invalid %s after %d statfs, want [] after a second look", got, calls.Load())
+		}
+		sn, _ := s.Snapshot("s1")
+		if got := mustRead(t, sn, 0, cs); !bytes.Equal(got, fill(cs, 1)) {
+			t.Fatal("s1 lost chunk 0")
+		}
+	})
+	t.Run("rollback of a grown volume to the newest copies nothing", func(t *testing.T) {
+		s, v := setup(t)
+		snap(t, s, "s1", v, 0)
+		if err := v.Resize(16 * cs); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := v.WriteAt(fill(cs, 3), 12*cs); err != nil {
+			t.Fatal(err)
+		}
+		free.Store(1)
+		if _, err := s.Rollback("v", "s1"); err != nil {
+			t.Fatalf("rollback below the reserve that copies nothing: %v", err)
+		}
+		if got := mustRead(t, v, 12*cs, cs); !bytes.Equal(got, make([]byte, cs)) {
+			t.Fatal("the tail past s1's size was not discarded")
+		}
+	})
+	t.Run("rollback whose chunks the newer snapshot holds", func(t *testing.T) {
+		// s1, write chunk 0, s2, write chunk 0 again: the rollback to s1
+		// rewrites chunk 0 only, which s2 holds.
+		s, v := setup(t)
+		snap(t, s, "s1", v, 0)
+		snap(t, s, "s2", v, 0)
+		free.Store(1)
+		if _, err := s.Rollback("v", "s1"); err != nil {
+			t.Fatalf("rollback below the reserve that copies nothing: %v", err)
+		}
+		if got := invalid(t, s, "s1", "s2"); got != "[]" {
+			t.Fatalf("invalid %s", got)
+		}
+	})
 	t.Run("newer holds one chunk, older the other", func(t *testing.T) {
 		// d1 holds chunk 1 and lacks 0; d2 holds 0 and lacks 1. A write
 		// of both chunks gives d2 up; d1 then holds 0 (merged from d2)

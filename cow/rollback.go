@@ -70,8 +70,8 @@ var rollbackPiece int64 = 4 << 20
 // snapshot with a limit (SnapshotOptions.Limit; the driver sets none) can be
 // invalidated by the rollback. Below the store's free-space reserve
 // (SetMinFree) a rollback gives up no snapshot: one that would copy chunks
-// (a newer snapshot exists, or the volume grew past the snapshot's size) is
-// refused with ErrNoSpace before anything changes, and a piece refused
+// (a newer snapshot lacks a chunk it rewrites) is refused with ErrNoSpace
+// before anything changes, and a piece refused
 // because the space ran low during the rollback leaves it pending, as any
 // failed write does, until it is run again or Open resumes it (Open does
 // not apply the reserve: the driver sets it after Open).
@@ -265,14 +265,49 @@ func (v *Volume) rollbackFits(sn *Snapshot) error {
 }
 
 // rollbackSpace refuses, before anything is written, a rollback that would
-// copy chunks (for a snapshot newer than sn, or of the tail past sn's size)
-// while the store is below its free-space reserve (SetMinFree): a
-// rollback's writes give up no snapshot there but are refused, so it would
-// stop midway and stay pending, the volume refusing writes and the deletes
-// of its snapshots that could free the space.
+// copy chunks while the store is below its free-space reserve (SetMinFree):
+// a rollback's writes give up no snapshot there but are refused, so it
+// would stop midway and stay pending, the volume refusing writes and the
+// deletes of its snapshots that could free the space. It copies only when a
+// snapshot newer than sn lacks a chunk the rollback rewrites (one changed
+// since sn) or discards (what the volume holds past sn's size, within the
+// newest snapshot's size): sn itself holds every chunk changed since it,
+// and nothing past its size is copied for it.
 func (v *Volume) rollbackSpace(sn *Snapshot) error {
+	if v.s.minFree.Load() <= 0 {
+		return nil
+	}
 	v.mu.RLock()
-	copies := len(v.chain) > 0 && v.chain[len(v.chain)-1] != sn || v.size > sn.size
+	newest, size := v.chain[len(v.chain)-1], v.size
+	v.mu.RUnlock()
+	if newest == sn {
+		return nil
+	}
+	spans, err := v.rollbackSpans(sn)
+	if err != nil {
+		return err
+	}
+	if size > sn.size {
+		tail, err := v.currentAllocated(sn.size, size)
+		if err != nil {
+			return err
+		}
+		for _, e := range tail {
+			c0 := e.off >> v.shift
+			c1 := (e.end + v.chunkSize - 1) >> v.shift
+			spans = append(spans, span{exceptions.Chunk(c0), uint64(c1 - c0)})
+		}
+	}
+	v.mu.RLock()
+	lim := exceptions.Chunk(chunks(newest.size, v.shift))
+	copies := false
+	for _, sp := range spans {
+		for c := sp.C; c < sp.C+exceptions.Chunk(sp.N) && c < lim && !copies; c++ {
+			if _, ok := newest.idx.Lookup(c); !ok {
+				copies = true
+			}
+		}
+	}
 	v.mu.RUnlock()
 	if !copies {
 		return nil
@@ -282,7 +317,7 @@ func (v *Volume) rollbackSpace(sn *Snapshot) error {
 		return err
 	}
 	v.s.spaceRefused.Add(1)
-	return fmt.Errorf("%w (%w): rollback of volume %q to snapshot %q: the store's file system is below its free-space reserve of %d bytes, and the rollback would copy chunks for newer snapshots; nothing was changed", ErrNoSpace, syscall.ENOSPC, v.id, sn.id, v.s.minFree.Load())
+	return fmt.Errorf("%w (%w): rollback of volume %q to snapshot %q: the store's file system is below its free-space reserve of %d bytes, and the rollback would copy chunks for a newer snapshot; nothing was changed", ErrNoSpace, syscall.ENOSPC, v.id, sn.id, v.s.minFree.Load())
 }
 
 // rollbackFinish rewrites the changed chunks, flushes, and commits the done

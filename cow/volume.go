@@ -580,14 +580,26 @@ func (v *Volume) modifyAs(off, n int64, p []byte, internal, write bool) error {
 // no copy (or the chain is empty). A snapshot with clones, or the one an
 // unfinished rollback restores, ends the walk in a refusal: found up
 // front, the write is refused before any snapshot is lost for it. For a
-// discard the walk counts chunks copyOut would skip as holes, so it may
-// refuse where giving up would have done: the safe side. The caller holds
-// the gate, shared (copyOut) or exclusive (invalidate, which gives the
-// whole list up in one commit).
-func (v *Volume) spaceWalk(off, c0, c1 int64) (give []*Snapshot, refuse bool) {
+// discard, chunks the data file holds as holes need no copy (copyOut skips
+// them), so they count as held. The caller holds the gate, shared (copyOut,
+// with the stripes of [c0, c1)) or exclusive (invalidate, which gives the
+// whole list up in one commit): the data file's holes there cannot change.
+func (v *Volume) spaceWalk(off, c0, c1 int64, discard bool) (give []*Snapshot, refuse bool, err error) {
+	held := make([]bool, c1-c0) // by a snapshot newer than the one asked, or a discarded hole
+	if discard {
+		for c := c0; c < c1; c++ {
+			if !v.isPresent(c) {
+				continue
+			}
+			hole, err := v.data.Hole(c<<v.shift, v.chunkSize)
+			if err != nil {
+				return nil, false, err
+			}
+			held[c-c0] = hole
+		}
+	}
 	v.mu.RLock()
 	defer v.mu.RUnlock()
-	held := make([]bool, c1-c0) // by a snapshot newer than the one asked
 	for k := len(v.chain) - 1; k >= 0; k-- {
 		sn := v.chain[k]
 		lo, hi := copyable(sn, off, c0, c1)
@@ -606,11 +618,11 @@ func (v *Volume) spaceWalk(off, c0, c1 int64) (give []*Snapshot, refuse bool) {
 			break
 		}
 		if sn.clones > 0 || v.rb == sn {
-			return nil, true
+			return nil, true, nil
 		}
 		give = append(give, sn)
 	}
-	return give, false
+	return give, false, nil
 }
 
 // needInvalidate asks modify to invalidate a snapshot (which takes the gate
@@ -622,6 +634,8 @@ type needInvalidate struct {
 	// The write's change (space only): invalidate walks the chain again
 	// for it (spaceWalk) under the exclusive gate.
 	off, c0, c1 int64
+	discard     bool
+	need        int64 // the overlay bytes the write reserved, given back meanwhile
 }
 
 func (e needInvalidate) Error() string {
@@ -933,8 +947,12 @@ func (v *Volume) copyOut(off, c0, c1, reserved int64, discard, internal bool) er
 	if low, err := v.s.lowSpace(v.s.log.overlayUsed()); err != nil {
 		return err
 	} else if low {
-		if give, refuse := v.spaceWalk(off, c0, c1); !internal && !refuse && len(give) > 0 {
-			return needInvalidate{sn: sn, space: true, off: off, c0: c0, c1: c1}
+		give, refuse, err := v.spaceWalk(off, c0, c1, discard)
+		if err != nil {
+			return err
+		}
+		if !internal && !refuse && len(give) > 0 {
+			return needInvalidate{sn: sn, space: true, off: off, c0: c0, c1: c1, discard: discard, need: reserved}
 		}
 		v.s.spaceRefused.Add(1)
 		// ENOSPC in the chain: the kernel frontend answers it as such.
@@ -1299,7 +1317,8 @@ func (v *Volume) Resize(newSize int64) error {
 // under the exclusive gate, and s.mu, which a clone takes), and gives up
 // the whole list in one commit, or nothing: it skips when the walk now
 // refuses (a clone arrived), needs nothing, or starts elsewhere (another
-// writer copied the chunk meanwhile). The records replay in order, each
+// writer copied the chunk meanwhile), and when the store is no longer below
+// the reserve. The records replay in order, each
 // snapshot then the newest.
 //
 // It reports how many snapshots it gave up.
@@ -1324,9 +1343,21 @@ func (s *Store) invalidate(inv needInvalidate, internal bool) (int, error) {
 	give := []*Snapshot{sn}
 	if inv.space {
 		var refuse bool
-		give, refuse = v.spaceWalk(inv.off, inv.c0, inv.c1)
+		var err error
+		give, refuse, err = v.spaceWalk(inv.off, inv.c0, inv.c1, inv.discard)
+		if err != nil {
+			return 0, err
+		}
 		if refuse || len(give) == 0 || give[0] != sn {
 			return 0, nil
+		}
+		// Space may have come back since the write looked (another
+		// volume's snapshots given up, say): then nothing is given up, and
+		// the retry looks again. Asked as the write asked (its own
+		// reservation counted, before the drain, which would make the
+		// overlay's estimate look better than what it leaves on disk).
+		if low, err := s.lowSpace(s.log.overlayUsed() + inv.need); err != nil || !low {
+			return 0, err
 		}
 	}
 	if err := v.drain(); err != nil {
