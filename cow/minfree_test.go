@@ -576,6 +576,54 @@ func TestMinFreeChain(t *testing.T) {
 			t.Fatal("the tail past s1's size was not discarded")
 		}
 	})
+	t.Run("rollback whose discarded tail a newer snapshot needs", func(t *testing.T) {
+		// s1 at 8 chunks, grown to 16, chunk 12 written, s2 taken: the
+		// rollback to s1 discards chunk 12, which s2 lacks. Refused up
+		// front, nothing pending; with space it completes.
+		s, v := setup(t)
+		snap(t, s, "s1", v, -1)
+		if err := v.Resize(16 * cs); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := v.WriteAt(fill(cs, 3), 12*cs); err != nil {
+			t.Fatal(err)
+		}
+		snap(t, s, "s2", v, -1)
+		free.Store(1)
+		if _, err := s.Rollback("v", "s1"); !errors.Is(err, ErrNoSpace) {
+			t.Fatalf("rollback below the reserve: %v, want ErrNoSpace", err)
+		}
+		if _, pending := v.PendingRollback(); pending {
+			t.Fatal("the refused rollback is pending")
+		}
+		free.Store(1 << 40)
+		if _, err := s.Rollback("v", "s1"); err != nil {
+			t.Fatal(err)
+		}
+		sn, _ := s.Snapshot("s2")
+		if got := mustRead(t, sn, 12*cs, cs); !bytes.Equal(got, fill(cs, 3)) {
+			t.Fatal("s2 lost chunk 12")
+		}
+	})
+	t.Run("rollback over chunks discarded past the snapshot's size", func(t *testing.T) {
+		// s1 at 8 chunks, grown, s2, chunk 12 written (s2 maps it) and
+		// discarded, s3: the rollback to s1 has nothing past s1's size
+		// to discard and rewrites nothing s3 lacks.
+		s, v := setup(t)
+		snap(t, s, "s1", v, -1)
+		if err := v.Resize(16 * cs); err != nil {
+			t.Fatal(err)
+		}
+		snap(t, s, "s2", v, 12)
+		if err := v.Discard(12*cs, cs); err != nil {
+			t.Fatal(err)
+		}
+		snap(t, s, "s3", v, -1)
+		free.Store(1)
+		if _, err := s.Rollback("v", "s1"); err != nil {
+			t.Fatalf("rollback below the reserve that copies nothing: %v", err)
+		}
+	})
 	t.Run("rollback whose chunks the newer snapshot holds", func(t *testing.T) {
 		// s1, write chunk 0, s2, write chunk 0 again: the rollback to s1
 		// rewrites chunk 0 only, which s2 holds.

@@ -283,9 +283,24 @@ func (v *Volume) rollbackSpace(sn *Snapshot) error {
 	if newest == sn {
 		return nil
 	}
+	// The space first: the walk below costs a pass over the changed
+	// chunks' runs, under s.mu, which only a store below its reserve pays.
+	low, err := v.s.lowSpace(v.s.log.overlayUsed())
+	if err != nil || !low {
+		return err
+	}
 	spans, err := v.rollbackSpans(sn)
 	if err != nil {
 		return err
+	}
+	// As rollbackWrite: the changed chunks below sn's size, then what the
+	// volume holds past it (discarded).
+	limit := exceptions.Chunk(chunks(sn.size, v.shift))
+	clipped := spans[:0]
+	for _, sp := range spans {
+		if end := min(sp.C+exceptions.Chunk(sp.N), limit); sp.C < end {
+			clipped = append(clipped, span{sp.C, uint64(end - sp.C)})
+		}
 	}
 	if size > sn.size {
 		tail, err := v.currentAllocated(sn.size, size)
@@ -295,26 +310,35 @@ func (v *Volume) rollbackSpace(sn *Snapshot) error {
 		for _, e := range tail {
 			c0 := e.off >> v.shift
 			c1 := (e.end + v.chunkSize - 1) >> v.shift
-			spans = append(spans, span{exceptions.Chunk(c0), uint64(c1 - c0)})
+			clipped = append(clipped, span{exceptions.Chunk(c0), uint64(c1 - c0)})
 		}
 	}
 	v.mu.RLock()
 	lim := exceptions.Chunk(chunks(newest.size, v.shift))
 	copies := false
-	for _, sp := range spans {
-		for c := sp.C; c < sp.C+exceptions.Chunk(sp.N) && c < lim && !copies; c++ {
-			if _, ok := newest.idx.Lookup(c); !ok {
-				copies = true
+	for _, sp := range clipped {
+		a, b := sp.C, min(sp.C+exceptions.Chunk(sp.N), lim)
+		if a >= b {
+			continue
+		}
+		// Does newest lack a chunk of [a, b)? Its runs, in order.
+		cur, gap := a, false
+		newest.idx.Ascend(a, func(r exceptions.Run) bool {
+			if r.Origin > cur {
+				gap = true
+				return false
 			}
+			cur = r.Origin + exceptions.Chunk(r.Len)
+			return cur < b
+		})
+		if gap || cur < b {
+			copies = true
+			break
 		}
 	}
 	v.mu.RUnlock()
 	if !copies {
 		return nil
-	}
-	low, err := v.s.lowSpace(v.s.log.overlayUsed())
-	if err != nil || !low {
-		return err
 	}
 	v.s.spaceRefused.Add(1)
 	return fmt.Errorf("%w (%w): rollback of volume %q to snapshot %q: the store's file system is below its free-space reserve of %d bytes, and the rollback would copy chunks for a newer snapshot; nothing was changed", ErrNoSpace, syscall.ENOSPC, v.id, sn.id, v.s.minFree.Load())
