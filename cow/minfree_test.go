@@ -624,6 +624,39 @@ func TestMinFreeChain(t *testing.T) {
 			t.Fatalf("rollback below the reserve that copies nothing: %v", err)
 		}
 	})
+	t.Run("rollback to the newest whose size ends inside a chunk", func(t *testing.T) {
+		// s1's size ends 4 KiB into chunk 8; the volume grew and was
+		// written past it: the rollback discards from there, in s1's last
+		// chunk. It must not be refused midway (pending) below the reserve.
+		s, v := setup(t)
+		if err := v.Resize(8*cs + 4096); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := v.WriteAt(fill(4096, 5), 8*cs); err != nil {
+			t.Fatal(err)
+		}
+		snap(t, s, "s1", v, 0)
+		if err := v.Resize(16 * cs); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := v.WriteAt(fill(8*cs-4096, 6), 8*cs+4096); err != nil {
+			t.Fatal(err)
+		}
+		free.Store(1)
+		_, err := s.Rollback("v", "s1")
+		if _, pending := v.PendingRollback(); pending {
+			t.Fatalf("rollback below the reserve left pending: %v", err)
+		}
+		if err != nil && !errors.Is(err, ErrNoSpace) {
+			t.Fatal(err)
+		}
+		if err == nil {
+			if got := mustRead(t, v, 8*cs, cs); !bytes.Equal(got, append(fill(4096, 5), make([]byte, cs-4096)...)) {
+				t.Fatal("chunk 8 after the rollback")
+			}
+		}
+		t.Logf("rollback: %v", err)
+	})
 	t.Run("rollback whose chunks the newer snapshot holds", func(t *testing.T) {
 		// s1, write chunk 0, s2, write chunk 0 again: the rollback to s1
 		// rewrites chunk 0 only, which s2 holds.
