@@ -285,7 +285,7 @@ func (v *Volume) rollbackSpace(sn *Snapshot) error {
 	}
 	// The space first: the walk below costs a pass over the changed
 	// chunks' runs, under s.mu, which only a store below its reserve pays.
-	low, err := v.s.lowSpace(v.s.log.overlayUsed())
+	low, err := v.s.lowSpace(0)
 	if err != nil || !low {
 		return err
 	}

@@ -146,10 +146,11 @@ func (s *Store) SetSurviveKill(on bool) { s.survive.Store(on) }
 func (s *Store) SetMinFree(bytes int64) { s.minFree.Store(max(bytes, 0)) }
 
 // lowSpace reports whether the store's file system has less free space
-// than the reserve (SetMinFree) once the overlay's pending bytes are
-// counted as allocated. used is those bytes (the committer's ovUsed,
-// which includes the caller's own reservation).
-func (s *Store) lowSpace(used int64) (bool, error) {
+// than the reserve (SetMinFree) once the overlay's pending bytes (the
+// committer's ovUsed, with the caller's own reservation if it holds one)
+// and extra bytes are counted as allocated. Without a reserve it reads
+// nothing: copyOut asks on every copy-before-write.
+func (s *Store) lowSpace(extra int64) (bool, error) {
 	reserve := s.minFree.Load()
 	if reserve <= 0 {
 		return false, nil
@@ -158,7 +159,7 @@ func (s *Store) lowSpace(used int64) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("cow: free space of %s: %w", s.dir, err)
 	}
-	return free-used < reserve, nil
+	return free-s.log.overlayUsed()-extra < reserve, nil
 }
 
 // statfsFree is the space dir's file system has free for unprivileged

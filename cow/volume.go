@@ -588,14 +588,11 @@ func (v *Volume) spaceWalk(off, c0, c1 int64, discard bool) (give []*Snapshot, r
 	held := make([]bool, c1-c0) // by a snapshot newer than the one asked, or a discarded hole
 	if discard {
 		for c := c0; c < c1; c++ {
-			if !v.isPresent(c) {
-				continue
-			}
-			hole, err := v.data.Hole(c<<v.shift, v.chunkSize)
+			skip, err := v.discardSkips(c)
 			if err != nil {
 				return nil, false, err
 			}
-			held[c-c0] = hole
+			held[c-c0] = skip
 		}
 	}
 	v.mu.RLock()
@@ -617,12 +614,30 @@ func (v *Volume) spaceWalk(off, c0, c1 int64, discard bool) (give []*Snapshot, r
 		if !needs {
 			break
 		}
-		if sn.clones > 0 || v.rb == sn {
+		if v.kept(sn) {
 			return nil, true, nil
 		}
 		give = append(give, sn)
 	}
 	return give, false, nil
+}
+
+// kept reports whether sn may not be invalidated, over its limit or below
+// the free-space reserve: it has clones (they read through it), or an
+// unfinished rollback restores it. copyOut's checks, spaceWalk and
+// invalidate's skip all ask this, so a write never asks for an
+// invalidation that invalidate declines for this reason (and replay
+// rejects such a record). The caller holds v.mu.
+func (v *Volume) kept(sn *Snapshot) bool { return sn.clones > 0 || v.rb == sn }
+
+// discardSkips reports whether a discard of chunk c needs no
+// copy-before-write: the data file holds it as a hole, so it reads zeros
+// before and after (copyOut, spaceWalk). The caller must not hold v.mu.
+func (v *Volume) discardSkips(c int64) (bool, error) {
+	if !v.isPresent(c) {
+		return false, nil
+	}
+	return v.data.Hole(c<<v.shift, v.chunkSize)
 }
 
 // needInvalidate asks modify to invalidate a snapshot (which takes the gate
@@ -883,20 +898,17 @@ func (v *Volume) copyOut(off, c0, c1, reserved int64, discard, internal bool) er
 		// reads the hole's zeros through the volume. Without this, an
 		// fstrim of free space after each snapshot would map every free
 		// chunk (an index run and a log record apiece).
-		kept := todo[:0]
+		rest := todo[:0]
 		for _, c := range todo {
-			if v.isPresent(c) {
-				hole, err := v.data.Hole(c<<v.shift, v.chunkSize)
-				if err != nil {
-					return err
-				}
-				if hole {
-					continue
-				}
+			skip, err := v.discardSkips(c)
+			if err != nil {
+				return err
 			}
-			kept = append(kept, c)
+			if !skip {
+				rest = append(rest, c)
+			}
 		}
-		todo = kept
+		todo = rest
 	}
 	if len(todo) == 0 {
 		return nil
@@ -944,7 +956,7 @@ func (v *Volume) copyOut(off, c0, c1, reserved int64, discard, internal bool) er
 	// writes (this copy to the COW file, the new bytes to the data file)
 	// might find no space and fail the store: give up the snapshot, whose
 	// copies and ordering need the overlay, or refuse this write alone.
-	if low, err := v.s.lowSpace(v.s.log.overlayUsed()); err != nil {
+	if low, err := v.s.lowSpace(0); err != nil {
 		return err
 	} else if low {
 		give, refuse, err := v.spaceWalk(off, c0, c1, discard)
@@ -966,7 +978,7 @@ func (v *Volume) copyOut(off, c0, c1, reserved int64, discard, internal bool) er
 		// snapshot being restored would leave a rollback that can never
 		// finish.
 		v.mu.RLock()
-		exempt := sn.clones > 0 || v.rb == sn
+		exempt := v.kept(sn)
 		v.mu.RUnlock()
 		if !exempt {
 			if sn.reserved.Add(nonzero)<<v.shift > sn.limit {
@@ -1333,7 +1345,7 @@ func (s *Store) invalidate(inv needInvalidate, internal bool) (int, error) {
 	v.gate.Lock()
 	defer v.gate.Unlock()
 	v.mu.RLock()
-	skip := sn.invalid || sn.gone || sn.clones > 0 || v.rb == sn ||
+	skip := sn.invalid || sn.gone || v.kept(sn) ||
 		len(v.chain) == 0 || v.chain[len(v.chain)-1] != sn ||
 		v.deleted || v.gone || !internal && v.rb != nil
 	v.mu.RUnlock()
@@ -1356,7 +1368,7 @@ func (s *Store) invalidate(inv needInvalidate, internal bool) (int, error) {
 		// the retry looks again. Asked as the write asked (its own
 		// reservation counted, before the drain, which would make the
 		// overlay's estimate look better than what it leaves on disk).
-		if low, err := s.lowSpace(s.log.overlayUsed() + inv.need); err != nil || !low {
+		if low, err := s.lowSpace(inv.need); err != nil || !low {
 			return 0, err
 		}
 	}
