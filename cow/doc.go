@@ -165,8 +165,8 @@
 //     readers get ErrInvalidated); the write goes on. A snapshot with clones
 //     is never invalidated, since its clones would lose their data: its limit
 //     is not enforced while clones exist, nor for the snapshot an unfinished
-//     Rollback restores (its discard of the volume's tail past the
-//     snapshot's size may copy one chunk into it). Limits count only chunks copied
+//     Rollback restores (invalidating it would leave a rollback that can
+//     never finish). Limits count only chunks copied
 //     while that snapshot was newest; records merged into it from a deleted
 //     newer snapshot count too, and can put it over its limit without
 //     invalidating it until its next copy.
@@ -178,7 +178,10 @@
 //     (as over a Limit) and goes straight to the data file, and one that
 //     would have to give up a snapshot with clones (or a rollback's
 //     target), or is a rollback's own, fails alone with ErrNoSpace before
-//     anything changes (Stats.SpaceInvalidated, SpaceRefused;
+//     anything changes. A write into holes of the data file needs no copy:
+//     it keeps the snapshots, and the blocks its apply needs are
+//     preallocated first (or it fails alone with ErrNoSpace)
+//     (Stats.SpaceInvalidated, SpaceRefused, SpaceHeld;
 //     TestMinFree, TestMinFreeChain, TestMinFreeModel, and
 //     TestMinFreeFullDisk on a real tmpfs). It is a margin checked with
 //     statfs at each such write, not a guarantee.

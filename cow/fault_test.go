@@ -55,6 +55,9 @@ type faultFS struct {
 	// punchErr, if set, runs before every Punch; one for which it returns
 	// an error fails with it, punching nothing.
 	punchErr func(name string, off, n int64) error
+	// allocErr, if set, runs before every Allocate; one for which it
+	// returns an error fails with it, allocating nothing.
+	allocErr func(name string, off, n int64) error
 	// ios, when not nil, records the start and the end of every WriteAt
 	// ("wstart"/"wdone NAME OFF LEN") and of every Sync ("sstart"/"sdone
 	// NAME"; sdone only when it succeeded) in order, for tests of the
@@ -356,6 +359,22 @@ func (f *faultFile) Punch(off, n int64) error {
 	f.fs.io(fmt.Sprintf("wstart %s %d %d", f.name, off, n))
 	defer f.fs.io(fmt.Sprintf("wdone %s %d %d", f.name, off, n))
 	return f.file.Punch(off, n)
+}
+
+func (f *faultFile) Allocate(off, n int64) error {
+	if !f.fs.alive() {
+		return errKilled
+	}
+	defer f.fs.life.RUnlock()
+	f.fs.mu.Lock()
+	aerr := f.fs.allocErr
+	f.fs.mu.Unlock()
+	if aerr != nil {
+		if err := aerr(f.name, off, n); err != nil {
+			return err
+		}
+	}
+	return f.file.Allocate(off, n)
 }
 
 func (f *faultFS) SyncDir() error {

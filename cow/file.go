@@ -22,6 +22,14 @@ type file interface {
 	Sync() error
 	// Punch deallocates bytes [off, off+n) so they read as zeros.
 	Punch(off, n int64) error
+	// Allocate reserves disk blocks for bytes [off, off+n) without
+	// changing the content or the size (fallocate with KEEP_SIZE): a later
+	// write there needs no new data block. Where nothing is written the
+	// range still reads as zeros and still counts as a hole for Hole (the
+	// blocks are unwritten extents). An error wrapping ErrNoSpace when the
+	// file system has too few free blocks; one wrapping
+	// syscall.EOPNOTSUPP where it cannot preallocate.
+	Allocate(off, n int64) error
 	Truncate(size int64) error
 	Size() (int64, error)
 	// Allocated returns the disk space the file takes, in bytes.
@@ -150,6 +158,12 @@ func (o osFile) Punch(off, n int64) error {
 		return nil
 	}
 	return ioErr(unix.Fallocate(int(o.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n))
+}
+func (o osFile) Allocate(off, n int64) error {
+	if n <= 0 {
+		return nil
+	}
+	return ioErr(unix.Fallocate(int(o.f.Fd()), unix.FALLOC_FL_KEEP_SIZE, off, n))
 }
 func (o osFile) Truncate(size int64) error { return ioErr(o.f.Truncate(size)) }
 func (o osFile) Size() (int64, error) {

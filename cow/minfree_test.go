@@ -7,6 +7,7 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -16,7 +17,8 @@ import (
 
 // TestMinFree: below the free-space reserve (SetMinFree), a write that
 // would copy into the newest snapshot invalidates it (persistently) and
-// lands, also into a hole (whose apply would allocate); one whose snapshot
+// lands; one into a hole keeps the snapshot (its copy takes no space) and
+// lands; one whose snapshot
 // may not be invalidated (it has a clone) fails alone with ErrNoSpace and
 // changes nothing; rewrites and writes without a snapshot ignore the
 // reserve; and the store keeps working throughout. The free space is faked
@@ -118,11 +120,15 @@ func TestMinFree(t *testing.T) {
 	if snapInfoOf(t, s, "s2").Invalid {
 		t.Fatal("a snapshot with a clone was invalidated")
 	}
-	// A hole after a snapshot copies nothing, but its apply would
-	// allocate: the snapshot is given up as well, and the write lands
-	// (straight into the data file).
+	// A hole after a snapshot copies nothing (COW chunk 0): the snapshot
+	// is kept, the write's data blocks are preallocated, and it lands.
+	// So does a write into a hole and a chunk with data, which gives
+	// the snapshot up.
 	h, err := s.CreateVolume("h", 4*cs, VolumeOptions{ChunkSize: cs})
 	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.WriteAt(fill(cs, 8), 3*cs); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s.CreateSnapshot("h", "hs", SnapshotOptions{}); err != nil {
@@ -131,12 +137,40 @@ func TestMinFree(t *testing.T) {
 	if _, err := h.WriteAt(fill(cs, 9), 0); err != nil {
 		t.Fatalf("write to a hole after a snapshot below the reserve: %v", err)
 	}
-	if !snapInfoOf(t, s, "hs").Invalid {
-		t.Fatal("hs still valid after a write into a hole below the reserve")
+	if snapInfoOf(t, s, "hs").Invalid {
+		t.Fatal("hs given up for a write into a hole below the reserve")
 	}
-	hWant := append(fill(cs, 9), make([]byte, 3*cs)...)
-	if st := s.Stats(); st.SpaceInvalidated != 2 || st.SpaceRefused != 1 {
-		t.Fatalf("stats %+v, want 2 invalidated, 1 refused", st)
+	hsWant := append(make([]byte, 3*cs), fill(cs, 8)...)
+	hWant := append(fill(cs, 9), make([]byte, 2*cs)...)
+	hWant = append(hWant, fill(cs, 8)...)
+	if sn, err := s.Snapshot("hs"); err != nil {
+		t.Fatal(err)
+	} else if got := mustRead(t, sn, 0, 4*cs); !bytes.Equal(got, hsWant) {
+		t.Fatal("hs differs after a write into a hole")
+	}
+	if st := s.Stats(); st.SpaceInvalidated != 1 || st.SpaceRefused != 1 || st.SpaceHeld != 1 {
+		t.Fatalf("stats %+v, want 1 invalidated, 1 refused, 1 held", st)
+	}
+	// A write into a hole and a chunk with data needs a copy: its
+	// snapshot is given up, and nothing is preallocated.
+	mv, err := s.CreateVolume("m", 2*cs, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := mv.WriteAt(fill(cs, 11), cs); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("m", "ms", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := mv.WriteAt(fill(2*cs, 12), 0); err != nil {
+		t.Fatalf("write to a hole and a data chunk below the reserve: %v", err)
+	}
+	if !snapInfoOf(t, s, "ms").Invalid {
+		t.Fatal("ms kept although the write needed a copy of chunk 1 below the reserve")
+	}
+	if st := s.Stats(); st.SpaceInvalidated != 2 || st.SpaceRefused != 1 || st.SpaceHeld != 1 {
+		t.Fatalf("stats %+v, want 2 invalidated, 1 refused, 1 held", st)
 	}
 	if err := s.Err(); err != nil {
 		t.Fatalf("store failed: %v", err)
@@ -173,11 +207,21 @@ func TestMinFree(t *testing.T) {
 		if got := mustRead(t, c, 0, 64*cs); !bytes.Equal(got, s2Image) {
 			t.Fatal("the clone differs")
 		}
-		if !snapInfoOf(t, s, "s1").Invalid || !snapInfoOf(t, s, "hs").Invalid {
-			t.Fatal("s1 or hs valid again")
+		if !snapInfoOf(t, s, "s1").Invalid || !snapInfoOf(t, s, "ms").Invalid {
+			t.Fatal("s1 or ms valid again")
+		}
+		if snapInfoOf(t, s, "hs").Invalid {
+			t.Fatal("hs invalid")
 		}
 		if got := mustRead(t, h, 0, 4*cs); !bytes.Equal(got, hWant) {
 			t.Fatal("h differs")
+		}
+		hs, err := s.Snapshot("hs")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := mustRead(t, hs, 0, 4*cs); !bytes.Equal(got, hsWant) {
+			t.Fatal("hs differs")
 		}
 	}
 	check(s)
@@ -280,6 +324,227 @@ func TestMinFreeFullDisk(t *testing.T) {
 				t.Fatal("the snapshot is valid again after reopen")
 			}
 		})
+	}
+}
+
+// TestMinFreeHoles fills a real file system (a tmpfs) until a single
+// chunk's blocks are free, below the reserve, and writes into holes of a
+// volume after a snapshot. The first write keeps the snapshot (its copy is
+// COW chunk 0) and takes the last blocks for its apply before it is
+// queued; the second finds none and fails alone with ENOSPC, where without
+// the preallocation both would be queued and the second's apply would fail
+// the store. Freed space lets it through; a reopen agrees. Run with the
+// kill journal (the writes wait for their apply instead) and without.
+func TestMinFreeHoles(t *testing.T) {
+	if os.Geteuid() != 0 {
+		skipOrFailKernel(t, "needs root to mount a tmpfs of a fixed size (CI runs as root)")
+	}
+	for _, survive := range []bool{true, false} {
+		t.Run(fmt.Sprint("survive-kill=", survive), func(t *testing.T) {
+			dir := t.TempDir()
+			if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=16m"); err != nil {
+				skipOrFailKernel(t, fmt.Sprintf("cannot mount a tmpfs here: %v", err))
+			}
+			t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+			sdir := filepath.Join(dir, "store")
+			s, err := Open(sdir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer func() { s.Close() }()
+			s.SetSurviveKill(survive)
+			s.SetMinFree(4 << 20)
+			const cs = 16 << 10
+			const size = 64 * cs
+			v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := make([]byte, size)
+			rand.New(rand.NewSource(3)).Read(want[:4*cs])
+			if _, err := v.WriteAt(want[:4*cs], 0); err != nil {
+				t.Fatal(err)
+			}
+			if err := v.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			snapWant := bytes.Clone(want)
+			// Fill the file system, then free one chunk's worth.
+			filler, err := os.Create(filepath.Join(dir, "filler"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer filler.Close()
+			var at int64
+			for _, piece := range []int{1 << 20, 4 << 10} {
+				for {
+					if _, err := filler.WriteAt(make([]byte, piece), at); err != nil {
+						if !errors.Is(err, syscall.ENOSPC) {
+							t.Fatal(err)
+						}
+						break
+					}
+					at += int64(piece)
+				}
+			}
+			if err := filler.Truncate(at - cs); err != nil {
+				t.Fatal(err)
+			}
+			if free, err := statfsFree(dir); err != nil || free != cs {
+				t.Fatalf("free after filling: %d bytes (%v), want one chunk (%d)", free, err, cs)
+			}
+
+			if _, err := v.WriteAt(fill(cs, 1), 10*cs); err != nil {
+				t.Fatalf("write into a hole with one chunk free: %v (store %v)", err, s.Err())
+			}
+			copy(want[10*cs:], fill(cs, 1))
+			if survive {
+				// Not journaled: answered once applied, so a kill now
+				// cannot lose it.
+				b, err := os.ReadFile(filepath.Join(sdir, dataFileName(v.obj)))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if len(b) < 11*cs || !bytes.Equal(b[10*cs:11*cs], fill(cs, 1)) {
+					t.Fatal("a write into a hole below the reserve was answered before its apply, and the kill journal does not hold it")
+				}
+			}
+			_, err = v.WriteAt(fill(cs, 2), 11*cs)
+			if !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
+				t.Fatalf("write into a hole with no block free: %v, want ErrNoSpace and ENOSPC", err)
+			}
+			if err := v.Flush(); err != nil {
+				t.Fatalf("flush after the refused write: %v", err)
+			}
+			if err := s.Err(); err != nil {
+				t.Fatalf("the store failed: %v", err)
+			}
+			if snapInfoOf(t, s, "s").Invalid {
+				t.Fatal("the snapshot was given up for writes into holes")
+			}
+			if st := s.Stats(); st.SpaceHeld != 1 || st.SpaceRefused != 1 || st.SpaceInvalidated != 0 {
+				t.Fatalf("stats %+v, want 1 held, 1 refused, 0 invalidated", st)
+			}
+			if got := mustRead(t, v, 0, size); !bytes.Equal(got, want) {
+				t.Fatal("the volume differs (the refused write landed, or the first one did not)")
+			}
+			// Space back: the refused write goes through.
+			if err := filler.Truncate(0); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := v.WriteAt(fill(cs, 2), 11*cs); err != nil {
+				t.Fatalf("write with space back: %v", err)
+			}
+			copy(want[11*cs:], fill(cs, 2))
+			if err := v.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			check := func(s *Store) {
+				t.Helper()
+				v, err := s.Volume("v")
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got := mustRead(t, v, 0, size); !bytes.Equal(got, want) {
+					t.Fatal("the volume differs")
+				}
+				sn, err := s.Snapshot("s")
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got := mustRead(t, sn, 0, size); !bytes.Equal(got, snapWant) {
+					t.Fatal("the snapshot differs")
+				}
+			}
+			check(s)
+			s = reopen(t, s, sdir)
+			check(s)
+		})
+	}
+}
+
+// TestMinFreeHoleAllocErrors: below the reserve, a write into holes whose
+// preallocation the file system refuses for want of space fails alone
+// (ENOSPC), keeps the snapshot, and gives back the blocks it took for its
+// other chunks; one whose file system cannot preallocate (EOPNOTSUPP)
+// gives the snapshot up and lands, as a write that needs a copy does.
+func TestMinFreeHoleAllocErrors(t *testing.T) {
+	const cs = 16 << 10
+	var failAt atomic.Int64 // the offset whose Allocate fails (-1: none)
+	var failErr atomic.Pointer[error]
+	var punched atomic.Int64
+	s, _ := openFault(t, t.TempDir(), func(fs *faultFS) {
+		fs.allocErr = func(name string, off, n int64) error {
+			if strings.HasSuffix(name, ".data") && failAt.Load() >= off && failAt.Load() < off+n {
+				return *failErr.Load()
+			}
+			return nil
+		}
+		fs.punchErr = func(name string, off, n int64) error {
+			if strings.HasSuffix(name, ".data") {
+				punched.Add(n)
+			}
+			return nil
+		}
+	})
+	defer s.Close()
+	var free atomic.Int64
+	free.Store(1 << 40)
+	s.freeBytes = func() (int64, error) { return free.Load(), nil }
+	s.SetMinFree(1 << 30)
+	v, err := s.CreateVolume("v", 8*cs, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(cs, 1), 7*cs); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// Chunk 2 written above the reserve: a write of chunks 0 to 3 below
+	// it preallocates 0 and 1 in one call, 3 in another, which fails.
+	if _, err := v.WriteAt(fill(cs, 2), 2*cs); err != nil {
+		t.Fatal(err)
+	}
+	free.Store(1)
+	failAt.Store(3 * cs)
+	noSpace := errors.Join(ErrNoSpace, syscall.ENOSPC)
+	failErr.Store(&noSpace)
+	before := punched.Load()
+	if _, err := v.WriteAt(fill(4*cs, 4), 0); !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("write with its preallocation refused: %v, want ErrNoSpace and ENOSPC", err)
+	}
+	if got := punched.Load() - before; got != 2*cs {
+		t.Fatalf("%d bytes given back, want the %d preallocated for chunks 0 and 1", got, 2*cs)
+	}
+	if snapInfoOf(t, s, "s").Invalid {
+		t.Fatal("the snapshot was given up")
+	}
+	if st := s.Stats(); st.SpaceRefused != 1 || st.SpaceHeld != 0 {
+		t.Fatalf("stats %+v, want 1 refused, 0 held", st)
+	}
+	if got := mustRead(t, v, 0, 4*cs); !bytes.Equal(got, append(make([]byte, 2*cs), append(fill(cs, 2), make([]byte, cs)...)...)) {
+		t.Fatal("the refused write changed the volume")
+	}
+	// A file system without fallocate: the snapshot is given up, and
+	// the write lands.
+	unsupported := fmt.Errorf("fallocate: %w", syscall.EOPNOTSUPP)
+	failErr.Store(&unsupported)
+	if _, err := v.WriteAt(fill(cs, 3), 3*cs); err != nil {
+		t.Fatalf("write where preallocation is not supported: %v", err)
+	}
+	if !snapInfoOf(t, s, "s").Invalid {
+		t.Fatal("the snapshot was kept without its write's blocks preallocated")
+	}
+	if got := mustRead(t, v, 3*cs, cs); !bytes.Equal(got, fill(cs, 3)) {
+		t.Fatal("the write did not land")
+	}
+	if err := s.Err(); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -684,6 +949,33 @@ func TestMinFreeChain(t *testing.T) {
 		}
 		if got := invalid(t, s, "d1", "d2"); got != "[d2]" {
 			t.Fatalf("invalid %s, want [d2]", got)
+		}
+	})
+	t.Run("holes need no copy, a chunk with data does", func(t *testing.T) {
+		s, v := setup(t)
+		if err := v.Discard(0, cs); err != nil { // chunk 0 a hole
+			t.Fatal(err)
+		}
+		snap(t, s, "s1", v, 1) // s1 holds chunk 1
+		snap(t, s, "s2", v, -1)
+		free.Store(1)
+		if _, err := v.WriteAt(fill(2*cs, 99), 0); err != nil {
+			t.Fatal(err)
+		}
+		// s2 lacked chunk 1 (data): given up. s1 holds it, and lacks
+		// only chunk 0, a hole: kept, with the hole's blocks taken.
+		if got := invalid(t, s, "s1", "s2"); got != "[s2]" {
+			t.Fatalf("invalid %s, want [s2]", got)
+		}
+		sn, _ := s.Snapshot("s1")
+		if got := mustRead(t, sn, 0, 2*cs); !bytes.Equal(got, append(make([]byte, cs), fill(cs, 1)...)) {
+			t.Fatal("s1 lost its image of chunks 0 and 1")
+		}
+		if st := s.Stats(); st.SpaceInvalidated != 1 || st.SpaceHeld != 1 {
+			t.Fatalf("stats %+v, want 1 invalidated, 1 held", st)
+		}
+		if got := mustRead(t, v, 0, 2*cs); !bytes.Equal(got, fill(2*cs, 99)) {
+			t.Fatal("the write did not land")
 		}
 	})
 	t.Run("a holder with a clone stops the walk", func(t *testing.T) {

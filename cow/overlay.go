@@ -111,6 +111,12 @@ type ovEntry struct {
 	// the first. Guarded by the stripe and the journal's mu.
 	journaled bool
 	jEpoch    uint64
+	// waits: the entry was made below the free-space reserve for a chunk
+	// the data file holds as a hole, whose blocks copyOut preallocated so
+	// that the apply cannot run out of space. Writes into it are not
+	// journaled (an append near a full disk could fail the store): a
+	// write waits for the entry's apply instead, as without a journal.
+	waits bool
 }
 
 // touch records that bytes [o, o+m) of the image changed.
@@ -504,7 +510,7 @@ func (v *Volume) writeOverlaid(off, n int64, p []byte) (unsettled, error) {
 			if err := e.write(o, m, part(at, at+m)); err != nil {
 				return u, err
 			}
-			if j := v.killJournal(); j != nil {
+			if j := v.killJournal(); j != nil && !e.waits {
 				// Safe from a kill once journaled: no wait for the batch.
 				if err := j.wrote(e, o, m, part(at, at+m)); err != nil {
 					return u, err
@@ -514,6 +520,7 @@ func (v *Volume) writeOverlaid(off, n int64, p []byte) (unsettled, error) {
 				// was put in, and we hold its stripe: it is not
 				// applied yet.
 				u.batch = v.ovLast.Load()
+				u.wait = u.wait || e.waits
 			}
 			run = at + m
 		}

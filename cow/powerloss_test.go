@@ -490,6 +490,18 @@ func (p *plFile) Allocated() (int64, error) {
 	return t, nil
 }
 
+// Allocate changes no content (plFile models content, not blocks): a
+// preallocated range still reads as zeros and counts as a hole, as on ext4
+// and XFS, whose unwritten extents SEEK_DATA skips.
+func (p *plFile) Allocate(off, size int64) error {
+	p.fs.mu.Lock()
+	defer p.fs.mu.Unlock()
+	if p.fs.dead {
+		return errPowerCut
+	}
+	return nil
+}
+
 func (p *plFile) Hole(off, size int64) (bool, error) {
 	p.fs.mu.Lock()
 	defer p.fs.mu.Unlock()

@@ -43,13 +43,18 @@ type Stats struct {
 	// has clones or is a rollback's target, or they were a rollback's).
 	SpaceInvalidated uint64
 	SpaceRefused     uint64
+	// SpaceHeld counts chunks first written after a snapshot below the
+	// reserve that the data file held as holes: their copy needs no
+	// space, so the snapshot was kept, and the chunk's data blocks were
+	// preallocated for the write instead.
+	SpaceHeld uint64
 }
 
 // Stats returns the engine's counters and the memory its exception indexes
 // hold. It takes each volume's lock briefly and is safe for concurrent use.
 func (s *Store) Stats() Stats {
 	st := Stats{ReclaimFailed: s.reclaimFailed.Load(), PunchZeroed: s.punchZeroed.Load(), CopyOuts: s.copyOuts.Load(), CopiedBytes: s.copiedBytes.Load(), ClonedBytes: s.clonedBytes.Load(), JournalRedone: s.redone,
-		SpaceInvalidated: s.spaceInvalidated.Load(), SpaceRefused: s.spaceRefused.Load()}
+		SpaceInvalidated: s.spaceInvalidated.Load(), SpaceRefused: s.spaceRefused.Load(), SpaceHeld: s.spaceHeld.Load()}
 	if j := s.jnl; j != nil {
 		j.mu.Lock()
 		st.JournalBytes = j.off + j.prevOff

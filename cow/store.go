@@ -82,6 +82,8 @@ type Store struct {
 	freeBytes        func() (int64, error)
 	spaceInvalidated atomic.Uint64
 	spaceRefused     atomic.Uint64
+	spaceHeld        atomic.Uint64 // chunks holdHoles preallocated below the reserve
+	noPrealloc       atomic.Bool   // the file system refused a preallocation (EOPNOTSUPP)
 }
 
 // SetSurviveKill sets whether WriteAt and Discard return only once their
@@ -125,10 +127,16 @@ func (s *Store) SetSurviveKill(on bool) { s.survive.Store(on) }
 // merge into the next older snapshot and the copies nobody needs are
 // freed): the newest snapshot, then each older one that still lacks the
 // chunk, until one holds it. The write then goes on without the overlay,
-// straight to the data file (into a hole too, whose apply would have
-// allocated), where an ENOSPC fails that write alone (a clone's write
-// still appends its present mark to the kill journal, whose ENOSPC fails
-// the store). The snapshots are given up in one commit, after the chain
+// straight to the data file, where an ENOSPC fails that write alone (a
+// clone's write still appends its present mark to the kill journal, whose
+// ENOSPC fails the store). A write whose chunks the data file holds as
+// holes is the exception: their copy is COW chunk 0 and takes no space,
+// so the snapshots are kept, and the blocks the write's apply will need
+// are preallocated (fallocate) before it is queued; if there are none,
+// the write fails alone with ErrNoSpace and nothing changes. Such a write
+// is not journaled (an append near a full disk could fail the store): with
+// SetSurviveKill it returns once its batch is applied (Stats.SpaceHeld).
+// The snapshots are given up in one commit, after the chain
 // was walked again under the volume's exclusive gate, so a clone or
 // another write arriving meanwhile cannot make it give up some and then
 // refuse. If the walk would reach a snapshot that may not be given up (it

@@ -1,6 +1,7 @@
 package cow
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"slices"
@@ -581,12 +582,14 @@ func (v *Volume) modifyAs(off, n int64, p []byte, internal, write bool) error {
 // unfinished rollback restores, ends the walk in a refusal: found up
 // front, the write is refused before any snapshot is lost for it. For a
 // discard, chunks the data file holds as holes need no copy (copyOut skips
-// them), so they count as held. The caller holds the gate, shared (copyOut,
+// them), and for a write they need no COW space (their copy is COW chunk
+// 0; holdHoles preallocates their data blocks), so they count as held
+// either way, unless the file system cannot preallocate. The caller holds the gate, shared (copyOut,
 // with the stripes of [c0, c1)) or exclusive (invalidate, which gives the
 // whole list up in one commit): the data file's holes there cannot change.
 func (v *Volume) spaceWalk(off, c0, c1 int64, discard bool) (give []*Snapshot, refuse bool, err error) {
-	held := make([]bool, c1-c0) // by a snapshot newer than the one asked, or a discarded hole
-	if discard {
+	held := make([]bool, c1-c0) // by a snapshot newer than the one asked, or a hole
+	if discard || !v.s.noPrealloc.Load() {
 		for c := c0; c < c1; c++ {
 			skip, err := v.discardSkips(c)
 			if err != nil {
@@ -670,6 +673,10 @@ type unsettled struct {
 	batch uint64
 	log   *committer
 	marks uint64
+	// wait: the write changed an entry made below the free-space reserve
+	// (ovEntry.waits), which the kill journal does not hold: wait for
+	// batch's apply even with a journal.
+	wait bool
 }
 
 // settle waits, when the store is set to survive a kill, until what u
@@ -679,6 +686,14 @@ type unsettled struct {
 func (v *Volume) settle(u unsettled) error {
 	if !v.s.survive.Load() {
 		return nil
+	}
+	if u.wait {
+		// Entries made below the free-space reserve are not journaled
+		// (ovEntry.waits); they hold no present mark to flush (their
+		// chunks are in the data file).
+		if err := u.log.waitApplied(u.batch); err != nil {
+			return err
+		}
 	}
 	if j := v.s.jnl; j != nil && !j.failed() {
 		// The kill journal holds what memory alone held: the bytes of
@@ -956,9 +971,14 @@ func (v *Volume) copyOut(off, c0, c1, reserved int64, discard, internal bool) er
 	// writes (this copy to the COW file, the new bytes to the data file)
 	// might find no space and fail the store: give up the snapshot, whose
 	// copies and ordering need the overlay, or refuse this write alone.
+	// Chunks the data file holds as holes need no copy, only data blocks
+	// for the apply: those are taken now (holdHoles), and the snapshot is
+	// kept.
 	if low, err := v.s.lowSpace(0); err != nil {
 		return err
-	} else if low {
+	} else if held, err := v.holdHoles(low && !internal, todo, es, zero, off); err != nil {
+		return err
+	} else if low && !held {
 		give, refuse, err := v.spaceWalk(off, c0, c1, discard)
 		if err != nil {
 			return err
@@ -1072,6 +1092,70 @@ func (v *Volume) copyOut(off, c0, c1, reserved int64, discard, internal bool) er
 	v.s.copyOuts.Add(uint64(len(todo)))
 	v.s.copiedBytes.Add(uint64(nonzero) << v.shift)
 	return nil
+}
+
+// holdHoles is copyOut's way below the free-space reserve for a change
+// whose chunks todo (entries es) the data file all holds as holes: their
+// copy is COW chunk 0, so the snapshot needs no space, and only the
+// entries' applies, after the write is answered, would allocate data
+// blocks, and fail the store if none were left. It preallocates those
+// blocks now (file.Allocate) and marks the entries to wait for their
+// apply rather than go to the kill journal, whose appends near a full
+// disk could fail the store too. With try false, or a chunk that is not a
+// hole (a copy needs COW space: the snapshots are given up instead), or a
+// file system that cannot preallocate (noPrealloc), it does nothing and
+// reports false. spaceWalk counts holes as held to match: after the
+// snapshots that lack a chunk with data are given up, the newest left
+// lacks only holes, which the retry's holdHoles takes.
+// When the blocks are not there, it releases what it took and refuses the
+// write alone (ErrNoSpace, ENOSPC): nothing changed. The caller holds the
+// stripes of todo.
+func (v *Volume) holdHoles(try bool, todo []int64, es []*ovEntry, zero []bool, off int64) (bool, error) {
+	if !try || v.s.noPrealloc.Load() {
+		return false, nil
+	}
+	for i, e := range es {
+		if !e.sparse || !zero[i] {
+			return false, nil
+		}
+	}
+	var done [][2]int64
+	for i := 0; i < len(todo); {
+		j := i + 1
+		for j < len(todo) && todo[j] == todo[j-1]+1 {
+			j++
+		}
+		at, n := todo[i]<<v.shift, int64(j-i)<<v.shift
+		if err := v.data.Allocate(at, n); err != nil {
+			// Unwritten blocks read as zeros: giving them back is
+			// tidiness, and a failure to is only reported.
+			var perr error
+			for _, r := range done {
+				perr = errors.Join(perr, v.data.Punch(r[0], r[1]))
+			}
+			if perr != nil {
+				perr = fmt.Errorf("releasing the blocks preallocated before: %w", perr)
+			}
+			switch {
+			case errors.Is(err, syscall.EOPNOTSUPP) && perr == nil:
+				// From now on spaceWalk gives up the snapshots that
+				// lack a hole too (no retry can preallocate).
+				v.s.noPrealloc.Store(true)
+				return false, nil
+			case errors.Is(err, ErrNoSpace):
+				v.s.spaceRefused.Add(1)
+				return false, errors.Join(fmt.Errorf("%w (%w): %d bytes at offset %d of volume %q: the store's file system is below its free-space reserve of %d bytes and has no blocks left for this write", ErrNoSpace, syscall.ENOSPC, int64(len(todo))<<v.shift, off, v.id, v.s.minFree.Load()), perr)
+			}
+			return false, errors.Join(err, perr)
+		}
+		done = append(done, [2]int64{at, n})
+		i = j
+	}
+	for _, e := range es {
+		e.waits = true
+	}
+	v.s.spaceHeld.Add(uint64(len(todo)))
+	return true, nil
 }
 
 // unalloc gives COW chunks that alloc handed out, and that nothing maps,

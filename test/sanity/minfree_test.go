@@ -3,9 +3,14 @@ package sanity
 import (
 	"bytes"
 	"context"
+	"io"
 	"math/rand"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -146,6 +151,185 @@ func TestFullDiskKeepsVolumeWorking(t *testing.T) {
 		t.Fatal(err)
 	}
 	if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestFullDiskKeepsSnapshotOfHoles drives the real binary with its data
+// dir on a 96 MiB tmpfs, always below its reserve (--min-free=1Gi): a
+// raw block volume of 32 MiB is snapshotted with 4 MiB written, and the
+// writes into its holes after that (through the loop device, O_DIRECT,
+// fsync) keep the snapshot (their copy takes no space: csi-snap
+// preallocates their blocks instead), which restores to exactly its
+// image. With the tmpfs then full, a write into a hole fails alone: the
+// plugin stays ready and the snapshot valid.
+func TestFullDiskKeepsSnapshotOfHoles(t *testing.T) {
+	requireCapabilities(t)
+	bin := buildPlugin(t)
+	dir := t.TempDir()
+	data := t.TempDir() // outside dir: see TestFullDiskKeepsVolumeWorking
+	if err := unix.Mount("tmpfs", data, "tmpfs", 0, "size=96m"); err != nil {
+		skipOrFail(t, "cannot mount a tmpfs for the data dir: %v", err)
+	}
+	t.Cleanup(func() { unix.Unmount(data, unix.MNT_DETACH) })
+	t.Cleanup(func() {
+		if forceCleanup(t, dir) {
+			t.Errorf("mounts, loop devices or holders were left under %s", dir)
+		}
+	})
+	ml, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metricsAddr := ml.Addr().String()
+	ml.Close()
+	sock := filepath.Join(dir, "csi.sock")
+	p := startPlugin(t, bin, sock, data, "--run-dir", filepath.Join(dir, "run"), "--min-free", "1Gi", "--metrics-address", metricsAddr)
+	t.Cleanup(func() { p.stop(t, os.Interrupt) })
+	cc := connect(t, sock)
+	ctx := context.Background()
+	ctrl, node, ident := csi.NewControllerClient(cc), csi.NewNodeClient(cc), csi.NewIdentityClient(cc)
+
+	const size = 32 << 20
+	create := func(name string, src *csi.VolumeContentSource) string {
+		t.Helper()
+		cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: size},
+			VolumeCapabilities: []*csi.VolumeCapability{blockCap()}, VolumeContentSource: src})
+		if err != nil {
+			t.Fatalf("create %s: %v", name, err)
+		}
+		return cv.Volume.VolumeId
+	}
+	publish := func(id, name string) string {
+		t.Helper()
+		staging, target := filepath.Join(dir, name+"-staging"), filepath.Join(dir, name+"-target")
+		if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: blockCap()}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			TargetPath: target, VolumeCapability: blockCap()}); err != nil {
+			t.Fatal(err)
+		}
+		return target
+	}
+	write := func(target string, p []byte, off int64) error {
+		f, err := os.OpenFile(target, os.O_RDWR|unix.O_DIRECT, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		for len(p) > 0 {
+			n := min(len(p), 1<<20)
+			if _, err := f.WriteAt(p[:n], off); err != nil {
+				return err
+			}
+			p, off = p[n:], off+int64(n)
+		}
+		return f.Sync()
+	}
+	read := func(target string) []byte {
+		t.Helper()
+		f, err := os.OpenFile(target, os.O_RDONLY|unix.O_DIRECT, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		b := alignedBlock(size)
+		if _, err := f.ReadAt(b, 0); err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+
+	id := create("holes", nil)
+	target := publish(id, "holes")
+	want := alignedBlock(size)
+	rng := rand.New(rand.NewSource(8))
+	rng.Read(want[:4<<20])
+	if err := write(target, want[:4<<20], 0); err != nil {
+		t.Fatal(err)
+	}
+	snapImage := bytes.Clone(want)
+	cs, err := ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{SourceVolumeId: id, Name: "holes-snap"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	snapID := cs.Snapshot.SnapshotId
+	rng.Read(want[4<<20 : 20<<20])
+	if err := write(target, want[4<<20:20<<20], 4<<20); err != nil {
+		t.Fatalf("write into holes below the reserve: %v", err)
+	}
+	if got := read(target); !bytes.Equal(got, want) {
+		t.Fatalf("the volume reads %q..., not what was written", head(got))
+	}
+	ls, err := ctrl.ListSnapshots(ctx, &csi.ListSnapshotsRequest{SnapshotId: snapID})
+	if err != nil || len(ls.Entries) != 1 || !ls.Entries[0].Snapshot.ReadyToUse {
+		t.Fatalf("list snapshot %s: %v, %v; want it ready: writes into holes need no copy", snapID, ls, err)
+	}
+	rid := create("holes-restore", &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
+		Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snapID}}})
+	rtarget := publish(rid, "holes-restore")
+	if got := read(rtarget); !bytes.Equal(got, snapImage) {
+		t.Fatalf("the restore reads %q..., not the snapshot's image", head(got))
+	}
+
+	// Fill the tmpfs: a write into a hole now has no block, and fails
+	// alone.
+	filler, err := os.Create(filepath.Join(data, "filler"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(filler.Name())
+	defer filler.Close()
+	var at int64
+	for _, piece := range []int{1 << 20, 4 << 10} {
+		for {
+			if _, err := filler.WriteAt(make([]byte, piece), at); err != nil {
+				break
+			}
+			at += int64(piece)
+		}
+	}
+	if err := write(target, want[:1<<20], 24<<20); err == nil {
+		t.Fatal("a write into a hole on a full disk succeeded")
+	}
+	pr, err := ident.Probe(ctx, &csi.ProbeRequest{})
+	if err != nil || !pr.GetReady().GetValue() {
+		t.Fatalf("probe after a refused write: %v, %v; want ready (the store must not have failed)", pr, err)
+	}
+	ls, err = ctrl.ListSnapshots(ctx, &csi.ListSnapshotsRequest{SnapshotId: snapID})
+	if err != nil || len(ls.Entries) != 1 || !ls.Entries[0].Snapshot.ReadyToUse {
+		t.Fatalf("list snapshot %s after a refused write: %v, %v; want it ready", snapID, ls, err)
+	}
+	resp, err := http.Get("http://" + metricsAddr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for name, ok := range map[string]func(float64) bool{
+		"csi_snap_low_space_hole_chunks_total":           func(v float64) bool { return v >= float64(16<<20)/(16<<10) },
+		"csi_snap_low_space_invalidated_snapshots_total": func(v float64) bool { return v == 0 },
+		"csi_snap_low_space_refused_writes_total":        func(v float64) bool { return v >= 1 },
+	} {
+		m := regexp.MustCompile(`(?m)^` + name + ` (\S+)$`).FindSubmatch(body)
+		if m == nil {
+			t.Fatalf("no %s metric", name)
+		}
+		if v, err := strconv.ParseFloat(string(m[1]), 64); err != nil || !ok(v) {
+			t.Fatalf("%s = %s", name, m[1])
+		}
+	}
+	filler.Truncate(0)
+
+	unpublishAndUnstage(t, node, rid, filepath.Join(dir, "holes-restore-staging"), rtarget)
+	unpublishAndUnstage(t, node, id, filepath.Join(dir, "holes-staging"), target)
+	for _, v := range []string{rid, id} {
+		if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := ctrl.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: snapID}); err != nil {
 		t.Fatal(err)
 	}
 }
