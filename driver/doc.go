@@ -52,10 +52,24 @@
 //     made. The mount table is the record, so the check holds across
 //     restarts. SINGLE_NODE_WRITER and SINGLE_NODE_MULTI_WRITER publishes
 //     are not limited.
-//   - NodeUnstageVolume while another path still holds the volume (a
-//     publish the CO did not undo) is FailedPrecondition: a block target's
-//     bind claims nothing, so the loop device would be freed under it and
-//     could be handed to the next volume.
+//   - NodeUnstageVolume of a volume's last stage while another path still
+//     holds the volume (a publish the CO did not undo) is
+//     FailedPrecondition: a block target's bind claims nothing, so the
+//     loop device would be freed under it and could be handed to the next
+//     volume.
+//   - Two PVs of one volume handle are staged at two paths (kubelet names
+//     a block stage's path after the PV, older kubelets a mount stage's
+//     too) and share one attachment. Each stage that succeeds leaves a
+//     record in DataDir/stages/<id>/ (this boot's ID and its path, symlinks
+//     resolved): an unstage while another stage is recorded thaws a
+//     leftover freeze, unmounts only its own path and keeps the device
+//     (publishes through the other stage may stay); the last one checks
+//     for publishes and detaches. A SINGLE_NODE_SINGLE_WRITER publish does
+//     not take the other stage's mount for a writable publish either.
+//     Without the records, the other stage's mount looked like a publish
+//     (neither of two mount stages could be unstaged) and a block unstage
+//     detached the device from under the other PV; stages made before the
+//     records existed keep that behaviour until they are staged again.
 //   - A NodeStageVolume that fails detaches what it attached (kubelet does
 //     not unstage a failed stage, and DeleteVolume refuses an attached
 //     volume), also when it is the retry of a stage the plugin was killed

@@ -12,3 +12,6 @@ func (d *Driver) HoldLock(keys ...string) (release func()) {
 
 // StageMarker is the path of id's stage marker (stageMarker).
 func (d *Driver) StageMarker(id string) string { return d.stageMarker(id) }
+
+// StageRecords is the directory of id's stage records (stageRecords).
+func (d *Driver) StageRecords(id string) string { return d.stageRecords(id) }

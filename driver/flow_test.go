@@ -2050,3 +2050,238 @@ func TestBlockAndMountOfOneDevice(t *testing.T) {
 		t.Fatalf("repeated block publish: %v", err)
 	}
 }
+
+// TestTwoStagesOfOneHandle: two PVs of one volume handle are staged at two
+// paths (kubelet names a block stage's path after the PV, older kubelets a
+// mount stage's too) and share one attachment. Unstaging one must neither
+// detach the device from under the other (the next publish through it
+// failed: "not staged") nor be refused because the other stage's mount of
+// the filesystem looks like a publish (neither of two mount stages could
+// ever be unstaged). The last unstage detaches; a record left by another
+// boot does not count.
+func TestTwoStagesOfOneHandle(t *testing.T) {
+	ctx := context.Background()
+	unstage := func(t *testing.T, e env, id, staging string) {
+		t.Helper()
+		if _, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+			t.Fatalf("unstage %s: %v", staging, err)
+		}
+	}
+	publish := func(t *testing.T, e env, id, staging, target string, c *csi.VolumeCapability) {
+		t.Helper()
+		if _, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			TargetPath: target, VolumeCapability: c}); err != nil {
+			t.Fatalf("publish %s at %s: %v", staging, target, err)
+		}
+	}
+	unpublish := func(t *testing.T, e env, id, target string) {
+		t.Helper()
+		if _, err := e.d.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+			t.Fatalf("unpublish %s: %v", target, err)
+		}
+	}
+	attached := func(e env, id string) bool { _, ok := e.fe.Device(id); return ok }
+
+	t.Run("block", func(t *testing.T) {
+		e := newEnv(t)
+		id := e.createVolume(t, "two-block-pvs", 1<<20).VolumeId
+		dir := t.TempDir()
+		s1, s2 := filepath.Join(dir, "pv1"), filepath.Join(dir, "pv2")
+		e.stageBlock(t, id, s1)
+		e.stageBlock(t, id, s2)
+		unstage(t, e, id, s2)
+		if !attached(e, id) {
+			t.Fatal("unstaging pv2 detached the device pv1 is staged with")
+		}
+		publish(t, e, id, s1, filepath.Join(dir, "pod1"), blockCap())
+		unpublish(t, e, id, filepath.Join(dir, "pod1"))
+		unstage(t, e, id, s1)
+		if attached(e, id) {
+			t.Fatal("still attached after the last unstage")
+		}
+		if _, err := os.Stat(e.d.StageRecords(id)); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("stage records left after the last unstage: %v", err)
+		}
+	})
+
+	t.Run("mount", func(t *testing.T) {
+		e := ext4Env(t, nil, nil)
+		d, fm := e.d, e.fm
+		id := e.createVolume(t, "two-mount-pvs", 1<<20).VolumeId
+		dir := t.TempDir()
+		s1, s2 := filepath.Join(dir, "pv1"), filepath.Join(dir, "pv2")
+		t1, t2 := filepath.Join(dir, "pod1"), filepath.Join(dir, "pod2")
+		for _, s := range []string{s1, s2} {
+			if _, err := d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: s, VolumeCapability: mountCap()}); err != nil {
+				t.Fatalf("stage at %s: %v", s, err)
+			}
+		}
+		publish(t, e, id, s1, t1, mountCap())
+		publish(t, e, id, s2, t2, mountCap())
+		// pv1's pod goes; pv2's stays.
+		unpublish(t, e, id, t1)
+		unstage(t, e, id, s1)
+		if !attached(e, id) {
+			t.Fatal("unstaging pv1 detached the device pv2 uses")
+		}
+		if m, _ := fm.IsMountPoint(s1); m {
+			t.Fatal("pv1's staging path is still mounted")
+		}
+		if m, _ := fm.IsMountPoint(s2); !m {
+			t.Fatal("unstaging pv1 unmounted pv2's staging path")
+		}
+		// The last stage is still refused while published.
+		if _, err := d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: s2}); status.Code(err) != codes.FailedPrecondition {
+			t.Fatalf("unstage of the last stage while published at %s: %v, want FailedPrecondition", t2, err)
+		}
+		unpublish(t, e, id, t2)
+		unstage(t, e, id, s2)
+		if attached(e, id) {
+			t.Fatal("still attached after the last unstage")
+		}
+	})
+
+	t.Run("spelled through a symlink", func(t *testing.T) {
+		e := newEnv(t)
+		id := e.createVolume(t, "symlinked", 1<<20).VolumeId
+		dir := t.TempDir()
+		real := filepath.Join(dir, "real")
+		if err := os.MkdirAll(filepath.Join(real, "pv1"), 0o750); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(real, filepath.Join(dir, "link")); err != nil {
+			t.Fatal(err)
+		}
+		e.stageBlock(t, id, filepath.Join(dir, "link", "pv1"))
+		e.stageBlock(t, id, filepath.Join(real, "pv1")) // kubelet's retry, spelled otherwise
+		unstage(t, e, id, filepath.Join(real, "pv1"))
+		if attached(e, id) {
+			t.Fatal("the stage's record, under another spelling of its path, kept the device attached")
+		}
+	})
+
+	t.Run("a failed stage leaves no record", func(t *testing.T) {
+		e := ext4Env(t, nil, nil)
+		id := e.createVolume(t, "failed-second", 1<<20).VolumeId
+		dir := t.TempDir()
+		s1, s2 := filepath.Join(dir, "pv1"), filepath.Join(dir, "pv2")
+		if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: s1, VolumeCapability: mountCap()}); err != nil {
+			t.Fatal(err)
+		}
+		// A block stage of a mounted volume is refused: no stage.
+		_, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: s2, VolumeCapability: blockCap()})
+		if status.Code(err) != codes.FailedPrecondition {
+			t.Fatalf("block stage of a mounted volume: %v, want FailedPrecondition", err)
+		}
+		// A retry at pv2 killed midway left only a temporary file.
+		if err := os.WriteFile(filepath.Join(e.d.StageRecords(id), "0123456789abcdef0123456789abcdef.tmp"), nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		unstage(t, e, id, s1)
+		if attached(e, id) {
+			t.Fatal("a failed stage kept the device attached after the only stage was unstaged")
+		}
+	})
+
+	t.Run("a leftover freeze is thawed first", func(t *testing.T) {
+		var mu sync.Mutex
+		var calls []string
+		thawFails := true
+		e := ext4Env(t, func(mp string) error {
+			mu.Lock()
+			defer mu.Unlock()
+			calls = append(calls, "freeze")
+			return nil
+		}, func(mp string) error {
+			mu.Lock()
+			defer mu.Unlock()
+			if thawFails {
+				thawFails = false
+				calls = append(calls, "thaw failed")
+				return errors.New("injected thaw failure")
+			}
+			calls = append(calls, "thaw")
+			return nil
+		})
+		id := e.createVolume(t, "frozen-two", 1<<20).VolumeId
+		dir := t.TempDir()
+		s1, s2 := filepath.Join(dir, "pv1"), filepath.Join(dir, "pv2")
+		for _, s := range []string{s1, s2} {
+			if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: s, VolumeCapability: mountCap()}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// The snapshot's thaw fails: its freeze marker stays.
+		e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "frozen-two-snap", SourceVolumeId: id})
+		unstage(t, e, id, s1)
+		mu.Lock()
+		got := fmt.Sprint(calls)
+		mu.Unlock()
+		if got != "[freeze thaw failed thaw]" {
+			t.Fatalf("freeze and thaw calls %s, want the leftover freeze thawed by the unstage", got)
+		}
+		unstage(t, e, id, s2)
+	})
+
+	t.Run("single writer", func(t *testing.T) {
+		e := ext4Env(t, nil, nil)
+		id := e.createVolume(t, "rwop-two", 1<<20).VolumeId
+		dir := t.TempDir()
+		s1, s2 := filepath.Join(dir, "pv1"), filepath.Join(dir, "pv2")
+		c := mountCap()
+		c.AccessMode.Mode = csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER
+		for _, s := range []string{s1, s2} {
+			if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: s, VolumeCapability: c}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		publish(t, e, id, s1, filepath.Join(dir, "pod1"), c)
+		_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: s2,
+			TargetPath: filepath.Join(dir, "pod2"), VolumeCapability: c})
+		if status.Code(err) != codes.FailedPrecondition {
+			t.Fatalf("a second writable publish of a single-writer volume: %v, want FailedPrecondition", err)
+		}
+	})
+
+	t.Run("a record of another boot", func(t *testing.T) {
+		e := newEnv(t)
+		id := e.createVolume(t, "old-record", 1<<20).VolumeId
+		dir := t.TempDir()
+		s1 := filepath.Join(dir, "pv1")
+		e.stageBlock(t, id, s1)
+		old := filepath.Join(e.d.StageRecords(id), "0123456789abcdef0123456789abcdef")
+		if err := os.WriteFile(old, []byte("not-this-boot\n"+filepath.Join(dir, "gone")+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		unstage(t, e, id, s1)
+		if attached(e, id) {
+			t.Fatal("a record of another boot kept the device attached")
+		}
+	})
+}
+
+// ext4Env is newEnv whose blkid finds ext4 on every device (mount stages
+// mount without mkfs) and whose filesystems freeze and thaw through freeze
+// and thaw (nil: the defaults).
+func ext4Env(t *testing.T, freeze, thaw func(string) error) env {
+	t.Helper()
+	exec := &testexec.FakeExec{}
+	for i := 0; i < 32; i++ {
+		exec.CommandScript = append(exec.CommandScript, func(cmd string, args ...string) utilexec.Cmd {
+			fc := &testexec.FakeCmd{CombinedOutputScript: []testexec.FakeAction{func() ([]byte, []byte, error) {
+				if cmd == "blkid" {
+					return []byte("DEVNAME=/dev/x\nTYPE=ext4\n"), nil, nil
+				}
+				return nil, nil, nil
+			}}}
+			return testexec.InitFakeCmd(fc, cmd, args...)
+		})
+	}
+	st, fe, fm := drivertest.NewStore(), drivertest.NewFrontend(), mount.NewFakeMounter(nil)
+	d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
+		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: exec}, Freeze: freeze, Thaw: thaw})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return env{d: d, store: st, fe: fe, fm: fm}
+}

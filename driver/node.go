@@ -227,21 +227,22 @@ func (d *Driver) publishedAt(id, staging string) (string, error) {
 	return "", nil
 }
 
-// writableAt returns a path other than staging and target where volume
-// device dev is published writable, or "": a bind of its staged filesystem
+// writableAt returns a path other than skipPaths (the publish's staging
+// path and target, and the volume's other stages) where volume device dev
+// is published writable, or "": a bind of its staged filesystem
 // without "ro", or a bind of its device node (with any flags: the kernel
 // does not apply a mount's read-only flag to a device node, which is why a
 // read-only block publish binds the read-only device instead, and why
 // this driver never binds dev with "ro"). One read of
 // the mount table; only mounts of the device file system are stat'ed.
-func (d *Driver) writableAt(dev, staging, target string) (string, error) {
+func (d *Driver) writableAt(dev string, skipPaths ...string) (string, error) {
 	mps, err := d.listMounts()
 	if err != nil {
 		return "", fmt.Errorf("list mounts: %w", err)
 	}
 	// The mount table lists resolved paths (see topMount).
 	skip := map[string]bool{}
-	for _, p := range []string{staging, target} {
+	for _, p := range skipPaths {
 		abs, err := filepath.Abs(p)
 		if err != nil {
 			return "", err
@@ -466,9 +467,13 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	}
 	if !wasAttached {
 		// Attached afresh from the store: no device held across a
-		// restart is left to fence.
+		// restart is left to fence, and no other stage shares the
+		// attachment (stageRecord): records left from an earlier one go.
 		if err := d.forgetLostWrites(id); err != nil {
 			return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
+		}
+		if err := d.dropStageRecords(id); err != nil {
+			return nil, toStatus(fmt.Errorf("stale stage records of %s: %w", id, err))
 		}
 		if err := writeMarker(marker, []byte(staging)); err != nil {
 			return nil, toStatus(fmt.Errorf("stage marker of %s: %w", id, err))
@@ -490,6 +495,14 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	defer func() {
 		switch {
 		case staged:
+			// This path's record among the volume's stages
+			// (stageRecord), kept until NodeUnstageVolume; written only
+			// now, so that a stage that never succeeded (killed, or
+			// failed) leaves none.
+			if err := d.writeStageRecord(id, staging); err != nil {
+				resp, rerr = nil, toStatus(fmt.Errorf("stage record of %s: %w", id, err))
+				return
+			}
 			// Kept, the marker would let a later failing stage detach
 			// this staged volume: the stage has not succeeded until it is
 			// gone.
@@ -504,6 +517,9 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 			}
 			if err := d.dropStageMarker(id); err != nil {
 				klog.ErrorS(err, "Removing stage marker", "volumeID", id)
+			}
+			if err := d.dropStageRecords(id); err != nil {
+				klog.ErrorS(err, "Removing stage records", "volumeID", id)
 			}
 		}
 	}()
@@ -779,6 +795,98 @@ func (d *Driver) stageMarker(id string) string {
 	return filepath.Join(d.opt.DataDir, "stage-markers", id)
 }
 
+// stageRecord is the file that records a finished stage of volume id at
+// staging (DataDir/stages/<id>/<hash of the staging path, symlinks
+// resolved>, holding this boot's ID and that path). Two PVs of one volume
+// handle are staged at two paths (kubelet names a block stage's path after
+// the PV, and older kubelets a mount stage's too) and share one
+// attachment: the records tell NodeUnstageVolume that another stage still
+// needs the device, so that it unmounts only its own path and does not
+// detach, and that the other path's mount of the same filesystem is a
+// stage, not a publish. Written when a stage succeeds (so a stage that was
+// killed or failed leaves none, and kubelet, which unstages only what
+// succeeded, removes every one); all of a volume's records go when it is
+// detached, or attached afresh. A record of another boot is ignored.
+// Stages made before records existed have none: for them an unstage
+// behaves as before (it detaches, or is refused while another path
+// mounts the filesystem) until they are staged again.
+func (d *Driver) stageRecord(id, staging string) string {
+	sum := sha256.Sum256([]byte(resolvedPath(staging)))
+	return filepath.Join(d.stageRecords(id), hex.EncodeToString(sum[:16]))
+}
+
+// resolvedPath is p made absolute with its symlinks resolved, as the
+// mount table lists it (or only absolute, where it cannot be resolved).
+func resolvedPath(p string) string {
+	abs, err := filepath.Abs(p)
+	if err != nil {
+		return p
+	}
+	if real, err := filepath.EvalSymlinks(abs); err == nil {
+		return real
+	}
+	return abs
+}
+
+// stageRecords is the directory of volume id's stage records.
+func (d *Driver) stageRecords(id string) string { return filepath.Join(d.opt.DataDir, "stages", id) }
+
+// writeStageRecord records a finished stage of id at staging, atomically
+// (a kill leaves the old record or the new one, never a torn one).
+func (d *Driver) writeStageRecord(id, staging string) error {
+	rec := d.stageRecord(id, staging)
+	tmp := rec + ".tmp"
+	if err := writeMarker(tmp, []byte(bootID()+"\n"+resolvedPath(staging)+"\n")); err != nil {
+		return err
+	}
+	return noSpace(os.Rename(tmp, rec))
+}
+
+// dropStageRecord removes the record of id's stage at staging, if any.
+func (d *Driver) dropStageRecord(id, staging string) error {
+	return dropMarker(d.stageRecord(id, staging))
+}
+
+// dropStageRecords removes all of id's stage records.
+func (d *Driver) dropStageRecords(id string) error { return os.RemoveAll(d.stageRecords(id)) }
+
+// otherStages returns the staging paths, other than staging (however
+// spelled), of the finished stages of volume id recorded in this boot
+// while its device is attached (see stageRecord).
+func (d *Driver) otherStages(id, staging string) ([]string, error) {
+	if _, ok := d.opt.Frontend.Device(id); !ok {
+		return nil, nil
+	}
+	ents, err := os.ReadDir(d.stageRecords(id))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	self, selfPath := filepath.Base(d.stageRecord(id, staging)), resolvedPath(staging)
+	boot := bootID()
+	var out []string
+	for _, e := range ents {
+		if e.Name() == self || strings.HasSuffix(e.Name(), ".tmp") {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(d.stageRecords(id), e.Name()))
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				continue
+			}
+			return nil, err
+		}
+		recBoot, path, ok := strings.Cut(strings.TrimSuffix(string(b), "\n"), "\n")
+		if !ok || path == "" || boot != "" && recBoot != boot || resolvedPath(path) == selfPath {
+			continue // not a record, of another boot, or this path's
+		}
+		out = append(out, path)
+	}
+	return out, nil
+}
+
 // staleStageMarker is the age past which another path's unfinished stage
 // counts as abandoned (see NodeStageVolume).
 const staleStageMarker = 30 * time.Minute
@@ -849,6 +957,33 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 		return nil, statusf(codes.Aborted, "an operation on volume %s is in progress", id)
 	}
 	defer d.locks.unlock(id)
+	// Another PV of this volume handle staged at another path (see
+	// stageRecord): only this path is unmounted; the device stays
+	// attached, so publishes through the other stage may stay too.
+	others, err := d.otherStages(id, staging)
+	if err != nil {
+		return nil, toStatus(fmt.Errorf("stage records of %s: %w", id, err))
+	}
+	if len(others) > 0 {
+		if err := d.takeBack(ctx, id); err != nil {
+			return nil, err
+		}
+		// A freeze a killed snapshot left on the filesystem (mounted
+		// here and at the other path) is thawed first, as below: once
+		// this path is unmounted, the leftover's marker, which may name
+		// it, would be taken for stale and dropped unthawed.
+		if err := d.thawLeftover(id); err != nil {
+			return nil, toStatus(err)
+		}
+		if err := d.unmount(staging, false); err != nil {
+			return nil, err
+		}
+		if err := d.dropStageRecord(id, staging); err != nil {
+			return nil, statusf(codes.Internal, "stage record of %s: %v", id, err)
+		}
+		klog.V(2).InfoS("Unstaged volume; still staged elsewhere", "volumeID", id, "stagingPath", staging, "otherStagingPaths", others)
+		return &csi.NodeUnstageVolumeResponse{}, nil
+	}
 	if target, err := d.publishedAt(id, staging); err != nil {
 		return nil, toStatus(err)
 	} else if target != "" {
@@ -879,6 +1014,9 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	}
 	if err := d.dropStageMarker(id); err != nil {
 		return nil, statusf(codes.Internal, "stage marker of %s: %v", id, err)
+	}
+	if err := d.dropStageRecords(id); err != nil {
+		return nil, statusf(codes.Internal, "stage records of %s: %v", id, err)
 	}
 	klog.V(2).InfoS("Unstaged volume", "volumeID", id, "stagingPath", staging)
 	return &csi.NodeUnstageVolumeResponse{}, nil
@@ -1024,7 +1162,13 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		// writable target has exceeded the capability. (Read-only
 		// publishes beside it are fine; the same target again was
 		// answered above.)
-		other, err := d.writableAt(dev, staging, target)
+		// Another PV's stage of the same volume handle mounts the
+		// filesystem writable too, and is no publish (stageRecord).
+		stages, err := d.otherStages(id, staging)
+		if err != nil {
+			return nil, toStatus(fmt.Errorf("stage records of %s: %w", id, err))
+		}
+		other, err := d.writableAt(dev, append(stages, staging, target)...)
 		if err != nil {
 			return nil, toStatus(err)
 		}
