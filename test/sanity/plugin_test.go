@@ -193,6 +193,7 @@ func forceCleanup(t *testing.T, dir string) bool {
 	}
 	for i := len(other) - 1; i >= 0; i-- {
 		did = true
+		t.Logf("cleanup: mount left at %s", other[i])
 		if err := syscall.Unmount(other[i], syscall.MNT_DETACH); err != nil {
 			t.Logf("cleanup: unmount %s: %v", other[i], err)
 		}
@@ -205,6 +206,7 @@ func forceCleanup(t *testing.T, dir string) bool {
 		}
 		did = true
 		dev := "/dev/" + filepath.Base(filepath.Dir(filepath.Dir(bf)))
+		t.Logf("cleanup: loop device %s left, backed by %s", dev, strings.TrimSpace(string(b)))
 		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
 			t.Logf("cleanup: losetup -d %s: %v %s", dev, err, out)
 		}
@@ -212,21 +214,35 @@ func forceCleanup(t *testing.T, dir string) bool {
 	fuse, _, conns := mounts()
 	for i, m := range fuse {
 		did = true
+		t.Logf("cleanup: FUSE mount left at %s", m)
 		os.WriteFile("/sys/fs/fuse/connections/"+conns[i]+"/abort", []byte("1"), 0)
 		if err := syscall.Unmount(m, syscall.MNT_DETACH); err != nil {
 			t.Logf("cleanup: unmount %s: %v", m, err)
 		}
 	}
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, c := range procs {
-		b, err := os.ReadFile(c)
-		if err != nil || !bytes.Contains(b, []byte("fuse-holder")) || !bytes.Contains(b, []byte(dir)) {
-			continue
+	holders := func() (pids []int) {
+		procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+		for _, c := range procs {
+			b, err := os.ReadFile(c)
+			if err != nil || !bytes.Contains(b, []byte("fuse-holder")) || !bytes.Contains(b, []byte(dir)) {
+				continue
+			}
+			if pid, err := strconv.Atoi(filepath.Base(filepath.Dir(c))); err == nil {
+				pids = append(pids, pid)
+			}
 		}
+		return pids
+	}
+	// A holder emptied by the test's last unstage exits by itself, but
+	// not at once: on a loaded machine it may still be on its way out
+	// when the plugin has stopped. Give it two seconds before it counts.
+	for deadline := time.Now().Add(2 * time.Second); len(holders()) > 0 && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond)
+	}
+	for _, pid := range holders() {
 		did = true
-		if pid, err := strconv.Atoi(filepath.Base(filepath.Dir(c))); err == nil {
-			syscall.Kill(pid, syscall.SIGKILL)
-		}
+		t.Logf("cleanup: fuse-holder process %d left", pid)
+		syscall.Kill(pid, syscall.SIGKILL)
 	}
 	return did
 }
