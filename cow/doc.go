@@ -115,8 +115,10 @@
 // file in the page cache that an Open in the same boot redoes (FORMAT.md,
 // "Kill journal"), and so does a clone's; a clone's write that completes a
 // chunk from its source journals the chunk's present mark instead of
-// waiting for a Flush to commit it. Writes that need none of that return
-// as before. TestCrash checks both promises.
+// waiting for a Flush to commit it. (Below a free-space reserve, a write
+// into holes is not journaled: it returns once its group commit applied
+// it; SetMinFree.) Writes that need none of that return as before.
+// TestCrash checks both promises.
 //
 // A large Discard is done in pieces of 4 MiB (discardPiece), so the
 // overlay and the stripes a piece takes stay bounded; discarding a chunk
@@ -139,7 +141,10 @@
 //     without a boot identity (no /proc/sys/kernel/random/boot_id) there
 //     is no journal: a first write after a snapshot waits for its group
 //     commit (two fsyncs and the apply), a write that completes a clone's
-//     chunk for a Flush.
+//     chunk for a Flush. So does a first write into holes below a
+//     free-space reserve (SetMinFree; BENCHMARKS.md, "Writes into holes
+//     below the free-space reserve": 13.6 times the time of a journaled
+//     one for a lone writer's random 4 KiB).
 //   - A first write after a snapshot returns before its copy is durable;
 //     its new data waits in the overlay (RAM) for one group commit. Under
 //     a sustained stream of first writes the committer (copy writes and
@@ -178,12 +183,15 @@
 //     (as over a Limit) and goes straight to the data file, and one that
 //     would have to give up a snapshot with clones (or a rollback's
 //     target), or is a rollback's own, fails alone with ErrNoSpace before
-//     anything changes. A write into holes of the data file needs no copy:
-//     it keeps the snapshots, and the blocks its apply needs are
-//     preallocated first (or it fails alone with ErrNoSpace)
+//     anything changes. A write whose chunks are holes of the data file
+//     needs no copy: it keeps the snapshots, the blocks of the bytes it
+//     changes are preallocated first (or, with none, or fewer than 4 MiB
+//     left for the log, it fails alone with ErrNoSpace), and, not being
+//     journaled, it waits for its group commit even with SetSurviveKill
 //     (Stats.SpaceInvalidated, SpaceRefused, SpaceHeld;
-//     TestMinFree, TestMinFreeChain, TestMinFreeModel, and
-//     TestMinFreeFullDisk on a real tmpfs). It is a margin checked with
+//     TestMinFree, TestMinFreeChain, TestMinFreeModel, TestMinFreeHoleGrow,
+//     TestMinFreeHoleAllocErrors, and TestMinFreeFullDisk and
+//     TestMinFreeHoles on a real tmpfs). It is a margin checked with
 //     statfs at each such write, not a guarantee.
 //   - A log write or sync error, and a failed fsync of a data or COW file
 //     (in Flush or a checkpoint), makes the store refuse changes (ErrClosed)

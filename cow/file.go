@@ -25,10 +25,12 @@ type file interface {
 	// Allocate reserves disk blocks for bytes [off, off+n) without
 	// changing the content or the size (fallocate with KEEP_SIZE): a later
 	// write there needs no new data block. Where nothing is written the
-	// range still reads as zeros and still counts as a hole for Hole (the
-	// blocks are unwritten extents). An error wrapping ErrNoSpace when the
-	// file system has too few free blocks; one wrapping
-	// syscall.EOPNOTSUPP where it cannot preallocate.
+	// range reads as zeros; Hole reports it as a hole only until a read
+	// has cached it (ext4 and XFS report cached unwritten blocks as data),
+	// so callers take only what they write. An error wrapping ErrNoSpace
+	// when the file system has too few free blocks (ext4 may keep part of
+	// the range allocated: punch it); one wrapping syscall.EOPNOTSUPP where
+	// it cannot preallocate.
 	Allocate(off, n int64) error
 	Truncate(size int64) error
 	Size() (int64, error)

@@ -22,7 +22,9 @@ import (
 // The kill journal (FORMAT.md, "Kill journal") makes a first write after a
 // snapshot safe from a kill of the process without waiting for its group
 // commit. With SetSurviveKill, a write that changes an overlay entry
-// appends the bytes it wrote to the journal before it returns: one write to
+// (except one made below the free-space reserve for a hole, ovEntry.waits,
+// whose writes wait for its apply instead) appends the bytes it wrote to
+// the journal before it returns: one write to
 // the page cache, never synced, since the promise covers a kill of the
 // process, not of the machine. The committer's apply, having written the
 // entry to the data file, appends a "settled" record for the chunk before

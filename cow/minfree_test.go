@@ -4,13 +4,16 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -327,14 +330,16 @@ func TestMinFreeFullDisk(t *testing.T) {
 	}
 }
 
-// TestMinFreeHoles fills a real file system (a tmpfs) until a single
-// chunk's blocks are free, below the reserve, and writes into holes of a
-// volume after a snapshot. The first write keeps the snapshot (its copy is
-// COW chunk 0) and takes the last blocks for its apply before it is
-// queued; the second finds none and fails alone with ENOSPC, where without
-// the preallocation both would be queued and the second's apply would fail
-// the store. Freed space lets it through; a reopen agrees. Run with the
-// kill journal (the writes wait for their apply instead) and without.
+// TestMinFreeHoles fills a real file system (a tmpfs) to below the reserve
+// and writes into holes of a volume after a snapshot. A write is refused
+// (ENOSPC, nothing changed, the store working) while fewer than the bytes
+// kept for the log (holeFloor) would stay free; with one chunk more it
+// keeps the snapshot (its copy is COW chunk 0) and takes its blocks before
+// it is queued, so that when the disk fills up completely while its apply
+// is held back, the apply still lands (without the preallocation it would
+// fail the store). With the kill journal the write is not answered before
+// its apply. A write with no space left fails alone; freed space lets it
+// through; a reopen agrees. Run with the kill journal and without.
 func TestMinFreeHoles(t *testing.T) {
 	if os.Geteuid() != 0 {
 		skipOrFailKernel(t, "needs root to mount a tmpfs of a fixed size (CI runs as root)")
@@ -347,13 +352,26 @@ func TestMinFreeHoles(t *testing.T) {
 			}
 			t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
 			sdir := filepath.Join(dir, "store")
-			s, err := Open(sdir)
+			// The applies' data-file writes can be held back.
+			var hold atomic.Bool
+			held, release := make(chan struct{}, 1), make(chan struct{})
+			fs := newFaultFS(sdir)
+			fs.writeHook = func(name string) {
+				if strings.HasSuffix(name, ".data") && hold.Load() {
+					held <- struct{}{}
+					<-release
+				}
+			}
+			if err := os.MkdirAll(sdir, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			s, err := openFS(sdir, fs)
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer func() { s.Close() }()
 			s.SetSurviveKill(survive)
-			s.SetMinFree(4 << 20)
+			s.SetMinFree(8 << 20)
 			const cs = 16 << 10
 			const size = 64 * cs
 			v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
@@ -372,44 +390,79 @@ func TestMinFreeHoles(t *testing.T) {
 				t.Fatal(err)
 			}
 			snapWant := bytes.Clone(want)
-			// Fill the file system, then free one chunk's worth.
 			filler, err := os.Create(filepath.Join(dir, "filler"))
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer filler.Close()
-			var at int64
-			for _, piece := range []int{1 << 20, 4 << 10} {
-				for {
-					if _, err := filler.WriteAt(make([]byte, piece), at); err != nil {
-						if !errors.Is(err, syscall.ENOSPC) {
-							t.Fatal(err)
+			// fillTo fills the file system and frees keep bytes again.
+			fillTo := func(keep int64) {
+				t.Helper()
+				at, err := filler.Seek(0, io.SeekEnd)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, piece := range []int{1 << 20, 4 << 10} {
+					for {
+						if _, err := filler.WriteAt(make([]byte, piece), at); err != nil {
+							if !errors.Is(err, syscall.ENOSPC) {
+								t.Fatal(err)
+							}
+							break
 						}
-						break
+						at += int64(piece)
 					}
-					at += int64(piece)
+				}
+				if err := filler.Truncate(at - keep); err != nil {
+					t.Fatal(err)
+				}
+				if free, err := statfsFree(dir); err != nil || free != keep {
+					t.Fatalf("free after filling: %d bytes (%v), want %d", free, err, keep)
 				}
 			}
-			if err := filler.Truncate(at - cs); err != nil {
+
+			// One page short of the log's floor and a chunk: refused.
+			fillTo(s.holeFloor + cs - 4<<10)
+			_, err = v.WriteAt(fill(cs, 1), 10*cs)
+			if !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
+				t.Fatalf("write into a hole leaving less than the log's floor: %v, want ErrNoSpace and ENOSPC", err)
+			}
+			// The floor and a chunk: it goes through, and while its apply
+			// is held back the file system fills up.
+			if err := filler.Truncate(0); err != nil {
 				t.Fatal(err)
 			}
-			if free, err := statfsFree(dir); err != nil || free != cs {
-				t.Fatalf("free after filling: %d bytes (%v), want one chunk (%d)", free, err, cs)
+			fillTo(s.holeFloor + cs)
+			hold.Store(true)
+			var releaseOnce sync.Once
+			letGo := func() { releaseOnce.Do(func() { hold.Store(false); close(release) }) }
+			defer letGo() // before s.Close, which waits for the held apply
+			done := make(chan error, 1)
+			go func() { _, err := v.WriteAt(fill(cs, 1), 10*cs); done <- err }()
+			<-held
+			if survive {
+				select {
+				case err := <-done:
+					t.Fatalf("a write into a hole below the reserve was answered (%v) before its apply, and the kill journal does not hold it", err)
+				case <-time.After(50 * time.Millisecond):
+				}
 			}
-
-			if _, err := v.WriteAt(fill(cs, 1), 10*cs); err != nil {
-				t.Fatalf("write into a hole with one chunk free: %v (store %v)", err, s.Err())
+			fillTo(0)
+			letGo()
+			if err := <-done; err != nil {
+				t.Fatalf("write into a hole with the floor and a chunk free: %v (store %v)", err, s.Err())
 			}
 			copy(want[10*cs:], fill(cs, 1))
+			if err := v.Flush(); err != nil {
+				t.Fatalf("flush after the disk filled up under a pending write into a hole: %v", err)
+			}
 			if survive {
-				// Not journaled: answered once applied, so a kill now
-				// cannot lose it.
 				b, err := os.ReadFile(filepath.Join(sdir, dataFileName(v.obj)))
 				if err != nil {
 					t.Fatal(err)
 				}
 				if len(b) < 11*cs || !bytes.Equal(b[10*cs:11*cs], fill(cs, 1)) {
-					t.Fatal("a write into a hole below the reserve was answered before its apply, and the kill journal does not hold it")
+					t.Fatal("the write's bytes are not in the data file")
 				}
 			}
 			_, err = v.WriteAt(fill(cs, 2), 11*cs)
@@ -425,11 +478,11 @@ func TestMinFreeHoles(t *testing.T) {
 			if snapInfoOf(t, s, "s").Invalid {
 				t.Fatal("the snapshot was given up for writes into holes")
 			}
-			if st := s.Stats(); st.SpaceHeld != 1 || st.SpaceRefused != 1 || st.SpaceInvalidated != 0 {
-				t.Fatalf("stats %+v, want 1 held, 1 refused, 0 invalidated", st)
+			if st := s.Stats(); st.SpaceHeld != 1 || st.SpaceRefused != 2 || st.SpaceInvalidated != 0 {
+				t.Fatalf("stats %+v, want 1 held, 2 refused, 0 invalidated", st)
 			}
 			if got := mustRead(t, v, 0, size); !bytes.Equal(got, want) {
-				t.Fatal("the volume differs (the refused write landed, or the first one did not)")
+				t.Fatal("the volume differs (a refused write landed, or the first one did not)")
 			}
 			// Space back: the refused write goes through.
 			if err := filler.Truncate(0); err != nil {
@@ -468,8 +521,8 @@ func TestMinFreeHoles(t *testing.T) {
 
 // TestMinFreeHoleAllocErrors: below the reserve, a write into holes whose
 // preallocation the file system refuses for want of space fails alone
-// (ENOSPC), keeps the snapshot, and gives back the blocks it took for its
-// other chunks; one whose file system cannot preallocate (EOPNOTSUPP)
+// (ENOSPC), keeps the snapshot, and gives back every range it asked for,
+// the failed one too; one whose file system cannot preallocate (EOPNOTSUPP)
 // gives the snapshot up and lands, as a write that needs a copy does.
 func TestMinFreeHoleAllocErrors(t *testing.T) {
 	const cs = 16 << 10
@@ -510,7 +563,7 @@ func TestMinFreeHoleAllocErrors(t *testing.T) {
 	if _, err := v.WriteAt(fill(cs, 2), 2*cs); err != nil {
 		t.Fatal(err)
 	}
-	free.Store(1)
+	free.Store(1<<30 - 1) // below the reserve, above the floor kept for the log
 	failAt.Store(3 * cs)
 	noSpace := errors.Join(ErrNoSpace, syscall.ENOSPC)
 	failErr.Store(&noSpace)
@@ -518,8 +571,8 @@ func TestMinFreeHoleAllocErrors(t *testing.T) {
 	if _, err := v.WriteAt(fill(4*cs, 4), 0); !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
 		t.Fatalf("write with its preallocation refused: %v, want ErrNoSpace and ENOSPC", err)
 	}
-	if got := punched.Load() - before; got != 2*cs {
-		t.Fatalf("%d bytes given back, want the %d preallocated for chunks 0 and 1", got, 2*cs)
+	if got := punched.Load() - before; got != 3*cs {
+		t.Fatalf("%d bytes given back, want the %d asked for chunks 0, 1 and 3 (ext4 keeps part of a failed fallocate)", got, 3*cs)
 	}
 	if snapInfoOf(t, s, "s").Invalid {
 		t.Fatal("the snapshot was given up")
@@ -548,6 +601,93 @@ func TestMinFreeHoleAllocErrors(t *testing.T) {
 	}
 }
 
+// TestMinFreeHoleGrow: a write into holes below the reserve preallocates
+// only the bytes it changes; a second write into the same pending entry
+// that widens what its apply will write (from the lowest changed byte to
+// the highest) takes the blocks in between and beyond first, and is
+// refused alone, the entry unchanged, when they are not there.
+func TestMinFreeHoleGrow(t *testing.T) {
+	const cs = 16 << 10
+	for _, refuse := range []bool{false, true} {
+		t.Run(fmt.Sprint("refused=", refuse), func(t *testing.T) {
+			var mu sync.Mutex
+			var allocs [][2]int64
+			var hold atomic.Bool
+			held, release := make(chan struct{}, 1), make(chan struct{})
+			s, _ := openFault(t, t.TempDir(), func(fs *faultFS) {
+				fs.allocErr = func(name string, off, n int64) error {
+					if !strings.HasSuffix(name, ".data") {
+						return nil
+					}
+					mu.Lock()
+					defer mu.Unlock()
+					allocs = append(allocs, [2]int64{off, n})
+					if refuse && len(allocs) == 2 {
+						return errors.Join(ErrNoSpace, syscall.ENOSPC)
+					}
+					return nil
+				}
+				// The batch's log sync is held back, so its entry stays.
+				fs.syncHook = func(name string) {
+					if strings.HasPrefix(name, "store.log") && hold.Load() {
+						held <- struct{}{}
+						<-release
+					}
+				}
+			})
+			var once sync.Once
+			letGo := func() { once.Do(func() { hold.Store(false); close(release) }) }
+			defer s.Close()
+			defer letGo()
+			s.freeBytes = func() (int64, error) { return 1 << 29, nil }
+			s.SetMinFree(1 << 30)
+			v, err := s.CreateVolume("v", 8*cs, VolumeOptions{ChunkSize: cs})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := v.WriteAt(fill(cs, 1), 0); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			hold.Store(true)
+			if _, err := v.WriteAt(fill(4<<10, 2), 5*cs); err != nil {
+				t.Fatal(err)
+			}
+			<-held
+			_, err = v.WriteAt(fill(4<<10, 3), 5*cs+8<<10)
+			if refuse {
+				if !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
+					t.Fatalf("write widening a pending entry with no blocks: %v, want ErrNoSpace and ENOSPC", err)
+				}
+			} else if err != nil {
+				t.Fatal(err)
+			}
+			letGo()
+			if err := v.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			mu.Lock()
+			got := fmt.Sprint(allocs)
+			mu.Unlock()
+			if want := fmt.Sprint([][2]int64{{5 * cs, 4 << 10}, {5*cs + 4<<10, 8 << 10}}); got != want {
+				t.Fatalf("preallocated %s, want %s", got, want)
+			}
+			wantChunk := append(fill(4<<10, 2), make([]byte, 12<<10)...)
+			if !refuse {
+				copy(wantChunk[8<<10:], fill(4<<10, 3))
+			}
+			if b := mustRead(t, v, 5*cs, cs); !bytes.Equal(b, wantChunk) {
+				t.Fatal("chunk 5 differs")
+			}
+			if snapInfoOf(t, s, "s").Invalid || s.Err() != nil {
+				t.Fatalf("snapshot invalid %v, store %v", snapInfoOf(t, s, "s").Invalid, s.Err())
+			}
+		})
+	}
+}
+
 // TestMinFreeModel runs the model's random streams (writes, discards,
 // snapshots with and without limits, clones, deletes, resizes, reopens)
 // while the free space swings below and above the reserve. Below it, every
@@ -564,7 +704,7 @@ func TestMinFreeModel(t *testing.T) {
 		steps, seeds = 6000, 12
 	}
 	const reserve = 1 << 30
-	var invalidated, refused int64
+	var invalidated, refused, held int64
 	for seed := int64(1); seed <= int64(seeds); seed++ {
 		t.Run(fmt.Sprint("seed", seed), func(t *testing.T) {
 			dir := t.TempDir()
@@ -581,6 +721,9 @@ func TestMinFreeModel(t *testing.T) {
 						return 1 << 40, nil
 					}
 					s.SetMinFree(reserve)
+					// Even seeds with the kill journal: writes into
+					// holes below the reserve then wait for their apply.
+					s.SetSurviveKill(seed%2 == 0)
 				}
 				return s, err
 			}
@@ -604,6 +747,7 @@ func TestMinFreeModel(t *testing.T) {
 				o := m.gen(rng, true)
 				if o.kind == opReopen {
 					invalidated += int64(s.Stats().SpaceInvalidated)
+					held += int64(s.Stats().SpaceHeld)
 				}
 				invalidBefore := invalidSnaps(s)
 				err := run(&s, open, o)
@@ -634,6 +778,7 @@ func TestMinFreeModel(t *testing.T) {
 				}
 			}
 			invalidated += int64(s.Stats().SpaceInvalidated)
+			held += int64(s.Stats().SpaceHeld)
 			if err := s.Close(); err != nil {
 				t.Fatal(err)
 			}
@@ -647,10 +792,10 @@ func TestMinFreeModel(t *testing.T) {
 	}
 	// Both outcomes of the reserve must have happened, or the stream did
 	// not test them.
-	if !t.Failed() && (invalidated == 0 || refused == 0) {
-		t.Fatalf("%d snapshots given up and %d writes refused for space in %d steps: the stream misses a case", invalidated, refused, steps*seeds)
+	if !t.Failed() && (invalidated == 0 || refused == 0 || held == 0) {
+		t.Fatalf("%d snapshots given up, %d writes refused and %d hole chunks kept for space in %d steps: the stream misses a case", invalidated, refused, held, steps*seeds)
 	}
-	t.Logf("%d snapshots given up, %d writes refused", invalidated, refused)
+	t.Logf("%d snapshots given up, %d writes refused, %d hole chunks kept", invalidated, refused, held)
 }
 
 // TestMinFreeChain: below the reserve, a write gives up every snapshot that
@@ -958,7 +1103,7 @@ func TestMinFreeChain(t *testing.T) {
 		}
 		snap(t, s, "s1", v, 1) // s1 holds chunk 1
 		snap(t, s, "s2", v, -1)
-		free.Store(1)
+		free.Store(1 << 29) // below the reserve, above the floor kept for the log
 		if _, err := v.WriteAt(fill(2*cs, 99), 0); err != nil {
 			t.Fatal(err)
 		}

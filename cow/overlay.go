@@ -112,11 +112,15 @@ type ovEntry struct {
 	journaled bool
 	jEpoch    uint64
 	// waits: the entry was made below the free-space reserve for a chunk
-	// the data file holds as a hole, whose blocks copyOut preallocated so
-	// that the apply cannot run out of space. Writes into it are not
-	// journaled (an append near a full disk could fail the store): a
-	// write waits for the entry's apply instead, as without a journal.
-	waits bool
+	// the data file holds as a hole (holdHoles), and the data blocks of
+	// bytes [alo, ahi) of the chunk, which hold [lo, hi), are preallocated
+	// so that the apply cannot run out of space (a write that would widen
+	// [lo, hi) past them takes the rest first: growAlloc). Writes into it
+	// are not journaled (an append near a full disk could fail the
+	// store): a write waits for the entry's apply instead, as without a
+	// journal.
+	waits    bool
+	alo, ahi int64
 }
 
 // touch records that bytes [o, o+m) of the image changed.
@@ -504,6 +508,11 @@ func (v *Volume) writeOverlaid(off, n int64, p []byte) (unsettled, error) {
 		if e := v.ovGet(c); e != nil {
 			if run < at {
 				if err := direct(run, at); err != nil {
+					return u, err
+				}
+			}
+			if e.waits {
+				if err := e.growAlloc(o, m); err != nil {
 					return u, err
 				}
 			}

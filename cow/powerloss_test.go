@@ -492,7 +492,7 @@ func (p *plFile) Allocated() (int64, error) {
 
 // Allocate changes no content (plFile models content, not blocks): a
 // preallocated range still reads as zeros and counts as a hole, as on ext4
-// and XFS, whose unwritten extents SEEK_DATA skips.
+// and XFS until a read caches it.
 func (p *plFile) Allocate(off, size int64) error {
 	p.fs.mu.Lock()
 	defer p.fs.mu.Unlock()

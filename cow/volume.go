@@ -775,7 +775,7 @@ func (v *Volume) modifyGated(off, n int64, p []byte, write, internal bool) (unse
 	// mappings are only added, so there is nothing to copy (a rewrite
 	// pays the index lookups once, not twice).
 	if need > 0 {
-		if err := v.copyOut(off, c0, c1, need, write && p == nil, internal); err != nil {
+		if err := v.copyOut(off, n, c0, c1, need, write && p == nil, internal); err != nil {
 			return unsettled{}, err
 		}
 	}
@@ -875,8 +875,8 @@ func (v *Volume) markPresent(cs []uint64) error {
 	return nil
 }
 
-// copyOut maps chunks [c0, c1) that the newest snapshot does not hold yet
-// in the snapshot's index, queues their records in the open batch and
+// copyOut maps chunks [c0, c1) (those of a change of n bytes at off) that
+// the newest snapshot does not hold yet in the snapshot's index, queues their records in the open batch and
 // puts an overlay entry for each, where the caller's write then lands and
 // which the committer moves to the data file once the records are durable
 // (overlay.go). For a chunk the data file holds it reads nothing: the
@@ -889,7 +889,7 @@ func (v *Volume) markPresent(cs []uint64) error {
 // bytes, the caller took for it (from copyNeed); what is not used is given
 // back. The caller holds the gate (shared) and the stripes of [c0, c1)
 // exclusively.
-func (v *Volume) copyOut(off, c0, c1, reserved int64, discard, internal bool) error {
+func (v *Volume) copyOut(off, n, c0, c1, reserved int64, discard, internal bool) error {
 	used := int64(0)
 	defer func() { v.s.log.unreserve(reserved - used) }()
 	v.mu.RLock()
@@ -976,7 +976,7 @@ func (v *Volume) copyOut(off, c0, c1, reserved int64, discard, internal bool) er
 	// kept.
 	if low, err := v.s.lowSpace(0); err != nil {
 		return err
-	} else if held, err := v.holdHoles(low && !internal, todo, es, zero, off); err != nil {
+	} else if held, err := v.holdHoles(low && !internal, todo, es, zero, off, n); err != nil {
 		return err
 	} else if low && !held {
 		give, refuse, err := v.spaceWalk(off, c0, c1, discard)
@@ -1095,22 +1095,24 @@ func (v *Volume) copyOut(off, c0, c1, reserved int64, discard, internal bool) er
 }
 
 // holdHoles is copyOut's way below the free-space reserve for a change
-// whose chunks todo (entries es) the data file all holds as holes: their
-// copy is COW chunk 0, so the snapshot needs no space, and only the
-// entries' applies, after the write is answered, would allocate data
-// blocks, and fail the store if none were left. It preallocates those
-// blocks now (file.Allocate) and marks the entries to wait for their
-// apply rather than go to the kill journal, whose appends near a full
-// disk could fail the store too. With try false, or a chunk that is not a
-// hole (a copy needs COW space: the snapshots are given up instead), or a
-// file system that cannot preallocate (noPrealloc), it does nothing and
-// reports false. spaceWalk counts holes as held to match: after the
-// snapshots that lack a chunk with data are given up, the newest left
-// lacks only holes, which the retry's holdHoles takes.
-// When the blocks are not there, it releases what it took and refuses the
-// write alone (ErrNoSpace, ENOSPC): nothing changed. The caller holds the
-// stripes of todo.
-func (v *Volume) holdHoles(try bool, todo []int64, es []*ovEntry, zero []bool, off int64) (bool, error) {
+// of bytes [off, off+n) whose chunks todo (entries es) the data file all
+// holds as holes: their copy is COW chunk 0, so the snapshot needs no
+// space, and only the entries' applies, after the write is answered, would
+// allocate data blocks, and fail the store if none were left. It
+// preallocates the blocks of the bytes the write changes in those chunks
+// now (preallocate; the entries remember them in [alo, ahi), and a later
+// write that widens what an entry's apply writes takes the rest first:
+// growAlloc) and marks the entries to wait for their apply rather than go
+// to the kill journal, whose appends near a full disk could fail the store
+// too. With try false, or a chunk that is not a hole (a copy needs COW
+// space: the snapshots are given up instead), or a file system that cannot
+// preallocate (noPrealloc), it does nothing and reports false. spaceWalk
+// counts holes as held to match: after the snapshots that lack a chunk
+// with data are given up, the newest left lacks only holes, which the
+// retry's holdHoles takes. When the blocks are not there, it refuses the
+// write alone (ErrNoSpace, ENOSPC), having given back what it took:
+// nothing changed. The caller holds the stripes of todo.
+func (v *Volume) holdHoles(try bool, todo []int64, es []*ovEntry, zero []bool, off, n int64) (bool, error) {
 	if !try || v.s.noPrealloc.Load() {
 		return false, nil
 	}
@@ -1119,43 +1121,115 @@ func (v *Volume) holdHoles(try bool, todo []int64, es []*ovEntry, zero []bool, o
 			return false, nil
 		}
 	}
-	var done [][2]int64
+	// Runs of consecutive chunks, each cut to the write's bytes.
+	var runs [][2]int64
+	total := int64(0)
 	for i := 0; i < len(todo); {
 		j := i + 1
 		for j < len(todo) && todo[j] == todo[j-1]+1 {
 			j++
 		}
-		at, n := todo[i]<<v.shift, int64(j-i)<<v.shift
-		if err := v.data.Allocate(at, n); err != nil {
-			// Unwritten blocks read as zeros: giving them back is
-			// tidiness, and a failure to is only reported.
-			var perr error
-			for _, r := range done {
-				perr = errors.Join(perr, v.data.Punch(r[0], r[1]))
-			}
-			if perr != nil {
-				perr = fmt.Errorf("releasing the blocks preallocated before: %w", perr)
-			}
-			switch {
-			case errors.Is(err, syscall.EOPNOTSUPP) && perr == nil:
-				// From now on spaceWalk gives up the snapshots that
-				// lack a hole too (no retry can preallocate).
-				v.s.noPrealloc.Store(true)
-				return false, nil
-			case errors.Is(err, ErrNoSpace):
-				v.s.spaceRefused.Add(1)
-				return false, errors.Join(fmt.Errorf("%w (%w): %d bytes at offset %d of volume %q: the store's file system is below its free-space reserve of %d bytes and has no blocks left for this write", ErrNoSpace, syscall.ENOSPC, int64(len(todo))<<v.shift, off, v.id, v.s.minFree.Load()), perr)
-			}
-			return false, errors.Join(err, perr)
-		}
-		done = append(done, [2]int64{at, n})
+		at := max(off, todo[i]<<v.shift)
+		end := min(off+n, (todo[j-1]+1)<<v.shift)
+		runs = append(runs, [2]int64{at, end - at})
+		total += end - at
 		i = j
 	}
+	if err := v.preallocate(runs); err != nil {
+		if errors.Is(err, syscall.EOPNOTSUPP) && !errors.Is(err, ErrNoSpace) {
+			// From now on spaceWalk gives up the snapshots that lack a
+			// hole too (no retry can preallocate).
+			v.s.noPrealloc.Store(true)
+			return false, nil
+		}
+		return false, v.refuseNoBlocks(err, off, total)
+	}
 	for _, e := range es {
+		base := e.c << v.shift
 		e.waits = true
+		e.alo, e.ahi = max(off, base)-base, min(off+n, base+v.chunkSize)-base
 	}
 	v.s.spaceHeld.Add(uint64(len(todo)))
 	return true, nil
+}
+
+// preallocate takes the data blocks of byte ranges runs (offset, length)
+// of v's data file, which hold no data, for writes
+// below the free-space reserve (holdHoles, growAlloc). It refuses, with an
+// error wrapping ErrNoSpace and taking nothing, when fewer than
+// holeFloor bytes are free (statfs) beyond the overlay's pending bytes,
+// which count the caller's: those are kept for the store's log, whose
+// records for such writes must still fit, and which has no zeros ahead
+// after a checkpoint. On a failed fallocate it punches every range it
+// asked for, the failed one too (ext4 keeps what a failed fallocate
+// allocated, and an unwritten range a read has cached counts as data for
+// SEEK_DATA: a later write there would be taken for one that needs a
+// copy).
+func (v *Volume) preallocate(runs [][2]int64) error {
+	free, err := v.s.freeBytes()
+	if err != nil {
+		return fmt.Errorf("cow: free space of %s: %w", v.s.dir, err)
+	}
+	if left := free - v.s.log.overlayUsed(); left < v.s.holeFloor {
+		// The overlay's bytes count the caller's reservation for its
+		// entries (whole chunks, at least total) or, for growAlloc, the
+		// entry's.
+		return fmt.Errorf("%w: %d bytes free beyond the overlay's pending writes, less than the %d kept for the store's log", ErrNoSpace, left, v.s.holeFloor)
+	}
+	for k, r := range runs {
+		if err := v.data.Allocate(r[0], r[1]); err != nil {
+			// The ranges held no data: giving them back is tidiness,
+			// and a failure to is only reported.
+			var perr error
+			for _, d := range runs[:k+1] {
+				perr = errors.Join(perr, v.data.Punch(d[0], d[1]))
+			}
+			if perr != nil {
+				perr = fmt.Errorf("giving back the blocks preallocated: %w", perr)
+			}
+			return errors.Join(err, perr)
+		}
+	}
+	return nil
+}
+
+// refuseNoBlocks turns preallocate's failure for a write of n bytes at off
+// into the write's error: ErrNoSpace and ENOSPC (the errno the frontend
+// answers) when the blocks are not there, counted as a refusal.
+func (v *Volume) refuseNoBlocks(err error, off, n int64) error {
+	if !errors.Is(err, ErrNoSpace) {
+		return err
+	}
+	v.s.spaceRefused.Add(1)
+	return fmt.Errorf("%w (%w): %d bytes at offset %d of volume %q: the store's file system is below its free-space reserve of %d bytes and has no blocks left for this write into a hole: %w", ErrNoSpace, syscall.ENOSPC, n, off, v.id, v.s.minFree.Load(), err)
+}
+
+// growAlloc makes sure the blocks of what e's apply will write, once a
+// write of bytes [o, o+m) of its chunk has changed it, are preallocated:
+// e.waits entries (holdHoles) took only the first write's bytes, and the
+// apply writes every byte from the lowest changed to the highest. The
+// caller holds the chunk's stripe, before changing e.
+func (e *ovEntry) growAlloc(o, m int64) error {
+	lo, hi := o, o+m
+	if e.lo < e.hi {
+		lo, hi = min(lo, e.lo), max(hi, e.hi)
+	}
+	var runs [][2]int64
+	base := e.c << e.v.shift
+	if lo < e.alo {
+		runs = append(runs, [2]int64{base + lo, e.alo - lo})
+	}
+	if hi > e.ahi {
+		runs = append(runs, [2]int64{base + e.ahi, hi - e.ahi})
+	}
+	if len(runs) == 0 {
+		return nil
+	}
+	if err := e.v.preallocate(runs); err != nil {
+		return e.v.refuseNoBlocks(err, base+o, m)
+	}
+	e.alo, e.ahi = min(e.alo, lo), max(e.ahi, hi)
+	return nil
 }
 
 // unalloc gives COW chunks that alloc handed out, and that nothing maps,
