@@ -581,12 +581,13 @@ func (v *Volume) modifyAs(off, n int64, p []byte, internal, write bool) error {
 // no copy (or the chain is empty). A snapshot with clones, or the one an
 // unfinished rollback restores, ends the walk in a refusal: found up
 // front, the write is refused before any snapshot is lost for it. For a
-// discard, chunks the data file holds as holes need no copy (copyOut skips
-// them), and for a write they need no COW space (their copy is COW chunk
-// 0; holdHoles preallocates their data blocks), so they count as held
-// either way, unless the file system cannot preallocate. The caller holds the gate, shared (copyOut,
-// with the stripes of [c0, c1)) or exclusive (invalidate, which gives the
-// whole list up in one commit): the data file's holes there cannot change.
+// discard, chunks the data file holds as holes need no copy (copyOut
+// skips them), and for a write they need no COW space (their copy is COW
+// chunk 0; holdHoles preallocates their data blocks), so they count as
+// held either way, unless the file system cannot preallocate. The caller
+// holds the gate, shared (copyOut, with the stripes of [c0, c1)) or
+// exclusive (invalidate, which gives the whole list up in one commit): the
+// data file's holes there cannot change.
 func (v *Volume) spaceWalk(off, c0, c1 int64, discard bool) (give []*Snapshot, refuse bool, err error) {
 	held := make([]bool, c1-c0) // by a snapshot newer than the one asked, or a hole
 	if discard || !v.s.noPrealloc.Load() {
@@ -876,7 +877,8 @@ func (v *Volume) markPresent(cs []uint64) error {
 }
 
 // copyOut maps chunks [c0, c1) (those of a change of n bytes at off) that
-// the newest snapshot does not hold yet in the snapshot's index, queues their records in the open batch and
+// the newest snapshot does not hold yet in the snapshot's index, queues
+// their records in the open batch and
 // puts an overlay entry for each, where the caller's write then lands and
 // which the committer moves to the data file once the records are durable
 // (overlay.go). For a chunk the data file holds it reads nothing: the
@@ -1154,11 +1156,11 @@ func (v *Volume) holdHoles(try bool, todo []int64, es []*ovEntry, zero []bool, o
 }
 
 // preallocate takes the data blocks of byte ranges runs (offset, length)
-// of v's data file, which hold no data, for writes
-// below the free-space reserve (holdHoles, growAlloc). It refuses, with an
-// error wrapping ErrNoSpace and taking nothing, when fewer than
-// holeFloor bytes are free (statfs) beyond the overlay's pending bytes,
-// which count the caller's: those are kept for the store's log, whose
+// of v's data file, which hold no data, for writes below the free-space
+// reserve (holdHoles, growAlloc). It refuses, with an error wrapping
+// ErrNoSpace and taking nothing, when fewer than holeFloor bytes are free
+// (statfs) beyond the overlay's pending bytes, which count the caller's:
+// those are kept for the store's log, whose
 // records for such writes must still fit, and which has no zeros ahead
 // after a checkpoint. On a failed fallocate it punches every range it
 // asked for, the failed one too (ext4 keeps what a failed fallocate

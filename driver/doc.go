@@ -14,7 +14,9 @@
 // are kept in the cow objects' labels, which cow persists crash-safely with
 // the object, so there is no second metadata file to keep in sync. Node state
 // (what is staged where) is rediscovered from the frontend (attached devices)
-// and the mount table, so it survives a restart of the process too.
+// and the mount table, so it survives a restart of the process too; a few
+// markers in DataDir keep what neither shows (unfinished stages and
+// publishes, leftover freezes, and which paths stage a volume, below).
 //
 // CreateVolume parameters (validate.go): csi.storage.k8s.io/fstype and
 // chunkSize, the cow chunk size in bytes (plain or with a Ki/Mi/Gi suffix; a
@@ -72,7 +74,9 @@
 //     records existed keep that behaviour until they are staged again.
 //   - A NodeStageVolume that fails detaches what it attached (kubelet does
 //     not unstage a failed stage, and DeleteVolume refuses an attached
-//     volume), also when it is the retry of a stage the plugin was killed
+//     volume; a failure after the stage's work was done, writing its
+//     record, answers Unavailable or ResourceExhausted instead, which
+//     kubelet retries), also when it is the retry of a stage the plugin was killed
 //     in: a marker in DataDir/stage-markers/<id> lives from before the
 //     Attach until the stage succeeds or the volume is detached, and tells
 //     that retry that the attachment Recover restored is that stage's.

@@ -15,3 +15,6 @@ func (d *Driver) StageMarker(id string) string { return d.stageMarker(id) }
 
 // StageRecords is the directory of id's stage records (stageRecords).
 func (d *Driver) StageRecords(id string) string { return d.stageRecords(id) }
+
+// StageRecord is the path of the record of id's stage at staging.
+func (d *Driver) StageRecord(id, staging string) string { return d.stageRecord(id, staging) }

@@ -2173,13 +2173,90 @@ func TestTwoStagesOfOneHandle(t *testing.T) {
 		if status.Code(err) != codes.FailedPrecondition {
 			t.Fatalf("block stage of a mounted volume: %v, want FailedPrecondition", err)
 		}
-		// A retry at pv2 killed midway left only a temporary file.
-		if err := os.WriteFile(filepath.Join(e.d.StageRecords(id), "0123456789abcdef0123456789abcdef.tmp"), nil, 0o600); err != nil {
+		// A stage at pv2 killed between its record's write and rename
+		// left a whole record under the temporary name.
+		boot, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+		if err := os.WriteFile(e.d.StageRecord(id, s2)+".tmp", []byte(strings.TrimSpace(string(boot))+"\n"+s2+"\n"), 0o600); err != nil {
 			t.Fatal(err)
 		}
 		unstage(t, e, id, s1)
 		if attached(e, id) {
 			t.Fatal("a failed stage kept the device attached after the only stage was unstaged")
+		}
+	})
+
+	t.Run("a retry that fails for good drops the record", func(t *testing.T) {
+		// pv2's stage succeeded, but kubelet never got the answer; its
+		// retry fails with a final code, so kubelet forgets pv2 and never
+		// unstages it: pv1's unstage must still detach.
+		e := newEnv(t)
+		id := e.createVolume(t, "lost-answer", 1<<20).VolumeId
+		dir := t.TempDir()
+		s1, s2 := filepath.Join(dir, "pv1"), filepath.Join(dir, "pv2")
+		e.stageBlock(t, id, s1)
+		e.stageBlock(t, id, s2)
+		dev, _ := e.fe.Device(id)
+		e.fm.MountPoints = append(e.fm.MountPoints, mount.MountPoint{Device: dev, Path: filepath.Join(dir, "elsewhere"), Type: "ext4"})
+		_, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: s2, VolumeCapability: blockCap()})
+		if status.Code(err) != codes.FailedPrecondition {
+			t.Fatalf("block stage of a device with a filesystem mounted: %v, want FailedPrecondition", err)
+		}
+		e.fm.MountPoints = e.fm.MountPoints[:len(e.fm.MountPoints)-1]
+		unstage(t, e, id, s1)
+		if attached(e, id) {
+			t.Fatal("the record of a stage kubelet forgot kept the device attached")
+		}
+	})
+
+	t.Run("records of an earlier attachment", func(t *testing.T) {
+		// A kill between the last unstage's detach and the records'
+		// removal left one: the next stage attaches afresh, and it
+		// must not count.
+		e := newEnv(t)
+		id := e.createVolume(t, "earlier", 1<<20).VolumeId
+		dir := t.TempDir()
+		s1, s2 := filepath.Join(dir, "pv1"), filepath.Join(dir, "pv2")
+		boot, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+		if err := os.MkdirAll(e.d.StageRecords(id), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(e.d.StageRecord(id, s1), []byte(strings.TrimSpace(string(boot))+"\n"+s1+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		e.stageBlock(t, id, s2)
+		unstage(t, e, id, s2)
+		if attached(e, id) {
+			t.Fatal("a record of an earlier attachment kept the device attached")
+		}
+	})
+
+	t.Run("a record that cannot be written", func(t *testing.T) {
+		// The stage's work is done: the answer must be one kubelet
+		// retries (it would never unstage after a final one), and the
+		// retry, once the record can be written, finishes it.
+		e := newEnv(t)
+		id := e.createVolume(t, "no-record", 1<<20).VolumeId
+		dir := t.TempDir()
+		s1, s2 := filepath.Join(dir, "pv1"), filepath.Join(dir, "pv2")
+		e.stageBlock(t, id, s1)
+		if err := os.MkdirAll(e.d.StageRecord(id, s2)+".tmp", 0o700); err != nil { // EISDIR
+			t.Fatal(err)
+		}
+		_, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: s2, VolumeCapability: blockCap()})
+		if status.Code(err) != codes.Unavailable {
+			t.Fatalf("stage whose record cannot be written: %v, want Unavailable", err)
+		}
+		if err := os.Remove(e.d.StageRecord(id, s2) + ".tmp"); err != nil {
+			t.Fatal(err)
+		}
+		e.stageBlock(t, id, s2)
+		unstage(t, e, id, s1)
+		if !attached(e, id) {
+			t.Fatal("unstaging pv1 detached the device pv2's retried stage uses")
+		}
+		unstage(t, e, id, s2)
+		if attached(e, id) {
+			t.Fatal("still attached after the last unstage")
 		}
 	})
 

@@ -382,6 +382,17 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if !isVolumeID(id) {
 		return nil, statusf(codes.NotFound, "volume %q does not exist", id)
 	}
+	defer func() {
+		// kubelet forgets a stage that answered a final code, also one
+		// that had succeeded before (an answer it never got): it will
+		// not unstage this path, so its record must not keep the device
+		// attached for the other PV's last unstage (stageRecord).
+		if rerr != nil && finalForKubelet(status.Code(rerr)) {
+			if err := d.dropStageRecord(id, staging); err != nil {
+				klog.ErrorS(err, "Removing stage record", "volumeID", id)
+			}
+		}
+	}()
 	v, err := d.opt.Store.Volume(id)
 	if err != nil {
 		return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
@@ -498,16 +509,19 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 			// This path's record among the volume's stages
 			// (stageRecord), kept until NodeUnstageVolume; written only
 			// now, so that a stage that never succeeded (killed, or
-			// failed) leaves none.
+			// failed) leaves none. The stage's work is done: a failure
+			// here answers a code kubelet retries (ResourceExhausted for
+			// a full DataDir, else Unavailable), not a final one, after
+			// which it would never unstage the mount and attachment.
 			if err := d.writeStageRecord(id, staging); err != nil {
-				resp, rerr = nil, toStatus(fmt.Errorf("stage record of %s: %w", id, err))
+				resp, rerr = nil, retriable(fmt.Errorf("stage record of %s: %w", id, err))
 				return
 			}
 			// Kept, the marker would let a later failing stage detach
 			// this staged volume: the stage has not succeeded until it is
 			// gone.
 			if err := d.dropStageMarker(id); err != nil {
-				resp, rerr = nil, statusf(codes.Internal, "stage marker of %s: %v", id, err)
+				resp, rerr = nil, retriable(fmt.Errorf("stage marker of %s: %w", id, err))
 			}
 		case unfinished:
 			if err := d.opt.Frontend.Detach(context.WithoutCancel(ctx), id); err != nil {
@@ -804,8 +818,10 @@ func (d *Driver) stageMarker(id string) string {
 // needs the device, so that it unmounts only its own path and does not
 // detach, and that the other path's mount of the same filesystem is a
 // stage, not a publish. Written when a stage succeeds (so a stage that was
-// killed or failed leaves none, and kubelet, which unstages only what
-// succeeded, removes every one); all of a volume's records go when it is
+// killed or failed leaves none), and dropped when a stage at the path
+// answers a code kubelet takes for final (it then forgets that stage,
+// even one that had succeeded before, and never unstages it): so kubelet
+// unstages every recorded path. All of a volume's records go when it is
 // detached, or attached afresh. A record of another boot is ignored.
 // Stages made before records existed have none: for them an unstage
 // behaves as before (it detaches, or is refused while another path
@@ -813,6 +829,29 @@ func (d *Driver) stageMarker(id string) string {
 func (d *Driver) stageRecord(id, staging string) string {
 	sum := sha256.Sum256([]byte(resolvedPath(staging)))
 	return filepath.Join(d.stageRecords(id), hex.EncodeToString(sum[:16]))
+}
+
+// finalForKubelet reports whether kubelet takes a NodeStageVolume that
+// answered code for finished (it then forgets the stage, and never
+// unstages it), as its CSI client's isFinalError does: every code but
+// those that mean "still in progress, or may be".
+func finalForKubelet(code codes.Code) bool {
+	switch code {
+	case codes.OK, codes.Canceled, codes.DeadlineExceeded, codes.Unavailable, codes.ResourceExhausted, codes.Aborted:
+		return false
+	}
+	return true
+}
+
+// retriable answers err, from a stage whose work was done, with a code
+// kubelet retries: ResourceExhausted for a full DataDir (toStatus), else
+// Unavailable.
+func retriable(err error) error {
+	st := toStatus(err)
+	if status.Code(st) == codes.ResourceExhausted {
+		return st
+	}
+	return statusf(codes.Unavailable, "%v (the stage is done; its retry finishes it)", err)
 }
 
 // resolvedPath is p made absolute with its symlinks resolved, as the
