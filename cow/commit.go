@@ -90,6 +90,22 @@ func newCommitter(f file, end int64, seq uint64) *committer {
 // record, which ends the log on Open.
 const logPrealloc = 4 << 20
 
+// holdRunway makes the log's next logPrealloc bytes past its end take
+// blocks now (fallocate with KEEP_SIZE; nothing to do where they have
+// them): the records of writes queued below the free-space reserve
+// (Volume.holdHoles) must find room in the log even if other writes fill
+// the disk before their batch is written, since a log write that fails
+// fails the store, and a checkpoint leaves a log with nothing ahead. The
+// batches in flight past end are far smaller than logPrealloc (their
+// records cover at most the overlay). An error wraps ErrNoSpace when the
+// blocks are not there.
+func (c *committer) holdRunway() error {
+	c.mu.Lock()
+	end := c.end
+	c.mu.Unlock()
+	return c.f.Allocate(end, logPrealloc)
+}
+
 // commit appends the encoded records recs (possibly empty, to just sync
 // files) and returns once they and the files are durable. An error is
 // sticky: the store then refuses changes (ErrClosed) until reopened, since a

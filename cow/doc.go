@@ -185,14 +185,14 @@
 //     target), or is a rollback's own, fails alone with ErrNoSpace before
 //     anything changes. A write whose chunks are holes of the data file
 //     needs no copy: it keeps the snapshots, the blocks of the bytes it
-//     changes are preallocated first (or, with none, or fewer than 4 MiB
-//     left for the log, it fails alone with ErrNoSpace), and, not being
-//     journaled, it waits for its group commit even with SetSurviveKill
+//     changes and of the log's next 4 MiB are preallocated first (or,
+//     with none, it fails alone with ErrNoSpace), and, not being
+//     journaled, with SetSurviveKill it waits for its group commit
 //     (Stats.SpaceInvalidated, SpaceRefused, SpaceHeld;
 //     TestMinFree, TestMinFreeChain, TestMinFreeModel, TestMinFreeHoleGrow,
 //     TestMinFreeHoleAllocErrors, and TestMinFreeFullDisk and
-//     TestMinFreeHoles on a real tmpfs). It is a margin checked with
-//     statfs at each such write, not a guarantee.
+//     TestMinFreeHoles on a real tmpfs). The reserve is a margin checked
+//     with statfs at each such write, not a guarantee.
 //   - A log write or sync error, and a failed fsync of a data or COW file
 //     (in Flush or a checkpoint), makes the store refuse changes (ErrClosed)
 //     until reopened: after a failed fsync the state on disk is unknown (a

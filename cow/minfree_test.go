@@ -331,15 +331,17 @@ func TestMinFreeFullDisk(t *testing.T) {
 }
 
 // TestMinFreeHoles fills a real file system (a tmpfs) to below the reserve
-// and writes into holes of a volume after a snapshot. A write is refused
-// (ENOSPC, nothing changed, the store working) while fewer than the bytes
-// kept for the log (holeFloor) would stay free; with one chunk more it
-// keeps the snapshot (its copy is COW chunk 0) and takes its blocks before
-// it is queued, so that when the disk fills up completely while its apply
-// is held back, the apply still lands (without the preallocation it would
-// fail the store). With the kill journal the write is not answered before
-// its apply. A write with no space left fails alone; freed space lets it
-// through; a reopen agrees. Run with the kill journal and without.
+// and writes into holes of a volume after a snapshot, right after a
+// checkpoint (the log has no blocks ahead of its end). With a chunk free,
+// the write is refused (ENOSPC, nothing changed, the store working): the
+// log's next 4 MiB, where its records go, cannot be taken. With 4 MiB and
+// a chunk free, it keeps the snapshot (its copy is COW chunk 0) and takes
+// those blocks and its chunk's before it is queued, so that when the disk
+// fills up completely while its batch is held back, the batch and the apply
+// still land (without either preallocation the store fails). With the kill
+// journal the write is not answered before its apply. A write with no
+// space left fails alone; freed space lets it through; a reopen agrees.
+// Run with the kill journal and without.
 func TestMinFreeHoles(t *testing.T) {
 	if os.Geteuid() != 0 {
 		skipOrFailKernel(t, "needs root to mount a tmpfs of a fixed size (CI runs as root)")
@@ -352,12 +354,12 @@ func TestMinFreeHoles(t *testing.T) {
 			}
 			t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
 			sdir := filepath.Join(dir, "store")
-			// The applies' data-file writes can be held back.
+			// The log's writes can be held back.
 			var hold atomic.Bool
 			held, release := make(chan struct{}, 1), make(chan struct{})
 			fs := newFaultFS(sdir)
 			fs.writeHook = func(name string) {
-				if strings.HasSuffix(name, ".data") && hold.Load() {
+				if strings.HasPrefix(name, "store.log") && hold.Load() {
 					held <- struct{}{}
 					<-release
 				}
@@ -390,6 +392,9 @@ func TestMinFreeHoles(t *testing.T) {
 				t.Fatal(err)
 			}
 			snapWant := bytes.Clone(want)
+			if err := s.Checkpoint(); err != nil {
+				t.Fatal(err)
+			}
 			filler, err := os.Create(filepath.Join(dir, "filler"))
 			if err != nil {
 				t.Fatal(err)
@@ -421,36 +426,42 @@ func TestMinFreeHoles(t *testing.T) {
 				}
 			}
 
-			// One page short of the log's floor and a chunk: refused.
-			fillTo(s.holeFloor + cs - 4<<10)
+			// A chunk free: the write fits, its records would not.
+			fillTo(cs)
 			_, err = v.WriteAt(fill(cs, 1), 10*cs)
 			if !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
-				t.Fatalf("write into a hole leaving less than the log's floor: %v, want ErrNoSpace and ENOSPC", err)
+				t.Fatalf("write into a hole with no room for the log: %v, want ErrNoSpace and ENOSPC", err)
 			}
-			// The floor and a chunk: it goes through, and while its apply
-			// is held back the file system fills up.
+			if err := s.Err(); err != nil {
+				t.Fatalf("the store failed: %v", err)
+			}
+			// The log's 4 MiB and a chunk: it goes through, and while its
+			// batch is held back the file system fills up.
 			if err := filler.Truncate(0); err != nil {
 				t.Fatal(err)
 			}
-			fillTo(s.holeFloor + cs)
+			if err := s.Checkpoint(); err != nil { // nothing ahead of the log again
+				t.Fatal(err)
+			}
+			fillTo(logPrealloc + cs)
 			hold.Store(true)
 			var releaseOnce sync.Once
 			letGo := func() { releaseOnce.Do(func() { hold.Store(false); close(release) }) }
-			defer letGo() // before s.Close, which waits for the held apply
+			defer letGo() // before s.Close, which waits for the held batch
 			done := make(chan error, 1)
 			go func() { _, err := v.WriteAt(fill(cs, 1), 10*cs); done <- err }()
 			<-held
 			if survive {
 				select {
 				case err := <-done:
-					t.Fatalf("a write into a hole below the reserve was answered (%v) before its apply, and the kill journal does not hold it", err)
+					t.Fatalf("a write into a hole below the reserve was answered (%v) before its batch, and the kill journal does not hold it", err)
 				case <-time.After(50 * time.Millisecond):
 				}
 			}
 			fillTo(0)
 			letGo()
 			if err := <-done; err != nil {
-				t.Fatalf("write into a hole with the floor and a chunk free: %v (store %v)", err, s.Err())
+				t.Fatalf("write into a hole with the log's 4 MiB and a chunk free: %v (store %v)", err, s.Err())
 			}
 			copy(want[10*cs:], fill(cs, 1))
 			if err := v.Flush(); err != nil {
@@ -601,17 +612,110 @@ func TestMinFreeHoleAllocErrors(t *testing.T) {
 	}
 }
 
+// TestMinFreeHoleNoRunway: below the reserve, with no blocks for the log's
+// next 4 MiB, a write into holes alone is refused (its records might not
+// fit: a failed log write fails the store), and a write of a hole and a
+// chunk with data gives up every snapshot that lacks either and lands,
+// rather than giving up those that lack the data and then being refused
+// for the hole.
+func TestMinFreeHoleNoRunway(t *testing.T) {
+	const cs = 16 << 10
+	var noLog atomic.Bool
+	s, _ := openFault(t, t.TempDir(), func(fs *faultFS) {
+		fs.allocErr = func(name string, off, n int64) error {
+			if strings.HasPrefix(name, "store.log") && noLog.Load() {
+				return errors.Join(ErrNoSpace, syscall.ENOSPC)
+			}
+			return nil
+		}
+	})
+	defer s.Close()
+	var free atomic.Int64
+	free.Store(1 << 40)
+	s.freeBytes = func() (int64, error) { return free.Load(), nil }
+	s.SetMinFree(1 << 30)
+	v, err := s.CreateVolume("v", 8*cs, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(cs, 1), cs); err != nil { // chunk 1 data, the rest holes
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s1", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(cs, 2), cs); err != nil { // s1 holds chunk 1
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	free.Store(1 << 29)
+	noLog.Store(true)
+	_, err = v.WriteAt(fill(cs, 3), 4*cs)
+	if !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("write into a hole with no room for the log: %v, want ErrNoSpace and ENOSPC", err)
+	}
+	if snapInfoOf(t, s, "s1").Invalid || snapInfoOf(t, s, "s2").Invalid {
+		t.Fatal("a snapshot was given up for a refused write")
+	}
+	if _, err := v.WriteAt(fill(2*cs, 4), 0); err != nil {
+		t.Fatalf("write of a hole and a chunk with data with no room for the log: %v", err)
+	}
+	if !snapInfoOf(t, s, "s1").Invalid || !snapInfoOf(t, s, "s2").Invalid {
+		t.Fatalf("s1 invalid %v, s2 invalid %v: both lack chunk 0, which could not be held", snapInfoOf(t, s, "s1").Invalid, snapInfoOf(t, s, "s2").Invalid)
+	}
+	if got := mustRead(t, v, 0, 2*cs); !bytes.Equal(got, fill(2*cs, 4)) {
+		t.Fatal("the write did not land")
+	}
+	if st := s.Stats(); st.SpaceRefused != 1 || st.SpaceInvalidated != 2 || st.SpaceHeld != 0 {
+		t.Fatalf("stats %+v, want 1 refused, 2 invalidated, 0 held", st)
+	}
+	if err := s.Err(); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestMinFreeHoleGrow: a write into holes below the reserve preallocates
 // only the bytes it changes; a second write into the same pending entry
 // that widens what its apply will write (from the lowest changed byte to
-// the highest) takes the blocks in between and beyond first, and is
-// refused alone, the entry unchanged, when they are not there.
+// the highest), above or below, takes the blocks in between and beyond
+// first, and is refused alone when they are not there, giving back what
+// its request took (also a new chunk's blocks its copy-out took); a
+// discard that leaves the entry holding discards alone takes nothing (the
+// apply punches).
 func TestMinFreeHoleGrow(t *testing.T) {
-	const cs = 16 << 10
-	for _, refuse := range []bool{false, true} {
-		t.Run(fmt.Sprint("refused=", refuse), func(t *testing.T) {
+	const cs, k4 = 16 << 10, 4 << 10
+	type op struct {
+		off int64
+		n   int64
+		b   byte // 0: a discard
+	}
+	for _, c := range []struct {
+		name    string
+		ops     []op
+		failAt  int // the Allocate of the data file that fails (1-based; 0: none)
+		allocs  [][2]int64
+		punched [][2]int64
+		refused int // the op (0-based) refused with ENOSPC (-1: none)
+	}{
+		{"above", []op{{5 * cs, k4, 2}, {5*cs + 2*k4, k4, 3}}, 0,
+			[][2]int64{{5 * cs, k4}, {5*cs + k4, 2 * k4}}, nil, -1},
+		{"below", []op{{5*cs + 2*k4, k4, 2}, {5 * cs, k4, 3}}, 0,
+			[][2]int64{{5*cs + 2*k4, k4}, {5 * cs, 2 * k4}}, nil, -1},
+		{"refused", []op{{5 * cs, k4, 2}, {5*cs + 2*k4, k4, 3}}, 2,
+			[][2]int64{{5 * cs, k4}, {5*cs + k4, 2 * k4}}, [][2]int64{{5*cs + k4, 2 * k4}}, 1},
+		{"refused with a new chunk", []op{{5 * cs, k4, 2}, {5*cs + 2*k4, cs, 3}}, 3,
+			[][2]int64{{5 * cs, k4}, {6 * cs, 2 * k4}, {5*cs + k4, 3 * k4}},
+			[][2]int64{{5*cs + k4, 3 * k4}, {6 * cs, 2 * k4}}, 1},
+		{"covering discard", []op{{5 * cs, k4, 2}, {5 * cs, cs, 0}}, 0,
+			[][2]int64{{5 * cs, k4}}, nil, -1},
+		{"partial discard", []op{{5 * cs, k4, 2}, {5*cs + 2*k4, k4, 0}}, 0,
+			[][2]int64{{5 * cs, k4}, {5*cs + k4, 2 * k4}}, nil, -1},
+	} {
+		t.Run(c.name, func(t *testing.T) {
 			var mu sync.Mutex
-			var allocs [][2]int64
+			var allocs, punched [][2]int64
 			var hold atomic.Bool
 			held, release := make(chan struct{}, 1), make(chan struct{})
 			s, _ := openFault(t, t.TempDir(), func(fs *faultFS) {
@@ -622,12 +726,20 @@ func TestMinFreeHoleGrow(t *testing.T) {
 					mu.Lock()
 					defer mu.Unlock()
 					allocs = append(allocs, [2]int64{off, n})
-					if refuse && len(allocs) == 2 {
+					if len(allocs) == c.failAt {
 						return errors.Join(ErrNoSpace, syscall.ENOSPC)
 					}
 					return nil
 				}
-				// The batch's log sync is held back, so its entry stays.
+				fs.punchErr = func(name string, off, n int64) error {
+					if strings.HasSuffix(name, ".data") && hold.Load() {
+						mu.Lock()
+						punched = append(punched, [2]int64{off, n})
+						mu.Unlock()
+					}
+					return nil
+				}
+				// The batch's log sync is held back, so its entries stay.
 				fs.syncHook = func(name string) {
 					if strings.HasPrefix(name, "store.log") && hold.Load() {
 						held <- struct{}{}
@@ -651,35 +763,44 @@ func TestMinFreeHoleGrow(t *testing.T) {
 			if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
 				t.Fatal(err)
 			}
+			want := make([]byte, 8*cs)
+			copy(want, fill(cs, 1))
 			hold.Store(true)
-			if _, err := v.WriteAt(fill(4<<10, 2), 5*cs); err != nil {
-				t.Fatal(err)
-			}
-			<-held
-			_, err = v.WriteAt(fill(4<<10, 3), 5*cs+8<<10)
-			if refuse {
-				if !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
-					t.Fatalf("write widening a pending entry with no blocks: %v, want ErrNoSpace and ENOSPC", err)
+			for i, o := range c.ops {
+				if o.b == 0 {
+					err = v.Discard(o.off, o.n)
+				} else {
+					_, err = v.WriteAt(fill(int(o.n), o.b), o.off)
 				}
-			} else if err != nil {
-				t.Fatal(err)
+				if i == c.refused {
+					if !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
+						t.Fatalf("op %d: %v, want ErrNoSpace and ENOSPC", i, err)
+					}
+					continue
+				}
+				if err != nil {
+					t.Fatalf("op %d: %v", i, err)
+				}
+				copy(want[o.off:o.off+o.n], fill(int(o.n), o.b))
+				if i == 0 {
+					<-held
+				}
 			}
+			mu.Lock()
+			gotAllocs, gotPunched := fmt.Sprint(allocs), fmt.Sprint(punched)
+			mu.Unlock()
 			letGo()
 			if err := v.Flush(); err != nil {
 				t.Fatal(err)
 			}
-			mu.Lock()
-			got := fmt.Sprint(allocs)
-			mu.Unlock()
-			if want := fmt.Sprint([][2]int64{{5 * cs, 4 << 10}, {5*cs + 4<<10, 8 << 10}}); got != want {
-				t.Fatalf("preallocated %s, want %s", got, want)
+			if want := fmt.Sprint(c.allocs); gotAllocs != want {
+				t.Fatalf("preallocated %s, want %s", gotAllocs, want)
 			}
-			wantChunk := append(fill(4<<10, 2), make([]byte, 12<<10)...)
-			if !refuse {
-				copy(wantChunk[8<<10:], fill(4<<10, 3))
+			if want := fmt.Sprint(c.punched); gotPunched != want && !(c.punched == nil && gotPunched == "[]") {
+				t.Fatalf("given back %s, want %s", gotPunched, want)
 			}
-			if b := mustRead(t, v, 5*cs, cs); !bytes.Equal(b, wantChunk) {
-				t.Fatal("chunk 5 differs")
+			if b := mustRead(t, v, 0, 8*cs); !bytes.Equal(b, want) {
+				t.Fatal("the volume differs")
 			}
 			if snapInfoOf(t, s, "s").Invalid || s.Err() != nil {
 				t.Fatalf("snapshot invalid %v, store %v", snapInfoOf(t, s, "s").Invalid, s.Err())

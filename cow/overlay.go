@@ -1,6 +1,7 @@
 package cow
 
 import (
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -500,6 +501,9 @@ func (v *Volume) writeOverlaid(off, n int64, p []byte) (unsettled, error) {
 	var u unsettled
 	direct := func(from, to int64) error { return v.writeDirect(from, to-from, part(from, to)) }
 	end := off + n
+	if err := v.growWaiting(off, end, p == nil); err != nil {
+		return u, err
+	}
 	run := off // start of the run of chunks without an entry
 	for at := off; at < end; {
 		c := at >> v.shift
@@ -508,11 +512,6 @@ func (v *Volume) writeOverlaid(off, n int64, p []byte) (unsettled, error) {
 		if e := v.ovGet(c); e != nil {
 			if run < at {
 				if err := direct(run, at); err != nil {
-					return u, err
-				}
-			}
-			if e.waits {
-				if err := e.growAlloc(o, m); err != nil {
 					return u, err
 				}
 			}
@@ -539,6 +538,58 @@ func (v *Volume) writeOverlaid(off, n int64, p []byte) (unsettled, error) {
 		return u, direct(run, end)
 	}
 	return u, nil
+}
+
+// growWaiting has the entries made below the free-space reserve
+// (ovEntry.waits) among the chunks of a change of [off, end) take the
+// blocks the change adds to what their applies write (growAlloc), all
+// before any byte lands: when one is refused, nothing was written, and
+// what was taken is given back, with the blocks of the entries no byte
+// has changed yet (this request's copy-out made them; a later write takes
+// them again). The caller holds the stripes.
+func (v *Volume) growWaiting(off, end int64, discard bool) error {
+	type took struct {
+		e            *ovEntry
+		alo, ahi     int64
+		below, above [2]int64
+	}
+	var taken []took
+	for at := off; at < end; {
+		c := at >> v.shift
+		o := at - c<<v.shift
+		m := min(end-at, v.chunkSize-o)
+		at += m
+		e := v.ovGet(c)
+		if e == nil || !e.waits {
+			continue
+		}
+		alo, ahi := e.alo, e.ahi
+		below, above, err := e.growAlloc(o, m, discard)
+		if err == nil {
+			taken = append(taken, took{e, alo, ahi, below, above})
+			continue
+		}
+		var perr error
+		for _, t := range taken {
+			for _, r := range [][2]int64{t.below, t.above} {
+				if r[1] > 0 {
+					perr = errors.Join(perr, v.data.Punch(r[0], r[1]))
+				}
+			}
+			t.e.alo, t.e.ahi = t.alo, t.ahi
+		}
+		for at := off; at < end; at = (at>>v.shift + 1) << v.shift {
+			if e := v.ovGet(at >> v.shift); e != nil && e.waits && e.lo >= e.hi && e.alo < e.ahi {
+				perr = errors.Join(perr, v.data.Punch(e.c<<v.shift+e.alo, e.ahi-e.alo))
+				e.alo, e.ahi = 0, 0
+			}
+		}
+		if perr != nil {
+			return errors.Join(err, fmt.Errorf("giving back the blocks preallocated: %w", perr))
+		}
+		return err
+	}
+	return nil
 }
 
 // killJournal returns the journal a write to an overlay entry of v, or a

@@ -84,9 +84,6 @@ type Store struct {
 	spaceRefused     atomic.Uint64
 	spaceHeld        atomic.Uint64 // chunks holdHoles preallocated below the reserve
 	noPrealloc       atomic.Bool   // the file system refused a preallocation (EOPNOTSUPP)
-	// holeFloor is the free space, in bytes, a write into holes below
-	// the reserve leaves for the log (Volume.preallocate): logPrealloc.
-	holeFloor int64
 }
 
 // SetSurviveKill sets whether WriteAt and Discard return only once their
@@ -135,12 +132,16 @@ func (s *Store) SetSurviveKill(on bool) { s.survive.Store(on) }
 // ENOSPC fails the store). A write whose chunks the data file holds as
 // holes is the exception: their copy is COW chunk 0 and takes no space,
 // so the snapshots are kept, and the data blocks of the bytes it changes
-// are preallocated (fallocate) before it is queued (a later write that
-// widens what the chunk's apply writes takes the rest first); when they
-// are not there, or fewer than 4 MiB would stay free for the log, the
-// write fails alone with ErrNoSpace and nothing changes. Such a write is
-// not journaled (an append near a full disk could fail the store): with
-// SetSurviveKill it returns once its batch is applied (Stats.SpaceHeld).
+// are preallocated (fallocate) before it is queued, and so are the log's
+// next 4 MiB, where its records go (a later write that widens what the
+// chunk's apply writes takes the rest first); when the blocks are not
+// there the write fails alone with ErrNoSpace, before it changes anything.
+// Such a write is not journaled (an append near a
+// full disk could fail the store): with SetSurviveKill it returns once its
+// batch is applied (Stats.SpaceHeld). On a disk with no block left, a
+// write of holes and of chunks with data may give up the snapshots that
+// lack the latter and then fail, as a write that went straight to the
+// data file after giving them up would.
 // The snapshots are given up in one commit, after the chain
 // was walked again under the volume's exclusive gate, so a clone or
 // another write arriving meanwhile cannot make it give up some and then
@@ -279,7 +280,6 @@ func openFS(dir string, fs fsys) (*Store, error) {
 func openOnce(dir string, fs fsys, lost []string) (s *Store, noSpace []string, err error) {
 	s = &Store{dir: dir, fs: fs, byID: map[string]any{}, objs: map[uint32]any{}, nextObj: 1}
 	s.freeBytes = func() (int64, error) { return statfsFree(dir) }
-	s.holeFloor = logPrealloc
 	s.boot, s.bootOK = readBootID()
 	s.fileLimit = fsFileLimit(dir)
 	s.killLost, s.skipRedo = lost, lost != nil

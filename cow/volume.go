@@ -582,15 +582,18 @@ func (v *Volume) modifyAs(off, n int64, p []byte, internal, write bool) error {
 // unfinished rollback restores, ends the walk in a refusal: found up
 // front, the write is refused before any snapshot is lost for it. For a
 // discard, chunks the data file holds as holes need no copy (copyOut
-// skips them), and for a write they need no COW space (their copy is COW
-// chunk 0; holdHoles preallocates their data blocks), so they count as
-// held either way, unless the file system cannot preallocate. The caller
+// skips them), so they count as held; for a write too when holes is set:
+// they need no COW space (their copy is COW chunk 0), and the retry's
+// holdHoles will take their blocks (copyOut sets holes only when the file
+// system preallocates and the log's runway is held already, so that
+// giving some snapshots up is not followed by a refusal for want of log
+// space; invalidate's second walk is told the same). The caller
 // holds the gate, shared (copyOut, with the stripes of [c0, c1)) or
 // exclusive (invalidate, which gives the whole list up in one commit): the
 // data file's holes there cannot change.
-func (v *Volume) spaceWalk(off, c0, c1 int64, discard bool) (give []*Snapshot, refuse bool, err error) {
+func (v *Volume) spaceWalk(off, c0, c1 int64, discard, holes bool) (give []*Snapshot, refuse bool, err error) {
 	held := make([]bool, c1-c0) // by a snapshot newer than the one asked, or a hole
-	if discard || !v.s.noPrealloc.Load() {
+	if discard || holes {
 		for c := c0; c < c1; c++ {
 			skip, err := v.discardSkips(c)
 			if err != nil {
@@ -654,6 +657,7 @@ type needInvalidate struct {
 	// for it (spaceWalk) under the exclusive gate.
 	off, c0, c1 int64
 	discard     bool
+	holes       bool  // count the write's holes as held (spaceWalk)
 	need        int64 // the overlay bytes the write reserved, given back meanwhile
 }
 
@@ -981,12 +985,13 @@ func (v *Volume) copyOut(off, n, c0, c1, reserved int64, discard, internal bool)
 	} else if held, err := v.holdHoles(low && !internal, todo, es, zero, off, n); err != nil {
 		return err
 	} else if low && !held {
-		give, refuse, err := v.spaceWalk(off, c0, c1, discard)
+		holes := !discard && !internal && !v.s.noPrealloc.Load() && v.s.log.holdRunway() == nil
+		give, refuse, err := v.spaceWalk(off, c0, c1, discard, holes)
 		if err != nil {
 			return err
 		}
 		if !internal && !refuse && len(give) > 0 {
-			return needInvalidate{sn: sn, space: true, off: off, c0: c0, c1: c1, discard: discard, need: reserved}
+			return needInvalidate{sn: sn, space: true, off: off, c0: c0, c1: c1, discard: discard, holes: holes, need: reserved}
 		}
 		v.s.spaceRefused.Add(1)
 		// ENOSPC in the chain: the kernel frontend answers it as such.
@@ -1100,20 +1105,21 @@ func (v *Volume) copyOut(off, n, c0, c1, reserved int64, discard, internal bool)
 // of bytes [off, off+n) whose chunks todo (entries es) the data file all
 // holds as holes: their copy is COW chunk 0, so the snapshot needs no
 // space, and only the entries' applies, after the write is answered, would
-// allocate data blocks, and fail the store if none were left. It
-// preallocates the blocks of the bytes the write changes in those chunks
-// now (preallocate; the entries remember them in [alo, ahi), and a later
-// write that widens what an entry's apply writes takes the rest first:
-// growAlloc) and marks the entries to wait for their apply rather than go
-// to the kill journal, whose appends near a full disk could fail the store
-// too. With try false, or a chunk that is not a hole (a copy needs COW
-// space: the snapshots are given up instead), or a file system that cannot
-// preallocate (noPrealloc), it does nothing and reports false. spaceWalk
-// counts holes as held to match: after the snapshots that lack a chunk
-// with data are given up, the newest left lacks only holes, which the
-// retry's holdHoles takes. When the blocks are not there, it refuses the
-// write alone (ErrNoSpace, ENOSPC), having given back what it took:
-// nothing changed. The caller holds the stripes of todo.
+// allocate data blocks, and fail the store if none were left. It takes the
+// blocks now: the log's next 4 MiB (committer.holdRunway), where the
+// write's records go, and the blocks of the bytes the write changes in
+// those chunks (preallocate; the entries remember them in [alo, ahi), and
+// a later write that widens what an entry's apply writes takes the rest
+// first: growAlloc). It marks the entries to wait for their apply rather
+// than go to the kill journal, whose appends near a full disk could fail
+// the store too. With try false, or a chunk that is not a hole (a copy
+// needs COW space: the snapshots are given up instead), or a file system
+// that cannot preallocate (noPrealloc), it does nothing and reports false.
+// spaceWalk counts holes as held to match: after the snapshots that lack a
+// chunk with data are given up, the newest left lacks only holes, which
+// the retry's holdHoles takes. When the blocks are not there, it refuses
+// the write alone (ErrNoSpace, ENOSPC), having given back the data blocks
+// it took: nothing changed. The caller holds the stripes of todo.
 func (v *Volume) holdHoles(try bool, todo []int64, es []*ovEntry, zero []bool, off, n int64) (bool, error) {
 	if !try || v.s.noPrealloc.Load() {
 		return false, nil
@@ -1123,8 +1129,10 @@ func (v *Volume) holdHoles(try bool, todo []int64, es []*ovEntry, zero []bool, o
 			return false, nil
 		}
 	}
-	// Runs of consecutive chunks, each cut to the write's bytes.
-	var runs [][2]int64
+	// Runs of consecutive chunks, each cut to the write's bytes; a
+	// failure gives the whole chunks back (they were holes), since a
+	// punch frees only whole blocks.
+	var runs, chunks [][2]int64
 	total := int64(0)
 	for i := 0; i < len(todo); {
 		j := i + 1
@@ -1134,10 +1142,15 @@ func (v *Volume) holdHoles(try bool, todo []int64, es []*ovEntry, zero []bool, o
 		at := max(off, todo[i]<<v.shift)
 		end := min(off+n, (todo[j-1]+1)<<v.shift)
 		runs = append(runs, [2]int64{at, end - at})
+		chunks = append(chunks, [2]int64{todo[i] << v.shift, int64(j-i) << v.shift})
 		total += end - at
 		i = j
 	}
-	if err := v.preallocate(runs); err != nil {
+	err := v.s.log.holdRunway()
+	if err == nil {
+		err = v.preallocate(runs, chunks)
+	}
+	if err != nil {
 		if errors.Is(err, syscall.EOPNOTSUPP) && !errors.Is(err, ErrNoSpace) {
 			// From now on spaceWalk gives up the snapshots that lack a
 			// hole too (no retry can preallocate).
@@ -1157,34 +1170,21 @@ func (v *Volume) holdHoles(try bool, todo []int64, es []*ovEntry, zero []bool, o
 
 // preallocate takes the data blocks of byte ranges runs (offset, length)
 // of v's data file, which hold no data, for writes below the free-space
-// reserve (holdHoles, growAlloc). It refuses, with an error wrapping
-// ErrNoSpace and taking nothing, when fewer than holeFloor bytes are free
-// (statfs) beyond the overlay's pending bytes, which count the caller's:
-// those are kept for the store's log, whose
-// records for such writes must still fit, and which has no zeros ahead
-// after a checkpoint. On a failed fallocate it punches every range it
-// asked for, the failed one too (ext4 keeps what a failed fallocate
-// allocated, and an unwritten range a read has cached counts as data for
-// SEEK_DATA: a later write there would be taken for one that needs a
-// copy).
-func (v *Volume) preallocate(runs [][2]int64) error {
-	free, err := v.s.freeBytes()
-	if err != nil {
-		return fmt.Errorf("cow: free space of %s: %w", v.s.dir, err)
-	}
-	if left := free - v.s.log.overlayUsed(); left < v.s.holeFloor {
-		// The overlay's bytes count the caller's reservation for its
-		// entries (whole chunks, at least total) or, for growAlloc, the
-		// entry's.
-		return fmt.Errorf("%w: %d bytes free beyond the overlay's pending writes, less than the %d kept for the store's log", ErrNoSpace, left, v.s.holeFloor)
-	}
-	for k, r := range runs {
+// reserve (holdHoles, growAlloc). If a fallocate fails, it punches the
+// ranges undo (runs, or wider ranges that held no data either), the failed
+// one's too: ext4 keeps what a failed fallocate allocated, and an unwritten
+// range a read has cached counts as data for SEEK_DATA (a later write there
+// would be taken for one that needs a copy).
+func (v *Volume) preallocate(runs, undo [][2]int64) error {
+	for _, r := range runs {
 		if err := v.data.Allocate(r[0], r[1]); err != nil {
-			// The ranges held no data: giving them back is tidiness,
-			// and a failure to is only reported.
+			// Giving the blocks back is tidiness, and a failure to is
+			// only reported.
 			var perr error
-			for _, d := range runs[:k+1] {
-				perr = errors.Join(perr, v.data.Punch(d[0], d[1]))
+			for _, d := range undo {
+				if d[0] <= r[0]+r[1] {
+					perr = errors.Join(perr, v.data.Punch(d[0], d[1]))
+				}
 			}
 			if perr != nil {
 				perr = fmt.Errorf("giving back the blocks preallocated: %w", perr)
@@ -1207,31 +1207,51 @@ func (v *Volume) refuseNoBlocks(err error, off, n int64) error {
 }
 
 // growAlloc makes sure the blocks of what e's apply will write, once a
-// write of bytes [o, o+m) of its chunk has changed it, are preallocated:
-// e.waits entries (holdHoles) took only the first write's bytes, and the
-// apply writes every byte from the lowest changed to the highest. The
-// caller holds the chunk's stripe, before changing e.
-func (e *ovEntry) growAlloc(o, m int64) error {
+// write (or, discard, a discard) of bytes [o, o+m) of its chunk has
+// changed it, are preallocated: e.waits entries (holdHoles) took only the
+// first write's bytes, and the apply writes every byte from the lowest
+// changed to the highest, unless only discards changed them since the
+// last write covered them all (then it punches). It reports the range it
+// took (empty if none), for writeOverlaid to give back if the request
+// fails. The caller holds the chunk's stripe, before changing e.
+func (e *ovEntry) growAlloc(o, m int64, discard bool) ([2]int64, [2]int64, error) {
 	lo, hi := o, o+m
 	if e.lo < e.hi {
 		lo, hi = min(lo, e.lo), max(hi, e.hi)
 	}
-	var runs [][2]int64
+	if discard && (!e.wrote || e.lo >= e.hi || o <= e.lo && o+m >= e.hi) {
+		// The entry holds discards alone after this one (e.write):
+		// the apply punches, and needs no block.
+		return [2]int64{}, [2]int64{}, nil
+	}
 	base := e.c << e.v.shift
+	var below, above [2]int64
+	var runs [][2]int64
+	if e.alo >= e.ahi {
+		// Nothing taken (growWaiting gave it back): take [lo, hi).
+		above = [2]int64{base + lo, hi - lo}
+		if err := e.v.preallocate([][2]int64{above}, [][2]int64{above}); err != nil {
+			return [2]int64{}, [2]int64{}, e.v.refuseNoBlocks(err, base+o, m)
+		}
+		e.alo, e.ahi = lo, hi
+		return below, above, nil
+	}
 	if lo < e.alo {
-		runs = append(runs, [2]int64{base + lo, e.alo - lo})
+		below = [2]int64{base + lo, e.alo - lo}
+		runs = append(runs, below)
 	}
 	if hi > e.ahi {
-		runs = append(runs, [2]int64{base + e.ahi, hi - e.ahi})
+		above = [2]int64{base + e.ahi, hi - e.ahi}
+		runs = append(runs, above)
 	}
 	if len(runs) == 0 {
-		return nil
+		return below, above, nil
 	}
-	if err := e.v.preallocate(runs); err != nil {
-		return e.v.refuseNoBlocks(err, base+o, m)
+	if err := e.v.preallocate(runs, runs); err != nil {
+		return [2]int64{}, [2]int64{}, e.v.refuseNoBlocks(err, base+o, m)
 	}
 	e.alo, e.ahi = min(e.alo, lo), max(e.ahi, hi)
-	return nil
+	return below, above, nil
 }
 
 // unalloc gives COW chunks that alloc handed out, and that nothing maps,
@@ -1516,7 +1536,7 @@ func (s *Store) invalidate(inv needInvalidate, internal bool) (int, error) {
 	if inv.space {
 		var refuse bool
 		var err error
-		give, refuse, err = v.spaceWalk(inv.off, inv.c0, inv.c1, inv.discard)
+		give, refuse, err = v.spaceWalk(inv.off, inv.c0, inv.c1, inv.discard, inv.holes)
 		if err != nil {
 			return 0, err
 		}
