@@ -143,7 +143,7 @@
 //     commit (two fsyncs and the apply), a write that completes a clone's
 //     chunk for a Flush. So does a first write into holes below a
 //     free-space reserve (SetMinFree; BENCHMARKS.md, "Writes into holes
-//     below the free-space reserve": 16.7 times the time of a journaled
+//     below the free-space reserve": 14.7 times the time of a journaled
 //     one for a lone writer's random 4 KiB).
 //   - A first write after a snapshot returns before its copy is durable;
 //     its new data waits in the overlay (RAM) for one group commit. Under
