@@ -28,8 +28,13 @@ import (
 type committer struct {
 	mu    sync.Mutex
 	f     file
-	end   int64  // where the next batch goes, in bytes (sync stage)
-	alloc int64  // bytes of the file written so far (zeros past end)
+	end   int64 // where the next batch goes, in bytes (sync stage)
+	alloc int64 // bytes of the file written so far (zeros past end)
+	// wmu orders holdRunway against the sync stage's writes: both hold it
+	// from reading end and alloc until they have written past them and
+	// published the new alloc, so neither writes, or on ENOSPC punches,
+	// bytes the other is writing.
+	wmu   sync.Mutex
 	seq   uint64 // sequence number of the last batch written
 	buf   []byte // encoded records of the open batch
 	files []file // files the open batch needs synced
@@ -91,19 +96,47 @@ func newCommitter(f file, end int64, seq uint64) *committer {
 const logPrealloc = 4 << 20
 
 // holdRunway makes the log's next logPrealloc bytes past its end take
-// blocks now (fallocate with KEEP_SIZE; nothing to do where they have
-// them): the records of writes queued below the free-space reserve
-// (Volume.holdHoles) must find room in the log even if other writes fill
-// the disk before their batch is written, since a log write that fails
-// fails the store, and a checkpoint leaves a log with nothing ahead. The
-// batches in flight past end are far smaller than logPrealloc (their
-// records cover at most the overlay). An error wraps ErrNoSpace when the
-// blocks are not there.
+// blocks now, by writing the zeros the sync stage would write there before
+// the next batch: the records of writes queued below the free-space
+// reserve (Volume.holdHoles) must find room in the log even if other
+// writes fill the disk before their batch is written, since a log write
+// that fails fails the store, and a checkpoint leaves a log with nothing
+// ahead. The batches in flight past end are far smaller than logPrealloc
+// (their records cover at most the overlay). An error wraps ErrNoSpace
+// when the blocks are not there, and then nothing was taken (giveBack).
+// Zeros rather than fallocate: ext4 does not punch past a file's size,
+// so blocks a failed fallocate with KEEP_SIZE kept past it could not be
+// given back, and the zero-fill would write over the range anyway.
 func (c *committer) holdRunway() error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
 	c.mu.Lock()
-	end := c.end
+	from, to := c.alloc, c.end+logPrealloc
 	c.mu.Unlock()
-	return c.f.Allocate(end, logPrealloc)
+	if from >= to {
+		return nil
+	}
+	if err := writeFull(c.f, make([]byte, to-from), from); err != nil {
+		return c.giveBack(err, from, to-from)
+	}
+	c.mu.Lock()
+	c.alloc = to
+	c.mu.Unlock()
+	return nil
+}
+
+// giveBack punches bytes [off, off+n) of the log, past alloc, after a
+// write of zeros there failed with err, and returns err: with under 4 MiB
+// left, what the write took would be the disk's last blocks, which every
+// other volume's writes (and a mixed write's direct part, after its
+// snapshots were given up) still need. The caller holds wmu.
+func (c *committer) giveBack(err error, off, n int64) error {
+	if errors.Is(err, ErrNoSpace) {
+		if perr := c.f.Punch(off, n); perr != nil {
+			err = errors.Join(err, fmt.Errorf("giving back the log's blocks: %w", perr))
+		}
+	}
+	return err
 }
 
 // commit appends the encoded records recs (possibly empty, to just sync
@@ -244,6 +277,7 @@ func (c *committer) copyStage(b *batch) {
 func (c *committer) syncStage(toSync <-chan *batch, toApply chan<- *batch) {
 	defer close(toApply)
 	for b := range toSync {
+		c.wmu.Lock()
 		c.mu.Lock()
 		if b.failed == nil && c.err != nil {
 			b.failed = c.err // a batch after a failed one is not written
@@ -255,28 +289,33 @@ func (c *committer) syncStage(toSync <-chan *batch, toApply chan<- *batch) {
 			grow := max(logPrealloc, int64(len(b.buf))+64)
 			if err = writeFull(c.f, make([]byte, grow), alloc); err == nil {
 				alloc += grow
-			} else if errors.Is(err, ErrNoSpace) {
+			} else if err = c.giveBack(err, alloc, grow); errors.Is(err, ErrNoSpace) {
 				// The zeros only keep fdatasync cheap; the batch may
-				// still fit (a delete that frees space is small). Write
-				// it past the zeros' end; only its own failure fails
-				// the store.
+				// still fit (a delete that frees space is small), and
+				// the blocks they took are given back. Write it over
+				// them; only its own failure fails the store.
 				err = nil
 			}
 		}
 		var n int64
 		if err == nil {
-			n, err = writeBatch(c.f, seq, end, b.buf, b.files)
-		}
-		if err == nil {
-			// The next zero-fill starts past this batch, never over it.
+			n, err = writeBatch(c.f, seq, end, b.buf)
+			// The next zero-fill starts past this batch, never over it,
+			// and holdRunway never punches it.
 			alloc = max(alloc, end+n)
 		}
 		c.mu.Lock()
 		c.alloc = alloc
-		if err == nil {
-			c.seq, c.end = seq, end+n
-		}
 		c.mu.Unlock()
+		c.wmu.Unlock()
+		if err == nil {
+			err = syncBatch(c.f, b.files)
+		}
+		if err == nil {
+			c.mu.Lock()
+			c.seq, c.end = seq, end+n
+			c.mu.Unlock()
+		}
 		if err != nil && b.failed == nil {
 			b.failed = err
 			if n > 0 {
@@ -496,15 +535,17 @@ func containsFile(fs []file, f file) bool {
 	return false
 }
 
-// writeBatch writes the batch at end of the log and syncs the log and
-// files. It returns the batch's length in bytes, also with an error (a
-// failed sync is a *syncError).
-func writeBatch(log file, seq uint64, end int64, buf []byte, files []file) (int64, error) {
+// writeBatch writes the batch at end of the log. It returns the batch's
+// length in bytes, also with an error.
+func writeBatch(log file, seq uint64, end int64, buf []byte) (int64, error) {
 	out := appendRecord(make([]byte, 0, len(buf)+32), &record{Type: recBatch, Seq: seq})
 	out = append(out, buf...)
-	if err := writeFull(log, out, end); err != nil {
-		return int64(len(out)), err
-	}
+	return int64(len(out)), writeFull(log, out, end)
+}
+
+// syncBatch syncs the log and the files a batch written to it needs,
+// concurrently; a failed sync is a *syncError.
+func syncBatch(log file, files []file) error {
 	errs := make(chan error, len(files))
 	for _, f := range files {
 		go func() { errs <- f.Sync() }()
@@ -516,9 +557,9 @@ func writeBatch(log file, seq uint64, end int64, buf []byte, files []file) (int6
 		}
 	}
 	if err != nil {
-		return int64(len(out)), &syncError{err}
+		return &syncError{err}
 	}
-	return int64(len(out)), nil
+	return nil
 }
 
 // failSync makes the failed fsync of the data or COW file name the sticky

@@ -190,8 +190,9 @@
 //     journaled, with SetSurviveKill it waits for its group commit
 //     (Stats.SpaceInvalidated, SpaceRefused, SpaceHeld;
 //     TestMinFree, TestMinFreeChain, TestMinFreeModel, TestMinFreeHoleGrow,
-//     TestMinFreeHoleAllocErrors, and TestMinFreeFullDisk and
-//     TestMinFreeHoles on a real tmpfs). The reserve is a margin checked
+//     TestMinFreeHoleAllocErrors, TestMinFreeHoleLaterFailure, and
+//     TestMinFreeFullDisk and TestMinFreeHoles on a real tmpfs,
+//     TestMinFreeRunwayRealFS on ext4 and XFS). The reserve is a margin checked
 //     with statfs at each such write, not a guarantee.
 //   - A log write or sync error, and a failed fsync of a data or COW file
 //     (in Flush or a checkpoint), makes the store refuse changes (ErrClosed)

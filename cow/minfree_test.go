@@ -7,6 +7,7 @@ import (
 	"io"
 	"math/rand"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -358,11 +359,14 @@ func TestMinFreeHoles(t *testing.T) {
 			var hold atomic.Bool
 			held, release := make(chan struct{}, 1), make(chan struct{})
 			fs := newFaultFS(sdir)
-			fs.writeHook = func(name string) {
-				if strings.HasPrefix(name, "store.log") && hold.Load() {
+			// Batches only: the runway's zeros (logPrealloc bytes, after
+			// a checkpoint) are written before the write is queued.
+			fs.writeErrAt = func(name string, off, n int64) error {
+				if strings.HasPrefix(name, "store.log") && n < logPrealloc && hold.Load() {
 					held <- struct{}{}
 					<-release
 				}
+				return nil
 			}
 			if err := os.MkdirAll(sdir, 0o700); err != nil {
 				t.Fatal(err)
@@ -622,8 +626,9 @@ func TestMinFreeHoleNoRunway(t *testing.T) {
 	const cs = 16 << 10
 	var noLog atomic.Bool
 	s, _ := openFault(t, t.TempDir(), func(fs *faultFS) {
-		fs.allocErr = func(name string, off, n int64) error {
-			if strings.HasPrefix(name, "store.log") && noLog.Load() {
+		// The runway's zeros, and the zero-fill's, fail; batches fit.
+		fs.writeErrAt = func(name string, off, n int64) error {
+			if strings.HasPrefix(name, "store.log") && n >= logPrealloc && noLog.Load() {
 				return errors.Join(ErrNoSpace, syscall.ENOSPC)
 			}
 			return nil
@@ -648,6 +653,9 @@ func TestMinFreeHoleNoRunway(t *testing.T) {
 		t.Fatal(err)
 	}
 	if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Checkpoint(); err != nil { // nothing ahead of the log
 		t.Fatal(err)
 	}
 	free.Store(1 << 29)
@@ -681,7 +689,8 @@ func TestMinFreeHoleNoRunway(t *testing.T) {
 // that widens what its apply will write (from the lowest changed byte to
 // the highest), above or below, takes the blocks in between and beyond
 // first, and is refused alone when they are not there, giving back what
-// its request took (also a new chunk's blocks its copy-out took); a
+// its request took (an earlier entry's growth, whose range is restored,
+// and a new chunk's blocks its copy-out took: whole chunks); a
 // discard that leaves the entry holding discards alone takes nothing (the
 // apply punches).
 func TestMinFreeHoleGrow(t *testing.T) {
@@ -707,7 +716,18 @@ func TestMinFreeHoleGrow(t *testing.T) {
 			[][2]int64{{5 * cs, k4}, {5*cs + k4, 2 * k4}}, [][2]int64{{5*cs + k4, 2 * k4}}, 1},
 		{"refused with a new chunk", []op{{5 * cs, k4, 2}, {5*cs + 2*k4, cs, 3}}, 3,
 			[][2]int64{{5 * cs, k4}, {6 * cs, 2 * k4}, {5*cs + k4, 3 * k4}},
-			[][2]int64{{5*cs + k4, 3 * k4}, {6 * cs, 2 * k4}}, 1},
+			[][2]int64{{5*cs + k4, 3 * k4}, {6 * cs, cs}}, 1},
+		// The new chunk's entry got its blocks back: a write into it
+		// takes them again.
+		{"new chunk written after a refusal", []op{{5 * cs, k4, 2}, {5*cs + 2*k4, cs, 3}, {6 * cs, k4, 4}}, 3,
+			[][2]int64{{5 * cs, k4}, {6 * cs, 2 * k4}, {5*cs + k4, 3 * k4}, {6 * cs, k4}},
+			[][2]int64{{5*cs + k4, 3 * k4}, {6 * cs, cs}}, 1},
+		// Refused on the second entry after growing the first: the
+		// first's growth is given back and its range restored, so a
+		// later write that widens it takes those blocks again.
+		{"refused after growing an earlier entry", []op{{5 * cs, k4, 2}, {6 * cs, k4, 3}, {5*cs + 2*k4, cs, 4}, {5*cs + 2*k4, k4, 5}}, 4,
+			[][2]int64{{5 * cs, k4}, {6 * cs, k4}, {5*cs + k4, 3 * k4}, {6*cs + k4, k4}, {5*cs + k4, 2 * k4}},
+			[][2]int64{{6*cs + k4, k4}, {5*cs + k4, 3 * k4}}, 2},
 		{"covering discard", []op{{5 * cs, k4, 2}, {5 * cs, cs, 0}}, 0,
 			[][2]int64{{5 * cs, k4}}, nil, -1},
 		{"partial discard", []op{{5 * cs, k4, 2}, {5*cs + 2*k4, k4, 0}}, 0,
@@ -1306,4 +1326,235 @@ func invalidSnaps(s *Store) string {
 		}
 	}
 	return fmt.Sprint(ids)
+}
+
+// TestMinFreeHoleLaterFailure: a write below the reserve whose copy-out
+// preallocated a new hole entry (chunk 5) and whose direct run into an
+// earlier chunk (4, copied already) then fails gives the new entry's
+// blocks back, whole chunk; the snapshot is kept and nothing of the
+// failed write's entry lands.
+func TestMinFreeHoleLaterFailure(t *testing.T) {
+	const cs, k4 = 16 << 10, 4 << 10
+	var mu sync.Mutex
+	var allocs, punched [][2]int64
+	var failDirect atomic.Bool
+	s, _ := openFault(t, t.TempDir(), func(fs *faultFS) {
+		fs.allocErr = func(name string, off, n int64) error {
+			if strings.HasSuffix(name, ".data") {
+				mu.Lock()
+				allocs = append(allocs, [2]int64{off, n})
+				mu.Unlock()
+			}
+			return nil
+		}
+		fs.punchErr = func(name string, off, n int64) error {
+			if strings.HasSuffix(name, ".data") {
+				mu.Lock()
+				punched = append(punched, [2]int64{off, n})
+				mu.Unlock()
+			}
+			return nil
+		}
+		fs.writeErrAt = func(name string, off, n int64) error {
+			if strings.HasSuffix(name, ".data") && failDirect.Load() && off >= 4*cs && off < 5*cs {
+				return errors.Join(ErrNoSpace, syscall.ENOSPC)
+			}
+			return nil
+		}
+	})
+	defer s.Close()
+	var free atomic.Int64
+	free.Store(1 << 40)
+	s.freeBytes = func() (int64, error) { return free.Load(), nil }
+	s.SetMinFree(1 << 30)
+	v, err := s.CreateVolume("v", 8*cs, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// Chunk 4 is copied (COW chunk 0: it was a hole) and holds data in
+	// its first 4 KiB; the rest of it is a hole.
+	if _, err := v.WriteAt(fill(k4, 1), 4*cs); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	free.Store(1 << 29)
+	failDirect.Store(true)
+	// [8K, 16K) of chunk 4 goes direct and fails; [0, 8K) of chunk 5 is a
+	// new entry whose blocks copy-out preallocated.
+	_, err = v.WriteAt(fill(cs, 2), 4*cs+2*k4)
+	failDirect.Store(false)
+	if !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("write whose direct run fails: %v, want ErrNoSpace", err)
+	}
+	mu.Lock()
+	gotAllocs, gotPunched := fmt.Sprint(allocs), fmt.Sprint(punched)
+	mu.Unlock()
+	if want := fmt.Sprint([][2]int64{{5 * cs, 2 * k4}}); gotAllocs != want {
+		t.Fatalf("preallocated %s, want %s", gotAllocs, want)
+	}
+	if want := fmt.Sprint([][2]int64{{5 * cs, cs}}); gotPunched != want {
+		t.Fatalf("given back %s, want %s", gotPunched, want)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, 2*cs)
+	copy(want, fill(k4, 1))
+	if got := mustRead(t, v, 4*cs, 2*cs); !bytes.Equal(got, want) {
+		t.Fatal("chunks 4 and 5 differ from before the failed write")
+	}
+	if h, err := v.data.Hole(5*cs, cs); err != nil || !h {
+		t.Fatalf("chunk 5 of the data file: hole %v (%v), want a hole", h, err)
+	}
+	// Chunk 5 is in the snapshot (COW chunk 0) and its entry applied: a
+	// write there goes to the data file.
+	if _, err := v.WriteAt(fill(k4, 3), 5*cs); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, v, 5*cs, k4); !bytes.Equal(got, fill(k4, 3)) {
+		t.Fatal("the rewrite of chunk 5 did not land")
+	}
+	if snapInfoOf(t, s, "s").Invalid || s.Err() != nil {
+		t.Fatalf("snapshot invalid %v, store %v", snapInfoOf(t, s, "s").Invalid, s.Err())
+	}
+}
+
+// mountScratch makes a file system of size bytes with mkfs args on a
+// loop-mounted image and returns where it is mounted (unmounted and
+// deleted when the test ends).
+func mountScratch(t *testing.T, size int64, mkfs ...string) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		skipOrFailKernel(t, "needs root to loop-mount a file system of a fixed size (CI runs as root)")
+	}
+	if _, err := exec.LookPath(mkfs[0]); err != nil {
+		skipOrFailKernel(t, fmt.Sprintf("%s is missing (e2fsprogs, xfsprogs): %v", mkfs[0], err))
+	}
+	dir := t.TempDir()
+	img, mnt := filepath.Join(dir, "img"), filepath.Join(dir, "mnt")
+	if err := os.Mkdir(mnt, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, size); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command(mkfs[0], append(mkfs[1:], img)...).CombinedOutput(); err != nil {
+		t.Fatalf("%v: %v\n%s", mkfs, err, out)
+	}
+	if out, err := exec.Command("mount", "-o", "loop", img, mnt).CombinedOutput(); err != nil {
+		skipOrFailKernel(t, fmt.Sprintf("cannot loop-mount %s here: %v: %s", mkfs[0], err, out))
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("umount", mnt).CombinedOutput(); err != nil {
+			t.Errorf("umount %s: %v: %s", mnt, err, out)
+		}
+	})
+	return mnt
+}
+
+// TestMinFreeRunwayRealFS: on ext4 and XFS, which keep what a failed
+// fallocate allocated, with under 4 MiB left: (1) a write into a hole,
+// refused for want of the log's runway, takes no block (the runway's
+// failed fallocate is given back, as is the log's failed zero-fill); (2)
+// a write of a chunk with data and eight holes gives up both snapshots,
+// which lack the one or the others, and lands: its probe of the runway
+// did not take the space its direct write needs.
+func TestMinFreeRunwayRealFS(t *testing.T) {
+	for _, fs := range [][]string{
+		{"mkfs.ext4", "-q", "-F", "-m", "0", "-b", "4096"},
+		{"mkfs.xfs", "-q", "-f"},
+	} {
+		t.Run(fs[0], func(t *testing.T) {
+			dir := mountScratch(t, 300<<20, fs...)
+			s, err := Open(filepath.Join(dir, "store"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			const cs = 16 << 10
+			v, err := s.CreateVolume("v", 64*cs, VolumeOptions{ChunkSize: cs})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := v.WriteAt(fill(cs, 1), cs); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := s.CreateSnapshot("v", "s1", SnapshotOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := v.WriteAt(fill(cs, 2), cs); err != nil { // s1 holds chunk 1
+				t.Fatal(err)
+			}
+			if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			// A fresh log: nothing ahead of its end has blocks.
+			if err := s.Checkpoint(); err != nil {
+				t.Fatal(err)
+			}
+			filler, err := os.Create(filepath.Join(dir, "filler"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer filler.Close()
+			// Leave about 1 MiB (XFS may count fewer blocks free after
+			// a fallocate than it took).
+			for at := int64(0); ; {
+				free, err := statfsFree(dir)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if free <= 1<<20+64<<10 {
+					break
+				}
+				if err := unix.Fallocate(int(filler.Fd()), 0, at, free-(1<<20)); err != nil {
+					t.Fatal(err)
+				}
+				at += free - 1<<20
+			}
+			s.SetMinFree(1 << 40)
+			before, _ := statfsFree(dir)
+			_, err = v.WriteAt(fill(cs, 3), 10*cs)
+			after, _ := statfsFree(dir)
+			if !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
+				t.Fatalf("write into a hole with %d bytes free: %v, want ErrNoSpace and ENOSPC", before, err)
+			}
+			if after < before {
+				t.Fatalf("the refused write took %d of the %d bytes free", before-after, before)
+			}
+			if got := invalidSnaps(s); got != "[]" {
+				t.Fatalf("snapshots %s given up for a refused write", got)
+			}
+			if _, err := v.WriteAt(fill(9*cs, 4), 0); err != nil {
+				after, _ := statfsFree(dir)
+				t.Fatalf("write of a chunk with data and eight holes with %d bytes free: %v (%d free after)", before, err, after)
+			}
+			if got := invalidSnaps(s); got != "[s1 s2]" {
+				t.Fatalf("invalid %s, want [s1 s2]", got)
+			}
+			if err := v.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			if got := mustRead(t, v, 0, 9*cs); !bytes.Equal(got, fill(9*cs, 4)) {
+				t.Fatal("the write did not land")
+			}
+			if st := s.Stats(); st.SpaceRefused != 1 || st.SpaceInvalidated != 2 {
+				t.Fatalf("stats %+v, want 1 refused and 2 invalidated", st)
+			}
+			if err := s.Err(); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
 }

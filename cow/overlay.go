@@ -492,6 +492,26 @@ func (e *ovEntry) write(o, m int64, src []byte) error {
 // others go to the data file as usual. The caller holds the stripes; the
 // result names the newest batch an entry it changed can be in (batch).
 func (v *Volume) writeOverlaid(off, n int64, p []byte) (unsettled, error) {
+	var u unsettled
+	end := off + n
+	if err := v.growWaiting(off, end, p == nil); err != nil {
+		return u, err
+	}
+	u, err := v.writeEntries(off, end, p)
+	if err != nil {
+		// A direct run, a gap's read or a journal append failed: the
+		// entries this request's copy-out made and no byte reached give
+		// their blocks back, as on growWaiting's refusal.
+		if perr := v.giveBackNew(off, end); perr != nil {
+			err = errors.Join(err, perr)
+		}
+	}
+	return u, err
+}
+
+// writeEntries is writeOverlaid's loop, once the entries below the
+// reserve have their blocks.
+func (v *Volume) writeEntries(off, end int64, p []byte) (unsettled, error) {
 	part := func(from, to int64) []byte {
 		if p == nil {
 			return nil
@@ -500,10 +520,6 @@ func (v *Volume) writeOverlaid(off, n int64, p []byte) (unsettled, error) {
 	}
 	var u unsettled
 	direct := func(from, to int64) error { return v.writeDirect(from, to-from, part(from, to)) }
-	end := off + n
-	if err := v.growWaiting(off, end, p == nil); err != nil {
-		return u, err
-	}
 	run := off // start of the run of chunks without an entry
 	for at := off; at < end; {
 		c := at >> v.shift
@@ -578,16 +594,34 @@ func (v *Volume) growWaiting(off, end int64, discard bool) error {
 			}
 			t.e.alo, t.e.ahi = t.alo, t.ahi
 		}
-		for at := off; at < end; at = (at>>v.shift + 1) << v.shift {
-			if e := v.ovGet(at >> v.shift); e != nil && e.waits && e.lo >= e.hi && e.alo < e.ahi {
-				perr = errors.Join(perr, v.data.Punch(e.c<<v.shift+e.alo, e.ahi-e.alo))
-				e.alo, e.ahi = 0, 0
-			}
-		}
 		if perr != nil {
-			return errors.Join(err, fmt.Errorf("giving back the blocks preallocated: %w", perr))
+			perr = fmt.Errorf("giving back the blocks preallocated: %w", perr)
 		}
-		return err
+		return errors.Join(err, perr, v.giveBackNew(off, end))
+	}
+	return nil
+}
+
+// giveBackNew punches the chunks of [off, end) whose entries were made
+// below the reserve by this request's copy-out and that no byte reached
+// yet (lo >= hi: any write or discard of an entry widens [lo, hi)), once
+// the request failed: their applies write nothing, and the blocks
+// holdHoles took for them would otherwise stay allocated in a chunk that
+// reads as zeros. The whole chunk is punched, as holdHoles' own undo
+// does, since a punch frees only whole blocks: it was a hole when the
+// entry was made, and nothing writes the data file's chunk while the
+// entry is there. A later write into the chunk takes the blocks again
+// (growAlloc, from alo = ahi = 0). The caller holds the stripes.
+func (v *Volume) giveBackNew(off, end int64) error {
+	var perr error
+	for at := off; at < end; at = (at>>v.shift + 1) << v.shift {
+		if e := v.ovGet(at >> v.shift); e != nil && e.waits && e.lo >= e.hi && e.alo < e.ahi {
+			perr = errors.Join(perr, v.data.Punch(e.c<<v.shift, v.chunkSize))
+			e.alo, e.ahi = 0, 0
+		}
+	}
+	if perr != nil {
+		return fmt.Errorf("giving back the blocks preallocated: %w", perr)
 	}
 	return nil
 }

@@ -135,7 +135,8 @@ func (s *Store) SetSurviveKill(on bool) { s.survive.Store(on) }
 // are preallocated (fallocate) before it is queued, and so are the log's
 // next 4 MiB, where its records go (a later write that widens what the
 // chunk's apply writes takes the rest first); when the blocks are not
-// there the write fails alone with ErrNoSpace, before it changes anything.
+// there the write fails alone with ErrNoSpace, before it changes anything,
+// and gives back what it took (TestMinFreeRunwayRealFS on ext4 and XFS).
 // Such a write is not journaled (an append near a
 // full disk could fail the store): with SetSurviveKill it returns once its
 // batch is applied (Stats.SpaceHeld). On a disk with no block left, a

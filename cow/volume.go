@@ -587,7 +587,9 @@ func (v *Volume) modifyAs(off, n int64, p []byte, internal, write bool) error {
 // holdHoles will take their blocks (copyOut sets holes only when the file
 // system preallocates and the log's runway is held already, so that
 // giving some snapshots up is not followed by a refusal for want of log
-// space; invalidate's second walk is told the same). The caller
+// space; a runway that cannot be had takes nothing, so the write's direct
+// part still finds what the disk has left; invalidate's second walk is
+// told the same). The caller
 // holds the gate, shared (copyOut, with the stripes of [c0, c1)) or
 // exclusive (invalidate, which gives the whole list up in one commit): the
 // data file's holes there cannot change.
