@@ -118,7 +118,11 @@
 // waiting for a Flush to commit it. (Below a free-space reserve, a write
 // into holes is not journaled: it returns once its group commit applied
 // it; SetMinFree.) Writes that need none of that return as before.
-// TestCrash checks both promises.
+// TestCrash checks both promises. The journal keeps zeros written ahead
+// of its records, enough for every record an apply owes, so that a full
+// disk refuses the journaled write alone (ErrNoSpace, ENOSPC, nothing
+// changed) and never an apply's record, which would fail the store
+// (TestJournalRoom*).
 //
 // A large Discard is done in pieces of 4 MiB (discardPiece), so the
 // overlay and the stripes a piece takes stay bounded; discarding a chunk

@@ -15,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 
 	"github.com/csi-snap/csi-snap/exceptions"
 )
@@ -44,7 +45,21 @@ import (
 // into the data file. It is journaled too ("present" record, redone by
 // marking the chunk again), and is live until the log holds it.
 //
-// A failed append (or truncate) is sticky: a torn record may end the
+// Room: the journal is never synced and lives in the page cache, but its
+// appends still take blocks, and an append that fails for want of them
+// would fail the store (below). So the current file is kept written with
+// zeros ahead of its last record (alloc), far enough that every entry
+// journaled and not yet settled has room for its settled record there:
+// writing over bytes already written takes no new block (on file systems
+// that overwrite in place: ext4, XFS, tmpfs; not btrfs), so the apply's
+// settled record never meets a full disk. The zeros are written, a
+// journalAhead at a time, before a write's or a present mark's records,
+// and when they cannot be (ENOSPC) that write alone fails with ErrNoSpace
+// and ENOSPC, before it changes anything, and what the zeros took is
+// punched again; an epoch switch that cannot have them is put off. Zeros
+// end the file for Open (a record of type 0 does not decode).
+//
+// Any other failed append (or truncate) is sticky: a torn record may end the
 // file, and records after it would never be read. The write that failed
 // returns the error, and the journal fails the store's committer (onFail),
 // so the store refuses writes and Flushes as after a failed fsync, until
@@ -115,6 +130,12 @@ type journal struct {
 	gen   uint64 // the log's generation (checkpoints) the records go with
 	epoch uint64 // the current epoch; its file is f[epoch&1]
 	off   int64  // where the next record goes in the current file
+	// alloc: bytes of the current file written (header, records and the
+	// zeros ahead of them). unsettled: entries journaled and not settled,
+	// each owed owedPerEntry bytes of [off, alloc) for its apply's
+	// records (room).
+	alloc     int64
+	unsettled int64
 	// prevOff is the length of the other file (the previous epoch's).
 	prevOff int64
 	live    [2]int64
@@ -122,8 +143,10 @@ type journal struct {
 	// record): set under mu, read anywhere (failed).
 	err atomic.Pointer[error]
 	buf []byte
-	// switches counts the epochs started by writes since Open (tests).
-	switches int
+	// switches counts the epochs started by writes since Open, and
+	// switchesPutOff those put off for want of room (tests).
+	switches       int
+	switchesPutOff int
 	// onFail is told of the journal's first failure (outside mu): the
 	// store fails its committer, so it refuses writes as after a failed
 	// fsync. failNow holds the failure until mu is released.
@@ -169,6 +192,7 @@ func (j *journal) appendLocked(typ uint8, obj uint32, c, o int64, n int64, p []b
 		return j.fail(err)
 	}
 	j.off += int64(size)
+	j.alloc = max(j.alloc, j.off)
 	if j.off > 2*journalSwitch && j.live[(j.epoch+1)&1] > 0 {
 		j.stuck.Store(true)
 	}
@@ -203,9 +227,53 @@ func (j *journal) unstick() {
 	}
 }
 
+// owedPerEntry is what an apply may journal for a journaled entry: a
+// clone's chunk not present yet gets its present mark, then the settled
+// record.
+const owedPerEntry = 2 * journalRecLen
+
+// journalAhead is how many bytes of zeros room writes past what it needs
+// at a time (a variable so tests can make every record need its own).
+var journalAhead = int64(1 << 20)
+
+// room makes the current file hold size more bytes of records, and then
+// still owedPerEntry for each unsettled entry (plus one if the records
+// journal a new entry), written already (zeros past alloc), so that the
+// records and every record an apply owes fit where nothing new is taken.
+// When the zeros cannot be written for want of space it punches what they
+// took and returns an error that wraps ErrNoSpace and ENOSPC and is not
+// sticky: the caller fails alone, having written nothing. Called with mu.
+func (j *journal) room(size int64, newEntry bool) error {
+	if e := j.err.Load(); e != nil {
+		return *e
+	}
+	owed := j.unsettled
+	if newEntry {
+		owed++
+	}
+	need := j.off + size + owed*owedPerEntry
+	if need <= j.alloc {
+		return nil
+	}
+	from, to := j.alloc, need+journalAhead
+	f := j.f[j.epoch&1]
+	if err := writeFull(f, make([]byte, to-from), from); err != nil {
+		if !errors.Is(err, ErrNoSpace) {
+			return j.fail(err)
+		}
+		if perr := f.Punch(from, to-from); perr != nil {
+			err = errors.Join(err, fmt.Errorf("giving back its blocks: %w", perr))
+		}
+		return fmt.Errorf("%w (%w): kill journal: no room for %d bytes of records: %w", ErrNoSpace, syscall.ENOSPC, size, err)
+	}
+	j.alloc = to
+	return nil
+}
+
 // wrote journals a write (p, or a discard when p is nil) of bytes [o,
 // o+n) of e's chunk. The caller holds the chunk's stripe exclusively and
-// has changed e already; the write may return once this has.
+// changes e only once this returned nil (an error for want of room leaves
+// the write undone); the write may return once both have.
 func (j *journal) wrote(e *ovEntry, o, n int64, p []byte) error {
 	j.mu.Lock()
 	defer j.unlock()
@@ -213,12 +281,21 @@ func (j *journal) wrote(e *ovEntry, o, n int64, p []byte) error {
 		if err := j.maybeSwitch(); err != nil {
 			return err
 		}
-		e.journaled, e.jEpoch = true, j.epoch
-		j.live[j.epoch&1]++
 	}
 	typ := uint8(jWrite)
+	size := int64(journalRecLen)
 	if p == nil {
 		typ = jDiscard
+	} else {
+		size += int64(len(p))
+	}
+	if err := j.room(size, !e.journaled); err != nil {
+		return err
+	}
+	if !e.journaled {
+		e.journaled, e.jEpoch = true, j.epoch
+		j.live[j.epoch&1]++
+		j.unsettled++
 	}
 	return j.appendLocked(typ, e.v.obj, e.c, o, n, p)
 }
@@ -232,21 +309,30 @@ func (j *journal) settled(e *ovEntry) error {
 		return err
 	}
 	j.live[e.jEpoch&1]--
+	j.unsettled--
 	e.journaled = false
 	return nil
 }
 
 // present journals that a clone's chunks cs were marked present, marks
 // upto-len(cs)+1 .. upto. The caller holds their stripes and v.mu, having
-// written the chunks whole to the data file; the write may return once
-// this has. A kill before a Flush commits their present records leaves the
-// chunks in the data file (page cache) but reading through to the source
-// again; the redo marks them present again.
-func (j *journal) present(v *Volume, cs []uint64, upto uint64) error {
+// written the chunks whole to the data file, and marks them only once
+// this returned nil (an error for want of room wrote no record); the
+// write may return once both have. owed: the mark of a journaled entry's
+// apply, which room set aside (owedPerEntry). A kill before a Flush
+// commits their present records leaves the chunks in the data file (page
+// cache) but reading through to the source again; the redo marks them
+// present again.
+func (j *journal) present(v *Volume, cs []uint64, upto uint64, owed bool) error {
 	j.mu.Lock()
 	defer j.unlock()
 	if err := j.maybeSwitch(); err != nil {
 		return err
+	}
+	if !owed {
+		if err := j.room(int64(len(cs))*journalRecLen, false); err != nil {
+			return err
+		}
 	}
 	for _, c := range cs {
 		if err := j.appendLocked(jPresent, v.obj, int64(c), 0, 0, nil); err != nil {
@@ -287,11 +373,28 @@ func (j *journal) forget(v *Volume) {
 }
 
 // maybeSwitch starts the next epoch if the current file is long and the
-// other one holds nothing live. Called with mu.
+// other one holds nothing live. The new file must have room for the
+// settled records owed (room) before it takes them: when it cannot for
+// want of space, the switch is put off (the file is emptied again, which
+// gives its blocks back and leaves nothing for Open to read) and the
+// current file goes on. Called with mu.
 func (j *journal) maybeSwitch() error {
 	if j.off > journalSwitch && j.live[(j.epoch+1)&1] == 0 {
-		if err := j.startEpoch(j.epoch + 1); err != nil {
-			return err
+		ep, off, alloc, prevOff := j.epoch, j.off, j.alloc, j.prevOff
+		err := j.startEpoch(ep + 1)
+		if err == nil {
+			err = j.room(0, false)
+		}
+		if err != nil {
+			if !errors.Is(err, ErrNoSpace) || j.err.Load() != nil {
+				return err
+			}
+			if terr := j.f[(ep+1)&1].Truncate(0); terr != nil {
+				return j.fail(terr)
+			}
+			j.epoch, j.off, j.alloc, j.prevOff = ep, off, alloc, prevOff
+			j.switchesPutOff++
+			return nil
 		}
 		j.switches++
 	}
@@ -319,10 +422,16 @@ func (j *journal) startEpoch(ep uint64) error {
 		return j.fail(err)
 	}
 	if err := writeFull(f, h, 0); err != nil {
+		if errors.Is(err, ErrNoSpace) {
+			// Nothing was taken from the current file: the callers
+			// choose (maybeSwitch puts the switch off; Open runs
+			// without a journal; restart fails the store).
+			return err
+		}
 		return j.fail(err)
 	}
 	j.prevOff = j.off // the file of epoch ep-1 (0 at Open; restart empties it)
-	j.epoch, j.off = ep, journalHeaderLen
+	j.epoch, j.off, j.alloc = ep, journalHeaderLen, journalHeaderLen
 	j.stuck.Store(false)
 	return nil
 }
@@ -732,6 +841,11 @@ func (j *journal) restart(gen uint64) error {
 	j.gen = gen
 	cur := j.epoch
 	if err := j.startEpoch(cur + 1); err != nil {
+		if j.err.Load() == nil {
+			// No block for the header: sticky too, as the store fails.
+			err = j.fail(err)
+			j.failNow = nil
+		}
 		return err
 	}
 	if err := j.f[cur&1].Truncate(0); err != nil {
@@ -931,7 +1045,7 @@ func (j *journal) drop() {
 			f.Truncate(0)
 		}
 	}
-	j.off, j.prevOff = 0, 0 // what Stats.JournalBytes reports: nothing is held
+	j.off, j.prevOff, j.alloc = 0, 0, 0 // what Stats.JournalBytes reports: nothing is held
 }
 
 // killLostPrefix names the marker files that keep KillWritesLost across

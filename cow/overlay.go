@@ -349,8 +349,10 @@ func (e *ovEntry) apply() error {
 	off := e.c << v.shift
 	lo, hi := e.lo, e.hi
 	present := v.src == nil || v.isPresent(e.c)
-	if !present {
+	if !present && lo < hi {
 		// A clone's data file lacks this chunk: all of it goes there.
+		// (With no byte written, its write refused for want of room in
+		// the kill journal, it reads its source still and stays so.)
 		lo, hi = 0, v.chunkSize
 	}
 	e.applying = true
@@ -368,11 +370,11 @@ func (e *ovEntry) apply() error {
 		// committer's sticky error makes Flush and writes fail.
 		return err
 	}
-	if !present {
+	if !present && lo < hi {
 		// The clone holds the whole chunk now; its present record goes out
 		// with the next Flush, after the data sync. Journaled before the
 		// settled record below, which the mark must outlive.
-		if err := v.markPresent([]uint64{uint64(e.c)}); err != nil {
+		if err := v.markPresent([]uint64{uint64(e.c)}, e.journaled); err != nil {
 			return err
 		}
 	}
@@ -531,15 +533,23 @@ func (v *Volume) writeEntries(off, end int64, p []byte) (unsettled, error) {
 					return u, err
 				}
 			}
-			if err := e.write(o, m, part(at, at+m)); err != nil {
-				return u, err
-			}
+			// Safe from a kill once journaled: no wait for the batch.
+			// Journaled before the entry changes: a refusal for want
+			// of room in the journal leaves it as it was. (A failed
+			// gap read then leaves a record of a write that failed,
+			// which a redo may apply: a failed write's bytes are
+			// undefined.)
+			journaled := false
 			if j := v.killJournal(); j != nil && !e.waits {
-				// Safe from a kill once journaled: no wait for the batch.
 				if err := j.wrote(e, o, m, part(at, at+m)); err != nil {
 					return u, err
 				}
-			} else {
+				journaled = true
+			}
+			if err := e.write(o, m, part(at, at+m)); err != nil {
+				return u, err
+			}
+			if !journaled {
 				// e's batch is at most the newest one an entry of v
 				// was put in, and we hold its stripe: it is not
 				// applied yet.

@@ -812,7 +812,7 @@ func (v *Volume) writeClone(off, n int64, p []byte) (err error) {
 	var marked []uint64
 	defer func() {
 		if len(marked) > 0 {
-			if jerr := v.markPresent(marked); err == nil {
+			if jerr := v.markPresent(marked, false); err == nil {
 				err = jerr
 			}
 		}
@@ -867,18 +867,23 @@ func (v *Volume) writeClone(off, n int64, p []byte) (err error) {
 // markPresent marks a clone's chunks cs present: the data file holds them
 // whole now. The marks reach the log with the next Flush (after its data
 // sync); when the store must survive a kill, they go to the kill journal
-// first (journal.go). The caller holds the chunks' stripes.
-func (v *Volume) markPresent(cs []uint64) error {
+// first (journal.go), and a journal with no room for them (ErrNoSpace)
+// leaves the chunks unmarked: they read their source still. owed: the
+// apply of a journaled entry, whose record the journal holds room for.
+// The caller holds the chunks' stripes.
+func (v *Volume) markPresent(cs []uint64, owed bool) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
+	if j := v.killJournal(); j != nil {
+		if err := j.present(v, cs, v.presentMarks+uint64(len(cs)), owed); err != nil {
+			return err
+		}
+	}
 	for _, c := range cs {
 		v.present.Insert(exceptions.Chunk(c), exceptions.Chunk(c))
 	}
 	v.pendingPresent = append(v.pendingPresent, cs...)
 	v.presentMarks += uint64(len(cs))
-	if j := v.killJournal(); j != nil {
-		return j.present(v, cs, v.presentMarks)
-	}
 	return nil
 }
 

@@ -1,0 +1,325 @@
+package cow
+
+import (
+	"bytes"
+	"errors"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+)
+
+// fullJournal models a file system that is full for the kill journal's
+// files while full is set: a write there that reaches past the most the
+// file has held since its last truncate takes new blocks and fails with
+// ENOSPC; one over bytes written before takes none and lands (ext4, XFS
+// and tmpfs overwrite in place).
+type fullJournal struct {
+	full atomic.Bool
+	mu   sync.Mutex
+	hw   map[string]int64
+	fail int // writes refused
+}
+
+func (m *fullJournal) set(fs *faultFS) {
+	m.hw = map[string]int64{}
+	fs.writeErrAt = func(name string, off, n int64) error {
+		if !strings.HasPrefix(name, "kill.journal") {
+			return nil
+		}
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		if m.full.Load() && off+n > m.hw[name] {
+			m.fail++
+			return errors.Join(ErrNoSpace, syscall.ENOSPC)
+		}
+		m.hw[name] = max(m.hw[name], off+n)
+		return nil
+	}
+	fs.truncErr = func(name string, size int64) error {
+		m.mu.Lock()
+		m.hw[name] = min(m.hw[name], size)
+		m.mu.Unlock()
+		return nil
+	}
+}
+
+func (m *fullJournal) refused() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.fail
+}
+
+// journalRoomStore opens a store set to survive a kill whose kill journal
+// writes its zeros only as far as each record needs (journalAhead 0),
+// through a faultFS with the model m and sync hold h.
+func journalRoomStore(t *testing.T, m *fullJournal, h *syncHold) (string, *Store, *faultFS) {
+	t.Helper()
+	ahead := journalAhead
+	journalAhead = 0
+	t.Cleanup(func() { journalAhead = ahead })
+	dir := t.TempDir()
+	s, fs := openFault(t, dir, func(fs *faultFS) {
+		m.set(fs)
+		fs.syncHook = h.hook
+	})
+	s.SetSurviveKill(true)
+	if s.jnl == nil {
+		t.Fatal("no kill journal (no boot identity here?)")
+	}
+	return dir, s, fs
+}
+
+// reopenCheck plays a kill of s and checks what a new Open of dir reads.
+func reopenCheck(t *testing.T, fs *faultFS, h *syncHold, dir string, want map[string][]byte) {
+	t.Helper()
+	killStore(fs, h)
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	for id, w := range want {
+		v, err := s2.Volume(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := mustRead(t, v, 0, len(w)); !bytes.Equal(got, w) {
+			t.Fatalf("%s after the kill differs from what was acknowledged", id)
+		}
+	}
+}
+
+// TestJournalRoomRefusesWriteAlone: with the kill journal's file system
+// full, a first write after a snapshot (which must be journaled) fails
+// alone with ErrNoSpace and ENOSPC and changes nothing; the store goes on,
+// and once there is space the same write lands and survives a kill.
+func TestJournalRoomRefusesWriteAlone(t *testing.T) {
+	const cs = 16 << 10
+	m, h := &fullJournal{}, &syncHold{}
+	dir, s, fs := journalRoomStore(t, m, h)
+	v := mustVol(t, s, "v", 8*cs, cs)
+	want := fill(8*cs, 1)
+	if _, err := v.WriteAt(want, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	m.full.Store(true)
+	_, err := v.WriteAt(fill(4096, 2), 2*cs+100)
+	if !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("first write with no room in the journal: %v, want ErrNoSpace and ENOSPC", err)
+	}
+	if m.refused() == 0 {
+		t.Fatal("the journal wrote nothing that needed space: the test tests nothing")
+	}
+	if err := s.Err(); err != nil {
+		t.Fatalf("the store failed: %v", err)
+	}
+	if got := mustRead(t, v, 0, 8*cs); !bytes.Equal(got, want) {
+		t.Fatal("the refused write changed the volume")
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	m.full.Store(false)
+	if _, err := v.WriteAt(fill(4096, 3), 2*cs+100); err != nil {
+		t.Fatalf("the same write with space: %v", err)
+	}
+	copy(want[2*cs+100:], fill(4096, 3))
+	snap, err := s.Snapshot("snap")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, snap, 0, 8*cs); !bytes.Equal(got, fill(8*cs, 1)) {
+		t.Fatal("the snapshot changed")
+	}
+	armQuiet(t, s, h) // nothing reaches the log from here: the redo must
+	if _, err := v.WriteAt(fill(100, 4), 5*cs); err != nil {
+		t.Fatal(err)
+	}
+	copy(want[5*cs:], fill(100, 4))
+	reopenCheck(t, fs, h, dir, map[string][]byte{"v": want})
+}
+
+// TestJournalRoomSettledNeedsNoSpace: entries journaled while there was
+// space owe the journal their applies' records (a clone's chunk its
+// present mark, every entry its settled record); with the file system
+// full meanwhile, those land in the zeros written ahead for them, and the
+// store does not fail. Run on a volume and on a clone with a snapshot
+// (whose first writes into chunks it reads from its source are entries
+// that are marked present when applied).
+func TestJournalRoomSettledNeedsNoSpace(t *testing.T) {
+	const cs = 16 << 10
+	for _, clone := range []bool{false, true} {
+		name := "volume"
+		if clone {
+			name = "clone"
+		}
+		t.Run(name, func(t *testing.T) {
+			m, h := &fullJournal{}, &syncHold{}
+			dir, s, fs := journalRoomStore(t, m, h)
+			var v *Volume
+			want := fill(8*cs, 1)
+			if clone {
+				_, v = srcClone(t, s, 8*cs, cs)
+				if _, err := s.CreateSnapshot("clone", "csnap", SnapshotOptions{}); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				v = mustVol(t, s, "clone", 8*cs, cs)
+				if _, err := v.WriteAt(want, 0); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := s.CreateSnapshot("clone", "csnap", SnapshotOptions{}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			armQuiet(t, s, h)
+			for c := int64(0); c < 6; c++ {
+				p := fill(1000, byte(10+c))
+				if _, err := v.WriteAt(p, c*cs+500); err != nil {
+					t.Fatal(err)
+				}
+				copy(want[c*cs+500:], p)
+			}
+			m.full.Store(true)
+			h.free()
+			if err := v.Flush(); err != nil {
+				t.Fatalf("flush with the journal's file system full: %v", err)
+			}
+			if err := s.Err(); err != nil {
+				t.Fatalf("the store failed: %v", err)
+			}
+			if got := mustRead(t, v, 0, 8*cs); !bytes.Equal(got, want) {
+				t.Fatal("the volume differs")
+			}
+			if v.ovN.Load() != 0 {
+				t.Fatalf("%d entries left in the overlay", v.ovN.Load())
+			}
+			// The settled records are in the journal: a redo after a
+			// kill now must not undo a later direct write of a chunk.
+			m.full.Store(false)
+			if _, err := v.WriteAt(fill(200, 30), 500); err != nil {
+				t.Fatal(err)
+			}
+			copy(want[500:], fill(200, 30))
+			if err := v.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			reopenCheck(t, fs, h, dir, map[string][]byte{"clone": want})
+		})
+	}
+}
+
+// TestJournalRoomCloneMark: with the kill journal's file system full, a
+// write to a clone's chunk that reads from its source (completed into the
+// data file, then marked present, which is journaled) fails alone and
+// leaves the chunk reading its source; with space it lands and survives
+// a kill.
+func TestJournalRoomCloneMark(t *testing.T) {
+	const cs = 16 << 10
+	m, h := &fullJournal{}, &syncHold{}
+	dir, s, fs := journalRoomStore(t, m, h)
+	_, c := srcClone(t, s, 8*cs, cs)
+	want := fill(8*cs, 1)
+	m.full.Store(true)
+	_, err := c.WriteAt(fill(100, 2), 3*cs+7)
+	if !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("clone write with no room in the journal: %v, want ErrNoSpace and ENOSPC", err)
+	}
+	if err := s.Err(); err != nil {
+		t.Fatalf("the store failed: %v", err)
+	}
+	if c.isPresent(3) {
+		t.Fatal("the chunk was marked present without its journal record")
+	}
+	if got := mustRead(t, c, 0, 8*cs); !bytes.Equal(got, want) {
+		t.Fatal("the refused write changed the clone")
+	}
+	// With a snapshot of the clone, the write's chunk gets an overlay
+	// entry (the snapshot's copy-out) before the journal refuses it: its
+	// apply must leave the chunk to its source, not complete and mark it
+	// (a mark the journal has no room for).
+	if _, err := s.CreateSnapshot("clone", "csnap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.WriteAt(fill(100, 4), 4*cs+7)
+	if !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("clone write after a snapshot with no room in the journal: %v, want ErrNoSpace and ENOSPC", err)
+	}
+	if err := c.Flush(); err != nil {
+		t.Fatalf("flush after the refused write: %v", err)
+	}
+	if c.isPresent(4) {
+		t.Fatal("the apply of an entry no byte reached marked its chunk present")
+	}
+	if got := mustRead(t, c, 0, 8*cs); !bytes.Equal(got, want) {
+		t.Fatal("the refused write changed the clone")
+	}
+	m.full.Store(false)
+	armQuiet(t, s, h)
+	if _, err := c.WriteAt(fill(100, 3), 3*cs+7); err != nil {
+		t.Fatal(err)
+	}
+	copy(want[3*cs+7:], fill(100, 3))
+	if _, err := c.WriteAt(fill(100, 5), 4*cs+7); err != nil {
+		t.Fatal(err)
+	}
+	copy(want[4*cs+7:], fill(100, 5))
+	reopenCheck(t, fs, h, dir, map[string][]byte{"clone": want})
+}
+
+// TestJournalRoomSwitchPutOff: an epoch switch whose new file cannot have
+// its header and the room owed is put off (the file emptied again), the
+// current file, which has room, goes on taking records, and a kill then
+// loses nothing.
+func TestJournalRoomSwitchPutOff(t *testing.T) {
+	const cs = 16 << 10
+	sw := journalSwitch
+	journalSwitch = 64 << 10
+	defer func() { journalSwitch = sw }()
+	m, h := &fullJournal{}, &syncHold{}
+	dir, s, fs := journalRoomStore(t, m, h)
+	journalAhead = 1 << 20 // room in the current file
+	v := mustVol(t, s, "v", 16*cs, cs)
+	want := fill(16*cs, 1)
+	if _, err := v.WriteAt(want, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// Just past journalSwitch in the current file (four whole-chunk
+	// records): the next new entry switches.
+	for c := int64(0); c < 4; c++ {
+		if _, err := v.WriteAt(fill(cs, byte(10+c)), c*cs); err != nil {
+			t.Fatal(err)
+		}
+		copy(want[c*cs:], fill(cs, byte(10+c)))
+	}
+	if err := v.drain(); err != nil {
+		t.Fatal(err)
+	}
+	ep := s.jnl.epoch
+	m.full.Store(true)
+	armQuiet(t, s, h)
+	for c := int64(4); c < 8; c++ {
+		if _, err := v.WriteAt(fill(100, byte(10+c)), c*cs); err != nil {
+			t.Fatalf("write with room in the current file: %v", err)
+		}
+		copy(want[c*cs:], fill(100, byte(10+c)))
+	}
+	s.jnl.mu.Lock()
+	putOff, now := s.jnl.switchesPutOff, s.jnl.epoch
+	s.jnl.mu.Unlock()
+	if putOff == 0 || now != ep {
+		t.Fatalf("switches put off %d, epoch %d (was %d): want the switch put off", putOff, now, ep)
+	}
+	if err := s.Err(); err != nil {
+		t.Fatalf("the store failed: %v", err)
+	}
+	reopenCheck(t, fs, h, dir, map[string][]byte{"v": want})
+}
