@@ -30,6 +30,9 @@ type committer struct {
 	f     file
 	end   int64 // where the next batch goes, in bytes (sync stage)
 	alloc int64 // bytes of the file written so far (zeros past end)
+	// fillOK, if set, says whether the sync stage may write n bytes of
+	// zeros ahead of the batches (Store.zeroFillOK).
+	fillOK func(n int64) bool
 	// wmu orders holdRunway against the sync stage's writes: both hold it
 	// from reading end and alloc until they have written past them and
 	// published the new alloc, so neither writes, or on ENOSPC punches,
@@ -95,6 +98,18 @@ func newCommitter(f file, end int64, seq uint64) *committer {
 // record, which ends the log on Open.
 const logPrealloc = 4 << 20
 
+// zeroBuf is what zeros returns: never written.
+var zeroBuf = make([]byte, logPrealloc)
+
+// zeros returns n zero bytes, shared (read only) when n is at most
+// logPrealloc: a fresh buffer of 4 MiB per fill cost its clearing.
+func zeros(n int64) []byte {
+	if n <= int64(len(zeroBuf)) {
+		return zeroBuf[:n]
+	}
+	return make([]byte, n)
+}
+
 // holdRunway makes the log's next logPrealloc bytes past its end take
 // blocks now, by writing the zeros the sync stage would write there before
 // the next batch: the records of writes queued below the free-space
@@ -116,7 +131,7 @@ func (c *committer) holdRunway() error {
 	if from >= to {
 		return nil
 	}
-	if err := writeFull(c.f, make([]byte, to-from), from); err != nil {
+	if err := writeFull(c.f, zeros(to-from), from); err != nil {
 		return c.giveBack(err, from, to-from)
 	}
 	c.mu.Lock()
@@ -137,6 +152,14 @@ func (c *committer) giveBack(err error, off, n int64) error {
 		}
 	}
 	return err
+}
+
+// runwayShort returns how many bytes of the log's next logPrealloc past
+// its end holdRunway would still have to take.
+func (c *committer) runwayShort() int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return max(0, c.end+logPrealloc-c.alloc)
 }
 
 // commit appends the encoded records recs (possibly empty, to just sync
@@ -285,9 +308,8 @@ func (c *committer) syncStage(toSync <-chan *batch, toApply chan<- *batch) {
 		seq, end, alloc := c.seq+1, c.end, c.alloc
 		c.mu.Unlock()
 		err := b.failed
-		if err == nil && end+int64(len(b.buf))+64 > alloc {
-			grow := max(logPrealloc, int64(len(b.buf))+64)
-			if err = writeFull(c.f, make([]byte, grow), alloc); err == nil {
+		if grow := max(logPrealloc, int64(len(b.buf))+64); err == nil && end+int64(len(b.buf))+64 > alloc && (c.fillOK == nil || c.fillOK(grow)) {
+			if err = writeFull(c.f, zeros(grow), alloc); err == nil {
 				alloc += grow
 			} else if err = c.giveBack(err, alloc, grow); errors.Is(err, ErrNoSpace) {
 				// The zeros only keep fdatasync cheap; the batch may

@@ -23,14 +23,16 @@ type file interface {
 	// Punch deallocates bytes [off, off+n) so they read as zeros.
 	Punch(off, n int64) error
 	// Allocate reserves disk blocks for bytes [off, off+n) without
-	// changing the content or the size (fallocate with KEEP_SIZE): a later
-	// write there needs no new data block. Where nothing is written the
-	// range reads as zeros; Hole reports it as a hole only until a read
-	// has cached it (ext4 and XFS report cached unwritten blocks as data),
-	// so callers take only what they write. An error wrapping ErrNoSpace
-	// when the file system has too few free blocks (ext4 may keep part of
-	// the range allocated: punch it); one wrapping syscall.EOPNOTSUPP where
-	// it cannot preallocate.
+	// changing the content (fallocate, mode 0): a later write there needs
+	// no new data block. A file shorter than off+n grows to it: ext4 does
+	// not punch past a file's size, so blocks taken there could not be
+	// given back. Where nothing is written the range reads as zeros; Hole
+	// reports it as a hole only until a read has cached it (ext4 and XFS
+	// report cached unwritten blocks as data), so callers take only what
+	// they write. An error wrapping ErrNoSpace when the file system has too
+	// few free blocks (ext4 and XFS may keep part of the range allocated,
+	// and ext4 grows the file over that part: punch the range); one
+	// wrapping syscall.EOPNOTSUPP where it cannot preallocate.
 	Allocate(off, n int64) error
 	Truncate(size int64) error
 	Size() (int64, error)
@@ -165,7 +167,7 @@ func (o osFile) Allocate(off, n int64) error {
 	if n <= 0 {
 		return nil
 	}
-	return ioErr(unix.Fallocate(int(o.f.Fd()), unix.FALLOC_FL_KEEP_SIZE, off, n))
+	return ioErr(unix.Fallocate(int(o.f.Fd()), 0, off, n))
 }
 func (o osFile) Truncate(size int64) error { return ioErr(o.f.Truncate(size)) }
 func (o osFile) Size() (int64, error) {

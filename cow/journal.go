@@ -47,17 +47,19 @@ import (
 //
 // Room: the journal is never synced and lives in the page cache, but its
 // appends still take blocks, and an append that fails for want of them
-// would fail the store (below). So the current file is kept written with
-// zeros ahead of its last record (alloc), far enough that every entry
-// journaled and not yet settled has room for its settled record there:
-// writing over bytes already written takes no new block (on file systems
-// that overwrite in place: ext4, XFS, tmpfs; not btrfs), so the apply's
-// settled record never meets a full disk. The zeros are written, a
-// journalAhead at a time, before a write's or a present mark's records,
-// and when they cannot be (ENOSPC) that write alone fails with ErrNoSpace
-// and ENOSPC, before it changes anything, and what the zeros took is
-// punched again; an epoch switch that cannot have them is put off. Zeros
-// end the file for Open (a record of type 0 does not decode).
+// would fail the store (below). So the current file has its blocks
+// preallocated (fallocate, or zeros written where it cannot) ahead of its
+// last record (alloc), far enough that every entry journaled and not yet
+// settled has room for the records its apply appends: a write into
+// blocks the file has takes no new one (on file systems that write in
+// place: ext4 and XFS, which keep a reserve for converting preallocated
+// blocks, and tmpfs; not btrfs), so an apply's record never meets a full
+// disk. The blocks are taken, journalAhead at a time, before a write's or
+// a present mark's records, and when they cannot be (ENOSPC) that write
+// alone fails with ErrNoSpace and ENOSPC, before it changes anything, and
+// what was taken is punched again; an epoch switch that cannot have them
+// is put off. The preallocated range reads as zeros, which end the file
+// for Open (a record of type 0 does not decode).
 //
 // Any other failed append (or truncate) is sticky: a torn record may end the
 // file, and records after it would never be read. The write that failed
@@ -232,17 +234,17 @@ func (j *journal) unstick() {
 // record.
 const owedPerEntry = 2 * journalRecLen
 
-// journalAhead is how many bytes of zeros room writes past what it needs
-// at a time (a variable so tests can make every record need its own).
+// journalAhead is how many bytes room takes past what it needs at a time
+// (a variable so tests can make every record need its own).
 var journalAhead = int64(1 << 20)
 
-// room makes the current file hold size more bytes of records, and then
-// still owedPerEntry for each unsettled entry (plus one if the records
-// journal a new entry), written already (zeros past alloc), so that the
-// records and every record an apply owes fit where nothing new is taken.
-// When the zeros cannot be written for want of space it punches what they
-// took and returns an error that wraps ErrNoSpace and ENOSPC and is not
-// sticky: the caller fails alone, having written nothing. Called with mu.
+// room makes the current file have the blocks for size more bytes of
+// records, and then still owedPerEntry for each unsettled entry (plus one
+// if the records journal a new entry), taken already (past alloc), so
+// that the records and every record an apply owes fit where nothing new
+// is taken. When the blocks are not there it punches what it took and
+// returns an error that wraps ErrNoSpace and ENOSPC and is not sticky: the
+// caller fails alone, having written nothing. Called with mu.
 func (j *journal) room(size int64, newEntry bool) error {
 	if e := j.err.Load(); e != nil {
 		return *e
@@ -257,7 +259,11 @@ func (j *journal) room(size int64, newEntry bool) error {
 	}
 	from, to := j.alloc, need+journalAhead
 	f := j.f[j.epoch&1]
-	if err := writeFull(f, make([]byte, to-from), from); err != nil {
+	err := f.Allocate(from, to-from)
+	if errors.Is(err, syscall.EOPNOTSUPP) && !errors.Is(err, ErrNoSpace) {
+		err = writeFull(f, zeros(to-from), from)
+	}
+	if err != nil {
 		if !errors.Is(err, ErrNoSpace) {
 			return j.fail(err)
 		}

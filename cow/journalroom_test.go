@@ -3,23 +3,30 @@ package cow
 import (
 	"bytes"
 	"errors"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // fullJournal models a file system that is full for the kill journal's
 // files while full is set: a write there that reaches past the most the
 // file has held since its last truncate takes new blocks and fails with
-// ENOSPC; one over bytes written before takes none and lands (ext4, XFS
-// and tmpfs overwrite in place).
+// ENOSPC; one over bytes written or preallocated before takes none and
+// lands (ext4, XFS and tmpfs write in place). Preallocating works alike.
 type fullJournal struct {
-	full atomic.Bool
-	mu   sync.Mutex
-	hw   map[string]int64
-	fail int // writes refused
+	// noAlloc: the file system cannot preallocate (EOPNOTSUPP), so the
+	// journal writes zeros for its room.
+	noAlloc bool
+	full    atomic.Bool
+	mu      sync.Mutex
+	hw      map[string]int64
+	fail    int // writes refused
 }
 
 func (m *fullJournal) set(fs *faultFS) {
@@ -27,6 +34,22 @@ func (m *fullJournal) set(fs *faultFS) {
 	fs.writeErrAt = func(name string, off, n int64) error {
 		if !strings.HasPrefix(name, "kill.journal") {
 			return nil
+		}
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		if m.full.Load() && off+n > m.hw[name] {
+			m.fail++
+			return errors.Join(ErrNoSpace, syscall.ENOSPC)
+		}
+		m.hw[name] = max(m.hw[name], off+n)
+		return nil
+	}
+	fs.allocErr = func(name string, off, n int64) error {
+		if !strings.HasPrefix(name, "kill.journal") {
+			return nil
+		}
+		if m.noAlloc {
+			return syscall.EOPNOTSUPP
 		}
 		m.mu.Lock()
 		defer m.mu.Unlock()
@@ -49,6 +72,20 @@ func (m *fullJournal) refused() int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.fail
+}
+
+// roomModes runs test with the journal's room preallocated, and written
+// as zeros where the file system cannot preallocate.
+func roomModes(t *testing.T, test func(*testing.T, func() *fullJournal)) {
+	for _, noAlloc := range []bool{false, true} {
+		name := "fallocate"
+		if noAlloc {
+			name = "zeros"
+		}
+		t.Run(name, func(t *testing.T) {
+			test(t, func() *fullJournal { return &fullJournal{noAlloc: noAlloc} })
+		})
+	}
 }
 
 // journalRoomStore opens a store set to survive a kill whose kill journal
@@ -95,9 +132,11 @@ func reopenCheck(t *testing.T, fs *faultFS, h *syncHold, dir string, want map[st
 // full, a first write after a snapshot (which must be journaled) fails
 // alone with ErrNoSpace and ENOSPC and changes nothing; the store goes on,
 // and once there is space the same write lands and survives a kill.
-func TestJournalRoomRefusesWriteAlone(t *testing.T) {
+func TestJournalRoomRefusesWriteAlone(t *testing.T) { roomModes(t, testJournalRoomRefusesWriteAlone) }
+
+func testJournalRoomRefusesWriteAlone(t *testing.T, newM func() *fullJournal) {
 	const cs = 16 << 10
-	m, h := &fullJournal{}, &syncHold{}
+	m, h := newM(), &syncHold{}
 	dir, s, fs := journalRoomStore(t, m, h)
 	v := mustVol(t, s, "v", 8*cs, cs)
 	want := fill(8*cs, 1)
@@ -152,6 +191,10 @@ func TestJournalRoomRefusesWriteAlone(t *testing.T) {
 // (whose first writes into chunks it reads from its source are entries
 // that are marked present when applied).
 func TestJournalRoomSettledNeedsNoSpace(t *testing.T) {
+	roomModes(t, testJournalRoomSettledNeedsNoSpace)
+}
+
+func testJournalRoomSettledNeedsNoSpace(t *testing.T, newM func() *fullJournal) {
 	const cs = 16 << 10
 	for _, clone := range []bool{false, true} {
 		name := "volume"
@@ -159,7 +202,7 @@ func TestJournalRoomSettledNeedsNoSpace(t *testing.T) {
 			name = "clone"
 		}
 		t.Run(name, func(t *testing.T) {
-			m, h := &fullJournal{}, &syncHold{}
+			m, h := newM(), &syncHold{}
 			dir, s, fs := journalRoomStore(t, m, h)
 			var v *Volume
 			want := fill(8*cs, 1)
@@ -219,9 +262,11 @@ func TestJournalRoomSettledNeedsNoSpace(t *testing.T) {
 // data file, then marked present, which is journaled) fails alone and
 // leaves the chunk reading its source; with space it lands and survives
 // a kill.
-func TestJournalRoomCloneMark(t *testing.T) {
+func TestJournalRoomCloneMark(t *testing.T) { roomModes(t, testJournalRoomCloneMark) }
+
+func testJournalRoomCloneMark(t *testing.T, newM func() *fullJournal) {
 	const cs = 16 << 10
-	m, h := &fullJournal{}, &syncHold{}
+	m, h := newM(), &syncHold{}
 	dir, s, fs := journalRoomStore(t, m, h)
 	_, c := srcClone(t, s, 8*cs, cs)
 	want := fill(8*cs, 1)
@@ -276,12 +321,14 @@ func TestJournalRoomCloneMark(t *testing.T) {
 // its header and the room owed is put off (the file emptied again), the
 // current file, which has room, goes on taking records, and a kill then
 // loses nothing.
-func TestJournalRoomSwitchPutOff(t *testing.T) {
+func TestJournalRoomSwitchPutOff(t *testing.T) { roomModes(t, testJournalRoomSwitchPutOff) }
+
+func testJournalRoomSwitchPutOff(t *testing.T, newM func() *fullJournal) {
 	const cs = 16 << 10
 	sw := journalSwitch
 	journalSwitch = 64 << 10
 	defer func() { journalSwitch = sw }()
-	m, h := &fullJournal{}, &syncHold{}
+	m, h := newM(), &syncHold{}
 	dir, s, fs := journalRoomStore(t, m, h)
 	journalAhead = 1 << 20 // room in the current file
 	v := mustVol(t, s, "v", 16*cs, cs)
@@ -322,4 +369,80 @@ func TestJournalRoomSwitchPutOff(t *testing.T) {
 		t.Fatalf("the store failed: %v", err)
 	}
 	reopenCheck(t, fs, h, dir, map[string][]byte{"v": want})
+}
+
+// TestPreallocatedWritesNeedNoSpace checks, on real file systems, what the
+// kill journal's room (and holdHoles' preallocation) relies on: with the
+// disk full, writes into blocks a file preallocated (Allocate) land and
+// survive writeback (converting the preallocated blocks takes from the
+// file system's own reserve), while a write past them fails with
+// ErrNoSpace; and a failed Allocate, once punched, leaves the free space
+// as it was.
+func TestPreallocatedWritesNeedNoSpace(t *testing.T) {
+	for _, fs := range [][]string{
+		{"mkfs.ext4", "-q", "-F", "-m", "0", "-b", "4096"},
+		{"mkfs.xfs", "-q", "-f"},
+	} {
+		t.Run(fs[0], func(t *testing.T) {
+			dir := mountScratch(t, 300<<20, fs...)
+			f, err := osFS{dir}.Open("j", true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			const size = 1 << 20
+			if err := f.Allocate(0, size); err != nil {
+				t.Fatal(err)
+			}
+			filler, err := os.Create(filepath.Join(dir, "filler"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer filler.Close()
+			at := int64(0)
+			for _, piece := range []int64{16 << 20, 1 << 20, 64 << 10, 4 << 10} {
+				for unix.Fallocate(int(filler.Fd()), 0, at, piece) == nil {
+					at += piece
+				}
+			}
+			free, err := statfsFree(dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if free >= 64<<10 { // XFS refuses a 4 KiB fallocate with 16 KiB left
+				t.Fatalf("%d bytes free after filling", free)
+			}
+			rec := fill(journalRecLen, 7)
+			for off := int64(0); off+journalRecLen <= size; off += 4096 + 40 {
+				if err := writeFull(f, rec, off); err != nil {
+					t.Fatalf("write at %d of the preallocated range with the disk full: %v", off, err)
+				}
+			}
+			if err := f.Sync(); err != nil {
+				t.Fatalf("writeback of the preallocated range with the disk full: %v", err)
+			}
+			err = writeFull(f, fill(256<<10, 8), size+(1<<20))
+			if err == nil {
+				err = f.Sync()
+			}
+			if !errors.Is(err, ErrNoSpace) {
+				t.Fatalf("write past the preallocated range with the disk full: %v, want ErrNoSpace", err)
+			}
+			// Free 256 KiB, then ask for a MiB: refused, and given back.
+			if err := filler.Truncate(at - 256<<10); err != nil {
+				t.Fatal(err)
+			}
+			before, _ := statfsFree(dir)
+			err = f.Allocate(8<<20, 1<<20)
+			if !errors.Is(err, ErrNoSpace) {
+				t.Fatalf("Allocate of 1 MiB with %d bytes free: %v, want ErrNoSpace", before, err)
+			}
+			if err := f.Punch(8<<20, 1<<20); err != nil {
+				t.Fatal(err)
+			}
+			if after, _ := statfsFree(dir); after < before {
+				t.Fatalf("a failed Allocate, punched, kept %d of %d bytes free", before-after, before)
+			}
+		})
+	}
 }

@@ -658,7 +658,7 @@ func TestMinFreeHoleNoRunway(t *testing.T) {
 	if err := s.Checkpoint(); err != nil { // nothing ahead of the log
 		t.Fatal(err)
 	}
-	free.Store(1 << 29)
+	free.Store(1 << 20) // short of the runway's 4 MiB, as the log's writes find
 	noLog.Store(true)
 	_, err = v.WriteAt(fill(cs, 3), 4*cs)
 	if !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
@@ -1328,102 +1328,150 @@ func invalidSnaps(s *Store) string {
 	return fmt.Sprint(ids)
 }
 
-// TestMinFreeHoleLaterFailure: a write below the reserve whose copy-out
-// preallocated a new hole entry (chunk 5) and whose direct run into an
-// earlier chunk (4, copied already) then fails gives the new entry's
-// blocks back, whole chunk; the snapshot is kept and nothing of the
-// failed write's entry lands.
+// TestMinFreeHoleLaterFailure: a write below the reserve whose direct
+// run into an earlier chunk (4, copied already) fails after the entries
+// of its later chunk took blocks gives them back, and the data file takes
+// no more space than before it (the file is on /tmp's file system, ext4
+// here, which punches only inside a file's size): "new entry", chunk 5's
+// entry made by this request's copy-out (punched whole); "grown entry",
+// chunk 5's pending entry from an earlier write, whose growth is punched
+// and its range restored, so that a later write widening it takes those
+// blocks again. The snapshot is kept and the entries keep no byte of the
+// failed write.
 func TestMinFreeHoleLaterFailure(t *testing.T) {
 	const cs, k4 = 16 << 10, 4 << 10
-	var mu sync.Mutex
-	var allocs, punched [][2]int64
-	var failDirect atomic.Bool
-	s, _ := openFault(t, t.TempDir(), func(fs *faultFS) {
-		fs.allocErr = func(name string, off, n int64) error {
-			if strings.HasSuffix(name, ".data") {
+	for _, grown := range []bool{false, true} {
+		name := "new entry"
+		if grown {
+			name = "grown entry"
+		}
+		t.Run(name, func(t *testing.T) {
+			var mu sync.Mutex
+			var allocs, punched [][2]int64
+			var failDirect, hold atomic.Bool
+			held, release := make(chan struct{}, 1), make(chan struct{})
+			s, _ := openFault(t, t.TempDir(), func(fs *faultFS) {
+				fs.allocErr = func(name string, off, n int64) error {
+					if strings.HasSuffix(name, ".data") {
+						mu.Lock()
+						allocs = append(allocs, [2]int64{off, n})
+						mu.Unlock()
+					}
+					return nil
+				}
+				fs.punchErr = func(name string, off, n int64) error {
+					if strings.HasSuffix(name, ".data") {
+						mu.Lock()
+						punched = append(punched, [2]int64{off, n})
+						mu.Unlock()
+					}
+					return nil
+				}
+				fs.writeErrAt = func(name string, off, n int64) error {
+					if strings.HasSuffix(name, ".data") && failDirect.Load() && off >= 4*cs && off < 5*cs {
+						return errors.Join(ErrNoSpace, syscall.ENOSPC)
+					}
+					return nil
+				}
+				// The grown entry's batch is held back, so it stays.
+				fs.syncHook = func(name string) {
+					if strings.HasPrefix(name, "store.log") && hold.Load() {
+						held <- struct{}{}
+						<-release
+					}
+				}
+			})
+			var once sync.Once
+			letGo := func() { once.Do(func() { hold.Store(false); close(release) }) }
+			defer s.Close()
+			defer letGo()
+			var free atomic.Int64
+			free.Store(1 << 40)
+			s.freeBytes = func() (int64, error) { return free.Load(), nil }
+			s.SetMinFree(1 << 30)
+			v, err := s.CreateVolume("v", 8*cs, VolumeOptions{ChunkSize: cs})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			// Chunk 4 is copied (COW chunk 0: it was a hole) and holds
+			// data in its first 4 KiB; the rest of it is a hole.
+			if _, err := v.WriteAt(fill(k4, 1), 4*cs); err != nil {
+				t.Fatal(err)
+			}
+			if err := v.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			want := make([]byte, 2*cs)
+			copy(want, fill(k4, 1))
+			free.Store(1 << 29)
+			if grown {
+				hold.Store(true)
+				if _, err := v.WriteAt(fill(k4, 2), 5*cs); err != nil { // chunk 5's entry, [0, 4K)
+					t.Fatal(err)
+				}
+				<-held
+				copy(want[cs:], fill(k4, 2))
+			}
+			mu.Lock()
+			allocs, punched = nil, nil
+			mu.Unlock()
+			before, err := v.data.Allocated()
+			if err != nil {
+				t.Fatal(err)
+			}
+			// [8K, 16K) of chunk 4 goes direct and fails; chunk 5's
+			// entry takes [0, 8K) (new) or its growth [4K, 16K).
+			failDirect.Store(true)
+			_, err = v.WriteAt(fill(cs+2*k4, 3), 4*cs+2*k4)
+			failDirect.Store(false)
+			if !errors.Is(err, ErrNoSpace) {
+				t.Fatalf("write whose direct run fails: %v, want ErrNoSpace", err)
+			}
+			after, err := v.data.Allocated()
+			if err != nil {
+				t.Fatal(err)
+			}
+			mu.Lock()
+			gotAllocs, gotPunched := fmt.Sprint(allocs), fmt.Sprint(punched)
+			allocs = nil
+			mu.Unlock()
+			wantAllocs, wantPunched := [][2]int64{{5 * cs, cs}}, [][2]int64{{5 * cs, cs}}
+			if grown {
+				wantAllocs, wantPunched = [][2]int64{{5*cs + k4, 3 * k4}}, [][2]int64{{5*cs + k4, 3 * k4}}
+			}
+			if gotAllocs != fmt.Sprint(wantAllocs) || gotPunched != fmt.Sprint(wantPunched) {
+				t.Fatalf("preallocated %s and gave back %s, want %v and %v", gotAllocs, gotPunched, wantAllocs, wantPunched)
+			}
+			if after > before {
+				t.Fatalf("the data file takes %d bytes after the failed write, %d before", after, before)
+			}
+			if grown {
+				// Widening the entry again takes the blocks again.
+				if _, err := v.WriteAt(fill(k4, 4), 5*cs+2*k4); err != nil {
+					t.Fatal(err)
+				}
+				copy(want[cs+2*k4:], fill(k4, 4))
 				mu.Lock()
-				allocs = append(allocs, [2]int64{off, n})
+				gotAllocs = fmt.Sprint(allocs)
 				mu.Unlock()
+				if w := fmt.Sprint([][2]int64{{5*cs + k4, 2 * k4}}); gotAllocs != w {
+					t.Fatalf("widening after the give-back preallocated %s, want %s", gotAllocs, w)
+				}
 			}
-			return nil
-		}
-		fs.punchErr = func(name string, off, n int64) error {
-			if strings.HasSuffix(name, ".data") {
-				mu.Lock()
-				punched = append(punched, [2]int64{off, n})
-				mu.Unlock()
+			letGo()
+			if err := v.Flush(); err != nil {
+				t.Fatal(err)
 			}
-			return nil
-		}
-		fs.writeErrAt = func(name string, off, n int64) error {
-			if strings.HasSuffix(name, ".data") && failDirect.Load() && off >= 4*cs && off < 5*cs {
-				return errors.Join(ErrNoSpace, syscall.ENOSPC)
+			if got := mustRead(t, v, 4*cs, 2*cs); !bytes.Equal(got, want) {
+				t.Fatal("chunks 4 and 5 differ")
 			}
-			return nil
-		}
-	})
-	defer s.Close()
-	var free atomic.Int64
-	free.Store(1 << 40)
-	s.freeBytes = func() (int64, error) { return free.Load(), nil }
-	s.SetMinFree(1 << 30)
-	v, err := s.CreateVolume("v", 8*cs, VolumeOptions{ChunkSize: cs})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	// Chunk 4 is copied (COW chunk 0: it was a hole) and holds data in
-	// its first 4 KiB; the rest of it is a hole.
-	if _, err := v.WriteAt(fill(k4, 1), 4*cs); err != nil {
-		t.Fatal(err)
-	}
-	if err := v.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	free.Store(1 << 29)
-	failDirect.Store(true)
-	// [8K, 16K) of chunk 4 goes direct and fails; [0, 8K) of chunk 5 is a
-	// new entry whose blocks copy-out preallocated.
-	_, err = v.WriteAt(fill(cs, 2), 4*cs+2*k4)
-	failDirect.Store(false)
-	if !errors.Is(err, ErrNoSpace) {
-		t.Fatalf("write whose direct run fails: %v, want ErrNoSpace", err)
-	}
-	mu.Lock()
-	gotAllocs, gotPunched := fmt.Sprint(allocs), fmt.Sprint(punched)
-	mu.Unlock()
-	if want := fmt.Sprint([][2]int64{{5 * cs, 2 * k4}}); gotAllocs != want {
-		t.Fatalf("preallocated %s, want %s", gotAllocs, want)
-	}
-	if want := fmt.Sprint([][2]int64{{5 * cs, cs}}); gotPunched != want {
-		t.Fatalf("given back %s, want %s", gotPunched, want)
-	}
-	if err := v.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	want := make([]byte, 2*cs)
-	copy(want, fill(k4, 1))
-	if got := mustRead(t, v, 4*cs, 2*cs); !bytes.Equal(got, want) {
-		t.Fatal("chunks 4 and 5 differ from before the failed write")
-	}
-	if h, err := v.data.Hole(5*cs, cs); err != nil || !h {
-		t.Fatalf("chunk 5 of the data file: hole %v (%v), want a hole", h, err)
-	}
-	// Chunk 5 is in the snapshot (COW chunk 0) and its entry applied: a
-	// write there goes to the data file.
-	if _, err := v.WriteAt(fill(k4, 3), 5*cs); err != nil {
-		t.Fatal(err)
-	}
-	if err := v.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	if got := mustRead(t, v, 5*cs, k4); !bytes.Equal(got, fill(k4, 3)) {
-		t.Fatal("the rewrite of chunk 5 did not land")
-	}
-	if snapInfoOf(t, s, "s").Invalid || s.Err() != nil {
-		t.Fatalf("snapshot invalid %v, store %v", snapInfoOf(t, s, "s").Invalid, s.Err())
+			if snapInfoOf(t, s, "s").Invalid || s.Err() != nil {
+				t.Fatalf("snapshot invalid %v, store %v", snapInfoOf(t, s, "s").Invalid, s.Err())
+			}
+		})
 	}
 }
 
@@ -1464,97 +1512,130 @@ func mountScratch(t *testing.T, size int64, mkfs ...string) string {
 }
 
 // TestMinFreeRunwayRealFS: on ext4 and XFS, which keep what a failed
-// fallocate allocated, with under 4 MiB left: (1) a write into a hole,
-// refused for want of the log's runway, takes no block (the runway's
-// failed fallocate is given back, as is the log's failed zero-fill); (2)
-// a write of a chunk with data and eight holes gives up both snapshots,
-// which lack the one or the others, and lands: its probe of the runway
-// did not take the space its direct write needs.
+// fallocate allocated, with free space short of (1 MiB, 4 MiB + 256 KiB)
+// or beyond (6 MiB) what the log's 4 MiB runway and a write's holes need,
+// after a checkpoint (no runway yet), with chain [s1, s2] where s1 holds
+// chunk 1 and s2 lacks it:
+//
+//  1. a write into 24 hole chunks (384 KiB) is refused when they do not
+//     fit, taking no block (neither the runway nor the holes' blocks are
+//     taken: their fit is asked first), and lands keeping both snapshots
+//     when they do;
+//  2. a write of chunk 1 and 32 hole chunks (528 KiB) lands: short of
+//     space it gives up both snapshots (s2 lacks chunk 1, s1 the holes)
+//     and goes straight to the data file, its probe of the runway having
+//     taken nothing its direct part needs; with room it gives up s2 alone
+//     and keeps s1, whose holes are held.
 func TestMinFreeRunwayRealFS(t *testing.T) {
+	const cs = 16 << 10
 	for _, fs := range [][]string{
 		{"mkfs.ext4", "-q", "-F", "-m", "0", "-b", "4096"},
 		{"mkfs.xfs", "-q", "-f"},
 	} {
-		t.Run(fs[0], func(t *testing.T) {
-			dir := mountScratch(t, 300<<20, fs...)
-			s, err := Open(filepath.Join(dir, "store"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer s.Close()
-			const cs = 16 << 10
-			v, err := s.CreateVolume("v", 64*cs, VolumeOptions{ChunkSize: cs})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := v.WriteAt(fill(cs, 1), cs); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := s.CreateSnapshot("v", "s1", SnapshotOptions{}); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := v.WriteAt(fill(cs, 2), cs); err != nil { // s1 holds chunk 1
-				t.Fatal(err)
-			}
-			if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
-				t.Fatal(err)
-			}
-			// A fresh log: nothing ahead of its end has blocks.
-			if err := s.Checkpoint(); err != nil {
-				t.Fatal(err)
-			}
-			filler, err := os.Create(filepath.Join(dir, "filler"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer filler.Close()
-			// Leave about 1 MiB (XFS may count fewer blocks free after
-			// a fallocate than it took).
-			for at := int64(0); ; {
-				free, err := statfsFree(dir)
+		for _, target := range []int64{1 << 20, logPrealloc + 256<<10, logPrealloc + 2<<20} {
+			room := target > logPrealloc+1<<20
+			t.Run(fmt.Sprint(fs[0], "/free=", target), func(t *testing.T) {
+				dir := mountScratch(t, 300<<20, fs...)
+				s, err := Open(filepath.Join(dir, "store"))
 				if err != nil {
 					t.Fatal(err)
 				}
-				if free <= 1<<20+64<<10 {
-					break
-				}
-				if err := unix.Fallocate(int(filler.Fd()), 0, at, free-(1<<20)); err != nil {
+				defer s.Close()
+				v, err := s.CreateVolume("v", 64*cs, VolumeOptions{ChunkSize: cs})
+				if err != nil {
 					t.Fatal(err)
 				}
-				at += free - 1<<20
-			}
-			s.SetMinFree(1 << 40)
-			before, _ := statfsFree(dir)
-			_, err = v.WriteAt(fill(cs, 3), 10*cs)
-			after, _ := statfsFree(dir)
-			if !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
-				t.Fatalf("write into a hole with %d bytes free: %v, want ErrNoSpace and ENOSPC", before, err)
-			}
-			if after < before {
-				t.Fatalf("the refused write took %d of the %d bytes free", before-after, before)
-			}
-			if got := invalidSnaps(s); got != "[]" {
-				t.Fatalf("snapshots %s given up for a refused write", got)
-			}
-			if _, err := v.WriteAt(fill(9*cs, 4), 0); err != nil {
+				if _, err := v.WriteAt(fill(cs, 1), cs); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := s.CreateSnapshot("v", "s1", SnapshotOptions{}); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := v.WriteAt(fill(cs, 2), cs); err != nil { // s1 holds chunk 1
+					t.Fatal(err)
+				}
+				if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
+					t.Fatal(err)
+				}
+				// A fresh log: nothing ahead of its end has blocks.
+				if err := s.Checkpoint(); err != nil {
+					t.Fatal(err)
+				}
+				filler, err := os.Create(filepath.Join(dir, "filler"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer filler.Close()
+				// Leave about target bytes (XFS may count fewer blocks
+				// free after a fallocate than it took).
+				for at := int64(0); ; {
+					free, err := statfsFree(dir)
+					if err != nil {
+						t.Fatal(err)
+					}
+					if free <= target+64<<10 {
+						break
+					}
+					if err := unix.Fallocate(int(filler.Fd()), 0, at, free-target); err != nil {
+						t.Fatal(err)
+					}
+					at += free - target
+				}
+				s.SetMinFree(1 << 40)
+				want := make([]byte, 64*cs)
+				copy(want[cs:], fill(cs, 2))
+				before, _ := statfsFree(dir)
+				_, err = v.WriteAt(fill(24*cs, 3), 40*cs)
 				after, _ := statfsFree(dir)
-				t.Fatalf("write of a chunk with data and eight holes with %d bytes free: %v (%d free after)", before, err, after)
-			}
-			if got := invalidSnaps(s); got != "[s1 s2]" {
-				t.Fatalf("invalid %s, want [s1 s2]", got)
-			}
-			if err := v.Flush(); err != nil {
-				t.Fatal(err)
-			}
-			if got := mustRead(t, v, 0, 9*cs); !bytes.Equal(got, fill(9*cs, 4)) {
-				t.Fatal("the write did not land")
-			}
-			if st := s.Stats(); st.SpaceRefused != 1 || st.SpaceInvalidated != 2 {
-				t.Fatalf("stats %+v, want 1 refused and 2 invalidated", st)
-			}
-			if err := s.Err(); err != nil {
-				t.Fatal(err)
-			}
-		})
+				if room {
+					if err != nil {
+						t.Fatalf("write into 384 KiB of holes with %d bytes free: %v", before, err)
+					}
+					copy(want[40*cs:], fill(24*cs, 3))
+				} else {
+					if !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
+						t.Fatalf("write into 384 KiB of holes with %d bytes free: %v, want ErrNoSpace and ENOSPC", before, err)
+					}
+					if after < before {
+						t.Fatalf("the refused write took %d of the %d bytes free", before-after, before)
+					}
+				}
+				if got := invalidSnaps(s); got != "[]" {
+					t.Fatalf("snapshots %s given up for a write into holes", got)
+				}
+				if _, err := v.WriteAt(fill(33*cs, 4), 0); err != nil {
+					after, _ := statfsFree(dir)
+					t.Fatalf("write of a chunk with data and 32 holes with %d bytes free: %v (%d free after; given up %s)", before, err, after, invalidSnaps(s))
+				}
+				copy(want, fill(33*cs, 4))
+				wantInvalid := "[s1 s2]"
+				if room {
+					wantInvalid = "[s2]"
+				}
+				if got := invalidSnaps(s); got != wantInvalid {
+					t.Fatalf("invalid %s, want %s", got, wantInvalid)
+				}
+				if err := v.Flush(); err != nil {
+					t.Fatal(err)
+				}
+				if got := mustRead(t, v, 0, 64*cs); !bytes.Equal(got, want) {
+					t.Fatal("the volume differs")
+				}
+				if room {
+					s1, err := s.Snapshot("s1")
+					if err != nil {
+						t.Fatal(err)
+					}
+					old := make([]byte, 64*cs)
+					copy(old[cs:], fill(cs, 1))
+					if got := mustRead(t, s1, 0, 64*cs); !bytes.Equal(got, old) {
+						t.Fatal("s1 differs")
+					}
+				}
+				if err := s.Err(); err != nil {
+					t.Fatal(err)
+				}
+			})
+		}
 	}
 }

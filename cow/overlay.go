@@ -494,33 +494,39 @@ func (e *ovEntry) write(o, m int64, src []byte) error {
 // others go to the data file as usual. The caller holds the stripes; the
 // result names the newest batch an entry it changed can be in (batch).
 func (v *Volume) writeOverlaid(off, n int64, p []byte) (unsettled, error) {
-	var u unsettled
 	end := off + n
-	if err := v.growWaiting(off, end, p == nil); err != nil {
-		return u, err
-	}
-	u, err := v.writeEntries(off, end, p)
+	taken, err := v.growWaiting(off, end, p == nil)
 	if err != nil {
-		// A direct run, a gap's read or a journal append failed: the
-		// entries this request's copy-out made and no byte reached give
-		// their blocks back, as on growWaiting's refusal.
-		if perr := v.giveBackNew(off, end); perr != nil {
-			err = errors.Join(err, perr)
+		return unsettled{}, err
+	}
+	u, failAt, err := v.writeEntries(off, end, p)
+	if err != nil {
+		// A direct run, a gap's read or a journal append failed at
+		// failAt: the entries of the chunks from there on were not
+		// changed, and give back what this request took for them, as
+		// on growWaiting's refusal (the growth of existing ones, the
+		// blocks of those its copy-out made).
+		var rest []took
+		for _, t := range taken {
+			if t.e.c >= failAt>>v.shift {
+				rest = append(rest, t)
+			}
 		}
+		err = errors.Join(err, v.giveBackTaken(rest), v.giveBackNew(off, end))
 	}
 	return u, err
 }
 
 // writeEntries is writeOverlaid's loop, once the entries below the
-// reserve have their blocks.
-func (v *Volume) writeEntries(off, end int64, p []byte) (unsettled, error) {
+// reserve have their blocks. On an error it reports where: no entry of a
+// chunk from failAt's on was changed.
+func (v *Volume) writeEntries(off, end int64, p []byte) (u unsettled, failAt int64, err error) {
 	part := func(from, to int64) []byte {
 		if p == nil {
 			return nil
 		}
 		return p[from-off : to-off]
 	}
-	var u unsettled
 	direct := func(from, to int64) error { return v.writeDirect(from, to-from, part(from, to)) }
 	run := off // start of the run of chunks without an entry
 	for at := off; at < end; {
@@ -530,7 +536,7 @@ func (v *Volume) writeEntries(off, end int64, p []byte) (unsettled, error) {
 		if e := v.ovGet(c); e != nil {
 			if run < at {
 				if err := direct(run, at); err != nil {
-					return u, err
+					return u, run, err
 				}
 			}
 			// Safe from a kill once journaled: no wait for the batch.
@@ -542,12 +548,12 @@ func (v *Volume) writeEntries(off, end int64, p []byte) (unsettled, error) {
 			journaled := false
 			if j := v.killJournal(); j != nil && !e.waits {
 				if err := j.wrote(e, o, m, part(at, at+m)); err != nil {
-					return u, err
+					return u, at, err
 				}
 				journaled = true
 			}
 			if err := e.write(o, m, part(at, at+m)); err != nil {
-				return u, err
+				return u, at, err
 			}
 			if !journaled {
 				// e's batch is at most the newest one an entry of v
@@ -561,9 +567,17 @@ func (v *Volume) writeEntries(off, end int64, p []byte) (unsettled, error) {
 		at += m
 	}
 	if run < end {
-		return u, direct(run, end)
+		return u, run, direct(run, end)
 	}
-	return u, nil
+	return u, end, nil
+}
+
+// took is what growWaiting took for an entry: its [alo, ahi) before, and
+// the ranges below and above it it preallocated.
+type took struct {
+	e            *ovEntry
+	alo, ahi     int64
+	below, above [2]int64
 }
 
 // growWaiting has the entries made below the free-space reserve
@@ -572,13 +586,9 @@ func (v *Volume) writeEntries(off, end int64, p []byte) (unsettled, error) {
 // before any byte lands: when one is refused, nothing was written, and
 // what was taken is given back, with the blocks of the entries no byte
 // has changed yet (this request's copy-out made them; a later write takes
-// them again). The caller holds the stripes.
-func (v *Volume) growWaiting(off, end int64, discard bool) error {
-	type took struct {
-		e            *ovEntry
-		alo, ahi     int64
-		below, above [2]int64
-	}
+// them again). It returns what it took, for writeOverlaid to give back if
+// the request fails later. The caller holds the stripes.
+func (v *Volume) growWaiting(off, end int64, discard bool) ([]took, error) {
 	var taken []took
 	for at := off; at < end; {
 		c := at >> v.shift
@@ -595,19 +605,26 @@ func (v *Volume) growWaiting(off, end int64, discard bool) error {
 			taken = append(taken, took{e, alo, ahi, below, above})
 			continue
 		}
-		var perr error
-		for _, t := range taken {
-			for _, r := range [][2]int64{t.below, t.above} {
-				if r[1] > 0 {
-					perr = errors.Join(perr, v.data.Punch(r[0], r[1]))
-				}
+		return nil, errors.Join(err, v.giveBackTaken(taken), v.giveBackNew(off, end))
+	}
+	return taken, nil
+}
+
+// giveBackTaken punches the ranges growWaiting took for entries no byte
+// of the request reached, and restores their [alo, ahi). The caller holds
+// the stripes.
+func (v *Volume) giveBackTaken(taken []took) error {
+	var perr error
+	for _, t := range taken {
+		for _, r := range [][2]int64{t.below, t.above} {
+			if r[1] > 0 {
+				perr = errors.Join(perr, v.data.Punch(r[0], r[1]))
 			}
-			t.e.alo, t.e.ahi = t.alo, t.ahi
 		}
-		if perr != nil {
-			perr = fmt.Errorf("giving back the blocks preallocated: %w", perr)
-		}
-		return errors.Join(err, perr, v.giveBackNew(off, end))
+		t.e.alo, t.e.ahi = t.alo, t.ahi
+	}
+	if perr != nil {
+		return fmt.Errorf("giving back the blocks preallocated: %w", perr)
 	}
 	return nil
 }

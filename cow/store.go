@@ -177,6 +177,22 @@ func (s *Store) lowSpace(extra int64) (bool, error) {
 	return free-s.log.overlayUsed()-extra < reserve, nil
 }
 
+// zeroFillOK reports whether the log of committer c may take n more
+// bytes of zeros ahead of its batches: not below the free-space reserve,
+// where the last blocks are for the volumes' writes (a write that gave its
+// snapshots up goes straight to the data file and needs them). Batches
+// are then appended, at the cost of a costlier fdatasync; only a write
+// into holes takes the log's runway (holdHoles, after asking). A failed
+// statfs lets the fill be tried (its ENOSPC is given back).
+func (s *Store) zeroFillOK(c *committer, n int64) bool {
+	reserve := s.minFree.Load()
+	if reserve <= 0 {
+		return true
+	}
+	free, err := s.freeBytes()
+	return err != nil || free-c.overlayUsed()-n >= reserve
+}
+
 // statfsFree is the space dir's file system has free for unprivileged
 // users, in bytes (the reserve of root's blocks is not counted: a store
 // run as root may use it, but it is the last margin the node has).
@@ -1055,6 +1071,7 @@ func (s *Store) Err() error {
 // Open returns).
 func (s *Store) setLog(c *committer) {
 	c.syncLost = s.dropJournal
+	c.fillOK = func(n int64) bool { return s.zeroFillOK(c, n) }
 	s.log = c
 	s.logNow.Store(c)
 }

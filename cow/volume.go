@@ -989,10 +989,18 @@ func (v *Volume) copyOut(off, n, c0, c1, reserved int64, discard, internal bool)
 	// kept.
 	if low, err := v.s.lowSpace(0); err != nil {
 		return err
-	} else if held, err := v.holdHoles(low && !internal, todo, es, zero, off, n); err != nil {
+	} else if held, err := v.holdHoles(low && !internal, todo, es, zero, off, n, reserved); err != nil {
 		return err
 	} else if low && !held {
-		holes := !discard && !internal && !v.s.noPrealloc.Load() && v.s.log.holdRunway() == nil
+		holes := false
+		if !discard && !internal && !v.s.noPrealloc.Load() {
+			// Only asked, not taken: what a retry's holdHoles would
+			// take (n bounds the holes' bytes) must not be taken from
+			// the write's direct part if every snapshot is given up.
+			if holes, err = v.holesFit(n, reserved); err != nil {
+				return err
+			}
+		}
 		give, refuse, err := v.spaceWalk(off, c0, c1, discard, holes)
 		if err != nil {
 			return err
@@ -1127,7 +1135,7 @@ func (v *Volume) copyOut(off, n, c0, c1, reserved int64, discard, internal bool)
 // the retry's holdHoles takes. When the blocks are not there, it refuses
 // the write alone (ErrNoSpace, ENOSPC), having given back the data blocks
 // it took: nothing changed. The caller holds the stripes of todo.
-func (v *Volume) holdHoles(try bool, todo []int64, es []*ovEntry, zero []bool, off, n int64) (bool, error) {
+func (v *Volume) holdHoles(try bool, todo []int64, es []*ovEntry, zero []bool, off, n, reserved int64) (bool, error) {
 	if !try || v.s.noPrealloc.Load() {
 		return false, nil
 	}
@@ -1153,7 +1161,17 @@ func (v *Volume) holdHoles(try bool, todo []int64, es []*ovEntry, zero []bool, o
 		total += end - at
 		i = j
 	}
-	err := v.s.log.holdRunway()
+	// Asked first, so that a write refused for want of space takes
+	// nothing in the common case (the runway, once taken, is the log's
+	// and stays; only a race with other writers for the last blocks can
+	// leave it taken by a refused write).
+	fits, err := v.holesFit(total, reserved)
+	if err == nil && !fits {
+		err = fmt.Errorf("%w: the log's runway and the write's blocks do not fit in what the file system has free", ErrNoSpace)
+	}
+	if err == nil {
+		err = v.s.log.holdRunway()
+	}
 	if err == nil {
 		err = v.preallocate(runs, chunks)
 	}
@@ -1200,6 +1218,19 @@ func (v *Volume) preallocate(runs, undo [][2]int64) error {
 		}
 	}
 	return nil
+}
+
+// holesFit reports whether the file system has the blocks a write into
+// holes of n bytes below the reserve takes (holdHoles): what the log's
+// runway lacks and n, beyond what the overlay's pending writes will take
+// (but for the reserved bytes the request itself holds there: a write into
+// holes writes its bytes to the blocks n counts).
+func (v *Volume) holesFit(n, reserved int64) (bool, error) {
+	free, err := v.s.freeBytes()
+	if err != nil {
+		return false, fmt.Errorf("cow: free space of %s: %w", v.s.dir, err)
+	}
+	return free-(v.s.log.overlayUsed()-reserved) >= v.s.log.runwayShort()+n, nil
 }
 
 // refuseNoBlocks turns preallocate's failure for a write of n bytes at off
