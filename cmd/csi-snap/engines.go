@@ -39,6 +39,7 @@ func openRealEngines(cfg Config) (*engines, error) {
 func probeHolder(socket string) error { return kernel.ProbeHolder(socket) }
 
 func runHolder(socket string, stay bool) error {
+	kernel.CloseInheritedPipes() // this process only holds
 	if stay {
 		return kernel.RunHolderStay(socket)
 	}

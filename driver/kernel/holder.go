@@ -101,7 +101,6 @@ func RunHolder(socketPath string) error { return runHolder(socketPath, false) }
 func RunHolderStay(socketPath string) error { return runHolder(socketPath, true) }
 
 func runHolder(socketPath string, stay bool) error {
-	closeInheritedPipes()
 	c, err := net.Dial("unixpacket", socketPath)
 	switch {
 	case err == nil:
@@ -191,13 +190,19 @@ func samePeerUser(c *net.UnixConn) bool {
 	return int(cred.Uid) == os.Geteuid()
 }
 
-// closeInheritedPipes closes pipes the holder inherited without CLOEXEC
-// (from a shell or a test runner above the server): the holder outlives its
-// starter, and a pipe it keeps open makes whoever reads the other end wait
-// for EOF as long as the holder lives. Only pipes: the Go runtime keeps
-// other descriptors of its own (epoll, eventfd, cgroup files) and we create
-// no pipes before this runs.
-func closeInheritedPipes() {
+// CloseInheritedPipes closes every pipe of the process. A process whose
+// job is to run a holder (RunHolder, RunHolderStay) calls it first: it may
+// have inherited pipes without CLOEXEC (from a shell or a test runner above
+// the server), and since the holder outlives its starter, a pipe it keeps
+// open makes whoever reads the other end wait for EOF as long as the
+// holder lives. Only pipes: the Go runtime keeps other descriptors of its
+// own (epoll, eventfd, cgroup files) and such a process creates no pipe
+// before this runs. Never in a process that does more: RunHolder used to
+// call it, and a test that runs a holder in its own process closed the
+// pipes of other tests' servers and commands, whose later close of the fd
+// number then hit whatever file took it (a holder connection, which
+// answered EOF: TestHolderListPages failed once in CI).
+func CloseInheritedPipes() {
 	ents, err := os.ReadDir("/proc/self/fd")
 	if err != nil {
 		return

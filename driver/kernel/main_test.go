@@ -31,6 +31,7 @@ func TestMain(m *testing.M) {
 			if d, err := time.ParseDuration(os.Getenv("CSI_SNAP_TEST_HOLDER_IDLE")); err == nil {
 				holderIdleExit = d
 			}
+			CloseInheritedPipes()
 			run := RunHolder
 			if slices.Contains(os.Args, "--stay") {
 				run = RunHolderStay

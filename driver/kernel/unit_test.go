@@ -615,3 +615,62 @@ func muteHolder(t *testing.T, path string) *net.UnixListener {
 	}()
 	return ln
 }
+
+// TestHolderPipes: a holder process closes the pipes it inherited without
+// CLOEXEC (whoever reads their other ends would otherwise wait for EOF as
+// long as the holder lives: CloseInheritedPipes, called by the process's
+// entry, here the test binary's "fuse-holder" mode as csi-snap's); a
+// holder run inside a process that does more (a test) leaves that
+// process's pipes alone: closing them once made another test's later close
+// of the fd number hit a holder connection.
+func TestHolderPipes(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	sock := filepath.Join(t.TempDir(), "h.sock")
+	cmd := exec.Command(os.Args[0], "fuse-holder", "--socket", sock)
+	cmd.Env = append(os.Environ(), "CSI_SNAP_TEST_HOLDER_IDLE=200ms")
+	cmd.ExtraFiles = []*os.File{w} // fd 3 in the holder, without CLOEXEC
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() { cmd.Process.Kill() })
+	waitListed(t, sock)
+	r.SetReadDeadline(time.Now().Add(150 * time.Millisecond)) // the holder still runs (idle exit at 200ms)
+	if n, err := r.Read(make([]byte, 1)); n != 0 || !errors.Is(err, io.EOF) {
+		t.Fatalf("read of a pipe whose write end only the holder got: n=%d err=%v, want EOF", n, err)
+	}
+	if err := <-exited; err != nil {
+		t.Fatalf("holder: %v", err)
+	}
+
+	// In this process: its own pipe survives a holder started here.
+	var p [2]int
+	if err := unix.Pipe2(p[:], 0); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[0])
+	defer unix.Close(p[1])
+	sock2 := filepath.Join(t.TempDir(), "h2.sock")
+	done := make(chan error, 1)
+	go func() { done <- RunHolder(sock2) }()
+	waitListed(t, sock2)
+	if _, err := unix.Write(p[1], []byte{7}); err != nil {
+		t.Fatalf("the test's pipe after a holder started in its process: %v", err)
+	}
+	if _, _, err := holderCall(sock2, holderReq{Op: "put", ID: "v1", Params: json.RawMessage(`{}`)}, p[1]); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := holderCall(sock2, holderReq{Op: "drop", ID: "v1"}, -1); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}

@@ -41,6 +41,7 @@ func main() {
 		fs := flag.NewFlagSet("fuse-holder", flag.ExitOnError)
 		sock := fs.String("socket", "", "holder socket path")
 		fs.Parse(os.Args[2:])
+		kernel.CloseInheritedPipes()
 		if err := kernel.RunHolder(*sock); err != nil {
 			fmt.Fprintln(os.Stderr, "fuse-holder:", err)
 			os.Exit(1)
