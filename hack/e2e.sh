@@ -2,7 +2,7 @@
 # hack/e2e.sh — csi-snap on a real Kubernetes control plane, VolumeSnapshot
 # objects end to end. Run as root from the repository:
 #
-#   sudo hack/e2e.sh
+#   hack/e2e.sh
 #
 # It builds (or reuses, see hack/e2e-build.sh) etcd, kube-apiserver,
 # kube-controller-manager, kubectl, csi-provisioner, csi-snapshotter and
