@@ -30,9 +30,6 @@ type committer struct {
 	f     file
 	end   int64 // where the next batch goes, in bytes (sync stage)
 	alloc int64 // bytes of the file written so far (zeros past end)
-	// fillOK, if set, says whether the sync stage may write n bytes of
-	// zeros ahead of the batches (Store.zeroFillOK).
-	fillOK func(n int64) bool
 	// wmu orders holdRunway against the sync stage's writes: both hold it
 	// from reading end and alloc until they have written past them and
 	// published the new alloc, so neither writes, or on ENOSPC punches,
@@ -308,7 +305,7 @@ func (c *committer) syncStage(toSync <-chan *batch, toApply chan<- *batch) {
 		seq, end, alloc := c.seq+1, c.end, c.alloc
 		c.mu.Unlock()
 		err := b.failed
-		if grow := max(logPrealloc, int64(len(b.buf))+64); err == nil && end+int64(len(b.buf))+64 > alloc && (c.fillOK == nil || c.fillOK(grow)) {
+		if grow := max(logPrealloc, int64(len(b.buf))+64); err == nil && end+int64(len(b.buf))+64 > alloc {
 			if err = writeFull(c.f, zeros(grow), alloc); err == nil {
 				alloc += grow
 			} else if err = c.giveBack(err, alloc, grow); errors.Is(err, ErrNoSpace) {

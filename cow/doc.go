@@ -118,9 +118,9 @@
 // waiting for a Flush to commit it. (Below a free-space reserve, a write
 // into holes is not journaled: it returns once its group commit applied
 // it; SetMinFree.) Writes that need none of that return as before.
-// TestCrash checks both promises. The journal keeps zeros written ahead
-// of its records, enough for every record an apply owes, so that a full
-// disk refuses the journaled write alone (ErrNoSpace, ENOSPC, nothing
+// TestCrash checks both promises. The journal keeps blocks preallocated
+// ahead of its records, enough for every record an apply owes, so that a
+// full disk refuses the journaled write alone (ErrNoSpace, ENOSPC, nothing
 // changed) and never an apply's record, which would fail the store
 // (TestJournalRoom*).
 //

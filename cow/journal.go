@@ -257,18 +257,29 @@ func (j *journal) room(size int64, newEntry bool) error {
 	if need <= j.alloc {
 		return nil
 	}
-	from, to := j.alloc, need+journalAhead
 	f := j.f[j.epoch&1]
-	err := f.Allocate(from, to-from)
-	if errors.Is(err, syscall.EOPNOTSUPP) && !errors.Is(err, ErrNoSpace) {
-		err = writeFull(f, zeros(to-from), from)
+	take := func(from, to int64) error {
+		err := f.Allocate(from, to-from)
+		if errors.Is(err, syscall.EOPNOTSUPP) && !errors.Is(err, ErrNoSpace) {
+			err = writeFull(f, zeros(to-from), from)
+		}
+		if err != nil && errors.Is(err, ErrNoSpace) {
+			if perr := f.Punch(from, to-from); perr != nil {
+				err = errors.Join(err, fmt.Errorf("giving back its blocks: %w", perr))
+			}
+		}
+		return err
+	}
+	// journalAhead beyond the need, or, near a full disk, just the need.
+	to := need + journalAhead
+	err := take(j.alloc, to)
+	if errors.Is(err, ErrNoSpace) && journalAhead > 0 {
+		to = need
+		err = take(j.alloc, to)
 	}
 	if err != nil {
 		if !errors.Is(err, ErrNoSpace) {
 			return j.fail(err)
-		}
-		if perr := f.Punch(from, to-from); perr != nil {
-			err = errors.Join(err, fmt.Errorf("giving back its blocks: %w", perr))
 		}
 		return fmt.Errorf("%w (%w): kill journal: no room for %d bytes of records: %w", ErrNoSpace, syscall.ENOSPC, size, err)
 	}

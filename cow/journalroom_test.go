@@ -3,6 +3,7 @@ package cow
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -24,9 +25,12 @@ type fullJournal struct {
 	// journal writes zeros for its room.
 	noAlloc bool
 	full    atomic.Bool
-	mu      sync.Mutex
-	hw      map[string]int64
-	fail    int // writes refused
+	// spare: bytes the full file system still has (taken by the
+	// journal's files past what they held).
+	spare int64
+	mu    sync.Mutex
+	hw    map[string]int64
+	fail  int // writes refused
 }
 
 func (m *fullJournal) set(fs *faultFS) {
@@ -38,8 +42,11 @@ func (m *fullJournal) set(fs *faultFS) {
 		m.mu.Lock()
 		defer m.mu.Unlock()
 		if m.full.Load() && off+n > m.hw[name] {
-			m.fail++
-			return errors.Join(ErrNoSpace, syscall.ENOSPC)
+			if off+n-m.hw[name] > m.spare {
+				m.fail++
+				return errors.Join(ErrNoSpace, syscall.ENOSPC)
+			}
+			m.spare -= off + n - m.hw[name]
 		}
 		m.hw[name] = max(m.hw[name], off+n)
 		return nil
@@ -54,8 +61,11 @@ func (m *fullJournal) set(fs *faultFS) {
 		m.mu.Lock()
 		defer m.mu.Unlock()
 		if m.full.Load() && off+n > m.hw[name] {
-			m.fail++
-			return errors.Join(ErrNoSpace, syscall.ENOSPC)
+			if off+n-m.hw[name] > m.spare {
+				m.fail++
+				return errors.Join(ErrNoSpace, syscall.ENOSPC)
+			}
+			m.spare -= off + n - m.hw[name]
 		}
 		m.hw[name] = max(m.hw[name], off+n)
 		return nil
@@ -445,4 +455,173 @@ func TestPreallocatedWritesNeedNoSpace(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestJournalRoomSwitchAfterHeader: the file system has one block left for
+// the journal (the new epoch's header fits, its room does not): the switch
+// is put off with the current file's state restored (its offsets: records
+// written over pending ones would lose acknowledged writes on a kill),
+// while the entries that took the current file past journalSwitch are
+// still pending, and a kill then loses nothing.
+func TestJournalRoomSwitchAfterHeader(t *testing.T) {
+	const cs = 16 << 10
+	sw := journalSwitch
+	journalSwitch = 64 << 10
+	defer func() { journalSwitch = sw }()
+	m, h := &fullJournal{}, &syncHold{}
+	dir, s, fs := journalRoomStore(t, m, h)
+	// One free block: a write within a file's first 4 KiB lands.
+	inner, innerA := fs.writeErrAt, fs.allocErr
+	fs.writeErrAt = func(name string, off, n int64) error {
+		if strings.HasPrefix(name, "kill.journal") && off+n <= 4096 {
+			return nil
+		}
+		return inner(name, off, n)
+	}
+	fs.allocErr = func(name string, off, n int64) error {
+		if strings.HasPrefix(name, "kill.journal") && m.full.Load() && off+n > 4096 {
+			return errors.Join(ErrNoSpace, syscall.ENOSPC)
+		}
+		return innerA(name, off, n)
+	}
+	journalAhead = 1 << 20
+	v := mustVol(t, s, "v", 16*cs, cs)
+	want := fill(16*cs, 1)
+	if _, err := v.WriteAt(want, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	armQuiet(t, s, h)
+	for c := int64(0); c < 4; c++ {
+		if _, err := v.WriteAt(fill(cs, byte(10+c)), c*cs); err != nil {
+			t.Fatal(err)
+		}
+		copy(want[c*cs:], fill(cs, byte(10+c)))
+	}
+	ep := s.jnl.epoch
+	m.full.Store(true)
+	for c := int64(4); c < 8; c++ {
+		if _, err := v.WriteAt(fill(100, byte(10+c)), c*cs); err != nil {
+			t.Fatalf("write with room in the current file: %v", err)
+		}
+		copy(want[c*cs:], fill(100, byte(10+c)))
+	}
+	s.jnl.mu.Lock()
+	putOff, now := s.jnl.switchesPutOff, s.jnl.epoch
+	s.jnl.mu.Unlock()
+	if putOff == 0 || now != ep {
+		t.Fatalf("switches put off %d, epoch %d (was %d): want the switch put off", putOff, now, ep)
+	}
+	reopenCheck(t, fs, h, dir, map[string][]byte{"v": want})
+}
+
+// TestMinFreeLogKeepsRunway: below the reserve, after a checkpoint (the
+// log has nothing ahead), the log still writes its fill of zeros ahead of
+// its batches while it can, so once the volumes' own direct writes have
+// taken the disk's last blocks, the log's small batches (snapshot creates
+// and deletes, the delete of the volume that frees space) still land and
+// the store lives. On tmpfs, ext4 and XFS.
+func TestMinFreeLogKeepsRunway(t *testing.T) {
+	for _, fsys := range []string{"tmpfs", "mkfs.ext4", "mkfs.xfs"} {
+		t.Run(fsys, func(t *testing.T) {
+			var dir string
+			switch fsys {
+			case "tmpfs":
+				if os.Geteuid() != 0 {
+					skipOrFailKernel(t, "needs root to mount a tmpfs of a fixed size (CI runs as root)")
+				}
+				dir = t.TempDir()
+				if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=32m"); err != nil {
+					skipOrFailKernel(t, "cannot mount a tmpfs here: "+err.Error())
+				}
+				t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+			case "mkfs.ext4":
+				dir = mountScratch(t, 300<<20, "mkfs.ext4", "-q", "-F", "-m", "0", "-b", "4096")
+			default:
+				dir = mountScratch(t, 300<<20, "mkfs.xfs", "-q", "-f")
+			}
+			s, err := Open(filepath.Join(dir, "store"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			const cs = 16 << 10
+			v := mustVol(t, s, "v", 1<<20, cs)
+			big := mustVol(t, s, "big", 512<<20, cs)
+			if _, err := v.WriteAt(fill(cs, 1), 0); err != nil {
+				t.Fatal(err)
+			}
+			s.SetMinFree(1 << 30) // the node is below its reserve
+			if err := s.Checkpoint(); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := s.CreateSnapshot("v", "early", SnapshotOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.DeleteSnapshot("early"); err != nil {
+				t.Fatal(err)
+			}
+			at := int64(0)
+			for _, piece := range []int64{64 << 10, 4 << 10} {
+				for ; at < 512<<20; at += piece {
+					if _, err := big.WriteAt(fill(int(piece), 1), at); err != nil {
+						break
+					}
+				}
+			}
+			if err := s.Err(); err != nil {
+				t.Fatalf("the store failed while the disk filled: %v", err)
+			}
+			if free, _ := statfsFree(dir); free >= 64<<10 {
+				t.Fatalf("%d bytes free after filling", free)
+			}
+			for i := 0; i < 200; i++ {
+				id := fmt.Sprint("s", i)
+				if _, err := s.CreateSnapshot("v", id, SnapshotOptions{}); err != nil {
+					t.Fatalf("snapshot %d on a full disk: %v (store: %v)", i, err, s.Err())
+				}
+				if err := s.DeleteSnapshot(id); err != nil {
+					t.Fatalf("delete %d: %v", i, err)
+				}
+			}
+			if err := s.DeleteVolume("big"); err != nil {
+				t.Fatalf("delete big: %v", err)
+			}
+			if err := s.Err(); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// TestJournalRoomExactNeed: near a full disk the journal takes only what
+// it needs when journalAhead more is not there: with 64 KiB left, first
+// writes after a snapshot land.
+func TestJournalRoomExactNeed(t *testing.T) {
+	const cs = 16 << 10
+	m, h := &fullJournal{}, &syncHold{}
+	dir, s, fs := journalRoomStore(t, m, h)
+	journalAhead = 1 << 20
+	v := mustVol(t, s, "v", 8*cs, cs)
+	want := fill(8*cs, 1)
+	if _, err := v.WriteAt(want, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	m.mu.Lock()
+	m.spare = 64 << 10
+	m.mu.Unlock()
+	m.full.Store(true)
+	armQuiet(t, s, h)
+	for c := int64(0); c < 4; c++ {
+		if _, err := v.WriteAt(fill(4096, byte(10+c)), c*cs); err != nil {
+			t.Fatalf("first write %d with 64 KiB left: %v", c, err)
+		}
+		copy(want[c*cs:], fill(4096, byte(10+c)))
+	}
+	reopenCheck(t, fs, h, dir, map[string][]byte{"v": want})
 }

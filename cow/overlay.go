@@ -117,9 +117,9 @@ type ovEntry struct {
 	// bytes [alo, ahi) of the chunk, which hold [lo, hi), are preallocated
 	// so that the apply cannot run out of space (a write that would widen
 	// [lo, hi) past them takes the rest first: growAlloc). Writes into it
-	// are not journaled (an append near a full disk could fail the
-	// store): a write waits for the entry's apply instead, as without a
-	// journal.
+	// are not journaled (their bytes have their blocks; the journal's
+	// room would be one more thing to take near a full disk): a write
+	// waits for the entry's apply instead, as without a journal.
 	waits    bool
 	alo, ahi int64
 }

@@ -127,9 +127,9 @@ func (s *Store) SetSurviveKill(on bool) { s.survive.Store(on) }
 // merge into the next older snapshot and the copies nobody needs are
 // freed): the newest snapshot, then each older one that still lacks the
 // chunk, until one holds it. The write then goes on without the overlay,
-// straight to the data file, where an ENOSPC fails that write alone (a
-// clone's write still appends its present mark to the kill journal, whose
-// ENOSPC fails the store). A write whose chunks the data file holds as
+// straight to the data file, where an ENOSPC fails that write alone (so
+// does a kill journal with no room for a clone's present mark: journal.go,
+// "Room"). A write whose chunks the data file holds as
 // holes is the exception: their copy is COW chunk 0 and takes no space,
 // so the snapshots are kept, and the data blocks of the bytes it changes
 // are preallocated (fallocate) before it is queued, and so are the log's
@@ -137,12 +137,16 @@ func (s *Store) SetSurviveKill(on bool) { s.survive.Store(on) }
 // chunk's apply writes takes the rest first); when the blocks are not
 // there the write fails alone with ErrNoSpace, before it changes anything,
 // and gives back what it took (TestMinFreeRunwayRealFS on ext4 and XFS).
-// Such a write is not journaled (an append near a
-// full disk could fail the store): with SetSurviveKill it returns once its
-// batch is applied (Stats.SpaceHeld). On a disk with no block left, a
-// write of holes and of chunks with data may give up the snapshots that
-// lack the latter and then fail, as a write that went straight to the
-// data file after giving them up would.
+// Such a write is not journaled (its bytes go to the data file's
+// preallocated blocks with its batch): with SetSurviveKill it returns once
+// its batch is applied (Stats.SpaceHeld). Before it gives a snapshot up
+// for a write, the store takes the log's next 4 MiB (a log with no block
+// fails the store) and refuses the write alone if the bytes it puts in
+// holes then do not fit: no snapshot is given up for a write that cannot
+// land. On a disk with no block left for the log, a write of holes and of
+// chunks with data may give up the snapshots that lack the latter and
+// then fail, as a write that went straight to the data file after giving
+// them up would.
 // The snapshots are given up in one commit, after the chain
 // was walked again under the volume's exclusive gate, so a clone or
 // another write arriving meanwhile cannot make it give up some and then
@@ -154,9 +158,9 @@ func (s *Store) SetSurviveKill(on bool) { s.survive.Store(on) }
 //
 // A reserve is a margin, not a guarantee: the overlay's bytes are an
 // estimate (a chunk partly allocated in a sparse file can take up to two
-// chunks; the kill journal's appends, which fail the store on ENOSPC too,
-// are not counted), and another process may fill the disk faster than the
-// reserve. Size it well above the overlay's 64 MiB; the driver's default
+// chunks; the log's appends, which fail the store on ENOSPC, are not
+// counted beyond its 4 MiB of zeros ahead), and another process may fill
+// the disk faster than the reserve. Size it well above the overlay's 64 MiB; the driver's default
 // is 1 GiB.
 func (s *Store) SetMinFree(bytes int64) { s.minFree.Store(max(bytes, 0)) }
 
@@ -175,22 +179,6 @@ func (s *Store) lowSpace(extra int64) (bool, error) {
 		return false, fmt.Errorf("cow: free space of %s: %w", s.dir, err)
 	}
 	return free-s.log.overlayUsed()-extra < reserve, nil
-}
-
-// zeroFillOK reports whether the log of committer c may take n more
-// bytes of zeros ahead of its batches: not below the free-space reserve,
-// where the last blocks are for the volumes' writes (a write that gave its
-// snapshots up goes straight to the data file and needs them). Batches
-// are then appended, at the cost of a costlier fdatasync; only a write
-// into holes takes the log's runway (holdHoles, after asking). A failed
-// statfs lets the fill be tried (its ENOSPC is given back).
-func (s *Store) zeroFillOK(c *committer, n int64) bool {
-	reserve := s.minFree.Load()
-	if reserve <= 0 {
-		return true
-	}
-	free, err := s.freeBytes()
-	return err != nil || free-c.overlayUsed()-n >= reserve
 }
 
 // statfsFree is the space dir's file system has free for unprivileged
@@ -1071,7 +1059,6 @@ func (s *Store) Err() error {
 // Open returns).
 func (s *Store) setLog(c *committer) {
 	c.syncLost = s.dropJournal
-	c.fillOK = func(n int64) bool { return s.zeroFillOK(c, n) }
 	s.log = c
 	s.logNow.Store(c)
 }

@@ -812,7 +812,18 @@ func (v *Volume) writeClone(off, n int64, p []byte) (err error) {
 	var marked []uint64
 	defer func() {
 		if len(marked) > 0 {
-			if jerr := v.markPresent(marked, false); err == nil {
+			jerr := v.markPresent(marked, false)
+			if errors.Is(jerr, ErrNoSpace) {
+				// The kill journal had no room for the marks: the
+				// chunks stay unmarked (they read their source), and
+				// the blocks written for them are given back.
+				for _, c := range marked {
+					if perr := v.data.Punch(int64(c)<<v.shift, v.chunkSize); perr != nil {
+						jerr = errors.Join(jerr, fmt.Errorf("giving back chunk %d: %w", c, perr))
+					}
+				}
+			}
+			if err == nil {
 				err = jerr
 			}
 		}
@@ -993,13 +1004,31 @@ func (v *Volume) copyOut(off, n, c0, c1, reserved int64, discard, internal bool)
 		return err
 	} else if low && !held {
 		holes := false
-		if !discard && !internal && !v.s.noPrealloc.Load() {
-			// Only asked, not taken: what a retry's holdHoles would
-			// take (n bounds the holes' bytes) must not be taken from
-			// the write's direct part if every snapshot is given up.
-			if holes, err = v.holesFit(n, reserved); err != nil {
+		if !discard && !internal && v.s.log.holdRunway() == nil {
+			// The log has its next 4 MiB now (the invalidation's
+			// batch would have taken them: a log that finds no
+			// block fails the store, so they come first). A write
+			// whose new blocks (the bytes it puts in holes of the
+			// data file) do not fit in what is left would fail
+			// whether its snapshots were given up or kept: it fails
+			// alone, before any is. One that fits may keep the
+			// snapshots that lack only holes (holdHoles takes them
+			// on the retry).
+			need, err := v.holeBytes(off, n)
+			if err != nil {
 				return err
 			}
+			fits := need == 0
+			if !fits {
+				if fits, err = v.holesFit(need, reserved); err != nil {
+					return err
+				}
+			}
+			if !fits {
+				v.s.spaceRefused.Add(1)
+				return fmt.Errorf("%w (%w): %d bytes at offset %d of volume %q: the store's file system is below its free-space reserve of %d bytes, and the %d bytes this write puts in holes do not fit in what it has left: no snapshot is given up for a write that cannot land", ErrNoSpace, syscall.ENOSPC, n, off, v.id, v.s.minFree.Load(), need)
+			}
+			holes = !v.s.noPrealloc.Load()
 		}
 		give, refuse, err := v.spaceWalk(off, c0, c1, discard, holes)
 		if err != nil {
@@ -1126,8 +1155,8 @@ func (v *Volume) copyOut(off, n, c0, c1, reserved int64, discard, internal bool)
 // those chunks (preallocate; the entries remember them in [alo, ahi), and
 // a later write that widens what an entry's apply writes takes the rest
 // first: growAlloc). It marks the entries to wait for their apply rather
-// than go to the kill journal, whose appends near a full disk could fail
-// the store too. With try false, or a chunk that is not a hole (a copy
+// than go to the kill journal (its room would be one more thing to take
+// near a full disk; the write's bytes have their blocks). With try false, or a chunk that is not a hole (a copy
 // needs COW space: the snapshots are given up instead), or a file system
 // that cannot preallocate (noPrealloc), it does nothing and reports false.
 // spaceWalk counts holes as held to match: after the snapshots that lack a
@@ -1218,6 +1247,27 @@ func (v *Volume) preallocate(runs, undo [][2]int64) error {
 		}
 	}
 	return nil
+}
+
+// holeBytes returns how many of bytes [off, off+n) fall in holes of v's
+// data file, the new blocks a write there takes (a clone's chunk that it
+// does not hold yet is completed whole: a chunk each). A range that is
+// partly data counts as data. The caller holds the stripes.
+func (v *Volume) holeBytes(off, n int64) (int64, error) {
+	var total int64
+	for at, end := off, off+n; at < end; {
+		c := at >> v.shift
+		m := min(end-at, (c+1)<<v.shift-at)
+		if v.src != nil && !v.isPresent(c) {
+			total += v.chunkSize
+		} else if h, err := v.data.Hole(at, m); err != nil {
+			return 0, err
+		} else if h {
+			total += m
+		}
+		at += m
+	}
+	return total, nil
 }
 
 // holesFit reports whether the file system has the blocks a write into
