@@ -132,8 +132,9 @@ type journal struct {
 	gen   uint64 // the log's generation (checkpoints) the records go with
 	epoch uint64 // the current epoch; its file is f[epoch&1]
 	off   int64  // where the next record goes in the current file
-	// alloc: bytes of the current file written (header, records and the
-	// zeros ahead of them). unsettled: entries journaled and not settled,
+	// alloc: bytes of the current file that have their blocks (header,
+	// records, and the room preallocated or written as zeros ahead of
+	// them). unsettled: entries journaled and not settled,
 	// each owed owedPerEntry bytes of [off, alloc) for its apply's
 	// records (room).
 	alloc     int64
