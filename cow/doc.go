@@ -186,7 +186,8 @@
 //     copy-before-write gives up the snapshots that would need its copy
 //     (as over a Limit) and goes straight to the data file, and one that
 //     would have to give up a snapshot with clones (or a rollback's
-//     target), or is a rollback's own, fails alone with ErrNoSpace before
+//     target), or is a rollback's own, or whose new blocks would not fit
+//     even with the snapshots given up, fails alone with ErrNoSpace before
 //     anything changes. A write whose chunks are holes of the data file
 //     needs no copy: it keeps the snapshots, the blocks of the bytes it
 //     changes and of the log's next 4 MiB are preallocated first (or,

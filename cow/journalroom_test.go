@@ -291,6 +291,9 @@ func testJournalRoomCloneMark(t *testing.T, newM func() *fullJournal) {
 	if c.isPresent(3) {
 		t.Fatal("the chunk was marked present without its journal record")
 	}
+	if h, err := c.data.Hole(3*cs, cs); err != nil || !h {
+		t.Fatalf("chunk 3 of the clone's data file after the refused mark: hole %v (%v), want its blocks given back", h, err)
+	}
 	if got := mustRead(t, c, 0, 8*cs); !bytes.Equal(got, want) {
 		t.Fatal("the refused write changed the clone")
 	}
@@ -457,8 +460,8 @@ func TestPreallocatedWritesNeedNoSpace(t *testing.T) {
 	}
 }
 
-// TestJournalRoomSwitchAfterHeader: the file system has one block left for
-// the journal (the new epoch's header fits, its room does not): the switch
+// TestJournalRoomSwitchAfterHeader: the file system has room left for
+// the new epoch's header only (its room, even the exact need, does not fit): the switch
 // is put off with the current file's state restored (its offsets: records
 // written over pending ones would lose acknowledged writes on a kill),
 // while the entries that took the current file past journalSwitch are
@@ -470,16 +473,18 @@ func TestJournalRoomSwitchAfterHeader(t *testing.T) {
 	defer func() { journalSwitch = sw }()
 	m, h := &fullJournal{}, &syncHold{}
 	dir, s, fs := journalRoomStore(t, m, h)
-	// One free block: a write within a file's first 4 KiB lands.
+	// Room for the header only: a write within a file's first
+	// journalHeaderLen bytes lands (the block it takes is the disk's
+	// last), nothing past them does.
 	inner, innerA := fs.writeErrAt, fs.allocErr
 	fs.writeErrAt = func(name string, off, n int64) error {
-		if strings.HasPrefix(name, "kill.journal") && off+n <= 4096 {
+		if strings.HasPrefix(name, "kill.journal") && off+n <= journalHeaderLen {
 			return nil
 		}
 		return inner(name, off, n)
 	}
 	fs.allocErr = func(name string, off, n int64) error {
-		if strings.HasPrefix(name, "kill.journal") && m.full.Load() && off+n > 4096 {
+		if strings.HasPrefix(name, "kill.journal") && m.full.Load() && off+n > journalHeaderLen {
 			return errors.Join(ErrNoSpace, syscall.ENOSPC)
 		}
 		return innerA(name, off, n)

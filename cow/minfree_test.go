@@ -1651,3 +1651,87 @@ func TestMinFreeRunwayRealFS(t *testing.T) {
 		}
 	}
 }
+
+// TestMinFreeGiveUpFreesCopies: below the reserve with the log's runway
+// there and 400 KiB free, a write that puts 512 KiB in holes and needs a
+// copy of a chunk snapshot s lacks gives s up (its 2 MiB of copies are
+// freed) and lands: a write is refused before any snapshot is given up
+// only when giving them up could not free enough. On a 32 MiB tmpfs.
+func TestMinFreeGiveUpFreesCopies(t *testing.T) {
+	if os.Geteuid() != 0 {
+		skipOrFailKernel(t, "needs root to mount a tmpfs of a fixed size (CI runs as root)")
+	}
+	dir := t.TempDir()
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=32m"); err != nil {
+		skipOrFailKernel(t, fmt.Sprintf("cannot mount a tmpfs here: %v", err))
+	}
+	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+	s, err := Open(filepath.Join(dir, "store"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	const cs = 16 << 10
+	v, err := s.CreateVolume("v", 8<<20, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, 8<<20)
+	copy(want, fill(2<<20, 1))
+	copy(want[4<<20-cs:], fill(cs, 1))
+	if _, err := v.WriteAt(want[:2<<20], 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(want[4<<20-cs:4<<20], 4<<20-cs); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(2<<20, 2), 0); err != nil { // s holds 2 MiB of copies
+		t.Fatal(err)
+	}
+	copy(want, fill(2<<20, 2))
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.log.holdRunway(); err != nil {
+		t.Fatal(err)
+	}
+	filler, err := os.Create(filepath.Join(dir, "filler"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer filler.Close()
+	at := int64(0)
+	for _, piece := range []int{1 << 20, 4 << 10} {
+		for {
+			if _, err := filler.WriteAt(make([]byte, piece), at); err != nil {
+				break
+			}
+			at += int64(piece)
+		}
+	}
+	if err := filler.Truncate(at - 400<<10); err != nil {
+		t.Fatal(err)
+	}
+	s.SetMinFree(1 << 40)
+	// The chunk before 4 MiB (data, which s lacks) and 512 KiB of holes.
+	if _, err := v.WriteAt(fill(cs+512<<10, 3), 4<<20-cs); err != nil {
+		free, _ := statfsFree(dir)
+		t.Fatalf("write that giving up s makes fit: %v (free %d, invalid %s)", err, free, invalidSnaps(s))
+	}
+	copy(want[4<<20-cs:], fill(cs+512<<10, 3))
+	if got := invalidSnaps(s); got != "[s]" {
+		t.Fatalf("invalid %s, want [s]", got)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, v, 0, 8<<20); !bytes.Equal(got, want) {
+		t.Fatal("the volume differs")
+	}
+	if err := s.Err(); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -142,8 +142,10 @@ func (s *Store) SetSurviveKill(on bool) { s.survive.Store(on) }
 // its batch is applied (Stats.SpaceHeld). Before it gives a snapshot up
 // for a write, the store takes the log's next 4 MiB (a log with no block
 // fails the store) and refuses the write alone if the bytes it puts in
-// holes then do not fit: no snapshot is given up for a write that cannot
-// land. On a disk with no block left for the log, a write of holes and of
+// holes then do not fit and giving the snapshots up could not free enough
+// (their copies are fewer bytes): in the common case no snapshot is given
+// up for a write that cannot land (a partly written chunk counts as data,
+// so one may still be). On a disk with no block left for the log, a write of holes and of
 // chunks with data may give up the snapshots that lack the latter and
 // then fail, as a write that went straight to the data file after giving
 // them up would.

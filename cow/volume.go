@@ -1003,36 +1003,39 @@ func (v *Volume) copyOut(off, n, c0, c1, reserved int64, discard, internal bool)
 	} else if held, err := v.holdHoles(low && !internal, todo, es, zero, off, n, reserved); err != nil {
 		return err
 	} else if low && !held {
-		holes := false
+		holes, fits, short := false, true, int64(0)
 		if !discard && !internal && v.s.log.holdRunway() == nil {
 			// The log has its next 4 MiB now (the invalidation's
 			// batch would have taken them: a log that finds no
-			// block fails the store, so they come first). A write
-			// whose new blocks (the bytes it puts in holes of the
-			// data file) do not fit in what is left would fail
-			// whether its snapshots were given up or kept: it fails
-			// alone, before any is. One that fits may keep the
+			// block fails the store, so they come first). Do the
+			// write's new blocks (the bytes it puts in holes of the
+			// data file) fit in what is left? If so it may keep the
 			// snapshots that lack only holes (holdHoles takes them
 			// on the retry).
 			need, err := v.holeBytes(off, n)
 			if err != nil {
 				return err
 			}
-			fits := need == 0
-			if !fits {
-				if fits, err = v.holesFit(need, reserved); err != nil {
+			if need > 0 {
+				left, err := v.spaceLeft(reserved)
+				if err != nil {
 					return err
 				}
+				fits, short = need <= left, need-left
 			}
-			if !fits {
-				v.s.spaceRefused.Add(1)
-				return fmt.Errorf("%w (%w): %d bytes at offset %d of volume %q: the store's file system is below its free-space reserve of %d bytes, and the %d bytes this write puts in holes do not fit in what it has left: no snapshot is given up for a write that cannot land", ErrNoSpace, syscall.ENOSPC, n, off, v.id, v.s.minFree.Load(), need)
-			}
-			holes = !v.s.noPrealloc.Load()
+			holes = fits && !v.s.noPrealloc.Load()
 		}
 		give, refuse, err := v.spaceWalk(off, c0, c1, discard, holes)
 		if err != nil {
 			return err
+		}
+		if !fits && !refuse && v.copiesHeld(give) < short {
+			// The write's new blocks do not fit, and giving the
+			// snapshots up would not free enough of their copies
+			// for them (at most what they hold): it fails alone,
+			// before any is given up, as it would after.
+			v.s.spaceRefused.Add(1)
+			return fmt.Errorf("%w (%w): %d bytes at offset %d of volume %q: the store's file system is below its free-space reserve of %d bytes, and this write puts %d bytes more in holes than it has left, more than giving up the snapshots that lack its chunks would free: no snapshot is given up for a write that cannot land", ErrNoSpace, syscall.ENOSPC, n, off, v.id, v.s.minFree.Load(), short)
 		}
 		if !internal && !refuse && len(give) > 0 {
 			return needInvalidate{sn: sn, space: true, off: off, c0: c0, c1: c1, discard: discard, holes: holes, need: reserved}
@@ -1249,6 +1252,19 @@ func (v *Volume) preallocate(runs, undo [][2]int64) error {
 	return nil
 }
 
+// copiesHeld returns the bytes of the copies snapshots sns hold: at most
+// what giving them up frees (a given-up snapshot's copies are punched, or
+// handed to an older snapshot that lacked them).
+func (v *Volume) copiesHeld(sns []*Snapshot) int64 {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	var held int64
+	for _, sn := range sns {
+		held += sn.held << v.shift
+	}
+	return held
+}
+
 // holeBytes returns how many of bytes [off, off+n) fall in holes of v's
 // data file, the new blocks a write there takes (a clone's chunk that it
 // does not hold yet is completed whole: a chunk each). A range that is
@@ -1268,6 +1284,17 @@ func (v *Volume) holeBytes(off, n int64) (int64, error) {
 		at += m
 	}
 	return total, nil
+}
+
+// spaceLeft returns what the file system has free for a write below the
+// reserve: beyond the overlay's pending bytes (less the reserved bytes the
+// request itself holds there) and what the log's runway still lacks.
+func (v *Volume) spaceLeft(reserved int64) (int64, error) {
+	free, err := v.s.freeBytes()
+	if err != nil {
+		return 0, fmt.Errorf("cow: free space of %s: %w", v.s.dir, err)
+	}
+	return free - (v.s.log.overlayUsed() - reserved) - v.s.log.runwayShort(), nil
 }
 
 // holesFit reports whether the file system has the blocks a write into
