@@ -1303,11 +1303,8 @@ func (v *Volume) spaceLeft(reserved int64) (int64, error) {
 // (but for the reserved bytes the request itself holds there: a write into
 // holes writes its bytes to the blocks n counts).
 func (v *Volume) holesFit(n, reserved int64) (bool, error) {
-	free, err := v.s.freeBytes()
-	if err != nil {
-		return false, fmt.Errorf("cow: free space of %s: %w", v.s.dir, err)
-	}
-	return free-(v.s.log.overlayUsed()-reserved) >= v.s.log.runwayShort()+n, nil
+	left, err := v.spaceLeft(reserved)
+	return err == nil && n <= left, err
 }
 
 // refuseNoBlocks turns preallocate's failure for a write of n bytes at off
