@@ -35,40 +35,12 @@ type fullJournal struct {
 
 func (m *fullJournal) set(fs *faultFS) {
 	m.hw = map[string]int64{}
-	fs.writeErrAt = func(name string, off, n int64) error {
-		if !strings.HasPrefix(name, "kill.journal") {
-			return nil
-		}
-		m.mu.Lock()
-		defer m.mu.Unlock()
-		if m.full.Load() && off+n > m.hw[name] {
-			if off+n-m.hw[name] > m.spare {
-				m.fail++
-				return errors.Join(ErrNoSpace, syscall.ENOSPC)
-			}
-			m.spare -= off + n - m.hw[name]
-		}
-		m.hw[name] = max(m.hw[name], off+n)
-		return nil
-	}
+	fs.writeErrAt = m.take
 	fs.allocErr = func(name string, off, n int64) error {
-		if !strings.HasPrefix(name, "kill.journal") {
-			return nil
-		}
-		if m.noAlloc {
+		if m.noAlloc && strings.HasPrefix(name, "kill.journal") {
 			return syscall.EOPNOTSUPP
 		}
-		m.mu.Lock()
-		defer m.mu.Unlock()
-		if m.full.Load() && off+n > m.hw[name] {
-			if off+n-m.hw[name] > m.spare {
-				m.fail++
-				return errors.Join(ErrNoSpace, syscall.ENOSPC)
-			}
-			m.spare -= off + n - m.hw[name]
-		}
-		m.hw[name] = max(m.hw[name], off+n)
-		return nil
+		return m.take(name, off, n)
 	}
 	fs.truncErr = func(name string, size int64) error {
 		m.mu.Lock()
@@ -76,6 +48,26 @@ func (m *fullJournal) set(fs *faultFS) {
 		m.mu.Unlock()
 		return nil
 	}
+}
+
+// take is a write or preallocation of bytes [off, off+n) of file name:
+// refused with ENOSPC when the journal's file would grow past what it
+// held by more than the spare bytes left.
+func (m *fullJournal) take(name string, off, n int64) error {
+	if !strings.HasPrefix(name, "kill.journal") {
+		return nil
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.full.Load() && off+n > m.hw[name] {
+		if off+n-m.hw[name] > m.spare {
+			m.fail++
+			return errors.Join(ErrNoSpace, syscall.ENOSPC)
+		}
+		m.spare -= off + n - m.hw[name]
+	}
+	m.hw[name] = max(m.hw[name], off+n)
+	return nil
 }
 
 func (m *fullJournal) refused() int {

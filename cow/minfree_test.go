@@ -404,34 +404,9 @@ func TestMinFreeHoles(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer filler.Close()
-			// fillTo fills the file system and frees keep bytes again.
-			fillTo := func(keep int64) {
-				t.Helper()
-				at, err := filler.Seek(0, io.SeekEnd)
-				if err != nil {
-					t.Fatal(err)
-				}
-				for _, piece := range []int{1 << 20, 4 << 10} {
-					for {
-						if _, err := filler.WriteAt(make([]byte, piece), at); err != nil {
-							if !errors.Is(err, syscall.ENOSPC) {
-								t.Fatal(err)
-							}
-							break
-						}
-						at += int64(piece)
-					}
-				}
-				if err := filler.Truncate(at - keep); err != nil {
-					t.Fatal(err)
-				}
-				if free, err := statfsFree(dir); err != nil || free != keep {
-					t.Fatalf("free after filling: %d bytes (%v), want %d", free, err, keep)
-				}
-			}
 
 			// A chunk free: the write fits, its records would not.
-			fillTo(cs)
+			fillTo(t, dir, filler, cs)
 			_, err = v.WriteAt(fill(cs, 1), 10*cs)
 			if !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
 				t.Fatalf("write into a hole with no room for the log: %v, want ErrNoSpace and ENOSPC", err)
@@ -447,7 +422,7 @@ func TestMinFreeHoles(t *testing.T) {
 			if err := s.Checkpoint(); err != nil { // nothing ahead of the log again
 				t.Fatal(err)
 			}
-			fillTo(logPrealloc + cs)
+			fillTo(t, dir, filler, logPrealloc+cs)
 			hold.Store(true)
 			var releaseOnce sync.Once
 			letGo := func() { releaseOnce.Do(func() { hold.Store(false); close(release) }) }
@@ -462,7 +437,7 @@ func TestMinFreeHoles(t *testing.T) {
 				case <-time.After(50 * time.Millisecond):
 				}
 			}
-			fillTo(0)
+			fillTo(t, dir, filler, 0)
 			letGo()
 			if err := <-done; err != nil {
 				t.Fatalf("write into a hole with the log's 4 MiB and a chunk free: %v (store %v)", err, s.Err())
@@ -734,43 +709,10 @@ func TestMinFreeHoleGrow(t *testing.T) {
 			[][2]int64{{5 * cs, k4}, {5*cs + k4, 2 * k4}}, nil, -1},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			var mu sync.Mutex
-			var allocs, punched [][2]int64
-			var hold atomic.Bool
-			held, release := make(chan struct{}, 1), make(chan struct{})
-			s, _ := openFault(t, t.TempDir(), func(fs *faultFS) {
-				fs.allocErr = func(name string, off, n int64) error {
-					if !strings.HasSuffix(name, ".data") {
-						return nil
-					}
-					mu.Lock()
-					defer mu.Unlock()
-					allocs = append(allocs, [2]int64{off, n})
-					if len(allocs) == c.failAt {
-						return errors.Join(ErrNoSpace, syscall.ENOSPC)
-					}
-					return nil
-				}
-				fs.punchErr = func(name string, off, n int64) error {
-					if strings.HasSuffix(name, ".data") && hold.Load() {
-						mu.Lock()
-						punched = append(punched, [2]int64{off, n})
-						mu.Unlock()
-					}
-					return nil
-				}
-				// The batch's log sync is held back, so its entries stay.
-				fs.syncHook = func(name string) {
-					if strings.HasPrefix(name, "store.log") && hold.Load() {
-						held <- struct{}{}
-						<-release
-					}
-				}
-			})
-			var once sync.Once
-			letGo := func() { once.Do(func() { hold.Store(false); close(release) }) }
+			d := newDataSpace(c.failAt)
+			s, _ := openFault(t, t.TempDir(), d.set)
 			defer s.Close()
-			defer letGo()
+			defer d.letGo() // before s.Close, which waits for the held batch
 			s.freeBytes = func() (int64, error) { return 1 << 29, nil }
 			s.SetMinFree(1 << 30)
 			v, err := s.CreateVolume("v", 8*cs, VolumeOptions{ChunkSize: cs})
@@ -785,7 +727,7 @@ func TestMinFreeHoleGrow(t *testing.T) {
 			}
 			want := make([]byte, 8*cs)
 			copy(want, fill(cs, 1))
-			hold.Store(true)
+			d.hold.Store(true)
 			for i, o := range c.ops {
 				if o.b == 0 {
 					err = v.Discard(o.off, o.n)
@@ -803,13 +745,11 @@ func TestMinFreeHoleGrow(t *testing.T) {
 				}
 				copy(want[o.off:o.off+o.n], fill(int(o.n), o.b))
 				if i == 0 {
-					<-held
+					<-d.held
 				}
 			}
-			mu.Lock()
-			gotAllocs, gotPunched := fmt.Sprint(allocs), fmt.Sprint(punched)
-			mu.Unlock()
-			letGo()
+			gotAllocs, gotPunched := d.got()
+			d.letGo()
 			if err := v.Flush(); err != nil {
 				t.Fatal(err)
 			}
@@ -1346,45 +1286,19 @@ func TestMinFreeHoleLaterFailure(t *testing.T) {
 			name = "grown entry"
 		}
 		t.Run(name, func(t *testing.T) {
-			var mu sync.Mutex
-			var allocs, punched [][2]int64
-			var failDirect, hold atomic.Bool
-			held, release := make(chan struct{}, 1), make(chan struct{})
+			var failDirect atomic.Bool
+			d := newDataSpace(0)
 			s, _ := openFault(t, t.TempDir(), func(fs *faultFS) {
-				fs.allocErr = func(name string, off, n int64) error {
-					if strings.HasSuffix(name, ".data") {
-						mu.Lock()
-						allocs = append(allocs, [2]int64{off, n})
-						mu.Unlock()
-					}
-					return nil
-				}
-				fs.punchErr = func(name string, off, n int64) error {
-					if strings.HasSuffix(name, ".data") {
-						mu.Lock()
-						punched = append(punched, [2]int64{off, n})
-						mu.Unlock()
-					}
-					return nil
-				}
+				d.set(fs)
 				fs.writeErrAt = func(name string, off, n int64) error {
 					if strings.HasSuffix(name, ".data") && failDirect.Load() && off >= 4*cs && off < 5*cs {
 						return errors.Join(ErrNoSpace, syscall.ENOSPC)
 					}
 					return nil
 				}
-				// The grown entry's batch is held back, so it stays.
-				fs.syncHook = func(name string) {
-					if strings.HasPrefix(name, "store.log") && hold.Load() {
-						held <- struct{}{}
-						<-release
-					}
-				}
 			})
-			var once sync.Once
-			letGo := func() { once.Do(func() { hold.Store(false); close(release) }) }
 			defer s.Close()
-			defer letGo()
+			defer d.letGo()
 			var free atomic.Int64
 			free.Store(1 << 40)
 			s.freeBytes = func() (int64, error) { return free.Load(), nil }
@@ -1408,16 +1322,14 @@ func TestMinFreeHoleLaterFailure(t *testing.T) {
 			copy(want, fill(k4, 1))
 			free.Store(1 << 29)
 			if grown {
-				hold.Store(true)
+				d.hold.Store(true)                                      // the grown entry's batch is held back, so it stays
 				if _, err := v.WriteAt(fill(k4, 2), 5*cs); err != nil { // chunk 5's entry, [0, 4K)
 					t.Fatal(err)
 				}
-				<-held
+				<-d.held
 				copy(want[cs:], fill(k4, 2))
 			}
-			mu.Lock()
-			allocs, punched = nil, nil
-			mu.Unlock()
+			d.reset()
 			before, err := v.data.Allocated()
 			if err != nil {
 				t.Fatal(err)
@@ -1434,10 +1346,8 @@ func TestMinFreeHoleLaterFailure(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			mu.Lock()
-			gotAllocs, gotPunched := fmt.Sprint(allocs), fmt.Sprint(punched)
-			allocs = nil
-			mu.Unlock()
+			gotAllocs, gotPunched := d.got()
+			d.reset()
 			wantAllocs, wantPunched := [][2]int64{{5 * cs, cs}}, [][2]int64{{5 * cs, cs}}
 			if grown {
 				wantAllocs, wantPunched = [][2]int64{{5*cs + k4, 3 * k4}}, [][2]int64{{5*cs + k4, 3 * k4}}
@@ -1454,14 +1364,12 @@ func TestMinFreeHoleLaterFailure(t *testing.T) {
 					t.Fatal(err)
 				}
 				copy(want[cs+2*k4:], fill(k4, 4))
-				mu.Lock()
-				gotAllocs = fmt.Sprint(allocs)
-				mu.Unlock()
+				gotAllocs, _ = d.got()
 				if w := fmt.Sprint([][2]int64{{5*cs + k4, 2 * k4}}); gotAllocs != w {
 					t.Fatalf("widening after the give-back preallocated %s, want %s", gotAllocs, w)
 				}
 			}
-			letGo()
+			d.letGo()
 			if err := v.Flush(); err != nil {
 				t.Fatal(err)
 			}
@@ -1703,18 +1611,7 @@ func TestMinFreeGiveUpFreesCopies(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer filler.Close()
-	at := int64(0)
-	for _, piece := range []int{1 << 20, 4 << 10} {
-		for {
-			if _, err := filler.WriteAt(make([]byte, piece), at); err != nil {
-				break
-			}
-			at += int64(piece)
-		}
-	}
-	if err := filler.Truncate(at - 400<<10); err != nil {
-		t.Fatal(err)
-	}
+	fillTo(t, dir, filler, 400<<10)
 	s.SetMinFree(1 << 40)
 	// The chunk before 4 MiB (data, which s lacks) and 512 KiB of holes.
 	if _, err := v.WriteAt(fill(cs+512<<10, 3), 4<<20-cs); err != nil {
@@ -1733,5 +1630,95 @@ func TestMinFreeGiveUpFreesCopies(t *testing.T) {
 	}
 	if err := s.Err(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// dataSpace records the Allocate and Punch calls on a store's data files
+// (through faultFS.set), fails the failAt-th Allocate (1-based; 0: none)
+// with ENOSPC, and, while hold is set, holds the log's syncs back so that
+// overlay entries stay pending (held is signalled once per held sync;
+// letGo releases them for good).
+type dataSpace struct {
+	mu              sync.Mutex
+	allocs, punched [][2]int64
+	failAt, n       int
+	hold            atomic.Bool
+	held, release   chan struct{}
+	once            sync.Once
+}
+
+func newDataSpace(failAt int) *dataSpace {
+	return &dataSpace{failAt: failAt, held: make(chan struct{}, 1), release: make(chan struct{})}
+}
+
+func (d *dataSpace) set(fs *faultFS) {
+	fs.allocErr = func(name string, off, n int64) error {
+		if !strings.HasSuffix(name, ".data") {
+			return nil
+		}
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		d.allocs = append(d.allocs, [2]int64{off, n})
+		if d.n++; d.n == d.failAt {
+			return errors.Join(ErrNoSpace, syscall.ENOSPC)
+		}
+		return nil
+	}
+	fs.punchErr = func(name string, off, n int64) error {
+		if strings.HasSuffix(name, ".data") {
+			d.mu.Lock()
+			d.punched = append(d.punched, [2]int64{off, n})
+			d.mu.Unlock()
+		}
+		return nil
+	}
+	fs.syncHook = func(name string) {
+		if strings.HasPrefix(name, "store.log") && d.hold.Load() {
+			d.held <- struct{}{}
+			<-d.release
+		}
+	}
+}
+
+func (d *dataSpace) letGo() { d.once.Do(func() { d.hold.Store(false); close(d.release) }) }
+
+// got returns the Allocate and Punch ranges recorded since the last reset.
+func (d *dataSpace) got() (allocs, punched string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return fmt.Sprint(d.allocs), fmt.Sprint(d.punched)
+}
+
+func (d *dataSpace) reset() {
+	d.mu.Lock()
+	d.allocs, d.punched = nil, nil
+	d.mu.Unlock()
+}
+
+// fillTo fills the file system at dir with writes to the end of filler
+// until it is full (tmpfs: every byte counts), then frees keep bytes
+// again, and checks that exactly keep bytes are free.
+func fillTo(t *testing.T, dir string, filler *os.File, keep int64) {
+	t.Helper()
+	at, err := filler.Seek(0, io.SeekEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, piece := range []int{1 << 20, 4 << 10} {
+		for {
+			if _, err := filler.WriteAt(make([]byte, piece), at); err != nil {
+				if !errors.Is(err, syscall.ENOSPC) {
+					t.Fatal(err)
+				}
+				break
+			}
+			at += int64(piece)
+		}
+	}
+	if err := filler.Truncate(at - keep); err != nil {
+		t.Fatal(err)
+	}
+	if free, err := statfsFree(dir); err != nil || free != keep {
+		t.Fatalf("free after filling: %d bytes (%v), want %d", free, err, keep)
 	}
 }
