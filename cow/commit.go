@@ -95,18 +95,6 @@ func newCommitter(f file, end int64, seq uint64) *committer {
 // record, which ends the log on Open.
 const logPrealloc = 4 << 20
 
-// zeroBuf is what zeros returns: never written.
-var zeroBuf = make([]byte, logPrealloc)
-
-// zeros returns n zero bytes, shared (read only) when n is at most
-// logPrealloc: a fresh buffer of 4 MiB per fill cost its clearing.
-func zeros(n int64) []byte {
-	if n <= int64(len(zeroBuf)) {
-		return zeroBuf[:n]
-	}
-	return make([]byte, n)
-}
-
 // holdRunway makes the log's next logPrealloc bytes past its end take
 // blocks now, by writing the zeros the sync stage would write there before
 // the next batch: the records of writes queued below the free-space
@@ -128,7 +116,7 @@ func (c *committer) holdRunway() error {
 	if from >= to {
 		return nil
 	}
-	if err := writeFull(c.f, zeros(to-from), from); err != nil {
+	if err := writeZeros(c.f, from, to-from); err != nil {
 		return c.giveBack(err, from, to-from)
 	}
 	c.mu.Lock()
@@ -306,7 +294,7 @@ func (c *committer) syncStage(toSync <-chan *batch, toApply chan<- *batch) {
 		c.mu.Unlock()
 		err := b.failed
 		if grow := max(logPrealloc, int64(len(b.buf))+64); err == nil && end+int64(len(b.buf))+64 > alloc {
-			if err = writeFull(c.f, zeros(grow), alloc); err == nil {
+			if err = writeZeros(c.f, alloc, grow); err == nil {
 				alloc += grow
 			} else if err = c.giveBack(err, alloc, grow); errors.Is(err, ErrNoSpace) {
 				// The zeros only keep fdatasync cheap; the batch may

@@ -262,7 +262,7 @@ func (j *journal) room(size int64, newEntry bool) error {
 	take := func(from, to int64) error {
 		err := f.Allocate(from, to-from)
 		if errors.Is(err, syscall.EOPNOTSUPP) && !errors.Is(err, ErrNoSpace) {
-			err = writeFull(f, zeros(to-from), from)
+			err = writeZeros(f, from, to-from)
 		}
 		if err != nil && errors.Is(err, ErrNoSpace) {
 			if perr := f.Punch(from, to-from); perr != nil {

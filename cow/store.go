@@ -963,12 +963,8 @@ func (s *Store) zeroData(f file, off, n int64) error {
 		return errors.Join(perr, err)
 	}
 	for _, e := range data {
-		for at := e.off; at < e.end; {
-			m := min(e.end-at, int64(len(zeroPiece)))
-			if err := writeFull(f, zeroPiece[:m], at); err != nil {
-				return errors.Join(perr, err)
-			}
-			at += m
+		if err := writeZeros(f, e.off, e.end-e.off); err != nil {
+			return errors.Join(perr, err)
 		}
 	}
 	if len(data) > 0 {
@@ -977,8 +973,22 @@ func (s *Store) zeroData(f file, off, n int64) error {
 	return nil
 }
 
-// zeroPiece is what zeroData writes at once; never written to.
+// zeroPiece is what writeZeros writes at once; never written to.
 var zeroPiece = make([]byte, 64<<10)
+
+// writeZeros writes n zero bytes at off of f, a zeroPiece at a time (no
+// buffer of n bytes to clear: the log's 4 MiB fills, the journal's room
+// where the file system cannot preallocate, zeroData's fallback).
+func writeZeros(f file, off, n int64) error {
+	for end := off + n; off < end; {
+		m := min(end-off, int64(len(zeroPiece)))
+		if err := writeFull(f, zeroPiece[:m], off); err != nil {
+			return err
+		}
+		off += m
+	}
+	return nil
+}
 
 // cowFile returns the volume's COW file, which exists from the volume's
 // creation on (createFiles) and is open once the volume is. During replay
