@@ -973,8 +973,10 @@ func (s *Store) zeroData(f file, off, n int64) error {
 	return nil
 }
 
-// zeroPiece is what writeZeros writes at once; never written to.
-var zeroPiece = make([]byte, 64<<10)
+// zeroPiece is what writeZeros writes at once; never written to (its
+// pages are only read, so they cost no memory of their own). As large as
+// the log's fill, which stays one write.
+var zeroPiece = make([]byte, logPrealloc)
 
 // writeZeros writes n zero bytes at off of f, a zeroPiece at a time (no
 // buffer of n bytes to clear: the log's 4 MiB fills, the journal's room
