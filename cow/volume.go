@@ -1197,8 +1197,8 @@ func (v *Volume) holdHoles(try bool, todo []int64, es []*ovEntry, zero []bool, o
 	// nothing in the common case (the runway, once taken, is the log's
 	// and stays; only a race with other writers for the last blocks can
 	// leave it taken by a refused write).
-	fits, err := v.holesFit(total, reserved)
-	if err == nil && !fits {
+	left, err := v.spaceLeft(reserved)
+	if err == nil && total > left {
 		err = fmt.Errorf("%w: the log's runway and the write's blocks do not fit in what the file system has free", ErrNoSpace)
 	}
 	if err == nil {
@@ -1295,16 +1295,6 @@ func (v *Volume) spaceLeft(reserved int64) (int64, error) {
 		return 0, fmt.Errorf("cow: free space of %s: %w", v.s.dir, err)
 	}
 	return free - (v.s.log.overlayUsed() - reserved) - v.s.log.runwayShort(), nil
-}
-
-// holesFit reports whether the file system has the blocks a write into
-// holes of n bytes below the reserve takes (holdHoles): what the log's
-// runway lacks and n, beyond what the overlay's pending writes will take
-// (but for the reserved bytes the request itself holds there: a write into
-// holes writes its bytes to the blocks n counts).
-func (v *Volume) holesFit(n, reserved int64) (bool, error) {
-	left, err := v.spaceLeft(reserved)
-	return err == nil && n <= left, err
 }
 
 // refuseNoBlocks turns preallocate's failure for a write of n bytes at off
