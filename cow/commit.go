@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"syscall"
 )
 
 // committer appends records to the log with group commit: every caller's
@@ -92,8 +93,20 @@ func newCommitter(f file, end int64, seq uint64) *committer {
 // logPrealloc is how far ahead of the last batch the log is filled with
 // zeros, in bytes. Appending inside the file's size lets fdatasync skip the
 // inode update an append needs; zeros after the last batch read as a torn
-// record, which ends the log on Open.
-const logPrealloc = 4 << 20
+// record, which ends the log on Open. A variable for tests.
+var logPrealloc int64 = 4 << 20
+
+// logKeep is the room (written zeros past the last batch and the open
+// batch) an operation that adds an object or grows one (CreateVolume, the
+// clones, CreateSnapshot, CreateSnapshotGroup, Resize, Rollback) needs the
+// log to have before it starts, and what it leaves to the records that must
+// land on a full disk: the deletes that free space, the invalidations that
+// give snapshots up for writes, a clone's present marks, a rollback's end.
+// Half the runway: on a full disk the adding operations take at most the
+// other half (from a runway just written), and the batch deleting an
+// object is smaller than the batch that added it, so everything added
+// there can be deleted there. See room.
+func logKeep() int64 { return logPrealloc / 2 }
 
 // holdRunway makes the log's next logPrealloc bytes past its end take
 // blocks now, by writing the zeros the sync stage would write there before
@@ -108,10 +121,19 @@ const logPrealloc = 4 << 20
 // so blocks a failed fallocate with KEEP_SIZE kept past it could not be
 // given back, and the zero-fill would write over the range anyway.
 func (c *committer) holdRunway() error {
+	c.mu.Lock()
+	to := c.end + logPrealloc
+	c.mu.Unlock()
+	return c.holdTo(to)
+}
+
+// holdTo is holdRunway up to byte to of the log (from where its written
+// zeros end; nothing if they reach it).
+func (c *committer) holdTo(to int64) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	c.mu.Lock()
-	from, to := c.alloc, c.end+logPrealloc
+	from := c.alloc
 	c.mu.Unlock()
 	if from >= to {
 		return nil
@@ -123,6 +145,36 @@ func (c *committer) holdRunway() error {
 	c.alloc = to
 	c.mu.Unlock()
 	return nil
+}
+
+// room makes sure the log has keep bytes of room past its last batch and
+// the open batch's records before an operation that adds to the store (see
+// logKeep) queues its record, topping the runway up (holdRunway, or just
+// what keep needs when the disk has less than the runway left) if it is
+// short. Without the blocks it refuses with an error wrapping ErrNoSpace
+// and ENOSPC, having changed nothing: the room left stays for the records
+// that must land. A batch that finds no block fails the store, so on a full
+// disk a CreateSnapshot must fail alone rather than take the room the
+// delete that would free space needs.
+func (c *committer) room(keep int64) error {
+	c.mu.Lock()
+	need := c.end + int64(len(c.buf)) + keep
+	short := need > c.alloc
+	c.mu.Unlock()
+	if !short {
+		return nil
+	}
+	err := c.holdRunway()
+	if errors.Is(err, ErrNoSpace) {
+		err = c.holdTo(need)
+	}
+	if errors.Is(err, ErrNoSpace) {
+		c.mu.Lock()
+		left := max(0, c.alloc-c.end-int64(len(c.buf)))
+		c.mu.Unlock()
+		return fmt.Errorf("%w (%w): the file system under the store is full, and the log's %d bytes of room past its last record are kept for deletes and for the records writes need", ErrNoSpace, syscall.ENOSPC, left)
+	}
+	return err
 }
 
 // giveBack punches bytes [off, off+n) of the log, past alloc, after a

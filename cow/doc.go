@@ -198,7 +198,13 @@
 //     TestMinFreeHoleAllocErrors, TestMinFreeHoleLaterFailure, and
 //     TestMinFreeFullDisk and TestMinFreeHoles on a real tmpfs,
 //     TestMinFreeRunwayRealFS on ext4 and XFS). The reserve is a margin checked
-//     with statfs at each such write, not a guarantee.
+//     with statfs at each such write, not a guarantee. The log itself keeps
+//     zeros written ahead of its last batch (also in a new checkpoint)
+//     and lets an operation that adds to the store (CreateVolume, clones,
+//     CreateSnapshot, groups, Resize, Rollback) use only half of them on a
+//     full disk: past that it fails alone with ErrNoSpace and ENOSPC, and
+//     the other half takes the deletes, invalidations and marks that must
+//     land (FORMAT.md, "Room for what must land"; TestLogRoomFullDisk).
 //   - A log write or sync error, and a failed fsync of a data or COW file
 //     (in Flush or a checkpoint), makes the store refuse changes (ErrClosed)
 //     until reopened: after a failed fsync the state on disk is unknown (a

@@ -156,7 +156,7 @@ func (s *Store) CreateSnapshotGroup(groupID string, members []GroupMember, o Sna
 		// A version-1 reader must never meet a group record: make the log
 		// version 2 first (checkpoint: temp file, fsync, rename).
 		s.grp.upgrade = true
-		if err := s.checkpointLocked(); err != nil {
+		if err := s.checkpointLocked(false); err != nil {
 			return GroupInfo{}, err
 		}
 	}
@@ -180,6 +180,9 @@ func (s *Store) CreateSnapshotGroup(groupID string, members []GroupMember, o Sna
 		return GroupInfo{}, err
 	}
 	if err := s.objsLeft(len(members)); err != nil {
+		return GroupInfo{}, err
+	}
+	if err := s.log.room(logKeep()); err != nil {
 		return GroupInfo{}, err
 	}
 	now := nowNanos()

@@ -586,7 +586,7 @@ func TestKillJournalOpenCheckpoint(t *testing.T) {
 		t.Fatal(err)
 	}
 	gen := s2.hdr.Generation
-	if err := s2.checkpoint(); err != nil {
+	if err := s2.checkpoint(false); err != nil {
 		t.Fatal(err)
 	}
 	if s2.hdr.Generation == gen {

@@ -9,8 +9,9 @@ import (
 	"testing"
 )
 
-// TestLogFillWithoutSpace: after a checkpoint the log has no zeros past its
-// end, so the next batch first preallocates 4 MiB of them. On a nearly full
+// TestLogFillWithoutSpace: a checkpoint that must go on (Close's, Open's)
+// on a disk without room for its zeros leaves the log none past its end,
+// so the next batch first preallocates 4 MiB of them. On a nearly full
 // disk that fill fails where the batch itself (a delete that would free
 // space) fits: the batch must still be written and the store keep working.
 // It used to fail the whole store (every volume ErrClosed until a restart,
@@ -23,9 +24,6 @@ func TestLogFillWithoutSpace(t *testing.T) {
 	a := mustVol(t, s, "a", 1<<20, 4096)
 	mustVol(t, s, "b", 1<<20, 4096)
 	mustVol(t, s, "c", 1<<20, 4096)
-	if err := s.Checkpoint(); err != nil {
-		t.Fatal(err)
-	}
 	fills := 0
 	fs.mu.Lock()
 	fs.writeErrAt = func(name string, off, n int64) error {
@@ -36,6 +34,12 @@ func TestLogFillWithoutSpace(t *testing.T) {
 		return nil
 	}
 	fs.mu.Unlock()
+	if err := s.checkpoint(false); err != nil {
+		t.Fatal(err)
+	}
+	if s.log.alloc != s.log.end {
+		t.Fatalf("the checkpoint without room for its zeros left %d bytes of them", s.log.alloc-s.log.end)
+	}
 	want := bytes.Repeat([]byte("full"), 1024)
 	if err := s.DeleteVolume("b"); err != nil {
 		t.Fatalf("delete with no room for the log's zeros: %v", err)

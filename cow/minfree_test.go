@@ -399,6 +399,7 @@ func TestMinFreeHoles(t *testing.T) {
 			if err := s.Checkpoint(); err != nil {
 				t.Fatal(err)
 			}
+			dropRunway(t, s) // nothing ahead of the log
 			filler, err := os.Create(filepath.Join(dir, "filler"))
 			if err != nil {
 				t.Fatal(err)
@@ -419,9 +420,10 @@ func TestMinFreeHoles(t *testing.T) {
 			if err := filler.Truncate(0); err != nil {
 				t.Fatal(err)
 			}
-			if err := s.Checkpoint(); err != nil { // nothing ahead of the log again
+			if err := s.Checkpoint(); err != nil {
 				t.Fatal(err)
 			}
+			dropRunway(t, s) // nothing ahead of the log again
 			fillTo(t, dir, filler, logPrealloc+cs)
 			hold.Store(true)
 			var releaseOnce sync.Once
@@ -630,9 +632,10 @@ func TestMinFreeHoleNoRunway(t *testing.T) {
 	if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Checkpoint(); err != nil { // nothing ahead of the log
+	if err := s.Checkpoint(); err != nil {
 		t.Fatal(err)
 	}
+	dropRunway(t, s)    // nothing ahead of the log
 	free.Store(1 << 20) // short of the runway's 4 MiB, as the log's writes find
 	noLog.Store(true)
 	_, err = v.WriteAt(fill(cs, 3), 4*cs)
@@ -1468,10 +1471,12 @@ func TestMinFreeRunwayRealFS(t *testing.T) {
 				if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
 					t.Fatal(err)
 				}
-				// A fresh log: nothing ahead of its end has blocks.
+				// A fresh log with nothing ahead of its end (as a
+				// Close on a full disk leaves it).
 				if err := s.Checkpoint(); err != nil {
 					t.Fatal(err)
 				}
+				dropRunway(t, s)
 				filler, err := os.Create(filepath.Join(dir, "filler"))
 				if err != nil {
 					t.Fatal(err)

@@ -171,10 +171,11 @@ func closedStoreLog(t *testing.T, dir string) []byte {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if h.CheckpointEnd != uint64(len(b)) {
-		t.Fatalf("header says the checkpoint ends at %d, the closed log has %d bytes", h.CheckpointEnd, len(b))
+	// The checkpoint, then the zeros written ahead of it (its runway).
+	if h.CheckpointEnd+uint64(logPrealloc) != uint64(len(b)) || !allZero(b[h.CheckpointEnd:]) {
+		t.Fatalf("header says the checkpoint ends at %d, the closed log has %d bytes (want %d zeros after it)", h.CheckpointEnd, len(b), logPrealloc)
 	}
-	return b
+	return b[:h.CheckpointEnd]
 }
 
 // logRecords returns the offset and type of every record of b's checkpoint
@@ -252,40 +253,48 @@ func TestCheckpointDamageIsCorrupt(t *testing.T) {
 	}
 	for _, legacy := range []bool{false, true} {
 		for _, tc := range cases {
-			name := tc.name
-			if legacy {
-				name = "legacy header/" + name
-			}
-			t.Run(name, func(t *testing.T) {
-				dir := t.TempDir()
-				copyDir(t, src, dir)
-				b := bytes.Clone(full)
+			for _, zeros := range []bool{false, true} {
+				name := tc.name
 				if legacy {
-					b = asLegacy(b)
+					name = "legacy header/" + name
 				}
-				b = tc.mod(b)
-				if err := os.WriteFile(filepath.Join(dir, logName), b, 0o600); err != nil {
-					t.Fatal(err)
+				if zeros {
+					name += "/runway after it"
 				}
-				s, err := Open(dir)
-				if err == nil {
-					_, serr := s.Snapshot("s")
-					n := len(s.Volumes())
-					s.Close()
-					t.Fatalf("Open succeeded: %d volumes, snapshot s: %v; want ErrCorrupt", n, serr)
-				}
-				if !errors.Is(err, ErrCorrupt) {
-					t.Fatalf("Open: %v, want ErrCorrupt", err)
-				}
-				for _, f := range []string{dataFileName(1), cowFileName(1)} {
-					if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
-						t.Fatalf("after the failed Open: %v", err)
+				t.Run(name, func(t *testing.T) {
+					dir := t.TempDir()
+					copyDir(t, src, dir)
+					b := bytes.Clone(full)
+					if legacy {
+						b = asLegacy(b)
 					}
-				}
-				if got, _ := os.ReadFile(filepath.Join(dir, logName)); !bytes.Equal(got, b) {
-					t.Fatalf("the failed Open changed store.log")
-				}
-			})
+					b = tc.mod(b)
+					if zeros {
+						b = append(b, make([]byte, 64<<10)...)
+					}
+					if err := os.WriteFile(filepath.Join(dir, logName), b, 0o600); err != nil {
+						t.Fatal(err)
+					}
+					s, err := Open(dir)
+					if err == nil {
+						_, serr := s.Snapshot("s")
+						n := len(s.Volumes())
+						s.Close()
+						t.Fatalf("Open succeeded: %d volumes, snapshot s: %v; want ErrCorrupt", n, serr)
+					}
+					if !errors.Is(err, ErrCorrupt) {
+						t.Fatalf("Open: %v, want ErrCorrupt", err)
+					}
+					for _, f := range []string{dataFileName(1), cowFileName(1)} {
+						if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
+							t.Fatalf("after the failed Open: %v", err)
+						}
+					}
+					if got, _ := os.ReadFile(filepath.Join(dir, logName)); !bytes.Equal(got, b) {
+						t.Fatalf("the failed Open changed store.log")
+					}
+				})
+			}
 		}
 	}
 }

@@ -546,11 +546,13 @@ func TestFailedStoreHidesUndurableObjects(t *testing.T) {
 	s, fs := openFault(t, dir, nil)
 	mustVol(t, s, "a", 64<<10, 4096)
 	mustVol(t, s, "b", 64<<10, 4096)
-	// The second write to the log from here (a new store's log keeps the
+	// The third write to the log from here (a new store's log keeps the
 	// name it was made under) fails: the group's batch, whose records are
-	// applied in memory before it is written (queueApply).
+	// applied in memory before it is written (queueApply). Before it, the
+	// checkpoint that upgrades the log's format for groups writes its
+	// records, then its zeros ahead (so no fill precedes the batch).
 	fs.mu.Lock()
-	fs.failSuffix, fs.failWrite = logTmpName, 1
+	fs.failSuffix, fs.failWrite = logTmpName, 2
 	fs.mu.Unlock()
 	_, err := s.CreateSnapshotGroup("g", []GroupMember{{VolumeID: "a", SnapshotID: "a-s"}, {VolumeID: "b", SnapshotID: "b-s"}}, SnapshotOptions{})
 	if err == nil {

@@ -211,7 +211,7 @@ func (s *Store) rollbackBegin(volID, snapID string) (*Volume, *Snapshot, bool, e
 		// instead of failing on a record type it does not know.
 		old := s.hdr
 		s.hdr.Version = logVersion2
-		if err := s.checkpointLocked(); err != nil {
+		if err := s.checkpointLocked(false); err != nil {
 			s.hdr = old
 			return nil, nil, false, err
 		}
@@ -220,6 +220,9 @@ func (s *Store) rollbackBegin(volID, snapID string) (*Volume, *Snapshot, bool, e
 	// writeGuard refuses new ones.
 	v.gate.Lock()
 	defer v.gate.Unlock()
+	if err := s.log.room(logKeep()); err != nil {
+		return nil, nil, false, err
+	}
 	if err := s.commitApply(&record{Type: recRollback, Obj: v.obj, Parent: sn.obj}); err != nil {
 		return nil, nil, false, err
 	}

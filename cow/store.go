@@ -439,7 +439,7 @@ func (s *Store) load() error {
 		// (and would be taken for durable once a batch follows them): a
 		// checkpoint makes the log say what memory holds, before any new
 		// record is written.
-		return s.checkpoint()
+		return s.checkpoint(false)
 	}
 	// A long log tail is slow to replay (random inserts); fold it into a
 	// checkpoint now so the next Open reads sorted runs. Only for speed:
@@ -450,7 +450,7 @@ func (s *Store) load() error {
 	// unavailable, even to the deletes that would free space. An error
 	// after the rename, or of a data sync, is sticky and fails Open.
 	if end-s.cpEnd > checkpointTail {
-		if err := s.checkpoint(); err != nil && s.log.failed() != nil {
+		if err := s.checkpoint(true); err != nil && s.log.failed() != nil {
 			return err
 		}
 	}
@@ -1202,6 +1202,9 @@ func (s *Store) CreateVolume(id string, size int64, o VolumeOptions) (*Volume, e
 	if err := s.objsLeft(1); err != nil {
 		return nil, err
 	}
+	if err := s.log.room(logKeep()); err != nil {
+		return nil, err
+	}
 	r := &record{Type: recVolume, Obj: s.nextObj, Size: size, ChunkSize: uint32(cs), ID: id, Labels: o.Labels}
 	if err := s.createFiles(r.Obj); err != nil {
 		return nil, err
@@ -1293,6 +1296,9 @@ func (s *Store) clone(snapID, volID, newID string, size int64, o VolumeOptions) 
 		return nil, err
 	}
 	if err := s.objsLeft(len(recs) + 1); err != nil {
+		return nil, err
+	}
+	if err := s.log.room(logKeep()); err != nil {
 		return nil, err
 	}
 	recs = append(recs, &record{Type: recVolume, Obj: s.nextObj + uint32(len(recs)), Parent: parent, Size: size,
@@ -1509,6 +1515,9 @@ func (s *Store) CreateSnapshot(volID, snapID string, o SnapshotOptions) (*Snapsh
 	if err := s.objsLeft(1); err != nil {
 		return nil, err
 	}
+	if err := s.log.room(logKeep()); err != nil {
+		return nil, err
+	}
 	r := &record{Type: recSnapshot, Obj: s.nextObj, Parent: v.obj, Size: v.Size(), Created: nowNanos(),
 		Limit: o.Limit, ID: snapID, Labels: o.Labels}
 	// The store lock is dropped once the record is applied and queued (see
@@ -1576,7 +1585,7 @@ func (s *Store) Close() error {
 	defer lockGates(vs)()
 	var err error
 	if s.log.failed() == nil {
-		err = s.checkpointGated(vs)
+		err = s.checkpointGated(vs, false)
 	}
 	s.closed.Store(true)
 	s.isClosed.Store(true)
@@ -1621,13 +1630,13 @@ func (s *Store) Checkpoint() error {
 	if err := s.usable(); err != nil {
 		return err
 	}
-	return s.checkpointLocked()
+	return s.checkpointLocked(true)
 }
 
-func (s *Store) checkpoint() error {
+func (s *Store) checkpoint(optional bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.checkpointLocked()
+	return s.checkpointLocked(optional)
 }
 
 func (s *Store) closeFiles() {
@@ -1689,16 +1698,20 @@ func (s *Store) syncAllFiles(log file) error {
 }
 
 // checkpointLocked writes the state as a new log: temp file, fsync, rename,
-// fsync the directory. Called with s.mu.
-func (s *Store) checkpointLocked() error {
+// fsync the directory. Called with s.mu. An optional checkpoint (one only
+// for the next Open's speed) whose new log cannot have its runway fails
+// with ErrNoSpace before the rename, and the store goes on with the old
+// log and its runway; the others (Close, Open's after reaping, a format
+// upgrade) go on without it.
+func (s *Store) checkpointLocked(optional bool) error {
 	vs := s.allVolumes()
 	defer lockGates(vs)()
-	return s.checkpointGated(vs)
+	return s.checkpointGated(vs, optional)
 }
 
 // checkpointGated is checkpointLocked with the gates of vs (every volume)
 // held by the caller.
-func (s *Store) checkpointGated(vs []*Volume) error {
+func (s *Store) checkpointGated(vs []*Volume, optional bool) error {
 	// Every overlay entry reaches its data file and the committer goes
 	// idle before the state is captured and the log replaced.
 	for _, v := range vs {
@@ -1805,6 +1818,25 @@ func (s *Store) checkpointGated(vs []*Volume) error {
 			return err
 		}
 	}
+	// The new log gets its runway before it replaces the old one, whose
+	// runway the rename gives back to the file system: a log left with
+	// nothing written past its end needs new blocks for its next record,
+	// which a full disk refuses, and a batch that finds none fails the
+	// store (the deletes that would free space included). On a disk with
+	// less than the runway free an optional checkpoint fails (the old log
+	// keeps its runway) and the others go on without it (Open's must not
+	// fail for it); then operations that add to the store wait for the
+	// room (committer.room).
+	runway := logPrealloc
+	if err := writeZeros(f, w.off, runway); err != nil {
+		if !errors.Is(err, ErrNoSpace) || optional {
+			return fmt.Errorf("checkpoint: the new log's runway of %d bytes: %w", runway, err)
+		}
+		if err := f.Truncate(w.off); err != nil {
+			return err
+		}
+		runway = 0
+	}
 	if err := f.Sync(); err != nil {
 		return err
 	}
@@ -1847,6 +1879,7 @@ func (s *Store) checkpointGated(vs []*Volume) error {
 	// waiting for it. Set before the committer is published: a drain that
 	// holds no gate (a rollback's) may load it at once.
 	nc := newCommitter(f, w.off, 0)
+	nc.alloc = w.off + runway
 	nc.cur.id, nc.applied = old.cur.id, old.applied
 	s.setLog(nc)
 	if jerr != nil {

@@ -1589,6 +1589,9 @@ func (v *Volume) Resize(newSize int64) error {
 	if newSize == size {
 		return nil
 	}
+	if err := s.log.room(logKeep()); err != nil {
+		return err
+	}
 	return s.commitApply(&record{Type: recResize, Obj: v.obj, Size: newSize})
 }
 
