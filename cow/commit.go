@@ -177,6 +177,16 @@ func (c *committer) room(keep int64) error {
 	return err
 }
 
+// logRoom is log.room(logKeep()) for an operation that adds to the store,
+// counting its refusals (Stats.RoomRefused). Called with s.mu.
+func (s *Store) logRoom() error {
+	err := s.log.room(logKeep())
+	if errors.Is(err, ErrNoSpace) {
+		s.roomRefused.Add(1)
+	}
+	return err
+}
+
 // giveBack punches bytes [off, off+n) of the log, past alloc, after a
 // write of zeros there failed with err, and returns err: with under 4 MiB
 // left, what the write took would be the disk's last blocks, which every

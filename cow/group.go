@@ -182,7 +182,7 @@ func (s *Store) CreateSnapshotGroup(groupID string, members []GroupMember, o Sna
 	if err := s.objsLeft(len(members)); err != nil {
 		return GroupInfo{}, err
 	}
-	if err := s.log.room(logKeep()); err != nil {
+	if err := s.logRoom(); err != nil {
 		return GroupInfo{}, err
 	}
 	now := nowNanos()

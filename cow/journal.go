@@ -161,6 +161,15 @@ type journal struct {
 	holders  map[*Volume]struct{}
 	stuck    atomic.Bool
 	flushing atomic.Bool
+	// refused counts the writes and marks room refused (Stats.RoomRefused).
+	refused atomic.Uint64
+}
+
+// countRefusal counts err if it is room's refusal (not a failure).
+func (j *journal) countRefusal(err error) {
+	if errors.Is(err, ErrNoSpace) && j.err.Load() == nil {
+		j.refused.Add(1)
+	}
 }
 
 // appendLocked writes one record at the end of the current file.
@@ -308,6 +317,7 @@ func (j *journal) wrote(e *ovEntry, o, n int64, p []byte) error {
 		size += int64(len(p))
 	}
 	if err := j.room(size, !e.journaled); err != nil {
+		j.countRefusal(err)
 		return err
 	}
 	if !e.journaled {
@@ -349,6 +359,7 @@ func (j *journal) present(v *Volume, cs []uint64, upto uint64, owed bool) error 
 	}
 	if !owed {
 		if err := j.room(int64(len(cs))*journalRecLen, false); err != nil {
+			j.countRefusal(err)
 			return err
 		}
 	}

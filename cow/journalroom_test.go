@@ -159,6 +159,9 @@ func testJournalRoomRefusesWriteAlone(t *testing.T, newM func() *fullJournal) {
 	if err := s.Err(); err != nil {
 		t.Fatalf("the store failed: %v", err)
 	}
+	if got := s.Stats().RoomRefused; got != 1 {
+		t.Fatalf("Stats.RoomRefused = %d after one refused write, want 1", got)
+	}
 	if got := mustRead(t, v, 0, 8*cs); !bytes.Equal(got, want) {
 		t.Fatal("the refused write changed the volume")
 	}

@@ -145,6 +145,9 @@ func testLogRoomFullDisk(t *testing.T, runway, free int64) {
 			t.Errorf("%s on a full disk with the log's room kept: %v, want ErrNoSpace and ENOSPC", name, err)
 		}
 	}
+	if got := s.Stats().RoomRefused; got != 5 {
+		t.Fatalf("Stats.RoomRefused = %d after 5 refusals, want 5", got)
+	}
 	if err := v.Flush(); err != nil {
 		t.Fatalf("flush after the refusals: %v", err)
 	}
@@ -273,4 +276,62 @@ func dropRunway(t *testing.T, s *Store) {
 		t.Fatal(err)
 	}
 	c.alloc = c.end
+}
+
+// TestLogRoomOpenWritesRunway: a Close on a disk with no room for the new
+// log's zeros leaves the log without them; the next Open, with space back,
+// writes them, so that the deletes of a disk that fills up again land.
+func TestLogRoomOpenWritesRunway(t *testing.T) {
+	const runway = 256 << 10
+	sdir, mnt := logRoomDisk(t, 16<<20, runway)
+	s, err := Open(sdir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { s.Close() }()
+	if _, err := s.CreateVolume("v", 1<<20, VolumeOptions{ChunkSize: 16 << 10}); err != nil {
+		t.Fatal(err)
+	}
+	var made []string
+	for i := range 20 {
+		id := fmt.Sprintf("s%d", i)
+		if _, err := s.CreateSnapshot("v", id, SnapshotOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		made = append(made, id)
+	}
+	// Room for the checkpoint's records only.
+	filler := fillDisk(t, mnt, 16<<10)
+	if err := s.Close(); err != nil {
+		t.Fatalf("close on a full disk: %v", err)
+	}
+	b, err := os.ReadFile(filepath.Join(sdir, logName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := decodeHeader(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h.CheckpointEnd != uint64(len(b)) {
+		t.Fatalf("the log closed on a full disk has %d bytes past its checkpoint, want none", uint64(len(b))-h.CheckpointEnd)
+	}
+	if err := os.Remove(filler); err != nil {
+		t.Fatal(err)
+	}
+	if s, err = Open(sdir); err != nil {
+		t.Fatal(err)
+	}
+	if ahead := s.log.alloc - s.log.end; ahead != runway {
+		t.Fatalf("the log has %d bytes of zeros ahead after the Open, want %d", ahead, runway)
+	}
+	fillDisk(t, mnt, 0)
+	for _, id := range made {
+		if err := s.DeleteSnapshot(id); err != nil {
+			t.Fatalf("delete of %s on the full disk: %v", id, err)
+		}
+	}
+	if err := s.Err(); err != nil {
+		t.Fatal(err)
+	}
 }

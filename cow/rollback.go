@@ -220,7 +220,7 @@ func (s *Store) rollbackBegin(volID, snapID string) (*Volume, *Snapshot, bool, e
 	// writeGuard refuses new ones.
 	v.gate.Lock()
 	defer v.gate.Unlock()
-	if err := s.log.room(logKeep()); err != nil {
+	if err := s.logRoom(); err != nil {
 		return nil, nil, false, err
 	}
 	if err := s.commitApply(&record{Type: recRollback, Obj: v.obj, Parent: sn.obj}); err != nil {

@@ -48,14 +48,23 @@ type Stats struct {
 	// space, so the snapshot was kept, and the chunk's data blocks were
 	// preallocated for the write instead.
 	SpaceHeld uint64
+	// RoomRefused counts, since Open, what a full disk refused alone with
+	// ErrNoSpace for want of room in the log or the kill journal, before
+	// changing anything: operations that add to the store (the log keeps
+	// its last room for deletes; FORMAT.md, "Room for what must land")
+	// and journaled writes and a clone's present marks (FORMAT.md, "Kill
+	// journal"). Refusals below the free-space reserve are SpaceRefused.
+	RoomRefused uint64
 }
 
 // Stats returns the engine's counters and the memory its exception indexes
 // hold. It takes each volume's lock briefly and is safe for concurrent use.
 func (s *Store) Stats() Stats {
 	st := Stats{ReclaimFailed: s.reclaimFailed.Load(), PunchZeroed: s.punchZeroed.Load(), CopyOuts: s.copyOuts.Load(), CopiedBytes: s.copiedBytes.Load(), ClonedBytes: s.clonedBytes.Load(), JournalRedone: s.redone,
-		SpaceInvalidated: s.spaceInvalidated.Load(), SpaceRefused: s.spaceRefused.Load(), SpaceHeld: s.spaceHeld.Load()}
+		SpaceInvalidated: s.spaceInvalidated.Load(), SpaceRefused: s.spaceRefused.Load(), SpaceHeld: s.spaceHeld.Load(),
+		RoomRefused: s.roomRefused.Load()}
 	if j := s.jnl; j != nil {
+		st.RoomRefused += j.refused.Load()
 		j.mu.Lock()
 		st.JournalBytes = j.off + j.prevOff
 		j.mu.Unlock()

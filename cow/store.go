@@ -83,6 +83,7 @@ type Store struct {
 	spaceInvalidated atomic.Uint64
 	spaceRefused     atomic.Uint64
 	spaceHeld        atomic.Uint64 // chunks holdHoles preallocated below the reserve
+	roomRefused      atomic.Uint64 // operations refused for the log's room (logRoom)
 	noPrealloc       atomic.Bool   // the file system refused a preallocation (EOPNOTSUPP)
 }
 
@@ -427,6 +428,15 @@ func (s *Store) load() error {
 	if clean {
 		s.log.alloc = int64(len(b)) // the zeros are there already
 	}
+	// Where the log has fewer zeros ahead than its runway (a Close on a
+	// disk too full for them wrote none), write them now if the disk has
+	// the room: a batch that finds no block fails the store, and on a full
+	// disk the deletes that free space need them (FORMAT.md, "Room for
+	// what must land"). Best effort: without the room (ENOSPC, whose
+	// blocks are given back), operations that add to the store are
+	// refused until it is there, and a write error here would meet the
+	// first batch anyway.
+	_ = s.log.holdRunway()
 	reaped, err := s.reapOrphans()
 	if err != nil {
 		return err
@@ -1202,7 +1212,7 @@ func (s *Store) CreateVolume(id string, size int64, o VolumeOptions) (*Volume, e
 	if err := s.objsLeft(1); err != nil {
 		return nil, err
 	}
-	if err := s.log.room(logKeep()); err != nil {
+	if err := s.logRoom(); err != nil {
 		return nil, err
 	}
 	r := &record{Type: recVolume, Obj: s.nextObj, Size: size, ChunkSize: uint32(cs), ID: id, Labels: o.Labels}
@@ -1298,7 +1308,7 @@ func (s *Store) clone(snapID, volID, newID string, size int64, o VolumeOptions) 
 	if err := s.objsLeft(len(recs) + 1); err != nil {
 		return nil, err
 	}
-	if err := s.log.room(logKeep()); err != nil {
+	if err := s.logRoom(); err != nil {
 		return nil, err
 	}
 	recs = append(recs, &record{Type: recVolume, Obj: s.nextObj + uint32(len(recs)), Parent: parent, Size: size,
@@ -1515,7 +1525,7 @@ func (s *Store) CreateSnapshot(volID, snapID string, o SnapshotOptions) (*Snapsh
 	if err := s.objsLeft(1); err != nil {
 		return nil, err
 	}
-	if err := s.log.room(logKeep()); err != nil {
+	if err := s.logRoom(); err != nil {
 		return nil, err
 	}
 	r := &record{Type: recSnapshot, Obj: s.nextObj, Parent: v.obj, Size: v.Size(), Created: nowNanos(),

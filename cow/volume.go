@@ -1589,7 +1589,7 @@ func (v *Volume) Resize(newSize int64) error {
 	if newSize == size {
 		return nil
 	}
-	if err := s.log.room(logKeep()); err != nil {
+	if err := s.logRoom(); err != nil {
 		return err
 	}
 	return s.commitApply(&record{Type: recResize, Obj: v.obj, Size: newSize})

@@ -180,7 +180,8 @@ func (c *CowStore) EngineStats() EngineStats {
 	st := c.s.Stats()
 	return EngineStats{CopyOuts: st.CopyOuts, CopiedBytes: st.CopiedBytes, ClonedBytes: st.ClonedBytes, IndexBytes: st.IndexBytes, IndexRuns: st.IndexRuns,
 		JournalBytes: st.JournalBytes, JournalRedone: st.JournalRedone, ReclaimFailed: st.ReclaimFailed, PunchZeroed: st.PunchZeroed,
-		SpaceInvalidated: st.SpaceInvalidated, SpaceRefused: st.SpaceRefused, SpaceHeld: st.SpaceHeld}
+		SpaceInvalidated: st.SpaceInvalidated, SpaceRefused: st.SpaceRefused, SpaceHeld: st.SpaceHeld,
+		RoomRefused: st.RoomRefused}
 }
 
 // CreateSnapshot implements Store.

@@ -250,6 +250,11 @@ func TestLifecycle(t *testing.T) {
 	if r := metric("csi_snap_discard_zeroed_total"); r != 0 {
 		t.Fatalf("csi_snap_discard_zeroed_total = %v: a discard's hole punch failed on the test's disk", r)
 	}
+	// Served, and 0 with the disk not full (its counting: cow's
+	// TestLogRoomFullDisk and TestJournalRoomRefusesWriteAlone).
+	if r := metric("csi_snap_full_disk_refused_total"); r != 0 {
+		t.Fatalf("csi_snap_full_disk_refused_total = %v on a disk that is not full", r)
+	}
 	// The holder gauge is served (its counting: driver/kernel
 	// TestExternalHolderAbsent); 0 here, a live holder keeps the volume.
 	if u := metric("csi_snap_fuse_unheld_volumes"); u != 0 {
