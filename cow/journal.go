@@ -409,7 +409,7 @@ func (j *journal) forget(v *Volume) {
 // current file goes on. Called with mu.
 func (j *journal) maybeSwitch() error {
 	if j.off > journalSwitch && j.live[(j.epoch+1)&1] == 0 {
-		ep, off, alloc, prevOff := j.epoch, j.off, j.alloc, j.prevOff
+		ep, off, alloc := j.epoch, j.off, j.alloc
 		err := j.startEpoch(ep + 1)
 		if err == nil {
 			err = j.room(0, false)
@@ -421,7 +421,9 @@ func (j *journal) maybeSwitch() error {
 			if terr := j.f[(ep+1)&1].Truncate(0); terr != nil {
 				return j.fail(terr)
 			}
-			j.epoch, j.off, j.alloc, j.prevOff = ep, off, alloc, prevOff
+			// The current file goes on where it was; the other one
+			// was emptied (its records all settled: live was 0).
+			j.epoch, j.off, j.alloc, j.prevOff = ep, off, alloc, 0
 			j.switchesPutOff++
 			return nil
 		}

@@ -379,6 +379,71 @@ func testJournalRoomSwitchPutOff(t *testing.T, newM func() *fullJournal) {
 	reopenCheck(t, fs, h, dir, map[string][]byte{"v": want})
 }
 
+// TestJournalBytesAfterPutOff: Stats.JournalBytes counts the records the
+// journal's two files hold; after a switch that was put off (which empties
+// the other file) it is the current file's alone. It used to keep counting
+// the emptied file's old records until the next switch.
+func TestJournalBytesAfterPutOff(t *testing.T) { roomModes(t, testJournalBytesAfterPutOff) }
+
+func testJournalBytesAfterPutOff(t *testing.T, newM func() *fullJournal) {
+	const cs = 16 << 10
+	sw := journalSwitch
+	journalSwitch = 64 << 10
+	defer func() { journalSwitch = sw }()
+	m, h := newM(), &syncHold{}
+	_, s, _ := journalRoomStore(t, m, h)
+	journalAhead = 1 << 20
+	v := mustVol(t, s, "v", 16*cs, cs)
+	if _, err := v.WriteAt(fill(16*cs, 1), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// Whole-chunk entries (settled) until one switch was made and the
+	// new file is past journalSwitch too: the next new entry switches
+	// again, which on the full disk is put off.
+	c := int64(0)
+	for {
+		s.jnl.mu.Lock()
+		switches, off := s.jnl.switches, s.jnl.off
+		s.jnl.mu.Unlock()
+		if switches == 1 && off > journalSwitch {
+			break
+		}
+		if c == 15 {
+			t.Fatalf("%d switches, %d bytes in the current file after %d entries", switches, off, c)
+		}
+		if _, err := v.WriteAt(fill(cs, byte(10+c)), c*cs); err != nil {
+			t.Fatal(err)
+		}
+		c++
+		if err := v.drain(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.jnl.mu.Lock()
+	prev := s.jnl.prevOff
+	s.jnl.mu.Unlock()
+	if prev == 0 {
+		t.Fatal("the switch left no records in the other file: the test tests nothing")
+	}
+	m.full.Store(true)
+	armQuiet(t, s, h)
+	if _, err := v.WriteAt(fill(100, 3), c*cs); err != nil {
+		t.Fatalf("write with room in the current file: %v", err)
+	}
+	s.jnl.mu.Lock()
+	putOff, cur := s.jnl.switchesPutOff, s.jnl.off
+	s.jnl.mu.Unlock()
+	if putOff != 1 {
+		t.Fatalf("%d switches put off, want 1", putOff)
+	}
+	if got := s.Stats().JournalBytes; got != cur {
+		t.Fatalf("Stats.JournalBytes = %d after a put-off switch emptied the other file, want the current file's %d", got, cur)
+	}
+}
+
 // TestPreallocatedWritesNeedNoSpace checks, on real file systems, what the
 // kill journal's room (and holdHoles' preallocation) relies on: with the
 // disk full, writes into blocks a file preallocated (Allocate) land and
