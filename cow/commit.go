@@ -35,11 +35,14 @@ type committer struct {
 	// from reading end and alloc until they have written past them and
 	// published the new alloc, so neither writes, or on ENOSPC punches,
 	// bytes the other is writing.
-	wmu   sync.Mutex
-	seq   uint64 // sequence number of the last batch written
-	buf   []byte // encoded records of the open batch
-	files []file // files the open batch needs synced
-	cur   *batch
+	wmu sync.Mutex
+	seq uint64 // sequence number of the last batch written
+	// flying: bytes the batches the pipeline has taken will add to the
+	// log and end does not count yet (their records, and batchHead each).
+	flying int64
+	buf    []byte // encoded records of the open batch
+	files  []file // files the open batch needs synced
+	cur    *batch
 	// busy: a pipeline runs (lead); inflight counts the batches it has
 	// taken and not finished. work is signalled (on mu) when the open
 	// batch gets something while busy, for the copy stage that waits.
@@ -113,8 +116,9 @@ func logKeep() int64 { return logPrealloc / 2 }
 // the next batch: the records of writes queued below the free-space
 // reserve (Volume.holdHoles) must find room in the log even if other
 // writes fill the disk before their batch is written, since a log write
-// that fails fails the store, and a checkpoint leaves a log with nothing
-// ahead. The batches in flight past end are far smaller than logPrealloc
+// that fails fails the store, and the runway may have been used up (or a
+// checkpoint on a disk without room for it left none). The batches in
+// flight past end are far smaller than logPrealloc
 // (their records cover at most the overlay). An error wraps ErrNoSpace
 // when the blocks are not there, and then nothing was taken (giveBack).
 // Zeros rather than fallocate: ext4 does not punch past a file's size,
@@ -147,40 +151,48 @@ func (c *committer) holdTo(to int64) error {
 	return nil
 }
 
-// room makes sure the log has keep bytes of room past its last batch and
-// the open batch's records before an operation that adds to the store (see
-// logKeep) queues its record, topping the runway up (holdRunway, or just
-// what keep needs when the disk has less than the runway left) if it is
-// short. Without the blocks it refuses with an error wrapping ErrNoSpace
-// and ENOSPC, having changed nothing: the room left stays for the records
-// that must land. A batch that finds no block fails the store, so on a full
-// disk a CreateSnapshot must fail alone rather than take the room the
-// delete that would free space needs.
-func (c *committer) room(keep int64) error {
-	c.mu.Lock()
-	need := c.end + int64(len(c.buf)) + keep
-	short := need > c.alloc
-	c.mu.Unlock()
-	if !short {
+// room makes sure the log has room for size bytes of an operation's
+// records and then keep bytes more, past its last batch, the batches in
+// flight and the open batch's records, before an operation that adds to
+// the store (see logKeep) queues them, topping the runway up (holdRunway,
+// then, where that is not enough or the disk has less than the runway
+// left, just what is needed) if it is short. Without the blocks it refuses
+// with an error wrapping ErrNoSpace and ENOSPC, having changed nothing:
+// the room left stays for the records that must land. A batch that finds
+// no block fails the store, so on a full disk a CreateSnapshot must fail
+// alone rather than take the room the delete that would free space needs.
+func (c *committer) room(size, keep int64) error {
+	need := func() (int64, bool) {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		n := c.end + c.flying + int64(len(c.buf)) + batchHead + size + keep
+		return n, n > c.alloc
+	}
+	if _, short := need(); !short {
 		return nil
 	}
 	err := c.holdRunway()
-	if errors.Is(err, ErrNoSpace) {
-		err = c.holdTo(need)
+	if err == nil || errors.Is(err, ErrNoSpace) {
+		n, _ := need()
+		err = c.holdTo(n)
 	}
 	if errors.Is(err, ErrNoSpace) {
 		c.mu.Lock()
-		left := max(0, c.alloc-c.end-int64(len(c.buf)))
+		left := max(0, c.alloc-c.end-c.flying-int64(len(c.buf)))
 		c.mu.Unlock()
 		return fmt.Errorf("%w (%w): the file system under the store is full, and the log's %d bytes of room past its last record are kept for deletes and for the records writes need", ErrNoSpace, syscall.ENOSPC, left)
 	}
 	return err
 }
 
-// logRoom is log.room(logKeep()) for an operation that adds to the store,
+// logRoom is log.room for an operation that adds recs to the store,
 // counting its refusals (Stats.RoomRefused). Called with s.mu.
-func (s *Store) logRoom() error {
-	err := s.log.room(logKeep())
+func (s *Store) logRoom(recs ...*record) error {
+	var size int64
+	for _, r := range recs {
+		size += int64(len(appendRecord(nil, r)))
+	}
+	err := s.log.room(size, logKeep())
 	if errors.Is(err, ErrNoSpace) {
 		s.roomRefused.Add(1)
 	}
@@ -295,11 +307,16 @@ func (c *committer) take() *batch {
 	b.buf, b.files = c.buf, c.files
 	c.cur, c.buf, c.files, c.want = &batch{id: b.id + 1, done: make(chan struct{})}, nil, nil, false
 	c.inflight++
+	c.flying += int64(len(b.buf)) + batchHead
 	if c.err != nil {
 		b.failed = c.err
 	}
 	return b
 }
+
+// batchHead bounds the bytes a batch adds to the log beside its records
+// (its batch record).
+const batchHead = 64
 
 // fail makes err the committer's sticky error (if it has none yet) and
 // wakes everyone waiting on it.
@@ -380,11 +397,12 @@ func (c *committer) syncStage(toSync <-chan *batch, toApply chan<- *batch) {
 		if err == nil {
 			err = syncBatch(c.f, b.files)
 		}
+		c.mu.Lock()
 		if err == nil {
-			c.mu.Lock()
 			c.seq, c.end = seq, end+n
-			c.mu.Unlock()
 		}
+		c.flying -= int64(len(b.buf)) + batchHead
+		c.mu.Unlock()
 		if err != nil && b.failed == nil {
 			b.failed = err
 			if n > 0 {

@@ -154,9 +154,13 @@ func (s *Store) CreateSnapshotGroup(groupID string, members []GroupMember, o Sna
 	}
 	if s.hdr.Version < logVersion2 {
 		// A version-1 reader must never meet a group record: make the log
-		// version 2 first (checkpoint: temp file, fsync, rename).
+		// version 2 first (checkpoint: temp file, fsync, rename). Optional
+		// as to the new log's runway: where the disk has no room for it,
+		// the group is refused (ErrNoSpace) before anything changed.
+		prev := s.grp.upgrade
 		s.grp.upgrade = true
-		if err := s.checkpointLocked(false); err != nil {
+		if err := s.checkpointLocked(true); err != nil {
+			s.grp.upgrade = prev
 			return GroupInfo{}, err
 		}
 	}
@@ -182,9 +186,6 @@ func (s *Store) CreateSnapshotGroup(groupID string, members []GroupMember, o Sna
 	if err := s.objsLeft(len(members)); err != nil {
 		return GroupInfo{}, err
 	}
-	if err := s.logRoom(); err != nil {
-		return GroupInfo{}, err
-	}
 	now := nowNanos()
 	recs := make([]*record, 0, len(members)+1)
 	gr := &record{Type: recGroup, ID: groupID, Created: now}
@@ -195,6 +196,9 @@ func (s *Store) CreateSnapshotGroup(groupID string, members []GroupMember, o Sna
 		gr.Members = append(gr.Members, obj)
 	}
 	recs = append(recs, gr)
+	if err := s.logRoom(recs...); err != nil {
+		return GroupInfo{}, err
+	}
 	// As CreateSnapshot (flushWith): the records go into the open batch
 	// and into memory, then the store lock is dropped while the batch is
 	// written and synced; the members' gates are held until it is

@@ -582,8 +582,9 @@ func TestJournalRoomSwitchAfterHeader(t *testing.T) {
 	reopenCheck(t, fs, h, dir, map[string][]byte{"v": want})
 }
 
-// TestMinFreeLogKeepsRunway: below the reserve, after a checkpoint (the
-// log has nothing ahead), the log still writes its fill of zeros ahead of
+// TestMinFreeLogKeepsRunway: below the reserve, after a checkpoint that
+// left the log nothing ahead (one on a disk without room for its zeros:
+// dropRunway), the log still writes its fill of zeros ahead of
 // its batches while it can, so once the volumes' own direct writes have
 // taken the disk's last blocks, the log's small batches (snapshot creates
 // and deletes, the delete of the volume that frees space) still land and
@@ -622,6 +623,7 @@ func TestMinFreeLogKeepsRunway(t *testing.T) {
 			if err := s.Checkpoint(); err != nil {
 				t.Fatal(err)
 			}
+			dropRunway(t, s)
 			if _, err := s.CreateSnapshot("v", "early", SnapshotOptions{}); err != nil {
 				t.Fatal(err)
 			}

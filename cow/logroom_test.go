@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -128,21 +129,33 @@ func testLogRoomFullDisk(t *testing.T, runway, free int64) {
 	if left >= 8<<10 {
 		t.Fatalf("a snapshot refused with %d bytes free: the log could have taken the room it needed", left)
 	}
-	// Every other adding operation is refused the same way, and the
-	// store goes on: reads, flushes, rewrites of chunks the snapshots
-	// already hold the old bytes of (none here: v was not written since
-	// s0, so a write would need a copy; flushes and reads do not).
-	for name, op := range map[string]func() error{
-		"CreateVolume": func() error { _, err := s.CreateVolume("w", cs, VolumeOptions{ChunkSize: cs}); return err },
-		"CloneVolume":  func() error { _, err := s.CloneVolume("v", "c", 64*cs, VolumeOptions{}); return err },
-		"CloneSnapshot": func() error {
-			_, err := s.CloneSnapshot("s0", "c", 64*cs, VolumeOptions{})
+	// Every other adding operation is refused the same way (one whose
+	// records are smaller than the refused snapshot's may still fit once
+	// or twice), and the store goes on: reads and flushes work.
+	for name, op := range map[string]func(i int) error{
+		"CreateVolume": func(i int) error {
+			_, err := s.CreateVolume(fmt.Sprint("w", i), cs, VolumeOptions{ChunkSize: cs})
 			return err
 		},
-		"Resize": func() error { return v.Resize(128 * cs) },
+		"CloneVolume": func(i int) error {
+			_, err := s.CloneVolume("v", fmt.Sprint("cv", i), 64*cs, VolumeOptions{})
+			return err
+		},
+		"CloneSnapshot": func(i int) error {
+			_, err := s.CloneSnapshot("s0", fmt.Sprint("cs", i), 64*cs, VolumeOptions{})
+			return err
+		},
+		"Resize": func(i int) error { return v.Resize(int64(65+i) * cs) },
 	} {
-		if err := op(); !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
-			t.Errorf("%s on a full disk with the log's room kept: %v, want ErrNoSpace and ENOSPC", name, err)
+		var err error
+		landed := 0
+		for ; landed < 100; landed++ {
+			if err = op(landed); err != nil {
+				break
+			}
+		}
+		if !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) || landed > 2 {
+			t.Errorf("%s on a full disk with the log's room kept: %d landed, then %v; want ErrNoSpace and ENOSPC at once", name, landed, err)
 		}
 	}
 	if got := s.Stats().RoomRefused; got != 5 {
@@ -164,6 +177,12 @@ func testLogRoomFullDisk(t *testing.T, runway, free int64) {
 	}
 	if err := s.log.failed(); err != nil {
 		t.Fatalf("store failed on the full disk: %v", err)
+	}
+	s.log.mu.Lock()
+	flying := s.log.flying
+	s.log.mu.Unlock()
+	if flying != 0 {
+		t.Fatalf("%d bytes still counted in flight with every batch written", flying)
 	}
 
 	// With the space back, snapshots are taken again, and a reopen
@@ -292,8 +311,10 @@ func TestLogRoomOpenWritesRunway(t *testing.T) {
 	if _, err := s.CreateVolume("v", 1<<20, VolumeOptions{ChunkSize: 16 << 10}); err != nil {
 		t.Fatal(err)
 	}
+	// Enough snapshots that their deletes' batches need more than the
+	// log's last page (tmpfs takes a page per 4 KiB).
 	var made []string
-	for i := range 20 {
+	for i := range 200 {
 		id := fmt.Sprintf("s%d", i)
 		if _, err := s.CreateSnapshot("v", id, SnapshotOptions{}); err != nil {
 			t.Fatal(err)
@@ -333,5 +354,123 @@ func TestLogRoomOpenWritesRunway(t *testing.T) {
 	}
 	if err := s.Err(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestLogRoomOpenCheckpointFirst: an Open that must checkpoint (it drops
+// the last batch's record of a copy that is not on disk) on a disk with
+// just the runway free writes the checkpoint before the log's zeros: the
+// zeros are best effort, the checkpoint is not, and taking the space for
+// the zeros first made every such Open fail with ErrNoSpace.
+func TestLogRoomOpenCheckpointFirst(t *testing.T) {
+	const runway = 256 << 10
+	sdir, mnt := logRoomDisk(t, 16<<20, runway)
+	crashAfterSnapshot(t, sdir)
+	s, err := Open(sdir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, _ := s.Volume("v")
+	obj, vobj := s.nextObj, v.obj
+	s.log.mu.Lock()
+	end, seq := s.log.end, s.log.seq
+	s.log.mu.Unlock()
+	s.closeFiles()
+	// A last batch as a crash may leave it (snapshot s3 durable, its
+	// exception record too, the copy it names not), with no zeros after it.
+	b := appendRecord(nil, &record{Type: recBatch, Seq: seq + 1})
+	b = appendRecord(b, &record{Type: recSnapshot, Obj: obj, Parent: vobj, Size: 1 << 20, Created: 1, ID: "s3"})
+	b = appendRecord(b, &record{Type: recExc, Obj: obj, Origin: 0, COW: 40, DataCRC: crc(fill(4096, 0x33))})
+	lf, err := os.OpenFile(filepath.Join(sdir, logName), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := lf.WriteAt(b, end); err != nil {
+		t.Fatal(err)
+	}
+	if err := lf.Truncate(end + int64(len(b))); err != nil {
+		t.Fatal(err)
+	}
+	lf.Close()
+	fillDisk(t, mnt, runway)
+	s, err = Open(sdir)
+	if err != nil {
+		t.Fatalf("Open that must checkpoint, with %d bytes free: %v", runway, err)
+	}
+	defer s.Close()
+	if _, err := s.Snapshot("s3"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestLogRoomLargeOperation: an adding operation whose own records are
+// larger than the room left above what the log keeps (a snapshot group of
+// 20 members with 8 KiB of labels each: 160 KiB of records against 128
+// KiB) is refused alone on a full disk; room counted only what it keeps,
+// so the group's batch went past the log's zeros and failed the store.
+func TestLogRoomLargeOperation(t *testing.T) {
+	const runway = 256 << 10
+	sdir, mnt := logRoomDisk(t, 24<<20, runway)
+	s, err := Open(sdir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { s.Close() }()
+	var members []GroupMember
+	for i := range 20 {
+		id := fmt.Sprint("v", i)
+		mustVol(t, s, id, 1<<20, 16<<10)
+		members = append(members, GroupMember{VolumeID: id, SnapshotID: "g-" + id})
+	}
+	// Upgrade the log for groups (a checkpoint) while there is space.
+	if _, err := s.CreateSnapshotGroup("g0", members[:1], SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteSnapshotGroup("g0"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	fillDisk(t, mnt, 0)
+	labels := map[string]string{"big": strings.Repeat("x", 8<<10-64)}
+	_, err = s.CreateSnapshotGroup("g", members, SnapshotOptions{Labels: labels})
+	if !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("a group of 160 KiB of records with 128 KiB of the log's room to spare: %v, want ErrNoSpace and ENOSPC", err)
+	}
+	if err := s.Err(); err != nil {
+		t.Fatalf("the store failed: %v", err)
+	}
+	if _, err := s.SnapshotGroup("g"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("the refused group: %v, want ErrNotFound", err)
+	}
+	// A smaller one fits.
+	if _, err := s.CreateSnapshotGroup("g", members[:5], SnapshotOptions{Labels: labels}); err != nil {
+		t.Fatalf("a group of 40 KiB of records: %v", err)
+	}
+}
+
+// TestLogRoomCountsBatchesInFlight: room counts the records of batches the
+// pipeline has taken and not yet written (CreateSnapshot drops the store
+// lock once its record is queued, so other adds run while it is written)
+// and the operation's own records, not only the open batch: here they
+// leave less than keep, so room must write more zeros.
+func TestLogRoomCountsBatchesInFlight(t *testing.T) {
+	f, err := osFS{t.TempDir()}.Open("log", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	c := newCommitter(f, 0, 0)
+	c.alloc = 200 << 10 // zeros written up to here
+	c.mu.Lock()
+	c.add(make([]byte, 120<<10))
+	b := c.take() // in flight: neither end nor the open batch counts it
+	c.mu.Unlock()
+	if err := c.room(20<<10, 64<<10); err != nil {
+		t.Fatal(err)
+	}
+	if want := int64(120<<10 + 20<<10 + 64<<10); c.alloc < want {
+		t.Fatalf("room left the log's zeros at %d bytes with %d in flight, %d to add and %d to keep", c.alloc, len(b.buf), 20<<10, 64<<10)
 	}
 }

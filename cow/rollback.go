@@ -208,10 +208,12 @@ func (s *Store) rollbackBegin(volID, snapID string) (*Volume, *Snapshot, bool, e
 		// Rollback records are new in version 2. Upgrade through a
 		// checkpoint (temp file, fsync, rename: atomic) so that a binary
 		// that only knows version 1 refuses the store with a version error
-		// instead of failing on a record type it does not know.
+		// instead of failing on a record type it does not know. Optional
+		// as to the new log's runway: where the disk has no room for it,
+		// the rollback is refused (ErrNoSpace) before anything changed.
 		old := s.hdr
 		s.hdr.Version = logVersion2
-		if err := s.checkpointLocked(false); err != nil {
+		if err := s.checkpointLocked(true); err != nil {
 			s.hdr = old
 			return nil, nil, false, err
 		}
@@ -220,10 +222,11 @@ func (s *Store) rollbackBegin(volID, snapID string) (*Volume, *Snapshot, bool, e
 	// writeGuard refuses new ones.
 	v.gate.Lock()
 	defer v.gate.Unlock()
-	if err := s.logRoom(); err != nil {
+	r := &record{Type: recRollback, Obj: v.obj, Parent: sn.obj}
+	if err := s.logRoom(r); err != nil {
 		return nil, nil, false, err
 	}
-	if err := s.commitApply(&record{Type: recRollback, Obj: v.obj, Parent: sn.obj}); err != nil {
+	if err := s.commitApply(r); err != nil {
 		return nil, nil, false, err
 	}
 	return v, sn, false, nil

@@ -327,6 +327,18 @@ func openOnce(dir string, fs fsys, lost []string) (s *Store, noSpace []string, e
 		// disk still refuses, the fence holds for this process only.
 		_ = s.saveKillLost(s.killLost)
 	}
+	// Where the log has fewer zeros ahead than its runway (a Close on a
+	// disk too full for them wrote none, or Open's own checkpoint found no
+	// room for them), write them now if the disk has the room: a batch
+	// that finds no block fails the store, and on a full disk the deletes
+	// that free space need them (FORMAT.md, "Room for what must land").
+	// Last, on the log Open leaves: not before the kill journal's redo or
+	// Open's checkpoint, whose space comes first (a checkpoint failing for
+	// it would fail every Open). Best effort: without the room (ENOSPC,
+	// whose blocks are given back), operations that add to the store are
+	// refused until it is there, and a write error here would meet the
+	// first batch anyway.
+	_ = s.log.holdRunway()
 	return s, nil, nil
 }
 
@@ -428,15 +440,6 @@ func (s *Store) load() error {
 	if clean {
 		s.log.alloc = int64(len(b)) // the zeros are there already
 	}
-	// Where the log has fewer zeros ahead than its runway (a Close on a
-	// disk too full for them wrote none), write them now if the disk has
-	// the room: a batch that finds no block fails the store, and on a full
-	// disk the deletes that free space need them (FORMAT.md, "Room for
-	// what must land"). Best effort: without the room (ENOSPC, whose
-	// blocks are given back), operations that add to the store are
-	// refused until it is there, and a write error here would meet the
-	// first batch anyway.
-	_ = s.log.holdRunway()
 	reaped, err := s.reapOrphans()
 	if err != nil {
 		return err
@@ -1212,10 +1215,10 @@ func (s *Store) CreateVolume(id string, size int64, o VolumeOptions) (*Volume, e
 	if err := s.objsLeft(1); err != nil {
 		return nil, err
 	}
-	if err := s.logRoom(); err != nil {
+	r := &record{Type: recVolume, Obj: s.nextObj, Size: size, ChunkSize: uint32(cs), ID: id, Labels: o.Labels}
+	if err := s.logRoom(r); err != nil {
 		return nil, err
 	}
-	r := &record{Type: recVolume, Obj: s.nextObj, Size: size, ChunkSize: uint32(cs), ID: id, Labels: o.Labels}
 	if err := s.createFiles(r.Obj); err != nil {
 		return nil, err
 	}
@@ -1308,11 +1311,11 @@ func (s *Store) clone(snapID, volID, newID string, size int64, o VolumeOptions) 
 	if err := s.objsLeft(len(recs) + 1); err != nil {
 		return nil, err
 	}
-	if err := s.logRoom(); err != nil {
-		return nil, err
-	}
 	recs = append(recs, &record{Type: recVolume, Obj: s.nextObj + uint32(len(recs)), Parent: parent, Size: size,
 		ChunkSize: uint32(cs), ID: newID, Labels: o.Labels})
+	if err := s.logRoom(recs...); err != nil {
+		return nil, err
+	}
 	if err := s.createFiles(recs[len(recs)-1].Obj); err != nil {
 		return nil, err
 	}
@@ -1525,11 +1528,11 @@ func (s *Store) CreateSnapshot(volID, snapID string, o SnapshotOptions) (*Snapsh
 	if err := s.objsLeft(1); err != nil {
 		return nil, err
 	}
-	if err := s.logRoom(); err != nil {
-		return nil, err
-	}
 	r := &record{Type: recSnapshot, Obj: s.nextObj, Parent: v.obj, Size: v.Size(), Created: nowNanos(),
 		Limit: o.Limit, ID: snapID, Labels: o.Labels}
+	if err := s.logRoom(r); err != nil {
+		return nil, err
+	}
 	// The store lock is dropped once the record is applied and queued (see
 	// flushWith); the volume's gate is held until it is durable.
 	var sn *Snapshot

@@ -1589,10 +1589,11 @@ func (v *Volume) Resize(newSize int64) error {
 	if newSize == size {
 		return nil
 	}
-	if err := s.logRoom(); err != nil {
+	r := &record{Type: recResize, Obj: v.obj, Size: newSize}
+	if err := s.logRoom(r); err != nil {
 		return err
 	}
-	return s.commitApply(&record{Type: recResize, Obj: v.obj, Size: newSize})
+	return s.commitApply(r)
 }
 
 // invalidate marks sn invalid (it went over its limit, or the store went
