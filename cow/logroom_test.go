@@ -474,3 +474,38 @@ func TestLogRoomCountsBatchesInFlight(t *testing.T) {
 		t.Fatalf("room left the log's zeros at %d bytes with %d in flight, %d to add and %d to keep", c.alloc, len(b.buf), 20<<10, 64<<10)
 	}
 }
+
+// TestLogRoomUpgradeRefused: the first snapshot group of a store upgrades
+// its log to version 2 through a checkpoint; on a disk without room for
+// the new log's zeros the group is refused before anything changed (the
+// log stays version 1, which older binaries read), not after the upgrade.
+func TestLogRoomUpgradeRefused(t *testing.T) {
+	const runway = 1 << 20
+	sdir, mnt := logRoomDisk(t, 16<<20, runway)
+	s, err := Open(sdir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { s.Close() }()
+	mustVol(t, s, "v", 1<<20, 16<<10)
+	filler := fillDisk(t, mnt, 64<<10) // the checkpoint's records fit, its zeros do not
+	_, err = s.CreateSnapshotGroup("g", []GroupMember{{VolumeID: "v", SnapshotID: "g-v"}}, SnapshotOptions{})
+	if !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("first group with no room for the upgraded log's zeros: %v, want ErrNoSpace and ENOSPC", err)
+	}
+	if got := logVersionOf(t, sdir); got != logVersion || s.hdr.Version >= logVersion2 || s.grp.upgrade {
+		t.Fatalf("after the refused group: log version %d (in memory %d, upgrade %v), want %d", got, s.hdr.Version, s.grp.upgrade, logVersion)
+	}
+	if err := s.Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(filler); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshotGroup("g", []GroupMember{{VolumeID: "v", SnapshotID: "g-v"}}, SnapshotOptions{}); err != nil {
+		t.Fatalf("the group with the space back: %v", err)
+	}
+	if got := logVersionOf(t, sdir); got != logVersion2 {
+		t.Fatalf("after the first group: log version %d, want %d", got, logVersion2)
+	}
+}

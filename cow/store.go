@@ -1714,8 +1714,9 @@ func (s *Store) syncAllFiles(log file) error {
 // fsync the directory. Called with s.mu. An optional checkpoint (one only
 // for the next Open's speed) whose new log cannot have its runway fails
 // with ErrNoSpace before the rename, and the store goes on with the old
-// log and its runway; the others (Close, Open's after reaping, a format
-// upgrade) go on without it.
+// log and its runway; so does a format upgrade's (the group or rollback
+// that asked is then refused). The others (Close, Open's after reaping or
+// dropping records) go on without it.
 func (s *Store) checkpointLocked(optional bool) error {
 	vs := s.allVolumes()
 	defer lockGates(vs)()
