@@ -369,7 +369,7 @@ func TestHolderKeepsParamsWhole(t *testing.T) {
 			t.Fatal(err)
 		}
 		buf, oob := make([]byte, holderMsgMax), make([]byte, unix.CmsgSpace(4))
-		n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+		n, oobn, err := readHolder(c, buf, oob)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -621,8 +621,8 @@ func muteHolder(t *testing.T, path string) *net.UnixListener {
 // long as the holder lives: CloseInheritedPipes, called by the process's
 // entry, here the test binary's "fuse-holder" mode as csi-snap's); a
 // holder run inside a process that does more (a test) leaves that
-// process's pipes alone: closing them once made another test's later close
-// of the fd number hit a holder connection.
+// process's pipes alone: closing them would make another test's later
+// close of the fd number hit whatever file took it.
 func TestHolderPipes(t *testing.T) {
 	r, w, err := os.Pipe()
 	if err != nil {
