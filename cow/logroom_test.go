@@ -36,6 +36,17 @@ func logRoomDisk(t *testing.T, size, runway int64) (sdir, mnt string) {
 	return sdir, mnt
 }
 
+// logRoomStore is logRoomDisk with a store opened in it.
+func logRoomStore(t *testing.T, size, runway int64) (sdir, mnt string, s *Store) {
+	t.Helper()
+	sdir, mnt = logRoomDisk(t, size, runway)
+	s, err := Open(sdir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sdir, mnt, s
+}
+
 // fillDisk fills the file system of dir with a file outside the store
 // until keep bytes are left free and returns it (remove it to give the
 // space back).
@@ -72,11 +83,7 @@ func TestLogRoomFullDisk(t *testing.T) {
 }
 
 func testLogRoomFullDisk(t *testing.T, runway, free int64) {
-	sdir, mnt := logRoomDisk(t, 24<<20, runway)
-	s, err := Open(sdir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	sdir, mnt, s := logRoomStore(t, 24<<20, runway)
 	defer func() { s.Close() }()
 	const cs = 16 << 10
 	v, err := s.CreateVolume("v", 64*cs, VolumeOptions{ChunkSize: cs})
@@ -232,11 +239,7 @@ func testLogRoomFullDisk(t *testing.T, runway, free int64) {
 // the store opens again.
 func TestLogRoomCheckpointFullDisk(t *testing.T) {
 	const runway = 1 << 20
-	sdir, mnt := logRoomDisk(t, 16<<20, runway)
-	s, err := Open(sdir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	sdir, mnt, s := logRoomStore(t, 16<<20, runway)
 	defer func() { s.Close() }()
 	v, err := s.CreateVolume("v", 1<<20, VolumeOptions{ChunkSize: 16 << 10})
 	if err != nil {
@@ -302,11 +305,7 @@ func dropRunway(t *testing.T, s *Store) {
 // writes them, so that the deletes of a disk that fills up again land.
 func TestLogRoomOpenWritesRunway(t *testing.T) {
 	const runway = 256 << 10
-	sdir, mnt := logRoomDisk(t, 16<<20, runway)
-	s, err := Open(sdir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	sdir, mnt, s := logRoomStore(t, 16<<20, runway)
 	defer func() { s.Close() }()
 	if _, err := s.CreateVolume("v", 1<<20, VolumeOptions{ChunkSize: 16 << 10}); err != nil {
 		t.Fatal(err)
@@ -366,34 +365,12 @@ func TestLogRoomOpenCheckpointFirst(t *testing.T) {
 	const runway = 256 << 10
 	sdir, mnt := logRoomDisk(t, 16<<20, runway)
 	crashAfterSnapshot(t, sdir)
-	s, err := Open(sdir)
-	if err != nil {
+	// A last batch whose exception Open drops, with no zeros after it.
+	if err := os.Truncate(filepath.Join(sdir, logName), appendDroppedBatch(t, sdir)); err != nil {
 		t.Fatal(err)
 	}
-	v, _ := s.Volume("v")
-	obj, vobj := s.nextObj, v.obj
-	s.log.mu.Lock()
-	end, seq := s.log.end, s.log.seq
-	s.log.mu.Unlock()
-	s.closeFiles()
-	// A last batch as a crash may leave it (snapshot s3 durable, its
-	// exception record too, the copy it names not), with no zeros after it.
-	b := appendRecord(nil, &record{Type: recBatch, Seq: seq + 1})
-	b = appendRecord(b, &record{Type: recSnapshot, Obj: obj, Parent: vobj, Size: 1 << 20, Created: 1, ID: "s3"})
-	b = appendRecord(b, &record{Type: recExc, Obj: obj, Origin: 0, COW: 40, DataCRC: crc(fill(4096, 0x33))})
-	lf, err := os.OpenFile(filepath.Join(sdir, logName), os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := lf.WriteAt(b, end); err != nil {
-		t.Fatal(err)
-	}
-	if err := lf.Truncate(end + int64(len(b))); err != nil {
-		t.Fatal(err)
-	}
-	lf.Close()
 	fillDisk(t, mnt, runway)
-	s, err = Open(sdir)
+	s, err := Open(sdir)
 	if err != nil {
 		t.Fatalf("Open that must checkpoint, with %d bytes free: %v", runway, err)
 	}
@@ -410,11 +387,7 @@ func TestLogRoomOpenCheckpointFirst(t *testing.T) {
 // so the group's batch went past the log's zeros and failed the store.
 func TestLogRoomLargeOperation(t *testing.T) {
 	const runway = 256 << 10
-	sdir, mnt := logRoomDisk(t, 24<<20, runway)
-	s, err := Open(sdir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, mnt, s := logRoomStore(t, 24<<20, runway)
 	defer func() { s.Close() }()
 	var members []GroupMember
 	for i := range 20 {
@@ -434,7 +407,7 @@ func TestLogRoomLargeOperation(t *testing.T) {
 	}
 	fillDisk(t, mnt, 0)
 	labels := map[string]string{"big": strings.Repeat("x", 8<<10-64)}
-	_, err = s.CreateSnapshotGroup("g", members, SnapshotOptions{Labels: labels})
+	_, err := s.CreateSnapshotGroup("g", members, SnapshotOptions{Labels: labels})
 	if !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
 		t.Fatalf("a group of 160 KiB of records with 128 KiB of the log's room to spare: %v, want ErrNoSpace and ENOSPC", err)
 	}
@@ -481,15 +454,11 @@ func TestLogRoomCountsBatchesInFlight(t *testing.T) {
 // log stays version 1, which older binaries read), not after the upgrade.
 func TestLogRoomUpgradeRefused(t *testing.T) {
 	const runway = 1 << 20
-	sdir, mnt := logRoomDisk(t, 16<<20, runway)
-	s, err := Open(sdir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	sdir, mnt, s := logRoomStore(t, 16<<20, runway)
 	defer func() { s.Close() }()
 	mustVol(t, s, "v", 1<<20, 16<<10)
 	filler := fillDisk(t, mnt, 64<<10) // the checkpoint's records fit, its zeros do not
-	_, err = s.CreateSnapshotGroup("g", []GroupMember{{VolumeID: "v", SnapshotID: "g-v"}}, SnapshotOptions{})
+	_, err := s.CreateSnapshotGroup("g", []GroupMember{{VolumeID: "v", SnapshotID: "g-v"}}, SnapshotOptions{})
 	if !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
 		t.Fatalf("first group with no room for the upgraded log's zeros: %v, want ErrNoSpace and ENOSPC", err)
 	}

@@ -400,29 +400,7 @@ func TestOpenKeepsDurableLastBatch(t *testing.T) {
 func TestOpenDropKeepsRestOfBatch(t *testing.T) {
 	dir := t.TempDir()
 	crashAfterSnapshot(t, dir)
-	// A last batch as a crash may leave it: snapshot s3 durable, its
-	// exception record durable, the copy it names not.
-	s, err := Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	v, _ := s.Volume("v")
-	obj, vobj := s.nextObj, v.obj
-	s.log.mu.Lock()
-	end, seq := s.log.end, s.log.seq
-	s.log.mu.Unlock()
-	s.closeFiles()
-	b := appendRecord(nil, &record{Type: recBatch, Seq: seq + 1})
-	b = appendRecord(b, &record{Type: recSnapshot, Obj: obj, Parent: vobj, Size: 1 << 20, Created: 1, ID: "s3"})
-	b = appendRecord(b, &record{Type: recExc, Obj: obj, Origin: 0, COW: 40, DataCRC: crc(fill(4096, 0x33))})
-	lf, err := os.OpenFile(filepath.Join(dir, logName), os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := lf.WriteAt(b, end); err != nil {
-		t.Fatal(err)
-	}
-	lf.Close()
+	appendDroppedBatch(t, dir)
 
 	fs := newFaultFS(dir)
 	fs.failWrite = 0 // the first write Open makes, to any file, fails
@@ -450,6 +428,36 @@ func TestOpenDropKeepsRestOfBatch(t *testing.T) {
 		}
 		s.closeFiles() // no checkpoint: the next pass replays the log again
 	}
+}
+
+// appendDroppedBatch appends to the log of the store crashAfterSnapshot
+// left in dir a last batch as a crash may leave it: snapshot s3 durable,
+// its exception record durable, the copy it names not (Open drops the
+// exception). It returns where the batch ends in the log.
+func appendDroppedBatch(t *testing.T, dir string) int64 {
+	t.Helper()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, _ := s.Volume("v")
+	obj, vobj := s.nextObj, v.obj
+	s.log.mu.Lock()
+	end, seq := s.log.end, s.log.seq
+	s.log.mu.Unlock()
+	s.closeFiles()
+	b := appendRecord(nil, &record{Type: recBatch, Seq: seq + 1})
+	b = appendRecord(b, &record{Type: recSnapshot, Obj: obj, Parent: vobj, Size: 1 << 20, Created: 1, ID: "s3"})
+	b = appendRecord(b, &record{Type: recExc, Obj: obj, Origin: 0, COW: 40, DataCRC: crc(fill(4096, 0x33))})
+	lf, err := os.OpenFile(filepath.Join(dir, logName), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lf.Close()
+	if _, err := lf.WriteAt(b, end); err != nil {
+		t.Fatal(err)
+	}
+	return end + int64(len(b))
 }
 
 // TestShortCOWFileIsCorrupt (F6): a COW file shorter than its highest
