@@ -325,6 +325,50 @@ func testJournalRoomCloneMark(t *testing.T, newM func() *fullJournal) {
 	reopenCheck(t, fs, h, dir, map[string][]byte{"clone": want})
 }
 
+// switchStore opens a store (journalRoomStore, model m, sync hold h) whose
+// kill journal switches epochs past 64 KiB and keeps 1 MiB of room ahead,
+// with a volume "v" of 16 chunks of 16 KiB written whole (want) and
+// snapshotted: from then on each first write to a chunk journals an entry.
+func switchStore(t *testing.T, m *fullJournal, h *syncHold) (dir string, s *Store, fs *faultFS, v *Volume, want []byte) {
+	t.Helper()
+	const cs = 16 << 10
+	sw := journalSwitch
+	journalSwitch = 64 << 10
+	t.Cleanup(func() { journalSwitch = sw })
+	dir, s, fs = journalRoomStore(t, m, h)
+	journalAhead = 1 << 20 // room in the current file (journalRoomStore restores it)
+	v = mustVol(t, s, "v", 16*cs, cs)
+	want = fill(16*cs, 1)
+	if _, err := v.WriteAt(want, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return dir, s, fs, v, want
+}
+
+// writeWhileSwitchPutOff writes 100 bytes into each of chunks 4 to 7 of v
+// (and want) with the journal's file system full: each is a new entry that
+// asks for the epoch switch, which must be put off (the epoch stays ep),
+// and lands in the current file.
+func writeWhileSwitchPutOff(t *testing.T, s *Store, v *Volume, want []byte, ep uint64) {
+	t.Helper()
+	const cs = 16 << 10
+	for c := int64(4); c < 8; c++ {
+		if _, err := v.WriteAt(fill(100, byte(10+c)), c*cs); err != nil {
+			t.Fatalf("write with room in the current file: %v", err)
+		}
+		copy(want[c*cs:], fill(100, byte(10+c)))
+	}
+	s.jnl.mu.Lock()
+	putOff, now := s.jnl.switchesPutOff, s.jnl.epoch
+	s.jnl.mu.Unlock()
+	if putOff == 0 || now != ep {
+		t.Fatalf("switches put off %d, epoch %d (was %d): want the switch put off", putOff, now, ep)
+	}
+}
+
 // TestJournalRoomSwitchPutOff: an epoch switch whose new file cannot have
 // its header and the room owed is put off (the file emptied again), the
 // current file, which has room, goes on taking records, and a kill then
@@ -333,20 +377,8 @@ func TestJournalRoomSwitchPutOff(t *testing.T) { roomModes(t, testJournalRoomSwi
 
 func testJournalRoomSwitchPutOff(t *testing.T, newM func() *fullJournal) {
 	const cs = 16 << 10
-	sw := journalSwitch
-	journalSwitch = 64 << 10
-	defer func() { journalSwitch = sw }()
 	m, h := newM(), &syncHold{}
-	dir, s, fs := journalRoomStore(t, m, h)
-	journalAhead = 1 << 20 // room in the current file
-	v := mustVol(t, s, "v", 16*cs, cs)
-	want := fill(16*cs, 1)
-	if _, err := v.WriteAt(want, 0); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	dir, s, fs, v, want := switchStore(t, m, h)
 	// Just past journalSwitch in the current file (four whole-chunk
 	// records): the next new entry switches.
 	for c := int64(0); c < 4; c++ {
@@ -361,18 +393,7 @@ func testJournalRoomSwitchPutOff(t *testing.T, newM func() *fullJournal) {
 	ep := s.jnl.epoch
 	m.full.Store(true)
 	armQuiet(t, s, h)
-	for c := int64(4); c < 8; c++ {
-		if _, err := v.WriteAt(fill(100, byte(10+c)), c*cs); err != nil {
-			t.Fatalf("write with room in the current file: %v", err)
-		}
-		copy(want[c*cs:], fill(100, byte(10+c)))
-	}
-	s.jnl.mu.Lock()
-	putOff, now := s.jnl.switchesPutOff, s.jnl.epoch
-	s.jnl.mu.Unlock()
-	if putOff == 0 || now != ep {
-		t.Fatalf("switches put off %d, epoch %d (was %d): want the switch put off", putOff, now, ep)
-	}
+	writeWhileSwitchPutOff(t, s, v, want, ep)
 	if err := s.Err(); err != nil {
 		t.Fatalf("the store failed: %v", err)
 	}
@@ -387,19 +408,8 @@ func TestJournalBytesAfterPutOff(t *testing.T) { roomModes(t, testJournalBytesAf
 
 func testJournalBytesAfterPutOff(t *testing.T, newM func() *fullJournal) {
 	const cs = 16 << 10
-	sw := journalSwitch
-	journalSwitch = 64 << 10
-	defer func() { journalSwitch = sw }()
 	m, h := newM(), &syncHold{}
-	_, s, _ := journalRoomStore(t, m, h)
-	journalAhead = 1 << 20
-	v := mustVol(t, s, "v", 16*cs, cs)
-	if _, err := v.WriteAt(fill(16*cs, 1), 0); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	_, s, _, v, _ := switchStore(t, m, h)
 	// Whole-chunk entries (settled) until one switch was made and the
 	// new file is past journalSwitch too: the next new entry switches
 	// again, which on the full disk is put off.
@@ -528,11 +538,8 @@ func TestPreallocatedWritesNeedNoSpace(t *testing.T) {
 // still pending, and a kill then loses nothing.
 func TestJournalRoomSwitchAfterHeader(t *testing.T) {
 	const cs = 16 << 10
-	sw := journalSwitch
-	journalSwitch = 64 << 10
-	defer func() { journalSwitch = sw }()
 	m, h := &fullJournal{}, &syncHold{}
-	dir, s, fs := journalRoomStore(t, m, h)
+	dir, s, fs, v, want := switchStore(t, m, h)
 	// Room for the header only: a write within a file's first
 	// journalHeaderLen bytes lands (the block it takes is the disk's
 	// last), nothing past them does.
@@ -549,15 +556,6 @@ func TestJournalRoomSwitchAfterHeader(t *testing.T) {
 		}
 		return innerA(name, off, n)
 	}
-	journalAhead = 1 << 20
-	v := mustVol(t, s, "v", 16*cs, cs)
-	want := fill(16*cs, 1)
-	if _, err := v.WriteAt(want, 0); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
 	armQuiet(t, s, h)
 	for c := int64(0); c < 4; c++ {
 		if _, err := v.WriteAt(fill(cs, byte(10+c)), c*cs); err != nil {
@@ -567,18 +565,7 @@ func TestJournalRoomSwitchAfterHeader(t *testing.T) {
 	}
 	ep := s.jnl.epoch
 	m.full.Store(true)
-	for c := int64(4); c < 8; c++ {
-		if _, err := v.WriteAt(fill(100, byte(10+c)), c*cs); err != nil {
-			t.Fatalf("write with room in the current file: %v", err)
-		}
-		copy(want[c*cs:], fill(100, byte(10+c)))
-	}
-	s.jnl.mu.Lock()
-	putOff, now := s.jnl.switchesPutOff, s.jnl.epoch
-	s.jnl.mu.Unlock()
-	if putOff == 0 || now != ep {
-		t.Fatalf("switches put off %d, epoch %d (was %d): want the switch put off", putOff, now, ep)
-	}
+	writeWhileSwitchPutOff(t, s, v, want, ep)
 	reopenCheck(t, fs, h, dir, map[string][]byte{"v": want})
 }
 
