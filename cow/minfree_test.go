@@ -593,6 +593,36 @@ func TestMinFreeHoleAllocErrors(t *testing.T) {
 	}
 }
 
+// twoSnapshotsNoRunway makes volume "v" of chunks chunks of cs bytes in s:
+// chunk 1 written, snapshot s1, chunk 1 written again (s1 holds its old
+// bytes), snapshot s2, every other chunk a hole of the data file; then a
+// checkpoint whose log has nothing ahead of its end (dropRunway, as a
+// Close on a full disk leaves it).
+func twoSnapshotsNoRunway(t *testing.T, s *Store, chunks, cs int64) *Volume {
+	t.Helper()
+	v, err := s.CreateVolume("v", chunks*cs, VolumeOptions{ChunkSize: int(cs)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(int(cs), 1), cs); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s1", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(int(cs), 2), cs); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	dropRunway(t, s)
+	return v
+}
+
 // TestMinFreeHoleNoRunway: below the reserve, with no blocks for the log's
 // next 4 MiB, a write into holes alone is refused (its records might not
 // fit: a failed log write fails the store), and a write of a hole and a
@@ -616,29 +646,10 @@ func TestMinFreeHoleNoRunway(t *testing.T) {
 	free.Store(1 << 40)
 	s.freeBytes = func() (int64, error) { return free.Load(), nil }
 	s.SetMinFree(1 << 30)
-	v, err := s.CreateVolume("v", 8*cs, VolumeOptions{ChunkSize: cs})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := v.WriteAt(fill(cs, 1), cs); err != nil { // chunk 1 data, the rest holes
-		t.Fatal(err)
-	}
-	if _, err := s.CreateSnapshot("v", "s1", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := v.WriteAt(fill(cs, 2), cs); err != nil { // s1 holds chunk 1
-		t.Fatal(err)
-	}
-	if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Checkpoint(); err != nil {
-		t.Fatal(err)
-	}
-	dropRunway(t, s)    // nothing ahead of the log
+	v := twoSnapshotsNoRunway(t, s, 8, cs)
 	free.Store(1 << 20) // short of the runway's 4 MiB, as the log's writes find
 	noLog.Store(true)
-	_, err = v.WriteAt(fill(cs, 3), 4*cs)
+	_, err := v.WriteAt(fill(cs, 3), 4*cs)
 	if !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
 		t.Fatalf("write into a hole with no room for the log: %v, want ErrNoSpace and ENOSPC", err)
 	}
@@ -1455,28 +1466,7 @@ func TestMinFreeRunwayRealFS(t *testing.T) {
 					t.Fatal(err)
 				}
 				defer s.Close()
-				v, err := s.CreateVolume("v", 64*cs, VolumeOptions{ChunkSize: cs})
-				if err != nil {
-					t.Fatal(err)
-				}
-				if _, err := v.WriteAt(fill(cs, 1), cs); err != nil {
-					t.Fatal(err)
-				}
-				if _, err := s.CreateSnapshot("v", "s1", SnapshotOptions{}); err != nil {
-					t.Fatal(err)
-				}
-				if _, err := v.WriteAt(fill(cs, 2), cs); err != nil { // s1 holds chunk 1
-					t.Fatal(err)
-				}
-				if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
-					t.Fatal(err)
-				}
-				// A fresh log with nothing ahead of its end (as a
-				// Close on a full disk leaves it).
-				if err := s.Checkpoint(); err != nil {
-					t.Fatal(err)
-				}
-				dropRunway(t, s)
+				v := twoSnapshotsNoRunway(t, s, 64, cs)
 				filler, err := os.Create(filepath.Join(dir, "filler"))
 				if err != nil {
 					t.Fatal(err)
