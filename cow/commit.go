@@ -372,7 +372,7 @@ func (c *committer) syncStage(toSync <-chan *batch, toApply chan<- *batch) {
 		seq, end, alloc := c.seq+1, c.end, c.alloc
 		c.mu.Unlock()
 		err := b.failed
-		if grow := max(logPrealloc, int64(len(b.buf))+64); err == nil && end+int64(len(b.buf))+64 > alloc {
+		if grow := max(logPrealloc, int64(len(b.buf))+batchHead); err == nil && end+int64(len(b.buf))+batchHead > alloc {
 			if err = writeZeros(c.f, alloc, grow); err == nil {
 				alloc += grow
 			} else if err = c.giveBack(err, alloc, grow); errors.Is(err, ErrNoSpace) {
