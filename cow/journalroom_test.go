@@ -140,14 +140,7 @@ func testJournalRoomRefusesWriteAlone(t *testing.T, newM func() *fullJournal) {
 	const cs = 16 << 10
 	m, h := newM(), &syncHold{}
 	dir, s, fs := journalRoomStore(t, m, h)
-	v := mustVol(t, s, "v", 8*cs, cs)
-	want := fill(8*cs, 1)
-	if _, err := v.WriteAt(want, 0); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	v, want := snappedVolume(t, s, 8)
 	m.full.Store(true)
 	_, err := v.WriteAt(fill(4096, 2), 2*cs+100)
 	if !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
@@ -325,6 +318,23 @@ func testJournalRoomCloneMark(t *testing.T, newM func() *fullJournal) {
 	reopenCheck(t, fs, h, dir, map[string][]byte{"clone": want})
 }
 
+// snappedVolume makes volume "v" of chunks 16 KiB chunks in s, written
+// whole (want), and snapshot "snap" of it: from then on each first write
+// to a chunk journals an entry.
+func snappedVolume(t *testing.T, s *Store, chunks int64) (v *Volume, want []byte) {
+	t.Helper()
+	const cs = 16 << 10
+	v = mustVol(t, s, "v", chunks*cs, cs)
+	want = fill(int(chunks*cs), 1)
+	if _, err := v.WriteAt(want, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return v, want
+}
+
 // switchStore opens a store (journalRoomStore, model m, sync hold h) whose
 // kill journal switches epochs past 64 KiB and keeps 1 MiB of room ahead,
 // with a volume "v" of 16 chunks of 16 KiB written whole (want) and
@@ -337,14 +347,7 @@ func switchStore(t *testing.T, m *fullJournal, h *syncHold) (dir string, s *Stor
 	t.Cleanup(func() { journalSwitch = sw })
 	dir, s, fs = journalRoomStore(t, m, h)
 	journalAhead = 1 << 20 // room in the current file (journalRoomStore restores it)
-	v = mustVol(t, s, "v", 16*cs, cs)
-	want = fill(16*cs, 1)
-	if _, err := v.WriteAt(want, 0); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	v, want = snappedVolume(t, s, 16)
 	return dir, s, fs, v, want
 }
 
@@ -582,14 +585,7 @@ func TestMinFreeLogKeepsRunway(t *testing.T) {
 			var dir string
 			switch fsys {
 			case "tmpfs":
-				if os.Geteuid() != 0 {
-					skipOrFailKernel(t, "needs root to mount a tmpfs of a fixed size (CI runs as root)")
-				}
-				dir = t.TempDir()
-				if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=32m"); err != nil {
-					skipOrFailKernel(t, "cannot mount a tmpfs here: "+err.Error())
-				}
-				t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+				dir = mountTmpfs(t, 32<<20)
 			case "mkfs.ext4":
 				dir = mountScratch(t, 300<<20, "mkfs.ext4", "-q", "-F", "-m", "0", "-b", "4096")
 			default:
@@ -658,14 +654,7 @@ func TestJournalRoomExactNeed(t *testing.T) {
 	m, h := &fullJournal{}, &syncHold{}
 	dir, s, fs := journalRoomStore(t, m, h)
 	journalAhead = 1 << 20
-	v := mustVol(t, s, "v", 8*cs, cs)
-	want := fill(8*cs, 1)
-	if _, err := v.WriteAt(want, 0); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	v, want := snappedVolume(t, s, 8)
 	m.mu.Lock()
 	m.spare = 64 << 10
 	m.mu.Unlock()

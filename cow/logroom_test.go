@@ -9,8 +9,6 @@ import (
 	"strings"
 	"syscall"
 	"testing"
-
-	"golang.org/x/sys/unix"
 )
 
 // logRoomDisk mounts a tmpfs of size bytes for a store, with the log's
@@ -18,14 +16,7 @@ import (
 // directory and the mount's.
 func logRoomDisk(t *testing.T, size, runway int64) (sdir, mnt string) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		skipOrFailKernel(t, "needs root to mount a tmpfs of a fixed size (CI runs as root)")
-	}
-	mnt = t.TempDir()
-	if err := unix.Mount("tmpfs", mnt, "tmpfs", 0, fmt.Sprintf("size=%d", size)); err != nil {
-		skipOrFailKernel(t, fmt.Sprintf("cannot mount a tmpfs here: %v", err))
-	}
-	t.Cleanup(func() { unix.Unmount(mnt, unix.MNT_DETACH) })
+	mnt = mountTmpfs(t, size)
 	old := logPrealloc
 	logPrealloc = runway
 	t.Cleanup(func() { logPrealloc = old })

@@ -239,20 +239,13 @@ func TestMinFree(t *testing.T) {
 // no space and the store fails; with one, the snapshot is invalidated in
 // time, every write lands, and the store stays usable.
 func TestMinFreeFullDisk(t *testing.T) {
-	if os.Geteuid() != 0 {
-		skipOrFailKernel(t, "needs root to mount a tmpfs of a fixed size (CI runs as root)")
-	}
 	for _, reserve := range []int64{0, 8 << 20} {
 		name := "no-reserve"
 		if reserve > 0 {
 			name = "reserve"
 		}
 		t.Run(name, func(t *testing.T) {
-			dir := t.TempDir()
-			if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=64m"); err != nil {
-				skipOrFailKernel(t, fmt.Sprintf("cannot mount a tmpfs here: %v", err))
-			}
-			t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+			dir := mountTmpfs(t, 64<<20)
 			s, err := Open(filepath.Join(dir, "store"))
 			if err != nil {
 				t.Fatal(err)
@@ -344,16 +337,9 @@ func TestMinFreeFullDisk(t *testing.T) {
 // space left fails alone; freed space lets it through; a reopen agrees.
 // Run with the kill journal and without.
 func TestMinFreeHoles(t *testing.T) {
-	if os.Geteuid() != 0 {
-		skipOrFailKernel(t, "needs root to mount a tmpfs of a fixed size (CI runs as root)")
-	}
 	for _, survive := range []bool{true, false} {
 		t.Run(fmt.Sprint("survive-kill=", survive), func(t *testing.T) {
-			dir := t.TempDir()
-			if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=16m"); err != nil {
-				skipOrFailKernel(t, fmt.Sprintf("cannot mount a tmpfs here: %v", err))
-			}
-			t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+			dir := mountTmpfs(t, 16<<20)
 			sdir := filepath.Join(dir, "store")
 			// The log's writes can be held back.
 			var hold atomic.Bool
@@ -1400,6 +1386,21 @@ func TestMinFreeHoleLaterFailure(t *testing.T) {
 // mountScratch makes a file system of size bytes with mkfs args on a
 // loop-mounted image and returns where it is mounted (unmounted and
 // deleted when the test ends).
+// mountTmpfs mounts a tmpfs of size bytes on a test directory (unmounted
+// at cleanup) and returns it: a real file system that fills up.
+func mountTmpfs(t *testing.T, size int64) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		skipOrFailKernel(t, "needs root to mount a tmpfs of a fixed size (CI runs as root)")
+	}
+	dir := t.TempDir()
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, fmt.Sprintf("size=%d", size)); err != nil {
+		skipOrFailKernel(t, fmt.Sprintf("cannot mount a tmpfs here: %v", err))
+	}
+	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+	return dir
+}
+
 func mountScratch(t *testing.T, size int64, mkfs ...string) string {
 	t.Helper()
 	if os.Geteuid() != 0 {
@@ -1561,14 +1562,7 @@ func TestMinFreeRunwayRealFS(t *testing.T) {
 // freed) and lands: a write is refused before any snapshot is given up
 // only when giving them up could not free enough. On a 32 MiB tmpfs.
 func TestMinFreeGiveUpFreesCopies(t *testing.T) {
-	if os.Geteuid() != 0 {
-		skipOrFailKernel(t, "needs root to mount a tmpfs of a fixed size (CI runs as root)")
-	}
-	dir := t.TempDir()
-	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=32m"); err != nil {
-		skipOrFailKernel(t, fmt.Sprintf("cannot mount a tmpfs here: %v", err))
-	}
-	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+	dir := mountTmpfs(t, 32<<20)
 	s, err := Open(filepath.Join(dir, "store"))
 	if err != nil {
 		t.Fatal(err)
