@@ -522,10 +522,7 @@ func TestMinFreeHoleAllocErrors(t *testing.T) {
 		}
 	})
 	defer s.Close()
-	var free atomic.Int64
-	free.Store(1 << 40)
-	s.freeBytes = func() (int64, error) { return free.Load(), nil }
-	s.SetMinFree(1 << 30)
+	free := fakeFree(s)
 	v, err := s.CreateVolume("v", 8*cs, VolumeOptions{ChunkSize: cs})
 	if err != nil {
 		t.Fatal(err)
@@ -628,10 +625,7 @@ func TestMinFreeHoleNoRunway(t *testing.T) {
 		}
 	})
 	defer s.Close()
-	var free atomic.Int64
-	free.Store(1 << 40)
-	s.freeBytes = func() (int64, error) { return free.Load(), nil }
-	s.SetMinFree(1 << 30)
+	free := fakeFree(s)
 	v := twoSnapshotsNoRunway(t, s, 8, cs)
 	free.Store(1 << 20) // short of the runway's 4 MiB, as the log's writes find
 	noLog.Store(true)
@@ -1299,10 +1293,7 @@ func TestMinFreeHoleLaterFailure(t *testing.T) {
 			})
 			defer s.Close()
 			defer d.letGo()
-			var free atomic.Int64
-			free.Store(1 << 40)
-			s.freeBytes = func() (int64, error) { return free.Load(), nil }
-			s.SetMinFree(1 << 30)
+			free := fakeFree(s)
 			v, err := s.CreateVolume("v", 8*cs, VolumeOptions{ChunkSize: cs})
 			if err != nil {
 				t.Fatal(err)
@@ -1386,6 +1377,17 @@ func TestMinFreeHoleLaterFailure(t *testing.T) {
 // mountScratch makes a file system of size bytes with mkfs args on a
 // loop-mounted image and returns where it is mounted (unmounted and
 // deleted when the test ends).
+// fakeFree makes s see the free space it returns (1 TiB to start with) in
+// place of statfs, against a reserve of 1 GiB: a test moves the store
+// below its reserve by storing less.
+func fakeFree(s *Store) *atomic.Int64 {
+	free := new(atomic.Int64)
+	free.Store(1 << 40)
+	s.freeBytes = func() (int64, error) { return free.Load(), nil }
+	s.SetMinFree(1 << 30)
+	return free
+}
+
 // mountTmpfs mounts a tmpfs of size bytes on a test directory (unmounted
 // at cleanup) and returns it: a real file system that fills up.
 func mountTmpfs(t *testing.T, size int64) string {
