@@ -130,21 +130,27 @@ func testLogRoomFullDisk(t *testing.T, runway, free int64) {
 	// Every other adding operation is refused the same way (one whose
 	// records are smaller than the refused snapshot's may still fit once
 	// or twice), and the store goes on: reads and flushes work.
-	for name, op := range map[string]func(i int) error{
-		"CreateVolume": func(i int) error {
+	// In a fixed order (a map's would vary from run to run): a Resize
+	// that lands grows v, so the clone of v asks for v's size then.
+	for _, o := range []struct {
+		name string
+		op   func(i int) error
+	}{
+		{"CreateVolume", func(i int) error {
 			_, err := s.CreateVolume(fmt.Sprint("w", i), cs, VolumeOptions{ChunkSize: cs})
 			return err
-		},
-		"CloneVolume": func(i int) error {
-			_, err := s.CloneVolume("v", fmt.Sprint("cv", i), 64*cs, VolumeOptions{})
+		}},
+		{"CloneVolume", func(i int) error {
+			_, err := s.CloneVolume("v", fmt.Sprint("cv", i), v.Size(), VolumeOptions{})
 			return err
-		},
-		"CloneSnapshot": func(i int) error {
+		}},
+		{"CloneSnapshot", func(i int) error {
 			_, err := s.CloneSnapshot("s0", fmt.Sprint("cs", i), 64*cs, VolumeOptions{})
 			return err
-		},
-		"Resize": func(i int) error { return v.Resize(int64(65+i) * cs) },
+		}},
+		{"Resize", func(i int) error { return v.Resize(v.Size() + cs) }},
 	} {
+		name, op := o.name, o.op
 		var err error
 		landed := 0
 		for ; landed < 100; landed++ {
