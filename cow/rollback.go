@@ -703,7 +703,9 @@ func (s *Store) applyRollback(r *record) error {
 		v.rb = sn
 		return nil
 	}
-	if v.rb != sn {
+	if v.rb != sn && !(v.deleted && v.rb == nil) {
+		// A deleted volume's done follows the delete that abandoned the
+		// rollback and already cleared the begin (DeleteVolume).
 		return corruptf("rollback of volume %d to snapshot %d done, but not begun", r.Obj, r.Parent)
 	}
 	v.rb = nil

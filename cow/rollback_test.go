@@ -845,6 +845,101 @@ func TestRollbackKeepsLimitedTarget(t *testing.T) {
 	check(reopen(t, s, dir), "after a checkpoint and reopen")
 }
 
+// TestDeleteVolumeAbandonTornBatch: DeleteVolume abandons an unfinished
+// rollback with one batch, the delete and the rollback's done record. A
+// power cut can leave any prefix of that batch (the log's last), and every
+// prefix must reopen as before the delete (the rollback pending, resumed by
+// Open: the volume reads as the snapshot) or as after it (the volume gone),
+// never a volume that is live, takes writes and reads half rolled back. The
+// done record came first once: a cut inside the delete record did just
+// that. The log is cut at every byte of the batch, the rest zeros.
+func TestDeleteVolumeAbandonTornBatch(t *testing.T) {
+	src := t.TempDir()
+	s, err := Open(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const cs, n = 4096, 16
+	v := mustVol(t, s, "v", n*cs, cs)
+	old := fill(n*cs, 'a')
+	if _, err := v.WriteAt(old, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(n*cs, 'b'), 0); err != nil {
+		t.Fatal(err)
+	}
+	// A rollback that stopped half way, as a failed Rollback leaves it.
+	if _, _, _, err := s.rollbackBegin("v", "s"); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.modify(0, n/2*cs, fill(n/2*cs, 'a'), true); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	start := s.log.end
+	img := snapDir(t, src) // the files as the delete found them
+	if err := s.DeleteVolume("v"); err != nil {
+		t.Fatal(err)
+	}
+	end := s.log.end
+	img[logName] = snapDir(t, src)[logName] // with the delete's batch, synced
+	s.Close()
+	if end <= start {
+		t.Fatal("the delete wrote no batch")
+	}
+	deleted, resumed := 0, 0
+	for cut := start; cut <= end; cut++ {
+		logb := img[logName]
+		if cut < end && allZero(logb[cut:end]) {
+			continue // nothing to tear (the batch ends in zero bytes)
+		}
+		dir := t.TempDir()
+		writeDir(t, dir, img)
+		torn := slices.Clone(logb)
+		clear(torn[cut:end])
+		if err := os.WriteFile(filepath.Join(dir, logName), torn, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		s, err := Open(dir)
+		if err != nil {
+			t.Fatalf("cut at %d of [%d, %d]: %v", cut, start, end, err)
+		}
+		sn, err := s.Snapshot("s")
+		if err != nil {
+			t.Fatalf("cut at %d: %v", cut, err)
+		}
+		if got := mustRead(t, sn, 0, n*cs); !bytes.Equal(got, old) {
+			t.Errorf("cut at %d of [%d, %d]: the snapshot reads other bytes", cut, start, end)
+		}
+		v2, err := s.Volume("v")
+		switch {
+		case errors.Is(err, ErrNotFound):
+			deleted++
+		case err != nil:
+			t.Fatalf("cut at %d: %v", cut, err)
+		default:
+			if to, pending := v2.PendingRollback(); pending {
+				t.Errorf("cut at %d of [%d, %d]: rollback to %s still pending after Open (%v)", cut, start, end, to, s.RollbackResumeErr())
+			} else if got := mustRead(t, v2, 0, n*cs); !bytes.Equal(got, old) {
+				t.Errorf("cut at %d of [%d, %d]: the volume is live, takes writes and reads half rolled back (chunk 0 %q, chunk %d %q)",
+					cut, start, end, got[0], n-1, got[(n-1)*cs])
+			} else {
+				resumed++
+			}
+		}
+		s.Close()
+	}
+	t.Logf("cuts in [%d, %d]: %d reopen with the volume deleted, %d with the rollback resumed", start, end, deleted, resumed)
+	if deleted == 0 || resumed == 0 {
+		t.Fatalf("the cuts gave %d deletes and %d resumed rollbacks; want both outcomes", deleted, resumed)
+	}
+}
+
 // TestRollbackResumeWithoutSpace: Open resumes an interrupted rollback.
 // When its copy-outs (to a newer snapshot) find no space, the commit fails
 // the store, and it used to fail it in every Open: the plugin restarted in

@@ -1426,11 +1426,15 @@ func (s *Store) DeleteVolume(id string) error {
 		// content is being discarded anyway: else it would keep the
 		// volume, and through their refusals its snapshots, for ever,
 		// which is the space a full disk needs back. Not while a Rollback
-		// call is running. It ends with a done record in the delete's
-		// batch, which binaries from before this rule read too (a begin
-		// followed by a delete alone would leave them a pending rollback
-		// of a deleted volume, which their checkpoint writes and no Open
-		// takes).
+		// call is running. The delete's batch ends it with a done record
+		// after the delete record, which binaries from before this rule
+		// read too (a begin followed by a delete alone would leave them a
+		// pending rollback of a deleted volume, which their checkpoint
+		// writes and no Open takes). After, not before: a torn last
+		// batch keeps a prefix of its records, and a done that landed
+		// without its delete would leave the volume live, writable and
+		// half rolled back; a delete without its done is the abandon
+		// itself (its apply clears the begin).
 		if !v.rbMu.TryLock() {
 			return v.rollbackBusy()
 		}
@@ -1446,7 +1450,7 @@ func (s *Store) DeleteVolume(id string) error {
 	if err := drainAll(lin); err != nil {
 		return err
 	}
-	if err := s.commitApply(append(recs, &record{Type: recDelete, Obj: v.obj})...); err != nil {
+	if err := s.commitApply(append([]*record{{Type: recDelete, Obj: v.obj}}, recs...)...); err != nil {
 		return err
 	}
 	s.jnl.forget(v) // nothing writes v again, and a redo skips its marks
