@@ -601,6 +601,66 @@ func TestMountPublishModeChange(t *testing.T) {
 			t.Fatalf("publish with an ro mount flag, call %d: %v", i+1, err)
 		}
 	}
+	// So does "ro" among comma-joined flags (one entry, "ro,noatime").
+	roFlag.GetMount().MountFlags = []string{"ro,noatime"}
+	target = filepath.Join(dir, "ro-joined")
+	for i := 0; i < 2; i++ {
+		if _, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			TargetPath: target, VolumeCapability: roFlag}); err != nil {
+			t.Fatalf("publish with the mount flag \"ro,noatime\", call %d: %v", i+1, err)
+		}
+	}
+}
+
+// TestPublishAccessTypeChange: a block publish at a target that holds the
+// volume's mount publish (and the other way round) is AlreadyExists, the
+// spec's incompatible case: both binds name the volume's device as their
+// source, and a block request there was answered OK while the target was
+// a directory bind of the filesystem.
+func TestPublishAccessTypeChange(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	id := e.createVolume(t, "type-change", 1<<20).VolumeId
+	dir := t.TempDir()
+	staging := filepath.Join(dir, "staging")
+	e.attachMounted(t, id, staging)
+	target := filepath.Join(dir, "target")
+	publish := func(c *csi.VolumeCapability, ro bool) error {
+		_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			TargetPath: target, VolumeCapability: c, Readonly: ro})
+		return err
+	}
+	if err := publish(mountCap(), false); err != nil {
+		t.Fatal(err)
+	}
+	for _, ro := range []bool{false, true} {
+		if err := publish(blockCap(), ro); status.Code(err) != codes.AlreadyExists {
+			t.Fatalf("block publish (readonly %v) at the mount publish's target: %v, want AlreadyExists", ro, err)
+		}
+	}
+	if err := publish(mountCap(), false); err != nil {
+		t.Fatalf("the mount publish again: %v", err)
+	}
+
+	// A block publish's target is a file, where no mount publish fits.
+	bid := e.createVolume(t, "type-change-block", 1<<20).VolumeId
+	bstaging := filepath.Join(dir, "bstaging")
+	e.stageBlock(t, bid, bstaging)
+	btarget := filepath.Join(dir, "btarget")
+	bpublish := func(c *csi.VolumeCapability) error {
+		_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: bid, StagingTargetPath: bstaging,
+			TargetPath: btarget, VolumeCapability: c})
+		return err
+	}
+	if err := bpublish(blockCap()); err != nil {
+		t.Fatal(err)
+	}
+	if err := bpublish(mountCap()); status.Code(err) != codes.AlreadyExists && status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("mount publish at the block publish's target: %v, want AlreadyExists or FailedPrecondition", err)
+	}
+	if err := bpublish(blockCap()); err != nil {
+		t.Fatalf("the block publish again: %v", err)
+	}
 }
 
 // TestExpandRetryResizesDevice: the store grew but the device did not (a

@@ -1177,6 +1177,18 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		// Published already: the same call again is OK, the other mode at
 		// the same target is not (the spec's "incompatible" case). A block
 		// publish's mode is its device (held above); a mount's, its flag.
+		// The access type too: a block publish binds the device node onto
+		// a file, a mount publish the filesystem onto a directory, and
+		// both are listed with the volume's device as their source.
+		if fi, err := os.Stat(target); err != nil {
+			return nil, statusf(codes.Internal, "target %s: %v", target, err)
+		} else if fi.IsDir() == block {
+			have := "mount"
+			if !fi.IsDir() {
+				have = "block"
+			}
+			return nil, statusf(codes.AlreadyExists, "volume %s is published at %s for %s access", id, target, have)
+		}
 		if !block {
 			top, err := d.topMount(target)
 			if err != nil {
@@ -1188,8 +1200,8 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 			if err != nil {
 				return nil, toStatus(err)
 			}
-			want := ro || slices.Contains(req.GetVolumeCapability().GetMount().GetMountFlags(), "ro") || slices.Contains(st.Opts, "ro")
-			if isRO := slices.Contains(top.Opts, "ro"); isRO != want {
+			want := ro || hasROFlag(req.GetVolumeCapability().GetMount().GetMountFlags()) || slices.Contains(st.Opts, "ro")
+			if isRO := hasROFlag(top.Opts); isRO != want {
 				return nil, statusf(codes.AlreadyExists, "volume %s is published at %s with readonly=%v", id, target, isRO)
 			}
 		}
