@@ -89,7 +89,7 @@ func parseFlags(args []string, klogFlags func(*flag.FlagSet), stderr io.Writer) 
 	}
 	minFree(defaultMinFree)
 	fs.Func("min-free", "free space to keep on the data dir's file system, as a Kubernetes quantity of whole bytes (default "+defaultMinFree+"; 0 = none): a write that must first copy a chunk for snapshots, made while less is free, gives those snapshots up (they are lost, the volume keeps working) or, if one of them has clones, fails alone with ENOSPC (a write into a never-written part copies nothing and keeps them); a rollback that would copy is refused before it begins; without it a full disk fails the store and every volume on the node", minFree)
-	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a stop waits for in-flight calls before cutting them, and then for cut calls to return while volumes are still served")
+	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a stop waits for in-flight calls before cutting them (the volumes are then served until the cut calls return; a second signal exits at once)")
 	if klogFlags != nil {
 		klogFlags(fs)
 	}

@@ -20,9 +20,9 @@
 //	csi-snap version                     (prints the version GetPluginInfo reports)
 //
 // The first SIGTERM or SIGINT stops gracefully: in-flight calls get
-// --shutdown-timeout to finish, then are cut, and get as long again to
-// return while the volumes are still served (a handler blocked on I/O to
-// one of them would otherwise never return); a second signal exits at once.
+// --shutdown-timeout to finish, then are cut, and the volumes are served
+// until their handlers return (a handler blocked on I/O to one of them
+// would otherwise never return); a second signal exits at once.
 package main
 
 import (

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/csi-snap/csi-snap/driver"
@@ -161,10 +162,16 @@ func run(ctx context.Context, cfg Config) (err error) {
 		// kernel on I/O to a device this process serves (a freeze's
 		// flush, mkfs, umount, a filesystem grow), uninterruptibly. The
 		// deferred frontend.Close would stop serving that I/O, and the
-		// process could then never exit (nor a new one take the volumes
-		// back): give them as long again, still served, before going on.
-		if !calls.wait(cfg.ShutdownTimeout) {
-			klog.InfoS("Calls still in flight after the stop; closing anyway")
+		// process could then never exit, nor a new one take the volumes
+		// back (an exiting process waits for its threads in the kernel;
+		// driver/kernel/doc.go, "A kill while the plugin waits on its own
+		// volumes"): so wait for them, the volumes still served, however
+		// long it takes. A handler stuck for another reason leaves the
+		// exit to a second signal (main) or kubelet's SIGKILL after the
+		// pod's grace period, which is no worse than closing here.
+		for !calls.wait(cfg.ShutdownTimeout) {
+			klog.InfoS("Calls still in flight after the stop; serving the volumes until they return (send another signal to exit at once)",
+				"calls", calls.running())
 		}
 	}
 	return nil
@@ -172,19 +179,29 @@ func run(ctx context.Context, cfg Config) (err error) {
 
 // inflight counts the gRPC calls whose handlers are running, streaming
 // ones (SnapshotMetadata) too.
-type inflight struct{ wg sync.WaitGroup }
+type inflight struct {
+	wg sync.WaitGroup
+	n  atomic.Int64
+}
+
+func (c *inflight) enter() func() {
+	c.wg.Add(1)
+	c.n.Add(1)
+	return func() { c.n.Add(-1); c.wg.Done() }
+}
 
 func (c *inflight) interceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-	c.wg.Add(1)
-	defer c.wg.Done()
+	defer c.enter()()
 	return h(ctx, req)
 }
 
 func (c *inflight) streamInterceptor(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-	c.wg.Add(1)
-	defer c.wg.Done()
+	defer c.enter()()
 	return h(srv, ss)
 }
+
+// running returns how many handlers are running.
+func (c *inflight) running() int64 { return c.n.Load() }
 
 // wait reports whether every running handler returned within d. Called
 // after the server's Stop, when no handler starts any more. (On a timeout
