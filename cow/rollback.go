@@ -85,8 +85,9 @@ var rollbackPiece int64 = 4 << 20
 // Errors: ErrInvalidID; ErrNotFound (unknown or deleted volume or
 // snapshot); ErrForeignSnapshot (the snapshot is of another volume);
 // ErrInvalidated (the snapshot ran over its limit); ErrRollbackPending (an
-// unfinished rollback of the volume to another snapshot); ErrClosed; I/O
-// errors (ErrNoSpace).
+// unfinished rollback of the volume to another snapshot); ErrOutOfRange
+// (see rollbackFits); ErrNoSpace (too little free space to start, or a
+// write's); ErrClosed; I/O errors.
 func (s *Store) Rollback(volID, snapID string) (RollbackResult, error) {
 	start := time.Now()
 	if err := checkID(volID); err != nil {

@@ -457,10 +457,22 @@ func TestRollbackErrors(t *testing.T) {
 	if _, err := s.CreateVolume("b", 16*rbChunk, VolumeOptions{ChunkSize: rbChunk}); err != nil {
 		t.Fatal(err)
 	}
+	// a1 holds x's; a (and a2, a group's member) y's after it: the
+	// rollback to a1 changes every byte, so a resume that never came shows.
+	old := fill(16*rbChunk, 'x')
+	if _, err := a.WriteAt(old, 0); err != nil {
+		t.Fatal(err)
+	}
 	for _, id := range []string{"a1", "a2"} {
 		if _, err := s.CreateSnapshot("a", id, SnapshotOptions{}); err != nil {
 			t.Fatal(err)
 		}
+		if _, err := a.WriteAt(fill(16*rbChunk, 'y'), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := s.CreateSnapshotGroup("g", []GroupMember{{"a", "ga"}}, SnapshotOptions{}); err != nil {
+		t.Fatal(err)
 	}
 	if _, err := s.CreateSnapshot("b", "b1", SnapshotOptions{}); err != nil {
 		t.Fatal(err)
@@ -524,6 +536,14 @@ func TestRollbackErrors(t *testing.T) {
 		},
 		"delete snapshot":   func() error { return s.DeleteSnapshot("a2") },
 		"rollback to other": func() error { _, err := s.Rollback("a", "a2"); return err },
+		// A group's snapshot would catch a half rolled-back volume; the
+		// delete of a group whose member the volume is rolled back past
+		// would write a record replay refuses (every later Open failing).
+		"group snapshot": func() error {
+			_, err := s.CreateSnapshotGroup("g2", []GroupMember{{"a", "a4"}}, SnapshotOptions{})
+			return err
+		},
+		"delete group": func() error { return s.DeleteSnapshotGroup("g") },
 	} {
 		if err := f(); !errors.Is(err, ErrRollbackPending) {
 			t.Errorf("%s during a pending rollback: %v, want ErrRollbackPending", name, err)
@@ -545,6 +565,9 @@ func TestRollbackErrors(t *testing.T) {
 	a2, _ := s2.Volume("a")
 	if p, ok := a2.PendingRollback(); ok {
 		t.Fatalf("Open did not resume the rollback to %s", p)
+	}
+	if got := mustRead(t, a2, 0, len(old)); !bytes.Equal(got, old) {
+		t.Fatalf("after the checkpoint and Open the volume does not read as a1 (byte 0 %q): the begin record was not kept", got[0])
 	}
 	if _, err := a2.WriteAt([]byte{1}, 0); err != nil {
 		t.Fatalf("write after the resumed rollback: %v", err)

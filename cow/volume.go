@@ -236,10 +236,11 @@ func (v *Volume) isPresent(c int64) bool {
 	return ok
 }
 
-// readChunk reads len(p) bytes of the snapshot at byte offset off, all
-// within one chunk of the snapshot's volume (clones may use another chunk
-// size than their source, so this splits by the source's chunks). Bytes
-// past the snapshot's size read as zeros.
+// readChunk reads len(p) bytes of the snapshot at byte offset off: within
+// one chunk of the snapshot's volume for most callers, a rollback's piece
+// (rollbackPiece, many chunks) for rollbackWrite (a plain volume's span is
+// read at once; clones, whose chunk size may differ from their source's,
+// chunk by chunk). Bytes past the snapshot's size read as zeros.
 func (sn *Snapshot) readChunk(off int64, p []byte) error {
 	if off >= sn.size {
 		clear(p)

@@ -96,9 +96,12 @@ const RollbackPath = "/v1/rollback"
 // the filesystem or application on it would see its blocks change under it.
 // IDs are checked as the CSI handlers check them, except that a string that
 // is not an ID at all is InvalidArgument (an operator typo), not NotFound.
-// Errors carry gRPC codes: InvalidArgument, NotFound, FailedPrecondition,
-// Aborted (another operation on the volume or snapshot is in flight),
-// Unimplemented (the store cannot roll back), Unavailable, Internal.
+// Errors carry gRPC codes: InvalidArgument, NotFound, FailedPrecondition
+// (also: an unfinished rollback of the volume to another snapshot, or an
+// invalid snapshot), Aborted (another operation on the volume or snapshot
+// is in flight), ResourceExhausted (not enough free space; nothing was
+// changed), OutOfRange (the volume cannot be returned to the snapshot's
+// size), Unimplemented (the store cannot roll back), Unavailable, Internal.
 func (d *Driver) Rollback(ctx context.Context, volID, snapID string) (RollbackResult, error) {
 	if volID == "" || snapID == "" {
 		return RollbackResult{}, statusf(codes.InvalidArgument, "volume and snapshot are required")
