@@ -107,17 +107,17 @@ func (d *Driver) Rollback(ctx context.Context, volID, snapID string) (RollbackRe
 		return RollbackResult{}, statusf(codes.InvalidArgument, "volume and snapshot are required")
 	}
 	if !isVolumeID(volID) {
-		return RollbackResult{}, statusf(codes.InvalidArgument, "%q is not a csi-snap volume ID (v- and 32 hex digits: the PV's spec.csi.volumeHandle)", volID)
+		return RollbackResult{}, statusf(codes.InvalidArgument, "%q is not a csi-snap volume ID (v- and 40 hex digits, or 32 for older volumes: the PV's spec.csi.volumeHandle)", volID)
 	}
 	if !isSnapshotID(snapID) {
-		return RollbackResult{}, statusf(codes.InvalidArgument, "%q is not a csi-snap snapshot ID (s- and 32 hex digits: the VolumeSnapshotContent's status.snapshotHandle)", snapID)
+		return RollbackResult{}, statusf(codes.InvalidArgument, "%q is not a csi-snap snapshot ID (s- and 40 hex digits, or 32 for older snapshots: the VolumeSnapshotContent's status.snapshotHandle)", snapID)
 	}
 	rs, ok := d.opt.Store.(RollbackStore)
 	if !ok {
 		return RollbackResult{}, statusf(codes.Unimplemented, "the store cannot roll volumes back")
 	}
 	for _, id := range []string{volID, snapID} {
-		if idNodeTag(id) != d.tag {
+		if !madeBy(id, d.tag) {
 			return RollbackResult{}, statusf(codes.NotFound, "%s was made on another node (this is node %s): run the command in the plugin pod on the volume's node", id, d.opt.NodeID)
 		}
 	}

@@ -249,7 +249,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	if err != nil {
 		return nil, err
 	}
-	if src := snapID + srcVolID; src != "" && idNodeTag(src) != d.tag {
+	if src := snapID + srcVolID; src != "" && !madeBy(src, d.tag) {
 		// The source lives on another node (its ID carries that node's
 		// tag) and a restore or clone is O(1) only there. ResourceExhausted,
 		// not NotFound: external-provisioner treats it as "try another
@@ -365,7 +365,7 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 	if dev, ok := d.opt.Frontend.Device(id); ok {
 		return nil, statusf(codes.FailedPrecondition, "volume %s is staged on this node (%s); unstage it first", id, dev)
 	}
-	if err := d.opt.Store.DeleteVolume(id); errors.Is(err, ErrNotFound) && idNodeTag(id) != d.tag {
+	if err := d.opt.Store.DeleteVolume(id); errors.Is(err, ErrNotFound) && !madeBy(id, d.tag) {
 		return nil, foreignDelete("volume", id)
 	} else if err != nil && !errors.Is(err, ErrNotFound) {
 		return nil, toStatus(fmt.Errorf("delete volume %s: %w", id, err))
@@ -604,7 +604,7 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 	}
 	defer d.locks.unlock(id)
 	v, err := d.lookupVolume(id)
-	if status.Code(err) == codes.NotFound && idNodeTag(id) != d.tag {
+	if status.Code(err) == codes.NotFound && !madeBy(id, d.tag) {
 		size, err := volumeSize(req.GetCapacityRange(), 0)
 		if err != nil {
 			return nil, err
@@ -884,7 +884,7 @@ func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequ
 		return nil, statusf(codes.Aborted, "an operation on snapshot %s is in progress", id)
 	}
 	defer d.locks.unlock(id)
-	if err := d.opt.Store.DeleteSnapshot(id); errors.Is(err, ErrNotFound) && idNodeTag(id) != d.tag {
+	if err := d.opt.Store.DeleteSnapshot(id); errors.Is(err, ErrNotFound) && !madeBy(id, d.tag) {
 		return nil, foreignDelete("snapshot", id)
 	} else if err != nil && !errors.Is(err, ErrNotFound) {
 		return nil, toStatus(fmt.Errorf("delete snapshot %s: %w", id, err))

@@ -1,7 +1,9 @@
 package driver_test
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"maps"
@@ -404,6 +406,69 @@ func TestConcurrentCreateSameName(t *testing.T) {
 	}
 	if len(seen) != 1 || len(e.store.Volumes()) != 1 {
 		t.Fatalf("racing creates made %d distinct answers and %d store volumes, want 1 and 1", len(seen), len(e.store.Volumes()))
+	}
+}
+
+// TestNodeTagCollision: two node names whose SHA-256 share their first 4
+// bytes (the node tag IDs carried before they had 8) are told apart: each
+// sees the other's volume as another node's (expansion deferred, a restore
+// from its snapshot sent elsewhere, a delete refused), where with the
+// shorter tag each took the other's objects for its own (NotFound, and a
+// delete answered OK while the volume lived on).
+func TestNodeTagCollision(t *testing.T) {
+	ctx := context.Background()
+	sum := func(s string) []byte { b := sha256.Sum256([]byte(s)); return b[:4] }
+	const na, nb = "worker-62661", "worker-112079"
+	if !bytes.Equal(sum(na), sum(nb)) {
+		t.Fatalf("%s and %s do not share their first 4 bytes of SHA-256", na, nb)
+	}
+	mk := func(node string) (*driver.Driver, *drivertest.Store) {
+		st := drivertest.NewStore()
+		d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: drivertest.NewFrontend(),
+			Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{DisableScripts: true}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d, st
+	}
+	a, ast := mk(na)
+	b, _ := mk(nb)
+	r, err := a.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "v", CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20},
+		VolumeCapabilities: []*csi.VolumeCapability{mountCap()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := r.Volume.VolumeId
+	snap, err := a.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s", SourceVolumeId: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if x, err := b.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: id,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 4 << 20}}); err != nil || !x.NodeExpansionRequired {
+		t.Errorf("expand on the colliding node: %v, %v; want deferred to the volume's node", x, err)
+	}
+	_, err = b.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "r", VolumeCapabilities: []*csi.VolumeCapability{mountCap()},
+		VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
+			Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap.Snapshot.SnapshotId}}}})
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Errorf("restore on the colliding node: %v, want ResourceExhausted (the snapshot lives on another node)", err)
+	}
+	if _, err := b.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); status.Code(err) != codes.FailedPrecondition {
+		t.Errorf("delete on the colliding node: %v, want FailedPrecondition", err)
+	}
+	if _, err := b.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: snap.Snapshot.SnapshotId}); status.Code(err) != codes.FailedPrecondition {
+		t.Errorf("snapshot delete on the colliding node: %v, want FailedPrecondition", err)
+	}
+	if len(ast.Volumes()) != 1 {
+		t.Fatalf("the volume's node holds %d volumes, want 1", len(ast.Volumes()))
+	}
+	// An ID of the format before (32 digits, an 8-digit tag) is still
+	// this node's when its 8 digits are: NotFound on its own node, not
+	// deferred.
+	old := fmt.Sprintf("v-%x0123456789abcdef01234567", sum(na))
+	if _, err := a.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: old,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 4 << 20}}); status.Code(err) != codes.NotFound {
+		t.Errorf("expand of an unknown 32-digit volume ID of this node: %v, want NotFound", err)
 	}
 }
 

@@ -53,7 +53,7 @@ const labelGroupName = "csi-snap.io/group-name"
 
 const groupPrefix = "g-"
 
-var groupIDRE = regexp.MustCompile(`^g-[0-9a-f]{32}$`)
+var groupIDRE = regexp.MustCompile(`^g-[0-9a-f]{32}([0-9a-f]{8})?$`)
 
 // isGroupID reports whether id is in the format of the group IDs we make.
 func isGroupID(id string) bool { return groupIDRE.MatchString(id) }
@@ -105,7 +105,7 @@ func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csi.CreateV
 		return nil, err
 	}
 	for _, id := range srcs {
-		if isVolumeID(id) && idNodeTag(id) != d.tag {
+		if isVolumeID(id) && !madeBy(id, d.tag) {
 			// The spec's "cannot snapshot multiple volumes together".
 			return nil, statusf(codes.FailedPrecondition, "volume %s lives on another node: a group snapshot can only hold volumes of one node (%s)", id, d.opt.NodeID)
 		}
@@ -204,7 +204,7 @@ func (d *Driver) DeleteVolumeGroupSnapshot(ctx context.Context, req *csi.DeleteV
 	defer d.locks.unlock(id)
 	g, err := gs.SnapshotGroup(id)
 	if err != nil {
-		if errors.Is(err, ErrNotFound) && idNodeTag(id) != d.tag {
+		if errors.Is(err, ErrNotFound) && !madeBy(id, d.tag) {
 			return nil, foreignDelete("group snapshot", id)
 		}
 		if errors.Is(err, ErrNotFound) {

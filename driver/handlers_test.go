@@ -38,8 +38,10 @@ func newEnv(t *testing.T) env {
 	return env{d, st, fe, fm}
 }
 
-// localVolID returns a well-formed volume ID carrying this test node's tag
-// (the first 4 bytes of SHA-256 of the node ID) that names no volume.
+// localVolID returns a well-formed volume ID of the format before the
+// 16-digit tags (32 digits), carrying this test node's tag of then (the
+// first 4 bytes of SHA-256 of the node ID), that names no volume: such IDs
+// are still this node's.
 func localVolID() string {
 	sum := sha256.Sum256([]byte(node))
 	return fmt.Sprintf("v-%x0123456789abcdef01234567", sum[:4])
