@@ -273,11 +273,36 @@ func New(cfg Config) (*Frontend, error) {
 		}
 		return nil, fmt.Errorf("run dir lock: %w", err)
 	}
+	for name, v := range requestTimeouts(fuseSysctlDir) {
+		klog.ErrorS(nil, "A FUSE request timeout is set: the kernel aborts a whole connection (its volume's I/O fails) when a request waits longer, a restart of the plugin included; set it to 0 on csi-snap nodes",
+			"sysctl", "fs.fuse."+name, "seconds", v)
+	}
 	f := &Frontend{cfg: cfg, sock: HolderSocket(dir, cfg.ExternalHolder), volDir: filepath.Join(dir, "vol"),
 		vols: map[string]*volume{}, locks: map[string]*sync.Mutex{}, runLock: lock,
 		stopCheck: make(chan struct{}), checkDone: make(chan struct{})}
 	go f.keepHeld()
 	return f, nil
+}
+
+// fuseSysctlDir holds the kernel's FUSE sysctls (Linux 6.15+).
+const fuseSysctlDir = "/proc/sys/fs/fuse"
+
+// requestTimeouts returns the FUSE request timeouts set in dir (the
+// sysctls default_request_timeout and max_request_timeout, in seconds)
+// that are not 0. With one set, the kernel gives every new connection a
+// timeout and aborts the connection, every request on it failing, when a
+// request waits longer: what a restart of the plugin makes requests do
+// (doc.go, Caveats). Files that are missing (older kernels) or unreadable
+// count as unset.
+func requestTimeouts(dir string) map[string]string {
+	set := map[string]string{}
+	for _, name := range []string{"default_request_timeout", "max_request_timeout"} {
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		if v := strings.TrimSpace(string(b)); err == nil && v != "" && v != "0" {
+			set[name] = v
+		}
+	}
+	return set
 }
 
 // HolderSocket is the path of the holder's socket in runDir: holder.sock

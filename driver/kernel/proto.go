@@ -13,8 +13,13 @@ const (
 	// against; we answer INIT with min(kernel's, ours).
 	fuseOurMinor = 45
 	// fuseMinMinor is the oldest kernel protocol we accept: 7.36 brought
-	// FOPEN_PARALLEL_DIRECT_WRITES, without which writes serialize.
+	// INIT's second flags word (flags2). FOPEN_PARALLEL_DIRECT_WRITES came
+	// with 7.38 (Linux 6.2): on 7.36 and 7.37 the kernel ignores it and
+	// direct writes serialize on the file's lock (INIT logs it).
 	fuseMinMinor = 36
+	// fuseParallelWritesMinor is the protocol that honours
+	// FOPEN_PARALLEL_DIRECT_WRITES.
+	fuseParallelWritesMinor = 38
 
 	fuseRootID = 1
 

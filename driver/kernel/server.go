@@ -586,6 +586,9 @@ func (s *server) handleInit(h inHeader, body, out []byte) int {
 	if flags&initHasResend == 0 {
 		klog.InfoS("kernel FUSE lacks FUSE_NOTIFY_RESEND (Linux before 6.9): after a restart of the plugin, requests the old process had read are never answered, and their I/O waits for good", "minor", minor)
 	}
+	if minor < fuseParallelWritesMinor {
+		klog.InfoS("kernel FUSE before protocol 7.38 (Linux 6.2) ignores FOPEN_PARALLEL_DIRECT_WRITES: writes to the device are served one at a time", "minor", minor)
+	}
 	n := s.okReply(out, h, initOutSize)
 	// Signal after the reply is built; the kernel sees it after our write,
 	// which happens right after we return.
