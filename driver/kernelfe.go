@@ -43,6 +43,14 @@ func NewKernelFrontend(cfg kernel.Config) (*KernelFrontend, error) {
 	return &KernelFrontend{f: f}, nil
 }
 
+// Freeze freezes the filesystem mounted at mountpoint for a snapshot,
+// through the fuse-holder where it can (kernel.Frontend.Freeze), for
+// Options.Freeze; errors are the ioctl's errnos (EBUSY: frozen already).
+func (k *KernelFrontend) Freeze(mountpoint string) error { return k.f.Freeze(mountpoint) }
+
+// Thaw undoes Freeze (Options.Thaw).
+func (k *KernelFrontend) Thaw(mountpoint string) error { return k.f.Thaw(mountpoint) }
+
 // Unheld returns how many attached volumes the fuse-holder kept no
 // connection of at its last check (kernel.Frontend.Unheld).
 func (k *KernelFrontend) Unheld() int { return k.f.Unheld() }

@@ -33,7 +33,9 @@ func openRealEngines(cfg Config) (*engines, error) {
 		st.Close()
 		return nil, err
 	}
-	return &engines{store: st, frontend: fe, freeze: kernel.Freeze, thaw: kernel.Thaw}, nil
+	// Snapshots freeze through the fuse-holder, so that a kill of this
+	// process during a freeze's writeback cannot keep it from exiting.
+	return &engines{store: st, frontend: fe, freeze: fe.Freeze, thaw: fe.Thaw}, nil
 }
 
 func probeHolder(socket string) error { return kernel.ProbeHolder(socket) }

@@ -159,8 +159,8 @@ func run(ctx context.Context, cfg Config) (err error) {
 		klog.InfoS("Graceful stop timed out; cutting in-flight calls")
 		srv.Stop()
 		// Stop does not end the handlers: one may be blocked in the
-		// kernel on I/O to a device this process serves (a freeze's
-		// flush, mkfs, umount, a filesystem grow), uninterruptibly. The
+		// kernel on I/O to a device this process serves (mkfs, mount,
+		// umount, a filesystem grow), uninterruptibly. The
 		// deferred frontend.Close would stop serving that I/O, and the
 		// process could then never exit, nor a new one take the volumes
 		// back (an exiting process waits for its threads in the kernel;

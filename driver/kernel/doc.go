@@ -165,24 +165,25 @@
 //     has read a request, the kernel no longer lets a fatal signal end the
 //     caller's wait for it, and block I/O waits are uninterruptible too. So
 //     if the serving process is killed (SIGKILL, an OOM kill) while one of
-//     its own threads, or a child of it (mkfs, mount, umount, resize2fs,
-//     xfs_growfs), waits on I/O to a device it serves (the widest window:
-//     a snapshot's FIFREEZE, which writes the filesystem back through
-//     us), that thread waits for good: nothing serves the connection any
-//     more. The process does not finish exiting, keeps its Frontend lock
-//     (a new server fails with ErrBusy), and as the first process of a
+//     its own threads, or a child of it, waits on I/O to a device it
+//     serves, that thread waits for good: nothing serves the connection
+//     any more. The process does not finish exiting, keeps its Frontend
+//     lock (a new server fails with ErrBusy), and as the first process of a
 //     container keeps the container from exiting, so no replacement
-//     starts: every volume of the node waits. The way out is the abort
-//     above, of the connection the waiting thread's I/O is on (in
-//     /sys/fs/fuse/connections, the one named by the minor number in that
-//     volume's FUSE mount's major:minor field of /proc/self/mountinfo;
-//     a stat of the mount could wait too): that volume's
-//     I/O fails, the old process exits, and a new one resumes the others.
-//     A graceful stop never gets there: the command waits for its calls to
-//     return with the volumes still served (cmd/csi-snap, run). Moving such
-//     waits out of the serving process (the freeze ioctl through the
-//     holder, which lives in another PID namespace) would close the window;
-//     not done.
+//     starts: every volume of the node waits. The widest such window, a
+//     snapshot's FIFREEZE (which writes the filesystem back through us),
+//     is closed: Frontend.Freeze has the holder freeze (holdFreeze), whose
+//     thread waits instead, for the next server, and which thaws the
+//     filesystem itself when its client dies (TestKillDuringFreeze). What
+//     remains is the driver's own mkfs, mount, umount, resize2fs and
+//     xfs_growfs of a volume, children of the serving process, for as long
+//     as they run. The way out there is the abort above, of the connection
+//     the waiting I/O is on (in /sys/fs/fuse/connections, the one named by
+//     the minor number in that volume's FUSE mount's major:minor field of
+//     /proc/self/mountinfo; a stat of the mount could wait too): that
+//     volume's I/O fails, the old process exits, and a new one resumes the
+//     others. A graceful stop never gets there: the command waits for its
+//     calls to return with the volumes still served (cmd/csi-snap, run).
 //   - Linux 6.15's FUSE request timeouts (sysctls
 //     fs.fuse.default_request_timeout and fs.fuse.max_request_timeout) abort
 //     a whole connection when any request waits longer, a restart of the

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -125,6 +126,10 @@ type Frontend struct {
 	holderMissing atomic.Pointer[time.Time]
 	noResend      sync.Once    // logs, once, that keeps refuses
 	unheld        atomic.Int64 // Unheld
+	// frozen: the holder connection of each freeze it holds (Freeze),
+	// by mount point, until Thaw.
+	frozenMu sync.Mutex
+	frozen   map[string]*net.UnixConn
 }
 
 type volume struct {

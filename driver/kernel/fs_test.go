@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"math/rand"
+	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -62,10 +63,20 @@ func testFilesystem(t *testing.T, name, mkfs, fsck string) {
 		}
 	}
 
-	if err := Freeze(mnt); err != nil {
+	// Through the holder (Frontend.Freeze), the way snapshots freeze.
+	if _, err := os.Stat(fe.sock); err != nil {
+		t.Fatalf("no holder to freeze through: %v", err)
+	}
+	if err := fe.Freeze(mnt); err != nil {
 		t.Fatal(err)
 	}
+	if fe.frozen[mnt] == nil {
+		t.Fatal("Freeze did not go through the holder")
+	}
 	if err := Freeze(mnt); !errors.Is(err, unix.EBUSY) {
+		t.Fatalf("Freeze here after the holder's: %v, want EBUSY (frozen)", err)
+	}
+	if err := fe.Freeze(mnt); !errors.Is(err, unix.EBUSY) {
 		t.Fatalf("second Freeze: %v, want EBUSY", err)
 	}
 	done := make(chan error, 1)
@@ -76,15 +87,73 @@ func testFilesystem(t *testing.T, name, mkfs, fsck string) {
 		t.Fatalf("a write finished on a frozen filesystem (err %v)", err)
 	default:
 	}
-	if err := Thaw(mnt); err != nil {
+	if err := fe.Thaw(mnt); err != nil {
 		t.Fatal(err)
 	}
 	if err := <-done; err != nil {
 		t.Fatalf("write across the thaw: %v", err)
 	}
-	if err := Thaw(mnt); err == nil {
+	if err := fe.Thaw(mnt); err == nil {
 		t.Fatal("Thaw of a thawed filesystem succeeded")
 	}
+	// The freezing process dies (here: its connection to the holder
+	// closes): the holder thaws, and a write goes through.
+	if err := fe.Freeze(mnt); err != nil {
+		t.Fatal(err)
+	}
+	fe.frozenMu.Lock()
+	fe.frozen[mnt].Close()
+	delete(fe.frozen, mnt)
+	fe.frozenMu.Unlock()
+	go func() { done <- w.write(20) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("write after the freezer died: %v", err)
+		}
+	case <-time.After(30 * time.Second): // hang guard
+		Thaw(mnt)
+		t.Fatal("the holder did not thaw the filesystem when its freezer died")
+	}
+	if err := Thaw(mnt); !errors.Is(err, unix.EINVAL) {
+		t.Fatalf("Thaw after the holder's: %v, want EINVAL (not frozen)", err)
+	}
+	// A holder older than freezes (it answers "unknown op"), and none at
+	// all: the freeze is made in this process.
+	old := filepath.Join(t.TempDir(), "old-holder.sock")
+	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: old, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.AcceptUnix()
+			if err != nil {
+				return
+			}
+			c.Read(make([]byte, holderMsgMax))
+			writeHolder(c, holderResp{Err: "unknown op freeze"}, -1)
+			c.Close()
+		}
+	}()
+	holderSock := fe.sock
+	for _, sock := range []string{old, filepath.Join(t.TempDir(), "none.sock")} {
+		fe.sock = sock
+		if err := fe.Freeze(mnt); err != nil {
+			t.Fatalf("Freeze with holder %s: %v", sock, err)
+		}
+		if fe.frozen[mnt] != nil {
+			t.Fatalf("Freeze with holder %s kept a holder connection", sock)
+		}
+		if err := Freeze(mnt); !errors.Is(err, unix.EBUSY) {
+			t.Fatalf("with holder %s: Freeze again: %v, want EBUSY (frozen)", sock, err)
+		}
+		if err := fe.Thaw(mnt); err != nil {
+			t.Fatalf("Thaw with holder %s: %v", sock, err)
+		}
+	}
+	fe.sock = holderSock
 	for i := 21; i < 30; i++ {
 		if err := w.write(i); err != nil {
 			t.Fatal(err)

@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -25,7 +26,9 @@ import (
 //
 // Protocol: one request message per connection, one reply message.
 // Requests are JSON holderReq; "put" carries the fd in its control data,
-// the reply to "get" carries it back. The holder answers requests one at a
+// the reply to "get" carries it back. "freeze" (carrying a directory fd of
+// a mounted filesystem) is the exception: its connection stays open for
+// the "thaw" that follows, and its closing thaws (holdFreeze). The holder answers requests one at a
 // time, so a "drop" that empties it and its exit are ordered with respect to
 // any concurrent "put" (which then finds the socket gone and starts a new
 // holder).
@@ -44,7 +47,7 @@ import (
 // for unheld and puts their connections again every HolderCheck, which
 // replaces each with a copy of itself.
 type holderReq struct {
-	Op     string          `json:"op"` // put, get, drop, list
+	Op     string          `json:"op"` // put, get, drop, list, freeze, thaw
 	ID     string          `json:"id,omitempty"`
 	Params json.RawMessage `json:"params,omitempty"`
 	After  string          `json:"after,omitempty"` // list: IDs after this one
@@ -120,6 +123,10 @@ func runHolder(socketPath string, stay bool) error {
 	ln.SetUnlinkOnClose(true)
 	defer ln.Close()
 	held := map[string]heldConn{}
+	// Freezes in progress (holdFreeze): the holder does not return, and so
+	// its process does not exit, with a filesystem it froze left frozen.
+	var freezes sync.WaitGroup
+	defer freezes.Wait()
 	everHeld := false
 	start := time.Now()
 	for {
@@ -153,8 +160,10 @@ func runHolder(socketPath string, stay bool) error {
 		if stay {
 			onEmpty = func() {}
 		}
-		exit := serveHolderConn(c, held, onEmpty)
-		c.Close()
+		exit, kept := serveHolderConn(c, held, onEmpty, &freezes)
+		if !kept {
+			c.Close()
+		}
 		if len(held) > 0 {
 			everHeld = true
 		}
@@ -221,7 +230,10 @@ func CloseInheritedPipes() {
 
 // serveHolderConn answers one request; it reports true when the request was
 // a drop (the holder may exit if that emptied it).
-func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func()) bool {
+//
+// A "freeze" keeps c (kept): holdFreeze answers on it, from a goroutine of
+// its own counted in freezes, and closes it.
+func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func(), freezes *sync.WaitGroup) (exit, kept bool) {
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	buf := make([]byte, holderMsgMax)
 	oob := make([]byte, unix.CmsgSpace(4))
@@ -229,11 +241,11 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func()) 
 	if n == 0 && (err == nil || errors.Is(err, io.EOF)) {
 		// Connected and closed without a request: a starting holder's
 		// check that this one is alive (runHolder).
-		return false
+		return false, false
 	}
 	if err != nil {
 		klog.ErrorS(err, "fuse holder: request not read")
-		return false
+		return false, false
 	}
 	fds := parseRights(oob[:oobn])
 	var req holderReq
@@ -249,7 +261,7 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func()) 
 	if err := json.Unmarshal(buf[:n], &req); err != nil {
 		closeAll(fds)
 		reply(holderResp{Err: "bad request: " + err.Error()}, -1)
-		return false
+		return false, false
 	}
 	switch req.Op {
 	case "put":
@@ -257,7 +269,7 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func()) 
 		if len(fds) != 1 || json.Unmarshal(req.Params, &p) != nil || p == nil || validateID(req.ID) != nil {
 			closeAll(fds)
 			reply(holderResp{Err: "put needs a valid id, params and one fd"}, -1)
-			return false
+			return false, false
 		}
 		if old, ok := held[req.ID]; ok {
 			unix.Close(old.fd)
@@ -269,7 +281,7 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func()) 
 		h, ok := held[req.ID]
 		if !ok {
 			reply(resp, -1)
-			return false
+			return false, false
 		}
 		resp.Found, resp.Params = true, h.params
 		reply(resp, h.fd)
@@ -283,7 +295,7 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func()) 
 			onEmpty()
 		}
 		reply(resp, -1)
-		return true
+		return true, false
 	case "list":
 		closeAll(fds)
 		ids := make([]string, 0, len(held))
@@ -302,11 +314,85 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func()) 
 		}
 		resp.IDs = ids
 		reply(resp, -1)
+	case "freeze":
+		if len(fds) != 1 {
+			closeAll(fds)
+			reply(holderResp{Err: "freeze needs one fd"}, -1)
+			return false, false
+		}
+		freezes.Add(1)
+		go func() {
+			defer freezes.Done()
+			holdFreeze(c, fds[0])
+		}()
+		return false, true
 	default:
 		closeAll(fds)
 		reply(holderResp{Err: "unknown op " + req.Op}, -1)
 	}
-	return false
+	return false, false
+}
+
+// holdFreeze freezes the filesystem whose directory fd is (FIFREEZE) and
+// answers on c; a frozen filesystem then stays frozen until c asks "thaw"
+// or closes (its client is gone: killed, say), and is thawed (FITHAW)
+// either way, the thaw answered when asked. It closes fd and c.
+//
+// Why the holder freezes: FIFREEZE writes the filesystem back through the
+// device the plugin serves, and once the plugin has read a request the
+// kernel lets no signal end the wait for its answer. A plugin killed while
+// its own thread waited in FIFREEZE could not exit, nor could a new one
+// start (doc.go, "A kill while the plugin waits on its own volumes"). Here
+// the waiting thread is the holder's, which is not killed with the plugin
+// (in the chart it lives in a pod of its own): the plugin exits, the next
+// one takes the connection back from this holder (whose other requests
+// are served meanwhile) and serves the writes, the freeze completes, and
+// its client being gone, it is thawed at once.
+func holdFreeze(c *net.UnixConn, fd int) {
+	defer c.Close()
+	defer unix.Close(fd)
+	c.SetDeadline(time.Time{}) // a freeze takes as long as its writeback
+	if err := unix.IoctlSetInt(fd, fiFreeze, 0); err != nil {
+		writeHolder(c, holderResp{Err: errnoText(err)}, -1)
+		return
+	}
+	// The answer (or its failure: the client is gone) and then the wait
+	// for a thaw request or the connection's end.
+	answered := writeHolder(c, holderResp{}, -1) == nil
+	buf := make([]byte, holderMsgMax)
+	var req holderReq
+	for answered {
+		n, _, err := readHolder(c, buf, nil)
+		if err != nil || n == 0 {
+			break
+		}
+		if json.Unmarshal(buf[:n], &req) == nil && req.Op == "thaw" {
+			break
+		}
+	}
+	err := unix.IoctlSetInt(fd, fiThaw, 0)
+	if err != nil && (req.Op == "thaw" || !errors.Is(err, unix.EINVAL)) {
+		// (EINVAL unasked: the next plugin thawed it first, as its
+		// recovery of a freeze left over by a dead one does.)
+		klog.ErrorS(err, "fuse holder: thaw after a freeze", "asked", req.Op == "thaw")
+	}
+	if req.Op == "thaw" {
+		resp := holderResp{}
+		if err != nil {
+			resp.Err = errnoText(err)
+		}
+		writeHolder(c, resp, -1)
+	}
+}
+
+// errnoText is err as a holder answer: the errno's number first, so that
+// the plugin can give its caller the errno back (holderErrno).
+func errnoText(err error) string {
+	var en unix.Errno
+	if errors.As(err, &en) {
+		return fmt.Sprintf("errno %d: %v", int(en), err)
+	}
+	return err.Error()
 }
 
 func parseRights(oob []byte) []int {

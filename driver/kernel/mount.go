@@ -1,8 +1,11 @@
 package kernel
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -131,6 +134,108 @@ func Freeze(mountpoint string) error { return freezeIoctl(mountpoint, fiFreeze, 
 // Thaw resumes a filesystem frozen by Freeze (FITHAW). EINVAL means it was
 // not frozen.
 func Thaw(mountpoint string) error { return freezeIoctl(mountpoint, fiThaw, "FITHAW") }
+
+// Freeze is the package's Freeze through the Frontend's holder, where one
+// runs that freezes (holdFreeze says why: a kill of this process during
+// the freeze's writeback could otherwise never complete), else in this
+// process (no holder yet, or one older than freezes). The holder keeps the
+// filesystem frozen until Thaw, or thaws it when this process dies first.
+func (f *Frontend) Freeze(mountpoint string) error {
+	fd, err := unix.Open(mountpoint, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("FIFREEZE %s: %w", mountpoint, err)
+	}
+	defer unix.Close(fd)
+	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: f.sock, Net: "unixpacket"})
+	if err != nil {
+		return Freeze(mountpoint)
+	}
+	resp, err := freezeCall(c, holderReq{Op: "freeze"}, fd)
+	switch {
+	case err != nil:
+		// The holder went away during the freeze: it may have frozen the
+		// filesystem (a holder exits only after its freeze returned) and
+		// thawed nothing. Thaw here, which is harmless if it is not frozen.
+		c.Close()
+		Thaw(mountpoint)
+		return fmt.Errorf("FIFREEZE %s through the holder: %w", mountpoint, err)
+	case strings.HasPrefix(resp.Err, "unknown op"):
+		c.Close()
+		return Freeze(mountpoint) // a holder older than freezes
+	case resp.Err != "":
+		c.Close()
+		return fmt.Errorf("FIFREEZE %s (holder): %w", mountpoint, holderErrno(resp.Err))
+	}
+	f.frozenMu.Lock()
+	defer f.frozenMu.Unlock()
+	if f.frozen == nil {
+		f.frozen = map[string]*net.UnixConn{}
+	}
+	if old := f.frozen[mountpoint]; old != nil {
+		old.Close() // cannot happen: a second freeze answers EBUSY
+	}
+	f.frozen[mountpoint] = c
+	return nil
+}
+
+// Thaw thaws what Freeze froze at mountpoint: through the holder's
+// connection of that freeze, or in this process where there is none (a
+// freeze made here, or by a process before this one: Recover's leftovers).
+func (f *Frontend) Thaw(mountpoint string) error {
+	f.frozenMu.Lock()
+	c := f.frozen[mountpoint]
+	delete(f.frozen, mountpoint)
+	f.frozenMu.Unlock()
+	if c == nil {
+		return Thaw(mountpoint)
+	}
+	defer c.Close()
+	resp, err := freezeCall(c, holderReq{Op: "thaw"}, -1)
+	switch {
+	case err != nil:
+		// The holder is gone; whether it thawed first or not, thawing
+		// here leaves the filesystem thawed (EINVAL: it was not frozen).
+		if err := Thaw(mountpoint); err != nil && !errors.Is(err, unix.EINVAL) {
+			return err
+		}
+		return nil
+	case resp.Err != "":
+		return fmt.Errorf("FITHAW %s (holder): %w", mountpoint, holderErrno(resp.Err))
+	}
+	return nil
+}
+
+// freezeCall sends req (with fd if >= 0) on c and reads the answer, with
+// no deadline: a freeze takes as long as its writeback, and the wait is
+// on a socket, which a kill of this process ends.
+func freezeCall(c *net.UnixConn, req holderReq, fd int) (holderResp, error) {
+	var resp holderResp
+	if err := writeHolder(c, req, fd); err != nil {
+		return resp, err
+	}
+	buf := make([]byte, holderMsgMax)
+	n, _, err := readHolder(c, buf, nil)
+	if err == nil && n == 0 {
+		err = io.ErrUnexpectedEOF
+	}
+	if err != nil {
+		return resp, err
+	}
+	if err := json.Unmarshal(buf[:n], &resp); err != nil {
+		return resp, fmt.Errorf("holder reply: %w", err)
+	}
+	return resp, nil
+}
+
+// holderErrno turns a holder's errnoText back into its errno (EBUSY: the
+// filesystem is frozen already), or an error with the text.
+func holderErrno(text string) error {
+	var n int
+	if _, err := fmt.Sscanf(text, "errno %d:", &n); err == nil && n > 0 {
+		return fmt.Errorf("%w (%s)", unix.Errno(n), text)
+	}
+	return errors.New(text)
+}
 
 // FIFREEZE and FITHAW are _IOWR('X', 119/120, int); x/sys/unix lacks them.
 const (

@@ -53,6 +53,7 @@ func serveChild(args []string) int {
 	check := fs.Duration("check", 0, "Config.HolderCheck")
 	ownMounts := fs.Bool("own-mounts", false, "started in a mount namespace of its own: drop the copies of other tests' mounts")
 	dieAfterPut := fs.Bool("die-after-put", false, "exit (as if killed) right after the holder took the connection, before the loop attach")
+	freezeAt := fs.String("freeze-on-usr2", "", "on SIGUSR2, print FREEZING and Freeze the filesystem mounted there (then FROZEN <err>)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -73,6 +74,8 @@ func serveChild(args []string) int {
 	}
 	b := &stallingBackend{FileBackend: fb}
 	go func() { <-usr1; b.armed.Store(true) }()
+	usr2 := make(chan os.Signal, 1)
+	signal.Notify(usr2, syscall.SIGUSR2)
 	fe, err := New(Config{RunDir: *runDir, HolderCommand: []string{os.Args[0], "fuse-holder"}, Readers: 4, BlockingReaders: *blocking,
 		ExternalHolder: *external, HolderCheck: *check})
 	if err != nil {
@@ -85,6 +88,13 @@ func serveChild(args []string) int {
 		return 1
 	}
 	fmt.Printf("DEVICE %s\n", dev)
+	if *freezeAt != "" {
+		go func() {
+			<-usr2
+			fmt.Println("FREEZING")
+			fmt.Println("FROZEN", fe.Freeze(*freezeAt))
+		}()
+	}
 	<-term
 	srv := fe.get(*id).srv
 	fmt.Printf("RESENT %d\n", srv.nResent.Load())

@@ -338,6 +338,121 @@ func testRestart(t *testing.T, sig syscall.Signal, first, again []string) {
 	assertNothingLeft(t, fe.cfg.RunDir)
 }
 
+// TestKillDuringFreeze: the serving process is killed while a freeze of
+// the filesystem on its own device waits for a write it will never answer
+// (a snapshot's FIFREEZE writes the filesystem back through the device).
+// Once the server has read a request, the kernel lets no signal end the
+// wait for its answer: when the freeze ran on a thread of the serving
+// process, that process could not exit (and, holding its run dir's lock,
+// no new one could start): every volume waited until the connection was
+// aborted by hand. The freeze now runs in the holder: the killed process
+// exits, the next one resumes the connection, the resent write completes
+// the freeze, and the holder, its client gone, thaws the filesystem; the
+// writer finishes and every file is intact.
+func TestKillDuringFreeze(t *testing.T) {
+	requireRoot(t)
+	requireTool(t, "mkfs.ext4")
+	runDir := t.TempDir()
+	data := t.TempDir()
+	backing := filepath.Join(data, "vol.img")
+	const size = 256 << 20
+	const id = "vol-freeze-kill"
+	mnt := filepath.Join(data, "mnt")
+	os.Mkdir(mnt, 0o755)
+
+	c1 := startChild(t, runDir, backing, id, size, "-freeze-on-usr2", mnt)
+	dev := c1.expect(t, "DEVICE ")
+	mounted := false
+	t.Cleanup(func() {
+		if mounted {
+			unix.Unmount(mnt, 0)
+		}
+		c1.cmd.Process.Kill()
+	})
+	run(t, "mkfs.ext4", "-q", "-F", dev)
+	run(t, "mount", dev, mnt)
+	mounted = true
+
+	w := &fileWriter{dir: mnt, rng: rand.New(rand.NewSource(11)), sums: map[string]string{}}
+	const nFiles = 40
+	progress := make(chan int, nFiles)
+	werr := make(chan error, 1)
+	go func() {
+		for i := 0; i < nFiles; i++ {
+			if err := w.write(i); err != nil {
+				werr <- fmt.Errorf("file %d: %w", i, err)
+				return
+			}
+			progress <- i
+		}
+		werr <- nil
+	}()
+	waitWriter(t, progress, werr, 5)
+	c1.cmd.Process.Signal(syscall.SIGUSR1) // writes stall, unanswered
+	c1.expect(t, "STALLED")
+	c1.cmd.Process.Signal(syscall.SIGUSR2)
+	c1.expect(t, "FREEZING")
+	// The freeze's writeback now waits for the stalled write (and for
+	// the ones after it); give it time to get there.
+	time.Sleep(500 * time.Millisecond)
+	c1.cmd.Process.Signal(syscall.SIGKILL)
+	select {
+	case <-c1.done:
+	case <-time.After(20 * time.Second):
+		// The old way: a thread of the killed process waits in FIFREEZE
+		// for good. Abort the connection (the documented way out) so that
+		// the test can clean up, and fail.
+		fmp := filepath.Join(runDir, "vol", id)
+		os.WriteFile(filepath.Join(fuseConnDir(t, fmp), "abort"), []byte("1"), 0)
+		t.Error("the serving process, killed during a freeze of its own device, did not exit in 20 s")
+		<-c1.done
+		unix.Unmount(mnt, unix.MNT_DETACH)
+		mounted = false
+		killHolders(t, runDir)
+		unix.Unmount(fmp, unix.MNT_DETACH)
+		detachLoop(context.Background(), dev)
+		t.FailNow()
+	}
+
+	c2 := startChild(t, runDir, backing, id, size)
+	t.Cleanup(func() { c2.cmd.Process.Kill() })
+	checkResumed(t, c2, dev, werr, w, nFiles, mnt, &mounted)
+	c2.cmd.Process.Signal(syscall.SIGTERM)
+	resent, _ := strconv.Atoi(c2.expect(t, "RESENT "))
+	if err := c2.wait(t); err != nil {
+		t.Fatalf("second server: %v", err)
+	}
+	if resent == 0 {
+		t.Fatal("nothing was resent to the new server: the kill caught no request in flight")
+	}
+	t.Logf("%d files intact after a kill during a freeze; %d requests resent", len(w.sums), resent)
+	detachResumed(t, runDir, backing, id, size)
+}
+
+// detachResumed resumes volume id in this process and detaches it:
+// nothing (loop device, mount, holder) may remain.
+func detachResumed(t *testing.T, runDir, backing, id string, size int64) {
+	t.Helper()
+	ctx := context.Background()
+	fb, err := OpenFileBackend(backing, size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fb.Close()
+	fe, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fe.Attach(ctx, id, fb, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := fe.Detach(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	fe.Close()
+	assertNothingLeft(t, fe.cfg.RunDir)
+}
+
 // TestLostConnection kills the serving process and the holder: the FUSE
 // connection is gone for good. A new Attach must clean up the dead mount
 // and its loop device and serve the volume again, with its data.
