@@ -295,18 +295,9 @@ func TestGroupTornBatch(t *testing.T) {
 		stride = 5
 	}
 	for cut := start; cut <= end; cut = min(cut+stride, max(end, cut+1)) {
-		dir := t.TempDir()
-		writeDir(t, dir, img)
-		logb := img[logName]
-		if cut < end && allZero(logb[cut:end]) {
-			// Nothing to tear: the batch's last bytes are zeros (its
-			// CRC can end in a zero byte, about one run in 256).
+		dir, ok := tornCopy(t, img, cut, end)
+		if !ok {
 			continue
-		}
-		torn := slices.Clone(logb)
-		clear(torn[cut:end])
-		if err := os.WriteFile(filepath.Join(dir, logName), torn, 0o600); err != nil {
-			t.Fatal(err)
 		}
 		s, err := Open(dir)
 		if err != nil {
@@ -375,6 +366,27 @@ func snapDir(t *testing.T, dir string) map[string][]byte {
 		out[e.Name()] = b
 	}
 	return out
+}
+
+// tornCopy writes the store files img into a new directory with the log's
+// bytes [cut, end) zeroed, as a power cut leaves a last batch that ends at
+// end torn at cut, and returns the directory; false when there is nothing
+// to tear (those bytes are zeros already: a batch's CRC can end in a zero
+// byte, about one run in 256).
+func tornCopy(t *testing.T, img map[string][]byte, cut, end int64) (string, bool) {
+	t.Helper()
+	logb := img[logName]
+	if cut < end && allZero(logb[cut:end]) {
+		return "", false
+	}
+	dir := t.TempDir()
+	writeDir(t, dir, img)
+	torn := slices.Clone(logb)
+	clear(torn[cut:end])
+	if err := os.WriteFile(filepath.Join(dir, logName), torn, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return dir, true
 }
 
 func writeDir(t *testing.T, dir string, files map[string][]byte) {
