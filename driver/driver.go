@@ -60,6 +60,11 @@ type Options struct {
 	// Freeze and Thaw quiesce a mounted filesystem around a snapshot
 	// (FIFREEZE/FITHAW); nil disables freezing.
 	Freeze, Thaw func(mountpoint string) error
+	// Sync writes a mounted filesystem's dirty data back (syncfs) before
+	// NodeUnstageVolume unmounts it, so that the unmount itself has little
+	// left to write (the kernel frontend does it in the fuse-holder:
+	// driver/kernel, Frontend.Sync); nil leaves it to the unmount.
+	Sync func(mountpoint string) error
 }
 
 // Driver serves the CSI Identity, Controller and Node services.

@@ -1127,6 +1127,43 @@ func TestPendingRollbackRefusesStage(t *testing.T) {
 	}
 }
 
+// TestUnstageSyncsFirst: NodeUnstageVolume has the filesystem written back
+// (Options.Sync: through the fuse-holder, where a kill of the plugin cannot
+// make the wait endless) while it is still mounted, before the unmount; a
+// retry that finds nothing mounted syncs nothing, and a failed sync leaves
+// the writeback to the unmount.
+func TestUnstageSyncsFirst(t *testing.T) {
+	var synced []string
+	var fail bool
+	var e env
+	e = newEnv(t, func(o *driver.Options) {
+		o.Sync = func(mp string) error {
+			mounted := slices.ContainsFunc(e.fm.MountPoints, func(m mount.MountPoint) bool { return m.Path == mp })
+			synced = append(synced, fmt.Sprintf("%s mounted=%v", mp, mounted))
+			if fail {
+				return errors.New("injected")
+			}
+			return nil
+		}
+	})
+	ctx := context.Background()
+	for _, f := range []bool{false, true} {
+		fail = f
+		synced = nil
+		id := e.createVolume(t, fmt.Sprint("sync-first-", f), 1<<20).VolumeId
+		staging := filepath.Join(t.TempDir(), "staging")
+		e.attachMounted(t, id, staging)
+		for i := 0; i < 2; i++ { // the second: a retry, nothing mounted
+			if _, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+				t.Fatalf("unstage %d (sync failing %v): %v", i+1, f, err)
+			}
+		}
+		if want := []string{staging + " mounted=true"}; !slices.Equal(synced, want) {
+			t.Fatalf("syncs (failing %v): %q, want %q", f, synced, want)
+		}
+	}
+}
+
 // TestUnstageSymlinkedStaging: the mount table lists resolved paths; a
 // staging path under a symlinked directory is the staging mount itself:
 // a publish from it finds the volume staged, a stage again sees it mounted,

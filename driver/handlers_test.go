@@ -25,13 +25,17 @@ type env struct {
 	fm    *mount.FakeMounter
 }
 
-func newEnv(t *testing.T) env {
+func newEnv(t *testing.T, set ...func(*driver.Options)) env {
 	t.Helper()
 	st, fe, fm := drivertest.NewStore(), drivertest.NewFrontend(), mount.NewFakeMounter(nil)
-	d, err := driver.New(driver.Options{
+	opt := driver.Options{
 		Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
 		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{DisableScripts: true}},
-	})
+	}
+	for _, f := range set {
+		f(&opt)
+	}
+	d, err := driver.New(opt)
 	if err != nil {
 		t.Fatal(err)
 	}

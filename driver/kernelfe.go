@@ -51,6 +51,10 @@ func (k *KernelFrontend) Freeze(mountpoint string) error { return k.f.Freeze(mou
 // Thaw undoes Freeze (Options.Thaw).
 func (k *KernelFrontend) Thaw(mountpoint string) error { return k.f.Thaw(mountpoint) }
 
+// Sync writes back the filesystem mounted at mountpoint through the
+// fuse-holder where it can (kernel.Frontend.Sync), for Options.Sync.
+func (k *KernelFrontend) Sync(mountpoint string) error { return k.f.Sync(mountpoint) }
+
 // Unheld returns how many attached volumes the fuse-holder kept no
 // connection of at its last check (kernel.Frontend.Unheld).
 func (k *KernelFrontend) Unheld() int { return k.f.Unheld() }

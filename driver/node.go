@@ -1042,6 +1042,17 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	if err := d.thawLeftover(id); err != nil {
 		return nil, toStatus(err)
 	}
+	if d.opt.Sync != nil {
+		// The writeback first, where a kill of this process cannot make
+		// it wait for good (Options.Sync); a failure leaves it to the
+		// unmount, which reports what matters.
+		dev, ok := d.opt.Frontend.Device(id)
+		if held, err := d.holdsDevice(staging, dev); ok && err == nil && held {
+			if err := d.opt.Sync(staging); err != nil {
+				klog.InfoS("Writeback before the unmount failed; the unmount does it", "volumeID", id, "stagingPath", staging, "err", err)
+			}
+		}
+	}
 	if err := d.unmount(staging, false); err != nil {
 		return nil, err
 	}

@@ -33,9 +33,10 @@ func openRealEngines(cfg Config) (*engines, error) {
 		st.Close()
 		return nil, err
 	}
-	// Snapshots freeze through the fuse-holder, so that a kill of this
-	// process during a freeze's writeback cannot keep it from exiting.
-	return &engines{store: st, frontend: fe, freeze: fe.Freeze, thaw: fe.Thaw}, nil
+	// Snapshots freeze, and unstages write back, through the fuse-holder,
+	// so that a kill of this process during that writeback cannot keep it
+	// from exiting.
+	return &engines{store: st, frontend: fe, freeze: fe.Freeze, thaw: fe.Thaw, sync: fe.Sync}, nil
 }
 
 func probeHolder(socket string) error { return kernel.ProbeHolder(socket) }

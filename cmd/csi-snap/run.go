@@ -24,9 +24,9 @@ import (
 
 // engines are the store and frontend the driver runs on.
 type engines struct {
-	store        driver.Store
-	frontend     driver.Frontend
-	freeze, thaw func(mountpoint string) error
+	store              driver.Store
+	frontend           driver.Frontend
+	freeze, thaw, sync func(mountpoint string) error
 }
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -83,7 +83,7 @@ func run(ctx context.Context, cfg Config) (err error) {
 		Name: cfg.DriverName, Version: version, NodeID: cfg.NodeID, DataDir: cfg.DataDir, RunDir: cfg.RunDir, MaxVolumes: maxVols, MinFree: cfg.MinFree,
 		Store: eng.store, Frontend: eng.frontend,
 		Mounter: &mount.SafeFormatAndMount{Interface: mount.New(""), Exec: utilexec.New()},
-		Freeze:  eng.freeze, Thaw: eng.thaw,
+		Freeze:  eng.freeze, Thaw: eng.thaw, Sync: eng.sync,
 	})
 	if err != nil {
 		return err

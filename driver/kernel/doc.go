@@ -170,19 +170,22 @@
 //     any more. The process does not finish exiting, keeps its Frontend
 //     lock (a new server fails with ErrBusy), and as the first process of a
 //     container keeps the container from exiting, so no replacement
-//     starts: every volume of the node waits. The widest such window, a
-//     snapshot's FIFREEZE (which writes the filesystem back through us),
-//     is closed: Frontend.Freeze has the holder freeze (holdFreeze), whose
-//     thread waits instead, for the next server, and which thaws the
-//     filesystem itself when its client dies (TestKillDuringFreeze). What
-//     remains is the driver's own mkfs, mount, umount, resize2fs and
-//     xfs_growfs of a volume, children of the serving process, for as long
-//     as they run. The way out there is the abort above, of the connection
-//     the waiting I/O is on (in /sys/fs/fuse/connections, the one named by
-//     the minor number in that volume's FUSE mount's major:minor field of
-//     /proc/self/mountinfo; a stat of the mount could wait too): that
-//     volume's I/O fails, the old process exits, and a new one resumes the
-//     others. A graceful stop never gets there: the command waits for its
+//     starts: every volume of the node waits. The two widest such windows
+//     are closed: a snapshot's FIFREEZE (which writes the filesystem back
+//     through us) and the writeback of an unstage's unmount. Frontend.Freeze
+//     has the holder freeze (holdFreeze), whose thread waits instead, for
+//     the next server, and which thaws the filesystem itself when its
+//     client dies; Frontend.Sync has it write the filesystem back (syncfs,
+//     holdSync) before the driver unmounts, so the unmount has little left
+//     to write (TestKillDuringOwnWriteback kills the server during each).
+//     What remains is short: the unmount's last writes, and the driver's
+//     mkfs, mount, resize2fs and xfs_growfs of a volume, children of the
+//     serving process, for as long as they run. The way out there is the
+//     abort above, of the connection the waiting I/O is on (in
+//     /sys/fs/fuse/connections, the one named by the minor number in that
+//     volume's FUSE mount's major:minor field of /proc/self/mountinfo; a
+//     stat of the mount could wait too): that volume's I/O fails, the old
+//     process exits, and a new one resumes the others. A graceful stop never gets there: the command waits for its
 //     calls to return with the volumes still served (cmd/csi-snap, run).
 //   - Linux 6.15's FUSE request timeouts (sysctls
 //     fs.fuse.default_request_timeout and fs.fuse.max_request_timeout) abort

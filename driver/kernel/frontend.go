@@ -130,6 +130,8 @@ type Frontend struct {
 	// by mount point, until Thaw.
 	frozenMu sync.Mutex
 	frozen   map[string]*net.UnixConn
+	// holderSyncs counts the syncs the holder made (Sync; tests).
+	holderSyncs atomic.Int64
 }
 
 type volume struct {

@@ -137,9 +137,16 @@ func testFilesystem(t *testing.T, name, mkfs, fsck string) {
 			c.Close()
 		}
 	}()
+	// Sync goes through the holder too.
+	if err := fe.Sync(mnt); err != nil || fe.holderSyncs.Load() != 1 {
+		t.Fatalf("Sync: %v, %d through the holder; want nil, 1", err, fe.holderSyncs.Load())
+	}
 	holderSock := fe.sock
 	for _, sock := range []string{old, filepath.Join(t.TempDir(), "none.sock")} {
 		fe.sock = sock
+		if err := fe.Sync(mnt); err != nil || fe.holderSyncs.Load() != 1 {
+			t.Fatalf("Sync with holder %s: %v, %d through the holder; want nil, still 1", sock, err, fe.holderSyncs.Load())
+		}
 		if err := fe.Freeze(mnt); err != nil {
 			t.Fatalf("Freeze with holder %s: %v", sock, err)
 		}

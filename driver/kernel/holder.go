@@ -28,7 +28,9 @@ import (
 // Requests are JSON holderReq; "put" carries the fd in its control data,
 // the reply to "get" carries it back. "freeze" (carrying a directory fd of
 // a mounted filesystem) is the exception: its connection stays open for
-// the "thaw" that follows, and its closing thaws (holdFreeze). The holder answers requests one at a
+// the "thaw" that follows, and its closing thaws (holdFreeze). "sync"
+// (also with a directory fd) is answered from a goroutine of its own too
+// (holdSync). The holder answers requests one at a
 // time, so a "drop" that empties it and its exit are ordered with respect to
 // any concurrent "put" (which then finds the socket gone and starts a new
 // holder).
@@ -47,7 +49,7 @@ import (
 // for unheld and puts their connections again every HolderCheck, which
 // replaces each with a copy of itself.
 type holderReq struct {
-	Op     string          `json:"op"` // put, get, drop, list, freeze, thaw
+	Op     string          `json:"op"` // put, get, drop, list, freeze, thaw, sync
 	ID     string          `json:"id,omitempty"`
 	Params json.RawMessage `json:"params,omitempty"`
 	After  string          `json:"after,omitempty"` // list: IDs after this one
@@ -123,8 +125,9 @@ func runHolder(socketPath string, stay bool) error {
 	ln.SetUnlinkOnClose(true)
 	defer ln.Close()
 	held := map[string]heldConn{}
-	// Freezes in progress (holdFreeze): the holder does not return, and so
-	// its process does not exit, with a filesystem it froze left frozen.
+	// Freezes and syncs in progress (holdFreeze, holdSync): the holder
+	// does not return, and so its process does not exit, with a
+	// filesystem it froze left frozen.
 	var freezes sync.WaitGroup
 	defer freezes.Wait()
 	everHeld := false
@@ -326,6 +329,18 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func(), 
 			holdFreeze(c, fds[0])
 		}()
 		return false, true
+	case "sync":
+		if len(fds) != 1 {
+			closeAll(fds)
+			reply(holderResp{Err: "sync needs one fd"}, -1)
+			return false, false
+		}
+		freezes.Add(1)
+		go func() {
+			defer freezes.Done()
+			holdSync(c, fds[0])
+		}()
+		return false, true
 	default:
 		closeAll(fds)
 		reply(holderResp{Err: "unknown op " + req.Op}, -1)
@@ -383,6 +398,22 @@ func holdFreeze(c *net.UnixConn, fd int) {
 		}
 		writeHolder(c, resp, -1)
 	}
+}
+
+// holdSync writes back the filesystem whose directory fd is (syncfs) and
+// answers on c; it closes fd and c. An unstage asks it before its unmount,
+// which then has little left to write: the writeback of everything a pod
+// left dirty is this holder's wait, not the plugin's (holdFreeze says why
+// that matters when the plugin is killed meanwhile).
+func holdSync(c *net.UnixConn, fd int) {
+	defer c.Close()
+	defer unix.Close(fd)
+	c.SetDeadline(time.Time{})
+	resp := holderResp{}
+	if err := unix.Syncfs(fd); err != nil {
+		resp.Err = errnoText(err)
+	}
+	writeHolder(c, resp, -1)
 }
 
 // errnoText is err as a holder answer: the errno's number first, so that

@@ -205,6 +205,37 @@ func (f *Frontend) Thaw(mountpoint string) error {
 	return nil
 }
 
+// Sync writes back the filesystem mounted at mountpoint (syncfs) through
+// the holder where one runs that can (holdSync says why), else in this
+// process. An unstage calls it before its unmount.
+func (f *Frontend) Sync(mountpoint string) error {
+	fd, err := unix.Open(mountpoint, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("syncfs %s: %w", mountpoint, err)
+	}
+	defer unix.Close(fd)
+	here := func() error {
+		if err := unix.Syncfs(fd); err != nil {
+			return fmt.Errorf("syncfs %s: %w", mountpoint, err)
+		}
+		return nil
+	}
+	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: f.sock, Net: "unixpacket"})
+	if err != nil {
+		return here()
+	}
+	defer c.Close()
+	resp, err := freezeCall(c, holderReq{Op: "sync"}, fd)
+	switch {
+	case err != nil || strings.HasPrefix(resp.Err, "unknown op"):
+		return here() // the holder went away, or is older than syncs
+	case resp.Err != "":
+		return fmt.Errorf("syncfs %s (holder): %w", mountpoint, holderErrno(resp.Err))
+	}
+	f.holderSyncs.Add(1)
+	return nil
+}
+
 // freezeCall sends req (with fd if >= 0) on c and reads the answer, with
 // no deadline: a freeze takes as long as its writeback, and the wait is
 // on a socket, which a kill of this process ends.

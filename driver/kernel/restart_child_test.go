@@ -53,7 +53,8 @@ func serveChild(args []string) int {
 	check := fs.Duration("check", 0, "Config.HolderCheck")
 	ownMounts := fs.Bool("own-mounts", false, "started in a mount namespace of its own: drop the copies of other tests' mounts")
 	dieAfterPut := fs.Bool("die-after-put", false, "exit (as if killed) right after the holder took the connection, before the loop attach")
-	freezeAt := fs.String("freeze-on-usr2", "", "on SIGUSR2, print FREEZING and Freeze the filesystem mounted there (then FROZEN <err>)")
+	freezeAt := fs.String("freeze-on-usr2", "", "on SIGUSR2, print STARTED and Freeze the filesystem mounted there (then DONE <err>)")
+	syncAt := fs.String("sync-on-usr2", "", "on SIGUSR2, print STARTED and Sync the filesystem mounted there (then DONE <err>)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -88,11 +89,15 @@ func serveChild(args []string) int {
 		return 1
 	}
 	fmt.Printf("DEVICE %s\n", dev)
-	if *freezeAt != "" {
+	if *freezeAt != "" || *syncAt != "" {
 		go func() {
 			<-usr2
-			fmt.Println("FREEZING")
-			fmt.Println("FROZEN", fe.Freeze(*freezeAt))
+			fmt.Println("STARTED")
+			if *freezeAt != "" {
+				fmt.Println("DONE", fe.Freeze(*freezeAt))
+			} else {
+				fmt.Println("DONE", fe.Sync(*syncAt))
+			}
 		}()
 	}
 	<-term

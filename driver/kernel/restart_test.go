@@ -346,7 +346,7 @@ func testRestart(t *testing.T, sig syscall.Signal, first, again []string) {
 	assertNothingLeft(t, fe.cfg.RunDir)
 }
 
-// TestKillDuringFreeze: the serving process is killed while a freeze of
+// TestKillDuringOwnWriteback: the serving process is killed while a freeze of
 // the filesystem on its own device waits for a write it will never answer
 // (a snapshot's FIFREEZE writes the filesystem back through the device).
 // Once the server has read a request, the kernel lets no signal end the
@@ -357,7 +357,16 @@ func testRestart(t *testing.T, sig syscall.Signal, first, again []string) {
 // exits, the next one resumes the connection, the resent write completes
 // the freeze, and the holder, its client gone, thaws the filesystem; the
 // writer finishes and every file is intact.
-func TestKillDuringFreeze(t *testing.T) {
+//
+// The same for the writeback an unstage has made before its unmount
+// (Frontend.Sync, "sync").
+func TestKillDuringOwnWriteback(t *testing.T) {
+	for _, op := range []string{"freeze", "sync"} {
+		t.Run(op, func(t *testing.T) { testKillDuring(t, op) })
+	}
+}
+
+func testKillDuring(t *testing.T, op string) {
 	requireRoot(t)
 	requireTool(t, "mkfs.ext4")
 	runDir := t.TempDir()
@@ -368,7 +377,7 @@ func TestKillDuringFreeze(t *testing.T) {
 	mnt := filepath.Join(data, "mnt")
 	os.Mkdir(mnt, 0o755)
 
-	c1 := startChild(t, runDir, backing, id, size, "-freeze-on-usr2", mnt)
+	c1 := startChild(t, runDir, backing, id, size, "-"+op+"-on-usr2", mnt)
 	dev := c1.expect(t, "DEVICE ")
 	mounted := false
 	t.Cleanup(func() {
@@ -387,9 +396,9 @@ func TestKillDuringFreeze(t *testing.T) {
 	c1.cmd.Process.Signal(syscall.SIGUSR1) // writes stall, unanswered
 	c1.expect(t, "STALLED")
 	c1.cmd.Process.Signal(syscall.SIGUSR2)
-	c1.expect(t, "FREEZING")
-	// The freeze's writeback now waits for the stalled write (and for
-	// the ones after it); give it time to get there.
+	c1.expect(t, "STARTED")
+	// The freeze's (or sync's) writeback now waits for the stalled write
+	// (and for the ones after it); give it time to get there.
 	time.Sleep(500 * time.Millisecond)
 	c1.cmd.Process.Signal(syscall.SIGKILL)
 	select {
@@ -400,7 +409,7 @@ func TestKillDuringFreeze(t *testing.T) {
 		// the test can clean up, and fail.
 		fmp := filepath.Join(runDir, "vol", id)
 		os.WriteFile(filepath.Join(fuseConnDir(t, fmp), "abort"), []byte("1"), 0)
-		t.Error("the serving process, killed during a freeze of its own device, did not exit in 20 s")
+		t.Errorf("the serving process, killed during a %s of its own device, did not exit in 20 s", op)
 		<-c1.done
 		unix.Unmount(mnt, unix.MNT_DETACH)
 		mounted = false
@@ -421,7 +430,7 @@ func TestKillDuringFreeze(t *testing.T) {
 	if resent == 0 {
 		t.Fatal("nothing was resent to the new server: the kill caught no request in flight")
 	}
-	t.Logf("%d files intact after a kill during a freeze; %d requests resent", len(w.sums), resent)
+	t.Logf("%d files intact after a kill during a %s; %d requests resent", len(w.sums), op, resent)
 	reattachCheck(t, runDir, backing, id, size, nil, nil)
 }
 
