@@ -305,6 +305,11 @@ func TestNodePluginDefaults(t *testing.T) {
 	if get(holder, "securityContext", "privileged") == true || get(holder, "securityContext", "runAsUser") != 0 {
 		t.Errorf("fuse-holder securityContext %v: want unprivileged, as root (it answers csi-snap's user only)", get(holder, "securityContext"))
 	}
+	// FIFREEZE and FITHAW need CAP_SYS_ADMIN: without it every freeze the
+	// holder is asked for fails with EPERM (and csi-snap freezes itself).
+	if add, _ := get(holder, "securityContext", "capabilities", "add").([]any); !slices.Contains(add, any("SYS_ADMIN")) {
+		t.Errorf("fuse-holder capabilities %v: want SYS_ADMIN added, for the snapshot freezes it makes", get(holder, "securityContext", "capabilities"))
+	}
 	if m := list(holder, "volumeMounts"); len(m) != 1 || str(m[0], "name") != "run-dir" || str(m[0], "mountPath") != "/run/csi-snap" ||
 		str(m[0], "mountPropagation") != "HostToContainer" {
 		t.Errorf("fuse-holder mounts %v, want the run dir at /run/csi-snap, HostToContainer", m)

@@ -175,9 +175,12 @@
 //     through us) and the writeback of an unstage's unmount. Frontend.Freeze
 //     has the holder freeze (holdFreeze), whose thread waits instead, for
 //     the next server, and which thaws the filesystem itself when its
-//     client dies; Frontend.Sync has it write the filesystem back (syncfs,
-//     holdSync) before the driver unmounts, so the unmount has little left
-//     to write (TestKillDuringOwnWriteback kills the server during each).
+//     client dies (the thaw of a freeze a dead plugin left goes to it too);
+//     Frontend.Sync has it write the filesystem back (syncfs, holdSync)
+//     before the driver unmounts, so the unmount has little left to write
+//     (TestKillDuringOwnWriteback kills the server during each). Freezing
+//     needs CAP_SYS_ADMIN, which the chart adds to the holder's container;
+//     a holder without it answers EPERM, and the plugin freezes itself.
 //     What remains is short: the unmount's last writes, and the driver's
 //     mkfs, mount, resize2fs and xfs_growfs of a volume, children of the
 //     serving process, for as long as they run. The way out there is the

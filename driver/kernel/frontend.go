@@ -130,8 +130,10 @@ type Frontend struct {
 	// by mount point, until Thaw.
 	frozenMu sync.Mutex
 	frozen   map[string]*net.UnixConn
-	// holderSyncs counts the syncs the holder made (Sync; tests).
-	holderSyncs atomic.Int64
+	// holderSyncs and holderThaws count the syncs, and the thaws of their
+	// own, the holder made (Sync, Thaw; tests).
+	holderSyncs, holderThaws atomic.Int64
+	holderNoCap              sync.Once // logs, once, that the holder may not freeze
 }
 
 type volume struct {

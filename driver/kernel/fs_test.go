@@ -118,31 +118,46 @@ func testFilesystem(t *testing.T, name, mkfs, fsck string) {
 	if err := Thaw(mnt); !errors.Is(err, unix.EINVAL) {
 		t.Fatalf("Thaw after the holder's: %v, want EINVAL (not frozen)", err)
 	}
-	// A holder older than freezes (it answers "unknown op"), and none at
-	// all: the freeze is made in this process.
-	old := filepath.Join(t.TempDir(), "old-holder.sock")
-	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: old, Net: "unixpacket"})
-	if err != nil {
+	// A freeze left by a process before (here: made in this one) is
+	// thawed through the holder, in a request of its own.
+	if err := Freeze(mnt); err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.AcceptUnix()
-			if err != nil {
-				return
-			}
-			c.Read(make([]byte, holderMsgMax))
-			writeHolder(c, holderResp{Err: "unknown op freeze"}, -1)
-			c.Close()
-		}
-	}()
+	if err := fe.Thaw(mnt); err != nil || fe.holderThaws.Load() != 1 {
+		t.Fatalf("Thaw of a freeze made here: %v, %d through the holder; want nil, 1", err, fe.holderThaws.Load())
+	}
+	if err := Thaw(mnt); !errors.Is(err, unix.EINVAL) {
+		t.Fatalf("Thaw after the holder's thaw: %v, want EINVAL (not frozen)", err)
+	}
 	// Sync goes through the holder too.
 	if err := fe.Sync(mnt); err != nil || fe.holderSyncs.Load() != 1 {
 		t.Fatalf("Sync: %v, %d through the holder; want nil, 1", err, fe.holderSyncs.Load())
 	}
+	// A holder older than freezes (it answers "unknown op"), one that may
+	// not freeze (no CAP_SYS_ADMIN: EPERM), and none at all: the freeze,
+	// thaw and sync are made in this process.
+	fake := func(answer string) string {
+		sock := filepath.Join(t.TempDir(), "fake-holder.sock")
+		ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: sock, Net: "unixpacket"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		go func() {
+			for {
+				c, err := ln.AcceptUnix()
+				if err != nil {
+					return
+				}
+				c.Read(make([]byte, holderMsgMax))
+				writeHolder(c, holderResp{Err: answer}, -1)
+				c.Close()
+			}
+		}()
+		return sock
+	}
 	holderSock := fe.sock
-	for _, sock := range []string{old, filepath.Join(t.TempDir(), "none.sock")} {
+	for _, sock := range []string{fake("unknown op freeze"), fake(errnoText(unix.EPERM)), filepath.Join(t.TempDir(), "none.sock")} {
 		fe.sock = sock
 		if err := fe.Sync(mnt); err != nil || fe.holderSyncs.Load() != 1 {
 			t.Fatalf("Sync with holder %s: %v, %d through the holder; want nil, still 1", sock, err, fe.holderSyncs.Load())
@@ -156,8 +171,8 @@ func testFilesystem(t *testing.T, name, mkfs, fsck string) {
 		if err := Freeze(mnt); !errors.Is(err, unix.EBUSY) {
 			t.Fatalf("with holder %s: Freeze again: %v, want EBUSY (frozen)", sock, err)
 		}
-		if err := fe.Thaw(mnt); err != nil {
-			t.Fatalf("Thaw with holder %s: %v", sock, err)
+		if err := fe.Thaw(mnt); err != nil || fe.holderThaws.Load() != 1 {
+			t.Fatalf("Thaw with holder %s: %v, %d through the holder; want nil, still 1", sock, err, fe.holderThaws.Load())
 		}
 	}
 	fe.sock = holderSock

@@ -28,9 +28,9 @@ import (
 // Requests are JSON holderReq; "put" carries the fd in its control data,
 // the reply to "get" carries it back. "freeze" (carrying a directory fd of
 // a mounted filesystem) is the exception: its connection stays open for
-// the "thaw" that follows, and its closing thaws (holdFreeze). "sync"
-// (also with a directory fd) is answered from a goroutine of its own too
-// (holdSync). The holder answers requests one at a
+// the "thaw" that follows, and its closing thaws (holdFreeze). "sync" and
+// a "thaw" of its own (each with a directory fd) are answered from a
+// goroutine of their own too (holdSync). The holder answers requests one at a
 // time, so a "drop" that empties it and its exit are ordered with respect to
 // any concurrent "put" (which then finds the socket gone and starts a new
 // holder).
@@ -329,16 +329,18 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func(), 
 			holdFreeze(c, fds[0])
 		}()
 		return false, true
-	case "sync":
+	case "sync", "thaw":
+		// A thaw here (not on a freeze's connection): of a freeze a
+		// plugin before this one left (its recovery).
 		if len(fds) != 1 {
 			closeAll(fds)
-			reply(holderResp{Err: "sync needs one fd"}, -1)
+			reply(holderResp{Err: req.Op + " needs one fd"}, -1)
 			return false, false
 		}
 		freezes.Add(1)
 		go func() {
 			defer freezes.Done()
-			holdSync(c, fds[0])
+			holdSync(c, fds[0], req.Op)
 		}()
 		return false, true
 	default:
@@ -400,17 +402,25 @@ func holdFreeze(c *net.UnixConn, fd int) {
 	}
 }
 
-// holdSync writes back the filesystem whose directory fd is (syncfs) and
-// answers on c; it closes fd and c. An unstage asks it before its unmount,
-// which then has little left to write: the writeback of everything a pod
-// left dirty is this holder's wait, not the plugin's (holdFreeze says why
-// that matters when the plugin is killed meanwhile).
-func holdSync(c *net.UnixConn, fd int) {
+// holdSync writes back the filesystem whose directory fd is (op "sync":
+// syncfs), or thaws it (op "thaw": FITHAW), and answers on c; it closes fd
+// and c. An unstage asks a sync before its unmount, which then has little
+// left to write: the writeback of everything a pod left dirty is this
+// holder's wait, not the plugin's (holdFreeze says why that matters when
+// the plugin is killed meanwhile); a thaw may write too (ext4's
+// superblock).
+func holdSync(c *net.UnixConn, fd int, op string) {
 	defer c.Close()
 	defer unix.Close(fd)
 	c.SetDeadline(time.Time{})
+	var err error
+	if op == "thaw" {
+		err = unix.IoctlSetInt(fd, fiThaw, 0)
+	} else {
+		err = unix.Syncfs(fd)
+	}
 	resp := holderResp{}
-	if err := unix.Syncfs(fd); err != nil {
+	if err != nil {
 		resp.Err = errnoText(err)
 	}
 	writeHolder(c, resp, -1)

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
 )
 
 // fuseFsType names our mounts in /proc/mounts ("fuse.csi-snap").
@@ -138,30 +139,22 @@ func Thaw(mountpoint string) error { return freezeIoctl(mountpoint, fiThaw, "FIT
 // Freeze is the package's Freeze through the Frontend's holder, where one
 // runs that freezes (holdFreeze says why: a kill of this process during
 // the freeze's writeback could otherwise never complete), else in this
-// process (no holder yet, or one older than freezes). The holder keeps the
-// filesystem frozen until Thaw, or thaws it when this process dies first.
+// process (viaHolder says when). The holder keeps the filesystem frozen
+// until Thaw, or thaws it when this process dies first.
 func (f *Frontend) Freeze(mountpoint string) error {
-	fd, err := unix.Open(mountpoint, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("FIFREEZE %s: %w", mountpoint, err)
-	}
-	defer unix.Close(fd)
-	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: f.sock, Net: "unixpacket"})
-	if err != nil {
-		return Freeze(mountpoint)
-	}
-	resp, err := freezeCall(c, holderReq{Op: "freeze"}, fd)
+	c, resp, here, err := f.viaHolder("freeze", mountpoint)
 	switch {
+	case here:
+		return Freeze(mountpoint)
 	case err != nil:
 		// The holder went away during the freeze: it may have frozen the
 		// filesystem (a holder exits only after its freeze returned) and
-		// thawed nothing. Thaw here, which is harmless if it is not frozen.
-		c.Close()
+		// thawed nothing, and a filesystem left frozen stops its pods for
+		// good. Thaw here: if the holder froze nothing (its freeze failed,
+		// EBUSY: someone else's), this undoes another's freeze, a lesser
+		// harm in a case that needs the holder to die mid-request.
 		Thaw(mountpoint)
 		return fmt.Errorf("FIFREEZE %s through the holder: %w", mountpoint, err)
-	case strings.HasPrefix(resp.Err, "unknown op"):
-		c.Close()
-		return Freeze(mountpoint) // a holder older than freezes
 	case resp.Err != "":
 		c.Close()
 		return fmt.Errorf("FIFREEZE %s (holder): %w", mountpoint, holderErrno(resp.Err))
@@ -179,15 +172,29 @@ func (f *Frontend) Freeze(mountpoint string) error {
 }
 
 // Thaw thaws what Freeze froze at mountpoint: through the holder's
-// connection of that freeze, or in this process where there is none (a
-// freeze made here, or by a process before this one: Recover's leftovers).
+// connection of that freeze; where there is none (a freeze made by a
+// process before this one, Recover's leftovers, or in this process), as a
+// request of its own to the holder, whose thaw waits instead of ours if the
+// filesystem writes on thaw (ext4 does, its superblock), else here.
 func (f *Frontend) Thaw(mountpoint string) error {
 	f.frozenMu.Lock()
 	c := f.frozen[mountpoint]
 	delete(f.frozen, mountpoint)
 	f.frozenMu.Unlock()
 	if c == nil {
-		return Thaw(mountpoint)
+		c, resp, here, err := f.viaHolder("thaw", mountpoint)
+		switch {
+		case here:
+			return Thaw(mountpoint)
+		case err != nil:
+			return fmt.Errorf("FITHAW %s through the holder: %w", mountpoint, err)
+		}
+		c.Close()
+		if resp.Err != "" {
+			return fmt.Errorf("FITHAW %s (holder): %w", mountpoint, holderErrno(resp.Err))
+		}
+		f.holderThaws.Add(1)
+		return nil
 	}
 	defer c.Close()
 	resp, err := freezeCall(c, holderReq{Op: "thaw"}, -1)
@@ -209,31 +216,61 @@ func (f *Frontend) Thaw(mountpoint string) error {
 // the holder where one runs that can (holdSync says why), else in this
 // process. An unstage calls it before its unmount.
 func (f *Frontend) Sync(mountpoint string) error {
-	fd, err := unix.Open(mountpoint, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("syncfs %s: %w", mountpoint, err)
-	}
-	defer unix.Close(fd)
-	here := func() error {
-		if err := unix.Syncfs(fd); err != nil {
+	c, resp, here, err := f.viaHolder("sync", mountpoint)
+	if here || err != nil { // none, too old, or gone during the sync
+		fd, err := unix.Open(mountpoint, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		if err == nil {
+			err = unix.Syncfs(fd)
+			unix.Close(fd)
+		}
+		if err != nil {
 			return fmt.Errorf("syncfs %s: %w", mountpoint, err)
 		}
 		return nil
 	}
-	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: f.sock, Net: "unixpacket"})
-	if err != nil {
-		return here()
-	}
-	defer c.Close()
-	resp, err := freezeCall(c, holderReq{Op: "sync"}, fd)
-	switch {
-	case err != nil || strings.HasPrefix(resp.Err, "unknown op"):
-		return here() // the holder went away, or is older than syncs
-	case resp.Err != "":
+	c.Close()
+	if resp.Err != "" {
 		return fmt.Errorf("syncfs %s (holder): %w", mountpoint, holderErrno(resp.Err))
 	}
 	f.holderSyncs.Add(1)
 	return nil
+}
+
+// viaHolder asks the holder to do op ("freeze", "thaw", "sync") on the
+// filesystem mounted at mountpoint, sending a directory fd of it, and
+// returns the connection (open when err is nil: the caller closes it) and
+// the answer. here reports that this process must do it instead: no holder
+// answers; one older than op ("unknown op"); or one not allowed to
+// (EPERM: FIFREEZE and FITHAW need CAP_SYS_ADMIN, which the chart gives the
+// holder; logged once). err: the request failed after it was sent (the
+// holder went away), or the directory cannot be opened (here is then true
+// too, and the caller's own try reports it).
+func (f *Frontend) viaHolder(op, mountpoint string) (c *net.UnixConn, resp holderResp, here bool, err error) {
+	fd, err := unix.Open(mountpoint, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, resp, true, err
+	}
+	defer unix.Close(fd)
+	c, err = net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: f.sock, Net: "unixpacket"})
+	if err != nil {
+		return nil, resp, true, nil
+	}
+	resp, err = freezeCall(c, holderReq{Op: op}, fd)
+	switch {
+	case err != nil:
+		c.Close()
+		return nil, resp, false, err
+	case strings.HasPrefix(resp.Err, "unknown op"):
+		c.Close()
+		return nil, resp, true, nil
+	case errors.Is(holderErrno(resp.Err), unix.EPERM):
+		c.Close()
+		f.holderNoCap.Do(func() {
+			klog.InfoS("The fuse holder may not freeze filesystems (no CAP_SYS_ADMIN): freezes run in this process, where a kill during one leaves the process unable to exit", "op", op, "answer", resp.Err)
+		})
+		return nil, resp, true, nil
+	}
+	return c, resp, false, nil
 }
 
 // freezeCall sends req (with fd if >= 0) on c and reads the answer, with
