@@ -234,8 +234,9 @@ func CloseInheritedPipes() {
 // serveHolderConn answers one request; it reports true when the request was
 // a drop (the holder may exit if that emptied it).
 //
-// A "freeze" keeps c (kept): holdFreeze answers on it, from a goroutine of
-// its own counted in freezes, and closes it.
+// A "freeze", "sync" or "thaw" keeps c (kept): holdFreeze or holdSync
+// answers on it, from a goroutine of its own counted in freezes, and
+// closes it.
 func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func(), freezes *sync.WaitGroup) (exit, kept bool) {
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	buf := make([]byte, holderMsgMax)
