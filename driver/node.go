@@ -1044,12 +1044,14 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	}
 	if d.opt.Sync != nil {
 		// The writeback first, where a kill of this process cannot make
-		// it wait for good (Options.Sync); a failure leaves it to the
-		// unmount, which reports what matters.
+		// it wait for good (Options.Sync). An error is logged, not
+		// answered: the unmount goes on (it writes back what is left, and
+		// reports no writeback error), and an unstage that failed on it
+		// would be retried for ever on data that is lost either way.
 		dev, ok := d.opt.Frontend.Device(id)
 		if held, err := d.holdsDevice(staging, dev); ok && err == nil && held {
 			if err := d.opt.Sync(staging); err != nil {
-				klog.InfoS("Writeback before the unmount failed; the unmount does it", "volumeID", id, "stagingPath", staging, "err", err)
+				klog.ErrorS(err, "Writeback before the unmount failed: data the pod wrote may not have reached the volume", "volumeID", id, "stagingPath", staging)
 			}
 		}
 	}

@@ -197,7 +197,14 @@
 //     error when either is set.
 //   - If the holder itself dies while the server is also gone, the
 //     connection is lost: Attach then cleans up the dead mount and attaches a
-//     new device, and whoever had the old one mounted sees I/O errors.
+//     new device, and whoever had the old one mounted sees I/O errors. Not
+//     so if the holder is stopped while one of its freezes or syncs waits
+//     on a volume no server serves (the plugin was killed, the next not yet
+//     started): that thread keeps the holder from exiting, as it would the
+//     plugin, with its socket and every connection open, so the next plugin
+//     finds it answering nothing (ErrHolderSlow) and a new holder finds the
+//     socket taken. The way out is the abort above. Replace a holder only
+//     with the node's plugin running (charts/csi-snap/README.md).
 //   - The serving process must never open the served file with os.Open or
 //     os.OpenFile: os registers the fd with the Go netpoller, whose
 //     epoll_ctl sends FUSE_POLL to this very process from inside the

@@ -1,6 +1,7 @@
 package kernel
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"math/rand"
@@ -129,9 +130,20 @@ func testFilesystem(t *testing.T, name, mkfs, fsck string) {
 	if err := Thaw(mnt); !errors.Is(err, unix.EINVAL) {
 		t.Fatalf("Thaw after the holder's thaw: %v, want EINVAL (not frozen)", err)
 	}
-	// Sync goes through the holder too.
+	// Sync goes through the holder too, and writes back: a file written
+	// without fsync reaches the device, which is flushed.
+	if err := os.WriteFile(filepath.Join(mnt, "unsynced"), bytes.Repeat([]byte{9}, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	flushes := b.flushes.Load()
 	if err := fe.Sync(mnt); err != nil || fe.holderSyncs.Load() != 1 {
 		t.Fatalf("Sync: %v, %d through the holder; want nil, 1", err, fe.holderSyncs.Load())
+	}
+	if b.flushes.Load() == flushes {
+		t.Fatal("Sync through the holder flushed nothing to the device")
+	}
+	if err := os.Remove(filepath.Join(mnt, "unsynced")); err != nil {
+		t.Fatal(err)
 	}
 	// A holder older than freezes (it answers "unknown op"), one that may
 	// not freeze (no CAP_SYS_ADMIN: EPERM), and none at all: the freeze,

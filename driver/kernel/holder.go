@@ -366,11 +366,14 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func(), 
 // one takes the connection back from this holder (whose other requests
 // are served meanwhile) and serves the writes, the freeze completes, and
 // its client being gone, it is thawed at once.
+//
+// fd is closed before the last answer: an fd of the filesystem's directory
+// keeps its mount busy, and the plugin may unmount right after an answer.
 func holdFreeze(c *net.UnixConn, fd int) {
 	defer c.Close()
-	defer unix.Close(fd)
 	c.SetDeadline(time.Time{}) // a freeze takes as long as its writeback
 	if err := unix.IoctlSetInt(fd, fiFreeze, 0); err != nil {
+		unix.Close(fd)
 		writeHolder(c, holderResp{Err: errnoText(err)}, -1)
 		return
 	}
@@ -389,6 +392,7 @@ func holdFreeze(c *net.UnixConn, fd int) {
 		}
 	}
 	err := unix.IoctlSetInt(fd, fiThaw, 0)
+	unix.Close(fd)
 	if err != nil && (req.Op == "thaw" || !errors.Is(err, unix.EINVAL)) {
 		// (EINVAL unasked: the next plugin thawed it first, as its
 		// recovery of a freeze left over by a dead one does.)
@@ -412,7 +416,6 @@ func holdFreeze(c *net.UnixConn, fd int) {
 // superblock).
 func holdSync(c *net.UnixConn, fd int, op string) {
 	defer c.Close()
-	defer unix.Close(fd)
 	c.SetDeadline(time.Time{})
 	var err error
 	if op == "thaw" {
@@ -420,6 +423,9 @@ func holdSync(c *net.UnixConn, fd int, op string) {
 	} else {
 		err = unix.Syncfs(fd)
 	}
+	// Closed before the answer: the fd keeps the mount busy, and an
+	// unstage unmounts right after its sync (holdFreeze).
+	unix.Close(fd)
 	resp := holderResp{}
 	if err != nil {
 		resp.Err = errnoText(err)

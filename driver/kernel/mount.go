@@ -240,11 +240,15 @@ func (f *Frontend) Sync(mountpoint string) error {
 // filesystem mounted at mountpoint, sending a directory fd of it, and
 // returns the connection (open when err is nil: the caller closes it) and
 // the answer. here reports that this process must do it instead: no holder
-// answers; one older than op ("unknown op"); or one not allowed to
-// (EPERM: FIFREEZE and FITHAW need CAP_SYS_ADMIN, which the chart gives the
-// holder; logged once). err: the request failed after it was sent (the
-// holder went away), or the directory cannot be opened (here is then true
-// too, and the caller's own try reports it).
+// answers; one older than op ("unknown op"); one that could not take the
+// request (an answer that is not an errno: the fd lost on the way, say);
+// or one not allowed to (EPERM, EACCES: FIFREEZE and FITHAW need
+// CAP_SYS_ADMIN, which the chart gives the holder, and an LSM may refuse
+// it the fd; logged once). An errno of the operation itself (EBUSY,
+// EINVAL, EOPNOTSUPP, EIO) is the answer: the same call here would give
+// it too, or (syncfs) no longer report it. err: the request failed after
+// it was sent (the holder went away), or the directory cannot be opened
+// (here is then true too, and the caller's own try reports it).
 func (f *Frontend) viaHolder(op, mountpoint string) (c *net.UnixConn, resp holderResp, here bool, err error) {
 	fd, err := unix.Open(mountpoint, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -260,13 +264,17 @@ func (f *Frontend) viaHolder(op, mountpoint string) (c *net.UnixConn, resp holde
 	case err != nil:
 		c.Close()
 		return nil, resp, false, err
+	case resp.Err == "":
+		return c, resp, false, nil
 	case strings.HasPrefix(resp.Err, "unknown op"):
 		c.Close()
 		return nil, resp, true, nil
-	case errors.Is(holderErrno(resp.Err), unix.EPERM):
+	}
+	var en unix.Errno
+	if !errors.As(holderErrno(resp.Err), &en) || en == unix.EPERM || en == unix.EACCES {
 		c.Close()
 		f.holderNoCap.Do(func() {
-			klog.InfoS("The fuse holder may not freeze filesystems (no CAP_SYS_ADMIN): freezes run in this process, where a kill during one leaves the process unable to exit", "op", op, "answer", resp.Err)
+			klog.InfoS("The fuse holder could not take a request on a filesystem: such requests (freezes, their thaws, the writeback before an unstage) run in this process, where a kill during one leaves the process unable to exit; the chart gives the holder CAP_SYS_ADMIN", "op", op, "answer", resp.Err)
 		})
 		return nil, resp, true, nil
 	}
