@@ -158,9 +158,10 @@ func (d *Driver) Rollback(ctx context.Context, volID, snapID string) (RollbackRe
 
 // AdminHandler serves the admin endpoint: POST RollbackPath with a
 // RollbackRequest. 200 carries a RollbackResponse; errors carry an
-// AdminError with the status mapped from the gRPC code (InvalidArgument 400,
-// NotFound 404, FailedPrecondition and Aborted 409, Unimplemented 501,
-// Unavailable 503, other 500).
+// AdminError with the status mapped from the gRPC code (httpStatus:
+// InvalidArgument and OutOfRange 400, NotFound 404, FailedPrecondition,
+// Aborted and AlreadyExists 409, Canceled and DeadlineExceeded 408,
+// ResourceExhausted 507, Unimplemented 501, Unavailable 503, other 500).
 func (d *Driver) AdminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc(RollbackPath, func(w http.ResponseWriter, r *http.Request) {
