@@ -53,7 +53,7 @@ const labelGroupName = "csi-snap.io/group-name"
 
 const groupPrefix = "g-"
 
-var groupIDRE = regexp.MustCompile(`^g-[0-9a-f]{32}([0-9a-f]{8})?$`)
+var groupIDRE = regexp.MustCompile(`^g-` + idDigitsRE + `$`)
 
 // isGroupID reports whether id is in the format of the group IDs we make.
 func isGroupID(id string) bool { return groupIDRE.MatchString(id) }

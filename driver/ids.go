@@ -28,9 +28,12 @@ const (
 	idHexLen       = 40
 )
 
+// idDigitsRE matches the hex digits of an ID: 40, or 32 (the format before).
+const idDigitsRE = `[0-9a-f]{32}([0-9a-f]{8})?`
+
 var (
-	volumeIDRE   = regexp.MustCompile(`^v-[0-9a-f]{32}([0-9a-f]{8})?$`)
-	snapshotIDRE = regexp.MustCompile(`^s-[0-9a-f]{32}([0-9a-f]{8})?$`)
+	volumeIDRE   = regexp.MustCompile(`^v-` + idDigitsRE + `$`)
+	snapshotIDRE = regexp.MustCompile(`^s-` + idDigitsRE + `$`)
 )
 
 const (

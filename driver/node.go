@@ -1042,14 +1042,13 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	if err := d.thawLeftover(id); err != nil {
 		return nil, toStatus(err)
 	}
-	if d.opt.Sync != nil {
-		// The writeback first, where a kill of this process cannot make
-		// it wait for good (Options.Sync). An error is logged, not
-		// answered: the unmount goes on (it writes back what is left, and
-		// reports no writeback error), and an unstage that failed on it
-		// would be retried for ever on data that is lost either way.
-		dev, ok := d.opt.Frontend.Device(id)
-		if held, err := d.holdsDevice(staging, dev); ok && err == nil && held {
+	// The writeback first, where a kill of this process cannot make it
+	// wait for good (Options.Sync). An error is logged, not answered: the
+	// unmount goes on (it writes back what is left, and reports no
+	// writeback error), and an unstage that failed on it would be retried
+	// for ever on data that is lost either way.
+	if dev, ok := d.opt.Frontend.Device(id); ok && d.opt.Sync != nil {
+		if held, err := d.holdsDevice(staging, dev); err == nil && held {
 			if err := d.opt.Sync(staging); err != nil {
 				klog.ErrorS(err, "Writeback before the unmount failed: data the pod wrote may not have reached the volume", "volumeID", id, "stagingPath", staging)
 			}

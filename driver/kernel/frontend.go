@@ -287,7 +287,7 @@ func New(cfg Config) (*Frontend, error) {
 			"sysctl", "fs.fuse."+name, "seconds", v)
 	}
 	f := &Frontend{cfg: cfg, sock: HolderSocket(dir, cfg.ExternalHolder), volDir: filepath.Join(dir, "vol"),
-		vols: map[string]*volume{}, locks: map[string]*sync.Mutex{}, runLock: lock,
+		vols: map[string]*volume{}, locks: map[string]*sync.Mutex{}, frozen: map[string]*net.UnixConn{}, runLock: lock,
 		stopCheck: make(chan struct{}), checkDone: make(chan struct{})}
 	go f.keepHeld()
 	return f, nil

@@ -318,19 +318,7 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func(), 
 		}
 		resp.IDs = ids
 		reply(resp, -1)
-	case "freeze":
-		if len(fds) != 1 {
-			closeAll(fds)
-			reply(holderResp{Err: "freeze needs one fd"}, -1)
-			return false, false
-		}
-		freezes.Add(1)
-		go func() {
-			defer freezes.Done()
-			holdFreeze(c, fds[0])
-		}()
-		return false, true
-	case "sync", "thaw":
+	case "freeze", "sync", "thaw":
 		// A thaw here (not on a freeze's connection): of a freeze a
 		// plugin before this one left (its recovery).
 		if len(fds) != 1 {
@@ -341,7 +329,11 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func(), 
 		freezes.Add(1)
 		go func() {
 			defer freezes.Done()
-			holdSync(c, fds[0], req.Op)
+			if req.Op == "freeze" {
+				holdFreeze(c, fds[0])
+			} else {
+				holdSync(c, fds[0], req.Op)
+			}
 		}()
 		return false, true
 	default:

@@ -161,9 +161,6 @@ func (f *Frontend) Freeze(mountpoint string) error {
 	}
 	f.frozenMu.Lock()
 	defer f.frozenMu.Unlock()
-	if f.frozen == nil {
-		f.frozen = map[string]*net.UnixConn{}
-	}
 	if old := f.frozen[mountpoint]; old != nil {
 		old.Close() // cannot happen: a second freeze answers EBUSY
 	}
@@ -197,7 +194,7 @@ func (f *Frontend) Thaw(mountpoint string) error {
 		return nil
 	}
 	defer c.Close()
-	resp, err := freezeCall(c, holderReq{Op: "thaw"}, -1)
+	resp, err := holderExchange(c, holderReq{Op: "thaw"}, -1)
 	switch {
 	case err != nil:
 		// The holder is gone; whether it thawed first or not, thawing
@@ -259,7 +256,7 @@ func (f *Frontend) viaHolder(op, mountpoint string) (c *net.UnixConn, resp holde
 	if err != nil {
 		return nil, resp, true, nil
 	}
-	resp, err = freezeCall(c, holderReq{Op: op}, fd)
+	resp, err = holderExchange(c, holderReq{Op: op}, fd)
 	switch {
 	case err != nil:
 		c.Close()
@@ -281,10 +278,11 @@ func (f *Frontend) viaHolder(op, mountpoint string) (c *net.UnixConn, resp holde
 	return c, resp, false, nil
 }
 
-// freezeCall sends req (with fd if >= 0) on c and reads the answer, with
-// no deadline: a freeze takes as long as its writeback, and the wait is
-// on a socket, which a kill of this process ends.
-func freezeCall(c *net.UnixConn, req holderReq, fd int) (holderResp, error) {
+// holderExchange sends req (with fd if >= 0) on c, a connection to the
+// holder, and reads the answer, with no deadline (unlike holderCall): a
+// freeze or sync takes as long as its writeback, and the wait is on a
+// socket, which a kill of this process ends.
+func holderExchange(c *net.UnixConn, req holderReq, fd int) (holderResp, error) {
 	var resp holderResp
 	if err := writeHolder(c, req, fd); err != nil {
 		return resp, err
