@@ -295,13 +295,9 @@ func TestGroupTornBatch(t *testing.T) {
 		stride = 5
 	}
 	for cut := start; cut <= end; cut = min(cut+stride, max(end, cut+1)) {
-		dir, ok := tornCopy(t, img, cut, end)
+		s, ok := openTorn(t, img, start, cut, end)
 		if !ok {
 			continue
-		}
-		s, err := Open(dir)
-		if err != nil {
-			t.Fatalf("cut at %d of [%d, %d]: %v", cut, start, end, err)
 		}
 		gs := s.SnapshotGroups()
 		snaps := s.Snapshots()
@@ -337,7 +333,7 @@ func TestGroupTornBatch(t *testing.T) {
 		if err := s.Close(); err != nil {
 			t.Fatal(err)
 		}
-		s, err = Open(dir)
+		s, err := Open(s.dir)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -368,16 +364,16 @@ func snapDir(t *testing.T, dir string) map[string][]byte {
 	return out
 }
 
-// tornCopy writes the store files img into a new directory with the log's
-// bytes [cut, end) zeroed, as a power cut leaves a last batch that ends at
-// end torn at cut, and returns the directory; false when there is nothing
-// to tear (those bytes are zeros already: a batch's CRC can end in a zero
-// byte, about one run in 256).
-func tornCopy(t *testing.T, img map[string][]byte, cut, end int64) (string, bool) {
+// openTorn writes the store files img into a new directory with the log's
+// bytes [cut, end) zeroed, as a power cut leaves a last batch (at
+// [start, end)) torn at cut, and opens it; false when there is nothing to
+// tear (those bytes are zeros already: a batch's CRC can end in a zero
+// byte, about one run in 256). An Open that fails fails the test.
+func openTorn(t *testing.T, img map[string][]byte, start, cut, end int64) (*Store, bool) {
 	t.Helper()
 	logb := img[logName]
 	if cut < end && allZero(logb[cut:end]) {
-		return "", false
+		return nil, false
 	}
 	dir := t.TempDir()
 	writeDir(t, dir, img)
@@ -386,7 +382,11 @@ func tornCopy(t *testing.T, img map[string][]byte, cut, end int64) (string, bool
 	if err := os.WriteFile(filepath.Join(dir, logName), torn, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	return dir, true
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatalf("cut at %d of [%d, %d]: %v", cut, start, end, err)
+	}
+	return s, true
 }
 
 func writeDir(t *testing.T, dir string, files map[string][]byte) {

@@ -632,10 +632,7 @@ func TestReadOnlyBlockPublish(t *testing.T) {
 func TestMountPublishModeChange(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
-	id := e.createVolume(t, "mode-change", 1<<20).VolumeId
-	dir := t.TempDir()
-	staging := filepath.Join(dir, "staging")
-	e.attachMounted(t, id, staging)
+	id, dir, staging := e.mountedVolume(t, "mode-change")
 	for _, c := range []struct {
 		target string
 		first  bool
@@ -685,10 +682,7 @@ func TestMountPublishModeChange(t *testing.T) {
 func TestPublishAccessTypeChange(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
-	id := e.createVolume(t, "type-change", 1<<20).VolumeId
-	dir := t.TempDir()
-	staging := filepath.Join(dir, "staging")
-	e.attachMounted(t, id, staging)
+	id, dir, staging := e.mountedVolume(t, "type-change")
 	target := filepath.Join(dir, "target")
 	publish := func(c *csi.VolumeCapability, ro bool) error {
 		_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
@@ -1720,10 +1714,7 @@ func TestSyncLostCreateVolume(t *testing.T) {
 func TestPublishTakesBackUnservedDevice(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
-	id := e.createVolume(t, "unserved-publish", 1<<20).VolumeId
-	dir := t.TempDir()
-	staging := filepath.Join(dir, "staging")
-	e.attachMounted(t, id, staging)
+	id, dir, staging := e.mountedVolume(t, "unserved-publish")
 	publish := func(target string) error {
 		_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
 			TargetPath: filepath.Join(dir, target), VolumeCapability: mountCap()})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -116,6 +117,18 @@ func (e env) attachMounted(t *testing.T, id, mountPath string) string {
 		e.fm.MountPoints = append(e.fm.MountPoints, mount.MountPoint{Device: dev, Path: mountPath, Type: "ext4"})
 	}
 	return dev
+}
+
+// mountedVolume creates a 1 MiB volume named name and attaches it as if
+// staged for mount access at dir/staging (attachMounted); dir is a new
+// temporary directory for the test's other paths.
+func (e env) mountedVolume(t *testing.T, name string) (id, dir, staging string) {
+	t.Helper()
+	id = e.createVolume(t, name, 1<<20).VolumeId
+	dir = t.TempDir()
+	staging = filepath.Join(dir, "staging")
+	e.attachMounted(t, id, staging)
+	return id, dir, staging
 }
 
 func (e env) createSnapshot(t *testing.T, name, vol string) *csi.Snapshot {

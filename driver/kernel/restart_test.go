@@ -45,6 +45,17 @@ func (c *child) wait(t *testing.T) error {
 // waitWriter waits until the writer goroutine reports file n on progress,
 // failing the test with the writer's error if it stops first, or after
 // three minutes without reaching n (a hang guard: writes blocked for good).
+// restartDirs makes a restart test's run dir and, in another directory,
+// the path of its volume's backing file and an empty mount point.
+func restartDirs(t *testing.T) (runDir, backing, mnt string) {
+	runDir, data := t.TempDir(), t.TempDir()
+	mnt = filepath.Join(data, "mnt")
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return runDir, filepath.Join(data, "vol.img"), mnt
+}
+
 // startWriter writes files 0 to n-1 into dir (fileWriter, seeded with
 // seed) on a goroutine: each number on progress once written, then the
 // outcome on werr.
@@ -213,6 +224,23 @@ func checkResumed(t *testing.T, c *child, dev string, werr <-chan error, w *file
 	*mounted = false
 }
 
+// resumeCheckStop starts a second serving process (with args) that
+// resumes id, checks the filesystem on it (checkResumed), stops it with
+// SIGTERM and returns how many requests the kernel resent to it.
+func resumeCheckStop(t *testing.T, runDir, backing, id string, size int64, dev string, werr <-chan error, w *fileWriter, next int,
+	mnt string, mounted *bool, args ...string) int {
+	t.Helper()
+	c := startChild(t, runDir, backing, id, size, args...)
+	t.Cleanup(func() { c.cmd.Process.Kill() })
+	checkResumed(t, c, dev, werr, w, next, mnt, mounted)
+	c.cmd.Process.Signal(syscall.SIGTERM)
+	resent, _ := strconv.Atoi(c.expect(t, "RESENT "))
+	if err := c.wait(t); err != nil {
+		t.Fatalf("second server: %v", err)
+	}
+	return resent
+}
+
 func mountOptions(t *testing.T, mnt string) string {
 	t.Helper()
 	b, _ := os.ReadFile("/proc/mounts")
@@ -253,13 +281,9 @@ func TestRestart(t *testing.T) {
 
 func testRestart(t *testing.T, sig syscall.Signal, first, again []string) {
 	ctx := context.Background()
-	runDir := t.TempDir()
-	data := t.TempDir()
-	backing := filepath.Join(data, "vol.img")
+	runDir, backing, mnt := restartDirs(t)
 	const size = 256 << 20
 	const id = "vol-restart"
-	mnt := filepath.Join(data, "mnt")
-	os.Mkdir(mnt, 0o755)
 
 	c1 := startChild(t, runDir, backing, id, size, first...)
 	dev := c1.expect(t, "DEVICE ")
@@ -297,15 +321,7 @@ func testRestart(t *testing.T, sig syscall.Signal, first, again []string) {
 	default:
 	}
 
-	c2 := startChild(t, runDir, backing, id, size, again...)
-	t.Cleanup(func() { c2.cmd.Process.Kill() })
-	checkResumed(t, c2, dev, werr, w, nFiles, mnt, &mounted)
-
-	c2.cmd.Process.Signal(syscall.SIGTERM)
-	resent, _ := strconv.Atoi(c2.expect(t, "RESENT "))
-	if err := c2.wait(t); err != nil {
-		t.Fatalf("second server: %v", err)
-	}
+	resent := resumeCheckStop(t, runDir, backing, id, size, dev, werr, w, nFiles, mnt, &mounted, again...)
 	t.Logf("%s: %d files intact; %d requests resent to the new server", sig, len(w.sums), resent)
 	if sig == syscall.SIGKILL && resent == 0 {
 		t.Fatal("the stalled write was not resent to the new server")
@@ -369,13 +385,9 @@ func TestKillDuringOwnWriteback(t *testing.T) {
 func testKillDuring(t *testing.T, op string) {
 	requireRoot(t)
 	requireTool(t, "mkfs.ext4")
-	runDir := t.TempDir()
-	data := t.TempDir()
-	backing := filepath.Join(data, "vol.img")
+	runDir, backing, mnt := restartDirs(t)
 	const size = 256 << 20
 	const id = "vol-freeze-kill"
-	mnt := filepath.Join(data, "mnt")
-	os.Mkdir(mnt, 0o755)
 
 	c1 := startChild(t, runDir, backing, id, size, "-"+op+"-on-usr2", mnt)
 	dev := c1.expect(t, "DEVICE ")
@@ -419,14 +431,7 @@ func testKillDuring(t *testing.T, op string) {
 		t.FailNow()
 	}
 
-	c2 := startChild(t, runDir, backing, id, size)
-	t.Cleanup(func() { c2.cmd.Process.Kill() })
-	checkResumed(t, c2, dev, werr, w, nFiles, mnt, &mounted)
-	c2.cmd.Process.Signal(syscall.SIGTERM)
-	resent, _ := strconv.Atoi(c2.expect(t, "RESENT "))
-	if err := c2.wait(t); err != nil {
-		t.Fatalf("second server: %v", err)
-	}
+	resent := resumeCheckStop(t, runDir, backing, id, size, dev, werr, w, nFiles, mnt, &mounted)
 	if resent == 0 {
 		t.Fatal("nothing was resent to the new server: the kill caught no request in flight")
 	}
