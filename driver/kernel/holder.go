@@ -132,6 +132,7 @@ func runHolder(socketPath string, stay bool) error {
 	defer freezes.Wait()
 	everHeld := false
 	start := time.Now()
+	var backoff time.Duration
 	for {
 		if !everHeld && !stay {
 			ln.SetDeadline(start.Add(holderIdleExit))
@@ -145,8 +146,20 @@ func runHolder(socketPath string, stay bool) error {
 				klog.InfoS("fuse holder: nothing handed over, exiting", "socket", socketPath)
 				return nil
 			}
-			return fmt.Errorf("holder accept: %w", err)
+			if errors.Is(err, net.ErrClosed) {
+				return fmt.Errorf("holder accept: %w", err)
+			}
+			// EMFILE, ENFILE, ENOBUFS, ENOMEM: returning would close
+			// every connection held, and so fail every volume's I/O
+			// with EIO, for what is usually a passing shortage. Wait
+			// and accept again, as a server does (the client's connect
+			// waits in the backlog meanwhile).
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			klog.ErrorS(err, "fuse holder: accept failed, retrying", "socket", socketPath, "in", backoff, "held", len(held))
+			time.Sleep(backoff)
+			continue
 		}
+		backoff = 0
 		// Only our own user may take or drop connections: the socket sits
 		// in the run dir (0700), and this is the check that does not
 		// depend on how that directory was made.

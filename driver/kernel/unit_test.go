@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -673,4 +674,105 @@ func TestHolderPipes(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestHolderAcceptShortage: a holder whose accept fails for want of file
+// descriptors (EMFILE here, made with prlimit on the holder process) keeps
+// what it holds and answers once descriptors are free again. It used to
+// return, and its exit closed every held connection: EIO on every volume.
+func TestHolderAcceptShortage(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "h.sock")
+	cmd := exec.Command(os.Args[0], "fuse-holder", "--socket", sock)
+	var logs lockedBuffer
+	cmd.Stderr = &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	t.Cleanup(func() { cmd.Process.Kill(); <-exited })
+	waitListed(t, sock)
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[0])
+	if _, _, err := holderCall(sock, holderReq{Op: "put", ID: "v1", Params: json.RawMessage(`{}`)}, p[1]); err != nil {
+		t.Fatal(err)
+	}
+	unix.Close(p[1]) // the holder's copy is the only write end now
+
+	// A soft limit of 0: no new fd at all (the holder's own are open).
+	pid := cmd.Process.Pid
+	var old unix.Rlimit
+	if err := unix.Prlimit(pid, unix.RLIMIT_NOFILE, nil, &old); err != nil {
+		t.Fatal(err)
+	}
+	short := unix.Rlimit{Cur: 0, Max: old.Max}
+	if err := unix.Prlimit(pid, unix.RLIMIT_NOFILE, &short, nil); err != nil {
+		t.Fatal(err)
+	}
+	type listed struct {
+		ids []string
+		err error
+	}
+	answer := make(chan listed, 1)
+	go func() {
+		resp, _, err := holderCall(sock, holderReq{Op: "list"}, -1)
+		answer <- listed{resp.IDs, err}
+	}()
+	for deadline := time.Now().Add(time.Minute); !strings.Contains(logs.String(), "accept failed"); time.Sleep(10 * time.Millisecond) { // hang guard
+		select {
+		case <-exited:
+			t.Fatalf("the holder exited when its accept failed:\n%s", logs.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the holder's accept never failed with no fd allowed:\n%s", logs.String())
+		}
+	}
+	time.Sleep(100 * time.Millisecond) // a few retries
+	select {
+	case <-exited:
+		t.Fatalf("the holder exited during the shortage:\n%s", logs.String())
+	case a := <-answer:
+		t.Fatalf("answered during the shortage: %v %v", a.ids, a.err)
+	default:
+	}
+	if n, err := unix.Read(p[0], make([]byte, 1)); !errors.Is(err, unix.EAGAIN) {
+		t.Fatalf("held pipe during the shortage: n=%d err=%v, want EAGAIN (a writer left)", n, err)
+	}
+	if err := unix.Prlimit(pid, unix.RLIMIT_NOFILE, &old, nil); err != nil {
+		t.Fatal(err)
+	}
+	if a := <-answer; a.err != nil || !slices.Equal(a.ids, []string{"v1"}) {
+		t.Fatalf("list after the shortage: %v %v", a.ids, a.err)
+	}
+	if _, _, err := holderCall(sock, holderReq{Op: "drop", ID: "v1"}, -1); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-exited:
+	case <-time.After(time.Minute): // hang guard
+		t.Fatal("the holder did not exit once emptied")
+	}
+}
+
+// lockedBuffer is a bytes.Buffer for a subprocess's output read while it
+// runs.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
