@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
 )
 
 // TestNodeReboot: what kubelet does after the node rebooted under published
@@ -20,7 +21,7 @@ import (
 // starts on the same data dir, and kubelet, whose staging and target
 // directories survived, unpublishes and unstages one volume (a pod deleted
 // meanwhile: nothing is mounted, so both succeed) and stages and publishes
-// both again. Every file fsynced before the reboot reads back, the volumes
+// them all again (two ext4 volumes and a raw block one). Every file fsynced before the reboot reads back, the volumes
 // take new writes, and a snapshot taken before the reboot restores its
 // instant.
 func TestNodeReboot(t *testing.T) {
@@ -83,6 +84,59 @@ func testNodeReboot(t *testing.T, wipe bool) {
 	a, b := create("a", nil), create("b", nil)
 	write(a, "one", 1)
 	write(b, "two", 1)
+
+	// A raw block volume beside them: its target is the device node,
+	// bound over a file.
+	cv, err := k.ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "raw", CapacityRange: &csi.CapacityRange{RequiredBytes: 16 << 20},
+		VolumeCapabilities: []*csi.VolumeCapability{blockCap()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw := vol{cv.Volume.VolumeId, filepath.Join(dir, "raw-staging"), filepath.Join(dir, "raw")}
+	t.Cleanup(func() {
+		if _, err := k.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: raw.id}); err != nil {
+			t.Errorf("delete raw: %v", err)
+		}
+	})
+	publishRaw := func() {
+		t.Helper()
+		if _, err := k.node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: raw.id, StagingTargetPath: raw.staging, VolumeCapability: blockCap()}); err != nil {
+			t.Fatalf("stage raw: %v", err)
+		}
+		if _, err := k.node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: raw.id, StagingTargetPath: raw.staging,
+			TargetPath: raw.target, VolumeCapability: blockCap()}); err != nil {
+			t.Fatalf("publish raw: %v", err)
+		}
+	}
+	publishRaw()
+	t.Cleanup(func() { unpublishAndUnstage(t, k.node, raw.id, raw.staging, raw.target) })
+	rawBytes := alignedBlock(1 << 20)
+	rand.New(rand.NewSource(7)).Read(rawBytes)
+	rawIO := func(write bool, what string) {
+		t.Helper()
+		f, err := os.OpenFile(raw.target, os.O_RDWR|unix.O_DIRECT, 0)
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		defer f.Close()
+		if write {
+			if _, err := f.WriteAt(rawBytes, 3<<20); err == nil {
+				err = f.Sync()
+			}
+			if err != nil {
+				t.Fatalf("%s: %v", what, err)
+			}
+			return
+		}
+		got := alignedBlock(len(rawBytes))
+		if _, err := f.ReadAt(got, 3<<20); err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		if !bytes.Equal(got, rawBytes) {
+			t.Fatalf("%s: the raw device does not read back what was written", what)
+		}
+	}
+	rawIO(true, "raw write")
 	cs, err := k.ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "before-reboot", SourceVolumeId: a.id})
 	if err != nil {
 		t.Fatal(err)
@@ -99,8 +153,8 @@ func testNodeReboot(t *testing.T, wipe bool) {
 	// The reboot.
 	k.p.cmd.Process.Kill()
 	k.p.exited <- <-k.p.exited // gone (restart reads it again)
-	forceCleanup(t, dir) // holders, connections, mounts, loop devices
-	for _, p := range []string{a.staging, a.target, b.staging, b.target} {
+	forceCleanup(t, dir)       // holders, connections, mounts, loop devices
+	for _, p := range []string{a.staging, a.target, b.staging, b.target, raw.target} {
 		if _, err := os.Stat(p); err != nil {
 			t.Fatalf("kubelet's directory %s after the reboot: %v", p, err)
 		}
@@ -120,6 +174,8 @@ func testNodeReboot(t *testing.T, wipe bool) {
 	unpublishAndUnstage(t, k.node, b.id, b.staging, b.target)
 	stageAndPublish(t, k.node, b.id, b.staging, b.target)
 	stageAndPublish(t, k.node, a.id, a.staging, a.target)
+	publishRaw()
+	rawIO(false, "raw volume after the reboot")
 	check(a, "one", 2, "a after the reboot")
 	check(a, "three", 1, "a after the reboot")
 	check(b, "two", 1, "b after the reboot")
