@@ -155,6 +155,62 @@ func (k *killable) restart() {
 	k.dial()
 }
 
+// kvol is a volume of a killable's plugin and its staging and target paths.
+type kvol struct{ id, staging, target string }
+
+// create creates volume name (from src, if not nil) with capability vc,
+// its paths under dir, and deletes it at cleanup.
+func (k *killable) create(dir, name string, size int64, vc *csi.VolumeCapability, src *csi.VolumeContentSource, params map[string]string) kvol {
+	k.t.Helper()
+	cv, err := k.ctrl.CreateVolume(context.Background(), &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: size},
+		VolumeCapabilities: []*csi.VolumeCapability{vc}, VolumeContentSource: src, Parameters: params})
+	if err != nil {
+		k.t.Fatal(err)
+	}
+	v := kvol{cv.Volume.VolumeId, filepath.Join(dir, name+"-staging"), filepath.Join(dir, name)}
+	// Cleanups run last-registered first: unpublish, unstage, delete.
+	k.t.Cleanup(func() {
+		if _, err := k.ctrl.DeleteVolume(context.Background(), &csi.DeleteVolumeRequest{VolumeId: v.id}); err != nil {
+			k.t.Errorf("delete %s: %v", name, err)
+		}
+	})
+	return v
+}
+
+// stage stages and publishes v with capability vc.
+func (k *killable) stage(v kvol, vc *csi.VolumeCapability) {
+	k.t.Helper()
+	ctx := context.Background()
+	if _, err := k.node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging, VolumeCapability: vc}); err != nil {
+		k.t.Fatalf("stage %s: %v", v.id, err)
+	}
+	if _, err := k.node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging,
+		TargetPath: v.target, VolumeCapability: vc}); err != nil {
+		k.t.Fatalf("publish %s: %v", v.id, err)
+	}
+}
+
+// unstage unpublishes and unstages v.
+func (k *killable) unstage(v kvol) {
+	k.t.Helper()
+	ctx := context.Background()
+	if _, err := k.node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v.id, TargetPath: v.target}); err != nil {
+		k.t.Errorf("unpublish %s: %v", v.id, err)
+	}
+	if _, err := k.node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging}); err != nil {
+		k.t.Errorf("unstage %s: %v", v.id, err)
+	}
+}
+
+// publish is create, then stage, and unstage at cleanup.
+func (k *killable) publish(dir, name string, size int64, vc *csi.VolumeCapability, src *csi.VolumeContentSource, params map[string]string) kvol {
+	k.t.Helper()
+	v := k.create(dir, name, size, vc, src, params)
+	k.stage(v, vc)
+	k.t.Cleanup(func() { k.unstage(v) })
+	return v
+}
+
 // TestKillKeepsAckedWrites drives the real binary: writes the kernel got an
 // answer to, and never flushed, survive a SIGKILL of csi-snap. The fd
 // holder keeps each device's FUSE connection, so whatever sits on the
@@ -176,40 +232,12 @@ func TestKillKeepsAckedWrites(t *testing.T) {
 		}
 		return b
 	}
-	type vol struct{ id, staging, target string }
-	publish := func(name string, src *csi.VolumeContentSource) vol {
+	publish := func(name string, src *csi.VolumeContentSource) kvol {
 		t.Helper()
-		cv, err := k.ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: size},
-			VolumeCapabilities: []*csi.VolumeCapability{blockCap()}, VolumeContentSource: src, Parameters: map[string]string{"chunkSize": "16Ki"}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		v := vol{cv.Volume.VolumeId, filepath.Join(dir, name+"-staging"), filepath.Join(dir, name)}
-		// Cleanups run last-registered first: unpublish, unstage, delete.
-		t.Cleanup(func() {
-			if _, err := k.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.id}); err != nil {
-				t.Errorf("delete %s: %v", name, err)
-			}
-		})
-		if _, err := k.node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging, VolumeCapability: blockCap()}); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := k.node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging,
-			TargetPath: v.target, VolumeCapability: blockCap()}); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			if _, err := k.node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v.id, TargetPath: v.target}); err != nil {
-				t.Errorf("unpublish %s: %v", name, err)
-			}
-			if _, err := k.node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging}); err != nil {
-				t.Errorf("unstage %s: %v", name, err)
-			}
-		})
-		return v
+		return k.publish(dir, name, size, blockCap(), src, map[string]string{"chunkSize": "16Ki"})
 	}
 	// write writes b in 64 KiB O_DIRECT pieces and, with sync, fsyncs.
-	write := func(v vol, b []byte, sync bool) {
+	write := func(v kvol, b []byte, sync bool) {
 		t.Helper()
 		f, err := os.OpenFile(v.target, os.O_RDWR|unix.O_DIRECT, 0)
 		if err != nil {
@@ -227,7 +255,7 @@ func TestKillKeepsAckedWrites(t *testing.T) {
 			}
 		}
 	}
-	check := func(v vol, want []byte, what string) {
+	check := func(v kvol, want []byte, what string) {
 		t.Helper()
 		f, err := os.OpenFile(v.target, os.O_RDONLY|unix.O_DIRECT, 0)
 		if err != nil {

@@ -33,30 +33,16 @@ func TestNodeReboot(t *testing.T) {
 func testNodeReboot(t *testing.T, wipe bool) {
 	k, dir := startKillable(t, false)
 	ctx := context.Background()
-	type vol struct{ id, staging, target string }
-	create := func(name string, src *csi.VolumeContentSource) vol {
+	publishExt4 := func(name string, src *csi.VolumeContentSource) kvol {
 		t.Helper()
-		cv, err := k.ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20},
-			VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}, VolumeContentSource: src})
-		if err != nil {
-			t.Fatal(err)
-		}
-		v := vol{cv.Volume.VolumeId, filepath.Join(dir, name+"-staging"), filepath.Join(dir, name)}
-		t.Cleanup(func() {
-			if _, err := k.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.id}); err != nil {
-				t.Errorf("delete %s: %v", name, err)
-			}
-		})
-		stageAndPublish(t, k.node, v.id, v.staging, v.target)
-		t.Cleanup(func() { unpublishAndUnstage(t, k.node, v.id, v.staging, v.target) })
-		return v
+		return k.publish(dir, name, 64<<20, ext4Cap(), src, nil)
 	}
 	content := func(name string, gen int) []byte {
 		b := make([]byte, 256<<10)
 		rand.New(rand.NewSource(int64(len(name)*1000 + gen))).Read(b)
 		return b
 	}
-	write := func(v vol, name string, gen int) {
+	write := func(v kvol, name string, gen int) {
 		t.Helper()
 		f, err := os.Create(filepath.Join(v.target, name))
 		if err != nil {
@@ -70,7 +56,7 @@ func testNodeReboot(t *testing.T, wipe bool) {
 			t.Fatal(err)
 		}
 	}
-	check := func(v vol, name string, gen int, what string) {
+	check := func(v kvol, name string, gen int, what string) {
 		t.Helper()
 		got, err := os.ReadFile(filepath.Join(v.target, name))
 		if err != nil {
@@ -81,35 +67,13 @@ func testNodeReboot(t *testing.T, wipe bool) {
 		}
 	}
 
-	a, b := create("a", nil), create("b", nil)
+	a, b := publishExt4("a", nil), publishExt4("b", nil)
 	write(a, "one", 1)
 	write(b, "two", 1)
 
 	// A raw block volume beside them: its target is the device node,
 	// bound over a file.
-	cv, err := k.ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "raw", CapacityRange: &csi.CapacityRange{RequiredBytes: 16 << 20},
-		VolumeCapabilities: []*csi.VolumeCapability{blockCap()}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	raw := vol{cv.Volume.VolumeId, filepath.Join(dir, "raw-staging"), filepath.Join(dir, "raw")}
-	t.Cleanup(func() {
-		if _, err := k.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: raw.id}); err != nil {
-			t.Errorf("delete raw: %v", err)
-		}
-	})
-	publishRaw := func() {
-		t.Helper()
-		if _, err := k.node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: raw.id, StagingTargetPath: raw.staging, VolumeCapability: blockCap()}); err != nil {
-			t.Fatalf("stage raw: %v", err)
-		}
-		if _, err := k.node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: raw.id, StagingTargetPath: raw.staging,
-			TargetPath: raw.target, VolumeCapability: blockCap()}); err != nil {
-			t.Fatalf("publish raw: %v", err)
-		}
-	}
-	publishRaw()
-	t.Cleanup(func() { unpublishAndUnstage(t, k.node, raw.id, raw.staging, raw.target) })
+	raw := k.publish(dir, "raw", 16<<20, blockCap(), nil, nil)
 	rawBytes := alignedBlock(1 << 20)
 	rand.New(rand.NewSource(7)).Read(rawBytes)
 	rawIO := func(write bool, what string) {
@@ -171,10 +135,13 @@ func testNodeReboot(t *testing.T, wipe bool) {
 	k.restart()
 
 	// b's pod was deleted during the outage; then a new one uses it.
-	unpublishAndUnstage(t, k.node, b.id, b.staging, b.target)
-	stageAndPublish(t, k.node, b.id, b.staging, b.target)
-	stageAndPublish(t, k.node, a.id, a.staging, a.target)
-	publishRaw()
+	k.unstage(b)
+	if t.Failed() {
+		t.FailNow()
+	}
+	k.stage(b, ext4Cap())
+	k.stage(a, ext4Cap())
+	k.stage(raw, blockCap())
 	rawIO(false, "raw volume after the reboot")
 	check(a, "one", 2, "a after the reboot")
 	check(a, "three", 1, "a after the reboot")
@@ -183,7 +150,7 @@ func testNodeReboot(t *testing.T, wipe bool) {
 	write(b, "two", 2)
 	check(b, "two", 2, "b rewritten after the reboot")
 
-	r := create("restored", &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
+	r := publishExt4("restored", &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
 		Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snapID}}})
 	check(r, "one", 1, "restore of the snapshot taken before the reboot")
 	if _, err := os.Stat(filepath.Join(r.target, "three")); !os.IsNotExist(err) {
