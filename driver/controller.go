@@ -12,6 +12,7 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/csi-snap/csi-snap/cow"
+	"github.com/csi-snap/csi-snap/driver/kernel"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -797,10 +798,7 @@ func (d *Driver) freezeMarker(id string) string {
 
 // bootID identifies this boot of the machine ("" if unknown): a freeze does
 // not survive a reboot, so neither does a marker's meaning.
-func bootID() string {
-	b, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
-	return strings.TrimSpace(string(b))
-}
+func bootID() string { return kernel.BootID() }
 
 // thawLeftovers thaws the filesystems a previous run of this boot froze and
 // did not thaw (it died in between), as the markers in DataDir/frozen name

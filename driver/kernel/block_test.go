@@ -517,8 +517,12 @@ func TestLoopRegisteredBeforeConfigure(t *testing.T) {
 	fe, _ := newFrontend(t)
 	var checked []string
 	attachHook = func(backing, dev string) {
-		if !registeredLoops(backing)[dev] {
+		e, ok := registeredLoops(backing)[dev]
+		if !ok {
 			t.Errorf("%s bound to %s before its loop registry named it", dev, backing)
+		}
+		if fsDev, mounted := fuseDev(backing); !mounted || e.fsDev != fsDev {
+			t.Errorf("%s registered with mount number %d, the mount's is %d (mounted %v)", dev, e.fsDev, fsDev, mounted)
 		}
 		checked = append(checked, dev)
 	}

@@ -221,7 +221,7 @@ func scrub(runDir, mnt string) {
 	for dev, bf := range loopBackingFiles() {
 		match := strings.HasPrefix(bf, runDir+"/")
 		for _, m := range mounts {
-			if registeredLoops(m)[dev] && backsOntoMount(dev, m) {
+			if _, ok := registeredLoops(m)[dev]; ok && backsOntoMount(dev, m) {
 				match = true
 			}
 		}

@@ -15,12 +15,16 @@
 // namespace. The kernel writes that path relative to the reader's mount
 // namespace, and from another one (a restarted container's, a new pod's:
 // their mounts are copies) it reads "/"; so each mount point also has a
-// loop registry (RunDir/vol/<id>.loops, the devices attached to it), and a
-// registered device reading "/" is confirmed ours by its LOOP_GET_STATUS64
-// backing device number, the FUSE mount's (registeredLoops). Only those
-// devices are opened to ask: opening every loop device of the machine
-// disturbs its other users (measured: concurrent tests' detaches and
-// xfs_repair found their devices busy).
+// loop registry (RunDir/vol/<id>.loops: this boot's identity, then each
+// device attached to it with the FUSE mount's device number at the time),
+// and a registered device reading "/" is confirmed ours by its
+// LOOP_GET_STATUS64 backing device number, the FUSE mount's
+// (registeredLoops has the format). Only those devices are opened to ask,
+// and only when the entry is of this boot and of the current mount:
+// opening every loop device of the machine disturbs its other users
+// (measured: concurrent tests' detaches and xfs_repair found their devices
+// busy), and asking one that another volume's file now backs can wait as
+// long as that volume is not served (TestStaleLoopRegistry).
 //
 // The loop device is configured with LOOP_CONFIGURE: direct I/O on (without
 // it the loop driver issues one synchronous request at a time and qd16

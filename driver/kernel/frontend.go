@@ -1275,10 +1275,12 @@ func (f *Frontend) Attached() []string {
 			set[id] = true
 		}
 	}
-	// A registry counts while it names a device still bound to a file
-	// (ours from another namespace reads "/"); one whose devices were all
-	// detached from outside is left by a Detach that did not run (a
-	// reboot with the run dir on disk), and names nothing attached.
+	// A registry counts while it names a device still bound to our file:
+	// by its path, or, reading "/" (attached from another namespace), only
+	// while our FUSE mount is there with the number the entry recorded
+	// (registeredLoops: a registry of another boot names nothing). One
+	// left by a Detach that did not run (a reboot with the run dir on
+	// disk) names devices detached since, or other files' now.
 	regs, _ := filepath.Glob(filepath.Join(f.volDir, "*.loops"))
 	for _, r := range regs {
 		mp := strings.TrimSuffix(r, ".loops")
@@ -1286,9 +1288,10 @@ func (f *Frontend) Attached() []string {
 		if validateID(id) != nil || set[id] {
 			continue
 		}
-		for dev := range registeredLoops(mp) {
+		fsDev, mounted := fuseDev(mp)
+		for dev, e := range registeredLoops(mp) {
 			if n, err := loopNumber(dev); err == nil {
-				if bf, err := readSysfs(n, "loop/backing_file"); err == nil && (bf == "/" || bf == mp) {
+				if bf, err := readSysfs(n, "loop/backing_file"); err == nil && (bf == mp || bf == "/" && e.ours(fsDev, mounted)) {
 					set[id] = true
 					break
 				}

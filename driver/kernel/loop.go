@@ -11,6 +11,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	losetup "github.com/freddierice/go-losetup"
@@ -205,8 +206,10 @@ type loopDev struct {
 func loopsOf(path string) []loopDev {
 	var out []loopDev
 	mine := registeredLoops(path)
+	fsDev, mounted := fuseDev(path)
 	for dev, bf := range loopBackingFiles() {
-		if bf != path && !(mine[dev] && bf == "/" && backsOntoMount(dev, path)) {
+		e, reg := mine[dev]
+		if bf != path && !(reg && bf == "/" && e.ours(fsDev, mounted) && backsOntoMount(dev, path)) {
 			continue
 		}
 		n, err := loopNumber(dev)
@@ -312,19 +315,55 @@ func loopSize(dev string) (int64, error) {
 // attached from (csi-snap's container after a restart, or in a new pod:
 // its mounts are copies) it reads "/". So each mount point path keeps a
 // loop registry, path + ".loops" (ids have no dot), naming the devices
-// attached to it, one per line; a device it names whose backing_file reads
-// "/" is ours if its backing file is on the FUSE mount at path
-// (backsOntoMount). Only those devices are opened to ask: opening every
-// loop device of the machine would disturb their users (a detach, an fsck
-// of theirs, could find the device busy).
+// attached to it; a device it names whose backing_file reads "/" is ours if
+// its backing file is on the FUSE mount at path (backsOntoMount). Only
+// those devices are opened to ask: opening every loop device of the
+// machine would disturb their users (a detach, an fsck of theirs, could
+// find the device busy), and asking one that another volume's file backs
+// stats that file, which waits as long as that volume is not served.
+//
+// The registry is text: a first line "boot <id>" (this boot's
+// /proc/sys/kernel/random/boot_id), then one line per device, "/dev/loopN
+// <major>:<minor>", the second field being the device number of the FUSE
+// mount at path when the device was attached. A registry of another boot
+// names nothing (after a reboot its numbers belong to whoever attached
+// them since: taken for ours, they made Attached list a volume nobody
+// staged, and Attach ask another volume's device, waiting for good while
+// that volume was not served yet); neither does an entry whose mount
+// number is not the current mount's (a device of an earlier mount of the
+// same path). Registries written before the boot line and the numbers
+// (bare device lines) are read as before; older readers of this format
+// take the device fields and skip the others.
 
-// registeredLoops returns the devices path's loop registry names.
-func registeredLoops(path string) map[string]bool {
+// loopReg is a registry entry: the FUSE mount's device number when the
+// loop device was attached (0: not recorded).
+type loopReg struct{ fsDev uint64 }
+
+// registeredLoops returns the devices path's loop registry names (none if
+// it was written in another boot).
+func registeredLoops(path string) map[string]loopReg {
 	b, _ := os.ReadFile(path + ".loops")
-	m := map[string]bool{}
-	for _, l := range strings.Fields(string(b)) {
-		if _, err := loopNumber(l); err == nil {
-			m[l] = true
+	m := map[string]loopReg{}
+	for i, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		switch {
+		case len(f) == 0:
+		case i == 0 && f[0] == "boot":
+			if len(f) != 2 || (BootID() != "" && f[1] != BootID()) {
+				return map[string]loopReg{}
+			}
+		case len(f) <= 2:
+			if _, err := loopNumber(f[0]); err != nil {
+				continue
+			}
+			var e loopReg
+			var major, minor uint32
+			if len(f) == 2 {
+				if _, err := fmt.Sscanf(f[1], "%d:%d", &major, &minor); err == nil {
+					e.fsDev = unix.Mkdev(major, minor)
+				}
+			}
+			m[f[0]] = e
 		}
 	}
 	return m
@@ -332,16 +371,18 @@ func registeredLoops(path string) map[string]bool {
 
 // registerLoop adds (or, with add false, removes) dev to path's loop
 // registry, replacing the file whole (write, rename): a crash leaves the
-// old list or the new one. Without the registry only a restart into
-// another mount namespace loses track of the device, so failures are
-// logged, not returned.
+// old list or the new one. An added device is recorded with the number of
+// the FUSE mount at path. Without the registry only a restart into another
+// mount namespace loses track of the device, so failures are logged, not
+// returned.
 func registerLoop(path, dev string, add bool) {
 	m := registeredLoops(path)
-	if m[dev] == add {
+	if _, ok := m[dev]; ok == add {
 		return
 	}
 	if add {
-		m[dev] = true
+		fsDev, _ := fuseDev(path)
+		m[dev] = loopReg{fsDev: fsDev}
 	} else {
 		delete(m, dev)
 	}
@@ -352,8 +393,15 @@ func registerLoop(path, dev string, add bool) {
 		return
 	}
 	var b strings.Builder
+	if id := BootID(); id != "" {
+		b.WriteString("boot " + id + "\n")
+	}
 	for _, d := range slices.Sorted(maps.Keys(m)) {
-		b.WriteString(d + "\n")
+		b.WriteString(d)
+		if e := m[d]; e.fsDev != 0 {
+			fmt.Fprintf(&b, " %d:%d", unix.Major(e.fsDev), unix.Minor(e.fsDev))
+		}
+		b.WriteString("\n")
 	}
 	tmp := path + ".loops.tmp"
 	if err := os.WriteFile(tmp, []byte(b.String()), 0o600); err != nil {
@@ -363,6 +411,20 @@ func registerLoop(path, dev string, add bool) {
 	if err := os.Rename(tmp, path+".loops"); err != nil {
 		klog.ErrorS(err, "loop registry", "path", path)
 	}
+}
+
+// BootID identifies this boot of the machine ("" if unknown): nothing of
+// the kernel's (a loop device, a mount, a freeze) outlives it.
+var BootID = sync.OnceValue(func() string {
+	b, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	return strings.TrimSpace(string(b))
+})
+
+// ours reports whether the registry entry e may name a device on the FUSE
+// mount at path, whose device number is fsDev (mounted): backsOntoMount
+// then asks the device.
+func (e loopReg) ours(fsDev uint64, mounted bool) bool {
+	return mounted && (e.fsDev == 0 || e.fsDev == fsDev)
 }
 
 // backsOntoMount reports whether loop device dev's backing file is on our

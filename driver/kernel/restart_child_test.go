@@ -55,6 +55,9 @@ func serveChild(args []string) int {
 	dieAfterPut := fs.Bool("die-after-put", false, "exit (as if killed) right after the holder took the connection, before the loop attach")
 	freezeAt := fs.String("freeze-on-usr2", "", "on SIGUSR2, print STARTED and Freeze the filesystem mounted there (then DONE <err>)")
 	syncAt := fs.String("sync-on-usr2", "", "on SIGUSR2, print STARTED and Sync the filesystem mounted there (then DONE <err>)")
+	id2 := fs.String("id2", "", "a second volume, on -backing2, attached after the first (DEVICE2 <path>)")
+	backing2 := fs.String("backing2", "", "")
+	invalAttr := fs.Bool("inval-on-usr2", false, "on SIGUSR2, invalidate the kernel's attributes of the first volume's file (as Resize does), then print INVALIDATED <err>")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -89,6 +92,25 @@ func serveChild(args []string) int {
 		return 1
 	}
 	fmt.Printf("DEVICE %s\n", dev)
+	if *id2 != "" {
+		fb2, err := OpenFileBackend(*backing2, *size)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "backend2:", err)
+			return 1
+		}
+		dev2, err := fe.Attach(context.Background(), *id2, fb2, false)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "attach2:", err)
+			return 1
+		}
+		fmt.Printf("DEVICE2 %s\n", dev2)
+	}
+	if *invalAttr {
+		go func() {
+			<-usr2
+			fmt.Println("INVALIDATED", fe.get(*id).srv.notifyInvalAttr())
+		}()
+	}
 	if *freezeAt != "" || *syncAt != "" {
 		go func() {
 			<-usr2
