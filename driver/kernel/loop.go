@@ -377,13 +377,19 @@ func registeredLoops(path string) map[string]loopReg {
 // returned.
 func registerLoop(path, dev string, add bool) {
 	m := registeredLoops(path)
-	if _, ok := m[dev]; ok == add {
-		return
-	}
+	old, ok := m[dev]
 	if add {
+		// An entry left for the same number by an earlier mount of path
+		// gets this mount's number, or loopsOf would skip the device.
 		fsDev, _ := fuseDev(path)
+		if ok && old.fsDev == fsDev {
+			return
+		}
 		m[dev] = loopReg{fsDev: fsDev}
 	} else {
+		if !ok {
+			return
+		}
 		delete(m, dev)
 	}
 	if len(m) == 0 {

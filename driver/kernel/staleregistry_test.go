@@ -128,8 +128,8 @@ func mustLoopNumber(t *testing.T, dev string) int {
 }
 
 // TestLoopRegistryFormat: what registeredLoops reads from each form of a
-// registry file, and that registerLoop writes the boot line and drops a
-// registry of another boot.
+// registry file, and that registerLoop writes the boot line, drops a
+// registry of another boot and renumbers an entry of another mount.
 func TestLoopRegistryFormat(t *testing.T) {
 	if BootID() == "" {
 		t.Skip("no /proc/sys/kernel/random/boot_id: registries carry no boot")
@@ -153,6 +153,13 @@ func TestLoopRegistryFormat(t *testing.T) {
 	registerLoop(path, "/dev/loop8", true) // not a mount: no mount number
 	if b, _ := os.ReadFile(path + ".loops"); string(b) != "boot "+BootID()+"\n/dev/loop8\n" {
 		t.Errorf("registry after an add over another boot's: %q", b)
+	}
+	// The same number left by an earlier mount: it takes the number of
+	// the mount now at path (none here).
+	os.WriteFile(path+".loops", []byte("boot "+BootID()+"\n/dev/loop8 7:9\n"), 0o600)
+	registerLoop(path, "/dev/loop8", true)
+	if b, _ := os.ReadFile(path + ".loops"); string(b) != "boot "+BootID()+"\n/dev/loop8\n" {
+		t.Errorf("registry after an add over an entry of another mount: %q", b)
 	}
 	registerLoop(path, "/dev/loop8", false)
 	if _, err := os.Stat(path + ".loops"); !os.IsNotExist(err) {
