@@ -185,9 +185,18 @@
 //     (TestKillDuringOwnWriteback kills the server during each). Freezing
 //     needs CAP_SYS_ADMIN, which the chart adds to the holder's container;
 //     a holder without it answers EPERM, and the plugin freezes itself.
-//     What remains is short: the unmount's last writes, and the driver's
-//     mkfs, mount, resize2fs and xfs_growfs of a volume, children of the
-//     serving process, for as long as they run. The way out there is the
+//     What remains, found by test/sanity TestKillDuringCalls (whose whole
+//     mix hack/killcalls.sh runs; CI runs only its controller calls): in
+//     the process itself, Attach's open of the served file (FUSE_OPEN) and
+//     its LOOP_CONFIGURE, which fsyncs the file when it turns direct I/O
+//     on (FUSE_FSYNC), and Resize's statx of the mount (GETATTR, to learn
+//     the new size); in its children (mount-utils runs them), the
+//     driver's blkid, mkfs, mount, umount (the unmount's last writes),
+//     resize2fs and xfs_growfs of a volume, for as long as they run. A
+//     child's wait keeps a container from exiting (its first process
+//     waits for every process of its PID namespace), not a plain process:
+//     the test hit that once in 60-250 iterations as a container, and
+//     the in-process windows twice in about 2,400 iterations. The way out there is the
 //     abort above, of the connection the waiting I/O is on (in
 //     /sys/fs/fuse/connections, the one named by the minor number in that
 //     volume's FUSE mount's major:minor field of /proc/self/mountinfo; a
