@@ -174,23 +174,25 @@
 //     any more. The process does not finish exiting, keeps its Frontend
 //     lock (a new server fails with ErrBusy), and as the first process of a
 //     container keeps the container from exiting, so no replacement
-//     starts: every volume of the node waits. The two widest such windows
-//     are closed: a snapshot's FIFREEZE (which writes the filesystem back
+//     starts: every volume of the node waits. The widest such windows are
+//     closed: a snapshot's FIFREEZE (which writes the filesystem back
 //     through us) and the writeback of an unstage's unmount. Frontend.Freeze
 //     has the holder freeze (holdFreeze), whose thread waits instead, for
 //     the next server, and which thaws the filesystem itself when its
 //     client dies (the thaw of a freeze a dead plugin left goes to it too);
 //     Frontend.Sync has it write the filesystem back (syncfs, holdSync)
 //     before the driver unmounts, so the unmount has little left to write
-//     (TestKillDuringOwnWriteback kills the server during each). Freezing
-//     needs CAP_SYS_ADMIN, which the chart adds to the holder's container;
-//     a holder without it answers EPERM, and the plugin freezes itself.
+//     (TestKillDuringOwnWriteback kills the server during each); and
+//     Frontend.Resize has it stat the served file (statSize: the GETATTR
+//     through which the kernel learns the new size; TestKillDuringCalls
+//     found a kill there). Freezing needs CAP_SYS_ADMIN, which the chart
+//     adds to the holder's container; a holder without it answers EPERM,
+//     and the plugin freezes itself.
 //     What remains, found by test/sanity TestKillDuringCalls (whose whole
 //     mix hack/killcalls.sh runs; CI runs only its controller calls): in
 //     the process itself, Attach's open of the served file (FUSE_OPEN) and
 //     its LOOP_CONFIGURE, which fsyncs the file when it turns direct I/O
-//     on (FUSE_FSYNC), and Resize's statx of the mount (GETATTR, to learn
-//     the new size); in its children (mount-utils runs them), the
+//     on (FUSE_FSYNC); in its children (mount-utils runs them), the
 //     driver's blkid, mkfs, mount, umount (the unmount's last writes),
 //     resize2fs and xfs_growfs of a volume, for as long as they run. A
 //     child's wait keeps a container from exiting (its first process

@@ -133,7 +133,8 @@ type Frontend struct {
 	// holderSyncs and holderThaws count the syncs, and the thaws of their
 	// own, the holder made (Sync, Thaw; tests).
 	holderSyncs, holderThaws atomic.Int64
-	holderNoCap              sync.Once // logs, once, that the holder may not freeze
+	holderStats              atomic.Int64 // statSize's through the holder
+	holderNoCap              sync.Once    // logs, once, that the holder may not freeze
 }
 
 type volume struct {
@@ -1123,10 +1124,11 @@ func (f *Frontend) Resize(ctx context.Context, id string, newSize int64) error {
 		if err := v.withFD(v.srv.notifyInvalAttr); err != nil {
 			return fmt.Errorf("invalidate attributes: %w", err)
 		}
-		var st unix.Statx_t
-		if err := unix.Statx(unix.AT_FDCWD, v.mp, 0, unix.STATX_SIZE, &st); err != nil {
-			return fmt.Errorf("stat %s: %w", v.mp, err)
+		if err := f.statSize(v.mp); err != nil {
+			return err
 		}
+		// The cache only: no request.
+		var st unix.Statx_t
 		if err := unix.Statx(unix.AT_FDCWD, v.mp, unix.AT_STATX_DONT_SYNC, unix.STATX_SIZE, &st); err != nil {
 			return fmt.Errorf("stat %s: %w", v.mp, err)
 		}

@@ -28,8 +28,9 @@ import (
 // Requests are JSON holderReq; "put" carries the fd in its control data,
 // the reply to "get" carries it back. "freeze" (carrying a directory fd of
 // a mounted filesystem) is the exception: its connection stays open for
-// the "thaw" that follows, and its closing thaws (holdFreeze). "sync" and
-// a "thaw" of its own (each with a directory fd) are answered from a
+// the "thaw" that follows, and its closing thaws (holdFreeze). "sync", a
+// "thaw" of its own (each with a directory fd) and "stat" (with an O_PATH
+// fd of a served file) are answered from a
 // goroutine of their own too (holdSync). The holder answers requests one at a
 // time, so a "drop" that empties it and its exit are ordered with respect to
 // any concurrent "put" (which then finds the socket gone and starts a new
@@ -49,7 +50,7 @@ import (
 // for unheld and puts their connections again every HolderCheck, which
 // replaces each with a copy of itself.
 type holderReq struct {
-	Op     string          `json:"op"` // put, get, drop, list, freeze, thaw, sync
+	Op     string          `json:"op"` // put, get, drop, list, freeze, thaw, sync, stat
 	ID     string          `json:"id,omitempty"`
 	Params json.RawMessage `json:"params,omitempty"`
 	After  string          `json:"after,omitempty"` // list: IDs after this one
@@ -331,7 +332,7 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func(), 
 		}
 		resp.IDs = ids
 		reply(resp, -1)
-	case "freeze", "sync", "thaw":
+	case "freeze", "sync", "thaw", "stat":
 		// A thaw here (not on a freeze's connection): of a freeze a
 		// plugin before this one left (its recovery).
 		if len(fds) != 1 {
@@ -413,19 +414,26 @@ func holdFreeze(c *net.UnixConn, fd int) {
 }
 
 // holdSync writes back the filesystem whose directory fd is (op "sync":
-// syncfs), or thaws it (op "thaw": FITHAW), and answers on c; it closes fd
+// syncfs), or thaws it (op "thaw": FITHAW), or stats the served file fd is
+// (op "stat", a GETATTR to its server), and answers on c; it closes fd
 // and c. An unstage asks a sync before its unmount, which then has little
 // left to write: the writeback of everything a pod left dirty is this
 // holder's wait, not the plugin's (holdFreeze says why that matters when
 // the plugin is killed meanwhile); a thaw may write too (ext4's
-// superblock).
+// superblock), and a stat waits for the plugin's own answer.
 func holdSync(c *net.UnixConn, fd int, op string) {
 	defer c.Close()
 	c.SetDeadline(time.Time{})
 	var err error
-	if op == "thaw" {
+	switch op {
+	case "thaw":
 		err = unix.IoctlSetInt(fd, fiThaw, 0)
-	} else {
+	case "stat":
+		// A served file's size, asked of its server (GETATTR): Resize
+		// makes the kernel learn a new size so (Frontend.statSize).
+		var st unix.Statx_t
+		err = unix.Statx(fd, "", unix.AT_EMPTY_PATH, unix.STATX_SIZE, &st)
+	default:
 		err = unix.Syncfs(fd)
 	}
 	// Closed before the answer: the fd keeps the mount busy, and an

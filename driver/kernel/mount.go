@@ -233,8 +233,31 @@ func (f *Frontend) Sync(mountpoint string) error {
 	return nil
 }
 
+// statSize makes the kernel ask our server for the size of the served file
+// at mp (a statx: GETATTR), through the holder where one runs that can
+// (Resize, after invalidating the cached size). In this process, a kill
+// while the server has the GETATTR and not yet its answer would leave this
+// thread waiting for good (holdFreeze says why).
+func (f *Frontend) statSize(mp string) error {
+	c, resp, here, err := f.viaHolder("stat", mp)
+	if here || err != nil {
+		var st unix.Statx_t
+		if err := unix.Statx(unix.AT_FDCWD, mp, 0, unix.STATX_SIZE, &st); err != nil {
+			return fmt.Errorf("stat %s: %w", mp, err)
+		}
+		return nil
+	}
+	c.Close()
+	if resp.Err != "" {
+		return fmt.Errorf("stat %s (holder): %w", mp, holderErrno(resp.Err))
+	}
+	f.holderStats.Add(1)
+	return nil
+}
+
 // viaHolder asks the holder to do op ("freeze", "thaw", "sync") on the
-// filesystem mounted at mountpoint, sending a directory fd of it, and
+// filesystem mounted at mountpoint, sending a directory fd of it (or
+// "stat" of the served file at mountpoint, sending an O_PATH fd), and
 // returns the connection (open when err is nil: the caller closes it) and
 // the answer. here reports that this process must do it instead: no holder
 // answers; one older than op ("unknown op"); one that could not take the
@@ -247,7 +270,12 @@ func (f *Frontend) Sync(mountpoint string) error {
 // it was sent (the holder went away), or the directory cannot be opened
 // (here is then true too, and the caller's own try reports it).
 func (f *Frontend) viaHolder(op, mountpoint string) (c *net.UnixConn, resp holderResp, here bool, err error) {
-	fd, err := unix.Open(mountpoint, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	flags := unix.O_RDONLY | unix.O_DIRECTORY | unix.O_CLOEXEC
+	if op == "stat" {
+		// A served file: O_PATH opens it without asking its server.
+		flags = unix.O_PATH | unix.O_CLOEXEC
+	}
+	fd, err := unix.Open(mountpoint, flags, 0)
 	if err != nil {
 		return nil, resp, true, err
 	}

@@ -192,4 +192,8 @@ func TestResizeUnderIO(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatalf("reader: %v", err)
 	}
+	// Each Resize's stat went through the holder (statSize), at least once.
+	if got := fe.holderStats.Load(); got < 20 {
+		t.Fatalf("%d stats through the holder in 20 resizes, want at least 20", got)
+	}
 }
