@@ -184,21 +184,22 @@
 //     before the driver unmounts, so the unmount has little left to write
 //     (TestKillDuringOwnWriteback kills the server during each); and
 //     Frontend.Resize has it stat the served file (statSize: the GETATTR
-//     through which the kernel learns the new size; TestKillDuringCalls
-//     found a kill there). Freezing needs CAP_SYS_ADMIN, which the chart
-//     adds to the holder's container; a holder without it answers EPERM,
-//     and the plugin freezes itself.
-//     What remains, found by test/sanity TestKillDuringCalls (whose whole
-//     mix hack/killcalls.sh runs; CI runs only its controller calls): in
-//     the process itself, Attach's open of the served file (FUSE_OPEN) and
-//     its LOOP_CONFIGURE, which fsyncs the file when it turns direct I/O
-//     on (FUSE_FSYNC); in its children (mount-utils runs them), the
-//     driver's blkid, mkfs, mount, umount (the unmount's last writes),
-//     resize2fs and xfs_growfs of a volume, for as long as they run. A
-//     child's wait keeps a container from exiting (its first process
-//     waits for every process of its PID namespace), not a plain process:
-//     the test hit that once in 60-250 iterations as a container, and
-//     the in-process windows twice in about 2,400 iterations. The way out there is the
+//     through which the kernel learns the new size), and attachLoop has it
+//     open the served file (FUSE_OPEN) and bind the loop device to it
+//     (holdConfigure: LOOP_CONFIGURE fsyncs the file as it turns direct
+//     I/O on, a FUSE_FSYNC); test/sanity TestKillDuringCalls found a kill
+//     in each, TestKillDuringConfigure kills the server during the latter.
+//     Freezing needs CAP_SYS_ADMIN, which the chart adds to the holder's
+//     container; a holder without it answers EPERM, and the plugin
+//     freezes itself (a holder refusing the others likewise).
+//     What remains (TestKillDuringCalls, whose whole mix hack/killcalls.sh
+//     runs; CI runs only its controller calls): the driver's blkid, mkfs,
+//     mount, umount (the unmount's last writes), resize2fs and xfs_growfs
+//     of a volume, children of the serving process (mount-utils runs
+//     them), for as long as they run. A child's wait keeps a container
+//     from exiting (its first process waits for every process of its PID
+//     namespace), not a plain process: the test hit that once in 60-250
+//     iterations as a container. The way out there is the
 //     abort above, of the connection the waiting I/O is on (in
 //     /sys/fs/fuse/connections, the one named by the minor number in that
 //     volume's FUSE mount's major:minor field of /proc/self/mountinfo; a

@@ -642,7 +642,7 @@ func (f *Frontend) reattachLoop(ctx context.Context, v *volume) (string, error) 
 	}
 	if dev == "" {
 		var err error
-		if dev, err = attachLoop(ctx, v.mp, v.readOnly); err != nil {
+		if dev, err = attachLoop(ctx, f.sock, v.mp, v.readOnly); err != nil {
 			return "", fmt.Errorf("attach a loop device to %s again: %w", v.id, err)
 		}
 	}
@@ -761,7 +761,7 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 		// Died between mount and loop attach, perhaps before attachFresh's
 		// stat: the kernel may still hold the root's i_size of 0.
 		if err = kernelSized(mp, b.Size()); err == nil {
-			dev, err = attachLoop(ctx, mp, readOnly)
+			dev, err = attachLoop(ctx, f.sock, mp, readOnly)
 		}
 		if err != nil {
 			srv.stop()
@@ -870,7 +870,7 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 	if err = kernelSized(mp, b.Size()); err != nil {
 		return "", err
 	}
-	if dev, err = attachLoop(ctx, mp, readOnly); err != nil {
+	if dev, err = attachLoop(ctx, f.sock, mp, readOnly); err != nil {
 		return "", err
 	}
 	if err = f.register(id, &volume{id: id, mp: mp, dev: dev, fd: fd, srv: srv, readOnly: readOnly}); err != nil {
@@ -1069,7 +1069,7 @@ func (f *Frontend) ReadOnlyDevice(ctx context.Context, id string) (string, error
 	}
 	// It takes the size the kernel has for the file, as the main device
 	// did; a Resize after a grow sets both.
-	dev, err := attachLoop(ctx, v.mp, true)
+	dev, err := attachLoop(ctx, f.sock, v.mp, true)
 	if err != nil {
 		return "", err
 	}

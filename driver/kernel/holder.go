@@ -29,8 +29,9 @@ import (
 // the reply to "get" carries it back. "freeze" (carrying a directory fd of
 // a mounted filesystem) is the exception: its connection stays open for
 // the "thaw" that follows, and its closing thaws (holdFreeze). "sync", a
-// "thaw" of its own (each with a directory fd) and "stat" (with an O_PATH
-// fd of a served file) are answered from a
+// "thaw" of its own (each with a directory fd), "stat" (with an O_PATH fd
+// of a served file) and "configure" (a loop device's fd and a served
+// file's O_PATH fd: holdConfigure) are answered from a
 // goroutine of their own too (holdSync). The holder answers requests one at a
 // time, so a "drop" that empties it and its exit are ordered with respect to
 // any concurrent "put" (which then finds the socket gone and starts a new
@@ -50,7 +51,7 @@ import (
 // for unheld and puts their connections again every HolderCheck, which
 // replaces each with a copy of itself.
 type holderReq struct {
-	Op     string          `json:"op"` // put, get, drop, list, freeze, thaw, sync, stat
+	Op     string          `json:"op"` // put, get, drop, list, freeze, thaw, sync, stat, configure
 	ID     string          `json:"id,omitempty"`
 	Params json.RawMessage `json:"params,omitempty"`
 	After  string          `json:"after,omitempty"` // list: IDs after this one
@@ -254,7 +255,7 @@ func CloseInheritedPipes() {
 func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func(), freezes *sync.WaitGroup) (exit, kept bool) {
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	buf := make([]byte, holderMsgMax)
-	oob := make([]byte, unix.CmsgSpace(4))
+	oob := make([]byte, unix.CmsgSpace(2*4)) // "configure" sends two fds
 	n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
 	if n == 0 && (err == nil || errors.Is(err, io.EOF)) {
 		// Connected and closed without a request: a starting holder's
@@ -350,11 +351,59 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func(), 
 			}
 		}()
 		return false, true
+	case "configure":
+		var p loopParams
+		if len(fds) != 2 || json.Unmarshal(req.Params, &p) != nil {
+			closeAll(fds)
+			reply(holderResp{Err: "configure needs params and two fds"}, -1)
+			return false, false
+		}
+		freezes.Add(1)
+		go func() {
+			defer freezes.Done()
+			holdConfigure(c, fds[0], fds[1], p)
+		}()
+		return false, true
 	default:
 		closeAll(fds)
 		reply(holderResp{Err: "unknown op " + req.Op}, -1)
 	}
 	return false, false
+}
+
+// loopParams is a "configure" request's parameters.
+type loopParams struct {
+	ReadOnly bool   `json:"readOnly"`
+	Name     string `json:"name"` // the loop device's lo_file_name
+}
+
+// holdConfigure binds the loop device loopFD to the served file pathFD (an
+// O_PATH fd: opening it for I/O is a FUSE_OPEN to its server) with
+// LOOP_CONFIGURE, and answers on c; it closes the fds and c. The loop
+// driver fsyncs the file as it turns direct I/O on (FUSE_FSYNC): both
+// requests go to the plugin that serves the file, and a kill of it while
+// it has one and not yet its answer would leave the waiting thread
+// waiting for good (holdFreeze says why); here the holder waits, for the
+// next server.
+func holdConfigure(c *net.UnixConn, loopFD, pathFD int, p loopParams) {
+	defer c.Close()
+	c.SetDeadline(time.Time{})
+	mode := unix.O_RDWR
+	if p.ReadOnly {
+		mode = unix.O_RDONLY
+	}
+	bfd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", pathFD), mode|unix.O_CLOEXEC, 0)
+	if err == nil {
+		err = unix.IoctlLoopConfigure(loopFD, loopConfig(bfd, p))
+		unix.Close(bfd)
+	}
+	unix.Close(pathFD)
+	unix.Close(loopFD)
+	resp := holderResp{}
+	if err != nil {
+		resp.Err = errnoText(err)
+	}
+	writeHolder(c, resp, -1)
 }
 
 // holdFreeze freezes the filesystem whose directory fd is (FIFREEZE) and
@@ -481,13 +530,21 @@ func closeAll(fds []int) {
 }
 
 func writeHolder(c *net.UnixConn, v any, fd int) error {
+	if fd < 0 {
+		return writeHolderFDs(c, v)
+	}
+	return writeHolderFDs(c, v, fd)
+}
+
+// writeHolderFDs is writeHolder with any number of fds.
+func writeHolderFDs(c *net.UnixConn, v any, fds ...int) error {
 	b, err := json.Marshal(v)
 	if err != nil {
 		return err
 	}
 	var oob []byte
-	if fd >= 0 {
-		oob = unix.UnixRights(fd)
+	if len(fds) > 0 {
+		oob = unix.UnixRights(fds...)
 	}
 	_, _, err = c.WriteMsgUnix(b, oob, nil)
 	return err

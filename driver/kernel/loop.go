@@ -2,9 +2,11 @@ package kernel
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -12,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	losetup "github.com/freddierice/go-losetup"
@@ -32,9 +35,12 @@ const loopBlockSize = 4096
 const loopAttachAttempts = 32
 
 // attachLoop attaches a loop device to the file at backing and returns its
-// path (/dev/loopN). The file is opened here (FUSE OPEN) and the loop driver
-// keeps that open file.
-func attachLoop(ctx context.Context, backing string, readOnly bool) (string, error) {
+// path (/dev/loopN). The loop driver keeps an open file of backing; the
+// open (FUSE_OPEN) and the LOOP_CONFIGURE (which fsyncs the file:
+// FUSE_FSYNC) are the fuse-holder's on sock where one takes them
+// (configureLoop), so that a kill of this process while it waits for
+// either cannot leave it waiting for good.
+func attachLoop(ctx context.Context, sock, backing string, readOnly bool) (string, error) {
 	mode := os.O_RDWR
 	if readOnly {
 		mode = os.O_RDONLY
@@ -43,26 +49,18 @@ func attachLoop(ctx context.Context, backing string, readOnly bool) (string, err
 	// netpoller, whose epoll_ctl on a FUSE file sends FUSE_POLL to our own
 	// server from inside the runtime while holding a P. With the other P
 	// busy (GC), no reader can run to answer it: the process deadlocks
-	// (seen under load in the benchmarks).
-	bfd, err := unix.Open(backing, mode|unix.O_CLOEXEC, 0)
+	// (seen under load in the benchmarks). O_PATH asks the server nothing.
+	pfd, err := unix.Open(backing, unix.O_PATH|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return "", fmt.Errorf("open backing file %s: %w", backing, err)
 	}
-	defer unix.Close(bfd)
+	defer unix.Close(pfd)
 	ctl, err := os.OpenFile("/dev/loop-control", os.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return "", fmt.Errorf("%w: /dev/loop-control: %v", ErrUnsupported, err)
 	}
 	defer ctl.Close()
-
-	var cfg unix.LoopConfig
-	cfg.Fd = uint32(bfd)
-	cfg.Size = loopBlockSize
-	cfg.Info.Flags = unix.LO_FLAGS_DIRECT_IO
-	if readOnly {
-		cfg.Info.Flags |= unix.LO_FLAGS_READ_ONLY
-	}
-	copy(cfg.Info.File_name[:len(cfg.Info.File_name)-1], backing)
+	params := loopParams{ReadOnly: readOnly, Name: backing}
 
 	var lastErr error
 	for attempt := 0; attempt < loopAttachAttempts; attempt++ {
@@ -86,7 +84,13 @@ func attachLoop(ctx context.Context, backing string, readOnly bool) (string, err
 		// ours is harmless: loopsOf takes a registered device only if it
 		// backs onto our mount.
 		registerLoop(backing, dev, true)
-		err = unix.IoctlLoopConfigure(int(lf.Fd()), &cfg)
+		err = configureLoop(sock, int(lf.Fd()), pfd, params)
+		if errors.Is(err, errHolderGone) {
+			// It may have bound the device: keep it registered, so that
+			// a Detach or the next Attach finds it.
+			lf.Close()
+			return "", fmt.Errorf("LOOP_CONFIGURE %s: %w", dev, err)
+		}
 		if err == nil {
 			// The loop driver quietly falls back to buffered I/O when the
 			// backing file refuses direct I/O; that path serializes requests
@@ -114,6 +118,61 @@ func attachLoop(ctx context.Context, backing string, readOnly bool) (string, err
 		return "", fmt.Errorf("LOOP_CONFIGURE %s: %w", dev, err)
 	}
 	return "", fmt.Errorf("no free loop device after %d attempts: %w", loopAttachAttempts, lastErr)
+}
+
+// loopConfig is the LOOP_CONFIGURE of our devices on the open file bfd:
+// direct I/O, 4096-byte blocks, read-only where asked.
+func loopConfig(bfd int, p loopParams) *unix.LoopConfig {
+	cfg := &unix.LoopConfig{Fd: uint32(bfd), Size: loopBlockSize}
+	cfg.Info.Flags = unix.LO_FLAGS_DIRECT_IO
+	if p.ReadOnly {
+		cfg.Info.Flags |= unix.LO_FLAGS_READ_ONLY
+	}
+	copy(cfg.Info.File_name[:len(cfg.Info.File_name)-1], p.Name)
+	return cfg
+}
+
+// errHolderGone: the holder took a "configure" and went away before its
+// answer, which leaves unknown whether the device was bound.
+var errHolderGone = errors.New("the fuse-holder went away during the request")
+
+// holderConfigures counts the configures the holder made (tests).
+var holderConfigures atomic.Int64
+
+// configureLoop binds the open loop device lf to the served file pfd (an
+// O_PATH fd) with LOOP_CONFIGURE: through the holder on sock (holdConfigure
+// says why) where one answers "configure", else here, as viaHolder decides
+// for the other ops (no holder, an older one, one that cannot act). An
+// errno of the ioctl (EBUSY: the device was taken meanwhile) is the answer.
+func configureLoop(sock string, lf, pfd int, p loopParams) error {
+	if c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: sock, Net: "unixpacket"}); err == nil {
+		b, _ := json.Marshal(p)
+		resp, err := holderExchange(c, holderReq{Op: "configure", Params: b}, lf, pfd)
+		c.Close()
+		var en unix.Errno
+		switch {
+		case err != nil:
+			return fmt.Errorf("%w: %v", errHolderGone, err)
+		case resp.Err == "":
+			holderConfigures.Add(1)
+			return nil
+		case strings.HasPrefix(resp.Err, "unknown op"):
+		case !errors.As(holderErrno(resp.Err), &en) || en == unix.EPERM || en == unix.EACCES:
+			klog.InfoS("The fuse holder could not configure a loop device; configuring here", "answer", resp.Err)
+		default:
+			return holderErrno(resp.Err)
+		}
+	}
+	mode := unix.O_RDWR
+	if p.ReadOnly {
+		mode = unix.O_RDONLY
+	}
+	bfd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", pfd), mode|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open backing file %s: %w", p.Name, err)
+	}
+	defer unix.Close(bfd)
+	return unix.IoctlLoopConfigure(lf, loopConfig(bfd, p))
 }
 
 // attachHook, if set (tests), is called right after a device is configured

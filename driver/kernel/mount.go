@@ -194,7 +194,7 @@ func (f *Frontend) Thaw(mountpoint string) error {
 		return nil
 	}
 	defer c.Close()
-	resp, err := holderExchange(c, holderReq{Op: "thaw"}, -1)
+	resp, err := holderExchange(c, holderReq{Op: "thaw"})
 	switch {
 	case err != nil:
 		// The holder is gone; whether it thawed first or not, thawing
@@ -306,13 +306,13 @@ func (f *Frontend) viaHolder(op, mountpoint string) (c *net.UnixConn, resp holde
 	return c, resp, false, nil
 }
 
-// holderExchange sends req (with fd if >= 0) on c, a connection to the
+// holderExchange sends req (with fds, if any) on c, a connection to the
 // holder, and reads the answer, with no deadline (unlike holderCall): a
 // freeze or sync takes as long as its writeback, and the wait is on a
 // socket, which a kill of this process ends.
-func holderExchange(c *net.UnixConn, req holderReq, fd int) (holderResp, error) {
+func holderExchange(c *net.UnixConn, req holderReq, fds ...int) (holderResp, error) {
 	var resp holderResp
-	if err := writeHolder(c, req, fd); err != nil {
+	if err := writeHolderFDs(c, req, fds...); err != nil {
 		return resp, err
 	}
 	buf := make([]byte, holderMsgMax)

@@ -23,6 +23,16 @@ import (
 type stallingBackend struct {
 	*FileBackend
 	armed, told atomic.Bool
+	flushArmed  atomic.Bool
+}
+
+// Flush blocks for good once flushArmed (-configure-on-usr2).
+func (s *stallingBackend) Flush() error {
+	if s.flushArmed.Load() {
+		fmt.Println("FLUSH STALLED")
+		select {}
+	}
+	return s.FileBackend.Flush()
 }
 
 func (s *stallingBackend) WriteAt(p []byte, off int64) (int, error) {
@@ -57,6 +67,7 @@ func serveChild(args []string) int {
 	syncAt := fs.String("sync-on-usr2", "", "on SIGUSR2, print STARTED and Sync the filesystem mounted there (then DONE <err>)")
 	id2 := fs.String("id2", "", "a second volume, on -backing2, attached after the first (DEVICE2 <path>)")
 	backing2 := fs.String("backing2", "", "")
+	configure := fs.Bool("configure-on-usr2", false, "on SIGUSR2, make FSYNC stall, print STARTED and attach a read-only device (whose LOOP_CONFIGURE fsyncs the file), then DONE <err>")
 	invalAttr := fs.Bool("inval-on-usr2", false, "on SIGUSR2, invalidate the kernel's attributes of the first volume's file (as Resize does), then print INVALIDATED <err>")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -104,6 +115,15 @@ func serveChild(args []string) int {
 			return 1
 		}
 		fmt.Printf("DEVICE2 %s\n", dev2)
+	}
+	if *configure {
+		go func() {
+			<-usr2
+			b.flushArmed.Store(true)
+			fmt.Println("STARTED")
+			_, err := fe.ReadOnlyDevice(context.Background(), *id)
+			fmt.Println("DONE", err)
+		}()
 	}
 	if *invalAttr {
 		go func() {

@@ -439,6 +439,67 @@ func testKillDuring(t *testing.T, op string) {
 	reattachCheck(t, runDir, backing, id, size, nil, nil)
 }
 
+// TestKillDuringConfigure: an attach's LOOP_CONFIGURE fsyncs the served
+// file (FUSE_FSYNC to our own server), and its open is a FUSE_OPEN; the
+// holder makes both (holdConfigure). The serving process is SIGKILLed while
+// the configure of a read-only device waits on a stalled FSYNC: it must
+// exit (in-process, its thread waited for good), and once the next server
+// answers the resent FSYNC, the holder's configure completes: the device
+// is bound to the volume, and a Detach removes it with the main one.
+func TestKillDuringConfigure(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	runDir, backing, _ := restartDirs(t)
+	const size = 16 << 20
+	const id = "vol-configure-kill"
+	c := startChild(t, runDir, backing, id, size, "-configure-on-usr2")
+	t.Cleanup(func() { c.cmd.Process.Kill() })
+	dev := c.expect(t, "DEVICE ")
+	c.cmd.Process.Signal(syscall.SIGUSR2)
+	c.expect(t, "STARTED")
+	c.expect(t, "FLUSH STALLED") // the configure's fsync has reached the server
+	c.cmd.Process.Signal(syscall.SIGKILL)
+	fmp := filepath.Join(runDir, "vol", id)
+	select {
+	case <-c.done:
+	case <-time.After(20 * time.Second):
+		os.WriteFile(filepath.Join(fuseConnDir(t, fmp), "abort"), []byte("1"), 0)
+		<-c.done
+		killHolders(t, runDir)
+		unix.Unmount(fmp, unix.MNT_DETACH)
+		for _, d := range loopsOf(fmp) {
+			detachLoop(ctx, d.dev)
+		}
+		detachLoop(ctx, dev)
+		t.Fatal("the serving process, killed during a LOOP_CONFIGURE's fsync of its own file, did not exit in 20 s")
+	}
+	fb, err := OpenFileBackend(backing, size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fb.Close()
+	fe, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fe.Close()
+	if got, err := fe.Attach(ctx, id, fb, false); err != nil || got != dev {
+		t.Fatalf("resume: %s, %v; want %s", got, err, dev)
+	}
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if _, ok := findROLoop(fmp, dev); ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the holder's configure did not complete once the FSYNC was served")
+		}
+	}
+	if err := fe.Detach(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	assertNothingLeft(t, runDir)
+}
+
 // TestLostConnection kills the serving process and the holder: the FUSE
 // connection is gone for good. A new Attach must clean up the dead mount
 // and its loop device and serve the volume again, with its data.
