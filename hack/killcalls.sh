@@ -23,7 +23,12 @@ for container in 0 1; do
 		# The summary lines, and each HANG with the kernel stacks after it.
 		awk '/HANG/ { h = 16 } h > 0 { print; h--; next }
 			/killcalls_test.go:[0-9]+: (seed|container|[0-9]+ iterations|  )|FAIL|^ok/' <<<"$out"
-		[ "$st" -eq 0 ] || rc=1
+		if [ "$st" -ne 0 ]; then
+			rc=1
+			log=$(mktemp /tmp/killcalls-seed$seed-container$container.XXXXXX.log)
+			printf '%s\n' "$out" >"$log"
+			echo "!! failed; the whole output is in $log"
+		fi
 	done
 done
 exit $rc

@@ -329,15 +329,7 @@ func testRestart(t *testing.T, sig syscall.Signal, first, again []string) {
 
 	// This process resumes the volume once more, then detaches it: nothing
 	// (loop device, mount, holder) may remain.
-	fb, err := OpenFileBackend(backing, size)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fb.Close()
-	fe, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand()})
-	if err != nil {
-		t.Fatal(err)
-	}
+	fe, fb := serveHere(t, runDir, backing, size)
 	if ids := fe.Attached(); len(ids) != 1 || ids[0] != id {
 		t.Fatalf("Attached after restart = %v", ids)
 	}
@@ -360,6 +352,23 @@ func testRestart(t *testing.T, sig syscall.Signal, first, again []string) {
 	}
 	fe.Close()
 	assertNothingLeft(t, fe.cfg.RunDir)
+}
+
+// serveHere opens the backing file of a volume and a Frontend on runDir in
+// this process (the next server after a child's), both closed at cleanup.
+func serveHere(t *testing.T, runDir, backing string, size int64) (*Frontend, *FileBackend) {
+	t.Helper()
+	fb, err := OpenFileBackend(backing, size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fb.Close() })
+	fe, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fe.Close() })
+	return fe, fb
 }
 
 // TestKillDuringOwnWriteback: the serving process is killed while a freeze of
@@ -473,16 +482,7 @@ func TestKillDuringConfigure(t *testing.T) {
 		detachLoop(ctx, dev)
 		t.Fatal("the serving process, killed during a LOOP_CONFIGURE's fsync of its own file, did not exit in 20 s")
 	}
-	fb, err := OpenFileBackend(backing, size)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fb.Close()
-	fe, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fe.Close()
+	fe, fb := serveHere(t, runDir, backing, size)
 	if got, err := fe.Attach(ctx, id, fb, false); err != nil || got != dev {
 		t.Fatalf("resume: %s, %v; want %s", got, err, dev)
 	}
@@ -563,16 +563,7 @@ func TestDeadConnectionUnderFilesystem(t *testing.T) {
 	c.cmd.Process.Kill()
 	c.wait(t)
 	killHolders(t, runDir)
-	fb, err := OpenFileBackend(backing, size)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fb.Close()
-	fe, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fe.Close()
+	fe, fb := serveHere(t, runDir, backing, size)
 	if !fe.Dead(id) || fe.Unserved(id) {
 		t.Fatalf("Dead %v, Unserved %v: want dead, not unserved", fe.Dead(id), fe.Unserved(id))
 	}
@@ -589,7 +580,7 @@ func TestDeadConnectionUnderFilesystem(t *testing.T) {
 	if fe.Dead(id) {
 		t.Fatal("Dead after Detach")
 	}
-	dev, err = fe.Attach(ctx, id, fb, false)
+	dev, err := fe.Attach(ctx, id, fb, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -702,16 +693,7 @@ func serveWriteKill(t *testing.T, runDir, backing, id string, size, seed int64) 
 func reattachCheck(t *testing.T, runDir, backing, id string, size int64, want []byte, before func(*Frontend)) {
 	t.Helper()
 	ctx := context.Background()
-	fb, err := OpenFileBackend(backing, size)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fb.Close()
-	fe, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fe.Close()
+	fe, fb := serveHere(t, runDir, backing, size)
 	if before != nil {
 		before(fe)
 	}
