@@ -2515,3 +2515,42 @@ func ext4Env(t *testing.T, freeze, thaw func(string) error) env {
 	}
 	return env{d: d, store: st, fe: fe, fm: fm}
 }
+
+// racyMounter mounts as asked, then fails as mount(8) does when the same
+// mount got there first: what a stage retried after a kill meets when the
+// killed stage's mount, orphaned, finishes after the retry looked.
+type racyMounter struct {
+	*mount.FakeMounter
+	failed int
+}
+
+func (m *racyMounter) MountSensitive(source, target, fstype string, options, sensitive []string) error {
+	if err := m.FakeMounter.MountSensitive(source, target, fstype, options, sensitive); err != nil {
+		return err
+	}
+	m.failed++
+	return fmt.Errorf("mount: %s: %s already mounted on %s", target, source, target)
+}
+
+// TestStageRetryRacingOrphanedMount: such a stage is OK (it failed with
+// Internal, and the volume looked unstageable to the CO until its next
+// retry), since the staging path holds the volume's device.
+func TestStageRetryRacingOrphanedMount(t *testing.T) {
+	var rm *racyMounter
+	e := newEnv(t, func(o *driver.Options) {
+		rm = &racyMounter{FakeMounter: o.Mounter.Interface.(*mount.FakeMounter)}
+		o.Mounter.Interface = rm
+	})
+	id := e.createVolume(t, "racy-mount", 1<<20).VolumeId
+	staging := filepath.Join(t.TempDir(), "staging")
+	if _, err := e.d.NodeStageVolume(context.Background(), &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+		VolumeCapability: mountCap()}); err != nil {
+		t.Fatalf("stage whose mount was there first: %v, want OK", err)
+	}
+	if rm.failed == 0 {
+		t.Fatal("the mount never failed: nothing was tested")
+	}
+	if mounted, _ := e.fm.IsMountPoint(staging); !mounted {
+		t.Fatal("the staging path is not mounted")
+	}
+}

@@ -651,7 +651,14 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		flags = append(slices.Clone(flags), "ro")
 	}
 	if err := d.opt.Mounter.FormatAndMountSensitiveWithFormatOptions(dev, staging, fstype, flags, nil, formatOpts); err != nil {
-		return nil, statusf(codes.Internal, "format and mount %s (%s) at %s: %v", dev, fstype, staging, err)
+		// A retry of a stage killed during its mount: the dead plugin's
+		// mount(8), orphaned, may finish after the check above, and this
+		// mount then finds the device mounted here already. That is the
+		// stage done (TestKillDuringCalls met it under load).
+		if cur, cerr := d.mountedDevice(staging); cerr != nil || cur != dev {
+			return nil, statusf(codes.Internal, "format and mount %s (%s) at %s: %v", dev, fstype, staging, err)
+		}
+		klog.InfoS("The device got mounted at the staging path meanwhile (a killed stage's mount finished): staged", "volumeID", id, "device", dev, "stagingPath", staging, "mountError", err)
 	}
 	if existing != "" { // else mkfs made it the device's size just now
 		if err := d.growStaged(id, v, dev, staging, flags, existing); err != nil {
