@@ -149,7 +149,6 @@ func configureLoop(sock string, lf, pfd int, p loopParams) error {
 		b, _ := json.Marshal(p)
 		resp, err := holderExchange(c, holderReq{Op: "configure", Params: b}, lf, pfd)
 		c.Close()
-		var en unix.Errno
 		switch {
 		case err != nil:
 			return fmt.Errorf("%w: %v", errHolderGone, err)
@@ -157,7 +156,7 @@ func configureLoop(sock string, lf, pfd int, p loopParams) error {
 			holderConfigures.Add(1)
 			return nil
 		case strings.HasPrefix(resp.Err, "unknown op"):
-		case !errors.As(holderErrno(resp.Err), &en) || en == unix.EPERM || en == unix.EACCES:
+		case holderCannot(resp):
 			klog.InfoS("The fuse holder could not configure a loop device; configuring here", "answer", resp.Err)
 		default:
 			return holderErrno(resp.Err)

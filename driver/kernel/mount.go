@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -213,24 +214,14 @@ func (f *Frontend) Thaw(mountpoint string) error {
 // the holder where one runs that can (holdSync says why), else in this
 // process. An unstage calls it before its unmount.
 func (f *Frontend) Sync(mountpoint string) error {
-	c, resp, here, err := f.viaHolder("sync", mountpoint)
-	if here || err != nil { // none, too old, or gone during the sync
+	return f.holderOrHere("sync", mountpoint, "syncfs", &f.holderSyncs, func() error {
 		fd, err := unix.Open(mountpoint, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-		if err == nil {
-			err = unix.Syncfs(fd)
-			unix.Close(fd)
-		}
 		if err != nil {
-			return fmt.Errorf("syncfs %s: %w", mountpoint, err)
+			return err
 		}
-		return nil
-	}
-	c.Close()
-	if resp.Err != "" {
-		return fmt.Errorf("syncfs %s (holder): %w", mountpoint, holderErrno(resp.Err))
-	}
-	f.holderSyncs.Add(1)
-	return nil
+		defer unix.Close(fd)
+		return unix.Syncfs(fd)
+	})
 }
 
 // statSize makes the kernel ask our server for the size of the served file
@@ -239,19 +230,29 @@ func (f *Frontend) Sync(mountpoint string) error {
 // while the server has the GETATTR and not yet its answer would leave this
 // thread waiting for good (holdFreeze says why).
 func (f *Frontend) statSize(mp string) error {
-	c, resp, here, err := f.viaHolder("stat", mp)
-	if here || err != nil {
+	return f.holderOrHere("stat", mp, "stat", &f.holderStats, func() error {
 		var st unix.Statx_t
-		if err := unix.Statx(unix.AT_FDCWD, mp, 0, unix.STATX_SIZE, &st); err != nil {
-			return fmt.Errorf("stat %s: %w", mp, err)
+		return unix.Statx(unix.AT_FDCWD, mp, 0, unix.STATX_SIZE, &st)
+	})
+}
+
+// holderOrHere runs op on mountpoint through the holder (viaHolder), or,
+// where the holder cannot or went away meanwhile, here (a repeat is
+// harmless for a sync or a stat), counting the holder's in n; what names
+// the operation in errors.
+func (f *Frontend) holderOrHere(op, mountpoint, what string, n *atomic.Int64, here func() error) error {
+	c, resp, local, err := f.viaHolder(op, mountpoint)
+	if local || err != nil {
+		if err := here(); err != nil {
+			return fmt.Errorf("%s %s: %w", what, mountpoint, err)
 		}
 		return nil
 	}
 	c.Close()
 	if resp.Err != "" {
-		return fmt.Errorf("stat %s (holder): %w", mp, holderErrno(resp.Err))
+		return fmt.Errorf("%s %s (holder): %w", what, mountpoint, holderErrno(resp.Err))
 	}
-	f.holderStats.Add(1)
+	n.Add(1)
 	return nil
 }
 
@@ -295,8 +296,7 @@ func (f *Frontend) viaHolder(op, mountpoint string) (c *net.UnixConn, resp holde
 		c.Close()
 		return nil, resp, true, nil
 	}
-	var en unix.Errno
-	if !errors.As(holderErrno(resp.Err), &en) || en == unix.EPERM || en == unix.EACCES {
+	if holderCannot(resp) {
 		c.Close()
 		f.holderNoCap.Do(func() {
 			klog.InfoS("The fuse holder could not take a request on a filesystem: such requests (freezes, their thaws, the writeback before an unstage) run in this process, where a kill during one leaves the process unable to exit; the chart gives the holder CAP_SYS_ADMIN", "op", op, "answer", resp.Err)
@@ -304,6 +304,15 @@ func (f *Frontend) viaHolder(op, mountpoint string) (c *net.UnixConn, resp holde
 		return nil, resp, true, nil
 	}
 	return c, resp, false, nil
+}
+
+// holderCannot reports whether the holder's error answer says it could not
+// act at all (an answer that is not an errno: the fd lost on the way, say;
+// or EPERM, EACCES: no capability, an LSM), rather than the operation's own
+// errno: the caller then does it itself.
+func holderCannot(resp holderResp) bool {
+	var en unix.Errno
+	return !errors.As(holderErrno(resp.Err), &en) || en == unix.EPERM || en == unix.EACCES
 }
 
 // holderExchange sends req (with fds, if any) on c, a connection to the
