@@ -55,6 +55,12 @@ func (k *KernelFrontend) Thaw(mountpoint string) error { return k.f.Thaw(mountpo
 // fuse-holder where it can (kernel.Frontend.Sync), for Options.Sync.
 func (k *KernelFrontend) Sync(mountpoint string) error { return k.f.Sync(mountpoint) }
 
+// RunTool runs a filesystem tool's command line in the fuse-holder where
+// it can (kernel.Frontend.RunTool): the ToolRunner for ToolMounter.
+func (k *KernelFrontend) RunTool(ctx context.Context, args []string) (out []byte, exit int, here bool, err error) {
+	return k.f.RunTool(ctx, args)
+}
+
 // Unheld returns how many attached volumes the fuse-holder kept no
 // connection of at its last check (kernel.Frontend.Unheld).
 func (k *KernelFrontend) Unheld() int { return k.f.Unheld() }

@@ -27,6 +27,9 @@ type engines struct {
 	store              driver.Store
 	frontend           driver.Frontend
 	freeze, thaw, sync func(mountpoint string) error
+	// runTool runs the filesystem tools elsewhere (driver.ToolMounter);
+	// nil runs them in this process.
+	runTool driver.ToolRunner
 }
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -82,7 +85,7 @@ func run(ctx context.Context, cfg Config) (err error) {
 	d, err := driver.New(driver.Options{
 		Name: cfg.DriverName, Version: version, NodeID: cfg.NodeID, DataDir: cfg.DataDir, RunDir: cfg.RunDir, MaxVolumes: maxVols, MinFree: cfg.MinFree,
 		Store: eng.store, Frontend: eng.frontend,
-		Mounter: &mount.SafeFormatAndMount{Interface: mount.New(""), Exec: utilexec.New()},
+		Mounter: driver.ToolMounter(eng.runTool, &mount.SafeFormatAndMount{Interface: mount.New(""), Exec: utilexec.New()}),
 		Freeze:  eng.freeze, Thaw: eng.thaw, Sync: eng.sync,
 	})
 	if err != nil {

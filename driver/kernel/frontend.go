@@ -134,7 +134,9 @@ type Frontend struct {
 	// own, the holder made (Sync, Thaw; tests).
 	holderSyncs, holderThaws atomic.Int64
 	holderStats              atomic.Int64 // statSize's through the holder
+	holderRuns               atomic.Int64 // RunTool's through the holder
 	holderNoCap              sync.Once    // logs, once, that the holder may not freeze
+	holderNoRun              sync.Once    // logs, once, that the holder did not run a tool
 }
 
 type volume struct {

@@ -7,6 +7,8 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -32,7 +34,9 @@ import (
 // "thaw" of its own (each with a directory fd), "stat" (with an O_PATH fd
 // of a served file) and "configure" (a loop device's fd and a served
 // file's O_PATH fd: holdConfigure) are answered from a
-// goroutine of their own too (holdSync). The holder answers requests one at a
+// goroutine of their own too (holdSync), and so is "run" (holdRun: a
+// filesystem tool's command line, answered with its output and exit
+// status). The holder answers requests one at a
 // time, so a "drop" that empties it and its exit are ordered with respect to
 // any concurrent "put" (which then finds the socket gone and starts a new
 // holder).
@@ -51,10 +55,11 @@ import (
 // for unheld and puts their connections again every HolderCheck, which
 // replaces each with a copy of itself.
 type holderReq struct {
-	Op     string          `json:"op"` // put, get, drop, list, freeze, thaw, sync, stat, configure
+	Op     string          `json:"op"` // put, get, drop, list, freeze, thaw, sync, stat, configure, run
 	ID     string          `json:"id,omitempty"`
 	Params json.RawMessage `json:"params,omitempty"`
 	After  string          `json:"after,omitempty"` // list: IDs after this one
+	Args   []string        `json:"args,omitempty"`  // run: the command line
 }
 
 type holderResp struct {
@@ -63,6 +68,8 @@ type holderResp struct {
 	Params json.RawMessage `json:"params,omitempty"`
 	IDs    []string        `json:"ids,omitempty"`
 	More   bool            `json:"more,omitempty"` // list: IDs after the last one follow
+	Out    []byte          `json:"out,omitempty"`  // run: the command's output, clipped (holderOutMax)
+	Exit   *int            `json:"exit,omitempty"` // run: its exit status, -1 if a signal ended it
 }
 
 type heldConn struct {
@@ -364,6 +371,18 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func(), 
 			holdConfigure(c, fds[0], fds[1], p)
 		}()
 		return false, true
+	case "run":
+		closeAll(fds)
+		if !holderTool(req.Args) {
+			reply(holderResp{Err: fmt.Sprintf("run: not a filesystem tool this holder runs: %q", req.Args)}, -1)
+			return false, false
+		}
+		freezes.Add(1)
+		go func() {
+			defer freezes.Done()
+			holdRun(c, req.Args)
+		}()
+		return false, true
 	default:
 		closeAll(fds)
 		reply(holderResp{Err: "unknown op " + req.Op}, -1)
@@ -493,6 +512,73 @@ func holdSync(c *net.UnixConn, fd int, op string) {
 		resp.Err = errnoText(err)
 	}
 	writeHolder(c, resp, -1)
+}
+
+// holderTools are the commands a "run" may name: what the driver runs on
+// its volumes' devices and filesystems (mount-utils' format, mount,
+// unmount and resize, and the driver's size queries), each a bare name
+// looked up in the holder's PATH. Nothing else: the socket accepts only
+// our own user, but a holder that runs anything asked would be a root
+// shell for whoever reaches it.
+var holderTools = []string{
+	"blkid", "blockdev", "dumpe2fs", "fsck", "mkfs.ext2", "mkfs.ext3", "mkfs.ext4", "mkfs.xfs",
+	"mount", "resize2fs", "umount", "xfs_growfs", "xfs_io",
+}
+
+// holderTool reports whether args is a command line a "run" may carry.
+func holderTool(args []string) bool {
+	if len(args) == 0 || !slices.Contains(holderTools, args[0]) {
+		return false
+	}
+	for _, a := range args {
+		if strings.IndexByte(a, 0) >= 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// holderOutMax bounds the output a "run" answers with (its first bytes; the
+// tools' answers are a few KiB), so that the answer, base64 in JSON, fits
+// holderMsgMax.
+const holderOutMax = 32 << 10
+
+// holdRun runs args (holderTool's) and answers on c with its output and
+// exit status; it closes c.
+//
+// Why the holder runs them: these commands do I/O on the devices the
+// plugin serves (mkfs writes the volume, mount reads and replays its
+// journal, umount writes it back, resize2fs grows it), and a process that
+// waits on such I/O when the plugin is killed waits for good (holdFreeze
+// says why). A plain process leaves such a child behind and exits; but the
+// first process of a PID namespace (the plugin in its container) does not
+// finish exiting before every process of the namespace has, so a child
+// waiting there kept the container, and with it the next plugin and every
+// volume of the node, waiting. Here the child is the holder's, in the
+// holder's own PID namespace (its own pod in the chart): the plugin exits,
+// the next one serves the I/O, the command finishes, and its answer goes
+// to nobody (its client is gone). The command is not stopped when its
+// client goes: a half-run mkfs or umount is what must not be left.
+func holdRun(c *net.UnixConn, args []string) {
+	defer c.Close()
+	c.SetDeadline(time.Time{}) // as long as the command takes
+	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+	resp := holderResp{Out: out[:min(len(out), holderOutMax)]}
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+		resp.Exit = new(int)
+	case errors.As(err, &ee):
+		code := ee.ExitCode()
+		resp.Exit = &code
+	default:
+		// Not started (not in the holder's PATH, say): the client runs
+		// it itself (an answer that is not an errno: holderCannot).
+		resp.Out, resp.Err = nil, fmt.Sprintf("cannot run %s: %v", args[0], err)
+	}
+	if err := writeHolder(c, resp, -1); err != nil {
+		klog.InfoS("fuse holder: a command's client went away before its end", "command", args[0], "err", err)
+	}
 }
 
 // errnoText is err as a holder answer: the errno's number first, so that

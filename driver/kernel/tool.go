@@ -1,0 +1,51 @@
+package kernel
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"strings"
+	"time"
+
+	"k8s.io/klog/v2"
+)
+
+// RunTool runs a filesystem tool's command line (args[0] one of
+// holderTools: mkfs, mount, umount, resize2fs, ...) in the fuse-holder
+// (holdRun says why: such a command waits on I/O this process serves) and
+// returns its combined output and exit status (-1: a signal ended it).
+// here reports that the caller must run it itself instead: a command the
+// holder does not run, no holder answering, one older than "run", or one
+// that could not start it. err: the request failed after it was sent (the
+// holder went away: whether the command ran, or still runs, is unknown) or
+// ctx ended first (the command goes on in the holder).
+func (f *Frontend) RunTool(ctx context.Context, args []string) (out []byte, exit int, here bool, err error) {
+	if !holderTool(args) {
+		return nil, 0, true, nil
+	}
+	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: f.sock, Net: "unixpacket"})
+	if err != nil {
+		return nil, 0, true, nil
+	}
+	defer c.Close()
+	// holderExchange waits with no deadline (a mkfs of a large volume
+	// takes what it takes); ctx ends the wait, not the command.
+	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
+	defer stop()
+	resp, err := holderExchange(c, holderReq{Op: "run", Args: args})
+	switch {
+	case err != nil && ctx.Err() != nil:
+		return nil, 0, false, fmt.Errorf("%s through the fuse-holder: %w (the command may still run there)", args[0], ctx.Err())
+	case err != nil:
+		return nil, 0, false, fmt.Errorf("%s through the fuse-holder: %w: %v", args[0], errHolderGone, err)
+	case resp.Err == "" && resp.Exit != nil:
+		f.holderRuns.Add(1)
+		return resp.Out, *resp.Exit, false, nil
+	case strings.HasPrefix(resp.Err, "unknown op"):
+	default:
+		f.holderNoRun.Do(func() {
+			klog.InfoS("The fuse holder did not run a filesystem tool: such commands (mkfs, mount, umount, resize2fs) run in this process, where a kill during one may leave the process unable to exit", "command", args[0], "answer", resp.Err)
+		})
+	}
+	return nil, 0, true, nil
+}
