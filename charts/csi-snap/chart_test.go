@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/exec"
 	"reflect"
@@ -302,8 +303,32 @@ func TestNodePluginDefaults(t *testing.T) {
 	if str(holder, "image") != str(plugin, "image") {
 		t.Errorf("fuse-holder image %q, csi-snap's %q: the holder must speak the plugin's protocol", str(holder, "image"), str(plugin, "image"))
 	}
+	// It runs csi-snap's filesystem tools (node.fuseHolder.runTools, on by
+	// default): privileged, with /dev and kubelet's directory as the plugin
+	// has them, so that what it mounts at a staging path reaches kubelet.
+	if get(holder, "securityContext", "privileged") != true || get(holder, "securityContext", "runAsUser") != 0 {
+		t.Errorf("fuse-holder securityContext %v: want privileged, as root (it mounts, and answers csi-snap's user only)", get(holder, "securityContext"))
+	}
+	wantHolder := map[string]string{"/run/csi-snap": "HostToContainer", "/var/lib/kubelet": "Bidirectional", "/dev": ""}
+	holderMounts := map[string]string{}
+	for _, m := range list(holder, "volumeMounts") {
+		holderMounts[str(m, "mountPath")] = str(m, "mountPropagation")
+	}
+	if !maps.Equal(holderMounts, wantHolder) {
+		t.Errorf("fuse-holder mounts %v, want %v", holderMounts, wantHolder)
+	}
+	// Without runTools: unprivileged but for SYS_ADMIN, the run dir only,
+	// and told to refuse the tools (csi-snap then runs them itself).
+	noTools := find(render(t, snapshotAPI, "--set", "node.fuseHolder.runTools=false"), "DaemonSet", release+"-csi-snap-fuse-holder")
+	if noTools == nil {
+		t.Fatal("no fuse-holder DaemonSet with runTools=false")
+	}
+	holder = container(noTools, "fuse-holder")
+	if got, want := strs(holder, "args"), []string{"fuse-holder", "--socket=/run/csi-snap/holder-external.sock", "--stay", "--run-tools=false"}; !slices.Equal(got, want) {
+		t.Errorf("fuse-holder args without runTools %q, want %q", got, want)
+	}
 	if get(holder, "securityContext", "privileged") == true || get(holder, "securityContext", "runAsUser") != 0 {
-		t.Errorf("fuse-holder securityContext %v: want unprivileged, as root (it answers csi-snap's user only)", get(holder, "securityContext"))
+		t.Errorf("fuse-holder securityContext without runTools %v: want unprivileged, as root (it answers csi-snap's user only)", get(holder, "securityContext"))
 	}
 	// FIFREEZE and FITHAW need CAP_SYS_ADMIN: without it every freeze the
 	// holder is asked for fails with EPERM (and csi-snap freezes itself).
@@ -312,7 +337,7 @@ func TestNodePluginDefaults(t *testing.T) {
 	}
 	if m := list(holder, "volumeMounts"); len(m) != 1 || str(m[0], "name") != "run-dir" || str(m[0], "mountPath") != "/run/csi-snap" ||
 		str(m[0], "mountPropagation") != "HostToContainer" {
-		t.Errorf("fuse-holder mounts %v, want the run dir at /run/csi-snap, HostToContainer", m)
+		t.Errorf("fuse-holder mounts without runTools %v, want the run dir at /run/csi-snap, HostToContainer", m)
 	}
 	if get(plugin, "securityContext", "privileged") != true {
 		t.Error("csi-snap must be privileged (loop devices, mounts, /dev/fuse)")

@@ -42,10 +42,7 @@ func openRealEngines(cfg Config) (*engines, error) {
 
 func probeHolder(socket string) error { return kernel.ProbeHolder(socket) }
 
-func runHolder(socket string, stay bool) error {
+func runHolder(socket string, stay, tools bool) error {
 	kernel.CloseInheritedPipes() // this process only holds
-	if stay {
-		return kernel.RunHolderStay(socket)
-	}
-	return kernel.RunHolder(socket)
+	return kernel.RunHolderWith(socket, kernel.HolderOptions{Stay: stay, NoTools: !tools})
 }

@@ -82,6 +82,7 @@ func holderMain(args []string) int {
 	fs := flag.NewFlagSet("csi-snap fuse-holder", flag.ContinueOnError)
 	socket := fs.String("socket", "", "unix socket path the holder serves the FUSE fds on")
 	stay := fs.Bool("stay", false, "never exit by itself (neither when emptied nor when idle): for a holder started on its own, beside csi-snap --fuse-holder=external")
+	tools := fs.Bool("run-tools", true, "run the filesystem tools csi-snap asks for (mkfs, mount, umount, resize2fs: outside its PID namespace, so that a kill of csi-snap during one cannot keep it from exiting); false for a holder that has neither /dev, kubelet's directory nor the privilege to mount, and csi-snap runs them itself")
 	probe := fs.Bool("probe", false, "do not hold: ask the holder on --socket whether it answers, exit 0 if it does (a container's probe)")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -97,7 +98,7 @@ func holderMain(args []string) int {
 		}
 		return 0
 	}
-	if err := runHolder(*socket, *stay); err != nil {
+	if err := runHolder(*socket, *stay, *tools); err != nil {
 		fmt.Fprintln(os.Stderr, "csi-snap fuse-holder:", err)
 		return 1
 	}

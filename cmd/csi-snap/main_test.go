@@ -389,7 +389,7 @@ func TestHolderProbe(t *testing.T) {
 			t.Errorf("holderMain(%q) = %d, want 2", args, rc)
 		}
 	}
-	go runHolder(sock, false) // exits on its own when idle
+	go runHolder(sock, false, true) // exits on its own when idle
 	for i := 0; holderMain([]string{"--socket", sock, "--probe"}) != 0; i++ {
 		if i > 500 { // hang guard
 			t.Fatal("probe of a running holder never answered 0")

@@ -192,14 +192,17 @@
 //     Freezing needs CAP_SYS_ADMIN, which the chart adds to the holder's
 //     container; a holder without it answers EPERM, and the plugin
 //     freezes itself (a holder refusing the others likewise).
-//     What remains (TestKillDuringCalls, whose whole mix hack/killcalls.sh
-//     runs; CI runs only its controller calls): the driver's blkid, mkfs,
-//     mount, umount (the unmount's last writes), resize2fs and xfs_growfs
-//     of a volume, children of the serving process (mount-utils runs
-//     them), for as long as they run. A child's wait keeps a container
-//     from exiting (its first process waits for every process of its PID
-//     namespace), not a plain process: the test hit that once in 60-250
-//     iterations as a container. The way out there is the
+//     The driver's blkid, mkfs, fsck, mount, umount (the unmount's last
+//     writes), resize2fs and xfs_growfs of a volume go to the holder too
+//     (RunTool, holdRun; driver.ToolMounter): as children of the serving
+//     process their waits kept a container from exiting (its first process
+//     waits for every process of its PID namespace; a plain process
+//     leaves them behind), which test/sanity TestKillDuringCalls as a
+//     container hit once in 40-160 iterations (hack/killcalls.sh, every
+//     seed), and in none of 4 x 400 iterations since. A holder told not
+//     to (fuse-holder --run-tools=false: the chart's without
+//     node.fuseHolder.runTools, which has no /dev and may not mount)
+//     leaves them to the plugin, with that risk. The way out there is the
 //     abort above, of the connection the waiting I/O is on (in
 //     /sys/fs/fuse/connections, the one named by the minor number in that
 //     volume's FUSE mount's major:minor field of /proc/self/mountinfo; a

@@ -105,16 +105,33 @@ const (
 // until told to drop them; it returns nil once it holds nothing after a
 // drop, or after holderIdleExit without ever being given an fd. It returns
 // ErrBusy when another holder already answers on socketPath.
-func RunHolder(socketPath string) error { return runHolder(socketPath, false) }
+func RunHolder(socketPath string) error { return runHolder(socketPath, HolderOptions{}) }
 
 // RunHolderStay is RunHolder for a holder that runs on its own (`csi-snap
 // fuse-holder --socket PATH --stay`, the chart's fuse-holder DaemonSet,
 // with Config.ExternalHolder on the plugin's side): it never exits by
 // itself, neither when emptied nor when idle, since whatever supervises it
 // would only start it again; it ends with its process.
-func RunHolderStay(socketPath string) error { return runHolder(socketPath, true) }
+func RunHolderStay(socketPath string) error {
+	return runHolder(socketPath, HolderOptions{Stay: true})
+}
 
-func runHolder(socketPath string, stay bool) error {
+// HolderOptions are a holder's settings (RunHolderWith).
+type HolderOptions struct {
+	// Stay: never exit by itself (RunHolderStay).
+	Stay bool
+	// NoTools: refuse "run" (holdRun), so that the plugin runs its
+	// filesystem tools itself: for a holder that cannot (the chart's
+	// without node.fuseHolder.runTools: no /dev, no kubelet directory,
+	// not privileged).
+	NoTools bool
+}
+
+// RunHolderWith is RunHolder with options.
+func RunHolderWith(socketPath string, o HolderOptions) error { return runHolder(socketPath, o) }
+
+func runHolder(socketPath string, o HolderOptions) error {
+	stay := o.Stay
 	c, err := net.Dial("unixpacket", socketPath)
 	switch {
 	case err == nil:
@@ -185,7 +202,7 @@ func runHolder(socketPath string, stay bool) error {
 		if stay {
 			onEmpty = func() {}
 		}
-		exit, kept := serveHolderConn(c, held, onEmpty, &freezes)
+		exit, kept := serveHolderConn(c, held, onEmpty, &freezes, !o.NoTools)
 		if !kept {
 			c.Close()
 		}
@@ -259,7 +276,7 @@ func CloseInheritedPipes() {
 // A "freeze", "sync" or "thaw" keeps c (kept): holdFreeze or holdSync
 // answers on it, from a goroutine of its own counted in freezes, and
 // closes it.
-func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func(), freezes *sync.WaitGroup) (exit, kept bool) {
+func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func(), freezes *sync.WaitGroup, tools bool) (exit, kept bool) {
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	buf := make([]byte, holderMsgMax)
 	oob := make([]byte, unix.CmsgSpace(2*4)) // "configure" sends two fds
@@ -373,6 +390,10 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func(), 
 		return false, true
 	case "run":
 		closeAll(fds)
+		if !tools {
+			reply(holderResp{Err: "run: this holder runs no tools (--run-tools=false)"}, -1)
+			return false, false
+		}
 		if !holderTool(req.Args) {
 			reply(holderResp{Err: fmt.Sprintf("run: not a filesystem tool this holder runs: %q", req.Args)}, -1)
 			return false, false

@@ -115,4 +115,14 @@ func TestHolderRun(t *testing.T) {
 	if n := f.holderRuns.Load(); n != 4 {
 		t.Fatalf("%d runs counted, want still 4", n)
 	}
+
+	// A holder told to run no tools (csi-snap fuse-holder
+	// --run-tools=false) refuses, and RunTool says to run it here.
+	sock2 := filepath.Join(dir, "h2.sock")
+	go RunHolderWith(sock2, HolderOptions{NoTools: true}) // exits when idle
+	waitListed(t, sock2)
+	f2 := &Frontend{sock: sock2}
+	if _, _, here, err := f2.RunTool(ctx, []string{"mkfs.ext4", "-q", "-F", img}); !here || err != nil {
+		t.Fatalf("RunTool on a holder without tools: here %v, %v; want here", here, err)
+	}
 }

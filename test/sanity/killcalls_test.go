@@ -75,7 +75,9 @@ func TestKillDuringCalls(t *testing.T) {
 	t.Logf("seed %d, %d iterations (ext4 expansion tested: %v)", seed, n, hasCap(unix.CAP_SYS_RESOURCE))
 	// CSI_SNAP_KILLCALLS_CONTAINER=1 runs the plugin as the chart does
 	// (see startKillable): first process of its own PID namespace, with
-	// an external fuse-holder; its children (mkfs, mount) die with it.
+	// an external fuse-holder in another, which runs the plugin's mkfs,
+	// mount and umount (driver.ToolMounter): a child of the plugin waiting
+	// on a volume would keep the killed plugin from exiting.
 	container := os.Getenv("CSI_SNAP_KILLCALLS_CONTAINER") == "1"
 	t.Logf("container mode: %v", container)
 	k, dir := startKillable(t, container)
