@@ -760,6 +760,9 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 		return "", conflict
 	}
 	if !ok {
+		if testHookResumeNoDevice != nil {
+			testHookResumeNoDevice()
+		}
 		// Died between mount and loop attach, perhaps before attachFresh's
 		// stat: the kernel may still hold the root's i_size of 0.
 		if err = kernelSized(mp, b.Size()); err == nil {
@@ -786,6 +789,10 @@ var testHookBeforeResume func()
 // testHookAfterResumeCheck, if set (tests), runs in resume right after
 // that check passed.
 var testHookAfterResumeCheck func()
+
+// testHookResumeNoDevice, if set (tests), runs in resume when its lookup
+// found no loop device, before it attaches one.
+var testHookResumeNoDevice func()
 
 // afterHolderPut, if set (tests), runs in attachFresh right after the holder
 // took the connection, before anything asks for the file's attributes.

@@ -62,17 +62,40 @@ func attachLoop(ctx context.Context, sock, backing string, readOnly bool) (strin
 	defer ctl.Close()
 	params := loopParams{ReadOnly: readOnly, Name: backing}
 
+	// A killed attach may have left the holder configuring a device
+	// (holdConfigure waits for the FUSE_OPEN and FUSE_FSYNC the killed
+	// server never answered, and completes once this process serves them):
+	// configuring another one gave the volume two, the held configure
+	// binding its device after the caller's look found none
+	// (TestKillDuringAttachConfigure). So the devices backing's registry
+	// names that are bound to nothing come first (unboundLoops), then free
+	// ones: on such a device either ours binds it and the held configure
+	// fails with EBUSY, or the held one binds it first and ours finds it
+	// so (EBUSY below). One the held configure bound before this list was
+	// made is then taken as it is.
+	pending := unboundLoops(backing)
+	for _, d := range loopsOf(backing) {
+		if d.ro == readOnly {
+			return d.dev, nil
+		}
+	}
 	var lastErr error
-	for attempt := 0; attempt < loopAttachAttempts; attempt++ {
+	for attempt := 0; attempt < len(pending)+loopAttachAttempts; attempt++ {
 		if err := ctx.Err(); err != nil {
 			return "", err
 		}
-		n, err := unix.IoctlRetInt(int(ctl.Fd()), unix.LOOP_CTL_GET_FREE)
-		if err != nil {
+		n := 0
+		if attempt < len(pending) {
+			n = pending[attempt]
+		} else if n, err = unix.IoctlRetInt(int(ctl.Fd()), unix.LOOP_CTL_GET_FREE); err != nil {
 			return "", fmt.Errorf("LOOP_CTL_GET_FREE: %w", err)
 		}
 		dev := "/dev/loop" + strconv.Itoa(n)
 		lf, err := openLoopNode(dev, mode)
+		if err != nil && attempt < len(pending) {
+			lastErr = err // removed meanwhile
+			continue
+		}
 		if err != nil {
 			return "", err
 		}
@@ -109,12 +132,23 @@ func attachLoop(ctx context.Context, sock, backing string, readOnly bool) (strin
 			return dev, nil
 		}
 		lf.Close()
-		registerLoop(backing, dev, false)
 		if errors.Is(err, unix.EBUSY) {
-			// Someone configured this device between GET_FREE and our ioctl.
+			// Someone configured this device between GET_FREE (or
+			// unboundLoops) and our ioctl: another attach, or the configure
+			// a killed attach of this file left to the holder, whose device
+			// is this volume's (and stays registered).
 			lastErr = err
+			devs := loopsOf(backing)
+			if i := slices.IndexFunc(devs, func(d loopDev) bool { return d.dev == dev }); i >= 0 {
+				if devs[i].ro == readOnly {
+					return dev, nil
+				}
+				continue
+			}
+			registerLoop(backing, dev, false)
 			continue
 		}
+		registerLoop(backing, dev, false)
 		return "", fmt.Errorf("LOOP_CONFIGURE %s: %w", dev, err)
 	}
 	return "", fmt.Errorf("no free loop device after %d attempts: %w", loopAttachAttempts, lastErr)
@@ -425,6 +459,30 @@ func registeredLoops(path string) map[string]loopReg {
 		}
 	}
 	return m
+}
+
+// unboundLoops returns the numbers of the devices path's loop registry
+// names for the FUSE mount at path that exist and are bound to nothing, in
+// order: entries of attaches that died before their configure bound the
+// device, or while the holder still makes it (see attachLoop).
+func unboundLoops(path string) []int {
+	fsDev, mounted := fuseDev(path)
+	var out []int
+	for dev, e := range registeredLoops(path) {
+		n, err := loopNumber(dev)
+		if err != nil || !e.ours(fsDev, mounted) {
+			continue
+		}
+		if _, err := os.Stat(fmt.Sprintf("/sys/block/loop%d", n)); err != nil {
+			continue // removed
+		}
+		if _, err := readSysfs(n, "loop/backing_file"); err == nil {
+			continue // bound (to our file or, since, another)
+		}
+		out = append(out, n)
+	}
+	sort.Ints(out)
+	return out
 }
 
 // registerLoop adds (or, with add false, removes) dev to path's loop

@@ -68,6 +68,7 @@ func serveChild(args []string) int {
 	id2 := fs.String("id2", "", "a second volume, on -backing2, attached after the first (DEVICE2 <path>)")
 	backing2 := fs.String("backing2", "", "")
 	configure := fs.Bool("configure-on-usr2", false, "on SIGUSR2, make FSYNC stall, print STARTED and attach a read-only device (whose LOOP_CONFIGURE fsyncs the file), then DONE <err>")
+	stallAttach := fs.Bool("stall-attach", false, "make FSYNC stall from the start: the attach's LOOP_CONFIGURE (the holder's) waits on it, after FLUSH STALLED")
 	invalAttr := fs.Bool("inval-on-usr2", false, "on SIGUSR2, invalidate the kernel's attributes of the first volume's file (as Resize does), then print INVALIDATED <err>")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -88,6 +89,7 @@ func serveChild(args []string) int {
 		return 1
 	}
 	b := &stallingBackend{FileBackend: fb}
+	b.flushArmed.Store(*stallAttach)
 	go func() { <-usr1; b.armed.Store(true) }()
 	usr2 := make(chan os.Signal, 1)
 	signal.Notify(usr2, syscall.SIGUSR2)

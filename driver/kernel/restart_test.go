@@ -500,6 +500,95 @@ func TestKillDuringConfigure(t *testing.T) {
 	assertNothingLeft(t, runDir)
 }
 
+// TestKillDuringAttachConfigure: the serving process is SIGKILLed while
+// its attach's LOOP_CONFIGURE (the holder's, holdConfigure) waits on the
+// FSYNC it will never answer; the device is registered, not yet bound. The
+// next process resumes the connection and serves the resent FSYNC, which
+// completes that configure: the volume must end with that one device. It
+// got a second one, bound to the same file and used by nobody, when the
+// resume's lookup ran before the held configure had bound the device (seen
+// in TestKillDuringCalls). The FSYNC is answered late (as a busy store
+// would: the held configure binds the device while the resume configures
+// one), or right after the lookup found nothing.
+func TestKillDuringAttachConfigure(t *testing.T) {
+	for _, tc := range []string{"late", "after-lookup"} {
+		t.Run(tc, func(t *testing.T) { testKillDuringAttachConfigure(t, tc) })
+	}
+}
+
+func testKillDuringAttachConfigure(t *testing.T, tc string) {
+	requireRoot(t)
+	ctx := context.Background()
+	runDir, backing, _ := restartDirs(t)
+	const size = 16 << 20
+	const id = "vol-attach-configure-kill"
+	c := startChild(t, runDir, backing, id, size, "-stall-attach")
+	t.Cleanup(func() { c.cmd.Process.Kill() })
+	c.expect(t, "FLUSH STALLED") // the configure's fsync has reached the server
+	fmp := filepath.Join(runDir, "vol", id)
+	reg := registeredLoops(fmp)
+	if len(reg) != 1 {
+		t.Fatalf("loop registry during the configure: %v, want one device", reg)
+	}
+	held := ""
+	for d := range reg {
+		held = d
+	}
+	c.cmd.Process.Signal(syscall.SIGKILL)
+	c.wait(t)
+	if devs := loopsOf(fmp); len(devs) != 0 {
+		t.Fatalf("devices bound before the FSYNC was answered: %v", devs)
+	}
+	fe, fb := serveHere(t, runDir, backing, size)
+	b := &slowFlushBackend{FileBackend: fb, gate: make(chan struct{})}
+	switch tc {
+	case "late":
+		b.delay = 300 * time.Millisecond
+		close(b.gate)
+	case "after-lookup":
+		testHookResumeNoDevice = func() {
+			close(b.gate)
+			n, _ := loopNumber(held)
+			for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+				if _, err := readSysfs(n, "loop/backing_file"); err == nil {
+					return
+				}
+			}
+			t.Error("the held configure did not bind its device once the FSYNC was answered")
+		}
+		t.Cleanup(func() { testHookResumeNoDevice = nil })
+	}
+	dev, err := fe.Attach(ctx, id, b, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dev != held {
+		t.Errorf("resumed on %s, not on %s (the held configure's)", dev, held)
+	}
+	// Long enough for the held configure to complete (one late FSYNC).
+	time.Sleep(time.Second)
+	if devs := loopsOf(fmp); len(devs) != 1 || devs[0].dev != dev {
+		t.Errorf("devices bound to the volume's file: %v, want only %s", devs, dev)
+	}
+	if err := fe.Detach(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	assertNothingLeft(t, runDir)
+}
+
+// slowFlushBackend answers each FSYNC once gate is closed, after delay.
+type slowFlushBackend struct {
+	*FileBackend
+	gate  chan struct{}
+	delay time.Duration
+}
+
+func (s *slowFlushBackend) Flush() error {
+	<-s.gate
+	time.Sleep(s.delay)
+	return s.FileBackend.Flush()
+}
+
 // TestLostConnection kills the serving process and the holder: the FUSE
 // connection is gone for good. A new Attach must clean up the dead mount
 // and its loop device and serve the volume again, with its data.
