@@ -341,10 +341,19 @@ func (c *chaos) waitExit() {
 	case <-time.After(30 * time.Second):
 	}
 	pid := c.k.p.cmd.Process.Pid
+	c.dead = true
+	c.t.Errorf("iter %d: HANG: the plugin (pid %d) SIGKILLed 30 s ago has not exited; threads in uninterruptible sleep:\n%s\nlast log lines:\n%s",
+		c.iter, pid, dStacks(pid), tail(readLog(c.k.p), 8))
+	forceCleanup(c.t, c.dir)
+	c.t.FailNow()
+}
+
+// dStacks returns the kernel stacks of the threads in uninterruptible
+// sleep of process pid and its descendants (mkfs, mount, umount: in
+// container mode the plugin is its PID namespace's init, which does not
+// finish exiting before they do).
+func dStacks(pid int) string {
 	var b strings.Builder
-	// The plugin's threads and its descendants' (mkfs, mount, umount):
-	// in container mode the plugin is its PID namespace's init, which
-	// does not finish exiting before they do.
 	pids := []int{pid}
 	for i := 0; i < len(pids); i++ {
 		stats, _ := filepath.Glob("/proc/[0-9]*/stat")
@@ -368,11 +377,7 @@ func (c *chaos) waitExit() {
 			}
 		}
 	}
-	c.dead = true
-	c.t.Errorf("iter %d: HANG: the plugin (pid %d) SIGKILLed 30 s ago has not exited; threads in uninterruptible sleep:\n%s\nlast log lines:\n%s",
-		c.iter, pid, b.String(), tail(readLog(c.k.p), 8))
-	forceCleanup(c.t, c.dir)
-	c.t.FailNow()
+	return b.String()
 }
 
 // startNoWait is startPlugin without the wait for the socket.
