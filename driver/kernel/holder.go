@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"sort"
 	"strconv"
@@ -535,34 +536,114 @@ func holdSync(c *net.UnixConn, fd int, op string) {
 	writeHolder(c, resp, -1)
 }
 
-// holderTools are the commands a "run" may name: what the driver runs on
-// its volumes' devices and filesystems (mount-utils' format, mount,
-// unmount and resize, and the driver's size queries), each a bare name
-// looked up in the holder's PATH. Nothing else: the socket accepts only
-// our own user, but a holder that runs anything asked would be a root
-// shell for whoever reaches it.
-var holderTools = []string{
-	"blkid", "blockdev", "dumpe2fs", "fsck", "mkfs.ext2", "mkfs.ext3", "mkfs.ext4", "mkfs.xfs",
-	"mount", "resize2fs", "umount", "xfs_growfs", "xfs_io",
+// holderTools are the command lines a "run" may carry, by command: what
+// the driver runs on its volumes' devices and filesystems (mount-utils'
+// format, mount, unmount and resize, and the driver's size queries), each
+// command a bare name looked up in the holder's PATH, each argument list
+// of the one shape those callers give it. The socket accepts only our own
+// user, but a holder that ran any command line asked (a mount --bind over
+// a tool, an xfs_io that writes a file, mkfs of any device) would be a
+// privileged root shell for whatever reaches it: so devices are loop
+// devices, paths are absolute and clean, flags are the callers' own, and
+// a mount mounts a filesystem, never a bind or a move.
+var holderTools = map[string]func(args []string) bool{
+	"blkid": func(a []string) bool { // -p -s TYPE -s PTTYPE -o export DEV
+		return lastLoop(a) && onlyFlags(a[:len(a)-1], "-p", "-s", "TYPE", "PTTYPE", "-o", "export")
+	},
+	"blockdev": func(a []string) bool {
+		return len(a) == 2 && (a[0] == "--getro" || a[0] == "--getsize64") && lastLoop(a)
+	},
+	"dumpe2fs":   func(a []string) bool { return len(a) == 2 && a[0] == "-h" && lastLoop(a) },
+	"fsck":       func(a []string) bool { return len(a) == 2 && a[0] == "-a" && lastLoop(a) },
+	"mkfs.ext2":  mkfsExt,
+	"mkfs.ext3":  mkfsExt,
+	"mkfs.ext4":  mkfsExt,
+	"mkfs.xfs":   func(a []string) bool { return lastLoop(a) && onlyFlags(a[:len(a)-1], "-f", "-K") },
+	"resize2fs":  func(a []string) bool { return len(a) == 1 && lastLoop(a) },
+	"umount":     func(a []string) bool { return len(a) == 1 && toolPath(a[0]) },
+	"xfs_growfs": func(a []string) bool { return len(a) == 2 && a[0] == "-d" && toolPath(a[1]) },
+	"xfs_io":     func(a []string) bool { return len(a) == 3 && a[0] == "-c" && a[1] == "statfs" && toolPath(a[2]) },
+	"mount":      mountLine,
 }
 
-// holderTool reports whether args is a command line a "run" may carry.
-func holderTool(args []string) bool {
-	if len(args) == 0 || !slices.Contains(holderTools, args[0]) {
+// mkfsExt: [-E nodiscard] -F -m0 DEV.
+func mkfsExt(a []string) bool {
+	return lastLoop(a) && onlyFlags(a[:len(a)-1], "-E", "nodiscard", "-F", "-m0")
+}
+
+// mountLine: -t FSTYPE [-o OPTIONS] DEV PATH (mount-utils' command line for
+// a filesystem), with none of the options that make a mount something
+// else (bind, move, remount) or run a program (helper=, X-mount.*).
+func mountLine(a []string) bool {
+	if len(a) != 4 && len(a) != 6 || a[0] != "-t" || !slices.Contains([]string{"ext2", "ext3", "ext4", "xfs"}, a[1]) ||
+		!loopDevice(a[len(a)-2]) || !toolPath(a[len(a)-1]) {
 		return false
 	}
-	for _, a := range args {
-		if strings.IndexByte(a, 0) >= 0 {
+	if len(a) == 4 {
+		return true
+	}
+	if a[2] != "-o" {
+		return false
+	}
+	for _, o := range strings.Split(a[3], ",") {
+		name, _, _ := strings.Cut(strings.ToLower(o), "=")
+		if o == "" || strings.HasPrefix(o, "-") || slices.Contains([]string{"bind", "rbind", "move", "remount", "helper"}, name) ||
+			strings.HasPrefix(name, "x-") || strings.ContainsAny(o, " \t\n\x00") {
 			return false
 		}
 	}
 	return true
 }
 
-// holderOutMax bounds the output a "run" answers with (its first bytes; the
-// tools' answers are a few KiB), so that the answer, base64 in JSON, fits
-// holderMsgMax.
+// lastLoop reports whether a ends with a loop device.
+func lastLoop(a []string) bool { return len(a) > 0 && loopDevice(a[len(a)-1]) }
+
+// loopDevice reports whether s is /dev/loopN.
+func loopDevice(s string) bool {
+	n, ok := strings.CutPrefix(s, "/dev/loop")
+	_, err := strconv.ParseUint(n, 10, 32)
+	return ok && err == nil
+}
+
+// toolPath reports whether p is an absolute, clean path other than /.
+func toolPath(p string) bool {
+	return filepath.IsAbs(p) && filepath.Clean(p) == p && p != "/" && !strings.ContainsAny(p, "\x00\n")
+}
+
+// onlyFlags reports whether every element of a is one of allowed.
+func onlyFlags(a []string, allowed ...string) bool {
+	for _, x := range a {
+		if !slices.Contains(allowed, x) {
+			return false
+		}
+	}
+	return true
+}
+
+// holderTool reports whether args is a command line a "run" may carry.
+func holderTool(args []string) bool {
+	if len(args) == 0 {
+		return false
+	}
+	shape, ok := holderTools[args[0]]
+	return ok && shape(args[1:])
+}
+
+// holderOutMax bounds the output a "run" answers with (the tools' answers
+// are a few KiB), so that the answer, base64 in JSON, fits holderMsgMax.
 const holderOutMax = 32 << 10
+
+// clipOutput returns out, or when longer than holderOutMax its first and
+// last bytes around a line that says so: what callers parse comes first
+// (dumpe2fs -h, blkid), a failing tool's diagnosis last.
+func clipOutput(out []byte) []byte {
+	if len(out) <= holderOutMax {
+		return out
+	}
+	const cut = "\n[... output clipped by the fuse-holder ...]\n"
+	half := (holderOutMax - len(cut)) / 2
+	return slices.Concat(out[:half], []byte(cut), out[len(out)-(holderOutMax-len(cut)-half):])
+}
 
 // holdRun runs args (holderTool's) and answers on c with its output and
 // exit status; it closes c.
@@ -584,7 +665,7 @@ func holdRun(c *net.UnixConn, args []string) {
 	defer c.Close()
 	c.SetDeadline(time.Time{}) // as long as the command takes
 	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
-	resp := holderResp{Out: out[:min(len(out), holderOutMax)]}
+	resp := holderResp{Out: clipOutput(out)}
 	var ee *exec.ExitError
 	switch {
 	case err == nil:
@@ -598,7 +679,7 @@ func holdRun(c *net.UnixConn, args []string) {
 		resp.Out, resp.Err = nil, fmt.Sprintf("cannot run %s: %v", args[0], err)
 	}
 	if err := writeHolder(c, resp, -1); err != nil {
-		klog.InfoS("fuse holder: a command's client went away before its end", "command", args[0], "err", err)
+		klog.InfoS("fuse holder: a command's client went away before its end", "command", args[0], "exit", resp.Exit, "err", err)
 	}
 }
 

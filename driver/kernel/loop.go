@@ -151,7 +151,7 @@ func attachLoop(ctx context.Context, sock, backing string, readOnly bool) (strin
 		registerLoop(backing, dev, false)
 		return "", fmt.Errorf("LOOP_CONFIGURE %s: %w", dev, err)
 	}
-	return "", fmt.Errorf("no free loop device after %d attempts: %w", loopAttachAttempts, lastErr)
+	return "", fmt.Errorf("no free loop device after %d attempts: %w", len(pending)+loopAttachAttempts, lastErr)
 }
 
 // loopConfig is the LOOP_CONFIGURE of our devices on the open file bfd:

@@ -1,128 +1,192 @@
 package kernel
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
-// TestHolderRun: a holder process runs the filesystem tools it is asked to
-// (RunTool, the "run" op) and answers their output and exit status; it
-// refuses any other command (the client then runs it itself: here); its
-// answer is clipped to holderOutMax; and a command whose client goes away
-// runs on to its end in the holder, which is the point of running it
-// there (holdRun).
+// gatedBackend holds every read until gate is closed.
+type gatedBackend struct {
+	*countingBackend
+	gate chan struct{}
+}
+
+func (g *gatedBackend) ReadAt(p []byte, off int64) (int, error) {
+	<-g.gate
+	return g.countingBackend.ReadAt(p, off)
+}
+
+// TestHolderRun: the holder runs the filesystem tools it is asked to
+// (RunTool, the "run" op), on a device this process serves, and answers
+// their output and exit status; it refuses any other command line (the
+// client then runs it itself: here); and a command whose client goes away
+// runs on to its own end in the holder, which is the point of running it
+// there (holdRun): blkid waits on a read this process holds back, its
+// client gives up, and once the read is served blkid ends with its own
+// status (2: nothing found), which the holder logs.
 func TestHolderRun(t *testing.T) {
+	requireRoot(t)
 	for _, tool := range []string{"mkfs.ext4", "blkid", "dumpe2fs"} {
 		requireTool(t, tool)
 	}
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "h.sock")
-	h := exec.Command(os.Args[0], "fuse-holder", "--socket", sock, "--stay")
-	h.Stderr = os.Stderr
-	if err := h.Start(); err != nil {
+	fe, runDir := newFrontend(t)
+	ctx := context.Background()
+	gate := make(chan struct{})
+	close(gate)
+	dev, err := fe.Attach(ctx, "tools", &gatedBackend{newFileBackend(t, t.TempDir(), 256<<20), gate}, false)
+	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { h.Process.Kill(); h.Wait() })
-	waitListed(t, sock)
-	f := &Frontend{sock: sock}
-	ctx := context.Background()
 	runs := func(args ...string) ([]byte, int) {
 		t.Helper()
-		out, exit, here, err := f.RunTool(ctx, args)
+		out, exit, here, err := fe.RunTool(ctx, args)
 		if err != nil || here {
 			t.Fatalf("RunTool %q: here %v, %v; want it run by the holder", args, here, err)
 		}
 		return out, exit
 	}
-
-	img := filepath.Join(dir, "img")
-	if err := os.WriteFile(img, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(img, 64<<30); err != nil {
-		t.Fatal(err)
-	}
+	blkid := []string{"blkid", "-p", "-s", "TYPE", "-s", "PTTYPE", "-o", "export", dev}
 	// Unformatted: blkid's status 2, which mount-utils reads as "no
 	// filesystem".
-	if out, exit := runs("blkid", "-p", "-s", "TYPE", "-o", "export", img); exit != 2 {
-		t.Fatalf("blkid of an empty image: exit %d (%q), want 2", exit, out)
+	if out, exit := runs(blkid...); exit != 2 {
+		t.Fatalf("blkid of an empty device: exit %d (%q), want 2", exit, out)
 	}
-	if out, exit := runs("mkfs.ext4", "-q", "-F", img); exit != 0 {
+	if out, exit := runs("mkfs.ext4", "-E", "nodiscard", "-F", "-m0", dev); exit != 0 {
 		t.Fatalf("mkfs.ext4: exit %d: %s", exit, out)
 	}
-	if out, exit := runs("blkid", "-p", "-s", "TYPE", "-o", "export", img); exit != 0 || !strings.Contains(string(out), "TYPE=ext4") {
+	if out, exit := runs(blkid...); exit != 0 || !strings.Contains(string(out), "TYPE=ext4") {
 		t.Fatalf("blkid after mkfs: exit %d, %q", exit, out)
 	}
-	// Every group's descriptors of 64 GiB of ext4 (512 groups): well over
-	// the clip.
-	if out, exit := runs("dumpe2fs", img); exit != 0 || len(out) != holderOutMax || !strings.HasPrefix(string(out), "dumpe2fs") {
-		t.Fatalf("dumpe2fs: exit %d, %d bytes (%.40q), want 0 and the first %d", exit, len(out), out, holderOutMax)
+	if out, exit := runs("dumpe2fs", "-h", dev); exit != 0 || !strings.Contains(string(out), "Block count:") {
+		t.Fatalf("dumpe2fs -h: exit %d, %q", exit, out)
 	}
-	if n := f.holderRuns.Load(); n != 4 {
+	if n := fe.holderRuns.Load(); n != 4 {
 		t.Fatalf("%d runs counted, want 4", n)
 	}
 
-	// Not a filesystem tool: RunTool does not send it, and the holder
-	// refuses it when sent.
-	if _, _, here, err := f.RunTool(ctx, []string{"sh", "-c", "touch " + filepath.Join(dir, "pwned")}); !here || err != nil {
-		t.Fatalf("RunTool of sh: here %v, %v; want here", here, err)
-	}
-	for _, args := range [][]string{{"sh", "-c", "touch " + filepath.Join(dir, "pwned")}, {"/sbin/mkfs.ext4", img}, {}, {"blkid", "a\x00b"}} {
-		if _, _, err := holderCall(sock, holderReq{Op: "run", Args: args}, -1); err == nil || !strings.Contains(err.Error(), "not a filesystem tool") {
-			t.Fatalf("run %q: %v, want refused", args, err)
+	// Command lines of another shape are refused: checked without running
+	// anything (holderTool, which RunTool and the holder both apply), with
+	// paths of this test only, so that a broken check cannot touch the
+	// machine it runs on (a mutant of it once ran every line here as
+	// root: binds over /usr/sbin, a mount over /etc).
+	tmp := t.TempDir()
+	pwned := filepath.Join(tmp, "pwned")
+	for _, args := range [][]string{
+		{"sh", "-c", "touch " + pwned},
+		{"/sbin/mkfs.ext4", dev},
+		{},
+		{"mkfs.ext4", "-F", filepath.Join(tmp, "disk")},
+		{"mkfs.ext4", "-F", "-d", tmp, dev},
+		{"xfs_io", "-f", "-c", "pwrite -q 0 8", pwned},
+		{"mount", "--bind", tmp, pwned},
+		{"mount", "-t", "ext4", "-o", "bind", dev, tmp},
+		{"mount", "-t", "ext4", "-o", "rw,X-mount.mkdir", dev, tmp},
+		{"mount", "-t", "ext4", "-o", "helper=x", dev, tmp},
+		{"mount", "-t", "fuse", dev, tmp},
+		{"mount", "-t", "ext4", dev, tmp + "/../x"},
+		{"umount", "-l", tmp},
+		{"umount", "/"},
+		{"blkid", "-p", "/dev/loop1x"},
+	} {
+		if holderTool(args) {
+			t.Errorf("holderTool %q = true, want refused", args)
 		}
 	}
-	if _, err := os.Stat(filepath.Join(dir, "pwned")); !errors.Is(err, os.ErrNotExist) {
+	// And the holder applies it: a harmless line of the wrong shape is
+	// refused, not run.
+	if _, _, here, err := fe.RunTool(ctx, []string{"sh", "-c", "touch " + pwned}); !here || err != nil {
+		t.Errorf("RunTool of sh: here %v, %v; want here", here, err)
+	}
+	if _, _, err := holderCall(fe.sock, holderReq{Op: "run", Args: []string{"sh", "-c", "touch " + pwned}}, -1); err == nil || !strings.Contains(err.Error(), "not a filesystem tool") {
+		t.Errorf("run of sh: %v, want refused", err)
+	}
+	if _, err := os.Stat(pwned); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("a refused command ran: %v", err)
 	}
+	for _, args := range [][]string{
+		{"mount", "-t", "ext4", "-o", "rw,defaults,errors=remount-ro", dev, "/var/lib/kubelet/x"},
+		{"mount", "-t", "xfs", dev, "/mnt"},
+		{"mkfs.xfs", "-K", "-f", dev},
+		{"xfs_growfs", "-d", "/mnt"},
+		{"blockdev", "--getsize64", dev},
+		{"fsck", "-a", dev},
+		{"resize2fs", dev},
+		{"umount", "/var/lib/kubelet/x"},
+	} {
+		if !holderTool(args) {
+			t.Errorf("holderTool %q = false: a command line the driver runs", args)
+		}
+	}
 
-	// A command that outlives its client: dumpe2fs opening a FIFO waits for a
-	// writer. The client gives up (ctx), and the command still runs:
-	// opening the FIFO's write end without blocking needs a reader.
-	fifo := filepath.Join(dir, "fifo")
-	if err := unix.Mkfifo(fifo, 0o600); err != nil {
+	// The client goes away while blkid waits on a read; the holder
+	// neither ends the command nor answers: once the read is served,
+	// blkid ends on its own, with its status.
+	gate2 := make(chan struct{})
+	fe2dev, err := fe.Attach(ctx, "tools2", &gatedBackend{newFileBackend(t, t.TempDir(), 64<<20), gate2}, false)
+	if err != nil {
 		t.Fatal(err)
 	}
-	short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
 	defer cancel()
-	if _, _, here, err := f.RunTool(short, []string{"dumpe2fs", "-h", fifo}); here || !errors.Is(err, context.DeadlineExceeded) {
+	if _, _, here, err := fe.RunTool(short, []string{"blkid", "-p", "-s", "TYPE", "-o", "export", fe2dev}); here || !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("RunTool past its ctx: here %v, %v; want DeadlineExceeded", here, err)
 	}
 	// A holder that ended the command with its client would have done so
 	// by now.
 	time.Sleep(300 * time.Millisecond)
-	var w int
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		var err error
-		if w, err = unix.Open(fifo, unix.O_WRONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0); err == nil {
+	close(gate2)
+	want := `"fuse holder: a command's client went away before its end" command="blkid" exit=2`
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		log, _ := os.ReadFile(filepath.Join(runDir, "holder.log"))
+		if bytes.Contains(log, []byte(want)) {
 			break
 		}
-		if !errors.Is(err, unix.ENXIO) || time.Now().After(deadline) {
-			t.Fatalf("the holder's dumpe2fs is not reading the FIFO after its client left: %v", err)
+		if time.Now().After(deadline) {
+			t.Fatalf("the holder's log has no %s:\n%s", want, log)
 		}
-		time.Sleep(10 * time.Millisecond)
 	}
-	unix.Close(w) // EOF: that dumpe2fs ends
-	if n := f.holderRuns.Load(); n != 4 {
+	if n := fe.holderRuns.Load(); n != 4 {
 		t.Fatalf("%d runs counted, want still 4", n)
 	}
+	if err := fe.Detach(ctx, "tools2"); err != nil {
+		t.Fatal(err)
+	}
+}
 
-	// A holder told to run no tools (csi-snap fuse-holder
-	// --run-tools=false) refuses, and RunTool says to run it here.
-	sock2 := filepath.Join(dir, "h2.sock")
-	go RunHolderWith(sock2, HolderOptions{NoTools: true}) // exits when idle
-	waitListed(t, sock2)
-	f2 := &Frontend{sock: sock2}
-	if _, _, here, err := f2.RunTool(ctx, []string{"mkfs.ext4", "-q", "-F", img}); !here || err != nil {
+// TestHolderRunRefused: a holder told to run no tools (csi-snap fuse-holder
+// --run-tools=false) refuses, and RunTool says to run it here.
+func TestHolderRunRefused(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "h.sock")
+	go RunHolderWith(sock, HolderOptions{NoTools: true}) // exits when idle
+	waitListed(t, sock)
+	f := &Frontend{sock: sock}
+	if _, _, here, err := f.RunTool(context.Background(), []string{"blockdev", "--getro", "/dev/loop0"}); !here || err != nil {
 		t.Fatalf("RunTool on a holder without tools: here %v, %v; want here", here, err)
+	}
+}
+
+// TestClipOutput: an answer longer than holderOutMax keeps its start and
+// its end, and fits one holder message as JSON.
+func TestClipOutput(t *testing.T) {
+	out := bytes.Repeat([]byte("0123456789abcdef"), 10000)
+	copy(out, "HEAD")
+	copy(out[len(out)-4:], "TAIL")
+	c := clipOutput(out)
+	if len(c) != holderOutMax || !bytes.HasPrefix(c, []byte("HEAD")) || !bytes.HasSuffix(c, []byte("TAIL")) || !bytes.Contains(c, []byte("clipped")) {
+		t.Fatalf("clipped to %d bytes, %.8q...%.8q; want %d with head, tail and a note", len(c), c, c[len(c)-8:], holderOutMax)
+	}
+	exit := 1
+	if b, _ := json.Marshal(holderResp{Out: c, Exit: &exit}); len(b) > holderMsgMax {
+		t.Fatalf("the answer is %d bytes of JSON, over holderMsgMax %d", len(b), holderMsgMax)
+	}
+	if short := []byte("short"); !bytes.Equal(clipOutput(short), short) {
+		t.Fatal("a short output was changed")
 	}
 }
