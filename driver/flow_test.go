@@ -2554,3 +2554,42 @@ func TestStageRetryRacingOrphanedMount(t *testing.T) {
 		t.Fatal("the staging path is not mounted")
 	}
 }
+
+// idleUnmounter answers every Unmount with success and unmounts nothing:
+// what an unmount run in a mount namespace that does not see the mount
+// (the fuse-holder's, without the chart's propagation) could amount to.
+type idleUnmounter struct {
+	*mount.FakeMounter
+	calls int
+}
+
+func (m *idleUnmounter) Unmount(string) error { m.calls++; return nil }
+
+// TestUnstageWhenUnmountDoesNothing: NodeUnstageVolume whose unmounts all
+// answer OK and leave the staging path mounted fails (Internal), and the
+// volume stays attached: it used to give up after 8 tries, answer OK and
+// let the device be detached from under a mounted filesystem.
+func TestUnstageWhenUnmountDoesNothing(t *testing.T) {
+	var um *idleUnmounter
+	e := newEnv(t, func(o *driver.Options) {
+		um = &idleUnmounter{FakeMounter: o.Mounter.Interface.(*mount.FakeMounter)}
+		o.Mounter.Interface = um
+	})
+	ctx := context.Background()
+	id := e.createVolume(t, "idle-unmount", 1<<20).VolumeId
+	staging := filepath.Join(t.TempDir(), "staging")
+	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+		VolumeCapability: mountCap()}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging})
+	if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), "still mounted") {
+		t.Fatalf("unstage whose unmounts do nothing: %v, want Internal (still mounted)", err)
+	}
+	if um.calls != 8 {
+		t.Errorf("%d unmounts tried, want 8", um.calls)
+	}
+	if _, ok := e.fe.Device(id); !ok {
+		t.Error("the volume was detached under its mounted filesystem")
+	}
+}

@@ -1083,13 +1083,19 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 // unmount unmounts every mount stacked at path and, if remove, removes path.
 // A path that does not exist is fine.
 func (d *Driver) unmount(path string, remove bool) error {
-	for i := 0; i < 8; i++ {
+	for i := 0; ; i++ {
 		dev, err := d.mountedDevice(path)
 		if err != nil {
 			return toStatus(err)
 		}
 		if dev == "" {
 			break
+		}
+		if i == 8 {
+			// Each unmount answered OK and left it mounted (a runner in
+			// another mount namespace, say): saying done would let an
+			// unstage detach a mounted device.
+			return statusf(codes.Internal, "%s is still mounted (%s) after %d unmounts", path, dev, i)
 		}
 		if err := d.opt.Mounter.Unmount(path); err != nil {
 			return statusf(codes.Internal, "unmount %s: %v", path, err)

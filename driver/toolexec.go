@@ -145,7 +145,7 @@ func (m *toolMounter) MountSensitive(source, target, fstype string, options, sen
 
 // Unmount runs umount(8) on target; like mount-utils' Mounter on a
 // util-linux that reports it (2.30 and later), a target that is not
-// mounted is no error.
+// mounted is no error, as long as this process does not see it mounted.
 func (m *toolMounter) Unmount(target string) error {
 	out, exit, here, err := m.run(context.Background(), []string{"umount", target})
 	switch {
@@ -156,6 +156,13 @@ func (m *toolMounter) Unmount(target string) error {
 	case exit == 0:
 		return nil
 	case strings.Contains(string(out), "not mounted"):
+		if notMnt, err := mount.IsNotMountPoint(m.Interface, target); err == nil && !notMnt {
+			// Mounted as this process sees it, not as the runner does (its
+			// mount namespace lacks the propagation the chart sets up):
+			// unmount it here.
+			klog.InfoS("The fuse-holder does not see a mount this process sees; unmounting here", "target", target)
+			return m.Interface.Unmount(target)
+		}
 		klog.V(4).InfoS("Not mounted, nothing to unmount", "target", target)
 		return nil
 	}

@@ -167,6 +167,18 @@ func TestToolMounter(t *testing.T) {
 		}
 	})
 
+	t.Run("not mounted for the runner, mounted here", func(t *testing.T) {
+		staging := t.TempDir() // the mount point checks stat it
+		l, fm, m := setup(func([]string) toolAnswer {
+			return toolAnswer{exit: 32, out: "umount: " + staging + ": not mounted."}
+		})
+		fm.MountPoints = []mount.MountPoint{{Device: dev, Path: staging, Type: "ext4"}}
+		if err := m.Unmount(staging); err != nil || len(fm.MountPoints) != 0 {
+			t.Fatalf("Unmount: %v, local mounts left %v; want it unmounted here", err, fm.MountPoints)
+		}
+		want(t, l, "run umount "+staging)
+	})
+
 	t.Run("a runner that went away fails the call", func(t *testing.T) {
 		l, fm, m := setup(func(args []string) toolAnswer {
 			if args[0] == "blkid" {
