@@ -21,6 +21,7 @@ import (
 // ctx ended first (the command goes on in the holder).
 func (f *Frontend) RunTool(ctx context.Context, args []string) (out []byte, exit int, here bool, err error) {
 	if !holderTool(args) {
+		f.noRun(args, "not a command line the holder runs")
 		return nil, 0, true, nil
 	}
 	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: f.sock, Net: "unixpacket"})
@@ -43,9 +44,15 @@ func (f *Frontend) RunTool(ctx context.Context, args []string) (out []byte, exit
 		return resp.Out, *resp.Exit, false, nil
 	case strings.HasPrefix(resp.Err, "unknown op"):
 	default:
-		f.holderNoRun.Do(func() {
-			klog.InfoS("The fuse holder did not run a filesystem tool: such commands (mkfs, mount, umount, resize2fs) run in this process, where a kill during one may leave the process unable to exit", "command", args[0], "answer", resp.Err)
-		})
+		f.noRun(args, resp.Err)
 	}
 	return nil, 0, true, nil
+}
+
+// noRun logs, once, that the holder did not run a tool (test/sanity fails
+// on this line: every command line the driver runs must be one it takes).
+func (f *Frontend) noRun(args []string, why string) {
+	f.holderNoRun.Do(func() {
+		klog.InfoS("The fuse holder did not run a filesystem tool: such commands (mkfs, mount, umount, resize2fs) run in this process, where a kill during one may leave the process unable to exit", "command", args, "why", why)
+	})
 }

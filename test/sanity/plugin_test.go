@@ -112,6 +112,16 @@ func startPluginAttr(t *testing.T, clone uintptr, bin, sock, dataDir string, ext
 		t.Fatal(err)
 	}
 	logf.Close()
+	// Every command line the driver runs must be one the fuse-holder takes
+	// (kernel's holderTools): one it refuses runs in csi-snap, where a kill
+	// during it can keep csi-snap from exiting.
+	t.Cleanup(func() {
+		b, _ := os.ReadFile(logPath)
+		if i := bytes.Index(b, []byte("did not run a filesystem tool")); i >= 0 {
+			line, _, _ := bytes.Cut(b[i:], []byte("\n"))
+			t.Errorf("the fuse-holder refused a command line of csi-snap: %s", line)
+		}
+	})
 	p := &plugin{cmd: cmd, exited: make(chan error, 1), log: logPath, sock: sock}
 	go func() { p.exited <- cmd.Wait() }()
 	for i := 0; ; i++ {
