@@ -101,6 +101,10 @@
 //   - A delete of a volume, snapshot or group snapshot that is not here and
 //     whose ID carries another node's tag is FailedPrecondition, not OK:
 //     the object lives there (foreignDelete).
+//   - An unstage that unmounted the staging path but finds the device still
+//     held (an unmount still writing back: a killed unstage's, which runs
+//     on in the fuse-holder; or another opener) is Aborted, which a CO
+//     retries, not FailedPrecondition.
 //
 // Rollback in place (admin.go) is not a CSI call: the node plugin serves it
 // on a local admin endpoint (Driver.AdminHandler, JSON over HTTP on a unix

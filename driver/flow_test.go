@@ -2593,3 +2593,47 @@ func TestUnstageWhenUnmountDoesNothing(t *testing.T) {
 		t.Error("the volume was detached under its mounted filesystem")
 	}
 }
+
+// busyDetacher fails its first Detach with ErrBusy, as the kernel frontend
+// does while something still holds the loop device.
+type busyDetacher struct {
+	driver.Frontend
+	failed bool
+}
+
+func (b *busyDetacher) Detach(ctx context.Context, id string) error {
+	if !b.failed {
+		b.failed = true
+		return fmt.Errorf("%w: /dev/loop3 is in use (mounted?)", driver.ErrBusy)
+	}
+	return b.Frontend.Detach(ctx, id)
+}
+
+// TestUnstageWhileDeviceStillHeld: NodeUnstageVolume whose unmount is done
+// but whose device is still held (a killed unstage's unmount still writing
+// back in the fuse-holder: TestKillDuringCalls met it) answers Aborted, a
+// code a CO retries, not FailedPrecondition; the retry unstages.
+func TestUnstageWhileDeviceStillHeld(t *testing.T) {
+	var bd *busyDetacher
+	e := newEnv(t, func(o *driver.Options) {
+		bd = &busyDetacher{Frontend: o.Frontend}
+		o.Frontend = bd
+	})
+	ctx := context.Background()
+	id := e.createVolume(t, "held-device", 1<<20).VolumeId
+	staging := filepath.Join(t.TempDir(), "staging")
+	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+		VolumeCapability: mountCap()}); err != nil {
+		t.Fatal(err)
+	}
+	req := &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}
+	if _, err := e.d.NodeUnstageVolume(ctx, req); status.Code(err) != codes.Aborted {
+		t.Fatalf("unstage while the device is held: %v, want Aborted", err)
+	}
+	if _, err := e.d.NodeUnstageVolume(ctx, req); err != nil {
+		t.Fatalf("the retry: %v", err)
+	}
+	if _, ok := e.fe.Device(id); ok {
+		t.Error("still attached after the retry")
+	}
+}

@@ -1065,6 +1065,14 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 		return nil, err
 	}
 	if err := d.opt.Frontend.Detach(ctx, id); err != nil {
+		if errors.Is(err, ErrBusy) {
+			// Nothing is mounted at the staging path any more, yet the
+			// device is held: most likely by an unmount still writing the
+			// filesystem back (a killed call's, running on in the
+			// fuse-holder; the kernel drops the mount from the table
+			// first), or by another opener. Both end: retry.
+			return nil, statusf(codes.Aborted, "detach %s: its device is still in use though not mounted at %s (an unmount still writing it back, or another opener); retry: %v", id, staging, err)
+		}
 		return nil, toStatus(fmt.Errorf("detach %s: %w", id, err))
 	}
 	if err := d.forgetLostWrites(id); err != nil {

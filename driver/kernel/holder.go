@@ -661,10 +661,27 @@ func clipOutput(out []byte) []byte {
 // the next one serves the I/O, the command finishes, and its answer goes
 // to nobody (its client is gone). The command is not stopped when its
 // client goes: a half-run mkfs or umount is what must not be left.
+//
+// The command is looked up in toolDirs only, and a mount only goes onto an
+// empty directory (toolTarget): otherwise a client could mount a
+// filesystem of its making over a directory the tools are found in (an
+// empty /usr/local/sbin, first in a usual PATH) and have the next "run"
+// execute its program as the privileged holder.
 func holdRun(c *net.UnixConn, args []string) {
 	defer c.Close()
 	c.SetDeadline(time.Time{}) // as long as the command takes
-	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+	var out []byte
+	bin, err := toolBinary(args[0])
+	if err == nil && args[0] == "mount" {
+		err = toolTarget(args[len(args)-1])
+	}
+	if err == nil {
+		cmd := exec.Command(bin, args[1:]...)
+		cmd.Args[0] = args[0]
+		cmd.Env = append(slices.DeleteFunc(os.Environ(), func(e string) bool { return strings.HasPrefix(e, "PATH=") }),
+			"PATH="+strings.Join(toolDirs, ":")) // what the tools run in turn (fsck.ext4)
+		out, err = cmd.CombinedOutput()
+	}
 	resp := holderResp{Out: clipOutput(out)}
 	var ee *exec.ExitError
 	switch {
@@ -674,13 +691,43 @@ func holdRun(c *net.UnixConn, args []string) {
 		code := ee.ExitCode()
 		resp.Exit = &code
 	default:
-		// Not started (not in the holder's PATH, say): the client runs
+		// Not started (not installed, a target refused): the client runs
 		// it itself (an answer that is not an errno: holderCannot).
 		resp.Out, resp.Err = nil, fmt.Sprintf("cannot run %s: %v", args[0], err)
 	}
 	if err := writeHolder(c, resp, -1); err != nil {
 		klog.InfoS("fuse holder: a command's client went away before its end", "command", args[0], "exit", resp.Exit, "err", err)
 	}
+}
+
+// toolDirs are where the holder looks for the tools, in order (and the
+// PATH they run with): the system's own directories, never a PATH's
+// /usr/local ones (holdRun says why).
+var toolDirs = []string{"/usr/sbin", "/usr/bin", "/sbin", "/bin"}
+
+// toolBinary returns the executable named name in toolDirs.
+func toolBinary(name string) (string, error) {
+	for _, d := range toolDirs {
+		p := filepath.Join(d, name)
+		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0 {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("%s is not in %s", name, strings.Join(toolDirs, ", "))
+}
+
+// toolTarget returns nil if p is an empty directory: where a stage mounts
+// a volume's filesystem (kubelet's staging directory), and where a mount
+// hides nothing anyone runs.
+func toolTarget(p string) error {
+	ents, err := os.ReadDir(p)
+	switch {
+	case err != nil:
+		return fmt.Errorf("mount target: %w", err)
+	case len(ents) > 0:
+		return fmt.Errorf("mount target %s is not an empty directory", p)
+	}
+	return nil
 }
 
 // errnoText is err as a holder answer: the errno's number first, so that

@@ -67,8 +67,34 @@ func TestHolderRun(t *testing.T) {
 	if out, exit := runs("dumpe2fs", "-h", dev); exit != 0 || !strings.Contains(string(out), "Block count:") {
 		t.Fatalf("dumpe2fs -h: exit %d, %q", exit, out)
 	}
-	if n := fe.holderRuns.Load(); n != 4 {
-		t.Fatalf("%d runs counted, want 4", n)
+	// A mount goes only onto an empty directory (here, of this test's:
+	// a broken check would only cover a file of ours), and back off.
+	full, empty := t.TempDir(), t.TempDir()
+	if err := os.WriteFile(filepath.Join(full, "x"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := holderCall(fe.sock, holderReq{Op: "run", Args: []string{"mount", "-t", "ext4", dev, full}}, -1); err == nil || !strings.Contains(err.Error(), "not an empty directory") {
+		t.Fatalf("mount onto a directory with a file in it: %v, want refused", err)
+	}
+	if out, exit := runs("mount", "-t", "ext4", "-o", "noatime", dev, empty); exit != 0 {
+		t.Fatalf("mount: exit %d: %s", exit, out)
+	}
+	if _, err := os.Stat(filepath.Join(empty, "lost+found")); err != nil {
+		t.Fatalf("the filesystem is not mounted at %s: %v", empty, err)
+	}
+	if out, exit := runs("umount", empty); exit != 0 {
+		t.Fatalf("umount: exit %d: %s", exit, out)
+	}
+	if n := fe.holderRuns.Load(); n != 6 {
+		t.Fatalf("%d runs counted, want 6", n)
+	}
+	for name, want := range map[string]string{"mount": "/usr/bin/mount", "mkfs.ext4": "/usr/sbin/mkfs.ext4"} {
+		if got, err := toolBinary(name); err != nil || got != want {
+			t.Errorf("toolBinary(%s) = %q, %v; want %s", name, got, err, want)
+		}
+	}
+	if _, err := toolBinary("csi-snap-no-such-tool"); err == nil {
+		t.Error("toolBinary found a tool that does not exist")
 	}
 
 	// Command lines of another shape are refused: checked without running
@@ -152,8 +178,8 @@ func TestHolderRun(t *testing.T) {
 			t.Fatalf("the holder's log has no %s:\n%s", want, log)
 		}
 	}
-	if n := fe.holderRuns.Load(); n != 4 {
-		t.Fatalf("%d runs counted, want still 4", n)
+	if n := fe.holderRuns.Load(); n != 6 {
+		t.Fatalf("%d runs counted, want still 6", n)
 	}
 	if err := fe.Detach(ctx, "tools2"); err != nil {
 		t.Fatal(err)
