@@ -199,7 +199,7 @@
 //     waits for every process of its PID namespace; a plain process
 //     leaves them behind), which test/sanity TestKillDuringCalls as a
 //     container hit once in 40-160 iterations (hack/killcalls.sh, every
-//     seed), and in none of 4 x 400 iterations since. A holder told not
+//     seed), and in none of 16 seeds x 400 iterations since. A holder told not
 //     to (fuse-holder --run-tools=false: the chart's without
 //     node.fuseHolder.runTools, which has no /dev and may not mount)
 //     leaves them to the plugin, with that risk. The way out there is the
