@@ -101,6 +101,10 @@
 //   - A delete of a volume, snapshot or group snapshot that is not here and
 //     whose ID carries another node's tag is FailedPrecondition, not OK:
 //     the object lives there (foreignDelete).
+//   - A stage whose filesystem mount answered OK but is not seen at the
+//     staging path from this process (the fuse-holder's mount, in a mount
+//     namespace that does not share kubelet's directory) is Internal,
+//     naming the propagation, not OK over an empty directory.
 //   - An unstage that unmounted the staging path but finds the device still
 //     held (an unmount still writing back: a killed unstage's, which runs
 //     on in the fuse-holder; or another opener) is Aborted, which a CO

@@ -2637,3 +2637,32 @@ func TestUnstageWhileDeviceStillHeld(t *testing.T) {
 		t.Error("still attached after the retry")
 	}
 }
+
+// elsewhereMounter reports success for a filesystem mount it does not make
+// (a bind it makes): a fuse-holder whose mounts do not reach the plugin's
+// mount namespace.
+type elsewhereMounter struct{ *mount.FakeMounter }
+
+func (m *elsewhereMounter) MountSensitive(source, target, fstype string, options, sensitive []string) error {
+	if fstype != "" {
+		return nil
+	}
+	return m.FakeMounter.MountSensitive(source, target, fstype, options, sensitive)
+}
+
+// TestStageMountNotSeenHere: a stage whose mount succeeded where this
+// process does not see it fails (Internal, naming the propagation), rather
+// than answering OK over an empty staging directory that a publish would
+// bind for the pod.
+func TestStageMountNotSeenHere(t *testing.T) {
+	e := newEnv(t, func(o *driver.Options) {
+		o.Mounter.Interface = &elsewhereMounter{o.Mounter.Interface.(*mount.FakeMounter)}
+	})
+	id := e.createVolume(t, "mounted-elsewhere", 1<<20).VolumeId
+	staging := filepath.Join(t.TempDir(), "staging")
+	_, err := e.d.NodeStageVolume(context.Background(), &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+		VolumeCapability: mountCap()})
+	if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), "Bidirectional") {
+		t.Fatalf("stage whose mount this process does not see: %v, want Internal naming the propagation", err)
+	}
+}

@@ -659,6 +659,15 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 			return nil, statusf(codes.Internal, "format and mount %s (%s) at %s: %v", dev, fstype, staging, err)
 		}
 		klog.InfoS("The device got mounted at the staging path meanwhile (a killed stage's mount finished): staged", "volumeID", id, "device", dev, "stagingPath", staging, "mountError", err)
+	} else if cur, err := d.mountedDevice(staging); err != nil || cur != dev {
+		// The mount is the fuse-holder's (ToolMounter): in a mount
+		// namespace that does not share the staging path with this one
+		// (a deployment without the chart's Bidirectional kubelet
+		// directory in the holder), it succeeded where neither this
+		// process nor kubelet sees it, and a publish would bind the empty
+		// directory under it: the pod's writes would land on the node's
+		// disk, not in the volume.
+		return nil, statusf(codes.Internal, "mounted %s at %s, but this process sees %q mounted there (%v): the fuse-holder's mounts do not reach this mount namespace; give it kubelet's directory with Bidirectional propagation, or run it with --run-tools=false", dev, staging, cur, err)
 	}
 	if existing != "" { // else mkfs made it the device's size just now
 		if err := d.growStaged(id, v, dev, staging, flags, existing); err != nil {
