@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -179,22 +178,20 @@ var holderConfigures atomic.Int64
 // for the other ops (no holder, an older one, one that cannot act). An
 // errno of the ioctl (EBUSY: the device was taken meanwhile) is the answer.
 func configureLoop(sock string, lf, pfd int, p loopParams) error {
-	if c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: sock, Net: "unixpacket"}); err == nil {
-		b, _ := json.Marshal(p)
-		resp, err := holderExchange(c, holderReq{Op: "configure", Params: b}, lf, pfd)
+	b, _ := json.Marshal(p)
+	c, resp, here, err := askHolder(context.Background(), sock, holderReq{Op: "configure", Params: b}, lf, pfd)
+	switch {
+	case err != nil:
+		return err
+	case !here:
 		c.Close()
-		switch {
-		case err != nil:
-			return fmt.Errorf("%w: %v", errHolderGone, err)
-		case resp.Err == "":
-			holderConfigures.Add(1)
-			return nil
-		case strings.HasPrefix(resp.Err, "unknown op"):
-		case holderCannot(resp):
-			klog.InfoS("The fuse holder could not configure a loop device; configuring here", "answer", resp.Err)
-		default:
+		if resp.Err != "" {
 			return holderErrno(resp.Err)
 		}
+		holderConfigures.Add(1)
+		return nil
+	case refusedBy(resp):
+		klog.InfoS("The fuse holder could not configure a loop device; configuring here", "answer", resp.Err)
 	}
 	mode := unix.O_RDWR
 	if p.ReadOnly {

@@ -1,6 +1,7 @@
 package kernel
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -267,9 +268,9 @@ func (f *Frontend) holderOrHere(op, mountpoint, what string, n *atomic.Int64, he
 // CAP_SYS_ADMIN, which the chart gives the holder, and an LSM may refuse
 // it the fd; logged once). An errno of the operation itself (EBUSY,
 // EINVAL, EOPNOTSUPP, EIO) is the answer: the same call here would give
-// it too, or (syncfs) no longer report it. err: the request failed after
-// it was sent (the holder went away), or the directory cannot be opened
-// (here is then true too, and the caller's own try reports it).
+// it too, or (syncfs) no longer report it (askHolder). err: the request
+// failed after it was sent (errHolderGone), or the directory cannot be
+// opened (here is then true too, and the caller's own try reports it).
 func (f *Frontend) viaHolder(op, mountpoint string) (c *net.UnixConn, resp holderResp, here bool, err error) {
 	flags := unix.O_RDONLY | unix.O_DIRECTORY | unix.O_CLOEXEC
 	if op == "stat" {
@@ -281,29 +282,57 @@ func (f *Frontend) viaHolder(op, mountpoint string) (c *net.UnixConn, resp holde
 		return nil, resp, true, err
 	}
 	defer unix.Close(fd)
-	c, err = net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: f.sock, Net: "unixpacket"})
-	if err != nil {
-		return nil, resp, true, nil
-	}
-	resp, err = holderExchange(c, holderReq{Op: op}, fd)
-	switch {
-	case err != nil:
-		c.Close()
-		return nil, resp, false, err
-	case resp.Err == "":
-		return c, resp, false, nil
-	case strings.HasPrefix(resp.Err, "unknown op"):
-		c.Close()
-		return nil, resp, true, nil
-	}
-	if holderCannot(resp) {
-		c.Close()
+	c, resp, here, err = askHolder(context.Background(), f.sock, holderReq{Op: op}, fd)
+	if here && refusedBy(resp) {
 		f.holderNoCap.Do(func() {
 			klog.InfoS("The fuse holder could not take a request on a filesystem: such requests (freezes, their thaws, the writeback before an unstage) run in this process, where a kill during one leaves the process unable to exit; the chart gives the holder CAP_SYS_ADMIN", "op", op, "answer", resp.Err)
 		})
+	}
+	return c, resp, here, err
+}
+
+// askHolder sends req, with fds, to the holder on sock and reads its
+// answer, waiting as long as ctx lets it (no deadline of its own, unlike
+// holderCall: a freeze, a sync or a mkfs takes what it takes; the wait is
+// on a socket, which a kill of this process ends). It is how every request
+// that the holder does instead of this process (freeze, thaw, sync, stat,
+// configure, run) is asked.
+//
+// here reports that this process must do it itself: no holder answers,
+// one older than req.Op ("unknown op"), or one that could not act
+// (holderCannot; resp.Err says why, refusedBy is true). err: the request
+// failed after it was sent (errHolderGone: whether it was done is unknown)
+// or ctx ended first (ctx's error; the holder goes on). Otherwise c is the
+// open connection, which the caller closes (a freeze keeps it for its
+// thaw), and resp the answer, whose Err, if any, is the operation's own
+// errno (EBUSY, EINVAL, EOPNOTSUPP, EIO): the same call here would give it
+// too.
+func askHolder(ctx context.Context, sock string, req holderReq, fds ...int) (c *net.UnixConn, resp holderResp, here bool, err error) {
+	c, err = net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: sock, Net: "unixpacket"})
+	if err != nil {
+		return nil, resp, true, nil
+	}
+	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
+	resp, err = holderExchange(c, req, fds...)
+	stop()
+	switch {
+	case err != nil && ctx.Err() != nil:
+		c.Close()
+		return nil, resp, false, ctx.Err()
+	case err != nil:
+		c.Close()
+		return nil, resp, false, fmt.Errorf("%w: %v", errHolderGone, err)
+	case resp.Err != "" && holderCannot(resp): // "unknown op" is no errno either
+		c.Close()
 		return nil, resp, true, nil
 	}
 	return c, resp, false, nil
+}
+
+// refusedBy reports whether resp is an error answer of a holder that knows
+// the request (not an older one's "unknown op").
+func refusedBy(resp holderResp) bool {
+	return resp.Err != "" && !strings.HasPrefix(resp.Err, "unknown op")
 }
 
 // holderCannot reports whether the holder's error answer says it could not

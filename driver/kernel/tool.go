@@ -3,9 +3,6 @@ package kernel
 import (
 	"context"
 	"fmt"
-	"net"
-	"strings"
-	"time"
 
 	"k8s.io/klog/v2"
 )
@@ -24,29 +21,27 @@ func (f *Frontend) RunTool(ctx context.Context, args []string) (out []byte, exit
 		f.noRun(args, "not a command line the holder runs")
 		return nil, 0, true, nil
 	}
-	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: f.sock, Net: "unixpacket"})
-	if err != nil {
-		return nil, 0, true, nil
-	}
-	defer c.Close()
-	// holderExchange waits with no deadline (a mkfs of a large volume
-	// takes what it takes); ctx ends the wait, not the command.
-	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
-	defer stop()
-	resp, err := holderExchange(c, holderReq{Op: "run", Args: args})
+	// No deadline but ctx's (a mkfs of a large volume takes what it
+	// takes); ctx ends the wait, not the command.
+	c, resp, here, err := askHolder(ctx, f.sock, holderReq{Op: "run", Args: args})
 	switch {
 	case err != nil && ctx.Err() != nil:
-		return nil, 0, false, fmt.Errorf("%s through the fuse-holder: %w (the command may still run there)", args[0], ctx.Err())
+		return nil, 0, false, fmt.Errorf("%s through the fuse-holder: %w (the command may still run there)", args[0], err)
 	case err != nil:
-		return nil, 0, false, fmt.Errorf("%s through the fuse-holder: %w: %v", args[0], errHolderGone, err)
-	case resp.Err == "" && resp.Exit != nil:
-		f.holderRuns.Add(1)
-		return resp.Out, *resp.Exit, false, nil
-	case strings.HasPrefix(resp.Err, "unknown op"):
-	default:
-		f.noRun(args, resp.Err)
+		return nil, 0, false, fmt.Errorf("%s through the fuse-holder: %w", args[0], err)
+	case here:
+		if refusedBy(resp) {
+			f.noRun(args, resp.Err)
+		}
+		return nil, 0, true, nil
 	}
-	return nil, 0, true, nil
+	c.Close()
+	if resp.Exit == nil { // an errno, or no status: no answer holdRun gives
+		f.noRun(args, "an answer without an exit status")
+		return nil, 0, true, nil
+	}
+	f.holderRuns.Add(1)
+	return resp.Out, *resp.Exit, false, nil
 }
 
 // noRun logs, once, that the holder did not run a tool (test/sanity fails
