@@ -650,24 +650,28 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		}
 		flags = append(slices.Clone(flags), "ro")
 	}
-	if err := d.opt.Mounter.FormatAndMountSensitiveWithFormatOptions(dev, staging, fstype, flags, nil, formatOpts); err != nil {
-		// A retry of a stage killed during its mount: the dead plugin's
-		// mount(8), orphaned, may finish after the check above, and this
-		// mount then finds the device mounted here already. That is the
-		// stage done (TestKillDuringCalls met it under load).
-		if cur, cerr := d.mountedDevice(staging); cerr != nil || cur != dev {
-			return nil, statusf(codes.Internal, "format and mount %s (%s) at %s: %v", dev, fstype, staging, err)
-		}
-		klog.InfoS("The device got mounted at the staging path meanwhile (a killed stage's mount finished): staged", "volumeID", id, "device", dev, "stagingPath", staging, "mountError", err)
-	} else if cur, err := d.mountedDevice(staging); err != nil || cur != dev {
-		// The mount is the fuse-holder's (ToolMounter): in a mount
-		// namespace that does not share the staging path with this one
-		// (a deployment without the chart's Bidirectional kubelet
-		// directory in the holder), it succeeded where neither this
-		// process nor kubelet sees it, and a publish would bind the empty
-		// directory under it: the pod's writes would land on the node's
-		// disk, not in the volume.
-		return nil, statusf(codes.Internal, "mounted %s at %s, but this process sees %q mounted there (%v): the fuse-holder's mounts do not reach this mount namespace; give it kubelet's directory with Bidirectional propagation, or run it with --run-tools=false", dev, staging, cur, err)
+	// Whether the mount answered OK or not, the staging path must hold the
+	// device now, as this process sees it:
+	//   - a failed mount that finds it there is the retry of a stage killed
+	//     during its mount, whose mount(8), orphaned, finished after the
+	//     check above: the stage is done (TestKillDuringCalls met it);
+	//   - a mount that answered OK and is not seen here was the
+	//     fuse-holder's (ToolMounter) in a mount namespace that does not
+	//     share the staging path with this one (a deployment without the
+	//     chart's Bidirectional kubelet directory in the holder): neither
+	//     this process nor kubelet sees it, and a publish would bind the
+	//     empty directory under it, the pod's writes landing on the node's
+	//     disk, not in the volume.
+	merr := d.opt.Mounter.FormatAndMountSensitiveWithFormatOptions(dev, staging, fstype, flags, nil, formatOpts)
+	cur, cerr := d.mountedDevice(staging)
+	switch {
+	case cerr == nil && cur == dev && merr != nil:
+		klog.InfoS("The device got mounted at the staging path meanwhile (a killed stage's mount finished): staged", "volumeID", id, "device", dev, "stagingPath", staging, "mountError", merr)
+	case cerr == nil && cur == dev:
+	case merr != nil:
+		return nil, statusf(codes.Internal, "format and mount %s (%s) at %s: %v", dev, fstype, staging, merr)
+	default:
+		return nil, statusf(codes.Internal, "mounted %s at %s, but this process sees %q mounted there (%v): the fuse-holder's mounts do not reach this mount namespace; give it kubelet's directory with Bidirectional propagation, or run it with --run-tools=false", dev, staging, cur, cerr)
 	}
 	if existing != "" { // else mkfs made it the device's size just now
 		if err := d.growStaged(id, v, dev, staging, flags, existing); err != nil {
