@@ -106,7 +106,7 @@ const (
 // until told to drop them; it returns nil once it holds nothing after a
 // drop, or after holderIdleExit without ever being given an fd. It returns
 // ErrBusy when another holder already answers on socketPath.
-func RunHolder(socketPath string) error { return runHolder(socketPath, HolderOptions{}) }
+func RunHolder(socketPath string) error { return RunHolderWith(socketPath, HolderOptions{}) }
 
 // RunHolderStay is RunHolder for a holder that runs on its own (`csi-snap
 // fuse-holder --socket PATH --stay`, the chart's fuse-holder DaemonSet,
@@ -114,7 +114,7 @@ func RunHolder(socketPath string) error { return runHolder(socketPath, HolderOpt
 // itself, neither when emptied nor when idle, since whatever supervises it
 // would only start it again; it ends with its process.
 func RunHolderStay(socketPath string) error {
-	return runHolder(socketPath, HolderOptions{Stay: true})
+	return RunHolderWith(socketPath, HolderOptions{Stay: true})
 }
 
 // HolderOptions are a holder's settings (RunHolderWith).
@@ -129,10 +129,7 @@ type HolderOptions struct {
 }
 
 // RunHolderWith is RunHolder with options.
-func RunHolderWith(socketPath string, o HolderOptions) error { return runHolder(socketPath, o) }
-
-func runHolder(socketPath string, o HolderOptions) error {
-	stay := o.Stay
+func RunHolderWith(socketPath string, o HolderOptions) error {
 	c, err := net.Dial("unixpacket", socketPath)
 	switch {
 	case err == nil:
@@ -161,7 +158,7 @@ func runHolder(socketPath string, o HolderOptions) error {
 	start := time.Now()
 	var backoff time.Duration
 	for {
-		if !everHeld && !stay {
+		if !everHeld && !o.Stay {
 			ln.SetDeadline(start.Add(holderIdleExit))
 		} else {
 			ln.SetDeadline(time.Time{})
@@ -200,7 +197,7 @@ func runHolder(socketPath string, o HolderOptions) error {
 		// connects again finds no socket and starts a new holder, instead
 		// of racing with our exit and our unlink of its new socket.
 		onEmpty := func() { ln.Close() }
-		if stay {
+		if o.Stay {
 			onEmpty = func() {}
 		}
 		exit, kept := serveHolderConn(c, held, onEmpty, &freezes, !o.NoTools)
@@ -210,7 +207,7 @@ func runHolder(socketPath string, o HolderOptions) error {
 		if len(held) > 0 {
 			everHeld = true
 		}
-		if exit && len(held) == 0 && !stay {
+		if exit && len(held) == 0 && !o.Stay {
 			klog.InfoS("fuse holder: holds nothing, exiting", "socket", socketPath)
 			return nil
 		}
