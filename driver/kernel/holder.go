@@ -597,9 +597,8 @@ func lastLoop(a []string) bool { return len(a) > 0 && loopDevice(a[len(a)-1]) }
 
 // loopDevice reports whether s is /dev/loopN.
 func loopDevice(s string) bool {
-	n, ok := strings.CutPrefix(s, "/dev/loop")
-	_, err := strconv.ParseUint(n, 10, 32)
-	return ok && err == nil
+	_, err := loopNumber(s)
+	return err == nil
 }
 
 // toolPath reports whether p is an absolute, clean path other than /.

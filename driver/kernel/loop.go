@@ -228,11 +228,12 @@ func openLoopNode(dev string, mode int) (*os.File, error) {
 }
 
 func loopNumber(dev string) (int, error) {
-	n, err := strconv.Atoi(strings.TrimPrefix(dev, "/dev/loop"))
-	if err != nil || !strings.HasPrefix(dev, "/dev/loop") || n < 0 {
+	digits, ok := strings.CutPrefix(dev, "/dev/loop")
+	n, err := strconv.ParseUint(digits, 10, 31) // digits only: no sign
+	if err != nil || !ok {
 		return 0, fmt.Errorf("%w: not a loop device: %q", ErrInvalid, dev)
 	}
-	return n, nil
+	return int(n), nil
 }
 
 func readSysfs(n int, name string) (string, error) {

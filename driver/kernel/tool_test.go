@@ -120,6 +120,8 @@ func TestHolderRun(t *testing.T) {
 		{"umount", "-l", tmp},
 		{"umount", "/"},
 		{"blkid", "-p", "/dev/loop1x"},
+		{"resize2fs", "/dev/loop+1"},
+		{"resize2fs", "/dev/loop"},
 	} {
 		if holderTool(args) {
 			t.Errorf("holderTool %q = true, want refused", args)
