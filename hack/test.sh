@@ -25,6 +25,8 @@ trap 'rm -rf "$(dirname "$summary")"' EXIT
 go build -o "$summary" ./hack/testsummary
 echo "== go test -race (index and engine)"
 go test -race -count=1 -timeout 40m -json ./exceptions/... ./cow/... | "$summary"
+echo "== go test -race (the driver's concurrent controller calls on the real engine)"
+go test -race -count=1 -timeout 10m -run '^TestConcurrentControllerCalls$' -json ./driver/ | "$summary"
 echo "== go test (everything)"
 go test -count=1 -timeout 45m -json ./... | "$summary"
 echo "== go test ./cow/ again on XFS made with reflink=1 (copy-outs become block clones)"
