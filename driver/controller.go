@@ -91,6 +91,29 @@ func volumeSize(r *csi.CapacityRange, floor int64) (int64, error) {
 	return size, nil
 }
 
+// xfsMinSize is the smallest filesystem mkfs.xfs makes (xfsprogs 5.19 and
+// later: "Filesystem must be larger than 300MB", measured on 6.1.0 as
+// exactly 300 MiB). CreateVolume makes an xfs volume at least this large,
+// as cloud drivers round a claim up to their smallest disk (CSI lets a
+// plugin give more than required_bytes, up to limit_bytes): a smaller one
+// would be made and then fail every NodeStageVolume.
+const xfsMinSize = 300 << 20
+
+// wantsXFS reports whether a volume is made for xfs: the fstype parameter
+// says so, or (external-provisioner passes the StorageClass's fstype
+// there) a mount capability does.
+func wantsXFS(param string, caps []*csi.VolumeCapability) bool {
+	if param != "" {
+		return param == "xfs"
+	}
+	for _, c := range caps {
+		if c.GetMount().GetFsType() == "xfs" {
+			return true
+		}
+	}
+	return false
+}
+
 // checkRange refuses a capacity range no volume can satisfy whatever its
 // source: a negative bound, or a limit below the requirement. The bound on
 // the size (OutOfRange) waits for volumeSize, once the source's or the
@@ -315,8 +338,15 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		}
 		floor = v.Size
 	}
+	xfs := wantsXFS(fs, req.GetVolumeCapabilities())
+	if xfs {
+		floor = max(floor, xfsMinSize)
+	}
 	size, err := volumeSize(req.GetCapacityRange(), floor)
 	if err != nil {
+		if xfs {
+			return nil, statusf(codes.OutOfRange, "%s: an xfs volume is at least %d bytes (300 MiB), the smallest filesystem mkfs.xfs makes", status.Convert(err).Message(), xfsMinSize)
+		}
 		return nil, err
 	}
 	id, err := newID(volumePrefix, d.tag)

@@ -589,3 +589,53 @@ func TestBadInput(t *testing.T) {
 		})
 	}
 }
+
+// TestCreateXFSMinimumSize: mkfs.xfs makes nothing below 300 MiB, so an
+// xfs volume (by parameter or by its mount capability, where
+// external-provisioner puts the StorageClass's fstype) is made at least that
+// large, and a limit below it is OutOfRange; other volumes keep the size
+// asked for, and a repeated request finds the volume made.
+func TestCreateXFSMinimumSize(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	xfsCap := &csi.VolumeCapability{
+		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: "xfs"}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+	}
+	const minXFS = 300 << 20
+	for _, c := range []struct {
+		name   string
+		caps   []*csi.VolumeCapability
+		params map[string]string
+		limit  int64
+		want   int64 // 0: OutOfRange
+	}{
+		{"by-capability", []*csi.VolumeCapability{xfsCap}, nil, 0, minXFS},
+		{"by-parameter", []*csi.VolumeCapability{mountCap()}, map[string]string{"csi.storage.k8s.io/fstype": "xfs"}, 0, minXFS},
+		{"limit-allows", []*csi.VolumeCapability{xfsCap}, nil, 1 << 30, minXFS},
+		{"limit-too-low", []*csi.VolumeCapability{xfsCap}, nil, 100 << 20, 0},
+		{"ext4-by-parameter-wins", []*csi.VolumeCapability{xfsCap}, map[string]string{"csi.storage.k8s.io/fstype": "ext4"}, 0, 64 << 20},
+		{"ext4", []*csi.VolumeCapability{mountCap()}, nil, 0, 64 << 20},
+		{"block", []*csi.VolumeCapability{blockCap()}, nil, 0, 64 << 20},
+	} {
+		req := &csi.CreateVolumeRequest{Name: c.name, CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20, LimitBytes: c.limit},
+			VolumeCapabilities: c.caps, Parameters: c.params}
+		r, err := e.d.CreateVolume(ctx, req)
+		if c.want == 0 {
+			if status.Code(err) != codes.OutOfRange || !strings.Contains(err.Error(), "mkfs.xfs") {
+				t.Errorf("%s: %v, want OutOfRange naming mkfs.xfs's minimum", c.name, err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%s: %v", c.name, err)
+			continue
+		}
+		if r.Volume.CapacityBytes != c.want {
+			t.Errorf("%s: made %d bytes, want %d", c.name, r.Volume.CapacityBytes, c.want)
+		}
+		if again, err := e.d.CreateVolume(ctx, req); err != nil || again.Volume.VolumeId != r.Volume.VolumeId {
+			t.Errorf("%s: the same request again: %v, %v; want volume %s", c.name, again, err, r.Volume.VolumeId)
+		}
+	}
+}
