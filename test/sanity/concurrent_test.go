@@ -1,0 +1,342 @@
+package sanity
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// TestConcurrentNodeCalls runs the real binary, as the chart does, under
+// what a busy node sends it at once: several workers, each through its own
+// volumes' whole life (create, stage with mkfs.ext4 or mkfs.xfs or as a raw
+// block device, publish, write, snapshot with the filesystem frozen,
+// overwrite, restore the snapshot into a new volume and stage that too,
+// clone the volume, check every copy, unstage, delete), while the others do
+// the same, so loop attaches and detaches, FUSE mounts, freezes and the
+// fuse-holder's mkfs, mount and umount of different volumes overlap; and
+// each worker also snapshots a volume another worker is writing to. Every
+// call of a worker on its own objects must succeed (after retries of
+// Aborted, as a CO retries, when another worker's snapshot holds the
+// volume); each copy must hold
+// exactly the files (or bytes) of its instant; the cross-worker snapshots
+// may only meet Aborted (the owner is staging or unstaging it) or NotFound
+// (already deleted). At the end no loop device, mount or held connection is
+// left (startKillable's cleanups).
+func TestConcurrentNodeCalls(t *testing.T) {
+	k, dir := startKillable(t, true)
+	const workers, rounds = 4, 6
+	cs := &cstorm{k: k, dir: dir, live: map[string]string{}, counts: map[string]int{}}
+	var wg sync.WaitGroup
+	errs := make([]error, workers)
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rnd := rand.New(rand.NewSource(int64(w + 1)))
+			for r := 0; r < rounds && errs[w] == nil; r++ {
+				kind := []string{"ext4", "xfs", "block"}[(w+r)%3]
+				errs[w] = cs.round(rnd, fmt.Sprintf("w%d-r%d", w, r), kind)
+			}
+		}()
+	}
+	wg.Wait()
+	for w, err := range errs {
+		if err != nil {
+			t.Errorf("worker %d: %v", w, err)
+		}
+	}
+	var seen []string
+	for k, n := range cs.counts {
+		seen = append(seen, fmt.Sprintf("%s %d", k, n))
+	}
+	sort.Strings(seen)
+	t.Logf("cross-worker snapshots: %s", strings.Join(seen, ", "))
+	if cs.counts["OK"] == 0 {
+		t.Errorf("no cross-worker snapshot succeeded: the storm did not overlap snapshots with another worker's writes")
+	}
+}
+
+// cstorm is TestConcurrentNodeCalls' shared state.
+type cstorm struct {
+	k   *killable
+	dir string
+
+	mu     sync.Mutex
+	live   map[string]string // volume ID -> its owner's name for it, while staged
+	counts map[string]int    // cross-worker snapshot answers by code
+}
+
+// retryAborted calls fn again while it answers Aborted (an operation on
+// the same object in flight: here another worker's snapshot of it), as a
+// CO does, for up to a minute.
+func retryAborted(fn func() error) error {
+	for i := 0; ; i++ {
+		err := fn()
+		if status.Code(err) != codes.Aborted || i == 600 {
+			return err
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// cvol is one volume of a worker's round.
+type cvol struct {
+	name, id, kind string
+	staging        string
+	target         string // the mount point, or for "block" the device node's path
+}
+
+func cstormCap(kind string) *csi.VolumeCapability {
+	if kind == "block" {
+		return blockCap()
+	}
+	return &csi.VolumeCapability{
+		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: kind}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+	}
+}
+
+// create makes volume name (from src) of kind, 64 MiB.
+func (cs *cstorm) create(name, kind string, src *csi.VolumeContentSource) (*cvol, error) {
+	var r *csi.CreateVolumeResponse
+	err := retryAborted(func() (err error) {
+		r, err = cs.k.ctrl.CreateVolume(context.Background(), &csi.CreateVolumeRequest{Name: name,
+			CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20}, VolumeCapabilities: []*csi.VolumeCapability{cstormCap(kind)},
+			VolumeContentSource: src})
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create %s: %w", name, err)
+	}
+	return &cvol{name: name, id: r.Volume.VolumeId, kind: kind,
+		staging: filepath.Join(cs.dir, name+"-staging"), target: filepath.Join(cs.dir, name)}, nil
+}
+
+func (cs *cstorm) stage(v *cvol) error {
+	ctx, vc := context.Background(), cstormCap(v.kind)
+	if err := retryAborted(func() error {
+		_, err := cs.k.node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging, VolumeCapability: vc})
+		return err
+	}); err != nil {
+		return fmt.Errorf("stage %s: %w", v.name, err)
+	}
+	if err := retryAborted(func() error {
+		_, err := cs.k.node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging,
+			TargetPath: v.target, VolumeCapability: vc})
+		return err
+	}); err != nil {
+		return fmt.Errorf("publish %s: %w", v.name, err)
+	}
+	cs.mu.Lock()
+	cs.live[v.id] = v.name
+	cs.mu.Unlock()
+	return nil
+}
+
+func (cs *cstorm) unstageDelete(v *cvol) error {
+	cs.mu.Lock()
+	delete(cs.live, v.id)
+	cs.mu.Unlock()
+	ctx := context.Background()
+	if err := retryAborted(func() error {
+		_, err := cs.k.node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v.id, TargetPath: v.target})
+		return err
+	}); err != nil {
+		return fmt.Errorf("unpublish %s: %w", v.name, err)
+	}
+	if err := retryAborted(func() error {
+		_, err := cs.k.node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging})
+		return err
+	}); err != nil {
+		return fmt.Errorf("unstage %s: %w", v.name, err)
+	}
+	if err := retryAborted(func() error {
+		_, err := cs.k.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.id})
+		return err
+	}); err != nil {
+		return fmt.Errorf("delete %s: %w", v.name, err)
+	}
+	return nil
+}
+
+// payload is what generation gen of the volume called name holds: 256 KiB.
+func payload(name string, gen int) []byte {
+	unit := []byte(fmt.Sprintf("%s gen %d|", name, gen))
+	return bytes.Repeat(unit, (256<<10)/len(unit)+1)[:256<<10]
+}
+
+// put writes b as v's content and makes it durable: the file "data" of a
+// filesystem (fsync), or the block device's first bytes (O_DIRECT and
+// fsync, through the published device node).
+func put(v *cvol, b []byte) error {
+	if v.kind == "block" {
+		f, err := os.OpenFile(v.target, os.O_WRONLY|unix.O_DIRECT, 0)
+		if err != nil {
+			return err
+		}
+		buf := alignedBlock(len(b))
+		copy(buf, b)
+		_, err = f.WriteAt(buf, 0)
+		return errors.Join(err, f.Sync(), f.Close())
+	}
+	f, err := os.Create(filepath.Join(v.target, "data"))
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(b)
+	return errors.Join(err, f.Sync(), f.Close())
+}
+
+// get reads v's content (len(want) bytes) and compares it with want.
+func get(v *cvol, want []byte, what string) error {
+	var got []byte
+	if v.kind == "block" {
+		f, err := os.OpenFile(v.target, os.O_RDONLY|unix.O_DIRECT, 0)
+		if err != nil {
+			return err
+		}
+		got = alignedBlock(len(want))
+		_, err = f.ReadAt(got, 0)
+		if err := errors.Join(err, f.Close()); err != nil {
+			return fmt.Errorf("%s: read %s: %w", what, v.name, err)
+		}
+	} else {
+		var err error
+		if got, err = os.ReadFile(filepath.Join(v.target, "data")); err != nil {
+			return fmt.Errorf("%s: %w", what, err)
+		}
+	}
+	if !bytes.Equal(got, want) {
+		return fmt.Errorf("%s: %s holds %d bytes %q..., want %d bytes %q...", what, v.name, len(got), head32(got), len(want), head32(want))
+	}
+	return nil
+}
+
+// crossSnapshot snapshots a volume another worker has staged (its owner
+// may be writing to it or unstaging it), then deletes the snapshot.
+func (cs *cstorm) crossSnapshot(rnd *rand.Rand, mine string) error {
+	cs.mu.Lock()
+	var ids []string
+	for id := range cs.live {
+		if id != mine {
+			ids = append(ids, id)
+		}
+	}
+	sort.Strings(ids)
+	cs.mu.Unlock()
+	if len(ids) == 0 {
+		return nil
+	}
+	id := ids[rnd.Intn(len(ids))]
+	ctx := context.Background()
+	r, err := cs.k.ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: fmt.Sprintf("x-%s-%d", mine, rnd.Int63()), SourceVolumeId: id})
+	c := status.Code(err)
+	cs.mu.Lock()
+	cs.counts[c.String()]++
+	cs.mu.Unlock()
+	switch c {
+	case codes.OK:
+		if _, err := cs.k.ctrl.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: r.Snapshot.SnapshotId}); err != nil {
+			return fmt.Errorf("delete cross-worker snapshot %s: %w", r.Snapshot.SnapshotId, err)
+		}
+		return nil
+	case codes.Aborted, codes.NotFound:
+		return nil
+	}
+	return fmt.Errorf("cross-worker snapshot of %s: %w", id, err)
+}
+
+// round is one worker's volume life; see TestConcurrentNodeCalls.
+func (cs *cstorm) round(rnd *rand.Rand, name, kind string) error {
+	ctx := context.Background()
+	v, err := cs.create(name, kind, nil)
+	if err != nil {
+		return err
+	}
+	if err := cs.stage(v); err != nil {
+		return err
+	}
+	if err := put(v, payload(name, 1)); err != nil {
+		return fmt.Errorf("write gen 1 to %s: %w", name, err)
+	}
+	if err := cs.crossSnapshot(rnd, v.id); err != nil {
+		return err
+	}
+	var snap *csi.CreateSnapshotResponse
+	err = retryAborted(func() (err error) {
+		snap, err = cs.k.ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: name + "-snap", SourceVolumeId: v.id})
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("snapshot %s: %w", name, err)
+	}
+	if err := put(v, payload(name, 2)); err != nil {
+		return fmt.Errorf("write gen 2 to %s: %w", name, err)
+	}
+	restored, err := cs.create(name+"-restored", kind, &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
+		Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap.Snapshot.SnapshotId}}})
+	if err != nil {
+		return err
+	}
+	clone, err := cs.create(name+"-clone", kind, &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{
+		Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: v.id}}})
+	if err != nil {
+		return err
+	}
+	if err := cs.crossSnapshot(rnd, v.id); err != nil {
+		return err
+	}
+	// The snapshot's copy may go once a volume was restored from it.
+	if err := retryAborted(func() error {
+		_, err := cs.k.ctrl.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: snap.Snapshot.SnapshotId})
+		return err
+	}); err != nil {
+		return fmt.Errorf("delete snapshot of %s: %w", name, err)
+	}
+	for _, c := range []*cvol{restored, clone} {
+		if err := cs.stage(c); err != nil {
+			return err
+		}
+	}
+	if err := get(restored, payload(name, 1), "the restore of the snapshot taken at gen 1"); err != nil {
+		return err
+	}
+	if err := get(clone, payload(name, 2), "the clone taken at gen 2"); err != nil {
+		return err
+	}
+	if err := put(restored, payload(name, 3)); err != nil {
+		return fmt.Errorf("write gen 3 to the restore of %s: %w", name, err)
+	}
+	if err := put(v, payload(name, 4)); err != nil {
+		return fmt.Errorf("write gen 4 to %s: %w", name, err)
+	}
+	for _, c := range []struct {
+		v    *cvol
+		gen  int
+		what string
+	}{{v, 4, "the volume"}, {restored, 3, "the restore, written"}, {clone, 2, "the clone, after its source changed"}} {
+		if err := get(c.v, payload(name, c.gen), c.what); err != nil {
+			return err
+		}
+	}
+	for _, c := range []*cvol{clone, v, restored} {
+		if err := cs.unstageDelete(c); err != nil {
+			return err
+		}
+	}
+	return nil
+}
