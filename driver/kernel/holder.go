@@ -662,14 +662,36 @@ func clipOutput(out []byte) []byte {
 // empty directory (toolTarget): otherwise a client could mount a
 // filesystem of its making over a directory the tools are found in (an
 // empty /usr/local/sbin, first in a usual PATH) and have the next "run"
-// execute its program as the privileged holder.
+// execute its program as the privileged holder. A mount elsewhere is
+// answered as a failed mount (status 32), not "run it yourself": the
+// client must not mount there either. Mounts and umounts at one path run
+// one at a time (lockTarget).
 func holdRun(c *net.UnixConn, args []string) {
 	defer c.Close()
 	c.SetDeadline(time.Time{}) // as long as the command takes
 	var out []byte
 	bin, err := toolBinary(args[0])
+	if err == nil && (args[0] == "mount" || args[0] == "umount") {
+		unlock := lockTarget(args[len(args)-1])
+		defer unlock()
+	}
+	var terr error
 	if err == nil && args[0] == "mount" {
-		err = toolTarget(args[len(args)-1])
+		terr = toolTarget(args[len(args)-1])
+	}
+	if err == nil && terr != nil {
+		// Answered as mount(8) answers a mount it cannot make (exit
+		// status 32), not as "run it yourself": the usual cause is a
+		// stage's retry after a restart meeting the mount that the
+		// killed stage left running here, finished (lockTarget): the
+		// caller must look at what is mounted there, and must not mount
+		// over it itself either.
+		resp := holderResp{Out: []byte("csi-snap fuse-holder: not mounting: " + terr.Error() + "\n"), Exit: new(int)}
+		*resp.Exit = 32
+		if err := writeHolder(c, resp, -1); err != nil {
+			klog.InfoS("fuse holder: a command's client went away before its end", "command", args[0], "exit", resp.Exit, "err", err)
+		}
+		return
 	}
 	if err == nil {
 		cmd := exec.Command(bin, args[1:]...)
@@ -693,6 +715,43 @@ func holdRun(c *net.UnixConn, args []string) {
 	}
 	if err := writeHolder(c, resp, -1); err != nil {
 		klog.InfoS("fuse holder: a command's client went away before its end", "command", args[0], "exit", resp.Exit, "err", err)
+	}
+}
+
+// targetLocks serializes the mounts and umounts holdRun runs at one path.
+// A stage killed during its mount leaves the mount running here; the
+// stage's retry by the restarted plugin would otherwise find the path still
+// empty, mount the device there too, and stack a second mount of it on the
+// first. Entries live while a command at their path runs or waits.
+var targetLocks = struct {
+	sync.Mutex
+	m map[string]*targetLock
+}{m: map[string]*targetLock{}}
+
+type targetLock struct {
+	sync.Mutex
+	users int // commands holding or waiting for it
+}
+
+// lockTarget takes path's lock in targetLocks and returns its release.
+func lockTarget(path string) (unlock func()) {
+	path = filepath.Clean(path)
+	targetLocks.Lock()
+	l := targetLocks.m[path]
+	if l == nil {
+		l = &targetLock{}
+		targetLocks.m[path] = l
+	}
+	l.users++
+	targetLocks.Unlock()
+	l.Lock()
+	return func() {
+		l.Unlock()
+		targetLocks.Lock()
+		if l.users--; l.users == 0 {
+			delete(targetLocks.m, path)
+		}
+		targetLocks.Unlock()
 	}
 }
 

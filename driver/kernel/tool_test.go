@@ -7,6 +7,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -73,8 +74,13 @@ func TestHolderRun(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(full, "x"), nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := holderCall(fe.sock, holderReq{Op: "run", Args: []string{"mount", "-t", "ext4", dev, full}}, -1); err == nil || !strings.Contains(err.Error(), "not an empty directory") {
-		t.Fatalf("mount onto a directory with a file in it: %v, want refused", err)
+	// Answered as a failed mount (mount(8)'s status 32), which the caller
+	// must not then run itself (NodeStageVolume looks at what is there).
+	if out, exit := runs("mount", "-t", "ext4", dev, full); exit != 32 || !strings.Contains(string(out), "not an empty directory") {
+		t.Fatalf("mount onto a directory with a file in it: exit %d, %q; want 32, refused", exit, out)
+	}
+	if _, err := os.Stat(filepath.Join(full, "x")); err != nil {
+		t.Fatalf("the refused mount hid the directory's file: %v", err)
 	}
 	if out, exit := runs("mount", "-t", "ext4", "-o", "noatime", dev, empty); exit != 0 {
 		t.Fatalf("mount: exit %d: %s", exit, out)
@@ -85,8 +91,8 @@ func TestHolderRun(t *testing.T) {
 	if out, exit := runs("umount", empty); exit != 0 {
 		t.Fatalf("umount: exit %d: %s", exit, out)
 	}
-	if n := fe.holderRuns.Load(); n != 6 {
-		t.Fatalf("%d runs counted, want 6", n)
+	if n := fe.holderRuns.Load(); n != 7 {
+		t.Fatalf("%d runs counted, want 7", n)
 	}
 	for name, want := range map[string]string{"mount": "/usr/bin/mount", "mkfs.ext4": "/usr/sbin/mkfs.ext4"} {
 		if got, err := toolBinary(name); err != nil || got != want {
@@ -180,11 +186,86 @@ func TestHolderRun(t *testing.T) {
 			t.Fatalf("the holder's log has no %s:\n%s", want, log)
 		}
 	}
-	if n := fe.holderRuns.Load(); n != 6 {
-		t.Fatalf("%d runs counted, want still 6", n)
+	if n := fe.holderRuns.Load(); n != 7 {
+		t.Fatalf("%d runs counted, want still 7", n)
 	}
 	if err := fe.Detach(ctx, "tools2"); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestHolderRunMountsOneAtATime: two mounts of one device at one empty
+// path reach the holder together, as a stage's retry after a restart meets
+// the mount its killed first try left running there. The first is held in
+// the kernel (its superblock read waits on this process) while the second
+// arrives; the second must wait for it, find the path no longer empty and
+// fail as mount(8) does (32), leaving one mount, not two stacked.
+func TestHolderRunMountsOneAtATime(t *testing.T) {
+	requireRoot(t)
+	requireTool(t, "mkfs.ext4")
+	fe, _ := newFrontend(t)
+	ctx := context.Background()
+	open := make(chan struct{})
+	close(open)
+	gb := &gatedBackend{newFileBackend(t, t.TempDir(), 64<<20), open}
+	dev, err := fe.Attach(ctx, "stack", gb, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fe.Detach(ctx, "stack") })
+	if out, exit, here, err := fe.RunTool(ctx, []string{"mkfs.ext4", "-E", "nodiscard", "-F", "-m0", dev}); err != nil || here || exit != 0 {
+		t.Fatalf("mkfs.ext4: %v here %v exit %d: %s", err, here, exit, out)
+	}
+	// Drop the device's page cache, so that the mount reads through us.
+	if out, exit, _, err := fe.RunTool(ctx, []string{"blockdev", "--flushbufs", dev}); err != nil || exit != 0 {
+		t.Fatalf("blockdev --flushbufs: %v exit %d: %s", err, exit, out)
+	}
+	target := t.TempDir()
+	gb.gate = make(chan struct{})
+	type result struct {
+		out  []byte
+		exit int
+		err  error
+	}
+	results := make(chan result, 2)
+	mount := func() {
+		out, exit, here, err := fe.RunTool(ctx, []string{"mount", "-t", "ext4", dev, target})
+		if here {
+			err = errors.New("the holder did not run it")
+		}
+		results <- result{out, exit, err}
+	}
+	go mount()
+	time.Sleep(300 * time.Millisecond) // the first reads the superblock, held
+	go mount()
+	time.Sleep(300 * time.Millisecond) // the second waits (or, unlocked, mounts too)
+	close(gb.gate)
+	var exits []int
+	for i := 0; i < 2; i++ {
+		r := <-results
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+		exits = append(exits, r.exit)
+		if r.exit != 0 && !strings.Contains(string(r.out), "not an empty directory") {
+			t.Errorf("mount: exit %d: %s", r.exit, r.out)
+		}
+	}
+	mounts := 0
+	mi, _ := os.ReadFile("/proc/self/mountinfo")
+	for _, line := range strings.Split(string(mi), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && f[4] == target {
+			mounts++
+		}
+	}
+	for i := 0; i < mounts; i++ {
+		if out, exit, _, err := fe.RunTool(ctx, []string{"umount", target}); err != nil || exit != 0 {
+			t.Errorf("umount: %v exit %d: %s", err, exit, out)
+		}
+	}
+	slices.Sort(exits)
+	if mounts != 1 || !slices.Equal(exits, []int{0, 32}) {
+		t.Fatalf("two mounts at one path: exits %v and %d mounts there; want [0 32] and 1", exits, mounts)
 	}
 }
 

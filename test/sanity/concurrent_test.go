@@ -36,10 +36,40 @@ import (
 // may only meet Aborted (the owner is staging or unstaging it) or NotFound
 // (already deleted). At the end no loop device, mount or held connection is
 // left (startKillable's cleanups).
-func TestConcurrentNodeCalls(t *testing.T) {
+func TestConcurrentNodeCalls(t *testing.T) { testConcurrentNodeCalls(t, false) }
+
+// TestConcurrentNodeCallsKilled is TestConcurrentNodeCalls while csi-snap is
+// SIGKILLed every 0.2-1.2 s and started again, as kubelet restarts a killed
+// container: the kill lands with several workers' calls in flight (stages
+// with their mkfs in the fuse-holder, snapshots with a filesystem frozen,
+// unstages, deletes) and their writes waiting on the volumes. Each worker
+// retries a call that met the kill (Unavailable, Canceled) as a CO does;
+// the answers, the bytes of every copy and the leftovers are checked as
+// without kills, and a killed csi-snap must exit (no hang).
+func TestConcurrentNodeCallsKilled(t *testing.T) { testConcurrentNodeCalls(t, true) }
+
+func testConcurrentNodeCalls(t *testing.T, kill bool) {
 	k, dir := startKillable(t, true)
+	// On failure, every csi-snap's log is kept (the cleanups print only
+	// the last one's tail, and remove dir): a failed call is usually
+	// explained by what an earlier, killed process did.
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		keep := filepath.Join(os.TempDir(), "csi-snap-logs-"+t.Name())
+		os.RemoveAll(keep)
+		os.MkdirAll(keep, 0o755)
+		logs, _ := filepath.Glob(filepath.Join(dir, "csi-snap-*.log"))
+		for _, l := range logs {
+			if b, err := os.ReadFile(l); err == nil {
+				os.WriteFile(filepath.Join(keep, filepath.Base(l)), b, 0o644)
+			}
+		}
+		t.Logf("the logs of all %d csi-snap processes are kept in %s", len(logs), keep)
+	})
 	const workers, rounds = 4, 6
-	cs := &cstorm{k: k, dir: dir, live: map[string]string{}, counts: map[string]int{}}
+	cs := &cstorm{k: k, dir: dir, live: map[string]string{}, counts: map[string]int{}, kill: kill}
 	var wg sync.WaitGroup
 	errs := make([]error, workers)
 	for w := 0; w < workers; w++ {
@@ -53,7 +83,30 @@ func TestConcurrentNodeCalls(t *testing.T) {
 			}
 		}()
 	}
+	done := make(chan struct{})
+	killed := make(chan int)
+	go func() {
+		n := 0
+		defer func() { killed <- n }()
+		if !kill {
+			return
+		}
+		rnd := rand.New(rand.NewSource(99))
+		for {
+			select {
+			case <-done:
+				return
+			case <-time.After(200*time.Millisecond + time.Duration(rnd.Int63n(int64(time.Second)))):
+			}
+			if !cs.killRestart() {
+				return
+			}
+			n++
+		}
+	}()
 	wg.Wait()
+	close(done)
+	kills := <-killed
 	for w, err := range errs {
 		if err != nil {
 			t.Errorf("worker %d: %v", w, err)
@@ -64,34 +117,84 @@ func TestConcurrentNodeCalls(t *testing.T) {
 		seen = append(seen, fmt.Sprintf("%s %d", k, n))
 	}
 	sort.Strings(seen)
-	t.Logf("cross-worker snapshots: %s", strings.Join(seen, ", "))
+	t.Logf("%d kills; cross-worker snapshots: %s", kills, strings.Join(seen, ", "))
 	if cs.counts["OK"] == 0 {
 		t.Errorf("no cross-worker snapshot succeeded: the storm did not overlap snapshots with another worker's writes")
 	}
+	if kill && kills == 0 {
+		t.Errorf("no kill landed during the storm")
+	}
+	// Every worker deleted what it made: nothing may be left.
+	ctx := context.Background()
+	if lv, err := k.ctrl.ListVolumes(ctx, &csi.ListVolumesRequest{}); err != nil || len(lv.Entries) > 0 {
+		t.Errorf("after the storm ListVolumes answers %v, %v; want nothing", lv, err)
+	}
+	if ls, err := k.ctrl.ListSnapshots(ctx, &csi.ListSnapshotsRequest{}); err != nil || len(ls.Entries) > 0 {
+		t.Errorf("after the storm ListSnapshots answers %v, %v; want nothing", ls, err)
+	}
+}
+
+// killRestart SIGKILLs csi-snap, waits for it to exit and starts it again
+// with new clients; it reports false (and fails the test) if the killed
+// process did not exit within 30 s.
+func (cs *cstorm) killRestart() bool {
+	cs.cmu.Lock()
+	defer cs.cmu.Unlock()
+	k := cs.k
+	k.p.cmd.Process.Kill()
+	select {
+	case err := <-k.p.exited:
+		k.p.exited <- err // for killable.restart
+	case <-time.After(30 * time.Second):
+		pid := k.p.cmd.Process.Pid
+		k.t.Errorf("HANG: csi-snap (pid %d) SIGKILLed 30 s ago has not exited; threads in uninterruptible sleep:\n%s\nlast log lines:\n%s",
+			pid, dStacks(pid), tail(readLog(k.p), 8))
+		return false
+	}
+	k.restart()
+	return true
+}
+
+// clients returns the current clients of csi-snap (killRestart replaces
+// them).
+func (cs *cstorm) clients() (csi.ControllerClient, csi.NodeClient) {
+	cs.cmu.RLock()
+	defer cs.cmu.RUnlock()
+	return cs.k.ctrl, cs.k.node
 }
 
 // cstorm is TestConcurrentNodeCalls' shared state.
 type cstorm struct {
-	k   *killable
-	dir string
+	k    *killable
+	dir  string
+	kill bool // csi-snap is killed and restarted meanwhile
+
+	cmu sync.RWMutex // k's process and clients: written by killRestart
 
 	mu     sync.Mutex
 	live   map[string]string // volume ID -> its owner's name for it, while staged
 	counts map[string]int    // cross-worker snapshot answers by code
 }
 
-// retryAborted calls fn again while it answers Aborted (an operation on
-// the same object in flight: here another worker's snapshot of it), as a
-// CO does, for up to a minute.
-func retryAborted(fn func() error) error {
+// retry calls fn again, as a CO does, for up to a minute, while it answers
+// Aborted (an operation on the same object in flight: here another
+// worker's snapshot of it) or, with kills, the codes of a call whose
+// csi-snap was killed under it or is starting again (Unavailable, and
+// Canceled from a client closed by killRestart).
+func (cs *cstorm) retry(fn func() error) error {
 	for i := 0; ; i++ {
 		err := fn()
-		if status.Code(err) != codes.Aborted || i == 600 {
+		c := status.Code(err)
+		again := c == codes.Aborted || cs.kill && (c == codes.Unavailable || c == codes.Canceled)
+		if !again || i == 600 {
 			return err
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 }
+
+func ctrl(cs *cstorm) csi.ControllerClient { c, _ := cs.clients(); return c }
+func node(cs *cstorm) csi.NodeClient       { _, n := cs.clients(); return n }
 
 // cvol is one volume of a worker's round.
 type cvol struct {
@@ -113,8 +216,8 @@ func cstormCap(kind string) *csi.VolumeCapability {
 // create makes volume name (from src) of kind, 64 MiB.
 func (cs *cstorm) create(name, kind string, src *csi.VolumeContentSource) (*cvol, error) {
 	var r *csi.CreateVolumeResponse
-	err := retryAborted(func() (err error) {
-		r, err = cs.k.ctrl.CreateVolume(context.Background(), &csi.CreateVolumeRequest{Name: name,
+	err := cs.retry(func() (err error) {
+		r, err = ctrl(cs).CreateVolume(context.Background(), &csi.CreateVolumeRequest{Name: name,
 			CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20}, VolumeCapabilities: []*csi.VolumeCapability{cstormCap(kind)},
 			VolumeContentSource: src})
 		return err
@@ -128,14 +231,14 @@ func (cs *cstorm) create(name, kind string, src *csi.VolumeContentSource) (*cvol
 
 func (cs *cstorm) stage(v *cvol) error {
 	ctx, vc := context.Background(), cstormCap(v.kind)
-	if err := retryAborted(func() error {
-		_, err := cs.k.node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging, VolumeCapability: vc})
+	if err := cs.retry(func() error {
+		_, err := node(cs).NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging, VolumeCapability: vc})
 		return err
 	}); err != nil {
 		return fmt.Errorf("stage %s: %w", v.name, err)
 	}
-	if err := retryAborted(func() error {
-		_, err := cs.k.node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging,
+	if err := cs.retry(func() error {
+		_, err := node(cs).NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging,
 			TargetPath: v.target, VolumeCapability: vc})
 		return err
 	}); err != nil {
@@ -152,20 +255,20 @@ func (cs *cstorm) unstageDelete(v *cvol) error {
 	delete(cs.live, v.id)
 	cs.mu.Unlock()
 	ctx := context.Background()
-	if err := retryAborted(func() error {
-		_, err := cs.k.node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v.id, TargetPath: v.target})
+	if err := cs.retry(func() error {
+		_, err := node(cs).NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v.id, TargetPath: v.target})
 		return err
 	}); err != nil {
 		return fmt.Errorf("unpublish %s: %w", v.name, err)
 	}
-	if err := retryAborted(func() error {
-		_, err := cs.k.node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging})
+	if err := cs.retry(func() error {
+		_, err := node(cs).NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging})
 		return err
 	}); err != nil {
-		return fmt.Errorf("unstage %s: %w", v.name, err)
+		return fmt.Errorf("unstage %s: %w\n%s", v.name, err, whoHolds(v.staging))
 	}
-	if err := retryAborted(func() error {
-		_, err := cs.k.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.id})
+	if err := cs.retry(func() error {
+		_, err := ctrl(cs).DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.id})
 		return err
 	}); err != nil {
 		return fmt.Errorf("delete %s: %w", v.name, err)
@@ -243,14 +346,27 @@ func (cs *cstorm) crossSnapshot(rnd *rand.Rand, mine string) error {
 	}
 	id := ids[rnd.Intn(len(ids))]
 	ctx := context.Background()
-	r, err := cs.k.ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: fmt.Sprintf("x-%s-%d", mine, rnd.Int63()), SourceVolumeId: id})
+	// Retried only when a kill met it, so Aborted and NotFound are seen.
+	name := fmt.Sprintf("x-%s-%d", mine, rnd.Int63())
+	var r *csi.CreateSnapshotResponse
+	var err error
+	for i := 0; i < 600; i++ {
+		r, err = ctrl(cs).CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: name, SourceVolumeId: id})
+		if c := status.Code(err); !cs.kill || c != codes.Unavailable && c != codes.Canceled {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 	c := status.Code(err)
 	cs.mu.Lock()
 	cs.counts[c.String()]++
 	cs.mu.Unlock()
 	switch c {
 	case codes.OK:
-		if _, err := cs.k.ctrl.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: r.Snapshot.SnapshotId}); err != nil {
+		if err := cs.retry(func() error {
+			_, err := ctrl(cs).DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: r.Snapshot.SnapshotId})
+			return err
+		}); err != nil {
 			return fmt.Errorf("delete cross-worker snapshot %s: %w", r.Snapshot.SnapshotId, err)
 		}
 		return nil
@@ -277,8 +393,8 @@ func (cs *cstorm) round(rnd *rand.Rand, name, kind string) error {
 		return err
 	}
 	var snap *csi.CreateSnapshotResponse
-	err = retryAborted(func() (err error) {
-		snap, err = cs.k.ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: name + "-snap", SourceVolumeId: v.id})
+	err = cs.retry(func() (err error) {
+		snap, err = ctrl(cs).CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: name + "-snap", SourceVolumeId: v.id})
 		return err
 	})
 	if err != nil {
@@ -301,8 +417,8 @@ func (cs *cstorm) round(rnd *rand.Rand, name, kind string) error {
 		return err
 	}
 	// The snapshot's copy may go once a volume was restored from it.
-	if err := retryAborted(func() error {
-		_, err := cs.k.ctrl.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: snap.Snapshot.SnapshotId})
+	if err := cs.retry(func() error {
+		_, err := ctrl(cs).DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: snap.Snapshot.SnapshotId})
 		return err
 	}); err != nil {
 		return fmt.Errorf("delete snapshot of %s: %w", name, err)
@@ -339,4 +455,43 @@ func (cs *cstorm) round(rnd *rand.Rand, name, kind string) error {
 		}
 	}
 	return nil
+}
+
+// whoHolds lists what keeps path busy: processes with a file, cwd or root
+// under it, and mounts at or under it.
+func whoHolds(path string) string {
+	var b strings.Builder
+	procs, _ := filepath.Glob("/proc/[0-9]*")
+	for _, pd := range procs {
+		links, _ := filepath.Glob(pd + "/fd/*")
+		links = append(links, pd+"/cwd", pd+"/root")
+		for _, l := range links {
+			if t, err := os.Readlink(l); err == nil && strings.HasPrefix(t, path) {
+				comm, _ := os.ReadFile(pd + "/comm")
+				fmt.Fprintf(&b, "%s (%s): %s -> %s\n", pd, strings.TrimSpace(string(comm)), l, t)
+			}
+		}
+	}
+	mi, _ := os.ReadFile("/proc/self/mountinfo")
+	for _, line := range strings.Split(string(mi), "\n") {
+		if strings.Contains(line, path) {
+			fmt.Fprintf(&b, "mount: %s\n", line)
+		}
+	}
+	// Other mount namespaces holding a copy of the mount.
+	self, _ := os.Readlink("/proc/self/ns/mnt")
+	seen := map[string]bool{self: true}
+	for _, pd := range procs {
+		ns, err := os.Readlink(pd + "/ns/mnt")
+		if err != nil || seen[ns] {
+			continue
+		}
+		seen[ns] = true
+		mi, _ := os.ReadFile(pd + "/mountinfo")
+		if strings.Contains(string(mi), path) {
+			comm, _ := os.ReadFile(pd + "/comm")
+			fmt.Fprintf(&b, "mount namespace %s of %s (%s) has it\n", ns, pd, strings.TrimSpace(string(comm)))
+		}
+	}
+	return b.String()
 }
