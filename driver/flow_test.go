@@ -2594,6 +2594,57 @@ func TestUnstageWhenUnmountDoesNothing(t *testing.T) {
 	}
 }
 
+// busyUnmounter fails its first fails unmounts as umount(8) does on a
+// filesystem in use, then unmounts.
+type busyUnmounter struct {
+	*mount.FakeMounter
+	fails, calls int
+}
+
+func (m *busyUnmounter) Unmount(p string) error {
+	if m.calls++; m.calls <= m.fails {
+		return fmt.Errorf("unmount failed: exit status 32\nUnmounting arguments: %s\nOutput: umount: %s: target is busy.", p, p)
+	}
+	return m.FakeMounter.Unmount(p)
+}
+
+// TestUnstageRetriesBusyUnmount: an unmount that finds the filesystem
+// busy is tried again a few times over about a second (a descriptor of the
+// mount point copied into a child forked at that moment keeps it busy until
+// the child's exec: TestConcurrentNodeCalls met it), and the unstage then
+// succeeds; one still busy after them fails Internal, saying busy, with the
+// device still attached.
+func TestUnstageRetriesBusyUnmount(t *testing.T) {
+	for _, c := range []struct {
+		fails, calls int
+		ok           bool
+	}{{3, 4, true}, {1000, 8, false}} {
+		var um *busyUnmounter
+		e := newEnv(t, func(o *driver.Options) {
+			um = &busyUnmounter{FakeMounter: o.Mounter.Interface.(*mount.FakeMounter), fails: c.fails}
+			o.Mounter.Interface = um
+		})
+		ctx := context.Background()
+		id := e.createVolume(t, "busy-unmount", 1<<20).VolumeId
+		staging := filepath.Join(t.TempDir(), "staging")
+		if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			VolumeCapability: mountCap()}); err != nil {
+			t.Fatal(err)
+		}
+		_, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging})
+		_, attached := e.fe.Device(id)
+		switch {
+		case c.ok && (err != nil || attached):
+			t.Errorf("%d busy unmounts: unstage %v, still attached %v; want done", c.fails, err, attached)
+		case !c.ok && (status.Code(err) != codes.Internal || !strings.Contains(err.Error(), "busy") || !attached):
+			t.Errorf("always busy: unstage %v, still attached %v; want Internal saying busy, attached", err, attached)
+		}
+		if um.calls != c.calls {
+			t.Errorf("%d busy unmounts: %d unmounts tried, want %d", c.fails, um.calls, c.calls)
+		}
+	}
+}
+
 // busyDetacher fails its first Detach with ErrBusy, as the kernel frontend
 // does while something still holds the loop device.
 type busyDetacher struct {
