@@ -99,12 +99,13 @@ func volumeSize(r *csi.CapacityRange, floor int64) (int64, error) {
 // would be made and then fail every NodeStageVolume.
 const xfsMinSize = 300 << 20
 
-// wantsXFS reports whether a volume is made for xfs: the fstype parameter
-// says so, or (external-provisioner passes the StorageClass's fstype
-// there) a mount capability does.
+// wantsXFS reports whether a volume may be staged with xfs: the fstype
+// parameter says so, or (external-provisioner passes the StorageClass's
+// fstype there) a mount capability does, which NodeStageVolume prefers to
+// the parameter.
 func wantsXFS(param string, caps []*csi.VolumeCapability) bool {
-	if param != "" {
-		return param == "xfs"
+	if param == "xfs" {
+		return true
 	}
 	for _, c := range caps {
 		if c.GetMount().GetFsType() == "xfs" {
@@ -312,6 +313,10 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 			v.SourceVolumeID != srcVolID || v.Labels[labelFSType] != fs {
 			return nil, statusf(codes.AlreadyExists, "volume %q exists as %s with a different size, source or fstype", name, v.ID)
 		}
+		if v.Size < xfsMinSize && wantsXFS(fs, req.GetVolumeCapabilities()) {
+			// Made before xfs volumes were made at least this large.
+			return nil, statusf(codes.AlreadyExists, "volume %q exists as %s of %d bytes, too small for xfs (at least %d)", name, v.ID, v.Size, xfsMinSize)
+		}
 		// Without the parameter any chunk size is compatible: the engine
 		// chose it.
 		if params.chunkSize != 0 && v.ChunkSize != params.chunkSize {
@@ -338,16 +343,15 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		}
 		floor = v.Size
 	}
-	xfs := wantsXFS(fs, req.GetVolumeCapabilities())
-	if xfs {
-		floor = max(floor, xfsMinSize)
-	}
 	size, err := volumeSize(req.GetCapacityRange(), floor)
 	if err != nil {
-		if xfs {
-			return nil, statusf(codes.OutOfRange, "%s: an xfs volume is at least %d bytes (300 MiB), the smallest filesystem mkfs.xfs makes", status.Convert(err).Message(), xfsMinSize)
-		}
 		return nil, err
+	}
+	if size < xfsMinSize && wantsXFS(fs, req.GetVolumeCapabilities()) {
+		if lim := req.GetCapacityRange().GetLimitBytes(); lim > 0 && lim < xfsMinSize {
+			return nil, statusf(codes.OutOfRange, "limit_bytes %d is below %d bytes (300 MiB), the smallest xfs filesystem mkfs.xfs makes", lim, xfsMinSize)
+		}
+		size = xfsMinSize
 	}
 	id, err := newID(volumePrefix, d.tag)
 	if err != nil {
@@ -504,6 +508,9 @@ func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csi.Valida
 		if want := c.GetMount().GetFsType(); want != "" && fs != "" && want != fs {
 			return &csi.ValidateVolumeCapabilitiesResponse{Message: fmt.Sprintf("volume %s was made for %s, not fs_type %s", v.ID, fs, want)}, nil
 		}
+		if c.GetMount().GetFsType() == "xfs" && v.Size < xfsMinSize {
+			return &csi.ValidateVolumeCapabilitiesResponse{Message: fmt.Sprintf("volume %s has %d bytes, too few for xfs (at least %d)", v.ID, v.Size, xfsMinSize)}, nil
+		}
 	}
 	// The context must be the volume's (the spec: it MUST match): each key
 	// given with the volume's value. A subset is accepted, as a CO may
@@ -565,7 +572,8 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (
 			return &csi.GetCapacityResponse{}, nil
 		}
 	}
-	if _, err := checkVolumeParams(req.GetParameters()); err != nil {
+	params, err := checkVolumeParams(req.GetParameters())
+	if err != nil {
 		return nil, err
 	}
 	if t := req.GetAccessibleTopology(); t != nil && !d.topologyMatches(t) {
@@ -589,8 +597,13 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (
 	// CreateVolume (OutOfRange) on one. The limit is at least the largest
 	// volume or snapshot here: one an earlier version made at 16 TiB may be
 	// restored or cloned at its size (volumeSize). minimum_volume_size: a
-	// limit_bytes below one block leaves no size.
+	// limit_bytes below one block leaves no size, below 300 MiB no xfs
+	// volume (xfsMinSize).
 	limit := int64(cow.MaxVolumeSize)
+	minSize := int64(blockSize)
+	if wantsXFS(params.fsType, req.GetVolumeCapabilities()) {
+		minSize = xfsMinSize
+	}
 	for _, v := range d.opt.Store.Volumes() {
 		limit = max(limit, v.Size)
 	}
@@ -600,7 +613,7 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (
 	return &csi.GetCapacityResponse{
 		AvailableCapacity: free,
 		MaximumVolumeSize: wrapperspb.Int64(min(free, limit)),
-		MinimumVolumeSize: wrapperspb.Int64(blockSize),
+		MinimumVolumeSize: wrapperspb.Int64(minSize),
 	}, nil
 }
 

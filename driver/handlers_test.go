@@ -590,11 +590,15 @@ func TestBadInput(t *testing.T) {
 	}
 }
 
-// TestCreateXFSMinimumSize: mkfs.xfs makes nothing below 300 MiB, so an
-// xfs volume (by parameter or by its mount capability, where
-// external-provisioner puts the StorageClass's fstype) is made at least that
-// large, and a limit below it is OutOfRange; other volumes keep the size
-// asked for, and a repeated request finds the volume made.
+// TestCreateXFSMinimumSize: mkfs.xfs makes nothing below 300 MiB, so a
+// volume that may be staged with xfs (by the fstype parameter, or by a mount
+// capability, where external-provisioner puts the StorageClass's fstype and
+// which NodeStageVolume prefers) is made at least that large, and a limit
+// below it is OutOfRange; other volumes, and xfs volumes asked larger or
+// without a size, keep the size they would have; a repeated request finds
+// the volume made, and one for xfs that finds a smaller volume of the name
+// is AlreadyExists. ValidateVolumeCapabilities does not confirm xfs on a
+// smaller volume, and GetCapacity gives 300 MiB as the minimum for xfs.
 func TestCreateXFSMinimumSize(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
@@ -602,23 +606,27 @@ func TestCreateXFSMinimumSize(t *testing.T) {
 		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: "xfs"}},
 		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
 	}
+	fsParam := func(fs string) map[string]string { return map[string]string{"csi.storage.k8s.io/fstype": fs} }
 	const minXFS = 300 << 20
 	for _, c := range []struct {
-		name   string
-		caps   []*csi.VolumeCapability
-		params map[string]string
-		limit  int64
-		want   int64 // 0: OutOfRange
+		name          string
+		caps          []*csi.VolumeCapability
+		params        map[string]string
+		required, lim int64
+		want          int64 // 0: OutOfRange
 	}{
-		{"by-capability", []*csi.VolumeCapability{xfsCap}, nil, 0, minXFS},
-		{"by-parameter", []*csi.VolumeCapability{mountCap()}, map[string]string{"csi.storage.k8s.io/fstype": "xfs"}, 0, minXFS},
-		{"limit-allows", []*csi.VolumeCapability{xfsCap}, nil, 1 << 30, minXFS},
-		{"limit-too-low", []*csi.VolumeCapability{xfsCap}, nil, 100 << 20, 0},
-		{"ext4-by-parameter-wins", []*csi.VolumeCapability{xfsCap}, map[string]string{"csi.storage.k8s.io/fstype": "ext4"}, 0, 64 << 20},
-		{"ext4", []*csi.VolumeCapability{mountCap()}, nil, 0, 64 << 20},
-		{"block", []*csi.VolumeCapability{blockCap()}, nil, 0, 64 << 20},
+		{"by-capability", []*csi.VolumeCapability{xfsCap}, nil, 64 << 20, 0, minXFS},
+		{"by-parameter", []*csi.VolumeCapability{mountCap()}, fsParam("xfs"), 64 << 20, 0, minXFS},
+		{"limit-allows", []*csi.VolumeCapability{xfsCap}, nil, 64 << 20, 1 << 30, minXFS},
+		{"limit-too-low", []*csi.VolumeCapability{xfsCap}, nil, 64 << 20, 100 << 20, 0},
+		{"capability-over-ext4-parameter", []*csi.VolumeCapability{xfsCap}, fsParam("ext4"), 64 << 20, 0, minXFS},
+		{"no-size", []*csi.VolumeCapability{xfsCap}, nil, 0, 0, 1 << 30},
+		{"limit-only", []*csi.VolumeCapability{xfsCap}, nil, 0, 512 << 20, 512 << 20},
+		{"larger", []*csi.VolumeCapability{xfsCap}, nil, 400 << 20, 0, 400 << 20},
+		{"ext4", []*csi.VolumeCapability{mountCap()}, nil, 64 << 20, 0, 64 << 20},
+		{"block", []*csi.VolumeCapability{blockCap()}, nil, 64 << 20, 0, 64 << 20},
 	} {
-		req := &csi.CreateVolumeRequest{Name: c.name, CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20, LimitBytes: c.limit},
+		req := &csi.CreateVolumeRequest{Name: c.name, CapacityRange: &csi.CapacityRange{RequiredBytes: c.required, LimitBytes: c.lim},
 			VolumeCapabilities: c.caps, Parameters: c.params}
 		r, err := e.d.CreateVolume(ctx, req)
 		if c.want == 0 {
@@ -636,6 +644,36 @@ func TestCreateXFSMinimumSize(t *testing.T) {
 		}
 		if again, err := e.d.CreateVolume(ctx, req); err != nil || again.Volume.VolumeId != r.Volume.VolumeId {
 			t.Errorf("%s: the same request again: %v, %v; want volume %s", c.name, again, err, r.Volume.VolumeId)
+		}
+	}
+
+	// The ext4 volume of 64 MiB, asked again (same name) for xfs, and
+	// validated for xfs.
+	small, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "ext4", CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20},
+		VolumeCapabilities: []*csi.VolumeCapability{xfsCap}})
+	if status.Code(err) != codes.AlreadyExists {
+		t.Errorf("the 64 MiB volume's name asked again for xfs: %v, %v; want AlreadyExists", small, err)
+	}
+	id := ""
+	if vols, err := e.d.ListVolumes(ctx, &csi.ListVolumesRequest{}); err == nil {
+		for _, v := range vols.Entries {
+			if v.Volume.CapacityBytes == 64<<20 {
+				id = v.Volume.VolumeId
+			}
+		}
+	}
+	vr, err := e.d.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: id, VolumeCapabilities: []*csi.VolumeCapability{xfsCap}})
+	if err != nil || vr.Confirmed != nil || !strings.Contains(vr.Message, "xfs") {
+		t.Errorf("ValidateVolumeCapabilities of a 64 MiB volume (%q) for xfs: %v, %v; want not confirmed, saying why", id, vr, err)
+	}
+	for _, c := range []struct {
+		caps   []*csi.VolumeCapability
+		params map[string]string
+		want   int64
+	}{{[]*csi.VolumeCapability{xfsCap}, nil, minXFS}, {nil, fsParam("xfs"), minXFS}, {[]*csi.VolumeCapability{mountCap()}, nil, 4096}} {
+		gc, err := e.d.GetCapacity(ctx, &csi.GetCapacityRequest{VolumeCapabilities: c.caps, Parameters: c.params})
+		if err != nil || gc.MinimumVolumeSize.GetValue() != c.want {
+			t.Errorf("GetCapacity(%v, %v): %v, %v; want minimum_volume_size %d", c.caps, c.params, gc, err, c.want)
 		}
 	}
 }
