@@ -260,8 +260,7 @@ func (s *storm) step(rnd *rand.Rand) {
 			CapacityRange: &csi.CapacityRange{RequiredBytes: stormSize}, VolumeCapabilities: caps,
 			VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{
 				Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: src}}}})
-		// OutOfRange: the source grew past the size asked for.
-		if !s.answer("CreateVolume/volume", err, codes.Aborted, codes.NotFound, codes.AlreadyExists, codes.OutOfRange) {
+		if !s.answer("CreateVolume/volume", err, codes.Aborted, codes.NotFound, codes.AlreadyExists) {
 			return
 		}
 		c, ok := s.contentOf(src)

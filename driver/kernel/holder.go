@@ -709,8 +709,8 @@ func holdRun(c *net.UnixConn, args []string) {
 		code := ee.ExitCode()
 		resp.Exit = &code
 	default:
-		// Not started (not installed, a target refused): the client runs
-		// it itself (an answer that is not an errno: holderCannot).
+		// Not started (not installed): the client runs it itself (an
+		// answer that is not an errno: holderCannot).
 		resp.Out, resp.Err = nil, fmt.Sprintf("cannot run %s: %v", args[0], err)
 	}
 	if err := writeHolder(c, resp, -1); err != nil {

@@ -239,6 +239,12 @@ func TestHolderRunMountsOneAtATime(t *testing.T) {
 	time.Sleep(300 * time.Millisecond) // the first reads the superblock, held
 	go mount()
 	time.Sleep(300 * time.Millisecond) // the second waits (or, unlocked, mounts too)
+	select {
+	case r := <-results:
+		// Nothing held the first mount: the test would show nothing.
+		t.Fatalf("a mount ended while its reads were held: exit %d, %v: %s", r.exit, r.err, r.out)
+	default:
+	}
 	close(gb.gate)
 	var exits []int
 	for i := 0; i < 2; i++ {

@@ -49,7 +49,11 @@ func TestConcurrentNodeCalls(t *testing.T) { testConcurrentNodeCalls(t, false) }
 func TestConcurrentNodeCallsKilled(t *testing.T) { testConcurrentNodeCalls(t, true) }
 
 func testConcurrentNodeCalls(t *testing.T, kill bool) {
-	k, dir := startKillable(t, true)
+	// Registered before startKillable's cleanups (so run after them, when
+	// they may have failed the test) and after the removal of the
+	// temporary directories (run before it).
+	_ = t.TempDir()
+	var dir string
 	// On failure, every csi-snap's log is kept (the cleanups print only
 	// the last one's tail, and remove dir): a failed call is usually
 	// explained by what an earlier, killed process did.
@@ -68,6 +72,7 @@ func testConcurrentNodeCalls(t *testing.T, kill bool) {
 		}
 		t.Logf("the logs of all %d csi-snap processes are kept in %s", len(logs), keep)
 	})
+	k, dir := startKillable(t, true)
 	const workers, rounds = 4, 6
 	cs := &cstorm{k: k, dir: dir, live: map[string]string{}, counts: map[string]int{}, kill: kill}
 	var wg sync.WaitGroup
@@ -186,7 +191,7 @@ func (cs *cstorm) retry(fn func() error) error {
 		err := fn()
 		c := status.Code(err)
 		again := c == codes.Aborted || cs.kill && (c == codes.Unavailable || c == codes.Canceled)
-		if !again || i == 600 {
+		if !again || i == 600 || cs.k.t.Failed() { // failed: a restart did not start csi-snap
 			return err
 		}
 		time.Sleep(100 * time.Millisecond)
@@ -350,9 +355,16 @@ func (cs *cstorm) crossSnapshot(rnd *rand.Rand, mine string) error {
 	name := fmt.Sprintf("x-%s-%d", mine, rnd.Int63())
 	var r *csi.CreateSnapshotResponse
 	var err error
-	for i := 0; i < 600; i++ {
+	// Once a kill met it, it may have made the snapshot: then it is
+	// retried on Aborted too, as a CO retries, until it has an answer to
+	// delete or one that says it made nothing (NotFound).
+	killed := false
+	for i := 0; i < 600 && !cs.k.t.Failed(); i++ {
 		r, err = ctrl(cs).CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: name, SourceVolumeId: id})
-		if c := status.Code(err); !cs.kill || c != codes.Unavailable && c != codes.Canceled {
+		c := status.Code(err)
+		if cs.kill && (c == codes.Unavailable || c == codes.Canceled) {
+			killed = true
+		} else if !killed || c != codes.Aborted {
 			break
 		}
 		time.Sleep(100 * time.Millisecond)
