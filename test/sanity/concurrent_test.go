@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand"
 	"os"
 	"path/filepath"
@@ -23,19 +24,19 @@ import (
 // TestConcurrentNodeCalls runs the real binary, as the chart does, under
 // what a busy node sends it at once: several workers, each through its own
 // volumes' whole life (create, stage with mkfs.ext4 or mkfs.xfs or as a raw
-// block device, publish, write, snapshot with the filesystem frozen,
-// overwrite, restore the snapshot into a new volume and stage that too,
-// clone the volume, check every copy, unstage, delete), while the others do
-// the same, so loop attaches and detaches, FUSE mounts, freezes and the
-// fuse-holder's mkfs, mount and umount of different volumes overlap; and
-// each worker also snapshots a volume another worker is writing to. Every
-// call of a worker on its own objects must succeed (after retries of
-// Aborted, as a CO retries, when another worker's snapshot holds the
-// volume); each copy must hold
-// exactly the files (or bytes) of its instant; the cross-worker snapshots
-// may only meet Aborted (the owner is staging or unstaging it) or NotFound
-// (already deleted). At the end no loop device, mount or held connection is
-// left (startKillable's cleanups).
+// block device, publish, write, grow (not ext4 without CAP_SYS_RESOURCE),
+// snapshot with the filesystem frozen, overwrite, restore the snapshot into
+// a new volume and stage that too, clone the volume, check every copy,
+// unstage, delete), while the others do the same, so loop attaches and
+// detaches, FUSE mounts, freezes, resizes and the fuse-holder's mkfs, mount
+// and umount of different volumes overlap; and each worker also snapshots
+// a volume another worker is writing to. Every call of a worker on its own
+// objects must succeed (after retries of Aborted, as a CO retries, when
+// another worker's snapshot holds the volume); each copy must hold exactly
+// the files (or bytes) of its instant; the cross-worker snapshots may only
+// meet Aborted (the owner is staging or unstaging it) or NotFound (already
+// deleted). At the end nothing is listed, and no loop device, mount or held
+// connection is left (startKillable's cleanups).
 func TestConcurrentNodeCalls(t *testing.T) { testConcurrentNodeCalls(t, false) }
 
 // TestConcurrentNodeCallsKilled is TestConcurrentNodeCalls while csi-snap is
@@ -204,6 +205,7 @@ func node(cs *cstorm) csi.NodeClient       { _, n := cs.clients(); return n }
 // cvol is one volume of a worker's round.
 type cvol struct {
 	name, id, kind string
+	size           int64 // bytes: as made, then as expanded
 	staging        string
 	target         string // the mount point, or for "block" the device node's path
 }
@@ -230,7 +232,7 @@ func (cs *cstorm) create(name, kind string, src *csi.VolumeContentSource) (*cvol
 	if err != nil {
 		return nil, fmt.Errorf("create %s: %w", name, err)
 	}
-	return &cvol{name: name, id: r.Volume.VolumeId, kind: kind,
+	return &cvol{name: name, id: r.Volume.VolumeId, kind: kind, size: r.Volume.CapacityBytes,
 		staging: filepath.Join(cs.dir, name+"-staging"), target: filepath.Join(cs.dir, name)}, nil
 }
 
@@ -388,6 +390,72 @@ func (cs *cstorm) crossSnapshot(rnd *rand.Rand, mine string) error {
 	return fmt.Errorf("cross-worker snapshot of %s: %w", id, err)
 }
 
+// expand grows v, staged and published, by 64 MiB (ControllerExpandVolume,
+// then for a filesystem NodeExpandVolume) and checks the size its user
+// sees: the device's, or the filesystem's. Not ext4 without
+// CAP_SYS_RESOURCE, which its online resize needs (TestOnlineExpand).
+func (cs *cstorm) expand(v *cvol) error {
+	if v.kind == "ext4" && !hasCap(unix.CAP_SYS_RESOURCE) {
+		return nil
+	}
+	ctx := context.Background()
+	before, err := seenSize(v)
+	if err != nil {
+		return err
+	}
+	var size int64
+	if err := cs.retry(func() error {
+		r, err := ctrl(cs).ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: v.id,
+			CapacityRange: &csi.CapacityRange{RequiredBytes: v.size + 64<<20}, VolumeCapability: cstormCap(v.kind)})
+		if err == nil {
+			size = r.CapacityBytes
+		}
+		return err
+	}); err != nil {
+		return fmt.Errorf("ControllerExpandVolume %s: %w", v.name, err)
+	}
+	if v.kind != "block" {
+		if err := cs.retry(func() error {
+			_, err := node(cs).NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: v.id, VolumePath: v.target,
+				StagingTargetPath: v.staging, CapacityRange: &csi.CapacityRange{RequiredBytes: size}, VolumeCapability: cstormCap(v.kind)})
+			return err
+		}); err != nil {
+			return fmt.Errorf("NodeExpandVolume %s: %w", v.name, err)
+		}
+	}
+	after, err := seenSize(v)
+	switch {
+	case err != nil:
+		return err
+	case size != v.size+64<<20:
+		return fmt.Errorf("ControllerExpandVolume %s from %d bytes by 64 MiB answered %d", v.name, v.size, size)
+	case v.kind == "block" && after != size:
+		return fmt.Errorf("%s: the published device has %d bytes after its expansion to %d", v.name, after, size)
+	case v.kind != "block" && after < before+48<<20:
+		return fmt.Errorf("%s: the filesystem has %d bytes after an expansion by 64 MiB, %d before", v.name, after, before)
+	}
+	v.size = size
+	return nil
+}
+
+// seenSize is the size v's user sees: the published device's, or the
+// mounted filesystem's.
+func seenSize(v *cvol) (int64, error) {
+	if v.kind == "block" {
+		f, err := os.Open(v.target)
+		if err != nil {
+			return 0, err
+		}
+		defer f.Close()
+		return f.Seek(0, io.SeekEnd)
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(v.target, &st); err != nil {
+		return 0, err
+	}
+	return int64(st.Blocks) * st.Bsize, nil
+}
+
 // round is one worker's volume life; see TestConcurrentNodeCalls.
 func (cs *cstorm) round(rnd *rand.Rand, name, kind string) error {
 	ctx := context.Background()
@@ -402,6 +470,9 @@ func (cs *cstorm) round(rnd *rand.Rand, name, kind string) error {
 		return fmt.Errorf("write gen 1 to %s: %w", name, err)
 	}
 	if err := cs.crossSnapshot(rnd, v.id); err != nil {
+		return err
+	}
+	if err := cs.expand(v); err != nil {
 		return err
 	}
 	var snap *csi.CreateSnapshotResponse

@@ -136,7 +136,21 @@ func startPluginAttr(t *testing.T, clone uintptr, bin, sock, dataDir string, ext
 		case <-time.After(50 * time.Millisecond):
 		}
 		if i > 1200 {
-			t.Fatal("csi-snap did not listen within a minute")
+			// Where it waits, then gone: a process left running would
+			// hold the data dir and its volumes for the next test.
+			stacks := dStacks(cmd.Process.Pid)
+			goroutines := ""
+			cmd.Process.Signal(syscall.SIGQUIT) // Go prints every goroutine's stack
+			select {
+			case <-p.exited:
+			case <-time.After(5 * time.Second):
+				cmd.Process.Kill()
+			}
+			b, _ := os.ReadFile(logPath)
+			if i := bytes.Index(b, []byte("SIGQUIT")); i >= 0 {
+				goroutines, b = string(b[i:]), b[:i]
+			}
+			t.Fatalf("csi-snap did not listen within a minute; threads in uninterruptible sleep:\n%s\nlog (tail):\n%s\n%s", stacks, tail(string(b), 60), goroutines)
 		}
 	}
 }
