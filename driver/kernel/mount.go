@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -281,8 +282,14 @@ func (f *Frontend) viaHolder(op, mountpoint string) (c *net.UnixConn, resp holde
 	if err != nil {
 		return nil, resp, true, err
 	}
-	defer unix.Close(fd)
-	c, resp, here, err = askHolder(context.Background(), f.sock, holderReq{Op: op}, fd)
+	// Closed once sent, not after the answer: a child this process forks
+	// meanwhile gets a copy of every open fd, which it keeps until its
+	// exec, and a copy of this one keeps the filesystem busy for the
+	// unmount that follows a sync (driver's busyRetries).
+	var once sync.Once
+	sent := func() { once.Do(func() { unix.Close(fd) }) }
+	defer sent()
+	c, resp, here, err = askHolderThen(context.Background(), f.sock, holderReq{Op: op}, sent, fd)
 	if here && refusedBy(resp) {
 		f.holderNoCap.Do(func() {
 			klog.InfoS("The fuse holder could not take a request on a filesystem: such requests (freezes, their thaws, the writeback before an unstage) run in this process, where a kill during one leaves the process unable to exit; the chart gives the holder CAP_SYS_ADMIN", "op", op, "answer", resp.Err)
@@ -308,12 +315,18 @@ func (f *Frontend) viaHolder(op, mountpoint string) (c *net.UnixConn, resp holde
 // errno (EBUSY, EINVAL, EOPNOTSUPP, EIO): the same call here would give it
 // too.
 func askHolder(ctx context.Context, sock string, req holderReq, fds ...int) (c *net.UnixConn, resp holderResp, here bool, err error) {
+	return askHolderThen(ctx, sock, req, nil, fds...)
+}
+
+// askHolderThen is askHolder that calls sent, if not nil, once the request
+// is written (before the answer), and not if it could not be.
+func askHolderThen(ctx context.Context, sock string, req holderReq, sent func(), fds ...int) (c *net.UnixConn, resp holderResp, here bool, err error) {
 	c, err = net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: sock, Net: "unixpacket"})
 	if err != nil {
 		return nil, resp, true, nil
 	}
 	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
-	resp, err = holderExchange(c, req, fds...)
+	resp, err = holderExchangeThen(c, req, sent, fds...)
 	stop()
 	switch {
 	case err != nil && ctx.Err() != nil:
@@ -349,9 +362,18 @@ func holderCannot(resp holderResp) bool {
 // freeze or sync takes as long as its writeback, and the wait is on a
 // socket, which a kill of this process ends.
 func holderExchange(c *net.UnixConn, req holderReq, fds ...int) (holderResp, error) {
+	return holderExchangeThen(c, req, nil, fds...)
+}
+
+// holderExchangeThen is holderExchange that calls sent, if not nil, once
+// req is written.
+func holderExchangeThen(c *net.UnixConn, req holderReq, sent func(), fds ...int) (holderResp, error) {
 	var resp holderResp
 	if err := writeHolderFDs(c, req, fds...); err != nil {
 		return resp, err
+	}
+	if sent != nil {
+		sent()
 	}
 	buf := make([]byte, holderMsgMax)
 	n, _, err := readHolder(c, buf, nil)
