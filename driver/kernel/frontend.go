@@ -741,6 +741,7 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 	// stale (attr_valid after the attach, or invalidated) that is a
 	// GETATTR request this server must answer, or the lookup waits for
 	// good (TestResumeStaleAttributes).
+	srv.id = id
 	srv.start(f.cfg.Readers)
 	dev, ok := findLoop(mp)
 	var conflict error
@@ -838,6 +839,7 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 		unix.Close(fd)
 		return "", err
 	}
+	srv.id = id
 	srv.start(f.cfg.Readers)
 	held, closed := false, false
 	defer func() {

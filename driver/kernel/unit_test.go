@@ -776,3 +776,34 @@ func (b *lockedBuffer) String() string {
 	defer b.mu.Unlock()
 	return b.buf.String()
 }
+
+// failingBackend fails every write and flush.
+type failingBackend struct{ memBackend }
+
+func (f *failingBackend) WriteAt(p []byte, off int64) (int, error) {
+	return 0, fmt.Errorf("backend write at %d: %w", off, unix.ENOSPC)
+}
+func (f *failingBackend) Flush() error { return errors.New("backend flush failed") }
+
+// TestHandleCountsFailedIO: a WRITE or FSYNC the backend fails is answered
+// with its errno (EIO when it has none) and counted, so that it is logged
+// (ioFailed); one refused before the backend (out of range) is not.
+func TestHandleCountsFailedIO(t *testing.T) {
+	s := &server{b: &failingBackend{memBackend{b: make([]byte, 64<<10)}}, inited: make(chan struct{}), dead: make(chan struct{}), id: "v-test"}
+	out := make([]byte, outHeaderSize+maxWrite)
+	w := make([]byte, writeInSize+4096)
+	le.PutUint32(w[16:], 4096)
+	s.handle(request(opWrite, 2, w), out)
+	if replyErrno(out) != -int32(unix.ENOSPC) || s.nFailed.Load() != 1 {
+		t.Fatalf("failed WRITE: errno %d, %d counted; want ENOSPC, 1", replyErrno(out), s.nFailed.Load())
+	}
+	s.handle(request(opFsync, 4, make([]byte, 16)), out)
+	if replyErrno(out) != -int32(unix.EIO) || s.nFailed.Load() != 2 {
+		t.Fatalf("failed FSYNC: errno %d, %d counted; want EIO, 2", replyErrno(out), s.nFailed.Load())
+	}
+	le.PutUint64(w[8:], 1<<20) // past the end
+	s.handle(request(opWrite, 6, w), out)
+	if replyErrno(out) != -int32(unix.EFBIG) || s.nFailed.Load() != 2 {
+		t.Fatalf("WRITE past the end: errno %d, %d counted; want EFBIG, still 2", replyErrno(out), s.nFailed.Load())
+	}
+}
