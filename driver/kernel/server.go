@@ -398,11 +398,12 @@ func requestBuffers() (in, out []byte) {
 // are taken without a fault (gup_fast), which does not look at signals. A
 // large allocation is fresh memory the process never touched, so a new
 // server's first requests, the ones the killed server held and the kernel
-// resends to it, were copied by faulting: a server killed a few
-// milliseconds after its start failed those writes, and ext4 on the device
-// saw an I/O error (TestKillFreshServer: at the 48th kill of 100). Pages
-// can still be made absent later (swap, NUMA balancing's hinting faults, a
-// THP collapse), which this does not cover.
+// resends to it, were copied by faulting, and a server killed a few
+// milliseconds after its start could fail them: the likely cause of the
+// I/O error TestKillFreshServer met once, at the 48th kill of 100, before
+// this (doc.go, "Restart safety"). Pages can still be made absent later
+// (swap, NUMA balancing's hinting faults, a THP collapse), which this does
+// not cover.
 func alignedAt(n, at int) []byte {
 	const align = 4096
 	raw := make([]byte, n+align)
