@@ -172,11 +172,17 @@ func (s *storm) share(id string, content []byte, snap bool) {
 	}
 }
 
-func (s *storm) contentOf(id string) ([]byte, bool) {
+// inherit shares id, just made from src (what names how), with src's
+// content; a src never shared fails the test: a copy of nothing was made.
+func (s *storm) inherit(what, src, id string, snap bool) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	c, ok := s.content[id]
-	return c, ok
+	c, ok := s.content[src]
+	s.mu.Unlock()
+	if !ok {
+		s.t.Errorf("%s %s, which was never made, succeeded", what, src)
+		return
+	}
+	s.share(id, c, snap)
 }
 
 // answer counts err's code for call and fails the test unless it is one
@@ -248,12 +254,7 @@ func (s *storm) step(rnd *rand.Rand) {
 			s.t.Errorf("restore from %s answered a volume whose source is %q", src, got)
 			return
 		}
-		c, ok := s.contentOf(src)
-		if !ok {
-			s.t.Errorf("restore from %s, which was never made, succeeded", src)
-			return
-		}
-		s.share(r.Volume.VolumeId, c, false)
+		s.inherit("restore from", src, r.Volume.VolumeId, false)
 	case op < 45: // a clone of a shared volume ID
 		src := s.pick(rnd, false, neverVol)
 		r, err := s.e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: fmt.Sprintf("c%d", rnd.Intn(6)),
@@ -263,12 +264,11 @@ func (s *storm) step(rnd *rand.Rand) {
 		if !s.answer("CreateVolume/volume", err, codes.Aborted, codes.NotFound, codes.AlreadyExists) {
 			return
 		}
-		c, ok := s.contentOf(src)
-		if !ok {
-			s.t.Errorf("clone of %s, which was never made, succeeded", src)
+		if got := r.Volume.GetContentSource().GetVolume().GetVolumeId(); got != src {
+			s.t.Errorf("clone of %s answered a volume whose source is %q", src, got)
 			return
 		}
-		s.share(r.Volume.VolumeId, c, false)
+		s.inherit("clone of", src, r.Volume.VolumeId, false)
 	case op < 65: // a snapshot of a shared volume ID on a shared name
 		src := s.pick(rnd, false, neverVol)
 		r, err := s.e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: fmt.Sprintf("s%d", rnd.Intn(6)), SourceVolumeId: src})
@@ -279,12 +279,7 @@ func (s *storm) step(rnd *rand.Rand) {
 			s.t.Errorf("snapshot of %s answered %v", src, r.Snapshot)
 			return
 		}
-		c, ok := s.contentOf(src)
-		if !ok {
-			s.t.Errorf("snapshot of %s, which was never made, succeeded", src)
-			return
-		}
-		s.share(r.Snapshot.SnapshotId, c, true)
+		s.inherit("snapshot of", src, r.Snapshot.SnapshotId, true)
 	case op < 72: // an expansion of a shared volume ID
 		id := s.pick(rnd, false, neverVol)
 		size := int64(stormSize + rnd.Intn(4)*stormSize)
@@ -328,15 +323,14 @@ func (s *storm) step(rnd *rand.Rand) {
 			return
 		}
 		for _, m := range g.Snapshots {
-			c, ok := s.contentOf(m.SourceVolumeId)
-			if !ok || (m.SourceVolumeId != a && m.SourceVolumeId != b) || m.GroupSnapshotId != g.GroupSnapshotId {
+			if (m.SourceVolumeId != a && m.SourceVolumeId != b) || m.GroupSnapshotId != g.GroupSnapshotId {
 				s.t.Errorf("group snapshot of %s and %s has the member %v", a, b, m)
 				return
 			}
 			s.mu.Lock()
 			s.member[m.SnapshotId] = true
 			s.mu.Unlock()
-			s.share(m.SnapshotId, c, true)
+			s.inherit("group snapshot member of", m.SourceVolumeId, m.SnapshotId, true)
 		}
 		s.mu.Lock()
 		s.groups = append(s.groups, g.GroupSnapshotId)

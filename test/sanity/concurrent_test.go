@@ -399,7 +399,7 @@ func (cs *cstorm) expand(v *cvol) error {
 		return nil
 	}
 	ctx := context.Background()
-	before, err := seenSize(v)
+	before, err := userSize(v.target, v.kind == "block")
 	if err != nil {
 		return err
 	}
@@ -423,7 +423,7 @@ func (cs *cstorm) expand(v *cvol) error {
 			return fmt.Errorf("NodeExpandVolume %s: %w", v.name, err)
 		}
 	}
-	after, err := seenSize(v)
+	after, err := userSize(v.target, v.kind == "block")
 	switch {
 	case err != nil:
 		return err
@@ -438,11 +438,11 @@ func (cs *cstorm) expand(v *cvol) error {
 	return nil
 }
 
-// seenSize is the size v's user sees: the published device's, or the
-// mounted filesystem's.
-func seenSize(v *cvol) (int64, error) {
-	if v.kind == "block" {
-		f, err := os.Open(v.target)
+// userSize is the size the user of a published volume sees at target: the
+// device's (block), or the mounted filesystem's.
+func userSize(target string, block bool) (int64, error) {
+	if block {
+		f, err := os.Open(target)
 		if err != nil {
 			return 0, err
 		}
@@ -450,7 +450,7 @@ func seenSize(v *cvol) (int64, error) {
 		return f.Seek(0, io.SeekEnd)
 	}
 	var st unix.Statfs_t
-	if err := unix.Statfs(v.target, &st); err != nil {
+	if err := unix.Statfs(target, &st); err != nil {
 		return 0, err
 	}
 	return int64(st.Blocks) * st.Bsize, nil

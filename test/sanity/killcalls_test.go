@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"math/rand"
 	"net"
 	"os"
@@ -570,22 +569,9 @@ func head32(b []byte) []byte {
 func (c *chaos) devSize(v *mvol) int64 {
 	c.t.Helper()
 	var n int64
-	c.ioTimeout("size of "+v.name, func() error {
-		if v.block {
-			f, err := os.Open(c.target(v))
-			if err != nil {
-				return err
-			}
-			defer f.Close()
-			n, err = f.Seek(0, io.SeekEnd)
-			return err
-		}
-		var st unix.Statfs_t
-		if err := unix.Statfs(c.target(v), &st); err != nil {
-			return err
-		}
-		n = int64(st.Blocks) * st.Bsize
-		return nil
+	c.ioTimeout("size of "+v.name, func() (err error) {
+		n, err = userSize(c.target(v), v.block)
+		return err
 	})
 	return n
 }

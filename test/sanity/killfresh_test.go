@@ -2,7 +2,6 @@ package sanity
 
 import (
 	"bytes"
-	"context"
 	"fmt"
 	"math/rand"
 	"os"
@@ -11,8 +10,6 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/container-storage-interface/spec/lib/go/csi"
 )
 
 // TestKillFreshServer: csi-snap SIGKILLed again and again a few to a few
@@ -32,22 +29,7 @@ func TestKillFreshServer(t *testing.T) {
 		kills = v
 	}
 	k, dir := startKillable(t, true)
-	staging, target := filepath.Join(dir, "staging"), filepath.Join(dir, "target")
-	ctx := context.Background()
-	cv, err := k.ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "fresh", CapacityRange: &csi.CapacityRange{RequiredBytes: 256 << 20},
-		VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := cv.Volume.VolumeId
-	t.Cleanup(func() {
-		if _, err := k.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
-			t.Errorf("delete: %v", err)
-		}
-	})
-	stageAndPublish(t, k.node, id, staging, target)
-	t.Cleanup(func() { unpublishAndUnstage(t, k.node, id, staging, target) })
-
+	target := k.publish(dir, "fresh", 256<<20, ext4Cap(), nil, nil).target
 	content := func(i int) []byte {
 		unit := []byte(fmt.Sprintf("file %d|", i))
 		return bytes.Repeat(unit, (1<<20)/len(unit)+1)[:1<<20]
