@@ -130,8 +130,31 @@ func (d *Driver) Register(s *grpc.Server) {
 func (d *Driver) Recover(ctx context.Context) error {
 	var first error
 	failed := map[string]bool{}
-	for _, id := range d.opt.Frontend.Attached() {
+	ids := d.opt.Frontend.Attached()
+	type held struct {
+		b   Backend
+		err error
+	}
+	backends := make(map[string]held, len(ids))
+	for _, id := range ids {
 		b, err := d.heldBackend(id)
+		backends[id] = held{b, err}
+	}
+	// Every held connection is served before any device is looked for or
+	// attached: an attach can wait for a FUSE request of another held
+	// volume (kernel.Frontend.ServeHeld says how), which only its server
+	// answers.
+	if hs, ok := d.opt.Frontend.(heldServer); ok {
+		for _, id := range ids {
+			if h := backends[id]; h.err == nil {
+				if _, err := hs.ServeHeld(ctx, id, h.b); err != nil {
+					klog.ErrorS(err, "Serving a held connection before the attaches; its Attach tries again", "volumeID", id)
+				}
+			}
+		}
+	}
+	for _, id := range ids {
+		b, err := backends[id].b, backends[id].err
 		if errors.Is(err, ErrNotFound) {
 			klog.InfoS("Detaching held device of a volume the store does not know", "volumeID", id)
 			err = d.opt.Frontend.Detach(ctx, id)

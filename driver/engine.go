@@ -136,3 +136,10 @@ type Frontend interface {
 	// Close stops serving without detaching (for a graceful restart).
 	Close() error
 }
+
+// heldServer is a Frontend that can serve a connection held across a
+// restart before it attaches anything (kernel.Frontend.ServeHeld):
+// Recover serves every held volume first, then attaches their devices.
+type heldServer interface {
+	ServeHeld(ctx context.Context, id string, b Backend) (bool, error)
+}

@@ -528,3 +528,54 @@ func TestInterceptorsGiveEveryErrorACode(t *testing.T) {
 type fakeStream struct{ grpc.ServerStream }
 
 func (fakeStream) Context() context.Context { return context.Background() }
+
+// orderFrontend holds v-a, v-b and v-c across a restart and records the
+// calls Recover makes, in order.
+type orderFrontend struct {
+	heldFrontend
+	calls []string
+}
+
+func (f *orderFrontend) ServeHeld(_ context.Context, id string, _ Backend) (bool, error) {
+	f.calls = append(f.calls, "serve "+id)
+	return true, nil
+}
+func (f *orderFrontend) Attach(_ context.Context, id string, _ Backend, _ bool) (string, error) {
+	f.calls = append(f.calls, "attach "+id)
+	return "/dev/loop-" + id, nil
+}
+func (f *orderFrontend) Detach(_ context.Context, id string) error {
+	f.calls = append(f.calls, "detach "+id)
+	return nil
+}
+func (f *orderFrontend) Attached() []string { return []string{"v-a", "v-b", "v-c"} }
+
+// abStore knows volumes v-a and v-c (v-b was deleted).
+type abStore struct{ lostStore }
+
+func (s abStore) VolumeBackend(id string) (Backend, error) {
+	if id == "v-b" {
+		return nil, fmt.Errorf("%w: volume %s", ErrNotFound, id)
+	}
+	return s.lostStore.VolumeBackend(id)
+}
+
+// TestRecoverServesBeforeAttaching: Recover serves every held connection
+// before it attaches or detaches any device: an attach can wait on a FUSE
+// request of another held volume (kernel.Frontend.ServeHeld,
+// TestResumeBehindOthersConfigure shows it with real devices).
+func TestRecoverServesBeforeAttaching(t *testing.T) {
+	fe := &orderFrontend{}
+	d, err := New(Options{Name: "csi-snap.test", NodeID: "n", DataDir: t.TempDir(), Store: abStore{newLostStore()}, Frontend: fe,
+		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{DisableScripts: true}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Recover(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"serve v-a", "serve v-c", "attach v-a", "detach v-b", "attach v-c"}
+	if !slices.Equal(fe.calls, want) {
+		t.Fatalf("Recover's calls: %q, want %q", fe.calls, want)
+	}
+}

@@ -71,6 +71,13 @@ func (k *KernelFrontend) Attach(ctx context.Context, id string, b Backend, readO
 	return dev, fromKernel(err)
 }
 
+// ServeHeld serves id's connection held across a restart, attaching
+// nothing (kernel.Frontend.ServeHeld): for Recover.
+func (k *KernelFrontend) ServeHeld(ctx context.Context, id string, b Backend) (bool, error) {
+	ok, err := k.f.ServeHeld(ctx, id, b)
+	return ok, fromKernel(err)
+}
+
 // Detach implements Frontend.
 func (k *KernelFrontend) Detach(ctx context.Context, id string) error {
 	return fromKernel(k.f.Detach(ctx, id))
@@ -106,3 +113,6 @@ func (k *KernelFrontend) Attached() []string { return k.f.Attached() }
 
 // Close implements Frontend.
 func (k *KernelFrontend) Close() error { return fromKernel(k.f.Close()) }
+
+// Recover serves held connections first only through this interface.
+var _ heldServer = (*KernelFrontend)(nil)

@@ -140,8 +140,10 @@ type Frontend struct {
 }
 
 type volume struct {
-	id       string
-	mp       string
+	id string
+	mp string
+	// dev is the loop device; "" while a resume started by ServeHeld waits
+	// for the Attach that finds or attaches it (finishResume).
 	dev      string
 	fd       int
 	srv      *server
@@ -559,6 +561,11 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 				return "", err
 			}
 		} else {
+			if v.dev == "" {
+				// Served by ServeHeld; its device is next. (v.dev is
+				// written under this id's lock, held here.)
+				return f.finishResume(ctx, v, b, readOnly)
+			}
 			if v.readOnly != readOnly {
 				return "", fmt.Errorf("%w: %s is attached readOnly=%v", ErrConflict, id, v.readOnly)
 			}
@@ -689,16 +696,44 @@ func (f *Frontend) pokePath(mp string) string {
 }
 
 func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *connParams, b Backend, readOnly bool) (string, error) {
+	v, done, err := f.startResumed(id, mp, fd, params, b)
+	if err != nil {
+		return "", err
+	}
+	defer done()
+	dev, conflict, err := f.resumedDevice(ctx, v, b, readOnly)
+	if err != nil {
+		v.srv.stop()
+		unix.Close(fd)
+		return "", err
+	}
+	v.dev = dev
+	if err := f.register(id, v); err != nil {
+		return "", err
+	}
+	if conflict != nil {
+		return "", conflict
+	}
+	klog.InfoS("resumed FUSE connection", "volumeID", id, "device", dev)
+	return dev, nil
+}
+
+// startResumed serves the held connection fd of id (mounted at mp) from b:
+// the first half of a resume, which waits on nothing but this process. It
+// returns the volume, not yet registered and with no device, and done,
+// which the caller calls once it registered v or gave it up (Close waits
+// for that); or ErrClosed, fd closed, if Close ran meanwhile.
+func (f *Frontend) startResumed(id, mp string, fd int, params *connParams, b Backend) (*volume, func(), error) {
 	// The server starts read-write whatever was asked: the device's mode
-	// is known only from the lookup below, and a read-write device whose
-	// resent writes were refused would give its file system I/O errors.
-	// Serving writes is harmless before the mode is known: the kernel
-	// sends them only for a writable open, which a read-only device never
-	// has (and a read-only volume's FUSE mount is read-only).
+	// is known only from the lookup in resumedDevice, and a read-write
+	// device whose resent writes were refused would give its file system
+	// I/O errors. Serving writes is harmless before the mode is known: the
+	// kernel sends them only for a writable open, which a read-only device
+	// never has (and a read-only volume's FUSE mount is read-only).
 	srv, err := newServer(fd, b, false, params, f.pokePath(mp))
 	if err != nil {
 		unix.Close(fd)
-		return "", err
+		return nil, nil, err
 	}
 	if testHookBeforeResume != nil {
 		testHookBeforeResume()
@@ -720,13 +755,12 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 	if closed {
 		srv.discard()
 		unix.Close(fd)
-		return "", ErrClosed
+		return nil, nil, ErrClosed
 	}
-	defer f.resuming.Done()
 	if testHookAfterResumeCheck != nil {
 		testHookAfterResumeCheck()
 	}
-	v := &volume{id: id, mp: mp, fd: fd, srv: srv, readOnly: readOnly}
+	v := &volume{id: id, mp: mp, fd: fd, srv: srv}
 	// Resend before any reader runs: NOTIFY_RESEND requeues every request
 	// a reader has taken and not answered, with the resend bit. A reader of
 	// this process that took a request just before it would then execute it
@@ -743,43 +777,121 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 	// good (TestResumeStaleAttributes).
 	srv.id = id
 	srv.start(f.cfg.Readers)
-	dev, ok := findLoop(mp)
-	var conflict error
+	return v, f.resuming.Done, nil
+}
+
+// resumedDevice finds, or attaches, the loop device of v, whose held
+// connection startResumed serves: the second half of a resume. It sets
+// v.readOnly (and its server's) to the mode of the device found, which
+// wins over readOnly; conflict says so when they differ. Called with v's
+// id lock held; it writes v.readOnly, which only holders of that lock
+// read.
+func (f *Frontend) resumedDevice(ctx context.Context, v *volume, b Backend, readOnly bool) (dev string, conflict, err error) {
+	v.readOnly = readOnly
+	dev, ok := findLoop(v.mp)
 	if ok {
 		if ro, err := loopReadOnly(dev); err == nil && ro != readOnly {
 			// Keep serving with the mode the device has, and say so.
 			v.readOnly = ro
-			conflict = fmt.Errorf("%w: %s resumed on %s with readOnly=%v", ErrConflict, id, dev, ro)
+			conflict = fmt.Errorf("%w: %s resumed on %s with readOnly=%v", ErrConflict, v.id, dev, ro)
 		}
 	}
-	srv.readOnly.Store(v.readOnly)
-	if conflict != nil {
-		v.dev = dev
-		if err := f.register(id, v); err != nil {
-			return "", err
-		}
-		return "", conflict
+	v.srv.readOnly.Store(v.readOnly)
+	if ok {
+		return dev, conflict, nil
 	}
-	if !ok {
-		if testHookResumeNoDevice != nil {
-			testHookResumeNoDevice()
-		}
-		// Died between mount and loop attach, perhaps before attachFresh's
-		// stat: the kernel may still hold the root's i_size of 0.
-		if err = kernelSized(mp, b.Size()); err == nil {
-			dev, err = attachLoop(ctx, f.sock, mp, readOnly)
-		}
-		if err != nil {
-			srv.stop()
-			unix.Close(fd)
-			return "", err
-		}
+	if testHookResumeNoDevice != nil {
+		testHookResumeNoDevice()
 	}
-	v.dev = dev
+	// Died between mount and loop attach, perhaps before attachFresh's
+	// stat: the kernel may still hold the root's i_size of 0.
+	if err = kernelSized(v.mp, b.Size()); err == nil {
+		dev, err = attachLoop(ctx, f.sock, v.mp, readOnly)
+	}
+	return dev, nil, err
+}
+
+// ServeHeld serves id's FUSE connection from b if the holder keeps it
+// alive, and does nothing else: the Attach that follows finds or attaches
+// its loop device. It reports whether it serves id now; whatever stops it
+// (nothing held, a dead connection, a holder that does not answer), it
+// leaves to that Attach, which handles and reports it.
+//
+// A restarted driver calls it for every held id before it attaches any
+// (Driver.Recover), because attaching a loop device can wait for a FUSE
+// request of another held volume, which is answered only once that one is
+// served. The loop driver's LOOP_CONFIGURE holds the device's lock while it
+// fsyncs the backing file (FUSE_FSYNC), the device counts as free
+// (LOOP_CTL_GET_FREE) until it is bound, and an open of the device waits
+// for that lock (lo_open). So: a kill during volume Y's attach leaves the
+// holder configuring loopN for Y, waiting for Y's FSYNC; the next process
+// resumes X first, finds X without a device (its attach was cut off too),
+// takes loopN from LOOP_CTL_GET_FREE and waits in its open; Y, resumed
+// after X, was never served, and that process never listened
+// (TestConcurrentNodeCallsKilled; TestResumeBehindOthersConfigure).
+func (f *Frontend) ServeHeld(ctx context.Context, id string, b Backend) (bool, error) {
+	if err := validateID(id); err != nil {
+		return false, err
+	}
+	if b == nil {
+		return false, fmt.Errorf("%w: nil backend", ErrInvalid)
+	}
+	unlock, err := f.lock(id)
+	if err != nil {
+		return false, err
+	}
+	defer unlock()
+	if f.get(id) != nil {
+		return false, nil
+	}
+	mp := f.mountpoint(id)
+	resp, fd, err := holderAsk(f.sock, holderReq{Op: "get", ID: id})
+	var params connParams
+	if err != nil || !resp.Found || fd < 0 || json.Unmarshal(resp.Params, &params) != nil || heldConnLost(mp, fd) != "" {
+		closeFD(fd)
+		return false, nil
+	}
+	v, done, err := f.startResumed(id, mp, fd, &params, b)
+	if err != nil {
+		return false, err
+	}
+	defer done()
+	// Registered with no device (dev ""): Attach finishes it
+	// (resumedDevice), and Close, meanwhile, stops it as any other.
 	if err := f.register(id, v); err != nil {
+		return false, err
+	}
+	klog.InfoS("serving held FUSE connection; its device next", "volumeID", id)
+	return true, nil
+}
+
+// finishResume attaches the device of v, which ServeHeld serves (v.dev
+// ""); called by Attach with v's id lock held. On failure v is shut down
+// and forgotten, its connection left with the holder, as a failed resume
+// leaves it.
+func (f *Frontend) finishResume(ctx context.Context, v *volume, b Backend, readOnly bool) (string, error) {
+	dev, conflict, err := f.resumedDevice(ctx, v, b, readOnly)
+	if err != nil {
+		f.mu.Lock()
+		if f.vols[v.id] == v {
+			delete(f.vols, v.id)
+		}
+		f.mu.Unlock()
+		v.shutdown()
 		return "", err
 	}
-	klog.InfoS("resumed FUSE connection", "volumeID", id, "device", dev)
+	f.mu.Lock()
+	closed := f.closed
+	v.dev = dev
+	f.mu.Unlock()
+	if closed {
+		// Close stopped v meanwhile; the device stays for the next process.
+		return "", fmt.Errorf("%w: closed while attaching %s (left to the next Frontend)", ErrClosed, v.id)
+	}
+	if conflict != nil {
+		return "", conflict
+	}
+	klog.InfoS("resumed FUSE connection", "volumeID", v.id, "device", dev)
 	return dev, nil
 }
 

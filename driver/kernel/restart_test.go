@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -572,6 +573,145 @@ func testKillDuringAttachConfigure(t *testing.T, tc string) {
 	}
 	if err := fe.Detach(ctx, id); err != nil {
 		t.Fatal(err)
+	}
+	assertNothingLeft(t, runDir)
+}
+
+// TestResumeBehindOthersConfigure: two attaches cut off by kills, as a
+// restart after a kill among concurrent stages finds them: volume a's
+// process died after the holder took its connection, before its loop
+// attach; volume b's was killed while the holder's LOOP_CONFIGURE of its
+// device waited for b's FSYNC, holding that device's lock, the device still
+// unbound and so "free". The next process resumes both as Driver.Recover
+// does: every held connection served first (ServeHeld), then the devices
+// (Attach, in id order). Resumed one by one, a's attach took b's device
+// from LOOP_CTL_GET_FREE and waited in its open for the lock, which b's
+// FSYNC, never served, did not release: that restart never listened
+// (TestConcurrentNodeCallsKilled, once in about 25 runs). Both must end
+// with a device of their own that reads their file's bytes, b's the one
+// its held configure bound.
+func TestResumeBehindOthersConfigure(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	runDir, backingA, _ := restartDirs(t)
+	backingB := filepath.Join(filepath.Dir(backingA), "b.img")
+	const size = 16 << 20
+	want := map[string][]byte{}
+	for i, bf := range []string{backingA, backingB} {
+		buf := alignedBuf(1 << 20)
+		fillRandom(rand.New(rand.NewSource(int64(40+i))), buf)
+		if err := os.WriteFile(bf, buf, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		want[bf] = buf
+	}
+	const idA, idB = "vol-a-nodevice", "vol-b-configuring"
+	ca := startChild(t, runDir, backingA, idA, size, "-die-after-put")
+	select {
+	case <-ca.done:
+	case <-time.After(time.Minute): // hang guard
+		ca.cmd.Process.Kill()
+		t.Fatal("the first child did not exit after the hand-over")
+	}
+	cb := startChild(t, runDir, backingB, idB, size, "-stall-attach")
+	t.Cleanup(func() { cb.cmd.Process.Kill() })
+	cb.expect(t, "FLUSH STALLED")
+	cb.cmd.Process.Signal(syscall.SIGKILL)
+	cb.wait(t)
+	mpA, mpB := filepath.Join(runDir, "vol", idA), filepath.Join(runDir, "vol", idB)
+	if devs := append(loopsOf(mpA), loopsOf(mpB)...); len(devs) != 0 {
+		t.Fatalf("devices bound before the restart: %v", devs)
+	}
+	heldB := ""
+	for d := range registeredLoops(mpB) {
+		heldB = d
+	}
+	ctl, err := os.OpenFile("/dev/loop-control", os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	free, err := unix.IoctlRetInt(int(ctl.Fd()), unix.LOOP_CTL_GET_FREE)
+	ctl.Close()
+	if err != nil || "/dev/loop"+strconv.Itoa(free) != heldB {
+		// Then a's attach would not meet b's device: the test would pass
+		// whatever the order.
+		t.Fatalf("the first free loop device is %d (%v), not %s, the one b's held configure is binding", free, err, heldB)
+	}
+
+	fe := func() *Frontend {
+		fe, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { fe.Close() })
+		return fe
+	}()
+	backends := map[string]*FileBackend{}
+	for id, bf := range map[string]string{idA: backingA, idB: backingB} {
+		fb, err := OpenFileBackend(bf, size)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { fb.Close() })
+		backends[id] = fb
+	}
+	ids := []string{idA, idB} // Attached()'s order
+	if got := fe.Attached(); !slices.Equal(got, ids) {
+		t.Fatalf("Attached() = %v, want %v", got, ids)
+	}
+	devs := map[string]string{}
+	done := make(chan error, 1)
+	go func() {
+		for _, id := range ids {
+			if ok, err := fe.ServeHeld(ctx, id, backends[id]); err != nil || !ok {
+				done <- fmt.Errorf("ServeHeld %s: %v, %v; want true (the holder keeps it)", id, ok, err)
+				return
+			}
+		}
+		for _, id := range ids {
+			dev, err := fe.Attach(ctx, id, backends[id], false)
+			if err != nil {
+				done <- fmt.Errorf("attach %s: %w", id, err)
+				return
+			}
+			devs[id] = dev
+		}
+		done <- nil
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second): // hang guard
+		// Let the waiting open go: b's FSYNC fails, so does its configure.
+		os.WriteFile(filepath.Join(fuseConnDir(t, mpB), "abort"), []byte("1"), 0)
+		<-done
+		for _, id := range ids {
+			fe.Detach(ctx, id)
+		}
+		t.Fatal("the resume waited for good: a's attach behind b's held configure")
+	}
+	if devs[idB] != heldB {
+		t.Errorf("b resumed on %s, not on %s (its held configure's)", devs[idB], heldB)
+	}
+	if devs[idA] == devs[idB] {
+		t.Errorf("both volumes on %s", devs[idA])
+	}
+	for id, bf := range map[string]string{idA: backingA, idB: backingB} {
+		got, err := readDirect(t, devs[id], 0, 1<<20)
+		if err != nil || !bytes.Equal(got, want[bf]) {
+			t.Errorf("%s on %s does not read its file's bytes (err %v)", id, devs[id], err)
+		}
+		mp := filepath.Join(runDir, "vol", id)
+		if d := loopsOf(mp); len(d) != 1 || d[0].dev != devs[id] {
+			t.Errorf("devices bound to %s's file: %v, want only %s", id, d, devs[id])
+		}
+	}
+	for _, id := range ids {
+		if err := fe.Detach(ctx, id); err != nil {
+			t.Fatal(err)
+		}
 	}
 	assertNothingLeft(t, runDir)
 }
