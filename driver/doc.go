@@ -35,6 +35,21 @@
 //
 // Node decisions (node.go):
 //
+//   - Paths from the caller: staging_target_path and target_path must be
+//     absolute, without "..", within PATH_MAX and NAME_MAX, and apart from
+//     the data and run directories (and the root), symlinks resolved
+//     (InvalidArgument; checkPath). Where a stage or publish mounts, an
+//     existing path must be of the kind the mount needs: a directory, or
+//     an empty file for a block publish (FailedPrecondition; pathKind).
+//     An unstage or unpublish unmounts only the volume's own mounts, or a
+//     loop device no other volume has (a leftover), never a filesystem
+//     that is not on a loop device or another volume's
+//     (FailedPrecondition; mayUnmount), and removes a target only when it
+//     is an empty directory or empty file, what a publish makes
+//     (removeTarget). volume_path (NodeGetVolumeStats, NodeExpandVolume)
+//     is only read: a path that does not hold the volume is NotFound.
+//     Other paths (/etc, say) are not refused: which directories a CO may
+//     use is the CO's to decide, and kubelet's are its own.
 //   - A read-only publish of a raw block volume binds a read-only loop
 //     device of the volume (Frontend.ReadOnlyDevice), not the writable one:
 //     the kernel ignores a bind mount's read-only flag for device nodes.

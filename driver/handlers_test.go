@@ -517,9 +517,10 @@ func TestBadInput(t *testing.T) {
 			return err
 		}, codes.InvalidArgument},
 		{"NodePublishVolume without staging path", func() error {
+			// The spec's table: "Staging target path not set".
 			_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol.VolumeId, TargetPath: "/tmp/t", VolumeCapability: mountCap()})
 			return err
-		}, codes.InvalidArgument},
+		}, codes.FailedPrecondition},
 		{"NodePublishVolume of an unknown volume", func() error {
 			_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: wellFormedVolID, TargetPath: "/tmp/t", StagingTargetPath: "/tmp/s", VolumeCapability: mountCap()})
 			return err

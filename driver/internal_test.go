@@ -579,3 +579,53 @@ func TestRecoverServesBeforeAttaching(t *testing.T) {
 		t.Fatalf("Recover's calls: %q, want %q", fe.calls, want)
 	}
 }
+
+// TestCheckPath: node calls' paths must be absolute, without "..", within
+// the kernel's limits, and apart from the plugin's own directories, also
+// through a symlink.
+func TestCheckPath(t *testing.T) {
+	base := t.TempDir()
+	data, run := filepath.Join(base, "var", "data"), filepath.Join(base, "run")
+	for _, p := range []string{data, run, filepath.Join(base, "pods")} {
+		if err := os.MkdirAll(p, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Symlink(data, filepath.Join(base, "pods", "link")); err != nil {
+		t.Fatal(err)
+	}
+	d := &Driver{opt: Options{DataDir: data, RunDir: run}}
+	for _, c := range []struct {
+		path string
+		ok   bool
+	}{
+		{filepath.Join(base, "pods", "p1", "target"), true},
+		{filepath.Join(base, "pods") + "/", true},
+		{filepath.Join(base, "pods", "a b", "c\nd"), true},
+		{"", false},
+		{"relative/target", false},
+		{filepath.Join(base, "pods", "..", "var", "data"), false},
+		{base + "/pods/x/../y", false},
+		{"/", false},
+		{"//", false},
+		{data, false},
+		{data + "/", false},
+		{filepath.Join(data, "store", "00000001.data"), false},
+		{filepath.Join(base, "var"), false}, // above the data dir
+		{run, false},
+		{filepath.Join(run, "vol", "v-1"), false},
+		{filepath.Join(base, "pods", "link"), false},                 // the data dir, through a symlink
+		{filepath.Join(base, "pods", "link", "not", "there"), false}, // inside it
+		{"/a/" + strings.Repeat("b", 256), false},
+		{"/a/" + strings.Repeat("b", 255), true},
+		{"/" + strings.Repeat("a/", 2048), false},
+		{"/a\x00b", false},
+	} {
+		err := d.checkPath("target_path", c.path)
+		if ok := err == nil; ok != c.ok {
+			t.Errorf("checkPath(%q) = %v, want ok=%v", c.path, err, c.ok)
+		} else if !ok && status.Code(err) != codes.InvalidArgument {
+			t.Errorf("checkPath(%q) = %v, want InvalidArgument", c.path, err)
+		}
+	}
+}

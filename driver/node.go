@@ -343,17 +343,100 @@ func (d *Driver) takeBack(ctx context.Context, id string) error {
 	return status.Error(codes.FailedPrecondition, msg)
 }
 
-// checkPath checks a path argument of a node call: required, and without a
-// NUL byte, which no system call takes (os would fail with EINVAL, which
-// toStatus reports as Internal).
-func checkPath(field, p string) error {
+// checkPath checks a path argument of a node call (staging_target_path,
+// target_path), which becomes a mount point or is removed:
+//   - required, absolute (the spec's wording for each; a relative one
+//     would be resolved against the plugin's working directory), without a
+//     ".." element and without a NUL byte, which no system call takes;
+//   - at most PATH_MAX-1 bytes, each element at most NAME_MAX (system calls
+//     fail on longer ones with ENAMETOOLONG, answered Internal before);
+//   - neither the root, nor the plugin's data or run directory, nor inside
+//     or above either, also after symlinks in it are resolved: a bind there
+//     would hide the store or the FUSE mounts, and an unpublish there
+//     would remove the store's files.
+//
+// Kubelet's paths always pass.
+func (d *Driver) checkPath(field, p string) error {
 	if p == "" {
 		return statusf(codes.InvalidArgument, "%s is required", field)
 	}
 	if strings.IndexByte(p, 0) >= 0 {
 		return statusf(codes.InvalidArgument, "%s %q holds a NUL byte", field, p)
 	}
+	if !filepath.IsAbs(p) {
+		return statusf(codes.InvalidArgument, "%s %q is not an absolute path", field, p)
+	}
+	if len(p) >= unix.PathMax {
+		return statusf(codes.InvalidArgument, "%s is %d bytes long; at most %d", field, len(p), unix.PathMax-1)
+	}
+	for _, e := range strings.Split(p, "/") {
+		if e == ".." {
+			return statusf(codes.InvalidArgument, "%s %q has a \"..\" element", field, p)
+		}
+		if len(e) > nameMax {
+			return statusf(codes.InvalidArgument, "%s %q has an element of %d bytes; at most %d", field, p, len(e), nameMax)
+		}
+	}
+	for _, c := range []string{filepath.Clean(p), resolveExisting(p)} {
+		if c == "/" {
+			return statusf(codes.InvalidArgument, "%s %q is the root directory", field, p)
+		}
+		for _, dir := range []string{d.opt.DataDir, d.opt.RunDir} {
+			if dir == "" {
+				continue
+			}
+			for _, own := range []string{absClean(dir), resolveExisting(dir)} {
+				if c == own || strings.HasPrefix(c, own+"/") || strings.HasPrefix(own, c+"/") {
+					return statusf(codes.InvalidArgument, "%s %q overlaps the plugin's own directory %s", field, p, dir)
+				}
+			}
+		}
+	}
 	return nil
+}
+
+// checkVolumePath checks the volume_path of NodeGetVolumeStats and
+// NodeExpandVolume: required and without a NUL byte. Those calls mount and
+// remove nothing, and act only on a path that holds the volume, so any
+// other path, relative ones included, is answered NotFound, as csi-sanity
+// expects ("some/path": the volume does not exist on it).
+func checkVolumePath(p string) error {
+	if p == "" {
+		return statusf(codes.InvalidArgument, "volume_path is required")
+	}
+	if strings.IndexByte(p, 0) >= 0 {
+		return statusf(codes.InvalidArgument, "volume_path %q holds a NUL byte", p)
+	}
+	return nil
+}
+
+// nameMax is NAME_MAX, the longest path element Linux takes.
+const nameMax = 255
+
+// absClean returns p absolute and clean (p itself if that fails).
+func absClean(p string) string {
+	if a, err := filepath.Abs(p); err == nil {
+		return a
+	}
+	return filepath.Clean(p)
+}
+
+// resolveExisting returns p absolute and clean with the symlinks of its
+// longest existing prefix resolved (what a mount at p would act on).
+func resolveExisting(p string) string {
+	p = absClean(p)
+	rest := ""
+	for {
+		if r, err := filepath.EvalSymlinks(p); err == nil {
+			return filepath.Join(r, rest)
+		}
+		parent := filepath.Dir(p)
+		if parent == p {
+			return filepath.Join(p, rest)
+		}
+		rest = filepath.Join(filepath.Base(p), rest)
+		p = parent
+	}
 }
 
 func (d *Driver) checkNodeVolume(id string) error {
@@ -369,7 +452,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if id == "" {
 		return nil, statusf(codes.InvalidArgument, "volume_id is required")
 	}
-	if err := checkPath("staging_target_path", staging); err != nil {
+	if err := d.checkPath("staging_target_path", staging); err != nil {
 		return nil, err
 	}
 	if err := checkCapability(req.GetVolumeCapability()); err != nil {
@@ -457,7 +540,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 			if cur, err := d.mountedDevice(staging); err != nil {
 				return nil, toStatus(err)
 			} else if cur != "" {
-				if err := d.unmount(staging, false); err != nil {
+				if err := d.unmount(staging, id, false); err != nil {
 					return nil, err
 				}
 			}
@@ -605,11 +688,26 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		return nil, statusf(codes.FailedPrecondition, "volume %s is published for block access at %s; not mounting a filesystem from it", id, at)
 	}
 	fstype := m.GetFsType()
+	if made := v.Labels[labelFSType]; fstype != "" && made != "" && fstype != made {
+		// As ValidateVolumeCapabilities answers: mkfs of the other type
+		// could fail (xfs's minimum size) or, on a blank device, make a
+		// filesystem the volume's other stages and restores do not expect.
+		return nil, statusf(codes.FailedPrecondition, "volume %s was made for %s, not fs_type %s", id, made, fstype)
+	}
 	if fstype == "" {
 		fstype = v.Labels[labelFSType]
 	}
+	if fstype == "xfs" && v.Size < xfsMinSize {
+		// mkfs.xfs would refuse it (Internal); CreateVolume makes volumes
+		// asked for xfs at least this big, so this one was made for another
+		// filesystem.
+		return nil, statusf(codes.FailedPrecondition, "volume %s has %d bytes, too few for xfs (at least %d)", id, v.Size, xfsMinSize)
+	}
 	if fstype == "" {
 		fstype = supportedFSTypes[0]
+	}
+	if err := pathKind(staging, "staging_target_path", true); err != nil {
+		return nil, err
 	}
 	if err := os.MkdirAll(staging, 0o750); err != nil {
 		return nil, toStatus(fmt.Errorf("staging path: %w", err))
@@ -1006,7 +1104,7 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	if id == "" {
 		return nil, statusf(codes.InvalidArgument, "volume_id is required")
 	}
-	if err := checkPath("staging_target_path", staging); err != nil {
+	if err := d.checkPath("staging_target_path", staging); err != nil {
 		return nil, err
 	}
 	if !isVolumeID(id) {
@@ -1034,7 +1132,7 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 		if err := d.thawLeftover(id); err != nil {
 			return nil, toStatus(err)
 		}
-		if err := d.unmount(staging, false); err != nil {
+		if err := d.unmount(staging, id, false); err != nil {
 			return nil, err
 		}
 		if err := d.dropStageRecord(id, staging); err != nil {
@@ -1074,7 +1172,7 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 			}
 		}
 	}
-	if err := d.unmount(staging, false); err != nil {
+	if err := d.unmount(staging, id, false); err != nil {
 		return nil, err
 	}
 	if err := d.opt.Frontend.Detach(ctx, id); err != nil {
@@ -1101,15 +1199,17 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	return &csi.NodeUnstageVolumeResponse{}, nil
 }
 
-// unmount unmounts every mount stacked at path and, if remove, removes path.
-// A path that does not exist is fine.
-func (d *Driver) unmount(path string, remove bool) error {
+// unmount unmounts every mount stacked at path for volume id (mayUnmount
+// refuses what is not the volume's) and, if remove, removes path when it is
+// what a publish makes (removeTarget). A path that does not exist is fine.
+func (d *Driver) unmount(path, id string, remove bool) error {
 	busy := 0
 	for i := 0; ; i++ {
-		dev, err := d.mountedDevice(path)
+		top, err := d.topMount(path)
 		if err != nil {
 			return toStatus(err)
 		}
+		dev := top.Device
 		if dev == "" {
 			break
 		}
@@ -1118,6 +1218,9 @@ func (d *Driver) unmount(path string, remove bool) error {
 			// another mount namespace, say): saying done would let an
 			// unstage detach a mounted device.
 			return statusf(codes.Internal, "%s is still mounted (%s) after %d unmounts", path, dev, i)
+		}
+		if err := d.mayUnmount(path, id, top); err != nil {
+			return err
 		}
 		if err := d.opt.Mounter.Unmount(path); err != nil {
 			if mountBusy(err) && busy < len(busyRetries) {
@@ -1130,11 +1233,136 @@ func (d *Driver) unmount(path string, remove bool) error {
 		}
 	}
 	if remove {
-		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return statusf(codes.Internal, "remove %s: %v", path, err)
+		return removeTarget(path)
+	}
+	return nil
+}
+
+// mayUnmount checks that top, the mount on top at path, may be undone for
+// volume id: one of the volume's devices (holdsVolume), or a loop device no
+// other volume of this node has (a leftover the frontend no longer knows,
+// a volume attached since gone). Anything else is the caller's mistake,
+// answered FailedPrecondition with nothing unmounted: a filesystem that is
+// not on a loop device (the host's, a tmpfs), or another volume's. An
+// unstage or unpublish of the wrong volume at a path, or of any volume at
+// a path that is not a volume's, used to unmount whatever was there.
+func (d *Driver) mayUnmount(path, id string, top mount.MountPoint) error {
+	devs := []string{}
+	if dev, ok := d.opt.Frontend.Device(id); ok {
+		devs = append(devs, dev)
+	}
+	if ro, ok := d.opt.Frontend.FindReadOnlyDevice(id); ok {
+		devs = append(devs, ro)
+	}
+	for _, dev := range devs {
+		if held, err := d.holdsDevice(path, dev); err != nil {
+			return toStatus(err)
+		} else if held {
+			return nil
+		}
+	}
+	// The device number of what is mounted: a mount of a device node's
+	// filesystem (staging, or a bind of one), or a bind of a device node
+	// itself (a block publish).
+	rdev, ok := nodeRdev(path)
+	if !ok && filepath.IsAbs(top.Device) {
+		rdev, ok = nodeRdev(top.Device)
+	}
+	if !ok || unix.Major(rdev) != loopMajor {
+		return statusf(codes.FailedPrecondition, "%s holds %s (%s), which is not a volume of csi-snap: not unmounted", path, top.Device, top.Type)
+	}
+	for _, other := range d.opt.Frontend.Attached() {
+		if other == id {
+			continue
+		}
+		dev, ok := d.opt.Frontend.Device(other)
+		ro, rok := d.opt.Frontend.FindReadOnlyDevice(other)
+		for _, dv := range []struct {
+			dev string
+			ok  bool
+		}{{dev, ok}, {ro, rok}} {
+			if r, isDev := nodeRdev(dv.dev); dv.ok && isDev && r == rdev {
+				return statusf(codes.FailedPrecondition, "%s holds volume %s (%s), not %s: not unmounted", path, other, dv.dev, id)
+			}
 		}
 	}
 	return nil
+}
+
+// loopMajor is the loop driver's block device major number.
+const loopMajor = 7
+
+// removeTarget removes a publish's target path once nothing is mounted on
+// it: an empty directory (mount access) or an empty file (block access,
+// where the device node was bound), what NodePublishVolume makes. Anything
+// else there is not ours to remove, and is kept: a directory with files in
+// it, a file with data, a symlink, a device node (FailedPrecondition). A
+// path that does not exist is fine.
+func removeTarget(path string) error {
+	fi, err := os.Lstat(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil
+	case err != nil:
+		return statusf(codes.Internal, "target %s: %v", path, err)
+	case fi.IsDir():
+		err = os.Remove(path)
+		if errors.Is(err, syscall.ENOTEMPTY) || errors.Is(err, syscall.EEXIST) {
+			return statusf(codes.FailedPrecondition, "target %s is a directory with files in it, which no publish of csi-snap put there: not removed", path)
+		}
+	case fi.Mode().IsRegular() && fi.Size() == 0:
+		err = os.Remove(path)
+	default:
+		return statusf(codes.FailedPrecondition, "target %s is a %s no publish of csi-snap made (%d bytes): not removed", path, fileKind(fi), fi.Size())
+	}
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return statusf(codes.Internal, "remove %s: %v", path, err)
+	}
+	return nil
+}
+
+// pathKind checks that path, where a stage or publish mounts, is missing
+// (made then) or of the kind the mount needs: a directory (dir) or, for a
+// block publish, an empty file, onto which the device node is bound. A
+// symlink, a file with data, a directory where a file is needed and the
+// like are the caller's mistake (FailedPrecondition), kept as they are.
+func pathKind(path, field string, dir bool) error {
+	fi, err := os.Lstat(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil
+	case err != nil:
+		return statusf(codes.Internal, "%s %s: %v", field, path, err)
+	case dir && fi.IsDir(), !dir && fi.Mode().IsRegular() && fi.Size() == 0:
+		return nil
+	case !dir && fi.IsDir():
+		return statusf(codes.FailedPrecondition, "%s %s is a directory; a block publish binds the device onto a file", field, path)
+	case dir:
+		return statusf(codes.FailedPrecondition, "%s %s is a %s, not a directory", field, path, fileKind(fi))
+	}
+	return statusf(codes.FailedPrecondition, "%s %s is a %s; a block publish binds the device onto an empty file", field, path, fileKind(fi))
+}
+
+// hasFilesystemMounted reports whether the filesystem of device dev is
+// mounted somewhere (staged for mount access); false if the mount table
+// cannot be read.
+func (d *Driver) hasFilesystemMounted(dev string) bool {
+	mps, err := d.listMounts()
+	return err == nil && fsMounted(mps, dev)
+}
+
+// fileKind names fi's kind of file for messages.
+func fileKind(fi fs.FileInfo) string {
+	switch m := fi.Mode(); {
+	case m.IsRegular():
+		return "file with data"
+	case m&fs.ModeSymlink != 0:
+		return "symlink"
+	case m&fs.ModeDevice != 0:
+		return "device node"
+	default:
+		return "special file (" + m.Type().String() + ")"
+	}
 }
 
 // busyRetries are the waits before unmount tries again an unmount that
@@ -1164,13 +1392,17 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if id == "" {
 		return nil, statusf(codes.InvalidArgument, "volume_id is required")
 	}
-	if err := checkPath("target_path", target); err != nil {
+	if err := d.checkPath("target_path", target); err != nil {
 		return nil, err
 	}
 	if err := checkCapability(req.GetVolumeCapability()); err != nil {
 		return nil, err
 	}
-	if err := checkPath("staging_target_path", staging); err != nil {
+	if staging == "" {
+		// The spec's code for it, since the plugin has STAGE_UNSTAGE_VOLUME.
+		return nil, statusf(codes.FailedPrecondition, "staging_target_path is required: volumes are staged first (STAGE_UNSTAGE_VOLUME)")
+	}
+	if err := d.checkPath("staging_target_path", staging); err != nil {
 		return nil, err
 	}
 	if !d.locks.tryLock(id) {
@@ -1240,7 +1472,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		// again read-only stays AlreadyExists (the spec's incompatible
 		// case; remounting would take writes away from a running pod).
 		klog.InfoS("Redoing a publish cut off between bind and remount", "volumeID", id, "targetPath", target)
-		if err := d.unmount(target, false); err != nil {
+		if err := d.unmount(target, id, false); err != nil {
 			return nil, err
 		}
 		held = false
@@ -1322,6 +1554,9 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		}
 		source = rodev
 	}
+	if err := pathKind(target, "target_path", !block); err != nil {
+		return nil, err
+	}
 	if block {
 		if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil {
 			return nil, statusf(codes.Internal, "target parent: %v", err)
@@ -1370,7 +1605,7 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	if id == "" {
 		return nil, statusf(codes.InvalidArgument, "volume_id is required")
 	}
-	if err := checkPath("target_path", target); err != nil {
+	if err := d.checkPath("target_path", target); err != nil {
 		return nil, err
 	}
 	if !isVolumeID(id) {
@@ -1380,7 +1615,7 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 		return nil, statusf(codes.Aborted, "an operation on volume %s is in progress", id)
 	}
 	defer d.locks.unlock(id)
-	if err := d.unmount(target, true); err != nil {
+	if err := d.unmount(target, id, true); err != nil {
 		return nil, err
 	}
 	if err := dropMarker(d.publishMarker(target)); err != nil {
@@ -1397,7 +1632,7 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	if id == "" {
 		return nil, statusf(codes.InvalidArgument, "volume_id is required")
 	}
-	if err := checkPath("volume_path", path); err != nil {
+	if err := checkVolumePath(path); err != nil {
 		return nil, err
 	}
 	if err := d.checkNodeVolume(id); err != nil {
@@ -1463,7 +1698,7 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	if id == "" {
 		return nil, statusf(codes.InvalidArgument, "volume_id is required")
 	}
-	if err := checkPath("volume_path", path); err != nil {
+	if err := checkVolumePath(path); err != nil {
 		return nil, err
 	}
 	if c := req.GetVolumeCapability(); c != nil {
@@ -1512,6 +1747,10 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 			} else if !held {
 				return nil, statusf(codes.NotFound, "volume %s is not mounted at %s", id, path)
 			}
+		} else if req.GetVolumeCapability().GetMount() != nil || d.hasFilesystemMounted(dev) {
+			// Not a directory, so no filesystem grows there: the device
+			// alone would grow, and OK would say the filesystem had.
+			return nil, statusf(codes.NotFound, "volume %s has a filesystem, and %s is not a directory it is mounted on", id, path)
 		}
 	}
 	if want > v.Size {

@@ -1,0 +1,258 @@
+package sanity
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// TestNodeCallsAtWrongPaths sends node calls whose paths do not belong to
+// the volume named, as a confused or hostile caller of the node socket
+// would, to the real binary with real mounts. Each must be refused with
+// its code and must change nothing: another volume's staging and publish
+// mounts stay, a file with data or a mount that is not a volume's stays,
+// the store's files stay. Before, NodeUnpublishVolume removed whatever
+// file was at target_path (the store's data files among them: the plugin
+// then did not start), and an unstage or unpublish of one volume unmounted
+// another's. At the end the volume is unpublished and unstaged the right
+// way and its bytes are intact.
+func TestNodeCallsAtWrongPaths(t *testing.T) {
+	dir, cc := runPlugin(t)
+	ctx := context.Background()
+	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
+	create := func(name string, c *csi.VolumeCapability) string {
+		t.Helper()
+		r, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20},
+			VolumeCapabilities: []*csi.VolumeCapability{c}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r.Volume.VolumeId
+	}
+	v1, v2, vb := create("one", ext4Cap()), create("two", ext4Cap()), create("raw", blockCap())
+	r, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "made-for-ext4", CapacityRange: &csi.CapacityRange{RequiredBytes: 400 << 20},
+		VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}, Parameters: map[string]string{"csi.storage.k8s.io/fstype": "ext4"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v3 := r.Volume.VolumeId
+	s1, t1 := filepath.Join(dir, "s1"), filepath.Join(dir, "t1")
+	stageAndPublish(t, node, v1, s1, t1)
+	sb, tb := filepath.Join(dir, "sb"), filepath.Join(dir, "tb")
+	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vb, StagingTargetPath: sb, VolumeCapability: blockCap()}); err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte("volume one's bytes "), 5000)
+	writeFile(t, filepath.Join(t1, "f"), data)
+
+	keep := filepath.Join(dir, "keep")
+	if err := os.MkdirAll(filepath.Join(keep, "full"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	precious := filepath.Join(keep, "precious.txt")
+	writeFile(t, precious, []byte("not a volume's"))
+	writeFile(t, filepath.Join(keep, "full", "x"), []byte("x"))
+	link := filepath.Join(keep, "link")
+	if err := os.Symlink(keep, link); err != nil {
+		t.Fatal(err)
+	}
+	dataLink := filepath.Join(keep, "datalink")
+	if err := os.Symlink(filepath.Join(dir, "data"), dataLink); err != nil {
+		t.Fatal(err)
+	}
+	tmpfs := filepath.Join(keep, "tmpfs")
+	if err := os.Mkdir(tmpfs, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", tmpfs, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Unmount(tmpfs, unix.MNT_DETACH) })
+	stores, err := filepath.Glob(filepath.Join(dir, "data", "store", "*"))
+	if err != nil || len(stores) == 0 {
+		t.Fatalf("the store's files: %v, %v", stores, err)
+	}
+	storeFile := stores[0]
+	notVolume := "v-00000000000000000000000000000000deadbeef" // well formed, no such volume
+
+	xfs := ext4Cap()
+	xfs.GetMount().FsType = "xfs"
+	for _, c := range []struct {
+		name string
+		call func() error
+		want codes.Code
+	}{
+		{"unpublish at a file with data", func() error {
+			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v2, TargetPath: precious})
+			return err
+		}, codes.FailedPrecondition},
+		{"unpublish of a volume that does not exist at a file with data", func() error {
+			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: notVolume, TargetPath: precious})
+			return err
+		}, codes.FailedPrecondition},
+		{"unpublish at a directory with files", func() error {
+			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v2, TargetPath: filepath.Join(keep, "full")})
+			return err
+		}, codes.FailedPrecondition},
+		{"unpublish at a symlink", func() error {
+			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v2, TargetPath: link})
+			return err
+		}, codes.FailedPrecondition},
+		{"unpublish at a store file", func() error {
+			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v2, TargetPath: storeFile})
+			return err
+		}, codes.InvalidArgument},
+		{"unpublish at the root", func() error {
+			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v2, TargetPath: "/"})
+			return err
+		}, codes.InvalidArgument},
+		{"unpublish at a mount that is not a volume's", func() error {
+			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v2, TargetPath: tmpfs})
+			return err
+		}, codes.FailedPrecondition},
+		{"unpublish of another volume at volume one's target", func() error {
+			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v2, TargetPath: t1})
+			return err
+		}, codes.FailedPrecondition},
+		{"unpublish of a volume that does not exist at volume one's target", func() error {
+			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: notVolume, TargetPath: t1})
+			return err
+		}, codes.FailedPrecondition},
+		{"unstage of another volume at volume one's staging path", func() error {
+			_, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v2, StagingTargetPath: s1})
+			return err
+		}, codes.FailedPrecondition},
+		{"unstage of a volume that does not exist at volume one's staging path", func() error {
+			_, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: notVolume, StagingTargetPath: s1})
+			return err
+		}, codes.FailedPrecondition},
+		{"publish onto the data directory", func() error {
+			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v1, StagingTargetPath: s1, TargetPath: filepath.Join(dir, "data"), VolumeCapability: ext4Cap()})
+			return err
+		}, codes.InvalidArgument},
+		{"publish under a symlink to the data directory", func() error {
+			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v1, StagingTargetPath: s1, TargetPath: filepath.Join(dataLink, "sub"), VolumeCapability: ext4Cap()})
+			return err
+		}, codes.InvalidArgument},
+		{"publish for mount access onto a file with data", func() error {
+			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v1, StagingTargetPath: s1, TargetPath: precious, VolumeCapability: ext4Cap()})
+			return err
+		}, codes.FailedPrecondition},
+		{"publish for mount access onto a symlink", func() error {
+			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v1, StagingTargetPath: s1, TargetPath: link, VolumeCapability: ext4Cap()})
+			return err
+		}, codes.FailedPrecondition},
+		{"publish for block access onto a file with data", func() error {
+			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vb, StagingTargetPath: sb, TargetPath: precious, VolumeCapability: blockCap()})
+			return err
+		}, codes.FailedPrecondition},
+		{"publish for block access onto a directory", func() error {
+			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vb, StagingTargetPath: sb, TargetPath: filepath.Join(keep, "full"), VolumeCapability: blockCap()})
+			return err
+		}, codes.FailedPrecondition},
+		{"publish without a staging path", func() error {
+			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v1, TargetPath: filepath.Join(dir, "t9"), VolumeCapability: ext4Cap()})
+			return err
+		}, codes.FailedPrecondition},
+		{"stage at a relative path", func() error {
+			_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v2, StagingTargetPath: "relative", VolumeCapability: ext4Cap()})
+			return err
+		}, codes.InvalidArgument},
+		{"stage at a path with ..", func() error {
+			_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v2, StagingTargetPath: dir + "/x/../s2", VolumeCapability: ext4Cap()})
+			return err
+		}, codes.InvalidArgument},
+		{"stage at a path too long", func() error {
+			_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v2, StagingTargetPath: dir + "/" + strings.Repeat("a/", 3000), VolumeCapability: ext4Cap()})
+			return err
+		}, codes.InvalidArgument},
+		{"stage at a path with an element too long", func() error {
+			_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v2, StagingTargetPath: dir + "/" + strings.Repeat("a", 300), VolumeCapability: ext4Cap()})
+			return err
+		}, codes.InvalidArgument},
+		{"stage at a file with data", func() error {
+			_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v2, StagingTargetPath: precious, VolumeCapability: ext4Cap()})
+			return err
+		}, codes.FailedPrecondition},
+		{"stage of a volume too small for xfs as xfs", func() error {
+			_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v2, StagingTargetPath: filepath.Join(dir, "s2"), VolumeCapability: xfs})
+			return err
+		}, codes.FailedPrecondition},
+		{"stage of a volume made for ext4 as xfs", func() error {
+			_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v3, StagingTargetPath: filepath.Join(dir, "s3"), VolumeCapability: xfs})
+			return err
+		}, codes.FailedPrecondition},
+		{"expand at a file, the volume having a filesystem", func() error {
+			_, err := node.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: v1, VolumePath: precious, CapacityRange: &csi.CapacityRange{RequiredBytes: 72 << 20}})
+			return err
+		}, codes.NotFound},
+	} {
+		if err := c.call(); status.Code(err) != c.want {
+			t.Errorf("%s: %v; want %v", c.name, err, c.want)
+		}
+		// Nothing changed.
+		mustRead(t, filepath.Join(t1, "f"), data)
+		mustRead(t, precious, []byte("not a volume's"))
+		mustRead(t, filepath.Join(keep, "full", "x"), []byte("x"))
+		if _, err := os.Lstat(link); err != nil {
+			t.Fatalf("after %q: %v", c.name, err)
+		}
+		for _, p := range append([]string{s1, t1, tmpfs}, stores...) {
+			if _, err := os.Stat(p); err != nil {
+				t.Fatalf("after %q: %v", c.name, err)
+			}
+		}
+		for _, p := range []string{s1, t1, tmpfs} {
+			if !isMountPoint(t, p) {
+				t.Fatalf("after %q: %s is no longer mounted", c.name, p)
+			}
+		}
+		if _, err := os.Stat(filepath.Join(keep, "full")); err != nil {
+			t.Fatalf("after %q: %v", c.name, err)
+		}
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+	// The right calls still work, and the volume's bytes are there once
+	// staged again (read from the device, not the page cache).
+	unpublishAndUnstage(t, node, v1, s1, t1)
+	stageAndPublish(t, node, v1, s1, t1)
+	mustRead(t, filepath.Join(t1, "f"), data)
+	unpublishAndUnstage(t, node, v1, s1, t1)
+	if _, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: vb, StagingTargetPath: sb}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(tb); err == nil {
+		t.Errorf("%s exists; no publish there succeeded", tb)
+	}
+	for _, id := range []string{v1, v2, v3, vb} {
+		if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// isMountPoint reports whether path is a mount point in this process's
+// mount namespace (its own entry in /proc/self/mountinfo).
+func isMountPoint(t *testing.T, path string) bool {
+	t.Helper()
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && f[4] == path {
+			return true
+		}
+	}
+	return false
+}
