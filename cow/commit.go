@@ -13,8 +13,10 @@ import (
 //
 //   - copy: take the open batch, write its pending copies to the COW files
 //     and fill in their records' CRCs (writeCopies);
-//   - sync: write the batch to the log with a single WriteAt, then sync the
-//     log and every file the batch's records point into, concurrently;
+//   - sync: write the batch to the log with a single WriteAt (64 KiB
+//     pwrites in the file layer: a kill between them leaves a torn tail),
+//     then sync the log and every file the batch's records point into,
+//     concurrently;
 //   - apply: write the batch's overlay entries to the data files, drop
 //     them, and wake the batch's waiters.
 //

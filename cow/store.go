@@ -198,7 +198,10 @@ func statfsFree(dir string) (int64, error) {
 // Open opens the store in dir, creating dir and an empty store if needed,
 // and rebuilds every volume, snapshot and index from the log. A torn tail
 // (what a crash during an append leaves) is dropped; any other bad byte is
-// an error wrapping ErrCorrupt.
+// an error wrapping ErrCorrupt. A record of the last batch that fails its
+// checksum with no valid batch after it cannot be told from a torn tail:
+// the log is cut there (FORMAT.md, "Open", step 3), so damage to the last
+// batch loses that batch rather than failing Open.
 //
 // One Store at a time may have dir open: Open takes an exclusive flock on
 // dir/lock, held until Close, and fails with ErrInUse while another Store
