@@ -495,6 +495,11 @@ func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csi.Valida
 	if err != nil {
 		return &csi.ValidateVolumeCapabilitiesResponse{Message: err.Error()}, nil
 	}
+	if len(req.GetMutableParameters()) > 0 {
+		// The spec confirms only what is supported, and CreateVolume
+		// refuses mutable parameters (no MODIFY_VOLUME).
+		return &csi.ValidateVolumeCapabilitiesResponse{Message: "mutable parameters are not supported"}, nil
+	}
 	// Confirm only what the volume is: the filesystem it was made for and
 	// its chunk size (as CreateVolume's same-name check does).
 	fs := v.Labels[labelFSType]

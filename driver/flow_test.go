@@ -808,19 +808,21 @@ func TestValidateCapabilitiesChecksTheVolume(t *testing.T) {
 		params  map[string]string
 		context map[string]string
 		cap     *csi.VolumeCapability
+		mutable map[string]string
 		confirm bool
 	}{
-		{"as made", map[string]string{driver.ParamChunkSize: "64Ki", "csi.storage.k8s.io/fstype": "xfs"}, made, mountCap(), true},
-		{"no parameters", nil, nil, mountCap(), true},
-		{"other chunk size", map[string]string{driver.ParamChunkSize: "4Ki"}, nil, mountCap(), false},
-		{"other fstype parameter", map[string]string{"csi.storage.k8s.io/fstype": "ext4"}, nil, mountCap(), false},
-		{"other fs_type capability", nil, nil, ext4, false},
-		{"another context", nil, other, mountCap(), false},
-		{"an unknown context key", nil, map[string]string{"bogus": "x"}, mountCap(), false},
-		{"part of the context", nil, map[string]string{driver.ParamChunkSize: made[driver.ParamChunkSize]}, mountCap(), true},
+		{"mutable parameters (CreateVolume refuses them)", nil, nil, mountCap(), map[string]string{"iops": "1"}, false},
+		{"as made", map[string]string{driver.ParamChunkSize: "64Ki", "csi.storage.k8s.io/fstype": "xfs"}, made, mountCap(), nil, true},
+		{"no parameters", nil, nil, mountCap(), nil, true},
+		{"other chunk size", map[string]string{driver.ParamChunkSize: "4Ki"}, nil, mountCap(), nil, false},
+		{"other fstype parameter", map[string]string{"csi.storage.k8s.io/fstype": "ext4"}, nil, mountCap(), nil, false},
+		{"other fs_type capability", nil, nil, ext4, nil, false},
+		{"another context", nil, other, mountCap(), nil, false},
+		{"an unknown context key", nil, map[string]string{"bogus": "x"}, mountCap(), nil, false},
+		{"part of the context", nil, map[string]string{driver.ParamChunkSize: made[driver.ParamChunkSize]}, mountCap(), nil, true},
 	} {
 		v, err := e.d.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: id,
-			VolumeCapabilities: []*csi.VolumeCapability{c.cap}, Parameters: c.params, VolumeContext: c.context})
+			VolumeCapabilities: []*csi.VolumeCapability{c.cap}, Parameters: c.params, VolumeContext: c.context, MutableParameters: c.mutable})
 		if err != nil {
 			t.Fatalf("%s: %v", c.name, err)
 		}
