@@ -54,7 +54,9 @@
 //     device of the volume (Frontend.ReadOnlyDevice), not the writable one:
 //     the kernel ignores a bind mount's read-only flag for device nodes.
 //     Publishing a target again in the other mode is AlreadyExists, for
-//     mount volumes too, unless the earlier publish never finished: a
+//     mount volumes too, and so is one with other mount flags or another
+//     access mode (a record per target in DataDir/publish-records, from
+//     the publish's success to its unpublish: publishRecord), unless the earlier publish never finished: a
 //     mount publish is a bind and then a remount with ro and the mount
 //     flags (mount-utils), and a marker in DataDir/publish-markers lives
 //     from before the bind until the remount returned, so a retry after a

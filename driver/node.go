@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -1509,6 +1510,12 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 				return nil, statusf(codes.AlreadyExists, "volume %s is published at %s with readonly=%v", id, target, isRO)
 			}
 		}
+		if rec, ok := d.readPublishRecord(target); ok {
+			if now := newPublishRecord(id, req); !rec.same(now) {
+				return nil, statusf(codes.AlreadyExists, "volume %s is published at %s with access mode %s and mount flags %q, not %s and %q",
+					id, target, rec.Mode, rec.MountFlags, now.Mode, now.MountFlags)
+			}
+		}
 		return &csi.NodePublishVolumeResponse{}, nil
 	}
 	if !ro && req.GetVolumeCapability().GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER {
@@ -1595,8 +1602,57 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 			return nil, statusf(codes.Internal, "publish marker of %s: %v", target, err)
 		}
 	}
+	if err := d.writePublishRecord(target, newPublishRecord(id, req)); err != nil {
+		// The publish stands; only a repeat with other arguments goes
+		// unnoticed (answered OK, as before records).
+		klog.ErrorS(err, "Publish record not written", "volumeID", id, "targetPath", target)
+	}
 	klog.V(2).InfoS("Published volume", "volumeID", id, "targetPath", target, "readonly", ro, "block", block)
 	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+// publishRecord is what a publish at a target was asked, kept in
+// DataDir/publish-records/<hash of the target> from its success until its
+// unpublish: a publish at the same target with other arguments is
+// AlreadyExists (the spec's table), which the mount table alone cannot
+// tell for the access mode and for mount flags it does not list as given.
+// Read-only and access type are checked from the mount itself. A publish
+// with no record (made before records, or whose record could not be
+// written) is not checked for these.
+type publishRecord struct {
+	Volume     string   `json:"volume"`
+	Mode       string   `json:"mode"`
+	MountFlags []string `json:"mountFlags,omitempty"` // sorted
+}
+
+func newPublishRecord(id string, req *csi.NodePublishVolumeRequest) publishRecord {
+	flags := slices.Clone(req.GetVolumeCapability().GetMount().GetMountFlags())
+	slices.Sort(flags)
+	return publishRecord{Volume: id, Mode: req.GetVolumeCapability().GetAccessMode().GetMode().String(), MountFlags: flags}
+}
+
+func (r publishRecord) same(o publishRecord) bool {
+	return r.Volume == o.Volume && r.Mode == o.Mode && slices.Equal(r.MountFlags, o.MountFlags)
+}
+
+// publishRecordPath is the record of target (named as publishMarker is).
+func (d *Driver) publishRecordPath(target string) string {
+	return filepath.Join(d.opt.DataDir, "publish-records", filepath.Base(d.publishMarker(target)))
+}
+
+func (d *Driver) writePublishRecord(target string, r publishRecord) error {
+	b, err := json.Marshal(r)
+	if err != nil {
+		return err
+	}
+	return writeMarker(d.publishRecordPath(target), b)
+}
+
+// readPublishRecord returns target's record, if there is a readable one.
+func (d *Driver) readPublishRecord(target string) (publishRecord, bool) {
+	var r publishRecord
+	b, err := os.ReadFile(d.publishRecordPath(target))
+	return r, err == nil && json.Unmarshal(b, &r) == nil
 }
 
 // NodeUnpublishVolume unmounts and removes the target path; idempotent.
@@ -1620,6 +1676,9 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	}
 	if err := dropMarker(d.publishMarker(target)); err != nil {
 		return nil, statusf(codes.Internal, "publish marker of %s: %v", target, err)
+	}
+	if err := dropMarker(d.publishRecordPath(target)); err != nil {
+		return nil, statusf(codes.Internal, "publish record of %s: %v", target, err)
 	}
 	klog.V(2).InfoS("Unpublished volume", "volumeID", id, "targetPath", target)
 	return &csi.NodeUnpublishVolumeResponse{}, nil

@@ -22,8 +22,9 @@ import (
 // the store's files stay. Before, NodeUnpublishVolume removed whatever
 // file was at target_path (the store's data files among them: the plugin
 // then did not start), and an unstage or unpublish of one volume unmounted
-// another's. At the end the volume is unpublished and unstaged the right
-// way and its bytes are intact.
+// another's; a publish again at the same target with other mount flags or
+// another access mode answered OK without them. At the end the volume is
+// unpublished and unstaged the right way and its bytes are intact.
 func TestNodeCallsAtWrongPaths(t *testing.T) {
 	dir, cc := runPlugin(t)
 	ctx := context.Background()
@@ -158,6 +159,22 @@ func TestNodeCallsAtWrongPaths(t *testing.T) {
 			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vb, StagingTargetPath: sb, TargetPath: filepath.Join(keep, "full"), VolumeCapability: blockCap()})
 			return err
 		}, codes.FailedPrecondition},
+		{"publish again as before", func() error {
+			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v1, StagingTargetPath: s1, TargetPath: t1, VolumeCapability: ext4Cap()})
+			return err
+		}, codes.OK},
+		{"publish again with other mount flags", func() error {
+			c := ext4Cap()
+			c.GetMount().MountFlags = []string{"noexec"}
+			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v1, StagingTargetPath: s1, TargetPath: t1, VolumeCapability: c})
+			return err
+		}, codes.AlreadyExists},
+		{"publish again with another access mode", func() error {
+			c := ext4Cap()
+			c.AccessMode.Mode = csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER
+			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v1, StagingTargetPath: s1, TargetPath: t1, VolumeCapability: c})
+			return err
+		}, codes.AlreadyExists},
 		{"publish without a staging path", func() error {
 			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v1, TargetPath: filepath.Join(dir, "t9"), VolumeCapability: ext4Cap()})
 			return err
