@@ -36,20 +36,24 @@
 // Node decisions (node.go):
 //
 //   - Paths from the caller: staging_target_path and target_path must be
-//     absolute, without "..", within PATH_MAX and NAME_MAX, and apart from
-//     the data and run directories (and the root), symlinks resolved
-//     (InvalidArgument; checkPath). Where a stage or publish mounts, an
-//     existing path must be of the kind the mount needs: a directory, or
-//     an empty file for a block publish (FailedPrecondition; pathKind).
-//     An unstage or unpublish unmounts only the volume's own mounts, or a
-//     loop device no other volume has (a leftover), never a filesystem
-//     that is not on a loop device or another volume's
-//     (FailedPrecondition; mayUnmount), and removes a target only when it
-//     is an empty directory or empty file, what a publish makes
-//     (removeTarget). volume_path (NodeGetVolumeStats, NodeExpandVolume)
-//     is only read: a path that does not hold the volume is NotFound.
-//     Other paths (/etc, say) are not refused: which directories a CO may
-//     use is the CO's to decide, and kubelet's are its own.
+//     absolute and clean, within PATH_MAX and NAME_MAX, and apart from the
+//     data and run directories (and the root): by path, symlinks resolved,
+//     and by identity (device and inode), so a bind of the data directory
+//     elsewhere is refused too (InvalidArgument; checkPath). Where a stage
+//     or publish mounts, an existing path must be of the kind the mount
+//     needs: a directory, or an empty file for a block publish, never a
+//     symlink (FailedPrecondition; pathKind). An unstage or unpublish
+//     unmounts only the named volume's own device (main or read-only),
+//     compared by device number since a mount's source is only a name,
+//     and never through a symlink (FailedPrecondition; mayUnmount); it
+//     removes a target only when it is an empty directory or empty file,
+//     what a publish makes (removeTarget). An unstage of a volume staged at
+//     several paths unmounts only a recorded staging path, not a publish
+//     target. Publishes at one target are serialized (targetKey).
+//     volume_path (NodeGetVolumeStats, NodeExpandVolume) is only read: a
+//     path that does not hold the volume is NotFound. Other paths (/etc,
+//     say) are not refused: which directories a CO may use is the CO's to
+//     decide, and kubelet's are its own.
 //   - A read-only publish of a raw block volume binds a read-only loop
 //     device of the volume (Frontend.ReadOnlyDevice), not the writable one:
 //     the kernel ignores a bind mount's read-only flag for device nodes.

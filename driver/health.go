@@ -204,7 +204,9 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 // (devtmpfs) as its source and type instead.
 func fsMounted(mps []mount.MountPoint, dev string) bool {
 	return slices.ContainsFunc(mps, func(mp mount.MountPoint) bool {
-		return mp.Device == dev && mp.Type != "" && mp.Type != "devtmpfs"
+		// By name, then by number (mountIsDevice): a mount's source is
+		// only a name, which a tmpfs can be given.
+		return mp.Device == dev && mp.Type != "" && mp.Type != "devtmpfs" && mountIsDevice(mp.Path, mp.Device, dev)
 	})
 }
 

@@ -138,12 +138,35 @@ func (d *Driver) holdsDevice(path, dev string) (bool, error) {
 	if err != nil || cur == "" {
 		return false, err
 	}
-	if cur == dev {
-		return true, nil
+	return mountIsDevice(path, cur, dev), nil
+}
+
+// mountIsDevice reports whether the mount at path, listed with source cur,
+// is of the block device dev: compared by device number where dev is a
+// device node (the mount table's source is only a name, which any mount
+// can be given: a tmpfs mounted with the source "/dev/loop7" is not
+// loop7), by name where it is not (the tests' fake devices).
+func mountIsDevice(path, cur, dev string) bool {
+	dr, ok := nodeRdev(dev)
+	if !ok {
+		return cur == dev
 	}
-	pr, ok := nodeRdev(path)
-	dr, ok2 := nodeRdev(dev)
-	return ok && ok2 && pr == dr, nil
+	r, ok := mountedRdev(path)
+	return ok && r == dr
+}
+
+// mountedRdev returns the device number of what is mounted at path: the
+// device node bound there (a block publish), or the device of the
+// filesystem whose root it is.
+func mountedRdev(path string) (uint64, bool) {
+	if r, ok := nodeRdev(path); ok {
+		return r, true
+	}
+	var st unix.Stat_t
+	if unix.Stat(path, &st) != nil {
+		return 0, false
+	}
+	return st.Dev, true
 }
 
 // nodeRdev returns the device number of the block device node at path: a
@@ -217,7 +240,8 @@ func (d *Driver) publishedAt(id, staging string) (string, error) {
 	for _, mp := range mps {
 		switch {
 		case mp.Path == abs || mp.Path == real:
-		case slices.Contains(devs, mp.Device):
+		case slices.Contains(devs, mp.Device) && mountIsDevice(mp.Path, mp.Device, mp.Device):
+			// By name, then by number: a mount's source is only a name.
 			return mp.Path, nil
 		case mp.Type == "devtmpfs":
 			if r, ok := nodeRdev(mp.Path); ok && rdevs[r] {
@@ -257,7 +281,7 @@ func (d *Driver) writableAt(dev string, skipPaths ...string) (string, error) {
 	for _, mp := range mps {
 		switch {
 		case skip[mp.Path]:
-		case mp.Device == dev && !slices.Contains(mp.Opts, "ro"):
+		case mp.Device == dev && !slices.Contains(mp.Opts, "ro") && mountIsDevice(mp.Path, mp.Device, dev):
 			// A bind of the filesystem (or, under the tests' fake
 			// mounter, which lists a node's bind under its source, of
 			// the node).
@@ -280,7 +304,7 @@ func nodeBoundAt(mps []mount.MountPoint, dev string) string {
 	want, haveRdev := nodeRdev(dev)
 	for _, mp := range mps {
 		switch {
-		case mp.Device == dev && mp.Type == "":
+		case mp.Device == dev && mp.Type == "" && mountIsDevice(mp.Path, mp.Device, dev):
 			return mp.Path
 		case mp.Type == "devtmpfs" && haveRdev:
 			if r, ok := nodeRdev(mp.Path); ok && r == want {
@@ -378,6 +402,15 @@ func (d *Driver) checkPath(field, p string) error {
 			return statusf(codes.InvalidArgument, "%s %q has an element of %d bytes; at most %d", field, p, len(e), nameMax)
 		}
 	}
+	if c := filepath.Clean(p); c != p && c+"/" != p {
+		// "//", "/./", a trailing "/.": kubelet's paths are clean, and
+		// what such a path names is not always what its cleaned form does
+		// (rmdir of "dir/." fails with EINVAL).
+		return statusf(codes.InvalidArgument, "%s %q is not a clean path (%q)", field, p, c)
+	}
+	if err := d.apartFromOwnDirs(field, p); err != nil {
+		return err
+	}
 	for _, c := range []string{filepath.Clean(p), resolveExisting(p)} {
 		if c == "/" {
 			return statusf(codes.InvalidArgument, "%s %q is the root directory", field, p)
@@ -394,6 +427,50 @@ func (d *Driver) checkPath(field, p string) error {
 		}
 	}
 	return nil
+}
+
+// apartFromOwnDirs refuses p if it is, by identity (device and inode, so
+// whatever bind mounts or symlinks spell it), the data or run directory,
+// inside one, or one of their ancestors: another name for the store (a bind
+// of the data directory elsewhere) passes any check of path strings.
+func (d *Driver) apartFromOwnDirs(field, p string) error {
+	type ident struct{ dev, ino uint64 }
+	id := func(path string) (ident, bool) {
+		var st unix.Stat_t
+		if unix.Stat(path, &st) != nil {
+			return ident{}, false
+		}
+		return ident{st.Dev, st.Ino}, true
+	}
+	own, above := map[ident]string{}, map[ident]string{}
+	for _, dir := range []string{d.opt.DataDir, d.opt.RunDir} {
+		if dir == "" {
+			continue
+		}
+		a := absClean(dir)
+		if i, ok := id(a); ok {
+			own[i] = dir
+		}
+		for a != "/" {
+			a = filepath.Dir(a)
+			if i, ok := id(a); ok {
+				above[i] = dir
+			}
+		}
+	}
+	a := filepath.Clean(p)
+	if i, ok := id(a); ok && above[i] != "" {
+		return statusf(codes.InvalidArgument, "%s %q holds the plugin's own directory %s", field, p, above[i])
+	}
+	for {
+		if i, ok := id(a); ok && own[i] != "" {
+			return statusf(codes.InvalidArgument, "%s %q is in the plugin's own directory %s", field, p, own[i])
+		}
+		if a == "/" {
+			return nil
+		}
+		a = filepath.Dir(a)
+	}
 }
 
 // checkVolumePath checks the volume_path of NodeGetVolumeStats and
@@ -740,6 +817,12 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		// in different volume modes). Formatting would destroy what its
 		// pod writes.
 		return nil, statusf(codes.FailedPrecondition, "volume %s is staged already with no filesystem (for block access?): not formatting it for mount access", id)
+	}
+	if existing != "" && existing != fstype && !(fstype == "ext4" && (existing == "ext3" || existing == "ext2")) {
+		// mount would fail (Internal): the CO asks for another filesystem
+		// than the volume holds, which only a reformat could give. (ext4
+		// mounts ext2 and ext3.)
+		return nil, statusf(codes.FailedPrecondition, "volume %s holds %s, not fs_type %s", id, existing, fstype)
 	}
 	if readerOnly(req.GetVolumeCapability()) {
 		// Published read-only only (the spec's SINGLE_NODE_READER_ONLY):
@@ -1123,6 +1206,15 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 		return nil, toStatus(fmt.Errorf("stage records of %s: %w", id, err))
 	}
 	if len(others) > 0 {
+		// Only a path this volume was staged at: another path holding it
+		// is a publish target (a bind of one of its stages), whose unmount
+		// would leave the pod writing into the node's disk. (Nothing
+		// mounted: a retry of an unstage that dropped its record; OK.)
+		if top, err := d.topMount(staging); err != nil {
+			return nil, toStatus(err)
+		} else if _, serr := os.Stat(d.stageRecord(id, staging)); top.Device != "" && serr != nil {
+			return nil, statusf(codes.FailedPrecondition, "%s is not a staging path of volume %s (staged at %q); a publish target is unpublished, not unstaged", staging, id, others)
+		}
 		if err := d.takeBack(ctx, id); err != nil {
 			return nil, err
 		}
@@ -1204,6 +1296,13 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 // refuses what is not the volume's) and, if remove, removes path when it is
 // what a publish makes (removeTarget). A path that does not exist is fine.
 func (d *Driver) unmount(path, id string, remove bool) error {
+	if fi, err := os.Lstat(filepath.Clean(path)); err == nil && fi.Mode()&fs.ModeSymlink != 0 {
+		// What it points to is not this path's: refused before anything
+		// is unmounted there (a mount of another path, through the link).
+		return statusf(codes.FailedPrecondition, "%s is a symlink: not unmounted or removed", path)
+	} else if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return pathError("path", path, err)
+	}
 	busy := 0
 	for i := 0; ; i++ {
 		top, err := d.topMount(path)
@@ -1240,13 +1339,13 @@ func (d *Driver) unmount(path, id string, remove bool) error {
 }
 
 // mayUnmount checks that top, the mount on top at path, may be undone for
-// volume id: one of the volume's devices (holdsVolume), or a loop device no
-// other volume of this node has (a leftover the frontend no longer knows,
-// a volume attached since gone). Anything else is the caller's mistake,
-// answered FailedPrecondition with nothing unmounted: a filesystem that is
-// not on a loop device (the host's, a tmpfs), or another volume's. An
-// unstage or unpublish of the wrong volume at a path, or of any volume at
-// a path that is not a volume's, used to unmount whatever was there.
+// volume id: one of the volume's devices (main or read-only), compared by
+// device number. Anything else is the caller's mistake, answered
+// FailedPrecondition with nothing unmounted: another volume's device, a
+// loop device that is no volume's (a snap's, say), a filesystem on
+// anything else. An unstage or unpublish of the wrong volume at a path, or
+// of any volume at a path that is not a volume's, used to unmount whatever
+// was there.
 func (d *Driver) mayUnmount(path, id string, top mount.MountPoint) error {
 	devs := []string{}
 	if dev, ok := d.opt.Frontend.Device(id); ok {
@@ -1256,21 +1355,9 @@ func (d *Driver) mayUnmount(path, id string, top mount.MountPoint) error {
 		devs = append(devs, ro)
 	}
 	for _, dev := range devs {
-		if held, err := d.holdsDevice(path, dev); err != nil {
-			return toStatus(err)
-		} else if held {
+		if mountIsDevice(path, top.Device, dev) {
 			return nil
 		}
-	}
-	// The device number of what is mounted: a mount of a device node's
-	// filesystem (staging, or a bind of one), or a bind of a device node
-	// itself (a block publish).
-	rdev, ok := nodeRdev(path)
-	if !ok && filepath.IsAbs(top.Device) {
-		rdev, ok = nodeRdev(top.Device)
-	}
-	if !ok || unix.Major(rdev) != loopMajor {
-		return statusf(codes.FailedPrecondition, "%s holds %s (%s), which is not a volume of csi-snap: not unmounted", path, top.Device, top.Type)
 	}
 	for _, other := range d.opt.Frontend.Attached() {
 		if other == id {
@@ -1278,20 +1365,12 @@ func (d *Driver) mayUnmount(path, id string, top mount.MountPoint) error {
 		}
 		dev, ok := d.opt.Frontend.Device(other)
 		ro, rok := d.opt.Frontend.FindReadOnlyDevice(other)
-		for _, dv := range []struct {
-			dev string
-			ok  bool
-		}{{dev, ok}, {ro, rok}} {
-			if r, isDev := nodeRdev(dv.dev); dv.ok && isDev && r == rdev {
-				return statusf(codes.FailedPrecondition, "%s holds volume %s (%s), not %s: not unmounted", path, other, dv.dev, id)
-			}
+		if ok && mountIsDevice(path, top.Device, dev) || rok && mountIsDevice(path, top.Device, ro) {
+			return statusf(codes.FailedPrecondition, "%s holds volume %s, not %s: not unmounted", path, other, id)
 		}
 	}
-	return nil
+	return statusf(codes.FailedPrecondition, "%s holds %s (%s), which is not volume %s's device: not unmounted", path, top.Device, top.Type, id)
 }
-
-// loopMajor is the loop driver's block device major number.
-const loopMajor = 7
 
 // removeTarget removes a publish's target path once nothing is mounted on
 // it: an empty directory (mount access) or an empty file (block access,
@@ -1300,12 +1379,12 @@ const loopMajor = 7
 // it, a file with data, a symlink, a device node (FailedPrecondition). A
 // path that does not exist is fine.
 func removeTarget(path string) error {
-	fi, err := os.Lstat(path)
+	fi, err := os.Lstat(filepath.Clean(path))
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		return nil
 	case err != nil:
-		return statusf(codes.Internal, "target %s: %v", path, err)
+		return pathError("target_path", path, err)
 	case fi.IsDir():
 		err = os.Remove(path)
 		if errors.Is(err, syscall.ENOTEMPTY) || errors.Is(err, syscall.EEXIST) {
@@ -1328,12 +1407,12 @@ func removeTarget(path string) error {
 // symlink, a file with data, a directory where a file is needed and the
 // like are the caller's mistake (FailedPrecondition), kept as they are.
 func pathKind(path, field string, dir bool) error {
-	fi, err := os.Lstat(path)
+	fi, err := os.Lstat(filepath.Clean(path)) // "link/" would follow link
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		return nil
 	case err != nil:
-		return statusf(codes.Internal, "%s %s: %v", field, path, err)
+		return pathError(field, path, err)
 	case dir && fi.IsDir(), !dir && fi.Mode().IsRegular() && fi.Size() == 0:
 		return nil
 	case !dir && fi.IsDir():
@@ -1350,6 +1429,16 @@ func pathKind(path, field string, dir bool) error {
 func (d *Driver) hasFilesystemMounted(dev string) bool {
 	mps, err := d.listMounts()
 	return err == nil && fsMounted(mps, dev)
+}
+
+// pathError answers a failed look at a caller's path: one that cannot be
+// walked (an element is a file: ENOTDIR; a symlink loop: ELOOP) is the
+// caller's mistake (FailedPrecondition), anything else Internal.
+func pathError(field, path string, err error) error {
+	if errors.Is(err, syscall.ENOTDIR) || errors.Is(err, syscall.ELOOP) {
+		return statusf(codes.FailedPrecondition, "%s %s cannot be walked: %v", field, path, err)
+	}
+	return statusf(codes.Internal, "%s %s: %v", field, path, err)
 }
 
 // fileKind names fi's kind of file for messages.
@@ -1406,10 +1495,13 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if err := d.checkPath("staging_target_path", staging); err != nil {
 		return nil, err
 	}
-	if !d.locks.tryLock(id) {
-		return nil, statusf(codes.Aborted, "an operation on volume %s is in progress", id)
+	// The target too: two volumes published at one new target at once
+	// would both find it free and stack their binds.
+	tkey := targetKey(target)
+	if !d.locks.tryLock(id, tkey) {
+		return nil, statusf(codes.Aborted, "an operation on volume %s or at %s is in progress", id, target)
 	}
-	defer d.locks.unlock(id)
+	defer d.locks.unlock(id, tkey)
 	if err := d.checkNodeVolume(id); err != nil {
 		return nil, err
 	}
@@ -1437,7 +1529,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		if err != nil {
 			return nil, toStatus(err)
 		}
-		if sdev != dev {
+		if sdev == "" || !mountIsDevice(staging, sdev, dev) {
 			return nil, statusf(codes.FailedPrecondition, "volume %s is not mounted at staging path %s", id, staging)
 		}
 		source = staging
@@ -1611,6 +1703,10 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	return &csi.NodePublishVolumeResponse{}, nil
 }
 
+// targetKey is the lock key of a publish target (beside the volume ids in
+// Driver.locks; ids never start with "/").
+func targetKey(target string) string { return filepath.Clean(target) }
+
 // publishRecord is what a publish at a target was asked, kept in
 // DataDir/publish-records/<hash of the target> from its success until its
 // unpublish: a publish at the same target with other arguments is
@@ -1667,10 +1763,11 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	if !isVolumeID(id) {
 		return nil, statusf(codes.NotFound, "volume %q does not exist", id)
 	}
-	if !d.locks.tryLock(id) {
-		return nil, statusf(codes.Aborted, "an operation on volume %s is in progress", id)
+	tkey := targetKey(target)
+	if !d.locks.tryLock(id, tkey) {
+		return nil, statusf(codes.Aborted, "an operation on volume %s or at %s is in progress", id, target)
 	}
-	defer d.locks.unlock(id)
+	defer d.locks.unlock(id, tkey)
 	if err := d.unmount(target, id, true); err != nil {
 		return nil, err
 	}
@@ -1811,6 +1908,10 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 			// alone would grow, and OK would say the filesystem had.
 			return nil, statusf(codes.NotFound, "volume %s has a filesystem, and %s is not a directory it is mounted on", id, path)
 		}
+	} else if d.hasFilesystemMounted(dev) {
+		// Block access asked of a volume staged for mount access: its
+		// filesystem would not grow, and OK would say it had.
+		return nil, statusf(codes.FailedPrecondition, "volume %s has a mounted filesystem (staged for mount access), not block access", id)
 	}
 	if want > v.Size {
 		// The controller call ran on another node (see

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -77,6 +78,49 @@ func TestNodeCallsAtWrongPaths(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { unix.Unmount(tmpfs, unix.MNT_DETACH) })
+	// A loop device of someone else's (a snap's, say), with a filesystem,
+	// mounted; a tmpfs whose mount source is named like volume one's
+	// device; the data directory bound at another path; a symlink to
+	// volume one's staging path; volume one staged at a second path too.
+	foreign := foreignLoopMount(t, filepath.Join(keep, "snapmnt"))
+	fakeLoop := filepath.Join(keep, "fakeloop")
+	if err := os.Mkdir(fakeLoop, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount(mountSource(t, s1), fakeLoop, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Unmount(fakeLoop, unix.MNT_DETACH) })
+	alias := filepath.Join(keep, "alias")
+	if err := os.Mkdir(alias, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount(filepath.Join(dir, "data"), alias, "", unix.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Unmount(alias, unix.MNT_DETACH) })
+	toStaging := filepath.Join(keep, "to-staging")
+	if err := os.Symlink(s1, toStaging); err != nil {
+		t.Fatal(err)
+	}
+	s1b := filepath.Join(dir, "s1b")
+	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v1, StagingTargetPath: s1b, VolumeCapability: ext4Cap()}); err != nil {
+		t.Fatal(err)
+	}
+	// A volume big enough for xfs that holds ext4 (made without the
+	// fstype parameter, so only its bytes say so).
+	r, err = ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "holds-ext4", CapacityRange: &csi.CapacityRange{RequiredBytes: 320 << 20},
+		VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v4, s4 := r.Volume.VolumeId, filepath.Join(dir, "s4")
+	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v4, StagingTargetPath: s4, VolumeCapability: ext4Cap()}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v4, StagingTargetPath: s4}); err != nil {
+		t.Fatal(err)
+	}
 	stores, err := filepath.Glob(filepath.Join(dir, "data", "store", "*"))
 	if err != nil || len(stores) == 0 {
 		t.Fatalf("the store's files: %v, %v", stores, err)
@@ -159,6 +203,55 @@ func TestNodeCallsAtWrongPaths(t *testing.T) {
 			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vb, StagingTargetPath: sb, TargetPath: filepath.Join(keep, "full"), VolumeCapability: blockCap()})
 			return err
 		}, codes.FailedPrecondition},
+		{"unpublish at a loop device's mount that is no volume's", func() error {
+			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v2, TargetPath: foreign})
+			return err
+		}, codes.FailedPrecondition},
+		{"unstage of a volume that does not exist at a loop device's mount that is no volume's", func() error {
+			_, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: notVolume, StagingTargetPath: foreign})
+			return err
+		}, codes.FailedPrecondition},
+		{"unpublish at a tmpfs named like the volume's device", func() error {
+			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v1, TargetPath: fakeLoop})
+			return err
+		}, codes.FailedPrecondition},
+		{"unpublish at a store file through a bind of the data directory", func() error {
+			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v2, TargetPath: filepath.Join(alias, "store", filepath.Base(storeFile))})
+			return err
+		}, codes.InvalidArgument},
+		{"publish onto the store through a bind of the data directory", func() error {
+			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v1, StagingTargetPath: s1, TargetPath: filepath.Join(alias, "store"), VolumeCapability: ext4Cap()})
+			return err
+		}, codes.InvalidArgument},
+		{"unpublish through a symlink to the volume's staging path", func() error {
+			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v1, TargetPath: toStaging})
+			return err
+		}, codes.FailedPrecondition},
+		{"unpublish through a symlink, with a trailing slash", func() error {
+			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v1, TargetPath: toStaging + "/"})
+			return err
+		}, codes.FailedPrecondition},
+		{"unstage at the volume's publish target (staged at two paths)", func() error {
+			_, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v1, StagingTargetPath: t1})
+			return err
+		}, codes.FailedPrecondition},
+		{"unpublish at a path that is not clean", func() error {
+			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v2, TargetPath: filepath.Join(keep, "full") + "/."})
+			return err
+		}, codes.InvalidArgument},
+		{"stage under a file", func() error {
+			_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v2, StagingTargetPath: filepath.Join(precious, "x"), VolumeCapability: ext4Cap()})
+			return err
+		}, codes.FailedPrecondition},
+		{"stage of a volume holding ext4 as xfs", func() error {
+			_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v4, StagingTargetPath: s4, VolumeCapability: xfs})
+			return err
+		}, codes.FailedPrecondition},
+		{"expand for block access of a volume staged for mount access", func() error {
+			_, err := node.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: v1, VolumePath: "/nonexistent", CapacityRange: &csi.CapacityRange{RequiredBytes: 80 << 20},
+				VolumeCapability: blockCap()})
+			return err
+		}, codes.FailedPrecondition},
 		{"publish again as before", func() error {
 			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v1, StagingTargetPath: s1, TargetPath: t1, VolumeCapability: ext4Cap()})
 			return err
@@ -227,7 +320,7 @@ func TestNodeCallsAtWrongPaths(t *testing.T) {
 				t.Fatalf("after %q: %v", c.name, err)
 			}
 		}
-		for _, p := range []string{s1, t1, tmpfs} {
+		for _, p := range []string{s1, s1b, t1, tmpfs, foreign, fakeLoop, alias} {
 			if !isMountPoint(t, p) {
 				t.Fatalf("after %q: %s is no longer mounted", c.name, p)
 			}
@@ -238,6 +331,9 @@ func TestNodeCallsAtWrongPaths(t *testing.T) {
 	}
 	if t.Failed() {
 		t.FailNow()
+	}
+	if _, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v1, StagingTargetPath: s1b}); err != nil {
+		t.Fatal(err)
 	}
 	// The right calls still work, and the volume's bytes are there once
 	// staged again (read from the device, not the page cache).
@@ -251,7 +347,7 @@ func TestNodeCallsAtWrongPaths(t *testing.T) {
 	if _, err := os.Stat(tb); err == nil {
 		t.Errorf("%s exists; no publish there succeeded", tb)
 	}
-	for _, id := range []string{v1, v2, v3, vb} {
+	for _, id := range []string{v1, v2, v3, v4, vb} {
 		if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
 			t.Fatal(err)
 		}
@@ -272,4 +368,34 @@ func isMountPoint(t *testing.T, path string) bool {
 		}
 	}
 	return false
+}
+
+// foreignLoopMount attaches a loop device of its own to a small ext4 image
+// and mounts it at mp: a loop mount that is no volume's. Undone at cleanup.
+func foreignLoopMount(t *testing.T, mp string) string {
+	t.Helper()
+	img := filepath.Join(t.TempDir(), "foreign.img")
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, 16<<20); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", img).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v: %s", err, out)
+	}
+	out, err := exec.Command("losetup", "--find", "--show", img).Output()
+	if err != nil {
+		t.Fatalf("losetup: %v", err)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+	if err := os.MkdirAll(mp, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount(dev, mp, "ext4", 0, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Unmount(mp, unix.MNT_DETACH) })
+	return mp
 }
