@@ -50,6 +50,11 @@
 //     what a publish makes (removeTarget). An unstage of a volume staged at
 //     several paths unmounts only a recorded staging path, not a publish
 //     target. Publishes at one target are serialized (targetKey).
+//   - A stage's filesystem: the capability's fs_type, else the one the
+//     volume was made for (the fstype parameter), else the one it holds
+//     (blkid), else ext4. One the volume cannot take (xfs under 300 MiB,
+//     another than it was made for or holds; ext4 mounts ext2 and ext3) is
+//     FailedPrecondition before anything is formatted or mounted.
 //     volume_path (NodeGetVolumeStats, NodeExpandVolume) is only read: a
 //     path that does not hold the volume is NotFound. Other paths (/etc,
 //     say) are not refused: which directories a CO may use is the CO's to

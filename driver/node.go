@@ -818,6 +818,12 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		// pod writes.
 		return nil, statusf(codes.FailedPrecondition, "volume %s is staged already with no filesystem (for block access?): not formatting it for mount access", id)
 	}
+	if m.GetFsType() == "" && v.Labels[labelFSType] == "" && slices.Contains(supportedFSTypes, existing) {
+		// No filesystem asked for, none recorded: mount the one the volume
+		// holds (a restore of an xfs volume's snapshot, say), not the
+		// default.
+		fstype = existing
+	}
 	if existing != "" && existing != fstype && !(fstype == "ext4" && (existing == "ext3" || existing == "ext2")) {
 		// mount would fail (Internal): the CO asks for another filesystem
 		// than the volume holds, which only a reformat could give. (ext4

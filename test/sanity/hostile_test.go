@@ -347,7 +347,29 @@ func TestNodeCallsAtWrongPaths(t *testing.T) {
 	if _, err := os.Stat(tb); err == nil {
 		t.Errorf("%s exists; no publish there succeeded", tb)
 	}
-	for _, id := range []string{v1, v2, v3, v4, vb} {
+	// Asked for no filesystem, a volume holding xfs is staged as xfs, not
+	// as the default ext4 (whose mount would fail: Internal).
+	xr, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "holds-xfs", CapacityRange: &csi.CapacityRange{RequiredBytes: 320 << 20},
+		VolumeCapabilities: []*csi.VolumeCapability{xfs}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v5, s5 := xr.Volume.VolumeId, filepath.Join(dir, "s5")
+	noFS := ext4Cap()
+	noFS.GetMount().FsType = ""
+	for _, c := range []*csi.VolumeCapability{xfs, noFS} {
+		if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v5, StagingTargetPath: s5, VolumeCapability: c}); err != nil {
+			t.Fatalf("stage with fs_type %q: %v", c.GetMount().GetFsType(), err)
+		}
+		var st unix.Statfs_t
+		if err := unix.Statfs(s5, &st); err != nil || st.Type != unix.XFS_SUPER_MAGIC {
+			t.Errorf("staged with fs_type %q: filesystem type %#x (%v), want xfs", c.GetMount().GetFsType(), st.Type, err)
+		}
+		if _, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v5, StagingTargetPath: s5}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, id := range []string{v1, v2, v3, v4, v5, vb} {
 		if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
 			t.Fatal(err)
 		}
