@@ -24,8 +24,13 @@ import (
 // file was at target_path (the store's data files among them: the plugin
 // then did not start), and an unstage or unpublish of one volume unmounted
 // another's; a publish again at the same target with other mount flags or
-// another access mode answered OK without them. At the end the volume is
-// unpublished and unstaged the right way and its bytes are intact.
+// another access mode answered OK without them. A second audit added the
+// mounts that only look like a volume's: a loop device that is no
+// volume's, a tmpfs whose source is named like the volume's device, the
+// data directory bound at another path, a symlink to a staging path, a
+// publish target of a volume staged at two paths. At the end the volume is
+// unpublished and unstaged the right way and its bytes are intact, and a
+// stage asked for no filesystem mounts the one a volume holds.
 func TestNodeCallsAtWrongPaths(t *testing.T) {
 	dir, cc := runPlugin(t)
 	ctx := context.Background()
