@@ -178,7 +178,7 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 			break
 		}
 		for _, mp := range mps {
-			if mp.Path == p && mp.Device == dev && slices.Contains(mp.Opts, "ro") && p == req.GetStagingTargetPath() {
+			if mp.Path == p && mp.Device == dev && slices.Contains(mp.Opts, "ro") && p == req.GetStagingTargetPath() && mountIsDevice(p, mp.Device, dev) {
 				add(csi.VolumeHealthErrorType_DEGRADED, "FilesystemReadOnly", "the staged filesystem is mounted read-only")
 			}
 		}

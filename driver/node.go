@@ -75,7 +75,10 @@ func (d *Driver) mountpointOf(dev string) (string, error) {
 		return "", fmt.Errorf("list mounts: %w", err)
 	}
 	for _, mp := range mps {
-		if mp.Device == dev {
+		// By name, then by number: a mount's source is only a name (a
+		// tmpfs mounted as "/dev/loop0" would be frozen for loop0's
+		// snapshot, and fail it).
+		if mp.Device == dev && mountIsDevice(mp.Path, mp.Device, dev) {
 			return mp.Path, nil
 		}
 	}

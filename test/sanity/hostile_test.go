@@ -52,6 +52,10 @@ func TestNodeCallsAtWrongPaths(t *testing.T) {
 	}
 	v3 := r.Volume.VolumeId
 	s1, t1 := filepath.Join(dir, "s1"), filepath.Join(dir, "t1")
+	// Before any volume is staged, so that they come first in the mount
+	// table: a tmpfs named after each loop device, as a mount's source is
+	// only a name. One of them is named like volume one's device.
+	fakes := fakeLoopMounts(t, filepath.Join(dir, "fakes"))
 	stageAndPublish(t, node, v1, s1, t1)
 	sb, tb := filepath.Join(dir, "sb"), filepath.Join(dir, "tb")
 	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vb, StagingTargetPath: sb, VolumeCapability: blockCap()}); err != nil {
@@ -88,14 +92,10 @@ func TestNodeCallsAtWrongPaths(t *testing.T) {
 	// device; the data directory bound at another path; a symlink to
 	// volume one's staging path; volume one staged at a second path too.
 	foreign := foreignLoopMount(t, filepath.Join(keep, "snapmnt"))
-	fakeLoop := filepath.Join(keep, "fakeloop")
-	if err := os.Mkdir(fakeLoop, 0o755); err != nil {
-		t.Fatal(err)
+	fakeLoop := fakes[mountSource(t, s1)]
+	if fakeLoop == "" {
+		t.Fatalf("no tmpfs named %s", mountSource(t, s1))
 	}
-	if err := unix.Mount(mountSource(t, s1), fakeLoop, "tmpfs", 0, "size=1m"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Unmount(fakeLoop, unix.MNT_DETACH) })
 	alias := filepath.Join(keep, "alias")
 	if err := os.Mkdir(alias, 0o755); err != nil {
 		t.Fatal(err)
@@ -257,6 +257,15 @@ func TestNodeCallsAtWrongPaths(t *testing.T) {
 				VolumeCapability: blockCap()})
 			return err
 		}, codes.FailedPrecondition},
+		{"snapshot of volume one, a tmpfs named like its device listed before its mounts", func() error {
+			// The freeze must find the volume's filesystem, not the tmpfs
+			// (FIFREEZE there: EOPNOTSUPP, Internal).
+			r, err := ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{SourceVolumeId: v1, Name: "while-fakes"})
+			if err == nil {
+				_, err = ctrl.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: r.Snapshot.SnapshotId})
+			}
+			return err
+		}, codes.OK},
 		{"publish again as before", func() error {
 			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v1, StagingTargetPath: s1, TargetPath: t1, VolumeCapability: ext4Cap()})
 			return err
@@ -425,4 +434,28 @@ func foreignLoopMount(t *testing.T, mp string) string {
 	}
 	t.Cleanup(func() { unix.Unmount(mp, unix.MNT_DETACH) })
 	return mp
+}
+
+// fakeLoopMounts mounts, under dir, a tmpfs for every loop device node
+// /dev/loopN, with "/dev/loopN" as its mount source, and returns their
+// mount points by that name. Unmounted at cleanup.
+func fakeLoopMounts(t *testing.T, dir string) map[string]string {
+	t.Helper()
+	nodes, err := filepath.Glob("/dev/loop[0-9]*")
+	if err != nil || len(nodes) == 0 {
+		t.Fatalf("loop device nodes: %v, %v", nodes, err)
+	}
+	out := map[string]string{}
+	for _, n := range nodes {
+		mp := filepath.Join(dir, filepath.Base(n))
+		if err := os.MkdirAll(mp, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Mount(n, mp, "tmpfs", 0, "size=64k"); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { unix.Unmount(mp, unix.MNT_DETACH) })
+		out[n] = mp
+	}
+	return out
 }
