@@ -374,12 +374,13 @@ func (d *Driver) takeBack(ctx context.Context, id string) error {
 // checkPath checks a path argument of a node call (staging_target_path,
 // target_path), which becomes a mount point or is removed:
 //   - required, absolute (the spec's wording for each; a relative one
-//     would be resolved against the plugin's working directory), without a
-//     ".." element and without a NUL byte, which no system call takes;
+//     would be resolved against the plugin's working directory), clean
+//     (no "..", ".", or doubled "/"; one trailing "/" is fine) and without
+//     a NUL byte, which no system call takes;
 //   - at most PATH_MAX-1 bytes, each element at most NAME_MAX (system calls
 //     fail on longer ones with ENAMETOOLONG, answered Internal before);
-//   - neither the root, nor the plugin's data or run directory, nor inside
-//     or above either, also after symlinks in it are resolved: a bind there
+//   - neither the root nor, by identity (apartFromOwnDirs), the plugin's
+//     data or run directory, inside either or above either: a bind there
 //     would hide the store or the FUSE mounts, and an unpublish there
 //     would remove the store's files.
 //
@@ -398,44 +399,28 @@ func (d *Driver) checkPath(field, p string) error {
 		return statusf(codes.InvalidArgument, "%s is %d bytes long; at most %d", field, len(p), unix.PathMax-1)
 	}
 	for _, e := range strings.Split(p, "/") {
-		if e == ".." {
-			return statusf(codes.InvalidArgument, "%s %q has a \"..\" element", field, p)
-		}
 		if len(e) > nameMax {
 			return statusf(codes.InvalidArgument, "%s %q has an element of %d bytes; at most %d", field, p, len(e), nameMax)
 		}
 	}
-	if c := filepath.Clean(p); c != p && c+"/" != p {
-		// "//", "/./", a trailing "/.": kubelet's paths are clean, and
-		// what such a path names is not always what its cleaned form does
-		// (rmdir of "dir/." fails with EINVAL).
+	c := filepath.Clean(p)
+	if c != p && c+"/" != p {
+		// "..", "//", "/./", a trailing "/.": kubelet's paths are clean,
+		// and what such a path names is not always what its cleaned form
+		// does (rmdir of "dir/." fails with EINVAL).
 		return statusf(codes.InvalidArgument, "%s %q is not a clean path (%q)", field, p, c)
 	}
-	if err := d.apartFromOwnDirs(field, p); err != nil {
-		return err
+	if c == "/" {
+		return statusf(codes.InvalidArgument, "%s %q is the root directory", field, p)
 	}
-	for _, c := range []string{filepath.Clean(p), resolveExisting(p)} {
-		if c == "/" {
-			return statusf(codes.InvalidArgument, "%s %q is the root directory", field, p)
-		}
-		for _, dir := range []string{d.opt.DataDir, d.opt.RunDir} {
-			if dir == "" {
-				continue
-			}
-			for _, own := range []string{absClean(dir), resolveExisting(dir)} {
-				if c == own || strings.HasPrefix(c, own+"/") || strings.HasPrefix(own, c+"/") {
-					return statusf(codes.InvalidArgument, "%s %q overlaps the plugin's own directory %s", field, p, dir)
-				}
-			}
-		}
-	}
-	return nil
+	return d.apartFromOwnDirs(field, p)
 }
 
 // apartFromOwnDirs refuses p if it is, by identity (device and inode, so
 // whatever bind mounts or symlinks spell it), the data or run directory,
 // inside one, or one of their ancestors: another name for the store (a bind
-// of the data directory elsewhere) passes any check of path strings.
+// of the data directory elsewhere) passes any check of path strings. A p
+// that does not exist yet is judged by its nearest existing ancestor.
 func (d *Driver) apartFromOwnDirs(field, p string) error {
 	type ident struct{ dev, ino uint64 }
 	id := func(path string) (ident, bool) {
@@ -450,7 +435,10 @@ func (d *Driver) apartFromOwnDirs(field, p string) error {
 		if dir == "" {
 			continue
 		}
-		a := absClean(dir)
+		a, err := filepath.Abs(dir)
+		if err != nil {
+			continue
+		}
 		if i, ok := id(a); ok {
 			own[i] = dir
 		}
@@ -493,32 +481,6 @@ func checkVolumePath(p string) error {
 
 // nameMax is NAME_MAX, the longest path element Linux takes.
 const nameMax = 255
-
-// absClean returns p absolute and clean (p itself if that fails).
-func absClean(p string) string {
-	if a, err := filepath.Abs(p); err == nil {
-		return a
-	}
-	return filepath.Clean(p)
-}
-
-// resolveExisting returns p absolute and clean with the symlinks of its
-// longest existing prefix resolved (what a mount at p would act on).
-func resolveExisting(p string) string {
-	p = absClean(p)
-	rest := ""
-	for {
-		if r, err := filepath.EvalSymlinks(p); err == nil {
-			return filepath.Join(r, rest)
-		}
-		parent := filepath.Dir(p)
-		if parent == p {
-			return filepath.Join(p, rest)
-		}
-		rest = filepath.Join(filepath.Base(p), rest)
-		p = parent
-	}
-}
 
 func (d *Driver) checkNodeVolume(id string) error {
 	_, err := d.lookupVolume(id)
