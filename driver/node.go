@@ -1310,35 +1310,19 @@ func (d *Driver) unmount(path, id string, remove bool) error {
 }
 
 // mayUnmount checks that top, the mount on top at path, may be undone for
-// volume id: one of the volume's devices (main or read-only), compared by
-// device number. Anything else is the caller's mistake, answered
-// FailedPrecondition with nothing unmounted: another volume's device, a
-// loop device that is no volume's (a snap's, say), a filesystem on
-// anything else. An unstage or unpublish of the wrong volume at a path, or
-// of any volume at a path that is not a volume's, used to unmount whatever
-// was there.
+// volume id: it holds one of the volume's devices (holdsVolume: main or
+// read-only, by device number). Anything else is the caller's mistake,
+// answered FailedPrecondition with nothing unmounted: another volume's
+// device, a loop device that is no volume's (a snap's, say), a filesystem
+// on anything else. An unstage or unpublish of the wrong volume at a path,
+// or of any volume at a path that is not a volume's, used to unmount
+// whatever was there.
 func (d *Driver) mayUnmount(path, id string, top mount.MountPoint) error {
-	devs := []string{}
-	if dev, ok := d.opt.Frontend.Device(id); ok {
-		devs = append(devs, dev)
-	}
-	if ro, ok := d.opt.Frontend.FindReadOnlyDevice(id); ok {
-		devs = append(devs, ro)
-	}
-	for _, dev := range devs {
-		if mountIsDevice(path, top.Device, dev) {
-			return nil
-		}
-	}
-	for _, other := range d.opt.Frontend.Attached() {
-		if other == id {
-			continue
-		}
-		dev, ok := d.opt.Frontend.Device(other)
-		ro, rok := d.opt.Frontend.FindReadOnlyDevice(other)
-		if ok && mountIsDevice(path, top.Device, dev) || rok && mountIsDevice(path, top.Device, ro) {
-			return statusf(codes.FailedPrecondition, "%s holds volume %s, not %s: not unmounted", path, other, id)
-		}
+	dev, _ := d.opt.Frontend.Device(id) // "": only a read-only device can match
+	if held, err := d.holdsVolume(path, id, dev); err != nil {
+		return toStatus(err)
+	} else if held {
+		return nil
 	}
 	return statusf(codes.FailedPrecondition, "%s holds %s (%s), which is not volume %s's device: not unmounted", path, top.Device, top.Type, id)
 }
