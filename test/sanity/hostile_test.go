@@ -135,123 +135,64 @@ func TestNodeCallsAtWrongPaths(t *testing.T) {
 
 	xfs := ext4Cap()
 	xfs.GetMount().FsType = "xfs"
+	// The calls of the table below, each made into a func() error.
+	unpublish := func(id, target string) func() error {
+		return func() error {
+			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target})
+			return err
+		}
+	}
+	unstage := func(id, staging string) func() error {
+		return func() error {
+			_, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging})
+			return err
+		}
+	}
+	stage := func(id, staging string, c *csi.VolumeCapability) func() error {
+		return func() error {
+			_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: c})
+			return err
+		}
+	}
+	publish := func(id, staging, target string, c *csi.VolumeCapability) func() error {
+		return func() error {
+			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: c})
+			return err
+		}
+	}
 	for _, c := range []struct {
 		name string
 		call func() error
 		want codes.Code
 	}{
-		{"unpublish at a file with data", func() error {
-			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v2, TargetPath: precious})
-			return err
-		}, codes.FailedPrecondition},
-		{"unpublish of a volume that does not exist at a file with data", func() error {
-			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: notVolume, TargetPath: precious})
-			return err
-		}, codes.FailedPrecondition},
-		{"unpublish at a directory with files", func() error {
-			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v2, TargetPath: filepath.Join(keep, "full")})
-			return err
-		}, codes.FailedPrecondition},
-		{"unpublish at a symlink", func() error {
-			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v2, TargetPath: link})
-			return err
-		}, codes.FailedPrecondition},
-		{"unpublish at a store file", func() error {
-			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v2, TargetPath: storeFile})
-			return err
-		}, codes.InvalidArgument},
-		{"unpublish at the root", func() error {
-			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v2, TargetPath: "/"})
-			return err
-		}, codes.InvalidArgument},
-		{"unpublish at a mount that is not a volume's", func() error {
-			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v2, TargetPath: tmpfs})
-			return err
-		}, codes.FailedPrecondition},
-		{"unpublish of another volume at volume one's target", func() error {
-			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v2, TargetPath: t1})
-			return err
-		}, codes.FailedPrecondition},
-		{"unpublish of a volume that does not exist at volume one's target", func() error {
-			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: notVolume, TargetPath: t1})
-			return err
-		}, codes.FailedPrecondition},
-		{"unstage of another volume at volume one's staging path", func() error {
-			_, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v2, StagingTargetPath: s1})
-			return err
-		}, codes.FailedPrecondition},
-		{"unstage of a volume that does not exist at volume one's staging path", func() error {
-			_, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: notVolume, StagingTargetPath: s1})
-			return err
-		}, codes.FailedPrecondition},
-		{"publish onto the data directory", func() error {
-			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v1, StagingTargetPath: s1, TargetPath: filepath.Join(dir, "data"), VolumeCapability: ext4Cap()})
-			return err
-		}, codes.InvalidArgument},
-		{"publish under a symlink to the data directory", func() error {
-			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v1, StagingTargetPath: s1, TargetPath: filepath.Join(dataLink, "sub"), VolumeCapability: ext4Cap()})
-			return err
-		}, codes.InvalidArgument},
-		{"publish for mount access onto a file with data", func() error {
-			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v1, StagingTargetPath: s1, TargetPath: precious, VolumeCapability: ext4Cap()})
-			return err
-		}, codes.FailedPrecondition},
-		{"publish for mount access onto a symlink", func() error {
-			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v1, StagingTargetPath: s1, TargetPath: link, VolumeCapability: ext4Cap()})
-			return err
-		}, codes.FailedPrecondition},
-		{"publish for block access onto a file with data", func() error {
-			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vb, StagingTargetPath: sb, TargetPath: precious, VolumeCapability: blockCap()})
-			return err
-		}, codes.FailedPrecondition},
-		{"publish for block access onto a directory", func() error {
-			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vb, StagingTargetPath: sb, TargetPath: filepath.Join(keep, "full"), VolumeCapability: blockCap()})
-			return err
-		}, codes.FailedPrecondition},
-		{"unpublish at a loop device's mount that is no volume's", func() error {
-			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v2, TargetPath: foreign})
-			return err
-		}, codes.FailedPrecondition},
-		{"unstage of a volume that does not exist at a loop device's mount that is no volume's", func() error {
-			_, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: notVolume, StagingTargetPath: foreign})
-			return err
-		}, codes.FailedPrecondition},
-		{"unpublish at a tmpfs named like the volume's device", func() error {
-			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v1, TargetPath: fakeLoop})
-			return err
-		}, codes.FailedPrecondition},
-		{"unpublish at a store file through a bind of the data directory", func() error {
-			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v2, TargetPath: filepath.Join(alias, "store", filepath.Base(storeFile))})
-			return err
-		}, codes.InvalidArgument},
-		{"publish onto the store through a bind of the data directory", func() error {
-			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v1, StagingTargetPath: s1, TargetPath: filepath.Join(alias, "store"), VolumeCapability: ext4Cap()})
-			return err
-		}, codes.InvalidArgument},
-		{"unpublish through a symlink to the volume's staging path", func() error {
-			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v1, TargetPath: toStaging})
-			return err
-		}, codes.FailedPrecondition},
-		{"unpublish through a symlink, with a trailing slash", func() error {
-			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v1, TargetPath: toStaging + "/"})
-			return err
-		}, codes.FailedPrecondition},
-		{"unstage at the volume's publish target (staged at two paths)", func() error {
-			_, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v1, StagingTargetPath: t1})
-			return err
-		}, codes.FailedPrecondition},
-		{"unpublish at a path that is not clean", func() error {
-			_, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v2, TargetPath: filepath.Join(keep, "full") + "/."})
-			return err
-		}, codes.InvalidArgument},
-		{"stage under a file", func() error {
-			_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v2, StagingTargetPath: filepath.Join(precious, "x"), VolumeCapability: ext4Cap()})
-			return err
-		}, codes.FailedPrecondition},
-		{"stage of a volume holding ext4 as xfs", func() error {
-			_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v4, StagingTargetPath: s4, VolumeCapability: xfs})
-			return err
-		}, codes.FailedPrecondition},
+		{"unpublish at a file with data", unpublish(v2, precious), codes.FailedPrecondition},
+		{"unpublish of a volume that does not exist at a file with data", unpublish(notVolume, precious), codes.FailedPrecondition},
+		{"unpublish at a directory with files", unpublish(v2, filepath.Join(keep, "full")), codes.FailedPrecondition},
+		{"unpublish at a symlink", unpublish(v2, link), codes.FailedPrecondition},
+		{"unpublish at a store file", unpublish(v2, storeFile), codes.InvalidArgument},
+		{"unpublish at the root", unpublish(v2, "/"), codes.InvalidArgument},
+		{"unpublish at a mount that is not a volume's", unpublish(v2, tmpfs), codes.FailedPrecondition},
+		{"unpublish of another volume at volume one's target", unpublish(v2, t1), codes.FailedPrecondition},
+		{"unpublish of a volume that does not exist at volume one's target", unpublish(notVolume, t1), codes.FailedPrecondition},
+		{"unstage of another volume at volume one's staging path", unstage(v2, s1), codes.FailedPrecondition},
+		{"unstage of a volume that does not exist at volume one's staging path", unstage(notVolume, s1), codes.FailedPrecondition},
+		{"publish onto the data directory", publish(v1, s1, filepath.Join(dir, "data"), ext4Cap()), codes.InvalidArgument},
+		{"publish under a symlink to the data directory", publish(v1, s1, filepath.Join(dataLink, "sub"), ext4Cap()), codes.InvalidArgument},
+		{"publish for mount access onto a file with data", publish(v1, s1, precious, ext4Cap()), codes.FailedPrecondition},
+		{"publish for mount access onto a symlink", publish(v1, s1, link, ext4Cap()), codes.FailedPrecondition},
+		{"publish for block access onto a file with data", publish(vb, sb, precious, blockCap()), codes.FailedPrecondition},
+		{"publish for block access onto a directory", publish(vb, sb, filepath.Join(keep, "full"), blockCap()), codes.FailedPrecondition},
+		{"unpublish at a loop device's mount that is no volume's", unpublish(v2, foreign), codes.FailedPrecondition},
+		{"unstage of a volume that does not exist at a loop device's mount that is no volume's", unstage(notVolume, foreign), codes.FailedPrecondition},
+		{"unpublish at a tmpfs named like the volume's device", unpublish(v1, fakeLoop), codes.FailedPrecondition},
+		{"unpublish at a store file through a bind of the data directory", unpublish(v2, filepath.Join(alias, "store", filepath.Base(storeFile))), codes.InvalidArgument},
+		{"publish onto the store through a bind of the data directory", publish(v1, s1, filepath.Join(alias, "store"), ext4Cap()), codes.InvalidArgument},
+		{"unpublish through a symlink to the volume's staging path", unpublish(v1, toStaging), codes.FailedPrecondition},
+		{"unpublish through a symlink, with a trailing slash", unpublish(v1, toStaging+"/"), codes.FailedPrecondition},
+		{"unstage at the volume's publish target (staged at two paths)", unstage(v1, t1), codes.FailedPrecondition},
+		{"unpublish at a path that is not clean", unpublish(v2, filepath.Join(keep, "full")+"/."), codes.InvalidArgument},
+		{"stage under a file", stage(v2, filepath.Join(precious, "x"), ext4Cap()), codes.FailedPrecondition},
+		{"stage of a volume holding ext4 as xfs", stage(v4, s4, xfs), codes.FailedPrecondition},
 		{"expand for block access of a volume staged for mount access", func() error {
 			_, err := node.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: v1, VolumePath: "/nonexistent", CapacityRange: &csi.CapacityRange{RequiredBytes: 80 << 20},
 				VolumeCapability: blockCap()})
@@ -266,10 +207,7 @@ func TestNodeCallsAtWrongPaths(t *testing.T) {
 			}
 			return err
 		}, codes.OK},
-		{"publish again as before", func() error {
-			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v1, StagingTargetPath: s1, TargetPath: t1, VolumeCapability: ext4Cap()})
-			return err
-		}, codes.OK},
+		{"publish again as before", publish(v1, s1, t1, ext4Cap()), codes.OK},
 		{"publish again with other mount flags", func() error {
 			c := ext4Cap()
 			c.GetMount().MountFlags = []string{"noexec"}
@@ -286,34 +224,13 @@ func TestNodeCallsAtWrongPaths(t *testing.T) {
 			_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v1, TargetPath: filepath.Join(dir, "t9"), VolumeCapability: ext4Cap()})
 			return err
 		}, codes.FailedPrecondition},
-		{"stage at a relative path", func() error {
-			_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v2, StagingTargetPath: "relative", VolumeCapability: ext4Cap()})
-			return err
-		}, codes.InvalidArgument},
-		{"stage at a path with ..", func() error {
-			_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v2, StagingTargetPath: dir + "/x/../s2", VolumeCapability: ext4Cap()})
-			return err
-		}, codes.InvalidArgument},
-		{"stage at a path too long", func() error {
-			_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v2, StagingTargetPath: dir + "/" + strings.Repeat("a/", 3000), VolumeCapability: ext4Cap()})
-			return err
-		}, codes.InvalidArgument},
-		{"stage at a path with an element too long", func() error {
-			_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v2, StagingTargetPath: dir + "/" + strings.Repeat("a", 300), VolumeCapability: ext4Cap()})
-			return err
-		}, codes.InvalidArgument},
-		{"stage at a file with data", func() error {
-			_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v2, StagingTargetPath: precious, VolumeCapability: ext4Cap()})
-			return err
-		}, codes.FailedPrecondition},
-		{"stage of a volume too small for xfs as xfs", func() error {
-			_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v2, StagingTargetPath: filepath.Join(dir, "s2"), VolumeCapability: xfs})
-			return err
-		}, codes.FailedPrecondition},
-		{"stage of a volume made for ext4 as xfs", func() error {
-			_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v3, StagingTargetPath: filepath.Join(dir, "s3"), VolumeCapability: xfs})
-			return err
-		}, codes.FailedPrecondition},
+		{"stage at a relative path", stage(v2, "relative", ext4Cap()), codes.InvalidArgument},
+		{"stage at a path with ..", stage(v2, dir+"/x/../s2", ext4Cap()), codes.InvalidArgument},
+		{"stage at a path too long", stage(v2, dir+"/"+strings.Repeat("a/", 3000), ext4Cap()), codes.InvalidArgument},
+		{"stage at a path with an element too long", stage(v2, dir+"/"+strings.Repeat("a", 300), ext4Cap()), codes.InvalidArgument},
+		{"stage at a file with data", stage(v2, precious, ext4Cap()), codes.FailedPrecondition},
+		{"stage of a volume too small for xfs as xfs", stage(v2, filepath.Join(dir, "s2"), xfs), codes.FailedPrecondition},
+		{"stage of a volume made for ext4 as xfs", stage(v3, filepath.Join(dir, "s3"), xfs), codes.FailedPrecondition},
 		{"expand at a file, the volume having a filesystem", func() error {
 			_, err := node.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: v1, VolumePath: precious, CapacityRange: &csi.CapacityRange{RequiredBytes: 72 << 20}})
 			return err
@@ -393,17 +310,8 @@ func TestNodeCallsAtWrongPaths(t *testing.T) {
 // isMountPoint reports whether path is a mount point in this process's
 // mount namespace (its own entry in /proc/self/mountinfo).
 func isMountPoint(t *testing.T, path string) bool {
-	t.Helper()
-	data, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		if f := strings.Fields(line); len(f) > 4 && f[4] == path {
-			return true
-		}
-	}
-	return false
+	_, ok := mountEntry(t, path)
+	return ok
 }
 
 // foreignLoopMount attaches a loop device of its own to a small ext4 image

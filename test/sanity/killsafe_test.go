@@ -96,6 +96,17 @@ func startKillable(t *testing.T, container bool) (*killable, string) {
 // mountSource returns the device mounted at path (/proc/self/mountinfo).
 func mountSource(t *testing.T, path string) string {
 	t.Helper()
+	src, ok := mountEntry(t, path)
+	if !ok {
+		t.Fatalf("nothing mounted at %s", path)
+	}
+	return src
+}
+
+// mountEntry returns the source of the mount at path and whether there is
+// one (the last listed, on top), from /proc/self/mountinfo.
+func mountEntry(t *testing.T, path string) (src string, ok bool) {
+	t.Helper()
 	b, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
 		t.Fatal(err)
@@ -103,11 +114,10 @@ func mountSource(t *testing.T, path string) string {
 	for _, line := range strings.Split(string(b), "\n") {
 		f := strings.Fields(line)
 		if sep := slices.Index(f, "-"); sep > 4 && sep+2 < len(f) && f[4] == path {
-			return f[sep+2]
+			src, ok = f[sep+2], true
 		}
 	}
-	t.Fatalf("nothing mounted at %s", path)
-	return ""
+	return src, ok
 }
 
 // redoneRecords is what the plugin p logged at start as redone from the
