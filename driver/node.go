@@ -386,11 +386,8 @@ func (d *Driver) takeBack(ctx context.Context, id string) error {
 //
 // Kubelet's paths always pass.
 func (d *Driver) checkPath(field, p string) error {
-	if p == "" {
-		return statusf(codes.InvalidArgument, "%s is required", field)
-	}
-	if strings.IndexByte(p, 0) >= 0 {
-		return statusf(codes.InvalidArgument, "%s %q holds a NUL byte", field, p)
+	if err := checkPathArg(field, p); err != nil {
+		return err
 	}
 	if !filepath.IsAbs(p) {
 		return statusf(codes.InvalidArgument, "%s %q is not an absolute path", field, p)
@@ -469,12 +466,16 @@ func (d *Driver) apartFromOwnDirs(field, p string) error {
 // remove nothing, and act only on a path that holds the volume, so any
 // other path, relative ones included, is answered NotFound, as csi-sanity
 // expects ("some/path": the volume does not exist on it).
-func checkVolumePath(p string) error {
+func checkVolumePath(p string) error { return checkPathArg("volume_path", p) }
+
+// checkPathArg checks what every path argument needs: present, and without
+// a NUL byte, which no system call takes (EINVAL, answered Internal).
+func checkPathArg(field, p string) error {
 	if p == "" {
-		return statusf(codes.InvalidArgument, "volume_path is required")
+		return statusf(codes.InvalidArgument, "%s is required", field)
 	}
 	if strings.IndexByte(p, 0) >= 0 {
-		return statusf(codes.InvalidArgument, "volume_path %q holds a NUL byte", p)
+		return statusf(codes.InvalidArgument, "%s %q holds a NUL byte", field, p)
 	}
 	return nil
 }
