@@ -31,7 +31,10 @@
 // Errors: lower layers return sentinel errors (see errors.go); handlers turn
 // them into gRPC codes in exactly one place, toStatus. Handlers validate their
 // arguments first, then take a per-ID lock (contention answers Aborted), then
-// act.
+// act. A request that does not decode (a string that is not UTF-8, bytes that
+// are no message) never reaches a handler: grpc would answer Internal, so the
+// server's codec notes the error and the interceptors answer InvalidArgument
+// (codec.go; ServerOptions installs both).
 //
 // Node decisions (node.go):
 //

@@ -81,10 +81,16 @@ func isSecret(fd protoreflect.FieldDescriptor) bool {
 // error without a gRPC code (every handler maps its errors with toStatus;
 // one that does not is a bug) goes through toStatus too, so that no call
 // answers Unknown: context errors keep their codes, the rest is Internal.
+// A request that did not decode (see requestCodec; install both with
+// ServerOptions) is answered InvalidArgument without calling the handler.
 func UnaryInterceptor(m *Metrics) grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 		start := time.Now()
 		logger := klog.FromContext(ctx).WithValues("method", info.FullMethod)
+		if err := decodeError(req); err != nil {
+			callDone(logger, m, info.FullMethod, start, err, nil)
+			return nil, err
+		}
 		if l := logger.V(4); l.Enabled() {
 			l.Info("Call", "request", Sanitize(req))
 		}
@@ -109,7 +115,8 @@ func StreamInterceptor(m *Metrics) grpc.StreamServerInterceptor {
 	}
 }
 
-// loggedStream logs each message the client sends (the request).
+// loggedStream logs each message the client sends (the request), and
+// answers one that did not decode (see requestCodec) with InvalidArgument.
 type loggedStream struct {
 	grpc.ServerStream
 	logger klog.Logger
@@ -117,6 +124,9 @@ type loggedStream struct {
 
 func (s *loggedStream) RecvMsg(m any) error {
 	err := s.ServerStream.RecvMsg(m)
+	if err == nil {
+		err = decodeError(m)
+	}
 	if l := s.logger.V(4); err == nil && l.Enabled() {
 		l.Info("Call", "request", Sanitize(m))
 	}

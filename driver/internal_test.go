@@ -16,6 +16,9 @@ import (
 	"github.com/csi-snap/csi-snap/driver/kernel"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/encoding"
+	protoenc "google.golang.org/grpc/encoding/proto"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
 	mount "k8s.io/mount-utils"
 	testexec "k8s.io/utils/exec/testing"
@@ -626,6 +629,47 @@ func TestCheckPath(t *testing.T) {
 			t.Errorf("checkPath(%q) = %v, want ok=%v", c.path, err, c.ok)
 		} else if !ok && status.Code(err) != codes.InvalidArgument {
 			t.Errorf("checkPath(%q) = %v, want InvalidArgument", c.path, err)
+		}
+	}
+}
+
+// TestUndecodedRequestNeverReachesHandler: a request the codec could not
+// decode is answered InvalidArgument by the interceptor, its handler is not
+// called, and nothing stays noted against the message afterwards; a request
+// that decodes goes to its handler.
+func TestUndecodedRequestNeverReachesHandler(t *testing.T) {
+	c := requestCodec{encoding.GetCodecV2(protoenc.Name)}
+	info := &grpc.UnaryServerInfo{FullMethod: "/csi.v1.Controller/CreateVolume"}
+	for _, in := range []struct {
+		data  []byte
+		valid bool
+	}{
+		{[]byte{0x0a, 0x02, 'o', 'k'}, true},          // name "ok"
+		{[]byte{0x0a, 0x02, 'o', 0xff}, false},        // name not UTF-8
+		{[]byte{0x0a, 0x05, 'o', 'k'}, false},         // name cut short
+		{[]byte{0x0a, 0x02, 'o', 'k', 0xff}, false},   // a tag cut short after it
+		{[]byte{0x22, 0x03, 0x0a, 0x01, 0xc0}, false}, // a parameters key not UTF-8
+	} {
+		req := &csi.CreateVolumeRequest{}
+		if err := c.Unmarshal(mem.BufferSlice{mem.SliceBuffer(in.data)}, req); err != nil {
+			t.Fatalf("%x: Unmarshal returned %v; it must note the error and return nil", in.data, err)
+		}
+		if !in.valid && (req.Name != "" || len(req.Parameters) != 0) {
+			t.Errorf("%x: an undecodable request kept fields: %v", in.data, req)
+		}
+		called := false
+		_, err := UnaryInterceptor(nil)(context.Background(), req, info, func(context.Context, any) (any, error) {
+			called = true
+			return nil, nil
+		})
+		if in.valid && (err != nil || !called || req.Name != "ok") {
+			t.Errorf("%x: a valid request: handler called %v, err %v, name %q", in.data, called, err, req.Name)
+		}
+		if !in.valid && (called || status.Code(err) != codes.InvalidArgument) {
+			t.Errorf("%x: handler called %v, err %v; want InvalidArgument without the handler", in.data, called, err)
+		}
+		if _, ok := undecoded.Load(req); ok {
+			t.Errorf("%x: the request is still noted after its call", in.data)
 		}
 	}
 }

@@ -138,8 +138,8 @@ func run(ctx context.Context, cfg Config) (err error) {
 		defer os.Remove(addr)
 	}
 	var calls inflight
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(calls.interceptor, driver.UnaryInterceptor(metrics)),
-		grpc.ChainStreamInterceptor(calls.streamInterceptor, driver.StreamInterceptor(metrics)))
+	srv := grpc.NewServer(append([]grpc.ServerOption{grpc.ChainUnaryInterceptor(calls.interceptor),
+		grpc.ChainStreamInterceptor(calls.streamInterceptor)}, driver.ServerOptions(metrics)...)...)
 	d.Register(srv)
 	reflection.Register(srv)
 	served := make(chan error, 1)
