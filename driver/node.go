@@ -490,7 +490,11 @@ func (d *Driver) checkNodeVolume(id string) error {
 
 // NodeStageVolume attaches the volume as a loop device and, for mount access,
 // makes a filesystem when the device is blank and mounts it at the staging
-// path. Block access stages only the device.
+// path. Block access stages only the device. The steps: attachForStage (the
+// device, and whether a failure of this call must detach it), then for
+// mount access restage (staged at this path already) or planMount and the
+// mount; the deferred function records a stage that succeeded, or undoes
+// the attachment of one that failed.
 func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (resp *csi.NodeStageVolumeResponse, rerr error) {
 	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
 	if id == "" {
@@ -531,103 +535,9 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err != nil {
 		return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
 	}
-	// kubelet calls NodeUnstageVolume only for a stage that succeeded (or
-	// failed with a code it treats as still in progress): a stage that
-	// fails after attaching must detach what it attached, or nothing ever
-	// would, and DeleteVolume refuses an attached volume. A volume attached
-	// before the call stays attached (a stage that succeeded made it), unless
-	// its stage marker says that it was attached by a stage that never
-	// finished: one that died (after a restart Recover re-attached it) and
-	// that kubelet now retries; if the retry fails with a final code,
-	// kubelet forgets the stage and would never unstage it.
-	// A held device no one serves (Recover could not take it back) is
-	// taken back first, with the backend Recover would have used (a lost
-	// volume's fails every request): Attach below would resume it with the
-	// store's, and an unmount of it would wait for ever.
-	if err := d.takeBack(ctx, id); err != nil {
-		return nil, err
-	}
-	_, wasAttached := d.opt.Frontend.Device(id)
-	marker := d.stageMarker(id)
-	unfinished := !wasAttached
-	if wasAttached {
-		mb, err := os.ReadFile(marker)
-		unfinished = err == nil
-		if unfinished && len(mb) > 0 && string(mb) != staging {
-			// The unfinished stage is another one (the marker names its
-			// staging path; markers of older versions name none): two
-			// PVs of one volume handle, one stage killed midway. This one
-			// must neither take its attachment over (and answer OK for a
-			// device under the other's filesystem) nor detach it: its own
-			// retry comes, within minutes (kubelet's backoff is at most
-			// about two). One older than staleStageMarker is taken for
-			// abandoned (its path changed, say, by a kubelet upgrade): the
-			// attachment is then handled as a finished stage's, so the
-			// guards below (a filesystem mounted, or none for a mount
-			// stage) still apply and a failure detaches nothing.
-			fi, err := os.Stat(marker)
-			if err != nil || time.Since(fi.ModTime()) < staleStageMarker {
-				return nil, statusf(codes.FailedPrecondition, "volume %s has an unfinished stage at %s; not staging it at %s too", id, mb, staging)
-			}
-			klog.InfoS("Ignoring an abandoned unfinished stage", "volumeID", id, "itsStagingPath", string(mb), "age", time.Since(fi.ModTime()).Round(time.Second))
-			unfinished = false
-		}
-		if unfinished && (d.lostWrites(id) || d.opt.Frontend.Dead(id)) {
-			// A stage killed after its mount, whose device fails every
-			// request: the store dropped answered writes of its volume
-			// (LostWritesStore), or its FUSE connection died with the
-			// plugin (Frontend.Dead; Attach cannot start over while the
-			// filesystem holds the device). No pod uses the mount yet (the
-			// stage never succeeded), so start over from the store:
-			// unmount, detach, and attach afresh below (the filesystem
-			// then replays its journal, as after a power loss).
-			if cur, err := d.mountedDevice(staging); err != nil {
-				return nil, toStatus(err)
-			} else if cur != "" {
-				if err := d.unmount(staging, id, false); err != nil {
-					return nil, err
-				}
-			}
-			if err := d.opt.Frontend.Detach(ctx, id); err != nil {
-				return nil, toStatus(fmt.Errorf("detach %s, whose held device lost writes: %w", id, err))
-			}
-			wasAttached = false
-		}
-	}
-	if wasAttached && !unfinished && d.opt.Frontend.Dead(id) {
-		// A finished stage (a pod may use it) whose connection died: its
-		// filesystem fails every request and keeps the device busy, so
-		// nothing can serve it until it is unstaged. Unavailable, not a
-		// final code: kubelet keeps the stage uncertain and so calls
-		// NodeUnstageVolume once the pods using it are gone, and the next
-		// stage attaches afresh.
-		return nil, statusf(codes.Unavailable, "volume %s is staged at %s but its device's FUSE connection was lost (the plugin and its fuse-holder stopped together, or the kernel is older than 6.9): its I/O fails until it is unstaged and staged again; delete the pods that use it", id, staging)
-	}
-	if !wasAttached {
-		// Attached afresh from the store: no device held across a
-		// restart is left to fence, and no other stage shares the
-		// attachment (stageRecord): records left from an earlier one go.
-		if err := d.forgetLostWrites(id); err != nil {
-			return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
-		}
-		if err := d.dropStageRecords(id); err != nil {
-			return nil, toStatus(fmt.Errorf("stale stage records of %s: %w", id, err))
-		}
-		if err := writeMarker(marker, []byte(staging)); err != nil {
-			return nil, toStatus(fmt.Errorf("stage marker of %s: %w", id, err))
-		}
-	}
-	dev, err := d.opt.Frontend.Attach(ctx, id, b, false)
+	dev, owned, earlier, err := d.attachForStage(ctx, id, staging, b)
 	if err != nil {
-		// Attach undoes most of its failures, but not all (one racing the
-		// frontend's Close keeps its device for the next process): the
-		// marker goes only with the device.
-		if _, still := d.opt.Frontend.Device(id); !wasAttached && !still {
-			if err := d.dropStageMarker(id); err != nil {
-				klog.ErrorS(err, "Removing stage marker", "volumeID", id)
-			}
-		}
-		return nil, toStatus(fmt.Errorf("attach %s: %w", id, err))
+		return nil, err
 	}
 	staged := false
 	defer func() {
@@ -650,7 +560,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 			if err := d.dropStageMarker(id); err != nil {
 				resp, rerr = nil, retriable(fmt.Errorf("stage marker of %s: %w", id, err))
 			}
-		case unfinished:
+		case owned:
 			if err := d.opt.Frontend.Detach(context.WithoutCancel(ctx), id); err != nil {
 				// The marker stays: a later stage or unstage detaches.
 				klog.ErrorS(err, "Detach after a failed stage", "volumeID", id)
@@ -664,9 +574,9 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 			}
 		}
 	}()
-	m := req.GetVolumeCapability().GetMount()
-	if m == nil {
-		if wasAttached && !unfinished {
+	capability := req.GetVolumeCapability()
+	if capability.GetMount() == nil {
+		if earlier {
 			// Attached by an earlier, finished stage: if that one mounted a
 			// filesystem on it (a PV of the same volume handle in the other
 			// volume mode), a block pod's writes would corrupt it.
@@ -687,34 +597,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		return nil, toStatus(err)
 	}
 	if cur == dev {
-		// Staged already: the same call again is OK, an incompatible one
-		// (another filesystem type; reader-only asked of a writable
-		// mount) is AlreadyExists, as the spec asks. (A writable stage of
-		// a read-only mount is let through: ext4 remounts itself
-		// read-only after an I/O error, and health reports that.)
-		top, err := d.topMount(staging)
-		if err != nil {
-			return nil, toStatus(err)
-		}
-		if want := m.GetFsType(); want != "" && top.Type != "" && top.Type != want {
-			return nil, statusf(codes.AlreadyExists, "volume %s is staged at %s with filesystem %s, not %s", id, staging, top.Type, want)
-		}
-		if readerOnly(req.GetVolumeCapability()) && !slices.Contains(top.Opts, "ro") {
-			return nil, statusf(codes.AlreadyExists, "volume %s is staged writable at %s; a reader-only stage is not", id, staging)
-		}
-		// A retry, or kubelet's re-stage after a restart whose Recover
-		// could not take the device back and so left a killed snapshot's
-		// freeze in place: served now, so thaw it.
-		if err := d.thawLeftover(id); err != nil {
-			return nil, toStatus(err)
-		}
-		// And grow it: a kill between the mount and the grow left it at its
-		// source's size, and nothing else would grow it.
-		flags := m.GetMountFlags()
-		if readerOnly(req.GetVolumeCapability()) {
-			flags = append(slices.Clone(flags), "ro")
-		}
-		if err := d.growStaged(id, v, dev, staging, flags, ""); err != nil {
+		if err := d.restage(id, v, dev, staging, capability); err != nil {
 			return nil, err
 		}
 		staged = true
@@ -731,78 +614,15 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	} else if at := nodeBoundAt(mps, dev); at != "" {
 		return nil, statusf(codes.FailedPrecondition, "volume %s is published for block access at %s; not mounting a filesystem from it", id, at)
 	}
-	fstype := m.GetFsType()
-	if made := v.Labels[labelFSType]; fstype != "" && made != "" && fstype != made {
-		// As ValidateVolumeCapabilities answers: mkfs of the other type
-		// could fail (xfs's minimum size) or, on a blank device, make a
-		// filesystem the volume's other stages and restores do not expect.
-		return nil, statusf(codes.FailedPrecondition, "volume %s was made for %s, not fs_type %s", id, made, fstype)
-	}
-	if fstype == "" {
-		fstype = v.Labels[labelFSType]
-	}
-	if fstype == "xfs" && v.Size < xfsMinSize {
-		// mkfs.xfs would refuse it (Internal); CreateVolume makes volumes
-		// asked for xfs at least this big, so this one was made for another
-		// filesystem.
-		return nil, statusf(codes.FailedPrecondition, "volume %s has %d bytes, too few for xfs (at least %d)", id, v.Size, xfsMinSize)
-	}
-	if fstype == "" {
-		fstype = supportedFSTypes[0]
+	plan, err := d.planMount(id, v, dev, capability, earlier)
+	if err != nil {
+		return nil, err
 	}
 	if err := pathKind(staging, "staging_target_path", true); err != nil {
 		return nil, err
 	}
 	if err := os.MkdirAll(staging, 0o750); err != nil {
 		return nil, toStatus(fmt.Errorf("staging path: %w", err))
-	}
-	// A fresh cow volume reads as zeros, so discarding it at mkfs time only
-	// costs a pass of FALLOCATE requests through FUSE.
-	var formatOpts []string
-	switch fstype {
-	case "ext4":
-		formatOpts = []string{"-E", "nodiscard"}
-	case "xfs":
-		formatOpts = []string{"-K"}
-	}
-	flags := m.GetMountFlags()
-	if fstype == "xfs" && !slices.Contains(flags, "nouuid") {
-		// A restore or clone is a block copy of its source, UUID included,
-		// and is always made on the source's node: XFS refuses to mount a
-		// UUID already mounted, so without nouuid it could not be staged
-		// while its source (or another copy) is. ext4 has no such check.
-		flags = append(slices.Clone(flags), "nouuid")
-	}
-	existing, err := d.opt.Mounter.GetDiskFormat(dev)
-	if err != nil {
-		return nil, statusf(codes.Internal, "probe %s: %v", dev, err)
-	}
-	if existing == "" && wasAttached && !unfinished {
-		// Attached by an earlier stage that finished, with no filesystem
-		// and nothing mounted here: a block stage (two PVs of one volume
-		// in different volume modes). Formatting would destroy what its
-		// pod writes.
-		return nil, statusf(codes.FailedPrecondition, "volume %s is staged already with no filesystem (for block access?): not formatting it for mount access", id)
-	}
-	if m.GetFsType() == "" && v.Labels[labelFSType] == "" && slices.Contains(supportedFSTypes, existing) {
-		// No filesystem asked for, none recorded: mount the one the volume
-		// holds (a restore of an xfs volume's snapshot, say), not the
-		// default.
-		fstype = existing
-	}
-	if existing != "" && existing != fstype && !(fstype == "ext4" && (existing == "ext3" || existing == "ext2")) {
-		// mount would fail (Internal): the CO asks for another filesystem
-		// than the volume holds, which only a reformat could give. (ext4
-		// mounts ext2 and ext3.)
-		return nil, statusf(codes.FailedPrecondition, "volume %s holds %s, not fs_type %s", id, existing, fstype)
-	}
-	if readerOnly(req.GetVolumeCapability()) {
-		// Published read-only only (the spec's SINGLE_NODE_READER_ONLY):
-		// staged read-only, and never formatted (nor grown: "ro" below).
-		if existing == "" {
-			return nil, statusf(codes.FailedPrecondition, "volume %s holds no filesystem, and a reader-only volume is not formatted", id)
-		}
-		flags = append(slices.Clone(flags), "ro")
 	}
 	// Whether the mount answered OK or not, the staging path must hold the
 	// device now, as this process sees it:
@@ -816,25 +636,254 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	//     this process nor kubelet sees it, and a publish would bind the
 	//     empty directory under it, the pod's writes landing on the node's
 	//     disk, not in the volume.
-	merr := d.opt.Mounter.FormatAndMountSensitiveWithFormatOptions(dev, staging, fstype, flags, nil, formatOpts)
+	merr := d.opt.Mounter.FormatAndMountSensitiveWithFormatOptions(dev, staging, plan.fstype, plan.flags, nil, plan.formatOpts)
 	cur, cerr := d.mountedDevice(staging)
 	switch {
 	case cerr == nil && cur == dev && merr != nil:
 		klog.InfoS("The device got mounted at the staging path meanwhile (a killed stage's mount finished): staged", "volumeID", id, "device", dev, "stagingPath", staging, "mountError", merr)
 	case cerr == nil && cur == dev:
 	case merr != nil:
-		return nil, statusf(codes.Internal, "format and mount %s (%s) at %s: %v", dev, fstype, staging, merr)
+		return nil, statusf(codes.Internal, "format and mount %s (%s) at %s: %v", dev, plan.fstype, staging, merr)
 	default:
 		return nil, statusf(codes.Internal, "mounted %s at %s, but this process sees %q mounted there (%v): the fuse-holder's mounts do not reach this mount namespace; give it kubelet's directory with Bidirectional propagation, or run it with --run-tools=false", dev, staging, cur, cerr)
 	}
-	if existing != "" { // else mkfs made it the device's size just now
-		if err := d.growStaged(id, v, dev, staging, flags, existing); err != nil {
+	if plan.existing != "" { // else mkfs made it the device's size just now
+		if err := d.growStaged(id, v, dev, staging, plan.flags, plan.existing); err != nil {
 			return nil, err
 		}
 	}
 	staged = true
-	klog.V(2).InfoS("Staged volume", "volumeID", id, "device", dev, "stagingPath", staging, "fstype", fstype)
+	klog.V(2).InfoS("Staged volume", "volumeID", id, "device", dev, "stagingPath", staging, "fstype", plan.fstype)
 	return &csi.NodeStageVolumeResponse{}, nil
+}
+
+// attachForStage attaches volume id (served by b) for a stage at staging,
+// or finds it attached, and returns its device. owned says that this call
+// answers for the attachment: if the stage then fails, NodeStageVolume
+// detaches it. earlier says that a stage that finished (a pod may use it)
+// attached it before this call.
+//
+// kubelet calls NodeUnstageVolume only for a stage that succeeded (or
+// failed with a code it treats as still in progress): a stage that
+// fails after attaching must detach what it attached, or nothing ever
+// would, and DeleteVolume refuses an attached volume. A volume attached
+// before the call stays attached (a stage that succeeded made it), unless
+// its stage marker says that it was attached by a stage that never
+// finished: one that died (after a restart Recover re-attached it) and
+// that kubelet now retries; if the retry fails with a final code,
+// kubelet forgets the stage and would never unstage it.
+// A held device no one serves (Recover could not take it back) is
+// taken back first, with the backend Recover would have used (a lost
+// volume's fails every request): Attach below would resume it with the
+// store's, and an unmount of it would wait for ever.
+func (d *Driver) attachForStage(ctx context.Context, id, staging string, b Backend) (dev string, owned, earlier bool, err error) {
+	if err := d.takeBack(ctx, id); err != nil {
+		return "", false, false, err
+	}
+	_, wasAttached := d.opt.Frontend.Device(id)
+	marker := d.stageMarker(id)
+	unfinished := !wasAttached
+	if wasAttached {
+		mb, err := os.ReadFile(marker)
+		unfinished = err == nil
+		if unfinished && len(mb) > 0 && string(mb) != staging {
+			// The unfinished stage is another one (the marker names its
+			// staging path; markers of older versions name none): two
+			// PVs of one volume handle, one stage killed midway. This one
+			// must neither take its attachment over (and answer OK for a
+			// device under the other's filesystem) nor detach it: its own
+			// retry comes, within minutes (kubelet's backoff is at most
+			// about two). One older than staleStageMarker is taken for
+			// abandoned (its path changed, say, by a kubelet upgrade): the
+			// attachment is then handled as a finished stage's, so the
+			// guards below (a filesystem mounted, or none for a mount
+			// stage) still apply and a failure detaches nothing.
+			fi, err := os.Stat(marker)
+			if err != nil || time.Since(fi.ModTime()) < staleStageMarker {
+				return "", false, false, statusf(codes.FailedPrecondition, "volume %s has an unfinished stage at %s; not staging it at %s too", id, mb, staging)
+			}
+			klog.InfoS("Ignoring an abandoned unfinished stage", "volumeID", id, "itsStagingPath", string(mb), "age", time.Since(fi.ModTime()).Round(time.Second))
+			unfinished = false
+		}
+		if unfinished && (d.lostWrites(id) || d.opt.Frontend.Dead(id)) {
+			// A stage killed after its mount, whose device fails every
+			// request: the store dropped answered writes of its volume
+			// (LostWritesStore), or its FUSE connection died with the
+			// plugin (Frontend.Dead; Attach cannot start over while the
+			// filesystem holds the device). No pod uses the mount yet (the
+			// stage never succeeded), so start over from the store:
+			// unmount, detach, and attach afresh below (the filesystem
+			// then replays its journal, as after a power loss).
+			if cur, err := d.mountedDevice(staging); err != nil {
+				return "", false, false, toStatus(err)
+			} else if cur != "" {
+				if err := d.unmount(staging, id, false); err != nil {
+					return "", false, false, err
+				}
+			}
+			if err := d.opt.Frontend.Detach(ctx, id); err != nil {
+				return "", false, false, toStatus(fmt.Errorf("detach %s, whose held device lost writes: %w", id, err))
+			}
+			wasAttached = false
+		}
+	}
+	if wasAttached && !unfinished && d.opt.Frontend.Dead(id) {
+		// A finished stage (a pod may use it) whose connection died: its
+		// filesystem fails every request and keeps the device busy, so
+		// nothing can serve it until it is unstaged. Unavailable, not a
+		// final code: kubelet keeps the stage uncertain and so calls
+		// NodeUnstageVolume once the pods using it are gone, and the next
+		// stage attaches afresh.
+		return "", false, false, statusf(codes.Unavailable, "volume %s is staged at %s but its device's FUSE connection was lost (the plugin and its fuse-holder stopped together, or the kernel is older than 6.9): its I/O fails until it is unstaged and staged again; delete the pods that use it", id, staging)
+	}
+	if !wasAttached {
+		// Attached afresh from the store: no device held across a
+		// restart is left to fence, and no other stage shares the
+		// attachment (stageRecord): records left from an earlier one go.
+		if err := d.forgetLostWrites(id); err != nil {
+			return "", false, false, toStatus(fmt.Errorf("volume %s: %w", id, err))
+		}
+		if err := d.dropStageRecords(id); err != nil {
+			return "", false, false, toStatus(fmt.Errorf("stale stage records of %s: %w", id, err))
+		}
+		if err := writeMarker(marker, []byte(staging)); err != nil {
+			return "", false, false, toStatus(fmt.Errorf("stage marker of %s: %w", id, err))
+		}
+	}
+	dev, err = d.opt.Frontend.Attach(ctx, id, b, false)
+	if err != nil {
+		// Attach undoes most of its failures, but not all (one racing the
+		// frontend's Close keeps its device for the next process): the
+		// marker goes only with the device.
+		if _, still := d.opt.Frontend.Device(id); !wasAttached && !still {
+			if err := d.dropStageMarker(id); err != nil {
+				klog.ErrorS(err, "Removing stage marker", "volumeID", id)
+			}
+		}
+		return "", false, false, toStatus(fmt.Errorf("attach %s: %w", id, err))
+	}
+	return dev, unfinished, wasAttached && !unfinished, nil
+}
+
+// restage answers a stage of volume v at staging, where its device dev is
+// mounted already.
+func (d *Driver) restage(id string, v VolumeInfo, dev, staging string, c *csi.VolumeCapability) error {
+	m := c.GetMount()
+	// Staged already: the same call again is OK, an incompatible one
+	// (another filesystem type; reader-only asked of a writable mount) is
+	// AlreadyExists, as the spec asks. (A writable stage of a read-only
+	// mount is let through: ext4 remounts itself read-only after an I/O
+	// error, and health reports that.)
+	top, err := d.topMount(staging)
+	if err != nil {
+		return toStatus(err)
+	}
+	if want := m.GetFsType(); want != "" && top.Type != "" && top.Type != want {
+		return statusf(codes.AlreadyExists, "volume %s is staged at %s with filesystem %s, not %s", id, staging, top.Type, want)
+	}
+	if readerOnly(c) && !slices.Contains(top.Opts, "ro") {
+		return statusf(codes.AlreadyExists, "volume %s is staged writable at %s; a reader-only stage is not", id, staging)
+	}
+	// A retry, or kubelet's re-stage after a restart whose Recover could
+	// not take the device back and so left a killed snapshot's freeze in
+	// place: served now, so thaw it.
+	if err := d.thawLeftover(id); err != nil {
+		return toStatus(err)
+	}
+	// And grow it: a kill between the mount and the grow left it at its
+	// source's size, and nothing else would grow it.
+	flags := m.GetMountFlags()
+	if readerOnly(c) {
+		flags = append(slices.Clone(flags), "ro")
+	}
+	return d.growStaged(id, v, dev, staging, flags, "")
+}
+
+// mountPlan is how a stage mounts a volume's device (see planMount).
+type mountPlan struct {
+	fstype     string   // the filesystem mounted (and made, on a blank device)
+	existing   string   // the one the device holds already, "" if blank
+	flags      []string // mount options
+	formatOpts []string // mkfs options, for a blank device
+}
+
+// planMount decides how volume v, attached as dev, is mounted for the
+// capability c: which filesystem, made on a blank device or found on it,
+// with which mount options. A stage that would fail in mkfs or mount, or
+// damage what the device holds, is refused here with FailedPrecondition.
+// earlier is attachForStage's: a stage that finished attached the device.
+func (d *Driver) planMount(id string, v VolumeInfo, dev string, c *csi.VolumeCapability, earlier bool) (mountPlan, error) {
+	m := c.GetMount()
+	fstype := m.GetFsType()
+	if made := v.Labels[labelFSType]; fstype != "" && made != "" && fstype != made {
+		// As ValidateVolumeCapabilities answers: mkfs of the other type
+		// could fail (xfs's minimum size) or, on a blank device, make a
+		// filesystem the volume's other stages and restores do not expect.
+		return mountPlan{}, statusf(codes.FailedPrecondition, "volume %s was made for %s, not fs_type %s", id, made, fstype)
+	}
+	if fstype == "" {
+		fstype = v.Labels[labelFSType]
+	}
+	if fstype == "xfs" && v.Size < xfsMinSize {
+		// mkfs.xfs would refuse it (Internal); CreateVolume makes volumes
+		// asked for xfs at least this big, so this one was made for another
+		// filesystem.
+		return mountPlan{}, statusf(codes.FailedPrecondition, "volume %s has %d bytes, too few for xfs (at least %d)", id, v.Size, xfsMinSize)
+	}
+	if fstype == "" {
+		fstype = supportedFSTypes[0]
+	}
+	existing, err := d.opt.Mounter.GetDiskFormat(dev)
+	if err != nil {
+		return mountPlan{}, statusf(codes.Internal, "probe %s: %v", dev, err)
+	}
+	if existing == "" && earlier {
+		// Attached by an earlier stage that finished, with no filesystem
+		// and nothing mounted here: a block stage (two PVs of one volume
+		// in different volume modes). Formatting would destroy what its
+		// pod writes.
+		return mountPlan{}, statusf(codes.FailedPrecondition, "volume %s is staged already with no filesystem (for block access?): not formatting it for mount access", id)
+	}
+	if m.GetFsType() == "" && v.Labels[labelFSType] == "" && slices.Contains(supportedFSTypes, existing) {
+		// No filesystem asked for, none recorded: mount the one the volume
+		// holds (a restore of an xfs volume's snapshot, say), not the
+		// default.
+		fstype = existing
+	}
+	if existing != "" && existing != fstype && !(fstype == "ext4" && (existing == "ext3" || existing == "ext2")) {
+		// mount would fail (Internal): the CO asks for another filesystem
+		// than the volume holds, which only a reformat could give. (ext4
+		// mounts ext2 and ext3.)
+		return mountPlan{}, statusf(codes.FailedPrecondition, "volume %s holds %s, not fs_type %s", id, existing, fstype)
+	}
+	// The options follow the filesystem chosen, which the probe above may
+	// have changed.
+	flags := m.GetMountFlags()
+	if fstype == "xfs" && !slices.Contains(flags, "nouuid") {
+		// A restore or clone is a block copy of its source, UUID included,
+		// and is always made on the source's node: XFS refuses to mount a
+		// UUID already mounted, so without nouuid it could not be staged
+		// while its source (or another copy) is. ext4 has no such check.
+		flags = append(slices.Clone(flags), "nouuid")
+	}
+	if readerOnly(c) {
+		// Published read-only only (the spec's SINGLE_NODE_READER_ONLY):
+		// staged read-only, and never formatted (nor grown: "ro").
+		if existing == "" {
+			return mountPlan{}, statusf(codes.FailedPrecondition, "volume %s holds no filesystem, and a reader-only volume is not formatted", id)
+		}
+		flags = append(slices.Clone(flags), "ro")
+	}
+	// A fresh cow volume reads as zeros, so discarding it at mkfs time only
+	// costs a pass of FALLOCATE requests through FUSE.
+	var formatOpts []string
+	switch fstype {
+	case "ext4":
+		formatOpts = []string{"-E", "nodiscard"}
+	case "xfs":
+		formatOpts = []string{"-K"}
+	}
+	return mountPlan{fstype: fstype, existing: existing, flags: flags, formatOpts: formatOpts}, nil
 }
 
 // growStaged grows the filesystem mounted at staging (from dev) to its

@@ -300,7 +300,42 @@ func TestNodeCallsAtWrongPaths(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	for _, id := range []string{v1, v2, v3, v4, v5, vb} {
+	// And a restore of it, both staged with no filesystem asked for: the
+	// restore's xfs has the source's UUID, so the second mount succeeds
+	// only with nouuid, which the stage must add for the filesystem it
+	// finds (it once added it only for the one asked for; XFS registers
+	// the UUID of a mount made without nouuid).
+	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v5, StagingTargetPath: s5, VolumeCapability: noFS}); err != nil {
+		t.Fatal(err)
+	}
+	snap, err := ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "holds-xfs-snap", SourceVolumeId: v5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rr, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "holds-xfs-restored", CapacityRange: &csi.CapacityRange{RequiredBytes: 320 << 20},
+		VolumeCapabilities: []*csi.VolumeCapability{noFS}, VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
+			Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap.Snapshot.SnapshotId}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v6, s6 := rr.Volume.VolumeId, filepath.Join(dir, "s6")
+	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v6, StagingTargetPath: s6, VolumeCapability: noFS}); err != nil {
+		t.Errorf("stage of an xfs restore with no fs_type while its source is mounted: %v", err)
+	} else {
+		var st unix.Statfs_t
+		if err := unix.Statfs(s6, &st); err != nil || st.Type != unix.XFS_SUPER_MAGIC {
+			t.Errorf("the restore staged with filesystem type %#x (%v), want xfs", st.Type, err)
+		}
+	}
+	for _, v := range []struct{ id, staging string }{{v6, s6}, {v5, s5}} {
+		if _, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := ctrl.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: snap.Snapshot.SnapshotId}); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{v1, v2, v3, v4, v5, v6, vb} {
 		if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
 			t.Fatal(err)
 		}
