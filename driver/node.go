@@ -660,8 +660,9 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 // attachForStage attaches volume id (served by b) for a stage at staging,
 // or finds it attached, and returns its device. owned says that this call
 // answers for the attachment: if the stage then fails, NodeStageVolume
-// detaches it. earlier says that a stage that finished (a pod may use it)
-// attached it before this call.
+// detaches it. earlier says that the device was attached before this call
+// by a stage taken as finished (a pod may use it): one that succeeded, or
+// another path's unfinished stage old enough to count as abandoned.
 //
 // kubelet calls NodeUnstageVolume only for a stage that succeeded (or
 // failed with a code it treats as still in progress): a stage that
@@ -810,8 +811,10 @@ type mountPlan struct {
 // planMount decides how volume v, attached as dev, is mounted for the
 // capability c: which filesystem, made on a blank device or found on it,
 // with which mount options. A stage that would fail in mkfs or mount, or
-// damage what the device holds, is refused here with FailedPrecondition.
-// earlier is attachForStage's: a stage that finished attached the device.
+// damage what the device holds, is refused here with FailedPrecondition (a
+// probe of the device that fails is Internal). earlier is attachForStage's.
+// (Only the mount options depend on the probe: mkfs options matter only for
+// a blank device, whose filesystem is the one asked for or recorded.)
 func (d *Driver) planMount(id string, v VolumeInfo, dev string, c *csi.VolumeCapability, earlier bool) (mountPlan, error) {
 	m := c.GetMount()
 	fstype := m.GetFsType()
