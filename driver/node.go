@@ -1579,42 +1579,8 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		held = false
 	}
 	if held {
-		// Published already: the same call again is OK, the other mode at
-		// the same target is not (the spec's "incompatible" case). A block
-		// publish's mode is its device (held above); a mount's, its flag.
-		// The access type too: a block publish binds the device node onto
-		// a file, a mount publish the filesystem onto a directory, and
-		// both are listed with the volume's device as their source.
-		if fi, err := os.Stat(target); err != nil {
-			return nil, statusf(codes.Internal, "target %s: %v", target, err)
-		} else if fi.IsDir() == block {
-			have := "mount"
-			if !fi.IsDir() {
-				have = "block"
-			}
-			return nil, statusf(codes.AlreadyExists, "volume %s is published at %s for %s access", id, target, have)
-		}
-		if !block {
-			top, err := d.topMount(target)
-			if err != nil {
-				return nil, toStatus(err)
-			}
-			// The target reads "ro" also when the filesystem is: a
-			// read-only staging mount, or an "ro" mount flag.
-			st, err := d.topMount(staging)
-			if err != nil {
-				return nil, toStatus(err)
-			}
-			want := ro || hasROFlag(req.GetVolumeCapability().GetMount().GetMountFlags()) || slices.Contains(st.Opts, "ro")
-			if isRO := hasROFlag(top.Opts); isRO != want {
-				return nil, statusf(codes.AlreadyExists, "volume %s is published at %s with readonly=%v", id, target, isRO)
-			}
-		}
-		if rec, ok := d.readPublishRecord(target); ok {
-			if now := newPublishRecord(id, req); !rec.same(now) {
-				return nil, statusf(codes.AlreadyExists, "volume %s is published at %s with access mode %s and mount flags %q, not %s and %q",
-					id, target, rec.Mode, rec.MountFlags, now.Mode, now.MountFlags)
-			}
+		if err := d.republished(id, target, staging, block, ro, req); err != nil {
+			return nil, err
 		}
 		return &csi.NodePublishVolumeResponse{}, nil
 	}
@@ -1709,6 +1675,49 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	}
 	klog.V(2).InfoS("Published volume", "volumeID", id, "targetPath", target, "readonly", ro, "block", block)
 	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+// republished answers a publish at target, which holds the volume already
+// (NodePublishVolume's held): nil (OK) for the same call again,
+// AlreadyExists for an incompatible one (the spec's case): the other
+// readonly mode (a block publish's mode is its device, checked by the
+// caller; a mount's, its flag), the other access type (a block publish
+// binds the device node onto a file, a mount publish the filesystem onto a
+// directory, and both are listed with the volume's device as their source),
+// or another access mode or mount flags than its publish record's.
+func (d *Driver) republished(id, target, staging string, block, ro bool, req *csi.NodePublishVolumeRequest) error {
+	if fi, err := os.Stat(target); err != nil {
+		return statusf(codes.Internal, "target %s: %v", target, err)
+	} else if fi.IsDir() == block {
+		have := "mount"
+		if !fi.IsDir() {
+			have = "block"
+		}
+		return statusf(codes.AlreadyExists, "volume %s is published at %s for %s access", id, target, have)
+	}
+	if !block {
+		top, err := d.topMount(target)
+		if err != nil {
+			return toStatus(err)
+		}
+		// The target reads "ro" also when the filesystem is: a
+		// read-only staging mount, or an "ro" mount flag.
+		st, err := d.topMount(staging)
+		if err != nil {
+			return toStatus(err)
+		}
+		want := ro || hasROFlag(req.GetVolumeCapability().GetMount().GetMountFlags()) || slices.Contains(st.Opts, "ro")
+		if isRO := hasROFlag(top.Opts); isRO != want {
+			return statusf(codes.AlreadyExists, "volume %s is published at %s with readonly=%v", id, target, isRO)
+		}
+	}
+	if rec, ok := d.readPublishRecord(target); ok {
+		if now := newPublishRecord(id, req); !rec.same(now) {
+			return statusf(codes.AlreadyExists, "volume %s is published at %s with access mode %s and mount flags %q, not %s and %q",
+				id, target, rec.Mode, rec.MountFlags, now.Mode, now.MountFlags)
+		}
+	}
+	return nil
 }
 
 // targetKey is the lock key of a publish target (beside the volume ids in
