@@ -30,7 +30,8 @@ import (
 // data directory bound at another path, a symlink to a staging path, a
 // publish target of a volume staged at two paths. At the end the volume is
 // unpublished and unstaged the right way and its bytes are intact, and a
-// stage asked for no filesystem mounts the one a volume holds.
+// stage asked for no filesystem mounts the one a volume holds (also an xfs
+// restore whose source is mounted the same way: it needs nouuid).
 func TestNodeCallsAtWrongPaths(t *testing.T) {
 	dir, cc := runPlugin(t)
 	ctx := context.Background()
