@@ -189,7 +189,7 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 		if fi, err := os.Stat(p); err == nil && fi.IsDir() && p == req.GetStagingTargetPath() && !hasMount(mps, p) && !fsMounted(mps, dev) {
 			continue
 		}
-		if held, err := d.holdsVolume(p, id, dev); err != nil {
+		if held, err := d.holdsVolume(p, id); err != nil {
 			return nil, toStatus(err)
 		} else if !held {
 			add(csi.VolumeHealthErrorType_INACCESSIBLE, "NotMounted", fmt.Sprintf("%s does not hold the volume", p))

@@ -189,18 +189,39 @@ func readerOnly(c *csi.VolumeCapability) bool {
 	return c.GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY
 }
 
-// holdsVolume is holdsDevice for the volume id whose main device is dev:
-// a read-only raw block publish holds the volume's read-only device
-// instead (NodePublishVolume).
-func (d *Driver) holdsVolume(path, id, dev string) (bool, error) {
-	held, err := d.holdsDevice(path, dev)
-	if held || err != nil {
-		return held, err
+// volumeDevices returns the devices of volume id on this node: its main
+// device and its read-only one (a read-only raw block publish binds it,
+// NodePublishVolume), each if there is one.
+func (d *Driver) volumeDevices(id string) []string {
+	var devs []string
+	if dev, ok := d.opt.Frontend.Device(id); ok {
+		devs = append(devs, dev)
 	}
 	if ro, ok := d.opt.Frontend.FindReadOnlyDevice(id); ok {
-		return d.holdsDevice(path, ro)
+		devs = append(devs, ro)
 	}
-	return false, nil
+	return devs
+}
+
+// holdsVolume reports whether path holds volume id: holdsDevice for any of
+// its devices (volumeDevices), from one read of the mount table.
+func (d *Driver) holdsVolume(path, id string) (bool, error) {
+	top, err := d.topMount(path)
+	if err != nil || top.Device == "" {
+		return false, err
+	}
+	return d.isVolume(path, id, top), nil
+}
+
+// isVolume reports whether top, the mount on top at path, is of one of
+// volume id's devices (compared as mountIsDevice does).
+func (d *Driver) isVolume(path, id string, top mount.MountPoint) bool {
+	for _, dev := range d.volumeDevices(id) {
+		if mountIsDevice(path, top.Device, dev) {
+			return true
+		}
+	}
+	return false
 }
 
 // publishedAt returns a path other than staging that holds volume id: a
@@ -209,13 +230,7 @@ func (d *Driver) holdsVolume(path, id, dev string) (bool, error) {
 // system are stat'ed, so no stat goes to an unrelated (perhaps hung
 // network) mount.
 func (d *Driver) publishedAt(id, staging string) (string, error) {
-	devs := []string{}
-	if dev, ok := d.opt.Frontend.Device(id); ok {
-		devs = append(devs, dev)
-	}
-	if ro, ok := d.opt.Frontend.FindReadOnlyDevice(id); ok {
-		devs = append(devs, ro)
-	}
+	devs := d.volumeDevices(id)
 	if len(devs) == 0 {
 		return "", nil
 	}
@@ -1363,7 +1378,7 @@ func (d *Driver) unmount(path, id string, remove bool) error {
 }
 
 // mayUnmount checks that top, the mount on top at path, may be undone for
-// volume id: it holds one of the volume's devices (holdsVolume: main or
+// volume id: it is of one of the volume's devices (isVolume: main or
 // read-only, by device number). Anything else is the caller's mistake,
 // answered FailedPrecondition with nothing unmounted: another volume's
 // device, a loop device that is no volume's (a snap's, say), a filesystem
@@ -1371,10 +1386,7 @@ func (d *Driver) unmount(path, id string, remove bool) error {
 // or of any volume at a path that is not a volume's, used to unmount
 // whatever was there.
 func (d *Driver) mayUnmount(path, id string, top mount.MountPoint) error {
-	dev, _ := d.opt.Frontend.Device(id) // "": only a read-only device can match
-	if held, err := d.holdsVolume(path, id, dev); err != nil {
-		return toStatus(err)
-	} else if held {
+	if d.isVolume(path, id, top) {
 		return nil
 	}
 	return statusf(codes.FailedPrecondition, "%s holds %s (%s), which is not volume %s's device: not unmounted", path, top.Device, top.Type, id)
@@ -1811,11 +1823,11 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	if err := d.checkNodeVolume(id); err != nil {
 		return nil, err
 	}
-	dev, ok := d.opt.Frontend.Device(id)
+	_, ok := d.opt.Frontend.Device(id)
 	if !ok {
 		return nil, statusf(codes.NotFound, "volume %s is not staged on this node", id)
 	}
-	held, err := d.holdsVolume(path, id, dev)
+	held, err := d.holdsVolume(path, id)
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -1915,7 +1927,7 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 			return nil, statusf(codes.NotFound, "volume path %s: %v", path, err)
 		}
 		if fsPath = fi.IsDir(); fsPath {
-			if held, err := d.holdsVolume(path, id, dev); err != nil {
+			if held, err := d.holdsVolume(path, id); err != nil {
 				return nil, toStatus(err)
 			} else if !held {
 				return nil, statusf(codes.NotFound, "volume %s is not mounted at %s", id, path)
