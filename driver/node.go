@@ -111,17 +111,18 @@ func (d *Driver) topMount(path string) (mount.MountPoint, error) {
 	if err != nil {
 		return mount.MountPoint{}, fmt.Errorf("list mounts: %w", err)
 	}
-	abs, err := filepath.Abs(path)
+	return topIn(mps, path)
+}
+
+// topIn returns the mount on top at path in the mount table mps (zero if
+// none).
+func topIn(mps []mount.MountPoint, path string) (mount.MountPoint, error) {
+	// Not seeing a mount under its resolved path would stack a second
+	// mount on a stage retry, refuse a publish, and leave the mount on
+	// unstage.
+	abs, real, err := tablePaths(path)
 	if err != nil {
 		return mount.MountPoint{}, err
-	}
-	// The mount table lists resolved paths (as in publishedAt): a staging
-	// or target path under a symlinked kubelet directory is listed under
-	// its resolved path. Not seeing it would stack a second mount on a
-	// stage retry, refuse a publish, and leave the mount on unstage.
-	real, err := filepath.EvalSymlinks(abs)
-	if err != nil {
-		real = abs
 	}
 	var top mount.MountPoint
 	for _, mp := range mps {
@@ -238,15 +239,9 @@ func (d *Driver) publishedAt(id, staging string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("list mounts: %w", err)
 	}
-	abs, err := filepath.Abs(staging)
+	abs, real, err := tablePaths(staging)
 	if err != nil {
 		return "", err
-	}
-	// The mount table lists resolved paths: a staging path under a
-	// symlinked kubelet directory is the staging mount too.
-	real, err := filepath.EvalSymlinks(abs)
-	if err != nil {
-		real = abs
 	}
 	// A bind of a device node: see nodeRdev.
 	rdevs := map[uint64]bool{}
@@ -283,17 +278,13 @@ func (d *Driver) writableAt(dev string, skipPaths ...string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("list mounts: %w", err)
 	}
-	// The mount table lists resolved paths (see topMount).
 	skip := map[string]bool{}
 	for _, p := range skipPaths {
-		abs, err := filepath.Abs(p)
+		abs, real, err := tablePaths(p)
 		if err != nil {
 			return "", err
 		}
-		skip[abs] = true
-		if real, err := filepath.EvalSymlinks(abs); err == nil {
-			skip[real] = true
-		}
+		skip[abs], skip[real] = true, true
 	}
 	want, haveRdev := nodeRdev(dev)
 	for _, mp := range mps {
@@ -607,26 +598,30 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		klog.V(2).InfoS("Staged block volume", "volumeID", id, "device", dev)
 		return &csi.NodeStageVolumeResponse{}, nil
 	}
-	cur, err := d.mountedDevice(staging)
+	// One read of the mount table for what is at the staging path and
+	// where else the device is.
+	mps, err := d.listMounts()
+	if err != nil {
+		return nil, toStatus(fmt.Errorf("list mounts: %w", err))
+	}
+	top, err := topIn(mps, staging)
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	if cur == dev {
+	if top.Device == dev {
 		if err := d.restage(id, v, dev, staging, capability); err != nil {
 			return nil, err
 		}
 		staged = true
 		return &csi.NodeStageVolumeResponse{}, nil
 	}
-	if cur != "" {
-		return nil, statusf(codes.AlreadyExists, "staging path %s already holds %s, not volume %s", staging, cur, id)
+	if top.Device != "" {
+		return nil, statusf(codes.AlreadyExists, "staging path %s already holds %s, not volume %s", staging, top.Device, id)
 	}
 	// The device published writable for block access (a second PV of the
 	// same volume handle, in block mode): a filesystem mounted under a pod
 	// that writes the raw device would be corrupted.
-	if mps, err := d.listMounts(); err != nil {
-		return nil, toStatus(fmt.Errorf("list mounts: %w", err))
-	} else if at := nodeBoundAt(mps, dev); at != "" {
+	if at := nodeBoundAt(mps, dev); at != "" {
 		return nil, statusf(codes.FailedPrecondition, "volume %s is published for block access at %s; not mounting a filesystem from it", id, at)
 	}
 	plan, err := d.planMount(id, v, dev, capability, earlier)
@@ -1095,17 +1090,29 @@ func retriable(err error) error {
 	return statusf(codes.Unavailable, "%v (the stage is done; its retry finishes it)", err)
 }
 
-// resolvedPath is p made absolute with its symlinks resolved, as the
-// mount table lists it (or only absolute, where it cannot be resolved).
+// tablePaths returns the two spellings under which the mount table may
+// list path p: absolute, and absolute with its symlinks resolved, which is
+// how the kernel lists a mount (a staging or target path under a symlinked
+// kubelet directory is listed under its resolved path). real is abs where
+// p cannot be resolved (it does not exist yet, or no longer).
+func tablePaths(p string) (abs, real string, err error) {
+	if abs, err = filepath.Abs(p); err != nil {
+		return "", "", err
+	}
+	if real, err = filepath.EvalSymlinks(abs); err != nil {
+		real = abs
+	}
+	return abs, real, nil
+}
+
+// resolvedPath is p as the mount table lists it (tablePaths' real), or p
+// where it cannot be made absolute.
 func resolvedPath(p string) string {
-	abs, err := filepath.Abs(p)
+	_, real, err := tablePaths(p)
 	if err != nil {
 		return p
 	}
-	if real, err := filepath.EvalSymlinks(abs); err == nil {
-		return real
-	}
-	return abs
+	return real
 }
 
 // stageRecords is the directory of volume id's stage records.
@@ -1708,13 +1715,17 @@ func (d *Driver) republished(id, target, staging string, block, ro bool, req *cs
 		return statusf(codes.AlreadyExists, "volume %s is published at %s for %s access", id, target, have)
 	}
 	if !block {
-		top, err := d.topMount(target)
+		mps, err := d.listMounts()
+		if err != nil {
+			return toStatus(fmt.Errorf("list mounts: %w", err))
+		}
+		top, err := topIn(mps, target)
 		if err != nil {
 			return toStatus(err)
 		}
 		// The target reads "ro" also when the filesystem is: a
 		// read-only staging mount, or an "ro" mount flag.
-		st, err := d.topMount(staging)
+		st, err := topIn(mps, staging)
 		if err != nil {
 			return toStatus(err)
 		}
