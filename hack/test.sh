@@ -29,6 +29,8 @@ echo "== go test -race (the driver's concurrent controller calls on the real eng
 go test -race -count=1 -timeout 10m -run '^TestConcurrentControllerCalls$' -json ./driver/ | "$summary"
 echo "== go test (everything)"
 go test -count=1 -timeout 45m -json ./... | "$summary"
+echo "== go test without cgo, as the image's binary is built (PR_SET_IO_FLUSHER on every thread needs it)"
+CGO_ENABLED=0 go test -count=1 -timeout 5m -run '^(TestBecomeIOFlusher|TestStatFlags)$' -json ./driver/kernel/ | "$summary"
 echo "== go test ./cow/ again on XFS made with reflink=1 (copy-outs become block clones)"
 # The engine clones a chunk into the COW file (FICLONERANGE) where the file
 # system shares blocks, and writes it elsewhere; the run above took the

@@ -28,6 +28,15 @@ func openRealEngines(cfg Config) (*engines, error) {
 		cs.SetMinFree(cfg.MinFree)
 		st = cs
 	}
+	// This process serves the volumes' block devices: reclaim and dirty
+	// page throttling in it must not wait on them (kernel.BecomeIOFlusher).
+	// Without it the volumes still work; the hazard is a stall under
+	// memory pressure, so it is logged, not fatal.
+	if err := kernel.BecomeIOFlusher(); err != nil {
+		klog.ErrorS(err, "Not an I/O flusher: under memory pressure, reclaim or dirty-page throttling in this process could wait on the volumes it serves")
+	} else {
+		klog.InfoS("Every thread is an I/O flusher (PR_SET_IO_FLUSHER)")
+	}
 	fe, err := driver.NewKernelFrontend(kernel.Config{RunDir: cfg.RunDir, ExternalHolder: cfg.ExternalHolder})
 	if err != nil {
 		st.Close()

@@ -241,8 +241,11 @@
 //     epoll_ctl sends FUSE_POLL to this very process from inside the
 //     runtime while holding a P; with the other Ps busy no reader runs and
 //     the process deadlocks. This package opens it with unix.Open only.
-//   - PR_SET_IO_FLUSHER is not set (needs CAP_SYS_RESOURCE): under heavy
-//     memory pressure reclaim could wait on our own server.
+//   - The serving process must be an I/O flusher (BecomeIOFlusher, which
+//     cmd/csi-snap calls at start), as the kernel's loop worker is: that
+//     takes CAP_SYS_RESOURCE and a binary without cgo. Without it (logged
+//     at start), reclaim or dirty-page throttling in the server could wait
+//     on the devices it serves, under heavy memory pressure.
 //   - The mount lives in the server's mount namespace; RunDir must be the
 //     same path (a hostPath) across restarts.
 //   - Little-endian hosts only (the protocol is native-endian).
