@@ -573,6 +573,15 @@ func (d *Driver) ListVolumes(ctx context.Context, req *csi.ListVolumesRequest) (
 // topology we cannot serve. Volumes are thin: this is not a reservation.
 func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (*csi.GetCapacityResponse, error) {
 	for _, c := range req.GetVolumeCapabilities() {
+		if c.GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_UNKNOWN && c.GetAccessMode() != nil {
+			// external-provisioner before v5.0.0 asks every poll with
+			// access mode UNKNOWN, its placeholder for "any" (the spec
+			// wants some capability): only the access type constrains.
+			// Answering 0 would leave every CSIStorageCapacity empty
+			// and no WaitForFirstConsumer claim schedulable.
+			c = &csi.VolumeCapability{AccessType: c.GetAccessType(),
+				AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER}}
+		}
 		if checkCapability(c) != nil {
 			return &csi.GetCapacityResponse{}, nil
 		}

@@ -335,6 +335,33 @@ func TestGetCapacityAndInfo(t *testing.T) {
 	if err != nil || r.AvailableCapacity != 0 {
 		t.Fatalf("capacity on another node %v, %v", r, err)
 	}
+	// external-provisioner before v5.0.0 polls with an empty mount access
+	// type and access mode UNKNOWN, meaning any: capacity, not 0. A mode
+	// this driver cannot serve, or a filesystem it does not make, is 0.
+	capWith := func(fs string, mode csi.VolumeCapability_AccessMode_Mode) *csi.GetCapacityRequest {
+		at := &csi.VolumeCapability_Mount{}
+		if fs != "" {
+			at.Mount = &csi.VolumeCapability_MountVolume{FsType: fs}
+		}
+		return &csi.GetCapacityRequest{VolumeCapabilities: []*csi.VolumeCapability{{AccessType: at,
+			AccessMode: &csi.VolumeCapability_AccessMode{Mode: mode}}}}
+	}
+	for _, c := range []struct {
+		fs   string
+		mode csi.VolumeCapability_AccessMode_Mode
+		some bool
+	}{
+		{"", csi.VolumeCapability_AccessMode_UNKNOWN, true},
+		{"xfs", csi.VolumeCapability_AccessMode_UNKNOWN, true},
+		{"btrfs", csi.VolumeCapability_AccessMode_UNKNOWN, false},
+		{"", csi.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER, false},
+		{"", csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER, true},
+	} {
+		r, err := e.d.GetCapacity(ctx, capWith(c.fs, c.mode))
+		if err != nil || (r.AvailableCapacity > 0) != c.some {
+			t.Errorf("capacity for fs %q, mode %v: %v, %v; want some: %v", c.fs, c.mode, r.GetAvailableCapacity(), err, c.some)
+		}
+	}
 	info, err := e.d.NodeGetInfo(ctx, &csi.NodeGetInfoRequest{})
 	if err != nil || info.NodeId != node || info.AccessibleTopology.Segments[driver.TopologyKey] != node {
 		t.Fatalf("node info %v, %v", info, err)
