@@ -540,3 +540,44 @@ func TestLoopRegisteredBeforeConfigure(t *testing.T) {
 	}
 	assertNothingLeft(t, fe.cfg.RunDir)
 }
+
+// TestAttachHolderGoneAfterBind: when the holder dies during the configure
+// of a fresh attach, the device may already be bound to the volume's file.
+// The failed attach must not leave it bound: once the FUSE mount is gone
+// (lazily, the device keeping it busy) and the connection closed, the
+// device's backing file reads "/" and no later Attach or Detach can tell it
+// is ours, so it would stay bound until a reboot.
+func TestAttachHolderGoneAfterBind(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	fe, _ := newFrontend(t)
+	before := loopBackingFiles()
+	var bound string
+	configureHook = func(dev string, err error) error {
+		if err != nil {
+			return err
+		}
+		bound = dev
+		return errors.Join(errHolderGone, errors.New("configure of "+dev))
+	}
+	defer func() { configureHook = nil }()
+	b := newFileBackend(t, t.TempDir(), 8<<20)
+	if dev, err := fe.Attach(ctx, "vol-gone", b, false); err == nil {
+		t.Fatalf("Attach answered %s with the holder gone during the configure", dev)
+	}
+	if bound == "" {
+		t.Fatal("no configure bound a device")
+	}
+	configureHook = nil
+	after := loopBackingFiles()
+	if bf, ok := after[bound]; ok && before[bound] != bf {
+		t.Fatalf("%s is still bound (backing file %q) after the failed attach", bound, bf)
+	}
+	// The volume attaches afterwards, and detaches leaving nothing.
+	if _, err := fe.Attach(ctx, "vol-gone", b, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := fe.Detach(ctx, "vol-gone"); err != nil {
+		t.Fatal(err)
+	}
+}

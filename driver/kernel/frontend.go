@@ -963,6 +963,14 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 					err = errors.Join(err, derr)
 				}
 			}
+			// A configure that failed with the holder gone may have
+			// bound a device (attachLoop): detach it while the mount
+			// still tells it is ours. Once the mount is gone and the
+			// connection closed, its backing file reads "/" and nothing
+			// finds it again until a reboot.
+			if derr := detachLoops(context.WithoutCancel(ctx), mp); derr != nil {
+				err = errors.Join(err, derr)
+			}
 			unmountFuse(mp)
 			srv.stop()
 			unix.Close(fd)

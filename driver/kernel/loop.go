@@ -107,6 +107,9 @@ func attachLoop(ctx context.Context, sock, backing string, readOnly bool) (strin
 		// backs onto our mount.
 		registerLoop(backing, dev, true)
 		err = configureLoop(sock, int(lf.Fd()), pfd, params)
+		if configureHook != nil {
+			err = configureHook(dev, err)
+		}
 		if errors.Is(err, errHolderGone) {
 			// It may have bound the device: keep it registered, so that
 			// a Detach or the next Attach finds it.
@@ -208,6 +211,11 @@ func configureLoop(sock string, lf, pfd int, p loopParams) error {
 // attachHook, if set (tests), is called right after a device is configured
 // on backing, before attachLoop returns.
 var attachHook func(backing, dev string)
+
+// configureHook, if set (tests), replaces the answer of the configure of
+// dev (err): a test makes a configure that bound the device answer as if
+// the holder had died during it.
+var configureHook func(dev string, err error) error
 
 // openLoopNode opens /dev/loopN, waiting briefly for devtmpfs when
 // LOOP_CTL_GET_FREE just created the device.
