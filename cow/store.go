@@ -1108,8 +1108,30 @@ func checkLabels(m map[string]string) error {
 		if len(k) > 0xffff || len(v) > 0xffff {
 			return fmt.Errorf("%w: label too long", ErrBadArgument)
 		}
+		for _, t := range []string{k, v} {
+			if i := controlByte(t); i >= 0 {
+				// Labels are the only bytes of a record a caller chooses
+				// freely (a CSI name): with control bytes one could hold
+				// a whole record, and Open's search for a batch after a
+				// torn record (FORMAT.md, Open step 3) would take it for
+				// damage in the middle of the log. Every record starts
+				// with a length whose high bytes are zero.
+				return fmt.Errorf("%w: label %q holds control byte %#02x: labels are text", ErrBadArgument, t, t[i])
+			}
+		}
 	}
 	return nil
+}
+
+// controlByte returns the index of the first ASCII control byte of s
+// (below 0x20, or 0x7f), or -1.
+func controlByte(s string) int {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c == 0x7f {
+			return i
+		}
+	}
+	return -1
 }
 
 func checkSize(size int64) error { return checkSizeFrom(size, 0) }

@@ -178,6 +178,14 @@ func TestBadInput(t *testing.T) {
 			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: strings.Repeat("n", 1<<20), VolumeCapabilities: caps})
 			return err
 		}, codes.InvalidArgument},
+		{"CreateVolume with a control character in the name", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-\x08\x00\x00\x00", VolumeCapabilities: caps})
+			return err
+		}, codes.InvalidArgument},
+		{"CreateSnapshot with a control character in the name", func() error {
+			_, err := e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap\n1", SourceVolumeId: vol.VolumeId})
+			return err
+		}, codes.InvalidArgument},
 		{"CreateVolume without capabilities", func() error {
 			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "a"})
 			return err

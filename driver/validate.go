@@ -30,6 +30,10 @@ func checkName(name string) error {
 	if len(name) > maxStringBytes {
 		return statusf(codes.InvalidArgument, "name is %d bytes, the limit is %d", len(name), maxStringBytes)
 	}
+	// The store keeps names in labels, which are text (cow's FORMAT.md).
+	if i := strings.IndexFunc(name, func(r rune) bool { return r < 0x20 || r == 0x7f }); i >= 0 {
+		return statusf(codes.InvalidArgument, "name %q holds control character %#02x", name, name[i])
+	}
 	return nil
 }
 
