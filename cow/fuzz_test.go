@@ -238,9 +238,11 @@ func (f *fuzzRecs) record() *record {
 	case recSnapshot:
 		r.Parent = uint32(x % 6)
 		r.Size = int64(f.u8()%8) * 8192
-		r.ID = fmt.Sprint("s", x%4)
+		// Internal snapshots (flag 4) are named for their clone, "~v0";
+		// group members carry flag 8.
+		r.ID = []string{"s0", "s1", "s2", "~v0", "~v1"}[x%5]
 		r.Limit = int64(f.u8()%3) * 4096
-		r.Flags = f.u8() % 4
+		r.Flags = f.u8() % 16
 	case recResize:
 		r.Size = int64(x%10) * 8192
 	case recExc:
@@ -255,6 +257,8 @@ func (f *fuzzRecs) record() *record {
 		r.Obj = uint32(x % 12)
 	case recRollback, recRollbackDone:
 		r.Parent = uint32(x % 10)
+	case recGroupDelete:
+		r.ID = fmt.Sprint("g", x%3)
 	case recGroup:
 		r.ID = fmt.Sprint("g", x%3)
 		for i := 0; i < int(f.u8()%4); i++ {
