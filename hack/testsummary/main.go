@@ -6,7 +6,8 @@
 //
 // It exits 1 when a test or package failed, or when the input ends inside
 // a test (the test binary died), so a pipeline with pipefail fails as plain
-// `go test` would.
+// `go test` would. Benchmarks (-bench) count as tests; one that passed
+// ends with its package's pass.
 package main
 
 import (
@@ -63,6 +64,15 @@ func summarize(r io.Reader, w io.Writer) (failed bool, err error) {
 		case "pass":
 			if e.Test == "" {
 				fmt.Fprintf(w, "ok  \t%s\t%.3fs\n", e.Package, e.Elapsed)
+				// A benchmark that passed has no event of its own (its
+				// result is output); its package's pass ends it. One that
+				// failed has its fail event, and one whose binary died
+				// leaves the package a fail, not a pass.
+				for k2 := range out {
+					if k2.pkg == e.Package && strings.HasPrefix(k2.test, "Benchmark") {
+						delete(out, k2)
+					}
+				}
 			}
 			delete(out, k)
 		case "skip":
