@@ -576,12 +576,10 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 		}
 	}
 	mp := f.mountpoint(id)
+	// (A "get" that found the connection and passed no fd is an error
+	// (holderCall), not "nothing held": the cleanup below would unmount a
+	// connection the holder keeps alive.)
 	resp, fd, err := holderAsk(f.sock, holderReq{Op: "get", ID: id})
-	if err == nil && resp.Found && fd < 0 {
-		// Not "nothing held": the cleanup below would unmount a connection
-		// the holder keeps alive.
-		return "", fmt.Errorf("holder has the connection of %s but passed no descriptor", id)
-	}
 	lost := false
 	if err == nil && resp.Found && fd >= 0 {
 		var params connParams

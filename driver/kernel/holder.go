@@ -278,17 +278,23 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func(), 
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	buf := make([]byte, holderMsgMax)
 	oob := make([]byte, unix.CmsgSpace(2*4)) // "configure" sends two fds
-	n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+	n, oobn, flags, _, err := c.ReadMsgUnix(buf, oob)
+	// Whatever else, the fds that came are ours to close or keep: a
+	// message may carry fds and no byte (sent by hand, or by a broken
+	// client), and each kept by mistake pins what it refers to (a FUSE
+	// connection, a mount) for as long as the holder lives.
+	fds := parseRights(oob[:oobn])
 	if n == 0 && (err == nil || errors.Is(err, io.EOF)) {
 		// Connected and closed without a request: a starting holder's
 		// check that this one is alive (runHolder).
+		closeAll(fds)
 		return false, false
 	}
 	if err != nil {
+		closeAll(fds)
 		klog.ErrorS(err, "fuse holder: request not read")
 		return false, false
 	}
-	fds := parseRights(oob[:oobn])
 	var req holderReq
 	var resp holderResp
 	// The client waits for an answer; one that cannot be sent (the
@@ -302,6 +308,14 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func(), 
 	if err := json.Unmarshal(buf[:n], &req); err != nil {
 		closeAll(fds)
 		reply(holderResp{Err: "bad request: " + err.Error()}, -1)
+		return false, false
+	}
+	if flags&unix.MSG_CTRUNC != 0 {
+		// Some of the request's fds were not installed here (more than
+		// any request sends, or this process at its fd limit): acting
+		// on the rest would act on the wrong ones.
+		closeAll(fds)
+		reply(holderResp{Err: req.Op + ": " + errFDsLost.Error()}, -1)
 		return false, false
 	}
 	switch req.Op {
@@ -476,7 +490,7 @@ func holdFreeze(c *net.UnixConn, fd int) {
 	buf := make([]byte, holderMsgMax)
 	var req holderReq
 	for answered {
-		n, _, err := readHolder(c, buf, nil)
+		n, _, _, err := readHolder(c, buf, nil)
 		if err != nil || n == 0 {
 			break
 		}
@@ -855,7 +869,7 @@ func holderCall(socketPath string, req holderReq, fd int) (holderResp, int, erro
 	}
 	buf := make([]byte, holderMsgMax)
 	oob := make([]byte, unix.CmsgSpace(4))
-	n, oobn, err := readHolder(c, buf, oob)
+	n, oobn, flags, err := readHolder(c, buf, oob)
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		// A slow holder is not a missing one: taking it for one would
 		// unmount the connections it holds (Attach's dead-mount cleanup).
@@ -875,6 +889,14 @@ func holderCall(socketPath string, req holderReq, fd int) (holderResp, int, erro
 		closeAll(fds)
 		return resp, -1, fmt.Errorf("holder %s: %s", req.Op, resp.Err)
 	}
+	if flags&unix.MSG_CTRUNC != 0 || (req.Op == "get" && resp.Found && len(fds) == 0) {
+		// The holder sent an fd that the kernel could not install here
+		// (this process at its fd limit: MSG_CTRUNC). Not "not found":
+		// held() would take that for a lost connection, the answer that
+		// lets a caller tear down a live one.
+		closeAll(fds)
+		return resp, -1, fmt.Errorf("holder %s: %w", req.Op, errFDsLost)
+	}
 	got := -1
 	if len(fds) > 0 {
 		got = fds[0]
@@ -882,6 +904,9 @@ func holderCall(socketPath string, req holderReq, fd int) (holderResp, int, erro
 	}
 	return resp, got, nil
 }
+
+// errFDsLost: a message's fds did not all arrive (MSG_CTRUNC).
+var errFDsLost = errors.New("file descriptors lost on the way (MSG_CTRUNC: at the fd limit?)")
 
 // readHolder reads the holder's answer on c. Linux may report EOF on a
 // non-blocking SOCK_SEQPACKET socket (every Go socket is one) while the
@@ -892,12 +917,13 @@ func holderCall(socketPath string, req holderReq, fd int) (holderResp, int, erro
 // for "no answer", it failed TestHolderListPages in CI about one run in
 // ten (an earlier fix, 65c137c, blamed the process's pipes), and in the
 // plugin it could make a holder look absent for one call.
-func readHolder(c *net.UnixConn, buf, oob []byte) (n, oobn int, err error) {
-	n, oobn, _, _, err = c.ReadMsgUnix(buf, oob)
+func readHolder(c *net.UnixConn, buf, oob []byte) (n, oobn, flags int, err error) {
+	n, oobn, flags, _, err = c.ReadMsgUnix(buf, oob)
 	if n == 0 && (err == nil || errors.Is(err, io.EOF)) {
-		n, oobn, _, _, err = c.ReadMsgUnix(buf, oob)
+		closeAll(parseRights(oob[:oobn]))
+		n, oobn, flags, _, err = c.ReadMsgUnix(buf, oob)
 	}
-	return n, oobn, err
+	return n, oobn, flags, err
 }
 
 var errNoHolder = errors.New("no fuse holder")

@@ -376,7 +376,7 @@ func holderExchangeThen(c *net.UnixConn, req holderReq, sent func(), fds ...int)
 		sent()
 	}
 	buf := make([]byte, holderMsgMax)
-	n, _, err := readHolder(c, buf, nil)
+	n, _, _, err := readHolder(c, buf, nil)
 	if err == nil && n == 0 {
 		err = io.ErrUnexpectedEOF
 	}

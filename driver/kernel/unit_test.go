@@ -370,7 +370,7 @@ func TestHolderKeepsParamsWhole(t *testing.T) {
 			t.Fatal(err)
 		}
 		buf, oob := make([]byte, holderMsgMax), make([]byte, unix.CmsgSpace(4))
-		n, oobn, err := readHolder(c, buf, oob)
+		n, oobn, _, err := readHolder(c, buf, oob)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -1,0 +1,157 @@
+package kernel
+
+import (
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// sendRaw connects to the holder on sock and sends one SOCK_SEQPACKET
+// message of data, which may be empty (unix.Sendmsg would add a byte), with
+// fds as SCM_RIGHTS; it returns the connection.
+func sendRaw(t *testing.T, sock string, data []byte, fds ...int) int {
+	t.Helper()
+	s, err := unix.Socket(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Connect(s, &unix.SockaddrUnix{Name: sock}); err != nil {
+		unix.Close(s)
+		t.Fatal(err)
+	}
+	oob := unix.UnixRights(fds...)
+	var msg unix.Msghdr
+	var iov unix.Iovec
+	if len(data) > 0 {
+		iov.Base = &data[0]
+		iov.SetLen(len(data))
+		msg.Iov, msg.Iovlen = &iov, 1
+	}
+	msg.Control = &oob[0]
+	msg.SetControllen(len(oob))
+	if _, _, e := unix.Syscall(unix.SYS_SENDMSG, uintptr(s), uintptr(unsafe.Pointer(&msg)), 0); e != 0 {
+		unix.Close(s)
+		t.Fatalf("sendmsg: %v", e)
+	}
+	return s
+}
+
+// TestHolderClosesFDsItDoesNotKeep: every fd a request brings that the
+// holder does not keep is closed, whatever the request: a message with
+// fds and no byte (which the holder read as a liveness check, and kept
+// the fds of for as long as it lived), one that is no JSON, a "list". The
+// fd sent is a pipe's read end: once the holder closed its copy (the only
+// one left), a write to the pipe fails with EPIPE.
+func TestHolderClosesFDsItDoesNotKeep(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "h.sock")
+	go RunHolderStay(sock)
+	waitListed(t, sock)
+	for _, tc := range []struct {
+		name string
+		data []byte
+	}{
+		{"no byte", nil},
+		{"not JSON", []byte("{")},
+		{"list", []byte(`{"op":"list"}`)},
+	} {
+		var p [2]int
+		if err := unix.Pipe2(p[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+			t.Fatal(err)
+		}
+		s := sendRaw(t, sock, tc.data, p[0])
+		unix.Close(p[0])
+		buf := make([]byte, 256)
+		unix.Read(s, buf) // the answer, or EOF
+		unix.Close(s)
+		waitListed(t, sock) // one request at a time: ours is done
+		if _, err := unix.Write(p[1], []byte("x")); !errors.Is(err, unix.EPIPE) {
+			t.Errorf("%s: the holder kept the fd sent with it (write to the pipe: %v, want EPIPE)", tc.name, err)
+		}
+		unix.Close(p[1])
+	}
+}
+
+// TestHolderAnswerWithLostFD: a "get" answer whose fd the kernel could not
+// install in the asking process (at its fd limit: MSG_CTRUNC) is an error,
+// not an answer without a connection. held() took it for heldGone, the
+// answer that lets Dead and Unserved callers tear down the connection the
+// holder keeps alive; it must say heldUnknown. The holder runs in a process
+// of its own, so that only this one is at its limit.
+func TestHolderAnswerWithLostFD(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "h.sock")
+	cmd := exec.Command(testHolderCommand()[0], "fuse-holder", "--socket", sock, "--stay")
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	waitListed(t, sock)
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[0])
+	params := &connParams{KernelMinor: 45, MaxWrite: maxWrite, Initialized: true}
+	_, _, err := holderCall(sock, holderReq{Op: "put", ID: "v1", Params: paramsJSON(params)}, p[1])
+	unix.Close(p[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &Frontend{sock: sock, vols: map[string]*volume{}, volDir: t.TempDir()}
+
+	// atLimit runs fn with every fd number but one taken: the one the
+	// socket to the holder needs.
+	atLimit := func(fn func()) {
+		t.Helper()
+		var old unix.Rlimit
+		if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &old); err != nil {
+			t.Fatal(err)
+		}
+		lim := old
+		lim.Cur = 512
+		if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+			t.Fatal(err)
+		}
+		var fill []int
+		for {
+			fd, err := unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+			if err != nil {
+				break
+			}
+			fill = append(fill, fd)
+		}
+		if len(fill) > 0 {
+			unix.Close(fill[len(fill)-1])
+			fill = fill[:len(fill)-1]
+		}
+		fn()
+		closeAll(fill)
+		if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &old); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	var resp holderResp
+	fd := -1
+	atLimit(func() { resp, fd, err = holderCall(sock, holderReq{Op: "get", ID: "v1"}, -1) })
+	closeFD(fd)
+	if !errors.Is(err, errFDsLost) || fd >= 0 {
+		t.Errorf("get at the fd limit: found=%v fd=%d err=%v, want errFDsLost", resp.Found, fd, err)
+	}
+	var st heldState
+	atLimit(func() { st = f.held("v1") })
+	if st != heldUnknown {
+		t.Errorf("held(v1) at the fd limit = %d, want heldUnknown (%d); heldGone is %d", st, heldUnknown, heldGone)
+	}
+	// And with fds to spare, the same questions find it.
+	resp, fd, err = holderCall(sock, holderReq{Op: "get", ID: "v1"}, -1)
+	closeFD(fd)
+	if err != nil || !resp.Found || fd < 0 {
+		t.Errorf("get: found=%v fd=%d err=%v", resp.Found, fd, err)
+	}
+}
