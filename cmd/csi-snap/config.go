@@ -172,25 +172,49 @@ func parseEndpoint(ep string) (network, addr string, err error) {
 	}
 }
 
+// checkSocketPath fails where a unix endpoint at path could not be bound:
+// its directory missing, something not a socket there, a live process
+// serving it. It changes nothing (run binds later, removeStaleSocket
+// first).
+func checkSocketPath(path string) error {
+	if fi, err := os.Stat(filepath.Dir(path)); err != nil {
+		return fmt.Errorf("endpoint directory: %w", err)
+	} else if !fi.IsDir() {
+		return fmt.Errorf("endpoint directory %s is not a directory", filepath.Dir(path))
+	}
+	_, err := socketToRemove(path)
+	return err
+}
+
 // removeStaleSocket removes a unix socket left by a process that is gone.
 // It refuses to remove anything that is not a socket, or a socket someone
 // still answers on.
 func removeStaleSocket(path string) error {
-	fi, err := os.Lstat(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
+	stale, err := socketToRemove(path)
+	if err != nil || !stale {
 		return err
 	}
+	return os.Remove(path)
+}
+
+// socketToRemove reports whether a stale socket is at path, or an error
+// if what is there may not be removed.
+func socketToRemove(path string) (stale bool, err error) {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
 	if fi.Mode()&os.ModeSocket == 0 {
-		return fmt.Errorf("%s exists and is not a socket", path)
+		return false, fmt.Errorf("%s exists and is not a socket", path)
 	}
 	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
 		c.Close()
-		return fmt.Errorf("%s is served by a live process", path)
+		return false, fmt.Errorf("%s is served by a live process", path)
 	}
-	return os.Remove(path)
+	return true, nil
 }
 
 // defaultRunDir is the run dir when --run-dir is not given; the plugin and

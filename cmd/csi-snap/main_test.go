@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -21,6 +22,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	rpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
+	"k8s.io/klog/v2"
 )
 
 func TestParseFlags(t *testing.T) {
@@ -329,19 +331,36 @@ func TestRunRejectsBadConfig(t *testing.T) {
 }
 
 // TestRunRefusesBeforeOpening: a configuration that cannot work (a busy
-// metrics port, a bad driver name or node ID) is refused before the store
-// opens: an open replays the log and re-attaches every held volume, which a
-// crash loop would pay, with the node's volumes paused, at every restart.
+// metrics port or endpoint, an endpoint whose directory is missing, a bad
+// driver name or node ID) is refused before the store opens: an open
+// replays the log and re-attaches every held volume, which a crash loop
+// would pay, with the node's volumes paused, at every restart.
 func TestRunRefusesBeforeOpening(t *testing.T) {
 	busy, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer busy.Close()
+	dir := t.TempDir()
+	live := filepath.Join(dir, "live.sock")
+	busyUnix, err := net.Listen("unix", live)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busyUnix.Close()
+	file := filepath.Join(dir, "file")
+	if err := os.WriteFile(file, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	for name, set := range map[string]func(*Config){
-		"busy metrics port": func(c *Config) { c.MetricsAddress = busy.Addr().String() },
-		"bad driver name":   func(c *Config) { c.DriverName = "-bad-" },
-		"node id too long":  func(c *Config) { c.NodeID = strings.Repeat("n", 257) },
+		"busy metrics port":         func(c *Config) { c.MetricsAddress = busy.Addr().String() },
+		"busy tcp endpoint":         func(c *Config) { c.Endpoint = "tcp://" + busy.Addr().String() },
+		"unix endpoint served":      func(c *Config) { c.Endpoint = "unix://" + live },
+		"unix endpoint a file":      func(c *Config) { c.Endpoint = "unix://" + file },
+		"unix endpoint dir missing": func(c *Config) { c.Endpoint = "unix://" + filepath.Join(dir, "none", "csi.sock") },
+		"unix endpoint dir a file":  func(c *Config) { c.Endpoint = "unix://" + filepath.Join(file, "csi.sock") },
+		"bad driver name":           func(c *Config) { c.DriverName = "-bad-" },
+		"node id too long":          func(c *Config) { c.NodeID = strings.Repeat("n", 257) },
 	} {
 		cfg := testConfig(t, drivertest.NewStore())
 		opened := false
@@ -354,6 +373,61 @@ func TestRunRefusesBeforeOpening(t *testing.T) {
 			t.Errorf("%s: run %v, store opened %v; want an error before opening", name, err, opened)
 		}
 	}
+}
+
+// TestRunLogsVersion: the first line a start logs, before the store opens
+// (which may take long: a log replay, every held volume re-attached), says
+// which build starts and where; so does the line that says it serves.
+func TestRunLogsVersion(t *testing.T) {
+	var buf syncBuffer
+	klog.LogToStderr(false)
+	klog.SetOutput(&buf)
+	defer func() { klog.SetOutput(io.Discard); klog.LogToStderr(true) }()
+	defer func(v string) { version = v }(version)
+	version = "9.8.7-test"
+	cfg := testConfig(t, drivertest.NewStore())
+	var before string
+	inner := cfg.openEngines
+	cfg.openEngines = func(c Config) (*engines, error) {
+		klog.Flush()
+		before = buf.String()
+		return inner(c)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- run(ctx, cfg) }()
+	dial(t, cfg.Endpoint).Close()
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	klog.Flush()
+	for _, want := range []string{`"Starting" version="9.8.7-test"`, `dataDir="` + cfg.DataDir + `"`, `endpoint="` + cfg.Endpoint + `"`} {
+		if !strings.Contains(before, want) {
+			t.Errorf("logged before the store opens: %q; want %s in it", before, want)
+		}
+	}
+	if all := buf.String(); !strings.Contains(all, `"Serving CSI" version="9.8.7-test"`) {
+		t.Errorf("log: %q; want the version in the line that says it serves", all)
+	}
+}
+
+// syncBuffer is a bytes.Buffer that klog and a test may use at once.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 type countingMaintainer struct{ calls atomic.Int64 }

@@ -48,6 +48,25 @@ func run(ctx context.Context, cfg Config) (err error) {
 	if err := driver.CheckNames(cfg.DriverName, cfg.NodeID); err != nil {
 		return err
 	}
+	klog.InfoS("Starting", "version", version, "driver", cfg.DriverName, "node", cfg.NodeID, "endpoint", cfg.Endpoint, "dataDir", cfg.DataDir, "runDir", cfg.RunDir)
+	// The endpoint too. A tcp one is bound now, as the metrics address is.
+	// A unix one is only checked now (no live process serves it, its
+	// directory exists) and bound once the driver can answer: a socket
+	// that accepts and answers nothing through a long replay would fail
+	// node-driver-registrar's first call (it exits on a timeout), where a
+	// socket not yet there keeps it waiting to connect.
+	network, addr, _ := parseEndpoint(cfg.Endpoint)
+	var ln net.Listener
+	if network == "unix" {
+		if err := checkSocketPath(addr); err != nil {
+			return err
+		}
+	} else {
+		if ln, err = net.Listen(network, addr); err != nil {
+			return err
+		}
+		defer ln.Close() // served below; closed here if run fails first
+	}
 	var metricsLn net.Listener
 	if cfg.MetricsAddress != "" {
 		if metricsLn, err = net.Listen("tcp", cfg.MetricsAddress); err != nil {
@@ -62,6 +81,7 @@ func run(ctx context.Context, cfg Config) (err error) {
 	if open == nil {
 		open = openRealEngines
 	}
+	klog.InfoS("Opening the store and taking back the attached volumes")
 	eng, err := open(cfg)
 	if err != nil {
 		return fmt.Errorf("open engines: %w", err)
@@ -124,17 +144,13 @@ func run(ctx context.Context, cfg Config) (err error) {
 		klog.InfoS("Serving metrics", "address", ln.Addr().String())
 	}
 
-	network, addr, _ := parseEndpoint(cfg.Endpoint)
 	if network == "unix" {
 		if err := removeStaleSocket(addr); err != nil {
 			return err
 		}
-	}
-	ln, err := net.Listen(network, addr)
-	if err != nil {
-		return err
-	}
-	if network == "unix" {
+		if ln, err = net.Listen(network, addr); err != nil {
+			return err
+		}
 		defer os.Remove(addr)
 	}
 	var calls inflight
@@ -144,7 +160,7 @@ func run(ctx context.Context, cfg Config) (err error) {
 	reflection.Register(srv)
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
-	klog.InfoS("Serving CSI", "endpoint", cfg.Endpoint, "driver", cfg.DriverName, "node", cfg.NodeID, "dataDir", cfg.DataDir)
+	klog.InfoS("Serving CSI", "version", version, "endpoint", cfg.Endpoint, "driver", cfg.DriverName, "node", cfg.NodeID, "dataDir", cfg.DataDir)
 
 	select {
 	case err := <-served:
