@@ -1,6 +1,6 @@
 # csi-snap node plugin image. Build from the repository root, with the
 # version GetPluginInfo reports (the chart's appVersion for a release):
-#   docker build --build-arg VERSION=0.1.0 -t csi-snap:0.1.0 .
+#   docker build --build-arg VERSION=0.2.0 -t csi-snap:0.2.0 .
 # hack/verify-chart.sh builds the binary exactly as the first stage does.
 
 FROM golang:1.26 AS build
