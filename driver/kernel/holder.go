@@ -275,6 +275,12 @@ func CloseInheritedPipes() {
 // answers on it, from a goroutine of its own counted in freezes, and
 // closes it.
 func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func(), freezes *sync.WaitGroup, tools bool) (exit, kept bool) {
+	// Requests are served one at a time, so a client that connects and
+	// sends nothing holds every other one up for this long (three such
+	// make a plugin's holderCall, whose deadline is 10 s, fail with
+	// ErrHolderSlow, which callers take for "unknown", never for "gone").
+	// Left so: only our own user can connect, and every client of ours
+	// sends its request as it connects.
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	buf := make([]byte, holderMsgMax)
 	oob := make([]byte, unix.CmsgSpace(2*4)) // "configure" sends two fds
