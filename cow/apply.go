@@ -100,15 +100,10 @@ func (s *Store) apply(r *record) error {
 		if err != nil {
 			return err
 		}
+		if err := excCheck(sn, r); err != nil {
+			return err
+		}
 		v := sn.vol
-		if len(v.chain) == 0 || v.chain[len(v.chain)-1] != sn {
-			return corruptf("exception for snapshot %d, which is not the newest", r.Obj)
-		}
-		// COW chunk 1 is never handed out (firstCOW): a mapping to it next
-		// to a zero mapping would merge with it into a zero run.
-		if r.Origin >= uint64(chunks(sn.size, v.shift)) || r.COW >= maxBytes>>v.shift || r.COW != 0 && r.COW < firstCOW {
-			return corruptf("exception %d->%d out of range", r.Origin, r.COW)
-		}
 		run := exceptions.Run{Origin: exceptions.Chunk(r.Origin), COW: exceptions.Chunk(r.COW), Len: 1}
 		if s.replay {
 			sn.pending = append(sn.pending, run)
@@ -612,3 +607,21 @@ func (v *Volume) punchUnreadable() {
 // number (never after a caller's ID): Open and createFiles must agree.
 func dataFileName(obj uint32) string { return fmt.Sprintf("%08x.data", obj) }
 func cowFileName(obj uint32) string  { return fmt.Sprintf("%08x.cow", obj) }
+
+// excCheck refuses an exception record that no store writes: for a
+// snapshot that is not its volume's newest, or mapping a chunk out of
+// range. Replay checks it before anything else of the record, the chunk
+// CRC of the last batch included (excDataDurable): such a record is
+// damage, never a copy-out cut short.
+func excCheck(sn *Snapshot, r *record) error {
+	v := sn.vol
+	if len(v.chain) == 0 || v.chain[len(v.chain)-1] != sn {
+		return corruptf("exception for snapshot %d, which is not the newest", r.Obj)
+	}
+	// COW chunk 1 is never handed out (firstCOW): a mapping to it next
+	// to a zero mapping would merge with it into a zero run.
+	if r.Origin >= uint64(chunks(sn.size, v.shift)) || r.COW >= maxBytes>>v.shift || r.COW != 0 && r.COW < firstCOW {
+		return corruptf("exception %d->%d out of range", r.Origin, r.COW)
+	}
+	return nil
+}

@@ -331,12 +331,21 @@ func (s *Store) noteSnapshotRecord(r *record) error {
 	if r.Flags&flagGroup == 0 {
 		return nil
 	}
-	if s.hdr.Version < logVersion2 {
-		return corruptf("group snapshot %d in a version %d log", r.Obj, s.hdr.Version)
+	if err := s.checkGroupFlagVersion(r); err != nil {
+		return err
 	}
 	if r.Flags&flagDeleted == 0 {
 		s.grp.init()
 		s.grp.loose[s.objs[r.Obj].(*Snapshot)] = true
+	}
+	return nil
+}
+
+// checkGroupFlagVersion refuses a group member snapshot record (flag
+// 8) in a log of version 1, which has no groups.
+func (s *Store) checkGroupFlagVersion(r *record) error {
+	if r.Type == recSnapshot && r.Flags&flagGroup != 0 && s.hdr.Version < logVersion2 {
+		return corruptf("group snapshot %d in a version %d log", r.Obj, s.hdr.Version)
 	}
 	return nil
 }

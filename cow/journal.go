@@ -545,6 +545,21 @@ func journalHeaderOK(b []byte, uuid, boot [16]byte) bool {
 		bytes.Equal(b[16:32], uuid[:]) && bytes.Equal(b[32:48], boot[:])
 }
 
+// journalOtherVersion reports the version of a journal header of this
+// store and boot that is not journalVersion. Every version keeps the magic,
+// the version, the store's UUID, the boot and the header CRC (of bytes
+// 0..75, at 76) where version 1 has them (FORMAT.md), so that an older
+// binary can tell a newer one's journal from a torn or foreign file.
+func journalOtherVersion(b []byte, uuid, boot [16]byte) (uint32, bool) {
+	if len(b) < journalHeaderLen || !bytes.Equal(b[:8], journalMagic[:]) ||
+		binary.LittleEndian.Uint32(b[76:]) != crc(b[:76]) ||
+		!bytes.Equal(b[16:32], uuid[:]) || !bytes.Equal(b[32:48], boot[:]) {
+		return 0, false
+	}
+	v := binary.LittleEndian.Uint32(b[8:])
+	return v, v != journalVersion
+}
+
 // carryJournal moves the journal files of the log's current generation on
 // to generation gen (the next), ahead of a checkpoint Open takes before the
 // journal's redo (load): once that checkpoint is installed, records of the
@@ -695,7 +710,7 @@ func (s *Store) openJournal() error {
 		recs []jRec
 	}
 	var parts []part
-	for _, f := range j.f {
+	for i, f := range j.f {
 		size, err := f.Size()
 		if err == nil {
 			size, err = dataEnd(f, size) // see load
@@ -708,6 +723,13 @@ func (s *Store) openJournal() error {
 		if err := readFull(f, b, 0); err != nil {
 			j.close()
 			return err
+		}
+		if v, ok := journalOtherVersion(b, s.hdr.UUID, boot); ok {
+			// Writes this store acknowledged in this boot, in a form this
+			// binary cannot redo (an older one, after a kill of a newer):
+			// ignoring them would lose them with no trace.
+			j.close()
+			return corruptf("kill journal %s is of version %d, which this csi-snap (version %d) cannot redo: open the store with the csi-snap that wrote it", journalNames[i], v, journalVersion)
 		}
 		if ep, recs, ok := decodeJournal(b, s.hdr.UUID, boot, s.openGen); ok {
 			parts = append(parts, part{ep, recs})

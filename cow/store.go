@@ -662,6 +662,15 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, dropped bool, err er
 	// records. The batch header carries no length, so the last batch may
 	// have lost its end at a record boundary whatever follows it: it is
 	// always judged as possibly cut short (as its chunk data is, below).
+	if s.hdr.Version < logVersion2 {
+		// Before groupBatch, which would drop a group member record of a
+		// group cut short: in a version 1 log that flag is damage.
+		for _, r := range batchRecs {
+			if err := s.checkGroupFlagVersion(r); err != nil {
+				return 0, 0, false, fmt.Errorf("batch %d: %w", seq, err)
+			}
+		}
+	}
 	batchRecs, dropped, err = groupBatch(batchRecs, true)
 	if err != nil {
 		return 0, 0, false, fmt.Errorf("batch %d: %w", seq, err)
@@ -725,10 +734,10 @@ func (s *Store) excDataDurable(r *record) (bool, error) {
 	if !ok {
 		return false, corruptf("exception for unknown snapshot %d", r.Obj)
 	}
-	v := sn.vol
-	if r.COW >= maxBytes>>v.shift {
-		return false, corruptf("exception COW chunk %d out of range", r.COW)
+	if err := excCheck(sn, r); err != nil {
+		return false, err
 	}
+	v := sn.vol
 	f, err := v.cowFile()
 	if errors.Is(err, os.ErrNotExist) {
 		return false, nil // no copy at all: the record is not durable data
