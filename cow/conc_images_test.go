@@ -901,6 +901,11 @@ func zRunMode(t *testing.T, seed int64, kill, closeMode bool) {
 	}
 	t.Logf("seed %d invalid %d", seed, ninv)
 	t.Logf("seed %d share %v survive %v: copyouts %d cloned %d journal switches %d ovWaits %d snaps %d", seed, share, survive, st.CopyOuts, st.ClonedBytes, sw, waits, len(snaps))
+	if share && st.CopyOuts > 0 && st.ClonedBytes == 0 {
+		// zFS clones every aligned range: copy-outs that cloned nothing
+		// mean the clone path never ran, and this seed tested none of it.
+		t.Errorf("seed %d: %d copy-outs on a file system that clones, none of them cloned", seed, st.CopyOuts)
+	}
 	verify(s, "before close")
 	if err := s.Close(); err != nil {
 		t.Fatal(err)

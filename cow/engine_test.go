@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/csi-snap/csi-snap/exceptions"
+	"golang.org/x/sys/unix"
 )
 
 func openT(t *testing.T) (*Store, string) {
@@ -682,7 +683,7 @@ func TestOld16TiBVolume(t *testing.T) {
 	}
 	defer func() { s.Close() }()
 	s.SetSurviveKill(true)
-	ext4 := s.fileLimit < maxBytes
+	ext4 := onExt4(t, dir, s)
 	t.Logf("file limit %d (ext4: %v)", s.fileLimit, ext4)
 	v, err := s.Volume("old")
 	if err != nil {
@@ -787,7 +788,7 @@ func TestOld16TiBVolume(t *testing.T) {
 // read-only last chunk (ext4), so it is refused before anything changes
 // instead of answering success with the bytes still there.
 func TestOld16TiBGrownRollback(t *testing.T) {
-	s, _, err := openLog(t, []*record{
+	s, dir, err := openLog(t, []*record{
 		{Type: recVolume, Obj: 1, Size: 1 << 20, ChunkSize: 16 << 10, ID: "grown"},
 		{Type: recSnapshot, Obj: 2, Parent: 1, Size: 1 << 20, Created: 1, ID: "small"},
 		{Type: recResize, Obj: 1, Size: maxBytes},
@@ -796,7 +797,7 @@ func TestOld16TiBGrownRollback(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	ext4 := s.fileLimit < maxBytes
+	ext4 := onExt4(t, dir, s)
 	v, err := s.Volume("grown")
 	if err != nil {
 		t.Fatal(err)
@@ -822,4 +823,21 @@ func TestOld16TiBGrownRollback(t *testing.T) {
 	if snap, pending := v.PendingRollback(); pending {
 		t.Fatalf("the refused rollback left the volume pending (to %s)", snap)
 	}
+}
+
+// onExt4 reports whether dir is on ext4, asked of the kernel here rather
+// than read from the store under test, and checks that s's file size
+// limit agrees: below 16 TiB on ext4 (its 2^32 blocks per file), 16 TiB
+// elsewhere.
+func onExt4(t *testing.T, dir string, s *Store) bool {
+	t.Helper()
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	ext4 := st.Type == unix.EXT4_SUPER_MAGIC
+	if ext4 != (s.fileLimit < maxBytes) {
+		t.Fatalf("the store's file size limit is %d on a file system of type %#x (ext4: %v)", s.fileLimit, st.Type, ext4)
+	}
+	return ext4
 }

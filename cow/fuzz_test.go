@@ -76,7 +76,7 @@ func opensOrCorrupt(t *testing.T, b []byte) {
 	if err := os.WriteFile(filepath.Join(dir, logName), b, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	placeFiles(t, dir, 8)
+	placeFuzzFiles(t, dir)
 	s, err := Open(dir)
 	if err != nil {
 		if !errors.Is(err, ErrCorrupt) {
@@ -113,6 +113,19 @@ func sampleLog(tb testing.TB) []byte {
 		b = appendRecord(b, r)
 	}
 	return b
+}
+
+// placeFuzzFiles is placeFiles for objects 1..8 with COW files of 1 MiB
+// (sparse): long enough for every chunk a fuzz record maps, so that a
+// store with exceptions can open (a COW file shorter than its mapped
+// chunks is ErrCorrupt).
+func placeFuzzFiles(tb testing.TB, dir string) {
+	placeFiles(tb, dir, 8)
+	for obj := 1; obj <= 8; obj++ {
+		if err := os.Truncate(filepath.Join(dir, fmt.Sprintf("%08x.cow", obj)), 1<<20); err != nil {
+			tb.Fatal(err)
+		}
+	}
 }
 
 func sampleRuns(cow bool) []exceptions.Run {
@@ -176,31 +189,91 @@ func placeFiles(tb testing.TB, dir string, n int) {
 // overlapping exceptions, deletes of deleted objects, rollbacks and groups
 // of the wrong objects, checkpoint records among batches and so on.
 func FuzzOpenRecords(f *testing.F) {
-	f.Add([]byte{2, 0, 1, 3, 2, 1, 7, 2, 4, 9, 1, 8, 3, 2, 2, 5, 2})
-	f.Add([]byte{1, 1, 2, 1, 1, 0, 1, 3, 2, 1, 1, 1, 12, 1, 2, 13, 1, 2, 16, 2, 2, 17, 2})
-	f.Add([]byte{3, 9, 2, 3, 4, 10, 3, 1, 11, 9, 5, 1, 6, 2, 4, 1, 9})
-	f.Fuzz(func(t *testing.T, b []byte) {
-		fr := &fuzzRecs{b: b}
-		ckpt := int(fr.u8() % 5) // records in the checkpoint part
-		gen := uint64(fr.u8() % 3)
-		var recs []*record
-		for len(fr.b) > 0 && len(recs) < 48 {
-			recs = append(recs, fr.record())
+	for _, b := range openRecordsSeeds {
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, b []byte) { opensOrCorrupt(t, recordsLog(b)) })
+}
+
+// openRecordsSeeds are FuzzOpenRecords' seeds (fuzzRecs says how bytes
+// become records). The last two make stores that open, so that go test,
+// which runs only the seeds, replays a snapshot group, an exception, a
+// clone through its internal snapshot and a rollback, and checks the result
+// (TestOpenRecordsSeedsOpen); the first three are refused.
+var openRecordsSeeds = [][]byte{
+	{2, 0, 1, 3, 2, 1, 7, 2, 4, 9, 1, 8, 3, 2, 2, 5, 2},
+	{1, 1, 2, 1, 1, 0, 1, 3, 2, 1, 1, 1, 12, 1, 2, 13, 1, 2, 16, 2, 2, 17, 2},
+	{3, 9, 2, 3, 4, 10, 3, 1, 11, 9, 5, 1, 6, 2, 4, 1, 9},
+	// Batch 1: volumes v0 (object 1) and v2 (2), both resized. Batch 2:
+	// snapshots s0 of v0 (3) and s1 of v2 (4), both group members (flag
+	// 8), and their group g0.
+	{0, 0, 0, 1, 0, 7, 0, 0, 0, 2, 6, 7, 0, 0, 2, 1, 7, 2, 2, 7, 1, 3, 25, 7, 0, 8, 1, 4, 26, 7, 0, 8, 12, 0, 0, 2, 3, 2, 4, 0},
+	// Batch 1: volume v0 (1), its snapshot s0 (2), an exception of s0
+	// (origin 3 at COW chunk 4), a resize of v0. Batch 2: internal snapshot
+	// "~v1" of v0 (3, flags deleted|internal), its clone v1 (4), a
+	// rollback of v0 to s0 begun and done.
+	{0, 0, 0, 1, 0, 7, 0, 0, 1, 2, 25, 7, 0, 0, 5, 2, 3, 4, 2, 1, 7, 1, 3, 19, 7, 0, 5, 0, 4, 9, 7, 0, 0, 10, 1, 2, 11, 1, 2},
+}
+
+// recordsLog turns fuzz bytes into a store.log: a checkpoint part of up to
+// four records, then the rest in batches of four.
+func recordsLog(b []byte) []byte {
+	fr := &fuzzRecs{b: b}
+	ckpt := int(fr.u8() % 5) // records in the checkpoint part
+	gen := uint64(fr.u8() % 3)
+	var recs []*record
+	for len(fr.b) > 0 && len(recs) < 48 {
+		recs = append(recs, fr.record())
+	}
+	ckpt = min(ckpt, len(recs))
+	log := appendRecords(nil, recs[:ckpt])
+	end := uint64(headerSize + len(log))
+	seq := uint64(1)
+	for i, r := range recs[ckpt:] {
+		if i%4 == 0 { // a batch every four records
+			log = appendRecord(log, &record{Type: recBatch, Seq: seq})
+			seq++
 		}
-		ckpt = min(ckpt, len(recs))
-		log := appendRecords(nil, recs[:ckpt])
-		end := uint64(headerSize + len(log))
-		seq := uint64(1)
-		for i, r := range recs[ckpt:] {
-			if i%4 == 0 { // a batch every four records
-				log = appendRecord(log, &record{Type: recBatch, Seq: seq})
-				seq++
-			}
-			log = appendRecord(log, r)
+		log = appendRecord(log, r)
+	}
+	h := header{Version: logVersion2, Generation: gen, CheckpointEnd: end}
+	return append(h.encode(), log...)
+}
+
+// TestOpenRecordsSeedsOpen keeps FuzzOpenRecords' seeds meaningful: the
+// ones meant to open do, pass check, and hold what their records make.
+func TestOpenRecordsSeedsOpen(t *testing.T) {
+	open := func(b []byte) *Store {
+		t.Helper()
+		dir := t.TempDir()
+		if err := os.WriteFile(filepath.Join(dir, logName), recordsLog(b), 0o600); err != nil {
+			t.Fatal(err)
 		}
-		h := header{Version: logVersion2, Generation: gen, CheckpointEnd: end}
-		opensOrCorrupt(t, append(h.encode(), log...))
-	})
+		placeFuzzFiles(t, dir)
+		s, err := Open(dir)
+		if err != nil {
+			t.Fatalf("seed %v: %v", b, err)
+		}
+		t.Cleanup(func() { s.Close() })
+		if err := s.check(); err != nil {
+			t.Fatalf("seed %v: %v", b, err)
+		}
+		return s
+	}
+	s := open(openRecordsSeeds[3])
+	g, err := s.SnapshotGroup("g0")
+	if err != nil || len(g.Snapshots) != 2 || g.Snapshots[0].ID != "s0" || g.Snapshots[1].ID != "s1" {
+		t.Errorf("group seed: group g0 %+v, %v; want snapshots s0 and s1", g, err)
+	}
+	s = open(openRecordsSeeds[4])
+	sn, err := s.Snapshot("s0")
+	if err != nil || sn.Info().CowBytes != 4096 {
+		t.Errorf("exception seed: snapshot s0 %v; want one 4 KiB exception", err)
+	}
+	c, err := s.Volume("v1")
+	if err != nil || c.Info().SourceVolumeID != "v0" {
+		t.Errorf("clone seed: volume v1 %v; want a clone of v0", err)
+	}
 }
 
 func appendRecords(b []byte, recs []*record) []byte {

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"unsafe"
 
@@ -44,35 +45,49 @@ func sendRaw(t *testing.T, sock string, data []byte, fds ...int) int {
 // TestHolderClosesFDsItDoesNotKeep: every fd a request brings that the
 // holder does not keep is closed, whatever the request: a message with
 // fds and no byte (which the holder read as a liveness check, and kept
-// the fds of for as long as it lived), one that is no JSON, a "list". The
-// fd sent is a pipe's read end: once the holder closed its copy (the only
+// the fds of for as long as it lived), one that is no JSON, a "list", and
+// a request with more fds than any request sends (MSG_CTRUNC: the holder
+// refuses it, naming the loss, rather than act on the fds that came). The
+// fds sent are pipes' read ends: once the holder closed its copy (the only
 // one left), a write to the pipe fails with EPIPE.
 func TestHolderClosesFDsItDoesNotKeep(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "h.sock")
 	go RunHolderStay(sock)
 	waitListed(t, sock)
 	for _, tc := range []struct {
-		name string
-		data []byte
+		name   string
+		data   []byte
+		fds    int
+		answer string // in the answer, if not ""
 	}{
-		{"no byte", nil},
-		{"not JSON", []byte("{")},
-		{"list", []byte(`{"op":"list"}`)},
+		{"no byte", nil, 1, ""},
+		{"not JSON", []byte("{"), 1, "bad request"},
+		{"list", []byte(`{"op":"list"}`), 1, ""},
+		{"three fds", []byte(`{"op":"list"}`), 3, errFDsLost.Error()},
 	} {
-		var p [2]int
-		if err := unix.Pipe2(p[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
-			t.Fatal(err)
+		var rs, ws []int
+		for range tc.fds {
+			var p [2]int
+			if err := unix.Pipe2(p[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+				t.Fatal(err)
+			}
+			rs, ws = append(rs, p[0]), append(ws, p[1])
 		}
-		s := sendRaw(t, sock, tc.data, p[0])
-		unix.Close(p[0])
+		s := sendRaw(t, sock, tc.data, rs...)
+		closeAll(rs)
 		buf := make([]byte, 256)
-		unix.Read(s, buf) // the answer, or EOF
+		n, _ := unix.Read(s, buf) // the answer, or EOF
 		unix.Close(s)
-		waitListed(t, sock) // one request at a time: ours is done
-		if _, err := unix.Write(p[1], []byte("x")); !errors.Is(err, unix.EPIPE) {
-			t.Errorf("%s: the holder kept the fd sent with it (write to the pipe: %v, want EPIPE)", tc.name, err)
+		if tc.answer != "" && !strings.Contains(string(buf[:max(n, 0)]), tc.answer) {
+			t.Errorf("%s: answer %q, want %q in it", tc.name, buf[:max(n, 0)], tc.answer)
 		}
-		unix.Close(p[1])
+		waitListed(t, sock) // one request at a time: ours is done
+		for i, w := range ws {
+			if _, err := unix.Write(w, []byte("x")); !errors.Is(err, unix.EPIPE) {
+				t.Errorf("%s: the holder kept fd %d of those sent (write to its pipe: %v, want EPIPE)", tc.name, i, err)
+			}
+		}
+		closeAll(ws)
 	}
 }
 

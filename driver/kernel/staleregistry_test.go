@@ -132,7 +132,7 @@ func mustLoopNumber(t *testing.T, dev string) int {
 // registry of another boot and renumbers an entry of another mount.
 func TestLoopRegistryFormat(t *testing.T) {
 	if BootID() == "" {
-		t.Skip("no /proc/sys/kernel/random/boot_id: registries carry no boot")
+		skipOrFail(t, "SKIPPED: no /proc/sys/kernel/random/boot_id: registries carry no boot")
 	}
 	path := filepath.Join(t.TempDir(), "vol-x")
 	for _, tc := range []struct{ content, want string }{
