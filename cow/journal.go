@@ -545,19 +545,43 @@ func journalHeaderOK(b []byte, uuid, boot [16]byte) bool {
 		bytes.Equal(b[16:32], uuid[:]) && bytes.Equal(b[32:48], boot[:])
 }
 
-// journalOtherVersion reports the version of a journal header of this
-// store and boot that is not journalVersion. Every version keeps the magic,
-// the version, the store's UUID, the boot and the header CRC (of bytes
-// 0..75, at 76) where version 1 has them (FORMAT.md), so that an older
-// binary can tell a newer one's journal from a torn or foreign file.
-func journalOtherVersion(b []byte, uuid, boot [16]byte) (uint32, bool) {
-	if len(b) < journalHeaderLen || !bytes.Equal(b[:8], journalMagic[:]) ||
-		binary.LittleEndian.Uint32(b[76:]) != crc(b[:76]) ||
-		!bytes.Equal(b[16:32], uuid[:]) || !bytes.Equal(b[32:48], boot[:]) {
-		return 0, false
+// refuseOtherJournalVersion fails Open (ErrCorrupt, naming the file) when
+// a kill journal file holds records of this store, this boot and the log's
+// generation (or the next: carryJournal) in a version this binary does not
+// know: writes this store acknowledged, in a form it cannot redo (an older
+// binary started after a kill of a newer one). Ignoring them would lose
+// them with no trace; refused, the binary that wrote them can redo them.
+// Called by load right after the replay, before any checkpoint of Open's
+// moves the log to a generation the file would no longer name. A file
+// with a header alone (a clean stop's) holds nothing to redo and is not
+// refused. Every version keeps the header's length, magic, version, UUID,
+// boot, generation and CRC where version 1 has them (FORMAT.md), so that
+// an older binary can tell.
+func (s *Store) refuseOtherJournalVersion() error {
+	if !s.bootOK {
+		return nil
 	}
-	v := binary.LittleEndian.Uint32(b[8:])
-	return v, v != journalVersion
+	return s.eachJournalFileNamed(func(name string, f file) error {
+		size, err := f.Size()
+		if err != nil || size <= journalHeaderLen {
+			return err
+		}
+		b := make([]byte, journalHeaderLen)
+		if err := readFull(f, b, 0); err != nil {
+			return err
+		}
+		if !bytes.Equal(b[:8], journalMagic[:]) || binary.LittleEndian.Uint32(b[76:]) != crc(b[:76]) ||
+			!bytes.Equal(b[16:32], s.hdr.UUID[:]) || !bytes.Equal(b[32:48], s.boot[:]) {
+			return nil
+		}
+		if g := binary.LittleEndian.Uint64(b[56:]); g != s.openGen && g != s.openGen+1 {
+			return nil
+		}
+		if v := binary.LittleEndian.Uint32(b[8:]); v != journalVersion {
+			return corruptf("kill journal %s holds writes of version %d, which this csi-snap (version %d) cannot redo: open the store with the csi-snap that wrote it", name, v, journalVersion)
+		}
+		return nil
+	})
 }
 
 // carryJournal moves the journal files of the log's current generation on
@@ -634,6 +658,11 @@ func (s *Store) emptyJournal() error {
 // eachJournalFile calls fn with each journal file that exists (opened,
 // not created; closed after fn).
 func (s *Store) eachJournalFile(fn func(file) error) error {
+	return s.eachJournalFileNamed(func(_ string, f file) error { return fn(f) })
+}
+
+// eachJournalFileNamed is eachJournalFile with the file's name.
+func (s *Store) eachJournalFileNamed(fn func(string, file) error) error {
 	for _, name := range journalNames {
 		f, err := s.fs.Open(name, false)
 		if errors.Is(err, os.ErrNotExist) {
@@ -642,7 +671,7 @@ func (s *Store) eachJournalFile(fn func(file) error) error {
 		if err != nil {
 			return err
 		}
-		err = fn(f)
+		err = fn(name, f)
 		f.Close()
 		if err != nil {
 			return err
@@ -710,7 +739,7 @@ func (s *Store) openJournal() error {
 		recs []jRec
 	}
 	var parts []part
-	for i, f := range j.f {
+	for _, f := range j.f {
 		size, err := f.Size()
 		if err == nil {
 			size, err = dataEnd(f, size) // see load
@@ -723,13 +752,6 @@ func (s *Store) openJournal() error {
 		if err := readFull(f, b, 0); err != nil {
 			j.close()
 			return err
-		}
-		if v, ok := journalOtherVersion(b, s.hdr.UUID, boot); ok {
-			// Writes this store acknowledged in this boot, in a form this
-			// binary cannot redo (an older one, after a kill of a newer):
-			// ignoring them would lose them with no trace.
-			j.close()
-			return corruptf("kill journal %s is of version %d, which this csi-snap (version %d) cannot redo: open the store with the csi-snap that wrote it", journalNames[i], v, journalVersion)
 		}
 		if ep, recs, ok := decodeJournal(b, s.hdr.UUID, boot, s.openGen); ok {
 			parts = append(parts, part{ep, recs})

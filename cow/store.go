@@ -400,6 +400,9 @@ func (s *Store) load() error {
 	s.replay = false
 	s.openGen = s.hdr.Generation
 	if err == nil {
+		err = s.refuseOtherJournalVersion()
+	}
+	if err == nil {
 		err = s.groupsReplayed()
 	}
 	if err == nil {
