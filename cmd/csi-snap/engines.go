@@ -13,6 +13,18 @@ import (
 // frontend in the run dir; the frontend's fd holder is this binary's
 // fuse-holder subcommand.
 func openRealEngines(cfg Config) (*engines, error) {
+	// This process serves the volumes' block devices: reclaim and dirty
+	// page throttling in it must not wait on them (kernel.BecomeIOFlusher).
+	// First, before the store opens: its replay and its kill-journal redo
+	// write to the backing files while the held devices wait unserved,
+	// whose dirty pages only this process can clean. Without it the
+	// volumes still work; the hazard is a stall under memory pressure, so
+	// it is logged, not fatal.
+	if err := kernel.BecomeIOFlusher(); err != nil {
+		klog.ErrorS(err, "Not an I/O flusher: under memory pressure, reclaim or dirty-page throttling in this process could wait on the volumes it serves")
+	} else {
+		klog.InfoS("Every thread is an I/O flusher (PR_SET_IO_FLUSHER)")
+	}
 	var st driver.Store
 	cs, err := driver.OpenCowStore(filepath.Join(cfg.DataDir, "store"))
 	switch {
@@ -27,15 +39,6 @@ func openRealEngines(cfg Config) (*engines, error) {
 		cs.SetSurviveKill(cfg.SurviveKill)
 		cs.SetMinFree(cfg.MinFree)
 		st = cs
-	}
-	// This process serves the volumes' block devices: reclaim and dirty
-	// page throttling in it must not wait on them (kernel.BecomeIOFlusher).
-	// Without it the volumes still work; the hazard is a stall under
-	// memory pressure, so it is logged, not fatal.
-	if err := kernel.BecomeIOFlusher(); err != nil {
-		klog.ErrorS(err, "Not an I/O flusher: under memory pressure, reclaim or dirty-page throttling in this process could wait on the volumes it serves")
-	} else {
-		klog.InfoS("Every thread is an I/O flusher (PR_SET_IO_FLUSHER)")
 	}
 	fe, err := driver.NewKernelFrontend(kernel.Config{RunDir: cfg.RunDir, ExternalHolder: cfg.ExternalHolder})
 	if err != nil {
