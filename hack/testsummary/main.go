@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 )
 
@@ -86,6 +87,17 @@ func summarize(r io.Reader, w io.Writer) (failed bool, err error) {
 			delete(out, k)
 		case "fail":
 			failed = true
+			if e.Test == "" {
+				// A failed package ends its benchmarks too: those with a
+				// result line passed (another one failed); only one with
+				// none is left for the report of tests that never ended.
+				for k2, lines := range out {
+					if k2.pkg == e.Package && strings.HasPrefix(k2.test, "Benchmark") &&
+						slices.ContainsFunc(lines, func(l string) bool { return strings.Contains(l, " ns/op") }) {
+						delete(out, k2)
+					}
+				}
+			}
 			text := strings.Join(out[k], "")
 			fmt.Fprint(w, text)
 			if e.Test == "" && !strings.Contains(text, "FAIL\t"+e.Package) {
