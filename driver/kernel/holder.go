@@ -151,26 +151,79 @@ func RunHolderWith(socketPath string, o HolderOptions) error {
 	held := map[string]heldConn{}
 	// Freezes and syncs in progress (holdFreeze, holdSync): the holder
 	// does not return, and so its process does not exit, with a
-	// filesystem it froze left frozen.
+	// filesystem it froze left frozen. Slow requests (below) count too.
 	var freezes sync.WaitGroup
 	defer freezes.Wait()
+	// Requests are served one at a time, under mu. Most are read here as
+	// they come (every client of ours sends its request as it connects);
+	// one that has not come after holderPromptRead is read by a goroutine
+	// of its own (pending), so that a client that connects and sends
+	// nothing (or a descheduled one) holds the others up for that long,
+	// not for its whole 5 s.
+	var mu sync.Mutex
 	everHeld := false
+	emptied := false // a drop emptied a holder that then exits: its listener is closed
+	pending := 0
 	start := time.Now()
+	// Emptied by a drop: stop listening (which unlinks the socket) before
+	// answering, so that a client that got the answer and connects again
+	// finds no socket and starts a new holder, instead of racing with our
+	// exit and our unlink of its new socket.
+	onEmpty := func() { emptied = true; ln.Close() }
+	if o.Stay {
+		onEmpty = func() {}
+	}
+	// serve answers m on c, with mu held, and reports whether the holder
+	// should exit now.
+	serve := func(c *net.UnixConn, m holderMsg) bool {
+		exit, kept := serveHolderConn(c, m, held, onEmpty, &freezes, !o.NoTools)
+		if !kept {
+			c.Close()
+		}
+		if len(held) > 0 {
+			everHeld = true
+		}
+		return exit && len(held) == 0 && !o.Stay
+	}
 	var backoff time.Duration
 	for {
-		if !everHeld && !o.Stay {
-			ln.SetDeadline(start.Add(holderIdleExit))
-		} else {
+		mu.Lock()
+		switch {
+		case everHeld || o.Stay:
 			ln.SetDeadline(time.Time{})
+		case pending > 0:
+			// Not idle while a request is on its way: look again soon.
+			d := start.Add(holderIdleExit)
+			if soon := time.Now().Add(50 * time.Millisecond); d.Before(soon) {
+				d = soon
+			}
+			ln.SetDeadline(d)
+		default:
+			ln.SetDeadline(start.Add(holderIdleExit))
 		}
+		mu.Unlock()
 		c, err := ln.AcceptUnix()
 		if err != nil {
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
+				mu.Lock()
+				busy := pending > 0 || everHeld
+				mu.Unlock()
+				if busy {
+					continue
+				}
 				klog.InfoS("fuse holder: nothing handed over, exiting", "socket", socketPath)
 				return nil
 			}
 			if errors.Is(err, net.ErrClosed) {
+				mu.Lock()
+				e := emptied
+				mu.Unlock()
+				if e {
+					// By a drop a slow request's goroutine served.
+					klog.InfoS("fuse holder: holds nothing, exiting", "socket", socketPath)
+					return nil
+				}
 				return fmt.Errorf("holder accept: %w", err)
 			}
 			// EMFILE, ENFILE, ENOBUFS, ENOMEM: returning would close
@@ -179,7 +232,10 @@ func RunHolderWith(socketPath string, o HolderOptions) error {
 			// and accept again, as a server does (the client's connect
 			// waits in the backlog meanwhile).
 			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			klog.ErrorS(err, "fuse holder: accept failed, retrying", "socket", socketPath, "in", backoff, "held", len(held))
+			mu.Lock()
+			n := len(held)
+			mu.Unlock()
+			klog.ErrorS(err, "fuse holder: accept failed, retrying", "socket", socketPath, "in", backoff, "held", n)
 			time.Sleep(backoff)
 			continue
 		}
@@ -192,22 +248,41 @@ func RunHolderWith(socketPath string, o HolderOptions) error {
 			c.Close()
 			continue
 		}
-		// Emptied by a drop: stop listening (which unlinks the socket)
-		// before answering, so that a client that got the answer and
-		// connects again finds no socket and starts a new holder, instead
-		// of racing with our exit and our unlink of its new socket.
-		onEmpty := func() { ln.Close() }
-		if o.Stay {
-			onEmpty = func() {}
+		accepted := time.Now()
+		c.SetDeadline(accepted.Add(holderPromptRead))
+		m, err := readHolderRequest(c)
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			mu.Lock()
+			pending++
+			mu.Unlock()
+			freezes.Add(1)
+			go func() {
+				defer freezes.Done()
+				c.SetDeadline(accepted.Add(holderRequestTimeout))
+				m, err := readHolderRequest(c)
+				mu.Lock()
+				defer mu.Unlock()
+				pending--
+				if err != nil || emptied {
+					// None came; or the holder emptied and is exiting
+					// meanwhile: no answer, as a connection left in the
+					// backlog of a closed listener gets none.
+					closeAll(m.fds)
+					c.Close()
+					return
+				}
+				serve(c, m) // if it empties the holder, onEmpty ends the accept loop
+			}()
+			continue
 		}
-		exit, kept := serveHolderConn(c, held, onEmpty, &freezes, !o.NoTools)
-		if !kept {
+		if err != nil {
 			c.Close()
+			continue
 		}
-		if len(held) > 0 {
-			everHeld = true
-		}
-		if exit && len(held) == 0 && !o.Stay {
+		mu.Lock()
+		exit := serve(c, m)
+		mu.Unlock()
+		if exit {
 			klog.InfoS("fuse holder: holds nothing, exiting", "socket", socketPath)
 			return nil
 		}
@@ -268,39 +343,58 @@ func CloseInheritedPipes() {
 	}
 }
 
-// serveHolderConn answers one request; it reports true when the request was
-// a drop (the holder may exit if that emptied it).
+// holderMsg is a request as read from its connection: its bytes, the
+// recvmsg flags and the fds that came with it.
+type holderMsg struct {
+	b     []byte
+	flags int
+	fds   []int
+}
+
+// readHolderRequest reads the request on c, until c's deadline. Whatever
+// else, the fds that came are the caller's to close or keep: a message may
+// carry fds and no byte (sent by hand, or by a broken client), and each
+// kept by mistake pins what it refers to (a FUSE connection, a mount) for
+// as long as the holder lives. err is io.EOF for a connection closed
+// without a request (a starting holder's check that this one is alive,
+// runHolder), os.ErrDeadlineExceeded when none came in time (nothing was
+// read).
+func readHolderRequest(c *net.UnixConn) (holderMsg, error) {
+	buf := make([]byte, holderMsgMax)
+	oob := make([]byte, unix.CmsgSpace(2*4)) // "configure" sends two fds
+	n, oobn, flags, _, err := c.ReadMsgUnix(buf, oob)
+	m := holderMsg{b: buf[:max(n, 0)], flags: flags, fds: parseRights(oob[:max(oobn, 0)])}
+	if n == 0 && (err == nil || errors.Is(err, io.EOF)) {
+		closeAll(m.fds)
+		return holderMsg{}, io.EOF
+	}
+	if err != nil {
+		closeAll(m.fds)
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
+			klog.ErrorS(err, "fuse holder: request not read")
+		}
+		return holderMsg{}, err
+	}
+	return m, nil
+}
+
+// holderPromptRead is how long the accept loop waits for a request before
+// it leaves the reading to a goroutine; holderRequestTimeout bounds a
+// request's connection from its accept (its answer included).
+const (
+	holderPromptRead     = 50 * time.Millisecond
+	holderRequestTimeout = 5 * time.Second
+)
+
+// serveHolderConn answers the request m that came on c; it reports true
+// when the request was a drop (the holder may exit if that emptied it).
 //
 // A "freeze", "sync" or "thaw" keeps c (kept): holdFreeze or holdSync
 // answers on it, from a goroutine of its own counted in freezes, and
 // closes it.
-func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func(), freezes *sync.WaitGroup, tools bool) (exit, kept bool) {
-	// Requests are served one at a time, so a client that connects and
-	// sends nothing holds every other one up for this long (three such
-	// make a plugin's holderCall, whose deadline is 10 s, fail with
-	// ErrHolderSlow, which callers take for "unknown", never for "gone").
-	// Left so: only our own user can connect, and every client of ours
-	// sends its request as it connects.
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	buf := make([]byte, holderMsgMax)
-	oob := make([]byte, unix.CmsgSpace(2*4)) // "configure" sends two fds
-	n, oobn, flags, _, err := c.ReadMsgUnix(buf, oob)
-	// Whatever else, the fds that came are ours to close or keep: a
-	// message may carry fds and no byte (sent by hand, or by a broken
-	// client), and each kept by mistake pins what it refers to (a FUSE
-	// connection, a mount) for as long as the holder lives.
-	fds := parseRights(oob[:oobn])
-	if n == 0 && (err == nil || errors.Is(err, io.EOF)) {
-		// Connected and closed without a request: a starting holder's
-		// check that this one is alive (runHolder).
-		closeAll(fds)
-		return false, false
-	}
-	if err != nil {
-		closeAll(fds)
-		klog.ErrorS(err, "fuse holder: request not read")
-		return false, false
-	}
+func serveHolderConn(c *net.UnixConn, m holderMsg, held map[string]heldConn, onEmpty func(), freezes *sync.WaitGroup, tools bool) (exit, kept bool) {
+	c.SetDeadline(time.Now().Add(holderRequestTimeout))
+	fds, flags := m.fds, m.flags
 	var req holderReq
 	var resp holderResp
 	// The client waits for an answer; one that cannot be sent (the
@@ -311,7 +405,7 @@ func serveHolderConn(c *net.UnixConn, held map[string]heldConn, onEmpty func(), 
 			klog.ErrorS(err, "fuse holder: answer not sent", "op", req.Op, "id", req.ID)
 		}
 	}
-	if err := json.Unmarshal(buf[:n], &req); err != nil {
+	if err := json.Unmarshal(m.b, &req); err != nil {
 		closeAll(fds)
 		reply(holderResp{Err: "bad request: " + err.Error()}, -1)
 		return false, false

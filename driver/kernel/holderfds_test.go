@@ -1,12 +1,14 @@
 package kernel
 
 import (
+	"encoding/json"
 	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -168,5 +170,63 @@ func TestHolderAnswerWithLostFD(t *testing.T) {
 	closeFD(fd)
 	if err != nil || !resp.Found || fd < 0 {
 		t.Errorf("get: found=%v fd=%d err=%v", resp.Found, fd, err)
+	}
+}
+
+// TestHolderServesAroundSilentClients: a client that connects and sends
+// nothing does not hold the others up for the 5 s its request may take.
+// Served one at a time, three such made a plugin's call (10 s deadline)
+// fail with ErrHolderSlow. And a client whose request comes late is still
+// served: its put keeps the fd, which a get then returns.
+func TestHolderServesAroundSilentClients(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "h.sock")
+	go RunHolderStay(sock)
+	waitListed(t, sock)
+	var silent []int
+	for range 3 {
+		s, err := unix.Socket(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Connect(s, &unix.SockaddrUnix{Name: sock}); err != nil {
+			t.Fatal(err)
+		}
+		silent = append(silent, s)
+	}
+	defer closeAll(silent)
+	if ids, err := holderList(sock); err != nil || len(ids) != 0 {
+		t.Fatalf("list beside three silent clients: %v, %v", ids, err)
+	}
+	// A late put: connected now, its request sent after the holder has
+	// left it to a goroutine.
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[1])
+	s, err := unix.Socket(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(s)
+	if err := unix.Connect(s, &unix.SockaddrUnix{Name: sock}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(4 * holderPromptRead)
+	params := &connParams{KernelMinor: 45, MaxWrite: maxWrite, Initialized: true}
+	b, _ := json.Marshal(holderReq{Op: "put", ID: "late", Params: paramsJSON(params)})
+	if err := unix.Sendmsg(s, b, unix.UnixRights(p[0]), nil, 0); err != nil {
+		t.Fatal(err)
+	}
+	unix.Close(p[0])
+	buf := make([]byte, 256)
+	if n, err := unix.Read(s, buf); err != nil || string(buf[:max(n, 0)]) != "{}" {
+		t.Fatalf("late put answered %q, %v", buf[:max(n, 0)], err)
+	}
+	waitListed(t, sock, "late")
+	resp, fd, err := holderCall(sock, holderReq{Op: "get", ID: "late"}, -1)
+	closeFD(fd)
+	if err != nil || !resp.Found || fd < 0 {
+		t.Fatalf("get of the late put: found %v, fd %d, %v", resp.Found, fd, err)
 	}
 }

@@ -9,18 +9,30 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
 
-// gatedBackend holds every read until gate is closed.
+// gatedBackend holds every read until the gate set last (setGate) is
+// closed; none until one is set.
 type gatedBackend struct {
 	*countingBackend
-	gate chan struct{}
+	gate atomic.Pointer[chan struct{}]
 }
 
+func newGatedBackend(b *countingBackend, gate chan struct{}) *gatedBackend {
+	g := &gatedBackend{countingBackend: b}
+	g.setGate(gate)
+	return g
+}
+
+func (g *gatedBackend) setGate(c chan struct{}) { g.gate.Store(&c) }
+
 func (g *gatedBackend) ReadAt(p []byte, off int64) (int, error) {
-	<-g.gate
+	if c := g.gate.Load(); c != nil {
+		<-*c
+	}
 	return g.countingBackend.ReadAt(p, off)
 }
 
@@ -41,7 +53,7 @@ func TestHolderRun(t *testing.T) {
 	ctx := context.Background()
 	gate := make(chan struct{})
 	close(gate)
-	dev, err := fe.Attach(ctx, "tools", &gatedBackend{newFileBackend(t, t.TempDir(), 256<<20), gate}, false)
+	dev, err := fe.Attach(ctx, "tools", newGatedBackend(newFileBackend(t, t.TempDir(), 256<<20), gate), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -163,7 +175,7 @@ func TestHolderRun(t *testing.T) {
 	// neither ends the command nor answers: once the read is served,
 	// blkid ends on its own, with its status.
 	gate2 := make(chan struct{})
-	fe2dev, err := fe.Attach(ctx, "tools2", &gatedBackend{newFileBackend(t, t.TempDir(), 64<<20), gate2}, false)
+	fe2dev, err := fe.Attach(ctx, "tools2", newGatedBackend(newFileBackend(t, t.TempDir(), 64<<20), gate2), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -207,7 +219,7 @@ func TestHolderRunMountsOneAtATime(t *testing.T) {
 	ctx := context.Background()
 	open := make(chan struct{})
 	close(open)
-	gb := &gatedBackend{newFileBackend(t, t.TempDir(), 64<<20), open}
+	gb := newGatedBackend(newFileBackend(t, t.TempDir(), 64<<20), open)
 	dev, err := fe.Attach(ctx, "stack", gb, false)
 	if err != nil {
 		t.Fatal(err)
@@ -221,7 +233,8 @@ func TestHolderRunMountsOneAtATime(t *testing.T) {
 		t.Fatalf("blockdev --flushbufs: %v exit %d: %s", err, exit, out)
 	}
 	target := t.TempDir()
-	gb.gate = make(chan struct{})
+	gate := make(chan struct{})
+	gb.setGate(gate)
 	type result struct {
 		out  []byte
 		exit int
@@ -245,7 +258,7 @@ func TestHolderRunMountsOneAtATime(t *testing.T) {
 		t.Fatalf("a mount ended while its reads were held: exit %d, %v: %s", r.exit, r.err, r.out)
 	default:
 	}
-	close(gb.gate)
+	close(gate)
 	var exits []int
 	for i := 0; i < 2; i++ {
 		r := <-results
