@@ -1,11 +1,13 @@
 package exceptions
 
 // Benchmarks behind BENCHMARKS.md (## exceptions). Each top-level benchmark
-// runs ours, the map and the kernel model as sub-benchmarks, so -count=N
-// interleaves them (A B C A B C ...) on a noisy machine. The heap figures
-// come from runtime.ReadMemStats after runtime.GC around a full build.
+// runs ours, the map and the kernel model as sub-benchmarks. -count=N does
+// not interleave them (it runs each sub-benchmark N times in a row), so
+// hack/bench-exceptions.sh runs the whole set N times with -count 1 (A B C
+// A B C ...) on a noisy machine. The heap figures come from
+// runtime.ReadMemStats after runtime.GC around a full build.
 //
-//	go test -run '^$' -bench . -benchtime 1x -count 5 -timeout 0 ./exceptions/
+//	go test -run '^$' -bench . -benchtime 1x -count 1 -timeout 0 ./exceptions/
 //
 // BenchmarkLookup reuses the random build of BenchmarkBuild when it ran in
 // the same process; BenchmarkLookupParallel wants -benchtime 2000x.

@@ -146,9 +146,10 @@ for r in $(seq "$ROUNDS"); do
 done
 
 declare -A m
-median() { sort -n | awk '{v[NR]=$1} END{if (NR%2) print v[(NR+1)/2]; else printf "%.0f\n", (v[NR/2]+v[NR/2+1])/2}'; }
+# median of numbers on stdin, fmt its printf format; "-" for none.
+median() { sort -g | awk -v f="${1:-%.0f}" '{v[NR]=$1} END{if (NR == 0) print "-"; else if (NR%2) printf f "\n", v[(NR+1)/2]; else printf f "\n", (v[NR/2]+v[NR/2+1])/2}'; }
 echo
-echo "medians of $ROUNDS rounds (seq: MB/s, rand: IOPS); goal C and D >= 0.9 A and >= 0.7 B; load average now $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "medians of $ROUNDS rounds (seq: MB/s, rand: IOPS; ratios: medians of the rounds' own ratios); goal C and D >= 0.9 A and >= 0.7 B; load average now $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 hdr="| job |"; sep="|---|"
 for c in $CONFIGS; do
@@ -160,12 +161,19 @@ echo "$hdr"
 echo "$sep"
 cpu_of() { # config job -> median server CPU per GiB (seq) or per 1000 requests (rand)
 	if [[ $2 == seq* ]]; then
-		awk -v j=$2 -v c=$1 '$2==j && $3==c && $5>0 {printf "%.1f\n", $7*1000/($5/2^30)}' "$res" | sort -n | awk '{v[NR]=$1} END{print v[int((NR+1)/2)] " ms/GiB"}'
+		echo "$(awk -v j=$2 -v c=$1 '$2==j && $3==c && $5>0 {printf "%.3f\n", $7*1000/($5/2^30)}' "$res" | median %.1f) ms/GiB"
 	else
-		awk -v j=$2 -v c=$1 '$2==j && $3==c && $6>0 {printf "%.1f\n", $7*1000/($6/1000)}' "$res" | sort -n | awk '{v[NR]=$1} END{print v[int((NR+1)/2)] " ms/1000 req"}'
+		echo "$(awk -v j=$2 -v c=$1 '$2==j && $3==c && $6>0 {printf "%.3f\n", $7*1000/($6/1000)}' "$res" | median %.1f) ms/1000 req"
 	fi
 }
-ratio() { awk -v x="$1" -v y="$2" 'BEGIN{printf "%.2f", x/y}'; }
+# rratio C BASE JOB: the median over rounds of C / BASE for JOB, both sides
+# of each ratio from the same round (drift across rounds, B's page cache
+# warming say, cannot pair a fast round with a slow one); "-" where a side
+# never ran.
+rratio() {
+	awk -v j="$3" -v c="$1" -v b="$2" '$2==j && $3==c {x[$1]=$4} $2==j && $3==b {y[$1]=$4}
+		END{for (r in x) if ((r in y) && y[r] > 0) printf "%.6f\n", x[r]/y[r]}' "$res" | median %.2f
+}
 for j in $JOBS; do
 	for c in $CONFIGS; do
 		m[$c]=$(awk -v j=$j -v c=$c '$2==j && $3==c {print $4}' "$res" | median)
@@ -174,8 +182,8 @@ for j in $JOBS; do
 	for c in $CONFIGS; do
 		row+=" ${m[$c]} |"
 		if [[ $c != [AB] ]]; then
-			row+=" $( [[ " $CONFIGS " == *" A "* ]] && ratio "${m[$c]}" "${m[A]}" || echo -) |"
-			row+=" $( [[ " $CONFIGS " == *" B "* ]] && ratio "${m[$c]}" "${m[B]}" || echo -) |"
+			row+=" $(rratio $c A $j) |"
+			row+=" $(rratio $c B $j) |"
 		fi
 	done
 	for c in $CONFIGS; do [[ $c == [AB] ]] || row+=" $(cpu_of $c $j) |"; done

@@ -129,17 +129,26 @@ for r in $(seq "$ROUNDS"); do
 	done
 done
 
-median() { sort -n | awk '{v[NR]=$1} END{if (NR%2) print v[(NR+1)/2]; else printf "%.0f\n", (v[NR/2]+v[NR/2+1])/2}'; }
+# median of numbers on stdin, fmt its printf format; "-" for none (a
+# configuration SNAPSHOTS left out), never a 0 that reads as a figure.
+median() { sort -g | awk -v f="${1:-%.0f}" '{v[NR]=$1} END{if (NR == 0) print "-"; else if (NR%2) printf f "\n", v[(NR+1)/2]; else printf f "\n", (v[NR/2]+v[NR/2+1])/2}'; }
 get() { awk -v n="$1" -v j="$2" '$2==n && $3==j {print $4}' "$res" | median; }
-ratio() { awk -v x="$1" -v y="$2" 'BEGIN{printf "%.2f", x/y}'; }
+# rratio N1 JOB1 N2 JOB2: the median over rounds of (N1 snapshots, JOB1) /
+# (N2, JOB2), both sides of each ratio from the same round, so that drift
+# across rounds (the page cache, the load) cannot pair a fast round with
+# a slow one; "-" where a side never ran or measured 0.
+rratio() {
+	awk -v n1="$1" -v j1="$2" -v n2="$3" -v j2="$4" '$2==n1 && $3==j1 {x[$1]=$4} $2==n2 && $3==j2 {y[$1]=$4}
+		END{for (r in x) if ((r in y) && y[r] > 0) printf "%.6f\n", x[r]/y[r]}' "$res" | median %.2f
+}
 echo
-echo "medians of $ROUNDS rounds (1 MiB jobs: MB/s, 4 KiB jobs: IOPS)"
+echo "medians of $ROUNDS rounds (1 MiB jobs: MB/s, 4 KiB jobs: IOPS); ratios: medians of the rounds' own ratios"
 echo
 echo "| job | 0 snapshots | 1 snapshot | 16 snapshots | 1/0 | 16/1 |"
 echo "|---|---|---|---|---|---|"
 for j in seqwrite-first seqwrite-rewrite randwrite-first randwrite-rewrite read-seq-origin read-rand-origin; do
 	a=$(get 0 $j) b=$(get 1 $j) c=$(get 16 $j)
-	printf '| %s | %s | %s | %s | %s | %s |\n' "$j" "$a" "$b" "$c" "$(ratio "$b" "$a")" "$(ratio "$c" "$b")"
+	printf '| %s | %s | %s | %s | %s | %s |\n' "$j" "$a" "$b" "$c" "$(rratio 1 $j 0 $j)" "$(rratio 16 $j 1 $j)"
 done
 echo
 echo "goals: 1 snapshot first writes >= 0.5 x 0 snapshots, rewrites >= 0.9 x; 16 snapshots first writes >= 0.9 x 1 snapshot"
@@ -149,7 +158,7 @@ echo "|---|---|---|---|---|---|---|"
 for n in 0 1 16; do
 	for k in seq rand; do
 		o=$(get $n read-$k-origin) s=$(get $n read-$k-snapshot) c=$(get $n read-$k-clone)
-		printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$k" "$n" "$o" "$s" "$c" "$(ratio "$s" "$o")" "$(ratio "$c" "$o")"
+		printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$k" "$n" "$o" "$s" "$c" "$(rratio $n read-$k-snapshot $n read-$k-origin)" "$(rratio $n read-$k-clone $n read-$k-origin)"
 	done
 done
 echo
