@@ -18,6 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/go/bin"
+. hack/lib-bench.sh
 BASE=${BASE:-main}
 COUNT=${COUNT:-3}
 tmp=$(mktemp -d)
@@ -31,7 +32,7 @@ A='Build/random-10M-of-2\^28/ours$|Lookup$/./ours$|Build/bulk-sorted-10M/ours$'
 B='Build/random-10M-of-2\^28/(ours|map)$|Lookup$/./(ours|map)$|Build/bulk-sorted-10M/(ours|map)$|MemFloor$/'
 for i in $(seq "$COUNT"); do
 	echo "# round $i A $(uptime)"
-	"$tmp/a.test" -test.run '^$' -test.bench "$A" -test.benchtime 1x -test.timeout 0 | sed -n 's/^Benchmark/A Benchmark/p'
+	bench_lines "A " "$tmp/a.test" -test.run '^$' -test.bench "$A" -test.benchtime 1x -test.timeout 0
 	echo "# round $i B $(uptime)"
-	"$tmp/b.test" -test.run '^$' -test.bench "$B" -test.benchtime 1x -test.timeout 0 | sed -n 's/^Benchmark/B Benchmark/p'
+	bench_lines "B " "$tmp/b.test" -test.run '^$' -test.bench "$B" -test.benchtime 1x -test.timeout 0
 done

@@ -20,6 +20,7 @@ B=${2:?B revision}
 ROUNDS=${ROUNDS:-3}
 export RB_VOLUME=${RB_VOLUME:-$((16 << 30))} RB_CHANGED=${RB_CHANGED:-$((1 << 30))}
 . hack/lib-scratchfs.sh
+. hack/lib-bench.sh
 scratch_fs rb
 for side in A B; do
 	rev=${!side}
@@ -32,8 +33,8 @@ echo "# RB_VOLUME=$RB_VOLUME RB_CHANGED=$RB_CHANGED"
 for r in $(seq "$ROUNDS"); do
 	for side in A B; do
 		echo "# round $r $side: $(cat /proc/loadavg)"
-		TMPDIR="$work/mnt/tmp" "$work/$side.test" -test.run '^$' -test.bench 'Rollback/inplace' \
-			-test.benchtime 1x -test.count 1 -test.timeout 0 | grep Benchmark
+		TMPDIR="$work/mnt/tmp" bench_lines "" "$work/$side.test" -test.run '^$' -test.bench 'Rollback/inplace' \
+			-test.benchtime 1x -test.count 1 -test.timeout 0
 	done
 done
 echo "# end: $(cat /proc/loadavg)"

@@ -12,15 +12,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/go/bin"
+. hack/lib-bench.sh
 ROUNDS=${ROUNDS:-3}
 go test -c -o /tmp/cow-rollback.test ./cow/
 for r in $(seq "$ROUNDS"); do
 	echo "# round $r: $(cat /proc/loadavg)"
 	echo "# RB_VOLUME=16 GiB RB_CHANGED=1 GiB"
-	RB_VOLUME=$((16 << 30)) RB_CHANGED=$((1 << 30)) /tmp/cow-rollback.test \
-		-test.run '^$' -test.bench 'Rollback' -test.benchtime 1x -test.count 1 -test.timeout 0 | grep Benchmark
+	RB_VOLUME=$((16 << 30)) RB_CHANGED=$((1 << 30)) bench_lines "" /tmp/cow-rollback.test \
+		-test.run '^$' -test.bench 'Rollback' -test.benchtime 1x -test.count 1 -test.timeout 0
 	echo "# RB_VOLUME=1 TiB RB_CHANGED=1 GiB"
-	RB_VOLUME=$((1 << 40)) RB_CHANGED=$((1 << 30)) /tmp/cow-rollback.test \
-		-test.run '^$' -test.bench 'Rollback/inplace' -test.benchtime 1x -test.count 1 -test.timeout 0 | grep Benchmark
+	RB_VOLUME=$((1 << 40)) RB_CHANGED=$((1 << 30)) bench_lines "" /tmp/cow-rollback.test \
+		-test.run '^$' -test.bench 'Rollback/inplace' -test.benchtime 1x -test.count 1 -test.timeout 0
 done
 echo "# end: $(cat /proc/loadavg)"
