@@ -588,3 +588,34 @@ func TestWideFields(t *testing.T) {
 		})
 	}
 }
+
+// TestHotPathFillJoinsNextRun: a forward fill through the hot path (the
+// run that the last insert extended) that reaches a run whose COW numbers
+// continue it joins that run: the index stays fully merged. The hot path
+// stops one chunk short of the next run (hotLimit) and leaves the join to
+// the general path; with that guard off by one (end <= hotLimit), the fill
+// extended the left run up to the next one without joining it, and no
+// other test noticed (found by a review, by mutation).
+func TestHotPathFillJoinsNextRun(t *testing.T) {
+	for _, sh := range []struct{ runs, blocks int }{{2, 2}, {64, 512}} {
+		x := newShape(sh.runs, sh.blocks)
+		for _, c := range []Chunk{0, 5, 100, 200} {
+			if err := x.Insert(c, c+3); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for c := Chunk(1); c < 5; c++ { // 1 extends run 0 (and makes it hot); 2..4 take the hot path
+			if err := x.Insert(c, c+3); err != nil {
+				t.Fatal(err)
+			}
+			if err := x.check(); err != nil {
+				t.Fatalf("shape %v, after inserting %d: %v", sh, c, err)
+			}
+		}
+		var runs []Run
+		x.Ascend(0, func(r Run) bool { runs = append(runs, r); return true })
+		if want := []Run{{0, 3, 6}, {100, 103, 1}, {200, 203, 1}}; !slices.Equal(runs, want) {
+			t.Fatalf("shape %v: runs %v, want %v", sh, runs, want)
+		}
+	}
+}
