@@ -209,9 +209,10 @@ func TestRefusedJournalSurvivesOpen(t *testing.T) {
 }
 
 // TestJournalHeaderOfAnotherVersionOpens: journal files that hold a header
-// alone (a clean Close leaves them so) have nothing to redo: one of another
-// version (a newer binary stopped cleanly, then an older one started in
-// the same boot) does not keep the store from opening.
+// alone (a clean Close leaves them so), or a header and zeroed room, have
+// nothing to redo: one of another version (a newer binary stopped cleanly,
+// then an older one started in the same boot) does not keep the store from
+// opening.
 func TestJournalHeaderOfAnotherVersionOpens(t *testing.T) {
 	dir := t.TempDir()
 	s, err := Open(dir)
@@ -236,8 +237,15 @@ func TestJournalHeaderOfAnotherVersionOpens(t *testing.T) {
 		b[8] = 2
 		sum := crc(b[:76])
 		b[76], b[77], b[78], b[79] = byte(sum), byte(sum>>8), byte(sum>>16), byte(sum>>24)
-		if err := os.WriteFile(p, b, 0o600); err != nil {
+		if err := os.WriteFile(p, b[:journalHeaderLen], 0o600); err != nil {
 			t.Fatal(err)
+		}
+		// And room zeroed ahead of the records, as a running journal
+		// has (alloc): still no record.
+		if patched == 0 {
+			if err := os.Truncate(p, 1<<20); err != nil {
+				t.Fatal(err)
+			}
 		}
 		patched++
 	}

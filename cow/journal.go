@@ -566,9 +566,14 @@ func (s *Store) refuseOtherJournalVersion() error {
 		if err != nil || size <= journalHeaderLen {
 			return err
 		}
-		b := make([]byte, journalHeaderLen)
+		// The header and the first record's type byte: 0 there is the
+		// room preallocated or zeroed ahead of the records, no record.
+		b := make([]byte, journalHeaderLen+1)
 		if err := readFull(f, b, 0); err != nil {
 			return err
+		}
+		if b[journalHeaderLen] == 0 {
+			return nil
 		}
 		if !bytes.Equal(b[:8], journalMagic[:]) || binary.LittleEndian.Uint32(b[76:]) != crc(b[:76]) ||
 			!bytes.Equal(b[16:32], s.hdr.UUID[:]) || !bytes.Equal(b[32:48], s.boot[:]) {
