@@ -1,6 +1,7 @@
 package cow
 
 import (
+	"encoding/binary"
 	"errors"
 	"os"
 	"path/filepath"
@@ -8,24 +9,11 @@ import (
 	"testing"
 )
 
-// openLogBytes writes b as store.log in a fresh directory with data and
-// COW files for objects 1..8 (the COW files cowBytes of zeros), opens it
-// and returns the error.
-func openLogBytes(t *testing.T, b []byte, cowBytes int64) error {
+// openLogBytes opens a store whose log is b (openLogFiles) and returns
+// the error.
+func openLogBytes(t *testing.T, b []byte) error {
 	t.Helper()
-	dir := t.TempDir()
-	if err := os.WriteFile(filepath.Join(dir, logName), b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	placeFiles(t, dir, 8)
-	if cowBytes > 0 {
-		for obj := 1; obj <= 8; obj++ {
-			if err := os.Truncate(filepath.Join(dir, cowFileName(uint32(obj))), cowBytes); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	s, err := Open(dir)
+	s, err := openLogFiles(t, b)
 	if err == nil {
 		s.Close()
 	}
@@ -48,12 +36,12 @@ func TestV1LogGroupFlagCorruptInLastBatch(t *testing.T) {
 	// Control: the same record followed by another batch is ErrCorrupt.
 	mid := logOf(logVersion, &record{Type: recBatch, Seq: 1}, vol,
 		&record{Type: recBatch, Seq: 2}, grpSnap, &record{Type: recBatch, Seq: 3})
-	if err := openLogBytes(t, mid, 0); !errors.Is(err, ErrCorrupt) {
+	if err := openLogBytes(t, mid); !errors.Is(err, ErrCorrupt) {
 		t.Errorf("flag-8 snapshot in a middle batch of a v1 log: %v, want ErrCorrupt", err)
 	}
 	last := logOf(logVersion, &record{Type: recBatch, Seq: 1}, vol,
 		&record{Type: recBatch, Seq: 2}, grpSnap)
-	if err := openLogBytes(t, last, 0); !errors.Is(err, ErrCorrupt) {
+	if err := openLogBytes(t, last); !errors.Is(err, ErrCorrupt) {
 		t.Errorf("flag-8 snapshot in the last batch of a v1 log: Open returned %v, FORMAT.md promises ErrCorrupt", err)
 	}
 }
@@ -82,14 +70,53 @@ func TestImpossibleExceptionCorruptInLastBatch(t *testing.T) {
 	for _, c := range cases {
 		recs := append(append([]*record{}, base...), &record{Type: recBatch, Seq: 2}, c.exc)
 		mid := logOf(logVersion, append(recs, &record{Type: recBatch, Seq: 3})...)
-		if err := openLogBytes(t, mid, 4*4096); !errors.Is(err, ErrCorrupt) {
+		if err := openLogBytes(t, mid); !errors.Is(err, ErrCorrupt) {
 			t.Errorf("%s, middle batch: %v, want ErrCorrupt", c.name, err)
 		}
 		last := logOf(logVersion, recs...)
-		if err := openLogBytes(t, last, 4*4096); !errors.Is(err, ErrCorrupt) {
+		if err := openLogBytes(t, last); !errors.Is(err, ErrCorrupt) {
 			t.Errorf("%s, last batch: Open returned %v, FORMAT.md promises ErrCorrupt", c.name, err)
 		}
 	}
+}
+
+// killedAfterWrite makes a held store with one snapshotted volume "v",
+// writes 7 to its chunk 0 so that the kill journal holds the write, kills
+// the store and returns its directory.
+func killedAfterWrite(t *testing.T) string {
+	t.Helper()
+	const cs = 4096
+	dir, s, fs, h := heldStore(t)
+	v := snapVol(t, s, 4*cs, cs)
+	armQuiet(t, s, h)
+	returnsSoon(t, "write", func() error { _, err := v.WriteAt(fill(cs, 7), 0); return err })
+	killStore(fs, h)
+	return dir
+}
+
+// setJournalVersion rewrites the version of every journal file of dir that
+// has a whole header, with the header's CRC, as a binary of that version
+// would have written it. It returns how many files it changed, and how
+// many of those hold records.
+func setJournalVersion(t *testing.T, dir string, v uint32) (headers, withRecords int) {
+	t.Helper()
+	for _, name := range journalNames {
+		p := filepath.Join(dir, name)
+		b, err := os.ReadFile(p)
+		if err != nil || len(b) < journalHeaderLen {
+			continue
+		}
+		binary.LittleEndian.PutUint32(b[8:], v)
+		binary.LittleEndian.PutUint32(b[76:], crc(b[:76]))
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		headers++
+		if len(b) > journalHeaderLen {
+			withRecords++
+		}
+	}
+	return headers, withRecords
 }
 
 // TestJournalOfAnotherVersionRefused: a kill journal of this store and
@@ -99,28 +126,8 @@ func TestImpossibleExceptionCorruptInLastBatch(t *testing.T) {
 // and emptied: the writes it held, acknowledged to the filesystem on the
 // held device, were lost, and KillWritesLost did not name the volume.
 func TestJournalOfAnotherVersionRefused(t *testing.T) {
-	const cs = 4096
-	dir, s, fs, h := heldStore(t)
-	v := snapVol(t, s, 4*cs, cs)
-	armQuiet(t, s, h)
-	returnsSoon(t, "write", func() error { _, err := v.WriteAt(fill(cs, 7), 0); return err })
-	killStore(fs, h)
-	patched := false
-	for _, n := range journalNames {
-		p := filepath.Join(dir, n)
-		b, err := os.ReadFile(p)
-		if err != nil || len(b) <= journalHeaderLen {
-			continue
-		}
-		b[8] = 2 // version 2, CRC redone: a well-formed header of a newer binary
-		sum := crc(b[:76])
-		b[76], b[77], b[78], b[79] = byte(sum), byte(sum>>8), byte(sum>>16), byte(sum>>24)
-		if err := os.WriteFile(p, b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		patched = true
-	}
-	if !patched {
+	dir := killedAfterWrite(t)
+	if _, n := setJournalVersion(t, dir, 2); n == 0 {
 		t.Fatal("no journal file with records")
 	}
 	s2, err := Open(dir)
@@ -140,28 +147,6 @@ func TestJournalOfAnotherVersionRefused(t *testing.T) {
 	t.Error("the refused Open emptied the journal")
 }
 
-// setJournalVersion rewrites the version of every journal file of dir that
-// holds records, with its CRC, and returns how many it changed.
-func setJournalVersion(t *testing.T, dir string, v byte) int {
-	t.Helper()
-	n := 0
-	for _, name := range journalNames {
-		p := filepath.Join(dir, name)
-		b, err := os.ReadFile(p)
-		if err != nil || len(b) <= journalHeaderLen {
-			continue
-		}
-		b[8] = v
-		sum := crc(b[:76])
-		b[76], b[77], b[78], b[79] = byte(sum), byte(sum>>8), byte(sum>>16), byte(sum>>24)
-		if err := os.WriteFile(p, b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		n++
-	}
-	return n
-}
-
 // TestRefusedJournalSurvivesOpen: the refusal of a kill journal of another
 // version tells the operator to open the store with the binary that wrote
 // it, so the refusing Open must leave that possible. It did not when the
@@ -173,13 +158,8 @@ func setJournalVersion(t *testing.T, dir string, v byte) int {
 // the replay. (The writing binary is played by setting the version back.)
 func TestRefusedJournalSurvivesOpen(t *testing.T) {
 	for _, forceCheckpoint := range []bool{false, true} {
-		const cs = 4096
-		dir, s, fs, h := heldStore(t)
-		v := snapVol(t, s, 4*cs, cs)
-		armQuiet(t, s, h)
-		returnsSoon(t, "write", func() error { _, err := v.WriteAt(fill(cs, 7), 0); return err })
-		killStore(fs, h)
-		if setJournalVersion(t, dir, 2) == 0 {
+		dir := killedAfterWrite(t)
+		if _, n := setJournalVersion(t, dir, 2); n == 0 {
 			t.Fatal("no journal file with records")
 		}
 		func() {
@@ -192,7 +172,7 @@ func TestRefusedJournalSurvivesOpen(t *testing.T) {
 				t.Fatalf("checkpoint %v: Open of a store whose journal is of version 2 succeeded", forceCheckpoint)
 			}
 		}()
-		setJournalVersion(t, dir, 1)
+		setJournalVersion(t, dir, journalVersion)
 		s3, err := Open(dir)
 		if err != nil {
 			t.Fatal(err)
@@ -201,7 +181,7 @@ func TestRefusedJournalSurvivesOpen(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := mustRead(t, v3, 0, cs); got[0] != 7 {
+		if got := mustRead(t, v3, 0, 4096); got[0] != 7 {
 			t.Errorf("checkpoint %v: the write the refused journal held is lost (reads %d, want 7)", forceCheckpoint, got[0])
 		}
 		s3.Close()
@@ -227,30 +207,14 @@ func TestJournalHeaderOfAnotherVersionOpens(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	patched := 0
-	for _, n := range journalNames {
-		p := filepath.Join(dir, n)
-		b, err := os.ReadFile(p)
-		if err != nil || len(b) < journalHeaderLen {
-			continue
-		}
-		b[8] = 2
-		sum := crc(b[:76])
-		b[76], b[77], b[78], b[79] = byte(sum), byte(sum>>8), byte(sum>>16), byte(sum>>24)
-		if err := os.WriteFile(p, b[:journalHeaderLen], 0o600); err != nil {
-			t.Fatal(err)
-		}
-		// And room zeroed ahead of the records, as a running journal
-		// has (alloc): still no record.
-		if patched == 0 {
-			if err := os.Truncate(p, 1<<20); err != nil {
-				t.Fatal(err)
-			}
-		}
-		patched++
+	headers, withRecords := setJournalVersion(t, dir, 2)
+	if headers == 0 || withRecords != 0 {
+		t.Fatalf("a clean Close left %d journal headers, %d files with records; want headers alone", headers, withRecords)
 	}
-	if patched == 0 {
-		t.Fatal("a clean Close left no journal header to test with")
+	// And room zeroed ahead of the records, as a running journal has
+	// (alloc): still no record.
+	if err := os.Truncate(filepath.Join(dir, journalNames[0]), 1<<20); err != nil {
+		t.Fatal(err)
 	}
 	s2, err := Open(dir)
 	if err != nil {

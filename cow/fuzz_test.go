@@ -68,16 +68,10 @@ func FuzzOpen(f *testing.F) {
 	f.Fuzz(opensOrCorrupt)
 }
 
-// opensOrCorrupt opens a store whose log is b (data and COW files of
-// objects 1-8 present, empty): it must open into a store that passes
-// check, or fail with ErrCorrupt.
+// opensOrCorrupt opens a store whose log is b (openLogFiles): it must open
+// into a store that passes check, or fail with ErrCorrupt.
 func opensOrCorrupt(t *testing.T, b []byte) {
-	dir := t.TempDir()
-	if err := os.WriteFile(filepath.Join(dir, logName), b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	placeFuzzFiles(t, dir)
-	s, err := Open(dir)
+	s, err := openLogFiles(t, b)
 	if err != nil {
 		if !errors.Is(err, ErrCorrupt) {
 			t.Fatalf("error %v does not wrap ErrCorrupt", err)
@@ -115,17 +109,24 @@ func sampleLog(tb testing.TB) []byte {
 	return b
 }
 
-// placeFuzzFiles is placeFiles for objects 1..8 with COW files of 1 MiB
-// (sparse): long enough for every chunk a fuzz record maps, so that a
-// store with exceptions can open (a COW file shorter than its mapped
-// chunks is ErrCorrupt).
-func placeFuzzFiles(tb testing.TB, dir string) {
-	placeFiles(tb, dir, 8)
+// openLogFiles opens a store, in a fresh directory, whose log is b, with
+// the data and COW files of objects 1..8 present: the data files empty,
+// the COW files 1 MiB of zeros (sparse), long enough for every chunk a
+// test's record maps, so that a store with exceptions can open (a COW file
+// shorter than its mapped chunks is ErrCorrupt). The caller closes it.
+func openLogFiles(t *testing.T, b []byte) (*Store, error) {
+	t.Helper()
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, logName), b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	placeFiles(t, dir, 8)
 	for obj := 1; obj <= 8; obj++ {
-		if err := os.Truncate(filepath.Join(dir, fmt.Sprintf("%08x.cow", obj)), 1<<20); err != nil {
-			tb.Fatal(err)
+		if err := os.Truncate(filepath.Join(dir, cowFileName(uint32(obj))), 1<<20); err != nil {
+			t.Fatal(err)
 		}
 	}
+	return Open(dir)
 }
 
 func sampleRuns(cow bool) []exceptions.Run {
@@ -245,12 +246,7 @@ func recordsLog(b []byte) []byte {
 func TestOpenRecordsSeedsOpen(t *testing.T) {
 	open := func(b []byte) *Store {
 		t.Helper()
-		dir := t.TempDir()
-		if err := os.WriteFile(filepath.Join(dir, logName), recordsLog(b), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		placeFuzzFiles(t, dir)
-		s, err := Open(dir)
+		s, err := openLogFiles(t, recordsLog(b))
 		if err != nil {
 			t.Fatalf("seed %v: %v", b, err)
 		}
