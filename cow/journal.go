@@ -539,10 +539,20 @@ func decodeJournal(b []byte, uuid, boot [16]byte, gen uint64) (ep uint64, recs [
 // journalHeaderOK reports whether b starts with a journal header of this
 // version, store and boot.
 func journalHeaderOK(b []byte, uuid, boot [16]byte) bool {
-	return len(b) >= journalHeaderLen && bytes.Equal(b[:8], journalMagic[:]) &&
-		binary.LittleEndian.Uint32(b[76:]) == crc(b[:76]) &&
-		binary.LittleEndian.Uint32(b[8:]) == journalVersion &&
-		bytes.Equal(b[16:32], uuid[:]) && bytes.Equal(b[32:48], boot[:])
+	v, ok := journalHeaderVersion(b, uuid, boot)
+	return ok && v == journalVersion
+}
+
+// journalHeaderVersion reports whether b starts with a journal header of
+// this store and boot, of any version, and its version. Every version keeps
+// these fields where version 1 has them (FORMAT.md).
+func journalHeaderVersion(b []byte, uuid, boot [16]byte) (uint32, bool) {
+	if len(b) < journalHeaderLen || !bytes.Equal(b[:8], journalMagic[:]) ||
+		binary.LittleEndian.Uint32(b[76:]) != crc(b[:76]) ||
+		!bytes.Equal(b[16:32], uuid[:]) || !bytes.Equal(b[32:48], boot[:]) {
+		return 0, false
+	}
+	return binary.LittleEndian.Uint32(b[8:]), true
 }
 
 // refuseOtherJournalVersion fails Open (ErrCorrupt, naming the file) when
@@ -575,17 +585,12 @@ func (s *Store) refuseOtherJournalVersion() error {
 		if b[journalHeaderLen] == 0 {
 			return nil
 		}
-		if !bytes.Equal(b[:8], journalMagic[:]) || binary.LittleEndian.Uint32(b[76:]) != crc(b[:76]) ||
-			!bytes.Equal(b[16:32], s.hdr.UUID[:]) || !bytes.Equal(b[32:48], s.boot[:]) {
+		v, ok := journalHeaderVersion(b, s.hdr.UUID, s.boot)
+		g := binary.LittleEndian.Uint64(b[56:])
+		if !ok || v == journalVersion || g != s.openGen && g != s.openGen+1 {
 			return nil
 		}
-		if g := binary.LittleEndian.Uint64(b[56:]); g != s.openGen && g != s.openGen+1 {
-			return nil
-		}
-		if v := binary.LittleEndian.Uint32(b[8:]); v != journalVersion {
-			return corruptf("kill journal %s holds writes of version %d, which this csi-snap (version %d) cannot redo: open the store with the csi-snap that wrote it", name, v, journalVersion)
-		}
-		return nil
+		return corruptf("kill journal %s holds writes of version %d, which this csi-snap (version %d) cannot redo: open the store with the csi-snap that wrote it", name, v, journalVersion)
 	})
 }
 
