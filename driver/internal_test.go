@@ -112,6 +112,7 @@ func TestToStatus(t *testing.T) {
 		{fmt.Errorf("x: %w", ErrCorrupt), codes.DataLoss},
 		{fmt.Errorf("x: %w", ErrClosed), codes.Unavailable},
 		{fromKernel(fmt.Errorf("attach: %w", kernel.ErrNoHolder)), codes.Unavailable},
+		{fromKernel(fmt.Errorf("attach: holder get: %w", kernel.ErrHolderFDsLost)), codes.Unavailable},
 		{fmt.Errorf("x: %w", ErrBadArgument), codes.InvalidArgument},
 		{status.Error(codes.Aborted, "kept"), codes.Aborted},
 		{errors.New("surprise"), codes.Internal},

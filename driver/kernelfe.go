@@ -15,6 +15,7 @@ var kernelErrors = []struct{ from, to error }{
 	{kernel.ErrClosed, ErrClosed},
 	{kernel.ErrNoHolder, ErrUnavailable},
 	{kernel.ErrHolderSlow, ErrUnavailable},
+	{kernel.ErrHolderFDsLost, ErrUnavailable},
 }
 
 func fromKernel(err error) error {

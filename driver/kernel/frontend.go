@@ -58,6 +58,11 @@ var (
 	// ErrHolderSlow: the fuse holder is there but did not answer a call in
 	// time (10 s); a retry may succeed.
 	ErrHolderSlow = errors.New("fuse holder did not answer in time")
+	// ErrHolderFDsLost: a holder's answer (or a request to it) came
+	// without the fds it carried (MSG_CTRUNC: the receiver at its fd
+	// limit, a passing shortage); whether the holder keeps a connection is
+	// then unknown, and a retry may succeed.
+	ErrHolderFDsLost = errors.New("file descriptors lost on the way (MSG_CTRUNC: at the fd limit?)")
 )
 
 // Config configures a Frontend.

@@ -415,7 +415,7 @@ func serveHolderConn(c *net.UnixConn, m holderMsg, held map[string]heldConn, onE
 		// any request sends, or this process at its fd limit): acting
 		// on the rest would act on the wrong ones.
 		closeAll(fds)
-		reply(holderResp{Err: req.Op + ": " + errFDsLost.Error()}, -1)
+		reply(holderResp{Err: req.Op + ": " + ErrHolderFDsLost.Error()}, -1)
 		return false, false
 	}
 	switch req.Op {
@@ -995,7 +995,7 @@ func holderCall(socketPath string, req holderReq, fd int) (holderResp, int, erro
 		// held() would take that for a lost connection, the answer that
 		// lets a caller tear down a live one.
 		closeAll(fds)
-		return resp, -1, fmt.Errorf("holder %s: %w", req.Op, errFDsLost)
+		return resp, -1, fmt.Errorf("holder %s: %w", req.Op, ErrHolderFDsLost)
 	}
 	got := -1
 	if len(fds) > 0 {
@@ -1004,9 +1004,6 @@ func holderCall(socketPath string, req holderReq, fd int) (holderResp, int, erro
 	}
 	return resp, got, nil
 }
-
-// errFDsLost: a message's fds did not all arrive (MSG_CTRUNC).
-var errFDsLost = errors.New("file descriptors lost on the way (MSG_CTRUNC: at the fd limit?)")
 
 // readHolder reads the holder's answer on c. Linux may report EOF on a
 // non-blocking SOCK_SEQPACKET socket (every Go socket is one) while the

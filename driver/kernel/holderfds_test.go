@@ -65,7 +65,7 @@ func TestHolderClosesFDsItDoesNotKeep(t *testing.T) {
 		{"no byte", nil, 1, ""},
 		{"not JSON", []byte("{"), 1, "bad request"},
 		{"list", []byte(`{"op":"list"}`), 1, ""},
-		{"three fds", []byte(`{"op":"list"}`), 3, errFDsLost.Error()},
+		{"three fds", []byte(`{"op":"list"}`), 3, ErrHolderFDsLost.Error()},
 	} {
 		var rs, ws []int
 		for range tc.fds {
@@ -157,8 +157,8 @@ func TestHolderAnswerWithLostFD(t *testing.T) {
 	fd := -1
 	atLimit(func() { resp, fd, err = holderCall(sock, holderReq{Op: "get", ID: "v1"}, -1) })
 	closeFD(fd)
-	if !errors.Is(err, errFDsLost) || fd >= 0 {
-		t.Errorf("get at the fd limit: found=%v fd=%d err=%v, want errFDsLost", resp.Found, fd, err)
+	if !errors.Is(err, ErrHolderFDsLost) || fd >= 0 {
+		t.Errorf("get at the fd limit: found=%v fd=%d err=%v, want ErrHolderFDsLost", resp.Found, fd, err)
 	}
 	var st heldState
 	atLimit(func() { st = f.held("v1") })
