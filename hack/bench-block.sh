@@ -28,6 +28,7 @@
 # 4 KiB requests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. hack/lib-bench.sh
 export PATH="$PATH:/usr/local/go/bin"
 ROUNDS=${ROUNDS:-3}
 RUNTIME=${RUNTIME:-10}
@@ -146,8 +147,6 @@ for r in $(seq "$ROUNDS"); do
 done
 
 declare -A m
-# median of numbers on stdin, fmt its printf format; "-" for none.
-median() { sort -g | awk -v f="${1:-%.0f}" '{v[NR]=$1} END{if (NR == 0) print "-"; else if (NR%2) printf f "\n", v[(NR+1)/2]; else printf f "\n", (v[NR/2]+v[NR/2+1])/2}'; }
 echo
 echo "medians of $ROUNDS rounds (seq: MB/s, rand: IOPS; ratios: medians of the rounds' own ratios); goal C and D >= 0.9 A and >= 0.7 B; load average now $(cut -d' ' -f1-3 /proc/loadavg)"
 echo

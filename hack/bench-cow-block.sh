@@ -23,6 +23,7 @@
 # and prints medians with the ratios the issue sets goals for.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. hack/lib-bench.sh
 export PATH="$PATH:/usr/local/go/bin"
 ROUNDS=${ROUNDS:-3}
 RUNTIME=${RUNTIME:-5}
@@ -129,9 +130,6 @@ for r in $(seq "$ROUNDS"); do
 	done
 done
 
-# median of numbers on stdin, fmt its printf format; "-" for none (a
-# configuration SNAPSHOTS left out), never a 0 that reads as a figure.
-median() { sort -g | awk -v f="${1:-%.0f}" '{v[NR]=$1} END{if (NR == 0) print "-"; else if (NR%2) printf f "\n", v[(NR+1)/2]; else printf f "\n", (v[NR/2]+v[NR/2+1])/2}'; }
 get() { awk -v n="$1" -v j="$2" '$2==n && $3==j {print $4}' "$res" | median; }
 # rratio N1 JOB1 N2 JOB2: the median over rounds of (N1 snapshots, JOB1) /
 # (N2, JOB2), both sides of each ratio from the same round, so that drift
