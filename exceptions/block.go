@@ -23,10 +23,12 @@ import (
 // block itself is only that pointer (8 bytes in a segment's array); the
 // allocation's length is in the header.
 //
-// Fixed widths let Lookup binary-search the origin array directly instead of
+// Fixed widths let Lookup search the origin array directly instead of
 // decoding a variable-length stream, and keeping origins apart from the
 // other fields makes that search touch few cache lines; per-block bases keep
 // the widths small (a block of random runs needs ~11 origin bits, not 64).
+// The origin width is rounded up to a whole 8, 16, 32 or 64 bits
+// (originWidth), the other two are exact.
 //
 // The allocation always has at least wordsFor(n, width) words, so getbits
 // may read the word after a field without a bounds branch; bits past the
@@ -118,6 +120,23 @@ func moveUp(w []uint64, from, to, by uint) {
 	}
 }
 
+// originWidth rounds the origin width a block needs up to 0, 8, 16, 32 or
+// 64 bits, so that its origin offsets are an array of bytes, uint16s,
+// uint32s or uint64s at byte hdrBits/8, naturally aligned: Lookup counts
+// the uint16 ones at or below a chunk in two AVX-512 compares (lookup16;
+// searchFixed without AVX-512), where a binary search of bit fields took
+// about 200 instructions, all waiting on the block's lines and so
+// holding back the lookups after it (BenchmarkMemWindow; BENCHMARKS.md,
+// "Lookup in one block, with an AVX-512 search"). The price is up to 7
+// bits a run: at 10 million random runs over 2^28 a block needs 11 and
+// gets 16, 6.675 -> 7.624 bytes a chunk.
+func originWidth(need uint) uint {
+	if need == 0 {
+		return 0
+	}
+	return max(8, uint(1)<<bits.Len(need-1))
+}
+
 // fits reports whether v needs at most n bits.
 func fits(v uint64, n uint) bool { return uint(bits.Len64(v)) <= n }
 
@@ -205,7 +224,7 @@ func (k *block) encode(a *arena, runs []Run, spare uint) {
 		lo, hi = min(lo, r.COW), max(hi, r.COW)
 		maxl = max(maxl, r.Len-1)
 	}
-	wo := uint(bits.Len64(uint64(runs[len(runs)-1].Origin - obase)))
+	wo := originWidth(uint(bits.Len64(uint64(runs[len(runs)-1].Origin - obase))))
 	wc := min(64, spare+uint(bits.Len64(uint64(hi-lo))))
 	wl := uint(bits.Len64(maxl))
 	need := wordsFor(len(runs), wo+wc+wl)

@@ -13,7 +13,8 @@
 //
 // Runs live in blocks of up to 64, each run stored as three fixed-width bit
 // fields (origin offset, COW offset, Len-1) relative to per-block bases, at
-// the narrowest widths the block needs. A block is one allocation: a
+// the narrowest widths the block needs, the origin's rounded up to 8, 16,
+// 32 or 64 bits. A block is one allocation: a
 // three-word header (bases, counts and widths) followed by the fields, held
 // by an 8-byte pointer, carved from the index's own slabs (an arena with a
 // free list per length, so blocks carry little slack). Blocks are grouped
@@ -21,11 +22,14 @@
 // kept in flat arrays with a radix directory over each: the path mutations
 // take to a block's position. Lookup takes a shorter one: a directory of
 // about two buckets per block over the whole chunk range whose entries point
-// straight at the owning block's words, so a lookup loads two neighbouring
-// entries, then the (at most two) blocks they name, header and (up to 8)
-// cache lines at once (each entry's low bits say how many lines), and
-// binary-searches the chosen one without branches; it never decodes a
-// stream. Randomly placed single chunks cost about 6.7 bytes each at 10
+// straight at the owning block's words, and beside it a uint16 per bucket
+// that says which of two neighbouring entries owns the chunk. So a lookup
+// loads one entry and the block it names, header and (up to 8) cache lines
+// at once (the entry's low bits say how many lines), and searches it
+// without branches; it never decodes a stream. The common block (16-bit
+// origin offsets, up to 64 runs) is searched in assembly on amd64 CPUs with
+// AVX-512: two vector compares count the origins at or below the chunk.
+// Randomly placed single chunks cost about 7.6 bytes each at 10
 // million chunks over 2^28, slab slack and free lists included (the kernel's
 // dm-snapshot table: 32 bytes plus buckets; a Go map: about 30).
 // BENCHMARKS.md has the measurements.
@@ -33,10 +37,12 @@
 // Runs inserted in ascending order past the last run (a rebuild from a
 // checkpoint) take a fast path: no search, collected unpacked in a tail of
 // up to 64 runs that is encoded once as a full block, so a sorted load
-// leaves full blocks (about 6.5 bytes a run for the same spread).
+// leaves full blocks (about 7.1 bytes a run for the same spread).
 //
 // The package imports only the standard library, does no I/O and never
-// logs.
+// logs. Its assembly (simd_amd64.s) asks CPUID itself whether AVX-512BW,
+// BMI2 and the OS's saving of ZMM registers are there; without them, and
+// on other architectures, the same searches run in Go.
 //
 // # Caveats
 //
@@ -62,23 +68,26 @@
 //   - A lookup is two dependent cache misses at 10 million random runs
 //     (directory entry, block), each a DRAM access with a TLB miss on this
 //     heap of 4 KiB pages (huge pages for the blocks measured no faster),
-//     plus roughly 180 instructions after the first miss (the choice of
-//     block, the header, the search and the field reads), all of which wait
-//     for the misses. BenchmarkMemWindow measures what that costs: the CPU
-//     runs ahead into the next lookup, overlapping its misses with this
-//     one's, only while the instructions waiting on misses fit its
-//     scheduler; on this machine two dependent misses per lookup cost 32 ns
-//     with no work after them, 122 ns with 48 instructions, one full miss
-//     (176 ns) with 64, and both misses in full (~350 ns) from about 96 on.
-//     A Go map's lookup is one miss and a few dozen instructions.
-//     BenchmarkMemFloor measures a dependent miss in the same process;
-//     BENCHMARKS.md has the ratios.
+//     plus the instructions after the block's miss (the header, the search
+//     and the field reads), all of which wait for it. BenchmarkMemWindow
+//     measures what that costs: the CPU runs ahead into the next lookup,
+//     overlapping its misses with this one's, only while the instructions
+//     waiting on misses fit its scheduler; on this machine two dependent
+//     misses per lookup cost 25-33 ns with no work after them, ~100 ns
+//     with 64 instructions, and both misses in full (~210 ns) from about
+//     96 on. A binary search of bit fields in compiled Go put about 300
+//     instructions there (270 ns a lookup); the assembly search of one
+//     block about 85 (140 ns). A Go map's lookup is one miss and a few
+//     dozen instructions (120 ns). BenchmarkMemFloor measures a dependent
+//     miss in the same process; BENCHMARKS.md has the ratios.
 //   - Lookup's directory is rebuilt when the block count doubles or after
 //     an ascending load adds a quarter of the blocks past its range; until
 //     then chunks past its range, and chunks in buckets more than 8 past a
 //     block's first (sparse regions), take the segment path (a few more
 //     misses), as do the rare chunks past a block's last run when another
-//     block starts in the same bucket.
+//     block starts in the same bucket. Its per-bucket split (gsplit) exists
+//     only for buckets of at most 2^15 chunks; a sparser index loads both
+//     candidate blocks' headers (the Go path, about twice the time).
 //   - The package uses unsafe for the blocks' words (a pointer plus the
 //     length kept in the header) and for unchecked loads in Lookup's search;
 //     check verifies the lengths those loads rely on.

@@ -27,14 +27,21 @@ var touchSink atomic.Uint64
 // a block whose allocation or first origin changes to gnear entries plus the
 // buckets its first moved across (grefresh), however sparse the blocks are.
 //
-// Lookup loads entries k and k+1 (one cache line, usually) and both blocks'
-// headers at once: when the owner of bucket k+1 starts at or before the
-// chunk, it is the chunk's block (every later block starts after bucket
-// k+1's start); otherwise the owner of bucket k is, unless another block
-// also starts inside bucket k. A lookup through gdir is sure of its answer
-// when the chunk falls inside a run of the block chosen or before its last
-// record; past the last record's run a later block may hold it, so Lookup
-// takes the segment path. Entries are exact, so a block found is never
+// Lookup chooses between entries k and k+1: when the owner of bucket k+1
+// starts at or before the chunk, it is the chunk's block (every later
+// block starts after bucket k+1's start); otherwise the owner of bucket k
+// is, unless another block also starts inside bucket k. gsplit[k] says
+// where in bucket k the owner of bucket k+1 starts, so the choice costs a
+// load from gsplit (1 MiB at 10 million random runs, against gdir's 4)
+// instead of both blocks' headers, and only the chosen block's lines are
+// fetched: one block's lines, not two, is what made the search in
+// assembly pay (BENCHMARKS.md). Buckets of more than 2^15 chunks (a sparse
+// index) have no gsplit, and Lookup loads both headers at once. A lookup
+// through gdir is sure of its answer when the chunk falls inside a run of
+// the block chosen or before its last record; past the last record's run
+// a later block may hold it, so Lookup takes the segment path (as it does
+// when the choice is the wrong block, so a wrong split would cost time,
+// not answers; check verifies every split). Entries are exact, so a block found is never
 // stale.
 //
 // The directory is rebuilt (gbuild, O(len(gdir)+blocks)) when the block
@@ -105,6 +112,7 @@ func (x *Index) gfill(klo, khi int) {
 			p = x.segs[s].blocks[b].p
 		}
 		x.gdir[k] = gmake(p)
+		x.gsetSplit(k - 1)
 	}
 }
 
@@ -178,7 +186,41 @@ func (x *Index) gbuild() {
 		x.gdir = make([]unsafe.Pointer, size+1)
 		x.gdir[size] = gmake(&gnone[0])
 	}
+	switch {
+	case x.gshift > gsplitMaxShift:
+		x.gsplit = nil
+	case len(x.gsplit) != size:
+		x.gsplit = make([]uint16, size)
+	}
 	x.gfill(0, size)
+	x.gsetSplit(size - 1) // entry size, always gnone, is not gfill's
+}
+
+// gsplitMaxShift is the largest bucket (2^15 chunks) whose split fits a
+// uint16; larger buckets (sparse indexes) leave gsplit empty.
+const gsplitMaxShift = 15
+
+// gsplitOf returns what gsplit[k] holds: how far into bucket k the block
+// of entry k+1 starts, clamped to [0, 2^gshift]. A chunk of bucket k whose
+// offset in it is at least that is in (or after) entry k+1's block, one
+// below it in (or after) entry k's: the choice Lookup makes, made without
+// loading either block's first origin. (The block of entry k+1 starts
+// after bucket k+1's start only when it is gnone, whose first origin is
+// MaxUint64: then the split is 2^gshift and entry k is chosen.)
+func (x *Index) gsplitOf(k int) uint16 {
+	f, st := Chunk(*gptr(x.gdir[k+1])), x.gstart(k)
+	if f <= st {
+		return 0
+	}
+	return uint16(min(uint64(f-st), 1<<x.gshift))
+}
+
+// gsetSplit sets gsplit[k], if there is one, after entry k+1 or its
+// block's first origin changed.
+func (x *Index) gsetSplit(k int) {
+	if k >= 0 && k < len(x.gsplit) {
+		x.gsplit[k] = x.gsplitOf(k)
+	}
 }
 
 // checkGdir verifies every entry of gdir against the rule, with an
@@ -208,12 +250,24 @@ func (x *Index) checkGdir() bool {
 			return false
 		}
 	}
+	if x.gshift > gsplitMaxShift {
+		return len(x.gsplit) == 0
+	}
+	if len(x.gsplit) != x.gsize() {
+		return false
+	}
+	for k, v := range x.gsplit {
+		if v != x.gsplitOf(k) {
+			return false
+		}
+	}
 	return true
 }
 
 // A gdir entry is word 0 of a block (8-byte aligned) plus, in its low 3
 // bits, how many of the block's 64-byte lines after the first Lookup loads
-// as soon as it has the entry (touchAhead): then those lines miss in
+// as soon as it has the entry (lookup16, prefetchLines, or touchAhead
+// without gsplit): then those lines miss in
 // parallel with the header's instead of after it, when the header's meta
 // word gives the block's length (the lookup's third dependent miss). The
 // count comes from the allocation's length, which changes only with the
@@ -280,6 +334,18 @@ func touchLines(w unsafe.Pointer, m uint64) {
 // of off - v, not a branch the CPU would mispredict half the time, each
 // misprediction serializing the loads after it.
 func search(w unsafe.Pointer, n, wo uint, off uint64) uint {
+	switch {
+	case wo == 16 && n <= 64 && haveAVX512:
+		// Origins are sorted and record 0's is 0, so the last one <= off
+		// is at the count of those <= off, less one.
+		return countLE16(unsafe.Add(w, hdrBits/8), n, off) - 1
+	case wo == 16:
+		return searchFixed[uint16](w, n, off)
+	case wo == 8:
+		return searchFixed[uint8](w, n, off)
+	case wo == 32:
+		return searchFixed[uint32](w, n, off)
+	}
 	i := uint(0)
 	for l := n; l > 1; {
 		h := l >> 1
@@ -290,21 +356,51 @@ func search(w unsafe.Pointer, n, wo uint, off uint64) uint {
 	return i
 }
 
+// searchFixed is search for origin offsets that are an array of T at
+// byte hdrBits/8 (see originWidth): a load per step instead of a bit-field
+// read.
+func searchFixed[T uint8 | uint16 | uint32](w unsafe.Pointer, n uint, off uint64) uint {
+	a := unsafe.Add(w, hdrBits/8)
+	i := uint(0)
+	for l := n; l > 1; {
+		h := l >> 1
+		_, borrow := bits.Sub64(off, uint64(*(*T)(unsafe.Add(a, (i+h)*uint(unsafe.Sizeof(T(0)))))), 0)
+		i += h & uint(borrow-1) // borrow == 0: origin <= off
+		l -= h
+	}
+	return i
+}
+
 // lookupBlock looks c up in the block whose word 0 is p, when c is at or
 // after the block's first origin. sure is false when c is past the end of
-// the block's last run (a later block may hold it).
+// the block's last run (a later block may hold it). The caller has started
+// loading the block's first lines (up to 8, see gmake); touchRest loads
+// any after them.
 func lookupBlock(p *uint64, c Chunk) (cow Chunk, found, sure bool) {
 	w := unsafe.Pointer(p)
 	m := *(*uint64)(unsafe.Add(w, 16))
 	n, wo, wc, wl := uint(m&0xffff), uint(m>>16)&0xff, uint(m>>24)&0xff, uint(m>>32)&0xff
 	off := uint64(c - Chunk(*p))
-	touchLines(w, m)
+	touchRest(w, m)
 	i := search(w, n, wo, off)
 	d := off - rawbits(w, hdrBits+i*wo, wo)
 	if d <= rawbits(w, hdrBits+n*(wo+wc)+i*wl, wl) {
 		return Chunk(*(*uint64)(unsafe.Add(w, 8))) + Chunk(rawbits(w, hdrBits+n*wo+i*wc, wc)) + Chunk(d), true, true
 	}
 	return 0, false, i+1 < n
+}
+
+// touchRest loads the lines of a block past its first 8 (which its gdir
+// entry covers), so that they miss together.
+func touchRest(w unsafe.Pointer, m uint64) {
+	n, width := uint(m&0xffff), uint(m>>16)&0xff+uint(m>>24)&0xff+uint(m>>32)&0xff
+	var t uint64
+	for q, end := uint(64), (hdrBits+n*width)>>6; q <= end; q += 8 {
+		t += *(*uint64)(unsafe.Add(w, q*8))
+	}
+	if t == 1 {
+		touchSink.Store(t) // practically never; the loads above must happen
+	}
 }
 
 // prefetch starts loading the cache lines of the block Lookup would search
@@ -326,9 +422,9 @@ func (x *Index) prefetch(c Chunk) uint64 {
 // touchFixed loads word 0 of the first 1 + count lines of block p (count
 // from the entry e, see gmake) with a trip count that does not depend on
 // e: lines past the count load the last one again. No branch waits for
-// the entry's miss. Lookup keeps touchAhead: with touchFixed it measured no
-// faster (6 interleaved rounds, medians 366 ns against 391), its search
-// waits for the lines anyway.
+// the entry's miss. Lookup without gsplit keeps touchAhead: with
+// touchFixed it measured no faster (6 interleaved rounds, medians 366 ns
+// against 391), its search waits for the lines anyway.
 func touchFixed(p *uint64, e unsafe.Pointer) uint64 {
 	n := uintptr(e) & 7
 	t := *p

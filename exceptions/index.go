@@ -79,6 +79,8 @@ const (
 //     and every bucket's entry is exactly what the rule in gdir.go gives
 //     (the owner's word 0 within gnear buckets of the owner's first, else
 //     &gnone[0]), so Lookup never reads a stale or freed allocation;
+//     gsplit is empty when gshift > gsplitMaxShift, else it has gsize()
+//     entries, each what gsplitOf gives for it;
 //   - mem, the arena every block's words come from, is exactly tiled by the
 //     blocks' allocations and its free chunks (see arena), so no two blocks
 //     share words and no free chunk is still a block's.
@@ -119,6 +121,7 @@ type Index struct {
 	// is word 0 of the block that owns bucket k, or of gnone, tagged with
 	// a line count in its low bits (see gmake).
 	gdir    []unsafe.Pointer
+	gsplit  []uint16 // see gsplitOf; empty when gshift > gsplitMaxShift
 	gbase   Chunk
 	gshift  uint8
 	nblocks int // blocks in all segments
@@ -156,7 +159,7 @@ func (x *Index) Runs() int { return x.runs }
 // slabs counted whole (used or not).
 func (x *Index) Bytes() int {
 	t := int(unsafe.Sizeof(*x)) + cap(x.segFirst)*8 + cap(x.segs)*8 +
-		(cap(x.scratch)+cap(x.tail))*int(unsafe.Sizeof(Run{})) + x.top.bytes() + cap(x.gdir)*8 +
+		(cap(x.scratch)+cap(x.tail))*int(unsafe.Sizeof(Run{})) + x.top.bytes() + cap(x.gdir)*8 + cap(x.gsplit)*2 +
 		x.mem.bytes()
 	for _, sg := range x.segs {
 		t += int(unsafe.Sizeof(*sg)) + cap(sg.firsts)*8 + cap(sg.blocks)*int(unsafe.Sizeof(block{})) + sg.dir.bytes()
@@ -270,22 +273,52 @@ func (x *Index) Lookup(c Chunk) (Chunk, bool) {
 	}
 	// c == MaxUint64 is never mapped, and would match gnone's first.
 	if k := uint64(c-x.gbase) >> x.gshift; c >= x.gbase && k < uint64(x.gsize()) && c < math.MaxUint64 {
-		// See gdir: the owner of bucket k+1 when it starts at or before c,
-		// else the owner of bucket k. Both first origins are loaded before either is compared, so the
-		// two headers miss in parallel, and the choice is an index made
-		// from a borrow, not a branch on a missed load (mispredicted one
-		// time in five, serializing the lookups after it).
-		e0, e1 := x.gdir[k], x.gdir[k+1]
-		p0, p1 := gptr(e0), gptr(e1)
-		f0, f1 := *p0, *p1
-		if touchAhead(p0, e0)+touchAhead(p1, e1) == 1 {
-			touchSink.Store(1) // practically never; the loads must happen
-		}
-		_, b := bits.Sub64(uint64(c), f1, 0) // 1: c is before bucket k+1's owner
-		if f := f0 ^ (f0^f1)&(b-1); Chunk(f) <= c {
-			p := gptr(x.gdir[k+1-b])
-			if cow, ok, sure := lookupBlock(p, c); sure {
-				return cow, ok
+		if sp := x.gsplit; len(sp) > 0 {
+			// The owner of bucket k+1 when it starts at or before c, else
+			// the owner of bucket k: gsplit says which without a load from
+			// either block, so only the chosen one's lines are fetched
+			// (prefetched, so nothing waits on them but the search).
+			_, before := bits.Sub64(uint64(c-x.gbase)&(1<<x.gshift-1), uint64(sp[k]), 0)
+			e := x.gdir[k+1-before]
+			if haveAVX512 {
+				switch cow, res := lookup16(e, uint64(c)); res {
+				case 1:
+					return Chunk(cow), true
+				case 2:
+					return 0, false
+				case 0:
+					if cow, ok, sure := lookupBlock(gptr(e), c); sure {
+						return cow, ok
+					}
+				}
+			} else {
+				p := gptr(e)
+				prefetchLines(unsafe.Pointer(p), uintptr(e)&7)
+				if Chunk(*p) <= c {
+					if cow, ok, sure := lookupBlock(p, c); sure {
+						return cow, ok
+					}
+				}
+			}
+		} else {
+			// See gdir: as above, but the choice needs both blocks' first
+			// origins. Both are loaded before either is compared, so the
+			// two headers miss in parallel, and the choice is an index
+			// made from a borrow, not a branch on a missed load
+			// (mispredicted one time in five, serializing the lookups
+			// after it).
+			e0, e1 := x.gdir[k], x.gdir[k+1]
+			p0, p1 := gptr(e0), gptr(e1)
+			f0, f1 := *p0, *p1
+			if touchAhead(p0, e0)+touchAhead(p1, e1) == 1 {
+				touchSink.Store(1) // practically never; the loads must happen
+			}
+			_, b := bits.Sub64(uint64(c), f1, 0) // 1: c is before bucket k+1's owner
+			if f := f0 ^ (f0^f1)&(b-1); Chunk(f) <= c {
+				p := gptr(x.gdir[k+1-b])
+				if cow, ok, sure := lookupBlock(p, c); sure {
+					return cow, ok
+				}
 			}
 		}
 	}
@@ -356,6 +389,7 @@ func (x *Index) InsertRun(r Run) error {
 				k.setBases(r.Origin, r.COW)
 				k.put(0, Run{Origin: r.Origin, COW: r.COW, Len: l})
 				x.segs[0].firsts[0], x.segFirst[0] = r.Origin, r.Origin
+				x.gsetSplit(x.gceil(r.Origin) - 1)
 				return nil
 			}
 			x.replace(0, 0, 0, Run{Origin: r.Origin, COW: r.COW, Len: l})
@@ -617,6 +651,7 @@ func (x *Index) setFirst(s, b int, c Chunk, oldp *uint64) {
 		x.grefresh(old, c)
 	} else {
 		x.grepoint(c, oldp, x.segs[s].blocks[b].p)
+		x.gsetSplit(x.gceil(c) - 1)
 	}
 }
 

@@ -619,3 +619,70 @@ func TestHotPathFillJoinsNextRun(t *testing.T) {
 		}
 	}
 }
+
+// TestSearchPaths runs the model test's programs over a dense range (a
+// small gdir bucket: Lookup chooses the block by gsplit) and a sparse one
+// (buckets too large for gsplit: it loads both candidates' first origins),
+// each with the AVX-512 block search and with the plain one.
+func TestSearchPaths(t *testing.T) {
+	for _, avx := range []bool{true, false} {
+		if avx && !haveAVX512 {
+			t.Log("no AVX-512 here: only the plain search runs")
+			continue
+		}
+		for _, spread := range []uint64{1, 1 << 30} {
+			t.Run(fmt.Sprintf("avx512=%v/spread%d", avx, spread), func(t *testing.T) {
+				defer func(old bool) { haveAVX512 = old }(haveAVX512)
+				haveAVX512 = avx
+				rng := rand.New(rand.NewPCG(spread, 3))
+				h := newHarness(t, defaultBlockRuns, defaultSegmentSize)
+				var sawSplit, sawWide bool
+				for op := 0; op < 6000; op++ {
+					o := Chunk(uint64(rng.IntN(20000)) * spread)
+					switch rng.IntN(8) {
+					case 0, 1, 2, 3:
+						h.insertRun(Run{Origin: o, COW: Chunk(op) * 3, Len: 1})
+					case 4:
+						h.remove(o, uint64(rng.IntN(3))*spread)
+					default:
+						h.lookup(o)
+						h.lookup(o + 1)
+					}
+					sawSplit = sawSplit || len(h.x.gsplit) > 0
+					sawWide = sawWide || (len(h.x.gdir) > 0 && h.x.gshift > gsplitMaxShift)
+				}
+				if spread == 1 && !sawSplit || spread > 1 && !sawWide {
+					t.Fatalf("the program never reached the directory it is for (gsplit seen %v, wide buckets seen %v)", sawSplit, sawWide)
+				}
+			})
+		}
+	}
+}
+
+// TestBackwardFillKeepsSplit moves the first block's lone run down inside
+// its gdir bucket (InsertRun's backward-fill shortcut, which changes the
+// block's first origin without going through setFirst) after removes have
+// lifted that block above gdir's base, so the run's bucket has a split
+// that must follow it.
+func TestBackwardFillKeepsSplit(t *testing.T) {
+	h := newHarness(t, 2, 2)
+	for i := Chunk(0); i < 64; i++ {
+		h.insertRun(Run{Origin: 1000 + 100*i, COW: 1000 + 10*i, Len: 1})
+	}
+	if len(h.x.gsplit) == 0 {
+		t.Fatal("no gsplit to test")
+	}
+	h.remove(0, 1050) // the first block keeps its second run alone
+	moved := 0
+	for c := Chunk(1099); c > 1050; c-- {
+		f := h.x.segFirst[0]
+		h.insertRun(Run{Origin: c, COW: 1010 - Chunk(1100-c), Len: 1}) // joins the run at 1100
+		if h.x.blk(0, 0).n() == 1 && h.x.gceil(c) == h.x.gceil(f) && h.x.gceil(c) > 0 {
+			moved++
+		}
+		h.lookup(c)
+	}
+	if moved == 0 {
+		t.Fatal("the shortcut never moved a run inside a bucket past the first")
+	}
+}

@@ -1,0 +1,199 @@
+#include "textflag.h"
+
+// func prefetchLines(p unsafe.Pointer, n uintptr)
+TEXT ·prefetchLines(SB), NOSPLIT|NOFRAME, $0-16
+	MOVQ p+0(FP), AX
+	MOVQ n+8(FP), CX
+	PREFETCHT0 (AX)
+	TESTQ CX, CX
+	JZ done
+next:
+	ADDQ $64, AX
+	PREFETCHT0 (AX)
+	DECQ CX
+	JNZ next
+done:
+	RET
+
+// func countLE16(a unsafe.Pointer, n uint, off uint64) uint
+//
+// Z0 = off (clamped to 0xffff) in every word; K1, K2 = the low n bits of
+// a 64-bit mask (BZHI), split in two 32-word halves; the masked loads
+// never touch words at or past n, so no byte past the block is read.
+TEXT ·countLE16(SB), NOSPLIT|NOFRAME, $0-32
+	MOVQ a+0(FP), SI
+	MOVQ n+8(FP), CX
+	MOVQ off+16(FP), AX
+	MOVQ $0xffff, BX
+	CMPQ AX, BX
+	CMOVQHI BX, AX
+	VPBROADCASTW AX, Z0
+	MOVQ $-1, DX
+	BZHIQ CX, DX, DX
+	KMOVQ DX, K1
+	KSHIFTRQ $32, K1, K2
+	VMOVDQU16.Z (SI), K1, Z1
+	VMOVDQU16.Z 64(SI), K2, Z2
+	VPCMPUW $2, Z0, Z1, K1, K3
+	VPCMPUW $2, Z0, Z2, K2, K4
+	KMOVD K3, R8
+	KMOVD K4, R9
+	POPCNTL R8, R8
+	POPCNTL R9, R9
+	ADDQ R9, R8
+	MOVQ R8, ret+24(FP)
+	VZEROUPPER
+	RET
+
+// func cpuid(eaxArg, ecxArg uint32) (eax, ebx, ecx, edx uint32)
+TEXT ·cpuid(SB), NOSPLIT, $0-24
+	MOVL eaxArg+0(FP), AX
+	MOVL ecxArg+4(FP), CX
+	CPUID
+	MOVL AX, eax+8(FP)
+	MOVL BX, ebx+12(FP)
+	MOVL CX, ecx+16(FP)
+	MOVL DX, edx+20(FP)
+	RET
+
+// func xgetbv() (eax uint32)
+TEXT ·xgetbv(SB), NOSPLIT, $0-4
+	MOVL $0, CX
+	XGETBV
+	MOVL AX, eax+0(FP)
+	RET
+
+// func lookup16(e unsafe.Pointer, c uint64) (cow, res uint64)
+//
+// Lookup's block search for the common block, in one call (see
+// lookupBlock16 in simd_amd64.go). Registers: SI block word 0, BX c then
+// its offset, DX the meta word, R8 n, R10 the record, R11 wc, R12 wl.
+TEXT ·lookup16(SB), NOSPLIT|NOFRAME, $0-32
+	MOVQ e+0(FP), SI
+	MOVQ c+8(FP), BX
+	MOVQ SI, CX
+	ANDQ $7, CX
+	ANDQ $-8, SI
+	MOVQ SI, DI
+	PREFETCHT0 (DI)
+	TESTQ CX, CX
+	JZ fetched
+more:
+	ADDQ $64, DI
+	PREFETCHT0 (DI)
+	DECQ CX
+	JNZ more
+fetched:
+	SUBQ 0(SI), BX // off = c - first origin
+	JCS segment
+	MOVQ 16(SI), DX
+	MOVQ DX, AX
+	ANDQ $0xff0000, AX
+	CMPQ AX, $0x100000 // wo == 16
+	JNE other
+	MOVQ DX, R8
+	ANDQ $0xffff, R8
+	CMPQ R8, $64
+	JA other
+	MOVQ DX, AX
+	SHRQ $40, AX
+	CMPQ AX, $64 // all its lines prefetched
+	JA other
+
+	// R10 = how many origins are <= off (clamped to 0xffff), less one.
+	MOVQ BX, AX
+	MOVQ $0xffff, R9
+	CMPQ AX, R9
+	CMOVQHI R9, AX
+	VPBROADCASTW AX, Z0
+	MOVQ $-1, R9
+	BZHIQ R8, R9, R9
+	KMOVQ R9, K1
+	KSHIFTRQ $32, K1, K2
+	VMOVDQU16.Z 24(SI), K1, Z1
+	VMOVDQU16.Z 88(SI), K2, Z2
+	VPCMPUW $2, Z0, Z1, K1, K3
+	VPCMPUW $2, Z0, Z2, K2, K4
+	KMOVD K3, R10
+	KMOVD K4, R11
+	POPCNTL R10, R10
+	POPCNTL R11, R11
+	ADDQ R11, R10
+	DECQ R10
+	VZEROUPPER
+
+	MOVWQZX 24(SI)(R10*2), AX
+	SUBQ AX, BX // d = off - origin offset of record R10
+	MOVQ DX, R11
+	SHRQ $24, R11
+	ANDQ $0xff, R11 // wc
+	MOVQ DX, R12
+	SHRQ $32, R12
+	ANDQ $0xff, R12 // wl
+
+	// Len-1 of record R10: wl bits at 192 + n*(16+wc) + R10*wl.
+	LEAQ 16(R11), AX
+	IMULQ R8, AX
+	MOVQ R10, R13
+	IMULQ R12, R13
+	ADDQ R13, AX
+	ADDQ $192, AX
+	MOVQ AX, R13
+	SHRQ $6, R13
+	ANDQ $63, AX
+	MOVQ 0(SI)(R13*8), R9
+	SHRXQ AX, R9, R9
+	MOVQ 8(SI)(R13*8), DI
+	ADDQ DI, DI
+	MOVQ $63, CX
+	SUBQ AX, CX
+	SHLXQ CX, DI, DI
+	ORQ DI, R9
+	BZHIQ R12, R9, R9
+	CMPQ BX, R9
+	JHI past
+
+	// COW of record R10: cbase + wc bits at 192 + n*16 + R10*wc, + d.
+	MOVQ R8, AX
+	SHLQ $4, AX
+	MOVQ R10, R13
+	IMULQ R11, R13
+	ADDQ R13, AX
+	ADDQ $192, AX
+	MOVQ AX, R13
+	SHRQ $6, R13
+	ANDQ $63, AX
+	MOVQ 0(SI)(R13*8), R9
+	SHRXQ AX, R9, R9
+	MOVQ 8(SI)(R13*8), DI
+	ADDQ DI, DI
+	MOVQ $63, CX
+	SUBQ AX, CX
+	SHLXQ CX, DI, DI
+	ORQ DI, R9
+	BZHIQ R11, R9, R9
+	ADDQ 8(SI), R9
+	ADDQ BX, R9
+	MOVQ R9, cow+16(FP)
+	MOVQ $1, res+24(FP)
+	RET
+
+past:
+	// Past record R10's run: not mapped, unless it was the last record
+	// (a later block may start in this bucket).
+	INCQ R10
+	CMPQ R10, R8
+	JAE segment
+	MOVQ $0, cow+16(FP)
+	MOVQ $2, res+24(FP)
+	RET
+
+other:
+	MOVQ $0, cow+16(FP)
+	MOVQ $0, res+24(FP)
+	RET
+
+segment:
+	MOVQ $0, cow+16(FP)
+	MOVQ $3, res+24(FP)
+	RET
