@@ -131,7 +131,14 @@ fetched:
 	SHRQ $32, R12
 	ANDQ $0xff, R12 // wl
 
-	// Len-1 of record R10: wl bits at 192 + n*(16+wc) + R10*wl.
+	// Len-1 of record R10: wl bits at 192 + n*(16+wc) + R10*wl. With wl
+	// 0 (every run of the block one chunk long) it is 0.
+	TESTQ R12, R12
+	JNZ length
+	TESTQ BX, BX
+	JNZ past
+	JMP cow
+length:
 	LEAQ 16(R11), AX
 	IMULQ R8, AX
 	MOVQ R10, R13
@@ -153,6 +160,7 @@ fetched:
 	CMPQ BX, R9
 	JHI past
 
+cow:
 	// COW of record R10: cbase + wc bits at 192 + n*16 + R10*wc, + d.
 	MOVQ R8, AX
 	SHLQ $4, AX
