@@ -1,5 +1,46 @@
 #include "textflag.h"
 
+// COUNTLE sets R10 to how many of the R8 (<= 64) uint16s at ORIGINS(SI)
+// are <= AX (clamped to 0xffff). Z0 = the clamped AX in every word; K1,
+// K2 = the low R8 bits of a 64-bit mask (BZHI), one 32-word half each;
+// the masked loads never touch words at or past R8, so no byte past the
+// array is read. It clobbers AX, R9, R11, Z0-Z2 and K1-K4; the caller
+// runs VZEROUPPER.
+#define COUNTLE(ORIGINS) \
+	MOVQ $0xffff, R9 \
+	CMPQ AX, R9 \
+	CMOVQHI R9, AX \
+	VPBROADCASTW AX, Z0 \
+	MOVQ $-1, R9 \
+	BZHIQ R8, R9, R9 \
+	KMOVQ R9, K1 \
+	KSHIFTRQ $32, K1, K2 \
+	VMOVDQU16.Z ORIGINS(SI), K1, Z1 \
+	VMOVDQU16.Z (ORIGINS+64)(SI), K2, Z2 \
+	VPCMPUW $2, Z0, Z1, K1, K3 \
+	VPCMPUW $2, Z0, Z2, K2, K4 \
+	KMOVD K3, R10 \
+	KMOVD K4, R11 \
+	POPCNTL R10, R10 \
+	POPCNTL R11, R11 \
+	ADDQ R11, R10
+
+// FIELD sets R9 to the W-bit field (W a register, 0 to 64) at bit AX of
+// the block at SI: rawbits in gdir.go. It clobbers AX, CX, DI and R13.
+#define FIELD(W) \
+	MOVQ AX, R13 \
+	SHRQ $6, R13 \
+	ANDQ $63, AX \
+	MOVQ 0(SI)(R13*8), R9 \
+	SHRXQ AX, R9, R9 \
+	MOVQ 8(SI)(R13*8), DI \
+	ADDQ DI, DI \
+	MOVQ $63, CX \
+	SUBQ AX, CX \
+	SHLXQ CX, DI, DI \
+	ORQ DI, R9 \
+	BZHIQ W, R9, R9
+
 // func prefetchLines(p unsafe.Pointer, n uintptr)
 TEXT ·prefetchLines(SB), NOSPLIT|NOFRAME, $0-16
 	MOVQ p+0(FP), AX
@@ -16,32 +57,12 @@ done:
 	RET
 
 // func countLE16(a unsafe.Pointer, n uint, off uint64) uint
-//
-// Z0 = off (clamped to 0xffff) in every word; K1, K2 = the low n bits of
-// a 64-bit mask (BZHI), split in two 32-word halves; the masked loads
-// never touch words at or past n, so no byte past the block is read.
 TEXT ·countLE16(SB), NOSPLIT|NOFRAME, $0-32
 	MOVQ a+0(FP), SI
-	MOVQ n+8(FP), CX
+	MOVQ n+8(FP), R8
 	MOVQ off+16(FP), AX
-	MOVQ $0xffff, BX
-	CMPQ AX, BX
-	CMOVQHI BX, AX
-	VPBROADCASTW AX, Z0
-	MOVQ $-1, DX
-	BZHIQ CX, DX, DX
-	KMOVQ DX, K1
-	KSHIFTRQ $32, K1, K2
-	VMOVDQU16.Z (SI), K1, Z1
-	VMOVDQU16.Z 64(SI), K2, Z2
-	VPCMPUW $2, Z0, Z1, K1, K3
-	VPCMPUW $2, Z0, Z2, K2, K4
-	KMOVD K3, R8
-	KMOVD K4, R9
-	POPCNTL R8, R8
-	POPCNTL R9, R9
-	ADDQ R9, R8
-	MOVQ R8, ret+24(FP)
+	COUNTLE(0)
+	MOVQ R10, ret+24(FP)
 	VZEROUPPER
 	RET
 
@@ -100,25 +121,10 @@ fetched:
 	CMPQ AX, $64 // all its lines prefetched
 	JA other
 
-	// R10 = how many origins are <= off (clamped to 0xffff), less one.
+	// R10 = the last record whose origin offset is <= off: origins are
+	// sorted and record 0's is 0, so the count of those <= off, less one.
 	MOVQ BX, AX
-	MOVQ $0xffff, R9
-	CMPQ AX, R9
-	CMOVQHI R9, AX
-	VPBROADCASTW AX, Z0
-	MOVQ $-1, R9
-	BZHIQ R8, R9, R9
-	KMOVQ R9, K1
-	KSHIFTRQ $32, K1, K2
-	VMOVDQU16.Z 24(SI), K1, Z1
-	VMOVDQU16.Z 88(SI), K2, Z2
-	VPCMPUW $2, Z0, Z1, K1, K3
-	VPCMPUW $2, Z0, Z2, K2, K4
-	KMOVD K3, R10
-	KMOVD K4, R11
-	POPCNTL R10, R10
-	POPCNTL R11, R11
-	ADDQ R11, R10
+	COUNTLE(24)
 	DECQ R10
 	VZEROUPPER
 
@@ -145,18 +151,7 @@ length:
 	IMULQ R12, R13
 	ADDQ R13, AX
 	ADDQ $192, AX
-	MOVQ AX, R13
-	SHRQ $6, R13
-	ANDQ $63, AX
-	MOVQ 0(SI)(R13*8), R9
-	SHRXQ AX, R9, R9
-	MOVQ 8(SI)(R13*8), DI
-	ADDQ DI, DI
-	MOVQ $63, CX
-	SUBQ AX, CX
-	SHLXQ CX, DI, DI
-	ORQ DI, R9
-	BZHIQ R12, R9, R9
+	FIELD(R12)
 	CMPQ BX, R9
 	JHI past
 
@@ -168,18 +163,7 @@ cow:
 	IMULQ R11, R13
 	ADDQ R13, AX
 	ADDQ $192, AX
-	MOVQ AX, R13
-	SHRQ $6, R13
-	ANDQ $63, AX
-	MOVQ 0(SI)(R13*8), R9
-	SHRXQ AX, R9, R9
-	MOVQ 8(SI)(R13*8), DI
-	ADDQ DI, DI
-	MOVQ $63, CX
-	SUBQ AX, CX
-	SHLXQ CX, DI, DI
-	ORQ DI, R9
-	BZHIQ R11, R9, R9
+	FIELD(R11)
 	ADDQ 8(SI), R9
 	ADDQ BX, R9
 	MOVQ R9, cow+16(FP)
