@@ -39,10 +39,11 @@ var touchSink atomic.Uint64
 // index) have no gsplit, and Lookup loads both headers at once. A lookup
 // through gdir is sure of its answer when the chunk falls inside a run of
 // the block chosen or before its last record; past the last record's run
-// a later block may hold it, so Lookup takes the segment path (as it does
-// when the choice is the wrong block, so a wrong split would cost time,
-// not answers; check verifies every split). Entries are exact, so a block found is never
-// stale.
+// a later block may hold it, so Lookup takes the segment path. It does
+// the same when it chose the wrong block (the chunk is before its first
+// origin or past its last run), so a wrong split would cost time, not
+// answers; check verifies every split. Entries are exact, so a block
+// found is never stale.
 //
 // The directory is rebuilt (gbuild, O(len(gdir)+blocks)) when the block
 // count outgrows it (more blocks than buckets) or falls below an eighth,
@@ -267,11 +268,11 @@ func (x *Index) checkGdir() bool {
 // A gdir entry is word 0 of a block (8-byte aligned) plus, in its low 3
 // bits, how many of the block's 64-byte lines after the first Lookup loads
 // as soon as it has the entry (lookup16, prefetchLines, or touchAhead
-// without gsplit): then those lines miss in
-// parallel with the header's instead of after it, when the header's meta
-// word gives the block's length (the lookup's third dependent miss). The
-// count comes from the allocation's length, which changes only with the
-// allocation, when the entry is repointed anyway. The tagged pointer stays
+// without gsplit): then those lines miss in parallel with the header's
+// instead of after it, when the header's meta word gives the block's
+// length (the lookup's third dependent miss). The count comes from the
+// allocation's length, which changes only with the allocation, when the
+// entry is repointed anyway. The tagged pointer stays
 // inside the block, so it is an ordinary interior pointer to the GC.
 func gmake(p *uint64) unsafe.Pointer {
 	words := *(*uint64)(unsafe.Add(unsafe.Pointer(p), 16)) >> 40

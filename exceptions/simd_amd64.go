@@ -31,8 +31,9 @@ func countLE16(a unsafe.Pointer, n uint, off uint64) uint
 //	3: c is before the block, or past its last run: ask the segment path.
 //
 // In assembly because every instruction that waits on the block's lines
-// delays the lookups after this one (BenchmarkMemWindow): compiled Go
-// spent about twice as many around the same search.
+// delays the lookups after this one (BenchmarkMemWindow): the same steps
+// in compiled Go around countLE16 took 1.12 times as long (BENCHMARKS.md,
+// "Lookup in one block, with an AVX-512 search").
 //
 //go:noescape
 func lookup16(e unsafe.Pointer, c uint64) (cow, res uint64)
