@@ -80,20 +80,6 @@ func TestImpossibleExceptionCorruptInLastBatch(t *testing.T) {
 	}
 }
 
-// killedAfterWrite makes a held store with one snapshotted volume "v",
-// writes 7 to its chunk 0 so that the kill journal holds the write, kills
-// the store and returns its directory.
-func killedAfterWrite(t *testing.T) string {
-	t.Helper()
-	const cs = 4096
-	dir, s, fs, h := heldStore(t)
-	v := snapVol(t, s, 4*cs, cs)
-	armQuiet(t, s, h)
-	returnsSoon(t, "write", func() error { _, err := v.WriteAt(fill(cs, 7), 0); return err })
-	killStore(fs, h)
-	return dir
-}
-
 // setJournalVersion rewrites the version of every journal file of dir that
 // has a whole header, with the header's CRC, as a binary of that version
 // would have written it. It returns how many files it changed, and how
@@ -126,7 +112,7 @@ func setJournalVersion(t *testing.T, dir string, v uint32) (headers, withRecords
 // and emptied: the writes it held, acknowledged to the filesystem on the
 // held device, were lost, and KillWritesLost did not name the volume.
 func TestJournalOfAnotherVersionRefused(t *testing.T) {
-	dir := killedAfterWrite(t)
+	dir := killedAfterWrite(t, 7)
 	if _, n := setJournalVersion(t, dir, 2); n == 0 {
 		t.Fatal("no journal file with records")
 	}
@@ -158,7 +144,7 @@ func TestJournalOfAnotherVersionRefused(t *testing.T) {
 // the replay. (The writing binary is played by setting the version back.)
 func TestRefusedJournalSurvivesOpen(t *testing.T) {
 	for _, forceCheckpoint := range []bool{false, true} {
-		dir := killedAfterWrite(t)
+		dir := killedAfterWrite(t, 7)
 		if _, n := setJournalVersion(t, dir, 2); n == 0 {
 			t.Fatal("no journal file with records")
 		}

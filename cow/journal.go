@@ -499,7 +499,7 @@ func decodeJournal(b []byte, uuid, boot [16]byte, gen uint64) (ep uint64, recs [
 	if !journalHeaderOK(b, uuid, boot) {
 		return 0, nil, false
 	}
-	if g := binary.LittleEndian.Uint64(b[56:]); g != gen && g != gen+1 {
+	if !journalGenOf(b, gen) {
 		return 0, nil, false
 	}
 	ep = binary.LittleEndian.Uint64(b[48:])
@@ -541,6 +541,14 @@ func decodeJournal(b []byte, uuid, boot [16]byte, gen uint64) (ep uint64, recs [
 func journalHeaderOK(b []byte, uuid, boot [16]byte) bool {
 	v, ok := journalHeaderVersion(b, uuid, boot)
 	return ok && v == journalVersion
+}
+
+// journalGenOf reports whether the journal header b names the log's
+// generation gen or the next (a journal carried on with a checkpoint,
+// carryJournal).
+func journalGenOf(b []byte, gen uint64) bool {
+	g := binary.LittleEndian.Uint64(b[56:])
+	return g == gen || g == gen+1
 }
 
 // journalHeaderVersion reports whether b starts with a journal header of
@@ -586,8 +594,7 @@ func (s *Store) refuseOtherJournalVersion() error {
 			return nil
 		}
 		v, ok := journalHeaderVersion(b, s.hdr.UUID, s.boot)
-		g := binary.LittleEndian.Uint64(b[56:])
-		if !ok || v == journalVersion || g != s.openGen && g != s.openGen+1 {
+		if !ok || v == journalVersion || !journalGenOf(b, s.openGen) {
 			return nil
 		}
 		return corruptf("kill journal %s holds writes of version %d, which this csi-snap (version %d) cannot redo: open the store with the csi-snap that wrote it", name, v, journalVersion)
@@ -612,7 +619,7 @@ func (s *Store) carryJournal(gen uint64) error {
 		if err := readFull(f, h, 0); err != nil || !journalHeaderOK(h, s.hdr.UUID, boot) {
 			return err
 		}
-		if g := binary.LittleEndian.Uint64(h[56:]); g != s.openGen && g != s.openGen+1 {
+		if !journalGenOf(h, s.openGen) {
 			return nil
 		}
 		binary.LittleEndian.PutUint64(h[56:], gen)

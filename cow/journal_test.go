@@ -527,16 +527,26 @@ func TestKillJournalKilledOpen(t *testing.T) {
 	}
 }
 
+// killedAfterWrite makes a held store with one snapshotted volume "v",
+// writes b to every byte of its chunk 0 so that the kill journal holds the
+// write, kills the store and returns its directory.
+func killedAfterWrite(t *testing.T, b byte) string {
+	t.Helper()
+	const cs = 4096
+	dir, s, fs, h := heldStore(t)
+	v := snapVol(t, s, 4*cs, cs)
+	armQuiet(t, s, h)
+	returnsSoon(t, "write", func() error { _, err := v.WriteAt(fill(cs, b), 0); return err })
+	killStore(fs, h)
+	return dir
+}
+
 // TestKillJournalNoBootID: an Open that cannot tell a restart from a
 // reboot ignores the journal and empties it, so a later Open that can tell
 // never redoes records over writes made in between.
 func TestKillJournalNoBootID(t *testing.T) {
 	const cs = 4096
-	dir, s, fs, h := heldStore(t)
-	v := snapVol(t, s, 4*cs, cs)
-	armQuiet(t, s, h)
-	returnsSoon(t, "write A", func() error { _, err := v.WriteAt(fill(cs, 0xA), 0); return err })
-	killStore(fs, h)
+	dir := killedAfterWrite(t, 0xA)
 
 	real := readBootID
 	readBootID = func() ([16]byte, bool) { return [16]byte{}, false }
@@ -573,11 +583,7 @@ func TestKillJournalNoBootID(t *testing.T) {
 // to the new generation with the checkpoint.
 func TestKillJournalOpenCheckpoint(t *testing.T) {
 	const cs = 4096
-	dir, s, fs, h := heldStore(t)
-	v := snapVol(t, s, 4*cs, cs)
-	armQuiet(t, s, h)
-	returnsSoon(t, "write A", func() error { _, err := v.WriteAt(fill(cs, 0xA), 0); return err })
-	killStore(fs, h)
+	dir := killedAfterWrite(t, 0xA)
 
 	// An Open that loads, checkpoints (as load does after reaping an
 	// orphan or for a long tail), and dies before its journal redo.
