@@ -379,8 +379,9 @@ func readHolderRequest(c *net.UnixConn) (holderMsg, error) {
 }
 
 // holderPromptRead is how long the accept loop waits for a request before
-// it leaves the reading to a goroutine; holderRequestTimeout bounds a
-// request's connection from its accept (its answer included).
+// it leaves the reading to a goroutine; holderRequestTimeout bounds the
+// wait for a request from its accept, and then its answer from the start
+// of serving (serveHolderConn sets it again).
 const (
 	holderPromptRead     = 50 * time.Millisecond
 	holderRequestTimeout = 5 * time.Second
