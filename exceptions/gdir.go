@@ -331,9 +331,12 @@ func touchLines(w unsafe.Pointer, m uint64) {
 // search returns the index of the last of the n >= 1 records of the block
 // at w whose origin offset (wo bits) is <= off; record 0's is 0.
 //
-// It is branch-free: the step is added under a mask made from the borrow
+// Byte-aligned widths (originWidth) take countLE16 or searchFixed; the
+// loop below, for other widths, reads bit fields. Neither search branches
+// on a loaded origin: the step is added under a mask made from the borrow
 // of off - v, not a branch the CPU would mispredict half the time, each
-// misprediction serializing the loads after it.
+// misprediction serializing the loads after it. (The switch branches on
+// the block's width, which the blocks of one index nearly all share.)
 func search(w unsafe.Pointer, n, wo uint, off uint64) uint {
 	switch {
 	case wo == 16 && n <= 64 && haveAVX512:
