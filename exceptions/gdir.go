@@ -280,6 +280,15 @@ func gmake(p *uint64) unsafe.Pointer {
 }
 
 // gptr returns the block's word 0 from a gdir entry.
+// gpick returns e0 if before is 1, e1 if it is 0: Lookup's choice between
+// entries k and k+1 (lookup16 makes it with a conditional move).
+func gpick(e0, e1 unsafe.Pointer, before uint64) unsafe.Pointer {
+	if before != 0 {
+		return e0
+	}
+	return e1
+}
+
 func gptr(e unsafe.Pointer) *uint64 {
 	return (*uint64)(unsafe.Pointer(uintptr(e) &^ 7))
 }

@@ -271,32 +271,56 @@ func (x *Index) Lookup(c Chunk) (Chunk, bool) {
 		}
 		return 0, false
 	}
+	if cow, ok, sure := x.lookupDir(c); sure {
+		return cow, ok
+	}
+	s, b := x.locate(c)
+	if s < 0 {
+		return 0, false
+	}
+	k := x.blk(s, b)
+	r := k.run(k.find(c))
+	if d := uint64(c - r.Origin); d < r.Len {
+		return r.COW + Chunk(d), true
+	}
+	return 0, false
+}
+
+// lookupDir is Lookup through gdir: sure is false when the answer needs the
+// segment path (c outside gdir's range, or not inside the block chosen or
+// before its last record; see gdir).
+func (x *Index) lookupDir(c Chunk) (cow Chunk, ok, sure bool) {
 	// c == MaxUint64 is never mapped, and would match gnone's first.
 	if k := uint64(c-x.gbase) >> x.gshift; c >= x.gbase && k < uint64(x.gsize()) && c < math.MaxUint64 {
 		if sp := x.gsplit; len(sp) > 0 {
 			// The owner of bucket k+1 when it starts at or before c, else
 			// the owner of bucket k: gsplit says which without a load from
 			// either block, so only the chosen one's lines are fetched
-			// (prefetched, so nothing waits on them but the search).
+			// (prefetched, so nothing waits on them but the search). Both
+			// entries are loaded before the split is known (they share a
+			// line 7 times in 8), so the gdir and gsplit misses overlap
+			// instead of following each other; lookup16 chooses between
+			// them with a conditional move.
 			_, before := bits.Sub64(uint64(c-x.gbase)&(1<<x.gshift-1), uint64(sp[k]), 0)
-			e := x.gdir[k+1-before]
+			e0, e1 := x.gdir[k], x.gdir[k+1]
 			if haveAVX512 {
-				switch cow, res := lookup16(e, uint64(c)); res {
+				switch cow, res := lookup16(e0, e1, before, uint64(c)); res {
 				case 1:
-					return Chunk(cow), true
+					return Chunk(cow), true, true
 				case 2:
-					return 0, false
+					return 0, false, true
 				case 0:
-					if cow, ok, sure := lookupBlock(gptr(e), c); sure {
-						return cow, ok
+					if cow, ok, sure := lookupBlock(gptr(gpick(e0, e1, before)), c); sure {
+						return cow, ok, true
 					}
 				}
 			} else {
+				e := gpick(e0, e1, before)
 				p := gptr(e)
 				prefetchLines(unsafe.Pointer(p), uintptr(e)&7)
 				if Chunk(*p) <= c {
 					if cow, ok, sure := lookupBlock(p, c); sure {
-						return cow, ok
+						return cow, ok, true
 					}
 				}
 			}
@@ -317,21 +341,12 @@ func (x *Index) Lookup(c Chunk) (Chunk, bool) {
 			if f := f0 ^ (f0^f1)&(b-1); Chunk(f) <= c {
 				p := gptr(x.gdir[k+1-b])
 				if cow, ok, sure := lookupBlock(p, c); sure {
-					return cow, ok
+					return cow, ok, true
 				}
 			}
 		}
 	}
-	s, b := x.locate(c)
-	if s < 0 {
-		return 0, false
-	}
-	k := x.blk(s, b)
-	r := k.run(k.find(c))
-	if d := uint64(c - r.Origin); d < r.Len {
-		return r.COW + Chunk(d), true
-	}
-	return 0, false
+	return 0, false, false
 }
 
 // Insert maps origin chunk to cow. It returns ErrMapped if origin is already

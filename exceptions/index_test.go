@@ -659,6 +659,74 @@ func TestSearchPaths(t *testing.T) {
 	}
 }
 
+// TestDirectoryAnswersMapped: on a dense index, every mapped chunk is
+// answered by lookupDir, Lookup's path through gdir, with and without
+// AVX-512. A wrong choice between entries k and k+1 (a split read the
+// wrong way round, or a select inverted in lookup16) still gives right
+// answers, through the segment path, so the model tests cannot see it;
+// this test can.
+func TestDirectoryAnswersMapped(t *testing.T) {
+	for _, avx := range []bool{true, false} {
+		if avx && !haveAVX512 {
+			t.Log("no AVX-512 here: only the plain search runs")
+			continue
+		}
+		t.Run(fmt.Sprintf("avx512=%v", avx), func(t *testing.T) {
+			defer func(old bool) { haveAVX512 = old }(haveAVX512)
+			haveAVX512 = avx
+			rng := rand.New(rand.NewPCG(7, 11))
+			x := New()
+			want := map[Chunk]Chunk{}
+			for len(want) < 100_000 {
+				// Even COW numbers: no two runs join, every run is one chunk.
+				o, cow := Chunk(rng.Uint64N(1<<21)), Chunk(2*len(want))
+				if x.Insert(o, cow) == nil {
+					want[o] = cow
+				}
+			}
+			x.flush()
+			if err := x.check(); err != nil {
+				t.Fatal(err)
+			}
+			if len(x.gsplit) == 0 {
+				t.Fatal("no gsplit: the index is not the dense shape this test is for")
+			}
+			// owner is the block that holds chunk c, or owns bucket k: the
+			// last one whose first origin is at or before it.
+			owner := func(c Chunk) *uint64 {
+				s, b := x.locate(c)
+				return x.blk(s, b).p
+			}
+			var inRange, unsure int
+			for o, cow := range want {
+				k := int(uint64(o-x.gbase) >> x.gshift)
+				if o < x.gbase || k >= x.gsize() {
+					continue
+				}
+				inRange++
+				got, ok, sure := x.lookupDir(o)
+				switch {
+				case sure && (!ok || got != cow):
+					t.Fatalf("lookupDir(%d) = %d, %v; want %d", o, got, ok, cow)
+				case sure:
+				case owner(o) == owner(x.gstart(k)) || k+1 < x.gsize() && owner(o) == owner(x.gstart(k+1)):
+					// By design (see gdir), only a chunk whose block owns
+					// neither bucket k nor bucket k+1 (it starts inside
+					// bucket k after another block, or inside the last
+					// bucket) may need the segment path.
+					t.Fatalf("chunk %d, in a block gdir entry %d or %d names, not answered through gdir", o, k, k+1)
+				default:
+					unsure++
+				}
+			}
+			if inRange < len(want)*99/100 {
+				t.Fatalf("only %d of %d mapped chunks in gdir's range", inRange, len(want))
+			}
+			t.Logf("%d mapped chunks in gdir's range, %d of them in blocks that own no bucket", inRange, unsure)
+		})
+	}
+}
+
 // TestBackwardFillKeepsSplit moves the first block's lone run down inside
 // its gdir bucket (InsertRun's backward-fill shortcut, which changes the
 // block's first origin without going through setFirst) after removes have

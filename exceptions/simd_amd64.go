@@ -19,8 +19,8 @@ func prefetchLines(p unsafe.Pointer, n uintptr)
 //go:noescape
 func countLE16(a unsafe.Pointer, n uint, off uint64) uint
 
-// lookup16 is lookupBlock for the block of gdir entry e, which Lookup
-// chose for c, when it is the common block: origin offsets of 16 bits (see
+// lookup16 is lookupBlock for the block of gdir entry e0 if before is 1,
+// else e1 (gpick, here a conditional move), which Lookup chose for c, when it is the common block: origin offsets of 16 bits (see
 // originWidth), at most 64 records, at most 8 lines (all of them
 // prefetched from e's count, see gmake); only with haveAVX512. It
 // prefetches the block's lines, then answers res:
@@ -36,7 +36,7 @@ func countLE16(a unsafe.Pointer, n uint, off uint64) uint
 // "Lookup in one block, with an AVX-512 search").
 //
 //go:noescape
-func lookup16(e unsafe.Pointer, c uint64) (cow, res uint64)
+func lookup16(e0, e1 unsafe.Pointer, before, c uint64) (cow, res uint64)
 
 func cpuid(eaxArg, ecxArg uint32) (eax, ebx, ecx, edx uint32)
 func xgetbv() (eax uint32)

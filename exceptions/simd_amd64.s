@@ -89,9 +89,12 @@ TEXT ·xgetbv(SB), NOSPLIT, $0-4
 // Lookup's block search for the common block, in one call (see
 // lookupBlock16 in simd_amd64.go). Registers: SI block word 0, BX c then
 // its offset, DX the meta word, R8 n, R10 the record, R11 wc, R12 wl.
-TEXT ·lookup16(SB), NOSPLIT|NOFRAME, $0-32
-	MOVQ e+0(FP), SI
-	MOVQ c+8(FP), BX
+TEXT ·lookup16(SB), NOSPLIT|NOFRAME, $0-48
+	MOVQ e1+8(FP), SI
+	MOVQ before+16(FP), AX
+	TESTQ AX, AX
+	CMOVQNE e0+0(FP), SI
+	MOVQ c+24(FP), BX
 	MOVQ SI, CX
 	ANDQ $7, CX
 	ANDQ $-8, SI
@@ -166,8 +169,8 @@ cow:
 	FIELD(R11)
 	ADDQ 8(SI), R9
 	ADDQ BX, R9
-	MOVQ R9, cow+16(FP)
-	MOVQ $1, res+24(FP)
+	MOVQ R9, cow+32(FP)
+	MOVQ $1, res+40(FP)
 	RET
 
 past:
@@ -176,16 +179,16 @@ past:
 	INCQ R10
 	CMPQ R10, R8
 	JAE segment
-	MOVQ $0, cow+16(FP)
-	MOVQ $2, res+24(FP)
+	MOVQ $0, cow+32(FP)
+	MOVQ $2, res+40(FP)
 	RET
 
 other:
-	MOVQ $0, cow+16(FP)
-	MOVQ $0, res+24(FP)
+	MOVQ $0, cow+32(FP)
+	MOVQ $0, res+40(FP)
 	RET
 
 segment:
-	MOVQ $0, cow+16(FP)
-	MOVQ $3, res+24(FP)
+	MOVQ $0, cow+32(FP)
+	MOVQ $3, res+40(FP)
 	RET

@@ -17,7 +17,7 @@ func prefetchLines(p unsafe.Pointer, n uintptr) {
 }
 
 // lookup16 is never called: haveAVX512 is false.
-func lookup16(e unsafe.Pointer, c uint64) (cow, res uint64) {
+func lookup16(e0, e1 unsafe.Pointer, before, c uint64) (cow, res uint64) {
 	panic("exceptions: lookup16 without AVX-512")
 }
 
