@@ -84,8 +84,13 @@
 //     an ascending load adds a quarter of the blocks past its range; until
 //     then chunks past its range, and chunks in buckets more than 8 past a
 //     block's first (sparse regions), take the segment path (a few more
-//     misses), as do the rare chunks past a block's last run when another
-//     block starts in the same bucket. Its per-bucket split (gsplit) exists
+//     misses), as do the rare chunks of a block that owns no bucket (it
+//     starts inside a bucket after another block does, or inside the last
+//     bucket: 10 of 100,000 chunks in TestDirectoryAnswersMapped). The
+//     split and both candidate entries are loaded together and lookup16
+//     chooses with a conditional move, so the split adds no miss to the
+//     chain (loading the entry the split names cost 1.09 times the time,
+//     BENCHMARKS.md). Its per-bucket split (gsplit) exists
 //     only for buckets of at most 2^15 chunks; a sparser index loads both
 //     candidate blocks' headers and searches in Go, as every lookup did
 //     before gsplit and lookup16 (about 1.7 times the time at 10 million
