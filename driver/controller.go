@@ -99,6 +99,42 @@ func volumeSize(r *csi.CapacityRange, floor int64) (int64, error) {
 // would be made and then fail every NodeStageVolume.
 const xfsMinSize = 300 << 20
 
+// ext4MinSize is the smallest volume CreateVolume makes for ext4 (and for
+// any mount whose fs_type is empty, which means ext4): mkfs.ext4 (e2fsprogs
+// 1.47.0, Debian 12) refuses a 4096-byte-sector loop device below 224 KiB
+// ("Not enough space to build proposed filesystem"), so a smaller volume
+// would be made and then fail every NodeStageVolume, as xfsMinSize says.
+// 1 MiB, not 224 KiB: a round size with room for other e2fsprogs versions,
+// far below any claim a pod can use. Block volumes have no minimum.
+const ext4MinSize = 1 << 20
+
+// fsMinSize returns the smallest size CreateVolume makes a volume at for
+// the filesystems it may be staged with: xfsMinSize when xfs may be asked
+// (wantsXFS), ext4MinSize for any other filesystem (the fstype parameter,
+// or a mount capability), 0 for a raw block volume.
+func fsMinSize(param string, caps []*csi.VolumeCapability) int64 {
+	if wantsXFS(param, caps) {
+		return xfsMinSize
+	}
+	if param != "" {
+		return ext4MinSize
+	}
+	for _, c := range caps {
+		if c.GetMount() != nil {
+			return ext4MinSize
+		}
+	}
+	return 0
+}
+
+// fsMinName names the filesystem of fsMinSize's answer, for messages.
+func fsMinName(min int64) string {
+	if min == xfsMinSize {
+		return "xfs"
+	}
+	return "ext4"
+}
+
 // wantsXFS reports whether a volume may be staged with xfs: the fstype
 // parameter says so, or (external-provisioner passes the StorageClass's
 // fstype there) a mount capability does, which NodeStageVolume prefers to
@@ -313,9 +349,10 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 			v.SourceVolumeID != srcVolID || v.Labels[labelFSType] != fs {
 			return nil, statusf(codes.AlreadyExists, "volume %q exists as %s with a different size, source or fstype", name, v.ID)
 		}
-		if v.Size < xfsMinSize && wantsXFS(fs, req.GetVolumeCapabilities()) {
-			// Made before xfs volumes were made at least this large.
-			return nil, statusf(codes.AlreadyExists, "volume %q exists as %s of %d bytes, too small for xfs (at least %d)", name, v.ID, v.Size, xfsMinSize)
+		if min := fsMinSize(fs, req.GetVolumeCapabilities()); v.Size < min {
+			// Made before volumes for a filesystem were made at least
+			// this large.
+			return nil, statusf(codes.AlreadyExists, "volume %q exists as %s of %d bytes, too small for %s (at least %d)", name, v.ID, v.Size, fsMinName(min), min)
 		}
 		// Without the parameter any chunk size is compatible: the engine
 		// chose it.
@@ -347,11 +384,11 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	if err != nil {
 		return nil, err
 	}
-	if size < xfsMinSize && wantsXFS(fs, req.GetVolumeCapabilities()) {
-		if lim := req.GetCapacityRange().GetLimitBytes(); lim > 0 && lim < xfsMinSize {
-			return nil, statusf(codes.OutOfRange, "limit_bytes %d is below %d bytes (300 MiB), the smallest xfs filesystem mkfs.xfs makes", lim, xfsMinSize)
+	if min := fsMinSize(fs, req.GetVolumeCapabilities()); size < min {
+		if lim := req.GetCapacityRange().GetLimitBytes(); lim > 0 && lim < min {
+			return nil, statusf(codes.OutOfRange, "limit_bytes %d is below %d bytes, the smallest %s volume csi-snap makes (mkfs.%[3]s refuses smaller devices)", lim, min, fsMinName(min))
 		}
-		size = xfsMinSize
+		size = min
 	}
 	id, err := newID(volumePrefix, d.tag)
 	if err != nil {
@@ -612,12 +649,9 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (
 	// volume or snapshot here: one an earlier version made at 16 TiB may be
 	// restored or cloned at its size (volumeSize). minimum_volume_size: a
 	// limit_bytes below one block leaves no size, below 300 MiB no xfs
-	// volume (xfsMinSize).
+	// volume (xfsMinSize), below 1 MiB no ext4 volume (ext4MinSize).
 	limit := int64(cow.MaxVolumeSize)
-	minSize := int64(blockSize)
-	if wantsXFS(params.fsType, req.GetVolumeCapabilities()) {
-		minSize = xfsMinSize
-	}
+	minSize := max(int64(blockSize), fsMinSize(params.fsType, req.GetVolumeCapabilities()))
 	for _, v := range d.opt.Store.Volumes() {
 		limit = max(limit, v.Size)
 	}

@@ -33,11 +33,11 @@ import (
 
 func TestCreateVolumeIdempotentByName(t *testing.T) {
 	e := newEnv(t)
-	a := e.createVolume(t, "pvc-1", 5000)
-	if a.CapacityBytes != 8192 {
-		t.Fatalf("capacity %d, want 5000 rounded up to 8192", a.CapacityBytes)
+	a := e.createVolume(t, "pvc-1", 1<<20+5000)
+	if a.CapacityBytes != 1<<20+8192 {
+		t.Fatalf("capacity %d, want 1 MiB + 5000 rounded up to 1 MiB + 8192", a.CapacityBytes)
 	}
-	b := e.createVolume(t, "pvc-1", 5000)
+	b := e.createVolume(t, "pvc-1", 1<<20+5000)
 	if a.VolumeId != b.VolumeId {
 		t.Fatalf("same name gave two volumes: %s %s", a.VolumeId, b.VolumeId)
 	}
@@ -2744,5 +2744,42 @@ func TestStageMountNotSeenHere(t *testing.T) {
 		VolumeCapability: mountCap()})
 	if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), "Bidirectional") {
 		t.Fatalf("stage whose mount this process does not see: %v, want Internal naming the propagation", err)
+	}
+}
+
+// TestStageRefusesTooSmallForMkfs: a blank volume below mkfs's minimum for
+// the filesystem asked (a block volume staged for a mount, or one made
+// before CreateVolume raised filesystem volumes to the minimum) answers
+// FailedPrecondition naming the minimum, not mkfs's Internal, and leaves
+// nothing staged.
+func TestStageRefusesTooSmallForMkfs(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	xfsCap := &csi.VolumeCapability{
+		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: "xfs"}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+	}
+	for _, c := range []struct {
+		name string
+		size int64
+		cap  *csi.VolumeCapability
+		want string
+	}{
+		{"ext4", 64 << 10, mountCap(), "too few for ext4"},
+		{"xfs", 64 << 20, xfsCap, "too few for xfs"},
+	} {
+		r, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "small-" + c.name, CapacityRange: &csi.CapacityRange{RequiredBytes: c.size},
+			VolumeCapabilities: []*csi.VolumeCapability{blockCap()}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		staging := filepath.Join(t.TempDir(), "staging")
+		_, err = e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: r.Volume.VolumeId, StagingTargetPath: staging, VolumeCapability: c.cap})
+		if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("stage of a blank %d-byte volume for %s: %v; want FailedPrecondition saying %q", c.size, c.name, err, c.want)
+		}
+		if mps, _ := e.fm.List(); len(mps) != 0 {
+			t.Errorf("stage refused for %s left mounts: %v", c.name, mps)
+		}
 	}
 }

@@ -599,16 +599,18 @@ func TestBadInput(t *testing.T) {
 	}
 }
 
-// TestCreateXFSMinimumSize: mkfs.xfs makes nothing below 300 MiB, so a
-// volume that may be staged with xfs (by the fstype parameter, or by a mount
-// capability, where external-provisioner puts the StorageClass's fstype and
-// which NodeStageVolume prefers) is made at least that large, and a limit
-// below it is OutOfRange; other volumes, and xfs volumes asked larger or
-// without a size, keep the size they would have; a repeated request finds
-// the volume made, and one for xfs that finds a smaller volume of the name
-// is AlreadyExists. ValidateVolumeCapabilities does not confirm xfs on a
-// smaller volume, and GetCapacity gives 300 MiB as the minimum for xfs.
-func TestCreateXFSMinimumSize(t *testing.T) {
+// TestCreateFilesystemMinimumSize: mkfs.xfs makes nothing below 300 MiB,
+// mkfs.ext4 nothing below 224 KiB, so a volume that may be staged with xfs
+// (by the fstype parameter, or by a mount capability, where
+// external-provisioner puts the StorageClass's fstype and which
+// NodeStageVolume prefers) is made at least 300 MiB large, any other
+// filesystem volume at least 1 MiB, and a limit below it is OutOfRange;
+// block volumes, and volumes asked larger or without a size, keep the size
+// they would have; a repeated request finds the volume made, and one for a
+// filesystem that finds a smaller volume of the name is AlreadyExists.
+// ValidateVolumeCapabilities does not confirm xfs on a smaller volume, and
+// GetCapacity gives each minimum.
+func TestCreateFilesystemMinimumSize(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
 	xfsCap := &csi.VolumeCapability{
@@ -616,31 +618,37 @@ func TestCreateXFSMinimumSize(t *testing.T) {
 		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
 	}
 	fsParam := func(fs string) map[string]string { return map[string]string{"csi.storage.k8s.io/fstype": fs} }
-	const minXFS = 300 << 20
+	const minXFS, minExt4 = 300 << 20, 1 << 20
 	for _, c := range []struct {
 		name          string
 		caps          []*csi.VolumeCapability
 		params        map[string]string
 		required, lim int64
-		want          int64 // 0: OutOfRange
+		want          int64 // 0: OutOfRange, naming mkfs
+		mkfs          string
 	}{
-		{"by-capability", []*csi.VolumeCapability{xfsCap}, nil, 64 << 20, 0, minXFS},
-		{"by-parameter", []*csi.VolumeCapability{mountCap()}, fsParam("xfs"), 64 << 20, 0, minXFS},
-		{"limit-allows", []*csi.VolumeCapability{xfsCap}, nil, 64 << 20, 1 << 30, minXFS},
-		{"limit-too-low", []*csi.VolumeCapability{xfsCap}, nil, 64 << 20, 100 << 20, 0},
-		{"capability-over-ext4-parameter", []*csi.VolumeCapability{xfsCap}, fsParam("ext4"), 64 << 20, 0, minXFS},
-		{"no-size", []*csi.VolumeCapability{xfsCap}, nil, 0, 0, 1 << 30},
-		{"limit-only", []*csi.VolumeCapability{xfsCap}, nil, 0, 512 << 20, 512 << 20},
-		{"larger", []*csi.VolumeCapability{xfsCap}, nil, 400 << 20, 0, 400 << 20},
-		{"ext4", []*csi.VolumeCapability{mountCap()}, nil, 64 << 20, 0, 64 << 20},
-		{"block", []*csi.VolumeCapability{blockCap()}, nil, 64 << 20, 0, 64 << 20},
+		{"by-capability", []*csi.VolumeCapability{xfsCap}, nil, 64 << 20, 0, minXFS, ""},
+		{"by-parameter", []*csi.VolumeCapability{mountCap()}, fsParam("xfs"), 64 << 20, 0, minXFS, ""},
+		{"limit-allows", []*csi.VolumeCapability{xfsCap}, nil, 64 << 20, 1 << 30, minXFS, ""},
+		{"limit-too-low", []*csi.VolumeCapability{xfsCap}, nil, 64 << 20, 100 << 20, 0, "mkfs.xfs"},
+		{"capability-over-ext4-parameter", []*csi.VolumeCapability{xfsCap}, fsParam("ext4"), 64 << 20, 0, minXFS, ""},
+		{"no-size", []*csi.VolumeCapability{xfsCap}, nil, 0, 0, 1 << 30, ""},
+		{"limit-only", []*csi.VolumeCapability{xfsCap}, nil, 0, 512 << 20, 512 << 20, ""},
+		{"larger", []*csi.VolumeCapability{xfsCap}, nil, 400 << 20, 0, 400 << 20, ""},
+		{"ext4", []*csi.VolumeCapability{mountCap()}, nil, 64 << 20, 0, 64 << 20, ""},
+		{"block", []*csi.VolumeCapability{blockCap()}, nil, 64 << 20, 0, 64 << 20, ""},
+		{"ext4-small", []*csi.VolumeCapability{mountCap()}, nil, 4096, 0, minExt4, ""},
+		{"ext4-small-by-parameter", []*csi.VolumeCapability{blockCap()}, fsParam("ext4"), 64 << 10, 0, minExt4, ""},
+		{"ext4-limit-allows", []*csi.VolumeCapability{mountCap()}, nil, 4096, 2 << 20, minExt4, ""},
+		{"ext4-limit-too-low", []*csi.VolumeCapability{mountCap()}, nil, 4096, 64 << 10, 0, "mkfs.ext4"},
+		{"block-small", []*csi.VolumeCapability{blockCap()}, nil, 4096, 0, 4096, ""},
 	} {
 		req := &csi.CreateVolumeRequest{Name: c.name, CapacityRange: &csi.CapacityRange{RequiredBytes: c.required, LimitBytes: c.lim},
 			VolumeCapabilities: c.caps, Parameters: c.params}
 		r, err := e.d.CreateVolume(ctx, req)
 		if c.want == 0 {
-			if status.Code(err) != codes.OutOfRange || !strings.Contains(err.Error(), "mkfs.xfs") {
-				t.Errorf("%s: %v, want OutOfRange naming mkfs.xfs's minimum", c.name, err)
+			if status.Code(err) != codes.OutOfRange || !strings.Contains(err.Error(), c.mkfs) {
+				t.Errorf("%s: %v, want OutOfRange naming %s's minimum", c.name, err, c.mkfs)
 			}
 			continue
 		}
@@ -663,6 +671,12 @@ func TestCreateXFSMinimumSize(t *testing.T) {
 	if status.Code(err) != codes.AlreadyExists {
 		t.Errorf("the 64 MiB volume's name asked again for xfs: %v, %v; want AlreadyExists", small, err)
 	}
+	// The 4 KiB block volume, asked again (same name) for a mount.
+	tiny, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "block-small", CapacityRange: &csi.CapacityRange{RequiredBytes: 4096},
+		VolumeCapabilities: []*csi.VolumeCapability{mountCap()}})
+	if status.Code(err) != codes.AlreadyExists || !strings.Contains(err.Error(), "ext4") {
+		t.Errorf("the 4 KiB block volume's name asked again for a mount: %v, %v; want AlreadyExists naming ext4", tiny, err)
+	}
 	id := ""
 	if vols, err := e.d.ListVolumes(ctx, &csi.ListVolumesRequest{}); err == nil {
 		for _, v := range vols.Entries {
@@ -679,7 +693,8 @@ func TestCreateXFSMinimumSize(t *testing.T) {
 		caps   []*csi.VolumeCapability
 		params map[string]string
 		want   int64
-	}{{[]*csi.VolumeCapability{xfsCap}, nil, minXFS}, {nil, fsParam("xfs"), minXFS}, {[]*csi.VolumeCapability{mountCap()}, nil, 4096}} {
+	}{{[]*csi.VolumeCapability{xfsCap}, nil, minXFS}, {nil, fsParam("xfs"), minXFS}, {[]*csi.VolumeCapability{mountCap()}, nil, minExt4},
+		{nil, fsParam("ext4"), minExt4}, {[]*csi.VolumeCapability{blockCap()}, nil, 4096}} {
 		gc, err := e.d.GetCapacity(ctx, &csi.GetCapacityRequest{VolumeCapabilities: c.caps, Parameters: c.params})
 		if err != nil || gc.MinimumVolumeSize.GetValue() != c.want {
 			t.Errorf("GetCapacity(%v, %v): %v, %v; want minimum_volume_size %d", c.caps, c.params, gc, err, c.want)

@@ -887,6 +887,13 @@ func (d *Driver) planMount(id string, v VolumeInfo, dev string, c *csi.VolumeCap
 		}
 		flags = append(slices.Clone(flags), "ro")
 	}
+	if existing == "" && fstype == "ext4" && v.Size < ext4MinSize {
+		// mkfs.ext4 would refuse it (Internal) below 224 KiB; CreateVolume
+		// makes mount volumes at least ext4MinSize, so this one was made
+		// by an older version. A smaller one that holds a filesystem
+		// already (formatted by that version) mounts as before.
+		return mountPlan{}, statusf(codes.FailedPrecondition, "volume %s has %d bytes, too few for ext4 (at least %d): make a larger volume", id, v.Size, ext4MinSize)
+	}
 	// A fresh cow volume reads as zeros, so discarding it at mkfs time only
 	// costs a pass of FALLOCATE requests through FUSE.
 	var formatOpts []string

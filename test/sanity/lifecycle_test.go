@@ -291,3 +291,47 @@ func TestLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestSmallFilesystemClaim: a claim smaller than mkfs.ext4 can format (it
+// refuses a 4 KiB-sector device below 224 KiB) is made at ext4's minimum,
+// 1 MiB, which GetCapacity reports, and stages and takes a file with the
+// real mkfs; a block claim of 4 KiB keeps its size. Before, the ext4 volume
+// was made at 4 KiB and every stage answered Internal.
+func TestSmallFilesystemClaim(t *testing.T) {
+	dir, cc := runPlugin(t)
+	ctx := context.Background()
+	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
+	gc, err := ctrl.GetCapacity(ctx, &csi.GetCapacityRequest{VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}})
+	if err != nil || gc.GetMinimumVolumeSize().GetValue() != 1<<20 {
+		t.Fatalf("GetCapacity for ext4: %v, %v; want minimum_volume_size 1 MiB", gc, err)
+	}
+	for _, c := range []struct {
+		name string
+		cap  *csi.VolumeCapability
+		want int64
+	}{{"small-ext4", ext4Cap(), 1 << 20}, {"small-block", blockCap(), 4096}} {
+		r, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: c.name, CapacityRange: &csi.CapacityRange{RequiredBytes: 4096},
+			VolumeCapabilities: []*csi.VolumeCapability{c.cap}})
+		if err != nil || r.Volume.CapacityBytes != c.want {
+			t.Fatalf("%s: CreateVolume of 4096 bytes: %v, %v; want %d bytes", c.name, r, err, c.want)
+		}
+	}
+	r, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "small-ext4", CapacityRange: &csi.CapacityRange{RequiredBytes: 4096},
+		VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, staging, target := r.Volume.VolumeId, filepath.Join(dir, "s"), filepath.Join(dir, "t")
+	stageAndPublish(t, node, id, staging, target)
+	want := bytes.Repeat([]byte("small "), 10000)
+	writeFile(t, filepath.Join(target, "f"), want)
+	if got, err := os.ReadFile(filepath.Join(target, "f")); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("read back from the 1 MiB ext4 volume: %d bytes, %v", len(got), err)
+	}
+	if _, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		t.Fatal(err)
+	}
+}
