@@ -1144,6 +1144,18 @@ func (d *Driver) dropStageRecord(id, staging string) error {
 // dropStageRecords removes all of id's stage records.
 func (d *Driver) dropStageRecords(id string) error { return os.RemoveAll(d.stageRecords(id)) }
 
+// stagedAt reports whether a finished stage of volume id at path is
+// recorded in this boot (see stageRecord).
+func (d *Driver) stagedAt(id, path string) bool {
+	b, err := os.ReadFile(d.stageRecord(id, path))
+	if err != nil {
+		return false
+	}
+	recBoot, _, ok := strings.Cut(string(b), "\n")
+	boot := bootID()
+	return ok && (boot == "" || recBoot == boot)
+}
+
 // otherStages returns the staging paths, other than staging (however
 // spelled), of the finished stages of volume id recorded in this boot
 // while its device is attached (see stageRecord).
@@ -1529,6 +1541,12 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if err := d.checkPath("staging_target_path", staging); err != nil {
 		return nil, err
 	}
+	if resolvedPath(target) == resolvedPath(staging) {
+		// The stage's own mount would be taken for a publish already
+		// made (OK, with nothing published), and its unpublish would
+		// unmount the stage.
+		return nil, statusf(codes.InvalidArgument, "target_path %s is the staging_target_path: a volume is published at a path of its own", target)
+	}
 	// The target too: two volumes published at one new target at once
 	// would both find it free and stack their binds.
 	tkey := targetKey(target)
@@ -1815,6 +1833,13 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 		return nil, statusf(codes.Aborted, "an operation on volume %s or at %s is in progress", id, target)
 	}
 	defer d.locks.unlock(id, tkey)
+	if d.stagedAt(id, target) {
+		// Unmounting there would take the stage away from under its
+		// publishes while the CO still counts the volume staged.
+		// (The converse, an unstage at a publish target, is refused by
+		// NodeUnstageVolume.)
+		return nil, statusf(codes.FailedPrecondition, "%s is a staging path of volume %s: NodeUnstageVolume unstages it, not NodeUnpublishVolume", target, id)
+	}
 	if err := d.unmount(target, id, true); err != nil {
 		return nil, err
 	}

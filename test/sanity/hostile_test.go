@@ -24,7 +24,9 @@ import (
 // file was at target_path (the store's data files among them: the plugin
 // then did not start), and an unstage or unpublish of one volume unmounted
 // another's; a publish again at the same target with other mount flags or
-// another access mode answered OK without them. A second audit added the
+// another access mode answered OK without them; a publish whose target was
+// its own staging path answered OK with nothing published, and an
+// unpublish there unmounted the stage. A second audit added the
 // mounts that only look like a volume's: a loop device that is no
 // volume's, a tmpfs whose source is named like the volume's device, the
 // data directory bound at another path, a symlink to a staging path, a
@@ -191,6 +193,9 @@ func TestNodeCallsAtWrongPaths(t *testing.T) {
 		{"unpublish through a symlink to the volume's staging path", unpublish(v1, toStaging), codes.FailedPrecondition},
 		{"unpublish through a symlink, with a trailing slash", unpublish(v1, toStaging+"/"), codes.FailedPrecondition},
 		{"unstage at the volume's publish target (staged at two paths)", unstage(v1, t1), codes.FailedPrecondition},
+		{"publish at the volume's own staging path", publish(v1, s1, s1, ext4Cap()), codes.InvalidArgument},
+		{"unpublish at the volume's staging path", unpublish(v1, s1), codes.FailedPrecondition},
+		{"unpublish at the volume's second staging path", unpublish(v1, s1b), codes.FailedPrecondition},
 		{"unpublish at a path that is not clean", unpublish(v2, filepath.Join(keep, "full")+"/."), codes.InvalidArgument},
 		{"stage under a file", stage(v2, filepath.Join(precious, "x"), ext4Cap()), codes.FailedPrecondition},
 		{"stage of a volume holding ext4 as xfs", stage(v4, s4, xfs), codes.FailedPrecondition},
