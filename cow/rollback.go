@@ -490,7 +490,15 @@ func (v *Volume) rollbackWrite(sn *Snapshot) (RollbackResult, error) {
 		// The volume grew since sn: what it holds past sn's size must read
 		// zeros again. Only its allocated extents need a discard (holes
 		// read zeros already), so this costs the data written there, not
-		// the growth.
+		// the growth. currentAllocated reads the data file's extents, not
+		// the overlay: it relies on every write before the rollback
+		// having been applied to the data file. The rollback record's
+		// commitApply, made under the gate once those writes returned,
+		// ensures it (its batch finishes only after every earlier batch
+		// is applied: commit.go), where the share pass above, which
+		// drains, does not run (clones, noClone volumes);
+		// TestRollbackTailPendingEntry holds a write's apply back across
+		// a Rollback.
 		tail, err := v.currentAllocated(sn.size, size)
 		if err != nil {
 			return res, err
