@@ -2755,10 +2755,6 @@ func TestStageMountNotSeenHere(t *testing.T) {
 func TestStageRefusesTooSmallForMkfs(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
-	xfsCap := &csi.VolumeCapability{
-		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: "xfs"}},
-		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
-	}
 	for _, c := range []struct {
 		name string
 		size int64
@@ -2766,7 +2762,7 @@ func TestStageRefusesTooSmallForMkfs(t *testing.T) {
 		want string
 	}{
 		{"ext4", 64 << 10, mountCap(), "too few for ext4"},
-		{"xfs", 64 << 20, xfsCap, "too few for xfs"},
+		{"xfs", 64 << 20, xfsMountCap(), "too few for xfs"},
 	} {
 		r, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "small-" + c.name, CapacityRange: &csi.CapacityRange{RequiredBytes: c.size},
 			VolumeCapabilities: []*csi.VolumeCapability{blockCap()}})

@@ -52,6 +52,13 @@ func localVolID() string {
 	return fmt.Sprintf("v-%x0123456789abcdef01234567", sum[:4])
 }
 
+// xfsMountCap is mountCap asking for xfs.
+func xfsMountCap() *csi.VolumeCapability {
+	c := mountCap()
+	c.GetMount().FsType = "xfs"
+	return c
+}
+
 func mountCap() *csi.VolumeCapability {
 	return &csi.VolumeCapability{
 		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}},
@@ -613,10 +620,7 @@ func TestBadInput(t *testing.T) {
 func TestCreateFilesystemMinimumSize(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
-	xfsCap := &csi.VolumeCapability{
-		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: "xfs"}},
-		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
-	}
+	xfsCap := xfsMountCap()
 	fsParam := func(fs string) map[string]string { return map[string]string{"csi.storage.k8s.io/fstype": fs} }
 	const minXFS, minExt4 = 300 << 20, 1 << 20
 	for _, c := range []struct {
