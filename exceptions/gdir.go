@@ -279,7 +279,6 @@ func gmake(p *uint64) unsafe.Pointer {
 	return unsafe.Add(unsafe.Pointer(p), min(7, (words*8-1)/64))
 }
 
-// gptr returns the block's word 0 from a gdir entry.
 // gpick returns e0 if before is 1, e1 if it is 0: Lookup's choice between
 // entries k and k+1 (lookup16 makes it with a conditional move).
 func gpick(e0, e1 unsafe.Pointer, before uint64) unsafe.Pointer {
@@ -289,6 +288,7 @@ func gpick(e0, e1 unsafe.Pointer, before uint64) unsafe.Pointer {
 	return e1
 }
 
+// gptr returns the block's word 0 from a gdir entry.
 func gptr(e unsafe.Pointer) *uint64 {
 	return (*uint64)(unsafe.Pointer(uintptr(e) &^ 7))
 }

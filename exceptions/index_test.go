@@ -659,9 +659,11 @@ func TestSearchPaths(t *testing.T) {
 	}
 }
 
-// TestDirectoryAnswersMapped: on a dense index, every mapped chunk is
-// answered by lookupDir, Lookup's path through gdir, with and without
-// AVX-512. A wrong choice between entries k and k+1 (a split read the
+// TestDirectoryAnswersMapped: on a dense index, every mapped chunk of a
+// block that gdir entry k or k+1 names (k the chunk's bucket) is answered
+// by lookupDir, Lookup's path through gdir, with and without AVX-512; only
+// the chunks of a block that owns no bucket may need the segment path.
+// A wrong choice between entries k and k+1 (a split read the
 // wrong way round, or a select inverted in lookup16) still gives right
 // answers, through the segment path, so the model tests cannot see it;
 // this test can.

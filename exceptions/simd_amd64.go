@@ -20,9 +20,10 @@ func prefetchLines(p unsafe.Pointer, n uintptr)
 func countLE16(a unsafe.Pointer, n uint, off uint64) uint
 
 // lookup16 is lookupBlock for the block of gdir entry e0 if before is 1,
-// else e1 (gpick, here a conditional move), which Lookup chose for c, when it is the common block: origin offsets of 16 bits (see
-// originWidth), at most 64 records, at most 8 lines (all of them
-// prefetched from e's count, see gmake); only with haveAVX512. It
+// else e1 (gpick, here a conditional move), which Lookup chose for c, when
+// it is the common block: origin offsets of 16 bits (see originWidth), at
+// most 64 records, at most 8 lines (all of them prefetched from the
+// entry's count, see gmake); only with haveAVX512. It
 // prefetches the block's lines, then answers res:
 //
 //	0: not such a block, and c is at or after its first origin: ask lookupBlock;

@@ -84,10 +84,11 @@ TEXT ·xgetbv(SB), NOSPLIT, $0-4
 	MOVL AX, eax+0(FP)
 	RET
 
-// func lookup16(e unsafe.Pointer, c uint64) (cow, res uint64)
+// func lookup16(e0, e1 unsafe.Pointer, before, c uint64) (cow, res uint64)
 //
-// Lookup's block search for the common block, in one call (see
-// lookupBlock16 in simd_amd64.go). Registers: SI block word 0, BX c then
+// Lookup's block search for the common block, in one call (see lookup16
+// in simd_amd64.go). Registers: SI the entry chosen (e0 if before, else
+// e1), then block word 0, BX c then
 // its offset, DX the meta word, R8 n, R10 the record, R11 wc, R12 wl.
 TEXT ·lookup16(SB), NOSPLIT|NOFRAME, $0-48
 	MOVQ e1+8(FP), SI
