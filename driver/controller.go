@@ -407,7 +407,16 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	case snapID != "":
 		v, err = d.opt.Store.CloneSnapshot(snapID, id, size, opts)
 	case srcVolID != "":
-		v, err = d.opt.Store.CloneVolume(srcVolID, id, size, opts)
+		// A clone is a snapshot's copy made writable: the source's
+		// filesystem, if it is mounted here, is frozen around it as around
+		// CreateSnapshot, or the clone misses what the pod wrote that still
+		// sits in the page cache and needs a journal replay (the lock on
+		// srcVolID, held above, keeps a snapshot's freeze away).
+		err = d.frozen(srcVolID, func() error {
+			var err error
+			v, err = d.opt.Store.CloneVolume(srcVolID, id, size, opts)
+			return err
+		})
 	default:
 		v, err = d.opt.Store.CreateVolume(id, size, opts)
 	}
