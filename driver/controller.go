@@ -806,55 +806,78 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 	return &csi.CreateSnapshotResponse{Snapshot: d.csiSnapshot(s)}, nil
 }
 
-// freezeTarget returns where the filesystem on volume id that a snapshot
-// freezes is mounted: "" when the volume has no device here, is not
-// mounted, or freezing is off.
-func (d *Driver) freezeTarget(id string) (string, error) {
+// quiesce is what a snapshot or clone of a volume attached here does first:
+// freeze its filesystem mounted at mp, or, with none mounted, write back
+// the page cache of its device dev (a pod's buffered writes to a raw
+// block volume), as a device-mapper snapshot's suspend does; neither for a
+// volume not attached here, or with freezing (Freeze, Thaw) or SyncDevice
+// off.
+type quiesce struct{ mp, dev string }
+
+// freezeTarget returns volume id's quiesce.
+func (d *Driver) freezeTarget(id string) (quiesce, error) {
 	dev, ok := d.opt.Frontend.Device(id)
-	if !ok || d.opt.Freeze == nil || d.opt.Thaw == nil {
-		return "", nil
+	if !ok {
+		return quiesce{}, nil
 	}
-	return d.mountpointOf(dev)
+	mp, err := d.mountpointOf(dev)
+	switch {
+	case err != nil:
+		return quiesce{}, err
+	case mp != "" && d.opt.Freeze != nil && d.opt.Thaw != nil:
+		return quiesce{mp: mp}, nil
+	case mp == "" && d.opt.SyncDevice != nil:
+		return quiesce{dev: dev}, nil
+	}
+	return quiesce{}, nil
 }
 
 // frozen runs fn with the filesystem on volume id frozen, when the volume is
-// attached here and mounted somewhere; otherwise it just runs fn.
+// attached here and mounted somewhere, or after its device is written
+// back, when it is attached and not mounted; otherwise it just runs fn.
 func (d *Driver) frozen(id string, fn func() error) error { return d.frozenAll([]string{id}, fn) }
 
-// frozenAll runs fn with the filesystem of every volume in ids frozen (those
-// attached and mounted here), thawing each even when fn or a later freeze
-// fails. Every device to be frozen is taken back first if no one serves it
-// (a freeze writes to it: unserved, the call would never return, holding
-// the volumes' locks), all before the first freeze, so that no member
-// stays frozen while another is taken back.
+// frozenAll runs fn with every volume in ids quiesced (frozen, or its
+// device written back: quiesce), thawing each even when fn or a later
+// freeze fails. Every device to be frozen or written back is taken back
+// first if no one serves it (either writes to it: unserved, the call would
+// never return, holding the volumes' locks), all before the first freeze,
+// so that no member stays frozen while another is taken back.
 func (d *Driver) frozenAll(ids []string, fn func() error) error {
-	mps := make([]string, len(ids))
+	qs := make([]quiesce, len(ids))
 	for i, id := range ids {
-		mp, err := d.freezeTarget(id)
+		q, err := d.freezeTarget(id)
 		if err != nil {
 			return err
 		}
-		if mp != "" {
+		if q != (quiesce{}) {
 			if err := d.takeBack(context.Background(), id); err != nil {
 				return err
 			}
 		}
-		mps[i] = mp
+		qs[i] = q
 	}
-	return d.freezeEach(ids, mps, fn)
+	return d.freezeEach(ids, qs, fn)
 }
 
-func (d *Driver) freezeEach(ids, mps []string, fn func() error) error {
+func (d *Driver) freezeEach(ids []string, qs []quiesce, fn func() error) error {
 	if len(ids) == 0 {
 		return fn()
 	}
-	return d.freezeAt(ids[0], mps[0], func() error { return d.freezeEach(ids[1:], mps[1:], fn) })
+	return d.freezeAt(ids[0], qs[0], func() error { return d.freezeEach(ids[1:], qs[1:], fn) })
 }
 
-// freezeAt runs fn with the filesystem of volume id mounted at mp frozen;
-// with mp "", it just runs fn.
-func (d *Driver) freezeAt(id, mp string, fn func() error) error {
+// freezeAt runs fn with volume id quiesced as q says: its filesystem
+// mounted at q.mp frozen, or its device q.dev written back first; with
+// neither, it just runs fn.
+func (d *Driver) freezeAt(id string, q quiesce, fn func() error) error {
+	mp := q.mp
 	if mp == "" {
+		if q.dev != "" {
+			if err := d.opt.SyncDevice(q.dev); err != nil {
+				return fmt.Errorf("write back %s: %w", q.dev, err)
+			}
+		}
 		return fn()
 	}
 	// The marker outlives a crash between the freeze and the thaw, which

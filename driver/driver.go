@@ -65,6 +65,12 @@ type Options struct {
 	// left to write (the kernel frontend does it in the fuse-holder:
 	// driver/kernel, Frontend.Sync); nil leaves it to the unmount.
 	Sync func(mountpoint string) error
+	// SyncDevice writes back the page cache of an attached device that no
+	// filesystem of ours mounts (fsync of the block device: a pod's
+	// buffered writes to a raw block volume) before a snapshot or clone of
+	// its volume, as Freeze does for a mounted one (the kernel frontend
+	// does it in the fuse-holder, as Sync); nil leaves such writes out.
+	SyncDevice func(dev string) error
 }
 
 // Driver serves the CSI Identity, Controller and Node services.

@@ -2779,3 +2779,49 @@ func TestStageRefusesTooSmallForMkfs(t *testing.T) {
 		}
 	}
 }
+
+// TestSnapshotQuiesces: a snapshot of a volume attached and mounted here
+// freezes its filesystem; of one attached and not mounted (a raw block
+// volume) writes its device back (Options.SyncDevice), and fails if that
+// fails; of one not attached here does neither. A clone of a volume does
+// the same.
+func TestSnapshotQuiesces(t *testing.T) {
+	var calls []string
+	var syncErr error
+	e := newEnv(t, func(o *driver.Options) {
+		o.Freeze = func(mp string) error { calls = append(calls, "freeze "+mp); return nil }
+		o.Thaw = func(mp string) error { calls = append(calls, "thaw "+mp); return nil }
+		o.SyncDevice = func(dev string) error { calls = append(calls, "sync "+dev); return syncErr }
+	})
+	ctx := context.Background()
+	mounted, _, staging := e.mountedVolume(t, "mounted")
+	raw := e.createVolume(t, "raw", 1<<20).VolumeId
+	dev := e.attachMounted(t, raw, "")
+	away := e.createVolume(t, "away", 1<<20).VolumeId
+	for i, c := range []struct {
+		id      string
+		syncErr error
+		want    []string
+		code    codes.Code
+	}{
+		{mounted, nil, []string{"freeze " + staging, "thaw " + staging}, codes.OK},
+		{raw, nil, []string{"sync " + dev}, codes.OK},
+		{raw, errors.New("injected"), []string{"sync " + dev}, codes.Internal},
+		{away, nil, nil, codes.OK},
+	} {
+		for _, clone := range []bool{false, true} {
+			calls, syncErr = nil, c.syncErr
+			var err error
+			if clone {
+				_, err = e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: fmt.Sprint("clone-", i), CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20},
+					VolumeCapabilities:  []*csi.VolumeCapability{mountCap()},
+					VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: c.id}}}})
+			} else {
+				_, err = e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: fmt.Sprint("snap-", i), SourceVolumeId: c.id})
+			}
+			if status.Code(err) != c.code || !slices.Equal(calls, c.want) {
+				t.Errorf("case %d (clone %v): %v, calls %q; want %v, calls %q", i, clone, err, calls, c.code, c.want)
+			}
+		}
+	}
+}

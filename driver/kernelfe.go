@@ -56,6 +56,11 @@ func (k *KernelFrontend) Thaw(mountpoint string) error { return k.f.Thaw(mountpo
 // fuse-holder where it can (kernel.Frontend.Sync), for Options.Sync.
 func (k *KernelFrontend) Sync(mountpoint string) error { return k.f.Sync(mountpoint) }
 
+// SyncDevice writes back the page cache of the attached device dev through
+// the fuse-holder where it can (kernel.Frontend.SyncDevice), for
+// Options.SyncDevice.
+func (k *KernelFrontend) SyncDevice(dev string) error { return k.f.SyncDevice(dev) }
+
 // RunTool runs a filesystem tool's command line in the fuse-holder where
 // it can (kernel.Frontend.RunTool): the ToolRunner for ToolMounter.
 func (k *KernelFrontend) RunTool(ctx context.Context, args []string) (out []byte, exit int, here bool, err error) {

@@ -45,11 +45,11 @@ func openRealEngines(cfg Config) (*engines, error) {
 		st.Close()
 		return nil, err
 	}
-	// Snapshots freeze, unstages write back, and mkfs, mount, umount and
-	// resize2fs run, through the fuse-holder, so that a kill of this
-	// process while they wait on a volume's I/O cannot keep it from
-	// exiting (kernel's holdRun).
-	return &engines{store: st, frontend: fe, freeze: fe.Freeze, thaw: fe.Thaw, sync: fe.Sync, runTool: fe.RunTool}, nil
+	// Snapshots freeze (or write back a raw device), unstages write back,
+	// and mkfs, mount, umount and resize2fs run, through the fuse-holder,
+	// so that a kill of this process while they wait on a volume's I/O
+	// cannot keep it from exiting (kernel's holdRun).
+	return &engines{store: st, frontend: fe, freeze: fe.Freeze, thaw: fe.Thaw, sync: fe.Sync, syncDevice: fe.SyncDevice, runTool: fe.RunTool}, nil
 }
 
 func probeHolder(socket string) error { return kernel.ProbeHolder(socket) }

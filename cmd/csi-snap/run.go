@@ -27,6 +27,7 @@ type engines struct {
 	store              driver.Store
 	frontend           driver.Frontend
 	freeze, thaw, sync func(mountpoint string) error
+	syncDevice         func(dev string) error
 	// runTool runs the filesystem tools elsewhere (driver.ToolMounter);
 	// nil runs them in this process.
 	runTool driver.ToolRunner
@@ -106,7 +107,7 @@ func run(ctx context.Context, cfg Config) (err error) {
 		Name: cfg.DriverName, Version: version, NodeID: cfg.NodeID, DataDir: cfg.DataDir, RunDir: cfg.RunDir, MaxVolumes: maxVols, MinFree: cfg.MinFree,
 		Store: eng.store, Frontend: eng.frontend,
 		Mounter: driver.ToolMounter(eng.runTool, &mount.SafeFormatAndMount{Interface: mount.New(""), Exec: utilexec.New()}),
-		Freeze:  eng.freeze, Thaw: eng.thaw, Sync: eng.sync,
+		Freeze:  eng.freeze, Thaw: eng.thaw, Sync: eng.sync, SyncDevice: eng.syncDevice,
 	})
 	if err != nil {
 		return err

@@ -33,7 +33,8 @@ import (
 // a mounted filesystem) is the exception: its connection stays open for
 // the "thaw" that follows, and its closing thaws (holdFreeze). "sync", a
 // "thaw" of its own (each with a directory fd), "stat" (with an O_PATH fd
-// of a served file) and "configure" (a loop device's fd and a served
+// of a served file), "fsync" (with a loop device's fd: its page cache
+// written back) and "configure" (a loop device's fd and a served
 // file's O_PATH fd: holdConfigure) are answered from a
 // goroutine of their own too (holdSync), and so is "run" (holdRun: a
 // filesystem tool's command line, answered with its output and exit
@@ -56,7 +57,7 @@ import (
 // for unheld and puts their connections again every HolderCheck, which
 // replaces each with a copy of itself.
 type holderReq struct {
-	Op     string          `json:"op"` // put, get, drop, list, freeze, thaw, sync, stat, configure, run
+	Op     string          `json:"op"` // put, get, drop, list, freeze, thaw, sync, stat, fsync, configure, run
 	ID     string          `json:"id,omitempty"`
 	Params json.RawMessage `json:"params,omitempty"`
 	After  string          `json:"after,omitempty"` // list: IDs after this one
@@ -470,7 +471,7 @@ func serveHolderConn(c *net.UnixConn, m holderMsg, held map[string]heldConn, onE
 		}
 		resp.IDs = ids
 		reply(resp, -1)
-	case "freeze", "sync", "thaw", "stat":
+	case "freeze", "sync", "thaw", "stat", "fsync":
 		// A thaw here (not on a freeze's connection): of a freeze a
 		// plugin before this one left (its recovery).
 		if len(fds) != 1 {
@@ -617,7 +618,9 @@ func holdFreeze(c *net.UnixConn, fd int) {
 
 // holdSync writes back the filesystem whose directory fd is (op "sync":
 // syncfs), or thaws it (op "thaw": FITHAW), or stats the served file fd is
-// (op "stat", a GETATTR to its server), and answers on c; it closes fd
+// (op "stat", a GETATTR to its server), or writes back the loop device fd
+// is (op "fsync", before a snapshot of a raw block volume), and answers on
+// c; it closes fd
 // and c. An unstage asks a sync before its unmount, which then has little
 // left to write: the writeback of everything a pod left dirty is this
 // holder's wait, not the plugin's (holdFreeze says why that matters when
@@ -635,6 +638,9 @@ func holdSync(c *net.UnixConn, fd int, op string) {
 		// makes the kernel learn a new size so (Frontend.statSize).
 		var st unix.Statx_t
 		err = unix.Statx(fd, "", unix.AT_EMPTY_PATH, unix.STATX_SIZE, &st)
+	case "fsync":
+		// A block device's page cache (Frontend.SyncDevice).
+		err = unix.Fsync(fd)
 	default:
 		err = unix.Syncfs(fd)
 	}

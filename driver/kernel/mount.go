@@ -226,6 +226,22 @@ func (f *Frontend) Sync(mountpoint string) error {
 	})
 }
 
+// SyncDevice writes back the page cache of block device dev (fsync of the
+// device: what a pod wrote to a raw block volume without O_DIRECT or an
+// fsync of its own) through the holder where one runs that can (holdSync
+// says why), else in this process. A snapshot or clone of a volume
+// attached and not mounted calls it first.
+func (f *Frontend) SyncDevice(dev string) error {
+	return f.holderOrHere("fsync", dev, "fsync", &f.holderSyncs, func() error {
+		fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		return unix.Fsync(fd)
+	})
+}
+
 // statSize makes the kernel ask our server for the size of the served file
 // at mp (a statx: GETATTR), through the holder where one runs that can
 // (Resize, after invalidating the cached size). In this process, a kill
@@ -274,9 +290,13 @@ func (f *Frontend) holderOrHere(op, mountpoint, what string, n *atomic.Int64, he
 // opened (here is then true too, and the caller's own try reports it).
 func (f *Frontend) viaHolder(op, mountpoint string) (c *net.UnixConn, resp holderResp, here bool, err error) {
 	flags := unix.O_RDONLY | unix.O_DIRECTORY | unix.O_CLOEXEC
-	if op == "stat" {
+	switch op {
+	case "stat":
 		// A served file: O_PATH opens it without asking its server.
 		flags = unix.O_PATH | unix.O_CLOEXEC
+	case "fsync":
+		// A loop device (SyncDevice): open, it is no directory.
+		flags = unix.O_RDONLY | unix.O_CLOEXEC
 	}
 	fd, err := unix.Open(mountpoint, flags, 0)
 	if err != nil {
