@@ -423,7 +423,10 @@ func errnoOf(err error) int32 {
 	// The kernel accepts errors in [1, 511] only (fuse_dev_do_write: a
 	// reply it rejects leaves the request waiting forever); anything else
 	// is EIO.
-	if errors.As(err, &e) && e > 0 && e < 512 {
+	// ENOSYS tells the kernel the opcode is not implemented: it would
+	// answer that FSYNC with success and never send FSYNC (or FALLOCATE)
+	// on this connection again.
+	if errors.As(err, &e) && e > 0 && e < 512 && e != syscall.ENOSYS {
 		return -int32(e)
 	}
 	return -int32(unix.EIO)
