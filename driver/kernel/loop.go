@@ -79,6 +79,10 @@ func attachLoop(ctx context.Context, sock, backing string, readOnly bool) (strin
 		}
 	}
 	var lastErr error
+	// Unbound devices whose configure answered EBUSY (held open O_EXCL by
+	// someone): LOOP_CTL_GET_FREE returns the lowest unbound device, so it
+	// would hand the same one back on every attempt.
+	busy := map[int]bool{}
 	for attempt := 0; attempt < len(pending)+loopAttachAttempts; attempt++ {
 		if err := ctx.Err(); err != nil {
 			return "", err
@@ -88,6 +92,10 @@ func attachLoop(ctx context.Context, sock, backing string, readOnly bool) (strin
 			n = pending[attempt]
 		} else if n, err = unix.IoctlRetInt(int(ctl.Fd()), unix.LOOP_CTL_GET_FREE); err != nil {
 			return "", fmt.Errorf("LOOP_CTL_GET_FREE: %w", err)
+		} else if busy[n] {
+			if n, err = addLoop(int(ctl.Fd()), n); err != nil {
+				return "", err
+			}
 		}
 		dev := "/dev/loop" + strconv.Itoa(n)
 		lf, err := openLoopNode(dev, mode)
@@ -148,6 +156,12 @@ func attachLoop(ctx context.Context, sock, backing string, readOnly bool) (strin
 				continue
 			}
 			registerLoop(backing, dev, false)
+			if _, err := readSysfs(n, "loop/backing_file"); err != nil {
+				// Still unbound: someone holds it open O_EXCL (a tool
+				// that claimed it, or one configuring it); the next
+				// attempt that GET_FREE hands it back adds a device.
+				busy[n] = true
+			}
 			continue
 		}
 		registerLoop(backing, dev, false)
@@ -591,4 +605,19 @@ func loopReadOnly(dev string) (bool, error) {
 		return false, err
 	}
 	return info.Flags&unix.LO_FLAGS_READ_ONLY != 0, nil
+}
+
+// addLoop creates a loop device with the lowest number above after that
+// does not exist yet (LOOP_CTL_ADD) and returns its number.
+func addLoop(ctl, after int) (int, error) {
+	for i := after + 1; i < after+1+4096; i++ {
+		r, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(ctl), unix.LOOP_CTL_ADD, uintptr(i))
+		if e == 0 {
+			return int(r), nil
+		}
+		if e != unix.EEXIST {
+			return 0, fmt.Errorf("LOOP_CTL_ADD %d: %w", i, e)
+		}
+	}
+	return 0, fmt.Errorf("LOOP_CTL_ADD: no number left above %d", after)
 }
