@@ -630,18 +630,27 @@ func TestSearchPaths(t *testing.T) {
 			t.Log("no AVX-512 here: only the plain search runs")
 			continue
 		}
-		for _, spread := range []uint64{1, 1 << 30} {
-			t.Run(fmt.Sprintf("avx512=%v/spread%d", avx, spread), func(t *testing.T) {
+		for _, c := range []struct {
+			spread  uint64
+			wideCOW bool // COW numbers below 2^61: 16-bit-origin blocks with COW fields of 57-61 bits
+			runs    int  // block capacity: over 64, blocks lookup16 must leave to lookupBlock
+		}{{1, false, defaultBlockRuns}, {1 << 30, false, defaultBlockRuns}, {1, true, defaultBlockRuns}, {1, false, 200}} {
+			spread := c.spread
+			t.Run(fmt.Sprintf("avx512=%v/spread%d/wideCOW=%v/runs%d", avx, spread, c.wideCOW, c.runs), func(t *testing.T) {
 				defer func(old bool) { haveAVX512 = old }(haveAVX512)
 				haveAVX512 = avx
 				rng := rand.New(rand.NewPCG(spread, 3))
-				h := newHarness(t, defaultBlockRuns, defaultSegmentSize)
-				var sawSplit, sawWide bool
+				h := newHarness(t, c.runs, defaultSegmentSize)
+				var sawSplit, sawWide, sawWideCOW, sawLong bool
 				for op := 0; op < 6000; op++ {
 					o := Chunk(uint64(rng.IntN(20000)) * spread)
 					switch rng.IntN(8) {
 					case 0, 1, 2, 3:
-						h.insertRun(Run{Origin: o, COW: Chunk(op) * 3, Len: 1})
+						cow := Chunk(op) * 3
+						if c.wideCOW {
+							cow = Chunk(rng.Uint64N(1 << 61))
+						}
+						h.insertRun(Run{Origin: o, COW: cow, Len: 1})
 					case 4:
 						h.remove(o, uint64(rng.IntN(3))*spread)
 					default:
@@ -650,9 +659,14 @@ func TestSearchPaths(t *testing.T) {
 					}
 					sawSplit = sawSplit || len(h.x.gsplit) > 0
 					sawWide = sawWide || (len(h.x.gdir) > 0 && h.x.gshift > gsplitMaxShift)
+					if len(h.x.segs) > 0 && len(h.x.segs[0].blocks) > 0 {
+						k := h.x.blk(0, 0)
+						sawWideCOW = sawWideCOW || k.wo() == 16 && k.wc() > 56
+						sawLong = sawLong || k.wo() == 16 && k.n() > 64
+					}
 				}
-				if spread == 1 && !sawSplit || spread > 1 && !sawWide {
-					t.Fatalf("the program never reached the directory it is for (gsplit seen %v, wide buckets seen %v)", sawSplit, sawWide)
+				if spread == 1 && !sawSplit || spread > 1 && !sawWide || c.wideCOW && !sawWideCOW || c.runs > 64 && !sawLong {
+					t.Fatalf("the program never reached the directory it is for (gsplit seen %v, wide buckets seen %v, a 16-bit-origin block with COW fields over 56 bits seen %v, with over 64 runs %v)", sawSplit, sawWide, sawWideCOW, sawLong)
 				}
 			})
 		}
