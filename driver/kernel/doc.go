@@ -194,7 +194,9 @@
 //     client dies (the thaw of a freeze a dead plugin left goes to it too);
 //     Frontend.Sync has it write the filesystem back (syncfs, holdSync)
 //     before the driver unmounts, so the unmount has little left to write
-//     (TestKillDuringOwnWriteback kills the server during each); and
+//     (TestKillDuringOwnWriteback kills the server during each);
+//     Frontend.SyncDevice has it write a raw block volume's device back
+//     (fsync of the loop device, holdSync) before a snapshot; and
 //     Frontend.Resize has it stat the served file (statSize: the GETATTR
 //     through which the kernel learns the new size), and attachLoop has it
 //     open the served file (FUSE_OPEN) and bind the loop device to it
