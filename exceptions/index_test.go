@@ -634,7 +634,8 @@ func TestSearchPaths(t *testing.T) {
 			spread  uint64
 			wideCOW bool // COW numbers below 2^61: 16-bit-origin blocks with COW fields of 57-61 bits
 			runs    int  // block capacity: over 64, blocks lookup16 must leave to lookupBlock
-		}{{1, false, defaultBlockRuns}, {1 << 30, false, defaultBlockRuns}, {1, true, defaultBlockRuns}, {1, false, 200}} {
+			ops     int
+		}{{1, false, defaultBlockRuns, 6000}, {1 << 30, false, defaultBlockRuns, 6000}, {1, true, defaultBlockRuns, 2000}, {1, false, 200, 2000}} {
 			spread := c.spread
 			t.Run(fmt.Sprintf("avx512=%v/spread%d/wideCOW=%v/runs%d", avx, spread, c.wideCOW, c.runs), func(t *testing.T) {
 				defer func(old bool) { haveAVX512 = old }(haveAVX512)
@@ -642,7 +643,7 @@ func TestSearchPaths(t *testing.T) {
 				rng := rand.New(rand.NewPCG(spread, 3))
 				h := newHarness(t, c.runs, defaultSegmentSize)
 				var sawSplit, sawWide, sawWideCOW, sawLong bool
-				for op := 0; op < 6000; op++ {
+				for op := 0; op < c.ops; op++ {
 					o := Chunk(uint64(rng.IntN(20000)) * spread)
 					switch rng.IntN(8) {
 					case 0, 1, 2, 3:
