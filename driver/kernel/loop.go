@@ -93,7 +93,7 @@ func attachLoop(ctx context.Context, sock, backing string, readOnly bool) (strin
 		} else if n, err = unix.IoctlRetInt(int(ctl.Fd()), unix.LOOP_CTL_GET_FREE); err != nil {
 			return "", fmt.Errorf("LOOP_CTL_GET_FREE: %w", err)
 		} else if busy[n] {
-			if n, err = addLoop(int(ctl.Fd()), n); err != nil {
+			if n, err = freeLoopBesides(int(ctl.Fd()), busy); err != nil {
 				return "", err
 			}
 		}
@@ -605,6 +605,28 @@ func loopReadOnly(dev string) (bool, error) {
 		return false, err
 	}
 	return info.Flags&unix.LO_FLAGS_READ_ONLY != 0, nil
+}
+
+// freeLoopBesides returns the number of a loop device bound to nothing
+// that is not in busy (LOOP_CTL_GET_FREE's answer when the lowest free
+// device is held O_EXCL by someone): the lowest existing one, else one it
+// adds past the highest busy one (addLoop), so that a device held for good
+// does not make every attach add one.
+func freeLoopBesides(ctl int, busy map[int]bool) (int, error) {
+	dirs, _ := filepath.Glob("/sys/block/loop*")
+	var ns []int
+	for _, d := range dirs {
+		if n, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(d), "loop")); err == nil && !busy[n] {
+			ns = append(ns, n)
+		}
+	}
+	slices.Sort(ns)
+	for _, n := range ns {
+		if _, err := readSysfs(n, "loop/backing_file"); errors.Is(err, os.ErrNotExist) {
+			return n, nil
+		}
+	}
+	return addLoop(ctl, slices.Max(slices.Collect(maps.Keys(busy))))
 }
 
 // addLoop creates a loop device with the lowest number above after that
