@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
@@ -369,7 +370,18 @@ func foreignLoopMount(t *testing.T, mp string) string {
 	if out, err := exec.Command("mkfs.ext4", "-q", "-F", img).CombinedOutput(); err != nil {
 		t.Fatalf("mkfs.ext4: %v: %s", err, out)
 	}
-	out, err := exec.Command("losetup", "--find", "--show", img).Output()
+	// Tried again: a test of driver/kernel, running beside this package,
+	// holds the first free loop device O_EXCL for a few milliseconds
+	// (TestAttachSkipsFreeLoopHeldExclusively), which LOOP_CTL_GET_FREE
+	// would hand losetup too.
+	var out []byte
+	var err error
+	for try := 0; try < 20; try++ {
+		if out, err = exec.Command("losetup", "--find", "--show", img).Output(); err == nil {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 	if err != nil {
 		t.Fatalf("losetup: %v", err)
 	}
