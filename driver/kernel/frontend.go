@@ -974,8 +974,13 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 			if derr := detachLoops(context.WithoutCancel(ctx), mp); derr != nil {
 				err = errors.Join(err, derr)
 			}
-			unmountFuse(mp)
-			srv.stop()
+			if f.cfg.BlockingReaders {
+				srv.stop() // before the unmount: see Detach
+				unmountFuse(mp)
+			} else {
+				unmountFuse(mp)
+				srv.stop()
+			}
 			unix.Close(fd)
 			os.Remove(mp)
 		}
@@ -1120,6 +1125,17 @@ func (f *Frontend) Detach(ctx context.Context, id string) error {
 	mp := f.mountpoint(id)
 	if err := detachLoops(ctx, mp); err != nil {
 		return err
+	}
+	if v != nil && f.cfg.BlockingReaders {
+		// Blocking readers are woken to stop through the mount point
+		// (poke), which the lazy unmount of a file someone holds open
+		// takes away: stopped after it, they never woke and Detach hung.
+		// Stopped first, they are; if the unmount then fails, the volume
+		// is unserved until the next Attach resumes the held connection.
+		// (The default, epoll readers, need no poke: the order stays.)
+		v.shutdown()
+		f.set(id, nil)
+		v = nil
 	}
 	if err := unmountFuse(mp); err != nil {
 		return err
