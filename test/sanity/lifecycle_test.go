@@ -91,11 +91,18 @@ func head(b []byte) []byte {
 // stageAndPublish stages a volume with ext4 and publishes it at target.
 func stageAndPublish(t *testing.T, node csi.NodeClient, id, staging, target string) {
 	t.Helper()
+	stageAndPublishAs(t, node, id, staging, target, ext4Cap())
+}
+
+// stageAndPublishAs stages a volume with capability c and publishes it at
+// target.
+func stageAndPublishAs(t *testing.T, node csi.NodeClient, id, staging, target string, c *csi.VolumeCapability) {
+	t.Helper()
 	ctx := context.Background()
-	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: ext4Cap()}); err != nil {
+	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: c}); err != nil {
 		t.Fatalf("stage %s: %v", id, err)
 	}
-	if _, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: ext4Cap()}); err != nil {
+	if _, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: c}); err != nil {
 		t.Fatalf("publish %s: %v", id, err)
 	}
 }
@@ -358,12 +365,7 @@ func TestCloneOfMountedVolume(t *testing.T) {
 			t.Fatal(err)
 		}
 		src, staging, target := r.Volume.VolumeId, filepath.Join(dir, c.fs+"-s"), filepath.Join(dir, c.fs+"-t")
-		if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: src, StagingTargetPath: staging, VolumeCapability: fsCap}); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: src, StagingTargetPath: staging, TargetPath: target, VolumeCapability: fsCap}); err != nil {
-			t.Fatal(err)
-		}
+		stageAndPublishAs(t, node, src, staging, target, fsCap)
 		want := bytes.Repeat([]byte("written, not synced "), 50000)
 		if err := os.WriteFile(filepath.Join(target, "f"), want, 0o644); err != nil {
 			t.Fatal(err)

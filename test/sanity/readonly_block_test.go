@@ -126,12 +126,7 @@ func TestSnapshotOfBufferedBlockWrites(t *testing.T) {
 		t.Fatal(err)
 	}
 	id, staging, target := cv.Volume.VolumeId, filepath.Join(dir, "staging"), filepath.Join(dir, "target")
-	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: blockCap()}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: blockCap()}); err != nil {
-		t.Fatal(err)
-	}
+	stageAndPublishAs(t, node, id, staging, target, blockCap())
 	want := bytes.Repeat([]byte("buffered, not synced "), 400000)[:8<<20]
 	f, err := os.OpenFile(target, os.O_RDWR, 0)
 	if err != nil {
@@ -152,12 +147,7 @@ func TestSnapshotOfBufferedBlockWrites(t *testing.T) {
 		t.Fatal(err)
 	}
 	rid, rstaging, rtarget := rv.Volume.VolumeId, filepath.Join(dir, "rstaging"), filepath.Join(dir, "rtarget")
-	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: rid, StagingTargetPath: rstaging, VolumeCapability: blockCap()}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: rid, StagingTargetPath: rstaging, TargetPath: rtarget, VolumeCapability: blockCap()}); err != nil {
-		t.Fatal(err)
-	}
+	stageAndPublishAs(t, node, rid, rstaging, rtarget, blockCap())
 	got := alignedBlock(len(want))
 	r, err := os.OpenFile(rtarget, os.O_RDONLY|unix.O_DIRECT, 0)
 	if err != nil {
