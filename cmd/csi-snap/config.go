@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/url"
 	"os"
@@ -83,6 +84,11 @@ func parseFlags(args []string, klogFlags func(*flag.FlagSet), stderr io.Writer) 
 		n := q.Value()
 		if q.Sign() < 0 || q.Cmp(*resource.NewQuantity(n, resource.BinarySI)) != 0 {
 			return fmt.Errorf("%q: want a whole number of bytes, 0 or more (such as 512Mi, 1.5Gi or 1G)", v)
+		}
+		if n == math.MaxInt64 {
+			// ParseQuantity caps what int64 cannot hold (8Ei and up) at
+			// MaxInt64, which the comparison above then finds whole.
+			return fmt.Errorf("%q: too large (at most %d bytes)", v, int64(math.MaxInt64-1))
 		}
 		c.MinFree = n
 		return nil

@@ -67,6 +67,8 @@ func TestParseFlags(t *testing.T) {
 		{"--min-free", "0.3Ki"},
 		{"--min-free", "100m"},
 		{"--min-free", "lots"},
+		{"--min-free", "8Ei"}, // 2^63: capped at MaxInt64 by the parser, once taken for a reserve
+		{"--min-free", "100Ei"},
 		{"extra-arg"},
 		{"--no-such-flag"},
 	}
