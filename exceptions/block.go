@@ -170,7 +170,7 @@ func (k *block) find(c Chunk) int {
 		return -1
 	}
 	w, m := unsafe.Pointer(k.p), k.meta()
-	touchLines(w, m)
+	touchLines(w, m, 8)
 	return int(search(w, uint(m&0xffff), uint(m>>16)&0xff, uint64(c-k.obase())))
 }
 

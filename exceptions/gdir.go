@@ -322,14 +322,16 @@ func rawbits(p unsafe.Pointer, pos, n uint) uint64 {
 	return (a>>r | (b<<1)<<(63-r)) & lowMask[n&127]
 }
 
-// touchLines loads one word of every cache line of a block's fields after
-// the first (the header's), so that they are fetched in parallel, not one
-// after another as a search and the field reads after it reach them. m is
-// the block's meta word.
-func touchLines(w unsafe.Pointer, m uint64) {
+// touchLines loads one word of every cache line of a block's fields from
+// word first on (a multiple of 8: a line), so that they are fetched in
+// parallel, not one after another as a search and the field reads after it
+// reach them. m is the block's meta word. find touches every line after
+// the header's (first 8); lookupBlock those past the 8 its gdir entry
+// covers (first 64).
+func touchLines(w unsafe.Pointer, m uint64, first uint) {
 	n, width := uint(m&0xffff), uint(m>>16)&0xff+uint(m>>24)&0xff+uint(m>>32)&0xff
 	var t uint64
-	for q, end := uint(8), (hdrBits+n*width)>>6; q <= end; q += 8 {
+	for q, end := first, (hdrBits+n*width)>>6; q <= end; q += 8 {
 		t += *(*uint64)(unsafe.Add(w, q*8))
 	}
 	if t == 1 {
@@ -387,33 +389,20 @@ func searchFixed[T uint8 | uint16 | uint32](w unsafe.Pointer, n uint, off uint64
 // lookupBlock looks c up in the block whose word 0 is p, when c is at or
 // after the block's first origin. sure is false when c is past the end of
 // the block's last run (a later block may hold it). The caller has started
-// loading the block's first lines (up to 8, see gmake); touchRest loads
+// loading the block's first lines (up to 8, see gmake); touchLines loads
 // any after them.
 func lookupBlock(p *uint64, c Chunk) (cow Chunk, found, sure bool) {
 	w := unsafe.Pointer(p)
 	m := *(*uint64)(unsafe.Add(w, 16))
 	n, wo, wc, wl := uint(m&0xffff), uint(m>>16)&0xff, uint(m>>24)&0xff, uint(m>>32)&0xff
 	off := uint64(c - Chunk(*p))
-	touchRest(w, m)
+	touchLines(w, m, 64)
 	i := search(w, n, wo, off)
 	d := off - rawbits(w, hdrBits+i*wo, wo)
 	if d <= rawbits(w, hdrBits+n*(wo+wc)+i*wl, wl) {
 		return Chunk(*(*uint64)(unsafe.Add(w, 8))) + Chunk(rawbits(w, hdrBits+n*wo+i*wc, wc)) + Chunk(d), true, true
 	}
 	return 0, false, i+1 < n
-}
-
-// touchRest loads the lines of a block past its first 8 (which its gdir
-// entry covers), so that they miss together.
-func touchRest(w unsafe.Pointer, m uint64) {
-	n, width := uint(m&0xffff), uint(m>>16)&0xff+uint(m>>24)&0xff+uint(m>>32)&0xff
-	var t uint64
-	for q, end := uint(64), (hdrBits+n*width)>>6; q <= end; q += 8 {
-		t += *(*uint64)(unsafe.Add(w, q*8))
-	}
-	if t == 1 {
-		touchSink.Store(t) // practically never; the loads above must happen
-	}
 }
 
 // prefetch starts loading the cache lines of the block Lookup would search
