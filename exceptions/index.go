@@ -291,62 +291,62 @@ func (x *Index) Lookup(c Chunk) (Chunk, bool) {
 // before its last record; see gdir).
 func (x *Index) lookupDir(c Chunk) (cow Chunk, ok, sure bool) {
 	// c == MaxUint64 is never mapped, and would match gnone's first.
-	if k := uint64(c-x.gbase) >> x.gshift; c >= x.gbase && k < uint64(x.gsize()) && c < math.MaxUint64 {
-		if sp := x.gsplit; len(sp) > 0 {
-			// The owner of bucket k+1 when it starts at or before c, else
-			// the owner of bucket k: gsplit says which without a load from
-			// either block, so only the chosen one's lines are fetched
-			// (prefetched, so nothing waits on them but the search). Both
-			// entries are loaded before the split is known (they share a
-			// line 7 times in 8), so the gdir and gsplit misses overlap
-			// instead of following each other; lookup16 chooses between
-			// them with a conditional move.
-			_, before := bits.Sub64(uint64(c-x.gbase)&(1<<x.gshift-1), uint64(sp[k]), 0)
-			e0, e1 := x.gdir[k], x.gdir[k+1]
-			if haveAVX512 {
-				switch cow, res := lookup16(e0, e1, before, uint64(c)); res {
-				case 1:
-					return Chunk(cow), true, true
-				case 2:
-					return 0, false, true
-				case 0:
-					if cow, ok, sure := lookupBlock(gptr(gpick(e0, e1, before)), c); sure {
-						return cow, ok, true
-					}
-				}
-			} else {
-				e := gpick(e0, e1, before)
-				p := gptr(e)
-				prefetchLines(unsafe.Pointer(p), uintptr(e)&7)
-				if Chunk(*p) <= c {
-					if cow, ok, sure := lookupBlock(p, c); sure {
-						return cow, ok, true
-					}
-				}
-			}
-		} else {
-			// See gdir: as above, but the choice needs both blocks' first
-			// origins. Both are loaded before either is compared, so the
-			// two headers miss in parallel, and the choice is an index
-			// made from a borrow, not a branch on a missed load
-			// (mispredicted one time in five, serializing the lookups
-			// after it).
-			e0, e1 := x.gdir[k], x.gdir[k+1]
-			p0, p1 := gptr(e0), gptr(e1)
-			f0, f1 := *p0, *p1
-			if touchAhead(p0, e0)+touchAhead(p1, e1) == 1 {
-				touchSink.Store(1) // practically never; the loads must happen
-			}
-			_, b := bits.Sub64(uint64(c), f1, 0) // 1: c is before bucket k+1's owner
-			if f := f0 ^ (f0^f1)&(b-1); Chunk(f) <= c {
-				p := gptr(x.gdir[k+1-b])
-				if cow, ok, sure := lookupBlock(p, c); sure {
-					return cow, ok, true
-				}
-			}
-		}
+	k := uint64(c-x.gbase) >> x.gshift
+	if c < x.gbase || k >= uint64(x.gsize()) || c == math.MaxUint64 {
+		return 0, false, false
 	}
-	return 0, false, false
+	sp := x.gsplit
+	if len(sp) == 0 {
+		return x.lookupPair(c, k)
+	}
+	// The owner of bucket k+1 when it starts at or before c, else the
+	// owner of bucket k: gsplit says which without a load from either
+	// block, so only the chosen one's lines are fetched (prefetched, so
+	// nothing waits on them but the search). Both entries are loaded
+	// before the split is known (they share a line 7 times in 8), so the
+	// gdir and gsplit misses overlap instead of following each other;
+	// lookup16 chooses between them with a conditional move.
+	_, before := bits.Sub64(uint64(c-x.gbase)&(1<<x.gshift-1), uint64(sp[k]), 0)
+	e0, e1 := x.gdir[k], x.gdir[k+1]
+	if haveAVX512 {
+		switch cow, res := lookup16(e0, e1, before, uint64(c)); res {
+		case 1:
+			return Chunk(cow), true, true
+		case 2:
+			return 0, false, true
+		case 3:
+			return 0, false, false
+		}
+		// res 0: another shape of block, and c at or after its first.
+		return lookupBlock(gptr(gpick(e0, e1, before)), c)
+	}
+	e := gpick(e0, e1, before)
+	p := gptr(e)
+	prefetchLines(unsafe.Pointer(p), uintptr(e)&7)
+	if Chunk(*p) > c {
+		return 0, false, false
+	}
+	return lookupBlock(p, c)
+}
+
+// lookupPair is lookupDir for an index without gsplit (buckets over
+// 2^gsplitMaxShift chunks): the choice between entries k and k+1 needs
+// both blocks' first origins. Both are loaded before either is compared,
+// so the two headers miss in parallel, and the choice is an index made
+// from a borrow, not a branch on a missed load (mispredicted one time in
+// five, serializing the lookups after it).
+func (x *Index) lookupPair(c Chunk, k uint64) (cow Chunk, ok, sure bool) {
+	e0, e1 := x.gdir[k], x.gdir[k+1]
+	p0, p1 := gptr(e0), gptr(e1)
+	f0, f1 := *p0, *p1
+	if touchAhead(p0, e0)+touchAhead(p1, e1) == 1 {
+		touchSink.Store(1) // practically never; the loads must happen
+	}
+	_, b := bits.Sub64(uint64(c), f1, 0) // 1: c is before bucket k+1's owner
+	if f := f0 ^ (f0^f1)&(b-1); Chunk(f) > c {
+		return 0, false, false
+	}
+	return lookupBlock(gptr(x.gdir[k+1-b]), c)
 }
 
 // Insert maps origin chunk to cow. It returns ErrMapped if origin is already
