@@ -41,19 +41,25 @@
 	ORQ DI, R9 \
 	BZHIQ W, R9, R9
 
+// PREFETCHN starts loading the line at P and the CNT lines after it
+// (PREFETCHT0). It clobbers P and CNT, and uses the labels pnext and
+// pdone, so a function can expand it once.
+#define PREFETCHN(P, CNT) \
+	PREFETCHT0 (P) \
+	TESTQ CNT, CNT \
+	JZ pdone \
+pnext: \
+	ADDQ $64, P \
+	PREFETCHT0 (P) \
+	DECQ CNT \
+	JNZ pnext \
+pdone:
+
 // func prefetchLines(p unsafe.Pointer, n uintptr)
 TEXT ·prefetchLines(SB), NOSPLIT|NOFRAME, $0-16
 	MOVQ p+0(FP), AX
 	MOVQ n+8(FP), CX
-	PREFETCHT0 (AX)
-	TESTQ CX, CX
-	JZ done
-next:
-	ADDQ $64, AX
-	PREFETCHT0 (AX)
-	DECQ CX
-	JNZ next
-done:
+	PREFETCHN(AX, CX)
 	RET
 
 // func countLE16(a unsafe.Pointer, n uint, off uint64) uint
@@ -100,15 +106,7 @@ TEXT ·lookup16(SB), NOSPLIT|NOFRAME, $0-48
 	ANDQ $7, CX
 	ANDQ $-8, SI
 	MOVQ SI, DI
-	PREFETCHT0 (DI)
-	TESTQ CX, CX
-	JZ fetched
-more:
-	ADDQ $64, DI
-	PREFETCHT0 (DI)
-	DECQ CX
-	JNZ more
-fetched:
+	PREFETCHN(DI, CX)
 	SUBQ 0(SI), BX // off = c - first origin
 	JCS segment
 	MOVQ 16(SI), DX
