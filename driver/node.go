@@ -1148,12 +1148,17 @@ func (d *Driver) dropStageRecords(id string) error { return os.RemoveAll(d.stage
 // recorded in this boot (see stageRecord).
 func (d *Driver) stagedAt(id, path string) bool {
 	b, err := os.ReadFile(d.stageRecord(id, path))
-	if err != nil {
-		return false
-	}
-	recBoot, _, ok := strings.Cut(string(b), "\n")
+	_, ok := parseStageRecord(b)
+	return err == nil && ok
+}
+
+// parseStageRecord returns the staging path a stage record holds (see
+// writeStageRecord), with ok false when b is no record or one of another
+// boot.
+func parseStageRecord(b []byte) (path string, ok bool) {
+	recBoot, path, ok := strings.Cut(strings.TrimSuffix(string(b), "\n"), "\n")
 	boot := bootID()
-	return ok && (boot == "" || recBoot == boot)
+	return path, ok && path != "" && (boot == "" || recBoot == boot)
 }
 
 // otherStages returns the staging paths, other than staging (however
@@ -1171,7 +1176,6 @@ func (d *Driver) otherStages(id, staging string) ([]string, error) {
 		return nil, err
 	}
 	self, selfPath := filepath.Base(d.stageRecord(id, staging)), resolvedPath(staging)
-	boot := bootID()
 	var out []string
 	for _, e := range ents {
 		if e.Name() == self || strings.HasSuffix(e.Name(), ".tmp") {
@@ -1184,8 +1188,8 @@ func (d *Driver) otherStages(id, staging string) ([]string, error) {
 			}
 			return nil, err
 		}
-		recBoot, path, ok := strings.Cut(strings.TrimSuffix(string(b), "\n"), "\n")
-		if !ok || path == "" || boot != "" && recBoot != boot || resolvedPath(path) == selfPath {
+		path, ok := parseStageRecord(b)
+		if !ok || resolvedPath(path) == selfPath {
 			continue // not a record, of another boot, or this path's
 		}
 		out = append(out, path)
