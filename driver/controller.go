@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -109,30 +110,18 @@ const xfsMinSize = 300 << 20
 const ext4MinSize = 1 << 20
 
 // fsMinSize returns the smallest size CreateVolume makes a volume at for
-// the filesystems it may be staged with: xfsMinSize when xfs may be asked
-// (wantsXFS), ext4MinSize for any other filesystem (the fstype parameter,
-// or a mount capability), 0 for a raw block volume.
-func fsMinSize(param string, caps []*csi.VolumeCapability) int64 {
+// the filesystems it may be staged with, and the filesystem that sets it:
+// xfsMinSize when xfs may be asked (wantsXFS), ext4MinSize for any other
+// filesystem (the fstype parameter, or a mount capability), 0 and "" for a
+// raw block volume.
+func fsMinSize(param string, caps []*csi.VolumeCapability) (int64, string) {
 	if wantsXFS(param, caps) {
-		return xfsMinSize
+		return xfsMinSize, "xfs"
 	}
-	if param != "" {
-		return ext4MinSize
+	if param != "" || slices.ContainsFunc(caps, func(c *csi.VolumeCapability) bool { return c.GetMount() != nil }) {
+		return ext4MinSize, "ext4"
 	}
-	for _, c := range caps {
-		if c.GetMount() != nil {
-			return ext4MinSize
-		}
-	}
-	return 0
-}
-
-// fsMinName names the filesystem of fsMinSize's answer, for messages.
-func fsMinName(min int64) string {
-	if min == xfsMinSize {
-		return "xfs"
-	}
-	return "ext4"
+	return 0, ""
 }
 
 // wantsXFS reports whether a volume may be staged with xfs: the fstype
@@ -349,10 +338,10 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 			v.SourceVolumeID != srcVolID || v.Labels[labelFSType] != fs {
 			return nil, statusf(codes.AlreadyExists, "volume %q exists as %s with a different size, source or fstype", name, v.ID)
 		}
-		if min := fsMinSize(fs, req.GetVolumeCapabilities()); v.Size < min {
+		if min, mfs := fsMinSize(fs, req.GetVolumeCapabilities()); v.Size < min {
 			// Made before volumes for a filesystem were made at least
 			// this large.
-			return nil, statusf(codes.AlreadyExists, "volume %q exists as %s of %d bytes, too small for %s (at least %d)", name, v.ID, v.Size, fsMinName(min), min)
+			return nil, statusf(codes.AlreadyExists, "volume %q exists as %s of %d bytes, too small for %s (at least %d)", name, v.ID, v.Size, mfs, min)
 		}
 		// Without the parameter any chunk size is compatible: the engine
 		// chose it.
@@ -384,9 +373,9 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	if err != nil {
 		return nil, err
 	}
-	if min := fsMinSize(fs, req.GetVolumeCapabilities()); size < min {
+	if min, mfs := fsMinSize(fs, req.GetVolumeCapabilities()); size < min {
 		if lim := req.GetCapacityRange().GetLimitBytes(); lim > 0 && lim < min {
-			return nil, statusf(codes.OutOfRange, "limit_bytes %d is below %d bytes, the smallest %s volume csi-snap makes (mkfs.%[3]s refuses smaller devices)", lim, min, fsMinName(min))
+			return nil, statusf(codes.OutOfRange, "limit_bytes %d is below %d bytes, the smallest %s volume csi-snap makes (mkfs.%[3]s refuses smaller devices)", lim, min, mfs)
 		}
 		size = min
 	}
@@ -660,7 +649,8 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (
 	// limit_bytes below one block leaves no size, below 300 MiB no xfs
 	// volume (xfsMinSize), below 1 MiB no ext4 volume (ext4MinSize).
 	limit := int64(cow.MaxVolumeSize)
-	minSize := max(int64(blockSize), fsMinSize(params.fsType, req.GetVolumeCapabilities()))
+	fsMin, _ := fsMinSize(params.fsType, req.GetVolumeCapabilities())
+	minSize := max(int64(blockSize), fsMin)
 	for _, v := range d.opt.Store.Volumes() {
 		limit = max(limit, v.Size)
 	}
