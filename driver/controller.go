@@ -804,8 +804,8 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 // off.
 type quiesce struct{ mp, dev string }
 
-// freezeTarget returns volume id's quiesce.
-func (d *Driver) freezeTarget(id string) (quiesce, error) {
+// quiesceOf returns volume id's quiesce.
+func (d *Driver) quiesceOf(id string) (quiesce, error) {
 	dev, ok := d.opt.Frontend.Device(id)
 	if !ok {
 		return quiesce{}, nil
@@ -836,7 +836,7 @@ func (d *Driver) frozen(id string, fn func() error) error { return d.frozenAll([
 func (d *Driver) frozenAll(ids []string, fn func() error) error {
 	qs := make([]quiesce, len(ids))
 	for i, id := range ids {
-		q, err := d.freezeTarget(id)
+		q, err := d.quiesceOf(id)
 		if err != nil {
 			return err
 		}
