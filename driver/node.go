@@ -99,6 +99,8 @@ func (d *Driver) mountedDevice(path string) (string, error) {
 // ever).
 func (d *Driver) listMounts() ([]mount.MountPoint, error) {
 	mps, err := d.opt.Mounter.List()
+	// A copy: the slice may be the mounter's own (mount.FakeMounter's is).
+	mps = slices.Clone(mps)
 	for i := range mps {
 		mps[i].Path = kernel.UnescapeMount(mps[i].Path)
 	}
@@ -512,10 +514,14 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err := checkCapability(req.GetVolumeCapability()); err != nil {
 		return nil, err
 	}
-	if !d.locks.tryLock(id) {
-		return nil, statusf(codes.Aborted, "an operation on volume %s is in progress", id)
+	// The staging path too: two volumes staged at one new path at once
+	// would both find it free and stack their mounts (as publishes at one
+	// target, targetKey).
+	skey := targetKey(staging)
+	if !d.locks.tryLock(id, skey) {
+		return nil, statusf(codes.Aborted, "an operation on volume %s or at %s is in progress", id, staging)
 	}
-	defer d.locks.unlock(id)
+	defer d.locks.unlock(id, skey)
 	if !isVolumeID(id) {
 		return nil, statusf(codes.NotFound, "volume %q does not exist", id)
 	}
