@@ -930,6 +930,9 @@ func (d *Driver) thawLeftovers(failed map[string]bool) error {
 	var first error
 	for _, e := range ents {
 		id := e.Name()
+		if strings.HasSuffix(id, ".tmp") {
+			continue // a marker's write cut off (writeMarker)
+		}
 		if failed[id] && d.opt.Frontend.Unserved(id) {
 			// Its device is not served: the thaw would wait on it.
 			// takeBack thaws it once it serves the device again. (A

@@ -1134,12 +1134,7 @@ func (d *Driver) stageRecords(id string) string { return filepath.Join(d.opt.Dat
 // writeStageRecord records a finished stage of id at staging, atomically
 // (a kill leaves the old record or the new one, never a torn one).
 func (d *Driver) writeStageRecord(id, staging string) error {
-	rec := d.stageRecord(id, staging)
-	tmp := rec + ".tmp"
-	if err := writeMarker(tmp, []byte(bootID()+"\n"+resolvedPath(staging)+"\n")); err != nil {
-		return err
-	}
-	return noSpace(os.Rename(tmp, rec))
+	return writeMarker(d.stageRecord(id, staging), []byte(bootID()+"\n"+resolvedPath(staging)+"\n"))
 }
 
 // dropStageRecord removes the record of id's stage at staging, if any.
@@ -1232,10 +1227,18 @@ func (d *Driver) publishUnfinished(target string) bool {
 // writeMarker creates the marker file path (stage, publish and freeze
 // markers, in DataDir) holding content. A full data dir wraps ErrNoSpace,
 // so toStatus answers ResourceExhausted, as for a volume that does not fit.
+//
+// The file is replaced whole (written beside it, then renamed over it): a
+// write that fails or is killed midway leaves the old content, never a
+// torn one (a freeze marker rewritten over a freeze whose thaw failed,
+// torn, was taken for another boot's and dropped without a thaw).
 func writeMarker(path string, content []byte) error {
 	err := os.MkdirAll(filepath.Dir(path), 0o700)
 	if err == nil {
-		err = os.WriteFile(path, content, 0o600)
+		tmp := path + ".tmp"
+		if err = os.WriteFile(tmp, content, 0o600); err == nil {
+			err = os.Rename(tmp, path)
+		}
 	}
 	return noSpace(err)
 }
