@@ -17,6 +17,14 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// droppedCOW is the COW chunk of an exception record Open dropped from the
+// last batch (its copy failed its CRC), checked against the mappings once
+// the replay is done (rebuildFree).
+type droppedCOW struct {
+	v *Volume
+	c exceptions.Chunk
+}
+
 // Store is a directory of volumes and snapshots with one metadata log.
 // All methods are safe for concurrent use.
 type Store struct {
@@ -85,6 +93,8 @@ type Store struct {
 	spaceHeld        atomic.Uint64 // chunks holdHoles preallocated below the reserve
 	roomRefused      atomic.Uint64 // operations refused for the log's room (logRoom)
 	noPrealloc       atomic.Bool   // the file system refused a preallocation (EOPNOTSUPP)
+	// droppedCOW: Open only, from replayLog to finishOpen (then nil).
+	droppedCOW []droppedCOW
 }
 
 // SetSurviveKill sets whether WriteAt and Discard return only once their
@@ -678,6 +688,10 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, dropped bool, err er
 	if err != nil {
 		return 0, 0, false, fmt.Errorf("batch %d: %w", seq, err)
 	}
+	// origins: the origin chunks each snapshot's exceptions of this batch
+	// mapped (replay buffers them in pending, not in the index).
+	origins := map[*Snapshot]map[uint64]bool{}
+	flushed := map[*Snapshot]bool{}
 	for _, r := range batchRecs {
 		if r.Type == recExc && r.COW != 0 {
 			ok, err := s.excDataDurable(r)
@@ -685,12 +699,33 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, dropped bool, err er
 				return 0, 0, false, err
 			}
 			if !ok {
+				// A record that contradicts the state is damage, never a
+				// copy-out cut short (FORMAT.md, Records): judged before
+				// it is dropped, as apply would judge it.
+				sn := s.objs[r.Obj].(*Snapshot) // excDataDurable checked
+				if !flushed[sn] {
+					if err := s.flushPending(sn); err != nil {
+						return 0, 0, false, err
+					}
+					flushed[sn] = true
+				}
+				if _, mapped := sn.idx.Lookup(exceptions.Chunk(r.Origin)); mapped || origins[sn][r.Origin] {
+					return 0, 0, false, corruptf("batch %d: exception for chunk %d of snapshot %d, which it maps already", seq, r.Origin, r.Obj)
+				}
+				s.droppedCOW = append(s.droppedCOW, droppedCOW{sn.vol, exceptions.Chunk(r.COW)})
 				dropped = true
 				continue
 			}
 		}
 		if err := s.apply(r); err != nil {
 			return 0, 0, false, fmt.Errorf("batch %d: %w", seq, err)
+		}
+		if r.Type == recExc {
+			sn := s.objs[r.Obj].(*Snapshot)
+			if origins[sn] == nil {
+				origins[sn] = map[uint64]bool{}
+			}
+			origins[sn][r.Origin] = true
 		}
 	}
 	return int64(off), seq, dropped, nil
@@ -719,12 +754,17 @@ func legacyTorn(b []byte) bool {
 // laterBatch reports whether b holds, at any offset, a valid batch record
 // with a sequence number after seq: then a bad record before it is damage
 // in the middle of the log, not a torn tail.
+//
+// Every batch takes at least its batch record's recOverhead+8 bytes, so a
+// batch found i bytes on can be at most seq+2+i/(recOverhead+8): a "batch
+// record" further ahead in numbering is bytes of a record's payload (a
+// caller's labels, a snapshot's limit), not a batch.
 func laterBatch(b []byte, seq uint64) bool {
 	for i := 0; i+recOverhead+8 <= len(b); i++ {
 		if b[i+4] != recBatch || b[i] != 8 || b[i+1] != 0 || b[i+2] != 0 || b[i+3] != 0 {
 			continue
 		}
-		if r, _, err := decodeRecord(b[i:]); err == nil && r.Seq > seq {
+		if r, _, err := decodeRecord(b[i:]); err == nil && r.Seq > seq && r.Seq-seq <= 2+uint64(i)/(recOverhead+8) {
 			return true
 		}
 	}
@@ -781,6 +821,7 @@ func (s *Store) finishOpen() error {
 			v.punchUnreadable()
 		}
 	}
+	s.droppedCOW = nil
 	names, err := s.fs.List()
 	if err != nil {
 		return err
@@ -843,6 +884,18 @@ func (v *Volume) rebuildFree() error {
 		})
 	}
 	sortSpans(used)
+	// A dropped last-batch exception (its copy failed its CRC) whose COW
+	// chunk another mapping holds contradicts the state: no store hands a
+	// chunk out twice, nor reuses a freed one in the batch that freed it.
+	for _, d := range v.s.droppedCOW {
+		if d.v != v {
+			continue
+		}
+		i, _ := slices.BinarySearchFunc(used, d.c, func(x span, c exceptions.Chunk) int { return cmp.Compare(x.C, c) })
+		if i > 0 && used[i-1].C+exceptions.Chunk(used[i-1].N) > d.c || i < len(used) && used[i].C == d.c {
+			return corruptf("volume %s: a dropped exception of the last batch maps COW chunk %d, which another mapping holds", v.id, d.c)
+		}
+	}
 	next := exceptions.Chunk(firstCOW)
 	v.free = v.free[:0]
 	for _, r := range used {
