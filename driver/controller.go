@@ -126,8 +126,10 @@ func fsMinSize(param string, caps []*csi.VolumeCapability) (int64, string) {
 
 // wantsXFS reports whether a volume may be staged with xfs: the fstype
 // parameter says so, or (external-provisioner passes the StorageClass's
-// fstype there) a mount capability does, which NodeStageVolume prefers to
-// the parameter.
+// fstype there) a mount capability does. CreateVolume refuses a request
+// whose parameter and capabilities name different filesystems
+// (InvalidArgument: NodeStageVolume would refuse every stage with one of
+// them), so they never disagree here.
 func wantsXFS(param string, caps []*csi.VolumeCapability) bool {
 	if param == "xfs" {
 		return true
@@ -286,6 +288,17 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		return nil, err
 	}
 	fs := params.fsType
+	// One volume holds one filesystem: the parameter and every mount
+	// capability must agree on it.
+	fsAsked := fs
+	for _, c := range req.GetVolumeCapabilities() {
+		if want := c.GetMount().GetFsType(); want != "" {
+			if fsAsked != "" && want != fsAsked {
+				return nil, statusf(codes.InvalidArgument, "the request asks for filesystems %s and %s: a volume holds one", fsAsked, want)
+			}
+			fsAsked = want
+		}
+	}
 	if len(req.GetMutableParameters()) > 0 {
 		return nil, statusf(codes.InvalidArgument, "mutable parameters are not supported")
 	}

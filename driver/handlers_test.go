@@ -635,7 +635,6 @@ func TestCreateFilesystemMinimumSize(t *testing.T) {
 		{"by-parameter", []*csi.VolumeCapability{mountCap()}, fsParam("xfs"), 64 << 20, 0, minXFS, ""},
 		{"limit-allows", []*csi.VolumeCapability{xfsCap}, nil, 64 << 20, 1 << 30, minXFS, ""},
 		{"limit-too-low", []*csi.VolumeCapability{xfsCap}, nil, 64 << 20, 100 << 20, 0, "mkfs.xfs"},
-		{"capability-over-ext4-parameter", []*csi.VolumeCapability{xfsCap}, fsParam("ext4"), 64 << 20, 0, minXFS, ""},
 		{"no-size", []*csi.VolumeCapability{xfsCap}, nil, 0, 0, 1 << 30, ""},
 		{"limit-only", []*csi.VolumeCapability{xfsCap}, nil, 0, 512 << 20, 512 << 20, ""},
 		{"larger", []*csi.VolumeCapability{xfsCap}, nil, 400 << 20, 0, 400 << 20, ""},

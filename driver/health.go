@@ -7,6 +7,7 @@ import (
 	"slices"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/csi-snap/csi-snap/driver/kernel"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	mount "k8s.io/mount-utils"
@@ -177,9 +178,19 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 			add(csi.VolumeHealthErrorType_INACCESSIBLE, "NotStaged", "volume is not attached on this node")
 			break
 		}
+		abs, real, err := tablePaths(p)
+		if err != nil {
+			return nil, toStatus(err)
+		}
 		for _, mp := range mps {
-			if mp.Path == p && mp.Device == dev && slices.Contains(mp.Opts, "ro") && p == req.GetStagingTargetPath() && mountIsDevice(p, mp.Device, dev) {
-				add(csi.VolumeHealthErrorType_DEGRADED, "FilesystemReadOnly", "the staged filesystem is mounted read-only")
+			if (mp.Path == abs || mp.Path == real) && mp.Device == dev && p == req.GetStagingTargetPath() && mountIsDevice(p, mp.Device, dev) {
+				ro, known := turnedReadOnly(abs, real)
+				if !known {
+					ro = slices.Contains(mp.Opts, "ro") // no mountinfo: the mount table's word
+				}
+				if ro {
+					add(csi.VolumeHealthErrorType_DEGRADED, "FilesystemReadOnly", "the staged filesystem turned read-only (after an error)")
+				}
 			}
 		}
 		// Block staging paths hold nothing; only mounts can be checked. A
@@ -232,4 +243,26 @@ func (d *Driver) NodeGetStorageHealth(ctx context.Context, req *csi.NodeGetStora
 			Status: csi.StorageHealthErrorType_STORAGE_DEGRADED, Reason: "DataDirNearlyFull", Message: msg})
 	}
 	return resp, nil
+}
+
+// turnedReadOnly reports whether the filesystem mounted at abs (or real,
+// its resolved spelling) turned read-only by itself, after an error, and
+// whether mountinfo lists the mount at all (known). A mount read-only by
+// its own options (a stage asked read-only: the mount flag "ro" or the
+// reader-only access mode) did not. ext4 with errors=remount-ro marks its
+// super block read-only ("ro" in the super options) before Linux 6.9, and
+// "emergency_ro" from 6.9 on, where the mount stays listed "rw".
+func turnedReadOnly(abs, real string) (ro, known bool) {
+	mis, err := mount.ParseMountInfo("/proc/self/mountinfo")
+	if err != nil {
+		return false, false
+	}
+	for _, mi := range mis {
+		if mp := kernel.UnescapeMount(mi.MountPoint); mp == abs || mp == real {
+			known = true // the last one listed is on top
+			ro = !slices.Contains(mi.MountOptions, "ro") &&
+				(slices.Contains(mi.SuperOptions, "ro") || slices.Contains(mi.SuperOptions, "emergency_ro"))
+		}
+	}
+	return ro, known
 }

@@ -615,6 +615,11 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		return nil, toStatus(err)
 	}
 	if top.Device == dev {
+		if _, published := d.readPublishRecord(staging); published {
+			// A bind of the volume's stage made by a publish, not a
+			// stage: recorded as one, its unpublish would be refused.
+			return nil, statusf(codes.FailedPrecondition, "staging_target_path %s is a publish target of volume %s, not a staging path", staging, id)
+		}
 		if err := d.restage(id, v, dev, staging, capability); err != nil {
 			return nil, err
 		}
@@ -798,7 +803,7 @@ func (d *Driver) restage(id string, v VolumeInfo, dev, staging string, c *csi.Vo
 	if want := m.GetFsType(); want != "" && top.Type != "" && top.Type != want {
 		return statusf(codes.AlreadyExists, "volume %s is staged at %s with filesystem %s, not %s", id, staging, top.Type, want)
 	}
-	if readerOnly(c) && !slices.Contains(top.Opts, "ro") {
+	if (readerOnly(c) || hasROFlag(m.GetMountFlags())) && !slices.Contains(top.Opts, "ro") {
 		return statusf(codes.AlreadyExists, "volume %s is staged writable at %s; a reader-only stage is not", id, staging)
 	}
 	// A retry, or kubelet's re-stage after a restart whose Recover could
@@ -884,6 +889,11 @@ func (d *Driver) planMount(id string, v VolumeInfo, dev string, c *csi.VolumeCap
 		// UUID already mounted, so without nouuid it could not be staged
 		// while its source (or another copy) is. ext4 has no such check.
 		flags = append(slices.Clone(flags), "nouuid")
+	}
+	if existing == "" && hasROFlag(flags) {
+		// mount-utils would refuse it (Internal): a read-only mount
+		// formats nothing.
+		return mountPlan{}, statusf(codes.FailedPrecondition, "volume %s holds no filesystem, and a stage with the mount flag ro does not format it", id)
 	}
 	if readerOnly(c) {
 		// Published read-only only (the spec's SINGLE_NODE_READER_ONLY):
@@ -1554,6 +1564,16 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if err := d.checkPath("staging_target_path", staging); err != nil {
 		return nil, err
 	}
+	if req.GetVolumeCapability().GetBlock() != nil && strings.HasSuffix(target, "/") {
+		// A block publish binds the device onto a file: "t/" names a
+		// directory (MkdirAll of its parent would make one at t).
+		return nil, statusf(codes.InvalidArgument, "target_path %q of a block publish ends in /: it names a file", target)
+	}
+	if _, published := d.readPublishRecord(staging); published {
+		// A publish target is no staging path: taken for one, a
+		// SINGLE_NODE_SINGLE_WRITER check skipped the publish there.
+		return nil, statusf(codes.FailedPrecondition, "staging_target_path %s is a publish target of a volume, not a staging path", staging)
+	}
 	if resolvedPath(target) == resolvedPath(staging) {
 		// The stage's own mount would be taken for a publish already
 		// made (OK, with nothing published), and its unpublish would
@@ -1686,6 +1706,13 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	}
 	if err := pathKind(target, "target_path", !block); err != nil {
 		return nil, err
+	}
+	if !block {
+		// NodeUnpublishVolume removes only an empty directory (what a
+		// publish makes): a bind over files would never be unpublished.
+		if ents, err := os.ReadDir(target); err == nil && len(ents) > 0 {
+			return nil, statusf(codes.FailedPrecondition, "target_path %s is a directory with files in it: a publish binds onto an empty one", target)
+		}
 	}
 	if block {
 		if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil {
