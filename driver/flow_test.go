@@ -932,33 +932,44 @@ func TestFailedStoreAnswersUnavailable(t *testing.T) {
 	}
 }
 
-// TestThawAfterCrash: a plugin that died between the freeze and the thaw of
-// a snapshot left the filesystem frozen (the pod's writes blocked, and the
-// next snapshot taking EBUSY for someone else's freeze). The freeze left a
-// marker, and Recover at the next start thaws what it names. A snapshot
-// that completes leaves no marker; a thaw that fails keeps it.
-func TestThawAfterCrash(t *testing.T) {
+// fakeFreezer stands for FIFREEZE and FITHAW: frozen lists the mount
+// points frozen, a second freeze of one is EBUSY, and a thaw fails with
+// thawErr when it is set (strict: EINVAL for one not frozen, as FITHAW).
+type fakeFreezer struct {
+	frozen  []string
+	thawErr error
+	strict  bool
+}
+
+func (f *fakeFreezer) freeze(mp string) error {
+	if slices.Contains(f.frozen, mp) {
+		return syscall.EBUSY
+	}
+	f.frozen = append(f.frozen, mp)
+	return nil
+}
+
+func (f *fakeFreezer) thaw(mp string) error {
+	if f.thawErr != nil {
+		return f.thawErr
+	}
+	if f.strict && !slices.Contains(f.frozen, mp) {
+		return syscall.EINVAL
+	}
+	f.frozen = slices.DeleteFunc(f.frozen, func(s string) bool { return s == mp })
+	return nil
+}
+
+// frozenEnv makes a driver over a fake store and frontend that freezes
+// through fz, with one volume "f" attached and mounted (in fm, whose
+// FakeMounter is fake) at /staging/f: the options (for a restart), the
+// driver, the store, the frontend and the volume's ID.
+func frozenEnv(t *testing.T, fm mount.Interface, fake *mount.FakeMounter, fz *fakeFreezer) (driver.Options, *driver.Driver, *drivertest.Store, *drivertest.Frontend, string) {
+	t.Helper()
 	st, fe := drivertest.NewStore(), drivertest.NewFrontend()
-	fm := &listFailMounter{FakeMounter: mount.NewFakeMounter(nil)}
-	dataDir := t.TempDir()
-	var frozen []string
-	var thawErr error
-	opts := driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: dataDir, Store: st, Frontend: fe,
+	opts := driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
 		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{DisableScripts: true}},
-		Freeze: func(mp string) error {
-			if slices.Contains(frozen, mp) {
-				return syscall.EBUSY
-			}
-			frozen = append(frozen, mp)
-			return nil
-		},
-		Thaw: func(mp string) error {
-			if thawErr != nil {
-				return thawErr
-			}
-			frozen = slices.DeleteFunc(frozen, func(s string) bool { return s == mp })
-			return nil
-		},
+		Freeze:  fz.freeze, Thaw: fz.thaw,
 	}
 	d, err := driver.New(opts)
 	if err != nil {
@@ -972,7 +983,21 @@ func TestThawAfterCrash(t *testing.T) {
 	id := v.Volume.VolumeId
 	b, _ := st.VolumeBackend(id)
 	dev, _ := fe.Attach(ctx, id, b, false)
-	fm.MountPoints = append(fm.MountPoints, mount.MountPoint{Device: dev, Path: "/staging/f", Type: "ext4"})
+	fake.MountPoints = append(fake.MountPoints, mount.MountPoint{Device: dev, Path: "/staging/f", Type: "ext4"})
+	return opts, d, st, fe, id
+}
+
+// TestThawAfterCrash: a plugin that died between the freeze and the thaw of
+// a snapshot left the filesystem frozen (the pod's writes blocked, and the
+// next snapshot taking EBUSY for someone else's freeze). The freeze left a
+// marker, and Recover at the next start thaws what it names. A snapshot
+// that completes leaves no marker; a thaw that fails keeps it.
+func TestThawAfterCrash(t *testing.T) {
+	fm := &listFailMounter{FakeMounter: mount.NewFakeMounter(nil)}
+	fz := &fakeFreezer{}
+	opts, d, st, fe, id := frozenEnv(t, fm, fm.FakeMounter, fz)
+	dataDir := opts.DataDir
+	ctx := context.Background()
 	markers := func() []string {
 		ents, _ := os.ReadDir(filepath.Join(dataDir, "frozen"))
 		var out []string
@@ -984,28 +1009,28 @@ func TestThawAfterCrash(t *testing.T) {
 	if _, err := d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s1", SourceVolumeId: id}); err != nil {
 		t.Fatal(err)
 	}
-	if len(frozen) != 0 || len(markers()) != 0 {
-		t.Fatalf("after a snapshot: frozen %v, markers %v", frozen, markers())
+	if len(fz.frozen) != 0 || len(markers()) != 0 {
+		t.Fatalf("after a snapshot: frozen %v, markers %v", fz.frozen, markers())
 	}
 	// A thaw that fails keeps the marker.
-	thawErr = errors.New("thaw failed")
+	fz.thawErr = errors.New("thaw failed")
 	if _, err := d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s2", SourceVolumeId: id}); err != nil {
 		t.Fatal(err)
 	}
-	if got := markers(); len(got) != 1 || got[0] != id || len(frozen) != 1 {
-		t.Fatalf("after a failed thaw: frozen %v, markers %v", frozen, got)
+	if got := markers(); len(got) != 1 || got[0] != id || len(fz.frozen) != 1 {
+		t.Fatalf("after a failed thaw: frozen %v, markers %v", fz.frozen, got)
 	}
 	// The next snapshot's freeze gets EBUSY from our own freeze: it thaws
 	// it after (a marker says it is ours), instead of leaving it.
-	thawErr = nil
+	fz.thawErr = nil
 	if _, err := d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s3", SourceVolumeId: id}); err != nil {
 		t.Fatal(err)
 	}
-	if len(frozen) != 0 || len(markers()) != 0 {
-		t.Fatalf("after a snapshot over our own stuck freeze: frozen %v, markers %v", frozen, markers())
+	if len(fz.frozen) != 0 || len(markers()) != 0 {
+		t.Fatalf("after a snapshot over our own stuck freeze: frozen %v, markers %v", fz.frozen, markers())
 	}
 	// Stuck again; a marker of another boot is dropped without a thaw.
-	thawErr = errors.New("thaw failed")
+	fz.thawErr = errors.New("thaw failed")
 	if _, err := d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s4", SourceVolumeId: id}); err != nil {
 		t.Fatal(err)
 	}
@@ -1013,7 +1038,7 @@ func TestThawAfterCrash(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The plugin "restarts": Recover thaws it and drops the markers.
-	thawErr = nil
+	fz.thawErr = nil
 	d2, err := driver.New(opts)
 	if err != nil {
 		t.Fatal(err)
@@ -1021,18 +1046,18 @@ func TestThawAfterCrash(t *testing.T) {
 	if err := d2.Recover(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if len(frozen) != 0 || len(markers()) != 0 {
-		t.Fatalf("after Recover: frozen %v, markers %v", frozen, markers())
+	if len(fz.frozen) != 0 || len(markers()) != 0 {
+		t.Fatalf("after Recover: frozen %v, markers %v", fz.frozen, markers())
 	}
 	// Stuck again, and the next Recover cannot take the device back (the
 	// holder does not answer): it must not thaw (the thaw would wait on
 	// the unserved device). The unstage that then takes the device back
 	// thaws the filesystem before it unmounts it.
-	thawErr = errors.New("thaw failed")
+	fz.thawErr = errors.New("thaw failed")
 	if _, err := d2.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s5", SourceVolumeId: id}); err != nil {
 		t.Fatal(err)
 	}
-	thawErr = nil
+	fz.thawErr = nil
 	fe.SetUnserved(id)
 	fe.AttachErr = errors.New("holder did not answer")
 	d3, err := driver.New(opts)
@@ -1042,13 +1067,13 @@ func TestThawAfterCrash(t *testing.T) {
 	if err := d3.Recover(ctx); err == nil {
 		t.Fatal("Recover with a failing Attach reported no error")
 	}
-	if len(frozen) != 1 || len(markers()) != 1 {
-		t.Fatalf("Recover thawed a volume it could not take back: frozen %v, markers %v", frozen, markers())
+	if len(fz.frozen) != 1 || len(markers()) != 1 {
+		t.Fatalf("Recover thawed a volume it could not take back: frozen %v, markers %v", fz.frozen, markers())
 	}
 	fe.AttachErr = nil
 	var frozenAtUnmount []string
 	unmounted := false
-	fm.UnmountFunc = func(string) error { frozenAtUnmount, unmounted = slices.Clone(frozen), true; return nil }
+	fm.UnmountFunc = func(string) error { frozenAtUnmount, unmounted = slices.Clone(fz.frozen), true; return nil }
 	if _, err := d3.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: "/staging/f"}); err != nil {
 		t.Fatal(err)
 	}
@@ -1061,18 +1086,18 @@ func TestThawAfterCrash(t *testing.T) {
 
 	// Staged again, stuck again. A Recover whose Attach fails on a dead
 	// connection (not unserved: its I/O fails at once) thaws it anyway.
-	b, _ = st.VolumeBackend(id)
-	dev, _ = fe.Attach(ctx, id, b, false)
+	b, _ := st.VolumeBackend(id)
+	dev, _ := fe.Attach(ctx, id, b, false)
 	fm.MountPoints = append(fm.MountPoints, mount.MountPoint{Device: dev, Path: "/staging/f", Type: "ext4"})
 	stuck := func(name string) {
 		t.Helper()
-		thawErr = errors.New("thaw failed")
+		fz.thawErr = errors.New("thaw failed")
 		if _, err := d3.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: name, SourceVolumeId: id}); err != nil {
 			t.Fatal(err)
 		}
-		thawErr = nil
-		if len(frozen) != 1 || len(markers()) != 1 {
-			t.Fatalf("%s: not left frozen: frozen %v, markers %v", name, frozen, markers())
+		fz.thawErr = nil
+		if len(fz.frozen) != 1 || len(markers()) != 1 {
+			t.Fatalf("%s: not left frozen: frozen %v, markers %v", name, fz.frozen, markers())
 		}
 	}
 	stuck("s6")
@@ -1081,8 +1106,8 @@ func TestThawAfterCrash(t *testing.T) {
 		t.Fatal("Recover with a failing Attach reported no error")
 	}
 	fe.AttachErr = nil
-	if len(frozen) != 0 || len(markers()) != 0 {
-		t.Fatalf("Recover left a dead connection's filesystem frozen: frozen %v, markers %v", frozen, markers())
+	if len(fz.frozen) != 0 || len(markers()) != 0 {
+		t.Fatalf("Recover left a dead connection's filesystem frozen: frozen %v, markers %v", fz.frozen, markers())
 	}
 	// A mount table that cannot be read was taken for "not mounted": the
 	// marker went without a thaw, and the filesystem stayed frozen for
@@ -1093,14 +1118,14 @@ func TestThawAfterCrash(t *testing.T) {
 		t.Error("Recover with an unreadable mount table reported no error")
 	}
 	fm.fail = false
-	if len(frozen) != 1 || len(markers()) != 1 {
-		t.Fatalf("unreadable mount table: frozen %v, markers %v; want the marker kept, still frozen", frozen, markers())
+	if len(fz.frozen) != 1 || len(markers()) != 1 {
+		t.Fatalf("unreadable mount table: frozen %v, markers %v; want the marker kept, still frozen", fz.frozen, markers())
 	}
 	if err := d3.Recover(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if len(frozen) != 0 || len(markers()) != 0 {
-		t.Fatalf("mount table readable again: frozen %v, markers %v; want thawed, the marker gone", frozen, markers())
+	if len(fz.frozen) != 0 || len(markers()) != 0 {
+		t.Fatalf("mount table readable again: frozen %v, markers %v; want thawed, the marker gone", fz.frozen, markers())
 	}
 	// A re-stage of the staged volume (kubelet's, after a restart) thaws
 	// a leftover freeze; so does an unstage of a device served all along.
@@ -1108,8 +1133,8 @@ func TestThawAfterCrash(t *testing.T) {
 	if _, err := d3.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: "/staging/f", VolumeCapability: mountCap()}); err != nil {
 		t.Fatal(err)
 	}
-	if len(frozen) != 0 || len(markers()) != 0 {
-		t.Fatalf("re-stage left the filesystem frozen: frozen %v, markers %v", frozen, markers())
+	if len(fz.frozen) != 0 || len(markers()) != 0 {
+		t.Fatalf("re-stage left the filesystem frozen: frozen %v, markers %v", fz.frozen, markers())
 	}
 	stuck("s8")
 	unmounted = false

@@ -5,15 +5,12 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"slices"
 	"syscall"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/csi-snap/csi-snap/driver"
-	"github.com/csi-snap/csi-snap/driver/drivertest"
 	mount "k8s.io/mount-utils"
-	testexec "k8s.io/utils/exec/testing"
 )
 
 // TestTornFreezeMarkerKeepsFreeze: a snapshot of a volume whose earlier
@@ -31,53 +28,20 @@ import (
 // the process's, so this test must not run beside another (no test of
 // this package calls t.Parallel).
 func TestTornFreezeMarkerKeepsFreeze(t *testing.T) {
-	st, fe := drivertest.NewStore(), drivertest.NewFrontend()
 	fm := mount.NewFakeMounter(nil)
-	dataDir := t.TempDir()
-	var frozen []string
-	var thawErr error
-	opts := driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: dataDir, Store: st, Frontend: fe,
-		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: &testexec.FakeExec{DisableScripts: true}},
-		Freeze: func(mp string) error {
-			if slices.Contains(frozen, mp) {
-				return syscall.EBUSY
-			}
-			frozen = append(frozen, mp)
-			return nil
-		},
-		Thaw: func(mp string) error {
-			if thawErr != nil {
-				return thawErr
-			}
-			if !slices.Contains(frozen, mp) {
-				return syscall.EINVAL
-			}
-			frozen = slices.DeleteFunc(frozen, func(s string) bool { return s == mp })
-			return nil
-		},
-	}
-	d, err := driver.New(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
+	fz := &fakeFreezer{strict: true}
+	opts, d, _, _, id := frozenEnv(t, fm, fm, fz)
+	dataDir := opts.DataDir
 	ctx := context.Background()
-	v, err := d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "f", VolumeCapabilities: []*csi.VolumeCapability{mountCap()}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := v.Volume.VolumeId
-	b, _ := st.VolumeBackend(id)
-	dev, _ := fe.Attach(ctx, id, b, false)
-	fm.MountPoints = append(fm.MountPoints, mount.MountPoint{Device: dev, Path: "/staging/f", Type: "ext4"})
 	// A snapshot whose thaw fails: frozen, marker kept (as TestThawAfterCrash).
-	thawErr = errors.New("thaw failed")
+	fz.thawErr = errors.New("thaw failed")
 	if _, err := d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s1", SourceVolumeId: id}); err != nil {
 		t.Fatal(err)
 	}
-	thawErr = nil
+	fz.thawErr = nil
 	marker := filepath.Join(dataDir, "frozen", id)
-	if len(frozen) != 1 {
-		t.Fatalf("setup: frozen %v", frozen)
+	if len(fz.frozen) != 1 {
+		t.Fatalf("setup: frozen %v", fz.frozen)
 	}
 	// The next snapshot rewrites that marker in place. Its write fails
 	// after the O_TRUNC open (here: RLIMIT_FSIZE, EFBIG after 8 bytes; a
@@ -107,8 +71,8 @@ func TestTornFreezeMarkerKeepsFreeze(t *testing.T) {
 	if _, err := d2.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s2", SourceVolumeId: id}); err != nil {
 		t.Fatal(err)
 	}
-	if len(frozen) != 0 {
+	if len(fz.frozen) != 0 {
 		_, merr := os.Stat(marker)
-		t.Fatalf("after a restart and another snapshot the filesystem is still frozen (%v); Recover: %v; marker: %v", frozen, rerr, merr)
+		t.Fatalf("after a restart and another snapshot the filesystem is still frozen (%v); Recover: %v; marker: %v", fz.frozen, rerr, merr)
 	}
 }
