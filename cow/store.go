@@ -172,7 +172,8 @@ func (s *Store) SetSurviveKill(on bool) { s.survive.Store(on) }
 // A reserve is a margin, not a guarantee: the overlay's bytes are an
 // estimate (a chunk partly allocated in a sparse file can take up to two
 // chunks; the log's appends, which fail the store on ENOSPC, are not
-// counted beyond its 4 MiB of zeros ahead), and another process may fill
+// counted beyond its 4 MiB of zeros ahead, which are counted until
+// written), and another process may fill
 // the disk faster than the reserve. Size it well above the overlay's 64 MiB; the driver's default
 // is 1 GiB.
 func (s *Store) SetMinFree(bytes int64) { s.minFree.Store(max(bytes, 0)) }
@@ -191,7 +192,11 @@ func (s *Store) lowSpace(extra int64) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("cow: free space of %s: %w", s.dir, err)
 	}
-	return free-s.log.overlayUsed()-extra < reserve, nil
+	// The log's zero fill (up to logPrealloc bytes at once) is written by
+	// the committer when a batch reaches the end of the zeros, after the
+	// writes it counts here were answered: what it will still take counts
+	// too, or a reserve below logPrealloc would be no reserve at all.
+	return free-s.log.overlayUsed()-s.log.runwayShort()-extra < reserve, nil
 }
 
 // statfsFree is the space dir's file system has free for unprivileged
