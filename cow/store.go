@@ -824,6 +824,7 @@ func (s *Store) finishOpen() error {
 		}
 		if v.deleted {
 			v.punchUnreadable()
+			v.punchCloned()
 		}
 	}
 	s.droppedCOW = nil

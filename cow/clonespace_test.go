@@ -1,0 +1,230 @@
+package cow
+
+import (
+	"bytes"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// volBytes is the disk space the store's volume files (.data, .cow) take.
+func volBytes(t *testing.T, dir string) int64 {
+	t.Helper()
+	var n int64
+	es, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range es {
+		if strings.HasSuffix(e.Name(), ".data") || strings.HasSuffix(e.Name(), ".cow") {
+			fi, err := e.Info()
+			if err != nil {
+				t.Fatal(err)
+			}
+			n += blocks(t, filepath.Join(dir, e.Name()), fi)
+		}
+	}
+	return n
+}
+
+// fileBytes is the disk space one file of the store takes.
+func fileBytes(t *testing.T, dir, name string) int64 {
+	t.Helper()
+	fi, err := os.Stat(filepath.Join(dir, name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return blocks(t, filepath.Join(dir, name), fi)
+}
+
+func randBytes(seed int64, n int) []byte {
+	b := make([]byte, n)
+	rand.New(rand.NewSource(seed)).Read(b)
+	return b
+}
+
+// TestCloneOverwrittenSourceFreed: a volume restored or cloned, then its
+// source (and the snapshot restored from) deleted, the usual way to move
+// a PVC. Once the clone has overwritten every chunk, nobody can read the
+// deleted source's data, yet it was kept for the clone's whole life: the
+// space doubled. Open now punches it (punchCloned).
+func TestCloneOverwrittenSourceFreed(t *testing.T) {
+	for _, viaSnap := range []bool{false, true} {
+		t.Run(map[bool]string{false: "clone-volume", true: "restore"}[viaSnap], func(t *testing.T) {
+			s, dir := openT(t)
+			const cs = 64 << 10
+			const size = 64 * cs
+			v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := v.WriteAt(randBytes(1, size), 0); err != nil {
+				t.Fatal(err)
+			}
+			if err := v.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			var c *Volume
+			if viaSnap {
+				if _, err = s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+					t.Fatal(err)
+				}
+				c, err = s.CloneSnapshot("s", "c", size, VolumeOptions{})
+			} else {
+				c, err = s.CloneVolume("v", "c", size, VolumeOptions{})
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			data := randBytes(2, size)
+			if _, err := c.WriteAt(data, 0); err != nil {
+				t.Fatal(err)
+			}
+			if err := c.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			if viaSnap {
+				if err := s.DeleteSnapshot("s"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := s.DeleteVolume("v"); err != nil {
+				t.Fatal(err)
+			}
+			s = reopen(t, s, dir)
+			c, err = s.Volume("c")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := mustRead(t, c, 0, size); !bytes.Equal(got, data) {
+				t.Fatal("the clone differs after the reopen")
+			}
+			if got := volBytes(t, dir); got > size {
+				t.Fatalf("%d bytes held for a %d-byte clone that holds every chunk itself: the deleted source's %d bytes nobody can read are kept", got, size, got-size)
+			}
+		})
+	}
+}
+
+// TestCloneSpaceKeepsWhatIsRead: punchCloned frees only what no clone
+// reads, with two deleted snapshots of a deleted volume, each with a clone
+// of another chunk size, and keeps everything while a live snapshot may
+// still read it.
+func TestCloneSpaceKeepsWhatIsRead(t *testing.T) {
+	const cs = 64 << 10
+	const size = 8 * cs
+	orig := randBytes(1, size)
+	t.Run("two-clones", func(t *testing.T) {
+		s, dir := openT(t)
+		v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := v.WriteAt(orig, 0); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.CreateSnapshot("v", "s1", SnapshotOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		// After s1: chunk 0 is rewritten (s1 holds its copy), then s2.
+		if _, err := v.WriteAt(randBytes(3, cs), 0); err != nil {
+			t.Fatal(err)
+		}
+		at2 := mustRead(t, v, 0, size)
+		if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		// c1 (16 KiB chunks) rewrites source chunks 1-2 whole, and 3 of the
+		// 4 pieces of chunk 4; c2 (4 KiB chunks) rewrites chunks 1-4 whole.
+		c1, err := s.CloneSnapshot("s1", "c1", size, VolumeOptions{ChunkSize: 16 << 10})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c2, err := s.CloneSnapshot("s2", "c2", size, VolumeOptions{ChunkSize: 4 << 10})
+		if err != nil {
+			t.Fatal(err)
+		}
+		want1, want2 := bytes.Clone(orig), bytes.Clone(at2)
+		write := func(c *Volume, want []byte, seed, off int64, n int) {
+			t.Helper()
+			p := randBytes(seed, n)
+			if _, err := c.WriteAt(p, off); err != nil {
+				t.Fatal(err)
+			}
+			copy(want[off:], p)
+		}
+		write(c1, want1, 4, 1*cs, 2*cs)
+		write(c1, want1, 5, 4*cs, 3*cs/4)
+		write(c2, want2, 6, 1*cs, 4*cs)
+		for _, c := range []*Volume{c1, c2, v} {
+			if err := c.Flush(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, id := range []string{"s1", "s2"} {
+			if err := s.DeleteSnapshot(id); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := s.DeleteVolume("v"); err != nil {
+			t.Fatal(err)
+		}
+		data := dataFileName(v.obj)
+		before := fileBytes(t, dir, data)
+		s = reopen(t, s, dir)
+		// Chunk 0: s1 holds its copy, s2 reads the data file, c2 has not
+		// rewritten it: kept. Chunks 1-2: both clones rewrote them: punched.
+		// Chunk 3: s1 reads it and c1 lacks it: kept. Chunk 4: c2 holds it
+		// whole and c1 three of its four pieces, so only the fourth is
+		// read (the punch is by bytes, not whole chunks). Chunks 5-7:
+		// nobody rewrote them: kept.
+		if got, want := before-fileBytes(t, dir, data), int64(2*cs+3*cs/4); got != want {
+			t.Errorf("the source's data file gave up %d bytes at the reopen, want %d (chunks 1 and 2, 3/4 of chunk 4)", got, want)
+		}
+		for id, want := range map[string][]byte{"c1": want1, "c2": want2} {
+			c, err := s.Volume(id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := mustRead(t, c, 0, size); !bytes.Equal(got, want) {
+				t.Errorf("clone %s differs after the reopen", id)
+			}
+		}
+	})
+	t.Run("live-snapshot", func(t *testing.T) {
+		s, dir := openT(t)
+		v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := v.WriteAt(orig, 0); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		c, err := s.CloneSnapshot("s", "c", size, VolumeOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.WriteAt(randBytes(2, size), 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.DeleteVolume("v"); err != nil {
+			t.Fatal(err)
+		}
+		s = reopen(t, s, dir)
+		sn, err := s.Snapshot("s")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := mustRead(t, sn, 0, size); !bytes.Equal(got, orig) {
+			t.Fatal("the live snapshot of the deleted volume differs after the reopen")
+		}
+	})
+}
