@@ -249,6 +249,9 @@ func TestCorruptionDetected(t *testing.T) {
 	}{{"header magic", 0}, {"header checksum", 61}, {"first record", headerSize + 5}, {"middle record", end / 2}} {
 		t.Run(tc.name, func(t *testing.T) {
 			cdir := t.TempDir()
+			// The whole store, not the log alone: without its data file the
+			// copy is ErrCorrupt whatever the log holds.
+			copyDir(t, dir, cdir)
 			b := append([]byte(nil), full...)
 			b[tc.off] ^= 0x5a
 			if err := os.WriteFile(filepath.Join(cdir, logName), b, 0o600); err != nil {
@@ -265,4 +268,143 @@ func TestCorruptionDetected(t *testing.T) {
 		})
 	}
 	s.Close()
+}
+
+// TestCorruptionBeforeFinalBatch: damage in a record before a valid later
+// batch is ErrCorrupt, also when that batch's record is the log's last
+// bytes (a batch that holds no record, with no zeros after it: a log whose
+// runway a full disk refused). The copy is of the whole store, so the
+// undamaged copy opens (checked first): the error comes from the damage,
+// not from files missing beside the log.
+func TestCorruptionBeforeFinalBatch(t *testing.T) {
+	const batchRec = recOverhead + 8 // a batch record: seq u64
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	v, err := s.CreateVolume("a", 1<<20, VolumeOptions{ChunkSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 4; i++ {
+		if _, err := s.CreateSnapshot("a", fmt.Sprint("s", i), SnapshotOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := v.WriteAt([]byte{byte(i + 1)}, int64(i)*4096); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	mid := logEnd(s) // the next batch: the snapshot "late"
+	if _, err := s.CreateSnapshot("a", "late", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.log.commit(nil); err != nil { // a batch with no record
+		t.Fatal(err)
+	}
+	end := logEnd(s)
+	for _, damage := range []bool{false, true} {
+		cdir := t.TempDir()
+		copyDir(t, dir, cdir)
+		name := filepath.Join(cdir, logName)
+		b, err := os.ReadFile(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b = b[:end] // no zeros after the last batch
+		if damage {
+			b[mid+batchRec+6] ^= 0x5a // inside the snapshot record after the batch record
+		}
+		if err := os.WriteFile(name, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		s2, err := Open(cdir)
+		if !damage {
+			if err != nil {
+				t.Fatalf("undamaged copy: %v", err)
+			}
+			_, serr := s2.Snapshot("late")
+			s2.Close()
+			if serr != nil {
+				t.Fatalf("undamaged copy lacks the last snapshot: %v", serr)
+			}
+			continue
+		}
+		if err == nil {
+			s2.Close()
+			t.Fatalf("damage at %d before the batch record ending the log at %d not detected", mid+batchRec+6, end)
+		}
+		if !errors.Is(err, ErrCorrupt) {
+			t.Fatalf("damage: %v, want ErrCorrupt", err)
+		}
+	}
+}
+
+// TestMissingBatchDetected: batches are numbered 1, 2, 3... after the
+// checkpoint (FORMAT.md, "Records"), so a log from which a whole batch is
+// gone (here: spliced out, the rest intact and valid) is ErrCorrupt, not a
+// store that silently lacks that batch's change. The control copy, the
+// same bytes without the splice, opens.
+func TestMissingBatchDetected(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for _, id := range []string{"a", "b"} {
+		if _, err := s.CreateVolume(id, 1<<20, VolumeOptions{ChunkSize: 4096}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	from := logEnd(s)
+	if _, err := s.CreateSnapshot("b", "sb", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	to := logEnd(s) // [from, to) is the batch of "sb" alone
+	if _, err := s.CreateSnapshot("a", "sa", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	end := logEnd(s)
+	for _, splice := range []bool{false, true} {
+		cdir := t.TempDir()
+		copyDir(t, dir, cdir)
+		name := filepath.Join(cdir, logName)
+		b, err := os.ReadFile(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if splice {
+			n := copy(b[from:], b[to:end])
+			clear(b[from+int64(n):])
+		}
+		if err := os.WriteFile(name, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		s2, err := Open(cdir)
+		if !splice {
+			if err != nil {
+				t.Fatalf("control copy: %v", err)
+			}
+			_, e1 := s2.Snapshot("sb")
+			_, e2 := s2.Snapshot("sa")
+			s2.Close()
+			if e1 != nil || e2 != nil {
+				t.Fatalf("control copy: %v, %v", e1, e2)
+			}
+			continue
+		}
+		if err == nil {
+			_, serr := s2.Snapshot("sb")
+			s2.Close()
+			t.Fatalf("a log without batch [%d, %d) opened (snapshot sb: %v)", from, to, serr)
+		}
+		if !errors.Is(err, ErrCorrupt) {
+			t.Fatalf("missing batch: %v, want ErrCorrupt", err)
+		}
+	}
 }

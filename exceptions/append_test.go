@@ -178,3 +178,29 @@ func TestRadix(t *testing.T) {
 		probe("stale")
 	}
 }
+
+// TestAppendKeepsCOWBreak appends runs that continue the last run's origin
+// chunks but not its COW chunks, in every shape: appendRun may join two
+// runs only when both ranges continue (the tail's case and the last
+// block's), so each must stay a run of its own and map its own COW chunks.
+// TestAppendModel's appends never break the COW sequence at an origin
+// boundary, so nothing else reaches the tail with such a run.
+func TestAppendKeepsCOWBreak(t *testing.T) {
+	for _, sh := range shapes {
+		t.Run(fmt.Sprintf("runs%d/blocks%d", sh.runs, sh.blocks), func(t *testing.T) {
+			h := newHarness(t, sh.runs, sh.blocks)
+			origin, cow := Chunk(0), Chunk(2)
+			for i := 0; i < 3*sh.runs+8; i++ {
+				l := uint64(1 + i%3)
+				// Origins back to back; every other run's COW jumps.
+				h.insertRun(Run{Origin: origin, COW: cow, Len: l})
+				origin, cow = origin+Chunk(l), cow+Chunk(l)+Chunk(i%2)*100
+				h.lookup(origin - 1)
+			}
+			h.verify("after the appends")
+			for c := Chunk(0); c < origin; c++ {
+				h.lookup(c)
+			}
+		})
+	}
+}
