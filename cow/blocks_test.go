@@ -11,7 +11,7 @@ var ioEOF = io.EOF
 
 // blocks returns the disk space the file at path takes, in bytes: the sum
 // of its extents (extentBytes), or st_blocks where there is no FIEMAP.
-func blocks(t *testing.T, path string, fi os.FileInfo) int64 {
+func blocks(t testing.TB, path string, fi os.FileInfo) int64 {
 	if n, _, ok := extentBytes(t, path); ok {
 		return n
 	}

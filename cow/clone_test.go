@@ -67,7 +67,7 @@ func freeBytes(t *testing.T, dir string) int64 {
 // shared blocks and past the end of a file it appends to (given back when
 // the inode is evicted or later). ok is false where
 // the file system has no FIEMAP (tmpfs).
-func extentBytes(t *testing.T, path string) (mapped, shared int64, ok bool) {
+func extentBytes(t testing.TB, path string) (mapped, shared int64, ok bool) {
 	t.Helper()
 	f, err := os.Open(path)
 	if err != nil {
