@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"slices"
 	"time"
@@ -175,6 +176,13 @@ func (d *Driver) AdminHandler() http.Handler {
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&req); err != nil {
 			writeAdminError(w, http.StatusBadRequest, AdminError{Code: codes.InvalidArgument.String(), Message: "bad request body: " + err.Error()})
+			return
+		}
+		// One object and nothing after it (but white space): a body with
+		// more (a second request, a field after a closing brace) is a
+		// mistake, not a request to run the first part of.
+		if _, err := dec.Token(); err != io.EOF {
+			writeAdminError(w, http.StatusBadRequest, AdminError{Code: codes.InvalidArgument.String(), Message: "bad request body: data after the request object"})
 			return
 		}
 		res, err := d.Rollback(r.Context(), req.Volume, req.Snapshot)

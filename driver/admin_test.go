@@ -118,3 +118,37 @@ func TestAdminRollback(t *testing.T) {
 		t.Fatalf("volume after rollback reads %q..., want the snapshot's 'a's (%v)", got[:8], err)
 	}
 }
+
+// TestAdminRollbackRejectsTrailingData: the endpoint is strict about its
+// body (unknown fields are refused), yet a body with anything after the
+// request object (a second object, a typo, a shell's leftover) is taken as
+// the first object alone, and the destructive rollback runs.
+func TestAdminRollbackRejectsTrailingData(t *testing.T) {
+	e := newEnv(t)
+	vol := e.createVolume(t, "rb-trail", 1<<20)
+	b, err := e.store.VolumeBackend(vol.VolumeId)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.WriteAt(bytes.Repeat([]byte{'a'}, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	snap := e.createSnapshot(t, "rb-trail-snap", vol.VolumeId)
+	if _, err := b.WriteAt(bytes.Repeat([]byte{'b'}, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	for _, body := range []string{
+		rbBody(vol.VolumeId, snap.SnapshotId) + `{"volume":"v-other","snapshot":"s-other"}`,
+		rbBody(vol.VolumeId, snap.SnapshotId) + `,"force":true}`,
+		rbBody(vol.VolumeId, snap.SnapshotId) + ` garbage`,
+	} {
+		status, _, bad := postRollback(t, e, http.MethodPost, body)
+		if status != http.StatusBadRequest || bad.Code != "InvalidArgument" {
+			t.Errorf("body %q: %d %s, want 400 InvalidArgument", body, status, bad.Code)
+		}
+	}
+	got := make([]byte, 1)
+	if _, err := b.ReadAt(got, 0); err != nil || got[0] != 'b' {
+		t.Fatalf("a refused request rolled the volume back: reads %q (%v)", got, err)
+	}
+}

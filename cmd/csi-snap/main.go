@@ -85,6 +85,9 @@ func holderMain(args []string) int {
 	tools := fs.Bool("run-tools", true, "run the filesystem tools csi-snap asks for (mkfs, mount, umount, resize2fs: outside its PID namespace, so that a kill of csi-snap during one cannot keep it from exiting); false for a holder that has neither /dev, kubelet's directory nor the privilege to mount, and csi-snap runs them itself")
 	probe := fs.Bool("probe", false, "do not hold: ask the holder on --socket whether it answers, exit 0 if it does (a container's probe)")
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0 // as csi-snap -h and csi-snap rollback -h
+		}
 		return 2
 	}
 	if *socket == "" || fs.NArg() > 0 || (*probe && *stay) {

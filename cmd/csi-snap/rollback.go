@@ -10,8 +10,10 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"github.com/csi-snap/csi-snap/driver"
@@ -135,6 +137,14 @@ func requestRollback(ctx context.Context, sock, vol, snap string) (driver.Rollba
 		},
 	}}
 	body, _ := json.Marshal(driver.RollbackRequest{Volume: vol, Snapshot: snap})
+	// Whether the request reached the plugin: a --timeout that ends before
+	// it did asked nothing of any plugin, and must not say a rollback runs.
+	var wrote atomic.Bool
+	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{WroteRequest: func(i httptrace.WroteRequestInfo) {
+		if i.Err == nil {
+			wrote.Store(true)
+		}
+	}})
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://csi-snap"+driver.RollbackPath, bytes.NewReader(body))
 	if err != nil {
 		return out, err
@@ -145,6 +155,8 @@ func requestRollback(ctx context.Context, sock, vol, snap string) (driver.Rollba
 	switch {
 	case errors.As(err, &de):
 		return out, fmt.Errorf("no node plugin answering on %s (is this the plugin's container, and --run-dir right?): %w", sock, de.err)
+	case errors.Is(err, context.DeadlineExceeded) && !wrote.Load():
+		return out, fmt.Errorf("gave up (--timeout) before the request reached a plugin on %s: nothing was asked of it; run the command again with a longer --timeout", sock)
 	case errors.Is(err, context.DeadlineExceeded):
 		return out, fmt.Errorf("gave up waiting (--timeout); the rollback goes on in the plugin: run the same command again later; while it runs that answers that it is in progress, and once it is done it rolls back anew, which changes nothing unless the volume was written since (so bring the workload back only after a run reports done)")
 	case err != nil:

@@ -143,3 +143,18 @@ func TestRollbackClientErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestRollbackTimeoutBeforeSent: when --timeout ends before the request
+// reached any plugin (here: none listens at all), the client must not tell
+// the operator that "the rollback goes on in the plugin" and to bring the
+// workload back only after a later run: nothing was asked of any plugin.
+func TestRollbackTimeoutBeforeSent(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "admin.sock") // no plugin
+	ctx, cancel := context.WithTimeout(context.Background(), time.Nanosecond)
+	defer cancel()
+	time.Sleep(time.Millisecond)
+	_, err := requestRollback(ctx, sock, "v-x", "s-x")
+	if err == nil || strings.Contains(err.Error(), "goes on in the plugin") {
+		t.Fatalf("no plugin, timeout before the request was sent: %v; want an error that does not claim a rollback runs", err)
+	}
+}
