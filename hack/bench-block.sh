@@ -69,6 +69,11 @@ cleanup() {
 	rm -rf "$work"
 }
 trap cleanup EXIT
+# fio stops on a Ctrl-C and exits 0: stop here too (through cleanup), instead
+# of going on to a benchserve that the same Ctrl-C ended (a write to its
+# pipe would kill this shell with SIGPIPE, and no trap runs then).
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 go build -o "$work/benchserve" ./hack/benchserve
 truncate -s $SIZE_BYTES "$work/a.img" "$work/b.img"

@@ -20,6 +20,9 @@ BENCH=${BENCH:-'BenchmarkWrite$'}
 # empty runs them all.
 PSUB=${PSUB:-}
 out=${OUT:-$(mktemp -d)}
+# This run's figures only: an OUT reused from an earlier run (other revisions,
+# other PASSES) would otherwise be appended to and benchstat would mix them.
+mkdir -p "$out" && rm -f "$out/A.txt" "$out/B.txt" "$out/load.txt"
 for side in A B; do
 	rev=${!side}
 	src="$out/src-$side"

@@ -51,6 +51,11 @@ cleanup() {
 	rm -rf "$work"
 }
 trap cleanup EXIT
+# fio stops on a Ctrl-C and exits 0: stop here too (through cleanup), instead
+# of going on to a benchserve that the same Ctrl-C ended (a write to its
+# pipe would kill this shell with SIGPIPE, and no trap runs then).
+trap 'exit 130' INT
+trap 'exit 143' TERM
 go build -o "$work/benchserve" ./hack/benchserve
 # shellcheck disable=SC2086
 coproc SRV { exec "$work/benchserve" ${BENCHSERVE_FLAGS:-} -rundir "$work/run" -store "$work/store" 2>"$work/serve.err"; }

@@ -13,6 +13,9 @@ export PATH="$PATH:$(go env GOPATH)/bin"
 PASSES=${PASSES:-5}
 WHAT=${WHAT:-all}
 out=${OUT:-$(mktemp -d)}
+# This run's figures only (tee -a below; a WHAT=writes run would also show an
+# earlier run's reopen.txt as its own).
+mkdir -p "$out" && rm -f "$out"/{main,parallel,reopen,memory,load}.txt
 go test -c -o "$out/cow.test" .
 main='BenchmarkWrite$|BenchmarkRead|BenchmarkChunkSize|BenchmarkCreateSnapshot'
 [ "$WHAT" = writes ] && main='BenchmarkWrite$|BenchmarkChunkSize'

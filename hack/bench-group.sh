@@ -12,6 +12,7 @@ export PATH="$PATH:$(go env GOPATH)/bin"
 PASSES=${PASSES:-6}
 BENCHTIME=${BENCHTIME:-30x}
 out=${OUT:-$(mktemp -d)}
+mkdir -p "$out" && rm -f "$out/group.txt" # this run's figures only (tee -a below)
 go test -c -o "$out/cow.test" .
 echo "commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . || echo '+dirty'); load: $(cut -d' ' -f1-3 /proc/loadavg)"
 for i in $(seq "$PASSES"); do

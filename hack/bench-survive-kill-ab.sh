@@ -17,7 +17,8 @@ if [ -n "${BASE_REV:-}" ]; then
 	base=$(mktemp -d /var/tmp/bench-base.XXXXXX)
 	trap 'git worktree remove --force "$base" >/dev/null 2>&1 || rm -rf "$base"' EXIT
 	git worktree add --detach "$base" "$BASE_REV" >/dev/null
-	cp hack/bench-cow-block.sh "$base/hack/bench-cow-block.sh"
+	# and the library it sources (older revisions lack it or have another)
+	cp hack/bench-cow-block.sh hack/lib-bench.sh "$base/hack/"
 	echo "# C = $(git rev-parse --short "$BASE_REV")"
 	variants="A B C"
 fi

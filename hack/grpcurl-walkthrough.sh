@@ -14,7 +14,31 @@ sock=$work/csi.sock
 go build -o "$work/csi-snap" ./cmd/csi-snap
 "$work/csi-snap" --endpoint "unix://$sock" --data-dir "$work/data" --node-id demo-node >"$work/csi-snap.log" 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
+vol= restored= snap= done=
+# On a failure, undo what the walkthrough did while csi-snap still runs:
+# killing it leaves its volumes attached (they outlive the plugin, held by
+# its fuse-holder), and rm -rf of a work dir with them mounted would empty
+# the volumes and then hang on the FUSE mount of the dead server.
+cleanup() {
+	set +e
+	if [ -z "$done" ]; then
+		for v in "$restored:$work/staging2:$work/target2" "$vol:$work/staging:$work/target"; do
+			IFS=: read -r id st tg <<<"$v"
+			[ -n "$id" ] || continue
+			grpcurl -plaintext -unix -d '{"volumeId":"'"$id"'","targetPath":"'"$tg"'"}' "$sock" csi.v1.Node/NodeUnpublishVolume >/dev/null
+			grpcurl -plaintext -unix -d '{"volumeId":"'"$id"'","stagingTargetPath":"'"$st"'"}' "$sock" csi.v1.Node/NodeUnstageVolume >/dev/null
+			grpcurl -plaintext -unix -d '{"volumeId":"'"$id"'"}' "$sock" csi.v1.Controller/DeleteVolume >/dev/null
+		done
+		[ -z "$snap" ] || grpcurl -plaintext -unix -d '{"snapshotId":"'"$snap"'"}' "$sock" csi.v1.Controller/DeleteSnapshot >/dev/null
+	fi
+	kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+	if grep -q " $work/" /proc/self/mountinfo; then
+		echo "still mounted under $work (not removed):"; grep " $work/" /proc/self/mountinfo | cut -d' ' -f5
+	else
+		rm -rf "$work"
+	fi
+}
+trap cleanup EXIT
 for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
 
 say() { printf '\n$ %s\n' "$*"; }
@@ -58,4 +82,5 @@ for v in "$vol:$work/staging:$work/target" "$restored:$work/staging2:$work/targe
 	csi csi.v1.Controller/DeleteVolume '{"volumeId":"'"$id"'"}'
 done
 csi csi.v1.Controller/DeleteSnapshot '{"snapshotId":"'"$snap"'"}'
+done=1
 echo; echo "walkthrough OK"

@@ -27,7 +27,11 @@ scratch_fs() {
 }
 
 scratch_fs_cleanup() {
-	umount "$work/mnt" 2>/dev/null || true
+	# Killed mid-run (SIGTERM runs this at once, while a benchmark still
+	# has files open on the mount), a plain umount fails: detach it lazily
+	# (losetup -d then frees the device when the last user lets go) and
+	# never let rm descend into the mounted file system.
+	umount "$work/mnt" 2>/dev/null || umount -l "$work/mnt" 2>/dev/null || true
 	[ -n "$dev" ] && losetup -d "$dev" 2>/dev/null || true
-	rm -rf "$work"
+	rm -rf --one-file-system "$work"
 }

@@ -49,7 +49,11 @@ echo "== go test ./cow/ again on XFS made with reflink=1 (copy-outs become block
 modprobe xfs 2>/dev/null || true
 if [ "$(id -u)" = 0 ] && command -v mkfs.xfs >/dev/null && grep -qw xfs /proc/filesystems; then
 	xfs=$(mktemp -d /tmp/csi-snap-xfs.XXXXXX)
-	trap 'umount "$xfs/mnt" 2>/dev/null || true; rm -rf "$xfs" "$(dirname "$summary")"' EXIT
+	# Killed mid-run (SIGTERM runs this trap at once, while go test still
+	# has files open on the mount), a plain umount fails: detach it lazily
+	# (the loop device goes when the last test lets go) and never let rm
+	# descend into the mounted file system.
+	trap 'umount "$xfs/mnt" 2>/dev/null || umount -l "$xfs/mnt" 2>/dev/null || true; rm -rf --one-file-system "$xfs" "$(dirname "$summary")"' EXIT
 	truncate -s 8G "$xfs/img"
 	mkfs.xfs -q -m reflink=1 "$xfs/img"
 	mkdir "$xfs/mnt"

@@ -17,7 +17,11 @@
 //	detach ID           detach (volume, clone or snapshot)
 //	delvol ID           delete a (detached) volume or clone
 //
-// EOF on stdin detaches everything and exits.
+// EOF on stdin, SIGTERM or SIGINT detaches everything and exits. (A coproc
+// does not inherit the ignored SIGINT of a script's background jobs: a
+// Ctrl-C of hack/bench-cow-block.sh reaches this process too, and dying of
+// it would leave the FUSE mounts to the holder, their loop devices
+// attached and any I/O on them hanging.)
 package main
 
 import (
@@ -144,9 +148,31 @@ func commands(fe *kernel.Frontend, dir string, surviveKill bool) error {
 		}
 		fe.Close()
 	}()
-	sc := bufio.NewScanner(os.Stdin)
-	for sc.Scan() {
-		f := strings.Fields(sc.Text())
+	sig, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	lines := make(chan string)
+	var scanErr error
+	go func() {
+		defer close(lines)
+		sc := bufio.NewScanner(os.Stdin)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		scanErr = sc.Err()
+	}()
+	for {
+		var line string
+		select {
+		case <-sig.Done():
+			fmt.Fprintln(os.Stderr, "benchserve: signal: detaching everything")
+			return nil
+		case l, ok := <-lines:
+			if !ok {
+				return scanErr
+			}
+			line = l
+		}
+		f := strings.Fields(line)
 		if len(f) == 0 {
 			continue
 		}
@@ -206,5 +232,4 @@ func commands(fe *kernel.Frontend, dir string, surviveKill bool) error {
 			fmt.Println("OK")
 		}
 	}
-	return sc.Err()
 }

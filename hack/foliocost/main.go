@@ -59,6 +59,16 @@ func cpu() time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
+// pieceKiB parses a mode's piece size in KiB: one that cuts the 1 MiB
+// buffer into whole pieces (a power of two from 1 to 1024).
+func pieceKiB(mode, s string) (int, error) {
+	n, err := strconv.Atoi(s)
+	if err != nil || n <= 0 || n > 1024 || 1024%n != 0 {
+		return 0, fmt.Errorf("mode %q: the piece must divide 1024 KiB", mode)
+	}
+	return n, nil
+}
+
 func run(dir string, size int64, writes int, mode string) error {
 	path := filepath.Join(dir, "foliocost.img")
 	os.Remove(path)
@@ -107,9 +117,9 @@ func run(dir string, size int64, writes int, mode string) error {
 			}
 		}
 	case strings.HasPrefix(mode, "vec"):
-		n, err := strconv.Atoi(strings.TrimPrefix(mode, "vec"))
-		if err != nil || n <= 0 {
-			return fmt.Errorf("mode %q: bad segment size", mode)
+		n, err := pieceKiB(mode, strings.TrimPrefix(mode, "vec"))
+		if err != nil {
+			return err
 		}
 		var iov [][]byte
 		for p := 0; p < len(buf); p += n << 10 {
@@ -121,7 +131,7 @@ func run(dir string, size int64, writes int, mode string) error {
 			}
 		}
 	case strings.HasPrefix(mode, "split"):
-		n, err := strconv.Atoi(strings.TrimPrefix(mode, "split"))
+		n, err := pieceKiB(mode, strings.TrimPrefix(mode, "split"))
 		if err != nil {
 			return err
 		}
@@ -131,7 +141,7 @@ func run(dir string, size int64, writes int, mode string) error {
 	case strings.HasPrefix(mode, "w"):
 		s := strings.TrimPrefix(mode, "w")
 		sync := strings.HasSuffix(s, "s")
-		n, err := strconv.Atoi(strings.TrimSuffix(s, "s"))
+		n, err := pieceKiB(mode, strings.TrimSuffix(s, "s"))
 		if err != nil {
 			return err
 		}
