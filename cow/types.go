@@ -59,7 +59,8 @@ type SnapshotInfo struct {
 	Created      time.Time
 	Labels       map[string]string
 	// CowBytes is the COW space the snapshot's own exception table holds, in
-	// bytes (chunks that were all zeros take none).
+	// bytes (chunks that were holes, never written or discarded, take none;
+	// a chunk of written zeros takes a copy, and counts against Limit).
 	CowBytes, Limit int64
 	Invalid         bool
 	// GroupID is the snapshot group it belongs to ("" if none).

@@ -59,7 +59,10 @@
 //     another than it was made for or holds; ext4 mounts ext2 and ext3) is
 //     FailedPrecondition before anything is formatted or mounted.
 //     volume_path (NodeGetVolumeStats, NodeExpandVolume) is only read: a
-//     path that does not hold the volume is NotFound. Other paths (/etc,
+//     path that does not hold the volume is NotFound, except for a
+//     NodeExpandVolume with block access, which grows the device it finds
+//     by the volume ID and does not check the path (kubelet's for block is
+//     no mount the plugin can verify). Other paths (/etc,
 //     say) are not refused: which directories a CO may use is the CO's to
 //     decide, and kubelet's are its own.
 //   - A read-only publish of a raw block volume binds a read-only loop

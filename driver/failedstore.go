@@ -18,7 +18,9 @@ import (
 // plugin starts, serves the held volumes with a backend that fails every
 // request (EIO, see Recover), and answers unpublish and unstage, so pods
 // can be stopped and the node drained and rebooted; every call that needs
-// the store answers Unavailable with err, and Probe stays ready (see
+// the store answers Unavailable with err (except CreateVolume of a new
+// name: ResourceExhausted, so that the provisioner tries another node),
+// and Probe stays ready (see
 // Probe), so the liveness probe does not restart it in a loop.
 func NewFailedStore(err error) Store { return failedStore{err: err} }
 

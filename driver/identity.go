@@ -37,9 +37,11 @@ func (d *Driver) GetPluginCapabilities(context.Context, *csi.GetPluginCapabiliti
 	return &csi.GetPluginCapabilitiesResponse{Capabilities: caps}, nil
 }
 
-// Probe answers ready: the gRPC server starts listening only after the store
-// has been opened and attached volumes recovered, so a reachable plugin is a
-// ready one.
+// Probe answers ready unless the store failed, except when it failed on an
+// fsync (ErrSyncLost: ready, see below). The gRPC server
+// starts listening only after the store has been opened and attached
+// volumes recovered, so a reachable plugin with a working store is a ready
+// one.
 func (d *Driver) Probe(context.Context, *csi.ProbeRequest) (*csi.ProbeResponse, error) {
 	// Not ready once the store failed: the livenessprobe sidecar then
 	// fails, and the restart it leads to reopens the store from its log.
