@@ -7,7 +7,8 @@
 // inserts and removes (forward, backward, random, gap-filling), two
 // neighbouring runs whose origin and COW ranges are both contiguous are one
 // run, and run length is not capped. A sequential fill of 2^26 chunks, in
-// either direction, is a single run of a few hundred bytes.
+// either direction, is a single run in about 1 KiB (Bytes: 408 forward,
+// about 1,100 backward).
 //
 // # Encoding
 //

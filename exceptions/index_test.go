@@ -476,8 +476,8 @@ func TestBitHelpers(t *testing.T) {
 }
 
 // TestSequentialFillIsTiny checks the memory goal's structural part: a
-// sequential fill, forward or backward, stays one run whose encoding is a
-// few hundred bytes (Bytes counts every slice's capacity). The benchmark
+// sequential fill, forward or backward, stays one run whose encoding is
+// about 1 KiB at most (Bytes counts every slice's capacity). The benchmark
 // measures the same with runtime.ReadMemStats at 2^26 chunks.
 func TestSequentialFillIsTiny(t *testing.T) {
 	const n = 1 << 20
