@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand"
 	"os"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -908,6 +909,138 @@ func churnGroupCut(t *testing.T, seed int64) {
 	}
 }
 
+// churnImages is what the snapshots and clones a churn test made must
+// read: the test adds and removes images as it makes and deletes them, its
+// clone writers change a clone's image with the clone (under the image's
+// lock), and its readers check random ranges against them.
+type churnImages struct {
+	mu   sync.Mutex
+	list []*churnImg
+}
+
+type churnImg struct {
+	id   string
+	data []byte
+	cl   bool // a clone (written by writeClone), else a snapshot
+	mu   sync.Mutex
+}
+
+func (ii *churnImages) add(id string, data []byte, clone bool) {
+	ii.mu.Lock()
+	defer ii.mu.Unlock()
+	ii.list = append(ii.list, &churnImg{id: id, data: data, cl: clone})
+}
+
+func (ii *churnImages) remove(id string) {
+	ii.mu.Lock()
+	defer ii.mu.Unlock()
+	ii.list = slices.DeleteFunc(ii.list, func(x *churnImg) bool { return x.id == id })
+}
+
+// data is the image of id (nil if none). Only for snapshots, whose images
+// do not change.
+func (ii *churnImages) data(id string) []byte {
+	ii.mu.Lock()
+	defer ii.mu.Unlock()
+	for _, x := range ii.list {
+		if x.id == id {
+			return x.data
+		}
+	}
+	return nil
+}
+
+// pick returns a random image (a clone's only, if clones), or nil after a
+// millisecond's sleep when there is none.
+func (ii *churnImages) pick(r *rand.Rand, clones bool) *churnImg {
+	ii.mu.Lock()
+	var from []*churnImg
+	for _, x := range ii.list {
+		if x.cl || !clones {
+			from = append(from, x)
+		}
+	}
+	ii.mu.Unlock()
+	if len(from) == 0 {
+		time.Sleep(time.Millisecond)
+		return nil
+	}
+	return from[r.Intn(len(from))]
+}
+
+// readChecked reads a random range of a random image, under its lock, and
+// compares it with the image. A snapshot deleted meanwhile (not found, or
+// ErrNotFound from the read) is skipped if snapsMayGo, else an error.
+func (ii *churnImages) readChecked(s *Store, r *rand.Rand, snapsMayGo bool) error {
+	x := ii.pick(r, false)
+	if x == nil {
+		return nil
+	}
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	n := 1 + r.Intn(len(x.data))
+	off := r.Int63n(int64(len(x.data) - n + 1))
+	got := make([]byte, n)
+	var err error
+	if x.cl {
+		c, e := s.Volume(x.id)
+		if e != nil {
+			return e
+		}
+		_, err = c.ReadAt(got, off)
+	} else {
+		sn, e := s.Snapshot(x.id)
+		if e != nil {
+			if snapsMayGo {
+				return nil
+			}
+			return e
+		}
+		_, err = sn.ReadAt(got, off)
+		if snapsMayGo && errors.Is(err, ErrNotFound) {
+			return nil
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("read %s: %w", x.id, err)
+	}
+	if d := firstDiff(got, x.data[off:off+int64(n)]); d >= 0 {
+		return fmt.Errorf("%s at %d (of %d) differs: got %x want %x", x.id, off+int64(d), len(x.data), got[d], x.data[off+int64(d)])
+	}
+	return nil
+}
+
+// writeClone writes random bytes to, or discards (one time in three), up
+// to 3 chunks of a random clone, and its image with it.
+func (ii *churnImages) writeClone(s *Store, r *rand.Rand) error {
+	x := ii.pick(r, true)
+	if x == nil {
+		return nil
+	}
+	c, err := s.Volume(x.id)
+	if err != nil {
+		return err
+	}
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	n := 1 + r.Intn(min(len(x.data), 3*c.ChunkSize()))
+	off := r.Int63n(int64(len(x.data) - n + 1))
+	if r.Intn(3) == 0 {
+		if err := c.Discard(off, int64(n)); err != nil {
+			return fmt.Errorf("clone discard: %w", err)
+		}
+		clear(x.data[off : off+int64(n)])
+		return nil
+	}
+	b := make([]byte, n)
+	r.Read(b)
+	if _, err := c.WriteAt(b, off); err != nil {
+		return fmt.Errorf("clone write: %w", err)
+	}
+	copy(x.data[off:], b)
+	return nil
+}
+
 // TestChurnResizeUnaligned: one writer grows a volume by unaligned amounts
 // and writes and discards around its ends (exact model), snapshots and
 // clones it with other chunk sizes and unaligned sizes, deletes old
@@ -931,14 +1064,7 @@ func churnResize(t *testing.T, seed int64) {
 		t.Fatal(err)
 	}
 	model := make([]byte, size)
-	type img struct {
-		id   string
-		data []byte
-		cl   bool
-		mu   sync.Mutex
-	}
-	var mu sync.Mutex
-	var imgs []*img
+	imgs := &churnImages{}
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	errs := make(chan error, 8)
@@ -959,51 +1085,9 @@ func churnResize(t *testing.T, seed int64) {
 					return
 				default:
 				}
-				mu.Lock()
-				if len(imgs) == 0 {
-					mu.Unlock()
-					time.Sleep(time.Millisecond)
-					continue
-				}
-				x := imgs[r.Intn(len(imgs))]
-				mu.Unlock()
-				x.mu.Lock()
-				want := x.data
-				if x.cl {
-					want = append([]byte(nil), x.data...)
-				}
-				n := 1 + r.Intn(len(want))
-				off := r.Int63n(int64(len(want) - n + 1))
-				var got []byte
-				var err error
-				if x.cl {
-					c, e := s.Volume(x.id)
-					if e != nil {
-						x.mu.Unlock()
-						report(e)
-						return
-					}
-					got = make([]byte, n)
-					_, err = c.ReadAt(got, off)
-					x.mu.Unlock()
-				} else {
-					x.mu.Unlock()
-					sn, e := s.Snapshot(x.id)
-					if e != nil {
-						continue // deleted meanwhile
-					}
-					got = make([]byte, n)
-					_, err = sn.ReadAt(got, off)
-					if errors.Is(err, ErrNotFound) {
-						continue
-					}
-				}
-				if err != nil {
-					report(fmt.Errorf("read %s: %w", x.id, err))
-					return
-				}
-				if d := firstDiff(got, want[off:off+int64(n)]); d >= 0 {
-					report(fmt.Errorf("%s at %d (of %d) differs: got %x want %x", x.id, off+int64(d), len(want), got[d], want[off+int64(d)]))
+				// Snapshots are deleted meanwhile: one gone is skipped.
+				if err := imgs.readChecked(s, r, true); err != nil {
+					report(err)
 					return
 				}
 			}
@@ -1020,43 +1104,8 @@ func churnResize(t *testing.T, seed int64) {
 				return
 			default:
 			}
-			mu.Lock()
-			var cl []*img
-			for _, x := range imgs {
-				if x.cl {
-					cl = append(cl, x)
-				}
-			}
-			mu.Unlock()
-			if len(cl) == 0 {
-				time.Sleep(time.Millisecond)
-				continue
-			}
-			x := cl[r.Intn(len(cl))]
-			c, err := s.Volume(x.id)
-			if err != nil {
+			if err := imgs.writeClone(s, r); err != nil {
 				report(err)
-				return
-			}
-			x.mu.Lock()
-			n := 1 + r.Intn(min(len(x.data), 3*int(c.ChunkSize())))
-			off := r.Int63n(int64(len(x.data) - n + 1))
-			if r.Intn(3) == 0 {
-				err = c.Discard(off, int64(n))
-				if err == nil {
-					clear(x.data[off : off+int64(n)])
-				}
-			} else {
-				b := make([]byte, n)
-				r.Read(b)
-				_, err = c.WriteAt(b, off)
-				if err == nil {
-					copy(x.data[off:], b)
-				}
-			}
-			x.mu.Unlock()
-			if err != nil {
-				report(fmt.Errorf("clone write: %w", err))
 				return
 			}
 		}
@@ -1084,9 +1133,7 @@ func churnResize(t *testing.T, seed int64) {
 				t.Fatal(err)
 			}
 			snaps = append(snaps, id)
-			mu.Lock()
-			imgs = append(imgs, &img{id: id, data: append([]byte(nil), model...)})
-			mu.Unlock()
+			imgs.add(id, append([]byte(nil), model...), false)
 		case k == 2 && len(snaps) > 0:
 			j := rng.Intn(len(snaps))
 			if rng.Intn(2) == 0 {
@@ -1097,29 +1144,14 @@ func churnResize(t *testing.T, seed int64) {
 				if _, err := s.CloneSnapshot(snaps[j], id, csize, VolumeOptions{ChunkSize: ccs}); err != nil {
 					t.Fatal(err)
 				}
-				mu.Lock()
-				var src []byte
-				for _, x := range imgs {
-					if x.id == snaps[j] {
-						src = x.data
-					}
-				}
 				d := make([]byte, csize)
-				copy(d, src)
-				imgs = append(imgs, &img{id: id, data: d, cl: true})
-				mu.Unlock()
+				copy(d, imgs.data(snaps[j]))
+				imgs.add(id, d, true)
 			} else {
 				if err := s.DeleteSnapshot(snaps[j]); err != nil {
 					t.Fatal(err)
 				}
-				mu.Lock()
-				for k, x := range imgs {
-					if x.id == snaps[j] {
-						imgs = append(imgs[:k], imgs[k+1:]...)
-						break
-					}
-				}
-				mu.Unlock()
+				imgs.remove(snaps[j])
 				snaps = append(snaps[:j], snaps[j+1:]...)
 			}
 		default:
@@ -1196,14 +1228,7 @@ func churnCloneRollback(t *testing.T, seed int64) {
 	}
 	model := make([]byte, size)
 	copy(model, wimg)
-	type img struct {
-		id   string
-		data []byte
-		cl   bool
-		mu   sync.Mutex
-	}
-	var mu sync.Mutex
-	var imgs []*img
+	imgs := &churnImages{}
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	errs := make(chan error, 8)
@@ -1224,45 +1249,9 @@ func churnCloneRollback(t *testing.T, seed int64) {
 					return
 				default:
 				}
-				mu.Lock()
-				if len(imgs) == 0 {
-					mu.Unlock()
-					time.Sleep(time.Millisecond)
-					continue
-				}
-				x := imgs[r.Intn(len(imgs))]
-				mu.Unlock()
-				x.mu.Lock()
-				n := 1 + r.Intn(len(x.data))
-				off := r.Int63n(int64(len(x.data) - n + 1))
-				got := make([]byte, n)
-				var err error
-				if x.cl {
-					cv, e := s.Volume(x.id)
-					if e != nil {
-						x.mu.Unlock()
-						report(e)
-						return
-					}
-					_, err = cv.ReadAt(got, off)
-				} else {
-					sn, e := s.Snapshot(x.id)
-					if e != nil {
-						x.mu.Unlock()
-						report(e)
-						return
-					}
-					_, err = sn.ReadAt(got, off)
-				}
-				want := x.data[off : off+int64(n)]
-				d := firstDiff(got, want)
-				x.mu.Unlock()
-				if err != nil {
-					report(fmt.Errorf("read %s: %w", x.id, err))
-					return
-				}
-				if d >= 0 {
-					report(fmt.Errorf("%s differs at %d", x.id, off+int64(d)))
+				// No snapshot of c is deleted while the readers run.
+				if err := imgs.readChecked(s, r, false); err != nil {
+					report(err)
 					return
 				}
 			}
@@ -1305,37 +1294,7 @@ func churnCloneRollback(t *testing.T, seed int64) {
 					live = append(live[:k], live[k+1:]...)
 				}
 			default:
-				mu.Lock()
-				var cl []*img
-				for _, x := range imgs {
-					if x.cl {
-						cl = append(cl, x)
-					}
-				}
-				mu.Unlock()
-				if len(cl) == 0 {
-					time.Sleep(time.Millisecond)
-					continue
-				}
-				x := cl[r.Intn(len(cl))]
-				cv, _ := s.Volume(x.id)
-				x.mu.Lock()
-				n := 1 + r.Intn(min(len(x.data), 3*cv.ChunkSize()))
-				off := r.Int63n(int64(len(x.data) - n + 1))
-				var err error
-				if r.Intn(3) == 0 {
-					if err = cv.Discard(off, int64(n)); err == nil {
-						clear(x.data[off : off+int64(n)])
-					}
-				} else {
-					b := make([]byte, n)
-					r.Read(b)
-					if _, err = cv.WriteAt(b, off); err == nil {
-						copy(x.data[off:], b)
-					}
-				}
-				x.mu.Unlock()
-				if err != nil {
+				if err := imgs.writeClone(s, r); err != nil {
 					report(err)
 					return
 				}
@@ -1370,9 +1329,7 @@ func churnCloneRollback(t *testing.T, seed int64) {
 			}
 			d := append([]byte(nil), model...)
 			snaps = append(snaps, snapImg{id, d})
-			mu.Lock()
-			imgs = append(imgs, &img{id: id, data: d})
-			mu.Unlock()
+			imgs.add(id, d, false)
 			if rng.Intn(2) == 0 {
 				cid := fmt.Sprint("c2-", i)
 				csz := int64(len(d)) + int64(rng.Intn(5000))
@@ -1381,9 +1338,7 @@ func churnCloneRollback(t *testing.T, seed int64) {
 				}
 				cd := make([]byte, csz)
 				copy(cd, d)
-				mu.Lock()
-				imgs = append(imgs, &img{id: cid, data: cd, cl: true})
-				mu.Unlock()
+				imgs.add(cid, cd, true)
 			}
 		case k == 3 && len(snaps) > 0:
 			x := snaps[rng.Intn(len(snaps))]
