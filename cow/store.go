@@ -693,10 +693,6 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, dropped bool, err er
 	if err != nil {
 		return 0, 0, false, fmt.Errorf("batch %d: %w", seq, err)
 	}
-	// origins: the origin chunks each snapshot's exceptions of this batch
-	// mapped (replay buffers them in pending, not in the index).
-	origins := map[*Snapshot]map[uint64]bool{}
-	flushed := map[*Snapshot]bool{}
 	for _, r := range batchRecs {
 		if r.Type == recExc && r.COW != 0 {
 			ok, err := s.excDataDurable(r)
@@ -708,13 +704,7 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, dropped bool, err er
 				// copy-out cut short (FORMAT.md, Records): judged before
 				// it is dropped, as apply would judge it.
 				sn := s.objs[r.Obj].(*Snapshot) // excDataDurable checked
-				if !flushed[sn] {
-					if err := s.flushPending(sn); err != nil {
-						return 0, 0, false, err
-					}
-					flushed[sn] = true
-				}
-				if _, mapped := sn.idx.Lookup(exceptions.Chunk(r.Origin)); mapped || origins[sn][r.Origin] {
+				if replayMaps(sn, exceptions.Chunk(r.Origin)) {
 					return 0, 0, false, corruptf("batch %d: exception for chunk %d of snapshot %d, which it maps already", seq, r.Origin, r.Obj)
 				}
 				s.droppedCOW = append(s.droppedCOW, droppedCOW{sn.vol, exceptions.Chunk(r.COW)})
@@ -725,15 +715,24 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, dropped bool, err er
 		if err := s.apply(r); err != nil {
 			return 0, 0, false, fmt.Errorf("batch %d: %w", seq, err)
 		}
-		if r.Type == recExc {
-			sn := s.objs[r.Obj].(*Snapshot)
-			if origins[sn] == nil {
-				origins[sn] = map[uint64]bool{}
-			}
-			origins[sn][r.Origin] = true
-		}
 	}
 	return int64(off), seq, dropped, nil
+}
+
+// replayMaps reports whether snapshot sn maps origin chunk c during replay:
+// in its index, or in the runs replay has buffered for it (pending, which
+// flushPending merges in at the end). Only for a dropped record of the
+// last batch, so a scan of pending is cheap enough.
+func replayMaps(sn *Snapshot, c exceptions.Chunk) bool {
+	if _, ok := sn.idx.Lookup(c); ok {
+		return true
+	}
+	for _, r := range sn.pending {
+		if c >= r.Origin && uint64(c-r.Origin) < r.Len {
+			return true
+		}
+	}
+	return false
 }
 
 // legacyTorn judges a record that fails its CRC in the checkpoint part of a
