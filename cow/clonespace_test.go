@@ -47,6 +47,23 @@ func randBytes(seed int64, n int) []byte {
 	return b
 }
 
+// snapshotted makes volume "v" holding data in chunks of cs bytes, takes
+// its snapshot snap, and returns the volume.
+func snapshotted(t testing.TB, s *Store, data []byte, cs int, snap string) *Volume {
+	t.Helper()
+	v, err := s.CreateVolume("v", int64(len(data)), VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(data, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", snap, SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
 // TestCloneOverwrittenSourceFreed: a volume restored or cloned, then its
 // source (and the snapshot restored from) deleted, the usual way to move
 // a PVC. Once the clone has overwritten every chunk, nobody can read the
@@ -120,16 +137,7 @@ func TestCloneSpaceKeepsWhatIsRead(t *testing.T) {
 	orig := randBytes(1, size)
 	t.Run("two-clones", func(t *testing.T) {
 		s, dir := openT(t)
-		v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := v.WriteAt(orig, 0); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := s.CreateSnapshot("v", "s1", SnapshotOptions{}); err != nil {
-			t.Fatal(err)
-		}
+		v := snapshotted(t, s, orig, cs, "s1")
 		// After s1: chunk 0 is rewritten (s1 holds its copy), then s2.
 		if _, err := v.WriteAt(randBytes(3, cs), 0); err != nil {
 			t.Fatal(err)
@@ -197,16 +205,7 @@ func TestCloneSpaceKeepsWhatIsRead(t *testing.T) {
 	})
 	t.Run("live-snapshot", func(t *testing.T) {
 		s, dir := openT(t)
-		v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := v.WriteAt(orig, 0); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
-			t.Fatal(err)
-		}
+		snapshotted(t, s, orig, cs, "s")
 		c, err := s.CloneSnapshot("s", "c", size, VolumeOptions{})
 		if err != nil {
 			t.Fatal(err)
@@ -250,16 +249,7 @@ func BenchmarkCloneMoveSpace(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
-				if err != nil {
-					b.Fatal(err)
-				}
-				if _, err := v.WriteAt(randBytes(1, size), 0); err != nil {
-					b.Fatal(err)
-				}
-				if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
-					b.Fatal(err)
-				}
+				snapshotted(b, s, randBytes(1, size), cs, "s")
 				c, err := s.CloneSnapshot("s", "c", size, VolumeOptions{})
 				if err != nil {
 					b.Fatal(err)
