@@ -59,6 +59,7 @@ func (s *Store) apply(r *record) error {
 			if !s.replay && !x.gone {
 				x.punchUnreadable()
 			}
+			s.reclaimLineage(x)
 			return nil
 		case *Snapshot:
 			if x.deleted {
@@ -76,7 +77,11 @@ func (s *Store) apply(r *record) error {
 			x.vol.mu.Lock()
 			x.deleted = true
 			x.vol.mu.Unlock()
-			return s.reapSnapshot(x)
+			if err := s.reapSnapshot(x); err != nil {
+				return err
+			}
+			s.reclaimLineage(x.vol)
+			return nil
 		default:
 			return corruptf("delete of unknown object %d", r.Obj)
 		}
@@ -601,72 +606,6 @@ func (v *Volume) punchUnreadable() {
 	if from < size {
 		v.s.reclaim(v.data, from, size-from)
 	}
-}
-
-// punchCloned punches, in the data file of a deleted volume whose every
-// snapshot is deleted too (each kept only for its clones: a restore or a
-// clone of the volume, whose source was then deleted), the bytes that no
-// clone can read any more: where every clone of each snapshot that would
-// read the byte there holds its chunk itself (present, which is never
-// taken back). A snapshot reads byte x of the data file when neither it
-// nor a newer snapshot maps x's chunk, and x is within its size. Open only
-// (finishOpen): at run time a clone's read that found its chunk not
-// present may still be reading the source when the chunk turns present.
-// A deleted snapshot without clones, or any live one, keeps everything it
-// reads. (The snapshots' own copies of such chunks stay: freeing them
-// would change their indexes, which only records may.)
-func (v *Volume) punchCloned() {
-	v.mu.RLock()
-	chain := slices.Clone(v.chain)
-	v.mu.RUnlock()
-	if len(chain) == 0 {
-		return
-	}
-	for _, sn := range chain {
-		if !sn.deleted {
-			return
-		}
-	}
-	var mapped, need extents
-	for k := len(chain) - 1; k >= 0; k-- {
-		sn := chain[k]
-		if sn.size == 0 {
-			continue
-		}
-		all := extents{{0, sn.size}}
-		mapped = union(mapped, runExtents(sn.idx, v.shift, 0, sn.size, false))
-		covered := extents(nil)
-		if cs := v.s.clonesOf(sn); len(cs) > 0 {
-			covered = all
-			for _, c := range cs {
-				c.mu.RLock()
-				covered = intersect(covered, runExtents(c.present, c.shift, 0, sn.size, false))
-				c.mu.RUnlock()
-			}
-		}
-		need = union(need, subtract(subtract(all, mapped), covered))
-	}
-	newest := chain[len(chain)-1]
-	if newest.size == 0 {
-		return
-	}
-	unread := subtract(subtract(extents{{0, newest.size}}, runExtents(newest.idx, v.shift, 0, newest.size, false)), need)
-	walk(unread, func(off, n int64) bool {
-		v.s.reclaim(v.data, off, n)
-		return true
-	})
-}
-
-// clonesOf returns the volumes cloned from sn that are not gone (deleted
-// ones with live snapshots read sn too). Open only, as punchCloned.
-func (s *Store) clonesOf(sn *Snapshot) []*Volume {
-	var out []*Volume
-	for _, o := range s.objs {
-		if c, ok := o.(*Volume); ok && c.src == sn && !c.gone {
-			out = append(out, c)
-		}
-	}
-	return out
 }
 
 // dataFileName and cowFileName name a volume's files after its object

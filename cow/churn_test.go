@@ -163,8 +163,8 @@ func TestChurnCloneChaos(t *testing.T) {
 }
 
 func churnCloneChaos(t *testing.T, seed int64) {
-	s, _ := openT(t)
-	defer s.Close()
+	s, dir := openT(t)
+	defer func() { s.Close() }()
 	rng := rand.New(rand.NewSource(seed))
 	s.SetSurviveKill(seed%2 == 0)
 	wcs := int64(4096) << uint(rng.Intn(3))
@@ -272,6 +272,12 @@ func churnCloneChaos(t *testing.T, seed int64) {
 			}
 		}()
 	}
+	// Reclaim, as the driver's upkeep calls it (more often): once w and
+	// its snapshots are deleted, it punches what the clone's Flushes made
+	// unreadable in w's data file, while the clone's readers, and its
+	// snapshots' readers and copy-outs, read w there.
+	wg.Add(1)
+	go reclaimer(s, stop, &wg, report)
 	// reader of s0 and "old"
 	wg.Add(1)
 	go func() {
@@ -306,26 +312,33 @@ func churnCloneChaos(t *testing.T, seed int64) {
 		defer wg.Done()
 		r := rand.New(rand.NewSource(seed*100 + 70))
 		var live []string
+		oldGone := false
 		buf := make([]byte, 3*wcs)
+		// The deletes start at iteration 150, or after a second (the race
+		// detector slows each iteration): w and every snapshot of it must
+		// be gone well before the end, so the clone runs for a while with
+		// w kept for it alone.
+		start, i0 := time.Now(), -1
 		for i := 0; ; i++ {
 			select {
 			case <-stop:
 				return
 			default:
 			}
-			if i == 150 {
+			if i0 < 0 && (i == 150 || time.Since(start) > time.Second) {
+				i0 = i
 				if err := s.DeleteSnapshot("s0"); err != nil {
 					report(fmt.Errorf("delete s0: %w", err))
 					return
 				}
 			}
-			if i == 200 {
+			if i0 >= 0 && i == i0+20 {
 				if err := s.DeleteVolume("w"); err != nil {
 					report(fmt.Errorf("delete w: %w", err))
 					return
 				}
 			}
-			if i >= 200 {
+			if i0 >= 0 && i >= i0+20 {
 				// delete the rest, one at a time
 				if len(live) > 0 {
 					k := r.Intn(len(live))
@@ -334,8 +347,14 @@ func churnCloneChaos(t *testing.T, seed int64) {
 						return
 					}
 					live = append(live[:k], live[k+1:]...)
-				} else if i == 201+len(live) {
-					s.DeleteSnapshot("old")
+				} else if !oldGone {
+					// The last snapshot of w: w is kept only for the
+					// clone from now on (clonereclaim.go).
+					if err := s.DeleteSnapshot("old"); err != nil {
+						report(fmt.Errorf("delete old: %w", err))
+						return
+					}
+					oldGone = true
 				}
 				time.Sleep(time.Millisecond)
 				continue
@@ -460,6 +479,43 @@ func churnCloneChaos(t *testing.T, seed int64) {
 	}
 	if err := s.check(); err != nil {
 		t.Fatal(err)
+	}
+	// Run-time reclaim misses nothing Open's gives back: with every mark
+	// in the log and queued, a Reclaim leaves w's data file as the next
+	// Open does (both punch by the same rule, punchCloned).
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Reclaim(); err != nil {
+		t.Fatal(err)
+	}
+	name := dataFileName(w.obj)
+	if !w.reclaimable() {
+		t.Fatal("w and all its snapshots were deleted, yet w is not kept for its clone alone")
+	}
+	running := fileBytes(t, dir, name)
+	s = reopen(t, s, dir)
+	if reopened := fileBytes(t, dir, name); reopened != running {
+		t.Fatalf("w's data file holds %d bytes after the clone's Flush and a Reclaim, %d after the next Open", running, reopened)
+	}
+	if running >= wsize {
+		t.Fatalf("w's data file holds %d bytes of %d after the clone rewrote part of it", running, wsize)
+	}
+}
+
+// reclaimer calls s.Reclaim every millisecond until stop.
+func reclaimer(s *Store, stop chan struct{}, wg *sync.WaitGroup, report func(error)) {
+	defer wg.Done()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-time.After(time.Millisecond):
+		}
+		if err := s.Reclaim(); err != nil {
+			report(fmt.Errorf("reclaim: %w", err))
+			return
+		}
 	}
 }
 
@@ -694,6 +750,8 @@ func churnCloneOfClone(t *testing.T, seed int64) {
 			}
 		}
 	}()
+	wg2.Add(1)
+	go reclaimer(s, stop2, &wg2, report)
 	// more snapshot churn on c, including ones newer than cs
 	wg2.Add(1)
 	go func() {

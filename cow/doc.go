@@ -169,13 +169,15 @@
 //     copy of a chunk frees nothing while a newer one reads the chunk in
 //     the data file). When every snapshot of a deleted volume is deleted
 //     too (each kept only for its clones: a restore, or a clone of the
-//     volume, whose source went), Open also punches the bytes of its data
-//     file that every clone reading them has rewritten (punchCloned): a
-//     clone that overwrites its source whole leaves no copy of it behind
-//     after the next start. Not at run time (a clone's read in flight may
-//     still be reading the source), and not the snapshots' own copies of
-//     such chunks. A punch that fails (a full XFS) leaves the space
-//     allocated until a later Open (Stats.ReclaimFailed).
+//     volume, whose source went), the bytes of its data file that every
+//     clone reading them has rewritten, with the marks that say so in the
+//     log, are punched too (punchCloned, clonereclaim.go): by the delete
+//     that leaves it so, then by Store.Reclaim for what the clones' later
+//     Flushes rewrote (the driver calls it every minute), and by Open. A
+//     clone that overwrites its source whole leaves no copy of it behind.
+//     Not the snapshots' own copies of such chunks. A punch that fails (a
+//     full XFS) leaves the space allocated until a later Open
+//     (Stats.ReclaimFailed).
 //   - Limit: a snapshot that would go over SnapshotOptions.Limit is
 //     invalidated (its records merge into the next older snapshot, its
 //     readers get ErrInvalidated); the write goes on. A snapshot with clones

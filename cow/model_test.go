@@ -274,7 +274,12 @@ func run(s **Store, open func() (*Store, error), o op) error {
 		if err != nil {
 			return err
 		}
-		return v.Flush()
+		if err := v.Flush(); err != nil {
+			return err
+		}
+		// As the driver's upkeep does: a clone's Flush may have made
+		// bytes of a deleted source unreadable (clonereclaim.go).
+		return st.Reclaim()
 	case opSnapshot:
 		_, err := st.CreateSnapshot(o.id, o.id2, SnapshotOptions{Limit: o.limit})
 		return err

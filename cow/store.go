@@ -823,7 +823,7 @@ func (s *Store) finishOpen() error {
 		}
 		if v.deleted {
 			v.punchUnreadable()
-			v.punchCloned()
+			v.punchCloned(nil)
 		}
 	}
 	s.droppedCOW = nil
@@ -1975,9 +1975,13 @@ func (s *Store) checkpointGated(vs []*Volume, optional bool) error {
 		// pending records a later Flush must still write.
 		for _, v := range vs {
 			v.mu.Lock()
+			carried := v.pendingPresent
 			v.pendingPresent = nil
 			v.donePresent(v.presentMarks)
 			v.mu.Unlock()
+			if v.src != nil {
+				v.src.vol.noteDurable(carried, v.shift) // as a Flush's would
+			}
 		}
 	}
 	s.log.f.Close()

@@ -116,6 +116,11 @@ type Volume struct {
 	// marks is in the log (committed by a Flush, or carried by a
 	// checkpoint). Only grows.
 	presentDone atomic.Uint64
+	// reclaimCand: bytes of the data file of a deleted volume kept for its
+	// clones that their Flushes made unreadable since the last Reclaim
+	// (clonereclaim.go). Guarded by reclaimMu, taken with no other lock.
+	reclaimMu   sync.Mutex
+	reclaimCand extents
 	// jMarks: clones: runs of present marks journaled (journal.go) and
 	// not yet in the log. Guarded by the journal's mu, not mu.
 	jMarks []jMark
@@ -128,8 +133,9 @@ type Volume struct {
 	chain          []*Snapshot
 	present        *exceptions.Index // clones: chunks the volume holds itself
 	pendingPresent []uint64
-	presentMarks   uint64 // clones: chunks ever marked present (appended to pendingPresent)
-	free           []span // free COW chunk ranges below hwm
+	flushing       []uint64 // clones: marks a Flush took from pendingPresent and is committing (clonereclaim.go)
+	presentMarks   uint64   // clones: chunks ever marked present (appended to pendingPresent)
+	free           []span   // free COW chunk ranges below hwm
 	hwm            exceptions.Chunk
 	rb             *Snapshot // unfinished rollback to this snapshot (rollback.go)
 }

@@ -1486,13 +1486,25 @@ func (v *Volume) flushWith(r *record, release func()) (err error) {
 	v.mu.Lock()
 	pend := v.pendingPresent
 	v.pendingPresent = nil
+	// Until they are in the log, pend's marks must not let a reclaim
+	// punch the source under them (clonereclaim.go). A failed Flush leaves
+	// them here (and puts them back in pendingPresent); the next Flush
+	// replaces them.
+	v.flushing = pend
 	upto := v.presentMarks
 	v.mu.Unlock()
 	// Marks not in pend were committed by an earlier Flush (they run one at
 	// a time, and a failed one puts its marks back) or by a checkpoint.
 	defer func() {
-		if err == nil {
-			v.donePresent(upto)
+		if err != nil {
+			return
+		}
+		v.donePresent(upto)
+		if len(pend) > 0 {
+			v.mu.Lock()
+			v.flushing = nil
+			v.mu.Unlock()
+			v.src.vol.noteDurable(pend, v.shift) // only clones have marks
 		}
 	}()
 	var recs []byte

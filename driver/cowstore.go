@@ -117,7 +117,15 @@ var maintainTail int64 = cow.CheckpointTail
 // checkpoint holds every volume's writes while it writes the state (one
 // record per object, sorted runs per index) and syncs it: about as long as
 // an Open of that state takes (BENCHMARKS.md "Reopen").
+//
+// It also gives back the space of deleted volumes kept only for their
+// clones that those clones have rewritten since (cow.Store.Reclaim): a
+// PVC moved by restore or clone holds its source's bytes only until its
+// own writes reach a Flush and the next call after it.
 func (c *CowStore) Maintain() (bool, error) {
+	if err := c.s.Reclaim(); err != nil {
+		return false, fromCow(fmt.Errorf("reclaim: %w", err))
+	}
 	if c.s.LogTail() <= maintainTail {
 		return false, nil
 	}
