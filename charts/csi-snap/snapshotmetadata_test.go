@@ -146,3 +146,55 @@ func TestSnapshotMetadataServiceNameFits(t *testing.T) {
 		t.Fatal("no Service rendered")
 	}
 }
+
+// TestSnapshotMetadataHTTPEndpointIsInThePortCheck: csi-snapshot-metadata
+// v1.0.0 always serves /health and /metrics over HTTP, on --http-endpoint,
+// default ":8080" (pkg/sidecar/sidecar.go, defaultHTTPEndpoint; a failed
+// bind is klog.Fatalf). The node pod's containers share one network
+// namespace, and the template refuses two enabled ports that are equal
+// ("every port must differ"), but it does not know this one: with any other
+// port of the pod on 8080 the chart renders, and on the node either the
+// sidecar crash-loops or csi-snap (metrics listener: address in use) or the
+// livenessprobe sidecar loses the bind (kubelet's probe then reaches the
+// sidecar's mux, 404, and restarts csi-snap).
+func TestSnapshotMetadataHTTPEndpointIsInThePortCheck(t *testing.T) {
+	t.Parallel()
+	for _, set := range []string{
+		"node.metrics.enabled=true,node.metrics.port=8080",
+		"node.livenessProbe.healthPort=8080",
+		"sidecars.nodeDriverRegistrar.healthPort=8080",
+	} {
+		args := []string{"template", release, ".", "--namespace", namespace, snapshotAPI,
+			"--set", "sidecars.snapshotMetadata.enabled=true," + set}
+		out, stderr, err := helm(t, args...)
+		if err != nil {
+			if !strings.Contains(stderr, "both port 8080") {
+				t.Errorf("%s: failed without naming the port: %s", set, stderr)
+			}
+			continue
+		}
+		var ds obj
+		dec := yaml.NewDecoder(strings.NewReader(out))
+		for {
+			var d obj
+			if err := dec.Decode(&d); errors.Is(err, io.EOF) {
+				break
+			} else if err != nil {
+				t.Fatal(err)
+			}
+			if d["kind"] == "DaemonSet" && str(d, "metadata", "name") == release+"-csi-snap-node" {
+				ds = d
+			}
+		}
+		c := container(ds, "csi-snapshot-metadata")
+		endpoint := ":8080" // the sidecar's default
+		for _, a := range strs(c, "args") {
+			if v, ok := strings.CutPrefix(a, "--http-endpoint="); ok {
+				endpoint = v
+			}
+		}
+		if endpoint == ":8080" {
+			t.Errorf("%s: rendered, and csi-snapshot-metadata serves HTTP on %s too (args %v)", set, endpoint, strs(c, "args"))
+		}
+	}
+}
