@@ -11,13 +11,13 @@ import (
 // A volume that is deleted, and whose every snapshot is deleted too, is
 // kept only for the clones of those snapshots: a restore, or a clone of
 // the volume, whose source was then deleted (the usual way to move a PVC).
-// Its data file then holds bytes that only those clones read, through a
-// snapshot. Once every clone that would read a byte there holds that
-// byte's chunk itself, durably, nobody can read the byte again, and
-// punchCloned punches it.
+// Its data file, and the copies its snapshots hold in its COW file, then
+// hold bytes that only those clones read, through a snapshot. Once every
+// clone that would read a byte there holds that byte's chunk itself,
+// durably, nobody can read the byte again, and punchCloned punches it.
 //
 // Why a punch at run time cannot take a byte from a reader:
-//   - Readers of the data file at such a byte are only the clones' reads
+//   - Readers of such a byte are only the clones' reads
 //     (and their snapshots' reads, and copy-outs into those snapshots) of
 //     chunks they do not hold: the volume and its snapshots are deleted,
 //     and no new clone can be made of a deleted snapshot. A clone (or a
@@ -35,7 +35,15 @@ import (
 //     So only marks in the log count (durablePresent). The punch needs no
 //     ordering of its own: whether it reached the disk or not, after a
 //     crash the log's marks say nobody reads those bytes, and Open's
-//     punchCloned redoes it.
+//     punchCloned redoes it. Nor can a crash undo the delete that made the
+//     volume reclaimable: deletes are applied (and punch) only once their
+//     record is durable (commitApply).
+//   - A punched copy stays mapped, and Open reads no copy of a deleted
+//     volume: it checks the copies of the log's last batch only (their
+//     CRCs), and a volume's copy-outs are all in batches before its delete
+//     (DeleteVolume drains first). When a snapshot goes, its mappings that
+//     an older one reads move to that one, whose clones hold those chunks
+//     already (that is why they were punched).
 //
 // When: Open punches everything (finishOpen); a delete that leaves a
 // volume in that state, or lets a clone of it go, punches everything at
@@ -45,16 +53,19 @@ import (
 // upkeep calls it every minute). Only space is at stake: a punch that fails
 // is counted (Stats.ReclaimFailed), never returned.
 
-// punchCloned punches, in v's data file, the bytes within cand (all of
-// them, for nil) that no clone can read any more, if v is deleted and
-// every snapshot of it is deleted too (reclaimable): the bytes where every
-// clone of each snapshot that would read the byte there holds its chunk
-// itself, in the log. A snapshot reads byte x of the data file when
-// neither it nor a newer snapshot maps x's chunk, and x is within its
-// size. A deleted snapshot without clones is gone, and a live one makes v
-// not reclaimable: it keeps everything it reads. (The snapshots' own
-// copies of such chunks stay: freeing them would change their indexes,
-// which only records may.) Called with the store lock held (or by Open).
+// punchCloned punches the bytes within cand (all of them, for nil) that
+// no clone can read any more, in v's data file and in the copies its
+// snapshots hold in its COW file, if v is deleted and every snapshot of it
+// is deleted too (reclaimable). Snapshot k reads byte x from the copy of
+// the first of chain[k], chain[k+1], ... that maps x's chunk, or, if none
+// does, from the data file (x within its size). Byte x of that file is
+// needed if some clone of some snapshot that reads it there lacks x's
+// chunk: does not hold it itself with its present mark in the log. A
+// deleted snapshot without clones is gone, and a live one makes v not
+// reclaimable: it keeps everything it reads. A punched copy stays mapped
+// (only records change indexes; v, deleted, makes no copy that could reuse
+// its chunk), and nobody reads it: every reader's clone holds the chunk.
+// Called with the store lock held (or by Open).
 func (v *Volume) punchCloned(cand extents) {
 	v.mu.RLock()
 	ok := v.reclaimableLocked()
@@ -69,42 +80,89 @@ func (v *Volume) punchCloned(cand extents) {
 	} else {
 		cand = intersect(cand, whole)
 	}
-	// mapped[k]: the bytes of cand that chain[k] or a newer snapshot maps.
-	// The indexes do not change under the store lock (v takes no writes,
-	// and only records, applied under the store lock, merge them); mu is
-	// held for them anyway, and dropped before any clone's mu: one volume's
-	// mu at a time (Volume's lock order).
+	// own[m]: the bytes of cand that chain[m] maps; mapped[k]: those that
+	// chain[k] or a newer snapshot maps. The indexes do not change under
+	// the store lock (v takes no writes, and only records, applied under
+	// the store lock, merge them); mu is held for them anyway, and dropped
+	// before any clone's mu: one volume's mu at a time (Volume's lock
+	// order).
+	own := make([]extents, len(chain))
 	mapped := make([]extents, len(chain))
 	var acc extents
 	for k := len(chain) - 1; ok && k >= 0 && len(cand) > 0; k-- {
-		acc = union(acc, idxExtents(chain[k].idx, v.shift, cand))
+		own[k] = idxExtents(chain[k].idx, v.shift, cand)
+		acc = union(acc, own[k])
 		mapped[k] = acc
 	}
 	v.mu.RUnlock()
 	if !ok || len(cand) == 0 {
 		return
 	}
-	var need extents
+	needData := extents(nil)
+	needCopy := make([]extents, len(chain)) // of chain[m]'s copies
 	for k, sn := range chain {
 		all := intersect(cand, extents{{0, sn.size}})
-		reads := subtract(all, mapped[k])
-		if len(reads) == 0 {
+		if len(all) == 0 {
 			continue
 		}
-		// A byte is needed if any clone lacks it (none: a deleted snapshot
-		// without clones is gone, but keep what it would read anyway).
-		cs := v.s.clonesOf(sn)
-		if len(cs) == 0 {
-			need = union(need, reads)
+		// The bytes some clone of sn lacks (all of them without a clone).
+		lack := all
+		if cs := v.s.clonesOf(sn); len(cs) > 0 {
+			lack = nil
+			for _, c := range cs {
+				lack = union(lack, subtract(all, c.durablePresent(all)))
+			}
 		}
-		for _, c := range cs {
-			need = union(need, subtract(reads, c.durablePresent(reads)))
+		needData = union(needData, subtract(lack, mapped[k]))
+		for m := k; m < len(chain) && len(lack) > 0; m++ {
+			part := intersect(lack, own[m])
+			needCopy[m] = union(needCopy[m], part)
+			lack = subtract(lack, part)
 		}
 	}
-	walk(subtract(subtract(cand, mapped[len(chain)-1]), need), func(off, n int64) bool {
+	walk(subtract(subtract(cand, own[len(chain)-1]), needData), func(off, n int64) bool {
 		v.s.reclaim(v.data, off, n)
 		return true
 	})
+	var copies []extent // bytes of the COW file
+	v.mu.RLock()
+	for m, sn := range chain {
+		for _, e := range subtract(own[m], needCopy[m]) {
+			copies = copyBytes(copies, sn.idx, v.shift, e)
+		}
+	}
+	v.mu.RUnlock()
+	if len(copies) == 0 {
+		return
+	}
+	f, err := v.cowFile()
+	if err != nil {
+		v.s.reclaimFailed.Add(1)
+		return
+	}
+	for _, c := range copies {
+		v.s.reclaim(f, c.off, c.end-c.off)
+	}
+}
+
+// copyBytes appends to out the bytes of the COW file that hold idx's
+// copies of the origin bytes [e.off, e.end): each run's part of the range,
+// moved to its COW chunks. Zero mappings (COW chunk 0) hold no copy.
+func copyBytes(out []extent, idx *exceptions.Index, shift uint, e extent) []extent {
+	idx.Ascend(exceptions.Chunk(e.off>>shift), func(r exceptions.Run) bool {
+		lo := int64(r.Origin) << shift
+		if lo >= e.end {
+			return false
+		}
+		hi := int64(r.Origin+exceptions.Chunk(r.Len)) << shift
+		a, b := max(lo, e.off), min(hi, e.end)
+		if r.COW != 0 && a < b {
+			at := int64(r.COW)<<shift + a - lo
+			out = append(out, extent{at, at + b - a})
+		}
+		return true
+	})
+	return out
 }
 
 // reclaimableLocked reports whether v is deleted, not gone, and has

@@ -232,3 +232,112 @@ func TestReclaimMovedVolume(t *testing.T) {
 		})
 	}
 }
+
+// TestReclaimSnapshotCopies: a deleted snapshot kept for its clones holds
+// copies of the chunks its volume rewrote after it; once every clone that
+// reads such a copy (its own, and an older snapshot's that reads the chunk
+// through it) holds the chunk itself, the copy is punched, at the delete or
+// at the Reclaim after the clone's Flush, and the next Open agrees.
+func TestReclaimSnapshotCopies(t *testing.T) {
+	const cs = 64 << 10
+	const size = 16 * cs
+	orig := randBytes(1, size)
+	check := func(t *testing.T, s *Store, want map[string][]byte) {
+		t.Helper()
+		for id, w := range want {
+			c, err := s.Volume(id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := mustRead(t, c, 0, size); !bytes.Equal(got, w) {
+				t.Fatalf("clone %s differs", id)
+			}
+		}
+	}
+	rewrite := func(t *testing.T, c *Volume, want []byte, seed, off, n int64) {
+		t.Helper()
+		copy(want[off:off+n], randBytes(seed, int(n)))
+		if _, err := c.WriteAt(want[off:off+n], off); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Flush(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Run("own-clone", func(t *testing.T) {
+		s, dir := openT(t)
+		v := snapshotted(t, s, orig, cs, "s")
+		// s copies chunks 0-7 as v rewrites them.
+		if _, err := v.WriteAt(randBytes(2, 8*cs), 0); err != nil {
+			t.Fatal(err)
+		}
+		c, err := s.CloneSnapshot("s", "c", size, VolumeOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := bytes.Clone(orig)
+		rewrite(t, c, want, 3, 0, 4*cs)     // 4 of s's copies
+		rewrite(t, c, want, 4, 12*cs, 4*cs) // 4 chunks s reads in the data file
+		data, cow := dataFileName(v.obj), cowFileName(v.obj)
+		d0, c0 := fileBytes(t, dir, data), fileBytes(t, dir, cow)
+		if err := errors.Join(s.DeleteSnapshot("s"), s.DeleteVolume("v")); err != nil {
+			t.Fatal(err)
+		}
+		// The data file: chunks 0-7 (v's rewrites, which s copied: nobody
+		// reads them) and 12-15; the COW file: the copies of 0-3.
+		dGave, cGave := d0-fileBytes(t, dir, data), c0-fileBytes(t, dir, cow)
+		if dGave != 12*cs || cGave != 4*cs {
+			t.Fatalf("the delete gave up %d bytes of the data file and %d of the COW file, want %d and %d", dGave, cGave, 12*cs, 4*cs)
+		}
+		check(t, s, map[string][]byte{"c": want})
+		s = reopen(t, s, dir)
+		if d, c := d0-fileBytes(t, dir, data), c0-fileBytes(t, dir, cow); d != dGave || c != cGave {
+			t.Fatalf("after the next Open: %d and %d bytes given up, %d and %d at run time", d, c, dGave, cGave)
+		}
+		check(t, s, map[string][]byte{"c": want})
+	})
+	t.Run("older-snapshot-reads-through", func(t *testing.T) {
+		s, dir := openT(t)
+		v := snapshotted(t, s, orig, cs, "s0")
+		if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		// s (the newest) copies chunks 0-7; s0 reads them through s.
+		if _, err := v.WriteAt(randBytes(2, 8*cs), 0); err != nil {
+			t.Fatal(err)
+		}
+		c0, err := s.CloneSnapshot("s0", "c0", size, VolumeOptions{ChunkSize: cs / 4})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := s.CloneSnapshot("s", "c", size, VolumeOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, want0 := bytes.Clone(orig), bytes.Clone(orig)
+		rewrite(t, c, want, 3, 0, 8*cs)
+		cow := cowFileName(v.obj)
+		b0 := fileBytes(t, dir, cow)
+		if err := errors.Join(s.DeleteSnapshot("s0"), s.DeleteSnapshot("s"), s.DeleteVolume("v")); err != nil {
+			t.Fatal(err)
+		}
+		if gave := b0 - fileBytes(t, dir, cow); gave != 0 {
+			t.Fatalf("the COW file gave up %d bytes while c0 reads every copy through s0", gave)
+		}
+		check(t, s, map[string][]byte{"c": want, "c0": want0})
+		rewrite(t, c0, want0, 4, 2*cs, 3*cs) // chunks 2-4 of the copies
+		if err := s.Reclaim(); err != nil {
+			t.Fatal(err)
+		}
+		gave := b0 - fileBytes(t, dir, cow)
+		if gave != 3*cs {
+			t.Fatalf("the Reclaim after c0's rewrite gave up %d bytes of the COW file, want %d", gave, 3*cs)
+		}
+		check(t, s, map[string][]byte{"c": want, "c0": want0})
+		s = reopen(t, s, dir)
+		if again := b0 - fileBytes(t, dir, cow); again != gave {
+			t.Fatalf("after the next Open %d bytes of the COW file given up, %d at run time", again, gave)
+		}
+		check(t, s, map[string][]byte{"c": want, "c0": want0})
+	})
+}

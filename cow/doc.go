@@ -169,14 +169,14 @@
 //     copy of a chunk frees nothing while a newer one reads the chunk in
 //     the data file). When every snapshot of a deleted volume is deleted
 //     too (each kept only for its clones: a restore, or a clone of the
-//     volume, whose source went), the bytes of its data file that every
-//     clone reading them has rewritten, with the marks that say so in the
-//     log, are punched too (punchCloned, clonereclaim.go): by the delete
-//     that leaves it so, then by Store.Reclaim for what the clones' later
-//     Flushes rewrote (the driver calls it every minute), and by Open. A
-//     clone that overwrites its source whole leaves no copy of it behind.
-//     Not the snapshots' own copies of such chunks. A punch that fails (a
-//     full XFS) leaves the space allocated until a later Open
+//     volume, whose source went), the bytes of its data file, and of its
+//     snapshots' copies, that every clone reading them has rewritten, with
+//     the marks that say so in the log, are punched too (punchCloned,
+//     clonereclaim.go): by the delete that leaves it so, then by
+//     Store.Reclaim for what the clones' later Flushes rewrote (the driver
+//     calls it every minute), and by Open. A clone that overwrites its
+//     source whole leaves no copy of it behind. A punch that fails (a full
+//     XFS) leaves the space allocated until a later Open
 //     (Stats.ReclaimFailed).
 //   - Limit: a snapshot that would go over SnapshotOptions.Limit is
 //     invalidated (its records merge into the next older snapshot, its
