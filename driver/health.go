@@ -18,8 +18,9 @@ import (
 // the storage backend are reported DEGRADED.
 const lowSpacePercent = 5
 
-// dataDirLow reports whether the data directory's filesystem is nearly full,
-// with a message saying how full.
+// dataDirLow reports whether the data directory's filesystem is nearly full
+// (under lowSpacePercent free, or under the store's free-space reserve,
+// Options.MinFree), with a message saying how full.
 func (d *Driver) dataDirLow() (bool, string, error) {
 	var st unix.Statfs_t
 	if err := unix.Statfs(d.opt.DataDir, &st); err != nil {
@@ -29,7 +30,14 @@ func (d *Driver) dataDirLow() (bool, string, error) {
 		return false, "", nil
 	}
 	free := st.Bavail * 100 / st.Blocks
-	return free < lowSpacePercent, fmt.Sprintf("%d%% of the data directory's filesystem is free", free), nil
+	msg := fmt.Sprintf("%d%% of the data directory's filesystem is free", free)
+	// Below the store's free-space reserve (--min-free) first writes after
+	// a snapshot already give snapshots up or fail with ENOSPC, however
+	// large the file system: that is low too.
+	if bytes := int64(st.Bavail) * st.Bsize; d.opt.MinFree > 0 && bytes < d.opt.MinFree {
+		return true, fmt.Sprintf("%s (%d bytes), below the free-space reserve of %d bytes (--min-free): writes after a snapshot give snapshots up or fail with ENOSPC", msg, bytes, d.opt.MinFree), nil
+	}
+	return free < lowSpacePercent, msg, nil
 }
 
 // volumeHealth lists the adverse conditions known for a volume from the
