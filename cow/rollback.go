@@ -476,7 +476,10 @@ func (v *Volume) rollbackWrite(sn *Snapshot) (RollbackResult, error) {
 				}
 			}
 			off := int64(c) << v.shift
-			b := buf[:min(int64(n)<<v.shift, size-off)]
+			// Up to sn's size: past it the tail pass below discards what
+			// the volume holds (and counts only what held data), where
+			// writing sn's zeros would allocate blocks it then counts.
+			b := buf[:min(int64(n)<<v.shift, min(size, sn.size)-off)]
 			if err := sn.readChunk(off, b); err != nil {
 				return res, err
 			}

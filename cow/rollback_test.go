@@ -1074,3 +1074,39 @@ func TestRollbackResumeWithoutSpace(t *testing.T) {
 		t.Fatalf("snapshots after the deletes: %v", sn)
 	}
 }
+
+// TestRollbackTailBytesCountsOnlyData: a snapshot whose size ends inside a
+// chunk (20 KiB in 16 KiB chunks), a write after it inside the snapshot's
+// size (chunk 1), a growth, and nothing ever written past the snapshot's
+// size. RollbackResult.TailBytes ("how many bytes past the snapshot's size
+// ... held data and were discarded") must be 0.
+func TestRollbackTailBytesCountsOnlyData(t *testing.T) {
+	s, _ := openT(t)
+	const cs = 16 << 10
+	v, err := s.CreateVolume("v", 20<<10, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(20<<10, 'a'), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "snap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(4<<10, 'b'), 16<<10); err != nil { // inside the snapshot's size
+		t.Fatal(err)
+	}
+	if err := v.Resize(1 << 20); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	res, err := s.Rollback("v", "snap")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.TailBytes != 0 {
+		t.Fatalf("rollback reports %d bytes past the snapshot's size discarded (result %+v); nothing was ever written past its size", res.TailBytes, res)
+	}
+}
