@@ -272,6 +272,7 @@ func churnCloneChaos(t *testing.T, seed int64) {
 			}
 		}()
 	}
+	allDeleted := make(chan struct{}) // closed once w and its snapshots are deleted
 	// Reclaim, as the driver's upkeep calls it (more often): once w and
 	// its snapshots are deleted, it punches what the clone's Flushes made
 	// unreadable in w's data file, while the clone's readers, and its
@@ -355,6 +356,7 @@ func churnCloneChaos(t *testing.T, seed int64) {
 						return
 					}
 					oldGone = true
+					close(allDeleted)
 				}
 				time.Sleep(time.Millisecond)
 				continue
@@ -461,14 +463,26 @@ func churnCloneChaos(t *testing.T, seed int64) {
 			}
 		}
 	}()
-	d := time.Duration(hIters(0)) // unused
-	_ = d
-	select {
-	case err := <-errs:
+	// Three seconds, and at least half a second more once w and all its
+	// snapshots are gone, however slow the machine: the reclaimer must
+	// run beside the clone's I/O then.
+	fail := func(err error) {
 		close(stop)
 		wg.Wait()
 		t.Fatal(err)
-	case <-time.After(3 * time.Second):
+	}
+	for _, wait := range []func() <-chan struct{}{
+		func() <-chan struct{} { return after(3 * time.Second) },
+		func() <-chan struct{} { return allDeleted },
+		func() <-chan struct{} { return after(500 * time.Millisecond) },
+	} {
+		select {
+		case err := <-errs:
+			fail(err)
+		case <-wait():
+		case <-time.After(5 * time.Minute):
+			fail(errors.New("w and its snapshots were not all deleted after 5 minutes"))
+		}
 	}
 	close(stop)
 	wg.Wait()
@@ -501,6 +515,13 @@ func churnCloneChaos(t *testing.T, seed int64) {
 	if running >= wsize {
 		t.Fatalf("w's data file holds %d bytes of %d after the clone rewrote part of it", running, wsize)
 	}
+}
+
+// after is time.After as a channel of struct{}.
+func after(d time.Duration) <-chan struct{} {
+	c := make(chan struct{})
+	time.AfterFunc(d, func() { close(c) })
+	return c
 }
 
 // reclaimer calls s.Reclaim every millisecond until stop.
