@@ -105,12 +105,13 @@ func (v *Volume) punchCloned(cand extents) {
 		if len(all) == 0 {
 			continue
 		}
-		// The bytes some clone of sn lacks (all of them without a clone).
+		// The bytes some clone of sn may still read from it (all of them
+		// without a clone).
 		lack := all
 		if cs := v.s.clonesOf(sn); len(cs) > 0 {
 			lack = nil
 			for _, c := range cs {
-				lack = union(lack, subtract(all, c.durablePresent(all)))
+				lack = union(lack, v.s.sourceNeed(c, all))
 			}
 		}
 		needData = union(needData, subtract(lack, mapped[k]))
@@ -196,6 +197,54 @@ func idxExtents(idx *exceptions.Index, shift uint, in extents) extents {
 	return out
 }
 
+// sourceNeed returns the bytes of in (offsets of the image c was cloned
+// from, which are c's own) that c, or anything reading through c, may
+// still read from c's source: those c does not hold itself with its mark
+// in the log. When c is deleted (kept for its snapshots: it reads nothing
+// itself and takes no writes), only those its snapshots would read
+// through it: the bytes neither a snapshot nor a newer one maps, up to its
+// size; a live snapshot needs them, a deleted one only where one of its
+// clones needs them in turn (a PVC moved twice: the middle clone deleted,
+// its restore rewritten). The same reasoning as punchCloned's holds one
+// level down: a reader through c holds the stripe of the clone it reads
+// for, which marks the chunk present only with the stripe held
+// exclusively. Store lock held (or Open); one volume's mu at a time.
+func (s *Store) sourceNeed(c *Volume, in extents) extents {
+	lack := subtract(in, c.durablePresent(in))
+	if len(lack) == 0 {
+		return nil
+	}
+	c.mu.RLock()
+	deleted := c.deleted
+	chain := slices.Clone(c.chain)
+	mapped := make([]extents, len(chain))
+	var acc extents
+	for k := len(chain) - 1; deleted && k >= 0; k-- {
+		acc = union(acc, idxExtents(chain[k].idx, c.shift, lack))
+		mapped[k] = acc
+	}
+	c.mu.RUnlock()
+	if !deleted {
+		return lack
+	}
+	var need extents
+	for k, sn := range chain {
+		reads := subtract(intersect(lack, extents{{0, sn.size}}), mapped[k])
+		if len(reads) == 0 {
+			continue
+		}
+		cs := s.clonesOf(sn)
+		if !sn.isDeleted() || len(cs) == 0 {
+			need = union(need, reads)
+			continue
+		}
+		for _, d := range cs {
+			need = union(need, s.sourceNeed(d, reads))
+		}
+	}
+	return need
+}
+
 // durablePresent returns the bytes of in that the clone c holds itself
 // with its present mark in the log: present, and not among the marks that
 // wait for a Flush (pendingPresent) or that a Flush is committing
@@ -239,14 +288,29 @@ func (s *Store) clonesOf(sn *Snapshot) []*Volume {
 // whose present marks a Flush just committed, for the next Reclaim of v,
 // the clone's source volume, if v is reclaimable: nothing else can make
 // those bytes unreadable later without a full pass of its own (a delete).
+//
+// A deleted v reads nothing of its own source: the clone's marks may make
+// the bytes under them unreadable there too (sourceNeed), so they are
+// queued for the deleted volumes up its lineage as well (a clone's bytes
+// are at the same offsets in every image it reads through).
 func (v *Volume) noteDurable(cs []uint64, shift uint) {
-	if len(cs) == 0 || !v.reclaimable() {
+	if len(cs) == 0 {
 		return
 	}
-	e := chunkExtents(slices.Clone(cs), shift)
-	v.reclaimMu.Lock()
-	v.reclaimCand = union(v.reclaimCand, e)
-	v.reclaimMu.Unlock()
+	var e extents
+	for u := v; u != nil; u = srcVol(u) {
+		if u.reclaimable() {
+			if e == nil {
+				e = chunkExtents(slices.Clone(cs), shift)
+			}
+			u.reclaimMu.Lock()
+			u.reclaimCand = union(u.reclaimCand, e)
+			u.reclaimMu.Unlock()
+		}
+		if !u.isDeleted() {
+			return
+		}
+	}
 }
 
 // reclaimLineage runs punchCloned over every byte of v and each volume it

@@ -3,10 +3,14 @@ package cow
 import (
 	"bytes"
 	"errors"
+	"fmt"
+	"math/rand"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/csi-snap/csi-snap/exceptions"
 )
 
 // TestReclaimWaitsForMarksInLog: a deleted source's bytes are punched at
@@ -340,4 +344,392 @@ func TestReclaimSnapshotCopies(t *testing.T) {
 		}
 		check(t, s, map[string][]byte{"c": want, "c0": want0})
 	})
+}
+
+// BenchmarkReclaimPass: the time a full pass of punchCloned holds the store
+// lock (a delete that leaves a volume kept only for its clones, or lets one
+// of them go, runs one), for a deleted snapshot of n random single-chunk
+// copies whose clone holds n random chunks of its own, half of them ones
+// the snapshot copied. The volume is 1 TiB in 4 KiB chunks; its files are
+// sparse, so the punches are of holes (a system call each, no data). Beside
+// it, in the same run, a Checkpoint of the same store: the other work that
+// holds the store lock over every index run (the driver's upkeep does one
+// per 64 MiB of log). The indexes are filled in memory, not by writes.
+func BenchmarkReclaimPass(b *testing.B) {
+	for _, n := range []int{10_000, 100_000, 1_000_000} {
+		b.Run(fmt.Sprintf("runs=%d", n), func(b *testing.B) {
+			s, err := Open(b.TempDir())
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			const size = 1 << 40
+			v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: 4096})
+			if err != nil {
+				b.Fatal(err)
+			}
+			if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+				b.Fatal(err)
+			}
+			c, err := s.CloneSnapshot("s", "c", size, VolumeOptions{ChunkSize: 4096})
+			if err != nil {
+				b.Fatal(err)
+			}
+			if err := errors.Join(s.DeleteSnapshot("s"), s.DeleteVolume("v")); err != nil {
+				b.Fatal(err)
+			}
+			rng := rand.New(rand.NewSource(1))
+			seen := map[int64]bool{}
+			pick := func() int64 {
+				for {
+					if x := rng.Int63n(size >> 12); !seen[x] {
+						seen[x] = true
+						return x
+					}
+				}
+			}
+			sn := v.chain[0]
+			var copied []int64
+			for i := range n {
+				x := pick()
+				if err := sn.idx.Insert(exceptions.Chunk(x), exceptions.Chunk(firstCOW+i)); err != nil {
+					b.Fatal(err)
+				}
+				copied = append(copied, x)
+			}
+			for i := range n {
+				x := copied[i]
+				if i%2 == 1 {
+					x = pick()
+				}
+				if err := c.present.Insert(exceptions.Chunk(x), exceptions.Chunk(x)); err != nil {
+					b.Fatal(err)
+				}
+			}
+			var pass, cp time.Duration
+			for range b.N {
+				t0 := time.Now()
+				s.mu.Lock()
+				v.punchCloned(nil)
+				s.mu.Unlock()
+				t1 := time.Now()
+				if err := s.Checkpoint(); err != nil {
+					b.Fatal(err)
+				}
+				pass, cp = pass+t1.Sub(t0), cp+time.Since(t1)
+			}
+			b.ReportMetric(float64(pass.Nanoseconds())/float64(b.N)/1e6, "pass-ms")
+			b.ReportMetric(float64(cp.Nanoseconds())/float64(b.N)/1e6, "checkpoint-ms")
+			b.ReportMetric(float64(pass)/float64(cp), "pass/checkpoint")
+		})
+	}
+}
+
+// TestReclaimMovedTwice: a PVC moved by restore twice (v -> restore c,
+// source and snapshot deleted; then c -> restore c2, c and its snapshot
+// deleted), then rewritten whole by c2 and flushed. Nobody can read v's
+// data any more (c2 holds every chunk; c is deleted and reads nothing of
+// its own), yet v's data file keeps every byte c never rewrote, at run
+// time and after the next Open (doc.go: "A clone that overwrites its
+// source whole leaves no copy of it behind").
+func TestReclaimMovedTwice(t *testing.T) {
+	const cs = 64 << 10
+	const size = 16 * cs
+	s, dir := openT(t)
+	orig := randBytes(1, size)
+	v := snapshotted(t, s, orig, cs, "s")
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CloneSnapshot("s", "c", size, VolumeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteSnapshot("s"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteVolume("v"); err != nil {
+		t.Fatal(err)
+	}
+	// Moved again before c wrote anything.
+	if _, err := s.CreateSnapshot("c", "s2", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	c2, err := s.CloneSnapshot("s2", "c2", size, VolumeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteSnapshot("s2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteVolume("c"); err != nil {
+		t.Fatal(err)
+	}
+	data := dataFileName(v.obj)
+	if got := mustRead(t, c2, 0, size); !bytes.Equal(got, orig) {
+		t.Fatal("c2 differs from the original")
+	}
+	want := randBytes(2, size)
+	if _, err := c2.WriteAt(want, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := c2.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Reclaim(); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, c2, 0, size); !bytes.Equal(got, want) {
+		t.Fatal("c2 differs after the Reclaim")
+	}
+	run := fileBytes(t, dir, data)
+	s = reopen(t, s, dir)
+	open := fileBytes(t, dir, data)
+	if c2, err = s.Volume("c2"); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, c2, 0, size); !bytes.Equal(got, want) {
+		t.Fatal("c2 differs after the reopen")
+	}
+	if run != 0 || open != 0 {
+		t.Fatalf("v's data file holds %d bytes after c2 rewrote it whole and a Reclaim, %d after the next Open; want 0: nobody can read them", run, open)
+	}
+}
+
+// TestReclaimRollbackClone: a clone of a deleted source rolled back to
+// its own snapshot, with Reclaims between: the clone reads as the snapshot.
+func TestReclaimRollbackClone(t *testing.T) {
+	for _, ccs := range []int{4 << 10, 16 << 10, 128 << 10} {
+		t.Run(fmt.Sprint(ccs), func(t *testing.T) {
+			const size = 1 << 20
+			s, dir := openT(t)
+			orig := nonZero(1, size)
+			snapshotted(t, s, orig, 16<<10, "s")
+			c, err := s.CloneSnapshot("s", "c", size+4096, VolumeOptions{ChunkSize: ccs})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := errors.Join(s.DeleteSnapshot("s"), s.DeleteVolume("v")); err != nil {
+				t.Fatal(err)
+			}
+			img := append(bytes.Clone(orig), make([]byte, 4096)...)
+			w := func(seed int64, off, n int) {
+				t.Helper()
+				b := nonZero(seed, n)
+				if _, err := c.WriteAt(b, int64(off)); err != nil {
+					t.Fatal(err)
+				}
+				copy(img[off:], b)
+				if err := errors.Join(c.Flush(), s.Reclaim()); err != nil {
+					t.Fatal(err)
+				}
+			}
+			w(2, 5000, 300<<10)
+			if _, err := s.CreateSnapshot("c", "sc", SnapshotOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			snapImg := bytes.Clone(img)
+			w(3, 200<<10, 500<<10)
+			w(4, size-7000, 7000+4096)
+			if _, err := s.Rollback("c", "sc"); err != nil {
+				t.Fatal(err)
+			}
+			if err := errors.Join(c.Flush(), s.Reclaim()); err != nil {
+				t.Fatal(err)
+			}
+			if got := mustRead(t, c, 0, size+4096); !bytes.Equal(got, snapImg) {
+				t.Fatal("c differs from sc after the rollback")
+			}
+			img = bytes.Clone(snapImg)
+			w(5, 100<<10, 800<<10)
+			s = reopen(t, s, dir)
+			if c, err = s.Volume("c"); err != nil {
+				t.Fatal(err)
+			}
+			if got := mustRead(t, c, 0, size+4096); !bytes.Equal(got, img) {
+				t.Fatal("c differs after the reopen")
+			}
+			sn, err := s.Snapshot("sc")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := mustRead(t, sn, 0, size+4096); !bytes.Equal(got, snapImg) {
+				t.Fatal("sc differs after the reopen")
+			}
+		})
+	}
+}
+
+// nonZero is randBytes with no zero byte: a punched byte reads as none of
+// its images.
+func nonZero(seed int64, n int) []byte {
+	b := randBytes(seed, n)
+	for i := range b {
+		b[i] |= 1
+	}
+	return b
+}
+
+// TestReclaimConcurrentChains: clones at several levels and chunk
+// sizes, rewritten, read and flushed while Reclaim runs; every byte read
+// must be the original or the rewrite, never a punched zero.
+func TestReclaimConcurrentChains(t *testing.T) {
+	for seed := int64(1); seed <= 3; seed++ {
+		t.Run(fmt.Sprint(seed), func(t *testing.T) { revChains(t, seed) })
+	}
+}
+
+func revChains(t *testing.T, seed int64) {
+	const size = 2 << 20
+	s, dir := openT(t)
+	s.SetSurviveKill(seed%2 == 0)
+	orig := nonZero(seed, size)
+	v := snapshotted(t, s, orig, 16<<10, "s")
+	mk := func(f func() (*Volume, error)) *Volume {
+		v, err := f()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	c := mk(func() (*Volume, error) { return s.CloneSnapshot("s", "c", size, VolumeOptions{ChunkSize: 4 << 10}) })
+	d := mk(func() (*Volume, error) {
+		return s.CloneSnapshot("s", "d", size+8192, VolumeOptions{ChunkSize: 64 << 10})
+	})
+	if err := s.DeleteSnapshot("s"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteVolume("v"); err != nil {
+		t.Fatal(err)
+	}
+	// c moved again: c2 of a snapshot of c, c and the snapshot deleted.
+	// c is written a little first.
+	cnew := nonZero(seed+100, size)
+	if _, err := c.WriteAt(cnew[:size/8], 0); err != nil {
+		t.Fatal(err)
+	}
+	base := append(append([]byte{}, cnew[:size/8]...), orig[size/8:]...)
+	if _, err := s.CreateSnapshot("c", "sc", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	c2 := mk(func() (*Volume, error) { return s.CloneSnapshot("sc", "c2", size, VolumeOptions{ChunkSize: 128 << 10}) })
+	c3 := mk(func() (*Volume, error) { return s.CloneSnapshot("sc", "c3", size, VolumeOptions{ChunkSize: 4 << 10}) })
+	if err := s.DeleteSnapshot("sc"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteVolume("c"); err != nil {
+		t.Fatal(err)
+	}
+	type img struct {
+		v         *Volume
+		old, new_ []byte
+	}
+	imgs := []img{
+		{d, orig, nonZero(seed+200, size)},
+		{c2, base, nonZero(seed+300, size)},
+		{c3, base, nonZero(seed+400, size)},
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var emu sync.Mutex
+	var errs []error
+	report := func(err error) {
+		emu.Lock()
+		errs = append(errs, err)
+		emu.Unlock()
+	}
+	for i, im := range imgs {
+		wg.Add(2)
+		go func() { // writer + flusher
+			defer wg.Done()
+			r := rand.New(rand.NewSource(seed*10 + int64(i)))
+			for k := 0; ; k++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				off := r.Int63n(size - 1)
+				n := min(1+r.Int63n(200<<10), size-off)
+				if _, err := im.v.WriteAt(im.new_[off:off+n], off); err != nil {
+					report(err)
+					return
+				}
+				if k%3 == 0 {
+					if err := im.v.Flush(); err != nil {
+						report(err)
+						return
+					}
+				}
+			}
+		}()
+		go func() { // reader
+			defer wg.Done()
+			r := rand.New(rand.NewSource(seed*20 + int64(i)))
+			buf := make([]byte, 300<<10)
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				off := r.Int63n(size - 1)
+				n := min(1+r.Int63n(int64(len(buf))), size-off)
+				if _, err := im.v.ReadAt(buf[:n], off); err != nil {
+					report(err)
+					return
+				}
+				for j := int64(0); j < n; j++ {
+					if b := buf[j]; b != im.old[off+j] && b != im.new_[off+j] {
+						report(fmt.Errorf("%s byte %d: %d, neither old %d nor new %d", im.v.ID(), off+j, b, im.old[off+j], im.new_[off+j]))
+						return
+					}
+				}
+			}
+		}()
+	}
+	wg.Add(1)
+	go reclaimer(s, stop, &wg, report)
+	time.Sleep(3 * time.Second)
+	close(stop)
+	wg.Wait()
+	for _, err := range errs {
+		t.Error(err)
+	}
+	if t.Failed() {
+		return
+	}
+	for _, im := range imgs {
+		if err := im.v.Flush(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Reclaim(); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string][]byte{}
+	for _, im := range imgs {
+		got[im.v.ID()] = mustRead(t, im.v, 0, size)
+	}
+	// With every mark in the log and queued, a Reclaim leaves v's and c's
+	// data files as the next Open does.
+	files := []string{dataFileName(v.obj), dataFileName(c.obj), cowFileName(v.obj), cowFileName(c.obj)}
+	var running []int64
+	for _, f := range files {
+		running = append(running, fileBytes(t, dir, f))
+	}
+	s = reopen(t, s, dir)
+	for i, f := range files {
+		if n := fileBytes(t, dir, f); n != running[i] {
+			t.Errorf("%s holds %d bytes after the Flushes and a Reclaim, %d after the next Open", f, running[i], n)
+		}
+	}
+	for _, im := range imgs {
+		v, err := s.Volume(im.v.ID())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if b := mustRead(t, v, 0, size); string(b) != string(got[im.v.ID()]) {
+			t.Fatalf("%s differs after the reopen", im.v.ID())
+		}
+	}
 }

@@ -118,7 +118,8 @@ type Volume struct {
 	presentDone atomic.Uint64
 	// reclaimCand: bytes of the data file of a deleted volume kept for its
 	// clones that their Flushes made unreadable since the last Reclaim
-	// (clonereclaim.go). Guarded by reclaimMu, taken with no other lock.
+	// (clonereclaim.go). Guarded by reclaimMu, taken last (Reclaim holds
+	// the store lock).
 	reclaimMu   sync.Mutex
 	reclaimCand extents
 	// jMarks: clones: runs of present marks journaled (journal.go) and
