@@ -358,6 +358,9 @@ func TestReclaimSnapshotCopies(t *testing.T) {
 func BenchmarkReclaimPass(b *testing.B) {
 	for _, n := range []int{10_000, 100_000, 1_000_000} {
 		b.Run(fmt.Sprintf("runs=%d", n), func(b *testing.B) {
+			if testing.Short() && n > 10_000 {
+				b.Skip("-short: the smallest size only")
+			}
 			s, err := Open(b.TempDir())
 			if err != nil {
 				b.Fatal(err)
