@@ -116,9 +116,9 @@ type Volume struct {
 	// marks is in the log (committed by a Flush, or carried by a
 	// checkpoint). Only grows.
 	presentDone atomic.Uint64
-	// reclaimCand: bytes of the data file of a deleted volume kept for its
-	// clones that their Flushes made unreadable since the last Reclaim
-	// (clonereclaim.go). Guarded by reclaimMu, taken last (Reclaim holds
+	// reclaimCand: bytes (image offsets) of a deleted volume kept for its
+	// clones that their Flushes made unreadable since the last Reclaim, in
+	// its data file or its snapshots' copies (clonereclaim.go). Guarded by reclaimMu, taken last (Reclaim holds
 	// the store lock).
 	reclaimMu   sync.Mutex
 	reclaimCand extents
