@@ -69,6 +69,7 @@ func unmountFuse(mp string) error {
 type mountEntry struct {
 	root, point, fsType string
 	dev                 uint64 // the filesystem's device number (st_dev)
+	readOnly            bool   // mounted read-only (the per-mount "ro")
 }
 
 // mountEntries reads /proc/self/mountinfo (nil if it cannot).
@@ -88,7 +89,7 @@ func mountEntries() []mountEntry {
 		var major, minor uint32
 		fmt.Sscanf(f[2], "%d:%d", &major, &minor)
 		out = append(out, mountEntry{root: UnescapeMount(f[3]), point: UnescapeMount(f[4]), fsType: f[sep+1],
-			dev: unix.Mkdev(major, minor)})
+			dev: unix.Mkdev(major, minor), readOnly: slices.Contains(strings.Split(f[5], ","), "ro")})
 	}
 	return out
 }
@@ -98,6 +99,18 @@ func isMounted(path string) bool {
 	for _, m := range mountEntries() {
 		if m.point == path && m.fsType == fuseFsType {
 			return true
+		}
+	}
+	return false
+}
+
+// fuseMountReadOnly reports whether our FUSE mount at mp is mounted
+// read-only (a volume attached readOnly: mountFuse's MS_RDONLY), from
+// mountinfo (a stat of mp could wait for the mount's server).
+func fuseMountReadOnly(mp string) bool {
+	for _, m := range mountEntries() {
+		if m.point == mp && m.fsType == fuseFsType {
+			return m.readOnly
 		}
 	}
 	return false
