@@ -546,16 +546,8 @@ func TestGroupModel(t *testing.T) {
 	}
 	for seed := int64(1); seed <= int64(seeds); seed++ {
 		t.Run(fmt.Sprint("seed", seed), func(t *testing.T) {
-			dir := t.TempDir()
-			open := func() (*Store, error) {
-				fs := newFaultFS(dir)
-				fs.noSync = true
-				return openFS(dir, fs)
-			}
-			s, err := open()
-			if err != nil {
-				t.Fatal(err)
-			}
+			s, dir, open := openModelStore(t)
+			var err error
 			defer func() { s.Close() }()
 			m := newGModel()
 			rng := rand.New(rand.NewSource(seed))

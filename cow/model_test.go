@@ -449,16 +449,8 @@ func TestModel(t *testing.T) {
 	}()
 	for seed := int64(1); seed <= int64(seeds); seed++ {
 		t.Run(fmt.Sprint("seed", seed), func(t *testing.T) {
-			dir := t.TempDir()
-			open := func() (*Store, error) {
-				fs := newFaultFS(dir)
-				fs.noSync = true
-				return openFS(dir, fs)
-			}
-			s, err := open()
-			if err != nil {
-				t.Fatal(err)
-			}
+			s, dir, open := openModelStore(t)
+			var err error
 			defer func() { s.Close() }()
 			m := newModel()
 			rng := rand.New(rand.NewSource(seed))
@@ -491,3 +483,22 @@ var _ = errors.Is
 
 // invalidSeen counts the invalid snapshots verify met.
 var invalidSeen atomic.Int64
+
+// openModelStore opens a store in a new temporary directory through a
+// faultFS whose Sync does nothing (the model tests check contents, not
+// durability), and returns it, the directory, and the function that opens
+// it again there (a reopen step).
+func openModelStore(t *testing.T) (*Store, string, func() (*Store, error)) {
+	t.Helper()
+	dir := t.TempDir()
+	open := func() (*Store, error) {
+		fs := newFaultFS(dir)
+		fs.noSync = true
+		return openFS(dir, fs)
+	}
+	s, err := open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, dir, open
+}

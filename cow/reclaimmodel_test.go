@@ -43,16 +43,8 @@ func TestReclaimModel(t *testing.T) {
 }
 
 func reclaimModel(t *testing.T, seed int64, steps int) {
-	dir := t.TempDir()
-	open := func() (*Store, error) {
-		fs := newFaultFS(dir)
-		fs.noSync = true
-		return openFS(dir, fs)
-	}
-	s, err := open()
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, dir, open := openModelStore(t)
+	var err error
 	defer func() { s.Close() }()
 	st := &reclaimModelState{m: newModel(), snapOf: map[string]string{}}
 	m := st.m
