@@ -736,3 +736,72 @@ func revChains(t *testing.T, seed int64) {
 		}
 	}
 }
+
+// TestStatsHiddenBytes: Stats.HiddenBytes counts the space of deleted
+// volumes kept for others (their files' blocks) and of deleted snapshots
+// of live volumes kept for their clones (their copies), follows a
+// reclaim, and is 0 once nothing deleted is kept.
+func TestStatsHiddenBytes(t *testing.T) {
+	const cs = 64 << 10
+	const size = 16 * cs
+	s, dir := openT(t)
+	hidden := func() int64 { return s.Stats().HiddenBytes }
+	v := snapshotted(t, s, randBytes(1, size), cs, "s")
+	c, err := s.CloneSnapshot("s", "c", size, VolumeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := s.CreateVolume("w", size, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.WriteAt(randBytes(2, size), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("w", "t", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CloneSnapshot("t", "d", size, VolumeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.WriteAt(randBytes(3, 4*cs), 0); err != nil { // t copies 4 chunks
+		t.Fatal(err)
+	}
+	if err := w.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if h := hidden(); h != 0 {
+		t.Fatalf("HiddenBytes %d with nothing deleted", h)
+	}
+	if err := s.DeleteSnapshot("t"); err != nil {
+		t.Fatal(err)
+	}
+	if h := hidden(); h != 4*cs {
+		t.Fatalf("HiddenBytes %d with snapshot t (4 copies) deleted and kept for its clone, want %d", h, 4*cs)
+	}
+	files := func() int64 { return fileBytes(t, dir, dataFileName(v.obj)) + fileBytes(t, dir, cowFileName(v.obj)) }
+	if err := s.DeleteVolume("v"); err != nil {
+		t.Fatal(err)
+	}
+	if h, want := hidden(), 4*cs+files(); h != want || h < 4*cs+size {
+		t.Fatalf("HiddenBytes %d with v deleted and kept for s, want %d (v's files, and t's copies)", h, want)
+	}
+	if err := s.DeleteSnapshot("s"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.WriteAt(randBytes(4, size), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := errors.Join(c.Flush(), s.Reclaim()); err != nil {
+		t.Fatal(err)
+	}
+	if h, want := hidden(), 4*cs+files(); h != want || files() != 0 {
+		t.Fatalf("HiddenBytes %d after c rewrote all of v, want %d (v's files hold %d)", h, want, files())
+	}
+	if err := errors.Join(s.DeleteVolume("c"), s.DeleteVolume("d")); err != nil {
+		t.Fatal(err)
+	}
+	if h := hidden(); h != 0 {
+		t.Fatalf("HiddenBytes %d once no deleted object is kept", h)
+	}
+}

@@ -55,6 +55,14 @@ type Stats struct {
 	// and journaled writes and a clone's present marks (FORMAT.md, "Kill
 	// journal"). Refusals below the free-space reserve are SpaceRefused.
 	RoomRefused uint64
+	// HiddenBytes is the disk space held for objects their users deleted
+	// that others still depend on (doc.go, "Lifetimes"): the data and COW
+	// files of deleted volumes kept for their snapshots or for clones
+	// (their allocated blocks: what a reclaim punched is not counted),
+	// and the copies held by deleted snapshots of live volumes, kept for
+	// their clones (chunks times chunk size). Deleting the dependents
+	// gives it back.
+	HiddenBytes int64
 }
 
 // Stats returns the engine's counters and the memory its exception indexes
@@ -72,18 +80,36 @@ func (s *Store) Stats() Stats {
 	s.mu.Lock()
 	var snaps []*Snapshot
 	for _, o := range s.objs {
-		if sn, ok := o.(*Snapshot); ok {
-			snaps = append(snaps, sn)
+		switch x := o.(type) {
+		case *Snapshot:
+			snaps = append(snaps, x)
+		case *Volume:
+			// Under the store lock, which a volume's reap (closing its
+			// files) takes: an fstat of a closed descriptor's number could
+			// read another file's.
+			if x.isDeleted() && !s.isClosed.Load() {
+				for _, f := range []file{x.data, x.cowf} {
+					if f != nil {
+						if n, err := f.Allocated(); err == nil {
+							st.HiddenBytes += n
+						}
+					}
+				}
+			}
 		}
 	}
 	s.mu.Unlock()
 	for _, sn := range snaps {
-		sn.vol.mu.RLock()
+		v := sn.vol
+		v.mu.RLock()
 		if sn.idx != nil {
 			st.IndexBytes += int64(sn.idx.Bytes())
 			st.IndexRuns += int64(sn.idx.Runs())
 		}
-		sn.vol.mu.RUnlock()
+		if sn.deleted && !sn.gone && !v.deleted {
+			st.HiddenBytes += sn.held << v.shift
+		}
+		v.mu.RUnlock()
 	}
 	return st
 }

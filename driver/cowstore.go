@@ -189,7 +189,7 @@ func (c *CowStore) EngineStats() EngineStats {
 	return EngineStats{CopyOuts: st.CopyOuts, CopiedBytes: st.CopiedBytes, ClonedBytes: st.ClonedBytes, IndexBytes: st.IndexBytes, IndexRuns: st.IndexRuns,
 		JournalBytes: st.JournalBytes, JournalRedone: st.JournalRedone, ReclaimFailed: st.ReclaimFailed, PunchZeroed: st.PunchZeroed,
 		SpaceInvalidated: st.SpaceInvalidated, SpaceRefused: st.SpaceRefused, SpaceHeld: st.SpaceHeld,
-		RoomRefused: st.RoomRefused}
+		RoomRefused: st.RoomRefused, HiddenBytes: st.HiddenBytes}
 }
 
 // CreateSnapshot implements Store.

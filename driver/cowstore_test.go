@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -236,4 +237,73 @@ func storeBytes(t *testing.T, dir string) int64 {
 		}
 	}
 	return n
+}
+
+// TestHiddenBytesMetric: csi_snap_hidden_bytes shows the space a deleted
+// volume kept for its restore holds (cow's Stats.HiddenBytes), and 0
+// once the restore rewrote it all and Maintain reclaimed it.
+func TestHiddenBytesMetric(t *testing.T) {
+	s, err := OpenCowStore(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { s.Close() }()
+	reg := prometheus.NewRegistry()
+	NewMetrics(reg, s, nil)
+	gauge := func() float64 {
+		t.Helper()
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mf := range mfs {
+			if mf.GetName() == "csi_snap_hidden_bytes" {
+				return mf.GetMetric()[0].GetGauge().GetValue()
+			}
+		}
+		t.Fatal("no csi_snap_hidden_bytes")
+		return 0
+	}
+	const size = 4 << 20
+	if _, err := s.CreateVolume("v-1", size, VolumeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	v, err := s.s.Volume("v-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(bytes.Repeat([]byte("old"), size/3), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v-1", "s-1", nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CloneSnapshot("s-1", "v-2", size, VolumeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if g := gauge(); g != 0 {
+		t.Fatalf("csi_snap_hidden_bytes = %v with nothing deleted", g)
+	}
+	if err := errors.Join(s.DeleteSnapshot("s-1"), s.DeleteVolume("v-1")); err != nil {
+		t.Fatal(err)
+	}
+	if g := gauge(); g < size-4096 || g != float64(s.EngineStats().HiddenBytes) {
+		t.Fatalf("csi_snap_hidden_bytes = %v with v-1 (%d bytes written) deleted and kept for its restore; engine says %d", g, size, s.EngineStats().HiddenBytes)
+	}
+	c, err := s.s.Volume("v-2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.WriteAt(bytes.Repeat([]byte("n"), size), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Maintain(); err != nil {
+		t.Fatal(err)
+	}
+	if g := gauge(); g != 0 {
+		t.Fatalf("csi_snap_hidden_bytes = %v after the restore rewrote all of v-1 and Maintain", g)
+	}
 }

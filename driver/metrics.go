@@ -17,7 +17,7 @@ type Metrics struct {
 	volumes, snapshots, snapCow, snapLimit, snapInvalid, volAlloc, volSize                  *prometheus.Desc
 	copyOuts, copiedBytes, clonedBytes, indexBytes, indexRuns                               *prometheus.Desc
 	journalBytes, journalRedone, reclaimFailed, punchZeroed, spaceInvalidated, spaceRefused *prometheus.Desc
-	spaceHeld, roomRefused, storeFailed, unheld                                             *prometheus.Desc
+	spaceHeld, roomRefused, storeFailed, unheld, hiddenBytes                                *prometheus.Desc
 	holder                                                                                  HolderReporter // nil: no such gauge
 }
 
@@ -40,6 +40,7 @@ type EngineStats struct {
 	SpaceRefused          uint64 // writes refused with ENOSPC below the free-space reserve, since the store was opened
 	SpaceHeld             uint64 // chunks written into holes below the reserve, their snapshots kept and their blocks preallocated, since the store was opened
 	RoomRefused           uint64 // operations and writes a full disk refused alone for want of room in the log or the kill journal, since the store was opened
+	HiddenBytes           int64  // disk space of deleted volumes and snapshots kept because others depend on them
 }
 
 // StatsStore is a Store that reports EngineStats; the metrics use it when
@@ -79,6 +80,7 @@ func NewMetrics(reg prometheus.Registerer, store Store, fe Frontend) *Metrics {
 		spaceRefused:     prometheus.NewDesc("csi_snap_low_space_refused_writes_total", "Writes refused with ENOSPC since the plugin started because the store's file system was below its free-space reserve (--min-free) and the write's copy-before-write would have had to give up a snapshot that may not be (it has clones: a restored or cloned volume reads through it; or a rollback restores it), or was a rollback's own.", nil, nil),
 		spaceHeld:        prometheus.NewDesc("csi_snap_low_space_hole_chunks_total", "Chunks first written after a snapshot, while the store's file system was below its free-space reserve (--min-free), that were holes: their copy takes no space, so the snapshots were kept, and the chunk's data blocks were allocated before the write went on.", nil, nil),
 		roomRefused:      prometheus.NewDesc("csi_snap_full_disk_refused_total", "Calls and writes the store's full file system refused alone with ENOSPC (ResourceExhausted for CSI calls) since the plugin started, for want of room in its log (new volumes, snapshots, clones, expansions: the log keeps its last room for deletes, which free space) or in its kill journal (first writes after a snapshot, with --survive-kill): nothing was changed, and the store went on. Refusals below the free-space reserve are csi_snap_low_space_refused_writes_total.", nil, nil),
+		hiddenBytes:      prometheus.NewDesc("csi_snap_hidden_bytes", "Disk space held for volumes and snapshots their users deleted that others still depend on: deleted volumes kept for their snapshots or for volumes restored or cloned from them (their files' blocks, less what the restores and clones have rewritten since, which is given back), and deleted snapshots of live volumes kept for their restores (their copies). Deleting the dependents frees it.", nil, nil),
 		journalRedone:    prometheus.NewDesc("csi_snap_kill_journal_redone", "Writes and present marks redone from the kill journal when the plugin started (answered by a plugin that was killed).", nil, nil),
 		storeFailed:      prometheus.NewDesc("csi_snap_store_failed", "1 once the store failed, else 0. After a write error it refuses changes until the plugin restarts and reopens it (Probe answers not ready); after a failed fsync only a reboot of the node reopens it (Probe stays ready, the plugin serves I/O errors, and the volume and snapshot counts read 0).", nil, nil),
 		unheld:           prometheus.NewDesc("csi_snap_fuse_unheld_volumes", "Attached volumes whose FUSE connection the fuse-holder did not keep at its last check (every 2 s): a restart of the plugin now would fail their I/O. Should be 0.", nil, nil),
@@ -94,7 +96,7 @@ func (m *Metrics) observe(fullMethod string, code codes.Code, d time.Duration) {
 // Describe implements prometheus.Collector.
 func (m *Metrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{m.volumes, m.snapshots, m.snapCow, m.snapLimit, m.snapInvalid, m.volAlloc, m.volSize,
-		m.copyOuts, m.copiedBytes, m.clonedBytes, m.indexBytes, m.indexRuns, m.journalBytes, m.journalRedone, m.reclaimFailed, m.punchZeroed, m.spaceInvalidated, m.spaceRefused, m.spaceHeld, m.roomRefused, m.storeFailed, m.unheld} {
+		m.copyOuts, m.copiedBytes, m.clonedBytes, m.indexBytes, m.indexRuns, m.journalBytes, m.journalRedone, m.reclaimFailed, m.punchZeroed, m.spaceInvalidated, m.spaceRefused, m.spaceHeld, m.roomRefused, m.storeFailed, m.unheld, m.hiddenBytes} {
 		ch <- d
 	}
 }
@@ -132,6 +134,7 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(m.spaceRefused, prometheus.CounterValue, float64(st.SpaceRefused))
 		ch <- prometheus.MustNewConstMetric(m.spaceHeld, prometheus.CounterValue, float64(st.SpaceHeld))
 		ch <- prometheus.MustNewConstMetric(m.roomRefused, prometheus.CounterValue, float64(st.RoomRefused))
+		ch <- prometheus.MustNewConstMetric(m.hiddenBytes, prometheus.GaugeValue, float64(st.HiddenBytes))
 	}
 	failed := 0.0
 	if m.store.Err() != nil {

@@ -251,6 +251,9 @@ func TestLifecycle(t *testing.T) {
 	if r := metric("csi_snap_kill_journal_redone"); r != 0 {
 		t.Fatalf("csi_snap_kill_journal_redone = %v on a fresh data dir", r)
 	}
+	if h := metric("csi_snap_hidden_bytes"); h != 0 {
+		t.Fatalf("csi_snap_hidden_bytes = %v with no deleted volume or snapshot kept", h)
+	}
 	if r := metric("csi_snap_reclaim_failed_total"); r != 0 {
 		t.Fatalf("csi_snap_reclaim_failed_total = %v: a hole punch failed on the test's disk", r)
 	}
