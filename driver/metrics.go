@@ -69,7 +69,7 @@ func NewMetrics(reg prometheus.Registerer, store Store, fe Frontend) *Metrics {
 		volAlloc:         prometheus.NewDesc("csi_snap_volume_allocated_bytes", "Bytes of a volume allocated in the store.", []string{"volume_id"}, nil),
 		volSize:          prometheus.NewDesc("csi_snap_volume_size_bytes", "Size of a volume in bytes.", []string{"volume_id"}, nil),
 		copyOuts:         prometheus.NewDesc("csi_snap_copy_outs_total", "Chunks recorded by copy-before-write since the plugin started (once per chunk, whatever the number of snapshots).", nil, nil),
-		copiedBytes:      prometheus.NewDesc("csi_snap_copied_bytes_total", "Bytes copied out to COW files since the plugin started (all-zero chunks cost none).", nil, nil),
+		copiedBytes:      prometheus.NewDesc("csi_snap_copied_bytes_total", "Bytes copied out to COW files since the plugin started (chunks that were holes, never written or discarded, cost none; a chunk of written zeros is copied).", nil, nil),
 		clonedBytes:      prometheus.NewDesc("csi_snap_cloned_bytes_total", "The part of csi_snap_copied_bytes_total made by sharing the volume's blocks (FICLONERANGE on XFS with reflink or btrfs) instead of writing them.", nil, nil),
 		indexBytes:       prometheus.NewDesc("csi_snap_index_bytes", "Approximate heap bytes held by all exception indexes.", nil, nil),
 		indexRuns:        prometheus.NewDesc("csi_snap_index_runs", "Runs (entries after merging) in all exception indexes.", nil, nil),
