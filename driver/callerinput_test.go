@@ -266,3 +266,32 @@ func TestBlockPublishTrailingSlash(t *testing.T) {
 		t.Errorf("block publish at %s (no slash) after that: %v", target, err)
 	}
 }
+
+// TestNodeUnsupportedCapabilityCode: a NodeStageVolume or NodePublishVolume
+// whose capability is well formed but not one the volume supports (a
+// MULTI_NODE_ access mode, a filesystem csi-snap does not make) is the
+// spec's "Exceeds capabilities" case of both RPCs: FAILED_PRECONDITION
+// ("Caller MAY choose to call ValidateVolumeCapabilities"), not
+// INVALID_ARGUMENT, which the spec keeps for malformed requests (and, for
+// NodeExpandVolume only, for this case).
+func TestNodeUnsupportedCapabilityCode(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	id := e.createVolume(t, "caps", 1<<20).VolumeId
+	dir := t.TempDir()
+	rox := mountCap()
+	rox.AccessMode.Mode = csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY
+	ntfs := mountCap()
+	ntfs.GetMount().FsType = "ntfs"
+	for name, c := range map[string]*csi.VolumeCapability{"MULTI_NODE_READER_ONLY": rox, "fs_type ntfs": ntfs} {
+		_, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(dir, "s"), VolumeCapability: c})
+		if status.Code(err) != codes.FailedPrecondition {
+			t.Errorf("NodeStageVolume with %s: %v, want FailedPrecondition (Exceeds capabilities)", name, err)
+		}
+		_, err = e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(dir, "s"),
+			TargetPath: filepath.Join(dir, "t"), VolumeCapability: c})
+		if status.Code(err) != codes.FailedPrecondition {
+			t.Errorf("NodePublishVolume with %s: %v, want FailedPrecondition (Exceeds capabilities)", name, err)
+		}
+	}
+}

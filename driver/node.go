@@ -511,7 +511,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err := d.checkPath("staging_target_path", staging); err != nil {
 		return nil, err
 	}
-	if err := checkCapability(req.GetVolumeCapability()); err != nil {
+	if err := checkNodeCapability(req.GetVolumeCapability()); err != nil {
 		return nil, err
 	}
 	// The staging path too: two volumes staged at one new path at once
@@ -1554,7 +1554,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if err := d.checkPath("target_path", target); err != nil {
 		return nil, err
 	}
-	if err := checkCapability(req.GetVolumeCapability()); err != nil {
+	if err := checkNodeCapability(req.GetVolumeCapability()); err != nil {
 		return nil, err
 	}
 	if staging == "" {
@@ -2004,6 +2004,7 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	// mounted there, so a path holding another volume (or nothing) would
 	// answer OK without this volume's filesystem growing.
 	fsPath := false
+	growAt := path // where the filesystem is grown, for mount access
 	if req.GetVolumeCapability().GetBlock() == nil {
 		fi, err := os.Stat(path)
 		if err != nil {
@@ -2014,6 +2015,25 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 				return nil, toStatus(err)
 			} else if !held {
 				return nil, statusf(codes.NotFound, "volume %s is not mounted at %s", id, path)
+			}
+			// xfs_growfs grows the filesystem through the mount point it
+			// is given, and fails with EROFS on a read-only one (a
+			// readonly publish target): grow it through a writable mount
+			// of the device (its stage's). With none (staged with the
+			// mount flag ro), it cannot grow while staged: the spec's
+			// "Volume in use", after which kubelet lets the pod start (on
+			// any other error it keeps the pod from starting, for ever);
+			// a writable stage grows it.
+			var sfs unix.Statfs_t
+			if err := unix.Statfs(path, &sfs); err == nil && sfs.Flags&unix.ST_RDONLY != 0 {
+				rw, err := d.writableAt(dev)
+				if err != nil {
+					return nil, toStatus(err)
+				}
+				if rw == "" {
+					return nil, statusf(codes.FailedPrecondition, "volume %s is mounted read-only (at %s and wherever else it is mounted): its filesystem cannot grow while it is staged so; stage it writable to grow it", id, path)
+				}
+				growAt = rw
 			}
 		} else if req.GetVolumeCapability().GetMount() != nil || d.hasFilesystemMounted(dev) {
 			// Not a directory, so no filesystem grows there: the device
@@ -2037,8 +2057,8 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 		return nil, d.notServed(id, "resize device", err)
 	}
 	if fsPath {
-		if _, err := mount.NewResizeFs(d.opt.Mounter.Exec).Resize(dev, path); err != nil {
-			return nil, statusf(codes.Internal, "grow filesystem on %s at %s: %v", dev, path, err)
+		if _, err := mount.NewResizeFs(d.opt.Mounter.Exec).Resize(dev, growAt); err != nil {
+			return nil, statusf(codes.Internal, "grow filesystem on %s at %s: %v", dev, growAt, err)
 		}
 	}
 	klog.V(2).InfoS("Expanded volume on node", "volumeID", id, "size", v.Size)

@@ -50,13 +50,28 @@ func supportedFS(fs string) bool {
 // block) is required, the filesystem must be one we make, and the access mode
 // must be a single-node one (volumes are local to their node).
 func checkCapability(c *csi.VolumeCapability) error {
+	return checkCapabilityAs(c, codes.InvalidArgument)
+}
+
+// checkNodeCapability is checkCapability for NodeStageVolume and
+// NodePublishVolume: a well-formed capability the volume does not support
+// (another filesystem, a MULTI_NODE_ mode) is the spec's "Exceeds
+// capabilities" case of those RPCs, FAILED_PRECONDITION; a malformed one
+// stays INVALID_ARGUMENT.
+func checkNodeCapability(c *csi.VolumeCapability) error {
+	return checkCapabilityAs(c, codes.FailedPrecondition)
+}
+
+// checkCapabilityAs is checkCapability answering unsupported (an fs_type or
+// access mode csi-snap does not serve) with the code given.
+func checkCapabilityAs(c *csi.VolumeCapability, unsupported codes.Code) error {
 	if c == nil {
 		return statusf(codes.InvalidArgument, "volume capability is required")
 	}
 	switch at := c.GetAccessType().(type) {
 	case *csi.VolumeCapability_Mount:
 		if fs := at.Mount.GetFsType(); fs != "" && !supportedFS(fs) {
-			return statusf(codes.InvalidArgument, "fs_type %q is not supported (want one of %v)", fs, supportedFSTypes)
+			return statusf(unsupported, "fs_type %q is not supported (want one of %v)", fs, supportedFSTypes)
 		}
 		for _, f := range at.Mount.GetMountFlags() {
 			if strings.ContainsAny(f, "\x00\n") {
@@ -76,7 +91,10 @@ func checkCapability(c *csi.VolumeCapability) error {
 		csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER,
 		csi.VolumeCapability_AccessMode_SINGLE_NODE_MULTI_WRITER:
 	default:
-		return statusf(codes.InvalidArgument, "access mode %v is not supported: volumes are local to one node", m)
+		if _, known := csi.VolumeCapability_AccessMode_Mode_name[int32(m)]; !known || m == csi.VolumeCapability_AccessMode_UNKNOWN {
+			return statusf(codes.InvalidArgument, "access mode %v is not supported: volumes are local to one node", m)
+		}
+		return statusf(unsupported, "access mode %v is not supported: volumes are local to one node", m)
 	}
 	return nil
 }

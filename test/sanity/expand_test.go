@@ -9,6 +9,8 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // TestOnlineExpand drives the real binary through what the external-resizer
@@ -108,5 +110,106 @@ func testOnlineExpand(t *testing.T, fs string) {
 	unpublishAndUnstage(t, node, id, staging, target)
 	if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
 		t.Fatalf("delete: %v", err)
+	}
+}
+
+// TestExpandThroughReadOnlyTarget: NodeExpandVolume's volume_path may be
+// any path the volume is published at (the spec: "any valid path where
+// volume was previously staged or published"), and staging_target_path
+// names its stage. For XFS, whose grow (xfs_growfs) goes through the mount
+// point it is given, a read-only publish target as volume_path used to
+// fail the grow with EROFS (Internal) although the writable staging mount
+// of the same filesystem was given beside it.
+func TestExpandThroughReadOnlyTarget(t *testing.T) {
+	requireCapabilities(t)
+	if _, err := exec.LookPath("mkfs.xfs"); err != nil {
+		skipOrFail(t, "SKIPPED LOUDLY: mkfs.xfs is not installed (apt-get install xfsprogs)")
+	}
+	dir, cc := runPlugin(t)
+	ctx := context.Background()
+	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
+	vc := ext4Cap()
+	vc.GetMount().FsType = "xfs"
+	const small, big = 320 << 20, 640 << 20
+	cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "grow-ro", CapacityRange: &csi.CapacityRange{RequiredBytes: small},
+		VolumeCapabilities: []*csi.VolumeCapability{vc}, Parameters: map[string]string{"csi.storage.k8s.io/fstype": "xfs"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := cv.Volume.VolumeId
+	staging, target := filepath.Join(dir, "staging"), filepath.Join(dir, "ro-target")
+	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: vc}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target,
+		VolumeCapability: vc, Readonly: true}); err != nil {
+		t.Fatal(err)
+	}
+	defer unpublishAndUnstage(t, node, id, staging, target)
+	fsSize := func() uint64 {
+		var st unix.Statfs_t
+		if err := unix.Statfs(staging, &st); err != nil {
+			t.Fatal(err)
+		}
+		return st.Blocks * uint64(st.Bsize)
+	}
+	before := fsSize()
+	if _, err := ctrl.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: id, CapacityRange: &csi.CapacityRange{RequiredBytes: big}, VolumeCapability: vc}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := node.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: target, StagingTargetPath: staging,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: big}, VolumeCapability: vc}); err != nil {
+		t.Fatalf("NodeExpandVolume through the read-only target (staging path given): %v", err)
+	}
+	if after := fsSize(); after < before+(big-small)*8/10 {
+		t.Fatalf("xfs did not grow: %d -> %d bytes", before, after)
+	}
+}
+
+// TestExpandOfReadOnlyMountedVolume: a volume staged and published with
+// the mount flag "ro" (a StorageClass's or PV's mountOptions) cannot have
+// its filesystem grown while staged: a PVC expanded while no pod used it
+// gets, at the next pod's start, a NodeExpandVolume that cannot succeed.
+// kubelet (expandVolumeDuringMount) keeps the pod from starting on any
+// error but FAILED_PRECONDITION, the spec's "Volume in use" code ("the
+// underlying filesystem does not support expansion of published or staged
+// volumes"; caller MUST NOT retry), after which it lets the pod start. It
+// answered Internal (EROFS from xfs_growfs), for ever.
+func TestExpandOfReadOnlyMountedVolume(t *testing.T) {
+	requireCapabilities(t)
+	if _, err := exec.LookPath("mkfs.xfs"); err != nil {
+		skipOrFail(t, "SKIPPED LOUDLY: mkfs.xfs is not installed (apt-get install xfsprogs)")
+	}
+	dir, cc := runPlugin(t)
+	ctx := context.Background()
+	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
+	rw := ext4Cap()
+	rw.GetMount().FsType = "xfs"
+	const small, big = 320 << 20, 640 << 20
+	cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "grow-ro-flag", CapacityRange: &csi.CapacityRange{RequiredBytes: small},
+		VolumeCapabilities: []*csi.VolumeCapability{rw}, Parameters: map[string]string{"csi.storage.k8s.io/fstype": "xfs"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := cv.Volume.VolumeId
+	staging, target := filepath.Join(dir, "staging"), filepath.Join(dir, "target")
+	// Formatted by a writable stage first (a read-only one formats nothing).
+	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: rw}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ctrl.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: id, CapacityRange: &csi.CapacityRange{RequiredBytes: big}, VolumeCapability: rw}); err != nil {
+		t.Fatal(err)
+	}
+	ro := ext4Cap()
+	ro.GetMount().FsType, ro.GetMount().MountFlags = "xfs", []string{"ro"}
+	stageAndPublishAs(t, node, id, staging, target, ro)
+	defer unpublishAndUnstage(t, node, id, staging, target)
+	_, err = node.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: target, StagingTargetPath: staging,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: big}, VolumeCapability: ro})
+	if status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("NodeExpandVolume of a volume mounted with the flag ro: %v, want FailedPrecondition (the filesystem cannot grow while staged read-only)", err)
 	}
 }
