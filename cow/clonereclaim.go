@@ -1,6 +1,7 @@
 package cow
 
 import (
+	"cmp"
 	"slices"
 
 	"github.com/csi-snap/csi-snap/exceptions"
@@ -188,11 +189,16 @@ func (v *Volume) reclaimable() bool {
 	return v.reclaimableLocked()
 }
 
-// idxExtents is runExtents of idx over each extent of in.
+// idxExtents is runExtents of idx over each extent of in, in one list:
+// in is sorted, so each extent's part comes after the last one's (one
+// append each, not a merge of the whole list: a Reclaim's in may hold
+// hundreds of thousands of extents).
 func idxExtents(idx *exceptions.Index, shift uint, in extents) extents {
 	var out extents
 	for _, e := range in {
-		out = union(out, runExtents(idx, shift, e.off, e.end, false))
+		for _, x := range runExtents(idx, shift, e.off, e.end, false) {
+			out = out.add(x.off, x.end)
+		}
 	}
 	return out
 }
@@ -304,7 +310,10 @@ func (v *Volume) noteDurable(cs []uint64, shift uint) {
 				e = chunkExtents(slices.Clone(cs), shift)
 			}
 			u.reclaimMu.Lock()
-			u.reclaimCand = union(u.reclaimCand, e)
+			// Appended as they come (a Flush may run every few
+			// milliseconds; a merge each time would cost the whole queue),
+			// sorted and merged by Reclaim.
+			u.reclaimCand = append(u.reclaimCand, e...)
 			u.reclaimMu.Unlock()
 		}
 		if !u.isDeleted() {
@@ -354,10 +363,15 @@ func (s *Store) Reclaim() error {
 			continue
 		}
 		v.reclaimMu.Lock()
-		cand := v.reclaimCand
+		queued := v.reclaimCand
 		v.reclaimCand = nil
 		v.reclaimMu.Unlock()
-		if len(cand) > 0 {
+		if len(queued) > 0 {
+			slices.SortFunc(queued, func(a, b extent) int { return cmp.Compare(a.off, b.off) })
+			var cand extents
+			for _, e := range queued {
+				cand = cand.add(e.off, e.end)
+			}
 			v.punchCloned(cand)
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -409,7 +410,16 @@ func BenchmarkReclaimPass(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
-			var pass, cp time.Duration
+			// What n Flushes of single chunks queue, in write order.
+			var queued []extent
+			for i := range n {
+				x := copied[i]
+				if i%2 == 1 {
+					x = int64(rng.Int63n(size >> 12))
+				}
+				queued = append(queued, extent{x << 12, x<<12 + 4096})
+			}
+			var pass, cp, q time.Duration
 			for range b.N {
 				t0 := time.Now()
 				s.mu.Lock()
@@ -419,11 +429,20 @@ func BenchmarkReclaimPass(b *testing.B) {
 				if err := s.Checkpoint(); err != nil {
 					b.Fatal(err)
 				}
-				pass, cp = pass+t1.Sub(t0), cp+time.Since(t1)
+				t2 := time.Now()
+				v.reclaimMu.Lock()
+				v.reclaimCand = slices.Clone(queued)
+				v.reclaimMu.Unlock()
+				t3 := time.Now()
+				if err := s.Reclaim(); err != nil {
+					b.Fatal(err)
+				}
+				pass, cp, q = pass+t1.Sub(t0), cp+t2.Sub(t1), q+time.Since(t3)
 			}
 			b.ReportMetric(float64(pass.Nanoseconds())/float64(b.N)/1e6, "pass-ms")
 			b.ReportMetric(float64(cp.Nanoseconds())/float64(b.N)/1e6, "checkpoint-ms")
 			b.ReportMetric(float64(pass)/float64(cp), "pass/checkpoint")
+			b.ReportMetric(float64(q.Nanoseconds())/float64(b.N)/1e6, "queued-ms")
 		})
 	}
 }

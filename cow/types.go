@@ -118,10 +118,10 @@ type Volume struct {
 	presentDone atomic.Uint64
 	// reclaimCand: bytes (image offsets) of a deleted volume kept for its
 	// clones that their Flushes made unreadable since the last Reclaim, in
-	// its data file or its snapshots' copies (clonereclaim.go). Guarded by reclaimMu, taken last (Reclaim holds
-	// the store lock).
+	// its data file or its snapshots' copies (clonereclaim.go). Guarded
+	// by reclaimMu, taken last (Reclaim holds the store lock).
 	reclaimMu   sync.Mutex
-	reclaimCand extents
+	reclaimCand []extent // in the order queued, overlapping: Reclaim sorts them
 	// jMarks: clones: runs of present marks journaled (journal.go) and
 	// not yet in the log. Guarded by the journal's mu, not mu.
 	jMarks []jMark
