@@ -136,9 +136,13 @@ type Volume struct {
 	pendingPresent []uint64
 	flushing       []uint64 // clones: marks a Flush took from pendingPresent and is committing (clonereclaim.go)
 	presentMarks   uint64   // clones: chunks ever marked present (appended to pendingPresent)
-	free           []span   // free COW chunk ranges below hwm
-	hwm            exceptions.Chunk
-	rb             *Snapshot // unfinished rollback to this snapshot (rollback.go)
+	// unjournaled: clones: presentMarks after the last mark made without
+	// the kill journal (SetSurviveKill off then): a write with the setting
+	// on into such a chunk is safe only once the log holds that mark.
+	unjournaled uint64
+	free        []span // free COW chunk ranges below hwm
+	hwm         exceptions.Chunk
+	rb          *Snapshot // unfinished rollback to this snapshot (rollback.go)
 }
 
 // Snapshot is a read-only point-in-time image of a volume.

@@ -709,6 +709,16 @@ func (v *Volume) settle(u unsettled) error {
 		// (journal.go). A journal that failed an append holds only some
 		// of it: then wait as without one (a write into an entry fails
 		// on the journal before it gets here, and so does its apply).
+		// Marks made while the setting was off are not in it: until the
+		// log holds them, a clone's write may depend on one.
+		if v.src != nil {
+			v.mu.RLock()
+			un := v.unjournaled
+			v.mu.RUnlock()
+			if un > 0 && v.presentDone.Load() < un {
+				return v.Flush()
+			}
+		}
 		return nil
 	}
 	if v.src != nil {
@@ -886,7 +896,14 @@ func (v *Volume) writeClone(off, n int64, p []byte) (err error) {
 func (v *Volume) markPresent(cs []uint64, owed bool) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if j := v.killJournal(); j != nil {
+	j := v.killJournal()
+	if j == nil && owed {
+		// The apply of an entry journaled while the store survived kills:
+		// its settled record will make a redo skip the entry's writes, so
+		// the mark must be journaled too, whatever the setting is now.
+		j = v.s.jnl
+	}
+	if j != nil {
 		if err := j.present(v, cs, v.presentMarks+uint64(len(cs)), owed); err != nil {
 			return err
 		}
@@ -896,6 +913,9 @@ func (v *Volume) markPresent(cs []uint64, owed bool) error {
 	}
 	v.pendingPresent = append(v.pendingPresent, cs...)
 	v.presentMarks += uint64(len(cs))
+	if j == nil {
+		v.unjournaled = v.presentMarks
+	}
 	return nil
 }
 
