@@ -792,18 +792,17 @@ func (f *Frontend) startResumed(id, mp string, fd int, params *connParams, b Bac
 func (f *Frontend) resumedDevice(ctx context.Context, v *volume, b Backend, readOnly bool) (dev string, conflict, err error) {
 	v.readOnly = readOnly
 	dev, ok := findLoop(v.mp)
-	if ok && !readOnly && !fuseMountReadOnly(v.mp) {
-		// Only a read-only device left on a writable volume's file (the
-		// one ReadOnlyDevice added; its main device was detached from
-		// outside): the volume stays writable and gets a main device
-		// again, as reattachLoop gives it while served. The mode of the
-		// device wins below only for a volume attached read-only.
-		if ro, err := loopReadOnly(dev); err == nil && ro {
-			ok = false
-		}
-	}
 	if ok {
-		if ro, err := loopReadOnly(dev); err == nil && ro != readOnly {
+		ro, rerr := loopReadOnly(dev)
+		switch {
+		case rerr != nil || ro == readOnly:
+		case ro && !fuseMountedRO(v.mp):
+			// Only a read-only device left on a writable volume's file
+			// (the one ReadOnlyDevice added; its main device was detached
+			// from outside): the volume stays writable and gets a main
+			// device again, as reattachLoop gives it while served.
+			ok = false
+		default:
 			// Keep serving with the mode the device has, and say so.
 			v.readOnly = ro
 			conflict = fmt.Errorf("%w: %s resumed on %s with readOnly=%v", ErrConflict, v.id, dev, ro)

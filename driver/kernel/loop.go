@@ -583,15 +583,10 @@ func backsOntoMount(dev, mp string) bool {
 	return err == nil && info.Device == fsDev
 }
 
-// fuseDev returns the device number of our FUSE mount at mp, if mounted
-// (from mountinfo: a stat of mp would wait for the mount's server).
+// fuseDev returns the device number of our FUSE mount at mp, if mounted.
 func fuseDev(mp string) (uint64, bool) {
-	for _, m := range mountEntries() {
-		if m.point == mp && m.fsType == fuseFsType {
-			return m.dev, true
-		}
-	}
-	return 0, false
+	m, ok := fuseMount(mp)
+	return m.dev, ok
 }
 
 // loopInfo reads the device's flags back through go-losetup.

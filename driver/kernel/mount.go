@@ -94,26 +94,28 @@ func mountEntries() []mountEntry {
 	return out
 }
 
-// isMounted reports whether path is a mount point of ours (a FUSE mount).
-func isMounted(path string) bool {
-	for _, m := range mountEntries() {
-		if m.point == path && m.fsType == fuseFsType {
-			return true
-		}
-	}
-	return false
-}
-
-// fuseMountReadOnly reports whether our FUSE mount at mp is mounted
-// read-only (a volume attached readOnly: mountFuse's MS_RDONLY), from
-// mountinfo (a stat of mp could wait for the mount's server).
-func fuseMountReadOnly(mp string) bool {
+// fuseMount returns mountinfo's entry for our FUSE mount at mp, if
+// mounted (from mountinfo: a stat of mp would wait for the mount's server).
+func fuseMount(mp string) (mountEntry, bool) {
 	for _, m := range mountEntries() {
 		if m.point == mp && m.fsType == fuseFsType {
-			return m.readOnly
+			return m, true
 		}
 	}
-	return false
+	return mountEntry{}, false
+}
+
+// fuseMountedRO reports whether our FUSE mount at mp is mounted read-only
+// (a volume attached readOnly: mountFuse's MS_RDONLY).
+func fuseMountedRO(mp string) bool {
+	m, ok := fuseMount(mp)
+	return ok && m.readOnly
+}
+
+// isMounted reports whether path is a mount point of ours (a FUSE mount).
+func isMounted(path string) bool {
+	_, ok := fuseMount(path)
+	return ok
 }
 
 // boundAt returns a path where the device node dev (/dev/loopN) is bind
