@@ -116,6 +116,11 @@ type Volume struct {
 	// marks is in the log (committed by a Flush, or carried by a
 	// checkpoint). Only grows.
 	presentDone atomic.Uint64
+	// unjournaled: clones: presentMarks after the last mark made without
+	// the kill journal (SetSurviveKill off then): a write with the setting
+	// on into such a chunk is safe only once the log holds that mark.
+	// Written under mu, read without it on the write path (settle).
+	unjournaled atomic.Uint64
 	// reclaimCand: bytes (image offsets) of a deleted volume kept for its
 	// clones that their Flushes made unreadable since the last Reclaim, in
 	// its data file or its snapshots' copies (clonereclaim.go). Guarded
@@ -136,13 +141,9 @@ type Volume struct {
 	pendingPresent []uint64
 	flushing       []uint64 // clones: marks a Flush took from pendingPresent and is committing (clonereclaim.go)
 	presentMarks   uint64   // clones: chunks ever marked present (appended to pendingPresent)
-	// unjournaled: clones: presentMarks after the last mark made without
-	// the kill journal (SetSurviveKill off then): a write with the setting
-	// on into such a chunk is safe only once the log holds that mark.
-	unjournaled uint64
-	free        []span // free COW chunk ranges below hwm
-	hwm         exceptions.Chunk
-	rb          *Snapshot // unfinished rollback to this snapshot (rollback.go)
+	free           []span   // free COW chunk ranges below hwm
+	hwm            exceptions.Chunk
+	rb             *Snapshot // unfinished rollback to this snapshot (rollback.go)
 }
 
 // Snapshot is a read-only point-in-time image of a volume.

@@ -711,13 +711,8 @@ func (v *Volume) settle(u unsettled) error {
 		// on the journal before it gets here, and so does its apply).
 		// Marks made while the setting was off are not in it: until the
 		// log holds them, a clone's write may depend on one.
-		if v.src != nil {
-			v.mu.RLock()
-			un := v.unjournaled
-			v.mu.RUnlock()
-			if un > 0 && v.presentDone.Load() < un {
-				return v.Flush()
-			}
+		if un := v.unjournaled.Load(); un > 0 && v.presentDone.Load() < un {
+			return v.Flush()
 		}
 		return nil
 	}
@@ -914,7 +909,7 @@ func (v *Volume) markPresent(cs []uint64, owed bool) error {
 	v.pendingPresent = append(v.pendingPresent, cs...)
 	v.presentMarks += uint64(len(cs))
 	if j == nil {
-		v.unjournaled = v.presentMarks
+		v.unjournaled.Store(v.presentMarks)
 	}
 	return nil
 }
