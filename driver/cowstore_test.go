@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/csi-snap/csi-snap/cow"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -181,27 +182,8 @@ func TestCowStoreMaintainReclaims(t *testing.T) {
 	}
 	defer func() { s.Close() }()
 	const size = 8 << 20
-	if _, err := s.CreateVolume("v-1", size, VolumeOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	v, err := s.s.Volume("v-1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := v.WriteAt(bytes.Repeat([]byte("old"), size/3), 0); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.CreateSnapshot("v-1", "s-1", nil); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.CloneSnapshot("s-1", "v-2", size, VolumeOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	c := restored(t, s, size)
 	if err := errors.Join(s.DeleteSnapshot("s-1"), s.DeleteVolume("v-1")); err != nil {
-		t.Fatal(err)
-	}
-	c, err := s.s.Volume("v-2")
-	if err != nil {
 		t.Fatal(err)
 	}
 	if _, err := c.WriteAt(bytes.Repeat([]byte("new"), size/3), 0); err != nil {
@@ -265,22 +247,7 @@ func TestHiddenBytesMetric(t *testing.T) {
 		return 0
 	}
 	const size = 4 << 20
-	if _, err := s.CreateVolume("v-1", size, VolumeOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	v, err := s.s.Volume("v-1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := v.WriteAt(bytes.Repeat([]byte("old"), size/3), 0); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.CreateSnapshot("v-1", "s-1", nil); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.CloneSnapshot("s-1", "v-2", size, VolumeOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	c := restored(t, s, size)
 	if g := gauge(); g != 0 {
 		t.Fatalf("csi_snap_hidden_bytes = %v with nothing deleted", g)
 	}
@@ -289,10 +256,6 @@ func TestHiddenBytesMetric(t *testing.T) {
 	}
 	if g := gauge(); g < size-4096 || g != float64(s.EngineStats().HiddenBytes) {
 		t.Fatalf("csi_snap_hidden_bytes = %v with v-1 (%d bytes written) deleted and kept for its restore; engine says %d", g, size, s.EngineStats().HiddenBytes)
-	}
-	c, err := s.s.Volume("v-2")
-	if err != nil {
-		t.Fatal(err)
 	}
 	if _, err := c.WriteAt(bytes.Repeat([]byte("n"), size), 0); err != nil {
 		t.Fatal(err)
@@ -306,4 +269,31 @@ func TestHiddenBytesMetric(t *testing.T) {
 	if g := gauge(); g != 0 {
 		t.Fatalf("csi_snap_hidden_bytes = %v after the restore rewrote all of v-1 and Maintain", g)
 	}
+}
+
+// restored makes volume v-1 of size bytes written whole, its snapshot s-1,
+// and v-2 restored from it, and returns v-2's cow volume.
+func restored(t *testing.T, s *CowStore, size int) *cow.Volume {
+	t.Helper()
+	if _, err := s.CreateVolume("v-1", int64(size), VolumeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	v, err := s.s.Volume("v-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(bytes.Repeat([]byte("old"), size/3), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v-1", "s-1", nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CloneSnapshot("s-1", "v-2", int64(size), VolumeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := s.s.Volume("v-2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
 }
