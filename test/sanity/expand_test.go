@@ -113,6 +113,31 @@ func testOnlineExpand(t *testing.T, fs string) {
 	}
 }
 
+// The sizes the read-only expansion tests grow an XFS volume between
+// (xfs needs 300 MiB at least).
+const xfsSmall, xfsBig = 320 << 20, 640 << 20
+
+// xfsVolume starts the plugin and makes an XFS mount volume of size bytes
+// named name: the plugin's dir, its controller and node clients, the
+// (writable) capability and the volume's ID.
+func xfsVolume(t *testing.T, name string, size int64) (string, csi.ControllerClient, csi.NodeClient, *csi.VolumeCapability, string) {
+	t.Helper()
+	requireCapabilities(t)
+	if _, err := exec.LookPath("mkfs.xfs"); err != nil {
+		skipOrFail(t, "SKIPPED LOUDLY: mkfs.xfs is not installed (apt-get install xfsprogs)")
+	}
+	dir, cc := runPlugin(t)
+	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
+	vc := ext4Cap()
+	vc.GetMount().FsType = "xfs"
+	cv, err := ctrl.CreateVolume(context.Background(), &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: size},
+		VolumeCapabilities: []*csi.VolumeCapability{vc}, Parameters: map[string]string{"csi.storage.k8s.io/fstype": "xfs"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir, ctrl, node, vc, cv.Volume.VolumeId
+}
+
 // TestExpandThroughReadOnlyTarget: NodeExpandVolume's volume_path may be
 // any path the volume is published at (the spec: "any valid path where
 // volume was previously staged or published"), and staging_target_path
@@ -121,22 +146,8 @@ func testOnlineExpand(t *testing.T, fs string) {
 // fail the grow with EROFS (Internal) although the writable staging mount
 // of the same filesystem was given beside it.
 func TestExpandThroughReadOnlyTarget(t *testing.T) {
-	requireCapabilities(t)
-	if _, err := exec.LookPath("mkfs.xfs"); err != nil {
-		skipOrFail(t, "SKIPPED LOUDLY: mkfs.xfs is not installed (apt-get install xfsprogs)")
-	}
-	dir, cc := runPlugin(t)
+	dir, ctrl, node, vc, id := xfsVolume(t, "grow-ro", xfsSmall)
 	ctx := context.Background()
-	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
-	vc := ext4Cap()
-	vc.GetMount().FsType = "xfs"
-	const small, big = 320 << 20, 640 << 20
-	cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "grow-ro", CapacityRange: &csi.CapacityRange{RequiredBytes: small},
-		VolumeCapabilities: []*csi.VolumeCapability{vc}, Parameters: map[string]string{"csi.storage.k8s.io/fstype": "xfs"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := cv.Volume.VolumeId
 	staging, target := filepath.Join(dir, "staging"), filepath.Join(dir, "ro-target")
 	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: vc}); err != nil {
 		t.Fatal(err)
@@ -154,14 +165,14 @@ func TestExpandThroughReadOnlyTarget(t *testing.T) {
 		return st.Blocks * uint64(st.Bsize)
 	}
 	before := fsSize()
-	if _, err := ctrl.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: id, CapacityRange: &csi.CapacityRange{RequiredBytes: big}, VolumeCapability: vc}); err != nil {
+	if _, err := ctrl.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: id, CapacityRange: &csi.CapacityRange{RequiredBytes: xfsBig}, VolumeCapability: vc}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := node.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: target, StagingTargetPath: staging,
-		CapacityRange: &csi.CapacityRange{RequiredBytes: big}, VolumeCapability: vc}); err != nil {
+		CapacityRange: &csi.CapacityRange{RequiredBytes: xfsBig}, VolumeCapability: vc}); err != nil {
 		t.Fatalf("NodeExpandVolume through the read-only target (staging path given): %v", err)
 	}
-	if after := fsSize(); after < before+(big-small)*8/10 {
+	if after := fsSize(); after < before+(xfsBig-xfsSmall)*8/10 {
 		t.Fatalf("xfs did not grow: %d -> %d bytes", before, after)
 	}
 }
@@ -176,22 +187,8 @@ func TestExpandThroughReadOnlyTarget(t *testing.T) {
 // volumes"; caller MUST NOT retry), after which it lets the pod start. It
 // answered Internal (EROFS from xfs_growfs), for ever.
 func TestExpandOfReadOnlyMountedVolume(t *testing.T) {
-	requireCapabilities(t)
-	if _, err := exec.LookPath("mkfs.xfs"); err != nil {
-		skipOrFail(t, "SKIPPED LOUDLY: mkfs.xfs is not installed (apt-get install xfsprogs)")
-	}
-	dir, cc := runPlugin(t)
+	dir, ctrl, node, rw, id := xfsVolume(t, "grow-ro-flag", xfsSmall)
 	ctx := context.Background()
-	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
-	rw := ext4Cap()
-	rw.GetMount().FsType = "xfs"
-	const small, big = 320 << 20, 640 << 20
-	cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "grow-ro-flag", CapacityRange: &csi.CapacityRange{RequiredBytes: small},
-		VolumeCapabilities: []*csi.VolumeCapability{rw}, Parameters: map[string]string{"csi.storage.k8s.io/fstype": "xfs"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := cv.Volume.VolumeId
 	staging, target := filepath.Join(dir, "staging"), filepath.Join(dir, "target")
 	// Formatted by a writable stage first (a read-only one formats nothing).
 	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: rw}); err != nil {
@@ -200,15 +197,15 @@ func TestExpandOfReadOnlyMountedVolume(t *testing.T) {
 	if _, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := ctrl.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: id, CapacityRange: &csi.CapacityRange{RequiredBytes: big}, VolumeCapability: rw}); err != nil {
+	if _, err := ctrl.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: id, CapacityRange: &csi.CapacityRange{RequiredBytes: xfsBig}, VolumeCapability: rw}); err != nil {
 		t.Fatal(err)
 	}
 	ro := ext4Cap()
 	ro.GetMount().FsType, ro.GetMount().MountFlags = "xfs", []string{"ro"}
 	stageAndPublishAs(t, node, id, staging, target, ro)
 	defer unpublishAndUnstage(t, node, id, staging, target)
-	_, err = node.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: target, StagingTargetPath: staging,
-		CapacityRange: &csi.CapacityRange{RequiredBytes: big}, VolumeCapability: ro})
+	_, err := node.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: target, StagingTargetPath: staging,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: xfsBig}, VolumeCapability: ro})
 	if status.Code(err) != codes.FailedPrecondition {
 		t.Fatalf("NodeExpandVolume of a volume mounted with the flag ro: %v, want FailedPrecondition (the filesystem cannot grow while staged read-only)", err)
 	}
