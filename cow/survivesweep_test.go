@@ -274,25 +274,7 @@ func TestKillDuringCheckpoint(t *testing.T) {
 		kl := &opKiller{k: k}
 		s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook; kl.install(fs) })
 		s.SetSurviveKill(true)
-		_, c := srcClone(t, s, 8*cs, cs)
-		if _, err := s.CreateSnapshot("clone", "csnap", SnapshotOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		other, err := s.CloneSnapshot("snap", "clone2", 8*cs, VolumeOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		want := fill(8*cs, 1)
-		want2 := fill(8*cs, 1)
-		armQuiet(t, s, h)
-		w := func(vol *Volume, wnt []byte, p []byte, off int64) {
-			returnsSoon(t, "write", func() error { _, err := vol.WriteAt(p, off); return err })
-			copy(wnt[off:], p)
-		}
-		w(c, want, fill(4096, 3), 2*cs+100)
-		w(c, want, fill(3*cs, 6), 4*cs+7)
-		w(other, want2, fill(2000, 7), 5)
-		w(other, want2, fill(2000, 8), 3*cs+5)
+		_, _, want, want2 := journaledClones(t, s, h, cs)
 		h.free()
 		kl.mu.Lock()
 		kl.armed = true
@@ -343,25 +325,7 @@ func TestKillDuringOpenCheckpointRedo(t *testing.T) {
 	for k := 1; k < 400; k++ {
 		for k2 := range []int{0, 3} {
 			dir, s, fs, h := heldStore(t)
-			_, c := srcClone(t, s, 8*cs, cs)
-			if _, err := s.CreateSnapshot("clone", "csnap", SnapshotOptions{}); err != nil {
-				t.Fatal(err)
-			}
-			other, err := s.CloneSnapshot("snap", "clone2", 8*cs, VolumeOptions{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			want := fill(8*cs, 1)
-			want2 := fill(8*cs, 1)
-			armQuiet(t, s, h)
-			w := func(vol *Volume, wnt []byte, p []byte, off int64) {
-				returnsSoon(t, "write", func() error { _, err := vol.WriteAt(p, off); return err })
-				copy(wnt[off:], p)
-			}
-			w(c, want, fill(4096, 3), 2*cs+100)
-			w(c, want, fill(3*cs, 6), 4*cs+7)
-			w(other, want2, fill(2000, 7), 5)
-			w(other, want2, fill(2000, 8), 3*cs+5)
+			c, _, want, want2 := journaledClones(t, s, h, cs)
 			returnsSoon(t, "discard", func() error { return c.Discard(6*cs, cs) })
 			clear(want[6*cs : 7*cs])
 			killStore(fs, h)
@@ -414,4 +378,32 @@ func TestKillDuringOpenCheckpointRedo(t *testing.T) {
 			}
 		}
 	}
+}
+
+// journaledClones makes on s (surviving kills, its syncs held by h) the
+// clone of srcClone with a snapshot and a second clone of "snap", and
+// writes into both that wait in the overlay, journaled (armQuiet: none
+// is applied yet). It returns the two clones and the images they must
+// read.
+func journaledClones(t *testing.T, s *Store, h *syncHold, cs int) (c, other *Volume, want, want2 []byte) {
+	t.Helper()
+	_, c = srcClone(t, s, int64(8*cs), cs)
+	if _, err := s.CreateSnapshot("clone", "csnap", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	other, err := s.CloneSnapshot("snap", "clone2", int64(8*cs), VolumeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, want2 = fill(8*cs, 1), fill(8*cs, 1)
+	armQuiet(t, s, h)
+	w := func(vol *Volume, wnt []byte, p []byte, off int) {
+		returnsSoon(t, "write", func() error { _, err := vol.WriteAt(p, int64(off)); return err })
+		copy(wnt[off:], p)
+	}
+	w(c, want, fill(4096, 3), 2*cs+100)
+	w(c, want, fill(3*cs, 6), 4*cs+7)
+	w(other, want2, fill(2000, 7), 5)
+	w(other, want2, fill(2000, 8), 3*cs+5)
+	return c, other, want, want2
 }
