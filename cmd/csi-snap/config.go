@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/csi-snap/csi-snap/driver/kernel"
 	"k8s.io/apimachinery/pkg/api/resource"
 )
 
@@ -113,12 +114,20 @@ func parseFlags(args []string, klogFlags func(*flag.FlagSet), stderr io.Writer) 
 
 var errConfig = errors.New("invalid configuration")
 
+// maxSocketPath is the longest path a unix socket can be bound at on Linux:
+// sun_path's 108 bytes less the terminating NUL.
+const maxSocketPath = 107
+
 func (c Config) validate() error {
 	bad := func(format string, a ...any) error {
 		return fmt.Errorf("%w: %s", errConfig, fmt.Sprintf(format, a...))
 	}
-	if _, _, err := parseEndpoint(c.Endpoint); err != nil {
+	network, addr, err := parseEndpoint(c.Endpoint)
+	if err != nil {
 		return bad("--endpoint: %v", err)
+	}
+	if network == "unix" && len(addr) > maxSocketPath {
+		return bad("--endpoint: socket path %s is %d bytes long; a unix socket path holds at most %d", addr, len(addr), maxSocketPath)
 	}
 	if c.NodeID == "" {
 		return bad("--node-id is empty and the host name is unknown")
@@ -128,6 +137,13 @@ func (c Config) validate() error {
 	}
 	if !filepath.IsAbs(c.RunDir) {
 		return bad("--run-dir %q must be an absolute path", c.RunDir)
+	}
+	// The sockets made in the run dir (the admin endpoint's, the
+	// fuse-holder's): bound only after the store opened, so checked now.
+	for _, sock := range []string{filepath.Join(c.RunDir, adminSocketName), kernel.HolderSocket(c.RunDir, c.ExternalHolder)} {
+		if len(sock) > maxSocketPath {
+			return bad("--run-dir %q is too long: its socket %s would be %d bytes long; a unix socket path holds at most %d", c.RunDir, sock, len(sock), maxSocketPath)
+		}
 	}
 	if c.MetricsAddress != "" {
 		if _, _, err := net.SplitHostPort(c.MetricsAddress); err != nil {
