@@ -561,9 +561,12 @@ func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csi.Valida
 		if want := c.GetMount().GetFsType(); want != "" && fs != "" && want != fs {
 			return &csi.ValidateVolumeCapabilitiesResponse{Message: fmt.Sprintf("volume %s was made for %s, not fs_type %s", v.ID, fs, want)}, nil
 		}
-		if c.GetMount().GetFsType() == "xfs" && v.Size < xfsMinSize {
-			return &csi.ValidateVolumeCapabilitiesResponse{Message: fmt.Sprintf("volume %s has %d bytes, too few for xfs (at least %d)", v.ID, v.Size, xfsMinSize)}, nil
-		}
+	}
+	// As CreateVolume's same-name check: a filesystem the parameter or a
+	// mount capability asks for needs its mkfs minimum (fsMinSize), which
+	// NodeStageVolume enforces on a blank volume.
+	if min, mfs := fsMinSize(params.fsType, req.GetVolumeCapabilities()); v.Size < min {
+		return &csi.ValidateVolumeCapabilitiesResponse{Message: fmt.Sprintf("volume %s has %d bytes, too few for %s (at least %d)", v.ID, v.Size, mfs, min)}, nil
 	}
 	// The context must be the volume's (the spec: it MUST match): each key
 	// given with the volume's value. A subset is accepted, as a CO may
