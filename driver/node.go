@@ -597,6 +597,11 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 				return nil, toStatus(fmt.Errorf("list mounts: %w", err))
 			}
 			if fsMounted(mps, dev) {
+				if top, err := topIn(mps, staging); err == nil && top.Device == dev {
+					// Staged for mount access at this very path: the
+					// spec's incompatible re-stage.
+					return nil, statusf(codes.AlreadyExists, "volume %s is staged at %s for mount access, not block access", id, staging)
+				}
 				return nil, statusf(codes.FailedPrecondition, "volume %s has a filesystem mounted (staged for mount access elsewhere): not staging it for block access", id)
 			}
 		}
@@ -636,6 +641,11 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		return nil, statusf(codes.FailedPrecondition, "volume %s is published for block access at %s; not mounting a filesystem from it", id, at)
 	}
 	plan, err := d.planMount(id, v, dev, capability, earlier)
+	if status.Code(err) == codes.FailedPrecondition && plan.blockStaged && d.stagedAt(id, staging) {
+		// The finished stage without a filesystem is this very path's:
+		// staged for block access here (the spec's incompatible re-stage).
+		return nil, statusf(codes.AlreadyExists, "volume %s is staged at %s for block access, not mount access", id, staging)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -827,6 +837,9 @@ type mountPlan struct {
 	existing   string   // the one the device holds already, "" if blank
 	flags      []string // mount options
 	formatOpts []string // mkfs options, for a blank device
+	// blockStaged: (with planMount's error) an earlier, finished stage
+	// attached the device with no filesystem.
+	blockStaged bool
 }
 
 // planMount decides how volume v, attached as dev, is mounted for the
@@ -866,7 +879,7 @@ func (d *Driver) planMount(id string, v VolumeInfo, dev string, c *csi.VolumeCap
 		// and nothing mounted here: a block stage (two PVs of one volume
 		// in different volume modes). Formatting would destroy what its
 		// pod writes.
-		return mountPlan{}, statusf(codes.FailedPrecondition, "volume %s is staged already with no filesystem (for block access?): not formatting it for mount access", id)
+		return mountPlan{blockStaged: true}, statusf(codes.FailedPrecondition, "volume %s is staged already with no filesystem (for block access?): not formatting it for mount access", id)
 	}
 	if m.GetFsType() == "" && v.Labels[labelFSType] == "" && slices.Contains(supportedFSTypes, existing) {
 		// No filesystem asked for, none recorded: mount the one the volume
