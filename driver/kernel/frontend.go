@@ -653,6 +653,11 @@ func (f *Frontend) reattachLoop(ctx context.Context, v *volume) (string, error) 
 		}
 	}
 	if dev == "" {
+		// The backend may have grown while v had no device (nothing to
+		// Resize): the new device takes the size the kernel caches.
+		if err := f.cacheSize(v, v.srv.b.Size()); err != nil {
+			return "", err
+		}
 		var err error
 		if dev, err = attachLoop(ctx, f.sock, v.mp, v.readOnly); err != nil {
 			return "", fmt.Errorf("attach a loop device to %s again: %w", v.id, err)
@@ -817,7 +822,9 @@ func (f *Frontend) resumedDevice(ctx context.Context, v *volume, b Backend, read
 	}
 	// Died between mount and loop attach, perhaps before attachFresh's
 	// stat: the kernel may still hold the root's i_size of 0.
-	if err = kernelSized(v.mp, b.Size()); err == nil {
+	// (cacheSize, not kernelSized: the backend may have grown since the
+	// kernel last asked, and its answer is kept for good.)
+	if err = f.cacheSize(v, b.Size()); err == nil {
 		dev, err = attachLoop(ctx, f.sock, v.mp, readOnly)
 	}
 	return dev, nil, err
@@ -1266,35 +1273,8 @@ func (f *Frontend) Resize(ctx context.Context, id string, newSize int64) error {
 	if got := v.srv.b.Size(); got != newSize || newSize%loopBlockSize != 0 {
 		return fmt.Errorf("%w: backend size is %d, asked %d (multiple of %d)", ErrInvalid, got, newSize, loopBlockSize)
 	}
-	// The loop driver reads the FUSE inode's cached i_size: drop the cached
-	// attributes and stat, so the kernel asks us for the new size first.
-	// A GETATTR reply is not cached when an async direct I/O completed while
-	// it was in flight (fuse_change_attributes skips it when attr_version
-	// moved), though stat still returns it: under I/O the cache can keep the
-	// old size. So check the cached size itself (AT_STATX_DONT_SYNC) and
-	// try again.
-	cached := int64(-1)
-	for try := 0; try < 100 && cached != newSize; try++ {
-		if try > 0 {
-			// Under heavy I/O every try can race a completion; backing
-			// off gives one a gap (at most about 1.8 s in all).
-			time.Sleep(time.Duration(min(try, 20)) * time.Millisecond)
-		}
-		if err := v.withFD(v.srv.notifyInvalAttr); err != nil {
-			return fmt.Errorf("invalidate attributes: %w", err)
-		}
-		if err := f.statSize(v.mp); err != nil {
-			return err
-		}
-		// The cache only: no request.
-		var st unix.Statx_t
-		if err := unix.Statx(unix.AT_FDCWD, v.mp, unix.AT_STATX_DONT_SYNC, unix.STATX_SIZE, &st); err != nil {
-			return fmt.Errorf("stat %s: %w", v.mp, err)
-		}
-		cached = int64(st.Size)
-	}
-	if cached != newSize {
-		return fmt.Errorf("kernel caches size %d after invalidation, want %d", cached, newSize)
+	if err := f.cacheSize(v, newSize); err != nil {
+		return err
 	}
 	if !ownsLoop(v.dev, v.mp) {
 		return fmt.Errorf("%w: %s is no longer attached to %s (detached from outside)", ErrNotFound, v.dev, id)
@@ -1310,6 +1290,48 @@ func (f *Frontend) Resize(ctx context.Context, id string, newSize int64) error {
 		if got, err := loopSize(dev); err != nil || got != newSize {
 			return fmt.Errorf("%s has %d bytes after LOOP_SET_CAPACITY, want %d (%v)", dev, got, newSize, err)
 		}
+	}
+	return nil
+}
+
+// cacheSize makes the kernel's cached size of v's FUSE file want, the
+// backend's size, which a loop device takes when it is configured or
+// resized. The kernel keeps the file's attributes for good (attrValid):
+// after the backend grew with no Resize (no device to resize: it was
+// detached from outside, or a kill cut an attach short), only this
+// refreshes them. The loop driver reads the FUSE inode's cached i_size:
+// drop the cached attributes and stat, so the kernel asks us for the size.
+// A GETATTR reply is not cached when an async direct I/O completed while
+// it was in flight (fuse_change_attributes skips it when attr_version
+// moved), though stat still returns it: under I/O the cache can keep the
+// old size. So check the cached size itself (AT_STATX_DONT_SYNC) and try
+// again.
+func (f *Frontend) cacheSize(v *volume, want int64) error {
+	cached := int64(-1)
+	var st unix.Statx_t
+	if err := unix.Statx(unix.AT_FDCWD, v.mp, unix.AT_STATX_DONT_SYNC, unix.STATX_SIZE, &st); err == nil && int64(st.Size) == want {
+		return nil // (the backend never shrinks: an equal size is current)
+	}
+	for try := 0; try < 100 && cached != want; try++ {
+		if try > 0 {
+			// Under heavy I/O every try can race a completion; backing
+			// off gives one a gap (at most about 1.8 s in all).
+			time.Sleep(time.Duration(min(try, 20)) * time.Millisecond)
+		}
+		if err := v.withFD(v.srv.notifyInvalAttr); err != nil {
+			return fmt.Errorf("invalidate attributes: %w", err)
+		}
+		if err := f.statSize(v.mp); err != nil {
+			return err
+		}
+		// The cache only: no request.
+		if err := unix.Statx(unix.AT_FDCWD, v.mp, unix.AT_STATX_DONT_SYNC, unix.STATX_SIZE, &st); err != nil {
+			return fmt.Errorf("stat %s: %w", v.mp, err)
+		}
+		cached = int64(st.Size)
+	}
+	if cached != want {
+		return fmt.Errorf("kernel caches size %d after invalidation, want %d", cached, want)
 	}
 	return nil
 }
