@@ -166,7 +166,7 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 		if d.opt.Frontend.Dead(id) {
 			// Every I/O on it fails; NodeStageVolume answers Unavailable
 			// until it is unstaged and staged again.
-			add(csi.VolumeHealthErrorType_INACCESSIBLE, "ConnectionLost", fmt.Sprintf("device %s lost its FUSE connection (the plugin and its fuse-holder stopped together, or the kernel is older than 6.9): its I/O fails until the volume is unstaged and staged again; delete the pods that use it", dev))
+			add(csi.VolumeHealthErrorType_INACCESSIBLE, "ConnectionLost", fmt.Sprintf("device %s lost its FUSE connection (aborted through fusectl or by the kernel's FUSE request timeout, unmounted from outside, the plugin and its fuse-holder stopped together, or the kernel is older than 6.9): its I/O fails until the volume is unstaged and staged again; delete the pods that use it", dev))
 		}
 		if d.opt.Frontend.Unserved(id) {
 			// Every I/O on it waits; the next stage, publish, unstage or

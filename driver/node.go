@@ -766,7 +766,7 @@ func (d *Driver) attachForStage(ctx context.Context, id, staging string, b Backe
 		// final code: kubelet keeps the stage uncertain and so calls
 		// NodeUnstageVolume once the pods using it are gone, and the next
 		// stage attaches afresh.
-		return "", false, false, statusf(codes.Unavailable, "volume %s is staged at %s but its device's FUSE connection was lost (the plugin and its fuse-holder stopped together, or the kernel is older than 6.9): its I/O fails until it is unstaged and staged again; delete the pods that use it", id, staging)
+		return "", false, false, statusf(codes.Unavailable, "volume %s is staged at %s but its device's FUSE connection was lost (aborted, timed out or unmounted from outside, or the plugin and its fuse-holder stopped together, or the kernel is older than 6.9): its I/O fails until it is unstaged and staged again; delete the pods that use it", id, staging)
 	}
 	if !wasAttached {
 		// Attached afresh from the store: no device held across a

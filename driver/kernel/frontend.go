@@ -1370,9 +1370,10 @@ func (f *Frontend) Unserved(id string) bool {
 }
 
 // Dead reports whether id has a loop device (Device finds it) whose FUSE
-// connection can never serve again: not served here, and held by no one
-// alive (no holder answers, the holder has none for it, or the one it has
-// is aborted or lost its mount). Its I/O fails at once, and Attach can
+// connection can never serve again: served here but aborted (fusectl, the
+// kernel's request timeout) or unmounted from outside, or not served here
+// and held by no one alive (no holder answers, the holder has none for it,
+// or the one it has is aborted or lost its mount). Its I/O fails at once, and Attach can
 // only start over once nothing holds the device: a filesystem mounted on
 // it keeps the loop device busy (ErrBusy). Connections die this way when
 // the serving process and the holder die together, or on a kernel before
@@ -1406,7 +1407,14 @@ const (
 // one that keeps nothing: a wrong "gone" would have a caller tear down a
 // live connection under a filesystem.
 func (f *Frontend) held(id string) heldState {
-	if f.get(id) != nil {
+	if v := f.get(id); v != nil {
+		if !v.isShut() && v.lost() != "" {
+			// Served here, but aborted (fusectl, the kernel's request
+			// timeout) or unmounted: its I/O fails at once, and only a
+			// teardown (Attach, once nothing holds the device) serves
+			// the volume again.
+			return heldGone
+		}
 		return heldServed
 	}
 	resp, fd, err := holderAsk(f.sock, holderReq{Op: "get", ID: id})
