@@ -333,8 +333,10 @@ func TestRunRejectsBadConfig(t *testing.T) {
 }
 
 // TestRunRefusesBeforeOpening: a configuration that cannot work (a busy
-// metrics port or endpoint, an endpoint whose directory is missing, a bad
-// driver name or node ID) is refused before the store opens: an open
+// metrics port or endpoint, an endpoint whose directory is missing, a unix
+// socket path longer than sun_path's 107 bytes, for the endpoint or the
+// run dir's sockets, a bad driver name or node ID) is refused before the
+// store opens: an open
 // replays the log and re-attaches every held volume, which a crash loop
 // would pay, with the node's volumes paused, at every restart.
 func TestRunRefusesBeforeOpening(t *testing.T) {
@@ -354,6 +356,10 @@ func TestRunRefusesBeforeOpening(t *testing.T) {
 	if err := os.WriteFile(file, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
+	long := filepath.Join(dir, strings.Repeat("d", 100))
+	if err := os.MkdirAll(long, 0o700); err != nil {
+		t.Fatal(err)
+	}
 	for name, set := range map[string]func(*Config){
 		"busy metrics port":         func(c *Config) { c.MetricsAddress = busy.Addr().String() },
 		"busy tcp endpoint":         func(c *Config) { c.Endpoint = "tcp://" + busy.Addr().String() },
@@ -361,6 +367,8 @@ func TestRunRefusesBeforeOpening(t *testing.T) {
 		"unix endpoint a file":      func(c *Config) { c.Endpoint = "unix://" + file },
 		"unix endpoint dir missing": func(c *Config) { c.Endpoint = "unix://" + filepath.Join(dir, "none", "csi.sock") },
 		"unix endpoint dir a file":  func(c *Config) { c.Endpoint = "unix://" + filepath.Join(file, "csi.sock") },
+		"unix endpoint too long":    func(c *Config) { c.Endpoint = "unix://" + filepath.Join(long, "csi.sock") },
+		"run dir too long":          func(c *Config) { c.RunDir = long },
 		"bad driver name":           func(c *Config) { c.DriverName = "-bad-" },
 		"node id too long":          func(c *Config) { c.NodeID = strings.Repeat("n", 257) },
 	} {
