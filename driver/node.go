@@ -667,6 +667,19 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	//     this process nor kubelet sees it, and a publish would bind the
 	//     empty directory under it, the pod's writes landing on the node's
 	//     disk, not in the volume.
+	if plan.reformat {
+		// As mount-utils runs mkfs, with its force flag.
+		args := slices.Clone(plan.formatOpts)
+		if plan.fstype == "xfs" {
+			args = append(args, "-f", dev)
+		} else {
+			args = append(args, "-F", "-m0", dev)
+		}
+		klog.InfoS("The device holds an unfinished mkfs.xfs; formatting it again", "volumeID", id, "device", dev, "fstype", plan.fstype)
+		if out, err := d.opt.Mounter.Exec.Command("mkfs."+plan.fstype, args...).CombinedOutput(); err != nil {
+			return nil, statusf(codes.Internal, "format %s (%s) over an unfinished mkfs.xfs: %v: %s", dev, plan.fstype, err, out)
+		}
+	}
 	merr := d.opt.Mounter.FormatAndMountSensitiveWithFormatOptions(dev, staging, plan.fstype, plan.flags, nil, plan.formatOpts)
 	cur, cerr := d.mountedDevice(staging)
 	switch {
@@ -840,6 +853,9 @@ type mountPlan struct {
 	// blockStaged: (with planMount's error) an earlier, finished stage
 	// attached the device with no filesystem.
 	blockStaged bool
+	// reformat: the device holds an unfinished mkfs.xfs, which the stage
+	// formats over (mkfs with its force flag) before mounting.
+	reformat bool
 }
 
 // planMount decides how volume v, attached as dev, is mounted for the
@@ -873,6 +889,16 @@ func (d *Driver) planMount(id string, v VolumeInfo, dev string, c *csi.VolumeCap
 	existing, err := d.opt.Mounter.GetDiskFormat(dev)
 	if err != nil {
 		return mountPlan{}, statusf(codes.Internal, "probe %s: %v", dev, err)
+	}
+	reformat := false
+	if existing == "xfs" && !earlier && d.xfsMkfsUnfinished(dev) {
+		// A mkfs.xfs that never finished (killed midway: its superblock
+		// keeps the "in progress" flag it writes among its first writes
+		// and clears at its very end): blkid calls it xfs, the kernel
+		// never mounts it (EUCLEAN), and it holds nothing. Blank, for
+		// what follows; formatted again (mount-utils would not: blkid
+		// finds a filesystem).
+		existing, reformat = "", true
 	}
 	if existing == "" && earlier {
 		// Attached by an earlier stage that finished, with no filesystem
@@ -932,7 +958,7 @@ func (d *Driver) planMount(id string, v VolumeInfo, dev string, c *csi.VolumeCap
 	case "xfs":
 		formatOpts = []string{"-K"}
 	}
-	return mountPlan{fstype: fstype, existing: existing, flags: flags, formatOpts: formatOpts}, nil
+	return mountPlan{fstype: fstype, existing: existing, flags: flags, formatOpts: formatOpts, reformat: reformat}, nil
 }
 
 // growStaged grows the filesystem mounted at staging (from dev) to its
@@ -1012,6 +1038,26 @@ func (d *Driver) growStaged(id string, v VolumeInfo, dev, staging string, flags 
 	}
 	klog.ErrorS(err, "Could not grow the filesystem to its device; it keeps its size (NodeExpandVolume retries for a PVC expanded since)", "volumeID", id, "device", dev, "stagingPath", staging)
 	return nil
+}
+
+// xfsMkfsUnfinished reports whether dev's primary XFS superblock has its
+// "mkfs in progress" flag (sb_inprogress) set: mkfs.xfs writes the
+// superblock among its first writes with the flag set and clears it at its
+// very end, so a mkfs.xfs killed midway (its holder killed, or with
+// --run-tools=false the plugin; a power loss) leaves it set. blkid calls
+// such a device xfs, and the kernel never mounts it ("Offline file system
+// operation in progress", EUCLEAN). The question goes to xfs_db through
+// the mounter's Exec, as every other read of a served device does (the
+// holder runs it: holdRun says why no thread of the plugin may wait on
+// its own device). false when unsure (xfs_db missing or failing): a
+// device is formatted over only when it surely holds nothing.
+func (d *Driver) xfsMkfsUnfinished(dev string) bool {
+	out, err := d.opt.Mounter.Exec.Command("xfs_db", "-r", "-c", "sb 0", "-c", "print inprogress", dev).CombinedOutput()
+	if err != nil {
+		klog.V(2).InfoS("xfs_db could not read the superblock; taking the filesystem as finished", "device", dev, "err", err, "output", string(out))
+		return false
+	}
+	return strings.TrimSpace(string(out)) == "inprogress = 1"
 }
 
 // hasROFlag reports whether mount flags ask for a read-only mount ("ro",

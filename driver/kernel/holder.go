@@ -681,7 +681,10 @@ var holderTools = map[string]func(args []string) bool{
 	"umount":     func(a []string) bool { return len(a) == 1 && toolPath(a[0]) },
 	"xfs_growfs": func(a []string) bool { return len(a) == 2 && a[0] == "-d" && toolPath(a[1]) },
 	"xfs_io":     func(a []string) bool { return len(a) == 3 && a[0] == "-c" && a[1] == "statfs" && toolPath(a[2]) },
-	"mount":      mountLine,
+	"xfs_db": func(a []string) bool { // -r -c "sb 0" -c "print inprogress" DEV (read-only)
+		return len(a) == 6 && a[0] == "-r" && a[1] == "-c" && a[2] == "sb 0" && a[3] == "-c" && a[4] == "print inprogress" && lastLoop(a)
+	},
+	"mount": mountLine,
 }
 
 // mkfsExt: [-E nodiscard] -F -m0 DEV.

@@ -140,6 +140,8 @@ func TestHolderRun(t *testing.T) {
 		{"blkid", "-p", "/dev/loop1x"},
 		{"resize2fs", "/dev/loop+1"},
 		{"resize2fs", "/dev/loop"},
+		{"xfs_db", "-x", "-c", "sb 0", "-c", "write inprogress 0", dev},
+		{"xfs_db", "-r", "-c", "sb 0", "-c", "print inprogress", filepath.Join(tmp, "disk")},
 	} {
 		if holderTool(args) {
 			t.Errorf("holderTool %q = true, want refused", args)
@@ -165,6 +167,7 @@ func TestHolderRun(t *testing.T) {
 		{"fsck", "-a", dev},
 		{"resize2fs", dev},
 		{"umount", "/var/lib/kubelet/x"},
+		{"xfs_db", "-r", "-c", "sb 0", "-c", "print inprogress", dev},
 	} {
 		if !holderTool(args) {
 			t.Errorf("holderTool %q = false: a command line the driver runs", args)
