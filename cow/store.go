@@ -473,7 +473,21 @@ func (s *Store) load() error {
 		// (and would be taken for durable once a batch follows them): a
 		// checkpoint makes the log say what memory holds, before any new
 		// record is written.
-		return s.checkpoint(false)
+		err := s.checkpoint(false)
+		if size, serr := s.log.f.Size(); errors.Is(err, ErrNoSpace) && s.log.failed() == nil && serr == nil && size > end {
+			// No block for the new log (a disk filled to its last block):
+			// give back the old log's zeros past its last record (never
+			// replayed: what step 5 cuts when nothing was dropped), which
+			// makes room for the checkpoint, and try once more. Failing
+			// would fail every Open, and the deletes that free space need
+			// an open store. The old log stays whole until the rename.
+			if terr := s.log.f.Truncate(end); terr != nil {
+				return errors.Join(err, terr)
+			}
+			s.log.alloc = end
+			err = s.checkpoint(false)
+		}
+		return err
 	}
 	// A long log tail is slow to replay (random inserts); fold it into a
 	// checkpoint now so the next Open reads sorted runs. Only for speed:
