@@ -313,10 +313,16 @@ func (n *plInode) crash(rng *rand.Rand) *plInode {
 		}
 	}
 	b = b[:size]
-	// A block may hold data if either side allocated it.
+	// A block may hold data if either side allocated it. One neither
+	// side allocated reads zeros, whatever its sectors kept: a punch whose
+	// sectors a failed fsync "lost" is still a hole (no disk has a hole
+	// that reads data, and the store trusts Hole for a present chunk).
 	a := make([]bool, (size+plBlock-1)/plBlock)
 	for i := range a {
 		a[i] = (i < len(n.durA) && n.durA[i]) || (i < len(n.curA) && n.curA[i])
+		if !a[i] {
+			clear(b[int64(i)*plBlock : min(int64(i+1)*plBlock, size)])
+		}
 	}
 	return &plInode{cur: b, dur: slices.Clone(b), curA: a, durA: slices.Clone(a), sizes: []int64{size},
 		dirty: map[int64]struct{}{}, lost: map[int64]struct{}{}}
@@ -979,4 +985,52 @@ func summary(xs []int) string {
 	}
 	s := slices.Sorted(slices.Values(xs))
 	return fmt.Sprintf("%d..%d (median %d)", s[0], s[len(s)-1], s[len(s)/2])
+}
+
+// TestPLFSHoleReadsZeros: the power-loss file system's crash image never
+// has a hole (Hole true) that reads data. A block synced, punched, then
+// "lost" by a failed fsync and made durable by a later one kept its old
+// bytes while no side held it allocated: the store, which trusts Hole for
+// a chunk with no copy needed, then recorded the chunk as zeros, and a
+// power-loss stream failed for a state no disk can reach (found by a
+// review's 1000-round run of moved-PVC streams).
+func TestPLFSHoleReadsZeros(t *testing.T) {
+	fs := newPLFS()
+	f, err := fs.Open("00000001.data", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := fill(plBlock, 129)
+	if _, err := f.WriteAt(b, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Punch(0, plBlock); err != nil {
+		t.Fatal(err)
+	}
+	fs.syncFailAt = 1 // the next Sync of a data file fails
+	if err := f.Sync(); err == nil {
+		t.Fatal("the injected fsync failure did not happen")
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	disk := fs.crash(rand.New(rand.NewSource(1)))
+	g, err := disk.Open("00000001.data", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hole, err := g.Hole(0, plBlock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, plBlock)
+	if _, err := g.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if hole && !allZero(got) {
+		t.Fatalf("after the crash the block is a hole (Hole) that reads %d, not zeros", got[0])
+	}
 }
