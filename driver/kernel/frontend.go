@@ -1373,14 +1373,14 @@ func (f *Frontend) Unserved(id string) bool {
 // connection can never serve again: served here but aborted (fusectl, the
 // kernel's request timeout) or unmounted from outside, or not served here
 // and held by no one alive (no holder answers, the holder has none for it,
-// or the one it has is aborted or lost its mount). Its I/O fails at once, and Attach can
-// only start over once nothing holds the device: a filesystem mounted on
-// it keeps the loop device busy (ErrBusy). Connections die this way when
-// the serving process and the holder die together, or on a kernel before
-// 6.9 (no FUSE_NOTIFY_RESEND, so nothing is held). Unserved devices (their
-// connection held alive) are not dead, nor are those of a holder that does
-// not answer in time or cannot be reached for another reason than its
-// absence (unknown).
+// or the one it has is aborted or lost its mount). Its I/O fails at once,
+// and Attach can only start over once nothing holds the device: a
+// filesystem mounted on it keeps the loop device busy (ErrBusy).
+// Connections die this way when the serving process and the holder die
+// together, or on a kernel before 6.9 (no FUSE_NOTIFY_RESEND, so nothing
+// is held). Unserved devices (their connection held alive) are not dead,
+// nor are those of a holder that does not answer in time or cannot be
+// reached for another reason than its absence (unknown).
 func (f *Frontend) Dead(id string) bool {
 	if validateID(id) != nil {
 		return false
