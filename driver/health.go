@@ -238,14 +238,22 @@ func hasMount(mps []mount.MountPoint, p string) bool {
 	return false
 }
 
-// NodeGetStorageHealth reports the data directory nearly full as degraded.
+// NodeGetStorageHealth reports a failed store as unreachable (every
+// volume's health says StoreFailed: writes, or after a failed fsync all
+// I/O, fail until a restart or a reboot), an unreadable data directory
+// likewise, and the data directory nearly full as degraded.
 func (d *Driver) NodeGetStorageHealth(ctx context.Context, req *csi.NodeGetStorageHealthRequest) (*csi.NodeGetStorageHealthResponse, error) {
+	resp := &csi.NodeGetStorageHealthResponse{}
+	if err := d.opt.Store.Err(); err != nil {
+		resp.BackendHealth = append(resp.BackendHealth, &csi.NodeGetStorageHealthResponse_StorageBackendHealth{
+			Status: csi.StorageHealthErrorType_STORAGE_UNREACHABLE, Reason: "StoreFailed", Message: err.Error()})
+	}
 	low, msg, err := d.dataDirLow()
 	if err != nil {
-		return &csi.NodeGetStorageHealthResponse{BackendHealth: []*csi.NodeGetStorageHealthResponse_StorageBackendHealth{{
-			Status: csi.StorageHealthErrorType_STORAGE_UNREACHABLE, Reason: "DataDirUnreadable", Message: err.Error()}}}, nil
+		resp.BackendHealth = append(resp.BackendHealth, &csi.NodeGetStorageHealthResponse_StorageBackendHealth{
+			Status: csi.StorageHealthErrorType_STORAGE_UNREACHABLE, Reason: "DataDirUnreadable", Message: err.Error()})
+		return resp, nil
 	}
-	resp := &csi.NodeGetStorageHealthResponse{}
 	if low {
 		resp.BackendHealth = append(resp.BackendHealth, &csi.NodeGetStorageHealthResponse_StorageBackendHealth{
 			Status: csi.StorageHealthErrorType_STORAGE_DEGRADED, Reason: "DataDirNearlyFull", Message: msg})
