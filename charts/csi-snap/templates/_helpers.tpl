@@ -26,6 +26,21 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
+{{/*
+Fails when node.podLabels sets a label the chart puts on its pods: it would
+be rendered twice into one mapping, which no YAML parser accepts (and the
+selector ones would no longer match the DaemonSets' selectors).
+*/}}
+{{- define "csi-snap.checkPodLabels" -}}
+{{- $own := include "csi-snap.labels" . | fromYaml -}}
+{{- $_ := set $own "app.kubernetes.io/component" "" -}}
+{{- range $k, $v := .Values.node.podLabels -}}
+{{- if hasKey $own $k -}}
+{{- fail (printf "node.podLabels.%s: the chart sets that label on its pods itself (%s); choose another key" $k (keys $own | sortAlpha | join ", ")) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Selector labels of one component; call with (list $ "node"). */}}
 {{- define "csi-snap.selectorLabels" -}}
 {{- $ := index . 0 -}}
