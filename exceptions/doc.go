@@ -60,9 +60,11 @@
 //   - Memory is returned as runs are removed (small blocks and segments are
 //     merged, slices shrink), but not eagerly: a block keeps its words
 //     until it is re-encoded, freed words go to the arena's free lists,
-//     and the slabs are given back only when a Remove leaves more than half
-//     of them idle: then every block is copied into fresh slabs (O(Bytes())
-//     under the caller's write lock).
+//     and the slabs are given back only when a Remove, or an insert that
+//     joins three runs into one, leaves more than half of them idle: then
+//     every block is copied into fresh slabs (O(Bytes()) under the
+//     caller's write lock; amortized O(1) per word, since the idle words
+//     must grow to the live ones first).
 //   - A slab grows in steps of a quarter of the slabs before it, so up to a
 //     fifth of the slab words can be unused at any size (0.17 B/chunk at
 //     10 million random chunks; BenchmarkBuild reports it as idle-B/chunk).

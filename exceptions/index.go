@@ -441,9 +441,15 @@ func (x *Index) InsertRun(r Run) error {
 	x.n += r.Len
 	switch {
 	case left && right:
-		// Filling the gap joins three runs into one.
+		// Filling the gap joins three runs into one. The index shrinks:
+		// give the arena back once more than half of it is idle, as
+		// Remove does (a clone's identity index, filled at random, ends
+		// as one run; without this it kept its peak until a restart).
+		// O(1) unless it repacks, which costs O(Bytes()) once the idle
+		// words have grown to the live ones: amortized O(1) per word.
 		x.setLen(ps, pb, pi, pr.Len+r.Len+sr.Len)
 		x.deleteRecord(ss, sb, si)
+		x.repackSparse()
 	case left:
 		x.setLen(ps, pb, pi, pr.Len+r.Len)
 		x.hot.s, x.hot.b, x.hot.i, x.hotOK = ps, pb, pi, true
