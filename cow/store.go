@@ -1686,7 +1686,9 @@ func (s *Store) Snapshots() []SnapshotInfo {
 
 // Close flushes every volume, writes a checkpoint (so the next Open reads
 // sorted runs instead of the log) and closes the files. I/O in flight is
-// waited for; later calls return ErrClosed.
+// waited for; later calls return ErrClosed. A store that failed (a commit,
+// apply or sync error: what only its overlay held is lost) is closed
+// without a checkpoint, and Close returns its error.
 func (s *Store) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -1709,8 +1711,11 @@ func (s *Store) Close() error {
 	// number closed under it and perhaps reused by another file.
 	vs := s.allVolumes()
 	defer lockGates(vs)()
-	var err error
-	if s.log.failed() == nil {
+	// A failed store (a commit, apply or sync error) cannot flush: what
+	// only its overlay held never reaches the disk, so Close reports the
+	// sticky error instead of success.
+	err := s.log.failed()
+	if err == nil {
 		err = s.checkpointGated(vs, false)
 	}
 	s.closed.Store(true)
