@@ -979,8 +979,13 @@ func (d *Driver) thawLeftover(id string) error {
 	if err == nil && mp != "" && (now == "" || markBoot == now) {
 		// A mount table that cannot be read keeps the marker (err): a
 		// frozen filesystem taken for unmounted would stay frozen for
-		// ever. One unmounted since is not frozen (a frozen filesystem
-		// cannot be unmounted), and the path may be another's.
+		// ever. Nothing is mounted at the path any more: nothing to thaw
+		// through it, and it may be another's now. (A frozen filesystem
+		// can be unmounted, on 6.18 too: its superblock then stays frozen
+		// and a later mount of the device gets it back frozen. The
+		// driver's unmounts of a stage thaw first, NodeUnstageVolume
+		// above all; a publish target is a bind of the stage, whose
+		// unmount leaves the superblock mounted at the staging path.)
 		var top mount.MountPoint
 		if top, err = d.topMount(mp); err == nil && top.Path != "" {
 			// EINVAL: not frozen (the thaw happened, the removal did not).
