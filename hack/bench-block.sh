@@ -19,9 +19,9 @@
 #   R  C with R_READERS FUSE reader goroutines (default 2; C has 4)
 #   F  C with blocking readers (benchserve -blocking-readers,
 #      kernel.Config.BlockingReaders)
-#   D  the same over a cow volume (64 KiB chunks) with no snapshot
+#   D  the same over a cow volume (cow.DefaultChunkSize chunks, 16 KiB) with no snapshot
 # Each device is filled once before measuring (reads of holes would be free).
-# CONFIGS="A B C" etc. runs a subset (default all but G, about 8-14 minutes
+# CONFIGS="A B C" etc. runs a subset (default "A B C U E F D", about 8-14 minutes
 # with ROUNDS=3 RUNTIME=5; 6 configs took 7 minutes on branch fe3).
 # Prints per-round figures, then medians with X/A, X/B for X in C U G R E F D, and the
 # serving processes' CPU (utime+stime from /proc/PID/stat) per GiB moved and per 1000

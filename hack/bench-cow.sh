@@ -23,7 +23,8 @@ for i in $(seq "$PASSES"); do
 	echo "pass $i: $(uptime)" | tee -a "$out/load.txt"
 	"$out/cow.test" -test.run '^$' -test.bench "$main" -test.benchtime 1s -test.benchmem | tee -a "$out/main.txt"
 	# Every "first" write must hit a chunk not copied yet: a fixed count keeps
-	# b.N within the region (1024 chunks of 64 KiB; 256 MiB of 1 MiB writes).
+	# b.N within the region (rand4K: 64 MiB, 4096 chunks of 16 KiB, the default;
+	# seq1M: 256 MiB of 1 MiB writes).
 	"$out/cow.test" -test.run '^$' -test.bench 'BenchmarkWriteParallel/rand4K' -test.benchtime 1000x -test.benchmem | tee -a "$out/parallel.txt"
 	"$out/cow.test" -test.run '^$' -test.bench 'BenchmarkWriteParallel/seq1M' -test.benchtime 200x -test.benchmem | tee -a "$out/parallel.txt"
 done
