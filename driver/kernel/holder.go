@@ -680,7 +680,7 @@ var holderTools = map[string]func(args []string) bool{
 	"resize2fs":  func(a []string) bool { return len(a) == 1 && lastLoop(a) },
 	"umount":     func(a []string) bool { return len(a) == 1 && toolPath(a[0]) },
 	"xfs_growfs": func(a []string) bool { return len(a) == 2 && a[0] == "-d" && toolPath(a[1]) },
-	"xfs_io":     func(a []string) bool { return len(a) == 3 && a[0] == "-c" && a[1] == "statfs" && toolPath(a[2]) },
+	"xfs_io":     func(a []string) bool { return len(a) == 3 && a[0] == "-c" && a[1] == "statfs" && toolDir(a[2]) },
 	"xfs_db": func(a []string) bool { // -r -c "sb 0" -c "print inprogress" DEV (read-only)
 		return len(a) == 6 && a[0] == "-r" && a[1] == "-c" && a[2] == "sb 0" && a[3] == "-c" && a[4] == "print inprogress" && lastLoop(a)
 	},
@@ -709,6 +709,9 @@ func mountLine(a []string) bool {
 	for _, o := range strings.Split(a[3], ",") {
 		name, _, _ := strings.Cut(strings.ToLower(o), "=")
 		if o == "" || strings.HasPrefix(o, "-") || slices.Contains([]string{"bind", "rbind", "move", "remount", "helper"}, name) ||
+			// Options that name another block device, which the kernel
+			// opens (and XFS writes its external log to).
+			slices.Contains([]string{"logdev", "rtdev", "journal_path", "journal_dev"}, name) ||
 			strings.HasPrefix(name, "x-") || strings.ContainsAny(o, " \t\n\x00") {
 			return false
 		}
@@ -728,6 +731,13 @@ func loopDevice(s string) bool {
 // toolPath reports whether p is an absolute, clean path other than /.
 func toolPath(p string) bool {
 	return filepath.IsAbs(p) && filepath.Clean(p) == p && p != "/" && !strings.ContainsAny(p, "\x00\n")
+}
+
+// toolDir reports whether p is a toolPath naming a directory (following
+// symlinks): xfs_io opens anything else read-write.
+func toolDir(p string) bool {
+	fi, err := os.Stat(p)
+	return toolPath(p) && err == nil && fi.IsDir()
 }
 
 // onlyFlags reports whether every element of a is one of allowed.
@@ -800,8 +810,12 @@ func holdRun(c *net.UnixConn, args []string) {
 		defer unlock()
 	}
 	var terr error
+	var target *os.File // a mount's, checked empty and handed to mount(8)
 	if err == nil && args[0] == "mount" {
-		terr = toolTarget(args[len(args)-1])
+		target, terr = toolTarget(args[len(args)-1])
+		if terr == nil {
+			defer target.Close()
+		}
 	}
 	if err == nil && terr != nil {
 		// Answered as mount(8) answers a mount it cannot make (exit
@@ -820,6 +834,14 @@ func holdRun(c *net.UnixConn, args []string) {
 	if err == nil {
 		cmd := exec.Command(bin, args[1:]...)
 		cmd.Args[0] = args[0]
+		if target != nil {
+			// Onto the very directory found empty, as its fd: mount(8)
+			// resolving the path again would follow whatever a symlink
+			// on it was swapped to meanwhile (a directory of tools). -c
+			// (no canonicalization): the kernel resolves the magic link.
+			cmd.ExtraFiles = []*os.File{target}
+			cmd.Args = slices.Concat([]string{"mount", "-c"}, args[1:len(args)-1], []string{"/proc/self/fd/3"})
+		}
 		cmd.Env = append(slices.DeleteFunc(os.Environ(), func(e string) bool { return strings.HasPrefix(e, "PATH=") }),
 			"PATH="+strings.Join(toolDirs, ":")) // what the tools run in turn (fsck.ext4)
 		out, err = cmd.CombinedOutput()
@@ -895,18 +917,27 @@ func toolBinary(name string) (string, error) {
 	return "", fmt.Errorf("%s is not in %s", name, strings.Join(toolDirs, ", "))
 }
 
-// toolTarget returns nil if p is an empty directory: where a stage mounts
-// a volume's filesystem (kubelet's staging directory), and where a mount
-// hides nothing anyone runs.
-func toolTarget(p string) error {
-	ents, err := os.ReadDir(p)
+// toolTarget opens p, following symlinks, and returns it if it is an
+// empty directory: where a stage mounts a volume's filesystem (kubelet's
+// staging directory), and where a mount hides nothing anyone runs. The
+// mount then goes onto the directory opened (holdRun), not onto whatever
+// p names by then.
+func toolTarget(p string) (*os.File, error) {
+	fd, err := unix.Open(p, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("mount target: %w", &os.PathError{Op: "open", Path: p, Err: err})
+	}
+	f := os.NewFile(uintptr(fd), p)
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/self/fd/%d", fd))
 	switch {
 	case err != nil:
-		return fmt.Errorf("mount target: %w", err)
+		f.Close()
+		return nil, fmt.Errorf("mount target %s: %w", p, err)
 	case len(ents) > 0:
-		return fmt.Errorf("mount target %s is not an empty directory", p)
+		f.Close()
+		return nil, fmt.Errorf("mount target %s is not an empty directory", p)
 	}
-	return nil
+	return f, nil
 }
 
 // errnoText is err as a holder answer: the errno's number first, so that

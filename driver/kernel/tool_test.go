@@ -321,3 +321,134 @@ func TestClipOutput(t *testing.T) {
 		t.Fatal("a short output was changed")
 	}
 }
+
+// TestHolderToolMountDeviceOptions: a mount's options must not name a
+// device other than the loop device mounted (holderTools: "devices are
+// loop devices"). XFS's logdev= and rtdev= and ext4's journal_path= and
+// journal_dev= make the kernel open (and, for XFS's external log, write)
+// whatever block device they name: mount -t xfs -o logdev=/dev/zram0
+// /dev/loop0 DIR, a command line the holder runs, wrote XFS log records
+// onto /dev/zram0 (a zeroed, non-loop device) when tried by hand.
+func TestHolderToolMountDeviceOptions(t *testing.T) {
+	dir := t.TempDir()
+	for _, args := range [][]string{
+		{"mount", "-t", "xfs", "-o", "logdev=/dev/sda", "/dev/loop0", dir},
+		{"mount", "-t", "xfs", "-o", "rw,rtdev=/dev/sda", "/dev/loop0", dir},
+		{"mount", "-t", "ext4", "-o", "journal_path=/dev/sda", "/dev/loop0", dir},
+		{"mount", "-t", "ext4", "-o", "journal_dev=0x800", "/dev/loop0", dir},
+		{"mount", "-t", "xfs", "-o", "LOGDEV=/dev/sda", "/dev/loop0", dir},
+	} {
+		if holderTool(args) {
+			t.Errorf("holderTool %q = true: the mount opens a device that is not a loop device", args)
+		}
+	}
+}
+
+// TestHolderToolXfsIoOpensOnlyDirectories: the driver runs "xfs_io -c
+// statfs" on a mount point (statSize's XFS size query), a directory.
+// xfs_io opens any other file O_RDWR (strace: openat(AT_FDCWD, PATH,
+// O_RDWR)), so the holder, root and privileged, opens for writing any
+// device node it is given (a hardware watchdog is armed by an open, a tape
+// rewinds, ...) on an allowed command line.
+func TestHolderToolXfsIoOpensOnlyDirectories(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(file, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{file, "/dev/watchdog", "/dev/null"} {
+		if args := []string{"xfs_io", "-c", "statfs", p}; holderTool(args) {
+			t.Errorf("holderTool %q = true: xfs_io opens %s read-write", args, p)
+		}
+	}
+	if args := []string{"xfs_io", "-c", "statfs", t.TempDir()}; !holderTool(args) {
+		t.Errorf("holderTool %q = false: the driver's query of a mount point", args)
+	}
+}
+
+// TestHolderRunMountTargetSwap: a "run" of mount goes only onto an empty
+// directory (toolTarget), so that a client cannot mount a filesystem of
+// its making over a directory the holder runs tools from (holdRun). The
+// check reads the directory by its path, and mount(8), started after it,
+// resolves the path again: a client that swaps a symlink on the path
+// between an empty directory and a full one (here "full" stands for
+// /usr/sbin) gets its filesystem mounted over the full one.
+func TestHolderRunMountTargetSwap(t *testing.T) {
+	requireRoot(t)
+	requireTool(t, "mkfs.ext4")
+	fe, _ := newFrontend(t)
+	ctx := context.Background()
+	dev, err := fe.Attach(ctx, "swap", newFileBackend(t, t.TempDir(), 64<<20), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fe.Detach(ctx, "swap") })
+	if out, exit, here, err := fe.RunTool(ctx, []string{"mkfs.ext4", "-E", "nodiscard", "-F", "-m0", dev}); err != nil || here || exit != 0 {
+		t.Fatalf("mkfs.ext4: %v here %v exit %d: %s", err, here, exit, out)
+	}
+	tmp := t.TempDir()
+	empty, full, link := filepath.Join(tmp, "empty"), filepath.Join(tmp, "full"), filepath.Join(tmp, "link")
+	for _, d := range []string{empty, full} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(full, "mkfs.ext4"), []byte("#!/bin/sh\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(empty, link); err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	swapped := make(chan struct{})
+	go func() {
+		defer close(swapped)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				os.Remove(link + ".new")
+				return
+			default:
+			}
+			to := empty
+			if i%2 == 1 {
+				to = full
+			}
+			os.Remove(link + ".new")
+			if os.Symlink(to, link+".new") == nil {
+				os.Rename(link+".new", link)
+			}
+		}
+	}()
+	mountedAt := func() []string {
+		var at []string
+		mi, _ := os.ReadFile("/proc/self/mountinfo")
+		for _, line := range strings.Split(string(mi), "\n") {
+			if f := strings.Fields(line); len(f) > 4 && (f[4] == empty || f[4] == full) {
+				at = append(at, f[4])
+			}
+		}
+		return at
+	}
+	overFull, onEmpty := 0, 0
+	for i := 0; i < 100 && overFull == 0; i++ {
+		fe.RunTool(ctx, []string{"mount", "-t", "ext4", dev, link})
+		for _, at := range mountedAt() {
+			if at == full {
+				overFull++
+			} else {
+				onEmpty++
+			}
+			if out, exit, _, err := fe.RunTool(ctx, []string{"umount", at}); err != nil || exit != 0 {
+				t.Fatalf("umount %s: %v exit %d: %s", at, err, exit, out)
+			}
+		}
+	}
+	close(stop)
+	<-swapped
+	if overFull > 0 {
+		t.Fatalf("the holder mounted %s over the non-empty directory %s (a symlink swapped after its check)", dev, full)
+	}
+	if onEmpty == 0 {
+		t.Fatal("no mount was made: the test showed nothing")
+	}
+}
