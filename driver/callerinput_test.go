@@ -295,3 +295,37 @@ func TestNodeUnsupportedCapabilityCode(t *testing.T) {
 		}
 	}
 }
+
+// TestStageTrailingSlashToolLines: checkPath accepts a staging path with
+// one trailing "/", and NodeStageVolume hands it as it came to
+// mount-utils, whose mount command line then ends with it. The fuse-holder
+// runs only clean paths (kernel's toolPath), so the mount (and unstage's
+// umount) is answered "here" and runs in the plugin's own process: the
+// case the holder exists to avoid (kernel's holdRun), and the one
+// Frontend.noRun logs as a command line the driver must never run. Every
+// path the driver gives a tool should be clean.
+func TestStageTrailingSlashToolLines(t *testing.T) {
+	var lines [][]string
+	runner := func(_ context.Context, args []string) ([]byte, int, bool, error) {
+		lines = append(lines, args)
+		return nil, 0, true, nil // run locally (the fake mounter and exec)
+	}
+	e := newEnv(t, func(o *driver.Options) { o.Mounter = driver.ToolMounter(runner, o.Mounter) })
+	ctx := context.Background()
+	v, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "slash", VolumeCapabilities: []*csi.VolumeCapability{mountCap()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	staging := filepath.Join(t.TempDir(), "globalmount") + "/"
+	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v.Volume.VolumeId, StagingTargetPath: staging, VolumeCapability: mountCap()}); err != nil {
+		t.Fatalf("NodeStageVolume at %q: %v", staging, err)
+	}
+	if _, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v.Volume.VolumeId, StagingTargetPath: staging}); err != nil {
+		t.Fatalf("NodeUnstageVolume at %q: %v", staging, err)
+	}
+	for _, args := range lines {
+		if p := args[len(args)-1]; (args[0] == "mount" || args[0] == "umount") && filepath.Clean(p) != p {
+			t.Errorf("the tool runner got %q: a path the fuse-holder refuses (not clean), so the command ran in the plugin", args)
+		}
+	}
+}

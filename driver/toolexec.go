@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"path/filepath"
 	"strings"
 
 	"k8s.io/klog/v2"
@@ -127,7 +128,10 @@ func (m *toolMounter) MountSensitive(source, target, fstype string, options, sen
 	if bind, _, _, _ := mount.MakeBindOptsSensitive(options, sensitive); bind {
 		return m.Interface.MountSensitive(source, target, fstype, options, sensitive)
 	}
-	args, logged := mount.MakeMountArgsSensitive(source, target, fstype, options, sensitive)
+	// Clean: the holder runs only clean paths (a staging path may come
+	// with one trailing "/", checkPath), and "dir/" is "dir" to mount(8)
+	// for the directory a stage mounts on (pathKind refuses a symlink).
+	args, logged := mount.MakeMountArgsSensitive(source, filepath.Clean(target), fstype, options, sensitive)
 	out, exit, here, err := m.run(context.Background(), append([]string{"mount"}, args...))
 	switch {
 	case here:
@@ -147,7 +151,7 @@ func (m *toolMounter) MountSensitive(source, target, fstype string, options, sen
 // util-linux that reports it (2.30 and later), a target that is not
 // mounted is no error, as long as this process does not see it mounted.
 func (m *toolMounter) Unmount(target string) error {
-	out, exit, here, err := m.run(context.Background(), []string{"umount", target})
+	out, exit, here, err := m.run(context.Background(), []string{"umount", filepath.Clean(target)}) // as in MountSensitive
 	switch {
 	case here:
 		return m.Interface.Unmount(target)
