@@ -817,6 +817,20 @@ func holdRun(c *net.UnixConn, args []string) {
 			defer target.Close()
 		}
 	}
+	var dir *os.File // xfs_io's directory, opened as checked (toolDir)
+	if err == nil && args[0] == "xfs_io" {
+		fd, oerr := unix.Open(args[len(args)-1], unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		if oerr != nil {
+			// Not a directory (any more): answered as a failed xfs_io,
+			// not "run it yourself".
+			resp := holderResp{Out: []byte("csi-snap fuse-holder: not running xfs_io: " + (&os.PathError{Op: "open", Path: args[len(args)-1], Err: oerr}).Error() + "\n"), Exit: new(int)}
+			*resp.Exit = 1
+			writeHolder(c, resp, -1)
+			return
+		}
+		dir = os.NewFile(uintptr(fd), args[len(args)-1])
+		defer dir.Close()
+	}
 	if err == nil && terr != nil {
 		// Answered as mount(8) answers a mount it cannot make (exit
 		// status 32), not as "run it yourself": the usual cause is a
@@ -834,6 +848,13 @@ func holdRun(c *net.UnixConn, args []string) {
 	if err == nil {
 		cmd := exec.Command(bin, args[1:]...)
 		cmd.Args[0] = args[0]
+		if dir != nil {
+			// The directory toolDir found, not whatever a symlink on
+			// its path names by now: xfs_io opens a non-directory
+			// read-write.
+			cmd.ExtraFiles = []*os.File{dir}
+			cmd.Args = slices.Concat(args[:len(args)-1], []string{"/proc/self/fd/3"})
+		}
 		if target != nil {
 			// Onto the very directory found empty, as its fd: mount(8)
 			// resolving the path again would follow whatever a symlink
