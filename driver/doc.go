@@ -104,6 +104,10 @@
 //     (neither of two mount stages could be unstaged) and a block unstage
 //     detached the device from under the other PV; stages made before the
 //     records existed keep that behaviour until they are staged again.
+//     A block stage also leaves DataDir/stage-kinds/<id>/<same name>: a
+//     mount stage at a path recorded for block access answers
+//     AlreadyExists, whatever the device holds (a file apart from the
+//     record, whose format older versions read).
 //   - A NodeStageVolume that fails detaches what it attached (kubelet does
 //     not unstage a failed stage, and DeleteVolume refuses an attached
 //     volume; a failure after the stage's work was done, writing its

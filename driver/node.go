@@ -562,7 +562,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 			// here answers a code kubelet retries (ResourceExhausted for
 			// a full DataDir, else Unavailable), not a final one, after
 			// which it would never unstage the mount and attachment.
-			if err := d.writeStageRecord(id, staging); err != nil {
+			if err := d.writeStageRecord(id, staging, req.GetVolumeCapability().GetBlock() != nil); err != nil {
 				resp, rerr = nil, retriable(fmt.Errorf("stage record of %s: %w", id, err))
 				return
 			}
@@ -639,6 +639,12 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	// that writes the raw device would be corrupted.
 	if at := nodeBoundAt(mps, dev); at != "" {
 		return nil, statusf(codes.FailedPrecondition, "volume %s is published for block access at %s; not mounting a filesystem from it", id, at)
+	}
+	if earlier && d.stagedForBlock(id, staging) {
+		// Staged for block access at this very path, whatever the device
+		// holds (a restore of a filesystem volume's snapshot, or its
+		// block pod's mkfs, makes one planMount would mount).
+		return nil, statusf(codes.AlreadyExists, "volume %s is staged at %s for block access, not mount access", id, staging)
 	}
 	plan, err := d.planMount(id, v, dev, capability, earlier)
 	if status.Code(err) == codes.FailedPrecondition && plan.blockStaged && d.stagedAt(id, staging) {
@@ -1201,18 +1207,58 @@ func resolvedPath(p string) string {
 func (d *Driver) stageRecords(id string) string { return filepath.Join(d.opt.DataDir, "stages", id) }
 
 // writeStageRecord records a finished stage of id at staging, atomically
-// (a kill leaves the old record or the new one, never a torn one).
-func (d *Driver) writeStageRecord(id, staging string) error {
+// (a kill leaves the old record or the new one, never a torn one), and
+// whether it was for block access (stageKind), first.
+func (d *Driver) writeStageRecord(id, staging string, block bool) error {
+	kind := d.stageKind(id, staging)
+	var err error
+	if block {
+		err = writeMarker(kind, []byte("block\n"))
+	} else {
+		err = dropMarker(kind)
+	}
+	if err != nil {
+		return err
+	}
 	return writeMarker(d.stageRecord(id, staging), []byte(bootID()+"\n"+resolvedPath(staging)+"\n"))
 }
 
-// dropStageRecord removes the record of id's stage at staging, if any.
-func (d *Driver) dropStageRecord(id, staging string) error {
-	return dropMarker(d.stageRecord(id, staging))
+// stageKind marks the recorded stage of id at staging (stageRecord, same
+// name) as one for block access. It is a file of its own, in a directory
+// of its own, and not a line of the record: a version before it reads the
+// record's second line to its end as the path, and a downgrade in the
+// same boot must still find its records.
+func (d *Driver) stageKind(id, staging string) string {
+	return filepath.Join(d.opt.DataDir, "stage-kinds", id, filepath.Base(d.stageRecord(id, staging)))
 }
 
-// dropStageRecords removes all of id's stage records.
-func (d *Driver) dropStageRecords(id string) error { return os.RemoveAll(d.stageRecords(id)) }
+// stagedForBlock reports whether the finished stage of id recorded at
+// path in this boot was for block access (a record without a kind, from a
+// version before stageKind, says no).
+func (d *Driver) stagedForBlock(id, path string) bool {
+	if !d.stagedAt(id, path) {
+		return false
+	}
+	_, err := os.Stat(d.stageKind(id, path))
+	return err == nil
+}
+
+// dropStageRecord removes the record of id's stage at staging, if any,
+// then its kind.
+func (d *Driver) dropStageRecord(id, staging string) error {
+	if err := dropMarker(d.stageRecord(id, staging)); err != nil {
+		return err
+	}
+	return dropMarker(d.stageKind(id, staging))
+}
+
+// dropStageRecords removes all of id's stage records and their kinds.
+func (d *Driver) dropStageRecords(id string) error {
+	if err := os.RemoveAll(d.stageRecords(id)); err != nil {
+		return err
+	}
+	return os.RemoveAll(filepath.Join(d.opt.DataDir, "stage-kinds", id))
+}
 
 // stagedAt reports whether a finished stage of volume id at path is
 // recorded in this boot (see stageRecord).
