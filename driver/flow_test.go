@@ -2194,27 +2194,7 @@ func (m *listFailMounter) List() ([]mount.MountPoint, error) {
 // FailedPrecondition. A re-stage at the same path whose staging mount went
 // missing while a pod's bind remains is a repair, not a second path: OK.
 func TestBlockAndMountOfOneDevice(t *testing.T) {
-	// Every blkid finds ext4 (the first stage made it), other commands
-	// succeed.
-	exec := &testexec.FakeExec{}
-	for i := 0; i < 8; i++ {
-		exec.CommandScript = append(exec.CommandScript, func(cmd string, args ...string) utilexec.Cmd {
-			fc := &testexec.FakeCmd{CombinedOutputScript: []testexec.FakeAction{func() ([]byte, []byte, error) {
-				if cmd == "blkid" {
-					return []byte("DEVNAME=/dev/x\nTYPE=ext4\n"), nil, nil
-				}
-				return nil, nil, nil
-			}}}
-			return testexec.InitFakeCmd(fc, cmd, args...)
-		})
-	}
-	st, fe, fm := drivertest.NewStore(), drivertest.NewFrontend(), mount.NewFakeMounter(nil)
-	d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: fe,
-		Mounter: &mount.SafeFormatAndMount{Interface: fm, Exec: exec}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e := env{d: d, store: st, fe: fe, fm: fm}
+	e := ext4Env(t, nil, nil)
 	ctx := context.Background()
 	dir := t.TempDir()
 
@@ -2225,7 +2205,7 @@ func TestBlockAndMountOfOneDevice(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.attachMounted(t, a, sa)
-	_, err = e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: a, StagingTargetPath: sa,
+	_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: a, StagingTargetPath: sa,
 		TargetPath: filepath.Join(dir, "a-block"), VolumeCapability: blockCap()})
 	if status.Code(err) != codes.FailedPrecondition {
 		t.Fatalf("writable block publish of a mount-staged volume: %v, want FailedPrecondition", err)

@@ -398,27 +398,7 @@ func TestHolderRunMountTargetSwap(t *testing.T) {
 	if err := os.Symlink(empty, link); err != nil {
 		t.Fatal(err)
 	}
-	stop := make(chan struct{})
-	swapped := make(chan struct{})
-	go func() {
-		defer close(swapped)
-		for i := 0; ; i++ {
-			select {
-			case <-stop:
-				os.Remove(link + ".new")
-				return
-			default:
-			}
-			to := empty
-			if i%2 == 1 {
-				to = full
-			}
-			os.Remove(link + ".new")
-			if os.Symlink(to, link+".new") == nil {
-				os.Rename(link+".new", link)
-			}
-		}
-	}()
+	stopSwap := swapSymlink(link, empty, full, 0)
 	mountedAt := func() []string {
 		var at []string
 		mi, _ := os.ReadFile("/proc/self/mountinfo")
@@ -443,12 +423,40 @@ func TestHolderRunMountTargetSwap(t *testing.T) {
 			}
 		}
 	}
-	close(stop)
-	<-swapped
+	stopSwap()
 	if overFull > 0 {
 		t.Fatalf("the holder mounted %s over the non-empty directory %s (a symlink swapped after its check)", dev, full)
 	}
 	if onEmpty == 0 {
 		t.Fatal("no mount was made: the test showed nothing")
 	}
+}
+
+// swapSymlink points link at a, then b, then a, ... (each time a new
+// symlink renamed over it, so that link always exists), pausing pause
+// between swaps, until the returned stop is called: a client racing the
+// holder's checks of a path against its use.
+func swapSymlink(link, a, b string, pause time.Duration) (stop func()) {
+	quit, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; ; i++ {
+			select {
+			case <-quit:
+				os.Remove(link + ".new")
+				return
+			default:
+			}
+			to := a
+			if i%2 == 1 {
+				to = b
+			}
+			os.Remove(link + ".new")
+			if os.Symlink(to, link+".new") == nil {
+				os.Rename(link+".new", link)
+			}
+			time.Sleep(pause)
+		}
+	}()
+	return func() { close(quit); <-done }
 }

@@ -60,27 +60,7 @@ func TestHolderRunXfsIoTargetSwap(t *testing.T) {
 	if _, err := unix.InotifyAddWatch(in, victim, unix.IN_CLOSE_WRITE); err != nil {
 		t.Fatal(err)
 	}
-	stop, swapped := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(swapped)
-		for i := 0; ; i++ {
-			select {
-			case <-stop:
-				os.Remove(link + ".new")
-				return
-			default:
-			}
-			to := empty
-			if i%2 == 1 {
-				to = victim
-			}
-			os.Remove(link + ".new")
-			if os.Symlink(to, link+".new") == nil {
-				os.Rename(link+".new", link)
-			}
-			time.Sleep(50 * time.Microsecond)
-		}
-	}()
+	stopSwap := swapSymlink(link, empty, victim, 50*time.Microsecond)
 	writeOpened := func() bool {
 		buf := make([]byte, 4096)
 		n, _ := unix.Read(in, buf)
@@ -93,8 +73,7 @@ func TestHolderRunXfsIoTargetSwap(t *testing.T) {
 		}
 		opened = writeOpened()
 	}
-	close(stop)
-	<-swapped
+	stopSwap()
 	if opened {
 		t.Fatalf("the holder's xfs_io opened %s (not a directory) for writing: a symlink swapped after its toolDir check", victim)
 	}
