@@ -1284,7 +1284,9 @@ func (f *Frontend) Resize(ctx context.Context, id string, newSize int64) error {
 		devs = append(devs, ro)
 	}
 	for _, dev := range devs {
-		if err := setLoopCapacity(dev); err != nil {
+		// In the holder: LOOP_SET_CAPACITY may wait on a GETATTR to
+		// this process (holdSync), which a kill could leave unanswered.
+		if err := f.holderOrHere("capacity", dev, "LOOP_SET_CAPACITY", &f.holderStats, func() error { return setLoopCapacity(dev) }); err != nil {
 			return err
 		}
 		if got, err := loopSize(dev); err != nil || got != newSize {
@@ -1299,8 +1301,11 @@ func (f *Frontend) Resize(ctx context.Context, id string, newSize int64) error {
 // resized. The kernel keeps the file's attributes for good (attrValid):
 // after the backend grew with no Resize (no device to resize: it was
 // detached from outside, or a kill cut an attach short), only this
-// refreshes them. The loop driver reads the FUSE inode's cached i_size:
-// drop the cached attributes and stat, so the kernel asks us for the size.
+// refreshes them. The loop driver took the FUSE inode's cached i_size
+// before Linux 6.17, and since then does a getattr (lo_calculate_size),
+// which asks this server when a write dropped the cached size (so Resize
+// runs LOOP_SET_CAPACITY in the holder): drop the cached attributes and
+// stat, so the kernel asks us for the size first.
 // A GETATTR reply is not cached when an async direct I/O completed while
 // it was in flight (fuse_change_attributes skips it when attr_version
 // moved), though stat still returns it: under I/O the cache can keep the

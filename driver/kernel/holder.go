@@ -471,7 +471,7 @@ func serveHolderConn(c *net.UnixConn, m holderMsg, held map[string]heldConn, onE
 		}
 		resp.IDs = ids
 		reply(resp, -1)
-	case "freeze", "sync", "thaw", "stat", "fsync":
+	case "freeze", "sync", "thaw", "stat", "fsync", "capacity":
 		// A thaw here (not on a freeze's connection): of a freeze a
 		// plugin before this one left (its recovery).
 		if len(fds) != 1 {
@@ -641,6 +641,11 @@ func holdSync(c *net.UnixConn, fd int, op string) {
 	case "fsync":
 		// A block device's page cache (Frontend.SyncDevice).
 		err = unix.Fsync(fd)
+	case "capacity":
+		// A loop device's new size (Resize): since Linux 6.17 the loop
+		// driver takes it with a getattr of the served file, a GETATTR
+		// to its server once a write dropped the cached size.
+		err = unix.IoctlSetInt(fd, unix.LOOP_SET_CAPACITY, 0)
 	default:
 		err = unix.Syncfs(fd)
 	}

@@ -309,8 +309,8 @@ func (f *Frontend) viaHolder(op, mountpoint string) (c *net.UnixConn, resp holde
 	case "stat":
 		// A served file: O_PATH opens it without asking its server.
 		flags = unix.O_PATH | unix.O_CLOEXEC
-	case "fsync":
-		// A loop device (SyncDevice): open, it is no directory.
+	case "fsync", "capacity":
+		// A loop device (SyncDevice, Resize): open, it is no directory.
 		flags = unix.O_RDONLY | unix.O_CLOEXEC
 	}
 	fd, err := unix.Open(mountpoint, flags, 0)

@@ -23,7 +23,19 @@ import (
 type stallingBackend struct {
 	*FileBackend
 	armed, told atomic.Bool
+	sizeArmed   atomic.Bool
+	sizePass    atomic.Int32 // Size calls let through once armed (Resize's own)
 	flushArmed  atomic.Bool
+}
+
+// Size blocks for good once sizeArmed (-resize-on-usr2): a GETATTR (or
+// write) this server read and does not answer.
+func (s *stallingBackend) Size() int64 {
+	if s.sizeArmed.Load() && s.sizePass.Add(-1) < 0 {
+		fmt.Println("SIZE STALLED")
+		select {}
+	}
+	return s.FileBackend.Size()
 }
 
 // Flush blocks for good once flushArmed (-configure-on-usr2).
@@ -70,6 +82,9 @@ func serveChild(args []string) int {
 	configure := fs.Bool("configure-on-usr2", false, "on SIGUSR2, make FSYNC stall, print STARTED and attach a read-only device (whose LOOP_CONFIGURE fsyncs the file), then DONE <err>")
 	stallAttach := fs.Bool("stall-attach", false, "make FSYNC stall from the start: the attach's LOOP_CONFIGURE (the holder's) waits on it, after FLUSH STALLED")
 	invalAttr := fs.Bool("inval-on-usr2", false, "on SIGUSR2, invalidate the kernel's attributes of the first volume's file (as Resize does), then print INVALIDATED <err>")
+	resizeAt := fs.Bool("resize-on-usr2", false, "on SIGUSR2, write a block through the device, make the server stall, print STARTED and Resize (then DONE <err>)")
+	stallSize := fs.Bool("stall-size", false, "Size (so GETATTR and writes) stalls from the start")
+	stallNow := fs.Bool("stall", false, "writes stall from the start (as after SIGUSR1)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -90,6 +105,8 @@ func serveChild(args []string) int {
 	}
 	b := &stallingBackend{FileBackend: fb}
 	b.flushArmed.Store(*stallAttach)
+	b.armed.Store(*stallNow)
+	b.sizeArmed.Store(*stallSize)
 	go func() { <-usr1; b.armed.Store(true) }()
 	usr2 := make(chan os.Signal, 1)
 	signal.Notify(usr2, syscall.SIGUSR2)
@@ -125,6 +142,32 @@ func serveChild(args []string) int {
 			fmt.Println("STARTED")
 			_, err := fe.ReadOnlyDevice(context.Background(), *id)
 			fmt.Println("DONE", err)
+		}()
+	}
+	if *resizeAt {
+		go func() {
+			<-usr2
+			// A write through the device, as a filesystem on it makes
+			// all the time (it drops the kernel's cached size), then a
+			// Resize to the current size (a retried NodeExpandVolume)
+			// while this server answers nothing more.
+			f, err := os.OpenFile(dev, os.O_RDWR|unix.O_DIRECT, 0)
+			if err == nil {
+				buf, _ := unix.Mmap(-1, 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+				_, err = f.ReadAt(buf, 0)
+				if err == nil {
+					_, err = f.WriteAt(buf, 0)
+				}
+				f.Close()
+			}
+			if err != nil {
+				fmt.Println("DONE", err)
+				return
+			}
+			b.sizePass.Store(1)
+			b.sizeArmed.Store(true)
+			fmt.Println("STARTED")
+			fmt.Println("DONE", fe.Resize(context.Background(), *id, fb.Size()))
 		}()
 	}
 	if *invalAttr {
