@@ -798,7 +798,7 @@ func clipOutput(out []byte) []byte {
 // client goes: a half-run mkfs or umount is what must not be left.
 //
 // The command is looked up in toolDirs only, and a mount only goes onto an
-// empty directory (toolTarget): otherwise a client could mount a
+// empty directory (pinDir): otherwise a client could mount a
 // filesystem of its making over a directory the tools are found in (an
 // empty /usr/local/sbin, first in a usual PATH) and have the next "run"
 // execute its program as the privileged holder. A mount elsewhere is
@@ -814,37 +814,31 @@ func holdRun(c *net.UnixConn, args []string) {
 		unlock := lockTarget(args[len(args)-1])
 		defer unlock()
 	}
-	var terr error
-	var target *os.File // a mount's, checked empty and handed to mount(8)
-	if err == nil && args[0] == "mount" {
-		target, terr = toolTarget(args[len(args)-1])
-		if terr == nil {
-			defer target.Close()
+	// mount and xfs_io act on a directory: pinned here as an fd once
+	// checked (pinDir; a mount's must be empty), and handed to the tool as
+	// /proc/self/fd/3. The tool resolving the path again would follow
+	// whatever a symlink on it was swapped to meanwhile: for mount, a
+	// directory of tools to mount over; for xfs_io, a file it opens
+	// read-write.
+	var pinned *os.File
+	var perr error
+	if err == nil && (args[0] == "mount" || args[0] == "xfs_io") {
+		if pinned, perr = pinDir(args[len(args)-1], args[0] == "mount"); perr == nil {
+			defer pinned.Close()
 		}
 	}
-	var dir *os.File // xfs_io's directory, opened as checked (toolDir)
-	if err == nil && args[0] == "xfs_io" {
-		fd, oerr := unix.Open(args[len(args)-1], unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-		if oerr != nil {
-			// Not a directory (any more): answered as a failed xfs_io,
-			// not "run it yourself".
-			resp := holderResp{Out: []byte("csi-snap fuse-holder: not running xfs_io: " + (&os.PathError{Op: "open", Path: args[len(args)-1], Err: oerr}).Error() + "\n"), Exit: new(int)}
-			*resp.Exit = 1
-			writeHolder(c, resp, -1)
-			return
+	if err == nil && perr != nil {
+		// Answered as the tool answers a target it cannot use (mount(8):
+		// exit status 32), not as "run it yourself". For a mount the
+		// usual cause is a stage's retry after a restart meeting the
+		// mount that the killed stage left running here, finished
+		// (lockTarget): the caller must look at what is mounted there,
+		// and must not mount over it itself either.
+		exit, what := 1, "running xfs_io"
+		if args[0] == "mount" {
+			exit, what = 32, "mounting"
 		}
-		dir = os.NewFile(uintptr(fd), args[len(args)-1])
-		defer dir.Close()
-	}
-	if err == nil && terr != nil {
-		// Answered as mount(8) answers a mount it cannot make (exit
-		// status 32), not as "run it yourself": the usual cause is a
-		// stage's retry after a restart meeting the mount that the
-		// killed stage left running here, finished (lockTarget): the
-		// caller must look at what is mounted there, and must not mount
-		// over it itself either.
-		resp := holderResp{Out: []byte("csi-snap fuse-holder: not mounting: " + terr.Error() + "\n"), Exit: new(int)}
-		*resp.Exit = 32
+		resp := holderResp{Out: []byte("csi-snap fuse-holder: not " + what + ": " + perr.Error() + "\n"), Exit: &exit}
 		if err := writeHolder(c, resp, -1); err != nil {
 			klog.InfoS("fuse holder: a command's client went away before its end", "command", args[0], "exit", resp.Exit, "err", err)
 		}
@@ -853,20 +847,15 @@ func holdRun(c *net.UnixConn, args []string) {
 	if err == nil {
 		cmd := exec.Command(bin, args[1:]...)
 		cmd.Args[0] = args[0]
-		if dir != nil {
-			// The directory toolDir found, not whatever a symlink on
-			// its path names by now: xfs_io opens a non-directory
-			// read-write.
-			cmd.ExtraFiles = []*os.File{dir}
-			cmd.Args = slices.Concat(args[:len(args)-1], []string{"/proc/self/fd/3"})
-		}
-		if target != nil {
-			// Onto the very directory found empty, as its fd: mount(8)
-			// resolving the path again would follow whatever a symlink
-			// on it was swapped to meanwhile (a directory of tools). -c
-			// (no canonicalization): the kernel resolves the magic link.
-			cmd.ExtraFiles = []*os.File{target}
-			cmd.Args = slices.Concat([]string{"mount", "-c"}, args[1:len(args)-1], []string{"/proc/self/fd/3"})
+		if pinned != nil {
+			head := args[:len(args)-1]
+			if args[0] == "mount" {
+				// -c (no canonicalization): the kernel resolves the
+				// magic link to the directory pinned.
+				head = slices.Concat([]string{"mount", "-c"}, args[1:len(args)-1])
+			}
+			cmd.ExtraFiles = []*os.File{pinned}
+			cmd.Args = slices.Concat(head, []string{"/proc/self/fd/3"})
 		}
 		cmd.Env = append(slices.DeleteFunc(os.Environ(), func(e string) bool { return strings.HasPrefix(e, "PATH=") }),
 			"PATH="+strings.Join(toolDirs, ":")) // what the tools run in turn (fsck.ext4)
@@ -943,17 +932,20 @@ func toolBinary(name string) (string, error) {
 	return "", fmt.Errorf("%s is not in %s", name, strings.Join(toolDirs, ", "))
 }
 
-// toolTarget opens p, following symlinks, and returns it if it is an
-// empty directory: where a stage mounts a volume's filesystem (kubelet's
-// staging directory), and where a mount hides nothing anyone runs. The
-// mount then goes onto the directory opened (holdRun), not onto whatever
-// p names by then.
-func toolTarget(p string) (*os.File, error) {
+// pinDir opens directory p, following symlinks (O_PATH: nothing of it is
+// read or written), for a tool to act on that very directory whatever p
+// names later (holdRun). With empty it must also be an empty directory:
+// a mount's target, where a stage mounts a volume's filesystem (kubelet's
+// staging directory), and where a mount hides nothing anyone runs.
+func pinDir(p string, empty bool) (*os.File, error) {
 	fd, err := unix.Open(p, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, fmt.Errorf("mount target: %w", &os.PathError{Op: "open", Path: p, Err: err})
+		return nil, fmt.Errorf("target: %w", &os.PathError{Op: "open", Path: p, Err: err})
 	}
 	f := os.NewFile(uintptr(fd), p)
+	if !empty {
+		return f, nil
+	}
 	ents, err := os.ReadDir(fmt.Sprintf("/proc/self/fd/%d", fd))
 	switch {
 	case err != nil:

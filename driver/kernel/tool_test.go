@@ -366,7 +366,7 @@ func TestHolderToolXfsIoOpensOnlyDirectories(t *testing.T) {
 }
 
 // TestHolderRunMountTargetSwap: a "run" of mount goes only onto an empty
-// directory (toolTarget), so that a client cannot mount a filesystem of
+// directory (pinDir), so that a client cannot mount a filesystem of
 // its making over a directory the holder runs tools from (holdRun). The
 // check reads the directory by its path, and mount(8), started after it,
 // resolves the path again: a client that swaps a symlink on the path
