@@ -1,6 +1,7 @@
 package kernel
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -860,6 +861,11 @@ func holdRun(c *net.UnixConn, args []string) {
 		cmd.Env = append(slices.DeleteFunc(os.Environ(), func(e string) bool { return strings.HasPrefix(e, "PATH=") }),
 			"PATH="+strings.Join(toolDirs, ":")) // what the tools run in turn (fsck.ext4)
 		out, err = cmd.CombinedOutput()
+		if pinned != nil {
+			// The tool only knew the pinned fd: its messages name the
+			// path the client gave, which is what an operator reads.
+			out = bytes.ReplaceAll(out, []byte("/proc/self/fd/3"), []byte(args[len(args)-1]))
+		}
 	}
 	resp := holderResp{Out: clipOutput(out)}
 	var ee *exec.ExitError

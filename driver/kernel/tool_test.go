@@ -460,3 +460,34 @@ func swapSymlink(link, a, b string, pause time.Duration) (stop func()) {
 	}()
 	return func() { close(quit); <-done }
 }
+
+// TestHolderRunNamesTarget: the holder hands mount and xfs_io the
+// directory it pinned as /proc/self/fd/3 (holdRun); what the tool prints
+// must name the path the caller gave, which is what an operator reads in
+// a failed stage's error.
+func TestHolderRunNamesTarget(t *testing.T) {
+	requireRoot(t)
+	fe, _ := newFrontend(t)
+	ctx := context.Background()
+	dev, err := fe.Attach(ctx, "names", newFileBackend(t, t.TempDir(), 64<<20), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fe.Detach(ctx, "names") })
+	target := filepath.Join(t.TempDir(), "target")
+	if err := os.Mkdir(target, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// The device holds no filesystem: the mount fails and says where.
+	out, exit, here, err := fe.RunTool(ctx, []string{"mount", "-t", "ext4", dev, target})
+	if err != nil || here {
+		t.Fatalf("mount through the holder: %v (here %v)", err, here)
+	}
+	if exit == 0 {
+		fe.RunTool(ctx, []string{"umount", target})
+		t.Fatalf("mount of a device with no filesystem succeeded: %s", out)
+	}
+	if strings.Contains(string(out), "/proc/self/fd") || !strings.Contains(string(out), target) {
+		t.Fatalf("mount's message %q names the holder's fd, not %s", out, target)
+	}
+}
