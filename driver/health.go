@@ -212,6 +212,10 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 			return nil, toStatus(err)
 		} else if !held {
 			add(csi.VolumeHealthErrorType_INACCESSIBLE, "NotMounted", fmt.Sprintf("%s does not hold the volume", p))
+		} else if _, err := os.Stat(p); err != nil {
+			// Mounted, and failing: XFS shut down after an I/O error
+			// answers EIO to every stat (and is listed "rw").
+			add(csi.VolumeHealthErrorType_INACCESSIBLE, "FilesystemFailed", fmt.Sprintf("the filesystem at %s fails: %v", p, err))
 		}
 	}
 	return &csi.NodeGetVolumeHealthResponse{VolumeHealth: h}, nil

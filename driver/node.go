@@ -169,10 +169,36 @@ func mountedRdev(path string) (uint64, bool) {
 		return r, true
 	}
 	var st unix.Stat_t
-	if unix.Stat(path, &st) != nil {
+	if unix.Stat(path, &st) == nil {
+		return st.Dev, true
+	}
+	// A filesystem that answers no stat is still mounted there: XFS, shut
+	// down after an I/O error (its device's FUSE connection lost, say),
+	// answers EIO to every stat, its root's too. The mount table still
+	// lists its device number; without it, the volume's own mount was
+	// taken for another's, and never unmounted.
+	return mountinfoDev(path)
+}
+
+// mountinfoDev returns the device number (st_dev) of the filesystem
+// mounted on top at path, as /proc/self/mountinfo lists it.
+func mountinfoDev(path string) (uint64, bool) {
+	abs, real, err := tablePaths(path)
+	if err != nil {
 		return 0, false
 	}
-	return st.Dev, true
+	mis, err := mount.ParseMountInfo("/proc/self/mountinfo")
+	if err != nil {
+		return 0, false
+	}
+	var dev uint64
+	found := false
+	for _, mi := range mis {
+		if mp := kernel.UnescapeMount(mi.MountPoint); mp == abs || mp == real {
+			dev, found = unix.Mkdev(uint32(mi.Major), uint32(mi.Minor)), true // the last one listed is on top
+		}
+	}
+	return dev, found
 }
 
 // nodeRdev returns the device number of the block device node at path: a
@@ -1494,7 +1520,14 @@ func (d *Driver) unmount(path, id string, remove bool) error {
 		// is unmounted there (a mount of another path, through the link).
 		return statusf(codes.FailedPrecondition, "%s is a symlink: not unmounted or removed", path)
 	} else if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return pathError("path", path, err)
+		// A mount point whose filesystem answers no stat (XFS shut down
+		// after an I/O error: EIO) is no symlink (mount(2) follows one,
+		// so the table never lists a symlink as a mount point): go on,
+		// and mayUnmount checks what is mounted by the table's device
+		// number.
+		if top, terr := d.topMount(path); terr != nil || top.Device == "" {
+			return pathError("path", path, err)
+		}
 	}
 	busy := 0
 	for i := 0; ; i++ {
