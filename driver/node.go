@@ -2056,8 +2056,12 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 		return nil, statusf(codes.NotFound, "volume %s is not mounted at %s", id, path)
 	}
 	fi, err := os.Stat(path)
-	if err != nil {
+	if errors.Is(err, fs.ErrNotExist) {
 		return nil, statusf(codes.NotFound, "volume path %s: %v", path, err)
+	} else if err != nil {
+		// Held, and failing: XFS shut down after an I/O error answers
+		// EIO to every stat (NodeGetVolumeHealth reports it).
+		return nil, statusf(codes.Internal, "the filesystem at volume path %s fails: %v", path, err)
 	}
 	if !fi.IsDir() {
 		size, err := deviceSize(path)

@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // TestUnpublishUnstageShutDownXFS: an XFS filesystem that shut down (what
@@ -51,6 +53,11 @@ func TestUnpublishUnstageShutDownXFS(t *testing.T) {
 		t.Errorf("health of the shut-down filesystem: %v, %v; want an adverse condition", h, err)
 	} else {
 		t.Logf("health: %v", h.GetVolumeHealth().GetHealthStatuses())
+	}
+	// Stats of a volume that is there but fails: not NotFound, which
+	// says the volume is not at the path.
+	if _, err := node.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: target}); status.Code(err) != codes.Internal {
+		t.Errorf("stats of the shut-down filesystem: %v, want Internal", err)
 	}
 	if _, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
 		t.Errorf("unpublish of the shut-down filesystem: %v", err)
