@@ -711,7 +711,11 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 	}
 	defer d.locks.unlock(id)
 	v, err := d.lookupVolume(id)
-	if status.Code(err) == codes.NotFound && !madeBy(id, d.tag) {
+	// A failed store (Unavailable) cannot say whether it holds the volume
+	// either: another node's is deferred all the same, as it needs nothing
+	// from this store (one of this node's made under an old node ID then
+	// grows here, in NodeExpandVolume, once the store is back).
+	if err != nil && !madeBy(id, d.tag) && (status.Code(err) == codes.NotFound || d.opt.Store.Err() != nil) {
 		size, err := volumeSize(req.GetCapacityRange(), 0)
 		if err != nil {
 			return nil, err
