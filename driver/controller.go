@@ -180,7 +180,7 @@ func (d *Driver) storeErr() error {
 // findVolumeByName scans the store for a live volume carrying the CSI name.
 func (d *Driver) findVolumeByName(name string) (VolumeInfo, bool) {
 	for _, v := range d.opt.Store.Volumes() {
-		if v.Labels[labelName] == name {
+		if hasName(v.Labels, labelName, name) {
 			return v, true
 		}
 	}
@@ -189,7 +189,7 @@ func (d *Driver) findVolumeByName(name string) (VolumeInfo, bool) {
 
 func (d *Driver) findSnapshotByName(name string) (SnapshotInfo, bool) {
 	for _, s := range d.opt.Store.Snapshots() {
-		if s.Labels[labelName] == name {
+		if hasName(s.Labels, labelName, name) {
 			return s, true
 		}
 	}
@@ -396,7 +396,8 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	labels := map[string]string{labelName: name}
+	nk, nv := nameLabel(labelName, name)
+	labels := map[string]string{nk: nv}
 	if fs != "" {
 		labels[labelFSType] = fs
 	}
@@ -806,7 +807,8 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 	var s SnapshotInfo
 	err = d.frozen(src, func() error {
 		var err error
-		s, err = d.opt.Store.CreateSnapshot(src, id, map[string]string{labelName: name})
+		nk, nv := nameLabel(labelName, name)
+		s, err = d.opt.Store.CreateSnapshot(src, id, map[string]string{nk: nv})
 		return err
 	})
 	if err != nil {

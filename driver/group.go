@@ -148,7 +148,8 @@ func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csi.CreateV
 	var g GroupInfo
 	err = d.frozenAll(srcs, func() error {
 		var err error
-		g, err = gs.CreateSnapshotGroup(gid, members, map[string]string{labelGroupName: name})
+		nk, nv := nameLabel(labelGroupName, name)
+		g, err = gs.CreateSnapshotGroup(gid, members, map[string]string{nk: nv})
 		return err
 	})
 	if err != nil {
@@ -251,7 +252,7 @@ func sameSet(a, b []string) bool {
 
 func findGroupByName(gs GroupStore, name string) (GroupInfo, bool) {
 	for _, g := range gs.SnapshotGroups() {
-		if len(g.Snapshots) > 0 && g.Snapshots[0].Labels[labelGroupName] == name {
+		if len(g.Snapshots) > 0 && hasName(g.Snapshots[0].Labels, labelGroupName, name) {
 			return g, true
 		}
 	}

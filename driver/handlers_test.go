@@ -190,7 +190,7 @@ func TestBadInput(t *testing.T) {
 			return err
 		}, codes.InvalidArgument},
 		{"CreateSnapshot with a control character in the name", func() error {
-			_, err := e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap\n1", SourceVolumeId: vol.VolumeId})
+			_, err := e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap\x0b1", SourceVolumeId: vol.VolumeId})
 			return err
 		}, codes.InvalidArgument},
 		{"CreateVolume without capabilities", func() error {

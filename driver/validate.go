@@ -21,8 +21,11 @@ const (
 	ParamChunkSize = "chunkSize"
 )
 
-// checkName validates a CSI object name: required, at most 128 bytes. Names
-// are only ever compared and stored as labels, never used as paths.
+// checkName validates a CSI object name: required, at most 128 bytes, and
+// none of the characters the spec bans (U+0000-U+0008, U+000B, U+000C,
+// U+000E-U+001F, U+007F-U+009F). Tab, line feed and carriage return are
+// allowed, as the spec says ("commonly used whitespace"). Names are only
+// ever compared and stored as labels (nameLabel), never used as paths.
 func checkName(name string) error {
 	if name == "" {
 		return statusf(codes.InvalidArgument, "name is required")
@@ -30,11 +33,29 @@ func checkName(name string) error {
 	if len(name) > maxStringBytes {
 		return statusf(codes.InvalidArgument, "name is %d bytes, the limit is %d", len(name), maxStringBytes)
 	}
-	// The store keeps names in labels, which are text (cow's FORMAT.md).
-	if i := strings.IndexFunc(name, func(r rune) bool { return r < 0x20 || r == 0x7f }); i >= 0 {
+	if i := strings.IndexFunc(name, func(r rune) bool {
+		return r < 0x20 && r != '\t' && r != '\n' && r != '\r' || r >= 0x7f && r <= 0x9f
+	}); i >= 0 {
 		return statusf(codes.InvalidArgument, "name %q holds control character %#02x", name, name[i])
 	}
 	return nil
+}
+
+// nameLabel is how a name is kept in a label: the store's labels are text
+// without ASCII control bytes (cow's FORMAT.md), so a name holding one of
+// the whitespace characters checkName lets through is kept Go-quoted
+// under key+"-quoted" instead; others are kept as they are, as always.
+func nameLabel(key, name string) (string, string) {
+	if strings.ContainsAny(name, "\t\n\r") {
+		return key + "-quoted", strconv.Quote(name)
+	}
+	return key, name
+}
+
+// hasName reports whether labels carry name under key (see nameLabel).
+func hasName(labels map[string]string, key, name string) bool {
+	k, v := nameLabel(key, name)
+	return labels[k] == v
 }
 
 func supportedFS(fs string) bool {

@@ -1,0 +1,33 @@
+package driver_test
+
+import (
+	"context"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+)
+
+// TestNameWithCommonWhitespace: the CSI spec allows any Unicode name except
+// U+0000-U+0008, U+000B, U+000C, U+000E-U+001F and U+007F-U+009F, so tab,
+// line feed and carriage return ("commonly used whitespace") are allowed in
+// CreateVolume and CreateSnapshot names, and a retry must find the object.
+func TestNameWithCommonWhitespace(t *testing.T) {
+	e := newGroupEnv(t)
+	ctx := context.Background()
+	for _, name := range []string{"a\tb", "a\nb", "a\r\nb"} {
+		req := &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20},
+			VolumeCapabilities: []*csi.VolumeCapability{mountCap()}}
+		r1, err := e.d.CreateVolume(ctx, req)
+		if err != nil {
+			t.Errorf("CreateVolume name %q: %v; want OK (the spec allows it)", name, err)
+			continue
+		}
+		r2, err := e.d.CreateVolume(ctx, req)
+		if err != nil || r2.GetVolume().GetVolumeId() != r1.GetVolume().GetVolumeId() {
+			t.Errorf("CreateVolume retry of name %q: %v, %v", name, r2, err)
+		}
+		if _, err := e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: name, SourceVolumeId: r1.GetVolume().GetVolumeId()}); err != nil {
+			t.Errorf("CreateSnapshot name %q: %v; want OK", name, err)
+		}
+	}
+}
