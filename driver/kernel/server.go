@@ -494,8 +494,18 @@ func (s *server) handle(in, out []byte) int {
 		if s.readOnly.Load() {
 			return s.errReply(out, h, unix.EROFS)
 		}
-		if off > s.b.Size()-int64(size) { // written so that it cannot overflow
+		// The size is fixed: a write that starts at or past the end has no
+		// room (EFBIG); one that runs past it writes what fits and says so,
+		// a short write, as write(2) at the end of a medium (and of a block
+		// device). (The loop device never sends one: it is no bigger than
+		// the file, and it fails a short write with EIO.)
+		total := s.b.Size()
+		if off > total || (size > 0 && off == total) {
 			return s.errReply(out, h, unix.EFBIG)
+		}
+		if int64(size) > total-off {
+			size = int(total - off)
+			data = data[:size]
 		}
 		if _, err := s.b.WriteAt(data, off); err != nil {
 			s.ioFailed("write", off, size, err)
