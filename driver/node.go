@@ -1477,10 +1477,25 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	// unmount goes on (it writes back what is left, and reports no
 	// writeback error), and an unstage that failed on it would be retried
 	// for ever on data that is lost either way.
-	if dev, ok := d.opt.Frontend.Device(id); ok && d.opt.Sync != nil {
+	if dev, ok := d.opt.Frontend.Device(id); ok {
 		if held, err := d.holdsDevice(staging, dev); err == nil && held {
-			if err := d.opt.Sync(staging); err != nil {
-				klog.ErrorS(err, "Writeback before the unmount failed: data the pod wrote may not have reached the volume", "volumeID", id, "stagingPath", staging)
+			// A freeze not ours (the workload's: an fsfreeze hook whose
+			// thaw never came) is undone too: the unmount of a frozen
+			// filesystem keeps its superblock, frozen, and the loop
+			// device busy until a reboot (EINVAL: not frozen).
+			if d.opt.Thaw != nil {
+				if err := d.opt.Thaw(staging); err == nil {
+					klog.InfoS("Thawed a filesystem frozen by someone else before its unmount", "volumeID", id, "stagingPath", staging)
+				} else if !errors.Is(err, syscall.EINVAL) {
+					// Not answered: a filesystem that fails its
+					// open (a shut-down XFS: EIO) is no frozen one.
+					klog.ErrorS(err, "Thaw before the unmount failed", "volumeID", id, "stagingPath", staging)
+				}
+			}
+			if d.opt.Sync != nil {
+				if err := d.opt.Sync(staging); err != nil {
+					klog.ErrorS(err, "Writeback before the unmount failed: data the pod wrote may not have reached the volume", "volumeID", id, "stagingPath", staging)
+				}
 			}
 		}
 	}
