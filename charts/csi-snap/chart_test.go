@@ -681,6 +681,11 @@ func TestSnapshotControllerSwitch(t *testing.T) {
 	// One replica: no leader election, so no lease rights either.
 	docs = render(t, snapshotAPI, "--set", "snapshotController.enabled=true,snapshotController.replicas=1")
 	requireArgs(t, container(find(docs, "Deployment", sa), "snapshot-controller"), "--leader-election=false")
+	// Without leader election an update must not run the new controller
+	// beside the old one (a RollingUpdate surges one pod first).
+	if st := str(find(docs, "Deployment", sa), "spec", "strategy", "type"); st != "Recreate" {
+		t.Errorf("single-replica snapshot-controller without leader election has update strategy %q, want Recreate", st)
+	}
 	if d := diff(grants(t, docs, namespace, sa), union(want)); d != "" {
 		t.Errorf("single-replica snapshot-controller grants differ:%s", d)
 	}
