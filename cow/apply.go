@@ -597,7 +597,10 @@ func (v *Volume) punchUnreadable() {
 			spans = append(spans, span{r.Origin, r.Len})
 			return true
 		})
-		from = chunks(newest.size, v.shift) << v.shift
+		// From the byte the newest snapshot ends at, not its chunk's
+		// end: every snapshot reads zeros past its size (readChunk), and
+		// older ones are no larger (volumes only grow).
+		from = newest.size
 	}
 	v.mu.RUnlock()
 	for _, sp := range spans {

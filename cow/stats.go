@@ -1,5 +1,11 @@
 package cow
 
+import (
+	"slices"
+
+	"github.com/csi-snap/csi-snap/exceptions"
+)
+
 // Stats are engine-wide counters and sizes for monitoring.
 type Stats struct {
 	// CopyOuts counts chunks recorded by copy-before-write since Open,
@@ -79,6 +85,15 @@ func (s *Store) Stats() Stats {
 	}
 	s.mu.Lock()
 	var snaps []*Snapshot
+	// CloneVolume's internal snapshots that a live clone reads through:
+	// part of that clone, which nobody deleted (they carry the deleted
+	// flag from birth).
+	backsLive := map[*Snapshot]bool{}
+	for _, o := range s.objs {
+		if c, ok := o.(*Volume); ok && c.src != nil && c.src.internal && !c.isDeleted() {
+			backsLive[c.src] = true
+		}
+	}
 	for _, o := range s.objs {
 		switch x := o.(type) {
 		case *Snapshot:
@@ -106,10 +121,88 @@ func (s *Store) Stats() Stats {
 			st.IndexBytes += int64(sn.idx.Bytes())
 			st.IndexRuns += int64(sn.idx.Runs())
 		}
-		if sn.deleted && !sn.gone && !v.deleted {
-			st.HiddenBytes += sn.held << v.shift
+		if sn.deleted && !sn.gone && !v.deleted && !backsLive[sn] {
+			live := func(o *Snapshot) bool { return !o.deleted || backsLive[o] }
+			st.HiddenBytes += (sn.held - readByOlder(sn, live)) << v.shift
 		}
 		v.mu.RUnlock()
 	}
 	return st
+}
+
+// readByOlder counts the copies (non-zero COW chunks) of sn that a live
+// snapshot older than sn in its volume's chain reads: those stay when sn
+// is reaped (unchain hands them to the older snapshot), so they are not
+// space held for deleted objects. Snapshot chain[j] reads chunk c from the
+// oldest of chain[j..] that maps it; so sn = chain[i]'s copy of c is read
+// by chain[j] when c lies within chain[j]'s size (older ones are no
+// larger) and none of chain[j..i-1] maps c. Walks runs, not chunks: a
+// metrics scrape holds v.mu for it. v.mu held.
+func readByOlder(sn *Snapshot, live func(*Snapshot) bool) int64 {
+	v := sn.vol
+	i := slices.Index(v.chain, sn)
+	if i <= 0 || sn.idx == nil {
+		return 0
+	}
+	var spans []span
+	sn.idx.Ascend(0, func(r exceptions.Run) bool {
+		if r.COW != 0 {
+			spans = append(spans, span{r.Origin, r.Len})
+		}
+		return true
+	})
+	var read int64
+	for j := i - 1; j >= 0 && len(spans) > 0; j-- {
+		o := v.chain[j]
+		if o.idx == nil {
+			break
+		}
+		end := exceptions.Chunk(chunks(o.size, v.shift))
+		spans = unmappedIn(clipSpans(spans, end), o.idx)
+		if live(o) {
+			for _, sp := range spans {
+				read += int64(sp.N)
+			}
+			break
+		}
+	}
+	return read
+}
+
+// clipSpans returns the parts of spans (in origin order) below end.
+func clipSpans(spans []span, end exceptions.Chunk) []span {
+	out := spans[:0]
+	for _, sp := range spans {
+		if sp.C >= end {
+			break
+		}
+		if sp.C+exceptions.Chunk(sp.N) > end {
+			sp.N = uint64(end - sp.C)
+		}
+		out = append(out, sp)
+	}
+	return out
+}
+
+// unmappedIn returns the parts of spans (in origin order) that idx does
+// not map.
+func unmappedIn(spans []span, idx *exceptions.Index) []span {
+	var out []span
+	for _, sp := range spans {
+		c, end := sp.C, sp.C+exceptions.Chunk(sp.N)
+		idx.Ascend(c, func(r exceptions.Run) bool {
+			if r.Origin >= end {
+				return false
+			}
+			if r.Origin > c {
+				out = append(out, span{c, uint64(r.Origin - c)})
+			}
+			c = max(c, r.Origin+exceptions.Chunk(r.Len))
+			return c < end
+		})
+		if c < end {
+			out = append(out, span{c, uint64(end - c)})
+		}
+	}
+	return out
 }
