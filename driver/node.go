@@ -1843,6 +1843,12 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if err := d.takeBack(ctx, id); err != nil {
 		return nil, err
 	}
+	// A device whose connection died (the plugin and its fuse-holder
+	// stopped together, an abort): every I/O of the new pod would fail.
+	// Refused as a stage of it is (attachForStage), not final for kubelet.
+	if d.opt.Frontend.Dead(id) {
+		return nil, statusf(codes.Unavailable, "volume %s is staged at %s but its device's FUSE connection was lost (aborted, timed out or unmounted from outside, or the plugin and its fuse-holder stopped together, or the kernel is older than 6.9): not publishing it at %s; its I/O fails until it is unstaged and staged again; delete the pods that use it", id, staging, target)
+	}
 	cur, err := d.mountedDevice(target)
 	if err != nil {
 		return nil, toStatus(err)
