@@ -138,6 +138,12 @@ func RunHolderWith(socketPath string, o HolderOptions) error {
 		c.Close()
 		return fmt.Errorf("%w: a holder already listens on %s", ErrBusy, socketPath)
 	case errors.Is(err, unix.ECONNREFUSED):
+		// connect(2) answers ECONNREFUSED for a path that is no socket
+		// too: remove only a socket (a dead holder's), never a file or
+		// directory that --socket names by mistake.
+		if fi, serr := os.Lstat(socketPath); serr == nil && fi.Mode()&(os.ModeSocket|os.ModeSymlink) == 0 {
+			return fmt.Errorf("holder socket %s exists and is not a socket", socketPath)
+		}
 		os.Remove(socketPath) // stale socket of a dead holder
 	case !errors.Is(err, os.ErrNotExist):
 		// Not known to be stale (a full backlog, say): removing it could
