@@ -193,6 +193,14 @@ func (f *Frontend) teardown(ctx context.Context, id string, v *volume) error {
 	if err := detachLoops(ctx, v.mp); err != nil {
 		return err
 	}
+	// Unmounted from outside: its devices read "/" and loopsOf no longer
+	// finds them; still served here, so their status can be asked.
+	for _, dev := range orphanedLoops(v.mp) {
+		if err := detachLoop(ctx, dev); err != nil {
+			return err
+		}
+		registerLoop(v.mp, dev, false)
+	}
 	if isMounted(v.mp) {
 		if err := unmountFuse(v.mp); err != nil {
 			return err
@@ -627,6 +635,17 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 		klog.InfoS("cleaning up a dead FUSE mount", "volumeID", id, "mountpoint", mp)
 		if err := detachLoops(ctx, mp); err != nil {
 			return "", fmt.Errorf("stale loop device of %s: %w", id, err)
+		}
+		if lost {
+			// Its mount gone from outside: devices still bound to the
+			// file read "/" (orphanedLoops). The connection was dropped
+			// above, so asking their status waits on nothing.
+			for _, dev := range orphanedLoops(mp) {
+				if err := detachLoop(ctx, dev); err != nil {
+					return "", fmt.Errorf("stale loop device of %s: %w", id, err)
+				}
+				registerLoop(mp, dev, false)
+			}
 		}
 		if isMounted(mp) {
 			if err := unmountFuse(mp); err != nil {
@@ -1458,9 +1477,12 @@ func (f *Frontend) Attached() []string {
 			set[id] = true
 		}
 	}
-	for _, bf := range loopBackingFiles() {
+	for dev, bf := range loopBackingFiles() {
+		// Registered only: see loopsOf.
 		if dir, id := filepath.Split(bf); strings.TrimSuffix(dir, "/") == f.volDir && validateID(id) == nil {
-			set[id] = true
+			if _, reg := registeredLoops(bf)[dev]; reg {
+				set[id] = true
+			}
 		}
 	}
 	// Mounts and loop registries, too: a loop device attached from another

@@ -113,7 +113,10 @@ func attachLoop(ctx context.Context, sock, backing string, readOnly bool) (strin
 		// one bound until a reboot. An entry for a device that ends up not
 		// ours is harmless: loopsOf takes a registered device only if it
 		// backs onto our mount.
-		registerLoop(backing, dev, true)
+		if err := registerLoop(backing, dev, true); err != nil {
+			lf.Close()
+			return "", err
+		}
 		err = configureLoop(sock, int(lf.Fd()), pfd, params)
 		if configureHook != nil {
 			err = configureHook(dev, err)
@@ -312,16 +315,23 @@ type loopDev struct {
 }
 
 // loopsOf returns the loop devices whose backing file is path, in device
-// order, with their read-only flag (/sys/block/loopN/ro): those whose
-// backing_file reads path, and those path's loop registry names (see
-// registeredLoops) whose backing file is on the FUSE mount at path.
+// order, with their read-only flag (/sys/block/loopN/ro): of the devices
+// path's loop registry names (see registeredLoops), those whose
+// backing_file reads path, and those whose backing file is on the FUSE
+// mount at path though it reads "/" (attached from another mount
+// namespace). An unregistered device is never taken, even if its
+// backing_file reads path: that may be another namespace's file.
 func loopsOf(path string) []loopDev {
 	var out []loopDev
 	mine := registeredLoops(path)
 	fsDev, mounted := fuseDev(path)
 	for dev, bf := range loopBackingFiles() {
 		e, reg := mine[dev]
-		if bf != path && !(reg && bf == "/" && e.ours(fsDev, mounted) && backsOntoMount(dev, path)) {
+		// A path is not proof: the kernel prints a backing file relative
+		// to the mount namespace it was attached from, so another
+		// namespace's file at the same path reads the same. Ours are
+		// registered (attachLoop registers before it configures).
+		if !reg || bf != path && !(bf == "/" && e.ours(fsDev, mounted) && backsOntoMount(dev, path)) {
 			continue
 		}
 		n, err := loopNumber(dev)
@@ -508,10 +518,11 @@ func unboundLoops(path string) []int {
 // registerLoop adds (or, with add false, removes) dev to path's loop
 // registry, replacing the file whole (write, rename): a crash leaves the
 // old list or the new one. An added device is recorded with the number of
-// the FUSE mount at path. Without the registry only a restart into another
-// mount namespace loses track of the device, so failures are logged, not
-// returned.
-func registerLoop(path, dev string, add bool) {
+// the FUSE mount at path. A device is taken for ours only if the registry
+// names it (loopsOf: a path alone is no proof), so a failed add is
+// returned, and attachLoop configures nothing then; a failed removal is
+// logged (the entry of a device no longer bound is harmless).
+func registerLoop(path, dev string, add bool) error {
 	m := registeredLoops(path)
 	old, ok := m[dev]
 	if add {
@@ -519,12 +530,12 @@ func registerLoop(path, dev string, add bool) {
 		// gets this mount's number, or loopsOf would skip the device.
 		fsDev, _ := fuseDev(path)
 		if ok && old.fsDev == fsDev {
-			return
+			return nil
 		}
 		m[dev] = loopReg{fsDev: fsDev}
 	} else {
 		if !ok {
-			return
+			return nil
 		}
 		delete(m, dev)
 	}
@@ -532,7 +543,7 @@ func registerLoop(path, dev string, add bool) {
 		if err := os.Remove(path + ".loops"); err != nil && !errors.Is(err, os.ErrNotExist) {
 			klog.ErrorS(err, "loop registry", "path", path)
 		}
-		return
+		return nil
 	}
 	var b strings.Builder
 	if id := BootID(); id != "" {
@@ -546,13 +557,18 @@ func registerLoop(path, dev string, add bool) {
 		b.WriteString("\n")
 	}
 	tmp := path + ".loops.tmp"
-	if err := os.WriteFile(tmp, []byte(b.String()), 0o600); err != nil {
-		klog.ErrorS(err, "loop registry", "path", path)
-		return
+	err := os.WriteFile(tmp, []byte(b.String()), 0o600)
+	if err == nil {
+		err = os.Rename(tmp, path+".loops")
 	}
-	if err := os.Rename(tmp, path+".loops"); err != nil {
-		klog.ErrorS(err, "loop registry", "path", path)
+	if err != nil {
+		err = fmt.Errorf("loop registry of %s: %w", path, err)
+		if !add {
+			klog.ErrorS(err, "Removing a device from the loop registry", "device", dev)
+			return nil
+		}
 	}
+	return err
 }
 
 // BootID identifies this boot of the machine ("" if unknown): nothing of
@@ -637,4 +653,44 @@ func addLoop(ctl, after int) (int, error) {
 		}
 	}
 	return 0, fmt.Errorf("LOOP_CTL_ADD: no number left above %d", after)
+}
+
+// orphanedLoops returns the devices mp's loop registry names that are
+// still bound to the FUSE file of an earlier mount at mp that is gone from
+// the mount table (unmounted from outside, umount -l, while the device
+// stayed bound): the entry's recorded mount number is the device's
+// lo_device, and no mount has that number now (the superblock lives on
+// while the device holds its file, so its number cannot have gone to
+// another mount meanwhile; a live mount with it is someone else's). Only
+// to be called while the connection is served here or known closed: the
+// status ioctl may ask the server for the file's attributes.
+func orphanedLoops(mp string) []string {
+	if isMounted(mp) {
+		return nil
+	}
+	live := map[uint64]bool{}
+	for _, m := range mountEntries() {
+		live[m.dev] = true
+	}
+	var out []string
+	for dev, e := range registeredLoops(mp) {
+		n, err := loopNumber(dev)
+		if err != nil || e.fsDev == 0 || live[e.fsDev] {
+			continue
+		}
+		if bf, err := readSysfs(n, "loop/backing_file"); err != nil || bf != "/" {
+			continue
+		}
+		info, err := losetup.New(uint64(n), os.O_RDONLY).GetInfo()
+		if err != nil || info.Device != e.fsDev {
+			continue
+		}
+		name := unix.ByteSliceToString(info.FileName[:])
+		if want := mp[:min(len(mp), len(info.FileName)-1)]; name != want {
+			continue
+		}
+		out = append(out, dev)
+	}
+	sort.Strings(out)
+	return out
 }

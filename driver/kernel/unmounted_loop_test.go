@@ -1,0 +1,104 @@
+package kernel
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+
+	losetup "github.com/freddierice/go-losetup"
+	"golang.org/x/sys/unix"
+)
+
+// stillOurs reports whether loop device n is still bound to the FUSE file
+// of the (now unmounted) mount at mp whose device number was fsDev.
+func stillOurs(n int, mp string, fsDev uint64) bool {
+	if bf, err := readSysfs(n, "loop/backing_file"); err != nil || bf != "/" {
+		return false
+	}
+	info, err := losetup.New(uint64(n), os.O_RDONLY).GetInfo()
+	if err != nil {
+		return false
+	}
+	return info.Device == fsDev && unix.ByteSliceToString(info.FileName[:]) == mp[:min(len(mp), 63)]
+}
+
+// TestUnmountedFromOutsideLeaksLoop: the FUSE mount of a served volume is
+// unmounted from outside (umount -l) while its loop device stays bound. Its
+// backing file then reads "/" and the mount's device number is gone, so
+// loopsOf no longer finds the device. The next Attach tears the volume down
+// (lost: "mount point is not mounted") and attaches afresh, and Detach
+// removes everything it knows: the first loop device must not be left bound
+// (to a dead FUSE file, every I/O failing) until a reboot.
+func TestUnmountedFromOutsideLeaksLoop(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	fe, _ := newFrontend(t)
+	const id = "vol-umounted"
+	b := newFileBackend(t, t.TempDir(), 16<<20)
+	dev, err := fe.Attach(ctx, id, b, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mp := fe.mountpoint(id)
+	fsDev, _ := fuseDev(mp)
+	n := mustLoopNumber(t, dev)
+	t.Cleanup(func() {
+		if stillOurs(n, mp, fsDev) {
+			exec.Command("losetup", "-d", dev).Run()
+		}
+	})
+	if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil {
+		t.Fatal(err)
+	}
+	bf, _ := readSysfs(n, "loop/backing_file")
+	d, found := fe.Device(id)
+	t.Logf("%s reads backing file %q after the outside unmount; Device(%s) = %q, %v; Dead = %v", dev, bf, id, d, found, fe.Dead(id))
+	dev2, err := fe.Attach(ctx, id, b, false)
+	if err != nil {
+		t.Fatalf("Attach after the outside unmount: %v", err)
+	}
+	t.Logf("Attach again = %s", dev2)
+	if err := fe.Detach(ctx, id); err != nil {
+		t.Fatalf("Detach: %v", err)
+	}
+	if stillOurs(n, mp, fsDev) {
+		t.Errorf("after Attach and Detach of %s, its first device %s is still bound to the dead FUSE file of the unmounted mount: leaked", id, dev)
+	}
+}
+
+// TestRestartUnmountedFromOutsideLeaksLoop: as above, across a restart:
+// the serving process was killed, the holder keeps the connection, and the
+// FUSE mount is then unmounted from outside with the loop device still
+// bound. The next Attach finds the held connection lost, drops it and
+// starts over; the old device must not stay bound to the dead file.
+func TestRestartUnmountedFromOutsideLeaksLoop(t *testing.T) {
+	requireRoot(t)
+	runDir := t.TempDir()
+	if d, err := filepath.EvalSymlinks(runDir); err == nil {
+		runDir = d
+	}
+	backing := t.TempDir() + "/vol.img"
+	const size = 16 << 20
+	const id = "vol-umounted2"
+	dev, want := serveWriteKill(t, runDir, backing, id, size, 7)
+	mp := runDir + "/vol/" + id
+	fsDev, ok := fuseDev(mp)
+	if !ok {
+		t.Fatalf("%s not mounted", mp)
+	}
+	n := mustLoopNumber(t, dev)
+	t.Cleanup(func() {
+		if stillOurs(n, mp, fsDev) {
+			exec.Command("losetup", "-d", dev).Run()
+		}
+	})
+	if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil {
+		t.Fatal(err)
+	}
+	reattachCheck(t, runDir, backing, id, size, want, nil)
+	if stillOurs(n, mp, fsDev) {
+		t.Errorf("after the restarted Attach and Detach of %s, its first device %s is still bound to the dead FUSE file: leaked", id, dev)
+	}
+}
