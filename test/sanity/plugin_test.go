@@ -170,7 +170,7 @@ func (p *plugin) stop(t *testing.T, sig os.Signal) {
 	}
 	if t.Failed() {
 		b, _ := os.ReadFile(p.log)
-		t.Logf("csi-snap log (tail):\n%s", tail(string(b), 150))
+		t.Logf("csi-snap log (tail):\n%s\ncsi-snap's failed calls and errors (whole log):\n%s", tail(string(b), 150), failures(string(b)))
 	}
 }
 

@@ -77,7 +77,7 @@ func TestSanity(t *testing.T) {
 			}
 			t.Logf("%s access:\n%s", access, counts)
 			if err != nil {
-				t.Fatalf("sanity (%s access) failed: %v\n%s", access, err, tail(string(out), 200))
+				t.Fatalf("sanity (%s access) failed: %v\n%s\nwhy (ginkgo's failure blocks, the plugin's failed calls):\n%s", access, err, tail(string(out), 200), failures(string(out)))
 			}
 			if !strings.Contains(counts, "SANITY-COUNTS ") {
 				t.Fatalf("sanity (%s access) printed no counts:\n%s", access, tail(string(out), 100))
@@ -116,6 +116,33 @@ func TestSanity(t *testing.T) {
 			}
 		})
 	}
+}
+
+// failures picks out of a sanity run's output what says why it failed,
+// which its tail may not hold (the skipped specs and the plugin's log come
+// last): ginkgo's [FAILED] blocks, with the lines after each, and the
+// plugin's calls that failed.
+func failures(out string) string {
+	var b strings.Builder
+	lines := strings.Split(out, "\n")
+	for i := 0; i < len(lines); i++ {
+		l := lines[i]
+		switch {
+		case strings.Contains(l, "[FAILED]") || strings.Contains(l, "[PANICKED]"):
+			end := min(i+25, len(lines))
+			b.WriteString(strings.Join(lines[i:end], "\n") + "\n")
+			i = end - 1
+		case strings.Contains(l, `"Call failed"`) || klogError(l):
+			b.WriteString(l + "\n")
+		}
+	}
+	return b.String()
+}
+
+// klogError reports whether l is a klog line of severity error (E1205 ...).
+func klogError(l string) bool {
+	l = strings.TrimSpace(l)
+	return len(l) > 5 && l[0] == 'E' && l[1] >= '0' && l[1] <= '9' && l[4] >= '0' && l[4] <= '9'
 }
 
 func tail(s string, lines int) string {
@@ -202,4 +229,28 @@ func TestSanitySuite(t *testing.T) {
 	reporter.Succinct = true
 	reporter.NoColor = true
 	ginkgo.RunSpecs(t, "csi-sanity "+access, suite, reporter)
+}
+
+// TestFailuresPicksWhy: the failure report of TestSanity keeps ginkgo's
+// failure blocks and the plugin's failed calls and errors, and nothing else.
+func TestFailuresPicksWhy(t *testing.T) {
+	out := strings.Join([]string{
+		"        SANITY-SKIPPED something",
+		"        I1205 02:39:12.1 1 interceptor.go:95] \"Call\" method=x",
+		"        I1205 02:39:12.2 1 interceptor.go:145] \"Call failed\" method=y code=\"Aborted\"",
+		"        E1205 02:39:12.3 1 node.go:1] \"Unstage failed\"",
+		"  [FAILED] Expected an error not to have occurred",
+		"  In [AfterEach] at: node.go:327",
+	}, "\n")
+	got := failures(out)
+	for _, want := range []string{"Call failed", "Unstage failed", "[FAILED] Expected", "In [AfterEach]"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("failures() lacks %q:\n%s", want, got)
+		}
+	}
+	for _, not := range []string{"SANITY-SKIPPED", "method=x"} {
+		if strings.Contains(got, not) {
+			t.Errorf("failures() keeps %q:\n%s", not, got)
+		}
+	}
 }
