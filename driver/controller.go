@@ -172,6 +172,9 @@ func (d *Driver) storeErr() error {
 		if errors.Is(err, ErrSyncLost) {
 			return toStatus(fmt.Errorf("the volume store failed: drain and reboot the node: %w", err))
 		}
+		if errors.Is(err, ErrStoreLost) {
+			return toStatus(fmt.Errorf("the volume store did not open: drain the node, repair the data dir and restart the plugin: %w", err))
+		}
 		return toStatus(fmt.Errorf("the volume store failed; restart the plugin to reopen it: %w", err))
 	}
 	return nil
@@ -334,7 +337,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	defer d.locks.unlock(keys...)
 
 	if err := d.storeErr(); err != nil {
-		if _, known := d.findVolumeByName(name); !known && errors.Is(d.opt.Store.Err(), ErrSyncLost) {
+		if _, known := d.findVolumeByName(name); !known && storeLost(d.opt.Store.Err()) {
 			// No volume can be made here until the node reboots:
 			// ResourceExhausted makes external-provisioner try another
 			// node for a WaitForFirstConsumer claim (see above), where

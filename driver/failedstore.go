@@ -22,7 +22,25 @@ import (
 // name: ResourceExhausted, so that the provisioner tries another node),
 // and Probe stays ready (see
 // Probe), so the liveness probe does not restart it in a loop.
-func NewFailedStore(err error) Store { return failedStore{err: err} }
+//
+// The same holds for a store that does not open for another reason a
+// restart cannot cure (a corrupt log, a data dir whose file system turned
+// read-only or shut down after an error): err is then wrapped in
+// ErrStoreLost.
+func NewFailedStore(err error) Store {
+	if !errors.Is(err, ErrSyncLost) {
+		err = &engineError{sentinel: ErrStoreLost, err: err}
+	}
+	return failedStore{err: err}
+}
+
+// ErrStoreLost: the store did not open at start (NewFailedStore), for a
+// reason other than ErrSyncLost. Like ErrSyncLost it is an ErrClosed.
+var ErrStoreLost = fmt.Errorf("%w: the store did not open", ErrClosed)
+
+// storeLost reports whether err, a Store's Err, says the store is lost for
+// this process, and restarting it cannot help (ErrSyncLost, ErrStoreLost).
+func storeLost(err error) bool { return errors.Is(err, ErrSyncLost) || errors.Is(err, ErrStoreLost) }
 
 type failedStore struct{ err error }
 
@@ -125,7 +143,7 @@ func (d *Driver) heldBackend(id string) (Backend, error) {
 	b, err := d.opt.Store.VolumeBackend(id)
 	if err == nil && d.lostWrites(id) {
 		err = fmt.Errorf("%w: the store dropped writes of volume %s answered before the restart (no space to redo them)", ErrUnavailable, id)
-	} else if err == nil || !errors.Is(err, ErrSyncLost) {
+	} else if err == nil || !storeLost(err) {
 		return b, err
 	}
 	dev, ok := d.opt.Frontend.Device(id)

@@ -2,9 +2,11 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"slices"
+	"syscall"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/csi-snap/csi-snap/driver/kernel"
@@ -52,6 +54,13 @@ func (d *Driver) volumeHealth(id string) (*csi.VolumeHealth, error) {
 		// stays ready, and a plugin started so serves I/O errors).
 		h.HealthStatuses = append(h.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{
 			Status: csi.VolumeHealthErrorType_INACCESSIBLE, Reason: "StoreFailed", Message: err.Error()})
+	}
+	if err := d.dataDirFails(); err != nil {
+		// Every write of the volume that needs the store (its first
+		// writes, every flush) fails with EIO, while the store may not
+		// have noticed yet.
+		h.HealthStatuses = append(h.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{
+			Status: csi.VolumeHealthErrorType_INACCESSIBLE, Reason: "DataDirFailed", Message: err.Error()})
 	}
 	low, msg, err := d.dataDirLow()
 	if err != nil {
@@ -258,6 +267,10 @@ func (d *Driver) NodeGetStorageHealth(ctx context.Context, req *csi.NodeGetStora
 			Status: csi.StorageHealthErrorType_STORAGE_UNREACHABLE, Reason: "DataDirUnreadable", Message: err.Error()})
 		return resp, nil
 	}
+	if err := d.dataDirFails(); err != nil {
+		resp.BackendHealth = append(resp.BackendHealth, &csi.NodeGetStorageHealthResponse_StorageBackendHealth{
+			Status: csi.StorageHealthErrorType_STORAGE_UNREACHABLE, Reason: "DataDirFailed", Message: err.Error()})
+	}
 	if low {
 		resp.BackendHealth = append(resp.BackendHealth, &csi.NodeGetStorageHealthResponse_StorageBackendHealth{
 			Status: csi.StorageHealthErrorType_STORAGE_DEGRADED, Reason: "DataDirNearlyFull", Message: msg})
@@ -285,4 +298,25 @@ func turnedReadOnly(abs, real string) (ro, known bool) {
 		}
 	}
 	return ro, known
+}
+
+// dataDirFails reports an error when the data directory's file system takes
+// no writes any more: read-only after an error (ext4's errors=remount-ro,
+// which statfs does not show from Linux 6.9 on: emergency_ro) or shut
+// down (XFS: EIO). It creates and removes an empty file there; no space
+// (ENOSPC, EDQUOT) is not a failure (dataDirLow reports it).
+func (d *Driver) dataDirFails() error {
+	f, err := os.CreateTemp(d.opt.DataDir, ".health-*")
+	if err != nil {
+		if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+			return nil
+		}
+		return fmt.Errorf("the data directory takes no writes: %w", err)
+	}
+	name := f.Name()
+	f.Close()
+	if err := os.Remove(name); err != nil {
+		return fmt.Errorf("the data directory takes no writes: %w", err)
+	}
+	return nil
 }

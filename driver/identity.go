@@ -2,7 +2,6 @@ package driver
 
 import (
 	"context"
-	"errors"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/protobuf/types/known/wrapperspb"
@@ -52,5 +51,5 @@ func (d *Driver) Probe(context.Context, *csi.ProbeRequest) (*csi.ProbeResponse, 
 	// reads, unpublish and unstage, so the node can be drained; health
 	// and the store-failed metric say what happened.
 	err := d.opt.Store.Err()
-	return &csi.ProbeResponse{Ready: wrapperspb.Bool(err == nil || errors.Is(err, ErrSyncLost))}, nil
+	return &csi.ProbeResponse{Ready: wrapperspb.Bool(err == nil || storeLost(err))}, nil
 }

@@ -1421,7 +1421,7 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	// stageRecord): only this path is unmounted; the device stays
 	// attached, so publishes through the other stage may stay too.
 	others, err := d.otherStages(id, staging)
-	if err != nil {
+	if err = d.leftInDataDir(err, "stage records (taken for none: the unstage detaches, as for stages made before records)", id); err != nil {
 		return nil, toStatus(fmt.Errorf("stage records of %s: %w", id, err))
 	}
 	if len(others) > 0 {
@@ -1441,13 +1441,13 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 		// here and at the other path) is thawed first, as below: once
 		// this path is unmounted, the leftover's marker, which may name
 		// it, would be taken for stale and dropped unthawed.
-		if err := d.thawLeftover(id); err != nil {
+		if err := d.leftInDataDir(d.thawLeftover(id), "freeze marker", id); err != nil {
 			return nil, toStatus(err)
 		}
 		if err := d.unmount(staging, id, false); err != nil {
 			return nil, err
 		}
-		if err := d.dropStageRecord(id, staging); err != nil {
+		if err := d.leftInDataDir(d.dropStageRecord(id, staging), "stage record", id); err != nil {
 			return nil, statusf(codes.Internal, "stage record of %s: %v", id, err)
 		}
 		klog.V(2).InfoS("Unstaged volume; still staged elsewhere", "volumeID", id, "stagingPath", staging, "otherStagingPaths", others)
@@ -1469,7 +1469,9 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	// unmount would keep it (and the loop device) until a reboot.
 	// Whether takeBack served it just now, an earlier call did, or its
 	// connection is dead (the thaw's writes then fail at once).
-	if err := d.thawLeftover(id); err != nil {
+	// (A freeze marker the data dir fails to read: the thaw before the
+	// unmount below undoes a freeze all the same.)
+	if err := d.leftInDataDir(d.thawLeftover(id), "freeze marker", id); err != nil {
 		return nil, toStatus(err)
 	}
 	// The writeback first, where a kill of this process cannot make it
@@ -1516,10 +1518,10 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	if err := d.forgetLostWrites(id); err != nil {
 		return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
 	}
-	if err := d.dropStageMarker(id); err != nil {
+	if err := d.leftInDataDir(d.dropStageMarker(id), "stage marker", id); err != nil {
 		return nil, statusf(codes.Internal, "stage marker of %s: %v", id, err)
 	}
-	if err := d.dropStageRecords(id); err != nil {
+	if err := d.leftInDataDir(d.dropStageRecords(id), "stage records", id); err != nil {
 		return nil, statusf(codes.Internal, "stage records of %s: %v", id, err)
 	}
 	klog.V(2).InfoS("Unstaged volume", "volumeID", id, "stagingPath", staging)
@@ -2042,10 +2044,10 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	if err := d.unmount(target, id, true); err != nil {
 		return nil, err
 	}
-	if err := dropMarker(d.publishMarker(target)); err != nil {
+	if err := d.leftInDataDir(dropMarker(d.publishMarker(target)), "publish marker", id); err != nil {
 		return nil, statusf(codes.Internal, "publish marker of %s: %v", target, err)
 	}
-	if err := dropMarker(d.publishRecordPath(target)); err != nil {
+	if err := d.leftInDataDir(dropMarker(d.publishRecordPath(target)), "publish record", id); err != nil {
 		return nil, statusf(codes.Internal, "publish record of %s: %v", target, err)
 	}
 	klog.V(2).InfoS("Unpublished volume", "volumeID", id, "targetPath", target)
@@ -2226,4 +2228,21 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	}
 	klog.V(2).InfoS("Expanded volume on node", "volumeID", id, "size", v.Size)
 	return &csi.NodeExpandVolumeResponse{CapacityBytes: v.Size}, nil
+}
+
+// leftInDataDir returns err, unless it is a failure of the data dir's own
+// file system (read-only after an error, shut down: EROFS, EIO) on one of
+// the driver's markers or records there: that is logged and nil returned,
+// so that an unpublish or unstage whose work is done (or can be done
+// without the record) succeeds. Answering it would have kubelet retry the
+// call for ever, on a condition only a repair of the node's disk ends,
+// with the pod stuck terminating and the node impossible to drain.
+func (d *Driver) leftInDataDir(err error, what, id string) error {
+	var pe *fs.PathError
+	if err == nil || !errors.As(err, &pe) || !strings.HasPrefix(filepath.Clean(pe.Path), filepath.Clean(d.opt.DataDir)+string(filepath.Separator)) ||
+		!(errors.Is(err, syscall.EROFS) || errors.Is(err, syscall.EIO)) {
+		return err
+	}
+	klog.ErrorS(err, "The data dir fails; going on without this "+what, "volumeID", id)
+	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"path/filepath"
 
+	"github.com/csi-snap/csi-snap/cow"
 	"github.com/csi-snap/csi-snap/driver"
 	"github.com/csi-snap/csi-snap/driver/kernel"
 	"k8s.io/klog/v2"
@@ -32,6 +33,12 @@ func openRealEngines(cfg Config) (*engines, error) {
 		// Exiting would leave the volumes the fd holder keeps unserved, their
 		// I/O waiting for ever (driver.NewFailedStore): serve without a store.
 		klog.ErrorS(err, "The store lost an fsync in this boot and opens again only after the node reboots; serving held volumes with I/O errors and answering Unavailable to every call that needs the store. Drain the node and reboot it")
+		st = driver.NewFailedStore(err)
+	case err != nil && !errors.Is(err, cow.ErrInUse):
+		// A corrupt store, a data dir whose file system failed: a restart
+		// cannot help either, and exiting would leave the held volumes
+		// hanging just the same.
+		klog.ErrorS(err, "The store did not open; serving held volumes with I/O errors and answering Unavailable to every call that needs the store. Drain the node, repair the data dir and restart the plugin")
 		st = driver.NewFailedStore(err)
 	case err != nil:
 		return nil, err

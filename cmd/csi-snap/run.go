@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"net/http"
 	"os"
@@ -76,7 +77,14 @@ func run(ctx context.Context, cfg Config) (err error) {
 		defer metricsLn.Close() // served below; closed here if run fails first
 	}
 	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
-		return err
+		// A data dir that exists but fails (its file system shut down
+		// after an error: EIO) leaves the store unopened, and the plugin
+		// serves without it (openRealEngines): exiting would leave the
+		// held volumes hanging.
+		if _, serr := os.Lstat(cfg.DataDir); serr == nil || errors.Is(serr, fs.ErrNotExist) {
+			return err
+		}
+		klog.ErrorS(err, "The data dir fails", "dataDir", cfg.DataDir)
 	}
 	open := cfg.openEngines
 	if open == nil {
