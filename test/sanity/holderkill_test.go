@@ -282,17 +282,7 @@ func TestBothKilledThenRestage(t *testing.T) {
 	writeFile(t, filepath.Join(fsv.target, "keep"), data)
 	rawBytes := alignedBlock(1 << 20)
 	rand.New(rand.NewSource(4)).Read(rawBytes)
-	f, err := os.OpenFile(raw.target, os.O_RDWR|unix.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := f.WriteAt(rawBytes, 1<<20); err != nil {
-		t.Fatal(err)
-	}
-	if err := f.Sync(); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
+	writeDirect(t, raw.target, rawBytes, 1<<20)
 	fsDev := mountSource(t, fsv.staging)
 
 	holder := holderPID(t, kernel.HolderSocket(filepath.Join(k.data, "run"), false))
@@ -340,15 +330,7 @@ func TestBothKilledThenRestage(t *testing.T) {
 	if err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("fs after the restage: %v (equal=%v)", err, bytes.Equal(got, data))
 	}
-	f, err = os.OpenFile(raw.target, os.O_RDONLY|unix.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	gotRaw := alignedBlock(1 << 20)
-	if _, err := f.ReadAt(gotRaw, 1<<20); err != nil || !bytes.Equal(gotRaw, rawBytes) {
-		t.Fatalf("raw after the restage: %v", err)
-	}
+	checkDirect(t, "raw after the restage", raw.target, rawBytes, 1<<20)
 }
 
 // TestPublishDeadVolume: csi-snap and its child fuse-holder are both
@@ -456,17 +438,7 @@ func TestRebootUnstageBlock(t *testing.T) {
 			k.stage(raw, blockCap())
 			rawBytes := alignedBlock(1 << 20)
 			rand.New(rand.NewSource(9)).Read(rawBytes)
-			f, err := os.OpenFile(raw.target, os.O_RDWR|unix.O_DIRECT, 0)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := f.WriteAt(rawBytes, 2<<20); err != nil {
-				t.Fatal(err)
-			}
-			if err := f.Sync(); err != nil {
-				t.Fatal(err)
-			}
-			f.Close()
+			writeDirect(t, raw.target, rawBytes, 2<<20)
 			k.p.cmd.Process.Kill()
 			k.p.exited <- <-k.p.exited
 			forceCleanup(t, dir)
@@ -491,15 +463,7 @@ func TestRebootUnstageBlock(t *testing.T) {
 			}
 			k.stage(raw, blockCap())
 			defer k.unstage(raw)
-			f, err = os.OpenFile(raw.target, os.O_RDONLY|unix.O_DIRECT, 0)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer f.Close()
-			got := alignedBlock(1 << 20)
-			if _, err := f.ReadAt(got, 2<<20); err != nil || !bytes.Equal(got, rawBytes) {
-				t.Fatalf("raw after reboot: %v", err)
-			}
+			checkDirect(t, "raw after reboot", raw.target, rawBytes, 2<<20)
 		})
 	}
 }

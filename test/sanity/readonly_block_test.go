@@ -28,6 +28,38 @@ func alignedBlock(n int) []byte {
 	return b[off : off+n]
 }
 
+// writeDirect writes data (aligned, alignedBlock) at off of the block
+// device at path with O_DIRECT and syncs it.
+func writeDirect(t *testing.T, path string, data []byte, off int64) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(data, off); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// checkDirect reads len(want) bytes at off of the block device at path
+// with O_DIRECT and fails the test, naming what, unless they are want.
+func checkDirect(t *testing.T, what, path string, want []byte, off int64) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	got := alignedBlock(len(want))
+	if _, err := f.ReadAt(got, off); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("%s: %v (equal=%v)", what, err, bytes.Equal(got, want))
+	}
+}
+
 // TestReadOnlyBlockPublish drives the real binary: a raw block volume
 // published twice on one node, writable and read-only. The read-only
 // target refuses writes (a read-only bind of the writable device node would

@@ -22,22 +22,10 @@ import (
 // volume's device, as the mount table says.
 func TestUnpublishUnstageShutDownXFS(t *testing.T) {
 	if _, err := exec.LookPath("xfs_io"); err != nil {
-		t.Skip("xfs_io missing")
+		skipOrFail(t, "SKIPPED LOUDLY: xfs_io is not installed (apt-get install xfsprogs): a shut-down XFS untested")
 	}
-	dir, cc := runPlugin(t)
+	node, id, staging, target, _ := publishedXFS(t, "xfs-shutdown")
 	ctx := context.Background()
-	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
-	xfs := ext4Cap()
-	xfs.GetMount().FsType = "xfs"
-	r, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "xfs-shutdown", CapacityRange: &csi.CapacityRange{RequiredBytes: 320 << 20},
-		VolumeCapabilities: []*csi.VolumeCapability{xfs}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := r.Volume.VolumeId
-	staging, target := filepath.Join(dir, "staging"), filepath.Join(dir, "target")
-	stageAndPublishAs(t, node, id, staging, target, xfs)
-	writeFile(t, filepath.Join(target, "f"), []byte("data"))
 	// The state XFS enters after an I/O error it cannot recover from.
 	if out, err := exec.Command("xfs_io", "-x", "-c", "shutdown", target).CombinedOutput(); err != nil {
 		t.Fatalf("xfs_io shutdown: %v %s", err, out)
@@ -72,20 +60,9 @@ func TestUnpublishUnstageShutDownXFS(t *testing.T) {
 // "delete the pods that use it", then unstage and stage again) on XFS,
 // which shuts down at its first log write to the dead device.
 func TestUnpublishUnstageXFSAfterConnectionLost(t *testing.T) {
-	dir, cc := runPlugin(t)
+	node, id, staging, target, xfs := publishedXFS(t, "xfs-lost")
 	ctx := context.Background()
-	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
-	xfs := ext4Cap()
-	xfs.GetMount().FsType = "xfs"
-	r, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "xfs-lost", CapacityRange: &csi.CapacityRange{RequiredBytes: 320 << 20},
-		VolumeCapabilities: []*csi.VolumeCapability{xfs}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := r.Volume.VolumeId
-	staging, target := filepath.Join(dir, "staging"), filepath.Join(dir, "target")
-	stageAndPublishAs(t, node, id, staging, target, xfs)
-	writeFile(t, filepath.Join(target, "f"), []byte("data"))
+	dir := filepath.Dir(staging)
 	// Abort the volume's FUSE connection (fusectl), as the kernel's
 	// request timeout or an admin does.
 	if _, err := os.Stat("/sys/fs/fuse/connections/abort"); err != nil {
@@ -126,4 +103,27 @@ func TestUnpublishUnstageXFSAfterConnectionLost(t *testing.T) {
 	stageAndPublishAs(t, node, id, staging, target, xfs)
 	mustRead(t, filepath.Join(target, "f"), []byte("data"))
 	unpublishAndUnstage(t, node, id, staging, target)
+}
+
+// publishedXFS starts the plugin, creates volume name with xfs, stages
+// and publishes it (dir/staging, dir/target) and writes the file "f"
+// there ("data"); it returns the node client, the volume's ID, the two
+// paths and the capability.
+func publishedXFS(t *testing.T, name string) (node csi.NodeClient, id, staging, target string, xfs *csi.VolumeCapability) {
+	t.Helper()
+	dir, cc := runPlugin(t)
+	ctrl := csi.NewControllerClient(cc)
+	node = csi.NewNodeClient(cc)
+	xfs = ext4Cap()
+	xfs.GetMount().FsType = "xfs"
+	r, err := ctrl.CreateVolume(context.Background(), &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: 320 << 20},
+		VolumeCapabilities: []*csi.VolumeCapability{xfs}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id = r.Volume.VolumeId
+	staging, target = filepath.Join(dir, "staging"), filepath.Join(dir, "target")
+	stageAndPublishAs(t, node, id, staging, target, xfs)
+	writeFile(t, filepath.Join(target, "f"), []byte("data"))
+	return node, id, staging, target, xfs
 }
