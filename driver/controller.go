@@ -835,6 +835,14 @@ func (d *Driver) quiesceOf(id string) (quiesce, error) {
 	if !ok {
 		return quiesce{}, nil
 	}
+	if d.opt.Frontend.Dead(id) {
+		// Its FUSE connection died (Dead): no I/O of the device reaches
+		// the volume any more, so there is nothing to quiesce, and a
+		// freeze would only fail on the dead device (EIO). The snapshot
+		// holds what reached the store: a backup before the volume is
+		// restaged is what one wants then.
+		return quiesce{}, nil
+	}
 	mp, err := d.mountpointOf(dev)
 	switch {
 	case err != nil:

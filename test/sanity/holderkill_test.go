@@ -568,3 +568,33 @@ func TestKillWhileXfsWrites(t *testing.T) {
 		})
 	}
 }
+
+// TestSnapshotOfDeadVolume: a volume whose FUSE connection died with
+// csi-snap and its fuse-holder takes no I/O through its device any more,
+// so its store image cannot change: a snapshot of it (a backup before the
+// pods are deleted and it is restaged) needs no freeze, which would only
+// fail on the dead device, and holds every write fsynced before the
+// connection died.
+func TestSnapshotOfDeadVolume(t *testing.T) {
+	k, dir := startKillable(t, false)
+	ctx := context.Background()
+	fsv := k.publish(dir, "fs", 64<<20, ext4Cap(), nil, nil)
+	data := make([]byte, 128<<10)
+	rand.New(rand.NewSource(11)).Read(data)
+	writeFile(t, filepath.Join(fsv.target, "keep"), data)
+	holder := holderPID(t, kernel.HolderSocket(filepath.Join(k.data, "run"), false))
+	syscall.Kill(holder, syscall.SIGKILL)
+	k.p.cmd.Process.Kill()
+	for processAlive(holder) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	k.restart()
+	s, err := k.ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "dead-snap", SourceVolumeId: fsv.id})
+	if err != nil {
+		t.Fatalf("snapshot of a volume whose connection died: %v", err)
+	}
+	t.Cleanup(func() { k.ctrl.DeleteSnapshot(context.Background(), &csi.DeleteSnapshotRequest{SnapshotId: s.Snapshot.SnapshotId}) })
+	src := &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: s.Snapshot.SnapshotId}}}
+	r := k.publish(dir, "restored", 64<<20, ext4Cap(), src, nil)
+	mustRead(t, filepath.Join(r.target, "keep"), data)
+}
