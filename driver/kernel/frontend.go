@@ -1161,6 +1161,17 @@ func (f *Frontend) Detach(ctx context.Context, id string) error {
 	if err := detachLoops(ctx, mp); err != nil {
 		return err
 	}
+	if v != nil {
+		// Unmounted from outside: devices still bound to its file read
+		// "/" (orphanedLoops), and the registry removed below is all
+		// that names them. Served here, so their status can be asked.
+		for _, dev := range orphanedLoops(mp) {
+			if err := detachLoop(ctx, dev); err != nil {
+				return err
+			}
+			registerLoop(mp, dev, false)
+		}
+	}
 	if v != nil && f.cfg.BlockingReaders {
 		// Blocking readers are woken to stop through the mount point
 		// (poke), which the lazy unmount of a file someone holds open

@@ -68,6 +68,39 @@ func TestUnmountedFromOutsideLeaksLoop(t *testing.T) {
 	}
 }
 
+// TestDetachAfterOutsideUnmount: as above, but the volume is detached at
+// once (an unstage after the pods went), with no Attach in between: the
+// device bound to the unmounted FUSE file must go with it, not stay bound
+// with its registry removed (nothing could find it again).
+func TestDetachAfterOutsideUnmount(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	fe, _ := newFrontend(t)
+	const id = "vol-umounted-detach"
+	b := newFileBackend(t, t.TempDir(), 16<<20)
+	dev, err := fe.Attach(ctx, id, b, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mp := fe.mountpoint(id)
+	fsDev, _ := fuseDev(mp)
+	n := mustLoopNumber(t, dev)
+	t.Cleanup(func() {
+		if stillOurs(n, mp, fsDev) {
+			exec.Command("losetup", "-d", dev).Run()
+		}
+	})
+	if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil {
+		t.Fatal(err)
+	}
+	if err := fe.Detach(ctx, id); err != nil {
+		t.Fatalf("Detach: %v", err)
+	}
+	if stillOurs(n, mp, fsDev) {
+		t.Errorf("after Detach of %s, its device %s is still bound to the FUSE file unmounted from outside: leaked", id, dev)
+	}
+}
+
 // TestRestartUnmountedFromOutsideLeaksLoop: as above, across a restart:
 // the serving process was killed, the holder keeps the connection, and the
 // FUSE mount is then unmounted from outside with the loop device still
