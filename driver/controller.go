@@ -1006,7 +1006,10 @@ func (d *Driver) thawLeftover(id string) error {
 		var top mount.MountPoint
 		if top, err = d.topMount(mp); err == nil && top.Path != "" {
 			// EINVAL: not frozen (the thaw happened, the removal did not).
-			if err = d.opt.Thaw(mp); errors.Is(err, syscall.EINVAL) {
+			// EIO: a filesystem that fails its open (XFS shut down after
+			// an I/O error) can be thawed by nobody; keeping the marker
+			// would fail every unstage of it for ever.
+			if err = d.opt.Thaw(mp); errors.Is(err, syscall.EINVAL) || errors.Is(err, syscall.EIO) {
 				err = nil
 			} else if err == nil {
 				klog.InfoS("Thawed a filesystem a previous run left frozen", "volumeID", id, "mountpoint", mp)

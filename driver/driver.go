@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"sync"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
@@ -85,6 +86,10 @@ type Driver struct {
 	locks *keyLocks
 	tag   string // node tag of the IDs this node makes (see ids.go)
 	topo  string // TopologyKey segment value (topologyValue of NodeID)
+	// droppedStages holds the stage records an unstage dropped in this
+	// process though the data dir failed to remove them (leftInDataDir):
+	// otherStages must not take them for live stages.
+	droppedStages sync.Map
 }
 
 var driverNameRE = regexp.MustCompile(`^[a-zA-Z0-9]([a-zA-Z0-9.-]{0,61}[a-zA-Z0-9])?$`)

@@ -1246,6 +1246,7 @@ func (d *Driver) writeStageRecord(id, staging string, block bool) error {
 	if err != nil {
 		return err
 	}
+	d.droppedStages.Delete(d.stageRecord(id, staging))
 	return writeMarker(d.stageRecord(id, staging), []byte(bootID()+"\n"+resolvedPath(staging)+"\n"))
 }
 
@@ -1322,6 +1323,9 @@ func (d *Driver) otherStages(id, staging string) ([]string, error) {
 	for _, e := range ents {
 		if e.Name() == self || strings.HasSuffix(e.Name(), ".tmp") {
 			continue
+		}
+		if _, gone := d.droppedStages.Load(filepath.Join(d.stageRecords(id), e.Name())); gone {
+			continue // unstaged, its record left by a failed data dir
 		}
 		b, err := os.ReadFile(filepath.Join(d.stageRecords(id), e.Name()))
 		if err != nil {
@@ -1447,8 +1451,11 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 		if err := d.unmount(staging, id, false); err != nil {
 			return nil, err
 		}
-		if err := d.leftInDataDir(d.dropStageRecord(id, staging), "stage record", id); err != nil {
-			return nil, statusf(codes.Internal, "stage record of %s: %v", id, err)
+		if err := d.dropStageRecord(id, staging); err != nil {
+			if err := d.leftInDataDir(err, "stage record", id); err != nil {
+				return nil, statusf(codes.Internal, "stage record of %s: %v", id, err)
+			}
+			d.droppedStages.Store(d.stageRecord(id, staging), true)
 		}
 		klog.V(2).InfoS("Unstaged volume; still staged elsewhere", "volumeID", id, "stagingPath", staging, "otherStagingPaths", others)
 		return &csi.NodeUnstageVolumeResponse{}, nil

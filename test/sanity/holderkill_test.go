@@ -593,7 +593,9 @@ func TestSnapshotOfDeadVolume(t *testing.T) {
 	if err != nil {
 		t.Fatalf("snapshot of a volume whose connection died: %v", err)
 	}
-	t.Cleanup(func() { k.ctrl.DeleteSnapshot(context.Background(), &csi.DeleteSnapshotRequest{SnapshotId: s.Snapshot.SnapshotId}) })
+	t.Cleanup(func() {
+		k.ctrl.DeleteSnapshot(context.Background(), &csi.DeleteSnapshotRequest{SnapshotId: s.Snapshot.SnapshotId})
+	})
 	src := &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: s.Snapshot.SnapshotId}}}
 	r := k.publish(dir, "restored", 64<<20, ext4Cap(), src, nil)
 	mustRead(t, filepath.Join(r.target, "keep"), data)

@@ -105,6 +105,44 @@ func TestUnpublishUnstageXFSAfterConnectionLost(t *testing.T) {
 	unpublishAndUnstage(t, node, id, staging, target)
 }
 
+// TestUnstageShutDownXFSWithFreezeMarker: a freeze marker of this boot
+// (a plugin killed during a snapshot leaves one; the holder thawed the
+// filesystem) names a staging path whose XFS then shut down: its thaw
+// fails the open with EIO, and nobody can ever thaw it, so the marker must
+// not fail every unstage of the volume for ever.
+func TestUnstageShutDownXFSWithFreezeMarker(t *testing.T) {
+	if _, err := exec.LookPath("xfs_io"); err != nil {
+		skipOrFail(t, "SKIPPED LOUDLY: xfs_io is not installed (apt-get install xfsprogs): a shut-down XFS untested")
+	}
+	node, id, staging, target, _ := publishedXFS(t, "xfs-shutdown-marker")
+	ctx := context.Background()
+	boot, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	data := filepath.Join(filepath.Dir(staging), "data")
+	if err := os.MkdirAll(filepath.Join(data, "frozen"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(data, "frozen", id), []byte(strings.TrimSpace(string(boot))+"\n"+staging), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("xfs_io", "-x", "-c", "shutdown", target).CombinedOutput(); err != nil {
+		t.Fatalf("xfs_io shutdown: %v %s", err, out)
+	}
+	if _, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+		t.Errorf("unpublish of the shut-down filesystem: %v", err)
+	}
+	var err error
+	for range 3 {
+		if _, err = node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err == nil {
+			break
+		}
+	}
+	if err != nil {
+		t.Errorf("unstage of the shut-down filesystem with a freeze marker naming it (3 tries): %v", err)
+		exec.Command("umount", staging).Run()
+		node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging})
+	}
+}
+
 // publishedXFS starts the plugin, creates volume name with xfs, stages
 // and publishes it (dir/staging, dir/target) and writes the file "f"
 // there ("data"); it returns the node client, the volume's ID, the two
