@@ -129,7 +129,10 @@ func testHolderRestartThenPluginKill(t *testing.T, holderSig, pluginSig syscall.
 			}
 			b := make([]byte, 64<<10)
 			rand.New(rand.NewSource(int64(i))).Read(b)
-			name := fmt.Sprintf("f%05d", i)
+			// 800 names, rewritten in turn: 50 MiB of the 128 MiB
+			// filesystem however long the kills take (unbounded, a
+			// slow run filled it: ENOSPC).
+			name := fmt.Sprintf("f%05d", i%800)
 			f, err := os.Create(filepath.Join(fsv.target, name))
 			if err == nil {
 				_, err = f.Write(b)
