@@ -1308,7 +1308,8 @@ func parseStageRecord(b []byte) (path string, ok bool) {
 // spelled), of the finished stages of volume id recorded in this boot
 // while its device is attached (see stageRecord).
 func (d *Driver) otherStages(id, staging string) ([]string, error) {
-	if _, ok := d.opt.Frontend.Device(id); !ok {
+	dev, ok := d.opt.Frontend.Device(id)
+	if !ok {
 		return nil, nil
 	}
 	ents, err := os.ReadDir(d.stageRecords(id))
@@ -1337,6 +1338,16 @@ func (d *Driver) otherStages(id, staging string) ([]string, error) {
 		path, ok := parseStageRecord(b)
 		if !ok || resolvedPath(path) == selfPath {
 			continue // not a record, of another boot, or this path's
+		}
+		if _, err := os.Stat(filepath.Join(d.opt.DataDir, "stage-kinds", id, e.Name())); errors.Is(err, fs.ErrNotExist) {
+			// A mount stage whose path no longer holds the volume's
+			// filesystem was unstaged: its record was left by a data dir
+			// that failed (leftInDataDir) in this process or an earlier
+			// one of this boot (droppedStages is not kept across a
+			// restart).
+			if held, err := d.holdsDevice(path, dev); err == nil && !held {
+				continue
+			}
 		}
 		out = append(out, path)
 	}

@@ -195,11 +195,8 @@ func (f *Frontend) teardown(ctx context.Context, id string, v *volume) error {
 	}
 	// Unmounted from outside: its devices read "/" and loopsOf no longer
 	// finds them; still served here, so their status can be asked.
-	for _, dev := range orphanedLoops(v.mp) {
-		if err := detachLoop(ctx, dev); err != nil {
-			return err
-		}
-		registerLoop(v.mp, dev, false)
+	if err := detachOrphans(ctx, v.mp); err != nil {
+		return err
 	}
 	if isMounted(v.mp) {
 		if err := unmountFuse(v.mp); err != nil {
@@ -640,17 +637,24 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 			// Its mount gone from outside: devices still bound to the
 			// file read "/" (orphanedLoops). The connection was dropped
 			// above, so asking their status waits on nothing.
-			for _, dev := range orphanedLoops(mp) {
-				if err := detachLoop(ctx, dev); err != nil {
-					return "", fmt.Errorf("stale loop device of %s: %w", id, err)
-				}
-				registerLoop(mp, dev, false)
+			if err := detachOrphans(ctx, mp); err != nil {
+				return "", fmt.Errorf("stale loop device of %s: %w", id, err)
 			}
 		}
 		if isMounted(mp) {
 			if err := unmountFuse(mp); err != nil {
 				return "", err
 			}
+		}
+	} else if err == nil || holderAbsent(err) {
+		// Nothing held and nothing mounted: devices still bound to the
+		// file of an earlier mount that was unmounted from outside after
+		// its connection ended (the plugin and its holder died together)
+		// are named only by the registry, which the next Detach removes.
+		// No one keeps that connection, so asking their status waits on
+		// nothing.
+		if err := detachOrphans(ctx, mp); err != nil {
+			return "", fmt.Errorf("stale loop device of %s: %w", id, err)
 		}
 	}
 	return f.attachFresh(ctx, id, mp, b, readOnly)
@@ -1165,11 +1169,8 @@ func (f *Frontend) Detach(ctx context.Context, id string) error {
 		// Unmounted from outside: devices still bound to its file read
 		// "/" (orphanedLoops), and the registry removed below is all
 		// that names them. Served here, so their status can be asked.
-		for _, dev := range orphanedLoops(mp) {
-			if err := detachLoop(ctx, dev); err != nil {
-				return err
-			}
-			registerLoop(mp, dev, false)
+		if err := detachOrphans(ctx, mp); err != nil {
+			return err
 		}
 	}
 	if v != nil && f.cfg.BlockingReaders {
@@ -1202,6 +1203,25 @@ func (f *Frontend) Detach(ctx context.Context, id string) error {
 	}
 	if err := os.Remove(mp); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("remove mount point: %w", err)
+	}
+	return nil
+}
+
+// detachOrphans detaches the devices orphanedLoops finds for mp, as
+// detachLoops does: none while one is bind-mounted somewhere (a raw block
+// publish), whose number could otherwise go to another volume under it.
+func detachOrphans(ctx context.Context, mp string) error {
+	devs := orphanedLoops(mp)
+	for _, dev := range devs {
+		if at := boundAt(dev); at != "" {
+			return fmt.Errorf("%w: %s is bound at %s", ErrBusy, dev, at)
+		}
+	}
+	for _, dev := range devs {
+		if err := detachLoop(ctx, dev); err != nil {
+			return err
+		}
+		registerLoop(mp, dev, false)
 	}
 	return nil
 }
