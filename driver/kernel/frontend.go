@@ -187,6 +187,33 @@ func (v *volume) lost() string {
 	return why
 }
 
+// lostServed is v.lost, except that a mount unmounted from outside (umount
+// -l) whose file v's device is still bound to is not lost: the device holds
+// the file, this process serves its connection, and its I/O works (a pod's
+// filesystem on it goes on). Its device is then found by orphanedLoops.
+func (f *Frontend) lostServed(v *volume) string {
+	why := v.lost()
+	if why == "" || isMounted(v.mp) || v.srv.isDead() {
+		return why
+	}
+	f.mu.Lock()
+	dev := v.dev
+	f.mu.Unlock()
+	alive := false
+	v.withFD(func() error { alive = connAborted(v.fd) == ""; return nil })
+	if alive && dev != "" && slices.Contains(orphanedLoops(v.mp), dev) {
+		return ""
+	}
+	return why
+}
+
+// servedOrphan reports whether dev, the device of v, which this process
+// serves, is still bound to v's file though its mount is gone from the
+// table (lostServed).
+func servedOrphan(v *volume, dev string) bool {
+	return v != nil && !v.isShut() && !v.srv.isDead() && !isMounted(v.mp) && slices.Contains(orphanedLoops(v.mp), dev)
+}
+
 // teardown undoes an attached volume v of id whose connection is dead:
 // its loop devices, its mount, its server and the holder's copy.
 func (f *Frontend) teardown(ctx context.Context, id string, v *volume) error {
@@ -407,7 +434,7 @@ func (f *Frontend) handOverMissing(vols map[string]*volume, current bool) (missi
 			missing++
 			continue
 		}
-		if (!current || f.get(id) == v) && !v.isShut() && v.lost() == "" {
+		if (!current || f.get(id) == v) && !v.isShut() && f.lostServed(v) == "" {
 			p := v.srv.currentParams()
 			if !f.keeps(&p) {
 				missing++
@@ -562,7 +589,7 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 			// the next process, not torn down.
 			return "", fmt.Errorf("%w: %s", ErrClosed, id)
 		}
-		if why := v.lost(); why != "" {
+		if why := f.lostServed(v); why != "" {
 			// Served by this process but dead (aborted through fusectl, or
 			// the kernel's request timeout): every I/O on its device
 			// fails. Tear it down and start over below.
@@ -579,7 +606,7 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 			if v.readOnly != readOnly {
 				return "", fmt.Errorf("%w: %s is attached readOnly=%v", ErrConflict, id, v.readOnly)
 			}
-			if !ownsLoop(v.dev, v.mp) {
+			if !ownsLoop(v.dev, v.mp) && !servedOrphan(v, v.dev) {
 				return f.reattachLoop(ctx, v)
 			}
 			return v.dev, nil
@@ -600,6 +627,16 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 		why := heldConnLost(mp, fd)
 		if why == "" {
 			return f.resume(ctx, id, mp, fd, &params, b, readOnly)
+		}
+		if !isMounted(mp) && connAborted(fd) == "" {
+			// Unmounted from outside, the connection alive: a device
+			// still bound to its file (a pod's filesystem on it) works
+			// once served again. Served first, then looked for.
+			dev, ok, err := f.resumeOrphan(ctx, id, mp, fd, &params, b)
+			if ok || err != nil {
+				return dev, err
+			}
+			fd = -1 // closed: no device of it left; start over below
 		}
 		// The holder kept a connection that can serve nothing: it was
 		// aborted (/sys/fs/fuse/connections/N/abort), or its mount is gone
@@ -651,8 +688,6 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 		// file of an earlier mount that was unmounted from outside after
 		// its connection ended (the plugin and its holder died together)
 		// are named only by the registry, which the next Detach removes.
-		// No one keeps that connection, so asking their status waits on
-		// nothing.
 		if err := detachOrphans(ctx, mp); err != nil {
 			return "", fmt.Errorf("stale loop device of %s: %w", id, err)
 		}
@@ -711,6 +746,12 @@ func heldConnLost(mp string, fd int) string {
 	if !isMounted(mp) {
 		return "mount point is not mounted"
 	}
+	return connAborted(fd)
+}
+
+// connAborted says why the /dev/fuse connection fd is aborted (see
+// heldConnLost), or "".
+func connAborted(fd int) string {
 	pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
 	if n, err := unix.Poll(pfd, 0); err == nil && n > 0 && pfd[0].Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 {
 		return fmt.Sprintf("connection aborted (poll revents %#x)", pfd[0].Revents)
@@ -747,6 +788,36 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 	}
 	klog.InfoS("resumed FUSE connection", "volumeID", id, "device", dev)
 	return dev, nil
+}
+
+// resumeOrphan serves the held connection fd of id, whose mount at mp was
+// unmounted from outside, and takes the device still bound to its file
+// (orphanedLoops, asked once served), the writable one first. ok false:
+// none is (fd closed, the connection left to the caller's cleanup).
+func (f *Frontend) resumeOrphan(ctx context.Context, id, mp string, fd int, params *connParams, b Backend) (dev string, ok bool, err error) {
+	v, done, err := f.startResumed(id, mp, fd, params, b)
+	if err != nil {
+		return "", true, err
+	}
+	defer done()
+	for _, d := range orphanedLoops(mp) {
+		ro, rerr := loopReadOnly(d)
+		if rerr == nil && (dev == "" || !ro && v.readOnly) {
+			dev, v.readOnly = d, ro
+		}
+	}
+	if dev == "" {
+		v.srv.stop()
+		unix.Close(fd)
+		return "", false, nil
+	}
+	v.srv.readOnly.Store(v.readOnly)
+	v.dev = dev
+	if err := f.register(id, v); err != nil {
+		return "", true, err
+	}
+	klog.InfoS("resumed FUSE connection whose mount was unmounted from outside", "volumeID", id, "device", dev)
+	return dev, true, nil
 }
 
 // startResumed serves the held connection fd of id (mounted at mp) from b:
@@ -1207,25 +1278,6 @@ func (f *Frontend) Detach(ctx context.Context, id string) error {
 	return nil
 }
 
-// detachOrphans detaches the devices orphanedLoops finds for mp, as
-// detachLoops does: none while one is bind-mounted somewhere (a raw block
-// publish), whose number could otherwise go to another volume under it.
-func detachOrphans(ctx context.Context, mp string) error {
-	devs := orphanedLoops(mp)
-	for _, dev := range devs {
-		if at := boundAt(dev); at != "" {
-			return fmt.Errorf("%w: %s is bound at %s", ErrBusy, dev, at)
-		}
-	}
-	for _, dev := range devs {
-		if err := detachLoop(ctx, dev); err != nil {
-			return err
-		}
-		registerLoop(mp, dev, false)
-	}
-	return nil
-}
-
 // detachLoops detaches every loop device on the mount point mp: a
 // read-only one that ReadOnlyDevice added first, so that while it is still
 // bound somewhere (ErrBusy) the main device stays attached.
@@ -1244,6 +1296,25 @@ func detachLoops(ctx context.Context, mp string) error {
 			return err
 		}
 		registerLoop(mp, d.dev, false)
+	}
+	return nil
+}
+
+// detachOrphans detaches the devices orphanedLoops finds for mp, as
+// detachLoops does: none while one is bind-mounted somewhere (a raw block
+// publish), whose number could otherwise go to another volume under it.
+func detachOrphans(ctx context.Context, mp string) error {
+	devs := orphanedLoops(mp)
+	for _, dev := range devs {
+		if at := boundAt(dev); at != "" {
+			return fmt.Errorf("%w: %s is bound at %s", ErrBusy, dev, at)
+		}
+	}
+	for _, dev := range devs {
+		if err := detachLoop(ctx, dev); err != nil {
+			return err
+		}
+		registerLoop(mp, dev, false)
 	}
 	return nil
 }
@@ -1400,11 +1471,12 @@ func (f *Frontend) Device(id string) (string, bool) {
 	mp := f.mountpoint(id)
 	f.mu.Lock()
 	dev := ""
-	if v := f.vols[id]; v != nil {
+	v := f.vols[id]
+	if v != nil {
 		dev = v.dev
 	}
 	f.mu.Unlock()
-	if dev != "" && ownsLoop(dev, mp) {
+	if dev != "" && (ownsLoop(dev, mp) || servedOrphan(v, dev)) {
 		return dev, true
 	}
 	return findLoop(mp)
@@ -1463,7 +1535,7 @@ const (
 // live connection under a filesystem.
 func (f *Frontend) held(id string) heldState {
 	if v := f.get(id); v != nil {
-		if !v.isShut() && v.lost() != "" {
+		if !v.isShut() && f.lostServed(v) != "" {
 			// Served here, but aborted (fusectl, the kernel's request
 			// timeout) or unmounted: its I/O fails at once, and only a
 			// teardown (Attach, once nothing holds the device) serves
