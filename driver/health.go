@@ -9,7 +9,6 @@ import (
 	"syscall"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
-	"github.com/csi-snap/csi-snap/driver/kernel"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	mount "k8s.io/mount-utils"
@@ -286,18 +285,9 @@ func (d *Driver) NodeGetStorageHealth(ctx context.Context, req *csi.NodeGetStora
 // super block read-only ("ro" in the super options) before Linux 6.9, and
 // "emergency_ro" from 6.9 on, where the mount stays listed "rw".
 func turnedReadOnly(abs, real string) (ro, known bool) {
-	mis, err := mount.ParseMountInfo("/proc/self/mountinfo")
-	if err != nil {
-		return false, false
-	}
-	for _, mi := range mis {
-		if mp := kernel.UnescapeMount(mi.MountPoint); mp == abs || mp == real {
-			known = true // the last one listed is on top
-			ro = !slices.Contains(mi.MountOptions, "ro") &&
-				(slices.Contains(mi.SuperOptions, "ro") || slices.Contains(mi.SuperOptions, "emergency_ro"))
-		}
-	}
-	return ro, known
+	mi, known := topMountInfo(abs, real)
+	return known && !slices.Contains(mi.MountOptions, "ro") &&
+		(slices.Contains(mi.SuperOptions, "ro") || slices.Contains(mi.SuperOptions, "emergency_ro")), known
 }
 
 // dataDirFails reports an error when the data directory's file system takes

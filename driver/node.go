@@ -187,18 +187,25 @@ func mountinfoDev(path string) (uint64, bool) {
 	if err != nil {
 		return 0, false
 	}
+	mi, ok := topMountInfo(abs, real)
+	return unix.Mkdev(uint32(mi.Major), uint32(mi.Minor)), ok
+}
+
+// topMountInfo returns /proc/self/mountinfo's entry of the mount on top at
+// abs (or real, its resolved spelling), and whether there is one.
+func topMountInfo(abs, real string) (mount.MountInfo, bool) {
 	mis, err := mount.ParseMountInfo("/proc/self/mountinfo")
 	if err != nil {
-		return 0, false
+		return mount.MountInfo{}, false
 	}
-	var dev uint64
+	var top mount.MountInfo
 	found := false
 	for _, mi := range mis {
 		if mp := kernel.UnescapeMount(mi.MountPoint); mp == abs || mp == real {
-			dev, found = unix.Mkdev(uint32(mi.Major), uint32(mi.Minor)), true // the last one listed is on top
+			top, found = mi, true // the last one listed is on top
 		}
 	}
-	return dev, found
+	return top, found
 }
 
 // nodeRdev returns the device number of the block device node at path: a
