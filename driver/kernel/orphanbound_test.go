@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 
@@ -29,9 +28,7 @@ func TestOrphanedBoundDeviceNotDetached(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			mp := fe.mountpoint(id)
-			fsDev, _ := fuseDev(mp)
-			n := mustLoopNumber(t, dev)
+			mp, _, bound := trackLoop(t, fe, id, dev)
 			target := filepath.Join(t.TempDir(), "target")
 			if err := os.WriteFile(target, nil, 0o600); err != nil {
 				t.Fatal(err)
@@ -40,12 +37,7 @@ func TestOrphanedBoundDeviceNotDetached(t *testing.T) {
 				t.Fatalf("bind %s: %v", dev, err)
 			}
 			unbind := func() { unix.Unmount(target, unix.MNT_DETACH) }
-			t.Cleanup(func() {
-				unbind()
-				if stillOurs(n, mp, fsDev) {
-					exec.Command("losetup", "-d", dev).Run()
-				}
-			})
+			t.Cleanup(unbind) // before trackLoop's detach: cleanups run last first
 			if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil {
 				t.Fatal(err)
 			}
@@ -54,7 +46,7 @@ func TestOrphanedBoundDeviceNotDetached(t *testing.T) {
 			} else {
 				err = fe.Detach(ctx, id)
 			}
-			if !stillOurs(n, mp, fsDev) {
+			if !bound() {
 				t.Fatalf("%s after the outside unmount detached %s while it is bound at %s (err %v): its number may go to another volume under the target", via, dev, target, err)
 			}
 			// Detach must refuse (ErrBusy); Attach may refuse, or keep
@@ -91,14 +83,7 @@ func TestOrphanOfDeadMountLeftBehindNewMount(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mp := fe1.mountpoint(id)
-	fsDev, _ := fuseDev(mp)
-	n := mustLoopNumber(t, dev)
-	t.Cleanup(func() {
-		if stillOurs(n, mp, fsDev) {
-			exec.Command("losetup", "-d", dev).Run()
-		}
-	})
+	mp, _, bound := trackLoop(t, fe1, id, dev)
 	fe1.Close()
 	killHolders(t, runDir) // the connection ends with its last fd
 	if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil {
@@ -113,7 +98,7 @@ func TestOrphanOfDeadMountLeftBehindNewMount(t *testing.T) {
 	if err := fe2.Detach(ctx, id); err != nil {
 		t.Fatalf("Detach: %v", err)
 	}
-	if stillOurs(n, mp, fsDev) {
+	if bound() {
 		t.Errorf("after Attach and Detach of %s, its first device %s is still bound to the dead FUSE file of the unmounted mount, and no registry names it any more: leaked until a reboot", id, dev)
 	}
 	killHolders(t, runDir)

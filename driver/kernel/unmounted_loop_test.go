@@ -24,6 +24,24 @@ func stillOurs(n int, mp string, fsDev uint64) bool {
 	return info.Device == fsDev && unix.ByteSliceToString(info.FileName[:]) == mp[:min(len(mp), 63)]
 }
 
+// trackLoop follows dev, the device Attach gave id on fe: it returns id's
+// mount point, dev's number and whether dev is still bound to that
+// mount's FUSE file (the one it has now); a cleanup detaches dev if the
+// test leaves it so.
+func trackLoop(t *testing.T, fe *Frontend, id, dev string) (mp string, n int, bound func() bool) {
+	t.Helper()
+	mp = fe.mountpoint(id)
+	fsDev, _ := fuseDev(mp)
+	n = mustLoopNumber(t, dev)
+	bound = func() bool { return stillOurs(n, mp, fsDev) }
+	t.Cleanup(func() {
+		if bound() {
+			exec.Command("losetup", "-d", dev).Run()
+		}
+	})
+	return mp, n, bound
+}
+
 // TestUnmountedFromOutsideLeaksLoop: the FUSE mount of a served volume is
 // unmounted from outside (umount -l) while its loop device stays bound. Its
 // backing file then reads "/" and the mount's device number is gone, so
@@ -41,14 +59,7 @@ func TestUnmountedFromOutsideLeaksLoop(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mp := fe.mountpoint(id)
-	fsDev, _ := fuseDev(mp)
-	n := mustLoopNumber(t, dev)
-	t.Cleanup(func() {
-		if stillOurs(n, mp, fsDev) {
-			exec.Command("losetup", "-d", dev).Run()
-		}
-	})
+	mp, n, bound := trackLoop(t, fe, id, dev)
 	if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil {
 		t.Fatal(err)
 	}
@@ -63,7 +74,7 @@ func TestUnmountedFromOutsideLeaksLoop(t *testing.T) {
 	if err := fe.Detach(ctx, id); err != nil {
 		t.Fatalf("Detach: %v", err)
 	}
-	if stillOurs(n, mp, fsDev) {
+	if bound() {
 		t.Errorf("after Attach and Detach of %s, its first device %s is still bound to the dead FUSE file of the unmounted mount: leaked", id, dev)
 	}
 }
@@ -82,21 +93,14 @@ func TestDetachAfterOutsideUnmount(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mp := fe.mountpoint(id)
-	fsDev, _ := fuseDev(mp)
-	n := mustLoopNumber(t, dev)
-	t.Cleanup(func() {
-		if stillOurs(n, mp, fsDev) {
-			exec.Command("losetup", "-d", dev).Run()
-		}
-	})
+	mp, _, bound := trackLoop(t, fe, id, dev)
 	if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil {
 		t.Fatal(err)
 	}
 	if err := fe.Detach(ctx, id); err != nil {
 		t.Fatalf("Detach: %v", err)
 	}
-	if stillOurs(n, mp, fsDev) {
+	if bound() {
 		t.Errorf("after Detach of %s, its device %s is still bound to the FUSE file unmounted from outside: leaked", id, dev)
 	}
 }
