@@ -632,7 +632,7 @@ func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bo
 			// Unmounted from outside, the connection alive: a device
 			// still bound to its file (a pod's filesystem on it) works
 			// once served again. Served first, then looked for.
-			dev, ok, err := f.resumeOrphan(ctx, id, mp, fd, &params, b)
+			dev, ok, err := f.resumeOrphan(ctx, id, mp, fd, &params, b, readOnly)
 			if ok || err != nil {
 				return dev, err
 			}
@@ -793,8 +793,10 @@ func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *co
 // resumeOrphan serves the held connection fd of id, whose mount at mp was
 // unmounted from outside, and takes the device still bound to its file
 // (orphanedLoops, asked once served), the writable one first. ok false:
-// none is (fd closed, the connection left to the caller's cleanup).
-func (f *Frontend) resumeOrphan(ctx context.Context, id, mp string, fd int, params *connParams, b Backend) (dev string, ok bool, err error) {
+// none is (fd closed, the connection left to the caller's cleanup). A
+// device of the other mode than readOnly is kept and served with its own,
+// and the answer is ErrConflict, as resume's.
+func (f *Frontend) resumeOrphan(ctx context.Context, id, mp string, fd int, params *connParams, b Backend, readOnly bool) (dev string, ok bool, err error) {
 	v, done, err := f.startResumed(id, mp, fd, params, b)
 	if err != nil {
 		return "", true, err
@@ -815,6 +817,9 @@ func (f *Frontend) resumeOrphan(ctx context.Context, id, mp string, fd int, para
 	v.dev = dev
 	if err := f.register(id, v); err != nil {
 		return "", true, err
+	}
+	if v.readOnly != readOnly {
+		return "", true, fmt.Errorf("%w: %s resumed on %s with readOnly=%v", ErrConflict, id, dev, v.readOnly)
 	}
 	klog.InfoS("resumed FUSE connection whose mount was unmounted from outside", "volumeID", id, "device", dev)
 	return dev, true, nil

@@ -2,6 +2,8 @@ package kernel
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -137,5 +139,56 @@ func TestRestartUnmountedFromOutsideLeaksLoop(t *testing.T) {
 	reattachCheck(t, runDir, backing, id, size, want, nil)
 	if stillOurs(n, mp, fsDev) {
 		t.Errorf("after the restarted Attach and Detach of %s, its first device %s is still bound to the dead FUSE file: leaked", id, dev)
+	}
+}
+
+// TestResumeOrphanModeConflict: a volume attached read-write is resumed by
+// the next process after its FUSE mount was unmounted from outside, its
+// loop device still bound to the file (resumeOrphan). Asked read-only, the
+// resume must say the device it kept has the other mode (ErrConflict, as a
+// resume of a mounted volume does: TestResumeStaleAttributes), not hand a
+// writable device to a caller that asked for a read-only one; asked as it
+// was attached, it returns that device.
+func TestResumeOrphanModeConflict(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	for _, askRO := range []bool{true, false} {
+		t.Run(fmt.Sprintf("askRO=%v", askRO), func(t *testing.T) {
+			fe, runDir := newFrontend(t)
+			const id = "vol-orphan-mode"
+			b := newFileBackend(t, t.TempDir(), 16<<20)
+			dev, err := fe.Attach(ctx, id, b, false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			mp, _, bound := trackLoop(t, fe, id, dev)
+			fe.Close()
+			if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil {
+				t.Fatal(err)
+			}
+			fe2, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand(), Readers: 4})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() {
+				if err := fe2.Detach(ctx, id); err != nil {
+					t.Errorf("detach: %v", err)
+				}
+				fe2.Close()
+				if bound() {
+					t.Errorf("%s still bound after Detach", dev)
+				}
+			})
+			got, err := fe2.Attach(ctx, id, b, askRO)
+			if askRO {
+				if !errors.Is(err, ErrConflict) {
+					t.Fatalf("resume of the orphaned read-write device asking readOnly: %q, %v; want ErrConflict", got, err)
+				}
+				return
+			}
+			if err != nil || got != dev {
+				t.Fatalf("resume = %q, %v; want %q", got, err, dev)
+			}
+		})
 	}
 }
