@@ -582,8 +582,14 @@ func (s *server) handle(in, out []byte) int {
 	case opStatfs:
 		p := out[outHeaderSize : outHeaderSize+statfsOutSize]
 		clear(p)
-		blocks := uint64(s.b.Size()) / 4096
-		le.PutUint64(p[0:], blocks)
+		// A zero-block filesystem, as proc's: this mount holds one file
+		// of fixed size, plumbing for the loop device, not space anyone
+		// can use. Its size with nothing free made df list every
+		// volume's mount at 100 % and monitoring that alerts on full
+		// filesystems (node-exporter counts fuse.* types) fire for each;
+		// with no blocks, df leaves it out unless asked (-a) and no
+		// "almost full" rule matches. The volume's own use is the
+		// statfs of the filesystem on its device (NodeGetVolumeStats).
 		le.PutUint32(p[40:], 4096) // bsize
 		le.PutUint32(p[44:], 255)  // namelen
 		le.PutUint32(p[48:], 4096) // frsize
