@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -427,6 +428,9 @@ func (s *Store) load() error {
 		if err == nil {
 			err = v.openMissing()
 		}
+	}
+	if err == nil {
+		err = s.unrecordedFilesEmpty()
 	}
 	s.dirty = nil
 	if err != nil {
@@ -850,6 +854,45 @@ func (s *Store) finishOpen() error {
 			if err := s.fs.Remove(n); err != nil {
 				return err
 			}
+		}
+	}
+	return nil
+}
+
+// unrecordedFilesEmpty refuses (ErrCorrupt) a store with a data or COW
+// file that holds data for an object number no replayed record reached (at
+// or past nextObj). createFiles leaves such files empty and nothing writes
+// them before their record is durable, so no crash leaves one with data:
+// it belonged to a volume whose record was durable and is now unreadable (a
+// damaged last batch, which replay takes for a torn append), and
+// finishOpen would remove the volume's data as a leftover. Checked before
+// Open changes anything, so the log and the files stay for a repair.
+func (s *Store) unrecordedFilesEmpty() error {
+	names, err := s.fs.List()
+	if err != nil {
+		return err
+	}
+	for _, n := range names {
+		num, ext, _ := strings.Cut(n, ".")
+		obj, perr := strconv.ParseUint(num, 16, 32)
+		if perr != nil || len(num) != 8 || ext != "data" && ext != "cow" || uint32(obj) < s.nextObj {
+			continue
+		}
+		f, err := s.fs.Open(n, false)
+		if err != nil {
+			return err
+		}
+		size, err := f.Size()
+		var ex extents
+		if err == nil && size > 0 {
+			ex, err = dataExtents(f, 0, size)
+		}
+		f.Close()
+		if err != nil {
+			return err
+		}
+		if len(ex) > 0 {
+			return corruptf("%s holds data at %d, but no record of the log names object %d (next object %d): the log lost the record that created it", n, ex[0].off, obj, s.nextObj)
 		}
 	}
 	return nil
