@@ -375,7 +375,11 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 			return nil, toStatus(fmt.Errorf("source snapshot %s: %w", snapID, err))
 		}
 		if s.Invalid {
-			return nil, statusf(codes.FailedPrecondition, "source snapshot %s is invalid (it went over its COW limit, or was given up when the node's disk ran below the free-space reserve)", snapID)
+			// The CSI spec's "Source incompatible or not supported": a
+			// source no volume can be made from is INVALID_ARGUMENT (the
+			// caller must pick another source), and a given-up snapshot
+			// never comes back.
+			return nil, statusf(codes.InvalidArgument, "source snapshot %s is invalid (it went over its COW limit, or was given up when the node's disk ran below the free-space reserve): no volume can be restored from it", snapID)
 		}
 		floor = s.Size
 	case srcVolID != "":
@@ -412,6 +416,10 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	switch {
 	case snapID != "":
 		v, err = d.opt.Store.CloneSnapshot(snapID, id, size, opts)
+		if errors.Is(err, ErrInvalidated) {
+			// Given up since the check above.
+			return nil, statusf(codes.InvalidArgument, "source snapshot %s is invalid: %v", snapID, err)
+		}
 	case srcVolID != "":
 		// A clone is a snapshot's copy made writable: the source's
 		// filesystem, if it is mounted here, is frozen around it as around

@@ -24,7 +24,7 @@ import (
 // written, snapshotted, and rewritten whole through its loop device while
 // only about 24 MiB are free, less than the 32 MiB of copies the rewrite
 // needs. Every write and the fsync succeed and read back; the snapshot is
-// given up (ReadyToUse false, a restore from it FailedPrecondition); the
+// given up (ReadyToUse false, a restore from it InvalidArgument); the
 // plugin stays ready and the volume unpublishes, unstages and deletes.
 // Without the reserve the committer's copies would hit ENOSPC after the
 // writes were answered and fail the store (cow TestMinFreeFullDisk shows
@@ -137,8 +137,8 @@ func TestFullDiskKeepsVolumeWorking(t *testing.T) {
 		VolumeCapabilities: []*csi.VolumeCapability{blockCap()},
 		VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
 			Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snapID}}}})
-	if status.Code(err) != codes.FailedPrecondition {
-		t.Fatalf("restore from the given-up snapshot: %v, want FailedPrecondition", err)
+	if status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("restore from the given-up snapshot: %v, want InvalidArgument (CSI: source incompatible or not supported)", err)
 	}
 
 	if _, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
