@@ -1113,7 +1113,7 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 	// Held from before the put: a put that timed out may still be in the
 	// holder's queue and land after the cleanup, keeping a dead
 	// connection under id (which Attached would then list). A drop of an
-	// id the holder lacks is harmless.
+	// id the holder lacks changes nothing (and does not end it).
 	held = true
 	if err = f.holderPut(id, &p, fd); err != nil {
 		return "", err

@@ -451,10 +451,20 @@ func serveHolderConn(c *net.UnixConn, m holderMsg, held map[string]heldConn, onE
 		reply(resp, h.fd)
 	case "drop":
 		closeAll(fds)
-		if h, ok := held[req.ID]; ok {
-			unix.Close(h.fd)
-			delete(held, req.ID)
+		h, ok := held[req.ID]
+		if !ok {
+			// Nothing to drop: a Detach of a volume this holder never
+			// got (an unstage repeated, a failed attach's cleanup). A
+			// holder empty because it was just started for another
+			// volume's put must stay for that put (it used to exit, and
+			// that stage failed with "exited at start"): only the drop
+			// that empties it ends it, and the idle timeout one never
+			// given anything.
+			reply(resp, -1)
+			return false, false
 		}
+		unix.Close(h.fd)
+		delete(held, req.ID)
 		if len(held) == 0 {
 			onEmpty()
 		}
