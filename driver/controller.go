@@ -888,6 +888,20 @@ func (d *Driver) frozenAll(ids []string, fn func() error) error {
 		}
 		qs[i] = q
 	}
+	// Filesystems first, devices to write back last, right before fn: a
+	// device's buffered writes are taken up to its write-back, a frozen
+	// filesystem's up to its freeze, after which it takes none; writing a
+	// device back before a later freeze would cut it earlier than that
+	// filesystem, which then holds writes that came after ones the device
+	// lost.
+	ids, qs = slices.Clone(ids), slices.Clone(qs)
+	for i, j := 0, 0; i < len(qs); i++ {
+		if qs[i].mp != "" {
+			ids[i], ids[j] = ids[j], ids[i]
+			qs[i], qs[j] = qs[j], qs[i]
+			j++
+		}
+	}
 	return d.freezeEach(ids, qs, fn)
 }
 
