@@ -589,7 +589,9 @@ func (v *Volume) punchUnreadable() {
 	if n := len(v.chain); n > 0 {
 		newest = v.chain[n-1]
 	}
-	size := v.size
+	// To the end of the last chunk: a clone writes its last chunk whole,
+	// past its size too, and nobody reads there.
+	size := chunks(v.size, v.shift) << v.shift
 	var spans []span
 	from := int64(0)
 	if newest != nil {

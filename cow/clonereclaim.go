@@ -75,7 +75,12 @@ func (v *Volume) punchCloned(cand extents) {
 	if len(chain) > 0 {
 		newestSize = chain[len(chain)-1].size
 	}
-	whole := extents{{0, newestSize}}
+	// Up to the end of the last chunk: no snapshot reads past its size
+	// (readChunk), so the part of a copy of the last chunk past it, and
+	// what a clone's write of its last chunk put in the data file past
+	// the volume's size, are needed by nobody; lack below stays within
+	// each snapshot's size.
+	whole := extents{{0, chunks(max(newestSize, v.size), v.shift) << v.shift}}
 	if cand == nil {
 		cand = whole
 	} else {

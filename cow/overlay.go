@@ -99,14 +99,22 @@ type ovEntry struct {
 	// it is also all of data that is valid.
 	lo, hi int64
 	// wrote: a write with data (not a discard) changed the entry and no
-	// later discard covered all it changed. Only an entry changed by
-	// discards alone is punched in the data file when applied; written
-	// zeros are written, as writeDirect does for a chunk without an entry.
+	// later discard covered all it changed. An entry changed by discards
+	// alone is punched in the data file when applied; one a write changed
+	// too is written, then its discarded blocks are punched (discarded);
+	// written zeros are written, as writeDirect does for a chunk without
+	// an entry.
 	// A punch costs ext4 a journal transaction and waits for writeback of
 	// the range (measured: about 300 µs per 16 KiB chunk while the
 	// committer's fsyncs run, against 7 µs for the write), and it fragments
 	// the data file a volume's writes keep filling.
 	wrote bool
+	// discarded: the bytes of the chunk (offsets within it) a discard
+	// zeroed and no later write changed. When the entry is applied as a
+	// write (wrote), their whole blocks are punched after it, as a
+	// discard without an entry would have (FORMAT.md, "Data and COW
+	// files"): otherwise they stay allocated as written zeros.
+	discarded extents
 	// journaled: the kill journal holds records of writes to the entry
 	// (journal.go), and the apply must settle them; jEpoch is the epoch of
 	// the first. Guarded by the stripe and the journal's mu.
@@ -341,6 +349,10 @@ func (v *Volume) readPending(c, o int64, p []byte) (bool, error) {
 	return false, nil
 }
 
+// holeBlock is the block size discarded bytes of an entry are punched in
+// (a partial block is only zeroed by a punch anyway).
+const holeBlock = 4096
+
 func (e *ovEntry) apply() error {
 	v := e.v
 	st := &v.stripes[e.c%nStripes]
@@ -363,6 +375,13 @@ func (e *ovEntry) apply() error {
 		err = v.s.zeroData(v.data, off+lo, hi-lo)
 	default:
 		err = writeFull(v.data, e.data[lo:hi], off+lo)
+		// The discarded blocks among them: holes, as a discard makes.
+		for _, d := range e.discarded {
+			a, b := (d.off+holeBlock-1)&^(holeBlock-1), d.end&^(holeBlock-1)
+			if err == nil && a < b {
+				err = v.s.zeroData(v.data, off+a, b-a)
+			}
+		}
 	}
 	v.dirty.Store(true)
 	if err != nil {
@@ -477,6 +496,9 @@ func (e *ovEntry) write(o, m int64, src []byte) error {
 	if src != nil {
 		copy(e.data[o:o+m], src)
 		e.wrote = true
+		if len(e.discarded) > 0 {
+			e.discarded = subtract(e.discarded, extents{{o, o + m}})
+		}
 	} else {
 		if e.lo >= e.hi || o <= e.lo && o+m >= e.hi {
 			// The discard covers every byte changed so far: the entry
@@ -484,6 +506,7 @@ func (e *ovEntry) write(o, m int64, src []byte) error {
 			e.wrote = false
 		}
 		clear(e.data[o : o+m])
+		e.discarded = union(e.discarded, extents{{o, o + m}})
 	}
 	e.touch(o, m)
 	return nil

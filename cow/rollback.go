@@ -507,12 +507,18 @@ func (v *Volume) rollbackWrite(sn *Snapshot) (RollbackResult, error) {
 			return res, err
 		}
 		for _, e := range tail {
-			for off := e.off; off < e.end; {
-				n := min(e.end-off, rollbackPiece)
+			// An extent that ends at the data file's end (SEEK_HOLE
+			// reports the end of the file, not of its last block) ends
+			// inside a block: a discard of only part of that block zeros
+			// it and keeps it allocated. Discard up to the chunk's end
+			// (within the volume), which reads zeros past e.end anyway.
+			end := min((e.end+v.chunkSize-1)&^(v.chunkSize-1), size)
+			for off := e.off; off < end; {
+				n := min(end-off, rollbackPiece)
 				if err := v.modify(off, n, nil, true); err != nil {
 					return res, err
 				}
-				res.TailBytes += n
+				res.TailBytes += min(off+n, e.end) - min(off, e.end) // the data only
 				off += n
 			}
 		}
