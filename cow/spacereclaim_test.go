@@ -298,6 +298,26 @@ func (p *pm) needed() int64 {
 	return n
 }
 
+// eachLive calls add with every block identity a live volume or snapshot
+// reads, and those past a volume's size in its last chunk (slack: a
+// clone's last chunk is written whole, writeClone and ovEntry.apply, past
+// the volume's size too).
+func (p *pm) eachLive(add func(uint64)) {
+	for _, v := range p.vols {
+		for b := int64(0); b*pmBlk < v.size; b++ {
+			add(p.resolveVol(v, b))
+		}
+		for b := (v.size + pmBlk - 1) / pmBlk; b < int64(len(v.data)); b++ {
+			add(v.data[b])
+		}
+	}
+	for _, sn := range p.snaps {
+		for b := int64(0); b*pmBlk < sn.size; b++ {
+			add(p.resolveSnap(sn, b))
+		}
+	}
+}
+
 func (p *pm) neededBy() (int64, map[string]int64) {
 	seen := map[uint64]bool{}
 	add := func(id uint64) {
@@ -312,21 +332,7 @@ func (p *pm) neededBy() (int64, map[string]int64) {
 		}
 		seen[id] = true
 	}
-	for _, v := range p.vols {
-		for b := int64(0); b*pmBlk < v.size; b++ {
-			add(p.resolveVol(v, b))
-		}
-		// Slack: a clone's last chunk is written whole (writeClone,
-		// ovEntry.apply), past the volume's size too.
-		for b := (v.size + pmBlk - 1) / pmBlk; b < int64(len(v.data)); b++ {
-			add(v.data[b])
-		}
-	}
-	for _, sn := range p.snaps {
-		for b := int64(0); b*pmBlk < sn.size; b++ {
-			add(p.resolveSnap(sn, b))
-		}
-	}
+	p.eachLive(add)
 	// Documented slack (doc.go, "Lifetimes"): the bytes of a deleted
 	// snapshot kept for its clones are freed only once those clones are
 	// deleted, or once its volume is deleted with all its snapshots
@@ -852,19 +858,7 @@ func (p *pm) liveNeedBy() (int64, map[string]int64) {
 			seen[x] = true
 		}
 	}
-	for _, v := range p.vols {
-		for b := int64(0); b*pmBlk < v.size; b++ {
-			add(p.resolveVol(v, b))
-		}
-		for b := (v.size + pmBlk - 1) / pmBlk; b < int64(len(v.data)); b++ {
-			add(v.data[b])
-		}
-	}
-	for _, sn := range p.snaps {
-		for b := int64(0); b*pmBlk < sn.size; b++ {
-			add(p.resolveSnap(sn, b))
-		}
-	}
+	p.eachLive(add)
 	// CloneVolume's internal snapshots that back a live clone are part of
 	// it (Stats): all they read, as a live snapshot.
 	for _, c := range p.vols {
