@@ -120,6 +120,24 @@ func newFileBackend(t testing.TB, dir string, size int64) *countingBackend {
 
 func testHolderCommand() []string { return []string{os.Args[0], "fuse-holder"} }
 
+// nextFrontend is the Frontend of the next process on runDir (after a
+// Close or a kill of the one before); at the end it detaches id and
+// closes.
+func nextFrontend(t testing.TB, runDir, id string) *Frontend {
+	t.Helper()
+	fe, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand(), Readers: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := fe.Detach(context.Background(), id); err != nil {
+			t.Errorf("detach: %v", err)
+		}
+		fe.Close()
+	})
+	return fe
+}
+
 // newFrontend returns a Frontend in a fresh run dir whose holder is this
 // test binary, and checks at the end that nothing it made is left behind.
 func newFrontend(t testing.TB) (*Frontend, string) {

@@ -1186,16 +1186,7 @@ func TestResumeStaleAttributes(t *testing.T) {
 			}
 			fe.Close()
 
-			fe2, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand(), Readers: 4})
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() {
-				if err := fe2.Detach(ctx, id); err != nil {
-					t.Errorf("detach: %v", err)
-				}
-				fe2.Close()
-			})
+			fe2 := nextFrontend(t, runDir, id)
 			type res struct {
 				dev string
 				err error

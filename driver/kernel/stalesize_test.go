@@ -66,16 +66,7 @@ func TestResumeAfterGrowWithoutDevice(t *testing.T) {
 	if err := b.Grow(2 * size); err != nil {
 		t.Fatal(err)
 	}
-	fe2, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand(), Readers: 4})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := fe2.Detach(ctx, id); err != nil {
-			t.Errorf("detach: %v", err)
-		}
-		fe2.Close()
-	})
+	fe2 := nextFrontend(t, runDir, id)
 	for try := 0; try < 2; try++ {
 		dev2, err := fe2.Attach(ctx, id, b, false)
 		if err != nil {

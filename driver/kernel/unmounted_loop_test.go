@@ -166,19 +166,12 @@ func TestResumeOrphanModeConflict(t *testing.T) {
 			if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil {
 				t.Fatal(err)
 			}
-			fe2, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand(), Readers: 4})
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() {
-				if err := fe2.Detach(ctx, id); err != nil {
-					t.Errorf("detach: %v", err)
-				}
-				fe2.Close()
+			t.Cleanup(func() { // after fe2's Detach (cleanups run last first)
 				if bound() {
 					t.Errorf("%s still bound after Detach", dev)
 				}
 			})
+			fe2 := nextFrontend(t, runDir, id)
 			got, err := fe2.Attach(ctx, id, b, askRO)
 			if askRO {
 				if !errors.Is(err, ErrConflict) {
