@@ -32,3 +32,18 @@ func TestZeroCapacityPollIntervalRefused(t *testing.T) {
 		}
 	}
 }
+
+// TestSubSecondCapacityPollIntervalRefused: the schema refuses "0s", "1ns"
+// and "500us", but the same durations written in seconds with a fraction
+// pass it: "0.0000000001s" is time.ParseDuration's 0 (the fraction below a
+// nanosecond is dropped), the no-pause loop the schema is there to refuse,
+// and "0.000000001s" is the "1ns" refused above. "0.0001m" is 6ms.
+func TestSubSecondCapacityPollIntervalRefused(t *testing.T) {
+	t.Parallel()
+	for _, v := range []string{"0.0000000001s", "0.000000001s", "0.5s", "0.0001m", "0.00001h"} {
+		if _, _, err := helm(t, "template", release, ".", "--namespace", namespace, snapshotAPI,
+			"--set", "sidecars.provisioner.capacityPollInterval="+v); err == nil {
+			t.Errorf("capacityPollInterval=%s rendered: below a second (0.0000000001s parses as 0: no pause at all)", v)
+		}
+	}
+}
