@@ -148,7 +148,8 @@ func TestRestartUnmountedFromOutsideLeaksLoop(t *testing.T) {
 // resume must say the device it kept has the other mode (ErrConflict, as a
 // resume of a mounted volume does: TestResumeStaleAttributes), not hand a
 // writable device to a caller that asked for a read-only one; asked as it
-// was attached, it returns that device.
+// was attached (or again after the conflict), it returns that device,
+// which takes writes.
 func TestResumeOrphanModeConflict(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()
@@ -177,10 +178,23 @@ func TestResumeOrphanModeConflict(t *testing.T) {
 				if !errors.Is(err, ErrConflict) {
 					t.Fatalf("resume of the orphaned read-write device asking readOnly: %q, %v; want ErrConflict", got, err)
 				}
-				return
+				// Registered with the device's own mode: asked so, the
+				// volume answers with that device.
+				got, err = fe2.Attach(ctx, id, b, false)
 			}
 			if err != nil || got != dev {
 				t.Fatalf("resume = %q, %v; want %q", got, err, dev)
+			}
+			f, err := os.OpenFile(got, os.O_RDWR|unix.O_DIRECT, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			if _, err := f.WriteAt(alignedBuf(4096), 0); err != nil {
+				t.Fatalf("write through the resumed device: %v", err)
+			}
+			if err := f.Sync(); err != nil {
+				t.Fatalf("fsync of the resumed device: %v", err)
 			}
 		})
 	}
