@@ -547,6 +547,9 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err := checkNodeCapability(req.GetVolumeCapability()); err != nil {
 		return nil, err
 	}
+	if err := notSymlink(staging, "staging_target_path"); err != nil {
+		return nil, err
+	}
 	// The staging path too: two volumes staged at one new path at once
 	// would both find it free and stack their mounts (as publishes at one
 	// target, targetKey).
@@ -1672,6 +1675,19 @@ func pathKind(path, field string, dir bool) error {
 	return statusf(codes.FailedPrecondition, "%s %s is a %s; a block publish binds the device onto an empty file", field, path, fileKind(fi))
 }
 
+// notSymlink refuses a path that is itself a symlink (FailedPrecondition,
+// as pathKind does): the mount table lists resolved paths, so a symlink to
+// the volume's own stage or publish would be taken for that mount (a
+// stage or publish answered OK with nothing mounted at path), and its
+// unstage or unpublish refuses a symlink (unmount) for ever. Symlinks
+// above the path are fine.
+func notSymlink(path, field string) error {
+	if fi, err := os.Lstat(filepath.Clean(path)); err == nil && fi.Mode()&fs.ModeSymlink != 0 {
+		return statusf(codes.FailedPrecondition, "%s %s is a symlink", field, path)
+	}
+	return nil
+}
+
 // hasFilesystemMounted reports whether the filesystem of device dev is
 // mounted somewhere (staged for mount access); false if the mount table
 // cannot be read.
@@ -1759,6 +1775,9 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		// made (OK, with nothing published), and its unpublish would
 		// unmount the stage.
 		return nil, statusf(codes.InvalidArgument, "target_path %s is the staging_target_path: a volume is published at a path of its own", target)
+	}
+	if err := notSymlink(target, "target_path"); err != nil {
+		return nil, err
 	}
 	// The target too: two volumes published at one new target at once
 	// would both find it free and stack their binds.

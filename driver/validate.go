@@ -2,6 +2,7 @@ package driver
 
 import (
 	"errors"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -97,6 +98,15 @@ func checkCapabilityAs(c *csi.VolumeCapability, unsupported codes.Code) error {
 		for _, f := range at.Mount.GetMountFlags() {
 			if strings.ContainsAny(f, "\x00\n") {
 				return statusf(codes.InvalidArgument, "mount flag %q holds a control character", f)
+			}
+			for _, o := range strings.Split(f, ",") {
+				// mount(8) sets up a loop device of its own over the
+				// volume's and mounts that: the stage's mount is then no
+				// mount of the volume's device, never unstaged, and the
+				// volume never detached.
+				if name, _, _ := strings.Cut(strings.ToLower(strings.TrimSpace(o)), "="); slices.Contains([]string{"loop", "offset", "sizelimit", "encryption"}, name) {
+					return statusf(codes.InvalidArgument, "mount flag %q: %s makes mount(8) set up a loop device of its own; the volume is a block device already", f, name)
+				}
 			}
 		}
 	case *csi.VolumeCapability_Block:

@@ -731,6 +731,8 @@ func mountLine(a []string) bool {
 	for _, o := range strings.Split(a[3], ",") {
 		name, _, _ := strings.Cut(strings.ToLower(o), "=")
 		if o == "" || strings.HasPrefix(o, "-") || slices.Contains([]string{"bind", "rbind", "move", "remount", "helper"}, name) ||
+			// Options that make mount(8) set up a loop device over it.
+			slices.Contains([]string{"loop", "offset", "sizelimit", "encryption"}, name) ||
 			// Options that name another block device, which the kernel
 			// opens (and XFS writes its external log to).
 			slices.Contains([]string{"logdev", "rtdev", "journal_path", "journal_dev"}, name) ||
