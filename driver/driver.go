@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"regexp"
 	"sync"
+	"unicode/utf8"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
@@ -104,6 +105,11 @@ func CheckNames(name, nodeID string) error {
 	// node name, its usual value, reaches 253.
 	if nodeID == "" || len(nodeID) > maxNodeIDBytes {
 		return fmt.Errorf("node id %q: %w: must be 1..%d bytes", nodeID, ErrBadArgument, maxNodeIDBytes)
+	}
+	// node_id is a proto3 string: one that is not UTF-8 fails every
+	// NodeGetInfo response to marshal.
+	if !utf8.ValidString(nodeID) {
+		return fmt.Errorf("node id %q: %w: must be valid UTF-8", nodeID, ErrBadArgument)
 	}
 	return nil
 }
