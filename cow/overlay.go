@@ -350,8 +350,69 @@ func (v *Volume) readPending(c, o int64, p []byte) (bool, error) {
 }
 
 // holeBlock is the block size discarded bytes of an entry are punched in
-// (a partial block is only zeroed by a punch anyway).
+// (a partial block is only zeroed by a punch anyway), and the size of the
+// zero pieces applyWrite leaves unwritten over holes.
 const holeBlock = 4096
+
+// applyWrite writes bytes [lo, hi) of e's chunk to the data file, leaving
+// holes where it can: a discard punches (FORMAT.md, "Data and COW files"),
+// and a byte that reads zero in a hole needs no block. So the pieces of
+// [lo, hi) (cut at holeBlock boundaries of the file) that are zero in the
+// entry and lie in a hole of the data file are not written (a write of
+// them would allocate blocks nobody wrote: the zeros of a discard's
+// partial block, or of a gap the entry read from a hole), and the whole
+// blocks of discarded bytes that hold data are punched after the write.
+// The data file's holes are looked up only when some piece is zero, once
+// per apply (SEEK_DATA); a file without extents (the power-loss test's)
+// has none. Under the entry's stripe, held by apply: no one else writes
+// the chunk meanwhile, and a hole reads zeros whatever happens after.
+func (e *ovEntry) applyWrite(lo, hi int64) error {
+	v := e.v
+	off := e.c << v.shift
+	zeroPiece := false
+	for a := lo; a < hi && !zeroPiece; {
+		b := min((off+a+holeBlock)&^(holeBlock-1)-off, hi)
+		zeroPiece = allZero(e.data[a:b])
+		a = b
+	}
+	var holes extents // within the chunk
+	if zeroPiece {
+		data, err := dataExtents(v.data, off+lo, off+hi)
+		if err != nil {
+			return err
+		}
+		for _, h := range subtract(extents{{off + lo, off + hi}}, data) {
+			holes = holes.add(h.off-off, h.end-off)
+		}
+	}
+	var skip extents
+	for _, h := range holes {
+		for a := h.off; a < h.end; {
+			b := min((off+a+holeBlock)&^(holeBlock-1)-off, h.end)
+			if allZero(e.data[a:b]) {
+				skip = skip.add(a, b)
+			}
+			a = b
+		}
+	}
+	for _, w := range subtract(extents{{lo, hi}}, skip) {
+		if err := writeFull(v.data, e.data[w.off:w.end], off+w.off); err != nil {
+			return err
+		}
+	}
+	for _, d := range e.discarded {
+		a, b := (d.off+holeBlock-1)&^(holeBlock-1), d.end&^(holeBlock-1)
+		if a >= b {
+			continue
+		}
+		for _, p := range subtract(extents{{a, b}}, holes) {
+			if err := v.s.zeroData(v.data, off+p.off, p.end-p.off); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
 
 func (e *ovEntry) apply() error {
 	v := e.v
@@ -374,14 +435,7 @@ func (e *ovEntry) apply() error {
 	case !e.wrote && allZero(e.data[lo:hi]) && (lo == 0 && hi == v.chunkSize || present):
 		err = v.s.zeroData(v.data, off+lo, hi-lo)
 	default:
-		err = writeFull(v.data, e.data[lo:hi], off+lo)
-		// The discarded blocks among them: holes, as a discard makes.
-		for _, d := range e.discarded {
-			a, b := (d.off+holeBlock-1)&^(holeBlock-1), d.end&^(holeBlock-1)
-			if err == nil && a < b {
-				err = v.s.zeroData(v.data, off+a, b-a)
-			}
-		}
+		err = e.applyWrite(lo, hi)
 	}
 	v.dirty.Store(true)
 	if err != nil {
