@@ -9,26 +9,26 @@ import (
 	"testing"
 )
 
-// TestRev11UnalignedReclaimModel: the space model's operations with sizes
+// TestUnalignedReclaimModel: the space model's operations with sizes
 // that are not multiples of 4096 and chunk sizes up to 64 KiB, checking
 // only bytes (every live volume and snapshot against the content model).
-func TestRev11UnalignedReclaimModel(t *testing.T) {
+func TestUnalignedReclaimModel(t *testing.T) {
 	n, steps := 40, 300
-	if s := os.Getenv("REV11_SEEDS"); s != "" {
+	if s := os.Getenv("UNALIGNED_SEEDS"); s != "" {
 		n, _ = strconv.Atoi(s)
 	}
 	first := int64(1)
-	if s := os.Getenv("REV11_SEED"); s != "" {
+	if s := os.Getenv("UNALIGNED_SEED"); s != "" {
 		first, _ = strconv.ParseInt(s, 10, 64)
 		n = 1
 	}
 	for i := range n {
 		seed := first + int64(i)
-		t.Run(fmt.Sprint(seed), func(t *testing.T) { rev11Model(t, seed, steps) })
+		t.Run(fmt.Sprint(seed), func(t *testing.T) { unalignedReclaimModel(t, seed, steps) })
 	}
 }
 
-func rev11Model(t *testing.T, seed int64, steps int) {
+func unalignedReclaimModel(t *testing.T, seed int64, steps int) {
 	dir := t.TempDir()
 	var fs *faultFS
 	survive := seed%2 == 1
@@ -221,10 +221,10 @@ func rev11Model(t *testing.T, seed int64, steps int) {
 	}
 }
 
-// rev11Blocks lists the 4 KiB blocks of file name in dir that hold data
+// fileBlocks lists the 4 KiB blocks of file name in dir that hold data
 // (SEEK_DATA), and those of img (the volume's image) that hold a nonzero
 // byte.
-func rev11Blocks(t *testing.T, dir, name string, img []byte) (alloc, need []int64) {
+func fileBlocks(t *testing.T, dir, name string, img []byte) (alloc, need []int64) {
 	f, err := os.Open(dir + "/" + name)
 	if err != nil {
 		t.Fatal(err)
@@ -250,10 +250,10 @@ func rev11Blocks(t *testing.T, dir, name string, img []byte) (alloc, need []int6
 	return alloc, need
 }
 
-// TestRev11KillRedoDiscardLeak: seed 311 of TestSpaceReclaimModel, cut
+// TestKillRedoDiscardNoLeak: seed 311 of TestSpaceReclaimModel, cut
 // down: discards the kill journal redoes into a chunk whose copy-out the
 // redo makes again leave blocks allocated that read zeros.
-func TestRev11KillRedoDiscardLeak(t *testing.T) {
+func TestKillRedoDiscardNoLeak(t *testing.T) {
 	dir := t.TempDir()
 	var fs *faultFS
 	open := func() *Store {
@@ -304,7 +304,7 @@ func TestRev11KillRedoDiscardLeak(t *testing.T) {
 	w(66485, 10514, 3)
 	w(32793, 16772, 4)
 	w(58229, 10262, 0)
-	if os.Getenv("REV11_NOKILL") != "" {
+	if os.Getenv("UNALIGNED_NOKILL") != "" {
 		vv, _ := s.Volume("x1")
 		vv.Flush()
 		s.Close()
@@ -322,7 +322,7 @@ func TestRev11KillRedoDiscardLeak(t *testing.T) {
 		t.Fatalf("byte %d differs", i)
 	}
 	vv.Flush()
-	alloc, need := rev11Blocks(t, dir, "00000001.data", img)
+	alloc, need := fileBlocks(t, dir, "00000001.data", img)
 	t.Logf("allocated %v", alloc)
 	t.Logf("nonzero   %v", need)
 	if len(alloc) > len(need) {
@@ -330,12 +330,12 @@ func TestRev11KillRedoDiscardLeak(t *testing.T) {
 	}
 }
 
-// TestRev11DiscardIntoEntryPartialBlock: a discard into an overlay entry
+// TestDiscardIntoEntryPartialBlock: a discard into an overlay entry
 // a write made, over bytes the data file holds as a hole, must leave them
 // a hole, as the same discard without an entry does (FORMAT.md: a discard
 // punches). The entry's apply writes the discarded bytes of a partial
 // block as zeros: a block nobody wrote is allocated.
-func TestRev11DiscardIntoEntryPartialBlock(t *testing.T) {
+func TestDiscardIntoEntryPartialBlock(t *testing.T) {
 	dir := t.TempDir()
 	s, err := Open(dir)
 	if err != nil {
@@ -371,16 +371,16 @@ func TestRev11DiscardIntoEntryPartialBlock(t *testing.T) {
 	if i := firstDiff(got, img); i >= 0 {
 		t.Fatalf("byte %d differs", i)
 	}
-	alloc, need := rev11Blocks(t, dir, "00000001.data", img)
+	alloc, need := fileBlocks(t, dir, "00000001.data", img)
 	if !slices.Equal(alloc, need) {
 		t.Errorf("data file blocks holding data %v, blocks the image has nonzero bytes in %v", alloc, need)
 	}
 }
 
-// TestRev11GapHoleWritten: a write into an overlay entry not adjacent to
+// TestGapHoleNotWritten: a write into an overlay entry not adjacent to
 // what it holds reads the gap from the data file; where the gap was a hole
 // the apply writes its zeros, allocating blocks nobody wrote.
-func TestRev11GapHoleWritten(t *testing.T) {
+func TestGapHoleNotWritten(t *testing.T) {
 	dir := t.TempDir()
 	s, err := Open(dir)
 	if err != nil {
@@ -413,7 +413,7 @@ func TestRev11GapHoleWritten(t *testing.T) {
 	if i := firstDiff(got, img); i >= 0 {
 		t.Fatalf("byte %d differs", i)
 	}
-	alloc, need := rev11Blocks(t, dir, "00000001.data", img)
+	alloc, need := fileBlocks(t, dir, "00000001.data", img)
 	if !slices.Equal(alloc, need) {
 		t.Errorf("data file blocks holding data %v, blocks the image has nonzero bytes in %v", alloc, need)
 	}
