@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"fmt"
 	"maps"
-
-	"github.com/csi-snap/csi-snap/exceptions"
 	"math/rand"
 	"os"
 	"path/filepath"
@@ -15,6 +13,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/csi-snap/csi-snap/exceptions"
+	"golang.org/x/sys/unix"
 )
 
 // A physical model of the store: which 4 KiB blocks of data every live
@@ -414,6 +415,7 @@ var pmSlack = func() int64 {
 // instead of st_blocks (XFS with reflink, whose CoW-fork preallocation
 // counts in st_blocks until its background trim).
 func TestSpaceReclaimModel(t *testing.T) {
+	skipBlocksOnXFS(t)
 	// Seeds 29, 31, 127 and 135 found the four leaks fixed with this test
 	// (a rollback's partial tail block, the tail of a last-chunk copy, a
 	// deleted clone's last chunk, discards into a written overlay entry).
@@ -950,6 +952,20 @@ func TestRollbackTailPartialBlockFreed(t *testing.T) {
 }
 
 // stBytes is the st_blocks of file name in dir, in bytes.
+// skipBlocksOnXFS skips a test that counts st_blocks exactly where the
+// temp dir is XFS: XFS counts its speculative preallocation past a file's
+// end and, with reflink, its copy-on-write fork's reservations in
+// st_blocks until a background trim, so a file holds more blocks than it
+// has data (hack/test.sh's XFS pass saw 196,608 for 64,614 bytes). The
+// first, ext4 pass of hack/test.sh runs these tests.
+func skipBlocksOnXFS(t *testing.T) {
+	t.Helper()
+	var st unix.Statfs_t
+	if err := unix.Statfs(os.TempDir(), &st); err == nil && st.Type == unix.XFS_SUPER_MAGIC {
+		t.Skipf("%s is XFS, whose st_blocks count speculative preallocation and copy-on-write reservations; this test counts blocks exactly and runs on ext4 (hack/test.sh's first pass)", os.TempDir())
+	}
+}
+
 func stBytes(t testing.TB, dir, name string) int64 {
 	t.Helper()
 	var st syscall.Stat_t
@@ -1106,6 +1122,7 @@ func TestDeletedCloneTailPastSize(t *testing.T) {
 // fails are zeros written. The same discard a moment later (the entry
 // applied) punches.
 func TestDiscardIntoEntryPunches(t *testing.T) {
+	skipBlocksOnXFS(t)
 	const cs = 64 << 10
 	dir := t.TempDir()
 	s, _ := openFault(t, dir, func(f *faultFS) { f.syncDelay = 200 * time.Millisecond })
