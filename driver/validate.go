@@ -2,11 +2,11 @@ package driver
 
 import (
 	"errors"
-	"slices"
 	"strconv"
 	"strings"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/csi-snap/csi-snap/driver/kernel"
 	"google.golang.org/grpc/codes"
 )
 
@@ -104,7 +104,7 @@ func checkCapabilityAs(c *csi.VolumeCapability, unsupported codes.Code) error {
 				// volume's and mounts that: the stage's mount is then no
 				// mount of the volume's device, never unstaged, and the
 				// volume never detached.
-				if name, _, _ := strings.Cut(strings.ToLower(strings.TrimSpace(o)), "="); slices.Contains([]string{"loop", "offset", "sizelimit", "encryption"}, name) {
+				if name, _, _ := strings.Cut(strings.ToLower(strings.TrimSpace(o)), "="); kernel.LoopsDevice(name) {
 					return statusf(codes.InvalidArgument, "mount flag %q: %s makes mount(8) set up a loop device of its own; the volume is a block device already", f, name)
 				}
 			}

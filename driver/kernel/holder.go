@@ -714,6 +714,15 @@ func mkfsExt(a []string) bool {
 	return lastLoop(a) && onlyFlags(a[:len(a)-1], "-E", "nodiscard", "-F", "-m0")
 }
 
+// LoopsDevice reports whether the mount option named name (lower case,
+// without its "=value") makes mount(8) set up a loop device of its own over
+// the device it is given: loop, offset, sizelimit, encryption. A volume's
+// mount must be of its own device; the driver refuses these in mount flags
+// and the holder in the mount lines it runs.
+func LoopsDevice(name string) bool {
+	return slices.Contains([]string{"loop", "offset", "sizelimit", "encryption"}, name)
+}
+
 // mountLine: -t FSTYPE [-o OPTIONS] DEV PATH (mount-utils' command line for
 // a filesystem), with none of the options that make a mount something
 // else (bind, move, remount) or run a program (helper=, X-mount.*).
@@ -731,8 +740,7 @@ func mountLine(a []string) bool {
 	for _, o := range strings.Split(a[3], ",") {
 		name, _, _ := strings.Cut(strings.ToLower(o), "=")
 		if o == "" || strings.HasPrefix(o, "-") || slices.Contains([]string{"bind", "rbind", "move", "remount", "helper"}, name) ||
-			// Options that make mount(8) set up a loop device over it.
-			slices.Contains([]string{"loop", "offset", "sizelimit", "encryption"}, name) ||
+			LoopsDevice(name) ||
 			// Options that name another block device, which the kernel
 			// opens (and XFS writes its external log to).
 			slices.Contains([]string{"logdev", "rtdev", "journal_path", "journal_dev"}, name) ||
