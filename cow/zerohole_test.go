@@ -337,21 +337,8 @@ func TestKillRedoDiscardNoLeak(t *testing.T) {
 // punches). The entry's apply writes the discarded bytes of a partial
 // block as zeros: a block nobody wrote is allocated.
 func TestDiscardIntoEntryPartialBlock(t *testing.T) {
-	dir := t.TempDir()
-	s, err := Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
 	const cs = 16 << 10
-	v, err := s.CreateVolume("v", 4*cs, VolumeOptions{ChunkSize: cs})
-	if err != nil {
-		t.Fatal(err)
-	}
-	img := make([]byte, 4*cs)
-	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	dir, v, img := holeVolume(t, cs)
 	// Chunk 1 is a hole. A first write after the snapshot: an entry.
 	d := nonZero(7, 100)
 	if _, err := v.WriteAt(d, 2*cs-100); err != nil {
@@ -362,41 +349,15 @@ func TestDiscardIntoEntryPartialBlock(t *testing.T) {
 	if err := v.Discard(cs+650, cs-650-100); err != nil {
 		t.Fatal(err)
 	}
-	if err := v.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	got := make([]byte, len(img))
-	if _, err := v.ReadAt(got, 0); err != nil {
-		t.Fatal(err)
-	}
-	if i := firstDiff(got, img); i >= 0 {
-		t.Fatalf("byte %d differs", i)
-	}
-	alloc, need := fileBlocks(t, dir, "00000001.data", img)
-	if !slices.Equal(alloc, need) {
-		t.Errorf("data file blocks holding data %v, blocks the image has nonzero bytes in %v", alloc, need)
-	}
+	flushedBlocksAre(t, dir, v, img)
 }
 
 // TestGapHoleNotWritten: a write into an overlay entry not adjacent to
 // what it holds reads the gap from the data file; where the gap was a hole
 // the apply writes its zeros, allocating blocks nobody wrote.
 func TestGapHoleNotWritten(t *testing.T) {
-	dir := t.TempDir()
-	s, err := Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
 	const cs = 16 << 10
-	v, err := s.CreateVolume("v", 4*cs, VolumeOptions{ChunkSize: cs})
-	if err != nil {
-		t.Fatal(err)
-	}
-	img := make([]byte, 4*cs)
-	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	dir, v, img := holeVolume(t, cs)
 	for _, off := range []int64{cs, 2*cs - 4096} {
 		d := nonZero(off, 4096)
 		if _, err := v.WriteAt(d, off); err != nil {
@@ -404,6 +365,34 @@ func TestGapHoleNotWritten(t *testing.T) {
 		}
 		copy(img[off:], d)
 	}
+	flushedBlocksAre(t, dir, v, img)
+}
+
+// holeVolume opens a store in a new directory with volume v of 4 chunks of
+// cs bytes, never written, and its snapshot s: every first write makes an
+// overlay entry over a hole. img is what v must read (zeros so far).
+func holeVolume(t *testing.T, cs int) (string, *Volume, []byte) {
+	t.Helper()
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	v, err := s.CreateVolume("v", 4*int64(cs), VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return dir, v, make([]byte, 4*cs)
+}
+
+// flushedBlocksAre flushes v, checks that it reads img, and that its data
+// file holds data in exactly the 4 KiB blocks where img is not zero.
+func flushedBlocksAre(t *testing.T, dir string, v *Volume, img []byte) {
+	t.Helper()
 	if err := v.Flush(); err != nil {
 		t.Fatal(err)
 	}
