@@ -193,15 +193,15 @@ func (v *volume) lost() string {
 // filesystem on it goes on). Its device is then found by orphanedLoops.
 func (f *Frontend) lostServed(v *volume) string {
 	why := v.lost()
-	if why == "" || isMounted(v.mp) || v.srv.isDead() {
-		return why
-	}
 	f.mu.Lock()
 	dev := v.dev
 	f.mu.Unlock()
+	if why == "" || dev == "" || !orphanBound(v, dev) {
+		return why
+	}
 	alive := false
 	v.withFD(func() error { alive = connAborted(v.fd) == ""; return nil })
-	if alive && dev != "" && slices.Contains(orphanedLoops(v.mp), dev) {
+	if alive {
 		return ""
 	}
 	return why
@@ -211,7 +211,13 @@ func (f *Frontend) lostServed(v *volume) string {
 // serves, is still bound to v's file though its mount is gone from the
 // table (lostServed).
 func servedOrphan(v *volume, dev string) bool {
-	return v != nil && !v.isShut() && !v.srv.isDead() && !isMounted(v.mp) && slices.Contains(orphanedLoops(v.mp), dev)
+	return v != nil && !v.isShut() && orphanBound(v, dev)
+}
+
+// orphanBound: v's server is alive, its mount gone from the table, and dev
+// still bound to its file (orphanedLoops).
+func orphanBound(v *volume, dev string) bool {
+	return !v.srv.isDead() && !isMounted(v.mp) && slices.Contains(orphanedLoops(v.mp), dev)
 }
 
 // teardown undoes an attached volume v of id whose connection is dead:
