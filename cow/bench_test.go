@@ -397,6 +397,60 @@ func BenchmarkHoleWrite(b *testing.B) {
 	}
 }
 
+// BenchmarkCloneWrite: random 4 KiB first writes to the chunks of a clone
+// of a snapshot, one per chunk, against the same writes to a plain file.
+// Each puts its whole chunk in the clone's data file (the source's bytes
+// around it, writeClone). The source is "dense" (every byte written) or
+// "sparse" (never written: its zeros need no blocks in the clone's data
+// file, writeSparse). A fresh clone replaces the old one, untimed, when a
+// round has used the region. Nothing is deferred: the writes land in the
+// data file before they return (the present marks wait for a Flush).
+func BenchmarkCloneWrite(b *testing.B) {
+	b.Run("file", func(b *testing.B) {
+		f := benchFile(b, benchRegion)
+		benchWrites(b, f, 4<<10, DefaultChunkSize, true, nil, nil)
+	})
+	for _, dense := range []bool{true, false} {
+		b.Run(map[bool]string{true: "dense", false: "sparse"}[dense], func(b *testing.B) {
+			s, err := Open(b.TempDir())
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.Cleanup(func() { s.Close() })
+			v, err := s.CreateVolume("v", benchRegion, VolumeOptions{ChunkSize: DefaultChunkSize})
+			if err != nil {
+				b.Fatal(err)
+			}
+			if dense {
+				prefill(b, v, benchRegion)
+			}
+			if err := v.Flush(); err != nil {
+				b.Fatal(err)
+			}
+			if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+				b.Fatal(err)
+			}
+			h := &holeWriter{}
+			n := 0
+			renew := func() {
+				if h.v != nil {
+					if err := s.DeleteVolume(h.v.ID()); err != nil {
+						b.Fatal(err)
+					}
+				}
+				n++
+				c, err := s.CloneSnapshot("s", fmt.Sprint("c", n), benchRegion, VolumeOptions{})
+				if err != nil {
+					b.Fatal(err)
+				}
+				h.v = c
+			}
+			renew()
+			benchWrites(b, h, 4<<10, DefaultChunkSize, true, renew, nil)
+		})
+	}
+}
+
 // holeWriter writes to the volume BenchmarkHoleWrite made last.
 type holeWriter struct{ v *Volume }
 

@@ -355,50 +355,19 @@ func (v *Volume) readPending(c, o int64, p []byte) (bool, error) {
 const holeBlock = 4096
 
 // applyWrite writes bytes [lo, hi) of e's chunk to the data file, leaving
-// holes where it can: a discard punches (FORMAT.md, "Data and COW files"),
-// and a byte that reads zero in a hole needs no block. So the pieces of
-// [lo, hi) (cut at holeBlock boundaries of the file) that are zero in the
-// entry and lie in a hole of the data file are not written (a write of
-// them would allocate blocks nobody wrote: the zeros of a discard's
-// partial block, or of a gap the entry read from a hole), and the whole
-// blocks of discarded bytes that hold data are punched after the write.
-// The data file's holes are looked up only when some piece is zero, once
-// per apply (SEEK_DATA); a file without extents (the power-loss test's)
-// has none. Under the entry's stripe, held by apply: no one else writes
-// the chunk meanwhile, and a hole reads zeros whatever happens after.
+// holes where it can (writeSparse): a discard punches (FORMAT.md, "Data and
+// COW files"), and a byte that reads zero in a hole needs no block (a write
+// of it would allocate blocks nobody wrote: the zeros of a discard's
+// partial block, or of a gap the entry read from a hole). The whole blocks
+// of discarded bytes that hold data are punched after the write. Under the
+// entry's stripe, held by apply: no one else writes the chunk meanwhile,
+// and a hole reads zeros whatever happens after.
 func (e *ovEntry) applyWrite(lo, hi int64) error {
 	v := e.v
 	off := e.c << v.shift
-	zeroPiece := false
-	for a := lo; a < hi && !zeroPiece; {
-		b := min((off+a+holeBlock)&^(holeBlock-1)-off, hi)
-		zeroPiece = allZero(e.data[a:b])
-		a = b
-	}
-	var holes extents // within the chunk
-	if zeroPiece {
-		data, err := dataExtents(v.data, off+lo, off+hi)
-		if err != nil {
-			return err
-		}
-		for _, h := range subtract(extents{{off + lo, off + hi}}, data) {
-			holes = holes.add(h.off-off, h.end-off)
-		}
-	}
-	var skip extents
-	for _, h := range holes {
-		for a := h.off; a < h.end; {
-			b := min((off+a+holeBlock)&^(holeBlock-1)-off, h.end)
-			if allZero(e.data[a:b]) {
-				skip = skip.add(a, b)
-			}
-			a = b
-		}
-	}
-	for _, w := range subtract(extents{{lo, hi}}, skip) {
-		if err := writeFull(v.data, e.data[w.off:w.end], off+w.off); err != nil {
-			return err
-		}
+	holes, err := writeSparse(v.data, e.data, off, lo, hi)
+	if err != nil {
+		return err
 	}
 	for _, d := range e.discarded {
 		a, b := (d.off+holeBlock-1)&^(holeBlock-1), d.end&^(holeBlock-1)
@@ -412,6 +381,48 @@ func (e *ovEntry) applyWrite(lo, hi int64) error {
 		}
 	}
 	return nil
+}
+
+// writeSparse writes bytes [lo, hi) of b, a chunk at offset off of f,
+// leaving unwritten the pieces of [lo, hi) (cut at holeBlock boundaries
+// of the file) that are zero in b and lie in a hole of f: they read zeros
+// already. f's holes are looked up only when some piece is zero (SEEK_DATA,
+// once); a file without extents (the power-loss test's) has none. It
+// returns the holes it found in [lo, hi), relative to off. The caller
+// keeps others from writing those bytes of f meanwhile.
+func writeSparse(f file, b []byte, off, lo, hi int64) (extents, error) {
+	zeroPiece := false
+	for a := lo; a < hi && !zeroPiece; {
+		z := min((off+a+holeBlock)&^(holeBlock-1)-off, hi)
+		zeroPiece = allZero(b[a:z])
+		a = z
+	}
+	var holes extents
+	if zeroPiece {
+		data, err := dataExtents(f, off+lo, off+hi)
+		if err != nil {
+			return nil, err
+		}
+		for _, h := range subtract(extents{{off + lo, off + hi}}, data) {
+			holes = holes.add(h.off-off, h.end-off)
+		}
+	}
+	var skip extents
+	for _, h := range holes {
+		for a := h.off; a < h.end; {
+			z := min((off+a+holeBlock)&^(holeBlock-1)-off, h.end)
+			if allZero(b[a:z]) {
+				skip = skip.add(a, z)
+			}
+			a = z
+		}
+	}
+	for _, w := range subtract(extents{{lo, hi}}, skip) {
+		if err := writeFull(f, b[w.off:w.end], off+w.off); err != nil {
+			return nil, err
+		}
+	}
+	return holes, nil
 }
 
 func (e *ovEntry) apply() error {

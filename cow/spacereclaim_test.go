@@ -1163,3 +1163,141 @@ func TestDiscardIntoEntryPunches(t *testing.T) {
 		t.Fatalf("after discarding %d of the chunk's %d bytes, the data file holds %d bytes (want the 4096 written)", cs-4096, cs, n)
 	}
 }
+
+// TestGrownTailChunkZeroCopy: a snapshot of a volume whose size ends inside
+// a chunk (20 KiB in 16 KiB chunks); the volume grows and is written past
+// the snapshot's size inside that chunk (no copy: the snapshot holds no
+// byte there). A later write over the snapshot's zeros in that chunk must
+// not copy it: what the snapshot reads of it is all zeros, so its copy is
+// COW chunk 0 like any hole. Copying the whole chunk because the data file
+// has data past the snapshot's size stored a chunk of its zeros (and the
+// volume's later bytes), counted in HiddenBytes once the snapshot was
+// deleted and kept for a clone (SPACE_SEEDS=400 seed 217).
+func TestGrownTailChunkZeroCopy(t *testing.T) {
+	const cs, size, grown = 16 << 10, 20 << 10, 32 << 10
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { s.Close() }()
+	v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := nonZero(1, 8<<10) // chunk 0 only: chunk 1's part in the snapshot stays zeros
+	if _, err := v.WriteAt(old, 0); err != nil {
+		t.Fatal(err)
+	}
+	sn, err := s.CreateSnapshot("v", "s", SnapshotOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Resize(grown); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(nonZero(2, 4<<10), 24<<10); err != nil { // past the snapshot's size
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got := stBytes(t, dir, cowFileName(v.obj)); got != 0 {
+		t.Fatalf("the COW file holds %d bytes before any write the snapshot sees", got)
+	}
+	if _, err := v.WriteAt(nonZero(3, 4<<10), 16<<10); err != nil { // over the snapshot's zeros in chunk 1
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, size)
+	copy(want, old)
+	if got := mustRead(t, sn, 0, size); !bytes.Equal(got, want) {
+		t.Fatal("the snapshot reads wrong data")
+	}
+	if got := stBytes(t, dir, cowFileName(v.obj)); got != 0 {
+		t.Errorf("the COW file holds %d bytes for a copy of a chunk whose part in the snapshot is zeros", got)
+	}
+	v.mu.RLock()
+	held := sn.held
+	v.mu.RUnlock()
+	if held != 0 {
+		t.Errorf("the snapshot holds %d copies, want 0", held)
+	}
+	c, err := s.CloneSnapshot("s", "c", grown, VolumeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want = append(want, make([]byte, grown-size)...)
+	if got := mustRead(t, c, 0, grown); !bytes.Equal(got, want) {
+		t.Fatal("a clone of the snapshot, larger than it, reads wrong data")
+	}
+}
+
+// TestCloneFirstWriteSparse: the first write to a chunk of a clone puts
+// the whole chunk in the clone's data file (the source's bytes around the
+// write), but the source's zeros there need no blocks: a 4 KiB write into
+// a chunk the source holds as a hole must allocate 4 KiB, not the chunk
+// (16 KiB), and the zeros of the source's last chunk past its size none.
+// Else a clone of a mostly empty volume takes up to four times the space
+// its writes need, and a snapshot of the clone later copies those zeros.
+func TestCloneFirstWriteSparse(t *testing.T) {
+	const cs, size = 16 << 10, 36 << 10 // the last chunk is 4 KiB of the volume
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { s.Close() }()
+	src, err := s.CreateVolume("src", size, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := nonZero(1, 4<<10)
+	if _, err := src.WriteAt(old, 20<<10); err != nil { // chunk 1's second block
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("src", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := s.CloneSnapshot("s", "c", 48<<10, VolumeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, 48<<10)
+	copy(want[20<<10:], old)
+	for _, w := range []struct{ off, n int64 }{
+		{0, 4 << 10},        // chunk 0: the source's hole
+		{16 << 10, 4 << 10}, // chunk 1: the source's data one block on
+		{40 << 10, 4 << 10}, // chunk 2: past the source's size
+	} {
+		b := nonZero(w.off+2, int(w.n))
+		if _, err := c.WriteAt(b, w.off); err != nil {
+			t.Fatal(err)
+		}
+		copy(want[w.off:], b)
+	}
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, c, 0, 48<<10); !bytes.Equal(got, want) {
+		t.Fatal("the clone reads wrong data")
+	}
+	// Blocks: the three writes and the source's block in chunk 1.
+	if got := stBytes(t, dir, dataFileName(c.obj)); got != 16<<10 {
+		t.Errorf("the clone's data file holds %d bytes after three 4 KiB writes into chunks holding one 4 KiB block of the source, want %d", got, 16<<10)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if s, err = Open(dir); err != nil {
+		t.Fatal(err)
+	}
+	if c, err = s.Volume("c"); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, c, 0, 48<<10); !bytes.Equal(got, want) {
+		t.Fatal("the clone reads wrong data after a reopen")
+	}
+}

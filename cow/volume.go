@@ -868,7 +868,10 @@ func (v *Volume) writeClone(off, n int64, p []byte) (err error) {
 				} else {
 					clear(buf[o : o+m])
 				}
-				err := writeFull(v.data, buf, c<<v.shift)
+				// The source's zeros need no blocks where the data
+				// file holds a hole (mostly: a stale write of a chunk
+				// never marked, a kill ago, is overwritten).
+				_, err := writeSparse(v.data, buf, c<<v.shift, 0, v.chunkSize)
 				putBuf(buf)
 				if err != nil {
 					return err
@@ -990,9 +993,15 @@ func (v *Volume) copyOut(off, n, c0, c1, reserved int64, discard, internal bool)
 	for i, c := range todo {
 		e := &ovEntry{v: v, c: c, data: chunkBuf(v.chunkSize), recAt: -1, recObj: sn.obj}
 		es[i] = e
+		// Zeros are judged over the snapshot's part of the chunk: a
+		// volume grown since may hold bytes past the snapshot's size in
+		// its last chunk, which the snapshot never reads (nor do its
+		// clones: they read zeros past it), and a copy of them would
+		// take a COW chunk for nothing.
+		part := min(v.chunkSize, sn.size-c<<v.shift)
 		if v.isPresent(c) {
 			e.sparse = true
-			hole, err := v.data.Hole(c<<v.shift, v.chunkSize)
+			hole, err := v.data.Hole(c<<v.shift, part)
 			if err != nil {
 				return err
 			}
@@ -1001,7 +1010,7 @@ func (v *Volume) copyOut(off, n, c0, c1, reserved int64, discard, internal bool)
 			if err := v.readCur(c, 0, e.data); err != nil {
 				return err
 			}
-			zero[i] = allZero(e.data)
+			zero[i] = allZero(e.data[:part])
 		}
 		if !zero[i] {
 			nonzero++
