@@ -368,6 +368,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	}
 
 	var floor int64
+	var srcFS string // the filesystem the source was made for, "" if unknown
 	switch {
 	case snapID != "":
 		s, err := d.opt.Store.Snapshot(snapID)
@@ -382,12 +383,22 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 			return nil, statusf(codes.InvalidArgument, "source snapshot %s is invalid (it went over its COW limit, or was given up when the node's disk ran below the free-space reserve): no volume can be restored from it", snapID)
 		}
 		floor = s.Size
+		// The snapshot's volume, while it lives, says what it was made for.
+		if sv, err := d.opt.Store.Volume(s.VolumeID); err == nil {
+			srcFS = sv.Labels[labelFSType]
+		}
 	case srcVolID != "":
 		v, err := d.opt.Store.Volume(srcVolID)
 		if err != nil {
 			return nil, toStatus(fmt.Errorf("source volume %s: %w", srcVolID, err))
 		}
 		floor = v.Size
+		srcFS = v.Labels[labelFSType]
+	}
+	if fsAsked != "" && srcFS != "" && fsAsked != srcFS {
+		// The CSI spec's "Source incompatible": the copy holds the
+		// source's filesystem, which no stage for another one mounts.
+		return nil, statusf(codes.InvalidArgument, "the source was made for %s, not %s: a restore or clone holds its source's filesystem", srcFS, fsAsked)
 	}
 	size, err := volumeSize(req.GetCapacityRange(), floor)
 	if err != nil {
@@ -741,6 +752,11 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 	}
 	if err != nil {
 		return nil, err
+	}
+	if want, made := req.GetVolumeCapability().GetMount().GetFsType(), v.Labels[labelFSType]; want != "" && made != "" && want != made {
+		// The spec's "Exceeds capabilities", as ValidateVolumeCapabilities
+		// and NodeStageVolume answer it.
+		return nil, statusf(codes.InvalidArgument, "volume %s was made for %s, not fs_type %s", id, made, want)
 	}
 	nodeExpand := req.GetVolumeCapability().GetBlock() == nil
 	if lim := req.GetCapacityRange().GetLimitBytes(); lim > 0 && v.Size > lim {
