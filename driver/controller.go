@@ -383,8 +383,11 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 			return nil, statusf(codes.InvalidArgument, "source snapshot %s is invalid (it went over its COW limit, or was given up when the node's disk ran below the free-space reserve): no volume can be restored from it", snapID)
 		}
 		floor = s.Size
-		// The snapshot's volume, while it lives, says what it was made for.
-		if sv, err := d.opt.Store.Volume(s.VolumeID); err == nil {
+		// What its volume was made for: on the snapshot (CreateSnapshot
+		// puts it there), else on the volume while it lives (a group
+		// member, or a snapshot made before snapshots carried it).
+		srcFS = s.Labels[labelFSType]
+		if sv, err := d.opt.Store.Volume(s.VolumeID); srcFS == "" && err == nil {
 			srcFS = sv.Labels[labelFSType]
 		}
 	case srcVolID != "":
@@ -824,18 +827,25 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 		}
 		return &csi.CreateSnapshotResponse{Snapshot: d.csiSnapshot(s)}, nil
 	}
-	if _, err := d.lookupVolume(src); err != nil {
+	vol, err := d.lookupVolume(src)
+	if err != nil {
 		return nil, err
 	}
 	id, err := newID(snapshotPrefix, d.tag)
 	if err != nil {
 		return nil, toStatus(err)
 	}
+	nk, nv := nameLabel(labelName, name)
+	labels := map[string]string{nk: nv}
+	if fs := vol.Labels[labelFSType]; fs != "" {
+		// What the volume was made for, which a restore must ask for too
+		// (CreateVolume), after the volume is gone as well.
+		labels[labelFSType] = fs
+	}
 	var s SnapshotInfo
 	err = d.frozen(src, func() error {
 		var err error
-		nk, nv := nameLabel(labelName, name)
-		s, err = d.opt.Store.CreateSnapshot(src, id, map[string]string{nk: nv})
+		s, err = d.opt.Store.CreateSnapshot(src, id, labels)
 		return err
 	})
 	if err != nil {

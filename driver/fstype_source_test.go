@@ -41,6 +41,25 @@ func TestRestoreRefusesOtherFilesystemThanSource(t *testing.T) {
 			t.Errorf("%s of an xfs volume as ext4: %v, want InvalidArgument", name, err)
 		}
 	}
+	// The snapshot remembers what its volume was made for after the
+	// volume is deleted; the same restore asked for xfs is made.
+	if _, err := e.d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: src}); err != nil {
+		t.Fatal(err)
+	}
+	restore := &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap.SnapshotId}}}
+	_, err = e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "restore-gone",
+		Parameters:          map[string]string{"csi.storage.k8s.io/fstype": "ext4"},
+		VolumeCapabilities:  []*csi.VolumeCapability{ext4},
+		VolumeContentSource: restore})
+	if status.Code(err) != codes.InvalidArgument {
+		t.Errorf("restore as ext4 of a snapshot of a deleted xfs volume: %v, want InvalidArgument", err)
+	}
+	if _, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "restore-xfs",
+		Parameters:          map[string]string{"csi.storage.k8s.io/fstype": "xfs"},
+		VolumeCapabilities:  []*csi.VolumeCapability{xfsMountCap()},
+		VolumeContentSource: restore}); err != nil {
+		t.Errorf("restore as xfs of a snapshot of a deleted xfs volume: %v", err)
+	}
 }
 
 // TestExpandRefusesOtherFilesystemThanVolume: the spec's
