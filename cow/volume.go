@@ -990,23 +990,31 @@ func (v *Volume) copyOut(off, n, c0, c1, reserved int64, discard, internal bool)
 		}
 	}()
 	nonzero := int64(0)
-	zero := make([]bool, len(todo))
+	// zero: the snapshot's part of the chunk reads zeros, so its copy is
+	// COW chunk 0. hole: the data file holds the whole chunk as a hole.
+	// They differ only for the chunk the snapshot's size ends inside, of
+	// a volume grown since: it may hold bytes past that size, which the
+	// snapshot never reads (nor its clones: they read zeros past it), so
+	// they need no copy, but which holdHoles and the give-backs of a
+	// refused write (preallocate's undo, giveBackNew) would punch with
+	// the chunk if it passed for a hole.
+	zero, hole := make([]bool, len(todo)), make([]bool, len(todo))
 	for i, c := range todo {
 		e := &ovEntry{v: v, c: c, data: chunkBuf(v.chunkSize), recAt: -1, recObj: sn.obj}
 		es[i] = e
-		// Zeros are judged over the snapshot's part of the chunk: a
-		// volume grown since may hold bytes past the snapshot's size in
-		// its last chunk, which the snapshot never reads (nor do its
-		// clones: they read zeros past it), and a copy of them would
-		// take a COW chunk for nothing.
 		part := min(v.chunkSize, sn.size-c<<v.shift)
 		if v.isPresent(c) {
 			e.sparse = true
-			hole, err := v.data.Hole(c<<v.shift, part)
+			h, err := v.data.Hole(c<<v.shift, v.chunkSize)
 			if err != nil {
 				return err
 			}
-			zero[i] = hole
+			hole[i], zero[i] = h, h
+			if !h && part < v.chunkSize {
+				if zero[i], err = v.data.Hole(c<<v.shift, part); err != nil {
+					return err
+				}
+			}
 		} else {
 			if err := v.readCur(c, 0, e.data); err != nil {
 				return err
@@ -1026,7 +1034,7 @@ func (v *Volume) copyOut(off, n, c0, c1, reserved int64, discard, internal bool)
 	// kept.
 	if low, err := v.s.lowSpace(0); err != nil {
 		return err
-	} else if held, err := v.holdHoles(low && !internal, todo, es, zero, off, n, reserved); err != nil {
+	} else if held, err := v.holdHoles(low && !internal, todo, es, hole, off, n, reserved); err != nil {
 		return err
 	} else if low && !held {
 		holes, fits, short := false, true, int64(0)
@@ -1193,12 +1201,12 @@ func (v *Volume) copyOut(off, n, c0, c1, reserved int64, discard, internal bool)
 // the retry's holdHoles takes. When the blocks are not there, it refuses
 // the write alone (ErrNoSpace, ENOSPC), having given back the data blocks
 // it took: nothing changed. The caller holds the stripes of todo.
-func (v *Volume) holdHoles(try bool, todo []int64, es []*ovEntry, zero []bool, off, n, reserved int64) (bool, error) {
+func (v *Volume) holdHoles(try bool, todo []int64, es []*ovEntry, hole []bool, off, n, reserved int64) (bool, error) {
 	if !try || v.s.noPrealloc.Load() {
 		return false, nil
 	}
 	for i, e := range es {
-		if !e.sparse || !zero[i] {
+		if !e.sparse || !hole[i] {
 			return false, nil
 		}
 	}
