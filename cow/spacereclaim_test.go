@@ -418,8 +418,9 @@ func TestSpaceReclaimModel(t *testing.T) {
 	skipBlocksOnXFS(t)
 	// Seeds 29, 31, 127 and 135 found the four leaks fixed with this test
 	// (a rollback's partial tail block, the tail of a last-chunk copy, a
-	// deleted clone's last chunk, discards into a written overlay entry).
-	seeds, steps := []int64{1, 2, 3, 4, 5, 6, 29, 31, 127, 135}, 300
+	// deleted clone's last chunk, discards into a written overlay entry),
+	// and 217 a clone's first write allocating the source's zeros.
+	seeds, steps := []int64{1, 2, 3, 4, 5, 6, 29, 31, 127, 135, 217}, 300
 	if s := os.Getenv("SPACE_SEEDS"); s != "" {
 		n, _ := strconv.Atoi(s)
 		seeds = nil
