@@ -159,16 +159,7 @@ func grownTailModel(t *testing.T, seed int64, steps int, c *grownCounts) {
 			if _, err := s.Rollback(vid, rb); err != nil {
 				t.Fatalf("step %d rollback %s to %s: %v\n%v", i, vid, rb, err, hist)
 			}
-			mv := m.vols[vid]
-			img := m.snaps[rb]
-			for j := range mv.cur {
-				if j < len(img) {
-					mv.cur[j] = img[j]
-				} else {
-					mv.cur[j] = 0
-				}
-			}
-			mv.flush()
+			m.rollback(vid, rb)
 			if err := verify(s, m, true); err != nil {
 				t.Fatalf("after step %d: %v\n%v", i, err, hist)
 			}

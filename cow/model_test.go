@@ -173,6 +173,21 @@ func (m *model) gen(rng *rand.Rand, reopen bool) op {
 	}
 }
 
+// rollback changes the model as Store.Rollback(vid, rb) does: the volume
+// reads the snapshot's image, zeros past its size (the volume keeps its
+// size), durable at once.
+func (m *model) rollback(vid, rb string) {
+	mv, img := m.vols[vid], m.snaps[rb]
+	for j := range mv.cur {
+		if j < len(img) {
+			mv.cur[j] = img[j]
+		} else {
+			mv.cur[j] = 0
+		}
+	}
+	mv.flush()
+}
+
 // apply changes the model as o does to a store.
 func (m *model) apply(o op) {
 	switch o.kind {

@@ -122,16 +122,7 @@ func reclaimModel(t *testing.T, seed int64, steps int) {
 			if _, err := s.Rollback(vid, rb); err != nil {
 				t.Fatalf("step %d rollback %s to %s: %v\n%v", i, vid, rb, err, hist)
 			}
-			mv := m.vols[vid]
-			img := m.snaps[rb]
-			for j := range mv.cur {
-				if j < len(img) {
-					mv.cur[j] = img[j]
-				} else {
-					mv.cur[j] = 0
-				}
-			}
-			mv.flush()
+			m.rollback(vid, rb)
 		} else {
 			hist = append(hist, o.String())
 			if err := run(&s, open, o); err != nil {

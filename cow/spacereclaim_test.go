@@ -606,16 +606,7 @@ func spaceModel(t *testing.T, seed int64, steps int) {
 				t.Fatalf("step %d rollback %s to %s: %v\n%v", i, vid, rb, err, hist)
 			}
 			p.rollback(p.vols[vid], p.snaps[rb])
-			mv := m.vols[vid]
-			img := m.snaps[rb]
-			for j := range mv.cur {
-				if j < len(img) {
-					mv.cur[j] = img[j]
-				} else {
-					mv.cur[j] = 0
-				}
-			}
-			mv.flush()
+			m.rollback(vid, rb)
 		default:
 			hist = append(hist, o.String())
 			if err := run(&s, open, o); err != nil {
