@@ -870,8 +870,9 @@ func (v *Volume) writeClone(off, n int64, p []byte) (err error) {
 					clear(buf[o : o+m])
 				}
 				// The source's zeros need no blocks where the data
-				// file holds a hole (mostly: a stale write of a chunk
-				// never marked, a kill ago, is overwritten).
+				// file holds a hole. Bytes a write left there a kill
+				// ago, before the chunk's mark was durable, are data
+				// to SEEK_DATA, and are overwritten.
 				_, err := writeSparse(v.data, buf, c<<v.shift, 0, v.chunkSize)
 				putBuf(buf)
 				if err != nil {
