@@ -19,7 +19,6 @@ import (
 // undo punches the whole chunk). Found by review of the zero-over-part
 // change, which first held such a chunk.
 func TestGrownTailRefusedHoleWriteKeepsData(t *testing.T) {
-	const cs, size, grown = 16 << 10, 20 << 10, 32 << 10
 	var failAlloc atomic.Bool
 	s, _ := openFault(t, t.TempDir(), func(fs *faultFS) {
 		fs.allocErr = func(name string, off, n int64) error {
@@ -30,31 +29,11 @@ func TestGrownTailRefusedHoleWriteKeepsData(t *testing.T) {
 		}
 	})
 	defer s.Close()
-	free := fakeFree(s)
-	v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	if err := v.Resize(grown); err != nil {
-		t.Fatal(err)
-	}
-	x := nonZero(7, 4<<10)
-	if _, err := v.WriteAt(x, 24<<10); err != nil { // past the snapshot's size: no copy
-		t.Fatal(err)
-	}
-	if err := v.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	free.Store(1<<30 - 1) // below the reserve
+	v, x := grownTail(t, s, false)
 	failAlloc.Store(true)
-	_, err = v.WriteAt(nonZero(8, 4<<10), 16<<10) // the snapshot's zeros in chunk 1
+	_, err := v.WriteAt(nonZero(8, 4<<10), 16<<10) // the snapshot's zeros in chunk 1
 	t.Logf("write below the reserve, preallocation refused: %v", err)
-	if got := mustRead(t, v, 24<<10, 4<<10); !bytes.Equal(got, x) {
-		t.Fatalf("the volume's bytes at 24 KiB (past the snapshot's size, written before) were lost: read %x..., want %x...", got[:8], x[:8])
-	}
+	grownTailKept(t, v, x)
 }
 
 // TestGrownTailLaterFailureKeepsData: the same grown tail chunk below the
@@ -64,7 +43,7 @@ func TestGrownTailRefusedHoleWriteKeepsData(t *testing.T) {
 // (giveBackNew) would punch the whole chunk, and with it the volume's
 // bytes past the snapshot's size, written and flushed before.
 func TestGrownTailLaterFailureKeepsData(t *testing.T) {
-	const cs, size, grown = 16 << 10, 20 << 10, 32 << 10
+	const cs = 16 << 10
 	var failDirect atomic.Bool
 	s, _ := openFault(t, t.TempDir(), func(fs *faultFS) {
 		fs.writeErrAt = func(name string, off, n int64) error {
@@ -75,40 +54,61 @@ func TestGrownTailLaterFailureKeepsData(t *testing.T) {
 		}
 	})
 	defer s.Close()
-	free := fakeFree(s)
-	v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := v.WriteAt(nonZero(1, 4<<10), 0); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	if err := v.Resize(grown); err != nil {
-		t.Fatal(err)
-	}
-	x := nonZero(7, 4<<10)
-	if _, err := v.WriteAt(x, 24<<10); err != nil { // past the snapshot's size: no copy
-		t.Fatal(err)
-	}
-	if _, err := v.WriteAt(nonZero(2, 4<<10), 0); err != nil { // chunk 0 copied into s
-		t.Fatal(err)
-	}
-	if err := v.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	free.Store(1<<30 - 1) // below the reserve
+	v, x := grownTail(t, s, true)
 	failDirect.Store(true)
 	// [8K, 16K): chunk 0, direct, fails; [16K, 20K): the snapshot's zeros
 	// in chunk 1, an entry made below the reserve.
-	_, err = v.WriteAt(nonZero(8, 12<<10), 8<<10)
+	_, err := v.WriteAt(nonZero(8, 12<<10), 8<<10)
 	failDirect.Store(false)
 	t.Logf("write whose direct run fails: %v", err)
 	if err := v.Flush(); err != nil {
 		t.Fatal(err)
 	}
+	grownTailKept(t, v, x)
+}
+
+// grownTail makes the two tests' volume: 20 KiB in 16 KiB chunks, a
+// snapshot of it, grown to 32 KiB and written past the snapshot's size
+// (x at 24 KiB, in chunk 1: no copy), flushed, and the store below its
+// free-space reserve. With chunk0, chunk 0 holds data at the snapshot and
+// is copied into it after (so a later write there goes direct).
+func grownTail(t *testing.T, s *Store, chunk0 bool) (*Volume, []byte) {
+	t.Helper()
+	free := fakeFree(s)
+	v, err := s.CreateVolume("v", 20<<10, VolumeOptions{ChunkSize: 16 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	write := func(b []byte, off int64) {
+		t.Helper()
+		if _, err := v.WriteAt(b, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if chunk0 {
+		write(nonZero(1, 4<<10), 0)
+	}
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Resize(32 << 10); err != nil {
+		t.Fatal(err)
+	}
+	x := nonZero(7, 4<<10)
+	write(x, 24<<10)
+	if chunk0 {
+		write(nonZero(2, 4<<10), 0) // chunk 0 copied into s
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	free.Store(1<<30 - 1) // below the reserve
+	return v, x
+}
+
+// grownTailKept fails t unless v still reads x at 24 KiB.
+func grownTailKept(t *testing.T, v *Volume, x []byte) {
+	t.Helper()
 	if got := mustRead(t, v, 24<<10, 4<<10); !bytes.Equal(got, x) {
 		t.Fatalf("the volume's bytes at 24 KiB (past the snapshot's size, written before) were lost: read %x..., want %x...", got[:8], x[:8])
 	}
