@@ -999,7 +999,8 @@ func (v *Volume) copyOut(off, n, c0, c1, reserved int64, discard, internal bool)
 	// they need no copy, but which holdHoles and the give-backs of a
 	// refused write (preallocate's undo, giveBackNew) would punch with
 	// the chunk if it passed for a hole.
-	zero, hole := make([]bool, len(todo)), make([]bool, len(todo))
+	flags := make([]bool, 2*len(todo)) // one allocation on the write path
+	zero, hole := flags[:len(todo)], flags[len(todo):]
 	for i, c := range todo {
 		e := &ovEntry{v: v, c: c, data: chunkBuf(v.chunkSize), recAt: -1, recObj: sn.obj}
 		es[i] = e
