@@ -504,7 +504,10 @@ func churnCloneChaos(t *testing.T, seed int64) {
 		t.Fatal(err)
 	}
 	name := dataFileName(w.obj)
-	if !w.reclaimable() {
+	w.mu.RLock()
+	full := w.reclaimableLocked()
+	w.mu.RUnlock()
+	if !full {
 		t.Fatal("w and all its snapshots were deleted, yet w is not kept for its clone alone")
 	}
 	running := fileBytes(t, dir, name)

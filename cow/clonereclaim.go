@@ -17,11 +17,23 @@ import (
 // clone that would read a byte there holds that byte's chunk itself,
 // durably, nobody can read the byte again, and punchCloned punches it.
 //
+// The same holds, for copies only, of a deleted snapshot of any volume,
+// live or not, kept for its clones (a restore whose VolumeSnapshot was
+// deleted, CloneVolume's internal snapshot): its copies that no live
+// snapshot reads are read only by those clones. The data file stays: the
+// volume reads it (a deleted volume's newest live snapshot does, and
+// punchUnreadable gives back the rest).
+//
 // Why a punch at run time cannot take a byte from a reader:
 //   - Readers of such a byte are only the clones' reads
 //     (and their snapshots' reads, and copy-outs into those snapshots) of
 //     chunks they do not hold: the volume and its snapshots are deleted,
-//     and no new clone can be made of a deleted snapshot. A clone (or a
+//     and no new clone can be made of a deleted snapshot. (Of a live
+//     volume: it reads only its data file, a copy-out reads the data file
+//     too, and a live snapshot's reads, and those of its clones, are
+//     judged needed whatever the clones hold; a snapshot reads only its
+//     own copies and newer ones', so one taken later reads none of
+//     these.) A clone (or a
 //     clone of one of its snapshots, which reads through it) reads its
 //     source only while holding the chunk's stripe and after finding the
 //     chunk not present, and a chunk turns present only under its stripe
@@ -42,34 +54,50 @@ import (
 //   - A punched copy stays mapped, and Open reads no copy of a deleted
 //     volume: it checks the copies of the log's last batch only (their
 //     CRCs), and a volume's copy-outs are all in batches before its delete
-//     (DeleteVolume drains first). When a snapshot goes, its mappings that
-//     an older one reads move to that one, whose clones hold those chunks
-//     already (that is why they were punched).
+//     (DeleteVolume drains first). A live volume's copy for a deleted
+//     snapshot may be in the last batch: Open drops its record as a copy
+//     cut short, which changes nothing anybody reads (FORMAT.md). When a
+//     snapshot goes, its mappings that an older one reads move to that
+//     one, whose clones hold those chunks already (that is why they were
+//     punched).
+//   - A live volume takes writes while Reclaim runs (the store lock stops
+//     no writer; deletes hold the lineage's gates): a copy-out only maps,
+//     in the newest snapshot, a chunk it lacks, which moves no reader of
+//     an existing copy, and indexes change otherwise only by records
+//     applied under the store lock. Copies are judged by the mappings
+//     under v.mu, and a COW chunk stays mapped, so never reused, while
+//     the punch runs. A copy is queued only once its batch is applied
+//     (ovEntry.hiddenCopy), so the punch follows the committer's write.
 //
 // When: Open punches everything (finishOpen); a delete that leaves a
 // volume in that state, or lets a clone of it go, punches everything at
 // once (reclaimLineage, under the store lock, the delete's record applied);
 // a clone's Flush that commits present marks queues their bytes on its
-// source (noteDurable) and Reclaim punches what is queued (the driver's
-// upkeep calls it every minute). Only space is at stake: a punch that fails
-// is counted (Stats.ReclaimFailed), never returned.
+// source (noteDurable), as does a copy-out for a deleted snapshot once
+// applied, and Reclaim punches what is queued (the driver's upkeep calls
+// it every minute). Only space is at stake: a punch that fails is counted
+// (Stats.ReclaimFailed), never returned. Not queued: copies a deleted
+// snapshot takes over when a newer one is invalidated (unchain; a delete
+// runs reclaimLineage); the next delete in the lineage or Open judges
+// them.
 
 // punchCloned punches the bytes within cand (all of them, for nil) that
-// no clone can read any more, in v's data file and in the copies its
-// snapshots hold in its COW file, if v is deleted and every snapshot of it
-// is deleted too (reclaimable). Snapshot k reads byte x from the copy of
-// the first of chain[k], chain[k+1], ... that maps x's chunk, or, if none
-// does, from the data file (x within its size). Byte x of that file is
-// needed if some clone of some snapshot that reads it there lacks x's
-// chunk: does not hold it itself with its present mark in the log. A
-// deleted snapshot without clones is gone, and a live one makes v not
-// reclaimable: it keeps everything it reads. A punched copy stays mapped
-// (only records change indexes; v, deleted, makes no copy that could reuse
-// its chunk), and nobody reads it: every reader's clone holds the chunk.
+// no clone can read any more: in v's data file, if v is deleted and every
+// snapshot of it is deleted too (reclaimable), and in the copies its
+// snapshots hold in its COW file, if any of them is deleted. Snapshot k
+// reads byte x from the copy of the first of chain[k], chain[k+1], ...
+// that maps x's chunk, or, if none does, from the data file (x within its
+// size). Byte x of a copy (or of that file) is needed if a live snapshot
+// reads it there, or some clone of a deleted snapshot that reads it
+// there lacks x's chunk: does not hold it itself with its present mark in
+// the log. A deleted snapshot without clones is gone. A punched copy stays
+// mapped (only records, and copy-outs into the newest snapshot, change
+// indexes), and nobody reads it: every reader's clone holds the chunk.
 // Called with the store lock held (or by Open).
 func (v *Volume) punchCloned(cand extents) {
 	v.mu.RLock()
-	ok := v.reclaimableLocked()
+	full := v.reclaimableLocked()
+	ok := full || v.copiesReclaimableLocked()
 	chain := slices.Clone(v.chain)
 	var newestSize int64
 	if len(chain) > 0 {
@@ -87,11 +115,12 @@ func (v *Volume) punchCloned(cand extents) {
 		cand = intersect(cand, whole)
 	}
 	// own[m]: the bytes of cand that chain[m] maps; mapped[k]: those that
-	// chain[k] or a newer snapshot maps. The indexes do not change under
-	// the store lock (v takes no writes, and only records, applied under
-	// the store lock, merge them); mu is held for them anyway, and dropped
-	// before any clone's mu: one volume's mu at a time (Volume's lock
-	// order).
+	// chain[k] or a newer snapshot maps. Under the store lock the
+	// mappings found here stay (only records, applied under it, merge or
+	// drop them; a live v's copy-outs add mappings to the newest snapshot
+	// only, for chunks it lacks: see the top of this file); mu is held for
+	// the indexes, and dropped before any clone's mu: one volume's mu at a
+	// time (Volume's lock order).
 	own := make([]extents, len(chain))
 	mapped := make([]extents, len(chain))
 	var acc extents
@@ -112,9 +141,10 @@ func (v *Volume) punchCloned(cand extents) {
 			continue
 		}
 		// The bytes some clone of sn may still read from it (all of them
-		// without a clone).
+		// without a clone, and all of them for a live snapshot: its own
+		// readers are not clones).
 		lack := all
-		if cs := v.s.clonesOf(sn); len(cs) > 0 {
+		if cs := v.s.clonesOf(sn); sn.isDeleted() && len(cs) > 0 {
 			lack = nil
 			for _, c := range cs {
 				lack = union(lack, v.s.sourceNeed(c, all))
@@ -127,10 +157,12 @@ func (v *Volume) punchCloned(cand extents) {
 			lack = subtract(lack, part)
 		}
 	}
-	walk(subtract(subtract(cand, own[len(chain)-1]), needData), func(off, n int64) bool {
-		v.s.reclaim(v.data, off, n)
-		return true
-	})
+	if full {
+		walk(subtract(subtract(cand, own[len(chain)-1]), needData), func(off, n int64) bool {
+			v.s.reclaim(v.data, off, n)
+			return true
+		})
+	}
 	var copies []extent // bytes of the COW file
 	v.mu.RLock()
 	for m, sn := range chain {
@@ -187,11 +219,30 @@ func (v *Volume) reclaimableLocked() bool {
 	return true
 }
 
-// reclaimable is reclaimableLocked for callers without v.mu.
+// copiesReclaimableLocked reports whether v (live or deleted, not gone)
+// has a deleted snapshot, kept for its clones (a restore whose
+// VolumeSnapshot was deleted, or CloneVolume's internal snapshot): the
+// copies such a snapshot holds, that no live snapshot reads, are punched
+// once its clones hold their chunks (punchCloned, copies only: v's data
+// file is v's, or, v deleted, punchUnreadable's). v.mu held.
+func (v *Volume) copiesReclaimableLocked() bool {
+	if v.gone {
+		return false
+	}
+	for _, sn := range v.chain {
+		if sn.deleted {
+			return true
+		}
+	}
+	return false
+}
+
+// reclaimable reports, for callers without v.mu, whether punchCloned may
+// punch anything of v: reclaimableLocked or copiesReclaimableLocked.
 func (v *Volume) reclaimable() bool {
 	v.mu.RLock()
 	defer v.mu.RUnlock()
-	return v.reclaimableLocked()
+	return v.reclaimableLocked() || v.copiesReclaimableLocked()
 }
 
 // idxExtents is runExtents of idx over each extent of in, in one list:
@@ -314,12 +365,7 @@ func (v *Volume) noteDurable(cs []uint64, shift uint) {
 			if e == nil {
 				e = chunkExtents(slices.Clone(cs), shift)
 			}
-			u.reclaimMu.Lock()
-			// Appended as they come (a Flush may run every few
-			// milliseconds; a merge each time would cost the whole queue),
-			// sorted and merged by Reclaim.
-			u.reclaimCand = append(u.reclaimCand, e...)
-			u.reclaimMu.Unlock()
+			u.queueReclaim(e)
 		}
 		if !u.isDeleted() {
 			return
@@ -327,16 +373,27 @@ func (v *Volume) noteDurable(cs []uint64, shift uint) {
 	}
 }
 
+// queueReclaim adds the bytes e (image offsets, sorted) to what the next
+// Reclaim judges in v (punchCloned). Appended as they come (a Flush may
+// run every few milliseconds; a merge each time would cost the whole
+// queue), sorted and merged by Reclaim.
+func (v *Volume) queueReclaim(e extents) {
+	v.reclaimMu.Lock()
+	v.reclaimCand = append(v.reclaimCand, e...)
+	v.reclaimMu.Unlock()
+}
+
 // reclaimLineage runs punchCloned over every byte of v and each volume it
 // was cloned from through deleted ones, after a delete record touching v
 // was applied (at run time): deleting the last snapshot of a deleted
 // volume, the volume, or a clone of one of its snapshots (one reader
 // fewer) can each make bytes unreadable that no Flush will queue. It stops
-// at the first live volume: what a live clone needs from its source
-// (sourceNeed) does not depend on anything below it. So the volumes it
-// punches are all deleted, and the gates the delete holds (its lineage's)
-// stop no writer meanwhile: a full pass holds the store lock for about
-// 0.7 µs per index run (BENCHMARKS.md). Store lock held.
+// at the first live volume, after its pass (copies of its deleted
+// snapshots): what a live clone needs from its source (sourceNeed) does
+// not depend on anything below it. A full pass holds the store lock for
+// about 0.7 µs per index run (BENCHMARKS.md), and the delete holds the
+// gates of its lineage meanwhile: a live volume at its end takes no
+// writes for that time. Store lock held.
 func (s *Store) reclaimLineage(v *Volume) {
 	if s.replay {
 		return // finishOpen does it

@@ -175,9 +175,13 @@
 //     clonereclaim.go): by the delete that leaves it so, then by
 //     Store.Reclaim for what the clones' later Flushes rewrote (the driver
 //     calls it every minute), and by Open. A clone that overwrites its
-//     source whole leaves no copy of it behind. A punch that fails (a full
-//     XFS) leaves the space allocated until a later Open
-//     (Stats.ReclaimFailed).
+//     source whole leaves no copy of it behind. A deleted snapshot kept
+//     for its clones, of a volume that lives (or of a deleted one with
+//     live snapshots), gives back the same way the copies that its clones
+//     have all rewritten and no live snapshot reads, and the copies its
+//     volume's later writes make for it that nobody reads (queued for
+//     Reclaim once applied). A punch that fails (a full XFS) leaves the
+//     space allocated until a later Open (Stats.ReclaimFailed).
 //   - Limit: a snapshot that would go over SnapshotOptions.Limit is
 //     invalidated (its records merge into the next older snapshot, its
 //     readers get ErrInvalidated); the write goes on. A snapshot with clones

@@ -93,6 +93,14 @@ type ovEntry struct {
 	applying bool
 	cf       file
 	cowAt    int64
+	// hiddenCopy: the pending copy goes to a deleted snapshot, kept for
+	// its clones (a restore whose VolumeSnapshot was deleted, CloneVolume's
+	// internal snapshot), which may hold the chunk already: once the batch
+	// is durable, the apply queues the chunk for the volume's next Reclaim,
+	// whose punchCloned frees the copy if no reader needs it. Queued
+	// only then, so that the punch comes after the committer's write of
+	// the copy, not before it (where that write would allocate it again).
+	hiddenCopy bool
 	// [lo, hi) is the part of data changed since the entry was made
 	// (bytes within the chunk): the rest equals what the data file holds,
 	// so a present chunk's apply writes only this part. For a sparse entry
@@ -171,6 +179,9 @@ func applyOverlay(es []*ovEntry) (int64, error) {
 	for _, e := range es {
 		if err := e.apply(); err != nil {
 			return freed, err
+		}
+		if e.hiddenCopy {
+			e.v.queueReclaim(extents{{e.c << e.v.shift, (e.c + 1) << e.v.shift}})
 		}
 		freed += int64(len(e.data)) + int64(len(e.old))
 		putBuf(e.data)

@@ -333,23 +333,9 @@ func (p *pm) neededBy() (int64, map[string]int64) {
 		}
 		seen[id] = true
 	}
+	// A deleted snapshot kept for its clones needs only what they read
+	// through it (punchCloned), whether its volume lives or not.
 	p.eachLive(add)
-	// Documented slack (doc.go, "Lifetimes"): the bytes of a deleted
-	// snapshot kept for its clones are freed only once those clones are
-	// deleted, or once its volume is deleted with all its snapshots
-	// (punchCloned). Until then it keeps all it reads, as a live one.
-	for _, v := range p.all {
-		if !p.keptVol(v) || p.reclaimable(v) {
-			continue
-		}
-		for _, sn := range v.chain {
-			if sn.deleted && p.keptSnap(sn) {
-				for b := int64(0); b*pmBlk < sn.size; b++ {
-					add(p.resolveSnap(sn, b))
-				}
-			}
-		}
-	}
 	by := map[string]int64{}
 	for id := range seen {
 		by[p.owner[id]] += pmBlk
@@ -390,11 +376,10 @@ func stBlocks(t testing.TB, dir string) (int64, int) {
 // pmSlack is what a .data or .cow file may hold beyond what the model
 // allows: none on ext4 at these sizes (its extent-tree blocks never showed
 // up in st_blocks here). The slack the docs allow is in the model itself
-// (neededBy): a deleted snapshot kept for clones keeps all it reads until
-// its volume is reclaimable (doc.go, "Lifetimes"); CloneVolume's internal
-// snapshot of a live volume keeps copies its clone has rewritten (Stats);
-// a live clone's last chunk is written whole, past its size; written
-// zeros, and a clone's chunk made whole, are data (FORMAT.md).
+// (neededBy): a live clone's last chunk is written whole, past its size;
+// written zeros, and a clone's chunk made whole, are data (FORMAT.md). A
+// deleted snapshot kept for clones, of a live volume or not, needs only
+// what its clones read through it (doc.go, "Lifetimes").
 // SPACE_SLACK overrides it (bytes per file).
 var pmSlack = func() int64 {
 	n, _ := strconv.ParseInt(os.Getenv("SPACE_SLACK"), 10, 64)

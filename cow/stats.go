@@ -66,7 +66,9 @@ type Stats struct {
 	// files of deleted volumes kept for their snapshots or for clones
 	// (their allocated blocks: what a reclaim punched is not counted),
 	// and the copies held by deleted snapshots of live volumes, kept for
-	// their clones (chunks times chunk size). Deleting the dependents
+	// their clones, that no live snapshot reads (the chunks of them the
+	// COW file holds data for, times the chunk size: what the clones
+	// rewrote is punched, doc.go "Lifetimes"). Deleting the dependents
 	// gives it back.
 	HiddenBytes int64
 }
@@ -114,6 +116,8 @@ func (s *Store) Stats() Stats {
 		}
 	}
 	s.mu.Unlock()
+	live := func(o *Snapshot) bool { return !o.deleted || backsLive[o] }
+	var hidden []*Snapshot
 	for _, sn := range snaps {
 		v := sn.vol
 		v.mu.RLock()
@@ -122,36 +126,54 @@ func (s *Store) Stats() Stats {
 			st.IndexRuns += int64(sn.idx.Runs())
 		}
 		if sn.deleted && !sn.gone && !v.deleted && !backsLive[sn] {
-			live := func(o *Snapshot) bool { return !o.deleted || backsLive[o] }
-			st.HiddenBytes += (sn.held - readByOlder(sn, live)) << v.shift
+			hidden = append(hidden, sn)
 		}
 		v.mu.RUnlock()
 	}
+	// Their copies are counted by what the COW file holds, under the store
+	// lock too, so that no reap closes it meanwhile.
+	s.mu.Lock()
+	for _, sn := range hidden {
+		v := sn.vol
+		v.mu.RLock()
+		if sn.deleted && !sn.gone && !v.deleted && !s.isClosed.Load() {
+			st.HiddenBytes += hiddenCopyBytes(sn, live)
+		}
+		v.mu.RUnlock()
+	}
+	s.mu.Unlock()
 	return st
 }
 
-// readByOlder counts the copies (non-zero COW chunks) of sn that a live
-// snapshot older than sn in its volume's chain reads: those stay when sn
-// is reaped (unchain hands them to the older snapshot), so they are not
-// space held for deleted objects. Snapshot chain[j] reads chunk c from the
-// oldest of chain[j..] that maps it; so sn = chain[i]'s copy of c is read
-// by chain[j] when c lies within chain[j]'s size (older ones are no
-// larger) and none of chain[j..i-1] maps c. Walks runs, not chunks: a
-// metrics scrape holds v.mu for it. v.mu held.
-func readByOlder(sn *Snapshot, live func(*Snapshot) bool) int64 {
+// hiddenCopyBytes is the disk space that the copies of sn, a deleted
+// snapshot of a live volume, take in its COW file and that no live
+// snapshot older than sn reads (live tells which are): those a live one
+// reads stay when sn is reaped (unchain hands them to it), so they are not
+// space held for deleted objects. Counted as the chunks that hold data in
+// the COW file, times the chunk size: punchCloned punches a copy once
+// every clone that would read it holds its chunk, and leaves it mapped.
+// Snapshot chain[j] reads chunk c from the oldest of chain[j..] that maps
+// it; so sn = chain[i]'s copy of c is read by chain[j] when c lies within
+// chain[j]'s size (older ones are no larger) and none of chain[j..i-1]
+// maps c. Walks runs, not chunks, and looks the COW file's holes up with
+// a SEEK_DATA per stretch that is all data or all hole (splitting the
+// others): a metrics scrape holds v.mu for it. Store lock and v.mu held.
+func hiddenCopyBytes(sn *Snapshot, live func(*Snapshot) bool) int64 {
 	v := sn.vol
 	i := slices.Index(v.chain, sn)
-	if i <= 0 || sn.idx == nil {
+	if i < 0 || sn.idx == nil || sn.held == 0 {
 		return 0
 	}
 	var spans []span
+	var mine extents // sn's copies, as origin chunk numbers
 	sn.idx.Ascend(0, func(r exceptions.Run) bool {
 		if r.COW != 0 {
 			spans = append(spans, span{r.Origin, r.Len})
+			mine = mine.add(int64(r.Origin), int64(r.Origin)+int64(r.Len))
 		}
 		return true
 	})
-	var read int64
+	var read extents
 	for j := i - 1; j >= 0 && len(spans) > 0; j-- {
 		o := v.chain[j]
 		if o.idx == nil {
@@ -161,12 +183,39 @@ func readByOlder(sn *Snapshot, live func(*Snapshot) bool) int64 {
 		spans = unmappedIn(clipSpans(spans, end), o.idx)
 		if live(o) {
 			for _, sp := range spans {
-				read += int64(sp.N)
+				read = read.add(int64(sp.C), int64(sp.C)+int64(sp.N))
 			}
 			break
 		}
 	}
-	return read
+	f, err := v.cowFile()
+	if err != nil {
+		return 0
+	}
+	var cowBytes []extent
+	for _, e := range subtract(mine, read) {
+		cowBytes = copyBytes(cowBytes, sn.idx, v.shift, extent{e.off << v.shift, e.end << v.shift})
+	}
+	var n int64
+	for _, e := range cowBytes {
+		n += dataChunks(f, e.off, e.end, v.chunkSize)
+	}
+	return n
+}
+
+// dataChunks is the bytes of the chunks (of cs bytes, from off) in [off,
+// end) that hold any data in f: a range that Hole reports as a hole counts
+// nothing, a chunk that it does not counts whole, and a longer range that
+// is not a hole is split in two. An error (which a stats reader cannot
+// act on) counts the range as data.
+func dataChunks(f file, off, end, cs int64) int64 {
+	if hole, err := f.Hole(off, end-off); err == nil && hole {
+		return 0
+	} else if end-off <= cs || err != nil {
+		return end - off
+	}
+	mid := off + (end-off)/cs/2*cs
+	return dataChunks(f, off, mid, cs) + dataChunks(f, mid, end, cs)
 }
 
 // clipSpans returns the parts of spans (in origin order) below end.

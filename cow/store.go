@@ -841,8 +841,8 @@ func (s *Store) finishOpen() error {
 		}
 		if v.deleted {
 			v.punchUnreadable()
-			v.punchCloned(nil)
 		}
+		v.punchCloned(nil)
 	}
 	s.droppedCOW = nil
 	names, err := s.fs.List()

@@ -939,8 +939,10 @@ func (v *Volume) copyOut(off, n, c0, c1, reserved int64, discard, internal bool)
 	defer func() { v.s.log.unreserve(reserved - used) }()
 	v.mu.RLock()
 	var sn *Snapshot
+	hidden := false // sn is deleted, kept for its clones
 	if n := len(v.chain); n > 0 {
 		sn = v.chain[n-1]
+		hidden = sn.deleted
 	}
 	var todo []int64
 	if sn != nil {
@@ -1025,6 +1027,7 @@ func (v *Volume) copyOut(off, n, c0, c1, reserved int64, discard, internal bool)
 		}
 		if !zero[i] {
 			nonzero++
+			e.hiddenCopy = hidden
 		}
 	}
 	// Below the free-space reserve (SetMinFree), the overlay's later
