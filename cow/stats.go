@@ -1,6 +1,7 @@
 package cow
 
 import (
+	"cmp"
 	"slices"
 
 	"github.com/csi-snap/csi-snap/exceptions"
@@ -66,10 +67,9 @@ type Stats struct {
 	// files of deleted volumes kept for their snapshots or for clones
 	// (their allocated blocks: what a reclaim punched is not counted),
 	// and the copies held by deleted snapshots of live volumes, kept for
-	// their clones, that no live snapshot reads (the chunks of them the
-	// COW file holds data for, times the chunk size: what the clones
-	// rewrote is punched, doc.go "Lifetimes"). Deleting the dependents
-	// gives it back.
+	// their clones, that no live snapshot reads (the bytes of them the
+	// COW file holds data for: what the clones rewrote is punched, doc.go
+	// "Lifetimes"). Deleting the dependents gives it back.
 	HiddenBytes int64
 }
 
@@ -149,15 +149,15 @@ func (s *Store) Stats() Stats {
 // snapshot of a live volume, take in its COW file and that no live
 // snapshot older than sn reads (live tells which are): those a live one
 // reads stay when sn is reaped (unchain hands them to it), so they are not
-// space held for deleted objects. Counted as the chunks that hold data in
-// the COW file, times the chunk size: punchCloned punches a copy once
-// every clone that would read it holds its chunk, and leaves it mapped.
+// space held for deleted objects. Counted as the bytes of those copies
+// that hold data in the COW file: punchCloned punches a copy once every
+// clone that would read it holds its chunk, and leaves it mapped.
 // Snapshot chain[j] reads chunk c from the oldest of chain[j..] that maps
 // it; so sn = chain[i]'s copy of c is read by chain[j] when c lies within
 // chain[j]'s size (older ones are no larger) and none of chain[j..i-1]
-// maps c. Walks runs, not chunks, and looks the COW file's holes up with
-// a SEEK_DATA per stretch that is all data or all hole (splitting the
-// others): a metrics scrape holds v.mu for it. Store lock and v.mu held.
+// maps c. Walks runs, not chunks, and the COW file's data with
+// SEEK_DATA/SEEK_HOLE over each stretch of consecutive copies: a metrics
+// scrape holds v.mu for it. Store lock and v.mu held.
 func hiddenCopyBytes(sn *Snapshot, live func(*Snapshot) bool) int64 {
 	v := sn.vol
 	i := slices.Index(v.chain, sn)
@@ -196,26 +196,23 @@ func hiddenCopyBytes(sn *Snapshot, live func(*Snapshot) bool) int64 {
 	for _, e := range subtract(mine, read) {
 		cowBytes = copyBytes(cowBytes, sn.idx, v.shift, extent{e.off << v.shift, e.end << v.shift})
 	}
-	var n int64
+	slices.SortFunc(cowBytes, func(a, b extent) int { return cmp.Compare(a.off, b.off) })
+	var stretches extents
 	for _, e := range cowBytes {
-		n += dataChunks(f, e.off, e.end, v.chunkSize)
+		stretches = stretches.add(e.off, e.end)
+	}
+	var n int64
+	for _, e := range stretches {
+		data, err := dataExtents(f, e.off, e.end)
+		if err != nil {
+			// A stats reader cannot act on it: count the copies as held.
+			data = extents{e}
+		}
+		for _, d := range data {
+			n += d.end - d.off
+		}
 	}
 	return n
-}
-
-// dataChunks is the bytes of the chunks (of cs bytes, from off) in [off,
-// end) that hold any data in f: a range that Hole reports as a hole counts
-// nothing, a chunk that it does not counts whole, and a longer range that
-// is not a hole is split in two. An error (which a stats reader cannot
-// act on) counts the range as data.
-func dataChunks(f file, off, end, cs int64) int64 {
-	if hole, err := f.Hole(off, end-off); err == nil && hole {
-		return 0
-	} else if end-off <= cs || err != nil {
-		return end - off
-	}
-	mid := off + (end-off)/cs/2*cs
-	return dataChunks(f, off, mid, cs) + dataChunks(f, mid, end, cs)
 }
 
 // clipSpans returns the parts of spans (in origin order) below end.
