@@ -75,16 +75,8 @@ func TestDeletedSnapshotOfLiveVolumeFreesRewrittenCopies(t *testing.T) {
 	}
 	check := func(when string) {
 		t.Helper()
-		vols := map[string][]byte{"v": b, "w": b, "v-r": append(c[:size/2:size/2], a[size/2:]...), "w-r": append(c[:size/2:size/2], a[size/2:]...)}
-		for id, want := range vols {
-			x, err := s.Volume(id)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if got := mustRead(t, x, 0, size); !bytes.Equal(got, want) {
-				t.Fatalf("%s: volume %s reads other bytes than written", when, id)
-			}
-		}
+		half := append(c[:size/2:size/2], a[size/2:]...)
+		wantVolumes(t, s, when, map[string][]byte{"v": b, "w": b, "v-r": half, "w-r": half})
 		old, err := s.Snapshot("w-old")
 		if err != nil {
 			t.Fatal(err)
@@ -124,12 +116,7 @@ func TestDeletedSnapshotOfLiveVolumeFreesRewrittenCopies(t *testing.T) {
 	if got := cowOf(v); got != 0 {
 		t.Fatalf("v's COW file holds %d bytes after its deleted snapshot's restore rewrote all of it", got)
 	}
-	if got := mustRead(t, r, 0, size); !bytes.Equal(got, c) {
-		t.Fatal("v-r reads other bytes than written")
-	}
-	if got := mustRead(t, v, 0, size); !bytes.Equal(got, b) {
-		t.Fatal("v reads other bytes than written")
-	}
+	wantVolumes(t, s, "after the restore rewrote all", map[string][]byte{"v-r": c, "v": b})
 }
 
 // TestCloneVolumeFreesRewrittenCopies: CloneVolume takes an internal
@@ -144,17 +131,7 @@ func TestCloneVolumeFreesRewrittenCopies(t *testing.T) {
 	const size = 16 * cs
 	s, dir := openT(t)
 	a, b, c := randBytes(4, size), randBytes(5, size), randBytes(6, size)
-	v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := v.WriteAt(a, 0); err != nil {
-		t.Fatal(err)
-	}
-	k, err := s.CloneVolume("v", "k", size, VolumeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	v, k := clonedVolume(t, s, cs, a)
 	if _, err := v.WriteAt(b[:size/2], 0); err != nil {
 		t.Fatal(err)
 	}
@@ -200,12 +177,7 @@ func TestCloneVolumeFreesRewrittenCopies(t *testing.T) {
 	if got := fileBytes(t, dir, cow); got != size-5*cs {
 		t.Fatalf("v's COW file holds %d bytes after copies of 16 chunks, 5 of which the clone rewrote, want %d", got, size-5*cs)
 	}
-	if got := mustRead(t, k, 0, size); !bytes.Equal(got, want) {
-		t.Fatal("the clone reads other bytes than its source held and it wrote")
-	}
-	if got := mustRead(t, v, 0, size); !bytes.Equal(got, b) {
-		t.Fatal("v reads other bytes than written")
-	}
+	wantVolumes(t, s, "after the copies were punched", map[string][]byte{"k": want, "v": b})
 }
 
 // TestPunchedHiddenCopyInLastBatch: a copy-out for a deleted snapshot
@@ -223,17 +195,7 @@ func TestPunchedHiddenCopyInLastBatch(t *testing.T) {
 	dir := t.TempDir()
 	s, fs := openFault(t, dir, nil)
 	a, b, c := randBytes(7, size), randBytes(8, size), randBytes(9, size)
-	v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := v.WriteAt(a, 0); err != nil {
-		t.Fatal(err)
-	}
-	k, err := s.CloneVolume("v", "k", size, VolumeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	v, k := clonedVolume(t, s, cs, a)
 	if _, err := k.WriteAt(c, 0); err != nil { // the clone holds every chunk
 		t.Fatal(err)
 	}
@@ -262,15 +224,7 @@ func TestPunchedHiddenCopyInLastBatch(t *testing.T) {
 		t.Fatalf("Open after a kill with punched copies in the last batch: %v", err)
 	}
 	defer s2.Close()
-	for id, want := range map[string][]byte{"v": b, "k": c} {
-		x, err := s2.Volume(id)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got := mustRead(t, x, 0, size); !bytes.Equal(got, want) {
-			t.Fatalf("after the kill, volume %s reads other bytes than written", id)
-		}
-	}
+	wantVolumes(t, s2, "after the kill", map[string][]byte{"v": b, "k": c})
 	if err := s2.check(); err != nil {
 		t.Fatal(err)
 	}
@@ -282,8 +236,37 @@ func TestPunchedHiddenCopyInLastBatch(t *testing.T) {
 	if _, err := v2.WriteAt(a, 0); err != nil {
 		t.Fatal(err)
 	}
-	k2, _ := s2.Volume("k")
-	if got := mustRead(t, k2, 0, size); !bytes.Equal(got, c) {
-		t.Fatal("the clone reads other bytes after its source's write")
+	wantVolumes(t, s2, "after the source's write", map[string][]byte{"k": c, "v": a})
+}
+
+// wantVolumes fails the test unless each volume named in want reads
+// exactly its bytes there (from offset 0).
+func wantVolumes(t *testing.T, s *Store, when string, want map[string][]byte) {
+	t.Helper()
+	for id, w := range want {
+		x, err := s.Volume(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := mustRead(t, x, 0, len(w)); !bytes.Equal(got, w) {
+			t.Fatalf("%s: volume %s reads other bytes than written", when, id)
+		}
 	}
+}
+
+// clonedVolume creates volume "v" of len(a) bytes in chunks of cs, writes
+// a, and clones it (CloneVolume) as "k".
+func clonedVolume(t *testing.T, s *Store, cs int, a []byte) (v, k *Volume) {
+	t.Helper()
+	v, err := s.CreateVolume("v", int64(len(a)), VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(a, 0); err != nil {
+		t.Fatal(err)
+	}
+	if k, err = s.CloneVolume("v", "k", int64(len(a)), VolumeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return v, k
 }
