@@ -17,12 +17,12 @@ import (
 // clone that would read a byte there holds that byte's chunk itself,
 // durably, nobody can read the byte again, and punchCloned punches it.
 //
-// The same holds, for copies only, of a deleted snapshot of any volume,
-// live or not, kept for its clones (a restore whose VolumeSnapshot was
-// deleted, CloneVolume's internal snapshot): its copies that no live
-// snapshot reads are read only by those clones. The data file stays: the
-// volume reads it (a deleted volume's newest live snapshot does, and
-// punchUnreadable gives back the rest).
+// The same holds of a deleted snapshot of any volume, live or not, kept
+// for its clones (a restore whose VolumeSnapshot was deleted,
+// CloneVolume's internal snapshot): what it reads that no live snapshot
+// reads is read only by those clones. Of a live volume only its copies
+// are punched, each whole or not at all (see "live" in punchCloned), as
+// the volume reads its data file; of a deleted one, the data file too.
 //
 // Why a punch at run time cannot take a byte from a reader:
 //   - Readers of such a byte are only the clones' reads
@@ -82,22 +82,25 @@ import (
 // them.
 
 // punchCloned punches the bytes within cand (all of them, for nil) that
-// no clone can read any more: in v's data file, if v is deleted and every
-// snapshot of it is deleted too (reclaimable), and in the copies its
-// snapshots hold in its COW file, if any of them is deleted. Snapshot k
-// reads byte x from the copy of the first of chain[k], chain[k+1], ...
-// that maps x's chunk, or, if none does, from the data file (x within its
-// size). Byte x of a copy (or of that file) is needed if a live snapshot
-// reads it there, or some clone of a deleted snapshot that reads it
-// there lacks x's chunk: does not hold it itself with its present mark in
-// the log. A deleted snapshot without clones is gone. A punched copy stays
-// mapped (only records, and copy-outs into the newest snapshot, change
-// indexes), and nobody reads it: every reader's clone holds the chunk.
-// Called with the store lock held (or by Open).
+// no clone can read any more, if some snapshot of v is deleted (kept for
+// its clones): in the copies its snapshots hold in its COW file, and, if
+// v is deleted, in its data file. Snapshot k reads byte x from the copy
+// of the first of chain[k], chain[k+1], ... that maps x's chunk, or, if
+// none does, from the data file (x within its size). Byte x of a copy (or
+// of that file) is needed if a live snapshot reads it there, or some
+// clone of a deleted snapshot that reads it there lacks x's chunk: does
+// not hold it itself with its present mark in the log. A deleted snapshot
+// without clones is gone. A punched copy stays mapped (only records, and
+// copy-outs into the newest snapshot, change indexes), and nobody reads
+// it: every reader's clone holds the chunk. Called with the store lock
+// held (or by Open).
 func (v *Volume) punchCloned(cand extents) {
 	v.mu.RLock()
-	full := v.reclaimableLocked()
-	ok := full || v.copiesReclaimableLocked()
+	ok := v.reclaimableLocked() || v.copiesReclaimableLocked()
+	// A live v reads its data file, and its copy-outs may be in the log's
+	// last batch, which Open judges chunk by chunk (below); a deleted v
+	// reads nothing and makes no copy.
+	live := !v.deleted
 	chain := slices.Clone(v.chain)
 	var newestSize int64
 	if len(chain) > 0 {
@@ -113,6 +116,12 @@ func (v *Volume) punchCloned(cand extents) {
 		cand = whole
 	} else {
 		cand = intersect(cand, whole)
+		if live {
+			// Copies are judged whole (below): every byte of a
+			// candidate's chunk is looked at, not just the candidate's
+			// (a clone of smaller chunks queues parts of v's chunks).
+			cand = wholeChunks(cand, v.shift)
+		}
 	}
 	// own[m]: the bytes of cand that chain[m] maps; mapped[k]: those that
 	// chain[k] or a newer snapshot maps. Under the store lock the
@@ -157,7 +166,17 @@ func (v *Volume) punchCloned(cand extents) {
 			lack = subtract(lack, part)
 		}
 	}
-	if full {
+	if live {
+		// A live volume's copy may be in the log's last batch, which Open
+		// judges whole chunk by whole chunk: a copy punched in part fails
+		// its CRC there, and its record is dropped with the part still
+		// needed (the readers of the chunk would read the volume's newer
+		// bytes). So a copy is punched whole or not at all. (A deleted
+		// volume's copies are all in batches before its delete.)
+		for m := range needCopy {
+			needCopy[m] = wholeChunks(needCopy[m], v.shift)
+		}
+	} else {
 		walk(subtract(subtract(cand, own[len(chain)-1]), needData), func(off, n int64) bool {
 			v.s.reclaim(v.data, off, n)
 			return true
@@ -182,6 +201,15 @@ func (v *Volume) punchCloned(cand extents) {
 	for _, c := range copies {
 		v.s.reclaim(f, c.off, c.end-c.off)
 	}
+}
+
+// wholeChunks returns e widened to whole chunks of 1<<shift bytes.
+func wholeChunks(e extents, shift uint) extents {
+	var out extents
+	for _, x := range e {
+		out = out.add(x.off>>shift<<shift, chunks(x.end, shift)<<shift)
+	}
+	return out
 }
 
 // copyBytes appends to out the bytes of the COW file that hold idx's
@@ -221,10 +249,10 @@ func (v *Volume) reclaimableLocked() bool {
 
 // copiesReclaimableLocked reports whether v (live or deleted, not gone)
 // has a deleted snapshot, kept for its clones (a restore whose
-// VolumeSnapshot was deleted, or CloneVolume's internal snapshot): the
-// copies such a snapshot holds, that no live snapshot reads, are punched
-// once its clones hold their chunks (punchCloned, copies only: v's data
-// file is v's, or, v deleted, punchUnreadable's). v.mu held.
+// VolumeSnapshot was deleted, or CloneVolume's internal snapshot): what
+// such a snapshot reads that no live snapshot does is punched once its
+// clones hold their chunks (punchCloned: copies, and a deleted v's data
+// file). v.mu held.
 func (v *Volume) copiesReclaimableLocked() bool {
 	if v.gone {
 		return false
@@ -376,10 +404,18 @@ func (v *Volume) noteDurable(cs []uint64, shift uint) {
 // queueReclaim adds the bytes e (image offsets, sorted) to what the next
 // Reclaim judges in v (punchCloned). Appended as they come (a Flush may
 // run every few milliseconds; a merge each time would cost the whole
-// queue), sorted and merged by Reclaim.
+// queue), sorted and merged by Reclaim; an extent that continues the last
+// one queued extends it (a sequential writer's copy-outs queue one extent,
+// not one per chunk).
 func (v *Volume) queueReclaim(e extents) {
 	v.reclaimMu.Lock()
-	v.reclaimCand = append(v.reclaimCand, e...)
+	for _, x := range e {
+		if n := len(v.reclaimCand); n > 0 && v.reclaimCand[n-1].end == x.off {
+			v.reclaimCand[n-1].end = x.end
+			continue
+		}
+		v.reclaimCand = append(v.reclaimCand, x)
+	}
 	v.reclaimMu.Unlock()
 }
 

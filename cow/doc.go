@@ -177,11 +177,12 @@
 //     calls it every minute), and by Open. A clone that overwrites its
 //     source whole leaves no copy of it behind. A deleted snapshot kept
 //     for its clones, of a volume that lives (or of a deleted one with
-//     live snapshots), gives back the same way the copies that its clones
-//     have all rewritten and no live snapshot reads, and the copies its
-//     volume's later writes make for it that nobody reads (queued for
-//     Reclaim once applied). A punch that fails (a full XFS) leaves the
-//     space allocated until a later Open (Stats.ReclaimFailed).
+//     live snapshots), gives back the same way what its clones have all
+//     rewritten and no live snapshot reads (of a live volume, only whole
+//     copies), and the copies its volume's later writes make for it that
+//     nobody reads (queued for Reclaim once applied). A punch that fails
+//     (a full XFS) leaves the space allocated until a later Open
+//     (Stats.ReclaimFailed).
 //   - Limit: a snapshot that would go over SnapshotOptions.Limit is
 //     invalidated (its records merge into the next older snapshot, its
 //     readers get ErrInvalidated); the write goes on. A snapshot with clones

@@ -643,6 +643,11 @@ func spaceModel(t *testing.T, seed int64, steps int) {
 			if err := v.Flush(); err != nil {
 				t.Fatal(err)
 			}
+			// A copy-out for a deleted snapshot is queued for Reclaim
+			// when applied, which a Flush does not wait for.
+			if err := v.drain(); err != nil {
+				t.Fatal(err)
+			}
 		}
 		if err := s.Reclaim(); err != nil {
 			t.Fatal(err)
