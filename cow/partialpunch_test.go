@@ -156,3 +156,84 @@ func TestPartialCopyLiveOlderSnapshot(t *testing.T) {
 		t.Fatalf("after the kill, live snapshot old reads other bytes than its volume held: %s", where)
 	}
 }
+
+// TestPartialCopySmallerRestoreChunk: the same through a restore
+// (CloneSnapshot, its snapshot then deleted) of 4 KiB chunks that rewrote
+// 4 KiB of one of the source's 16 KiB chunks (found by review rev-s39-2).
+func TestPartialCopySmallerRestoreChunk(t *testing.T) {
+	const cs = 16 << 10
+	const size = 4 * cs
+	dir := t.TempDir()
+	s, fs := openFault(t, dir, nil)
+	a, b, c := randBytes(7, size), randBytes(8, size), randBytes(9, size)
+	v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(a, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	r, err := s.CloneSnapshot("s", "r", size, VolumeOptions{ChunkSize: 4 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteSnapshot("s"); err != nil { // kept for r
+		t.Fatal(err)
+	}
+	// The restore rewrites the first 4 KiB of v's chunk 0 (one of its own
+	// chunks), durably.
+	want := append([]byte(nil), a...)
+	if _, err := r.WriteAt(c[:4<<10], 0); err != nil {
+		t.Fatal(err)
+	}
+	copy(want, c[:4<<10])
+	if err := r.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	// v's first write after the snapshot: chunk 0 is copied out for the
+	// deleted snapshot, in what is now the log's last batch.
+	if _, err := v.WriteAt(b[:cs], 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.drain(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Reclaim(); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, r, 0, size); !bytes.Equal(got, want) {
+		t.Fatal("before the kill, the restore reads other bytes than its snapshot held and it wrote")
+	}
+	fs.kill()
+	s2, err := openFS(dir, newFaultFS(dir))
+	if err != nil {
+		t.Fatalf("Open after a kill: %v", err)
+	}
+	defer s2.Close()
+	r2, err := s2.Volume("r")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := mustRead(t, r2, 0, size)
+	if !bytes.Equal(got, want) {
+		for i := range got {
+			if got[i] != want[i] {
+				t.Fatalf("after the kill, the restore reads other bytes than its snapshot held and it wrote: first difference at byte %d (reads v's newer bytes there: %v)", i, bytes.Equal(got[i:cs], b[i:cs]))
+			}
+		}
+	}
+	v2, _ := s2.Volume("v")
+	wantV := append(append([]byte(nil), b[:cs]...), a[cs:]...)
+	if got := mustRead(t, v2, 0, size); !bytes.Equal(got, wantV) {
+		t.Fatal("after the kill, v reads other bytes than written")
+	}
+}
