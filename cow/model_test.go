@@ -505,9 +505,18 @@ var invalidSeen atomic.Int64
 // it again there (a reopen step).
 func openModelStore(t *testing.T) (*Store, string, func() (*Store, error)) {
 	t.Helper()
+	s, dir, open, _ := openModelStoreFS(t)
+	return s, dir, open
+}
+
+// openModelStoreFS is openModelStore that also returns the faultFS of the
+// store open returned last (to kill it).
+func openModelStoreFS(t *testing.T) (*Store, string, func() (*Store, error), func() *faultFS) {
+	t.Helper()
 	dir := t.TempDir()
+	var fs *faultFS
 	open := func() (*Store, error) {
-		fs := newFaultFS(dir)
+		fs = newFaultFS(dir)
 		fs.noSync = true
 		return openFS(dir, fs)
 	}
@@ -515,5 +524,5 @@ func openModelStore(t *testing.T) (*Store, string, func() (*Store, error)) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return s, dir, open
+	return s, dir, open, func() *faultFS { return fs }
 }

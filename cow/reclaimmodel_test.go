@@ -1,6 +1,7 @@
 package cow
 
 import (
+	"errors"
 	"fmt"
 	"math/rand"
 	"os"
@@ -38,12 +39,46 @@ func TestReclaimModel(t *testing.T) {
 		steps, _ = strconv.Atoi(s)
 	}
 	for seed := int64(1); seed <= int64(seeds); seed++ {
-		t.Run(fmt.Sprint(seed), func(t *testing.T) { reclaimModel(t, seed, steps) })
+		t.Run(fmt.Sprint(seed), func(t *testing.T) { reclaimModel(t, seed, steps, false) })
 	}
 }
 
-func reclaimModel(t *testing.T, seed int64, steps int) {
-	s, dir, open := openModelStore(t)
+// TestKillReclaimModel is TestReclaimModel with kills instead of clean
+// reopens, and more of them (9 steps in 100): every volume flushed, then
+// one written and flushed last, four times in five one with a deleted
+// snapshot kept for clones (so its copy-outs for that snapshot are in the
+// log's last batch), drained, a Reclaim (which may punch those copies),
+// then a kill (faultFS.kill) and an Open; every image checked before the
+// kill and after every step. It finds (seed 23) the partial punch of a
+// live volume's copy that punchCloned no longer does (review rev-s39-3
+// wrote it; TestPartialCopy*). CSI_SNAP_KILL_RECLAIM_SEEDS (seeds 1..N),
+// CSI_SNAP_KILL_RECLAIM_STEPS.
+func TestKillReclaimModel(t *testing.T) {
+	// Seed 23 is the first of 40 that failed with the partial punch.
+	seeds, steps := []int64{1, 2, 3, 4, 5, 6, 7, 8, 23}, 300
+	if testing.Short() {
+		seeds = []int64{1, 2, 23}
+	}
+	if s := os.Getenv("CSI_SNAP_KILL_RECLAIM_SEEDS"); s != "" {
+		n, _ := strconv.Atoi(s)
+		seeds = nil
+		for i := range n {
+			seeds = append(seeds, int64(i)+1)
+		}
+	}
+	if s := os.Getenv("CSI_SNAP_KILL_RECLAIM_STEPS"); s != "" {
+		steps, _ = strconv.Atoi(s)
+	}
+	for _, seed := range seeds {
+		t.Run(fmt.Sprint(seed), func(t *testing.T) { reclaimModel(t, seed, steps, true) })
+	}
+}
+
+// reclaimModel runs TestReclaimModel's stream; with kills, its reopens
+// are kills (see TestKillReclaimModel). Without, the rng draws are those
+// the seeds named in comments replay.
+func reclaimModel(t *testing.T, seed int64, steps int, kills bool) {
+	s, dir, open, curFS := openModelStoreFS(t)
 	var err error
 	defer func() { s.Close() }()
 	st := &reclaimModelState{m: newModel(), snapOf: map[string]string{}}
@@ -54,6 +89,9 @@ func reclaimModel(t *testing.T, seed int64, steps int) {
 		vols, snaps := sortedKeys(m.vols), sortedKeys(m.snaps)
 		newID := func() string { m.n++; return fmt.Sprintf("x%d", m.n) }
 		p := rng.Intn(100)
+		if kills && p >= 91 {
+			p = 97 // a kill
+		}
 		var o op
 		rb := ""
 		switch {
@@ -116,7 +154,10 @@ func reclaimModel(t *testing.T, seed int64, steps int) {
 		default:
 			o = op{kind: opReopen}
 		}
-		if rb != "" {
+		if kills && o.kind == opReopen {
+			hist = append(hist, "flush+kill")
+			reclaimKill(t, &s, open, curFS(), m, rng, i, &hist)
+		} else if rb != "" {
 			vid := st.snapOf[rb]
 			hist = append(hist, fmt.Sprintf("rollback(%s to %s)", vid, rb))
 			if _, err := s.Rollback(vid, rb); err != nil {
@@ -179,5 +220,69 @@ func reclaimModel(t *testing.T, seed int64, steps int) {
 	}
 	if err := verify(s, m, true); err != nil {
 		t.Fatalf("after final reopen: %v", err)
+	}
+}
+
+// reclaimKill is TestKillReclaimModel's kill: every volume flushed, one
+// (four times in five one with a deleted snapshot kept for clones)
+// written and flushed last, all drained, a Reclaim, the images checked,
+// then a kill of fs's store and an Open, checked with s.check.
+func reclaimKill(t *testing.T, s **Store, open func() (*Store, error), fs *faultFS, m *model, rng *rand.Rand, i int, hist *[]string) {
+	t.Helper()
+	vols := sortedKeys(m.vols)
+	var hid []string
+	for _, id := range vols {
+		v, err := (*s).Volume(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := v.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		v.mu.RLock()
+		for _, sn := range v.chain {
+			if sn.deleted {
+				hid = append(hid, id)
+				break
+			}
+		}
+		v.mu.RUnlock()
+	}
+	id := vols[rng.Intn(len(vols))]
+	if len(hid) > 0 && rng.Intn(5) > 0 {
+		id = hid[rng.Intn(len(hid))]
+	}
+	size := int64(len(m.vols[id].cur))
+	off := rng.Int63n(size)
+	n := 1 + rng.Int63n(min(40<<10, size-off))
+	w := op{kind: opWrite, id: id, off: off, n: n, data: nonZero(rng.Int63(), int(n))}
+	*hist = append(*hist, w.String())
+	if err := run(s, open, w); err != nil {
+		t.Fatal(err)
+	}
+	m.apply(w)
+	for _, id := range vols {
+		v, err := (*s).Volume(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := errors.Join(v.Flush(), v.drain()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := (*s).Reclaim(); err != nil {
+		t.Fatal(err)
+	}
+	m.apply(op{kind: opReopen})
+	if err := verify(*s, m, true); err != nil {
+		t.Fatalf("step %d before the kill: %v\n%v", i, err, *hist)
+	}
+	fs.kill()
+	var err error
+	if *s, err = open(); err != nil {
+		t.Fatalf("step %d: open after the kill: %v\n%v", i, err, *hist)
+	}
+	if err := (*s).check(); err != nil {
+		t.Fatalf("step %d: check after the kill: %v\n%v", i, err, *hist)
 	}
 }
