@@ -63,12 +63,7 @@ func TestDeletedSnapshotOfLiveVolumeFreesRewrittenCopies(t *testing.T) {
 	hidden := s.Stats().HiddenBytes
 	// The restores rewrite their first half.
 	for _, x := range []*Volume{r, q} {
-		if _, err := x.WriteAt(c[:size/2], 0); err != nil {
-			t.Fatal(err)
-		}
-		if err := x.Flush(); err != nil {
-			t.Fatal(err)
-		}
+		writeFlush(t, x, c[:size/2], 0)
 	}
 	if err := s.Reclaim(); err != nil {
 		t.Fatal(err)
@@ -192,45 +187,20 @@ func TestPunchedHiddenCopyInLastBatch(t *testing.T) {
 	skipBlocksOnXFS(t)
 	const cs = 16 << 10
 	const size = 8 * cs
-	dir := t.TempDir()
-	s, fs := openFault(t, dir, nil)
+	s, fs, dir := openFaultT(t)
 	a, b, c := randBytes(7, size), randBytes(8, size), randBytes(9, size)
 	v, k := clonedVolume(t, s, cs, a)
-	if _, err := k.WriteAt(c, 0); err != nil { // the clone holds every chunk
-		t.Fatal(err)
-	}
-	if err := k.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := v.WriteAt(b, 0); err != nil { // copies nobody needs
-		t.Fatal(err)
-	}
-	if err := v.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	if err := v.drain(); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Reclaim(); err != nil {
-		t.Fatal(err)
-	}
+	writeFlush(t, k, c, 0) // the clone holds every chunk
+	writeFlush(t, v, b, 0) // copies nobody needs
 	cow := cowFileName(v.obj)
-	if got := fileBytes(t, dir, cow); got != 0 {
-		t.Fatalf("v's COW file holds %d bytes of copies its clone does not read", got)
-	}
-	fs.kill()
-	s2, err := openFS(dir, newFaultFS(dir))
-	if err != nil {
-		t.Fatalf("Open after a kill with punched copies in the last batch: %v", err)
-	}
-	defer s2.Close()
-	wantVolumes(t, s2, "after the kill", map[string][]byte{"v": b, "k": c})
-	if err := s2.check(); err != nil {
-		t.Fatal(err)
-	}
-	if got := fileBytes(t, dir, cow); got != 0 {
-		t.Fatalf("v's COW file holds %d bytes after the reopen", got)
-	}
+	var s2 *Store
+	reclaimKillReopen(t, s, fs, dir, v, func(s *Store, when string) {
+		if got := fileBytes(t, dir, cow); got != 0 {
+			t.Fatalf("%s: v's COW file holds %d bytes of copies its clone does not read", when, got)
+		}
+		wantVolumes(t, s, when, map[string][]byte{"v": b, "k": c})
+		s2 = s
+	})
 	// v keeps working: a write after the reopen, and the clone reads its own.
 	v2, _ := s2.Volume("v")
 	if _, err := v2.WriteAt(a, 0); err != nil {

@@ -18,63 +18,25 @@ import (
 // than its source holds only part of the source's chunk, and reads the
 // rest through CloneVolume's (deleted, internal) snapshot's copy.
 func TestPartialCopySmallerCloneChunk(t *testing.T) {
-	const cs = 16 << 10 // source chunk
-	const ccs = 4 << 10 // clone chunk
+	const cs, ccs = 16 << 10, 4 << 10 // the source's chunk, the clone's
 	const size = 4 * cs
-	dir := t.TempDir()
-	s, fs := openFault(t, dir, nil)
+	s, fs, dir := openFaultT(t)
 	a, b, c := randBytes(11, size), randBytes(12, size), randBytes(13, size)
-	v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := v.WriteAt(a, 0); err != nil {
-		t.Fatal(err)
-	}
+	v := mustVol(t, s, "v", size, cs)
+	writeFlush(t, v, a, 0)
 	k, err := s.CloneVolume("v", "k", size, VolumeOptions{ChunkSize: ccs})
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The clone holds only the first 4 KiB of v's chunk 0.
-	if _, err := k.WriteAt(c[:ccs], 0); err != nil {
-		t.Fatal(err)
-	}
-	if err := k.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	// v rewrites chunk 0: copied out for the internal snapshot (the clone
-	// still reads its bytes [4K, 16K)).
-	if _, err := v.WriteAt(b[:cs], 0); err != nil {
-		t.Fatal(err)
-	}
-	if err := v.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	if err := v.drain(); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Reclaim(); err != nil { // punches the copy's first 4 KiB
-		t.Fatal(err)
-	}
-	want := append(append([]byte(nil), c[:ccs]...), a[ccs:]...)
-	if got := mustRead(t, k, 0, size); !bytes.Equal(got, want) {
-		t.Fatal("before the kill: the clone reads other bytes than its source held and it wrote")
-	}
-	fs.kill()
-	s2, err := openFS(dir, newFaultFS(dir))
-	if err != nil {
-		t.Fatalf("Open after the kill: %v", err)
-	}
-	defer s2.Close()
-	k2, _ := s2.Volume("k")
-	got := mustRead(t, k2, 0, size)
-	if !bytes.Equal(got, want) {
-		where := "elsewhere"
-		if bytes.Equal(got[ccs:cs], b[ccs:cs]) {
-			where = "bytes [4K,16K) are the source volume's NEW bytes"
-		}
-		t.Fatalf("after the kill, the clone reads other bytes than its source held and it wrote: %s", where)
-	}
+	writeFlush(t, k, c[:ccs], 0) // the first 4 KiB of v's chunk 0
+	// v rewrites chunk 0: copied out for the internal snapshot, whose
+	// bytes [4K, 16K) the clone still reads; the copy's first 4 KiB nobody
+	// reads.
+	writeFlush(t, v, b[:cs], 0)
+	want := append(c[:ccs:ccs], a[ccs:]...)
+	reclaimKillReopen(t, s, fs, dir, v, func(s *Store, when string) {
+		wantVolumes(t, s, when, map[string][]byte{"k": want})
+	})
 }
 
 // TestPartialCopyLiveOlderSnapshot: a live snapshot whose size ends
@@ -82,158 +44,115 @@ func TestPartialCopySmallerCloneChunk(t *testing.T) {
 // deleted snapshot's copy, whose part past the live snapshot's size no
 // reader needs (the deleted snapshot's restore holds the chunk).
 func TestPartialCopyLiveOlderSnapshot(t *testing.T) {
-	const cs = 16 << 10
-	const small = 4 << 10
+	const cs, small = 16 << 10, 4 << 10
 	const size = 4 * cs
-	dir := t.TempDir()
-	s, fs := openFault(t, dir, nil)
+	s, fs, dir := openFaultT(t)
 	a, b, c, d := randBytes(21, size), randBytes(22, size), randBytes(23, size), randBytes(24, size)
-	v, err := s.CreateVolume("v", small, VolumeOptions{ChunkSize: cs})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := v.WriteAt(a[:small], 0); err != nil {
-		t.Fatal(err)
-	}
+	v := mustVol(t, s, "v", small, cs)
+	writeFlush(t, v, a[:small], 0)
 	if _, err := s.CreateSnapshot("v", "old", SnapshotOptions{}); err != nil { // live, 4 KiB
 		t.Fatal(err)
 	}
 	if err := v.Resize(size); err != nil {
 		t.Fatal(err)
 	}
-	// Past old's size: no copy for old; chunk 0 now holds data past 4K.
-	if _, err := v.WriteAt(d[small:cs], small); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	r, err := s.CloneSnapshot("s", "r", size, VolumeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.DeleteSnapshot("s"); err != nil {
-		t.Fatal(err)
-	}
-	// The restore holds chunk 0 durably.
-	if _, err := r.WriteAt(c[:cs], 0); err != nil {
-		t.Fatal(err)
-	}
-	if err := r.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	// v rewrites chunk 0: copied out for "s" (deleted, newest); "old" reads
-	// its first 4 KiB there.
-	if _, err := v.WriteAt(b[:cs], 0); err != nil {
-		t.Fatal(err)
-	}
-	if err := v.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	if err := v.drain(); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Reclaim(); err != nil { // punches [4K, 16K) of the copy
-		t.Fatal(err)
-	}
-	old, _ := s.Snapshot("old")
-	if got := mustRead(t, old, 0, small); !bytes.Equal(got, a[:small]) {
-		t.Fatal("before the kill: live snapshot old reads other bytes than its volume held")
-	}
-	fs.kill()
-	s2, err := openFS(dir, newFaultFS(dir))
-	if err != nil {
-		t.Fatalf("Open after the kill: %v", err)
-	}
-	defer s2.Close()
-	old2, _ := s2.Snapshot("old")
-	got := mustRead(t, old2, 0, small)
-	if !bytes.Equal(got, a[:small]) {
-		where := "elsewhere"
-		if bytes.Equal(got, b[:small]) {
-			where = "it reads the volume's NEW bytes"
+	writeFlush(t, v, d[small:cs], small) // past old's size: no copy for old
+	r := restoreDeleted(t, s, "v", "s", "r", VolumeOptions{})
+	writeFlush(t, r, c[:cs], 0) // the restore holds chunk 0
+	// v rewrites chunk 0: copied out for "s" (deleted, newest); "old"
+	// reads its first 4 KiB there, nobody the rest.
+	writeFlush(t, v, b[:cs], 0)
+	reclaimKillReopen(t, s, fs, dir, v, func(s *Store, when string) {
+		old, err := s.Snapshot("old")
+		if err != nil {
+			t.Fatal(err)
 		}
-		t.Fatalf("after the kill, live snapshot old reads other bytes than its volume held: %s", where)
-	}
+		if got := mustRead(t, old, 0, small); !bytes.Equal(got, a[:small]) {
+			t.Fatalf("%s: live snapshot old reads other bytes than its volume held (the volume's newer bytes: %v)", when, bytes.Equal(got, b[:small]))
+		}
+	})
 }
 
 // TestPartialCopySmallerRestoreChunk: the same through a restore
 // (CloneSnapshot, its snapshot then deleted) of 4 KiB chunks that rewrote
 // 4 KiB of one of the source's 16 KiB chunks (found by review rev-s39-2).
 func TestPartialCopySmallerRestoreChunk(t *testing.T) {
-	const cs = 16 << 10
+	const cs, rcs = 16 << 10, 4 << 10
 	const size = 4 * cs
-	dir := t.TempDir()
-	s, fs := openFault(t, dir, nil)
+	s, fs, dir := openFaultT(t)
 	a, b, c := randBytes(7, size), randBytes(8, size), randBytes(9, size)
-	v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := v.WriteAt(a, 0); err != nil {
-		t.Fatal(err)
-	}
-	if err := v.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	r, err := s.CloneSnapshot("s", "r", size, VolumeOptions{ChunkSize: 4 << 10})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.DeleteSnapshot("s"); err != nil { // kept for r
-		t.Fatal(err)
-	}
-	// The restore rewrites the first 4 KiB of v's chunk 0 (one of its own
-	// chunks), durably.
-	want := append([]byte(nil), a...)
-	if _, err := r.WriteAt(c[:4<<10], 0); err != nil {
-		t.Fatal(err)
-	}
-	copy(want, c[:4<<10])
-	if err := r.Flush(); err != nil {
-		t.Fatal(err)
-	}
+	v := mustVol(t, s, "v", size, cs)
+	writeFlush(t, v, a, 0)
+	r := restoreDeleted(t, s, "v", "s", "r", VolumeOptions{ChunkSize: rcs})
+	writeFlush(t, r, c[:rcs], 0) // the first 4 KiB of v's chunk 0
 	// v's first write after the snapshot: chunk 0 is copied out for the
 	// deleted snapshot, in what is now the log's last batch.
-	if _, err := v.WriteAt(b[:cs], 0); err != nil {
+	writeFlush(t, v, b[:cs], 0)
+	want := append(c[:rcs:rcs], a[rcs:]...)
+	reclaimKillReopen(t, s, fs, dir, v, func(s *Store, when string) {
+		wantVolumes(t, s, when, map[string][]byte{"r": want, "v": append(b[:cs:cs], a[cs:]...)})
+	})
+}
+
+// openFaultT opens a store in a new directory through a faultFS (to kill).
+func openFaultT(t *testing.T) (*Store, *faultFS, string) {
+	t.Helper()
+	dir := t.TempDir()
+	s, fs := openFault(t, dir, nil)
+	return s, fs, dir
+}
+
+// writeFlush writes p at off of v and flushes v.
+func writeFlush(t *testing.T, v *Volume, p []byte, off int64) {
+	t.Helper()
+	if _, err := v.WriteAt(p, off); err != nil {
 		t.Fatal(err)
 	}
 	if err := v.Flush(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// restoreDeleted snapshots volume vol as snap, restores the snapshot as
+// id (of the volume's size) and deletes the snapshot: it is kept for the
+// restore.
+func restoreDeleted(t *testing.T, s *Store, vol, snap, id string, o VolumeOptions) *Volume {
+	t.Helper()
+	sn, err := s.CreateSnapshot(vol, snap, SnapshotOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := s.CloneSnapshot(snap, id, sn.Info().Size, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteSnapshot(snap); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// reclaimKillReopen lets v's copy-outs be applied (so they are queued for
+// Reclaim), runs a Reclaim, calls check, kills the store (no Close: the
+// log's last batch holds v's copy-outs), opens it again, and calls check
+// on the new store (closed when the test ends).
+func reclaimKillReopen(t *testing.T, s *Store, fs *faultFS, dir string, v *Volume, check func(s *Store, when string)) {
+	t.Helper()
 	if err := v.drain(); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.Reclaim(); err != nil {
 		t.Fatal(err)
 	}
-	if got := mustRead(t, r, 0, size); !bytes.Equal(got, want) {
-		t.Fatal("before the kill, the restore reads other bytes than its snapshot held and it wrote")
-	}
+	check(s, "before the kill")
 	fs.kill()
 	s2, err := openFS(dir, newFaultFS(dir))
 	if err != nil {
-		t.Fatalf("Open after a kill: %v", err)
+		t.Fatalf("Open after the kill: %v", err)
 	}
-	defer s2.Close()
-	r2, err := s2.Volume("r")
-	if err != nil {
+	t.Cleanup(func() { s2.Close() })
+	if err := s2.check(); err != nil {
 		t.Fatal(err)
 	}
-	got := mustRead(t, r2, 0, size)
-	if !bytes.Equal(got, want) {
-		for i := range got {
-			if got[i] != want[i] {
-				t.Fatalf("after the kill, the restore reads other bytes than its snapshot held and it wrote: first difference at byte %d (reads v's newer bytes there: %v)", i, bytes.Equal(got[i:cs], b[i:cs]))
-			}
-		}
-	}
-	v2, _ := s2.Volume("v")
-	wantV := append(append([]byte(nil), b[:cs]...), a[cs:]...)
-	if got := mustRead(t, v2, 0, size); !bytes.Equal(got, wantV) {
-		t.Fatal("after the kill, v reads other bytes than written")
-	}
+	check(s2, "after the kill")
 }

@@ -55,20 +55,12 @@ func TestReclaimModel(t *testing.T) {
 // CSI_SNAP_KILL_RECLAIM_STEPS.
 func TestKillReclaimModel(t *testing.T) {
 	// Seed 23 is the first of 40 that failed with the partial punch.
-	seeds, steps := []int64{1, 2, 3, 4, 5, 6, 7, 8, 23}, 300
+	seeds := []int64{1, 2, 3, 4, 5, 6, 7, 8, 23}
 	if testing.Short() {
 		seeds = []int64{1, 2, 23}
 	}
-	if s := os.Getenv("CSI_SNAP_KILL_RECLAIM_SEEDS"); s != "" {
-		n, _ := strconv.Atoi(s)
-		seeds = nil
-		for i := range n {
-			seeds = append(seeds, int64(i)+1)
-		}
-	}
-	if s := os.Getenv("CSI_SNAP_KILL_RECLAIM_STEPS"); s != "" {
-		steps, _ = strconv.Atoi(s)
-	}
+	seeds = envSeeds("CSI_SNAP_KILL_RECLAIM_SEEDS", seeds)
+	steps := envInt("CSI_SNAP_KILL_RECLAIM_STEPS", 300)
 	for _, seed := range seeds {
 		t.Run(fmt.Sprint(seed), func(t *testing.T) { reclaimModel(t, seed, steps, true) })
 	}

@@ -405,17 +405,8 @@ func TestSpaceReclaimModel(t *testing.T) {
 	// (a rollback's partial tail block, the tail of a last-chunk copy, a
 	// deleted clone's last chunk, discards into a written overlay entry),
 	// and 217 a clone's first write allocating the source's zeros.
-	seeds, steps := []int64{1, 2, 3, 4, 5, 6, 29, 31, 127, 135, 217}, 300
-	if s := os.Getenv("SPACE_SEEDS"); s != "" {
-		n, _ := strconv.Atoi(s)
-		seeds = nil
-		for i := range n {
-			seeds = append(seeds, int64(i)+1)
-		}
-	}
-	if s := os.Getenv("SPACE_STEPS"); s != "" {
-		steps, _ = strconv.Atoi(s)
-	}
+	seeds := envSeeds("SPACE_SEEDS", []int64{1, 2, 3, 4, 5, 6, 29, 31, 127, 135, 217})
+	steps := envInt("SPACE_STEPS", 300)
 	if s := os.Getenv("SPACE_SEED"); s != "" {
 		first, _ := strconv.ParseInt(s, 10, 64)
 		seeds = []int64{first}
@@ -1282,4 +1273,29 @@ func TestCloneFirstWriteSparse(t *testing.T) {
 	if got := mustRead(t, c, 0, 48<<10); !bytes.Equal(got, want) {
 		t.Fatal("the clone reads wrong data after a reopen")
 	}
+}
+
+// envSeeds returns seeds 1..N if the environment variable name says N,
+// else def.
+func envSeeds(name string, def []int64) []int64 {
+	s := os.Getenv(name)
+	if s == "" {
+		return def
+	}
+	n, _ := strconv.Atoi(s)
+	var seeds []int64
+	for i := range n {
+		seeds = append(seeds, int64(i)+1)
+	}
+	return seeds
+}
+
+// envInt returns the environment variable name as a number, or def if
+// it is unset.
+func envInt(name string, def int) int {
+	if s := os.Getenv(name); s != "" {
+		n, _ := strconv.Atoi(s)
+		return n
+	}
+	return def
 }
