@@ -56,7 +56,8 @@ import (
 //     CRCs), and a volume's copy-outs are all in batches before its delete
 //     (DeleteVolume drains first). A live volume's copy for a deleted
 //     snapshot may be in the last batch: Open drops its record as a copy
-//     cut short, which changes nothing anybody reads (FORMAT.md). When a
+//     cut short, which changes nothing anybody reads because the copy was
+//     punched whole, so no byte of it had a reader (FORMAT.md). When a
 //     snapshot goes, its mappings that an older one reads move to that
 //     one, whose clones hold those chunks already (that is why they were
 //     punched).
@@ -96,7 +97,7 @@ import (
 // held (or by Open).
 func (v *Volume) punchCloned(cand extents) {
 	v.mu.RLock()
-	ok := v.reclaimableLocked() || v.copiesReclaimableLocked()
+	ok := v.reclaimableLocked() || v.keepsDeletedSnapLocked()
 	// A live v reads its data file, and its copy-outs may be in the log's
 	// last batch, which Open judges chunk by chunk (below); a deleted v
 	// reads nothing and makes no copy.
@@ -247,13 +248,13 @@ func (v *Volume) reclaimableLocked() bool {
 	return true
 }
 
-// copiesReclaimableLocked reports whether v (live or deleted, not gone)
+// keepsDeletedSnapLocked reports whether v (live or deleted, not gone)
 // has a deleted snapshot, kept for its clones (a restore whose
 // VolumeSnapshot was deleted, or CloneVolume's internal snapshot): what
 // such a snapshot reads that no live snapshot does is punched once its
 // clones hold their chunks (punchCloned: copies, and a deleted v's data
 // file). v.mu held.
-func (v *Volume) copiesReclaimableLocked() bool {
+func (v *Volume) keepsDeletedSnapLocked() bool {
 	if v.gone {
 		return false
 	}
@@ -266,11 +267,11 @@ func (v *Volume) copiesReclaimableLocked() bool {
 }
 
 // reclaimable reports, for callers without v.mu, whether punchCloned may
-// punch anything of v: reclaimableLocked or copiesReclaimableLocked.
+// punch anything of v: reclaimableLocked or keepsDeletedSnapLocked.
 func (v *Volume) reclaimable() bool {
 	v.mu.RLock()
 	defer v.mu.RUnlock()
-	return v.reclaimableLocked() || v.copiesReclaimableLocked()
+	return v.reclaimableLocked() || v.keepsDeletedSnapLocked()
 }
 
 // idxExtents is runExtents of idx over each extent of in, in one list:
