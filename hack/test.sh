@@ -65,7 +65,7 @@ if [ "$(id -u)" = 0 ] && command -v mkfs.xfs >/dev/null && grep -qw xfs /proc/fi
 	mount -o loop "$xfs/img" "$xfs/mnt"
 	# On this mount, a test that needs cloning fails instead of skipping.
 	# (TestPowerLoss runs on a file system in memory: nothing to see here.)
-	TMPDIR="$xfs/mnt" CSI_SNAP_REQUIRE_REFLINK=1 go test -count=1 -timeout 20m -skip '^TestPowerLoss$' -json ./cow/... | "$summary"
+	TMPDIR="$xfs/mnt" CSI_SNAP_REQUIRE_REFLINK=1 go test -count=1 -timeout 40m -skip '^TestPowerLoss$' -json ./cow/... | "$summary"
 else
 	echo "!!! NOT RUN: needs root, mkfs.xfs (xfsprogs) and the xfs module; the cloning path is untested here"
 	if [ "${CSI_SNAP_REQUIRE_KERNEL:-}" = 1 ]; then
