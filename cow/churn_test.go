@@ -505,7 +505,10 @@ func churnCloneChaos(t *testing.T, seed int64) {
 	}
 	name := dataFileName(w.obj)
 	w.mu.RLock()
-	full := w.reclaimableLocked()
+	full := w.deleted && !w.gone && len(w.chain) > 0
+	for _, sn := range w.chain {
+		full = full && sn.deleted
+	}
 	w.mu.RUnlock()
 	if !full {
 		t.Fatal("w and all its snapshots were deleted, yet w is not kept for its clone alone")

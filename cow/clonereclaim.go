@@ -97,7 +97,7 @@ import (
 // held (or by Open).
 func (v *Volume) punchCloned(cand extents) {
 	v.mu.RLock()
-	ok := v.reclaimableLocked() || v.keepsDeletedSnapLocked()
+	ok := v.keepsDeletedSnapLocked()
 	// A live v reads its data file, and its copy-outs may be in the log's
 	// last batch, which Open judges chunk by chunk (below); a deleted v
 	// reads nothing and makes no copy.
@@ -160,7 +160,9 @@ func (v *Volume) punchCloned(cand extents) {
 				lack = union(lack, v.s.sourceNeed(c, all))
 			}
 		}
-		needData = union(needData, subtract(lack, mapped[k]))
+		if !live { // a live v's data file is its own
+			needData = union(needData, subtract(lack, mapped[k]))
+		}
 		for m := k; m < len(chain) && len(lack) > 0; m++ {
 			part := intersect(lack, own[m])
 			needCopy[m] = union(needCopy[m], part)
@@ -233,21 +235,6 @@ func copyBytes(out []extent, idx *exceptions.Index, shift uint, e extent) []exte
 	return out
 }
 
-// reclaimableLocked reports whether v is deleted, not gone, and has
-// snapshots, all deleted: kept only for clones of those snapshots. v.mu
-// held.
-func (v *Volume) reclaimableLocked() bool {
-	if !v.deleted || v.gone || len(v.chain) == 0 {
-		return false
-	}
-	for _, sn := range v.chain {
-		if !sn.deleted {
-			return false
-		}
-	}
-	return true
-}
-
 // keepsDeletedSnapLocked reports whether v (live or deleted, not gone)
 // has a deleted snapshot, kept for its clones (a restore whose
 // VolumeSnapshot was deleted, or CloneVolume's internal snapshot): what
@@ -266,12 +253,13 @@ func (v *Volume) keepsDeletedSnapLocked() bool {
 	return false
 }
 
-// reclaimable reports, for callers without v.mu, whether punchCloned may
-// punch anything of v: reclaimableLocked or keepsDeletedSnapLocked.
+// reclaimable is keepsDeletedSnapLocked for callers without v.mu: whether
+// punchCloned may punch anything of v. (A volume deleted with all its
+// snapshots, the case punchCloned began with, is one of these.)
 func (v *Volume) reclaimable() bool {
 	v.mu.RLock()
 	defer v.mu.RUnlock()
-	return v.reclaimableLocked() || v.keepsDeletedSnapLocked()
+	return v.keepsDeletedSnapLocked()
 }
 
 // idxExtents is runExtents of idx over each extent of in, in one list:
