@@ -95,10 +95,15 @@ func (s *Store) apply(r *record) error {
 		if sn.invalid || sn.clones > 0 || target {
 			return corruptf("invalidate of snapshot %d (invalid %v, %d clones, rollback target %v)", r.Obj, sn.invalid, sn.clones, target)
 		}
+		var taken extents
+		if !s.replay {
+			taken = v.takenOver(sn)
+		}
 		freed, err := v.unchain(sn, func() { sn.invalid = true })
 		if err != nil {
 			return err
 		}
+		v.queueReclaim(taken)
 		return s.release(v, freed)
 	case recExc:
 		sn, err := s.snap(r.Obj)

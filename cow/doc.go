@@ -179,8 +179,9 @@
 //     for its clones, of a volume that lives (or of a deleted one with
 //     live snapshots), gives back the same way what its clones have all
 //     rewritten and no live snapshot reads (of a live volume, only whole
-//     copies), and the copies its volume's later writes make for it that
-//     nobody reads (queued for Reclaim once applied). A punch that fails
+//     copies), and the copies its volume's later writes make for it, or
+//     that it takes over from a newer snapshot given up (Limit, MinFree),
+//     that nobody reads (queued for Reclaim once applied). A punch that fails
 //     (a full XFS) leaves the space allocated until a later Open
 //     (Stats.ReclaimFailed).
 //   - Limit: a snapshot that would go over SnapshotOptions.Limit is

@@ -240,3 +240,65 @@ func clonedVolume(t *testing.T, s *Store, cs int, a []byte) (v, k *Volume) {
 	}
 	return v, k
 }
+
+// TestInvalidationQueuesTakenOverCopies: a live snapshot s2, newer than a
+// deleted one kept for its restore (s1), holds the copies that s1 reads
+// through; the restore rewrites those chunks. When s2 is invalidated (its
+// limit), s1 takes its copies over, and the next Reclaim frees those the
+// restore no longer reads, as it frees the copies made for s1 itself.
+// Before, they stayed until the next delete in the lineage or an Open.
+func TestInvalidationQueuesTakenOverCopies(t *testing.T) {
+	skipBlocksOnXFS(t)
+	const cs = 16 << 10
+	const n = 16
+	const size = n * cs
+	s, dir := openT(t)
+	a, b, c := randBytes(7, size), randBytes(8, size), randBytes(9, size)
+	v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFlush(t, v, a, 0)
+	if _, err := s.CreateSnapshot("v", "s1", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	r, err := s.CloneSnapshot("s1", "r", size, VolumeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteSnapshot("s1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{Limit: size / 2}); err != nil {
+		t.Fatal(err)
+	}
+	// The first half is copied once, into s2; s1 reads it there.
+	writeFlush(t, v, b[:size/2], 0)
+	writeFlush(t, r, c[:size/2], 0)
+	if err := s.Reclaim(); err != nil {
+		t.Fatal(err)
+	}
+	cowOf := func() int64 { return fileBytes(t, dir, cowFileName(v.obj)) }
+	if got := cowOf(); got != size/2 {
+		t.Fatalf("v's COW file holds %d bytes while live s2 reads its copies, want %d", got, size/2)
+	}
+	// The second half overruns s2's limit: s2 is given up, and the
+	// copies go to s1, which its restore still reads there.
+	writeFlush(t, v, b[size/2:], size/2)
+	if got := invalidSnaps(s); got != "[s2]" {
+		t.Fatalf("invalid snapshots %s, want [s2]", got)
+	}
+	if err := s.Reclaim(); err != nil {
+		t.Fatal(err)
+	}
+	want := append(c[:size/2:size/2], a[size/2:]...)
+	wantVolumes(t, s, "after s2 was given up", map[string][]byte{"v": b, "r": want})
+	if got := cowOf(); got != size/2 {
+		t.Fatalf("v's COW file holds %d bytes after s2 was given up and a Reclaim, want %d: the copies s1 took over from s2, which its restore has rewritten, are still held", got, size/2)
+	}
+	s = reopen(t, s, dir)
+	wantVolumes(t, s, "after a reopen", map[string][]byte{"v": b, "r": want})
+	if got := cowOf(); got != size/2 {
+		t.Fatalf("v's COW file holds %d bytes after a reopen, want %d", got, size/2)
+	}
+}
