@@ -131,38 +131,60 @@ func (s *Store) Stats() Stats {
 		v.mu.RUnlock()
 	}
 	// Their copies are counted by what the COW file holds, under the store
-	// lock too, so that no reap closes it meanwhile.
+	// lock too, so that no reap closes it meanwhile; the volume's lock only
+	// while the copies are found in the indexes (a writer's copy-out waits
+	// for it), not while they are sorted and the file is asked.
 	s.mu.Lock()
 	for _, sn := range hidden {
 		v := sn.vol
+		var f file
+		var cowBytes []extent
 		v.mu.RLock()
 		if sn.deleted && !sn.gone && !v.deleted && !s.isClosed.Load() {
-			st.HiddenBytes += hiddenCopyBytes(sn, live)
+			f, cowBytes = hiddenCopies(sn, live)
 		}
 		v.mu.RUnlock()
+		if f != nil {
+			st.HiddenBytes += dataBytes(f, cowBytes)
+		}
 	}
 	s.mu.Unlock()
 	return st
 }
 
-// hiddenCopyBytes is the disk space that the copies of sn, a deleted
-// snapshot of a live volume, take in its COW file and that no live
+// hiddenCopies returns the COW file of sn, a deleted snapshot of a live
+// volume, and the bytes in it (unsorted) of sn's copies that no live
 // snapshot older than sn reads (live tells which are): those a live one
 // reads stay when sn is reaped (unchain hands them to it), so they are not
-// space held for deleted objects. Counted as the bytes of those copies
-// that hold data in the COW file: punchCloned punches a copy once every
-// clone that would read it holds its chunk, and leaves it mapped.
-// Snapshot chain[j] reads chunk c from the oldest of chain[j..] that maps
-// it; so sn = chain[i]'s copy of c is read by chain[j] when c lies within
+// space held for deleted objects. dataBytes then counts what the file
+// holds of them (Stats.HiddenBytes): punchCloned punches a copy once every
+// clone that would read it holds its chunk, and leaves it mapped. Snapshot
+// chain[j] reads chunk c from the oldest of chain[j..] that maps it; so
+// sn = chain[i]'s copy of c is read by chain[j] when c lies within
 // chain[j]'s size (older ones are no larger) and none of chain[j..i-1]
-// maps c. Walks runs, not chunks, and the COW file's data with
-// SEEK_DATA/SEEK_HOLE over each stretch of consecutive copies: a metrics
-// scrape holds v.mu for it. Store lock and v.mu held.
-func hiddenCopyBytes(sn *Snapshot, live func(*Snapshot) bool) int64 {
+// maps c. Walks runs, not chunks; with no live snapshot older than sn
+// (the usual case: a restore's source, CloneVolume's internal snapshot),
+// nobody else reads its copies, and one pass over its index gives them.
+// Store lock and v.mu held.
+func hiddenCopies(sn *Snapshot, live func(*Snapshot) bool) (file, []extent) {
 	v := sn.vol
 	i := slices.Index(v.chain, sn)
 	if i < 0 || sn.idx == nil || sn.held == 0 {
-		return 0
+		return nil, nil
+	}
+	f, err := v.cowFile()
+	if err != nil {
+		return nil, nil
+	}
+	var cowBytes []extent
+	if !slices.ContainsFunc(v.chain[:i], live) {
+		sn.idx.Ascend(0, func(r exceptions.Run) bool {
+			if r.COW != 0 {
+				cowBytes = append(cowBytes, extent{int64(r.COW) << v.shift, int64(r.COW+exceptions.Chunk(r.Len)) << v.shift})
+			}
+			return true
+		})
+		return f, cowBytes
 	}
 	var spans []span
 	var mine extents // sn's copies, as origin chunk numbers
@@ -188,14 +210,17 @@ func hiddenCopyBytes(sn *Snapshot, live func(*Snapshot) bool) int64 {
 			break
 		}
 	}
-	f, err := v.cowFile()
-	if err != nil {
-		return 0
-	}
-	var cowBytes []extent
 	for _, e := range subtract(mine, read) {
 		cowBytes = copyBytes(cowBytes, sn.idx, v.shift, extent{e.off << v.shift, e.end << v.shift})
 	}
+	return f, cowBytes
+}
+
+// dataBytes counts the bytes within cowBytes (extents of f, disjoint, in
+// any order; sorted here) that hold data in f, with SEEK_DATA/SEEK_HOLE
+// over each stretch of adjacent extents. f must stay open (Stats holds the
+// store lock, which a reap that closes it takes).
+func dataBytes(f file, cowBytes []extent) int64 {
 	slices.SortFunc(cowBytes, func(a, b extent) int { return cmp.Compare(a.off, b.off) })
 	var stretches extents
 	for _, e := range cowBytes {
