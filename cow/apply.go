@@ -95,15 +95,16 @@ func (s *Store) apply(r *record) error {
 		if sn.invalid || sn.clones > 0 || target {
 			return corruptf("invalidate of snapshot %d (invalid %v, %d clones, rollback target %v)", r.Obj, sn.invalid, sn.clones, target)
 		}
-		var taken extents
-		if !s.replay {
-			taken = v.takenOver(sn)
-		}
-		freed, err := v.unchain(sn, func() { sn.invalid = true })
+		freed, taken, err := v.unchain(sn, func() { sn.invalid = true })
 		if err != nil {
 			return err
 		}
-		v.queueReclaim(taken)
+		// Store.invalidate drained v first: every copy taken over is
+		// written, so the punch follows the write. Open judges
+		// everything anyway (finishOpen).
+		if !s.replay {
+			v.queueReclaim(taken)
+		}
 		return s.release(v, freed)
 	case recExc:
 		sn, err := s.snap(r.Obj)
@@ -340,7 +341,9 @@ func (s *Store) reapSnapshot(sn *Snapshot) error {
 	if keep {
 		return nil
 	}
-	freed, err := v.unchain(sn, func() {
+	// What the older snapshot takes over, reclaimLineage (the delete's)
+	// judges whole.
+	freed, _, err := v.unchain(sn, func() {
 		sn.gone = true
 		v.snaps = slices.DeleteFunc(v.snaps, func(x *Snapshot) bool { return x == sn })
 	})
@@ -441,37 +444,39 @@ func gaps(x *exceptions.Index, c exceptions.Chunk, n uint64, fn func(exceptions.
 
 // unchain takes sn out of the chain (it is gone or invalid): the chunks the
 // next older snapshot lacks move to it, since that snapshot's reads used to
-// find them in sn; the others are returned as freed. Cost: O(runs of sn
-// and of the overlapping part of the older snapshot).
+// find them in sn; the others are returned as freed. If that snapshot is
+// deleted (kept for its clones), the bytes of v whose copies moved to it
+// are returned too (taken): Reclaim frees those its clones have rewritten
+// (punchCloned judges them), as it frees the copies made for it. Cost:
+// O(runs of sn and of the overlapping part of the older snapshot).
 //
 // mark runs under v.mu in the same critical section that takes sn out of
 // the chain (it sets sn.invalid or sn.gone): a reader of sn that found it
 // in neither the chain nor those flags would take every chunk for one
 // unchanged since sn and return the volume's current bytes with no error.
-func (v *Volume) unchain(sn *Snapshot, mark func()) ([]span, error) {
+func (v *Volume) unchain(sn *Snapshot, mark func()) (freed []span, taken extents, err error) {
 	i := slices.Index(v.chain, sn)
 	if i < 0 {
 		v.mu.Lock()
 		mark()
 		v.mu.Unlock()
-		return nil, nil
+		return nil, nil, nil
 	}
 	if err := v.s.flushPending(sn); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var prev *Snapshot
 	if i > 0 {
 		prev = v.chain[i-1]
 		if err := v.s.flushPending(prev); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	var freed, moved []span
+	var moved []span
 	var runs []exceptions.Run
 	sn.idx.Ascend(0, func(r exceptions.Run) bool { runs = append(runs, r); return true })
-	var err error
 	for _, r := range runs {
 		// Split r into what prev lacks (moves, if prev can read that far)
 		// and what prev has (freed).
@@ -504,20 +509,23 @@ func (v *Volume) unchain(sn *Snapshot, mark func()) ([]span, error) {
 			if k != 0 {
 				prev.held += int64(m.N)
 				prev.reserved.Add(int64(m.N))
+				if prev.deleted {
+					taken = taken.add(int64(m.C)<<v.shift, int64(m.C+exceptions.Chunk(m.N))<<v.shift)
+				}
 			}
 			at = m.C + exceptions.Chunk(m.N)
 		}
 		free(at, uint64(end-at))
 	}
 	if err != nil {
-		return nil, corruptf("merging snapshot %d: %v", sn.obj, err)
+		return nil, nil, corruptf("merging snapshot %d: %v", sn.obj, err)
 	}
 	sn.idx = exceptions.New()
 	sn.held = 0
 	sn.reserved.Store(0)
 	v.chain = slices.Delete(v.chain, i, i+1)
 	mark()
-	return freed, nil
+	return freed, taken, nil
 }
 
 // flushPending merges the exception records replay buffered for sn into its

@@ -76,10 +76,10 @@ import (
 // a clone's Flush that commits present marks queues their bytes on its
 // source (noteDurable), as does a copy-out for a deleted snapshot once
 // applied, and so are the copies a deleted snapshot takes over when the
-// newer one that held them is invalidated (takenOver; a delete runs
-// reclaimLineage instead); Reclaim punches what is queued (the driver's
-// upkeep calls it every minute). Only space is at stake: a punch that
-// fails is counted (Stats.ReclaimFailed), never returned.
+// newer one that held them is invalidated (unchain returns them; a delete
+// runs reclaimLineage instead); Reclaim punches what is queued (the
+// driver's upkeep calls it every minute). Only space is at stake: a punch
+// that fails is counted (Stats.ReclaimFailed), never returned.
 
 // punchCloned punches the bytes within cand (all of them, for nil) that
 // no clone can read any more, if some snapshot of v is deleted (kept for
@@ -405,31 +405,6 @@ func (v *Volume) queueReclaim(e extents) {
 		v.reclaimCand = append(v.reclaimCand, x)
 	}
 	v.reclaimMu.Unlock()
-}
-
-// takenOver returns the bytes of v whose copies sn holds, if the snapshot
-// before it in the chain is deleted (kept for its clones): when sn is
-// invalidated that one takes those copies over (unchain), and nothing else
-// would queue them for Reclaim, which frees those its clones have rewritten
-// (punchCloned judges them), as it frees the copies made for it. The
-// invalidation drained v first, so every copy is written: the punch
-// follows the write. Open judges everything anyway (s.replay). Store lock
-// held.
-func (v *Volume) takenOver(sn *Snapshot) extents {
-	v.mu.RLock()
-	defer v.mu.RUnlock()
-	i := slices.Index(v.chain, sn)
-	if i <= 0 || !v.chain[i-1].deleted {
-		return nil
-	}
-	var e extents
-	sn.idx.Ascend(0, func(r exceptions.Run) bool {
-		if r.COW != 0 {
-			e = e.add(int64(r.Origin)<<v.shift, int64(r.Origin+exceptions.Chunk(r.Len))<<v.shift)
-		}
-		return true
-	})
-	return e
 }
 
 // reclaimLineage runs punchCloned over every byte of v and each volume it
