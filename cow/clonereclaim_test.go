@@ -349,6 +349,29 @@ func TestReclaimSnapshotCopies(t *testing.T) {
 	})
 }
 
+// restoredBench opens a store (closed when b ends) with volume "v" of
+// size bytes in 4 KiB chunks, its snapshot "s", and "c" restored from it:
+// the start of the benchmarks that fill the indexes of a snapshot kept for
+// a clone directly.
+func restoredBench(b *testing.B, size int64) (s *Store, v, c *Volume) {
+	b.Helper()
+	s, err := Open(b.TempDir())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { s.Close() })
+	if v, err = s.CreateVolume("v", size, VolumeOptions{ChunkSize: 4096}); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		b.Fatal(err)
+	}
+	if c, err = s.CloneSnapshot("s", "c", size, VolumeOptions{ChunkSize: 4096}); err != nil {
+		b.Fatal(err)
+	}
+	return s, v, c
+}
+
 // BenchmarkReclaimPass: the time a full pass of punchCloned holds the store
 // lock (a delete that leaves a volume kept only for its clones, or lets one
 // of them go, runs one), for a deleted snapshot of n random single-chunk
@@ -364,23 +387,8 @@ func BenchmarkReclaimPass(b *testing.B) {
 			if testing.Short() && n > 10_000 {
 				b.Skip("-short: the smallest size only")
 			}
-			s, err := Open(b.TempDir())
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer s.Close()
 			const size = 1 << 40
-			v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: 4096})
-			if err != nil {
-				b.Fatal(err)
-			}
-			if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
-				b.Fatal(err)
-			}
-			c, err := s.CloneSnapshot("s", "c", size, VolumeOptions{ChunkSize: 4096})
-			if err != nil {
-				b.Fatal(err)
-			}
+			s, v, c := restoredBench(b, size)
 			if err := errors.Join(s.DeleteSnapshot("s"), s.DeleteVolume("v")); err != nil {
 				b.Fatal(err)
 			}

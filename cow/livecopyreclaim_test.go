@@ -254,21 +254,9 @@ func TestInvalidationQueuesTakenOverCopies(t *testing.T) {
 	const size = n * cs
 	s, dir := openT(t)
 	a, b, c := randBytes(7, size), randBytes(8, size), randBytes(9, size)
-	v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := mustVol(t, s, "v", size, cs)
 	writeFlush(t, v, a, 0)
-	if _, err := s.CreateSnapshot("v", "s1", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	r, err := s.CloneSnapshot("s1", "r", size, VolumeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.DeleteSnapshot("s1"); err != nil {
-		t.Fatal(err)
-	}
+	r := restoreDeleted(t, s, "v", "s1", "r", VolumeOptions{})
 	if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{Limit: size / 2}); err != nil {
 		t.Fatal(err)
 	}

@@ -1443,8 +1443,9 @@ func mountScratch(t *testing.T, size int64, mkfs ...string) string {
 // allocation's worst case as used until writeback: measured here, 8 MiB
 // unlinked showed up in statfs about 2 ms later, and Syncfs waits for
 // neither. A freeze writes everything back and runs those workers to the
-// end; the thaw lets the test go on. FIFREEZE and FITHAW, _IOWR('X', 119)
-// and _IOWR('X', 120) with an int, are not in golang.org/x/sys/unix.
+// end; the thaw lets the test go on. FIFREEZE and FITHAW are not in
+// golang.org/x/sys/unix: the numbers are driver/kernel's (mount.go), which
+// cow may not import.
 func settleFS(t *testing.T, dir string) {
 	t.Helper()
 	const fiFreeze, fiThaw = 0xC0045877, 0xC0045878
@@ -1453,11 +1454,11 @@ func settleFS(t *testing.T, dir string) {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	if _, _, e := unix.Syscall(unix.SYS_IOCTL, d.Fd(), fiFreeze, 0); e != 0 {
-		t.Fatalf("FIFREEZE %s: %v", dir, e)
+	if err := unix.IoctlSetInt(int(d.Fd()), fiFreeze, 0); err != nil {
+		t.Fatalf("FIFREEZE %s: %v", dir, err)
 	}
-	if _, _, e := unix.Syscall(unix.SYS_IOCTL, d.Fd(), fiThaw, 0); e != 0 {
-		t.Fatalf("FITHAW %s: %v", dir, e)
+	if err := unix.IoctlSetInt(int(d.Fd()), fiThaw, 0); err != nil {
+		t.Fatalf("FITHAW %s: %v", dir, err)
 	}
 }
 

@@ -28,22 +28,8 @@ func BenchmarkStatsHidden(b *testing.B) {
 				if testing.Short() && n > 10_000 {
 					b.Skip("-short: the smallest size only")
 				}
-				s, err := Open(b.TempDir())
-				if err != nil {
-					b.Fatal(err)
-				}
-				defer s.Close()
 				const size = 1 << 42
-				v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: 4096})
-				if err != nil {
-					b.Fatal(err)
-				}
-				if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
-					b.Fatal(err)
-				}
-				if _, err := s.CloneSnapshot("s", "c", size, VolumeOptions{ChunkSize: 4096}); err != nil {
-					b.Fatal(err)
-				}
+				s, v, _ := restoredBench(b, size)
 				if deleted {
 					if err := s.DeleteSnapshot("s"); err != nil {
 						b.Fatal(err)
@@ -90,7 +76,7 @@ func BenchmarkStatsHidden(b *testing.B) {
 					s.Stats()
 				}
 				d := time.Since(t0)
-				b.StopTimer() // not the Close
+				b.StopTimer() // not the waiter's shutdown
 				close(stop)
 				b.ReportMetric(float64((<-waited).Microseconds())/1000, "wait-ms")
 				b.ReportMetric(float64(d.Microseconds())/1000/float64(b.N), "stats-ms")

@@ -30,10 +30,7 @@ func takenOverBelowReserve(t *testing.T, withS0, grow bool) {
 	size := int64(n * cs)
 	s, fs, dir := openFaultT(t)
 	a := randBytes(1, int(size))
-	v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := mustVol(t, s, "v", size, cs)
 	writeFlush(t, v, a, 0)
 	cur := bytes.Clone(a)
 	var s0img []byte
@@ -43,19 +40,8 @@ func takenOverBelowReserve(t *testing.T, withS0, grow bool) {
 		}
 		s0img = bytes.Clone(cur)
 	}
-	if _, err := s.CreateSnapshot("v", "s1", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	s1img := bytes.Clone(cur)
-	rsize := size
-	r, err := s.CloneSnapshot("s1", "r", rsize, VolumeOptions{ChunkSize: 4096})
-	if err != nil {
-		t.Fatal(err)
-	}
-	rcur := bytes.Clone(s1img)
-	if err := s.DeleteSnapshot("s1"); err != nil {
-		t.Fatal(err)
-	}
+	r := restoreDeleted(t, s, "v", "s1", "r", VolumeOptions{ChunkSize: 4096})
+	rcur := bytes.Clone(cur)
 	w := func(vol *Volume, img []byte, seed int64, off, ln int64) {
 		d := randBytes(seed, int(ln))
 		writeFlush(t, vol, d, off)
