@@ -2197,6 +2197,11 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	if err != nil {
 		return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
 	}
+	// A limit alone is a valid range here (it is optional): one below the
+	// volume's size cannot be met, as ControllerExpandVolume answers.
+	if lim := req.GetCapacityRange().GetLimitBytes(); lim > 0 && v.Size > lim {
+		return nil, statusf(codes.OutOfRange, "volume %s is %d bytes, over limit_bytes %d (volumes do not shrink)", id, v.Size, lim)
+	}
 	var want int64 // 0: no capacity range, grow the device to the volume's size
 	if r := req.GetCapacityRange(); r.GetRequiredBytes() != 0 {
 		// At least the volume's size (see ControllerExpandVolume).
