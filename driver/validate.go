@@ -99,13 +99,15 @@ func checkCapabilityAs(c *csi.VolumeCapability, unsupported codes.Code) error {
 			if strings.ContainsAny(f, "\x00\n") {
 				return statusf(codes.InvalidArgument, "mount flag %q holds a control character", f)
 			}
+			// Each option either fails the mount or makes it no mount of
+			// the volume's filesystem (a "loop" option, say, mounts a
+			// loop device of mount(8)'s own over the volume's: never
+			// unstaged, the volume never detached); and the fuse-holder
+			// runs no mount line with one, so the plugin would run it
+			// itself. So they are refused here, before anything is made.
 			for _, o := range strings.Split(f, ",") {
-				// mount(8) sets up a loop device of its own over the
-				// volume's and mounts that: the stage's mount is then no
-				// mount of the volume's device, never unstaged, and the
-				// volume never detached.
-				if name, _, _ := strings.Cut(strings.ToLower(strings.TrimSpace(o)), "="); kernel.LoopsDevice(name) {
-					return statusf(codes.InvalidArgument, "mount flag %q: %s makes mount(8) set up a loop device of its own; the volume is a block device already", f, name)
+				if why := kernel.MountOptionRefused(o); why != "" {
+					return statusf(codes.InvalidArgument, "mount flag %q: option %q %s", f, o, why)
 				}
 			}
 		}

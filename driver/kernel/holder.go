@@ -714,18 +714,38 @@ func mkfsExt(a []string) bool {
 	return lastLoop(a) && onlyFlags(a[:len(a)-1], "-E", "nodiscard", "-F", "-m0")
 }
 
-// LoopsDevice reports whether the mount option named name (lower case,
-// without its "=value") makes mount(8) set up a loop device of its own over
-// the device it is given: loop, offset, sizelimit, encryption. A volume's
-// mount must be of its own device; the driver refuses these in mount flags
-// and the holder in the mount lines it runs.
-func LoopsDevice(name string) bool {
-	return slices.Contains([]string{"loop", "offset", "sizelimit", "encryption"}, name)
+// MountOptionRefused says why a volume's mount may not carry the mount
+// option o (one item of a comma-separated -o list, as given), or returns ""
+// when it may. The holder runs no mount line with such an option (a mount
+// that is something else than a mount of the volume's own filesystem, or
+// that runs a program or opens another device, as the privileged holder),
+// and the driver refuses them in a capability's mount flags, up front
+// (InvalidArgument): run anywhere, each either fails the mount or makes it
+// something no volume's stage or publish may be.
+func MountOptionRefused(o string) string {
+	name, _, _ := strings.Cut(strings.ToLower(o), "=")
+	switch {
+	case o == "":
+		return "is empty"
+	case strings.ContainsAny(o, " \t\n\x00"):
+		return "holds white space or a control character"
+	case strings.HasPrefix(o, "-"):
+		return "is a command-line switch, not a mount option"
+	case slices.Contains([]string{"bind", "rbind", "move", "remount"}, name):
+		return "makes the mount a bind, a move or a remount instead of a mount of the volume's filesystem"
+	case name == "helper" || strings.HasPrefix(name, "x-"):
+		return "makes mount(8) run a program or act on its own (helper=, X-mount.*, x-*)"
+	case slices.Contains([]string{"loop", "offset", "sizelimit", "encryption"}, name):
+		// A volume's mount must be of its own device.
+		return "makes mount(8) set up a loop device of its own over the volume's, which is a block device already"
+	case slices.Contains([]string{"logdev", "rtdev", "journal_path", "journal_dev"}, name):
+		return "names another block device, which the kernel opens (and XFS writes its external log to)"
+	}
+	return ""
 }
 
 // mountLine: -t FSTYPE [-o OPTIONS] DEV PATH (mount-utils' command line for
-// a filesystem), with none of the options that make a mount something
-// else (bind, move, remount) or run a program (helper=, X-mount.*).
+// a filesystem), with no option MountOptionRefused refuses.
 func mountLine(a []string) bool {
 	if len(a) != 4 && len(a) != 6 || a[0] != "-t" || !slices.Contains([]string{"ext2", "ext3", "ext4", "xfs"}, a[1]) ||
 		!loopDevice(a[len(a)-2]) || !toolPath(a[len(a)-1]) {
@@ -738,13 +758,7 @@ func mountLine(a []string) bool {
 		return false
 	}
 	for _, o := range strings.Split(a[3], ",") {
-		name, _, _ := strings.Cut(strings.ToLower(o), "=")
-		if o == "" || strings.HasPrefix(o, "-") || slices.Contains([]string{"bind", "rbind", "move", "remount", "helper"}, name) ||
-			LoopsDevice(name) ||
-			// Options that name another block device, which the kernel
-			// opens (and XFS writes its external log to).
-			slices.Contains([]string{"logdev", "rtdev", "journal_path", "journal_dev"}, name) ||
-			strings.HasPrefix(name, "x-") || strings.ContainsAny(o, " \t\n\x00") {
+		if MountOptionRefused(o) != "" {
 			return false
 		}
 	}
