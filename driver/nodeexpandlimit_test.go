@@ -10,9 +10,9 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// TestNodeExpandLimitBelowSize (review rev-s41-3): a capacity_range whose limit_bytes is below
-// the volume's size, with no required_bytes, cannot be met (volumes do not
-// shrink; CapacityRange: "Volume MUST not be bigger than this";
+// TestNodeExpandLimitBelowSize (review rev-s41-3): a capacity_range whose
+// limit_bytes is below the volume's size, with no required_bytes, cannot be
+// met (volumes do not shrink; CapacityRange: "Volume MUST not be bigger than this";
 // NodeExpandVolume's capacity_range is optional, so a limit alone is a valid
 // request): the spec's answer is OUT_OF_RANGE ("Unsupported capacity"), as
 // NodeExpandVolume itself gives when required_bytes is set too
