@@ -20,7 +20,11 @@
 #   randwrite-clone   then the randwrite job on that clone (each write to a
 #                     chunk the clone does not hold yet completes it from
 #                     the snapshot and marks it present)
-# and prints medians with the ratios the issue sets goals for.
+# and prints medians with the ratios the issue sets goals for. After each
+# write job the device is flushed (sync DEV), outside the job's figure and
+# CPU, which are printed beside it ("settle"): without it (SETTLE=0, as
+# before session 41) a rewrite job ran over the writeback the first-write job
+# before it left (BENCHMARKS.md, "Rerun for the goals on today's main").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . hack/lib-bench.sh
@@ -92,7 +96,19 @@ measure() {
 	else val=$(awk -v i="$iops" 'BEGIN{printf "%.0f", i}'); unit=IOPS; fi
 	cpu=$(awk -v d=$((t1 - t0)) -v hz="$hz" 'BEGIN{printf "%.3f", d/hz}')
 	echo "$r $n $job $val $bytes $ios $cpu" >>"$res"
-	printf 'round %d snapshots=%-2d %-22s %8s %s (server cpu %ss)\n' "$r" "$n" "$job" "$val" "$unit" "$cpu"
+	local settle="" s0 s1 t2
+	if [ "$dir" = write ] && [ "${SETTLE:-1}" = 1 ]; then
+		# Flush the device (fsync of a block device: a FLUSH through the
+		# loop device and FUSE to cow's Flush), outside the job's figure
+		# and CPU: the next job must not run over this one's tail (copies
+		# still being written and synced, applies, dirty pages).
+		s0=$(date +%s.%N)
+		sync "$dev"
+		s1=$(date +%s.%N)
+		t2=$(awk '{print $14 + $15}' "/proc/$spid/stat")
+		settle=$(awk -v a="$s0" -v b="$s1" -v d=$((t2 - t1)) -v hz="$hz" 'BEGIN{printf ", settle %.2fs cpu %.3fs", b - a, d/hz}')
+	fi
+	printf 'round %d snapshots=%-2d %-22s %8s %s (server cpu %ss%s)\n' "$r" "$n" "$job" "$val" "$unit" "$cpu" "$settle"
 }
 
 SEQW=(--rw=write --bs=1M)
