@@ -92,6 +92,18 @@ func volumeSize(r *csi.CapacityRange, floor int64) (int64, error) {
 	return size, nil
 }
 
+// grownSize is the size volume id of size bytes grows to for an expansion
+// asking for r: at least its size (a request it already meets is a retry,
+// and a volume made at 16 TiB by an earlier version may ask for that),
+// OutOfRange when r's limit is below it (volumes do not shrink; the range
+// of NodeExpandVolume is optional, so a limit may come alone).
+func grownSize(id string, r *csi.CapacityRange, size int64) (int64, error) {
+	if lim := r.GetLimitBytes(); lim > 0 && size > lim {
+		return 0, statusf(codes.OutOfRange, "volume %s is %d bytes, over limit_bytes %d (volumes do not shrink)", id, size, lim)
+	}
+	return volumeSize(r, size)
+}
+
 // xfsMinSize is the smallest filesystem mkfs.xfs makes (xfsprogs 5.19 and
 // later: "Filesystem must be larger than 300MB", measured on 6.1.0 as
 // exactly 300 MiB). CreateVolume makes an xfs volume at least this large,
@@ -762,12 +774,7 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 		return nil, statusf(codes.InvalidArgument, "volume %s was made for %s, not fs_type %s", id, made, want)
 	}
 	nodeExpand := req.GetVolumeCapability().GetBlock() == nil
-	if lim := req.GetCapacityRange().GetLimitBytes(); lim > 0 && v.Size > lim {
-		return nil, statusf(codes.OutOfRange, "volume %s is %d bytes, over limit_bytes %d (volumes do not shrink)", id, v.Size, lim)
-	}
-	// At least the volume's size: a request it already meets is a retry,
-	// and a volume made at 16 TiB by an earlier version may ask for that.
-	size, err := volumeSize(req.GetCapacityRange(), v.Size)
+	size, err := grownSize(id, req.GetCapacityRange(), v.Size)
 	if err != nil {
 		return nil, err
 	}

@@ -2197,15 +2197,11 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	if err != nil {
 		return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
 	}
-	// A limit alone is a valid range here (it is optional): one below the
-	// volume's size cannot be met, as ControllerExpandVolume answers.
-	if lim := req.GetCapacityRange().GetLimitBytes(); lim > 0 && v.Size > lim {
-		return nil, statusf(codes.OutOfRange, "volume %s is %d bytes, over limit_bytes %d (volumes do not shrink)", id, v.Size, lim)
-	}
-	var want int64 // 0: no capacity range, grow the device to the volume's size
-	if r := req.GetCapacityRange(); r.GetRequiredBytes() != 0 {
-		// At least the volume's size (see ControllerExpandVolume).
-		if want, err = volumeSize(r, v.Size); err != nil {
+	// Without a capacity range the device grows to the volume's size; a
+	// range the volume already meets asks for no more.
+	want := v.Size
+	if r := req.GetCapacityRange(); r != nil {
+		if want, err = grownSize(id, r, v.Size); err != nil {
 			return nil, err
 		}
 	}
