@@ -28,7 +28,7 @@ func TestRefusedMountFlags(t *testing.T) {
 		{"loop"}, {"noatime,offset=4096"}, {"bind"}, {"rbind"}, {"remount"}, {"move"},
 		{"helper=foo"}, {"X-mount.mkdir"}, {"x-systemd.automount"},
 		{"logdev=/dev/sda"}, {"rtdev=/dev/sda"}, {"journal_path=/dev/sda"}, {"JOURNAL_DEV=0x800"},
-		{"noatime, nodiratime"}, {"noatime,,nodiratime"}, {""}, {"--bind"},
+		{"noatime, nodiratime"}, {"noatime,,nodiratime"}, {""}, {"--bind"}, {"noatime\nro"}, {"ro\x00"},
 	} {
 		c := mountCap()
 		c.GetMount().MountFlags = flags

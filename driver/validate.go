@@ -96,15 +96,13 @@ func checkCapabilityAs(c *csi.VolumeCapability, unsupported codes.Code) error {
 			return statusf(unsupported, "fs_type %q is not supported (want one of %v)", fs, supportedFSTypes)
 		}
 		for _, f := range at.Mount.GetMountFlags() {
-			if strings.ContainsAny(f, "\x00\n") {
-				return statusf(codes.InvalidArgument, "mount flag %q holds a control character", f)
-			}
 			// Each option either fails the mount or makes it no mount of
 			// the volume's filesystem (a "loop" option, say, mounts a
 			// loop device of mount(8)'s own over the volume's: never
 			// unstaged, the volume never detached); and the fuse-holder
 			// runs no mount line with one, so the plugin would run it
-			// itself. So they are refused here, before anything is made.
+			// itself. So they are refused here, before anything is made
+			// (control characters and white space among them).
 			for _, o := range strings.Split(f, ",") {
 				if why := kernel.MountOptionRefused(o); why != "" {
 					return statusf(codes.InvalidArgument, "mount flag %q: option %q %s", f, o, why)
