@@ -18,7 +18,8 @@ import (
 
 // Benchmarks: see BENCHMARKS.md "## cow" for the commands and figures.
 // Every image is prefilled with random bytes, so copy-outs copy real data
-// (a chunk of zeros is recorded without a copy, which would flatter us).
+// (a chunk of zeros is recorded without a copy, which would flatter us),
+// and every write is of random bytes too (randomBytes).
 
 const benchRegion = 64 << 20 // bytes written per round
 
@@ -41,6 +42,17 @@ func prefill(b *testing.B, w writer, size int64) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// randomBytes returns n bytes from seed. Every buffer a benchmark writes
+// comes from it: a chunk of zeros is punched, not written (ovEntry.apply,
+// Store.zeroData), and a zero 4 KiB piece over a hole is left unwritten
+// (writeSparse), so zero buffers time other work than the plain file's
+// writes of the same bytes.
+func randomBytes(n int, seed int64) []byte {
+	b := make([]byte, n)
+	rand.New(rand.NewSource(seed)).Read(b)
+	return b
 }
 
 // piecedFile writes through writeAtPieces, as osFile does (prefill only).
@@ -271,7 +283,7 @@ func benchVolumeWrites(b *testing.B, bs int64, chunk int, random bool, snaps int
 		renew = newSnap
 	} else {
 		// Copy everything out once, untimed: the timed writes are rewrites.
-		buf := make([]byte, 1<<20)
+		buf := randomBytes(1<<20, 5)
 		for off := int64(0); off < benchRegion; off += int64(len(buf)) {
 			if _, err := v.WriteAt(buf, off); err != nil {
 				b.Fatal(err)
@@ -524,7 +536,7 @@ func benchParallel(b *testing.B, bs, region int64, snaps int, first bool, acct a
 			}
 		}
 		if !first {
-			buf := make([]byte, 1<<20)
+			buf := randomBytes(1<<20, 5)
 			for off := int64(0); off < region; off += int64(len(buf)) {
 				if _, err := v.WriteAt(buf, off); err != nil {
 					b.Fatal(err)
@@ -551,8 +563,9 @@ func benchParallel(b *testing.B, bs, region int64, snaps int, first bool, acct a
 	b.ReportAllocs()
 	b.SetParallelism(8) // 16 goroutines on 2 cores
 	b.ResetTimer()
+	var seeds atomic.Int64
 	b.RunParallel(func(pb *testing.PB) {
-		buf := make([]byte, bs)
+		buf := randomBytes(int(bs), 100+seeds.Add(1))
 		for pb.Next() {
 			i := next.Add(1) - 1
 			buf[0] = byte(i)
@@ -594,7 +607,7 @@ func BenchmarkRead(b *testing.B) {
 		})
 		b.Run(pat.name+"/snapshot", func(b *testing.B) {
 			s, v := benchStore(b, benchRegion, DefaultChunkSize)
-			buf := make([]byte, 1<<20)
+			buf := randomBytes(1<<20, 6)
 			for i := 0; i < 4; i++ {
 				s.CreateSnapshot("v", fmt.Sprint("s", i), SnapshotOptions{})
 				for off := int64(i) << 20; off < benchRegion/2; off += 4 << 20 {
@@ -608,7 +621,7 @@ func BenchmarkRead(b *testing.B) {
 			s, _ := benchStore(b, benchRegion, DefaultChunkSize)
 			s.CreateSnapshot("v", "s", SnapshotOptions{})
 			c, _ := s.CloneSnapshot("s", "c", benchRegion, VolumeOptions{})
-			buf := make([]byte, 1<<20)
+			buf := randomBytes(1<<20, 7)
 			for off := int64(0); off < benchRegion; off += 2 << 20 {
 				c.WriteAt(buf, off)
 			}
@@ -651,7 +664,7 @@ func BenchmarkCreateSnapshot(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			buf := make([]byte, 4096)
+			buf := randomBytes(4096, 8)
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
 				b.StopTimer()
@@ -910,7 +923,7 @@ func BenchmarkCheckpoint(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	buf := make([]byte, 64*cs)
+	buf := randomBytes(64*cs, 10)
 	if _, err := v.WriteAt(buf, 0); err != nil {
 		b.Fatal(err)
 	}

@@ -43,7 +43,7 @@ func benchGroup(b *testing.B, n int, size int64, group bool) {
 	if err := s.DeleteSnapshotGroup("warm"); err != nil {
 		b.Fatal(err)
 	}
-	buf := make([]byte, 4096)
+	buf := randomBytes(4096, 9)
 	b.ReportAllocs()
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {

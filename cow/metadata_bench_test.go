@@ -57,10 +57,11 @@ func BenchmarkMetadataSnapshots(b *testing.B) {
 			for b.Loop() {
 				done := make(chan time.Duration, 1)
 				off := rng.Int63n(size/cs) * cs
+				buf := randomBytes(4096, off)
 				go func() {
 					time.Sleep(time.Millisecond)
 					t0 := time.Now()
-					if _, err := v.WriteAt(make([]byte, 4096), off); err != nil {
+					if _, err := v.WriteAt(buf, off); err != nil {
 						b.Error(err)
 					}
 					done <- time.Since(t0)
