@@ -23,6 +23,10 @@
 # Each device is filled once before measuring (reads of holes would be free).
 # CONFIGS="A B C" etc. runs a subset (default "A B C U E F D", about 8-14 minutes
 # with ROUNDS=3 RUNTIME=5; 6 configs took 7 minutes on branch fe3).
+# After each write job the device is flushed (sync DEV), outside the job's
+# figure and CPU, which are printed beside it ("settle"); SETTLE=0 leaves
+# it out, as before session 42, when the next config's job ran over the
+# writeback of the one before (B's seqwrite left up to its dirty limit).
 # Prints per-round figures, then medians with X/A, X/B for X in C U G R E F D, and the
 # serving processes' CPU (utime+stime from /proc/PID/stat) per GiB moved and per 1000
 # 4 KiB requests.
@@ -125,6 +129,7 @@ hz=$(getconf CLK_TCK)
 echo "== filling $CONFIGS once ($((SIZE_BYTES >> 20)) MiB each); load average $(cut -d' ' -f1-3 /proc/loadavg)"
 for c in $CONFIGS; do
 	fio "${fio_common[@]}" --filename="${DEV[$c]}" --rw=write --bs=1M >/dev/null
+	sync "${DEV[$c]}"
 done
 
 devs=""; for c in $CONFIGS; do devs+=" $c=${DEV[$c]}"; done
@@ -145,7 +150,20 @@ for r in $(seq "$ROUNDS"); do
 			else val=$(awk -v i="$iops" 'BEGIN{printf "%.0f", i}'); unit=IOPS; fi
 			cpu=$(awk -v d=$((t1 - t0)) -v hz="$hz" 'BEGIN{printf "%.3f", d/hz}')
 			echo "$r $j $c $val $bytes $ios $cpu" >>"$res"
-			printf 'round %d %-9s %s %8s %s   (server cpu %ss)\n' "$r" "$j" "$c" "$val" "$unit" "$([[ $c != [AB] ]] && echo "$cpu" || echo -)"
+			settle=""
+			if [ "$dir" = write ] && [ "${SETTLE:-1}" = 1 ]; then
+				# Flush the device (an fsync of it: a FLUSH through the loop
+				# device to its backing file, for C..N through FUSE to the
+				# backend's Flush), outside the job's figure and CPU, so that
+				# the next job, another config's on the same disk, does not
+				# run over this one's writeback (B's page cache above all).
+				s0=$(date +%s.%N)
+				sync "${DEV[$c]}"
+				s1=$(date +%s.%N)
+				t2=$(cputicks $c)
+				settle=$(awk -v a="$s0" -v b="$s1" -v d=$((t2 - t1)) -v hz="$hz" 'BEGIN{printf ", settle %.2fs cpu %.3fs", b - a, d/hz}')
+			fi
+			printf 'round %d %-9s %s %8s %s   (server cpu %ss%s)\n' "$r" "$j" "$c" "$val" "$unit" "$([[ $c != [AB] ]] && echo "$cpu" || echo -)" "$settle"
 		done
 	done
 	echo "== after round $r: load average $(cut -d' ' -f1-3 /proc/loadavg)"
