@@ -1606,6 +1606,17 @@ func (s *Store) DeleteVolume(id string) error {
 		return err
 	}
 	s.jnl.forget(v) // nothing writes v again, and a redo skips its marks
+	// Nothing of v is left to fence: its kill-lost marker goes too, or a
+	// volume made again under the same ID before the next Open (which
+	// removes markers of volumes gone) would be fenced by it after a
+	// restart. After the commit, so that a failed delete keeps it. An
+	// unlink that fails leaves the marker to that Open: the delete is done.
+	if i := slices.Index(s.killLost, id); i >= 0 {
+		if s.bootOK {
+			_ = s.fs.Remove(s.killLostName(id))
+		}
+		s.killLost = slices.Delete(s.killLost, i, i+1)
+	}
 	return nil
 }
 
