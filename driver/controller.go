@@ -362,8 +362,14 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		return nil, err
 	}
 	if v, ok := d.findVolumeByName(name); ok {
+		// The label is the filesystem asked for (fsAsked, below); a volume
+		// made before it was recorded from the capability too carries the
+		// parameter alone, so a retry of its request without the parameter
+		// finds no label and is the same request.
+		made := v.Labels[labelFSType]
+		sameFS := made == fsAsked || made == "" && fs == ""
 		if !sizeFits(v.Size, req.GetCapacityRange()) || v.SourceSnapshotID != snapID ||
-			v.SourceVolumeID != srcVolID || v.Labels[labelFSType] != fs {
+			v.SourceVolumeID != srcVolID || !sameFS {
 			return nil, statusf(codes.AlreadyExists, "volume %q exists as %s with a different size, source or fstype", name, v.ID)
 		}
 		if min, mfs := fsMinSize(fs, req.GetVolumeCapabilities()); v.Size < min {
@@ -431,8 +437,16 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	}
 	nk, nv := nameLabel(labelName, name)
 	labels := map[string]string{nk: nv}
-	if fs != "" {
-		labels[labelFSType] = fs
+	if fsAsked != "" {
+		// What the volume is made for, from the parameter or a mount
+		// capability: external-provisioner strips csi.storage.k8s.io/
+		// keys from a StorageClass's parameters and passes its fstype as
+		// the capability's fs_type only, so a label from the parameter
+		// alone is never set for a Kubernetes volume, and every check
+		// that reads it (a restore or clone into another filesystem,
+		// ControllerExpandVolume, ValidateVolumeCapabilities, a stage's
+		// fs_type) passed anything.
+		labels[labelFSType] = fsAsked
 	}
 	if snapID != "" || srcVolID != "" {
 		labels[labelCreatedSize] = strconv.FormatInt(size, 10)

@@ -54,7 +54,8 @@
 //     several paths unmounts only a recorded staging path, not a publish
 //     target. Publishes at one target are serialized (targetKey).
 //   - A stage's filesystem: the capability's fs_type, else the one the
-//     volume was made for (the fstype parameter), else the one it holds
+//     volume was made for (the fstype parameter or its create's mount
+//     capability: label csi-snap.io/fstype), else the one it holds
 //     (blkid), else ext4. One the volume cannot take (xfs under 300 MiB,
 //     another than it was made for or holds; ext4 mounts ext2 and ext3) is
 //     FailedPrecondition before anything is formatted or mounted.
