@@ -14,6 +14,7 @@ import (
 	"regexp"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -765,9 +766,13 @@ func connAborted(fd int) string {
 	return ""
 }
 
-// pokePath is the mount point when readers block (see server.poke).
+// pokePath is the mount point when readers block (see server.poke). A
+// server whose mount is gone already (a connection resumed to serve the
+// devices of a mount unmounted from outside) gets epoll readers whatever
+// the config: no STATFS could reach blocked ones, and nothing could stop
+// them.
 func (f *Frontend) pokePath(mp string) string {
-	if f.cfg.BlockingReaders {
+	if f.cfg.BlockingReaders && isMounted(mp) {
 		return mp
 	}
 	return ""
@@ -1247,10 +1252,26 @@ func (f *Frontend) Detach(ctx context.Context, id string) error {
 	if err := detachLoops(ctx, mp); err != nil {
 		return err
 	}
-	if v != nil {
+	askable := v != nil
+	if v == nil && !isMounted(mp) && len(registeredLoops(mp)) > 0 {
+		// Unmounted from outside and not served here (Driver.Recover
+		// detaches a held id whose volume the store no longer knows):
+		// serve it, or the devices still bound to its file would stay so,
+		// named by nothing once the registry goes below.
+		sv, ok, err := f.serveToDetach(id, mp)
+		if err != nil {
+			return err
+		}
+		if sv != nil {
+			v = sv
+		}
+		askable = ok
+	}
+	if askable {
 		// Unmounted from outside: devices still bound to its file read
 		// "/" (orphanedLoops), and the registry removed below is all
-		// that names them. Served here, so their status can be asked.
+		// that names them. Served here (or by nobody), so their status
+		// can be asked.
 		if err := detachOrphans(ctx, mp); err != nil {
 			return err
 		}
@@ -1287,6 +1308,78 @@ func (f *Frontend) Detach(ctx context.Context, id string) error {
 		return fmt.Errorf("remove mount point: %w", err)
 	}
 	return nil
+}
+
+// serveToDetach serves the connection the holder keeps for id, whose mount
+// at mp is gone (unmounted from outside) and which this process does not
+// serve, with a backend that fails every I/O (a Detach has none), so that
+// devices still bound to its file can be asked and detached: asking opens
+// them (orphanedLoops), and a last close flushes a device's dirty pages
+// through the file, which waits for ever on a connection nobody serves.
+// Those devices' users get errors from here on, as they would once the
+// holder drops the connection. askable: the devices may be asked, the
+// connection served here (v) or left to nobody (none held, or aborted:
+// every request fails at once). An unreachable holder may keep it alive
+// and unserved: an error, the registry kept, for a retry.
+func (f *Frontend) serveToDetach(id, mp string) (v *volume, askable bool, err error) {
+	resp, fd, err := holderAsk(f.sock, holderReq{Op: "get", ID: id})
+	if err != nil {
+		closeFD(fd)
+		if holderAbsent(err) {
+			return nil, true, nil
+		}
+		return nil, false, fmt.Errorf("serve %s to detach the devices on its unmounted file: %w", id, err)
+	}
+	if !resp.Found || fd < 0 || connAborted(fd) != "" {
+		closeFD(fd)
+		return nil, true, nil
+	}
+	var params connParams
+	if err := json.Unmarshal(resp.Params, &params); err != nil {
+		closeFD(fd)
+		return nil, false, fmt.Errorf("holder's INIT parameters of %s: %w", id, err)
+	}
+	v, done, err := f.startResumed(id, mp, fd, &params, eioBackend{size: registeredSize(mp)})
+	if err != nil {
+		return nil, false, err
+	}
+	defer done()
+	if err := f.register(id, v); err != nil {
+		return nil, false, err
+	}
+	klog.InfoS("serving a held FUSE connection whose mount is gone with I/O errors, to detach its devices", "volumeID", id)
+	return v, true, nil
+}
+
+// eioBackend answers every I/O with EIO; its Size is the size of the
+// devices it serves, so that a read within them fails rather than reading
+// past the file's end (an empty answer: zeros).
+type eioBackend struct{ size int64 }
+
+func (eioBackend) ReadAt([]byte, int64) (int, error)  { return 0, unix.EIO }
+func (eioBackend) WriteAt([]byte, int64) (int, error) { return 0, unix.EIO }
+func (eioBackend) Flush() error                       { return unix.EIO }
+func (eioBackend) Discard(int64, int64) error         { return unix.EIO }
+func (b eioBackend) Size() int64                      { return b.size }
+
+// registeredSize is the largest size of the devices mp's registry names
+// (sysfs, in 512-byte sectors), rounded up to 4096; 0 if none is there.
+func registeredSize(mp string) int64 {
+	var size int64
+	for dev := range registeredLoops(mp) {
+		n, err := loopNumber(dev)
+		if err != nil {
+			continue
+		}
+		s, err := readSysfs(n, "size")
+		if err != nil {
+			continue
+		}
+		if sectors, err := strconv.ParseInt(s, 10, 64); err == nil {
+			size = max(size, (sectors*512+4095)&^4095)
+		}
+	}
+	return size
 }
 
 // detachLoops detaches every loop device on the mount point mp: a
