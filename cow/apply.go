@@ -265,7 +265,9 @@ func (s *Store) applyVolume(r *record) error {
 		dataName: dataFileName(r.Obj), cowName: cowFileName(r.Obj)}
 	if r.Parent != 0 {
 		src, ok := s.objs[r.Parent].(*Snapshot)
-		if !ok || src.invalid || (src.deleted && !s.replay && !src.internal) || r.Size < src.size {
+		// A clone of a deleted snapshot only from a checkpoint (restating)
+		// or of CloneVolume's internal one, deleted from the start.
+		if !ok || src.invalid || (src.deleted && !s.restating && !src.internal) || r.Size < src.size {
 			return corruptf("volume %d: bad source snapshot %d", r.Obj, r.Parent)
 		}
 		v.src = src
@@ -309,7 +311,12 @@ func (s *Store) applySnapshot(r *record) error {
 	if err != nil {
 		return err
 	}
-	if r.Flags&^(flagDeleted|flagInvalid|flagInternal|flagGroup) != 0 || r.Size <= 0 || r.Size > v.size || (v.deleted && !s.replay) {
+	// A snapshot of a deleted volume only from a checkpoint (restating);
+	// an internal one is written deleted (CloneVolume), else it would
+	// stay on its volume's chain, unlisted and never deleted, taking
+	// copies for good.
+	if r.Flags&^(flagDeleted|flagInvalid|flagInternal|flagGroup) != 0 || r.Size <= 0 || r.Size > v.size ||
+		(v.deleted && !s.restating) || internal && r.Flags&flagDeleted == 0 {
 		return corruptf("snapshot %d: size %d, flags %x", r.Obj, r.Size, r.Flags)
 	}
 	sn := &Snapshot{s: s, obj: r.Obj, id: r.ID, vol: v, size: r.Size, created: time.Unix(0, r.Created),

@@ -68,6 +68,11 @@ type Store struct {
 	// redoNoSpace: the volumes of a redo that failed for want of space
 	// (openJournal), for openFS's second try.
 	redoNoSpace []string
+	// restating: Open is applying a checkpoint's records, which restate
+	// deleted objects kept for others (a deleted volume's live snapshots,
+	// a deleted snapshot's clones) in object order; a batch's records
+	// are checked as at run time, which wrote them (apply).
+	restating bool
 	// logNow mirrors log for Err, which must not wait for mu (a
 	// Checkpoint holds it while it writes the whole state).
 	logNow atomic.Pointer[committer]
@@ -678,7 +683,10 @@ func (s *Store) replayLog(b []byte) (end int64, seq uint64, dropped bool, err er
 			return 0, 0, false, corruptf("record type %d at offset %d after the checkpoint, outside a batch", r.Type, off)
 		} else {
 			seenNext = seenNext || r.Type == recNextObj
-			if err := s.apply(r); err != nil {
+			s.restating = true
+			err := s.apply(r)
+			s.restating = false
+			if err != nil {
 				return 0, 0, false, fmt.Errorf("checkpoint record at %d: %w", off, err)
 			}
 		}
