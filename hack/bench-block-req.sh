@@ -6,7 +6,7 @@
 # request and its voluntary context switches (all threads) per request.
 #   hack/bench-block-req.sh JOB SECONDS [benchserve flags...]
 #   JOB: randwrite | randread (4 KiB) | seqwrite | seqread (1 MiB)
-#   e.g. for v in "" -blocking-readers "" -blocking-readers; do hack/bench-block-req.sh randwrite 4 $v; done
+#   e.g. for v in "" -readers=2 "" -readers=2; do hack/bench-block-req.sh randwrite 4 $v; done
 #   -mem=null / -mem=copy serve from memory instead of the file (the FUSE
 #   path's floor; see hack/benchserve).
 # STRACE=1 adds strace -c -f on the server for the run (slows it down a lot:

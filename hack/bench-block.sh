@@ -17,17 +17,15 @@
 #   M  the same over a backend that copies into/out of anonymous memory
 #      (benchserve -mem=copy): the FUSE path plus one copy, no page cache
 #   R  C with R_READERS FUSE reader goroutines (default 2; C has 4)
-#   F  C with blocking readers (benchserve -blocking-readers,
-#      kernel.Config.BlockingReaders)
 #   D  the same over a cow volume (cow.DefaultChunkSize chunks, 16 KiB) with no snapshot
 # Each device is filled once before measuring (reads of holes would be free).
-# CONFIGS="A B C" etc. runs a subset (default "A B C U E F D", about 8-14 minutes
+# CONFIGS="A B C" etc. runs a subset (default "A B C U E D", about 8-14 minutes
 # with ROUNDS=3 RUNTIME=5; 6 configs took 7 minutes on branch fe3).
 # After each write job the device is flushed (sync DEV), outside the job's
 # figure and CPU, which are printed beside it ("settle"); SETTLE=0 leaves
 # it out, as before session 42, when the next config's job ran over the
 # writeback of the one before (B's seqwrite left up to its dirty limit).
-# Prints per-round figures, then medians with X/A, X/B for X in C U G R E F D, and the
+# Prints per-round figures, then medians with X/A, X/B for X in C U G R E D, and the
 # serving processes' CPU (utime+stime from /proc/PID/stat) per GiB moved and per 1000
 # 4 KiB requests.
 set -euo pipefail
@@ -48,12 +46,11 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 work=$(mktemp -d /var/tmp/bench-block.XXXXXX)
-CONFIGS=${CONFIGS:-"A B C U E F D"}
+CONFIGS=${CONFIGS:-"A B C U E D"}
 # benchserve flags of the plain-file configs (one server each)
 declare -A SRVARGS=(
 	[C]=""
 	[E]="-direct-large"
-	[F]="-blocking-readers"
 	[U]="-write-piece=0"
 	[G]="-write-piece=${G_PIECE:-131072}"
 	[N]="-mem=null"

@@ -59,13 +59,15 @@
 // /dev/fuse added EPOLLEXCLUSIVE, so a request wakes one reader, not all
 // (plain poll woke all and cost 31 µs of CPU per 4 KiB request with 4
 // readers instead of 18); strace counts about 1.2 read(2) (0.1-0.2 of them
-// EAGAIN) and 0.15-0.25 epoll_wait per request. Config.BlockingReaders
-// instead blocks each reader in read(2), locked to its OS thread (the
-// kernel wakes one exclusive waiter per request; no epoll_wait, no EAGAIN);
-// a blocked read(2) cannot be cancelled without aborting the connection,
-// so stop() then wakes readers with STATFS requests on the mount point and
-// each reader leaves after answering the request it holds. Its gain was
-// within this machine's noise (BENCHMARKS.md), so it is not the default.
+// EAGAIN) and 0.15-0.25 epoll_wait per request. Readers blocked in read(2)
+// instead, each locked to its OS thread (the kernel wakes one exclusive
+// waiter per request; no epoll_wait, no EAGAIN), were an option until
+// session 42 (Config.BlockingReaders) and were removed: their gain stayed
+// within this machine's noise in every run (BENCHMARKS.md, "Blocking
+// readers against epoll readers"), and a blocked read(2) cannot be
+// cancelled without aborting the connection, so stopping them took a
+// request through the mount (STATFS), which a mount unmounted from outside
+// no longer passes on: Close then waited for good.
 // Buffers are placed so READ and WRITE payloads are 4096-aligned (a
 // Backend may use them for O_DIRECT).
 //
@@ -81,8 +83,8 @@
 //     is SIGKILLed) the kernel ends every request in that queue with
 //     ECONNABORTED (fuse_dev_release) — an I/O error on the device, the
 //     thing the holder exists to prevent. They would be restart-safe only
-//     if the holder also held every clone fd; blocking readers
-//     (Config.BlockingReaders) get one wakeup per request without clones.
+//     if the holder also held every clone fd; EPOLLEXCLUSIVE already
+//     wakes one reader per request without clones.
 //   - FUSE over io_uring (kernel 6.14+, off unless the fuse module's
 //     enable_uring parameter is set): not restart-safe in the kernels we
 //     run. A request handed to a ring entry sits in that ring queue's own

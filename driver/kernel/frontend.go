@@ -100,13 +100,6 @@ type Config struct {
 	// more readers cost more context switches per 4 KiB request, fewer leave
 	// writes waiting behind one that blocks in the backend.
 	Readers int
-	// BlockingReaders makes each reader block in read(2) on /dev/fuse,
-	// locked to its OS thread, instead of waiting in epoll on a non-blocking
-	// fd; stopping then wakes them with STATFS requests on the mount point.
-	// It saves the epoll_wait and EAGAIN read of some requests (about 0.2
-	// syscalls per 4 KiB request), but no gain was measurable on the shared
-	// machine (BENCHMARKS.md, block frontend), so it is off by default.
-	BlockingReaders bool
 }
 
 // Frontend turns Backends into loop devices over FUSE files. Methods are
@@ -766,18 +759,6 @@ func connAborted(fd int) string {
 	return ""
 }
 
-// pokePath is the mount point when readers block (see server.poke). A
-// server whose mount is gone already (a connection resumed to serve the
-// devices of a mount unmounted from outside) gets epoll readers whatever
-// the config: no STATFS could reach blocked ones, and nothing could stop
-// them.
-func (f *Frontend) pokePath(mp string) string {
-	if f.cfg.BlockingReaders && isMounted(mp) {
-		return mp
-	}
-	return ""
-}
-
 func (f *Frontend) resume(ctx context.Context, id, mp string, fd int, params *connParams, b Backend, readOnly bool) (string, error) {
 	v, done, err := f.startResumed(id, mp, fd, params, b)
 	if err != nil {
@@ -848,7 +829,7 @@ func (f *Frontend) startResumed(id, mp string, fd int, params *connParams, b Bac
 	// I/O errors. Serving writes is harmless before the mode is known: the
 	// kernel sends them only for a writable open, which a read-only device
 	// never has (and a read-only volume's FUSE mount is read-only).
-	srv, err := newServer(fd, b, false, params, f.pokePath(mp))
+	srv, err := newServer(fd, b, false, params)
 	if err != nil {
 		unix.Close(fd)
 		return nil, nil, err
@@ -1074,7 +1055,7 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 	if err != nil {
 		return "", err
 	}
-	srv, err := newServer(fd, b, readOnly, nil, f.pokePath(mp))
+	srv, err := newServer(fd, b, readOnly, nil)
 	if err != nil {
 		unmountFuse(mp)
 		unix.Close(fd)
@@ -1100,13 +1081,8 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 			if derr := detachLoops(context.WithoutCancel(ctx), mp); derr != nil {
 				err = errors.Join(err, derr)
 			}
-			if f.cfg.BlockingReaders {
-				srv.stop() // before the unmount: see Detach
-				unmountFuse(mp)
-			} else {
-				unmountFuse(mp)
-				srv.stop()
-			}
+			unmountFuse(mp)
+			srv.stop()
 			unix.Close(fd)
 			os.Remove(mp)
 		}
@@ -1275,17 +1251,6 @@ func (f *Frontend) Detach(ctx context.Context, id string) error {
 		if err := detachOrphans(ctx, mp); err != nil {
 			return err
 		}
-	}
-	if v != nil && f.cfg.BlockingReaders {
-		// Blocking readers are woken to stop through the mount point
-		// (poke), which the lazy unmount of a file someone holds open
-		// takes away: stopped after it, they never woke and Detach hung.
-		// Stopped first, they are; if the unmount then fails, the volume
-		// is unserved until the next Attach resumes the held connection.
-		// (The default, epoll readers, need no poke: the order stays.)
-		v.shutdown()
-		f.set(id, nil)
-		v = nil
 	}
 	if err := unmountFuse(mp); err != nil {
 		return err

@@ -70,7 +70,6 @@ func serveChild(args []string) int {
 	id := fs.String("id", "", "")
 	size := fs.Int64("size", 0, "bytes")
 	ro := fs.Bool("ro", false, "")
-	blocking := fs.Bool("blocking", false, "Config.BlockingReaders")
 	external := fs.Bool("external", false, "Config.ExternalHolder")
 	check := fs.Duration("check", 0, "Config.HolderCheck")
 	ownMounts := fs.Bool("own-mounts", false, "started in a mount namespace of its own: drop the copies of other tests' mounts")
@@ -110,7 +109,7 @@ func serveChild(args []string) int {
 	go func() { <-usr1; b.armed.Store(true) }()
 	usr2 := make(chan os.Signal, 1)
 	signal.Notify(usr2, syscall.SIGUSR2)
-	fe, err := New(Config{RunDir: *runDir, HolderCommand: []string{os.Args[0], "fuse-holder"}, Readers: 4, BlockingReaders: *blocking,
+	fe, err := New(Config{RunDir: *runDir, HolderCommand: []string{os.Args[0], "fuse-holder"}, Readers: 4,
 		ExternalHolder: *external, HolderCheck: *check})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "new:", err)
@@ -190,10 +189,6 @@ func serveChild(args []string) int {
 	<-term
 	srv := fe.get(*id).srv
 	fmt.Printf("RESENT %d\n", srv.nResent.Load())
-	if srv.blocking != *blocking {
-		fmt.Fprintln(os.Stderr, "reader mode: blocking =", srv.blocking, "with -blocking =", *blocking)
-		return 1
-	}
 	if err := fe.Close(); err != nil {
 		fmt.Fprintln(os.Stderr, "close:", err)
 		return 1

@@ -260,33 +260,21 @@ func mountOptions(t *testing.T, mnt string) string {
 // SIGKILL: the dead server holds a write request it never answers, so the
 // test also proves FUSE_NOTIFY_RESEND brought it to the new server.
 // SIGTERM: graceful Close, then restart.
-// Each with epoll readers (the default), with blocking readers
-// (Config.BlockingReaders), and from an epoll server to a blocking one.
 func TestRestart(t *testing.T) {
 	requireRoot(t)
 	requireTool(t, "mkfs.ext4")
-	modes := []struct {
-		name         string
-		first, again []string
-	}{
-		{"epoll", nil, nil},
-		{"blocking", []string{"-blocking"}, []string{"-blocking"}},
-		{"epoll-to-blocking", nil, []string{"-blocking"}},
-	}
 	for _, sig := range []syscall.Signal{syscall.SIGKILL, syscall.SIGTERM} {
-		for _, m := range modes {
-			t.Run(sig.String()+"/"+m.name, func(t *testing.T) { testRestart(t, sig, m.first, m.again) })
-		}
+		t.Run(sig.String(), func(t *testing.T) { testRestart(t, sig) })
 	}
 }
 
-func testRestart(t *testing.T, sig syscall.Signal, first, again []string) {
+func testRestart(t *testing.T, sig syscall.Signal) {
 	ctx := context.Background()
 	runDir, backing, mnt := restartDirs(t)
 	const size = 256 << 20
 	const id = "vol-restart"
 
-	c1 := startChild(t, runDir, backing, id, size, first...)
+	c1 := startChild(t, runDir, backing, id, size)
 	dev := c1.expect(t, "DEVICE ")
 	mounted := false
 	t.Cleanup(func() {
@@ -322,7 +310,7 @@ func testRestart(t *testing.T, sig syscall.Signal, first, again []string) {
 	default:
 	}
 
-	resent := resumeCheckStop(t, runDir, backing, id, size, dev, werr, w, nFiles, mnt, &mounted, again...)
+	resent := resumeCheckStop(t, runDir, backing, id, size, dev, werr, w, nFiles, mnt, &mounted)
 	t.Logf("%s: %d files intact; %d requests resent to the new server", sig, len(w.sums), resent)
 	if sig == syscall.SIGKILL && resent == 0 {
 		t.Fatal("the stalled write was not resent to the new server")

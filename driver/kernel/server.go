@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -34,9 +33,7 @@ type connParams struct {
 // read(2), the backend call and one write(2) of header+payload from one
 // contiguous buffer (no writev, no extra copy). By default the fd is
 // non-blocking and readers wait in epoll, woken by stop() through a pipe
-// (readLoop); with Config.BlockingReaders they block in read(2)
-// (readLoopBlocking) and stop() wakes them with STATFS requests (poke). Either way the
-// connection is never aborted (a blocked read(2) on /dev/fuse cannot be
+// (readLoop), so the connection is never aborted (a blocked read(2) on /dev/fuse cannot be
 // cancelled otherwise).
 type server struct {
 	fd int // /dev/fuse, ours (the holder has its own copy)
@@ -51,13 +48,7 @@ type server struct {
 
 	wakeR, wakeW int // pipe; a byte written wakes every poller
 
-	// blocking: readers block in read(2) instead of epoll (see
-	// readLoopBlocking); stop() then wakes them with STATFS requests on
-	// pokePath, the mount point.
-	blocking bool
-	pokePath string
-	alive    atomic.Int32
-	exited   chan struct{} // a reader exited (capacity 1, never blocks)
+	alive    atomic.Int32 // readers running
 	stopping atomic.Bool
 	wg       sync.WaitGroup
 	dead     chan struct{} // closed when the connection is gone (ENODEV)
@@ -96,10 +87,9 @@ func (s *server) ioFailed(op string, off int64, size int, err error) {
 // an attach did (TestResumeStaleAttributes).
 const attrValid = math.MaxUint32
 
-// newServer makes a server of fd; with pokePath (the mount point) set, its
-// readers block in read(2) instead of waiting in epoll (Config.BlockingReaders).
-func newServer(fd int, b Backend, readOnly bool, resumed *connParams, pokePath string) (*server, error) {
-	if err := unix.SetNonblock(fd, pokePath == ""); err != nil {
+// newServer makes a server of fd, which it makes non-blocking.
+func newServer(fd int, b Backend, readOnly bool, resumed *connParams) (*server, error) {
+	if err := unix.SetNonblock(fd, true); err != nil {
 		return nil, fmt.Errorf("set /dev/fuse non-blocking: %w", err)
 	}
 	var p [2]int
@@ -107,8 +97,7 @@ func newServer(fd int, b Backend, readOnly bool, resumed *connParams, pokePath s
 		return nil, fmt.Errorf("wake pipe: %w", err)
 	}
 	s := &server{fd: fd, b: b, wakeR: p[0], wakeW: p[1],
-		inited: make(chan struct{}), dead: make(chan struct{}),
-		blocking: pokePath != "", pokePath: pokePath, exited: make(chan struct{}, 1)}
+		inited: make(chan struct{}), dead: make(chan struct{})}
 	s.readOnly.Store(readOnly)
 	if resumed != nil && resumed.Initialized {
 		s.params = *resumed
@@ -122,11 +111,7 @@ func (s *server) start(n int) {
 	for i := 0; i < n; i++ {
 		s.wg.Add(1)
 		s.alive.Add(1)
-		if s.blocking {
-			go s.readLoopBlocking()
-		} else {
-			go s.readLoop()
-		}
+		go s.readLoop()
 	}
 }
 
@@ -142,9 +127,6 @@ func (s *server) discard() {
 func (s *server) stop() {
 	s.stopping.Store(true)
 	unix.Write(s.wakeW, []byte{1})
-	if s.blocking {
-		s.poke()
-	}
 	s.wg.Wait()
 	unix.Close(s.wakeR)
 	unix.Close(s.wakeW)
@@ -186,80 +168,6 @@ func (s *server) notifyInvalAttr() error {
 	le.PutUint64(b[32:], 0)
 	_, err := unix.Write(s.fd, b[:])
 	return err
-}
-
-// poke makes blocked readers return: each reader answers the request it
-// reads next and then exits (stopping is set), so stop() sends STATFS
-// requests on the mount point, one at a time, until no reader is left. A
-// reader may leave on a real request while a poke is queued; that last
-// poke then waits in the kernel's queue for the next server (or fails when
-// the mount goes), which is harmless: it runs on its own goroutine.
-func (s *server) poke() {
-	var done chan bool // true: the statfs reached our FUSE mount
-	for s.alive.Load() > 0 {
-		if done == nil {
-			done = make(chan bool, 1)
-			go func(done chan bool) {
-				var st unix.Statfs_t
-				err := unix.Statfs(s.pokePath, &st)
-				done <- err == nil && st.Type == unix.FUSE_SUPER_MAGIC
-			}(done)
-		}
-		select {
-		case reached := <-done:
-			if !reached {
-				// The mount is gone from the path (a lazy unmount): no
-				// STATFS can reach the readers any more, and poking again
-				// would spin. They return when the connection ends.
-				<-s.dead
-				return
-			}
-			done = nil
-		case <-s.exited:
-		case <-s.dead:
-			return // readers see ENODEV
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
-}
-
-func (s *server) readerExit() {
-	s.alive.Add(-1)
-	select {
-	case s.exited <- struct{}{}:
-	default:
-	}
-	s.wg.Done()
-}
-
-// readLoopBlocking is readLoop with a blocking read(2) on /dev/fuse: an
-// idle reader sleeps in the kernel's exclusive wait on the input queue, so
-// a request wakes exactly one reader and costs read + handle + write, with
-// no epoll_wait and no EAGAIN read. The reader runs locked to its OS
-// thread: it blocks in the kernel, so it holds a thread anyway, and
-// locking it spares the runtime handing the goroutine between threads.
-func (s *server) readLoopBlocking() {
-	defer s.readerExit()
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	in, out := requestBuffers()
-	fails := 0
-	for {
-		n, err := unix.Read(s.fd, in)
-		if err != nil {
-			if s.readFailed(err, &fails) {
-				return
-			}
-			continue
-		}
-		fails = 0
-		if !s.serve(in[:n], out) {
-			return
-		}
-		if s.stopping.Load() {
-			return
-		}
-	}
 }
 
 func (s *server) readLoop() {

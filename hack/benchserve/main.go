@@ -68,13 +68,12 @@ func run() error {
 	directLarge := flag.Bool("direct-large", false, "-backing: large writes O_DIRECT, no readahead (kernel.OpenFileBackendDirectLarge)")
 	piece := flag.Int("write-piece", -1, "-backing: largest buffered pwrite in bytes, 0 for unsplit writes (kernel.FileBackend.SetWritePiece; -1: the default)")
 	mem := flag.String("mem", "", "serve from memory instead of -backing: \"null\" drops writes and reads zeros, \"copy\" keeps the data in an anonymous buffer (floor measurements)")
-	blocking := flag.Bool("blocking-readers", false, "readers block in read(2) (kernel.Config.BlockingReaders)")
 	surviveKill := flag.Bool("survive-kill", true, "-store: writes return once a kill of this process cannot lose them (cow.Store.SetSurviveKill, as the driver sets it)")
 	flag.Parse()
 	if *runDir == "" || btoi(*backing != "")+btoi(*store != "")+btoi(*mem != "") != 1 {
 		return errors.New("-rundir and one of -backing, -store, -mem are required")
 	}
-	fe, err := kernel.New(kernel.Config{RunDir: *runDir, Readers: *readers, BlockingReaders: *blocking})
+	fe, err := kernel.New(kernel.Config{RunDir: *runDir, Readers: *readers})
 	if err != nil {
 		return err
 	}
