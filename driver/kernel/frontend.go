@@ -14,7 +14,6 @@ import (
 	"regexp"
 	"slices"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1327,21 +1326,13 @@ func (eioBackend) Flush() error                       { return unix.EIO }
 func (eioBackend) Discard(int64, int64) error         { return unix.EIO }
 func (b eioBackend) Size() int64                      { return b.size }
 
-// registeredSize is the largest size of the devices mp's registry names
-// (sysfs, in 512-byte sectors), rounded up to 4096; 0 if none is there.
+// registeredSize is the largest size of the devices mp's registry names,
+// rounded up to 4096; 0 if none is there.
 func registeredSize(mp string) int64 {
 	var size int64
 	for dev := range registeredLoops(mp) {
-		n, err := loopNumber(dev)
-		if err != nil {
-			continue
-		}
-		s, err := readSysfs(n, "size")
-		if err != nil {
-			continue
-		}
-		if sectors, err := strconv.ParseInt(s, 10, 64); err == nil {
-			size = max(size, (sectors*512+4095)&^4095)
+		if n, err := loopSize(dev); err == nil {
+			size = max(size, (n+4095)&^4095)
 		}
 	}
 	return size
