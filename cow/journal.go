@@ -826,12 +826,9 @@ func (s *Store) openJournal() error {
 	// lost. (A fenced device takes no write, so a volume fenced for good
 	// has no records here until it is attached afresh, which forgets it.)
 	for _, id := range s.journalVolumes(all) {
-		if i := slices.Index(s.killLost, id); i >= 0 {
-			if err := s.fs.Remove(s.killLostName(id)); err != nil {
-				j.close()
-				return err
-			}
-			s.killLost = slices.Delete(s.killLost, i, i+1)
+		if err := s.forgetKillLost(id); err != nil {
+			j.close()
+			return err
 		}
 	}
 	// Everything redone is durable (redoJournal flushed it): start empty.
@@ -1205,6 +1202,12 @@ func (s *Store) saveKillLost(ids []string) error {
 func (s *Store) ForgetKillLost(id string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	return s.forgetKillLost(id)
+}
+
+// forgetKillLost drops id from s.killLost, its marker first: if the unlink
+// fails, both stay. Called with s.mu held, or by Open.
+func (s *Store) forgetKillLost(id string) error {
 	i := slices.Index(s.killLost, id)
 	if i < 0 {
 		return nil

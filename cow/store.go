@@ -1618,13 +1618,9 @@ func (s *Store) DeleteVolume(id string) error {
 	// volume made again under the same ID before the next Open (which
 	// removes markers of volumes gone) would be fenced by it after a
 	// restart. After the commit, so that a failed delete keeps it. An
-	// unlink that fails leaves the marker to that Open: the delete is done.
-	if i := slices.Index(s.killLost, id); i >= 0 {
-		if s.bootOK {
-			_ = s.fs.Remove(s.killLostName(id))
-		}
-		s.killLost = slices.Delete(s.killLost, i, i+1)
-	}
+	// unlink that fails keeps the name too, listed as the marker says,
+	// for that Open to remove: the delete is done, so it answers nil.
+	_ = s.forgetKillLost(id)
 	return nil
 }
 
