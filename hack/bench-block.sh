@@ -147,19 +147,10 @@ for r in $(seq "$ROUNDS"); do
 			else val=$(awk -v i="$iops" 'BEGIN{printf "%.0f", i}'); unit=IOPS; fi
 			cpu=$(awk -v d=$((t1 - t0)) -v hz="$hz" 'BEGIN{printf "%.3f", d/hz}')
 			echo "$r $j $c $val $bytes $ios $cpu" >>"$res"
+			# The next job is another config's on the same disk (B's
+			# page cache above all): lib-bench.sh settle_dev.
 			settle=""
-			if [ "$dir" = write ] && [ "${SETTLE:-1}" = 1 ]; then
-				# Flush the device (an fsync of it: a FLUSH through the loop
-				# device to its backing file, for C..N through FUSE to the
-				# backend's Flush), outside the job's figure and CPU, so that
-				# the next job, another config's on the same disk, does not
-				# run over this one's writeback (B's page cache above all).
-				s0=$(date +%s.%N)
-				sync "${DEV[$c]}"
-				s1=$(date +%s.%N)
-				t2=$(cputicks $c)
-				settle=$(awk -v a="$s0" -v b="$s1" -v d=$((t2 - t1)) -v hz="$hz" 'BEGIN{printf ", settle %.2fs cpu %.3fs", b - a, d/hz}')
-			fi
+			if [ "$dir" = write ]; then settle=$(settle_dev "${DEV[$c]}" "$t1" cputicks "$c"); fi
 			printf 'round %d %-9s %s %8s %s   (server cpu %ss%s)\n' "$r" "$j" "$c" "$val" "$unit" "$([[ $c != [AB] ]] && echo "$cpu" || echo -)" "$settle"
 		done
 	done

@@ -96,18 +96,10 @@ measure() {
 	else val=$(awk -v i="$iops" 'BEGIN{printf "%.0f", i}'); unit=IOPS; fi
 	cpu=$(awk -v d=$((t1 - t0)) -v hz="$hz" 'BEGIN{printf "%.3f", d/hz}')
 	echo "$r $n $job $val $bytes $ios $cpu" >>"$res"
-	local settle="" s0 s1 t2
-	if [ "$dir" = write ] && [ "${SETTLE:-1}" = 1 ]; then
-		# Flush the device (fsync of a block device: a FLUSH through the
-		# loop device and FUSE to cow's Flush), outside the job's figure
-		# and CPU: the next job must not run over this one's tail (copies
-		# still being written and synced, applies, dirty pages).
-		s0=$(date +%s.%N)
-		sync "$dev"
-		s1=$(date +%s.%N)
-		t2=$(awk '{print $14 + $15}' "/proc/$spid/stat")
-		settle=$(awk -v a="$s0" -v b="$s1" -v d=$((t2 - t1)) -v hz="$hz" 'BEGIN{printf ", settle %.2fs cpu %.3fs", b - a, d/hz}')
-	fi
+	# The next job must not run over this one's tail (copies still being
+	# written and synced, applies, dirty pages): lib-bench.sh settle_dev.
+	local settle=""
+	if [ "$dir" = write ]; then settle=$(settle_dev "$dev" "$t1" awk '{print $14 + $15}' "/proc/$spid/stat"); fi
 	printf 'round %d snapshots=%-2d %-22s %8s %s (server cpu %ss%s)\n' "$r" "$n" "$job" "$val" "$unit" "$cpu" "$settle"
 }
 

@@ -24,3 +24,22 @@ bench_lines() {
 	sed -n "s/^Benchmark/${prefix}Benchmark/p" "$out"
 	rm -f "$out"
 }
+
+# settle_dev DEV T1 CMD [ARG...]: after a write job on DEV, unless SETTLE=0,
+# flushes DEV (sync: an fsync of the device, a FLUSH through the loop
+# device to its backing file, and for our devices through FUSE to the
+# backend's Flush), so that the next job does not run over this one's
+# writeback, and prints ", settle Xs cpu Ys": the flush's time, outside
+# the job's figure, and the serving process's CPU from T1 (its ticks at the
+# job's end) to after the flush, as CMD prints ticks (0 for none). Prints
+# nothing with SETTLE=0.
+settle_dev() {
+	local dev=$1 t1=$2 s0 s1 t2
+	shift 2
+	[ "${SETTLE:-1}" = 1 ] || return 0
+	s0=$(date +%s.%N)
+	sync "$dev"
+	s1=$(date +%s.%N)
+	t2=$("$@")
+	awk -v a="$s0" -v b="$s1" -v d=$((t2 - t1)) -v hz="$(getconf CLK_TCK)" 'BEGIN{printf ", settle %.2fs cpu %.3fs", b - a, d/hz}'
+}
