@@ -54,10 +54,11 @@ func BenchmarkMetadataSnapshots(b *testing.B) {
 		// after it starts; write-wait-ms is how long that write took.
 		during := func(b *testing.B, query func() error) {
 			var waited time.Duration
+			buf := randomBytes(4096, 11) // one write at a time (each waited for below)
 			for b.Loop() {
 				done := make(chan time.Duration, 1)
 				off := rng.Int63n(size/cs) * cs
-				buf := randomBytes(4096, off)
+				buf[0]++
 				go func() {
 					time.Sleep(time.Millisecond)
 					t0 := time.Now()

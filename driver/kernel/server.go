@@ -33,8 +33,8 @@ type connParams struct {
 // read(2), the backend call and one write(2) of header+payload from one
 // contiguous buffer (no writev, no extra copy). By default the fd is
 // non-blocking and readers wait in epoll, woken by stop() through a pipe
-// (readLoop), so the connection is never aborted (a blocked read(2) on /dev/fuse cannot be
-// cancelled otherwise).
+// (readLoop): stopping never aborts the connection, which a reader blocked
+// in read(2) on /dev/fuse would need.
 type server struct {
 	fd int // /dev/fuse, ours (the holder has its own copy)
 	b  Backend
