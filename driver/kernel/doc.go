@@ -199,8 +199,11 @@
 //     (TestKillDuringOwnWriteback kills the server during each);
 //     Frontend.SyncDevice has it write a raw block volume's device back
 //     (fsync of the loop device, holdSync) before a snapshot; and
-//     Frontend.Resize has it stat the served file (statSize: the GETATTR
-//     through which the kernel learns the new size), and attachLoop has it
+//     Frontend.Resize and an attach's size check (kernelSized) have it
+//     stat the served file (statSize: the GETATTR through which the kernel
+//     learns the size; TestKillDuringAttachSizeCheck kills the server
+//     during the latter, which test/sanity TestConcurrentNodeCallsKilled
+//     hit once), and attachLoop has it
 //     open the served file (FUSE_OPEN) and bind the loop device to it
 //     (holdConfigure: LOOP_CONFIGURE fsyncs the file as it turns direct
 //     I/O on, a FUSE_FSYNC); test/sanity TestKillDuringCalls found a kill

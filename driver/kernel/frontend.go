@@ -1024,13 +1024,19 @@ var afterHolderPut func()
 // loop device is attached to it. Before Linux 6.18 the loop driver sizes the
 // device from the FUSE inode's cached i_size, which is 0 on a fresh mount
 // until something asks for the file's attributes: stat it (the server must
-// be running to answer), and check what the kernel now has.
-func kernelSized(mp string, want int64) error {
-	var st unix.Stat_t
-	if err := unix.Stat(mp, &st); err != nil {
+// be running to answer), and check what the kernel now has. The stat goes
+// through the holder (statSize): made here, a kill while the server has its
+// GETATTR left this thread waiting for good, and the killed process with
+// it (TestKillDuringAttachSizeCheck). The check reads the cache only.
+func (f *Frontend) kernelSized(mp string, want int64) error {
+	if err := f.statSize(mp); err != nil {
+		return err
+	}
+	var st unix.Statx_t
+	if err := unix.Statx(unix.AT_FDCWD, mp, unix.AT_STATX_DONT_SYNC, unix.STATX_SIZE, &st); err != nil {
 		return fmt.Errorf("stat %s: %w", mp, err)
 	}
-	if st.Size != want {
+	if int64(st.Size) != want {
 		return fmt.Errorf("kernel sees %d bytes for %s, the backend has %d", st.Size, mp, want)
 	}
 	return nil
@@ -1107,7 +1113,7 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 	if afterHolderPut != nil {
 		afterHolderPut()
 	}
-	if err = kernelSized(mp, b.Size()); err != nil {
+	if err = f.kernelSized(mp, b.Size()); err != nil {
 		return "", err
 	}
 	if dev, err = attachLoop(ctx, f.sock, mp, readOnly); err != nil {

@@ -74,6 +74,7 @@ func serveChild(args []string) int {
 	check := fs.Duration("check", 0, "Config.HolderCheck")
 	ownMounts := fs.Bool("own-mounts", false, "started in a mount namespace of its own: drop the copies of other tests' mounts")
 	dieAfterPut := fs.Bool("die-after-put", false, "exit (as if killed) right after the holder took the connection, before the loop attach")
+	stallGetattr := fs.Bool("stall-getattr", false, "right after the holder took the connection, let one Size call through (the attach's own) and stall the next (the GETATTR of the attach's size check), after SIZE STALLED")
 	freezeAt := fs.String("freeze-on-usr2", "", "on SIGUSR2, print STARTED and Freeze the filesystem mounted there (then DONE <err>)")
 	syncAt := fs.String("sync-on-usr2", "", "on SIGUSR2, print STARTED and Sync the filesystem mounted there (then DONE <err>)")
 	id2 := fs.String("id2", "", "a second volume, on -backing2, attached after the first (DEVICE2 <path>)")
@@ -103,6 +104,12 @@ func serveChild(args []string) int {
 		return 1
 	}
 	b := &stallingBackend{FileBackend: fb}
+	if *stallGetattr {
+		afterHolderPut = func() {
+			b.sizePass.Store(1)
+			b.sizeArmed.Store(true)
+		}
+	}
 	b.flushArmed.Store(*stallAttach)
 	b.armed.Store(*stallNow)
 	b.sizeArmed.Store(*stallSize)

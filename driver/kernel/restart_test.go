@@ -972,6 +972,54 @@ func testDeadHeldConnection(t *testing.T, how string) {
 	reattachCheck(t, runDir, backing, id, size, want, nil)
 }
 
+// TestKillDuringAttachSizeCheck: the serving process is SIGKILLed while its
+// attach's size check (the GETATTR that makes the kernel learn the file's
+// size before the loop attach) waits in its own server, which read the
+// request and will not answer it. Made by a thread of the serving process,
+// that stat waited for good once the server was gone: the killed process
+// did not exit, kept its run dir's lock, and no next server could start
+// (seen once in test/sanity TestConcurrentNodeCallsKilled, a thread in
+// fuse_do_getattr). The holder makes the stat now (statSize): the killed
+// process exits, the next one resumes the connection and answers the
+// resent GETATTR, and the volume gets its device with the data of its file.
+func TestKillDuringAttachSizeCheck(t *testing.T) {
+	requireRoot(t)
+	runDir := t.TempDir()
+	backing := filepath.Join(t.TempDir(), "vol.img")
+	const size = 16 << 20
+	const id = "vol-getattr-kill"
+	want := alignedBuf(1 << 20)
+	fillRandom(rand.New(rand.NewSource(7)), want)
+	f, err := os.Create(backing)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(want, 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	c := startChild(t, runDir, backing, id, size, "-stall-getattr")
+	t.Cleanup(func() { c.cmd.Process.Kill() })
+	c.expect(t, "SIZE STALLED") // the size check's GETATTR is in the server
+	c.cmd.Process.Signal(syscall.SIGKILL)
+	fmp := filepath.Join(runDir, "vol", id)
+	select {
+	case <-c.done:
+	case <-time.After(20 * time.Second):
+		// The documented way out (doc.go, Caveats), so that the test
+		// can clean up.
+		os.WriteFile(filepath.Join(fuseConnDir(t, fmp), "abort"), []byte("1"), 0)
+		<-c.done
+		killHolders(t, runDir)
+		unix.Unmount(fmp, unix.MNT_DETACH)
+		t.Fatal("the serving process, killed during its attach's stat of its own file, did not exit in 20 s")
+	}
+	if loops := loopsOf(fmp); len(loops) != 0 {
+		t.Fatalf("loop devices %v on the file; the child was killed before attaching one", loops)
+	}
+	reattachCheck(t, runDir, backing, id, size, want, nil)
+}
+
 // TestResumeWithoutLoop: the serving process died right after the holder
 // took the connection, before anything asked for the file's attributes and
 // before the loop attach (a test hook exits there), so the kernel's inode

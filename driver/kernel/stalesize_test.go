@@ -45,9 +45,10 @@ func TestReattachAfterGrowWithoutDevice(t *testing.T) {
 // TestResumeAfterGrowWithoutDevice: the same across a restart. A held
 // connection without a loop device (a kill between attachFresh's size
 // check and the LOOP_CONFIGURE, or a device detached from outside) whose
-// backend grew before the next Attach: the resume's kernelSized compares
-// the backend's size with the kernel's cached one, which nothing refreshes,
-// and fails, on every retry, for as long as the holder keeps the connection.
+// backend grew before the next Attach: the resume's size check compared
+// the backend's size with the kernel's cached one, which nothing refreshed,
+// and failed, on every retry, for as long as the holder kept the connection
+// (the resume uses cacheSize now).
 func TestResumeAfterGrowWithoutDevice(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()
