@@ -1234,19 +1234,36 @@ func (f *Frontend) Detach(ctx context.Context, id string) error {
 		return err
 	}
 	askable := v != nil
+	var eioServed *volume
 	if v == nil && !isMounted(mp) && len(registeredLoops(mp)) > 0 {
 		// Unmounted from outside and not served here (Driver.Recover
 		// detaches a held id whose volume the store no longer knows):
 		// serve it, or the devices still bound to its file would stay so,
-		// named by nothing once the registry goes below.
+		// named by nothing once the registry goes below. Not while one of
+		// them is bind-mounted (a raw block publish): the detach below
+		// would refuse it, after its user had got I/O errors meanwhile.
+		if dev, at := boundUnmounted(mp); at != "" {
+			return fmt.Errorf("%w: %s is bound at %s", ErrBusy, dev, at)
+		}
 		sv, ok, err := f.serveToDetach(id, mp)
 		if err != nil {
 			return err
 		}
 		if sv != nil {
-			v = sv
+			v, eioServed = sv, sv
 		}
 		askable = ok
+	}
+	// refused ends the Detach with err. A connection served here only to
+	// detach (with I/O errors) is given up again: the holder keeps it, and
+	// a later Attach resumes it with the volume's backend, which a
+	// registered eioBackend would stand in the way of for good.
+	refused := func(err error) error {
+		if eioServed != nil {
+			eioServed.shutdown()
+			f.set(id, nil)
+		}
+		return err
 	}
 	if askable {
 		// Unmounted from outside: devices still bound to its file read
@@ -1254,18 +1271,18 @@ func (f *Frontend) Detach(ctx context.Context, id string) error {
 		// that names them. Served here (or by nobody), so their status
 		// can be asked.
 		if err := detachOrphans(ctx, mp); err != nil {
-			return err
+			return refused(err)
 		}
 	}
 	if err := unmountFuse(mp); err != nil {
-		return err
+		return refused(err)
 	}
 	// With the FUSE file gone no loop device can be on it: what the
 	// registry still names (a device detached from outside, whose number
 	// may be another volume's by now) is stale, and kept it would make
 	// Attached list id after a restart.
 	if err := os.Remove(mp + ".loops"); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("remove loop registry: %w", err)
+		return refused(fmt.Errorf("remove loop registry: %w", err))
 	}
 	if v != nil {
 		v.shutdown()
@@ -1319,6 +1336,28 @@ func (f *Frontend) serveToDetach(id, mp string) (v *volume, askable bool, err er
 	}
 	klog.InfoS("serving a held FUSE connection whose mount is gone with I/O errors, to detach its devices", "volumeID", id)
 	return v, true, nil
+}
+
+// boundUnmounted returns a device mp's registry names that is bound to
+// an unmounted FUSE file (its backing file reads "/") and bind-mounted
+// somewhere, and where; "" if none is. It reads sysfs and the mount table
+// only, so it needs no server: unlike orphanedLoops it cannot tell whose
+// file the device is on, and another volume's orphan under a stale entry
+// makes it answer too (the Detach is refused while that one is bound).
+func boundUnmounted(mp string) (dev, at string) {
+	for d := range registeredLoops(mp) {
+		n, err := loopNumber(d)
+		if err != nil {
+			continue
+		}
+		if bf, err := readSysfs(n, "loop/backing_file"); err != nil || bf != "/" {
+			continue
+		}
+		if at := boundAt(d); at != "" {
+			return d, at
+		}
+	}
+	return "", ""
 }
 
 // eioBackend answers every I/O with EIO; its Size is the size of the
