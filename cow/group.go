@@ -3,6 +3,7 @@ package cow
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -25,8 +26,24 @@ import (
 var ErrGroupMember = errors.New("cow: snapshot belongs to a group")
 
 // GroupMember names one volume of a group and the ID its snapshot gets.
+// Labels, if any, are this member's snapshot's on top of the options' (a
+// key in both takes this value).
 type GroupMember struct {
 	VolumeID, SnapshotID string
+	Labels               map[string]string
+}
+
+// labels returns the labels of m's snapshot: common with m.Labels over it.
+func (m GroupMember) labels(common map[string]string) map[string]string {
+	if len(m.Labels) == 0 {
+		return common
+	}
+	out := maps.Clone(common)
+	if out == nil {
+		out = map[string]string{}
+	}
+	maps.Copy(out, m.Labels)
+	return out
 }
 
 // GroupInfo describes a snapshot group.
@@ -116,6 +133,11 @@ func (s *Store) CreateSnapshotGroup(groupID string, members []GroupMember, o Sna
 	if err := checkLabels(o.Labels); err != nil {
 		return GroupInfo{}, err
 	}
+	for _, m := range members {
+		if err := checkLabels(m.labels(o.Labels)); err != nil {
+			return GroupInfo{}, fmt.Errorf("snapshot %q of group %q: %w", m.SnapshotID, groupID, err)
+		}
+	}
 	// The members' data syncs, the slow part, run first, with no lock held,
 	// so they do not hold up calls on other volumes (all of which take
 	// s.mu). The flush under the gates below still makes durable whatever
@@ -192,7 +214,7 @@ func (s *Store) CreateSnapshotGroup(groupID string, members []GroupMember, o Sna
 	for i, m := range members {
 		obj := s.nextObj + uint32(i)
 		recs = append(recs, &record{Type: recSnapshot, Obj: obj, Parent: vs[i].obj, Size: vs[i].Size(), Created: now,
-			Limit: o.Limit, Flags: flagGroup, ID: m.SnapshotID, Labels: o.Labels})
+			Limit: o.Limit, Flags: flagGroup, ID: m.SnapshotID, Labels: m.labels(o.Labels)})
 		gr.Members = append(gr.Members, obj)
 	}
 	recs = append(recs, gr)

@@ -37,7 +37,7 @@ func benchGroup(b *testing.B, n int, size int64, group bool) {
 	}
 	// Both modes on a version-2 log: the one-time upgrade checkpoint of the
 	// first group (and its 4 MiB log preallocation) stays out of the loop.
-	if _, err := s.CreateSnapshotGroup("warm", []GroupMember{{"v0", "warm-s"}}, SnapshotOptions{}); err != nil {
+	if _, err := s.CreateSnapshotGroup("warm", []GroupMember{{VolumeID: "v0", SnapshotID: "warm-s"}}, SnapshotOptions{}); err != nil {
 		b.Fatal(err)
 	}
 	if err := s.DeleteSnapshotGroup("warm"); err != nil {

@@ -90,7 +90,7 @@ func TestGroupSyncDoesNotBlockOthers(t *testing.T) {
 		gid := []string{"g-data", "g-log"}[i]
 		grp := make(chan error, 1)
 		go func() {
-			_, err := s.CreateSnapshotGroup(gid, []GroupMember{{"a", gid + "-a"}, {"b", gid + "-b"}}, SnapshotOptions{})
+			_, err := s.CreateSnapshotGroup(gid, []GroupMember{{VolumeID: "a", SnapshotID: gid + "-a"}, {VolumeID: "b", SnapshotID: gid + "-b"}}, SnapshotOptions{})
 			grp <- err
 		}()
 		select {

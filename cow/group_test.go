@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math/rand"
 	"os"
 	"os/exec"
@@ -78,7 +79,7 @@ func TestGroupCreateDelete(t *testing.T) {
 	if got := logVersionOf(t, dir); got != logVersion {
 		t.Fatalf("store without groups: log version %d, want %d", got, logVersion)
 	}
-	members := []GroupMember{{"a", "sa"}, {"b", "sb"}}
+	members := []GroupMember{{VolumeID: "a", SnapshotID: "sa"}, {VolumeID: "b", SnapshotID: "sb"}}
 	gi, err := s.CreateSnapshotGroup("g1", members, SnapshotOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -107,11 +108,11 @@ func TestGroupCreateDelete(t *testing.T) {
 	}{
 		{name: "member deleted alone", call: func() error { return s.DeleteSnapshot("sa") }, wantErr: ErrGroupMember},
 		{name: "group ID in use", call: func() error {
-			_, err := s.CreateSnapshotGroup("g1", []GroupMember{{"c", "sc"}}, SnapshotOptions{})
+			_, err := s.CreateSnapshotGroup("g1", []GroupMember{{VolumeID: "c", SnapshotID: "sc"}}, SnapshotOptions{})
 			return err
 		}, wantErr: ErrExists},
 		{name: "group ID taken by a volume", call: func() error {
-			_, err := s.CreateSnapshotGroup("a", []GroupMember{{"c", "sc"}}, SnapshotOptions{})
+			_, err := s.CreateSnapshotGroup("a", []GroupMember{{VolumeID: "c", SnapshotID: "sc"}}, SnapshotOptions{})
 			return err
 		}, wantErr: ErrExists},
 		{name: "volume ID taken by a group", call: func() error {
@@ -119,7 +120,7 @@ func TestGroupCreateDelete(t *testing.T) {
 			return err
 		}, wantErr: ErrExists},
 		{name: "snapshot ID in use", call: func() error {
-			_, err := s.CreateSnapshotGroup("g2", []GroupMember{{"c", "sa"}}, SnapshotOptions{})
+			_, err := s.CreateSnapshotGroup("g2", []GroupMember{{VolumeID: "c", SnapshotID: "sa"}}, SnapshotOptions{})
 			return err
 		}, wantErr: ErrExists},
 		{name: "no members", call: func() error {
@@ -127,31 +128,31 @@ func TestGroupCreateDelete(t *testing.T) {
 			return err
 		}, wantErr: ErrBadArgument},
 		{name: "volume twice", call: func() error {
-			_, err := s.CreateSnapshotGroup("g2", []GroupMember{{"c", "s1"}, {"c", "s2"}}, SnapshotOptions{})
+			_, err := s.CreateSnapshotGroup("g2", []GroupMember{{VolumeID: "c", SnapshotID: "s1"}, {VolumeID: "c", SnapshotID: "s2"}}, SnapshotOptions{})
 			return err
 		}, wantErr: ErrBadArgument},
 		{name: "snapshot ID twice", call: func() error {
-			_, err := s.CreateSnapshotGroup("g2", []GroupMember{{"a", "s1"}, {"c", "s1"}}, SnapshotOptions{})
+			_, err := s.CreateSnapshotGroup("g2", []GroupMember{{VolumeID: "a", SnapshotID: "s1"}, {VolumeID: "c", SnapshotID: "s1"}}, SnapshotOptions{})
 			return err
 		}, wantErr: ErrBadArgument},
 		{name: "snapshot ID equals group ID", call: func() error {
-			_, err := s.CreateSnapshotGroup("g2", []GroupMember{{"a", "g2"}}, SnapshotOptions{})
+			_, err := s.CreateSnapshotGroup("g2", []GroupMember{{VolumeID: "a", SnapshotID: "g2"}}, SnapshotOptions{})
 			return err
 		}, wantErr: ErrBadArgument},
 		{name: "unknown volume", call: func() error {
-			_, err := s.CreateSnapshotGroup("g2", []GroupMember{{"a", "s1"}, {"zz", "s2"}}, SnapshotOptions{})
+			_, err := s.CreateSnapshotGroup("g2", []GroupMember{{VolumeID: "a", SnapshotID: "s1"}, {VolumeID: "zz", SnapshotID: "s2"}}, SnapshotOptions{})
 			return err
 		}, wantErr: ErrNotFound},
 		{name: "bad group ID", call: func() error {
-			_, err := s.CreateSnapshotGroup("G!", []GroupMember{{"a", "s1"}}, SnapshotOptions{})
+			_, err := s.CreateSnapshotGroup("G!", []GroupMember{{VolumeID: "a", SnapshotID: "s1"}}, SnapshotOptions{})
 			return err
 		}, wantErr: ErrInvalidID},
 		{name: "bad member ID", call: func() error {
-			_, err := s.CreateSnapshotGroup("g2", []GroupMember{{"a", "S1"}}, SnapshotOptions{})
+			_, err := s.CreateSnapshotGroup("g2", []GroupMember{{VolumeID: "a", SnapshotID: "S1"}}, SnapshotOptions{})
 			return err
 		}, wantErr: ErrInvalidID},
 		{name: "negative limit", call: func() error {
-			_, err := s.CreateSnapshotGroup("g2", []GroupMember{{"a", "s1"}}, SnapshotOptions{Limit: -1})
+			_, err := s.CreateSnapshotGroup("g2", []GroupMember{{VolumeID: "a", SnapshotID: "s1"}}, SnapshotOptions{Limit: -1})
 			return err
 		}, wantErr: ErrBadArgument},
 		{name: "delete unknown group", call: func() error { return s.DeleteSnapshotGroup("g9") }, wantErr: ErrNotFound},
@@ -204,10 +205,10 @@ func TestGroupCreateDelete(t *testing.T) {
 	}
 	// The group ID is free again; sa's stays reserved while its clone
 	// lives (doc.go, Lifetimes), sb's is free.
-	if _, err := s.CreateSnapshotGroup("g1", []GroupMember{{"a", "sa"}}, SnapshotOptions{}); !errors.Is(err, ErrExists) {
+	if _, err := s.CreateSnapshotGroup("g1", []GroupMember{{VolumeID: "a", SnapshotID: "sa"}}, SnapshotOptions{}); !errors.Is(err, ErrExists) {
 		t.Fatalf("reuse of a member ID that backs a clone: %v", err)
 	}
-	if _, err := s.CreateSnapshotGroup("g1", []GroupMember{{"a", "sb"}}, SnapshotOptions{}); err != nil {
+	if _, err := s.CreateSnapshotGroup("g1", []GroupMember{{VolumeID: "a", SnapshotID: "sb"}}, SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.check(); err != nil {
@@ -224,7 +225,7 @@ func TestGroupOldLogVersion(t *testing.T) {
 		t.Fatal(err)
 	}
 	mustVol(t, s, "a", 64<<10, 4096)
-	if _, err := s.CreateSnapshotGroup("g", []GroupMember{{"a", "sa"}}, SnapshotOptions{}); err != nil {
+	if _, err := s.CreateSnapshotGroup("g", []GroupMember{{VolumeID: "a", SnapshotID: "sa"}}, SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.Close(); err != nil {
@@ -266,11 +267,11 @@ func TestGroupTornBatch(t *testing.T) {
 	for i := range 3 {
 		id := fmt.Sprintf("v%d", i)
 		want[i] = fillRandom(t, mustVol(t, s, id, 64<<10, 4096), int64(i))
-		members = append(members, GroupMember{id, fmt.Sprintf("s%d", i)})
+		members = append(members, GroupMember{VolumeID: id, SnapshotID: fmt.Sprintf("s%d", i)})
 	}
 	// The first group upgrades the log (a checkpoint); the second is the
 	// batch under test.
-	if _, err := s.CreateSnapshotGroup("g0", []GroupMember{{"v0", "first"}}, SnapshotOptions{}); err != nil {
+	if _, err := s.CreateSnapshotGroup("g0", []GroupMember{{VolumeID: "v0", SnapshotID: "first"}}, SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	for _, m := range members {
@@ -463,7 +464,7 @@ func (m *gModel) gen(rng *rand.Rand, reopen bool) gOp {
 		o := gOp{op: op{kind: opGroupCreate}, group: fmt.Sprintf("g%d", m.n)}
 		for _, i := range rng.Perm(len(vols))[:n] {
 			m.n++
-			o.members = append(o.members, GroupMember{vols[i], fmt.Sprintf("x%d", m.n)})
+			o.members = append(o.members, GroupMember{VolumeID: vols[i], SnapshotID: fmt.Sprintf("x%d", m.n)})
 		}
 		return o
 	case p < del && len(m.groups) > 0:
@@ -772,7 +773,7 @@ func TestReplayRejectsImpossibleDeletes(t *testing.T) {
 		rec  func(t *testing.T, s *Store) *record
 	}{
 		{"delete of a group member", func(t *testing.T, s *Store) *record {
-			if _, err := s.CreateSnapshotGroup("g", []GroupMember{{"v", "m"}}, SnapshotOptions{}); err != nil {
+			if _, err := s.CreateSnapshotGroup("g", []GroupMember{{VolumeID: "v", SnapshotID: "m"}}, SnapshotOptions{}); err != nil {
 				t.Fatal(err)
 			}
 			sn, _ := s.Snapshot("m")
@@ -822,4 +823,58 @@ func mustRollbackTarget(t *testing.T, s *Store) *Snapshot {
 		t.Fatal(err)
 	}
 	return sn
+}
+
+// TestGroupMemberLabels: a member's own labels go onto its snapshot, over
+// the group's common ones, and survive a reopen (from the batch and from a
+// checkpoint); a member label the store refuses fails the whole call, and
+// no group is made.
+func TestGroupMemberLabels(t *testing.T) {
+	s, dir := openT(t)
+	for _, id := range []string{"a", "b"} {
+		if _, err := s.CreateVolume(id, 1<<20, VolumeOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := s.CreateSnapshotGroup("bad", []GroupMember{{VolumeID: "a", SnapshotID: "xa", Labels: map[string]string{"k": "v\n"}}},
+		SnapshotOptions{}); !errors.Is(err, ErrBadArgument) {
+		t.Fatalf("member label with a control byte: %v, want ErrBadArgument", err)
+	}
+	if _, err := s.SnapshotGroup("bad"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("group of a refused call: %v, want ErrNotFound", err)
+	}
+	members := []GroupMember{
+		{VolumeID: "a", SnapshotID: "sa", Labels: map[string]string{"fs": "xfs", "common": "mine"}},
+		{VolumeID: "b", SnapshotID: "sb"},
+	}
+	if _, err := s.CreateSnapshotGroup("g", members, SnapshotOptions{Labels: map[string]string{"common": "group", "name": "n"}}); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]map[string]string{
+		"sa": {"fs": "xfs", "common": "mine", "name": "n"},
+		"sb": {"common": "group", "name": "n"},
+	}
+	check := func(s *Store, when string) {
+		t.Helper()
+		for id, w := range want {
+			sn, err := s.Snapshot(id)
+			if err != nil {
+				t.Fatalf("%s: %v", when, err)
+			}
+			if got := sn.Info().Labels; !maps.Equal(got, w) {
+				t.Errorf("%s: %s labels %v, want %v", when, id, got, w)
+			}
+		}
+	}
+	check(s, "created")
+	if members[0].Labels["common"] != "mine" || len(members[0].Labels) != 2 {
+		t.Errorf("the call changed the caller's member labels: %v", members[0].Labels)
+	}
+	s = reopen(t, s, dir)
+	check(s, "reopened from the batch")
+	if err := s.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	s = reopen(t, s, dir)
+	check(s, "reopened from a checkpoint")
 }

@@ -471,7 +471,7 @@ func TestRollbackErrors(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if _, err := s.CreateSnapshotGroup("g", []GroupMember{{"a", "ga"}}, SnapshotOptions{}); err != nil {
+	if _, err := s.CreateSnapshotGroup("g", []GroupMember{{VolumeID: "a", SnapshotID: "ga"}}, SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s.CreateSnapshot("b", "b1", SnapshotOptions{}); err != nil {
@@ -540,7 +540,7 @@ func TestRollbackErrors(t *testing.T) {
 		// delete of a group whose member the volume is rolled back past
 		// would write a record replay refuses (every later Open failing).
 		"group snapshot": func() error {
-			_, err := s.CreateSnapshotGroup("g2", []GroupMember{{"a", "a4"}}, SnapshotOptions{})
+			_, err := s.CreateSnapshotGroup("g2", []GroupMember{{VolumeID: "a", SnapshotID: "a4"}}, SnapshotOptions{})
 			return err
 		},
 		"delete group": func() error { return s.DeleteSnapshotGroup("g") },

@@ -402,8 +402,8 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		}
 		floor = s.Size
 		// What its volume was made for: on the snapshot (CreateSnapshot
-		// puts it there), else on the volume while it lives (a group
-		// member, or a snapshot made before snapshots carried it).
+		// and CreateVolumeGroupSnapshot put it there), else on the volume
+		// while it lives (a snapshot made before snapshots carried it).
 		srcFS = s.Labels[labelFSType]
 		if sv, err := d.opt.Store.Volume(s.VolumeID); srcFS == "" && err == nil {
 			srcFS = sv.Labels[labelFSType]

@@ -243,7 +243,7 @@ func (c *CowStore) Snapshots() []SnapshotInfo {
 func (c *CowStore) CreateSnapshotGroup(groupID string, members []GroupMember, labels map[string]string) (GroupInfo, error) {
 	ms := make([]cow.GroupMember, len(members))
 	for i, m := range members {
-		ms[i] = cow.GroupMember{VolumeID: m.VolumeID, SnapshotID: m.SnapshotID}
+		ms[i] = cow.GroupMember{VolumeID: m.VolumeID, SnapshotID: m.SnapshotID, Labels: m.Labels}
 	}
 	g, err := c.s.CreateSnapshotGroup(groupID, ms, cow.SnapshotOptions{Labels: labels})
 	if err != nil {

@@ -34,9 +34,11 @@ type GroupStore interface {
 	SnapshotGroups() []GroupInfo
 }
 
-// GroupMember names a volume of a group and the ID its snapshot gets.
+// GroupMember names a volume of a group and the ID its snapshot gets;
+// Labels are that snapshot's own, on top of the group's.
 type GroupMember struct {
 	VolumeID, SnapshotID string
+	Labels               map[string]string
 }
 
 // GroupInfo describes a snapshot group; Snapshots are in creation order.
@@ -128,10 +130,13 @@ func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csi.CreateV
 		}
 		return &csi.CreateVolumeGroupSnapshotResponse{GroupSnapshot: d.csiGroup(g)}, nil
 	}
-	for _, id := range srcs {
-		if _, err := d.lookupVolume(id); err != nil {
+	fsTypes := make([]string, len(srcs))
+	for i, id := range srcs {
+		v, err := d.lookupVolume(id)
+		if err != nil {
 			return nil, err
 		}
+		fsTypes[i] = v.Labels[labelFSType]
 	}
 	gid, err := newID(groupPrefix, d.tag)
 	if err != nil {
@@ -144,6 +149,11 @@ func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csi.CreateV
 			return nil, toStatus(err)
 		}
 		members[i] = GroupMember{VolumeID: id, SnapshotID: sid}
+		if fsTypes[i] != "" {
+			// As CreateSnapshot does: a restore checks the filesystem
+			// it asks for against this once the volume is gone.
+			members[i].Labels = map[string]string{labelFSType: fsTypes[i]}
+		}
 	}
 	var g GroupInfo
 	err = d.frozenAll(srcs, func() error {
