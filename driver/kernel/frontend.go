@@ -868,11 +868,11 @@ func (f *Frontend) startResumed(id, mp string, fd int, params *connParams, b Bac
 		klog.ErrorS(err, "FUSE_NOTIFY_RESEND failed; requests in flight at the restart may fail", "volumeID", id)
 	}
 	// Readers before the device lookup: the loop device's status ioctl
-	// (loopReadOnly, and backsOntoMount from another mount namespace)
-	// stats the FUSE file, and once the kernel's cached attributes are
-	// stale (attr_valid after the attach, or invalidated) that is a
-	// GETATTR request this server must answer, or the lookup waits for
-	// good (TestResumeStaleAttributes).
+	// (backsOntoMount from another mount namespace, orphanedLoops) stats
+	// the FUSE file, and once the kernel's cached attributes are stale
+	// (invalidated) that is a GETATTR request this server must answer, or
+	// the lookup waits for good (TestResumeStaleAttributes); resumedDevice
+	// has the holder make that stat first.
 	srv.id = id
 	srv.start(f.cfg.Readers)
 	return v, f.resuming.Done, nil
@@ -886,6 +886,15 @@ func (f *Frontend) startResumed(id, mp string, fd int, params *connParams, b Bac
 // read.
 func (f *Frontend) resumedDevice(ctx context.Context, v *volume, b Backend, readOnly bool) (dev string, conflict, err error) {
 	v.readOnly = readOnly
+	// The lookup's status ioctl (backsOntoMount, from another mount
+	// namespace) stats the file: a GETATTR from this thread if the
+	// kernel's attributes are stale, as a kill between a cacheSize's
+	// invalidation and its stat leaves them, and a kill while this server
+	// had it would leave this thread waiting for good. The holder's stat
+	// makes them fresh first (TestKillDuringResumeStaleAttributes).
+	if err := f.statSize(v.mp); err != nil {
+		klog.ErrorS(err, "Refreshing the kernel's attributes of a resumed volume's file", "volumeID", v.id)
+	}
 	dev, ok := findLoop(v.mp)
 	if ok {
 		ro, rerr := loopReadOnly(dev)

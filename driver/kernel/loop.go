@@ -605,17 +605,49 @@ func fuseDev(mp string) (uint64, bool) {
 	return m.dev, ok
 }
 
-// loopInfo reads the device's flags back through go-losetup.
+// loopReadOnly reports whether loop device dev is read-only, from sysfs
+// (/sys/block/loopN/ro, which LOOP_CONFIGURE sets from
+// LO_FLAGS_READ_ONLY). Not from go-losetup's GetInfo: its
+// LOOP_GET_STATUS64 stats the backing file, a GETATTR to this process's
+// own server when the kernel's attributes are stale, and its open and
+// close of the device may be the device's last close, which writes the
+// device's page cache back through that server: a kill meanwhile leaves
+// the thread waiting for good (doc.go, Caveats).
 func loopReadOnly(dev string) (bool, error) {
 	n, err := loopNumber(dev)
 	if err != nil {
 		return false, err
 	}
-	info, err := losetup.New(uint64(n), os.O_RDONLY).GetInfo()
+	ro, err := readSysfs(n, "ro")
 	if err != nil {
 		return false, err
 	}
-	return info.Flags&unix.LO_FLAGS_READ_ONLY != 0, nil
+	return ro == "1", nil
+}
+
+// DeviceSize returns the size in bytes of the block device node at path
+// (a loop device, or a bind mount of its node) from sysfs, without opening
+// the device: a close of it can be its last, which writes back what a
+// buffered writer left in its page cache, through this process's own
+// server for a device it serves (and waits for good if the process is
+// killed meanwhile; TestKillDuringDeviceSize).
+func DeviceSize(path string) (int64, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return 0, fmt.Errorf("size of %s: %w", path, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFBLK {
+		return 0, fmt.Errorf("size of %s: not a block device", path)
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/sys/dev/block/%d:%d/size", unix.Major(st.Rdev), unix.Minor(st.Rdev)))
+	if err != nil {
+		return 0, fmt.Errorf("size of %s: %w", path, err)
+	}
+	sectors, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("size of %s: sysfs: %w", path, err)
+	}
+	return sectors * 512, nil
 }
 
 // freeLoopBesides returns the number of a loop device bound to nothing

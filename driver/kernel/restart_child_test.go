@@ -84,6 +84,7 @@ func serveChild(args []string) int {
 	invalAttr := fs.Bool("inval-on-usr2", false, "on SIGUSR2, invalidate the kernel's attributes of the first volume's file (as Resize does), then print INVALIDATED <err>")
 	resizeAt := fs.Bool("resize-on-usr2", false, "on SIGUSR2, write a block through the device, make the server stall, print STARTED and Resize (then DONE <err>)")
 	stallSize := fs.Bool("stall-size", false, "Size (so GETATTR and writes) stalls from the start")
+	stallResumeSize := fs.Bool("stall-resume-size", false, "Size (so GETATTR and writes) stalls once a resume's server may run (testHookAfterResumeCheck)")
 	stallNow := fs.Bool("stall", false, "writes stall from the start (as after SIGUSR1)")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -104,6 +105,9 @@ func serveChild(args []string) int {
 		return 1
 	}
 	b := &stallingBackend{FileBackend: fb}
+	if *stallResumeSize {
+		testHookAfterResumeCheck = func() { b.sizeArmed.Store(true) }
+	}
 	if *stallGetattr {
 		afterHolderPut = func() {
 			b.sizePass.Store(1)

@@ -1020,6 +1020,60 @@ func TestKillDuringAttachSizeCheck(t *testing.T) {
 	reattachCheck(t, runDir, backing, id, size, want, nil)
 }
 
+// TestKillDuringResumeStaleAttributes: a resume looks its loop device up
+// and asks its mode; the loop driver's status ioctl (LOOP_GET_STATUS64,
+// which go-losetup's GetInfo makes) stats the served file, a GETATTR to
+// this very server when the kernel's cached attributes are stale, as a
+// kill between a Resize's invalidation (cacheSize) and its stat leaves
+// them. The serving process is SIGKILLed while its server has that
+// GETATTR: made by a thread of the serving process, the wait could not
+// end, and the process did not exit (found by review rev-s43-1). The mode
+// now comes from sysfs, and the holder stats the file before the lookup.
+func TestKillDuringResumeStaleAttributes(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	runDir := t.TempDir()
+	backing := filepath.Join(t.TempDir(), "vol.img")
+	const size = 16 << 20
+	const id = "vol-resume-stale-kill"
+	c1 := startChild(t, runDir, backing, id, size, "-inval-on-usr2")
+	t.Cleanup(func() { c1.cmd.Process.Kill() })
+	dev := c1.expect(t, "DEVICE ")
+	c1.cmd.Process.Signal(syscall.SIGUSR2)
+	if got := c1.expect(t, "INVALIDATED"); strings.TrimSpace(got) != "<nil>" {
+		t.Fatalf("invalidate: %s", got)
+	}
+	c1.cmd.Process.Signal(syscall.SIGKILL)
+	c1.wait(t)
+
+	c2 := startChild(t, runDir, backing, id, size, "-stall-resume-size")
+	t.Cleanup(func() { c2.cmd.Process.Kill() })
+	c2.expect(t, "SIZE STALLED") // a GETATTR of the resume is in the server
+	c2.cmd.Process.Signal(syscall.SIGKILL)
+	fmp := filepath.Join(runDir, "vol", id)
+	select {
+	case <-c2.done:
+	case <-time.After(20 * time.Second):
+		os.WriteFile(filepath.Join(fuseConnDir(t, fmp), "abort"), []byte("1"), 0)
+		<-c2.done
+		killHolders(t, runDir)
+		for _, d := range loopsOf(fmp) {
+			detachLoop(ctx, d.dev)
+		}
+		detachLoop(ctx, dev)
+		unix.Unmount(fmp, unix.MNT_DETACH)
+		t.Fatal("the serving process, killed while its resume's device lookup waited on a GETATTR of its own file, did not exit in 20 s")
+	}
+	fe, fb := serveHere(t, runDir, backing, size)
+	if got, err := fe.Attach(ctx, id, fb, false); err != nil || got != dev {
+		t.Fatalf("resume: %s, %v; want %s", got, err, dev)
+	}
+	if err := fe.Detach(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	assertNothingLeft(t, runDir)
+}
+
 // TestResumeWithoutLoop: the serving process died right after the holder
 // took the connection, before anything asked for the file's attributes and
 // before the loop attach (a test hook exits there), so the kernel's inode
