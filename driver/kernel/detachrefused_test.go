@@ -47,10 +47,9 @@ func readDeviceAt(dev string, off int64) ([]byte, error) {
 // connection with eioBackend first (to ask the devices), and left that
 // registered: the device's user got I/O errors from then on, and a later
 // Attach with the volume's backend found the EIO volume, tore it down and
-// was refused in turn (found by review rev-s43-2). Now Detach refuses
-// before serving while a device of the unmounted file is bound, and gives
-// up a connection it served only to detach when a later step fails: the
-// Attach resumes the device with the volume's data.
+// was refused in turn (found by review rev-s43-2). Now Detach gives up a
+// connection it served only to detach when a later step fails: the Attach
+// resumes the device with the volume's data.
 func TestRefusedDetachKeepsVolumeResumable(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()

@@ -210,15 +210,16 @@
 //     (holdConfigure: LOOP_CONFIGURE fsyncs the file as it turns direct
 //     I/O on, a FUSE_FSYNC); test/sanity TestKillDuringCalls found a kill
 //     in each, TestKillDuringConfigure kills the server during the latter.
-//     A device's mode and size are read from sysfs (loopReadOnly,
-//     DeviceSize: NodeGetVolumeStats of a raw block volume), not by
-//     opening it: the close of such an open can be the device's last,
-//     which writes back what a buffered writer left in its page cache.
-//     Left open, each needing an unlikely coincidence: go-losetup's
-//     status ioctl in backsOntoMount and orphanedLoops (a GETATTR only
-//     while a Resize's invalidation is unanswered), and the last close
-//     of a device this process opened to detach it or to hand to the
-//     holder (a device with dirty pages no writer flushed).
+//     A device's size is read from sysfs (DeviceSize: NodeGetVolumeStats
+//     of a raw block volume), and a writable device's mode too
+//     (loopReadOnly), not by opening it: the close of such an open can be
+//     the device's last, which writes back what a buffered writer left in
+//     its page cache. Left open, each needing an unlikely coincidence:
+//     go-losetup's status ioctl in backsOntoMount, orphanedLoops and
+//     loopReadOnly of a device that reads read-only (a GETATTR only while
+//     a Resize's invalidation is unanswered; a last close only of a device
+//     with dirty pages no writer flushed), and the last close of a device
+//     this process opened to detach it or to hand to the holder.
 //     Freezing needs CAP_SYS_ADMIN, which the chart adds to the holder's
 //     container; a holder without it answers EPERM, and the plugin
 //     freezes itself (a holder refusing the others likewise).

@@ -1248,12 +1248,14 @@ func (f *Frontend) Detach(ctx context.Context, id string) error {
 		// Unmounted from outside and not served here (Driver.Recover
 		// detaches a held id whose volume the store no longer knows):
 		// serve it, or the devices still bound to its file would stay so,
-		// named by nothing once the registry goes below. Not while one of
-		// them is bind-mounted (a raw block publish): the detach below
-		// would refuse it, after its user had got I/O errors meanwhile.
-		if dev, at := boundUnmounted(mp); at != "" {
-			return fmt.Errorf("%w: %s is bound at %s", ErrBusy, dev, at)
-		}
+		// named by nothing once the registry goes below. While this runs,
+		// their users get I/O errors, also when a device turns out to be
+		// bind-mounted (a raw block publish) and the detach is refused
+		// below: which devices are this file's is known only by asking
+		// them (orphanedLoops), which needs the connection served. (A
+		// check of the registry's devices from sysfs alone refused the
+		// Detach for another volume's device under a stale entry:
+		// TestDetachIgnoresAnotherVolumesBoundDevice.)
 		sv, ok, err := f.serveToDetach(id, mp)
 		if err != nil {
 			return err
@@ -1345,28 +1347,6 @@ func (f *Frontend) serveToDetach(id, mp string) (v *volume, askable bool, err er
 	}
 	klog.InfoS("serving a held FUSE connection whose mount is gone with I/O errors, to detach its devices", "volumeID", id)
 	return v, true, nil
-}
-
-// boundUnmounted returns a device mp's registry names that is bound to
-// an unmounted FUSE file (its backing file reads "/") and bind-mounted
-// somewhere, and where; "" if none is. It reads sysfs and the mount table
-// only, so it needs no server: unlike orphanedLoops it cannot tell whose
-// file the device is on, and another volume's orphan under a stale entry
-// makes it answer too (the Detach is refused while that one is bound).
-func boundUnmounted(mp string) (dev, at string) {
-	for d := range registeredLoops(mp) {
-		n, err := loopNumber(d)
-		if err != nil {
-			continue
-		}
-		if bf, err := readSysfs(n, "loop/backing_file"); err != nil || bf != "/" {
-			continue
-		}
-		if at := boundAt(d); at != "" {
-			return d, at
-		}
-	}
-	return "", ""
 }
 
 // eioBackend answers every I/O with EIO; its Size is the size of the

@@ -605,24 +605,30 @@ func fuseDev(mp string) (uint64, bool) {
 	return m.dev, ok
 }
 
-// loopReadOnly reports whether loop device dev is read-only, from sysfs
-// (/sys/block/loopN/ro, which LOOP_CONFIGURE sets from
-// LO_FLAGS_READ_ONLY). Not from go-losetup's GetInfo: its
-// LOOP_GET_STATUS64 stats the backing file, a GETATTR to this process's
-// own server when the kernel's attributes are stale, and its open and
-// close of the device may be the device's last close, which writes the
-// device's page cache back through that server: a kill meanwhile leaves
-// the thread waiting for good (doc.go, Caveats).
+// loopReadOnly reports whether loop device dev was attached read-only
+// (LO_FLAGS_READ_ONLY). A device whose sysfs ro reads 0 was not (the flag
+// makes the disk read-only), and is answered from sysfs alone; one that
+// reads 1 may also have been made so at the block layer (BLKROSET,
+// blockdev --setro, which outlives a detach: TestResumeAfterBlkROSet), so
+// the loop driver is asked (go-losetup's GetInfo). Its LOOP_GET_STATUS64
+// stats the backing file, a GETATTR to this process's own server when the
+// kernel's attributes are stale (resumedDevice refreshes them through the
+// holder first), and its close of the device could be the device's last,
+// which writes back a buffered writer's pages through that server; a kill
+// during either leaves the thread waiting for good (doc.go, Caveats).
 func loopReadOnly(dev string) (bool, error) {
 	n, err := loopNumber(dev)
 	if err != nil {
 		return false, err
 	}
-	ro, err := readSysfs(n, "ro")
+	if ro, err := readSysfs(n, "ro"); err == nil && ro == "0" {
+		return false, nil
+	}
+	info, err := losetup.New(uint64(n), os.O_RDONLY).GetInfo()
 	if err != nil {
 		return false, err
 	}
-	return ro == "1", nil
+	return info.Flags&unix.LO_FLAGS_READ_ONLY != 0, nil
 }
 
 // DeviceSize returns the size in bytes of the block device node at path
@@ -630,7 +636,8 @@ func loopReadOnly(dev string) (bool, error) {
 // the device: a close of it can be its last, which writes back what a
 // buffered writer left in its page cache, through this process's own
 // server for a device it serves (and waits for good if the process is
-// killed meanwhile; TestKillDuringDeviceSize).
+// killed meanwhile: review rev-s43-1 showed it with such a close).
+// TestDeviceSize checks the sizes.
 func DeviceSize(path string) (int64, error) {
 	var st unix.Stat_t
 	if err := unix.Stat(path, &st); err != nil {
