@@ -18,3 +18,6 @@ func (d *Driver) StageRecords(id string) string { return d.stageRecords(id) }
 
 // StageRecord is the path of the record of id's stage at staging.
 func (d *Driver) StageRecord(id, staging string) string { return d.stageRecord(id, staging) }
+
+// TargetKey is the lock key of a publish target or staging path (targetKey).
+func TargetKey(p string) string { return targetKey(p) }

@@ -566,7 +566,14 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		// that had succeeded before (an answer it never got): it will
 		// not unstage this path, so its record must not keep the device
 		// attached for the other PV's last unstage (stageRecord).
+		// Not while the path still holds the volume (a stage that
+		// stands, answered AlreadyExists for an incompatible
+		// capability): with the record gone its unstage is refused as a
+		// publish target's, and the other stages' while it is mounted.
 		if rerr != nil && finalForKubelet(status.Code(rerr)) {
+			if held, err := d.holdsVolume(staging, id); err == nil && held {
+				return
+			}
 			if err := d.dropStageRecord(id, staging); err != nil {
 				klog.ErrorS(err, "Removing stage record", "volumeID", id)
 			}
@@ -1789,6 +1796,13 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if err := d.checkNodeVolume(id); err != nil {
 		return nil, err
 	}
+	if d.stagedAt(id, target) {
+		// Another stage of the volume (two PVs of one handle): its
+		// mount would be taken for a publish already made (OK, nothing
+		// bound), whose unpublish is then refused for good (it is a
+		// staging path).
+		return nil, statusf(codes.InvalidArgument, "target_path %s is a staging path of volume %s: a volume is published at a path of its own", target, id)
+	}
 	if err := d.checkNoPendingRollback(id); err != nil {
 		return nil, err
 	}
@@ -2013,9 +2027,26 @@ func (d *Driver) republished(id, target, staging string, block, ro bool, req *cs
 	return nil
 }
 
-// targetKey is the lock key of a publish target (beside the volume ids in
-// Driver.locks; ids never start with "/").
-func targetKey(target string) string { return filepath.Clean(target) }
+// targetKey is the lock key of a publish target or staging path (beside
+// the volume ids in Driver.locks; ids never start with "/"): the path with
+// the symlinks of its longest existing prefix resolved, so that a path
+// spelled through a symlinked parent and plainly takes one lock (two
+// volumes at one new path at once would otherwise both find it free and
+// stack their mounts). The path itself need not exist yet.
+func targetKey(target string) string {
+	p, rest := filepath.Clean(target), ""
+	for {
+		if r, err := filepath.EvalSymlinks(p); err == nil {
+			return filepath.Join(r, rest)
+		}
+		parent := filepath.Dir(p)
+		if parent == p {
+			return filepath.Clean(target)
+		}
+		rest = filepath.Join(filepath.Base(p), rest)
+		p = parent
+	}
+}
 
 // publishRecord is what a publish at a target was asked, kept in
 // DataDir/publish-records/<hash of the target> from its success until its
