@@ -4,7 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"path/filepath"
+	"sync"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -18,56 +18,18 @@ import (
 // the volume with its data (through the new device and the old one), and a
 // Detach once the device is closed must succeed.
 func TestRefusedUndoThenAttach(t *testing.T) {
-	requireRoot(t)
 	ctx := context.Background()
-	rd := t.TempDir()
-	if d, err := filepath.EvalSymlinks(rd); err == nil {
-		rd = d
-	}
-	defer killHolders(t, rd)
-	fe, err := New(Config{RunDir: rd, HolderCommand: testHolderCommand(), Readers: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	const id = "vol-rev-undo"
-	b := newFileBackend(t, t.TempDir(), 16<<20)
-	want := bytes.Repeat([]byte("csi-snap"), 4096/8)
-	if _, err := b.WriteAt(want, 1<<20); err != nil {
-		t.Fatal(err)
-	}
-	dev, err := fe.Attach(ctx, id, b, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mp, _, bound := trackLoop(t, fe, id, dev)
-	hfd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	closed := false
-	closeH := func() {
-		if !closed {
-			unix.Close(hfd)
-			closed = true
+	const id = "vol-refused-undo"
+	o := orphanAfterRestart(t, id, func(dev string) func() {
+		hfd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
 		}
-	}
-	t.Cleanup(closeH)
-	if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil {
-		t.Fatal(err)
-	}
-	if err := fe.Close(); err != nil {
-		t.Fatal(err)
-	}
-	fe2, err := New(Config{RunDir: rd, HolderCommand: testHolderCommand(), Readers: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		closeH()
-		fe2.Detach(ctx, id)
-		fe2.Close()
-	}()
-	err = fe2.Detach(ctx, id)
+		var once sync.Once
+		return func() { once.Do(func() { unix.Close(hfd) }) }
+	})
+	fe2, b, dev, bound, want, closeH := o.fe, o.b, o.dev, o.bound, o.want, o.release
+	err := fe2.Detach(ctx, id)
 	t.Logf("Detach with %s open: %v", dev, err)
 	if !errors.Is(err, ErrBusy) {
 		t.Fatalf("Detach with %s open: %v, want ErrBusy", dev, err)

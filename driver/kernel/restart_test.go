@@ -904,6 +904,25 @@ func serveWriteKill(t *testing.T, runDir, backing, id string, size, seed int64) 
 	return dev, want
 }
 
+// backingWithData makes a backing file in a temporary directory holding
+// 1 MiB of random bytes (from seed) at 4 MiB, and returns its path and
+// those bytes.
+func backingWithData(t *testing.T, seed int64) (string, []byte) {
+	t.Helper()
+	backing := filepath.Join(t.TempDir(), "vol.img")
+	want := alignedBuf(1 << 20)
+	fillRandom(rand.New(rand.NewSource(seed)), want)
+	f, err := os.Create(backing)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(want, 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	return backing, want
+}
+
 // reattachCheck attaches id from backing in a new Frontend on runDir (after
 // before, if not nil), checks that want (if not nil) reads back at 4 MiB
 // through the device, detaches, and checks that nothing is left.
@@ -985,19 +1004,9 @@ func testDeadHeldConnection(t *testing.T, how string) {
 func TestKillDuringAttachSizeCheck(t *testing.T) {
 	requireRoot(t)
 	runDir := t.TempDir()
-	backing := filepath.Join(t.TempDir(), "vol.img")
+	backing, want := backingWithData(t, 7)
 	const size = 16 << 20
 	const id = "vol-getattr-kill"
-	want := alignedBuf(1 << 20)
-	fillRandom(rand.New(rand.NewSource(7)), want)
-	f, err := os.Create(backing)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := f.WriteAt(want, 4<<20); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
 	c := startChild(t, runDir, backing, id, size, "-stall-getattr")
 	t.Cleanup(func() { c.cmd.Process.Kill() })
 	c.expect(t, "SIZE STALLED") // the size check's GETATTR is in the server
@@ -1085,19 +1094,9 @@ func TestKillDuringResumeStaleAttributes(t *testing.T) {
 func TestResumeWithoutLoop(t *testing.T) {
 	requireRoot(t)
 	runDir := t.TempDir()
-	backing := filepath.Join(t.TempDir(), "vol.img")
+	backing, want := backingWithData(t, 6)
 	const size = 16 << 20
 	const id = "vol-noloop"
-	want := alignedBuf(1 << 20)
-	fillRandom(rand.New(rand.NewSource(6)), want)
-	f, err := os.Create(backing)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := f.WriteAt(want, 4<<20); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
 	c := startChild(t, runDir, backing, id, size, "-die-after-put")
 	select {
 	case err := <-c.done:
