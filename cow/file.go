@@ -178,9 +178,17 @@ func (o osFile) Size() (int64, error) {
 	return st.Size(), nil
 }
 func (o osFile) Allocated() (int64, error) {
-	var st unix.Stat_t
-	if err := unix.Fstat(int(o.f.Fd()), &st); err != nil {
+	// Through os.File, which holds the descriptor while it asks: an fstat
+	// of the number Fd returned could read another file's if a Close
+	// (a reap, the store's) ran meanwhile and the number was reused
+	// (Volume.Info holds no lock that keeps its file open).
+	fi, err := o.f.Stat()
+	if err != nil {
 		return 0, err
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return 0, fmt.Errorf("cow: no stat of %s", o.f.Name())
 	}
 	return st.Blocks * 512, nil
 }
