@@ -190,8 +190,10 @@ func resizeRaces(t *testing.T, seed int64) {
 	// snapshots and CloneVolumes, read (all of them) while all of the above run
 	r := rand.New(rand.NewSource(seed * 17))
 	type img struct {
-		id   string
-		r    interface{ ReadAt([]byte, int64) (int, error) }
+		id string
+		r  interface {
+			ReadAt([]byte, int64) (int, error)
+		}
 		size int64
 		head []byte
 	}
