@@ -199,13 +199,14 @@
 //     (TestKillDuringOwnWriteback kills the server during each);
 //     Frontend.SyncDevice has it write a raw block volume's device back
 //     (fsync of the loop device, holdSync) before a snapshot; and
-//     Frontend.Resize and an attach's size check (kernelSized) have it
-//     stat the served file (statSize: the GETATTR through which the kernel
-//     learns the size; TestKillDuringAttachSizeCheck kills the server
-//     during the latter, which test/sanity TestConcurrentNodeCallsKilled
-//     hit once, and a resume's device lookup, before its status ioctl
-//     could stat a file whose attributes a kill left stale:
-//     TestKillDuringResumeStaleAttributes), and attachLoop has it
+//     Frontend.Resize, an attach's size check (kernelSized) and a resume
+//     before its device lookup (whose status ioctl stats the file, which
+//     a kill may have left with stale attributes) have it stat the served
+//     file (statSize: the GETATTR through which the kernel learns the
+//     size; TestKillDuringAttachSizeCheck and
+//     TestKillDuringResumeStaleAttributes kill the server during the
+//     latter two, and test/sanity TestConcurrentNodeCallsKilled hit the
+//     first of them once), and attachLoop has it
 //     open the served file (FUSE_OPEN) and bind the loop device to it
 //     (holdConfigure: LOOP_CONFIGURE fsyncs the file as it turns direct
 //     I/O on, a FUSE_FSYNC); test/sanity TestKillDuringCalls found a kill
