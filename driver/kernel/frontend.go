@@ -1041,14 +1041,24 @@ func (f *Frontend) kernelSized(mp string, want int64) error {
 	if err := f.statSize(mp); err != nil {
 		return err
 	}
-	var st unix.Statx_t
-	if err := unix.Statx(unix.AT_FDCWD, mp, unix.AT_STATX_DONT_SYNC, unix.STATX_SIZE, &st); err != nil {
-		return fmt.Errorf("stat %s: %w", mp, err)
+	size, err := cachedSize(mp)
+	if err != nil {
+		return err
 	}
-	if int64(st.Size) != want {
-		return fmt.Errorf("kernel sees %d bytes for %s, the backend has %d", st.Size, mp, want)
+	if size != want {
+		return fmt.Errorf("kernel sees %d bytes for %s, the backend has %d", size, mp, want)
 	}
 	return nil
+}
+
+// cachedSize is the size of the FUSE file mp that the kernel has cached: a
+// statx that sends the server no request (AT_STATX_DONT_SYNC).
+func cachedSize(mp string) (int64, error) {
+	var st unix.Statx_t
+	if err := unix.Statx(unix.AT_FDCWD, mp, unix.AT_STATX_DONT_SYNC, unix.STATX_SIZE, &st); err != nil {
+		return 0, fmt.Errorf("stat %s: %w", mp, err)
+	}
+	return int64(st.Size), nil
 }
 
 func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, readOnly bool) (dev string, err error) {
@@ -1528,8 +1538,7 @@ func (f *Frontend) Resize(ctx context.Context, id string, newSize int64) error {
 // again.
 func (f *Frontend) cacheSize(v *volume, want int64) error {
 	cached := int64(-1)
-	var st unix.Statx_t
-	if err := unix.Statx(unix.AT_FDCWD, v.mp, unix.AT_STATX_DONT_SYNC, unix.STATX_SIZE, &st); err == nil && int64(st.Size) == want {
+	if size, err := cachedSize(v.mp); err == nil && size == want {
 		return nil // (the backend never shrinks: an equal size is current)
 	}
 	for try := 0; try < 100 && cached != want; try++ {
@@ -1544,11 +1553,10 @@ func (f *Frontend) cacheSize(v *volume, want int64) error {
 		if err := f.statSize(v.mp); err != nil {
 			return err
 		}
-		// The cache only: no request.
-		if err := unix.Statx(unix.AT_FDCWD, v.mp, unix.AT_STATX_DONT_SYNC, unix.STATX_SIZE, &st); err != nil {
-			return fmt.Errorf("stat %s: %w", v.mp, err)
+		var err error
+		if cached, err = cachedSize(v.mp); err != nil {
+			return err
 		}
-		cached = int64(st.Size)
 	}
 	if cached != want {
 		return fmt.Errorf("kernel caches size %d after invalidation, want %d", cached, want)
