@@ -458,19 +458,7 @@ func TestKillDuringConfigure(t *testing.T) {
 	c.expect(t, "FLUSH STALLED") // the configure's fsync has reached the server
 	c.cmd.Process.Signal(syscall.SIGKILL)
 	fmp := filepath.Join(runDir, "vol", id)
-	select {
-	case <-c.done:
-	case <-time.After(20 * time.Second):
-		os.WriteFile(filepath.Join(fuseConnDir(t, fmp), "abort"), []byte("1"), 0)
-		<-c.done
-		killHolders(t, runDir)
-		unix.Unmount(fmp, unix.MNT_DETACH)
-		for _, d := range loopsOf(fmp) {
-			detachLoop(ctx, d.dev)
-		}
-		detachLoop(ctx, dev)
-		t.Fatal("the serving process, killed during a LOOP_CONFIGURE's fsync of its own file, did not exit in 20 s")
-	}
+	waitKilled(t, c, runDir, id, "during a LOOP_CONFIGURE's fsync of its own file", dev)
 	fe, fb := serveHere(t, runDir, backing, size)
 	if got, err := fe.Attach(ctx, id, fb, false); err != nil || got != dev {
 		t.Fatalf("resume: %s, %v; want %s", got, err, dev)
@@ -904,6 +892,34 @@ func serveWriteKill(t *testing.T, runDir, backing, id string, size, seed int64) 
 	return dev, want
 }
 
+// waitKilled waits up to 20 s for c, SIGKILLed while a thread of it
+// waited on its own server (what says when), to exit. If it does not (that
+// thread waits for good), it aborts the connection of volume id (the
+// documented way out, doc.go Caveats), removes the holders, the loop
+// devices on the volume's file and devs, and the FUSE mount, and fails the
+// test.
+func waitKilled(t *testing.T, c *child, runDir, id, what string, devs ...string) {
+	t.Helper()
+	select {
+	case <-c.done:
+		return
+	case <-time.After(20 * time.Second):
+	}
+	ctx := context.Background()
+	fmp := filepath.Join(runDir, "vol", id)
+	os.WriteFile(filepath.Join(fuseConnDir(t, fmp), "abort"), []byte("1"), 0)
+	<-c.done
+	killHolders(t, runDir)
+	for _, d := range loopsOf(fmp) {
+		detachLoop(ctx, d.dev)
+	}
+	for _, d := range devs {
+		detachLoop(ctx, d)
+	}
+	unix.Unmount(fmp, unix.MNT_DETACH)
+	t.Fatalf("the serving process, killed %s, did not exit in 20 s", what)
+}
+
 // backingWithData makes a backing file in a temporary directory holding
 // 1 MiB of random bytes (from seed) at 4 MiB, and returns its path and
 // those bytes.
@@ -1012,17 +1028,7 @@ func TestKillDuringAttachSizeCheck(t *testing.T) {
 	c.expect(t, "SIZE STALLED") // the size check's GETATTR is in the server
 	c.cmd.Process.Signal(syscall.SIGKILL)
 	fmp := filepath.Join(runDir, "vol", id)
-	select {
-	case <-c.done:
-	case <-time.After(20 * time.Second):
-		// The documented way out (doc.go, Caveats), so that the test
-		// can clean up.
-		os.WriteFile(filepath.Join(fuseConnDir(t, fmp), "abort"), []byte("1"), 0)
-		<-c.done
-		killHolders(t, runDir)
-		unix.Unmount(fmp, unix.MNT_DETACH)
-		t.Fatal("the serving process, killed during its attach's stat of its own file, did not exit in 20 s")
-	}
+	waitKilled(t, c, runDir, id, "during its attach's stat of its own file")
 	if loops := loopsOf(fmp); len(loops) != 0 {
 		t.Fatalf("loop devices %v on the file; the child was killed before attaching one", loops)
 	}
@@ -1059,20 +1065,7 @@ func TestKillDuringResumeStaleAttributes(t *testing.T) {
 	t.Cleanup(func() { c2.cmd.Process.Kill() })
 	c2.expect(t, "SIZE STALLED") // a GETATTR of the resume is in the server
 	c2.cmd.Process.Signal(syscall.SIGKILL)
-	fmp := filepath.Join(runDir, "vol", id)
-	select {
-	case <-c2.done:
-	case <-time.After(20 * time.Second):
-		os.WriteFile(filepath.Join(fuseConnDir(t, fmp), "abort"), []byte("1"), 0)
-		<-c2.done
-		killHolders(t, runDir)
-		for _, d := range loopsOf(fmp) {
-			detachLoop(ctx, d.dev)
-		}
-		detachLoop(ctx, dev)
-		unix.Unmount(fmp, unix.MNT_DETACH)
-		t.Fatal("the serving process, killed while its resume's device lookup waited on a GETATTR of its own file, did not exit in 20 s")
-	}
+	waitKilled(t, c2, runDir, id, "while its resume's device lookup waited on a GETATTR of its own file", dev)
 	fe, fb := serveHere(t, runDir, backing, size)
 	if got, err := fe.Attach(ctx, id, fb, false); err != nil || got != dev {
 		t.Fatalf("resume: %s, %v; want %s", got, err, dev)
