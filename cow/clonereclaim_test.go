@@ -651,11 +651,7 @@ func revChains(t *testing.T, seed int64) {
 	if err := s.DeleteVolume("c"); err != nil {
 		t.Fatal(err)
 	}
-	type img struct {
-		v         *Volume
-		old, new_ []byte
-	}
-	imgs := []img{
+	imgs := []rewriteImage{
 		{d, orig, nonZero(seed+200, size)},
 		{c2, base, nonZero(seed+300, size)},
 		{c3, base, nonZero(seed+400, size)},
@@ -671,53 +667,8 @@ func revChains(t *testing.T, seed int64) {
 	}
 	for i, im := range imgs {
 		wg.Add(2)
-		go func() { // writer + flusher
-			defer wg.Done()
-			r := rand.New(rand.NewSource(seed*10 + int64(i)))
-			for k := 0; ; k++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				off := r.Int63n(size - 1)
-				n := min(1+r.Int63n(200<<10), size-off)
-				if _, err := im.v.WriteAt(im.new_[off:off+n], off); err != nil {
-					report(err)
-					return
-				}
-				if k%3 == 0 {
-					if err := im.v.Flush(); err != nil {
-						report(err)
-						return
-					}
-				}
-			}
-		}()
-		go func() { // reader
-			defer wg.Done()
-			r := rand.New(rand.NewSource(seed*20 + int64(i)))
-			buf := make([]byte, 300<<10)
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				off := r.Int63n(size - 1)
-				n := min(1+r.Int63n(int64(len(buf))), size-off)
-				if _, err := im.v.ReadAt(buf[:n], off); err != nil {
-					report(err)
-					return
-				}
-				for j := int64(0); j < n; j++ {
-					if b := buf[j]; b != im.old[off+j] && b != im.new_[off+j] {
-						report(fmt.Errorf("%s byte %d: %d, neither old %d nor new %d", im.v.ID(), off+j, b, im.old[off+j], im.new_[off+j]))
-						return
-					}
-				}
-			}
-		}()
+		go im.rewrite(seed*10+int64(i), 200<<10, 3, stop, &wg, report)
+		go im.readOldOrNew(seed*20+int64(i), 300<<10, stop, &wg, report)
 	}
 	wg.Add(1)
 	go reclaimer(s, stop, &wg, report)
@@ -846,5 +797,67 @@ func TestStatsHiddenBytes(t *testing.T) {
 	}
 	if h := hidden(); h != 0 {
 		t.Fatalf("HiddenBytes %d once no deleted object is kept", h)
+	}
+}
+
+// rewriteImage is a volume (a clone) rewritten with new_ while it reads
+// old: readers may see either, byte by byte.
+type rewriteImage struct {
+	v         *Volume
+	old, new_ []byte
+}
+
+// rewrite writes random pieces of im.new_, of up to maxN bytes, into im.v
+// until stop, with a Flush after every flushEvery-th write.
+func (im rewriteImage) rewrite(seed, maxN int64, flushEvery int, stop chan struct{}, wg *sync.WaitGroup, report func(error)) {
+	defer wg.Done()
+	r := rand.New(rand.NewSource(seed))
+	sz := int64(len(im.new_))
+	for k := 0; ; k++ {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		off := r.Int63n(sz - 1)
+		n := min(1+r.Int63n(maxN), sz-off)
+		if _, err := im.v.WriteAt(im.new_[off:off+n], off); err != nil {
+			report(fmt.Errorf("%s write: %w", im.v.ID(), err))
+			return
+		}
+		if k%flushEvery == 0 {
+			if err := im.v.Flush(); err != nil {
+				report(err)
+				return
+			}
+		}
+	}
+}
+
+// readOldOrNew reads random pieces of im.v, of up to bufLen bytes, until
+// stop: every byte must be old's or new_'s.
+func (im rewriteImage) readOldOrNew(seed int64, bufLen int, stop chan struct{}, wg *sync.WaitGroup, report func(error)) {
+	defer wg.Done()
+	r := rand.New(rand.NewSource(seed))
+	sz := int64(len(im.new_))
+	buf := make([]byte, bufLen)
+	for {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		off := r.Int63n(sz - 1)
+		n := min(1+r.Int63n(int64(len(buf))), sz-off)
+		if _, err := im.v.ReadAt(buf[:n], off); err != nil {
+			report(err)
+			return
+		}
+		for j := int64(0); j < n; j++ {
+			if b := buf[j]; b != im.old[off+j] && b != im.new_[off+j] {
+				report(fmt.Errorf("%s byte %d: %d, neither old %d nor new %d", im.v.ID(), off+j, b, im.old[off+j], im.new_[off+j]))
+				return
+			}
+		}
 	}
 }

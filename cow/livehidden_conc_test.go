@@ -61,13 +61,9 @@ func liveHiddenReclaim(t *testing.T, seed int64) {
 		t.Fatal(err)
 	}
 	c2img := append([]byte(nil), model...)
-	type cl struct {
-		v         *Volume
-		old, new_ []byte
-	}
 	cOld := make([]byte, c.Size())
 	copy(cOld, s1img)
-	cls := []cl{{c, cOld, nonZero(seed+300, int(c.Size()))}, {c2, c2img, nonZero(seed+400, int(size))}}
+	cls := []rewriteImage{{c, cOld, nonZero(seed+300, int(c.Size()))}, {c2, c2img, nonZero(seed+400, int(size))}}
 
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
@@ -80,55 +76,8 @@ func liveHiddenReclaim(t *testing.T, seed int64) {
 	}
 	for i, im := range cls {
 		wg.Add(2)
-		go func() {
-			defer wg.Done()
-			r := rand.New(rand.NewSource(seed*10 + int64(i)))
-			sz := int64(len(im.new_))
-			for k := 0; ; k++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				off := r.Int63n(sz - 1)
-				n := min(1+r.Int63n(int64(3*cs)), sz-off)
-				if _, err := im.v.WriteAt(im.new_[off:off+n], off); err != nil {
-					report(fmt.Errorf("%s write: %w", im.v.ID(), err))
-					return
-				}
-				if k%2 == 0 {
-					if err := im.v.Flush(); err != nil {
-						report(err)
-						return
-					}
-				}
-			}
-		}()
-		go func() {
-			defer wg.Done()
-			r := rand.New(rand.NewSource(seed*20 + int64(i)))
-			sz := int64(len(im.new_))
-			buf := make([]byte, 8*cs)
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				off := r.Int63n(sz - 1)
-				n := min(1+r.Int63n(int64(len(buf))), sz-off)
-				if _, err := im.v.ReadAt(buf[:n], off); err != nil {
-					report(err)
-					return
-				}
-				for j := int64(0); j < n; j++ {
-					if b := buf[j]; b != im.old[off+j] && b != im.new_[off+j] {
-						report(fmt.Errorf("%s byte %d: %d, neither old %d nor new %d", im.v.ID(), off+j, b, im.old[off+j], im.new_[off+j]))
-						return
-					}
-				}
-			}
-		}()
+		go im.rewrite(seed*10+int64(i), int64(3*cs), 2, stop, &wg, report)
+		go im.readOldOrNew(seed*20+int64(i), 8*cs, stop, &wg, report)
 	}
 	// snapshot re-reader
 	wg.Add(1)
