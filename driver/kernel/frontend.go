@@ -29,7 +29,9 @@ import (
 // concurrently from several goroutines, and after a server restart the
 // kernel may send a request again that was already applied, so WriteAt and
 // Discard must be idempotent. A Backend that wants a specific errno passed
-// to the kernel wraps a syscall.Errno; anything else is EIO.
+// to the kernel wraps a syscall.Errno; anything else is EIO, and so are
+// ENOSYS and EOPNOTSUPP, which the kernel would take for "never again"
+// (errnoOf).
 type Backend interface {
 	// ReadAt reads len(p) bytes at off, as io.ReaderAt.
 	ReadAt(p []byte, off int64) (int, error)
