@@ -83,6 +83,12 @@ func isSecret(fd protoreflect.FieldDescriptor) bool {
 // answers Unknown: context errors keep their codes, the rest is Internal.
 // A request that did not decode (see requestCodec; install both with
 // ServerOptions) is answered InvalidArgument without calling the handler.
+//
+// A panic in a handler is not recovered: it is a bug, after which this
+// process's state (a volume half attached, a lock's owner) cannot be
+// trusted, so the process ends and its restart recovers from disk, the
+// path every kill test takes (the holder keeps each volume's I/O waiting
+// meanwhile). Answering Internal and serving on would keep that state.
 func UnaryInterceptor(m *Metrics) grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 		start := time.Now()
