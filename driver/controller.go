@@ -1072,8 +1072,17 @@ func (d *Driver) thawLeftover(id string) error {
 		// driver's unmounts of a stage thaw first, NodeUnstageVolume
 		// above all; a publish target is a bind of the stage, whose
 		// unmount leaves the superblock mounted at the staging path.)
+		// A mount there that is none of the volume's devices (the marker
+		// is stale or corrupt, or names no volume of ours) is not ours to
+		// thaw: its freeze, if any, is someone else's (a backup's
+		// fsfreeze, another volume's snapshot). Where the frontend knows
+		// no device of the volume (a connection that died with it), a
+		// path the volume's stage was recorded at in this boot is taken
+		// for its own.
 		var top mount.MountPoint
-		if top, err = d.topMount(mp); err == nil && top.Path != "" {
+		if top, err = d.topMount(mp); err == nil && top.Path != "" && !d.frozenByUs(id, mp, top) {
+			klog.ErrorS(nil, "Dropping a freeze marker whose mount point does not hold its volume", "volumeID", id, "mountpoint", mp, "mounted", top.Device)
+		} else if err == nil && top.Path != "" {
 			// EINVAL: not frozen (the thaw happened, the removal did not).
 			// EIO: a filesystem that fails its open (XFS shut down after
 			// an I/O error) can be thawed by nobody; keeping the marker
@@ -1092,6 +1101,16 @@ func (d *Driver) thawLeftover(id string) error {
 		return fmt.Errorf("thaw left over from %s: %w", path, err)
 	}
 	return nil
+}
+
+// frozenByUs reports whether the filesystem mounted at mp (top, its top
+// mount) may be the one volume id's freeze marker means: a mount of one
+// of its devices, or, where no device of it is known, its recorded stage.
+func (d *Driver) frozenByUs(id, mp string, top mount.MountPoint) bool {
+	if len(d.volumeDevices(id)) == 0 {
+		return d.stagedAt(id, mp)
+	}
+	return d.isVolume(mp, id, top)
 }
 
 // DeleteSnapshot deletes a snapshot; volumes restored from it keep working.
