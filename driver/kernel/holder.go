@@ -257,8 +257,16 @@ func RunHolderWith(socketPath string, o HolderOptions) error {
 			continue
 		}
 		accepted := time.Now()
-		c.SetDeadline(accepted.Add(holderPromptRead))
-		m, err := readHolderRequest(c)
+		var m holderMsg
+		err = os.ErrDeadlineExceeded
+		if queued(c) {
+			// Read here only what is queued already: a client that
+			// sends nothing (or later) must not hold up the others,
+			// however many of them connect (holderPromptRead each,
+			// one after the other, was linear in their number).
+			c.SetDeadline(accepted.Add(holderPromptRead))
+			m, err = readHolderRequest(c)
+		}
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			mu.Lock()
 			pending++
@@ -275,7 +283,7 @@ func RunHolderWith(socketPath string, o HolderOptions) error {
 					// None came; or the holder emptied and is exiting
 					// meanwhile: no answer, as a connection left in the
 					// backlog of a closed listener gets none.
-					closeAll(m.fds)
+					closeLater(m.fds)
 					c.Close()
 					return
 				}
@@ -303,6 +311,23 @@ func RunHolderWith(socketPath string, o HolderOptions) error {
 func ProbeHolder(socketPath string) error {
 	_, _, err := holderCall(socketPath, holderReq{Op: "list"}, -1)
 	return err
+}
+
+// queued reports whether a message (or the peer's close) waits on c, so
+// that reading it does not wait.
+func queued(c *net.UnixConn) bool {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var b [1]byte
+	ok := false
+	raw.Read(func(fd uintptr) bool {
+		_, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		ok = err == nil
+		return true // no wait either way
+	})
+	return ok
 }
 
 // samePeerUser reports whether the process at the other end of c runs as
@@ -373,11 +398,11 @@ func readHolderRequest(c *net.UnixConn) (holderMsg, error) {
 	n, oobn, flags, _, err := c.ReadMsgUnix(buf, oob)
 	m := holderMsg{b: buf[:max(n, 0)], flags: flags, fds: parseRights(oob[:max(oobn, 0)])}
 	if n == 0 && (err == nil || errors.Is(err, io.EOF)) {
-		closeAll(m.fds)
+		closeLater(m.fds)
 		return holderMsg{}, io.EOF
 	}
 	if err != nil {
-		closeAll(m.fds)
+		closeLater(m.fds)
 		if !errors.Is(err, os.ErrDeadlineExceeded) {
 			klog.ErrorS(err, "fuse holder: request not read")
 		}
@@ -414,26 +439,39 @@ func serveHolderConn(c *net.UnixConn, m holderMsg, held map[string]heldConn, onE
 			klog.ErrorS(err, "fuse holder: answer not sent", "op", req.Op, "id", req.ID)
 		}
 	}
+	// answer sends v, once the request's fds are closed (none of them
+	// kept): where it brought some, from a goroutine (kept), since a
+	// close may wait (the last close of a block device writes its page
+	// cache back, a file on FUSE is flushed by its server), and here
+	// every other request would wait with it.
+	answer := func(v holderResp) (kept bool) {
+		if len(fds) == 0 {
+			reply(v, -1)
+			return false
+		}
+		freezes.Add(1)
+		go func() {
+			defer freezes.Done()
+			defer c.Close()
+			closeAll(fds)
+			reply(v, -1)
+		}()
+		return true
+	}
 	if err := json.Unmarshal(m.b, &req); err != nil {
-		closeAll(fds)
-		reply(holderResp{Err: "bad request: " + err.Error()}, -1)
-		return false, false
+		return false, answer(holderResp{Err: "bad request: " + err.Error()})
 	}
 	if flags&unix.MSG_CTRUNC != 0 {
 		// Some of the request's fds were not installed here (more than
 		// any request sends, or this process at its fd limit): acting
 		// on the rest would act on the wrong ones.
-		closeAll(fds)
-		reply(holderResp{Err: req.Op + ": " + ErrHolderFDsLost.Error()}, -1)
-		return false, false
+		return false, answer(holderResp{Err: req.Op + ": " + ErrHolderFDsLost.Error()})
 	}
 	switch req.Op {
 	case "put":
 		var p map[string]any // an object, not null
 		if len(fds) != 1 || json.Unmarshal(req.Params, &p) != nil || p == nil || validateID(req.ID) != nil {
-			closeAll(fds)
-			reply(holderResp{Err: "put needs a valid id, params and one fd"}, -1)
-			return false, false
+			return false, answer(holderResp{Err: "put needs a valid id, params and one fd"})
 		}
 		if old, ok := held[req.ID]; ok {
 			unix.Close(old.fd)
@@ -441,7 +479,7 @@ func serveHolderConn(c *net.UnixConn, m holderMsg, held map[string]heldConn, onE
 		held[req.ID] = heldConn{fd: fds[0], params: req.Params}
 		reply(resp, -1)
 	case "get":
-		closeAll(fds)
+		closeLater(fds) // none is sent with a get
 		h, ok := held[req.ID]
 		if !ok {
 			reply(resp, -1)
@@ -450,7 +488,6 @@ func serveHolderConn(c *net.UnixConn, m holderMsg, held map[string]heldConn, onE
 		resp.Found, resp.Params = true, h.params
 		reply(resp, h.fd)
 	case "drop":
-		closeAll(fds)
 		h, ok := held[req.ID]
 		if !ok {
 			// Nothing to drop: a Detach of a volume this holder never
@@ -460,18 +497,15 @@ func serveHolderConn(c *net.UnixConn, m holderMsg, held map[string]heldConn, onE
 			// that stage failed with "exited at start"): only the drop
 			// that empties it ends it, and the idle timeout one never
 			// given anything.
-			reply(resp, -1)
-			return false, false
+			return false, answer(resp)
 		}
 		unix.Close(h.fd)
 		delete(held, req.ID)
 		if len(held) == 0 {
 			onEmpty()
 		}
-		reply(resp, -1)
-		return true, false
+		return true, answer(resp)
 	case "list":
-		closeAll(fds)
 		ids := make([]string, 0, len(held))
 		for id := range held {
 			if id > req.After {
@@ -487,14 +521,12 @@ func serveHolderConn(c *net.UnixConn, m holderMsg, held map[string]heldConn, onE
 			}
 		}
 		resp.IDs = ids
-		reply(resp, -1)
+		return false, answer(resp)
 	case "freeze", "sync", "thaw", "stat", "fsync", "capacity":
 		// A thaw here (not on a freeze's connection): of a freeze a
 		// plugin before this one left (its recovery).
 		if len(fds) != 1 {
-			closeAll(fds)
-			reply(holderResp{Err: req.Op + " needs one fd"}, -1)
-			return false, false
+			return false, answer(holderResp{Err: req.Op + " needs one fd"})
 		}
 		freezes.Add(1)
 		go func() {
@@ -509,9 +541,7 @@ func serveHolderConn(c *net.UnixConn, m holderMsg, held map[string]heldConn, onE
 	case "configure":
 		var p loopParams
 		if len(fds) != 2 || json.Unmarshal(req.Params, &p) != nil {
-			closeAll(fds)
-			reply(holderResp{Err: "configure needs params and two fds"}, -1)
-			return false, false
+			return false, answer(holderResp{Err: "configure needs params and two fds"})
 		}
 		freezes.Add(1)
 		go func() {
@@ -520,15 +550,13 @@ func serveHolderConn(c *net.UnixConn, m holderMsg, held map[string]heldConn, onE
 		}()
 		return false, true
 	case "run":
-		closeAll(fds)
 		if !tools {
-			reply(holderResp{Err: "run: this holder runs no tools (--run-tools=false)"}, -1)
-			return false, false
+			return false, answer(holderResp{Err: "run: this holder runs no tools (--run-tools=false)"})
 		}
-		if !holderTool(req.Args) {
-			reply(holderResp{Err: fmt.Sprintf("run: not a filesystem tool this holder runs: %q", req.Args)}, -1)
-			return false, false
+		if !holderToolShape(req.Args) {
+			return false, answer(holderResp{Err: fmt.Sprintf("run: not a filesystem tool this holder runs: %q", req.Args)})
 		}
+		closeLater(fds) // none is sent with a run
 		freezes.Add(1)
 		go func() {
 			defer freezes.Done()
@@ -536,8 +564,7 @@ func serveHolderConn(c *net.UnixConn, m holderMsg, held map[string]heldConn, onE
 		}()
 		return false, true
 	default:
-		closeAll(fds)
-		reply(holderResp{Err: "unknown op " + req.Op}, -1)
+		return false, answer(holderResp{Err: "unknown op " + req.Op})
 	}
 	return false, false
 }
@@ -702,7 +729,9 @@ var holderTools = map[string]func(args []string) bool{
 	"resize2fs":  func(a []string) bool { return len(a) == 1 && lastLoop(a) },
 	"umount":     func(a []string) bool { return len(a) == 1 && toolPath(a[0]) },
 	"xfs_growfs": func(a []string) bool { return len(a) == 2 && a[0] == "-d" && toolPath(a[1]) },
-	"xfs_io":     func(a []string) bool { return len(a) == 3 && a[0] == "-c" && a[1] == "statfs" && toolDir(a[2]) },
+	// xfs_io's directory: toolDir in holderTool, pinDir (O_DIRECTORY) in
+	// holdRun; not here, where the holder checks it under its lock.
+	"xfs_io": func(a []string) bool { return len(a) == 3 && a[0] == "-c" && a[1] == "statfs" && toolPath(a[2]) },
 	"xfs_db": func(a []string) bool { // -r -c "sb 0" -c "print inprogress" DEV (read-only)
 		return len(a) == 6 && a[0] == "-r" && a[1] == "-c" && a[2] == "sb 0" && a[3] == "-c" && a[4] == "print inprogress" && lastLoop(a)
 	},
@@ -798,6 +827,15 @@ func onlyFlags(a []string, allowed ...string) bool {
 
 // holderTool reports whether args is a command line a "run" may carry.
 func holderTool(args []string) bool {
+	return holderToolShape(args) && (args[0] != "xfs_io" || toolDir(args[len(args)-1]))
+}
+
+// holderToolShape is holderTool without looking at the filesystem: what
+// serveHolderConn checks, under the lock every request is answered with,
+// where a stat of a path on a filesystem that does not answer (a FUSE
+// mount whose server is down, a lost NFS server) would stop the holder
+// answering anyone. holdRun refuses a non-directory for xfs_io (pinDir).
+func holderToolShape(args []string) bool {
 	if len(args) == 0 {
 		return false
 	}
@@ -1030,6 +1068,14 @@ func parseRights(oob []byte) []int {
 		unix.CloseOnExec(fd)
 	}
 	return fds
+}
+
+// closeLater closes fds from a goroutine of its own: the holder's, whose
+// close of an fd a client sent may wait (serveHolderConn's answer).
+func closeLater(fds []int) {
+	if len(fds) > 0 {
+		go closeAll(fds)
+	}
 }
 
 func closeAll(fds []int) {
