@@ -249,8 +249,9 @@ func RunHolderWith(socketPath string, o HolderOptions) error {
 		}
 		backoff = 0
 		// Only our own user may take or drop connections: the socket sits
-		// in the run dir (0700), and this is the check that does not
-		// depend on how that directory was made.
+		// in the run dir, 0700 where this process made it but 0755 where
+		// the kubelet made it (the chart's hostPath, DirectoryOrCreate),
+		// so this is the check that does not depend on how it was made.
 		if !samePeerUser(c) {
 			klog.ErrorS(nil, "fuse holder: refused a client of another user", "socket", socketPath)
 			c.Close()
