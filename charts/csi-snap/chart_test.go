@@ -623,9 +623,9 @@ func TestNodeRBACIsExactlyWhatSidecarsNeed(t *testing.T) {
 		want []string
 	}{
 		{"defaults", nil, union(provisionerGrants(), snapshotterGrants(), resizerGrants())},
-		{"snapshotter off", []string{"--set", "sidecars.snapshotter.enabled=false"}, union(provisionerGrants(), resizerGrants())},
-		{"resizer off", []string{"--set", "sidecars.resizer.enabled=false"}, union(provisionerGrants(), snapshotterGrants())},
-		{"both off", []string{"--set", "sidecars.snapshotter.enabled=false,sidecars.resizer.enabled=false"}, union(provisionerGrants())},
+		{"snapshotter off", []string{"--set", "sidecars.snapshotter.enabled=false,volumeSnapshotClass.create=false"}, union(provisionerGrants(), resizerGrants())},
+		{"resizer off", []string{"--set", "sidecars.resizer.enabled=false,storageClass.allowVolumeExpansion=false"}, union(provisionerGrants(), snapshotterGrants())},
+		{"both off", []string{"--set", "sidecars.snapshotter.enabled=false,sidecars.resizer.enabled=false,volumeSnapshotClass.create=false,storageClass.allowVolumeExpansion=false"}, union(provisionerGrants())},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -788,12 +788,12 @@ func TestSwitches(t *testing.T) {
 				t.Error("VolumeSnapshotClass still rendered")
 			}
 		}},
-		{"snapshotter off", []string{"--set", "sidecars.snapshotter.enabled=false"}, func(t *testing.T, docs []obj) {
+		{"snapshotter off", []string{"--set", "sidecars.snapshotter.enabled=false,volumeSnapshotClass.create=false"}, func(t *testing.T, docs []obj) {
 			if container(daemonSet(t, docs), "csi-snapshotter") != nil || find(docs, "ClusterRole", release+"-csi-snap-snapshotter") != nil {
 				t.Error("snapshotter container or role still rendered")
 			}
 		}},
-		{"resizer off", []string{"--set", "sidecars.resizer.enabled=false"}, func(t *testing.T, docs []obj) {
+		{"resizer off", []string{"--set", "sidecars.resizer.enabled=false,storageClass.allowVolumeExpansion=false"}, func(t *testing.T, docs []obj) {
 			if container(daemonSet(t, docs), "csi-resizer") != nil || find(docs, "Role", release+"-csi-snap-resizer") != nil {
 				t.Error("resizer container or lease role still rendered")
 			}

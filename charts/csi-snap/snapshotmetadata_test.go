@@ -98,7 +98,7 @@ func TestSnapshotMetadataSwitch(t *testing.T) {
 	}
 	// Without the snapshotter sidecar (whose role also grants the class),
 	// the metadata sidecar's own role must carry all it needs.
-	alone := render(t, snapshotAPI, "--set", "sidecars.snapshotMetadata.enabled=true,sidecars.snapshotter.enabled=false")
+	alone := render(t, snapshotAPI, "--set", "sidecars.snapshotMetadata.enabled=true,sidecars.snapshotter.enabled=false,volumeSnapshotClass.create=false")
 	if d := diff(grants(t, alone, namespace, sa), union(provisionerGrants(), resizerGrants(), sidecar)); d != "" {
 		t.Errorf("node ServiceAccount grants with the metadata sidecar and no snapshotter differ:%s", d)
 	}
