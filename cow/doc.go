@@ -226,7 +226,8 @@
 //     retried fsync may return 0 with the failed pages lost), and Open
 //     re-derives it. Since Open would read those pages from the page cache,
 //     a failed fsync (also one of Open's own; not that of a temporary
-//     log nothing reads back) marks the store (file sync-lost), and Open
+//     log nothing reads back) marks the store (file sync-lost; on a
+//     full disk, an empty sync-lost.<boot>), and Open
 //     refuses it with ErrSyncLost until the machine reboots (FORMAT.md,
 //     "After a failed fsync").
 //   - A rollback in progress (or interrupted and not yet resumed) makes the

@@ -1241,16 +1241,45 @@ func (s *Store) markSyncLost() {
 		return // no way to tell this boot from the next: nothing to mark
 	}
 	f, err := s.fs.Open(syncLostName, true)
-	if err != nil {
-		return
+	if err == nil {
+		err = writeFull(f, boot[:], 0)
+		f.Close()
 	}
-	defer f.Close()
-	writeFull(f, boot[:], 0)
+	if err != nil {
+		// A full disk refuses the mark's 16 bytes (and a failed fsync
+		// is likeliest near a full disk): the boot goes in the name of
+		// an empty file instead, which takes no data block, as the
+		// kill-lost markers do.
+		if f, err := s.fs.Open(syncLostName+"."+hex.EncodeToString(boot[:]), true); err == nil {
+			f.Close()
+		}
+	}
 }
 
 // checkSyncLost refuses to open a store marked by markSyncLost in this
-// boot, and removes a mark of another boot.
+// boot (sync-lost holding this boot, or sync-lost.<this boot>), and
+// removes a mark of another boot.
 func (s *Store) checkSyncLost() error {
+	refuse := func(name string) error {
+		return fmt.Errorf("%w: the page cache may hold data the disk lacks, so the store does not open again until the machine reboots (or %s in the store's directory is removed, accepting that risk)",
+			ErrSyncLost, name)
+	}
+	names, err := s.fs.List()
+	if err != nil {
+		return err
+	}
+	for _, n := range names {
+		b, ok := strings.CutPrefix(n, syncLostName+".")
+		if !ok {
+			continue
+		}
+		if s.bootOK && b == hex.EncodeToString(s.boot[:]) {
+			return refuse(n)
+		}
+		if err := s.fs.Remove(n); err != nil {
+			return err
+		}
+	}
 	f, err := s.fs.Open(syncLostName, false)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
@@ -1263,10 +1292,9 @@ func (s *Store) checkSyncLost() error {
 	f.Close()
 	// A short or zeroed mark is let through (and removed): the mark is never
 	// synced, so after a power cut, i.e. in a later boot, it is often
-	// empty; a mark whose own write failed is lost with it.
+	// empty; a mark whose own write failed left the empty one above.
 	if s.bootOK && rerr == nil && mark == s.boot {
-		return fmt.Errorf("%w: the page cache may hold data the disk lacks, so the store does not open again until the machine reboots (or %s in the store's directory is removed, accepting that risk)",
-			ErrSyncLost, syncLostName)
+		return refuse(syncLostName)
 	}
 	return s.fs.Remove(syncLostName)
 }
