@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/csi-snap/csi-snap/driver/kernel"
@@ -140,7 +141,10 @@ func (c Config) validate() error {
 	}
 	// The sockets made in the run dir (the admin endpoint's, the
 	// fuse-holder's): bound only after the store opened, so checked now.
-	for _, sock := range []string{filepath.Join(c.RunDir, adminSocketName), kernel.HolderSocket(c.RunDir, c.ExternalHolder)} {
+	// The fuse-holder's socket is made in the run dir with its symlinks
+	// resolved (kernel.New), the admin socket in the run dir as given.
+	for _, sock := range []string{filepath.Join(c.RunDir, adminSocketName), kernel.HolderSocket(c.RunDir, c.ExternalHolder),
+		kernel.HolderSocket(resolveExisting(c.RunDir), c.ExternalHolder)} {
 		if len(sock) > maxSocketPath {
 			return bad("--run-dir %q is too long: its socket %s would be %d bytes long; a unix socket path holds at most %d", c.RunDir, sock, len(sock), maxSocketPath)
 		}
@@ -162,6 +166,21 @@ func (c Config) validate() error {
 		return bad("--fuse-holder=external needs --survive-kill: a kill of csi-snap would otherwise lose writes it answered")
 	}
 	return nil
+}
+
+// resolveExisting returns dir with the symlinks of its longest existing
+// prefix resolved (the rest, not made yet, as given).
+func resolveExisting(dir string) string {
+	rest := ""
+	for p := filepath.Clean(dir); ; p = filepath.Dir(p) {
+		if r, err := filepath.EvalSymlinks(p); err == nil {
+			return filepath.Join(r, rest)
+		}
+		if p == filepath.Dir(p) {
+			return dir
+		}
+		rest = filepath.Join(filepath.Base(p), rest)
+	}
 }
 
 // parseEndpoint splits a CSI endpoint into a network and address:
@@ -232,11 +251,21 @@ func socketToRemove(path string) (stale bool, err error) {
 	if fi.Mode()&os.ModeSocket == 0 {
 		return false, fmt.Errorf("%s exists and is not a socket", path)
 	}
-	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+	c, err := net.DialTimeout("unix", path, time.Second)
+	switch {
+	case err == nil:
 		c.Close()
 		return false, fmt.Errorf("%s is served by a live process", path)
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return true, nil // nobody listens: a dead process's socket
+	case errors.Is(err, os.ErrNotExist):
+		return false, nil // removed meanwhile
+	default:
+		// EAGAIN: a live listener whose accept queue is full (a
+		// stalled process); removing its socket would steal its
+		// endpoint. As the fuse-holder's check (kernel.RunHolderWith).
+		return false, fmt.Errorf("%s: cannot tell whether a live process serves it: %w", path, err)
 	}
-	return true, nil
 }
 
 // defaultRunDir is the run dir when --run-dir is not given; the plugin and
