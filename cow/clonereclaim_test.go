@@ -606,11 +606,11 @@ func nonZero(seed int64, n int) []byte {
 // must be the original or the rewrite, never a punched zero.
 func TestReclaimConcurrentChains(t *testing.T) {
 	for seed := int64(1); seed <= 3; seed++ {
-		t.Run(fmt.Sprint(seed), func(t *testing.T) { revChains(t, seed) })
+		t.Run(fmt.Sprint(seed), func(t *testing.T) { reclaimConcurrentChains(t, seed) })
 	}
 }
 
-func revChains(t *testing.T, seed int64) {
+func reclaimConcurrentChains(t *testing.T, seed int64) {
 	const size = 2 << 20
 	s, dir := openT(t)
 	s.SetSurviveKill(seed%2 == 0)
