@@ -253,9 +253,15 @@ func Open(dir string) (*Store, error) {
 // lockName is the file Open flocks; it holds no data.
 const lockName = "lock"
 
+// LockPath is the file in store directory dir that an open Store holds an
+// exclusive flock on until Close (ErrInUse for another Open meanwhile):
+// a process that starts while another still has the store open can wait
+// for it to let go.
+func LockPath(dir string) string { return filepath.Join(dir, lockName) }
+
 // lockDir takes the exclusive, non-blocking flock on dir/lock.
 func lockDir(dir string) (*os.File, error) {
-	f, err := os.OpenFile(filepath.Join(dir, lockName), os.O_RDWR|os.O_CREATE, 0o600)
+	f, err := os.OpenFile(LockPath(dir), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, err
 	}

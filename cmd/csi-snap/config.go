@@ -31,6 +31,7 @@ type Config struct {
 	SurviveKill     bool          // writes are answered only once a kill of the process cannot lose them
 	ExternalHolder  bool          // the fuse-holder is started by someone else (--fuse-holder=external)
 	MinFree         int64         // free-space reserve of the store's file system, in bytes (--min-free; 0 = none)
+	WaitPrevious    time.Duration // how long a start waits for a previous instance to let go of the endpoint, run dir and store (0 = not at all)
 
 	// openEngines opens the store and frontend; nil means the real cow and
 	// kernel engines. Tests put in-memory ones here.
@@ -97,6 +98,7 @@ func parseFlags(args []string, klogFlags func(*flag.FlagSet), stderr io.Writer) 
 	}
 	minFree(defaultMinFree)
 	fs.Func("min-free", "free space to keep on the data dir's file system, as a Kubernetes quantity of whole bytes (default "+defaultMinFree+"; 0 = none): a write that must first copy a chunk for snapshots, made while less is free, gives those snapshots up (they are lost, the volume keeps working) or, if one of them has clones, fails alone with ENOSPC (a write into a never-written part copies nothing and keeps them); a rollback that would copy is refused before it begins; without it a full disk fails the store and every volume on the node", minFree)
+	fs.DurationVar(&c.WaitPrevious, "wait-previous", time.Minute, "how long a start waits while a previous instance still serves the endpoint or holds the run dir or the store (a pod replaced while the old one stops: its replacement starts at once); then it starts, or fails as a second instance does; 0 = do not wait")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a stop waits for in-flight calls before cutting them (the volumes are then served until the cut calls return; a second signal exits at once)")
 	if klogFlags != nil {
 		klogFlags(fs)
@@ -156,6 +158,9 @@ func (c Config) validate() error {
 	}
 	if c.MaxVolumes < -1 {
 		return bad("--max-volumes %d: want -1, 0 or a positive count", c.MaxVolumes)
+	}
+	if c.WaitPrevious < 0 {
+		return bad("--wait-previous must not be negative")
 	}
 	if c.ShutdownTimeout <= 0 {
 		return bad("--shutdown-timeout must be positive")

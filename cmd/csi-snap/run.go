@@ -58,6 +58,11 @@ func run(ctx context.Context, cfg Config) (err error) {
 	// node-driver-registrar's first call (it exits on a timeout), where a
 	// socket not yet there keeps it waiting to connect.
 	network, addr, _ := parseEndpoint(cfg.Endpoint)
+	unixAddr := ""
+	if network == "unix" {
+		unixAddr = addr
+	}
+	waitPrevious(ctx, cfg, unixAddr)
 	var ln net.Listener
 	if network == "unix" {
 		if err := checkSocketPath(addr); err != nil {

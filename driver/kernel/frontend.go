@@ -275,6 +275,12 @@ func validateID(id string) error {
 	return nil
 }
 
+// RunDirLock is the file in run dir dir that a Frontend holds an
+// exclusive flock on until Close (ErrBusy for another New meanwhile): a
+// process that starts while another still serves the run dir can wait for
+// it to let go.
+func RunDirLock(dir string) string { return filepath.Join(dir, "frontend.lock") }
+
 // New returns a Frontend working in cfg.RunDir (created if missing). It
 // starts nothing: volumes held across a restart are resumed by Attach.
 func New(cfg Config) (*Frontend, error) {
@@ -314,7 +320,7 @@ func New(cfg Config) (*Frontend, error) {
 	// serve, read requests off them and leave those unanswered, and a
 	// Detach or restart cleanup of its own could act on the first one's
 	// mounts. The flock goes with the process, or with Close.
-	lock, err := os.OpenFile(filepath.Join(dir, "frontend.lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	lock, err := os.OpenFile(RunDirLock(dir), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("run dir lock: %w", err)
 	}
