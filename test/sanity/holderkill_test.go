@@ -407,7 +407,9 @@ func TestSecondPluginRefused(t *testing.T) {
 		{"--data-dir", filepath.Join(dir, "other-data2"), "--run-dir", run, "--fuse-holder=external"},
 	} {
 		sock := filepath.Join(dir, fmt.Sprintf("second%d.sock", i))
-		cmd := exec.Command(k.bin, append([]string{"--endpoint", "unix://" + sock, "--node-id", "sanity-node"}, args...)...)
+		// A short wait for the first to let go (--wait-previous), which
+		// it never does: then refused, as with no wait.
+		cmd := exec.Command(k.bin, append([]string{"--endpoint", "unix://" + sock, "--node-id", "sanity-node", "--wait-previous=2s"}, args...)...)
 		out := make(chan []byte, 1)
 		go func() { b, _ := cmd.CombinedOutput(); out <- b }()
 		select {
