@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
+	"io"
 	"math/rand"
 	"os"
 	"os/exec"
@@ -81,7 +82,7 @@ func requireTool(t testing.TB, name string) {
 	t.Helper()
 	if _, err := exec.LookPath(name); err != nil {
 		skipOrFail(t, "SKIPPED: %s not installed (apt-get install -y %s)", name, map[string]string{
-			"mkfs.xfs": "xfsprogs", "mkfs.ext4": "e2fsprogs", "fio": "fio", "blkdiscard": "util-linux"}[name])
+			"mkfs.xfs": "xfsprogs", "mkfs.ext4": "e2fsprogs", "fio": "fio", "blkdiscard": "util-linux", "fstrim": "util-linux"}[name])
 	}
 }
 
@@ -246,6 +247,21 @@ func alignedBuf(n int) []byte {
 }
 
 func sha(b []byte) string { s := sha256.Sum256(b); return fmt.Sprintf("%x", s[:8]) }
+
+// sumAt is sha of the first size bytes of r, read 1 MiB at a time into a
+// buffer aligned for O_DIRECT (r may be a device opened with it).
+func sumAt(r io.ReaderAt, size int64) (string, error) {
+	h := sha256.New()
+	buf := alignedBuf(1 << 20)
+	for off := int64(0); off < size; off += int64(len(buf)) {
+		b := buf[:min(int64(len(buf)), size-off)]
+		if _, err := r.ReadAt(b, off); err != nil {
+			return "", fmt.Errorf("read at %d: %w", off, err)
+		}
+		h.Write(b)
+	}
+	return fmt.Sprintf("%x", h.Sum(nil)[:8]), nil
+}
 
 func run(t testing.TB, name string, args ...string) string {
 	t.Helper()

@@ -2,6 +2,7 @@ package kernel
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -13,6 +14,7 @@ import (
 	"sync/atomic"
 	"syscall"
 
+	"github.com/csi-snap/csi-snap/cow"
 	"golang.org/x/sys/unix"
 )
 
@@ -21,7 +23,7 @@ import (
 // request that this server read and will never answer, which only
 // FUSE_NOTIFY_RESEND from the next server can complete.
 type stallingBackend struct {
-	*FileBackend
+	Backend
 	armed, told atomic.Bool
 	sizeArmed   atomic.Bool
 	sizePass    atomic.Int32 // Size calls let through once armed (Resize's own)
@@ -35,7 +37,7 @@ func (s *stallingBackend) Size() int64 {
 		fmt.Println("SIZE STALLED")
 		select {}
 	}
-	return s.FileBackend.Size()
+	return s.Backend.Size()
 }
 
 // Flush blocks for good once flushArmed (-configure-on-usr2).
@@ -44,7 +46,7 @@ func (s *stallingBackend) Flush() error {
 		fmt.Println("FLUSH STALLED")
 		select {}
 	}
-	return s.FileBackend.Flush()
+	return s.Backend.Flush()
 }
 
 func (s *stallingBackend) WriteAt(p []byte, off int64) (int, error) {
@@ -54,15 +56,16 @@ func (s *stallingBackend) WriteAt(p []byte, off int64) (int, error) {
 		}
 		select {}
 	}
-	return s.FileBackend.WriteAt(p, off)
+	return s.Backend.WriteAt(p, off)
 }
 
 // serveChild is the body of a serving process in the restart tests: it
-// attaches (or resumes) one volume over a plain file, prints "DEVICE
-// <path>" on stdout, and serves until SIGTERM, on which it prints "RESENT
-// <n>" (requests the kernel resent to it), Closes the Frontend gracefully
-// (without detaching) and exits 0. SIGUSR1 makes writes stall (see
-// stallingBackend); SIGKILL is the other way the tests end it.
+// attaches (or resumes) one volume over a plain file (-backing) or a cow
+// store's volume (-store), prints "DEVICE <path>" on stdout, and serves
+// until SIGTERM, on which it prints "RESENT <n>" (requests the kernel
+// resent to it), Closes the Frontend gracefully (without detaching, unless
+// -detach) and exits 0. SIGUSR1 makes writes stall (see stallingBackend);
+// SIGKILL is the other way the tests end it.
 func serveChild(args []string) int {
 	fs := flag.NewFlagSet("fe-serve", flag.ContinueOnError)
 	runDir := fs.String("rundir", "", "")
@@ -86,6 +89,10 @@ func serveChild(args []string) int {
 	stallSize := fs.Bool("stall-size", false, "Size (so GETATTR and writes) stalls from the start")
 	stallResumeSize := fs.Bool("stall-resume-size", false, "Size (so GETATTR and writes) stalls once a resume's server may run (testHookAfterResumeCheck)")
 	stallNow := fs.Bool("stall", false, "writes stall from the start (as after SIGUSR1)")
+	store := fs.String("store", "", "serve volume -id of the cow store in this directory (made of -size bytes if the store has none) instead of -backing")
+	snapshot := fs.String("snapshot", "", "with -store: attach this snapshot of the store read-only if there is one, and print SNAPDEV <path> (SNAPDEV - if none); on SIGUSR2, take it of the volume (the test froze the filesystem) and attach it (SNAPDEV <path>, then SNAPSUM <sum of its bytes read from the store>); on SIGTERM, print SNAPSUM again before the Close")
+	growTo := fs.Int64("grow-on-usr1", 0, "with -store: on SIGUSR1, print GROWING, grow the volume to this many bytes and Resize the device (then GROWN <err>) instead of stalling writes")
+	detach := fs.Bool("detach", false, "on SIGTERM, detach every device before the Close")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -99,12 +106,24 @@ func serveChild(args []string) int {
 	signal.Notify(term, syscall.SIGTERM)
 	usr1 := make(chan os.Signal, 1)
 	signal.Notify(usr1, syscall.SIGUSR1)
-	fb, err := OpenFileBackend(*backing, *size)
+	ctx := context.Background()
+	var (
+		inner Backend
+		st    *cow.Store
+		vol   *cow.Volume
+		err   error
+	)
+	if *store != "" {
+		st, vol, err = openCowVolume(*store, *id, *size)
+		inner = vol
+	} else {
+		inner, err = OpenFileBackend(*backing, *size)
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "backend:", err)
 		return 1
 	}
-	b := &stallingBackend{FileBackend: fb}
+	b := &stallingBackend{Backend: inner}
 	if *stallResumeSize {
 		testHookAfterResumeCheck = func() { b.sizeArmed.Store(true) }
 	}
@@ -117,7 +136,9 @@ func serveChild(args []string) int {
 	b.flushArmed.Store(*stallAttach)
 	b.armed.Store(*stallNow)
 	b.sizeArmed.Store(*stallSize)
-	go func() { <-usr1; b.armed.Store(true) }()
+	if *growTo == 0 {
+		go func() { <-usr1; b.armed.Store(true) }()
+	}
 	usr2 := make(chan os.Signal, 1)
 	signal.Notify(usr2, syscall.SIGUSR2)
 	fe, err := New(Config{RunDir: *runDir, HolderCommand: []string{os.Args[0], "fuse-holder"}, Readers: 4,
@@ -126,7 +147,7 @@ func serveChild(args []string) int {
 		fmt.Fprintln(os.Stderr, "new:", err)
 		return 1
 	}
-	dev, err := fe.Attach(context.Background(), *id, b, *ro)
+	dev, err := fe.Attach(ctx, *id, b, *ro)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "attach:", err)
 		return 1
@@ -138,19 +159,64 @@ func serveChild(args []string) int {
 			fmt.Fprintln(os.Stderr, "backend2:", err)
 			return 1
 		}
-		dev2, err := fe.Attach(context.Background(), *id2, fb2, false)
+		dev2, err := fe.Attach(ctx, *id2, fb2, false)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "attach2:", err)
 			return 1
 		}
 		fmt.Printf("DEVICE2 %s\n", dev2)
 	}
+	var snap atomic.Pointer[cow.Snapshot]
+	if *snapshot != "" {
+		attachSnap := func(sn *cow.Snapshot) error {
+			sdev, err := fe.Attach(ctx, *snapshot, sn, true)
+			if err == nil {
+				snap.Store(sn)
+				fmt.Printf("SNAPDEV %s\n", sdev)
+			}
+			return err
+		}
+		sn, err := st.Snapshot(*snapshot)
+		if err == nil {
+			err = attachSnap(sn)
+		} else if errors.Is(err, cow.ErrNotFound) {
+			fmt.Println("SNAPDEV -")
+			err = nil
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "snapshot:", err)
+			return 1
+		}
+		go func() {
+			<-usr2
+			sn, err := st.CreateSnapshot(*id, *snapshot, cow.SnapshotOptions{})
+			if err == nil {
+				err = attachSnap(sn)
+			}
+			if err != nil {
+				fmt.Println("SNAPDEV ERR", err)
+				return
+			}
+			fmt.Println("SNAPSUM", snapshotSum(sn))
+		}()
+	}
+	if *growTo != 0 {
+		go func() {
+			<-usr1
+			fmt.Println("GROWING")
+			err := vol.Resize(*growTo)
+			if err == nil {
+				err = fe.Resize(ctx, *id, *growTo)
+			}
+			fmt.Println("GROWN", err)
+		}()
+	}
 	if *configure {
 		go func() {
 			<-usr2
 			b.flushArmed.Store(true)
 			fmt.Println("STARTED")
-			_, err := fe.ReadOnlyDevice(context.Background(), *id)
+			_, err := fe.ReadOnlyDevice(ctx, *id)
 			fmt.Println("DONE", err)
 		}()
 	}
@@ -177,7 +243,7 @@ func serveChild(args []string) int {
 			b.sizePass.Store(1)
 			b.sizeArmed.Store(true)
 			fmt.Println("STARTED")
-			fmt.Println("DONE", fe.Resize(context.Background(), *id, fb.Size()))
+			fmt.Println("DONE", fe.Resize(ctx, *id, inner.Size()))
 		}()
 	}
 	if *invalAttr {
@@ -200,11 +266,63 @@ func serveChild(args []string) int {
 	<-term
 	srv := fe.get(*id).srv
 	fmt.Printf("RESENT %d\n", srv.nResent.Load())
+	if sn := snap.Load(); sn != nil {
+		fmt.Println("SNAPSUM", snapshotSum(sn))
+	}
+	if *detach {
+		for _, x := range fe.Attached() {
+			if err := fe.Detach(ctx, x); err != nil {
+				fmt.Fprintln(os.Stderr, "detach:", err)
+				return 1
+			}
+		}
+	}
 	if err := fe.Close(); err != nil {
 		fmt.Fprintln(os.Stderr, "close:", err)
 		return 1
 	}
+	if st != nil {
+		if err := st.Close(); err != nil {
+			fmt.Fprintln(os.Stderr, "store close:", err)
+			return 1
+		}
+	}
 	return 0
+}
+
+// openCowVolume opens the cow store in dir with SetSurviveKill, as the
+// driver does (its answered writes must outlive a SIGKILL of this
+// process), refusing one that reports such writes lost, and returns it with
+// its volume id, made of size bytes if it has none.
+func openCowVolume(dir, id string, size int64) (*cow.Store, *cow.Volume, error) {
+	st, err := cow.Open(dir)
+	if err != nil {
+		return nil, nil, err
+	}
+	if lost := st.KillWritesLost(); len(lost) > 0 {
+		st.Close()
+		return nil, nil, fmt.Errorf("answered writes lost to a kill: %v", lost)
+	}
+	st.SetSurviveKill(true)
+	vol, err := st.Volume(id)
+	if errors.Is(err, cow.ErrNotFound) {
+		vol, err = st.CreateVolume(id, size, cow.VolumeOptions{})
+	}
+	if err != nil {
+		st.Close()
+		return nil, nil, err
+	}
+	return st, vol, nil
+}
+
+// snapshotSum is sumAt of the whole snapshot, read from the store (not
+// through a device), or "ERR <error>".
+func snapshotSum(sn *cow.Snapshot) string {
+	s, err := sumAt(sn, sn.Size())
+	if err != nil {
+		return "ERR " + err.Error()
+	}
+	return s
 }
 
 // dropForeignMounts lazily unmounts, in this process's own mount namespace,

@@ -94,6 +94,21 @@ func waitWriter(t *testing.T, progress <-chan int, werr <-chan error, n int) {
 	}
 }
 
+// writerDone waits for the outcome of a writer goroutine on werr, failing
+// the test if it failed, or after three minutes without one (a hang guard:
+// its writes blocked for good).
+func writerDone(t *testing.T, werr <-chan error) {
+	t.Helper()
+	select {
+	case err := <-werr:
+		if err != nil {
+			t.Fatalf("writer: %v", err)
+		}
+	case <-time.After(3 * time.Minute):
+		t.Fatal("the writer did not finish in 3 minutes (its writes block?)")
+	}
+}
+
 func startChild(t *testing.T, runDir, backing, id string, size int64, extra ...string) *child {
 	t.Helper()
 	return startChildAttr(t, nil, runDir, backing, id, size, extra...)
@@ -199,25 +214,39 @@ func checkResumed(t *testing.T, c *child, dev string, werr <-chan error, w *file
 	if dev2 := c.expect(t, "DEVICE "); dev2 != dev {
 		t.Fatalf("resumed on %s, want the same device %s", dev2, dev)
 	}
-	select {
-	case err := <-werr:
-		if err != nil {
-			t.Fatalf("writer: %v", err)
-		}
-	case <-time.After(3 * time.Minute): // hang guard
-		t.Fatal("writer did not finish after the restart")
-	}
+	writerDone(t, werr)
+	verifyFsckRemount(t, w, next, "ext4", dev, mnt, mounted)
+}
+
+// writableCheck fails the test if the filesystem on mnt is no longer
+// read-write (an I/O error it saw remounted it read-only or shut it down)
+// or does not take file next of w (written with fsync).
+func writableCheck(t *testing.T, mnt string, w *fileWriter, next int) {
+	t.Helper()
 	if opts := mountOptions(t, mnt); !strings.HasPrefix(opts, "rw") {
-		t.Fatalf("ext4 is %q after the restart", opts)
+		t.Fatalf("%s is %q", mnt, opts)
 	}
 	if err := w.write(next); err != nil {
-		t.Fatalf("write after the restart: %v", err)
+		t.Fatalf("write of file %d: %v", next, err)
 	}
+}
+
+// verifyFsckRemount checks that the filesystem on mnt takes file next of w
+// (writableCheck) and every file w wrote reads back, through the page
+// cache, then again from the device: it unmounts mnt, checks the
+// filesystem (fstype "ext4" or "xfs") on dev read-only, mounts it again
+// and reads them back. It leaves mnt unmounted (*mounted false).
+func verifyFsckRemount(t *testing.T, w *fileWriter, next int, fstype, dev, mnt string, mounted *bool) {
+	t.Helper()
+	writableCheck(t, mnt, w, next)
 	w.verify(t)
-	// Again from the device, not the page cache.
 	run(t, "umount", mnt)
 	*mounted = false
-	run(t, "e2fsck", "-fn", dev)
+	if fstype == "xfs" {
+		run(t, "xfs_repair", "-n", dev)
+	} else {
+		run(t, "e2fsck", "-fn", dev)
+	}
 	run(t, "mount", dev, mnt)
 	*mounted = true
 	w.verify(t)
