@@ -13,16 +13,25 @@ import (
 
 // enosysBackend fails its first Flush and Discard with an error wrapping
 // ENOSYS (as a fdatasync or fallocate refused by a seccomp filter or an
-// odd file system would), then works.
+// odd file system would), or errno if set, then works.
 type enosysBackend struct {
 	*countingBackend
 	failFlush, failDiscard atomic.Int32
+	errno                  syscall.Errno
+}
+
+func (e *enosysBackend) err(op string) error {
+	errno := e.errno
+	if errno == 0 {
+		errno = syscall.ENOSYS
+	}
+	return &os.PathError{Op: op, Path: "data", Err: errno}
 }
 
 func (e *enosysBackend) Flush() error {
 	if e.failFlush.Add(-1) >= 0 {
 		e.flushes.Add(1)
-		return &os.PathError{Op: "fdatasync", Path: "data", Err: syscall.ENOSYS}
+		return e.err("fdatasync")
 	}
 	return e.countingBackend.Flush()
 }
@@ -30,7 +39,7 @@ func (e *enosysBackend) Flush() error {
 func (e *enosysBackend) Discard(off, n int64) error {
 	if e.failDiscard.Add(-1) >= 0 {
 		e.discards.Add(1)
-		return &os.PathError{Op: "fallocate", Path: "data", Err: syscall.ENOSYS}
+		return e.err("fallocate")
 	}
 	return e.countingBackend.Discard(off, n)
 }

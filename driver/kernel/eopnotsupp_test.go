@@ -2,30 +2,12 @@ package kernel
 
 import (
 	"context"
-	"os"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"testing"
 
 	"golang.org/x/sys/unix"
 )
-
-// eopBackend fails its first Discard with an error wrapping EOPNOTSUPP
-// (a fallocate the file system under a backend refuses once, say), then
-// works.
-type eopBackend struct {
-	*countingBackend
-	fail atomic.Int32
-}
-
-func (e *eopBackend) Discard(off, n int64) error {
-	if e.fail.Add(-1) >= 0 {
-		e.discards.Add(1)
-		return &os.PathError{Op: "fallocate", Path: "data", Err: syscall.EOPNOTSUPP}
-	}
-	return e.countingBackend.Discard(off, n)
-}
 
 // TestBackendEOPNOTSUPPKeepsDiscard: one Discard failing with an error
 // that wraps EOPNOTSUPP must fail that discard only. Passed on as
@@ -38,7 +20,7 @@ func TestBackendEOPNOTSUPPKeepsDiscard(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()
 	fe, _ := newFrontend(t)
-	b := &eopBackend{countingBackend: newFileBackend(t, t.TempDir(), 16<<20)}
+	b := &enosysBackend{countingBackend: newFileBackend(t, t.TempDir(), 16<<20), errno: syscall.EOPNOTSUPP}
 	dev, err := fe.Attach(ctx, "vol-eop", b, false)
 	if err != nil {
 		t.Fatal(err)
@@ -50,7 +32,7 @@ func TestBackendEOPNOTSUPPKeepsDiscard(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Close(fd)
-	b.fail.Store(1)
+	b.failDiscard.Store(1)
 	d0 := b.discards.Load()
 	e1 := blkDiscard(fd, 0, 8192) // the backend's Discard fails
 	e2 := blkDiscard(fd, 0, 8192) // the backend works again
