@@ -260,18 +260,24 @@ func socketToRemove(path string) (stale bool, err error) {
 	switch {
 	case err == nil:
 		c.Close()
-		return false, fmt.Errorf("%s is served by a live process", path)
+		return false, fmt.Errorf("%s is %w", path, errSocketLive)
+	case errors.Is(err, syscall.EAGAIN):
+		// A live listener whose accept queue is full (a stalled
+		// process); removing its socket would steal its endpoint.
+		return false, fmt.Errorf("%s is %w (its accept queue is full)", path, errSocketLive)
 	case errors.Is(err, syscall.ECONNREFUSED):
 		return true, nil // nobody listens: a dead process's socket
 	case errors.Is(err, os.ErrNotExist):
 		return false, nil // removed meanwhile
 	default:
-		// EAGAIN: a live listener whose accept queue is full (a
-		// stalled process); removing its socket would steal its
-		// endpoint. As the fuse-holder's check (kernel.RunHolderWith).
+		// Only a refused connect makes a socket stale, as in the
+		// fuse-holder's check (kernel.RunHolderWith).
 		return false, fmt.Errorf("%s: cannot tell whether a live process serves it: %w", path, err)
 	}
 }
+
+// errSocketLive: a process listens on the socket (socketToRemove).
+var errSocketLive = errors.New("served by a live process")
 
 // defaultRunDir is the run dir when --run-dir is not given; the plugin and
 // the rollback subcommand must agree on it.

@@ -3,10 +3,8 @@ package main
 import (
 	"context"
 	"errors"
-	"net"
 	"os"
 	"path/filepath"
-	"syscall"
 	"time"
 
 	"github.com/csi-snap/csi-snap/cow"
@@ -73,18 +71,11 @@ func heldByPrevious(cfg Config, unixAddr string) string {
 	return ""
 }
 
-// answers reports whether a process listens on the unix socket at path: a
-// connect succeeds, or finds its accept queue full (socketToRemove).
+// answers reports whether a process listens on the unix socket at path
+// (socketToRemove: a connect succeeds, or finds its accept queue full).
 func answers(path string) bool {
-	if fi, err := os.Lstat(path); err != nil || fi.Mode()&os.ModeSocket == 0 {
-		return false
-	}
-	c, err := net.DialTimeout("unix", path, time.Second)
-	if err == nil {
-		c.Close()
-		return true
-	}
-	return errors.Is(err, syscall.EAGAIN)
+	_, err := socketToRemove(path)
+	return errors.Is(err, errSocketLive)
 }
 
 // flocked reports whether another open file holds an exclusive flock on
