@@ -108,7 +108,12 @@
 //     A block stage also leaves DataDir/stage-kinds/<id>/<same name>: a
 //     mount stage at a path recorded for block access answers
 //     AlreadyExists, whatever the device holds (a file apart from the
-//     record, whose format older versions read).
+//     record, whose format older versions read), and so does the same
+//     call again (the refusal keeps the record). A mount stage leaves
+//     DataDir/stage-flags/<id>/<same name>, its mount flags and the
+//     record's identity: asked again at the path with other mount flags,
+//     it answers AlreadyExists (the spec's OK is for an identical
+//     capability only).
 //   - A NodeStageVolume that fails detaches what it attached (kubelet does
 //     not unstage a failed stage, and DeleteVolume refuses an attached
 //     volume; a failure after the stage's work was done, writing its

@@ -574,6 +574,16 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 			if held, err := d.holdsVolume(staging, id); err == nil && held {
 				return
 			}
+			// Nor a block stage at this path answered AlreadyExists (a
+			// mount stage asked where it stands): its path holds nothing
+			// to see, so only the record says it is there; without it the
+			// same call again mounted the device's filesystem (if any) at
+			// the block staging path and answered OK.
+			if status.Code(rerr) == codes.AlreadyExists && d.stagedAt(id, staging) {
+				if _, ok := d.opt.Frontend.Device(id); ok {
+					return
+				}
+			}
 			if err := d.dropStageRecord(id, staging); err != nil {
 				klog.ErrorS(err, "Removing stage record", "volumeID", id)
 			}
@@ -605,7 +615,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 			// here answers a code kubelet retries (ResourceExhausted for
 			// a full DataDir, else Unavailable), not a final one, after
 			// which it would never unstage the mount and attachment.
-			if err := d.writeStageRecord(id, staging, req.GetVolumeCapability().GetBlock() != nil); err != nil {
+			if err := d.writeStageRecord(id, staging, req.GetVolumeCapability().GetBlock() != nil, req.GetVolumeCapability().GetMount().GetMountFlags()); err != nil {
 				resp, rerr = nil, retriable(fmt.Errorf("stage record of %s: %w", id, err))
 				return
 			}
@@ -877,6 +887,9 @@ func (d *Driver) restage(id string, v VolumeInfo, dev, staging string, c *csi.Vo
 	}
 	if (readerOnly(c) || hasROFlag(m.GetMountFlags())) && !slices.Contains(top.Opts, "ro") {
 		return statusf(codes.AlreadyExists, "volume %s is staged writable at %s; a reader-only stage is not", id, staging)
+	}
+	if have, ok := d.stagedFlags(id, staging); ok && !slices.Equal(have, sortedFlags(m.GetMountFlags())) {
+		return statusf(codes.AlreadyExists, "volume %s is staged at %s with mount flags %q, not %q", id, staging, have, sortedFlags(m.GetMountFlags()))
 	}
 	// A retry, or kubelet's re-stage after a restart whose Recover could
 	// not take the device back and so left a killed snapshot's freeze in
@@ -1252,7 +1265,7 @@ func (d *Driver) stageRecords(id string) string { return filepath.Join(d.opt.Dat
 // writeStageRecord records a finished stage of id at staging, atomically
 // (a kill leaves the old record or the new one, never a torn one), and
 // whether it was for block access (stageKind), first.
-func (d *Driver) writeStageRecord(id, staging string, block bool) error {
+func (d *Driver) writeStageRecord(id, staging string, block bool, flags []string) error {
 	kind := d.stageKind(id, staging)
 	var err error
 	if block {
@@ -1260,11 +1273,20 @@ func (d *Driver) writeStageRecord(id, staging string, block bool) error {
 	} else {
 		err = dropMarker(kind)
 	}
+	if err == nil {
+		err = dropMarker(d.stageFlags(id, staging))
+	}
 	if err != nil {
 		return err
 	}
 	d.droppedStages.Delete(d.stageRecord(id, staging))
-	return writeMarker(d.stageRecord(id, staging), []byte(bootID()+"\n"+resolvedPath(staging)+"\n"))
+	if err := writeMarker(d.stageRecord(id, staging), []byte(bootID()+"\n"+resolvedPath(staging)+"\n")); err != nil {
+		return err
+	}
+	if block {
+		return nil
+	}
+	return d.writeStageFlags(id, staging, flags)
 }
 
 // stageKind marks the recorded stage of id at staging (stageRecord, same
@@ -1274,6 +1296,72 @@ func (d *Driver) writeStageRecord(id, staging string, block bool) error {
 // same boot must still find its records.
 func (d *Driver) stageKind(id, staging string) string {
 	return filepath.Join(d.opt.DataDir, "stage-kinds", id, filepath.Base(d.stageRecord(id, staging)))
+}
+
+// stageFlags is the file holding the mount flags a recorded mount stage
+// of id at staging (stageRecord, same name) was made with, sorted: a stage
+// asked again at the path with other flags is the spec's incompatible
+// re-stage (restage). A file of its own, as stageKind is, written after
+// the record and naming it (its inode and modification time): a version
+// before it neither writes nor removes this file, so one left by a stage
+// of this version is taken for that stage's only while the record is the
+// same file. A stage recorded without one (by an older version, or killed
+// between the two writes) is not checked for flags.
+func (d *Driver) stageFlags(id, staging string) string {
+	return filepath.Join(d.opt.DataDir, "stage-flags", id, filepath.Base(d.stageRecord(id, staging)))
+}
+
+// stageFlagsFile is the content of a stageFlags file.
+type stageFlagsFile struct {
+	Record string   `json:"record"` // recordIdentity of the stage record
+	Flags  []string `json:"flags"`  // sorted
+}
+
+// recordIdentity names the file at path as it is now (inode and
+// modification time): a record rewritten (writeMarker renames a new file
+// over it) gets another.
+func recordIdentity(path string) (string, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%d:%d:%d.%09d", st.Dev, st.Ino, st.Mtim.Sec, st.Mtim.Nsec), nil
+}
+
+func (d *Driver) writeStageFlags(id, staging string, flags []string) error {
+	rec, err := recordIdentity(d.stageRecord(id, staging))
+	if err != nil {
+		return err
+	}
+	b, err := json.Marshal(stageFlagsFile{Record: rec, Flags: sortedFlags(flags)})
+	if err != nil {
+		return err
+	}
+	return writeMarker(d.stageFlags(id, staging), b)
+}
+
+// stagedFlags returns the mount flags of the recorded stage of id at
+// staging (stageFlags), and whether they are known.
+func (d *Driver) stagedFlags(id, staging string) ([]string, bool) {
+	if !d.stagedAt(id, staging) {
+		return nil, false
+	}
+	b, err := os.ReadFile(d.stageFlags(id, staging))
+	var f stageFlagsFile
+	if err != nil || json.Unmarshal(b, &f) != nil {
+		return nil, false
+	}
+	if rec, err := recordIdentity(d.stageRecord(id, staging)); err != nil || rec != f.Record {
+		return nil, false
+	}
+	return f.Flags, true
+}
+
+// sortedFlags is flags sorted, never nil (compared with slices.Equal).
+func sortedFlags(flags []string) []string {
+	out := append([]string{}, flags...)
+	slices.Sort(out)
+	return out
 }
 
 // stagedForBlock reports whether the finished stage of id recorded at
@@ -1293,7 +1381,10 @@ func (d *Driver) dropStageRecord(id, staging string) error {
 	if err := dropMarker(d.stageRecord(id, staging)); err != nil {
 		return err
 	}
-	return dropMarker(d.stageKind(id, staging))
+	if err := dropMarker(d.stageKind(id, staging)); err != nil {
+		return err
+	}
+	return dropMarker(d.stageFlags(id, staging))
 }
 
 // dropStageRecords removes all of id's stage records and their kinds.
@@ -1301,7 +1392,10 @@ func (d *Driver) dropStageRecords(id string) error {
 	if err := os.RemoveAll(d.stageRecords(id)); err != nil {
 		return err
 	}
-	return os.RemoveAll(filepath.Join(d.opt.DataDir, "stage-kinds", id))
+	if err := os.RemoveAll(filepath.Join(d.opt.DataDir, "stage-kinds", id)); err != nil {
+		return err
+	}
+	return os.RemoveAll(filepath.Join(d.opt.DataDir, "stage-flags", id))
 }
 
 // stagedAt reports whether a finished stage of volume id at path is
