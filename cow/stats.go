@@ -20,7 +20,8 @@ type Stats struct {
 	// shared with the data file's blocks (FICLONERANGE; see writeCopies).
 	ClonedBytes uint64
 	// IndexBytes is the approximate heap held by every snapshot's exception
-	// index (exceptions.Index.Bytes), in bytes.
+	// index and every clone's present index (exceptions.Index.Bytes), in
+	// bytes.
 	IndexBytes int64
 	// IndexRuns is the number of runs in those indexes.
 	IndexRuns int64
@@ -87,6 +88,7 @@ func (s *Store) Stats() Stats {
 	}
 	s.mu.Lock()
 	var snaps []*Snapshot
+	var vols []*Volume
 	// CloneVolume's internal snapshots that a live clone reads through:
 	// part of that clone, which nobody deleted (they carry the deleted
 	// flag from birth).
@@ -101,6 +103,7 @@ func (s *Store) Stats() Stats {
 		case *Snapshot:
 			snaps = append(snaps, x)
 		case *Volume:
+			vols = append(vols, x)
 			// Under the store lock, which a volume's reap (closing its
 			// files) takes: an fstat of a closed descriptor's number could
 			// read another file's.
@@ -117,6 +120,16 @@ func (s *Store) Stats() Stats {
 	}
 	s.mu.Unlock()
 	live := func(o *Snapshot) bool { return !o.deleted || backsLive[o] }
+	for _, v := range vols {
+		// A clone's present index (the chunks it holds itself) is an
+		// exception index too, and grows with every chunk it writes.
+		v.mu.RLock()
+		if v.present != nil {
+			st.IndexBytes += int64(v.present.Bytes())
+			st.IndexRuns += int64(v.present.Runs())
+		}
+		v.mu.RUnlock()
+	}
 	var hidden []*Snapshot
 	for _, sn := range snaps {
 		v := sn.vol

@@ -61,6 +61,23 @@ func (d *Driver) volumeHealth(id string) (*csi.VolumeHealth, error) {
 		h.HealthStatuses = append(h.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{
 			Status: csi.VolumeHealthErrorType_INACCESSIBLE, Reason: "DataDirFailed", Message: err.Error()})
 	}
+	if _, attached := d.opt.Frontend.Device(id); attached && d.lostWrites(id) {
+		// Recover serves the held device with I/O errors (heldBackend)
+		// until it is unstaged, or staged again after an unfinished stage.
+		h.HealthStatuses = append(h.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{
+			Status: csi.VolumeHealthErrorType_INACCESSIBLE, Reason: "WritesLost",
+			Message: "the store dropped writes of this volume that were answered before the plugin restarted (no space to redo its kill journal): its device fails every I/O until the volume is unstaged; delete the pods that use it, and the next mount replays the filesystem's journal"})
+	}
+	if rs, ok := d.opt.Store.(RollbackStore); ok {
+		if snap, pending := rs.PendingRollback(id); pending {
+			// Stage, publish and writes are refused, and reads mix old
+			// and rolled-back chunks, until the rollback is run again
+			// to its end (checkNoPendingRollback).
+			h.HealthStatuses = append(h.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{
+				Status: csi.VolumeHealthErrorType_INACCESSIBLE, Reason: "RollbackUnfinished",
+				Message: fmt.Sprintf("the rollback to snapshot %s is unfinished: the volume refuses stage, publish and writes until it is run again to its end (in the plugin's container): %s", snap, d.rollbackCommand(id, snap))})
+		}
+	}
 	low, msg, err := d.dataDirLow()
 	if err != nil {
 		return nil, err
@@ -212,9 +229,16 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 		// Block staging paths hold nothing; only mounts can be checked. A
 		// staging path with nothing mounted is a block volume's unless a
 		// filesystem on the device is mounted somewhere (a publish's bind
-		// of it): then the staging mount itself went missing.
-		if fi, err := os.Stat(p); err == nil && fi.IsDir() && p == req.GetStagingTargetPath() && !hasMount(mps, p) && !fsMounted(mps, dev) {
-			continue
+		// of it), or the stage recorded there in this boot was for mount
+		// access: then the staging mount itself went missing, and every
+		// publish of it fails. A mount stage is known by its flags file
+		// (stageFlags), which only mount stages write: a stage recorded by
+		// a version before it, block or mount, is taken for a block one,
+		// not reported NotMounted by mistake.
+		if _, mountStage := d.stagedFlags(id, p); !mountStage {
+			if fi, err := os.Stat(p); err == nil && fi.IsDir() && p == req.GetStagingTargetPath() && !hasMount(mps, p) && !fsMounted(mps, dev) {
+				continue
+			}
 		}
 		if held, err := d.holdsVolume(p, id); err != nil {
 			return nil, toStatus(err)
