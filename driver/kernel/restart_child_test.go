@@ -93,6 +93,7 @@ func serveChild(args []string) int {
 	snapshot := fs.String("snapshot", "", "with -store: attach this snapshot of the store read-only if there is one, and print SNAPDEV <path> (SNAPDEV - if none); on SIGUSR2, take it of the volume (the test froze the filesystem) and attach it (SNAPDEV <path>, then SNAPSUM <sum of its bytes read from the store>); on SIGTERM, print SNAPSUM again before the Close")
 	growTo := fs.Int64("grow-on-usr1", 0, "with -store: on SIGUSR1, print GROWING, grow the volume to this many bytes and Resize the device (then GROWN <err>) instead of stalling writes")
 	detach := fs.Bool("detach", false, "on SIGTERM, detach every device before the Close")
+	stallFlush := fs.Bool("stall-flush-on-usr2", false, "on SIGUSR2, make FSYNC (Flush) stall from then on and print ARMED")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -209,6 +210,13 @@ func serveChild(args []string) int {
 				err = fe.Resize(ctx, *id, *growTo)
 			}
 			fmt.Println("GROWN", err)
+		}()
+	}
+	if *stallFlush {
+		go func() {
+			<-usr2
+			b.flushArmed.Store(true)
+			fmt.Println("ARMED")
 		}()
 	}
 	if *configure {

@@ -422,6 +422,18 @@ func (s *server) handle(in, out []byte) int {
 			s.ioFailed("write", off, size, err)
 			return s.errReply(out, h, syscall.Errno(-errnoOf(err)))
 		}
+		// A synchronous write (O_DSYNC, O_SYNC, RWF_DSYNC): the file is
+		// FOPEN_DIRECT_IO, whose writes the kernel follows with no fsync
+		// of its own (fuse_direct_write_iter); it passes the request in
+		// fuse_write_in.flags (fuse_write_flags) and leaves it to us.
+		// (The loop driver's writes never carry it: it flushes instead.)
+		if le.Uint32(body[32:])&unix.O_DSYNC != 0 {
+			s.nFsync.Add(1)
+			if err := s.b.Flush(); err != nil {
+				s.ioFailed("fsync", off, size, err)
+				return s.errReply(out, h, syscall.Errno(-errnoOf(err)))
+			}
+		}
 		p := out[outHeaderSize:]
 		le.PutUint32(p[0:], uint32(size))
 		le.PutUint32(p[4:], 0)
