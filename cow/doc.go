@@ -249,7 +249,11 @@
 //     cloned and resized at that size; on ext4 their last chunk is
 //     read-only: a write there fails alone with ErrOutOfRange (its apply
 //     would fail the store on the last 4 KiB), a discard there does
-//     nothing.
+//     nothing. A store whose file system holds smaller files (ext4 of 1
+//     KiB blocks: 4 TiB; ext3: about 2 TiB; measured at Open) makes and
+//     grows volumes only up to that size, cut to whole 1 MiB chunks
+//     (ErrOutOfRange past it), and refuses copy-outs that would take a COW
+//     file past it (ErrNoSpace).
 //   - CreateSnapshot syncs the data file and the log concurrently (unless a
 //     clone has "present" records, which must follow their data): if the
 //     machine dies before it returns, the snapshot may exist and lack writes

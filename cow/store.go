@@ -32,7 +32,9 @@ type Store struct {
 	dir string
 	fs  fsys
 	// fileLimit is the largest file the store's file system holds (ext4:
-	// 2^32-1 blocks, so 16 TiB less 4 KiB), at most maxBytes. Volumes made
+	// 2^32-1 blocks, so 16 TiB less 4 KiB; ext3 about 2 TiB; measured by
+	// fsFileLimit), at most maxBytes. Sizes past it are refused
+	// (Store.checkSizeFrom), and so are COW chunks (alloc). Volumes made
 	// at 16 TiB before maxFileBytes capped sizes reach past it on ext4: a
 	// write there fails alone (modifyGated) instead of failing the store
 	// when its apply gets EFBIG.
@@ -1287,15 +1289,82 @@ func checkSizeFrom(size, floor int64) error {
 	return nil
 }
 
+// checkSizeFrom is the package's checkSizeFrom, and also refuses a size
+// past the largest file the store's file system holds (fileLimit, cut to
+// whole chunks of any size, as modifyGated cuts it to the volume's):
+// every byte of a volume it makes or grows can then be written (ext4 of 1
+// KiB blocks holds 4 TiB, ext3 about 2 TiB). A volume made before at
+// floor bytes keeps its size. ErrOutOfRange: the size is valid, this
+// store cannot hold it.
+func (s *Store) checkSizeFrom(size, floor int64) error {
+	if err := checkSizeFrom(size, floor); err != nil {
+		return err
+	}
+	if lim := s.fileLimit &^ (MaxChunkSize - 1); s.fileLimit > 0 && size > max(lim, min(floor, maxBytes)) {
+		return fmt.Errorf("%w: size %d bytes is past %d, the largest file the store's file system holds cut to whole chunks", ErrOutOfRange, size, lim)
+	}
+	return nil
+}
+
+// MaxSize is the largest size a new volume of this store may have, or an
+// existing one grow to: MaxVolumeSize, or less on a file system that holds
+// smaller files (checkSizeFrom).
+func (s *Store) MaxSize() int64 {
+	if lim := s.fileLimit &^ (MaxChunkSize - 1); s.fileLimit > 0 && lim < MaxVolumeSize {
+		return lim
+	}
+	return MaxVolumeSize
+}
+
 // fsFileLimit returns the largest file the file system holding dir takes:
 // ext2/3/4 count a file's blocks in 32 bits; the others here (XFS, tmpfs)
 // take more than maxBytes.
+//
+// ext2/3 (and ext4 files without extents) hold less: their block maps, and
+// i_blocks counted in 32 bits of 512-byte sectors without huge_file, stop
+// ext3 of 4 KiB blocks near 2 TiB; the magic (shared by ext2/3/4) does not
+// tell them apart, so on these the limit is measured: the largest size a
+// sparse file in dir takes (ftruncate, which allocates nothing), found by
+// bisection. The formula stays the answer where the probe cannot run.
 func fsFileLimit(dir string) int64 {
 	var st unix.Statfs_t
 	if err := unix.Statfs(dir, &st); err != nil || st.Type != unix.EXT4_SUPER_MAGIC || st.Bsize <= 0 {
 		return maxBytes
 	}
-	return min(maxBytes, (1<<32-1)*st.Bsize)
+	lim := min(maxBytes, (1<<32-1)*st.Bsize)
+	if got, ok := probeFileLimit(dir, lim); ok {
+		return got
+	}
+	return lim
+}
+
+// probeFileLimit returns the largest multiple of 4096 not above hi that a
+// file in dir may be truncated up to, with a file it removes. Under the
+// store's lock, so the name is fixed: one a kill left is reused, not
+// another added at each Open.
+func probeFileLimit(dir string, hi int64) (int64, bool) {
+	name := filepath.Join(dir, ".filelimit")
+	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return 0, false
+	}
+	defer os.Remove(name)
+	defer f.Close()
+	fits := func(n int64) bool { return unix.Ftruncate(int(f.Fd()), n) == nil }
+	if fits(hi) {
+		return hi, true
+	}
+	lo, top := int64(0), hi/4096 // lo fits, top does not (in 4 KiB units)
+	for top-lo > 1 {
+		mid := lo + (top-lo)/2
+		if fits(mid * 4096) {
+			lo = mid
+		} else {
+			top = mid
+		}
+	}
+	unix.Ftruncate(int(f.Fd()), 0)
+	return lo * 4096, lo > 0
 }
 
 // commitApply makes recs durable, then applies them to memory. Called with
@@ -1357,7 +1426,7 @@ func (s *Store) CreateVolume(id string, size int64, o VolumeOptions) (*Volume, e
 	if err := checkID(id); err != nil {
 		return nil, err
 	}
-	if err := checkSize(size); err != nil {
+	if err := s.checkSizeFrom(size, 0); err != nil {
 		return nil, err
 	}
 	cs := o.ChunkSize
@@ -1461,7 +1530,7 @@ func (s *Store) clone(snapID, volID, newID string, size int64, o VolumeOptions) 
 		recs = append(recs, &record{Type: recSnapshot, Obj: s.nextObj, Parent: v.obj, Size: srcSize,
 			Created: nowNanos(), Flags: flagDeleted | flagInternal, ID: "~" + newID})
 	}
-	if err := checkSizeFrom(size, srcSize); err != nil {
+	if err := s.checkSizeFrom(size, srcSize); err != nil {
 		return nil, err
 	}
 	if size < srcSize {

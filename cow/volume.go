@@ -1429,7 +1429,7 @@ func allZero(b []byte) bool {
 // alloc hands out n COW chunks: freed ones first, then new ones at the end
 // (ascending, so sequential copies stay contiguous and their runs merge).
 // It refuses with ErrNoSpace, handing out nothing, when a new chunk would
-// reach past maxFileBytes in the COW file: ext4 refuses to write there
+// reach past maxFileBytes (or the store's fileLimit) in the COW file: ext4 refuses to write there
 // (EFBIG), and Open rejects a record past maxBytes as corrupt (FORMAT.md).
 func (v *Volume) alloc(n int) ([]exceptions.Chunk, error) {
 	if n == 0 {
@@ -1443,8 +1443,15 @@ func (v *Volume) alloc(n int) ([]exceptions.Chunk, error) {
 			break
 		}
 	}
-	if n > free && uint64(v.hwm)+uint64(n-free) > maxFileBytes>>v.shift {
-		return nil, fmt.Errorf("%w: volume %q: its snapshots' copies would take the COW file past %d bytes", ErrNoSpace, v.id, int64(maxFileBytes))
+	// Nor past the largest file the store's file system holds (fileLimit:
+	// ext3's is about 2 TiB), where the apply's write would get EFBIG and
+	// fail the whole store.
+	lim := int64(maxFileBytes)
+	if fl := v.s.fileLimit; fl > 0 {
+		lim = min(lim, fl)
+	}
+	if n > free && uint64(v.hwm)+uint64(n-free) > uint64(lim>>v.shift) {
+		return nil, fmt.Errorf("%w: volume %q: its snapshots' copies would take the COW file past %d bytes", ErrNoSpace, v.id, lim)
 	}
 	out := make([]exceptions.Chunk, 0, n)
 	for len(out) < n && len(v.free) > 0 {
@@ -1619,7 +1626,7 @@ func (v *Volume) flushWith(r *record, release func()) (err error) {
 // Shrinking returns ErrShrink.
 func (v *Volume) Resize(newSize int64) error {
 	s := v.s
-	if err := checkSizeFrom(newSize, v.Size()); err != nil { // an old 16 TiB volume may be "grown" to its size
+	if err := s.checkSizeFrom(newSize, v.Size()); err != nil { // an old 16 TiB volume may be "grown" to its size
 		return err
 	}
 	s.mu.Lock()

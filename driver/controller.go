@@ -717,6 +717,12 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (
 	// limit_bytes below one block leaves no size, below 300 MiB no xfs
 	// volume (xfsMinSize), below 1 MiB no ext4 volume (ext4MinSize).
 	limit := int64(cow.MaxVolumeSize)
+	if sl, ok := d.opt.Store.(SizeLimiter); ok {
+		// A data dir whose file system holds smaller files (ext3, ext4
+		// of 1 KiB blocks) makes smaller volumes: CreateVolume answers
+		// OutOfRange past it.
+		limit = min(limit, sl.MaxSize())
+	}
 	fsMin, _ := fsMinSize(params.fsType, req.GetVolumeCapabilities())
 	minSize := max(int64(blockSize), fsMin)
 	for _, v := range d.opt.Store.Volumes() {

@@ -296,6 +296,9 @@ func (c *CowStore) VolumeBackend(id string) (Backend, error) {
 // Close implements Store.
 func (c *CowStore) Close() error { return fromCow(c.s.Close()) }
 
+// MaxSize is the largest volume the store makes (SizeLimiter).
+func (c *CowStore) MaxSize() int64 { return c.s.MaxSize() }
+
 // Rollback implements RollbackStore.
 // PendingRollback implements RollbackStore.
 func (c *CowStore) PendingRollback(volID string) (string, bool) {

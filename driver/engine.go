@@ -39,6 +39,13 @@ type Store interface {
 	Close() error
 }
 
+// SizeLimiter is a Store whose largest volume may be below
+// cow.MaxVolumeSize (its data dir's file system holds smaller files):
+// GetCapacity reports it as maximum_volume_size.
+type SizeLimiter interface {
+	MaxSize() int64
+}
+
 // VolumeOptions are the creation options of a store volume (new, restored
 // from a snapshot, or cloned from a volume).
 type VolumeOptions struct {
