@@ -757,7 +757,7 @@ func MountOptionRefused(o string) string {
 	switch {
 	case o == "":
 		return "is empty"
-	case strings.ContainsAny(o, " \t\n\x00"):
+	case strings.ContainsFunc(o, func(r rune) bool { return r <= ' ' || r == 0x7f }):
 		return "holds white space or a control character"
 	case strings.HasPrefix(o, "-"):
 		return "is a command-line switch, not a mount option"
