@@ -162,7 +162,8 @@ func (d *Driver) Rollback(ctx context.Context, volID, snapID string) (RollbackRe
 // AdminError with the status mapped from the gRPC code (httpStatus:
 // InvalidArgument and OutOfRange 400, NotFound 404, FailedPrecondition,
 // Aborted and AlreadyExists 409, Canceled and DeadlineExceeded 408,
-// ResourceExhausted 507, Unimplemented 501, Unavailable 503, other 500).
+// ResourceExhausted 507, Unimplemented 501, Unavailable 503, other 500);
+// any other path answers 404 NotFound, a method other than POST 405.
 func (d *Driver) AdminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc(RollbackPath, func(w http.ResponseWriter, r *http.Request) {
@@ -171,18 +172,9 @@ func (d *Driver) AdminHandler() http.Handler {
 			writeAdminError(w, http.StatusMethodNotAllowed, AdminError{Code: "MethodNotAllowed", Message: "use POST"})
 			return
 		}
-		var req RollbackRequest
-		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(&req); err != nil {
+		req, err := decodeRollbackRequest(http.MaxBytesReader(w, r.Body, 4096))
+		if err != nil {
 			writeAdminError(w, http.StatusBadRequest, AdminError{Code: codes.InvalidArgument.String(), Message: "bad request body: " + err.Error()})
-			return
-		}
-		// One object and nothing after it (but white space): a body with
-		// more (a second request, a field after a closing brace) is a
-		// mistake, not a request to run the first part of.
-		if _, err := dec.Token(); err != io.EOF {
-			writeAdminError(w, http.StatusBadRequest, AdminError{Code: codes.InvalidArgument.String(), Message: "bad request body: data after the request object"})
 			return
 		}
 		res, err := d.Rollback(r.Context(), req.Volume, req.Snapshot)
@@ -197,7 +189,60 @@ func (d *Driver) AdminHandler() http.Handler {
 			BytesRewritten: res.ChunksRewritten * int64(res.ChunkSize), TailBytesDiscarded: res.TailBytes,
 			ChunkSize: res.ChunkSize, Resumed: res.Resumed, Seconds: res.Duration.Seconds()})
 	})
+	// Every answer that is not 200 carries an AdminError, a mistyped path's
+	// too.
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeAdminError(w, http.StatusNotFound, AdminError{Code: codes.NotFound.String(), Message: "no such endpoint " + r.URL.Path + ": use POST " + RollbackPath})
+	})
 	return mux
+}
+
+// decodeRollbackRequest reads one JSON object with the keys "volume" and
+// "snapshot" (exactly so spelt: encoding/json alone would match them
+// case-insensitively), each at most once, string values, and nothing after
+// the object but white space. A body with more (a second request, a field
+// after a closing brace, a key given twice) is a mistake, not a request to
+// run one part of: encoding/json would take the last of two "volume"s.
+func decodeRollbackRequest(body io.Reader) (RollbackRequest, error) {
+	var req RollbackRequest
+	dec := json.NewDecoder(body)
+	if tok, err := dec.Token(); err != nil {
+		return req, err
+	} else if tok != json.Delim('{') {
+		return req, fmt.Errorf("want a JSON object {\"volume\":\"v-...\",\"snapshot\":\"s-...\"}")
+	}
+	seen := map[string]bool{}
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return req, err
+		}
+		key, _ := tok.(string)
+		var dst *string
+		switch key {
+		case "volume":
+			dst = &req.Volume
+		case "snapshot":
+			dst = &req.Snapshot
+		default:
+			return req, fmt.Errorf("json: unknown field %q", key)
+		}
+		if seen[key] {
+			return req, fmt.Errorf("json: field %q given twice", key)
+		}
+		seen[key] = true
+		if err := dec.Decode(dst); err != nil {
+			return req, fmt.Errorf("field %q: %w", key, err)
+		}
+	}
+	if _, err := dec.Token(); err != nil { // the closing brace
+		return req, err
+	}
+	// One object and nothing after it (but white space).
+	if _, err := dec.Token(); err != io.EOF {
+		return req, fmt.Errorf("data after the request object")
+	}
+	return req, nil
 }
 
 func writeAdminError(w http.ResponseWriter, code int, e AdminError) {

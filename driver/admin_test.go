@@ -152,3 +152,53 @@ func TestAdminRollbackRejectsTrailingData(t *testing.T) {
 		t.Fatalf("a refused request rolled the volume back: reads %q (%v)", got, err)
 	}
 }
+
+// TestAdminRollbackRejectsAmbiguousBody: a body that names the volume or
+// the snapshot twice (a duplicate key, or the same key in another case,
+// which encoding/json matches case-insensitively) is as much a mistake as
+// data after the object: the destructive rollback must not run on
+// whichever one came last.
+func TestAdminRollbackRejectsAmbiguousBody(t *testing.T) {
+	e := newEnv(t)
+	meant := e.createVolume(t, "rb-dup-meant", 1<<20)
+	vol := e.createVolume(t, "rb-dup", 1<<20)
+	b, err := e.store.VolumeBackend(vol.VolumeId)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.WriteAt(bytes.Repeat([]byte{'a'}, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	snap := e.createSnapshot(t, "rb-dup-snap", vol.VolumeId)
+	if _, err := b.WriteAt(bytes.Repeat([]byte{'b'}, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	for _, body := range []string{
+		`{"volume":"` + meant.VolumeId + `","snapshot":"` + snap.SnapshotId + `","volume":"` + vol.VolumeId + `"}`,
+		`{"volume":"` + meant.VolumeId + `","snapshot":"` + snap.SnapshotId + `","Volume":"` + vol.VolumeId + `"}`,
+	} {
+		status, _, bad := postRollback(t, e, http.MethodPost, body)
+		if status != http.StatusBadRequest || bad.Code != "InvalidArgument" {
+			t.Errorf("body %s: %d %s (%s), want 400 InvalidArgument", body, status, bad.Code, bad.Message)
+		}
+	}
+	got := make([]byte, 1)
+	if _, err := b.ReadAt(got, 0); err != nil || got[0] != 'b' {
+		t.Fatalf("an ambiguous request rolled volume %s back: reads %q (%v)", vol.VolumeId, got, err)
+	}
+}
+
+// TestAdminUnknownPathAnswersAdminError: AdminError is documented as the
+// body of every answer that is not 200; a mistyped path (curl
+// --unix-socket ... /v1/rollbak) must get one too, not net/http's text.
+func TestAdminUnknownPathAnswersAdminError(t *testing.T) {
+	e := newEnv(t)
+	for _, path := range []string{"/v1/rollbak", "/v1/rollback/", "/"} {
+		rec := httptest.NewRecorder()
+		e.d.AdminHandler().ServeHTTP(rec, httptest.NewRequest(http.MethodPost, path, strings.NewReader(`{}`)))
+		var bad driver.AdminError
+		if err := json.Unmarshal(rec.Body.Bytes(), &bad); err != nil || rec.Code != http.StatusNotFound || bad.Code == "" || bad.Message == "" {
+			t.Errorf("POST %s: %d %q (%v), want 404 with an AdminError", path, rec.Code, rec.Body, err)
+		}
+	}
+}

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/csi-snap/csi-snap/driver"
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 )
 
@@ -31,18 +32,18 @@ func serveAdmin(d *driver.Driver, runDir string) (func(), error) {
 		return nil, err
 	}
 	sock := filepath.Join(runDir, adminSocketName)
-	if err := removeStaleSocket(sock); err != nil {
-		return nil, fmt.Errorf("admin socket: %w", err)
-	}
 	// The socket can rewrite volumes and has no other access control, so
 	// it lives in a directory only root may enter: between Listen and the
 	// Chmod below, the socket itself has the umask's mode. (Not a umask
 	// around Listen: the umask is process-wide, and other goroutines create
-	// files and directories meanwhile.)
-	if err := os.MkdirAll(filepath.Dir(sock), 0o700); err != nil {
+	// files and directories meanwhile.) The directory must be a real one of
+	// ours: not a symlink (its target, outside the run dir, would be
+	// chmodded and host the socket), nor another user's (its owner could
+	// swap the socket for its own, and the client would talk to that).
+	if err := privateDir(filepath.Dir(sock)); err != nil {
 		return nil, fmt.Errorf("admin socket: %w", err)
 	}
-	if err := os.Chmod(filepath.Dir(sock), 0o700); err != nil {
+	if err := removeStaleSocket(sock); err != nil {
 		return nil, fmt.Errorf("admin socket: %w", err)
 	}
 	ln, err := net.Listen("unix", sock)
@@ -67,6 +68,35 @@ func serveAdmin(d *driver.Driver, runDir string) (func(), error) {
 		hs.Close()
 		os.Remove(sock)
 	}, nil
+}
+
+// privateDir makes dir (its parent exists) a directory of mode 0700 owned
+// by this process's user, creating it if missing; it refuses a symlink or
+// other non-directory there, and a directory another user owns, without
+// changing them.
+func privateDir(dir string) error {
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+		return err
+	}
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.ENOTDIR) {
+			return fmt.Errorf("%s is not a directory (a symlink or another file): remove it", dir)
+		}
+		return fmt.Errorf("open %s: %w", dir, err)
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("stat %s: %w", dir, err)
+	}
+	if int(st.Uid) != os.Geteuid() {
+		return fmt.Errorf("%s is owned by uid %d, not by this process's uid %d: remove it", dir, st.Uid, os.Geteuid())
+	}
+	if err := unix.Fchmod(fd, 0o700); err != nil {
+		return fmt.Errorf("chmod %s: %w", dir, err)
+	}
+	return nil
 }
 
 // rollbackMain is `csi-snap rollback`: it asks the node plugin running on
