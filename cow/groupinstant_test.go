@@ -61,6 +61,9 @@ func giSeeds() int64 {
 	if longTests() {
 		return 16
 	}
+	if raceEnabled {
+		return 1 // several times slower under the race detector (105 s for 2)
+	}
 	if testing.Short() {
 		return 2
 	}
