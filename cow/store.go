@@ -34,7 +34,7 @@ type Store struct {
 	// fileLimit is the largest file the store's file system holds (ext4:
 	// 2^32-1 blocks, so 16 TiB less 4 KiB; ext3 about 2 TiB; measured by
 	// fsFileLimit), at most maxBytes. Sizes past it are refused
-	// (Store.checkSizeFrom), and so are COW chunks (alloc). Volumes made
+	// (Store.checkHeld), and so are COW chunks (alloc). Volumes made
 	// at 16 TiB before maxFileBytes capped sizes reach past it on ext4: a
 	// write there fails alone (modifyGated) instead of failing the store
 	// when its apply gets EFBIG.
@@ -1277,11 +1277,10 @@ func controlByte(s string) int {
 	return -1
 }
 
-func checkSize(size int64) error { return checkSizeFrom(size, 0) }
-
-// checkSizeFrom is checkSize for a volume at least floor bytes large (a
-// clone of a source of floor bytes, or a volume being grown): one that
-// earlier versions made larger than maxFileBytes may keep its size.
+// checkSizeFrom checks a volume size against the largest volume, for a
+// volume at least floor bytes large (0 for a new one; a clone of a source
+// of floor bytes, or a volume being grown): one that earlier versions made
+// larger than maxFileBytes may keep its size.
 func checkSizeFrom(size, floor int64) error {
 	if lim := max(maxFileBytes, min(floor, maxBytes)); size <= 0 || size > lim {
 		return fmt.Errorf("%w: size %d bytes out of (0, %d] (16 TiB less 1 MiB: ext4's largest file is 16 TiB less 4 KiB)", ErrBadArgument, size, lim)
@@ -1289,18 +1288,17 @@ func checkSizeFrom(size, floor int64) error {
 	return nil
 }
 
-// checkSizeFrom is the package's checkSizeFrom, and also refuses a size
-// past the largest file the store's file system holds (fileLimit, cut to
-// whole chunks of any size, as modifyGated cuts it to the volume's):
-// every byte of a volume it makes or grows can then be written (ext4 of 1
-// KiB blocks holds 4 TiB, ext3 about 2 TiB). A volume made before at
-// floor bytes keeps its size. ErrOutOfRange: the size is valid, this
-// store cannot hold it.
-func (s *Store) checkSizeFrom(size, floor int64) error {
+// checkHeld is checkSizeFrom, and also refuses a size past MaxSize, the
+// largest file the store's file system holds cut to whole chunks of any
+// size (as modifyGated cuts it to the volume's): every byte of a volume it
+// makes or grows can then be written (ext4 of 1 KiB blocks holds 4 TiB,
+// ext3 about 2 TiB). A volume made before at floor bytes keeps its size.
+// ErrOutOfRange: the size is valid, this store cannot hold it.
+func (s *Store) checkHeld(size, floor int64) error {
 	if err := checkSizeFrom(size, floor); err != nil {
 		return err
 	}
-	if lim := s.fileLimit &^ (MaxChunkSize - 1); s.fileLimit > 0 && size > max(lim, min(floor, maxBytes)) {
+	if lim := s.MaxSize(); size > max(lim, min(floor, maxBytes)) {
 		return fmt.Errorf("%w: size %d bytes is past %d, the largest file the store's file system holds cut to whole chunks", ErrOutOfRange, size, lim)
 	}
 	return nil
@@ -1308,7 +1306,7 @@ func (s *Store) checkSizeFrom(size, floor int64) error {
 
 // MaxSize is the largest size a new volume of this store may have, or an
 // existing one grow to: MaxVolumeSize, or less on a file system that holds
-// smaller files (checkSizeFrom).
+// smaller files (fileLimit, cut to whole chunks of any size).
 func (s *Store) MaxSize() int64 {
 	if lim := s.fileLimit &^ (MaxChunkSize - 1); s.fileLimit > 0 && lim < MaxVolumeSize {
 		return lim
@@ -1426,7 +1424,7 @@ func (s *Store) CreateVolume(id string, size int64, o VolumeOptions) (*Volume, e
 	if err := checkID(id); err != nil {
 		return nil, err
 	}
-	if err := s.checkSizeFrom(size, 0); err != nil {
+	if err := s.checkHeld(size, 0); err != nil {
 		return nil, err
 	}
 	cs := o.ChunkSize
@@ -1530,7 +1528,7 @@ func (s *Store) clone(snapID, volID, newID string, size int64, o VolumeOptions) 
 		recs = append(recs, &record{Type: recSnapshot, Obj: s.nextObj, Parent: v.obj, Size: srcSize,
 			Created: nowNanos(), Flags: flagDeleted | flagInternal, ID: "~" + newID})
 	}
-	if err := s.checkSizeFrom(size, srcSize); err != nil {
+	if err := s.checkHeld(size, srcSize); err != nil {
 		return nil, err
 	}
 	if size < srcSize {

@@ -1626,7 +1626,7 @@ func (v *Volume) flushWith(r *record, release func()) (err error) {
 // Shrinking returns ErrShrink.
 func (v *Volume) Resize(newSize int64) error {
 	s := v.s
-	if err := s.checkSizeFrom(newSize, v.Size()); err != nil { // an old 16 TiB volume may be "grown" to its size
+	if err := s.checkHeld(newSize, v.Size()); err != nil { // an old 16 TiB volume may be "grown" to its size
 		return err
 	}
 	s.mu.Lock()
