@@ -35,10 +35,10 @@ type GroupMember struct {
 
 // labels returns the labels of m's snapshot: common with m.Labels over it.
 func (m GroupMember) labels(common map[string]string) map[string]string {
+	out := maps.Clone(common) // each snapshot its own map
 	if len(m.Labels) == 0 {
-		return common
+		return out
 	}
-	out := maps.Clone(common)
 	if out == nil {
 		out = map[string]string{}
 	}
@@ -130,6 +130,7 @@ func (s *Store) CreateSnapshotGroup(groupID string, members []GroupMember, o Sna
 	if o.Limit < 0 {
 		return GroupInfo{}, fmt.Errorf("%w: negative limit", ErrBadArgument)
 	}
+	o.Labels = maps.Clone(o.Labels) // the store's own: the caller may reuse its map
 	if err := checkLabels(o.Labels); err != nil {
 		return GroupInfo{}, err
 	}

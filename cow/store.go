@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"maps"
 	"math/bits"
 	"os"
 	"path/filepath"
@@ -1434,6 +1435,7 @@ func (s *Store) CreateVolume(id string, size int64, o VolumeOptions) (*Volume, e
 	if _, err := chunkShift(cs); err != nil {
 		return nil, err
 	}
+	o.Labels = maps.Clone(o.Labels) // the store's own: the caller may reuse its map
 	if err := checkLabels(o.Labels); err != nil {
 		return nil, err
 	}
@@ -1487,6 +1489,7 @@ func (s *Store) clone(snapID, volID, newID string, size int64, o VolumeOptions) 
 	if err := checkSizeFrom(size, maxBytes); err != nil { // against the source's size below
 		return nil, err
 	}
+	o.Labels = maps.Clone(o.Labels) // the store's own: the caller may reuse its map
 	if err := checkLabels(o.Labels); err != nil {
 		return nil, err
 	}
@@ -1742,6 +1745,7 @@ func (s *Store) CreateSnapshot(volID, snapID string, o SnapshotOptions) (*Snapsh
 	if o.Limit < 0 {
 		return nil, fmt.Errorf("%w: negative limit", ErrBadArgument)
 	}
+	o.Labels = maps.Clone(o.Labels) // the store's own: the caller may reuse its map
 	if err := checkLabels(o.Labels); err != nil {
 		return nil, err
 	}

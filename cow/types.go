@@ -27,7 +27,9 @@ type VolumeOptions struct {
 	// ChunkSize is the copy-on-write unit in bytes: a power of two in
 	// [4 KiB, 1 MiB]; 0 means DefaultChunkSize. Clones use their own.
 	ChunkSize int
-	// Labels are opaque, persisted, at most 8 KiB encoded.
+	// Labels are opaque, persisted, at most 8 KiB encoded. The store
+	// copies them, and Info hands out copies: changing either map later
+	// changes nothing stored.
 	Labels map[string]string
 }
 
@@ -35,7 +37,8 @@ type VolumeOptions struct {
 type SnapshotOptions struct {
 	// Limit is the most COW space, in bytes, the snapshot may hold; 0 means
 	// unlimited. Past it the snapshot is invalidated (see doc.go).
-	Limit  int64
+	Limit int64
+	// Labels as VolumeOptions.Labels.
 	Labels map[string]string
 }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"sync"
 	"syscall"
@@ -33,7 +34,7 @@ func (sn *Snapshot) isInvalid() bool {
 // Info describes the volume.
 func (v *Volume) Info() VolumeInfo {
 	v.mu.RLock()
-	in := VolumeInfo{ID: v.id, Size: v.size, ChunkSize: int(v.chunkSize), Labels: v.labels}
+	in := VolumeInfo{ID: v.id, Size: v.size, ChunkSize: int(v.chunkSize), Labels: maps.Clone(v.labels)}
 	data := v.data
 	gone := v.gone
 	v.mu.RUnlock()
@@ -54,7 +55,7 @@ func (v *Volume) Info() VolumeInfo {
 func (sn *Snapshot) Info() SnapshotInfo {
 	sn.vol.mu.RLock()
 	defer sn.vol.mu.RUnlock()
-	return SnapshotInfo{ID: sn.id, VolumeID: sn.vol.id, Size: sn.size, Created: sn.created, Labels: sn.labels,
+	return SnapshotInfo{ID: sn.id, VolumeID: sn.vol.id, Size: sn.size, Created: sn.created, Labels: maps.Clone(sn.labels),
 		CowBytes: sn.held << sn.vol.shift, Limit: sn.limit, Invalid: sn.invalid, GroupID: sn.group}
 }
 
