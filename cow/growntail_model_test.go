@@ -19,8 +19,8 @@ import (
 // kills of a store that survives kills. Every acknowledged change must
 // survive a kill; a refused one must change nothing. No other generator
 // combines a grown tail chunk with kills and the reserve (written by the
-// review of copyOut's zero-over-the-snapshot's-part rule). GROWN_SEEDS,
-// GROWN_STEPS, GROWN_SEED (one seed); the run must have met refusals,
+// review of copyOut's zero-over-the-snapshot's-part rule). CSI_SNAP_GROWN_SEEDS,
+// CSI_SNAP_GROWN_STEPS, CSI_SNAP_GROWN_SEED (one seed); the run must have met refusals,
 // journal redos and held hole chunks, or it proved nothing.
 func TestGrownTailModel(t *testing.T) {
 	seeds, steps := 20, 800
@@ -32,14 +32,14 @@ func TestGrownTailModel(t *testing.T) {
 			seeds = 2
 		}
 	}
-	if s := os.Getenv("GROWN_SEEDS"); s != "" {
+	if s := os.Getenv("CSI_SNAP_GROWN_SEEDS"); s != "" {
 		seeds, _ = strconv.Atoi(s)
 	}
-	if s := os.Getenv("GROWN_STEPS"); s != "" {
+	if s := os.Getenv("CSI_SNAP_GROWN_STEPS"); s != "" {
 		steps, _ = strconv.Atoi(s)
 	}
 	first := int64(1)
-	if s := os.Getenv("GROWN_SEED"); s != "" {
+	if s := os.Getenv("CSI_SNAP_GROWN_SEED"); s != "" {
 		first, _ = strconv.ParseInt(s, 10, 64)
 		seeds = 1
 	}

@@ -16,22 +16,22 @@ import (
 // chunk size (4 KiB..1 MiB either way), rolled back to snapshots smaller
 // than they are now, reopened. After every step every volume and snapshot
 // must read as the model says: a grown tail and a clone's tail read zeros,
-// a snapshot its own bytes. SIZE_SEEDS, SIZE_STEPS, SIZE_SEED.
+// a snapshot its own bytes. CSI_SNAP_SIZE_SEEDS, CSI_SNAP_SIZE_STEPS, CSI_SNAP_SIZE_SEED.
 func TestSizeModel(t *testing.T) {
 	seeds, steps := 6, 400
 	if testing.Short() {
 		seeds, steps = 3, 250
 	}
-	if s := os.Getenv("SIZE_SEEDS"); s != "" {
+	if s := os.Getenv("CSI_SNAP_SIZE_SEEDS"); s != "" {
 		seeds, _ = strconv.Atoi(s)
 	}
-	if s := os.Getenv("SIZE_STEPS"); s != "" {
+	if s := os.Getenv("CSI_SNAP_SIZE_STEPS"); s != "" {
 		steps, _ = strconv.Atoi(s)
 	}
 	first := int64(1)
-	if s := os.Getenv("SIZE_SEED"); s != "" {
+	if s := os.Getenv("CSI_SNAP_SIZE_SEED"); s != "" {
 		first, _ = strconv.ParseInt(s, 10, 64)
-		if os.Getenv("SIZE_SEEDS") == "" {
+		if os.Getenv("CSI_SNAP_SIZE_SEEDS") == "" {
 			seeds = 1
 		}
 	}

@@ -355,7 +355,7 @@ func stBlocks(t testing.TB, dir string) (int64, int) {
 	for _, e := range es {
 		if strings.HasSuffix(e.Name(), ".data") || strings.HasSuffix(e.Name(), ".cow") {
 			files++
-			if os.Getenv("SPACE_EXTENTS") != "" {
+			if os.Getenv("CSI_SNAP_SPACE_EXTENTS") != "" {
 				// XFS with reflink: its CoW-fork preallocation counts
 				// in st_blocks until its background trim; count the
 				// data fork's extents instead.
@@ -380,9 +380,9 @@ func stBlocks(t testing.TB, dir string) (int64, int) {
 // written zeros, and a clone's chunk made whole, are data (FORMAT.md). A
 // deleted snapshot kept for clones, of a live volume or not, needs only
 // what its clones read through it (doc.go, "Lifetimes").
-// SPACE_SLACK overrides it (bytes per file).
+// CSI_SNAP_SPACE_SLACK overrides it (bytes per file).
 var pmSlack = func() int64 {
-	n, _ := strconv.ParseInt(os.Getenv("SPACE_SLACK"), 10, 64)
+	n, _ := strconv.ParseInt(os.Getenv("CSI_SNAP_SPACE_SLACK"), 10, 64)
 	return n
 }()
 
@@ -396,7 +396,7 @@ var pmSlack = func() int64 {
 // live images can read (pm.needed) plus pmSlack per file, and
 // Stats.HiddenBytes must be at most the model's hidden bytes and cover all
 // that live images do not read in live volumes' files. SPACE_SEEDS,
-// SPACE_STEPS, SPACE_SEED (one seed); SPACE_EXTENTS=1 measures data extents
+// SPACE_STEPS, CSI_SNAP_SPACE_SEED (one seed); CSI_SNAP_SPACE_EXTENTS=1 measures data extents
 // instead of st_blocks (XFS with reflink, whose CoW-fork preallocation
 // counts in st_blocks until its background trim).
 func TestSpaceReclaimModel(t *testing.T) {
@@ -407,7 +407,7 @@ func TestSpaceReclaimModel(t *testing.T) {
 	// and 217 a clone's first write allocating the source's zeros.
 	seeds := envSeeds("SPACE_SEEDS", []int64{1, 2, 3, 4, 5, 6, 29, 31, 127, 135, 217})
 	steps := envInt("SPACE_STEPS", 300)
-	if s := os.Getenv("SPACE_SEED"); s != "" {
+	if s := os.Getenv("CSI_SNAP_SPACE_SEED"); s != "" {
 		first, _ := strconv.ParseInt(s, 10, 64)
 		seeds = []int64{first}
 	}
@@ -617,7 +617,7 @@ func spaceModel(t *testing.T, seed int64, steps int) {
 		if err := verify(s, m, true); err != nil {
 			t.Fatalf("after step %d %v: %v\n%v", i, hist[len(hist)-1], err, hist)
 		}
-		if tr := os.Getenv("SPACE_TRACE"); tr != "" {
+		if tr := os.Getenv("CSI_SNAP_SPACE_TRACE"); tr != "" {
 			s.mu.Lock()
 			if sn, ok := s.byID[tr].(*Snapshot); ok {
 				fmt.Printf("step %d %s: %s:", i, hist[len(hist)-1], tr)
@@ -650,9 +650,9 @@ func spaceModel(t *testing.T, seed int64, steps int) {
 		h := s.Stats().HiddenBytes
 		want, del := p.hiddenModel(t, s, dir)
 		all, files := stBlocks(t, dir)
-		if os.Getenv("SPACE_NO_HIDDEN") == "" && (h > want || all-h > p.liveNeed()+int64(files)*pmSlack) {
+		if os.Getenv("CSI_SNAP_SPACE_NO_HIDDEN") == "" && (h > want || all-h > p.liveNeed()+int64(files)*pmSlack) {
 			t.Errorf("after step %d %v: HiddenBytes %d, model at most %d (deleted volumes' files %d); files %d, live images read %d of live volumes' files\n%s", i, hist[len(hist)-1], h, want, del, all, p.liveNeed(), fileTable(t, dir))
-			if os.Getenv("SPACE_HIDDEN_FATAL") != "" {
+			if os.Getenv("CSI_SNAP_SPACE_HIDDEN_FATAL") != "" {
 				_, by := p.liveNeedBy()
 				names := map[string]string{}
 				s.mu.Lock()
@@ -665,7 +665,7 @@ func spaceModel(t *testing.T, seed int64, steps int) {
 				for f, n := range by {
 					fmt.Printf("  live need %s (%s) %d\n", f, names[f[:strings.LastIndex(f, ".")]], n)
 				}
-				if vid := os.Getenv("SPACE_DUMP"); vid != "" {
+				if vid := os.Getenv("CSI_SNAP_SPACE_DUMP"); vid != "" {
 					v2, _ := s.Volume(vid)
 					v2.mu.RLock()
 					fmt.Printf("engine %s cs %d size %d present %v\n", vid, v2.chunkSize, v2.size, v2.present != nil)
@@ -700,7 +700,7 @@ func spaceModel(t *testing.T, seed int64, steps int) {
 				}
 			}
 			s.mu.Unlock()
-			if vid := os.Getenv("SPACE_DUMP"); vid != "" {
+			if vid := os.Getenv("CSI_SNAP_SPACE_DUMP"); vid != "" {
 				v2 := func() *Volume { s.mu.Lock(); defer s.mu.Unlock(); return s.byID[vid].(*Volume) }()
 				v2.mu.RLock()
 				fmt.Printf("engine %s cs %d size %d present %v\n", vid, v2.chunkSize, v2.size, v2.present != nil)
@@ -793,7 +793,7 @@ func (p *pm) hiddenModel(t testing.TB, s *Store, dir string) (int64, int64) {
 				k += pmBlk
 			}
 		}
-		if os.Getenv("SPACE_DEBUG") != "" && k > 0 {
+		if os.Getenv("CSI_SNAP_SPACE_DEBUG") != "" && k > 0 {
 			fmt.Printf("model: live %s hidden copies %d\n", v.id, k)
 			v2, _ := s.Volume(v.id)
 			v2.mu.RLock()

@@ -14,11 +14,11 @@ import (
 // only bytes (every live volume and snapshot against the content model).
 func TestUnalignedReclaimModel(t *testing.T) {
 	n, steps := 40, 300
-	if s := os.Getenv("UNALIGNED_SEEDS"); s != "" {
+	if s := os.Getenv("CSI_SNAP_UNALIGNED_SEEDS"); s != "" {
 		n, _ = strconv.Atoi(s)
 	}
 	first := int64(1)
-	if s := os.Getenv("UNALIGNED_SEED"); s != "" {
+	if s := os.Getenv("CSI_SNAP_UNALIGNED_SEED"); s != "" {
 		first, _ = strconv.ParseInt(s, 10, 64)
 		n = 1
 	}
@@ -296,7 +296,7 @@ func TestKillRedoDiscardNoLeak(t *testing.T) {
 	w(66485, 10514, 3)
 	w(32793, 16772, 4)
 	w(58229, 10262, 0)
-	if os.Getenv("UNALIGNED_NOKILL") != "" {
+	if os.Getenv("CSI_SNAP_UNALIGNED_NOKILL") != "" {
 		vv, _ := s.Volume("x1")
 		vv.Flush()
 		s.Close()

@@ -143,7 +143,7 @@ func storeBlocks(t *testing.T, dir string) (int64, map[string]int64) {
 	return total, per
 }
 
-// TestCloneLifeModel (review rev-s46-3): clones and restores served
+// TestCloneLifeModel: clones and restores served
 // through FUSE and loop devices, against a byte-exact model of every
 // volume. A volume is written through its device; a snapshot of it is
 // restored into a larger clone (the tail reads zeros), the volume itself
@@ -334,7 +334,7 @@ func TestCloneLifeModel(t *testing.T) {
 	t.Logf("store after deleting everything: %d bytes: %v", total, per)
 }
 
-// TestCloneWhileSourceWritten (review rev-s46-3): clones of a volume and
+// TestCloneWhileSourceWritten: clones of a volume and
 // restores of its snapshots made while writers rewrite (O_DIRECT) and
 // discard (BLKDISCARD) the volume through its loop device. Each 4 KiB
 // block carries a version stamped on a logical clock when its write
@@ -547,7 +547,7 @@ func TestCloneWhileSourceWritten(t *testing.T) {
 	}
 }
 
-// TestDeletedSourceFreedByCloneDiscard (review rev-s46-3): a volume full
+// TestDeletedSourceFreedByCloneDiscard: a volume full
 // of data is cloned (and snapshotted and restored) and then deleted (the
 // snapshot too); once every clone has rewritten or discarded (BLKDISCARD
 // through its device) every chunk, nothing reads the deleted source any
@@ -672,7 +672,7 @@ func TestDeletedSourceFreedByCloneDiscard(t *testing.T) {
 	}
 }
 
-// TestCloneRandomModel (review rev-s46-3): random lives of volumes,
+// TestCloneRandomModel: random lives of volumes,
 // snapshots, restores and clones (of clones, of restores), grown,
 // rolled back (clones too, to snapshots taken before or after their
 // own discards and growths), deleted in any order while their clones are
@@ -682,7 +682,7 @@ func TestCloneRandomModel(t *testing.T) {
 	requireRoot(t)
 	seeds := []int64{1, 2, 3}
 	steps := 150
-	if n, _ := strconv.Atoi(os.Getenv("CLONE_MODEL_SEEDS")); n > 0 {
+	if n, _ := strconv.Atoi(os.Getenv("CSI_SNAP_CLONE_MODEL_SEEDS")); n > 0 {
 		seeds, steps = nil, 400
 		for i := 0; i < n; i++ {
 			seeds = append(seeds, int64(100+i))
@@ -947,7 +947,7 @@ func cloneRandomModel(t *testing.T, seed int64, steps int) {
 	}
 }
 
-// TestCloneReadsWhileLineageChanges (review rev-s46-3): a clone of a
+// TestCloneReadsWhileLineageChanges: a clone of a
 // volume is written and read (O_DIRECT, every read compared with its
 // model under the block's lock) through its device, and its source
 // through its own, while other snapshots, clones and restores of the
@@ -1115,7 +1115,7 @@ func TestCloneReadsWhileLineageChanges(t *testing.T) {
 	checkSnap(t, "at the end", st, "s-old", oldImg)
 }
 
-// TestCloneReadsWhileSourceRollsBack (review rev-s46-3): a restore of a
+// TestCloneReadsWhileSourceRollsBack: a restore of a
 // snapshot and a clone of its volume are written, discarded and read
 // (every read compared with the model under the block's lock) through
 // their devices while the source volume, not attached, is written and

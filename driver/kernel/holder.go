@@ -1117,6 +1117,19 @@ func holderCall(socketPath string, req holderReq, fd int) (holderResp, int, erro
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	if err := writeHolder(c, req, fd); err != nil {
+		if notTaken(err) {
+			// The holder closed the connection before our request
+			// reached it (killed; or, emptied by another volume's drop,
+			// it closed its listener with this connection in the
+			// backlog): the request was not sent, so nothing was done,
+			// as when it closes before its answer (below). The caller
+			// may start a new holder, or ask again (holderAsk) and find
+			// it absent.
+			return resp, -1, fmt.Errorf("%w: %s not taken: %v", errNoHolder, req.Op, err)
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return resp, -1, fmt.Errorf("holder %s: %w: %v", req.Op, ErrHolderSlow, err)
+		}
 		return resp, -1, fmt.Errorf("holder %s: %w", req.Op, err)
 	}
 	buf := make([]byte, holderMsgMax)
@@ -1176,6 +1189,14 @@ func readHolder(c *net.UnixConn, buf, oob []byte) (n, oobn, flags int, err error
 }
 
 var errNoHolder = errors.New("no fuse holder")
+
+// notTaken reports whether err, a failed send of a request on a connection
+// to the holder, says that the holder closed it without reading (ECONNRESET:
+// its listener closed with the connection unaccepted; EPIPE: the accepted
+// connection closed): the request was not sent, and nothing was done.
+func notTaken(err error) bool {
+	return errors.Is(err, unix.ECONNRESET) || errors.Is(err, unix.EPIPE)
+}
 
 // holderAsk is holderCall for the requests that may be repeated (get,
 // drop): an answer that neither came nor proves the holder absent is asked

@@ -364,6 +364,12 @@ func askHolderThen(ctx context.Context, sock string, req holderReq, sent func(),
 	resp, err = holderExchangeThen(c, req, sent, fds...)
 	stop()
 	switch {
+	case errors.Is(err, errNotSent) && notTaken(err) && ctx.Err() == nil:
+		// The holder closed the connection before the request reached
+		// it (killed, or an emptied child holder exiting): nothing was
+		// done there, as when no holder answers the dial.
+		c.Close()
+		return nil, resp, true, nil
 	case err != nil && ctx.Err() != nil:
 		c.Close()
 		return nil, resp, false, ctx.Err()
@@ -405,7 +411,7 @@ func holderExchange(c *net.UnixConn, req holderReq, fds ...int) (holderResp, err
 func holderExchangeThen(c *net.UnixConn, req holderReq, sent func(), fds ...int) (holderResp, error) {
 	var resp holderResp
 	if err := writeHolderFDs(c, req, fds...); err != nil {
-		return resp, err
+		return resp, fmt.Errorf("%w: %w", errNotSent, err)
 	}
 	if sent != nil {
 		sent()
@@ -423,6 +429,10 @@ func holderExchangeThen(c *net.UnixConn, req holderReq, sent func(), fds ...int)
 	}
 	return resp, nil
 }
+
+// errNotSent wraps the error of a request that could not be sent to the
+// holder (holderExchangeThen): the holder did nothing of it.
+var errNotSent = errors.New("request not sent")
 
 // holderErrno turns a holder's errnoText back into its errno (EBUSY: the
 // filesystem is frozen already), or an error with the text.
