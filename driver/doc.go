@@ -113,7 +113,13 @@
 //     DataDir/stage-flags/<id>/<same name>, its mount flags and the
 //     record's identity: asked again at the path with other mount flags,
 //     it answers AlreadyExists (the spec's OK is for an identical
-//     capability only).
+//     capability only). From before its mount until its record is
+//     written, a mount stage also keeps DataDir/stage-pending/<id>/<same
+//     name>: cut off in between (killed, or the record's write failing,
+//     which answers Unavailable), the stage is uncertain to kubelet, which
+//     may unstage it; with that marker the unstage is taken as a stage's,
+//     not refused as a publish target's while the other stage stands
+//     (which left the path mounted and the volume never detached).
 //   - A NodeStageVolume that fails detaches what it attached (kubelet does
 //     not unstage a failed stage, and DeleteVolume refuses an attached
 //     volume; a failure after the stage's work was done, writing its
@@ -122,13 +128,14 @@
 //     in: a marker in DataDir/stage-markers/<id> lives from before the
 //     Attach until the stage succeeds or the volume is detached, and tells
 //     that retry that the attachment Recover restored is that stage's.
-//   - Stage, unstage, publish and snapshot first take back a device the
-//     frontend reports but does not serve (Recover could not take it back
-//     after a restart), and answer FailedPrecondition when they cannot (a
-//     publish would otherwise hand a pod a device whose I/O waits; a
-//     publish already done answers OK). An expand of such a volume is
-//     FailedPrecondition saying to unstage and stage it again, not
-//     NotFound: the volume exists.
+//   - Stage, unstage, publish, snapshot and both expansions first take
+//     back a device the frontend reports but does not serve (Recover could
+//     not take it back after a restart), and answer FailedPrecondition or
+//     Unavailable when they cannot (a publish would otherwise hand a pod a
+//     device whose I/O waits; a publish already done answers OK). An
+//     expansion takes it back before the store grows: nothing else takes
+//     a running pod's device back, and its resize would fail on every
+//     retry with the store grown and the device not.
 //   - A mount-access stage never formats a volume that an earlier,
 //     finished stage attached without a filesystem (a block stage of the
 //     same volume handle): FailedPrecondition instead of mkfs over the

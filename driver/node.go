@@ -619,6 +619,11 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 				resp, rerr = nil, retriable(fmt.Errorf("stage record of %s: %w", id, err))
 				return
 			}
+			// Recorded: the record says it from now on.
+			if err := dropMarker(d.stagePending(id, staging)); err != nil {
+				resp, rerr = nil, retriable(fmt.Errorf("stage marker of %s at %s: %w", id, staging, err))
+				return
+			}
 			// Kept, the marker would let a later failing stage detach
 			// this staged volume: the stage has not succeeded until it is
 			// gone.
@@ -726,6 +731,15 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	//     this process nor kubelet sees it, and a publish would bind the
 	//     empty directory under it, the pod's writes landing on the node's
 	//     disk, not in the volume.
+	// Until its record is written, the mount this stage makes at the path
+	// is known as a stage's by this marker: cut off in between (killed, or
+	// the record's write failing), the stage is uncertain to kubelet,
+	// which may unstage it, and an unstage of a path that holds the
+	// filesystem with neither record nor marker is refused as a publish
+	// target's while another stage of the volume stands.
+	if err := writeMarker(d.stagePending(id, staging), []byte(resolvedPath(staging))); err != nil {
+		return nil, toStatus(fmt.Errorf("stage marker of %s at %s: %w", id, staging, err))
+	}
 	if plan.reformat {
 		// As mount-utils runs mkfs, with its force flag.
 		args := slices.Clone(plan.formatOpts)
@@ -1384,7 +1398,24 @@ func (d *Driver) dropStageRecord(id, staging string) error {
 	if err := dropMarker(d.stageKind(id, staging)); err != nil {
 		return err
 	}
+	if err := dropMarker(d.stagePending(id, staging)); err != nil {
+		return err
+	}
 	return dropMarker(d.stageFlags(id, staging))
+}
+
+// stagePending is the file that exists while a mount stage of id at
+// staging (stageRecord, same name) has mounted, or is about to mount, the
+// volume there and has not written its record yet.
+func (d *Driver) stagePending(id, staging string) string {
+	return filepath.Join(d.opt.DataDir, "stage-pending", id, filepath.Base(d.stageRecord(id, staging)))
+}
+
+// stageUnfinishedAt reports whether a mount stage of id at path was cut
+// off between its mount and its record (stagePending).
+func (d *Driver) stageUnfinishedAt(id, path string) bool {
+	_, err := os.Stat(d.stagePending(id, path))
+	return err == nil
 }
 
 // dropStageRecords removes all of id's stage records and their kinds.
@@ -1393,6 +1424,9 @@ func (d *Driver) dropStageRecords(id string) error {
 		return err
 	}
 	if err := os.RemoveAll(filepath.Join(d.opt.DataDir, "stage-kinds", id)); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(filepath.Join(d.opt.DataDir, "stage-pending", id)); err != nil {
 		return err
 	}
 	return os.RemoveAll(filepath.Join(d.opt.DataDir, "stage-flags", id))
@@ -1557,7 +1591,7 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 		// mounted: a retry of an unstage that dropped its record; OK.)
 		if top, err := d.topMount(staging); err != nil {
 			return nil, toStatus(err)
-		} else if _, serr := os.Stat(d.stageRecord(id, staging)); top.Device != "" && serr != nil {
+		} else if _, serr := os.Stat(d.stageRecord(id, staging)); top.Device != "" && serr != nil && !d.stageUnfinishedAt(id, staging) {
 			return nil, statusf(codes.FailedPrecondition, "%s is not a staging path of volume %s (staged at %q); a publish target is unpublished, not unstaged", staging, id, others)
 		}
 		if err := d.takeBack(ctx, id); err != nil {
@@ -2331,6 +2365,11 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	dev, ok := d.opt.Frontend.Device(id)
 	if !ok {
 		return nil, statusf(codes.FailedPrecondition, "volume %s is not staged on this node", id)
+	}
+	// Served first (see ControllerExpandVolume): the resize and the
+	// filesystem's grow need the device served.
+	if err := d.takeBack(ctx, id); err != nil {
+		return nil, err
 	}
 	// The filesystem to grow, for mount access, is the one at path: checked
 	// before anything changes, since xfs_growfs grows whatever filesystem is

@@ -494,7 +494,10 @@ func (f *Frontend) Detach(ctx context.Context, id string) error {
 func (f *Frontend) Resize(ctx context.Context, id string, newSize int64) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if _, ok := f.devs[id]; !ok {
+	if _, ok := f.devs[id]; !ok || f.unserved[id] {
+		// Unserved: the kernel frontend resizes only a device it serves
+		// (kernel.Frontend.Resize answers ErrNotFound for one it has not
+		// resumed).
 		return fmt.Errorf("%s: %w", id, driver.ErrNotFound)
 	}
 	f.sizes[id] = newSize

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io/fs"
 	"math/rand"
 	"net"
 	"os"
@@ -1119,6 +1120,35 @@ func (c *chaos) cleanup() {
 			c.k.ctrl.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: e.Snapshot.SnapshotId})
 		}
 	}
+	// Every volume unstaged and deleted: no marker or record of the
+	// driver's may be left in the data dir (the store and the run dir are
+	// not the driver's).
+	for _, f := range dataDirLeftovers(c.t, c.k.data) {
+		c.t.Errorf("cleanup: LEAK: %s is left in the data dir", f)
+	}
+}
+
+// dataDirLeftovers lists the files under dataDir other than the store's
+// and the run dir's: the driver's markers and records (stage markers,
+// stage records, kinds and flags, publish markers and records, freeze
+// markers).
+func dataDirLeftovers(t *testing.T, dataDir string) []string {
+	t.Helper()
+	var out []string
+	filepath.WalkDir(dataDir, func(p string, e fs.DirEntry, err error) error {
+		if err != nil {
+			return nil
+		}
+		rel, _ := filepath.Rel(dataDir, p)
+		if e.IsDir() && (rel == "store" || rel == "run") {
+			return filepath.SkipDir
+		}
+		if !e.IsDir() {
+			out = append(out, rel)
+		}
+		return nil
+	})
+	return out
 }
 
 func (c *chaos) report(n int, d time.Duration) {
