@@ -793,17 +793,18 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 		// and NodeStageVolume answer it.
 		return nil, statusf(codes.InvalidArgument, "volume %s was made for %s, not fs_type %s", id, made, want)
 	}
-	// A device no process serves (a restart whose Recover could not take
-	// it back) is taken back first, as stage, unstage, publish and
-	// snapshot do: its Resize would fail for as long as its pod runs
-	// (nothing else takes a running pod's device back), with the store
-	// grown and the device not.
-	if err := d.takeBack(ctx, id); err != nil {
-		return nil, err
-	}
 	nodeExpand := req.GetVolumeCapability().GetBlock() == nil
 	size, err := grownSize(id, req.GetCapacityRange(), v.Size)
 	if err != nil {
+		return nil, err
+	}
+	// A device no process serves (a restart whose Recover could not take
+	// it back) is taken back before anything grows, as stage, unstage,
+	// publish and snapshot do: its Resize would fail for as long as its
+	// pod runs (nothing else takes a running pod's device back), with the
+	// store grown and the device not. (After the arguments' checks, so
+	// that bad input answers its own code.)
+	if err := d.takeBack(ctx, id); err != nil {
 		return nil, err
 	}
 	if size == v.Size {

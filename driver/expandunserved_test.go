@@ -30,6 +30,11 @@ func TestExpandTakesBackUnservedDevice(t *testing.T) {
 	creq := &csi.ControllerExpandVolumeRequest{VolumeId: id, CapacityRange: &csi.CapacityRange{RequiredBytes: 2 << 20}, VolumeCapability: blockCap()}
 
 	e.fe.AttachErr = fmt.Errorf("holder get: %w", driver.ErrUnavailable)
+	// Bad input answers its own code first, whatever the device's state.
+	shrink := &csi.ControllerExpandVolumeRequest{VolumeId: id, CapacityRange: &csi.CapacityRange{RequiredBytes: 4096, LimitBytes: 4096}, VolumeCapability: blockCap()}
+	if _, err := e.d.ControllerExpandVolume(ctx, shrink); status.Code(err) != codes.OutOfRange {
+		t.Errorf("ControllerExpandVolume to below the volume's size, device unserved: %v, want OutOfRange", err)
+	}
 	if _, err := e.d.ControllerExpandVolume(ctx, creq); status.Code(err) != codes.Unavailable {
 		t.Errorf("ControllerExpandVolume while the device cannot be taken back (holder slow): %v, want Unavailable", err)
 	}
