@@ -395,8 +395,8 @@ var pmSlack = func() int64 {
 // does), the .data and .cow files may hold (st_blocks) no more than the
 // live images can read (pm.needed) plus pmSlack per file, and
 // Stats.HiddenBytes must be at most the model's hidden bytes and cover all
-// that live images do not read in live volumes' files. SPACE_SEEDS,
-// SPACE_STEPS, CSI_SNAP_SPACE_SEED (one seed); CSI_SNAP_SPACE_EXTENTS=1 measures data extents
+// that live images do not read in live volumes' files. CSI_SNAP_SPACE_SEEDS,
+// CSI_SNAP_SPACE_STEPS, CSI_SNAP_SPACE_SEED (one seed); CSI_SNAP_SPACE_EXTENTS=1 measures data extents
 // instead of st_blocks (XFS with reflink, whose CoW-fork preallocation
 // counts in st_blocks until its background trim).
 func TestSpaceReclaimModel(t *testing.T) {
@@ -405,8 +405,8 @@ func TestSpaceReclaimModel(t *testing.T) {
 	// (a rollback's partial tail block, the tail of a last-chunk copy, a
 	// deleted clone's last chunk, discards into a written overlay entry),
 	// and 217 a clone's first write allocating the source's zeros.
-	seeds := envSeeds("SPACE_SEEDS", []int64{1, 2, 3, 4, 5, 6, 29, 31, 127, 135, 217})
-	steps := envInt("SPACE_STEPS", 300)
+	seeds := envSeeds("CSI_SNAP_SPACE_SEEDS", []int64{1, 2, 3, 4, 5, 6, 29, 31, 127, 135, 217})
+	steps := envInt("CSI_SNAP_SPACE_STEPS", 300)
 	if s := os.Getenv("CSI_SNAP_SPACE_SEED"); s != "" {
 		first, _ := strconv.ParseInt(s, 10, 64)
 		seeds = []int64{first}
@@ -1145,7 +1145,7 @@ func TestDiscardIntoEntryPunches(t *testing.T) {
 // COW chunk 0 like any hole. Copying the whole chunk because the data file
 // has data past the snapshot's size stored a chunk of its zeros (and the
 // volume's later bytes), counted in HiddenBytes once the snapshot was
-// deleted and kept for a clone (SPACE_SEEDS=400 seed 217).
+// deleted and kept for a clone (CSI_SNAP_SPACE_SEEDS=400 seed 217).
 func TestGrownTailChunkZeroCopy(t *testing.T) {
 	const cs, size, grown = 16 << 10, 20 << 10, 32 << 10
 	dir := t.TempDir()

@@ -3,7 +3,7 @@
 # socket and data dir, creates a volume, publishes it (ext4), writes a file,
 # snapshots it, overwrites the file, restores the snapshot into a new volume
 # and reads the old content back, then cleans everything up. Needs root,
-# grpcurl (go install github.com/fullstorydev/grpcurl/cmd/grpcurl@latest)
+# grpcurl (go install github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.4)
 # and e2fsprogs.
 set -euo pipefail
 cd "$(dirname "$0")/.."

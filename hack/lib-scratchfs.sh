@@ -9,7 +9,7 @@
 #                     prints a "# bench file system" line.
 scratch_fs() {
 	[ "$(id -u)" = 0 ] || { echo "needs root (mkfs, losetup, mount)"; exit 1; }
-	command -v mkfs.xfs >/dev/null || apt-get install -y -qq xfsprogs >/dev/null
+	command -v mkfs.xfs >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xfsprogs >/dev/null; }
 	work=$(mktemp -d "/var/tmp/csi-snap-bench-$1.XXXXXX")
 	dev=
 	trap scratch_fs_cleanup EXIT
