@@ -500,6 +500,15 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 	if dev, ok := d.opt.Frontend.Device(id); ok {
 		return nil, statusf(codes.FailedPrecondition, "volume %s is staged on this node (%s); unstage it first", id, dev)
 	}
+	// Attached with no loop device: its device detached from outside
+	// (losetup -d), or a held connection not taken back yet. Its FUSE file
+	// is still mounted and served (or held), and the stage that made it
+	// still stands: deleted here, the volume went from under its server
+	// and the mount and held connection stayed until an unstage or a
+	// restart (TestDeleteStagedVolumeWithoutDevice). The unstage detaches.
+	if slices.Contains(d.opt.Frontend.Attached(), id) {
+		return nil, statusf(codes.FailedPrecondition, "volume %s is attached on this node (its FUSE file is mounted or held, with no loop device: detached from outside?); unstage it first", id)
+	}
 	if err := d.opt.Store.DeleteVolume(id); errors.Is(err, ErrNotFound) && !madeBy(id, d.tag) {
 		return nil, foreignDelete("volume", id)
 	} else if err != nil && !errors.Is(err, ErrNotFound) {

@@ -200,6 +200,18 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 			add(csi.VolumeHealthErrorType_INACCESSIBLE, "NotServed", fmt.Sprintf("device %s is not served by this plugin (not taken back after a restart; or its fuse-holder did not answer in time): its I/O waits", dev))
 		}
 	}
+	// Attached with no loop device: its FUSE file is mounted or held,
+	// but its device was detached from outside (losetup -d), or a held
+	// connection was not taken back with one. Not "not attached": the
+	// stage stands, and only its unstage (and a stage after it) mends it.
+	deviceless := !attached && slices.Contains(d.opt.Frontend.Attached(), id)
+	if deviceless {
+		msg := "the volume is attached on this node (its FUSE file is mounted or held) but has no loop device (detached from outside?): unstage and stage it again"
+		if d.opt.Frontend.Unserved(id) {
+			msg += "; its FUSE connection is not served by this plugin"
+		}
+		add(csi.VolumeHealthErrorType_INACCESSIBLE, "DeviceMissing", msg)
+	}
 	mps, err := d.listMounts()
 	if err != nil {
 		return nil, toStatus(fmt.Errorf("list mounts: %w", err))
@@ -207,6 +219,9 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 	for _, p := range []string{req.GetStagingTargetPath(), req.GetVolumePublishPath()} {
 		if p == "" {
 			continue
+		}
+		if deviceless {
+			break
 		}
 		if !attached {
 			add(csi.VolumeHealthErrorType_INACCESSIBLE, "NotStaged", "volume is not attached on this node")

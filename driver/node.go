@@ -1756,7 +1756,35 @@ func (d *Driver) mayUnmount(path, id string, top mount.MountPoint) error {
 	if d.isVolume(path, id, top) {
 		return nil
 	}
+	// A raw block publish of id whose loop device was detached from
+	// outside (losetup -d, which a bind of the node does not prevent):
+	// the volume has no device any more, so the bind is of none of its
+	// devices, and refusing it kept the pod Terminating for good
+	// (TestUnpublishBlockAfterOutsideLoopDetach). A bind of a loop device
+	// bound to nothing reaches no data; the target's publish record says
+	// it is this volume's.
+	if r, ok := nodeRdev(path); ok && unboundLoop(r) {
+		if rec, ok := d.readPublishRecord(path); ok && rec.Volume == id {
+			return nil
+		}
+	}
 	return statusf(codes.FailedPrecondition, "%s holds %s (%s), which is not volume %s's device: not unmounted", path, top.Device, top.Type, id)
+}
+
+// unboundLoop reports whether the block device numbered rdev is a loop
+// device bound to no file (sysfs).
+func unboundLoop(rdev uint64) bool {
+	dir := fmt.Sprintf("/sys/dev/block/%d:%d/loop", unix.Major(rdev), unix.Minor(rdev))
+	if fi, err := os.Stat(dir); err == nil && fi.IsDir() {
+		_, err := os.Stat(filepath.Join(dir, "backing_file"))
+		return errors.Is(err, fs.ErrNotExist)
+	}
+	// An unbound loop device has no loop directory in sysfs on some
+	// kernels: a loop device is one with the loop driver's major.
+	if _, err := os.Stat(fmt.Sprintf("/sys/dev/block/%d:%d", unix.Major(rdev), unix.Minor(rdev))); err != nil {
+		return false
+	}
+	return unix.Major(rdev) == 7 // LOOP_MAJOR
 }
 
 // removeTarget removes a publish's target path once nothing is mounted on

@@ -574,6 +574,21 @@ func (f *Frontend) set(id string, v *volume) {
 // keeps resumes it: same mount, same loop device, requests in flight are
 // resent. b.Size() must be a positive multiple of 4096 (ErrInvalid).
 func (f *Frontend) Attach(ctx context.Context, id string, b Backend, readOnly bool) (string, error) {
+	dev, err := f.attach(ctx, id, b, readOnly)
+	if err == nil {
+		// A device found again (an Attach of an attached id, a resume)
+		// whose node was removed from outside (rm /dev/loopN): handed out
+		// as it is, a stage answered OK with a path that does not exist
+		// (TestAttachAgainRemovedDeviceNode).
+		err = ensureLoopNode(dev)
+	}
+	if err != nil {
+		return "", err
+	}
+	return dev, nil
+}
+
+func (f *Frontend) attach(ctx context.Context, id string, b Backend, readOnly bool) (string, error) {
 	if err := validateID(id); err != nil {
 		return "", err
 	}
@@ -1509,7 +1524,7 @@ func (f *Frontend) Resize(ctx context.Context, id string, newSize int64) error {
 	if err := f.cacheSize(v, newSize); err != nil {
 		return err
 	}
-	if !ownsLoop(v.dev, v.mp) {
+	if !ownsLoop(v.dev, v.mp) && !servedOrphan(v, v.dev) {
 		return fmt.Errorf("%w: %s is no longer attached to %s (detached from outside)", ErrNotFound, v.dev, id)
 	}
 	devs := []string{v.dev}
@@ -1545,6 +1560,16 @@ func (f *Frontend) Resize(ctx context.Context, id string, newSize int64) error {
 // old size. So check the cached size itself (AT_STATX_DONT_SYNC) and try
 // again.
 func (f *Frontend) cacheSize(v *volume, want int64) error {
+	if !isMounted(v.mp) {
+		// Unmounted from outside while a device still holds the file (a
+		// served orphan, lostServed): no path reaches the FUSE file any
+		// more, and a stat of v.mp reads the empty file under the mount
+		// that was (TestResizeServedOrphan). Drop the cached attributes
+		// only: the loop driver's getattr (lo_calculate_size, Linux 6.17)
+		// then asks this server for the size, and Resize checks the
+		// device's size after.
+		return v.withFD(v.srv.notifyInvalAttr)
+	}
 	cached := int64(-1)
 	if size, err := cachedSize(v.mp); err == nil && size == want {
 		return nil // (the backend never shrinks: an equal size is current)

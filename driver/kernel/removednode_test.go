@@ -1,0 +1,105 @@
+package kernel
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// restoreLoopNode makes /dev/loopN again from sysfs if it is missing
+// (tests that remove it).
+func restoreLoopNode(n int) {
+	dev := fmt.Sprintf("/dev/loop%d", n)
+	if _, err := os.Stat(dev); err == nil {
+		return
+	}
+	var major, minor uint32
+	b, err := os.ReadFile(fmt.Sprintf("/sys/block/loop%d/dev", n))
+	if err != nil {
+		return
+	}
+	if _, err := fmt.Sscanf(strings.TrimSpace(string(b)), "%d:%d", &major, &minor); err != nil {
+		return
+	}
+	unix.Mknod(dev, unix.S_IFBLK|0o600, int(unix.Mkdev(major, minor)))
+}
+
+// TestDetachRemovedDeviceNode: the device node of an attached volume is
+// removed from outside (rm /dev/loopN: an operator's cleanup, a container
+// runtime's /dev) while the device stays bound to the volume's FUSE file.
+// Detach must not report success with the device still bound: it took the
+// open's ENOENT for "already detached", dropped the device from the
+// registry, unmounted the FUSE file lazily and had the holder drop the
+// connection, so the device stayed bound to a dead FUSE file, named by
+// nothing (Attached, Device, a later Attach and Detach all miss it), until
+// a reboot.
+func TestDetachRemovedDeviceNode(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	fe, _ := newFrontend(t)
+	const id = "vol-node-removed"
+	b := newFileBackend(t, t.TempDir(), 16<<20)
+	dev, err := fe.Attach(ctx, id, b, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := mustLoopNumber(t, dev)
+	bf0, _ := readSysfs(n, "loop/backing_file")
+	t.Cleanup(func() {
+		restoreLoopNode(n)
+		if bf, err := readSysfs(n, "loop/backing_file"); err == nil && bf == bf0 || err == nil && bf == "/" {
+			exec.Command("losetup", "-d", dev).Run()
+		}
+	})
+	if err := os.Remove(dev); err != nil {
+		t.Fatal(err)
+	}
+	derr := fe.Detach(ctx, id)
+	if bf, err := readSysfs(n, "loop/backing_file"); err == nil && derr == nil {
+		t.Errorf("Detach of %s whose device node %s was removed returned nil, but loop%d is still bound (backing file %q, was %q): left bound to a dead FUSE file", id, dev, n, bf, bf0)
+	} else if derr != nil {
+		t.Logf("Detach: %v", derr)
+		restoreLoopNode(n)
+		if err := fe.Detach(ctx, id); err != nil {
+			t.Errorf("Detach once the node is back: %v", err)
+		}
+	}
+	if _, err := readSysfs(n, "loop/backing_file"); err == nil {
+		t.Errorf("loop%d still bound at the end", n)
+	}
+}
+
+// TestAttachAgainRemovedDeviceNode: Attach of an attached id returns its
+// device (idempotent, the stage's retry); with the device's node removed
+// from outside it returned the path of a node that does not exist, which
+// the stage answered OK with and every publish then failed to bind. The
+// device is still ours and bound: the node must be there again.
+func TestAttachAgainRemovedDeviceNode(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	fe, _ := newFrontend(t)
+	const id = "vol-node-again"
+	b := newFileBackend(t, t.TempDir(), 16<<20)
+	dev, err := fe.Attach(ctx, id, b, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := mustLoopNumber(t, dev)
+	t.Cleanup(func() { restoreLoopNode(n) })
+	if err := os.Remove(dev); err != nil {
+		t.Fatal(err)
+	}
+	dev2, err := fe.Attach(ctx, id, b, false)
+	if err != nil {
+		t.Fatalf("Attach again: %v", err)
+	}
+	if _, err := os.Stat(dev2); err != nil {
+		t.Errorf("Attach again returned %s (first %s), which does not exist: %v", dev2, dev, err)
+	}
+	restoreLoopNode(n)
+}
