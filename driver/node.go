@@ -750,7 +750,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		}
 		klog.InfoS("The device holds an unfinished mkfs.xfs; formatting it again", "volumeID", id, "device", dev, "fstype", plan.fstype)
 		if out, err := d.opt.Mounter.Exec.Command("mkfs."+plan.fstype, args...).CombinedOutput(); err != nil {
-			return nil, statusf(codes.Internal, "format %s (%s) over an unfinished mkfs.xfs: %v: %s", dev, plan.fstype, err, out)
+			return nil, statusf(d.spaceCode(fmt.Errorf("%w: %s", err, out)), "format %s (%s) over an unfinished mkfs.xfs: %v: %s", dev, plan.fstype, err, out)
 		}
 	}
 	merr := d.opt.Mounter.FormatAndMountSensitiveWithFormatOptions(dev, staging, plan.fstype, plan.flags, nil, plan.formatOpts)
@@ -760,7 +760,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		klog.InfoS("The device got mounted at the staging path meanwhile (a killed stage's mount finished): staged", "volumeID", id, "device", dev, "stagingPath", staging, "mountError", merr)
 	case cerr == nil && cur == dev:
 	case merr != nil:
-		return nil, statusf(codes.Internal, "format and mount %s (%s) at %s: %v", dev, plan.fstype, staging, merr)
+		return nil, statusf(d.spaceCode(merr), "format and mount %s (%s) at %s: %v", dev, plan.fstype, staging, merr)
 	default:
 		return nil, statusf(codes.Internal, "mounted %s at %s, but this process sees %q mounted there (%v): the fuse-holder's mounts do not reach this mount namespace; give it kubelet's directory with Bidirectional propagation, or run it with --run-tools=false", dev, staging, cur, cerr)
 	}
@@ -1107,9 +1107,9 @@ func (d *Driver) growStaged(id string, v VolumeInfo, dev, staging string, flags 
 				klog.ErrorS(uerr, "Unmount after a failed grow", "stagingPath", staging)
 			}
 			if serr != nil {
-				return statusf(codes.Internal, "the filesystem on %s could not grow to the volume's %d bytes: %v; and its size is unknown: %v", dev, want, err, serr)
+				return statusf(d.spaceCode(err), "the filesystem on %s could not grow to the volume's %d bytes: %v; and its size is unknown: %v", dev, want, err, serr)
 			}
-			return statusf(codes.Internal, "the filesystem on %s (%d bytes) could not grow to the volume's %d bytes: %v", dev, size, want, err)
+			return statusf(d.spaceCode(err), "the filesystem on %s (%d bytes) could not grow to the volume's %d bytes: %v", dev, size, want, err)
 		}
 	}
 	klog.ErrorS(err, "Could not grow the filesystem to its device; it keeps its size (NodeExpandVolume retries for a PVC expanded since)", "volumeID", id, "device", dev, "stagingPath", staging)
@@ -2458,11 +2458,34 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	}
 	if fsPath {
 		if _, err := mount.NewResizeFs(d.opt.Mounter.Exec).Resize(dev, growAt); err != nil {
-			return nil, statusf(codes.Internal, "grow filesystem on %s at %s: %v", dev, growAt, err)
+			return nil, statusf(d.spaceCode(err), "grow filesystem on %s at %s: %v", dev, growAt, err)
 		}
 	}
 	klog.V(2).InfoS("Expanded volume on node", "volumeID", id, "size", v.Size)
 	return &csi.NodeExpandVolumeResponse{CapacityBytes: v.Size}, nil
+}
+
+// spaceCode is the code of a filesystem tool or mount on a volume
+// (mkfs, mount, resize2fs, xfs_growfs) that failed: ResourceExhausted when
+// the node is out of space for it, else Internal. A grow writes the new
+// groups' metadata, a mount its log recovery, a clone's first write a whole
+// chunk, into parts of the data dir not allocated yet, which a full data
+// dir refuses (ENOSPC from the store, passed on by the loop device: the
+// tool says "No space left on device"); below the store's free-space
+// reserve such writes fail as soon as the few blocks left are taken.
+// Retrying once space is freed succeeds, as for a volume that does not fit
+// (writeMarker).
+func (d *Driver) spaceCode(err error) codes.Code {
+	if errors.Is(err, syscall.ENOSPC) || strings.Contains(err.Error(), syscall.ENOSPC.Error()) {
+		return codes.ResourceExhausted
+	}
+	var st unix.Statfs_t
+	if serr := unix.Statfs(d.opt.DataDir, &st); serr == nil {
+		if free := int64(st.Bavail) * st.Bsize; free == 0 || (d.opt.MinFree > 0 && free < d.opt.MinFree) {
+			return codes.ResourceExhausted
+		}
+	}
+	return codes.Internal
 }
 
 // leftInDataDir returns err, unless it is a failure of the data dir's own
