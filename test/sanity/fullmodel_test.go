@@ -83,6 +83,334 @@ func spaceErr(err error) bool {
 	return errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EIO)
 }
 
+// fullEnv is csi-snap serving a small data dir of its own (400 MiB) with
+// a 16 MiB reserve, and its clients: what the TestFullDataDir tests fill.
+type fullEnv struct {
+	t                    *testing.T
+	bin, dir, data, sock string
+	args                 []string
+	// ballast is the path of a file in the data dir that a test may write
+	// (writeBallast) and remove to free space.
+	ballast string
+	p       *plugin
+	ctx     context.Context
+	ctrl    csi.ControllerClient
+	node    csi.NodeClient
+	ident   csi.IdentityClient
+	group   csi.GroupControllerClient
+}
+
+// newFullEnv starts csi-snap on a fresh fstype data dir; ballast, if not
+// nil, is written there first. Anything left under its directory after
+// the test is an error.
+func newFullEnv(t *testing.T, fstype string, ballast []byte) *fullEnv {
+	t.Helper()
+	requireCapabilities(t)
+	e := &fullEnv{t: t, bin: buildPlugin(t), dir: t.TempDir(), ctx: context.Background()}
+	e.data, _ = dataDirFS(t, fstype, 400<<20)
+	t.Cleanup(func() {
+		if forceCleanup(t, e.dir) {
+			t.Errorf("mounts, loop devices or holders were left under %s", e.dir)
+		}
+	})
+	e.ballast = filepath.Join(e.data, "ballast")
+	if ballast != nil {
+		e.writeBallast(ballast)
+	}
+	e.sock = filepath.Join(e.dir, "csi.sock")
+	e.args = []string{"--run-dir", filepath.Join(e.dir, "run"), "--min-free", "16Mi"}
+	e.p = startPlugin(t, e.bin, e.sock, e.data, e.args...)
+	t.Cleanup(func() { e.p.stop(t, os.Interrupt) })
+	cc := connect(t, e.sock)
+	e.ctrl, e.node, e.ident, e.group = csi.NewControllerClient(cc), csi.NewNodeClient(cc), csi.NewIdentityClient(cc), csi.NewGroupControllerClient(cc)
+	return e
+}
+
+func (e *fullEnv) writeBallast(b []byte) {
+	e.t.Helper()
+	if err := os.WriteFile(e.ballast, b, 0o600); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// restart stops the plugin (see stopMaybeFailed: storeOK false lets it
+// exit 1) and starts it again on the same data dir.
+func (e *fullEnv) restart(storeOK bool) {
+	e.t.Helper()
+	stopMaybeFailed(e.t, e.p, storeOK)
+	e.p = startPlugin(e.t, e.bin, e.sock, e.data, e.args...)
+}
+
+// available is what the data dir has free.
+func (e *fullEnv) available() int64 {
+	var st unix.Statfs_t
+	unix.Statfs(e.data, &st)
+	return int64(st.Bavail) * st.Bsize
+}
+
+func (e *fullEnv) staging(name string) string { return filepath.Join(e.dir, name+"-staging") }
+func (e *fullEnv) path(name string) string    { return filepath.Join(e.dir, name) }
+
+func fromSnapshot(id string) *csi.VolumeContentSource {
+	return &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
+		Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: id}}}
+}
+
+// create makes a raw block volume of size bytes, from src if not nil.
+func (e *fullEnv) create(name string, size int64, src *csi.VolumeContentSource) (string, error) {
+	cv, err := e.ctrl.CreateVolume(e.ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: size},
+		VolumeCapabilities: []*csi.VolumeCapability{blockCap()}, VolumeContentSource: src})
+	if err != nil {
+		return "", err
+	}
+	return cv.Volume.VolumeId, nil
+}
+
+// mustCreate is create, failing the test on an error.
+func (e *fullEnv) mustCreate(name string, size int64, src *csi.VolumeContentSource) string {
+	e.t.Helper()
+	id, err := e.create(name, size, src)
+	if err != nil {
+		e.t.Fatalf("create %s: %v", name, err)
+	}
+	return id
+}
+
+// publish stages and publishes block volume id at dir/name (staged at
+// dir/name-staging) and returns its device.
+func (e *fullEnv) publish(id, name string) string {
+	e.t.Helper()
+	stageAndPublishAs(e.t, e.node, id, e.staging(name), e.path(name), blockCap())
+	return e.path(name)
+}
+
+func (e *fullEnv) unpublish(id, name string) {
+	e.t.Helper()
+	unpublishAndUnstage(e.t, e.node, id, e.staging(name), e.path(name))
+}
+
+func (e *fullEnv) snapshot(id, name string) string {
+	e.t.Helper()
+	cs, err := e.ctrl.CreateSnapshot(e.ctx, &csi.CreateSnapshotRequest{SourceVolumeId: id, Name: name})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return cs.Snapshot.SnapshotId
+}
+
+func (e *fullEnv) snapReady(id string) bool {
+	e.t.Helper()
+	ls, err := e.ctrl.ListSnapshots(e.ctx, &csi.ListSnapshotsRequest{SnapshotId: id})
+	if err != nil || len(ls.Entries) != 1 {
+		e.t.Fatalf("list snapshot %s: %v, %v", id, ls, err)
+	}
+	return ls.Entries[0].Snapshot.ReadyToUse
+}
+
+// pwrite writes p at off of the device at path with O_DIRECT in 1 MiB
+// requests and reports the first error; a short write with no error is a
+// failure, and so is an open that fails.
+func (e *fullEnv) pwrite(path string, p []byte, off int) (int, error) {
+	fd, err := unix.Open(path, unix.O_RDWR|unix.O_DIRECT, 0)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	return e.pwriteFD(fd, path, p, off)
+}
+
+// tryPwrite is pwrite returning an open's error (for a goroutine of the
+// test).
+func (e *fullEnv) tryPwrite(path string, p []byte, off int) (int, error) {
+	fd, err := unix.Open(path, unix.O_RDWR|unix.O_DIRECT, 0)
+	if err != nil {
+		return 0, err
+	}
+	defer unix.Close(fd)
+	return e.pwriteFD(fd, path, p, off)
+}
+
+func (e *fullEnv) pwriteFD(fd int, path string, p []byte, off int) (int, error) {
+	done := 0
+	for done < len(p) {
+		n := min(len(p)-done, 1<<20)
+		var w int
+		err := quietly(e.t, fmt.Sprintf("pwrite %s at %d", filepath.Base(path), off+done), func() error {
+			var err error
+			w, err = unix.Pwrite(fd, p[done:done+n], int64(off+done))
+			return err
+		})
+		if err != nil {
+			return done, err
+		}
+		if w != n {
+			e.t.Errorf("pwrite of %d bytes at %d of %s wrote %d with no error", n, off+done, path, w)
+			return done + w, nil
+		}
+		done += n
+	}
+	return done, nil
+}
+
+// writeSync writes p (if not nil) at off of the device at path through
+// the page cache and fsyncs it, within 60 s.
+func (e *fullEnv) writeSync(what, path string, p []byte, off int) error {
+	return within(e.t, what, func() error {
+		f, err := os.OpenFile(path, os.O_RDWR, 0)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if p != nil {
+			if _, err := f.WriteAt(p, int64(off)); err != nil {
+				return err
+			}
+		}
+		return f.Sync()
+	})
+}
+
+// written makes block volume name of size bytes, publishes it, writes it
+// whole with random bytes and snapshots it as name-snap. It returns the
+// volume, its device, its model, the snapshot and the snapshot's image.
+func (e *fullEnv) written(name string, size int, rng *rand.Rand) (id, dev string, m *blockModel, snap string, img []byte) {
+	e.t.Helper()
+	id, err := e.create(name, int64(size), nil)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	dev = e.publish(id, name)
+	m = newBlockModel(size)
+	buf := alignedBlock(size)
+	rng.Read(buf)
+	if _, err := e.pwrite(dev, buf, 0); err != nil {
+		e.t.Fatal(err)
+	}
+	m.done(buf, 0)
+	return id, dev, m, e.snapshot(id, name+"-snap"), bytes.Clone(buf)
+}
+
+// fillB makes a thin 1 GiB block volume "b", larger than the data dir,
+// and fills the data dir through its device (1 MiB writes, of rng's bytes
+// if not nil, until 3 failed). It returns the volume and its device.
+func (e *fullEnv) fillB(rng *rand.Rand) (id, dev string) {
+	e.t.Helper()
+	id, err := e.create("b", 1<<30, nil)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	dev = e.publish(id, "b")
+	fd, err := unix.Open(dev, unix.O_RDWR|unix.O_DIRECT, 0)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	piece := alignedBlock(1 << 20)
+	fails := 0
+	for off := 0; off < 1<<30 && fails < 3; off += 1 << 20 {
+		if rng != nil {
+			rng.Read(piece)
+		}
+		if _, err := unix.Pwrite(fd, piece, int64(off)); err != nil {
+			fails++
+		}
+	}
+	unix.Close(fd)
+	return id, dev
+}
+
+// discard frees the data dir's space under the first size bytes of the
+// device at path (BLKDISCARD).
+func (e *fullEnv) discard(path string, size uint64) {
+	e.t.Helper()
+	if err := within(e.t, "BLKDISCARD of "+filepath.Base(path), func() error {
+		fd, err := unix.Open(path, unix.O_RDWR, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		r := [2]uint64{0, size}
+		if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.BLKDISCARD, uintptr(unsafe.Pointer(&r[0]))); e != 0 {
+			return e
+		}
+		return nil
+	}); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// verify reads the device at dev (size bytes) and fails the test unless
+// it matches m.
+func (e *fullEnv) verify(what, dev string, size int, m *blockModel) {
+	e.t.Helper()
+	got, err := readDevice(dev, size)
+	if err != nil {
+		e.t.Fatalf("%s: %s: %v", what, filepath.Base(dev), err)
+	}
+	if err := m.check(got); err != nil {
+		e.t.Fatalf("%s: %s: %v", what, filepath.Base(dev), err)
+	}
+}
+
+// checkRestore restores ready snapshot snap (of a size-byte block volume)
+// as block volume name and fails the test unless it reads img; then it
+// unpublishes and deletes the restore. label names the snapshot.
+func (e *fullEnv) checkRestore(what, label, name, snap string, size int, img []byte) {
+	e.t.Helper()
+	rid, err := e.create(name, int64(size), fromSnapshot(snap))
+	if err != nil {
+		e.t.Fatalf("%s: restore of a ready snapshot: %v", what, err)
+	}
+	rdev := e.publish(rid, name)
+	got, err := readDevice(rdev, size)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	for b := 0; b < size; b += 4096 {
+		if !bytes.Equal(got[b:b+4096], img[b:b+4096]) {
+			e.t.Fatalf("%s: %s is ready and its restore differs at byte %d: %q..., want %q...", what, label, b, head(got[b:]), head(img[b:]))
+		}
+	}
+	e.unpublish(rid, name)
+	if _, err := e.ctrl.DeleteVolume(e.ctx, &csi.DeleteVolumeRequest{VolumeId: rid}); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// fullWrite is one write of a writer goroutine: at off (-1: the writer
+// ended), n bytes of p answered, and its error.
+type fullWrite struct {
+	off, n int
+	err    error
+	p      []byte
+}
+
+// collect takes the writes of writers goroutines from results into m:
+// what a write answered is done, the rest of a failed one failed (its
+// error must be ENOSPC or EIO); with noShort a write short with no error
+// is a failure too. It returns the failed writes (without their bytes).
+func (e *fullEnv) collect(results <-chan fullWrite, writers int, m *blockModel, noShort bool) (failed []fullWrite) {
+	for ended := 0; ended < writers; {
+		r := <-results
+		if r.off < 0 {
+			ended++
+			continue
+		}
+		if r.n > 0 {
+			m.done(r.p[:r.n], r.off)
+		}
+		if r.err != nil {
+			if !spaceErr(r.err) {
+				e.t.Errorf("write at %d: %v", r.off, r.err)
+			}
+			m.failed(r.p[max(r.n, 0):], r.off+max(r.n, 0))
+			failed = append(failed, fullWrite{off: r.off, n: r.n, err: r.err})
+		} else if noShort && r.n != len(r.p) {
+			e.t.Errorf("short write at %d: %d with no error", r.off, r.n)
+		}
+	}
+	return failed
+}
+
 // TestFullDataDirModel fills the data dir (a small ext4 or xfs) through
 // one raw block volume's loop device while another volume has a snapshot
 // whose copy-outs its overwrites need, and checks against a byte model:
@@ -99,102 +427,28 @@ func TestFullDataDirModel(t *testing.T) {
 }
 
 func testFullDataDirModel(t *testing.T, fstype string) {
-	requireCapabilities(t)
-	bin := buildPlugin(t)
-	dir := t.TempDir()
-	data, _ := dataDirFS(t, fstype, 400<<20)
-	t.Cleanup(func() {
-		if forceCleanup(t, dir) {
-			t.Errorf("mounts, loop devices or holders were left under %s", dir)
-		}
-	})
-	sock := filepath.Join(dir, "csi.sock")
-	args := []string{"--run-dir", filepath.Join(dir, "run"), "--min-free", "16Mi"}
-	p := startPlugin(t, bin, sock, data, args...)
-	t.Cleanup(func() { p.stop(t, os.Interrupt) })
-	cc := connect(t, sock)
-	ctx := context.Background()
-	ctrl, node, ident := csi.NewControllerClient(cc), csi.NewNodeClient(cc), csi.NewIdentityClient(cc)
+	e := newFullEnv(t, fstype, nil)
+	ctrl, ctx := e.ctrl, e.ctx
 	start := time.Now()
-
-	create := func(name string, size int64, src *csi.VolumeContentSource) (string, error) {
-		cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: size},
-			VolumeCapabilities: []*csi.VolumeCapability{blockCap()}, VolumeContentSource: src})
-		if err != nil {
-			return "", err
-		}
-		return cv.Volume.VolumeId, nil
-	}
-	publish := func(id, name string) string {
-		t.Helper()
-		staging, target := filepath.Join(dir, name+"-staging"), filepath.Join(dir, name)
-		stageAndPublishAs(t, node, id, staging, target, blockCap())
-		return target
-	}
-	// pwrite writes p at off with O_DIRECT in 1 MiB requests and reports
-	// the first error; a short write with no error is a failure.
-	pwrite := func(path string, p []byte, off int) (int, error) {
-		fd, err := unix.Open(path, unix.O_RDWR|unix.O_DIRECT, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer unix.Close(fd)
-		done := 0
-		for done < len(p) {
-			n := min(len(p)-done, 1<<20)
-			var w int
-			err := quietly(t, fmt.Sprintf("pwrite %s at %d", filepath.Base(path), off+done), func() error {
-				var err error
-				w, err = unix.Pwrite(fd, p[done:done+n], int64(off+done))
-				return err
-			})
-			if err != nil {
-				return done, err
-			}
-			if w != n {
-				t.Errorf("pwrite of %d bytes at %d of %s wrote %d with no error", n, off+done, path, w)
-				return done + w, nil
-			}
-			done += n
-		}
-		return done, nil
-	}
 	rng := rand.New(rand.NewSource(46))
 
 	// A: 32 MiB written whole, then snapshotted.
 	const sizeA = 32 << 20
-	idA, err := create("a", sizeA, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	devA := publish(idA, "a")
-	ma := newBlockModel(sizeA)
-	buf := alignedBlock(sizeA)
-	rng.Read(buf)
-	if _, err := pwrite(devA, buf, 0); err != nil {
-		t.Fatal(err)
-	}
-	ma.done(buf, 0)
-	cs, err := ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{SourceVolumeId: idA, Name: "a-snap"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	snapA := cs.Snapshot.SnapshotId
-	snapImage := bytes.Clone(ma.want)
+	idA, devA, ma, snapA, snapImage := e.written("a", sizeA, rng)
 
 	// B: thin, larger than the data dir; fill the data dir through it.
 	const sizeB = 1 << 30
-	idB, err := create("b", sizeB, nil)
+	idB, err := e.create("b", sizeB, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	devB := publish(idB, "b")
+	devB := e.publish(idB, "b")
 	mb := newBlockModel(sizeB)
 	piece := alignedBlock(1 << 20)
 	failures, off := 0, 0
 	for ; off < sizeB && failures < 3; off += 1 << 20 {
 		rng.Read(piece)
-		n, err := pwrite(devB, piece, off)
+		n, err := e.pwrite(devB, piece, off)
 		mb.done(piece[:n], off)
 		if err != nil {
 			if !spaceErr(err) {
@@ -208,27 +462,14 @@ func testFullDataDirModel(t *testing.T, fstype string) {
 	if failures == 0 {
 		t.Fatalf("%d MiB written into B and the data dir never filled", off>>20)
 	}
-	var st unix.Statfs_t
-	unix.Statfs(data, &st)
-	t.Logf("data dir: %d bytes available", int64(st.Bavail)*st.Bsize)
+	t.Logf("data dir: %d bytes available", e.available())
 
 	// A buffered write into B's holes: its fsync must fail, or the bytes be
 	// there.
 	boff := off + 8<<20
 	bbuf := make([]byte, 4<<20)
 	rng.Read(bbuf)
-	err = within(t, "buffered write and fsync into B", func() error {
-		f, err := os.OpenFile(devB, os.O_RDWR, 0)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		if _, err := f.WriteAt(bbuf, int64(boff)); err != nil {
-			return err
-		}
-		return f.Sync()
-	})
-	if err == nil {
+	if err := e.writeSync("buffered write and fsync into B", devB, bbuf, boff); err == nil {
 		mb.done(bbuf, boff)
 	} else {
 		mb.failed(bbuf, boff)
@@ -238,7 +479,7 @@ func testFullDataDirModel(t *testing.T, fstype string) {
 	// given up) or fails with ENOSPC/EIO.
 	for o := 0; o < sizeA; o += 1 << 20 {
 		rng.Read(piece)
-		n, err := pwrite(devA, piece, o)
+		n, err := e.pwrite(devA, piece, o)
 		ma.done(piece[:n], o)
 		if err != nil {
 			if !spaceErr(err) {
@@ -253,7 +494,7 @@ func testFullDataDirModel(t *testing.T, fstype string) {
 		what string
 		call func() error
 	}{
-		{"CreateVolume", func() error { _, err := create("c", 64<<20, nil); return err }},
+		{"CreateVolume", func() error { _, err := e.create("c", 64<<20, nil); return err }},
 		{"CreateSnapshot of A", func() error {
 			_, err := ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{SourceVolumeId: idA, Name: "a-snap2"})
 			return err
@@ -276,82 +517,42 @@ func testFullDataDirModel(t *testing.T, fstype string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	unix.Statfs(data, &st)
-	if free := int64(st.Bavail) * st.Bsize; gc.AvailableCapacity > max(free-16<<20, 0) {
+	if free := e.available(); gc.AvailableCapacity > max(free-16<<20, 0) {
 		t.Errorf("GetCapacity says %d bytes available with %d free and a 16 MiB reserve", gc.AvailableCapacity, free)
 	}
-	if pr, err := ident.Probe(ctx, &csi.ProbeRequest{}); err != nil || !pr.GetReady().GetValue() {
+	if pr, err := e.ident.Probe(ctx, &csi.ProbeRequest{}); err != nil || !pr.GetReady().GetValue() {
 		t.Errorf("probe with the data dir full: %v, %v; want ready", pr, err)
 	}
-	h, err := node.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: idB})
+	h, err := e.node.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: idB})
 	t.Logf("NodeGetVolumeHealth(B): %v, %v", h, err)
 
 	verify := func(what string) {
 		t.Helper()
-		got, err := readDevice(devA, sizeA)
-		if err != nil {
-			t.Fatalf("%s: A: %v", what, err)
-		}
-		if err := ma.check(got); err != nil {
-			t.Fatalf("%s: A: %v", what, err)
-		}
-		got, err = readDevice(devB, sizeB)
-		if err != nil {
-			t.Fatalf("%s: B: %v", what, err)
-		}
-		if err := mb.check(got); err != nil {
-			t.Fatalf("%s: B: %v", what, err)
-		}
+		e.verify(what, devA, sizeA, ma)
+		e.verify(what, devB, sizeB, mb)
 	}
 	verify("full")
-	snapReady := func() bool {
-		ls, err := ctrl.ListSnapshots(ctx, &csi.ListSnapshotsRequest{SnapshotId: snapA})
-		if err != nil || len(ls.Entries) != 1 {
-			t.Fatalf("list snapshot %s: %v, %v", snapA, ls, err)
-		}
-		return ls.Entries[0].Snapshot.ReadyToUse
-	}
-	t.Logf("snapshot of A ready with the disk full: %v", snapReady())
+	t.Logf("snapshot of A ready with the disk full: %v", e.snapReady(snapA))
 
 	// Free space: discard B whole. Writes work again without a restart.
-	if err := within(t, "BLKDISCARD of B", func() error {
-		fd, err := unix.Open(devB, unix.O_RDWR, 0)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(fd)
-		r := [2]uint64{0, sizeB}
-		if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.BLKDISCARD, uintptr(unsafe.Pointer(&r[0]))); e != 0 {
-			return e
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	e.discard(devB, sizeB)
 	clear(mb.want)
 	clear(mb.unsure)
-	unix.Statfs(data, &st)
-	t.Logf("after the discard: %d bytes available", int64(st.Bavail)*st.Bsize)
+	t.Logf("after the discard: %d bytes available", e.available())
+	buf := alignedBlock(sizeA)
 	rng.Read(buf)
-	if _, err := pwrite(devB, buf, 0); err != nil {
+	if _, err := e.pwrite(devB, buf, 0); err != nil {
 		t.Errorf("write into B after its discard freed space: %v", err)
 	} else {
 		mb.done(buf, 0)
 	}
 	rng.Read(piece)
-	if _, err := pwrite(devA, piece, 0); err != nil {
+	if _, err := e.pwrite(devA, piece, 0); err != nil {
 		t.Errorf("write into A after space was freed: %v", err)
 	} else {
 		ma.done(piece, 0)
 	}
-	if err := within(t, "fsync of A", func() error {
-		f, err := os.OpenFile(devA, os.O_RDWR, 0)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		return f.Sync()
-	}); err != nil {
+	if err := e.writeSync("fsync of A", devA, nil, 0); err != nil {
 		t.Errorf("fsync of A after space was freed: %v", err)
 	}
 	verify("after the discard")
@@ -360,7 +561,7 @@ func testFullDataDirModel(t *testing.T, fstype string) {
 		if c == "CreateSnapshot" {
 			_, err = ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{SourceVolumeId: idB, Name: "b-snap-after"})
 		} else {
-			_, err = create("d", 64<<20, nil)
+			_, err = e.create("d", 64<<20, nil)
 		}
 		if err != nil {
 			t.Errorf("%s after space was freed: %v", c, err)
@@ -369,46 +570,25 @@ func testFullDataDirModel(t *testing.T, fstype string) {
 
 	checkSnap := func(what string) {
 		t.Helper()
-		if !snapReady() {
+		if !e.snapReady(snapA) {
 			t.Logf("%s: snapshot of A not ready (given up)", what)
 			return
 		}
-		rid, err := create("restore-"+what, sizeA, &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
-			Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snapA}}})
-		if err != nil {
-			t.Fatalf("%s: restore of a ready snapshot: %v", what, err)
-		}
-		rdev := publish(rid, "restore-"+what)
-		got, err := readDevice(rdev, sizeA)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(got, snapImage) {
-			for b := 0; b < sizeA; b += 4096 {
-				if !bytes.Equal(got[b:b+4096], snapImage[b:b+4096]) {
-					t.Fatalf("%s: the snapshot of A is ready and its restore differs at byte %d: %q..., want %q...", what, b, head(got[b:]), head(snapImage[b:]))
-				}
-			}
-		}
-		unpublishAndUnstage(t, node, rid, filepath.Join(dir, "restore-"+what+"-staging"), rdev)
-		if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: rid}); err != nil {
-			t.Fatal(err)
-		}
+		e.checkRestore(what, "the snapshot of A", "restore-"+what, snapA, sizeA, snapImage)
 	}
 	checkSnap("freed")
 
 	// Restart: everything answered reads back.
-	p.stop(t, os.Interrupt)
-	p = startPlugin(t, bin, sock, data, args...)
+	e.restart(true)
 	for _, v := range []struct{ id, name string }{{idA, "a"}, {idB, "b"}} {
 		// Stage and publish again, as kubelet does: takes the devices back.
-		stageAndPublishAs(t, node, v.id, filepath.Join(dir, v.name+"-staging"), filepath.Join(dir, v.name), blockCap())
+		e.publish(v.id, v.name)
 	}
 	verify("after a restart")
 	checkSnap("restarted")
 
-	unpublishAndUnstage(t, node, idA, filepath.Join(dir, "a-staging"), devA)
-	unpublishAndUnstage(t, node, idB, filepath.Join(dir, "b-staging"), devB)
+	e.unpublish(idA, "a")
+	e.unpublish(idB, "b")
 	t.Logf("done in %v", time.Since(start))
 }
 
@@ -441,113 +621,26 @@ func TestFullDataDirKeptSnapshot(t *testing.T) {
 }
 
 func testFullDataDirKeptSnapshot(t *testing.T, fstype string) {
-	requireCapabilities(t)
-	bin := buildPlugin(t)
-	dir := t.TempDir()
-	data, _ := dataDirFS(t, fstype, 400<<20)
-	t.Cleanup(func() {
-		if forceCleanup(t, dir) {
-			t.Errorf("mounts, loop devices or holders were left under %s", dir)
-		}
-	})
 	// Ballast, removed to free space if the store failed.
-	ballast := filepath.Join(data, "ballast")
-	if err := os.WriteFile(ballast, bytes.Repeat([]byte{1}, 48<<20), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(dir, "csi.sock")
-	args := []string{"--run-dir", filepath.Join(dir, "run"), "--min-free", "16Mi"}
-	p := startPlugin(t, bin, sock, data, args...)
-	t.Cleanup(func() { p.stop(t, os.Interrupt) })
-	cc := connect(t, sock)
-	ctx := context.Background()
-	ctrl, node, ident := csi.NewControllerClient(cc), csi.NewNodeClient(cc), csi.NewIdentityClient(cc)
+	e := newFullEnv(t, fstype, bytes.Repeat([]byte{1}, 48<<20))
 	start := time.Now()
-
-	create := func(name string, size int64, src *csi.VolumeContentSource) (string, error) {
-		cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: size},
-			VolumeCapabilities: []*csi.VolumeCapability{blockCap()}, VolumeContentSource: src})
-		if err != nil {
-			return "", err
-		}
-		return cv.Volume.VolumeId, nil
-	}
-	publish := func(id, name string) string {
-		t.Helper()
-		staging, target := filepath.Join(dir, name+"-staging"), filepath.Join(dir, name)
-		stageAndPublishAs(t, node, id, staging, target, blockCap())
-		return target
-	}
-	pwrite := func(path string, p []byte, off int) (int, error) {
-		fd, err := unix.Open(path, unix.O_RDWR|unix.O_DIRECT, 0)
-		if err != nil {
-			return 0, err
-		}
-		defer unix.Close(fd)
-		done := 0
-		for done < len(p) {
-			n := min(len(p)-done, 1<<20)
-			var w int
-			err := quietly(t, fmt.Sprintf("pwrite %s at %d", filepath.Base(path), off+done), func() error {
-				var err error
-				w, err = unix.Pwrite(fd, p[done:done+n], int64(off+done))
-				return err
-			})
-			if err != nil {
-				return done, err
-			}
-			if w != n {
-				t.Errorf("pwrite of %d bytes at %d of %s wrote %d with no error", n, off+done, path, w)
-				return done + w, nil
-			}
-			done += n
-		}
-		return done, nil
-	}
-	snapReady := func(id string) bool {
-		ls, err := ctrl.ListSnapshots(ctx, &csi.ListSnapshotsRequest{SnapshotId: id})
-		if err != nil || len(ls.Entries) != 1 {
-			t.Fatalf("list snapshot %s: %v, %v", id, ls, err)
-		}
-		return ls.Entries[0].Snapshot.ReadyToUse
-	}
 	rng := rand.New(rand.NewSource(47))
 
 	const size = 32 << 20
-	mk := func(name string) (string, string, *blockModel, string, []byte) {
-		id, err := create(name, size, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		dev := publish(id, name)
-		m := newBlockModel(size)
-		buf := alignedBlock(size)
-		rng.Read(buf)
-		if _, err := pwrite(dev, buf, 0); err != nil {
-			t.Fatal(err)
-		}
-		m.done(buf, 0)
-		cs, err := ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{SourceVolumeId: id, Name: name + "-snap"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return id, dev, m, cs.Snapshot.SnapshotId, bytes.Clone(buf)
-	}
-	idA, devA, ma, snapA, imgA := mk("a")
-	idC, devC, mc, snapC, imgC := mk("c")
+	idA, devA, ma, snapA, imgA := e.written("a", size, rng)
+	idC, devC, mc, snapC, imgC := e.written("c", size, rng)
 	// A's snapshot gets a clone: it may not be given up.
-	idR, err := create("r", size, &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
-		Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snapA}}})
+	idR, err := e.create("r", size, fromSnapshot(snapA))
 	if err != nil {
 		t.Fatal(err)
 	}
 
 	const sizeB = 1 << 30
-	idB, err := create("b", sizeB, nil)
+	idB, err := e.create("b", sizeB, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	devB := publish(idB, "b")
+	devB := e.publish(idB, "b")
 
 	// C overwritten while B fills the data dir.
 	cdone := make(chan struct{})
@@ -557,7 +650,7 @@ func testFullDataDirKeptSnapshot(t *testing.T, fstype string) {
 	go func() {
 		defer close(cdone)
 		for o := 0; o < size; o += 1 << 20 {
-			n, err := pwrite(devC, cbuf[o:o+1<<20], o)
+			n, err := e.tryPwrite(devC, cbuf[o:o+1<<20], o)
 			mc.done(cbuf[o:o+n], o)
 			if err != nil {
 				if !spaceErr(err) {
@@ -572,9 +665,7 @@ func testFullDataDirKeptSnapshot(t *testing.T, fstype string) {
 	piece := alignedBlock(1 << 20)
 	failures, off := 0, 0
 	for ; off < sizeB && failures < 3; off += 1 << 20 {
-		n, err := pwrite(devB, piece, off)
-		_ = n
-		if err != nil {
+		if _, err := e.tryPwrite(devB, piece, off); err != nil {
 			if !spaceErr(err) {
 				t.Fatalf("write into B at %d MiB on a filling data dir: %v, want ENOSPC or EIO", off>>20, err)
 			}
@@ -586,7 +677,7 @@ func testFullDataDirKeptSnapshot(t *testing.T, fstype string) {
 	}
 	<-cdone
 	t.Logf("filled after %d MiB of B (%v); %d of C's overwrites failed", off>>20, time.Since(start), cerrs)
-	pr, err := ident.Probe(ctx, &csi.ProbeRequest{})
+	pr, err := e.ident.Probe(e.ctx, &csi.ProbeRequest{})
 	t.Logf("probe with the data dir full: %v, %v", pr, err)
 	storeOK := err == nil && pr.GetReady().GetValue()
 
@@ -596,7 +687,7 @@ func testFullDataDirKeptSnapshot(t *testing.T, fstype string) {
 	rng.Read(abuf)
 	aerrs := 0
 	for o := 0; o < size; o += 1 << 20 {
-		n, err := pwrite(devA, abuf[o:o+1<<20], o)
+		n, err := e.tryPwrite(devA, abuf[o:o+1<<20], o)
 		ma.done(abuf[o:o+n], o)
 		if err != nil {
 			if !spaceErr(err) {
@@ -610,18 +701,7 @@ func testFullDataDirKeptSnapshot(t *testing.T, fstype string) {
 	// A buffered overwrite of A and its fsync.
 	bb := make([]byte, 4<<20)
 	rng.Read(bb)
-	err = within(t, "buffered overwrite and fsync of A", func() error {
-		f, err := os.OpenFile(devA, os.O_RDWR, 0)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		if _, err := f.WriteAt(bb, 8<<20); err != nil {
-			return err
-		}
-		return f.Sync()
-	})
-	if err == nil {
+	if err := e.writeSync("buffered overwrite and fsync of A", devA, bb, 8<<20); err == nil {
 		ma.done(bb, 8<<20)
 		if aerrs == size>>20 {
 			t.Errorf("a buffered overwrite of A synced while all its O_DIRECT overwrites failed")
@@ -630,93 +710,56 @@ func testFullDataDirKeptSnapshot(t *testing.T, fstype string) {
 		ma.failed(bb, 8<<20)
 	}
 
-	verify := func(what, dev string, m *blockModel) {
+	verify := func(what string) {
 		t.Helper()
-		got, err := readDevice(dev, size)
-		if err != nil {
-			t.Fatalf("%s: %s: %v", what, filepath.Base(dev), err)
-		}
-		if err := m.check(got); err != nil {
-			t.Fatalf("%s: %s: %v", what, filepath.Base(dev), err)
-		}
+		e.verify(what, devA, size, ma)
+		e.verify(what, devC, size, mc)
 	}
-	verify("full", devA, ma)
-	verify("full", devC, mc)
+	verify("full")
 	checkSnap := func(what, snap string, img []byte, mustBeReady bool) {
 		t.Helper()
-		if !snapReady(snap) {
+		if !e.snapReady(snap) {
 			if mustBeReady {
 				t.Fatalf("%s: snapshot %s with a clone is not ready", what, snap)
 			}
 			t.Logf("%s: snapshot %s not ready (given up)", what, snap)
 			return
 		}
-		name := "restore-" + what + "-" + snap[len(snap)-6:]
-		rid, err := create(name, size, &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
-			Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap}}})
-		if err != nil {
-			t.Fatalf("%s: restore of a ready snapshot: %v", what, err)
-		}
-		rdev := publish(rid, name)
-		got, err := readDevice(rdev, size)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for b := 0; b < size; b += 4096 {
-			if !bytes.Equal(got[b:b+4096], img[b:b+4096]) {
-				t.Fatalf("%s: snapshot %s is ready and its restore differs at byte %d: %q..., want %q...", what, snap, b, head(got[b:]), head(img[b:]))
-			}
-		}
-		unpublishAndUnstage(t, node, rid, filepath.Join(dir, name+"-staging"), rdev)
-		if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: rid}); err != nil {
-			t.Fatal(err)
-		}
+		e.checkRestore(what, "snapshot "+snap, "restore-"+what+"-"+snap[len(snap)-6:], snap, size, img)
 	}
 
 	if storeOK {
 		// Free space: delete B. Writes into A work again without a restart.
-		unpublishAndUnstage(t, node, idB, filepath.Join(dir, "b-staging"), devB)
-		if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: idB}); err != nil {
+		e.unpublish(idB, "b")
+		if _, err := e.ctrl.DeleteVolume(e.ctx, &csi.DeleteVolumeRequest{VolumeId: idB}); err != nil {
 			t.Fatal(err)
 		}
-		var st unix.Statfs_t
-		unix.Statfs(data, &st)
-		t.Logf("after deleting B: %d bytes available", int64(st.Bavail)*st.Bsize)
+		t.Logf("after deleting B: %d bytes available", e.available())
 		rng.Read(abuf)
-		if _, err := pwrite(devA, abuf, 0); err != nil {
+		if _, err := e.tryPwrite(devA, abuf, 0); err != nil {
 			t.Errorf("overwrite of A after B's delete freed space: %v", err)
 		} else {
 			ma.done(abuf, 0)
 		}
-		if err := within(t, "fsync of A", func() error {
-			f, err := os.OpenFile(devA, os.O_RDWR, 0)
-			if err != nil {
-				return err
-			}
-			defer f.Close()
-			return f.Sync()
-		}); err != nil {
+		if err := e.writeSync("fsync of A", devA, nil, 0); err != nil {
 			t.Errorf("fsync of A after space was freed: %v", err)
 		}
-		verify("freed", devA, ma)
-		verify("freed", devC, mc)
+		verify("freed")
 		checkSnap("freed", snapA, imgA, true)
 		checkSnap("freed", snapC, imgC, false)
 	} else {
-		os.Remove(ballast)
+		os.Remove(e.ballast)
 	}
 
-	stopMaybeFailed(t, p, storeOK)
-	p = startPlugin(t, bin, sock, data, args...)
+	e.restart(storeOK)
 	for _, v := range []struct{ id, name string }{{idA, "a"}, {idC, "c"}} {
-		stageAndPublishAs(t, node, v.id, filepath.Join(dir, v.name+"-staging"), filepath.Join(dir, v.name), blockCap())
+		e.publish(v.id, v.name)
 	}
-	verify("restarted", devA, ma)
-	verify("restarted", devC, mc)
+	verify("restarted")
 	checkSnap("restarted", snapA, imgA, true)
 	checkSnap("restarted", snapC, imgC, false)
-	unpublishAndUnstage(t, node, idA, filepath.Join(dir, "a-staging"), devA)
-	unpublishAndUnstage(t, node, idC, filepath.Join(dir, "c-staging"), devC)
+	e.unpublish(idA, "a")
+	e.unpublish(idC, "c")
 	_ = idR
 	t.Logf("done in %v", time.Since(start))
 }
@@ -742,37 +785,15 @@ func TestFullDataDirRacingCopies(t *testing.T) {
 }
 
 func testFullDataDirRacingCopies(t *testing.T, fstype, mode string) {
-	requireCapabilities(t)
-	bin := buildPlugin(t)
-	dir := t.TempDir()
-	data, _ := dataDirFS(t, fstype, 400<<20)
-	t.Cleanup(func() {
-		if forceCleanup(t, dir) {
-			t.Errorf("mounts, loop devices or holders were left under %s", dir)
-		}
-	})
-	ballast := filepath.Join(data, "ballast")
-	if err := os.WriteFile(ballast, bytes.Repeat([]byte{1}, 48<<20), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(dir, "csi.sock")
-	args := []string{"--run-dir", filepath.Join(dir, "run"), "--min-free", "16Mi"}
-	p := startPlugin(t, bin, sock, data, args...)
-	t.Cleanup(func() { p.stop(t, os.Interrupt) })
-	cc := connect(t, sock)
-	ctx := context.Background()
-	ctrl, node, ident := csi.NewControllerClient(cc), csi.NewNodeClient(cc), csi.NewIdentityClient(cc)
+	e := newFullEnv(t, fstype, bytes.Repeat([]byte{1}, 48<<20))
 	start := time.Now()
 
 	const size = 512 << 20
-	cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "b", CapacityRange: &csi.CapacityRange{RequiredBytes: size},
-		VolumeCapabilities: []*csi.VolumeCapability{blockCap()}})
+	id, err := e.create("b", size, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	id := cv.Volume.VolumeId
-	staging, dev := filepath.Join(dir, "b-staging"), filepath.Join(dir, "b")
-	stageAndPublishAs(t, node, id, staging, dev, blockCap())
+	dev := e.publish(id, "b")
 	m := newBlockModel(size)
 	rng := rand.New(rand.NewSource(48))
 	// 16 MiB (or 240) written, snapshotted.
@@ -795,21 +816,12 @@ func testFullDataDirRacingCopies(t *testing.T, fstype, mode string) {
 		t.Fatal(n, err)
 	}
 	m.done(first, 0)
-	cs, err := ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{SourceVolumeId: id, Name: "b-snap"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	snap := cs.Snapshot.SnapshotId
+	snap := e.snapshot(id, "b-snap")
 	img := bytes.Clone(m.want)
 
 	// Four writers, each its own quarter past the first 16 MiB, 1 MiB at
 	// a time, until each saw 3 errors.
-	type res struct {
-		off, n int
-		err    error
-		p      []byte
-	}
-	results := make(chan res, 1024)
+	results := make(chan fullWrite, 1024)
 	// (The first 16 MiB are overwritten below, apart; in "copies" the
 	// writers' first quarters overwrite the snapshot's chunks.)
 	wstart := 16 << 20
@@ -831,9 +843,9 @@ func testFullDataDirRacingCopies(t *testing.T, fstype, mode string) {
 				if err != nil {
 					fails++
 				}
-				results <- res{o, n, err, p}
+				results <- fullWrite{o, n, err, p}
 			}
-			results <- res{off: -1}
+			results <- fullWrite{off: -1}
 		}()
 	}
 	// The snapshot's 16 MiB overwritten meanwhile, too, from the start.
@@ -852,77 +864,26 @@ func testFullDataDirRacingCopies(t *testing.T, fstype, mode string) {
 		}
 	}
 	var errs []string
-	for ended := 0; ended < 4; {
-		r := <-results
-		if r.off < 0 {
-			ended++
-			continue
-		}
-		if r.n > 0 {
-			m.done(r.p[:r.n], r.off)
-		}
-		if r.err != nil {
-			if !spaceErr(r.err) {
-				t.Errorf("write at %d: %v", r.off, r.err)
-			}
-			m.failed(r.p[max(r.n, 0):], r.off+max(r.n, 0))
-			if len(errs) < 5 {
-				errs = append(errs, fmt.Sprintf("%d MiB: %v", r.off>>20, r.err))
-			}
-		} else if r.n != len(r.p) {
-			t.Errorf("short write at %d: %d with no error", r.off, r.n)
+	for _, r := range e.collect(results, 4, m, true) {
+		if len(errs) < 5 {
+			errs = append(errs, fmt.Sprintf("%d MiB: %v", r.off>>20, r.err))
 		}
 	}
 	t.Logf("filled in %v; first errors %v", time.Since(start), errs)
-	pr, err := ident.Probe(ctx, &csi.ProbeRequest{})
+	pr, err := e.ident.Probe(e.ctx, &csi.ProbeRequest{})
 	t.Logf("probe: %v, %v", pr, err)
 	storeOK := err == nil && pr.GetReady().GetValue()
 
-	verify := func(what string) {
-		t.Helper()
-		got, err := readDevice(dev, size)
-		if err != nil {
-			t.Fatalf("%s: %v", what, err)
-		}
-		if err := m.check(got); err != nil {
-			t.Fatalf("%s: %v", what, err)
-		}
-	}
-	verify("full")
+	e.verify("full", dev, size, m)
 	checkSnap := func(what string) {
 		t.Helper()
-		ls, err := ctrl.ListSnapshots(ctx, &csi.ListSnapshotsRequest{SnapshotId: snap})
-		if err != nil || len(ls.Entries) != 1 {
-			t.Fatalf("list snapshot %s: %v, %v", snap, ls, err)
-		}
-		if !ls.Entries[0].Snapshot.ReadyToUse {
+		if !e.snapReady(snap) {
 			t.Logf("%s: snapshot not ready", what)
 			return
 		}
-		name := "restore-" + what
-		cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: size},
-			VolumeCapabilities: []*csi.VolumeCapability{blockCap()}, VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
-				Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap}}}})
-		if err != nil {
-			t.Fatalf("%s: restore of a ready snapshot: %v", what, err)
-		}
-		rs, rd := filepath.Join(dir, name+"-staging"), filepath.Join(dir, name)
-		stageAndPublishAs(t, node, cv.Volume.VolumeId, rs, rd, blockCap())
-		got, err := readDevice(rd, size)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for b := 0; b < size; b += 4096 {
-			if !bytes.Equal(got[b:b+4096], img[b:b+4096]) {
-				t.Fatalf("%s: snapshot is ready and its restore differs at byte %d: %q..., want %q...", what, b, head(got[b:]), head(img[b:]))
-			}
-		}
-		unpublishAndUnstage(t, node, cv.Volume.VolumeId, rs, rd)
-		if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: cv.Volume.VolumeId}); err != nil {
-			t.Fatal(err)
-		}
+		e.checkRestore(what, "snapshot", "restore-"+what, snap, size, img)
 	}
-	os.Remove(ballast)
+	os.Remove(e.ballast)
 	if storeOK {
 		// Space freed: writes work again without a restart.
 		p := alignedBlock(1 << 20)
@@ -935,17 +896,16 @@ func testFullDataDirRacingCopies(t *testing.T, fstype, mode string) {
 		if err := unix.Fsync(fd); err != nil {
 			t.Errorf("fsync after the ballast was removed: %v", err)
 		}
-		verify("freed")
+		e.verify("freed", dev, size, m)
 		checkSnap("freed")
 	}
 	unix.Close(fd)
 	fd = -1
-	stopMaybeFailed(t, p, storeOK)
-	p = startPlugin(t, bin, sock, data, args...)
-	stageAndPublishAs(t, node, id, staging, dev, blockCap())
-	verify("restarted")
+	e.restart(storeOK)
+	e.publish(id, "b")
+	e.verify("restarted", dev, size, m)
 	checkSnap("restarted")
-	unpublishAndUnstage(t, node, id, staging, dev)
+	e.unpublish(id, "b")
 	t.Logf("done in %v", time.Since(start))
 }
 
@@ -963,32 +923,14 @@ func TestFullDataDirAfterAnswer(t *testing.T) {
 }
 
 func testFullDataDirAfterAnswer(t *testing.T, fstype string) {
-	requireCapabilities(t)
-	bin := buildPlugin(t)
-	dir := t.TempDir()
-	data, _ := dataDirFS(t, fstype, 400<<20)
-	t.Cleanup(func() {
-		if forceCleanup(t, dir) {
-			t.Errorf("mounts, loop devices or holders were left under %s", dir)
-		}
-	})
-	sock := filepath.Join(dir, "csi.sock")
-	args := []string{"--run-dir", filepath.Join(dir, "run"), "--min-free", "16Mi"}
-	p := startPlugin(t, bin, sock, data, args...)
-	t.Cleanup(func() { p.stop(t, os.Interrupt) })
-	cc := connect(t, sock)
-	ctx := context.Background()
-	ctrl, node, ident := csi.NewControllerClient(cc), csi.NewNodeClient(cc), csi.NewIdentityClient(cc)
+	e := newFullEnv(t, fstype, nil)
 
 	const size = 64 << 20
-	cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "c", CapacityRange: &csi.CapacityRange{RequiredBytes: size},
-		VolumeCapabilities: []*csi.VolumeCapability{blockCap()}})
+	id, err := e.create("c", size, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	id := cv.Volume.VolumeId
-	staging, dev := filepath.Join(dir, "c-staging"), filepath.Join(dir, "c")
-	stageAndPublishAs(t, node, id, staging, dev, blockCap())
+	dev := e.publish(id, "c")
 	m := newBlockModel(size)
 	rng := rand.New(rand.NewSource(49))
 	buf := alignedBlock(size)
@@ -1001,21 +943,17 @@ func testFullDataDirAfterAnswer(t *testing.T, fstype string) {
 		t.Fatal(n, err)
 	}
 	m.done(buf, 0)
-	if _, err := ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{SourceVolumeId: id, Name: "c-snap"}); err != nil {
-		t.Fatal(err)
-	}
+	e.snapshot(id, "c-snap")
 
 	// The thief: leaves 24 MiB free, then takes every block freed or
 	// left, until told to stop.
-	thief := filepath.Join(data, "thief")
+	thief := filepath.Join(e.data, "thief")
 	tf, err := os.Create(thief)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer tf.Close()
-	var st unix.Statfs_t
-	unix.Statfs(data, &st)
-	at := int64(st.Bavail)*st.Bsize - 24<<20
+	at := e.available() - 24<<20
 	if err := unix.Fallocate(int(tf.Fd()), 0, 0, at); err != nil {
 		t.Fatal(err)
 	}
@@ -1038,12 +976,7 @@ func testFullDataDirAfterAnswer(t *testing.T, fstype string) {
 	}()
 	// Let the plugin see 24 MiB free (above its reserve) while the
 	// writers start.
-	type res struct {
-		off, n int
-		err    error
-		p      []byte
-	}
-	results := make(chan res, 256)
+	results := make(chan fullWrite, 256)
 	for w := 0; w < 4; w++ {
 		w := w
 		go func() {
@@ -1057,35 +990,21 @@ func testFullDataDirAfterAnswer(t *testing.T, fstype string) {
 					n, err = unix.Pwrite(fd, p, int64(o))
 					return err
 				})
-				results <- res{o, n, err, p}
+				results <- fullWrite{o, n, err, p}
 			}
-			results <- res{off: -1}
+			results <- fullWrite{off: -1}
 		}()
 	}
 	var errs []string
-	for ended := 0; ended < 4; {
-		r := <-results
-		if r.off < 0 {
-			ended++
-			continue
-		}
-		if r.n > 0 {
-			m.done(r.p[:r.n], r.off)
-		}
-		if r.err != nil {
-			if !spaceErr(r.err) {
-				t.Errorf("write at %d: %v", r.off, r.err)
-			}
-			m.failed(r.p[max(r.n, 0):], r.off+max(r.n, 0))
-			if len(errs) < 3 {
-				errs = append(errs, fmt.Sprintf("%d: %v", r.off, r.err))
-			}
+	for _, r := range e.collect(results, 4, m, false) {
+		if len(errs) < 3 {
+			errs = append(errs, fmt.Sprintf("%d: %v", r.off, r.err))
 		}
 	}
 	time.Sleep(2 * time.Second) // the committer's copies and applies
 	close(stop)
 	<-stopped
-	pr, err := ident.Probe(ctx, &csi.ProbeRequest{})
+	pr, err := e.ident.Probe(e.ctx, &csi.ProbeRequest{})
 	storeOK := err == nil && pr.GetReady().GetValue()
 	t.Logf("errors %v; probe %v, %v", errs, pr, err)
 	// An fsync now covers every write answered: if the store failed on
@@ -1096,28 +1015,17 @@ func testFullDataDirAfterAnswer(t *testing.T, fstype string) {
 		t.Errorf("fsync of the device succeeded after the store failed under answered writes")
 	}
 
-	verify := func(what string) {
-		t.Helper()
-		got, err := readDevice(dev, size)
-		if err != nil {
-			t.Fatalf("%s: %v", what, err)
-		}
-		if err := m.check(got); err != nil {
-			t.Fatalf("%s: %v", what, err)
-		}
-	}
-	verify("full")
+	e.verify("full", dev, size, m)
 	tf.Close()
 	os.Remove(thief)
 	unix.Close(fd)
 	if storeOK {
 		t.Logf("the store did not fail")
 	}
-	stopMaybeFailed(t, p, storeOK)
-	p = startPlugin(t, bin, sock, data, args...)
-	stageAndPublishAs(t, node, id, staging, dev, blockCap())
-	verify("restarted")
-	unpublishAndUnstage(t, node, id, staging, dev)
+	e.restart(storeOK)
+	e.publish(id, "c")
+	e.verify("restarted", dev, size, m)
+	e.unpublish(id, "c")
 }
 
 // stopMaybeFailed stops the plugin; one whose store failed exits 1 (its
@@ -1153,70 +1061,25 @@ func TestFullDataDirCallsUntilRefused(t *testing.T) {
 }
 
 func testFullDataDirCallsUntilRefused(t *testing.T, fstype string) {
-	requireCapabilities(t)
-	bin := buildPlugin(t)
-	dir := t.TempDir()
-	data, _ := dataDirFS(t, fstype, 400<<20)
-	t.Cleanup(func() {
-		if forceCleanup(t, dir) {
-			t.Errorf("mounts, loop devices or holders were left under %s", dir)
-		}
-	})
-	sock := filepath.Join(dir, "csi.sock")
-	args := []string{"--run-dir", filepath.Join(dir, "run"), "--min-free", "16Mi"}
-	p := startPlugin(t, bin, sock, data, args...)
-	t.Cleanup(func() { p.stop(t, os.Interrupt) })
-	cc := connect(t, sock)
-	ctx := context.Background()
-	ctrl, node, ident, group := csi.NewControllerClient(cc), csi.NewNodeClient(cc), csi.NewIdentityClient(cc), csi.NewGroupControllerClient(cc)
+	e := newFullEnv(t, fstype, nil)
+	ctrl, ctx := e.ctrl, e.ctx
 
-	create := func(name string, size int64, src *csi.VolumeContentSource) (string, error) {
-		cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: size},
-			VolumeCapabilities: []*csi.VolumeCapability{blockCap()}, VolumeContentSource: src})
-		if err != nil {
-			return "", err
-		}
-		return cv.Volume.VolumeId, nil
-	}
 	const size = 16 << 20
-	idA, err := create("a", size, nil)
+	idA, err := e.create("a", size, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	devA := filepath.Join(dir, "a")
-	stageAndPublishAs(t, node, idA, filepath.Join(dir, "a-staging"), devA, blockCap())
+	devA := e.publish(idA, "a")
 	ma := newBlockModel(size)
 	rng := rand.New(rand.NewSource(50))
 	buf := alignedBlock(size)
 	rng.Read(buf)
 	writeDirect(t, devA, buf, 0)
 	ma.done(buf, 0)
-	cs, err := ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{SourceVolumeId: idA, Name: "a-snap"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	snapA := cs.Snapshot.SnapshotId
+	snapA := e.snapshot(idA, "a-snap")
 
 	const sizeB = 1 << 30
-	idB, err := create("b", sizeB, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	devB := filepath.Join(dir, "b")
-	stageAndPublishAs(t, node, idB, filepath.Join(dir, "b-staging"), devB, blockCap())
-	fd, err := unix.Open(devB, unix.O_RDWR|unix.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	piece := alignedBlock(1 << 20)
-	fails := 0
-	for off := 0; off < sizeB && fails < 3; off += 1 << 20 {
-		rng.Read(piece)
-		if _, err := unix.Pwrite(fd, piece, int64(off)); err != nil {
-			fails++
-		}
-	}
-	unix.Close(fd)
+	idB, devB := e.fillB(rng)
 
 	var vols, snaps, groups []string
 	kinds := []string{"CreateVolume", "CreateVolume from snapshot", "CreateVolume from volume", "CreateSnapshot", "CreateVolumeGroupSnapshot", "ControllerExpandVolume"}
@@ -1232,18 +1095,17 @@ func testFullDataDirCallsUntilRefused(t *testing.T, fstype string) {
 			name := fmt.Sprintf("%s-%d", k, i)
 			switch k {
 			case "CreateVolume":
-				id, err = create(fmt.Sprintf("new-%d", i), size, nil)
+				id, err = e.create(fmt.Sprintf("new-%d", i), size, nil)
 				if err == nil {
 					vols = append(vols, id)
 				}
 			case "CreateVolume from snapshot":
-				id, err = create(fmt.Sprintf("restore-%d", i), size, &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
-					Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snapA}}})
+				id, err = e.create(fmt.Sprintf("restore-%d", i), size, fromSnapshot(snapA))
 				if err == nil {
 					vols = append(vols, id)
 				}
 			case "CreateVolume from volume":
-				id, err = create(fmt.Sprintf("clone-%d", i), size, &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{
+				id, err = e.create(fmt.Sprintf("clone-%d", i), size, &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{
 					Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: idA}}})
 				if err == nil {
 					vols = append(vols, id)
@@ -1256,7 +1118,7 @@ func testFullDataDirCallsUntilRefused(t *testing.T, fstype string) {
 				}
 			case "CreateVolumeGroupSnapshot":
 				var r *csi.CreateVolumeGroupSnapshotResponse
-				r, err = group.CreateVolumeGroupSnapshot(ctx, &csi.CreateVolumeGroupSnapshotRequest{Name: fmt.Sprintf("group-%d", i), SourceVolumeIds: []string{idA, idB}})
+				r, err = e.group.CreateVolumeGroupSnapshot(ctx, &csi.CreateVolumeGroupSnapshotRequest{Name: fmt.Sprintf("group-%d", i), SourceVolumeIds: []string{idA, idB}})
 				if err == nil {
 					groups = append(groups, r.GroupSnapshot.GroupSnapshotId)
 				}
@@ -1277,11 +1139,11 @@ func testFullDataDirCallsUntilRefused(t *testing.T, fstype string) {
 		}
 	}
 	t.Logf("made %v, refused %v", made, refused)
-	if pr, err := ident.Probe(ctx, &csi.ProbeRequest{}); err != nil || !pr.GetReady().GetValue() {
+	if pr, err := e.ident.Probe(ctx, &csi.ProbeRequest{}); err != nil || !pr.GetReady().GetValue() {
 		t.Fatalf("probe after the calls on a full data dir: %v, %v", pr, err)
 	}
 	for _, g := range groups {
-		if _, err := group.DeleteVolumeGroupSnapshot(ctx, &csi.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: g}); err != nil {
+		if _, err := e.group.DeleteVolumeGroupSnapshot(ctx, &csi.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: g}); err != nil {
 			t.Errorf("delete group %s on the full data dir: %v", g, err)
 		}
 	}
@@ -1295,59 +1157,31 @@ func testFullDataDirCallsUntilRefused(t *testing.T, fstype string) {
 			t.Errorf("delete snapshot %s on the full data dir: %v", s, err)
 		}
 	}
-	if pr, err := ident.Probe(ctx, &csi.ProbeRequest{}); err != nil || !pr.GetReady().GetValue() {
+	if pr, err := e.ident.Probe(ctx, &csi.ProbeRequest{}); err != nil || !pr.GetReady().GetValue() {
 		t.Fatalf("probe after the deletes on a full data dir: %v, %v", pr, err)
 	}
-	got, err := readDevice(devA, size)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ma.check(got); err != nil {
-		t.Fatalf("A on the full data dir: %v", err)
-	}
+	e.verify("on the full data dir", devA, size, ma)
 	// Free space: discard B.
-	if err := within(t, "BLKDISCARD of B", func() error {
-		fd, err := unix.Open(devB, unix.O_RDWR, 0)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(fd)
-		r := [2]uint64{0, sizeB}
-		if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.BLKDISCARD, uintptr(unsafe.Pointer(&r[0]))); e != 0 {
-			return e
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
-	var st unix.Statfs_t
-	unix.Statfs(data, &st)
-	t.Logf("after the discard: %d bytes available", int64(st.Bavail)*st.Bsize)
+	e.discard(devB, sizeB)
+	t.Logf("after the discard: %d bytes available", e.available())
 	rng.Read(buf)
 	if _, err := pwriteAll(devA, buf, 0); err != nil {
 		t.Errorf("write into A after the discard: %v", err)
 	} else {
 		ma.done(buf, 0)
 	}
-	if _, err := create("after", size, nil); err != nil {
+	if _, err := e.create("after", size, nil); err != nil {
 		t.Errorf("CreateVolume after the discard: %v", err)
 	}
 	if _, err := ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{SourceVolumeId: idA, Name: "after"}); err != nil {
 		t.Errorf("CreateSnapshot after the discard: %v", err)
 	}
-	p.stop(t, os.Interrupt)
-	p = startPlugin(t, bin, sock, data, args...)
-	stageAndPublishAs(t, node, idA, filepath.Join(dir, "a-staging"), devA, blockCap())
-	stageAndPublishAs(t, node, idB, filepath.Join(dir, "b-staging"), devB, blockCap())
-	got, err = readDevice(devA, size)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ma.check(got); err != nil {
-		t.Fatalf("A after a restart: %v", err)
-	}
-	unpublishAndUnstage(t, node, idA, filepath.Join(dir, "a-staging"), devA)
-	unpublishAndUnstage(t, node, idB, filepath.Join(dir, "b-staging"), devB)
+	e.restart(true)
+	e.publish(idA, "a")
+	e.publish(idB, "b")
+	e.verify("after a restart", devA, size, ma)
+	e.unpublish(idA, "a")
+	e.unpublish(idB, "b")
 }
 
 func pwriteAll(path string, p []byte, off int) (int, error) {
@@ -1380,26 +1214,8 @@ func TestFullDataDirExt4Volume(t *testing.T) {
 }
 
 func testFullDataDirExt4Volume(t *testing.T, fstype string) {
-	requireCapabilities(t)
-	bin := buildPlugin(t)
-	dir := t.TempDir()
-	data, _ := dataDirFS(t, fstype, 400<<20)
-	t.Cleanup(func() {
-		if forceCleanup(t, dir) {
-			t.Errorf("mounts, loop devices or holders were left under %s", dir)
-		}
-	})
-	ballast := filepath.Join(data, "ballast")
-	if err := os.WriteFile(ballast, bytes.Repeat([]byte{1}, 48<<20), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(dir, "csi.sock")
-	args := []string{"--run-dir", filepath.Join(dir, "run"), "--min-free", "16Mi"}
-	p := startPlugin(t, bin, sock, data, args...)
-	t.Cleanup(func() { p.stop(t, os.Interrupt) })
-	cc := connect(t, sock)
-	ctx := context.Background()
-	ctrl, node, ident := csi.NewControllerClient(cc), csi.NewNodeClient(cc), csi.NewIdentityClient(cc)
+	e := newFullEnv(t, fstype, bytes.Repeat([]byte{1}, 48<<20))
+	ctrl, node, ctx := e.ctrl, e.node, e.ctx
 
 	cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "e", CapacityRange: &csi.CapacityRange{RequiredBytes: 768 << 20},
 		VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}})
@@ -1407,7 +1223,7 @@ func testFullDataDirExt4Volume(t *testing.T, fstype string) {
 		t.Fatal(err)
 	}
 	id := cv.Volume.VolumeId
-	staging, target := filepath.Join(dir, "e-staging"), filepath.Join(dir, "e")
+	staging, target := e.staging("e"), e.path("e")
 	stageAndPublish(t, node, id, staging, target)
 	rng := rand.New(rand.NewSource(51))
 	files := map[string][]byte{}
@@ -1443,11 +1259,7 @@ func testFullDataDirExt4Volume(t *testing.T, fstype string) {
 	for k, v := range files {
 		snapFiles[k] = v
 	}
-	cs, err := ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{SourceVolumeId: id, Name: "e-snap"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	snap := cs.Snapshot.SnapshotId
+	snap := e.snapshot(id, "e-snap")
 	// Overwrite two of the snapshot's files (copy-outs), then fill.
 	for i := 0; i < 2; i++ {
 		if err := put(fmt.Sprintf("before-%d", i), 4<<20); err != nil {
@@ -1467,7 +1279,7 @@ func testFullDataDirExt4Volume(t *testing.T, fstype string) {
 		t.Errorf("the write that met the full data dir: %v, want ENOSPC or EIO", ferr)
 	}
 	t.Logf("%d files fsynced, then %v", len(files), ferr)
-	pr, err := ident.Probe(ctx, &csi.ProbeRequest{})
+	pr, err := e.ident.Probe(ctx, &csi.ProbeRequest{})
 	storeOK := err == nil && pr.GetReady().GetValue()
 	t.Logf("probe: %v, %v", pr, err)
 	h, err := node.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: id, StagingTargetPath: staging, VolumePublishPath: target})
@@ -1484,30 +1296,24 @@ func testFullDataDirExt4Volume(t *testing.T, fstype string) {
 		}
 	}
 	check("full")
-	os.Remove(ballast)
+	os.Remove(e.ballast)
 	unpublishAndUnstage(t, node, id, staging, target)
 	if storeOK {
 		stageAndPublish(t, node, id, staging, target)
 		check("restaged")
 		unpublishAndUnstage(t, node, id, staging, target)
 	}
-	stopMaybeFailed(t, p, storeOK)
-	p = startPlugin(t, bin, sock, data, args...)
+	e.restart(storeOK)
 	stageAndPublish(t, node, id, staging, target)
 	check("restarted")
 	// The snapshot: exact or not ready.
-	ls, err := ctrl.ListSnapshots(ctx, &csi.ListSnapshotsRequest{SnapshotId: snap})
-	if err != nil || len(ls.Entries) != 1 {
-		t.Fatalf("list snapshot: %v, %v", ls, err)
-	}
-	if ls.Entries[0].Snapshot.ReadyToUse {
+	if e.snapReady(snap) {
 		rv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "restore", CapacityRange: &csi.CapacityRange{RequiredBytes: 768 << 20},
-			VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}, VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
-				Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap}}}})
+			VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}, VolumeContentSource: fromSnapshot(snap)})
 		if err != nil {
 			t.Fatal(err)
 		}
-		rs, rt := filepath.Join(dir, "r-staging"), filepath.Join(dir, "r")
+		rs, rt := e.staging("r"), e.path("r")
 		stageAndPublish(t, node, rv.Volume.VolumeId, rs, rt)
 		for name, want := range snapFiles {
 			got, err := os.ReadFile(filepath.Join(rt, name))
@@ -1535,35 +1341,10 @@ func TestFullDataDirSnapshotChain(t *testing.T) {
 }
 
 func testFullDataDirSnapshotChain(t *testing.T, fstype string) {
-	requireCapabilities(t)
-	bin := buildPlugin(t)
-	dir := t.TempDir()
-	data, _ := dataDirFS(t, fstype, 400<<20)
-	t.Cleanup(func() {
-		if forceCleanup(t, dir) {
-			t.Errorf("mounts, loop devices or holders were left under %s", dir)
-		}
-	})
-	sock := filepath.Join(dir, "csi.sock")
-	args := []string{"--run-dir", filepath.Join(dir, "run"), "--min-free", "16Mi"}
-	p := startPlugin(t, bin, sock, data, args...)
-	t.Cleanup(func() { p.stop(t, os.Interrupt) })
-	cc := connect(t, sock)
-	ctx := context.Background()
-	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
-	create := func(name string, size int64, src *csi.VolumeContentSource) string {
-		t.Helper()
-		cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: size},
-			VolumeCapabilities: []*csi.VolumeCapability{blockCap()}, VolumeContentSource: src})
-		if err != nil {
-			t.Fatalf("create %s: %v", name, err)
-		}
-		return cv.Volume.VolumeId
-	}
+	e := newFullEnv(t, fstype, nil)
 	const size = 32 << 20
-	idA := create("a", size, nil)
-	devA := filepath.Join(dir, "a")
-	stageAndPublishAs(t, node, idA, filepath.Join(dir, "a-staging"), devA, blockCap())
+	idA := e.mustCreate("a", size, nil)
+	devA := e.publish(idA, "a")
 	ma := newBlockModel(size)
 	rng := rand.New(rand.NewSource(52))
 	write := func(off, n int) {
@@ -1587,11 +1368,7 @@ func testFullDataDirSnapshotChain(t *testing.T, fstype string) {
 	var snaps []snapT
 	var regions []int
 	for i := 0; i < 4; i++ {
-		cs, err := ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{SourceVolumeId: idA, Name: fmt.Sprintf("s%d", i)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		snaps = append(snaps, snapT{cs.Snapshot.SnapshotId, bytes.Clone(ma.want)})
+		snaps = append(snaps, snapT{e.snapshot(idA, fmt.Sprintf("s%d", i)), bytes.Clone(ma.want)})
 		// Rewrite an eighth of A at a random 64 KiB-aligned place, and a
 		// few single 4 KiB blocks.
 		at := rng.Intn(size/65536-64) * 65536
@@ -1602,22 +1379,7 @@ func testFullDataDirSnapshotChain(t *testing.T, fstype string) {
 		}
 	}
 	const sizeB = 1 << 30
-	idB := create("b", sizeB, nil)
-	devB := filepath.Join(dir, "b")
-	stageAndPublishAs(t, node, idB, filepath.Join(dir, "b-staging"), devB, blockCap())
-	fd, err := unix.Open(devB, unix.O_RDWR|unix.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	piece := alignedBlock(1 << 20)
-	fails := 0
-	for off := 0; off < sizeB && fails < 3; off += 1 << 20 {
-		rng.Read(piece)
-		if _, err := unix.Pwrite(fd, piece, int64(off)); err != nil {
-			fails++
-		}
-	}
-	unix.Close(fd)
+	idB, devB := e.fillB(rng)
 	// On the full disk, A rewritten in random pieces (4 KiB to 64 KiB)
 	// inside the part rewritten between s2 and s3: s3 lacks those chunks
 	// (it is given up), s2 holds its own copies (it keeps them, and takes
@@ -1628,67 +1390,26 @@ func testFullDataDirSnapshotChain(t *testing.T, fstype string) {
 	}
 	check := func(what string) {
 		t.Helper()
-		got, err := readDevice(devA, size)
-		if err != nil {
-			t.Fatalf("%s: %v", what, err)
-		}
-		if err := ma.check(got); err != nil {
-			t.Fatalf("%s: A: %v", what, err)
-		}
+		e.verify(what, devA, size, ma)
 		ready := 0
 		for i, sn := range snaps {
-			ls, err := ctrl.ListSnapshots(ctx, &csi.ListSnapshotsRequest{SnapshotId: sn.id})
-			if err != nil || len(ls.Entries) != 1 {
-				t.Fatalf("list %s: %v, %v", sn.id, ls, err)
-			}
-			if !ls.Entries[0].Snapshot.ReadyToUse {
+			if !e.snapReady(sn.id) {
 				continue
 			}
 			ready++
-			name := fmt.Sprintf("r-%s-%d", what, i)
-			rid := create(name, size, &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
-				Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: sn.id}}})
-			rdev := filepath.Join(dir, name)
-			stageAndPublishAs(t, node, rid, rdev+"-staging", rdev, blockCap())
-			got, err := readDevice(rdev, size)
-			if err != nil {
-				t.Fatal(err)
-			}
-			for b := 0; b < size; b += 4096 {
-				if !bytes.Equal(got[b:b+4096], sn.img[b:b+4096]) {
-					t.Fatalf("%s: snapshot s%d is ready and its restore differs at byte %d: %q..., want %q...", what, i, b, head(got[b:]), head(sn.img[b:]))
-				}
-			}
-			unpublishAndUnstage(t, node, rid, rdev+"-staging", rdev)
-			if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: rid}); err != nil {
-				t.Fatal(err)
-			}
+			e.checkRestore(what, fmt.Sprintf("snapshot s%d", i), fmt.Sprintf("r-%s-%d", what, i), sn.id, size, sn.img)
 		}
 		t.Logf("%s: %d of %d snapshots ready", what, ready, len(snaps))
 	}
 	// Discard B, then check (restores need room), restart and check.
-	if err := within(t, "BLKDISCARD of B", func() error {
-		fd, err := unix.Open(devB, unix.O_RDWR, 0)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(fd)
-		r := [2]uint64{0, sizeB}
-		if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.BLKDISCARD, uintptr(unsafe.Pointer(&r[0]))); e != 0 {
-			return e
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	e.discard(devB, sizeB)
 	check("freed")
-	p.stop(t, os.Interrupt)
-	p = startPlugin(t, bin, sock, data, args...)
-	stageAndPublishAs(t, node, idA, filepath.Join(dir, "a-staging"), devA, blockCap())
-	stageAndPublishAs(t, node, idB, filepath.Join(dir, "b-staging"), devB, blockCap())
+	e.restart(true)
+	e.publish(idA, "a")
+	e.publish(idB, "b")
 	check("restarted")
-	unpublishAndUnstage(t, node, idA, filepath.Join(dir, "a-staging"), devA)
-	unpublishAndUnstage(t, node, idB, filepath.Join(dir, "b-staging"), devB)
+	e.unpublish(idA, "a")
+	e.unpublish(idB, "b")
 }
 
 // TestFullDataDirNodeExpand: an XFS mount volume grown (ControllerExpand,
@@ -1703,21 +1424,8 @@ func TestFullDataDirNodeExpand(t *testing.T) {
 	if _, err := exec.LookPath("mkfs.xfs"); err != nil {
 		skipOrFail(t, "SKIPPED LOUDLY: mkfs.xfs is not installed (apt-get install xfsprogs)")
 	}
-	bin := buildPlugin(t)
-	dir := t.TempDir()
-	data, _ := dataDirFS(t, "ext4", 400<<20)
-	t.Cleanup(func() {
-		if forceCleanup(t, dir) {
-			t.Errorf("mounts, loop devices or holders were left under %s", dir)
-		}
-	})
-	sock := filepath.Join(dir, "csi.sock")
-	args := []string{"--run-dir", filepath.Join(dir, "run"), "--min-free", "16Mi"}
-	p := startPlugin(t, bin, sock, data, args...)
-	t.Cleanup(func() { p.stop(t, os.Interrupt) })
-	cc := connect(t, sock)
-	ctx := context.Background()
-	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
+	e := newFullEnv(t, "ext4", nil)
+	ctrl, node, ctx := e.ctrl, e.node, e.ctx
 	vc := ext4Cap()
 	vc.GetMount().FsType = "xfs"
 	cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "x", CapacityRange: &csi.CapacityRange{RequiredBytes: xfsSmall},
@@ -1726,40 +1434,16 @@ func TestFullDataDirNodeExpand(t *testing.T) {
 		t.Fatal(err)
 	}
 	id := cv.Volume.VolumeId
-	staging, target := filepath.Join(dir, "x-staging"), filepath.Join(dir, "x")
+	staging, target := e.staging("x"), e.path("x")
 	stageAndPublishAs(t, node, id, staging, target, vc)
 	want := bytes.Repeat([]byte("kept "), 1<<18)
 	writeFile(t, filepath.Join(target, "f"), want)
-	cs, err := ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{SourceVolumeId: id, Name: "x-snap"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	snap := e.snapshot(id, "x-snap")
 	// 1 MiB given back after the fill: room for the stage's markers, not
 	// for a grow.
-	ballast := filepath.Join(data, "ballast")
-	if err := os.WriteFile(ballast, make([]byte, 1<<20), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	e.writeBallast(make([]byte, 1<<20))
 
-	cb, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "b", CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30},
-		VolumeCapabilities: []*csi.VolumeCapability{blockCap()}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	idB, devB := cb.Volume.VolumeId, filepath.Join(dir, "b")
-	stageAndPublishAs(t, node, idB, filepath.Join(dir, "b-staging"), devB, blockCap())
-	fd, err := unix.Open(devB, unix.O_RDWR|unix.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	piece := alignedBlock(1 << 20)
-	fails := 0
-	for off := 0; off < 1<<30 && fails < 3; off += 1 << 20 {
-		if _, err := unix.Pwrite(fd, piece, int64(off)); err != nil {
-			fails++
-		}
-	}
-	unix.Close(fd)
+	idB, devB := e.fillB(nil)
 
 	fsSize := func() uint64 {
 		var st unix.Statfs_t
@@ -1789,17 +1473,16 @@ func TestFullDataDirNodeExpand(t *testing.T) {
 
 	// A restore of the snapshot larger than it, staged: the stage grows
 	// its filesystem to the device.
-	os.Remove(ballast)
+	os.Remove(e.ballast)
 	rv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "x-restore", CapacityRange: &csi.CapacityRange{RequiredBytes: xfsBig},
 		VolumeCapabilities: []*csi.VolumeCapability{vc}, Parameters: map[string]string{"csi.storage.k8s.io/fstype": "xfs"},
-		VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
-			Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: cs.Snapshot.SnapshotId}}}})
+		VolumeContentSource: fromSnapshot(snap)})
+	rs := e.staging("r")
 	if status.Code(err) == codes.ResourceExhausted {
 		t.Logf("restore on the full data dir: %v", err)
 	} else if err != nil {
 		t.Errorf("restore on the full data dir: %v", err)
 	} else {
-		rs := filepath.Join(dir, "r-staging")
 		err := within(t, "NodeStageVolume of a larger restore on the full data dir", func() error {
 			_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: rv.Volume.VolumeId, StagingTargetPath: rs, VolumeCapability: vc})
 			return err
@@ -1815,20 +1498,7 @@ func TestFullDataDirNodeExpand(t *testing.T) {
 	}
 
 	// Free space and retry.
-	if err := within(t, "BLKDISCARD of B", func() error {
-		fd, err := unix.Open(devB, unix.O_RDWR, 0)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(fd)
-		r := [2]uint64{0, 1 << 30}
-		if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.BLKDISCARD, uintptr(unsafe.Pointer(&r[0]))); e != 0 {
-			return e
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	e.discard(devB, 1<<30)
 	if err := within(t, "NodeExpandVolume with space", expand); err != nil {
 		t.Errorf("NodeExpandVolume once space was freed: %v", err)
 	}
@@ -1840,7 +1510,6 @@ func TestFullDataDirNodeExpand(t *testing.T) {
 	writeFile(t, filepath.Join(target, "g"), want)
 	if rv != nil {
 		// The restore's stage, retried with space, mounts and grows it.
-		rs := filepath.Join(dir, "r-staging")
 		if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: rv.Volume.VolumeId, StagingTargetPath: rs, VolumeCapability: vc}); err != nil {
 			t.Fatalf("NodeStageVolume of the restore with space: %v", err)
 		}
@@ -1858,7 +1527,7 @@ func TestFullDataDirNodeExpand(t *testing.T) {
 	mustRead(t, filepath.Join(target, "f"), want)
 	mustRead(t, filepath.Join(target, "g"), want)
 	unpublishAndUnstage(t, node, id, staging, target)
-	unpublishAndUnstage(t, node, idB, filepath.Join(dir, "b-staging"), devB)
+	e.unpublish(idB, "b")
 }
 
 // TestFullDataDirMkfs: a new mount volume staged while the data dir is
@@ -1877,21 +1546,8 @@ func testFullDataDirMkfs(t *testing.T, fstype string) {
 	if _, err := exec.LookPath("mkfs." + fstype); err != nil {
 		skipOrFail(t, "SKIPPED LOUDLY: mkfs.%s is not installed", fstype)
 	}
-	bin := buildPlugin(t)
-	dir := t.TempDir()
-	data, _ := dataDirFS(t, "ext4", 400<<20)
-	t.Cleanup(func() {
-		if forceCleanup(t, dir) {
-			t.Errorf("mounts, loop devices or holders were left under %s", dir)
-		}
-	})
-	sock := filepath.Join(dir, "csi.sock")
-	args := []string{"--run-dir", filepath.Join(dir, "run"), "--min-free", "16Mi"}
-	p := startPlugin(t, bin, sock, data, args...)
-	t.Cleanup(func() { p.stop(t, os.Interrupt) })
-	cc := connect(t, sock)
-	ctx := context.Background()
-	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
+	e := newFullEnv(t, "ext4", nil)
+	ctrl, node, ctx := e.ctrl, e.node, e.ctx
 	vc := ext4Cap()
 	vc.GetMount().FsType = fstype
 	cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "y", CapacityRange: &csi.CapacityRange{RequiredBytes: xfsSmall},
@@ -1900,32 +1556,11 @@ func testFullDataDirMkfs(t *testing.T, fstype string) {
 		t.Fatal(err)
 	}
 	id := cv.Volume.VolumeId
-	ballast := filepath.Join(data, "ballast")
-	if err := os.WriteFile(ballast, make([]byte, 1<<20), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cb, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "b", CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30},
-		VolumeCapabilities: []*csi.VolumeCapability{blockCap()}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	idB, devB := cb.Volume.VolumeId, filepath.Join(dir, "b")
-	stageAndPublishAs(t, node, idB, filepath.Join(dir, "b-staging"), devB, blockCap())
-	fd, err := unix.Open(devB, unix.O_RDWR|unix.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	piece := alignedBlock(1 << 20)
-	fails := 0
-	for off := 0; off < 1<<30 && fails < 3; off += 1 << 20 {
-		if _, err := unix.Pwrite(fd, piece, int64(off)); err != nil {
-			fails++
-		}
-	}
-	unix.Close(fd)
-	os.Remove(ballast)
+	e.writeBallast(make([]byte, 1<<20))
+	idB, devB := e.fillB(nil)
+	os.Remove(e.ballast)
 
-	staging, target := filepath.Join(dir, "y-staging"), filepath.Join(dir, "y")
+	staging, target := e.staging("y"), e.path("y")
 	stage := func() error {
 		_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: vc})
 		return err
@@ -1939,20 +1574,7 @@ func testFullDataDirMkfs(t *testing.T, fstype string) {
 			t.Fatal(err)
 		}
 	}
-	if err := within(t, "BLKDISCARD of B", func() error {
-		fd, err := unix.Open(devB, unix.O_RDWR, 0)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(fd)
-		r := [2]uint64{0, 1 << 30}
-		if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.BLKDISCARD, uintptr(unsafe.Pointer(&r[0]))); e != 0 {
-			return e
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	e.discard(devB, 1<<30)
 	if err := within(t, "NodeStageVolume with space", stage); err != nil {
 		t.Fatalf("NodeStageVolume once space was freed: %v", err)
 	}
@@ -1967,8 +1589,7 @@ func testFullDataDirMkfs(t *testing.T, fstype string) {
 	}
 	unpublishAndUnstage(t, node, id, staging, target)
 	// fsck the volume's filesystem through a block stage.
-	bs, bt := filepath.Join(dir, "yb-staging"), filepath.Join(dir, "yb")
-	stageAndPublishAs(t, node, id, bs, bt, blockCap())
+	bt := e.publish(id, "yb")
 	var out []byte
 	if fstype == "xfs" {
 		out, err = exec.Command("xfs_repair", "-n", bt).CombinedOutput()
@@ -1978,9 +1599,9 @@ func testFullDataDirMkfs(t *testing.T, fstype string) {
 	if err != nil {
 		t.Errorf("fsck of the filesystem made after a stage on the full data dir: %v\n%s", err, out)
 	}
-	unpublishAndUnstage(t, node, id, bs, bt)
+	e.unpublish(id, "yb")
 	stageAndPublishAs(t, node, id, staging, target, vc)
 	mustRead(t, filepath.Join(target, "f"), want)
 	unpublishAndUnstage(t, node, id, staging, target)
-	unpublishAndUnstage(t, node, idB, filepath.Join(dir, "b-staging"), devB)
+	e.unpublish(idB, "b")
 }
