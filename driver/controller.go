@@ -14,7 +14,6 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/csi-snap/csi-snap/cow"
 	"github.com/csi-snap/csi-snap/driver/kernel"
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -711,11 +710,11 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (
 		// sends claims elsewhere.
 		return &csi.GetCapacityResponse{}, nil
 	}
-	var st unix.Statfs_t
-	if err := unix.Statfs(d.opt.DataDir, &st); err != nil {
-		return nil, toStatus(fmt.Errorf("statfs %s: %w", d.opt.DataDir, err))
+	avail, err := d.dataDirFree()
+	if err != nil {
+		return nil, toStatus(err)
 	}
-	free := max(int64(st.Bavail)*int64(st.Bsize)-d.opt.MinFree, 0)
+	free := max(avail-d.opt.MinFree, 0)
 	// maximum_volume_size: the scheduler prefers it to available_capacity
 	// when set, so it is the smaller of the volume size limit and the free
 	// bytes: claims larger than the free space keep going elsewhere, as

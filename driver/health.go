@@ -19,6 +19,16 @@ import (
 // the storage backend are reported DEGRADED.
 const lowSpacePercent = 5
 
+// dataDirFree returns the bytes free for an unprivileged writer in the data
+// directory's filesystem.
+func (d *Driver) dataDirFree() (int64, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(d.opt.DataDir, &st); err != nil {
+		return 0, fmt.Errorf("statfs %s: %w", d.opt.DataDir, err)
+	}
+	return int64(st.Bavail) * st.Bsize, nil
+}
+
 // dataDirLow reports whether the data directory's filesystem is nearly full
 // (under lowSpacePercent free, or under the store's free-space reserve,
 // Options.MinFree), with a message saying how full.
@@ -220,11 +230,10 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 		if p == "" {
 			continue
 		}
-		if deviceless {
-			break
-		}
 		if !attached {
-			add(csi.VolumeHealthErrorType_INACCESSIBLE, "NotStaged", "volume is not attached on this node")
+			if !deviceless { // (else DeviceMissing above says what it is)
+				add(csi.VolumeHealthErrorType_INACCESSIBLE, "NotStaged", "volume is not attached on this node")
+			}
 			break
 		}
 		abs, real, err := tablePaths(p)

@@ -1772,19 +1772,20 @@ func (d *Driver) mayUnmount(path, id string, top mount.MountPoint) error {
 }
 
 // unboundLoop reports whether the block device numbered rdev is a loop
-// device bound to no file (sysfs).
+// device bound to no file: the loop driver's major, and no loop/ directory
+// in its sysfs entry (the kernel adds it when the device is bound and
+// removes it when it is cleared).
 func unboundLoop(rdev uint64) bool {
-	dir := fmt.Sprintf("/sys/dev/block/%d:%d/loop", unix.Major(rdev), unix.Minor(rdev))
-	if fi, err := os.Stat(dir); err == nil && fi.IsDir() {
-		_, err := os.Stat(filepath.Join(dir, "backing_file"))
-		return errors.Is(err, fs.ErrNotExist)
-	}
-	// An unbound loop device has no loop directory in sysfs on some
-	// kernels: a loop device is one with the loop driver's major.
-	if _, err := os.Stat(fmt.Sprintf("/sys/dev/block/%d:%d", unix.Major(rdev), unix.Minor(rdev))); err != nil {
+	const loopMajor = 7 // LOOP_MAJOR, include/uapi/linux/major.h
+	if unix.Major(rdev) != loopMajor {
 		return false
 	}
-	return unix.Major(rdev) == 7 // LOOP_MAJOR
+	dir := fmt.Sprintf("/sys/dev/block/%d:%d", unix.Major(rdev), unix.Minor(rdev))
+	if _, err := os.Stat(dir); err != nil {
+		return false
+	}
+	_, err := os.Stat(filepath.Join(dir, "loop"))
+	return errors.Is(err, fs.ErrNotExist)
 }
 
 // removeTarget removes a publish's target path once nothing is mounted on
@@ -2479,11 +2480,8 @@ func (d *Driver) spaceCode(err error) codes.Code {
 	if errors.Is(err, syscall.ENOSPC) || strings.Contains(err.Error(), syscall.ENOSPC.Error()) {
 		return codes.ResourceExhausted
 	}
-	var st unix.Statfs_t
-	if serr := unix.Statfs(d.opt.DataDir, &st); serr == nil {
-		if free := int64(st.Bavail) * st.Bsize; free == 0 || (d.opt.MinFree > 0 && free < d.opt.MinFree) {
-			return codes.ResourceExhausted
-		}
+	if free, err := d.dataDirFree(); err == nil && (free == 0 || free < d.opt.MinFree) {
+		return codes.ResourceExhausted
 	}
 	return codes.Internal
 }
