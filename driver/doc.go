@@ -133,9 +133,15 @@
 //     not take it back after a restart), and answer FailedPrecondition or
 //     Unavailable when they cannot (a publish would otherwise hand a pod a
 //     device whose I/O waits; a publish already done answers OK). An
-//     expansion takes it back before the store grows: nothing else takes
-//     a running pod's device back, and its resize would fail on every
-//     retry with the store grown and the device not.
+//     expansion takes it back before the store grows: its resize would
+//     otherwise fail on every retry with the store grown and the device
+//     not. Beside these, TakeBackUnserved tries every device Recover left
+//     unserved again every 10 s (cmd/csi-snap), so that a running pod's
+//     device, which gets none of those calls, is served again once its
+//     fuse-holder answers. A holder that did not answer in time
+//     (ErrNoAnswer) is asked nothing more by that Recover: it would wait
+//     for the timeout (10 s) again for every volume, with no CSI call
+//     served meanwhile.
 //   - A mount-access stage never formats a volume that an earlier,
 //     finished stage attached without a filesystem (a block stage of the
 //     same volume handle): FailedPrecondition instead of mkfs over the

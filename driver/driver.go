@@ -6,10 +6,13 @@ import (
 	"fmt"
 	"regexp"
 	"sync"
+	"time"
 	"unicode/utf8"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 	mount "k8s.io/mount-utils"
 )
@@ -91,6 +94,9 @@ type Driver struct {
 	// process though the data dir failed to remove them (leftInDataDir):
 	// otherStages must not take them for live stages.
 	droppedStages sync.Map
+	// leftUnserved: the held volumes Recover could not take back, for
+	// TakeBackUnserved.
+	leftUnserved []string
 }
 
 var driverNameRE = regexp.MustCompile(`^[a-zA-Z0-9]([a-zA-Z0-9.-]{0,61}[a-zA-Z0-9])?$`)
@@ -157,22 +163,33 @@ func (d *Driver) Recover(ctx context.Context) error {
 		b, err := d.heldBackend(id)
 		backends[id] = held{b, err}
 	}
+	// A fuse-holder that did not answer in time (ErrNoAnswer: stopped,
+	// starved) is asked nothing more here: each call would wait for its
+	// timeout again, for every volume it holds, and no CSI call is served
+	// until Recover returns. The volumes not asked for stay unserved (their
+	// I/O waits) and TakeBackUnserved takes them back once it answers.
+	var noAnswer error
 	// Every held connection is served before any device is looked for or
 	// attached: an attach can wait for a FUSE request of another held
 	// volume (kernel.Frontend.ServeHeld says how), which only its server
 	// answers.
 	if hs, ok := d.opt.Frontend.(heldServer); ok {
 		for _, id := range ids {
-			if h := backends[id]; h.err == nil {
+			if h := backends[id]; h.err == nil && noAnswer == nil {
 				if _, err := hs.ServeHeld(ctx, id, h.b); err != nil {
 					klog.ErrorS(err, "Serving a held connection before the attaches; its Attach tries again", "volumeID", id)
+					if errors.Is(err, ErrNoAnswer) {
+						noAnswer = err
+					}
 				}
 			}
 		}
 	}
 	for _, id := range ids {
 		b, err := backends[id].b, backends[id].err
-		if errors.Is(err, ErrNotFound) {
+		if noAnswer != nil {
+			err = fmt.Errorf("not asked (it is taken back in the background once the holder answers): %w", noAnswer)
+		} else if errors.Is(err, ErrNotFound) {
 			klog.InfoS("Detaching held device of a volume the store does not know", "volumeID", id)
 			err = d.opt.Frontend.Detach(ctx, id)
 		} else if err == nil {
@@ -188,6 +205,14 @@ func (d *Driver) Recover(ctx context.Context) error {
 			if first == nil {
 				first = fmt.Errorf("recover %s: %w", id, err)
 			}
+			if errors.Is(err, ErrNoAnswer) {
+				noAnswer = err
+			}
+		}
+	}
+	for _, id := range ids {
+		if failed[id] && d.opt.Frontend.Unserved(id) {
+			d.leftUnserved = append(d.leftUnserved, id)
 		}
 	}
 	// A rollback the store could not finish when it opened (it resumes
@@ -209,4 +234,48 @@ func (d *Driver) Recover(ctx context.Context) error {
 		}
 	}
 	return first
+}
+
+// TakeBackUnserved takes back, every interval until ctx ends, the devices
+// Recover left unserved (their fuse-holder did not answer in time, or
+// their attach failed), as the volume's next stage, publish, unstage,
+// expansion or snapshot would (takeBack): a running pod's device gets
+// none of those, and its I/O waits until some process serves it. A
+// volume busy with a call is left to that call, and tried again at the
+// next tick. It returns once none is left, or when ctx ends; run it after
+// Recover, beside the CSI server.
+func (d *Driver) TakeBackUnserved(ctx context.Context, interval time.Duration) {
+	left := d.leftUnserved
+	logged := map[string]bool{}
+	for len(left) > 0 {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(interval):
+		}
+		var still []string
+		var noAnswer bool
+		for _, id := range left {
+			if noAnswer || !d.locks.tryLock(id) {
+				still = append(still, id)
+				continue
+			}
+			cctx, cancel := context.WithTimeout(ctx, time.Minute)
+			err := d.takeBack(cctx, id)
+			cancel()
+			d.locks.unlock(id)
+			if err == nil {
+				continue // served again, or detached meanwhile
+			}
+			if !logged[id] {
+				klog.ErrorS(err, "Taking back a device Recover left unserved; trying again", "volumeID", id, "interval", interval)
+				logged[id] = true
+			}
+			// As in Recover: a holder that did not answer is asked
+			// again at the next tick, not once per volume now.
+			noAnswer = status.Code(err) == codes.Unavailable
+			still = append(still, id)
+		}
+		left = still
+	}
 }

@@ -35,6 +35,11 @@ var (
 	// ErrUnavailable: something the call needs is not there yet (the
 	// fuse-holder); a retry may succeed.
 	ErrUnavailable = errors.New("unavailable")
+	// ErrNoAnswer: the fuse-holder is there but did not answer in time
+	// (kernel.ErrHolderSlow); it is ErrUnavailable (a retry may succeed).
+	// Recover asks it nothing more once it has seen this, rather than
+	// wait again for every volume it holds.
+	ErrNoAnswer = fmt.Errorf("%w: the fuse-holder did not answer in time", ErrUnavailable)
 )
 
 // toStatus maps an error from a lower layer to a gRPC status error. Errors

@@ -204,9 +204,9 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 			add(csi.VolumeHealthErrorType_INACCESSIBLE, "ConnectionLost", fmt.Sprintf("device %s lost its FUSE connection (aborted through fusectl or by the kernel's FUSE request timeout, unmounted from outside, the plugin and its fuse-holder stopped together, or the kernel is older than 6.9): its I/O fails until the volume is unstaged and staged again; delete the pods that use it", dev))
 		}
 		if d.opt.Frontend.Unserved(id) {
-			// Every I/O on it waits; the next stage, publish, unstage,
-			// expansion or snapshot takes it back (takeBack), or a restart
-			// of the plugin.
+			// Every I/O on it waits; TakeBackUnserved (every 10 s), the
+			// next stage, publish, unstage, expansion or snapshot takes
+			// it back (takeBack), or a restart of the plugin.
 			add(csi.VolumeHealthErrorType_INACCESSIBLE, "NotServed", fmt.Sprintf("device %s is not served by this plugin (not taken back after a restart; or its fuse-holder did not answer in time): its I/O waits", dev))
 		}
 	}

@@ -14,7 +14,7 @@ var kernelErrors = []struct{ from, to error }{
 	{kernel.ErrConflict, ErrBusy},
 	{kernel.ErrClosed, ErrClosed},
 	{kernel.ErrNoHolder, ErrUnavailable},
-	{kernel.ErrHolderSlow, ErrUnavailable},
+	{kernel.ErrHolderSlow, ErrNoAnswer},
 	{kernel.ErrHolderFDsLost, ErrUnavailable},
 }
 

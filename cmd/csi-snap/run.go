@@ -37,6 +37,11 @@ type engines struct {
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
 
+// takeBackInterval: how often the devices a restart left unserved are
+// tried again (driver.TakeBackUnserved). Each try that finds the holder
+// still not answering waits for its timeout (10 s) first.
+const takeBackInterval = 10 * time.Second
+
 // run serves CSI on cfg.Endpoint until ctx is done, then stops gracefully
 // within cfg.ShutdownTimeout. The frontend is closed without detaching, so
 // staged volumes keep their devices across a restart.
@@ -130,6 +135,12 @@ func run(ctx context.Context, cfg Config) (err error) {
 		// the failed ones answer errors on their own calls.
 		klog.ErrorS(err, "Some attached volumes did not come back")
 	}
+	// Those left unserved (their fuse-holder did not answer in time) are
+	// taken back once it does; stopped before the frontend closes.
+	retakeCtx, stopRetake := context.WithCancel(ctx)
+	retook := make(chan struct{})
+	go func() { defer close(retook); d.TakeBackUnserved(retakeCtx, takeBackInterval) }()
+	defer func() { stopRetake(); <-retook }()
 	stopAdmin, err := serveAdmin(d, cfg.RunDir)
 	if err != nil {
 		return err

@@ -407,8 +407,23 @@ type Frontend struct {
 	dead map[string]bool
 	next int
 	// AttachErr, if set, fails every Attach (nothing attached or taken
-	// back).
+	// back). SetAttachErr sets it while other goroutines may attach.
 	AttachErr error
+	attaches  int // Attach calls, for Attaches
+}
+
+// SetAttachErr sets AttachErr under the Frontend's lock.
+func (f *Frontend) SetAttachErr(err error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.AttachErr = err
+}
+
+// Attaches returns how many times Attach was called.
+func (f *Frontend) Attaches() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.attaches
 }
 
 // SetUnserved makes the attached id's device unserved (Unserved: its
@@ -461,6 +476,7 @@ func NewFrontend() *Frontend {
 func (f *Frontend) Attach(ctx context.Context, id string, b driver.Backend, readOnly bool) (string, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.attaches++
 	if f.AttachErr != nil {
 		return "", f.AttachErr
 	}

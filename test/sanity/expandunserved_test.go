@@ -19,8 +19,9 @@ import (
 // ControllerExpandVolume (and kubelet's NodeExpandVolume) of that volume
 // must take the device back as stage, unstage, publish and snapshot do
 // (takeBack), and grow it: answering FailedPrecondition ("unstage and stage
-// the volume again") leaves the store grown and the device not, for as
-// long as the pod runs, since nothing else retakes a running pod's device.
+// the volume again") left the store grown and the device not. (The
+// plugin also takes such devices back on its own every 10 s,
+// TakeBackUnserved; the expansion here comes before that.)
 func TestExpandTakesBackUnservedDevice(t *testing.T) {
 	k, h, dir := startKillableExt(t)
 	ctx := context.Background()
