@@ -2296,7 +2296,11 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	if err := checkVolumePath(path); err != nil {
 		return nil, err
 	}
-	if err := d.checkNodeVolume(id); err != nil {
+	// Looked up as health does (healthVolume): stats read the mounted
+	// filesystem or the device, nothing of the store, and must go on
+	// while it has failed (after a failed fsync the plugin runs so until
+	// the node reboots); a lookup in a failed store answers Unavailable.
+	if err := d.healthVolume(id); err != nil {
 		return nil, err
 	}
 	_, ok := d.opt.Frontend.Device(id)
