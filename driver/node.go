@@ -82,6 +82,29 @@ func (d *Driver) mountpointOf(dev string) (string, error) {
 			return mp.Path, nil
 		}
 	}
+	// A filesystem mounted from another name of the device: the device
+	// node a raw block publish bound, from which a pod or an operator
+	// mounts the filesystem it made on the volume. The mount table lists
+	// it under that path, mountinfo under the device's number (the
+	// kernel's, which no mount's source can fake); not frozen, the
+	// snapshot would hold that filesystem as a crash leaves it (its
+	// journal to replay, its unsynced writes lost).
+	dr, ok := nodeRdev(dev)
+	if !ok {
+		return "", nil
+	}
+	mis, err := mount.ParseMountInfo("/proc/self/mountinfo")
+	if err != nil {
+		return "", fmt.Errorf("list mounts: %w", err)
+	}
+	for _, mi := range mis {
+		if unix.Mkdev(uint32(mi.Major), uint32(mi.Minor)) != dr {
+			continue
+		}
+		if p := kernel.UnescapeMount(mi.MountPoint); mountIsDevice(p, mi.Source, dev) {
+			return p, nil
+		}
+	}
 	return "", nil
 }
 
