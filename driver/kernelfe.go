@@ -16,6 +16,7 @@ var kernelErrors = []struct{ from, to error }{
 	{kernel.ErrNoHolder, ErrUnavailable},
 	{kernel.ErrHolderSlow, ErrNoAnswer},
 	{kernel.ErrHolderFDsLost, ErrUnavailable},
+	{kernel.ErrHolderGone, ErrUnavailable},
 }
 
 func fromKernel(err error) error {
@@ -47,19 +48,19 @@ func NewKernelFrontend(cfg kernel.Config) (*KernelFrontend, error) {
 // Freeze freezes the filesystem mounted at mountpoint for a snapshot,
 // through the fuse-holder where it can (kernel.Frontend.Freeze), for
 // Options.Freeze; errors are the ioctl's errnos (EBUSY: frozen already).
-func (k *KernelFrontend) Freeze(mountpoint string) error { return k.f.Freeze(mountpoint) }
+func (k *KernelFrontend) Freeze(mountpoint string) error { return fromKernel(k.f.Freeze(mountpoint)) }
 
 // Thaw undoes Freeze (Options.Thaw).
-func (k *KernelFrontend) Thaw(mountpoint string) error { return k.f.Thaw(mountpoint) }
+func (k *KernelFrontend) Thaw(mountpoint string) error { return fromKernel(k.f.Thaw(mountpoint)) }
 
 // Sync writes back the filesystem mounted at mountpoint through the
 // fuse-holder where it can (kernel.Frontend.Sync), for Options.Sync.
-func (k *KernelFrontend) Sync(mountpoint string) error { return k.f.Sync(mountpoint) }
+func (k *KernelFrontend) Sync(mountpoint string) error { return fromKernel(k.f.Sync(mountpoint)) }
 
 // SyncDevice writes back the page cache of the attached device dev through
 // the fuse-holder where it can (kernel.Frontend.SyncDevice), for
 // Options.SyncDevice.
-func (k *KernelFrontend) SyncDevice(dev string) error { return k.f.SyncDevice(dev) }
+func (k *KernelFrontend) SyncDevice(dev string) error { return fromKernel(k.f.SyncDevice(dev)) }
 
 // RunTool runs a filesystem tool's command line in the fuse-holder where
 // it can (kernel.Frontend.RunTool): the ToolRunner for ToolMounter.

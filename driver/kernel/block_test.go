@@ -558,7 +558,7 @@ func TestAttachHolderGoneAfterBind(t *testing.T) {
 			return err
 		}
 		bound = dev
-		return errors.Join(errHolderGone, errors.New("configure of "+dev))
+		return errors.Join(ErrHolderGone, errors.New("configure of "+dev))
 	}
 	defer func() { configureHook = nil }()
 	b := newFileBackend(t, t.TempDir(), 8<<20)

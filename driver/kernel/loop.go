@@ -130,7 +130,7 @@ func attachLoop(ctx context.Context, sock, backing string, readOnly bool) (strin
 		if configureHook != nil {
 			err = configureHook(dev, err)
 		}
-		if errors.Is(err, errHolderGone) {
+		if errors.Is(err, ErrHolderGone) {
 			// It may have bound the device: keep it registered, so that
 			// a Detach or the next Attach finds it.
 			lf.Close()
@@ -194,9 +194,11 @@ func loopConfig(bfd int, p loopParams) *unix.LoopConfig {
 	return cfg
 }
 
-// errHolderGone: the holder took a "configure" and went away before its
-// answer, which leaves unknown whether the device was bound.
-var errHolderGone = errors.New("the fuse-holder went away during the request")
+// ErrHolderGone: the holder took a request (a "configure", a freeze, a
+// sync, a tool's run) and went away before its answer (killed, its pod
+// replaced), which leaves unknown whether it was done; asked again, a new
+// holder (or this process) does it.
+var ErrHolderGone = errors.New("the fuse-holder went away during the request")
 
 // holderConfigures counts the configures the holder made (tests).
 var holderConfigures atomic.Int64

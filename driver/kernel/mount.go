@@ -301,7 +301,7 @@ func (f *Frontend) holderOrHere(op, mountpoint, what string, n *atomic.Int64, he
 // it the fd; logged once). An errno of the operation itself (EBUSY,
 // EINVAL, EOPNOTSUPP, EIO) is the answer: the same call here would give
 // it too, or (syncfs) no longer report it (askHolder). err: the request
-// failed after it was sent (errHolderGone), or the directory cannot be
+// failed after it was sent (ErrHolderGone), or the directory cannot be
 // opened (here is then true too, and the caller's own try reports it).
 func (f *Frontend) viaHolder(op, mountpoint string) (c *net.UnixConn, resp holderResp, here bool, err error) {
 	flags := unix.O_RDONLY | unix.O_DIRECTORY | unix.O_CLOEXEC
@@ -343,7 +343,7 @@ func (f *Frontend) viaHolder(op, mountpoint string) (c *net.UnixConn, resp holde
 // here reports that this process must do it itself: no holder answers,
 // one older than req.Op ("unknown op"), or one that could not act
 // (holderCannot; resp.Err says why, refusedBy is true). err: the request
-// failed after it was sent (errHolderGone: whether it was done is unknown)
+// failed after it was sent (ErrHolderGone: whether it was done is unknown)
 // or ctx ended first (ctx's error; the holder goes on). Otherwise c is the
 // open connection, which the caller closes (a freeze keeps it for its
 // thaw), and resp the answer, whose Err, if any, is the operation's own
@@ -375,7 +375,7 @@ func askHolderThen(ctx context.Context, sock string, req holderReq, sent func(),
 		return nil, resp, false, ctx.Err()
 	case err != nil:
 		c.Close()
-		return nil, resp, false, fmt.Errorf("%w: %v", errHolderGone, err)
+		return nil, resp, false, fmt.Errorf("%w: %v", ErrHolderGone, err)
 	case resp.Err != "" && holderCannot(resp): // "unknown op" is no errno either
 		c.Close()
 		return nil, resp, true, nil

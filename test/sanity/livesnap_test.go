@@ -1069,7 +1069,12 @@ func TestSnapshotHolderKilledWhileFrozen(t *testing.T) {
 				syscall.Kill(holder, syscall.SIGKILL)
 				select {
 				case err := <-done:
+					// Done, or not known to be: Unavailable (retried),
+					// never Internal.
 					t.Logf("CreateSnapshot with its holder killed (marker seen %v): %v", seen, status.Code(err))
+					if c := status.Code(err); c != codes.OK && c != codes.Unavailable {
+						t.Errorf("CreateSnapshot whose fuse-holder was killed during it: %v, want OK or Unavailable", err)
+					}
 				case <-time.After(60 * time.Second):
 					t.Fatalf("CreateSnapshot hangs after its holder was killed:\n%s", hungStacks(pid()))
 				}
