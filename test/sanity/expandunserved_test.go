@@ -3,6 +3,7 @@ package sanity
 import (
 	"context"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -29,22 +30,7 @@ func TestExpandTakesBackUnservedDevice(t *testing.T) {
 	k.stage(v, blockCap())
 	t.Cleanup(func() { k.unstage(v) })
 
-	h.mu.Lock()
-	hp := h.cmd.Process
-	h.mu.Unlock()
-	if err := hp.Signal(syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
-	stopped := true
-	t.Cleanup(func() {
-		if stopped {
-			hp.Signal(syscall.SIGCONT)
-		}
-	})
-	k.p.cmd.Process.Signal(syscall.SIGKILL)
-	k.restart()
-	hp.Signal(syscall.SIGCONT)
-	stopped = false
+	restartWithHolderStopped(t, k, h)()
 	if !strings.Contains(readLog(k.p), "Recovering attached volume") {
 		t.Skip("the restarted plugin took the device back despite the stopped holder; the case is not reached")
 	}
@@ -67,4 +53,24 @@ func TestExpandTakesBackUnservedDevice(t *testing.T) {
 	if n, err := userSize(v.target, true); err != nil || n != 64<<20 {
 		t.Errorf("the pod's device has %d bytes (%v) after the expansion to %d", n, err, 64<<20)
 	}
+}
+
+// restartWithHolderStopped SIGKILLs k's plugin and starts it again while
+// the fuse-holder h is stopped (SIGSTOP), so that the restart's Recover
+// finds it not answering. It returns the function that lets the holder go
+// on (SIGCONT), which also runs at cleanup.
+func restartWithHolderStopped(t *testing.T, k *killable, h *extHolder) (cont func()) {
+	t.Helper()
+	h.mu.Lock()
+	hp := h.cmd.Process
+	h.mu.Unlock()
+	if err := hp.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	cont = func() { once.Do(func() { hp.Signal(syscall.SIGCONT) }) }
+	t.Cleanup(cont)
+	k.p.cmd.Process.Signal(syscall.SIGKILL)
+	k.restart()
+	return cont
 }

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -40,20 +39,7 @@ func TestUnservedDevicesTakenBackWithoutCalls(t *testing.T) {
 		vols, data = append(vols, v), append(data, b)
 	}
 
-	h.mu.Lock()
-	hp := h.cmd.Process
-	h.mu.Unlock()
-	if err := hp.Signal(syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
-	stopped := true
-	t.Cleanup(func() {
-		if stopped {
-			hp.Signal(syscall.SIGCONT)
-		}
-	})
-	k.p.cmd.Process.Signal(syscall.SIGKILL)
-	k.restart()
+	cont := restartWithHolderStopped(t, k, h)
 	log := readLog(k.p)
 	var recovering, notAsked int
 	for _, l := range strings.Split(log, "\n") {
@@ -95,8 +81,7 @@ func TestUnservedDevicesTakenBackWithoutCalls(t *testing.T) {
 		t.Fatalf("a read of volume %d returned (%v) while its holder was stopped; was it served?", r.i, r.err)
 	default:
 	}
-	hp.Signal(syscall.SIGCONT)
-	stopped = false
+	cont()
 	timeout := time.After(2 * time.Minute)
 	for range vols {
 		select {
