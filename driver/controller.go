@@ -518,6 +518,9 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 	if err := d.dropStageMarker(id); err != nil {
 		klog.ErrorS(err, "Removing stage marker", "volumeID", id)
 	}
+	if err := os.Remove(d.lossMarker(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		klog.ErrorS(err, "Removing data loss record", "volumeID", id)
+	}
 	klog.V(2).InfoS("Deleted volume", "volumeID", id)
 	return &csi.DeleteVolumeResponse{}, nil
 }

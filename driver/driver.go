@@ -169,6 +169,7 @@ func (d *Driver) Recover(ctx context.Context) error {
 	// until Recover returns. The volumes not asked for stay unserved (their
 	// I/O waits) and TakeBackUnserved takes them back once it answers.
 	var noAnswer error
+	noAnswerID := "" // the volume whose ask found it silent
 	// Every held connection is served before any device is looked for or
 	// attached: an attach can wait for a FUSE request of another held
 	// volume (kernel.Frontend.ServeHeld says how), which only its server
@@ -179,7 +180,7 @@ func (d *Driver) Recover(ctx context.Context) error {
 				if _, err := hs.ServeHeld(ctx, id, h.b); err != nil {
 					klog.ErrorS(err, "Serving a held connection before the attaches; its Attach tries again", "volumeID", id)
 					if errors.Is(err, ErrNoAnswer) {
-						noAnswer = err
+						noAnswer, noAnswerID = err, id
 					}
 				}
 			}
@@ -187,7 +188,9 @@ func (d *Driver) Recover(ctx context.Context) error {
 	}
 	for _, id := range ids {
 		b, err := backends[id].b, backends[id].err
-		if noAnswer != nil {
+		if noAnswer != nil && id == noAnswerID {
+			err = noAnswer // asked, by ServeHeld above
+		} else if noAnswer != nil {
 			err = fmt.Errorf("not asked (it is taken back in the background once the holder answers): %w", noAnswer)
 		} else if errors.Is(err, ErrNotFound) {
 			klog.InfoS("Detaching held device of a volume the store does not know", "volumeID", id)
@@ -205,13 +208,17 @@ func (d *Driver) Recover(ctx context.Context) error {
 			if first == nil {
 				first = fmt.Errorf("recover %s: %w", id, err)
 			}
-			if errors.Is(err, ErrNoAnswer) {
-				noAnswer = err
+			if noAnswer == nil && errors.Is(err, ErrNoAnswer) {
+				noAnswer, noAnswerID = err, id
 			}
 		}
 	}
 	for _, id := range ids {
-		if failed[id] && d.opt.Frontend.Unserved(id) {
+		// Unserved asks the holder too (kernel.Frontend.Unserved): one
+		// that did not answer is not asked again for every volume (it
+		// would answer nothing, and Unserved take that for unserved);
+		// TakeBackUnserved leaves any that turns out served alone.
+		if failed[id] && (noAnswer != nil || d.opt.Frontend.Unserved(id)) {
 			d.leftUnserved = append(d.leftUnserved, id)
 		}
 	}
@@ -261,7 +268,7 @@ func (d *Driver) TakeBackUnserved(ctx context.Context, interval time.Duration) {
 				continue
 			}
 			cctx, cancel := context.WithTimeout(ctx, time.Minute)
-			err := d.takeBack(cctx, id)
+			err := d.takeBackHeld(cctx, id)
 			cancel()
 			d.locks.unlock(id)
 			if err == nil {
@@ -278,4 +285,19 @@ func (d *Driver) TakeBackUnserved(ctx context.Context, interval time.Duration) {
 		}
 		left = still
 	}
+}
+
+// takeBackHeld is takeBack for TakeBackUnserved, which also does what
+// Recover would have done for a volume it did not ask for: a held device
+// of a volume the store does not know is detached (nothing takes it back:
+// it has no backend).
+func (d *Driver) takeBackHeld(ctx context.Context, id string) error {
+	if _, err := d.opt.Store.VolumeBackend(id); errors.Is(err, ErrNotFound) {
+		if _, ok := d.opt.Frontend.Device(id); !ok {
+			return nil
+		}
+		klog.InfoS("Detaching held device of a volume the store does not know", "volumeID", id)
+		return toStatus(d.opt.Frontend.Detach(ctx, id))
+	}
+	return d.takeBack(ctx, id)
 }

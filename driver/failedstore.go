@@ -3,6 +3,8 @@ package driver
 import (
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
 	"syscall"
 
@@ -127,9 +129,34 @@ func (d *Driver) lostWrites(id string) bool {
 // forgetLostWrites tells the store that id has no held device left.
 func (d *Driver) forgetLostWrites(id string) error {
 	if ls, ok := d.opt.Store.(LostWritesStore); ok {
+		// The fence ends, the loss does not: health goes on reporting
+		// DATA_LOSS from a record of the driver's own (lossMarker), until
+		// the volume is deleted.
+		if slices.Contains(ls.KillWritesLost(), id) {
+			if err := writeMarker(d.lossMarker(id), nil); err != nil {
+				return fmt.Errorf("data loss record: %w", err)
+			}
+		}
 		return ls.ForgetKillLost(id)
 	}
 	return nil
+}
+
+// lossMarker is the file that records, once the store forgot them
+// (ForgetKillLost), that writes of volume id were lost (health's DATA_LOSS
+// WritesLost), until the volume is deleted.
+func (d *Driver) lossMarker(id string) string {
+	return filepath.Join(d.opt.DataDir, "writes-lost", id)
+}
+
+// writesLost reports whether writes of volume id are known lost: the
+// store still lists it, or it did (lossMarker).
+func (d *Driver) writesLost(id string) bool {
+	if ls, ok := d.opt.Store.(LostWritesStore); ok && slices.Contains(ls.KillWritesLost(), id) {
+		return true
+	}
+	_, err := os.Stat(d.lossMarker(id))
+	return err == nil
 }
 
 // heldBackend returns the backend to serve a held volume with: the store's,

@@ -77,6 +77,8 @@ func (d *Driver) volumeHealth(id string) (*csi.VolumeHealth, error) {
 		h.HealthStatuses = append(h.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{
 			Status: csi.VolumeHealthErrorType_INACCESSIBLE, Reason: "WritesLost",
 			Message: "the store dropped writes of this volume that were answered before the plugin restarted (no space to redo its kill journal): its device fails every I/O until the volume is unstaged; delete the pods that use it, and the next mount replays the filesystem's journal"})
+	}
+	if d.writesLost(id) {
 		// And the writes are gone for good (the spec's DATA_LOSS: known
 		// permanent loss, for recovery from a snapshot or a backup),
 		// which the unstage that ends the I/O errors does not undo.

@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"path/filepath"
 	"slices"
 	"testing"
 
@@ -33,5 +34,34 @@ func TestLostWritesHealthIsDataLoss(t *testing.T) {
 	ch, err := d.ControllerGetVolumeHealth(ctx, &csi.ControllerGetVolumeHealthRequest{VolumeId: lostID})
 	if err != nil || !dataLoss(ch.GetVolumeHealth()) {
 		t.Errorf("controller health of a volume whose answered writes were dropped: %v, %v; want DATA_LOSS WritesLost", ch.GetVolumeHealth().GetHealthStatuses(), err)
+	}
+}
+
+// TestLostWritesDataLossOutlivesUnstage: the loss DATA_LOSS reports is
+// permanent, and the unstage its INACCESSIBLE entry asks for ends only
+// the I/O errors (README: "its health reports WritesLost, as INACCESSIBLE
+// and as DATA_LOSS"; the commit: "which the unstage ending the I/O errors
+// does not undo"). But the DATA_LOSS entry goes with the fence: once the
+// pods are deleted as asked and the volume unstaged, the controller's
+// health says the volume is fine, and a health monitor that polls after
+// that never reports the loss.
+func TestLostWritesDataLossOutlivesUnstage(t *testing.T) {
+	d, _, _ := lostHeldDriver(t)
+	ctx := context.Background()
+	if err := d.Recover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	staging := filepath.Join(t.TempDir(), "staging")
+	if _, err := d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: lostID, StagingTargetPath: staging}); err != nil {
+		t.Fatal(err)
+	}
+	ch, err := d.ControllerGetVolumeHealth(ctx, &csi.ControllerGetVolumeHealthRequest{VolumeId: lostID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.ContainsFunc(ch.GetVolumeHealth().GetHealthStatuses(), func(e *csi.VolumeHealth_VolumeHealthEntry) bool {
+		return e.GetStatus() == csi.VolumeHealthErrorType_DATA_LOSS
+	}) {
+		t.Errorf("controller health after the unstage: %v; want DATA_LOSS still (the dropped writes are not back)", ch.GetVolumeHealth().GetHealthStatuses())
 	}
 }

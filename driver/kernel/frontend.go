@@ -987,6 +987,13 @@ func (f *Frontend) ServeHeld(ctx context.Context, id string, b Backend) (bool, e
 	}
 	mp := f.mountpoint(id)
 	resp, fd, err := holderAsk(f.sock, holderReq{Op: "get", ID: id})
+	if errors.Is(err, ErrHolderSlow) {
+		// A holder that does not answer in time is no holder that keeps
+		// nothing: say so, so that the caller (Recover) asks it no more
+		// for the other volumes, each ask waiting for the timeout again.
+		closeFD(fd)
+		return false, err
+	}
 	var params connParams
 	if err != nil || !resp.Found || fd < 0 || json.Unmarshal(resp.Params, &params) != nil || heldConnLost(mp, fd) != "" {
 		closeFD(fd)

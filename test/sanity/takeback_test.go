@@ -15,8 +15,8 @@ import (
 // two published raw block volumes while the chart's fuse-holder does not
 // answer (stopped). The restarted plugin's Recover asks the silent holder
 // once, not once per volume (each ask waits for its timeout before the
-// plugin serves any CSI call), and leaves the devices unserved: their I/O
-// waits. Once the holder answers again, both are taken back with no CSI
+// plugin serves any CSI call: the restart is timed), and leaves the
+// devices unserved: their I/O waits. Once the holder answers again, both are taken back with no CSI
 // call on them (a running pod's volume gets none): a read started on each
 // device while nothing served it completes with the data written before
 // the kill.
@@ -39,7 +39,16 @@ func TestUnservedDevicesTakenBackWithoutCalls(t *testing.T) {
 		vols, data = append(vols, v), append(data, b)
 	}
 
+	start := time.Now()
 	cont := restartWithHolderStopped(t, k, h)
+	took := time.Since(start)
+	// Listing the held volumes (Attached) and the one ask Recover makes
+	// may each wait for the holder's timeout (10 s) before the plugin
+	// serves CSI: 20 s and some slack. Asking once per held volume (or
+	// twice: ServeHeld, then Attach) takes 40-60 s here.
+	if took > 35*time.Second {
+		t.Errorf("the restart with a silent holder and %d held volumes took %v before serving CSI: the holder was asked for each volume", len(vols), took.Round(time.Second))
+	}
 	log := readLog(k.p)
 	var recovering, notAsked int
 	for _, l := range strings.Split(log, "\n") {
@@ -92,6 +101,12 @@ func TestUnservedDevicesTakenBackWithoutCalls(t *testing.T) {
 		case <-timeout:
 			t.Fatalf("reads of the devices still wait 2 min after the holder answers again: nothing took them back\n%s", readLog(k.p))
 		}
+	}
+	// A read returns once its device is served, which is before the
+	// take-back logs it (and unlocks the volume: a cleanup's call before
+	// that answers Aborted).
+	for end := time.Now().Add(30 * time.Second); strings.Count(readLog(k.p), "Took back a device no one served") < 2 && time.Now().Before(end); {
+		time.Sleep(100 * time.Millisecond)
 	}
 	if n := strings.Count(readLog(k.p), "Took back a device no one served"); n != 2 {
 		t.Errorf("%d devices taken back, want 2\n%s", n, readLog(k.p))
