@@ -366,7 +366,10 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		// parameter alone, so a retry of its request without the parameter
 		// finds no label and is the same request.
 		made := v.Labels[labelFSType]
-		sameFS := made == fsAsked || made == "" && fs == ""
+		// A restore or clone asked with no filesystem carries its
+		// source's (below): the same request again.
+		sameFS := made == fsAsked || made == "" && fs == "" ||
+			fsAsked == "" && (v.SourceSnapshotID != "" || v.SourceVolumeID != "")
 		if !sizeFits(v.Size, req.GetCapacityRange()) || v.SourceSnapshotID != snapID ||
 			v.SourceVolumeID != srcVolID || !sameFS {
 			return nil, statusf(codes.AlreadyExists, "volume %q exists as %s with a different size, source or fstype", name, v.ID)
@@ -436,6 +439,14 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	}
 	nk, nv := nameLabel(labelName, name)
 	labels := map[string]string{nk: nv}
+	if fsAsked == "" {
+		// A restore or clone holds its source's filesystem whatever was
+		// asked: made for it, so that ValidateVolumeCapabilities,
+		// ControllerExpandVolume, a stage's fs_type and a restore of its
+		// own snapshots check against it (unlabelled, they let another
+		// filesystem through, which no stage then mounts).
+		fsAsked = srcFS
+	}
 	if fsAsked != "" {
 		// What the volume is made for, from the parameter or a mount
 		// capability: external-provisioner strips csi.storage.k8s.io/

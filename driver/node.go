@@ -922,7 +922,7 @@ func (d *Driver) restage(id string, v VolumeInfo, dev, staging string, c *csi.Vo
 	if want := m.GetFsType(); want != "" && top.Type != "" && top.Type != want {
 		return statusf(codes.AlreadyExists, "volume %s is staged at %s with filesystem %s, not %s", id, staging, top.Type, want)
 	}
-	if (readerOnly(c) || hasROFlag(m.GetMountFlags())) && !slices.Contains(top.Opts, "ro") {
+	if (readerOnly(c) || mountsReadOnly(m.GetMountFlags())) && !slices.Contains(top.Opts, "ro") {
 		return statusf(codes.AlreadyExists, "volume %s is staged writable at %s; a reader-only stage is not", id, staging)
 	}
 	if have, ok := d.stagedFlags(id, staging); ok && !slices.Equal(have, sortedFlags(m.GetMountFlags())) {
@@ -1088,7 +1088,7 @@ func (d *Driver) planMount(id string, v VolumeInfo, dev string, c *csi.VolumeCap
 //
 // fstype is the filesystem's type when the caller probed it, else "".
 func (d *Driver) growStaged(id string, v VolumeInfo, dev, staging string, flags []string, fstype string) error {
-	if hasROFlag(flags) {
+	if mountsReadOnly(flags) {
 		return nil
 	}
 	if fstype == "" {
@@ -1170,6 +1170,26 @@ func hasROFlag(flags []string) bool {
 		}
 	}
 	return false
+}
+
+// mountsReadOnly reports whether a mount with these flags is read-only:
+// mount(8) applies options left to right, so the last "ro" or "rw" (alone
+// or in a comma-separated entry) decides ("ro,rw" mounts writable).
+// hasROFlag, which any "ro" satisfies, is what mount-utils checks before
+// it formats or runs fsck.
+func mountsReadOnly(flags []string) bool {
+	ro := false
+	for _, f := range flags {
+		for o := range strings.SplitSeq(f, ",") {
+			switch strings.TrimSpace(o) {
+			case "ro":
+				ro = true
+			case "rw":
+				ro = false
+			}
+		}
+	}
+	return ro
 }
 
 // fsSize returns the size in bytes of the filesystem on dev (mounted at
@@ -1992,8 +2012,10 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	}
 	block := req.GetVolumeCapability().GetBlock() != nil
 	source := dev
-	// A reader-only access mode is read-only whatever the readonly flag.
-	ro := req.GetReadonly() || readerOnly(req.GetVolumeCapability())
+	// A reader-only access mode is read-only whatever the readonly flag,
+	// and so is a publish whose mount flags make it so (a PV's
+	// mountOptions: ro): no second writer for SINGLE_NODE_SINGLE_WRITER.
+	ro := req.GetReadonly() || readerOnly(req.GetVolumeCapability()) || mountsReadOnly(req.GetVolumeCapability().GetMount().GetMountFlags())
 	if block && ro {
 		// A read-only bind of dev's node would still take writes (the
 		// kernel ignores a mount's read-only flag for device nodes): bind a
@@ -2009,6 +2031,18 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		}
 		if sdev == "" || !mountIsDevice(staging, sdev, dev) {
 			return nil, statusf(codes.FailedPrecondition, "volume %s is not mounted at staging path %s", id, staging)
+		}
+		if want := req.GetVolumeCapability().GetMount().GetFsType(); want != "" {
+			// Another filesystem than the staged one: the stage refuses
+			// this capability (planMount) and ValidateVolumeCapabilities
+			// does not confirm it; OK would hand the pod the other one.
+			st, err := d.topMount(staging)
+			if err != nil {
+				return nil, toStatus(err)
+			}
+			if st.Type != "" && st.Type != want {
+				return nil, statusf(codes.FailedPrecondition, "volume %s is staged at %s with filesystem %s, not fs_type %s", id, staging, st.Type, want)
+			}
 		}
 		source = staging
 	}
@@ -2193,8 +2227,8 @@ func (d *Driver) republished(id, target, staging string, block, ro bool, req *cs
 		if err != nil {
 			return toStatus(err)
 		}
-		want := ro || hasROFlag(req.GetVolumeCapability().GetMount().GetMountFlags()) || slices.Contains(st.Opts, "ro")
-		if isRO := hasROFlag(top.Opts); isRO != want {
+		want := ro || mountsReadOnly(req.GetVolumeCapability().GetMount().GetMountFlags()) || slices.Contains(st.Opts, "ro")
+		if isRO := mountsReadOnly(top.Opts); isRO != want {
 			return statusf(codes.AlreadyExists, "volume %s is published at %s with readonly=%v", id, target, isRO)
 		}
 	}
