@@ -332,21 +332,34 @@ type loopDev struct {
 // mount at path though it reads "/" (attached from another mount
 // namespace). An unregistered device is never taken, even if its
 // backing_file reads path: that may be another namespace's file.
+//
+// Only the registered devices are read (a few), not every loop device of
+// the machine: this runs for every lookup of a volume's device (each
+// NodeGetVolumeStats, each resume of a restart), and a scan of all of
+// them (a glob of /sys/block/loop*) made each lookup cost as much as the
+// node has volumes, quadratic over a restart or a round of stats.
 func loopsOf(path string) []loopDev {
 	var out []loopDev
-	mine := registeredLoops(path)
-	fsDev, mounted := fuseDev(path)
-	for dev, bf := range loopBackingFiles() {
-		e, reg := mine[dev]
+	var fsDev uint64
+	var mounted, looked bool
+	for dev, e := range registeredLoops(path) {
+		n, err := loopNumber(dev)
+		if err != nil {
+			continue
+		}
+		bf, err := readSysfs(n, "loop/backing_file")
+		if err != nil {
+			continue // not bound (or removed)
+		}
+		if bf == "/" && !looked {
+			fsDev, mounted = fuseDev(path)
+			looked = true
+		}
 		// A path is not proof: the kernel prints a backing file relative
 		// to the mount namespace it was attached from, so another
 		// namespace's file at the same path reads the same. Ours are
 		// registered (attachLoop registers before it configures).
-		if !reg || bf != path && !(bf == "/" && e.ours(fsDev, mounted) && backsOntoMount(dev, path)) {
-			continue
-		}
-		n, err := loopNumber(dev)
-		if err != nil {
+		if bf != path && !(bf == "/" && e.ours(fsDev, mounted) && backsOntoMount(dev, path)) {
 			continue
 		}
 		ro, err := readSysfs(n, "ro")
