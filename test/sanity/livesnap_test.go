@@ -382,6 +382,13 @@ func (w *liveWriter) checkMode(t *testing.T, what, root string, c liveCut, crash
 			}
 		}
 		names++
+		// os.WriteFile creates the file, then writes it: a freeze (or a
+		// crash) between the two leaves it empty, a state of its own of
+		// a create that was in flight during the call.
+		emptyOK := false
+		for _, v := range ok {
+			emptyOK = emptyOK || v.op == "create" || v.op == "buffered write"
+		}
 		ok = append(ok, base)
 		got := liveVer{}
 		data, err := os.ReadFile(filepath.Join(root, n))
@@ -393,7 +400,7 @@ func (w *liveWriter) checkMode(t *testing.T, what, root string, c liveCut, crash
 			bad = append(bad, fmt.Sprintf("read %s: %v", n, err))
 			continue
 		}
-		match := false
+		match := emptyOK && got.present && len(data) == 0
 		for _, v := range ok {
 			if v.present == got.present && (!v.present || v.sum == got.sum) {
 				match = true
