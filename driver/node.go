@@ -2379,10 +2379,25 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 		// EIO to every stat (NodeGetVolumeHealth reports it).
 		return nil, statusf(codes.Internal, "the filesystem at volume path %s fails: %v", path, err)
 	}
+	// still: an unpublish racing this call unmounts the path between the
+	// check above and the read, which then reads what is under it (the
+	// empty file a block publish binds onto, the host's filesystem): held
+	// again after the read, or NotFound.
+	still := func() error {
+		if held, err := d.holdsVolume(path, id); err != nil {
+			return toStatus(err)
+		} else if !held {
+			return statusf(codes.NotFound, "volume %s is not mounted at %s", id, path)
+		}
+		return nil
+	}
 	if !fi.IsDir() {
 		size, err := deviceSize(path)
 		if err != nil {
 			return nil, statusf(codes.Internal, "device size: %v", err)
+		}
+		if err := still(); err != nil {
+			return nil, err
 		}
 		return &csi.NodeGetVolumeStatsResponse{
 			Usage: []*csi.VolumeUsage{{Unit: csi.VolumeUsage_BYTES, Total: size}},
@@ -2391,6 +2406,9 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	var st unix.Statfs_t
 	if err := unix.Statfs(path, &st); err != nil {
 		return nil, statusf(codes.Internal, "statfs %s: %v", path, err)
+	}
+	if err := still(); err != nil {
+		return nil, err
 	}
 	bs := int64(st.Bsize)
 	return &csi.NodeGetVolumeStatsResponse{
