@@ -132,7 +132,7 @@ func (d *Driver) forgetLostWrites(id string) error {
 		// The fence ends, the loss does not: health goes on reporting
 		// DATA_LOSS from a record of the driver's own (lossMarker), until
 		// the volume is deleted.
-		if slices.Contains(ls.KillWritesLost(), id) {
+		if d.lostWrites(id) {
 			if err := writeMarker(d.lossMarker(id), nil); err != nil {
 				return fmt.Errorf("data loss record: %w", err)
 			}
@@ -152,7 +152,7 @@ func (d *Driver) lossMarker(id string) string {
 // writesLost reports whether writes of volume id are known lost: the
 // store still lists it, or it did (lossMarker).
 func (d *Driver) writesLost(id string) bool {
-	if ls, ok := d.opt.Store.(LostWritesStore); ok && slices.Contains(ls.KillWritesLost(), id) {
+	if d.lostWrites(id) {
 		return true
 	}
 	_, err := os.Stat(d.lossMarker(id))

@@ -2025,24 +2025,18 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		dev, source = rodev, rodev
 	}
 	if !block {
-		sdev, err := d.mountedDevice(staging)
+		st, err := d.topMount(staging)
 		if err != nil {
 			return nil, toStatus(err)
 		}
-		if sdev == "" || !mountIsDevice(staging, sdev, dev) {
+		if st.Device == "" || !mountIsDevice(staging, st.Device, dev) {
 			return nil, statusf(codes.FailedPrecondition, "volume %s is not mounted at staging path %s", id, staging)
 		}
-		if want := req.GetVolumeCapability().GetMount().GetFsType(); want != "" {
+		if want := req.GetVolumeCapability().GetMount().GetFsType(); want != "" && st.Type != "" && st.Type != want {
 			// Another filesystem than the staged one: the stage refuses
 			// this capability (planMount) and ValidateVolumeCapabilities
 			// does not confirm it; OK would hand the pod the other one.
-			st, err := d.topMount(staging)
-			if err != nil {
-				return nil, toStatus(err)
-			}
-			if st.Type != "" && st.Type != want {
-				return nil, statusf(codes.FailedPrecondition, "volume %s is staged at %s with filesystem %s, not fs_type %s", id, staging, st.Type, want)
-			}
+			return nil, statusf(codes.FailedPrecondition, "volume %s is staged at %s with filesystem %s, not fs_type %s", id, staging, st.Type, want)
 		}
 		source = staging
 	}
@@ -2364,12 +2358,20 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	if !ok {
 		return nil, statusf(codes.NotFound, "volume %s is not staged on this node", id)
 	}
-	held, err := d.holdsVolume(path, id)
-	if err != nil {
-		return nil, toStatus(err)
+	// still: whether path holds the volume, checked before the read and
+	// again after it: an unpublish racing this call unmounts the path in
+	// between, and the read then reads what is under it (the empty file a
+	// block publish binds onto, the host's filesystem).
+	still := func() error {
+		if held, err := d.holdsVolume(path, id); err != nil {
+			return toStatus(err)
+		} else if !held {
+			return statusf(codes.NotFound, "volume %s is not mounted at %s", id, path)
+		}
+		return nil
 	}
-	if !held {
-		return nil, statusf(codes.NotFound, "volume %s is not mounted at %s", id, path)
+	if err := still(); err != nil {
+		return nil, err
 	}
 	fi, err := os.Stat(path)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -2378,18 +2380,6 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 		// Held, and failing: XFS shut down after an I/O error answers
 		// EIO to every stat (NodeGetVolumeHealth reports it).
 		return nil, statusf(codes.Internal, "the filesystem at volume path %s fails: %v", path, err)
-	}
-	// still: an unpublish racing this call unmounts the path between the
-	// check above and the read, which then reads what is under it (the
-	// empty file a block publish binds onto, the host's filesystem): held
-	// again after the read, or NotFound.
-	still := func() error {
-		if held, err := d.holdsVolume(path, id); err != nil {
-			return toStatus(err)
-		} else if !held {
-			return statusf(codes.NotFound, "volume %s is not mounted at %s", id, path)
-		}
-		return nil
 	}
 	if !fi.IsDir() {
 		size, err := deviceSize(path)
