@@ -45,7 +45,7 @@ func testKillsWithIO(t *testing.T, useCow bool) {
 	if len(hpids) != 1 {
 		t.Fatalf("holders %v", hpids)
 	}
-	hfds := fdTargets(fmt.Sprint(hpids[0]))
+	hfds := settledFDs(fmt.Sprint(hpids[0]))
 	t.Cleanup(func() {
 		if c := cur.Load(); c != nil {
 			c.cmd.Process.Kill()
@@ -152,7 +152,7 @@ func testKillsWithIO(t *testing.T, useCow bool) {
 	default:
 	}
 	t.Logf("%d writes", nw.Load())
-	if now := fdTargets(fmt.Sprint(hpids[0])); len(now) != len(hfds) {
+	if now := settledFDs(fmt.Sprint(hpids[0])); len(now) != len(hfds) {
 		t.Errorf("holder fds %d -> %d\nbefore %v\nafter %v", len(hfds), len(now), hfds, now)
 	}
 	// Stop the last server gracefully, detaching.
