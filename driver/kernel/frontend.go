@@ -96,8 +96,10 @@ type Config struct {
 	// next restart of this process would lose those volumes' connections.
 	// Default 2 s.
 	HolderCheck time.Duration
-	// Readers is the number of goroutines reading each /dev/fuse
-	// connection (each with its own 1 MiB buffers). Default 4: on 2 cores
+	// Readers is the most goroutines reading each /dev/fuse connection
+	// (each with its own 1 MiB buffers and, waiting, an OS thread). One
+	// runs while the volume is idle; more start while requests arrive
+	// with none waiting for them (server.spawn). Default 4: on 2 cores
 	// more readers cost more context switches per 4 KiB request, fewer leave
 	// writes waiting behind one that blocks in the backend.
 	Readers int

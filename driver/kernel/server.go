@@ -28,8 +28,9 @@ type connParams struct {
 
 // server answers the FUSE requests of one connection for one Backend.
 //
-// Concurrency: nReaders goroutines each read /dev/fuse with their own
-// buffers and answer the request they read inline, so a request costs one
+// Concurrency: up to maxReaders goroutines (one while the volume is idle,
+// see spawn) each read /dev/fuse with their own buffers and answer the
+// request they read inline, so a request costs one
 // read(2), the backend call and one write(2) of header+payload from one
 // contiguous buffer (no writev, no extra copy). By default the fd is
 // non-blocking and readers wait in epoll, woken by stop() through a pipe
@@ -48,11 +49,14 @@ type server struct {
 
 	wakeR, wakeW int // pipe; a byte written wakes every poller
 
-	alive    atomic.Int32 // readers running
-	stopping atomic.Bool
-	wg       sync.WaitGroup
-	dead     chan struct{} // closed when the connection is gone (ENODEV)
-	deadOnce sync.Once
+	// Readers: alive run, waiting of them wait for a request (are not
+	// serving one), at most maxReaders (start, spawn).
+	alive, waiting atomic.Int32
+	maxReaders     int32
+	stopping       atomic.Bool
+	wg             sync.WaitGroup
+	dead           chan struct{} // closed when the connection is gone (ENODEV)
+	deadOnce       sync.Once
 
 	// Counters, for tests and benchmarks.
 	nRead, nWrite, nFsync, nDiscard, nOther atomic.Uint64
@@ -106,12 +110,59 @@ func newServer(fd int, b Backend, readOnly bool, resumed *connParams) (*server, 
 	return s, nil
 }
 
-// start launches n reader goroutines.
+// start serves the connection with up to n readers: one to begin with;
+// more start as requests arrive (see spawn).
 func (s *server) start(n int) {
-	for i := 0; i < n; i++ {
-		s.wg.Add(1)
-		s.alive.Add(1)
-		go s.readLoop()
+	s.maxReaders = int32(max(n, 1))
+	s.spawn()
+}
+
+// spawn starts another reader unless maxReaders already run; it reports
+// whether it did.
+//
+// Readers come and go with the load: a reader that takes a request while
+// no other reader waits for the next one starts one (so a request that
+// blocks in the backend, a copy-out or an fsync, never holds up the ones
+// behind it while fewer than maxReaders run), and a reader that waited
+// readerIdle for a request while another reader waited too returns. An
+// idle volume so keeps one reader: one OS thread (waiting in epoll_wait)
+// and one pair of buffers, 2 MiB touched (alignedAt), instead of
+// maxReaders of each: the plugin's largest cost per staged volume at
+// scale (BENCHMARKS.md "## node scale"), and what bounded the volumes
+// one plugin could serve by Go's 10,000-thread limit to ~2,480.
+func (s *server) spawn() bool {
+	for {
+		a := s.alive.Load()
+		if a >= s.maxReaders {
+			return false
+		}
+		if s.alive.CompareAndSwap(a, a+1) {
+			break
+		}
+	}
+	s.wg.Add(1)
+	s.waiting.Add(1)
+	go s.readLoop()
+	return true
+}
+
+// readerIdle is how long a reader beyond the first waits for a request
+// before it returns (spawn). A variable for tests.
+var readerIdle = 5 * time.Second
+
+// idleExit reports whether a reader whose wait for a request timed out
+// should return: when another reader waits too (it then stops counting
+// itself as waiting). The compare-and-swap keeps two readers timing out
+// together from both returning.
+func (s *server) idleExit() bool {
+	for {
+		w := s.waiting.Load()
+		if w <= 1 {
+			return false
+		}
+		if s.waiting.CompareAndSwap(w, w-1) {
+			return true
+		}
 	}
 }
 
@@ -173,9 +224,13 @@ func (s *server) notifyInvalAttr() error {
 func (s *server) readLoop() {
 	defer s.wg.Done()
 	defer s.alive.Add(-1)
+	idle := false // returning because another reader waits (idleExit)
 	defer func() {
+		if !idle {
+			s.waiting.Add(-1) // idleExit took it off already
+		}
 		switch {
-		case s.stopping.Load():
+		case idle, s.stopping.Load():
 		case s.isDead():
 			klog.V(2).InfoS("FUSE reader stopped: connection gone")
 		default:
@@ -208,8 +263,19 @@ func (s *server) readLoop() {
 	for !s.stopping.Load() {
 		n, err := unix.Read(s.fd, in)
 		if errors.Is(err, unix.EAGAIN) {
-			if _, err := unix.EpollWait(ep, events, -1); err != nil && !errors.Is(err, unix.EINTR) {
+			// Only a reader that is not the last one waiting may time
+			// out: one always waits without a deadline.
+			timeout := -1
+			if s.waiting.Load() > 1 {
+				timeout = int(readerIdle / time.Millisecond)
+			}
+			got, err := unix.EpollWait(ep, events, timeout)
+			if err != nil && !errors.Is(err, unix.EINTR) {
 				klog.ErrorS(err, "epoll_wait /dev/fuse")
+				return
+			}
+			if err == nil && got == 0 && s.idleExit() {
+				idle = true
 				return
 			}
 			continue
@@ -221,7 +287,12 @@ func (s *server) readLoop() {
 			continue
 		}
 		fails = 0
-		if !s.serve(in[:n], out) {
+		if s.waiting.Add(-1) == 0 {
+			s.spawn() // none waits for the next request
+		}
+		ok := s.serve(in[:n], out)
+		s.waiting.Add(1)
+		if !ok {
 			return
 		}
 	}
