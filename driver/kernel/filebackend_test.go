@@ -36,7 +36,8 @@ func TestFileBackendDirectAndBuffered(t *testing.T) {
 	if b.dfd < 0 {
 		t.Fatal("the file system takes O_DIRECT, but the backend opened no O_DIRECT fd")
 	}
-	big, _ := requestBuffers() // 4096-aligned payload at inHeaderSize+writeInSize
+	big, _, free := requestBuffers() // 4096-aligned payload at inHeaderSize+writeInSize
+	defer free()
 	big = big[inHeaderSize+writeInSize:][:1<<20]
 	want := make([]byte, size)
 	write := func(p []byte, off int64, direct bool) {

@@ -258,7 +258,8 @@ func (s *server) readLoop() {
 		return
 	}
 	events := make([]unix.EpollEvent, 2)
-	in, out := requestBuffers()
+	in, out, free := requestBuffers()
+	defer free()
 	fails := 0
 	for !s.stopping.Load() {
 		n, err := unix.Read(s.fd, in)
@@ -358,16 +359,25 @@ func (s *server) serve(req, out []byte) bool {
 // that the payload of a WRITE request (behind fuse_in_header and
 // fuse_write_in) and of a READ reply (behind fuse_out_header) start on a
 // 4096-byte boundary: a Backend can then do O_DIRECT I/O on them (as
-// FileBackend does for large requests) without a bounce copy. Go's large
-// allocations happen to be page-aligned; this does not rely on it.
-func requestBuffers() (in, out []byte) {
-	in = alignedAt(readBufSize, inHeaderSize+writeInSize)
-	out = alignedAt(outHeaderSize+maxWrite, outHeaderSize)
-	return in, out
+// FileBackend does for large requests) without a bounce copy; and free,
+// which the reader calls once it returns (nothing may use them after).
+func requestBuffers() (in, out []byte, free func()) {
+	in, freeIn := alignedAt(readBufSize, inHeaderSize+writeInSize)
+	out, freeOut := alignedAt(outHeaderSize+maxWrite, outHeaderSize)
+	return in, out, func() { freeIn(); freeOut() }
 }
 
 // alignedAt returns a slice of n bytes whose byte at index at (< 4096) is
-// 4096-aligned in memory, every page of it written once.
+// 4096-aligned in memory, every page of it written once, and the function
+// that gives it back.
+//
+// Mapped on its own (mmap), outside Go's heap, so that a reader that
+// returns (server.spawn: readers come and go with the load) gives its
+// 2 MiB back to the kernel at once (munmap). In Go's heap they would stay
+// resident until a collection found them, which an idle plugin runs only
+// every two minutes (the runtime's forced GC), and until the scavenger
+// returned their pages after that. Where the mapping fails (ENOMEM, a
+// limit on mappings) the buffer comes from Go's heap as before.
 //
 // Written, because the kernel ends a request it could not copy into a
 // reader's buffer (or a reply out of it) with EIO (fuse_dev_do_read,
@@ -383,15 +393,20 @@ func requestBuffers() (in, out []byte) {
 // this (doc.go, "Restart safety"). Pages can still be made absent later
 // (swap, NUMA balancing's hinting faults, a THP collapse), which this does
 // not cover.
-func alignedAt(n, at int) []byte {
+func alignedAt(n, at int) (b []byte, free func()) {
 	const align = 4096
-	raw := make([]byte, n+align)
+	raw, err := unix.Mmap(-1, 0, n+align, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	free = func() { unix.Munmap(raw) }
+	if err != nil {
+		klog.ErrorS(err, "Mapping a FUSE reader's buffer failed; taking it from Go's heap")
+		raw, free = make([]byte, n+align), func() {}
+	}
 	for i := 0; i < len(raw); i += align {
 		raw[i] = 0
 	}
 	addr := uintptr(unsafe.Pointer(&raw[0]))
 	start := (align - int((addr+uintptr(at))%align)) % align
-	return raw[start : start+n : start+n]
+	return raw[start : start+n : start+n], free
 }
 
 // errnoOf maps a backend error to the errno the kernel passes on to the

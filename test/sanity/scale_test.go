@@ -200,6 +200,12 @@ func TestScaleManyVolumes(t *testing.T) {
 	t.Logf("plugin with %d volumes staged: %v; per volume: %d KiB RSS, %.2f threads, %.2f fds", n, busy,
 		(busy.rssKiB-idle.rssKiB)/n, float64(busy.threads-idle.threads)/float64(n), float64(busy.fds-idle.fds)/float64(n))
 	t.Logf("holder with %d volumes: %v", n, holderBusy)
+	// A volume's FUSE readers beyond the first return after 5 s without a
+	// request (kernel's server.spawn), and give their buffers back.
+	time.Sleep(6 * time.Second)
+	still := statProc(k.p.cmd.Process.Pid)
+	t.Logf("plugin 7 s after the writes: %v; per volume: %d KiB RSS, %.2f threads, %.2f fds", still,
+		(still.rssKiB-idle.rssKiB)/n, float64(still.threads-idle.threads)/float64(n), float64(still.fds-idle.fds)/float64(n))
 	if ids, err := kernel.HolderIDs(h.sock); err != nil || len(ids) != n {
 		t.Errorf("the holder keeps %d connections (%v), want %d", len(ids), err, n)
 	}
