@@ -190,7 +190,7 @@ func requestRollback(ctx context.Context, sock, vol, snap string) (driver.Rollba
 	case errors.Is(err, context.DeadlineExceeded):
 		return out, fmt.Errorf("gave up waiting (--timeout); the rollback goes on in the plugin: run the same command again later; while it runs that answers that it is in progress, and once it is done it rolls back anew, which changes nothing unless the volume was written since (so bring the workload back only after a run reports done)")
 	case err != nil:
-		return out, fmt.Errorf("the plugin went away during the rollback (%v); it finishes the rollback when it starts again: then run the same command again", err)
+		return out, fmt.Errorf("the plugin went away during the rollback (%v): if the rollback had begun, the plugin finishes it when it starts again; either way, run the same command again once the plugin is back (a rollback done already is done again, which changes nothing unless the volume was written since)", err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {

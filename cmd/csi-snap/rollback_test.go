@@ -101,7 +101,8 @@ func TestRollbackCommand(t *testing.T) {
 
 // TestRollbackClientErrors: the client tells apart a plugin that is not
 // there, a rollback still running when --timeout ends (it goes on), and a
-// plugin that went away during the rollback (it finishes it on restart).
+// plugin that went away during the rollback (it finishes one that had begun
+// on restart; run again, either way).
 func TestRollbackClientErrors(t *testing.T) {
 	dir := t.TempDir()
 	serve := func(name string, handle func(net.Conn)) string {
