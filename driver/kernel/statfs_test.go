@@ -5,6 +5,7 @@ import (
 	"os/exec"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -41,7 +42,15 @@ func TestFuseMountNotFull(t *testing.T) {
 		t.Logf("no df: %v", err)
 		return
 	}
-	out, err := exec.Command("df", "--output=target").CombinedOutput()
+	// df stats every mount: one whose FUSE server is gone for good (left
+	// by a test killed half way) would hold it forever, and with it the
+	// whole package until its timeout. A minute is ample otherwise.
+	dctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(dctx, "df", "--output=target").CombinedOutput()
+	if dctx.Err() != nil {
+		t.Fatalf("df did not finish in a minute: a mount on this machine does not answer (a FUSE mount nobody serves? see /sys/fs/fuse/connections/*/waiting)\n%s", out)
+	}
 	if err != nil {
 		t.Fatalf("df: %v\n%s", err, out)
 	}
