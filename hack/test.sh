@@ -38,7 +38,7 @@ go test -race -short -count=1 -timeout 40m -skip '^Test(GrownTail|HiddenBytes|Ki
 echo "== go test -race (the driver's concurrent controller calls on the real engine)"
 go test -race -count=1 -timeout 10m -run '^TestConcurrentControllerCalls$' -json ./driver/ | "$summary"
 echo "== go test -race (the fuse-holder, which serves a slow client's request from a goroutine of its own; a volume's readers, which start and return with its load)"
-go test -race -count=1 -timeout 10m -run '^(TestHolder|TestReadersFollowLoad$)' -json ./driver/kernel/ | "$summary"
+go test -race -count=1 -timeout 10m -run '^(TestHolder|TestReadersFollowLoad$|TestReaderIdleExitRacingTake$|TestStopWhileReadersComeAndGo$)' -json ./driver/kernel/ | "$summary"
 echo "== go test (everything)"
 go test -count=1 -timeout 45m -json ./... | "$summary"
 echo "== every benchmark of cow and the driver, once (-benchtime 1x -short), so that none rots between benchmark runs (the figures mean nothing here)"

@@ -501,7 +501,7 @@ func TestAttachRacingClose(t *testing.T) {
 	if !errors.Is(err, ErrClosed) {
 		t.Fatalf("Attach racing Close: %v, want ErrClosed", err)
 	}
-	if n := v.srv.alive.Load(); n != 0 {
+	if n := v.srv.aliveReaders(); n != 0 {
 		t.Fatalf("%d readers of the volume's server still run after Close", n)
 	}
 }

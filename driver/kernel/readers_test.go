@@ -28,9 +28,9 @@ func serverOf(t *testing.T, fe *Frontend, id string) *server {
 func waitReaders(t *testing.T, srv *server, want int32, why string) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
-	for srv.alive.Load() != want {
+	for srv.aliveReaders() != want {
 		if time.Now().After(deadline) {
-			t.Fatalf("%s: %d readers run (%d waiting), want %d", why, srv.alive.Load(), srv.waiting.Load(), want)
+			t.Fatalf("%s: %d readers run (%d waiting), want %d", why, srv.aliveReaders(), srv.waitingReaders(), want)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -94,7 +94,7 @@ func TestReadersFollowLoad(t *testing.T) {
 	}
 	waitReaders(t, srv, 4, "8 reads held in the backend")
 	time.Sleep(3 * readerIdle) // no fifth reader starts, none returns
-	if a, w := srv.alive.Load(), srv.waiting.Load(); a != 4 || w != 0 {
+	if a, w := srv.aliveReaders(), srv.waitingReaders(); a != 4 || w != 0 {
 		t.Fatalf("with 8 reads held: %d readers, %d waiting; want 4, 0", a, w)
 	}
 	close(held)
@@ -104,11 +104,11 @@ func TestReadersFollowLoad(t *testing.T) {
 		t.Error(err)
 	}
 	waitReaders(t, srv, 1, "idle again")
-	if w := srv.waiting.Load(); w != 1 {
+	if w := srv.waitingReaders(); w != 1 {
 		t.Errorf("idle: %d readers waiting, want 1", w)
 	}
 	time.Sleep(3 * readerIdle) // the last reader does not time out
-	if a := srv.alive.Load(); a != 1 {
+	if a := srv.aliveReaders(); a != 1 {
 		t.Fatalf("idle for %v: %d readers, want 1", 3*readerIdle, a)
 	}
 	if b, err := readDirect(t, dev, 3<<20, 4096); err != nil || b[0] != 'd' {

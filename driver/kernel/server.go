@@ -49,14 +49,20 @@ type server struct {
 
 	wakeR, wakeW int // pipe; a byte written wakes every poller
 
-	// Readers: alive run, waiting of them wait for a request (are not
-	// serving one), at most maxReaders (start, spawn).
-	alive, waiting atomic.Int32
-	maxReaders     int32
-	stopping       atomic.Bool
-	wg             sync.WaitGroup
-	dead           chan struct{} // closed when the connection is gone (ENODEV)
-	deadOnce       sync.Once
+	// readers packs two counts into one word, alive<<32 | waiting: the
+	// readers that run, at most maxReaders (start, spawn), and those of
+	// them that wait for a request (are not serving one). One word, so
+	// that a reader returning for idleness leaves both counts at once
+	// (idleExit): counted alive but not waiting meanwhile, it made a spawn
+	// that raced it find maxReaders running, and the request behind one
+	// held in the backend then waited with no reader for it
+	// (TestReaderIdleExitRacingTake).
+	readers    atomic.Uint64
+	maxReaders int32
+	stopping   atomic.Bool
+	wg         sync.WaitGroup
+	dead       chan struct{} // closed when the connection is gone (ENODEV)
+	deadOnce   sync.Once
 
 	// Counters, for tests and benchmarks.
 	nRead, nWrite, nFsync, nDiscard, nOther atomic.Uint64
@@ -132,19 +138,31 @@ func (s *server) start(n int) {
 // one plugin could serve by Go's 10,000-thread limit to ~2,480.
 func (s *server) spawn() bool {
 	for {
-		a := s.alive.Load()
-		if a >= s.maxReaders {
+		r := s.readers.Load()
+		if int32(r>>32) >= s.maxReaders {
 			return false
 		}
-		if s.alive.CompareAndSwap(a, a+1) {
+		if s.readers.CompareAndSwap(r, r+readerAlive+readerWaiting) {
 			break
 		}
 	}
 	s.wg.Add(1)
-	s.waiting.Add(1)
 	go s.readLoop()
 	return true
 }
+
+// The units of server.readers.
+const (
+	readerWaiting uint64 = 1
+	readerAlive   uint64 = 1 << 32
+)
+
+// aliveReaders is the number of readers that run (or are about to return
+// for idleness: idleExit counts them out first).
+func (s *server) aliveReaders() int32 { return int32(s.readers.Load() >> 32) }
+
+// waitingReaders is the number of readers that wait for a request.
+func (s *server) waitingReaders() int32 { return int32(uint32(s.readers.Load())) }
 
 // readerIdle is how long a reader beyond the first waits for a request
 // before it returns (spawn). A variable for tests.
@@ -152,15 +170,16 @@ var readerIdle = 5 * time.Second
 
 // idleExit reports whether a reader whose wait for a request timed out
 // should return: when another reader waits too (it then stops counting
-// itself as waiting). The compare-and-swap keeps two readers timing out
-// together from both returning.
+// itself, as waiting and as alive, in one step: a spawn racing it must
+// not find it among maxReaders). The compare-and-swap keeps two readers
+// timing out together from both returning.
 func (s *server) idleExit() bool {
 	for {
-		w := s.waiting.Load()
-		if w <= 1 {
+		r := s.readers.Load()
+		if uint32(r) <= 1 {
 			return false
 		}
-		if s.waiting.CompareAndSwap(w, w-1) {
+		if s.readers.CompareAndSwap(r, r-readerAlive-readerWaiting) {
 			return true
 		}
 	}
@@ -223,11 +242,10 @@ func (s *server) notifyInvalAttr() error {
 
 func (s *server) readLoop() {
 	defer s.wg.Done()
-	defer s.alive.Add(-1)
 	idle := false // returning because another reader waits (idleExit)
 	defer func() {
 		if !idle {
-			s.waiting.Add(-1) // idleExit took it off already
+			s.readers.Add(^(readerAlive + readerWaiting - 1)) // idleExit took it off already
 		}
 		switch {
 		case idle, s.stopping.Load():
@@ -267,7 +285,7 @@ func (s *server) readLoop() {
 			// Only a reader that is not the last one waiting may time
 			// out: one always waits without a deadline.
 			timeout := -1
-			if s.waiting.Load() > 1 {
+			if s.waitingReaders() > 1 {
 				timeout = int(readerIdle / time.Millisecond)
 			}
 			got, err := unix.EpollWait(ep, events, timeout)
@@ -288,11 +306,11 @@ func (s *server) readLoop() {
 			continue
 		}
 		fails = 0
-		if s.waiting.Add(-1) == 0 {
+		if uint32(s.readers.Add(^(readerWaiting - 1))) == 0 {
 			s.spawn() // none waits for the next request
 		}
 		ok := s.serve(in[:n], out)
-		s.waiting.Add(1)
+		s.readers.Add(readerWaiting)
 		if !ok {
 			return
 		}
