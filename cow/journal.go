@@ -496,14 +496,22 @@ type jRec struct {
 // for a file that is empty, or belongs to another store, another boot or
 // another generation of the log than gen or gen+1 (carryJournal).
 func decodeJournal(b []byte, uuid, boot [16]byte, gen uint64) (ep uint64, recs []jRec, ok bool) {
+	ep, recs, _, ok = decodeJournalEnd(b, uuid, boot, gen)
+	return ep, recs, ok
+}
+
+// decodeJournalEnd is decodeJournal that also returns where the records
+// that decode end (the first that does not, or the end of b).
+func decodeJournalEnd(b []byte, uuid, boot [16]byte, gen uint64) (ep uint64, recs []jRec, end int, ok bool) {
 	if !journalHeaderOK(b, uuid, boot) {
-		return 0, nil, false
+		return 0, nil, 0, false
 	}
 	if !journalGenOf(b, gen) {
-		return 0, nil, false
+		return 0, nil, 0, false
 	}
 	ep = binary.LittleEndian.Uint64(b[48:])
-	for at := journalHeaderLen; len(b)-at >= journalRecLen; {
+	at := journalHeaderLen
+	for len(b)-at >= journalRecLen {
 		h := b[at : at+journalRecLen]
 		r := jRec{
 			typ: h[0],
@@ -533,7 +541,165 @@ func decodeJournal(b []byte, uuid, boot [16]byte, gen uint64) (ep uint64, recs [
 		recs = append(recs, r)
 		at += size
 	}
-	return ep, recs, true
+	return ep, recs, at, true
+}
+
+// journalDamage tells damage in kill journal file b (named name) from what
+// a kill leaves: ErrCorrupt for bytes that no kill of this store in this
+// boot can have left, which Open would otherwise take for the journal's
+// end (or for a foreign file), dropping the acknowledged writes after
+// them and then emptying the file. Appends are serialised and the room
+// ahead of them is zeros, so a kill tears the last record only, and only
+// zeros follow what it wrote; a header is written whole before any
+// record. So: a header naming this boot that fails its magic or CRC (a
+// flip in the store's UUID included), with anything but zeros after it;
+// or a record that does
+// not decode with anything but zeros after its extent (its fixed part and,
+// for a write, the bytes its length says), is damage. A file of another
+// boot, or a header that checks and names another store or generation, is
+// not judged (a power cut leaves anything in a file never synced, and a
+// flip in the boot's identity looks like one: such a file is ignored as
+// before).
+func journalDamage(name string, b []byte, uuid, boot [16]byte, gen uint64, chunkSize func(obj uint32) (int64, bool)) error {
+	if len(b) < journalHeaderLen || !bytes.Equal(b[32:48], boot[:]) {
+		return nil
+	}
+	if !bytes.Equal(b[:8], journalMagic[:]) || binary.LittleEndian.Uint32(b[76:]) != crc(b[:76]) {
+		if allZero(b[journalHeaderLen:]) {
+			return nil
+		}
+		return corruptf("kill journal %s: the header (of this boot) fails its check, and records follow it: damage, not a kill's leftover", name)
+	}
+	if !bytes.Equal(b[16:32], uuid[:]) || binary.LittleEndian.Uint32(b[8:]) != journalVersion {
+		return nil // refuseOtherJournalVersion
+	}
+	_, _, at, ok := decodeJournalEnd(b, uuid, boot, gen)
+	if !ok || at >= len(b) {
+		return nil
+	}
+	// A torn record's fixed part is whole or zeros from the tear on (its
+	// length then 0), so its length is one a write can have: within its
+	// volume's chunk. A length that is not is damage in the fixed part,
+	// which then tells nothing of where the record ends; its bytes after
+	// the fixed part are judged like any other.
+	ext := at + journalRecLen
+	if len(b)-at >= journalRecLen && b[at] == jWrite {
+		o := int64(binary.LittleEndian.Uint32(b[at+16:]))
+		n := int64(binary.LittleEndian.Uint32(b[at+20:]))
+		cs, ok := chunkSize(binary.LittleEndian.Uint32(b[at+4:]))
+		if !ok {
+			cs = MaxChunkSize
+		}
+		if o+n <= cs {
+			// Past the end of b is the torn record running into the
+			// file's end (or its unwritten tail, which dataEnd leaves
+			// out).
+			ext += int(min(n, int64(len(b)-ext)))
+		}
+	}
+	if ext >= len(b) || allZero(b[ext:]) {
+		return nil // the end, or a torn last record
+	}
+	return corruptf("kill journal %s: the record at byte %d fails its check and more records follow it: damage, not a torn append", name, at)
+}
+
+// checkJournal refuses (ErrCorrupt) a kill journal that is damaged
+// (journalDamage) or holds a record its redo would refuse (checkRedo),
+// before Open changes anything: called by load right after the replay,
+// when nothing of the store was written yet. Refused later, in the redo,
+// the records before the bad one would have been redone (the data file
+// written, chunks copied out, batches committed) by an Open that fails.
+func (s *Store) checkJournal() error {
+	if !s.bootOK {
+		return nil
+	}
+	type part struct {
+		ep   uint64
+		recs []jRec
+	}
+	var parts []part
+	err := s.eachJournalFileNamed(func(name string, f file) error {
+		size, err := f.Size()
+		if err == nil {
+			size, err = dataEnd(f, size)
+		}
+		if err != nil {
+			return err
+		}
+		b := make([]byte, size)
+		if err := readFull(f, b, 0); err != nil {
+			return err
+		}
+		chunkSize := func(obj uint32) (int64, bool) {
+			v, ok := s.objs[obj].(*Volume)
+			if !ok {
+				return 0, false
+			}
+			return v.chunkSize, true
+		}
+		if err := journalDamage(name, b, s.hdr.UUID, s.boot, s.openGen, chunkSize); err != nil {
+			return err
+		}
+		if ep, recs, ok := decodeJournal(b, s.hdr.UUID, s.boot, s.openGen); ok {
+			parts = append(parts, part{ep, recs})
+		}
+		return nil
+	})
+	if err != nil || s.skipRedo {
+		return err
+	}
+	if marks, err := s.journalDroppedMarks(); err != nil || len(marks) > 0 {
+		return err // openJournal decides whether the rest is dropped
+	}
+	sort.Slice(parts, func(a, b int) bool { return parts[a].ep < parts[b].ep })
+	var all []jRec
+	for _, p := range parts {
+		all = append(all, p.recs...)
+	}
+	return s.checkRedo(all)
+}
+
+// checkRedo returns the ErrCorrupt error redoJournal would meet at a
+// record of all, before it redoes any: a write or discard no later
+// settled record covers that names no live volume or a range outside it;
+// a present mark of an object that is not a clone.
+func (s *Store) checkRedo(all []jRec) error {
+	settledLater := settledAfter(all)
+	for i, r := range all {
+		if r.typ == jSettled {
+			continue
+		}
+		if r.typ == jPresent {
+			if o, ok := s.objs[r.obj]; ok {
+				if v, ok := o.(*Volume); !ok || v.src == nil {
+					return corruptf("kill journal: a present mark of object %d, not a clone", r.obj)
+				}
+			}
+			continue
+		}
+		if settledLater(i) {
+			continue
+		}
+		if _, err := s.redoTarget(r); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// redoTarget returns the volume a write or discard record r redoes into,
+// or the ErrCorrupt error of a record that names no live volume or a
+// range outside it.
+func (s *Store) redoTarget(r jRec) (*Volume, error) {
+	v, ok := s.objs[r.obj].(*Volume)
+	if !ok || v.deleted {
+		return nil, corruptf("kill journal: a write of object %d, not a live volume", r.obj)
+	}
+	off := r.c<<v.shift + r.o
+	if r.o+r.n > v.chunkSize || r.n <= 0 || off+r.n > v.Size() || r.c > v.Size()>>v.shift {
+		return nil, corruptf("kill journal: write of %d bytes at %d of chunk %d of volume %q (size %d)", r.n, r.o, r.c, v.id, v.Size())
+	}
+	return v, nil
 }
 
 // journalHeaderOK reports whether b starts with a journal header of this
@@ -947,6 +1113,11 @@ func (j *journal) restart(gen uint64) error {
 // redoJournal redoes the journaled writes no later settled record covers,
 // in their order, and flushes the volumes it wrote.
 func (s *Store) redoJournal(all []jRec) error {
+	// Every record is judged before any is redone: a redo that stops at a
+	// bad record has changed the store already.
+	if err := s.checkRedo(all); err != nil {
+		return err
+	}
 	settledLater := settledAfter(all)
 	touched := map[*Volume]bool{}
 	for i, r := range all {
@@ -969,14 +1140,11 @@ func (s *Store) redoJournal(all []jRec) error {
 		if settledLater(i) {
 			continue
 		}
-		v, ok := s.objs[r.obj].(*Volume)
-		if !ok || v.deleted {
-			return corruptf("kill journal: a write of object %d, not a live volume", r.obj)
+		v, err := s.redoTarget(r)
+		if err != nil {
+			return err
 		}
 		off := r.c<<v.shift + r.o
-		if r.o+r.n > v.chunkSize || r.n <= 0 || off+r.n > v.Size() || r.c > v.Size()>>v.shift {
-			return corruptf("kill journal: write of %d bytes at %d of chunk %d of volume %q (size %d)", r.n, r.o, r.c, v.id, v.Size())
-		}
 		var p []byte
 		if r.typ == jWrite {
 			p = r.data

@@ -307,8 +307,9 @@ func TestKillJournalEpochs(t *testing.T) {
 
 // TestKillJournalDamaged: a journal whose bytes are damaged (a torn tail,
 // flipped bytes, a header of another store) never panics Open: the redo
-// stops at the first record that does not check, or Open fails with
-// ErrCorrupt where a record that checks names no volume it could be.
+// stops at a torn tail, or Open fails with ErrCorrupt where a record that
+// checks names no volume it could be, or where bytes follow a record that
+// does not check (damage, not a torn append: checkJournal).
 func TestKillJournalDamaged(t *testing.T) {
 	const cs = 4096
 	dir, s, fs, h := heldStore(t)

@@ -433,6 +433,9 @@ func (s *Store) load() error {
 		err = s.refuseOtherJournalVersion()
 	}
 	if err == nil {
+		err = s.checkJournal()
+	}
+	if err == nil {
 		err = s.groupsReplayed()
 	}
 	if err == nil {
@@ -445,6 +448,11 @@ func (s *Store) load() error {
 	}
 	if err == nil {
 		err = s.unrecordedFilesEmpty()
+	}
+	for _, v := range s.allVolumes() {
+		if err == nil {
+			err = v.cowLongEnough()
+		}
 	}
 	s.dirty = nil
 	if err != nil {
@@ -1008,6 +1016,39 @@ func (v *Volume) rebuildFree() error {
 		}
 	}
 	return f.Truncate(int64(next) << v.shift)
+}
+
+// cowLongEnough refuses (ErrCorrupt) a COW file shorter than the chunks
+// mapped in it: every mapped chunk was written whole before its record was
+// durable, so it is damage (its chunks would read zeros). rebuildFree
+// finds it too, but only once Open has changed the store (a torn tail of
+// the log cut, chunks punched, other volumes' COW files cut): load calls
+// this first, so that a refused Open leaves every file as it was.
+func (v *Volume) cowLongEnough() error {
+	end := exceptions.Chunk(0)
+	for _, sn := range v.chain {
+		sn.idx.Ascend(0, func(r exceptions.Run) bool {
+			if r.COW != 0 {
+				end = max(end, r.COW+exceptions.Chunk(r.Len))
+			}
+			return true
+		})
+	}
+	if end == 0 {
+		return nil
+	}
+	f, err := v.cowFile()
+	if err != nil {
+		return err
+	}
+	size, err := f.Size()
+	if err != nil {
+		return err
+	}
+	if size < int64(end)<<v.shift {
+		return corruptf("volume %s: COW file %s has %d bytes, chunk %d is mapped", v.id, v.cowName, size, end-1)
+	}
+	return nil
 }
 
 // sortSpans sorts by C: a radix sort, since Open sorts every run of every
