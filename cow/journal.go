@@ -555,7 +555,10 @@ func decodeJournalEnd(b []byte, uuid, boot [16]byte, gen uint64) (ep uint64, rec
 // flip in the store's UUID included), with anything but zeros after it;
 // or a record that does
 // not decode with anything but zeros after its extent (its fixed part and,
-// for a write, the bytes its length says), is damage. A file of another
+// for a write of a volume, the bytes its length says), is damage, unless
+// the zeros from it run to the end of its 4 KiB page at least (a
+// page on disk older than the pages after it: a same-boot shutdown of the
+// file system, below). A file of another
 // boot, or a header that checks and names another store or generation, is
 // not judged (a power cut leaves anything in a file never synced, and a
 // flip in the boot's identity looks like one: such a file is ignored as
@@ -586,9 +589,16 @@ func journalDamage(name string, b []byte, uuid, boot [16]byte, gen uint64, chunk
 	if len(b)-at >= journalRecLen && b[at] == jWrite {
 		o := int64(binary.LittleEndian.Uint32(b[at+16:]))
 		n := int64(binary.LittleEndian.Uint32(b[at+20:]))
+		// An object that is no volume gets no length at all: a record
+		// torn inside its object number has zeros from there on (offset
+		// and length 0), and a whole one names a volume live when the
+		// record was the last append (a delete settles its entries
+		// first). MaxChunkSize there let a flipped bit in the length of
+		// a reaped volume's record reach past every later record
+		// (TestJournalDamagedLengthOfReapedVolume).
 		cs, ok := chunkSize(binary.LittleEndian.Uint32(b[at+4:]))
 		if !ok {
-			cs = MaxChunkSize
+			cs = 0
 		}
 		if o+n <= cs {
 			// Past the end of b is the torn record running into the
@@ -600,7 +610,30 @@ func journalDamage(name string, b []byte, uuid, boot [16]byte, gen uint64, chunk
 	if ext >= len(b) || allZero(b[ext:]) {
 		return nil // the end, or a torn last record
 	}
+	// Zeros from the record on to the end of its page, and bytes after:
+	// a page of the file on disk in an older version than the pages after
+	// it, which a same-boot shutdown of the file system (not synced, the
+	// journal is what writeback happened to write, in no promised order)
+	// leaves, with the page cache gone. The journal then ends there, as
+	// before a power cut; refused, the store would not open at all
+	// (TestJournalAfterSameBootFSShutdown).
+	// Through the end of the record's page at least: the next page may
+	// begin with zeros of its own (a record's data written as zeros).
+	if z := at + firstNonZero(b[at:]); z >= (at/4096+1)*4096 {
+		return nil
+	}
 	return corruptf("kill journal %s: the record at byte %d fails its check and more records follow it: damage, not a torn append", name, at)
+}
+
+// firstNonZero returns the index of the first byte of b that is not zero,
+// or len(b).
+func firstNonZero(b []byte) int {
+	i := 0
+	for ; i+32 <= len(b) && allZero(b[i:i+32]); i += 32 {
+	}
+	for ; i < len(b) && b[i] == 0; i++ {
+	}
+	return i
 }
 
 // checkJournal refuses (ErrCorrupt) a kill journal that is damaged
@@ -648,8 +681,19 @@ func (s *Store) checkJournal() error {
 	if err != nil || s.skipRedo {
 		return err
 	}
-	if marks, err := s.journalDroppedMarks(); err != nil || len(marks) > 0 {
-		return err // openJournal decides whether the rest is dropped
+	// A drop marker whose epoch is gone means openJournal drops the rest
+	// unredone: nothing to judge. One whose epoch is still there (a
+	// fallback Open killed before it emptied a file) leaves the journal
+	// whole, which openJournal redoes as usual: judged here like any
+	// other (TestJournalCorruptRecordWithDropMarkerChangesNothing).
+	marks, err := s.journalDroppedMarks()
+	if err != nil {
+		return err
+	}
+	for _, oldest := range marks {
+		if !slices.ContainsFunc(parts, func(p part) bool { return p.ep == oldest }) {
+			return nil
+		}
 	}
 	sort.Slice(parts, func(a, b int) bool { return parts[a].ep < parts[b].ep })
 	var all []jRec

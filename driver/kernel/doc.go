@@ -51,8 +51,9 @@
 // also makes the kernel stop sending optional ones (INTERRUPT, GETXATTR).
 //
 // Costs per request: up to N reader goroutines (Config.Readers; one while
-// the volume is idle, more start as requests wait for one and return once
-// idle again: server.spawn) each read
+// the volume is idle, another started whenever a reader takes a request
+// and none is left waiting for the next, returning once idle again:
+// server.spawn) each read
 // /dev/fuse with their own 1 MiB+4 KiB buffers and answer inline: a READ costs the read(2), one pread into the
 // reply buffer right behind the header, and one write(2) of header+payload
 // (so no writev is needed); a WRITE costs the read(2), one pwrite straight
