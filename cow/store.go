@@ -1002,28 +1002,18 @@ func (v *Volume) rebuildFree() error {
 	if err != nil {
 		return err
 	}
-	if len(used) > 0 {
-		// Every mapped chunk was written whole before its record was
-		// durable (a last-batch copy past the end is dropped by
-		// excDataDurable), so a shorter file is damage: its chunks would
-		// read as zeros.
-		size, err := f.Size()
-		if err != nil {
-			return err
-		}
-		if size < int64(next)<<v.shift {
-			return corruptf("volume %s: COW file %s has %d bytes, chunk %d is mapped", v.id, v.cowName, size, next-1)
-		}
-	}
+	// No file here is shorter than its mapped chunks: load's
+	// cowLongEnough refused that before anything changed.
 	return f.Truncate(int64(next) << v.shift)
 }
 
 // cowLongEnough refuses (ErrCorrupt) a COW file shorter than the chunks
 // mapped in it: every mapped chunk was written whole before its record was
-// durable, so it is damage (its chunks would read zeros). rebuildFree
-// finds it too, but only once Open has changed the store (a torn tail of
-// the log cut, chunks punched, other volumes' COW files cut): load calls
-// this first, so that a refused Open leaves every file as it was.
+// durable (a last-batch copy past the end is dropped by excDataDurable),
+// so it is damage (its chunks would read zeros). Checked here, before
+// Open changes the store (a torn tail of the log cut, chunks punched,
+// COW files cut by rebuildFree), so that a refused Open leaves every file
+// as it was.
 func (v *Volume) cowLongEnough() error {
 	end := exceptions.Chunk(0)
 	for _, sn := range v.chain {
