@@ -41,6 +41,14 @@ var (
 	// running store whose fsync failed reports it too, in Err (with
 	// ErrClosed), since reopening it is refused then.
 	ErrSyncLost = errors.New("cow: an fsync of the store failed in this boot")
+	// ErrJournalDamaged: the kill journal holds bytes no kill of this
+	// store leaves (a record that fails its check with records after it)
+	// or a record its redo would refuse (a write outside its volume); it
+	// wraps ErrCorrupt. Open refuses the store and changes nothing: the
+	// journal holds writes answered before a kill. OpenDropJournal opens
+	// it anyway, dropping the journal as a power loss would (FORMAT.md,
+	// "A damaged journal").
+	ErrJournalDamaged = fmt.Errorf("%w: damaged kill journal", ErrCorrupt)
 	// ErrInUse: another open Store (in this or another process) holds the
 	// directory's lock; see Open.
 	ErrInUse = errors.New("cow: store directory in use")
@@ -57,4 +65,10 @@ func checkID(id string) error {
 
 func corruptf(format string, a ...any) error {
 	return fmt.Errorf("%w: "+format, append([]any{ErrCorrupt}, a...)...)
+}
+
+// journalDamagef is corruptf for the kill journal's damage
+// (ErrJournalDamaged).
+func journalDamagef(format string, a ...any) error {
+	return fmt.Errorf("%w: "+format, append([]any{ErrJournalDamaged}, a...)...)
 }

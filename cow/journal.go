@@ -571,7 +571,7 @@ func journalDamage(name string, b []byte, uuid, boot [16]byte, gen uint64, chunk
 		if allZero(b[journalHeaderLen:]) {
 			return nil
 		}
-		return corruptf("kill journal %s: the header (of this boot) fails its check, and records follow it: damage, not a kill's leftover", name)
+		return journalDamagef("%s: the header (of this boot) fails its check, and records follow it: damage, not a kill's leftover", name)
 	}
 	if !bytes.Equal(b[16:32], uuid[:]) || binary.LittleEndian.Uint32(b[8:]) != journalVersion {
 		return nil // refuseOtherJournalVersion
@@ -622,7 +622,7 @@ func journalDamage(name string, b []byte, uuid, boot [16]byte, gen uint64, chunk
 	if z := at + firstNonZero(b[at:]); z >= (at/4096+1)*4096 {
 		return nil
 	}
-	return corruptf("kill journal %s: the record at byte %d fails its check and more records follow it: damage, not a torn append", name, at)
+	return journalDamagef("%s: the record at byte %d fails its check and more records follow it: damage, not a torn append", name, at)
 }
 
 // firstNonZero returns the index of the first byte of b that is not zero,
@@ -643,7 +643,10 @@ func firstNonZero(b []byte) int {
 // the records before the bad one would have been redone (the data file
 // written, chunks copied out, batches committed) by an Open that fails.
 func (s *Store) checkJournal() error {
-	if !s.bootOK {
+	// A journal this Open drops unredone (skipRedo: its redo found no
+	// space, or OpenDropJournal drops it as damaged) is not judged: none
+	// of its bytes is used.
+	if !s.bootOK || s.skipRedo {
 		return nil
 	}
 	type part struct {
@@ -678,7 +681,7 @@ func (s *Store) checkJournal() error {
 		}
 		return nil
 	})
-	if err != nil || s.skipRedo {
+	if err != nil {
 		return err
 	}
 	// A drop marker whose epoch is gone means openJournal drops the rest
@@ -716,7 +719,7 @@ func (s *Store) checkRedo(all []jRec) error {
 		if r.typ == jPresent {
 			if o, ok := s.objs[r.obj]; ok {
 				if v, ok := o.(*Volume); !ok || v.src == nil {
-					return corruptf("kill journal: a present mark of object %d, not a clone", r.obj)
+					return journalDamagef("a present mark of object %d, not a clone", r.obj)
 				}
 			}
 			continue
@@ -737,11 +740,11 @@ func (s *Store) checkRedo(all []jRec) error {
 func (s *Store) redoTarget(r jRec) (*Volume, error) {
 	v, ok := s.objs[r.obj].(*Volume)
 	if !ok || v.deleted {
-		return nil, corruptf("kill journal: a write of object %d, not a live volume", r.obj)
+		return nil, journalDamagef("a write of object %d, not a live volume", r.obj)
 	}
 	off := r.c<<v.shift + r.o
 	if r.o+r.n > v.chunkSize || r.n <= 0 || off+r.n > v.Size() || r.c > v.Size()>>v.shift {
-		return nil, corruptf("kill journal: write of %d bytes at %d of chunk %d of volume %q (size %d)", r.n, r.o, r.c, v.id, v.Size())
+		return nil, journalDamagef("write of %d bytes at %d of chunk %d of volume %q (size %d)", r.n, r.o, r.c, v.id, v.Size())
 	}
 	return v, nil
 }
@@ -1293,7 +1296,7 @@ func (s *Store) redoPresent(r jRec) (*Volume, error) {
 	}
 	v, ok := o.(*Volume)
 	if !ok || v.src == nil {
-		return nil, corruptf("kill journal: a present mark of object %d, not a clone", r.obj)
+		return nil, journalDamagef("a present mark of object %d, not a clone", r.obj)
 	}
 	v.mu.Lock()
 	defer v.mu.Unlock()

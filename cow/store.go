@@ -64,6 +64,8 @@ type Store struct {
 	// their redo ran out of space (KillWritesLost); skipRedo: this Open
 	// drops the journal without redoing it (openFS's second try).
 	killLost []string
+	// journalDropped: OpenDropJournal dropped a damaged kill journal.
+	journalDropped bool
 	// resumeErr is why Open could not finish an interrupted rollback
 	// (RollbackResumeErr); nil when it finished them all.
 	resumeErr error
@@ -253,6 +255,43 @@ func Open(dir string) (*Store, error) {
 	return s, nil
 }
 
+// OpenDropJournal opens the store in dir as Open does, except that a
+// damaged kill journal (ErrJournalDamaged, which Open refuses) is dropped
+// unredone, as a power loss would drop it: the writes it held, answered
+// before a kill of the process and never flushed, are lost, and nothing
+// else (every flushed write is in the log). dropped tells whether it was.
+//
+// held names the volumes whose devices outlived the killed process (the
+// driver's fuse-holder keeps them): a filesystem on one believes those
+// writes done, and must fail its I/O so that it recovers as after a power
+// loss. The live volumes among them go into KillWritesLost, as after a
+// redo that found no space. A damaged record tells not whose write it
+// was, so every held volume is named; a volume with no device left has
+// nothing to fence (its next mount replays the filesystem's journal).
+//
+// Any other error is Open's, and changes nothing either. This is the
+// operator's step for ErrJournalDamaged (`csi-snap drop-kill-journal`):
+// Open never drops a damaged journal by itself.
+func OpenDropJournal(dir string, held []string) (s *Store, dropped bool, err error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, false, err
+	}
+	lock, err := lockDir(dir)
+	if err != nil {
+		return nil, false, err
+	}
+	if held == nil {
+		held = []string{} // non-nil: drop even with no volume to fence
+	}
+	s, err = openFSDrop(dir, osFS{dir}, held)
+	if err != nil {
+		lock.Close()
+		return nil, false, err
+	}
+	s.lock = lock
+	return s, s.journalDropped, nil
+}
+
 // lockName is the file Open flocks; it holds no data.
 const lockName = "lock"
 
@@ -278,9 +317,23 @@ func lockDir(dir string) (*os.File, error) {
 	return f, nil
 }
 
-func openFS(dir string, fs fsys) (*Store, error) {
+// openFS opens the store in dir on fs.
+func openFS(dir string, fs fsys) (*Store, error) { return openFSDrop(dir, fs, nil) }
+
+// openFSDrop opens the store in dir on fs; with held non-nil, dropping a
+// damaged kill journal (OpenDropJournal).
+func openFSDrop(dir string, fs fsys, held []string) (*Store, error) {
 	var lost []string
 	s, noSpace, err := openOnce(dir, fs, lost)
+	journalDropped := false
+	if err != nil && held != nil && errors.Is(err, ErrJournalDamaged) {
+		// The operator's choice (OpenDropJournal): open without the
+		// redo, dropping the journal, and fence the held volumes,
+		// exactly as when the redo finds no space below. The first
+		// openOnce refused before it changed anything (checkJournal).
+		lost, journalDropped = held, true
+		s, noSpace, err = openOnce(dir, fs, lost)
+	}
 	if err != nil && errors.Is(err, ErrNoSpace) && len(noSpace) > 0 {
 		// The kill journal's redo ran out of space (its copy-outs need
 		// COW chunks). Failing would fail every Open until space is
@@ -311,6 +364,7 @@ func openFS(dir string, fs fsys) (*Store, error) {
 		s.reclaimFailed.Add(first.reclaimFailed.Load())
 		s.punchZeroed.Add(first.punchZeroed.Load())
 	}
+	s.journalDropped = journalDropped
 	return s, nil
 }
 
@@ -328,6 +382,12 @@ func openOnce(dir string, fs fsys, lost []string) (s *Store, noSpace []string, e
 		s.closeFiles()
 		return nil, nil, err
 	}
+	// Only live volumes are fenced (their IDs name marker files): a held
+	// volume of OpenDropJournal's may be gone from the store.
+	s.killLost = slices.DeleteFunc(slices.Clone(s.killLost), func(id string) bool {
+		v, ok := s.byID[id].(*Volume)
+		return !ok || v.deleted
+	})
 	// The list of volumes whose journaled writes are lost is kept across
 	// restarts until the driver is done with their held devices
 	// (ForgetKillLost): a restart while the disk is still full must fence
