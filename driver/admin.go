@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"slices"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -158,7 +159,9 @@ func (d *Driver) Rollback(ctx context.Context, volID, snapID string) (RollbackRe
 }
 
 // AdminHandler serves the admin endpoint: POST RollbackPath with a
-// RollbackRequest. 200 carries a RollbackResponse; errors carry an
+// RollbackRequest (200 carries a RollbackResponse), POST
+// DropKillJournalPath with no body or {} (200 carries a
+// DropKillJournalResponse). Errors carry an
 // AdminError with the status mapped from the gRPC code (httpStatus:
 // InvalidArgument and OutOfRange 400, NotFound 404, FailedPrecondition,
 // Aborted and AlreadyExists 409, Canceled and DeadlineExceeded 408,
@@ -189,10 +192,32 @@ func (d *Driver) AdminHandler() http.Handler {
 			BytesRewritten: res.ChunksRewritten * int64(res.ChunkSize), TailBytesDiscarded: res.TailBytes,
 			ChunkSize: res.ChunkSize, Resumed: res.Resumed, Seconds: res.Duration.Seconds()})
 	})
+	mux.HandleFunc(DropKillJournalPath, func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPost {
+			w.Header().Set("Allow", http.MethodPost)
+			writeAdminError(w, http.StatusMethodNotAllowed, AdminError{Code: "MethodNotAllowed", Message: "use POST"})
+			return
+		}
+		// No arguments: an empty body or an empty object, nothing else
+		// (a body with fields is a request meant for something else).
+		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 4096))
+		if t := strings.TrimSpace(string(body)); err != nil || (t != "" && t != "{}") {
+			writeAdminError(w, http.StatusBadRequest, AdminError{Code: codes.InvalidArgument.String(), Message: "bad request body: want none, or {}"})
+			return
+		}
+		res, err := d.DropKillJournal(r.Context())
+		if err != nil {
+			st, _ := status.FromError(err)
+			writeAdminError(w, httpStatus(st.Code()), AdminError{Code: st.Code().String(), Message: st.Message()})
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(res)
+	})
 	// Every answer that is not 200 carries an AdminError, a mistyped path's
 	// too.
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeAdminError(w, http.StatusNotFound, AdminError{Code: codes.NotFound.String(), Message: "no such endpoint " + r.URL.Path + ": use POST " + RollbackPath})
+		writeAdminError(w, http.StatusNotFound, AdminError{Code: codes.NotFound.String(), Message: "no such endpoint " + r.URL.Path + ": use POST " + RollbackPath + " or " + DropKillJournalPath})
 	})
 	return mux
 }

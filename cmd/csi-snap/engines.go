@@ -27,13 +27,19 @@ func openRealEngines(cfg Config) (*engines, error) {
 		klog.InfoS("Every thread is an I/O flusher (PR_SET_IO_FLUSHER)")
 	}
 	var st driver.Store
-	cs, err := driver.OpenCowStore(filepath.Join(cfg.DataDir, "store"))
+	dir := filepath.Join(cfg.DataDir, "store")
+	cs, err := driver.OpenCowStore(dir)
 	switch {
 	case errors.Is(err, driver.ErrSyncLost):
 		// Exiting would leave the volumes the fd holder keeps unserved, their
 		// I/O waiting for ever (driver.NewFailedStore): serve without a store.
 		klog.ErrorS(err, "The store lost an fsync in this boot and opens again only after the node reboots; serving held volumes with I/O errors and answering Unavailable to every call that needs the store. Drain the node and reboot it")
 		st = driver.NewFailedStore(err)
+	case errors.Is(err, cow.ErrJournalDamaged):
+		// Writes answered before a kill, in a journal that is damaged:
+		// only the operator may give them up (driver.DropKillJournal).
+		klog.ErrorS(err, "The store's kill journal is damaged, and with it writes answered before the plugin was killed; serving held volumes with I/O errors and answering Unavailable to every call that needs the store. To open the store anyway, giving up each volume's writes since its last flush (as a power loss would), run the command in this container", "dir", dir, "command", driver.DropKillJournalCommand(cfg.RunDir))
+		st = driver.NewDamagedJournalStore(err, dir, cfg.RunDir)
 	case err != nil && !errors.Is(err, cow.ErrInUse):
 		// A corrupt store, a data dir whose file system failed: a restart
 		// cannot help either, and exiting would leave the held volumes

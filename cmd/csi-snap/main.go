@@ -17,6 +17,12 @@
 //	                                     (asks the plugin on this node, through
 //	                                     <run-dir>/admin/admin.sock, to roll a volume
 //	                                     back to a snapshot in place)
+//	csi-snap drop-kill-journal [--run-dir DIR]
+//	                                     (asks the plugin on this node, whose
+//	                                     store did not open because its kill
+//	                                     journal is damaged, to open it dropping
+//	                                     the journal: each volume loses its
+//	                                     writes since its last flush)
 //	csi-snap version                     (prints the version GetPluginInfo reports)
 //
 // The first SIGTERM or SIGINT stops gracefully: in-flight calls get
@@ -47,6 +53,9 @@ func main() {
 	}
 	if len(os.Args) > 1 && os.Args[1] == "rollback" {
 		os.Exit(rollbackMain(os.Args[2:], os.Stdout, os.Stderr))
+	}
+	if len(os.Args) > 1 && os.Args[1] == "drop-kill-journal" {
+		os.Exit(dropKillJournalMain(os.Args[2:], os.Stdout, os.Stderr))
 	}
 	cfg, err := parseFlags(os.Args[1:], klog.InitFlags, os.Stderr)
 	if errors.Is(err, flag.ErrHelp) {

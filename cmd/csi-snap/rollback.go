@@ -153,10 +153,10 @@ type dialError struct{ err error }
 func (e dialError) Error() string { return e.err.Error() }
 func (e dialError) Unwrap() error { return e.err }
 
-// requestRollback posts the request to the admin socket.
-func requestRollback(ctx context.Context, sock, vol, snap string) (driver.RollbackResponse, error) {
-	var out driver.RollbackResponse
-	client := &http.Client{Transport: &http.Transport{
+// adminClient returns an HTTP client of the admin endpoint on socket sock;
+// a failure to connect is a dialError.
+func adminClient(sock string) *http.Client {
+	return &http.Client{Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
 			c, err := d.DialContext(ctx, "unix", sock)
@@ -166,6 +166,12 @@ func requestRollback(ctx context.Context, sock, vol, snap string) (driver.Rollba
 			return c, nil
 		},
 	}}
+}
+
+// requestRollback posts the request to the admin socket.
+func requestRollback(ctx context.Context, sock, vol, snap string) (driver.RollbackResponse, error) {
+	var out driver.RollbackResponse
+	client := adminClient(sock)
 	body, _ := json.Marshal(driver.RollbackRequest{Volume: vol, Snapshot: snap})
 	// Whether the request reached the plugin: a --timeout that ends before
 	// it did asked nothing of any plugin, and must not say a rollback runs.
