@@ -1013,10 +1013,18 @@ func (d *Driver) freezeAt(id string, q quiesce, fn func() error) error {
 	// would leave the filesystem frozen (every write of the pod blocked,
 	// and later snapshots taking EBUSY for someone else's freeze): Recover
 	// thaws what the markers name. A marker already there is a freeze of
-	// ours whose thaw failed: EBUSY is then ours too.
+	// ours whose thaw failed: EBUSY is then ours too. Only one that says
+	// so (this boot's, naming mp): one truncated, of garbage or of
+	// another boot made a freeze of someone else's (a backup's fsfreeze)
+	// ours, thawed after the snapshot under the backup
+	// (TestCorruptFreezeMarkerNotTakenForOurFreeze).
 	marker := d.freezeMarker(id)
-	_, statErr := os.Stat(marker)
-	ours := statErr == nil
+	ours := false
+	if b, err := os.ReadFile(marker); err == nil {
+		markBoot, markMP, _ := strings.Cut(string(b), "\n")
+		now := bootID()
+		ours = markMP == mp && (now == "" || markBoot == now)
+	}
 	if err := writeMarker(marker, []byte(bootID()+"\n"+mp)); err != nil {
 		return fmt.Errorf("freeze marker: %w", err)
 	}
