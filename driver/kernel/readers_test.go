@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -97,6 +98,7 @@ func TestReadersFollowLoad(t *testing.T) {
 	if a, w := srv.aliveReaders(), srv.waitingReaders(); a != 4 || w != 0 {
 		t.Fatalf("with 8 reads held: %d readers, %d waiting; want 4, 0", a, w)
 	}
+	busyThreads := osThreads(t)
 	close(held)
 	wg.Wait()
 	close(errs)
@@ -111,7 +113,37 @@ func TestReadersFollowLoad(t *testing.T) {
 	if a := srv.aliveReaders(); a != 1 {
 		t.Fatalf("idle for %v: %d readers, want 1", 3*readerIdle, a)
 	}
+	// The three readers that returned took their OS threads with them
+	// (Go keeps every thread it made otherwise: the count stayed at its
+	// high-water mark; none ended). The 8 reads' threads are parked, kept.
+	// (Counted by thread ID: Go may start another meanwhile. Two at
+	// least: a goroutine that returns locked to the process's main thread
+	// wedges it instead, once per process.)
+	idleThreads := osThreads(t)
+	ended := 0
+	for _, tid := range busyThreads {
+		if !slices.Contains(idleThreads, tid) {
+			ended++
+		}
+	}
+	if ended < 2 {
+		t.Errorf("threads: %d with 4 readers busy, %d once 3 returned, %d of the first ended; want 2 ended at least", len(busyThreads), len(idleThreads), ended)
+	}
 	if b, err := readDirect(t, dev, 3<<20, 4096); err != nil || b[0] != 'd' {
 		t.Fatalf("read after the readers returned: %q %v", b[:4], err)
 	}
+}
+
+// osThreads returns the IDs of this process's threads.
+func osThreads(t *testing.T) []string {
+	t.Helper()
+	es, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tids []string
+	for _, e := range es {
+		tids = append(tids, e.Name())
+	}
+	return tids
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -295,6 +296,16 @@ func (s *server) readLoop() {
 			}
 			if err == nil && got == 0 && s.idleExit() {
 				idle = true
+				// End this OS thread with the reader: a goroutine that
+				// returns locked to its thread takes the thread with it
+				// (runtime.LockOSThread), where Go would keep it parked
+				// for good (it never ends a thread it made), so the
+				// threads of an idle plugin were those of the most
+				// readers that ever waited at once (BENCHMARKS.md "##
+				// node scale", "Idle readers end their threads"). New
+				// threads are cloned from this process's, with its
+				// PR_SET_IO_FLUSHER flags (BecomeIOFlusher).
+				runtime.LockOSThread()
 				return
 			}
 			continue
