@@ -1018,9 +1018,18 @@ func (s *Store) openJournal() error {
 		// this Open) and not synced: only a kill must find it, the
 		// journal means nothing after a reboot.
 		oldest := uint64(0)
-		if len(parts) > 0 {
+		if len(parts) > 0 && !s.dropDamaged {
 			oldest = parts[0].ep
 		}
+		// A damaged journal (OpenDropJournal) may have a file that did
+		// not decode (its header fails its check): the file emptied
+		// first may then be that one, and the epoch of the oldest part
+		// outlive the first truncate, so that an Open after a kill
+		// between the two would redo the other file alone and lift its
+		// volumes' markers. Epoch 0, which no file has, is gone from the
+		// start: any Open that finds the marker drops what is left (the
+		// markers are made already; a journal still damaged is refused
+		// before: checkJournal).
 		if f, err := s.fs.Open(fmt.Sprintf("%s%d", journalDroppedPrefix, oldest), true); err == nil {
 			f.Close()
 		}

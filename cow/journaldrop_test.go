@@ -219,6 +219,18 @@ func TestOpenDropJournalSound(t *testing.T) {
 // write lost.
 func TestOpenDropJournalKilled(t *testing.T) {
 	dir, base := damagedJournalStore(t)
+	dropKillSweep(t, dir, []string{"a", "b"}, func(t *testing.T, s *Store) {
+		t.Helper()
+		checkBase(t, "after a killed drop", s, base)
+	})
+}
+
+// dropKillSweep kills OpenDropJournal(dir, held) at each of its file
+// operations in turn (see TestOpenDropJournalKilled), then opens the
+// store: refused again (ErrJournalDamaged), or open with every volume of
+// held in KillWritesLost and check passing.
+func dropKillSweep(t *testing.T, dir string, held []string, check func(*testing.T, *Store)) {
+	t.Helper()
 	image := dirFiles(t, dir)
 	restore := func() {
 		t.Helper()
@@ -274,7 +286,7 @@ func TestOpenDropJournalKilled(t *testing.T) {
 			return die()
 		}
 		fs.syncErr = func(string) error { return die() }
-		s, err := openFSDrop(dir, fs, []string{"a", "b"})
+		s, err := openFSDrop(dir, fs, held)
 		if err == nil && !isDead() {
 			s.Close()
 			t.Logf("OpenDropJournal finished within %d file operations; %d kills left it refused, %d fenced", k-1, refused, fenced)
@@ -293,10 +305,10 @@ func TestOpenDropJournalKilled(t *testing.T) {
 			t.Fatalf("k=%d: Open after OpenDropJournal was killed: %v", k, err)
 		}
 		fenced++
-		if got := s2.KillWritesLost(); !slices.Equal(got, []string{"a", "b"}) {
-			t.Errorf("k=%d: the journal is gone but KillWritesLost = %q, want [a b]", k, got)
+		if got := s2.KillWritesLost(); !slices.Equal(got, held) {
+			t.Errorf("k=%d: the journal is gone but KillWritesLost = %q, want %q", k, got, held)
 		}
-		checkBase(t, "after a killed drop", s2, base)
+		check(t, s2)
 		s2.Close()
 		if k > 500 {
 			t.Fatal("OpenDropJournal never finished")

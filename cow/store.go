@@ -70,6 +70,9 @@ type Store struct {
 	// (RollbackResumeErr); nil when it finished them all.
 	resumeErr error
 	skipRedo  bool
+	// dropDamaged: this Open drops a damaged kill journal
+	// (OpenDropJournal), whose files need not all decode (openJournal).
+	dropDamaged bool
 	// redoNoSpace: the volumes of a redo that failed for want of space
 	// (openJournal), for openFS's second try.
 	redoNoSpace []string
@@ -332,7 +335,7 @@ func openFSDrop(dir string, fs fsys, held []string) (*Store, error) {
 		// exactly as when the redo finds no space below. The first
 		// openOnce refused before it changed anything (checkJournal).
 		lost, journalDropped = held, true
-		s, noSpace, err = openOnce(dir, fs, lost)
+		s, noSpace, err = openOnceDrop(dir, fs, lost, true)
 	}
 	if err != nil && errors.Is(err, ErrNoSpace) && len(noSpace) > 0 {
 		// The kill journal's redo ran out of space (its copy-outs need
@@ -355,7 +358,7 @@ func openFSDrop(dir string, fs fsys, held []string) (*Store, error) {
 		// the store serves everything else. RollbackResumeErr tells why.
 		first := s
 		s.Close()
-		if s, _, err = openOnce(dir, fs, lost); err != nil {
+		if s, _, err = openOnceDrop(dir, fs, lost, journalDropped); err != nil {
 			return nil, err
 		}
 		// What the first Open did stays told: it redid the kill journal
@@ -373,7 +376,13 @@ func openFSDrop(dir string, fs fsys, held []string) (*Store, error) {
 // the store reports lost in KillWritesLost. A redo that failed for want of
 // space returns, beside the error, the volumes it was redoing (noSpace).
 func openOnce(dir string, fs fsys, lost []string) (s *Store, noSpace []string, err error) {
-	s = &Store{dir: dir, fs: fs, byID: map[string]any{}, objs: map[uint32]any{}, nextObj: 1}
+	return openOnceDrop(dir, fs, lost, false)
+}
+
+// openOnceDrop is openOnce; damaged: lost is OpenDropJournal's, dropping
+// a damaged journal (dropDamaged).
+func openOnceDrop(dir string, fs fsys, lost []string, damaged bool) (s *Store, noSpace []string, err error) {
+	s = &Store{dir: dir, fs: fs, byID: map[string]any{}, objs: map[uint32]any{}, nextObj: 1, dropDamaged: damaged}
 	s.freeBytes = func() (int64, error) { return statfsFree(dir) }
 	s.boot, s.bootOK = readBootID()
 	s.fileLimit = fsFileLimit(dir)

@@ -169,7 +169,7 @@ func (d *Driver) writesLost(id string) bool {
 func (d *Driver) heldBackend(id string) (Backend, error) {
 	b, err := d.opt.Store.VolumeBackend(id)
 	if err == nil && d.lostWrites(id) {
-		err = fmt.Errorf("%w: the store dropped writes of volume %s answered before the restart (no space to redo them)", ErrUnavailable, id)
+		err = fmt.Errorf("%w: the store dropped writes of volume %s answered before the restart (no space to redo them, or a damaged kill journal dropped by the operator)", ErrUnavailable, id)
 	} else if err == nil || !storeLost(err) {
 		return b, err
 	}

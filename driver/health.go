@@ -76,7 +76,7 @@ func (d *Driver) volumeHealth(id string) (*csi.VolumeHealth, error) {
 		// until it is unstaged, or staged again after an unfinished stage.
 		h.HealthStatuses = append(h.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{
 			Status: csi.VolumeHealthErrorType_INACCESSIBLE, Reason: "WritesLost",
-			Message: "the store dropped writes of this volume that were answered before the plugin restarted (no space to redo its kill journal): its device fails every I/O until the volume is unstaged; delete the pods that use it, and the next mount replays the filesystem's journal"})
+			Message: "the store dropped writes of this volume that were answered before the plugin restarted (no space to redo its kill journal, or a damaged one dropped: csi-snap drop-kill-journal): its device fails every I/O until the volume is unstaged; delete the pods that use it, and the next mount replays the filesystem's journal"})
 	}
 	if d.writesLost(id) {
 		// And the writes are gone for good (the spec's DATA_LOSS: known
@@ -84,7 +84,7 @@ func (d *Driver) volumeHealth(id string) (*csi.VolumeHealth, error) {
 		// which the unstage that ends the I/O errors does not undo.
 		h.HealthStatuses = append(h.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{
 			Status: csi.VolumeHealthErrorType_DATA_LOSS, Reason: "WritesLost",
-			Message: "writes of this volume that were answered before the plugin restarted are lost (the store had no space to redo its kill journal): the filesystem on it comes back as after a power loss, without them; check the data, or restore it from a snapshot or a backup"})
+			Message: "writes of this volume that were answered before the plugin restarted are lost (the store had no space to redo its kill journal, or a damaged one was dropped: csi-snap drop-kill-journal): the filesystem on it comes back as after a power loss, without them; check the data, or restore it from a snapshot or a backup"})
 	}
 	if rs, ok := d.opt.Store.(RollbackStore); ok {
 		if snap, pending := rs.PendingRollback(id); pending {

@@ -56,6 +56,12 @@ type damagedJournalStore struct {
 
 	mu       sync.Mutex
 	reopened bool // DropKillJournal opened and closed the store: restart
+	// What that DropKillJournal did, answered again to a repeated call
+	// (the client's answer was lost, and it says to ask again): opening
+	// the store again would find the journal empty and answer "not
+	// dropped", which the client prints as "nothing lost".
+	fenced  []string
+	dropped bool
 }
 
 // errStoreReopenable: DropKillJournal made the store open again; unlike
@@ -75,6 +81,9 @@ func (s *damagedJournalStore) Err() error {
 func (s *damagedJournalStore) DropKillJournal(held []string) ([]string, bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.reopened {
+		return slices.Clone(s.fenced), s.dropped, nil
+	}
 	cs, dropped, err := cow.OpenDropJournal(s.dir, held)
 	if err != nil {
 		return nil, false, fromCow(fmt.Errorf("open store %s dropping its kill journal: %w", s.dir, err))
@@ -86,8 +95,8 @@ func (s *damagedJournalStore) DropKillJournal(held []string) ([]string, bool, er
 		// Open's replay does.
 		klog.ErrorS(err, "Closing the store after dropping its kill journal", "dir", s.dir)
 	}
-	s.reopened = true
-	return fenced, dropped, nil
+	s.reopened, s.fenced, s.dropped = true, fenced, dropped
+	return slices.Clone(fenced), dropped, nil
 }
 
 // DropKillJournalCommand is the command line of the step, for a plugin
