@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -79,16 +78,5 @@ func requestDropKillJournal(ctx context.Context, sock string) (driver.DropKillJo
 	case err != nil:
 		return out, fmt.Errorf("no answer from the plugin (%v): run the command again once it answers (dropped already, it answers that the store opens)", err)
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		var e driver.AdminError
-		if err := json.NewDecoder(resp.Body).Decode(&e); err != nil {
-			return out, fmt.Errorf("plugin answered %s", resp.Status)
-		}
-		return out, fmt.Errorf("%s: %s", e.Code, e.Message)
-	}
-	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
-		return out, fmt.Errorf("reading the plugin's answer: %w", err)
-	}
-	return out, nil
+	return out, decodeAdminAnswer(resp, &out)
 }

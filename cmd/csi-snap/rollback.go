@@ -198,16 +198,22 @@ func requestRollback(ctx context.Context, sock, vol, snap string) (driver.Rollba
 	case err != nil:
 		return out, fmt.Errorf("the plugin went away during the rollback (%v): if the rollback had begun, the plugin finishes it when it starts again; either way, run the same command again once the plugin is back (a rollback done already is done again, which changes nothing unless the volume was written since)", err)
 	}
+	return out, decodeAdminAnswer(resp, &out)
+}
+
+// decodeAdminAnswer decodes the admin endpoint's answer resp into out (a
+// 200), or returns its AdminError as "Code: message", and closes its body.
+func decodeAdminAnswer(resp *http.Response, out any) error {
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		var e driver.AdminError
 		if err := json.NewDecoder(resp.Body).Decode(&e); err != nil {
-			return out, fmt.Errorf("plugin answered %s", resp.Status)
+			return fmt.Errorf("plugin answered %s", resp.Status)
 		}
-		return out, fmt.Errorf("%s: %s", e.Code, e.Message)
+		return fmt.Errorf("%s: %s", e.Code, e.Message)
 	}
-	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
-		return out, fmt.Errorf("reading the plugin's answer: %w", err)
+	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+		return fmt.Errorf("reading the plugin's answer: %w", err)
 	}
-	return out, nil
+	return nil
 }

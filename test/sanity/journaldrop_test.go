@@ -41,24 +41,7 @@ func TestDropDamagedKillJournal(t *testing.T) {
 		}
 		return b
 	}
-	write := func(v kvol, b []byte, sync bool) {
-		t.Helper()
-		f, err := os.OpenFile(v.target, os.O_RDWR|unix.O_DIRECT, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		for off := 0; off < len(b); off += 64 << 10 {
-			if _, err := f.WriteAt(b[off:off+64<<10], int64(off)); err != nil {
-				t.Fatal(err)
-			}
-		}
-		if sync {
-			if err := f.Sync(); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
+	write := func(v kvol, b []byte, sync bool) { t.Helper(); writePieces(t, v.target, b, sync) }
 	read := func(v kvol) ([]byte, error) {
 		f, err := os.OpenFile(v.target, os.O_RDONLY|unix.O_DIRECT, 0)
 		if err != nil {

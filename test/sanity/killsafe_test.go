@@ -246,25 +246,7 @@ func TestKillKeepsAckedWrites(t *testing.T) {
 		t.Helper()
 		return k.publish(dir, name, size, blockCap(), src, map[string]string{"chunkSize": "16Ki"})
 	}
-	// write writes b in 64 KiB O_DIRECT pieces and, with sync, fsyncs.
-	write := func(v kvol, b []byte, sync bool) {
-		t.Helper()
-		f, err := os.OpenFile(v.target, os.O_RDWR|unix.O_DIRECT, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		for off := 0; off < len(b); off += 64 << 10 {
-			if _, err := f.WriteAt(b[off:off+64<<10], int64(off)); err != nil {
-				t.Fatal(err)
-			}
-		}
-		if sync {
-			if err := f.Sync(); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
+	write := func(v kvol, b []byte, sync bool) { t.Helper(); writePieces(t, v.target, b, sync) }
 	check := func(v kvol, want []byte, what string) {
 		t.Helper()
 		f, err := os.OpenFile(v.target, os.O_RDONLY|unix.O_DIRECT, 0)
@@ -471,4 +453,25 @@ func testKillWhileExt4Writes(t *testing.T, container bool) {
 		}
 	}
 	writeFile(t, filepath.Join(target, "after"), []byte("ext4 still writable"))
+}
+
+// writePieces writes b at the start of the device at path in 64 KiB
+// O_DIRECT pieces and, with sync, fsyncs.
+func writePieces(t *testing.T, path string, b []byte, sync bool) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for off := 0; off < len(b); off += 64 << 10 {
+		if _, err := f.WriteAt(b[off:off+64<<10], int64(off)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if sync {
+		if err := f.Sync(); err != nil {
+			t.Fatal(err)
+		}
+	}
 }
