@@ -131,7 +131,7 @@ func (d *Driver) DropKillJournal(ctx context.Context) (DropKillJournalResponse, 
 	jd, ok := d.opt.Store.(KillJournalDropper)
 	if !ok {
 		if err := d.opt.Store.Err(); err != nil {
-			return DropKillJournalResponse{}, statusf(codes.FailedPrecondition, "the store did not open, not for a damaged kill journal, which is all this step drops: %v", err)
+			return DropKillJournalResponse{}, statusf(codes.FailedPrecondition, "the store fails for another reason than a damaged kill journal, which is all this step drops: %v", err)
 		}
 		return DropKillJournalResponse{}, statusf(codes.FailedPrecondition, "the store is open (its kill journal was redone when it opened): nothing to drop")
 	}
@@ -148,7 +148,11 @@ func (d *Driver) DropKillJournal(ctx context.Context) (DropKillJournalResponse, 
 	if fenced == nil {
 		fenced = []string{}
 	}
-	klog.InfoS("Kill journal dropped by the operator: every volume lost its writes since its last flush; the held devices of the fenced volumes fail every I/O until unstaged; restarting (Probe is not ready) to open the store",
-		"dropped", dropped, "fencedVolumes", fenced, "heldVolumes", held)
+	if dropped {
+		klog.InfoS("Kill journal dropped by the operator: every volume lost its writes since its last flush; the held devices of the fenced volumes fail every I/O until unstaged; restarting (Probe is not ready) to open the store",
+			"fencedVolumes", fenced, "heldVolumes", held)
+	} else {
+		klog.InfoS("Asked to drop the kill journal, the store found it sound and redid it; restarting (Probe is not ready) to open the store", "fencedVolumes", fenced)
+	}
 	return DropKillJournalResponse{Dropped: dropped, FencedVolumes: fenced}, nil
 }
