@@ -183,6 +183,9 @@ func (d *Driver) storeErr() error {
 		if errors.Is(err, ErrSyncLost) {
 			return toStatus(fmt.Errorf("the volume store failed: drain and reboot the node: %w", err))
 		}
+		if errors.Is(err, cow.ErrJournalDamaged) {
+			return toStatus(fmt.Errorf("the volume store did not open: %w", err)) // its text gives the step
+		}
 		if errors.Is(err, ErrStoreLost) {
 			return toStatus(fmt.Errorf("the volume store did not open: drain the node, repair the data dir and restart the plugin: %w", err))
 		}

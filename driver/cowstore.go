@@ -61,7 +61,7 @@ func OpenCowStore(dir string) (*CowStore, error) {
 		return nil, fromCow(fmt.Errorf("open store %s: %w", dir, err))
 	}
 	if lost := s.KillWritesLost(); len(lost) > 0 {
-		klog.ErrorS(nil, "No space to redo the kill journal: writes these volumes answered before the restart and never flushed are lost, as after a power loss; their held devices answer I/O errors until unstaged, so the filesystems on them recover from their own journals on the next mount. Free space (delete snapshots or volumes)", "volumeIDs", lost)
+		klog.ErrorS(nil, "Writes these volumes answered before a restart and never flushed are lost, as after a power loss: the kill journal had no space for its redo, or was damaged and dropped (csi-snap drop-kill-journal); their held devices answer I/O errors until unstaged, so the filesystems on them recover from their own journals on the next mount. For want of space: free some (delete snapshots or volumes)", "volumeIDs", lost)
 	}
 	if err := s.RollbackResumeErr(); err != nil {
 		// Their volumes refuse stage and writes (Recover names them and

@@ -100,12 +100,24 @@ var errSyncLostIO = fmt.Errorf("%w (%w)", syscall.EIO, ErrSyncLost)
 // failingBackend serves a held device whose store is lost: every request
 // fails with EIO. Its size is the device's, so the file the loop device is
 // on keeps its size (a smaller one would turn reads past it into zeros).
-type failingBackend struct{ size int64 }
+// err, when set, is the EIO to answer with its cause (heldBackend); the
+// zero value answers errSyncLostIO.
+type failingBackend struct {
+	size int64
+	err  error
+}
 
-func (b failingBackend) ReadAt([]byte, int64) (int, error)  { return 0, errSyncLostIO }
-func (b failingBackend) WriteAt([]byte, int64) (int, error) { return 0, errSyncLostIO }
-func (b failingBackend) Flush() error                       { return errSyncLostIO }
-func (b failingBackend) Discard(int64, int64) error         { return errSyncLostIO }
+func (b failingBackend) fail() error {
+	if b.err != nil {
+		return b.err
+	}
+	return errSyncLostIO
+}
+
+func (b failingBackend) ReadAt([]byte, int64) (int, error)  { return 0, b.fail() }
+func (b failingBackend) WriteAt([]byte, int64) (int, error) { return 0, b.fail() }
+func (b failingBackend) Flush() error                       { return b.fail() }
+func (b failingBackend) Discard(int64, int64) error         { return b.fail() }
 func (b failingBackend) Size() int64                        { return b.size }
 
 // LostWritesStore is a Store that may have dropped, when it opened, writes
@@ -182,5 +194,7 @@ func (d *Driver) heldBackend(id string) (Backend, error) {
 		return nil, fmt.Errorf("%w; and the size of its device: %w", err, serr)
 	}
 	klog.ErrorS(err, "Serving a held volume with I/O errors", "volumeID", id, "device", dev)
-	return failingBackend{size: size}, nil
+	// EIO, its cause in the message only (%v): the frontend answers
+	// the errno it finds in the chain.
+	return failingBackend{size: size, err: fmt.Errorf("%w (%v)", syscall.EIO, err)}, nil
 }

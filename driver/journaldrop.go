@@ -133,7 +133,7 @@ func (d *Driver) DropKillJournal(ctx context.Context) (DropKillJournalResponse, 
 		if err := d.opt.Store.Err(); err != nil {
 			return DropKillJournalResponse{}, statusf(codes.FailedPrecondition, "the store fails for another reason than a damaged kill journal, which is all this step drops: %v", err)
 		}
-		return DropKillJournalResponse{}, statusf(codes.FailedPrecondition, "the store is open (its kill journal was redone when it opened): nothing to drop")
+		return DropKillJournalResponse{}, statusf(codes.FailedPrecondition, "the store is open: nothing to drop (a damaged kill journal was dropped already, or there was none and the store opened with its journal redone)")
 	}
 	held := d.opt.Frontend.Attached()
 	slices.Sort(held)

@@ -26,7 +26,7 @@ func dropKillJournalMain(args []string, stdout, stderr io.Writer) int {
 	runDir := fs.String("run-dir", "", "the plugin's --run-dir, where admin/admin.sock is (default <data-dir>/run)")
 	timeout := fs.Duration("timeout", 10*time.Minute, "give up waiting after this long (opening the store replays its log)")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: csi-snap drop-kill-journal [--run-dir DIR] [--timeout D]")
+		fmt.Fprintln(stderr, "usage: csi-snap drop-kill-journal [--data-dir DIR | --run-dir DIR] [--timeout D]")
 		fmt.Fprintln(stderr, "For a store that did not open because its kill journal is damaged: opens it dropping the journal, which loses each volume's writes since its last flush, as a power loss would. Volumes in use on the node fail their I/O until unstaged; the plugin then restarts.")
 		fs.PrintDefaults()
 	}
