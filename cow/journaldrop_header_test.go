@@ -19,13 +19,14 @@ import (
 // OpenDropJournal(dir, ["v"]) is killed between its two truncates of the
 // journal files (the second fails). The store must then either be
 // refused again, or open with the journal dropped and "v" fenced. The
-// drop marker names the oldest epoch that decoded; the damaged file did
-// not decode, so the file emptied first is the damaged one, and the
-// other file's epoch (the one the marker names) is still there: the next
-// Open takes the journal for whole, redoes the remaining file's records
-// without the damaged file's, and, because "v" has records in it,
-// removes its fence marker. v's writes in the damaged file are lost and
-// its held device is served as if nothing were: silent corruption.
+// drop marker named the oldest epoch that decoded (before 4f0ee07; it
+// names epoch 0 now); the damaged file did not decode, so the file
+// emptied first was the damaged one, and the other file's epoch (the one
+// the marker named) was still there: the next Open took the journal for
+// whole, redid the remaining file's records without the damaged file's,
+// and, because "v" had records in it, removed its fence marker. v's
+// writes in the damaged file were lost and its held device served as if
+// nothing were: silent corruption.
 func TestOpenDropJournalKilledDamagedHeader(t *testing.T) {
 	for _, newer := range []bool{true, false} {
 		name := "older header damaged"
