@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -53,7 +54,7 @@ func dropKilledDamagedHeader(t *testing.T, damageNewer bool) {
 		}
 		return nil
 	}
-	if s2, err := openFSDrop(dir, fs2, []string{"v"}); err == nil {
+	if s2, err := openFSDrop(dir, fs2, true, []string{"v"}); err == nil {
 		s2.Close()
 		t.Fatal("OpenDropJournal succeeded though its second truncate failed")
 	}
@@ -87,21 +88,7 @@ func TestOpenDropJournalKilledTwoEpochs(t *testing.T) {
 		dir, base := twoEpochDamagedHeader(t, newer)
 		dropKillSweep(t, dir, []string{"v"}, func(t *testing.T, s *Store) {
 			t.Helper()
-			for _, id := range []string{"v", "snap"} {
-				var r interface {
-					ReadAt([]byte, int64) (int, error)
-				}
-				if v, err := s.Volume(id); err == nil {
-					r = v
-				} else if sn, err := s.Snapshot(id); err == nil {
-					r = sn
-				} else {
-					t.Fatalf("%s: %v", id, err)
-				}
-				if got := mustRead(t, r, 0, len(base)); !bytes.Equal(got, base) {
-					t.Errorf("newer damaged %v: %s: %d bytes differ from its last Flush", newer, id, countDiff(got, base))
-				}
-			}
+			checkBase(t, fmt.Sprintf("newer damaged %v", newer), s, base, "v", "snap")
 		})
 	}
 }

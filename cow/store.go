@@ -64,14 +64,13 @@ type Store struct {
 	// their redo ran out of space (KillWritesLost); skipRedo: this Open
 	// drops the journal without redoing it (openFS's second try).
 	killLost []string
-	// journalDropped: OpenDropJournal dropped a damaged kill journal.
-	journalDropped bool
 	// resumeErr is why Open could not finish an interrupted rollback
 	// (RollbackResumeErr); nil when it finished them all.
 	resumeErr error
 	skipRedo  bool
 	// dropDamaged: this Open drops a damaged kill journal
-	// (OpenDropJournal), whose files need not all decode (openJournal).
+	// (OpenDropJournal, which reports it), whose files need not all
+	// decode (openJournal).
 	dropDamaged bool
 	// redoNoSpace: the volumes of a redo that failed for want of space
 	// (openJournal), for openFS's second try.
@@ -283,16 +282,13 @@ func OpenDropJournal(dir string, held []string) (s *Store, dropped bool, err err
 	if err != nil {
 		return nil, false, err
 	}
-	if held == nil {
-		held = []string{} // non-nil: drop even with no volume to fence
-	}
-	s, err = openFSDrop(dir, osFS{dir}, held)
+	s, err = openFSDrop(dir, osFS{dir}, true, held)
 	if err != nil {
 		lock.Close()
 		return nil, false, err
 	}
 	s.lock = lock
-	return s, s.journalDropped, nil
+	return s, s.dropDamaged, nil
 }
 
 // lockName is the file Open flocks; it holds no data.
@@ -321,21 +317,21 @@ func lockDir(dir string) (*os.File, error) {
 }
 
 // openFS opens the store in dir on fs.
-func openFS(dir string, fs fsys) (*Store, error) { return openFSDrop(dir, fs, nil) }
+func openFS(dir string, fs fsys) (*Store, error) { return openFSDrop(dir, fs, false, nil) }
 
-// openFSDrop opens the store in dir on fs; with held non-nil, dropping a
-// damaged kill journal (OpenDropJournal).
-func openFSDrop(dir string, fs fsys, held []string) (*Store, error) {
+// openFSDrop opens the store in dir on fs; with drop, dropping a damaged
+// kill journal and fencing the volumes of held (OpenDropJournal).
+func openFSDrop(dir string, fs fsys, drop bool, held []string) (*Store, error) {
 	var lost []string
-	s, noSpace, err := openOnce(dir, fs, lost)
-	journalDropped := false
-	if err != nil && held != nil && errors.Is(err, ErrJournalDamaged) {
+	s, noSpace, err := openOnce(dir, fs, lost, false)
+	damaged := false
+	if err != nil && drop && errors.Is(err, ErrJournalDamaged) {
 		// The operator's choice (OpenDropJournal): open without the
 		// redo, dropping the journal, and fence the held volumes,
 		// exactly as when the redo finds no space below. The first
 		// openOnce refused before it changed anything (checkJournal).
-		lost, journalDropped = held, true
-		s, noSpace, err = openOnceDrop(dir, fs, lost, true)
+		lost, damaged = held, true
+		s, noSpace, err = openOnce(dir, fs, lost, true)
 	}
 	if err != nil && errors.Is(err, ErrNoSpace) && len(noSpace) > 0 {
 		// The kill journal's redo ran out of space (its copy-outs need
@@ -345,7 +341,7 @@ func openFSDrop(dir string, fs fsys, held []string) (*Store, error) {
 		// volumes whose answered writes are lost (KillWritesLost), as a
 		// power loss would lose them.
 		lost = noSpace
-		s, _, err = openOnce(dir, fs, lost)
+		s, _, err = openOnce(dir, fs, lost, false)
 	}
 	if err != nil {
 		return nil, err
@@ -358,7 +354,7 @@ func openFSDrop(dir string, fs fsys, held []string) (*Store, error) {
 		// the store serves everything else. RollbackResumeErr tells why.
 		first := s
 		s.Close()
-		if s, _, err = openOnceDrop(dir, fs, lost, journalDropped); err != nil {
+		if s, _, err = openOnce(dir, fs, lost, damaged); err != nil {
 			return nil, err
 		}
 		// What the first Open did stays told: it redid the kill journal
@@ -367,26 +363,21 @@ func openFSDrop(dir string, fs fsys, held []string) (*Store, error) {
 		s.reclaimFailed.Add(first.reclaimFailed.Load())
 		s.punchZeroed.Add(first.punchZeroed.Load())
 	}
-	s.journalDropped = journalDropped
 	return s, nil
 }
 
 // openOnce opens the store in dir. With lost (the volumes of a kill journal
 // whose redo failed for want of space) it drops the journal unredone, and
-// the store reports lost in KillWritesLost. A redo that failed for want of
-// space returns, beside the error, the volumes it was redoing (noSpace).
-func openOnce(dir string, fs fsys, lost []string) (s *Store, noSpace []string, err error) {
-	return openOnceDrop(dir, fs, lost, false)
-}
-
-// openOnceDrop is openOnce; damaged: lost is OpenDropJournal's, dropping
-// a damaged journal (dropDamaged).
-func openOnceDrop(dir string, fs fsys, lost []string, damaged bool) (s *Store, noSpace []string, err error) {
+// the store reports lost in KillWritesLost; so it does with damaged
+// (OpenDropJournal: lost are the held volumes, maybe none). A redo that
+// failed for want of space returns, beside the error, the volumes it was
+// redoing (noSpace).
+func openOnce(dir string, fs fsys, lost []string, damaged bool) (s *Store, noSpace []string, err error) {
 	s = &Store{dir: dir, fs: fs, byID: map[string]any{}, objs: map[uint32]any{}, nextObj: 1, dropDamaged: damaged}
 	s.freeBytes = func() (int64, error) { return statfsFree(dir) }
 	s.boot, s.bootOK = readBootID()
 	s.fileLimit = fsFileLimit(dir)
-	s.killLost, s.skipRedo = lost, lost != nil
+	s.killLost, s.skipRedo = lost, lost != nil || damaged
 	if err := s.load(); err != nil {
 		s.closeFiles()
 		return nil, nil, err
