@@ -128,6 +128,15 @@ func journalEnd(t *testing.T, b []byte) int {
 // operator who looks finds a log and data files the corrupt journal
 // already acted on).
 func TestJournalCorruptRecordChangesNothing(t *testing.T) {
+	dir, _ := killedJournalForeignRecord(t)
+	openRefusesObject99(t, dir)
+}
+
+// killedJournalForeignRecord is killedJournal(t, 4) with a write record
+// of object 99, which is no volume, appended to the journal (its CRC
+// good). It returns the store dir and the record's epoch.
+func killedJournalForeignRecord(t *testing.T) (string, uint64) {
+	t.Helper()
 	dir, jname, _ := killedJournal(t, 4)
 	p := filepath.Join(dir, jname)
 	b, err := os.ReadFile(p)
@@ -145,6 +154,13 @@ func TestJournalCorruptRecordChangesNothing(t *testing.T) {
 	if err := os.WriteFile(p, b, 0o600); err != nil {
 		t.Fatal(err)
 	}
+	return dir, ep
+}
+
+// openRefusesObject99 fails the test unless Open of dir (a
+// killedJournalForeignRecord) fails with ErrCorrupt, every file as it was.
+func openRefusesObject99(t *testing.T, dir string) {
+	t.Helper()
 	before := dirFiles(t, dir)
 	s, err := Open(dir)
 	if err == nil {
