@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -169,50 +170,28 @@ func (d *Driver) Rollback(ctx context.Context, volID, snapID string) (RollbackRe
 // any other path answers 404 NotFound, a method other than POST 405.
 func (d *Driver) AdminHandler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc(RollbackPath, func(w http.ResponseWriter, r *http.Request) {
-		if r.Method != http.MethodPost {
-			w.Header().Set("Allow", http.MethodPost)
-			writeAdminError(w, http.StatusMethodNotAllowed, AdminError{Code: "MethodNotAllowed", Message: "use POST"})
-			return
-		}
-		req, err := decodeRollbackRequest(http.MaxBytesReader(w, r.Body, 4096))
+	handlePost(mux, RollbackPath, func(ctx context.Context, body io.Reader) (any, error) {
+		req, err := decodeRollbackRequest(body)
 		if err != nil {
-			writeAdminError(w, http.StatusBadRequest, AdminError{Code: codes.InvalidArgument.String(), Message: "bad request body: " + err.Error()})
-			return
+			return nil, badBodyError{err}
 		}
-		res, err := d.Rollback(r.Context(), req.Volume, req.Snapshot)
+		res, err := d.Rollback(ctx, req.Volume, req.Snapshot)
 		if err != nil {
-			st, _ := status.FromError(err)
-			writeAdminError(w, httpStatus(st.Code()), AdminError{Code: st.Code().String(), Message: st.Message()})
-			return
+			return nil, err
 		}
-		w.Header().Set("Content-Type", "application/json")
-		json.NewEncoder(w).Encode(RollbackResponse{Volume: req.Volume, Snapshot: req.Snapshot,
+		return RollbackResponse{Volume: req.Volume, Snapshot: req.Snapshot,
 			ChunksRewritten: res.ChunksRewritten, ChunksZeroed: res.ChunksZeroed,
 			BytesRewritten: res.ChunksRewritten * int64(res.ChunkSize), TailBytesDiscarded: res.TailBytes,
-			ChunkSize: res.ChunkSize, Resumed: res.Resumed, Seconds: res.Duration.Seconds()})
+			ChunkSize: res.ChunkSize, Resumed: res.Resumed, Seconds: res.Duration.Seconds()}, nil
 	})
-	mux.HandleFunc(DropKillJournalPath, func(w http.ResponseWriter, r *http.Request) {
-		if r.Method != http.MethodPost {
-			w.Header().Set("Allow", http.MethodPost)
-			writeAdminError(w, http.StatusMethodNotAllowed, AdminError{Code: "MethodNotAllowed", Message: "use POST"})
-			return
-		}
+	handlePost(mux, DropKillJournalPath, func(ctx context.Context, body io.Reader) (any, error) {
 		// No arguments: an empty body or an empty object, nothing else
 		// (a body with fields is a request meant for something else).
-		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 4096))
-		if t := strings.TrimSpace(string(body)); err != nil || (t != "" && t != "{}") {
-			writeAdminError(w, http.StatusBadRequest, AdminError{Code: codes.InvalidArgument.String(), Message: "bad request body: want none, or {}"})
-			return
+		b, err := io.ReadAll(body)
+		if t := strings.TrimSpace(string(b)); err != nil || (t != "" && t != "{}") {
+			return nil, badBodyError{errors.New("want none, or {}")}
 		}
-		res, err := d.DropKillJournal(r.Context())
-		if err != nil {
-			st, _ := status.FromError(err)
-			writeAdminError(w, httpStatus(st.Code()), AdminError{Code: st.Code().String(), Message: st.Message()})
-			return
-		}
-		w.Header().Set("Content-Type", "application/json")
-		json.NewEncoder(w).Encode(res)
+		return d.DropKillJournal(ctx)
 	})
 	// Every answer that is not 200 carries an AdminError, a mistyped path's
 	// too.
@@ -220,6 +199,37 @@ func (d *Driver) AdminHandler() http.Handler {
 		writeAdminError(w, http.StatusNotFound, AdminError{Code: codes.NotFound.String(), Message: "no such endpoint " + r.URL.Path + ": use POST " + RollbackPath + " or " + DropKillJournalPath})
 	})
 	return mux
+}
+
+// badBodyError is a request body that handlePost's call could not take:
+// 400 InvalidArgument.
+type badBodyError struct{ error }
+
+// handlePost serves POST path on mux: call takes the request's body (at
+// most 4 KiB) and answers the result, encoded as JSON with 200, or an
+// error: a badBodyError is 400 InvalidArgument, any other carries a gRPC
+// status, mapped by httpStatus; either comes as an AdminError. Another
+// method is 405.
+func handlePost(mux *http.ServeMux, path string, call func(ctx context.Context, body io.Reader) (any, error)) {
+	mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPost {
+			w.Header().Set("Allow", http.MethodPost)
+			writeAdminError(w, http.StatusMethodNotAllowed, AdminError{Code: "MethodNotAllowed", Message: "use POST"})
+			return
+		}
+		res, err := call(r.Context(), http.MaxBytesReader(w, r.Body, 4096))
+		var bad badBodyError
+		switch {
+		case errors.As(err, &bad):
+			writeAdminError(w, http.StatusBadRequest, AdminError{Code: codes.InvalidArgument.String(), Message: "bad request body: " + bad.Error()})
+		case err != nil:
+			st, _ := status.FromError(err)
+			writeAdminError(w, httpStatus(st.Code()), AdminError{Code: st.Code().String(), Message: st.Message()})
+		default:
+			w.Header().Set("Content-Type", "application/json")
+			json.NewEncoder(w).Encode(res)
+		}
+	})
 }
 
 // decodeRollbackRequest reads one JSON object with the keys "volume" and

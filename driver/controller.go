@@ -1024,9 +1024,8 @@ func (d *Driver) freezeAt(id string, q quiesce, fn func() error) error {
 	marker := d.freezeMarker(id)
 	ours := false
 	if b, err := os.ReadFile(marker); err == nil {
-		markBoot, markMP, _ := strings.Cut(string(b), "\n")
-		now := bootID()
-		ours = markMP == mp && (now == "" || markBoot == now)
+		markMP, ok := frozenThisBoot(b)
+		ours = ok && markMP == mp
 	}
 	if err := writeMarker(marker, []byte(bootID()+"\n"+mp)); err != nil {
 		return fmt.Errorf("freeze marker: %w", err)
@@ -1097,6 +1096,16 @@ func (d *Driver) thawLeftovers(failed map[string]bool) error {
 	return first
 }
 
+// frozenThisBoot returns the mount point freeze marker b ("<boot>\n<mount
+// point>", freezeAt) names, and whether it is of this boot and names one.
+// A boot identity that cannot be read now tells nothing: any boot's is
+// taken (the mount table decides then, thawLeftover).
+func frozenThisBoot(b []byte) (mp string, ok bool) {
+	markBoot, mp, _ := strings.Cut(string(b), "\n")
+	now := bootID()
+	return mp, mp != "" && (now == "" || markBoot == now)
+}
+
 // thawLeftover thaws the filesystem a freeze marker of volume id names, if
 // it is still frozen from this boot, and removes the marker.
 func (d *Driver) thawLeftover(id string) error {
@@ -1105,12 +1114,10 @@ func (d *Driver) thawLeftover(id string) error {
 	if errors.Is(err, os.ErrNotExist) || d.opt.Thaw == nil {
 		return nil
 	}
-	markBoot, mp, _ := strings.Cut(string(b), "\n")
-	// Another boot (the mark says so, or it names no mount point): nothing
-	// is frozen any more. A boot identity that cannot be read now tells
-	// nothing: the mount table decides.
-	now := bootID()
-	if err == nil && mp != "" && (now == "" || markBoot == now) {
+	// Another boot's (or one naming no mount point): nothing is frozen
+	// any more.
+	mp, thisBoot := frozenThisBoot(b)
+	if err == nil && thisBoot {
 		// A mount table that cannot be read keeps the marker (err): a
 		// frozen filesystem taken for unmounted would stay frozen for
 		// ever. Nothing is mounted at the path any more: nothing to thaw

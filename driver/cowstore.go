@@ -30,6 +30,7 @@ var cowErrors = []struct{ from, to error }{
 	{cow.ErrOutOfRange, ErrOutOfRange},
 	{cow.ErrSyncLost, ErrSyncLost}, // before ErrClosed, which a failed running store's error also wraps
 	{cow.ErrClosed, ErrClosed},
+	{cow.ErrInUse, ErrUnavailable}, // another process has the store open
 	{cow.ErrNoSpace, ErrNoSpace},
 	{cow.ErrBadArgument, ErrBadArgument},
 	{cow.ErrRollbackPending, ErrBusy},

@@ -92,32 +92,26 @@ var (
 	_ RollbackStore = failedStore{}
 )
 
-// errSyncLostIO is what a held volume's I/O gets once the store is lost:
-// EIO, which the filesystem on the device reports (and ext4 acts on per
-// its errors= option) instead of waiting for ever.
-var errSyncLostIO = fmt.Errorf("%w (%w)", syscall.EIO, ErrSyncLost)
-
-// failingBackend serves a held device whose store is lost: every request
-// fails with EIO. Its size is the device's, so the file the loop device is
-// on keeps its size (a smaller one would turn reads past it into zeros).
-// err, when set, is the EIO to answer with its cause (heldBackend); the
-// zero value answers errSyncLostIO.
+// failingBackend serves a held device whose store is lost, or whose
+// answered writes the store dropped: every request fails with err, an EIO
+// that names its cause (ioFailure), which the filesystem on the device
+// reports (and ext4 acts on per its errors= option) instead of waiting for
+// ever. Its size is the device's, so the file the loop device is on keeps
+// its size (a smaller one would turn reads past it into zeros).
 type failingBackend struct {
 	size int64
 	err  error
 }
 
-func (b failingBackend) fail() error {
-	if b.err != nil {
-		return b.err
-	}
-	return errSyncLostIO
-}
+// ioFailure is the EIO a failingBackend answers for cause: the cause in
+// the message only (%v), since the frontend answers the errno it finds in
+// the chain.
+func ioFailure(cause error) error { return fmt.Errorf("%w (%v)", syscall.EIO, cause) }
 
-func (b failingBackend) ReadAt([]byte, int64) (int, error)  { return 0, b.fail() }
-func (b failingBackend) WriteAt([]byte, int64) (int, error) { return 0, b.fail() }
-func (b failingBackend) Flush() error                       { return b.fail() }
-func (b failingBackend) Discard(int64, int64) error         { return b.fail() }
+func (b failingBackend) ReadAt([]byte, int64) (int, error)  { return 0, b.err }
+func (b failingBackend) WriteAt([]byte, int64) (int, error) { return 0, b.err }
+func (b failingBackend) Flush() error                       { return b.err }
+func (b failingBackend) Discard(int64, int64) error         { return b.err }
 func (b failingBackend) Size() int64                        { return b.size }
 
 // LostWritesStore is a Store that may have dropped, when it opened, writes
@@ -194,7 +188,5 @@ func (d *Driver) heldBackend(id string) (Backend, error) {
 		return nil, fmt.Errorf("%w; and the size of its device: %w", err, serr)
 	}
 	klog.ErrorS(err, "Serving a held volume with I/O errors", "volumeID", id, "device", dev)
-	// EIO, its cause in the message only (%v): the frontend answers
-	// the errno it finds in the chain.
-	return failingBackend{size: size, err: fmt.Errorf("%w (%v)", syscall.EIO, err)}, nil
+	return failingBackend{size: size, err: ioFailure(err)}, nil
 }

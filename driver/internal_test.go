@@ -291,9 +291,11 @@ type lostStore struct {
 
 func newLostStore(ids ...string) lostStore { return lostStore{lost: &ids} }
 
-func (s lostStore) Err() error                               { return nil }
-func (s lostStore) VolumeBackend(id string) (Backend, error) { return failingBackend{size: 1}, nil }
-func (s lostStore) KillWritesLost() []string                 { return *s.lost }
+func (s lostStore) Err() error { return nil }
+func (s lostStore) VolumeBackend(id string) (Backend, error) {
+	return failingBackend{size: 1, err: ioFailure(ErrSyncLost)}, nil
+}
+func (s lostStore) KillWritesLost() []string { return *s.lost }
 func (s lostStore) Volume(id string) (VolumeInfo, error) {
 	return VolumeInfo{ID: id, Size: 3 << 20}, nil
 }

@@ -2,7 +2,6 @@ package driver
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"slices"
 	"sync"
@@ -125,8 +124,8 @@ type DropKillJournalResponse struct {
 // DropKillJournal is the operator's step for a store that did not open
 // because its kill journal is damaged (see KillJournalDropper). Errors carry
 // gRPC codes: FailedPrecondition for a store that opened, or did not for
-// another reason; the store's own otherwise (Unavailable: another process
-// holds it; DataLoss: other damage).
+// another reason; the store's own otherwise (toStatus: Unavailable when
+// another process holds it, DataLoss for other damage).
 func (d *Driver) DropKillJournal(ctx context.Context) (DropKillJournalResponse, error) {
 	jd, ok := d.opt.Store.(KillJournalDropper)
 	if !ok {
@@ -140,9 +139,6 @@ func (d *Driver) DropKillJournal(ctx context.Context) (DropKillJournalResponse, 
 	fenced, dropped, err := jd.DropKillJournal(held)
 	if err != nil {
 		klog.ErrorS(err, "Dropping the kill journal failed")
-		if errors.Is(err, cow.ErrInUse) {
-			err = fmt.Errorf("%w: %w", ErrUnavailable, err)
-		}
 		return DropKillJournalResponse{}, toStatus(err)
 	}
 	if fenced == nil {
