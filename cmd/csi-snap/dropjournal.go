@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -22,8 +21,7 @@ import (
 func dropKillJournalMain(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("csi-snap drop-kill-journal", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	dataDir := fs.String("data-dir", defaultDataDir, "the plugin's --data-dir (locates the run dir when --run-dir is not given)")
-	runDir := fs.String("run-dir", "", "the plugin's --run-dir, where admin/admin.sock is (default <data-dir>/run)")
+	adminSock := adminSocketFlags(fs)
 	timeout := fs.Duration("timeout", 10*time.Minute, "give up waiting after this long (opening the store replays its log)")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: csi-snap drop-kill-journal [--data-dir DIR | --run-dir DIR] [--timeout D]")
@@ -40,10 +38,7 @@ func dropKillJournalMain(args []string, stdout, stderr io.Writer) int {
 		fs.Usage()
 		return 2
 	}
-	if *runDir == "" {
-		*runDir = defaultRunDir(*dataDir)
-	}
-	sock := filepath.Join(*runDir, adminSocketName)
+	sock := adminSock()
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
 	res, err := requestDropKillJournal(ctx, sock)

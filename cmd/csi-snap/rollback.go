@@ -107,8 +107,7 @@ func rollbackMain(args []string, stdout, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	vol := fs.String("volume", "", "volume ID to roll back (the PV's spec.csi.volumeHandle, v-...)")
 	snap := fs.String("snapshot", "", "snapshot ID to return to (the VolumeSnapshotContent's status.snapshotHandle, s-...)")
-	dataDir := fs.String("data-dir", defaultDataDir, "the plugin's --data-dir (locates the run dir when --run-dir is not given)")
-	runDir := fs.String("run-dir", "", "the plugin's --run-dir, where admin/admin.sock is (default <data-dir>/run)")
+	adminSock := adminSocketFlags(fs)
 	timeout := fs.Duration("timeout", time.Hour, "give up waiting after this long (the rollback itself goes on in the plugin)")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: csi-snap rollback --volume v-... --snapshot s-... [--run-dir DIR] [--timeout D]")
@@ -125,10 +124,7 @@ func rollbackMain(args []string, stdout, stderr io.Writer) int {
 		fs.Usage()
 		return 2
 	}
-	if *runDir == "" {
-		*runDir = defaultRunDir(*dataDir)
-	}
-	sock := filepath.Join(*runDir, adminSocketName)
+	sock := adminSock()
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
 	res, err := requestRollback(ctx, sock, *vol, *snap)
@@ -144,6 +140,20 @@ func rollbackMain(args []string, stdout, stderr io.Writer) int {
 		verb, res.Volume, res.Snapshot, res.Seconds, res.ChunksRewritten, res.BytesRewritten, res.ChunksZeroed,
 		res.TailBytesDiscarded, res.ChunkSize)
 	return 0
+}
+
+// adminSocketFlags defines --data-dir and --run-dir, the plugin's, on fs
+// for a command that talks to the plugin's admin endpoint; the returned
+// function gives the socket they name, once fs is parsed.
+func adminSocketFlags(fs *flag.FlagSet) func() string {
+	dataDir := fs.String("data-dir", defaultDataDir, "the plugin's --data-dir (locates the run dir when --run-dir is not given)")
+	runDir := fs.String("run-dir", "", "the plugin's --run-dir, where admin/admin.sock is (default <data-dir>/run)")
+	return func() string {
+		if *runDir == "" {
+			return filepath.Join(defaultRunDir(*dataDir), adminSocketName)
+		}
+		return filepath.Join(*runDir, adminSocketName)
+	}
 }
 
 // dialError marks a failure to reach the admin socket at all, as opposed to

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -34,13 +33,7 @@ func TestDropDamagedKillJournal(t *testing.T) {
 	k, dir := startKillable(t, false)
 	ctx := context.Background()
 	const size, span = 16 << 20, 4 << 20
-	pattern := func(tag string) []byte {
-		b := alignedBlock(span)
-		for i := 0; i < span; i += 4096 {
-			copy(b[i:], fmt.Sprintf("%s block %d ", tag, i/4096))
-		}
-		return b
-	}
+	pattern := func(tag string) []byte { return taggedBlocks(tag, span) }
 	write := func(v kvol, b []byte, sync bool) { t.Helper(); writePieces(t, v.target, b, sync) }
 	read := func(v kvol) ([]byte, error) {
 		f, err := os.OpenFile(v.target, os.O_RDONLY|unix.O_DIRECT, 0)

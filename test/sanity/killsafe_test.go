@@ -235,13 +235,7 @@ func TestKillKeepsAckedWrites(t *testing.T) {
 	ctx := context.Background()
 
 	const size, span = 16 << 20, 4 << 20
-	pattern := func(tag string) []byte {
-		b := alignedBlock(span)
-		for i := 0; i < span; i += 4096 {
-			copy(b[i:], fmt.Sprintf("%s block %d ", tag, i/4096))
-		}
-		return b
-	}
+	pattern := func(tag string) []byte { return taggedBlocks(tag, span) }
 	publish := func(name string, src *csi.VolumeContentSource) kvol {
 		t.Helper()
 		return k.publish(dir, name, size, blockCap(), src, map[string]string{"chunkSize": "16Ki"})
@@ -474,4 +468,15 @@ func writePieces(t *testing.T, path string, b []byte, sync bool) {
 			t.Fatal(err)
 		}
 	}
+}
+
+// taggedBlocks returns n aligned bytes (alignedBlock) whose every 4 KiB
+// block begins "<tag> block <i> ": a block read back names where it came
+// from.
+func taggedBlocks(tag string, n int) []byte {
+	b := alignedBlock(n)
+	for i := 0; i < n; i += 4096 {
+		copy(b[i:], fmt.Sprintf("%s block %d ", tag, i/4096))
+	}
+	return b
 }
