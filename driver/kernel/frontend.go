@@ -1057,6 +1057,10 @@ var testHookAfterResumeCheck func()
 // found no loop device, before it attaches one.
 var testHookResumeNoDevice func()
 
+// testHookHolderStarted, if set (tests), runs in startHolder right after
+// it started the holder, before it first asks whether the holder answers.
+var testHookHolderStarted func()
+
 // afterHolderPut, if set (tests), runs in attachFresh right after the holder
 // took the connection, before anything asks for the file's attributes.
 var afterHolderPut func()
@@ -1253,6 +1257,9 @@ func (f *Frontend) startHolder() error {
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }() // reap it when it exits
+	if testHookHolderStarted != nil {
+		testHookHolderStarted()
+	}
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
 		if _, _, err := holderCall(f.sock, holderReq{Op: "list"}, -1); err == nil {
@@ -1260,6 +1267,16 @@ func (f *Frontend) startHolder() error {
 		}
 		select {
 		case err := <-exited:
+			if err == nil {
+				// It served and exited as a child holder does once a
+				// drop empties it: between two of our looks another
+				// volume's attach put its connection there and that
+				// volume's detach dropped it (a loaded node can leave
+				// this goroutine unscheduled that long). Nothing is
+				// wrong with the holder: no holder is what the caller
+				// is told, and holderPut starts another.
+				return fmt.Errorf("%w: holder %v exited at start, emptied by another volume's detach (see %s)", errNoHolder, argv, logPath)
+			}
 			return fmt.Errorf("holder %v exited at start: %v (see %s)", argv, err, logPath)
 		case <-time.After(10 * time.Millisecond):
 		}
