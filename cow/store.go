@@ -244,7 +244,7 @@ func Open(dir string) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	lock, err := lockDir(dir)
+	lock, err := LockDir(dir)
 	if err != nil {
 		return nil, err
 	}
@@ -278,7 +278,7 @@ func OpenDropJournal(dir string, held []string) (s *Store, dropped bool, err err
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, false, err
 	}
-	lock, err := lockDir(dir)
+	lock, err := LockDir(dir)
 	if err != nil {
 		return nil, false, err
 	}
@@ -300,11 +300,20 @@ const lockName = "lock"
 // for it to let go.
 func LockPath(dir string) string { return filepath.Join(dir, lockName) }
 
-// lockDir takes the exclusive, non-blocking flock on dir/lock.
-func lockDir(dir string) (*os.File, error) {
+// LockDir takes the exclusive, non-blocking flock on store directory
+// dir's lock file (LockPath), which Open holds until Close; ErrInUse when
+// another process holds it. Closing the file lets it go. For a process
+// that serves a store that did not open and must still keep others off
+// it (the driver's failed store). A directory on a read-only file system
+// (one turned read-only after an I/O error) is locked through a read-only
+// open: flock needs no write access.
+func LockDir(dir string) (*os.File, error) {
 	f, err := os.OpenFile(LockPath(dir), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
-		return nil, err
+		var rerr error
+		if f, rerr = os.Open(LockPath(dir)); rerr != nil {
+			return nil, err
+		}
 	}
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		f.Close()

@@ -6,8 +6,10 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"syscall"
 
+	"github.com/csi-snap/csi-snap/cow"
 	"k8s.io/klog/v2"
 )
 
@@ -36,6 +38,76 @@ func NewFailedStore(err error) Store {
 	return failedStore{err: err}
 }
 
+// HoldStoreLock makes st, a store from NewFailedStore or
+// NewDamagedJournalStore for the store in dir that did not open, hold the
+// lock that an open store holds (cow.LockPath(dir)) until its Close: a
+// second plugin on the same data dir is then refused (cow.ErrInUse) as it
+// is beside a store that opened, and one that replaces this plugin waits
+// for it (--wait-previous). Without it, a second plugin with a run dir of
+// its own served beside this one, and its drop-kill-journal dropped the
+// journal fencing none of the devices this one holds: their answered
+// writes were lost silently. The error wraps cow.ErrInUse when another
+// process holds the lock; st is then returned unchanged, as on any other
+// error (a data dir that fails: the lock cannot be taken, and the plugin
+// serves as before).
+func HoldStoreLock(st Store, dir string) (Store, error) {
+	l := &heldLock{dir: dir}
+	if err := l.take(); err != nil {
+		return st, err
+	}
+	switch s := st.(type) {
+	case failedStore:
+		s.lock = l
+		return s, nil
+	case *damagedJournalStore:
+		s.mu.Lock()
+		s.failedStore.lock = l
+		s.mu.Unlock()
+		return s, nil
+	}
+	l.release()
+	return st, fmt.Errorf("%T is not a store that did not open", st)
+}
+
+// heldLock is the flock a failed store holds on its directory's lock file
+// (HoldStoreLock).
+type heldLock struct {
+	mu  sync.Mutex
+	dir string
+	f   *os.File
+}
+
+// take takes the lock (cow.LockDir) unless held.
+func (l *heldLock) take() error {
+	if l == nil {
+		return nil
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.f != nil {
+		return nil
+	}
+	f, err := cow.LockDir(l.dir)
+	if err != nil {
+		return err
+	}
+	l.f = f
+	return nil
+}
+
+// release lets the lock go (nil: none held).
+func (l *heldLock) release() {
+	if l == nil {
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.f != nil {
+		l.f.Close()
+		l.f = nil
+	}
+}
+
 // ErrStoreLost: the store did not open at start (NewFailedStore), for a
 // reason other than ErrSyncLost. Like ErrSyncLost it is an ErrClosed.
 var ErrStoreLost = fmt.Errorf("%w: the store did not open", ErrClosed)
@@ -44,7 +116,10 @@ var ErrStoreLost = fmt.Errorf("%w: the store did not open", ErrClosed)
 // this process, and restarting it cannot help (ErrSyncLost, ErrStoreLost).
 func storeLost(err error) bool { return errors.Is(err, ErrSyncLost) || errors.Is(err, ErrStoreLost) }
 
-type failedStore struct{ err error }
+type failedStore struct {
+	err  error
+	lock *heldLock // HoldStoreLock's; nil if none
+}
 
 func (s failedStore) CreateVolume(string, int64, VolumeOptions) (VolumeInfo, error) {
 	return VolumeInfo{}, s.err
@@ -67,7 +142,7 @@ func (s failedStore) Volumes() []VolumeInfo                    { return nil }
 func (s failedStore) Snapshots() []SnapshotInfo                { return nil }
 func (s failedStore) Err() error                               { return s.err }
 func (s failedStore) VolumeBackend(id string) (Backend, error) { return nil, s.err }
-func (s failedStore) Close() error                             { return nil }
+func (s failedStore) Close() error                             { s.lock.release(); return nil }
 
 // The optional services answer Unavailable too, so that the plugin's
 // capabilities do not change with the store's health (it would advertise

@@ -68,6 +68,14 @@ type damagedJournalStore struct {
 // the plugin, which then serves the store.
 var errStoreReopenable = fmt.Errorf("%w: the store opens again (its damaged kill journal was dropped): the plugin restarts to serve it (a liveness probe restarts it; without one, restart it)", ErrClosed)
 
+// Close lets go of the store's lock (HoldStoreLock), under mu: not during
+// a DropKillJournal, which lets it go and takes it again.
+func (s *damagedJournalStore) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.failedStore.Close()
+}
+
 func (s *damagedJournalStore) Err() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -83,6 +91,16 @@ func (s *damagedJournalStore) DropKillJournal(held []string) ([]string, bool, er
 	if s.reopened {
 		return slices.Clone(s.fenced), s.dropped, nil
 	}
+	// The store's lock this plugin holds (HoldStoreLock) is the one the
+	// open takes: let it go meanwhile, and take it again after, so that
+	// until this plugin restarts no other one opens the store.
+	lock := s.failedStore.lock
+	lock.release()
+	defer func() {
+		if err := lock.take(); err != nil {
+			klog.ErrorS(err, "Taking the store's lock again after dropping its kill journal", "dir", s.dir)
+		}
+	}()
 	cs, dropped, err := cow.OpenDropJournal(s.dir, held)
 	if err != nil {
 		return nil, false, fromCow(fmt.Errorf("open store %s dropping its kill journal: %w", s.dir, err))

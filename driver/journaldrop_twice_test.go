@@ -100,3 +100,33 @@ func TestDropKillJournalTwice(t *testing.T) {
 		t.Errorf("DropKillJournal asked again after it dropped the journal answers dropped = false (fenced %q): the client then says the journal was found sound and nothing was lost", fenced)
 	}
 }
+
+// TestFailedStoreHoldsLock: a store that did not open, given its lock
+// (HoldStoreLock), keeps any other Open out, as an open store does (a
+// second plugin on the same data dir is refused), yet its own
+// DropKillJournal opens it; the lock is held again afterwards, until Close.
+func TestFailedStoreHoldsLock(t *testing.T) {
+	dir := killedDamagedStore(t)
+	st, err := HoldStoreLock(NewDamagedJournalStore(cow.ErrJournalDamaged, dir, ""), dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := HoldStoreLock(NewFailedStore(cow.ErrJournalDamaged), dir); !errors.Is(err, cow.ErrInUse) {
+		t.Fatalf("a second lock of a locked store: %v, want ErrInUse", err)
+	}
+	if _, err := cow.Open(dir); !errors.Is(err, cow.ErrInUse) {
+		t.Fatalf("Open beside a plugin serving its failed store: %v, want ErrInUse", err)
+	}
+	if _, dropped, err := st.(KillJournalDropper).DropKillJournal([]string{"v"}); err != nil || !dropped {
+		t.Fatalf("DropKillJournal with the lock held: dropped %v, %v", dropped, err)
+	}
+	if _, err := cow.Open(dir); !errors.Is(err, cow.ErrInUse) {
+		t.Fatalf("Open after the drop, before the plugin restarted: %v, want ErrInUse", err)
+	}
+	st.Close()
+	s, err := cow.Open(dir)
+	if err != nil {
+		t.Fatalf("Open once the plugin closed its failed store: %v", err)
+	}
+	s.Close()
+}

@@ -53,6 +53,18 @@ func openRealEngines(cfg Config) (*engines, error) {
 		cs.SetMinFree(cfg.MinFree)
 		st = cs
 	}
+	if err != nil {
+		// A store that did not open holds the lock an open one holds, so
+		// that a second plugin on this data dir is refused as beside one
+		// that opened (driver.HoldStoreLock).
+		var lerr error
+		if st, lerr = driver.HoldStoreLock(st, dir); errors.Is(lerr, cow.ErrInUse) {
+			st.Close()
+			return nil, lerr
+		} else if lerr != nil {
+			klog.ErrorS(lerr, "Could not lock the store that did not open: a second csi-snap on this data dir would not be refused", "dir", dir)
+		}
+	}
 	fe, err := driver.NewKernelFrontend(kernel.Config{RunDir: cfg.RunDir, ExternalHolder: cfg.ExternalHolder})
 	if err != nil {
 		st.Close()
