@@ -55,7 +55,9 @@ func serveAdmin(d *driver.Driver, runDir string) (func(), error) {
 		return nil, fmt.Errorf("admin socket: %w", err)
 	}
 	hs := &http.Server{Handler: d.AdminHandler(), ReadHeaderTimeout: 10 * time.Second}
+	served := make(chan struct{})
 	go func() {
+		defer close(served)
 		if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			klog.ErrorS(err, "Admin endpoint")
 		}
@@ -66,6 +68,11 @@ func serveAdmin(d *driver.Driver, runDir string) (func(), error) {
 		// is told the plugin went away. The rollback itself goes on until
 		// the store closes; what is left of it then, the next Open resumes.
 		hs.Close()
+		// Serve closes the listener, which unlinks the socket's path: if
+		// it had not started yet, it does so only now. Done before the
+		// stop returns, or it unlinks whatever is at the path by then (a
+		// new server's socket: TestAdminStopThenServeAgain).
+		<-served
 		os.Remove(sock)
 	}, nil
 }

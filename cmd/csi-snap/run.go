@@ -68,6 +68,15 @@ func run(ctx context.Context, cfg Config) (err error) {
 		unixAddr = addr
 	}
 	waitPrevious(ctx, cfg, unixAddr)
+	if ctx.Err() != nil {
+		// Told to stop before it began (while it waited for a previous
+		// instance): opening the store now would replay its log and take
+		// every held volume back only to let go of them again, while the
+		// instance that replaces this one waits for it
+		// (TestStopWhileWaitingForPrevious).
+		klog.InfoS("Stopped before opening anything")
+		return nil
+	}
 	var ln net.Listener
 	if network == "unix" {
 		if err := checkSocketPath(addr); err != nil {
@@ -218,6 +227,11 @@ func run(ctx context.Context, cfg Config) (err error) {
 				"calls", calls.running())
 		}
 	}
+	// Serve closes the listener, unlinking the endpoint's path, when it
+	// returns; one that started only after the stop does so only now:
+	// before the deferred calls let go of the run dir and the store, or
+	// it could unlink the socket of the instance that takes over.
+	<-served
 	return nil
 }
 
