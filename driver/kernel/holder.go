@@ -128,6 +128,10 @@ type HolderOptions struct {
 	// without node.fuseHolder.runTools: no /dev, no kubelet directory,
 	// not privileged).
 	NoTools bool
+	// accepted, if set (tests, with the holder run in-process), runs in
+	// the accept loop right after each accept. An option, not a package
+	// variable: other tests' in-process holders outlive their tests.
+	accepted func()
 }
 
 // RunHolderWith is RunHolder with options.
@@ -184,6 +188,17 @@ func RunHolderWith(socketPath string, o HolderOptions) error {
 	// serve answers m on c, with mu held, and reports whether the holder
 	// should exit now.
 	serve := func(c *net.UnixConn, m holderMsg) bool {
+		if emptied {
+			// A drop served meanwhile (by a slow request's goroutine)
+			// emptied the holder, which exits now: no answer, as a
+			// connection left in the backlog of the closed listener
+			// gets none, so that the client starts a new holder. A put
+			// taken here would be answered and then closed with the
+			// holder (TestHolderPutAfterDropEmptied).
+			closeLater(m.fds)
+			c.Close()
+			return true
+		}
 		exit, kept := serveHolderConn(c, m, held, onEmpty, &freezes, !o.NoTools)
 		if !kept {
 			c.Close()
@@ -248,6 +263,9 @@ func RunHolderWith(socketPath string, o HolderOptions) error {
 			continue
 		}
 		backoff = 0
+		if o.accepted != nil {
+			o.accepted()
+		}
 		// Only our own user may take or drop connections: the socket sits
 		// in the run dir, 0700 where this process made it but 0755 where
 		// the kubelet made it (the chart's hostPath, DirectoryOrCreate),
@@ -280,15 +298,14 @@ func RunHolderWith(socketPath string, o HolderOptions) error {
 				mu.Lock()
 				defer mu.Unlock()
 				pending--
-				if err != nil || emptied {
-					// None came; or the holder emptied and is exiting
-					// meanwhile: no answer, as a connection left in the
-					// backlog of a closed listener gets none.
-					closeLater(m.fds)
+				if err != nil {
+					closeLater(m.fds) // none came
 					c.Close()
 					return
 				}
-				serve(c, m) // if it empties the holder, onEmpty ends the accept loop
+				// If the holder emptied meanwhile, serve answers nothing;
+				// if this empties it, onEmpty ends the accept loop.
+				serve(c, m)
 			}()
 			continue
 		}

@@ -2,9 +2,11 @@ package kernel
 
 import (
 	"context"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -115,5 +117,90 @@ func TestHolderEmptiedBeforeStarterLooks(t *testing.T) {
 	defer f.Close()
 	if _, err := f.WriteAt(buf, 0); err != nil {
 		t.Errorf("write on %s: %v", dev, err)
+	}
+}
+
+// TestHolderPutAfterDropEmptied: a drop whose request came late (read by a
+// goroutine of the holder, as one that was not queued when accepted is: a
+// client descheduled between its connect and its send) empties the holder
+// while the accept loop holds a put it has already read. The holder exits
+// (emptied), so that put must get no answer (its client then starts a new
+// holder), as a put read by such a goroutine gets. The accept loop served
+// it: the put was answered OK and the holder exited at once, closing the
+// connection it had just taken, so the volume's I/O would not survive a
+// restart (until a HolderCheck found it missing).
+func TestHolderPutAfterDropEmptied(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "h.sock")
+	addr := &net.UnixAddr{Name: sock, Net: "unixpacket"}
+	params := &connParams{KernelMinor: 45, MaxWrite: maxWrite, Initialized: true}
+	var p1, p2 [2]int
+	for _, p := range []*[2]int{&p1, &p2} {
+		if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+			t.Fatal(err)
+		}
+		defer func() { unix.Close(p[0]); closeFD(p[1]) }()
+	}
+	lates := make(chan *net.UnixConn, 1) // the drop's client: connects first, sends later
+	puts := make(chan *net.UnixConn, 1)
+	var armed atomic.Bool
+	accepts := 0
+	// The holder's accept loop runs it (HolderOptions.accepted); armed
+	// before late connects.
+	accepted := func() {
+		if !armed.Load() {
+			return
+		}
+		accepts++
+		switch accepts {
+		case 1: // late: nothing queued, a goroutine waits for its request
+			c, err := net.DialUnix("unixpacket", nil, addr)
+			if err != nil {
+				t.Error(err)
+				close(puts)
+				return
+			}
+			if err := writeHolder(c, holderReq{Op: "put", ID: "v2", Params: paramsJSON(params)}, p2[1]); err != nil {
+				t.Error(err)
+			}
+			p2[1] = closeFD(p2[1]) // from here only the holder's copy, if it keeps one
+			puts <- c
+		case 2: // put: queued, read by the accept loop next; the drop comes first
+			resp, err := holderExchange(<-lates, holderReq{Op: "drop", ID: "v1"})
+			if err != nil || resp.Err != "" {
+				t.Errorf("drop of v1: %+v %v", resp, err)
+			}
+		}
+	}
+	done := make(chan error, 1)
+	go func() { done <- RunHolderWith(sock, HolderOptions{accepted: accepted}) }()
+	waitListed(t, sock)
+	if _, _, err := holderCall(sock, holderReq{Op: "put", ID: "v1", Params: paramsJSON(params)}, p1[1]); err != nil {
+		t.Fatal(err)
+	}
+	armed.Store(true) // the next connection is late's
+	late, err := net.DialUnix("unixpacket", nil, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer late.Close()
+	lates <- late
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("holder: %v", err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("the emptied holder did not exit")
+	}
+	put, ok := <-puts
+	if !ok {
+		t.FailNow()
+	}
+	defer put.Close()
+	put.SetDeadline(time.Now().Add(10 * time.Second))
+	buf := make([]byte, holderMsgMax)
+	n, _, _, err := readHolder(put, buf, nil)
+	if err == nil && n > 0 {
+		t.Errorf("the put of v2 was answered (%s) by a holder that then exited, closing v2's connection: want no answer, so that its client starts a new holder", buf[:n])
 	}
 }
