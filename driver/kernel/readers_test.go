@@ -119,11 +119,16 @@ func TestReadersFollowLoad(t *testing.T) {
 	// (Counted by thread ID: Go may start another meanwhile. Two at
 	// least: a goroutine that returns locked to the process's main thread
 	// wedges it instead, once per process.)
-	idleThreads := osThreads(t)
+	// Looked at until they did, up to 10 s: a thread's end, after its
+	// goroutine returned, can wait for a CPU on a loaded machine.
+	var idleThreads []string
 	ended := 0
-	for _, tid := range busyThreads {
-		if !slices.Contains(idleThreads, tid) {
-			ended++
+	for deadline := time.Now().Add(10 * time.Second); ended < 2 && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		idleThreads, ended = osThreads(t), 0
+		for _, tid := range busyThreads {
+			if !slices.Contains(idleThreads, tid) {
+				ended++
+			}
 		}
 	}
 	if ended < 2 {
