@@ -282,7 +282,35 @@ func OpenDropJournal(dir string, held []string) (s *Store, dropped bool, err err
 	if err != nil {
 		return nil, false, err
 	}
-	s, err = openFSDrop(dir, osFS{dir}, true, held)
+	return openDropJournal(dir, lock, held)
+}
+
+// OpenDropJournalLocked is OpenDropJournal for a caller that holds dir's
+// lock already (lock, from LockDir), as a process serving a store that did
+// not open does: the store holds a duplicate of lock's descriptor, which
+// shares its flock, so that the lock is never let go in between (another
+// process waiting for it would open the store meanwhile), and neither the
+// store's Close nor its failing to open lets the caller's lock go.
+func OpenDropJournalLocked(dir string, lock *os.File, held []string) (s *Store, dropped bool, err error) {
+	raw, err := lock.SyscallConn()
+	if err != nil {
+		return nil, false, err
+	}
+	dup := -1
+	var derr error
+	if err := raw.Control(func(fd uintptr) { dup, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return nil, false, err
+	}
+	if derr != nil {
+		return nil, false, fmt.Errorf("lock %s: %w", dir, derr)
+	}
+	return openDropJournal(dir, os.NewFile(uintptr(dup), lock.Name()), held)
+}
+
+// openDropJournal opens the store in dir dropping a damaged kill journal,
+// lock (dir's, held) becoming the store's, or closed if it does not open.
+func openDropJournal(dir string, lock *os.File, held []string) (*Store, bool, error) {
+	s, err := openFSDrop(dir, osFS{dir}, true, held)
 	if err != nil {
 		lock.Close()
 		return nil, false, err

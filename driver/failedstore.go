@@ -95,6 +95,21 @@ func (l *heldLock) take() error {
 	return nil
 }
 
+// openDropJournal opens the store in dir dropping its kill journal, with
+// the lock held throughout if it is (cow.OpenDropJournalLocked), else as
+// cow.OpenDropJournal does.
+func (l *heldLock) openDropJournal(dir string, held []string) (*cow.Store, bool, error) {
+	if l == nil {
+		return cow.OpenDropJournal(dir, held)
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.f == nil {
+		return cow.OpenDropJournal(dir, held)
+	}
+	return cow.OpenDropJournalLocked(dir, l.f, held)
+}
+
 // release lets the lock go (nil: none held).
 func (l *heldLock) release() {
 	if l == nil {

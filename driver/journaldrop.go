@@ -8,8 +8,6 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"k8s.io/klog/v2"
-
-	"github.com/csi-snap/csi-snap/cow"
 )
 
 // A store whose kill journal is damaged (cow.ErrJournalDamaged) does not
@@ -61,6 +59,7 @@ type damagedJournalStore struct {
 	// dropped", which the client prints as "nothing lost".
 	fenced  []string
 	dropped bool
+	closed  bool // Close was called: DropKillJournal is refused
 }
 
 // errStoreReopenable: DropKillJournal made the store open again; unlike
@@ -69,10 +68,12 @@ type damagedJournalStore struct {
 var errStoreReopenable = fmt.Errorf("%w: the store opens again (its damaged kill journal was dropped): the plugin restarts to serve it (a liveness probe restarts it; without one, restart it)", ErrClosed)
 
 // Close lets go of the store's lock (HoldStoreLock), under mu: not during
-// a DropKillJournal, which lets it go and takes it again.
+// a DropKillJournal, which opens the store sharing it. A DropKillJournal
+// after Close is refused.
 func (s *damagedJournalStore) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.closed = true
 	return s.failedStore.Close()
 }
 
@@ -91,17 +92,19 @@ func (s *damagedJournalStore) DropKillJournal(held []string) ([]string, bool, er
 	if s.reopened {
 		return slices.Clone(s.fenced), s.dropped, nil
 	}
+	if s.closed {
+		// An admin request still in flight when the plugin stopped: the
+		// store is let go of (its lock with it), and opening it now would
+		// take the lock again, for good.
+		return nil, false, fmt.Errorf("%w: the plugin is stopping", ErrClosed)
+	}
 	// The store's lock this plugin holds (HoldStoreLock) is the one the
-	// open takes: let it go meanwhile, and take it again after, so that
-	// until this plugin restarts no other one opens the store.
-	lock := s.failedStore.lock
-	lock.release()
-	defer func() {
-		if err := lock.take(); err != nil {
-			klog.ErrorS(err, "Taking the store's lock again after dropping its kill journal", "dir", s.dir)
-		}
-	}()
-	cs, dropped, err := cow.OpenDropJournal(s.dir, held)
+	// open takes: the open shares it (cow.OpenDropJournalLocked) rather
+	// than letting it go and taking it again, so that no other process
+	// finds it free meanwhile (a successor waiting for it, a second
+	// plugin on the data dir), and until this plugin restarts no other
+	// one opens the store.
+	cs, dropped, err := s.failedStore.lock.openDropJournal(s.dir, held)
 	if err != nil {
 		return nil, false, fromCow(fmt.Errorf("open store %s dropping its kill journal: %w", s.dir, err))
 	}
