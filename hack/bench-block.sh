@@ -17,6 +17,11 @@
 #   M  the same over a backend that copies into/out of anonymous memory
 #      (benchserve -mem=copy): the FUSE path plus one copy, no page cache
 #   R  C with R_READERS FUSE reader goroutines (default 2; C has 4)
+#   I  C served over FUSE over io_uring (an experiment, not restart-safe:
+#      BENCHMARKS.md "FUSE over io_uring"; benchserve I_ARGS, default
+#      "-fuse-uring=16"; the script turns fuse.enable_uring on for the
+#      run and back off after)
+#   J  N served over FUSE over io_uring (J_ARGS as I_ARGS)
 #   D  the same over a cow volume (cow.DefaultChunkSize chunks, 16 KiB) with no snapshot
 # Each device is filled once before measuring (reads of holes would be free).
 # CONFIGS="A B C" etc. runs a subset (default "A B C U E D", about 8-14 minutes
@@ -25,7 +30,7 @@
 # figure and CPU, which are printed beside it ("settle"); SETTLE=0 leaves
 # it out, as before session 42, when the next config's job ran over the
 # writeback of the one before (B's seqwrite left up to its dirty limit).
-# Prints per-round figures, then medians with X/A, X/B for X in C U G R E D, and the
+# Prints per-round figures, then medians with X/A, X/B for X in C U G R E D I J, and the
 # serving processes' CPU (utime+stime from /proc/PID/stat) per GiB moved and per 1000
 # 4 KiB requests.
 set -euo pipefail
@@ -56,9 +61,13 @@ declare -A SRVARGS=(
 	[N]="-mem=null"
 	[M]="-mem=copy"
 	[R]="-readers=${R_READERS:-2}"
+	[I]="${I_ARGS:--fuse-uring=16}"
+	[J]="-mem=null ${J_ARGS:--fuse-uring=16}"
 )
 declare -A PID=() DEV=()
 devA= devB= dpid=
+uring_param=/sys/module/fuse/parameters/enable_uring
+uring_was=
 cleanup() {
 	for c in "${!PID[@]}"; do
 		kill -TERM "${PID[$c]}" 2>/dev/null && wait "${PID[$c]}" 2>/dev/null || true
@@ -68,6 +77,7 @@ cleanup() {
 	[ -n "$devA" ] && losetup -d "$devA" 2>/dev/null || true
 	[ -n "$devB" ] && losetup -d "$devB" 2>/dev/null || true
 	rm -rf "$work"
+	[ -n "$uring_was" ] && echo "$uring_was" >"$uring_param" || true
 }
 trap cleanup EXIT
 # fio stops on a Ctrl-C and exits 0: stop here too (through cleanup), instead
@@ -77,6 +87,11 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 go build -o "$work/benchserve" ./hack/benchserve
+if [[ " $CONFIGS " == *" I "* || " $CONFIGS " == *" J "* ]]; then
+	[ -w "$uring_param" ] || { echo "configs I and J need FUSE over io_uring ($uring_param)"; exit 1; }
+	uring_was=$(cat "$uring_param")
+	echo Y >"$uring_param"
+fi
 truncate -s $SIZE_BYTES "$work/a.img" "$work/b.img"
 devA=$(losetup --direct-io=on --sector-size 4096 -f --show "$work/a.img")
 devB=$(losetup --direct-io=off --sector-size 4096 -f --show "$work/b.img")

@@ -103,6 +103,13 @@ type Config struct {
 	// more readers cost more context switches per 4 KiB request, fewer leave
 	// writes waiting behind one that blocks in the backend.
 	Readers int
+	// URing is an experiment, for benchmarks only (hack/benchserve
+	// -fuse-uring): FUSE over io_uring (Linux 6.14+, fuse.enable_uring=Y)
+	// with URing.Depth entries per possible CPU. It is NOT restart-safe:
+	// requests a killed process had taken from its rings are never
+	// answered (BENCHMARKS.md, "FUSE over io_uring"); the plugin never
+	// sets it.
+	URing URingConfig
 }
 
 // Frontend turns Backends into loop devices over FUSE files. Methods are
@@ -1155,6 +1162,11 @@ func (f *Frontend) attachFresh(ctx context.Context, id, mp string, b Backend, re
 		return "", ctx.Err()
 	case <-time.After(10 * time.Second):
 		return "", fmt.Errorf("no FUSE INIT for %s within 10s", id)
+	}
+	if f.cfg.URing.Depth > 0 {
+		if err = srv.startUring(f.cfg.URing); err != nil {
+			return "", fmt.Errorf("FUSE over io_uring: %w", err)
+		}
 	}
 	p := srv.currentParams()
 	// Held from before the put: a put that timed out may still be in the

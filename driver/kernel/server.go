@@ -71,6 +71,10 @@ type server struct {
 	nFlush atomic.Uint64
 	// nResent counts requests the kernel sent again after NOTIFY_RESEND.
 	nResent atomic.Uint64
+	// nURing counts requests that came through io_uring (Config.URing).
+	nURing atomic.Uint64
+	// nURingThreads counts the ring threads that run.
+	nURingThreads atomic.Int32
 
 	id      string        // the volume, for logs
 	nFailed atomic.Uint64 // I/O requests answered with an error (ioFailed)
