@@ -907,6 +907,14 @@ func (f *Frontend) startResumed(id, mp string, fd int, params *connParams, b Bac
 	// has the holder make that stat first.
 	srv.id = id
 	srv.start(f.cfg.Readers)
+	if f.cfg.URing.Depth > 0 {
+		// The experiment's rings again (the kernel's queues took the
+		// dead process's entries off; requests it had taken from them
+		// stay unanswered: BENCHMARKS.md, "FUSE over io_uring").
+		if err := srv.startUring(f.cfg.URing); err != nil {
+			klog.ErrorS(err, "FUSE over io_uring after a restart", "volumeID", id)
+		}
+	}
 	return v, f.resuming.Done, nil
 }
 
