@@ -98,6 +98,27 @@
 //     process, until the connection is aborted (an I/O error). Requests not
 //     yet handed out would reach a new server's entries, but the in-flight
 //     ones are exactly what a SIGKILL restart must save.
+//     Measured all the same (session 50), since it is the one transport
+//     that reaches issue 4's random goals: Config.URing serves a volume
+//     this way (uringserve.go, an experiment the plugin never enables;
+//     hack/bench-block.sh config I), and random 4 KiB I/O at queue depth
+//     16 over a plain file ran at about 1.1x (writes) and 1.3x (reads)
+//     the direct-I/O loop device, against 0.6-0.8x over /dev/fuse, with
+//     less than half the server's CPU per request; sequential 1 MiB ran
+//     slower, each queue's one thread serving its requests in turn
+//     (BENCHMARKS.md, "FUSE over io_uring"). hack/fuse-uring-restart.sh
+//     confirms the restart hazard: after a SIGKILL and restart of the
+//     server, fio's writes wait until the connection is aborted (EIO),
+//     where over /dev/fuse they all complete. A way to restart-safety
+//     this kernel could give, reasoned from its source, neither built nor
+//     tried: rings the fuse-holder creates
+//     with IORING_SETUP_SQPOLL, so that their commands are the holder's
+//     kernel thread's, not the server's, and survive it (io_uring cancels
+//     a dying task's commands only), with the entries' buffers in a
+//     memfd the holder maps (the kernel copies into the holder's address
+//     space) and each entry's progress (taken, answered) in it too, so
+//     that a new server answers what the dead one took. Whether the
+//     polling thread, on 2 cores, leaves the gain standing is unmeasured.
 //
 // The page cache of the backing file matters as much as the protocol:
 // ext4 makes page-cache folios as large as the buffered write that creates

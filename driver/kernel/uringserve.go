@@ -13,9 +13,28 @@ import (
 	"k8s.io/klog/v2"
 )
 
-// EXPERIMENT: FUSE over io_uring (Linux 6.14+, CONFIG_FUSE_IO_URING, module
-// parameter fuse.enable_uring=Y). Not restart-safe (see BENCHMARKS.md): a
-// prototype to measure the transport against /dev/fuse reads.
+// FUSE over io_uring, an experiment for benchmarks (Config.URing; never set
+// by the plugin). Linux 6.14+ with CONFIG_FUSE_IO_URING and the fuse
+// module's enable_uring parameter on. Once INIT is answered over /dev/fuse,
+// each queue (one per possible CPU: the kernel hands a request to the queue
+// of the CPU its issuer runs on) gets Threads OS threads, each with its own
+// io_uring of 128-byte SQEs, registering Depth/Threads entries
+// (FUSE_IO_URING_CMD_REGISTER: a 288-byte header buffer and a maxWrite
+// payload buffer). When every queue has an entry the kernel sends every
+// request but FORGET and INTERRUPT through the rings: a request arrives as
+// the completion of its entry's command, its fuse_in_header in the
+// header's in_out, its first argument (fuse_write_in, fuse_read_in, ...)
+// in op_in and the rest (a WRITE's data) in the payload; the answer goes
+// back the same way, fuse_out_header in in_out and the reply's arguments
+// in the payload, with one FUSE_IO_URING_CMD_COMMIT_AND_FETCH, which also
+// makes the entry wait for the next request. A request so costs one
+// io_uring_enter (often shared by several), against a read(2), a write(2)
+// and an epoll_wait now and then over /dev/fuse.
+//
+// Why it is only an experiment: it is not restart-safe (doc.go, "Not
+// used"; hack/fuse-uring-restart.sh shows the I/O of a device hanging
+// after a SIGKILL and restart of the server, until its connection is
+// aborted).
 
 // URingConfig sets up the FUSE-over-io_uring experiment (Config.URing).
 type URingConfig struct {
@@ -26,9 +45,12 @@ type URingConfig struct {
 	// entries, so that a queue serves that many requests at once.
 	// Default 1.
 	Threads int
-	// NoPin leaves the threads unpinned; by default each runs on its
-	// queue's CPU, where the requests of that queue come from.
-	NoPin bool
+	// Pin runs each queue's threads on its CPU, where the requests of
+	// that queue come from (as libfuse does). Off by default: pinned, a
+	// queue's thread waited for the CPU its requests' issuers (fio, the
+	// loop worker) held, and random 4 KiB I/O measured slower
+	// (BENCHMARKS.md, "FUSE over io_uring").
+	Pin bool
 }
 
 const (
@@ -38,15 +60,20 @@ const (
 	uringEntInOut        = 256 // offset of fuse_uring_ent_in_out in the header
 )
 
+// uringEnt is one ring entry's buffers: region[0:288] is its header
+// (fuse_uring_req_header), region[4096:4096+maxWrite] its payload, so that
+// a WRITE's data and a READ's reply are 4096-aligned, as over /dev/fuse;
+// the page between is where uringServe lays a request out for handle.
 type uringEnt struct {
-	region []byte // [0:288] header; [4096:4096+maxWrite] payload
-	iov    [2]unix.Iovec
-	in     []byte // scratch for a request without payload
+	region []byte
+	iov    [2]unix.Iovec // what REGISTER names: header, payload
+	in     []byte        // a request without payload, laid out for handle
 }
 
-func (e *uringEnt) hdr() []byte     { return e.region[:uringHdrSize] }
-func (e *uringEnt) payload() []byte { return e.region[4096 : 4096+maxWrite] }
+func (e *uringEnt) hdr() []byte { return e.region[:uringHdrSize] }
 
+// possibleCPUs is the number of CPUs the kernel may ever run (its
+// num_possible_cpus, which sizes the ring's queues), not those online.
 func possibleCPUs() int {
 	b, err := os.ReadFile("/sys/devices/system/cpu/possible")
 	if err != nil {
@@ -66,8 +93,8 @@ func possibleCPUs() int {
 	return n
 }
 
-// startUring starts one thread per possible CPU, each with its ring of
-// depth entries.
+// startUring starts the rings of c for the connection s serves, once INIT
+// was answered. It returns once each thread submitted its REGISTERs.
 func (s *server) startUring(c URingConfig) error {
 	depth := c.Depth
 	if b, err := os.ReadFile("/sys/module/fuse/parameters/enable_uring"); err != nil || strings.TrimSpace(string(b)) != "Y" {
@@ -78,7 +105,7 @@ func (s *server) startUring(c URingConfig) error {
 	errs := make(chan error, nq*k)
 	for q := 0; q < nq; q++ {
 		for range k {
-			go s.uringQueue(q, max(1, depth/k), !c.NoPin, errs)
+			go s.uringQueue(q, max(1, depth/k), c.Pin, errs)
 		}
 	}
 	for q := 0; q < nq*k; q++ {
@@ -89,6 +116,9 @@ func (s *server) startUring(c URingConfig) error {
 	return nil
 }
 
+// uringQueue is one thread of queue qid: its ring, its depth entries, and
+// the loop that answers what arrives on them, until every entry ended
+// (the connection went away: its commands complete with an error).
 func (s *server) uringQueue(qid, depth int, pin bool, started chan<- error) {
 	runtime.LockOSThread() // never unlocked: the ring's commands belong to this thread
 	s.nURingThreads.Add(1)
@@ -116,7 +146,7 @@ func (s *server) uringQueue(qid, depth int, pin bool, started chan<- error) {
 		ents[i] = e
 	}
 	register := func(i int) {
-		sqe := r.getSQE()
+		sqe := r.getSQE() // never nil: the SQ has room for 2*depth
 		sqe[0] = ioringOpURingCmd
 		binary.LittleEndian.PutUint32(sqe[4:], uint32(s.fd))
 		binary.LittleEndian.PutUint32(sqe[8:], fuseURingCmdRegister)
@@ -126,7 +156,7 @@ func (s *server) uringQueue(qid, depth int, pin bool, started chan<- error) {
 		binary.LittleEndian.PutUint16(sqe[48+16:], uint16(qid))
 	}
 	commit := func(i int, commitID uint64) {
-		sqe := r.getSQE()
+		sqe := r.getSQE() // never nil: the SQ has room for 2*depth
 		sqe[0] = ioringOpURingCmd
 		binary.LittleEndian.PutUint32(sqe[4:], uint32(s.fd))
 		binary.LittleEndian.PutUint32(sqe[8:], fuseURingCmdCommit)
@@ -172,6 +202,9 @@ func (s *server) uringServe(e *uringEnt) uint64 {
 	ent := h[uringEntInOut:]
 	commitID := le.Uint64(ent[8:])
 	psz := int(le.Uint32(ent[16:]))
+	if psz > maxWrite {
+		psz = 0 // never from the kernel; handle then answers EINVAL (len)
+	}
 	hl := int(le.Uint32(h[0:])) // fuse_in_header.len: the legacy total
 	opIn := hl - inHeaderSize - psz
 	if opIn < 0 || opIn > 128 {
@@ -189,7 +222,9 @@ func (s *server) uringServe(e *uringEnt) uint64 {
 		in = e.region[start : 4096+psz]
 	}
 	// The reply's header goes right before the payload, so that its
-	// payload lands in place.
+	// payload lands in place. It overlaps the last 16 bytes of a request
+	// with a payload (laid out above): handle writes a reply's header
+	// last, once it read the request.
 	out := e.region[4096-outHeaderSize : 4096+maxWrite]
 	n := s.handle(in, out)
 	if n == 0 {

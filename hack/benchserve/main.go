@@ -71,13 +71,13 @@ func run() error {
 	surviveKill := flag.Bool("survive-kill", true, "-store: writes return once a kill of this process cannot lose them (cow.Store.SetSurviveKill, as the driver sets it)")
 	uringDepth := flag.Int("fuse-uring", 0, "EXPERIMENT, not restart-safe: serve FUSE over io_uring with this many ring entries per CPU (kernel.Config.URing; needs fuse.enable_uring=Y)")
 	uringThreads := flag.Int("fuse-uring-threads", 1, "-fuse-uring: threads (rings) per CPU queue")
-	uringNoPin := flag.Bool("fuse-uring-nopin", false, "-fuse-uring: do not pin each queue's threads to its CPU")
+	uringPin := flag.Bool("fuse-uring-pin", false, "-fuse-uring: pin each queue's threads to its CPU")
 	flag.Parse()
 	if *runDir == "" || btoi(*backing != "")+btoi(*store != "")+btoi(*mem != "") != 1 {
 		return errors.New("-rundir and one of -backing, -store, -mem are required")
 	}
 	fe, err := kernel.New(kernel.Config{RunDir: *runDir, Readers: *readers,
-		URing: kernel.URingConfig{Depth: *uringDepth, Threads: *uringThreads, NoPin: *uringNoPin}})
+		URing: kernel.URingConfig{Depth: *uringDepth, Threads: *uringThreads, Pin: *uringPin}})
 	if err != nil {
 		return err
 	}
