@@ -18,13 +18,13 @@ import (
 // TestSecondPluginRefusedOnFailedStore: README, --endpoint: "A second
 // csi-snap on the same data dir is refused before it opens anything (flock
 // on <data-dir>/store/lock)". A plugin whose store did not open (here: its
-// kill journal is damaged) holds no lock on it, so a second csi-snap on
-// the same data dir, with a run dir of its own, starts and serves beside
-// it. That second one holds none of the node's devices, and its
-// `drop-kill-journal` drops the journal fencing none of them: the first
-// one's held device, whose block writes were answered and are now gone,
-// then reads the data from before them without an error once the first
-// restarts, and the filesystem or application on it goes on over the
+// kill journal is damaged) held no lock on it before fe51c72, so a second
+// csi-snap on the same data dir, with a run dir of its own, started and
+// served beside it. That second one held none of the node's devices, and
+// its `drop-kill-journal` dropped the journal fencing none of them: the
+// first one's held device, whose block writes were answered and were then
+// gone, read the data from before them without an error once the first
+// restarted, and the filesystem or application on it went on over the
 // silently lost writes. The second instance must be refused.
 func TestSecondPluginRefusedOnFailedStore(t *testing.T) {
 	k, dir := startKillable(t, false)
