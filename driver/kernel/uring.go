@@ -18,6 +18,7 @@ import (
 // include/uapi/linux/io_uring.h.
 
 const (
+	ioringSetupSQPoll       = 1 << 1 // a kernel thread submits (uring.sqPoll)
 	ioringSetupSQE128       = 1 << 10
 	ioringSetupSingleIssuer = 1 << 12 // one thread submits: ours
 	ioringSetupDeferTaskrun = 1 << 13 // completions' work runs when it enters
@@ -29,6 +30,9 @@ const (
 	ioringOffSQEs   = 0x10000000
 
 	ioringEnterGetEvents = 1 << 0
+	ioringEnterSQWakeup  = 1 << 1
+
+	ioringSQNeedWakeup = 1 << 0
 
 	ioringOpURingCmd = 46
 
@@ -68,16 +72,24 @@ type uring struct {
 	cqMask  uint32
 	cqes    []byte
 	pending uint32 // SQEs queued and not yet submitted
+	// sqPoll: the ring's kernel thread takes SQEs as the tail moves
+	// (IORING_SETUP_SQPOLL); it is woken when it sleeps (sqFlags).
+	sqPoll  bool
+	sqFlags *uint32
 }
 
-func newUring(entries uint32, flags uint32) (*uring, error) {
+// newUring sets up a ring; with ioringSetupSQPoll in flags, its kernel
+// thread polls for sqIdleMs milliseconds after its last SQE before it
+// sleeps.
+func newUring(entries uint32, flags uint32, sqIdleMs uint32) (*uring, error) {
 	var p ioUringParams
 	p.flags = flags | ioringSetupSQE128
+	p.sqThreadIdle = sqIdleMs
 	fd, _, errno := unix.Syscall(unix.SYS_IO_URING_SETUP, uintptr(entries), uintptr(unsafe.Pointer(&p)), 0)
 	if errno != 0 {
 		return nil, fmt.Errorf("io_uring_setup: %w", errno)
 	}
-	r := &uring{fd: int(fd)}
+	r := &uring{fd: int(fd), sqPoll: flags&ioringSetupSQPoll != 0}
 	fail := func(err error) (*uring, error) { r.close(); return nil, err }
 	sqSize := int(p.sqOff.array + p.sqEntries*4)
 	cqSize := int(p.cqOff.cqes + p.cqEntries*cqeSize)
@@ -101,6 +113,7 @@ func newUring(entries uint32, flags uint32) (*uring, error) {
 	}
 	u32 := func(b []byte, off uint32) *uint32 { return (*uint32)(unsafe.Pointer(&b[off])) }
 	r.sqHead, r.sqTail = u32(r.sqRing, p.sqOff.head), u32(r.sqRing, p.sqOff.tail)
+	r.sqFlags = u32(r.sqRing, p.sqOff.flags)
 	r.sqMask = *u32(r.sqRing, p.sqOff.ringMask)
 	r.sqArray = unsafe.Slice(u32(r.sqRing, p.sqOff.array), p.sqEntries)
 	r.cqHead, r.cqTail = u32(r.cqRing, p.cqOff.head), u32(r.cqRing, p.cqOff.tail)
@@ -145,8 +158,21 @@ func (r *uring) submit(wait uint32) (int, error) {
 	atomic.StoreUint32(r.sqTail, *r.sqTail+n)
 	r.pending = 0
 	var flags uintptr
+	if r.sqPoll {
+		// The kernel thread takes what the tail shows; it needs a
+		// syscall only asleep, and ours one only to wait.
+		if atomic.LoadUint32(r.sqFlags)&ioringSQNeedWakeup != 0 {
+			flags |= ioringEnterSQWakeup
+		}
+		if wait > 0 && atomic.LoadUint32(r.cqTail) != *r.cqHead {
+			wait = 0 // completions are there already
+		}
+		if flags == 0 && wait == 0 {
+			return 0, nil
+		}
+	}
 	if wait > 0 {
-		flags = ioringEnterGetEvents
+		flags |= ioringEnterGetEvents
 	}
 	for {
 		got, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), uintptr(n), uintptr(wait), flags, 0, 0)

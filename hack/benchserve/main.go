@@ -72,12 +72,13 @@ func run() error {
 	uringDepth := flag.Int("fuse-uring", 0, "EXPERIMENT, not restart-safe: serve FUSE over io_uring with this many ring entries per CPU (kernel.Config.URing; needs fuse.enable_uring=Y)")
 	uringThreads := flag.Int("fuse-uring-threads", 1, "-fuse-uring: threads (rings) per CPU queue")
 	uringPin := flag.Bool("fuse-uring-pin", false, "-fuse-uring: pin each queue's threads to its CPU")
+	uringSQPoll := flag.Int("fuse-uring-sqpoll-ms", 0, "-fuse-uring: give each ring a submitting kernel thread (IORING_SETUP_SQPOLL) that polls this many ms before it sleeps; 0: none")
 	flag.Parse()
 	if *runDir == "" || btoi(*backing != "")+btoi(*store != "")+btoi(*mem != "") != 1 {
 		return errors.New("-rundir and one of -backing, -store, -mem are required")
 	}
 	fe, err := kernel.New(kernel.Config{RunDir: *runDir, Readers: *readers,
-		URing: kernel.URingConfig{Depth: *uringDepth, Threads: *uringThreads, Pin: *uringPin}})
+		URing: kernel.URingConfig{Depth: *uringDepth, Threads: *uringThreads, Pin: *uringPin, SQPoll: *uringSQPoll > 0, SQPollIdleMs: *uringSQPoll}})
 	if err != nil {
 		return err
 	}
