@@ -117,8 +117,12 @@
 //     a dying task's commands only), with the entries' buffers in a
 //     memfd the holder maps (the kernel copies into the holder's address
 //     space) and each entry's progress (taken, answered) in it too, so
-//     that a new server answers what the dead one took. Whether the
-//     polling thread, on 2 cores, leaves the gain standing is unmeasured.
+//     that a new server answers what the dead one took. Its price was
+//     measured in-process (URing.SQPoll: the same rings, submitted by
+//     their kernel threads): on 2 cores the polling threads took more
+//     than a core, and random 4 KiB ran at 0.78-1.00x of /dev/fuse, the
+//     gain gone (BENCHMARKS.md, "FUSE over io_uring"). So this design is
+//     not worth building on a host this small.
 //
 // The page cache of the backing file matters as much as the protocol:
 // ext4 makes page-cache folios as large as the buffered write that creates
