@@ -118,7 +118,7 @@
 //     memfd the holder maps (the kernel copies into the holder's address
 //     space) and each entry's progress (taken, answered) in it too, so
 //     that a new server answers what the dead one took. Its price was
-//     measured in-process (URing.SQPoll: the same rings, submitted by
+//     measured in-process (URing.SQPollIdleMs: the same rings, submitted by
 //     their kernel threads): on 2 cores the polling threads took more
 //     than a core, and random 4 KiB ran at 0.78-1.00x of /dev/fuse, the
 //     gain gone (BENCHMARKS.md, "FUSE over io_uring"). So this design is

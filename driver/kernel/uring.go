@@ -11,7 +11,7 @@ import (
 // A minimal io_uring of our own, enough for the FUSE-over-io_uring
 // experiment (uringQueue): 128-byte SQEs (IORING_OP_URING_CMD carries its
 // 80-byte command in them), one submitting thread per ring, or its kernel
-// thread (IORING_SETUP_SQPOLL: URingConfig.SQPoll).
+// thread (IORING_SETUP_SQPOLL: URingConfig.SQPollIdleMs).
 // golang.org/x/sys/unix has the syscall numbers only, and Go has no
 // counterpart of liburing that the field settled on (the packages found are
 // pre-release or unmaintained); for one opcode in an experiment, these

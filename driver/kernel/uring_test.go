@@ -33,7 +33,7 @@ func requireURing(t *testing.T) {
 // byte right, and detaching leaves nothing behind (its ring threads end).
 func TestURingServes(t *testing.T) {
 	requireURing(t)
-	for _, c := range []URingConfig{{Depth: 4}, {Depth: 8, Threads: 2, Pin: true}, {Depth: 4, SQPoll: true}} {
+	for _, c := range []URingConfig{{Depth: 4}, {Depth: 8, Threads: 2, Pin: true}, {Depth: 4, SQPollIdleMs: 2}} {
 		runDir := t.TempDir()
 		fe, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand(), Readers: 2, URing: c})
 		if err != nil {

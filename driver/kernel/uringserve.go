@@ -51,11 +51,11 @@ type URingConfig struct {
 	// loop worker) held, and random 4 KiB I/O measured slower
 	// (BENCHMARKS.md, "FUSE over io_uring").
 	Pin bool
-	// SQPoll gives each ring a kernel thread that takes its SQEs
-	// (IORING_SETUP_SQPOLL), polling SQPollIdleMs (default 2) after the
-	// last before it sleeps: the commands then belong to that thread, not
-	// to ours, the first step of rings a fuse-holder could own (doc.go).
-	SQPoll       bool
+	// SQPollIdleMs, when > 0, gives each ring a kernel thread that takes
+	// its SQEs (IORING_SETUP_SQPOLL), polling that many milliseconds after
+	// the last before it sleeps: the commands then belong to that thread,
+	// not to ours, the first step of rings a fuse-holder could own
+	// (doc.go).
 	SQPollIdleMs int
 }
 
@@ -108,17 +108,10 @@ func (s *server) startUring(c URingConfig) error {
 	}
 	nq := possibleCPUs()
 	k := max(1, c.Threads)
-	sqPoll := 0 // the SQ thread's idle time in ms, 0 for none
-	if c.SQPoll {
-		sqPoll = c.SQPollIdleMs
-		if sqPoll <= 0 {
-			sqPoll = 2
-		}
-	}
 	errs := make(chan error, nq*k)
 	for q := 0; q < nq; q++ {
 		for range k {
-			go s.uringQueue(q, max(1, depth/k), c.Pin, sqPoll, errs)
+			go s.uringQueue(q, max(1, depth/k), c.Pin, c.SQPollIdleMs, errs)
 		}
 	}
 	for q := 0; q < nq*k; q++ {
@@ -132,7 +125,7 @@ func (s *server) startUring(c URingConfig) error {
 // uringQueue is one thread of queue qid: its ring, its depth entries, and
 // the loop that answers what arrives on them, until every entry ended
 // (the connection went away: its commands complete with an error).
-func (s *server) uringQueue(qid, depth int, pin bool, sqPoll int, started chan<- error) {
+func (s *server) uringQueue(qid, depth int, pin bool, sqPollIdleMs int, started chan<- error) {
 	runtime.LockOSThread() // never unlocked: the ring's commands belong to this thread
 	s.nURingThreads.Add(1)
 	defer s.nURingThreads.Add(-1)
@@ -142,8 +135,8 @@ func (s *server) uringQueue(qid, depth int, pin bool, sqPoll int, started chan<-
 		unix.SchedSetaffinity(0, &set)
 	}
 	flags, idle := uint32(ioringSetupSingleIssuer|ioringSetupDeferTaskrun), uint32(0)
-	if sqPoll > 0 {
-		flags, idle = ioringSetupSQPoll, uint32(sqPoll)
+	if sqPollIdleMs > 0 {
+		flags, idle = ioringSetupSQPoll, uint32(sqPollIdleMs)
 	}
 	r, err := newUring(uint32(2*depth), flags, idle)
 	if err != nil {

@@ -78,7 +78,7 @@ func run() error {
 		return errors.New("-rundir and one of -backing, -store, -mem are required")
 	}
 	fe, err := kernel.New(kernel.Config{RunDir: *runDir, Readers: *readers,
-		URing: kernel.URingConfig{Depth: *uringDepth, Threads: *uringThreads, Pin: *uringPin, SQPoll: *uringSQPoll > 0, SQPollIdleMs: *uringSQPoll}})
+		URing: kernel.URingConfig{Depth: *uringDepth, Threads: *uringThreads, Pin: *uringPin, SQPollIdleMs: *uringSQPoll}})
 	if err != nil {
 		return err
 	}
