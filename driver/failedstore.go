@@ -51,10 +51,11 @@ func NewFailedStore(err error) Store {
 // error (a data dir that fails: the lock cannot be taken, and the plugin
 // serves as before).
 func HoldStoreLock(st Store, dir string) (Store, error) {
-	l := &heldLock{dir: dir}
-	if err := l.take(); err != nil {
+	f, err := cow.LockDir(dir)
+	if err != nil {
 		return st, err
 	}
+	l := &heldLock{f: f}
 	switch s := st.(type) {
 	case failedStore:
 		s.lock = l
@@ -70,29 +71,10 @@ func HoldStoreLock(st Store, dir string) (Store, error) {
 }
 
 // heldLock is the flock a failed store holds on its directory's lock file
-// (HoldStoreLock).
+// (HoldStoreLock), until release.
 type heldLock struct {
-	mu  sync.Mutex
-	dir string
-	f   *os.File
-}
-
-// take takes the lock (cow.LockDir) unless held.
-func (l *heldLock) take() error {
-	if l == nil {
-		return nil
-	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.f != nil {
-		return nil
-	}
-	f, err := cow.LockDir(l.dir)
-	if err != nil {
-		return err
-	}
-	l.f = f
-	return nil
+	mu sync.Mutex
+	f  *os.File // nil once released
 }
 
 // openDropJournal opens the store in dir dropping its kill journal, with
