@@ -31,10 +31,14 @@ func TestStopWhileWaitingForPrevious(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- run(ctx, cfg) }()
-	time.Sleep(300 * time.Millisecond) // waiting for the previous one
-	// The previous one lets go as this one is told to stop.
-	release()
+	time.Sleep(250 * time.Millisecond) // waiting for the previous one
+	// Told to stop, and the previous one lets go right after. In this
+	// order: a previous instance that let go first, seen free by a look
+	// before the stop came, is rightly followed by an open (and a stop
+	// right after it); the test once released first, and a look that
+	// fell between the two (its 100 ms tick met the 300 ms sleep) opened.
 	cancel()
+	release()
 	select {
 	case err := <-done:
 		if err != nil {

@@ -49,8 +49,21 @@ func TestTermWhileStartingKeepsHeldVolume(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	ln.Close()                          // the previous one lets go...
-	cmd.Process.Signal(syscall.SIGTERM) // ...as this one is told to stop
+	// Told to stop, and the previous one lets go right after. Not the
+	// other way round: a look (every 100 ms) between the two would find
+	// the endpoint free before the stop, and rightly open the store.
+	cmd.Process.Signal(syscall.SIGTERM)
+	for i := 0; ; i++ {
+		b, _ := os.ReadFile(logPath)
+		if strings.Contains(string(b), "Signal received") { // logged once the stop began
+			break
+		}
+		if i > 500 {
+			t.Fatalf("the SIGTERM was never received:\n%s", b)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	ln.Close()
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
 	select {
