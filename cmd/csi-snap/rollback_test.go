@@ -123,7 +123,13 @@ func TestRollbackClientErrors(t *testing.T) {
 		}()
 		return sock
 	}
-	slow := serve("slow.sock", func(c net.Conn) { time.Sleep(5 * time.Second); c.Close() })
+	// The slow plugin reads the request and answers nothing until the
+	// test ends. The client's --timeout must leave it time to connect and
+	// send first: 200 ms did not always on a loaded machine (the client
+	// descheduled that long reports, rightly, that nothing was asked).
+	ended := make(chan struct{})
+	t.Cleanup(func() { close(ended) })
+	slow := serve("slow.sock", func(c net.Conn) { <-ended; c.Close() })
 	gone := serve("gone.sock", func(c net.Conn) {
 		c.Read(make([]byte, 4096)) // the request, then the plugin dies
 		c.Close()
@@ -133,7 +139,7 @@ func TestRollbackClientErrors(t *testing.T) {
 		timeout    time.Duration
 	}{
 		{filepath.Join(dir, "none.sock"), "no node plugin answering", 5 * time.Second},
-		{slow, "gave up waiting (--timeout); the rollback goes on", 200 * time.Millisecond},
+		{slow, "gave up waiting (--timeout); the rollback goes on", 3 * time.Second},
 		{gone, "the plugin went away during the rollback", 5 * time.Second},
 	} {
 		ctx, cancel := context.WithTimeout(context.Background(), c.timeout)

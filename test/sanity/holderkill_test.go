@@ -39,9 +39,11 @@ func (h *extHolder) start() {
 	if err := c.Start(); err != nil {
 		h.t.Fatal(err)
 	}
-	for i := 0; kernel.ProbeHolder(h.sock) != nil; i++ {
-		if i > 200 {
-			h.t.Fatal("the restarted holder does not answer")
+	// A deadline, not a count of looks: a start took up to a second on a
+	// loaded machine, and each look may wait for its probe's timeout.
+	for deadline := time.Now().Add(30 * time.Second); kernel.ProbeHolder(h.sock) != nil; {
+		if time.Now().After(deadline) {
+			h.t.Fatal("the restarted holder does not answer within 30 s")
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -321,8 +323,8 @@ func TestBothKilledThenRestage(t *testing.T) {
 		})
 		staged[v.id] = false
 	}
-	if bf, err := os.ReadFile("/sys/block/" + filepath.Base(fsDev) + "/loop/backing_file"); err == nil {
-		t.Errorf("%s, staged before the kill, is still attached (to %q) after the unstage", fsDev, bytes.TrimSpace(bf))
+	if bf, ok := loopBoundUnder(fsDev, dir); ok {
+		t.Errorf("%s, staged before the kill, is still attached (to %q) after the unstage", fsDev, bf)
 	}
 	// A new pod.
 	k.stage(fsv, ext4Cap())

@@ -75,9 +75,16 @@ func TestSnapshotOfVolumeStagedTwice(t *testing.T) {
 		t.Fatal(err)
 	}
 	after := n.Load()
-	time.Sleep(500 * time.Millisecond)
-	if n.Load() <= after {
-		t.Errorf("the writer made no progress after the snapshot (frozen?)")
+	// Progress, not a rate: one round of the writer (a create, a write,
+	// two fsyncs through the volume's device to the store) took over a
+	// second on a loaded machine, and a single look 500 ms after the
+	// snapshot failed so (in 2 of 6 runs with the disk busy). A
+	// filesystem left frozen makes none, however long one waits.
+	for deadline := time.Now().Add(30 * time.Second); n.Load() <= after; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Errorf("the writer made no progress in 30 s after the snapshot (frozen?)")
+			break
+		}
 	}
 	stop.Store(true)
 	wg.Wait()

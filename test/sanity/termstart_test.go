@@ -39,12 +39,12 @@ func TestTermWhileStartingKeepsHeldVolume(t *testing.T) {
 		t.Fatal(err)
 	}
 	logf.Close()
-	for i := 0; ; i++ {
+	for deadline := time.Now().Add(30 * time.Second); ; {
 		b, _ := os.ReadFile(logPath)
 		if strings.Contains(string(b), "Waiting for a previous instance") {
 			break
 		}
-		if i > 500 {
+		if time.Now().After(deadline) { // 30 s: a loaded machine starts a binary slowly
 			t.Fatalf("never waited:\n%s", b)
 		}
 		time.Sleep(10 * time.Millisecond)
@@ -53,12 +53,12 @@ func TestTermWhileStartingKeepsHeldVolume(t *testing.T) {
 	// other way round: a look (every 100 ms) between the two would find
 	// the endpoint free before the stop, and rightly open the store.
 	cmd.Process.Signal(syscall.SIGTERM)
-	for i := 0; ; i++ {
+	for deadline := time.Now().Add(30 * time.Second); ; {
 		b, _ := os.ReadFile(logPath)
 		if strings.Contains(string(b), "Signal received") { // logged once the stop began
 			break
 		}
-		if i > 500 {
+		if time.Now().After(deadline) { // 30 s: a loaded machine starts a binary slowly
 			t.Fatalf("the SIGTERM was never received:\n%s", b)
 		}
 		time.Sleep(10 * time.Millisecond)
