@@ -279,12 +279,18 @@ func churnCloneChaos(t *testing.T, seed int64) {
 	// snapshots' readers and copy-outs, read w there.
 	wg.Add(1)
 	go reclaimer(s, stop, &wg, report)
-	// reader of s0 and "old"
+	// reader of s0 and "old". Its handle is taken here, not in the
+	// goroutine: the chaos below deletes s0 after 150 iterations or a
+	// second, and a goroutine that started after that found no s0 (a nil
+	// handle, whose ReadAt panicked and ended the package's run).
+	s0, err := s.Snapshot("s0")
+	if err != nil {
+		t.Fatal(err)
+	}
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
 		r := rand.New(rand.NewSource(seed*100 + 60))
-		s0, _ := s.Snapshot("s0")
 		buf := make([]byte, 4*wcs)
 		for {
 			select {
@@ -746,12 +752,22 @@ func churnCloneOfClone(t *testing.T, seed int64) {
 	stop2 := make(chan struct{})
 	var wg2 sync.WaitGroup
 	hRunChecked(c2, m2, seed*10+2, 3, stop2, &wg2, report)
-	// reader of cs
+	// reader of cs. Its handle is taken here: cs is deleted 600 ms
+	// from now, and a goroutine that started later found none (a nil
+	// handle, whose ReadAt panicked).
+	csSnap, err := s.Snapshot("cs")
+	if err != nil {
+		close(stop)
+		close(stop2)
+		wg.Wait()
+		wg2.Wait()
+		t.Fatal(err)
+	}
 	wg2.Add(1)
 	go func() {
 		defer wg2.Done()
 		r := rand.New(rand.NewSource(seed*100 + 90))
-		sn, _ := s.Snapshot("cs")
+		sn := csSnap
 		buf := make([]byte, 64<<10)
 		for {
 			select {

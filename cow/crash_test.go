@@ -258,8 +258,14 @@ func crashRounds(t *testing.T, survive bool) {
 		return
 	}
 	// The point of the concurrent groups: kills that land while acknowledged
-	// writes wait in the overlay for their batch.
-	if pendingKills == 0 {
+	// writes wait in the overlay for their batch. Whether a round's last
+	// ack finds entries pending is timing: a child held off the CPU
+	// between its last operation and that look (the committer drains
+	// meanwhile) finds none. Of 150 -short runs (8 rounds) on a loaded
+	// 2-core VM, 13 had a single such round; a 20 ms stall there left
+	// all 8 without. Only the full run (40 rounds, about 15 such) has the
+	// rounds to insist, as for the checks below.
+	if pendingKills == 0 && rounds >= 40 {
 		t.Errorf("no round was killed with overlay entries pending: the test does not exercise the overlay")
 	}
 	// The state is sampled at the last ack; the kill follows up to 3 ms
