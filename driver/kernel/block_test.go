@@ -241,34 +241,44 @@ func TestLoopTakenOver(t *testing.T) {
 	}
 	// Another file takes the freed number: bound here by number (losetup
 	// with the device named), not left to the kernel's lowest-free choice,
-	// which tests of other packages attaching at the same time may win. If
-	// one of them took it first, it is bound elsewhere just the same.
+	// which tests of other packages attaching at the same time may win.
+	// One of them (test/sanity's plugins, in CI) may take the number
+	// first and let it go at any point of this test, after which the
+	// number is free again, or another's: this test then waits for it to
+	// be free and binds it itself. Tested against the other user's
+	// device, the test failed when that user let it go meanwhile (the
+	// Attach below got the number back, lowest free, or boundElsewhere
+	// found it unbound). Only if the number is never free in 30 s is it
+	// tested against that device, checking nothing that needs it bound.
 	other := filepath.Join(t.TempDir(), "other")
 	if err := os.WriteFile(other, make([]byte, size), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	ours := false
-	for try := 0; ; try++ {
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		if exec.Command("losetup", devA, other).Run() == nil {
 			ours = true
 			t.Cleanup(func() { exec.Command("losetup", "-d", devA).Run() })
 			break
 		}
-		n, _ := loopNumber(devA)
-		if bf, err := readSysfs(n, "loop/backing_file"); err == nil && bf != "" {
-			t.Logf("%s was taken by %s before this test bound it: tested against that", devA, bf)
+		if time.Now().After(deadline) {
+			n, _ := loopNumber(devA)
+			bf, err := readSysfs(n, "loop/backing_file")
+			if err != nil || bf == "" {
+				t.Fatalf("%s could not be bound to another file in 30 s (bound to %q: %v)", devA, bf, err)
+			}
+			t.Logf("%s was taken by %s before this test bound it, and kept 30 s: tested against that", devA, bf)
 			break
 		}
-		if try == 100 {
-			t.Fatalf("%s could not be bound to another file in 100 tries", devA)
-		}
-		time.Sleep(10 * time.Millisecond)
 	}
 	boundElsewhere := func() {
 		t.Helper()
+		if !ours {
+			return // another user's device, which may go at any time
+		}
 		n, _ := loopNumber(devA)
 		bf, err := readSysfs(n, "loop/backing_file")
-		if err != nil || ours && bf != other {
+		if err != nil || bf != other {
 			t.Fatalf("%s is bound to %q (%v), want the other file %s still", devA, bf, err, other)
 		}
 	}
@@ -284,7 +294,7 @@ func TestLoopTakenOver(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Attach(vol-a) again: %v", err)
 	}
-	if dev == devA || !ownsLoop(dev, fe.mountpoint("vol-a")) {
+	if ours && dev == devA || !ownsLoop(dev, fe.mountpoint("vol-a")) {
 		t.Fatalf("Attach(vol-a) again = %s, not a device on vol-a's file (another file has %s)", dev, devA)
 	}
 	if got, ok := fe.Device("vol-a"); !ok || got != dev {
@@ -382,7 +392,22 @@ func testResumeRacingClose(t *testing.T, afterCheck bool) {
 				closing.fail.Store(true)
 				close(closed)
 			}()
-			time.Sleep(50 * time.Millisecond) // let Close run first
+			// Let Close run first: wait until it has marked the
+			// Frontend closed (it then waits for this resume). A fixed
+			// sleep here lost the race on a loaded machine when the
+			// goroutine had not run yet, and the resume registered.
+			for deadline := time.Now().Add(time.Minute); ; time.Sleep(time.Millisecond) {
+				fe2.mu.Lock()
+				c := fe2.closed
+				fe2.mu.Unlock()
+				if c {
+					break
+				}
+				if time.Now().After(deadline) { // hang guard
+					t.Error("Close never marked the Frontend closed")
+					break
+				}
+			}
 		}
 		t.Cleanup(func() { testHookAfterResumeCheck = nil })
 		if _, err := fe2.Attach(ctx, id, closing, false); !errors.Is(err, ErrClosed) {

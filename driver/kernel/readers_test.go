@@ -71,6 +71,13 @@ func TestReadersFollowLoad(t *testing.T) {
 
 	held := make(chan struct{})
 	g.setGate(held)
+	// A failure below, reads held, must let them go before newFrontend's
+	// cleanup detaches the volume (cleanups run last first): that Detach
+	// waited for them, and the test binary hung in D state until go
+	// test's timeout instead of failing.
+	var release sync.Once
+	letGo := func() { release.Do(func() { close(held) }) }
+	t.Cleanup(letGo)
 	var wg sync.WaitGroup
 	errs := make(chan error, 8)
 	for i := 0; i < 8; i++ { // twice the readers
@@ -94,12 +101,21 @@ func TestReadersFollowLoad(t *testing.T) {
 		}()
 	}
 	waitReaders(t, srv, 4, "8 reads held in the backend")
+	// The fourth reader is started when the third takes a read, and
+	// waits until the fourth read comes: on a loaded machine that can be
+	// later than a fixed sleep ("4 readers, 1 waiting"). Wait for
+	// all four to hold one, then see that nothing changes.
+	for deadline := time.Now().Add(10 * time.Second); srv.waitingReaders() != 0; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("with 8 reads held: %d readers, %d waiting after 10 s; want 4, 0", srv.aliveReaders(), srv.waitingReaders())
+		}
+	}
 	time.Sleep(3 * readerIdle) // no fifth reader starts, none returns
 	if a, w := srv.aliveReaders(), srv.waitingReaders(); a != 4 || w != 0 {
 		t.Fatalf("with 8 reads held: %d readers, %d waiting; want 4, 0", a, w)
 	}
 	busyThreads := osThreads(t)
-	close(held)
+	letGo()
 	wg.Wait()
 	close(errs)
 	for err := range errs {
