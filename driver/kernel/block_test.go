@@ -595,7 +595,10 @@ func TestAttachHolderGoneAfterBind(t *testing.T) {
 	}
 	configureHook = nil
 	after := loopBackingFiles()
-	if bf, ok := after[bound]; ok && before[bound] != bf {
+	// On the volume's file, or on one that no longer resolves ("/"), not
+	// merely bound: the number the failed attach let go may be taken at
+	// once by another package's test attaching at the same time.
+	if bf, ok := after[bound]; ok && before[bound] != bf && (bf == fe.mountpoint("vol-gone") || bf == "/") {
 		t.Fatalf("%s is still bound (backing file %q) after the failed attach", bound, bf)
 	}
 	// The volume attaches afterwards, and detaches leaving nothing.
