@@ -504,7 +504,18 @@ func TestAttachRacingClose(t *testing.T) {
 		_, err := fe.Attach(ctx, "vol-race", b, false)
 		errc <- err
 	}()
-	v := <-got
+	// Attach may fail before it registers (a holder slow to start on a
+	// loaded machine, a loop configure failing): the hook then never runs,
+	// and a bare receive from got hung the package until go test's timeout,
+	// losing every other result.
+	var v *volume
+	select {
+	case v = <-got:
+	case err := <-errc:
+		t.Fatalf("Attach ended before it registered its volume: %v", err)
+	case <-time.After(2 * time.Minute): // hang guard
+		t.Fatal("Attach never reached register")
+	}
 	testHookBeforeRegister = nil
 	fe.Close()
 	close(release)

@@ -631,16 +631,47 @@ func TestResumeBehindOthersConfigure(t *testing.T) {
 	for d := range registeredLoops(mpB) {
 		heldB = d
 	}
-	ctl, err := os.OpenFile("/dev/loop-control", os.O_RDWR, 0)
+	// a's attach must meet b's device: the lowest free loop device
+	// (LOOP_CTL_GET_FREE) must be heldB, as it was when b's attach took
+	// it. LOOP_CTL_GET_FREE answers for the whole machine: tests of other
+	// packages (go test ./... runs them at once; test/sanity's plugins
+	// attach and detach devices all the time) may have let a lower number
+	// go since, and this test failed then ("the first free loop device is
+	// N, not heldB"). Such numbers are bound here, to a file of this
+	// test's, until its end, so that the lowest free one is heldB again.
+	hb, err := loopNumber(heldB)
 	if err != nil {
+		t.Fatalf("b's held configure's device %q: %v", heldB, err)
+	}
+	occupy := filepath.Join(t.TempDir(), "occupy.img")
+	if err := os.WriteFile(occupy, make([]byte, 1<<20), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	free, err := unix.IoctlRetInt(int(ctl.Fd()), unix.LOOP_CTL_GET_FREE)
-	ctl.Close()
-	if err != nil || "/dev/loop"+strconv.Itoa(free) != heldB {
-		// Then a's attach would not meet b's device: the test would pass
-		// whatever the order.
-		t.Fatalf("the first free loop device is %d (%v), not %s, the one b's held configure is binding", free, err, heldB)
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		ctl, err := os.OpenFile("/dev/loop-control", os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		free, err := unix.IoctlRetInt(int(ctl.Fd()), unix.LOOP_CTL_GET_FREE)
+		ctl.Close()
+		if err == nil && free == hb {
+			break
+		}
+		if err != nil || free > hb || time.Now().After(deadline) {
+			// Then a's attach would not meet b's device: the test would
+			// pass whatever the order.
+			t.Fatalf("the first free loop device is %d (%v), not %s, the one b's held configure is binding", free, err, heldB)
+		}
+		// Another user let a lower number go: take it (by number; if
+		// another user takes it first, ask again).
+		dev := "/dev/loop" + strconv.Itoa(free)
+		if out, err := exec.Command("losetup", dev, occupy).CombinedOutput(); err == nil {
+			t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+			t.Logf("%s, below %s, was free (another user let it go): bound to %s until the end", dev, heldB, occupy)
+		} else {
+			t.Logf("binding %s: %v %s", dev, err, out)
+			time.Sleep(10 * time.Millisecond)
+		}
 	}
 
 	fe := func() *Frontend {
