@@ -829,6 +829,10 @@ func testFullDataDirRacingCopies(t *testing.T, fstype, mode string) {
 	for w := 0; w < 4; w++ {
 		seed := int64(w)
 		go func() {
+			// Its end is told also when quietly fails the test from here
+			// (t.Fatalf: runtime.Goexit): collect waits for every
+			// writer's end, and would otherwise wait for ever.
+			defer func() { results <- fullWrite{off: -1} }()
 			r := rand.New(rand.NewSource(100 + seed))
 			fails := 0
 			for o := wstart + int(seed)*quarter; o < wstart+int(seed+1)*quarter && fails < 3; o += 1 << 20 {
@@ -845,7 +849,6 @@ func testFullDataDirRacingCopies(t *testing.T, fstype, mode string) {
 				}
 				results <- fullWrite{o, n, err, p}
 			}
-			results <- fullWrite{off: -1}
 		}()
 	}
 	// The snapshot's 16 MiB overwritten meanwhile, too, from the start.
@@ -980,6 +983,7 @@ func testFullDataDirAfterAnswer(t *testing.T, fstype string) {
 	for w := 0; w < 4; w++ {
 		w := w
 		go func() {
+			defer func() { results <- fullWrite{off: -1} }() // also after a t.Fatalf of quietly's
 			r := rand.New(rand.NewSource(200 + int64(w)))
 			for o := w * size / 4; o < (w+1)*size/4; o += 256 << 10 {
 				p := alignedBlock(256 << 10)
@@ -992,7 +996,6 @@ func testFullDataDirAfterAnswer(t *testing.T, fstype string) {
 				})
 				results <- fullWrite{o, n, err, p}
 			}
-			results <- fullWrite{off: -1}
 		}()
 	}
 	var errs []string

@@ -6,6 +6,7 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"strconv"
 	"testing"
 	"time"
 
@@ -24,7 +25,14 @@ func TestNodeRebootMidCall(t *testing.T) {
 	k, dir := startKillable(t, false)
 	ctx := context.Background()
 	run := filepath.Join(k.data, "run")
-	rng := rand.New(rand.NewSource(time.Now().UnixNano()))
+	// A new seed each run, logged so that a failure can be run again
+	// (CSI_SNAP_REBOOTMIDCALL_SEED).
+	seed := time.Now().UnixNano()
+	if v, err := strconv.ParseInt(os.Getenv("CSI_SNAP_REBOOTMIDCALL_SEED"), 10, 64); err == nil {
+		seed = v
+	}
+	t.Logf("seed %d", seed)
+	rng := rand.New(rand.NewSource(seed))
 	reboot := func() {
 		t.Helper()
 		k.p.cmd.Process.Kill()

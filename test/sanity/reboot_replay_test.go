@@ -417,7 +417,7 @@ func testNodeRebootReplay(t *testing.T, mode string) {
 	}
 	// A write to x1 does not wait on a freeze left over.
 	done := make(chan struct{})
-	go func() { rwrite(t, vols[1], 4); close(done) }()
+	go func() { defer close(done); rwrite(t, vols[1], 4) }() // done also after rwrite's t.Fatal
 	select {
 	case <-done:
 	case <-time.After(30 * time.Second):
