@@ -151,10 +151,15 @@ func TestKillDuringConcurrentCreates(t *testing.T) {
 		cur := k
 		deletedOK := map[obj]bool{}
 		for _, o := range victims {
+			// Its ID read here, not in the goroutine: one started late
+			// would read answered while the burst's goroutines write it
+			// (a concurrent map read and write, which the runtime may
+			// answer with a fatal error ending the package's run).
+			id := answered[o]
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				if del(cur, o.kd, answered[o]) == nil {
+				if del(cur, o.kd, id) == nil {
 					mu.Lock()
 					deletedOK[o] = true
 					mu.Unlock()
