@@ -39,30 +39,26 @@ func TestTermWhileStartingKeepsHeldVolume(t *testing.T) {
 		t.Fatal(err)
 	}
 	logf.Close()
-	for deadline := time.Now().Add(30 * time.Second); ; {
-		b, _ := os.ReadFile(logPath)
-		if strings.Contains(string(b), "Waiting for a previous instance") {
-			break
+	// waitLog waits for line in the starting plugin's log (30 s: a loaded
+	// machine starts a binary slowly).
+	waitLog := func(line, what string) {
+		t.Helper()
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			b, _ := os.ReadFile(logPath)
+			if strings.Contains(string(b), line) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s:\n%s", what, b)
+			}
 		}
-		if time.Now().After(deadline) { // 30 s: a loaded machine starts a binary slowly
-			t.Fatalf("never waited:\n%s", b)
-		}
-		time.Sleep(10 * time.Millisecond)
 	}
+	waitLog("Waiting for a previous instance", "never waited")
 	// Told to stop, and the previous one lets go right after. Not the
 	// other way round: a look (every 100 ms) between the two would find
 	// the endpoint free before the stop, and rightly open the store.
 	cmd.Process.Signal(syscall.SIGTERM)
-	for deadline := time.Now().Add(30 * time.Second); ; {
-		b, _ := os.ReadFile(logPath)
-		if strings.Contains(string(b), "Signal received") { // logged once the stop began
-			break
-		}
-		if time.Now().After(deadline) { // 30 s: a loaded machine starts a binary slowly
-			t.Fatalf("the SIGTERM was never received:\n%s", b)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitLog("Signal received", "the SIGTERM was never received") // logged once the stop began
 	ln.Close()
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
