@@ -70,8 +70,8 @@ func main() {
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 	go func() {
 		s := <-sigs
-		cancel() // before the line below: a reader of the log knows the stop began
 		klog.InfoS("Signal received, stopping gracefully; send another to exit at once", "signal", s.String())
+		cancel() // after the line: a stop that exits at once would go before it is written
 		s = <-sigs
 		klog.InfoS("Second signal, exiting now", "signal", s.String())
 		klog.Flush()
