@@ -33,23 +33,32 @@ type extHolder struct {
 
 func (h *extHolder) start() {
 	h.t.Helper()
+	if err := h.startErr(); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+// startErr is start for a goroutine other than the test's, which may not
+// call t.Fatal: it reports what went wrong instead.
+func (h *extHolder) startErr() error {
 	c := exec.Command(h.bin, "fuse-holder", "--socket", h.sock, "--stay")
 	c.Stdout, c.Stderr = os.Stderr, os.Stderr
 	c.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Cloneflags: syscall.CLONE_NEWPID}
 	if err := c.Start(); err != nil {
-		h.t.Fatal(err)
+		return err
 	}
+	h.mu.Lock()
+	h.cmd = c // a holder that never answers is still killed at cleanup
+	h.mu.Unlock()
 	// A deadline, not a count of looks: a start took up to a second on a
 	// loaded machine, and each look may wait for its probe's timeout.
 	for deadline := time.Now().Add(30 * time.Second); kernel.ProbeHolder(h.sock) != nil; {
 		if time.Now().After(deadline) {
-			h.t.Fatal("the restarted holder does not answer within 30 s")
+			return fmt.Errorf("the restarted holder (pid %d) does not answer within 30 s", c.Process.Pid)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	h.mu.Lock()
-	h.cmd = c
-	h.mu.Unlock()
+	return nil
 }
 
 func (h *extHolder) kill(sig syscall.Signal) {

@@ -270,11 +270,18 @@ func testNodeRebootReplay(t *testing.T, mode string) {
 			t.Fatal(err)
 		}
 	}
+	holderUp := make(chan error, 1)
 	if container {
-		// The holder's pod comes up after the plugin's.
-		go func() { time.Sleep(2 * time.Second); h.start() }()
+		// The holder's pod comes up after the plugin's. (Not h.start: a
+		// goroutine other than the test's may not call t.Fatal.)
+		go func() { time.Sleep(2 * time.Second); holderUp <- h.startErr() }()
+	} else {
+		holderUp <- nil
 	}
 	k.restart()
+	if err := <-holderUp; err != nil {
+		t.Fatal(err)
+	}
 
 	// Before anything is staged again: stats answer NotFound.
 	stats := func(v rvol, path string) codes.Code {
