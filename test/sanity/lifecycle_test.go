@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -168,10 +167,8 @@ func TestLifecycle(t *testing.T) {
 
 	// Graceful restart: the published filesystem stays usable.
 	p.stop(t, os.Interrupt)
-	ml, _ := net.Listen("tcp", "127.0.0.1:0")
-	metricsAddr := ml.Addr().String()
-	ml.Close()
-	p = startPlugin(t, bin, sock, data, "--metrics-address", metricsAddr)
+	p = startPlugin(t, bin, sock, data, metricsAt...)
+	metricsAddr := metricsAddress(t, p)
 	ctrl, node = csi.NewControllerClient(connect(t, sock)), csi.NewNodeClient(connect(t, sock))
 	mustRead(t, filepath.Join(target, "a"), before)
 	writeFile(t, filepath.Join(target, "b"), []byte("after restart"))

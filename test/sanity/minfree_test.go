@@ -5,7 +5,6 @@ import (
 	"context"
 	"io"
 	"math/rand"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -177,15 +176,10 @@ func TestFullDiskKeepsSnapshotOfHoles(t *testing.T) {
 			t.Errorf("mounts, loop devices or holders were left under %s", dir)
 		}
 	})
-	ml, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	metricsAddr := ml.Addr().String()
-	ml.Close()
 	sock := filepath.Join(dir, "csi.sock")
-	p := startPlugin(t, bin, sock, data, "--run-dir", filepath.Join(dir, "run"), "--min-free", "1Gi", "--metrics-address", metricsAddr)
+	p := startPlugin(t, bin, sock, data, append([]string{"--run-dir", filepath.Join(dir, "run"), "--min-free", "1Gi"}, metricsAt...)...)
 	t.Cleanup(func() { p.stop(t, os.Interrupt) })
+	metricsAddr := metricsAddress(t, p)
 	cc := connect(t, sock)
 	ctx := context.Background()
 	ctrl, node, ident := csi.NewControllerClient(cc), csi.NewNodeClient(cc), csi.NewIdentityClient(cc)

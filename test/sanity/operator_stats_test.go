@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -49,19 +48,14 @@ func newOpEnv(t *testing.T) *opEnv {
 			t.Errorf("mounts, loop devices or holders were left under %s", e.dir)
 		}
 	})
-	ml, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.maddr = ml.Addr().String()
-	ml.Close()
 	e.start()
 	t.Cleanup(func() { e.p.stop(t, os.Interrupt) })
 	return e
 }
 
 func (e *opEnv) start() {
-	e.p = startPlugin(e.t, e.bin, e.sock, e.data, "--metrics-address", e.maddr)
+	e.p = startPlugin(e.t, e.bin, e.sock, e.data, metricsAt...)
+	e.maddr = metricsAddress(e.t, e.p) // a new port after each restart
 	// Not connect's: its cleanup would close the connection before the
 	// test's own cleanups (unpublish, delete) ran on it.
 	cc, err := grpc.NewClient("unix://"+e.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -91,6 +92,27 @@ func runPluginBin(t *testing.T, bin string) (dir string) {
 func startPlugin(t *testing.T, bin, sock, dataDir string, extra ...string) *plugin {
 	t.Helper()
 	return startPluginAttr(t, 0, bin, sock, dataDir, extra...)
+}
+
+// metricsAt is the --metrics-address flag that lets the kernel pick the
+// port at bind: a port the test picked (listen on :0, close, pass it) could
+// be taken by another package's test before the plugin binds it.
+// metricsAddress tells the port the plugin got.
+var metricsAt = []string{"--metrics-address", "127.0.0.1:0"}
+
+// metricsAddress waits up to 30 s for p's log to name the address its
+// metrics listener is bound to ("Serving metrics").
+func metricsAddress(t *testing.T, p *plugin) string {
+	t.Helper()
+	re := regexp.MustCompile(`"Serving metrics" address="([^"]+)"`)
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if m := re.FindStringSubmatch(readLog(p)); m != nil {
+			return m[1]
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("csi-snap's log does not say where it serves metrics after 30 s:\n%s", tail(readLog(p), 8))
+		}
+	}
 }
 
 // startPluginAttr is startPlugin with extra clone flags for the process:
