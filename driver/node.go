@@ -739,8 +739,8 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err := pathKind(staging, "staging_target_path", true); err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(staging, 0o750); err != nil {
-		return nil, toStatus(fmt.Errorf("staging path: %w", err))
+	if err := makeDirs("staging_target_path", staging); err != nil {
+		return nil, err
 	}
 	// Whether the mount answered OK or not, the staging path must hold the
 	// device now, as this process sees it:
@@ -1882,6 +1882,22 @@ func pathKind(path, field string, dir bool) error {
 	return statusf(codes.FailedPrecondition, "%s %s is a %s; a block publish binds the device onto an empty file", field, path, fileKind(fi))
 }
 
+// makeDirs makes the directory path of a caller's path argument field and
+// its missing parents (os.MkdirAll). An element of it that exists and is no
+// directory (a dangling symlink, where mkdir answers EEXIST; a file:
+// ENOTDIR) or a symlink loop (ELOOP) is the caller's mistake,
+// FailedPrecondition as pathKind answers it, not Internal.
+func makeDirs(field, path string) error {
+	err := os.MkdirAll(path, 0o750)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, syscall.EEXIST), errors.Is(err, syscall.ENOTDIR), errors.Is(err, syscall.ELOOP):
+		return statusf(codes.FailedPrecondition, "%s %s cannot be made: %v", field, path, err)
+	}
+	return statusf(codes.Internal, "%s %s: %v", field, path, err)
+}
+
 // notSymlink refuses a path that is itself a symlink (FailedPrecondition,
 // as pathKind does): the mount table lists resolved paths, so a symlink to
 // the volume's own stage or publish would be taken for that mount (a
@@ -2142,16 +2158,16 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		}
 	}
 	if block {
-		if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil {
-			return nil, statusf(codes.Internal, "target parent: %v", err)
+		if err := makeDirs("target_path", filepath.Dir(target)); err != nil {
+			return nil, err
 		}
 		f, err := os.OpenFile(target, os.O_CREATE|os.O_RDONLY, 0o640)
 		if err != nil {
 			return nil, statusf(codes.Internal, "target file: %v", err)
 		}
 		f.Close()
-	} else if err := os.MkdirAll(target, 0o750); err != nil {
-		return nil, statusf(codes.Internal, "target dir: %v", err)
+	} else if err := makeDirs("target_path", target); err != nil {
+		return nil, err
 	}
 	opts := []string{"bind"}
 	if m := req.GetVolumeCapability().GetMount(); m != nil {
@@ -2451,6 +2467,11 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	v, err := d.opt.Store.Volume(id)
 	if err != nil {
 		return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
+	}
+	if want, made := req.GetVolumeCapability().GetMount().GetFsType(), v.Labels[labelFSType]; want != "" && made != "" && want != made {
+		// The spec's "Exceeds capabilities" of this RPC, as
+		// ControllerExpandVolume answers it; before anything grows.
+		return nil, statusf(codes.InvalidArgument, "volume %s was made for %s, not fs_type %s", id, made, want)
 	}
 	// Without a capacity range the device grows to the volume's size; a
 	// range the volume already meets asks for no more.
