@@ -56,6 +56,9 @@ func TestAttachSkipsBindMountedFreeDevice(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("A was on %s, B got %s, A again %s", devA, devB, devA2)
+	if devA2 == devA {
+		t.Errorf("volume A was attached again on %s, whose node is still bind-mounted at %s", devA2, target)
+	}
 	if err := unix.Unmount(target, 0); err != nil {
 		t.Fatal(err)
 	}

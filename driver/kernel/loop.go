@@ -90,6 +90,14 @@ func attachLoop(ctx context.Context, sock, backing string, readOnly bool) (strin
 		n := 0
 		if attempt < len(pending) {
 			n = pending[attempt]
+			if boundAt("/dev/loop"+strconv.Itoa(n)) != "" {
+				// Bind-mounted somewhere, as a free device below: a
+				// device of this file detached from outside whose node
+				// a pod still has (a read-only raw publish's, which as
+				// this writable device would let the pod write).
+				busy[n] = true
+				continue
+			}
 		} else if n, err = unix.IoctlRetInt(int(ctl.Fd()), unix.LOOP_CTL_GET_FREE); err != nil {
 			return "", fmt.Errorf("LOOP_CTL_GET_FREE: %w", err)
 		} else {
@@ -246,7 +254,12 @@ var attachHook func(backing, dev string)
 var configureHook func(dev string, err error) error
 
 // openLoopNode opens /dev/loopN, waiting briefly for devtmpfs when
-// LOOP_CTL_GET_FREE just created the device.
+// LOOP_CTL_GET_FREE just created the device. A device whose node is still
+// missing then had it removed from outside (rm /dev/loopN): its node is
+// made again from sysfs, as Detach does (makeLoopNode), or every attach
+// would fail while LOOP_CTL_GET_FREE hands that device out
+// (TestAttachFreeDeviceNodeRemoved). Callers have checked that the node is
+// bind-mounted nowhere (boundAt).
 func openLoopNode(dev string, mode int) (*os.File, error) {
 	var err error
 	for i := 0; i < 50; i++ {
@@ -256,6 +269,14 @@ func openLoopNode(dev string, mode int) (*os.File, error) {
 			return f, nil
 		}
 		if !errors.Is(err, os.ErrNotExist) {
+			break
+		}
+		if i == 49 {
+			if n, nerr := loopNumber(dev); nerr == nil && makeLoopNode(n) == nil {
+				if f, err = os.OpenFile(dev, mode|unix.O_CLOEXEC, 0); err == nil {
+					return f, nil
+				}
+			}
 			break
 		}
 		time.Sleep(10 * time.Millisecond)
@@ -668,8 +689,19 @@ func backsOntoMount(dev, mp string) bool {
 	if !mounted || err != nil {
 		return false
 	}
-	info, err := losetup.New(uint64(n), os.O_RDONLY).GetInfo()
+	info, err := loopInfo(n)
 	return err == nil && info.Device == fsDev
+}
+
+// loopInfo is the status of loop device n (LOOP_GET_STATUS64, through
+// go-losetup, which opens /dev/loopN), its node made again first if it was
+// removed from outside (ensureLoopNode): the devices asked are this
+// volume's (registered, bound), and with the open failing a device
+// attached from another mount namespace counted as someone else's, so a
+// resume attached the volume a second one (TestResumeForeignDeviceNodeRemoved).
+func loopInfo(n int) (losetup.Info, error) {
+	ensureLoopNode("/dev/loop" + strconv.Itoa(n))
+	return losetup.New(uint64(n), os.O_RDONLY).GetInfo()
 }
 
 // fuseDev returns the device number of our FUSE mount at mp, if mounted.
@@ -697,7 +729,7 @@ func loopReadOnly(dev string) (bool, error) {
 	if ro, err := readSysfs(n, "ro"); err == nil && ro == "0" {
 		return false, nil
 	}
-	info, err := losetup.New(uint64(n), os.O_RDONLY).GetInfo()
+	info, err := loopInfo(n)
 	if err != nil {
 		return false, err
 	}
@@ -793,7 +825,7 @@ func orphanedLoops(mp string) []string {
 		if bf, err := readSysfs(n, "loop/backing_file"); err != nil || bf != "/" {
 			continue
 		}
-		info, err := losetup.New(uint64(n), os.O_RDONLY).GetInfo()
+		info, err := loopInfo(n)
 		if err != nil || info.Device != e.fsDev {
 			continue
 		}
