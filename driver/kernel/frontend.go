@@ -1578,6 +1578,12 @@ func (f *Frontend) Resize(ctx context.Context, id string, newSize int64) error {
 		devs = append(devs, ro)
 	}
 	for _, dev := range devs {
+		// Its node removed from outside (rm /dev/loopN), the bound device
+		// is ours still: its node again, as Attach makes it
+		// (TestResizeRemovedDeviceNode).
+		if err := ensureLoopNode(dev); err != nil {
+			return err
+		}
 		// In the holder: LOOP_SET_CAPACITY may wait on a GETATTR to
 		// this process (holdSync), which a kill could leave unanswered.
 		if err := f.holderOrHere("capacity", dev, "LOOP_SET_CAPACITY", &f.holderStats, func() error { return setLoopCapacity(dev) }); err != nil {

@@ -1169,6 +1169,11 @@ func holderCall(socketPath string, req holderReq, fd int) (holderResp, int, erro
 	}
 	if resp.Err != "" {
 		closeAll(fds)
+		if strings.HasSuffix(resp.Err, ErrHolderFDsLost.Error()) {
+			// The request's fd did not reach the holder (serveHolderConn:
+			// at its fd limit), a passing shortage as on our side below.
+			return resp, -1, fmt.Errorf("holder %s: the holder's side: %w", req.Op, ErrHolderFDsLost)
+		}
 		return resp, -1, fmt.Errorf("holder %s: %s", req.Op, resp.Err)
 	}
 	if flags&unix.MSG_CTRUNC != 0 || (req.Op == "get" && resp.Found && len(fds) == 0) {
@@ -1179,11 +1184,16 @@ func holderCall(socketPath string, req holderReq, fd int) (holderResp, int, erro
 		closeAll(fds)
 		return resp, -1, fmt.Errorf("holder %s: %w", req.Op, ErrHolderFDsLost)
 	}
+	// Only a "get" that found the connection answers with an fd. One that
+	// came with any other answer (a holder of another version, a broken
+	// one) is closed here: every caller but get's drops the fd it is
+	// returned, and a /dev/fuse fd kept by mistake keeps that connection,
+	// and its mount, alive for as long as this process lives.
 	got := -1
-	if len(fds) > 0 {
-		got = fds[0]
-		closeAll(fds[1:])
+	if req.Op == "get" && resp.Found && len(fds) > 0 {
+		got, fds = fds[0], fds[1:]
 	}
+	closeAll(fds)
 	return resp, got, nil
 }
 

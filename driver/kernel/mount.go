@@ -121,11 +121,13 @@ func isMounted(path string) bool {
 // boundAt returns a path where the device node dev (/dev/loopN) is bind
 // mounted (a raw block publish: a devtmpfs mount whose root is the node),
 // or "". Such a bind claims nothing on the device, so a detach would
-// succeed under it and the number could go to another volume.
+// succeed under it and the number could go to another volume. A bind of a
+// node removed since (rm /dev/loopN) still opens the device, its inode
+// being the bind's: mountinfo shows its root as "/loopN//deleted".
 func boundAt(dev string) string {
 	node := "/" + filepath.Base(dev)
 	for _, m := range mountEntries() {
-		if m.fsType == "devtmpfs" && m.root == node {
+		if m.fsType == "devtmpfs" && (m.root == node || m.root == node+"//deleted") {
 			return m.point
 		}
 	}
@@ -247,6 +249,12 @@ func (f *Frontend) Sync(mountpoint string) error {
 // says why), else in this process. A snapshot or clone of a volume
 // attached and not mounted calls it first.
 func (f *Frontend) SyncDevice(dev string) error {
+	if _, err := loopNumber(dev); err == nil {
+		// A bound device whose node was removed from outside gets it
+		// again, as Attach and Resize give it (its open would fail the
+		// snapshot: TestSyncDeviceRemovedDeviceNode).
+		ensureLoopNode(dev)
+	}
 	return f.holderOrHere("fsync", dev, "fsync", &f.holderSyncs, func() error {
 		fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 		if err != nil {

@@ -111,3 +111,57 @@ func TestAttachAgainRemovedDeviceNode(t *testing.T) {
 	}
 	restoreLoopNode(n)
 }
+
+// TestResizeRemovedDeviceNode: Resize of an attached volume whose device
+// node was removed from outside (the state TestAttachAgainRemovedDeviceNode
+// makes) must still grow the device, which is bound and served: it opened
+// /dev/loopN for LOOP_SET_CAPACITY, here and in the holder, and failed
+// (a NodeExpandVolume failing until the volume is staged again).
+func TestResizeRemovedDeviceNode(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	fe, _ := newFrontend(t)
+	const id = "vol-node-removed-grow"
+	b := newFileBackend(t, t.TempDir(), 16<<20)
+	dev, err := fe.Attach(ctx, id, b, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := mustLoopNumber(t, dev)
+	t.Cleanup(func() { restoreLoopNode(n) })
+	if err := os.Remove(dev); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Grow(32 << 20); err != nil {
+		t.Fatal(err)
+	}
+	if err := fe.Resize(ctx, id, 32<<20); err != nil {
+		t.Errorf("Resize with %s's node removed: %v", dev, err)
+	}
+	if got, err := loopSize(dev); err != nil || got != 32<<20 {
+		t.Errorf("%s has %d bytes (%v), want %d", dev, got, err, 32<<20)
+	}
+}
+
+// TestSyncDeviceRemovedDeviceNode: SyncDevice (a snapshot of a raw block
+// volume writes its device back first) of an attached volume whose device
+// node was removed from outside must write the bound device back, not
+// fail the snapshot on the open of the node.
+func TestSyncDeviceRemovedDeviceNode(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	fe, _ := newFrontend(t)
+	const id = "vol-node-removed-sync"
+	dev, err := fe.Attach(ctx, id, newFileBackend(t, t.TempDir(), 16<<20), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := mustLoopNumber(t, dev)
+	t.Cleanup(func() { restoreLoopNode(n) })
+	if err := os.Remove(dev); err != nil {
+		t.Fatal(err)
+	}
+	if err := fe.SyncDevice(dev); err != nil {
+		t.Errorf("SyncDevice(%s) with its node removed: %v", dev, err)
+	}
+}

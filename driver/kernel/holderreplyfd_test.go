@@ -1,0 +1,89 @@
+package kernel
+
+import (
+	"encoding/json"
+	"errors"
+	"net"
+	"path/filepath"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// TestHolderCallClosesUnaskedFD: an answer that brings an fd the request
+// does not ask for (only a "get" that found its connection does: a holder
+// of another version, or a broken one) must not leave that fd open in the
+// asking process. holderCall returned it, and every caller but get's
+// (putOnce, holderList, waitHolder, startHolder, ProbeHolder) drops what
+// it returns: each such answer kept one more fd, which for a /dev/fuse fd
+// keeps its connection and mount alive for as long as the plugin lives.
+// The fd sent is a pipe's read end: once the asking process closed the
+// copy it got, a write to the pipe fails with EPIPE.
+func TestHolderCallClosesUnaskedFD(t *testing.T) {
+	for _, tc := range []struct {
+		op   string
+		resp holderResp
+	}{
+		{"list", holderResp{IDs: []string{"a"}}},
+		{"put", holderResp{}},
+		{"drop", holderResp{}},
+		{"get", holderResp{}}, // not found, yet an fd
+	} {
+		t.Run(tc.op, func(t *testing.T) {
+			sock := filepath.Join(t.TempDir(), "h.sock")
+			var p [2]int
+			if err := unix.Pipe2(p[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+				t.Fatal(err)
+			}
+			defer unix.Close(p[1])
+			// A holder that answers one request with resp and a copy of
+			// the pipe's read end.
+			ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: sock, Net: "unixpacket"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			served := make(chan error, 1)
+			go func() {
+				c, err := ln.AcceptUnix()
+				if err != nil {
+					served <- err
+					return
+				}
+				defer c.Close()
+				buf := make([]byte, holderMsgMax)
+				oob := make([]byte, unix.CmsgSpace(8))
+				_, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+				closeAll(parseRights(oob[:max(oobn, 0)]))
+				if err != nil {
+					served <- err
+					return
+				}
+				b, _ := json.Marshal(tc.resp)
+				_, _, err = c.WriteMsgUnix(b, unix.UnixRights(p[0]), nil)
+				served <- err
+			}()
+			var fd int
+			if tc.op == "list" {
+				_, err = holderList(sock)
+				fd = -1
+			} else {
+				_, fd, err = holderCall(sock, holderReq{Op: tc.op, ID: "a"}, -1)
+			}
+			if serr := <-served; serr != nil {
+				t.Fatalf("the fake holder: %v", serr)
+			}
+			unix.Close(p[0]) // the fake holder's copy was sent; this is ours
+			if err != nil {
+				t.Fatalf("%s: %v", tc.op, err)
+			}
+			if fd >= 0 {
+				t.Errorf("%s answered without a connection returned fd %d", tc.op, fd)
+				unix.Close(fd)
+			}
+			if _, err := unix.Write(p[1], []byte("x")); !errors.Is(err, unix.EPIPE) {
+				t.Errorf("%s: the fd its answer brought stays open in this process (write to the pipe: %v, want EPIPE)", tc.op, err)
+			}
+		})
+	}
+}
