@@ -1544,7 +1544,11 @@ func (f *Frontend) FindReadOnlyDevice(id string) (string, bool) {
 	if !ok {
 		return "", false
 	}
-	return findROLoop(f.mountpoint(id), main)
+	ro, ok := findROLoop(f.mountpoint(id), main)
+	if ok {
+		ensureLoopNode(ro) // as Device
+	}
+	return ro, ok
 }
 
 // Resize makes the device of id follow its backend after the backend grew
@@ -1663,10 +1667,18 @@ func (f *Frontend) Device(id string) (string, bool) {
 		dev = v.dev
 	}
 	f.mu.Unlock()
-	if dev != "" && (ownsLoop(dev, mp) || servedOrphan(v, dev)) {
-		return dev, true
+	if dev == "" || !(ownsLoop(dev, mp) || servedOrphan(v, dev)) {
+		var ok bool
+		if dev, ok = findLoop(mp); !ok {
+			return "", false
+		}
 	}
-	return findLoop(mp)
+	// The device is the volume's: its node removed from outside (rm
+	// /dev/loopN), it is made again, as Attach makes it, for the driver
+	// binds the path (a publish) and stats it (whether a pod has it bound):
+	// TestDeviceRemovedNode.
+	ensureLoopNode(dev)
+	return dev, true
 }
 
 // Unserved reports whether id has a live FUSE connection (held by the

@@ -165,3 +165,47 @@ func TestSyncDeviceRemovedDeviceNode(t *testing.T) {
 		t.Errorf("SyncDevice(%s) with its node removed: %v", dev, err)
 	}
 }
+
+// TestDeviceRemovedNode: Device and FindReadOnlyDevice name a volume's
+// devices to the driver, which binds them (a raw block publish without a
+// restage) and stats them (nodeRdev: whether a pod has one bound, whether
+// one is published writable). With a node removed from outside they
+// returned its path all the same: the publish failed to bind it, and the
+// driver's checks of binds found none (review rev-s52-2). The devices are
+// the volume's, bound: their nodes are made again, as Attach makes them.
+func TestDeviceRemovedNode(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	fe, _ := newFrontend(t)
+	const id = "vol-node-lookup"
+	dev, err := fe.Attach(ctx, id, newFileBackend(t, t.TempDir(), 16<<20), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ro, err := fe.ReadOnlyDevice(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{dev, ro} {
+		n := mustLoopNumber(t, d)
+		t.Cleanup(func() { restoreLoopNode(n) })
+		if err := os.Remove(d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got, ok := fe.Device(id); !ok || got != dev {
+		t.Fatalf("Device(%s) = %q, %v; want %s", id, got, ok, dev)
+	}
+	if got, ok := fe.FindReadOnlyDevice(id); !ok || got != ro {
+		t.Fatalf("FindReadOnlyDevice(%s) = %q, %v; want %s", id, got, ok, ro)
+	}
+	for _, d := range []string{dev, ro} {
+		var st unix.Stat_t
+		if err := unix.Stat(d, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFBLK {
+			t.Errorf("%s after the lookup: %v (mode %o); want its node again", d, err, st.Mode)
+		}
+	}
+	if err := fe.Detach(ctx, id); err != nil {
+		t.Errorf("detach: %v", err)
+	}
+}
