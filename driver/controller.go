@@ -1070,8 +1070,8 @@ func bootID() string { return kernel.BootID() }
 func (d *Driver) thawLeftovers(failed map[string]bool) error {
 	dir := filepath.Join(d.opt.DataDir, "frozen")
 	ents, err := os.ReadDir(dir)
-	if errors.Is(err, os.ErrNotExist) || d.opt.Thaw == nil {
-		return nil
+	if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ENOTDIR) || d.opt.Thaw == nil {
+		return nil // (ENOTDIR: a file in its place; no marker in it)
 	}
 	if err != nil {
 		return err
@@ -1111,8 +1111,13 @@ func frozenThisBoot(b []byte) (mp string, ok bool) {
 func (d *Driver) thawLeftover(id string) error {
 	path := filepath.Join(d.opt.DataDir, "frozen", id)
 	b, err := os.ReadFile(path)
-	if errors.Is(err, os.ErrNotExist) || d.opt.Thaw == nil {
-		return nil
+	if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ENOTDIR) || d.opt.Thaw == nil {
+		return nil // (ENOTDIR: a file in the markers' directory's place)
+	}
+	if err != nil && isDir(path) {
+		// No marker of ours (each is a file): a corrupt one, dropped as
+		// a garbage one is (dropMarker), not an error for ever.
+		b, err = nil, nil
 	}
 	// Another boot's (or one naming no mount point): nothing is frozen
 	// any more.
@@ -1150,7 +1155,7 @@ func (d *Driver) thawLeftover(id string) error {
 		}
 	}
 	if err == nil {
-		err = os.Remove(path)
+		err = dropMarker(path)
 	}
 	if err != nil {
 		return fmt.Errorf("thaw left over from %s: %w", path, err)

@@ -1463,16 +1463,26 @@ func (d *Driver) stageUnfinishedAt(id, path string) bool {
 
 // dropStageRecords removes all of id's stage records and their kinds.
 func (d *Driver) dropStageRecords(id string) error {
-	if err := os.RemoveAll(d.stageRecords(id)); err != nil {
+	if err := removeMarkerDir(d.stageRecords(id)); err != nil {
 		return err
 	}
-	if err := os.RemoveAll(filepath.Join(d.opt.DataDir, "stage-kinds", id)); err != nil {
+	if err := removeMarkerDir(filepath.Join(d.opt.DataDir, "stage-kinds", id)); err != nil {
 		return err
 	}
-	if err := os.RemoveAll(filepath.Join(d.opt.DataDir, "stage-pending", id)); err != nil {
+	if err := removeMarkerDir(filepath.Join(d.opt.DataDir, "stage-pending", id)); err != nil {
 		return err
 	}
-	return os.RemoveAll(filepath.Join(d.opt.DataDir, "stage-flags", id))
+	return removeMarkerDir(filepath.Join(d.opt.DataDir, "stage-flags", id))
+}
+
+// removeMarkerDir removes the directory of markers path with what it
+// holds; a file where its parent directory belongs (ENOTDIR: corrupt, see
+// dropMarker) holds nothing under it.
+func removeMarkerDir(path string) error {
+	if err := os.RemoveAll(path); err != nil && !errors.Is(err, syscall.ENOTDIR) {
+		return err
+	}
+	return nil
 }
 
 // stagedAt reports whether a finished stage of volume id at path is
@@ -1501,8 +1511,8 @@ func (d *Driver) otherStages(id, staging string) ([]string, error) {
 		return nil, nil
 	}
 	ents, err := os.ReadDir(d.stageRecords(id))
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
+	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ENOTDIR) {
+		return nil, nil // (ENOTDIR: a file in a records directory's place, holding none)
 	}
 	if err != nil {
 		return nil, err
@@ -1581,10 +1591,21 @@ func writeMarker(path string, content []byte) error {
 	if err == nil {
 		tmp := path + ".tmp"
 		if err = os.WriteFile(tmp, content, 0o600); err == nil {
-			err = os.Rename(tmp, path)
+			if err = os.Rename(tmp, path); err != nil && isDir(path) {
+				// A directory in the marker's place (dropMarker).
+				if err = dropMarker(path); err == nil {
+					err = os.Rename(tmp, path)
+				}
+			}
 		}
 	}
 	return noSpace(err)
+}
+
+// isDir reports whether path is a directory (not following a symlink).
+func isDir(path string) bool {
+	fi, err := os.Lstat(path)
+	return err == nil && fi.IsDir()
 }
 
 // noSpace adds ErrNoSpace to the chain of an ENOSPC or EDQUOT error.
@@ -1595,12 +1616,23 @@ func noSpace(err error) error {
 	return err
 }
 
-// dropMarker removes the marker file path, if any.
+// dropMarker removes the marker file path, if any. A directory there is
+// none of the driver's (each marker and record is a file): a corrupt
+// marker, removed with what it holds, as a garbage one is. Left, it
+// failed every unpublish or unstage of its volume for ever (Internal:
+// "directory not empty"), the pod stuck terminating.
 func dropMarker(path string) error {
-	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return err
+	err := os.Remove(path)
+	if err == nil || errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ENOTDIR) {
+		// ENOTDIR: a file where the markers' directory belongs, so
+		// nothing under it (corrupt as above; writeMarker still fails).
+		return nil
 	}
-	return nil
+	if isDir(path) {
+		klog.ErrorS(err, "Removing a directory found where a marker file belongs", "path", path)
+		return os.RemoveAll(path)
+	}
+	return err
 }
 
 // NodeUnstageVolume unmounts the staging path and detaches the device; both
