@@ -68,3 +68,70 @@ func TestOpenLocksDir(t *testing.T) {
 		t.Fatalf("read %q, %v", got, err)
 	}
 }
+
+// TestOpenLockedKeepsCallersLock: OpenLocked opens with the caller's lock
+// (from LockDir) held throughout: neither the store's Close nor a failed
+// open (a corrupt log) lets it go; and the store holds the lock while it is
+// open, the caller's file closed or not.
+func TestOpenLockedKeepsCallersLock(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	inUse := func(when string) {
+		t.Helper()
+		f, err := LockDir(dir)
+		if err == nil {
+			f.Close()
+		}
+		if !errors.Is(err, ErrInUse) {
+			t.Errorf("LockDir %s: %v, want ErrInUse", when, err)
+		}
+	}
+
+	// Opened, the caller's file closed at once: the store holds the lock.
+	lock, err := LockDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err = OpenLocked(dir, lock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lock.Close()
+	inUse("with OpenLocked's store open, the caller's file closed")
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	// Opened and closed, the caller's lock held: still held.
+	if lock, err = LockDir(dir); err != nil {
+		t.Fatalf("LockDir after the store and the caller let go: %v", err)
+	}
+	if s, err = OpenLocked(dir, lock); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	inUse("after the store's Close, the caller's lock held")
+
+	// Failed: a log whose bytes are not one.
+	if err := os.WriteFile(filepath.Join(dir, logName), []byte("garbage, not a log header at all, none"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := OpenLocked(dir, lock); !errors.Is(err, ErrCorrupt) {
+		t.Errorf("OpenLocked of a corrupt log: %v, want ErrCorrupt", err)
+	}
+	inUse("after OpenLocked failed, the caller's lock held")
+	lock.Close()
+	f, err := LockDir(dir)
+	if err != nil {
+		t.Fatalf("LockDir once the caller let go: %v", err)
+	}
+	f.Close()
+}

@@ -292,19 +292,50 @@ func OpenDropJournal(dir string, held []string) (s *Store, dropped bool, err err
 // process waiting for it would open the store meanwhile), and neither the
 // store's Close nor its failing to open lets the caller's lock go.
 func OpenDropJournalLocked(dir string, lock *os.File, held []string) (s *Store, dropped bool, err error) {
-	raw, err := lock.SyscallConn()
+	dup, err := dupLock(dir, lock)
 	if err != nil {
 		return nil, false, err
+	}
+	return openDropJournal(dir, dup, held)
+}
+
+// OpenLocked is Open for a caller that holds dir's lock already (lock,
+// from LockDir), as OpenDropJournalLocked is OpenDropJournal's: the store
+// holds a duplicate of lock's descriptor, and neither its Close nor its
+// failing to open lets the caller's lock go. A process that serves a store
+// that did not open, and keeps others off it (the driver's failed store),
+// takes the lock first and opens with it so: after a plain Open failed,
+// the lock was free until it took it again, and another process could
+// take it in between.
+func OpenLocked(dir string, lock *os.File) (*Store, error) {
+	dup, err := dupLock(dir, lock)
+	if err != nil {
+		return nil, err
+	}
+	s, err := openFS(dir, osFS{dir})
+	if err != nil {
+		dup.Close()
+		return nil, err
+	}
+	s.lock = dup
+	return s, nil
+}
+
+// dupLock duplicates lock's descriptor, which shares its flock.
+func dupLock(dir string, lock *os.File) (*os.File, error) {
+	raw, err := lock.SyscallConn()
+	if err != nil {
+		return nil, err
 	}
 	dup := -1
 	var derr error
 	if err := raw.Control(func(fd uintptr) { dup, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
-		return nil, false, err
+		return nil, err
 	}
 	if derr != nil {
-		return nil, false, fmt.Errorf("lock %s: %w", dir, derr)
+		return nil, fmt.Errorf("lock %s: %w", dir, derr)
 	}
-	return openDropJournal(dir, os.NewFile(uintptr(dup), lock.Name()), held)
+	return os.NewFile(uintptr(dup), lock.Name()), nil
 }
 
 // openDropJournal opens the store in dir dropping a damaged kill journal,

@@ -3,6 +3,7 @@ package driver
 import (
 	"errors"
 	"fmt"
+	"os"
 
 	"k8s.io/klog/v2"
 
@@ -58,6 +59,21 @@ type CowStore struct {
 // OpenCowStore opens (or creates) the cow store in dir.
 func OpenCowStore(dir string) (*CowStore, error) {
 	s, err := cow.Open(dir)
+	return openedCowStore(dir, s, err)
+}
+
+// OpenCowStoreLocked is OpenCowStore for a caller that holds the store's
+// lock (cow.LockDir) and keeps it whether or not the store opens
+// (cow.OpenLocked): one that did not open is then served holding it
+// (HoldStoreLockFile), with no moment in between when another process
+// could take it.
+func OpenCowStoreLocked(dir string, lock *os.File) (*CowStore, error) {
+	s, err := cow.OpenLocked(dir, lock)
+	return openedCowStore(dir, s, err)
+}
+
+// openedCowStore is OpenCowStore's work after the open (s, err).
+func openedCowStore(dir string, s *cow.Store, err error) (*CowStore, error) {
 	if err != nil {
 		return nil, fromCow(fmt.Errorf("open store %s: %w", dir, err))
 	}

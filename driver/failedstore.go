@@ -55,6 +55,14 @@ func HoldStoreLock(st Store, dir string) (Store, error) {
 	if err != nil {
 		return st, err
 	}
+	return HoldStoreLockFile(st, f)
+}
+
+// HoldStoreLockFile is HoldStoreLock with the lock taken already (f, from
+// cow.LockDir, which st's Close then closes; closed at once on an error):
+// for a caller that took it before the open that failed
+// (OpenCowStoreLocked), so that it was never free in between.
+func HoldStoreLockFile(st Store, f *os.File) (Store, error) {
 	l := &heldLock{f: f}
 	switch s := st.(type) {
 	case failedStore:

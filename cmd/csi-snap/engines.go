@@ -2,6 +2,8 @@ package main
 
 import (
 	"errors"
+	"fmt"
+	"os"
 	"path/filepath"
 
 	"github.com/csi-snap/csi-snap/cow"
@@ -26,44 +28,9 @@ func openRealEngines(cfg Config) (*engines, error) {
 	} else {
 		klog.InfoS("Every thread is an I/O flusher (PR_SET_IO_FLUSHER)")
 	}
-	var st driver.Store
-	dir := filepath.Join(cfg.DataDir, "store")
-	cs, err := driver.OpenCowStore(dir)
-	switch {
-	case errors.Is(err, driver.ErrSyncLost):
-		// Exiting would leave the volumes the fd holder keeps unserved, their
-		// I/O waiting for ever (driver.NewFailedStore): serve without a store.
-		klog.ErrorS(err, "The store lost an fsync in this boot and opens again only after the node reboots; serving held volumes with I/O errors and answering Unavailable to every call that needs the store. Drain the node and reboot it")
-		st = driver.NewFailedStore(err)
-	case errors.Is(err, cow.ErrJournalDamaged):
-		// Writes answered before a kill, in a journal that is damaged:
-		// only the operator may give them up (driver.DropKillJournal).
-		klog.ErrorS(err, "The store's kill journal is damaged, and with it writes answered before the plugin was killed; serving held volumes with I/O errors and answering Unavailable to every call that needs the store. To open the store anyway, giving up each volume's writes since its last flush (as a power loss would), run the command in this container", "dir", dir, "command", driver.DropKillJournalCommand(cfg.RunDir))
-		st = driver.NewDamagedJournalStore(err, dir, cfg.RunDir)
-	case err != nil && !errors.Is(err, cow.ErrInUse):
-		// A corrupt store, a data dir whose file system failed: a restart
-		// cannot help either, and exiting would leave the held volumes
-		// hanging just the same.
-		klog.ErrorS(err, "The store did not open; serving held volumes with I/O errors and answering Unavailable to every call that needs the store. Drain the node, repair the data dir and restart the plugin")
-		st = driver.NewFailedStore(err)
-	case err != nil:
-		return nil, err
-	default:
-		cs.SetSurviveKill(cfg.SurviveKill)
-		cs.SetMinFree(cfg.MinFree)
-		st = cs
-	}
+	st, err := openStore(cfg, filepath.Join(cfg.DataDir, "store"))
 	if err != nil {
-		// A store that did not open holds the lock an open one holds, so
-		// that a second plugin on this data dir is refused as beside one
-		// that opened (driver.HoldStoreLock).
-		var lerr error
-		if st, lerr = driver.HoldStoreLock(st, dir); errors.Is(lerr, cow.ErrInUse) {
-			st.Close()
-			return nil, lerr
-		} else if lerr != nil {
-			klog.ErrorS(lerr, "Could not lock the store that did not open: a second csi-snap on this data dir would not be refused", "dir", dir)
-		}
+		return nil, err
 	}
 	fe, err := driver.NewKernelFrontend(kernel.Config{RunDir: cfg.RunDir, ExternalHolder: cfg.ExternalHolder})
 	if err != nil {
@@ -82,4 +49,87 @@ func probeHolder(socket string) error { return kernel.ProbeHolder(socket) }
 func runHolder(socket string, stay, tools bool) error {
 	kernel.CloseInheritedPipes() // this process only holds
 	return kernel.RunHolderWith(socket, kernel.HolderOptions{Stay: stay, NoTools: !tools})
+}
+
+// storeOpened, if set (tests), runs right after the store's open in dir
+// answered err, before anything else.
+var storeOpened func(dir string, err error)
+
+// openStore opens the cow store in dir, or, where it does not open for a
+// reason a restart cannot cure, a store that serves the held volumes with
+// I/O errors (driver.NewFailedStore) and holds the store's lock, as an
+// open one does. The lock is taken before the open and kept through a
+// failed one (driver.OpenCowStoreLocked): taken again after a plain open
+// failed (which lets it go), another csi-snap on this data dir could take
+// it in between and serve the store beside this one, its drop-kill-journal
+// fencing none of the devices this one holds.
+func openStore(cfg Config, dir string) (driver.Store, error) {
+	var cs *driver.CowStore
+	var lock *os.File
+	err := os.MkdirAll(dir, 0o700)
+	if err == nil {
+		lock, err = cow.LockDir(dir)
+	}
+	switch {
+	case errors.Is(err, cow.ErrInUse):
+		return nil, fmt.Errorf("open store %s: %w", dir, err)
+	case err != nil:
+		// A data dir that fails: the open fails as well, and says why.
+		cs, err = driver.OpenCowStore(dir)
+	default:
+		cs, err = driver.OpenCowStoreLocked(dir, lock)
+		if err == nil {
+			lock.Close() // the store holds a duplicate of it
+			lock = nil
+		}
+	}
+	if storeOpened != nil {
+		storeOpened(dir, err)
+	}
+	var st driver.Store
+	switch {
+	case errors.Is(err, driver.ErrSyncLost):
+		// Exiting would leave the volumes the fd holder keeps unserved, their
+		// I/O waiting for ever (driver.NewFailedStore): serve without a store.
+		klog.ErrorS(err, "The store lost an fsync in this boot and opens again only after the node reboots; serving held volumes with I/O errors and answering Unavailable to every call that needs the store. Drain the node and reboot it")
+		st = driver.NewFailedStore(err)
+	case errors.Is(err, cow.ErrJournalDamaged):
+		// Writes answered before a kill, in a journal that is damaged:
+		// only the operator may give them up (driver.DropKillJournal).
+		klog.ErrorS(err, "The store's kill journal is damaged, and with it writes answered before the plugin was killed; serving held volumes with I/O errors and answering Unavailable to every call that needs the store. To open the store anyway, giving up each volume's writes since its last flush (as a power loss would), run the command in this container", "dir", dir, "command", driver.DropKillJournalCommand(cfg.RunDir))
+		st = driver.NewDamagedJournalStore(err, dir, cfg.RunDir)
+	case err != nil && !errors.Is(err, cow.ErrInUse):
+		// A corrupt store, a data dir whose file system failed: a restart
+		// cannot help either, and exiting would leave the held volumes
+		// hanging just the same.
+		klog.ErrorS(err, "The store did not open; serving held volumes with I/O errors and answering Unavailable to every call that needs the store. Drain the node, repair the data dir and restart the plugin")
+		st = driver.NewFailedStore(err)
+	case err != nil:
+		if lock != nil {
+			lock.Close()
+		}
+		return nil, err
+	default:
+		cs.SetSurviveKill(cfg.SurviveKill)
+		cs.SetMinFree(cfg.MinFree)
+		st = cs
+	}
+	if err != nil {
+		// A store that did not open holds the lock an open one holds, so
+		// that a second plugin on this data dir is refused as beside one
+		// that opened (driver.HoldStoreLock).
+		var lerr error
+		if lock != nil {
+			st, lerr = driver.HoldStoreLockFile(st, lock)
+		} else {
+			st, lerr = driver.HoldStoreLock(st, dir)
+		}
+		if errors.Is(lerr, cow.ErrInUse) {
+			st.Close()
+			return nil, lerr
+		} else if lerr != nil {
+			klog.ErrorS(lerr, "Could not lock the store that did not open: a second csi-snap on this data dir would not be refused", "dir", dir)
+		}
+	}
+	return st, nil
 }
