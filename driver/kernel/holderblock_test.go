@@ -133,7 +133,22 @@ func TestHolderCloseOfRefusedFDBlocksNoOne(t *testing.T) {
 	mnt := filepath.Join(tmp, "m")
 	os.Mkdir(mnt, 0o755)
 	run(t, "mount", loopA, mnt)
-	t.Cleanup(func() { exec.Command("umount", mnt).Run() })
+	t.Cleanup(func() {
+		// Until loopB lets its backing file go, which ends after the
+		// detach returns (the holder, in this process, closes the refused
+		// fd in the background; the last close runs the detach): one
+		// umount right after it failed EBUSY 1 run in about 30.
+		var out []byte
+		var err error
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			if out, err = exec.Command("umount", mnt).CombinedOutput(); err == nil || time.Now().After(deadline) {
+				break
+			}
+		}
+		if err != nil {
+			t.Errorf("umount %s for 30 s: %v %s", mnt, err, out)
+		}
+	})
 	backing := filepath.Join(mnt, "backing")
 	if err := os.WriteFile(backing, nil, 0o600); err != nil {
 		t.Fatal(err)
