@@ -248,6 +248,12 @@ func Open(dir string) (*Store, error) {
 	if err != nil {
 		return nil, err
 	}
+	return openWithLock(dir, lock)
+}
+
+// openWithLock opens the store in dir, lock (dir's, held) becoming the
+// store's, or closed if it does not open.
+func openWithLock(dir string, lock *os.File) (*Store, error) {
 	s, err := openFS(dir, osFS{dir})
 	if err != nil {
 		lock.Close()
@@ -312,13 +318,7 @@ func OpenLocked(dir string, lock *os.File) (*Store, error) {
 	if err != nil {
 		return nil, err
 	}
-	s, err := openFS(dir, osFS{dir})
-	if err != nil {
-		dup.Close()
-		return nil, err
-	}
-	s.lock = dup
-	return s, nil
+	return openWithLock(dir, dup)
 }
 
 // dupLock duplicates lock's descriptor, which shares its flock.

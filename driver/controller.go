@@ -763,6 +763,18 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (
 	}, nil
 }
 
+// fsMismatch answers the expand RPCs' "Exceeds capabilities"
+// (InvalidArgument) when capability c asks for a filesystem other than the
+// one volume id was made for (labels' labelFSType), as
+// ValidateVolumeCapabilities and NodeStageVolume refuse it; nil when
+// either is not known.
+func fsMismatch(id string, labels map[string]string, c *csi.VolumeCapability) error {
+	if want, made := c.GetMount().GetFsType(), labels[labelFSType]; want != "" && made != "" && want != made {
+		return statusf(codes.InvalidArgument, "volume %s was made for %s, not fs_type %s", id, made, want)
+	}
+	return nil
+}
+
 // ControllerExpandVolume grows the volume in the store and, when it is
 // attached here, the loop device; the filesystem grows in NodeExpandVolume.
 func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.ControllerExpandVolumeRequest) (*csi.ControllerExpandVolumeResponse, error) {
@@ -813,10 +825,8 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 	if err != nil {
 		return nil, err
 	}
-	if want, made := req.GetVolumeCapability().GetMount().GetFsType(), v.Labels[labelFSType]; want != "" && made != "" && want != made {
-		// The spec's "Exceeds capabilities", as ValidateVolumeCapabilities
-		// and NodeStageVolume answer it.
-		return nil, statusf(codes.InvalidArgument, "volume %s was made for %s, not fs_type %s", id, made, want)
+	if err := fsMismatch(id, v.Labels, req.GetVolumeCapability()); err != nil {
+		return nil, err
 	}
 	nodeExpand := req.GetVolumeCapability().GetBlock() == nil
 	size, err := grownSize(id, req.GetCapacityRange(), v.Size)

@@ -2500,10 +2500,8 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	if err != nil {
 		return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
 	}
-	if want, made := req.GetVolumeCapability().GetMount().GetFsType(), v.Labels[labelFSType]; want != "" && made != "" && want != made {
-		// The spec's "Exceeds capabilities" of this RPC, as
-		// ControllerExpandVolume answers it; before anything grows.
-		return nil, statusf(codes.InvalidArgument, "volume %s was made for %s, not fs_type %s", id, made, want)
+	if err := fsMismatch(id, v.Labels, req.GetVolumeCapability()); err != nil {
+		return nil, err // before anything grows
 	}
 	// Without a capacity range the device grows to the volume's size; a
 	// range the volume already meets asks for no more.

@@ -65,7 +65,12 @@ var storeOpened func(dir string, err error)
 // fencing none of the devices this one holds.
 func openStore(cfg Config, dir string) (driver.Store, error) {
 	var cs *driver.CowStore
-	var lock *os.File
+	var lock *os.File // closed at return unless a failed store took it
+	defer func() {
+		if lock != nil {
+			lock.Close() // an open store holds a duplicate of it
+		}
+	}()
 	err := os.MkdirAll(dir, 0o700)
 	if err == nil {
 		lock, err = cow.LockDir(dir)
@@ -78,10 +83,6 @@ func openStore(cfg Config, dir string) (driver.Store, error) {
 		cs, err = driver.OpenCowStore(dir)
 	default:
 		cs, err = driver.OpenCowStoreLocked(dir, lock)
-		if err == nil {
-			lock.Close() // the store holds a duplicate of it
-			lock = nil
-		}
 	}
 	if storeOpened != nil {
 		storeOpened(dir, err)
@@ -105,9 +106,6 @@ func openStore(cfg Config, dir string) (driver.Store, error) {
 		klog.ErrorS(err, "The store did not open; serving held volumes with I/O errors and answering Unavailable to every call that needs the store. Drain the node, repair the data dir and restart the plugin")
 		st = driver.NewFailedStore(err)
 	case err != nil:
-		if lock != nil {
-			lock.Close()
-		}
 		return nil, err
 	default:
 		cs.SetSurviveKill(cfg.SurviveKill)
@@ -120,7 +118,8 @@ func openStore(cfg Config, dir string) (driver.Store, error) {
 		// that opened (driver.HoldStoreLock).
 		var lerr error
 		if lock != nil {
-			st, lerr = driver.HoldStoreLockFile(st, lock)
+			st, lerr = driver.HoldStoreLockFile(st, lock) // closes it on an error
+			lock = nil
 		} else {
 			st, lerr = driver.HoldStoreLock(st, dir)
 		}

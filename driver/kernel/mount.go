@@ -249,12 +249,11 @@ func (f *Frontend) Sync(mountpoint string) error {
 // says why), else in this process. A snapshot or clone of a volume
 // attached and not mounted calls it first.
 func (f *Frontend) SyncDevice(dev string) error {
-	if _, err := loopNumber(dev); err == nil {
-		// A bound device whose node was removed from outside gets it
-		// again, as Attach and Resize give it (its open would fail the
-		// snapshot: TestSyncDeviceRemovedDeviceNode).
-		ensureLoopNode(dev)
-	}
+	// A bound loop device whose node was removed from outside gets it
+	// again, as Attach and Resize give it (its open would fail the
+	// snapshot: TestSyncDeviceRemovedDeviceNode); a path that exists, or
+	// is no loop device's, is left as it is.
+	ensureLoopNode(dev)
 	return f.holderOrHere("fsync", dev, "fsync", &f.holderSyncs, func() error {
 		fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 		if err != nil {
