@@ -76,9 +76,11 @@ func TestKillDuringCalls(t *testing.T) {
 	// on a volume would keep the killed plugin from exiting.
 	container := os.Getenv("CSI_SNAP_KILLCALLS_CONTAINER") != "0"
 	t.Logf("container mode: %v", container)
-	k, dir := startKillable(t, container)
-	c := &chaos{t: t, k: k, dir: dir, rnd: rand.New(rand.NewSource(seed)),
+	c := &chaos{t: t, rnd: rand.New(rand.NewSource(seed)),
 		vols: map[string]*mvol{}, snaps: map[string]*msnap{}, stats: map[string]*killStats{}}
+	// Registered first, so it runs after every other cleanup.
+	t.Cleanup(c.recap)
+	c.k, c.dir = startKillable(t, container)
 	// Runs before startKillable's cleanups (plugin stop, leftover check).
 	t.Cleanup(c.cleanup)
 	start := time.Now()
@@ -146,7 +148,8 @@ type chaos struct {
 	kills  int
 	// kills of a first retry, and of a restarted plugin while it starts
 	retryKills, startupKills int
-	dead                     bool // a plugin hung: no cleanup through CSI
+	dead                     bool     // a plugin hung: no cleanup through CSI
+	errs                     []string // failures' first lines, for recap
 }
 
 // call is one CSI request, sent through the current clients.
@@ -179,7 +182,40 @@ func (c *chaos) logf(format string, a ...any) {
 
 func (c *chaos) fatalf(format string, a ...any) {
 	c.t.Helper()
-	c.t.Fatalf("iter %d: "+format, append([]any{c.iter}, a...)...)
+	msg := fmt.Sprintf("iter %d: "+format, append([]any{c.iter}, a...)...)
+	c.recordErr(msg)
+	c.t.Fatal(msg)
+}
+
+// errorf is t.Errorf, remembered for the recap (recordErr).
+func (c *chaos) errorf(format string, a ...any) {
+	c.t.Helper()
+	msg := fmt.Sprintf(format, a...)
+	c.recordErr(msg)
+	c.t.Error(msg)
+}
+
+// recordErr keeps the first line of each failure for the recap the test
+// logs last: the plugin's log, which the stop dumps after a failure, is
+// long and comes after them, and CI shows only the output's last lines.
+func (c *chaos) recordErr(msg string) {
+	first, _, _ := strings.Cut(msg, "\n")
+	if len(first) > 500 {
+		first = first[:500] + "..."
+	}
+	c.errs = append(c.errs, first)
+}
+
+// recap logs the failures again, last, after the cleanups' output.
+func (c *chaos) recap() {
+	if !c.t.Failed() {
+		return
+	}
+	if len(c.errs) == 0 {
+		c.t.Logf("RECAP: the failure came from the plugin's stop or the leftover checks (above, after the plugin's log)")
+		return
+	}
+	c.t.Logf("RECAP of the %d failure(s), first lines (in full above, before the plugin's log):\n  %s", len(c.errs), strings.Join(c.errs, "\n  "))
 }
 
 func transient(err error) bool {
@@ -342,7 +378,7 @@ func (c *chaos) waitExit() {
 	}
 	pid := c.k.p.cmd.Process.Pid
 	c.dead = true
-	c.t.Errorf("iter %d: HANG: the plugin (pid %d) SIGKILLed 30 s ago has not exited; threads in uninterruptible sleep:\n%s\nlast log lines:\n%s",
+	c.errorf("iter %d: HANG: the plugin (pid %d) SIGKILLed 30 s ago has not exited; threads in uninterruptible sleep:\n%s\nlast log lines:\n%s",
 		c.iter, pid, dStacks(pid), tail(readLog(c.k.p), 8))
 	forceCleanup(c.t, c.dir)
 	c.t.FailNow()
@@ -648,7 +684,7 @@ func (c *chaos) step() {
 		first, final := c.run(cl, i == killAt, afterReturn, delay)
 		if first != nil && final != nil {
 			if a, b := objID(first), objID(final); a != b {
-				c.t.Errorf("iter %d: %s: DUPLICATE: the first try answered %s, its retry %s", c.iter, cl.name, a, b)
+				c.errorf("iter %d: %s: DUPLICATE: the first try answered %s, its retry %s", c.iter, cl.name, a, b)
 			}
 		}
 		answers[i] = final
@@ -713,7 +749,7 @@ func (c *chaos) opCreate() *op {
 			resp := a[0].(*csi.CreateVolumeResponse)
 			v.id = resp.Volume.VolumeId
 			if resp.Volume.CapacityBytes != v.size {
-				c.t.Errorf("iter %d: %s: capacity %d, want %d", c.iter, v.name, resp.Volume.CapacityBytes, v.size)
+				c.errorf("iter %d: %s: capacity %d, want %d", c.iter, v.name, resp.Volume.CapacityBytes, v.size)
 			}
 			c.vols[v.name] = v
 			if originTag != "" {
@@ -752,7 +788,7 @@ func (c *chaos) opSnapshot() *op {
 			resp := a[0].(*csi.CreateSnapshotResponse)
 			s.id = resp.Snapshot.SnapshotId
 			if resp.Snapshot.SourceVolumeId != v.id {
-				c.t.Errorf("iter %d: %s: source %s, want %s", c.iter, s.name, resp.Snapshot.SourceVolumeId, v.id)
+				c.errorf("iter %d: %s: source %s, want %s", c.iter, s.name, resp.Snapshot.SourceVolumeId, v.id)
 			}
 			c.snaps[s.name] = s
 			// Overwrite the source: the snapshot must keep the old content.
@@ -809,7 +845,7 @@ func (c *chaos) opExpand() *op {
 	return &op{desc: fmt.Sprintf("Expand %s to %d MiB (staged %v, block %v)", v.name, size>>20, v.staged, v.block), calls: calls,
 		after: func(a []any) {
 			if got := a[0].(*csi.ControllerExpandVolumeResponse).CapacityBytes; got != size {
-				c.t.Errorf("iter %d: ControllerExpandVolume %s answered %d bytes, want %d", c.iter, v.name, got, size)
+				c.errorf("iter %d: ControllerExpandVolume %s answered %d bytes, want %d", c.iter, v.name, got, size)
 			}
 			v.size = size
 			if !v.staged {
@@ -817,10 +853,10 @@ func (c *chaos) opExpand() *op {
 			}
 			got := c.devSize(v)
 			if v.block && got != size {
-				c.t.Errorf("iter %d: %s: the published device is %d bytes after the expansion, want %d", c.iter, v.name, got, size)
+				c.errorf("iter %d: %s: the published device is %d bytes after the expansion, want %d", c.iter, v.name, got, size)
 			}
 			if !v.block && got < before+growStep*3/4 {
-				c.t.Errorf("iter %d: %s: the filesystem is %d bytes after the expansion, was %d", c.iter, v.name, got, before)
+				c.errorf("iter %d: %s: the filesystem is %d bytes after the expansion, was %d", c.iter, v.name, got, before)
 			}
 		}}
 }
@@ -850,10 +886,10 @@ func (c *chaos) opStage() *op {
 			c.check(v, "after stage")
 			got := c.devSize(v)
 			if v.block && got != v.size {
-				c.t.Errorf("iter %d: %s: the published device is %d bytes, want %d", c.iter, v.name, got, v.size)
+				c.errorf("iter %d: %s: the published device is %d bytes, want %d", c.iter, v.name, got, v.size)
 			}
 			if !v.block && got < v.size*3/4 {
-				c.t.Errorf("iter %d: %s: the filesystem is %d bytes, the volume %d", c.iter, v.name, got, v.size)
+				c.errorf("iter %d: %s: the filesystem is %d bytes, the volume %d", c.iter, v.name, got, v.size)
 			}
 			c.write(v)
 			c.check(v, "after write")
@@ -899,12 +935,12 @@ func (c *chaos) verify() {
 		seen[id] = true
 		v, ok := want[id]
 		if !ok {
-			c.t.Errorf("iter %d: LEAK/DUPLICATE: ListVolumes shows %s (%d bytes), which the model does not have; deleting it", c.iter, id, e.Volume.CapacityBytes)
+			c.errorf("iter %d: LEAK/DUPLICATE: ListVolumes shows %s (%d bytes), which the model does not have; deleting it", c.iter, id, e.Volume.CapacityBytes)
 			c.k.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id})
 			continue
 		}
 		if e.Volume.CapacityBytes != v.size {
-			c.t.Errorf("iter %d: %s (%s) is %d bytes, want %d", c.iter, v.name, id, e.Volume.CapacityBytes, v.size)
+			c.errorf("iter %d: %s (%s) is %d bytes, want %d", c.iter, v.name, id, e.Volume.CapacityBytes, v.size)
 			v.size = e.Volume.CapacityBytes
 		}
 	}
@@ -927,12 +963,12 @@ func (c *chaos) verify() {
 		seen[id] = true
 		s, ok := wantS[id]
 		if !ok {
-			c.t.Errorf("iter %d: LEAK/DUPLICATE: ListSnapshots shows %s of %s, which the model does not have; deleting it", c.iter, id, e.Snapshot.SourceVolumeId)
+			c.errorf("iter %d: LEAK/DUPLICATE: ListSnapshots shows %s of %s, which the model does not have; deleting it", c.iter, id, e.Snapshot.SourceVolumeId)
 			c.k.ctrl.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: id})
 			continue
 		}
 		if e.Snapshot.SourceVolumeId != s.volID || !e.Snapshot.ReadyToUse {
-			c.t.Errorf("iter %d: snapshot %s: source %s ready %v, want %s ready", c.iter, s.name, e.Snapshot.SourceVolumeId, e.Snapshot.ReadyToUse, s.volID)
+			c.errorf("iter %d: snapshot %s: source %s ready %v, want %s ready", c.iter, s.name, e.Snapshot.SourceVolumeId, e.Snapshot.ReadyToUse, s.volID)
 		}
 	}
 	for id, s := range wantS {
@@ -1001,7 +1037,7 @@ func (c *chaos) checkAttachments() {
 				staged = append(staged, v.name+"="+v.id)
 			}
 		}
-		c.t.Errorf("iter %d: LEAK: %d loop devices %v, %d FUSE mounts %v, %d other mounts %v; the model has %d staged volumes %v (%d mounts)",
+		c.errorf("iter %d: LEAK: %d loop devices %v, %d FUSE mounts %v, %d other mounts %v; the model has %d staged volumes %v (%d mounts)",
 			c.iter, len(loops), loops, len(fuse), fuse, len(other), other, wantLoops, staged, wantMounts)
 	}
 }
@@ -1075,11 +1111,11 @@ func (c *chaos) unstageNow(v *mvol) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	if _, err := c.k.node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v.id, TargetPath: c.target(v)}); err != nil {
-		c.t.Errorf("unpublish %s: %v", v.name, err)
+		c.errorf("unpublish %s: %v", v.name, err)
 		return
 	}
 	if _, err := c.k.node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v.id, StagingTargetPath: c.staging(v)}); err != nil {
-		c.t.Errorf("unstage %s: %v", v.name, err)
+		c.errorf("unstage %s: %v", v.name, err)
 		return
 	}
 	v.staged = false
@@ -1099,24 +1135,24 @@ func (c *chaos) cleanup() {
 	}
 	for _, name := range sortedKeys(c.snaps) {
 		if _, err := c.k.ctrl.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: c.snaps[name].id}); err != nil {
-			c.t.Errorf("cleanup: delete snapshot %s: %v", name, err)
+			c.errorf("cleanup: delete snapshot %s: %v", name, err)
 		}
 	}
 	for _, name := range sortedKeys(c.vols) {
 		if _, err := c.k.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: c.vols[name].id}); err != nil {
-			c.t.Errorf("cleanup: delete volume %s: %v", name, err)
+			c.errorf("cleanup: delete volume %s: %v", name, err)
 		}
 	}
 	// Anything the model does not know is a leak.
 	if lv, err := c.k.ctrl.ListVolumes(ctx, &csi.ListVolumesRequest{}); err == nil {
 		for _, e := range lv.Entries {
-			c.t.Errorf("cleanup: LEAK: volume %s is left", e.Volume.VolumeId)
+			c.errorf("cleanup: LEAK: volume %s is left", e.Volume.VolumeId)
 			c.k.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: e.Volume.VolumeId})
 		}
 	}
 	if ls, err := c.k.ctrl.ListSnapshots(ctx, &csi.ListSnapshotsRequest{}); err == nil {
 		for _, e := range ls.Entries {
-			c.t.Errorf("cleanup: LEAK: snapshot %s is left", e.Snapshot.SnapshotId)
+			c.errorf("cleanup: LEAK: snapshot %s is left", e.Snapshot.SnapshotId)
 			c.k.ctrl.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: e.Snapshot.SnapshotId})
 		}
 	}
@@ -1124,7 +1160,7 @@ func (c *chaos) cleanup() {
 	// driver's may be left in the data dir (the store and the run dir are
 	// not the driver's).
 	for _, f := range dataDirLeftovers(c.t, c.k.data) {
-		c.t.Errorf("cleanup: LEAK: %s is left in the data dir", f)
+		c.errorf("cleanup: LEAK: %s is left in the data dir", f)
 	}
 }
 
@@ -1165,6 +1201,6 @@ func (c *chaos) report(n int, d time.Duration) {
 	// the run proved nothing. (Unchanged, 40 iterations land 1 to 4 in
 	// each kind of call.)
 	if c.kills >= 20 && inside == 0 {
-		c.t.Errorf("none of %d kills landed inside a call (as the server's \"Call\" log lines tell): nothing was tested", c.kills)
+		c.errorf("none of %d kills landed inside a call (as the server's \"Call\" log lines tell): nothing was tested", c.kills)
 	}
 }
