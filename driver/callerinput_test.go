@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -327,5 +328,40 @@ func TestStageTrailingSlashToolLines(t *testing.T) {
 		if p := args[len(args)-1]; (args[0] == "mount" || args[0] == "umount") && filepath.Clean(p) != p {
 			t.Errorf("the tool runner got %q: a path the fuse-holder refuses (not clean), so the command ran in the plugin", args)
 		}
+	}
+}
+
+// TestHealthPathWithNUL: a path argument of NodeGetVolumeHealth holding a
+// NUL byte is the caller's error (InvalidArgument), as in every other node
+// call (checkPathArg); it was reported as a health condition, NotMounted.
+// A relative path stays a condition: it names no mount of the volume, as
+// NodeGetVolumeStats answers NotFound for one (checkVolumePath).
+func TestHealthPathWithNUL(t *testing.T) {
+	e := ext4Env(t, nil, nil)
+	ctx := context.Background()
+	id := e.createVolume(t, "nul-health", 1<<20).VolumeId
+	staging := filepath.Join(t.TempDir(), "staging")
+	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: mountCap()}); err != nil {
+		t.Fatal(err)
+	}
+	for _, req := range []*csi.NodeGetVolumeHealthRequest{
+		{VolumeId: id, StagingTargetPath: staging + "\x00x"},
+		{VolumeId: id, StagingTargetPath: staging, VolumePublishPath: "/tmp/a\x00b"},
+	} {
+		h, err := e.d.NodeGetVolumeHealth(ctx, req)
+		if status.Code(err) != codes.InvalidArgument {
+			t.Errorf("NodeGetVolumeHealth(staging %q, publish %q) = %v, %v; want InvalidArgument", req.StagingTargetPath, req.VolumePublishPath, h, err)
+		}
+	}
+	h, err := e.d.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: id, StagingTargetPath: "relative/staging"})
+	if err != nil {
+		t.Fatalf("NodeGetVolumeHealth with a relative path: %v; want a NotMounted condition", err)
+	}
+	reasons := []string{}
+	for _, st := range h.GetVolumeHealth().GetHealthStatuses() {
+		reasons = append(reasons, st.GetReason())
+	}
+	if !slices.Contains(reasons, "NotMounted") {
+		t.Errorf("NodeGetVolumeHealth with a relative path reports %v; want NotMounted", reasons)
 	}
 }

@@ -183,6 +183,17 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 	if id == "" {
 		return nil, statusf(codes.InvalidArgument, "volume_id is required")
 	}
+	// Both paths are optional. One given with a NUL byte is the caller's
+	// error, as in every node call; any other path that does not hold the
+	// volume, a relative one included, is a condition (NotMounted), as
+	// NodeGetVolumeStats answers NotFound for it (checkVolumePath).
+	for _, a := range [][2]string{{"staging_target_path", req.GetStagingTargetPath()}, {"volume_publish_path", req.GetVolumePublishPath()}} {
+		if a[1] != "" {
+			if err := checkPathArg(a[0], a[1]); err != nil {
+				return nil, err
+			}
+		}
+	}
 	if err := d.healthVolume(id); err != nil {
 		return nil, err
 	}
