@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -96,13 +97,19 @@ func TestMarkerDirectoryLetsPodGo(t *testing.T) {
 
 // TestMarkerDirIsAFileLetsPodGo: the reverse, a file where a directory of
 // markers belongs (DataDir/frozen, stage-markers, publish-markers,
-// publish-records): no marker can be in it, so there is none to drop or to
-// thaw, and the pod must still go. Before, unstage (frozen, stage-markers)
-// and unpublish (publish-markers, publish-records) answered Internal for
-// ever ("not a directory").
+// publish-records; a volume's own directory of stage records, kinds, flags
+// and pending stages): no marker can be in it, so there is none to drop or
+// to thaw, and the pod must still go. Before, unstage (frozen,
+// stage-markers) and unpublish (publish-markers, publish-records) answered
+// Internal for ever ("not a directory"). And the volume must work again:
+// the next stage, publish and snapshot, which write markers there, failed
+// Internal until someone removed the file by hand; the file is the
+// driver's own corrupt directory, removed (logged) as a marker directory
+// is (writeMarker).
 func TestMarkerDirIsAFileLetsPodGo(t *testing.T) {
-	for _, which := range []string{"frozen", "stage-markers", "publish-markers", "publish-records", "stages", "stage-kinds", "stage-flags", "stage-pending"} {
-		t.Run(which, func(t *testing.T) {
+	for _, which := range []string{"frozen", "stage-markers", "publish-markers", "publish-records", "stages", "stage-kinds", "stage-flags", "stage-pending",
+		"stages/ID", "stage-kinds/ID", "stage-flags/ID", "stage-pending/ID"} {
+		t.Run(strings.ReplaceAll(which, "/", "-"), func(t *testing.T) {
 			fz := &fakeFreezer{strict: true}
 			e := newEnv(t, func(o *driver.Options) { o.Freeze, o.Thaw = fz.freeze, fz.thaw })
 			ctx := context.Background()
@@ -115,8 +122,11 @@ func TestMarkerDirIsAFileLetsPodGo(t *testing.T) {
 				t.Fatal(err)
 			}
 			dataDir := filepath.Dir(filepath.Dir(filepath.Dir(e.d.StageRecord(id, staging))))
-			p := filepath.Join(dataDir, which)
+			p := filepath.Join(dataDir, strings.ReplaceAll(which, "ID", id))
 			if err := os.RemoveAll(p); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
 				t.Fatal(err)
 			}
 			if err := os.WriteFile(p, []byte("not a directory"), 0o600); err != nil {
@@ -133,6 +143,25 @@ func TestMarkerDirIsAFileLetsPodGo(t *testing.T) {
 			}
 			if _, ok := e.fe.Device(id); ok {
 				t.Errorf("still attached after the unstage")
+			}
+			e.attachMounted(t, id, staging)
+			if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: mountCap()}); err != nil {
+				t.Fatalf("stage again with a file at %s: %v", p, err)
+			}
+			if _, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: mountCap()}); err != nil {
+				t.Fatalf("publish again with a file at %s: %v", p, err)
+			}
+			if _, err := e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s", SourceVolumeId: id}); err != nil {
+				t.Errorf("snapshot again with a file at %s: %v", p, err)
+			}
+			if len(fz.frozen) != 0 {
+				t.Errorf("left frozen: %v", fz.frozen)
+			}
+			if _, err := e.d.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+				t.Fatalf("unpublish again: %v", err)
+			}
+			if _, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+				t.Fatalf("unstage again: %v", err)
 			}
 		})
 	}

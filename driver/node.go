@@ -1588,6 +1588,14 @@ func (d *Driver) publishUnfinished(target string) bool {
 // torn, was taken for another boot's and dropped without a thaw).
 func writeMarker(path string, content []byte) error {
 	err := os.MkdirAll(filepath.Dir(path), 0o700)
+	if errors.Is(err, syscall.ENOTDIR) {
+		// A file where a directory of markers belongs: corrupt, as a
+		// directory where a marker belongs is (dropMarker). Left, it
+		// failed every stage, publish or snapshot of the volume for ever.
+		if err = dropNonDirAncestor(filepath.Dir(path)); err == nil {
+			err = os.MkdirAll(filepath.Dir(path), 0o700)
+		}
+	}
 	if err == nil {
 		tmp := path + ".tmp"
 		if err = os.WriteFile(tmp, content, 0o600); err == nil {
@@ -1600,6 +1608,31 @@ func writeMarker(path string, content []byte) error {
 		}
 	}
 	return noSpace(err)
+}
+
+// dropNonDirAncestor removes the nearest existing ancestor of dir (or dir
+// itself) when it is not a directory: what makes a MkdirAll of dir fail
+// with ENOTDIR. Markers live in directories of the data dir, which is a
+// directory (the store is in it), so what is removed is always inside it,
+// one of the driver's own directories corrupted into a file (or a
+// symlink to one).
+func dropNonDirAncestor(dir string) error {
+	for p := dir; ; p = filepath.Dir(p) {
+		fi, err := os.Stat(p)
+		if err == nil {
+			if fi.IsDir() {
+				return fmt.Errorf("mkdir %s: not a directory, yet no element of it is a file", dir)
+			}
+			klog.ErrorS(nil, "Removing a file found where a directory of markers belongs", "path", p)
+			return os.Remove(p)
+		}
+		if !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, syscall.ENOTDIR) {
+			return err
+		}
+		if p == filepath.Dir(p) {
+			return fmt.Errorf("mkdir %s: no element of it exists", dir)
+		}
+	}
 }
 
 // isDir reports whether path is a directory (not following a symlink).
