@@ -3,10 +3,12 @@ package cow
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"math"
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"testing"
 
 	"github.com/csi-snap/csi-snap/exceptions"
@@ -172,5 +174,106 @@ func TestRunCountBoundsAllocation(t *testing.T) {
 	}
 	if got := after.TotalAlloc - before.TotalAlloc; got > 64<<20 {
 		t.Fatalf("decoding allocated %d MiB", got>>20)
+	}
+}
+
+// frame wraps payload as a record of type typ, with a valid length and CRC:
+// bytes no torn append leaves, so decoding them is judged by the payload.
+func frame(typ uint8, payload []byte) []byte {
+	b := binary.LittleEndian.AppendUint32(nil, uint32(len(payload)))
+	b = append(b, typ)
+	b = append(b, payload...)
+	return binary.LittleEndian.AppendUint32(b, crc(b))
+}
+
+// decodeWantCorrupt decodes b and fails unless the answer is ErrCorrupt
+// for a record that does not parse: not errTorn, which replay would take
+// for the torn end of the last batch and cut off quietly.
+func decodeWantCorrupt(t *testing.T, name string, b []byte) {
+	t.Helper()
+	r, _, err := decodeRecord(b)
+	switch {
+	case err == nil:
+		t.Errorf("%s: decoded to %+v, want ErrCorrupt", name, r)
+	case !errors.Is(err, ErrCorrupt) || errors.Is(err, errTorn):
+		t.Errorf("%s: %v, want ErrCorrupt for a payload that does not parse", name, err)
+	}
+}
+
+// TestDecodeRejectsImpossibleRuns: the runs of a checkpoint record are
+// stored as gaps and deltas, so a whole record (CRC and all) can still say
+// impossible things: a run of no chunks, a run that starts before the
+// previous one ends (an origin gap that wraps), a COW range or an origin
+// range past the last chunk. Each is a payload that does not parse
+// (FORMAT.md): decode refuses it. Before these checks, a wrapped gap put an
+// unsorted run into a snapshot's index and a zero-length run was skipped
+// silently; the round trip FuzzDecodeRecord checks cannot see either (the
+// bytes re-encode to themselves).
+func TestDecodeRejectsImpossibleRuns(t *testing.T) {
+	R := func(o, c, n uint64) exceptions.Run {
+		return exceptions.Run{Origin: exceptions.Chunk(o), COW: exceptions.Chunk(c), Len: n}
+	}
+	for _, tc := range []struct {
+		name string
+		typ  uint8
+		runs []exceptions.Run
+	}{
+		{"runs: empty run", recRuns, []exceptions.Run{R(4, 10, 2), R(8, 20, 0), R(9, 30, 1)}},
+		{"runs: starts before the previous end", recRuns, []exceptions.Run{R(100, 10, 5), R(50, 20, 5)}},
+		{"runs: starts inside the previous run", recRuns, []exceptions.Run{R(100, 10, 5), R(102, 20, 1)}},
+		{"runs: COW range wraps", recRuns, []exceptions.Run{R(0, math.MaxUint64-1, 5)}},
+		{"runs: origin past int64", recRuns, []exceptions.Run{R(1<<63, 2, 1)}},
+		{"present runs: empty run", recPresentRuns, []exceptions.Run{R(4, 4, 2), R(8, 8, 0)}},
+		{"present runs: starts before the previous end", recPresentRuns, []exceptions.Run{R(100, 100, 5), R(50, 50, 5)}},
+		{"present runs: origin past int64", recPresentRuns, []exceptions.Run{R(1<<63-1, 1<<63-1, 2)}},
+	} {
+		decodeWantCorrupt(t, tc.name, appendRecord(nil, &record{Type: tc.typ, Obj: 2, Runs: tc.runs}))
+	}
+}
+
+// TestDecodeRejectsTrailingAndNegative: a payload with bytes after its
+// last field, or a snapshot with a negative size or COW limit, is
+// ErrCorrupt, for every record type.
+func TestDecodeRejectsTrailingAndNegative(t *testing.T) {
+	for _, r := range sampleRecords() {
+		b := appendRecord(nil, r)
+		payload := append(slices.Clone(b[5:len(b)-4]), 0)
+		decodeWantCorrupt(t, fmt.Sprintf("type %d with a trailing byte", r.Type), frame(r.Type, payload))
+	}
+	decodeWantCorrupt(t, "snapshot with limit -1", appendRecord(nil, &record{Type: recSnapshot, Obj: 2, Parent: 1, Size: 1 << 20, Limit: -1, ID: "s"}))
+	decodeWantCorrupt(t, "snapshot with size -1", appendRecord(nil, &record{Type: recSnapshot, Obj: 2, Parent: 1, Size: -1, ID: "s"}))
+}
+
+// TestGroupMemberCountBoundsAllocation: a group record's member count must
+// match its bytes, so one claiming 16 M members with none present fails
+// without allocating 4 bytes for each of them.
+func TestGroupMemberCountBoundsAllocation(t *testing.T) {
+	var e enc
+	e.str("g")
+	e.u64(1)
+	e.u32(16 << 20) // members claimed; none follow
+	b := frame(recGroup, e.b)
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	decodeWantCorrupt(t, "group of 16 M members in 0 bytes", b)
+	runtime.ReadMemStats(&after)
+	if got := after.TotalAlloc - before.TotalAlloc; got > 16<<20 {
+		t.Fatalf("decoding allocated %d MiB", got>>20)
+	}
+}
+
+// TestLogHeaderBadMagicIsCorrupt: a 64-byte header whose CRC matches but
+// whose magic is not "csnaplog" (not a store log) is ErrCorrupt; the CRC
+// alone does not say what the file is.
+func TestLogHeaderBadMagicIsCorrupt(t *testing.T) {
+	b := header{Version: logVersion2, CheckpointEnd: headerSize}.encode()
+	if _, err := decodeHeader(b); err != nil {
+		t.Fatalf("valid header: %v", err)
+	}
+	copy(b[0:8], "csnapXXX")
+	binary.LittleEndian.PutUint32(b[60:], crc(b[:60]))
+	if h, err := decodeHeader(b); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("header with magic %q: %+v, %v; want ErrCorrupt", b[:8], h, err)
 	}
 }

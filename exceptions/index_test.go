@@ -802,3 +802,111 @@ func TestBackwardFillKeepsSplit(t *testing.T) {
 		t.Fatal("the shortcut never moved a run inside a bucket past the first")
 	}
 }
+
+// TestBackwardFillAcrossBucketsRepointsGdir: InsertRun's backward-fill
+// shortcut (a lone run in the first block extended downwards, only its
+// bases and firsts moved) is taken only while the run's first stays in its
+// gdir bucket. When the first crosses into an earlier bucket, the owners of
+// the buckets it crossed change, and so does the window of gnear entries
+// that name it: the slow path (replace, setFirst, grefresh) must repoint
+// them. Without the bucket test the entries kept naming the block from its
+// old window (check: "block directory ... is wrong"), and a later move of
+// the block's allocation, which repoints only its current window, would
+// leave them pointing at freed words. The test asserts that its inserts
+// meet every other condition of the shortcut and do cross a bucket.
+func TestBackwardFillAcrossBucketsRepointsGdir(t *testing.T) {
+	h := newHarness(t, 2, 2)
+	h.insertRun(Run{Origin: 1000, COW: 1, Len: 1}) // removed below
+	h.insertRun(Run{Origin: 2000, COW: 100000, Len: 1500})
+	for i := Chunk(0); i < 62; i++ {
+		h.insertRun(Run{Origin: 4000 + 100*i, COW: 200000 + 10*i, Len: 1})
+	}
+	h.remove(1000, 1) // the first block keeps the long run alone, past gbase
+	crossed := 0
+	for c := Chunk(1999); c >= 1200; c-- {
+		f := h.x.segFirst[0]
+		k := h.x.blk(0, 0)
+		if k.n() == 1 && fits(uint64(2000-c)+1500-1, k.wl()) && h.x.gceil(c) != h.x.gceil(f) {
+			crossed++
+		}
+		h.insertRun(Run{Origin: c, COW: 100000 - (2000 - c), Len: 1}) // joins the long run
+		h.lookup(c)
+	}
+	if crossed == 0 {
+		t.Fatal("no insert met the shortcut's conditions while crossing a bucket: the test no longer covers it")
+	}
+	for c := Chunk(1000); c < 4000; c += 7 {
+		h.lookup(c)
+	}
+}
+
+// TestCloneTailIsIndependent: Clone copies the unpacked tail that an
+// ascending load leaves (runs past the last full block). Sharing it, an
+// append to the clone that extends its last tail run, or a flush that
+// reuses the tail's array, changed the original's mapping.
+func TestCloneTailIsIndependent(t *testing.T) {
+	x := newShape(4, 3)
+	for i := Chunk(0); i < 10; i++ { // two full blocks and a tail of 2
+		if err := x.InsertRun(Run{Origin: 10 * i, COW: 1000 + 100*i, Len: 2}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(x.tail) == 0 {
+		t.Fatal("no tail: the test no longer covers it")
+	}
+	var before []Run
+	x.Ascend(0, func(r Run) bool { before = append(before, r); return true })
+	y := x.Clone()
+	// Extends the clone's last tail run in place (91 -> 1901), then adds
+	// runs until the tail is flushed and refilled.
+	if err := y.InsertRun(Run{Origin: 92, COW: 1902, Len: 3}); err != nil {
+		t.Fatal(err)
+	}
+	for i := Chunk(0); i < 8; i++ {
+		if err := y.InsertRun(Run{Origin: 200 + 10*i, COW: 5000 + 100*i, Len: 1}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var after []Run
+	x.Ascend(0, func(r Run) bool { after = append(after, r); return true })
+	if !slices.Equal(before, after) {
+		t.Fatalf("mutating the clone changed the original's runs:\n%v\nwant\n%v", after, before)
+	}
+	if c, ok := x.Lookup(92); ok {
+		t.Fatalf("original maps chunk 92 to %d after an insert into the clone", c)
+	}
+	if err := x.check(); err != nil {
+		t.Fatal(err)
+	}
+	if err := y.check(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestAscendingLoadKeepsGdirInRange: an ascending load (cow's checkpoint
+// replay) adds every block past the range gdir was built for, where
+// Lookup takes the slower segment path; gdir is rebuilt once a quarter of
+// the blocks lie there, not only when the block count outgrows it (which
+// left up to half of a freshly loaded index's blocks outside it).
+func TestAscendingLoadKeepsGdirInRange(t *testing.T) {
+	x := newShape(4, 8)
+	for i := Chunk(0); i < 4000; i++ {
+		if err := x.InsertRun(Run{Origin: 10 * i, COW: 2 + 100*i, Len: 3}); err != nil {
+			t.Fatal(err)
+		}
+		out, end := 0, x.gstart(x.gsize())
+		for _, sg := range x.segs {
+			for _, f := range sg.firsts {
+				if f >= end {
+					out++
+				}
+			}
+		}
+		if 4*out > x.nblocks {
+			t.Fatalf("after %d runs: %d of %d blocks start past gdir's range (ends at %d)", i+1, out, x.nblocks, end)
+		}
+	}
+	if err := x.check(); err != nil {
+		t.Fatal(err)
+	}
+}
