@@ -5,6 +5,8 @@ import (
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // TestNameWithCommonWhitespace: the CSI spec allows any Unicode name except
@@ -29,5 +31,31 @@ func TestNameWithCommonWhitespace(t *testing.T) {
 		if _, err := e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: name, SourceVolumeId: r1.GetVolume().GetVolumeId()}); err != nil {
 			t.Errorf("CreateSnapshot name %q: %v; want OK", name, err)
 		}
+	}
+}
+
+// TestNameWithBannedControlCharacters: every end of the spec's banned
+// ranges (U+0000-U+0008, U+000B, U+000C, U+000E-U+001F, U+007F-U+009F) in a
+// CreateVolume or CreateSnapshot name is InvalidArgument, and makes nothing.
+func TestNameWithBannedControlCharacters(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	src := e.createVolume(t, "src", 1<<20).VolumeId
+	for _, name := range []string{"a\x00", "a\x08", "a\x0b", "a\x0c", "a\x0e", "a\x1f", "a\x7f", "a\u0080", "a\u009f"} {
+		_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20},
+			VolumeCapabilities: []*csi.VolumeCapability{mountCap()}})
+		if status.Code(err) != codes.InvalidArgument {
+			t.Errorf("CreateVolume name %q: %v; want InvalidArgument (the spec bans it)", name, err)
+		}
+		_, err = e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: name, SourceVolumeId: src})
+		if status.Code(err) != codes.InvalidArgument {
+			t.Errorf("CreateSnapshot name %q: %v; want InvalidArgument (the spec bans it)", name, err)
+		}
+	}
+	if n := len(e.store.Volumes()); n != 1 {
+		t.Errorf("%d volumes in the store, want only the source", n)
+	}
+	if n := len(e.store.Snapshots()); n != 0 {
+		t.Errorf("%d snapshots in the store, want none", n)
 	}
 }

@@ -1,0 +1,117 @@
+package driver_test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/csi-snap/csi-snap/driver"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// TestStageAtPathHoldingAnotherVolume: a stage of volume B at a staging
+// path where volume A is mounted is AlreadyExists (the spec's "a volume
+// ... already staged at the staging path" with another volume), and mounts
+// nothing over A.
+func TestStageAtPathHoldingAnotherVolume(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	a := e.createVolume(t, "vol-a", 1<<20).VolumeId
+	b := e.createVolume(t, "vol-b", 1<<20).VolumeId
+	staging := filepath.Join(t.TempDir(), "globalmount")
+	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: a, StagingTargetPath: staging, VolumeCapability: mountCap()}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: b, StagingTargetPath: staging, VolumeCapability: mountCap()})
+	mps, _ := e.fm.List()
+	n := 0
+	for _, mp := range mps {
+		if mp.Path == staging {
+			n++
+		}
+	}
+	if status.Code(err) != codes.AlreadyExists || n != 1 {
+		t.Fatalf("stage of %s where %s is staged: %v, %d mounts at the path; want AlreadyExists and 1", b, a, err, n)
+	}
+}
+
+// TestPublishAtOwnStagingPathWithoutRecord: a publish whose target_path is
+// its staging_target_path is InvalidArgument also for a stage with no
+// stage record (made by a version before records): the stage's own mount
+// must not be taken for a publish already made (OK with nothing bound, and
+// its unpublish would unmount the stage).
+func TestPublishAtOwnStagingPathWithoutRecord(t *testing.T) {
+	var dataDir string
+	e := newEnv(t, func(o *driver.Options) { dataDir = o.DataDir })
+	ctx := context.Background()
+	id := e.createVolume(t, "v", 1<<20).VolumeId
+	staging := filepath.Join(t.TempDir(), "globalmount")
+	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: mountCap()}); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(filepath.Join(dataDir, "stages")); err != nil {
+		t.Fatal(err)
+	}
+	_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: staging, VolumeCapability: mountCap()})
+	if status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("publish at the staging path of a stage without record: %v; want InvalidArgument", err)
+	}
+}
+
+// TestUnpublishDropsPublishRecord: NodeUnpublishVolume forgets what was
+// published at the target: a path once a publish target and later a
+// staging path is a staging path (its publish through it is OK), not
+// refused as "a publish target" for ever by a stale publish record.
+func TestUnpublishDropsPublishRecord(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	a := e.createVolume(t, "a", 1<<20).VolumeId
+	b := e.createVolume(t, "b", 1<<20).VolumeId
+	dir := t.TempDir()
+	stageA, path, target := filepath.Join(dir, "stage-a"), filepath.Join(dir, "p"), filepath.Join(dir, "pod")
+	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: a, StagingTargetPath: stageA, VolumeCapability: mountCap()}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: a, StagingTargetPath: stageA, TargetPath: path, VolumeCapability: mountCap()}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.d.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: a, TargetPath: path}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: b, StagingTargetPath: path, VolumeCapability: mountCap()}); err != nil {
+		t.Fatalf("stage at a former publish target: %v", err)
+	}
+	if _, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: b, StagingTargetPath: path, TargetPath: target, VolumeCapability: mountCap()}); err != nil {
+		t.Fatalf("publish through a staging path that was a publish target before its unpublish: %v; want OK", err)
+	}
+}
+
+// TestPublishThroughAnotherVolumesStagingPath: a publish of volume A whose
+// staging_target_path holds volume B's stage is FailedPrecondition (A is
+// not staged there); binding that path would hand A's pod B's filesystem.
+func TestPublishThroughAnotherVolumesStagingPath(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	a := e.createVolume(t, "a", 1<<20).VolumeId
+	b := e.createVolume(t, "b", 1<<20).VolumeId
+	dir := t.TempDir()
+	stageA, stageB, target := filepath.Join(dir, "stage-a"), filepath.Join(dir, "stage-b"), filepath.Join(dir, "pod")
+	for id, staging := range map[string]string{a: stageA, b: stageB} {
+		if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: mountCap()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: a, StagingTargetPath: stageB, TargetPath: target, VolumeCapability: mountCap()})
+	mps, _ := e.fm.List()
+	for _, mp := range mps {
+		if mp.Path == target {
+			t.Errorf("%s mounted at the target (%s)", mp.Device, mp.Opts)
+		}
+	}
+	if status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("publish of %s through %s's staging path: %v; want FailedPrecondition", a, b, err)
+	}
+}
