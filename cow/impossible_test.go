@@ -277,3 +277,80 @@ func TestLogHeaderBadMagicIsCorrupt(t *testing.T) {
 		t.Fatalf("header with magic %q: %+v, %v; want ErrCorrupt", b[:8], h, err)
 	}
 }
+
+// TestImpossibleBatchRecordsAreCorrupt: batch records no store writes,
+// each with a good CRC (damage a CRC cannot see, or a bug that wrote it),
+// are refused by Open with ErrCorrupt rather than built on: a resize that
+// shrinks a volume (volumes never shrink: a snapshot or clone of the old
+// size would read past the new end), a clone's present mark past its
+// last chunk, a snapshot smaller than the one before it on its volume's
+// chain (volumes only grow), an invalidation of a snapshot a clone reads
+// (never invalidated: the clone would lose its data). Most cases have a
+// good twin that must open.
+func TestImpossibleBatchRecordsAreCorrupt(t *testing.T) {
+	ckpt := []*record{
+		{Type: recVolume, Obj: 1, Size: 64 << 10, ChunkSize: 4096, ID: "v"},
+		{Type: recSnapshot, Obj: 2, Parent: 1, Size: 64 << 10, Created: 1, ID: "s"},
+		{Type: recVolume, Obj: 3, Parent: 2, Size: 64 << 10, ChunkSize: 4096, ID: "clone"},
+		{Type: recNextObj, Obj: 4},
+	}
+	for _, c := range []struct {
+		name string
+		rec  *record
+		good bool
+	}{
+		{"shrink", &record{Type: recResize, Obj: 1, Size: 32 << 10}, false},
+		{"same size (good)", &record{Type: recResize, Obj: 1, Size: 64 << 10}, true},
+		{"present past the end", &record{Type: recPresent, Obj: 3, Origin: 15, N: 2}, false},
+		{"present wrapping", &record{Type: recPresent, Obj: 3, Origin: 15, N: math.MaxUint64}, false},
+		{"present last chunk (good)", &record{Type: recPresent, Obj: 3, Origin: 15, N: 1}, true},
+		{"snapshot smaller than the one before", &record{Type: recSnapshot, Obj: 4, Parent: 1, Size: 32 << 10, Created: 2, ID: "s2"}, false},
+		{"snapshot as large as the one before (good)", &record{Type: recSnapshot, Obj: 4, Parent: 1, Size: 64 << 10, Created: 2, ID: "s2"}, true},
+		{"invalidate of a snapshot with a clone", &record{Type: recInvalidate, Obj: 2}, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			s, _, err := openLog(t, ckpt, []*record{c.rec})
+			if err == nil {
+				defer s.Close()
+			}
+			if c.good && err != nil {
+				t.Fatalf("Open: %v", err)
+			} else if !c.good && !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("Open of a log whose batch holds %+v: %v, want ErrCorrupt", *c.rec, err)
+			}
+		})
+	}
+}
+
+// TestZeroRunLongerThanOneChunkIsCorrupt: COW chunk 0 means "zeros" for
+// one chunk only; a checkpoint's run {Origin o, COW 0, Len n>1} would
+// map o+1.. to COW chunks 1, 2, ... (the reserved chunk, then real
+// chunks other snapshots may hold), so Open refuses it with ErrCorrupt.
+func TestZeroRunLongerThanOneChunkIsCorrupt(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		run  exceptions.Run
+		good bool
+	}{
+		{"zero run of 3", exceptions.Run{Origin: 5, COW: 0, Len: 3}, false},
+		{"zero run of 1 (good)", exceptions.Run{Origin: 5, COW: 0, Len: 1}, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			ckpt := []*record{
+				{Type: recVolume, Obj: 1, Size: 64 << 10, ChunkSize: 4096, ID: "v"},
+				{Type: recSnapshot, Obj: 2, Parent: 1, Size: 64 << 10, Created: 1, ID: "s"},
+				{Type: recRuns, Obj: 2, Runs: []exceptions.Run{c.run}},
+				{Type: recNextObj, Obj: 3},
+			}
+			s, _, err := openLog(t, ckpt)
+			if err == nil {
+				defer s.Close()
+			}
+			if c.good && err != nil {
+				t.Fatalf("Open: %v", err)
+			} else if !c.good && !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("Open of a checkpoint with run %+v: %v, want ErrCorrupt", c.run, err)
+			}
+		})
+	}
+}

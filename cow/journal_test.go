@@ -228,6 +228,49 @@ func TestKillJournalSettled(t *testing.T) {
 	}
 }
 
+// TestKillJournalRedoAfterEarlierSettled: a chunk's settled record covers
+// only the records before it. A chunk written (journaled), applied
+// (settled), snapshotted again and written again (a new entry, journaled
+// in the same epoch after that settled record) must have its second write
+// redone after a kill: the settled record that precedes it in the file
+// says nothing about it.
+func TestKillJournalRedoAfterEarlierSettled(t *testing.T) {
+	const cs = 16 << 10
+	dir, s, fs, h := heldStore(t)
+	v := snapVol(t, s, 2*cs, cs)
+	if _, err := v.WriteAt(fill(8192, 2), 0); err != nil { // journaled
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil { // applied and settled
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "snap2", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	armQuiet(t, s, h)
+	// A first write after snap2: a new entry of the same chunk, journaled
+	// after the chunk's settled record, its group commit held.
+	returnsSoon(t, "write", func() error { _, err := v.WriteAt(fill(4096, 3), 4096); return err })
+	killStore(fs, h)
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	v2, _ := s2.Volume("v")
+	want := append(fill(4096, 2), fill(4096, 3)...)
+	if got := mustRead(t, v2, 0, 8192); !bytes.Equal(got, want) {
+		t.Fatalf("an acknowledged write journaled after its chunk's earlier settled record was lost by the kill: %d bytes differ", countDiff(got, want))
+	}
+	sn, err := s2.Snapshot("snap2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, sn, 0, 8192); !bytes.Equal(got, fill(8192, 2)) {
+		t.Fatalf("snap2 after the kill: %d bytes differ from the chunk at its creation", countDiff(got, fill(8192, 2)))
+	}
+}
+
 // TestKillJournalOtherBoot: a journal written in another boot of the
 // machine is not redone (the machine went down; unflushed writes were never
 // promised), and the store opens.
