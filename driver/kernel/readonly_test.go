@@ -102,6 +102,14 @@ func TestReadOnlyDevice(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer fe2.Close()
+	// Before the resume the devices are found in sysfs (findLoop): the
+	// main one is the writable one, whatever their order.
+	if got, ok := fe2.Device(id); !ok || got != dev {
+		t.Fatalf("Device before the resume = %q, %v; want the writable %q", got, ok, dev)
+	}
+	if got, ok := fe2.FindReadOnlyDevice(id); !ok || got != ro {
+		t.Fatalf("FindReadOnlyDevice before the resume = %q, %v; want %q", got, ok, ro)
+	}
 	if got, err := fe2.Attach(ctx, id, b, false); err != nil || got != dev {
 		t.Fatalf("Attach after restart = %q, %v; want %q", got, err, dev)
 	}
