@@ -212,7 +212,7 @@ func (c *chaos) recap() {
 		return
 	}
 	if len(c.errs) == 0 {
-		c.t.Logf("RECAP: the failure came from the plugin's stop or the leftover checks (above, after the plugin's log)")
+		c.t.Logf("RECAP: no failure of the test's own steps; it came from the plugin's stop (above the plugin's log) or the leftover checks (below it)")
 		return
 	}
 	c.t.Logf("RECAP of the %d failure(s), first lines (in full above, before the plugin's log):\n  %s", len(c.errs), strings.Join(c.errs, "\n  "))
