@@ -341,9 +341,7 @@ func TestHealthPathWithNUL(t *testing.T) {
 	ctx := context.Background()
 	id := e.createVolume(t, "nul-health", 1<<20).VolumeId
 	staging := filepath.Join(t.TempDir(), "staging")
-	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: mountCap()}); err != nil {
-		t.Fatal(err)
-	}
+	e.stageMount(t, id, staging)
 	for _, req := range []*csi.NodeGetVolumeHealthRequest{
 		{VolumeId: id, StagingTargetPath: staging + "\x00x"},
 		{VolumeId: id, StagingTargetPath: staging, VolumePublishPath: "/tmp/a\x00b"},

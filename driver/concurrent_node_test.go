@@ -92,9 +92,7 @@ func TestConcurrentHealthRace(t *testing.T) {
 	id := e.createVolume(t, "health", 1<<20).VolumeId
 	dir := t.TempDir()
 	staging, target := filepath.Join(dir, "globalmount"), filepath.Join(dir, "pod")
-	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: mountCap()}); err != nil {
-		t.Fatal(err)
-	}
+	e.stageMount(t, id, staging)
 	done := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Add(1)

@@ -2471,9 +2471,7 @@ func TestTwoStagesOfOneHandle(t *testing.T) {
 		dir := t.TempDir()
 		s1, s2 := filepath.Join(dir, "pv1"), filepath.Join(dir, "pv2")
 		for _, s := range []string{s1, s2} {
-			if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: s, VolumeCapability: mountCap()}); err != nil {
-				t.Fatal(err)
-			}
+			e.stageMount(t, id, s)
 		}
 		// The snapshot's thaw fails: its freeze marker stays.
 		e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "frozen-two-snap", SourceVolumeId: id})

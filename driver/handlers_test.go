@@ -107,6 +107,16 @@ func (e env) stageBlock(t *testing.T, id, staging string) {
 	}
 }
 
+// stageMount stages volume id for mount access (the default ext4) at
+// staging.
+func (e env) stageMount(t *testing.T, id, staging string) {
+	t.Helper()
+	if _, err := e.d.NodeStageVolume(context.Background(), &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+		VolumeCapability: mountCap()}); err != nil {
+		t.Fatalf("NodeStageVolume %s: %v", id, err)
+	}
+}
+
 // attachMounted attaches volume id through the fake frontend and, unless
 // mountPath is "", lists its device as mounted there (what a mount-access
 // stage leaves); it returns the device.

@@ -22,9 +22,7 @@ func TestHealthMountStageGoneWithoutPublish(t *testing.T) {
 	ctx := context.Background()
 	id := e.createVolume(t, "stage-gone", 1<<20).VolumeId
 	staging := filepath.Join(t.TempDir(), "globalmount")
-	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: mountCap()}); err != nil {
-		t.Fatal(err)
-	}
+	e.stageMount(t, id, staging)
 	notMounted := func() bool {
 		t.Helper()
 		h, err := e.d.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: id, StagingTargetPath: staging})

@@ -114,9 +114,7 @@ func TestMarkerDirIsAFileLetsPodGo(t *testing.T) {
 			e := newEnv(t, func(o *driver.Options) { o.Freeze, o.Thaw = fz.freeze, fz.thaw })
 			ctx := context.Background()
 			id, dir, staging := e.mountedVolume(t, "v")
-			if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: mountCap()}); err != nil {
-				t.Fatal(err)
-			}
+			e.stageMount(t, id, staging)
 			target := filepath.Join(dir, "target")
 			if _, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: mountCap()}); err != nil {
 				t.Fatal(err)

@@ -198,9 +198,7 @@ func TestNodeExpandChecksPath(t *testing.T) {
 	ctx := context.Background()
 	id := e.createVolume(t, "expand", 4<<20).VolumeId
 	staging := filepath.Join(t.TempDir(), "staging")
-	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: mountCap()}); err != nil {
-		t.Fatal(err)
-	}
+	e.stageMount(t, id, staging)
 	tools.mu.Lock()
 	tools.ran = nil
 	tools.mu.Unlock()

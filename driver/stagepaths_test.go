@@ -22,9 +22,7 @@ func TestStageAtPathHoldingAnotherVolume(t *testing.T) {
 	a := e.createVolume(t, "vol-a", 1<<20).VolumeId
 	b := e.createVolume(t, "vol-b", 1<<20).VolumeId
 	staging := filepath.Join(t.TempDir(), "globalmount")
-	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: a, StagingTargetPath: staging, VolumeCapability: mountCap()}); err != nil {
-		t.Fatal(err)
-	}
+	e.stageMount(t, a, staging)
 	_, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: b, StagingTargetPath: staging, VolumeCapability: mountCap()})
 	mps, _ := e.fm.List()
 	n := 0
@@ -49,9 +47,7 @@ func TestPublishAtOwnStagingPathWithoutRecord(t *testing.T) {
 	ctx := context.Background()
 	id := e.createVolume(t, "v", 1<<20).VolumeId
 	staging := filepath.Join(t.TempDir(), "globalmount")
-	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: mountCap()}); err != nil {
-		t.Fatal(err)
-	}
+	e.stageMount(t, id, staging)
 	if err := os.RemoveAll(filepath.Join(dataDir, "stages")); err != nil {
 		t.Fatal(err)
 	}
@@ -72,9 +68,7 @@ func TestUnpublishDropsPublishRecord(t *testing.T) {
 	b := e.createVolume(t, "b", 1<<20).VolumeId
 	dir := t.TempDir()
 	stageA, path, target := filepath.Join(dir, "stage-a"), filepath.Join(dir, "p"), filepath.Join(dir, "pod")
-	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: a, StagingTargetPath: stageA, VolumeCapability: mountCap()}); err != nil {
-		t.Fatal(err)
-	}
+	e.stageMount(t, a, stageA)
 	if _, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: a, StagingTargetPath: stageA, TargetPath: path, VolumeCapability: mountCap()}); err != nil {
 		t.Fatal(err)
 	}
@@ -100,9 +94,7 @@ func TestPublishThroughAnotherVolumesStagingPath(t *testing.T) {
 	dir := t.TempDir()
 	stageA, stageB, target := filepath.Join(dir, "stage-a"), filepath.Join(dir, "stage-b"), filepath.Join(dir, "pod")
 	for id, staging := range map[string]string{a: stageA, b: stageB} {
-		if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: mountCap()}); err != nil {
-			t.Fatal(err)
-		}
+		e.stageMount(t, id, staging)
 	}
 	_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: a, StagingTargetPath: stageB, TargetPath: target, VolumeCapability: mountCap()})
 	mps, _ := e.fm.List()
