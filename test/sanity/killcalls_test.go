@@ -212,7 +212,7 @@ func (c *chaos) recap() {
 		return
 	}
 	if len(c.errs) == 0 {
-		c.t.Logf("RECAP: no failure of the test's own steps; it came from the plugin's stop (above the plugin's log) or the leftover checks (below it)")
+		c.t.Logf("RECAP: none of the chaos steps' own checks failed; the failure is a helper's (a plugin's start or restart, above), the plugin's stop (just above its log) or the leftover checks (below its log)")
 		return
 	}
 	c.t.Logf("RECAP of the %d failure(s), first lines (in full above, before the plugin's log):\n  %s", len(c.errs), strings.Join(c.errs, "\n  "))
@@ -422,7 +422,7 @@ func (c *chaos) startNoWait() *plugin {
 	logPath := filepath.Join(filepath.Dir(c.k.sock), "csi-snap-"+time.Now().Format("150405.000000")+"-nowait.log")
 	logf, err := os.Create(logPath)
 	if err != nil {
-		c.t.Fatal(err)
+		c.fatalf("plugin log: %v", err)
 	}
 	os.Remove(c.k.sock) // so that a dial tells whether this one listens
 	args := []string{"--endpoint", "unix://" + c.k.sock, "--data-dir", c.k.data, "--node-id", "sanity-node", "-v", "4"}
@@ -434,7 +434,7 @@ func (c *chaos) startNoWait() *plugin {
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Cloneflags: clone}
 	if err := cmd.Start(); err != nil {
-		c.t.Fatal(err)
+		c.fatalf("start the plugin: %v", err)
 	}
 	logf.Close()
 	p := &plugin{cmd: cmd, exited: make(chan error, 1), log: logPath, sock: c.k.sock}
