@@ -19,7 +19,8 @@ echo "== dependency direction (exceptions <- cow <- driver <- cmd)"
 hack/verify-deps.sh
 # Every run goes through hack/testsummary: go test's usual lines, the whole
 # output of a failed test, then every skipped test with its message (plain
-# go test shows skips only with -v).
+# go test shows skips only with -v), then a recap of the failed tests'
+# messages, one line each.
 summary=$(mktemp -d /tmp/csi-snap-testsummary.XXXXXX)/testsummary
 trap 'rm -rf "$(dirname "$summary")"' EXIT
 go build -o "$summary" ./hack/testsummary

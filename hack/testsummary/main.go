@@ -6,7 +6,10 @@
 //
 // It exits 1 when a test or package failed, or when the input ends inside
 // a test (the test binary died), so a pipeline with pipefail fails as plain
-// `go test` would. Benchmarks (-bench) count as tests; one that passed
+// `go test` would. Last, it repeats the first line of every message a failed
+// test logged (t.Log, t.Error and t.Fatal print alike, so all of them): a
+// failed test's output can end in hundreds of lines of the plugin's log, and
+// a reader who sees only the tail of CI's output would miss why it failed. Benchmarks (-bench) count as tests; one that passed
 // ends with its package's pass.
 package main
 
@@ -16,6 +19,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"regexp"
 	"slices"
 	"strings"
 )
@@ -47,6 +51,7 @@ func main() {
 func summarize(r io.Reader, w io.Writer) (failed bool, err error) {
 	out := map[key][]string{} // output of tests (and packages) still running
 	var skips []string
+	var recap []string // failed tests' message lines, for the recap at the end
 	helpers := 0
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 1<<20), 64<<20)
@@ -100,6 +105,9 @@ func summarize(r io.Reader, w io.Writer) (failed bool, err error) {
 			}
 			text := strings.Join(out[k], "")
 			fmt.Fprint(w, text)
+			if e.Test != "" {
+				recap = append(recap, recapLines(e.Package, e.Test, out[k])...)
+			}
 			if e.Test == "" && !strings.Contains(text, "FAIL\t"+e.Package) {
 				fmt.Fprintf(w, "FAIL\t%s\t%.3fs\n", e.Package, e.Elapsed)
 			}
@@ -115,13 +123,52 @@ func summarize(r io.Reader, w io.Writer) (failed bool, err error) {
 		if k.test != "" {
 			failed = true
 			fmt.Fprintf(w, "%s %s: no result (the test binary died?):\n%s", k.pkg, k.test, strings.Join(lines, ""))
+			recap = append(recap, recapLines(k.pkg, k.test+" (no result: the test binary died?)", lines)...)
 		}
 	}
 	fmt.Fprintf(w, "== %d tests skipped (besides %d child-process helpers, which skip when run as tests):\n", len(skips), helpers)
 	for _, s := range skips {
 		fmt.Fprintln(w, "  "+s)
 	}
+	if len(recap) > 0 {
+		fmt.Fprintln(w, "== RECAP of what failed: the first line of each message of each failed test (in full above)")
+		for _, l := range recap {
+			fmt.Fprintln(w, l)
+		}
+	}
 	return failed, nil
+}
+
+// A message line of go test's output: its indent, then the file and line
+// of the t.Log, t.Error or t.Fatal call. A message's further lines are
+// indented deeper and have no location.
+var messageLine = regexp.MustCompile(`^ +[^ ]+\.go:[0-9]+: `)
+
+// The recap keeps at most recapFirst and recapLast message lines of one
+// test (a test may log hundreds), each cut to recapWidth bytes.
+const recapFirst, recapLast, recapWidth = 10, 30, 300
+
+// recapLines is the recap of one failed test: its name, then the first
+// line of each of its messages.
+func recapLines(pkg, test string, output []string) []string {
+	var msgs []string
+	for _, o := range output {
+		for _, l := range strings.Split(strings.TrimRight(o, "\n"), "\n") {
+			if messageLine.MatchString(l) {
+				if len(l) > recapWidth {
+					l = l[:recapWidth] + " ..."
+				}
+				msgs = append(msgs, "  "+strings.TrimSpace(l))
+			}
+		}
+	}
+	if n := len(msgs) - recapFirst - recapLast; n > 0 {
+		msgs = slices.Concat(msgs[:recapFirst], []string{fmt.Sprintf("  ... %d more ...", n)}, msgs[len(msgs)-recapLast:])
+	}
+	if len(msgs) == 0 {
+		msgs = []string{"  (no message of its own: a subtest's failure, or see its output above)"}
+	}
+	return append([]string{pkg + " " + test + ":"}, msgs...)
 }
 
 // message is a skipped test's message: its output without the run and
