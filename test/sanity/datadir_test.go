@@ -318,6 +318,7 @@ func TestBrokenDataDirRestartServes(t *testing.T) {
 			<-b.p.exited
 			b.p.exited <- nil
 			cmd := exec.Command(b.bin, append([]string{"--endpoint", "unix://" + b.sock, "--data-dir", b.data, "--node-id", "sanity-node"}, b.args...)...)
+			cmd.Env = pluginEnv()
 			var out bytes.Buffer
 			cmd.Stdout, cmd.Stderr = &out, &out
 			if err := cmd.Start(); err != nil {

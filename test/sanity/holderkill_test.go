@@ -421,6 +421,7 @@ func TestSecondPluginRefused(t *testing.T) {
 		// A short wait for the first to let go (--wait-previous), which
 		// it never does: then refused, as with no wait.
 		cmd := exec.Command(k.bin, append([]string{"--endpoint", "unix://" + sock, "--node-id", "sanity-node", "--wait-previous=2s"}, args...)...)
+		cmd.Env = pluginEnv()
 		out := make(chan []byte, 1)
 		go func() { b, _ := cmd.CombinedOutput(); out <- b }()
 		select {

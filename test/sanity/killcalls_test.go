@@ -431,6 +431,7 @@ func (c *chaos) startNoWait() *plugin {
 		args, clone = append(args, "--fuse-holder=external"), syscall.CLONE_NEWPID
 	}
 	cmd := exec.Command(c.k.bin, args...)
+	cmd.Env = pluginEnv()
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Cloneflags: clone}
 	if err := cmd.Start(); err != nil {

@@ -41,12 +41,24 @@ func buildPlugin(t *testing.T) string {
 
 var binDir string
 
+// pluginEnv is the environment of the plugins the tests start: this
+// process's, with TMPDIR in binDir. At its start the plugin's mount library
+// makes a directory in TMPDIR to probe umount and removes it after; a
+// plugin killed in between (tests kill them at start on purpose) would
+// leave it in /tmp. In binDir it goes when the tests end.
+func pluginEnv() []string {
+	return append(os.Environ(), "TMPDIR="+filepath.Join(binDir, "tmp"))
+}
+
 func TestMain(m *testing.M) {
 	d, err := os.MkdirTemp("", "csi-snap-bin")
 	if err != nil {
 		panic(err)
 	}
 	binDir = d
+	if err := os.Mkdir(filepath.Join(d, "tmp"), 0o700); err != nil {
+		panic(err)
+	}
 	code := m.Run()
 	os.RemoveAll(d)
 	os.Exit(code)
@@ -128,6 +140,7 @@ func startPluginAttr(t *testing.T, clone uintptr, bin, sock, dataDir string, ext
 	args := append([]string{"--endpoint", "unix://" + sock, "--data-dir", dataDir, "--node-id", "sanity-node", "-v", "4"}, extra...)
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Env = pluginEnv()
 	// If this test process dies (timeout), take the plugin with it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Cloneflags: clone}
 	if err := cmd.Start(); err != nil {

@@ -57,6 +57,7 @@ func TestSecondPluginRefusedOnFailedStore(t *testing.T) {
 	}
 	second := exec.Command(k.bin, "--endpoint", "unix://"+sock2, "--data-dir", k.data, "--run-dir", run2,
 		"--node-id", "sanity-node", "--wait-previous=2s")
+	second.Env = pluginEnv()
 	second.Stdout, second.Stderr = logf, logf
 	second.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := second.Start(); err != nil {

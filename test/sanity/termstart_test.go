@@ -33,6 +33,7 @@ func TestTermWhileStartingKeepsHeldVolume(t *testing.T) {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(k.bin, "--endpoint", "unix://"+k.sock, "--data-dir", k.data, "--node-id", "sanity-node", "-v", "4", "--wait-previous=1m")
+	cmd.Env = pluginEnv()
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
