@@ -36,7 +36,13 @@ func mountFuse(mp string, readOnly bool) (int, error) {
 		rootmode = "100400"
 		flags |= unix.MS_RDONLY
 	}
-	opts := fmt.Sprintf("fd=%d,rootmode=%s,user_id=0,group_id=0,allow_other", fd, rootmode)
+	// allow_other: the loop driver's and the fuse-holder's opens are other
+	// processes'. default_permissions: the kernel checks the file's mode
+	// (rootmode, owned by uid 0) on open, as for any file; without it, a
+	// FUSE file system that checks nothing itself (this one) lets any user
+	// who can reach the path read and write the whole volume. The run dir
+	// is made 0700, but an operator may have opened it to others.
+	opts := fmt.Sprintf("fd=%d,rootmode=%s,user_id=0,group_id=0,allow_other,default_permissions", fd, rootmode)
 	if err := unix.Mount("csi-snap", mp, fuseFsType, flags, opts); err != nil {
 		unix.Close(fd)
 		return -1, fmt.Errorf("mount fuse on %s: %w", mp, err)
