@@ -128,6 +128,7 @@ func TestWriteAtPieces(t *testing.T) {
 	}{
 		{"smaller than a piece is one call", 4096, 4096, [][2]int64{{4096, 4096}}},
 		{"exactly a piece is one call", 3 * piece, piece, [][2]int64{{3 * piece, piece}}},
+		{"exactly a piece at an unaligned offset is one call", 4096, piece, [][2]int64{{4096, piece}}},
 		{"aligned 1 MiB is 16 pieces", 1 << 20, 1 << 20, nil},
 		{"unaligned start is cut at the next boundary", piece - 4096, 2 * piece,
 			[][2]int64{{piece - 4096, 4096}, {piece, piece}, {2 * piece, piece - 4096}}},
@@ -239,5 +240,111 @@ func TestFileBackendSetWritePieceInvalid(t *testing.T) {
 	}
 	if b.piece != DefaultWritePiece {
 		t.Errorf("piece after refused calls = %d, want %d", b.piece, DefaultWritePiece)
+	}
+}
+
+// TestFileBackendLargeUnalignedWritesBuffered: a large write whose offset
+// or length is not 4096-aligned (memory aligned) cannot go O_DIRECT (the
+// kernel refuses it, EINVAL) and must go through the page cache instead,
+// every byte landing.
+func TestFileBackendLargeUnalignedWritesBuffered(t *testing.T) {
+	const size = 4 << 20
+	dir := t.TempDir()
+	probe := filepath.Join(dir, "probe")
+	if fd, err := unix.Open(probe, unix.O_RDWR|unix.O_CREAT|unix.O_DIRECT|unix.O_CLOEXEC, 0o600); err != nil {
+		skipOrFail(t, "SKIPPED: the temp dir's file system refuses O_DIRECT: %v", err)
+	} else {
+		unix.Close(fd)
+	}
+	b, err := OpenFileBackendDirectLarge(filepath.Join(dir, "f.img"), size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	if b.dfd < 0 {
+		t.Fatal("the file system takes O_DIRECT, but the backend opened no O_DIRECT fd")
+	}
+	buf, _, free := requestBuffers() // 4096-aligned memory
+	defer free()
+	buf = buf[inHeaderSize+writeInSize:][:1<<20]
+	for i := range buf {
+		buf[i] = byte(i*11 + 1)
+	}
+	want := make([]byte, size)
+	for _, w := range []struct {
+		off int64
+		n   int
+	}{
+		{100, directMin},           // offset not aligned
+		{1 << 20, directMin + 100}, // length not aligned
+		{2<<20 + 512, 1 << 19},     // offset aligned to 512 only
+		{3 << 20, directMin + 512}, // length aligned to 512 only
+	} {
+		p := buf[:w.n]
+		if b.writeDirect(p, w.off) {
+			t.Errorf("write of %d bytes at %d would go O_DIRECT", w.n, w.off)
+		}
+		if n, err := b.WriteAt(p, w.off); err != nil || n != w.n {
+			t.Fatalf("WriteAt(%d bytes, %d) = %d, %v; want %d, nil", w.n, w.off, n, err, w.n)
+		}
+		copy(want[w.off:], p)
+	}
+	got := make([]byte, size)
+	if n, err := b.ReadAt(got, 0); err != nil || n != size {
+		t.Fatalf("ReadAt = %d, %v", n, err)
+	}
+	if i := firstDiff(got, want); i >= 0 {
+		t.Fatalf("byte %d is %#x, want %#x", i, got[i], want[i])
+	}
+}
+
+// TestFileBackendGrowRefusesShrink: Grow only extends: a smaller size (or
+// one not a multiple of 4096) is refused with ErrInvalid, and the file
+// keeps its size and its bytes (a shrink would cut the volume's tail).
+func TestFileBackendGrowRefusesShrink(t *testing.T) {
+	const size = 1 << 20
+	path := filepath.Join(t.TempDir(), "f.img")
+	b, err := OpenFileBackend(path, size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	tail := bytes.Repeat([]byte{0x5c}, 4096)
+	if _, err := b.WriteAt(tail, size-4096); err != nil {
+		t.Fatal(err)
+	}
+	for _, to := range []int64{size - 4096, 4096, size + 100} {
+		if err := b.Grow(to); !errors.Is(err, ErrInvalid) {
+			t.Errorf("Grow(%d) of a %d-byte backend = %v, want ErrInvalid", to, size, err)
+		}
+	}
+	if b.Size() != size {
+		t.Errorf("Size() = %d after refused Grows, want %d", b.Size(), size)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil || st.Size != size {
+		t.Fatalf("file size %d (%v) after refused Grows, want %d", st.Size, err, size)
+	}
+	got := make([]byte, 4096)
+	if _, err := b.ReadAt(got, size-4096); err != nil || !bytes.Equal(got, tail) {
+		t.Fatalf("last block after refused Grows: %v, intact %v", err, bytes.Equal(got, tail))
+	}
+	if err := b.Grow(2 * size); err != nil || b.Size() != 2*size {
+		t.Fatalf("Grow(%d) = %v, Size %d", 2*size, err, b.Size())
+	}
+}
+
+// TestOpenFileBackendRefusesBadSize: a size that is not positive or not a
+// multiple of 4096 (the loop device's block) is refused with ErrInvalid,
+// and the file is left as it was.
+func TestOpenFileBackendRefusesBadSize(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "f.img")
+	for _, size := range []int64{0, -4096, 1000, 4096 + 512} {
+		if b, err := OpenFileBackend(path, size); !errors.Is(err, ErrInvalid) {
+			if b != nil {
+				b.Close()
+			}
+			t.Errorf("OpenFileBackend(%d) = %v, want ErrInvalid", size, err)
+		}
 	}
 }

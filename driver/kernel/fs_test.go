@@ -146,7 +146,8 @@ func testFilesystem(t *testing.T, name, mkfs, fsck string) {
 		t.Fatal(err)
 	}
 	// A holder older than freezes (it answers "unknown op"), one that may
-	// not freeze (no CAP_SYS_ADMIN: EPERM), and none at all: the freeze,
+	// not freeze (no CAP_SYS_ADMIN: EPERM; an LSM refusing it the fd:
+	// EACCES), and none at all: the freeze,
 	// thaw and sync are made in this process.
 	fake := func(answer string) string {
 		sock := filepath.Join(t.TempDir(), "fake-holder.sock")
@@ -169,7 +170,7 @@ func testFilesystem(t *testing.T, name, mkfs, fsck string) {
 		return sock
 	}
 	holderSock := fe.sock
-	for _, sock := range []string{fake("unknown op freeze"), fake(errnoText(unix.EPERM)), filepath.Join(t.TempDir(), "none.sock")} {
+	for _, sock := range []string{fake("unknown op freeze"), fake(errnoText(unix.EPERM)), fake(errnoText(unix.EACCES)), filepath.Join(t.TempDir(), "none.sock")} {
 		fe.sock = sock
 		if err := fe.Sync(mnt); err != nil || fe.holderSyncs.Load() != 1 {
 			t.Fatalf("Sync with holder %s: %v, %d through the holder; want nil, still 1", sock, err, fe.holderSyncs.Load())
@@ -256,5 +257,115 @@ func testFilesystem(t *testing.T, name, mkfs, fsck string) {
 	mounted = false
 	if err := fe.Detach(ctx, id+"-ro"); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestHolderGoneMidRequest: the holder dies with a request of Frontend's
+// taken and no answer sent. A freeze it made must not stay (a filesystem
+// left frozen stops its pods for good): Freeze fails with ErrHolderGone
+// and leaves the filesystem thawed. A thaw it made before dying is no
+// error of Thaw's. A sync is made here instead, and reaches the device.
+func TestHolderGoneMidRequest(t *testing.T) {
+	requireRoot(t)
+	requireTool(t, "mkfs.ext4")
+	ctx := context.Background()
+	fe, _ := newFrontend(t)
+	b := newFileBackend(t, t.TempDir(), 64<<20)
+	const id = "vol-holder-gone"
+	dev, err := fe.Attach(ctx, id, b, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mnt := filepath.Join(t.TempDir(), "mnt")
+	os.Mkdir(mnt, 0o755)
+	run(t, "mkfs.ext4", "-q", "-F", dev)
+	run(t, "mount", dev, mnt)
+	t.Cleanup(func() {
+		Thaw(mnt)
+		unix.Unmount(mnt, 0)
+		fe.Detach(ctx, id)
+	})
+	// fake serves each connection with serve, which gets the connection
+	// and the number of the request on it (from 0).
+	fake := func(serve func(c *net.UnixConn, n int) bool) string {
+		sock := filepath.Join(t.TempDir(), "fake-holder.sock")
+		ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: sock, Net: "unixpacket"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		go func() {
+			for {
+				c, err := ln.AcceptUnix()
+				if err != nil {
+					return
+				}
+				go func() {
+					defer c.Close()
+					for n := 0; ; n++ {
+						if _, err := c.Read(make([]byte, holderMsgMax)); err != nil {
+							return
+						}
+						if !serve(c, n) {
+							return // gone without an answer
+						}
+					}
+				}()
+			}
+		}()
+		return sock
+	}
+	holderSock := fe.sock
+	defer func() { fe.sock = holderSock }()
+
+	// Freezes, then dies.
+	fe.sock = fake(func(c *net.UnixConn, n int) bool {
+		if err := Freeze(mnt); err != nil {
+			t.Errorf("fake holder's freeze: %v", err)
+		}
+		return false
+	})
+	if err := fe.Freeze(mnt); !errors.Is(err, ErrHolderGone) {
+		t.Errorf("Freeze through a holder that froze and died: %v, want ErrHolderGone", err)
+	}
+	if err := Thaw(mnt); !errors.Is(err, unix.EINVAL) {
+		t.Fatalf("Thaw after Freeze's holder died mid-freeze: %v, want EINVAL (the filesystem was left frozen)", err)
+	}
+
+	// Freezes and answers; thaws, then dies.
+	fe.sock = fake(func(c *net.UnixConn, n int) bool {
+		if n == 0 {
+			if err := Freeze(mnt); err != nil {
+				t.Errorf("fake holder's freeze: %v", err)
+			}
+			writeHolder(c, holderResp{}, -1)
+			return true
+		}
+		if err := Thaw(mnt); err != nil {
+			t.Errorf("fake holder's thaw: %v", err)
+		}
+		return false
+	})
+	if err := fe.Freeze(mnt); err != nil {
+		t.Fatalf("Freeze through the fake holder: %v", err)
+	}
+	if err := fe.Thaw(mnt); err != nil {
+		t.Errorf("Thaw through a holder that thawed and died: %v, want nil", err)
+	}
+	if err := Thaw(mnt); !errors.Is(err, unix.EINVAL) {
+		t.Fatalf("Thaw after the holder's thaw: %v, want EINVAL (not frozen)", err)
+	}
+
+	// Takes a sync and dies: made here.
+	fe.sock = fake(func(c *net.UnixConn, n int) bool { return false })
+	if err := os.WriteFile(filepath.Join(mnt, "unsynced"), bytes.Repeat([]byte{7}, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	flushes := b.flushes.Load()
+	if err := fe.Sync(mnt); err != nil || fe.holderSyncs.Load() != 0 {
+		t.Fatalf("Sync through a holder that died: %v, %d counted through the holder; want nil, 0", err, fe.holderSyncs.Load())
+	}
+	if b.flushes.Load() == flushes {
+		t.Fatal("Sync through a holder that died flushed nothing to the device (not made here)")
 	}
 }

@@ -103,6 +103,8 @@ func TestStatFlags(t *testing.T) {
 		{"42 (a) b (c) R 1 42 42 0 -1 1572928 0", 1572928, true},
 		{"42 csi-snap S 1 42 42 0 -1 4194560", 0, false},
 		{"42 (csi-snap) S 1 42", 0, false},
+		// Six fields after the name, one short of the flags.
+		{"42 (csi-snap) S 1 42 42 0 -1", 0, false},
 		{"42 (csi-snap) S 1 42 42 0 -1 x", 0, false},
 	} {
 		got, err := statFlags(c.stat)

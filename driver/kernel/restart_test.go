@@ -1297,8 +1297,8 @@ func TestBoundDeviceNotDetached(t *testing.T) {
 // hour (attr_valid) after the attach: the loop device's status ioctl then
 // asks the server for them (loop_get_status calls vfs_getattr), so a
 // resume that looks the device up before its readers run waits for good.
-// Both modes are resumed, and a read-write device resumed as read-only
-// must keep serving with the mode it has.
+// Both modes are resumed, and a device resumed with the other mode must
+// keep serving with the mode it has.
 func TestResumeStaleAttributes(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()
@@ -1310,6 +1310,9 @@ func TestResumeStaleAttributes(t *testing.T) {
 		{"rw", false, false, nil},
 		{"ro", true, true, nil},
 		{"rw-asked-ro", false, true, ErrConflict},
+		// A read-only volume asked read-write must not come back
+		// writable (a new read-write device on its read-only mount).
+		{"ro-asked-rw", true, false, ErrConflict},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			fe, runDir := newFrontend(t)

@@ -3,8 +3,10 @@ package kernel
 import (
 	"bytes"
 	"context"
+	"errors"
 	"math/rand"
 	"os"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -99,4 +101,99 @@ func TestURingServes(t *testing.T) {
 			t.Errorf("%+v: %d ring threads run after the detach", c, n)
 		}
 	}
+}
+
+// failReadAtBackend fails every read that covers failOff, once armed, and
+// every Flush while failFlush is set, with EIO.
+type failReadAtBackend struct {
+	*countingBackend
+	armed     atomic.Bool
+	failFlush atomic.Bool
+	failOff   int64
+	failed    atomic.Int64
+}
+
+func (b *failReadAtBackend) Flush() error {
+	if b.failFlush.Load() {
+		b.failed.Add(1)
+		return &os.PathError{Op: "fdatasync", Path: "backing", Err: syscall.EIO}
+	}
+	return b.countingBackend.Flush()
+}
+
+func (b *failReadAtBackend) ReadAt(p []byte, off int64) (int, error) {
+	if b.armed.Load() && off <= b.failOff && b.failOff < off+int64(len(p)) {
+		b.failed.Add(1)
+		return 0, &os.PathError{Op: "pread", Path: "backing", Err: syscall.EIO}
+	}
+	return b.countingBackend.ReadAt(p, off)
+}
+
+// TestURingServesErrors: an error answer sent through the rings reaches
+// the caller as that error: a backend read that fails must fail the
+// device's read (EIO), and a backend flush that fails must fail the
+// device's fsync (an FSYNC reply has no arguments: with its error lost it
+// would read as success, and the caller would take unflushed data for
+// durable).
+func TestURingServesErrors(t *testing.T) {
+	requireURing(t)
+	runDir := t.TempDir()
+	fe, err := New(Config{RunDir: runDir, HolderCommand: testHolderCommand(), Readers: 2, URing: URingConfig{Depth: 4}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	const size = 16 << 20
+	b := &failReadAtBackend{countingBackend: newFileBackend(t, t.TempDir(), size), failOff: 8 << 20}
+	if _, err := b.WriteAt(bytes.Repeat([]byte{0x3c}, 4096), b.failOff); err != nil {
+		t.Fatal(err)
+	}
+	dev, err := fe.Attach(ctx, "u-err", b, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.armed.Store(true)
+	got, rerr := readDirect(t, dev, b.failOff, 4096)
+	b.armed.Store(false)
+	f, err := os.OpenFile(dev, os.O_RDWR|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(alignedBuf(4096), 0); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	flushes := b.flushes.Load()
+	b.failFlush.Store(true)
+	ferr := f.Sync()
+	b.failFlush.Store(false)
+	f.Close()
+	flushed := b.flushes.Load() > flushes || b.failed.Load() > 1
+	through := fe.get("u-err").srv.nURing.Load()
+	if err := fe.Detach(ctx, "u-err"); err != nil {
+		t.Fatalf("detach: %v", err)
+	}
+	fe.Close()
+	assertNothingLeft(t, runDir)
+	if through == 0 {
+		t.Fatal("no request came through the rings")
+	}
+	if b.failed.Load() == 0 {
+		t.Fatal("the failing read never reached the backend")
+	}
+	if !errors.Is(rerr, syscall.EIO) {
+		t.Errorf("read of a block the backend fails = %v (first byte %#x), want EIO", rerr, firstByte(got))
+	}
+	if !flushed {
+		t.Fatal("the device's fsync reached no backend Flush")
+	}
+	if ferr == nil {
+		t.Errorf("fsync of the device whose backend Flush fails (EIO) succeeded")
+	}
+}
+
+func firstByte(b []byte) any {
+	if len(b) == 0 {
+		return "none"
+	}
+	return b[0]
 }
