@@ -7,6 +7,7 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -840,4 +841,75 @@ func onExt4(t *testing.T, dir string, s *Store) bool {
 		t.Fatalf("the store's file size limit is %d on a file system of type %#x (ext4: %v)", s.fileLimit, st.Type, ext4)
 	}
 	return ext4
+}
+
+// TestSnapshotInfoSurvivesCheckpoint: every field of every snapshot (limit,
+// labels, creation time, invalid flag, group) reads the same after Close
+// (a checkpoint) and Open, and a limited snapshot's limit is still
+// enforced afterwards. A checkpoint that dropped the limit made a limited
+// snapshot unlimited after a restart.
+func TestSnapshotInfoSurvivesCheckpoint(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { s.Close() }()
+	const cs = 4096
+	v := mustVol(t, s, "v", 16*cs, cs)
+	mustVol(t, s, "w", 4*cs, cs)
+	fillRandom(t, v, 1)
+	write := func(c int) {
+		t.Helper()
+		if _, err := v.WriteAt(make([]byte, cs), int64(c)*cs); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := s.CreateSnapshot("v", "inv", SnapshotOptions{Limit: cs}); err != nil {
+		t.Fatal(err)
+	}
+	write(0)
+	write(1) // one chunk past inv's limit
+	if _, err := s.CreateSnapshot("v", "lim", SnapshotOptions{Limit: 4 * cs, Labels: map[string]string{"k": "v"}}); err != nil {
+		t.Fatal(err)
+	}
+	write(2)
+	if _, err := s.CreateSnapshotGroup("g", []GroupMember{{VolumeID: "w", SnapshotID: "gm", Labels: map[string]string{"m": "1"}}},
+		SnapshotOptions{Limit: 2 * cs}); err != nil {
+		t.Fatal(err)
+	}
+	before := s.Snapshots()
+	if len(before) != 3 || !before[1].Invalid || before[2].Limit != 4*cs || before[2].CowBytes != cs || before[0].GroupID != "g" {
+		t.Fatalf("before the checkpoint: %+v", before)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if s, err = Open(dir); err != nil {
+		t.Fatal(err)
+	}
+	after := s.Snapshots()
+	if len(after) != len(before) {
+		t.Fatalf("after reopen %d snapshots, before %d", len(after), len(before))
+	}
+	for i := range before {
+		b, a := before[i], after[i]
+		if !a.Created.Equal(b.Created) {
+			t.Errorf("%s: created %v, before %v", b.ID, a.Created, b.Created)
+		}
+		a.Created = b.Created
+		if !reflect.DeepEqual(a, b) {
+			t.Errorf("snapshot after reopen %+v\n                 before %+v", a, b)
+		}
+	}
+	v, err = s.Volume("v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for c := 3; c <= 6; c++ { // lim: 5 chunks, one past its limit
+		write(c)
+	}
+	if sn, err := s.Snapshot("lim"); err != nil || !sn.Info().Invalid {
+		t.Fatalf("lim after %d bytes of copies over a %d limit: %+v %v", 5*cs, 4*cs, sn.Info(), err)
+	}
 }

@@ -354,3 +354,52 @@ func TestZeroRunLongerThanOneChunkIsCorrupt(t *testing.T) {
 		})
 	}
 }
+
+// TestImpossibleGroupRecordsAreCorrupt: a group record may name only
+// snapshots made for it (flag 8, in its own batch, in no other group), one
+// per volume. A log whose group record names a plain snapshot, another
+// group's member, or two snapshots of one volume is damage: Open must
+// refuse it with ErrCorrupt rather than build a group that DeleteSnapshot
+// and DeleteSnapshotGroup then disagree about. Each case has its good twin.
+func TestImpossibleGroupRecordsAreCorrupt(t *testing.T) {
+	ckpt := []*record{
+		{Type: recVolume, Obj: 1, Size: 64 << 10, ChunkSize: 4096, ID: "v"},
+		{Type: recSnapshot, Obj: 2, Parent: 1, Size: 64 << 10, Created: 1, ID: "plain"},
+		{Type: recVolume, Obj: 3, Size: 64 << 10, ChunkSize: 4096, ID: "w"},
+		{Type: recNextObj, Obj: 4},
+	}
+	member := func(obj, vol uint32, id string) *record {
+		return &record{Type: recSnapshot, Obj: obj, Parent: vol, Size: 64 << 10, Created: 2, Flags: flagGroup, ID: id}
+	}
+	group := func(id string, members ...uint32) *record {
+		return &record{Type: recGroup, ID: id, Created: 2, Members: members}
+	}
+	for _, c := range []struct {
+		name    string
+		batches [][]*record
+		good    bool
+	}{
+		{"two volumes (good)", [][]*record{{member(4, 1, "m4"), member(5, 3, "m5"), group("g", 4, 5)}}, true},
+		{"a plain snapshot", [][]*record{{group("g", 2)}}, false},
+		{"a plain snapshot beside a member", [][]*record{{member(4, 3, "m4"), group("g", 4, 2)}}, false},
+		{"two snapshots of one volume", [][]*record{{member(4, 1, "m4"), member(5, 1, "m5"), group("g", 4, 5)}}, false},
+		{"another group's member", [][]*record{{member(4, 1, "m4"), group("g", 4)}, {group("h", 4)}}, false},
+		{"two groups, each its own member (good)", [][]*record{{member(4, 1, "m4"), group("g", 4)}, {member(5, 1, "m5"), group("h", 5)}}, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			s, _, err := openLog(t, ckpt, c.batches...)
+			if err == nil {
+				defer s.Close()
+			}
+			if c.good && err != nil {
+				t.Fatalf("Open: %v", err)
+			} else if !c.good && !errors.Is(err, ErrCorrupt) {
+				gs := []GroupInfo(nil)
+				if err == nil {
+					gs = s.SnapshotGroups()
+				}
+				t.Fatalf("Open of a log whose group record names %s: %v (groups %+v), want ErrCorrupt", c.name, err, gs)
+			}
+		})
+	}
+}

@@ -575,3 +575,42 @@ func TestMetadataConcurrentWrites(t *testing.T) {
 		}
 	}
 }
+
+// TestAllocatedRangesCloneOfUnalignedSource: a clone's chunk that starts
+// before its source snapshot's end but ends past it (the source's size is
+// not a multiple of the chunk size) reads through to the source until the
+// clone writes it, so its source's data there is allocated in the clone's
+// snapshots. Rounding the source's size down instead of up when deciding
+// which chunks the clone holds reported that chunk as all zeros.
+func TestAllocatedRangesCloneOfUnalignedSource(t *testing.T) {
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	const cs = 4096
+	a := mustVol(t, s, "a", 10000, cs) // chunk 2 holds bytes 8192..10000
+	if _, err := a.WriteAt([]byte{1, 2, 3}, 9000); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("a", "sa", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := s.CloneSnapshot("sa", "c", 4*cs, VolumeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 3)
+	if _, err := c.ReadAt(got, 9000); err != nil || !slices.Equal(got, []byte{1, 2, 3}) {
+		t.Fatalf("clone at 9000: %v %v", got, err)
+	}
+	if _, err := s.CreateSnapshot("c", "sc", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"sa", "sc"} {
+		rs := collectRanges(t, func(fn func(off, n int64) bool) error { return s.AllocatedRanges(id, fn) })
+		if !slices.ContainsFunc(rs, func(r [2]int64) bool { return r[0] <= 9000 && 9003 <= r[1] }) {
+			t.Errorf("AllocatedRanges(%s) = %v: the non-zero bytes at 9000..9003 are not in it", id, rs)
+		}
+	}
+}
