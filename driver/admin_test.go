@@ -12,6 +12,7 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/csi-snap/csi-snap/driver"
+	"github.com/csi-snap/csi-snap/driver/drivertest"
 )
 
 // postRollback sends body to the admin handler and returns the HTTP status
@@ -200,5 +201,61 @@ func TestAdminUnknownPathAnswersAdminError(t *testing.T) {
 		if err := json.Unmarshal(rec.Body.Bytes(), &bad); err != nil || rec.Code != http.StatusNotFound || bad.Code == "" || bad.Message == "" {
 			t.Errorf("POST %s: %d %q (%v), want 404 with an AdminError", path, rec.Code, rec.Body, err)
 		}
+	}
+}
+
+// devicelessFrontend is the in-memory frontend with one volume attached
+// (its FUSE file held across a restart, a filesystem maybe mounted on its
+// device) yet no loop device known for it.
+type devicelessFrontend struct {
+	*drivertest.Frontend
+	id string
+}
+
+func (f *devicelessFrontend) Device(id string) (string, bool) {
+	if id == f.id {
+		return "", false
+	}
+	return f.Frontend.Device(id)
+}
+
+func (f *devicelessFrontend) Attached() []string { return append(f.Frontend.Attached(), f.id) }
+
+// TestAdminRollbackRefusesHeldVolume: a volume the frontend holds with no
+// device (held across a restart, not taken back with one) is in use as
+// much as a staged one: the rollback is refused, and the volume keeps its
+// bytes; once it is not held, the answer counts bytes as chunks times the
+// chunk size.
+func TestAdminRollbackRefusesHeldVolume(t *testing.T) {
+	fe := &devicelessFrontend{Frontend: drivertest.NewFrontend()}
+	e := newEnv(t, func(o *driver.Options) { o.Frontend = fe })
+	vol := e.createVolume(t, "rb-held", 1<<20)
+	b, err := e.store.VolumeBackend(vol.VolumeId)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.WriteAt(bytes.Repeat([]byte{'a'}, 8192), 0); err != nil {
+		t.Fatal(err)
+	}
+	snap := e.createSnapshot(t, "rb-held-snap", vol.VolumeId)
+	if _, err := b.WriteAt(bytes.Repeat([]byte{'b'}, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	fe.id = vol.VolumeId
+	status, _, bad := postRollback(t, e, http.MethodPost, rbBody(vol.VolumeId, snap.SnapshotId))
+	if status != http.StatusConflict || bad.Code != "FailedPrecondition" {
+		t.Errorf("rollback of a volume held without a device: %d %s (%s), want 409 FailedPrecondition", status, bad.Code, bad.Message)
+	}
+	got := make([]byte, 1)
+	if _, err := b.ReadAt(got, 0); err != nil || got[0] != 'b' {
+		t.Fatalf("refused rollback changed the held volume: %q, %v", got, err)
+	}
+	fe.id = "v-none"
+	status, ok, bad := postRollback(t, e, http.MethodPost, rbBody(vol.VolumeId, snap.SnapshotId))
+	if status != http.StatusOK {
+		t.Fatalf("rollback once not held: %d %s %s", status, bad.Code, bad.Message)
+	}
+	if ok.ChunkSize == 0 || ok.ChunksRewritten == 0 || ok.BytesRewritten != ok.ChunksRewritten*int64(ok.ChunkSize) {
+		t.Errorf("response %+v: want bytesRewritten = chunksRewritten * chunkSize", ok)
 	}
 }

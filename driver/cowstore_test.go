@@ -297,3 +297,48 @@ func restored(t *testing.T, s *CowStore, size int) *cow.Volume {
 	}
 	return c
 }
+
+// TestCowStoreReportsAllocatedAndZeroed: the adapter hands on what cow
+// counts: a volume's AllocatedBytes (the csi_snap_volume_allocated_bytes
+// gauge, which an operator sizes the disk by) and a rollback's chunks
+// zeroed (printed by `csi-snap rollback`), not zero.
+func TestCowStoreReportsAllocatedAndZeroed(t *testing.T) {
+	st, err := OpenCowStore(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	const cs = 16 << 10
+	if _, err := st.CreateVolume("v", 16*cs, VolumeOptions{ChunkSize: cs}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.CreateSnapshot("v", "s", nil); err != nil { // all zeros
+		t.Fatal(err)
+	}
+	b, err := st.VolumeBackend("v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := int64(0); i < 3; i++ {
+		if _, err := b.WriteAt(bytes.Repeat([]byte{0x5a}, cs), i*2*cs); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := b.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	vols := st.Volumes()
+	if len(vols) != 1 || vols[0].AllocatedBytes < 3*cs {
+		t.Errorf("Volumes() after writing 3 chunks of %d bytes: %+v, want AllocatedBytes >= %d", cs, vols, 3*cs)
+	}
+	if vi, err := st.Volume("v"); err != nil || vi.AllocatedBytes < 3*cs {
+		t.Errorf("Volume(v) after writing 3 chunks: %+v, %v; want AllocatedBytes >= %d", vi, err, 3*cs)
+	}
+	res, err := st.Rollback("v", "s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.ChunksZeroed+res.ChunksRewritten != 3 || res.ChunksZeroed == 0 {
+		t.Errorf("rollback of 3 written chunks to an all-zero snapshot: %+v, want them counted as zeroed", res)
+	}
+}

@@ -406,3 +406,54 @@ func TestGroupCapabilities(t *testing.T) {
 		t.Fatalf("create without group store: %v", err)
 	}
 }
+
+// failableCowStore is the cow store whose Err answers failed once set (a
+// store whose log failed: its memory may hold objects that never reached
+// the disk), every other method cow's own.
+type failableCowStore struct {
+	*driver.CowStore
+	failed error
+}
+
+func (s *failableCowStore) Err() error {
+	if s.failed != nil {
+		return s.failed
+	}
+	return s.CowStore.Err()
+}
+
+// TestGroupRetryOnFailedStoreAnswersUnavailable: as CreateSnapshot's retry
+// (TestFailedStoreAnswersUnavailable), a retried CreateVolumeGroupSnapshot
+// on a store whose log failed must not find the group by name in memory
+// (its batch may be the one that failed) and answer it ready: Unavailable.
+func TestGroupRetryOnFailedStoreAnswersUnavailable(t *testing.T) {
+	cs, err := driver.OpenCowStore(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cs.Close() })
+	st := &failableCowStore{CowStore: cs}
+	d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: st, Frontend: drivertest.NewFrontend(),
+		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{DisableScripts: true}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	var ids []string
+	for _, name := range []string{"a", "b"} {
+		r, err := d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20},
+			VolumeCapabilities: []*csi.VolumeCapability{mountCap()}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, r.Volume.VolumeId)
+	}
+	req := &csi.CreateVolumeGroupSnapshotRequest{Name: "g", SourceVolumeIds: ids}
+	if _, err := d.CreateVolumeGroupSnapshot(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	st.failed = fmt.Errorf("%w: log commit failed", driver.ErrClosed)
+	if r, err := d.CreateVolumeGroupSnapshot(ctx, req); status.Code(err) != codes.Unavailable {
+		t.Errorf("CreateVolumeGroupSnapshot retry on a failed store: %v, %v; want Unavailable", r.GetGroupSnapshot(), err)
+	}
+}

@@ -130,3 +130,22 @@ func TestFailedStoreHoldsLock(t *testing.T) {
 	}
 	s.Close()
 }
+
+// TestDropKillJournalMakesProbeNotReady: before the step, the store that
+// did not open keeps Probe ready (storeLost: a restart cannot help); once
+// the step dropped the journal, the store opens again, and only a restart
+// serves it: Err must then say so (not storeLost, still ErrClosed), so
+// that Probe answers not ready and the liveness probe restarts the plugin.
+func TestDropKillJournalMakesProbeNotReady(t *testing.T) {
+	dir := killedDamagedStore(t)
+	st := NewDamagedJournalStore(cow.ErrJournalDamaged, dir, "")
+	if err := st.Err(); !storeLost(err) {
+		t.Fatalf("before the drop: Err() = %v, want a lost store (Probe ready)", err)
+	}
+	if _, _, err := st.(KillJournalDropper).DropKillJournal([]string{"v"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Err(); err == nil || storeLost(err) || !errors.Is(err, ErrClosed) {
+		t.Errorf("after the drop: Err() = %v; want an ErrClosed that is not storeLost, so that Probe is not ready and the plugin restarts to serve the store", err)
+	}
+}

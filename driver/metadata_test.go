@@ -480,3 +480,68 @@ func TestStreamCallsMetered(t *testing.T) {
 	}
 	t.Fatal("no latency sample for GetMetadataAllocated with code NotFound")
 }
+
+// countedExtents is manyExtents counting the extents its walk gave.
+type countedExtents struct {
+	*drivertest.Store
+	n     int
+	given *int
+}
+
+func (m countedExtents) AllocatedRanges(snapID string, fn func(off, length int64) bool) error {
+	return manyExtents{Store: m.Store, n: m.n}.AllocatedRanges(snapID, func(off, length int64) bool {
+		*m.given++
+		return fn(off, length)
+	})
+}
+
+func (m countedExtents) ChangedRanges(base, target string, fn func(off, length int64) bool) error {
+	return m.AllocatedRanges(target, fn)
+}
+
+// brokenAllocatedStream is a server stream whose every Send fails, as
+// one's does once its client went away.
+type brokenAllocatedStream struct {
+	grpc.ServerStream
+	sends int
+}
+
+func (s *brokenAllocatedStream) Context() context.Context { return context.Background() }
+func (s *brokenAllocatedStream) Send(*csi.GetMetadataAllocatedResponse) error {
+	s.sends++
+	return status.Error(codes.Unavailable, "transport is closing")
+}
+
+// TestMetadataWalkStopsWhenSendFails: once a message could not be sent
+// (the client went away), the walk over the snapshot's extents stops,
+// rather than going through the whole index (holding the store) for
+// nobody, and the call answers the send's error.
+func TestMetadataWalkStopsWhenSendFails(t *testing.T) {
+	st := drivertest.NewStore()
+	var given int
+	const n = 100_000
+	d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: "n1", DataDir: t.TempDir(), Store: countedExtents{Store: st, n: n, given: &given},
+		Frontend: drivertest.NewFrontend(), Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{DisableScripts: true}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	v, err := d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "v", CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30},
+		VolumeCapabilities: []*csi.VolumeCapability{{AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
+			AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s", SourceVolumeId: v.Volume.VolumeId})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream := &brokenAllocatedStream{}
+	err = d.GetMetadataAllocated(&csi.GetMetadataAllocatedRequest{SnapshotId: s.Snapshot.SnapshotId, MaxResults: 10}, stream)
+	if status.Code(err) != codes.Unavailable {
+		t.Errorf("GetMetadataAllocated with a failing stream: %v, want the send's Unavailable", err)
+	}
+	if stream.sends != 1 || given > 10 {
+		t.Errorf("after the first send failed: %d sends, %d of %d extents walked; want 1 send and the walk stopped there (10)", stream.sends, given, n)
+	}
+}

@@ -481,3 +481,16 @@ func TestHolderProbe(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestEndpointSocketPathLimit: sun_path holds 107 bytes and a NUL: a unix
+// endpoint of 107 bytes is taken, one of 108 refused at validation (not at
+// the bind, after the store opened).
+func TestEndpointSocketPathLimit(t *testing.T) {
+	for n, ok := range map[int]bool{maxSocketPath: true, maxSocketPath + 1: false} {
+		path := "/" + strings.Repeat("e", n-1)
+		c := Config{Endpoint: "unix://" + path, NodeID: "n", DataDir: "/var/lib/csi-snap", RunDir: "/run/csi-snap", ShutdownTimeout: time.Second}
+		if err := c.validate(); (err == nil) != ok {
+			t.Errorf("endpoint socket path of %d bytes: validate() = %v, want ok %v", len(path), err, ok)
+		}
+	}
+}
