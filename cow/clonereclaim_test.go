@@ -861,3 +861,75 @@ func (im rewriteImage) readOldOrNew(seed int64, bufLen int, stop chan struct{}, 
 		}
 	}
 }
+
+// TestReclaimKeepsLiveSnapshotCopies: a live snapshot reads its own copies
+// whatever its clones hold. Volume v has a live snapshot s1 with a clone c
+// that rewrote (and flushed) the chunks whose copies s1 holds, and a
+// deleted snapshot s2 kept for its clone d, which makes v reclaimable. The
+// delete's reclaim pass, a Reclaim and Open's pass must punch none of s1's
+// copies: s1 still reads its bytes, not zeros.
+func TestReclaimKeepsLiveSnapshotCopies(t *testing.T) {
+	const cs = 64 << 10
+	const size = 8 * cs
+	s, dir := openT(t)
+	v, err := s.CreateVolume("v", size, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := randBytes(1, size)
+	if _, err := v.WriteAt(want, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s1", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := s.CloneSnapshot("s1", "c", size, VolumeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Chunks 0..3: copied into s1 by v's write, then held by c itself.
+	if _, err := v.WriteAt(randBytes(2, 4*cs), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.WriteAt(randBytes(3, 4*cs), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CloneSnapshot("s2", "d", size, VolumeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteSnapshot("s2"); err != nil { // kept for d: v is reclaimable now
+		t.Fatal(err)
+	}
+	check := func(when string) {
+		t.Helper()
+		sn, err := s.Snapshot("s1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := mustRead(t, sn, 0, size); !bytes.Equal(got, want) {
+			t.Fatalf("%s: live snapshot s1 differs at byte %d (%d, want %d): its copies were punched because its clone holds those chunks", when, firstDiff(got, want), got[firstDiff(got, want)], want[firstDiff(got, want)])
+		}
+	}
+	check("after the delete of s2")
+	if err := s.Reclaim(); err != nil {
+		t.Fatal(err)
+	}
+	check("after Reclaim")
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if s, err = Open(dir); err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	check("after Open")
+}

@@ -225,3 +225,42 @@ func TestRollbackShareWrites(t *testing.T) {
 	rbShareCheck(t, s, s1, s2)
 	rbShareWriteAfter(t, s, s1, s2)
 }
+
+// TestRollbackShareEmulatedClones: TestRollbackClones's rollback on a file
+// system whose clones are emulated (zFS: CloneFrom copies the bytes), so
+// the block-clone pass runs on any file system. Every one of the 48
+// rewritten chunks must come back as a clone: the first pass's copy-outs
+// are applied (drained) before the second looks, so none of them is still
+// in the overlay and none falls back to a write. The bytes are s1's, and
+// stay so after a reopen and a later write.
+func TestRollbackShareEmulatedClones(t *testing.T) {
+	dir := t.TempDir()
+	open := func() *Store {
+		s, err := openFS(dir, zFS{osFS{dir}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	s := open()
+	s1, s2 := rbShareState(t, s)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = open()
+	defer func() { s.Close() }()
+	res, err := s.Rollback("v", "s1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Chunks != 48 || res.Zeroed != 1 || res.ClonedBytes != 48<<16 {
+		t.Fatalf("rollback %+v: want 48 chunks, all cloned (%d bytes), and 1 zeroed", res, 48<<16)
+	}
+	rbShareCheck(t, s, s1, s2)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = open()
+	rbShareCheck(t, s, s1, s2)
+	rbShareWriteAfter(t, s, s1, s2)
+}
