@@ -97,6 +97,27 @@ func testFilesystem(t *testing.T, name, mkfs, fsck string) {
 	if err := fe.Thaw(mnt); err == nil {
 		t.Fatal("Thaw of a thawed filesystem succeeded")
 	}
+	// The holder answers a thaw on the freeze's own connection (asked as
+	// Thaw asks it). Thaw takes no answer for a holder gone and thaws
+	// here, which finds the filesystem thawed (EINVAL) and succeeds: a
+	// holder that thawed without answering, or whose thaw failed and
+	// said nothing, would pass through Thaw unseen.
+	if err := fe.Freeze(mnt); err != nil {
+		t.Fatal(err)
+	}
+	fe.frozenMu.Lock()
+	fc := fe.frozen[mnt]
+	delete(fe.frozen, mnt)
+	fe.frozenMu.Unlock()
+	resp, err := holderExchange(fc, holderReq{Op: "thaw"})
+	fc.Close()
+	if err != nil || resp.Err != "" {
+		Thaw(mnt)
+		t.Fatalf("thaw on the freeze's connection: answer %+v, %v; want an answer with no error", resp, err)
+	}
+	if err := Thaw(mnt); !errors.Is(err, unix.EINVAL) {
+		t.Fatalf("Thaw after the holder answered its thaw: %v, want EINVAL (not frozen)", err)
+	}
 	// The freezing process dies (here: its connection to the holder
 	// closes): the holder thaws, and a write goes through.
 	if err := fe.Freeze(mnt); err != nil {

@@ -66,6 +66,12 @@ func TestHolderClosesFDsItDoesNotKeep(t *testing.T) {
 		{"not JSON", []byte("{"), 1, "bad request"},
 		{"list", []byte(`{"op":"list"}`), 1, ""},
 		{"three fds", []byte(`{"op":"list"}`), 3, ErrHolderFDsLost.Error()},
+		// A put keeps exactly one fd: one with two is refused, and
+		// neither is kept (the second was kept, unreferenced, for as
+		// long as the holder lived, when the check took "at least one").
+		{"put with two fds", []byte(`{"op":"put","id":"v2fds","params":{"a":1}}`), 2, "put needs"},
+		// get, drop and run send no fd; one that came anyway is closed.
+		{"get with an fd", []byte(`{"op":"get","id":"nosuch"}`), 1, ""},
 	} {
 		var rs, ws []int
 		for range tc.fds {
@@ -81,11 +87,21 @@ func TestHolderClosesFDsItDoesNotKeep(t *testing.T) {
 		n, _ := unix.Read(s, buf) // the answer, or EOF
 		unix.Close(s)
 		if tc.answer != "" && !strings.Contains(string(buf[:max(n, 0)]), tc.answer) {
-			t.Errorf("%s: answer %q, want %q in it", tc.name, buf[:max(n, 0)], tc.answer)
+			// Fatal: a put taken by mistake leaves the holder holding
+			// it, which waitListed would wait a minute on.
+			t.Fatalf("%s: answer %q, want %q in it", tc.name, buf[:max(n, 0)], tc.answer)
 		}
 		waitListed(t, sock) // one request at a time: ours is done
 		for i, w := range ws {
-			if _, err := unix.Write(w, []byte("x")); !errors.Is(err, unix.EPIPE) {
+			// Some are closed from a goroutine (closeLater): give it
+			// a moment; a kept fd stays open for good.
+			var err error
+			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+				if _, err = unix.Write(w, []byte("x")); errors.Is(err, unix.EPIPE) || time.Now().After(deadline) {
+					break
+				}
+			}
+			if !errors.Is(err, unix.EPIPE) {
 				t.Errorf("%s: the holder kept fd %d of those sent (write to its pipe: %v, want EPIPE)", tc.name, i, err)
 			}
 		}

@@ -87,3 +87,41 @@ func TestHolderCallClosesUnaskedFD(t *testing.T) {
 		})
 	}
 }
+
+// TestHolderCallFoundWithoutFD: a "get" answered "found" with no fd (a
+// broken holder's answer; ours always sends the connection with it, and a
+// connection this process could not take is MSG_CTRUNC) is
+// ErrHolderFDsLost, not a found connection whose fd is -1: held() would
+// take that for a live connection it has, and the caller would serve fd -1.
+func TestHolderCallFoundWithoutFD(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "h.sock")
+	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: sock, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	served := make(chan error, 1)
+	go func() {
+		c, err := ln.AcceptUnix()
+		if err != nil {
+			served <- err
+			return
+		}
+		defer c.Close()
+		if _, _, _, _, err := c.ReadMsgUnix(make([]byte, holderMsgMax), nil); err != nil {
+			served <- err
+			return
+		}
+		served <- writeHolder(c, holderResp{Found: true, Params: json.RawMessage(`{}`)}, -1)
+	}()
+	resp, fd, err := holderCall(sock, holderReq{Op: "get", ID: "a"}, -1)
+	if serr := <-served; serr != nil {
+		t.Fatalf("the fake holder: %v", serr)
+	}
+	if fd >= 0 {
+		unix.Close(fd)
+	}
+	if !errors.Is(err, ErrHolderFDsLost) {
+		t.Fatalf("get answered found without an fd: %+v, fd %d, %v; want ErrHolderFDsLost", resp, fd, err)
+	}
+}

@@ -491,3 +491,40 @@ func TestHolderRunNamesTarget(t *testing.T) {
 		t.Fatalf("mount's message %q names the holder's fd, not %s", out, target)
 	}
 }
+
+// TestHolderToolRefusesOtherFlags: each tool's line is the callers' own
+// shape, flag by flag (holderTools: "flags are the callers' own"), checked
+// without running anything. A flag outside it changes what the privileged
+// holder does to a device: blockdev --setrw makes a read-only volume's
+// device writable, mkfs.xfs -l logdev= writes a log onto another device,
+// xfs_db without -r opens the device read-write, and a mount's third
+// argument is -o or nothing.
+func TestHolderToolRefusesOtherFlags(t *testing.T) {
+	const dev = "/dev/loop0"
+	dir := t.TempDir()
+	for _, args := range [][]string{
+		{"blockdev", "--setrw", dev},
+		{"blockdev", "--flushbufs", dev},
+		{"mkfs.xfs", "-f", "-l", "logdev=/dev/sda", dev},
+		{"mkfs.xfs", "-d", dev},
+		{"xfs_db", "-x", "-c", "sb 0", "-c", "print inprogress", dev},
+		{"mount", "-t", "ext4", "--bind", "ro", dev, dir},
+		{"mount", "-t", "ext4", "-n", "ro", dev, dir},
+	} {
+		if holderTool(args) {
+			t.Errorf("holderTool %q = true, want refused", args)
+		}
+	}
+	// The callers' own lines pass (the refusals above are not of everything).
+	for _, args := range [][]string{
+		{"blockdev", "--getro", dev},
+		{"blockdev", "--getsize64", dev},
+		{"mkfs.xfs", "-f", "-K", dev},
+		{"xfs_db", "-r", "-c", "sb 0", "-c", "print inprogress", dev},
+		{"mount", "-t", "ext4", "-o", "ro", dev, dir},
+	} {
+		if !holderTool(args) {
+			t.Errorf("holderTool %q = false, want allowed", args)
+		}
+	}
+}
