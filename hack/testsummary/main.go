@@ -6,11 +6,13 @@
 //
 // It exits 1 when a test or package failed, or when the input ends inside
 // a test (the test binary died), so a pipeline with pipefail fails as plain
-// `go test` would. Last, it repeats the first line of every message a failed
-// test logged (t.Log, t.Error and t.Fatal print alike, so all of them): a
-// failed test's output can end in hundreds of lines of the plugin's log, and
-// a reader who sees only the tail of CI's output would miss why it failed. Benchmarks (-bench) count as tests; one that passed
-// ends with its package's pass.
+// `go test` would. Benchmarks (-bench) count as tests; one that passed ends
+// with its package's pass.
+//
+// Last, it repeats the first line of every message a failed test logged
+// (t.Log, t.Error and t.Fatal print alike, so all of them): a failed test's
+// output can end in hundreds of lines of the plugin's log, and a reader who
+// sees only the tail of CI's output would miss why it failed.
 package main
 
 import (
