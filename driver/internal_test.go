@@ -676,3 +676,82 @@ func TestUndecodedRequestNeverReachesHandler(t *testing.T) {
 		}
 	}
 }
+
+// TestFromKernelMapsEverySentinel: each of the kernel frontend's sentinels
+// becomes the driver's (keeping the original in the chain), and so its
+// gRPC code: a bad argument is InvalidArgument, not NotFound, and a
+// fuse-holder that did not answer in time is ErrNoAnswer (Recover asks it
+// nothing more after one), not a bare ErrUnavailable.
+func TestFromKernelMapsEverySentinel(t *testing.T) {
+	for _, c := range []struct {
+		from, to error
+		code     codes.Code
+	}{
+		{kernel.ErrInvalid, ErrBadArgument, codes.InvalidArgument},
+		{kernel.ErrNotFound, ErrNotFound, codes.NotFound},
+		{kernel.ErrBusy, ErrBusy, codes.FailedPrecondition},
+		{kernel.ErrConflict, ErrBusy, codes.FailedPrecondition},
+		{kernel.ErrClosed, ErrClosed, codes.Unavailable},
+		{kernel.ErrNoHolder, ErrUnavailable, codes.Unavailable},
+		{kernel.ErrHolderSlow, ErrNoAnswer, codes.Unavailable},
+		{kernel.ErrHolderFDsLost, ErrUnavailable, codes.Unavailable},
+		{kernel.ErrHolderGone, ErrUnavailable, codes.Unavailable},
+	} {
+		err := fromKernel(fmt.Errorf("attach v-1: %w", c.from))
+		if !errors.Is(err, c.to) || !errors.Is(err, c.from) {
+			t.Errorf("fromKernel(%v) = %v: errors.Is %v %v, errors.Is original %v; want both", c.from, err, c.to, errors.Is(err, c.to), errors.Is(err, c.from))
+		}
+		if got := status.Code(toStatus(err)); got != c.code {
+			t.Errorf("fromKernel(%v) answers %v, want %v", c.from, got, c.code)
+		}
+	}
+	if fromKernel(nil) != nil {
+		t.Error("fromKernel(nil) != nil")
+	}
+	other := errors.New("something else")
+	if err := fromKernel(other); err != other {
+		t.Errorf("fromKernel(an error of no sentinel) = %v, want it unchanged", err)
+	}
+}
+
+// decodingStream is a grpc.ServerStream whose RecvMsg decodes data with
+// the driver's requestCodec, as the gRPC server does for a stream's
+// request.
+type decodingStream struct {
+	fakeStream
+	data []byte
+}
+
+func (s decodingStream) RecvMsg(m any) error {
+	return requestCodec{encoding.GetCodecV2(protoenc.Name)}.Unmarshal(mem.BufferSlice{mem.SliceBuffer(s.data)}, m)
+}
+
+// TestUndecodedStreamRequestAnswersInvalidArgument: a streaming call's
+// request (SnapshotMetadata's) that does not decode is answered
+// InvalidArgument by the stream the interceptor hands the handler, which
+// then never sees the emptied message as a request, and nothing stays noted
+// against it; one that decodes is received as it is.
+func TestUndecodedStreamRequestAnswersInvalidArgument(t *testing.T) {
+	for _, c := range []struct {
+		data  []byte
+		valid bool
+	}{
+		{[]byte{0x0a, 0x02, 's', '1'}, true},   // snapshot_id "s1"
+		{[]byte{0x0a, 0x02, 's', 0xff}, false}, // snapshot_id not UTF-8
+		{[]byte{0x0a, 0x05, 's', '1'}, false},  // cut short
+	} {
+		ls := &loggedStream{ServerStream: decodingStream{data: c.data}}
+		req := &csi.GetMetadataAllocatedRequest{}
+		err := ls.RecvMsg(req)
+		if c.valid && (err != nil || req.SnapshotId != "s1") {
+			t.Errorf("%x: RecvMsg = %v, snapshot %q; want it received", c.data, err, req.SnapshotId)
+		}
+		if !c.valid && status.Code(err) != codes.InvalidArgument {
+			t.Errorf("%x: RecvMsg = %v; want InvalidArgument (the request does not decode)", c.data, err)
+		}
+		if _, ok := undecoded.Load(req); ok {
+			undecoded.Delete(req)
+			t.Errorf("%x: the request is still noted after RecvMsg", c.data)
+		}
+	}
+}

@@ -202,3 +202,48 @@ func TestToolMounter(t *testing.T) {
 		}
 	})
 }
+
+// TestToolExecExitStatus: a command the runner takes and that exits non-zero
+// (a resize2fs or mkfs that failed) fails its CombinedOutput and Run with a
+// utilexec.ExitError carrying the status, its output kept, as a local
+// command's does: the driver must not take a failed grow or format for done.
+func TestToolExecExitStatus(t *testing.T) {
+	l := &toolLog{answers: func([]string) toolAnswer { return toolAnswer{exit: 1, out: "resize2fs: No space left on device"} }}
+	m := ToolMounter(l.runner, &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: localExec{l}})
+	out, err := m.Exec.Command("resize2fs", "/dev/loop7").CombinedOutput()
+	var ee utilexec.ExitError
+	if !errors.As(err, &ee) || ee.ExitStatus() != 1 {
+		t.Fatalf("CombinedOutput of a command that exited 1: %v (%T); want a utilexec.ExitError with status 1", err, err)
+	}
+	if !strings.Contains(string(out), "No space left") {
+		t.Errorf("CombinedOutput's output %q; want the command's", out)
+	}
+	if err := m.Exec.Command("resize2fs", "/dev/loop7").Run(); !errors.As(err, &ee) || ee.ExitStatus() != 1 {
+		t.Fatalf("Run of a command that exited 1: %v; want a utilexec.ExitError with status 1", err)
+	}
+	if !slices.Equal(l.lines, []string{"run resize2fs /dev/loop7", "run resize2fs /dev/loop7"}) {
+		t.Fatalf("commands %q; want both through the runner", l.lines)
+	}
+}
+
+// TestToolExecLocalWhenSetUp: a command given a directory, stdin or an
+// environment runs locally (the runner cannot pass them on), never through
+// the runner.
+func TestToolExecLocalWhenSetUp(t *testing.T) {
+	for name, setUp := range map[string]func(utilexec.Cmd){
+		"dir":   func(c utilexec.Cmd) { c.SetDir("/tmp") },
+		"stdin": func(c utilexec.Cmd) { c.SetStdin(strings.NewReader("y\n")) },
+		"env":   func(c utilexec.Cmd) { c.SetEnv([]string{"LC_ALL=C"}) },
+	} {
+		l := &toolLog{answers: func([]string) toolAnswer { return toolAnswer{} }}
+		m := ToolMounter(l.runner, &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: localExec{l}})
+		c := m.Exec.Command("mkfs.ext4", "/dev/loop7")
+		setUp(c)
+		if _, err := c.CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if !slices.Equal(l.lines, []string{"local mkfs.ext4 /dev/loop7"}) {
+			t.Errorf("a command given its %s: ran %q; want it run locally only", name, l.lines)
+		}
+	}
+}
