@@ -1654,7 +1654,14 @@ func noSpace(err error) error {
 // marker, removed with what it holds, as a garbage one is. Left, it
 // failed every unpublish or unstage of its volume for ever (Internal:
 // "directory not empty"), the pod stuck terminating.
+//
+// It removes path's ".tmp" too: writeMarker killed between its write and
+// its rename leaves one, which nothing else would ever remove once the
+// marker is dropped (seen in TestKillDuringCalls: a publish record's).
 func dropMarker(path string) error {
+	if err := os.Remove(path + ".tmp"); err != nil && !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, syscall.ENOTDIR) {
+		klog.ErrorS(err, "Could not remove a marker's temporary file", "path", path+".tmp")
+	}
 	err := os.Remove(path)
 	if err == nil || errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ENOTDIR) {
 		// ENOTDIR: a file where the markers' directory belongs, so

@@ -2,6 +2,7 @@ package driver_test
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
@@ -105,5 +106,39 @@ func TestPublishThroughAnotherVolumesStagingPath(t *testing.T) {
 	}
 	if status.Code(err) != codes.FailedPrecondition {
 		t.Fatalf("publish of %s through %s's staging path: %v; want FailedPrecondition", a, b, err)
+	}
+}
+
+// TestUnpublishDropsPublishRecordTmp: a publish killed between the
+// record's write and its rename (writeMarker) leaves the record's ".tmp";
+// the unpublish of that target removes it with the record, or it would
+// stay in the data dir for ever.
+func TestUnpublishDropsPublishRecordTmp(t *testing.T) {
+	dataDir := t.TempDir()
+	e := newEnv(t, func(o *driver.Options) { o.DataDir = dataDir })
+	ctx := context.Background()
+	a := e.createVolume(t, "a", 1<<20).VolumeId
+	dir := t.TempDir()
+	stage, target := filepath.Join(dir, "stage"), filepath.Join(dir, "pod")
+	e.stageMount(t, a, stage)
+	if _, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: a, StagingTargetPath: stage, TargetPath: target, VolumeCapability: mountCap()}); err != nil {
+		t.Fatal(err)
+	}
+	recs, err := filepath.Glob(filepath.Join(dataDir, "publish-records", "*"))
+	if err != nil || len(recs) != 1 {
+		t.Fatalf("publish records after one publish: %v, %v; want one", recs, err)
+	}
+	rec := recs[0]
+	tmp := rec + ".tmp"
+	if err := os.WriteFile(tmp, []byte("{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.d.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: a, TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{tmp, rec} {
+		if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("after the unpublish, %s: %v; want it gone", p, err)
+		}
 	}
 }
