@@ -171,24 +171,11 @@ func testFilesystem(t *testing.T, name, mkfs, fsck string) {
 	// EACCES), and none at all: the freeze,
 	// thaw and sync are made in this process.
 	fake := func(answer string) string {
-		sock := filepath.Join(t.TempDir(), "fake-holder.sock")
-		ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: sock, Net: "unixpacket"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { ln.Close() })
-		go func() {
-			for {
-				c, err := ln.AcceptUnix()
-				if err != nil {
-					return
-				}
-				c.Read(make([]byte, holderMsgMax))
-				writeHolder(c, holderResp{Err: answer}, -1)
-				c.Close()
-			}
-		}()
-		return sock
+		return serveFakeHolder(t, "fake-holder.sock", func(c *net.UnixConn) {
+			defer c.Close()
+			c.Read(make([]byte, holderMsgMax))
+			writeHolder(c, holderResp{Err: answer}, -1)
+		})
 	}
 	holderSock := fe.sock
 	for _, sock := range []string{fake("unknown op freeze"), fake(errnoText(unix.EPERM)), fake(errnoText(unix.EACCES)), filepath.Join(t.TempDir(), "none.sock")} {
@@ -309,32 +296,17 @@ func TestHolderGoneMidRequest(t *testing.T) {
 	// fake serves each connection with serve, which gets the connection
 	// and the number of the request on it (from 0).
 	fake := func(serve func(c *net.UnixConn, n int) bool) string {
-		sock := filepath.Join(t.TempDir(), "fake-holder.sock")
-		ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: sock, Net: "unixpacket"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { ln.Close() })
-		go func() {
-			for {
-				c, err := ln.AcceptUnix()
-				if err != nil {
+		return serveFakeHolder(t, "fake-holder.sock", func(c *net.UnixConn) {
+			defer c.Close()
+			for n := 0; ; n++ {
+				if _, err := c.Read(make([]byte, holderMsgMax)); err != nil {
 					return
 				}
-				go func() {
-					defer c.Close()
-					for n := 0; ; n++ {
-						if _, err := c.Read(make([]byte, holderMsgMax)); err != nil {
-							return
-						}
-						if !serve(c, n) {
-							return // gone without an answer
-						}
-					}
-				}()
+				if !serve(c, n) {
+					return // gone without an answer
+				}
 			}
-		}()
-		return sock
+		})
 	}
 	holderSock := fe.sock
 	defer func() { fe.sock = holderSock }()

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -291,4 +292,28 @@ func syncFS(t testing.TB, dir string) {
 	if err := unix.Syncfs(int(f.Fd())); err != nil {
 		t.Fatalf("syncfs %s: %v", dir, err)
 	}
+}
+
+// serveFakeHolder listens where a holder would, on a unixpacket socket
+// named name in a new temporary directory, and serves each connection with
+// handle in a goroutine of its own until the test ends. It returns the
+// socket's path.
+func serveFakeHolder(t testing.TB, name string, handle func(c *net.UnixConn)) string {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), name)
+	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: sock, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.AcceptUnix()
+			if err != nil {
+				return
+			}
+			go handle(c)
+		}
+	}()
+	return sock
 }

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"net"
 	"os"
-	"path/filepath"
 	"sync"
 	"testing"
 
@@ -25,21 +24,8 @@ type olderHolder struct {
 
 func startOlderHolder(t *testing.T, real string, refuse map[string]bool, flat bool) *olderHolder {
 	t.Helper()
-	o := &olderHolder{sock: filepath.Join(t.TempDir(), "older.sock"), refused: map[string]int{}}
-	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: o.sock, Net: "unixpacket"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.AcceptUnix()
-			if err != nil {
-				return
-			}
-			go o.handle(c, real, refuse, flat)
-		}
-	}()
+	o := &olderHolder{refused: map[string]int{}}
+	o.sock = serveFakeHolder(t, "older.sock", func(c *net.UnixConn) { o.handle(c, real, refuse, flat) })
 	return o
 }
 
