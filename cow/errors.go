@@ -25,7 +25,10 @@ var (
 	ErrReadOnly = errors.New("cow: read-only")
 	// ErrShrink: Resize to a smaller size.
 	ErrShrink = errors.New("cow: cannot shrink")
-	// ErrOutOfRange: I/O that starts at or past the end, or a negative offset.
+	// ErrOutOfRange: a read that starts at or past the end (an empty one at
+	// the end returns 0, nil), a write or discard that does not fit
+	// (starting inside and running past the end included), or a negative
+	// offset.
 	ErrOutOfRange = errors.New("cow: out of range")
 	// ErrClosed: the store was closed, or failed (a log write or fsync error
 	// makes the store refuse further changes until it is reopened).

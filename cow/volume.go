@@ -128,7 +128,8 @@ func checkRange(off, n, size int64) (int64, error) {
 
 // ReadAt reads len(p) bytes at byte offset off. A read that runs past the
 // end is short and returns io.EOF; one that starts at or past it returns
-// ErrOutOfRange.
+// ErrOutOfRange (an empty one at the end returns 0, nil, as checkRange
+// allows).
 func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
 	if v.s.isClosed.Load() {
 		return 0, ErrClosed
