@@ -11,7 +11,10 @@ import (
 // overwrites another's) with a hole elsewhere keeps the tiles' total, so
 // only the per-tile comparison sees it; a snapshot's reserved count that
 // drifted from the chunks it holds is only seen by comparing both
-// counters. Each damage is undone before the next.
+// counters; a high-water mark past the last tile (a chunk handed out that
+// nothing maps or frees) only by the final comparison; an overlay entry
+// for a chunk the newest snapshot does not map (its write copied nothing)
+// only by the overlay walk. Each damage is undone before the next.
 func TestCheckCatchesBrokenAccounting(t *testing.T) {
 	s, _ := openT(t)
 	v, err := s.CreateVolume("v", 1<<20, VolumeOptions{ChunkSize: 4096})
@@ -52,6 +55,23 @@ func TestCheckCatchesBrokenAccounting(t *testing.T) {
 		{"reserved count drifted", "reserved", func() func() {
 			sn.reserved.Add(1)
 			return func() { sn.reserved.Add(-1) }
+		}},
+		{"high-water mark past the last tile", "COW chunks end at", func() func() {
+			v.mu.Lock()
+			v.hwm++
+			v.mu.Unlock()
+			return func() { v.mu.Lock(); v.hwm--; v.mu.Unlock() }
+		}},
+		{"overlay entry for a chunk the snapshot does not map", "does not map", func() func() {
+			const c = 200 // unwritten: the snapshot maps none past chunk 2
+			v.ovMu.Lock()
+			if v.ov == nil {
+				v.ov = map[int64]*ovEntry{}
+			}
+			v.ov[c] = &ovEntry{v: v, c: c, recAt: -1}
+			v.ovN.Add(1)
+			v.ovMu.Unlock()
+			return func() { v.ovMu.Lock(); delete(v.ov, c); v.ovN.Add(-1); v.ovMu.Unlock() }
 		}},
 	} {
 		undo := tc.damage()

@@ -3,6 +3,8 @@ package cow
 import (
 	"bytes"
 	"errors"
+	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"testing"
@@ -192,5 +194,98 @@ func TestDeletedVolumeTrimmedWhenNewestSnapshotGoes(t *testing.T) {
 	got := make([]byte, size)
 	if _, err := s1.ReadAt(got, 0); err != nil || !bytes.Equal(got, first) {
 		t.Fatalf("s1 reads %v... (%v)", got[:4], err)
+	}
+}
+
+// TestDiscardLargeUnalignedCoversRange: a Discard larger than one piece
+// (discardPiece) that starts off a piece boundary is cut into pieces that
+// end at multiples of discardPiece; together they must cover exactly
+// [off, off+n): every byte of it reads zeros afterwards, the bytes around
+// it keep their data, and a snapshot taken before keeps all of it. With
+// and without a snapshot (the direct path and the copy-out path), and
+// after a reopen.
+func TestDiscardLargeUnalignedCoversRange(t *testing.T) {
+	for _, snap := range []bool{false, true} {
+		t.Run(fmt.Sprintf("snapshot=%v", snap), func(t *testing.T) {
+			s, dir := openT(t)
+			const size = 4*discardPiece + (1 << 20)
+			v := mustVol(t, s, "v", size, 0)
+			data := fillRandom(t, v, 7)
+			if snap {
+				if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// Starts inside a piece, off a block, and ends inside a later
+			// piece, off a block: three whole pieces' worth and some.
+			const off, n = discardPiece/2 + 12345, 3*discardPiece + 5000
+			if err := v.Discard(off, n); err != nil {
+				t.Fatal(err)
+			}
+			want := bytes.Clone(data)
+			clear(want[off : off+n])
+			check := func(s *Store, when string) {
+				t.Helper()
+				v, err := s.Volume("v")
+				if err != nil {
+					t.Fatal(err)
+				}
+				got := make([]byte, size)
+				if _, err := v.ReadAt(got, 0); err != nil {
+					t.Fatal(err)
+				}
+				if i := firstDiff(got, want); i >= 0 {
+					t.Fatalf("%s: volume byte %d (discard covered [%d, %d)) = %d, want %d", when, i, off, off+n, got[i], want[i])
+				}
+				if !snap {
+					return
+				}
+				sn, err := s.Snapshot("s")
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, err := sn.ReadAt(got, 0); err != nil {
+					t.Fatal(err)
+				}
+				if i := firstDiff(got, data); i >= 0 {
+					t.Fatalf("%s: snapshot byte %d = %d, want %d (the discard changed the snapshot)", when, i, got[i], data[i])
+				}
+			}
+			check(s, "before reopen")
+			if err := v.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			check(reopen(t, s, dir), "after reopen")
+		})
+	}
+}
+
+// TestDiscardOverflowingRangeRefused: a discard whose end overflows int64
+// (off+n < off) is out of range, whether it is one piece or several, and
+// changes nothing: with the end wrapped negative it would pass an
+// "off+n > size" test alone.
+func TestDiscardOverflowingRangeRefused(t *testing.T) {
+	s, _ := openT(t)
+	const size = 1 << 20
+	v := mustVol(t, s, "v", size, 0)
+	data := fillRandom(t, v, 3)
+	for _, r := range [][2]int64{
+		{math.MaxInt64 - 100, 4096},             // one piece
+		{math.MaxInt64 - 100, 2 * discardPiece}, // several
+		{size - 4096, math.MaxInt64 - size + 4097},
+	} {
+		if err := v.Discard(r[0], r[1]); !errors.Is(err, ErrOutOfRange) {
+			t.Fatalf("Discard(%d, %d) (end overflows) = %v, want ErrOutOfRange", r[0], r[1], err)
+		}
+	}
+	got := make([]byte, size)
+	if _, err := v.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatalf("a refused discard changed the volume at byte %d", firstDiff(got, data))
+	}
+	if err := s.check(); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -913,3 +913,53 @@ func TestSnapshotInfoSurvivesCheckpoint(t *testing.T) {
 		t.Fatalf("lim after %d bytes of copies over a %d limit: %+v %v", 5*cs, 4*cs, sn.Info(), err)
 	}
 }
+
+// TestLimitExemptWithClones: a snapshot with clones is never invalidated
+// over its limit (doc.go, "Limit"): writes to its volume that copy more
+// than the limit into it succeed, the snapshot stays valid and keeps its
+// bytes, and so does the clone that reads through it. Once the clone is
+// gone the limit holds again: the next copy-out invalidates it.
+func TestLimitExemptWithClones(t *testing.T) {
+	s, _ := openT(t)
+	const cs, size = 16 << 10, 16 * (16 << 10)
+	v := mustVol(t, s, "v", size, cs)
+	old := fillRandom(t, v, 5)
+	sn, err := s.CreateSnapshot("v", "lim", SnapshotOptions{Limit: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := s.CloneSnapshot("lim", "c", size, VolumeOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Four chunks' copies: four times the limit.
+	if _, err := v.WriteAt(fill(4*cs, 0xee), 0); err != nil {
+		t.Fatalf("write over the limit of a snapshot with a clone: %v, want it to succeed (the snapshot is exempt)", err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if sn.Info().Invalid {
+		t.Fatal("a snapshot with a clone was invalidated over its limit")
+	}
+	got := make([]byte, size)
+	if _, err := sn.ReadAt(got, 0); err != nil || !bytes.Equal(got, old) {
+		t.Fatalf("snapshot with a clone reads %v (differs at %d) after going over its limit", err, firstDiff(got, old))
+	}
+	if _, err := c.ReadAt(got, 0); err != nil || !bytes.Equal(got, old) {
+		t.Fatalf("clone reads %v (differs at %d) after its source went over its limit", err, firstDiff(got, old))
+	}
+	if err := s.check(); err != nil {
+		t.Fatal(err)
+	}
+	// Without the clone the limit applies again.
+	if err := s.DeleteVolume("c"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(cs, 0xdd), 8*cs); err != nil {
+		t.Fatal(err)
+	}
+	if !sn.Info().Invalid {
+		t.Fatal("with its clone deleted, a snapshot over its limit stayed valid")
+	}
+}

@@ -47,7 +47,13 @@ func TestSurviveKillCloneMarkPending(t *testing.T) {
 	mu.Unlock()
 	first := make(chan error, 1)
 	go func() { _, err := c.WriteAt(fill(4096, 2), 0); first <- err }()
-	<-entered // the first write's Flush is in the data sync, its mark taken
+	select {
+	case <-entered: // the first write's Flush is in the data sync, its mark taken
+	case err := <-first:
+		t.Fatalf("the first write to a clone's chunk returned (%v) without a Flush: with SetSurviveKill and no kill journal, its present mark must reach the log before it returns", err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("the first write to a clone's chunk never reached its data file's sync: no Flush committed its present mark")
+	}
 	second := make(chan error, 1)
 	go func() { _, err := c.WriteAt(fill(4096, 3), 4096); second <- err }()
 	select {
@@ -80,5 +86,93 @@ func TestSurviveKillCloneMarkPending(t *testing.T) {
 	want := append(fill(4096, 2), fill(4096, 3)...)
 	if got := mustRead(t, c2, 0, 8192); !bytes.Equal(got[4096:], want[4096:]) {
 		t.Fatalf("the second write, acknowledged before the kill, reads %v... after it", got[4096:4100])
+	}
+}
+
+// TestSurviveKillPlainWaitsForApply: with SetSurviveKill and no kill
+// journal (a boot without an identity), a first write after a snapshot,
+// whose new bytes wait in an overlay entry for their copy's batch, must
+// not return before that entry reached the data file: a kill then would
+// lose the acknowledged write (the page cache keeps only what reached a
+// file). The committer is held inside the batch's log sync; the write may
+// return only after it is let go.
+func TestSurviveKillPlainWaitsForApply(t *testing.T) {
+	const cs = 16 << 10
+	dir := t.TempDir()
+	real := readBootID
+	defer func() { readBootID = real }()
+	readBootID = func() ([16]byte, bool) { return [16]byte{}, false }
+	var (
+		mu      sync.Mutex
+		armed   bool
+		entered = make(chan struct{})
+		release = make(chan struct{})
+	)
+	s, fs := openFault(t, dir, func(fs *faultFS) {
+		fs.syncHook = func(name string) {
+			mu.Lock()
+			hold := armed && strings.Contains(name, logName) // store.log, or the checkpoint's store.log.tmp renamed
+			armed = armed && !hold
+			mu.Unlock()
+			if hold {
+				close(entered)
+				<-release
+			}
+		}
+	})
+	s.SetSurviveKill(true)
+	v := mustVol(t, s, "v", 4*cs, cs)
+	if _, err := v.WriteAt(fill(4*cs, 1), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	armed = true
+	mu.Unlock()
+	done := make(chan error, 1)
+	go func() { _, err := v.WriteAt(fill(4096, 2), 0); done <- err }()
+	select {
+	case <-entered: // the copy's batch is in its log sync
+	case <-time.After(20 * time.Second):
+		t.Fatal("the first write after the snapshot never led to a log sync")
+	}
+	select {
+	case err := <-done:
+		// Returned while its bytes are only in the overlay.
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(200 * time.Millisecond):
+		close(release)
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		release = nil
+	}
+	fs.kill() // the kill: no Close, no checkpoint
+	if release != nil {
+		close(release)
+	}
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	v2, err := s2.Volume("v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, v2, 0, 4096); !bytes.Equal(got, fill(4096, 2)) {
+		t.Fatalf("the write, acknowledged before the kill, reads %v... after it", got[:4])
+	}
+	sn, err := s2.Snapshot("s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 4096)
+	if _, err := sn.ReadAt(got, 0); err != nil || !bytes.Equal(got, fill(4096, 1)) {
+		t.Fatalf("the snapshot reads %v... (%v) after the kill, want its 1s", got[:4], err)
 	}
 }
