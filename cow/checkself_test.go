@@ -3,6 +3,8 @@ package cow
 import (
 	"strings"
 	"testing"
+
+	"github.com/csi-snap/csi-snap/exceptions"
 )
 
 // TestCheckCatchesBrokenAccounting: Store.check, which most tests call
@@ -79,6 +81,68 @@ func TestCheckCatchesBrokenAccounting(t *testing.T) {
 		undo()
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: check = %v, want an error saying %q", tc.name, err, tc.want)
+		}
+		if err := s.check(); err != nil {
+			t.Fatalf("after undoing %s: %v", tc.name, err)
+		}
+	}
+}
+
+// TestCheckCatchesNonIdentityPresent: a clone's present index records the
+// chunks it holds itself, each at its own place in its data file (an
+// identity run). Store.check must notice a present run that maps a chunk
+// elsewhere (the clone would then read the wrong chunk's bytes as its
+// own), and one past the clone's size.
+func TestCheckCatchesNonIdentityPresent(t *testing.T) {
+	s, _ := openT(t)
+	src, err := s.CreateVolume("src", 1<<20, VolumeOptions{ChunkSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := src.WriteAt(fill(3*4096, 1), 0); err != nil {
+		t.Fatal(err)
+	}
+	c, err := s.CloneVolume("src", "c", 1<<20, VolumeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.WriteAt(fill(4096, 2), 4096); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.check(); err != nil {
+		t.Fatalf("undamaged store: %v", err)
+	}
+	c.mu.RLock()
+	if c.present == nil || c.present.Len() == 0 {
+		c.mu.RUnlock()
+		t.Fatal("the clone's write left its present index empty")
+	}
+	c.mu.RUnlock()
+	for _, tc := range []struct {
+		name          string
+		origin, where uint64
+	}{
+		{"present run mapping chunk 5 to chunk 6", 5, 6},
+		{"present run past the clone's size", 1 << 20, 1 << 20},
+	} {
+		c.mu.Lock()
+		good := c.present
+		bad := good.Clone()
+		if err := bad.Insert(exceptions.Chunk(tc.origin), exceptions.Chunk(tc.where)); err != nil {
+			c.mu.Unlock()
+			t.Fatal(err)
+		}
+		c.present = bad
+		c.mu.Unlock()
+		err := s.check()
+		c.mu.Lock()
+		c.present = good
+		c.mu.Unlock()
+		if err == nil || !strings.Contains(err.Error(), "not an identity run inside") {
+			t.Errorf("%s: check = %v, want an error saying it is not an identity run inside the volume", tc.name, err)
 		}
 		if err := s.check(); err != nil {
 			t.Fatalf("after undoing %s: %v", tc.name, err)

@@ -322,3 +322,75 @@ func dropKillSweep(t *testing.T, dir string, held []string, check func(*testing.
 		t.Errorf("kills: %d refused, %d fenced: the sweep missed one side of the drop", refused, fenced)
 	}
 }
+
+// TestOpenDropJournalDeletedHeldNotFenced: a held volume that its user
+// deleted but that lives on for its snapshot (deleted, kept: its ID still
+// names it) is not fenced by OpenDropJournal: nothing can write it, no
+// marker file is made for it, and KillWritesLost names only the live held
+// volumes.
+func TestOpenDropJournalDeletedHeldNotFenced(t *testing.T) {
+	const cs = 4096
+	dir, s, fs, h := heldStore(t)
+	base := fill(16*cs, 7)
+	for _, id := range []string{"a", "d"} {
+		v := mustVol(t, s, id, 16*cs, cs)
+		if _, err := v.WriteAt(base, 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := v.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.CreateSnapshot(id, id+"s", SnapshotOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.DeleteVolume("d"); err != nil { // kept for its snapshot ds
+		t.Fatal(err)
+	}
+	armQuiet(t, s, h)
+	v, err := s.Volume("a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 4; i++ {
+		p, off := fill(1000, byte(i+1)), int64(i)*2*cs+100
+		returnsSoon(t, "write", func() error { _, err := v.WriteAt(p, off); return err })
+	}
+	killStore(fs, h)
+	damaged := false
+	for _, name := range journalNames {
+		p := filepath.Join(dir, name)
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(b) < journalHeaderLen+2*journalRecLen+1000 || b[journalHeaderLen] != jWrite {
+			continue
+		}
+		b[journalHeaderLen+journalRecLen+10] ^= 0x04
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		damaged = true
+		break
+	}
+	if !damaged {
+		t.Fatal("no journal file with write records")
+	}
+
+	s, dropped, err := OpenDropJournal(dir, []string{"a", "d"})
+	if err != nil {
+		t.Fatalf("OpenDropJournal: %v", err)
+	}
+	defer s.Close()
+	if !dropped {
+		t.Error("OpenDropJournal: dropped = false over a damaged journal")
+	}
+	if got := s.KillWritesLost(); !slices.Equal(got, []string{"a"}) {
+		t.Errorf("KillWritesLost = %q, want [a]: the deleted volume d is fenced", got)
+	}
+	if m, _ := filepath.Glob(filepath.Join(dir, killLostPrefix+"*")); len(m) != 1 {
+		t.Errorf("marker files %v, want one (for a)", m)
+	}
+	checkBase(t, "after the drop", s, base, "a", "as", "ds")
+}

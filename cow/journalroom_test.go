@@ -441,6 +441,14 @@ func testJournalBytesAfterPutOff(t *testing.T, newM func() *fullJournal) {
 	if prev == 0 {
 		t.Fatal("the switch left no records in the other file: the test tests nothing")
 	}
+	// Before the put-off switch: both files' records, the other file's
+	// (prevOff) included, not the current file's alone.
+	s.jnl.mu.Lock()
+	both := s.jnl.off + s.jnl.prevOff
+	s.jnl.mu.Unlock()
+	if got := s.Stats().JournalBytes; got != both {
+		t.Fatalf("Stats.JournalBytes = %d with records in both files, want both files' %d (the other file holds %d)", got, both, prev)
+	}
 	m.full.Store(true)
 	armQuiet(t, s, h)
 	if _, err := v.WriteAt(fill(100, 3), c*cs); err != nil {

@@ -1238,6 +1238,33 @@ func TestMinFreeChain(t *testing.T) {
 			t.Fatalf("invalid %s, want [s2]", got)
 		}
 	})
+	t.Run("a clone's partial first write of a chunk takes the whole chunk", func(t *testing.T) {
+		// Clone c lacks chunk 0 (it reads s1's): its first write there,
+		// of 100 bytes, completes the chunk in its data file, cs new
+		// bytes, not 100. With room for 100 but not for cs, and giving
+		// up c's snapshot (which holds no copies) freeing nothing, the
+		// write is refused before the snapshot is lost.
+		s, _ := setup(t)
+		snap(t, s, "s1", nil, -1)
+		c, err := s.CloneSnapshot("s1", "c", 8*cs, VolumeOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.CreateSnapshot("c", "cs1", SnapshotOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		free.Store(cs / 2)
+		if _, err := c.WriteAt(fill(100, 99), 0); !errors.Is(err, ErrNoSpace) {
+			t.Fatalf("100-byte first write to a clone's chunk with %d bytes left: %v, want ErrNoSpace (it takes %d)", cs/2, err, cs)
+		}
+		if got := invalid(t, s, "cs1"); got != "[]" {
+			t.Fatalf("invalid %s: a snapshot lost for a refused write", got)
+		}
+		free.Store(1 << 40)
+		if got := mustRead(t, c, 0, cs); !bytes.Equal(got, fill(cs, 1)) {
+			t.Fatal("the clone's chunk 0 changed by a refused write")
+		}
+	})
 }
 
 // skipOrFailKernel skips, or fails under CSI_SNAP_REQUIRE_KERNEL=1, which

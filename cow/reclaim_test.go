@@ -374,3 +374,75 @@ func allocated(t *testing.T, path string, off, n int64) bool {
 	h, err := unix.Seek(int(f.Fd()), off, unix.SEEK_HOLE)
 	return err == nil && h >= off+n
 }
+
+// TestOpenPunchesFreeCOWChunks: COW chunks that are free but still hold
+// data (a snapshot's delete whose punches failed, a copy whose record a
+// crash dropped, a free a crash interrupted) are given back by Open
+// (rebuildFree punches every free gap below the highest mapped chunk),
+// not only when a later copy-out happens to reuse them.
+func TestOpenPunchesFreeCOWChunks(t *testing.T) {
+	dir := t.TempDir()
+	const cs = 4096
+	s, _ := openFault(t, dir, nil)
+	v := mustVol(t, s, "v", 64*cs, cs)
+	if _, err := v.WriteAt(fill(17*cs, 'o'), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s1", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(16*cs, 'n'), 0); err != nil { // 16 copy-outs for s1
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(cs, 'm'), 16*cs); err != nil { // one for s2, above s1's
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+
+	s, fs := openFault(t, dir, nil)
+	fs.punchErr = func(name string, off, n int64) error {
+		if strings.HasSuffix(name, ".cow") {
+			return errors.Join(ErrNoSpace, syscall.ENOSPC)
+		}
+		return nil
+	}
+	if err := s.DeleteSnapshot("s1"); err != nil {
+		t.Fatal(err)
+	}
+	v, err := s.Volume("v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cow := filepath.Join(dir, v.cowName)
+	if !allocated(t, cow, firstCOW*cs, 16*cs) {
+		t.Fatal("setup: s1's freed chunks were punched although punches failed")
+	}
+	s.Close()
+
+	s, _ = openFault(t, dir, nil)
+	defer s.Close()
+	for c := int64(firstCOW); c < firstCOW+16; c++ {
+		if allocated(t, cow, c*cs, cs) {
+			t.Fatalf("free COW chunk %d still holds data after Open: Open did not punch the free gaps", c)
+		}
+	}
+	if !allocated(t, cow, (firstCOW+16)*cs, cs) {
+		t.Fatal("s2's copy is not in the COW file")
+	}
+	s2, err := s.Snapshot("s2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, s2, 16*cs, cs); !bytes.Equal(got, fill(cs, 'o')) {
+		t.Fatal("s2 reads wrong")
+	}
+	if err := s.check(); err != nil {
+		t.Fatal(err)
+	}
+}

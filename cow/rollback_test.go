@@ -1110,3 +1110,89 @@ func TestRollbackTailBytesCountsOnlyData(t *testing.T) {
 		t.Fatalf("rollback reports %d bytes past the snapshot's size discarded (result %+v); nothing was ever written past its size", res.TailBytes, res)
 	}
 }
+
+// TestRollbackResumeWithoutSpaceKeepsRedone: an Open that redoes the kill
+// journal and then cannot resume an interrupted rollback (no space for its
+// copy-outs) opens the store a second time without the resume; the second
+// Open finds the journal empty. Stats.JournalRedone must still tell what
+// the first one redid, not 0.
+func TestRollbackResumeWithoutSpaceKeepsRedone(t *testing.T) {
+	const cs = 4096
+	dir, s, fs, _ := heldStore(t)
+	v := mustVol(t, s, "v", 16*cs, cs)
+	if _, err := v.WriteAt(fill(16*cs, 'a'), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s1", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(8*cs, 'b'), 0); err != nil { // s1 copies 8 chunks
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	other := mustVol(t, s, "other", 16*cs, cs)
+	if _, err := other.WriteAt(fill(16*cs, 'o'), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("other", "os", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, x := range []*Volume{v, other} {
+		if err := x.Flush(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	vcow := v.cowName
+	full := func(fs *faultFS) {
+		fs.mu.Lock()
+		fs.writeErr = func(name string) error {
+			if name == vcow {
+				return errors.Join(ErrNoSpace, syscall.ENOSPC)
+			}
+			return nil
+		}
+		fs.mu.Unlock()
+	}
+	full(fs)
+	if _, err := s.Rollback("v", "s1"); !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("rollback with v's COW file full: %v, want ErrNoSpace", err)
+	}
+	s.Close() // failed: no checkpoint, as after a crash
+
+	h := &syncHold{}
+	s, fs = openFault(t, dir, func(fs *faultFS) { full(fs); fs.syncHook = h.hook })
+	if err := s.RollbackResumeErr(); !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("RollbackResumeErr: %v, want ErrNoSpace", err)
+	}
+	s.SetSurviveKill(true)
+	other, err := s.Volume("other")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := fill(16*cs, 'o')
+	armQuiet(t, s, h)
+	for i := 0; i < 3; i++ { // first writes after os: journaled
+		p, off := fill(100, byte(i+1)), int64(i)*cs+10
+		returnsSoon(t, "write", func() error { _, err := other.WriteAt(p, off); return err })
+		copy(want[off:], p)
+	}
+	killStore(fs, h)
+
+	s, _ = openFault(t, dir, full)
+	defer s.Close()
+	if err := s.RollbackResumeErr(); !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("RollbackResumeErr after the kill: %v, want ErrNoSpace", err)
+	}
+	other, err = s.Volume("other")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, other, 0, 16*cs); !bytes.Equal(got, want) {
+		t.Fatalf("other after the kill: %d bytes differ from the acknowledged writes", countDiff(got, want))
+	}
+	if n := s.Stats().JournalRedone; n != 3 {
+		t.Fatalf("Stats.JournalRedone = %d after an Open that redid the journal's 3 writes (and could not resume the rollback), want 3", n)
+	}
+}
