@@ -1600,8 +1600,9 @@ func writeMarker(path string, content []byte) error {
 		tmp := path + ".tmp"
 		if err = os.WriteFile(tmp, content, 0o600); err == nil {
 			if err = os.Rename(tmp, path); err != nil && isDir(path) {
-				// A directory in the marker's place (dropMarker).
-				if err = dropMarker(path); err == nil {
+				// A directory in the marker's place (removeMarker; not
+				// dropMarker, which would remove tmp too).
+				if err = removeMarker(path); err == nil {
 					err = os.Rename(tmp, path)
 				}
 			}
@@ -1649,19 +1650,23 @@ func noSpace(err error) error {
 	return err
 }
 
-// dropMarker removes the marker file path, if any. A directory there is
-// none of the driver's (each marker and record is a file): a corrupt
-// marker, removed with what it holds, as a garbage one is. Left, it
-// failed every unpublish or unstage of its volume for ever (Internal:
-// "directory not empty"), the pod stuck terminating.
-//
-// It removes path's ".tmp" too: writeMarker killed between its write and
-// its rename leaves one, which nothing else would ever remove once the
-// marker is dropped (seen in TestKillDuringCalls: a publish record's).
+// dropMarker removes the marker file path, if any (removeMarker), and its
+// ".tmp": writeMarker killed between its write and its rename leaves one,
+// which nothing else would ever remove once the marker is dropped (seen in
+// TestKillDuringCalls: a publish record's).
 func dropMarker(path string) error {
 	if err := os.Remove(path + ".tmp"); err != nil && !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, syscall.ENOTDIR) {
 		klog.ErrorS(err, "Could not remove a marker's temporary file", "path", path+".tmp")
 	}
+	return removeMarker(path)
+}
+
+// removeMarker removes the marker file path, if any. A directory there is
+// none of the driver's (each marker and record is a file): a corrupt
+// marker, removed with what it holds, as a garbage one is. Left, it
+// failed every unpublish or unstage of its volume for ever (Internal:
+// "directory not empty"), the pod stuck terminating.
+func removeMarker(path string) error {
 	err := os.Remove(path)
 	if err == nil || errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ENOTDIR) {
 		// ENOTDIR: a file where the markers' directory belongs, so
