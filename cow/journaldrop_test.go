@@ -47,7 +47,15 @@ func damagedJournalStore(t *testing.T) (string, []byte) {
 		}
 	}
 	killStore(fs, h)
-	damaged := false
+	damageJournalWrite(t, dir)
+	return dir, base
+}
+
+// damageJournalWrite flips one bit of the first write record's data in the
+// kill journal file of dir that starts with write records, with records
+// after it (what no kill leaves).
+func damageJournalWrite(t *testing.T, dir string) {
+	t.Helper()
 	for _, name := range journalNames {
 		p := filepath.Join(dir, name)
 		b, err := os.ReadFile(p)
@@ -61,13 +69,9 @@ func damagedJournalStore(t *testing.T) (string, []byte) {
 		if err := os.WriteFile(p, b, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		damaged = true
-		break
+		return
 	}
-	if !damaged {
-		t.Fatal("no journal file with write records")
-	}
-	return dir, base
+	t.Fatal("no journal file with write records")
 }
 
 // checkBase fails the test unless each volume or snapshot of s that ids
@@ -357,26 +361,7 @@ func TestOpenDropJournalDeletedHeldNotFenced(t *testing.T) {
 		returnsSoon(t, "write", func() error { _, err := v.WriteAt(p, off); return err })
 	}
 	killStore(fs, h)
-	damaged := false
-	for _, name := range journalNames {
-		p := filepath.Join(dir, name)
-		b, err := os.ReadFile(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if len(b) < journalHeaderLen+2*journalRecLen+1000 || b[journalHeaderLen] != jWrite {
-			continue
-		}
-		b[journalHeaderLen+journalRecLen+10] ^= 0x04
-		if err := os.WriteFile(p, b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		damaged = true
-		break
-	}
-	if !damaged {
-		t.Fatal("no journal file with write records")
-	}
+	damageJournalWrite(t, dir)
 
 	s, dropped, err := OpenDropJournal(dir, []string{"a", "d"})
 	if err != nil {

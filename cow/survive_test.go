@@ -19,36 +19,13 @@ import (
 func TestSurviveKillCloneMarkPending(t *testing.T) {
 	const cs = 16 << 10
 	dir := t.TempDir()
-	real := readBootID
-	defer func() { readBootID = real }()
-	readBootID = func() ([16]byte, bool) { return [16]byte{}, false }
-	var (
-		mu      sync.Mutex
-		armed   bool
-		entered = make(chan struct{})
-		release = make(chan struct{})
-	)
-	s, fs := openFault(t, dir, func(fs *faultFS) {
-		fs.syncHook = func(name string) {
-			mu.Lock()
-			hold := armed && strings.HasSuffix(name, ".data")
-			armed = armed && !hold
-			mu.Unlock()
-			if hold {
-				close(entered)
-				<-release
-			}
-		}
-	})
-	s.SetSurviveKill(true)
+	s, fs, h := openHeldSync(t, dir, func(name string) bool { return strings.HasSuffix(name, ".data") })
 	_, c := srcClone(t, s, 4*cs, cs)
-	mu.Lock()
-	armed = true
-	mu.Unlock()
+	h.arm()
 	first := make(chan error, 1)
 	go func() { _, err := c.WriteAt(fill(4096, 2), 0); first <- err }()
 	select {
-	case <-entered: // the first write's Flush is in the data sync, its mark taken
+	case <-h.entered: // the first write's Flush is in the data sync, its mark taken
 	case err := <-first:
 		t.Fatalf("the first write to a clone's chunk returned (%v) without a Flush: with SetSurviveKill and no kill journal, its present mark must reach the log before it returns", err)
 	case <-time.After(20 * time.Second):
@@ -56,23 +33,10 @@ func TestSurviveKillCloneMarkPending(t *testing.T) {
 	}
 	second := make(chan error, 1)
 	go func() { _, err := c.WriteAt(fill(4096, 3), 4096); second <- err }()
-	select {
-	case err := <-second:
-		// Returned while the mark is not in the log: a kill now loses it.
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(200 * time.Millisecond):
-		close(release)
-		if err := <-second; err != nil {
-			t.Fatal(err)
-		}
-		release = nil
-	}
+	// Returned while the mark is not in the log: a kill now loses it.
+	h.waitOrRelease(t, second)
 	fs.kill() // the kill: no Close, no checkpoint
-	if release != nil {
-		close(release)
-	}
+	h.letGo()
 	<-first
 	s2, err := Open(dir)
 	if err != nil {
@@ -99,28 +63,9 @@ func TestSurviveKillCloneMarkPending(t *testing.T) {
 func TestSurviveKillPlainWaitsForApply(t *testing.T) {
 	const cs = 16 << 10
 	dir := t.TempDir()
-	real := readBootID
-	defer func() { readBootID = real }()
-	readBootID = func() ([16]byte, bool) { return [16]byte{}, false }
-	var (
-		mu      sync.Mutex
-		armed   bool
-		entered = make(chan struct{})
-		release = make(chan struct{})
-	)
-	s, fs := openFault(t, dir, func(fs *faultFS) {
-		fs.syncHook = func(name string) {
-			mu.Lock()
-			hold := armed && strings.Contains(name, logName) // store.log, or the checkpoint's store.log.tmp renamed
-			armed = armed && !hold
-			mu.Unlock()
-			if hold {
-				close(entered)
-				<-release
-			}
-		}
+	s, fs, h := openHeldSync(t, dir, func(name string) bool {
+		return strings.Contains(name, logName) // store.log, or the checkpoint's store.log.tmp renamed
 	})
-	s.SetSurviveKill(true)
 	v := mustVol(t, s, "v", 4*cs, cs)
 	if _, err := v.WriteAt(fill(4*cs, 1), 0); err != nil {
 		t.Fatal(err)
@@ -128,33 +73,18 @@ func TestSurviveKillPlainWaitsForApply(t *testing.T) {
 	if _, err := s.CreateSnapshot("v", "s", SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	mu.Lock()
-	armed = true
-	mu.Unlock()
+	h.arm()
 	done := make(chan error, 1)
 	go func() { _, err := v.WriteAt(fill(4096, 2), 0); done <- err }()
 	select {
-	case <-entered: // the copy's batch is in its log sync
+	case <-h.entered: // the copy's batch is in its log sync
 	case <-time.After(20 * time.Second):
 		t.Fatal("the first write after the snapshot never led to a log sync")
 	}
-	select {
-	case err := <-done:
-		// Returned while its bytes are only in the overlay.
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(200 * time.Millisecond):
-		close(release)
-		if err := <-done; err != nil {
-			t.Fatal(err)
-		}
-		release = nil
-	}
+	// Returned while its bytes are only in the overlay: a kill now loses them.
+	h.waitOrRelease(t, done)
 	fs.kill() // the kill: no Close, no checkpoint
-	if release != nil {
-		close(release)
-	}
+	h.letGo()
 	s2, err := Open(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -174,5 +104,70 @@ func TestSurviveKillPlainWaitsForApply(t *testing.T) {
 	got := make([]byte, 4096)
 	if _, err := sn.ReadAt(got, 0); err != nil || !bytes.Equal(got, fill(4096, 1)) {
 		t.Fatalf("the snapshot reads %v... (%v) after the kill, want its 1s", got[:4], err)
+	}
+}
+
+// heldSync holds the first fsync, after arm, of a file its match accepts:
+// entered is closed when that sync is reached, which then waits for the
+// release.
+type heldSync struct {
+	mu      sync.Mutex
+	armed   bool
+	match   func(name string) bool
+	entered chan struct{}
+	release chan struct{}
+	once    sync.Once
+}
+
+// openHeldSync opens a store in dir, with SetSurviveKill, on a boot
+// without an identity (so with no kill journal: the way these tests
+// check), over a faultFS whose syncs go through a heldSync of match.
+func openHeldSync(t *testing.T, dir string, match func(name string) bool) (*Store, *faultFS, *heldSync) {
+	t.Helper()
+	real := readBootID
+	t.Cleanup(func() { readBootID = real })
+	readBootID = func() ([16]byte, bool) { return [16]byte{}, false }
+	h := &heldSync{match: match, entered: make(chan struct{}), release: make(chan struct{})}
+	s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
+	s.SetSurviveKill(true)
+	return s, fs, h
+}
+
+func (h *heldSync) hook(name string) {
+	h.mu.Lock()
+	hold := h.armed && h.match(name)
+	h.armed = h.armed && !hold
+	h.mu.Unlock()
+	if hold {
+		close(h.entered)
+		<-h.release
+	}
+}
+
+func (h *heldSync) arm() {
+	h.mu.Lock()
+	h.armed = true
+	h.mu.Unlock()
+}
+
+// letGo releases the held sync (once; later calls do nothing).
+func (h *heldSync) letGo() { h.once.Do(func() { close(h.release) }) }
+
+// waitOrRelease waits for a call's result on done while the sync is held:
+// the call may return then (the test's kill will show whether what it
+// acknowledged survives); if it has not in 200 ms, it is waiting on the
+// held sync, which is let go and the call waited for.
+func (h *heldSync) waitOrRelease(t *testing.T, done <-chan error) {
+	t.Helper()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(200 * time.Millisecond):
+		h.letGo()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
 	}
 }
