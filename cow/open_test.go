@@ -442,22 +442,36 @@ func appendDroppedBatch(t *testing.T, dir string) int64 {
 	}
 	v, _ := s.Volume("v")
 	obj, vobj := s.nextObj, v.obj
-	s.log.mu.Lock()
-	end, seq := s.log.end, s.log.seq
-	s.log.mu.Unlock()
-	s.closeFiles()
+	end, seq := crashLogEnd(s)
 	b := appendRecord(nil, &record{Type: recBatch, Seq: seq + 1})
 	b = appendRecord(b, &record{Type: recSnapshot, Obj: obj, Parent: vobj, Size: 1 << 20, Created: 1, ID: "s3"})
 	b = appendRecord(b, &record{Type: recExc, Obj: obj, Origin: 0, COW: 40, DataCRC: crc(fill(4096, 0x33))})
+	writeLogAt(t, dir, b, end)
+	return end + int64(len(b))
+}
+
+// crashLogEnd crashes s (closes its files: no Close, no checkpoint) and
+// returns where its log's next batch would have gone and the sequence
+// number of its last batch.
+func crashLogEnd(s *Store) (end int64, seq uint64) {
+	s.log.mu.Lock()
+	end, seq = s.log.end, s.log.seq
+	s.log.mu.Unlock()
+	s.closeFiles()
+	return end, seq
+}
+
+// writeLogAt writes b into dir's log at byte offset off.
+func writeLogAt(t *testing.T, dir string, b []byte, off int64) {
+	t.Helper()
 	lf, err := os.OpenFile(filepath.Join(dir, logName), os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer lf.Close()
-	if _, err := lf.WriteAt(b, end); err != nil {
+	if _, err := lf.WriteAt(b, off); err != nil {
 		t.Fatal(err)
 	}
-	return end + int64(len(b))
 }
 
 // TestShortCOWFileIsCorrupt (F6): a COW file shorter than its highest
@@ -512,20 +526,10 @@ func TestTailZeroCopyPastEnd(t *testing.T) {
 	}
 	sn, _ := s.Snapshot("s2")
 	obj := sn.obj
-	s.log.mu.Lock()
-	end, seq := s.log.end, s.log.seq
-	s.log.mu.Unlock()
-	s.closeFiles()
+	end, seq := crashLogEnd(s)
 	b := appendRecord(nil, &record{Type: recBatch, Seq: seq + 1})
 	b = appendRecord(b, &record{Type: recExc, Obj: obj, Origin: 1, COW: 40, DataCRC: crc(make([]byte, 4096))})
-	lf, err := os.OpenFile(filepath.Join(dir, logName), os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := lf.WriteAt(b, end); err != nil {
-		t.Fatal(err)
-	}
-	lf.Close()
+	writeLogAt(t, dir, b, end)
 	for pass := 0; pass < 2; pass++ {
 		s, err := Open(dir)
 		if err != nil {

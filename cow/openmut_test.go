@@ -127,21 +127,11 @@ func TestTornTailOpenWritesRunway(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.log.mu.Lock()
-	end := s.log.end
-	s.log.mu.Unlock()
-	s.closeFiles()
-	path := filepath.Join(dir, logName)
-	lf, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	end, _ := crashLogEnd(s)
 	// A torn append after the last batch: a batch record's first bytes,
 	// then garbage.
-	if _, err := lf.WriteAt([]byte{8, 0, 0, 0, recBatch, 0xff, 0xee}, end); err != nil {
-		t.Fatal(err)
-	}
-	lf.Close()
+	writeLogAt(t, dir, []byte{8, 0, 0, 0, recBatch, 0xff, 0xee}, end)
+	path := filepath.Join(dir, logName)
 	s2, err := Open(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -197,20 +187,10 @@ func TestTailZeroCopyAtFileEnd(t *testing.T) {
 	if int64(cowChunk)<<v.shift != size || cowChunk < firstCOW {
 		t.Fatalf("COW file of %d bytes: not a whole number of chunks past the reserved ones", size)
 	}
-	s.log.mu.Lock()
-	end, seq := s.log.end, s.log.seq
-	s.log.mu.Unlock()
-	s.closeFiles()
+	end, seq := crashLogEnd(s)
 	b := appendRecord(nil, &record{Type: recBatch, Seq: seq + 1})
 	b = appendRecord(b, &record{Type: recExc, Obj: obj, Origin: 1, COW: cowChunk, DataCRC: crc(make([]byte, 4096))})
-	lf, err := os.OpenFile(filepath.Join(dir, logName), os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := lf.WriteAt(b, end); err != nil {
-		t.Fatal(err)
-	}
-	lf.Close()
+	writeLogAt(t, dir, b, end)
 	s2, err := Open(dir)
 	if err != nil {
 		t.Fatalf("Open with a last-batch copy to COW chunk %d, at the COW file's end (%d bytes): %v; want it dropped", cowChunk, size, err)
@@ -250,10 +230,7 @@ func TestTornTailCutBeforeNewBatches(t *testing.T) {
 		t.Fatal(err)
 	}
 	vobj, wobj := v.obj, w.obj
-	s.log.mu.Lock()
-	end := s.log.end
-	s.log.mu.Unlock()
-	s.closeFiles() // a crash
+	end, _ := crashLogEnd(s)
 
 	// The next batch will be DeleteVolume("v"): a batch record and a
 	// delete record.
@@ -266,16 +243,7 @@ func TestTornTailCutBeforeNewBatches(t *testing.T) {
 	for i := 5; i < len(bad); i++ {
 		bad[i] = 0xa5
 	}
-	tail := append(bad, appendRecord(nil, &record{Type: recDelete, Obj: wobj})...)
-	path := filepath.Join(dir, logName)
-	lf, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := lf.WriteAt(tail, end); err != nil {
-		t.Fatal(err)
-	}
-	lf.Close()
+	writeLogAt(t, dir, append(bad, appendRecord(nil, &record{Type: recDelete, Obj: wobj})...), end)
 
 	// A disk with no block to spare: the log's zero fills fail, and so
 	// does the punch that gives them back.
@@ -297,13 +265,9 @@ func TestTornTailCutBeforeNewBatches(t *testing.T) {
 	if err := s2.DeleteVolume("v"); err != nil {
 		t.Fatal(err)
 	}
-	s2.log.mu.Lock()
-	end2 := s2.log.end
-	s2.log.mu.Unlock()
-	if end2 != end+int64(len(next)) {
+	if end2, _ := crashLogEnd(s2); end2 != end+int64(len(next)) {
 		t.Fatalf("the delete's batch took %d bytes, the test made the bad record %d: it does not end where the old delete of w starts", end2-end, len(next))
 	}
-	s2.closeFiles() // a crash
 
 	s3, err := Open(dir)
 	if err != nil {
