@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"errors"
 	"net"
-	"path/filepath"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -30,7 +29,6 @@ func TestHolderCallClosesUnaskedFD(t *testing.T) {
 		{"get", holderResp{}}, // not found, yet an fd
 	} {
 		t.Run(tc.op, func(t *testing.T) {
-			sock := filepath.Join(t.TempDir(), "h.sock")
 			var p [2]int
 			if err := unix.Pipe2(p[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
 				t.Fatal(err)
@@ -38,18 +36,8 @@ func TestHolderCallClosesUnaskedFD(t *testing.T) {
 			defer unix.Close(p[1])
 			// A holder that answers one request with resp and a copy of
 			// the pipe's read end.
-			ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: sock, Net: "unixpacket"})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ln.Close()
 			served := make(chan error, 1)
-			go func() {
-				c, err := ln.AcceptUnix()
-				if err != nil {
-					served <- err
-					return
-				}
+			sock := serveFakeHolder(t, "h.sock", func(c *net.UnixConn) {
 				defer c.Close()
 				buf := make([]byte, holderMsgMax)
 				oob := make([]byte, unix.CmsgSpace(8))
@@ -62,8 +50,11 @@ func TestHolderCallClosesUnaskedFD(t *testing.T) {
 				b, _ := json.Marshal(tc.resp)
 				_, _, err = c.WriteMsgUnix(b, unix.UnixRights(p[0]), nil)
 				served <- err
-			}()
-			var fd int
+			})
+			var (
+				fd  int
+				err error
+			)
 			if tc.op == "list" {
 				_, err = holderList(sock)
 				fd = -1
@@ -94,26 +85,15 @@ func TestHolderCallClosesUnaskedFD(t *testing.T) {
 // ErrHolderFDsLost, not a found connection whose fd is -1: held() would
 // take that for a live connection it has, and the caller would serve fd -1.
 func TestHolderCallFoundWithoutFD(t *testing.T) {
-	sock := filepath.Join(t.TempDir(), "h.sock")
-	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: sock, Net: "unixpacket"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
 	served := make(chan error, 1)
-	go func() {
-		c, err := ln.AcceptUnix()
-		if err != nil {
-			served <- err
-			return
-		}
+	sock := serveFakeHolder(t, "h.sock", func(c *net.UnixConn) {
 		defer c.Close()
 		if _, _, _, _, err := c.ReadMsgUnix(make([]byte, holderMsgMax), nil); err != nil {
 			served <- err
 			return
 		}
 		served <- writeHolder(c, holderResp{Found: true, Params: json.RawMessage(`{}`)}, -1)
-	}()
+	})
 	resp, fd, err := holderCall(sock, holderReq{Op: "get", ID: "a"}, -1)
 	if serr := <-served; serr != nil {
 		t.Fatalf("the fake holder: %v", serr)
