@@ -963,20 +963,8 @@ func TestRollbackResumeWithoutSpace(t *testing.T) {
 	dir := t.TempDir()
 	s, fs := openFault(t, dir, nil)
 	const cs = 4096
-	v := mustVol(t, s, "v", 16*cs, cs)
+	v := volBetweenSnapshots(t, s, cs)
 	mustVol(t, s, "other", 16*cs, cs)
-	if _, err := v.WriteAt(fill(16*cs, 'a'), 0); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.CreateSnapshot("v", "s1", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := v.WriteAt(fill(8*cs, 'b'), 0); err != nil { // s1 copies 8 chunks
-		t.Fatal(err)
-	}
-	if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
 	if err := v.Flush(); err != nil {
 		t.Fatal(err)
 	}
@@ -1111,6 +1099,28 @@ func TestRollbackTailBytesCountsOnlyData(t *testing.T) {
 	}
 }
 
+// volBetweenSnapshots makes volume "v" of 16 chunks of 'a' in s, its
+// snapshot "s1", then 'b' over chunks 0-7 (s1 copies them), then its
+// snapshot "s2": a rollback to s1 rewrites chunks 0-7, whose first writes
+// after s2 copy the 'b's out to s2.
+func volBetweenSnapshots(t *testing.T, s *Store, cs int) *Volume {
+	t.Helper()
+	v := mustVol(t, s, "v", int64(16*cs), cs)
+	if _, err := v.WriteAt(fill(16*cs, 'a'), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s1", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.WriteAt(fill(8*cs, 'b'), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
 // TestRollbackResumeWithoutSpaceKeepsRedone: an Open that redoes the kill
 // journal and then cannot resume an interrupted rollback (no space for its
 // copy-outs) opens the store a second time without the resume; the second
@@ -1119,19 +1129,7 @@ func TestRollbackTailBytesCountsOnlyData(t *testing.T) {
 func TestRollbackResumeWithoutSpaceKeepsRedone(t *testing.T) {
 	const cs = 4096
 	dir, s, fs, _ := heldStore(t)
-	v := mustVol(t, s, "v", 16*cs, cs)
-	if _, err := v.WriteAt(fill(16*cs, 'a'), 0); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.CreateSnapshot("v", "s1", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := v.WriteAt(fill(8*cs, 'b'), 0); err != nil { // s1 copies 8 chunks
-		t.Fatal(err)
-	}
-	if _, err := s.CreateSnapshot("v", "s2", SnapshotOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	v := volBetweenSnapshots(t, s, cs)
 	other := mustVol(t, s, "other", 16*cs, cs)
 	if _, err := other.WriteAt(fill(16*cs, 'o'), 0); err != nil {
 		t.Fatal(err)
