@@ -516,39 +516,63 @@ func TestShortCOWFileIsCorrupt(t *testing.T) {
 // TestTailZeroCopyPastEnd (F6): a last-batch exception whose copy was all
 // zeros and never reached the COW file (the file ends before its chunk)
 // passes the CRC check by reading zeros past the end; it is dropped, not
-// kept with a COW file too short for it (which Open calls damage).
+// kept with a COW file too short for it (which Open calls damage). Both
+// far past the end and at it: the chunk the file would grow by next, as a
+// copy-out at the high-water mark that never reached the file leaves it
+// (a mutation review found the check one chunk off there).
 func TestTailZeroCopyPastEnd(t *testing.T) {
-	dir := t.TempDir()
-	crashAfterSnapshot(t, dir)
-	s, err := Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sn, _ := s.Snapshot("s2")
-	obj := sn.obj
-	end, seq := crashLogEnd(s)
-	b := appendRecord(nil, &record{Type: recBatch, Seq: seq + 1})
-	b = appendRecord(b, &record{Type: recExc, Obj: obj, Origin: 1, COW: 40, DataCRC: crc(make([]byte, 4096))})
-	writeLogAt(t, dir, b, end)
-	for pass := 0; pass < 2; pass++ {
-		s, err := Open(dir)
-		if err != nil {
-			t.Fatalf("open %d: %v", pass, err)
-		}
-		sn, err := s.Snapshot("s2")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got := sn.Info().CowBytes; got != 0 {
-			t.Errorf("open %d: CowBytes %d, want 0 (exception dropped)", pass, got)
-		}
-		if got := mustRead(t, sn, 4096, 4096); !bytes.Equal(got, make([]byte, 4096)) {
-			t.Errorf("open %d: s2 chunk 1 reads %x...", pass, got[:4])
-		}
-		if err := s.check(); err != nil {
-			t.Error(err)
-		}
-		s.closeFiles()
+	for _, tc := range []struct {
+		name string
+		cow  func(t *testing.T, v *Volume) uint64
+	}{
+		{"far past the end", func(*testing.T, *Volume) uint64 { return 40 }},
+		{"at the file's end", func(t *testing.T, v *Volume) uint64 {
+			size, err := v.cowf.Size()
+			if err != nil {
+				t.Fatal(err)
+			}
+			c := uint64(size) >> v.shift
+			if int64(c)<<v.shift != size || c < firstCOW {
+				t.Fatalf("COW file of %d bytes: not a whole number of chunks past the reserved ones", size)
+			}
+			return c
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			crashAfterSnapshot(t, dir)
+			s, err := Open(dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			sn, _ := s.Snapshot("s2")
+			v, _ := s.Volume("v")
+			cow := tc.cow(t, v)
+			end, seq := crashLogEnd(s)
+			b := appendRecord(nil, &record{Type: recBatch, Seq: seq + 1})
+			b = appendRecord(b, &record{Type: recExc, Obj: sn.obj, Origin: 1, COW: cow, DataCRC: crc(make([]byte, 4096))})
+			writeLogAt(t, dir, b, end)
+			for pass := 0; pass < 2; pass++ {
+				s, err := Open(dir)
+				if err != nil {
+					t.Fatalf("open %d with a last-batch copy to COW chunk %d: %v; want it dropped", pass, cow, err)
+				}
+				sn, err := s.Snapshot("s2")
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got := sn.Info().CowBytes; got != 0 {
+					t.Errorf("open %d: CowBytes %d, want 0 (exception dropped)", pass, got)
+				}
+				if got := mustRead(t, sn, 4096, 4096); !bytes.Equal(got, make([]byte, 4096)) {
+					t.Errorf("open %d: s2 chunk 1 reads %x...", pass, got[:4])
+				}
+				if err := s.check(); err != nil {
+					t.Error(err)
+				}
+				s.closeFiles()
+			}
+		})
 	}
 }
 

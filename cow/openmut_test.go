@@ -162,49 +162,6 @@ func TestTornTailOpenWritesRunway(t *testing.T) {
 	}
 }
 
-// TestTailZeroCopyAtFileEnd: as TestTailZeroCopyPastEnd, with the copy's
-// COW chunk the one the file would grow by next (it ends where the chunk
-// starts, as a copy-out at the high-water mark that never reached the file
-// leaves it): the chunk reads zeros, which pass the CRC of an all-zero
-// copy, but it is past the file's end, so the record is dropped (FORMAT.md,
-// Replay step 4), not kept with a COW file too short for it (which Open
-// would refuse as damage, every time).
-func TestTailZeroCopyAtFileEnd(t *testing.T) {
-	dir := t.TempDir()
-	crashAfterSnapshot(t, dir)
-	s, err := Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sn, _ := s.Snapshot("s2")
-	obj := sn.obj
-	v, _ := s.Volume("v")
-	size, err := v.cowf.Size()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cowChunk := uint64(size) >> v.shift
-	if int64(cowChunk)<<v.shift != size || cowChunk < firstCOW {
-		t.Fatalf("COW file of %d bytes: not a whole number of chunks past the reserved ones", size)
-	}
-	end, seq := crashLogEnd(s)
-	b := appendRecord(nil, &record{Type: recBatch, Seq: seq + 1})
-	b = appendRecord(b, &record{Type: recExc, Obj: obj, Origin: 1, COW: cowChunk, DataCRC: crc(make([]byte, 4096))})
-	writeLogAt(t, dir, b, end)
-	s2, err := Open(dir)
-	if err != nil {
-		t.Fatalf("Open with a last-batch copy to COW chunk %d, at the COW file's end (%d bytes): %v; want it dropped", cowChunk, size, err)
-	}
-	defer s2.Close()
-	sn2, err := s2.Snapshot("s2")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := sn2.Info().CowBytes; got != 0 {
-		t.Errorf("CowBytes %d, want 0 (exception dropped)", got)
-	}
-}
-
 // TestTornTailCutBeforeNewBatches: Open cuts a torn tail (FORMAT.md,
 // Replay step 5) so that a new batch written at the log's end cannot come
 // to be followed by old records that look like its own. The runway zeros
