@@ -230,25 +230,16 @@ func TestDiscardLargeUnalignedCoversRange(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				got := make([]byte, size)
-				if _, err := v.ReadAt(got, 0); err != nil {
-					t.Fatal(err)
-				}
+				got := mustRead(t, v, 0, size)
 				if i := firstDiff(got, want); i >= 0 {
 					t.Fatalf("%s: volume byte %d (discard covered [%d, %d)) = %d, want %d", when, i, off, off+n, got[i], want[i])
 				}
 				if !snap {
 					return
 				}
-				sn, err := s.Snapshot("s")
-				if err != nil {
-					t.Fatal(err)
-				}
-				if _, err := sn.ReadAt(got, 0); err != nil {
-					t.Fatal(err)
-				}
-				if i := firstDiff(got, data); i >= 0 {
-					t.Fatalf("%s: snapshot byte %d = %d, want %d (the discard changed the snapshot)", when, i, got[i], data[i])
+				sg := readSnap(t, s, "s")
+				if i := firstDiff(sg, data); i >= 0 {
+					t.Fatalf("%s: snapshot byte %d = %d, want %d (the discard changed the snapshot)", when, i, sg[i], data[i])
 				}
 			}
 			check(s, "before reopen")
