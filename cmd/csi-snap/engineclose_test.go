@@ -78,18 +78,7 @@ func TestOpenStoreAppliesMinFree(t *testing.T) {
 		minFree int64
 		low     bool
 	}{{0, false}, {1 << 60, true}} {
-		dir := filepath.Join(t.TempDir(), "store")
-		st, err := openStore(Config{MinFree: c.minFree}, dir)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := st.CreateVolume("v-1", 4<<20, driver.VolumeOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		b, err := st.VolumeBackend("v-1")
-		if err != nil {
-			t.Fatal(err)
-		}
+		st, b := openStoreVolume(t, Config{MinFree: c.minFree})
 		_, werr := b.WriteAt([]byte("data written before the snapshot"), 0)
 		invalid := false
 		if werr == nil {
@@ -163,17 +152,7 @@ func TestRunDataDirNotADirectory(t *testing.T) {
 func TestOpenStoreAppliesSurviveKill(t *testing.T) {
 	journaled := map[bool]int64{}
 	for _, sk := range []bool{false, true} {
-		st, err := openStore(Config{SurviveKill: sk}, filepath.Join(t.TempDir(), "store"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := st.CreateVolume("v-1", 4<<20, driver.VolumeOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		b, err := st.VolumeBackend("v-1")
-		if err != nil {
-			t.Fatal(err)
-		}
+		st, b := openStoreVolume(t, Config{SurviveKill: sk})
 		if _, err := b.WriteAt([]byte("x"), 0); err != nil {
 			t.Fatal(err)
 		}
@@ -196,4 +175,23 @@ func TestOpenStoreAppliesSurviveKill(t *testing.T) {
 	if journaled[true] <= journaled[false] {
 		t.Fatalf("journal bytes with --survive-kill %d, without %d: want more with it (the writes journaled)", journaled[true], journaled[false])
 	}
+}
+
+// openStoreVolume opens a store as cfg says (openStore) in a new temporary
+// directory, with a volume "v-1" of 4 MiB, and returns the store and the
+// volume's backend.
+func openStoreVolume(t *testing.T, cfg Config) (driver.Store, driver.Backend) {
+	t.Helper()
+	st, err := openStore(cfg, filepath.Join(t.TempDir(), "store"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.CreateVolume("v-1", 4<<20, driver.VolumeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	b, err := st.VolumeBackend("v-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st, b
 }
