@@ -14,6 +14,14 @@ import (
 	"time"
 )
 
+// fakeBoots makes readBootID answer, after bootAs(n), the identity of boot
+// n of a machine that tag names, until the test ends.
+func fakeBoots(t *testing.T, tag byte) (bootAs func(n byte)) {
+	real := readBootID
+	t.Cleanup(func() { readBootID = real })
+	return func(n byte) { readBootID = func() ([16]byte, bool) { return [16]byte{tag, n}, true } }
+}
+
 // TestSyncLostRefusesSameBoot: a process is killed with writes in the page
 // cache only; the next Open's fsync of them fails (the disk dropped them).
 // Open fails, and every later Open in the same boot must refuse with
@@ -21,9 +29,7 @@ import (
 // left them clean, and build on what the disk lacks (a new fsync returns
 // 0). After a reboot the store opens from what the disk holds.
 func TestSyncLostRefusesSameBoot(t *testing.T) {
-	real := readBootID
-	defer func() { readBootID = real }()
-	bootAs := func(n byte) { readBootID = func() ([16]byte, bool) { return [16]byte{0x5c, n}, true } }
+	bootAs := fakeBoots(t, 0x5c)
 	bootAs(1)
 	fs := newPLFS()
 	s, err := openFS("store", fs)
@@ -570,9 +576,7 @@ func TestJournalTruncateWithoutSpace(t *testing.T) {
 // lost, but the chunk must not read the zeros of a data file that never
 // got it in place of its source's bytes.
 func TestCloneSnapshotSyncsDataBeforePresent(t *testing.T) {
-	real := readBootID
-	defer func() { readBootID = real }()
-	bootAs := func(n byte) { readBootID = func() ([16]byte, bool) { return [16]byte{0x5d, n}, true } }
+	bootAs := fakeBoots(t, 0x5d)
 	bootAs(1)
 	fs := newPLFS()
 	s, err := openFS("store", fs)
