@@ -129,6 +129,7 @@ func openHeldSync(t *testing.T, dir string, match func(name string) bool) (*Stor
 	readBootID = func() ([16]byte, bool) { return [16]byte{}, false }
 	h := &heldSync{match: match, entered: make(chan struct{}), release: make(chan struct{})}
 	s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
+	t.Cleanup(h.letGo) // a test that failed while it held a sync frees its goroutine
 	s.SetSurviveKill(true)
 	return s, fs, h
 }
