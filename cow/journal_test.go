@@ -282,9 +282,7 @@ func TestKillJournalOtherBoot(t *testing.T) {
 	returnsSoon(t, "write", func() error { _, err := v.WriteAt(fill(4096, 2), 0); return err })
 	killStore(fs, h)
 
-	real := readBootID
-	defer func() { readBootID = real }()
-	readBootID = func() ([16]byte, bool) { return [16]byte{1, 2, 3}, true }
+	fakeBoots(t, 1)(2) // not this machine's boot, which the journal was written in
 	s2, err := Open(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -592,24 +590,20 @@ func TestKillJournalNoBootID(t *testing.T) {
 	const cs = 4096
 	dir := killedAfterWrite(t, 0xA)
 
-	real := readBootID
-	readBootID = func() ([16]byte, bool) { return [16]byte{}, false }
+	restoreBoot := noBootID(t)
 	s2, err := Open(dir)
 	if err != nil {
-		readBootID = real
 		t.Fatal(err)
 	}
 	v2, _ := s2.Volume("v")
 	if _, err := v2.WriteAt(fill(cs, 0xB), 0); err != nil {
-		readBootID = real
 		t.Fatal(err)
 	}
 	if err := v2.Flush(); err != nil {
-		readBootID = real
 		t.Fatal(err)
 	}
 	s2.closeFiles() // a kill: no checkpoint, so the log's generation stays
-	readBootID = real
+	restoreBoot()
 	s3, err := Open(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -938,8 +932,7 @@ func TestKillJournalNoBootDropOldestFirst(t *testing.T) {
 	w('Y', 0)
 	killStore(fs, h)
 
-	real := readBootID
-	readBootID = func() ([16]byte, bool) { return [16]byte{}, false }
+	restoreBoot := noBootID(t)
 	var mu sync.Mutex
 	var order []string
 	f := newFaultFS(dir)
@@ -955,7 +948,7 @@ func TestKillJournalNoBootDropOldestFirst(t *testing.T) {
 		return nil
 	}
 	s2, err := openFS(dir, f)
-	readBootID = real
+	restoreBoot()
 	if err == nil {
 		s2.Close()
 		t.Fatal("the Open without a boot identity was not stopped at its second truncate")

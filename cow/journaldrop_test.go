@@ -35,8 +35,17 @@ func damagedJournalStore(t *testing.T) (string, []byte) {
 			t.Fatal(err)
 		}
 	}
+	killAfterDamagedWrites(t, dir, s, fs, h, cs, "a", "b")
+	return dir, base
+}
+
+// killAfterDamagedWrites makes 4 unaligned first writes (1000 bytes, every
+// other chunk of cs bytes) to each of vols, held in the kill journal, kills
+// the store and damages the first write record (damageJournalWrite).
+func killAfterDamagedWrites(t *testing.T, dir string, s *Store, fs *faultFS, h *syncHold, cs int64, vols ...string) {
+	t.Helper()
 	armQuiet(t, s, h)
-	for _, id := range []string{"a", "b"} {
+	for _, id := range vols {
 		v, err := s.Volume(id)
 		if err != nil {
 			t.Fatal(err)
@@ -48,7 +57,6 @@ func damagedJournalStore(t *testing.T) (string, []byte) {
 	}
 	killStore(fs, h)
 	damageJournalWrite(t, dir)
-	return dir, base
 }
 
 // damageJournalWrite flips one bit of the first write record's data in the
@@ -351,17 +359,7 @@ func TestOpenDropJournalDeletedHeldNotFenced(t *testing.T) {
 	if err := s.DeleteVolume("d"); err != nil { // kept for its snapshot ds
 		t.Fatal(err)
 	}
-	armQuiet(t, s, h)
-	v, err := s.Volume("a")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := 0; i < 4; i++ {
-		p, off := fill(1000, byte(i+1)), int64(i)*2*cs+100
-		returnsSoon(t, "write", func() error { _, err := v.WriteAt(p, off); return err })
-	}
-	killStore(fs, h)
-	damageJournalWrite(t, dir)
+	killAfterDamagedWrites(t, dir, s, fs, h, cs, "a")
 
 	s, dropped, err := OpenDropJournal(dir, []string{"a", "d"})
 	if err != nil {

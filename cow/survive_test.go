@@ -124,9 +124,7 @@ type heldSync struct {
 // check), over a faultFS whose syncs go through a heldSync of match.
 func openHeldSync(t *testing.T, dir string, match func(name string) bool) (*Store, *faultFS, *heldSync) {
 	t.Helper()
-	real := readBootID
-	t.Cleanup(func() { readBootID = real })
-	readBootID = func() ([16]byte, bool) { return [16]byte{}, false }
+	noBootID(t)
 	h := &heldSync{match: match, entered: make(chan struct{}), release: make(chan struct{})}
 	s, fs := openFault(t, dir, func(fs *faultFS) { fs.syncHook = h.hook })
 	t.Cleanup(h.letGo) // a test that failed while it held a sync frees its goroutine

@@ -22,6 +22,17 @@ func fakeBoots(t *testing.T, tag byte) (bootAs func(n byte)) {
 	return func(n byte) { readBootID = func() ([16]byte, bool) { return [16]byte{tag, n}, true } }
 }
 
+// noBootID makes readBootID find no boot identity (an Open cannot tell a
+// restart from a reboot, so it keeps no kill journal) until the returned
+// restore is called or the test ends.
+func noBootID(t *testing.T) (restore func()) {
+	real := readBootID
+	restore = func() { readBootID = real }
+	t.Cleanup(restore)
+	readBootID = func() ([16]byte, bool) { return [16]byte{}, false }
+	return restore
+}
+
 // TestSyncLostRefusesSameBoot: a process is killed with writes in the page
 // cache only; the next Open's fsync of them fails (the disk dropped them).
 // Open fails, and every later Open in the same boot must refuse with
