@@ -123,7 +123,7 @@ type Frontend struct {
 	// waits for them. Add under mu.
 	resuming sync.WaitGroup
 	vols     map[string]*volume
-	locks    map[string]*sync.Mutex
+	locks    map[string]*idLock
 	closed   bool
 	holderM  sync.Mutex // serializes holder starts
 	runLock  *os.File   // holds the flock on RunDir/frontend.lock until Close
@@ -345,7 +345,7 @@ func New(cfg Config) (*Frontend, error) {
 			"sysctl", "fs.fuse."+name, "seconds", v)
 	}
 	f := &Frontend{cfg: cfg, sock: HolderSocket(dir, cfg.ExternalHolder), volDir: filepath.Join(dir, "vol"),
-		vols: map[string]*volume{}, locks: map[string]*sync.Mutex{}, frozen: map[string]*net.UnixConn{}, runLock: lock,
+		vols: map[string]*volume{}, locks: map[string]*idLock{}, frozen: map[string]*net.UnixConn{}, runLock: lock,
 		stopCheck: make(chan struct{}), checkDone: make(chan struct{})}
 	go f.keepHeld()
 	return f, nil
@@ -505,6 +505,46 @@ func (f *Frontend) putOnce(id string, p *connParams, fd int) error {
 
 func (f *Frontend) mountpoint(id string) string { return filepath.Join(f.volDir, id) }
 
+// idLock is the per-id lock; refs counts its holders and waiters (under
+// Frontend.mu), so that the last one removes it from Frontend.locks: an ID
+// is locked only while a call on it runs, and a node's volumes come and go
+// with new IDs for the process's life.
+type idLock struct {
+	sync.Mutex
+	refs int
+}
+
+// refLock returns id's lock, made if missing, counting the caller in. Under
+// f.mu.
+func (f *Frontend) refLock(id string) *idLock {
+	l, ok := f.locks[id]
+	if !ok {
+		l = &idLock{}
+		f.locks[id] = l
+	}
+	l.refs++
+	return l
+}
+
+// unrefLock counts a holder or waiter of id's lock l out, removing l from
+// f.locks when it was the last. Under f.mu.
+func (f *Frontend) unrefLock(id string, l *idLock) {
+	if l.refs--; l.refs == 0 && f.locks[id] == l {
+		delete(f.locks, id)
+	}
+}
+
+// unlocker returns the function that unlocks id's lock l and counts its
+// holder out.
+func (f *Frontend) unlocker(id string, l *idLock) func() {
+	return func() {
+		l.Unlock()
+		f.mu.Lock()
+		f.unrefLock(id, l)
+		f.mu.Unlock()
+	}
+}
+
 // lock takes the per-id lock.
 func (f *Frontend) lock(id string) (func(), error) {
 	f.mu.Lock()
@@ -512,26 +552,23 @@ func (f *Frontend) lock(id string) (func(), error) {
 		f.mu.Unlock()
 		return nil, ErrClosed
 	}
-	l, ok := f.locks[id]
-	if !ok {
-		l = &sync.Mutex{}
-		f.locks[id] = l
-	}
+	l := f.refLock(id)
 	f.mu.Unlock()
 	l.Lock()
-	return l.Unlock, nil
+	return f.unlocker(id, l), nil
 }
 
-// tryLock takes id's lock, as lock does, if it exists and is free, and
-// whether or not the Frontend is closed.
+// tryLock takes id's lock, as lock does, if it is free, and whether or not
+// the Frontend is closed.
 func (f *Frontend) tryLock(id string) (func(), bool) {
 	f.mu.Lock()
-	l := f.locks[id]
-	f.mu.Unlock()
-	if l == nil || !l.TryLock() {
+	defer f.mu.Unlock()
+	l := f.refLock(id)
+	if !l.TryLock() {
+		f.unrefLock(id, l)
 		return nil, false
 	}
-	return l.Unlock, true
+	return f.unlocker(id, l), true
 }
 
 func (f *Frontend) get(id string) *volume {

@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -279,19 +278,7 @@ func forceCleanup(t *testing.T, dir string) bool {
 			t.Logf("cleanup: unmount %s: %v", m, err)
 		}
 	}
-	holders := func() (pids []int) {
-		procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-		for _, c := range procs {
-			b, err := os.ReadFile(c)
-			if err != nil || !bytes.Contains(b, []byte("fuse-holder")) || !bytes.Contains(b, []byte(dir)) {
-				continue
-			}
-			if pid, err := strconv.Atoi(filepath.Base(filepath.Dir(c))); err == nil {
-				pids = append(pids, pid)
-			}
-		}
-		return pids
-	}
+	holders := func() []int { return holderPids(dir) }
 	// A holder emptied by the test's last unstage exits by itself, but
 	// not at once: on a loaded machine it may still be on its way out
 	// when the plugin has stopped. Give it two seconds before it counts.
