@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/csi-snap/csi-snap/driver/kernel"
+	"golang.org/x/sys/unix"
 	"k8s.io/apimachinery/pkg/api/resource"
 )
 
@@ -228,8 +229,34 @@ func checkSocketPath(path string) error {
 	} else if !fi.IsDir() {
 		return fmt.Errorf("endpoint directory %s is not a directory", filepath.Dir(path))
 	}
+	// One the socket cannot be made in (a read-only file system: a
+	// hostPath mounted read-only) failed only at the bind, after the
+	// store opened and the held volumes were taken back.
+	if err := unix.Access(filepath.Dir(path), unix.W_OK|unix.X_OK); err != nil {
+		return fmt.Errorf("endpoint directory %s: the socket cannot be made in it: %w", filepath.Dir(path), err)
+	}
 	_, err := socketToRemove(path)
 	return err
+}
+
+// checkRunDirWritable fails where the run dir, or the nearest of its
+// parents that exists, cannot be written (a read-only file system): the
+// frontend's lock, its mountpoints and the admin socket are made there,
+// and failed only after the store opened. It changes nothing.
+func checkRunDirWritable(dir string) error {
+	for p := filepath.Clean(dir); ; p = filepath.Dir(p) {
+		_, err := os.Stat(p)
+		if errors.Is(err, os.ErrNotExist) && p != filepath.Dir(p) {
+			continue
+		}
+		if err == nil {
+			err = unix.Access(p, unix.W_OK|unix.X_OK)
+		}
+		if err != nil {
+			return fmt.Errorf("run dir %s: %s cannot be written: %w", dir, p, err)
+		}
+		return nil
+	}
 }
 
 // removeStaleSocket removes a unix socket left by a process that is gone.

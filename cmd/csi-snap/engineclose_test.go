@@ -136,13 +136,11 @@ func TestRunDataDirNotADirectory(t *testing.T) {
 	if err := os.WriteFile(cfg.DataDir, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	open := cfg.openEngines
-	opened := false
-	cfg.openEngines = func(c Config) (*engines, error) { opened = true; return open(c) }
+	opened := watchOpen(&cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
-	if err := run(ctx, cfg); !errors.Is(err, syscall.ENOTDIR) || opened {
-		t.Fatalf("run with a data dir that is a file: %v, engines opened %v; want ENOTDIR before they open", err, opened)
+	if err := run(ctx, cfg); !errors.Is(err, syscall.ENOTDIR) || *opened {
+		t.Fatalf("run with a data dir that is a file: %v, engines opened %v; want ENOTDIR before they open", err, *opened)
 	}
 }
 

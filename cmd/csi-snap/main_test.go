@@ -389,10 +389,7 @@ func TestRunRefusesBeforeOpening(t *testing.T) {
 // (which may take long: a log replay, every held volume re-attached), says
 // which build starts and where; so does the line that says it serves.
 func TestRunLogsVersion(t *testing.T) {
-	var buf syncBuffer
-	klog.LogToStderr(false)
-	klog.SetOutput(&buf)
-	defer func() { klog.SetOutput(io.Discard); klog.LogToStderr(true) }()
+	buf := captureKlog(t)
 	defer func(v string) { version = v }(version)
 	version = "9.8.7-test"
 	cfg := testConfig(t, drivertest.NewStore())
@@ -403,14 +400,7 @@ func TestRunLogsVersion(t *testing.T) {
 		before = buf.String()
 		return inner(c)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- run(ctx, cfg) }()
-	dial(t, cfg.Endpoint).Close()
-	cancel()
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
+	serveAndStop(t, cfg)
 	klog.Flush()
 	for _, want := range []string{`"Starting" version="9.8.7-test"`, `dataDir="` + cfg.DataDir + `"`, `endpoint="` + cfg.Endpoint + `"`} {
 		if !strings.Contains(before, want) {

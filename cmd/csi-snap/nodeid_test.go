@@ -20,9 +20,7 @@ func TestNodeIDNotUTF8(t *testing.T) {
 	cfg := testConfig(t, drivertest.NewStore())
 	cfg.NodeID = bad
 	cfg.MetricsAddress = ""
-	opened := false
-	open := cfg.openEngines
-	cfg.openEngines = func(c Config) (*engines, error) { opened = true; return open(c) }
+	opened := watchOpen(&cfg)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := make(chan error, 1)
@@ -31,8 +29,8 @@ func TestNodeIDNotUTF8(t *testing.T) {
 	for {
 		select {
 		case err := <-done:
-			if err == nil || opened {
-				t.Fatalf("run with --node-id %q: %v, store opened %v; want an error before opening", bad, err, opened)
+			if err == nil || *opened {
+				t.Fatalf("run with --node-id %q: %v, store opened %v; want an error before opening", bad, err, *opened)
 			}
 			return // refused before opening: fine
 		case <-time.After(10 * time.Millisecond):
@@ -47,6 +45,6 @@ func TestNodeIDNotUTF8(t *testing.T) {
 	cancel()
 	<-done
 	if err != nil {
-		t.Fatalf("--node-id %q accepted (store opened %v, serving), but NodeGetInfo fails: %v", bad, opened, err)
+		t.Fatalf("--node-id %q accepted (store opened %v, serving), but NodeGetInfo fails: %v", bad, *opened, err)
 	}
 }

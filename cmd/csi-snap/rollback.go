@@ -8,15 +8,18 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/http"
 	"net/http/httptrace"
 	"os"
 	"path/filepath"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/csi-snap/csi-snap/driver"
+	"github.com/csi-snap/csi-snap/driver/kernel"
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 )
@@ -75,6 +78,55 @@ func serveAdmin(d *driver.Driver, runDir string) (func(), error) {
 		<-served
 		os.Remove(sock)
 	}, nil
+}
+
+// checkAdminPath fails where serveAdmin would refuse the run dir's admin
+// socket: its directory a symlink, another file or another user's, or
+// something not a socket at the socket's path. Like
+// checkSocketPath, it changes nothing, and is called before the store
+// opens: refused only in serveAdmin, a start paid the log's replay and the
+// re-attach of every held volume, only to exit and let them go again.
+func checkAdminPath(runDir string) error {
+	sock := filepath.Join(runDir, adminSocketName)
+	dir := filepath.Dir(sock)
+	fi, err := os.Lstat(dir)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil // made by serveAdmin
+	case err != nil:
+		return fmt.Errorf("admin socket: %w", err)
+	case !fi.IsDir():
+		return fmt.Errorf("admin socket: %s is not a directory (a symlink or another file): remove it", dir)
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() {
+		return fmt.Errorf("admin socket: %s is owned by uid %d, not by this process's uid %d: remove it", dir, st.Uid, os.Geteuid())
+	}
+	// A live socket is left to the locks, which name what holds them
+	// (waitPrevious, then the store's lock at its open).
+	if fi, err := os.Lstat(sock); err == nil && fi.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("admin socket: %s exists and is not a socket", sock)
+	}
+	return nil
+}
+
+// checkHolderPath fails where the fuse-holder's socket in the run dir
+// (resolved, as kernel.New resolves it) is something else than a socket
+// (or a symlink, which the holder follows): a holder then refuses to
+// start (kernel.RunHolderWith), and the plugin, started, answered every
+// stage with Internal. A live socket there is a holder that kept the
+// volumes across a restart: expected, not checked.
+func checkHolderPath(runDir string, external bool) error {
+	sock := kernel.HolderSocket(resolveExisting(runDir), external)
+	fi, err := os.Lstat(sock)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil
+	case err != nil:
+		return fmt.Errorf("fuse-holder socket: %w", err)
+	case fi.Mode()&(os.ModeSocket|os.ModeSymlink) == 0:
+		return fmt.Errorf("fuse-holder socket %s exists and is not a socket: remove it", sock)
+	}
+	return nil
 }
 
 // privateDir makes dir (its parent exists) a directory of mode 0700 owned

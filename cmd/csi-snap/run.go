@@ -49,6 +49,16 @@ func run(ctx context.Context, cfg Config) (err error) {
 	if err := cfg.validate(); err != nil {
 		return err
 	}
+	// Deferred first, so run last: once the other deferred calls let go
+	// of the endpoint, the run dir and the store. A log that ends at
+	// "Stopping" is that of a stop cut short (a second signal, kubelet's
+	// SIGKILL after the grace period).
+	var stopStart time.Time
+	defer func() {
+		if !stopStart.IsZero() && err == nil {
+			klog.InfoS("Stopped", "took", time.Since(stopStart))
+		}
+	}()
 	// What can fail for a bad configuration fails before the store opens
 	// (a replay of its log, the re-attach of every held volume): else a
 	// crash loop pays them, with the node's volumes paused, every time.
@@ -87,6 +97,15 @@ func run(ctx context.Context, cfg Config) (err error) {
 			return err
 		}
 		defer ln.Close() // served below; closed here if run fails first
+	}
+	if err := checkRunDirWritable(cfg.RunDir); err != nil {
+		return err
+	}
+	if err := checkAdminPath(cfg.RunDir); err != nil {
+		return err
+	}
+	if err := checkHolderPath(cfg.RunDir, cfg.ExternalHolder); err != nil {
+		return err
 	}
 	var metricsLn net.Listener
 	if cfg.MetricsAddress != "" {
@@ -194,7 +213,9 @@ func run(ctx context.Context, cfg Config) (err error) {
 	reflection.Register(srv)
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
-	klog.InfoS("Serving CSI", "version", version, "endpoint", cfg.Endpoint, "driver", cfg.DriverName, "node", cfg.NodeID, "dataDir", cfg.DataDir)
+	// address: where the endpoint was bound (a tcp port 0 is picked by
+	// the kernel, as the metrics address's is).
+	klog.InfoS("Serving CSI", "version", version, "endpoint", cfg.Endpoint, "address", ln.Addr().String(), "driver", cfg.DriverName, "node", cfg.NodeID, "dataDir", cfg.DataDir)
 
 	select {
 	case err := <-served:
@@ -202,6 +223,7 @@ func run(ctx context.Context, cfg Config) (err error) {
 	case <-ctx.Done():
 	}
 	klog.InfoS("Stopping", "timeout", cfg.ShutdownTimeout)
+	stopStart = time.Now()
 	stopped := make(chan struct{})
 	go func() { srv.GracefulStop(); close(stopped) }()
 	select {
