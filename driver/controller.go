@@ -729,7 +729,13 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (
 	}
 	avail, err := d.dataDirFree()
 	if err != nil {
-		return nil, toStatus(err)
+		// A data dir that cannot be read (removed under the plugin, its
+		// file system gone) makes no volume either. An error would leave
+		// the CSIStorageCapacity external-provisioner published before
+		// in place (it retries, and updates nothing), and claims coming
+		// here: 0, as for a failed store (NodeGetStorageHealth says why).
+		klog.ErrorS(err, "The data dir cannot be read; offering no capacity")
+		return &csi.GetCapacityResponse{}, nil
 	}
 	free := max(avail-d.opt.MinFree, 0)
 	// maximum_volume_size: the scheduler prefers it to available_capacity

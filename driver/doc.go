@@ -17,6 +17,10 @@
 // and the mount table, so it survives a restart of the process too; a few
 // markers in DataDir keep what neither shows (unfinished stages and
 // publishes, leftover freezes, and which paths stage a volume, below).
+// Each marker is written beside itself as "<name>.tmp" and renamed over
+// itself (writeMarker), so a kill leaves the old content or the new, never
+// a torn one; the ".tmp" such a kill leaves is removed when the marker is
+// dropped, and by Recover before the first call is served.
 //
 // CreateVolume parameters (validate.go): csi.storage.k8s.io/fstype and
 // chunkSize, the cow chunk size in bytes (plain or with a Ki/Mi/Gi suffix; a

@@ -149,9 +149,28 @@ func (d *Driver) Register(s *grpc.Server) {
 // ids whose volume is gone from the store are detached; those of a store
 // lost until the node reboots (ErrSyncLost, NewFailedStore) are served with
 // I/O errors, so nothing on them waits for ever. It returns the first error
-// but tries every id.
+// but tries every id. First, before any call is served, it removes what
+// marker writes a kill cut off left (sweepMarkerTemps).
 func (d *Driver) Recover(ctx context.Context) error {
 	var first error
+	if n, err := d.sweepMarkerTemps(); err != nil {
+		// Only space is at stake: serve anyway, and say so.
+		klog.ErrorS(err, "Removing the temporary files of marker writes a kill cut off", "removed", n)
+	} else if n > 0 {
+		klog.InfoS("Removed the temporary files of marker writes a kill cut off", "count", n)
+	}
+	// The store lists the volumes whose answered writes its Open dropped
+	// only until a reboot (cow: its markers name the boot); the loss is
+	// for good, and health reports it (DATA_LOSS) until the volume is
+	// deleted: recorded now, in the driver's own record, not only when
+	// the fence ends (forgetLostWrites), which a reboot can come before.
+	if ls, ok := d.opt.Store.(LostWritesStore); ok {
+		for _, id := range ls.KillWritesLost() {
+			if err := writeMarker(d.lossMarker(id), nil); err != nil {
+				klog.ErrorS(err, "Recording the loss of a volume's answered writes", "volumeID", id)
+			}
+		}
+	}
 	failed := map[string]bool{}
 	ids := d.opt.Frontend.Attached()
 	type held struct {
@@ -198,7 +217,11 @@ func (d *Driver) Recover(ctx context.Context) error {
 		} else if err == nil {
 			var dev string
 			dev, err = d.opt.Frontend.Attach(ctx, id, b, false)
-			if err == nil {
+			if _, fenced := b.(failingBackend); err == nil && fenced {
+				// heldBackend said why ("Serving a held volume with I/O
+				// errors"): not resumed, fenced until unstaged.
+				klog.InfoS("Took back a held volume to fail its I/O (not resumed): its device answers I/O errors until it is unstaged (or its unfinished stage is retried)", "volumeID", id, "device", dev)
+			} else if err == nil {
 				klog.InfoS("Resumed volume", "volumeID", id, "device", dev)
 			}
 		}

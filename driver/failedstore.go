@@ -228,9 +228,10 @@ func (d *Driver) forgetLostWrites(id string) error {
 	return nil
 }
 
-// lossMarker is the file that records, once the store forgot them
-// (ForgetKillLost), that writes of volume id were lost (health's DATA_LOSS
-// WritesLost), until the volume is deleted.
+// lossMarker is the file that records that writes of volume id were lost
+// (health's DATA_LOSS WritesLost), until the volume is deleted: written by
+// Recover for each volume the store lists (KillWritesLost, which a reboot
+// or ForgetKillLost ends), and again when the fence ends.
 func (d *Driver) lossMarker(id string) string {
 	return filepath.Join(d.opt.DataDir, "writes-lost", id)
 }

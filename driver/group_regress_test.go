@@ -20,12 +20,20 @@ import (
 // with an odd name and a deleted member volume, concurrent creates of one
 // name, a large group, and concurrent create/delete/get/restore.
 
+// newDriverOn is a driver over cs (a fake frontend and mounter, freezes
+// that succeed) with a data dir of its own.
 func newDriverOn(t *testing.T, cs *driver.CowStore) *driver.Driver {
-	d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: t.TempDir(), Store: cs, Frontend: drivertest.NewFrontend(),
+	return newDriverAt(t, t.TempDir(), cs)
+}
+
+// newDriverAt is newDriverOn over any store, with data dir dataDir.
+func newDriverAt(tb testing.TB, dataDir string, st driver.Store) *driver.Driver {
+	tb.Helper()
+	d, err := driver.New(driver.Options{Name: "csi-snap.io", NodeID: node, DataDir: dataDir, Store: st, Frontend: drivertest.NewFrontend(),
 		Mounter: &mount.SafeFormatAndMount{Interface: mount.NewFakeMounter(nil), Exec: &testexec.FakeExec{DisableScripts: true}},
 		Freeze:  func(string) error { return nil }, Thaw: func(string) error { return nil }})
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	return d
 }

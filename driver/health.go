@@ -98,9 +98,13 @@ func (d *Driver) volumeHealth(id string) (*csi.VolumeHealth, error) {
 	}
 	low, msg, err := d.dataDirLow()
 	if err != nil {
-		return nil, err
-	}
-	if low {
+		// The data dir cannot be read (removed under the plugin, a
+		// file system gone): a condition of every volume, as
+		// NodeGetStorageHealth reports it, not a failure of the call,
+		// which would keep every health monitor from recording it.
+		h.HealthStatuses = append(h.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{
+			Status: csi.VolumeHealthErrorType_INACCESSIBLE, Reason: "DataDirUnreadable", Message: err.Error()})
+	} else if low {
 		h.HealthStatuses = append(h.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{
 			Status: csi.VolumeHealthErrorType_DEGRADED, Reason: "DataDirNearlyFull", Message: msg})
 	}
@@ -260,13 +264,19 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 			return nil, toStatus(err)
 		}
 		for _, mp := range mps {
-			if (mp.Path == abs || mp.Path == real) && mp.Device == dev && p == req.GetStagingTargetPath() && mountIsDevice(p, mp.Device, dev) {
+			// The staging path or a publish target (the pod's bind of
+			// the stage shares its super block: what turned it read-only
+			// shows through either; a publish asked read-only has "ro"
+			// in its own options, as a stage asked so has).
+			if (mp.Path == abs || mp.Path == real) && mp.Device == dev && mountIsDevice(p, mp.Device, dev) {
 				ro, known := turnedReadOnly(abs, real)
 				if !known {
-					ro = slices.Contains(mp.Opts, "ro") // no mountinfo: the mount table's word
+					// No mountinfo: the mount table's word, for the
+					// stage only (a publish asked read-only lists "ro").
+					ro = p == req.GetStagingTargetPath() && slices.Contains(mp.Opts, "ro")
 				}
 				if ro {
-					add(csi.VolumeHealthErrorType_DEGRADED, "FilesystemReadOnly", "the staged filesystem turned read-only (after an error)")
+					add(csi.VolumeHealthErrorType_DEGRADED, "FilesystemReadOnly", fmt.Sprintf("the staged filesystem, mounted at %s, turned read-only (after an error)", p))
 				}
 			}
 		}

@@ -1661,6 +1661,59 @@ func dropMarker(path string) error {
 	return removeMarker(path)
 }
 
+// markerDirs are the directories of DataDir that writeMarker writes in:
+// flat ones hold markers named by a volume ID or a path's hash; perVolume
+// ones hold a directory per volume ID, and markers in those.
+var markerDirs = []struct {
+	name      string
+	perVolume bool
+}{
+	{"frozen", false}, {"publish-markers", false}, {"publish-records", false},
+	{"stage-markers", false}, {"writes-lost", false},
+	{"stage-flags", true}, {"stage-kinds", true}, {"stage-pending", true}, {"stages", true},
+}
+
+// sweepMarkerTemps removes the ".tmp" files of marker writes a kill cut
+// off between their write and their rename (writeMarker). Each is also
+// removed when its marker is dropped (dropMarker) or written again, but
+// one whose marker never is (a publish killed midway whose target kubelet
+// then forgot) was left for ever. Run before any call is served (Recover):
+// no writeMarker is under way, so every ".tmp" is such a leftover. No
+// reader takes a ".tmp" for a marker, so removing one changes nothing but
+// the space it takes; the names it matches cannot be markers (volume IDs
+// and hashes are hex). It returns how many it removed and the first error
+// other than a missing directory; a directory it cannot read is skipped.
+func (d *Driver) sweepMarkerTemps() (removed int, first error) {
+	var sweep func(dir string, perVolume bool)
+	sweep = func(dir string, perVolume bool) {
+		ents, err := os.ReadDir(dir)
+		if err != nil {
+			// (ENOTDIR: a file in the directory's place, holding none.)
+			if !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, syscall.ENOTDIR) && first == nil {
+				first = err
+			}
+			return
+		}
+		for _, e := range ents {
+			p := filepath.Join(dir, e.Name())
+			switch {
+			case e.IsDir() && perVolume:
+				sweep(p, false)
+			case !e.IsDir() && strings.HasSuffix(e.Name(), ".tmp"):
+				if err := os.Remove(p); err == nil {
+					removed++
+				} else if !errors.Is(err, fs.ErrNotExist) && first == nil {
+					first = err
+				}
+			}
+		}
+	}
+	for _, m := range markerDirs {
+		sweep(filepath.Join(d.opt.DataDir, m.name), m.perVolume)
+	}
+	return removed, first
+}
+
 // removeMarker removes the marker file path, if any. A directory there is
 // none of the driver's (each marker and record is a file): a corrupt
 // marker, removed with what it holds, as a garbage one is. Left, it

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -53,6 +54,11 @@ func TestSyncLostServesErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	k.restart() // fails the test if the plugin exits instead of serving
+	// What the log says of the volume must be what happened: its device
+	// is served with I/O errors, not resumed.
+	if l := readLog(k.p); strings.Contains(l, `"Resumed volume" volumeID="`+id+`"`) {
+		t.Errorf("the log says the volume whose store is lost was resumed; its device fails every I/O:\n%s", grepLines(l, id))
+	}
 
 	if r, err := csi.NewIdentityClient(k.cc).Probe(ctx, &csi.ProbeRequest{}); err != nil || !r.GetReady().GetValue() {
 		t.Errorf("Probe with the store lost until a reboot: %v, %v; want ready", r.GetReady(), err)
@@ -104,4 +110,15 @@ func TestSyncLostServesErrors(t *testing.T) {
 	}
 	// The volume cannot be deleted until the store opens again (after a
 	// reboot); startKillable's cleanup checks nothing is left on the node.
+}
+
+// grepLines returns the lines of log that contain s.
+func grepLines(log, s string) string {
+	var out []string
+	for _, l := range strings.Split(log, "\n") {
+		if strings.Contains(l, s) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }
