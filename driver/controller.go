@@ -1219,10 +1219,24 @@ func (d *Driver) ListSnapshots(ctx context.Context, req *csi.ListSnapshotsReques
 		return nil, err
 	}
 	var snaps []SnapshotInfo
-	for _, s := range d.opt.Store.Snapshots() {
-		if (req.GetSnapshotId() == "" || s.ID == req.GetSnapshotId()) &&
-			(req.GetSourceVolumeId() == "" || s.VolumeID == req.GetSourceVolumeId()) {
-			snaps = append(snaps, s)
+	if id := req.GetSnapshotId(); id != "" {
+		// One lookup (what csi-snapshotter asks of a pre-provisioned
+		// snapshot), not a listing of every snapshot on the node, which
+		// cloned and sorted them all under the store's lock.
+		s, err := d.lookupSnapshot(id)
+		switch {
+		case err == nil:
+			if req.GetSourceVolumeId() == "" || s.VolumeID == req.GetSourceVolumeId() {
+				snaps = append(snaps, s)
+			}
+		case status.Code(err) != codes.NotFound:
+			return nil, err
+		}
+	} else {
+		for _, s := range d.opt.Store.Snapshots() {
+			if req.GetSourceVolumeId() == "" || s.VolumeID == req.GetSourceVolumeId() {
+				snaps = append(snaps, s)
+			}
 		}
 	}
 	ids := make([]string, len(snaps))
