@@ -173,6 +173,11 @@ func (s *server) waitingReaders() int32 { return int32(uint32(s.readers.Load()))
 // before it returns (spawn). A variable for tests.
 var readerIdle = 5 * time.Second
 
+// idleExited, when set (by tests, before any reader starts), is called
+// with the ID of the OS thread a reader returns on for idleness, which it
+// takes with it (or, the process's main thread, wedges).
+var idleExited func(tid int)
+
 // idleExit reports whether a reader whose wait for a request timed out
 // should return: when another reader waits too (it then stops counting
 // itself, as waiting and as alive, in one step: a spawn racing it must
@@ -310,6 +315,9 @@ func (s *server) readLoop() {
 				// threads are cloned from this process's, with its
 				// PR_SET_IO_FLUSHER flags (BecomeIOFlusher).
 				runtime.LockOSThread()
+				if idleExited != nil {
+					idleExited(unix.Gettid())
+				}
 				return
 			}
 			continue
