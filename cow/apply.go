@@ -298,6 +298,7 @@ func (s *Store) applyVolume(r *record) error {
 		return err
 	}
 	s.objs[r.Obj], s.byID[r.ID] = v, v
+	s.dropSorted()
 	s.nextObj = r.Obj + 1
 	return nil
 }
@@ -333,6 +334,7 @@ func (s *Store) applySnapshot(r *record) error {
 	}
 	v.mu.Unlock()
 	s.objs[r.Obj], s.byID[r.ID] = sn, sn
+	s.dropSorted()
 	s.nextObj = r.Obj + 1
 	return nil
 }
@@ -359,6 +361,7 @@ func (s *Store) reapSnapshot(sn *Snapshot) error {
 	}
 	delete(s.objs, sn.obj)
 	delete(s.byID, sn.id)
+	s.dropSorted()
 	if err := s.release(v, freed); err != nil {
 		return err
 	}
@@ -389,6 +392,7 @@ func (s *Store) reapVolume(v *Volume) error {
 	}
 	delete(s.objs, v.obj)
 	delete(s.byID, v.id)
+	s.dropSorted()
 	// Replay may have opened the files (a crash between the delete record
 	// and their removal leaves them): close them here, as nothing reaches
 	// v from now on. finishOpen removes them.

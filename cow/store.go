@@ -45,6 +45,7 @@ type Store struct {
 	closed   atomic.Bool    // closed, or failed so that it refuses changes; set under mu, read anywhere (Err)
 	byID     map[string]any // *Volume, *Snapshot or *group (group.go) that is not gone (deleted ones keep their ID reserved)
 	objs     map[uint32]any // same, by object number
+	sorted   sortedIDs      // byID's volumes and snapshots, sorted, for pages (list.go); dropped when byID changes
 	nextObj  uint32         // next object number; never reused, so file names never are
 	hdr      header
 	log      *committer

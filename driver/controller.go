@@ -194,23 +194,14 @@ func (d *Driver) storeErr() error {
 	return nil
 }
 
-// findVolumeByName scans the store for a live volume carrying the CSI name.
+// findVolumeByName finds the live volume carrying the CSI name.
 func (d *Driver) findVolumeByName(name string) (VolumeInfo, bool) {
-	for _, v := range d.opt.Store.Volumes() {
-		if hasName(v.Labels, labelName, name) {
-			return v, true
-		}
-	}
-	return VolumeInfo{}, false
+	return d.opt.Store.FindVolume(nameLabel(labelName, name))
 }
 
+// findSnapshotByName finds the live snapshot carrying the CSI name.
 func (d *Driver) findSnapshotByName(name string) (SnapshotInfo, bool) {
-	for _, s := range d.opt.Store.Snapshots() {
-		if hasName(s.Labels, labelName, name) {
-			return s, true
-		}
-	}
-	return SnapshotInfo{}, false
+	return d.opt.Store.FindSnapshot(nameLabel(labelName, name))
 }
 
 func (d *Driver) csiVolume(v VolumeInfo) *csi.Volume {
@@ -667,20 +658,7 @@ func (d *Driver) pageVolumes(token string, maxEntries int32) ([]VolumeInfo, stri
 	if err := d.storeErr(); err != nil {
 		return nil, "", err
 	}
-	return d.pageOf(d.opt.Store.Volumes(), token, maxEntries)
-}
-
-// pageOf is one page of vols (sorted by ID).
-func (d *Driver) pageOf(vols []VolumeInfo, token string, maxEntries int32) ([]VolumeInfo, string, error) {
-	ids := make([]string, len(vols))
-	for i, v := range vols {
-		ids[i] = v.ID
-	}
-	start, end, next, err := pageBounds(ids, token, maxEntries, isVolumeID)
-	if err != nil {
-		return nil, "", err
-	}
-	return vols[start:end], next, nil
+	return page(token, maxEntries, isVolumeID, d.opt.Store.VolumesFrom, volumeID)
 }
 
 // ListVolumes pages through volumes in ID order (see paginate.go).
@@ -1218,37 +1196,32 @@ func (d *Driver) ListSnapshots(ctx context.Context, req *csi.ListSnapshotsReques
 	if err := d.storeErr(); err != nil {
 		return nil, err
 	}
-	var snaps []SnapshotInfo
-	if id := req.GetSnapshotId(); id != "" {
-		// One lookup (what csi-snapshotter asks of a pre-provisioned
-		// snapshot), not a listing of every snapshot on the node, which
-		// cloned and sorted them all under the store's lock.
-		s, err := d.lookupSnapshot(id)
-		switch {
-		case err == nil:
-			if req.GetSourceVolumeId() == "" || s.VolumeID == req.GetSourceVolumeId() {
+	// What page lists from the token on: the store's snapshots, or those
+	// a filter leaves (at most one by ID: one lookup, what csi-snapshotter
+	// asks of a pre-provisioned snapshot; those of one source: a scan).
+	fetch := d.opt.Store.SnapshotsFrom
+	if id, src := req.GetSnapshotId(), req.GetSourceVolumeId(); id != "" || src != "" {
+		var snaps []SnapshotInfo
+		if id != "" {
+			s, err := d.lookupSnapshot(id)
+			switch {
+			case err == nil:
 				snaps = append(snaps, s)
+			case status.Code(err) != codes.NotFound:
+				return nil, err
 			}
-		case status.Code(err) != codes.NotFound:
-			return nil, err
+		} else {
+			snaps = d.opt.Store.Snapshots()
 		}
-	} else {
-		for _, s := range d.opt.Store.Snapshots() {
-			if req.GetSourceVolumeId() == "" || s.VolumeID == req.GetSourceVolumeId() {
-				snaps = append(snaps, s)
-			}
-		}
+		snaps = slices.DeleteFunc(snaps, func(s SnapshotInfo) bool { return src != "" && s.VolumeID != src })
+		fetch = fromSorted(snaps, snapshotID)
 	}
-	ids := make([]string, len(snaps))
-	for i, s := range snaps {
-		ids[i] = s.ID
-	}
-	start, end, next, err := pageBounds(ids, req.GetStartingToken(), req.GetMaxEntries(), isSnapshotID)
+	snaps, next, err := page(req.GetStartingToken(), req.GetMaxEntries(), isSnapshotID, fetch, snapshotID)
 	if err != nil {
 		return nil, err
 	}
 	resp := &csi.ListSnapshotsResponse{NextToken: next}
-	for _, s := range snaps[start:end] {
+	for _, s := range snaps {
 		resp.Entries = append(resp.Entries, &csi.ListSnapshotsResponse_Entry{Snapshot: d.csiSnapshot(s)})
 	}
 	return resp, nil

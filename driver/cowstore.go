@@ -256,6 +256,44 @@ func (c *CowStore) Snapshots() []SnapshotInfo {
 	return out
 }
 
+// VolumesFrom implements Store.
+func (c *CowStore) VolumesFrom(from string, max int) []VolumeInfo {
+	vs := c.s.VolumesFrom(from, max)
+	out := make([]VolumeInfo, len(vs))
+	for i, v := range vs {
+		out[i] = volInfo(v)
+	}
+	return out
+}
+
+// SnapshotsFrom implements Store.
+func (c *CowStore) SnapshotsFrom(from string, max int) []SnapshotInfo {
+	ss := c.s.SnapshotsFrom(from, max)
+	out := make([]SnapshotInfo, len(ss))
+	for i, s := range ss {
+		out[i] = snapInfo(s)
+	}
+	return out
+}
+
+// FindVolume implements Store.
+func (c *CowStore) FindVolume(key, value string) (VolumeInfo, bool) {
+	v, ok := c.s.FindVolume(key, value)
+	if !ok {
+		return VolumeInfo{}, false
+	}
+	return volInfo(v), true
+}
+
+// FindSnapshot implements Store.
+func (c *CowStore) FindSnapshot(key, value string) (SnapshotInfo, bool) {
+	s, ok := c.s.FindSnapshot(key, value)
+	if !ok {
+		return SnapshotInfo{}, false
+	}
+	return snapInfo(s), true
+}
+
 // CreateSnapshotGroup implements GroupStore.
 func (c *CowStore) CreateSnapshotGroup(groupID string, members []GroupMember, labels map[string]string) (GroupInfo, error) {
 	ms := make([]cow.GroupMember, len(members))

@@ -29,6 +29,17 @@ type Store interface {
 	// (Err) they may list objects that never reached the disk.
 	Volumes() []VolumeInfo
 	Snapshots() []SnapshotInfo
+	// VolumesFrom and SnapshotsFrom list what Volumes and Snapshots list
+	// whose ID sorts at or after from, at most max of them (max 0: no
+	// limit): a List call's page, without listing the rest.
+	VolumesFrom(from string, max int) []VolumeInfo
+	SnapshotsFrom(from string, max int) []SnapshotInfo
+	// FindVolume and FindSnapshot return the object Volumes or Snapshots
+	// lists whose labels map key to value (of several, the one of the
+	// smallest ID): a create's check that its name is new, without
+	// listing every object.
+	FindVolume(key, value string) (VolumeInfo, bool)
+	FindSnapshot(key, value string) (SnapshotInfo, bool)
 	// Err is nil while the store works; once it failed (a log write or
 	// fsync error: its memory may be ahead of the disk until it is
 	// reopened) or closed, it says why (ErrClosed).

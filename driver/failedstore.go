@@ -145,6 +145,14 @@ func (s failedStore) Volume(string) (VolumeInfo, error)        { return VolumeIn
 func (s failedStore) Snapshot(string) (SnapshotInfo, error)    { return SnapshotInfo{}, s.err }
 func (s failedStore) Volumes() []VolumeInfo                    { return nil }
 func (s failedStore) Snapshots() []SnapshotInfo                { return nil }
+func (s failedStore) VolumesFrom(string, int) []VolumeInfo     { return nil }
+func (s failedStore) SnapshotsFrom(string, int) []SnapshotInfo { return nil }
+func (s failedStore) FindVolume(string, string) (VolumeInfo, bool) {
+	return VolumeInfo{}, false
+}
+func (s failedStore) FindSnapshot(string, string) (SnapshotInfo, bool) {
+	return SnapshotInfo{}, false
+}
 func (s failedStore) Err() error                               { return s.err }
 func (s failedStore) VolumeBackend(id string) (Backend, error) { return nil, s.err }
 func (s failedStore) Close() error                             { s.lock.release(); return nil }

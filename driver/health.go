@@ -153,18 +153,17 @@ func (d *Driver) ControllerListVolumeHealth(ctx context.Context, req *csi.Contro
 	// A failed store still lists the volumes it had: their health is the
 	// failure. One that never opened (NewFailedStore) lists none, and an
 	// empty answer would say all is well: Unavailable, as ListVolumes.
-	vols := d.opt.Store.Volumes()
-	if len(vols) == 0 {
+	vols, next, err := page(req.GetStartingToken(), req.GetMaxEntries(), isVolumeID, d.opt.Store.VolumesFrom, volumeID)
+	if err != nil {
+		return nil, err
+	}
+	if len(vols) == 0 && len(d.opt.Store.VolumesFrom("", 1)) == 0 {
 		if err := d.storeErr(); err != nil {
 			return nil, err
 		}
 	}
-	page, next, err := d.pageOf(vols, req.GetStartingToken(), req.GetMaxEntries())
-	if err != nil {
-		return nil, err
-	}
 	resp := &csi.ControllerListVolumeHealthResponse{NextToken: next}
-	for _, v := range page {
+	for _, v := range vols {
 		id := v.ID
 		h, err := d.volumeHealth(id)
 		if err != nil {

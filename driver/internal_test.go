@@ -24,9 +24,10 @@ import (
 	testexec "k8s.io/utils/exec/testing"
 )
 
-func TestPageBounds(t *testing.T) {
+func TestPage(t *testing.T) {
 	ids := []string{"v-1", "v-3", "v-5", "v-7"}
 	any := func(string) bool { return true }
+	id := func(s string) string { return s }
 	cases := []struct {
 		name       string
 		token      string
@@ -45,16 +46,25 @@ func TestPageBounds(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			s, e, n, err := pageBounds(ids, c.token, c.max, any)
+			fetched := -1
+			fetch := func(from string, n int) []string {
+				fetched = n
+				return fromSorted(ids, id)(from, n)
+			}
+			got, next, err := page(c.token, c.max, any, fetch, id)
 			if status.Code(err) != c.code {
 				t.Fatalf("code %v, want %v (%v)", status.Code(err), c.code, err)
 			}
-			if err == nil && (s != c.start || e != c.end || n != c.next) {
-				t.Fatalf("got [%d,%d) next %q, want [%d,%d) next %q", s, e, n, c.start, c.end, c.next)
+			if err == nil && (!slices.Equal(got, ids[c.start:c.end]) || next != c.next) {
+				t.Fatalf("got %v next %q, want %v next %q", got, next, ids[c.start:c.end], c.next)
+			}
+			// A page asks the store for what it shows and one more.
+			if want := int(c.max) + 1; err == nil && c.max > 0 && fetched != want {
+				t.Fatalf("fetched %d entries for a page of %d, want %d", fetched, c.max, want)
 			}
 		})
 	}
-	if _, _, _, err := pageBounds(ids, "garbage", 0, isVolumeID); status.Code(err) != codes.Aborted {
+	if _, _, err := page("garbage", 0, isVolumeID, fromSorted(ids, id), id); status.Code(err) != codes.Aborted {
 		t.Fatalf("garbage token: %v, want Aborted", err)
 	}
 }

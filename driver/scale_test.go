@@ -4,15 +4,21 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"sync/atomic"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/csi-snap/csi-snap/driver"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // listCounter is the real cow store with a count of the objects its
-// Volumes and Snapshots calls hand the driver: what a driver call visits.
+// listing and finding calls hand the driver (copied out of the store, each
+// with its labels, a volume also with a syscall for its allocation): what
+// a driver call costs beyond the store's walk of its map, which copies
+// nothing.
 type listCounter struct {
 	*driver.CowStore
 	listed atomic.Int64
@@ -28,6 +34,34 @@ func (c *listCounter) Snapshots() []driver.SnapshotInfo {
 	s := c.CowStore.Snapshots()
 	c.listed.Add(int64(len(s)))
 	return s
+}
+
+func (c *listCounter) VolumesFrom(from string, max int) []driver.VolumeInfo {
+	v := c.CowStore.VolumesFrom(from, max)
+	c.listed.Add(int64(len(v)))
+	return v
+}
+
+func (c *listCounter) SnapshotsFrom(from string, max int) []driver.SnapshotInfo {
+	s := c.CowStore.SnapshotsFrom(from, max)
+	c.listed.Add(int64(len(s)))
+	return s
+}
+
+func (c *listCounter) FindVolume(key, value string) (driver.VolumeInfo, bool) {
+	v, ok := c.CowStore.FindVolume(key, value)
+	if ok {
+		c.listed.Add(1)
+	}
+	return v, ok
+}
+
+func (c *listCounter) FindSnapshot(key, value string) (driver.SnapshotInfo, bool) {
+	s, ok := c.CowStore.FindSnapshot(key, value)
+	if ok {
+		c.listed.Add(1)
+	}
+	return s, ok
 }
 
 // scaleNode is a driver over the real cow store holding many snapshots.
@@ -113,4 +147,127 @@ func TestScaleListSnapshotsByID(t *testing.T) {
 			}
 		}
 	}
+}
+
+// TestScaleCreateByName: CreateSnapshot and CreateVolume, which must find
+// an object of the same name (idempotency), copy at most that one out of
+// the store, not every snapshot or volume on the node; the same-name
+// answers stay right (the existing object; AlreadyExists for another
+// source or size).
+func TestScaleCreateByName(t *testing.T) {
+	ctx := context.Background()
+	n := newScaleNode(t, 50, 1000)
+	for _, c := range []struct {
+		name string
+		call func() error
+		code codes.Code
+		max  int64
+	}{
+		{"CreateSnapshot of a new name", func() error {
+			_, err := n.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap-new", SourceVolumeId: n.vols[0]})
+			return err
+		}, codes.OK, 1},
+		{"CreateSnapshot of that name again", func() error {
+			_, err := n.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap-new", SourceVolumeId: n.vols[0]})
+			return err
+		}, codes.OK, 2},
+		{"CreateSnapshot of that name from another volume", func() error {
+			_, err := n.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap-new", SourceVolumeId: n.vols[1]})
+			return err
+		}, codes.AlreadyExists, 2},
+		{"CreateSnapshot of a name made with the node", func() error {
+			r, err := n.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap-7", SourceVolumeId: n.vols[7]})
+			if err == nil && r.Snapshot.SnapshotId != n.snaps[7] {
+				t.Errorf("CreateSnapshot snap-7 answered %s, want the existing %s", r.Snapshot.SnapshotId, n.snaps[7])
+			}
+			return err
+		}, codes.OK, 2},
+		{"CreateVolume of a new name", func() error {
+			_, err := n.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-new", CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20},
+				VolumeCapabilities: []*csi.VolumeCapability{blockCap()}})
+			return err
+		}, codes.OK, 1},
+		{"CreateVolume of an existing name and another size", func() error {
+			_, err := n.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-3", CapacityRange: &csi.CapacityRange{RequiredBytes: 2 << 20},
+				VolumeCapabilities: []*csi.VolumeCapability{blockCap()}})
+			return err
+		}, codes.AlreadyExists, 2},
+	} {
+		var err error
+		got := n.visits(func() { err = c.call() })
+		if status.Code(err) != c.code {
+			t.Fatalf("%s: %v, want %v", c.name, err, c.code)
+		}
+		if got > c.max {
+			t.Errorf("%s with %d snapshots and %d volumes copied %d objects out of the store, want at most %d", c.name, len(n.snaps), len(n.vols), got, c.max)
+		}
+	}
+}
+
+// TestScalePages: paging through ListSnapshots, ListVolumes and
+// ControllerListVolumeHealth in pages of 10 lists every object once, in ID
+// order, and copies about one page (and the next token's object) out of
+// the store per call, not the whole store per page.
+func TestScalePages(t *testing.T) {
+	ctx := context.Background()
+	n := newScaleNode(t, 120, 1000)
+	const max = 10
+	collect := func(what string, total int, call func(token string) (ids []string, next string)) []string {
+		var all []string
+		token := ""
+		got := n.visits(func() {
+			for calls := 0; ; calls++ {
+				if calls > total/max+1 {
+					t.Fatalf("%s: more than %d pages of %d for %d objects", what, calls, max, total)
+				}
+				ids, next := call(token)
+				all = append(all, ids...)
+				if next == "" {
+					break
+				}
+				token = next
+			}
+		})
+		if limit := int64(total + total/max + 2); got > limit {
+			t.Errorf("%s: paging through %d objects in pages of %d copied %d objects out of the store, want at most %d", what, total, max, got, limit)
+		}
+		return all
+	}
+	snaps := collect("ListSnapshots", len(n.snaps), func(token string) ([]string, string) {
+		r, err := n.d.ListSnapshots(ctx, &csi.ListSnapshotsRequest{MaxEntries: max, StartingToken: token})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ids []string
+		for _, e := range r.Entries {
+			ids = append(ids, e.Snapshot.SnapshotId)
+		}
+		return ids, r.NextToken
+	})
+	if want := slices.Sorted(slices.Values(n.snaps)); !slices.Equal(snaps, want) {
+		t.Errorf("ListSnapshots in pages listed %d snapshots, not the %d made in ID order", len(snaps), len(want))
+	}
+	vols := collect("ListVolumes", len(n.vols), func(token string) ([]string, string) {
+		r, err := n.d.ListVolumes(ctx, &csi.ListVolumesRequest{MaxEntries: max, StartingToken: token})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ids []string
+		for _, e := range r.Entries {
+			ids = append(ids, e.Volume.VolumeId)
+		}
+		return ids, r.NextToken
+	})
+	if want := slices.Sorted(slices.Values(n.vols)); !slices.Equal(vols, want) {
+		t.Errorf("ListVolumes in pages listed %d volumes, not the %d made in ID order", len(vols), len(want))
+	}
+	// Healthy volumes are left out of its pages: what is checked is the
+	// cost, and that the pages end.
+	collect("ControllerListVolumeHealth", len(n.vols), func(token string) ([]string, string) {
+		r, err := n.d.ControllerListVolumeHealth(ctx, &csi.ControllerListVolumeHealthRequest{MaxEntries: max, StartingToken: token})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return nil, r.NextToken
+	})
 }

@@ -310,6 +310,47 @@ func (s *Store) Snapshots() []driver.SnapshotInfo {
 	return out
 }
 
+// VolumesFrom implements driver.Store, over Volumes.
+func (s *Store) VolumesFrom(from string, max int) []driver.VolumeInfo {
+	return listFrom(s.Volumes(), from, max, func(v driver.VolumeInfo) string { return v.ID })
+}
+
+// SnapshotsFrom implements driver.Store, over Snapshots.
+func (s *Store) SnapshotsFrom(from string, max int) []driver.SnapshotInfo {
+	return listFrom(s.Snapshots(), from, max, func(v driver.SnapshotInfo) string { return v.ID })
+}
+
+// listFrom is the part of list (sorted by id) from from on, at most max.
+func listFrom[T any](list []T, from string, max int, id func(T) string) []T {
+	var out []T
+	for _, x := range list {
+		if id(x) >= from && (max == 0 || len(out) < max) {
+			out = append(out, x)
+		}
+	}
+	return out
+}
+
+// FindVolume implements driver.Store, over Volumes.
+func (s *Store) FindVolume(key, value string) (driver.VolumeInfo, bool) {
+	for _, v := range s.Volumes() {
+		if l, ok := v.Labels[key]; ok && l == value {
+			return v, true
+		}
+	}
+	return driver.VolumeInfo{}, false
+}
+
+// FindSnapshot implements driver.Store, over Snapshots.
+func (s *Store) FindSnapshot(key, value string) (driver.SnapshotInfo, bool) {
+	for _, v := range s.Snapshots() {
+		if l, ok := v.Labels[key]; ok && l == value {
+			return v, true
+		}
+	}
+	return driver.SnapshotInfo{}, false
+}
+
 // VolumeBackend implements driver.Store.
 func (s *Store) VolumeBackend(id string) (driver.Backend, error) {
 	s.mu.Lock()
