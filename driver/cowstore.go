@@ -237,8 +237,12 @@ func (c *CowStore) Snapshot(id string) (SnapshotInfo, error) {
 func (c *CowStore) Err() error { return fromCow(c.s.Err()) }
 
 // Volumes implements Store.
-func (c *CowStore) Volumes() []VolumeInfo {
-	vs := c.s.Volumes()
+func (c *CowStore) Volumes() []VolumeInfo { return volInfos(c.s.Volumes()) }
+
+// Snapshots implements Store.
+func (c *CowStore) Snapshots() []SnapshotInfo { return snapInfos(c.s.Snapshots()) }
+
+func volInfos(vs []cow.VolumeInfo) []VolumeInfo {
 	out := make([]VolumeInfo, len(vs))
 	for i, v := range vs {
 		out[i] = volInfo(v)
@@ -246,9 +250,7 @@ func (c *CowStore) Volumes() []VolumeInfo {
 	return out
 }
 
-// Snapshots implements Store.
-func (c *CowStore) Snapshots() []SnapshotInfo {
-	ss := c.s.Snapshots()
+func snapInfos(ss []cow.SnapshotInfo) []SnapshotInfo {
 	out := make([]SnapshotInfo, len(ss))
 	for i, s := range ss {
 		out[i] = snapInfo(s)
@@ -258,22 +260,12 @@ func (c *CowStore) Snapshots() []SnapshotInfo {
 
 // VolumesFrom implements Store.
 func (c *CowStore) VolumesFrom(from string, max int) []VolumeInfo {
-	vs := c.s.VolumesFrom(from, max)
-	out := make([]VolumeInfo, len(vs))
-	for i, v := range vs {
-		out[i] = volInfo(v)
-	}
-	return out
+	return volInfos(c.s.VolumesFrom(from, max))
 }
 
 // SnapshotsFrom implements Store.
 func (c *CowStore) SnapshotsFrom(from string, max int) []SnapshotInfo {
-	ss := c.s.SnapshotsFrom(from, max)
-	out := make([]SnapshotInfo, len(ss))
-	for i, s := range ss {
-		out[i] = snapInfo(s)
-	}
-	return out
+	return snapInfos(c.s.SnapshotsFrom(from, max))
 }
 
 // FindVolume implements Store.
