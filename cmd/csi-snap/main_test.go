@@ -136,8 +136,8 @@ func TestRemoveStaleSocket(t *testing.T) {
 	}
 }
 
-// blockingStore makes ListVolumes hang until released, once armed (startup
-// lists the volumes too), to test that a stop does not wait for it longer
+// blockingStore makes ListVolumes (its page: VolumesFrom) hang until
+// released, once armed (startup lists the volumes too), to test that a stop does not wait for it longer
 // than the shutdown timeout.
 type blockingStore struct {
 	*drivertest.Store
@@ -147,12 +147,12 @@ type blockingStore struct {
 	once    sync.Once
 }
 
-func (b *blockingStore) Volumes() []driver.VolumeInfo {
+func (b *blockingStore) VolumesFrom(from string, max int) []driver.VolumeInfo {
 	if b.armed.Load() {
 		b.once.Do(func() { close(b.entered) })
 		<-b.release
 	}
-	return b.Store.Volumes()
+	return b.Store.VolumesFrom(from, max)
 }
 
 func testConfig(t *testing.T, st driver.Store) Config {
@@ -277,7 +277,13 @@ func stopDuringCall(t *testing.T, cfg Config, st *blockingStore) (done, callErr 
 		_, err := csi.NewControllerClient(cc).ListVolumes(context.Background(), &csi.ListVolumesRequest{})
 		callErr <- err
 	}()
-	<-st.entered
+	select {
+	case <-st.entered:
+	case err := <-callErr:
+		t.Fatalf("ListVolumes returned (%v) without reaching the store's blocking VolumesFrom", err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("ListVolumes did not reach the store's blocking VolumesFrom in 30 s")
+	}
 	cancel()
 	return done, callErr
 }
