@@ -110,21 +110,13 @@ func checkAdminPath(runDir string) error {
 }
 
 // checkHolderPath fails where the fuse-holder's socket in the run dir
-// (resolved, as kernel.New resolves it) is something else than a socket
-// (or a symlink, which the holder follows): a holder then refuses to
-// start (kernel.RunHolderWith), and the plugin, started, answered every
-// stage with Internal. A live socket there is a holder that kept the
-// volumes across a restart: expected, not checked.
+// (resolved, as kernel.New resolves it) is something else than a socket, as
+// a holder would refuse it (kernel.CheckHolderSocket): the plugin, started,
+// answered every stage with Internal. A live socket there is a holder that
+// kept the volumes across a restart: expected.
 func checkHolderPath(runDir string, external bool) error {
-	sock := kernel.HolderSocket(resolveExisting(runDir), external)
-	fi, err := os.Lstat(sock)
-	switch {
-	case errors.Is(err, fs.ErrNotExist):
-		return nil
-	case err != nil:
+	if err := kernel.CheckHolderSocket(kernel.HolderSocket(resolveExisting(runDir), external)); err != nil {
 		return fmt.Errorf("fuse-holder socket: %w", err)
-	case fi.Mode()&(os.ModeSocket|os.ModeSymlink) == 0:
-		return fmt.Errorf("fuse-holder socket %s exists and is not a socket: remove it", sock)
 	}
 	return nil
 }

@@ -134,6 +134,23 @@ type HolderOptions struct {
 	accepted func()
 }
 
+// CheckHolderSocket fails where socketPath exists and is neither a socket
+// nor a symlink (which a holder follows): a file or directory a --socket
+// names by mistake, which a holder refuses to remove, and so to start on.
+// It changes nothing; a missing path is fine.
+func CheckHolderSocket(socketPath string) error {
+	fi, err := os.Lstat(socketPath)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return nil
+	case err != nil:
+		return fmt.Errorf("holder socket %s: %w", socketPath, err)
+	case fi.Mode()&(os.ModeSocket|os.ModeSymlink) == 0:
+		return fmt.Errorf("holder socket %s exists and is not a socket: remove it", socketPath)
+	}
+	return nil
+}
+
 // RunHolderWith is RunHolder with options.
 func RunHolderWith(socketPath string, o HolderOptions) error {
 	c, err := net.Dial("unixpacket", socketPath)
@@ -145,8 +162,8 @@ func RunHolderWith(socketPath string, o HolderOptions) error {
 		// connect(2) answers ECONNREFUSED for a path that is no socket
 		// too: remove only a socket (a dead holder's), never a file or
 		// directory that --socket names by mistake.
-		if fi, serr := os.Lstat(socketPath); serr == nil && fi.Mode()&(os.ModeSocket|os.ModeSymlink) == 0 {
-			return fmt.Errorf("holder socket %s exists and is not a socket", socketPath)
+		if err := CheckHolderSocket(socketPath); err != nil {
+			return err
 		}
 		os.Remove(socketPath) // stale socket of a dead holder
 	case !errors.Is(err, os.ErrNotExist):
