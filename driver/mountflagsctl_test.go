@@ -15,11 +15,15 @@ import (
 // characters and white space among them"); MountOptionRefused's own message
 // is "holds white space or a control character". Before, only space, tab,
 // line feed and NUL were: a carriage return, vertical tab, form feed or any
-// other control byte went through to mount(8).
+// other control byte went through to mount(8). And libmount's verity.*
+// options (a dm-verity device of mount(8)'s own over the volume's) are
+// refused as loop= is.
 func TestRefusedMountFlagsControl(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
-	for _, flags := range [][]string{{"noatime\rro"}, {"noatime\vro"}, {"ro\f"}, {"ro\x01"}, {"ro\x7f"}} {
+	for _, flags := range [][]string{{"noatime\rro"}, {"noatime\vro"}, {"ro\f"}, {"ro\x01"}, {"ro\x7f"},
+		// mount(8) would set up a dm-verity device over the volume's.
+		{"noatime", "verity.hashdevice=/dev/loop9,verity.roothash=ab"}, {"Verity.roothash=ab"}} {
 		c := mountCap()
 		c.GetMount().MountFlags = flags
 		_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "with-flags",

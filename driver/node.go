@@ -1028,6 +1028,13 @@ func (d *Driver) planMount(id string, v VolumeInfo, dev string, c *csi.VolumeCap
 		// while its source (or another copy) is. ext4 has no such check.
 		flags = append(slices.Clone(flags), "nouuid")
 	}
+	if err := kernel.CheckFSOptions(fstype, dev, splitOptions(flags)); err != nil {
+		// The filesystem's parser in the kernel refuses an option of the
+		// capability's mount flags (a StorageClass's mountOptions, say):
+		// the mount would fail with EINVAL, after mkfs on a blank device,
+		// and mount(8)'s message would not say which option or why.
+		return mountPlan{}, statusf(codes.InvalidArgument, "volume %s: %v", id, err)
+	}
 	if existing == "" && hasROFlag(flags) {
 		// mount-utils would refuse it (Internal): a read-only mount
 		// formats nothing.
@@ -1157,6 +1164,16 @@ func (d *Driver) xfsMkfsUnfinished(dev string) bool {
 		return false
 	}
 	return strings.TrimSpace(string(out)) == "inprogress = 1"
+}
+
+// splitOptions is mount flags as mount(8) takes them: each item of each
+// flag's comma-separated list.
+func splitOptions(flags []string) []string {
+	var opts []string
+	for _, f := range flags {
+		opts = append(opts, strings.Split(f, ",")...)
+	}
+	return opts
 }
 
 // hasROFlag reports whether mount flags ask for a read-only mount ("ro",

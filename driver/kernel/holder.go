@@ -804,6 +804,9 @@ func MountOptionRefused(o string) string {
 		return "makes mount(8) set up a loop device of its own over the volume's, which is a block device already"
 	case slices.Contains([]string{"logdev", "rtdev", "journal_path", "journal_dev"}, name):
 		return "names another block device, which the kernel opens (and XFS writes its external log to)"
+	case strings.HasPrefix(name, "verity."):
+		// libmount's verity.hashdevice=, verity.roothash=, ...
+		return "makes mount(8) set up a dm-verity device of its own over the volume's (and open the other devices and files it names)"
 	}
 	return ""
 }

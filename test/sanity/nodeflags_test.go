@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -46,6 +47,64 @@ func TestStageLoopMountFlag(t *testing.T) {
 	}
 	if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
 		t.Errorf("delete: %v", err)
+	}
+}
+
+// TestStageMountFlagTheFilesystemRefuses: a mount flag the filesystem's
+// parser refuses (an unknown option, a bad value, an option of the other
+// filesystem) is the caller's mistake: InvalidArgument naming the option
+// and the kernel's reason, before anything is formatted or mounted (the
+// volume is left detached: it deletes at once), not Internal with
+// mount(8)'s "wrong fs type, bad option, bad superblock". The same
+// volume then stages with flags that filesystem takes.
+func TestStageMountFlagTheFilesystemRefuses(t *testing.T) {
+	dir, cc := runPlugin(t)
+	ctx := context.Background()
+	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
+	for _, c := range []struct {
+		fs, flag, why string
+		good          []string
+	}{
+		{"ext4", "bogus", "Unknown parameter 'bogus'", []string{"noatime", "data=ordered"}},
+		{"ext4", "data=bogus", "Bad value for 'data'", nil},
+		{"xfs", "errors=remount-ro", "Unknown parameter 'errors'", []string{"noatime,nodev", "inode64"}},
+	} {
+		cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "badflag-" + c.fs + "-" + c.flag[:4], CapacityRange: &csi.CapacityRange{RequiredBytes: 320 << 20},
+			VolumeCapabilities: []*csi.VolumeCapability{fsCap(c.fs)}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, staging := cv.Volume.VolumeId, filepath.Join(dir, "staging-"+c.fs)
+		bad := fsCap(c.fs)
+		bad.GetMount().MountFlags = []string{"noatime", c.flag}
+		_, err = node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: bad})
+		t.Logf("%s stage with mount flag %s: %v", c.fs, c.flag, err)
+		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), c.flag) || !strings.Contains(err.Error(), c.why) {
+			t.Errorf("%s stage with mount flag %s: %v, want InvalidArgument naming %q and %q", c.fs, c.flag, err, c.flag, c.why)
+		}
+		if src, mounted := mountEntry(t, staging); mounted {
+			t.Errorf("after the refused stage, %s holds %s", staging, src)
+		}
+		if c.good == nil {
+			// Refused before anything was attached: it deletes at once.
+			if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+				t.Errorf("delete after the refused stage: %v", err)
+			}
+			continue
+		}
+		good := fsCap(c.fs)
+		good.GetMount().MountFlags = c.good
+		if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: good}); err != nil {
+			t.Errorf("%s stage with mount flags %q after the refused one: %v", c.fs, c.good, err)
+		} else if _, mounted := mountEntry(t, staging); !mounted {
+			t.Errorf("%s stage with mount flags %q answered OK, and nothing is mounted at %s", c.fs, c.good, staging)
+		}
+		if _, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+			t.Errorf("unstage: %v", err)
+		}
+		if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+			t.Errorf("delete: %v", err)
+		}
 	}
 }
 

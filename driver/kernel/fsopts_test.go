@@ -1,0 +1,115 @@
+package kernel
+
+import (
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// TestCheckFSOptionsAgreesWithMount: for each option, CheckFSOptions and
+// a real mount(8) of a fresh filesystem on a loop device agree. An option
+// the check refuses fails the mount, and one the mount takes passes the
+// check: a name missing from mountOwnOptions (an option mount(8) takes for
+// itself, which the filesystem's parser would call unknown) fails here
+// with the mount succeeding and the check refusing.
+func TestCheckFSOptionsAgreesWithMount(t *testing.T) {
+	requireRoot(t)
+	if fd, err := unix.Fsopen("ext4", unix.FSOPEN_CLOEXEC); err != nil {
+		skipOrFail(t, "SKIPPED: fsopen(2): %v", err)
+	} else {
+		unix.Close(fd)
+	}
+	for _, fs := range []struct {
+		name string
+		// opts: each with whether the check must refuse it, and the words
+		// of the kernel's reason that the error must hold.
+		opts []struct {
+			o      string
+			refuse string // "" for taken
+		}
+	}{
+		{"ext4", []struct{ o, refuse string }{
+			{"bogus", "Unknown parameter 'bogus'"},
+			{"data=bogus", "Bad value for 'data'"},
+			{"commit=", "Bad value for 'commit'"},
+			{"nouuid", "Unknown parameter 'nouuid'"},
+			{"source=/dev/null", "source"},
+			{"NOATIME", "Unknown parameter 'NOATIME'"},
+			{"data=ordered", ""}, {"commit=5", ""}, {"errors=remount-ro", ""}, {"discard", ""}, {"nodelalloc", ""},
+			// mount(8)'s own (mountOwnOptions), which ext4's parser does not know:
+			{"noatime", ""}, {"nodev", ""}, {"nosuid", ""}, {"noexec", ""}, {"relatime", ""}, {"nodiratime", ""},
+			{"strictatime", ""}, {"iversion", ""}, {"nosymfollow", ""}, {"defaults", ""}, {"nofail", ""},
+			{"_netdev", ""}, {"auto", ""}, {"noauto", ""}, {"comment=x", ""}, {"silent", ""}, {"ro", ""}, {"rw", ""},
+			{"sync", ""}, {"dirsync", ""}, {"lazytime", ""}, {"private", ""},
+		}},
+		{"xfs", []struct{ o, refuse string }{
+			{"bogus", "Unknown parameter 'bogus'"},
+			{"errors=remount-ro", "Unknown parameter 'errors'"},
+			{"data=journal", "Unknown parameter 'data'"},
+			{"nouuid", ""}, {"inode64", ""}, {"logbufs=8", ""}, {"allocsize=64k", ""}, {"noquota", ""},
+			{"noatime", ""}, {"nodev", ""}, {"defaults", ""}, {"ro", ""}, {"lazytime", ""},
+		}},
+	} {
+		t.Run(fs.name, func(t *testing.T) {
+			requireTool(t, "mkfs."+fs.name)
+			dir := t.TempDir()
+			img := filepath.Join(dir, "img")
+			if err := os.WriteFile(img, nil, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Truncate(img, 300<<20); err != nil {
+				t.Fatal(err)
+			}
+			out, err := exec.Command("losetup", "--find", "--show", img).CombinedOutput()
+			if err != nil {
+				t.Fatalf("losetup: %v: %s", err, out)
+			}
+			dev := strings.TrimSpace(string(out))
+			t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+			if out, err := exec.Command("mkfs."+fs.name, "-q", dev).CombinedOutput(); err != nil {
+				t.Fatalf("mkfs: %v: %s", err, out)
+			}
+			mnt := filepath.Join(dir, "mnt")
+			if err := os.Mkdir(mnt, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			for _, c := range fs.opts {
+				cerr := CheckFSOptions(fs.name, dev, []string{"rw", c.o, "defaults"})
+				out, merr := exec.Command("mount", "-t", fs.name, "-o", c.o, dev, mnt).CombinedOutput()
+				if merr == nil {
+					if err := unix.Unmount(mnt, 0); err != nil {
+						t.Fatalf("unmount after -o %s: %v", c.o, err)
+					}
+				}
+				t.Logf("-o %s: check %v; mount %v %s", c.o, cerr, merr, strings.TrimSpace(string(out)))
+				var fe *FSOptionError
+				switch {
+				case c.refuse == "" && cerr != nil:
+					t.Errorf("-o %s: the check refuses it (%v), want taken", c.o, cerr)
+				case c.refuse == "" && merr != nil:
+					t.Errorf("-o %s: mount fails (%v: %s), which this test expects to take it", c.o, merr, out)
+				case c.refuse != "" && !errors.As(cerr, &fe):
+					t.Errorf("-o %s: the check answers %v, want an *FSOptionError", c.o, cerr)
+				case c.refuse != "" && (fe.Option != c.o || fe.FSType != fs.name || !strings.Contains(fe.Reason, c.refuse)):
+					t.Errorf("-o %s: %+v, want option %q, type %s and a reason with %q", c.o, fe, c.o, fs.name, c.refuse)
+				case c.refuse != "" && merr == nil:
+					t.Errorf("-o %s: the check refuses it (%v), but mount takes it", c.o, cerr)
+				}
+			}
+			// All at once: the first refused one is named.
+			var fe *FSOptionError
+			if err := CheckFSOptions(fs.name, dev, []string{"noatime", "bogus", "alsobogus"}); !errors.As(err, &fe) || fe.Option != "bogus" {
+				t.Errorf("noatime,bogus,alsobogus: %v, want bogus refused", err)
+			}
+		})
+	}
+	// A type the kernel does not know: no answer, the mount tells.
+	if err := CheckFSOptions("nosuchfs", "/dev/null", []string{"bogus"}); err != nil {
+		t.Errorf("an unknown filesystem type: %v, want nil (not checked)", err)
+	}
+}
