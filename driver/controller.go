@@ -417,6 +417,9 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		// source's filesystem, which no stage for another one mounts.
 		return nil, statusf(codes.InvalidArgument, "the source was made for %s, not %s: a restore or clone holds its source's filesystem", srcFS, fsAsked)
 	}
+	if err := checkFSFlags(req.GetVolumeCapabilities(), fsAsked, srcFS, snapID+srcVolID != ""); err != nil {
+		return nil, err
+	}
 	size, err := volumeSize(req.GetCapacityRange(), floor)
 	if err != nil {
 		return nil, err

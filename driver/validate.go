@@ -130,6 +130,37 @@ func checkCapabilityAs(c *csi.VolumeCapability, unsupported codes.Code) error {
 	return nil
 }
 
+// checkFSFlags refuses (InvalidArgument) a CreateVolume whose mount
+// capabilities carry a mount flag that the filesystem the volume will hold
+// refuses, as this node's kernel answers it (kernel.CheckFSOptions; the
+// plugin that creates a volume is the one on the node that stages it):
+// every stage of it would fail, so the claim stays Pending with the reason
+// in its events instead of a pod waiting in ContainerCreating. The
+// filesystem is the one asked for; else the source's (a restore or clone
+// holds it); else, with no source, the default a blank volume is formatted
+// with. A source whose filesystem is not recorded is not checked here (its
+// stage checks the one it finds).
+func checkFSFlags(cs []*csi.VolumeCapability, asked, srcFS string, hasSource bool) error {
+	fs := asked
+	if fs == "" {
+		fs = srcFS
+	}
+	if fs == "" && !hasSource {
+		fs = supportedFSTypes[0]
+	}
+	if fs == "" {
+		return nil
+	}
+	for _, c := range cs {
+		if m := c.GetMount(); m != nil && len(m.GetMountFlags()) > 0 {
+			if err := kernel.CheckFSOptions(fs, "", splitOptions(m.GetMountFlags())); err != nil {
+				return statusf(codes.InvalidArgument, "%v: no stage of the volume could mount it", err)
+			}
+		}
+	}
+	return nil
+}
+
 func checkCapabilities(cs []*csi.VolumeCapability) error {
 	if len(cs) == 0 {
 		return statusf(codes.InvalidArgument, "volume capabilities are required")

@@ -108,6 +108,65 @@ func TestStageMountFlagTheFilesystemRefuses(t *testing.T) {
 	}
 }
 
+// TestCreateVolumeMountFlagTheFilesystemRefuses: CreateVolume refuses a
+// mount flag the volume's filesystem refuses (InvalidArgument: every stage
+// would fail), judging by the filesystem asked for, else the source's,
+// else the default; flags that filesystem takes pass.
+func TestCreateVolumeMountFlagTheFilesystemRefuses(t *testing.T) {
+	_, cc := runPlugin(t)
+	ctx := context.Background()
+	ctrl := csi.NewControllerClient(cc)
+	withFlags := func(fs string, flags ...string) *csi.VolumeCapability {
+		c := fsCap(fs)
+		c.GetMount().MountFlags = flags
+		return c
+	}
+	create := func(name string, c *csi.VolumeCapability, src *csi.VolumeContentSource) (string, error) {
+		cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: 320 << 20},
+			VolumeCapabilities: []*csi.VolumeCapability{c}, VolumeContentSource: src})
+		if err != nil {
+			return "", err
+		}
+		t.Cleanup(func() {
+			if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: cv.Volume.VolumeId}); err != nil {
+				t.Errorf("delete %s: %v", name, err)
+			}
+		})
+		return cv.Volume.VolumeId, nil
+	}
+	refused := func(what string, err error, opt, why string) {
+		t.Helper()
+		t.Logf("%s: %v", what, err)
+		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), opt) || !strings.Contains(err.Error(), why) {
+			t.Errorf("%s: %v, want InvalidArgument naming %q and %q", what, err, opt, why)
+		}
+	}
+	_, err := create("cv-ext4-bogus", withFlags("ext4", "noatime", "bogus"), nil)
+	refused("ext4 with bogus", err, "bogus", "Unknown parameter 'bogus'")
+	_, err = create("cv-default-nouuid", withFlags("", "nouuid"), nil)
+	refused("no fs_type (ext4) with nouuid", err, "nouuid", "ext4: Unknown parameter 'nouuid'")
+	xfsVol, err := create("cv-xfs-nouuid", withFlags("xfs", "nouuid,noatime"), nil)
+	if err != nil {
+		t.Fatalf("xfs with nouuid,noatime: %v", err)
+	}
+	snap, err := ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "cv-xfs-snap", SourceVolumeId: xfsVol})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if _, err := ctrl.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: snap.Snapshot.SnapshotId}); err != nil {
+			t.Errorf("delete snapshot: %v", err)
+		}
+	})
+	fromSnap := &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap.Snapshot.SnapshotId}}}
+	// No fs_type: the restore holds xfs, which takes nouuid and refuses data=.
+	if _, err := create("cv-restore-nouuid", withFlags("", "nouuid"), fromSnap); err != nil {
+		t.Errorf("restore of an xfs snapshot with nouuid: %v", err)
+	}
+	_, err = create("cv-restore-data", withFlags("", "data=journal"), fromSnap)
+	refused("restore of an xfs snapshot with data=journal", err, "data=journal", "xfs: Unknown parameter 'data'")
+}
+
 // TestPublishAtSymlinkToTarget: a publish whose target is a symlink to
 // the volume's existing publish target. Answered OK, its unpublish must
 // succeed too (kubelet retries a failing unpublish for ever).
