@@ -49,7 +49,13 @@
 //     elsewhere is refused too (InvalidArgument; checkPath). Where a stage
 //     or publish mounts, an existing path must be of the kind the mount
 //     needs: a directory, or an empty file for a block publish, never a
-//     symlink (FailedPrecondition; pathKind). An unstage or unpublish
+//     symlink, and a mount's directory empty (FailedPrecondition;
+//     pathKind); a path in a file system where none can be made (procfs,
+//     sysfs) or that may not be walked is FailedPrecondition too
+//     (makeError, pathError); and one inside the filesystem of a volume
+//     attached here (a pod's volume, under its publish target) is refused
+//     before anything is made in that volume's data (FailedPrecondition;
+//     insideVolume). An unstage or unpublish
 //     unmounts only the named volume's own device (main or read-only),
 //     compared by device number since a mount's source is only a name,
 //     and never through a symlink (FailedPrecondition; mayUnmount); it
@@ -62,7 +68,10 @@
 //     capability: label csi-snap.io/fstype), else the one it holds
 //     (blkid), else ext4. One the volume cannot take (xfs under 300 MiB,
 //     another than it was made for or holds; ext4 mounts ext2 and ext3) is
-//     FailedPrecondition before anything is formatted or mounted.
+//     FailedPrecondition before anything is formatted or mounted. A mount
+//     flag the filesystem's parser in the running kernel refuses is
+//     InvalidArgument, at CreateVolume and before a stage formats
+//     anything (kernel.CheckFSOptions: fsopen and fsconfig, no mount).
 //     volume_path (NodeGetVolumeStats, NodeExpandVolume) is only read: a
 //     path that does not hold the volume is NotFound, except for a
 //     NodeExpandVolume with block access, which grows the device it finds

@@ -525,6 +525,40 @@ func (d *Driver) apartFromOwnDirs(field, p string) error {
 	}
 }
 
+// insideVolume refuses a staging or target path p that lies inside the
+// filesystem of a volume attached here (a directory of a pod's volume,
+// under its publish target or staging path): a stage or publish there
+// would make its directory in that volume's data, which its pod sees, and
+// the nested mount would keep that volume's unpublish or unstage busy
+// (Internal) for as long as it stays. Judged by the directory holding p
+// (its nearest existing ancestor), by device number: p itself may be a
+// mount of its own volume already (a retry).
+func (d *Driver) insideVolume(field, p string) error {
+	const loopMajor = 7 // LOOP_MAJOR: the major number of every loop device
+	a := filepath.Dir(filepath.Clean(p))
+	var st unix.Stat_t
+	for unix.Stat(a, &st) != nil {
+		if a == "/" {
+			return nil
+		}
+		a = filepath.Dir(a)
+	}
+	if unix.Major(st.Dev) != loopMajor {
+		// Not on a loop device at all (kubelet's directories on the
+		// node's disk): no need to ask which volumes are attached (a
+		// look at every loop device, the mount table and the holder).
+		return nil
+	}
+	for _, id := range d.opt.Frontend.Attached() {
+		for _, dev := range d.volumeDevices(id) {
+			if r, ok := nodeRdev(dev); ok && r == st.Dev {
+				return statusf(codes.FailedPrecondition, "%s %s is inside the filesystem of volume %s (%s): not making or mounting anything in another volume's data", field, p, id, dev)
+			}
+		}
+	}
+	return nil
+}
+
 // checkVolumePath checks the volume_path of NodeGetVolumeStats and
 // NodeExpandVolume: required and without a NUL byte. Those calls mount and
 // remove nothing, and act only on a path that holds the volume, so any
@@ -738,6 +772,16 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	}
 	if err := pathKind(staging, "staging_target_path", true); err != nil {
 		return nil, err
+	}
+	if err := d.insideVolume("staging_target_path", staging); err != nil {
+		return nil, err
+	}
+	// Nothing is mounted here (top above): a mount onto a directory
+	// holding files would hide them (another volume's stage inside it
+	// among them), and the fuse-holder refuses it (exit status 32,
+	// Internal). The caller's mistake, as for a publish.
+	if ents, err := os.ReadDir(staging); err == nil && len(ents) > 0 {
+		return nil, statusf(codes.FailedPrecondition, "staging_target_path %s is a directory with files in it: a stage mounts onto an empty one", staging)
 	}
 	if err := makeDirs("staging_target_path", staging); err != nil {
 		return nil, err
@@ -2035,11 +2079,21 @@ func pathKind(path, field string, dir bool) error {
 // ENOTDIR) or a symlink loop (ELOOP) is the caller's mistake,
 // FailedPrecondition as pathKind answers it, not Internal.
 func makeDirs(field, path string) error {
-	err := os.MkdirAll(path, 0o750)
+	return makeError(field, path, os.MkdirAll(path, 0o750))
+}
+
+// makeError answers err, the failure to make a caller's path argument
+// field (a directory, or a block publish's target file): an element that
+// is no directory (EEXIST, ENOTDIR), a symlink loop (ELOOP), or a file
+// system where this process cannot make it (procfs, sysfs: ENOENT after
+// MkdirAll made the parents, EPERM, EACCES) is the caller's mistake,
+// FailedPrecondition; anything else Internal.
+func makeError(field, path string, err error) error {
 	switch {
 	case err == nil:
 		return nil
-	case errors.Is(err, syscall.EEXIST), errors.Is(err, syscall.ENOTDIR), errors.Is(err, syscall.ELOOP):
+	case errors.Is(err, syscall.EEXIST), errors.Is(err, syscall.ENOTDIR), errors.Is(err, syscall.ELOOP),
+		errors.Is(err, syscall.ENOENT), errors.Is(err, syscall.EPERM), errors.Is(err, syscall.EACCES):
 		return statusf(codes.FailedPrecondition, "%s %s cannot be made: %v", field, path, err)
 	}
 	return statusf(codes.Internal, "%s %s: %v", field, path, err)
@@ -2070,7 +2124,9 @@ func (d *Driver) hasFilesystemMounted(dev string) bool {
 // walked (an element is a file: ENOTDIR; a symlink loop: ELOOP) is the
 // caller's mistake (FailedPrecondition), anything else Internal.
 func pathError(field, path string, err error) error {
-	if errors.Is(err, syscall.ENOTDIR) || errors.Is(err, syscall.ELOOP) {
+	if errors.Is(err, syscall.ENOTDIR) || errors.Is(err, syscall.ELOOP) || errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM) {
+		// EACCES, EPERM: a path this process may not walk at all, even as
+		// root (another process's /proc/PID/root), as makeError answers.
 		return statusf(codes.FailedPrecondition, "%s %s cannot be walked: %v", field, path, err)
 	}
 	return statusf(codes.Internal, "%s %s: %v", field, path, err)
@@ -2297,6 +2353,9 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if err := pathKind(target, "target_path", !block); err != nil {
 		return nil, err
 	}
+	if err := d.insideVolume("target_path", target); err != nil {
+		return nil, err
+	}
 	if !block {
 		// NodeUnpublishVolume removes only an empty directory (what a
 		// publish makes): a bind over files would never be unpublished.
@@ -2310,7 +2369,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		}
 		f, err := os.OpenFile(target, os.O_CREATE|os.O_RDONLY, 0o640)
 		if err != nil {
-			return nil, statusf(codes.Internal, "target file: %v", err)
+			return nil, makeError("target_path", target, err)
 		}
 		f.Close()
 	} else if err := makeDirs("target_path", target); err != nil {

@@ -3,6 +3,7 @@ package driver_test
 import (
 	"context"
 	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"testing"
@@ -139,6 +140,48 @@ func TestUnpublishDropsPublishRecordTmp(t *testing.T) {
 	for _, p := range []string{tmp, rec} {
 		if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("after the unpublish, %s: %v; want it gone", p, err)
+		}
+	}
+}
+
+// TestNodePathsWhereNoDirectoryCanBeMade: a staging_target_path or
+// target_path in a file system where no directory or file can be made
+// (procfs: ENOENT; sysfs: EPERM) is the caller's mistake, answered
+// FailedPrecondition as other paths that cannot be made are (makeDirs:
+// EEXIST, ENOTDIR, ELOOP), not Internal, and nothing is left there.
+func TestNodePathsWhereNoDirectoryCanBeMade(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	id := e.createVolume(t, "nodir", 1<<20).VolumeId
+	bid := e.createVolume(t, "nodir-block", 1<<20).VolumeId
+	dir := t.TempDir()
+	staging, bstaging := filepath.Join(dir, "globalmount"), filepath.Join(dir, "block")
+	paths := []string{"/proc/csi-snap-no-such-dir", "/sys/csi-snap-no-such-dir", "/proc/self/csi-snap-no-such-dir"}
+	if _, err := os.Lstat("/proc/1/root/csi-snap-no-such-dir"); errors.Is(err, fs.ErrPermission) {
+		// Where even root may not walk init's root (no CAP_SYS_PTRACE over
+		// it, another user namespace's): lstat fails with EACCES.
+		paths = append(paths, "/proc/1/root/csi-snap-no-such-dir")
+	} else {
+		t.Logf("/proc/1/root is walkable here (%v): not checked", err)
+	}
+	for _, p := range paths {
+		_, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: p, VolumeCapability: mountCap()})
+		if status.Code(err) != codes.FailedPrecondition {
+			t.Errorf("stage at %s: %v; want FailedPrecondition", p, err)
+		}
+	}
+	e.stageMount(t, id, staging)
+	if _, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: bid, StagingTargetPath: bstaging, VolumeCapability: blockCap()}); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{"/proc/csi-snap-no-such-dir", "/sys/csi-snap-no-such-dir"} {
+		_, err := e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: p, VolumeCapability: mountCap()})
+		if status.Code(err) != codes.FailedPrecondition {
+			t.Errorf("mount publish at %s: %v; want FailedPrecondition", p, err)
+		}
+		_, err = e.d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: bid, StagingTargetPath: bstaging, TargetPath: p, VolumeCapability: blockCap()})
+		if status.Code(err) != codes.FailedPrecondition {
+			t.Errorf("block publish at %s: %v; want FailedPrecondition", p, err)
 		}
 	}
 }

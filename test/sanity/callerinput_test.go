@@ -212,3 +212,148 @@ func TestHealthErrorRemountRO(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestStageOntoDirectoryWithFiles: a NodeStageVolume for mount access at a
+// staging_target_path that is a directory holding files (kubelet makes it
+// empty) is the caller's mistake, as NodePublishVolume onto such a
+// directory is (FailedPrecondition there). The fuse-holder refuses to
+// mount onto it ("not an empty directory", exit status 32), which the
+// stage answered Internal; a plugin running its tools itself
+// (--run-tools=false) mounted over the files, and over another volume's
+// staging mount inside the directory, hiding them. The files and the other
+// volume's stage must stay as they were, the refused volume's device must
+// go, and the right stage must work after.
+func TestStageOntoDirectoryWithFiles(t *testing.T) {
+	dir, cc := runPlugin(t)
+	ctx := context.Background()
+	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
+	create := func(name string) string {
+		t.Helper()
+		r, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20},
+			VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r.Volume.VolumeId
+	}
+	stage := func(id, staging string) error {
+		_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: ext4Cap()})
+		return err
+	}
+	unstage := func(id, staging string) {
+		t.Helper()
+		if _, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+			t.Fatalf("unstage %s at %s: %v", id, staging, err)
+		}
+	}
+	v1, v2 := create("over-files"), create("inside")
+	// A directory with a file, and one holding volume two's stage.
+	withFile := filepath.Join(dir, "with-file")
+	if err := os.Mkdir(withFile, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(withFile, "keep"), []byte("not a volume's"))
+	outer := filepath.Join(dir, "outer")
+	inner := filepath.Join(outer, "s2")
+	if err := stage(v2, inner); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(inner, "f"), []byte("volume two's"))
+	for _, p := range []string{withFile, outer} {
+		err := stage(v1, p)
+		if status.Code(err) != codes.FailedPrecondition {
+			t.Errorf("stage at %s, a directory with files in it: %v; want FailedPrecondition", p, err)
+		}
+		if err == nil {
+			unstage(v1, p)
+		}
+		mustRead(t, filepath.Join(withFile, "keep"), []byte("not a volume's"))
+		mustRead(t, filepath.Join(inner, "f"), []byte("volume two's"))
+	}
+	// The right calls still work.
+	s1 := filepath.Join(dir, "s1")
+	if err := stage(v1, s1); err != nil {
+		t.Fatal(err)
+	}
+	unstage(v1, s1)
+	unstage(v2, inner)
+	for _, id := range []string{v1, v2} {
+		if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+			t.Errorf("delete %s: %v", id, err)
+		}
+	}
+}
+
+// TestNodePathsInsideAnotherVolume: a NodePublishVolume or a mount
+// NodeStageVolume whose path lies inside another volume's filesystem (a
+// directory of the pod's volume, under its publish target) answered OK:
+// the directory was made in the other volume's data, which its pod sees,
+// and the other volume's NodeUnpublishVolume then failed (Internal,
+// "target is busy") for as long as the nested mount stayed. Both are the
+// caller's mistake (FailedPrecondition), make nothing in the other volume,
+// and leave its unpublish and unstage working.
+func TestNodePathsInsideAnotherVolume(t *testing.T) {
+	dir, cc := runPlugin(t)
+	ctx := context.Background()
+	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
+	create := func(name string) string {
+		t.Helper()
+		r, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20},
+			VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r.Volume.VolumeId
+	}
+	outer, v1, v3 := create("outer"), create("nested-publish"), create("nested-stage")
+	so, to := filepath.Join(dir, "so"), filepath.Join(dir, "to")
+	stageAndPublish(t, node, outer, so, to)
+	s1 := filepath.Join(dir, "s1")
+	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v1, StagingTargetPath: s1, VolumeCapability: ext4Cap()}); err != nil {
+		t.Fatal(err)
+	}
+	nestedTarget, nestedStaging := filepath.Join(to, "pods", "inner"), filepath.Join(to, "globalmount")
+	_, perr := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v1, StagingTargetPath: s1, TargetPath: nestedTarget, VolumeCapability: ext4Cap()})
+	if status.Code(perr) != codes.FailedPrecondition {
+		t.Errorf("publish at %s, inside another volume's publish target: %v; want FailedPrecondition", nestedTarget, perr)
+	}
+	_, serr := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v3, StagingTargetPath: nestedStaging, VolumeCapability: ext4Cap()})
+	if status.Code(serr) != codes.FailedPrecondition {
+		t.Errorf("stage at %s, inside another volume's publish target: %v; want FailedPrecondition", nestedStaging, serr)
+	}
+	for _, p := range []string{filepath.Join(to, "pods"), nestedStaging} {
+		if _, err := os.Lstat(p); err == nil {
+			t.Errorf("%s was made in the other volume's filesystem", p)
+		}
+	}
+	// The other volume's own calls work.
+	if _, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: outer, TargetPath: to}); err != nil {
+		t.Errorf("unpublish of the other volume: %v", err)
+	}
+	// Undo what the refused calls may have done, innermost first.
+	if perr == nil {
+		if _, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v1, TargetPath: nestedTarget}); err != nil {
+			t.Errorf("unpublish at the nested target: %v", err)
+		}
+	}
+	if serr == nil {
+		if _, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v3, StagingTargetPath: nestedStaging}); err != nil {
+			t.Errorf("unstage at the nested staging path: %v", err)
+		}
+	}
+	if perr == nil || serr == nil {
+		if _, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: outer, TargetPath: to}); err != nil {
+			t.Fatalf("unpublish of the other volume once the nested mounts are gone: %v", err)
+		}
+	}
+	for _, v := range []struct{ id, staging string }{{outer, so}, {v1, s1}} {
+		if _, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging}); err != nil {
+			t.Fatalf("unstage %s: %v", v.id, err)
+		}
+	}
+	for _, id := range []string{outer, v1, v3} {
+		if _, err := ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+			t.Errorf("delete %s: %v", id, err)
+		}
+	}
+}
