@@ -639,6 +639,18 @@ func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csi.Valida
 	if min, mfs := fsMinSize(params.fsType, req.GetVolumeCapabilities()); v.Size < min {
 		return &csi.ValidateVolumeCapabilitiesResponse{Message: fmt.Sprintf("volume %s has %d bytes, too few for %s (at least %d)", v.ID, v.Size, mfs, min)}, nil
 	}
+	// As CreateVolume: mount flags the volume's filesystem refuses (the
+	// one asked for or recorded; a volume that records none may hold
+	// either, so it is not judged here).
+	asked := params.fsType
+	for _, c := range req.GetVolumeCapabilities() {
+		if asked == "" {
+			asked = c.GetMount().GetFsType()
+		}
+	}
+	if err := checkFSFlags(req.GetVolumeCapabilities(), asked, fs, true); err != nil {
+		return &csi.ValidateVolumeCapabilitiesResponse{Message: status.Convert(err).Message()}, nil
+	}
 	// The context must be the volume's (the spec: it MUST match): each key
 	// given with the volume's value. A subset is accepted, as a CO may
 	// keep only some keys.

@@ -111,7 +111,9 @@ func TestStageMountFlagTheFilesystemRefuses(t *testing.T) {
 // TestCreateVolumeMountFlagTheFilesystemRefuses: CreateVolume refuses a
 // mount flag the volume's filesystem refuses (InvalidArgument: every stage
 // would fail), judging by the filesystem asked for, else the source's,
-// else the default; flags that filesystem takes pass.
+// else the default; flags that filesystem takes pass. And
+// ValidateVolumeCapabilities confirms such flags only where CreateVolume
+// would take them.
 func TestCreateVolumeMountFlagTheFilesystemRefuses(t *testing.T) {
 	_, cc := runPlugin(t)
 	ctx := context.Background()
@@ -148,6 +150,22 @@ func TestCreateVolumeMountFlagTheFilesystemRefuses(t *testing.T) {
 	xfsVol, err := create("cv-xfs-nouuid", withFlags("xfs", "nouuid,noatime"), nil)
 	if err != nil {
 		t.Fatalf("xfs with nouuid,noatime: %v", err)
+	}
+	// ValidateVolumeCapabilities confirms the flags xfs takes, not others.
+	for _, c := range []struct {
+		flags   []string
+		confirm bool
+	}{{[]string{"nouuid", "noatime"}, true}, {[]string{"noatime", "data=journal"}, false}} {
+		for _, fs := range []string{"xfs", ""} {
+			r, err := ctrl.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: xfsVol, VolumeCapabilities: []*csi.VolumeCapability{withFlags(fs, c.flags...)}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("validate fs_type %q flags %q: confirmed %v, %q", fs, c.flags, r.Confirmed != nil, r.Message)
+			if (r.Confirmed != nil) != c.confirm || !c.confirm && !strings.Contains(r.Message, "data=journal") {
+				t.Errorf("validate fs_type %q flags %q of an xfs volume: confirmed %v (%q), want %v", fs, c.flags, r.Confirmed != nil, r.Message, c.confirm)
+			}
+		}
 	}
 	snap, err := ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "cv-xfs-snap", SourceVolumeId: xfsVol})
 	if err != nil {
