@@ -196,6 +196,12 @@ func parseEndpoint(ep string) (network, addr string, err error) {
 	if err != nil {
 		return "", "", err
 	}
+	// A query or a fragment would be dropped, and the socket bound at
+	// a shorter path than the one given (unix:///run/csi#1.sock at
+	// /run/csi): refused, as is a tcp endpoint's path below.
+	if u.RawQuery != "" || u.ForceQuery || u.Fragment != "" || strings.ContainsAny(ep, "?#") {
+		return "", "", fmt.Errorf("%q: an endpoint has no query or fragment (? or #)", ep)
+	}
 	switch strings.ToLower(u.Scheme) {
 	case "unix":
 		p := u.Path
@@ -212,6 +218,9 @@ func parseEndpoint(ep string) (network, addr string, err error) {
 	case "tcp":
 		if _, _, err := net.SplitHostPort(u.Host); err != nil {
 			return "", "", fmt.Errorf("%q: %v", ep, err)
+		}
+		if u.Path != "" || u.Opaque != "" || u.User != nil {
+			return "", "", fmt.Errorf("%q: a tcp endpoint is tcp://host:port, nothing more", ep)
 		}
 		return "tcp", u.Host, nil
 	default:
@@ -245,9 +254,13 @@ func checkSocketPath(path string) error {
 // and failed only after the store opened. It changes nothing.
 func checkRunDirWritable(dir string) error {
 	for p := filepath.Clean(dir); ; p = filepath.Dir(p) {
-		_, err := os.Stat(p)
+		fi, err := os.Stat(p)
 		if errors.Is(err, os.ErrNotExist) && p != filepath.Dir(p) {
 			continue
+		}
+		if err == nil && !fi.IsDir() {
+			// access(W_OK|X_OK) would answer "permission denied".
+			return fmt.Errorf("run dir %s: %s is not a directory", dir, p)
 		}
 		if err == nil {
 			err = unix.Access(p, unix.W_OK|unix.X_OK)
