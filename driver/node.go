@@ -1211,11 +1211,25 @@ func (d *Driver) xfsMkfsUnfinished(dev string) bool {
 }
 
 // splitOptions is mount flags as mount(8) takes them: each item of each
-// flag's comma-separated list.
+// flag's comma-separated list, a comma inside double quotes no separator
+// (libmount's and the LSM's parse: kubelet's SELinux option is
+// context="...:s0:c1,c2").
 func splitOptions(flags []string) []string {
 	var opts []string
 	for _, f := range flags {
-		opts = append(opts, strings.Split(f, ",")...)
+		start, quoted := 0, false
+		for i := 0; i < len(f); i++ {
+			switch f[i] {
+			case '"':
+				quoted = !quoted
+			case ',':
+				if !quoted {
+					opts = append(opts, f[start:i])
+					start = i + 1
+				}
+			}
+		}
+		opts = append(opts, f[start:])
 	}
 	return opts
 }

@@ -1,7 +1,6 @@
 package kernel
 
 import (
-	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -45,6 +44,17 @@ var mountOwnOptions = []string{
 
 var mountOwnPrefixes = []string{"x-", "X-", "verity."}
 
+// lsmOptions are the mount options of the LSMs (SELinux's and Smack's),
+// not of any filesystem: where the LSM is off, libmount drops them from
+// the options it hands the kernel; where it is on, mount(2) hands its
+// options string to the LSM first (security_sb_eat_lsm_opts), which takes
+// a quoted value whole (kubelet's context="...:s0:c1,c2"), where
+// fsconfig(2) would hand the LSM the quotes. Left to the mount.
+var lsmOptions = []string{
+	"context", "fscontext", "defcontext", "rootcontext", "seclabel",
+	"smackfsdef", "smackfsfloor", "smackfshat", "smackfsroot", "smackfstransmute",
+}
+
 // CheckFSOptions asks the kernel whether a mount of source as a filesystem
 // of type fstype would take the mount options opts (mount(8)'s, each one
 // item of a comma-separated -o list), without mounting anything: fsopen(2)
@@ -79,7 +89,7 @@ func CheckFSOptions(fstype, source string, opts []string) error {
 	drainFSLog(fd)
 	for _, o := range opts {
 		name, value, hasValue := strings.Cut(o, "=")
-		if slices.Contains(mountOwnOptions, name) || slices.ContainsFunc(mountOwnPrefixes, func(p string) bool { return strings.HasPrefix(o, p) }) {
+		if slices.Contains(mountOwnOptions, name) || slices.Contains(lsmOptions, name) || slices.ContainsFunc(mountOwnPrefixes, func(p string) bool { return strings.HasPrefix(o, p) }) {
 			continue
 		}
 		if hasValue {
@@ -97,11 +107,13 @@ func CheckFSOptions(fstype, source string, opts []string) error {
 				why = r // the last error logged is this option's
 			}
 		}
-		if !errors.Is(err, unix.EINVAL) && why == "" {
-			return nil // ENOMEM, say: no answer about the option
-		}
 		if why == "" {
-			why = err.Error()
+			// No word from a parser: not a refusal of the option but of
+			// the call (fsconfig takes keys and values of at most 255
+			// bytes, which mount(2)'s options string does not limit;
+			// ENOMEM), or a parser that says why in dmesg only. The
+			// mount answers.
+			return nil
 		}
 		return &FSOptionError{FSType: fstype, Option: o, Reason: why}
 	}

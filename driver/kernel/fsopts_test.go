@@ -108,6 +108,12 @@ func TestCheckFSOptionsAgreesWithMount(t *testing.T) {
 			}
 		})
 	}
+	// fsconfig(2) refuses a value of 256 bytes or more (EINVAL, no word
+	// from the parser), which mount(2)'s options string carries: not a
+	// refusal of the option, so no answer either.
+	if err := CheckFSOptions("ext4", "", []string{"usrjquota=" + strings.Repeat("q", 300)}); err != nil {
+		t.Errorf("a 300-byte value: %v, want nil (fsconfig's own limit, not ext4's parser)", err)
+	}
 	// A type the kernel does not know: no answer, the mount tells.
 	if err := CheckFSOptions("nosuchfs", "/dev/null", []string{"bogus"}); err != nil {
 		t.Errorf("an unknown filesystem type: %v, want nil (not checked)", err)
