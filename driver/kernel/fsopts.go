@@ -62,8 +62,8 @@ var lsmOptions = []string{
 // option as mount(2) hands it the items of its options string, to the same
 // parser (vfs_parse_fs_param: the superblock flags, the LSM's, then the
 // filesystem's), and nothing reads the device (FSCONFIG_CMD_CREATE is never
-// sent). The options mount(8) takes for itself (mountOwnOptions) are
-// skipped. It returns an *FSOptionError for the first option refused.
+// sent). The options mount(8) takes for itself (mountOwnOptions) and the
+// LSMs' (lsmOptions) are skipped. It returns an *FSOptionError for the first option refused.
 // With source "" (no device yet: CreateVolume's check), a "source=" option
 // passes, which the mount refuses (one source only).
 //
