@@ -18,12 +18,7 @@ import (
 // itself, which the filesystem's parser would call unknown) fails here
 // with the mount succeeding and the check refusing.
 func TestCheckFSOptionsAgreesWithMount(t *testing.T) {
-	requireRoot(t)
-	if fd, err := unix.Fsopen("ext4", unix.FSOPEN_CLOEXEC); err != nil {
-		skipOrFail(t, "SKIPPED: fsopen(2): %v", err)
-	} else {
-		unix.Close(fd)
-	}
+	requireFsopen(t)
 	for _, fs := range []struct {
 		name string
 		// opts: each with whether the check must refuse it, and the words
@@ -56,28 +51,7 @@ func TestCheckFSOptionsAgreesWithMount(t *testing.T) {
 		}},
 	} {
 		t.Run(fs.name, func(t *testing.T) {
-			requireTool(t, "mkfs."+fs.name)
-			dir := t.TempDir()
-			img := filepath.Join(dir, "img")
-			if err := os.WriteFile(img, nil, 0o600); err != nil {
-				t.Fatal(err)
-			}
-			if err := os.Truncate(img, 300<<20); err != nil {
-				t.Fatal(err)
-			}
-			out, err := exec.Command("losetup", "--find", "--show", img).CombinedOutput()
-			if err != nil {
-				t.Fatalf("losetup: %v: %s", err, out)
-			}
-			dev := strings.TrimSpace(string(out))
-			t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
-			if out, err := exec.Command("mkfs."+fs.name, "-q", dev).CombinedOutput(); err != nil {
-				t.Fatalf("mkfs: %v: %s", err, out)
-			}
-			mnt := filepath.Join(dir, "mnt")
-			if err := os.Mkdir(mnt, 0o700); err != nil {
-				t.Fatal(err)
-			}
+			dev, mnt := plainLoopFS(t, fs.name)
 			for _, c := range fs.opts {
 				cerr := CheckFSOptions(fs.name, dev, []string{"rw", c.o, "defaults"})
 				out, merr := exec.Command("mount", "-t", fs.name, "-o", c.o, dev, mnt).CombinedOutput()
@@ -117,5 +91,87 @@ func TestCheckFSOptionsAgreesWithMount(t *testing.T) {
 	// A type the kernel does not know: no answer, the mount tells.
 	if err := CheckFSOptions("nosuchfs", "/dev/null", []string{"bogus"}); err != nil {
 		t.Errorf("an unknown filesystem type: %v, want nil (not checked)", err)
+	}
+}
+
+// TestCheckFSOptionsLSMContext: the SELinux mount options (context=,
+// fscontext=, defcontext=, rootcontext=, seclabel) are the LSM's, not the
+// filesystem's. kubelet adds context="<label>" (quoted: an MCS label holds
+// a comma) to a stage's and a publish's mount flags where SELinux mounts
+// are on. mount(8) drops them where SELinux is off (libmount), and with
+// SELinux on the kernel's LSM takes them, quotes and all, from mount(2)'s
+// options string (security_sb_eat_lsm_opts), which fsconfig's one key at a
+// time does not do. Where mount(8) takes one, CheckFSOptions must not
+// refuse it.
+func TestCheckFSOptionsLSMContext(t *testing.T) {
+	requireFsopen(t)
+	dev, mnt := plainLoopFS(t, "ext4")
+	compared := 0
+	defer func() {
+		if compared == 0 {
+			skipOrFail(t, "SKIPPED: mount(8) took none of the LSM options here, so none was compared")
+		}
+	}()
+	for _, o := range []string{
+		"context=system_u:object_r:container_file_t:s0",
+		`context="system_u:object_r:container_file_t:s0:c1"`,
+		"rootcontext=system_u:object_r:container_file_t:s0",
+		"fscontext=system_u:object_r:container_file_t:s0",
+		"defcontext=system_u:object_r:container_file_t:s0",
+		"seclabel",
+	} {
+		out, merr := exec.Command("mount", "-t", "ext4", "-o", o, dev, mnt).CombinedOutput()
+		if merr != nil {
+			t.Logf("-o %s: mount fails here (%v: %s): not compared", o, merr, out)
+			continue
+		}
+		if err := unix.Unmount(mnt, 0); err != nil {
+			t.Fatalf("unmount after -o %s: %v", o, err)
+		}
+		compared++
+		if err := CheckFSOptions("ext4", dev, []string{o}); err != nil {
+			t.Errorf("-o %s: mount(8) takes it, CheckFSOptions refuses it: %v", o, err)
+		}
+	}
+}
+
+// plainLoopFS makes a fresh filesystem of type fstype on a plain loop
+// device over a sparse file (no FUSE, no csi-snap: what mount(8) is
+// compared on), and an empty directory to mount it at; both go at the end.
+func plainLoopFS(t *testing.T, fstype string) (dev, mnt string) {
+	t.Helper()
+	requireTool(t, "mkfs."+fstype)
+	dir := t.TempDir()
+	img := filepath.Join(dir, "img")
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, 300<<20); err != nil { // xfs's minimum
+		t.Fatal(err)
+	}
+	out, err := exec.Command("losetup", "--find", "--show", img).CombinedOutput()
+	if err != nil {
+		t.Fatalf("losetup: %v: %s", err, out)
+	}
+	dev = strings.TrimSpace(string(out))
+	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+	if out, err := exec.Command("mkfs."+fstype, "-q", dev).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs: %v: %s", err, out)
+	}
+	mnt = filepath.Join(dir, "mnt")
+	if err := os.Mkdir(mnt, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	return dev, mnt
+}
+
+// requireFsopen skips (or fails, in CI) where fsopen(2) cannot be used.
+func requireFsopen(t *testing.T) {
+	t.Helper()
+	requireRoot(t)
+	if fd, err := unix.Fsopen("ext4", unix.FSOPEN_CLOEXEC); err != nil {
+		skipOrFail(t, "SKIPPED: fsopen(2): %v", err)
+	} else {
+		unix.Close(fd)
 	}
 }
