@@ -776,13 +776,6 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err := d.insideVolume("staging_target_path", staging); err != nil {
 		return nil, err
 	}
-	// Nothing is mounted here (top above): a mount onto a directory
-	// holding files would hide them (another volume's stage inside it
-	// among them), and the fuse-holder refuses it (exit status 32,
-	// Internal). The caller's mistake, as for a publish.
-	if ents, err := os.ReadDir(staging); err == nil && len(ents) > 0 {
-		return nil, statusf(codes.FailedPrecondition, "staging_target_path %s is a directory with files in it: a stage mounts onto an empty one", staging)
-	}
 	if err := makeDirs("staging_target_path", staging); err != nil {
 		return nil, err
 	}
@@ -2066,10 +2059,16 @@ func removeTarget(path string) error {
 }
 
 // pathKind checks that path, where a stage or publish mounts, is missing
-// (made then) or of the kind the mount needs: a directory (dir) or, for a
-// block publish, an empty file, onto which the device node is bound. A
-// symlink, a file with data, a directory where a file is needed and the
-// like are the caller's mistake (FailedPrecondition), kept as they are.
+// (made then) or of the kind the mount needs: an empty directory (dir) or,
+// for a block publish, an empty file, onto which the device node is bound.
+// A symlink, a file with data, a directory with files in it, a directory
+// where a file is needed and the like are the caller's mistake
+// (FailedPrecondition), kept as they are. Empty, because a mount onto a
+// directory hides what it holds (another volume's stage inside it, say),
+// the fuse-holder refuses to mount there (which a stage answered
+// Internal), and NodeUnpublishVolume removes only an empty directory
+// (what a publish makes). The callers ask after their idempotent checks:
+// a path that holds the volume already is a retry, not judged here.
 func pathKind(path, field string, dir bool) error {
 	fi, err := os.Lstat(filepath.Clean(path)) // "link/" would follow link
 	switch {
@@ -2077,7 +2076,12 @@ func pathKind(path, field string, dir bool) error {
 		return nil
 	case err != nil:
 		return pathError(field, path, err)
-	case dir && fi.IsDir(), !dir && fi.Mode().IsRegular() && fi.Size() == 0:
+	case dir && fi.IsDir():
+		if ents, err := os.ReadDir(path); err == nil && len(ents) > 0 {
+			return statusf(codes.FailedPrecondition, "%s %s is a directory with files in it: a mount onto it would hide them", field, path)
+		}
+		return nil
+	case !dir && fi.Mode().IsRegular() && fi.Size() == 0:
 		return nil
 	case !dir && fi.IsDir():
 		return statusf(codes.FailedPrecondition, "%s %s is a directory; a block publish binds the device onto a file", field, path)
@@ -2369,13 +2373,6 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	}
 	if err := d.insideVolume("target_path", target); err != nil {
 		return nil, err
-	}
-	if !block {
-		// NodeUnpublishVolume removes only an empty directory (what a
-		// publish makes): a bind over files would never be unpublished.
-		if ents, err := os.ReadDir(target); err == nil && len(ents) > 0 {
-			return nil, statusf(codes.FailedPrecondition, "target_path %s is a directory with files in it: a publish binds onto an empty one", target)
-		}
 	}
 	if block {
 		if err := makeDirs("target_path", filepath.Dir(target)); err != nil {
