@@ -38,21 +38,11 @@ func TestListAgreesAcrossGroupsRollbacksFailures(t *testing.T) {
 		vols, snaps := s.Volumes(), s.Snapshots()
 		for _, from := range []string{"", "g", "s", "s-5", "v", "v-5", "zz"} {
 			for _, max := range []int{0, 1, 3} {
-				var wv []VolumeInfo
-				for _, v := range vols {
-					if v.ID >= from && (max == 0 || len(wv) < max) {
-						wv = append(wv, v)
-					}
-				}
+				wv := pageFrom(vols, func(v VolumeInfo) string { return v.ID }, from, max)
 				if got := s.VolumesFrom(from, max); !reflect.DeepEqual(got, wv) {
 					t.Fatalf("%s: VolumesFrom(%q,%d)=%v want %v", step, from, max, ids(got), ids(wv))
 				}
-				var ws []SnapshotInfo
-				for _, sn := range snaps {
-					if sn.ID >= from && (max == 0 || len(ws) < max) {
-						ws = append(ws, sn)
-					}
-				}
+				ws := pageFrom(snaps, func(sn SnapshotInfo) string { return sn.ID }, from, max)
 				if got := s.SnapshotsFrom(from, max); !reflect.DeepEqual(got, ws) {
 					t.Fatalf("%s: SnapshotsFrom(%q,%d)=%v want %v", step, from, max, ids(got), ids(ws))
 				}
@@ -202,3 +192,15 @@ func TestListAgreesAcrossGroupsRollbacksFailures(t *testing.T) {
 }
 
 func isGroupErr(err error) bool { return err != nil && (errors.Is(err, ErrGroupMember)) }
+
+// pageFrom is the model of a page: the items (sorted by ID) whose ID sorts
+// at or after from, at most max of them (0: all).
+func pageFrom[T any](items []T, id func(T) string, from string, max int) []T {
+	var out []T
+	for _, it := range items {
+		if id(it) >= from && (max == 0 || len(out) < max) {
+			out = append(out, it)
+		}
+	}
+	return out
+}

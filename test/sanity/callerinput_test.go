@@ -33,15 +33,7 @@ func TestNodePathsRealMounts(t *testing.T) {
 	dir, cc := runPlugin(t)
 	ctx := context.Background()
 	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
-	create := func(name string) string {
-		t.Helper()
-		r, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20},
-			VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return r.Volume.VolumeId
-	}
+	create := func(name string) string { t.Helper(); return createExt4(t, ctrl, name) }
 	publish := func(id, staging, target string, c *csi.VolumeCapability) error {
 		_, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: c})
 		return err
@@ -227,15 +219,7 @@ func TestStageOntoDirectoryWithFiles(t *testing.T) {
 	dir, cc := runPlugin(t)
 	ctx := context.Background()
 	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
-	create := func(name string) string {
-		t.Helper()
-		r, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20},
-			VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return r.Volume.VolumeId
-	}
+	create := func(name string) string { t.Helper(); return createExt4(t, ctrl, name) }
 	stage := func(id, staging string) error {
 		_, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: ext4Cap()})
 		return err
@@ -296,15 +280,7 @@ func TestNodePathsInsideAnotherVolume(t *testing.T) {
 	dir, cc := runPlugin(t)
 	ctx := context.Background()
 	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
-	create := func(name string) string {
-		t.Helper()
-		r, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20},
-			VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return r.Volume.VolumeId
-	}
+	create := func(name string) string { t.Helper(); return createExt4(t, ctrl, name) }
 	outer, v1, v3 := create("outer"), create("nested-publish"), create("nested-stage")
 	so, to := filepath.Join(dir, "so"), filepath.Join(dir, "to")
 	stageAndPublish(t, node, outer, so, to)
@@ -356,4 +332,16 @@ func TestNodePathsInsideAnotherVolume(t *testing.T) {
 			t.Errorf("delete %s: %v", id, err)
 		}
 	}
+}
+
+// createExt4 creates a 64 MiB volume for ext4 mount access and returns
+// its ID; the test fails if it cannot.
+func createExt4(t *testing.T, ctrl csi.ControllerClient, name string) string {
+	t.Helper()
+	r, err := ctrl.CreateVolume(context.Background(), &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20},
+		VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r.Volume.VolumeId
 }

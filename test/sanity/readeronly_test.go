@@ -25,15 +25,7 @@ func TestReaderOnlyAccessMode(t *testing.T) {
 	ctrl, node := csi.NewControllerClient(cc), csi.NewNodeClient(cc)
 	reader := ext4Cap()
 	reader.AccessMode.Mode = csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY
-	create := func(name string) string {
-		t.Helper()
-		cv, err := ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20},
-			VolumeCapabilities: []*csi.VolumeCapability{ext4Cap()}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return cv.Volume.VolumeId
-	}
+	create := func(name string) string { t.Helper(); return createExt4(t, ctrl, name) }
 
 	blank := create("reader-blank")
 	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: blank, StagingTargetPath: staging, VolumeCapability: reader}); status.Code(err) != codes.FailedPrecondition {
