@@ -138,7 +138,7 @@ func TestCheckFSOptionsLSMContext(t *testing.T) {
 // plainLoopFS makes a fresh filesystem of type fstype on a plain loop
 // device over a sparse file (no FUSE, no csi-snap: what mount(8) is
 // compared on), and an empty directory to mount it at; both go at the end.
-func plainLoopFS(t *testing.T, fstype string) (dev, mnt string) {
+func plainLoopFS(t testing.TB, fstype string) (dev, mnt string) {
 	t.Helper()
 	requireTool(t, "mkfs."+fstype)
 	dir := t.TempDir()
@@ -166,7 +166,7 @@ func plainLoopFS(t *testing.T, fstype string) (dev, mnt string) {
 }
 
 // requireFsopen skips (or fails, in CI) where fsopen(2) cannot be used.
-func requireFsopen(t *testing.T) {
+func requireFsopen(t testing.TB) {
 	t.Helper()
 	requireRoot(t)
 	if fd, err := unix.Fsopen("ext4", unix.FSOPEN_CLOEXEC); err != nil {
@@ -174,4 +174,49 @@ func requireFsopen(t *testing.T) {
 	} else {
 		unix.Close(fd)
 	}
+}
+
+// BenchmarkStageChecks: what this session's checks add to a stage, next
+// to the mount the stage makes anyway, in one run (sub-benchmarks
+// interleave across -count). "fsoptions" is CheckFSOptions of a typical
+// StorageClass's flags; "stat-parent" the one stat insideVolume makes of
+// a path's parent on the node's disk (its whole cost there); "readdir" the
+// staging directory's emptiness check; "mount-umount" a mount and unmount
+// of a fresh ext4 on a plain loop device, the least a stage does.
+func BenchmarkStageChecks(b *testing.B) {
+	requireFsopen(b)
+	dev, mnt := plainLoopFS(b, "ext4")
+	flags := []string{"rw", "noatime", "nodev", "data=ordered", "commit=5", "errors=remount-ro"}
+	b.Run("fsoptions", func(b *testing.B) {
+		for b.Loop() {
+			if err := CheckFSOptions("ext4", dev, flags); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("stat-parent", func(b *testing.B) {
+		var st unix.Stat_t
+		for b.Loop() {
+			if err := unix.Stat(filepath.Dir(mnt), &st); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("readdir", func(b *testing.B) {
+		for b.Loop() {
+			if ents, err := os.ReadDir(mnt); err != nil || len(ents) != 0 {
+				b.Fatal(ents, err)
+			}
+		}
+	})
+	b.Run("mount-umount", func(b *testing.B) {
+		for b.Loop() {
+			if err := unix.Mount(dev, mnt, "ext4", unix.MS_NOATIME|unix.MS_NODEV, "data=ordered,commit=5,errors=remount-ro"); err != nil {
+				b.Fatal(err)
+			}
+			if err := unix.Unmount(mnt, 0); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }
